@@ -1,0 +1,77 @@
+#include "common.h"
+
+#include <charconv>
+
+namespace cpinfer {
+
+void EngineFlags::add_to(CLI::App* app, bool model_required) {
+  auto* m = app->add_option("--model-path", model_path,
+                            "Model directory as published on the Hub (config.json, *.safetensors, tokenizer.json)");
+  if (model_required) m->required();
+  app->add_option("--device", device, "Back-end: cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  app->add_option("--device-index", device_index, "First GPU ordinal (rank r uses device-index + r)")
+      ->capture_default_str();
+  app->add_option("--attn-cp-size", attn_cp_size, "Context-parallel size: ranks that split one long prompt")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app->add_option("--tp-size", tp_size,
+                  "Number of ranks the model spans (experts are sharded over them); default: --attn-cp-size, or "
+                  "the mpirun size")
+      ->check(CLI::NonNegativeNumber);
+  app->add_flag("--enable-prefill-cp", enable_prefill_cp, "Split long prompts over the CP ranks (zigzag)");
+  app->add_option("--cp-min-tokens", cp_min_tokens,
+                  "Prompts shorter than this are not split (default: 2 x attn-cp-size)")
+      ->check(CLI::NonNegativeNumber);
+  app->add_option("--comm", comm, "Communicator between ranks: local (threads) or mpi (under mpirun)")
+      ->check(CLI::IsMember({"local", "mpi"}))->capture_default_str();
+  app->add_option("--comm-timeout", comm_timeout_s, "Seconds a collective waits for a peer before failing")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app->add_option("--kv-cache-tokens", kv_cache_tokens, "KV cache capacity in positions (default: what the request needs)")
+      ->check(CLI::NonNegativeNumber);
+  app->add_option("--page-size", block_size, "Positions per KV cache block")->check(CLI::PositiveNumber)
+      ->capture_default_str();
+}
+
+LaunchOptions EngineFlags::launch() const {
+  LaunchOptions l;
+  l.comm = comm;
+  l.world_size = tp_size;
+  l.cp_size = attn_cp_size;
+  l.timeout_s = comm_timeout_s;
+  return l;
+}
+
+EngineOptions EngineFlags::engine(int needed) const {
+  EngineOptions o;
+  o.device = device;
+  o.device_index = device_index;
+  o.cp.cp_size = attn_cp_size;
+  o.cp.enable_prefill_cp = enable_prefill_cp;
+  o.cp.min_tokens = cp_min_tokens;
+  o.block_size = block_size;
+  int want = kv_cache_tokens > 0 ? kv_cache_tokens : needed;
+  o.kv_cache_tokens = ((want + block_size - 1) / block_size) * block_size;
+  return o;
+}
+
+std::vector<int32_t> parse_ids(const std::string& s) {
+  std::vector<int32_t> ids;
+  size_t i = 0;
+  while (i <= s.size()) {
+    size_t j = s.find(',', i);
+    if (j == std::string::npos) j = s.size();
+    std::string item = s.substr(i, j - i);
+    while (!item.empty() && item.front() == ' ') item.erase(item.begin());
+    while (!item.empty() && item.back() == ' ') item.pop_back();
+    int32_t v = 0;
+    auto [p, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
+    CPI_CHECK(!item.empty() && ec == std::errc() && p == item.data() + item.size() && v >= 0,
+              "--input-ids: '", item, "' is not a non-negative token id (expected e.g. 1,2,3)");
+    ids.push_back(v);
+    i = j + 1;
+  }
+  CPI_CHECK(!ids.empty(), "--input-ids is empty");
+  return ids;
+}
+
+}  // namespace cpinfer

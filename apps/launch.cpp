@@ -1,0 +1,53 @@
+#include "launch.h"
+
+#include <chrono>
+#include <memory>
+
+namespace cpinfer {
+
+namespace {
+void run_rank(Communicator& world, int cp_size, const std::function<void(ParallelCtx&)>& fn) {
+  ParallelCtx par;
+  std::unique_ptr<Communicator> cp_group;
+  if (world.size() > 1) par.world = &world;
+  if (cp_size == world.size()) {
+    par.cp = world.size() > 1 ? &world : nullptr;
+  } else if (cp_size > 1) {
+    // CP groups are runs of consecutive ranks: {0..C-1}, {C..2C-1}, ...
+    cp_group = world.split(world.rank() / cp_size, world.rank());
+    par.cp = cp_group.get();
+  }
+  fn(par);
+}
+}  // namespace
+
+void launch(const LaunchOptions& opt, const std::function<void(ParallelCtx&)>& fn) {
+  CPI_CHECK(opt.cp_size >= 1, "--attn-cp-size must be >= 1, got ", opt.cp_size);
+  CPI_CHECK(opt.timeout_s >= 1, "--comm-timeout must be >= 1 s, got ", opt.timeout_s);
+  const auto timeout = std::chrono::milliseconds(int64_t(opt.timeout_s) * 1000);
+  if (opt.comm == "local") {
+    CPI_CHECK(!launched_by_mpirun(), "running under mpirun with --comm local: pass --comm mpi");
+    int world = opt.world_size > 0 ? opt.world_size : opt.cp_size;
+    CPI_CHECK(world % opt.cp_size == 0, "--attn-cp-size ", opt.cp_size, " does not divide the world size ", world,
+              " (--tp-size)");
+    if (world == 1) {
+      fn(*std::make_unique<ParallelCtx>());
+      return;
+    }
+    run_local(world, timeout, [&](Communicator& c) { run_rank(c, opt.cp_size, fn); });
+    return;
+  }
+  if (opt.comm == "mpi") {
+    CPI_CHECK(launched_by_mpirun(), "--comm mpi needs the job to be started by mpirun (e.g. mpirun -np 2 cpinfer ...)");
+    auto world = make_mpi_communicator(timeout);
+    CPI_CHECK(opt.world_size == 0 || opt.world_size == world->size(), "--tp-size ", opt.world_size,
+              " but mpirun started ", world->size(), " ranks");
+    CPI_CHECK(world->size() % opt.cp_size == 0, "--attn-cp-size ", opt.cp_size, " does not divide the ",
+              world->size(), " mpirun ranks");
+    run_rank(*world, opt.cp_size, fn);
+    return;
+  }
+  CPI_FAIL("unknown --comm '", opt.comm, "' (expected local or mpi)");
+}
+
+}  // namespace cpinfer

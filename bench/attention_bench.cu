@@ -1,0 +1,174 @@
+// attention_bench: times the CUDA back-end's causal prefill attention (the tensor-core kernel
+// behind CudaBackend::attention) at the Qwen3-30B-A3B attention shape: 32 query / 4 kv heads,
+// head_dim 128, one sequence of S tokens, paged KV written through the kv_store kernel.
+// Fresh random bf16 inputs per size; CUDA-event timing, warm-up, median of --reps runs.
+// FLOPs counted causal-halved: 2 GEMMs x 2 FLOP x S² x D x Hq / 2.
+//
+//   attention_bench [--seq 4096,16384,32768] [--reps 20] [--block-size 64] [--json]
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/kernels/kernels.h"
+
+using cpinfer::DType;
+using cpinfer::cuda::DevAttnBatch;
+using cpinfer::cuda::DevKv;
+using cpinfer::cuda::DevTensor;
+
+namespace {
+
+#define BENCH_CHECK(call)                                                                              \
+  do {                                                                                                 \
+    cudaError_t e_ = (call);                                                                           \
+    if (e_ != cudaSuccess) {                                                                           \
+      std::fprintf(stderr, "attention_bench: %s failed: %s\n", #call, cudaGetErrorString(e_));         \
+      std::exit(1);                                                                                    \
+    }                                                                                                  \
+  } while (0)
+
+__global__ void fill_random_bf16(__nv_bfloat16* p, int64_t n, uint32_t seed, float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    h *= 0x846ca68bu;
+    h ^= h >> 16;
+    p[i] = __float2bfloat16((static_cast<float>(h) * (1.0f / 4294967296.0f) * 2.0f - 1.0f) * scale);
+  }
+}
+
+DevTensor view(void* p, DType dt, std::initializer_list<int64_t> dims) {
+  DevTensor t;
+  t.data = p;
+  t.dtype = dt;
+  for (int64_t d : dims) t.shape[t.ndim++] = d;
+  return t;
+}
+
+struct Result {
+  int64_t seq;
+  double ms, tflops;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<int64_t> seqs = {4096, 16384, 32768};
+  int reps = 20, block_size = 64;
+  bool json = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--json") {
+      json = true;
+    } else if (a == "--reps" && i + 1 < argc) {
+      reps = std::max(10, std::atoi(argv[++i]));
+    } else if (a == "--block-size" && i + 1 < argc) {
+      block_size = std::max(1, std::atoi(argv[++i]));
+    } else if (a == "--seq" && i + 1 < argc) {
+      seqs.clear();
+      std::string list = argv[++i];
+      for (size_t p = 0; p < list.size();) {
+        size_t q = list.find(',', p);
+        seqs.push_back(std::atoll(list.substr(p, q - p).c_str()));
+        p = q == std::string::npos ? list.size() : q + 1;
+      }
+    } else {
+      std::fprintf(stderr, "usage: attention_bench [--seq 4096,16384] [--reps N>=10] [--block-size B] [--json]\n");
+      return 2;
+    }
+  }
+  int n_dev = 0;
+  if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+    std::fprintf(stderr, "attention_bench: no CUDA device\n");
+    return 1;
+  }
+  cudaDeviceProp prop{};
+  BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
+  const int64_t hq = 32, hkv = 4, d = 128;
+  cudaStream_t stream;
+  BENCH_CHECK(cudaStreamCreate(&stream));
+  cudaEvent_t ev0, ev1;
+  BENCH_CHECK(cudaEventCreate(&ev0));
+  BENCH_CHECK(cudaEventCreate(&ev1));
+  std::vector<Result> results;
+  for (int64_t s : seqs) {
+    const int64_t n_pages = (s + block_size - 1) / block_size;
+    void *q, *out, *k, *v, *ck, *cv, *lse, *slots, *table, *blocks;
+    BENCH_CHECK(cudaMalloc(&q, s * hq * d * 2));
+    BENCH_CHECK(cudaMalloc(&out, s * hq * d * 2));
+    BENCH_CHECK(cudaMalloc(&k, s * hkv * d * 2));
+    BENCH_CHECK(cudaMalloc(&v, s * hkv * d * 2));
+    BENCH_CHECK(cudaMalloc(&ck, n_pages * block_size * hkv * d * 2));
+    BENCH_CHECK(cudaMalloc(&cv, n_pages * block_size * hkv * d * 2));
+    BENCH_CHECK(cudaMalloc(&lse, s * hq * 4));
+    BENCH_CHECK(cudaMalloc(&slots, s * 4));
+    BENCH_CHECK(cudaMalloc(&table, n_pages * 4));
+    BENCH_CHECK(cudaMalloc(&blocks, 16));
+    const uint32_t seed = static_cast<uint32_t>(s * 7919);
+    fill_random_bf16<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(q), s * hq * d, seed + 1, 2.0f);
+    fill_random_bf16<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(k), s * hkv * d, seed + 2, 2.0f);
+    fill_random_bf16<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(v), s * hkv * d, seed + 3, 1.0f);
+    BENCH_CHECK(cudaGetLastError());
+    // Pages in reverse order, so that the paged read is exercised (not one contiguous run).
+    std::vector<int32_t> h_table(n_pages), h_slots(s);
+    for (int64_t p = 0; p < n_pages; ++p) h_table[p] = static_cast<int32_t>(n_pages - 1 - p);
+    for (int64_t i = 0; i < s; ++i) h_slots[i] = static_cast<int32_t>(h_table[i / block_size] * block_size + i % block_size);
+    const int32_t h_blocks[4] = {0, static_cast<int32_t>(s), 0, 0};
+    BENCH_CHECK(cudaMemcpy(table, h_table.data(), n_pages * 4, cudaMemcpyHostToDevice));
+    BENCH_CHECK(cudaMemcpy(slots, h_slots.data(), s * 4, cudaMemcpyHostToDevice));
+    BENCH_CHECK(cudaMemcpy(blocks, h_blocks, 16, cudaMemcpyHostToDevice));
+    DevKv cache{view(ck, DType::BF16, {n_pages, block_size, hkv, d}), view(cv, DType::BF16, {n_pages, block_size, hkv, d})};
+    BENCH_CHECK(cpinfer::cuda::launch_kv_store(view(k, DType::BF16, {s, hkv, d}), view(v, DType::BF16, {s, hkv, d}),
+                                               view(slots, DType::I32, {s}), cache, stream));
+    DevAttnBatch batch;
+    batch.blocks = static_cast<const int32_t*>(blocks);
+    batch.n_blocks = 1;
+    batch.block_table = static_cast<const int32_t*>(table);
+    batch.max_blocks_per_seq = static_cast<int>(n_pages);
+    batch.max_q_len = static_cast<int>(s);
+    const DevTensor qt = view(q, DType::BF16, {s, hq, d}), ot = view(out, DType::BF16, {s, hq, d});
+    const DevTensor lt = view(lse, DType::F32, {s, hq});
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    for (int i = 0; i < 3; ++i) BENCH_CHECK(cpinfer::cuda::launch_attention_flash(qt, batch, cache, scale, ot, lt, stream));
+    std::vector<float> times;
+    for (int i = 0; i < reps; ++i) {
+      BENCH_CHECK(cudaEventRecord(ev0, stream));
+      BENCH_CHECK(cpinfer::cuda::launch_attention_flash(qt, batch, cache, scale, ot, lt, stream));
+      BENCH_CHECK(cudaEventRecord(ev1, stream));
+      BENCH_CHECK(cudaEventSynchronize(ev1));
+      float ms = 0;
+      BENCH_CHECK(cudaEventElapsedTime(&ms, ev0, ev1));
+      times.push_back(ms);
+    }
+    std::sort(times.begin(), times.end());
+    const double ms = times[times.size() / 2];
+    const double flops = 4.0 * static_cast<double>(s) * s * d * hq / 2.0;
+    results.push_back({s, ms, flops / (ms * 1e-3) / 1e12});
+    for (void* p : {q, out, k, v, ck, cv, lse, slots, table, blocks}) BENCH_CHECK(cudaFree(p));
+  }
+  if (json) {
+    std::printf("{\"device\": \"%s\", \"hq\": %lld, \"hkv\": %lld, \"head_dim\": %lld, \"block_size\": %d, \"results\": [",
+                prop.name, static_cast<long long>(hq), static_cast<long long>(hkv), static_cast<long long>(d), block_size);
+    for (size_t i = 0; i < results.size(); ++i)
+      std::printf("%s{\"S\": %lld, \"ms\": %.4f, \"tflops\": %.1f}", i ? ", " : "",
+                  static_cast<long long>(results[i].seq), results[i].ms, results[i].tflops);
+    std::printf("]}\n");
+  } else {
+    std::printf("attention prefill (causal, Hq=%lld Hkv=%lld D=%lld, block_size %d) on %s, median of %d\n",
+                static_cast<long long>(hq), static_cast<long long>(hkv), static_cast<long long>(d), block_size,
+                prop.name, reps);
+    std::printf("%8s %10s %10s\n", "S", "ms", "TFLOP/s");
+    for (const Result& r : results)
+      std::printf("%8lld %10.3f %10.1f\n", static_cast<long long>(r.seq), r.ms, r.tflops);
+  }
+  return 0;
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The test command: set up, build (Release, CUDA compiled when nvcc is present), run every test,
+# then build the unit tests again under AddressSanitizer + UBSan and run them.
+# GPU tests skip, saying so, on a machine without a GPU.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+"$ROOT/scripts/setup.sh"
+JOBS="$(nproc)"
+
+echo "[test] build (Release)"
+"$ROOT/scripts/build.sh" "$ROOT/build"
+echo "[test] ctest (Release)"
+(cd "$ROOT/build" && ctest --output-on-failure -j "$JOBS" --timeout 1200)
+
+if [ "${CPINFER_SKIP_SANITIZERS:-0}" != 1 ]; then
+  echo "[test] build (ASan + UBSan, CPU only)"
+  "$ROOT/scripts/build.sh" "$ROOT/build-asan" -DCPINFER_SANITIZE=ON -DCPINFER_CUDA=OFF -DCPINFER_MPI=OFF \
+    -DCPINFER_BUILD_SERVER=OFF
+  echo "[test] ctest -L unit (ASan + UBSan)"
+  (cd "$ROOT/build-asan" && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j "$JOBS" -L unit --timeout 1200)
+fi
+echo "[test] all passed"

@@ -1,0 +1,389 @@
+// CPU back-end: q/k norm + RoPE, the paged KV store, and causal GQA attention over the paged cache.
+//
+// Attention is tiled like flash attention so that long prefills (T = 4K..8K) stay cheap on two
+// cores: a work item is (query block, kv head, tile of queries); its query rows are those queries
+// times the Hq/Hkv heads sharing the kv head. Key tiles are gathered from the cache into a
+// transposed fp32 tile (Kᵀ [D, kKeyTile]) so the q·k loop runs over contiguous keys, and the
+// softmax is online (running max m, denominator l) in fp32; lse = m + log(l).
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+#include <limits>
+
+#include "backends/cpu/cpu_backend.h"
+#include "backends/cpu/cpu_common.h"
+
+// The tile kernel is built twice, generic x86-64 and AVX2+FMA, picked at load time: CI binaries
+// stay portable and machines with AVX2 get the 8-wide loops.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CPI_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define CPI_MULTIVERSION
+#endif
+
+namespace cpinfer {
+
+using namespace cpu;
+
+namespace {
+
+constexpr int kKeyTile = 64;       // keys per tile
+constexpr int kRowsPerItem = 64;   // query rows (queries × grouped heads) per work item
+
+// exp(x) for x <= 0 to ~2 ulp, written branch-free so the tile loops vectorize (the libm call
+// does not, and would cost more than the q·k products): x = n ln2 + r, |r| <= ln2/2,
+// exp(r) by a degree-6 minimax polynomial, 2^n by building the exponent bits.
+[[gnu::always_inline]] inline float exp_nonpos(float x) {
+  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  x = x < -87.0f ? -87.0f : x;  // keeps 2^n a normal float (the caller masks true zeros); NaN stays NaN
+  const float t = x * kLog2e + kRound;
+  const float n = t - kRound;
+  const int32_t ni = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(kRound);
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * std::bit_cast<float>((ni + 127) << 23);
+}
+
+// o[0, 8N) += Σ_j p[j] · v[j, 0, 8N) (v rows D apart) with the 8N outputs held in registers across
+// the key loop; plain loops reload and store o for every key, which halves the speed.
+using V8 = float __attribute__((vector_size(32)));
+template <int N>
+[[gnu::always_inline]] inline void accumulate_pv(float* __restrict o, const float* __restrict p,
+                                                 const float* __restrict v, int nv, int D) {
+  V8 acc[N], acc2[N];  // two chains per output: an FMA's latency would otherwise bound the loop
+  for (int n = 0; n < N; ++n) {
+    std::memcpy(&acc[n], o + 8 * n, sizeof(V8));
+    acc2[n] = V8{};
+  }
+  int j = 0;
+  for (; j + 2 <= nv; j += 2) {
+    const float* vj = v + static_cast<ptrdiff_t>(j) * D;
+    for (int n = 0; n < N; ++n) {
+      V8 x, y;
+      std::memcpy(&x, vj + 8 * n, sizeof(V8));
+      std::memcpy(&y, vj + D + 8 * n, sizeof(V8));
+      acc[n] += p[j] * x;
+      acc2[n] += p[j + 1] * y;
+    }
+  }
+  if (j < nv) {
+    const float* vj = v + static_cast<ptrdiff_t>(j) * D;
+    for (int n = 0; n < N; ++n) {
+      V8 x;
+      std::memcpy(&x, vj + 8 * n, sizeof(V8));
+      acc[n] += p[j] * x;
+    }
+  }
+  for (int n = 0; n < N; ++n) {
+    acc[n] += acc2[n];
+    std::memcpy(o + 8 * n, &acc[n], sizeof(V8));
+  }
+}
+
+// Online-softmax update of R query rows with one key tile. q, o [R, D]; kt [D, kKeyTile] (keys
+// transposed, columns >= the tile's key count are zero); v [kKeyTile, D]; n_valid[r] = how many
+// leading keys of the tile row r may see (causal mask); m, l [R]; s [kKeyTile] scratch.
+// The reductions (max, sum) run over kLanes partial results so they vectorize too.
+CPI_MULTIVERSION
+void attend_tile(const float* __restrict q, int R, int D, const int* __restrict n_valid,
+                 const float* __restrict kt, const float* __restrict v, float scale, float* __restrict m,
+                 float* __restrict l, float* __restrict o, float* __restrict s) {
+  constexpr int kLanes = 8;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int r = 0; r < R; ++r) {
+    const int nv = n_valid[r];
+    if (nv <= 0) continue;
+    const float* qr = q + r * D;
+    for (int j = 0; j < kKeyTile; ++j) s[j] = 0.0f;
+    for (int d = 0; d < D; ++d) {
+      const float qd = qr[d];
+      const float* kd = kt + d * kKeyTile;
+      for (int j = 0; j < kKeyTile; ++j) s[j] += qd * kd[j];
+    }
+    // Masked keys (j >= nv) score -inf and weigh exactly 0 whatever they hold (selects, not
+    // arithmetic, so even a NaN there cannot leak in).
+    for (int j = 0; j < kKeyTile; ++j) s[j] = j < nv ? s[j] * scale : kNegInf;
+    float lane[kLanes];
+    for (int e = 0; e < kLanes; ++e) lane[e] = kNegInf;
+    for (int j = 0; j < kKeyTile; j += kLanes)
+      for (int e = 0; e < kLanes; ++e) lane[e] = s[j + e] > lane[e] ? s[j + e] : lane[e];
+    float mx = m[r];
+    for (int e = 0; e < kLanes; ++e) mx = std::max(mx, lane[e]);
+    const float alpha = std::exp(m[r] - mx);  // 0 on the row's first tile (m = -inf)
+    for (int j = 0; j < kKeyTile; ++j) s[j] = j < nv ? exp_nonpos(s[j] - mx) : 0.0f;
+    for (int e = 0; e < kLanes; ++e) lane[e] = 0.0f;
+    for (int j = 0; j < kKeyTile; j += kLanes)
+      for (int e = 0; e < kLanes; ++e) lane[e] += s[j + e];
+    float sum = 0.0f;
+    for (int e = 0; e < kLanes; ++e) sum += lane[e];
+    l[r] = l[r] * alpha + sum;
+    m[r] = mx;
+    float* orow = o + r * D;
+    if (alpha != 1.0f)
+      for (int d = 0; d < D; ++d) orow[d] *= alpha;
+    int d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32) accumulate_pv<4>(orow + d0, s, v + d0, nv, D);
+    for (; d0 + 8 <= D; d0 += 8) accumulate_pv<1>(orow + d0, s, v + d0, nv, D);
+    for (; d0 < D; ++d0)
+      for (int j = 0; j < nv; ++j) orow[d0] += s[j] * v[j * D + d0];
+  }
+}
+
+struct WorkItem {
+  int32_t block;    // index into batch.blocks
+  int32_t kv_head;
+  int32_t i0;       // first query of the tile, relative to the block
+  int32_t n_q;      // queries in the tile
+  int64_t kv_end;   // keys [0, kv_end) are read: the causal prefix of the tile's last query
+};
+
+// Checks every block of the batch against q, the block table and the cache, so that the parallel
+// loop can index without checks.
+void check_attn_batch(const AttnBatch& batch, int64_t T, int64_t n_cache_blocks, int64_t block_size) {
+  const char* op = "attention";
+  const int32_t mbps = batch.max_blocks_per_seq;
+  int64_t n_seqs = 0;
+  if (!batch.block_table.empty()) {
+    CPI_CHECK(mbps > 0 && batch.block_table.size() % static_cast<size_t>(mbps) == 0, op, ": block table of ",
+              batch.block_table.size(), " entries is not n_seqs x max_blocks_per_seq (", mbps, ")");
+    n_seqs = static_cast<int64_t>(batch.block_table.size()) / mbps;
+  }
+  std::vector<uint8_t> covered(static_cast<size_t>(T), 0);
+  for (size_t bi = 0; bi < batch.blocks.size(); ++bi) {
+    const AttnBlock& b = batch.blocks[bi];
+    CPI_CHECK(b.q_begin >= 0 && b.q_len >= 0 && int64_t{b.q_begin} + b.q_len <= T && b.pos_begin >= 0, op,
+              ": block ", bi, " (q_begin ", b.q_begin, ", q_len ", b.q_len, ", pos_begin ", b.pos_begin,
+              ") does not fit q with ", T, " rows");
+    if (b.q_len == 0) continue;
+    CPI_CHECK(b.seq >= 0 && b.seq < n_seqs, op, ": block ", bi, " names sequence ", b.seq,
+              " but the block table has ", n_seqs, " rows");
+    const int64_t kv_len = int64_t{b.pos_begin} + b.q_len;
+    const int64_t n_pages = (kv_len + block_size - 1) / block_size;
+    CPI_CHECK(n_pages <= mbps, op, ": block ", bi, " needs ", kv_len, " cached positions = ", n_pages,
+              " cache blocks of ", block_size, " but the block table has ", mbps, " per sequence");
+    for (int64_t p = 0; p < n_pages; ++p) {
+      const int32_t cb = batch.block_table[static_cast<size_t>(b.seq * int64_t{mbps} + p)];
+      CPI_CHECK(cb >= 0 && cb < n_cache_blocks, op, ": block_table[", b.seq, ", ", p, "] = ", cb,
+                " is not a cache block in [0, ", n_cache_blocks, ")");
+    }
+    for (int32_t i = 0; i < b.q_len; ++i) {
+      uint8_t& c = covered[static_cast<size_t>(b.q_begin + i)];
+      CPI_CHECK(!c, op, ": query row ", b.q_begin + i, " belongs to two blocks (block ", bi, " overlaps another)");
+      c = 1;
+    }
+  }
+}
+
+void check_cache(const KvLayer& cache, const char* op) {
+  check_float(cache.k, op, "cache.k");
+  check_float(cache.v, op, "cache.v");
+  check_ndim(cache.k, 4, op, "cache.k");
+  check_same_shape(cache.k, cache.v, op, "cache.k", "cache.v");
+  CPI_CHECK(cache.k.dim(1) > 0, op, ": cache block size must be positive, got ", cache.k.shape_str());
+}
+
+}  // namespace
+
+void CpuBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
+                              const Tensor& positions, const RopeParams& rope) {
+  const char* op = "qk_norm_rope";
+  check_f32(q, op, "q");
+  check_f32(k, op, "k");
+  check_float(q_norm_w, op, "q_norm_w");
+  check_float(k_norm_w, op, "k_norm_w");
+  check_index(positions, op, "positions");
+  check_ndim(q, 3, op, "q");
+  check_ndim(k, 3, op, "k");
+  check_ndim(positions, 1, op, "positions");
+  const int64_t T = q.dim(0), Hq = q.dim(1), Hkv = k.dim(1), D = q.dim(2);
+  CPI_CHECK(k.dim(0) == T && k.dim(2) == D, op, ": k ", k.shape_str(), " must be [", T, ", Hkv, ", D,
+            "] to match q ", q.shape_str());
+  CPI_CHECK(positions.dim(0) == T, op, ": positions ", positions.shape_str(), " must have ", T, " entries");
+  CPI_CHECK(D % 2 == 0, op, ": head_dim ", D, " must be even for rotate_half RoPE");
+  CPI_CHECK(static_cast<int64_t>(rope.inv_freq.size()) == D / 2, op, ": rope.inv_freq has ", rope.inv_freq.size(),
+            " entries, head_dim ", D, " needs ", D / 2);
+  CPI_CHECK(q_norm_w.numel() == D && k_norm_w.numel() == D, op, ": q_norm_w ", q_norm_w.shape_str(),
+            " and k_norm_w ", k_norm_w.shape_str(), " must have head_dim = ", D, " elements");
+  CPI_CHECK(std::isfinite(eps) && eps >= 0.0f, op, ": eps must be finite and >= 0, got ", eps);
+  for (int64_t t = 0; t < T; ++t)
+    CPI_CHECK(index_at(positions, t) >= 0 && index_at(positions, t) <= std::numeric_limits<int32_t>::max(), op,
+              ": positions[", t, "] = ", index_at(positions, t), " is negative or too large");
+  const std::vector<float> qw = to_f32_vector(q_norm_w), kw = to_f32_vector(k_norm_w);
+  const int64_t half = D / 2;
+  float* qp = q.ptr<float>();
+  float* kp = k.ptr<float>();
+#pragma omp parallel if (T * (Hq + Hkv) * D > (1 << 14))
+  {
+    std::vector<float> cs(static_cast<size_t>(D)), tmp(static_cast<size_t>(D));
+    auto norm_rope = [&](float* x, const float* w) {
+      rms_row(x, w, D, eps, tmp.data());
+      for (int64_t i = 0; i < half; ++i) {
+        const float c = cs[i], s = cs[half + i], x1 = tmp[i], x2 = tmp[half + i];
+        x[i] = x1 * c - x2 * s;
+        x[half + i] = x2 * c + x1 * s;
+      }
+    };
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      // transformers: freqs = inv_freq ⊗ float(position) in fp32, cos/sin scaled by attention_factor.
+      const float pos = static_cast<float>(index_at(positions, t));
+      for (int64_t i = 0; i < half; ++i) {
+        const float f = pos * rope.inv_freq[i];
+        cs[i] = std::cos(f) * rope.attention_factor;
+        cs[half + i] = std::sin(f) * rope.attention_factor;
+      }
+      for (int64_t h = 0; h < Hq; ++h) norm_rope(qp + (t * Hq + h) * D, qw.data());
+      for (int64_t h = 0; h < Hkv; ++h) norm_rope(kp + (t * Hkv + h) * D, kw.data());
+    }
+  }
+}
+
+void CpuBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, KvLayer cache) {
+  const char* op = "kv_store";
+  check_float(k, op, "k");
+  check_float(v, op, "v");
+  check_index(slots, op, "slots");
+  check_cache(cache, op);
+  check_ndim(k, 3, op, "k");
+  check_ndim(slots, 1, op, "slots");
+  check_same_shape(k, v, op, "k", "v");
+  CPI_CHECK(k.dtype == v.dtype, op, ": k is ", dtype_name(k.dtype), " but v is ", dtype_name(v.dtype));
+  const int64_t T = k.dim(0), row = k.dim(1) * k.dim(2);
+  CPI_CHECK(k.dim(1) == cache.k.dim(2) && k.dim(2) == cache.k.dim(3), op, ": k ", k.shape_str(),
+            " must be [T, Hkv, D] with the cache's Hkv and D (cache ", cache.k.shape_str(), ")");
+  CPI_CHECK(slots.dim(0) == T, op, ": slots ", slots.shape_str(), " must have one entry per token (", T, ")");
+  const int64_t n_slots = cache.k.dim(0) * cache.k.dim(1);
+  const std::vector<int64_t> slot = checked_indices(slots, n_slots, op, "slots");
+  const size_t src_row = static_cast<size_t>(row) * dtype_size(k.dtype);
+  const size_t kc_row = static_cast<size_t>(row) * dtype_size(cache.k.dtype);
+  const size_t vc_row = static_cast<size_t>(row) * dtype_size(cache.v.dtype);
+  auto put = [&](const char* src, void* dst, DType dt) {
+    if (dt == k.dtype) {
+      std::memcpy(dst, src, src_row);
+    } else if (dt == DType::F32) {
+      to_f32(src, k.dtype, static_cast<float*>(dst), static_cast<size_t>(row));
+    } else {
+      std::vector<float> f(static_cast<size_t>(row));
+      to_f32(src, k.dtype, f.data(), f.size());
+      from_f32(f.data(), dst, dt, f.size());
+    }
+  };
+  if (row == 0) return;
+  // slot s is (block s / block_size, offset s % block_size), i.e. row s of the [n_blocks * block_size,
+  // Hkv, D] reading of the cache.
+#pragma omp parallel for schedule(static) if (T * row > (1 << 15))
+  for (int64_t t = 0; t < T; ++t) {
+    put(byte_ptr(k) + t * src_row, byte_ptr_mut(cache.k) + slot[t] * kc_row, cache.k.dtype);
+    put(byte_ptr(v) + t * src_row, byte_ptr_mut(cache.v) + slot[t] * vc_row, cache.v.dtype);
+  }
+}
+
+void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,
+                           Tensor lse) {
+  const char* op = "attention";
+  check_f32(q, op, "q");
+  check_f32(out, op, "out");
+  check_ndim(q, 3, op, "q");
+  check_same_shape(q, out, op, "q", "out");
+  check_cache(cache, op);
+  const int64_t T = q.dim(0), Hq = q.dim(1), D = q.dim(2);
+  const int64_t n_cache_blocks = cache.k.dim(0), bs = cache.k.dim(1), Hkv = cache.k.dim(2);
+  CPI_CHECK(cache.k.dim(3) == D, op, ": cache head_dim ", cache.k.dim(3), " (", cache.k.shape_str(),
+            ") differs from q's ", D, " (", q.shape_str(), ")");
+  CPI_CHECK(Hkv > 0 && Hq % Hkv == 0, op, ": q heads ", Hq, " must be a multiple of cache kv heads ", Hkv);
+  CPI_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  const bool want_lse = lse.defined();
+  if (want_lse) {
+    check_f32(lse, op, "lse");
+    CPI_CHECK(lse.ndim == 2 && lse.dim(0) == T && lse.dim(1) == Hq, op, ": lse ", lse.shape_str(), " must be [",
+              T, ", ", Hq, "]");
+  }
+  check_attn_batch(batch, T, n_cache_blocks, bs);
+
+  const int64_t G = Hq / Hkv;
+  const int64_t q_per_item = std::max<int64_t>(1, kRowsPerItem / G);
+  std::vector<WorkItem> items;
+  for (size_t bi = 0; bi < batch.blocks.size(); ++bi) {
+    const AttnBlock& b = batch.blocks[bi];
+    for (int64_t i0 = 0; i0 < b.q_len; i0 += q_per_item) {
+      const int32_t n_q = static_cast<int32_t>(std::min<int64_t>(q_per_item, b.q_len - i0));
+      for (int64_t g = 0; g < Hkv; ++g)
+        items.push_back({static_cast<int32_t>(bi), static_cast<int32_t>(g), static_cast<int32_t>(i0), n_q,
+                         int64_t{b.pos_begin} + i0 + n_q});
+    }
+  }
+  // Longest prefixes first so the dynamic schedule ends with the cheap tiles (causal imbalance).
+  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.kv_end > b.kv_end; });
+
+  const float* qp = q.ptr<const float>();
+  float* outp = out.ptr<float>();
+  float* lsep = want_lse ? lse.ptr<float>() : nullptr;
+  const DType kdt = cache.k.dtype, vdt = cache.v.dtype;
+  const size_t kes = dtype_size(kdt), ves = dtype_size(vdt);
+  const int64_t n_items = static_cast<int64_t>(items.size());
+#pragma omp parallel if (n_items > 1)
+  {
+    const size_t rows = static_cast<size_t>(q_per_item * G), d = static_cast<size_t>(D);
+    std::vector<float> qt(rows * d), ot(rows * d), m(rows), l(rows), kt(d * kKeyTile), vt(kKeyTile * d),
+        s(kKeyTile), krow(d);
+    std::vector<int> n_valid(rows);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const WorkItem& w = items[static_cast<size_t>(it)];
+      const AttnBlock& b = batch.blocks[static_cast<size_t>(w.block)];
+      const int32_t* table = batch.block_table.data() + static_cast<int64_t>(b.seq) * batch.max_blocks_per_seq;
+      const int R = static_cast<int>(w.n_q * G);
+      for (int qi = 0; qi < w.n_q; ++qi)
+        for (int64_t hg = 0; hg < G; ++hg) {
+          const int64_t t = b.q_begin + w.i0 + qi, h = w.kv_head * G + hg;
+          std::memcpy(&qt[(qi * G + hg) * d], qp + (t * Hq + h) * D, d * 4);
+        }
+      std::fill(m.begin(), m.begin() + R, -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.begin() + R, 0.0f);
+      std::fill(ot.begin(), ot.begin() + R * D, 0.0f);
+      for (int64_t k0 = 0; k0 < w.kv_end; k0 += kKeyTile) {
+        const int nk = static_cast<int>(std::min<int64_t>(kKeyTile, w.kv_end - k0));
+        for (int j = 0; j < nk; ++j) {
+          const int64_t p = k0 + j;
+          const int64_t slot = int64_t{table[p / bs]} * bs + p % bs;
+          const size_t off = static_cast<size_t>((slot * Hkv + w.kv_head) * D);
+          const float* kr = krow.data();
+          if (kdt == DType::F32) {
+            kr = cache.k.ptr<const float>() + off;
+          } else {
+            to_f32(byte_ptr(cache.k) + off * kes, kdt, krow.data(), d);
+          }
+          for (size_t e = 0; e < d; ++e) kt[e * kKeyTile + j] = kr[e];
+          to_f32(byte_ptr(cache.v) + off * ves, vdt, &vt[j * d], d);
+        }
+        if (nk < kKeyTile)
+          for (size_t e = 0; e < d; ++e) std::fill(&kt[e * kKeyTile + nk], &kt[e * kKeyTile] + kKeyTile, 0.0f);
+        for (int qi = 0; qi < w.n_q; ++qi) {
+          const int64_t pos = int64_t{b.pos_begin} + w.i0 + qi;
+          const int nv = static_cast<int>(std::clamp<int64_t>(pos - k0 + 1, 0, nk));
+          for (int64_t hg = 0; hg < G; ++hg) n_valid[qi * G + hg] = nv;
+        }
+        attend_tile(qt.data(), R, static_cast<int>(D), n_valid.data(), kt.data(), vt.data(), scale, m.data(),
+                    l.data(), ot.data(), s.data());
+      }
+      for (int qi = 0; qi < w.n_q; ++qi)
+        for (int64_t hg = 0; hg < G; ++hg) {
+          const int64_t t = b.q_begin + w.i0 + qi, h = w.kv_head * G + hg, r = qi * G + hg;
+          float* dst = outp + (t * Hq + h) * D;
+          for (int64_t e = 0; e < D; ++e) dst[e] = ot[r * D + e] / l[r];
+          if (lsep) lsep[t * Hq + h] = m[r] + std::log(l[r]);
+        }
+    }
+  }
+}
+
+}  // namespace cpinfer

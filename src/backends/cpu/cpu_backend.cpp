@@ -1,0 +1,298 @@
+// CPU back-end: memory, element-wise ops, norms, embedding, router, row moves and conversions.
+// Matrix products live in cpu_linear.cpp, attention/RoPE/KV in cpu_attention.cpp.
+#include "backends/cpu/cpu_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <numeric>
+
+#include "backends/cpu/cpu_common.h"
+
+namespace cpinfer {
+
+using namespace cpu;
+
+namespace {
+
+// Cache-line (and AVX-512) alignment for every allocation.
+constexpr size_t kAlign = 64;
+// Below this many elements an op runs on one thread: waking the team costs more than the work.
+constexpr int64_t kParallelMinElems = 1 << 14;
+
+// Converts n elements between float dtypes; `scratch` holds n floats when neither side is F32.
+void convert_span(const void* src, DType st, void* dst, DType dt, size_t n, float* scratch) {
+  if (n == 0) return;
+  if (st == dt) {
+    std::memcpy(dst, src, n * dtype_size(st));
+  } else if (dt == DType::F32) {
+    to_f32(src, st, static_cast<float*>(dst), n);
+  } else if (st == DType::F32) {
+    from_f32(static_cast<const float*>(src), dst, dt, n);
+  } else {
+    to_f32(src, st, scratch, n);
+    from_f32(scratch, dst, dt, n);
+  }
+}
+
+void check_norm_args(const Tensor& x, const Tensor& w, float eps, const Tensor& out, const char* op) {
+  check_f32(x, op, "x");
+  check_f32(out, op, "out");
+  check_float(w, op, "w");
+  check_same_shape(x, out, op, "x", "out");
+  CPI_CHECK(w.numel() == x.cols(), op, ": weight 'w' ", w.shape_str(), " must have ", x.cols(),
+            " elements (the last dim of x ", x.shape_str(), ")");
+  CPI_CHECK(std::isfinite(eps) && eps >= 0.0f, op, ": eps must be finite and >= 0, got ", eps);
+}
+
+}  // namespace
+
+// ---- memory
+
+void* CpuBackend::alloc(size_t bytes) {
+  if (bytes == 0) return nullptr;
+  size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
+  void* p = ::operator new(rounded, std::align_val_t(kAlign), std::nothrow);
+  CPI_CHECK(p != nullptr, "cpu alloc: out of host memory allocating ", bytes, " bytes");
+  return p;
+}
+
+void CpuBackend::dealloc(void* p) {
+  if (p) ::operator delete(p, std::align_val_t(kAlign));
+}
+
+void CpuBackend::upload(void* dst, const void* host_src, size_t bytes) { copy(dst, host_src, bytes); }
+void CpuBackend::download(void* host_dst, const void* src, size_t bytes) { copy(host_dst, src, bytes); }
+
+void CpuBackend::copy(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return;
+  CPI_CHECK(dst != nullptr && src != nullptr, "cpu copy of ", bytes, " bytes with a null pointer");
+  std::memmove(dst, src, bytes);
+}
+
+void CpuBackend::fill_zero(Tensor t) {
+  check_host(t, "fill_zero", "t");
+  if (t.nbytes()) std::memset(t.data, 0, t.nbytes());
+}
+
+// ---- element-wise and row ops
+
+void CpuBackend::embedding(const Tensor& table, const Tensor& ids, Tensor out) {
+  const char* op = "embedding";
+  check_float(table, op, "table");
+  check_index(ids, op, "ids");
+  check_float(out, op, "out");
+  check_ndim(table, 2, op, "table");
+  check_ndim(ids, 1, op, "ids");
+  check_ndim(out, 2, op, "out");
+  const int64_t T = ids.dim(0), H = table.dim(1);
+  CPI_CHECK(out.dim(0) == T && out.dim(1) == H, op, ": out ", out.shape_str(), " must be [", T, ", ", H,
+            "] for ids ", ids.shape_str(), " and table ", table.shape_str());
+  std::vector<int64_t> rows = checked_indices(ids, table.dim(0), op, "token id ids");
+  const size_t in_row = table.row_bytes(), out_row = out.row_bytes();
+#pragma omp parallel if (T * H > kParallelMinElems)
+  {
+    std::vector<float> scratch(static_cast<size_t>(H));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; ++t)
+      convert_span(byte_ptr(table) + rows[t] * in_row, table.dtype, byte_ptr_mut(out) + t * out_row, out.dtype,
+                   static_cast<size_t>(H), scratch.data());
+  }
+}
+
+void CpuBackend::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor out) {
+  check_norm_args(x, w, eps, out, "rms_norm");
+  const int64_t T = x.rows(), H = x.cols();
+  std::vector<float> wf = to_f32_vector(w);
+  const float* xp = x.ptr<const float>();
+  float* op = out.ptr<float>();
+#pragma omp parallel for schedule(static) if (T * H > kParallelMinElems)
+  for (int64_t t = 0; t < T; ++t) rms_row(xp + t * H, wf.data(), H, eps, op + t * H);
+}
+
+void CpuBackend::add_rms_norm(Tensor residual, const Tensor& x, const Tensor& w, float eps, Tensor out) {
+  check_norm_args(x, w, eps, out, "add_rms_norm");
+  check_f32(residual, "add_rms_norm", "residual");
+  check_same_shape(residual, x, "add_rms_norm", "residual", "x");
+  const int64_t T = x.rows(), H = x.cols();
+  std::vector<float> wf = to_f32_vector(w);
+  const float* xp = x.ptr<const float>();
+  float* rp = residual.ptr<float>();
+  float* op = out.ptr<float>();
+#pragma omp parallel for schedule(static) if (T * H > kParallelMinElems)
+  for (int64_t t = 0; t < T; ++t) {
+    float* r = rp + t * H;
+    for (int64_t i = 0; i < H; ++i) r[i] += xp[t * H + i];
+    rms_row(r, wf.data(), H, eps, op + t * H);
+  }
+}
+
+void CpuBackend::silu_mul(const Tensor& gate, const Tensor& up, Tensor out) {
+  const char* op = "silu_mul";
+  check_f32(gate, op, "gate");
+  check_f32(up, op, "up");
+  check_f32(out, op, "out");
+  check_same_shape(gate, up, op, "gate", "up");
+  check_same_shape(gate, out, op, "gate", "out");
+  const int64_t n = gate.numel();
+  const float* g = gate.ptr<const float>();
+  const float* u = up.ptr<const float>();
+  float* o = out.ptr<float>();
+#pragma omp parallel for schedule(static) if (n > kParallelMinElems)
+  for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+void CpuBackend::add(Tensor a, const Tensor& b) {
+  const char* op = "add";
+  check_float(a, op, "a");
+  check_float(b, op, "b");
+  check_same_shape(a, b, op, "a", "b");
+  CPI_CHECK(a.dtype == b.dtype, op, ": 'a' is ", dtype_name(a.dtype), " but 'b' is ", dtype_name(b.dtype));
+  const int64_t n = a.numel();
+  if (a.dtype == DType::F32) {
+    float* ap = a.ptr<float>();
+    const float* bp = b.ptr<const float>();
+#pragma omp parallel for schedule(static) if (n > kParallelMinElems)
+    for (int64_t i = 0; i < n; ++i) ap[i] += bp[i];
+    return;
+  }
+  // Half types: add in fp32, round once, chunk by chunk.
+  constexpr int64_t kChunk = 1024;
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
+  const size_t es = dtype_size(a.dtype);
+#pragma omp parallel if (n > kParallelMinElems)
+  {
+    std::vector<float> fa(kChunk), fb(kChunk);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      const int64_t begin = c * kChunk, len = std::min(kChunk, n - begin);
+      to_f32(byte_ptr(a) + begin * es, a.dtype, fa.data(), static_cast<size_t>(len));
+      to_f32(byte_ptr(b) + begin * es, b.dtype, fb.data(), static_cast<size_t>(len));
+      for (int64_t i = 0; i < len; ++i) fa[i] += fb[i];
+      from_f32(fa.data(), byte_ptr_mut(a) + begin * es, a.dtype, static_cast<size_t>(len));
+    }
+  }
+}
+
+void CpuBackend::gather_rows(const Tensor& src, const Tensor& idx, Tensor out) {
+  const char* op = "gather_rows";
+  check_host(src, op, "src");
+  check_index(idx, op, "idx");
+  check_host(out, op, "out");
+  check_ndim(idx, 1, op, "idx");
+  CPI_CHECK(src.dtype == out.dtype, op, ": src is ", dtype_name(src.dtype), " but out is ", dtype_name(out.dtype));
+  CPI_CHECK(out.dim(0) == idx.dim(0), op, ": out ", out.shape_str(), " must have ", idx.dim(0),
+            " rows (one per index)");
+  const int64_t src_rows = src.dim(0), M = out.dim(0);
+  const size_t row = src_rows ? src.nbytes() / static_cast<size_t>(src_rows) : 0;
+  CPI_CHECK(static_cast<size_t>(M) * row == out.nbytes() && (src_rows > 0 || M == 0), op, ": rows of src ",
+            src.shape_str(), " and out ", out.shape_str(), " differ in size");
+  std::vector<int64_t> rows = checked_indices(idx, src_rows, op, "idx");
+  if (row == 0) return;
+#pragma omp parallel for schedule(static) if (static_cast<size_t>(M) * row > kParallelMinElems * 4)
+  for (int64_t i = 0; i < M; ++i) std::memcpy(byte_ptr_mut(out) + i * row, byte_ptr(src) + rows[i] * row, row);
+}
+
+void CpuBackend::scatter_rows(const Tensor& src, const Tensor& idx, Tensor out) {
+  const char* op = "scatter_rows";
+  check_host(src, op, "src");
+  check_index(idx, op, "idx");
+  check_host(out, op, "out");
+  check_ndim(idx, 1, op, "idx");
+  CPI_CHECK(src.dtype == out.dtype, op, ": src is ", dtype_name(src.dtype), " but out is ", dtype_name(out.dtype));
+  CPI_CHECK(src.dim(0) == idx.dim(0), op, ": src ", src.shape_str(), " must have ", idx.dim(0),
+            " rows (one per index)");
+  const int64_t out_rows = out.dim(0), M = src.dim(0);
+  const size_t row = out_rows ? out.nbytes() / static_cast<size_t>(out_rows) : 0;
+  CPI_CHECK(static_cast<size_t>(M) * row == src.nbytes() && (out_rows > 0 || M == 0), op, ": rows of src ",
+            src.shape_str(), " and out ", out.shape_str(), " differ in size");
+  std::vector<int64_t> rows = checked_indices(idx, out_rows, op, "idx");
+  if (row == 0) return;
+  // Serial on purpose: with a repeated index the last source row wins, as a sequential reading says.
+  for (int64_t i = 0; i < M; ++i) std::memcpy(byte_ptr_mut(out) + rows[i] * row, byte_ptr(src) + i * row, row);
+}
+
+void CpuBackend::convert(const Tensor& src, Tensor dst) {
+  const char* op = "convert";
+  check_host(src, op, "src");
+  check_host(dst, op, "dst");
+  CPI_CHECK(src.numel() == dst.numel(), op, ": src ", src.shape_str(), " and dst ", dst.shape_str(),
+            " have different element counts");
+  if (src.dtype == dst.dtype) {
+    if (src.nbytes()) std::memmove(dst.data, src.data, src.nbytes());
+    return;
+  }
+  CPI_CHECK(is_float(src.dtype) && is_float(dst.dtype), op, ": cannot convert ", dtype_name(src.dtype), " to ",
+            dtype_name(dst.dtype), " (only between F32, F16 and BF16)");
+  constexpr int64_t kChunk = 4096;
+  const int64_t n = src.numel(), n_chunks = (n + kChunk - 1) / kChunk;
+  const size_t ss = dtype_size(src.dtype), ds = dtype_size(dst.dtype);
+#pragma omp parallel if (n > kParallelMinElems)
+  {
+    std::vector<float> scratch(kChunk);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      const int64_t begin = c * kChunk, len = std::min(kChunk, n - begin);
+      convert_span(byte_ptr(src) + begin * ss, src.dtype, byte_ptr_mut(dst) + begin * ds, dst.dtype,
+                   static_cast<size_t>(len), scratch.data());
+    }
+  }
+}
+
+// ---- router
+
+void CpuBackend::moe_route(const Tensor& logits, int top_k, bool renormalize, Tensor ids, Tensor weights) {
+  const char* op = "moe_route";
+  check_float(logits, op, "logits");
+  check_host(ids, op, "ids");
+  check_f32(weights, op, "weights");
+  check_ndim(logits, 2, op, "logits");
+  check_ndim(ids, 2, op, "ids");
+  check_ndim(weights, 2, op, "weights");
+  CPI_CHECK(ids.dtype == DType::I32, op, ": ids must be I32, got ", dtype_name(ids.dtype));
+  const int64_t T = logits.dim(0), E = logits.dim(1);
+  CPI_CHECK(top_k >= 1 && top_k <= E, op, ": top_k = ", top_k, " must be in [1, ", E, "] (the number of experts)");
+  CPI_CHECK(ids.dim(0) == T && ids.dim(1) == top_k, op, ": ids ", ids.shape_str(), " must be [", T, ", ", top_k, "]");
+  check_same_shape(ids, weights, op, "ids", "weights");
+  const size_t in_row = logits.row_bytes();
+  int32_t* id_out = ids.ptr<int32_t>();
+  float* w_out = weights.ptr<float>();
+#pragma omp parallel if (T * E > kParallelMinElems)
+  {
+    std::vector<float> p(static_cast<size_t>(E));
+    std::vector<int32_t> order(static_cast<size_t>(E));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      to_f32(byte_ptr(logits) + t * in_row, logits.dtype, p.data(), p.size());
+      // softmax in fp32 with the max subtracted (the sum in double: order-independent).
+      float mx = -std::numeric_limits<float>::infinity();
+      for (float v : p) mx = std::max(mx, v);
+      double sum = 0.0;
+      for (float& v : p) {
+        v = std::exp(v - mx);
+        sum += v;
+      }
+      const float sum_f = static_cast<float>(sum);
+      for (float& v : p) v = v / sum_f;
+      std::iota(order.begin(), order.end(), 0);
+      // Largest probability first; equal probabilities go to the lower expert id. NaN (from
+      // non-finite logits) ranks last so the ordering stays strict and the sort well defined.
+      auto key = [&](int32_t e) { return std::isnan(p[e]) ? -1.0f : p[e]; };
+      std::partial_sort(order.begin(), order.begin() + top_k, order.end(), [&](int32_t a, int32_t b) {
+        return key(a) > key(b) || (key(a) == key(b) && a < b);
+      });
+      float sel_sum = 0.0f;
+      for (int k = 0; k < top_k; ++k) sel_sum += p[order[k]];
+      for (int k = 0; k < top_k; ++k) {
+        id_out[t * top_k + k] = order[k];
+        w_out[t * top_k + k] = renormalize ? p[order[k]] / sel_sum : p[order[k]];
+      }
+    }
+  }
+}
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace cpinfer

@@ -1,0 +1,57 @@
+// The CPU reference back-end: plain loops + OpenBLAS sgemm, fp32 activations and fp32
+// accumulation everywhere. Every other back-end is tested against it, so clarity and agreement
+// with Hugging Face transformers' fp32 forward come before speed; it is still fast enough for CI
+// (OpenMP over independent rows/heads/tiles, sgemm for every matrix product).
+//
+// Activations (x, q, k, out, logits ...) must be F32; weights (linear, experts, norms, embedding
+// table) may be BF16/F16/F32 and are converted to fp32 on the fly; the KV cache may be any of the
+// three float types. Every op checks shapes and dtypes first and throws cpinfer::Error with the
+// op and tensor named; ops return only when the work is done (sync() is a no-op).
+#pragma once
+#include "ops/backend.h"
+
+namespace cpinfer {
+
+class CpuBackend final : public Backend {
+ public:
+  Device device() const override { return Device::CPU; }
+  std::string name() const override { return "cpu"; }
+  DType act_dtype() const override { return DType::F32; }
+
+  void* alloc(size_t bytes) override;
+  void dealloc(void* p) override;
+  void upload(void* dst, const void* host_src, size_t bytes) override;
+  void download(void* host_dst, const void* src, size_t bytes) override;
+  void copy(void* dst, const void* src, size_t bytes) override;
+  void fill_zero(Tensor t) override;
+  void sync() override {}
+
+  void embedding(const Tensor& table, const Tensor& ids, Tensor out) override;
+  void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor out) override;
+  void add_rms_norm(Tensor residual, const Tensor& x, const Tensor& w, float eps, Tensor out) override;
+  void linear(const Tensor& a, const Tensor& w, Tensor out) override;
+  void qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
+                    const Tensor& positions, const RopeParams& rope) override;
+  void kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, KvLayer cache) override;
+  void attention(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,
+                 Tensor lse) override;
+  void moe_route(const Tensor& logits, int top_k, bool renormalize, Tensor ids, Tensor weights) override;
+  void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
+                   Tensor out) override;
+  void silu_mul(const Tensor& gate, const Tensor& up, Tensor out) override;
+  void add(Tensor a, const Tensor& b) override;
+  void gather_rows(const Tensor& src, const Tensor& idx, Tensor out) override;
+  void scatter_rows(const Tensor& src, const Tensor& idx, Tensor out) override;
+  void convert(const Tensor& src, Tensor dst) override;
+};
+
+namespace cpu {
+
+// out[m, n] = Σ_k a[m, k] · w[n, k] for m < M, n < N; a fp32 [M, K] (row stride K), w [N, K] in
+// F32/F16/BF16 (row stride K), out fp32 with row stride ldc. Non-F32 weights are converted in blocks
+// of rows into a thread-local scratch; the product is one cblas_sgemm per block.
+void gemm_wt(const float* a, int64_t M, int64_t K, const void* w, DType w_dtype, int64_t N, float* out,
+             int64_t ldc);
+
+}  // namespace cpu
+}  // namespace cpinfer

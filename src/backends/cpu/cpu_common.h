@@ -1,0 +1,89 @@
+// Helpers shared by the CPU back-end's source files: argument checks with messages that name the
+// op and the tensor, and small conversion helpers. Internal to src/backends/cpu/.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "core/check.h"
+#include "core/tensor.h"
+
+namespace cpinfer::cpu {
+
+inline bool is_float(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
+inline bool is_index(DType t) { return t == DType::I32 || t == DType::I64; }
+
+// Every tensor an op reads or writes: defined, on the host, non-null when non-empty.
+inline void check_host(const Tensor& t, const char* op, const char* name) {
+  CPI_CHECK(t.defined(), op, ": tensor '", name, "' is undefined");
+  CPI_CHECK(t.device == Device::CPU, op, ": tensor '", name, "' ", t.shape_str(),
+            " is not on the CPU (the cpu back-end only reads host memory)");
+  for (int i = 0; i < t.ndim; ++i)
+    CPI_CHECK(t.shape[i] >= 0, op, ": tensor '", name, "' has a negative dimension ", t.shape_str());
+  CPI_CHECK(t.numel() == 0 || t.data != nullptr, op, ": tensor '", name, "' ", t.shape_str(), " has no data");
+}
+
+// Activations on the CPU back-end are F32 (act_dtype()).
+inline void check_f32(const Tensor& t, const char* op, const char* name) {
+  check_host(t, op, name);
+  CPI_CHECK(t.dtype == DType::F32, op, ": tensor '", name, "' must be F32 on the cpu back-end, got ",
+            dtype_name(t.dtype));
+}
+
+inline void check_float(const Tensor& t, const char* op, const char* name) {
+  check_host(t, op, name);
+  CPI_CHECK(is_float(t.dtype), op, ": tensor '", name, "' must be F32, F16 or BF16, got ", dtype_name(t.dtype));
+}
+
+inline void check_index(const Tensor& t, const char* op, const char* name) {
+  check_host(t, op, name);
+  CPI_CHECK(is_index(t.dtype), op, ": tensor '", name, "' must be I32 or I64, got ", dtype_name(t.dtype));
+}
+
+inline void check_ndim(const Tensor& t, int ndim, const char* op, const char* name) {
+  CPI_CHECK(t.ndim == ndim, op, ": tensor '", name, "' must have ", ndim, " dimensions, got ", t.shape_str());
+}
+
+inline void check_same_shape(const Tensor& a, const Tensor& b, const char* op, const char* na, const char* nb) {
+  bool same = a.ndim == b.ndim;
+  for (int i = 0; same && i < a.ndim; ++i) same = a.shape[i] == b.shape[i];
+  CPI_CHECK(same, op, ": '", na, "' ", a.shape_str(), " and '", nb, "' ", b.shape_str(), " must have the same shape");
+}
+
+// Element i of an I32 or I64 index tensor.
+inline int64_t index_at(const Tensor& t, int64_t i) {
+  return t.dtype == DType::I32 ? static_cast<int64_t>(t.ptr<const int32_t>()[i]) : t.ptr<const int64_t>()[i];
+}
+
+// Checks that every index of `idx` lies in [0, n) and returns them as int64.
+inline std::vector<int64_t> checked_indices(const Tensor& idx, int64_t n, const char* op, const char* name) {
+  std::vector<int64_t> out(static_cast<size_t>(idx.numel()));
+  for (int64_t i = 0; i < idx.numel(); ++i) {
+    int64_t v = index_at(idx, i);
+    CPI_CHECK(v >= 0 && v < n, op, ": ", name, "[", i, "] = ", v, " is out of range [0, ", n, ")");
+    out[static_cast<size_t>(i)] = v;
+  }
+  return out;
+}
+
+// A [n] float vector of any float dtype as fp32.
+inline std::vector<float> to_f32_vector(const Tensor& t) {
+  std::vector<float> out(static_cast<size_t>(t.numel()));
+  if (!out.empty()) to_f32(t.data, t.dtype, out.data(), out.size());
+  return out;
+}
+
+// out = x * 1/sqrt(mean(x²) + eps) * w over one row of H, as transformers' Qwen3RMSNorm does in
+// fp32 (the mean of squares is summed in double so it does not depend on the summation order).
+inline void rms_row(const float* x, const float* w, int64_t H, float eps, float* out) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < H; ++i) ss += static_cast<double>(x[i]) * x[i];
+  float var = static_cast<float>(ss / static_cast<double>(H));
+  float r = 1.0f / std::sqrt(var + eps);
+  for (int64_t i = 0; i < H; ++i) out[i] = (x[i] * r) * w[i];
+}
+
+inline const char* byte_ptr(const Tensor& t) { return static_cast<const char*>(t.data); }
+inline char* byte_ptr_mut(const Tensor& t) { return static_cast<char*>(t.data); }
+
+}  // namespace cpinfer::cpu

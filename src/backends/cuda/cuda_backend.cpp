@@ -1,0 +1,493 @@
+// CudaBackend: argument checks, memory, cuBLAS GEMMs and the orchestration of the kernels in
+// kernels/. Every op validates shapes and dtypes on the host (a bad call throws naming the op and
+// the offending tensor) and then only enqueues work on stream_; nothing here waits for the GPU
+// except download(), sync(), workspace growth and the expert counts of moe_experts.
+#include "backends/cuda/cuda_backend.h"
+
+#include <cublasLt.h>
+
+#include <algorithm>
+
+#include "backends/cuda/cuda_check.h"
+#include "backends/cuda/kernels/kernels.h"
+#include "core/log.h"
+
+namespace cpinfer::cuda {
+
+const char* cublas_status_name(cublasStatus_t s) {
+  switch (s) {
+    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    case CUBLAS_STATUS_LICENSE_ERROR: return "CUBLAS_STATUS_LICENSE_ERROR";
+    default: return "unknown cuBLAS status";
+  }
+}
+
+namespace {
+
+constexpr size_t kCublasWorkspaceBytes = 32u << 20;  // cuBLAS wants >= 32 MiB on Hopper
+
+// Makes device_ current for the calling thread (several back-ends may share a process).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    int cur = -1;
+    CUDA_CHECK(cudaGetDevice(&cur));
+    if (cur != device) CUDA_CHECK(cudaSetDevice(device));
+  }
+};
+
+void check_on_device(const Tensor& t, const char* op, const char* what) {
+  CPI_CHECK(t.defined(), op, ": tensor '", what, "' is undefined");
+  CPI_CHECK(t.device == Device::CUDA, op, ": tensor '", what, "' ", t.shape_str(),
+            " is not on the CUDA device (upload it first)");
+  CPI_CHECK(t.data != nullptr || t.numel() == 0, op, ": tensor '", what, "' has no data");
+}
+
+void check_dtype(const Tensor& t, DType want, const char* op, const char* what) {
+  CPI_CHECK(t.dtype == want, op, ": tensor '", what, "' has dtype ", dtype_name(t.dtype), ", expected ",
+            dtype_name(want));
+}
+
+void check_act(const Tensor& t, const char* op, const char* what) {
+  CPI_CHECK(t.dtype == DType::BF16 || t.dtype == DType::F32, op, ": tensor '", what, "' has dtype ",
+            dtype_name(t.dtype), ", expected BF16 (or F32)");
+}
+
+bool is_float(DType t) { return t == DType::F32 || t == DType::BF16 || t == DType::F16; }
+
+void check_same_shape(const Tensor& a, const Tensor& b, const char* op, const char* an, const char* bn) {
+  bool same = a.ndim == b.ndim;
+  for (int i = 0; same && i < a.ndim; ++i) same = a.shape[i] == b.shape[i];
+  CPI_CHECK(same, op, ": '", an, "' ", a.shape_str(), " and '", bn, "' ", b.shape_str(), " must have the same shape");
+}
+
+cudaDataType_t cuda_type(DType t) {
+  switch (t) {
+    case DType::F32: return CUDA_R_32F;
+    case DType::BF16: return CUDA_R_16BF;
+    case DType::F16: return CUDA_R_16F;
+    default: CPI_FAIL("no cuBLAS type for dtype ", dtype_name(t));
+  }
+}
+
+}  // namespace
+
+CudaBackend::CudaBackend(int device_index) : device_(device_index) {
+  int n = 0;
+  cudaError_t err = cudaGetDeviceCount(&n);
+  CPI_CHECK(err == cudaSuccess, "cannot use CUDA: cudaGetDeviceCount failed: ", cudaGetErrorString(err));
+  CPI_CHECK(device_index >= 0 && device_index < n, "CUDA device ", device_index, " does not exist (", n,
+            " device(s) visible)");
+  CUDA_CHECK(cudaSetDevice(device_));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  CUBLAS_CHECK(cublasCreate(&cublas_));
+  CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+  CUDA_CHECK(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes));
+  CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspaceBytes));
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
+  name_ = std::string("cuda:") + std::to_string(device_) + " (" + prop.name + ")";
+  log_info("CUDA back-end on ", name_, ", ", prop.multiProcessorCount, " SMs, ",
+           prop.totalGlobalMem >> 20, " MiB");
+}
+
+CudaBackend::~CudaBackend() {
+  // Destructors must not throw: errors here are ignored (the process is tearing the device down).
+  cudaSetDevice(device_);
+  if (stream_) cudaStreamSynchronize(stream_);
+  for (auto& t : rope_tables_) cudaFree(t.device);
+  if (workspace_) cudaFree(workspace_);
+  if (cublas_) cublasDestroy(cublas_);
+  if (cublas_workspace_) cudaFree(cublas_workspace_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+std::string CudaBackend::name() const { return name_; }
+
+// ---- memory
+
+void* CudaBackend::alloc(size_t bytes) {
+  if (bytes == 0) return nullptr;
+  DeviceGuard g(device_);
+  void* p = nullptr;
+  cudaError_t err = cudaMalloc(&p, bytes);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free allocation error
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    CPI_FAIL("CUDA out of memory: cannot allocate ", bytes >> 20, " MiB on ", name_, " (", free_b >> 20,
+             " MiB free of ", total_b >> 20, " MiB): ", cudaGetErrorString(err));
+  }
+  return p;
+}
+
+void CudaBackend::dealloc(void* p) {
+  if (!p) return;
+  DeviceGuard g(device_);
+  CUDA_CHECK(cudaStreamSynchronize(stream_));  // the memory may still be in use by queued work
+  CUDA_CHECK(cudaFree(p));
+}
+
+void CudaBackend::upload(void* dst, const void* host_src, size_t bytes) {
+  if (bytes == 0) return;
+  DeviceGuard g(device_);
+  CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));  // the caller may free host_src on return
+}
+
+void CudaBackend::download(void* host_dst, const void* src, size_t bytes) {
+  if (bytes == 0) return;
+  DeviceGuard g(device_);
+  CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void CudaBackend::copy(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return;
+  DeviceGuard g(device_);
+  CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+}
+
+void CudaBackend::fill_zero(Tensor t) {
+  if (t.numel() == 0) return;
+  check_on_device(t, "fill_zero", "t");
+  DeviceGuard g(device_);
+  CUDA_CHECK(cudaMemsetAsync(t.data, 0, t.nbytes(), stream_));
+}
+
+void CudaBackend::sync() {
+  DeviceGuard g(device_);
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void* CudaBackend::workspace(size_t bytes, size_t keep_bytes) {
+  if (bytes <= workspace_bytes_) return workspace_;
+  const size_t want = std::max(bytes, workspace_bytes_ * 3 / 2);
+  void* fresh = alloc(want);
+  if (workspace_) {
+    if (keep_bytes > 0)
+      CUDA_CHECK(cudaMemcpyAsync(fresh, workspace_, std::min(keep_bytes, workspace_bytes_), cudaMemcpyDeviceToDevice,
+                                 stream_));
+    CUDA_CHECK(cudaStreamSynchronize(stream_));  // queued work may still use the old scratch
+    CUDA_CHECK(cudaFree(workspace_));
+  }
+  workspace_ = fresh;
+  workspace_bytes_ = want;
+  return workspace_;
+}
+
+const float* CudaBackend::inv_freq_on_device(const RopeParams& rope) {
+  for (const auto& t : rope_tables_)
+    if (t.inv_freq == rope.inv_freq) return t.device;
+  RopeTable t;
+  t.inv_freq = rope.inv_freq;
+  t.device = static_cast<float*>(alloc(rope.inv_freq.size() * sizeof(float)));
+  upload(t.device, rope.inv_freq.data(), rope.inv_freq.size() * sizeof(float));
+  rope_tables_.push_back(std::move(t));
+  return rope_tables_.back().device;
+}
+
+// ---- ops
+
+void CudaBackend::embedding(const Tensor& table, const Tensor& ids, Tensor out) {
+  check_on_device(table, "embedding", "table");
+  check_on_device(ids, "embedding", "ids");
+  check_on_device(out, "embedding", "out");
+  check_dtype(ids, DType::I32, "embedding", "ids");
+  check_act(out, "embedding", "out");
+  CPI_CHECK(table.ndim == 2 && out.ndim == 2 && out.dim(0) == ids.numel() && out.dim(1) == table.dim(1),
+            "embedding: table ", table.shape_str(), ", ids ", ids.shape_str(), " and out ", out.shape_str(),
+            " do not match (want table [V, H], ids [T], out [T, H])");
+  DeviceGuard g(device_);
+  CUDA_LAUNCH(launch_embedding(dev(table), dev(ids), dev(out), stream_), "embedding");
+}
+
+void CudaBackend::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor out) {
+  check_on_device(x, "rms_norm", "x");
+  check_on_device(w, "rms_norm", "w");
+  check_on_device(out, "rms_norm", "out");
+  check_act(x, "rms_norm", "x");
+  check_dtype(out, x.dtype, "rms_norm", "out");
+  check_same_shape(x, out, "rms_norm", "x", "out");
+  CPI_CHECK(w.numel() == x.cols(), "rms_norm: weight ", w.shape_str(), " does not match the last dim of x ",
+            x.shape_str());
+  DeviceGuard g(device_);
+  CUDA_LAUNCH(launch_rms_norm(DevTensor{}, dev(x), dev(w), eps, dev(out), stream_), "rms_norm");
+}
+
+void CudaBackend::add_rms_norm(Tensor residual, const Tensor& x, const Tensor& w, float eps, Tensor out) {
+  check_on_device(residual, "add_rms_norm", "residual");
+  check_on_device(x, "add_rms_norm", "x");
+  check_on_device(w, "add_rms_norm", "w");
+  check_on_device(out, "add_rms_norm", "out");
+  check_act(x, "add_rms_norm", "x");
+  check_dtype(residual, x.dtype, "add_rms_norm", "residual");
+  check_dtype(out, x.dtype, "add_rms_norm", "out");
+  check_same_shape(x, residual, "add_rms_norm", "x", "residual");
+  check_same_shape(x, out, "add_rms_norm", "x", "out");
+  CPI_CHECK(w.numel() == x.cols(), "add_rms_norm: weight ", w.shape_str(), " does not match the last dim of x ",
+            x.shape_str());
+  DeviceGuard g(device_);
+  CUDA_LAUNCH(launch_rms_norm(dev(residual), dev(x), dev(w), eps, dev(out), stream_), "rms_norm");
+}
+
+void CudaBackend::gemm(const Tensor& a, const Tensor& w, Tensor out) {
+  const int64_t m = a.rows(), k = a.cols(), n = w.dim(0);
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    CUDA_CHECK(cudaMemsetAsync(out.data, 0, out.nbytes(), stream_));
+    return;
+  }
+  CPI_CHECK(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX, "linear: ", a.shape_str(), " x ", w.shape_str(),
+            " is too large for one cuBLAS call");
+  const float alpha = 1.0f, beta = 0.0f;
+  // Row-major out[M, N] = a[M, K] · w[N, K]ᵀ is column-major outᵀ[N, M] = wᵀ-op(w[K, N]) · a[K, M].
+  CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
+                            static_cast<int>(k), &alpha, w.data, cuda_type(w.dtype), static_cast<int>(k), a.data,
+                            cuda_type(a.dtype), static_cast<int>(k), &beta, out.data, cuda_type(out.dtype),
+                            static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+void CudaBackend::linear(const Tensor& a, const Tensor& w, Tensor out) {
+  check_on_device(a, "linear", "a");
+  check_on_device(w, "linear", "w");
+  check_on_device(out, "linear", "out");
+  check_act(a, "linear", "a");
+  check_act(out, "linear", "out");
+  CPI_CHECK(w.ndim == 2 && a.cols() == w.dim(1) && out.rows() == a.rows() && out.cols() == w.dim(0),
+            "linear: a ", a.shape_str(), ", w ", w.shape_str(), " and out ", out.shape_str(),
+            " do not match (want a [M, K], w [N, K], out [M, N])");
+  CPI_CHECK(w.dtype == DType::BF16 || w.dtype == DType::F32, "linear: weight dtype ", dtype_name(w.dtype),
+            " is not supported on CUDA (BF16 or F32; convert the checkpoint)");
+  DeviceGuard g(device_);
+  if (a.dtype == DType::BF16 && w.dtype == DType::BF16) {
+    gemm(a, w, out);  // BF16 x BF16 -> BF16 or F32 output, fp32 accumulation
+    return;
+  }
+  // Mixed or F32 operands: compute in F32 (cuBLAS wants A and B of one type).
+  const int64_t m = a.rows(), k = a.cols(), n = w.dim(0);
+  const size_t a_bytes = a.dtype == DType::F32 ? 0 : static_cast<size_t>(m * k) * 4;
+  const size_t o_bytes = out.dtype == DType::F32 ? 0 : static_cast<size_t>(m * n) * 4;
+  char* ws = static_cast<char*>(workspace((a_bytes + o_bytes + 255) / 256 * 256 + 256));
+  Tensor a32 = a, w32 = w, o32 = out;
+  if (a.dtype != DType::F32) {
+    a32 = Tensor(ws, DType::F32, {m, k}, Device::CUDA);
+    CUDA_LAUNCH(launch_convert(dev(a), dev(a32), stream_), "convert");
+  }
+  if (w.dtype != DType::F32) CPI_FAIL("linear: F32 activations need F32 weights (got ", dtype_name(w.dtype), ")");
+  if (out.dtype != DType::F32) o32 = Tensor(ws + (a_bytes + 255) / 256 * 256, DType::F32, {m, n}, Device::CUDA);
+  gemm(a32, w32, o32);
+  if (out.dtype != DType::F32) CUDA_LAUNCH(launch_convert(dev(o32), dev(out), stream_), "convert");
+}
+
+void CudaBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
+                               const Tensor& positions, const RopeParams& rope) {
+  check_on_device(q, "qk_norm_rope", "q");
+  check_on_device(k, "qk_norm_rope", "k");
+  check_on_device(q_norm_w, "qk_norm_rope", "q_norm_w");
+  check_on_device(k_norm_w, "qk_norm_rope", "k_norm_w");
+  check_on_device(positions, "qk_norm_rope", "positions");
+  check_act(q, "qk_norm_rope", "q");
+  check_act(k, "qk_norm_rope", "k");
+  check_dtype(positions, DType::I32, "qk_norm_rope", "positions");
+  CPI_CHECK(q.ndim == 3 && k.ndim == 3 && q.dim(0) == k.dim(0) && q.dim(2) == k.dim(2), "qk_norm_rope: q ",
+            q.shape_str(), " and k ", k.shape_str(), " must be [T, Hq, D] and [T, Hkv, D]");
+  const int64_t d = q.dim(2);
+  CPI_CHECK(d % 2 == 0 && d <= 1024, "qk_norm_rope: head_dim ", d, " must be even and <= 1024");
+  CPI_CHECK(static_cast<int64_t>(rope.inv_freq.size()) == d / 2, "qk_norm_rope: rope.inv_freq has ",
+            rope.inv_freq.size(), " entries, expected head_dim/2 = ", d / 2);
+  CPI_CHECK(q_norm_w.numel() == d && k_norm_w.numel() == d, "qk_norm_rope: norm weights ", q_norm_w.shape_str(),
+            " / ", k_norm_w.shape_str(), " must have head_dim = ", d, " elements");
+  CPI_CHECK(is_float(q_norm_w.dtype) && is_float(k_norm_w.dtype), "qk_norm_rope: norm weights must be float");
+  CPI_CHECK(positions.numel() == q.dim(0), "qk_norm_rope: positions ", positions.shape_str(), " must have T = ",
+            q.dim(0), " entries");
+  DeviceGuard g(device_);
+  const float* inv_freq = inv_freq_on_device(rope);
+  CUDA_LAUNCH(launch_qk_norm_rope(dev(q), dev(k), dev(q_norm_w), dev(k_norm_w), eps, dev(positions), inv_freq, rope.attention_factor, stream_), "qk_norm_rope");
+}
+
+void CudaBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, KvLayer cache) {
+  check_on_device(k, "kv_store", "k");
+  check_on_device(v, "kv_store", "v");
+  check_on_device(slots, "kv_store", "slots");
+  check_on_device(cache.k, "kv_store", "cache.k");
+  check_on_device(cache.v, "kv_store", "cache.v");
+  check_dtype(slots, DType::I32, "kv_store", "slots");
+  check_act(k, "kv_store", "k");
+  check_dtype(v, k.dtype, "kv_store", "v");
+  check_act(cache.k, "kv_store", "cache.k");
+  check_dtype(cache.v, cache.k.dtype, "kv_store", "cache.v");
+  check_same_shape(k, v, "kv_store", "k", "v");
+  check_same_shape(cache.k, cache.v, "kv_store", "cache.k", "cache.v");
+  CPI_CHECK(k.ndim == 3 && cache.k.ndim == 4 && k.dim(1) == cache.k.dim(2) && k.dim(2) == cache.k.dim(3),
+            "kv_store: k ", k.shape_str(), " does not fit the cache ", cache.k.shape_str(),
+            " (want k [T, Hkv, D], cache [n_blocks, block_size, Hkv, D])");
+  CPI_CHECK(slots.numel() == k.dim(0), "kv_store: slots ", slots.shape_str(), " must have T = ", k.dim(0),
+            " entries");
+  DeviceGuard g(device_);
+  CUDA_LAUNCH(launch_kv_store(dev(k), dev(v), dev(slots), dev(cache), stream_), "kv_store");
+}
+
+void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,
+                            Tensor lse) {
+  const char* op = "attention";
+  check_on_device(q, op, "q");
+  check_on_device(out, op, "out");
+  check_on_device(cache.k, op, "cache.k");
+  check_on_device(cache.v, op, "cache.v");
+  check_on_device(batch.dev_blocks, op, "batch.dev_blocks");
+  check_on_device(batch.dev_block_table, op, "batch.dev_block_table");
+  check_dtype(batch.dev_blocks, DType::I32, op, "batch.dev_blocks");
+  check_dtype(batch.dev_block_table, DType::I32, op, "batch.dev_block_table");
+  check_act(q, op, "q");
+  check_dtype(out, q.dtype, op, "out");
+  check_act(cache.k, op, "cache.k");
+  check_dtype(cache.v, cache.k.dtype, op, "cache.v");
+  check_same_shape(q, out, op, "q", "out");
+  check_same_shape(cache.k, cache.v, op, "cache.k", "cache.v");
+  CPI_CHECK(q.ndim == 3 && cache.k.ndim == 4 && q.dim(2) == cache.k.dim(3), "attention: q ", q.shape_str(),
+            " and cache ", cache.k.shape_str(), " must be [T, Hq, D] and [n_blocks, block_size, Hkv, D]");
+  const int64_t t = q.dim(0), hq = q.dim(1), hkv = cache.k.dim(2), d = q.dim(2);
+  CPI_CHECK(hkv > 0 && hq % hkv == 0, "attention: ", hq, " query heads are not a multiple of ", hkv, " kv heads");
+  CPI_CHECK(d <= 256, "attention: head_dim ", d, " > 256 is not supported on CUDA");
+  if (lse.defined()) {
+    check_on_device(lse, op, "lse");
+    check_dtype(lse, DType::F32, op, "lse");
+    CPI_CHECK(lse.numel() == t * hq, "attention: lse ", lse.shape_str(), " must be [T, Hq] = [", t, ", ", hq, "]");
+  }
+  const int64_t n_blocks = batch.dev_blocks.dim(0);
+  CPI_CHECK(batch.dev_blocks.ndim == 2 && batch.dev_blocks.dim(1) == 4, "attention: dev_blocks ",
+            batch.dev_blocks.shape_str(), " must be [n_blocks, 4]");
+  CPI_CHECK(batch.dev_block_table.ndim == 2 && batch.dev_block_table.dim(1) == batch.max_blocks_per_seq,
+            "attention: dev_block_table ", batch.dev_block_table.shape_str(), " must be [n_seqs, ",
+            batch.max_blocks_per_seq, "]");
+  // The host copies describe the same metadata; check them so that bad indices throw here rather
+  // than fault inside a kernel.
+  CPI_CHECK(static_cast<int64_t>(batch.blocks.size()) == n_blocks, "attention: batch.blocks has ",
+            batch.blocks.size(), " entries but dev_blocks has ", n_blocks);
+  const int64_t n_seqs = batch.dev_block_table.dim(0);
+  const int64_t bs = cache.block_size(), n_cache_blocks = cache.k.dim(0);
+  int32_t max_q = 0;
+  for (const AttnBlock& b : batch.blocks) {
+    CPI_CHECK(b.q_len >= 0 && b.q_begin >= 0 && b.q_begin + b.q_len <= t && b.pos_begin >= 0 && b.seq >= 0 &&
+                  b.seq < n_seqs && b.pos_begin + b.q_len <= batch.max_blocks_per_seq * bs,
+              "attention: block {q_begin ", b.q_begin, ", q_len ", b.q_len, ", pos_begin ", b.pos_begin, ", seq ",
+              b.seq, "} does not fit T = ", t, ", ", n_seqs, " sequences of ", batch.max_blocks_per_seq,
+              " blocks of ", bs);
+    max_q = std::max(max_q, b.q_len);
+    if (!batch.block_table.empty()) {
+      const int64_t used = (b.pos_begin + b.q_len + bs - 1) / bs;
+      for (int64_t i = 0; i < used; ++i) {
+        const int32_t blk = batch.block_table[b.seq * batch.max_blocks_per_seq + i];
+        CPI_CHECK(blk >= 0 && blk < n_cache_blocks, "attention: block_table[", b.seq, "][", i, "] = ", blk,
+                  " is outside the cache of ", n_cache_blocks, " blocks");
+      }
+    }
+  }
+  CPI_CHECK(batch.max_q_len >= max_q, "attention: batch.max_q_len ", batch.max_q_len,
+            " is smaller than the largest block q_len ", max_q);
+  if (n_blocks == 0 || t == 0) return;
+  DeviceGuard g(device_);
+  const bool flash = d == 128 && q.dtype == DType::BF16 && cache.k.dtype == DType::BF16 && max_q > 1;
+  if (flash) CUDA_LAUNCH(launch_attention_flash(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_), "attention_flash");
+  else CUDA_LAUNCH(launch_attention_generic(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_), "attention_generic");
+}
+
+void CudaBackend::moe_route(const Tensor& logits, int top_k, bool renormalize, Tensor ids, Tensor weights) {
+  check_on_device(logits, "moe_route", "logits");
+  check_on_device(ids, "moe_route", "ids");
+  check_on_device(weights, "moe_route", "weights");
+  check_act(logits, "moe_route", "logits");
+  check_dtype(ids, DType::I32, "moe_route", "ids");
+  check_dtype(weights, DType::F32, "moe_route", "weights");
+  const int64_t e = logits.cols();
+  CPI_CHECK(top_k >= 1 && top_k <= 32 && top_k <= e, "moe_route: top_k ", top_k, " must be in [1, min(32, E = ", e,
+            ")]");
+  CPI_CHECK(e <= 1024, "moe_route: ", e, " experts > 1024 are not supported on CUDA");
+  CPI_CHECK(ids.rows() == logits.rows() && ids.cols() == top_k && weights.rows() == logits.rows() &&
+                weights.cols() == top_k,
+            "moe_route: ids ", ids.shape_str(), " and weights ", weights.shape_str(), " must be [T, K] = [",
+            logits.rows(), ", ", top_k, "]");
+  DeviceGuard g(device_);
+  CUDA_LAUNCH(launch_moe_route(dev(logits), top_k, renormalize, dev(ids), dev(weights), stream_), "moe_route");
+}
+
+void CudaBackend::silu_mul(const Tensor& gate, const Tensor& up, Tensor out) {
+  check_on_device(gate, "silu_mul", "gate");
+  check_on_device(up, "silu_mul", "up");
+  check_on_device(out, "silu_mul", "out");
+  check_act(gate, "silu_mul", "gate");
+  check_dtype(up, gate.dtype, "silu_mul", "up");
+  check_dtype(out, gate.dtype, "silu_mul", "out");
+  check_same_shape(gate, up, "silu_mul", "gate", "up");
+  check_same_shape(gate, out, "silu_mul", "gate", "out");
+  DeviceGuard g(device_);
+  CUDA_LAUNCH(launch_silu_mul(dev(gate), dev(up), dev(out), stream_), "silu_mul");
+}
+
+void CudaBackend::add(Tensor a, const Tensor& b) {
+  check_on_device(a, "add", "a");
+  check_on_device(b, "add", "b");
+  check_act(a, "add", "a");
+  check_dtype(b, a.dtype, "add", "b");
+  check_same_shape(a, b, "add", "a", "b");
+  DeviceGuard g(device_);
+  CUDA_LAUNCH(launch_add(dev(a), dev(b), stream_), "add");
+}
+
+void CudaBackend::gather_rows(const Tensor& src, const Tensor& idx, Tensor out) {
+  check_on_device(src, "gather_rows", "src");
+  check_on_device(idx, "gather_rows", "idx");
+  check_on_device(out, "gather_rows", "out");
+  check_dtype(idx, DType::I32, "gather_rows", "idx");
+  check_dtype(out, src.dtype, "gather_rows", "out");
+  CPI_CHECK(out.rows() == idx.numel() && out.cols() == src.cols(), "gather_rows: src ", src.shape_str(), ", idx ",
+            idx.shape_str(), " and out ", out.shape_str(), " do not match (want src [N, C], idx [M], out [M, C])");
+  DeviceGuard g(device_);
+  CUDA_LAUNCH(launch_gather_rows(dev(src), dev(idx), dev(out), stream_), "gather_rows");
+}
+
+void CudaBackend::scatter_rows(const Tensor& src, const Tensor& idx, Tensor out) {
+  check_on_device(src, "scatter_rows", "src");
+  check_on_device(idx, "scatter_rows", "idx");
+  check_on_device(out, "scatter_rows", "out");
+  check_dtype(idx, DType::I32, "scatter_rows", "idx");
+  check_dtype(out, src.dtype, "scatter_rows", "out");
+  CPI_CHECK(src.rows() == idx.numel() && out.cols() == src.cols(), "scatter_rows: src ", src.shape_str(), ", idx ",
+            idx.shape_str(), " and out ", out.shape_str(), " do not match (want src [M, C], idx [M], out [N, C])");
+  DeviceGuard g(device_);
+  CUDA_LAUNCH(launch_scatter_rows(dev(src), dev(idx), dev(out), stream_), "scatter_rows");
+}
+
+void CudaBackend::convert(const Tensor& src, Tensor dst) {
+  check_on_device(src, "convert", "src");
+  check_on_device(dst, "convert", "dst");
+  CPI_CHECK(src.numel() == dst.numel(), "convert: src ", src.shape_str(), " and dst ", dst.shape_str(),
+            " differ in size");
+  DeviceGuard g(device_);
+  if (src.dtype == dst.dtype) {
+    copy(dst.data, src.data, src.nbytes());
+    return;
+  }
+  CPI_CHECK(is_float(src.dtype) && is_float(dst.dtype), "convert: ", dtype_name(src.dtype), " -> ",
+            dtype_name(dst.dtype), " is not supported (float types only)");
+  CUDA_LAUNCH(launch_convert(dev(src), dev(dst), stream_), "convert");
+}
+
+}  // namespace cpinfer::cuda
+
+namespace cpinfer {
+
+std::unique_ptr<Backend> make_cuda_backend(int device_index) {
+  return std::make_unique<cuda::CudaBackend>(device_index);
+}
+
+}  // namespace cpinfer

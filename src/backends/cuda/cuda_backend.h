@@ -1,0 +1,99 @@
+// CudaBackend: the Backend interface (ops/backend.h) on one NVIDIA GPU. Activations are BF16,
+// every op accumulates in fp32, and all work is ordered on one CUDA stream per back-end (exposed
+// through stream() so that communication can later overlap with it).
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <memory>
+#include <vector>
+
+#include "backends/cuda/kernels/kernels.h"
+#include "ops/backend.h"
+
+namespace cpinfer::cuda {
+
+// Plain copies of the views for the kernel launchers (kernels/kernels.h).
+inline DevTensor dev(const Tensor& t) {
+  DevTensor d;
+  d.data = t.data;
+  d.dtype = t.dtype;
+  d.ndim = t.ndim;
+  for (int i = 0; i < t.ndim; ++i) d.shape[i] = t.shape[i];
+  return d;
+}
+inline DevKv dev(const KvLayer& kv) { return DevKv{dev(kv.k), dev(kv.v)}; }
+inline DevAttnBatch dev(const AttnBatch& b) {
+  DevAttnBatch d;
+  d.blocks = b.dev_blocks.ptr<const int32_t>();
+  d.n_blocks = static_cast<int>(b.dev_blocks.dim(0));
+  d.block_table = b.dev_block_table.ptr<const int32_t>();
+  d.max_blocks_per_seq = b.max_blocks_per_seq;
+  d.max_q_len = b.max_q_len;
+  return d;
+}
+
+class CudaBackend : public Backend {
+ public:
+  explicit CudaBackend(int device_index);
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  Device device() const override { return Device::CUDA; }
+  std::string name() const override;
+  DType act_dtype() const override { return DType::BF16; }
+
+  void* alloc(size_t bytes) override;
+  void dealloc(void* p) override;
+  void upload(void* dst, const void* host_src, size_t bytes) override;
+  void download(void* host_dst, const void* src, size_t bytes) override;
+  void copy(void* dst, const void* src, size_t bytes) override;
+  void fill_zero(Tensor t) override;
+  void sync() override;
+
+  void embedding(const Tensor& table, const Tensor& ids, Tensor out) override;
+  void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor out) override;
+  void add_rms_norm(Tensor residual, const Tensor& x, const Tensor& w, float eps, Tensor out) override;
+  void linear(const Tensor& a, const Tensor& w, Tensor out) override;
+  void qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
+                    const Tensor& positions, const RopeParams& rope) override;
+  void kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, KvLayer cache) override;
+  void attention(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,
+                 Tensor lse) override;
+  void moe_route(const Tensor& logits, int top_k, bool renormalize, Tensor ids, Tensor weights) override;
+  void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
+                   Tensor out) override;
+  void silu_mul(const Tensor& gate, const Tensor& up, Tensor out) override;
+  void add(Tensor a, const Tensor& b) override;
+  void gather_rows(const Tensor& src, const Tensor& idx, Tensor out) override;
+  void scatter_rows(const Tensor& src, const Tensor& idx, Tensor out) override;
+  void convert(const Tensor& src, Tensor dst) override;
+
+  cudaStream_t stream() const { return stream_; }
+  int device_index() const { return device_; }
+
+ private:
+  // Scratch memory reused across ops on this stream; grows (after a stream sync) when too small,
+  // keeping the first `keep_bytes` of its old content.
+  void* workspace(size_t bytes, size_t keep_bytes = 0);
+  // The device copy of rope.inv_freq, uploaded once per distinct content.
+  const float* inv_freq_on_device(const RopeParams& rope);
+  // out = a · wᵀ through cuBLAS with fp32 compute: a [M, K], w [N, K], out [M, N].
+  void gemm(const Tensor& a, const Tensor& w, Tensor out);
+
+  int device_ = 0;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  void* cublas_workspace_ = nullptr;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
+  struct RopeTable {
+    std::vector<float> inv_freq;
+    float* device = nullptr;
+  };
+  std::vector<RopeTable> rope_tables_;
+  std::string name_;
+};
+
+}  // namespace cpinfer::cuda

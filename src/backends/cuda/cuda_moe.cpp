@@ -1,0 +1,103 @@
+// CudaBackend::moe_experts: permute the (token, k) pairs by local expert on the device, run each
+// expert's three GEMMs on its contiguous segment (one device->host copy of the segment offsets
+// per call), and accumulate the weighted results back into out in a fixed order per token.
+#include <algorithm>
+
+#include "backends/cuda/cuda_backend.h"
+#include "backends/cuda/cuda_check.h"
+#include "backends/cuda/kernels/kernels.h"
+
+namespace cpinfer::cuda {
+namespace {
+
+size_t round_up(size_t n) { return (n + 255) / 256 * 256; }
+
+}  // namespace
+
+void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
+                              Tensor out) {
+  const char* op = "moe_experts";
+  CPI_CHECK(x.device == Device::CUDA && ids.device == Device::CUDA && weights.device == Device::CUDA &&
+                out.device == Device::CUDA,
+            op, ": x, ids, weights and out must be on the CUDA device");
+  CPI_CHECK(x.dtype == DType::BF16, op, ": x has dtype ", dtype_name(x.dtype), ", expected BF16");
+  CPI_CHECK(out.dtype == DType::BF16 || out.dtype == DType::F32, op, ": out has dtype ", dtype_name(out.dtype),
+            ", expected BF16 or F32");
+  CPI_CHECK(ids.dtype == DType::I32 && weights.dtype == DType::F32, op, ": ids must be I32 and weights F32 (got ",
+            dtype_name(ids.dtype), ", ", dtype_name(weights.dtype), ")");
+  const int64_t n_tokens = x.rows(), hidden = x.cols(), top_k = ids.cols();
+  CPI_CHECK(ids.rows() == n_tokens && weights.rows() == n_tokens && weights.cols() == top_k, op, ": ids ",
+            ids.shape_str(), " and weights ", weights.shape_str(), " must be [T, K] with T = ", n_tokens);
+  CPI_CHECK(out.rows() == n_tokens && out.cols() == hidden, op, ": out ", out.shape_str(), " must match x ",
+            x.shape_str());
+  const int count = shard.count;
+  CPI_CHECK(count >= 0 && static_cast<int>(shard.gate.size()) == count && static_cast<int>(shard.up.size()) == count &&
+                static_cast<int>(shard.down.size()) == count,
+            op, ": the shard holds ", count, " experts but ", shard.gate.size(), "/", shard.up.size(), "/",
+            shard.down.size(), " gate/up/down tensors");
+  CPI_CHECK(count <= 8192, op, ": ", count, " local experts > 8192 are not supported");
+  if (n_tokens == 0 || count == 0 || top_k == 0) return;
+  const int64_t inter = shard.gate[0].dim(0);
+  for (int e = 0; e < count; ++e) {
+    const Tensor& g = shard.gate[e];
+    const Tensor& u = shard.up[e];
+    const Tensor& d = shard.down[e];
+    CPI_CHECK(g.device == Device::CUDA && u.device == Device::CUDA && d.device == Device::CUDA, op, ": expert ",
+              shard.first + e, " weights are not on the CUDA device");
+    CPI_CHECK(g.dtype == DType::BF16 && u.dtype == DType::BF16 && d.dtype == DType::BF16, op, ": expert ",
+              shard.first + e, " weights must be BF16 on CUDA (got ", dtype_name(g.dtype), ")");
+    CPI_CHECK(g.ndim == 2 && u.ndim == 2 && d.ndim == 2 && g.dim(0) == inter && g.dim(1) == hidden &&
+                  u.dim(0) == inter && u.dim(1) == hidden && d.dim(0) == hidden && d.dim(1) == inter,
+              op, ": expert ", shard.first + e, " gate ", g.shape_str(), ", up ", u.shape_str(), ", down ",
+              d.shape_str(), " must be [I, H], [I, H], [H, I] with H = ", hidden, ", I = ", inter);
+  }
+  // Workspace: offsets, src_token, pair_row, then (once the local row count is known) the rows.
+  const size_t n_pairs = static_cast<size_t>(n_tokens * top_k);
+  const size_t meta_bytes = round_up((count + 1) * 4) + 2 * round_up(n_pairs * 4);
+  char* ws = static_cast<char*>(workspace(meta_bytes));
+  auto* offsets = reinterpret_cast<int32_t*>(ws);
+  auto* src_token = reinterpret_cast<int32_t*>(ws + round_up((count + 1) * 4));
+  auto* pair_row = reinterpret_cast<int32_t*>(ws + round_up((count + 1) * 4) + round_up(n_pairs * 4));
+  {
+    int cur = -1;
+    CUDA_CHECK(cudaGetDevice(&cur));
+    if (cur != device_) CUDA_CHECK(cudaSetDevice(device_));
+  }
+  CUDA_LAUNCH(launch_moe_permute(dev(ids), shard.first, count, offsets, src_token, pair_row, stream_), "moe_permute");
+  std::vector<int32_t> host_off(count + 1);
+  CUDA_CHECK(cudaMemcpyAsync(host_off.data(), offsets, (count + 1) * 4, cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  const int64_t n_rows = host_off[count];
+  if (n_rows == 0) return;
+
+  // Rows: xp [n_rows, H] BF16, gate/up [n_rows, I] BF16 each, act [n_rows, I] BF16, y [n_rows, H] F32.
+  const size_t xp_b = round_up(n_rows * hidden * 2), gi_b = round_up(n_rows * inter * 2),
+               y_b = round_up(n_rows * hidden * 4);
+  ws = static_cast<char*>(workspace(meta_bytes + xp_b + 3 * gi_b + y_b, meta_bytes));  // may move
+  offsets = reinterpret_cast<int32_t*>(ws);
+  src_token = reinterpret_cast<int32_t*>(ws + round_up((count + 1) * 4));
+  pair_row = reinterpret_cast<int32_t*>(ws + round_up((count + 1) * 4) + round_up(n_pairs * 4));
+  char* rows = ws + meta_bytes;
+  Tensor xp(rows, DType::BF16, {n_rows, hidden}, Device::CUDA);
+  Tensor gp(rows + xp_b, DType::BF16, {n_rows, inter}, Device::CUDA);
+  Tensor up(rows + xp_b + gi_b, DType::BF16, {n_rows, inter}, Device::CUDA);
+  Tensor act(rows + xp_b + 2 * gi_b, DType::BF16, {n_rows, inter}, Device::CUDA);
+  Tensor y(rows + xp_b + 3 * gi_b, DType::F32, {n_rows, hidden}, Device::CUDA);
+  Tensor src_idx(src_token, DType::I32, {n_rows}, Device::CUDA);
+  CUDA_LAUNCH(launch_gather_rows(dev(x), dev(src_idx), dev(xp), stream_), "gather_rows");
+  for (int e = 0; e < count; ++e) {
+    const int64_t begin = host_off[e], n = host_off[e + 1] - host_off[e];
+    if (n == 0) continue;
+    gemm(xp.slice(begin, n), shard.gate[e], gp.slice(begin, n));
+    gemm(xp.slice(begin, n), shard.up[e], up.slice(begin, n));
+  }
+  CUDA_LAUNCH(launch_silu_mul(dev(gp), dev(up), dev(act), stream_), "silu_mul");
+  for (int e = 0; e < count; ++e) {
+    const int64_t begin = host_off[e], n = host_off[e + 1] - host_off[e];
+    if (n == 0) continue;
+    gemm(act.slice(begin, n), shard.down[e], y.slice(begin, n));
+  }
+  CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
+}
+
+}  // namespace cpinfer::cuda

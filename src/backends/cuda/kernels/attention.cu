@@ -1,0 +1,301 @@
+// FlashAttention-2-style causal prefill on tensor cores, head_dim 128, BF16, paged KV.
+//
+// One CTA = 128 query rows of one AttnBlock and one query head; 4 warps own 32 rows each (two
+// m16 blocks share every K/V fragment read from shared memory, halving that traffic per FLOP),
+// two CTAs per SM. K/V tiles
+// of 64 keys are read through the block table (per-row addressing, so any block size works) into
+// swizzled shared memory with cp.async, double-buffered: tile j+1 streams in while tile j is used.
+// S = Q·Kᵀ and O += P·V are mma.sync m16n8k16 (bf16 in, fp32 accumulate) fed by ldmatrix; the
+// softmax is online in fp32 (log2 domain). Tiles past the causal frontier are never loaded; a
+// warp whose 16 rows all precede a tile skips its math. The grid is (head, tile, block) with the
+// heaviest (last) query tiles first so that the causal tail does not straggle.
+#include <cfloat>
+
+#include "backends/cuda/kernels/common.cuh"
+#include "backends/cuda/kernels/kernels.h"
+
+namespace cpinfer::cuda {
+namespace {
+
+constexpr int kD = 128;
+constexpr int kBM = 128;  // query rows per CTA
+constexpr int kBN = 64;   // keys per tile
+constexpr int kWarps = 4;
+constexpr int kRowsPerWarp = kBM / kWarps;  // 32: K/V fragments from shared memory serve 2 row blocks
+constexpr int kMi = kRowsPerWarp / 16;
+constexpr int kThreads = kWarps * 32;
+constexpr int kChunks = kD / 8;  // 16-byte chunks per row
+constexpr size_t kSmemBytes = (kBM + 4 * kBN) * kD * sizeof(__nv_bfloat16);  // Q + 2 x (K, V)
+
+// Shared-memory element offset of (row, 16-byte chunk) with the XOR swizzle that makes ldmatrix
+// and cp.async conflict-free.
+__device__ __forceinline__ int swz(int row, int chunk) { return row * kD + ((chunk ^ (row & 7)) << 3); }
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const int src_size = valid ? 16 : 0;  // 0: zero-fill, nothing read
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_size));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// c += a · b for one m16n8k16 tile.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Loads keys [key0, key0 + kBN) of kv head kvh into a swizzled [kBN, kD] tile; keys at or past
+// kv_len are zero-filled without touching memory.
+__device__ __forceinline__ void load_kv_tile(__nv_bfloat16* dst, const __nv_bfloat16* __restrict__ cache,
+                                             const int32_t* __restrict__ table, int block_size, int hkv, int kvh,
+                                             int key0, int kv_len) {
+#pragma unroll
+  for (int i = 0; i < kBN * kChunks / kThreads; ++i) {
+    const int idx = threadIdx.x + i * kThreads;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const int key = key0 + r;
+    const bool valid = key < kv_len;
+    const __nv_bfloat16* src = cache;
+    if (valid) {
+      const int64_t slot = static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
+      src = cache + (slot * hkv + kvh) * kD + c * 8;
+    }
+    cp_async16(dst + swz(r, c), src, valid);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 2)
+    attention_flash_kernel(const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ blocks,
+                           const int32_t* __restrict__ block_table, int max_blocks_per_seq,
+                           const __nv_bfloat16* __restrict__ cache_k, const __nv_bfloat16* __restrict__ cache_v,
+                           int block_size, int hq, int hkv, float scale_log2, __nv_bfloat16* __restrict__ out,
+                           float* __restrict__ lse) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  auto* sq = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kBM, kD]
+  // Stage s of K is sq + kBM·kD + s·kBN·kD, of V 2·kBN·kD further (computed, not indexed: an
+  // array of stage pointers indexed at run time would live in local memory).
+  auto k_stage = [&](int s) { return sq + (kBM + s * kBN) * kD; };
+  auto v_stage = [&](int s) { return sq + (kBM + (2 + s) * kBN) * kD; };
+
+  const int h = blockIdx.x;
+  const int tile = gridDim.y - 1 - blockIdx.y;  // heaviest first
+  const int32_t* blk = blocks + 4 * blockIdx.z;
+  const int q_begin = blk[0], q_len = blk[1], pos_begin = blk[2], seq = blk[3];
+  const int m0 = tile * kBM;  // first query row of this CTA within the block
+  if (m0 >= q_len) return;
+  const int rows = min(kBM, q_len - m0);
+  const int kv_len = pos_begin + q_len;
+  const int kv_end = pos_begin + m0 + rows;  // keys this CTA needs: [0, kv_end)
+  const int n_tiles = (kv_end + kBN - 1) / kBN;
+  const int kvh = h / (hq / hkv);
+  const int32_t* table = block_table + static_cast<int64_t>(seq) * max_blocks_per_seq;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t q_stride = static_cast<int64_t>(hq) * kD;  // elements between consecutive tokens
+
+  // Q tile (rows past q_len zero-filled) and the first K/V tile.
+#pragma unroll
+  for (int i = 0; i < kBM * kChunks / kThreads; ++i) {
+    const int idx = threadIdx.x + i * kThreads;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const bool valid = r < rows;
+    const __nv_bfloat16* src = valid ? q + (q_begin + m0 + r) * q_stride + h * kD + c * 8 : q;
+    cp_async16(sq + swz(r, c), src, valid);
+  }
+  cp_async_commit();
+  load_kv_tile(k_stage(0), cache_k, table, block_size, hkv, kvh, 0, kv_len);
+  load_kv_tile(v_stage(0), cache_v, table, block_size, hkv, kvh, 0, kv_len);
+  cp_async_commit();
+
+  // Each warp owns kMi blocks of 16 rows; thread (g, t4) holds rows g and g + 8 of each.
+  float o[kMi][kD / 8][4];
+#pragma unroll
+  for (int mi = 0; mi < kMi; ++mi)
+#pragma unroll
+    for (int i = 0; i < kD / 8; ++i) o[mi][i][0] = o[mi][i][1] = o[mi][i][2] = o[mi][i][3] = 0.0f;
+  float m_row[kMi][2], l_row[kMi][2];
+#pragma unroll
+  for (int mi = 0; mi < kMi; ++mi) m_row[mi][0] = m_row[mi][1] = -INFINITY, l_row[mi][0] = l_row[mi][1] = 0.0f;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int warp_row0 = warp * kRowsPerWarp;
+  const int qpos_base = pos_begin + m0 + warp_row0 + g;  // + mi·16 + r·8
+  const int warp_last_pos = pos_begin + m0 + warp_row0 + kRowsPerWarp - 1;
+  const int diag_start = pos_begin + m0;  // tiles reaching past this key need the mask
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int st = j & 1;
+    if (j + 1 < n_tiles) {
+      load_kv_tile(k_stage(st ^ 1), cache_k, table, block_size, hkv, kvh, (j + 1) * kBN, kv_len);
+      load_kv_tile(v_stage(st ^ 1), cache_v, table, block_size, hkv, kvh, (j + 1) * kBN, kv_len);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const int key0 = j * kBN;
+    if (key0 <= warp_last_pos) {  // else every row of this warp precedes the whole tile
+      float s[kMi][kBN / 8][4];
+#pragma unroll
+      for (int mi = 0; mi < kMi; ++mi)
+#pragma unroll
+        for (int n = 0; n < kBN / 8; ++n) s[mi][n][0] = s[mi][n][1] = s[mi][n][2] = s[mi][n][3] = 0.0f;
+      const __nv_bfloat16* kt = k_stage(st);
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ++ks) {
+        uint32_t qa[kMi][4];
+#pragma unroll
+        for (int mi = 0; mi < kMi; ++mi)
+          ldmatrix_x4(qa[mi], sq + swz(warp_row0 + mi * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+#pragma unroll
+        for (int np = 0; np < kBN / 16; ++np) {
+          uint32_t b[4];
+          ldmatrix_x4(b, kt + swz(np * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+          for (int mi = 0; mi < kMi; ++mi) {
+            mma_bf16(s[mi][2 * np], qa[mi], b[0], b[1]);
+            mma_bf16(s[mi][2 * np + 1], qa[mi], b[2], b[3]);
+          }
+        }
+      }
+      // Scale into the log2 domain and mask (only tiles that reach the diagonal).
+      const bool need_mask = key0 + kBN - 1 > diag_start;
+#pragma unroll
+      for (int mi = 0; mi < kMi; ++mi)
+#pragma unroll
+        for (int n = 0; n < kBN / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float v = s[mi][n][e] * scale_log2;
+            if (need_mask) {
+              const int key = key0 + n * 8 + 2 * t4 + (e & 1);
+              const int qpos = qpos_base + mi * 16 + (e >> 1) * 8;
+              if (key > qpos || key >= kv_len) v = -INFINITY;
+            }
+            s[mi][n][e] = v;
+          }
+      // Online softmax per row (each row is spread over the 4 threads of a quad).
+#pragma unroll
+      for (int mi = 0; mi < kMi; ++mi) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float mx = -INFINITY;
+#pragma unroll
+          for (int n = 0; n < kBN / 8; ++n) mx = fmaxf(mx, fmaxf(s[mi][n][2 * r], s[mi][n][2 * r + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float m_new = fmaxf(m_row[mi][r], mx);
+          const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // fully masked row so far
+          const float corr = exp2f(m_row[mi][r] - m_use);
+          m_row[mi][r] = m_new;
+          float sum = 0.0f;
+#pragma unroll
+          for (int n = 0; n < kBN / 8; ++n) {
+            s[mi][n][2 * r] = exp2f(s[mi][n][2 * r] - m_use);
+            s[mi][n][2 * r + 1] = exp2f(s[mi][n][2 * r + 1] - m_use);
+            sum += s[mi][n][2 * r] + s[mi][n][2 * r + 1];
+          }
+          l_row[mi][r] = l_row[mi][r] * corr + sum;
+#pragma unroll
+          for (int n = 0; n < kD / 8; ++n) {
+            o[mi][n][2 * r] *= corr;
+            o[mi][n][2 * r + 1] *= corr;
+          }
+        }
+      }
+      // O += P · V, P re-packed from the S accumulators as bf16 A fragments.
+      const __nv_bfloat16* vt = v_stage(st);
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        uint32_t pa[kMi][4];
+#pragma unroll
+        for (int mi = 0; mi < kMi; ++mi) {
+          pa[mi][0] = pack_bf16(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+          pa[mi][1] = pack_bf16(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+          pa[mi][2] = pack_bf16(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+          pa[mi][3] = pack_bf16(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int dp = 0; dp < kD / 16; ++dp) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, vt + swz(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), dp * 2 + (lane >> 4)));
+#pragma unroll
+          for (int mi = 0; mi < kMi; ++mi) {
+            mma_bf16(o[mi][2 * dp], pa[mi], b[0], b[1]);
+            mma_bf16(o[mi][2 * dp + 1], pa[mi], b[2], b[3]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // the next iteration overwrites the stage just read
+  }
+  cp_async_wait<0>();
+
+  // Normalize and store. Each row's sum is spread over its quad.
+#pragma unroll
+  for (int mi = 0; mi < kMi; ++mi) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = l_row[mi][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int row = warp_row0 + mi * 16 + g + 8 * r;
+      if (row >= rows) continue;
+      const float inv_l = 1.0f / l;
+      const int64_t tok = q_begin + m0 + row;
+      __nv_bfloat16* orow = out + tok * q_stride + h * kD;
+#pragma unroll
+      for (int n = 0; n < kD / 8; ++n)
+        *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * t4) =
+            pack_bf16(o[mi][n][2 * r] * inv_l, o[mi][n][2 * r + 1] * inv_l);
+      if (lse != nullptr && t4 == 0) lse[tok * hq + h] = (m_row[mi][r] + log2f(l)) * 0.69314718055994531f;
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_attention_flash(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale, DevTensor out,
+                            DevTensor lse, cudaStream_t stream) {
+  const int hq = static_cast<int>(q.dim(1));
+  const int hkv = static_cast<int>(cache.k.dim(2));
+  const int n_blocks = batch.n_blocks;
+  const int max_q = batch.max_q_len;
+  if (n_blocks == 0 || max_q == 0) return cudaSuccess;
+  if (q.dim(2) != kD || n_blocks > 65535 || hq > 65535 || (max_q + kBM - 1) / kBM > 65535) return cudaErrorInvalidValue;
+  // Per device and cheap: set it on every launch rather than track which devices have it.
+  cudaError_t err = cudaFuncSetAttribute(attention_flash_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kSmemBytes));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(hq), static_cast<unsigned>((max_q + kBM - 1) / kBM),
+                  static_cast<unsigned>(n_blocks));
+  attention_flash_kernel<<<grid, kThreads, kSmemBytes, stream>>>(
+      q.ptr<const __nv_bfloat16>(), batch.blocks, batch.block_table,
+      batch.max_blocks_per_seq, cache.k.ptr<const __nv_bfloat16>(), cache.v.ptr<const __nv_bfloat16>(),
+      cache.block_size(), hq, hkv, scale * 1.4426950408889634f, out.ptr<__nv_bfloat16>(),
+      lse.defined() ? lse.ptr<float>() : nullptr);
+  return cudaGetLastError();
+}
+
+}  // namespace cpinfer::cuda

@@ -1,0 +1,113 @@
+// Device helpers shared by the kernels: element conversion, 16-byte vector loads/stores, warp
+// reductions and the host-side dtype dispatch.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "backends/cuda/kernels/kernels.h"
+
+namespace cpinfer::cuda {
+
+template <class T>
+__device__ __forceinline__ float to_f32(T v);
+template <>
+__device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+
+template <class T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+// Eight consecutive elements as fp32, loaded/stored with 16-byte accesses (two for fp32). The
+// pointer must be 16-byte aligned: callers take this path only when every row start is.
+template <class T>
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+  if constexpr (sizeof(T) == 2) {
+    uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = to_f32<T>(e[i]);
+  } else {
+    float4 a = reinterpret_cast<const float4*>(p)[0];
+    float4 b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
+  if constexpr (sizeof(T) == 2) {
+    uint4 raw;
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) e[i] = from_f32<T>(v[i]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  } else {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // partial[] may still be read by a previous call
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  v = lane < n_warps ? partial[lane] : 0.0f;
+  return warp_sum(v);
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+inline unsigned grid_1d(int64_t n, int threads) {
+  int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 * 16 ? 65535 * 16 : blocks));
+}
+
+}  // namespace cpinfer::cuda
+
+// Host-side dispatch over the float dtypes: CPI_DISPATCH_FLOAT(t, "op x", T, body) runs body with
+// T = float / __nv_bfloat16 / __half; other dtypes make the launcher return cudaErrorInvalidValue
+// (the back-end checks dtypes first, so this is an internal error).
+#define CPI_DISPATCH_FLOAT(dtype, what, T, ...)                                             \
+  switch (dtype) {                                                                          \
+    case ::cpinfer::DType::F32: { using T = float; __VA_ARGS__; } break;                    \
+    case ::cpinfer::DType::BF16: { using T = __nv_bfloat16; __VA_ARGS__; } break;           \
+    case ::cpinfer::DType::F16: { using T = __half; __VA_ARGS__; } break;                   \
+    default: return cudaErrorInvalidValue;                                          \
+  }
+
+// Activations: F32 or BF16 only (keeps the number of kernel instantiations small).
+#define CPI_DISPATCH_ACT(dtype, what, T, ...)                                               \
+  switch (dtype) {                                                                          \
+    case ::cpinfer::DType::F32: { using T = float; __VA_ARGS__; } break;                    \
+    case ::cpinfer::DType::BF16: { using T = __nv_bfloat16; __VA_ARGS__; } break;           \
+    default: return cudaErrorInvalidValue;                                          \
+  }

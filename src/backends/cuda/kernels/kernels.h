@@ -1,0 +1,95 @@
+// Host-side launchers of the CUDA kernels. The back-end (cuda_backend.cpp) validates shapes and
+// dtypes first; a launcher only enqueues work on `stream` and returns the launch status
+// (cudaErrorInvalidValue for a dtype it was not built for), which the caller turns into an error.
+//
+// This header is shared by .cu and .cpp files. nvcc's front end lacks std::source_location, so
+// the .cu side never sees core/check.h or core/tensor.h: tensors cross as DevTensor, a plain copy
+// of the view's pointer, dtype and shape.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace cpinfer::cuda {
+
+struct DevTensor {
+  void* data = nullptr;
+  DType dtype = DType::F32;
+  int ndim = 0;
+  int64_t shape[4] = {0, 0, 0, 0};
+
+  bool defined() const { return ndim > 0; }
+  int64_t dim(int i) const { return shape[i < 0 ? ndim + i : i]; }
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int i = 0; i < ndim; ++i) n *= shape[i];
+    return ndim == 0 ? 0 : n;
+  }
+  int64_t cols() const { return ndim == 0 ? 0 : shape[ndim - 1]; }
+  int64_t rows() const { return ndim == 0 || cols() == 0 ? 0 : numel() / cols(); }
+  size_t row_bytes() const { return static_cast<size_t>(cols()) * dtype_size(dtype); }
+  template <class T>
+  T* ptr() const { return static_cast<T*>(data); }
+};
+
+// The paged KV layer: k, v [n_blocks, block_size, Hkv, D].
+struct DevKv {
+  DevTensor k, v;
+  int block_size() const { return static_cast<int>(k.dim(1)); }
+};
+
+// Attention metadata on the device (ops/backend.h AttnBatch).
+struct DevAttnBatch {
+  const int32_t* blocks = nullptr;       // [n_blocks, 4]: q_begin, q_len, pos_begin, seq
+  int n_blocks = 0;
+  const int32_t* block_table = nullptr;  // [n_seqs, max_blocks_per_seq]
+  int max_blocks_per_seq = 0;
+  int max_q_len = 0;
+};
+
+// ---- row-wise element ops (elementwise.cu)
+cudaError_t launch_embedding(const DevTensor& table, const DevTensor& ids, DevTensor out, cudaStream_t stream);
+// When `residual` is defined: residual += x, then out = rms_norm(residual) * w; otherwise
+// out = rms_norm(x) * w. x, residual and out share one dtype.
+cudaError_t launch_rms_norm(DevTensor residual, const DevTensor& x, const DevTensor& w, float eps, DevTensor out,
+                            cudaStream_t stream);
+cudaError_t launch_silu_mul(const DevTensor& gate, const DevTensor& up, DevTensor out, cudaStream_t stream);
+cudaError_t launch_add(DevTensor a, const DevTensor& b, cudaStream_t stream);
+cudaError_t launch_convert(const DevTensor& src, DevTensor dst, cudaStream_t stream);
+// out[i] = src[idx[i]]; rows with idx outside [0, src rows) are zero-filled.
+cudaError_t launch_gather_rows(const DevTensor& src, const DevTensor& idx, DevTensor out, cudaStream_t stream);
+// out[idx[i]] = src[i]; rows with idx outside [0, out rows) are skipped.
+cudaError_t launch_scatter_rows(const DevTensor& src, const DevTensor& idx, DevTensor out, cudaStream_t stream);
+
+// ---- rope.cu: per-head RMSNorm + NeoX RoPE in place. inv_freq: device [D/2] F32.
+cudaError_t launch_qk_norm_rope(DevTensor q, DevTensor k, const DevTensor& q_norm_w, const DevTensor& k_norm_w,
+                                float eps, const DevTensor& positions, const float* inv_freq, float attention_factor,
+                                cudaStream_t stream);
+
+// ---- kv_store.cu: scatter k, v [T, Hkv, D] into the paged cache at slots [T] (slot < 0 skipped).
+cudaError_t launch_kv_store(const DevTensor& k, const DevTensor& v, const DevTensor& slots, const DevKv& cache,
+                            cudaStream_t stream);
+
+// ---- attention.cu / attention_generic.cu. q, out [T, Hq, D]; lse [T, Hq] F32 or undefined.
+// Tensor-core prefill kernel: D = 128, BF16 q/out/cache.
+cudaError_t launch_attention_flash(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
+                                   DevTensor out, DevTensor lse, cudaStream_t stream);
+// Any D <= 256, F32 or BF16: one warp per (query, head). Also serves decode.
+cudaError_t launch_attention_generic(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
+                                     DevTensor out, DevTensor lse, cudaStream_t stream);
+
+// ---- moe.cu
+cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormalize, DevTensor ids, DevTensor weights,
+                             cudaStream_t stream);
+// Counting sort of the (token, k) pairs whose expert is in [first, first + count):
+// offsets [count + 1] (exclusive prefix sum of the per-expert counts), src_token [T*K] (token of
+// each permuted row) and pair_row [T*K] (permuted row of each pair, -1 when not local).
+cudaError_t launch_moe_permute(const DevTensor& ids, int first, int count, int32_t* offsets, int32_t* src_token,
+                               int32_t* pair_row, cudaStream_t stream);
+// out[t] += Σ_k weights[t,k] · y[pair_row[t*K+k]] over the local pairs, in k order.
+cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row,
+                                 DevTensor out, cudaStream_t stream);
+
+}  // namespace cpinfer::cuda

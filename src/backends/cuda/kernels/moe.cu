@@ -1,0 +1,193 @@
+// MoE kernels: the router (softmax + top-k per token, one warp per token), the counting sort that
+// groups (token, k) pairs by local expert, and the weighted un-permute into the output.
+#include <cfloat>
+
+#include "backends/cuda/kernels/common.cuh"
+#include "backends/cuda/kernels/kernels.h"
+
+namespace cpinfer::cuda {
+namespace {
+
+// kPer values per lane: expert e = i * 32 + lane lives in p[i] of lane `lane`.
+template <class T, int kPer>
+__global__ void moe_route_kernel(const T* __restrict__ logits, int64_t n_tokens, int n_experts, int top_k,
+                                 bool renormalize, int32_t* __restrict__ ids, float* __restrict__ weights) {
+  const int lane = threadIdx.x & 31;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (t >= n_tokens) return;
+  const T* row = logits + t * n_experts;
+  float p[kPer];
+  float mx = -FLT_MAX;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int e = i * 32 + lane;
+    p[i] = e < n_experts ? to_f32<T>(row[e]) : -INFINITY;
+    mx = fmaxf(mx, p[i]);
+  }
+  mx = warp_max(mx);
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int e = i * 32 + lane;
+    p[i] = e < n_experts ? expf(p[i] - mx) : -1.0f;  // -1 marks "no expert": below every probability
+    if (e < n_experts) sum += p[i];
+  }
+  const float inv_sum = 1.0f / warp_sum(sum);
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) p[i] = p[i] >= 0.0f ? p[i] * inv_sum : -1.0f;
+
+  float chosen_sum = 0.0f;
+  float my_weight = 0.0f;  // lane k keeps the k-th weight
+  int my_id = 0;
+  for (int k = 0; k < top_k; ++k) {
+    float best = -2.0f;
+    int best_e = INT32_MAX;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+      if (p[i] > best) { best = p[i]; best_e = i * 32 + lane; }  // ascending e: ties keep the lower id
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
+      if (ov > best || (ov == best && oe < best_e)) { best = ov; best_e = oe; }
+    }
+    if ((best_e & 31) == lane) {
+#pragma unroll
+      for (int i = 0; i < kPer; ++i)
+        if (i * 32 + lane == best_e) p[i] = -2.0f;
+    }
+    if (lane == k) { my_weight = best; my_id = best_e; }
+    chosen_sum += best;
+  }
+  if (lane < top_k) {
+    ids[t * top_k + lane] = my_id;
+    weights[t * top_k + lane] = renormalize ? my_weight / chosen_sum : my_weight;
+  }
+}
+
+// One block: per-expert counts in shared memory, prefix sum, then each local pair takes a row of
+// its expert's segment.
+__global__ void moe_permute_kernel(const int32_t* __restrict__ ids, int64_t n_pairs, int top_k, int first, int count,
+                                   int32_t* __restrict__ offsets, int32_t* __restrict__ src_token,
+                                   int32_t* __restrict__ pair_row) {
+  extern __shared__ int32_t cursor[];  // [count]
+  for (int e = threadIdx.x; e < count; e += blockDim.x) cursor[e] = 0;
+  __syncthreads();
+  for (int64_t p = threadIdx.x; p < n_pairs; p += blockDim.x) {
+    const int e = ids[p] - first;
+    if (e >= 0 && e < count) atomicAdd(&cursor[e], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t run = 0;
+    for (int e = 0; e < count; ++e) {
+      const int32_t c = cursor[e];
+      offsets[e] = run;
+      cursor[e] = run;
+      run += c;
+    }
+    offsets[count] = run;
+  }
+  __syncthreads();
+  for (int64_t p = threadIdx.x; p < n_pairs; p += blockDim.x) {
+    const int e = ids[p] - first;
+    if (e >= 0 && e < count) {
+      const int32_t r = atomicAdd(&cursor[e], 1);
+      pair_row[p] = r;
+      src_token[r] = static_cast<int32_t>(p / top_k);
+    } else {
+      pair_row[p] = -1;
+    }
+  }
+}
+
+// out[t] += Σ_k w[t,k] · y[row(t,k)], summed in fp32 in k order (deterministic), rounded once.
+template <class TY, class TO, bool kVec>
+__global__ void moe_unpermute_kernel(const TY* __restrict__ y, const float* __restrict__ w,
+                                     const int32_t* __restrict__ pair_row, int top_k, TO* __restrict__ out,
+                                     int64_t cols) {
+  const int64_t t = blockIdx.x;
+  TO* o = out + t * cols;
+  if constexpr (kVec) {
+    for (int64_t c = threadIdx.x * 8; c < cols; c += blockDim.x * 8) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int k = 0; k < top_k; ++k) {
+        const int32_t r = pair_row[t * top_k + k];
+        if (r < 0) continue;
+        const float wk = w[t * top_k + k];
+        float v[8];
+        load8(y + static_cast<int64_t>(r) * cols + c, v);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] += wk * v[i];
+      }
+      float cur[8];
+      load8(o + c, cur);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) cur[i] += acc[i];
+      store8(o + c, cur);
+    }
+  } else {
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+      float acc = 0.0f;
+      for (int k = 0; k < top_k; ++k) {
+        const int32_t r = pair_row[t * top_k + k];
+        if (r >= 0) acc += w[t * top_k + k] * to_f32<TY>(y[static_cast<int64_t>(r) * cols + c]);
+      }
+      o[c] = from_f32<TO>(to_f32<TO>(o[c]) + acc);
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormalize, DevTensor ids, DevTensor weights,
+                      cudaStream_t stream) {
+  const int64_t n_tokens = logits.rows();
+  const int n_experts = static_cast<int>(logits.cols());
+  if (n_tokens == 0) return cudaSuccess;
+  constexpr int kWarps = 4;
+  const unsigned blocks = static_cast<unsigned>((n_tokens + kWarps - 1) / kWarps);
+  auto* idp = ids.ptr<int32_t>();
+  auto* wp = weights.ptr<float>();
+  CPI_DISPATCH_ACT(logits.dtype, "moe_route logits", T, {
+    const T* lp = static_cast<const T*>(logits.data);
+    if (n_experts <= 128)
+      moe_route_kernel<T, 4><<<blocks, kWarps * 32, 0, stream>>>(lp, n_tokens, n_experts, top_k, renormalize, idp, wp);
+    else if (n_experts <= 256)
+      moe_route_kernel<T, 8><<<blocks, kWarps * 32, 0, stream>>>(lp, n_tokens, n_experts, top_k, renormalize, idp, wp);
+    else if (n_experts <= 512)
+      moe_route_kernel<T, 16><<<blocks, kWarps * 32, 0, stream>>>(lp, n_tokens, n_experts, top_k, renormalize, idp, wp);
+    else
+      moe_route_kernel<T, 32><<<blocks, kWarps * 32, 0, stream>>>(lp, n_tokens, n_experts, top_k, renormalize, idp, wp);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_moe_permute(const DevTensor& ids, int first, int count, int32_t* offsets, int32_t* src_token,
+                               int32_t* pair_row, cudaStream_t stream) {
+  const int64_t n_pairs = ids.numel();
+  const int top_k = static_cast<int>(ids.cols());
+  moe_permute_kernel<<<1, 1024, static_cast<size_t>(count) * sizeof(int32_t), stream>>>(
+      ids.ptr<const int32_t>(), n_pairs, top_k, first, count, offsets, src_token, pair_row);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row, DevTensor out,
+                          cudaStream_t stream) {
+  const int64_t n_tokens = out.rows(), cols = out.cols();
+  const int top_k = static_cast<int>(weights.cols());
+  if (n_tokens == 0 || cols == 0) return cudaSuccess;
+  const bool vec = cols % 8 == 0 && aligned16(y.data) && aligned16(out.data);
+  const int64_t units = vec ? cols / 8 : cols;
+  const int threads = units >= 256 ? 256 : static_cast<int>(((units + 31) / 32) * 32);
+  CPI_DISPATCH_ACT(y.dtype, "moe y", TY, CPI_DISPATCH_ACT(out.dtype, "moe out", TO, {
+    auto* yp = static_cast<const TY*>(y.data);
+    auto* op = static_cast<TO*>(out.data);
+    const float* wp = weights.ptr<const float>();
+    if (vec) moe_unpermute_kernel<TY, TO, true><<<n_tokens, threads, 0, stream>>>(yp, wp, pair_row, top_k, op, cols);
+    else moe_unpermute_kernel<TY, TO, false><<<n_tokens, threads, 0, stream>>>(yp, wp, pair_row, top_k, op, cols);
+  }));
+  return cudaGetLastError();
+}
+
+}  // namespace cpinfer::cuda

@@ -1,0 +1,72 @@
+// Fused per-head RMSNorm + NeoX RoPE, in place on q [T, Hq, D] and k [T, Hkv, D]. One warp per
+// (token, head): the head is staged in shared memory as fp32 so that element i can meet its
+// rotation partner i + D/2, the norm is a warp reduction, and the result is rounded once.
+#include "backends/cuda/kernels/common.cuh"
+#include "backends/cuda/kernels/kernels.h"
+
+namespace cpinfer::cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kMaxD = 1024;
+
+template <class T, class TW>
+__global__ void qk_norm_rope_kernel(T* __restrict__ q, T* __restrict__ k, const TW* __restrict__ qw,
+                                    const TW* __restrict__ kw, const int32_t* __restrict__ positions,
+                                    const float* __restrict__ inv_freq, int64_t n_tokens, int hq, int hkv, int d,
+                                    float eps, float attention_factor) {
+  extern __shared__ float smem[];  // [kWarps, D]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* s = smem + warp * d;
+  const int heads = hq + hkv;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + warp;  // (token, head) pair
+  if (item >= n_tokens * heads) return;
+  const int64_t t = item / heads;
+  const int h = static_cast<int>(item % heads);
+  const bool is_q = h < hq;
+  T* x = is_q ? q + (t * hq + h) * d : k + (t * hkv + (h - hq)) * d;
+  const TW* w = is_q ? qw : kw;
+
+  float ss = 0.0f;
+  for (int i = lane; i < d; i += 32) {
+    const float v = to_f32<T>(x[i]);
+    s[i] = v;
+    ss += v * v;
+  }
+  const float inv = rsqrtf(warp_sum(ss) / static_cast<float>(d) + eps);
+  __syncwarp();
+  const int half = d / 2;
+  const float pos = static_cast<float>(positions[t]);
+  for (int i = lane; i < half; i += 32) {
+    const float x1 = s[i] * inv * to_f32<TW>(w[i]);
+    const float x2 = s[i + half] * inv * to_f32<TW>(w[i + half]);
+    const float f = pos * inv_freq[i];
+    const float c = cosf(f) * attention_factor, sn = sinf(f) * attention_factor;
+    x[i] = from_f32<T>(x1 * c - x2 * sn);
+    x[i + half] = from_f32<T>(x2 * c + x1 * sn);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_qk_norm_rope(DevTensor q, DevTensor k, const DevTensor& q_norm_w, const DevTensor& k_norm_w, float eps,
+                         const DevTensor& positions, const float* inv_freq, float attention_factor,
+                         cudaStream_t stream) {
+  const int64_t n_tokens = q.dim(0);
+  const int hq = static_cast<int>(q.dim(1)), hkv = static_cast<int>(k.dim(1)), d = static_cast<int>(q.dim(2));
+  const int64_t items = n_tokens * (hq + hkv);
+  if (items == 0 || d == 0) return cudaSuccess;
+  const int64_t blocks = (items + kWarps - 1) / kWarps;
+  if (d > kMaxD || q.dtype != k.dtype || q_norm_w.dtype != k_norm_w.dtype || blocks > INT32_MAX)
+    return cudaErrorInvalidValue;
+  const size_t smem = static_cast<size_t>(kWarps) * d * sizeof(float);
+  CPI_DISPATCH_ACT(q.dtype, "qk_norm_rope q", T, CPI_DISPATCH_FLOAT(q_norm_w.dtype, "qk_norm_rope weight", TW, {
+    qk_norm_rope_kernel<T, TW><<<static_cast<unsigned>(blocks), kWarps * 32, smem, stream>>>(
+        static_cast<T*>(q.data), static_cast<T*>(k.data), static_cast<const TW*>(q_norm_w.data),
+        static_cast<const TW*>(k_norm_w.data), positions.ptr<const int32_t>(), inv_freq, n_tokens, hq, hkv, d, eps,
+        attention_factor);
+  }));
+  return cudaGetLastError();
+}
+
+}  // namespace cpinfer::cuda

@@ -1,0 +1,391 @@
+// The "nccl" back-end. The communicator is created non-blocking (config.blocking = 0), so no NCCL
+// call can hang the host: each call returns at once (possibly ncclInProgress) and completion is
+// polled with ncclCommGetAsyncError (issue) and cudaStreamQuery (GPU work) until the deadline,
+// after which the communicator is aborted with ncclCommAbort and the call throws.
+//
+// NCCL has no v-collectives: all_gatherv is a group of broadcasts (one per rank, ring-pipelined),
+// reduce_scatterv a group of reduces (ncclReduceScatter when all counts are equal), all_to_allv a
+// group of send/recv pairs.
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "comm/nccl_comm.h"
+#include "core/check.h"
+
+namespace cpinfer {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+#define CPI_CUDA_OK(call)                                                                              \
+  do {                                                                                                 \
+    cudaError_t _e = (call);                                                                           \
+    CPI_CHECK(_e == cudaSuccess, #call " failed: ", cudaGetErrorName(_e), ": ", cudaGetErrorString(_e)); \
+  } while (0)
+
+bool dtype_to_nccl(DType t, ncclDataType_t& out) {
+  switch (t) {
+    case DType::F32: out = ncclFloat32; return true;
+    case DType::BF16: out = ncclBfloat16; return true;
+    case DType::F16: out = ncclFloat16; return true;
+    default: return false;
+  }
+}
+
+void backoff(int spins) {
+  if (spins < 2000) {
+    std::this_thread::yield();
+  } else {
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+}
+
+class NcclCommunicator final : public Communicator {
+ public:
+  NcclCommunicator(ncclComm_t comm, int device, cudaStream_t stream, bool own_stream, std::chrono::milliseconds timeout)
+      : comm_(comm), device_(device), stream_(stream), own_stream_(own_stream) {
+    timeout_ = timeout;
+    ncclCommUserRank(comm_, &rank_);
+    ncclCommCount(comm_, &size_);
+    cudaError_t e = cudaSetDevice(device_);
+    if (e == cudaSuccess) e = cudaMalloc(&scratch_, sizeof(float));
+    if (e != cudaSuccess) {  // the destructor will not run: release what this object was given
+      ncclCommAbort(comm_);
+      if (own_stream_) cudaStreamDestroy(stream_);
+      CPI_FAIL("nccl communicator: cudaMalloc of 4 bytes on device ", device_, " failed: ", cudaGetErrorString(e));
+    }
+  }
+
+  ~NcclCommunicator() override {
+    cudaSetDevice(device_);
+    if (comm_ != nullptr) {
+      // Finalize flushes outstanding work and needs the peers; one that never comes must not hang
+      // us for long, so give it a bounded wait and abort otherwise.
+      ncclResult_t st = ncclCommFinalize(comm_);
+      const auto deadline = Clock::now() + std::min<std::chrono::milliseconds>(timeout_, std::chrono::seconds(30));
+      for (int spins = 0; st == ncclSuccess || st == ncclInProgress; ++spins) {
+        if (ncclCommGetAsyncError(comm_, &st) != ncclSuccess || st != ncclInProgress) break;
+        if (Clock::now() >= deadline) break;
+        backoff(spins);
+      }
+      if (st == ncclSuccess) {
+        ncclCommDestroy(comm_);
+      } else {
+        ncclCommAbort(comm_);
+      }
+    }
+    if (scratch_) cudaFree(scratch_);
+    if (own_stream_ && stream_) cudaStreamDestroy(stream_);
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string kind() const override { return "nccl"; }
+
+  void all_gatherv(const void* send, size_t send_bytes, void* recv, std::span<const size_t> recv_bytes) override {
+    const char* name = "all_gatherv";
+    const auto deadline = begin(name);
+    check_counts(recv_bytes, "recv_bytes", name);
+    CPI_CHECK(recv_bytes[rank_] == send_bytes, name, ": recv_bytes[", rank_, "] = ", recv_bytes[rank_],
+              " but this rank sends ", send_bytes, " bytes");
+    size_t total = 0;
+    for (size_t b : recv_bytes) total += b;
+    check_device(send, send_bytes, "send", name);
+    check_device(recv, total, "recv", name);
+    issue(ncclGroupStart(), name, deadline);
+    size_t off = 0;
+    for (int r = 0; r < size_; ++r) {
+      if (recv_bytes[r] > 0)
+        // sendbuff is only read on the root; elsewhere pass the destination as a valid pointer.
+        issue(ncclBroadcast(r == rank_ ? send : static_cast<char*>(recv) + off, static_cast<char*>(recv) + off,
+                            recv_bytes[r], ncclUint8, r, comm_, stream_),
+              name, deadline);
+      off += recv_bytes[r];
+    }
+    issue(ncclGroupEnd(), name, deadline);
+    wait_done(name, deadline);
+  }
+
+  void all_reduce_sum(void* buf, size_t count, DType dtype) override {
+    const char* name = "all_reduce_sum";
+    const auto deadline = begin(name);
+    ncclDataType_t t;
+    CPI_CHECK(dtype_to_nccl(dtype, t), name, ": dtype ", dtype_name(dtype), " not supported (F32, BF16, F16)");
+    check_device(buf, count * dtype_size(dtype), "", name);
+    if (count == 0) return;
+    issue(ncclAllReduce(buf, buf, count, t, ncclSum, comm_, stream_), name, deadline);
+    wait_done(name, deadline);
+  }
+
+  void reduce_scatterv_sum(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
+    const char* name = "reduce_scatterv_sum";
+    const auto deadline = begin(name);
+    ncclDataType_t t;
+    CPI_CHECK(dtype_to_nccl(dtype, t), name, ": dtype ", dtype_name(dtype), " not supported (F32, BF16, F16)");
+    check_counts(counts, "counts", name);
+    const size_t es = dtype_size(dtype);
+    size_t total = 0;
+    bool equal = true;
+    for (size_t c : counts) {
+      total += c;
+      equal &= c == counts[0];
+    }
+    check_device(send, total * es, "send", name);
+    check_device(recv, counts[rank_] * es, "recv", name);
+    if (total == 0) return;
+    if (equal) {
+      issue(ncclReduceScatter(send, recv, counts[0], t, ncclSum, comm_, stream_), name, deadline);
+    } else {
+      issue(ncclGroupStart(), name, deadline);
+      size_t off = 0;
+      for (int r = 0; r < size_; ++r) {
+        const char* seg = static_cast<const char*>(send) + off * es;
+        // recvbuff is only read on the root; elsewhere pass the segment itself as a valid pointer.
+        if (counts[r] > 0)
+          issue(ncclReduce(seg, r == rank_ ? recv : const_cast<char*>(seg), counts[r], t, ncclSum, r, comm_, stream_),
+                name, deadline);
+        off += counts[r];
+      }
+      issue(ncclGroupEnd(), name, deadline);
+    }
+    wait_done(name, deadline);
+  }
+
+  void all_to_allv(const void* send, std::span<const size_t> send_bytes, void* recv,
+                   std::span<const size_t> recv_bytes) override {
+    const char* name = "all_to_allv";
+    const auto deadline = begin(name);
+    check_counts(send_bytes, "send_bytes", name);
+    check_counts(recv_bytes, "recv_bytes", name);
+    CPI_CHECK(send_bytes[rank_] == recv_bytes[rank_], name, ": rank ", rank_, " sends itself ", send_bytes[rank_],
+              " bytes but expects ", recv_bytes[rank_]);
+    size_t st = 0, rt = 0;
+    for (int q = 0; q < size_; ++q) st += send_bytes[q], rt += recv_bytes[q];
+    check_device(send, st, "send", name);
+    check_device(recv, rt, "recv", name);
+    issue(ncclGroupStart(), name, deadline);
+    size_t so = 0, ro = 0;
+    for (int q = 0; q < size_; ++q) {
+      const char* s = static_cast<const char*>(send) + so;
+      char* r = static_cast<char*>(recv) + ro;
+      if (q == rank_) {
+        if (send_bytes[q] > 0) CPI_CUDA_OK(cudaMemcpyAsync(r, s, send_bytes[q], cudaMemcpyDeviceToDevice, stream_));
+      } else {
+        if (send_bytes[q] > 0) issue(ncclSend(s, send_bytes[q], ncclUint8, q, comm_, stream_), name, deadline);
+        if (recv_bytes[q] > 0) issue(ncclRecv(r, recv_bytes[q], ncclUint8, q, comm_, stream_), name, deadline);
+      }
+      so += send_bytes[q];
+      ro += recv_bytes[q];
+    }
+    issue(ncclGroupEnd(), name, deadline);
+    wait_done(name, deadline);
+  }
+
+  void broadcast(void* buf, size_t bytes, int root) override {
+    const char* name = "broadcast";
+    const auto deadline = begin(name);
+    CPI_CHECK(root >= 0 && root < size_, name, ": root ", root, " out of range for ", size_, " ranks");
+    check_device(buf, bytes, "", name);
+    if (bytes == 0) return;
+    issue(ncclBroadcast(buf, buf, bytes, ncclUint8, root, comm_, stream_), name, deadline);
+    wait_done(name, deadline);
+  }
+
+  void barrier() override {
+    const char* name = "barrier";
+    const auto deadline = begin(name);
+    issue(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_), name, deadline);
+    wait_done(name, deadline);
+  }
+
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    const char* name = "split";
+    const auto deadline = begin(name);
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    // NCCL's init thread writes the new handle later; on a timeout that slot must outlive this
+    // call, so it lives on the heap and is given up (8 bytes) when we abandon the split.
+    auto* out = new ncclComm_t(nullptr);
+    issue(ncclCommSplit(comm_, color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, out, &config), name, deadline);
+    if (color < 0) {
+      delete out;
+      return nullptr;
+    }
+    // Non-blocking split: the handle appears in *out once the child is set up, then the child's
+    // state leaves ncclInProgress.
+    ncclResult_t st = ncclInProgress;
+    ncclComm_t child = nullptr;
+    for (int spins = 0;; ++spins) {
+      child = __atomic_load_n(out, __ATOMIC_ACQUIRE);
+      if (child != nullptr) {
+        ncclCommGetAsyncError(child, &st);
+        if (st != ncclInProgress) break;
+      } else {
+        ncclResult_t parent_st = ncclSuccess;
+        ncclCommGetAsyncError(comm_, &parent_st);
+        if (parent_st != ncclSuccess && parent_st != ncclInProgress) fail_nccl(name, parent_st);
+      }
+      if (Clock::now() >= deadline) {
+        if (child) ncclCommAbort(child);
+        fail(detail::concat(name, " timed out after ", timeout_.count(), " ms on NCCL rank ", rank_, " of ", size_,
+                            " while the new communicator initialized"));
+      }
+      backoff(spins);
+    }
+    delete out;
+    if (st != ncclSuccess) {
+      ncclCommAbort(child);
+      fail(detail::concat(name, " failed on NCCL rank ", rank_, ": ", ncclGetErrorString(st)));
+    }
+    return std::make_unique<NcclCommunicator>(child, device_, stream_, false, timeout_);
+  }
+
+ private:
+  Clock::time_point begin(const char* name) {
+    CPI_CHECK(comm_ != nullptr, name, " on NCCL rank ", rank_, ": the communicator was aborted by an earlier failure");
+    CPI_CUDA_OK(cudaSetDevice(device_));
+    return Clock::now() + timeout_;
+  }
+
+  void check_counts(std::span<const size_t> c, const char* what, const char* name) const {
+    CPI_CHECK(c.size() == static_cast<size_t>(size_), name, ": ", what, " has ", c.size(), " entries, expected ",
+              size_, " (one per rank)");
+  }
+
+  // NCCL reads device memory of this rank's GPU; a host pointer would fault inside a kernel.
+  void check_device(const void* p, size_t bytes, const char* what, const char* name) const {
+    if (bytes == 0) return;
+    CPI_CHECK(p != nullptr, name, ": null ", what, " buffer for ", bytes, " bytes");
+    cudaPointerAttributes a{};
+    const cudaError_t e = cudaPointerGetAttributes(&a, p);
+    CPI_CHECK(e == cudaSuccess && (a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged), name, ": the ",
+              what, " buffer is not device memory (the nccl communicator takes GPU buffers)");
+    CPI_CHECK(a.type == cudaMemoryTypeManaged || a.device == device_, name, ": the ", what,
+              " buffer lives on device ", a.device, " but this rank uses device ", device_);
+  }
+
+  // Accepts ncclSuccess; waits out ncclInProgress (non-blocking issue); anything else fails.
+  void issue(ncclResult_t r, const char* name, Clock::time_point deadline) {
+    if (r == ncclSuccess) return;
+    if (r != ncclInProgress) fail_nccl(name, r);
+    ncclResult_t st = ncclInProgress;
+    for (int spins = 0;; ++spins) {
+      ncclCommGetAsyncError(comm_, &st);
+      if (st == ncclSuccess) return;
+      if (st != ncclInProgress) fail_nccl(name, st);
+      if (Clock::now() >= deadline) fail_timeout(name);
+      backoff(spins);
+    }
+  }
+
+  // Polls the stream until the GPU finished, watching for NCCL errors and the deadline.
+  void wait_done(const char* name, Clock::time_point deadline) {
+    for (int spins = 0;; ++spins) {
+      const cudaError_t e = cudaStreamQuery(stream_);
+      if (e == cudaSuccess) return;
+      if (e != cudaErrorNotReady)
+        fail(detail::concat(name, " failed on NCCL rank ", rank_, ": CUDA error ", cudaGetErrorName(e), ": ",
+                            cudaGetErrorString(e)));
+      ncclResult_t st = ncclSuccess;
+      ncclCommGetAsyncError(comm_, &st);
+      if (st != ncclSuccess && st != ncclInProgress) fail_nccl(name, st);
+      if (Clock::now() >= deadline) fail_timeout(name);
+      backoff(spins);
+    }
+  }
+
+  [[noreturn]] void fail_nccl(const char* name, ncclResult_t r) {
+    const char* last = ncclGetLastError(comm_);
+    fail(detail::concat(name, " failed on NCCL rank ", rank_, " of ", size_, ": ", ncclGetErrorString(r),
+                        last && *last ? std::string(" (") + last + ")" : std::string()));
+  }
+  [[noreturn]] void fail_timeout(const char* name) {
+    fail(detail::concat(name, " timed out after ", timeout_.count(), " ms on NCCL rank ", rank_, " of ", size_,
+                        ": a peer did not enter ", name,
+                        " (hung, crashed, slower than the timeout, or calling a different collective)"));
+  }
+  // Aborts the NCCL communicator (stops its kernels) and throws; later calls fail at once.
+  [[noreturn]] void fail(const std::string& msg) {
+    ncclCommAbort(comm_);
+    comm_ = nullptr;
+    throw Error(msg);
+  }
+
+  ncclComm_t comm_;
+  int device_;
+  cudaStream_t stream_;
+  bool own_stream_;
+  int rank_ = 0, size_ = 1;
+  float* scratch_ = nullptr;  // [1] barrier operand
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, int device, void* cuda_stream,
+                                                     std::chrono::milliseconds timeout) {
+  CPI_CHECK(timeout.count() > 0, "make_nccl_communicator: timeout must be positive, got ", timeout.count(), " ms");
+  int n_devices = 0;
+  CPI_CUDA_OK(cudaGetDeviceCount(&n_devices));
+  CPI_CHECK(device >= 0 && device < n_devices, "make_nccl_communicator: device ", device, " out of range: ",
+            n_devices, " CUDA device(s) visible");
+  // NVLink SHARP (NVLS) multicast is off on the lent machines; NCCL would fail to set it up.
+  setenv("NCCL_NVLS_ENABLE", "0", 0);
+  CPI_CUDA_OK(cudaSetDevice(device));
+
+  // Every rank enters the broadcast even when rank 0 failed to make an id, so no rank hangs.
+  ncclUniqueId id;
+  std::memset(&id, 0, sizeof id);
+  ncclResult_t id_rc = ncclSuccess;
+  if (bootstrap.rank() == 0) id_rc = ncclGetUniqueId(&id);
+  int ok = id_rc == ncclSuccess ? 1 : 0;
+  bootstrap.broadcast(&ok, sizeof ok, 0);
+  CPI_CHECK(ok, "make_nccl_communicator: ncclGetUniqueId failed on rank 0",
+            bootstrap.rank() == 0 ? std::string(": ") + ncclGetErrorString(id_rc) : std::string());
+  bootstrap.broadcast(&id, sizeof id, 0);
+
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  ncclComm_t comm = nullptr;
+  const auto deadline = Clock::now() + timeout;
+  ncclResult_t rc = ncclCommInitRankConfig(&comm, bootstrap.size(), id, bootstrap.rank(), &config);
+  CPI_CHECK(rc == ncclSuccess || rc == ncclInProgress, "ncclCommInitRankConfig failed on rank ", bootstrap.rank(),
+            ": ", ncclGetErrorString(rc));
+  ncclResult_t st = ncclInProgress;
+  for (int spins = 0;; ++spins) {
+    ncclCommGetAsyncError(comm, &st);
+    if (st != ncclInProgress) break;
+    if (Clock::now() >= deadline) {
+      ncclCommAbort(comm);
+      CPI_FAIL("make_nccl_communicator timed out after ", timeout.count(), " ms on rank ", bootstrap.rank(), " of ",
+               bootstrap.size(), ": NCCL initialization did not complete (a peer did not join)");
+    }
+    backoff(spins);
+  }
+  if (st != ncclSuccess) {
+    const char* last = ncclGetLastError(comm);
+    std::string detail = last ? last : "";
+    ncclCommAbort(comm);
+    CPI_FAIL("NCCL initialization failed on rank ", bootstrap.rank(), " (device ", device, "): ",
+             ncclGetErrorString(st), detail.empty() ? "" : " (" + detail + ")");
+  }
+
+  cudaStream_t stream = static_cast<cudaStream_t>(cuda_stream);
+  bool own = false;
+  if (stream == nullptr) {
+    const cudaError_t e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    if (e != cudaSuccess) {
+      ncclCommAbort(comm);
+      CPI_FAIL("make_nccl_communicator: cudaStreamCreate failed: ", cudaGetErrorString(e));
+    }
+    own = true;
+  }
+  return std::make_unique<NcclCommunicator>(comm, device, stream, own, timeout);
+}
+
+}  // namespace cpinfer

@@ -1,0 +1,175 @@
+#include "engine/engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <unistd.h>
+
+#include "core/log.h"
+#include "model/random_weights.h"
+
+namespace cpinfer {
+
+namespace {
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// A progress bar on stderr, only when it is a terminal and the load takes more than a moment.
+struct LoadProgress {
+  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+  bool tty = isatty(STDERR_FILENO);
+  bool shown = false;
+  void operator()(size_t done, size_t total) {
+    if (!tty || total == 0 || seconds_since(t0) < 1.0) return;
+    int pct = static_cast<int>(100.0 * double(done) / double(total));
+    std::fprintf(stderr, "\r[cpinfer] loading weights %3d%% (%.1f / %.1f GiB)", pct, done / 1073741824.0,
+                 total / 1073741824.0);
+    shown = true;
+    if (done >= total) std::fprintf(stderr, "\n");
+  }
+  ~LoadProgress() {
+    if (shown) std::fprintf(stderr, "\n");
+  }
+};
+}  // namespace
+
+Engine::Engine(const std::string& model_dir, const EngineOptions& opt, ParallelCtx par) : opt_(opt), par_(par) {
+  auto t0 = std::chrono::steady_clock::now();
+  const bool random = !opt.random_weights.empty();
+  cfg_ = random ? random_model_config(opt.random_weights) : load_config(model_dir);
+  CPI_CHECK(opt.cp.cp_size == par_.cp_size(), "--attn-cp-size ", opt.cp.cp_size, " but the CP group has ",
+            par_.cp_size(), " ranks");
+  be_ = make_backend(opt.device, opt.device_index);
+  ModelWeights w;
+  if (random) {
+    w = random_weights(cfg_, *be_, par_.world_rank(), par_.world_size());
+  } else {
+    ckpt_ = std::make_unique<Checkpoint>(Checkpoint::open(model_dir));
+    LoadProgress progress;
+    w = load_weights(*ckpt_, cfg_, *be_, par_.world_rank(), par_.world_size(),
+                     [&](size_t done, size_t total) {
+                       if (par_.world_rank() == 0 && !opt.quiet) progress(done, total);
+                     });
+  }
+  size_t weight_bytes = w.bytes;
+  model_ = std::make_unique<Qwen3Model>(cfg_, std::move(w), *be_, par_);
+  CPI_CHECK(opt.block_size > 0 && opt.kv_cache_tokens > 0, "KV cache needs positive --kv-cache-tokens");
+  int n_blocks = (opt.kv_cache_tokens + opt.block_size - 1) / opt.block_size;
+  cache_ = std::make_unique<KvCache>(*be_, model_->kv_shape(n_blocks, opt.block_size));
+  if (par_.world_rank() == 0 && !opt.quiet) {
+    int n_moe = 0;
+    for (int l = 0; l < static_cast<int>(cfg_.num_hidden_layers); ++l) n_moe += cfg_.is_moe_layer(l) ? 1 : 0;
+    log_info("loaded ", cfg_.architecture, " from ", random ? "random weights (" + opt.random_weights + ")" : model_dir, ": ", cfg_.num_hidden_layers, " layers (", n_moe,
+             " MoE, ", cfg_.num_experts, " experts top-", cfg_.num_experts_per_tok, "), hidden ", cfg_.hidden_size,
+             ", vocab ", cfg_.vocab_size, ", weights ", dtype_name(model_->weights().embed.dtype), " ",
+             weight_bytes / 1048576.0, " MiB on rank 0 of ", par_.world_size(), ", device ", be_->name(), ", ",
+             seconds_since(t0), " s");
+    log_info("KV cache: ", n_blocks * opt.block_size, " positions in blocks of ", opt.block_size, ", ",
+             cache_->shape().bytes() / 1048576.0, " MiB ", dtype_name(cache_->shape().dtype));
+  }
+}
+
+Engine::~Engine() = default;
+
+std::vector<std::vector<float>> Engine::run(const std::vector<SeqWork>& work) {
+  ForwardPlan plan = make_plan(work, *cache_, par_.cp_rank(), opt_.cp);
+  std::vector<float> logits = model_->forward(plan, *cache_);
+  for (const SeqWork& w : work) cache_->set_length(w.kv_seq, w.n_cached + static_cast<int>(w.tokens.size()));
+  // Regroup the gathered rows (rank-major) per sequence, in position order.
+  const size_t V = static_cast<size_t>(cfg_.vocab_size);
+  std::vector<std::vector<std::pair<int32_t, size_t>>> rows(work.size());
+  for (size_t i = 0; i < plan.logit_rows_all.size(); ++i)
+    rows[plan.logit_rows_all[i].seq].push_back({plan.logit_rows_all[i].pos, i});
+  std::vector<std::vector<float>> out(work.size());
+  for (size_t s = 0; s < work.size(); ++s) {
+    std::sort(rows[s].begin(), rows[s].end());
+    out[s].resize(rows[s].size() * V);
+    for (size_t j = 0; j < rows[s].size(); ++j)
+      std::copy_n(logits.begin() + rows[s][j].second * V, V, out[s].begin() + j * V);
+  }
+  return out;
+}
+
+std::vector<std::vector<float>> Engine::prefill(const std::vector<std::span<const int32_t>>& prompts,
+                                                std::vector<int>& seq_ids, LogitsWanted want) {
+  seq_ids.clear();
+  std::vector<SeqWork> work;
+  for (auto p : prompts) {
+    CPI_CHECK(!p.empty(), "empty prompt");
+    for (int32_t id : p)
+      CPI_CHECK(id >= 0 && id < cfg_.vocab_size, "token id ", id, " outside the vocabulary [0, ", cfg_.vocab_size, ")");
+    int seq = cache_->add_sequence();
+    seq_ids.push_back(seq);
+    if (!cache_->can_reserve(seq, static_cast<int>(p.size()))) {
+      for (int s : seq_ids) cache_->free_sequence(s);
+      seq_ids.clear();
+      CPI_FAIL("prompt of ", p.size(), " tokens does not fit the KV cache (", cache_->n_free_blocks() * opt_.block_size,
+               " free positions); raise --kv-cache-tokens");
+    }
+    cache_->reserve(seq, static_cast<int>(p.size()));
+    work.push_back(SeqWork{seq, 0, p, want});
+  }
+  return run(work);
+}
+
+std::vector<std::vector<float>> Engine::decode(const std::vector<int>& seqs, const std::vector<int32_t>& tokens) {
+  CPI_CHECK(seqs.size() == tokens.size(), "decode: ", seqs.size(), " sequences but ", tokens.size(), " tokens");
+  std::vector<SeqWork> work;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    int n = cache_->length(seqs[i]);
+    cache_->reserve(seqs[i], n + 1);
+    work.push_back(SeqWork{seqs[i], n, std::span<const int32_t>(&tokens[i], 1), LogitsWanted::Last});
+  }
+  return run(work);
+}
+
+void Engine::release(int seq) { cache_->free_sequence(seq); }
+
+GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateOptions& gen,
+                                const std::function<bool(int32_t)>& on_token) {
+  CPI_CHECK(gen.max_new_tokens >= 1, "max_new_tokens must be >= 1, got ", gen.max_new_tokens);
+  gen.sampling.validate();
+  const int need = static_cast<int>(prompt.size()) + gen.max_new_tokens;
+  CPI_CHECK(need <= cache_->n_free_blocks() * opt_.block_size, "prompt (", prompt.size(), " tokens) + max_new_tokens (",
+            gen.max_new_tokens, ") exceed the KV cache (", cache_->n_free_blocks() * opt_.block_size,
+            " free positions); raise --kv-cache-tokens");
+  std::vector<int32_t> stops = gen.stop_ids;
+  if (!gen.ignore_eos) stops.insert(stops.end(), cfg_.eos_token_ids.begin(), cfg_.eos_token_ids.end());
+
+  Sampler sampler(gen.sampling);
+  GenerateResult res;
+  auto t0 = std::chrono::steady_clock::now();
+  std::vector<int> seqs;
+  auto logits = prefill({prompt}, seqs, LogitsWanted::Last);
+  const int seq = seqs[0];
+  auto t_first = t0;
+  try {
+    for (int step = 0; step < gen.max_new_tokens; ++step) {
+      // Rank 0 samples and decides whether to go on; everyone follows its decision.
+      int32_t msg[2] = {0, 1};  // token, continue
+      if (rank() == 0) {
+        msg[0] = sampler.sample(logits[0]);
+        bool is_stop = std::find(stops.begin(), stops.end(), msg[0]) != stops.end();
+        bool keep = on_token ? on_token(msg[0]) : true;
+        msg[1] = (!is_stop && keep && step + 1 < gen.max_new_tokens) ? 1 : 0;
+        res.finish_reason = (is_stop || !keep) ? "stop" : "length";
+      }
+      if (par_.world && par_.world->size() > 1) par_.world->broadcast(msg, sizeof(msg), 0);
+      res.output_ids.push_back(msg[0]);
+      if (step == 0) t_first = std::chrono::steady_clock::now();
+      if (!msg[1]) break;
+      logits = decode({seq}, {msg[0]});
+    }
+  } catch (...) {
+    release(seq);
+    throw;
+  }
+  release(seq);
+  if (res.finish_reason.empty()) res.finish_reason = "length";
+  res.ttft_s = std::chrono::duration<double>(t_first - t0).count();
+  res.decode_s = seconds_since(t_first);
+  return res;
+}
+
+}  // namespace cpinfer

@@ -1,0 +1,86 @@
+// One rank's engine: the loaded model, its KV cache and the forward steps (prefill of a batch of
+// prompts, with context parallelism when enabled; decode) plus a lockstep generation loop. With
+// several ranks every rank runs the same calls in the same order; rank 0 decides (samples, stops)
+// and broadcasts its decisions.
+#pragma once
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "engine/sampler.h"
+#include "kv/kv_cache.h"
+#include "loader/config.h"
+#include "loader/safetensors.h"
+#include "model/qwen3.h"
+#include "parallel/plan.h"
+
+namespace cpinfer {
+
+struct EngineOptions {
+  std::string device = "cpu";
+  int device_index = 0;
+  CpOptions cp;
+  int kv_cache_tokens = 4096;  // capacity of the paged KV cache, in positions
+  int block_size = 16;
+  bool quiet = false;          // no load log lines (tests)
+  // When set, no checkpoint is read: random BF16 weights at this config's shape (a built-in name
+  // such as "qwen3-30b-a3b" or a config.json path), built on the device (benchmarks).
+  std::string random_weights;
+};
+
+struct GenerateOptions {
+  int max_new_tokens = 16;
+  SamplingParams sampling;
+  bool ignore_eos = false;
+  std::vector<int32_t> stop_ids;  // in addition to the model's EOS ids (unless ignore_eos)
+};
+
+struct GenerateResult {
+  std::vector<int32_t> output_ids;
+  std::string finish_reason;  // "length" or "stop"
+  double ttft_s = 0;          // prefill + first token
+  double decode_s = 0;        // the remaining tokens
+};
+
+class Engine {
+ public:
+  // model_dir: a Hub-format checkpoint directory (ignored with opt.random_weights).
+  Engine(const std::string& model_dir, const EngineOptions& opt, ParallelCtx par = {});
+  ~Engine();
+
+  const ModelConfig& config() const { return cfg_; }
+  Qwen3Model& model() { return *model_; }
+  KvCache& cache() { return *cache_; }
+  const EngineOptions& options() const { return opt_; }
+  int rank() const { return par_.world_rank(); }
+
+  // Prefills prompts together (one forward). Creates a KV sequence per prompt (ids in seq_ids) and
+  // returns each prompt's logits: [1, V] for Last, [len, V] for All, row-major.
+  std::vector<std::vector<float>> prefill(const std::vector<std::span<const int32_t>>& prompts,
+                                          std::vector<int>& seq_ids, LogitsWanted want = LogitsWanted::Last);
+  // Appends tokens[i] to sequence seqs[i] (one forward) and returns the next-token logits of each.
+  std::vector<std::vector<float>> decode(const std::vector<int>& seqs, const std::vector<int32_t>& tokens);
+  void release(int seq);
+
+  // Generates from one prompt. on_token runs on rank 0 for every new token and may return false
+  // to stop (e.g. a stop string); rank 0's tokens and decisions are broadcast to all ranks.
+  GenerateResult generate(std::span<const int32_t> prompt, const GenerateOptions& gen,
+                          const std::function<bool(int32_t)>& on_token = {});
+
+  // Runs a forward of `work` (KV sequences already reserved) and returns logits grouped per
+  // SeqWork entry.
+  std::vector<std::vector<float>> run(const std::vector<SeqWork>& work);
+
+ private:
+  EngineOptions opt_;
+  ParallelCtx par_;
+  ModelConfig cfg_;
+  std::unique_ptr<Checkpoint> ckpt_;
+  std::unique_ptr<Backend> be_;
+  std::unique_ptr<Qwen3Model> model_;
+  std::unique_ptr<KvCache> cache_;
+};
+
+}  // namespace cpinfer

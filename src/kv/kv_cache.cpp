@@ -1,0 +1,93 @@
+#include "kv/kv_cache.h"
+
+#include <algorithm>
+
+namespace cpinfer {
+
+KvCache::KvCache(Backend& backend, const KvCacheShape& shape) : backend_(backend), shape_(shape) {
+  CPI_CHECK(shape.n_layers > 0 && shape.n_kv_heads > 0 && shape.head_dim > 0, "bad KV cache shape");
+  CPI_CHECK(shape.block_size > 0 && shape.n_blocks > 0, "KV cache needs block_size > 0 and n_blocks > 0, got ",
+            shape.block_size, " and ", shape.n_blocks);
+  size_t layer_bytes = shape.bytes() / 2 / shape.n_layers;
+  for (int l = 0; l < shape.n_layers; ++l) {
+    k_.emplace_back(backend, layer_bytes);
+    v_.emplace_back(backend, layer_bytes);
+  }
+  free_.reserve(shape.n_blocks);
+  for (int b = shape.n_blocks - 1; b >= 0; --b) free_.push_back(b);
+}
+
+KvLayer KvCache::layer(int l) const {
+  KvLayer kv;
+  kv.k = k_[l].tensor(shape_.dtype, {shape_.n_blocks, shape_.block_size, shape_.n_kv_heads, shape_.head_dim});
+  kv.v = v_[l].tensor(shape_.dtype, {shape_.n_blocks, shape_.block_size, shape_.n_kv_heads, shape_.head_dim});
+  return kv;
+}
+
+int KvCache::add_sequence() {
+  for (size_t i = 0; i < seqs_.size(); ++i) {
+    if (!seqs_[i].live) {
+      seqs_[i] = Seq{true, 0, {}};
+      return static_cast<int>(i);
+    }
+  }
+  seqs_.push_back(Seq{true, 0, {}});
+  return static_cast<int>(seqs_.size() - 1);
+}
+
+void KvCache::free_sequence(int seq) {
+  CPI_CHECK(has_sequence(seq), "free of unknown KV sequence ", seq);
+  for (auto it = seqs_[seq].blocks.rbegin(); it != seqs_[seq].blocks.rend(); ++it) free_.push_back(*it);
+  seqs_[seq] = Seq{};
+}
+
+bool KvCache::has_sequence(int seq) const { return seq >= 0 && seq < int(seqs_.size()) && seqs_[seq].live; }
+
+int KvCache::blocks_needed(int seq, int n_tokens) const {
+  int want = (n_tokens + shape_.block_size - 1) / shape_.block_size;
+  return std::max(0, want - static_cast<int>(seqs_.at(seq).blocks.size()));
+}
+
+bool KvCache::can_reserve(int seq, int n_tokens) const { return blocks_needed(seq, n_tokens) <= n_free_blocks(); }
+
+void KvCache::reserve(int seq, int n_tokens) {
+  CPI_CHECK(has_sequence(seq), "reserve on unknown KV sequence ", seq);
+  int need = blocks_needed(seq, n_tokens);
+  CPI_CHECK(need <= n_free_blocks(), "KV cache full: ", n_tokens, " tokens need ", need, " more blocks of ",
+            shape_.block_size, ", only ", n_free_blocks(), " free (raise --kv-cache-tokens)");
+  for (int i = 0; i < need; ++i) {
+    seqs_[seq].blocks.push_back(free_.back());
+    free_.pop_back();
+  }
+}
+
+void KvCache::set_length(int seq, int n) {
+  CPI_CHECK(has_sequence(seq), "unknown KV sequence ", seq);
+  CPI_CHECK(n >= 0 && n <= int(seqs_[seq].blocks.size()) * shape_.block_size, "KV length ", n,
+            " beyond the reserved blocks");
+  seqs_[seq].length = n;
+}
+
+int32_t KvCache::slot(int seq, int pos) const {
+  const auto& blocks = seqs_.at(seq).blocks;
+  int b = pos / shape_.block_size;
+  CPI_CHECK(b < int(blocks.size()), "position ", pos, " not reserved in KV sequence ", seq);
+  return blocks[b] * shape_.block_size + pos % shape_.block_size;
+}
+
+std::vector<float> KvCache::read(int seq, int layer, bool values) const {
+  int n = length(seq);
+  size_t row = size_t(shape_.n_kv_heads) * shape_.head_dim;
+  size_t row_bytes = row * dtype_size(shape_.dtype);
+  std::vector<uint8_t> raw(n * row_bytes);
+  const Buffer& buf = values ? v_[layer] : k_[layer];
+  for (int p = 0; p < n; ++p) {
+    size_t off = size_t(slot(seq, p)) * row_bytes;
+    backend_.download(raw.data() + p * row_bytes, static_cast<const char*>(buf.data()) + off, row_bytes);
+  }
+  std::vector<float> out(n * row);
+  to_f32(raw.data(), shape_.dtype, out.data(), out.size());
+  return out;
+}
+
+}  // namespace cpinfer

@@ -1,0 +1,68 @@
+// Paged KV cache: every layer holds K and V pools of fixed-size blocks; a sequence owns a list of
+// blocks (its page table) and position p lives in block blocks[p / block_size] at p % block_size.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "ops/backend.h"
+
+namespace cpinfer {
+
+struct KvCacheShape {
+  int n_layers = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  int block_size = 16;
+  int n_blocks = 0;
+  DType dtype = DType::F32;
+  size_t bytes() const {
+    return size_t(2) * n_layers * n_blocks * block_size * n_kv_heads * head_dim * dtype_size(dtype);
+  }
+};
+
+class KvCache {
+ public:
+  KvCache(Backend& backend, const KvCacheShape& shape);
+
+  const KvCacheShape& shape() const { return shape_; }
+  int block_size() const { return shape_.block_size; }
+  KvLayer layer(int l) const;
+
+  // Sequences: ids are small integers reused after free_sequence().
+  int add_sequence();
+  void free_sequence(int seq);
+  bool has_sequence(int seq) const;
+  // Grows the page table of `seq` to hold n_tokens positions. Throws (and allocates nothing)
+  // when the free blocks do not suffice.
+  void reserve(int seq, int n_tokens);
+  // Whether reserve(seq, n_tokens) would succeed now.
+  bool can_reserve(int seq, int n_tokens) const;
+  int blocks_needed(int seq, int n_tokens) const;
+  // Number of positions whose K/V are written (the caller advances it after a forward).
+  int length(int seq) const { return seqs_.at(seq).length; }
+  void set_length(int seq, int n);
+  const std::vector<int32_t>& blocks(int seq) const { return seqs_.at(seq).blocks; }
+  int32_t slot(int seq, int pos) const;
+
+  int n_free_blocks() const { return static_cast<int>(free_.size()); }
+  int n_blocks() const { return shape_.n_blocks; }
+  double usage() const { return 1.0 - double(n_free_blocks()) / double(shape_.n_blocks); }
+
+  // Copies the K (or V) of positions [0, length) of `seq` at layer l into host fp32
+  // [length, Hkv, D]: used by tests that compare caches.
+  std::vector<float> read(int seq, int layer, bool values) const;
+
+ private:
+  struct Seq {
+    bool live = false;
+    int length = 0;
+    std::vector<int32_t> blocks;
+  };
+  Backend& backend_;
+  KvCacheShape shape_;
+  std::vector<Buffer> k_, v_;  // per layer
+  std::vector<int32_t> free_;  // free block ids (LIFO)
+  std::vector<Seq> seqs_;
+};
+
+}  // namespace cpinfer

@@ -1,0 +1,78 @@
+// Qwen3 decoder (Qwen3MoeForCausalLM and the dense Qwen3ForCausalLM), written once over the op
+// interface (ops/backend.h) and the communicator interface: no back-end header here.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "kv/kv_cache.h"
+#include "loader/config.h"
+#include "model/weights.h"
+#include "ops/backend.h"
+#include "parallel/plan.h"
+
+namespace cpinfer {
+
+// The communicators of one rank. world: all ranks, experts are sharded over it (nullptr: one
+// rank). cp: this rank's context-parallel group (== world when attn_cp_size == world size).
+struct ParallelCtx {
+  Communicator* world = nullptr;
+  Communicator* cp = nullptr;
+  int world_rank() const { return world ? world->rank() : 0; }
+  int world_size() const { return world ? world->size() : 1; }
+  int cp_rank() const { return cp ? cp->rank() : 0; }
+  int cp_size() const { return cp ? cp->size() : 1; }
+};
+
+// Wall time per kind of work in one forward; filled only when profiling (which synchronizes the
+// device after every op group and so slows the forward down).
+struct ForwardProfile {
+  double attention_s = 0, moe_s = 0, dense_gemm_s = 0, comm_s = 0, other_s = 0;
+  double total() const { return attention_s + moe_s + dense_gemm_s + comm_s + other_s; }
+  void add(const ForwardProfile& o) {
+    attention_s += o.attention_s; moe_s += o.moe_s; dense_gemm_s += o.dense_gemm_s;
+    comm_s += o.comm_s; other_s += o.other_s;
+  }
+};
+
+class Qwen3Model {
+ public:
+  Qwen3Model(const ModelConfig& cfg, ModelWeights weights, Backend& backend, ParallelCtx par = {});
+  ~Qwen3Model();
+
+  const ModelConfig& config() const { return cfg_; }
+  Backend& backend() { return be_; }
+  const ParallelCtx& parallel() const { return par_; }
+  const ModelWeights& weights() const { return w_; }
+
+  // Runs this rank's rows of `plan`, writes the K/V of every row of the CP group into `cache` (each
+  // rank's cache ends up holding all of them) and returns the logits of plan.logit_rows_all, on
+  // every rank of the CP group: [R_all, vocab] fp32, row-major. All ranks of the world must call
+  // forward together with plans built from the same inputs.
+  std::vector<float> forward(const ForwardPlan& plan, KvCache& cache);
+
+  void set_profiling(bool on) { profiling_ = on; }
+  const ForwardProfile& last_profile() const { return profile_; }
+
+  // Shape of the KV cache this model needs (dtype = back-end activation dtype).
+  KvCacheShape kv_shape(int n_blocks, int block_size) const;
+
+ private:
+  struct Workspace;
+  void attention_layer(int l, const ForwardPlan& plan, KvCache& cache);
+  void mlp_layer(int l, const ForwardPlan& plan);
+  void moe(int l, const ForwardPlan& plan, const Tensor& h, Tensor out);
+  void mark(double& bucket);
+
+  ModelConfig cfg_;
+  ModelWeights w_;
+  Backend& be_;
+  ParallelCtx par_;
+  RopeParams rope_;
+  std::unique_ptr<Workspace> ws_;
+  bool profiling_ = false;
+  ForwardProfile profile_;
+  double mark_t_ = 0;
+};
+
+}  // namespace cpinfer

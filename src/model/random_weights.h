@@ -1,0 +1,17 @@
+// Random weights at any config's shape, built straight on the back-end's device: benchmarks at
+// the real Qwen3-30B-A3B shape need no checkpoint on disk.
+#pragma once
+#include <string>
+
+#include "model/weights.h"
+
+namespace cpinfer {
+
+// A config by built-in name ("qwen3-30b-a3b") or from a config.json path.
+ModelConfig random_model_config(const std::string& name_or_path);
+
+// BF16 weights with the scale of a trained model (norms ~1, projections ~1/sqrt(fan_in)); only
+// this rank's experts (expert_range) are allocated.
+ModelWeights random_weights(const ModelConfig& cfg, Backend& backend, int rank, int world, uint64_t seed = 0);
+
+}  // namespace cpinfer

@@ -1,0 +1,221 @@
+#include "model/weights.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <deque>
+#include <string>
+
+#include "core/check.h"
+
+namespace cpinfer {
+
+ExpertRange expert_range(int n_experts, int rank, int world) {
+  CPI_CHECK(world >= 1, "expert_range: world size must be >= 1, got ", world);
+  CPI_CHECK(rank >= 0 && rank < world, "expert_range: rank ", rank, " is outside world size ", world);
+  CPI_CHECK(n_experts >= 0, "expert_range: negative expert count ", n_experts);
+  const int base = n_experts / world, rem = n_experts % world;
+  ExpertRange r;
+  r.first = rank * base + std::min(rank, rem);
+  r.count = base + (rank < rem ? 1 : 0);
+  return r;
+}
+
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+// One byte range of a checkpoint tensor that becomes one Tensor of the model.
+struct LoadItem {
+  const TensorInfo* info = nullptr;
+  size_t offset = 0;  // bytes into info->data
+  size_t nbytes = 0;
+  std::vector<int64_t> shape;
+  Tensor* dst = nullptr;
+};
+
+// Collects every tensor this rank needs (validating as it goes) before any byte is copied, so a
+// bad checkpoint fails fast and progress knows the total.
+class Planner {
+ public:
+  Planner(const Checkpoint& ckpt) : ckpt_(ckpt) {}
+
+  // Checks dtype and shape of tensor `name` and plans all of it into `dst`.
+  void whole(const std::string& name, std::vector<int64_t> expect, const char* why, Tensor* dst) {
+    const TensorInfo& t = checked(name, expect, why);
+    items_.push_back({&t, 0, t.nbytes, std::move(expect), dst});
+  }
+
+  // Plans rows [first, first + count) of dimension 0 of `t` (already checked) into `dst`.
+  void rows(const TensorInfo& t, int64_t first, int64_t count, Tensor* dst) {
+    const size_t row_bytes = t.shape[0] == 0 ? 0 : t.nbytes / static_cast<size_t>(t.shape[0]);
+    std::vector<int64_t> shape = t.shape;
+    shape[0] = count;
+    items_.push_back({&t, static_cast<size_t>(first) * row_bytes, static_cast<size_t>(count) * row_bytes,
+                      std::move(shape), dst});
+  }
+
+  const TensorInfo& checked(const std::string& name, const std::vector<int64_t>& expect, const char* why) {
+    const TensorInfo& t = ckpt_.get(name);
+    CPI_CHECK(t.dtype == DType::BF16 || t.dtype == DType::F16 || t.dtype == DType::F32, "tensor '", name, "' in ",
+              t.file, " has dtype ", dtype_name(t.dtype), "; weights must be BF16, F16 or F32");
+    CPI_CHECK(t.shape == expect, "tensor '", name, "' in ", t.file, " has shape ", shape_str(t.shape), ", expected ",
+              shape_str(expect), " (", why, ")");
+    return t;
+  }
+
+  const TensorInfo* find_any(const std::string& a, const std::string& b) const {
+    const TensorInfo* t = ckpt_.find(a);
+    return t ? t : ckpt_.find(b);
+  }
+
+  std::vector<LoadItem>& items() { return items_; }
+
+ private:
+  const Checkpoint& ckpt_;
+  std::vector<LoadItem> items_;
+};
+
+std::string why(const char* fmt_a, int64_t a, const char* fmt_b = nullptr, int64_t b = 0) {
+  std::string s = std::string(fmt_a) + "=" + std::to_string(a);
+  if (fmt_b) s += ", " + std::string(fmt_b) + "=" + std::to_string(b);
+  return s;
+}
+
+}  // namespace
+
+ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backend& backend, int rank, int world,
+                          const std::function<void(size_t done_bytes, size_t total_bytes)>& progress) {
+  CPI_CHECK(world >= 1 && rank >= 0 && rank < world, "load_weights: rank ", rank, " is outside world size ", world);
+  const int64_t V = cfg.vocab_size, H = cfg.hidden_size, D = cfg.head_dim;
+  const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads;
+  const int64_t I = cfg.intermediate_size, Im = cfg.moe_intermediate_size, E = cfg.num_experts;
+  const ExpertRange share = expert_range(static_cast<int>(E), rank, world);
+
+  ModelWeights w;
+  w.layers.resize(static_cast<size_t>(cfg.num_hidden_layers));
+  Planner plan(ckpt);
+  // Fused expert ranges [count, 2I, H] / [count, H, I]; the per-expert views are cut afterwards.
+  struct Fused {
+    LayerWeights* layer;
+    Tensor gate_up, down;
+  };
+  std::deque<Fused> fused;  // deque: the planner keeps pointers into its elements
+
+  const std::string hs = why("hidden_size", H), hd = why("head_dim", D);
+  plan.whole("model.embed_tokens.weight", {V, H}, why("vocab_size", V, "hidden_size", H).c_str(), &w.embed);
+  plan.whole("model.norm.weight", {H}, hs.c_str(), &w.final_norm);
+  const bool has_lm_head = ckpt.find("lm_head.weight") != nullptr;
+  CPI_CHECK(has_lm_head || cfg.tie_word_embeddings, "missing tensor 'lm_head.weight' in ", ckpt.dir(),
+            " (tie_word_embeddings is false in config.json)");
+  if (!cfg.tie_word_embeddings)
+    plan.whole("lm_head.weight", {V, H}, why("vocab_size", V, "hidden_size", H).c_str(), &w.lm_head);
+
+  const std::string q_why = why("num_attention_heads*head_dim", Hq * D, "hidden_size", H);
+  const std::string kv_why = why("num_key_value_heads*head_dim", Hkv * D, "hidden_size", H);
+  const std::string router_why = why("num_experts", E, "hidden_size", H);
+  const std::string exp_why = why("moe_intermediate_size", Im, "hidden_size", H);
+  const std::string mlp_why = why("intermediate_size", I, "hidden_size", H);
+  for (int l = 0; l < cfg.num_hidden_layers; ++l) {
+    LayerWeights& L = w.layers[static_cast<size_t>(l)];
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    plan.whole(p + "input_layernorm.weight", {H}, hs.c_str(), &L.input_norm);
+    plan.whole(p + "post_attention_layernorm.weight", {H}, hs.c_str(), &L.post_attn_norm);
+    plan.whole(p + "self_attn.q_proj.weight", {Hq * D, H}, q_why.c_str(), &L.q_proj);
+    plan.whole(p + "self_attn.k_proj.weight", {Hkv * D, H}, kv_why.c_str(), &L.k_proj);
+    plan.whole(p + "self_attn.v_proj.weight", {Hkv * D, H}, kv_why.c_str(), &L.v_proj);
+    plan.whole(p + "self_attn.o_proj.weight", {H, Hq * D}, q_why.c_str(), &L.o_proj);
+    plan.whole(p + "self_attn.q_norm.weight", {D}, hd.c_str(), &L.q_norm);
+    plan.whole(p + "self_attn.k_norm.weight", {D}, hd.c_str(), &L.k_norm);
+
+    L.moe = cfg.is_moe_layer(l);
+    if (!L.moe) {
+      plan.whole(p + "mlp.gate_proj.weight", {I, H}, mlp_why.c_str(), &L.mlp_gate);
+      plan.whole(p + "mlp.up_proj.weight", {I, H}, mlp_why.c_str(), &L.mlp_up);
+      plan.whole(p + "mlp.down_proj.weight", {H, I}, mlp_why.c_str(), &L.mlp_down);
+      continue;
+    }
+    plan.whole(p + "mlp.gate.weight", {E, H}, router_why.c_str(), &L.router);
+    ExpertShard& S = L.experts;
+    S.n_experts = static_cast<int32_t>(E);
+    S.first = share.first;
+    S.count = share.count;
+    S.gate.resize(static_cast<size_t>(share.count));
+    S.up.resize(static_cast<size_t>(share.count));
+    S.down.resize(static_cast<size_t>(share.count));
+
+    const std::string ex = p + "mlp.experts.";
+    const TensorInfo* gate_up = plan.find_any(ex + "gate_up_proj", ex + "gate_up_proj.weight");
+    if (gate_up != nullptr) {
+      // transformers 5 fused layout: gate rows first, then up, per expert.
+      const TensorInfo& gu = plan.checked(gate_up->name, {E, 2 * Im, H},
+                                          (why("num_experts", E, "2*moe_intermediate_size", 2 * Im) + ", " + hs).c_str());
+      const TensorInfo* down = plan.find_any(ex + "down_proj", ex + "down_proj.weight");
+      CPI_CHECK(down != nullptr, "missing tensor '", ex, "down_proj' in ", ckpt.dir(), " (", gu.name,
+                " is fused, so the fused down_proj must be there too)");
+      const TensorInfo& dn =
+          plan.checked(down->name, {E, H, Im}, (why("num_experts", E, "hidden_size", H) + ", moe_intermediate_size=" + std::to_string(Im)).c_str());
+      if (share.count > 0) {
+        fused.push_back({&L, {}, {}});
+        plan.rows(gu, share.first, share.count, &fused.back().gate_up);
+        plan.rows(dn, share.first, share.count, &fused.back().down);
+      }
+      continue;
+    }
+    for (int32_t k = 0; k < share.count; ++k) {
+      const std::string e = ex + std::to_string(share.first + k) + ".";
+      plan.whole(e + "gate_proj.weight", {Im, H}, exp_why.c_str(), &S.gate[static_cast<size_t>(k)]);
+      plan.whole(e + "up_proj.weight", {Im, H}, exp_why.c_str(), &S.up[static_cast<size_t>(k)]);
+      plan.whole(e + "down_proj.weight", {H, Im}, exp_why.c_str(), &S.down[static_cast<size_t>(k)]);
+    }
+  }
+
+  // ---- materialize: views into the mmap on the CPU back-end, uploads elsewhere.
+  size_t total = 0;
+  for (const LoadItem& it : plan.items()) total += it.nbytes;
+  const bool host = backend.device() == Device::CPU;
+  size_t done = 0;
+  for (const LoadItem& it : plan.items()) {
+    const auto* src = static_cast<const uint8_t*>(it.info->data) + it.offset;
+    Tensor t;
+    t.dtype = it.info->dtype;
+    t.ndim = static_cast<int>(it.shape.size());
+    CPI_CHECK(t.ndim <= Tensor::kMaxDims, "tensor '", it.info->name, "' has ", t.ndim, " dimensions");
+    for (int i = 0; i < t.ndim; ++i) t.shape[static_cast<size_t>(i)] = it.shape[static_cast<size_t>(i)];
+    const bool aligned = reinterpret_cast<uintptr_t>(src) % dtype_size(t.dtype) == 0;
+    if (host && aligned) {
+      t.data = const_cast<uint8_t*>(src);  // read-only mapping: the model never writes weights
+      t.device = Device::CPU;
+    } else {
+      Buffer buf(backend, it.nbytes);
+      if (it.nbytes) backend.upload(buf.data(), src, it.nbytes);
+      t.data = buf.data();
+      t.device = backend.device();
+      w.owned.push_back(std::move(buf));
+    }
+    *it.dst = t;
+    done += it.nbytes;
+    if (progress) progress(done, total);
+  }
+  if (!w.owned.empty()) backend.sync();  // uploads are stream-ordered; sources are the mmap
+  w.bytes = total;
+  if (cfg.tie_word_embeddings) w.lm_head = w.embed;
+
+  for (Fused& f : fused) {
+    ExpertShard& S = f.layer->experts;
+    const size_t ds = dtype_size(f.gate_up.dtype);
+    for (int32_t k = 0; k < S.count; ++k) {
+      auto* gu = static_cast<uint8_t*>(f.gate_up.data) + static_cast<size_t>(k * 2 * Im * H) * ds;
+      S.gate[static_cast<size_t>(k)] = Tensor(gu, f.gate_up.dtype, {Im, H}, f.gate_up.device);
+      S.up[static_cast<size_t>(k)] =
+          Tensor(gu + static_cast<size_t>(Im * H) * ds, f.gate_up.dtype, {Im, H}, f.gate_up.device);
+      S.down[static_cast<size_t>(k)] = f.down.slice(k, 1).view({H, Im});
+    }
+  }
+  return w;
+}
+
+}  // namespace cpinfer

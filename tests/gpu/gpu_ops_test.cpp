@@ -1,0 +1,260 @@
+// CUDA vs CPU for the row-wise ops, linear, qk_norm_rope, the router and the experts. Each case
+// prints "[gpu_ops] op shape nmse max_err"; without a GPU every test is skipped with the reason.
+#include <algorithm>
+#include <numeric>
+
+#include "gpu_test_util.h"
+
+namespace cpinfer::gputest {
+namespace {
+
+// bf16 output rounding alone gives nmse ~1e-6; these leave room for fp32 reduction order.
+constexpr double kNmse = 2e-5;
+
+using Ops = GpuOpsTest;
+
+TEST_F(Ops, RmsNormAndAddRmsNorm) {
+  Rng rng(1);
+  for (auto [t, h] : std::vector<std::pair<int64_t, int64_t>>{{1, 2048}, {7, 37}, {64, 128}, {5, 1000}, {3, 4104}}) {
+    const std::string sh = shape_of({t, h});
+    auto x = rng.bf16_normal(t * h, 3.0f);
+    auto r = rng.bf16_normal(t * h, 2.0f);
+    auto w = rng.bf16_normal(h, 1.0f);
+    const float eps = 1e-6f;
+    // rms_norm
+    Tensor cx = cpu_f32(x, {t, h}), cw = cpu_f32(w, {h}), co = cpu_alloc(DType::F32, {t, h});
+    cpu_->rms_norm(cx, cw, eps, co);
+    Tensor gx = gpu_tensor("x", DType::BF16, {t, h}, &x), gw = gpu_tensor("w", DType::BF16, {h}, &w);
+    Tensor go = gpu_tensor("out", DType::BF16, {t, h}, nullptr);
+    gpu_->rms_norm(gx, gw, eps, go);
+    expect_close("rms_norm", sh, gpu_read(go), cpu_read(co), kNmse, 0.1);
+    // add_rms_norm: both the updated residual and the normed output. The CUDA residual is BF16,
+    // so the reference sees the rounded sum, as the CUDA norm does.
+    std::vector<float> rsum(r.size());
+    for (size_t i = 0; i < r.size(); ++i) rsum[i] = bf16_to_f32(f32_to_bf16(r[i] + x[i]));
+    Tensor cr = cpu_f32(rsum, {t, h}), czero = cpu_f32(std::vector<float>(t * h, 0.0f), {t, h});
+    Tensor co2 = cpu_alloc(DType::F32, {t, h});
+    cpu_->add_rms_norm(cr, czero, cw, eps, co2);
+    Tensor gr = gpu_tensor("residual", DType::BF16, {t, h}, &r);
+    Tensor go2 = gpu_tensor("out2", DType::BF16, {t, h}, nullptr);
+    gpu_->add_rms_norm(gr, gx, gw, eps, go2);
+    expect_close("add_rms_norm.res", sh, gpu_read(gr), rsum, 0.0, 0.0);
+    expect_close("add_rms_norm.out", sh, gpu_read(go2), cpu_read(co2), kNmse, 0.1);
+  }
+}
+
+TEST_F(Ops, RmsNormF32WeightsAndActivations) {
+  Rng rng(2);
+  const int64_t t = 9, h = 256;
+  auto x = rng.bf16_normal(t * h), w = rng.bf16_normal(h);
+  Tensor co = cpu_alloc(DType::F32, {t, h});
+  cpu_->rms_norm(cpu_f32(x, {t, h}), cpu_f32(w, {h}), 1e-5f, co);
+  Tensor gx = gpu_tensor("x", DType::F32, {t, h}, &x), gw = gpu_tensor("w", DType::F32, {h}, &w);
+  Tensor go = gpu_tensor("out", DType::F32, {t, h}, nullptr);
+  gpu_->rms_norm(gx, gw, 1e-5f, go);
+  expect_close("rms_norm.f32", shape_of({t, h}), gpu_read(go), cpu_read(co), 1e-10, 1e-4);
+}
+
+TEST_F(Ops, SiluMulAddConvert) {
+  Rng rng(3);
+  for (int64_t n : {1, 7, 768, 8 * 3 * 1000 + 5}) {
+    const std::string sh = shape_of({n});
+    auto g = rng.bf16_normal(n, 3.0f), u = rng.bf16_normal(n, 2.0f);
+    Tensor co = cpu_alloc(DType::F32, {n});
+    cpu_->silu_mul(cpu_f32(g, {n}), cpu_f32(u, {n}), co);
+    Tensor gg = gpu_tensor("gate", DType::BF16, {n}, &g), gu = gpu_tensor("up", DType::BF16, {n}, &u);
+    Tensor go = gpu_tensor("out", DType::BF16, {n}, nullptr);
+    gpu_->silu_mul(gg, gu, go);
+    expect_close("silu_mul", sh, gpu_read(go), cpu_read(co), kNmse, 0.25);  // outputs up to ~30: bf16 ulp 0.125
+
+    Tensor ca = cpu_f32(g, {n});
+    cpu_->add(ca, cpu_f32(u, {n}));
+    gpu_->add(gg, gu);  // gg := gate + up
+    expect_close("add", sh, gpu_read(gg), cpu_read(ca), kNmse, 0.25);
+
+    // BF16 -> F32 is exact; F32 -> BF16 rounds to nearest even like core/dtype.h.
+    Tensor g32 = gpu_tensor("f32", DType::F32, {n}, nullptr);
+    gpu_->convert(gu, g32);
+    expect_close("convert.bf16>f32", sh, gpu_read(g32), u, 0.0, 0.0);
+    std::vector<float> fine(n), rounded(n);
+    for (int64_t i = 0; i < n; ++i) {
+      fine[i] = u[i] * 1.0009765625f + 1e-3f;
+      rounded[i] = bf16_to_f32(f32_to_bf16(fine[i]));
+    }
+    Tensor gf = gpu_tensor("fine", DType::F32, {n}, &fine), gb = gpu_tensor("bf16", DType::BF16, {n}, nullptr);
+    gpu_->convert(gf, gb);
+    expect_close("convert.f32>bf16", sh, gpu_read(gb), rounded, 0.0, 0.0);
+  }
+}
+
+TEST_F(Ops, EmbeddingGatherScatter) {
+  Rng rng(4);
+  for (auto [v, h, t] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{100, 64, 17}, {33, 37, 5}, {1000, 2048, 3}}) {
+    const std::string sh = shape_of({v, h}) + " T=" + std::to_string(t);
+    auto table = rng.bf16_normal(v * h);
+    std::vector<int32_t> ids(t);
+    for (auto& i : ids) i = rng.integer(0, static_cast<int>(v) - 1);
+    Tensor co = cpu_alloc(DType::F32, {t, h});
+    cpu_->embedding(cpu_f32(table, {v, h}), cpu_i32(ids, {t}), co);
+    Tensor gt = gpu_tensor("table", DType::BF16, {v, h}, &table);
+    Tensor go = gpu_tensor("out", DType::BF16, {t, h}, nullptr);
+    gpu_->embedding(gt, gpu_i32("ids", ids, {t}), go);
+    expect_close("embedding", sh, gpu_read(go), cpu_read(co), 0.0, 0.0);
+
+    Tensor gg = gpu_tensor("gathered", DType::BF16, {t, h}, nullptr);
+    gpu_->gather_rows(gt, gpu_i32("idx", ids, {t}), gg);
+    expect_close("gather_rows", sh, gpu_read(gg), cpu_read(co), 0.0, 0.0);
+
+    // scatter a permutation of t rows into a v-row table (other rows untouched).
+    std::vector<int32_t> perm(v);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng.gen());
+    perm.resize(t);
+    auto src = rng.bf16_normal(t * h);
+    std::vector<float> want = table;
+    for (int64_t i = 0; i < t; ++i) std::copy_n(src.begin() + i * h, h, want.begin() + perm[i] * h);
+    Tensor gs = gpu_tensor("src", DType::BF16, {t, h}, &src);
+    Tensor gdst = gpu_tensor("dst", DType::BF16, {v, h}, &table);
+    gpu_->scatter_rows(gs, gpu_i32("perm", perm, {t}), gdst);
+    expect_close("scatter_rows", sh, gpu_read(gdst), want, 0.0, 0.0);
+  }
+}
+
+TEST_F(Ops, Linear) {
+  Rng rng(5);
+  struct Case { int64_t m, k, n; DType out; };
+  for (const Case& c : std::vector<Case>{{1, 64, 32, DType::BF16},
+                                         {17, 2048, 512, DType::BF16},
+                                         {128, 768, 2048, DType::BF16},
+                                         {33, 100, 70, DType::BF16},
+                                         {5, 2048, 1000, DType::F32}}) {
+    const std::string sh = "M=" + std::to_string(c.m) + " K=" + std::to_string(c.k) + " N=" + std::to_string(c.n) +
+                           (c.out == DType::F32 ? " out=f32" : "");
+    auto a = rng.bf16_normal(c.m * c.k), w = rng.bf16_normal(c.n * c.k, 0.05f);
+    Tensor co = cpu_alloc(DType::F32, {c.m, c.n});
+    cpu_->linear(cpu_f32(a, {c.m, c.k}), cpu_f32(w, {c.n, c.k}), co);
+    Tensor ga = gpu_tensor("a", DType::BF16, {c.m, c.k}, &a), gw = gpu_tensor("w", DType::BF16, {c.n, c.k}, &w);
+    Tensor go = gpu_tensor("out", c.out, {c.m, c.n}, nullptr);
+    gpu_->linear(ga, gw, go);
+    expect_close("linear", sh, gpu_read(go), cpu_read(co), c.out == DType::F32 ? 1e-9 : kNmse, 0.1);
+  }
+  // F32 weights take the converted fp32 path.
+  const int64_t m = 9, k = 96, n = 40;
+  auto a = rng.bf16_normal(m * k), w = rng.bf16_normal(n * k, 0.1f);
+  Tensor co = cpu_alloc(DType::F32, {m, n});
+  cpu_->linear(cpu_f32(a, {m, k}), cpu_f32(w, {n, k}), co);
+  Tensor go = gpu_tensor("out", DType::BF16, {m, n}, nullptr);
+  gpu_->linear(gpu_tensor("a", DType::BF16, {m, k}, &a), gpu_tensor("w32", DType::F32, {n, k}, &w), go);
+  expect_close("linear.w_f32", "M=9 K=96 N=40", gpu_read(go), cpu_read(co), kNmse, 0.05);
+}
+
+TEST_F(Ops, QkNormRope) {
+  Rng rng(6);
+  struct Case { int64_t t, hq, hkv, d; float theta, factor; };
+  for (const Case& c : std::vector<Case>{{13, 4, 2, 128, 1e6f, 1.0f},
+                                         {5, 32, 4, 128, 1e6f, 1.1386f},
+                                         {9, 3, 1, 64, 1e4f, 1.0f},
+                                         {4, 2, 2, 16, 1e4f, 1.0f}}) {
+    const std::string sh = shape_of({c.t, c.hq, c.d}) + " Hkv=" + std::to_string(c.hkv);
+    auto q = rng.bf16_normal(c.t * c.hq * c.d, 2.0f), k = rng.bf16_normal(c.t * c.hkv * c.d, 2.0f);
+    auto qw = rng.bf16_normal(c.d, 1.0f), kw = rng.bf16_normal(c.d, 1.0f);
+    std::vector<int32_t> pos(c.t);
+    for (auto& p : pos) p = rng.integer(0, 40000);
+    pos[0] = 0;
+    RopeParams rope;
+    for (int64_t i = 0; i < c.d / 2; ++i)
+      rope.inv_freq.push_back(1.0f / std::pow(c.theta, static_cast<float>(2 * i) / static_cast<float>(c.d)));
+    rope.attention_factor = c.factor;
+    Tensor cq = cpu_f32(q, {c.t, c.hq, c.d}), ck = cpu_f32(k, {c.t, c.hkv, c.d});
+    cpu_->qk_norm_rope(cq, ck, cpu_f32(qw, {c.d}), cpu_f32(kw, {c.d}), 1e-6f, cpu_i32(pos, {c.t}), rope);
+    Tensor gq = gpu_tensor("q", DType::BF16, {c.t, c.hq, c.d}, &q), gk = gpu_tensor("k", DType::BF16, {c.t, c.hkv, c.d}, &k);
+    gpu_->qk_norm_rope(gq, gk, gpu_tensor("qw", DType::BF16, {c.d}, &qw), gpu_tensor("kw", DType::BF16, {c.d}, &kw),
+                       1e-6f, gpu_i32("pos", pos, {c.t}), rope);
+    expect_close("qk_norm_rope.q", sh, gpu_read(gq), cpu_read(cq), kNmse, 0.1);
+    expect_close("qk_norm_rope.k", sh, gpu_read(gk), cpu_read(ck), kNmse, 0.1);
+  }
+}
+
+TEST_F(Ops, MoeRoute) {
+  Rng rng(7);
+  struct Case { int64_t t, e; int k; bool renorm; };
+  for (const Case& c : std::vector<Case>{{50, 128, 8, true}, {33, 128, 8, false}, {7, 60, 4, true},
+                                         {3, 512, 10, true}, {2, 8, 8, false}}) {
+    const std::string sh = "T=" + std::to_string(c.t) + " E=" + std::to_string(c.e) + " K=" + std::to_string(c.k) +
+                           (c.renorm ? " renorm" : "");
+    auto logits = rng.bf16_normal(c.t * c.e, 2.0f);
+    Tensor cid = cpu_alloc(DType::I32, {c.t, c.k}), cw = cpu_alloc(DType::F32, {c.t, c.k});
+    cpu_->moe_route(cpu_f32(logits, {c.t, c.e}), c.k, c.renorm, cid, cw);
+    Tensor gid = gpu_tensor("ids", DType::I32, {c.t, c.k}, nullptr), gw = gpu_tensor("w", DType::F32, {c.t, c.k}, nullptr);
+    gpu_->moe_route(gpu_tensor("logits", DType::BF16, {c.t, c.e}, &logits), c.k, c.renorm, gid, gw);
+    const std::vector<int32_t> got_ids = gpu_read_i32(gid);
+    const int32_t* want_ids = cid.ptr<const int32_t>();
+    int64_t mismatched = 0;
+    for (size_t i = 0; i < got_ids.size(); ++i) mismatched += got_ids[i] != want_ids[i];
+    std::printf("[gpu_ops] %-16s %-34s id_mismatch=%lld\n", "moe_route.ids", sh.c_str(),
+                static_cast<long long>(mismatched));
+    EXPECT_EQ(mismatched, 0) << "moe_route ids differ from the CPU reference for " << sh;
+    expect_close("moe_route.w", sh, gpu_read(gw), cpu_read(cw), 1e-10, 1e-5);
+  }
+}
+
+TEST_F(Ops, MoeExperts) {
+  Rng rng(8);
+  struct Case { int64_t t, h, inter; int e, k, first, count; DType out; };
+  for (const Case& c : std::vector<Case>{{37, 64, 32, 8, 2, 2, 4, DType::BF16},
+                                         {64, 256, 128, 16, 4, 0, 16, DType::BF16},
+                                         {5, 128, 96, 32, 8, 8, 8, DType::F32},
+                                         {1, 64, 64, 4, 2, 0, 4, DType::BF16}}) {
+    const std::string sh = "T=" + std::to_string(c.t) + " H=" + std::to_string(c.h) + " I=" + std::to_string(c.inter) +
+                           " E=" + std::to_string(c.e) + " K=" + std::to_string(c.k) + " local=" +
+                           std::to_string(c.first) + "+" + std::to_string(c.count);
+    auto x = rng.bf16_normal(c.t * c.h), out0 = rng.bf16_normal(c.t * c.h, 0.5f);
+    // Distinct experts per token, random weights.
+    std::vector<int32_t> ids(c.t * c.k);
+    std::vector<float> w(c.t * c.k);
+    for (int64_t t = 0; t < c.t; ++t) {
+      std::vector<int32_t> all(c.e);
+      std::iota(all.begin(), all.end(), 0);
+      std::shuffle(all.begin(), all.end(), rng.gen());
+      for (int k = 0; k < c.k; ++k) {
+        ids[t * c.k + k] = all[k];
+        w[t * c.k + k] = std::uniform_real_distribution<float>(0.05f, 1.0f)(rng.gen());
+      }
+    }
+    ExpertShard cs, gs;
+    cs.n_experts = gs.n_experts = c.e;
+    cs.first = gs.first = c.first;
+    cs.count = gs.count = c.count;
+    for (int e = 0; e < c.count; ++e) {
+      auto g = rng.bf16_normal(c.inter * c.h, 0.1f), u = rng.bf16_normal(c.inter * c.h, 0.1f);
+      auto d = rng.bf16_normal(c.h * c.inter, 0.1f);
+      cs.gate.push_back(cpu_f32(g, {c.inter, c.h}));
+      cs.up.push_back(cpu_f32(u, {c.inter, c.h}));
+      cs.down.push_back(cpu_f32(d, {c.h, c.inter}));
+      gs.gate.push_back(gpu_tensor("gate", DType::BF16, {c.inter, c.h}, &g));
+      gs.up.push_back(gpu_tensor("up", DType::BF16, {c.inter, c.h}, &u));
+      gs.down.push_back(gpu_tensor("down", DType::BF16, {c.h, c.inter}, &d));
+    }
+    Tensor co = cpu_f32(out0, {c.t, c.h});
+    cpu_->moe_experts(cpu_f32(x, {c.t, c.h}), cpu_i32(ids, {c.t, c.k}), cpu_f32(w, {c.t, c.k}), cs, co);
+    Tensor go = gpu_tensor("out", c.out, {c.t, c.h}, &out0);
+    gpu_->moe_experts(gpu_tensor("x", DType::BF16, {c.t, c.h}, &x), gpu_i32("ids", ids, {c.t, c.k}),
+                      gpu_tensor("w", DType::F32, {c.t, c.k}, &w), gs, go);
+    // The CUDA path rounds gate/up/act to bf16 between the GEMMs (as the model runs).
+    expect_close("moe_experts", sh, gpu_read(go), cpu_read(co), 2e-4, 0.1);
+  }
+}
+
+TEST_F(Ops, RejectsBadArguments) {
+  Tensor gx = gpu_tensor("x", DType::BF16, {4, 8}, nullptr);
+  Tensor gw = gpu_tensor("w", DType::BF16, {7}, nullptr);
+  EXPECT_THROW(gpu_->rms_norm(gx, gw, 1e-6f, gx), Error);  // weight length mismatch
+  Tensor host(nullptr, DType::BF16, {4, 8}, Device::CPU);
+  EXPECT_THROW(gpu_->add(gx, host), Error);  // host tensor handed to the GPU
+  Tensor f16w = gpu_tensor("w16", DType::F16, {8, 8}, nullptr);
+  Tensor out = gpu_tensor("out", DType::BF16, {4, 8}, nullptr);
+  EXPECT_THROW(gpu_->linear(gx, f16w, out), Error);  // unsupported weight dtype names itself
+}
+
+}  // namespace
+}  // namespace cpinfer::gputest

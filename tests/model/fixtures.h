@@ -1,0 +1,53 @@
+// The transformers reference fixtures (tests/fixtures/<name>, made by tools/make_fixtures.py).
+#pragma once
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace cpinfer::test {
+
+inline const std::vector<std::string>& fixture_names() {
+  static const std::vector<std::string> names = {"moe_v4_gqa", "moe_v5_yarn_mha", "moe_dense_mix_fused", "dense_qwen3"};
+  return names;
+}
+
+inline std::string fixture_dir(const std::string& name) {
+  return std::string(CPINFER_SOURCE_DIR) + "/tests/fixtures/" + name;
+}
+
+struct RefPrompt {
+  std::vector<int32_t> ids, argmax_fp32, greedy_fp32, argmax_bf16, greedy_bf16;
+  std::vector<float> last_logits_fp32;
+};
+
+inline std::vector<RefPrompt> load_reference(const std::string& name) {
+  std::ifstream in(fixture_dir(name) + "/reference.json");
+  if (!in) return {};
+  nlohmann::json j = nlohmann::json::parse(in);
+  std::vector<RefPrompt> out;
+  for (const auto& p : j.at("prompts")) {
+    RefPrompt r;
+    r.ids = p.at("ids").get<std::vector<int32_t>>();
+    r.argmax_fp32 = p.at("argmax_fp32").get<std::vector<int32_t>>();
+    r.greedy_fp32 = p.at("greedy_fp32").get<std::vector<int32_t>>();
+    r.last_logits_fp32 = p.at("last_logits_fp32").get<std::vector<float>>();
+    if (p.contains("argmax_bf16")) r.argmax_bf16 = p.at("argmax_bf16").get<std::vector<int32_t>>();
+    if (p.contains("greedy_bf16")) r.greedy_bf16 = p.at("greedy_bf16").get<std::vector<int32_t>>();
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+// max |a - b| / max |b|
+inline double rel_max_err(const float* a, const float* b, size_t n) {
+  double d = 0, m = 0;
+  for (size_t i = 0; i < n; ++i) {
+    d = std::max(d, std::abs(double(a[i]) - double(b[i])));
+    m = std::max(m, std::abs(double(b[i])));
+  }
+  return m > 0 ? d / m : d;
+}
+
+}  // namespace cpinfer::test

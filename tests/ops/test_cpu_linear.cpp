@@ -1,0 +1,214 @@
+// CPU back-end: linear (all weight dtypes, odd shapes, the blocked conversion path) and the MoE
+// experts (full and partial shards, determinism), against double-precision references.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "ops_test_util.h"
+
+namespace cpinfer::test {
+namespace {
+
+class CpuLinear : public ::testing::Test {
+ protected:
+  std::unique_ptr<Backend> be = make_cpu_backend();
+};
+
+// out[m, n] = Σ_k a[m, k] w[n, k], in double over the exact stored values.
+std::vector<double> ref_linear(const HostTensor& a, const HostTensor& w, int64_t M, int64_t K, int64_t N) {
+  std::vector<double> av = a.to_double(), wv = w.to_double(), out(static_cast<size_t>(M * N));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double s = 0;
+      for (int64_t k = 0; k < K; ++k) s += av[m * K + k] * wv[n * K + k];
+      out[m * N + n] = s;
+    }
+  return out;
+}
+
+TEST_F(CpuLinear, MatchesReference) {
+  Rng rng(11);
+  for (DType wt : {DType::F32, DType::BF16, DType::F16})
+    for (int64_t M : {1, 3, 17, 200})
+      for (auto [K, N] : {std::pair<int64_t, int64_t>{16, 1}, {33, 7}, {64, 64}, {256, 300}}) {
+        HostTensor a = rng.normal_tensor(DType::F32, {M, K});
+        HostTensor w = rng.normal_tensor(wt, {N, K}, 0.1);
+        HostTensor out(DType::F32, {M, N});
+        out.poison();
+        be->linear(a, w, out);
+        EXPECT_TRUE(all_close(out, ref_linear(a, w, M, K, N), 1e-5,
+                              std::string("linear w=") + dtype_str(wt) + " M=" + std::to_string(M) +
+                                  " K=" + std::to_string(K) + " N=" + std::to_string(N)));
+      }
+}
+
+TEST_F(CpuLinear, ManyWeightBlocksAnd3dInput) {
+  // N*K above the 2M-float conversion block: the product is assembled from several sgemm calls.
+  Rng rng(12);
+  const int64_t K = 1024, N = 2100;
+  HostTensor a = rng.normal_tensor(DType::F32, {3, 1, K});
+  HostTensor w = rng.normal_tensor(DType::BF16, {N, K}, 0.05);
+  HostTensor out(DType::F32, {3, 1, N});
+  out.poison();
+  be->linear(a, w, out);
+  EXPECT_TRUE(all_close(out, ref_linear(a, w, 3, K, N), 1e-5, "blocked bf16 linear"));
+
+  HostTensor out_bf(DType::BF16, {3, N});  // rounded output on request
+  be->linear(a, w, out_bf);
+  std::vector<double> r = ref_linear(a, w, 3, K, N);
+  EXPECT_TRUE(all_close(out_bf, r, 1e-2, "bf16 out"));
+}
+
+TEST_F(CpuLinear, ShapeErrorsThrow) {
+  HostTensor a(DType::F32, {3, 8}), w(DType::F32, {5, 9}), out(DType::F32, {3, 5}), w_ok(DType::F32, {5, 8});
+  EXPECT_THROW(be->linear(a, w, out), Error);
+  EXPECT_THROW(be->linear(a, w_ok, HostTensor(DType::F32, {3, 6})), Error);
+  EXPECT_THROW(be->linear(a, w_ok, HostTensor(DType::I32, {3, 5})), Error);
+  be->linear(a, w_ok, out);
+}
+
+struct MoeCase {
+  int64_t T, H, I, E, K;
+  DType wt;
+};
+
+struct MoeWeights {
+  std::vector<HostTensor> gate, up, down;
+  ExpertShard shard(int32_t E, int32_t first, int32_t count) const {
+    ExpertShard s;
+    s.n_experts = E;
+    s.first = first;
+    s.count = count;
+    for (int32_t e = first; e < first + count; ++e) {
+      s.gate.push_back(gate[e]);
+      s.up.push_back(up[e]);
+      s.down.push_back(down[e]);
+    }
+    return s;
+  }
+};
+
+MoeWeights random_experts(Rng& rng, const MoeCase& c) {
+  MoeWeights w;
+  for (int64_t e = 0; e < c.E; ++e) {
+    w.gate.push_back(rng.normal_tensor(c.wt, {c.I, c.H}, 0.2));
+    w.up.push_back(rng.normal_tensor(c.wt, {c.I, c.H}, 0.2));
+    w.down.push_back(rng.normal_tensor(c.wt, {c.H, c.I}, 0.2));
+  }
+  return w;
+}
+
+// Distinct random experts per token with positive weights.
+void random_routing(Rng& rng, const MoeCase& c, HostTensor& ids, HostTensor& wts) {
+  ids = HostTensor(DType::I32, {c.T, c.K});
+  wts = HostTensor(DType::F32, {c.T, c.K});
+  for (int64_t t = 0; t < c.T; ++t) {
+    std::vector<int64_t> perm(static_cast<size_t>(c.E));
+    for (int64_t e = 0; e < c.E; ++e) perm[e] = e;
+    std::shuffle(perm.begin(), perm.end(), rng.gen());
+    for (int64_t k = 0; k < c.K; ++k) {
+      ids.set(t * c.K + k, static_cast<double>(perm[k]));
+      wts.set(t * c.K + k, rng.uniform(0.05, 1.0));
+    }
+  }
+}
+
+// out[t] + Σ_k w[t,k] · down(silu(gate x) ⊙ up x) over the experts in [first, first+count).
+std::vector<double> ref_moe(const HostTensor& x, const HostTensor& ids, const HostTensor& wts, const MoeWeights& w,
+                            const MoeCase& c, const std::vector<double>& out0, int64_t first, int64_t count) {
+  std::vector<double> out = out0, xv = x.to_double();
+  for (int64_t t = 0; t < c.T; ++t)
+    for (int64_t k = 0; k < c.K; ++k) {
+      const int64_t e = static_cast<int64_t>(ids.get(t * c.K + k));
+      if (e < first || e >= first + count) continue;
+      std::vector<double> act(static_cast<size_t>(c.I));
+      for (int64_t i = 0; i < c.I; ++i) {
+        double g = 0, u = 0;
+        for (int64_t h = 0; h < c.H; ++h) {
+          g += xv[t * c.H + h] * w.gate[e].get(i * c.H + h);
+          u += xv[t * c.H + h] * w.up[e].get(i * c.H + h);
+        }
+        act[i] = g / (1 + std::exp(-g)) * u;
+      }
+      for (int64_t h = 0; h < c.H; ++h) {
+        double y = 0;
+        for (int64_t i = 0; i < c.I; ++i) y += act[i] * w.down[e].get(h * c.I + i);
+        out[t * c.H + h] += wts.get(t * c.K + k) * y;
+      }
+    }
+  return out;
+}
+
+TEST_F(CpuLinear, MoeExpertsFullAndPartialShards) {
+  Rng rng(13);
+  for (MoeCase c : {MoeCase{1, 32, 24, 8, 2, DType::BF16}, MoeCase{17, 32, 24, 8, 2, DType::F32},
+                    MoeCase{200, 64, 40, 16, 4, DType::BF16}, MoeCase{3, 16, 8, 4, 4, DType::F16}}) {
+    MoeWeights w = random_experts(rng, c);
+    HostTensor x = rng.normal_tensor(DType::F32, {c.T, c.H});
+    HostTensor ids, wts;
+    random_routing(rng, c, ids, wts);
+    HostTensor out0 = rng.normal_tensor(DType::F32, {c.T, c.H});  // op accumulates into out
+    const std::vector<int64_t> firsts = {0, 1, c.E / 2};
+    const std::vector<int64_t> counts = {c.E, c.E / 2, c.E - c.E / 2};
+    for (size_t s = 0; s < firsts.size(); ++s) {
+      HostTensor out = out0;
+      be->moe_experts(x, ids, wts, w.shard(static_cast<int32_t>(c.E), static_cast<int32_t>(firsts[s]),
+                                           static_cast<int32_t>(counts[s])),
+                      out);
+      EXPECT_TRUE(all_close(out, ref_moe(x, ids, wts, w, c, out0.to_double(), firsts[s], counts[s]), 1e-5,
+                            "moe T=" + std::to_string(c.T) + " shard " + std::to_string(firsts[s])));
+    }
+    // Expert parallelism: the two halves on two "ranks" add up to the whole.
+    HostTensor split(DType::F32, {c.T, c.H});
+    be->fill_zero(split);
+    be->moe_experts(x, ids, wts, w.shard(static_cast<int32_t>(c.E), 0, static_cast<int32_t>(c.E / 2)), split);
+    be->moe_experts(x, ids, wts,
+                    w.shard(static_cast<int32_t>(c.E), static_cast<int32_t>(c.E / 2),
+                            static_cast<int32_t>(c.E - c.E / 2)),
+                    split);
+    std::vector<double> zero(static_cast<size_t>(c.T * c.H), 0.0);
+    EXPECT_TRUE(all_close(split, ref_moe(x, ids, wts, w, c, zero, 0, c.E), 1e-5, "split shards"));
+  }
+}
+
+TEST_F(CpuLinear, MoeExpertsDeterministicAcrossThreadCounts) {
+  Rng rng(14);
+  MoeCase c{200, 64, 48, 8, 4, DType::BF16};
+  MoeWeights w = random_experts(rng, c);
+  HostTensor x = rng.normal_tensor(DType::F32, {c.T, c.H});
+  HostTensor ids, wts;
+  random_routing(rng, c, ids, wts);
+  HostTensor a(DType::F32, {c.T, c.H}), b(DType::F32, {c.T, c.H});
+  be->fill_zero(a);
+  be->fill_zero(b);
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  be->moe_experts(x, ids, wts, w.shard(8, 0, 8), a);
+  omp_set_num_threads(std::max(2, saved));
+  be->moe_experts(x, ids, wts, w.shard(8, 0, 8), b);
+  omp_set_num_threads(saved);
+  EXPECT_EQ(std::memcmp(a.t.data, b.t.data, a.t.nbytes()), 0);
+}
+
+TEST_F(CpuLinear, MoeExpertsErrorsThrow) {
+  Rng rng(15);
+  MoeCase c{3, 16, 8, 4, 2, DType::F32};
+  MoeWeights w = random_experts(rng, c);
+  HostTensor x = rng.normal_tensor(DType::F32, {3, 16}), out(DType::F32, {3, 16});
+  HostTensor ids, wts;
+  random_routing(rng, c, ids, wts);
+  ids.set(3, 4);  // expert id == E
+  EXPECT_THROW(be->moe_experts(x, ids, wts, w.shard(4, 0, 4), out), Error);
+  ids.set(3, 1);
+  ExpertShard bad = w.shard(4, 0, 4);
+  bad.down[2] = w.gate[2];  // [I, H] where [H, I] is expected
+  EXPECT_THROW(be->moe_experts(x, ids, wts, bad, out), Error);
+  ExpertShard outside = w.shard(4, 2, 2);
+  outside.first = 3;  // [3, 5) is not inside [0, 4)
+  EXPECT_THROW(be->moe_experts(x, ids, wts, outside, out), Error);
+  be->moe_experts(x, ids, wts, w.shard(4, 0, 4), out);
+}
+
+}  // namespace
+}  // namespace cpinfer::test

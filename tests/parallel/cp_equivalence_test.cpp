@@ -1,0 +1,152 @@
+// Context-parallel prefill equals the single-rank prefill: logits at every position, the whole KV
+// cache, and the greedy continuation afterwards, for every fixture, C in {2,3,4,5,8} and awkward
+// lengths; also a batch of mixed lengths, some below the CP threshold.
+#include <gtest/gtest.h>
+
+#include <map>
+#include <mutex>
+#include <numeric>
+#include <random>
+
+#include "../model/fixtures.h"
+#include "comm/communicator.h"
+#include "engine/engine.h"
+
+using namespace cpinfer;
+using namespace cpinfer::test;
+
+namespace {
+
+struct RunResult {
+  std::vector<std::vector<float>> logits;            // per prompt, all positions
+  std::vector<std::vector<std::vector<float>>> kv;   // per prompt, per layer: K then V
+  std::vector<std::vector<int32_t>> greedy;          // per prompt (only when asked)
+};
+
+std::vector<int32_t> random_ids(int n, int vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> v(n);
+  for (auto& x : v) x = static_cast<int32_t>(rng() % vocab);
+  return v;
+}
+
+// Runs a prefill of `prompts` on `cp` local ranks (cp = 1: a single rank without threads) and
+// returns rank 0's view; with greedy_tokens > 0 each prompt is then continued greedily.
+RunResult run(const std::string& model, int cp, const std::vector<std::vector<int32_t>>& prompts, int min_tokens,
+              int greedy_tokens) {
+  RunResult out;
+  std::mutex mu;
+  auto body = [&](ParallelCtx par) {
+    EngineOptions eo;
+    eo.quiet = true;
+    eo.kv_cache_tokens = 0;
+    for (auto& p : prompts) eo.kv_cache_tokens += int(p.size()) + greedy_tokens + 16;
+    eo.block_size = 16;
+    eo.cp = CpOptions{cp, true, min_tokens};
+    Engine engine(model, eo, par);
+    std::vector<std::span<const int32_t>> spans(prompts.begin(), prompts.end());
+    std::vector<int> seqs;
+    auto logits = engine.prefill(spans, seqs, LogitsWanted::All);
+    RunResult r;
+    r.logits = logits;
+    for (int s : seqs) {
+      std::vector<std::vector<float>> layers;
+      for (int l = 0; l < engine.config().num_hidden_layers; ++l) {
+        layers.push_back(engine.cache().read(s, l, false));
+        auto v = engine.cache().read(s, l, true);
+        layers.back().insert(layers.back().end(), v.begin(), v.end());
+      }
+      r.kv.push_back(std::move(layers));
+    }
+    for (int s : seqs) engine.release(s);
+    if (greedy_tokens > 0) {
+      for (const auto& p : prompts) {
+        GenerateOptions g;
+        g.max_new_tokens = greedy_tokens;
+        g.ignore_eos = true;
+        g.sampling.temperature = 0;
+        r.greedy.push_back(engine.generate(p, g).output_ids);
+      }
+    }
+    if (par.world_rank() == 0) {
+      std::lock_guard<std::mutex> lock(mu);
+      out = std::move(r);
+    }
+  };
+  if (cp == 1) {
+    body(ParallelCtx{});
+  } else {
+    run_local(cp, std::chrono::seconds(120), [&](Communicator& c) {
+      ParallelCtx par;
+      par.world = &c;
+      par.cp = &c;
+      body(par);
+    });
+  }
+  return out;
+}
+
+void expect_same(const RunResult& a, const RunResult& b, const std::string& what, double* worst) {
+  ASSERT_EQ(a.logits.size(), b.logits.size()) << what;
+  for (size_t s = 0; s < a.logits.size(); ++s) {
+    ASSERT_EQ(a.logits[s].size(), b.logits[s].size()) << what;
+    double e = rel_max_err(a.logits[s].data(), b.logits[s].data(), a.logits[s].size());
+    *worst = std::max(*worst, e);
+    EXPECT_LE(e, 1e-5) << what << " logits of prompt " << s;
+    ASSERT_EQ(a.kv[s].size(), b.kv[s].size());
+    for (size_t l = 0; l < a.kv[s].size(); ++l) {
+      ASSERT_EQ(a.kv[s][l].size(), b.kv[s][l].size()) << what << " KV length, layer " << l;
+      double k = rel_max_err(a.kv[s][l].data(), b.kv[s][l].data(), a.kv[s][l].size());
+      *worst = std::max(*worst, k);
+      EXPECT_LE(k, 1e-5) << what << " KV cache of prompt " << s << " layer " << l;
+    }
+  }
+  EXPECT_EQ(a.greedy, b.greedy) << what << " greedy continuation";
+}
+
+class CpEquivalence : public ::testing::TestWithParam<std::string> {};
+
+}  // namespace
+
+TEST_P(CpEquivalence, EveryCpSizeAndAwkwardLengthMatchesOneRank) {
+  const std::string name = GetParam();
+  const std::string dir = fixture_dir(name);
+  ASSERT_TRUE(std::filesystem::exists(dir + "/config.json")) << "missing fixture " << dir;
+  const int vocab = static_cast<int>(load_config(dir).vocab_size);
+  double worst = 0;
+  std::map<int, RunResult> single;
+  for (int cp : {2, 3, 4, 5, 8}) {
+    for (int len : {1, 2 * cp - 1, 2 * cp + 1, 1009, 4096}) {
+      std::vector<std::vector<int32_t>> prompts{random_ids(len, vocab, 1000 + len)};
+      const int greedy = (len == 2 * cp + 1 || len == 1009) ? 20 : 0;
+      const int key = len * 100 + greedy;
+      if (!single.count(key)) single[key] = run(dir, 1, prompts, 0, greedy);
+      RunResult r = run(dir, cp, prompts, 0, greedy);
+      expect_same(r, single[key], name + " cp=" + std::to_string(cp) + " len=" + std::to_string(len), &worst);
+    }
+  }
+  std::printf("[cp %s] worst relative difference CP vs one rank (logits and KV): %.3g\n", name.c_str(), worst);
+}
+
+TEST_P(CpEquivalence, MixedBatchWithShortPromptsBelowTheThreshold) {
+  const std::string name = GetParam();
+  const std::string dir = fixture_dir(name);
+  const int vocab = static_cast<int>(load_config(dir).vocab_size);
+  std::vector<std::vector<int32_t>> prompts;
+  int seed = 7;
+  for (int len : {1, 700, 5, 63, 64, 1031, 2})  prompts.push_back(random_ids(len, vocab, seed++));
+  RunResult ref = run(dir, 1, prompts, 64, 0);
+  // Each prompt alone on one rank gives the same as the batch.
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    RunResult one = run(dir, 1, {prompts[i]}, 64, 0);
+    EXPECT_LE(rel_max_err(one.logits[0].data(), ref.logits[i].data(), one.logits[0].size()), 1e-5) << i;
+  }
+  double worst = 0;
+  for (int cp : {2, 3, 6}) {
+    RunResult r = run(dir, cp, prompts, 64, 0);
+    expect_same(r, ref, name + " mixed batch cp=" + std::to_string(cp), &worst);
+  }
+  std::printf("[cp %s] mixed batch worst relative difference: %.3g\n", name.c_str(), worst);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, CpEquivalence, ::testing::ValuesIn(fixture_names()));
