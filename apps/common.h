@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "engine/engine.h"
-#include "launch.h"
+#include "engine/launch.h"
 
 namespace cpinfer {
 
@@ -42,5 +42,6 @@ Command add_generate_command(CLI::App& app);
 Command add_logits_command(CLI::App& app);
 Command add_demo_model_command(CLI::App& app);
 Command add_bench_command(CLI::App& app);
+Command add_serve_command(CLI::App& app);
 
 }  // namespace cpinfer

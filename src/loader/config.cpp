@@ -129,12 +129,14 @@ void parse_rope(const Fields& top, ModelConfig& cfg) {
   CPI_CHECK(r.theta > 1.0 && std::isfinite(r.theta), label, ": rope_theta must be > 1, got ", r.theta);
   double partial = rope.has("partial_rotary_factor") ? rope.number("partial_rotary_factor")
                                                      : top.number("partial_rotary_factor", 1.0);
-  CPI_CHECK(partial == 1.0, label, ": partial_rotary_factor ", partial, " is not supported (Qwen3 rotates the whole head)");
+  CPI_CHECK(partial == 1.0, label, ": partial_rotary_factor ", partial,
+            " is not supported (Qwen3 rotates the whole head)");
 
   if (r.type == "default") return;
   if (r.type == "linear") {
     r.factor = rope.number("factor");
-    CPI_CHECK(r.factor > 0 && std::isfinite(r.factor), label, ": ", dict_name, ".factor must be positive, got ", r.factor);
+    CPI_CHECK(r.factor > 0 && std::isfinite(r.factor), label, ": ", dict_name, ".factor must be positive, got ",
+              r.factor);
     return;
   }
   CPI_CHECK(r.type == "yarn", label, ": rope type '", r.type, "' in '", dict_name,
@@ -142,14 +144,16 @@ void parse_rope(const Fields& top, ModelConfig& cfg) {
   if (top.has("original_max_position_embeddings"))
     r.original_max_position_embeddings = top.integer("original_max_position_embeddings");
   else
-    r.original_max_position_embeddings = rope.integer("original_max_position_embeddings", cfg.max_position_embeddings);
+    r.original_max_position_embeddings =
+        rope.integer("original_max_position_embeddings", cfg.max_position_embeddings);
   CPI_CHECK(r.original_max_position_embeddings > 0, label, ": original_max_position_embeddings must be positive, got ",
             r.original_max_position_embeddings);
   // A null factor means "the ratio of the two lengths" (DeepSeek-V3 style).
   r.factor = rope.has("factor") ? rope.number("factor")
                                 : static_cast<double>(cfg.max_position_embeddings) /
                                       static_cast<double>(r.original_max_position_embeddings);
-  CPI_CHECK(r.factor > 0 && std::isfinite(r.factor), label, ": ", dict_name, ".factor must be positive, got ", r.factor);
+  CPI_CHECK(r.factor > 0 && std::isfinite(r.factor), label, ": ", dict_name, ".factor must be positive, got ",
+            r.factor);
   r.attention_factor = rope.opt_number("attention_factor");
   // transformers uses `get("beta_fast") or 32`: 0 and null both mean the default.
   double bf = rope.number("beta_fast", 0.0), bs = rope.number("beta_slow", 0.0);
@@ -264,7 +268,8 @@ ModelConfig parse_config(const std::string& text, const std::string& label) {
   std::vector<int64_t> bos = f.int_list("bos_token_id");
   if (!bos.empty()) c.bos_token_id = static_cast<int32_t>(bos[0]);
   for (int64_t id : f.int_list("eos_token_id")) {
-    CPI_CHECK(id >= 0 && id < c.vocab_size, label, ": eos_token_id ", id, " is outside the vocabulary (", c.vocab_size, ")");
+    CPI_CHECK(id >= 0 && id < c.vocab_size, label, ": eos_token_id ", id, " is outside the vocabulary (", c.vocab_size,
+              ")");
     c.eos_token_ids.push_back(static_cast<int32_t>(id));
   }
 

@@ -151,13 +151,14 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backen
     const TensorInfo* gate_up = plan.find_any(ex + "gate_up_proj", ex + "gate_up_proj.weight");
     if (gate_up != nullptr) {
       // transformers 5 fused layout: gate rows first, then up, per expert.
-      const TensorInfo& gu = plan.checked(gate_up->name, {E, 2 * Im, H},
-                                          (why("num_experts", E, "2*moe_intermediate_size", 2 * Im) + ", " + hs).c_str());
+      const std::string gu_why = why("num_experts", E, "2*moe_intermediate_size", 2 * Im) + ", " + hs;
+      const TensorInfo& gu = plan.checked(gate_up->name, {E, 2 * Im, H}, gu_why.c_str());
       const TensorInfo* down = plan.find_any(ex + "down_proj", ex + "down_proj.weight");
       CPI_CHECK(down != nullptr, "missing tensor '", ex, "down_proj' in ", ckpt.dir(), " (", gu.name,
                 " is fused, so the fused down_proj must be there too)");
-      const TensorInfo& dn =
-          plan.checked(down->name, {E, H, Im}, (why("num_experts", E, "hidden_size", H) + ", moe_intermediate_size=" + std::to_string(Im)).c_str());
+      const std::string dn_why =
+          why("num_experts", E, "hidden_size", H) + ", moe_intermediate_size=" + std::to_string(Im);
+      const TensorInfo& dn = plan.checked(down->name, {E, H, Im}, dn_why.c_str());
       if (share.count > 0) {
         fused.push_back({&L, {}, {}});
         plan.rows(gu, share.first, share.count, &fused.back().gate_up);

@@ -5,6 +5,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <memory>
+
 #include "core/check.h"
 
 namespace cpinfer::tok_detail {
@@ -42,32 +44,30 @@ class Regex {
   // Calls on_piece(begin, end, is_match) for every gap and match in order, covering text.
   template <class F>
   void for_each_piece(std::string_view text, F&& on_piece) const {
-    pcre2_match_data* md = pcre2_match_data_create_from_pattern(code_, nullptr);
+    const std::unique_ptr<pcre2_match_data, decltype(&pcre2_match_data_free)> md(
+        pcre2_match_data_create_from_pattern(code_, nullptr), &pcre2_match_data_free);
     CPI_CHECK(md != nullptr, "out of memory creating PCRE2 match data");
     const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
     size_t pos = 0, gap_start = 0;
-    try {
-      while (pos < text.size()) {
-        const int rc = jit_ ? pcre2_jit_match(code_, subject, text.size(), pos, 0, md, nullptr)
-                            : pcre2_match(code_, subject, text.size(), pos, PCRE2_NO_UTF_CHECK, md, nullptr);
-        if (rc == PCRE2_ERROR_NOMATCH) break;
-        CPI_CHECK(rc >= 0, "pre-tokenizer regex failed on a ", text.size(), "-byte input: ", pcre2_message(rc));
-        const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
-        const size_t b = ov[0], e = ov[1];
-        if (e == b) {  // empty match: step over one character, which stays in the gap
-          pos = b + 1;
-          while (pos < text.size() && (static_cast<unsigned char>(text[pos]) & 0xC0) == 0x80) ++pos;
-          continue;
-        }
-        if (b > gap_start) on_piece(gap_start, b, false);
-        on_piece(b, e, true);
-        pos = gap_start = e;
+    while (pos < text.size()) {
+      // The text was validated as UTF-8 by the caller, so PCRE2 need not check it again.
+      int rc = jit_ ? pcre2_jit_match(code_, subject, text.size(), pos, 0, md.get(), nullptr)
+                    : PCRE2_ERROR_JIT_STACKLIMIT;
+      if (rc == PCRE2_ERROR_JIT_STACKLIMIT)  // the interpreter keeps its backtracking on the heap
+        rc = pcre2_match(code_, subject, text.size(), pos, PCRE2_NO_UTF_CHECK | PCRE2_NO_JIT, md.get(), nullptr);
+      if (rc == PCRE2_ERROR_NOMATCH) break;
+      CPI_CHECK(rc >= 0, "pre-tokenizer regex failed on a ", text.size(), "-byte input: ", pcre2_message(rc));
+      const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md.get());
+      const size_t b = ov[0], e = ov[1];
+      if (e == b) {  // empty match: step over one character, which stays in the gap
+        pos = b + 1;
+        while (pos < text.size() && (static_cast<unsigned char>(text[pos]) & 0xC0) == 0x80) ++pos;
+        continue;
       }
-    } catch (...) {
-      pcre2_match_data_free(md);
-      throw;
+      if (b > gap_start) on_piece(gap_start, b, false);
+      on_piece(b, e, true);
+      pos = gap_start = e;
     }
-    pcre2_match_data_free(md);
     if (gap_start < text.size()) on_piece(gap_start, text.size(), false);
   }
 

@@ -68,6 +68,7 @@ class Tokenizer {
 // equals tok.decode(all ids, skip_special).
 class StreamDecoder {
  public:
+  // tok must outlive the decoder.
   explicit StreamDecoder(const Tokenizer& tok, bool skip_special = false);
   std::string push(int32_t id);  // newly complete text (may be empty)
   std::string flush();           // whatever is left (an incomplete tail as U+FFFD); resets

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstdio>
 #include <latch>
 #include <mutex>
 
@@ -221,6 +222,59 @@ TEST(NcclComm, MissingRankTimesOut) {
   EXPECT_NE(msg.find("all_reduce_sum timed out after 1000 ms on NCCL rank 0 of 2"), std::string::npos) << msg;
   EXPECT_GE(elapsed_ms, 990.0);
   EXPECT_LT(elapsed_ms, 2000.0);
+}
+
+// Perf mode, off by default (run with --gtest_also_run_disabled_tests on a multi-GPU machine):
+// time per call and bus bandwidth of the collectives context parallelism uses, 64 MiB per rank.
+TEST(NcclComm, DISABLED_Throughput) {
+  const int n = device_count();
+  if (n < 2) GTEST_SKIP() << "fewer than 2 CUDA devices";
+  run_on_gpus(n, [n](std::unique_ptr<Communicator> c) {
+    const int me = c->rank();
+    const size_t part = size_t{64} << 20;
+    DeviceBuffer send(part), recv(part * n);
+    CPI_CHECK(cudaMemset(send.get(), me + 1, part) == cudaSuccess, "memset");
+    auto time_ms = [&](const std::function<void()>& f) {
+      f();  // warm-up (connections, buffers)
+      c->barrier();
+      const int iters = 10;
+      const auto t0 = Clock::now();
+      for (int i = 0; i < iters; ++i) f();
+      return std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / iters;
+    };
+    auto report = [&](const char* what, double ms, double bus_bytes) {
+      if (me == 0) std::printf("[perf] %-28s n=%d %8.3f ms  busbw %7.1f GB/s\n", what, n, ms, bus_bytes / ms / 1e6);
+    };
+    std::vector<size_t> eq(n, part), uneq(n);
+    for (int r = 0; r < n; ++r) uneq[r] = part - static_cast<size_t>(r) * 4096;
+    const double frac = static_cast<double>(n - 1) / n;
+    report("all_gatherv (equal)", time_ms([&] { c->all_gatherv(send.get(), part, recv.get(), eq); }),
+           frac * static_cast<double>(part) * n);
+    std::vector<uint8_t> first(n);
+    for (int r = 0; r < n; ++r) {
+      CPI_CHECK(cudaMemcpy(&first[r], recv.get() + r * part, 1, cudaMemcpyDeviceToHost) == cudaSuccess, "copy");
+      EXPECT_EQ(first[r], r + 1);
+    }
+    report("all_gatherv (unequal)", time_ms([&] { c->all_gatherv(send.get(), uneq[me], recv.get(), uneq); }),
+           frac * static_cast<double>(part) * n);
+    report("all_reduce_sum f32", time_ms([&] { c->all_reduce_sum(recv.get(), part / 4, DType::F32); }),
+           2.0 * frac * static_cast<double>(part));
+    report("all_reduce_sum bf16", time_ms([&] { c->all_reduce_sum(recv.get(), part / 2, DType::BF16); }),
+           2.0 * frac * static_cast<double>(part));
+    std::vector<size_t> a2a(n, part / n);
+    report("all_to_allv (equal)", time_ms([&] { c->all_to_allv(send.get(), a2a, recv.get(), a2a); }),
+           frac * static_cast<double>(part));
+    std::vector<size_t> counts(n, part / 4 / n);
+    report("reduce_scatterv f32 (equal)",
+           time_ms([&] { c->reduce_scatterv_sum(recv.get(), send.get(), counts, DType::F32); }),
+           frac * static_cast<double>(part));
+    counts[0] += 1024;
+    counts[n - 1] -= 1024;
+    report("reduce_scatterv f32 (uneq)",
+           time_ms([&] { c->reduce_scatterv_sum(recv.get(), send.get(), counts, DType::F32); }),
+           frac * static_cast<double>(part));
+    report("barrier", time_ms([&] { c->barrier(); }), 0.0);
+  });
 }
 
 }  // namespace

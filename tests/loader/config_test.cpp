@@ -2,6 +2,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
 
 #include "loader/config.h"
 #include "loader_test_util.h"
@@ -101,7 +104,8 @@ TEST(Config, BothDialectsParseToTheSameConfig) {
   expect_same(parse_config(kQwen3MoeHub, "hub/config.json"), parse_config(kQwen3MoeV5, "v5/config.json"));
   // Plain (unscaled) RoPE in both spellings.
   std::string hub = kQwen3MoeHub, v5 = kQwen3MoeV5;
-  hub.replace(hub.find(R"({"rope_type": "yarn")"), std::string(R"({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})").size(), "null");
+  const std::string hub_yarn = R"({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})";
+  hub.replace(hub.find(hub_yarn), hub_yarn.size(), "null");
   v5.replace(v5.find(R"("rope_type": "yarn")"), std::string(R"("rope_type": "yarn", "factor": 4.0,
                       "original_max_position_embeddings": 32768)").size(), R"("rope_type": "default")");
   ModelConfig a = parse_config(hub, "hub"), b = parse_config(v5, "v5");
@@ -221,6 +225,25 @@ TEST(Rope, YarnExplicitAttentionFactorAndDefaultOriginalLength) {
   ModelConfig c = rope_config(R"({"rope_type": "yarn", "factor": 2.0, "attention_factor": 0.75})");
   EXPECT_EQ(c.rope.original_max_position_embeddings, 8192);  // max_position_embeddings
   EXPECT_EQ(c.rope_params().attention_factor, 0.75f);
+}
+
+// config.json exactly as transformers 5.17 save_pretrained wrote it (tests/loader/make_hf_tiny.py),
+// with the inv_freq / attention_scaling its Qwen3MoeRotaryEmbedding computed.
+TEST(Config, TransformersV5SavedConfigFixture) {
+  const std::string dir = std::string(CPINFER_SOURCE_DIR) + "/tests/loader/fixtures/hf_tiny_v5";
+  ModelConfig c = load_config(dir);
+  EXPECT_EQ(c.num_experts, 4);  // num_local_experts
+  EXPECT_EQ(c.head_dim, 16);
+  EXPECT_EQ(c.mlp_only_layers, std::vector<int>{1});
+  EXPECT_EQ(c.dtype, "bfloat16");
+  EXPECT_EQ(c.bos_token_id, -1);  // null in the file
+  EXPECT_EQ(c.rope.type, "yarn");
+  EXPECT_EQ(c.rope.original_max_position_embeddings, 2048);
+  std::ifstream in(dir + "/expected_rope.json");
+  nlohmann::json want = nlohmann::json::parse(in);
+  RopeParams r = c.rope_params();
+  EXPECT_EQ(r.inv_freq, want["inv_freq"].get<std::vector<float>>());  // bitwise
+  EXPECT_FLOAT_EQ(r.attention_factor, want["attention_scaling"].get<float>());
 }
 
 // ---- errors: each names config.json and the field.

@@ -163,6 +163,27 @@ TEST(Weights, CpuViewsPointIntoTheCheckpoint) {
   }
 }
 
+TEST(Weights, MisalignedTensorsAreCopiedNotViewed) {
+  // A 1-byte tensor first shifts every bf16 tensor to an odd address; a view would be a
+  // misaligned uint16_t access, so the CPU path copies those into aligned memory instead.
+  TinyModel m;
+  SafetensorsWriter w;
+  uint8_t pad = 7;
+  w.add("pad", DType::U8, {1}, &pad);
+  for (const auto& [name, t] : m.tensors) w.add(name, DType::BF16, t.shape, t.bf16.data());
+  w.write(m.dir.file("model.safetensors"));
+  ModelConfig cfg = load_config(m.dir.path());
+  Checkpoint ck = Checkpoint::open(m.dir.path());
+  ASSERT_EQ(reinterpret_cast<uintptr_t>(ck.get("model.norm.weight").data) % 2, 1u);
+  MemoryBackend cpu(Device::CPU);
+  ModelWeights mw = load_weights(ck, cfg, cpu, 0, 1);
+  EXPECT_FALSE(mw.owned.empty());
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(mw.final_norm.data) % 2, 0u);
+  expect_bytes(mw.final_norm, m.tensors.at("model.norm.weight").bf16.data(), 16, "norm");
+  expect_bytes(mw.layers[2].experts.up[3], m.tensors.at("model.layers.2.mlp.experts.3.up_proj.weight").bf16.data(),
+               6 * 16, "expert 3 up");
+}
+
 TEST(Weights, TiedEmbeddingsShareTheTable) {
   TinyModel m(false, 1, /*tie=*/true);
   ModelConfig cfg = load_config(m.dir.path());

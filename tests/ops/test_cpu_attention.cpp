@@ -57,7 +57,8 @@ TEST_F(CpuAttention, QkNormRope) {
         const RopeParams rope = make_rope(D, D == 64 ? 10000.0 : 1e6, D == 32 ? 1.25f : 1.0f);
         HostTensor q = rng.normal_tensor(DType::F32, {T, Hq, D}, 1.5);
         HostTensor k = rng.normal_tensor(DType::F32, {T, Hkv, D}, 0.7);
-        HostTensor qw = rng.normal_tensor(DType::BF16, {D}, 0.2, 1.0), kw = rng.normal_tensor(DType::F32, {D}, 0.2, 1.0);
+        HostTensor qw = rng.normal_tensor(DType::BF16, {D}, 0.2, 1.0);
+        HostTensor kw = rng.normal_tensor(DType::F32, {D}, 0.2, 1.0);
         std::vector<int64_t> p(static_cast<size_t>(T));
         for (auto& v : p) v = rng.integer(0, 40000);
         p[0] = 0;
@@ -252,6 +253,57 @@ TEST_F(CpuAttention, LseMergeOfSplitKeyRangeEqualsFull) {
     }
     EXPECT_TRUE(all_close(full_o, merged, 1e-5, "merged out"));
     EXPECT_TRUE(all_close(full_l, merged_lse, 1e-6, "merged lse"));
+  }
+}
+
+// Cutting a sequence's queries into blocks (as context parallelism's zigzag split does) and
+// listing them in another row order gives bitwise the same rows as one block.
+TEST_F(CpuAttention, BlockSplitIsBitwiseInvariant) {
+  Rng rng(28);
+  const int64_t L = 150, Hq = 8, Hkv = 2, D = 64;
+  PagedCase pc(rng, {L}, 16, Hkv, D, DType::BF16);
+  HostTensor q = rng.normal_tensor(DType::F32, {L, Hq, D});
+  const float scale = 0.125f;
+  PagedCase one = pc;
+  one.add_block(0, static_cast<int32_t>(L), 0, 0);
+  HostTensor out1(DType::F32, {L, Hq, D}), lse1(DType::F32, {L, Hq});
+  be->attention(q, one.batch, one.layer(), scale, out1, lse1);
+  // Blocks [0, 37), [37, 113), [113, 150) stored in q rows in the order 2, 0, 1.
+  const int32_t cuts[4] = {0, 37, 113, 150};
+  const int order[3] = {2, 0, 1};
+  PagedCase split = pc;
+  HostTensor qs(DType::F32, {L, Hq, D}), outs(DType::F32, {L, Hq, D}), lses(DType::F32, {L, Hq});
+  std::vector<int64_t> row_of(static_cast<size_t>(L));  // position -> row in qs
+  int32_t row = 0;
+  for (int c : order) {
+    split.add_block(row, cuts[c + 1] - cuts[c], cuts[c], 0);
+    for (int32_t p = cuts[c]; p < cuts[c + 1]; ++p) row_of[p] = row++;
+  }
+  const size_t rb = static_cast<size_t>(Hq * D) * 4;
+  for (int64_t p = 0; p < L; ++p)
+    std::memcpy(qs.ptr<char>() + row_of[p] * rb, q.ptr<char>() + p * rb, rb);
+  be->attention(qs, split.batch, split.layer(), scale, outs, lses);
+  for (int64_t p = 0; p < L; ++p) {
+    ASSERT_EQ(std::memcmp(outs.ptr<char>() + row_of[p] * rb, out1.ptr<char>() + p * rb, rb), 0) << "position " << p;
+    ASSERT_EQ(std::memcmp(lses.ptr<float>() + row_of[p] * Hq, lse1.ptr<float>() + p * Hq, Hq * 4), 0) << p;
+  }
+}
+
+// A NaN reaches exactly the outputs whose softmax includes it: a masked (future) key in the same
+// tile must not leak into earlier queries, and a NaN query must not be hidden.
+TEST_F(CpuAttention, NanPropagatesOnlyWhereItIsSeen) {
+  Rng rng(27);
+  PagedCase pc(rng, {8}, 16, 1, 16, DType::F32);
+  pc.add_block(0, 8, 0, 0);
+  HostTensor q = rng.normal_tensor(DType::F32, {8, 1, 16}), out(DType::F32, {8, 1, 16}), lse(DType::F32, {8, 1});
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  pc.k.set(pc.slot(0, 5) * 16 + 3, nan);  // key 5: seen by queries 5..7 only
+  q.set(2 * 16 + 7, nan);                 // query 2
+  be->attention(q, pc.batch, pc.layer(), 0.25f, out, lse);
+  for (int64_t t = 0; t < 8; ++t) {
+    const bool want_nan = t == 2 || t >= 5;
+    EXPECT_EQ(std::isnan(lse.get(t)), want_nan) << "row " << t;
+    for (int64_t d = 0; d < 16; ++d) ASSERT_EQ(std::isnan(out.get(t * 16 + d)), want_nan) << "row " << t;
   }
 }
 

@@ -5,6 +5,9 @@
 // times the Hq/Hkv heads sharing the kv head. Key tiles are gathered from the cache into a
 // transposed fp32 tile (Kᵀ [D, kKeyTile]) so the q·k loop runs over contiguous keys, and the
 // softmax is online (running max m, denominator l) in fp32; lse = m + log(l).
+// Key tiles start at absolute positions 0, 64, 128, ... and keys past a query's position are
+// masked by selects, so a query row's result depends only on its own q, position and keys: it is
+// bitwise the same however the rows are cut into blocks (CP=N vs CP=1), grouped or threaded.
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -322,7 +325,8 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
     }
   }
   // Longest prefixes first so the dynamic schedule ends with the cheap tiles (causal imbalance).
-  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.kv_end > b.kv_end; });
+  std::stable_sort(items.begin(), items.end(),
+                   [](const WorkItem& a, const WorkItem& b) { return a.kv_end > b.kv_end; });
 
   const float* qp = q.ptr<const float>();
   float* outp = out.ptr<float>();

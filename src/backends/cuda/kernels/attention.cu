@@ -68,32 +68,46 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Loads keys [key0, key0 + kBN) of kv head kvh into a swizzled [kBN, kD] tile; keys at or past
-// kv_len are zero-filled without touching memory.
-__device__ __forceinline__ void load_kv_tile(__nv_bfloat16* dst, const __nv_bfloat16* __restrict__ cache,
-                                             const int32_t* __restrict__ table, int block_size, int hkv, int kvh,
-                                             int key0, int kv_len) {
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Loads keys [key0, key0 + kBN) of kv head kvh into swizzled [kBN, kD] K and V tiles; keys at or
+// past kv_len are zero-filled without touching memory. One slot computation serves K and V; a
+// power-of-two block size (bs_shift >= 0) avoids the integer division.
+template <bool kPow2>
+__device__ __forceinline__ void load_kv_tiles(__nv_bfloat16* k_dst, __nv_bfloat16* v_dst,
+                                              const __nv_bfloat16* __restrict__ cache_k,
+                                              const __nv_bfloat16* __restrict__ cache_v,
+                                              const int32_t* __restrict__ table, int block_size, int bs_shift,
+                                              int hkv, int kvh, int key0, int kv_len) {
 #pragma unroll
   for (int i = 0; i < kBN * kChunks / kThreads; ++i) {
     const int idx = threadIdx.x + i * kThreads;
     const int r = idx / kChunks, c = idx % kChunks;
     const int key = key0 + r;
     const bool valid = key < kv_len;
-    const __nv_bfloat16* src = cache;
+    int64_t off = 0;
     if (valid) {
-      const int64_t slot = static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
-      src = cache + (slot * hkv + kvh) * kD + c * 8;
+      int64_t slot;
+      if constexpr (kPow2) slot = (static_cast<int64_t>(table[key >> bs_shift]) << bs_shift) | (key & (block_size - 1));
+      else slot = static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
+      off = (slot * hkv + kvh) * kD + c * 8;
     }
-    cp_async16(dst + swz(r, c), src, valid);
+    cp_async16(k_dst + swz(r, c), cache_k + off, valid);
+    cp_async16(v_dst + swz(r, c), cache_v + off, valid);
   }
 }
 
+template <bool kPow2>
 __global__ void __launch_bounds__(kThreads, 2)
     attention_flash_kernel(const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ blocks,
                            const int32_t* __restrict__ block_table, int max_blocks_per_seq,
                            const __nv_bfloat16* __restrict__ cache_k, const __nv_bfloat16* __restrict__ cache_v,
-                           int block_size, int hq, int hkv, float scale_log2, __nv_bfloat16* __restrict__ out,
-                           float* __restrict__ lse) {
+                           int block_size, int bs_shift, int hq, int hkv, float scale_log2,
+                           __nv_bfloat16* __restrict__ out, float* __restrict__ lse) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto* sq = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kBM, kD]
   // Stage s of K is sq + kBM·kD + s·kBN·kD, of V 2·kBN·kD further (computed, not indexed: an
@@ -126,8 +140,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     cp_async16(sq + swz(r, c), src, valid);
   }
   cp_async_commit();
-  load_kv_tile(k_stage(0), cache_k, table, block_size, hkv, kvh, 0, kv_len);
-  load_kv_tile(v_stage(0), cache_v, table, block_size, hkv, kvh, 0, kv_len);
+  load_kv_tiles<kPow2>(k_stage(0), v_stage(0), cache_k, cache_v, table, block_size, bs_shift, hkv, kvh, 0, kv_len);
   cp_async_commit();
 
   // Each warp owns kMi blocks of 16 rows; thread (g, t4) holds rows g and g + 8 of each.
@@ -148,8 +161,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int j = 0; j < n_tiles; ++j) {
     const int st = j & 1;
     if (j + 1 < n_tiles) {
-      load_kv_tile(k_stage(st ^ 1), cache_k, table, block_size, hkv, kvh, (j + 1) * kBN, kv_len);
-      load_kv_tile(v_stage(st ^ 1), cache_v, table, block_size, hkv, kvh, (j + 1) * kBN, kv_len);
+      load_kv_tiles<kPow2>(k_stage(st ^ 1), v_stage(st ^ 1), cache_k, cache_v, table, block_size, bs_shift, hkv, kvh,
+                           (j + 1) * kBN, kv_len);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -179,23 +192,21 @@ __global__ void __launch_bounds__(kThreads, 2)
           }
         }
       }
-      // Scale into the log2 domain and mask (only tiles that reach the diagonal).
-      const bool need_mask = key0 + kBN - 1 > diag_start;
+      // Mask (only tiles that reach the diagonal), on the raw scores.
+      if (key0 + kBN - 1 > diag_start) {
 #pragma unroll
-      for (int mi = 0; mi < kMi; ++mi)
+        for (int mi = 0; mi < kMi; ++mi)
 #pragma unroll
-        for (int n = 0; n < kBN / 8; ++n)
+          for (int n = 0; n < kBN / 8; ++n)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float v = s[mi][n][e] * scale_log2;
-            if (need_mask) {
+            for (int e = 0; e < 4; ++e) {
               const int key = key0 + n * 8 + 2 * t4 + (e & 1);
               const int qpos = qpos_base + mi * 16 + (e >> 1) * 8;
-              if (key > qpos || key >= kv_len) v = -INFINITY;
+              if (key > qpos || key >= kv_len) s[mi][n][e] = -INFINITY;
             }
-            s[mi][n][e] = v;
-          }
-      // Online softmax per row (each row is spread over the 4 threads of a quad).
+      }
+      // Online softmax per row (each row is spread over the 4 threads of a quad); the running max
+      // is kept in log2 units, p = 2^(s·scale_log2 − m) is one FFMA and one MUFU.EX2.
 #pragma unroll
       for (int mi = 0; mi < kMi; ++mi) {
 #pragma unroll
@@ -205,15 +216,15 @@ __global__ void __launch_bounds__(kThreads, 2)
           for (int n = 0; n < kBN / 8; ++n) mx = fmaxf(mx, fmaxf(s[mi][n][2 * r], s[mi][n][2 * r + 1]));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float m_new = fmaxf(m_row[mi][r], mx);
+          const float m_new = fmaxf(m_row[mi][r], mx * scale_log2);
           const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // fully masked row so far
-          const float corr = exp2f(m_row[mi][r] - m_use);
+          const float corr = fast_exp2(m_row[mi][r] - m_use);
           m_row[mi][r] = m_new;
           float sum = 0.0f;
 #pragma unroll
           for (int n = 0; n < kBN / 8; ++n) {
-            s[mi][n][2 * r] = exp2f(s[mi][n][2 * r] - m_use);
-            s[mi][n][2 * r + 1] = exp2f(s[mi][n][2 * r + 1] - m_use);
+            s[mi][n][2 * r] = fast_exp2(fmaf(s[mi][n][2 * r], scale_log2, -m_use));
+            s[mi][n][2 * r + 1] = fast_exp2(fmaf(s[mi][n][2 * r + 1], scale_log2, -m_use));
             sum += s[mi][n][2 * r] + s[mi][n][2 * r + 1];
           }
           l_row[mi][r] = l_row[mi][r] * corr + sum;
@@ -284,17 +295,19 @@ cudaError_t launch_attention_flash(const DevTensor& q, const DevAttnBatch& batch
   const int max_q = batch.max_q_len;
   if (n_blocks == 0 || max_q == 0) return cudaSuccess;
   if (q.dim(2) != kD || n_blocks > 65535 || hq > 65535 || (max_q + kBM - 1) / kBM > 65535) return cudaErrorInvalidValue;
-  // Per device and cheap: set it on every launch rather than track which devices have it.
-  cudaError_t err = cudaFuncSetAttribute(attention_flash_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kSmemBytes));
-  if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(hq), static_cast<unsigned>((max_q + kBM - 1) / kBM),
                   static_cast<unsigned>(n_blocks));
-  attention_flash_kernel<<<grid, kThreads, kSmemBytes, stream>>>(
-      q.ptr<const __nv_bfloat16>(), batch.blocks, batch.block_table,
-      batch.max_blocks_per_seq, cache.k.ptr<const __nv_bfloat16>(), cache.v.ptr<const __nv_bfloat16>(),
-      cache.block_size(), hq, hkv, scale * 1.4426950408889634f, out.ptr<__nv_bfloat16>(),
-      lse.defined() ? lse.ptr<float>() : nullptr);
+  const int bs = cache.block_size();
+  const int bs_shift = (bs & (bs - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(bs)) : -1;
+  auto kernel = bs_shift >= 0 ? attention_flash_kernel<true> : attention_flash_kernel<false>;
+  // Per device and cheap: set it on every launch rather than track which devices have it.
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kSmemBytes));
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(
+      q.ptr<const __nv_bfloat16>(), batch.blocks, batch.block_table, batch.max_blocks_per_seq,
+      cache.k.ptr<const __nv_bfloat16>(), cache.v.ptr<const __nv_bfloat16>(), bs, bs_shift, hq, hkv,
+      scale * 1.4426950408889634f, out.ptr<__nv_bfloat16>(), lse.defined() ? lse.ptr<float>() : nullptr);
   return cudaGetLastError();
 }
 

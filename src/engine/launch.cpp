@@ -1,4 +1,4 @@
-#include "launch.h"
+#include "engine/launch.h"
 
 #include <chrono>
 #include <memory>
