@@ -161,6 +161,7 @@ int run_bench_prefill(BenchFlags& f) {
     });
   }
 
+  if (rows.empty()) return 0;  // not rank 0 (mpirun): rank 0 prints
   nlohmann::ordered_json j;
   j["model"] = f.random_weights.empty() ? f.ef.model_path : "random:" + f.random_weights;
   j["device"] = device_name;

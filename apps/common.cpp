@@ -13,22 +13,22 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
   app->add_option("--device-index", device_index, "First GPU ordinal (rank r uses device-index + r)")
       ->capture_default_str();
   app->add_option("--attn-cp-size", attn_cp_size, "Context-parallel size: ranks that split one long prompt")
-      ->check(CLI::PositiveNumber)->capture_default_str();
+      ->check(CLI::Range(1, 4096))->capture_default_str();
   app->add_option("--tp-size", tp_size,
                   "Number of ranks the model spans (experts are sharded over them); default: --attn-cp-size, or "
                   "the mpirun size")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(0, 4096));
   app->add_flag("--enable-prefill-cp", enable_prefill_cp, "Split long prompts over the CP ranks (zigzag)");
   app->add_option("--cp-min-tokens", cp_min_tokens,
                   "Prompts shorter than this are not split (default: 2 x attn-cp-size)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(0, 1 << 30));
   app->add_option("--comm", comm, "Communicator between ranks: local (threads) or mpi (under mpirun)")
       ->check(CLI::IsMember({"local", "mpi"}))->capture_default_str();
   app->add_option("--comm-timeout", comm_timeout_s, "Seconds a collective waits for a peer before failing")
-      ->check(CLI::PositiveNumber)->capture_default_str();
+      ->check(CLI::Range(1, 86400))->capture_default_str();
   app->add_option("--kv-cache-tokens", kv_cache_tokens, "KV cache capacity in positions (default: what the request needs)")
-      ->check(CLI::NonNegativeNumber);
-  app->add_option("--page-size", block_size, "Positions per KV cache block")->check(CLI::PositiveNumber)
+      ->check(CLI::Range(0, 1 << 30));
+  app->add_option("--page-size", block_size, "Positions per KV cache block")->check(CLI::Range(1, 4096))
       ->capture_default_str();
 }
 

@@ -9,6 +9,10 @@ int main(int argc, char** argv) {
   using namespace cpinfer;
   CLI::App app{"cpinfer: long-context Qwen3-MoE inference with context-parallel prefill over CPU ranks or GPUs"};
   app.require_subcommand(1);
+  // Flag errors are one line, like every other cpinfer error.
+  app.failure_message([](const CLI::App*, const CLI::Error& e) {
+    return std::string("cpinfer: error: ") + e.what() + " (see --help)\n";
+  });
   app.set_version_flag("--version", "cpinfer 0.1.0");
   bool verbose = false, quiet = false;
   app.add_flag("-v,--verbose", verbose, "Debug logging");

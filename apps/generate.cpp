@@ -94,6 +94,7 @@ int run_generate(GenerateFlags& f) {
   GenerateResult result;
   std::string text;
   std::mutex mu;
+  bool is_rank0 = false;  // under mpirun only one process holds rank 0 and prints
   launch(f.ef.launch(), [&](ParallelCtx& par) {
     Engine engine(f.ef.model_path, f.ef.engine(static_cast<int>(ids.size()) + f.max_new_tokens), par);
     std::unique_ptr<StreamDecoder> dec;
@@ -118,8 +119,10 @@ int run_generate(GenerateFlags& f) {
       }
       std::lock_guard<std::mutex> lock(mu);
       result = r;
+      is_rank0 = true;
     }
   });
+  if (!is_rank0) return 0;
   const double n = static_cast<double>(result.output_ids.size());
   const double tps = result.decode_s > 0 && n > 1 ? (n - 1) / result.decode_s : 0.0;
   if (f.json) {
@@ -155,6 +158,7 @@ int run_logits(LogitsFlags& f) {
   std::vector<float> logits;
   int64_t vocab = 0;
   std::mutex mu;
+  bool is_rank0 = false;
   launch(f.ef.launch(), [&](ParallelCtx& par) {
     EngineOptions eo = f.ef.engine(static_cast<int>(ids.size()));
     eo.quiet = true;
@@ -166,8 +170,10 @@ int run_logits(LogitsFlags& f) {
       std::lock_guard<std::mutex> lock(mu);
       logits = std::move(out[0]);
       vocab = engine.config().vocab_size;
+      is_rank0 = true;
     }
   });
+  if (!is_rank0) return 0;
   const size_t T = ids.size();
   nlohmann::json j;
   std::vector<int32_t> am(T);

@@ -240,14 +240,15 @@ Checkpoint Checkpoint::open(const std::string& dir) {
   std::error_code ec;
   CPI_CHECK(fs::is_directory(dir, ec), "checkpoint directory '", dir, "' does not exist or is not a directory");
   const fs::path root(dir);
+  // Same order as transformers: a single model.safetensors wins over an index.
+  const fs::path single = root / "model.safetensors";
+  if (fs::exists(single, ec)) {
+    Checkpoint ck = open_file(single.string());
+    ck.dir_ = dir;
+    return ck;
+  }
   const fs::path index_path = root / "model.safetensors.index.json";
   if (!fs::exists(index_path, ec)) {
-    const fs::path single = root / "model.safetensors";
-    if (fs::exists(single, ec)) {
-      Checkpoint ck = open_file(single.string());
-      ck.dir_ = dir;
-      return ck;
-    }
     // Fallback: exactly one *.safetensors file (some exporters name it after the model).
     std::vector<fs::path> found;
     for (const auto& e : fs::directory_iterator(root, ec))

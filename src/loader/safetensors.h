@@ -30,9 +30,10 @@ class MappedFile;
 
 class Checkpoint {
  public:
-  // Opens the checkpoint in `dir`: model.safetensors.index.json when present (each shard it names
-  // is opened once; the index decides which tensors exist), else model.safetensors, else the one
-  // *.safetensors file of the directory. Throws cpinfer::Error naming the file on any defect.
+  // Opens the checkpoint in `dir`: model.safetensors when present (as transformers does), else
+  // model.safetensors.index.json (each shard it names is opened once; the index decides which
+  // tensors exist), else the one *.safetensors file of the directory. Throws cpinfer::Error naming
+  // the file on any defect.
   static Checkpoint open(const std::string& dir);
 
   // Opens one .safetensors file on its own (all of its tensors).

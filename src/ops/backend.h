@@ -17,7 +17,7 @@
 
 namespace cpinfer {
 
-// Rotary embedding parameters, computed once from the config (model/config.h):
+// Rotary embedding parameters, computed once from the config (loader/config.h):
 // cos/sin(pos * inv_freq[i]) * attention_factor, NeoX (rotate_half) pairing of i and i + D/2.
 struct RopeParams {
   std::vector<float> inv_freq;  // [D/2]

@@ -11,6 +11,7 @@
 #include "../model/fixtures.h"
 #include "comm/communicator.h"
 #include "engine/engine.h"
+#include "engine/launch.h"
 
 using namespace cpinfer;
 using namespace cpinfer::test;
@@ -33,10 +34,10 @@ std::vector<int32_t> random_ids(int n, int vocab, uint32_t seed) {
 // Runs a prefill of `prompts` on `cp` local ranks (cp = 1: a single rank without threads) and
 // returns rank 0's view; with greedy_tokens > 0 each prompt is then continued greedily.
 RunResult run(const std::string& model, int cp, const std::vector<std::vector<int32_t>>& prompts, int min_tokens,
-              int greedy_tokens) {
+              int greedy_tokens, int world = 0) {
   RunResult out;
   std::mutex mu;
-  auto body = [&](ParallelCtx par) {
+  auto body = [&](ParallelCtx& par) {
     EngineOptions eo;
     eo.quiet = true;
     eo.kv_cache_tokens = 0;
@@ -73,16 +74,12 @@ RunResult run(const std::string& model, int cp, const std::vector<std::vector<in
       out = std::move(r);
     }
   };
-  if (cp == 1) {
-    body(ParallelCtx{});
-  } else {
-    run_local(cp, std::chrono::seconds(120), [&](Communicator& c) {
-      ParallelCtx par;
-      par.world = &c;
-      par.cp = &c;
-      body(par);
-    });
-  }
+  LaunchOptions lo;
+  lo.comm = "local";
+  lo.world_size = world;
+  lo.cp_size = cp;
+  lo.timeout_s = 120;
+  launch(lo, body);
   return out;
 }
 
@@ -147,6 +144,22 @@ TEST_P(CpEquivalence, MixedBatchWithShortPromptsBelowTheThreshold) {
     expect_same(r, ref, name + " mixed batch cp=" + std::to_string(cp), &worst);
   }
   std::printf("[cp %s] mixed batch worst relative difference: %.3g\n", name.c_str(), worst);
+}
+
+// Experts sharded over any world size, also one that does not divide the expert count, with CP
+// groups smaller than the world (replicated groups, MoE summed over the world).
+TEST_P(CpEquivalence, ExpertShardingOverAnyWorldSize) {
+  const std::string name = GetParam();
+  const std::string dir = fixture_dir(name);
+  const int vocab = static_cast<int>(load_config(dir).vocab_size);
+  std::vector<std::vector<int32_t>> prompts{random_ids(301, vocab, 11), random_ids(9, vocab, 12)};
+  RunResult ref = run(dir, 1, prompts, 0, 5);
+  double worst = 0;
+  for (auto [world, cp] : std::vector<std::pair<int, int>>{{2, 1}, {3, 1}, {3, 3}, {4, 2}, {5, 5}, {6, 3}, {9, 3}}) {
+    RunResult r = run(dir, cp, prompts, 0, 5, world);
+    expect_same(r, ref, name + " world=" + std::to_string(world) + " cp=" + std::to_string(cp), &worst);
+  }
+  std::printf("[ep %s] worst relative difference with experts sharded: %.3g\n", name.c_str(), worst);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CpEquivalence, ::testing::ValuesIn(fixture_names()));

@@ -48,6 +48,7 @@ const Pool kCode = {"int main() {", "    return 0;", "}", "def f(x):", "\tif x >
                     "// TODO(me): fix", "$PATH:~/bin", "λx.x", "0x1F & ~0u", "1e-9", "printf(\"%d\\n\", n);",
                     "    }\n", "if __name__ == \"__main__\":", "  - key: value", "fn main() -> Result<(), E> {"};
 const Pool kEmoji = {"😀", "👍🏽", "👨‍👩‍👧‍👦", "🏳️‍🌈", "🇺🇸", "🇯🇵", "1️⃣", "❤️", "🤖", "🧑🏿‍💻", "😀😀😀", "🫠", "©", "™", "✓"};
+// No U+0085 (NEL): JS \s leaves it out, Unicode and HF count it as space (HuggingFaceEdgeCases).
 const Pool kSpace = {" ", "  ", "   ", "\t", "\t\t", "\n", "\n\n", "\r\n", "\r\n\r\n", " \n ", "\u00A0", "\u3000",
                      "\u2028", "\u2009", "\f", "\v", " \t \n", "\r", "    \n"};
 const Pool kDigits = {"0", "42", "1234567890", "3.14159", "1,000,000", "２０２４", "١٢٣", "²³", "Ⅻ", "½", "007",

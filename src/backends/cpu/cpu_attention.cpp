@@ -224,7 +224,8 @@ void CpuBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const 
   const int64_t half = D / 2;
   float* qp = q.ptr<float>();
   float* kp = k.ptr<float>();
-#pragma omp parallel if (T * (Hq + Hkv) * D > (1 << 14))
+  const OmpBudget budget;
+#pragma omp parallel num_threads(budget.threads()) if (T * (Hq + Hkv) * D > (1 << 14))
   {
     std::vector<float> cs(static_cast<size_t>(D)), tmp(static_cast<size_t>(D));
     auto norm_rope = [&](float* x, const float* w) {
@@ -283,7 +284,8 @@ void CpuBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots,
   if (row == 0) return;
   // slot s is (block s / block_size, offset s % block_size), i.e. row s of the [n_blocks * block_size,
   // Hkv, D] reading of the cache.
-#pragma omp parallel for schedule(static) if (T * row > (1 << 15))
+  const OmpBudget budget;
+#pragma omp parallel for schedule(static) num_threads(budget.threads()) if (T * row > (1 << 15))
   for (int64_t t = 0; t < T; ++t) {
     put(byte_ptr(k) + t * src_row, byte_ptr_mut(cache.k) + slot[t] * kc_row, cache.k.dtype);
     put(byte_ptr(v) + t * src_row, byte_ptr_mut(cache.v) + slot[t] * vc_row, cache.v.dtype);
@@ -334,7 +336,8 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
   const DType kdt = cache.k.dtype, vdt = cache.v.dtype;
   const size_t kes = dtype_size(kdt), ves = dtype_size(vdt);
   const int64_t n_items = static_cast<int64_t>(items.size());
-#pragma omp parallel if (n_items > 1)
+  const OmpBudget budget;
+#pragma omp parallel num_threads(budget.threads()) if (n_items > 1)
   {
     const size_t rows = static_cast<size_t>(q_per_item * G), d = static_cast<size_t>(D);
     std::vector<float> qt(rows * d), ot(rows * d), m(rows), l(rows), kt(d * kKeyTile), vt(kKeyTile * d),

@@ -92,7 +92,8 @@ void CpuBackend::embedding(const Tensor& table, const Tensor& ids, Tensor out) {
             "] for ids ", ids.shape_str(), " and table ", table.shape_str());
   std::vector<int64_t> rows = checked_indices(ids, table.dim(0), op, "token id ids");
   const size_t in_row = table.row_bytes(), out_row = out.row_bytes();
-#pragma omp parallel if (T * H > kParallelMinElems)
+  const OmpBudget budget;
+#pragma omp parallel num_threads(budget.threads()) if (T * H > kParallelMinElems)
   {
     std::vector<float> scratch(static_cast<size_t>(H));
 #pragma omp for schedule(static)
@@ -108,7 +109,8 @@ void CpuBackend::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor ou
   std::vector<float> wf = to_f32_vector(w);
   const float* xp = x.ptr<const float>();
   float* op = out.ptr<float>();
-#pragma omp parallel for schedule(static) if (T * H > kParallelMinElems)
+  const OmpBudget budget;
+#pragma omp parallel for schedule(static) num_threads(budget.threads()) if (T * H > kParallelMinElems)
   for (int64_t t = 0; t < T; ++t) rms_row(xp + t * H, wf.data(), H, eps, op + t * H);
 }
 
@@ -121,7 +123,8 @@ void CpuBackend::add_rms_norm(Tensor residual, const Tensor& x, const Tensor& w,
   const float* xp = x.ptr<const float>();
   float* rp = residual.ptr<float>();
   float* op = out.ptr<float>();
-#pragma omp parallel for schedule(static) if (T * H > kParallelMinElems)
+  const OmpBudget budget;
+#pragma omp parallel for schedule(static) num_threads(budget.threads()) if (T * H > kParallelMinElems)
   for (int64_t t = 0; t < T; ++t) {
     float* r = rp + t * H;
     for (int64_t i = 0; i < H; ++i) r[i] += xp[t * H + i];
@@ -140,7 +143,8 @@ void CpuBackend::silu_mul(const Tensor& gate, const Tensor& up, Tensor out) {
   const float* g = gate.ptr<const float>();
   const float* u = up.ptr<const float>();
   float* o = out.ptr<float>();
-#pragma omp parallel for schedule(static) if (n > kParallelMinElems)
+  const OmpBudget budget;
+#pragma omp parallel for schedule(static) num_threads(budget.threads()) if (n > kParallelMinElems)
   for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
@@ -154,7 +158,8 @@ void CpuBackend::add(Tensor a, const Tensor& b) {
   if (a.dtype == DType::F32) {
     float* ap = a.ptr<float>();
     const float* bp = b.ptr<const float>();
-#pragma omp parallel for schedule(static) if (n > kParallelMinElems)
+    const OmpBudget budget;
+#pragma omp parallel for schedule(static) num_threads(budget.threads()) if (n > kParallelMinElems)
     for (int64_t i = 0; i < n; ++i) ap[i] += bp[i];
     return;
   }
@@ -162,7 +167,8 @@ void CpuBackend::add(Tensor a, const Tensor& b) {
   constexpr int64_t kChunk = 1024;
   const int64_t n_chunks = (n + kChunk - 1) / kChunk;
   const size_t es = dtype_size(a.dtype);
-#pragma omp parallel if (n > kParallelMinElems)
+  const OmpBudget budget;
+#pragma omp parallel num_threads(budget.threads()) if (n > kParallelMinElems)
   {
     std::vector<float> fa(kChunk), fb(kChunk);
 #pragma omp for schedule(static)
@@ -191,7 +197,9 @@ void CpuBackend::gather_rows(const Tensor& src, const Tensor& idx, Tensor out) {
             src.shape_str(), " and out ", out.shape_str(), " differ in size");
   std::vector<int64_t> rows = checked_indices(idx, src_rows, op, "idx");
   if (row == 0) return;
-#pragma omp parallel for schedule(static) if (static_cast<size_t>(M) * row > kParallelMinElems * 4)
+  const bool big = static_cast<size_t>(M) * row > kParallelMinElems * 4;
+  const OmpBudget budget;
+#pragma omp parallel for schedule(static) num_threads(budget.threads()) if (big)
   for (int64_t i = 0; i < M; ++i) std::memcpy(byte_ptr_mut(out) + i * row, byte_ptr(src) + rows[i] * row, row);
 }
 
@@ -229,7 +237,8 @@ void CpuBackend::convert(const Tensor& src, Tensor dst) {
   constexpr int64_t kChunk = 4096;
   const int64_t n = src.numel(), n_chunks = (n + kChunk - 1) / kChunk;
   const size_t ss = dtype_size(src.dtype), ds = dtype_size(dst.dtype);
-#pragma omp parallel if (n > kParallelMinElems)
+  const OmpBudget budget;
+#pragma omp parallel num_threads(budget.threads()) if (n > kParallelMinElems)
   {
     std::vector<float> scratch(kChunk);
 #pragma omp for schedule(static)
@@ -259,7 +268,8 @@ void CpuBackend::moe_route(const Tensor& logits, int top_k, bool renormalize, Te
   const size_t in_row = logits.row_bytes();
   int32_t* id_out = ids.ptr<int32_t>();
   float* w_out = weights.ptr<float>();
-#pragma omp parallel if (T * E > kParallelMinElems)
+  const OmpBudget budget;
+#pragma omp parallel num_threads(budget.threads()) if (T * E > kParallelMinElems)
   {
     std::vector<float> p(static_cast<size_t>(E));
     std::vector<int32_t> order(static_cast<size_t>(E));

@@ -1,6 +1,10 @@
 // Helpers shared by the CPU back-end's source files: argument checks with messages that name the
 // op and the tensor, and small conversion helpers. Internal to src/backends/cpu/.
 #pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -9,6 +13,26 @@
 #include "core/tensor.h"
 
 namespace cpinfer::cpu {
+
+// Threads for one op's OpenMP team. Ranks of the local communicator are threads of one process,
+// each calling its own back-end at the same time; a full team per call would oversubscribe the
+// cores and every OpenMP barrier would spin against the other ranks. So an op takes the cores
+// divided by the number of ops in flight when it starts (all of them when it runs alone).
+class OmpBudget {
+ public:
+  OmpBudget() : n_(std::max(1, omp_get_max_threads() / (in_flight().fetch_add(1) + 1))) {}
+  ~OmpBudget() { in_flight().fetch_sub(1); }
+  OmpBudget(const OmpBudget&) = delete;
+  OmpBudget& operator=(const OmpBudget&) = delete;
+  int threads() const { return n_; }
+
+ private:
+  static std::atomic<int>& in_flight() {
+    static std::atomic<int> n{0};
+    return n;
+  }
+  int n_;
+};
 
 inline bool is_float(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
 inline bool is_index(DType t) { return t == DType::I32 || t == DType::I64; }

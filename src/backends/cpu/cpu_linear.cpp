@@ -53,7 +53,8 @@ void cpu::gemm_wt(const float* a, int64_t M, int64_t K, const void* w, DType w_d
   const size_t es = dtype_size(w_dtype);
   for (int64_t n0 = 0; n0 < N; n0 += block) {
     const int64_t nb = std::min(block, N - n0);
-#pragma omp parallel for schedule(static) if (nb * K > (1 << 16))
+    const OmpBudget budget;
+#pragma omp parallel for schedule(static) num_threads(budget.threads()) if (nb * K > (1 << 16))
     for (int64_t r = 0; r < nb; ++r)
       to_f32(static_cast<const char*>(w) + static_cast<size_t>((n0 + r) * K) * es, w_dtype, wf + r * K,
              static_cast<size_t>(K));
@@ -152,7 +153,8 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& w
     for (int64_t j = 0; j < n; ++j) std::memcpy(xg + j * H, xp + (r[j] / K) * H, static_cast<size_t>(H) * 4);
     gemm_wt(xg, n, H, shard.gate[e].data, shard.gate[e].dtype, I, gate, I);
     gemm_wt(xg, n, H, shard.up[e].data, shard.up[e].dtype, I, up, I);
-#pragma omp parallel for schedule(static) if (n * I > (1 << 14))
+    const OmpBudget budget;
+#pragma omp parallel for schedule(static) num_threads(budget.threads()) if (n * I > (1 << 14))
     for (int64_t i = 0; i < n * I; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
     gemm_wt(gate, n, I, shard.down[e].data, shard.down[e].dtype, H, y, H);
     for (int64_t j = 0; j < n; ++j) {

@@ -1,0 +1,334 @@
+#include "server/api.h"
+
+#include <cmath>
+#include <limits>
+
+namespace cpinfer::server {
+
+using nlohmann::json;
+
+namespace {
+
+// A field that is absent or null counts as not given (clients send null for "default").
+const json* field(const json& obj, const char* name) {
+  auto it = obj.find(name);
+  if (it == obj.end() || it->is_null()) return nullptr;
+  return &*it;
+}
+
+[[noreturn]] void bad(const std::string& param, const std::string& msg) { throw ApiError(400, msg, param); }
+
+const char* type_name(const json& v) {
+  if (v.is_boolean()) return "a boolean";
+  if (v.is_number_integer()) return "an integer";
+  if (v.is_number()) return "a number";
+  if (v.is_string()) return "a string";
+  if (v.is_array()) return "an array";
+  if (v.is_object()) return "an object";
+  return "null";
+}
+
+bool get_bool(const json& obj, const char* name, bool def) {
+  const json* v = field(obj, name);
+  if (!v) return def;
+  if (!v->is_boolean()) bad(name, std::string("'") + name + "' must be a boolean, got " + type_name(*v));
+  return v->get<bool>();
+}
+
+std::optional<double> get_number(const json& obj, const char* name, double lo, double hi, const char* range) {
+  const json* v = field(obj, name);
+  if (!v) return std::nullopt;
+  if (!v->is_number()) bad(name, std::string("'") + name + "' must be a number, got " + type_name(*v));
+  double x = v->get<double>();
+  if (!std::isfinite(x) || x < lo || x > hi)
+    bad(name, std::string("'") + name + "' must be " + range + ", got " + v->dump());
+  return x;
+}
+
+std::optional<int64_t> get_int(const json& obj, const char* name, int64_t lo, int64_t hi, const char* range) {
+  const json* v = field(obj, name);
+  if (!v) return std::nullopt;
+  // 3.0 is accepted as 3 (JavaScript clients cannot tell them apart); 3.5 is not.
+  if (v->is_number_float()) {
+    double d = v->get<double>();
+    if (!std::isfinite(d) || d != std::floor(d) || std::fabs(d) > 9.0e15)
+      bad(name, std::string("'") + name + "' must be an integer, got " + v->dump());
+    if (d < double(lo) || d > double(hi)) bad(name, std::string("'") + name + "' must be " + range + ", got " + v->dump());
+    return static_cast<int64_t>(d);
+  }
+  if (!v->is_number_integer()) bad(name, std::string("'") + name + "' must be an integer, got " + type_name(*v));
+  if (v->is_number_unsigned() && v->get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
+    bad(name, std::string("'") + name + "' must be " + range + ", got " + v->dump());
+  int64_t x = v->get<int64_t>();
+  if (x < lo || x > hi) bad(name, std::string("'") + name + "' must be " + range + ", got " + v->dump());
+  return x;
+}
+
+// Chat content: a string, or an array of {"type": "text", "text": ...} parts (joined).
+std::string content_text(const json& c, const std::string& param) {
+  if (c.is_string()) return c.get<std::string>();
+  if (!c.is_array()) bad(param, "'" + param + "' must be a string or an array of text parts, got " + type_name(c));
+  std::string out;
+  for (size_t i = 0; i < c.size(); ++i) {
+    const json& part = c[i];
+    std::string p = param + "[" + std::to_string(i) + "]";
+    if (!part.is_object()) bad(p, "'" + p + "' must be an object like {\"type\": \"text\", \"text\": \"...\"}");
+    const json* type = field(part, "type");
+    if (!type || !type->is_string()) bad(p + ".type", "'" + p + ".type' must be a string");
+    if (type->get<std::string>() != "text")
+      bad(p + ".type", "content part type '" + type->get<std::string>() + "' is not supported (text only)");
+    const json* text = field(part, "text");
+    if (!text || !text->is_string()) bad(p + ".text", "'" + p + ".text' must be a string");
+    out += text->get<std::string>();
+  }
+  return out;
+}
+
+void parse_messages(const json& body, GenRequest& r) {
+  const json* msgs = field(body, "messages");
+  if (!msgs) bad("messages", "'messages' is required");
+  if (!msgs->is_array()) bad("messages", std::string("'messages' must be an array, got ") + type_name(*msgs));
+  if (msgs->empty()) bad("messages", "'messages' must contain at least one message");
+  for (size_t i = 0; i < msgs->size(); ++i) {
+    const json& m = (*msgs)[i];
+    std::string p = "messages[" + std::to_string(i) + "]";
+    if (!m.is_object()) bad(p, "'" + p + "' must be an object with 'role' and 'content'");
+    const json* role = field(m, "role");
+    if (!role || !role->is_string()) bad(p + ".role", "'" + p + ".role' must be a string");
+    ChatMessage cm;
+    cm.role = role->get<std::string>();
+    if (cm.role == "developer") cm.role = "system";
+    if (cm.role != "system" && cm.role != "user" && cm.role != "assistant" && cm.role != "tool")
+      bad(p + ".role", "'" + p + ".role' must be one of system, developer, user, assistant, tool; got '" +
+                           role->get<std::string>() + "'");
+    const json* content = field(m, "content");
+    if (!content) {
+      if (cm.role != "assistant") bad(p + ".content", "'" + p + ".content' is required");
+    } else {
+      cm.content = content_text(*content, p + ".content");
+    }
+    if (const json* rc = field(m, "reasoning_content")) {
+      if (!rc->is_string()) bad(p + ".reasoning_content", "'" + p + ".reasoning_content' must be a string");
+      cm.reasoning_content = rc->get<std::string>();
+    }
+    r.messages.push_back(std::move(cm));
+  }
+}
+
+void parse_prompt(const json& body, GenRequest& r) {
+  const json* p = field(body, "prompt");
+  if (!p) bad("prompt", "'prompt' is required");
+  auto ids_from = [&](const json& arr) {
+    std::vector<int32_t> ids;
+    for (const json& x : arr) {
+      if (!x.is_number_integer() || x.get<int64_t>() < 0 || x.get<int64_t>() > std::numeric_limits<int32_t>::max())
+        bad("prompt", "'prompt' token arrays must hold non-negative integer token ids, got " + x.dump());
+      ids.push_back(static_cast<int32_t>(x.get<int64_t>()));
+    }
+    return ids;
+  };
+  if (p->is_string()) {
+    r.prompt = p->get<std::string>();
+  } else if (p->is_array() && !p->empty() && p->size() == 1 && (*p)[0].is_string()) {
+    r.prompt = (*p)[0].get<std::string>();
+  } else if (p->is_array() && !p->empty() && (*p)[0].is_number()) {
+    r.prompt_ids = ids_from(*p);
+  } else if (p->is_array() && p->size() == 1 && (*p)[0].is_array()) {
+    r.prompt_ids = ids_from((*p)[0]);
+  } else if (p->is_array() && p->size() > 1) {
+    bad("prompt", "batched prompts (a list of several prompts) are not supported: send one request per prompt");
+  } else {
+    bad("prompt", std::string("'prompt' must be a string or an array of token ids, got ") + type_name(*p));
+  }
+  if (r.prompt.empty() && r.prompt_ids.empty()) bad("prompt", "'prompt' must not be empty");
+}
+
+void parse_stop(const json& body, GenRequest& r) {
+  const json* s = field(body, "stop");
+  if (!s) return;
+  if (s->is_string()) {
+    r.stop.push_back(s->get<std::string>());
+  } else if (s->is_array()) {
+    if (s->size() > 16) bad("stop", "'stop' may hold at most 16 strings, got " + std::to_string(s->size()));
+    for (const json& x : *s) {
+      if (!x.is_string()) bad("stop", std::string("'stop' entries must be strings, got ") + type_name(x));
+      r.stop.push_back(x.get<std::string>());
+    }
+  } else {
+    bad("stop", std::string("'stop' must be a string or an array of strings, got ") + type_name(*s));
+  }
+  for (const auto& x : r.stop)
+    if (x.empty()) bad("stop", "'stop' strings must not be empty");
+}
+
+}  // namespace
+
+GenRequest parse_request(Endpoint endpoint, std::string_view text) {
+  json body;
+  try {
+    body = json::parse(text);
+  } catch (const json::parse_error& e) {
+    throw ApiError(400, std::string("request body is not valid JSON: ") + e.what());
+  }
+  if (!body.is_object()) throw ApiError(400, std::string("request body must be a JSON object, got ") + type_name(body));
+
+  GenRequest r;
+  r.endpoint = endpoint;
+  if (const json* m = field(body, "model")) {
+    if (!m->is_string()) bad("model", std::string("'model' must be a string, got ") + type_name(*m));
+    r.model = m->get<std::string>();
+  }
+  if (endpoint == Endpoint::Chat) {
+    parse_messages(body, r);
+  } else {
+    parse_prompt(body, r);
+  }
+
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  auto mt = get_int(body, "max_tokens", 1, kIntMax, "an integer >= 1");
+  auto mct = get_int(body, "max_completion_tokens", 1, kIntMax, "an integer >= 1");
+  if (mct) r.max_tokens = static_cast<int>(*mct);
+  else if (mt) r.max_tokens = static_cast<int>(*mt);
+
+  if (auto t = get_number(body, "temperature", 0.0, 2.0, "in [0, 2]")) r.sampling.temperature = float(*t);
+  if (auto t = get_number(body, "top_p", 0.0, 1.0, "in (0, 1]")) {
+    if (*t <= 0.0) bad("top_p", "'top_p' must be in (0, 1], got 0");
+    r.sampling.top_p = float(*t);
+  }
+  if (auto k = get_int(body, "top_k", -1, kIntMax, "-1 (off) or an integer >= 1")) {
+    if (*k == 0) bad("top_k", "'top_k' must be -1 (off) or an integer >= 1, got 0");
+    r.sampling.top_k = static_cast<int>(*k);
+  }
+  if (auto m = get_number(body, "min_p", 0.0, 1.0, "in [0, 1]")) r.sampling.min_p = float(*m);
+  if (auto s = get_int(body, "seed", 0, std::numeric_limits<int64_t>::max(), "a non-negative integer"))
+    r.sampling.seed = static_cast<uint64_t>(*s);
+  if (auto n = get_int(body, "n", 1, kIntMax, "1"); n && *n != 1)
+    bad("n", "'n' must be 1 (several choices per request are not supported), got " + std::to_string(*n));
+  for (const char* pen : {"frequency_penalty", "presence_penalty"}) {
+    auto v = get_number(body, pen, -2.0, 2.0, "in [-2, 2]");
+    if (v && *v != 0.0) bad(pen, std::string("'") + pen + "' is not supported (only 0)");
+  }
+  if (auto v = get_number(body, "repetition_penalty", 0.0, 2.0, "in (0, 2]"); v && *v != 1.0)
+    bad("repetition_penalty", "'repetition_penalty' is not supported (only 1)");
+  if (get_bool(body, "logprobs", false)) bad("logprobs", "'logprobs' is not supported");
+  if (endpoint == Endpoint::Completion && get_bool(body, "echo", false)) bad("echo", "'echo' is not supported");
+  if (const json* v = field(body, "logit_bias"); v && !(v->is_object() && v->empty()))
+    bad("logit_bias", "'logit_bias' is not supported");
+  if (const json* v = field(body, "tools"); v && !(v->is_array() && v->empty())) bad("tools", "'tools' are not supported");
+  if (const json* v = field(body, "response_format")) {
+    const json* t = v->is_object() ? field(*v, "type") : nullptr;
+    if (!t || *t != "text") bad("response_format", "'response_format' other than {\"type\": \"text\"} is not supported");
+  }
+  if (const json* v = field(body, "suffix"); v && !(v->is_string() && v->get<std::string>().empty()))
+    bad("suffix", "'suffix' is not supported");
+
+  parse_stop(body, r);
+  if (const json* ids = field(body, "stop_token_ids")) {
+    if (!ids->is_array()) bad("stop_token_ids", "'stop_token_ids' must be an array of token ids");
+    for (const json& x : *ids) {
+      if (!x.is_number_integer() || x.get<int64_t>() < 0 || x.get<int64_t>() > kIntMax)
+        bad("stop_token_ids", "'stop_token_ids' entries must be non-negative integers, got " + x.dump());
+      r.stop_token_ids.push_back(static_cast<int32_t>(x.get<int64_t>()));
+    }
+  }
+  r.ignore_eos = get_bool(body, "ignore_eos", false);
+  r.stream = get_bool(body, "stream", false);
+  if (const json* so = field(body, "stream_options")) {
+    if (!so->is_object()) bad("stream_options", std::string("'stream_options' must be an object, got ") + type_name(*so));
+    if (!r.stream) bad("stream_options", "'stream_options' is only allowed when 'stream' is true");
+    r.include_usage = get_bool(*so, "include_usage", false);
+  }
+  if (const json* kw = field(body, "chat_template_kwargs")) {
+    if (!kw->is_object())
+      bad("chat_template_kwargs", std::string("'chat_template_kwargs' must be an object, got ") + type_name(*kw));
+    if (const json* et = field(*kw, "enable_thinking")) {
+      if (!et->is_boolean()) bad("chat_template_kwargs.enable_thinking", "'enable_thinking' must be a boolean");
+      r.enable_thinking = et->get<bool>();
+    }
+  }
+  r.separate_reasoning = get_bool(body, "separate_reasoning", true);
+  if (const json* u = field(body, "user")) {
+    if (!u->is_string()) bad("user", std::string("'user' must be a string, got ") + type_name(*u));
+    r.user_id = u->get<std::string>();
+  }
+  return r;
+}
+
+json error_json(const ApiError& e) {
+  return {{"error",
+           {{"message", e.message},
+            {"type", e.type},
+            {"param", e.param.empty() ? json(nullptr) : json(e.param)},
+            {"code", e.code.empty() ? json(nullptr) : json(e.code)}}}};
+}
+
+json usage_json(const Usage& u) {
+  return {{"prompt_tokens", u.prompt_tokens},
+          {"completion_tokens", u.completion_tokens},
+          {"total_tokens", u.prompt_tokens + u.completion_tokens}};
+}
+
+static json reason_or_null(const std::string& s) { return s.empty() ? json(nullptr) : json(s); }
+
+json chat_response(const std::string& id, int64_t created, const std::string& model, const std::string& content,
+                   const std::string& reasoning, const std::string& finish_reason, const Usage& usage) {
+  json msg = {{"role", "assistant"}, {"content", content}, {"reasoning_content", reason_or_null(reasoning)}};
+  return {{"id", id},
+          {"object", "chat.completion"},
+          {"created", created},
+          {"model", model},
+          {"choices",
+           json::array({{{"index", 0}, {"message", msg}, {"logprobs", nullptr}, {"finish_reason", finish_reason}}})},
+          {"usage", usage_json(usage)}};
+}
+
+json completion_response(const std::string& id, int64_t created, const std::string& model, const std::string& text,
+                         const std::string& finish_reason, const Usage& usage) {
+  return {{"id", id},
+          {"object", "text_completion"},
+          {"created", created},
+          {"model", model},
+          {"choices", json::array({{{"index", 0}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", finish_reason}}})},
+          {"usage", usage_json(usage)}};
+}
+
+json chat_chunk(const std::string& id, int64_t created, const std::string& model, const json& delta,
+                const std::string& finish_reason) {
+  return {{"id", id},
+          {"object", "chat.completion.chunk"},
+          {"created", created},
+          {"model", model},
+          {"choices", json::array({{{"index", 0},
+                                    {"delta", delta},
+                                    {"logprobs", nullptr},
+                                    {"finish_reason", reason_or_null(finish_reason)}}})}};
+}
+
+json completion_chunk(const std::string& id, int64_t created, const std::string& model, const std::string& text,
+                      const std::string& finish_reason) {
+  return {{"id", id},
+          {"object", "text_completion"},
+          {"created", created},
+          {"model", model},
+          {"choices", json::array({{{"index", 0},
+                                    {"text", text},
+                                    {"logprobs", nullptr},
+                                    {"finish_reason", reason_or_null(finish_reason)}}})}};
+}
+
+json usage_chunk(Endpoint endpoint, const std::string& id, int64_t created, const std::string& model,
+                 const Usage& usage) {
+  return {{"id", id},
+          {"object", endpoint == Endpoint::Chat ? "chat.completion.chunk" : "text_completion"},
+          {"created", created},
+          {"model", model},
+          {"choices", json::array()},
+          {"usage", usage_json(usage)}};
+}
+
+std::string sse_event(const json& j) {
+  // Text from the model is valid UTF-8 (the decoder replaces broken bytes); replace, never throw.
+  return "data: " + j.dump(-1, ' ', false, json::error_handler_t::replace) + "\n\n";
+}
+
+}  // namespace cpinfer::server

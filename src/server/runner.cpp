@@ -1,0 +1,100 @@
+#include "server/runner.h"
+
+#include "core/log.h"
+
+namespace cpinfer::server {
+
+EngineRunner::EngineRunner(Engine& engine, Communicator* world)
+    : engine_(engine), world_(world && world->size() > 1 ? world : nullptr) {}
+
+int EngineRunner::add_sequence() {
+  int seq = engine_.cache().add_sequence();
+  if (world_) ops_.insert(ops_.end(), {kOpAdd, seq, 0});
+  return seq;
+}
+
+void EngineRunner::reserve(int seq, int n_tokens) {
+  engine_.cache().reserve(seq, n_tokens);
+  if (world_) ops_.insert(ops_.end(), {kOpReserve, seq, n_tokens});
+}
+
+void EngineRunner::free_sequence(int seq) {
+  engine_.cache().free_sequence(seq);
+  if (world_) ops_.insert(ops_.end(), {kOpFree, seq, 0});
+}
+
+void EngineRunner::broadcast_step(int32_t kind, const std::vector<SeqWork>& work) {
+  std::vector<int32_t> msg = {kind, static_cast<int32_t>(ops_.size() / 3)};
+  msg.insert(msg.end(), ops_.begin(), ops_.end());
+  ops_.clear();
+  msg.push_back(static_cast<int32_t>(work.size()));
+  for (const SeqWork& w : work) {
+    msg.insert(msg.end(), {w.kv_seq, w.n_cached, static_cast<int32_t>(w.logits), static_cast<int32_t>(w.tokens.size())});
+    msg.insert(msg.end(), w.tokens.begin(), w.tokens.end());
+  }
+  int64_t n = static_cast<int64_t>(msg.size());
+  world_->broadcast(&n, sizeof(n), 0);
+  world_->broadcast(msg.data(), msg.size() * sizeof(int32_t), 0);
+}
+
+std::vector<std::vector<float>> EngineRunner::run(const std::vector<SeqWork>& work) {
+  if (world_) broadcast_step(kStepRun, work);
+  return engine_.run(work);
+}
+
+void EngineRunner::idle() {
+  if (world_) broadcast_step(kStepRun, {});
+}
+
+void EngineRunner::shutdown() {
+  if (world_) broadcast_step(kStepShutdown, {});
+}
+
+void follow_steps(Engine& engine, Communicator& world) {
+  KvCache& cache = engine.cache();
+  std::vector<int32_t> msg;
+  for (;;) {
+    int64_t n = 0;
+    world.broadcast(&n, sizeof(n), 0);
+    CPI_CHECK(n >= 3, "step message of ", n, " words from rank 0");
+    msg.resize(static_cast<size_t>(n));
+    world.broadcast(msg.data(), msg.size() * sizeof(int32_t), 0);
+    size_t i = 0;
+    auto next = [&] {
+      CPI_CHECK(i < msg.size(), "truncated step message from rank 0");
+      return msg[i++];
+    };
+    const int32_t kind = next();
+    const int32_t n_ops = next();
+    for (int32_t k = 0; k < n_ops; ++k) {
+      const int32_t op = next(), seq = next(), arg = next();
+      if (op == kOpAdd) {
+        int got = cache.add_sequence();
+        CPI_CHECK(got == seq, "rank ", engine.rank(), " got KV sequence ", got, " but rank 0 got ", seq);
+      } else if (op == kOpReserve) {
+        cache.reserve(seq, arg);
+      } else if (op == kOpFree) {
+        cache.free_sequence(seq);
+      } else {
+        CPI_FAIL("unknown cache op ", op, " from rank 0");
+      }
+    }
+    const int32_t n_work = next();
+    std::vector<SeqWork> work;
+    for (int32_t k = 0; k < n_work; ++k) {
+      SeqWork w;
+      w.kv_seq = next();
+      w.n_cached = next();
+      w.logits = static_cast<LogitsWanted>(next());
+      const int32_t len = next();
+      CPI_CHECK(len >= 0 && i + len <= msg.size(), "truncated step message from rank 0");
+      w.tokens = std::span<const int32_t>(msg.data() + i, static_cast<size_t>(len));
+      i += static_cast<size_t>(len);
+      work.push_back(w);
+    }
+    if (!work.empty()) engine.run(work);
+    if (kind == kStepShutdown) return;
+  }
+}
+
+}  // namespace cpinfer::server

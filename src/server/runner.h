@@ -1,0 +1,46 @@
+// The real ModelRunner: rank 0's Engine, and with several ranks the lockstep protocol that keeps
+// the others in step. Rank 0 records every KV cache call (add/reserve/free) and, at each forward,
+// broadcasts them with the step's work (sequence, cached length, tokens) over the world
+// communicator; the other ranks replay the calls in the same order (so block ids match) and run
+// the same forward. When idle, rank 0 broadcasts an empty step now and then so that the others'
+// collectives do not time out; a shutdown step ends them.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "engine/engine.h"
+#include "server/scheduler.h"
+
+namespace cpinfer::server {
+
+class EngineRunner : public ModelRunner {
+ public:
+  // world: nullptr or size 1 for a single rank.
+  EngineRunner(Engine& engine, Communicator* world);
+  int add_sequence() override;
+  void reserve(int seq, int n_tokens) override;
+  void free_sequence(int seq) override;
+  std::vector<std::vector<float>> run(const std::vector<SeqWork>& work) override;
+  void idle() override;
+  int block_size() const override { return engine_.cache().block_size(); }
+  int n_blocks() const override { return engine_.cache().n_blocks(); }
+  int n_free_blocks() const override { return engine_.cache().n_free_blocks(); }
+  // Ends the other ranks' follow_steps loops. Call once, after the last step.
+  void shutdown();
+
+ private:
+  void broadcast_step(int32_t kind, const std::vector<SeqWork>& work);
+  Engine& engine_;
+  Communicator* world_;
+  std::vector<int32_t> ops_;  // cache calls since the last broadcast
+};
+
+// Ranks other than 0: receive and replay steps until rank 0's shutdown step.
+void follow_steps(Engine& engine, Communicator& world);
+
+// Step messages, exposed for tests: [kind, n_ops, ops..., n_work, (seq, n_cached, logits, n, tokens...)...]
+enum StepKind : int32_t { kStepRun = 1, kStepShutdown = 2 };
+enum CacheOp : int32_t { kOpAdd = 1, kOpReserve = 2, kOpFree = 3 };
+
+}  // namespace cpinfer::server

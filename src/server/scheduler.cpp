@@ -1,0 +1,279 @@
+#include "server/scheduler.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstdio>
+
+#include "core/log.h"
+
+namespace cpinfer::server {
+
+using Clock = std::chrono::steady_clock;
+
+namespace {
+double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+}  // namespace
+
+Scheduler::Scheduler(ModelRunner& runner, const SchedulerOptions& opt, Metrics* metrics)
+    : runner_(runner), opt_(opt), metrics_(metrics) {
+  CPI_CHECK(opt.max_running_requests >= 1, "--max-running-requests must be >= 1, got ", opt.max_running_requests);
+  CPI_CHECK(opt.context_length >= 2, "--context-length must be >= 2, got ", opt.context_length);
+  n_free_blocks_ = runner_.n_free_blocks();
+  last_log_ = Clock::now();
+}
+
+int Scheduler::blocks_for(int n_tokens) const {
+  const int bs = runner_.block_size();
+  return (n_tokens + bs - 1) / bs;
+}
+
+std::string Scheduler::never_fits(int prompt_tokens, int max_tokens) const {
+  const int64_t total = int64_t(prompt_tokens) + max_tokens;
+  if (total > opt_.context_length)
+    return "the prompt (" + std::to_string(prompt_tokens) + " tokens) plus max_tokens (" + std::to_string(max_tokens) +
+           ") = " + std::to_string(total) + " tokens exceed the context length of " +
+           std::to_string(opt_.context_length) + " tokens";
+  if (total > int64_t(runner_.n_blocks()) * runner_.block_size())
+    return "the prompt (" + std::to_string(prompt_tokens) + " tokens) plus max_tokens (" + std::to_string(max_tokens) +
+           ") = " + std::to_string(total) + " tokens exceed the KV cache capacity of " +
+           std::to_string(int64_t(runner_.n_blocks()) * runner_.block_size()) + " tokens (--kv-cache-tokens)";
+  return {};
+}
+
+void Scheduler::submit(std::shared_ptr<SchedRequest> r) {
+  {
+    std::lock_guard lk(mu_);
+    incoming_.push_back(std::move(r));
+    n_waiting_.fetch_add(1);
+  }
+  cv_.notify_one();
+}
+
+void Scheduler::notify() {
+  {
+    std::lock_guard lk(mu_);
+    wake_ = true;
+  }
+  cv_.notify_one();
+}
+
+void Scheduler::take_incoming() {
+  std::lock_guard lk(mu_);
+  while (!incoming_.empty()) {
+    waiting_.push_back(std::move(incoming_.front()));
+    incoming_.pop_front();
+  }
+}
+
+void Scheduler::finish(const std::shared_ptr<SchedRequest>& r, const std::string& reason, const std::string& error) {
+  if (r->seq >= 0) {
+    runner_.free_sequence(r->seq);
+    r->seq = -1;
+    committed_blocks_ -= r->committed_blocks;
+    r->committed_blocks = 0;
+  }
+  auto it = std::find(running_.begin(), running_.end(), r);
+  if (it != running_.end()) running_.erase(it);
+  FinishInfo info{reason, error, static_cast<int>(r->prompt.size()), static_cast<int>(r->output.size())};
+  if (metrics_) metrics_->finish_request(seconds(Clock::now() - r->arrival), info.prompt_tokens, info.completion_tokens, reason);
+  if (r->on_finish) r->on_finish(info);
+}
+
+void Scheduler::drop_cancelled() {
+  for (size_t i = 0; i < waiting_.size();) {
+    if (waiting_[i]->cancelled.load()) {
+      auto r = waiting_[i];
+      waiting_.erase(waiting_.begin() + i);
+      finish(r, "abort");
+    } else {
+      ++i;
+    }
+  }
+  std::vector<std::shared_ptr<SchedRequest>> gone;
+  for (auto& r : running_)
+    if (r->cancelled.load()) gone.push_back(r);
+  for (auto& r : gone) finish(r, "abort");
+}
+
+void Scheduler::on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token) {
+  const auto now = Clock::now();
+  r->output.push_back(token);
+  if (metrics_) {
+    metrics_->add_generation_tokens(1);
+    if (r->output.size() == 1) metrics_->observe_ttft(seconds(now - r->arrival));
+    else metrics_->observe_itl(seconds(now - r->last_token_time));
+  }
+  r->last_token_time = now;
+  const bool is_stop = std::find(r->stop_ids.begin(), r->stop_ids.end(), token) != r->stop_ids.end();
+  const bool keep = !is_stop && (!r->on_token || r->on_token(token));
+  if (!keep) finish(r, "stop");
+  else if (static_cast<int>(r->output.size()) >= r->max_tokens) finish(r, "length");
+}
+
+bool Scheduler::step() {
+  take_incoming();
+  drop_cancelled();
+
+  // Admission: FIFO; a request is admitted only when its whole budget (prompt + max_tokens) fits
+  // the blocks not promised to running requests, so a running request never runs out of KV.
+  while (!waiting_.empty() && static_cast<int>(running_.size()) < opt_.max_running_requests) {
+    auto& r = waiting_.front();
+    const int need = blocks_for(static_cast<int>(r->prompt.size()) + r->max_tokens);
+    if (committed_blocks_ + need > runner_.n_blocks()) break;
+    r->seq = runner_.add_sequence();
+    r->committed_blocks = need;
+    committed_blocks_ += need;
+    r->sampler.emplace(r->sampling);
+    running_.push_back(r);
+    waiting_.pop_front();
+  }
+
+  // Batch: one token of every decoding request, then prompt chunks, shortest remaining prompt
+  // first, within the step's token budget (so a short prompt is not stuck behind a long one).
+  int budget = opt_.chunked_prefill_size > 0 ? opt_.chunked_prefill_size : INT_MAX;
+  std::vector<SeqWork> work;
+  std::vector<std::shared_ptr<SchedRequest>> owners;
+  std::vector<int32_t> decode_tokens;
+  decode_tokens.reserve(running_.size());  // spans point into it: no reallocation
+  std::vector<std::shared_ptr<SchedRequest>> prefilling;
+  for (auto& r : running_) {
+    const int plen = static_cast<int>(r->prompt.size());
+    if (r->n_prefilled < plen) {
+      prefilling.push_back(r);
+      continue;
+    }
+    decode_tokens.push_back(r->output.back());
+    work.push_back(SeqWork{r->seq, plen + static_cast<int>(r->output.size()) - 1,
+                           std::span<const int32_t>(&decode_tokens.back(), 1), LogitsWanted::Last});
+    owners.push_back(r);
+    budget -= 1;
+  }
+  const int n_decode = static_cast<int>(work.size());
+  // Prompts always progress, even when many requests decode.
+  if (opt_.chunked_prefill_size > 0) budget = std::max(budget, std::max(1, opt_.chunked_prefill_size / 8));
+  std::stable_sort(prefilling.begin(), prefilling.end(), [](const auto& a, const auto& b) {
+    return a->prompt.size() - a->n_prefilled < b->prompt.size() - b->n_prefilled;
+  });
+  for (auto& r : prefilling) {
+    if (budget <= 0) break;
+    const int plen = static_cast<int>(r->prompt.size());
+    const int n = std::min(plen - r->n_prefilled, budget);
+    budget -= n;
+    work.push_back(SeqWork{r->seq, r->n_prefilled, std::span<const int32_t>(r->prompt.data() + r->n_prefilled, n),
+                           r->n_prefilled + n == plen ? LogitsWanted::Last : LogitsWanted::None});
+    owners.push_back(r);
+  }
+  if (work.empty()) {
+    publish_gauges();
+    return false;
+  }
+  for (const SeqWork& w : work) runner_.reserve(w.kv_seq, w.n_cached + static_cast<int>(w.tokens.size()));
+
+  auto logits = runner_.run(work);
+  CPI_CHECK(logits.size() == work.size(), "engine returned ", logits.size(), " logit groups for ", work.size(),
+            " sequences");
+
+  for (size_t i = 0; i < work.size(); ++i) {
+    auto& r = owners[i];
+    if (static_cast<int>(i) >= n_decode) {
+      const int n = static_cast<int>(work[i].tokens.size());
+      r->n_prefilled += n;
+      if (metrics_) metrics_->add_prompt_tokens(n);
+      if (work[i].logits == LogitsWanted::None) continue;
+    }
+    on_sampled(r, r->sampler->sample(logits[i]));
+  }
+  publish_gauges();
+  return true;
+}
+
+void Scheduler::publish_gauges() {
+  n_running_ = static_cast<int>(running_.size());
+  {
+    std::lock_guard lk(mu_);
+    n_waiting_ = static_cast<int>(waiting_.size() + incoming_.size());
+  }
+  n_free_blocks_ = runner_.n_free_blocks();
+}
+
+Gauges Scheduler::gauges() const {
+  Gauges g;
+  g.running = n_running_.load();
+  g.waiting = n_waiting_.load();
+  const int n_blocks = runner_.n_blocks();
+  const int used = n_blocks - n_free_blocks_.load();
+  g.kv_usage = n_blocks > 0 ? double(used) / n_blocks : 0.0;
+  g.kv_used_tokens = used * runner_.block_size();
+  g.kv_total_tokens = n_blocks * runner_.block_size();
+  return g;
+}
+
+void Scheduler::maybe_log_stats() {
+  if (opt_.log_interval_s <= 0 || !metrics_) return;
+  const auto now = Clock::now();
+  const double dt = seconds(now - last_log_);
+  if (dt < opt_.log_interval_s) return;
+  const uint64_t p = metrics_->prompt_tokens(), g = metrics_->generation_tokens();
+  const Gauges gg = gauges();
+  char buf[256];
+  std::snprintf(buf, sizeof(buf),
+                "stats: running %d, waiting %d, KV usage %.1f%% (%d / %d positions), prompt %.1f tok/s, "
+                "generation %.1f tok/s",
+                gg.running, gg.waiting, 100.0 * gg.kv_usage, gg.kv_used_tokens, gg.kv_total_tokens,
+                double(p - logged_prompt_) / dt, double(g - logged_gen_) / dt);
+  log_info(buf);
+  logged_prompt_ = p;
+  logged_gen_ = g;
+  last_log_ = now;
+}
+
+bool Scheduler::has_work() {
+  std::lock_guard lk(mu_);
+  return !incoming_.empty() || !waiting_.empty() || !running_.empty();
+}
+
+void Scheduler::run(const std::atomic<bool>& stop) {
+  auto last_run = Clock::now();
+  for (;;) {
+    bool did = false;
+    try {
+      did = step();
+    } catch (const std::exception& e) {
+      fail_all(e.what());
+      throw;
+    }
+    maybe_log_stats();
+    if (did) {
+      last_run = Clock::now();
+      continue;
+    }
+    if (stop.load() && !has_work()) return;
+    if (Clock::now() - last_run >= opt_.idle_ping) {
+      runner_.idle();
+      last_run = Clock::now();
+    }
+    // Nothing to run: sleep until a request arrives or is cancelled; wake now and then to see
+    // the stop flag (set from a signal handler, which cannot notify).
+    std::unique_lock lk(mu_);
+    cv_.wait_for(lk, std::chrono::milliseconds(100), [&] { return !incoming_.empty() || wake_; });
+    wake_ = false;
+  }
+}
+
+void Scheduler::fail_all(const std::string& message) {
+  take_incoming();
+  std::vector<std::shared_ptr<SchedRequest>> all(running_.begin(), running_.end());
+  all.insert(all.end(), waiting_.begin(), waiting_.end());
+  waiting_.clear();
+  for (auto& r : all) {
+    try {
+      finish(r, "error", message);
+    } catch (const std::exception& e) {
+      log_warn("while failing a request: ", e.what());
+    }
+  }
+  running_.clear();
+  publish_gauges();
+}
+
+}  // namespace cpinfer::server

@@ -1,0 +1,132 @@
+// The engine loop of the server: one scheduler thread (rank 0) that admits requests under a paged
+// KV budget, batches decode steps of every running request together with chunks of prompts
+// (continuous batching + chunked prefill under a per-step token budget), samples, and reports
+// tokens and completion through per-request callbacks. It talks to the engine only through
+// ModelRunner, so tests drive it with a fake engine.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "engine/sampler.h"
+#include "parallel/plan.h"
+#include "server/metrics.h"
+
+namespace cpinfer::server {
+
+// What the scheduler needs from the engine. The real one (runner.h) also replays every call on
+// the other ranks; tests use a fake.
+class ModelRunner {
+ public:
+  virtual ~ModelRunner() = default;
+  virtual int add_sequence() = 0;
+  virtual void reserve(int seq, int n_tokens) = 0;
+  virtual void free_sequence(int seq) = 0;
+  // One forward; returns per SeqWork its logits rows (one row of vocab floats for Last).
+  virtual std::vector<std::vector<float>> run(const std::vector<SeqWork>& work) = 0;
+  // Called when there is nothing to run for a while: lets other ranks know rank 0 is alive.
+  virtual void idle() {}
+  virtual int block_size() const = 0;
+  virtual int n_blocks() const = 0;
+  virtual int n_free_blocks() const = 0;
+};
+
+struct SchedulerOptions {
+  int chunked_prefill_size = 2048;  // tokens per step (decode tokens + prompt chunks); <= 0: no limit
+  int max_running_requests = 256;
+  int context_length = 32768;
+  double log_interval_s = 10;       // periodic stats line; <= 0: none
+  std::chrono::milliseconds idle_ping{1000};
+};
+
+struct FinishInfo {
+  std::string reason;  // "stop", "length", "abort" (client went away) or "error"
+  std::string error;   // for "error"
+  int prompt_tokens = 0;
+  int completion_tokens = 0;
+};
+
+struct SchedRequest {
+  // Set by the submitter before submit().
+  std::vector<int32_t> prompt;
+  int max_tokens = 16;
+  SamplingParams sampling;
+  std::vector<int32_t> stop_ids;  // tokens that end the output (counted, not passed to on_token)
+  // Scheduler thread, once per generated token that is not a stop id; false: stop now (a stop
+  // string was found), finish_reason "stop".
+  std::function<bool(int32_t)> on_token;
+  // Scheduler thread, exactly once, after the request left the engine (its KV blocks are free).
+  std::function<void(const FinishInfo&)> on_finish;
+  std::atomic<bool> cancelled{false};  // any thread: the client went away
+  std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
+
+  // Scheduler state.
+  int seq = -1;
+  int n_prefilled = 0;
+  int committed_blocks = 0;
+  std::vector<int32_t> output;
+  std::optional<Sampler> sampler;
+  std::chrono::steady_clock::time_point last_token_time;
+};
+
+class Scheduler {
+ public:
+  Scheduler(ModelRunner& runner, const SchedulerOptions& opt, Metrics* metrics = nullptr);
+
+  // Why a request of this size can never run (empty: it can). Any thread.
+  std::string never_fits(int prompt_tokens, int max_tokens) const;
+  // Any thread. The request waits until it fits; its callbacks run on the scheduler thread.
+  void submit(std::shared_ptr<SchedRequest> r);
+  // Any thread: wakes the loop (e.g. a request was cancelled).
+  void notify();
+
+  // Scheduler thread: admits, runs one forward, delivers tokens. Returns false when there was
+  // nothing to run. Throws what the engine throws.
+  bool step();
+  // Scheduler thread: steps until `stop` is set and every request has finished (drain). On an
+  // engine error every request finishes with "error" and the error is rethrown.
+  void run(const std::atomic<bool>& stop);
+  // Ends every request with reason "error" (after a fatal engine error).
+  void fail_all(const std::string& message);
+
+  Gauges gauges() const;
+  int n_running() const { return n_running_.load(); }
+  int n_waiting() const { return n_waiting_.load(); }
+
+ private:
+  bool has_work();
+  void take_incoming();
+  void drop_cancelled();
+  void finish(const std::shared_ptr<SchedRequest>& r, const std::string& reason, const std::string& error = {});
+  void on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token);
+  int blocks_for(int n_tokens) const;
+  void publish_gauges();
+  void maybe_log_stats();
+
+  ModelRunner& runner_;
+  SchedulerOptions opt_;
+  Metrics* metrics_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<SchedRequest>> incoming_;  // guarded by mu_
+  bool wake_ = false;                                   // guarded by mu_
+
+  // Scheduler thread only.
+  std::deque<std::shared_ptr<SchedRequest>> waiting_;
+  std::vector<std::shared_ptr<SchedRequest>> running_;
+  int committed_blocks_ = 0;  // blocks promised to running requests (prompt + max_tokens)
+
+  std::atomic<int> n_running_{0}, n_waiting_{0}, n_free_blocks_{0};
+  std::chrono::steady_clock::time_point last_log_;
+  uint64_t logged_prompt_ = 0, logged_gen_ = 0;
+};
+
+}  // namespace cpinfer::server
