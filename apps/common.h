@@ -44,4 +44,16 @@ Command add_demo_model_command(CLI::App& app);
 Command add_bench_command(CLI::App& app);
 Command add_serve_command(CLI::App& app);
 
+// The demo checkpoint `cpinfer demo-model` writes (random weights, real Qwen3 tokenizer); serve
+// uses it when no --model-path is given. Throws cpinfer::Error when the tokenizer files are missing.
+struct DemoModelSpec {
+  std::string out;
+  std::string tokenizer_dir;  // empty: $CPINFER_TOKENIZER_DIR or build/qwen3-tokenizer
+  uint64_t seed = 0;
+  int layers = 4;
+  int hidden = 256;
+  int experts = 16;
+};
+void write_demo_model(const DemoModelSpec& spec);
+
 }  // namespace cpinfer

@@ -16,14 +16,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct DemoFlags {
-  std::string out;
-  std::string tokenizer_dir;
-  uint64_t seed = 0;
-  int layers = 4;
-  int hidden = 256;
-  int experts = 16;
-};
+using DemoFlags = DemoModelSpec;
 
 std::string default_tokenizer_dir() {
   if (const char* env = std::getenv("CPINFER_TOKENIZER_DIR")) return env;
@@ -85,8 +78,10 @@ int run_demo_model(const DemoFlags& f) {
     for (auto& x : buf) x = f32_to_bf16(dist(rng));
     w.add(name, DType::BF16, shape, buf.data());
   };
-  add("model.embed_tokens.weight", {V, H}, 0.5f);
-  add("model.norm.weight", {H}, 0.05f, 1.0f);
+  // Tied embeddings: a small embedding keeps the residual stream from being its own token (which
+  // makes a random model echo its input), a larger final norm gives the logits some spread.
+  add("model.embed_tokens.weight", {V, H}, 0.02f);
+  add("model.norm.weight", {H}, 0.5f, 5.0f);
   const float s_in = 1.0f / std::sqrt(float(H));
   for (int l = 0; l < f.layers; ++l) {
     std::string p = "model.layers." + std::to_string(l) + ".";
@@ -113,6 +108,8 @@ int run_demo_model(const DemoFlags& f) {
 }
 
 }  // namespace
+
+void write_demo_model(const DemoModelSpec& spec) { run_demo_model(spec); }
 
 Command add_demo_model_command(CLI::App& app) {
   auto f = std::make_shared<DemoFlags>();

@@ -1,14 +1,87 @@
-// cpinfer serve: placeholder until the server lands.
+// cpinfer serve: the OpenAI-compatible HTTP server. Flag names follow SGLang's launch_server where
+// the concept is the same (--model-path, --host, --port, --attn-cp-size, --enable-prefill-cp,
+// --context-length, --max-running-requests, --chunked-prefill-size, --api-key, ...).
+#include <cstdlib>
+#include <filesystem>
+#include <unistd.h>
+
 #include "common.h"
+#include "core/log.h"
+#include "server/server.h"
 
 namespace cpinfer {
 
+namespace {
+
+namespace fs = std::filesystem;
+
+struct ServeFlags {
+  EngineFlags ef;
+  server::ServerOptions so;
+  int log_interval_s = 10;
+};
+
+// Without --model-path: the demo checkpoint, written once into the user's cache directory.
+std::string demo_model_dir() {
+  fs::path base;
+  if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x) base = x;
+  else if (const char* h = std::getenv("HOME"); h && *h) base = fs::path(h) / ".cache";
+  else base = fs::temp_directory_path();
+  const fs::path dir = base / "cpinfer" / "demo-model";
+  if (fs::exists(dir / "model.safetensors")) return dir.string();
+  // Written beside, then renamed: a concurrent server never sees half a checkpoint.
+  const fs::path tmp = base / "cpinfer" / ("demo-model.tmp" + std::to_string(getpid()));
+  DemoModelSpec spec;
+  spec.out = tmp.string();
+  write_demo_model(spec);
+  std::error_code ec;
+  fs::rename(tmp, dir, ec);
+  if (ec) fs::remove_all(tmp);  // another process won the race: use its copy
+  CPI_CHECK(fs::exists(dir / "model.safetensors"), "could not write the demo model to ", dir.string());
+  return dir.string();
+}
+
+int run_serve(ServeFlags& f) {
+  if (f.ef.model_path.empty()) {
+    f.ef.model_path = demo_model_dir();
+    if (f.so.served_model_name.empty()) f.so.served_model_name = "cpinfer-demo";
+    log_info("no --model-path: serving the demo model in ", f.ef.model_path, " (random weights: random text)");
+  }
+  f.so.model_path = f.ef.model_path;
+  f.so.sched.log_interval_s = f.log_interval_s;
+  // The KV cache holds the context by default; SGLang sizes it from free memory, which a CPU
+  // back-end cannot tell us.
+  const int needed = f.so.context_length > 0 ? f.so.context_length : 32768;
+  EngineOptions eo = f.ef.engine(needed);
+  return server::run_server(f.so, f.ef.launch(), eo);
+}
+
+}  // namespace
+
 Command add_serve_command(CLI::App& app) {
-  CLI::App* c = app.add_subcommand("serve", "OpenAI-compatible HTTP server");
-  return {c, [] {
-            CPI_FAIL("serve is not built yet");
-            return 1;
-          }};
+  auto f = std::make_shared<ServeFlags>();
+  CLI::App* c = app.add_subcommand("serve", "OpenAI-compatible HTTP server (chat/completions, completions, models, "
+                                            "health, metrics)");
+  f->ef.add_to(c, false);
+  c->add_option("--host", f->so.host, "Address to listen on")->capture_default_str();
+  c->add_option("--port", f->so.port, "Port to listen on (0: any free port; the ready line names it)")
+      ->check(CLI::Range(0, 65535))->capture_default_str();
+  c->add_option("--served-model-name", f->so.served_model_name,
+                "Model name in the API (default: the model path; 'cpinfer-demo' for the demo model)");
+  c->add_option("--api-key", f->so.api_key, "Require 'Authorization: Bearer <key>' on /v1/*");
+  c->add_option("--context-length", f->so.context_length,
+                "Longest prompt + completion in tokens (default: min(max_position_embeddings, KV cache))")
+      ->check(CLI::NonNegativeNumber);
+  c->add_option("--max-running-requests", f->so.sched.max_running_requests, "Requests decoded at once")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  c->add_option("--chunked-prefill-size", f->so.sched.chunked_prefill_size,
+                "Tokens per engine step (decode tokens + prompt chunks); -1: whole prompts")
+      ->capture_default_str();
+  c->add_option("--log-interval", f->log_interval_s, "Seconds between stats lines (0: none)")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  c->add_option("--http-threads", f->so.http_threads, "HTTP connections served at once")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  return {c, [f] { return run_serve(*f); }};
 }
 
 }  // namespace cpinfer

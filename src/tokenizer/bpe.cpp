@@ -87,29 +87,44 @@ BpeModel BpeModel::from_json(const nlohmann::json& model, const std::string& sou
   CPI_CHECK(model.contains("vocab") && model["vocab"].is_object(), source,
             ": model.vocab must be an object {token: id}");
   const auto& vocab = model["vocab"];
+  struct Entry {
+    std::string bytes;
+    int32_t id;
+    bool mappable;
+  };
+  std::vector<Entry> entries;
+  entries.reserve(vocab.size());
   for (const auto& [token, id_json] : vocab.items()) {
     CPI_CHECK(id_json.is_number_integer(), source, ": vocab id of ", describe(token), " is not an integer");
     const int64_t id = id_json.get<int64_t>();
     CPI_CHECK(id >= 0 && id < (int64_t{1} << 30), source, ": vocab id ", id, " of ", describe(token),
               " is out of range");
     m.max_id_ = std::max(m.max_id_, static_cast<int32_t>(id));
+    Entry e{std::string(), static_cast<int32_t>(id), true};
+    if (!symbols_to_bytes(token, &e.bytes)) {
+      // Not byte-level (can't come out of the merges); decode it as its UTF-8 text, as HF does.
+      e.bytes = token;
+      e.mappable = false;
+    }
+    entries.push_back(std::move(e));
   }
   m.id_to_bytes_.resize(static_cast<size_t>(m.max_id_ + 1));
-  m.bytes_to_id_.reserve(vocab.size());
-  std::string bytes;
-  for (const auto& [token, id_json] : vocab.items()) {
-    const auto id = id_json.get<int32_t>();
-    if (symbols_to_bytes(token, &bytes)) {
-      m.bytes_to_id_.emplace(bytes, id);
-      m.id_to_bytes_[id] = bytes;
+  std::vector<uint8_t> seen(m.id_to_bytes_.size(), 0);
+  m.bytes_to_id_.reserve(entries.size());
+  for (Entry& e : entries) {
+    CPI_CHECK(!seen[e.id], source, ": vocab id ", e.id, " is used by two tokens");
+    seen[e.id] = 1;
+    m.id_to_bytes_[e.id] = std::move(e.bytes);
+    const std::string& stored = m.id_to_bytes_[e.id];
+    if (e.mappable) {
+      m.bytes_to_id_.emplace(stored, e.id);
     } else {
-      // Not byte-level (can't come out of the merges); decode it as its UTF-8 text, as HF does.
-      m.unmappable_.emplace(token, id);
-      m.id_to_bytes_[id] = token;
+      m.unmappable_.emplace(stored, e.id);
     }
   }
   for (int b = 0; b < 256; ++b) {
-    const auto it = m.bytes_to_id_.find(std::string(1, static_cast<char>(b)));
+    const char byte = static_cast<char>(b);
+    const auto it = m.bytes_to_id_.find(std::string_view(&byte, 1));
     CPI_CHECK(it != m.bytes_to_id_.end(), source, ": the vocab lacks the byte-level symbol for byte ", b,
               " (U+", std::hex, static_cast<uint32_t>(byte_to_symbol()[b]), std::dec,
               "); a byte-level BPE vocab must cover all 256 bytes");
@@ -120,20 +135,20 @@ BpeModel BpeModel::from_json(const nlohmann::json& model, const std::string& sou
             ": model.merges must be an array of \"a b\" strings or [a, b] pairs");
   const auto& merges = model["merges"];
   m.merges_.reserve(merges.size());
-  std::string a_bytes, b_bytes;
+  std::string a_bytes, b_bytes, ab_bytes;
   for (size_t rank = 0; rank < merges.size(); ++rank) {
     const auto& mj = merges[rank];
-    std::string a, b;
+    std::string_view a, b;
     if (mj.is_string()) {
-      const auto& s = mj.get_ref<const std::string&>();
+      const std::string_view s = mj.get_ref<const std::string&>();
       const size_t sp = s.find(' ');
       CPI_CHECK(sp != std::string::npos && sp > 0 && sp + 1 < s.size() && s.find(' ', sp + 1) == std::string::npos,
                 source, ": merge #", rank, " ", describe(s), " is not two tokens separated by one space");
       a = s.substr(0, sp);
       b = s.substr(sp + 1);
     } else if (mj.is_array() && mj.size() == 2 && mj[0].is_string() && mj[1].is_string()) {
-      a = mj[0].get<std::string>();
-      b = mj[1].get<std::string>();
+      a = mj[0].get_ref<const std::string&>();
+      b = mj[1].get_ref<const std::string&>();
     } else {
       CPI_FAIL(source, ": merge #", rank, " is neither an \"a b\" string nor an [a, b] pair: ",
                mj.dump().substr(0, 80));
@@ -144,9 +159,10 @@ BpeModel BpeModel::from_json(const nlohmann::json& model, const std::string& sou
     const auto ia = m.bytes_to_id_.find(a_bytes), ib = m.bytes_to_id_.find(b_bytes);
     CPI_CHECK(ia != m.bytes_to_id_.end() && ib != m.bytes_to_id_.end(), source, ": merge #", rank, " (",
               describe(a), ", ", describe(b), ") uses a token that is not in the vocab");
-    const auto im = m.bytes_to_id_.find(a_bytes + b_bytes);
+    ab_bytes.assign(a_bytes).append(b_bytes);
+    const auto im = m.bytes_to_id_.find(ab_bytes);
     CPI_CHECK(im != m.bytes_to_id_.end(), source, ": merge #", rank, " (", describe(a), ", ", describe(b),
-              ") produces ", describe(a + b), " which is not in the vocab");
+              ") produces ", describe(std::string(a) + std::string(b)), " which is not in the vocab");
     const uint64_t key = (static_cast<uint64_t>(ia->second) << 32) | static_cast<uint32_t>(ib->second);
     m.merges_.emplace(key, Merge{static_cast<int32_t>(rank), im->second});  // first (lowest rank) wins
   }
@@ -159,7 +175,7 @@ const std::string& BpeModel::id_bytes(int32_t id) const {
 }
 
 std::optional<int32_t> BpeModel::id_of_bytes(std::string_view bytes) const {
-  const auto it = bytes_to_id_.find(std::string(bytes));
+  const auto it = bytes_to_id_.find(bytes);
   if (it == bytes_to_id_.end()) return std::nullopt;
   return it->second;
 }

@@ -50,9 +50,11 @@ class BpeModel {
   void merge_word(std::string_view word, std::vector<int32_t>& out) const;
   const Merge* find_merge(int32_t a, int32_t b) const;
 
-  std::unordered_map<std::string, int32_t> bytes_to_id_;
-  std::unordered_map<std::string, int32_t> unmappable_;  // vocab keys that are not byte-level symbols
+  // Keys view the strings in id_to_bytes_, which is sized once and never reallocated (moving the
+  // vector keeps its elements in place); BpeModel is move-only so the views stay valid.
   std::vector<std::string> id_to_bytes_;
+  std::unordered_map<std::string_view, int32_t> bytes_to_id_;
+  std::unordered_map<std::string, int32_t> unmappable_;  // vocab keys that are not byte-level symbols
   std::unordered_map<uint64_t, Merge> merges_;  // key: (id_a << 32) | id_b
   std::array<int32_t, 256> byte_ids_{};
   bool ignore_merges_ = false;

@@ -302,6 +302,9 @@ TEST(TokenizerErrors, MalformedFilesGiveClearErrors) {
   j["model"]["vocab"].erase("a");
   EXPECT_ERROR_HAS(load(j), "lacks the byte-level symbol for byte 97");
   j = make_tokenizer({}, {});
+  j["model"]["vocab"]["zz"] = 'a';
+  EXPECT_ERROR_HAS(load(j), "vocab id 97 is used by two tokens");
+  j = make_tokenizer({}, {});
   j["model"]["vocab"]["a"] = "one";
   EXPECT_ERROR_HAS(load(j), "vocab id of 'a' is not an integer");
   j = make_tokenizer({}, {});

@@ -1,5 +1,6 @@
 // CPU back-end: linear layers and the MoE experts, on OpenBLAS sgemm.
 #include <cblas.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -14,9 +15,11 @@ using namespace cpu;
 
 namespace {
 
-// fp32 copy of a block of weight rows: 2M floats (8 MiB) keeps sgemm efficient without holding a
-// whole converted matrix.
-constexpr int64_t kScratchFloats = int64_t{1} << 21;
+// fp32 copy of a block of weight rows: 1M floats (4 MiB) per thread keeps sgemm efficient without
+// holding a whole converted matrix.
+constexpr int64_t kScratchFloats = int64_t{1} << 20;
+// Below this many multiply-adds a product runs on one thread: forking costs more than it saves.
+constexpr double kParallelMinMacs = 1 << 18;
 
 std::vector<float>& weight_scratch() {
   thread_local std::vector<float> buf;
@@ -33,6 +36,27 @@ float* sized(std::vector<float>& v, int64_t n) {
   return v.data();
 }
 
+// out[:, n0, n1) = a · w[n0, n1)ᵀ on the calling thread (OpenBLAS is single-threaded here).
+void gemm_panel(const float* a, int64_t M, int64_t K, const void* w, DType w_dtype, int64_t n0, int64_t n1,
+                float* out, int64_t ldc) {
+  if (w_dtype == DType::F32) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(n1 - n0),
+                static_cast<int>(K), 1.0f, a, static_cast<int>(K), static_cast<const float*>(w) + n0 * K,
+                static_cast<int>(K), 0.0f, out + n0, static_cast<int>(ldc));
+    return;
+  }
+  const size_t es = dtype_size(w_dtype);
+  const int64_t block = std::clamp<int64_t>(kScratchFloats / K, 16, n1 - n0);
+  float* wf = sized(weight_scratch(), block * K);
+  for (int64_t nb0 = n0; nb0 < n1; nb0 += block) {
+    const int64_t nb = std::min(block, n1 - nb0);
+    to_f32(static_cast<const char*>(w) + static_cast<size_t>(nb0 * K) * es, w_dtype, wf, static_cast<size_t>(nb * K));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(nb),
+                static_cast<int>(K), 1.0f, a, static_cast<int>(K), wf, static_cast<int>(K), 0.0f, out + nb0,
+                static_cast<int>(ldc));
+  }
+}
+
 }  // namespace
 
 void cpu::gemm_wt(const float* a, int64_t M, int64_t K, const void* w, DType w_dtype, int64_t N, float* out,
@@ -42,25 +66,23 @@ void cpu::gemm_wt(const float* a, int64_t M, int64_t K, const void* w, DType w_d
     for (int64_t m = 0; m < M; ++m) std::fill(out + m * ldc, out + m * ldc + N, 0.0f);
     return;
   }
-  if (w_dtype == DType::F32) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(N),
-                static_cast<int>(K), 1.0f, a, static_cast<int>(K), static_cast<const float*>(w), static_cast<int>(K),
-                0.0f, out, static_cast<int>(ldc));
-    return;
-  }
-  const int64_t block = std::clamp<int64_t>(kScratchFloats / K, 16, N);
-  float* wf = sized(weight_scratch(), block * K);
-  const size_t es = dtype_size(w_dtype);
-  for (int64_t n0 = 0; n0 < N; n0 += block) {
-    const int64_t nb = std::min(block, N - n0);
-    const OmpBudget budget;
-#pragma omp parallel for schedule(static) num_threads(budget.threads()) if (nb * K > (1 << 16))
-    for (int64_t r = 0; r < nb; ++r)
-      to_f32(static_cast<const char*>(w) + static_cast<size_t>((n0 + r) * K) * es, w_dtype, wf + r * K,
-             static_cast<size_t>(K));
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(nb),
-                static_cast<int>(K), 1.0f, a, static_cast<int>(K), wf, static_cast<int>(K), 0.0f, out + n0,
-                static_cast<int>(ldc));
+  // One threading runtime only: OpenBLAS runs single-threaded inside our OpenMP threads. Its own
+  // pool would spin between calls against the OpenMP team (and against other ranks' threads) on
+  // small machines; column panels of one sgemm per thread parallelize just as well.
+  static const bool blas_single_threaded = (openblas_set_num_threads(1), true);
+  (void)blas_single_threaded;
+  const OmpBudget budget;
+  const bool big = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) > kParallelMinMacs;
+  const int nt = big ? budget.threads() : 1;
+  // Threads split the columns (w's rows: each converts and streams only its share of the weight),
+  // or the rows of a when there are too few columns for good sgemm panels (e.g. the router).
+  const bool split_rows = N < 64 * nt && M >= 2 * nt;
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t m0 = split_rows ? M * tid / nth : 0, m1 = split_rows ? M * (tid + 1) / nth : M;
+    const int64_t n0 = split_rows ? 0 : N * tid / nth, n1 = split_rows ? N : N * (tid + 1) / nth;
+    if (m1 > m0 && n1 > n0) gemm_panel(a + m0 * K, m1 - m0, K, w, w_dtype, n0, n1, out + m0 * ldc, ldc);
   }
 }
 
@@ -153,9 +175,11 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& w
     for (int64_t j = 0; j < n; ++j) std::memcpy(xg + j * H, xp + (r[j] / K) * H, static_cast<size_t>(H) * 4);
     gemm_wt(xg, n, H, shard.gate[e].data, shard.gate[e].dtype, I, gate, I);
     gemm_wt(xg, n, H, shard.up[e].data, shard.up[e].dtype, I, up, I);
-    const OmpBudget budget;
+    {
+      const OmpBudget budget;
 #pragma omp parallel for schedule(static) num_threads(budget.threads()) if (n * I > (1 << 14))
-    for (int64_t i = 0; i < n * I; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+      for (int64_t i = 0; i < n * I; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+    }  // the budget ends here: gemm_wt takes its own
     gemm_wt(gate, n, I, shard.down[e].data, shard.down[e].dtype, H, y, H);
     for (int64_t j = 0; j < n; ++j) {
       const float wt = wp[r[j]];
