@@ -371,7 +371,8 @@ void App::install(httplib::Server& svr) {
     if (!res.body.empty()) return;
     const int status = res.status;
     std::string msg = status == 404 ? "Unknown route: " + req.method + " " + req.path
-                                    : std::string("HTTP ") + std::to_string(status) + " " + httplib::status_message(status);
+                                    : "HTTP " + std::to_string(status) +
+                                          (status == 413 ? ": request body too large" : ": the request could not be read");
     metrics_.count_rejected();
     send_error(res, ApiError(status, msg, "", status == 404 ? "not_found" : ""));
   });

@@ -96,7 +96,12 @@ std::shared_ptr<TokenizerImpl> load(const json& root, const std::string& source)
     max_id = std::max(max_id, t.id);
     impl->added_by_content[t.content] = t.id;
     impl->added_by_id[t.id] = t;
-    (t.normalized && impl->nfc ? normalized : raw).push_back(t);
+    if (t.normalized && impl->nfc) {
+      t.content = utf8::nfc(utf8::sanitize(t.content));  // HF matches the normalized form of the content
+      normalized.push_back(std::move(t));
+    } else {
+      raw.push_back(std::move(t));
+    }
   }
   impl->raw_added = tok_detail::AddedTokenMatcher(std::move(raw));
   impl->normalized_added = tok_detail::AddedTokenMatcher(std::move(normalized));

@@ -174,6 +174,11 @@ TEST(TokenizerAdded, NormalizedTokensMatchAfterNfc) {
   const Tokenizer tok = load(make_tokenizer({}, {}, added, {{"type", "NFC"}}));
   EXPECT_EQ(tok.encode("e\u0301"), (Ids{300}));
   EXPECT_EQ(tok.encode("\u00e9"), (Ids{300}));
+  // The token's own content is normalized before matching, and decodes as written.
+  json decomposed = json::array({added_token(301, "o\u0308", false, {{"normalized", true}})});
+  const Tokenizer tok2 = load(make_tokenizer({}, {}, decomposed, {{"type", "NFC"}}));
+  EXPECT_EQ(tok2.encode("\u00f6"), (Ids{301}));
+  EXPECT_EQ(tok2.decode(Ids{301}), "o\u0308");
 }
 
 TEST(TokenizerNormalize, NfcBeforeBpe) {

@@ -225,7 +225,7 @@ void CpuBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const 
   float* qp = q.ptr<float>();
   float* kp = k.ptr<float>();
   const OmpBudget budget;
-#pragma omp parallel num_threads(budget.threads()) if (T * (Hq + Hkv) * D > (1 << 14))
+#pragma omp parallel num_threads(budget.threads()) if (T * (Hq + Hkv) * D > kParallelMinElems)
   {
     std::vector<float> cs(static_cast<size_t>(D)), tmp(static_cast<size_t>(D));
     auto norm_rope = [&](float* x, const float* w) {
@@ -285,7 +285,7 @@ void CpuBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots,
   // slot s is (block s / block_size, offset s % block_size), i.e. row s of the [n_blocks * block_size,
   // Hkv, D] reading of the cache.
   const OmpBudget budget;
-#pragma omp parallel for schedule(static) num_threads(budget.threads()) if (T * row > (1 << 15))
+#pragma omp parallel for schedule(static) num_threads(budget.threads()) if (2 * T * row > kParallelMinElems)
   for (int64_t t = 0; t < T; ++t) {
     put(byte_ptr(k) + t * src_row, byte_ptr_mut(cache.k) + slot[t] * kc_row, cache.k.dtype);
     put(byte_ptr(v) + t * src_row, byte_ptr_mut(cache.v) + slot[t] * vc_row, cache.v.dtype);
@@ -336,8 +336,10 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
   const DType kdt = cache.k.dtype, vdt = cache.v.dtype;
   const size_t kes = dtype_size(kdt), ves = dtype_size(vdt);
   const int64_t n_items = static_cast<int64_t>(items.size());
+  double macs = 0.0;  // q·k and p·v over each item's key range (an upper bound: causal tiles are cut)
+  for (const WorkItem& w : items) macs += 2.0 * static_cast<double>(w.n_q * G) * static_cast<double>(w.kv_end) * D;
   const OmpBudget budget;
-#pragma omp parallel num_threads(budget.threads()) if (n_items > 1)
+#pragma omp parallel num_threads(budget.threads()) if (n_items > 1 && macs > kParallelMinMacs)
   {
     const size_t rows = static_cast<size_t>(q_per_item * G), d = static_cast<size_t>(D);
     std::vector<float> qt(rows * d), ot(rows * d), m(rows), l(rows), kt(d * kKeyTile), vt(kKeyTile * d),

@@ -19,8 +19,6 @@ namespace {
 
 // Cache-line (and AVX-512) alignment for every allocation.
 constexpr size_t kAlign = 64;
-// Below this many elements an op runs on one thread: waking the team costs more than the work.
-constexpr int64_t kParallelMinElems = 1 << 14;
 
 // Converts n elements between float dtypes; `scratch` holds n floats when neither side is F32.
 void convert_span(const void* src, DType st, void* dst, DType dt, size_t n, float* scratch) {

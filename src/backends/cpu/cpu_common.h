@@ -14,6 +14,12 @@
 
 namespace cpinfer::cpu {
 
+// Work below which an op stays on the calling thread. Waking an OpenMP team costs microseconds on
+// an idle machine but up to milliseconds on a loaded one (CI: two shared cores), and most ops of a
+// small test model are tiny: only work of roughly 0.1 ms or more gets the team.
+constexpr int64_t kParallelMinElems = 1 << 17;  // element-wise and per-row ops: elements touched
+constexpr double kParallelMinMacs = 1 << 22;    // matrix products and attention: multiply-adds
+
 // Threads for one op's OpenMP team. Ranks of the local communicator are threads of one process,
 // each calling its own back-end at the same time; a full team per call would oversubscribe the
 // cores and every OpenMP barrier would spin against the other ranks. So an op takes the cores

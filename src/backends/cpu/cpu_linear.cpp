@@ -18,8 +18,6 @@ namespace {
 // fp32 copy of a block of weight rows: 1M floats (4 MiB) per thread keeps sgemm efficient without
 // holding a whole converted matrix.
 constexpr int64_t kScratchFloats = int64_t{1} << 20;
-// Below this many multiply-adds a product runs on one thread: forking costs more than it saves.
-constexpr double kParallelMinMacs = 1 << 18;
 
 std::vector<float>& weight_scratch() {
   thread_local std::vector<float> buf;
@@ -177,7 +175,7 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& w
     gemm_wt(xg, n, H, shard.up[e].data, shard.up[e].dtype, I, up, I);
     {
       const OmpBudget budget;
-#pragma omp parallel for schedule(static) num_threads(budget.threads()) if (n * I > (1 << 14))
+#pragma omp parallel for schedule(static) num_threads(budget.threads()) if (n * I > kParallelMinElems)
       for (int64_t i = 0; i < n * I; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
     }  // the budget ends here: gemm_wt takes its own
     gemm_wt(gate, n, I, shard.down[e].data, shard.down[e].dtype, H, y, H);

@@ -398,7 +398,17 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
   DeviceGuard g(device_);
   const bool flash = d == 128 && q.dtype == DType::BF16 && cache.k.dtype == DType::BF16 && max_q > 1;
   if (flash) CUDA_LAUNCH(launch_attention_flash(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_), "attention_flash");
-  else CUDA_LAUNCH(launch_attention_generic(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_), "attention_generic");
+  else {
+    int max_kv = 0;
+    for (const AttnBlock& b : batch.blocks) max_kv = std::max(max_kv, b.pos_begin + b.q_len);
+    const int n_splits = attention_generic_splits(static_cast<int>(t), static_cast<int>(hq), max_kv);
+    float* part = nullptr;
+    if (n_splits > 1)
+      part = static_cast<float*>(workspace(static_cast<size_t>(t * hq) * n_splits * (d + 2) * sizeof(float)));
+    CUDA_LAUNCH(launch_attention_generic(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), n_splits, max_kv,
+                                         part, stream_),
+                "attention_generic");
+  }
 }
 
 void CudaBackend::moe_route(const Tensor& logits, int top_k, bool renormalize, Tensor ids, Tensor weights) {

@@ -1,7 +1,11 @@
-// Generic causal paged attention: one warp per (query, head), any head_dim <= 256, any block
-// size, F32 or BF16 q/out/cache. The fallback for head dims other than 128 (test fixtures) and the
-// decode path (q_len = 1). Lane l owns dims l, l+32, ...; keys are taken 8 at a time so that the
-// online softmax rescales once per chunk.
+// Generic causal paged attention: one warp per (query, head[, key split]), any head_dim <= 256,
+// any block size, F32 or BF16 q/out/cache. The fallback for head dims other than 128 (test
+// fixtures) and the decode path (q_len = 1). Lane l owns dims l, l+32, ...; keys are taken 8 at a
+// time so that the online softmax rescales once per chunk.
+//
+// Decode has few (query, head) pairs and long key ranges, so the keys are split over n_splits
+// warps that write partial (max, sum, acc) to a workspace, merged by a second kernel (the same
+// log-sum-exp merge context parallelism uses across ranks).
 #include <cfloat>
 
 #include "backends/cuda/kernels/common.cuh"
@@ -13,21 +17,28 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kMaxDPer = 8;  // 256 / 32
 constexpr int kChunk = 8;
+constexpr float kLn2 = 0.69314718055994531f;
 
+// Partial results of split s of (row, h): part[((row * hq + h) * n_splits + s) * (d + 2) + ...]
+// holds acc[0..d), then m (log2 units) and l.
 template <class T, class TC>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_generic_kernel(const T* __restrict__ q, const int32_t* __restrict__ blocks,
                              const int32_t* __restrict__ block_table, int max_blocks_per_seq,
                              const TC* __restrict__ cache_k, const TC* __restrict__ cache_v, int block_size, int hq,
-                             int hkv, int d, float scale_log2, T* __restrict__ out, float* __restrict__ lse) {
+                             int hkv, int d, float scale_log2, int n_splits, int split_len, T* __restrict__ out,
+                             float* __restrict__ lse, float* __restrict__ part) {
   const int lane = threadIdx.x & 31;
   const int qi = blockIdx.x * kWarps + (threadIdx.x >> 5);
   const int h = blockIdx.y;
-  const int32_t* blk = blocks + 4 * blockIdx.z;
+  const int split = blockIdx.z % n_splits;
+  const int32_t* blk = blocks + 4 * (blockIdx.z / n_splits);
   const int q_begin = blk[0], q_len = blk[1], pos_begin = blk[2], seq = blk[3];
   if (qi >= q_len) return;
   const int64_t row = q_begin + qi;
   const int n_keys = pos_begin + qi + 1;
+  const int key_begin = split * split_len;
+  const int key_end = min(n_keys, key_begin + split_len);
   const int kvh = h / (hq / hkv);
   const int32_t* table = block_table + static_cast<int64_t>(seq) * max_blocks_per_seq;
 
@@ -40,7 +51,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     acc[j] = 0.0f;
   }
   float m = -INFINITY, l = 0.0f;
-  for (int k0 = 0; k0 < n_keys; k0 += kChunk) {
+  for (int k0 = key_begin; k0 < key_end; k0 += kChunk) {
     float s[kChunk];
     const TC* vrow[kChunk];
     float cmax = -INFINITY;
@@ -49,18 +60,18 @@ __global__ void __launch_bounds__(kWarps * 32)
       const int key = k0 + c;
       s[c] = -INFINITY;
       vrow[c] = nullptr;
-      if (key < n_keys) {  // warp-uniform
+      if (key < key_end) {  // warp-uniform
         const int64_t slot = static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
         const int64_t base = (slot * hkv + kvh) * d;
         const TC* krow = cache_k + base;
         vrow[c] = cache_v + base;
-        float part = 0.0f;
+        float dot = 0.0f;
 #pragma unroll
         for (int j = 0; j < kMaxDPer; ++j) {
           const int dd = lane + 32 * j;
-          if (dd < d) part += qv[j] * to_f32<TC>(krow[dd]);
+          if (dd < d) dot += qv[j] * to_f32<TC>(krow[dd]);
         }
-        s[c] = warp_sum(part);
+        s[c] = warp_sum(dot);
         cmax = fmaxf(cmax, s[c]);
       }
     }
@@ -82,6 +93,19 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
     m = m_new;
   }
+  if (n_splits > 1) {  // partial result; an empty split leaves m = -inf, l = 0
+    float* p = part + ((row * hq + h) * n_splits + split) * (d + 2);
+#pragma unroll
+    for (int j = 0; j < kMaxDPer; ++j) {
+      const int dd = lane + 32 * j;
+      if (dd < d) p[dd] = acc[j];
+    }
+    if (lane == 0) {
+      p[d] = m;
+      p[d + 1] = l;
+    }
+    return;
+  }
   T* orow = out + (row * hq + h) * d;
   const float inv_l = 1.0f / l;
 #pragma unroll
@@ -89,29 +113,87 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int dd = lane + 32 * j;
     if (dd < d) orow[dd] = from_f32<T>(acc[j] * inv_l);
   }
-  if (lse != nullptr && lane == 0) lse[row * hq + h] = (m + log2f(l)) * 0.69314718055994531f;
+  if (lse != nullptr && lane == 0) lse[row * hq + h] = (m + log2f(l)) * kLn2;
+}
+
+// Log-sum-exp merge of the splits: one warp per (query, head), same grid as above without splits.
+template <class T>
+__global__ void __launch_bounds__(kWarps * 32)
+    attention_merge_kernel(const int32_t* __restrict__ blocks, int hq, int d, int n_splits,
+                           const float* __restrict__ part, T* __restrict__ out, float* __restrict__ lse) {
+  const int lane = threadIdx.x & 31;
+  const int qi = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  const int h = blockIdx.y;
+  const int32_t* blk = blocks + 4 * blockIdx.z;
+  if (qi >= blk[1]) return;
+  const int64_t row = blk[0] + qi;
+  const float* p = part + (row * hq + h) * n_splits * (d + 2);
+  float m = -INFINITY;
+  for (int s = 0; s < n_splits; ++s) m = fmaxf(m, p[s * (d + 2) + d]);
+  float l = 0.0f, acc[kMaxDPer] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int s = 0; s < n_splits; ++s) {
+    const float* ps = p + s * (d + 2);
+    const float ls = ps[d + 1];
+    if (ls == 0.0f) continue;  // empty split
+    const float w = exp2f(ps[d] - m);
+    l += ls * w;
+#pragma unroll
+    for (int j = 0; j < kMaxDPer; ++j) {
+      const int dd = lane + 32 * j;
+      if (dd < d) acc[j] += ps[dd] * w;
+    }
+  }
+  T* orow = out + (row * hq + h) * d;
+  const float inv_l = 1.0f / l;
+#pragma unroll
+  for (int j = 0; j < kMaxDPer; ++j) {
+    const int dd = lane + 32 * j;
+    if (dd < d) orow[dd] = from_f32<T>(acc[j] * inv_l);
+  }
+  if (lse != nullptr && lane == 0) lse[row * hq + h] = (m + log2f(l)) * kLn2;
 }
 
 }  // namespace
 
+int attention_generic_splits(int n_rows, int hq, int max_kv_len) {
+  // Enough warps to fill the GPU (~4096) and at least 256 keys per split; at most 32 splits.
+  const int64_t pairs = static_cast<int64_t>(n_rows) * hq;
+  if (pairs <= 0 || pairs >= 4096) return 1;
+  int64_t by_work = (4096 + pairs - 1) / pairs;
+  int64_t by_keys = (max_kv_len + 255) / 256;
+  int64_t s = std::min<int64_t>(std::min(by_work, by_keys), 32);
+  return static_cast<int>(s < 1 ? 1 : s);
+}
+
 cudaError_t launch_attention_generic(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
-                              DevTensor out, DevTensor lse, cudaStream_t stream) {
+                                     DevTensor out, DevTensor lse, int n_splits, int max_kv_len, float* part,
+                                     cudaStream_t stream) {
   const int hq = static_cast<int>(q.dim(1)), d = static_cast<int>(q.dim(2));
   const int hkv = static_cast<int>(cache.k.dim(2));
   const int n_blocks = batch.n_blocks;
   const int max_q = batch.max_q_len;
   if (n_blocks == 0 || max_q == 0) return cudaSuccess;
-  if (n_blocks > 65535 || hq > 65535 || d > kMaxDPer * 32) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>((max_q + kWarps - 1) / kWarps), static_cast<unsigned>(hq),
-                  static_cast<unsigned>(n_blocks));
+  if (n_splits < 1 || (n_splits > 1 && part == nullptr)) return cudaErrorInvalidValue;
+  if (static_cast<int64_t>(n_blocks) * n_splits > 65535 || hq > 65535 || d > kMaxDPer * 32)
+    return cudaErrorInvalidValue;
+  // Keys per split: a multiple of the chunk so that splits never share a chunk.
+  const int split_len = ((max_kv_len + n_splits - 1) / n_splits + kChunk - 1) / kChunk * kChunk;
+  const unsigned gx = static_cast<unsigned>((max_q + kWarps - 1) / kWarps);
+  const dim3 grid(gx, static_cast<unsigned>(hq), static_cast<unsigned>(n_blocks * n_splits));
   const float scale_log2 = scale * 1.4426950408889634f;
   float* lse_p = lse.defined() ? lse.ptr<float>() : nullptr;
   CPI_DISPATCH_ACT(q.dtype, "attention q", T, CPI_DISPATCH_ACT(cache.k.dtype, "attention cache", TC, {
     attention_generic_kernel<T, TC><<<grid, kWarps * 32, 0, stream>>>(
-        static_cast<const T*>(q.data), batch.blocks, batch.block_table,
-        batch.max_blocks_per_seq, static_cast<const TC*>(cache.k.data), static_cast<const TC*>(cache.v.data),
-        cache.block_size(), hq, hkv, d, scale_log2, static_cast<T*>(out.data), lse_p);
+        static_cast<const T*>(q.data), batch.blocks, batch.block_table, batch.max_blocks_per_seq,
+        static_cast<const TC*>(cache.k.data), static_cast<const TC*>(cache.v.data), cache.block_size(), hq, hkv, d,
+        scale_log2, n_splits, n_splits > 1 ? split_len : INT32_MAX, static_cast<T*>(out.data), lse_p, part);
   }));
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || n_splits == 1) return err;
+  CPI_DISPATCH_ACT(q.dtype, "attention out", T, {
+    attention_merge_kernel<T><<<dim3(gx, hq, n_blocks), kWarps * 32, 0, stream>>>(
+        batch.blocks, hq, d, n_splits, part, static_cast<T*>(out.data), lse_p);
+  });
   return cudaGetLastError();
 }
 

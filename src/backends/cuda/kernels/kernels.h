@@ -76,9 +76,13 @@ cudaError_t launch_kv_store(const DevTensor& k, const DevTensor& v, const DevTen
 // Tensor-core prefill kernel: D = 128, BF16 q/out/cache.
 cudaError_t launch_attention_flash(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
                                    DevTensor out, DevTensor lse, cudaStream_t stream);
-// Any D <= 256, F32 or BF16: one warp per (query, head). Also serves decode.
+// Any D <= 256, F32 or BF16: one warp per (query, head, key split). Also serves decode. With
+// n_splits > 1 (see attention_generic_splits) `part` is F32 scratch of
+// T · Hq · n_splits · (D + 2) floats; max_kv_len bounds pos_begin + q_len over the blocks.
+int attention_generic_splits(int n_rows, int hq, int max_kv_len);
 cudaError_t launch_attention_generic(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
-                                     DevTensor out, DevTensor lse, cudaStream_t stream);
+                                     DevTensor out, DevTensor lse, int n_splits, int max_kv_len, float* part,
+                                     cudaStream_t stream);
 
 // ---- moe.cu
 cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormalize, DevTensor ids, DevTensor weights,

@@ -1,0 +1,90 @@
+// Engine behaviour on a fixture: EOS ids from generation_config.json stop generation (unless
+// ignored), decode reuses the cache (prefill + decode equals one longer prefill), capacity errors.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "engine/engine.h"
+#include "fixtures.h"
+
+using namespace cpinfer;
+using namespace cpinfer::test;
+namespace fs = std::filesystem;
+
+namespace {
+EngineOptions opts() {
+  EngineOptions eo;
+  eo.quiet = true;
+  eo.kv_cache_tokens = 512;
+  return eo;
+}
+GenerateOptions greedy(int n, bool ignore_eos) {
+  GenerateOptions g;
+  g.max_new_tokens = n;
+  g.ignore_eos = ignore_eos;
+  g.sampling.temperature = 0;
+  return g;
+}
+}  // namespace
+
+TEST(Engine, EosFromGenerationConfigStopsGeneration) {
+  const std::string src = fixture_dir("moe_v4_gqa");
+  const fs::path dir = fs::temp_directory_path() / "cpinfer_eos_fixture";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  for (const auto& e : fs::directory_iterator(src)) fs::copy(e.path(), dir / e.path().filename());
+  std::vector<int32_t> prompt = {5, 17, 99, 3, 250};
+  std::vector<int32_t> free_run;
+  {
+    Engine e(dir.string(), opts());
+    free_run = e.generate(prompt, greedy(8, true)).output_ids;
+  }
+  ASSERT_EQ(free_run.size(), 8u);
+  // Declare the third greedy token the model's EOS: generation must stop right there.
+  std::ofstream(dir / "generation_config.json") << "{\"eos_token_id\": [" << free_run[2] << "]}";
+  Engine e(dir.string(), opts());
+  auto stopped = e.generate(prompt, greedy(8, false));
+  EXPECT_EQ(stopped.finish_reason, "stop");
+  EXPECT_EQ(stopped.output_ids, std::vector<int32_t>(free_run.begin(), free_run.begin() + 3));
+  auto ignored = e.generate(prompt, greedy(8, true));
+  EXPECT_EQ(ignored.output_ids, free_run);
+  EXPECT_EQ(ignored.finish_reason, "length");
+  EXPECT_EQ(e.cache().n_free_blocks(), e.cache().n_blocks()) << "generate must release its KV blocks";
+  fs::remove_all(dir);
+}
+
+TEST(Engine, DecodeReusesTheCache) {
+  Engine e(fixture_dir("moe_v5_yarn_mha"), opts());
+  const int64_t V = e.config().vocab_size;
+  std::vector<int32_t> ids = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13};
+  std::vector<int> seqs;
+  auto full = e.prefill({std::span<const int32_t>(ids)}, seqs, LogitsWanted::All);
+  e.release(seqs[0]);
+  // Prefill the first 10, then decode 3 tokens one at a time.
+  std::vector<int32_t> head(ids.begin(), ids.begin() + 10);
+  auto last = e.prefill({std::span<const int32_t>(head)}, seqs, LogitsWanted::Last);
+  EXPECT_LE(rel_max_err(last[0].data(), full[0].data() + 9 * V, V), 1e-5);
+  for (int t = 10; t < 13; ++t) {
+    auto step = e.decode({seqs[0]}, {ids[t]});
+    EXPECT_LE(rel_max_err(step[0].data(), full[0].data() + t * V, V), 1e-5) << "position " << t;
+  }
+  EXPECT_EQ(e.cache().length(seqs[0]), 13);
+  e.release(seqs[0]);
+}
+
+TEST(Engine, PromptsThatDoNotFitAreRefusedAndLoseNothing) {
+  EngineOptions eo = opts();
+  eo.kv_cache_tokens = 64;
+  Engine e(fixture_dir("dense_qwen3"), eo);
+  std::vector<int32_t> big(100, 3), empty;
+  std::vector<int> seqs;
+  EXPECT_THROW(e.prefill({std::span<const int32_t>(big)}, seqs), Error);
+  EXPECT_EQ(e.cache().n_free_blocks(), e.cache().n_blocks());
+  EXPECT_THROW(e.prefill({std::span<const int32_t>(empty)}, seqs), Error);
+  std::vector<int32_t> bad = {1, 2, 100000};
+  EXPECT_THROW(e.prefill({std::span<const int32_t>(bad)}, seqs), Error);
+  EXPECT_THROW(e.generate(std::vector<int32_t>(60, 1), greedy(10, true)), Error);
+  // Still usable afterwards.
+  EXPECT_EQ(e.generate(std::vector<int32_t>{1, 2, 3}, greedy(4, true)).output_ids.size(), 4u);
+}
