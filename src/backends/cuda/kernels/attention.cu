@@ -206,7 +206,10 @@ __global__ void __launch_bounds__(kThreads, 2)
             }
       }
       // Online softmax per row (each row is spread over the 4 threads of a quad); the running max
-      // is kept in log2 units, p = 2^(s·scale_log2 − m) is one FFMA and one MUFU.EX2.
+      // is kept in log2 units, p = 2^(s·scale_log2 − m) is one FFMA and one MUFU.EX2. O is
+      // rescaled only when some row of the warp saw its max grow (rare after the first tiles).
+      float corr[kMi][2];
+      bool grew = false;
 #pragma unroll
       for (int mi = 0; mi < kMi; ++mi) {
 #pragma unroll
@@ -218,7 +221,8 @@ __global__ void __launch_bounds__(kThreads, 2)
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
           const float m_new = fmaxf(m_row[mi][r], mx * scale_log2);
           const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // fully masked row so far
-          const float corr = fast_exp2(m_row[mi][r] - m_use);
+          grew |= m_new != m_row[mi][r];
+          corr[mi][r] = fast_exp2(m_row[mi][r] - m_use);
           m_row[mi][r] = m_new;
           float sum = 0.0f;
 #pragma unroll
@@ -227,13 +231,19 @@ __global__ void __launch_bounds__(kThreads, 2)
             s[mi][n][2 * r + 1] = fast_exp2(fmaf(s[mi][n][2 * r + 1], scale_log2, -m_use));
             sum += s[mi][n][2 * r] + s[mi][n][2 * r + 1];
           }
-          l_row[mi][r] = l_row[mi][r] * corr + sum;
+          l_row[mi][r] = l_row[mi][r] * corr[mi][r] + sum;
+        }
+      }
+      if (__any_sync(0xffffffffu, grew)) {
+#pragma unroll
+        for (int mi = 0; mi < kMi; ++mi)
 #pragma unroll
           for (int n = 0; n < kD / 8; ++n) {
-            o[mi][n][2 * r] *= corr;
-            o[mi][n][2 * r + 1] *= corr;
+            o[mi][n][0] *= corr[mi][0];
+            o[mi][n][1] *= corr[mi][0];
+            o[mi][n][2] *= corr[mi][1];
+            o[mi][n][3] *= corr[mi][1];
           }
-        }
       }
       // O += P · V, P re-packed from the S accumulators as bf16 A fragments.
       const __nv_bfloat16* vt = v_stage(st);

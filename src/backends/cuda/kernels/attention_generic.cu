@@ -6,6 +6,7 @@
 // Decode has few (query, head) pairs and long key ranges, so the keys are split over n_splits
 // warps that write partial (max, sum, acc) to a workspace, merged by a second kernel (the same
 // log-sum-exp merge context parallelism uses across ranks).
+#include <algorithm>
 #include <cfloat>
 
 #include "backends/cuda/kernels/common.cuh"
