@@ -113,7 +113,6 @@ int run_bench_prefill(BenchFlags& f) {
     launch(ef.launch(), [&](ParallelCtx& par) {
       EngineOptions eo = ef.engine(max_seq + 16);
       eo.random_weights = f.random_weights;
-      eo.device_index = f.ef.device_index + par.world_rank();
       eo.quiet = par.world_rank() != 0;
       Engine engine(f.ef.model_path, eo, par);
       if (par.world_rank() == 0) {

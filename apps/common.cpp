@@ -38,6 +38,8 @@ LaunchOptions EngineFlags::launch() const {
   l.world_size = tp_size;
   l.cp_size = attn_cp_size;
   l.timeout_s = comm_timeout_s;
+  l.gpu = device == "cuda";
+  l.gpu_base = device_index;
   return l;
 }
 

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "core/log.h"
+#include "engine/launch.h"
 #include "model/random_weights.h"
 
 namespace cpinfer {
@@ -40,7 +41,9 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt, ParallelC
   cfg_ = random ? random_model_config(opt.random_weights) : load_config(model_dir);
   CPI_CHECK(opt.cp.cp_size == par_.cp_size(), "--attn-cp-size ", opt.cp.cp_size, " but the CP group has ",
             par_.cp_size(), " ranks");
-  be_ = make_backend(opt.device, opt.device_index);
+  // Rank r drives GPU device_index + its local rank (one process may hold several GPU ranks).
+  be_ = make_backend(opt.device, opt.device == "cuda" ? local_device(opt.device_index, par_.world_rank())
+                                                      : opt.device_index);
   ModelWeights w;
   if (random) {
     w = random_weights(cfg_, *be_, par_.world_rank(), par_.world_size());

@@ -1,14 +1,35 @@
 #include "engine/launch.h"
 
 #include <chrono>
+#include <cstdlib>
 #include <memory>
+
+#ifdef CPINFER_HAVE_NCCL
+#include "comm/nccl_comm.h"
+#endif
 
 namespace cpinfer {
 
+int local_device(int base, int world_rank) {
+  if (const char* lr = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) return base + std::atoi(lr);
+  return base + world_rank;
+}
+
 namespace {
-void run_rank(Communicator& world, int cp_size, const std::function<void(ParallelCtx&)>& fn) {
+void run_rank(Communicator& boot, const LaunchOptions& opt, const std::function<void(ParallelCtx&)>& fn) {
+  const int cp_size = opt.cp_size;
   ParallelCtx par;
-  std::unique_ptr<Communicator> cp_group;
+  std::unique_ptr<Communicator> cp_group, nccl;
+  Communicator* data = &boot;
+  if (opt.gpu && boot.size() > 1) {
+#ifdef CPINFER_HAVE_NCCL
+    nccl = make_nccl_communicator(boot, local_device(opt.gpu_base, boot.rank()), nullptr, boot.timeout());
+    data = nccl.get();
+#else
+    CPI_FAIL("several GPU ranks need NCCL, and this build has none (rebuild with CUDA and NCCL)");
+#endif
+  }
+  Communicator& world = *data;
   if (world.size() > 1) par.world = &world;
   if (cp_size == world.size()) {
     par.cp = world.size() > 1 ? &world : nullptr;
@@ -34,7 +55,7 @@ void launch(const LaunchOptions& opt, const std::function<void(ParallelCtx&)>& f
       fn(*std::make_unique<ParallelCtx>());
       return;
     }
-    run_local(world, timeout, [&](Communicator& c) { run_rank(c, opt.cp_size, fn); });
+    run_local(world, timeout, [&](Communicator& c) { run_rank(c, opt, fn); });
     return;
   }
   if (opt.comm == "mpi") {
@@ -44,7 +65,7 @@ void launch(const LaunchOptions& opt, const std::function<void(ParallelCtx&)>& f
               " but mpirun started ", world->size(), " ranks");
     CPI_CHECK(world->size() % opt.cp_size == 0, "--attn-cp-size ", opt.cp_size, " does not divide the ",
               world->size(), " mpirun ranks");
-    run_rank(*world, opt.cp_size, fn);
+    run_rank(*world, opt, fn);
     return;
   }
   CPI_FAIL("unknown --comm '", opt.comm, "' (expected local or mpi)");

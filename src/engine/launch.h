@@ -13,7 +13,15 @@ struct LaunchOptions {
   int world_size = 0;          // 0: attn_cp_size (local) or the mpirun size (mpi)
   int cp_size = 1;
   int timeout_s = 300;
+  // GPU ranks: collectives move device memory through NCCL, bootstrapped by the local or mpi
+  // communicator; rank r drives CUDA device gpu_base + (its local rank).
+  bool gpu = false;
+  int gpu_base = 0;
 };
+
+// The CUDA device of a rank: base + the rank's index on its node (OMPI_COMM_WORLD_LOCAL_RANK under
+// mpirun, else the world rank).
+int local_device(int base, int world_rank);
 
 // Runs fn on every rank (on this process's rank only, under mpirun). Throws cpinfer::Error for
 // inconsistent flags; a failure on any rank is rethrown naming the rank.

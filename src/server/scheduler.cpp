@@ -105,7 +105,17 @@ void Scheduler::on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token
   }
   r->last_token_time = now;
   const bool is_stop = std::find(r->stop_ids.begin(), r->stop_ids.end(), token) != r->stop_ids.end();
-  const bool keep = !is_stop && (!r->on_token || r->on_token(token));
+  bool keep = !is_stop;
+  if (keep && r->on_token) {
+    // A failing callback ends its own request, not the server.
+    try {
+      keep = r->on_token(token);
+    } catch (const std::exception& e) {
+      log_warn("request output failed: ", e.what());
+      finish(r, "error", e.what());
+      return;
+    }
+  }
   if (!keep) finish(r, "stop");
   else if (static_cast<int>(r->output.size()) >= r->max_tokens) finish(r, "length");
 }

@@ -194,7 +194,10 @@ void App::handle_generate(Endpoint ep, const httplib::Request& req, httplib::Res
   r->sampling = g.sampling;
   r->stop_ids = g.stop_token_ids;
   if (!g.ignore_eos) r->stop_ids.insert(r->stop_ids.end(), cfg_.eos_token_ids.begin(), cfg_.eos_token_ids.end());
-  r->on_token = [ch, out](int32_t id) {
+  const int32_t n_text_ids = tok_.vocab_size();
+  r->on_token = [ch, out, n_text_ids](int32_t id) {
+    // The model's vocabulary is padded beyond the tokenizer's: such ids have no text.
+    if (id >= n_text_ids) return true;
     std::string safe = out->stops.push(out->decoder.push(id));
     out->deliver(*ch, safe);
     return !out->stops.stopped();

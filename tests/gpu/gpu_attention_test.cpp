@@ -117,6 +117,7 @@ TEST_F(AttnRunner, FlashOffsetsAndVarlen) {
   // Block size not a multiple of 16: per-row page addressing.
   run({"d128 bs24 varlen", 4, 2, 128, 24, {{77, 5, 0}, {140, 0, 1}}}, 24);
   run({"d128 bs1", 2, 1, 128, 1, {{40, 10, 0}}}, 25);
+  run({"d128 bs64 long prefix", 8, 1, 128, 64, {{700, 2500, 0}}}, 26);
 }
 
 TEST_F(AttnRunner, GenericHeadDims) {
@@ -129,6 +130,9 @@ TEST_F(AttnRunner, GenericHeadDims) {
 TEST_F(AttnRunner, Decode) {
   run({"d128 decode", 8, 2, 128, 16, {{1, 0, 0}, {1, 700, 1}, {1, 33, 2}}}, 41);
   run({"d64 decode", 4, 4, 64, 32, {{1, 250, 0}, {1, 5, 1}}}, 42);
+  // Long contexts take the split-K path (partials merged by log-sum-exp), some splits empty.
+  run({"d128 split decode", 8, 2, 128, 16, {{1, 9000, 0}, {1, 3000, 1}}}, 43);
+  run({"d64 split short-q", 4, 2, 64, 32, {{3, 2500, 0}, {2, 10, 1}}}, 44);
 }
 
 TEST_F(AttnRunner, KvStoreMatchesCpu) {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <thread>
 
 #include "ops_test_util.h"
 
@@ -189,6 +190,43 @@ TEST_F(CpuLinear, MoeExpertsDeterministicAcrossThreadCounts) {
   be->moe_experts(x, ids, wts, w.shard(8, 0, 8), b);
   omp_set_num_threads(saved);
   EXPECT_EQ(std::memcmp(a.t.data, b.t.data, a.t.nbytes()), 0);
+}
+
+// Context-parallel ranks of the local communicator are threads calling their back-ends at the same
+// time: per-thread scratch and the thread budget must give exactly the serial results.
+TEST_F(CpuLinear, ConcurrentCallersGetSerialResults) {
+  constexpr int kCallers = 4;
+  Rng rng(16);
+  const int64_t M = 64, K = 512, N = 520;  // above the threshold for a team of threads
+  MoeCase c{50, 64, 48, 8, 2, DType::BF16};
+  MoeWeights experts = random_experts(rng, c);
+  HostTensor w = rng.normal_tensor(DType::BF16, {N, K}, 0.05);
+  std::vector<HostTensor> a, x, ids(kCallers), wts(kCallers), serial_lin, serial_moe;
+  for (int i = 0; i < kCallers; ++i) {
+    a.push_back(rng.normal_tensor(DType::F32, {M, K}));
+    x.push_back(rng.normal_tensor(DType::F32, {c.T, c.H}));
+    random_routing(rng, c, ids[i], wts[i]);
+    serial_lin.emplace_back(DType::F32, std::initializer_list<int64_t>{M, N});
+    serial_moe.emplace_back(DType::F32, std::initializer_list<int64_t>{c.T, c.H});
+    be->linear(a[i], w, serial_lin[i]);
+    be->fill_zero(serial_moe[i]);
+    be->moe_experts(x[i], ids[i], wts[i], experts.shard(8, 0, 8), serial_moe[i]);
+  }
+  std::vector<HostTensor> lin = serial_lin, moe = serial_moe;
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kCallers; ++i)
+    threads.emplace_back([&, i] {
+      auto own = make_cpu_backend();  // one back-end per rank, as the engine does
+      lin[i].poison();
+      own->linear(a[i], w, lin[i]);
+      own->fill_zero(moe[i]);
+      own->moe_experts(x[i], ids[i], wts[i], experts.shard(8, 0, 8), moe[i]);
+    });
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < kCallers; ++i) {
+    EXPECT_EQ(std::memcmp(lin[i].t.data, serial_lin[i].t.data, lin[i].t.nbytes()), 0) << "caller " << i;
+    EXPECT_EQ(std::memcmp(moe[i].t.data, serial_moe[i].t.data, moe[i].t.nbytes()), 0) << "caller " << i;
+  }
 }
 
 TEST_F(CpuLinear, MoeExpertsErrorsThrow) {

@@ -49,7 +49,10 @@ namespace cpu {
 
 // out[m, n] = Σ_k a[m, k] · w[n, k] for m < M, n < N; a fp32 [M, K] (row stride K), w [N, K] in
 // F32/F16/BF16 (row stride K), out fp32 with row stride ldc. Non-F32 weights are converted in blocks
-// of rows into a thread-local scratch; the product is one cblas_sgemm per block.
+// of rows into a thread-local scratch, one cblas_sgemm per block. OpenMP threads split the columns
+// (or rows); OpenBLAS itself runs single-threaded: the first call sets openblas_set_num_threads(1)
+// for the process, so only one thread pool ever spins. Each element's result does not depend on
+// the thread count.
 void gemm_wt(const float* a, int64_t M, int64_t K, const void* w, DType w_dtype, int64_t N, float* out,
              int64_t ldc);
 

@@ -1,5 +1,7 @@
 // CPU back-end: linear layers and the MoE experts, on OpenBLAS sgemm.
+#ifdef CPINFER_HAVE_BLAS
 #include <cblas.h>
+#endif
 #include <omp.h>
 
 #include <algorithm>
@@ -14,6 +16,30 @@ namespace cpinfer {
 using namespace cpu;
 
 namespace {
+
+#ifndef CPINFER_HAVE_BLAS
+// Built without OpenBLAS: out[m, n] = Σ_k a[m, k] · w[n, k] (row-major, w transposed), the one form
+// the back-end uses. Blocked over n so a block of w rows stays in cache; one thread (the callers
+// already split the work over OpenMP threads).
+enum { CblasRowMajor, CblasNoTrans, CblasTrans };
+void cblas_sgemm(int, int, int, int M, int N, int K, float alpha, const float* a, int lda, const float* w, int ldw,
+                 float beta, float* out, int ldc) {
+  constexpr int kBlock = 64;
+  for (int n0 = 0; n0 < N; n0 += kBlock) {
+    const int n1 = std::min(N, n0 + kBlock);
+    for (int m = 0; m < M; ++m) {
+      const float* ar = a + static_cast<int64_t>(m) * lda;
+      for (int n = n0; n < n1; ++n) {
+        const float* wr = w + static_cast<int64_t>(n) * ldw;
+        float acc = 0.0f;
+        for (int k = 0; k < K; ++k) acc += ar[k] * wr[k];
+        float* o = out + static_cast<int64_t>(m) * ldc + n;
+        *o = alpha * acc + (beta == 0.0f ? 0.0f : beta * *o);
+      }
+    }
+  }
+}
+#endif
 
 // fp32 copy of a block of weight rows: 1M floats (4 MiB) per thread keeps sgemm efficient without
 // holding a whole converted matrix.
@@ -67,7 +93,11 @@ void cpu::gemm_wt(const float* a, int64_t M, int64_t K, const void* w, DType w_d
   // One threading runtime only: OpenBLAS runs single-threaded inside our OpenMP threads. Its own
   // pool would spin between calls against the OpenMP team (and against other ranks' threads) on
   // small machines; column panels of one sgemm per thread parallelize just as well.
+#ifdef CPINFER_HAVE_BLAS
   static const bool blas_single_threaded = (openblas_set_num_threads(1), true);
+#else
+  static const bool blas_single_threaded = true;
+#endif
   (void)blas_single_threaded;
   const OmpBudget budget;
   const bool big = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) > kParallelMinMacs;

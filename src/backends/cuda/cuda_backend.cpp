@@ -104,6 +104,7 @@ CudaBackend::~CudaBackend() {
   cudaSetDevice(device_);
   if (stream_) cudaStreamSynchronize(stream_);
   for (auto& t : rope_tables_) cudaFree(t.device);
+  for (auto& t : expert_pointer_tables_) cudaFree(t.device);
   if (workspace_) cudaFree(workspace_);
   if (cublas_) cublasDestroy(cublas_);
   if (cublas_workspace_) cudaFree(cublas_workspace_);

@@ -79,6 +79,8 @@ class CudaBackend : public Backend {
   void* workspace(size_t bytes, size_t keep_bytes = 0);
   // The device copy of rope.inv_freq, uploaded once per distinct content.
   const float* inv_freq_on_device(const RopeParams& rope);
+  // Device array [3 · count] of the shard's gate | up | down weight pointers, uploaded once.
+  const void* const* expert_pointers_on_device(const ExpertShard& shard);
   // out = a · wᵀ through cuBLAS with fp32 compute: a [M, K], w [N, K], out [M, N].
   void gemm(const Tensor& a, const Tensor& w, Tensor out);
 
@@ -93,6 +95,11 @@ class CudaBackend : public Backend {
     float* device = nullptr;
   };
   std::vector<RopeTable> rope_tables_;
+  struct ExpertPointers {
+    std::vector<const void*> host;
+    void* device = nullptr;
+  };
+  std::vector<ExpertPointers> expert_pointer_tables_;
   std::string name_;
 };
 

@@ -1,6 +1,9 @@
-// CudaBackend::moe_experts: permute the (token, k) pairs by local expert on the device, run each
-// expert's three GEMMs on its contiguous segment (one device->host copy of the segment offsets
-// per call), and accumulate the weighted results back into out in a fixed order per token.
+// CudaBackend::moe_experts: permute the (token, k) pairs by local expert on the device, run the
+// experts' GEMMs on their contiguous segments, and accumulate the weighted results back into out
+// in a fixed order per token.
+// - Small batches (T·K <= kSmallPairs, decode): two grouped kernels cover all experts and read the
+//   segment offsets on the device: no host synchronization, four launches in all.
+// - Larger batches (prefill): cuBLAS per expert, after one device->host copy of the offsets.
 #include <algorithm>
 
 #include "backends/cuda/cuda_backend.h"
@@ -11,6 +14,29 @@ namespace cpinfer::cuda {
 namespace {
 
 size_t round_up(size_t n) { return (n + 255) / 256 * 256; }
+
+constexpr int64_t kSmallPairs = 256;
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace
+
+const void* const* CudaBackend::expert_pointers_on_device(const ExpertShard& shard) {
+  std::vector<const void*> host;
+  host.reserve(3 * shard.count);
+  for (const auto* list : {&shard.gate, &shard.up, &shard.down})
+    for (const Tensor& t : *list) host.push_back(t.data);
+  for (const auto& t : expert_pointer_tables_)
+    if (t.host == host) return static_cast<const void* const*>(t.device);
+  ExpertPointers t;
+  t.host = std::move(host);
+  t.device = alloc(t.host.size() * sizeof(void*));
+  upload(t.device, t.host.data(), t.host.size() * sizeof(void*));
+  expert_pointer_tables_.push_back(std::move(t));
+  return static_cast<const void* const*>(expert_pointer_tables_.back().device);
+}
+
+namespace {
 
 }  // namespace
 
@@ -64,6 +90,26 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
     if (cur != device_) CUDA_CHECK(cudaSetDevice(device_));
   }
   CUDA_LAUNCH(launch_moe_permute(dev(ids), shard.first, count, offsets, src_token, pair_row, stream_), "moe_permute");
+  bool small = static_cast<int64_t>(n_pairs) <= kSmallPairs && hidden % 8 == 0 && inter % 8 == 0 &&
+               aligned16(x.data);
+  for (int e = 0; small && e < count; ++e)
+    small = aligned16(shard.gate[e].data) && aligned16(shard.up[e].data) && aligned16(shard.down[e].data);
+  if (small) {
+    const void* const* ptrs = expert_pointers_on_device(shard);
+    const size_t act_b = round_up(n_pairs * inter * 2), y_b = round_up(n_pairs * hidden * 4);
+    ws = static_cast<char*>(workspace(meta_bytes + act_b + y_b, meta_bytes));  // may move
+    offsets = reinterpret_cast<int32_t*>(ws);
+    src_token = reinterpret_cast<int32_t*>(ws + round_up((count + 1) * 4));
+    pair_row = reinterpret_cast<int32_t*>(ws + round_up((count + 1) * 4) + round_up(n_pairs * 4));
+    void* act = ws + meta_bytes;
+    float* y_rows = reinterpret_cast<float*>(ws + meta_bytes + act_b);
+    CUDA_LAUNCH(launch_moe_small_gemms(dev(x), src_token, offsets, count, ptrs, ptrs + count, ptrs + 2 * count, inter,
+                                       act, y_rows, stream_),
+                "moe_small_gemms");
+    Tensor y(y_rows, DType::F32, {static_cast<int64_t>(n_pairs), hidden}, Device::CUDA);
+    CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
+    return;
+  }
   std::vector<int32_t> host_off(count + 1);
   CUDA_CHECK(cudaMemcpyAsync(host_off.data(), offsets, (count + 1) * 4, cudaMemcpyDeviceToHost, stream_));
   CUDA_CHECK(cudaStreamSynchronize(stream_));

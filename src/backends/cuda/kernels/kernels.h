@@ -92,6 +92,13 @@ cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormaliz
 // each permuted row) and pair_row [T*K] (permuted row of each pair, -1 when not local).
 cudaError_t launch_moe_permute(const DevTensor& ids, int first, int count, int32_t* offsets, int32_t* src_token,
                                int32_t* pair_row, cudaStream_t stream);
+// Small batches: all local experts in two launches, offsets read on the device. gate/up/down are
+// device arrays of `count` BF16 weight pointers ([I, H], [I, H], [H, I]); act [rows, I] BF16 and
+// y [rows, H] F32 are scratch of at least T·K rows. H and I must be multiples of 8 and every
+// pointer 16-byte aligned.
+cudaError_t launch_moe_small_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets, int count,
+                                   const void* const* gate, const void* const* up, const void* const* down,
+                                   int64_t inter, void* act, float* y, cudaStream_t stream);
 // out[t] += Σ_k weights[t,k] · y[pair_row[t*K+k]] over the local pairs, in k order.
 cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row,
                                  DevTensor out, cudaStream_t stream);

@@ -138,6 +138,63 @@ __global__ void moe_unpermute_kernel(const TY* __restrict__ y, const float* __re
   }
 }
 
+
+// ---- Small-batch expert GEMMs (decode): one launch covers every local expert, reading the
+// segment offsets on the device, so no host synchronization. One warp per output column: the
+// weight row streams through L1 once per segment row; memory-bound on the weights, as decode is.
+constexpr int kSmallWarps = 8;
+constexpr int kColsPerWarp = 4;
+constexpr int kColsPerBlock = kSmallWarps * kColsPerWarp;
+
+// kGateUp: act[r, n] = silu(bf16(x[tok(r)] · gate[n])) · bf16(x[tok(r)] · up[n]), rounded to bf16
+// like the cuBLAS path (whose GEMMs write bf16). Otherwise: y[r, n] = act[r] · down[n] in F32.
+template <bool kGateUp>
+__global__ void __launch_bounds__(kSmallWarps * 32)
+    moe_small_gemm_kernel(const __nv_bfloat16* __restrict__ in, const int32_t* __restrict__ src_token,
+                          const int32_t* __restrict__ offsets, const __nv_bfloat16* const* __restrict__ w1,
+                          const __nv_bfloat16* const* __restrict__ w2, int n_out, int k_dim, void* __restrict__ out) {
+  const int e = blockIdx.y;
+  const int begin = offsets[e], end = offsets[e + 1];
+  if (begin == end) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const __nv_bfloat16* wa = w1[e];
+  const __nv_bfloat16* wb = kGateUp ? w2[e] : nullptr;
+  for (int c = 0; c < kColsPerWarp; ++c) {
+    const int n = blockIdx.x * kColsPerBlock + warp * kColsPerWarp + c;
+    if (n >= n_out) break;
+    const __nv_bfloat16* ra = wa + static_cast<int64_t>(n) * k_dim;
+    const __nv_bfloat16* rb = kGateUp ? wb + static_cast<int64_t>(n) * k_dim : nullptr;
+    for (int r = begin; r < end; ++r) {
+      const __nv_bfloat16* xr = in + static_cast<int64_t>(kGateUp ? src_token[r] : r) * k_dim;
+      float da = 0.0f, db = 0.0f;
+      for (int k = lane * 8; k < k_dim; k += 32 * 8) {
+        float xv[8], av[8];
+        load8(xr + k, xv);
+        load8(ra + k, av);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) da += xv[i] * av[i];
+        if constexpr (kGateUp) {
+          float bv[8];
+          load8(rb + k, bv);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) db += xv[i] * bv[i];
+        }
+      }
+      da = warp_sum(da);
+      if constexpr (kGateUp) {
+        db = warp_sum(db);
+        if (lane == 0) {
+          const float g = to_f32(from_f32<__nv_bfloat16>(da)), u = to_f32(from_f32<__nv_bfloat16>(db));
+          static_cast<__nv_bfloat16*>(out)[static_cast<int64_t>(r) * n_out + n] =
+              from_f32<__nv_bfloat16>(g / (1.0f + __expf(-g)) * u);
+        }
+      } else if (lane == 0) {
+        static_cast<float*>(out)[static_cast<int64_t>(r) * n_out + n] = da;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormalize, DevTensor ids, DevTensor weights,
@@ -187,6 +244,29 @@ cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, c
     if (vec) moe_unpermute_kernel<TY, TO, true><<<n_tokens, threads, 0, stream>>>(yp, wp, pair_row, top_k, op, cols);
     else moe_unpermute_kernel<TY, TO, false><<<n_tokens, threads, 0, stream>>>(yp, wp, pair_row, top_k, op, cols);
   }));
+  return cudaGetLastError();
+}
+
+cudaError_t launch_moe_small_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets, int count,
+                                   const void* const* gate, const void* const* up, const void* const* down,
+                                   int64_t inter, void* act, float* y, cudaStream_t stream) {
+  const int64_t hidden = x.cols();
+  if (count == 0) return cudaSuccess;
+  if (count > 65535 || hidden % 8 != 0 || inter % 8 != 0) return cudaErrorInvalidValue;
+  const auto* xp = x.ptr<const __nv_bfloat16>();
+  auto* g = reinterpret_cast<const __nv_bfloat16* const*>(gate);
+  auto* u = reinterpret_cast<const __nv_bfloat16* const*>(up);
+  auto* d = reinterpret_cast<const __nv_bfloat16* const*>(down);
+  const dim3 grid1(static_cast<unsigned>((inter + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned>(count));
+  moe_small_gemm_kernel<true><<<grid1, kSmallWarps * 32, 0, stream>>>(xp, src_token, offsets, g, u,
+                                                                      static_cast<int>(inter),
+                                                                      static_cast<int>(hidden), act);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const dim3 grid2(static_cast<unsigned>((hidden + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned>(count));
+  moe_small_gemm_kernel<false><<<grid2, kSmallWarps * 32, 0, stream>>>(
+      static_cast<const __nv_bfloat16*>(act), nullptr, offsets, d, nullptr, static_cast<int>(hidden),
+      static_cast<int>(inter), y);
   return cudaGetLastError();
 }
 
