@@ -26,6 +26,7 @@ std::atomic<bool> g_stop{false};
 extern "C" void on_stop_signal(int) { g_stop.store(true); }
 
 constexpr auto kPoll = std::chrono::milliseconds(50);
+constexpr size_t kMaxBodyBytes = size_t(64) << 20;
 
 // Scheduler thread -> HTTP thread: the output of one request, consumed as it grows.
 struct Channel {
@@ -338,10 +339,24 @@ void App::install(httplib::Server& svr) {
                                   "to --api-key", "", "invalid_api_key"));
     return httplib::Server::HandlerResponse::Handled;
   });
+  // A content reader, not a plain handler: httplib would parse (and cap at 8 KiB) a body that
+  // arrives as application/x-www-form-urlencoded, which is what `curl -d` sends.
   auto generate = [this](Endpoint ep) {
-    return [this, ep](const httplib::Request& req, httplib::Response& res) {
+    return [this, ep](const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& read) {
       try {
-        handle_generate(ep, req, res);
+        httplib::Request full = req;
+        bool too_large = false;
+        read([&](const char* data, size_t n) {
+          if (full.body.size() + n > kMaxBodyBytes) {
+            too_large = true;
+            return false;
+          }
+          full.body.append(data, n);
+          return true;
+        });
+        if (too_large)
+          throw ApiError(413, "request body exceeds " + std::to_string(kMaxBodyBytes >> 20) + " MiB");
+        handle_generate(ep, full, res);
       } catch (const ApiError& e) {
         reject(res, e);
       } catch (const std::exception& e) {
@@ -420,7 +435,6 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
   httplib::Server svr;
   const size_t n_threads = static_cast<size_t>(std::max(8, so.http_threads));
   svr.new_task_queue = [n_threads] { return new httplib::ThreadPool(n_threads); };
-  svr.set_payload_max_length(size_t(64) << 20);
   svr.set_keep_alive_max_count(1000);
   app.install(svr);
   int port = so.port;

@@ -19,7 +19,8 @@ namespace {
 
 constexpr int kD = 128;
 constexpr int kBM = 128;  // query rows per CTA
-constexpr int kBN = 64;   // keys per tile
+constexpr int kBN = 64;   // keys per tile (one cp.async stage)
+constexpr int kSub = 32;  // keys per softmax step: S of 32 keys keeps registers below the spill line
 constexpr int kWarps = 4;
 constexpr int kRowsPerWarp = kBM / kWarps;  // 32: K/V fragments from shared memory serve 2 row blocks
 constexpr int kMi = kRowsPerWarp / 16;
@@ -167,104 +168,109 @@ __global__ void __launch_bounds__(kThreads, 2)
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    const int key0 = j * kBN;
-    if (key0 <= warp_last_pos) {  // else every row of this warp precedes the whole tile
-      float s[kMi][kBN / 8][4];
 #pragma unroll
-      for (int mi = 0; mi < kMi; ++mi)
-#pragma unroll
-        for (int n = 0; n < kBN / 8; ++n) s[mi][n][0] = s[mi][n][1] = s[mi][n][2] = s[mi][n][3] = 0.0f;
-      const __nv_bfloat16* kt = k_stage(st);
-#pragma unroll
-      for (int ks = 0; ks < kD / 16; ++ks) {
-        uint32_t qa[kMi][4];
-#pragma unroll
-        for (int mi = 0; mi < kMi; ++mi)
-          ldmatrix_x4(qa[mi], sq + swz(warp_row0 + mi * 16 + (lane & 15), ks * 2 + (lane >> 4)));
-#pragma unroll
-        for (int np = 0; np < kBN / 16; ++np) {
-          uint32_t b[4];
-          ldmatrix_x4(b, kt + swz(np * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1)));
-#pragma unroll
-          for (int mi = 0; mi < kMi; ++mi) {
-            mma_bf16(s[mi][2 * np], qa[mi], b[0], b[1]);
-            mma_bf16(s[mi][2 * np + 1], qa[mi], b[2], b[3]);
-          }
-        }
-      }
-      // Mask (only tiles that reach the diagonal), on the raw scores.
-      if (key0 + kBN - 1 > diag_start) {
+    for (int sub = 0; sub < kBN / kSub; ++sub) {
+      const int key0 = j * kBN + sub * kSub;
+      if (key0 <= warp_last_pos) {  // else every row of this warp precedes these keys
+        float s[kMi][kSub / 8][4];
 #pragma unroll
         for (int mi = 0; mi < kMi; ++mi)
 #pragma unroll
-          for (int n = 0; n < kBN / 8; ++n)
+          for (int n = 0; n < kSub / 8; ++n) s[mi][n][0] = s[mi][n][1] = s[mi][n][2] = s[mi][n][3] = 0.0f;
+        const __nv_bfloat16* kt = k_stage(st);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int key = key0 + n * 8 + 2 * t4 + (e & 1);
-              const int qpos = qpos_base + mi * 16 + (e >> 1) * 8;
-              if (key > qpos || key >= kv_len) s[mi][n][e] = -INFINITY;
+        for (int ks = 0; ks < kD / 16; ++ks) {
+          uint32_t qa[kMi][4];
+#pragma unroll
+          for (int mi = 0; mi < kMi; ++mi)
+            ldmatrix_x4(qa[mi], sq + swz(warp_row0 + mi * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+#pragma unroll
+          for (int np = 0; np < kSub / 16; ++np) {
+            uint32_t b[4];
+            const int key_row = sub * kSub + np * 16 + (lane & 7) + ((lane >> 4) << 3);
+            ldmatrix_x4(b, kt + swz(key_row, ks * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+            for (int mi = 0; mi < kMi; ++mi) {
+              mma_bf16(s[mi][2 * np], qa[mi], b[0], b[1]);
+              mma_bf16(s[mi][2 * np + 1], qa[mi], b[2], b[3]);
             }
-      }
-      // Online softmax per row (each row is spread over the 4 threads of a quad); the running max
-      // is kept in log2 units, p = 2^(s·scale_log2 − m) is one FFMA and one MUFU.EX2. O is
-      // rescaled only when some row of the warp saw its max grow (rare after the first tiles).
-      float corr[kMi][2];
-      bool grew = false;
-#pragma unroll
-      for (int mi = 0; mi < kMi; ++mi) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float mx = -INFINITY;
-#pragma unroll
-          for (int n = 0; n < kBN / 8; ++n) mx = fmaxf(mx, fmaxf(s[mi][n][2 * r], s[mi][n][2 * r + 1]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float m_new = fmaxf(m_row[mi][r], mx * scale_log2);
-          const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // fully masked row so far
-          grew |= m_new != m_row[mi][r];
-          corr[mi][r] = fast_exp2(m_row[mi][r] - m_use);
-          m_row[mi][r] = m_new;
-          float sum = 0.0f;
-#pragma unroll
-          for (int n = 0; n < kBN / 8; ++n) {
-            s[mi][n][2 * r] = fast_exp2(fmaf(s[mi][n][2 * r], scale_log2, -m_use));
-            s[mi][n][2 * r + 1] = fast_exp2(fmaf(s[mi][n][2 * r + 1], scale_log2, -m_use));
-            sum += s[mi][n][2 * r] + s[mi][n][2 * r + 1];
           }
-          l_row[mi][r] = l_row[mi][r] * corr[mi][r] + sum;
         }
-      }
-      if (__any_sync(0xffffffffu, grew)) {
+        // Mask (only tiles that reach the diagonal), on the raw scores.
+        if (key0 + kSub - 1 > diag_start) {
 #pragma unroll
-        for (int mi = 0; mi < kMi; ++mi)
+          for (int mi = 0; mi < kMi; ++mi)
 #pragma unroll
-          for (int n = 0; n < kD / 8; ++n) {
-            o[mi][n][0] *= corr[mi][0];
-            o[mi][n][1] *= corr[mi][0];
-            o[mi][n][2] *= corr[mi][1];
-            o[mi][n][3] *= corr[mi][1];
-          }
-      }
-      // O += P · V, P re-packed from the S accumulators as bf16 A fragments.
-      const __nv_bfloat16* vt = v_stage(st);
+            for (int n = 0; n < kSub / 8; ++n)
 #pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) {
-        uint32_t pa[kMi][4];
+              for (int e = 0; e < 4; ++e) {
+                const int key = key0 + n * 8 + 2 * t4 + (e & 1);
+                const int qpos = qpos_base + mi * 16 + (e >> 1) * 8;
+                if (key > qpos || key >= kv_len) s[mi][n][e] = -INFINITY;
+              }
+        }
+        // Online softmax per row (each row is spread over the 4 threads of a quad); the running max
+        // is kept in log2 units, p = 2^(s·scale_log2 − m) is one FFMA and one MUFU.EX2. O is
+        // rescaled only when some row of the warp saw its max grow (rare after the first tiles).
+        float corr[kMi][2];
+        bool grew = false;
 #pragma unroll
         for (int mi = 0; mi < kMi; ++mi) {
-          pa[mi][0] = pack_bf16(s[mi][2 * kk][0], s[mi][2 * kk][1]);
-          pa[mi][1] = pack_bf16(s[mi][2 * kk][2], s[mi][2 * kk][3]);
-          pa[mi][2] = pack_bf16(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
-          pa[mi][3] = pack_bf16(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
-        }
 #pragma unroll
-        for (int dp = 0; dp < kD / 16; ++dp) {
-          uint32_t b[4];
-          ldmatrix_x4_trans(b, vt + swz(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), dp * 2 + (lane >> 4)));
+          for (int r = 0; r < 2; ++r) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < kSub / 8; ++n) mx = fmaxf(mx, fmaxf(s[mi][n][2 * r], s[mi][n][2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_row[mi][r], mx * scale_log2);
+            const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // fully masked row so far
+            grew |= m_new != m_row[mi][r];
+            corr[mi][r] = fast_exp2(m_row[mi][r] - m_use);
+            m_row[mi][r] = m_new;
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < kSub / 8; ++n) {
+              s[mi][n][2 * r] = fast_exp2(fmaf(s[mi][n][2 * r], scale_log2, -m_use));
+              s[mi][n][2 * r + 1] = fast_exp2(fmaf(s[mi][n][2 * r + 1], scale_log2, -m_use));
+              sum += s[mi][n][2 * r] + s[mi][n][2 * r + 1];
+            }
+            l_row[mi][r] = l_row[mi][r] * corr[mi][r] + sum;
+          }
+        }
+        if (__any_sync(0xffffffffu, grew)) {
+#pragma unroll
+          for (int mi = 0; mi < kMi; ++mi)
+#pragma unroll
+            for (int n = 0; n < kD / 8; ++n) {
+              o[mi][n][0] *= corr[mi][0];
+              o[mi][n][1] *= corr[mi][0];
+              o[mi][n][2] *= corr[mi][1];
+              o[mi][n][3] *= corr[mi][1];
+            }
+        }
+        // O += P · V, P re-packed from the S accumulators as bf16 A fragments.
+        const __nv_bfloat16* vt = v_stage(st);
+#pragma unroll
+        for (int kk = 0; kk < kSub / 16; ++kk) {
+          uint32_t pa[kMi][4];
 #pragma unroll
           for (int mi = 0; mi < kMi; ++mi) {
-            mma_bf16(o[mi][2 * dp], pa[mi], b[0], b[1]);
-            mma_bf16(o[mi][2 * dp + 1], pa[mi], b[2], b[3]);
+            pa[mi][0] = pack_bf16(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+            pa[mi][1] = pack_bf16(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+            pa[mi][2] = pack_bf16(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+            pa[mi][3] = pack_bf16(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+          }
+#pragma unroll
+          for (int dp = 0; dp < kD / 16; ++dp) {
+            uint32_t b[4];
+            const int key_row = sub * kSub + kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+            ldmatrix_x4_trans(b, vt + swz(key_row, dp * 2 + (lane >> 4)));
+#pragma unroll
+            for (int mi = 0; mi < kMi; ++mi) {
+              mma_bf16(o[mi][2 * dp], pa[mi], b[0], b[1]);
+              mma_bf16(o[mi][2 * dp + 1], pa[mi], b[2], b[3]);
+            }
           }
         }
       }
