@@ -20,7 +20,7 @@ struct BenchFlags {
   std::string random_weights;
   std::string seqs = "4096";
   std::string cps = "1";
-  int warmup = -1;  // -1: 1 on cuda, 0 on cpu
+  int warmup = 1;
   int repeats = -1; // -1: 3 on cuda, 1 on cpu
   bool json = false;
   bool profile = true;
@@ -97,7 +97,7 @@ int run_bench_prefill(BenchFlags& f) {
   const auto seqs = parse_list(f.seqs, "--seq");
   const auto cps = parse_list(f.cps, "--attn-cp-size");
   const bool cuda = f.ef.device == "cuda";
-  const int warmup = f.warmup >= 0 ? f.warmup : (cuda ? 1 : 0);
+  const int warmup = std::max(0, f.warmup);
   const int repeats = f.repeats > 0 ? f.repeats : (cuda ? 3 : 1);
   const int max_seq = *std::max_element(seqs.begin(), seqs.end());
   std::vector<Row> rows;
@@ -211,7 +211,7 @@ Command add_bench_command(CLI::App& app) {
   p->add_option("--seq", f->seqs, "Prompt lengths, comma-separated")->capture_default_str();
   p->add_option("--attn-cp-size", f->cps, "CP sizes, comma-separated (each runs on that many ranks)")
       ->capture_default_str();
-  p->add_option("--warmup", f->warmup, "Untimed runs first (default: 1 on cuda, 0 on cpu)");
+  p->add_option("--warmup", f->warmup, "Untimed runs first")->capture_default_str();
   p->add_option("--repeats", f->repeats, "Timed runs; the median is reported (default: 3 on cuda, 1 on cpu)");
   p->add_option("--peak-tflops", f->peak_tflops, "GEMM peak for MFU (default on cuda: measured, bf16 8192^3)");
   p->add_flag("!--no-profile", f->profile, "Skip the per-op breakdown");

@@ -471,6 +471,8 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
         throw;
       }
       app.detach();
+      // A request submitted between the loop's last look and detach() still gets served.
+      sched.run(g_stop);
       runner.shutdown();
     });
     log_info("drained: no request in flight");

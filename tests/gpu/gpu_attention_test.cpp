@@ -168,6 +168,24 @@ TEST_F(AttnRunner, RejectsBadBlockTable) {
   b.dev_block_table = gpu_i32("table", {7}, {1, 1});
   Tensor q = gpu_tensor("q", DType::BF16, {4, 2, d}, nullptr), out = gpu_tensor("out", DType::BF16, {4, 2, d}, nullptr);
   EXPECT_THROW(gpu_->attention(q, b, gc, 0.125f, out, Tensor{}), Error);
+
+  // A table too large for the host check (> 65536 entries) is not validated per call; its bad
+  // entries must still never fault: the kernels treat them as empty pages.
+  const int32_t big = 70000;
+  std::vector<int32_t> table(big, 1'000'000);  // every entry outside the 2-block cache
+  b.block_table = table;
+  b.max_blocks_per_seq = big;
+  b.dev_block_table = gpu_i32("big_table", table, {1, big});
+  Tensor q128 = gpu_tensor("q128", DType::BF16, {4, 2, 128}, nullptr);
+  KvLayer gc128{gpu_tensor("ck128", DType::BF16, {2, 1, 1, 128}, nullptr),
+                gpu_tensor("cv128", DType::BF16, {2, 1, 1, 128}, nullptr)};
+  const std::vector<float> qv(4 * 2 * 128, 0.5f);
+  gpu_->upload(q128.data, std::vector<uint16_t>(qv.size(), f32_to_bf16(0.5f)).data(), q128.nbytes());
+  Tensor out128 = gpu_tensor("out128", DType::BF16, {4, 2, 128}, nullptr);
+  EXPECT_NO_THROW(gpu_->attention(q128, b, gc128, 0.088f, out128, Tensor{}));  // flash path (D = 128)
+  EXPECT_NO_THROW(gpu_->attention(q, b, gc, 0.125f, out, Tensor{}));            // generic path (D = 64)
+  EXPECT_NO_THROW(gpu_->sync());
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
 }  // namespace

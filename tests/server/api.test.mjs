@@ -17,6 +17,7 @@ before(async () => {
 });
 
 after(async () => {
+  if (!server) return;
   const { code } = await server.stop();
   assert.equal(code, 0, `server exit status ${code}:\n${server.log().slice(-2000)}`);
 });

@@ -7,6 +7,7 @@
 #include <cublasLt.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/kernels/kernels.h"
@@ -220,6 +221,7 @@ void CudaBackend::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor o
   check_same_shape(x, out, "rms_norm", "x", "out");
   CPI_CHECK(w.numel() == x.cols(), "rms_norm: weight ", w.shape_str(), " does not match the last dim of x ",
             x.shape_str());
+  CPI_CHECK(std::isfinite(eps) && eps >= 0.0f, "rms_norm: eps must be finite and >= 0, got ", eps);
   DeviceGuard g(device_);
   CUDA_LAUNCH(launch_rms_norm(DevTensor{}, dev(x), dev(w), eps, dev(out), stream_), "rms_norm");
 }
@@ -236,6 +238,7 @@ void CudaBackend::add_rms_norm(Tensor residual, const Tensor& x, const Tensor& w
   check_same_shape(x, out, "add_rms_norm", "x", "out");
   CPI_CHECK(w.numel() == x.cols(), "add_rms_norm: weight ", w.shape_str(), " does not match the last dim of x ",
             x.shape_str());
+  CPI_CHECK(std::isfinite(eps) && eps >= 0.0f, "add_rms_norm: eps must be finite and >= 0, got ", eps);
   DeviceGuard g(device_);
   CUDA_LAUNCH(launch_rms_norm(dev(residual), dev(x), dev(w), eps, dev(out), stream_), "rms_norm");
 }
@@ -308,11 +311,14 @@ void CudaBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const
   CPI_CHECK(q_norm_w.numel() == d && k_norm_w.numel() == d, "qk_norm_rope: norm weights ", q_norm_w.shape_str(),
             " / ", k_norm_w.shape_str(), " must have head_dim = ", d, " elements");
   CPI_CHECK(is_float(q_norm_w.dtype) && is_float(k_norm_w.dtype), "qk_norm_rope: norm weights must be float");
+  CPI_CHECK(std::isfinite(eps) && eps >= 0.0f, "qk_norm_rope: eps must be finite and >= 0, got ", eps);
   CPI_CHECK(positions.numel() == q.dim(0), "qk_norm_rope: positions ", positions.shape_str(), " must have T = ",
             q.dim(0), " entries");
   DeviceGuard g(device_);
   const float* inv_freq = inv_freq_on_device(rope);
-  CUDA_LAUNCH(launch_qk_norm_rope(dev(q), dev(k), dev(q_norm_w), dev(k_norm_w), eps, dev(positions), inv_freq, rope.attention_factor, stream_), "qk_norm_rope");
+  CUDA_LAUNCH(launch_qk_norm_rope(dev(q), dev(k), dev(q_norm_w), dev(k_norm_w), eps, dev(positions), inv_freq,
+                                  rope.attention_factor, stream_),
+              "qk_norm_rope");
 }
 
 void CudaBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, KvLayer cache) {
@@ -359,6 +365,7 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
   const int64_t t = q.dim(0), hq = q.dim(1), hkv = cache.k.dim(2), d = q.dim(2);
   CPI_CHECK(hkv > 0 && hq % hkv == 0, "attention: ", hq, " query heads are not a multiple of ", hkv, " kv heads");
   CPI_CHECK(d <= 256, "attention: head_dim ", d, " > 256 is not supported on CUDA");
+  CPI_CHECK(std::isfinite(scale), "attention: scale must be finite, got ", scale);
   if (lse.defined()) {
     check_on_device(lse, op, "lse");
     check_dtype(lse, DType::F32, op, "lse");
@@ -376,6 +383,7 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
             batch.blocks.size(), " entries but dev_blocks has ", n_blocks);
   const int64_t n_seqs = batch.dev_block_table.dim(0);
   const int64_t bs = cache.block_size(), n_cache_blocks = cache.k.dim(0);
+  CPI_CHECK(bs > 0 && n_cache_blocks > 0, "attention: the KV cache ", cache.k.shape_str(), " is empty");
   int32_t max_q = 0;
   for (const AttnBlock& b : batch.blocks) {
     CPI_CHECK(b.q_len >= 0 && b.q_begin >= 0 && b.q_begin + b.q_len <= t && b.pos_begin >= 0 && b.seq >= 0 &&
@@ -384,7 +392,18 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
               b.seq, "} does not fit T = ", t, ", ", n_seqs, " sequences of ", batch.max_blocks_per_seq,
               " blocks of ", bs);
     max_q = std::max(max_q, b.q_len);
-    if (!batch.block_table.empty()) {
+  }
+  // Block-table entries are checked here when there are few (tests, short batches): the model
+  // calls attention once per layer with the same batch, and a large decode batch would pay
+  // O(entries) per layer. The kernels also treat an entry outside the cache as empty, so a bad
+  // table never faults either way.
+  constexpr int64_t kMaxHostCheckedEntries = int64_t{1} << 16;
+  if (!batch.block_table.empty() &&
+      static_cast<int64_t>(batch.block_table.size()) <= kMaxHostCheckedEntries) {
+    CPI_CHECK(static_cast<int64_t>(batch.block_table.size()) == n_seqs * batch.max_blocks_per_seq,
+              "attention: batch.block_table has ", batch.block_table.size(), " entries, expected ", n_seqs, " x ",
+              batch.max_blocks_per_seq);
+    for (const AttnBlock& b : batch.blocks) {
       const int64_t used = (b.pos_begin + b.q_len + bs - 1) / bs;
       for (int64_t i = 0; i < used; ++i) {
         const int32_t blk = batch.block_table[b.seq * batch.max_blocks_per_seq + i];
@@ -398,8 +417,10 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
   if (n_blocks == 0 || t == 0) return;
   DeviceGuard g(device_);
   const bool flash = d == 128 && q.dtype == DType::BF16 && cache.k.dtype == DType::BF16 && max_q > 1;
-  if (flash) CUDA_LAUNCH(launch_attention_flash(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_), "attention_flash");
-  else {
+  if (flash) {
+    CUDA_LAUNCH(launch_attention_flash(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_),
+                "attention_flash");
+  } else {
     int max_kv = 0;
     for (const AttnBlock& b : batch.blocks) max_kv = std::max(max_kv, b.pos_begin + b.q_len);
     const int n_splits = attention_generic_splits(static_cast<int>(t), static_cast<int>(hq), max_kv);

@@ -26,8 +26,8 @@ template <class T, class TC>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_generic_kernel(const T* __restrict__ q, const int32_t* __restrict__ blocks,
                              const int32_t* __restrict__ block_table, int max_blocks_per_seq,
-                             const TC* __restrict__ cache_k, const TC* __restrict__ cache_v, int block_size, int hq,
-                             int hkv, int d, float scale_log2, int n_splits, int split_len, T* __restrict__ out,
+                             const TC* __restrict__ cache_k, const TC* __restrict__ cache_v, int block_size,
+                             int n_pages, int hq, int hkv, int d, float scale_log2, int n_splits, int split_len, T* __restrict__ out,
                              float* __restrict__ lse, float* __restrict__ part) {
   const int lane = threadIdx.x & 31;
   const int qi = blockIdx.x * kWarps + (threadIdx.x >> 5);
@@ -61,8 +61,10 @@ __global__ void __launch_bounds__(kWarps * 32)
       const int key = k0 + c;
       s[c] = -INFINITY;
       vrow[c] = nullptr;
-      if (key < key_end) {  // warp-uniform
-        const int64_t slot = static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
+      const int page = key < key_end ? table[key / block_size] : -1;
+      // Warp-uniform; a block-table entry outside the cache skips the key instead of faulting.
+      if (static_cast<unsigned>(page) < static_cast<unsigned>(n_pages)) {
+        const int64_t slot = static_cast<int64_t>(page) * block_size + key % block_size;
         const int64_t base = (slot * hkv + kvh) * d;
         const TC* krow = cache_k + base;
         vrow[c] = cache_v + base;
@@ -76,7 +78,8 @@ __global__ void __launch_bounds__(kWarps * 32)
         cmax = fmaxf(cmax, s[c]);
       }
     }
-    const float m_new = fmaxf(m, cmax);  // finite: every chunk has at least one key
+    if (cmax == -INFINITY) continue;  // no usable key in this chunk
+    const float m_new = fmaxf(m, cmax);
     const float corr = exp2f(m - m_new);
     l *= corr;
 #pragma unroll
@@ -108,7 +111,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     return;
   }
   T* orow = out + (row * hq + h) * d;
-  const float inv_l = 1.0f / l;
+  const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
 #pragma unroll
   for (int j = 0; j < kMaxDPer; ++j) {
     const int dd = lane + 32 * j;
@@ -145,7 +148,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
   T* orow = out + (row * hq + h) * d;
-  const float inv_l = 1.0f / l;
+  const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
 #pragma unroll
   for (int j = 0; j < kMaxDPer; ++j) {
     const int dd = lane + 32 * j;
@@ -186,7 +189,8 @@ cudaError_t launch_attention_generic(const DevTensor& q, const DevAttnBatch& bat
   CPI_DISPATCH_ACT(q.dtype, "attention q", T, CPI_DISPATCH_ACT(cache.k.dtype, "attention cache", TC, {
     attention_generic_kernel<T, TC><<<grid, kWarps * 32, 0, stream>>>(
         static_cast<const T*>(q.data), batch.blocks, batch.block_table, batch.max_blocks_per_seq,
-        static_cast<const TC*>(cache.k.data), static_cast<const TC*>(cache.v.data), cache.block_size(), hq, hkv, d,
+        static_cast<const TC*>(cache.k.data), static_cast<const TC*>(cache.v.data), cache.block_size(),
+        static_cast<int>(cache.k.dim(0)), hq, hkv, d,
         scale_log2, n_splits, n_splits > 1 ? split_len : INT32_MAX, static_cast<T*>(out.data), lse_p, part);
   }));
   cudaError_t err = cudaGetLastError();

@@ -150,7 +150,8 @@ cudaError_t run_elementwise(const void* a, const void* b, void* out, int64_t n, 
 
 }  // namespace
 
-cudaError_t launch_rms_norm(DevTensor residual, const DevTensor& x, const DevTensor& w, float eps, DevTensor out, cudaStream_t stream) {
+cudaError_t launch_rms_norm(DevTensor residual, const DevTensor& x, const DevTensor& w, float eps, DevTensor out,
+                            cudaStream_t stream) {
   const int64_t rows = x.rows(), cols = x.cols();
   if (rows == 0 || cols == 0) return cudaSuccess;
   const bool has_res = residual.defined();
@@ -164,10 +165,15 @@ cudaError_t launch_rms_norm(DevTensor residual, const DevTensor& x, const DevTen
     auto* xp = static_cast<const TX*>(x.data);
     auto* wp = static_cast<const TW*>(w.data);
     auto* op = static_cast<TO*>(out.data);
-    if (has_res && vec) rms_norm_kernel<TX, TR, TW, TO, true, true><<<rows, threads, 0, stream>>>(r, xp, wp, op, cols, eps);
-    else if (has_res) rms_norm_kernel<TX, TR, TW, TO, false, true><<<rows, threads, 0, stream>>>(r, xp, wp, op, cols, eps);
-    else if (vec) rms_norm_kernel<TX, TR, TW, TO, true, false><<<rows, threads, 0, stream>>>(r, xp, wp, op, cols, eps);
-    else rms_norm_kernel<TX, TR, TW, TO, false, false><<<rows, threads, 0, stream>>>(r, xp, wp, op, cols, eps);
+    const unsigned grid = static_cast<unsigned>(rows);
+    if (has_res && vec)
+      rms_norm_kernel<TX, TR, TW, TO, true, true><<<grid, threads, 0, stream>>>(r, xp, wp, op, cols, eps);
+    else if (has_res)
+      rms_norm_kernel<TX, TR, TW, TO, false, true><<<grid, threads, 0, stream>>>(r, xp, wp, op, cols, eps);
+    else if (vec)
+      rms_norm_kernel<TX, TR, TW, TO, true, false><<<grid, threads, 0, stream>>>(r, xp, wp, op, cols, eps);
+    else
+      rms_norm_kernel<TX, TR, TW, TO, false, false><<<grid, threads, 0, stream>>>(r, xp, wp, op, cols, eps);
   }));
   return cudaGetLastError();
 }

@@ -49,7 +49,8 @@ __global__ void qk_norm_rope_kernel(T* __restrict__ q, T* __restrict__ k, const 
 
 }  // namespace
 
-cudaError_t launch_qk_norm_rope(DevTensor q, DevTensor k, const DevTensor& q_norm_w, const DevTensor& k_norm_w, float eps,
+cudaError_t launch_qk_norm_rope(DevTensor q, DevTensor k, const DevTensor& q_norm_w, const DevTensor& k_norm_w,
+                                float eps,
                          const DevTensor& positions, const float* inv_freq, float attention_factor,
                          cudaStream_t stream) {
   const int64_t n_tokens = q.dim(0);

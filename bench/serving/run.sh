@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Starts `cpinfer serve` (default: the demo model), waits for its ready line, runs
+# bench_serving.mjs against it with the remaining arguments, then stops the server (SIGTERM).
+#   bench/serving/run.sh [--bin build/cpinfer] [--serve "serve flags"] -- [bench flags]
+#   bench/serving/run.sh --serve "--chunked-prefill-size 512" -- --num-prompts 64 --request-rate 8 \
+#       --input-len 256 --output-len 32
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+BIN="$ROOT/build/cpinfer"
+SERVE_FLAGS=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bin) BIN="$2"; shift 2 ;;
+    --serve) SERVE_FLAGS="$2"; shift 2 ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+LOG="$(mktemp)"
+# shellcheck disable=SC2086
+"$BIN" serve --port 0 --log-interval 0 $SERVE_FLAGS 2>"$LOG" &
+PID=$!
+trap 'kill -TERM $PID 2>/dev/null || true; wait $PID 2>/dev/null || true; rm -f "$LOG"' EXIT
+URL=""
+for _ in $(seq 1 600); do
+  URL="$(grep -o 'ready: .* at http://[0-9.]*:[0-9]*' "$LOG" | grep -o 'http://.*' || true)"
+  [ -n "$URL" ] && break
+  kill -0 $PID 2>/dev/null || { cat "$LOG" >&2; echo "[bench] server exited" >&2; exit 1; }
+  sleep 0.1
+done
+[ -n "$URL" ] || { cat "$LOG" >&2; echo "[bench] server not ready after 60 s" >&2; exit 1; }
+grep -E "loaded|KV cache|ready" "$LOG" >&2 || true
+node "$ROOT/bench/serving/bench_serving.mjs" --base-url "$URL" "$@"
