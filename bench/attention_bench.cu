@@ -4,11 +4,14 @@
 // Fresh random bf16 inputs per size; CUDA-event timing, warm-up, median of --reps runs.
 // FLOPs counted causal-halved: 2 GEMMs x 2 FLOP x S² x D x Hq / 2.
 //
-//   attention_bench [--seq 4096,16384,32768] [--reps 20] [--block-size 64] [--json]
+//   attention_bench [--seq 4096,16384,32768] [--reps 20] [--block-size 64] [--kernel mma|wgmma|both] [--json]
+// Both kernels run by default on Hopper; each size then also reports the largest difference of the
+// wgmma output from the mma.sync one (0 when they agree bit for bit).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -56,8 +59,24 @@ DevTensor view(void* p, DType dt, std::initializer_list<int64_t> dims) {
 
 struct Result {
   int64_t seq;
+  std::string kernel;
   double ms, tflops;
+  double max_diff = -1.0;  // vs mma.sync, when both ran
 };
+
+cudaError_t run_kernel(const std::string& kernel, const DevTensor& q, const DevAttnBatch& b, const DevKv& c, float scale,
+                       const DevTensor& o, const DevTensor& l, cudaStream_t stream) {
+  if (kernel == "wgmma") return cpinfer::cuda::launch_attention_wgmma(q, b, c, scale, o, l, stream);
+  return cpinfer::cuda::launch_attention_flash(q, b, c, scale, o, l, stream);
+}
+
+std::vector<float> to_host_bf16(const void* p, int64_t n) {
+  std::vector<__nv_bfloat16> raw(n);
+  cudaMemcpy(raw.data(), p, n * 2, cudaMemcpyDeviceToHost);
+  std::vector<float> v(n);
+  for (int64_t i = 0; i < n; ++i) v[i] = __bfloat162float(raw[i]);
+  return v;
+}
 
 }  // namespace
 
@@ -65,10 +84,14 @@ int main(int argc, char** argv) {
   std::vector<int64_t> seqs = {4096, 16384, 32768};
   int reps = 20, block_size = 64;
   bool json = false;
+  std::vector<std::string> kernels;  // default: both on Hopper (compute 9.0), else mma
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--json") {
       json = true;
+    } else if (a == "--kernel" && i + 1 < argc) {
+      std::string k = argv[++i];
+      kernels = k == "both" ? std::vector<std::string>{"mma", "wgmma"} : std::vector<std::string>{k};
     } else if (a == "--reps" && i + 1 < argc) {
       reps = std::max(10, std::atoi(argv[++i]));
     } else if (a == "--block-size" && i + 1 < argc) {
@@ -82,7 +105,9 @@ int main(int argc, char** argv) {
         p = q == std::string::npos ? list.size() : q + 1;
       }
     } else {
-      std::fprintf(stderr, "usage: attention_bench [--seq 4096,16384] [--reps N>=10] [--block-size B] [--json]\n");
+      std::fprintf(stderr,
+                   "usage: attention_bench [--seq 4096,16384] [--reps N>=10] [--block-size B] "
+                   "[--kernel mma|wgmma|both] [--json]\n");
       return 2;
     }
   }
@@ -93,6 +118,9 @@ int main(int argc, char** argv) {
   }
   cudaDeviceProp prop{};
   BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
+  if (kernels.empty())
+    kernels = prop.major == 9 && prop.minor == 0 ? std::vector<std::string>{"mma", "wgmma"}
+                                                 : std::vector<std::string>{"mma"};
   const int64_t hq = 32, hkv = 4, d = 128;
   cudaStream_t stream;
   BENCH_CHECK(cudaStreamCreate(&stream));
@@ -138,37 +166,56 @@ int main(int argc, char** argv) {
     const DevTensor qt = view(q, DType::BF16, {s, hq, d}), ot = view(out, DType::BF16, {s, hq, d});
     const DevTensor lt = view(lse, DType::F32, {s, hq});
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-    for (int i = 0; i < 3; ++i) BENCH_CHECK(cpinfer::cuda::launch_attention_flash(qt, batch, cache, scale, ot, lt, stream));
-    std::vector<float> times;
-    for (int i = 0; i < reps; ++i) {
-      BENCH_CHECK(cudaEventRecord(ev0, stream));
-      BENCH_CHECK(cpinfer::cuda::launch_attention_flash(qt, batch, cache, scale, ot, lt, stream));
-      BENCH_CHECK(cudaEventRecord(ev1, stream));
-      BENCH_CHECK(cudaEventSynchronize(ev1));
-      float ms = 0;
-      BENCH_CHECK(cudaEventElapsedTime(&ms, ev0, ev1));
-      times.push_back(ms);
+    std::vector<float> ref;
+    for (const std::string& kernel : kernels) {
+      BENCH_CHECK(cudaMemset(out, 0xff, s * hq * d * 2));
+      for (int i = 0; i < 3; ++i) BENCH_CHECK(run_kernel(kernel, qt, batch, cache, scale, ot, lt, stream));
+      std::vector<float> times;
+      for (int i = 0; i < reps; ++i) {
+        BENCH_CHECK(cudaEventRecord(ev0, stream));
+        BENCH_CHECK(run_kernel(kernel, qt, batch, cache, scale, ot, lt, stream));
+        BENCH_CHECK(cudaEventRecord(ev1, stream));
+        BENCH_CHECK(cudaEventSynchronize(ev1));
+        float ms = 0;
+        BENCH_CHECK(cudaEventElapsedTime(&ms, ev0, ev1));
+        times.push_back(ms);
+      }
+      std::sort(times.begin(), times.end());
+      const double ms = times[times.size() / 2];
+      const double flops = 4.0 * static_cast<double>(s) * s * d * hq / 2.0;
+      Result r{s, kernel, ms, flops / (ms * 1e-3) / 1e12};
+      if (kernels.size() > 1) {
+        std::vector<float> got = to_host_bf16(out, s * hq * d);
+        if (ref.empty()) {
+          ref = std::move(got);
+        } else {
+          double mx = 0.0;
+          for (size_t i = 0; i < got.size(); ++i)
+            mx = std::max(mx, std::isfinite(got[i]) ? std::fabs(static_cast<double>(got[i]) - ref[i]) : 1e30);
+          r.max_diff = mx;
+        }
+      }
+      results.push_back(r);
     }
-    std::sort(times.begin(), times.end());
-    const double ms = times[times.size() / 2];
-    const double flops = 4.0 * static_cast<double>(s) * s * d * hq / 2.0;
-    results.push_back({s, ms, flops / (ms * 1e-3) / 1e12});
     for (void* p : {q, out, k, v, ck, cv, lse, slots, table, blocks}) BENCH_CHECK(cudaFree(p));
   }
   if (json) {
     std::printf("{\"device\": \"%s\", \"hq\": %lld, \"hkv\": %lld, \"head_dim\": %lld, \"block_size\": %d, \"results\": [",
                 prop.name, static_cast<long long>(hq), static_cast<long long>(hkv), static_cast<long long>(d), block_size);
     for (size_t i = 0; i < results.size(); ++i)
-      std::printf("%s{\"S\": %lld, \"ms\": %.4f, \"tflops\": %.1f}", i ? ", " : "",
-                  static_cast<long long>(results[i].seq), results[i].ms, results[i].tflops);
+      std::printf("%s{\"S\": %lld, \"kernel\": \"%s\", \"ms\": %.4f, \"tflops\": %.1f}", i ? ", " : "",
+                  static_cast<long long>(results[i].seq), results[i].kernel.c_str(), results[i].ms, results[i].tflops);
     std::printf("]}\n");
   } else {
     std::printf("attention prefill (causal, Hq=%lld Hkv=%lld D=%lld, block_size %d) on %s, median of %d\n",
                 static_cast<long long>(hq), static_cast<long long>(hkv), static_cast<long long>(d), block_size,
                 prop.name, reps);
-    std::printf("%8s %10s %10s\n", "S", "ms", "TFLOP/s");
-    for (const Result& r : results)
-      std::printf("%8lld %10.3f %10.1f\n", static_cast<long long>(r.seq), r.ms, r.tflops);
+    std::printf("%8s %8s %10s %10s %12s\n", "S", "kernel", "ms", "TFLOP/s", "max|d-mma|");
+    for (const Result& r : results) {
+      std::printf("%8lld %8s %10.3f %10.1f", static_cast<long long>(r.seq), r.kernel.c_str(), r.ms, r.tflops);
+      if (r.max_diff >= 0) std::printf(" %12.3e", r.max_diff);
+      std::printf("\n");
+    }
   }
   return 0;
 }

@@ -90,7 +90,8 @@ std::string Metrics::render(const Gauges& g) const {
   gauge("cpinfer_kv_cache_usage", "Fraction of KV cache blocks in use (0..1).", g.kv_usage);
   gauge("cpinfer_kv_cache_used_tokens", "KV cache positions in use (whole blocks).", g.kv_used_tokens);
   gauge("cpinfer_kv_cache_total_tokens", "KV cache capacity in positions.", g.kv_total_tokens);
-  counter("cpinfer_prompt_tokens_total", "Prompt tokens prefilled.", prompt_tokens_);
+  counter("cpinfer_preemptions_total", "Requests preempted (KV cache full; recomputed later).", g.preempted);
+  counter("cpinfer_prompt_tokens_total", "Prompt tokens prefilled (recomputation included).", prompt_tokens_);
   counter("cpinfer_generation_tokens_total", "Tokens generated.", generation_tokens_);
   counter("cpinfer_requests_finished_total", "Requests that finished (stop or length).", finished_);
   counter("cpinfer_requests_aborted_total", "Requests cancelled (client went away).", aborted_);

@@ -30,6 +30,7 @@ struct Gauges {
   double kv_usage = 0;  // fraction of KV blocks in use, 0..1
   int kv_used_tokens = 0;
   int kv_total_tokens = 0;
+  uint64_t preempted = 0;  // requests preempted so far (KV cache full while decoding)
 };
 
 class Metrics {

@@ -65,12 +65,11 @@ void Scheduler::take_incoming() {
   }
 }
 
-void Scheduler::finish(const std::shared_ptr<SchedRequest>& r, const std::string& reason, const std::string& error) {
+void Scheduler::finish(std::shared_ptr<SchedRequest> r, const std::string& reason, const std::string& error) {
   if (r->seq >= 0) {
     runner_.free_sequence(r->seq);
     r->seq = -1;
-    committed_blocks_ -= r->committed_blocks;
-    r->committed_blocks = 0;
+    r->reserved = 0;
   }
   auto it = std::find(running_.begin(), running_.end(), r);
   if (it != running_.end()) running_.erase(it);
@@ -120,26 +119,62 @@ void Scheduler::on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token
   else if (static_cast<int>(r->output.size()) >= r->max_tokens) finish(r, "length");
 }
 
-bool Scheduler::step() {
-  take_incoming();
-  drop_cancelled();
+void Scheduler::preempt(std::shared_ptr<SchedRequest> r) {
+  runner_.free_sequence(r->seq);
+  r->seq = -1;
+  r->reserved = 0;
+  r->n_prefilled = 0;
+  // Recompute later: the prompt and every output token but the last (the next decode input).
+  r->fill = r->prompt;
+  if (!r->output.empty()) r->fill.insert(r->fill.end(), r->output.begin(), r->output.end() - 1);
+  running_.erase(std::find(running_.begin(), running_.end(), r));
+  waiting_.push_front(r);
+  n_preempted_.fetch_add(1);
+  log_debug("preempted a request of ", r->fill.size(), " tokens: KV cache full");
+}
 
-  // Admission: FIFO; a request is admitted only when its whole budget (prompt + max_tokens) fits
-  // the blocks not promised to running requests, so a running request never runs out of KV.
+// FIFO admission. A request is admitted when its fill plus a bounded output reserve fits the blocks
+// that running requests will not claim soon (the rest of their fill and their next token).
+void Scheduler::admit() {
+  int free_after = runner_.n_free_blocks();
+  for (const auto& r : running_) {
+    const int len = static_cast<int>(std::max(r->fill.size(), r->prompt.size() + r->output.size())) + 1;
+    free_after -= std::max(0, blocks_for(len) - held_blocks(*r));
+  }
   while (!waiting_.empty() && static_cast<int>(running_.size()) < opt_.max_running_requests) {
-    auto& r = waiting_.front();
-    const int need = blocks_for(static_cast<int>(r->prompt.size()) + r->max_tokens);
-    if (committed_blocks_ + need > runner_.n_blocks()) break;
+    auto r = waiting_.front();
+    if (r->fill.empty()) r->fill = r->prompt;
+    const int left = r->max_tokens - static_cast<int>(r->output.size());
+    const int64_t want = int64_t(r->fill.size()) + std::min(left, opt_.decode_reserve_tokens) + 1;
+    const int need = blocks_for(static_cast<int>(std::min<int64_t>(want, int64_t(runner_.n_blocks()) * runner_.block_size())));
+    if (need > free_after) break;
+    free_after -= need;
     r->seq = runner_.add_sequence();
-    r->committed_blocks = need;
-    committed_blocks_ += need;
-    r->sampler.emplace(r->sampling);
+    if (!r->sampler) r->sampler.emplace(r->sampling);
     running_.push_back(r);
     waiting_.pop_front();
   }
+}
 
-  // Batch: one token of every decoding request, then prompt chunks, shortest remaining prompt
-  // first, within the step's token budget (so a short prompt is not stuck behind a long one).
+bool Scheduler::step() {
+  take_incoming();
+  drop_cancelled();
+  admit();
+
+  // Decoding requests each need room for one more token; when the cache cannot give it, the
+  // newest request gives its blocks back (never the last one: one request alone always fits).
+  auto decoding = [](const SchedRequest& r) { return r.n_prefilled == static_cast<int>(r.fill.size()) && !r.output.empty(); };
+  auto decode_len = [](const SchedRequest& r) { return static_cast<int>(r.prompt.size() + r.output.size()); };
+  for (;;) {
+    int need = 0;
+    for (const auto& r : running_)
+      if (decoding(*r)) need += std::max(0, blocks_for(decode_len(*r)) - held_blocks(*r));
+    if (need <= runner_.n_free_blocks() || running_.size() <= 1) break;
+    preempt(running_.back());
+  }
+
+  // Batch: one token of every decoding request, then chunks of fills, shortest remaining first,
+  // within the step's token budget (so a short prompt is not stuck behind a long one).
   int budget = opt_.chunked_prefill_size > 0 ? opt_.chunked_prefill_size : INT_MAX;
   std::vector<SeqWork> work;
   std::vector<std::shared_ptr<SchedRequest>> owners;
@@ -147,37 +182,54 @@ bool Scheduler::step() {
   decode_tokens.reserve(running_.size());  // spans point into it: no reallocation
   std::vector<std::shared_ptr<SchedRequest>> prefilling;
   for (auto& r : running_) {
-    const int plen = static_cast<int>(r->prompt.size());
-    if (r->n_prefilled < plen) {
-      prefilling.push_back(r);
+    if (!decoding(*r)) {
+      if (r->n_prefilled < static_cast<int>(r->fill.size())) prefilling.push_back(r);
       continue;
     }
     decode_tokens.push_back(r->output.back());
-    work.push_back(SeqWork{r->seq, plen + static_cast<int>(r->output.size()) - 1,
-                           std::span<const int32_t>(&decode_tokens.back(), 1), LogitsWanted::Last});
+    work.push_back(SeqWork{r->seq, decode_len(*r) - 1, std::span<const int32_t>(&decode_tokens.back(), 1),
+                           LogitsWanted::Last});
     owners.push_back(r);
     budget -= 1;
   }
   const int n_decode = static_cast<int>(work.size());
+  int free_blocks = runner_.n_free_blocks();
+  for (size_t i = 0; i < work.size(); ++i) free_blocks -= std::max(0, blocks_for(decode_len(*owners[i])) - held_blocks(*owners[i]));
   // Prompts always progress, even when many requests decode.
   if (opt_.chunked_prefill_size > 0) budget = std::max(budget, std::max(1, opt_.chunked_prefill_size / 8));
   std::stable_sort(prefilling.begin(), prefilling.end(), [](const auto& a, const auto& b) {
-    return a->prompt.size() - a->n_prefilled < b->prompt.size() - b->n_prefilled;
+    return a->fill.size() - a->n_prefilled < b->fill.size() - b->n_prefilled;
   });
   for (auto& r : prefilling) {
     if (budget <= 0) break;
-    const int plen = static_cast<int>(r->prompt.size());
-    const int n = std::min(plen - r->n_prefilled, budget);
+    const int flen = static_cast<int>(r->fill.size());
+    // As much as the budget and the free blocks allow.
+    const int room = (held_blocks(*r) + std::max(0, free_blocks)) * runner_.block_size() - r->n_prefilled;
+    const int n = std::min({flen - r->n_prefilled, budget, room});
+    if (n <= 0) continue;
     budget -= n;
-    work.push_back(SeqWork{r->seq, r->n_prefilled, std::span<const int32_t>(r->prompt.data() + r->n_prefilled, n),
-                           r->n_prefilled + n == plen ? LogitsWanted::Last : LogitsWanted::None});
+    free_blocks -= std::max(0, blocks_for(r->n_prefilled + n) - held_blocks(*r));
+    const bool sample = r->n_prefilled + n == flen && r->output.empty();
+    work.push_back(SeqWork{r->seq, r->n_prefilled, std::span<const int32_t>(r->fill.data() + r->n_prefilled, n),
+                           sample ? LogitsWanted::Last : LogitsWanted::None});
     owners.push_back(r);
   }
   if (work.empty()) {
+    // Partly filled requests hold every free block: make room by preempting the newest.
+    if (running_.size() > 1) {
+      preempt(running_.back());
+      publish_gauges();
+      return true;
+    }
     publish_gauges();
     return false;
   }
-  for (const SeqWork& w : work) runner_.reserve(w.kv_seq, w.n_cached + static_cast<int>(w.tokens.size()));
+  for (size_t i = 0; i < work.size(); ++i) {
+    const SeqWork& w = work[i];
+    const int n = w.n_cached + static_cast<int>(w.tokens.size());
+    runner_.reserve(w.kv_seq, n);
+    owners[i]->reserved = std::max(owners[i]->reserved, n);
+  }
 
   auto logits = runner_.run(work);
   CPI_CHECK(logits.size() == work.size(), "engine returned ", logits.size(), " logit groups for ", work.size(),
@@ -215,6 +267,7 @@ Gauges Scheduler::gauges() const {
   g.kv_usage = n_blocks > 0 ? double(used) / n_blocks : 0.0;
   g.kv_used_tokens = used * runner_.block_size();
   g.kv_total_tokens = n_blocks * runner_.block_size();
+  g.preempted = n_preempted_.load();
   return g;
 }
 

@@ -42,6 +42,10 @@ struct SchedulerOptions {
   int chunked_prefill_size = 2048;  // tokens per step (decode tokens + prompt chunks); <= 0: no limit
   int max_running_requests = 256;
   int context_length = 32768;
+  // Admission counts a request's prompt plus at most this many output tokens; when decoding then
+  // runs out of KV blocks, the newest request is preempted (its blocks freed, its tokens
+  // recomputed later). INT_MAX: reserve max_tokens up front, never preempt.
+  int decode_reserve_tokens = 256;
   double log_interval_s = 10;       // periodic stats line; <= 0: none
   std::chrono::milliseconds idle_ping{1000};
 };
@@ -69,8 +73,10 @@ struct SchedRequest {
 
   // Scheduler state.
   int seq = -1;
-  int n_prefilled = 0;
-  int committed_blocks = 0;
+  std::vector<int32_t> fill;  // tokens to put in the cache before decoding: the prompt, or after a
+                              // preemption the prompt and all output tokens but the last
+  int n_prefilled = 0;        // tokens of fill in the cache
+  int reserved = 0;           // positions reserved in the cache
   std::vector<int32_t> output;
   std::optional<Sampler> sampler;
   std::chrono::steady_clock::time_point last_token_time;
@@ -98,13 +104,17 @@ class Scheduler {
 
   Gauges gauges() const;
   int n_running() const { return n_running_.load(); }
+  uint64_t n_preempted() const { return n_preempted_.load(); }
   int n_waiting() const { return n_waiting_.load(); }
 
  private:
   bool has_work();
   void take_incoming();
   void drop_cancelled();
-  void finish(const std::shared_ptr<SchedRequest>& r, const std::string& reason, const std::string& error = {});
+  void finish(std::shared_ptr<SchedRequest> r, const std::string& reason, const std::string& error = {});
+  void preempt(std::shared_ptr<SchedRequest> r);  // by value: r may live in running_
+  void admit();
+  int held_blocks(const SchedRequest& r) const { return blocks_for(r.reserved); }
   void on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token);
   int blocks_for(int n_tokens) const;
   void publish_gauges();
@@ -122,9 +132,9 @@ class Scheduler {
   // Scheduler thread only.
   std::deque<std::shared_ptr<SchedRequest>> waiting_;
   std::vector<std::shared_ptr<SchedRequest>> running_;
-  int committed_blocks_ = 0;  // blocks promised to running requests (prompt + max_tokens)
 
   std::atomic<int> n_running_{0}, n_waiting_{0}, n_free_blocks_{0};
+  std::atomic<uint64_t> n_preempted_{0};
   std::chrono::steady_clock::time_point last_log_;
   uint64_t logged_prompt_ = 0, logged_gen_ = 0;
 };

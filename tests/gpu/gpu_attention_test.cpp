@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <numeric>
 
+#include "backends/cuda/cuda_backend.h"
 #include "gpu_test_util.h"
 
 namespace cpinfer::gputest {
@@ -90,16 +91,27 @@ class AttnRunner : public GpuOpsTest {
 
     Tensor co = cpu_alloc(DType::F32, {t, hq, d}), clse = cpu_alloc(DType::F32, {t, hq});
     cpu_->attention(cpu_f32(q, {t, hq, d}), cb, ccache, scale, co, clse);
-    Tensor go = gpu_tensor("out", DType::BF16, {t, hq, d}, nullptr);
-    Tensor glse = gpu_tensor("lse", DType::F32, {t, hq}, nullptr);
-    gpu_->attention(gpu_tensor("q", DType::BF16, {t, hq, d}, &q), gb, gcache, scale, go, glse);
-    const std::string sh = c.name + " T=" + std::to_string(t) + " kv<=" + std::to_string(max_kv);
-    expect_close("attention.out", sh, gpu_read(go), cpu_read(co), 1e-4, 0.05);
-    expect_close("attention.lse", sh, gpu_read(glse), cpu_read(clse), 1e-8, 2e-3);
-    // Without lse the output is the same.
-    Tensor go2 = gpu_tensor("out2", DType::BF16, {t, hq, d}, nullptr);
-    gpu_->attention(gpu_tensor("q2", DType::BF16, {t, hq, d}, &q), gb, gcache, scale, go2, Tensor{});
-    expect_close("attention.nolse", sh, gpu_read(go2), gpu_read(go), 0.0, 0.0);
+    // Head dim 128 with q_len > 1 runs a tensor-core kernel: check every one this GPU has.
+    auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
+    using PK = cuda::CudaBackend::PrefillKernel;
+    const PK initial = cuda.prefill_kernel();
+    std::vector<PK> kernels = {PK::MmaSync};
+    if (d == 128 && max_q > 1 && cuda.wgmma_supported()) kernels.push_back(PK::Wgmma);
+    for (PK kernel : kernels) {
+      cuda.set_prefill_kernel(kernel);
+      Tensor go = gpu_tensor("out", DType::BF16, {t, hq, d}, nullptr);
+      Tensor glse = gpu_tensor("lse", DType::F32, {t, hq}, nullptr);
+      gpu_->attention(gpu_tensor("q", DType::BF16, {t, hq, d}, &q), gb, gcache, scale, go, glse);
+      const std::string sh = c.name + (kernel == PK::Wgmma ? " wgmma" : "") + " T=" + std::to_string(t) +
+                             " kv<=" + std::to_string(max_kv);
+      expect_close("attention.out", sh, gpu_read(go), cpu_read(co), 1e-4, 0.05);
+      expect_close("attention.lse", sh, gpu_read(glse), cpu_read(clse), 1e-8, 2e-3);
+      // Without lse the output is the same.
+      Tensor go2 = gpu_tensor("out2", DType::BF16, {t, hq, d}, nullptr);
+      gpu_->attention(gpu_tensor("q2", DType::BF16, {t, hq, d}, &q), gb, gcache, scale, go2, Tensor{});
+      expect_close("attention.nolse", sh, gpu_read(go2), gpu_read(go), 0.0, 0.0);
+    }
+    cuda.set_prefill_kernel(initial);
   }
 };
 
@@ -182,7 +194,13 @@ TEST_F(AttnRunner, RejectsBadBlockTable) {
   const std::vector<float> qv(4 * 2 * 128, 0.5f);
   gpu_->upload(q128.data, std::vector<uint16_t>(qv.size(), f32_to_bf16(0.5f)).data(), q128.nbytes());
   Tensor out128 = gpu_tensor("out128", DType::BF16, {4, 2, 128}, nullptr);
-  EXPECT_NO_THROW(gpu_->attention(q128, b, gc128, 0.088f, out128, Tensor{}));  // flash path (D = 128)
+  auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
+  cuda.set_prefill_kernel(cuda::CudaBackend::PrefillKernel::MmaSync);
+  EXPECT_NO_THROW(gpu_->attention(q128, b, gc128, 0.088f, out128, Tensor{}));  // tensor-core path (D = 128)
+  if (cuda.wgmma_supported()) {
+    cuda.set_prefill_kernel(cuda::CudaBackend::PrefillKernel::Wgmma);
+    EXPECT_NO_THROW(gpu_->attention(q128, b, gc128, 0.088f, out128, Tensor{}));
+  }
   EXPECT_NO_THROW(gpu_->attention(q, b, gc, 0.125f, out, Tensor{}));            // generic path (D = 64)
   EXPECT_NO_THROW(gpu_->sync());
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);

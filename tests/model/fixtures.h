@@ -20,6 +20,7 @@ inline std::string fixture_dir(const std::string& name) {
 struct RefPrompt {
   std::vector<int32_t> ids, argmax_fp32, greedy_fp32, argmax_bf16, greedy_bf16;
   std::vector<float> last_logits_fp32;
+  std::vector<float> top2_gap_fp32;  // fp32 top-1 minus top-2 logit at every position
 };
 
 inline std::vector<RefPrompt> load_reference(const std::string& name) {
@@ -35,6 +36,7 @@ inline std::vector<RefPrompt> load_reference(const std::string& name) {
     r.last_logits_fp32 = p.at("last_logits_fp32").get<std::vector<float>>();
     if (p.contains("argmax_bf16")) r.argmax_bf16 = p.at("argmax_bf16").get<std::vector<int32_t>>();
     if (p.contains("greedy_bf16")) r.greedy_bf16 = p.at("greedy_bf16").get<std::vector<int32_t>>();
+    if (p.contains("top2_gap_fp32")) r.top2_gap_fp32 = p.at("top2_gap_fp32").get<std::vector<float>>();
     out.push_back(std::move(r));
   }
   return out;

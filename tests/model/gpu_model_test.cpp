@@ -1,7 +1,18 @@
-// The CUDA back-end end to end on the transformers fixtures: argmax agreement with transformers'
-// bf16 forward, the last position's top-1, and greedy continuations equal to the CPU reference.
-// Skips, saying why, when the build has no CUDA or the machine no GPU.
+// The CUDA back-end (bf16) end to end on the transformers fixtures. Skips, saying why, when the
+// build has no CUDA or the machine no GPU.
+//
+// What bf16 can promise on these random fixtures: their logits have small top-2 gaps (median
+// ~0.45), and transformers' own bf16 forward agrees with its fp32 forward on only 96.6-98.6% of the
+// argmaxes, with 3-6 of 7 greedy continuations equal. So the test asks that the CUDA path be at least
+// as faithful to the fp32 truth as transformers' bf16 is, and exact wherever the truth is not a
+// near-tie:
+//  - argmax agreement with transformers fp32 >= transformers bf16's own agreement with fp32;
+//  - argmax equal to fp32's at every position whose fp32 top-2 gap exceeds kMargin, incl. the last;
+//  - greedy continuations equal to the CPU reference up to the first step where the CPU's top-2
+//    gap is below kMargin (after a near-tie the two may legitimately go different ways).
 #include <gtest/gtest.h>
+
+#include <algorithm>
 
 #include "engine/engine.h"
 #include "engine/sampler.h"
@@ -11,6 +22,8 @@ using namespace cpinfer;
 using namespace cpinfer::test;
 
 namespace {
+constexpr float kMargin = 0.3f;  // logits; bf16 logit errors on these fixtures are a few hundredths
+
 std::string cuda_unavailable() {
 #ifndef CPINFER_HAVE_CUDA
   return "this build has no CUDA back-end";
@@ -31,11 +44,35 @@ EngineOptions opts(const std::string& device) {
   eo.kv_cache_tokens = 2048;
   return eo;
 }
+
+float top2_gap(std::span<const float> row) {
+  float a = -INFINITY, b = -INFINITY;
+  for (float x : row) {
+    if (x > a) b = a, a = x;
+    else if (x > b) b = x;
+  }
+  return a - b;
+}
+
+// Greedy continuation with the top-2 gap of every step.
+std::pair<std::vector<int32_t>, std::vector<float>> greedy(Engine& e, const std::vector<int32_t>& ids, int n) {
+  std::vector<int> seqs;
+  auto logits = e.prefill({std::span<const int32_t>(ids)}, seqs);
+  std::vector<int32_t> out;
+  std::vector<float> gaps;
+  for (int i = 0; i < n; ++i) {
+    out.push_back(argmax(logits[0]));
+    gaps.push_back(top2_gap(logits[0]));
+    if (i + 1 < n) logits = e.decode({seqs[0]}, {out.back()});
+  }
+  e.release(seqs[0]);
+  return {out, gaps};
+}
 }  // namespace
 
 class GpuFixtures : public ::testing::TestWithParam<std::string> {};
 
-TEST_P(GpuFixtures, MatchesTransformersBf16AndTheCpuPath) {
+TEST_P(GpuFixtures, AsFaithfulAsTransformersBf16AndExactAwayFromNearTies) {
   if (auto why = cuda_unavailable(); !why.empty()) GTEST_SKIP() << why;
   const std::string name = GetParam();
   auto refs = load_reference(name);
@@ -43,34 +80,43 @@ TEST_P(GpuFixtures, MatchesTransformersBf16AndTheCpuPath) {
   Engine gpu(fixture_dir(name), opts("cuda"));
   Engine cpu(fixture_dir(name), opts("cpu"));
   const int64_t V = gpu.config().vocab_size;
-  size_t agree = 0, total = 0, agree_fp32 = 0, greedy_same = 0;
+  size_t total = 0, agree_fp32 = 0, agree_bf16 = 0, hf_bf16_vs_fp32 = 0, clear = 0, clear_agree = 0;
+  size_t greedy_equal = 0, greedy_checked_steps = 0;
   for (const RefPrompt& r : refs) {
-    ASSERT_FALSE(r.argmax_bf16.empty()) << "fixture lacks bf16 reference";
+    ASSERT_EQ(r.top2_gap_fp32.size(), r.ids.size()) << "fixture lacks top2_gap_fp32";
     std::vector<int> seqs;
     auto logits = gpu.prefill({std::span<const int32_t>(r.ids)}, seqs, LogitsWanted::All);
     gpu.release(seqs[0]);
     for (size_t t = 0; t < r.ids.size(); ++t) {
       int32_t a = argmax(std::span<const float>(logits[0].data() + t * V, V));
-      agree += a == r.argmax_bf16[t];
       agree_fp32 += a == r.argmax_fp32[t];
+      agree_bf16 += a == r.argmax_bf16[t];
+      hf_bf16_vs_fp32 += r.argmax_bf16[t] == r.argmax_fp32[t];
       ++total;
+      if (r.top2_gap_fp32[t] > kMargin) {
+        ++clear;
+        clear_agree += a == r.argmax_fp32[t];
+        EXPECT_EQ(a, r.argmax_fp32[t]) << name << ": position " << t << " of a " << r.ids.size()
+                                       << "-token prompt, fp32 top-2 gap " << r.top2_gap_fp32[t];
+      }
     }
-    int32_t last = argmax(std::span<const float>(logits[0].data() + (r.ids.size() - 1) * V, V));
-    EXPECT_EQ(last, r.argmax_bf16.back()) << name << ": last-position top-1, prompt of " << r.ids.size();
-    GenerateOptions g;
-    g.max_new_tokens = 20;
-    g.ignore_eos = true;
-    g.sampling.temperature = 0;
-    auto a = gpu.generate(r.ids, g).output_ids;
-    auto b = cpu.generate(r.ids, g).output_ids;
-    greedy_same += a == b;
-    EXPECT_EQ(a, b) << name << ": greedy continuation on CUDA vs CPU, prompt of " << r.ids.size();
+    auto [g, g_gaps] = greedy(gpu, r.ids, 20);
+    auto [c, c_gaps] = greedy(cpu, r.ids, 20);
+    size_t i = 0;
+    for (; i < c.size() && c_gaps[i] > kMargin; ++i) {
+      EXPECT_EQ(g[i], c[i]) << name << ": greedy step " << i << " after a " << r.ids.size() << "-token prompt";
+      if (g[i] != c[i]) break;
+    }
+    greedy_checked_steps += i;
+    greedy_equal += g == c;
   }
-  double rate = double(agree) / double(total);
-  std::printf("[gpu %s] argmax agreement vs transformers bf16 %.4f (vs fp32 %.4f) over %zu positions; greedy "
-              "equal to CPU %zu/%zu\n",
-              name.c_str(), rate, double(agree_fp32) / double(total), total, greedy_same, refs.size());
-  EXPECT_GE(rate, 0.99) << name;
+  const double rate = double(agree_fp32) / double(total), hf_rate = double(hf_bf16_vs_fp32) / double(total);
+  std::printf("[gpu %s] argmax agreement vs transformers fp32 %.4f (transformers' own bf16: %.4f), vs transformers "
+              "bf16 %.4f; %zu/%zu positions with gap > %.1f all equal: %s; greedy equal to CPU %zu/%zu (%zu steps "
+              "checked before a near-tie)\n",
+              name.c_str(), rate, hf_rate, double(agree_bf16) / double(total), clear_agree, clear, kMargin,
+              clear_agree == clear ? "yes" : "NO", greedy_equal, refs.size(), greedy_checked_steps);
+  EXPECT_GE(rate, hf_rate) << name << ": less faithful to fp32 than transformers' bf16 forward";
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GpuFixtures, ::testing::ValuesIn(fixture_names()));

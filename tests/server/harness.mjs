@@ -1,7 +1,7 @@
 // Starts `cpinfer serve` on a tiny demo model for the server tests and stops it again (also when a
 // test fails or the runner exits). The binary comes from $CPINFER_BIN (ctest sets it).
 import { spawn, execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync, renameSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -24,9 +24,16 @@ export function tinyModel() {
   if (!existsSync(BIN)) throw new Error(`no cpinfer binary at ${BIN}: build it or set CPINFER_BIN`);
   const dir = path.join(TMP, 'server-test-model');
   if (!existsSync(path.join(dir, 'model.safetensors'))) {
-    mkdirSync(dir, { recursive: true });
-    execFileSync(BIN, ['-q', 'demo-model', '--out', dir, '--layers', '1', '--hidden', '64', '--experts', '4'],
+    // Written beside and renamed: test files running in parallel never see half a model.
+    const tmp = `${dir}.tmp${process.pid}`;
+    mkdirSync(tmp, { recursive: true });
+    execFileSync(BIN, ['-q', 'demo-model', '--out', tmp, '--layers', '1', '--hidden', '64', '--experts', '4'],
                  { stdio: 'inherit' });
+    try {
+      renameSync(tmp, dir);
+    } catch {
+      rmSync(tmp, { recursive: true, force: true });  // another test file won the race
+    }
   }
   return dir;
 }

@@ -47,6 +47,28 @@ describe('chunked prefill', () => {
   });
 });
 
+describe('KV cache pressure', () => {
+  it('preempted requests are recomputed and give the same output as alone', async () => {
+    const small = await startServer(['--kv-cache-tokens', '512', '--context-length', '512']);
+    try {
+      const client = clientOf(small);
+      const reqs = Array.from({ length: 6 }, (_, i) => ({ prompt: tokenPrompt(60 + i, i), max_tokens: 120,
+                                                            temperature: 0, ignore_eos: true }));
+      const together = await Promise.all(reqs.map((r) => client.completions.create(r)));
+      const m = await metrics(small.url);
+      assert.ok(m.get('cpinfer_preemptions_total') > 0, '6 x 180 positions in a 512-position cache: no preemption?');
+      assert.equal(m.get('cpinfer_kv_cache_usage'), 0);
+      for (let i = 0; i < reqs.length; ++i) {
+        const alone = await client.completions.create(reqs[i]);
+        assert.equal(together[i].usage.completion_tokens, 120);
+        assert.equal(together[i].choices[0].text, alone.choices[0].text, `request ${i}`);
+      }
+    } finally {
+      await small.stop();
+    }
+  });
+});
+
 describe('context parallelism', () => {
   it('same seed, same output at CP size 1 and 2 (prompts long enough to split)', async () => {
     const [a, b] = [clientOf(cp1), clientOf(cp2)];

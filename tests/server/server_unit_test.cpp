@@ -3,6 +3,7 @@
 // engine.
 #include <gtest/gtest.h>
 
+#include <climits>
 #include <map>
 
 #include "server/api.h"
@@ -185,11 +186,12 @@ TEST(Metrics, HistogramIsCumulativeAndTextFormatHasGauges) {
   EXPECT_NE(out.find("x_count 3\n"), std::string::npos);
   Metrics m;
   m.add_prompt_tokens(5);
-  std::string text = m.render(Gauges{2, 3, 0.25, 16, 64});
+  std::string text = m.render(Gauges{2, 3, 0.25, 16, 64, 7});
   EXPECT_NE(text.find("cpinfer_num_running_reqs 2\n"), std::string::npos);
   EXPECT_NE(text.find("cpinfer_num_waiting_reqs 3\n"), std::string::npos);
   EXPECT_NE(text.find("cpinfer_kv_cache_usage 0.25\n"), std::string::npos);
   EXPECT_NE(text.find("cpinfer_prompt_tokens_total 5\n"), std::string::npos);
+  EXPECT_NE(text.find("cpinfer_preemptions_total 7\n"), std::string::npos);
 }
 
 // A fake engine: paged blocks like KvCache, and logits whose argmax is (n_cached + n) % kVocab.
@@ -273,7 +275,9 @@ TEST(Scheduler, NeverFitsNamesTheLimit) {
 
 TEST(Scheduler, AdmitsOnlyWhatFitsAndFreesOnFinish) {
   FakeRunner fake(4, 4);  // 16 positions
-  Scheduler s(fake, SchedulerOptions{});
+  SchedulerOptions opt;
+  opt.decode_reserve_tokens = INT_MAX;  // reserve max_tokens up front: b must wait for a
+  Scheduler s(fake, opt);
   Done a, b;
   s.submit(make_req(6, 6, a));  // 3 blocks
   s.submit(make_req(4, 4, b));  // 2 blocks: waits until a is done
@@ -291,6 +295,27 @@ TEST(Scheduler, AdmitsOnlyWhatFitsAndFreesOnFinish) {
   EXPECT_FALSE(s.step());
   EXPECT_EQ(fake.n_free_blocks(), 4);
   EXPECT_DOUBLE_EQ(s.gauges().kv_usage, 0.0);
+}
+
+TEST(Scheduler, PreemptsTheNewestWhenDecodingRunsOutOfBlocksAndRecomputesIt) {
+  FakeRunner fake(8, 4);  // 32 positions
+  SchedulerOptions opt;
+  opt.decode_reserve_tokens = 1;  // admit optimistically
+  Scheduler s(fake, opt);
+  Done d[4];
+  const int plen[4] = {5, 6, 7, 3};
+  for (int i = 0; i < 4; ++i) s.submit(make_req(plen[i], 12, d[i]));  // 4 x up to 18 positions > 32
+  for (int n = 0; n < 1000 && !(d[0].finished && d[1].finished && d[2].finished && d[3].finished); ++n) s.step();
+  EXPECT_GT(s.n_preempted(), 0u);
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(d[i].finished) << i;
+    EXPECT_EQ(d[i].reason, "length");
+    // Recomputation changes nothing: token k still follows plen + k positions.
+    ASSERT_EQ(d[i].tokens.size(), 12u) << i;
+    for (int k = 0; k < 12; ++k) EXPECT_EQ(d[i].tokens[k], (plen[i] + k) % FakeRunner::kVocab) << i << " " << k;
+  }
+  EXPECT_EQ(fake.n_free_blocks(), 8);
+  // Resumed requests were re-filled without sampling again: each produced exactly its 12 tokens.
 }
 
 TEST(Scheduler, ChunkedPrefillKeepsTheBudgetAndServesShortPromptsFirst) {

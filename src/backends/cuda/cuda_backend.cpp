@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/kernels/kernels.h"
@@ -34,6 +35,7 @@ const char* cublas_status_name(cublasStatus_t s) {
 namespace {
 
 constexpr size_t kCublasWorkspaceBytes = 32u << 20;  // cuBLAS wants >= 32 MiB on Hopper
+constexpr bool kWgmmaByDefault = true;  // 1.45x mma.sync on H200 (bench/attention_bench), same output
 
 // Makes device_ current for the calling thread (several back-ends may share a process).
 class DeviceGuard {
@@ -96,8 +98,18 @@ CudaBackend::CudaBackend(int device_index) : device_(device_index) {
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
   name_ = std::string("cuda:") + std::to_string(device_) + " (" + prop.name + ")";
-  log_info("CUDA back-end on ", name_, ", ", prop.multiProcessorCount, " SMs, ",
-           prop.totalGlobalMem >> 20, " MiB");
+  hopper_ = prop.major == 9 && prop.minor == 0;
+  const bool hopper = hopper_;
+  use_wgmma_ = hopper && kWgmmaByDefault;
+  if (const char* k = std::getenv("CPINFER_ATTENTION_KERNEL")) {
+    const std::string want = k;
+    CPI_CHECK(want == "mma" || want == "wgmma", "CPINFER_ATTENTION_KERNEL must be 'mma' or 'wgmma', got '", want, "'");
+    CPI_CHECK(want == "mma" || hopper, "CPINFER_ATTENTION_KERNEL=wgmma needs a compute capability 9.0 GPU, ", name_,
+              " is ", prop.major, ".", prop.minor);
+    use_wgmma_ = want == "wgmma";
+  }
+  log_info("CUDA back-end on ", name_, ", ", prop.multiProcessorCount, " SMs, ", prop.totalGlobalMem >> 20,
+           " MiB, prefill attention on ", use_wgmma_ ? "wgmma" : "mma.sync");
 }
 
 CudaBackend::~CudaBackend() {
@@ -113,6 +125,12 @@ CudaBackend::~CudaBackend() {
 }
 
 std::string CudaBackend::name() const { return name_; }
+
+void CudaBackend::set_prefill_kernel(PrefillKernel k) {
+  CPI_CHECK(k == PrefillKernel::MmaSync || hopper_, "the wgmma attention kernel needs a compute capability 9.0 GPU (",
+            name_, ")");
+  use_wgmma_ = k == PrefillKernel::Wgmma;
+}
 
 // ---- memory
 
@@ -418,8 +436,12 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
   DeviceGuard g(device_);
   const bool flash = d == 128 && q.dtype == DType::BF16 && cache.k.dtype == DType::BF16 && max_q > 1;
   if (flash) {
-    CUDA_LAUNCH(launch_attention_flash(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_),
-                "attention_flash");
+    if (use_wgmma_)
+      CUDA_LAUNCH(launch_attention_wgmma(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_),
+                  "attention_wgmma");
+    else
+      CUDA_LAUNCH(launch_attention_flash(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_),
+                  "attention_flash");
   } else {
     int max_kv = 0;
     for (const AttnBlock& b : batch.blocks) max_kv = std::max(max_kv, b.pos_begin + b.q_len);

@@ -71,6 +71,14 @@ class CudaBackend : public Backend {
   void convert(const Tensor& src, Tensor dst) override;
 
   cudaStream_t stream() const { return stream_; }
+
+  // The tensor-core kernel behind prefill attention (head_dim 128, BF16): wgmma (Hopper, compute
+  // capability 9.0, the default there) or mma.sync (any sm_80+ GPU). The environment variable
+  // CPINFER_ATTENTION_KERNEL=mma|wgmma sets it at construction; tests switch it to cover both.
+  enum class PrefillKernel { MmaSync, Wgmma };
+  void set_prefill_kernel(PrefillKernel k);
+  PrefillKernel prefill_kernel() const { return use_wgmma_ ? PrefillKernel::Wgmma : PrefillKernel::MmaSync; }
+  bool wgmma_supported() const { return hopper_; }
   int device_index() const { return device_; }
 
  private:
@@ -85,6 +93,8 @@ class CudaBackend : public Backend {
   void gemm(const Tensor& a, const Tensor& w, Tensor out);
 
   int device_ = 0;
+  bool hopper_ = false;  // compute capability 9.0: the sm_90a wgmma kernel can run
+  bool use_wgmma_ = false;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;

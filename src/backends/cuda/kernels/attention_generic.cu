@@ -27,7 +27,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     attention_generic_kernel(const T* __restrict__ q, const int32_t* __restrict__ blocks,
                              const int32_t* __restrict__ block_table, int max_blocks_per_seq,
                              const TC* __restrict__ cache_k, const TC* __restrict__ cache_v, int block_size,
-                             int n_pages, int hq, int hkv, int d, float scale_log2, int n_splits, int split_len, T* __restrict__ out,
+                             int n_pages, int hq, int hkv, int d, float scale_log2, int n_splits, int split_len,
+                             T* __restrict__ out,
                              float* __restrict__ lse, float* __restrict__ part) {
   const int lane = threadIdx.x & 31;
   const int qi = blockIdx.x * kWarps + (threadIdx.x >> 5);

@@ -76,6 +76,10 @@ cudaError_t launch_kv_store(const DevTensor& k, const DevTensor& v, const DevTen
 // Tensor-core prefill kernel: D = 128, BF16 q/out/cache.
 cudaError_t launch_attention_flash(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
                                    DevTensor out, DevTensor lse, cudaStream_t stream);
+// The same on Hopper warpgroup MMA (kernels/attention_wgmma.cu, built for sm_90a only): returns
+// cudaErrorNotSupported on other devices or when the library was built without it.
+cudaError_t launch_attention_wgmma(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
+                                   DevTensor out, DevTensor lse, cudaStream_t stream);
 // Any D <= 256, F32 or BF16: one warp per (query, head, key split). Also serves decode. With
 // n_splits > 1 (see attention_generic_splits) `part` is F32 scratch of
 // T · Hq · n_splits · (D + 2) floats; max_kv_len bounds pos_begin + q_len over the blocks.
