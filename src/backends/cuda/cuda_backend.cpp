@@ -90,11 +90,6 @@ CudaBackend::CudaBackend(int device_index) : device_(device_index) {
   CPI_CHECK(device_index >= 0 && device_index < n, "CUDA device ", device_index, " does not exist (", n,
             " device(s) visible)");
   CUDA_CHECK(cudaSetDevice(device_));
-  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  CUBLAS_CHECK(cublasCreate(&cublas_));
-  CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
-  CUDA_CHECK(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes));
-  CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspaceBytes));
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
   name_ = std::string("cuda:") + std::to_string(device_) + " (" + prop.name + ")";
@@ -108,6 +103,12 @@ CudaBackend::CudaBackend(int device_index) : device_(device_index) {
               " is ", prop.major, ".", prop.minor);
     use_wgmma_ = want == "wgmma";
   }
+  // Resources last: a bad setting above throws before anything needs freeing.
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  CUBLAS_CHECK(cublasCreate(&cublas_));
+  CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+  CUDA_CHECK(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes));
+  CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspaceBytes));
   log_info("CUDA back-end on ", name_, ", ", prop.multiProcessorCount, " SMs, ", prop.totalGlobalMem >> 20,
            " MiB, prefill attention on ", use_wgmma_ ? "wgmma" : "mma.sync");
 }
