@@ -18,7 +18,10 @@ int main(int argc, char** argv) {
   app.add_flag("-v,--verbose", verbose, "Debug logging");
   app.add_flag("-q,--quiet", quiet, "Only warnings and errors on stderr");
   std::vector<Command> commands = {add_generate_command(app), add_logits_command(app), add_demo_model_command(app),
-                                   add_bench_command(app), add_serve_command(app)};
+                                   add_bench_command(app)};
+#ifdef CPINFER_HAVE_SERVER
+  commands.push_back(add_serve_command(app));
+#endif
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
