@@ -34,7 +34,7 @@ std::vector<int32_t> random_ids(int n, int vocab, uint32_t seed) {
 // Runs a prefill of `prompts` on `cp` local ranks (cp = 1: a single rank without threads) and
 // returns rank 0's view; with greedy_tokens > 0 each prompt is then continued greedily.
 RunResult run(const std::string& model, int cp, const std::vector<std::vector<int32_t>>& prompts, int min_tokens,
-              int greedy_tokens, int world = 0) {
+              int greedy_tokens, int world = 0, bool random_weights = false) {
   RunResult out;
   std::mutex mu;
   auto body = [&](ParallelCtx& par) {
@@ -44,6 +44,7 @@ RunResult run(const std::string& model, int cp, const std::vector<std::vector<in
     for (auto& p : prompts) eo.kv_cache_tokens += int(p.size()) + greedy_tokens + 16;
     eo.block_size = 16;
     eo.cp = CpOptions{cp, true, min_tokens};
+    if (random_weights) eo.random_weights = model;
     Engine engine(model, eo, par);
     std::vector<std::span<const int32_t>> spans(prompts.begin(), prompts.end());
     std::vector<int> seqs;
@@ -160,6 +161,19 @@ TEST_P(CpEquivalence, ExpertShardingOverAnyWorldSize) {
     expect_same(r, ref, name + " world=" + std::to_string(world) + " cp=" + std::to_string(cp), &worst);
   }
   std::printf("[ep %s] worst relative difference with experts sharded: %.3g\n", name.c_str(), worst);
+}
+
+// Random weights (benchmarks) build the same model whatever the world size and rank: each rank
+// makes only its experts, and a tensor's values depend only on its id.
+TEST(RandomWeights, SameModelOnEveryWorldSize) {
+  const std::string config = fixture_dir("moe_v4_gqa") + "/config.json";
+  std::vector<std::vector<int32_t>> prompts{random_ids(200, 384, 3)};
+  RunResult ref = run(config, 1, prompts, 0, 0, 0, true);
+  double worst = 0;
+  for (auto [world, cp] : std::vector<std::pair<int, int>>{{3, 3}, {4, 2}}) {
+    RunResult r = run(config, cp, prompts, 0, 0, world, true);
+    expect_same(r, ref, "random weights world=" + std::to_string(world), &worst);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CpEquivalence, ::testing::ValuesIn(fixture_names()));
