@@ -12,8 +12,12 @@ PACKAGES=(
   build-essential cmake ninja-build pkg-config ccache git
   nlohmann-json3-dev libcli11-dev libpcre2-dev libutf8proc-dev libopenblas-dev
   libopenmpi-dev openmpi-bin libgtest-dev libgmock-dev libbenchmark-dev libcpp-httplib-dev
-  nodejs npm python3
+  python3
 )
+# Node.js: the machine's own when present (it may come from another source than Debian, whose npm
+# package would conflict with it); Debian's otherwise.
+command -v node >/dev/null 2>&1 || PACKAGES+=(nodejs)
+command -v npm >/dev/null 2>&1 || PACKAGES+=(npm)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
