@@ -77,6 +77,10 @@ Command add_serve_command(CLI::App& app) {
   c->add_option("--chunked-prefill-size", f->so.sched.chunked_prefill_size,
                 "Tokens per engine step (decode tokens + prompt chunks); -1: whole prompts")
       ->capture_default_str();
+  c->add_option("--decode-reserve-tokens", f->so.sched.decode_reserve_tokens,
+                "Output tokens a request is counted for at admission; when decoding outgrows the KV cache the "
+                "newest request is preempted and recomputed later (larger: fewer preemptions, less batching)")
+      ->check(CLI::PositiveNumber)->capture_default_str();
   c->add_option("--log-interval", f->log_interval_s, "Seconds between stats lines (0: none)")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
   c->add_option("--http-threads", f->so.http_threads, "HTTP connections served at once")

@@ -34,8 +34,10 @@ struct Out {
   std::vector<int32_t> greedy;
 };
 
-Out run(const std::string& model, bool random, int cp, const std::vector<int32_t>& ids, int greedy_tokens) {
-  Out out;
+// Runs every prompt (one after the other) in one launch of `cp` GPU ranks; rank 0's results.
+std::vector<Out> run_all(const std::string& model, bool random, int cp, const std::vector<std::vector<int32_t>>& prompts,
+                         int greedy_tokens) {
+  std::vector<Out> outs;
   std::mutex mu;
   LaunchOptions lo;
   lo.world_size = cp;
@@ -46,27 +48,30 @@ Out run(const std::string& model, bool random, int cp, const std::vector<int32_t
     EngineOptions eo;
     eo.device = "cuda";
     eo.quiet = true;
-    eo.kv_cache_tokens = int(ids.size()) + greedy_tokens + 64;
+    eo.kv_cache_tokens = 64 + greedy_tokens;
+    for (const auto& p : prompts) eo.kv_cache_tokens = std::max<int>(eo.kv_cache_tokens, int(p.size()) + greedy_tokens + 64);
     eo.cp = CpOptions{cp, true, 0};
     if (random) eo.random_weights = model;
     Engine e(model, eo, par);
-    std::vector<int> seqs;
-    auto logits = e.prefill({std::span<const int32_t>(ids)}, seqs, LogitsWanted::All);
-    e.release(seqs[0]);
-    std::vector<int32_t> g;
-    if (greedy_tokens > 0) {
-      GenerateOptions go;
-      go.max_new_tokens = greedy_tokens;
-      go.ignore_eos = true;
-      go.sampling.temperature = 0;
-      g = e.generate(ids, go).output_ids;
-    }
-    if (par.world_rank() == 0) {
-      std::lock_guard<std::mutex> lock(mu);
-      out = {std::move(logits[0]), std::move(g)};
+    for (const auto& ids : prompts) {
+      std::vector<int> seqs;
+      auto logits = e.prefill({std::span<const int32_t>(ids)}, seqs, LogitsWanted::All);
+      e.release(seqs[0]);
+      std::vector<int32_t> g;
+      if (greedy_tokens > 0) {
+        GenerateOptions go;
+        go.max_new_tokens = greedy_tokens;
+        go.ignore_eos = true;
+        go.sampling.temperature = 0;
+        g = e.generate(ids, go).output_ids;
+      }
+      if (par.world_rank() == 0) {
+        std::lock_guard<std::mutex> lock(mu);
+        outs.push_back({std::move(logits[0]), std::move(g)});
+      }
     }
   });
-  return out;
+  return outs;
 }
 
 double agreement(const Out& a, const Out& b, int64_t V, size_t n) {
@@ -85,19 +90,26 @@ TEST_P(GpuCp, TwoGpusMatchOne) {
   const std::string name = GetParam();
   auto refs = load_reference(name);
   const int64_t V = load_config(fixture_dir(name)).vocab_size;
-  for (const RefPrompt& r : refs) {
-    if (r.ids.size() < 7) continue;  // nothing to split
-    Out one = run(fixture_dir(name), false, 1, r.ids, 20);
-    Out two = run(fixture_dir(name), false, 2, r.ids, 20);
-    double rate = agreement(one, two, V, r.ids.size());
-    size_t last = r.ids.size() - 1;
+  std::vector<std::vector<int32_t>> prompts;
+  for (const RefPrompt& r : refs)
+    if (r.ids.size() >= 7) prompts.push_back(r.ids);  // shorter ones are not split
+  auto ones = run_all(fixture_dir(name), false, 1, prompts, 20);
+  auto twos = run_all(fixture_dir(name), false, 2, prompts, 20);
+  ASSERT_EQ(ones.size(), prompts.size());
+  ASSERT_EQ(twos.size(), prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::vector<int32_t>& ids = prompts[i];
+    const Out& one = ones[i];
+    const Out& two = twos[i];
+    double rate = agreement(one, two, V, ids.size());
+    size_t last = ids.size() - 1;
     std::printf("[gpu cp %s] %zu tokens: argmax agreement CP=2 vs CP=1 %.4f, greedy equal %s\n", name.c_str(),
-                r.ids.size(), rate, one.greedy == two.greedy ? "yes" : "no");
-    EXPECT_GE(rate, 0.99) << name << " " << r.ids.size();
+                ids.size(), rate, one.greedy == two.greedy ? "yes" : "no");
+    EXPECT_GE(rate, 0.99) << name << " " << ids.size();
     EXPECT_EQ(argmax(std::span<const float>(one.logits.data() + last * V, V)),
               argmax(std::span<const float>(two.logits.data() + last * V, V)))
-        << name << " last-position top-1, " << r.ids.size() << " tokens";
-    EXPECT_EQ(one.greedy, two.greedy) << name << " greedy continuation, " << r.ids.size() << " tokens";
+        << name << " last-position top-1, " << ids.size() << " tokens";
+    EXPECT_EQ(one.greedy, two.greedy) << name << " greedy continuation, " << ids.size() << " tokens";
   }
 }
 
@@ -109,8 +121,8 @@ TEST(GpuCpLong, RandomWeights16K) {
   std::mt19937 rng(16);
   std::vector<int32_t> ids(16384);
   for (auto& t : ids) t = static_cast<int32_t>(rng() % 384);
-  Out one = run(config, true, 1, ids, 0);
-  Out two = run(config, true, 2, ids, 0);
+  Out one = run_all(config, true, 1, {ids}, 0).at(0);
+  Out two = run_all(config, true, 2, {ids}, 0).at(0);
   double rate = agreement(one, two, 384, ids.size());
   std::printf("[gpu cp long] 16384 tokens, random weights: argmax agreement CP=2 vs CP=1 %.4f\n", rate);
   EXPECT_GE(rate, 0.99);

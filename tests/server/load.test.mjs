@@ -49,7 +49,8 @@ describe('chunked prefill', () => {
 
 describe('KV cache pressure', () => {
   it('preempted requests are recomputed and give the same output as alone', async () => {
-    const small = await startServer(['--kv-cache-tokens', '512', '--context-length', '512']);
+    // Admission counts one output token per request: all six start, then outgrow the cache.
+    const small = await startServer(['--kv-cache-tokens', '512', '--context-length', '512', '--decode-reserve-tokens', '1']);
     try {
       const client = clientOf(small);
       const reqs = Array.from({ length: 6 }, (_, i) => ({ prompt: tokenPrompt(60 + i, i), max_tokens: 120,
