@@ -127,7 +127,7 @@ int run_bench_prefill(BenchFlags& f) {
         for (auto& t : ids) t = static_cast<int32_t>(rng() % engine.config().vocab_size);
         auto once = [&](bool profile) {
           engine.model().set_profiling(profile);
-          if (par.world) par.world->barrier();
+          if (par.control) par.control->barrier();
           auto t0 = std::chrono::steady_clock::now();
           std::vector<int> s;
           engine.prefill({std::span<const int32_t>(ids)}, s);

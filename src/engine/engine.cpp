@@ -36,6 +36,7 @@ struct LoadProgress {
 }  // namespace
 
 Engine::Engine(const std::string& model_dir, const EngineOptions& opt, ParallelCtx par) : opt_(opt), par_(par) {
+  if (!par_.control) par_.control = par_.world;  // host communicators carry decisions themselves
   auto t0 = std::chrono::steady_clock::now();
   const bool random = !opt.random_weights.empty();
   cfg_ = random ? random_model_config(opt.random_weights) : load_config(model_dir);
@@ -158,7 +159,7 @@ GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateO
         msg[1] = (!is_stop && keep && step + 1 < gen.max_new_tokens) ? 1 : 0;
         res.finish_reason = (is_stop || !keep) ? "stop" : "length";
       }
-      if (par_.world && par_.world->size() > 1) par_.world->broadcast(msg, sizeof(msg), 0);
+      if (par_.control && par_.control->size() > 1) par_.control->broadcast(msg, sizeof(msg), 0);
       res.output_ids.push_back(msg[0]);
       if (step == 0) t_first = std::chrono::steady_clock::now();
       if (!msg[1]) break;

@@ -30,7 +30,10 @@ void run_rank(Communicator& boot, const LaunchOptions& opt, const std::function<
 #endif
   }
   Communicator& world = *data;
-  if (world.size() > 1) par.world = &world;
+  if (world.size() > 1) {
+    par.world = &world;
+    par.control = &boot;
+  }
   if (cp_size == world.size()) {
     par.cp = world.size() > 1 ? &world : nullptr;
   } else if (cp_size > 1) {

@@ -15,9 +15,12 @@ namespace cpinfer {
 
 // The communicators of one rank. world: all ranks, experts are sharded over it (nullptr: one
 // rank). cp: this rank's context-parallel group (== world when attn_cp_size == world size).
+// control: the same ranks as world over host memory, for decisions (sampled tokens, scheduling
+// steps); it is world itself unless world moves device memory (NCCL).
 struct ParallelCtx {
   Communicator* world = nullptr;
   Communicator* cp = nullptr;
+  Communicator* control = nullptr;
   int world_rank() const { return world ? world->rank() : 0; }
   int world_size() const { return world ? world->size() : 1; }
   int cp_rank() const { return cp ? cp->rank() : 0; }

@@ -91,8 +91,9 @@ struct ActiveGuard {
 
 class App {
  public:
-  App(const ServerOptions& so, Tokenizer tok, ModelConfig cfg, int context_length)
+  App(const ServerOptions& so, Tokenizer tok, ModelConfig cfg, int context_length, int kv_tokens)
       : so_(so), tok_(std::move(tok)), cfg_(std::move(cfg)), context_length_(context_length),
+        default_total_(std::min(context_length, kv_tokens)),
         name_(so.served_model_name.empty() ? so.model_path : so.served_model_name),
         created_(static_cast<int64_t>(std::time(nullptr))), rng_(std::random_device{}()) {}
 
@@ -133,6 +134,7 @@ class App {
   Tokenizer tok_;
   ModelConfig cfg_;
   int context_length_;
+  int default_total_;  // prompt + default chat max_tokens: the context or the KV cache, the smaller
   std::string name_;
   int64_t created_;
   Metrics metrics_;
@@ -176,7 +178,9 @@ void App::handle_generate(Endpoint ep, const httplib::Request& req, httplib::Res
   std::vector<int32_t> prompt = tokenize(g);
   if (prompt.empty()) throw ApiError(400, "the prompt is empty after tokenization", ep == Endpoint::Chat ? "messages" : "prompt");
   const int n_prompt = static_cast<int>(prompt.size());
-  int max_tokens = g.max_tokens ? *g.max_tokens : (ep == Endpoint::Completion ? 16 : context_length_ - n_prompt);
+  // OpenAI's defaults: 16 for completions; for chat, whatever room the context leaves.
+  int max_tokens = g.max_tokens ? *g.max_tokens
+                                : (ep == Endpoint::Completion ? 16 : std::max(1, default_total_ - n_prompt));
   if (int64_t(n_prompt) + std::max(max_tokens, 1) > context_length_ || max_tokens < 1)
     throw ApiError(400,
                    "This model's maximum context length is " + std::to_string(context_length_) +
@@ -431,7 +435,7 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
   SchedulerOptions sopt = so.sched;
   sopt.context_length = context_length;
 
-  App app(so, tok, cfg, context_length);
+  App app(so, tok, cfg, context_length, kv_tokens);
   httplib::Server svr;
   const size_t n_threads = static_cast<size_t>(std::max(8, so.http_threads));
   svr.new_task_queue = [n_threads] { return new httplib::ThreadPool(n_threads); };
