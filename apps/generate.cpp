@@ -99,7 +99,8 @@ int run_generate(GenerateFlags& f) {
     Engine engine(f.ef.model_path, f.ef.engine(static_cast<int>(ids.size()) + f.max_new_tokens), par);
     std::unique_ptr<StreamDecoder> dec;
     if (tok && engine.rank() == 0) dec = std::make_unique<StreamDecoder>(*tok);
-    StopMatcher stops{f.stop};
+    StopMatcher stops;
+    stops.stops = f.stop;
     auto on_token = [&](int32_t id) {
       if (!dec) return true;
       auto [piece, hit] = stops.push(dec->push(id));
