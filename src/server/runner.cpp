@@ -4,23 +4,23 @@
 
 namespace cpinfer::server {
 
-EngineRunner::EngineRunner(Engine& engine, Communicator* world)
-    : engine_(engine), world_(world && world->size() > 1 ? world : nullptr) {}
+EngineRunner::EngineRunner(Engine& engine, Communicator* control)
+    : engine_(engine), control_(control && control->size() > 1 ? control : nullptr) {}
 
 int EngineRunner::add_sequence() {
   int seq = engine_.cache().add_sequence();
-  if (world_) ops_.insert(ops_.end(), {kOpAdd, seq, 0});
+  if (control_) ops_.insert(ops_.end(), {kOpAdd, seq, 0});
   return seq;
 }
 
 void EngineRunner::reserve(int seq, int n_tokens) {
   engine_.cache().reserve(seq, n_tokens);
-  if (world_) ops_.insert(ops_.end(), {kOpReserve, seq, n_tokens});
+  if (control_) ops_.insert(ops_.end(), {kOpReserve, seq, n_tokens});
 }
 
 void EngineRunner::free_sequence(int seq) {
   engine_.cache().free_sequence(seq);
-  if (world_) ops_.insert(ops_.end(), {kOpFree, seq, 0});
+  if (control_) ops_.insert(ops_.end(), {kOpFree, seq, 0});
 }
 
 void EngineRunner::broadcast_step(int32_t kind, const std::vector<SeqWork>& work) {
@@ -33,32 +33,32 @@ void EngineRunner::broadcast_step(int32_t kind, const std::vector<SeqWork>& work
     msg.insert(msg.end(), w.tokens.begin(), w.tokens.end());
   }
   int64_t n = static_cast<int64_t>(msg.size());
-  world_->broadcast(&n, sizeof(n), 0);
-  world_->broadcast(msg.data(), msg.size() * sizeof(int32_t), 0);
+  control_->broadcast(&n, sizeof(n), 0);
+  control_->broadcast(msg.data(), msg.size() * sizeof(int32_t), 0);
 }
 
 std::vector<std::vector<float>> EngineRunner::run(const std::vector<SeqWork>& work) {
-  if (world_) broadcast_step(kStepRun, work);
+  if (control_) broadcast_step(kStepRun, work);
   return engine_.run(work);
 }
 
 void EngineRunner::idle() {
-  if (world_) broadcast_step(kStepRun, {});
+  if (control_) broadcast_step(kStepRun, {});
 }
 
 void EngineRunner::shutdown() {
-  if (world_) broadcast_step(kStepShutdown, {});
+  if (control_) broadcast_step(kStepShutdown, {});
 }
 
-void follow_steps(Engine& engine, Communicator& world) {
+void follow_steps(Engine& engine, Communicator& control) {
   KvCache& cache = engine.cache();
   std::vector<int32_t> msg;
   for (;;) {
     int64_t n = 0;
-    world.broadcast(&n, sizeof(n), 0);
+    control.broadcast(&n, sizeof(n), 0);
     CPI_CHECK(n >= 3, "step message of ", n, " words from rank 0");
     msg.resize(static_cast<size_t>(n));
-    world.broadcast(msg.data(), msg.size() * sizeof(int32_t), 0);
+    control.broadcast(msg.data(), msg.size() * sizeof(int32_t), 0);
     size_t i = 0;
     auto next = [&] {
       CPI_CHECK(i < msg.size(), "truncated step message from rank 0");

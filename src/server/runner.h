@@ -1,9 +1,10 @@
 // The real ModelRunner: rank 0's Engine, and with several ranks the lockstep protocol that keeps
 // the others in step. Rank 0 records every KV cache call (add/reserve/free) and, at each forward,
-// broadcasts them with the step's work (sequence, cached length, tokens) over the world
-// communicator; the other ranks replay the calls in the same order (so block ids match) and run
-// the same forward. When idle, rank 0 broadcasts an empty step now and then so that the others'
-// collectives do not time out; a shutdown step ends them.
+// broadcasts them with the step's work (sequence, cached length, tokens) over the control
+// communicator (ParallelCtx::control: host memory, the same ranks as world); the other ranks
+// replay the calls in the same order (so block ids match) and run the same forward. When idle,
+// rank 0 broadcasts an empty step now and then so that the others' collectives do not time out;
+// a shutdown step ends them.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -16,8 +17,8 @@ namespace cpinfer::server {
 
 class EngineRunner : public ModelRunner {
  public:
-  // world: nullptr or size 1 for a single rank.
-  EngineRunner(Engine& engine, Communicator* world);
+  // control: ParallelCtx::control (host memory); nullptr or size 1 for a single rank.
+  EngineRunner(Engine& engine, Communicator* control);
   int add_sequence() override;
   void reserve(int seq, int n_tokens) override;
   void free_sequence(int seq) override;
@@ -32,12 +33,13 @@ class EngineRunner : public ModelRunner {
  private:
   void broadcast_step(int32_t kind, const std::vector<SeqWork>& work);
   Engine& engine_;
-  Communicator* world_;
+  Communicator* control_;
   std::vector<int32_t> ops_;  // cache calls since the last broadcast
 };
 
-// Ranks other than 0: receive and replay steps until rank 0's shutdown step.
-void follow_steps(Engine& engine, Communicator& world);
+// Ranks other than 0: receive and replay steps (over the control communicator) until rank 0's
+// shutdown step.
+void follow_steps(Engine& engine, Communicator& control);
 
 // Step messages, exposed for tests: [kind, n_ops, ops..., n_work, (seq, n_cached, logits, n, tokens...)...]
 enum StepKind : int32_t { kStepRun = 1, kStepShutdown = 2 };

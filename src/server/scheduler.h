@@ -1,6 +1,7 @@
 // The engine loop of the server: one scheduler thread (rank 0) that admits requests under a paged
 // KV budget, batches decode steps of every running request together with chunks of prompts
-// (continuous batching + chunked prefill under a per-step token budget), samples, and reports
+// (continuous batching + chunked prefill under a per-step token budget), preempts the newest
+// request when decoding outgrows the cache (recomputed later, same output), samples, and reports
 // tokens and completion through per-request callbacks. It talks to the engine only through
 // ModelRunner, so tests drive it with a fake engine.
 #pragma once

@@ -458,10 +458,10 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
     launch(lo, [&](ParallelCtx& par) {
       Engine engine(so.model_path, eo, par);
       if (par.world_rank() != 0) {
-        follow_steps(engine, *par.world);
+        follow_steps(engine, *par.control);
         return;
       }
-      EngineRunner runner(engine, par.world);
+      EngineRunner runner(engine, par.control);
       Scheduler sched(runner, sopt, &app.metrics());
       app.attach(&sched);
       log_info("ready: serving '", so.served_model_name.empty() ? so.model_path : so.served_model_name, "' at ", url,

@@ -37,8 +37,8 @@ std::vector<std::vector<int32_t>> serve(int cp, const std::vector<int>& lens, in
     eo.block_size = 16;
     eo.cp = CpOptions{cp, true, 8};
     Engine engine(kModel, eo, par);
-    if (par.world_rank() != 0) return follow_steps(engine, *par.world);
-    EngineRunner runner(engine, par.world);
+    if (par.world_rank() != 0) return follow_steps(engine, *par.control);
+    EngineRunner runner(engine, par.control);
     SchedulerOptions so;
     so.chunked_prefill_size = chunk;
     so.decode_reserve_tokens = 1;
