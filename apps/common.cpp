@@ -26,7 +26,7 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
       ->check(CLI::IsMember({"local", "mpi"}))->capture_default_str();
   app->add_option("--comm-timeout", comm_timeout_s, "Seconds a collective waits for a peer before failing")
       ->check(CLI::Range(1, 86400))->capture_default_str();
-  app->add_option("--kv-cache-tokens", kv_cache_tokens, "KV cache capacity in positions (default: what the request needs)")
+  app->add_option("--kv-cache-tokens", kv_cache_tokens, "KV cache capacity in positions (default: generate/logits/bench: what the request needs; serve: --context-length, else 32768)")
       ->check(CLI::Range(0, 1 << 30));
   app->add_option("--page-size", block_size, "Positions per KV cache block")->check(CLI::Range(1, 4096))
       ->capture_default_str();
