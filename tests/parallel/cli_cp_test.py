@@ -50,7 +50,7 @@ def main():
     variants = [("local cp=3", base + ["--attn-cp-size", "3", "--enable-prefill-cp"]),
                 ("local cp=4 tp=8", base + ["--attn-cp-size", "4", "--tp-size", "8", "--enable-prefill-cp"])]
     if mpirun:
-        for n in (2, 4):
+        for n in (2, 4, 8):
             variants.append((f"mpirun -np {n}", [mpirun, *MPI_ARGS, "-np", str(n), *base, "--comm", "mpi",
                                                  "--attn-cp-size", str(n), "--enable-prefill-cp"]))
     for name, cmd in variants:
