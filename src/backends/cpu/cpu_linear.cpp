@@ -60,6 +60,20 @@ float* sized(std::vector<float>& v, int64_t n) {
   return v.data();
 }
 
+// Up to this many rows of `a`, BF16/F16 weights are multiplied row by row without an fp32 copy.
+constexpr int64_t kFewRows = 4;
+
+// Σ x[k]·y[k] in fp32 with 8 independent partial sums (vectorizes without reassociation flags).
+float dot(const float* x, const float* y, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += x[k + j] * y[k + j];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; k < n; ++k) s += x[k] * y[k];
+  return s;
+}
+
 // out[:, n0, n1) = a · w[n0, n1)ᵀ on the calling thread (OpenBLAS is single-threaded here).
 void gemm_panel(const float* a, int64_t M, int64_t K, const void* w, DType w_dtype, int64_t n0, int64_t n1,
                 float* out, int64_t ldc) {
@@ -70,6 +84,17 @@ void gemm_panel(const float* a, int64_t M, int64_t K, const void* w, DType w_dty
     return;
   }
   const size_t es = dtype_size(w_dtype);
+  if (M <= kFewRows) {
+    // Few rows (decode): converting whole weight blocks to fp32 would write and re-read 2x the
+    // weight's bytes for very little arithmetic; convert one row at a time into L1 and take the
+    // dot products from there, so the weight is read once, in its own dtype.
+    float* row = sized(weight_scratch(), K);
+    for (int64_t n = n0; n < n1; ++n) {
+      to_f32(static_cast<const char*>(w) + static_cast<size_t>(n * K) * es, w_dtype, row, static_cast<size_t>(K));
+      for (int64_t m = 0; m < M; ++m) out[m * ldc + n] = dot(a + m * K, row, K);
+    }
+    return;
+  }
   const int64_t block = std::clamp<int64_t>(kScratchFloats / K, 16, n1 - n0);
   float* wf = sized(weight_scratch(), block * K);
   for (int64_t nb0 = n0; nb0 < n1; nb0 += block) {
