@@ -7,23 +7,10 @@ usage: cli_generate_test.py CPINFER_BINARY WORK_DIR
 import json
 import os
 import shutil
-import subprocess
 import sys
 
-failures = []
-
-
-def run(cmd, expect_ok=True):
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if expect_ok and p.returncode != 0:
-        raise SystemExit(f"FAILED: {' '.join(cmd)}\nexit {p.returncode}\n{p.stderr[-3000:]}")
-    return p
-
-
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what)
-    if not cond:
-        failures.append(what)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from cli_check import check, finish, run  # noqa: E402
 
 
 def main():
@@ -79,8 +66,7 @@ def main():
         lines = [l for l in p.stderr.strip().splitlines() if l]
         check(p.returncode != 0 and lines and needle in lines[-1],
               f"{' '.join(cmd[2:])[-70:]!r}: exit {p.returncode}, {lines[-1][:110] if lines else ''!r}")
-    print(f"{len(failures)} failed" if failures else "all passed")
-    sys.exit(1 if failures else 0)
+    finish()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,27 @@
 #include <string>
 #include <vector>
 
+#include "ops/backend.h"
+
 namespace cpinfer::test {
+
+// Why GPU tests must skip here ("" when `n_devices` CUDA devices, and NCCL for more than one, are
+// usable).
+inline std::string gpus_unavailable(int n_devices = 1) {
+#ifndef CPINFER_HAVE_CUDA
+  return "this build has no CUDA back-end";
+#else
+#ifndef CPINFER_HAVE_NCCL
+  if (n_devices > 1) return "this build has no NCCL";
+#endif
+  try {
+    make_backend("cuda", n_devices - 1);
+    return "";
+  } catch (const std::exception& e) {
+    return "fewer than " + std::to_string(n_devices) + " usable CUDA devices: " + e.what();
+  }
+#endif
+}
 
 inline const std::vector<std::string>& fixture_names() {
   static const std::vector<std::string> names = {"moe_v4_gqa", "moe_v5_yarn_mha", "moe_dense_mix_fused", "dense_qwen3"};

@@ -16,19 +16,6 @@ using namespace cpinfer;
 using namespace cpinfer::test;
 
 namespace {
-std::string two_gpus_unavailable() {
-#if !defined(CPINFER_HAVE_CUDA) || !defined(CPINFER_HAVE_NCCL)
-  return "this build has no CUDA back-end or no NCCL";
-#else
-  try {
-    make_backend("cuda", 1);
-    return "";
-  } catch (const std::exception& e) {
-    return std::string("fewer than 2 usable CUDA devices: ") + e.what();
-  }
-#endif
-}
-
 struct Out {
   std::vector<float> logits;  // all positions
   std::vector<int32_t> greedy;
@@ -86,7 +73,7 @@ double agreement(const Out& a, const Out& b, int64_t V, size_t n) {
 class GpuCp : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(GpuCp, TwoGpusMatchOne) {
-  if (auto why = two_gpus_unavailable(); !why.empty()) GTEST_SKIP() << why;
+  if (auto why = gpus_unavailable(2); !why.empty()) GTEST_SKIP() << why;
   const std::string name = GetParam();
   auto refs = load_reference(name);
   const int64_t V = load_config(fixture_dir(name)).vocab_size;
@@ -116,7 +103,7 @@ TEST_P(GpuCp, TwoGpusMatchOne) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, GpuCp, ::testing::ValuesIn(fixture_names()));
 
 TEST(GpuCpLong, RandomWeights16K) {
-  if (auto why = two_gpus_unavailable(); !why.empty()) GTEST_SKIP() << why;
+  if (auto why = gpus_unavailable(2); !why.empty()) GTEST_SKIP() << why;
   const std::string config = fixture_dir("moe_v4_gqa") + "/config.json";
   std::mt19937 rng(16);
   std::vector<int32_t> ids(16384);
@@ -132,7 +119,7 @@ TEST(GpuCpLong, RandomWeights16K) {
 }
 
 TEST(GpuCpFault, AFailedRankEndsEveryRankWithinTheTimeout) {
-  if (auto why = two_gpus_unavailable(); !why.empty()) GTEST_SKIP() << why;
+  if (auto why = gpus_unavailable(2); !why.empty()) GTEST_SKIP() << why;
   LaunchOptions lo;
   lo.world_size = 2;
   lo.cp_size = 2;

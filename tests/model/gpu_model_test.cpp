@@ -26,19 +26,6 @@ using namespace cpinfer::test;
 namespace {
 constexpr float kMargin = 0.3f;  // logits; bf16 logit errors on these fixtures are a few hundredths
 
-std::string cuda_unavailable() {
-#ifndef CPINFER_HAVE_CUDA
-  return "this build has no CUDA back-end";
-#else
-  try {
-    make_backend("cuda", 0);
-    return "";
-  } catch (const std::exception& e) {
-    return std::string("no usable CUDA device: ") + e.what();
-  }
-#endif
-}
-
 EngineOptions opts(const std::string& device) {
   EngineOptions eo;
   eo.device = device;
@@ -75,7 +62,7 @@ std::pair<std::vector<int32_t>, std::vector<float>> greedy(Engine& e, const std:
 class GpuFixtures : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(GpuFixtures, AsFaithfulAsTransformersBf16AndExactAwayFromNearTies) {
-  if (auto why = cuda_unavailable(); !why.empty()) GTEST_SKIP() << why;
+  if (auto why = gpus_unavailable(1); !why.empty()) GTEST_SKIP() << why;
   const std::string name = GetParam();
   auto refs = load_reference(name);
   ASSERT_FALSE(refs.empty());

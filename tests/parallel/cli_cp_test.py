@@ -8,27 +8,10 @@ usage: cli_cp_test.py CPINFER_BINARY FIXTURE_DIR [--mpirun PATH]
 import json
 import os
 import random
-import subprocess
 import sys
 
-MPI_ARGS = ["--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader",
-            "--mca", "btl_vader_single_copy_mechanism", "none"]
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-           OMPI_MCA_rmaps_base_oversubscribe="1")
-failures = []
-
-
-def run(cmd, expect_ok=True):
-    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
-    if expect_ok and p.returncode != 0:
-        raise SystemExit(f"FAILED: {' '.join(cmd)}\nexit {p.returncode}\n{p.stderr[-3000:]}")
-    return p
-
-
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what)
-    if not cond:
-        failures.append(what)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from cli_check import MPI_ARGS, check, finish, run  # noqa: E402
 
 
 def rel_err(a, b):
@@ -85,8 +68,7 @@ def main():
         check(p.returncode != 0 and lines and needle in lines[-1] and "Segmentation" not in p.stderr,
               f"bad flags {' '.join(cmd[2:])[-60:]!r}: exit {p.returncode}, says {lines[-1][:120] if lines else ''!r}")
 
-    print(f"{len(failures)} failed" if failures else "all passed")
-    sys.exit(1 if failures else 0)
+    finish()
 
 
 if __name__ == "__main__":
