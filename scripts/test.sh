@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: set up, build (Release, CUDA compiled when nvcc is present), run every test,
-# then build the unit tests again under AddressSanitizer + UBSan and run them.
+# then build the unit tests again under AddressSanitizer + UBSan and run them, then fuzz the parsers
+# of untrusted input (safetensors, config.json, tokenizer.json and text, HTTP request bodies).
 # GPU tests skip, saying so, on a machine without a GPU.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,5 +20,9 @@ if [ "${CPINFER_SKIP_SANITIZERS:-0}" != 1 ]; then
     -DCPINFER_BUILD_SERVER=OFF
   echo "[test] ctest -L unit (ASan + UBSan)"
   (cd "$ROOT/build-asan" && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j "$JOBS" -L unit --timeout 1200)
+fi
+if [ "${CPINFER_SKIP_FUZZ:-0}" != 1 ]; then
+  echo "[test] fuzz (libFuzzer + ASan + UBSan, 20 s per target)"
+  "$ROOT/scripts/fuzz.sh" 20
 fi
 echo "[test] all passed"

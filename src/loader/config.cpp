@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/check.h"
+#include "core/json.h"
 
 namespace cpinfer {
 
@@ -167,12 +168,7 @@ void parse_rope(const Fields& top, ModelConfig& cfg) {
 }  // namespace
 
 ModelConfig parse_config(const std::string& text, const std::string& label) {
-  json root;
-  try {
-    root = json::parse(text);
-  } catch (const json::exception& e) {
-    CPI_FAIL(label, ": not valid JSON (", e.what(), ")");
-  }
+  json root = parse_json(text, label);
   CPI_CHECK(root.is_object(), label, ": top level must be a JSON object, got ", brief(root));
   Fields f(root, label);
   ModelConfig c;
@@ -292,12 +288,7 @@ ModelConfig load_config(const std::string& dir) {
   // generation_config.json: its eos ids are what generation stops on; config.json's are kept too.
   const std::string gen_path = (fs::path(dir) / "generation_config.json").string();
   if (fs::is_regular_file(gen_path, ec)) {
-    json g;
-    try {
-      g = json::parse(read(gen_path));
-    } catch (const json::exception& e) {
-      CPI_FAIL(gen_path, ": not valid JSON (", e.what(), ")");
-    }
+    json g = parse_json(read(gen_path), gen_path);
     CPI_CHECK(g.is_object(), gen_path, ": top level must be a JSON object");
     Fields gf(g, gen_path);
     std::vector<int32_t> eos;

@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/check.h"
+#include "core/json.h"
 
 namespace cpinfer {
 
@@ -64,12 +65,7 @@ json parse_json_unique(std::string_view text, const std::string& label, const ch
     }
     return true;
   };
-  json j;
-  try {
-    j = json::parse(text.begin(), text.end(), cb);
-  } catch (const json::exception& e) {
-    CPI_FAIL(label, ": ", what, " is not valid JSON (", e.what(), ")");
-  }
+  json j = parse_json(text, label + " " + what, cb);
   CPI_CHECK(duplicate.empty(), label, ": duplicate key '", duplicate, "' in the ", what);
   return j;
 }

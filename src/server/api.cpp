@@ -3,6 +3,9 @@
 #include <cmath>
 #include <limits>
 
+#include "core/check.h"
+#include "core/json.h"
+
 namespace cpinfer::server {
 
 using nlohmann::json;
@@ -166,9 +169,9 @@ void parse_stop(const json& body, GenRequest& r) {
 GenRequest parse_request(Endpoint endpoint, std::string_view text) {
   json body;
   try {
-    body = json::parse(text);
-  } catch (const json::parse_error& e) {
-    throw ApiError(400, std::string("request body is not valid JSON: ") + e.what());
+    body = parse_json(text, "request body");
+  } catch (const cpinfer::Error& e) {
+    throw ApiError(400, e.what());
   }
   if (!body.is_object()) throw ApiError(400, std::string("request body must be a JSON object, got ") + type_name(body));
 

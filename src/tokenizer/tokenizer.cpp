@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "core/check.h"
+#include "core/json.h"
 #include "core/log.h"
 #include "tokenizer/impl.h"
 #include "tokenizer/utf8.h"
@@ -28,13 +29,6 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
-json parse_json(std::string_view text, const std::string& source) {
-  try {
-    return json::parse(text);
-  } catch (const json::exception& e) {
-    CPI_FAIL(source, " is not valid JSON: ", e.what());
-  }
-}
 
 bool parse_normalizer(const json& j, const std::string& source) {
   if (j.is_null()) return false;

@@ -286,7 +286,7 @@ TEST(TokenizerStream, ConcatenationEqualsDecode) {
 }
 
 TEST(TokenizerErrors, MalformedFilesGiveClearErrors) {
-  EXPECT_ERROR_HAS(Tokenizer::from_json_string("{not json", "t.json"), "t.json is not valid JSON");
+  EXPECT_ERROR_HAS(Tokenizer::from_json_string("{not json", "t.json"), "t.json: not valid JSON");
   EXPECT_ERROR_HAS(Tokenizer::from_json_string("[1,2]", "t.json"), "must be a JSON object");
   EXPECT_ERROR_HAS(Tokenizer::from_json_string(R"({"added_tokens": []})", "t.json"), "no \"model\"");
   json j = make_tokenizer({}, {});
@@ -343,7 +343,7 @@ TEST(TokenizerFiles, FromDirReadsConfigTokens) {
   EXPECT_EQ(tok.eos_token_id(), 300);
   EXPECT_EQ(tok.pad_token_id(), 301);
   std::ofstream(dir / "tokenizer_config.json") << "{oops";
-  EXPECT_ERROR_HAS(Tokenizer::from_dir(dir.string()), "tokenizer_config.json is not valid JSON");
+  EXPECT_ERROR_HAS(Tokenizer::from_dir(dir.string()), "tokenizer_config.json: not valid JSON");
   std::filesystem::remove_all(dir);
 }
 
