@@ -6,6 +6,8 @@
 #   scripts/fuzz.sh [SECONDS_PER_TARGET=30] [TARGET...]     targets: safetensors config
 #                                                          tokenizer_json tokenizer api
 #   scripts/fuzz.sh 0                                      build only, then replay the seeds once
+#   FUZZ_RUNS=N scripts/fuzz.sh                            N inputs per target from seed 1 instead of a time
+#                                                          budget: the same inputs on every run (CI)
 # Replay one input:  build-fuzz/fuzz_<target> <file>   (CPINFER_FUZZ_VERBOSE=1 prints the errors)
 # Needs clang and its libFuzzer runtime (Debian: clang, libclang-rt-14-dev).
 set -euo pipefail
@@ -60,7 +62,10 @@ for t in "${TARGETS[@]}"; do
   log="$BUILD/fuzz_$t.log"
   args=(-timeout=10 -rss_limit_mb=2048 -max_len="${MAX_LEN[$t]}" -dict="$ROOT/tests/fuzz/dict/$t.dict"
         -artifact_prefix="$crashes/" -print_final_stats=1)
-  if [ "$SECS" -gt 0 ]; then
+  if [ -n "${FUZZ_RUNS:-}" ]; then
+    echo "[fuzz] $t: ${FUZZ_RUNS} runs from seed 1"
+    args+=(-runs="$FUZZ_RUNS" -seed=1 "$corpus" "$seeds")
+  elif [ "$SECS" -gt 0 ]; then
     echo "[fuzz] $t: ${SECS}s"
     args+=(-max_total_time="$SECS" "$corpus" "$seeds")
   else
@@ -71,7 +76,7 @@ for t in "${TARGETS[@]}"; do
   if (ulimit -s "$STACK_KB" && exec timeout $((SECS + 300)) "$bin" "${args[@]}") >"$log" 2>&1; then
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 || true)
-    rate=$([ "$SECS" -gt 0 ] && [ -n "$execs" ] && echo "$((execs / SECS)) exec/s" || echo "")
+    rate="$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1) exec/s"
     echo "[fuzz] $t: ok (${execs:-?} runs, $rate, $cov, corpus $(ls "$corpus" | wc -l) files)"
   else
     echo "[fuzz] $t: FAILED (log: $log, inputs: $crashes/)"

@@ -108,6 +108,10 @@ BpeModel BpeModel::from_json(const nlohmann::json& model, const std::string& sou
     }
     entries.push_back(std::move(e));
   }
+  // The id table is indexed by id: a vocab whose ids are far sparser than its entries (a corrupt
+  // file with one id of 677 million) must not make us allocate gigabytes.
+  CPI_CHECK(int64_t{m.max_id_} < 2 * static_cast<int64_t>(entries.size()) + 1024, source, ": vocab ids are sparse: ",
+            entries.size(), " tokens but the largest id is ", m.max_id_);
   m.id_to_bytes_.resize(static_cast<size_t>(m.max_id_ + 1));
   std::vector<uint8_t> seen(m.id_to_bytes_.size(), 0);
   m.bytes_to_id_.reserve(entries.size());
