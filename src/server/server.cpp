@@ -2,7 +2,9 @@
 
 #include <httplib.h>
 
+#include <chrono>
 #include <csignal>
+#include <cstdlib>
 #include <ctime>
 #include <random>
 #include <thread>
@@ -456,6 +458,9 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
   int rc = 0;
   try {
     launch(lo, [&](ParallelCtx& par) {
+      // Tests stretch the load (a checkpoint on local disk maps in milliseconds) to see /health's 503.
+      if (const char* ms = std::getenv("CPINFER_TEST_LOAD_DELAY_MS"))
+        std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(ms)));
       Engine engine(so.model_path, eo, par);
       if (par.world_rank() != 0) {
         follow_steps(engine, *par.control);
