@@ -4,14 +4,21 @@
 // Fresh random bf16 inputs per size; CUDA-event timing, warm-up, median of --reps runs.
 // FLOPs counted causal-halved: 2 GEMMs x 2 FLOP x S² x D x Hq / 2.
 //
-//   attention_bench [--seq 4096,16384,32768] [--reps 20] [--block-size 64] [--kernel mma|wgmma|both] [--json]
+//   attention_bench [--seq 4096,16384,32768] [--reps 20] [--block-size 64] [--kernel mma|wgmma|both]
+//                   [--cp C] [--json]
 // Both kernels run by default on Hopper; each size then also reports the largest difference of the
 // wgmma output from the mma.sync one (0 when they agree bit for bit).
+// --cp C also times the parts context parallelism over C ranks splits the attention of rank 0's
+// last zigzag block (n = S / 2C queries at position P = S - n) into: the whole block (cp-full,
+// keys [0, P + i]), its diagonal (cp-diag, kv_begin = P), its prefix (cp-prefix, kv_end = P, no
+// causal mask) and their log-sum-exp merge (cp-merge, reported in GB/s), with the largest
+// difference of the merged output from cp-full.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -59,9 +66,9 @@ DevTensor view(void* p, DType dt, std::initializer_list<int64_t> dims) {
 
 struct Result {
   int64_t seq;
-  std::string kernel;
-  double ms, tflops;
-  double max_diff = -1.0;  // vs mma.sync, when both ran
+  std::string kernel, part;
+  double ms, tflops;         // tflops: GB/s for cp-merge
+  double max_diff = -1.0;    // causal: vs mma.sync, when both ran; cp-merge: vs cp-full
 };
 
 cudaError_t run_kernel(const std::string& kernel, const DevTensor& q, const DevAttnBatch& b, const DevKv& c, float scale,
@@ -82,7 +89,7 @@ std::vector<float> to_host_bf16(const void* p, int64_t n) {
 
 int main(int argc, char** argv) {
   std::vector<int64_t> seqs = {4096, 16384, 32768};
-  int reps = 20, block_size = 64;
+  int reps = 20, block_size = 64, cp = 0;
   bool json = false;
   std::vector<std::string> kernels;  // default: both on Hopper (compute 9.0), else mma
   for (int i = 1; i < argc; ++i) {
@@ -94,6 +101,8 @@ int main(int argc, char** argv) {
       kernels = k == "both" ? std::vector<std::string>{"mma", "wgmma"} : std::vector<std::string>{k};
     } else if (a == "--reps" && i + 1 < argc) {
       reps = std::max(10, std::atoi(argv[++i]));
+    } else if (a == "--cp" && i + 1 < argc) {
+      cp = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--block-size" && i + 1 < argc) {
       block_size = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--seq" && i + 1 < argc) {
@@ -107,7 +116,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: attention_bench [--seq 4096,16384] [--reps N>=10] [--block-size B] "
-                   "[--kernel mma|wgmma|both] [--json]\n");
+                   "[--kernel mma|wgmma|both] [--cp C] [--json]\n");
       return 2;
     }
   }
@@ -128,9 +137,25 @@ int main(int argc, char** argv) {
   BENCH_CHECK(cudaEventCreate(&ev0));
   BENCH_CHECK(cudaEventCreate(&ev1));
   std::vector<Result> results;
+  // Median time of `reps` runs of launch() after 3 warm-ups.
+  auto median_ms = [&](auto&& launch) {
+    for (int i = 0; i < 3; ++i) BENCH_CHECK(launch());
+    std::vector<float> times;
+    for (int i = 0; i < reps; ++i) {
+      BENCH_CHECK(cudaEventRecord(ev0, stream));
+      BENCH_CHECK(launch());
+      BENCH_CHECK(cudaEventRecord(ev1, stream));
+      BENCH_CHECK(cudaEventSynchronize(ev1));
+      float ms = 0;
+      BENCH_CHECK(cudaEventElapsedTime(&ms, ev0, ev1));
+      times.push_back(ms);
+    }
+    std::sort(times.begin(), times.end());
+    return static_cast<double>(times[times.size() / 2]);
+  };
   for (int64_t s : seqs) {
     const int64_t n_pages = (s + block_size - 1) / block_size;
-    void *q, *out, *k, *v, *ck, *cv, *lse, *slots, *table, *blocks;
+    void *q, *out, *k, *v, *ck, *cv, *lse, *slots, *table, *blocks, *out2, *lse2;
     BENCH_CHECK(cudaMalloc(&q, s * hq * d * 2));
     BENCH_CHECK(cudaMalloc(&out, s * hq * d * 2));
     BENCH_CHECK(cudaMalloc(&k, s * hkv * d * 2));
@@ -140,7 +165,10 @@ int main(int argc, char** argv) {
     BENCH_CHECK(cudaMalloc(&lse, s * hq * 4));
     BENCH_CHECK(cudaMalloc(&slots, s * 4));
     BENCH_CHECK(cudaMalloc(&table, n_pages * 4));
-    BENCH_CHECK(cudaMalloc(&blocks, 16));
+    constexpr int kF = cpinfer::cuda::kDevAttnBlockFields;
+    BENCH_CHECK(cudaMalloc(&blocks, 4 * kF * 4));
+    BENCH_CHECK(cudaMalloc(&out2, s * hq * d * 2));  // cp-prefix output
+    BENCH_CHECK(cudaMalloc(&lse2, s * hq * 4));
     const uint32_t seed = static_cast<uint32_t>(s * 7919);
     fill_random_bf16<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(q), s * hq * d, seed + 1, 2.0f);
     fill_random_bf16<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(k), s * hkv * d, seed + 2, 2.0f);
@@ -150,10 +178,18 @@ int main(int argc, char** argv) {
     std::vector<int32_t> h_table(n_pages), h_slots(s);
     for (int64_t p = 0; p < n_pages; ++p) h_table[p] = static_cast<int32_t>(n_pages - 1 - p);
     for (int64_t i = 0; i < s; ++i) h_slots[i] = static_cast<int32_t>(h_table[i / block_size] * block_size + i % block_size);
-    const int32_t h_blocks[4] = {0, static_cast<int32_t>(s), 0, 0};
+    // Rows (q_begin, q_len, pos_begin, seq, kv_begin, kv_end): the whole sequence, causal; then the
+    // --cp block of n queries at position P (its q and out views start at row P): whole, diagonal,
+    // prefix.
+    const int32_t n_cp = static_cast<int32_t>(cp > 0 ? std::max<int64_t>(1, s / (2 * cp)) : 1);
+    const int32_t pos_cp = static_cast<int32_t>(s) - n_cp;
+    const int32_t h_blocks[4 * kF] = {0, static_cast<int32_t>(s), 0, 0, 0, INT32_MAX,
+                                      0, n_cp, pos_cp, 0, 0, INT32_MAX,
+                                      0, n_cp, pos_cp, 0, pos_cp, INT32_MAX,
+                                      0, n_cp, pos_cp, 0, 0, pos_cp};
     BENCH_CHECK(cudaMemcpy(table, h_table.data(), n_pages * 4, cudaMemcpyHostToDevice));
     BENCH_CHECK(cudaMemcpy(slots, h_slots.data(), s * 4, cudaMemcpyHostToDevice));
-    BENCH_CHECK(cudaMemcpy(blocks, h_blocks, 16, cudaMemcpyHostToDevice));
+    BENCH_CHECK(cudaMemcpy(blocks, h_blocks, sizeof(h_blocks), cudaMemcpyHostToDevice));
     DevKv cache{view(ck, DType::BF16, {n_pages, block_size, hkv, d}), view(cv, DType::BF16, {n_pages, block_size, hkv, d})};
     BENCH_CHECK(cpinfer::cuda::launch_kv_store(view(k, DType::BF16, {s, hkv, d}), view(v, DType::BF16, {s, hkv, d}),
                                                view(slots, DType::I32, {s}), cache, stream));
@@ -169,21 +205,9 @@ int main(int argc, char** argv) {
     std::vector<float> ref;
     for (const std::string& kernel : kernels) {
       BENCH_CHECK(cudaMemset(out, 0xff, s * hq * d * 2));
-      for (int i = 0; i < 3; ++i) BENCH_CHECK(run_kernel(kernel, qt, batch, cache, scale, ot, lt, stream));
-      std::vector<float> times;
-      for (int i = 0; i < reps; ++i) {
-        BENCH_CHECK(cudaEventRecord(ev0, stream));
-        BENCH_CHECK(run_kernel(kernel, qt, batch, cache, scale, ot, lt, stream));
-        BENCH_CHECK(cudaEventRecord(ev1, stream));
-        BENCH_CHECK(cudaEventSynchronize(ev1));
-        float ms = 0;
-        BENCH_CHECK(cudaEventElapsedTime(&ms, ev0, ev1));
-        times.push_back(ms);
-      }
-      std::sort(times.begin(), times.end());
-      const double ms = times[times.size() / 2];
+      const double ms = median_ms([&] { return run_kernel(kernel, qt, batch, cache, scale, ot, lt, stream); });
       const double flops = 4.0 * static_cast<double>(s) * s * d * hq / 2.0;
-      Result r{s, kernel, ms, flops / (ms * 1e-3) / 1e12};
+      Result r{s, kernel, "causal", ms, flops / (ms * 1e-3) / 1e12};
       if (kernels.size() > 1) {
         std::vector<float> got = to_host_bf16(out, s * hq * d);
         if (ref.empty()) {
@@ -196,23 +220,67 @@ int main(int argc, char** argv) {
         }
       }
       results.push_back(r);
+      if (cp == 0) continue;
+      // The --cp block: whole into rows [0, n) of out, diagonal into rows [P, P + n), prefix into
+      // out2; the merge folds out2 into rows [P, P + n) and is compared with rows [0, n).
+      const int64_t n = n_cp, P = pos_cp;
+      const DevTensor qb = view(static_cast<__nv_bfloat16*>(q) + P * hq * d, DType::BF16, {n, hq, d});
+      const DevTensor whole_o = view(out, DType::BF16, {n, hq, d}), whole_l = view(lse, DType::F32, {n, hq});
+      const DevTensor diag_o = view(static_cast<__nv_bfloat16*>(out) + P * hq * d, DType::BF16, {n, hq, d});
+      const DevTensor diag_l = view(static_cast<float*>(lse) + P * hq, DType::F32, {n, hq});
+      const DevTensor pre_o = view(out2, DType::BF16, {n, hq, d}), pre_l = view(lse2, DType::F32, {n, hq});
+      DevAttnBatch part = batch;
+      part.max_q_len = n_cp;
+      auto run_part = [&](int row, const DevTensor& o, const DevTensor& l) {
+        part.blocks = static_cast<const int32_t*>(blocks) + row * kF;
+        return run_kernel(kernel, qb, part, cache, scale, o, l, stream);
+      };
+      BENCH_CHECK(run_part(1, whole_o, whole_l));
+      BENCH_CHECK(run_part(2, diag_o, diag_l));
+      BENCH_CHECK(run_part(3, pre_o, pre_l));
+      BENCH_CHECK(cpinfer::cuda::launch_attention_merge(diag_o, diag_l, pre_o, pre_l, stream));
+      const std::vector<float> whole = to_host_bf16(out, n * hq * d);
+      const std::vector<float> merged = to_host_bf16(diag_o.data, n * hq * d);
+      double merge_diff = 0.0;
+      for (size_t i = 0; i < whole.size(); ++i) {
+        const double diff = std::isfinite(merged[i]) ? std::fabs(static_cast<double>(merged[i]) - whole[i]) : 1e30;
+        merge_diff = std::max(merge_diff, diff);
+      }
+      const double unit = 4.0 * static_cast<double>(n) * d * hq;  // FLOPs per key of every query
+      const double whole_ms = median_ms([&] { return run_part(1, whole_o, whole_l); });
+      const double diag_ms = median_ms([&] { return run_part(2, diag_o, diag_l); });
+      const double pre_ms = median_ms([&] { return run_part(3, pre_o, pre_l); });
+      // Repeated merges keep the values finite (lse grows by at most log 2 per merge).
+      const double merge_ms = median_ms(
+          [&] { return cpinfer::cuda::launch_attention_merge(diag_o, diag_l, pre_o, pre_l, stream); });
+      const double merge_bytes = 3.0 * n * hq * (d * 2 + 4);
+      results.push_back({s, kernel, "cp-full", whole_ms, unit * (P + n / 2.0) / (whole_ms * 1e-3) / 1e12});
+      results.push_back({s, kernel, "cp-diag", diag_ms, unit * (n / 2.0) / (diag_ms * 1e-3) / 1e12});
+      results.push_back({s, kernel, "cp-prefix", pre_ms, unit * P / (pre_ms * 1e-3) / 1e12});
+      results.push_back({s, kernel, "cp-merge", merge_ms, merge_bytes / (merge_ms * 1e-3) / 1e9, merge_diff});
     }
-    for (void* p : {q, out, k, v, ck, cv, lse, slots, table, blocks}) BENCH_CHECK(cudaFree(p));
+    for (void* p : {q, out, k, v, ck, cv, lse, slots, table, blocks, out2, lse2}) BENCH_CHECK(cudaFree(p));
   }
   if (json) {
     std::printf("{\"device\": \"%s\", \"hq\": %lld, \"hkv\": %lld, \"head_dim\": %lld, \"block_size\": %d, \"results\": [",
                 prop.name, static_cast<long long>(hq), static_cast<long long>(hkv), static_cast<long long>(d), block_size);
     for (size_t i = 0; i < results.size(); ++i)
-      std::printf("%s{\"S\": %lld, \"kernel\": \"%s\", \"ms\": %.4f, \"tflops\": %.1f}", i ? ", " : "",
-                  static_cast<long long>(results[i].seq), results[i].kernel.c_str(), results[i].ms, results[i].tflops);
+      std::printf("%s{\"S\": %lld, \"kernel\": \"%s\", \"part\": \"%s\", \"ms\": %.4f, \"%s\": %.1f}",
+                  i ? ", " : "", static_cast<long long>(results[i].seq), results[i].kernel.c_str(),
+                  results[i].part.c_str(), results[i].ms, results[i].part == "cp-merge" ? "gbps" : "tflops",
+                  results[i].tflops);
     std::printf("]}\n");
   } else {
     std::printf("attention prefill (causal, Hq=%lld Hkv=%lld D=%lld, block_size %d) on %s, median of %d\n",
                 static_cast<long long>(hq), static_cast<long long>(hkv), static_cast<long long>(d), block_size,
                 prop.name, reps);
-    std::printf("%8s %8s %10s %10s %12s\n", "S", "kernel", "ms", "TFLOP/s", "max|d-mma|");
+    if (cp > 0)
+      std::printf("--cp %d: rank 0's last zigzag block of S/%d queries; cp-merge in GB/s, max|d| vs cp-full\n", cp,
+                  2 * cp);
+    std::printf("%8s %8s %10s %10s %10s %12s\n", "S", "kernel", "part", "ms", "TFLOP/s", "max|d-mma|");
     for (const Result& r : results) {
-      std::printf("%8lld %8s %10.3f %10.1f", static_cast<long long>(r.seq), r.kernel.c_str(), r.ms, r.tflops);
+      std::printf("%8lld %8s %10s %10.3f %10.1f", static_cast<long long>(r.seq), r.kernel.c_str(), r.part.c_str(),
+                  r.ms, r.tflops);
       if (r.max_diff >= 0) std::printf(" %12.3e", r.max_diff);
       std::printf("\n");
     }

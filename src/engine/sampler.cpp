@@ -1,10 +1,9 @@
 #include "engine/sampler.h"
 
-#include <algorithm>
 #include <cmath>
-#include <numeric>
-#include <vector>
+#include <random>
 
+#include "backends/cpu/cpu_backend.h"
 #include "core/check.h"
 
 namespace cpinfer {
@@ -24,81 +23,38 @@ int32_t argmax(std::span<const float> v) {
   return static_cast<int32_t>(best);
 }
 
-Sampler::Sampler(const SamplingParams& p) : p_(p), rng_(p.seed ? *p.seed : std::random_device{}()) { p_.validate(); }
+namespace {
+
+uint64_t fresh_seed() {
+  std::random_device rd;
+  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
+}
+
+}  // namespace
+
+Sampler::Sampler(const SamplingParams& p) : p_(p) {
+  p_.validate();
+  seed_ = p_.seed ? *p_.seed : fresh_seed();
+}
+
+SampleRow Sampler::next_row() const {
+  SampleRow r;
+  r.temperature = p_.temperature;
+  r.top_k = p_.top_k;
+  r.top_p = p_.top_p;
+  r.min_p = p_.min_p;
+  r.seed = seed_;
+  r.step = step_;
+  return r;
+}
 
 int32_t Sampler::sample(std::span<const float> logits) {
-  if (p_.greedy()) return argmax(logits);
-  const size_t n = logits.size();
-  const double inv_t = 1.0 / p_.temperature;
-  // Without top-k or top-p no ordering is needed: one pass for the softmax (min-p is a threshold on
-  // it), one for the draw. Sorting 150K logits per token costs more than the rest of a decode step
-  // of a small model.
-  if (p_.top_k <= 0 && p_.top_p >= 1.0f) {
-    const double mx = logits[argmax(logits)];
-    std::vector<double> prob(n);
-    double sum = 0;
-    for (size_t i = 0; i < n; ++i) sum += prob[i] = std::exp((logits[i] - mx) * inv_t);
-    const double thr = p_.min_p > 0.0f ? p_.min_p * (1.0 / sum) : 0.0;  // the top token's probability is 1/sum
-    double mass = 0;
-    for (size_t i = 0; i < n; ++i) {
-      if (prob[i] / sum < thr) prob[i] = 0;
-      mass += prob[i];
-    }
-    double r = std::uniform_real_distribution<double>(0.0, mass)(rng_);
-    size_t last = 0;
-    for (size_t i = 0; i < n; ++i) {
-      if (prob[i] == 0) continue;
-      last = i;
-      r -= prob[i];
-      if (r < 0) return static_cast<int32_t>(i);
-    }
-    return static_cast<int32_t>(last);
-  }
-  // Candidates sorted by logit, descending (ties: lower id first, for determinism).
-  std::vector<int32_t> idx(n);
-  std::iota(idx.begin(), idx.end(), 0);
-  size_t keep = n;
-  if (p_.top_k > 0) keep = std::min<size_t>(keep, static_cast<size_t>(p_.top_k));
-  auto cmp = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
-  if (keep < n) {
-    std::partial_sort(idx.begin(), idx.begin() + keep, idx.end(), cmp);
-    idx.resize(keep);
-  } else {
-    std::sort(idx.begin(), idx.end(), cmp);
-  }
-  // Softmax with temperature over the kept candidates, in double.
-  const double mx = logits[idx[0]];
-  std::vector<double> prob(idx.size());
-  double sum = 0;
-  for (size_t i = 0; i < idx.size(); ++i) sum += prob[i] = std::exp((logits[idx[i]] - mx) * inv_t);
-  for (double& q : prob) q /= sum;
-  // min-p: drop tokens below min_p times the top probability.
-  size_t cut = prob.size();
-  if (p_.min_p > 0.0f) {
-    double thr = p_.min_p * prob[0];
-    cut = 1;
-    while (cut < prob.size() && prob[cut] >= thr) ++cut;
-  }
-  // top-p: the smallest prefix whose mass reaches top_p.
-  if (p_.top_p < 1.0f) {
-    double acc = 0;
-    size_t i = 0;
-    for (; i < cut; ++i) {
-      acc += prob[i];
-      if (acc >= p_.top_p) {
-        ++i;
-        break;
-      }
-    }
-    cut = std::max<size_t>(1, std::min(cut, i));
-  }
-  double mass = std::accumulate(prob.begin(), prob.begin() + cut, 0.0);
-  double r = std::uniform_real_distribution<double>(0.0, mass)(rng_);
-  for (size_t i = 0; i < cut; ++i) {
-    r -= prob[i];
-    if (r < 0) return idx[i];
-  }
-  return idx[cut - 1];
+  CPI_CHECK(!logits.empty(), "sampling from an empty row of logits");
+  const int32_t id = sample_reference(logits, next_row());
+  CPI_CHECK(id >= 0, "sampling: every one of the ", logits.size(),
+            " logits is -inf or NaN (the model produced no usable distribution)");
+  advance();
+  return id;
 }
 
 }  // namespace cpinfer

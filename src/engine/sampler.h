@@ -2,8 +2,9 @@
 #pragma once
 #include <cstdint>
 #include <optional>
-#include <random>
 #include <span>
+
+#include "ops/backend.h"
 
 namespace cpinfer {
 
@@ -18,14 +19,26 @@ struct SamplingParams {
   bool greedy() const { return temperature <= 0.0f || top_k == 1; }
 };
 
+// The sampler of one sequence. Draw number `step` (0, 1, 2 ... in the order tokens are drawn) is
+// Backend::sample's algorithm (ops/backend.h) keyed by (seed, step), so the same seed gives the same
+// tokens on any back-end and whichever process draws them. Without a seed in the parameters the
+// sampler takes one from std::random_device, once, at construction.
 class Sampler {
  public:
   explicit Sampler(const SamplingParams& p);
+  // Draws the next token from logits [V] (the host reference, backends/cpu) and advances the step.
+  // Throws when no logit is above -inf (every one is -inf or NaN).
   int32_t sample(std::span<const float> logits);
+  // The parameters of the next draw, for Backend::sample on batched logits; call advance() after.
+  SampleRow next_row() const;
+  void advance() { ++step_; }
+  uint64_t seed() const { return seed_; }
+  uint64_t step() const { return step_; }
 
  private:
   SamplingParams p_;
-  std::mt19937_64 rng_;
+  uint64_t seed_ = 0;
+  uint64_t step_ = 0;
 };
 
 // Index of the largest value; ties go to the lowest index (as torch.argmax).

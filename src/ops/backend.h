@@ -33,15 +33,22 @@ struct KvLayer {
 
 // One causal query block: queries are rows [q_begin, q_begin + q_len) of q/out and sit at global
 // positions pos_begin .. pos_begin + q_len - 1 of sequence `seq`; query i attends to the cached
-// keys at positions 0 .. pos_begin + i of that sequence (which must be in the cache).
-// Ordinary prefill: pos_begin = number of cached tokens. Decode: q_len = 1. Context parallelism:
-// each local zigzag block is one AttnBlock at its global offset.
+// keys at positions kv_begin .. min(kv_end, pos_begin + i + 1) - 1 of that sequence (which must be
+// in the cache). A query with no key in that range gets out = 0 and lse = -inf.
+// Ordinary prefill: pos_begin = number of cached tokens, kv_begin = 0, kv_end unbounded. Decode:
+// q_len = 1. Context parallelism: each local zigzag block is one AttnBlock at its global offset;
+// the overlapped exchange splits it into its diagonal (kv_begin = pos_begin: keys this rank
+// computed) and its prefix (kv_end = pos_begin: keys from other ranks), merged by log-sum-exp.
 struct AttnBlock {
+  static constexpr int32_t kNoBound = 0x7fffffff;
   int32_t q_begin = 0;
   int32_t q_len = 0;
   int32_t pos_begin = 0;
   int32_t seq = 0;  // row of the block table
+  int32_t kv_begin = 0;
+  int32_t kv_end = kNoBound;
 };
+inline constexpr int kAttnBlockFields = 6;  // device layout: the AttnBlock fields in order
 
 // Attention metadata for one forward, built once and used by every layer (no per-layer copies).
 struct AttnBatch {
@@ -50,8 +57,29 @@ struct AttnBatch {
   int32_t max_blocks_per_seq = 0;
   int32_t max_q_len = 0;                      // largest q_len over the blocks
   int32_t max_kv_len = 0;                     // largest pos_begin + q_len over the blocks
-  Tensor dev_blocks;                          // [n_blocks, 4] I32 on the device (AttnBlock fields)
+  Tensor dev_blocks;                          // [n_blocks, kAttnBlockFields] I32 on the device
   Tensor dev_block_table;                     // [n_seqs, max_blocks_per_seq] I32 on the device
+};
+
+// The flattened device layout of `blocks` ([n, kAttnBlockFields] I32, row-major).
+inline std::vector<int32_t> flatten_attn_blocks(const std::vector<AttnBlock>& blocks) {
+  std::vector<int32_t> flat;
+  flat.reserve(blocks.size() * kAttnBlockFields);
+  for (const AttnBlock& a : blocks) flat.insert(flat.end(), {a.q_begin, a.q_len, a.pos_begin, a.seq, a.kv_begin, a.kv_end});
+  return flat;
+}
+
+// Parameters of one row of sample(): SamplingParams (engine/sampler.h) plus the draw's identity.
+// The draw is a pure function of (logits, row): the same inputs give the same token on every
+// back-end except where the draw lands within float rounding of a boundary (see Backend::sample).
+// A NaN field, temperature +inf, top_p <= 0 or min_p > 1 is an error.
+struct SampleRow {
+  float temperature = 1.0f;  // <= 0: greedy
+  int32_t top_k = -1;        // <= 0: off
+  float top_p = 1.0f;        // >= 1: off
+  float min_p = 0.0f;        // <= 0: off
+  uint64_t seed = 0;
+  uint64_t step = 0;         // index of the token being drawn in its sequence
 };
 
 // The experts one rank holds: global experts [first, first + count), each with its three
@@ -80,6 +108,9 @@ class Backend {
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;
   virtual void fill_zero(Tensor t) = 0;
   virtual void sync() = 0;
+  // The native stream the ops are ordered on (a cudaStream_t on CUDA; nullptr on the CPU), to
+  // which device communicators bind their collectives.
+  virtual void* native_stream() { return nullptr; }
 
   // ---- ops
   // out[t] = table[ids[t]] converted to out.dtype. table [V, H], ids [T] I32, out [T, H].
@@ -117,6 +148,30 @@ class Backend {
   virtual void scatter_rows(const Tensor& src, const Tensor& idx, Tensor out) = 0;
   // Element-type conversion (same shape).
   virtual void convert(const Tensor& src, Tensor dst) = 0;
+  // Merges two partial attentions of the same queries over disjoint key sets, in place:
+  // out = (e^lse·out + e^lse2·out2) / (e^lse + e^lse2), lse = log(e^lse + e^lse2). out, out2
+  // [T, Hq, D] act dtype; lse, lse2 [T, Hq] F32; -inf marks an empty key set.
+  virtual void attention_merge(Tensor out, Tensor lse, const Tensor& out2, const Tensor& lse2) = 0;
+  // Draws one token per row of logits [R, V] F32; rows.size() == R; ids [R] I32. Every back-end
+  // runs this algorithm (reference: backends/cpu/cpu_sample.cpp), per row, with l = the logits:
+  // 0. NaN counts as -inf and -0 as +0. A row with no logit above -inf yields id -1.
+  // 1. Greedy (temperature <= 0 or top_k == 1): the argmax, ties to the lowest id.
+  // 2. m = max l; d_i = (l_i - m) / T in fp32 (0 where l_i == m, so +inf logits share the mass);
+  //    e_i = float(exp(double(d_i))), so e_max = 1 and p_i = e_i / Σe. (d is bit-identical
+  //    everywhere; e is too except when exp lands within a double ulp of a float rounding point.)
+  // 3. top-k (0 < k < V): keep the k first tokens ranked by (l desc, id asc): l > l_(k), or
+  //    l == l_(k) and id <= the id of the k-th ranked token.
+  // 4. top-p (< 1): over the top-k survivors K, with M_K = Σ_K e (double), the threshold τ is the
+  //    largest value of e among K such that Σ_{i∈K, e_i >= τ} e_i >= top_p · M_K (double); keep
+  //    e_i >= τ. Every token whose e equals τ is kept (the set can exceed the smallest one by ties).
+  // 5. min-p (> 0): keep e_i >= min_p (≡ p_i >= min_p · p_max, since e_max = 1).
+  // 6. u = sample_uniform(seed, step) (cpu_backend.h): with mix64 SplitMix64's finalizer,
+  //    u = (mix64(mix64(seed) + (step + 1) · 0x9E3779B97F4A7C15) >> 40) · 2^-24, in [0, 1), exact in
+  //    fp32. M = Σ e over the kept tokens (double); the token is the first id, ascending,
+  //    whose cumulative kept mass exceeds u · M; if rounding leaves none, the last kept id with
+  //    e > 0. Sums may be taken in any order: back-ends differ only where u · M lies within
+  //    rounding of a CDF boundary (or top_p · M_K of a top-p step).
+  virtual void sample(const Tensor& logits, const std::vector<SampleRow>& rows, Tensor ids) = 0;
 };
 
 // Owns one allocation of a back-end; move-only.

@@ -1,8 +1,9 @@
 // CUDA vs CPU for kv_store + paged causal attention: the tensor-core path (head_dim 128) and the
 // generic path (16/32/64, decode), block sizes that are and are not multiples of 16, queries at an
 // offset inside a longer K/V (pos_begin > 0), several varlen blocks, zigzag (context-parallel)
-// blocks of one sequence, scrambled block tables, and lse. The cache starts NaN-poisoned so a read
-// of a slot that was never written shows up as a NaN output.
+// blocks of one sequence, scrambled block tables, key ranges (diagonal / prefix parts, empty
+// ranges) and their attention_merge, and lse. The cache starts NaN-poisoned so a read of a slot
+// that was never written shows up as a NaN output.
 #include <algorithm>
 #include <numeric>
 
@@ -14,6 +15,7 @@ namespace {
 
 struct BlockSpec {
   int32_t q_len, pos_begin, seq;
+  int32_t kv_begin = 0, kv_end = AttnBlock::kNoBound;
 };
 
 struct AttnCase {
@@ -23,95 +25,159 @@ struct AttnCase {
   bool scramble = true;
 };
 
+using PK = cuda::CudaBackend::PrefillKernel;
+
 class AttnRunner : public GpuOpsTest {
  public:
-  void run(const AttnCase& c, uint32_t seed) {
+  // A case's cache, block table and queries on both back-ends. K/V are written (kv_store) only at
+  // the positions some block of the case reads; the rest of the CUDA cache stays NaN, so a kernel
+  // that reads outside a block's key range shows NaN outputs.
+  struct Prepared {
+    int64_t t = 0, hq = 0, hkv = 0, d = 0;
+    int32_t mbps = 1, n_seqs = 0;
+    std::vector<int32_t> table;
+    KvLayer ccache, gcache;
+    std::vector<float> q;         // [t, hq, d], bf16-rounded
+    std::vector<AttnBlock> blocks;  // the case's blocks, back to back in the rows of q
+    std::string name;
+  };
+
+  Prepared prepare(const AttnCase& c, uint32_t seed) {
     Rng rng(seed);
-    const int64_t hq = c.hq, hkv = c.hkv, d = c.d, bs = c.block_size;
-    int n_seqs = 0;
-    for (const auto& b : c.blocks) n_seqs = std::max(n_seqs, b.seq + 1);
-    std::vector<int32_t> seq_len(n_seqs, 0);
+    Prepared p;
+    p.hq = c.hq, p.hkv = c.hkv, p.d = c.d, p.name = c.name;
+    const int64_t hkv = c.hkv, d = c.d, bs = c.block_size;
+    for (const auto& b : c.blocks) p.n_seqs = std::max(p.n_seqs, b.seq + 1);
+    std::vector<int32_t> seq_len(p.n_seqs, 0);
     for (const auto& b : c.blocks) seq_len[b.seq] = std::max(seq_len[b.seq], b.pos_begin + b.q_len);
-    int32_t mbps = 1, total_pages = 0;
+    int32_t total_pages = 0;
     for (int32_t l : seq_len) {
-      mbps = std::max<int32_t>(mbps, static_cast<int32_t>((l + bs - 1) / bs));
+      p.mbps = std::max<int32_t>(p.mbps, static_cast<int32_t>((l + bs - 1) / bs));
       total_pages += static_cast<int32_t>((l + bs - 1) / bs);
     }
     const int64_t n_cache_blocks = total_pages + 3;
     std::vector<int32_t> phys(n_cache_blocks);
     std::iota(phys.begin(), phys.end(), 0);
     if (c.scramble) std::shuffle(phys.begin(), phys.end(), rng.gen());
-    std::vector<int32_t> table(static_cast<size_t>(n_seqs) * mbps, -1);  // unused entries stay -1
+    p.table.assign(static_cast<size_t>(p.n_seqs) * p.mbps, -1);  // unused entries stay -1
     int next = 0;
-    for (int s = 0; s < n_seqs; ++s)
-      for (int p = 0; p < (seq_len[s] + bs - 1) / bs; ++p) table[s * mbps + p] = phys[next++];
+    for (int s = 0; s < p.n_seqs; ++s)
+      for (int pg = 0; pg < (seq_len[s] + bs - 1) / bs; ++pg) p.table[s * p.mbps + pg] = phys[next++];
 
-    // Caches: CPU F32 zeros, CUDA BF16 NaN-poisoned; every sequence's K/V written via kv_store.
+    // Caches: CPU F32 zeros, CUDA BF16 NaN-poisoned; the read positions written via kv_store.
     const std::vector<float> zeros(n_cache_blocks * bs * hkv * d, 0.0f);
-    KvLayer ccache{cpu_f32(zeros, {n_cache_blocks, bs, hkv, d}), cpu_f32(zeros, {n_cache_blocks, bs, hkv, d})};
-    KvLayer gcache{gpu_tensor("cache.k", DType::BF16, {n_cache_blocks, bs, hkv, d}, nullptr),
-                   gpu_tensor("cache.v", DType::BF16, {n_cache_blocks, bs, hkv, d}, nullptr)};
-    for (int s = 0; s < n_seqs; ++s) {
-      const int64_t l = seq_len[s];
+    p.ccache = KvLayer{cpu_f32(zeros, {n_cache_blocks, bs, hkv, d}), cpu_f32(zeros, {n_cache_blocks, bs, hkv, d})};
+    p.gcache = KvLayer{gpu_tensor("cache.k", DType::BF16, {n_cache_blocks, bs, hkv, d}, nullptr),
+                       gpu_tensor("cache.v", DType::BF16, {n_cache_blocks, bs, hkv, d}, nullptr)};
+    for (int s = 0; s < p.n_seqs; ++s) {
+      std::vector<uint8_t> read(static_cast<size_t>(seq_len[s]), 0);
+      for (const auto& b : c.blocks)
+        if (b.seq == s && b.q_len > 0)
+          for (int32_t k = b.kv_begin; k < std::min(b.kv_end, b.pos_begin + b.q_len); ++k) read[k] = 1;
+      std::vector<int32_t> slots;
+      for (int32_t k = 0; k < seq_len[s]; ++k)
+        if (read[k]) slots.push_back(p.table[s * p.mbps + k / bs] * static_cast<int32_t>(bs) + k % bs);
+      const int64_t l = static_cast<int64_t>(slots.size());
       if (l == 0) continue;
       auto k = rng.bf16_normal(l * hkv * d), v = rng.bf16_normal(l * hkv * d);
-      std::vector<int32_t> slots(l);
-      for (int64_t p = 0; p < l; ++p) slots[p] = static_cast<int32_t>(table[s * mbps + p / bs] * bs + p % bs);
-      cpu_->kv_store(cpu_f32(k, {l, hkv, d}), cpu_f32(v, {l, hkv, d}), cpu_i32(slots, {l}), ccache);
+      cpu_->kv_store(cpu_f32(k, {l, hkv, d}), cpu_f32(v, {l, hkv, d}), cpu_i32(slots, {l}), p.ccache);
       gpu_->kv_store(gpu_tensor("k", DType::BF16, {l, hkv, d}, &k), gpu_tensor("v", DType::BF16, {l, hkv, d}, &v),
-                     gpu_i32("slots", slots, {l}), gcache);
+                     gpu_i32("slots", slots, {l}), p.gcache);
     }
-
-    // Query rows: blocks laid out back to back in the order given.
-    std::vector<AttnBlock> blocks;
-    int32_t t = 0, max_q = 0, max_kv = 0;
+    int32_t t = 0;
     for (const auto& b : c.blocks) {
-      blocks.push_back(AttnBlock{t, b.q_len, b.pos_begin, b.seq});
+      p.blocks.push_back(AttnBlock{t, b.q_len, b.pos_begin, b.seq, b.kv_begin, b.kv_end});
       t += b.q_len;
-      max_q = std::max(max_q, b.q_len);
-      max_kv = std::max(max_kv, b.pos_begin + b.q_len);
     }
-    std::vector<int32_t> flat;
-    for (const auto& b : blocks) flat.insert(flat.end(), {b.q_begin, b.q_len, b.pos_begin, b.seq});
-    auto q = rng.bf16_normal(static_cast<size_t>(t) * hq * d, 1.5f);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    p.t = t;
+    p.q = rng.bf16_normal(static_cast<size_t>(t) * c.hq * d, 1.5f);
+    return p;
+  }
+
+  // The batch of `blocks` over p's block table, with its device copies on the CPU or the GPU.
+  AttnBatch batch(const Prepared& p, const std::vector<AttnBlock>& blocks, bool on_gpu) {
+    AttnBatch b;
+    b.blocks = blocks;
+    b.block_table = p.table;
+    b.max_blocks_per_seq = p.mbps;
+    for (const AttnBlock& a : blocks) {
+      b.max_q_len = std::max(b.max_q_len, a.q_len);
+      b.max_kv_len = std::max(b.max_kv_len, a.pos_begin + a.q_len);
+    }
+    const std::vector<int32_t> flat = flatten_attn_blocks(blocks);
     const int64_t nb = static_cast<int64_t>(blocks.size());
+    b.dev_blocks = on_gpu ? gpu_i32("blocks", flat, {nb, kAttnBlockFields}) : cpu_i32(flat, {nb, kAttnBlockFields});
+    b.dev_block_table = on_gpu ? gpu_i32("table", p.table, {p.n_seqs, p.mbps}) : cpu_i32(p.table, {p.n_seqs, p.mbps});
+    return b;
+  }
 
-    AttnBatch cb;
-    cb.blocks = blocks;
-    cb.block_table = table;
-    cb.max_blocks_per_seq = mbps;
-    cb.max_q_len = max_q;
-    cb.max_kv_len = max_kv;
-    AttnBatch gb = cb;
-    cb.dev_blocks = cpu_i32(flat, {nb, 4});
-    cb.dev_block_table = cpu_i32(table, {n_seqs, mbps});
-    gb.dev_blocks = gpu_i32("blocks", flat, {nb, 4});
-    gb.dev_block_table = gpu_i32("table", table, {n_seqs, mbps});
+  float scale(const Prepared& p) const { return 1.0f / std::sqrt(static_cast<float>(p.d)); }
 
-    Tensor co = cpu_alloc(DType::F32, {t, hq, d}), clse = cpu_alloc(DType::F32, {t, hq});
-    cpu_->attention(cpu_f32(q, {t, hq, d}), cb, ccache, scale, co, clse);
-    // Head dim 128 with q_len > 1 runs a tensor-core kernel: check every one this GPU has.
+  void cpu_attention(const Prepared& p, const std::vector<AttnBlock>& blocks, Tensor& out, Tensor& lse) {
+    out = cpu_alloc(DType::F32, {p.t, p.hq, p.d});
+    lse = cpu_alloc(DType::F32, {p.t, p.hq});
+    cpu_->attention(cpu_f32(p.q, {p.t, p.hq, p.d}), batch(p, blocks, false), p.ccache, scale(p), out, lse);
+  }
+
+  // CUDA attention with `kernel` as the prefill kernel; out and lse (undefined unless want_lse)
+  // start NaN-poisoned.
+  void gpu_attention(const Prepared& p, const std::vector<AttnBlock>& blocks, PK kernel, Tensor& out, Tensor& lse,
+                     bool want_lse = true) {
     auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
-    using PK = cuda::CudaBackend::PrefillKernel;
     const PK initial = cuda.prefill_kernel();
-    std::vector<PK> kernels = {PK::MmaSync};
-    if (d == 128 && max_q > 1 && cuda.wgmma_supported()) kernels.push_back(PK::Wgmma);
-    for (PK kernel : kernels) {
-      cuda.set_prefill_kernel(kernel);
-      Tensor go = gpu_tensor("out", DType::BF16, {t, hq, d}, nullptr);
-      Tensor glse = gpu_tensor("lse", DType::F32, {t, hq}, nullptr);
-      gpu_->attention(gpu_tensor("q", DType::BF16, {t, hq, d}, &q), gb, gcache, scale, go, glse);
-      const std::string sh = c.name + (kernel == PK::Wgmma ? " wgmma" : "") + " T=" + std::to_string(t) +
+    cuda.set_prefill_kernel(kernel);
+    out = gpu_tensor("out", DType::BF16, {p.t, p.hq, p.d}, nullptr);
+    lse = want_lse ? gpu_tensor("lse", DType::F32, {p.t, p.hq}, nullptr) : Tensor{};
+    gpu_->attention(gpu_tensor("q", DType::BF16, {p.t, p.hq, p.d}, &p.q), batch(p, blocks, true), p.gcache, scale(p),
+                    out, lse);
+    cuda.set_prefill_kernel(initial);
+  }
+
+  // The CUDA kernels that run `blocks`: head dim 128 with q_len > 1 runs a tensor-core kernel, so
+  // every one this GPU has; otherwise the generic kernel, whatever the setting.
+  std::vector<PK> kernels(const Prepared& p, const std::vector<AttnBlock>& blocks) {
+    int32_t max_q = 0;
+    for (const AttnBlock& b : blocks) max_q = std::max(max_q, b.q_len);
+    std::vector<PK> k = {PK::MmaSync};
+    if (p.d == 128 && max_q > 1 && static_cast<cuda::CudaBackend&>(*gpu_).wgmma_supported()) k.push_back(PK::Wgmma);
+    return k;
+  }
+
+  // lse: rows with no key in range are -inf on both sides (checked exactly, and their outputs 0),
+  // then compared as zeros, since expect_close counts every non-finite value as unwritten.
+  void expect_attention_close(const std::string& sh, std::vector<float> out, std::vector<float> ref_out,
+                              std::vector<float> lse, std::vector<float> ref_lse, int64_t d) {
+    int64_t bad_empty = 0, n_empty = 0;
+    for (size_t r = 0; r < ref_lse.size(); ++r) {
+      if (!std::isinf(ref_lse[r]) && !std::isinf(lse[r])) continue;
+      n_empty += std::isinf(ref_lse[r]);
+      bad_empty += lse[r] != ref_lse[r];
+      for (int64_t e = 0; e < d; ++e) bad_empty += out[r * d + e] != 0.0f;
+      lse[r] = ref_lse[r] = 0.0f;
+    }
+    EXPECT_EQ(bad_empty, 0) << sh << ": rows with no key in range must be out 0, lse -inf (" << n_empty
+                            << " such rows)";
+    expect_close("attention.out", sh, out, ref_out, 1e-4, 0.05);
+    expect_close("attention.lse", sh, lse, ref_lse, 1e-8, 2e-3);
+  }
+
+  void run(const AttnCase& c, uint32_t seed) {
+    Prepared p = prepare(c, seed);
+    Tensor co, clse;
+    cpu_attention(p, p.blocks, co, clse);
+    int32_t max_kv = 0;
+    for (const AttnBlock& b : p.blocks) max_kv = std::max(max_kv, b.pos_begin + b.q_len);
+    for (PK kernel : kernels(p, p.blocks)) {
+      Tensor go, glse;
+      gpu_attention(p, p.blocks, kernel, go, glse);
+      const std::string sh = c.name + (kernel == PK::Wgmma ? " wgmma" : "") + " T=" + std::to_string(p.t) +
                              " kv<=" + std::to_string(max_kv);
-      expect_close("attention.out", sh, gpu_read(go), cpu_read(co), 1e-4, 0.05);
-      expect_close("attention.lse", sh, gpu_read(glse), cpu_read(clse), 1e-8, 2e-3);
+      expect_attention_close(sh, gpu_read(go), cpu_read(co), gpu_read(glse), cpu_read(clse), p.d);
       // Without lse the output is the same.
-      Tensor go2 = gpu_tensor("out2", DType::BF16, {t, hq, d}, nullptr);
-      gpu_->attention(gpu_tensor("q2", DType::BF16, {t, hq, d}, &q), gb, gcache, scale, go2, Tensor{});
+      Tensor go2, no_lse;
+      gpu_attention(p, p.blocks, kernel, go2, no_lse, false);
       expect_close("attention.nolse", sh, gpu_read(go2), gpu_read(go), 0.0, 0.0);
     }
-    cuda.set_prefill_kernel(initial);
   }
 };
 
@@ -147,6 +213,136 @@ TEST_F(AttnRunner, Decode) {
   run({"d64 split short-q", 4, 2, 64, 32, {{3, 2500, 0}, {2, 10, 1}}}, 44);
 }
 
+// Key ranges (AttnBlock kv_begin / kv_end) on every kernel: the diagonal and prefix parts of
+// context-parallel blocks, on and off the 64-key tile grid, ranges that cut the causal frontier,
+// start inside the block (its first queries see nothing) or are empty. Keys outside every range
+// are NaN in the CUDA cache.
+std::vector<BlockSpec> range_blocks() {
+  constexpr int32_t kNo = AttnBlock::kNoBound;
+  return {
+      {300, 777, 0, 777, kNo},  // diagonal, off the tile grid
+      {200, 1000, 0, 0, 1000},  // prefix, off the grid
+      {128, 1024, 1, 1024, kNo},  // diagonal on the grid
+      {130, 1024, 1, 0, 1024},  // prefix on the grid
+      {150, 500, 2, 100, 560},  // range that cuts the causal frontier
+      {100, 200, 2, 250, kNo},  // starts inside the block: its first 50 queries see nothing
+      {70, 400, 2, 37, 333},    // ends before every query
+      {40, 300, 3, 120, 120},   // empty
+      {20, 50, 3, 400, kNo},    // after every query: empty
+  };
+}
+
+TEST_F(AttnRunner, FlashKeyRanges) {
+  run({"d128 bs16 ranges", 8, 2, 128, 16, range_blocks()}, 71);
+  run({"d128 bs24 ranges", 4, 1, 128, 24, range_blocks()}, 72);
+}
+
+TEST_F(AttnRunner, GenericKeyRanges) {
+  run({"d64 bs16 ranges", 4, 2, 64, 16, range_blocks()}, 73);
+  run({"d96 bs8 ranges", 3, 1, 96, 8, range_blocks()}, 74);
+}
+
+TEST_F(AttnRunner, DecodeKeyRanges) {
+  constexpr int32_t kNo = AttnBlock::kNoBound;
+  // Long ranges take the split-K path (splits over the range, not over [0, position]).
+  run({"d128 split decode ranges", 8, 2, 128, 16,
+       {{1, 9000, 0, 0, 4000}, {1, 6000, 1, 2500, kNo}, {1, 3000, 2, 1000, 2500}, {1, 700, 3, 700, kNo},
+        {1, 500, 4, 600, kNo}, {1, 80, 5, 30, 30}}},
+      75);
+  run({"d64 decode ranges", 4, 4, 64, 32, {{1, 250, 0, 100, kNo}, {1, 5, 1, 0, 3}, {1, 40, 2, 41, kNo}}}, 76);
+}
+
+// Context parallelism overlaps the K/V exchange with the diagonal part of each local block
+// (kv_begin = pos_begin) and adds the prefix part (kv_end = pos_begin) with attention_merge: at the
+// Qwen3-30B-A3B attention shape (32 / 4 heads, head_dim 128) on zigzag blocks, the merge must equal
+// one full attention within bf16 rounding (CPU fp32 reference), and a block at position 0 (empty
+// prefix) must come back unchanged.
+TEST_F(AttnRunner, DiagonalMergedWithPrefixEqualsFull) {
+  // seq 0: 2900 tokens over C = 4 (8 zigzag blocks of 363/362), rank 0's blocks 0 and 7;
+  // seq 1: 517 cached + 1203 new over C = 2 (4 blocks of 301/300), rank 1's blocks 1 and 2.
+  const AttnCase c{"cp zigzag", 32, 4, 128, 16, {{363, 0, 0}, {362, 2538, 0}, {301, 818, 1}, {301, 1119, 1}}};
+  Prepared p = prepare(c, 61);
+  std::vector<AttnBlock> diag = p.blocks, prefix = p.blocks;
+  for (size_t i = 0; i < p.blocks.size(); ++i) {
+    diag[i].kv_begin = p.blocks[i].pos_begin;
+    prefix[i].kv_end = p.blocks[i].pos_begin;
+  }
+  Tensor co, clse;
+  cpu_attention(p, p.blocks, co, clse);
+  const int64_t n0 = p.blocks[0].q_len * p.hq;  // rows of the block at position 0
+  for (PK kernel : kernels(p, p.blocks)) {
+    const std::string sh = std::string("cp zigzag") + (kernel == PK::Wgmma ? " wgmma" : "") + " T=" +
+                           std::to_string(p.t);
+    Tensor d_o, d_l, p_o, p_l;
+    gpu_attention(p, diag, kernel, d_o, d_l);
+    gpu_attention(p, prefix, kernel, p_o, p_l);
+    const std::vector<float> diag_out = gpu_read(d_o), diag_lse = gpu_read(d_l);
+    gpu_->attention_merge(d_o, d_l, p_o, p_l);
+    const std::vector<float> m_out = gpu_read(d_o), m_lse = gpu_read(d_l);
+    expect_close("merge.out", sh, m_out, cpu_read(co), 1e-4, 0.05);
+    expect_close("merge.lse", sh, m_lse, cpu_read(clse), 1e-8, 2e-3);
+    expect_close("merge.empty", sh, std::vector<float>(m_out.begin(), m_out.begin() + n0 * p.d),
+                 std::vector<float>(diag_out.begin(), diag_out.begin() + n0 * p.d), 0.0, 0.0);
+    expect_close("merge.empty_lse", sh, std::vector<float>(m_lse.begin(), m_lse.begin() + n0),
+                 std::vector<float>(diag_lse.begin(), diag_lse.begin() + n0), 0.0, 0.0);
+  }
+}
+
+// attention_merge CUDA vs CPU on the same (bf16-rounded) inputs: two finite sides close and far
+// apart, one empty side (-inf; its out is NaN and must not be read: the other side comes back
+// bit for bit), both empty (0, -inf); BF16 and F32 activations, head dims 128, 96 and 20.
+TEST_F(AttnRunner, AttentionMergeMatchesCpu) {
+  Rng rng(81);
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  for (DType dt : {DType::BF16, DType::F32})
+    for (int64_t d : {128, 96, 20}) {
+      const int64_t t = 37, hq = 8, rows = t * hq;
+      auto o1 = rng.bf16_normal(rows * d), o2 = rng.bf16_normal(rows * d);
+      std::vector<float> l1(rows), l2(rows);
+      for (int64_t r = 0; r < rows; ++r) {
+        l1[r] = bf16_to_f32(f32_to_bf16(static_cast<float>(rng.integer(-300, 800)) / 100.0f));
+        l2[r] = bf16_to_f32(f32_to_bf16(static_cast<float>(rng.integer(-300, 800)) / 100.0f));
+        switch (r % 5) {
+          case 1: l1[r] = -inf; break;
+          case 2: l2[r] = -inf; break;
+          case 3: l1[r] = l2[r] = -inf; break;
+          case 4: l2[r] = l1[r] + 60.0f; break;  // weight e^-60 on side 1
+          default: break;
+        }
+        for (int64_t e = 0; e < d; ++e) {
+          if (std::isinf(l1[r])) o1[r * d + e] = nan;
+          if (std::isinf(l2[r])) o2[r * d + e] = nan;
+        }
+      }
+      Tensor co = cpu_f32(o1, {t, hq, d}), cl = cpu_f32(l1, {t, hq});
+      cpu_->attention_merge(co, cl, cpu_f32(o2, {t, hq, d}), cpu_f32(l2, {t, hq}));
+      Tensor go = gpu_tensor("merge.out", dt, {t, hq, d}, &o1), gl = gpu_tensor("merge.lse", DType::F32, {t, hq}, &l1);
+      gpu_->attention_merge(go, gl, gpu_tensor("merge.out2", dt, {t, hq, d}, &o2),
+                            gpu_tensor("merge.lse2", DType::F32, {t, hq}, &l2));
+      const std::string sh = std::string(dt == DType::BF16 ? "bf16 " : "f32 ") + shape_of({t, hq, d});
+      std::vector<float> got_o = gpu_read(go), got_l = gpu_read(gl), ref_o = cpu_read(co), ref_l = cpu_read(cl);
+      int64_t bad = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const std::vector<float>* kept = r % 5 == 1 ? &o2 : r % 5 == 2 ? &o1 : nullptr;
+        for (int64_t e = 0; e < d; ++e) {
+          if (kept) bad += got_o[r * d + e] != (*kept)[r * d + e];
+          if (r % 5 == 3) bad += got_o[r * d + e] != 0.0f;
+        }
+        if (r % 5 == 3) {
+          bad += got_l[r] != -inf || ref_l[r] != -inf;
+          got_l[r] = ref_l[r] = 0.0f;
+        }
+      }
+      EXPECT_EQ(bad, 0) << sh << ": an empty side must leave the other bit for bit; both empty: 0, -inf";
+      expect_close("merge.out", sh, got_o, ref_o, dt == DType::BF16 ? 2e-5 : 1e-12, dt == DType::BF16 ? 0.02 : 1e-5);
+      expect_close("merge.lse", sh, got_l, ref_l, 1e-12, 5e-5);  // a few ulp at |lse| ~ 68
+    }
+  Tensor o = gpu_tensor("o", DType::BF16, {2, 3, 4}, nullptr), l = gpu_tensor("l", DType::F32, {2, 3}, nullptr);
+  EXPECT_THROW(gpu_->attention_merge(o, l, gpu_tensor("o5", DType::BF16, {2, 3, 5}, nullptr), l), Error);
+  EXPECT_THROW(gpu_->attention_merge(o, l, gpu_tensor("of", DType::F32, {2, 3, 4}, nullptr), l), Error);
+  EXPECT_THROW(gpu_->attention_merge(o, l, o, gpu_tensor("l33", DType::F32, {3, 3}, nullptr)), Error);
+}
+
 TEST_F(AttnRunner, KvStoreMatchesCpu) {
   // kv_store alone, compared through the whole cache (slots scattered, untouched slots zero on
   // both sides: the CUDA cache starts zeroed here).
@@ -176,10 +372,23 @@ TEST_F(AttnRunner, RejectsBadBlockTable) {
   b.max_blocks_per_seq = 1;
   b.max_q_len = 4;
   b.max_kv_len = 4;
-  b.dev_blocks = gpu_i32("blocks", {0, 4, 0, 0}, {1, 4});
+  b.dev_blocks = gpu_i32("blocks", flatten_attn_blocks(b.blocks), {1, kAttnBlockFields});
   b.dev_block_table = gpu_i32("table", {7}, {1, 1});
   Tensor q = gpu_tensor("q", DType::BF16, {4, 2, d}, nullptr), out = gpu_tensor("out", DType::BF16, {4, 2, d}, nullptr);
   EXPECT_THROW(gpu_->attention(q, b, gc, 0.125f, out, Tensor{}), Error);
+  // Bad key ranges and the old 4-column block layout.
+  b.block_table = {0};
+  b.dev_block_table = gpu_i32("table0", {0}, {1, 1});
+  EXPECT_NO_THROW(gpu_->attention(q, b, gc, 0.125f, out, Tensor{}));
+  for (const AttnBlock& bad : {AttnBlock{0, 4, 0, 0, -1}, AttnBlock{0, 4, 0, 0, 3, 2}}) {
+    AttnBatch bb = b;
+    bb.blocks = {bad};
+    bb.dev_blocks = gpu_i32("bad_blocks", flatten_attn_blocks(bb.blocks), {1, kAttnBlockFields});
+    EXPECT_THROW(gpu_->attention(q, bb, gc, 0.125f, out, Tensor{}), Error);
+  }
+  AttnBatch b4 = b;
+  b4.dev_blocks = gpu_i32("blocks4", {0, 4, 0, 0}, {1, 4});
+  EXPECT_THROW(gpu_->attention(q, b4, gc, 0.125f, out, Tensor{}), Error);
 
   // A table too large for the host check (> 65536 entries) is not validated per call; its bad
   // entries must still never fault: the kernels treat them as empty pages.

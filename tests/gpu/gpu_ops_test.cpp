@@ -198,7 +198,8 @@ TEST_F(Ops, MoeRoute) {
   }
 }
 
-// T·K <= 256 takes the grouped small-batch kernels (no host sync), larger batches cuBLAS.
+// T·K <= 256 takes the row-wise small-batch kernels, larger batches the grouped tensor-core GEMMs
+// (shapes they do not cover: a row-wise fallback); none of them synchronizes with the host.
 TEST_F(Ops, MoeExperts) {
   Rng rng(8);
   struct Case { int64_t t, h, inter; int e, k, first, count; DType out; };
@@ -206,7 +207,7 @@ TEST_F(Ops, MoeExperts) {
                                          {64, 256, 128, 16, 4, 0, 16, DType::BF16},
                                          {5, 128, 96, 32, 8, 8, 8, DType::F32},
                                          {1, 64, 64, 4, 2, 0, 4, DType::BF16},
-                                         // T·K > 256: the cuBLAS-per-expert path instead of the grouped kernels
+                                         // T·K > 256: the grouped GEMM path instead of the small-batch kernels
                                          {100, 128, 64, 8, 4, 0, 8, DType::BF16},
                                          {80, 64, 48, 16, 4, 4, 8, DType::F32}}) {
     const std::string sh = "T=" + std::to_string(c.t) + " H=" + std::to_string(c.h) + " I=" + std::to_string(c.inter) +

@@ -56,6 +56,8 @@ class MemoryBackend : public Backend {
   void gather_rows(const Tensor&, const Tensor&, Tensor) override { no_op(); }
   void scatter_rows(const Tensor&, const Tensor&, Tensor) override { no_op(); }
   void convert(const Tensor&, Tensor) override { no_op(); }
+  void attention_merge(Tensor, Tensor, const Tensor&, const Tensor&) override { no_op(); }
+  void sample(const Tensor&, const std::vector<SampleRow>&, Tensor) override { no_op(); }
 
   struct Upload {
     const uint8_t* src;

@@ -1,7 +1,7 @@
 // CPU back-end: q/k norm + RoPE, the paged KV store and paged causal GQA attention (several
-// sequences, shuffled block tables, query blocks in the middle of a sequence, lse), against
-// double-precision references; plus the LSE merge that context parallelism relies on and a timing
-// line for a long prefill.
+// sequences, shuffled block tables, query blocks in the middle of a sequence, key ranges, lse),
+// against double-precision references; plus attention_merge, the LSE merge that context
+// parallelism relies on, and a timing line for a long prefill.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -136,14 +136,16 @@ struct PagedCase {
   int64_t slot(int32_t seq, int64_t p) const {
     return int64_t{batch.block_table[seq * batch.max_blocks_per_seq + p / bs]} * bs + p % bs;
   }
-  void add_block(int32_t q_begin, int32_t q_len, int32_t pos_begin, int32_t seq) {
-    batch.blocks.push_back({q_begin, q_len, pos_begin, seq});
+  void add_block(int32_t q_begin, int32_t q_len, int32_t pos_begin, int32_t seq, int32_t kv_begin = 0,
+                 int32_t kv_end = AttnBlock::kNoBound) {
+    batch.blocks.push_back({q_begin, q_len, pos_begin, seq, kv_begin, kv_end});
     batch.max_q_len = std::max(batch.max_q_len, q_len);
     batch.max_kv_len = std::max(batch.max_kv_len, pos_begin + q_len);
   }
 };
 
-// Naive causal attention in double for the listed query rows (all rows of every block if empty).
+// Naive attention in double of every block's rows over its key range [kv_begin, min(kv_end,
+// pos + 1)); a row with no key gets out 0 and lse -inf.
 void ref_attention(const HostTensor& q, const PagedCase& pc, double scale, std::vector<double>& out,
                    std::vector<double>& lse) {
   const int64_t T = q.t.dim(0), Hq = q.t.dim(1), D = q.t.dim(2), G = Hq / pc.Hkv;
@@ -152,24 +154,46 @@ void ref_attention(const HostTensor& q, const PagedCase& pc, double scale, std::
   for (const AttnBlock& b : pc.batch.blocks)
     for (int64_t i = 0; i < b.q_len; ++i)
       for (int64_t h = 0; h < Hq; ++h) {
-        const int64_t t = b.q_begin + i, g = h / G, n = b.pos_begin + i + 1;
-        std::vector<double> s(static_cast<size_t>(n));
+        const int64_t t = b.q_begin + i, g = h / G;
+        const int64_t lo = b.kv_begin, hi = std::min<int64_t>(b.kv_end, b.pos_begin + i + 1);
+        if (hi <= lo) {
+          lse[t * Hq + h] = -std::numeric_limits<double>::infinity();
+          continue;
+        }
+        std::vector<double> s(static_cast<size_t>(hi - lo));
         double mx = -1e300;
-        for (int64_t p = 0; p < n; ++p) {
+        for (int64_t p = lo; p < hi; ++p) {
           const int64_t off = (pc.slot(b.seq, p) * pc.Hkv + g) * D;
           double dot = 0;
           for (int64_t d = 0; d < D; ++d) dot += q.get((t * Hq + h) * D + d) * pc.k.get(off + d);
-          s[p] = dot * scale;
-          mx = std::max(mx, s[p]);
+          s[p - lo] = dot * scale;
+          mx = std::max(mx, s[p - lo]);
         }
         double sum = 0;
         for (auto& x : s) sum += x = std::exp(x - mx);
-        for (int64_t p = 0; p < n; ++p) {
+        for (int64_t p = lo; p < hi; ++p) {
           const int64_t off = (pc.slot(b.seq, p) * pc.Hkv + g) * D;
-          for (int64_t d = 0; d < D; ++d) out[(t * Hq + h) * D + d] += s[p] / sum * pc.v.get(off + d);
+          for (int64_t d = 0; d < D; ++d) out[(t * Hq + h) * D + d] += s[p - lo] / sum * pc.v.get(off + d);
         }
         lse[t * Hq + h] = mx + std::log(sum);
       }
+}
+
+// all_close for lse, where -inf (no key in range) must match exactly.
+::testing::AssertionResult lse_close(const HostTensor& actual, const std::vector<double>& ref, double rtol,
+                                     const std::string& what) {
+  HostTensor finite = actual;
+  std::vector<double> ref_finite = ref;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double a = actual.get(static_cast<int64_t>(i));
+    if (std::isinf(ref[i]) || std::isinf(a)) {
+      if (a != ref[i])
+        return ::testing::AssertionFailure() << what << ": element " << i << " is " << a << ", want " << ref[i];
+      finite.set(static_cast<int64_t>(i), 0.0);
+      ref_finite[i] = 0.0;
+    }
+  }
+  return all_close(finite, ref_finite, rtol, what);
 }
 
 TEST_F(CpuAttention, PagedCausalGqa) {
@@ -211,49 +235,233 @@ TEST_F(CpuAttention, PagedCausalGqa) {
       }
 }
 
-// Context parallelism splits a query block's keys into the cached prefix and the diagonal block,
-// computes each partial attention with its lse on whichever rank holds it, and merges them:
-// out = Σ exp(lse_i - lse) out_i with lse = log Σ exp(lse_i). The merge must equal the full attention.
-TEST_F(CpuAttention, LseMergeOfSplitKeyRangeEqualsFull) {
-  Rng rng(24);
-  for (auto [Hq, Hkv, D] : {std::tuple<int64_t, int64_t, int64_t>{4, 2, 64}, {8, 1, 32}}) {
-    const int64_t bs = 16, P = 48, L = 37;
-    PagedCase pc(rng, {P + L}, bs, Hkv, D, DType::F32);
-    // Row 1 of the table sees the same cache from position P on: the "diagonal" keys only.
-    const int32_t mbps = pc.batch.max_blocks_per_seq;
-    std::vector<int32_t> row1(static_cast<size_t>(mbps), -1);
-    for (int64_t p = P / bs; p < mbps; ++p) row1[p - P / bs] = pc.batch.block_table[p];
-    pc.batch.block_table.insert(pc.batch.block_table.end(), row1.begin(), row1.end());
+// NaN in K and V at every position of seq no block of pc reads, so that reading one shows up.
+void poison_unread_keys(PagedCase& pc, const std::vector<int64_t>& seq_lens) {
+  for (size_t seq = 0; seq < seq_lens.size(); ++seq) {
+    std::vector<uint8_t> read(static_cast<size_t>(seq_lens[seq]), 0);
+    for (const AttnBlock& b : pc.batch.blocks)
+      if (b.seq == static_cast<int32_t>(seq) && b.q_len > 0)
+        for (int64_t p = b.kv_begin; p < std::min<int64_t>(b.kv_end, int64_t{b.pos_begin} + b.q_len); ++p) read[p] = 1;
+    const int64_t row = pc.Hkv * pc.D;
+    for (int64_t p = 0; p < seq_lens[seq]; ++p)
+      if (!read[p])
+        for (int64_t e = 0; e < row; ++e) {
+          pc.k.set(pc.slot(static_cast<int32_t>(seq), p) * row + e, std::numeric_limits<double>::quiet_NaN());
+          pc.v.set(pc.slot(static_cast<int32_t>(seq), p) * row + e, std::numeric_limits<double>::quiet_NaN());
+        }
+  }
+}
 
+// Every block attends to its key range only: diagonal (kv_begin = pos_begin), prefix (kv_end =
+// pos_begin), arbitrary and empty ranges, at offsets on and off the 64-key tile, several blocks of
+// one sequence in one batch, rows out of block order. Keys no block reads are NaN.
+TEST_F(CpuAttention, KeyRangesMatchReference) {
+  Rng rng(29);
+  constexpr int32_t kNo = AttnBlock::kNoBound;
+  struct Range {
+    int32_t q_len, pos_begin, seq, kv_begin, kv_end;
+  };
+  const std::vector<Range> ranges = {
+      {70, 130, 0, 130, kNo},  // diagonal at an offset off the tile grid
+      {37, 200, 0, 0, 200},    // prefix (no causal mask needed)
+      {65, 64, 1, 64, kNo},    // diagonal on the tile grid
+      {20, 130, 1, 0, 130},    // prefix, longer than one tile and not a multiple of one
+      {30, 100, 0, 17, 90},    // range ending before every query
+      {30, 100, 0, 50, 115},   // range ending inside the block: kv_end cuts the causal frontier
+      {9, 250, 0, 254, kNo},   // kv_begin inside the block: its first 4 queries see nothing
+      {5, 40, 1, 33, 33},      // empty range
+      {4, 10, 1, 90, kNo},     // range after every query: empty
+      {1, 299, 0, 260, kNo},   // decode, a range to the end
+      {1, 149, 1, 140, 145},   // decode, a range
+  };
+  const std::vector<int64_t> seq_lens = {300, 150};
+  int n_case = 0;
+  for (int64_t D : {16, 64, 128})
+    for (auto [Hq, Hkv] : {std::pair<int64_t, int64_t>{8, 2}, {3, 1}, {4, 4}}) {
+      const int64_t bs = n_case % 3 == 0 ? 16 : (n_case % 3 == 1 ? 5 : 1);
+      const DType dt = n_case % 2 ? DType::BF16 : DType::F32;
+      ++n_case;
+      PagedCase pc(rng, seq_lens, bs, Hkv, D, dt);
+      int32_t rows = 0;
+      for (const Range& r : ranges) rows += r.q_len;
+      int32_t row = rows;
+      for (const Range& r : ranges) {  // rows in reverse block order
+        row -= r.q_len;
+        pc.add_block(row, r.q_len, r.pos_begin, r.seq, r.kv_begin, r.kv_end);
+      }
+      poison_unread_keys(pc, seq_lens);
+      HostTensor q = rng.normal_tensor(DType::F32, {rows, Hq, D}, 1.5);
+      HostTensor out(DType::F32, {rows, Hq, D}), lse(DType::F32, {rows, Hq});
+      out.poison();
+      lse.poison();
+      const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+      be->attention(q, pc.batch, pc.layer(), scale, out, lse);
+      std::vector<double> ro, rl;
+      ref_attention(q, pc, scale, ro, rl);
+      const std::string tag = "D=" + std::to_string(D) + " Hq=" + std::to_string(Hq) + " Hkv=" +
+                              std::to_string(Hkv) + " bs=" + std::to_string(bs) + " " + dtype_str(dt);
+      EXPECT_TRUE(all_close(out, ro, 1e-5, "out " + tag));
+      EXPECT_TRUE(lse_close(lse, rl, 1e-6, "lse " + tag));
+      int64_t n_empty = 0;
+      for (int64_t r = 0; r < rows * Hq; ++r) {
+        if (!std::isinf(rl[r])) continue;
+        ++n_empty;
+        for (int64_t d = 0; d < D; ++d) ASSERT_EQ(out.get(r * D + d), 0.0) << "empty row " << r << " " << tag;
+      }
+      EXPECT_EQ(n_empty, (4 + 5 + 4) * Hq) << tag;  // the rows of the three empty cases
+      HostTensor out2(DType::F32, {rows, Hq, D});
+      out2.poison();
+      be->attention(q, pc.batch, pc.layer(), scale, out2, Tensor());
+      EXPECT_EQ(std::memcmp(out2.t.data, out.t.data, out.t.nbytes()), 0) << tag;
+    }
+}
+
+// Context parallelism overlaps the K/V exchange with the diagonal part of each local block's
+// attention (kv_begin = pos_begin: keys this rank computed), then adds the prefix (kv_end =
+// pos_begin: keys from the other ranks) by attention_merge. The merge must equal one full
+// attention, out and lse, for zigzag blocks after a cached prefix; the block at position 0 has an
+// empty prefix, and merging with it is the identity. Each part is also run alone on a cache whose
+// other keys are NaN (the diagonal pass runs before the prefix has arrived) and must give bitwise
+// the rows of the batched run.
+TEST_F(CpuAttention, DiagonalMergedWithPrefixEqualsFull) {
+  Rng rng(24);
+  for (auto [Hq, Hkv, D, bs, cached] : {std::tuple<int64_t, int64_t, int64_t, int64_t, int32_t>{8, 2, 64, 16, 0},
+                                        {8, 1, 32, 5, 37},
+                                        {6, 3, 128, 1, 64}}) {
+    // Zigzag split of L new tokens over C = 2 ranks: 4 blocks, rank 0 holds 0 and 3, rank 1 holds 1
+    // and 2; rows ordered rank 0 then rank 1.
+    const int32_t L = 203, kC2 = 4;
+    int32_t cut[kC2 + 1] = {0};
+    for (int i = 0; i < kC2; ++i) cut[i + 1] = cut[i] + L / kC2 + (i < L % kC2 ? 1 : 0);
+    const std::vector<int64_t> seq_lens = {cached + L};
+    PagedCase pc(rng, seq_lens, bs, Hkv, D, DType::F32);
+    PagedCase full = pc, diag = pc, prefix = pc;
+    int32_t row = 0;
+    for (int blk : {0, 3, 1, 2}) {
+      const int32_t len = cut[blk + 1] - cut[blk], pos = cached + cut[blk];
+      full.add_block(row, len, pos, 0);
+      diag.add_block(row, len, pos, 0, pos);
+      prefix.add_block(row, len, pos, 0, 0, pos);
+      row += len;
+    }
     HostTensor q = rng.normal_tensor(DType::F32, {L, Hq, D}, 2.0);
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-    auto run = [&](const std::vector<AttnBlock>& blocks, HostTensor& out, HostTensor& lse) {
-      AttnBatch b = pc.batch;
-      b.blocks = blocks;
+    auto run = [&](const PagedCase& c, HostTensor& out, HostTensor& lse) {
       out = HostTensor(DType::F32, {L, Hq, D});
       lse = HostTensor(DType::F32, {L, Hq});
       out.poison();
       lse.poison();
-      be->attention(q, b, pc.layer(), scale, out, lse);
+      be->attention(q, c.batch, c.layer(), scale, out, lse);
     };
-    HostTensor full_o, full_l, pre_o, pre_l, diag_o, diag_l;
-    run({{0, static_cast<int32_t>(L), static_cast<int32_t>(P), 0}}, full_o, full_l);
-    std::vector<AttnBlock> prefix;  // every query sees exactly keys [0, P): one q_len=1 block each
-    for (int32_t i = 0; i < L; ++i) prefix.push_back({i, 1, static_cast<int32_t>(P - 1), 0});
+    HostTensor diag_o, diag_l, pre_o, pre_l, full_o, full_l;
+    run(diag, diag_o, diag_l);
     run(prefix, pre_o, pre_l);
-    run({{0, static_cast<int32_t>(L), 0, 1}}, diag_o, diag_l);  // causal over keys [P, P + i]
+    run(full, full_o, full_l);
+    const std::string tag = "Hq=" + std::to_string(Hq) + " Hkv=" + std::to_string(Hkv) + " D=" + std::to_string(D) +
+                            " bs=" + std::to_string(bs) + " cached=" + std::to_string(cached);
+    std::vector<double> ro, rl;
+    ref_attention(q, diag, scale, ro, rl);
+    EXPECT_TRUE(all_close(diag_o, ro, 1e-5, "diagonal out " + tag));
+    EXPECT_TRUE(lse_close(diag_l, rl, 1e-6, "diagonal lse " + tag));
+    ref_attention(q, prefix, scale, ro, rl);
+    EXPECT_TRUE(all_close(pre_o, ro, 1e-5, "prefix out " + tag));
+    EXPECT_TRUE(lse_close(pre_l, rl, 1e-6, "prefix lse " + tag));
 
-    std::vector<double> merged(static_cast<size_t>(L * Hq * D)), merged_lse(static_cast<size_t>(L * Hq));
-    for (int64_t r = 0; r < L * Hq; ++r) {
-      const double l1 = pre_l.get(r), l2 = diag_l.get(r), m = std::max(l1, l2);
-      const double w1 = std::exp(l1 - m), w2 = std::exp(l2 - m);
-      merged_lse[r] = m + std::log(w1 + w2);
-      for (int64_t d = 0; d < D; ++d)
-        merged[r * D + d] = (w1 * pre_o.get(r * D + d) + w2 * diag_o.get(r * D + d)) / (w1 + w2);
+    HostTensor m_o = diag_o, m_l = diag_l;
+    be->attention_merge(m_o, m_l, pre_o, pre_l);
+    ref_attention(q, full, scale, ro, rl);
+    EXPECT_TRUE(all_close(m_o, ro, 1e-5, "merged out " + tag));
+    EXPECT_TRUE(all_close(m_l, rl, 1e-6, "merged lse " + tag));
+    EXPECT_TRUE(all_close(full_o, ro, 1e-5, "full out " + tag));
+    // The merge is symmetric: prefix ⊕ diagonal gives the same bits.
+    HostTensor m2_o = pre_o, m2_l = pre_l;
+    be->attention_merge(m2_o, m2_l, diag_o, diag_l);
+    EXPECT_EQ(std::memcmp(m2_o.t.data, m_o.t.data, m_o.t.nbytes()), 0) << tag;
+    EXPECT_EQ(std::memcmp(m2_l.t.data, m_l.t.data, m_l.t.nbytes()), 0) << tag;
+    if (cached == 0) {  // block 0 sits at position 0: its prefix is empty and the merge keeps its diagonal
+      const int32_t n0 = cut[1];
+      for (int64_t r = 0; r < n0 * Hq; ++r) ASSERT_EQ(pre_l.get(r), -std::numeric_limits<double>::infinity());
+      EXPECT_EQ(std::memcmp(m_o.t.data, diag_o.t.data, static_cast<size_t>(n0 * Hq * D) * 4), 0) << tag;
+      EXPECT_EQ(std::memcmp(m_l.t.data, diag_l.t.data, static_cast<size_t>(n0 * Hq) * 4), 0) << tag;
     }
-    EXPECT_TRUE(all_close(full_o, merged, 1e-5, "merged out"));
-    EXPECT_TRUE(all_close(full_l, merged_lse, 1e-6, "merged lse"));
+
+    // Each block's part alone, every key outside its range NaN.
+    for (size_t bi = 0; bi < full.batch.blocks.size(); ++bi)
+      for (const PagedCase* part : {&diag, &prefix}) {
+        PagedCase alone = pc;
+        alone.batch.blocks = {part->batch.blocks[bi]};
+        poison_unread_keys(alone, seq_lens);
+        HostTensor o(DType::F32, {L, Hq, D}), l(DType::F32, {L, Hq});
+        be->attention(q, alone.batch, alone.layer(), scale, o, l);
+        const HostTensor& want_o = part == &diag ? diag_o : pre_o;
+        const HostTensor& want_l = part == &diag ? diag_l : pre_l;
+        const AttnBlock& b = alone.batch.blocks[0];
+        const size_t off = static_cast<size_t>(b.q_begin * Hq), n = static_cast<size_t>(b.q_len * Hq);
+        EXPECT_EQ(std::memcmp(o.ptr<float>() + off * D, want_o.t.ptr<const float>() + off * D, n * D * 4), 0)
+            << (part == &diag ? "diagonal" : "prefix") << " block " << bi << " " << tag;
+        EXPECT_EQ(std::memcmp(l.ptr<float>() + off, want_l.t.ptr<const float>() + off, n * 4), 0)
+            << (part == &diag ? "diagonal" : "prefix") << " block " << bi << " " << tag;
+      }
   }
+}
+
+// attention_merge row by row: two finite sides (close and far apart lse), one empty side (-inf:
+// the other side comes back bit for bit, whatever the empty side's out holds), both empty (0 and
+// -inf), in F32 and BF16.
+TEST_F(CpuAttention, AttentionMergeCases) {
+  Rng rng(30);
+  const int64_t T = 6, Hq = 5, D = 20, R = T * Hq;
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+  for (DType dt : {DType::F32, DType::BF16}) {
+    HostTensor o1 = rng.normal_tensor(dt, {T, Hq, D}), o2 = rng.normal_tensor(dt, {T, Hq, D});
+    HostTensor l1(DType::F32, {T, Hq}), l2(DType::F32, {T, Hq});
+    for (int64_t r = 0; r < R; ++r) {
+      double a = rng.uniform(-3, 8), b = rng.uniform(-3, 8);
+      switch (r % 5) {
+        case 1: a = -inf; break;
+        case 2: b = -inf; break;
+        case 3: a = b = -inf; break;
+        case 4: b = a + 60.0; break;  // weight e^-60 on side 1
+        default: break;
+      }
+      l1.set(r, a);
+      l2.set(r, b);
+      for (int64_t d = 0; d < D; ++d) {  // an empty side's out is never read
+        if (std::isinf(a)) o1.set(r * D + d, nan);
+        if (std::isinf(b)) o2.set(r * D + d, nan);
+      }
+    }
+    std::vector<double> want_o(static_cast<size_t>(R * D)), want_l(static_cast<size_t>(R));
+    for (int64_t r = 0; r < R; ++r) {
+      const double a = l1.get(r), b = l2.get(r), m = std::max(a, b);
+      if (std::isinf(m)) {
+        want_l[r] = -inf;
+        continue;  // out 0
+      }
+      const double w1 = std::exp(a - m), w2 = std::exp(b - m);
+      want_l[r] = m + std::log(w1 + w2);
+      for (int64_t d = 0; d < D; ++d)
+        want_o[r * D + d] =
+            ((w1 > 0 ? w1 * o1.get(r * D + d) : 0.0) + (w2 > 0 ? w2 * o2.get(r * D + d) : 0.0)) / (w1 + w2);
+    }
+    HostTensor o = o1, l = l1;
+    be->attention_merge(o, l, o2, l2);
+    const std::string tag = dtype_str(dt);
+    EXPECT_TRUE(all_close(o, want_o, dt == DType::F32 ? 1e-6 : 1e-2, "merged out " + tag));
+    EXPECT_TRUE(lse_close(l, want_l, 1e-7, "merged lse " + tag));
+    for (int64_t r = 0; r < R; ++r) {
+      const HostTensor* kept = r % 5 == 1 ? &o2 : r % 5 == 2 ? &o1 : nullptr;
+      for (int64_t d = 0; d < D; ++d) {
+        if (kept) ASSERT_EQ(o.get(r * D + d), kept->get(r * D + d)) << "row " << r << " " << tag;
+        if (r % 5 == 3) ASSERT_EQ(o.get(r * D + d), 0.0) << "row " << r << " " << tag;
+      }
+    }
+  }
+  HostTensor o(DType::F32, {2, 3, 4}), l(DType::F32, {2, 3});
+  EXPECT_THROW(be->attention_merge(o, l, HostTensor(DType::F32, {2, 3, 5}), l), Error);
+  EXPECT_THROW(be->attention_merge(o, l, HostTensor(DType::BF16, {2, 3, 4}), l), Error);
+  EXPECT_THROW(be->attention_merge(o, HostTensor(DType::F32, {2, 4}), o, HostTensor(DType::F32, {2, 4})), Error);
+  EXPECT_THROW(be->attention_merge(o, l, o, HostTensor(DType::F32, {3, 3})), Error);
 }
 
 // Cutting a sequence's queries into blocks (as context parallelism's zigzag split does) and
@@ -324,6 +532,11 @@ TEST_F(CpuAttention, BadMetadataThrows) {
   EXPECT_THROW(attn({{0, 5, 0, 0}, {4, 4, 0, 0}}), Error);    // row 4 in two blocks
   attn({{0, 8, 0, 0}}, {0, 99, 1});                           // only page 0 is read: fine
   EXPECT_THROW(attn({{0, 8, 20, 0}}, {0, 99, 1}), Error);     // page 1 -> block 99 out of range
+  attn({{0, 8, 32, 0, 32}}, {99, 99, 1});                     // diagonal: keys 32..39 = page 2 only
+  attn({{0, 8, 32, 0, 0, 16}}, {0, 99, 99});                  // prefix [0, 16): page 0 only
+  EXPECT_THROW(attn({{0, 8, 32, 0, 16}}, {0, 99, 1}), Error); // keys 16..39 read page 1
+  EXPECT_THROW(attn({{0, 8, 32, 0, -1}}), Error);             // kv_begin < 0
+  EXPECT_THROW(attn({{0, 8, 32, 0, 20, 19}}), Error);         // kv_begin > kv_end
   HostTensor q3 = rng.normal_tensor(DType::F32, {8, 3, 16}), out3(DType::F32, {8, 3, 16});
   EXPECT_THROW(be->attention(q3, pc.batch, pc.layer(), 0.25f, out3, Tensor()), Error);  // 3 % 2 heads
   EXPECT_THROW(be->attention(q, pc.batch, pc.layer(), 0.25f, out, HostTensor(DType::F32, {8, 3})), Error);

@@ -1,9 +1,13 @@
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <limits>
 #include <map>
+#include <vector>
 
-#include "engine/sampler.h"
+#include "backends/cpu/cpu_backend.h"
 #include "core/check.h"
+#include "engine/sampler.h"
 
 using namespace cpinfer;
 
@@ -75,4 +79,51 @@ TEST(Sampler, RejectsOutOfRangeParameters) {
   p = {};
   p.top_k = -5;
   EXPECT_THROW(p.validate(), Error);
+}
+
+TEST(Sampler, EachDrawIsTheReferenceAtItsStep) {
+  // The sampler is Backend::sample's algorithm keyed by (seed, step): draw i of a sampler equals the
+  // reference at step i, whatever happened before, so batched (back-end) and host draws agree.
+  std::vector<float> l(64);
+  for (int i = 0; i < 64; ++i) l[i] = std::sin(0.37f * i) * 2.0f;
+  SamplingParams p;
+  p.seed = 1234;
+  p.top_k = 20;
+  p.top_p = 0.9f;
+  p.min_p = 0.02f;
+  p.temperature = 0.8f;
+  Sampler s(p);
+  EXPECT_EQ(s.seed(), 1234u);
+  bool any_differ = false;
+  int32_t first = -1;
+  for (uint64_t step = 0; step < 50; ++step) {
+    const SampleRow row = s.next_row();
+    EXPECT_EQ(row.step, step);
+    EXPECT_EQ(row.seed, 1234u);
+    const int32_t want = sample_reference(l, row);
+    const int32_t got = s.sample(l);
+    EXPECT_EQ(got, want) << "step " << step;
+    if (step == 0) first = got;
+    any_differ |= got != first;
+  }
+  EXPECT_EQ(s.step(), 50u);
+  EXPECT_TRUE(any_differ) << "50 draws over a spread distribution all gave the same token";
+}
+
+TEST(Sampler, UnseededSamplersDiffer) {
+  SamplingParams p;
+  Sampler a(p), b(p);
+  EXPECT_NE(a.seed(), b.seed()) << "two samplers without a seed got the same random_device seed";
+}
+
+TEST(Sampler, NoUsableLogitIsAnError) {
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> l = {-inf, std::nanf(""), -inf};
+  SamplingParams p;
+  p.seed = 1;
+  Sampler s(p);
+  EXPECT_THROW(s.sample(l), Error);
+  p.temperature = 0;
+  Sampler g(p);
+  EXPECT_THROW(g.sample(l), Error);
 }

@@ -5,9 +5,10 @@
 // times the Hq/Hkv heads sharing the kv head. Key tiles are gathered from the cache into a
 // transposed fp32 tile (Kᵀ [D, kKeyTile]) so the q·k loop runs over contiguous keys, and the
 // softmax is online (running max m, denominator l) in fp32; lse = m + log(l).
-// Key tiles start at absolute positions 0, 64, 128, ... and keys past a query's position are
-// masked by selects, so a query row's result depends only on its own q, position and keys: it is
-// bitwise the same however the rows are cut into blocks (CP=N vs CP=1), grouped or threaded.
+// Key tiles start at the block's kv_begin and step by 64 (no key before the range is ever read),
+// and keys outside a query's range are masked by selects, so a query row's result depends only on
+// its own q, position, key range and keys: it is bitwise the same however the rows are cut into
+// blocks (CP=N vs CP=1), grouped or threaded.
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -142,12 +143,19 @@ void attend_tile(const float* __restrict q, int R, int D, const int* __restrict 
 }
 
 struct WorkItem {
-  int32_t block;    // index into batch.blocks
+  int32_t block;      // index into batch.blocks
   int32_t kv_head;
-  int32_t i0;       // first query of the tile, relative to the block
-  int32_t n_q;      // queries in the tile
-  int64_t kv_end;   // keys [0, kv_end) are read: the causal prefix of the tile's last query
+  int32_t i0;         // first query of the tile, relative to the block
+  int32_t n_q;        // queries in the tile
+  int64_t key_begin;  // keys [key_begin, key_end) are read: the block's range, cut at the causal
+  int64_t key_end;    // frontier of the tile's last query (empty when key_end <= key_begin)
+  int64_t n_keys() const { return std::max<int64_t>(0, key_end - key_begin); }
 };
+
+// The keys block b's queries i0 .. i0 + n_q - 1 read together: [kv_begin, min(kv_end, last + 1)).
+WorkItem make_item(const AttnBlock& b, int32_t block, int32_t kv_head, int32_t i0, int32_t n_q) {
+  return {block, kv_head, i0, n_q, b.kv_begin, std::min<int64_t>(b.kv_end, int64_t{b.pos_begin} + i0 + n_q)};
+}
 
 // Checks every block of the batch against q, the block table and the cache, so that the parallel
 // loop can index without checks.
@@ -166,14 +174,17 @@ void check_attn_batch(const AttnBatch& batch, int64_t T, int64_t n_cache_blocks,
     CPI_CHECK(b.q_begin >= 0 && b.q_len >= 0 && int64_t{b.q_begin} + b.q_len <= T && b.pos_begin >= 0, op,
               ": block ", bi, " (q_begin ", b.q_begin, ", q_len ", b.q_len, ", pos_begin ", b.pos_begin,
               ") does not fit q with ", T, " rows");
+    CPI_CHECK(b.kv_begin >= 0 && b.kv_begin <= b.kv_end, op, ": block ", bi, " has the key range [", b.kv_begin,
+              ", ", b.kv_end, "); want 0 <= kv_begin <= kv_end");
     if (b.q_len == 0) continue;
     CPI_CHECK(b.seq >= 0 && b.seq < n_seqs, op, ": block ", bi, " names sequence ", b.seq,
               " but the block table has ", n_seqs, " rows");
-    const int64_t kv_len = int64_t{b.pos_begin} + b.q_len;
+    // Only the pages of the keys the block reads must be in the table.
+    const int64_t kv_len = std::min<int64_t>(b.kv_end, int64_t{b.pos_begin} + b.q_len);
     const int64_t n_pages = (kv_len + block_size - 1) / block_size;
     CPI_CHECK(n_pages <= mbps, op, ": block ", bi, " needs ", kv_len, " cached positions = ", n_pages,
               " cache blocks of ", block_size, " but the block table has ", mbps, " per sequence");
-    for (int64_t p = 0; p < n_pages; ++p) {
+    for (int64_t p = b.kv_begin / block_size; p < n_pages; ++p) {
       const int32_t cb = batch.block_table[static_cast<size_t>(b.seq * int64_t{mbps} + p)];
       CPI_CHECK(cb >= 0 && cb < n_cache_blocks, op, ": block_table[", b.seq, ", ", p, "] = ", cb,
                 " is not a cache block in [0, ", n_cache_blocks, ")");
@@ -322,13 +333,12 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
     for (int64_t i0 = 0; i0 < b.q_len; i0 += q_per_item) {
       const int32_t n_q = static_cast<int32_t>(std::min<int64_t>(q_per_item, b.q_len - i0));
       for (int64_t g = 0; g < Hkv; ++g)
-        items.push_back({static_cast<int32_t>(bi), static_cast<int32_t>(g), static_cast<int32_t>(i0), n_q,
-                         int64_t{b.pos_begin} + i0 + n_q});
+        items.push_back(make_item(b, static_cast<int32_t>(bi), static_cast<int32_t>(g), static_cast<int32_t>(i0), n_q));
     }
   }
-  // Longest prefixes first so the dynamic schedule ends with the cheap tiles (causal imbalance).
+  // Longest key ranges first so the dynamic schedule ends with the cheap tiles (causal imbalance).
   std::stable_sort(items.begin(), items.end(),
-                   [](const WorkItem& a, const WorkItem& b) { return a.kv_end > b.kv_end; });
+                   [](const WorkItem& a, const WorkItem& b) { return a.n_keys() > b.n_keys(); });
 
   const float* qp = q.ptr<const float>();
   float* outp = out.ptr<float>();
@@ -337,7 +347,7 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
   const size_t kes = dtype_size(kdt), ves = dtype_size(vdt);
   const int64_t n_items = static_cast<int64_t>(items.size());
   double macs = 0.0;  // q·k and p·v over each item's key range (an upper bound: causal tiles are cut)
-  for (const WorkItem& w : items) macs += 2.0 * static_cast<double>(w.n_q * G) * static_cast<double>(w.kv_end) * D;
+  for (const WorkItem& w : items) macs += 2.0 * static_cast<double>(w.n_q * G) * static_cast<double>(w.n_keys()) * D;
   const OmpBudget budget;
 #pragma omp parallel num_threads(budget.threads()) if (n_items > 1 && macs > kParallelMinMacs)
   {
@@ -359,8 +369,8 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
       std::fill(m.begin(), m.begin() + R, -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.begin() + R, 0.0f);
       std::fill(ot.begin(), ot.begin() + R * D, 0.0f);
-      for (int64_t k0 = 0; k0 < w.kv_end; k0 += kKeyTile) {
-        const int nk = static_cast<int>(std::min<int64_t>(kKeyTile, w.kv_end - k0));
+      for (int64_t k0 = w.key_begin; k0 < w.key_end; k0 += kKeyTile) {
+        const int nk = static_cast<int>(std::min<int64_t>(kKeyTile, w.key_end - k0));
         for (int j = 0; j < nk; ++j) {
           const int64_t p = k0 + j;
           const int64_t slot = int64_t{table[p / bs]} * bs + p % bs;
@@ -377,8 +387,8 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
         if (nk < kKeyTile)
           for (size_t e = 0; e < d; ++e) std::fill(&kt[e * kKeyTile + nk], &kt[e * kKeyTile] + kKeyTile, 0.0f);
         for (int qi = 0; qi < w.n_q; ++qi) {
-          const int64_t pos = int64_t{b.pos_begin} + w.i0 + qi;
-          const int nv = static_cast<int>(std::clamp<int64_t>(pos - k0 + 1, 0, nk));
+          const int64_t row_end = std::min<int64_t>(int64_t{b.pos_begin} + w.i0 + qi + 1, w.key_end);
+          const int nv = static_cast<int>(std::clamp<int64_t>(row_end - k0, 0, nk));
           for (int64_t hg = 0; hg < G; ++hg) n_valid[qi * G + hg] = nv;
         }
         attend_tile(qt.data(), R, static_cast<int>(D), n_valid.data(), kt.data(), vt.data(), scale, m.data(),
@@ -388,9 +398,59 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
         for (int64_t hg = 0; hg < G; ++hg) {
           const int64_t t = b.q_begin + w.i0 + qi, h = w.kv_head * G + hg, r = qi * G + hg;
           float* dst = outp + (t * Hq + h) * D;
+          if (l[r] == 0.0f) {  // no key in range (a NaN seen keeps l NaN and propagates below)
+            std::fill(dst, dst + D, 0.0f);
+            if (lsep) lsep[t * Hq + h] = -std::numeric_limits<float>::infinity();
+            continue;
+          }
           for (int64_t e = 0; e < D; ++e) dst[e] = ot[r * D + e] / l[r];
           if (lsep) lsep[t * Hq + h] = m[r] + std::log(l[r]);
         }
+    }
+  }
+}
+
+void CpuBackend::attention_merge(Tensor out, Tensor lse, const Tensor& out2, const Tensor& lse2) {
+  const char* op = "attention_merge";
+  check_float(out, op, "out");
+  check_float(out2, op, "out2");
+  check_f32(lse, op, "lse");
+  check_f32(lse2, op, "lse2");
+  check_ndim(out, 3, op, "out");
+  check_same_shape(out, out2, op, "out", "out2");
+  CPI_CHECK(out.dtype == out2.dtype, op, ": 'out' is ", dtype_name(out.dtype), " but 'out2' is ",
+            dtype_name(out2.dtype));
+  const int64_t rows = out.dim(0) * out.dim(1), D = out.dim(2);
+  CPI_CHECK(lse.ndim == 2 && lse.dim(0) == out.dim(0) && lse.dim(1) == out.dim(1), op, ": lse ", lse.shape_str(),
+            " must be [", out.dim(0), ", ", out.dim(1), "] to match out ", out.shape_str());
+  check_same_shape(lse, lse2, op, "lse", "lse2");
+  float* lp = lse.ptr<float>();
+  const float* lp2 = lse2.ptr<const float>();
+  const size_t es = dtype_size(out.dtype), row_bytes = static_cast<size_t>(D) * es;
+  const OmpBudget budget;
+#pragma omp parallel num_threads(budget.threads()) if (rows * D > kParallelMinElems)
+  {
+    std::vector<float> a(static_cast<size_t>(D)), b(static_cast<size_t>(D));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float l1 = lp[r], l2 = lp2[r];
+      constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+      char* dst = byte_ptr_mut(out) + r * row_bytes;
+      if (l1 == kNegInf && l2 == kNegInf) {  // both key sets empty: stays empty
+        std::fill(a.begin(), a.end(), 0.0f);
+        from_f32(a.data(), dst, out.dtype, a.size());
+        continue;
+      }
+      // Weights relative to the larger lse (one of them is 1, so nothing overflows). A side with
+      // weight 0 (an empty key set) is skipped rather than multiplied, so whatever its out holds
+      // cannot leak in; a NaN lse gives NaN weights and propagates.
+      const float m = std::max(l1, l2), w1 = std::exp(l1 - m), w2 = std::exp(l2 - m), inv = 1.0f / (w1 + w2);
+      to_f32(dst, out.dtype, a.data(), a.size());
+      to_f32(byte_ptr(out2) + r * row_bytes, out2.dtype, b.data(), b.size());
+      for (int64_t e = 0; e < D; ++e)
+        a[e] = ((w1 == 0.0f ? 0.0f : w1 * a[e]) + (w2 == 0.0f ? 0.0f : w2 * b[e])) * inv;
+      from_f32(a.data(), dst, out.dtype, a.size());
+      lp[r] = m + std::log(w1 + w2);
     }
   }
 }

@@ -8,6 +8,9 @@
 // three float types. Every op checks shapes and dtypes first and throws cpinfer::Error with the
 // op and tensor named; ops return only when the work is done (sync() is a no-op).
 #pragma once
+#include <cstdint>
+#include <span>
+
 #include "ops/backend.h"
 
 namespace cpinfer {
@@ -43,7 +46,35 @@ class CpuBackend final : public Backend {
   void gather_rows(const Tensor& src, const Tensor& idx, Tensor out) override;
   void scatter_rows(const Tensor& src, const Tensor& idx, Tensor out) override;
   void convert(const Tensor& src, Tensor dst) override;
+  void attention_merge(Tensor out, Tensor lse, const Tensor& out2, const Tensor& lse2) override;
+  void sample(const Tensor& logits, const std::vector<SampleRow>& rows, Tensor ids) override;
 };
+
+// ---- token sampling reference (cpu_sample.cpp): the algorithm of Backend::sample (ops/backend.h),
+// shared by CpuBackend::sample, the host Sampler (engine/sampler.h) and the CUDA back-end's host
+// side (which takes the uniform draw from here, so both back-ends draw the same u).
+
+// The uniform u in [0, 1) of draw `step` of a sequence seeded with `seed` (24-bit, exact in fp32).
+float sample_uniform(uint64_t seed, uint64_t step);
+// Greedy rows: temperature <= 0 or top_k == 1.
+inline bool sample_row_greedy(const SampleRow& r) { return r.temperature <= 0.0f || r.top_k == 1; }
+// Throws cpinfer::Error naming `op`, the row and the field when a parameter is NaN or out of range
+// (temperature +inf, top_p <= 0, min_p > 1).
+void check_sample_row(const SampleRow& r, size_t row_index, const char* op);
+
+// What one draw saw, for tests that compare back-ends: a back-end whose sums round differently can
+// pick another token only when `draw_margin` (or `top_p_margin`) is within rounding of 0.
+struct SampleTrace {
+  float u = 0.0f;
+  double kept_mass = 0.0;    // Σ e over the kept tokens
+  double target = 0.0;       // u · kept_mass
+  double draw_margin = 1.0;  // distance of target to the nearest CDF boundary of the chosen id, / kept_mass
+  double top_p_margin = 1.0; // distance of top_p · mass to the cumulative masses around the top-p threshold, / mass
+  int64_t n_kept = 0;        // tokens with e > 0 that passed every filter
+};
+// One row of Backend::sample: the token id drawn from `logits` [V], or -1 when no logit is above
+// -inf (every one is -inf or NaN). Throws on V == 0 or a bad row (check_sample_row).
+int32_t sample_reference(std::span<const float> logits, const SampleRow& row, SampleTrace* trace = nullptr);
 
 namespace cpu {
 

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 
+#include "backends/cpu/cpu_backend.h"
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/kernels/kernels.h"
 #include "core/log.h"
@@ -390,9 +391,10 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
     check_dtype(lse, DType::F32, op, "lse");
     CPI_CHECK(lse.numel() == t * hq, "attention: lse ", lse.shape_str(), " must be [T, Hq] = [", t, ", ", hq, "]");
   }
+  static_assert(kDevAttnBlockFields == kAttnBlockFields, "the kernels read AttnBlock rows of kAttnBlockFields");
   const int64_t n_blocks = batch.dev_blocks.dim(0);
-  CPI_CHECK(batch.dev_blocks.ndim == 2 && batch.dev_blocks.dim(1) == 4, "attention: dev_blocks ",
-            batch.dev_blocks.shape_str(), " must be [n_blocks, 4]");
+  CPI_CHECK(batch.dev_blocks.ndim == 2 && batch.dev_blocks.dim(1) == kAttnBlockFields, "attention: dev_blocks ",
+            batch.dev_blocks.shape_str(), " must be [n_blocks, ", kAttnBlockFields, "]");
   CPI_CHECK(batch.dev_block_table.ndim == 2 && batch.dev_block_table.dim(1) == batch.max_blocks_per_seq,
             "attention: dev_block_table ", batch.dev_block_table.shape_str(), " must be [n_seqs, ",
             batch.max_blocks_per_seq, "]");
@@ -403,14 +405,20 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
   const int64_t n_seqs = batch.dev_block_table.dim(0);
   const int64_t bs = cache.block_size(), n_cache_blocks = cache.k.dim(0);
   CPI_CHECK(bs > 0 && n_cache_blocks > 0, "attention: the KV cache ", cache.k.shape_str(), " is empty");
+  // The keys a block reads: [kv_begin, min(kv_end, pos_begin + q_len)), empty when the end is not
+  // past kv_begin.
+  auto read_end = [](const AttnBlock& b) { return std::min<int64_t>(b.kv_end, int64_t{b.pos_begin} + b.q_len); };
   int32_t max_q = 0;
+  int64_t max_keys = 0;  // longest key range: the generic kernel splits it
   for (const AttnBlock& b : batch.blocks) {
-    CPI_CHECK(b.q_len >= 0 && b.q_begin >= 0 && b.q_begin + b.q_len <= t && b.pos_begin >= 0 && b.seq >= 0 &&
-                  b.seq < n_seqs && b.pos_begin + b.q_len <= batch.max_blocks_per_seq * bs,
+    CPI_CHECK(b.q_len >= 0 && b.q_begin >= 0 && int64_t{b.q_begin} + b.q_len <= t && b.pos_begin >= 0 &&
+                  b.seq >= 0 && b.seq < n_seqs && b.kv_begin >= 0 && b.kv_begin <= b.kv_end &&
+                  read_end(b) <= batch.max_blocks_per_seq * bs,
               "attention: block {q_begin ", b.q_begin, ", q_len ", b.q_len, ", pos_begin ", b.pos_begin, ", seq ",
-              b.seq, "} does not fit T = ", t, ", ", n_seqs, " sequences of ", batch.max_blocks_per_seq,
-              " blocks of ", bs);
+              b.seq, ", kv_begin ", b.kv_begin, ", kv_end ", b.kv_end, "} does not fit T = ", t, ", ", n_seqs,
+              " sequences of ", batch.max_blocks_per_seq, " blocks of ", bs, " (or 0 <= kv_begin <= kv_end fails)");
     max_q = std::max(max_q, b.q_len);
+    if (b.q_len > 0) max_keys = std::max(max_keys, read_end(b) - b.kv_begin);
   }
   // Block-table entries are checked here when there are few (tests, short batches): the model
   // calls attention once per layer with the same batch, and a large decode batch would pay
@@ -423,8 +431,9 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
               "attention: batch.block_table has ", batch.block_table.size(), " entries, expected ", n_seqs, " x ",
               batch.max_blocks_per_seq);
     for (const AttnBlock& b : batch.blocks) {
-      const int64_t used = (b.pos_begin + b.q_len + bs - 1) / bs;
-      for (int64_t i = 0; i < used; ++i) {
+      if (b.q_len == 0) continue;
+      const int64_t used = (read_end(b) + bs - 1) / bs;
+      for (int64_t i = b.kv_begin / bs; i < used; ++i) {
         const int32_t blk = batch.block_table[b.seq * batch.max_blocks_per_seq + i];
         CPI_CHECK(blk >= 0 && blk < n_cache_blocks, "attention: block_table[", b.seq, "][", i, "] = ", blk,
                   " is outside the cache of ", n_cache_blocks, " blocks");
@@ -444,16 +453,34 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
       CUDA_LAUNCH(launch_attention_flash(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_),
                   "attention_flash");
   } else {
-    int max_kv = 0;
-    for (const AttnBlock& b : batch.blocks) max_kv = std::max(max_kv, b.pos_begin + b.q_len);
-    const int n_splits = attention_generic_splits(static_cast<int>(t), static_cast<int>(hq), max_kv);
+    const int keys = static_cast<int>(max_keys);
+    const int n_splits = attention_generic_splits(static_cast<int>(t), static_cast<int>(hq), keys);
     float* part = nullptr;
     if (n_splits > 1)
       part = static_cast<float*>(workspace(static_cast<size_t>(t * hq) * n_splits * (d + 2) * sizeof(float)));
-    CUDA_LAUNCH(launch_attention_generic(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), n_splits, max_kv,
+    CUDA_LAUNCH(launch_attention_generic(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), n_splits, keys,
                                          part, stream_),
                 "attention_generic");
   }
+}
+
+void CudaBackend::attention_merge(Tensor out, Tensor lse, const Tensor& out2, const Tensor& lse2) {
+  const char* op = "attention_merge";
+  check_on_device(out, op, "out");
+  check_on_device(lse, op, "lse");
+  check_on_device(out2, op, "out2");
+  check_on_device(lse2, op, "lse2");
+  check_act(out, op, "out");
+  check_dtype(out2, out.dtype, op, "out2");
+  check_dtype(lse, DType::F32, op, "lse");
+  check_dtype(lse2, DType::F32, op, "lse2");
+  CPI_CHECK(out.ndim == 3, "attention_merge: out ", out.shape_str(), " must be [T, Hq, D]");
+  check_same_shape(out, out2, op, "out", "out2");
+  CPI_CHECK(lse.ndim == 2 && lse.dim(0) == out.dim(0) && lse.dim(1) == out.dim(1), "attention_merge: lse ",
+            lse.shape_str(), " must be [", out.dim(0), ", ", out.dim(1), "] to match out ", out.shape_str());
+  check_same_shape(lse, lse2, op, "lse", "lse2");
+  DeviceGuard g(device_);
+  CUDA_LAUNCH(launch_attention_merge(dev(out), dev(lse), dev(out2), dev(lse2), stream_), "attention_merge");
 }
 
 void CudaBackend::moe_route(const Tensor& logits, int top_k, bool renormalize, Tensor ids, Tensor weights) {
@@ -535,6 +562,48 @@ void CudaBackend::convert(const Tensor& src, Tensor dst) {
   CPI_CHECK(is_float(src.dtype) && is_float(dst.dtype), "convert: ", dtype_name(src.dtype), " -> ",
             dtype_name(dst.dtype), " is not supported (float types only)");
   CUDA_LAUNCH(launch_convert(dev(src), dev(dst), stream_), "convert");
+}
+
+// The algorithm is in ops/backend.h; kernels/sample.cu runs it, one CTA per row.
+void CudaBackend::sample(const Tensor& logits, const std::vector<SampleRow>& rows, Tensor ids) {
+  const char* op = "sample";
+  check_on_device(logits, op, "logits");
+  check_on_device(ids, op, "ids");
+  check_dtype(logits, DType::F32, op, "logits");
+  check_dtype(ids, DType::I32, op, "ids");
+  CPI_CHECK(logits.ndim == 2, op, ": logits ", logits.shape_str(), " must be [R, V]");
+  const int64_t r_count = logits.dim(0), v = logits.dim(1);
+  CPI_CHECK(static_cast<int64_t>(rows.size()) == r_count, op, ": ", rows.size(), " SampleRows for ", r_count,
+            " rows of logits ", logits.shape_str());
+  CPI_CHECK(ids.numel() == r_count, op, ": ids ", ids.shape_str(), " must have R = ", r_count, " entries");
+  if (r_count == 0) return;
+  CPI_CHECK(v > 0 && v < INT32_MAX, op, ": logits ", logits.shape_str(), " needs 0 < V < 2^31");
+  CPI_CHECK(r_count <= INT32_MAX, op, ": ", r_count, " rows exceed one launch");
+  std::vector<DevSampleRow> dev_rows(rows.size());
+  bool any_drawn = false;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const SampleRow& r = rows[i];
+    check_sample_row(r, i, op);
+    DevSampleRow& d = dev_rows[i];
+    d.greedy = sample_row_greedy(r) ? 1 : 0;
+    d.temperature = r.temperature;
+    d.top_k = r.top_k > 0 && r.top_k < v ? r.top_k : 0;
+    d.top_p = r.top_p < 1.0f ? r.top_p : 1.0f;
+    d.min_p = r.min_p > 0.0f ? r.min_p : 0.0f;
+    d.u = sample_uniform(r.seed, r.step);  // the reference's generator: both back-ends draw the same u
+    any_drawn |= !d.greedy;
+  }
+  // One workspace holds the row parameters and, when a row is drawn, the probabilities [R, V].
+  const size_t rows_bytes = (dev_rows.size() * sizeof(DevSampleRow) + 255) / 256 * 256;
+  const size_t scratch_bytes = any_drawn ? static_cast<size_t>(r_count * v) * sizeof(float) : 0;
+  DeviceGuard g(device_);
+  char* ws = static_cast<char*>(workspace(rows_bytes + scratch_bytes));
+  // Stream-ordered, no wait: from pageable memory the copy is staged before this call returns.
+  CUDA_CHECK(cudaMemcpyAsync(ws, dev_rows.data(), dev_rows.size() * sizeof(DevSampleRow), cudaMemcpyHostToDevice,
+                             stream_));
+  float* scratch = any_drawn ? reinterpret_cast<float*>(ws + rows_bytes) : nullptr;
+  CUDA_LAUNCH(launch_sample(dev(logits), reinterpret_cast<const DevSampleRow*>(ws), scratch, dev(ids), stream_),
+              "sample");
 }
 
 }  // namespace cpinfer::cuda

@@ -51,6 +51,7 @@ class CudaBackend : public Backend {
   void copy(void* dst, const void* src, size_t bytes) override;
   void fill_zero(Tensor t) override;
   void sync() override;
+  void* native_stream() override { return stream_; }
 
   void embedding(const Tensor& table, const Tensor& ids, Tensor out) override;
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor out) override;
@@ -69,6 +70,8 @@ class CudaBackend : public Backend {
   void gather_rows(const Tensor& src, const Tensor& idx, Tensor out) override;
   void scatter_rows(const Tensor& src, const Tensor& idx, Tensor out) override;
   void convert(const Tensor& src, Tensor dst) override;
+  void attention_merge(Tensor out, Tensor lse, const Tensor& out2, const Tensor& lse2) override;
+  void sample(const Tensor& logits, const std::vector<SampleRow>& rows, Tensor ids) override;
 
   cudaStream_t stream() const { return stream_; }
 
@@ -91,6 +94,14 @@ class CudaBackend : public Backend {
   const void* const* expert_pointers_on_device(const ExpertShard& shard);
   // out = a · wᵀ through cuBLAS with fp32 compute: a [M, K], w [N, K], out [M, N].
   void gemm(const Tensor& a, const Tensor& w, Tensor out);
+  // MoE expert GEMMs of batches above 256 (token, expert) pairs: by default the device-scheduled
+  // tensor-core grouped kernels (kernels/moe_gemm.cu), which never synchronize with the host. The
+  // environment variable CPINFER_MOE_GEMM=cublas (read on every moe_experts call; 'grouped' or
+  // unset: the default) selects instead the per-expert cuBLAS path, which copies the segment
+  // offsets to the host (a stream synchronization per call): for comparison and benchmarks only.
+  static bool moe_gemm_cublas_requested();
+  void moe_experts_cublas(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
+                          Tensor out);
 
   int device_ = 0;
   bool hopper_ = false;  // compute capability 9.0: the sm_90a wgmma kernel can run

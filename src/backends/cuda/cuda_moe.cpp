@@ -1,10 +1,18 @@
 // CudaBackend::moe_experts: permute the (token, k) pairs by local expert on the device, run the
 // experts' GEMMs on their contiguous segments, and accumulate the weighted results back into out
 // in a fixed order per token.
-// - Small batches (T·K <= kSmallPairs, decode): two grouped kernels cover all experts and read the
-//   segment offsets on the device: no host synchronization, four launches in all.
-// - Larger batches (prefill): cuBLAS per expert, after one device->host copy of the offsets.
+// - Small batches (T·K <= kSmallPairs, decode): two row-wise grouped kernels cover all experts.
+// - Larger batches (prefill), by default: the tensor-core grouped GEMMs of kernels/moe_gemm.cu
+//   (gate‖up + SiLU·mul, then down), scheduled on the device from the segment offsets; shapes they
+//   do not take (H or I not a multiple of 64, unaligned pointers) use the row-wise kernels.
+//   Neither path synchronizes with the host: the forward can be enqueued (or graph-captured)
+//   while NCCL exchanges run.
+// - CPINFER_MOE_GEMM=cublas (read on every call): the older per-expert cuBLAS path for larger
+//   batches, which copies the offsets to the host (one stream synchronization per call); kept for
+//   comparison (bench/moe_bench) only.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "backends/cuda/cuda_backend.h"
 #include "backends/cuda/cuda_check.h"
@@ -36,9 +44,13 @@ const void* const* CudaBackend::expert_pointers_on_device(const ExpertShard& sha
   return static_cast<const void* const*>(expert_pointer_tables_.back().device);
 }
 
-namespace {
-
-}  // namespace
+bool CudaBackend::moe_gemm_cublas_requested() {
+  const char* v = std::getenv("CPINFER_MOE_GEMM");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "grouped") == 0) return false;
+  CPI_CHECK(std::strcmp(v, "cublas") == 0, "CPINFER_MOE_GEMM must be 'grouped' (default) or 'cublas', got '", v,
+            "'");
+  return true;
+}
 
 void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                               Tensor out) {
@@ -77,6 +89,58 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
               op, ": expert ", shard.first + e, " gate ", g.shape_str(), ", up ", u.shape_str(), ", down ",
               d.shape_str(), " must be [I, H], [I, H], [H, I] with H = ", hidden, ", I = ", inter);
   }
+  if (inter == 0) return;  // every expert adds down · silu(empty) = 0
+  {
+    int cur = -1;
+    CUDA_CHECK(cudaGetDevice(&cur));
+    if (cur != device_) CUDA_CHECK(cudaSetDevice(device_));
+  }
+  const size_t n_pairs = static_cast<size_t>(n_tokens * top_k);
+  bool aligned = aligned16(x.data);
+  for (int e = 0; aligned && e < count; ++e)
+    aligned = aligned16(shard.gate[e].data) && aligned16(shard.up[e].data) && aligned16(shard.down[e].data);
+  const bool small = static_cast<int64_t>(n_pairs) <= kSmallPairs;
+  if (!small && moe_gemm_cublas_requested()) {
+    moe_experts_cublas(x, ids, weights, shard, out);
+    return;
+  }
+  // Everything sized from n_pairs (an upper bound of the local rows), in one workspace request
+  // before the first launch: nothing here waits for the device. Layout: offsets [count + 1],
+  // tile_start [count + 1], src_token [T·K], pair_row [T·K], act [T·K, I] BF16, y [T·K, H] F32.
+  const size_t off_b = round_up((count + 1) * 4), pair_b = round_up(n_pairs * 4);
+  const size_t act_b = round_up(n_pairs * inter * 2), y_b = round_up(n_pairs * hidden * 4);
+  char* ws = static_cast<char*>(workspace(2 * off_b + 2 * pair_b + act_b + y_b));
+  auto* offsets = reinterpret_cast<int32_t*>(ws);
+  auto* tile_start = reinterpret_cast<int32_t*>(ws + off_b);
+  auto* src_token = reinterpret_cast<int32_t*>(ws + 2 * off_b);
+  auto* pair_row = reinterpret_cast<int32_t*>(ws + 2 * off_b + pair_b);
+  void* act = ws + 2 * off_b + 2 * pair_b;
+  float* y_rows = reinterpret_cast<float*>(ws + 2 * off_b + 2 * pair_b + act_b);
+  const void* const* ptrs = expert_pointers_on_device(shard);
+  const bool tensor_cores = !small && aligned && moe_grouped_gemm_supported(hidden, inter) &&
+                            moe_grouped_gemm_max_tiles(static_cast<int64_t>(n_pairs), count) <= 65535;
+  CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
+                                       tensor_cores ? tile_start : nullptr, stream_),
+              "moe_permute");
+  if (tensor_cores) {
+    CUDA_LAUNCH(launch_moe_grouped_gemms(dev(x), src_token, offsets, tile_start, static_cast<int64_t>(n_pairs),
+                                         count, ptrs, ptrs + count, ptrs + 2 * count, inter, act, y_rows, stream_),
+                "moe_grouped_gemms");
+  } else {
+    const bool vec = aligned && hidden % 8 == 0 && inter % 8 == 0;
+    CUDA_LAUNCH(launch_moe_rowwise_gemms(dev(x), src_token, offsets, count, ptrs, ptrs + count, ptrs + 2 * count,
+                                         inter, vec, act, y_rows, stream_),
+                "moe_rowwise_gemms");
+  }
+  Tensor y(y_rows, DType::F32, {static_cast<int64_t>(n_pairs), hidden}, Device::CUDA);
+  CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
+}
+
+// The per-expert cuBLAS path (CPINFER_MOE_GEMM=cublas): copies the offsets to the host.
+void CudaBackend::moe_experts_cublas(const Tensor& x, const Tensor& ids, const Tensor& weights,
+                                     const ExpertShard& shard, Tensor out) {
+  const int count = shard.count;
+  const int64_t n_tokens = x.rows(), hidden = x.cols(), top_k = ids.cols(), inter = shard.gate[0].dim(0);
   // Workspace: offsets, src_token, pair_row, then (once the local row count is known) the rows.
   const size_t n_pairs = static_cast<size_t>(n_tokens * top_k);
   const size_t meta_bytes = round_up((count + 1) * 4) + 2 * round_up(n_pairs * 4);
@@ -84,32 +148,7 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   auto* offsets = reinterpret_cast<int32_t*>(ws);
   auto* src_token = reinterpret_cast<int32_t*>(ws + round_up((count + 1) * 4));
   auto* pair_row = reinterpret_cast<int32_t*>(ws + round_up((count + 1) * 4) + round_up(n_pairs * 4));
-  {
-    int cur = -1;
-    CUDA_CHECK(cudaGetDevice(&cur));
-    if (cur != device_) CUDA_CHECK(cudaSetDevice(device_));
-  }
   CUDA_LAUNCH(launch_moe_permute(dev(ids), shard.first, count, offsets, src_token, pair_row, stream_), "moe_permute");
-  bool small = static_cast<int64_t>(n_pairs) <= kSmallPairs && hidden % 8 == 0 && inter % 8 == 0 &&
-               aligned16(x.data);
-  for (int e = 0; small && e < count; ++e)
-    small = aligned16(shard.gate[e].data) && aligned16(shard.up[e].data) && aligned16(shard.down[e].data);
-  if (small) {
-    const void* const* ptrs = expert_pointers_on_device(shard);
-    const size_t act_b = round_up(n_pairs * inter * 2), y_b = round_up(n_pairs * hidden * 4);
-    ws = static_cast<char*>(workspace(meta_bytes + act_b + y_b, meta_bytes));  // may move
-    offsets = reinterpret_cast<int32_t*>(ws);
-    src_token = reinterpret_cast<int32_t*>(ws + round_up((count + 1) * 4));
-    pair_row = reinterpret_cast<int32_t*>(ws + round_up((count + 1) * 4) + round_up(n_pairs * 4));
-    void* act = ws + meta_bytes;
-    float* y_rows = reinterpret_cast<float*>(ws + meta_bytes + act_b);
-    CUDA_LAUNCH(launch_moe_small_gemms(dev(x), src_token, offsets, count, ptrs, ptrs + count, ptrs + 2 * count, inter,
-                                       act, y_rows, stream_),
-                "moe_small_gemms");
-    Tensor y(y_rows, DType::F32, {static_cast<int64_t>(n_pairs), hidden}, Device::CUDA);
-    CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
-    return;
-  }
   std::vector<int32_t> host_off(count + 1);
   CUDA_CHECK(cudaMemcpyAsync(host_off.data(), offsets, (count + 1) * 4, cudaMemcpyDeviceToHost, stream_));
   CUDA_CHECK(cudaStreamSynchronize(stream_));

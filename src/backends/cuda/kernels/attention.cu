@@ -7,9 +7,12 @@
 // memory with cp.async, double-buffered: tile j+1 streams in while tile j is used.
 // S = Q·Kᵀ and O += P·V are mma.sync m16n8k16 (bf16 in, fp32 accumulate) fed by ldmatrix; the
 // softmax is online in fp32 (log2 domain, ex2.approx), and O is rescaled only when a row max grew.
-// Tiles past the causal frontier are never loaded; a warp whose 32 rows all precede a tile skips
-// its math. The grid is (head, tile, block) with the heaviest (last) query tiles first so that
-// the causal tail does not straggle.
+// Key tiles start at the block's kv_begin (so the diagonal part of a context-parallel block,
+// kv_begin = pos_begin, lines up with its query tiles exactly as an ordinary prefill does) and
+// stop at its causal frontier or kv_end; nothing outside the range is loaded, and only tiles that
+// cross the diagonal or kv_end are masked. A warp whose 32 rows all precede a tile skips its math.
+// The grid is (head, tile, block) with the heaviest (last) query tiles first so that the causal
+// tail does not straggle.
 //
 // Measured (bench/attention_bench, H200, Hq 32 / Hkv 4, causal): 270 TFLOP/s at S = 4K, 302 at
 // 16K, 310 at 32K. On Hopper the back-end runs attention_wgmma.cu instead (~1.45x, same output);
@@ -80,7 +83,7 @@ __device__ __forceinline__ float fast_exp2(float x) {
 }
 
 // Loads keys [key0, key0 + kBN) of kv head kvh into swizzled [kBN, kD] K and V tiles; keys at or
-// past kv_len are zero-filled without touching memory. A block-table entry outside [0, n_pages)
+// past key_end are zero-filled without touching memory. A block-table entry outside [0, n_pages)
 // is clamped into the cache: a corrupt table gives wrong numbers, never a fault. One slot computation
 // serves K and V; a power-of-two block size (bs_shift >= 0) avoids the integer division.
 template <bool kPow2>
@@ -88,13 +91,13 @@ __device__ __forceinline__ void load_kv_tiles(__nv_bfloat16* k_dst, __nv_bfloat1
                                               const __nv_bfloat16* __restrict__ cache_k,
                                               const __nv_bfloat16* __restrict__ cache_v,
                                               const int32_t* __restrict__ table, int block_size, int bs_shift,
-                                              int n_pages, int hkv, int kvh, int key0, int kv_len) {
+                                              int n_pages, int hkv, int kvh, int key0, int key_end) {
 #pragma unroll
   for (int i = 0; i < kBN * kChunks / kThreads; ++i) {
     const int idx = threadIdx.x + i * kThreads;
     const int r = idx / kChunks, c = idx % kChunks;
     const int key = key0 + r;
-    const bool valid = key < kv_len;
+    const bool valid = key < key_end;
     int64_t off = 0;
     if (valid) {
       const int page = kPow2 ? table[key >> bs_shift] : table[key / block_size];
@@ -124,14 +127,15 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   const int h = blockIdx.x;
   const int tile = gridDim.y - 1 - blockIdx.y;  // heaviest first
-  const int32_t* blk = blocks + 4 * blockIdx.z;
-  const int q_begin = blk[0], q_len = blk[1], pos_begin = blk[2], seq = blk[3];
+  const int32_t* blk = blocks + kDevAttnBlockFields * blockIdx.z;
+  const int q_begin = blk[0], q_len = blk[1], pos_begin = blk[2], seq = blk[3], kv_bound = blk[5];
   const int m0 = tile * kBM;  // first query row of this CTA within the block
   if (m0 >= q_len) return;
   const int rows = min(kBM, q_len - m0);
-  const int kv_len = pos_begin + q_len;
-  const int kv_end = pos_begin + m0 + rows;  // keys this CTA needs: [0, kv_end)
-  const int n_tiles = (kv_end + kBN - 1) / kBN;
+  // Keys this CTA needs: [key_lo, key_end), in tiles from key_lo (clamped: an empty range stays
+  // in bounds and runs no tile).
+  const int key_end = min(kv_bound, pos_begin + m0 + rows);
+  const int key_lo = min(blk[4], key_end);
   const int kvh = h / (hq / hkv);
   const int32_t* table = block_table + static_cast<int64_t>(seq) * max_blocks_per_seq;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -147,8 +151,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     cp_async16(sq + swz(r, c), src, valid);
   }
   cp_async_commit();
-  load_kv_tiles<kPow2>(k_stage(0), v_stage(0), cache_k, cache_v, table, block_size, bs_shift, n_pages, hkv, kvh, 0,
-                       kv_len);
+  load_kv_tiles<kPow2>(k_stage(0), v_stage(0), cache_k, cache_v, table, block_size, bs_shift, n_pages, hkv, kvh,
+                       key_lo, key_end);
   cp_async_commit();
 
   // Each warp owns kMi blocks of 16 rows; thread (g, t4) holds rows g and g + 8 of each.
@@ -164,18 +168,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int warp_row0 = warp * kRowsPerWarp;
   const int qpos_base = pos_begin + m0 + warp_row0 + g;  // + mi·16 + r·8
   const int warp_last_pos = pos_begin + m0 + warp_row0 + kRowsPerWarp - 1;
-  const int diag_start = pos_begin + m0;  // tiles reaching past this key need the mask
-
-  for (int j = 0; j < n_tiles; ++j) {
-    const int st = j & 1;
-    if (j + 1 < n_tiles) {
+  const int unmasked_end = min(kv_bound, pos_begin + m0 + 1);  // every row sees the keys before this
+  int st = 0;
+  for (int key0 = key_lo; key0 < key_end; key0 += kBN, st ^= 1) {
+    if (key0 + kBN < key_end) {
       load_kv_tiles<kPow2>(k_stage(st ^ 1), v_stage(st ^ 1), cache_k, cache_v, table, block_size, bs_shift, n_pages,
-                           hkv, kvh, (j + 1) * kBN, kv_len);
+                           hkv, kvh, key0 + kBN, key_end);
     }
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    const int key0 = j * kBN;
     if (key0 <= warp_last_pos) {  // else every row of this warp precedes the whole tile
       float s[kMi][kBN / 8][4];
 #pragma unroll
@@ -200,8 +202,9 @@ __global__ void __launch_bounds__(kThreads, 2)
           }
         }
       }
-      // Mask (only tiles that reach the diagonal), on the raw scores.
-      if (key0 + kBN - 1 > diag_start) {
+      // Mask (only tiles that reach the diagonal or kv_end), on the raw scores. Keys past key_end
+      // were zero-filled and are masked here too: they lie past the diagonal or kv_end.
+      if (key0 + kBN > unmasked_end) {
 #pragma unroll
         for (int mi = 0; mi < kMi; ++mi)
 #pragma unroll
@@ -210,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 2)
             for (int e = 0; e < 4; ++e) {
               const int key = key0 + n * 8 + 2 * t4 + (e & 1);
               const int qpos = qpos_base + mi * 16 + (e >> 1) * 8;
-              if (key > qpos || key >= kv_len) s[mi][n][e] = -INFINITY;
+              if (key > qpos || key >= kv_bound) s[mi][n][e] = -INFINITY;
             }
       }
       // Online softmax per row (each row is spread over the 4 threads of a quad); the running max
@@ -291,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       const int row = warp_row0 + mi * 16 + g + 8 * r;
       if (row >= rows) continue;
-      const float inv_l = 1.0f / l;
+      const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;  // no key in range: out 0, lse -inf
       const int64_t tok = q_begin + m0 + row;
       __nv_bfloat16* orow = out + tok * q_stride + h * kD;
 #pragma unroll

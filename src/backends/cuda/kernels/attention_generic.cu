@@ -1,7 +1,7 @@
 // Generic causal paged attention: one warp per (query, head[, key split]), any head_dim <= 256,
 // any block size, F32 or BF16 q/out/cache. The fallback for head dims other than 128 (test
 // fixtures) and the decode path (q_len = 1). Lane l owns dims l, l+32, ...; keys are taken 8 at a
-// time so that the online softmax rescales once per chunk.
+// time, from the block's kv_begin, so that the online softmax rescales once per chunk.
 //
 // Decode has few (query, head) pairs and long key ranges, so the keys are split over n_splits
 // warps that write partial (max, sum, acc) to a workspace, merged by a second kernel (the same
@@ -34,13 +34,16 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int qi = blockIdx.x * kWarps + (threadIdx.x >> 5);
   const int h = blockIdx.y;
   const int split = blockIdx.z % n_splits;
-  const int32_t* blk = blocks + 4 * (blockIdx.z / n_splits);
+  const int32_t* blk = blocks + kDevAttnBlockFields * (blockIdx.z / n_splits);
   const int q_begin = blk[0], q_len = blk[1], pos_begin = blk[2], seq = blk[3];
   if (qi >= q_len) return;
   const int64_t row = q_begin + qi;
-  const int n_keys = pos_begin + qi + 1;
-  const int key_begin = split * split_len;
-  const int key_end = min(n_keys, key_begin + split_len);
+  // The query's keys are [key_lo, key_hi) (clamped: an empty range stays empty); split s takes
+  // the s-th run of split_len of them (no overflow when split_len is INT32_MAX).
+  const int key_hi = min(blk[5], pos_begin + qi + 1);
+  const int key_lo = min(blk[4], key_hi);
+  const int key_begin = key_lo + split * split_len;
+  const int key_end = key_hi - key_begin < split_len ? key_hi : key_begin + split_len;
   const int kvh = h / (hq / hkv);
   const int32_t* table = block_table + static_cast<int64_t>(seq) * max_blocks_per_seq;
 
@@ -129,7 +132,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int lane = threadIdx.x & 31;
   const int qi = blockIdx.x * kWarps + (threadIdx.x >> 5);
   const int h = blockIdx.y;
-  const int32_t* blk = blocks + 4 * blockIdx.z;
+  const int32_t* blk = blocks + kDevAttnBlockFields * blockIdx.z;
   if (qi >= blk[1]) return;
   const int64_t row = blk[0] + qi;
   const float* p = part + (row * hq + h) * n_splits * (d + 2);
@@ -160,18 +163,18 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 }  // namespace
 
-int attention_generic_splits(int n_rows, int hq, int max_kv_len) {
+int attention_generic_splits(int n_rows, int hq, int max_keys) {
   // Enough warps to fill the GPU (~4096) and at least 256 keys per split; at most 32 splits.
   const int64_t pairs = static_cast<int64_t>(n_rows) * hq;
   if (pairs <= 0 || pairs >= 4096) return 1;
   int64_t by_work = (4096 + pairs - 1) / pairs;
-  int64_t by_keys = (max_kv_len + 255) / 256;
+  int64_t by_keys = (max_keys + 255) / 256;
   int64_t s = std::min<int64_t>(std::min(by_work, by_keys), 32);
   return static_cast<int>(s < 1 ? 1 : s);
 }
 
 cudaError_t launch_attention_generic(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
-                                     DevTensor out, DevTensor lse, int n_splits, int max_kv_len, float* part,
+                                     DevTensor out, DevTensor lse, int n_splits, int max_keys, float* part,
                                      cudaStream_t stream) {
   const int hq = static_cast<int>(q.dim(1)), d = static_cast<int>(q.dim(2));
   const int hkv = static_cast<int>(cache.k.dim(2));
@@ -182,7 +185,7 @@ cudaError_t launch_attention_generic(const DevTensor& q, const DevAttnBatch& bat
   if (static_cast<int64_t>(n_blocks) * n_splits > 65535 || hq > 65535 || d > kMaxDPer * 32)
     return cudaErrorInvalidValue;
   // Keys per split: a multiple of the chunk so that splits never share a chunk.
-  const int split_len = ((max_kv_len + n_splits - 1) / n_splits + kChunk - 1) / kChunk * kChunk;
+  const int split_len = ((max_keys + n_splits - 1) / n_splits + kChunk - 1) / kChunk * kChunk;
   const unsigned gx = static_cast<unsigned>((max_q + kWarps - 1) / kWarps);
   const dim3 grid(gx, static_cast<unsigned>(hq), static_cast<unsigned>(n_blocks * n_splits));
   const float scale_log2 = scale * 1.4426950408889634f;

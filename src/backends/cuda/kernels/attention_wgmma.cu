@@ -1,5 +1,6 @@
-// Hopper (sm_90a) causal prefill: the same algorithm and contract as attention.cu, with the two
-// GEMMs on warpgroup MMA (wgmma) reading K and V straight from shared memory.
+// Hopper (sm_90a) causal prefill: the same algorithm and contract as attention.cu (key ranges
+// included: tiles from kv_begin, masks only where a tile crosses the diagonal or kv_end), with the
+// two GEMMs on warpgroup MMA (wgmma) reading K and V straight from shared memory.
 //
 // One CTA = 128 query rows of one AttnBlock and one query head = 2 warpgroups of 64 rows. Q, K
 // and V live in shared memory in the canonical 128-byte-swizzled layout that wgmma descriptors
@@ -113,13 +114,13 @@ template <bool kPow2>
 __device__ __forceinline__ void load_kv(uint32_t k_dst, uint32_t v_dst, const __nv_bfloat16* __restrict__ ck,
                                         const __nv_bfloat16* __restrict__ cv, const int32_t* __restrict__ table,
                                         int block_size, int bs_shift, int n_pages, int hkv, int kvh, int key0,
-                                        int kv_len) {
+                                        int key_end) {
 #pragma unroll
   for (int i = 0; i < kBN * 16 / kThreads; ++i) {
     const int idx = threadIdx.x + i * kThreads;
     const int r = idx >> 4, c = idx & 15;
     const int key = key0 + r;
-    const bool valid = key < kv_len;
+    const bool valid = key < key_end;
     int64_t off = 0;
     if (valid) {
       const int page = kPow2 ? table[key >> bs_shift] : table[key / block_size];
@@ -136,7 +137,7 @@ __device__ __forceinline__ void load_kv(uint32_t k_dst, uint32_t v_dst, const __
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 template <bool kPow2>
-__global__ void __launch_bounds__(kThreads, 2)  // 127 registers, no spills: two CTAs per SM
+__global__ void __launch_bounds__(kThreads, 2)  // 128 registers, no spills (nvcc 13): two CTAs per SM
     attention_wgmma_kernel(const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ blocks,
                            const int32_t* __restrict__ block_table, int max_blocks_per_seq,
                            const __nv_bfloat16* __restrict__ cache_k, const __nv_bfloat16* __restrict__ cache_v,
@@ -151,14 +152,13 @@ __global__ void __launch_bounds__(kThreads, 2)  // 127 registers, no spills: two
 
   const int h = blockIdx.x;
   const int tile = gridDim.y - 1 - blockIdx.y;  // heaviest first
-  const int32_t* blk = blocks + 4 * blockIdx.z;
-  const int q_begin = blk[0], q_len = blk[1], pos_begin = blk[2], seq = blk[3];
+  const int32_t* blk = blocks + kDevAttnBlockFields * blockIdx.z;
+  const int q_begin = blk[0], q_len = blk[1], pos_begin = blk[2], seq = blk[3], kv_bound = blk[5];
   const int m0 = tile * kBM;
   if (m0 >= q_len) return;
   const int rows = min(kBM, q_len - m0);
-  const int kv_len = pos_begin + q_len;
-  const int kv_end = pos_begin + m0 + rows;
-  const int n_tiles = (kv_end + kBN - 1) / kBN;
+  const int key_end = min(kv_bound, pos_begin + m0 + rows);  // keys [key_lo, key_end), as in attention.cu
+  const int key_lo = min(blk[4], key_end);
   const int kvh = h / (hq / hkv);
   const int32_t* table = block_table + static_cast<int64_t>(seq) * max_blocks_per_seq;
   const int64_t q_stride = static_cast<int64_t>(hq) * kD;
@@ -175,7 +175,8 @@ __global__ void __launch_bounds__(kThreads, 2)  // 127 registers, no spills: two
     cp_async16(sq + sw_off(r, c, kQHalf), src, valid);
   }
   asm volatile("cp.async.commit_group;\n" ::);
-  load_kv<kPow2>(k_stage(0), v_stage(0), cache_k, cache_v, table, block_size, bs_shift, n_pages, hkv, kvh, 0, kv_len);
+  load_kv<kPow2>(k_stage(0), v_stage(0), cache_k, cache_v, table, block_size, bs_shift, n_pages, hkv, kvh, key_lo,
+                 key_end);
   asm volatile("cp.async.commit_group;\n" ::);
 
   float o[64];
@@ -185,19 +186,19 @@ __global__ void __launch_bounds__(kThreads, 2)  // 127 registers, no spills: two
   const int row0 = wg * 64 + warp_in_wg * 16 + g;  // this thread's rows: row0, row0 + 8
   const int qpos0 = pos_begin + m0 + row0;
   const int wg_last_pos = pos_begin + m0 + wg * 64 + 63;
-  const int diag_start = pos_begin + m0;
-
+  const int unmasked_end = min(kv_bound, pos_begin + m0 + 1);  // every row sees the keys before this
+  const int n_tiles = (key_end - key_lo + kBN - 1) / kBN;
   for (int j = 0; j < n_tiles; ++j) {
     const int st = j & 1;
+    const int key0 = key_lo + j * kBN;
     if (j + 1 < n_tiles)
       load_kv<kPow2>(k_stage(st ^ 1), v_stage(st ^ 1), cache_k, cache_v, table, block_size, bs_shift, n_pages, hkv,
-                     kvh, (j + 1) * kBN, kv_len);
+                     kvh, key0 + kBN, key_end);
     asm volatile("cp.async.commit_group;\n" ::);
     asm volatile("cp.async.wait_group 1;\n" ::);
     // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
-    const int key0 = j * kBN;
     if (key0 <= wg_last_pos) {  // uniform over the warpgroup
       float s[32];
 #pragma unroll
@@ -214,14 +215,14 @@ __global__ void __launch_bounds__(kThreads, 2)  // 127 registers, no spills: two
       wgmma_wait0();
       fence_regs(s);
       // s[4n + e]: row row0 + 8·(e >> 1), key key0 + 8n + 2·t4 + (e & 1).
-      if (key0 + kBN - 1 > diag_start) {
+      if (key0 + kBN > unmasked_end) {
 #pragma unroll
         for (int n = 0; n < 8; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int key = key0 + n * 8 + 2 * t4 + (e & 1);
             const int qpos = qpos0 + (e >> 1) * 8;
-            if (key > qpos || key >= kv_len) s[4 * n + e] = -INFINITY;
+            if (key > qpos || key >= kv_bound) s[4 * n + e] = -INFINITY;
           }
       }
       float corr[2];
@@ -286,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, 2)  // 127 registers, no spills: two
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int row = row0 + 8 * r;
     if (row >= rows) continue;
-    const float inv_l = 1.0f / l;
+    const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;  // no key in range: out 0, lse -inf
     const int64_t tok = q_begin + m0 + row;
     __nv_bfloat16* orow = out + tok * q_stride + h * kD;
 #pragma unroll

@@ -40,9 +40,13 @@ struct DevKv {
   int block_size() const { return static_cast<int>(k.dim(1)); }
 };
 
-// Attention metadata on the device (ops/backend.h AttnBatch).
+// Attention metadata on the device (ops/backend.h AttnBatch; kDevAttnBlockFields equals its
+// kAttnBlockFields, which this header cannot include).
+inline constexpr int kDevAttnBlockFields = 6;
 struct DevAttnBatch {
-  const int32_t* blocks = nullptr;       // [n_blocks, 4]: q_begin, q_len, pos_begin, seq
+  // [n_blocks, 6]: q_begin, q_len, pos_begin, seq, kv_begin, kv_end. Query i of a block attends to
+  // keys [kv_begin, min(kv_end, pos_begin + i + 1)); none: out 0, lse -inf.
+  const int32_t* blocks = nullptr;
   int n_blocks = 0;
   const int32_t* block_table = nullptr;  // [n_seqs, max_blocks_per_seq]
   int max_blocks_per_seq = 0;
@@ -73,6 +77,7 @@ cudaError_t launch_kv_store(const DevTensor& k, const DevTensor& v, const DevTen
                             cudaStream_t stream);
 
 // ---- attention.cu / attention_generic.cu. q, out [T, Hq, D]; lse [T, Hq] F32 or undefined.
+// Every kernel reads only the keys in each block's range, starting at kv_begin.
 // Tensor-core prefill kernel: D = 128, BF16 q/out/cache.
 cudaError_t launch_attention_flash(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
                                    DevTensor out, DevTensor lse, cudaStream_t stream);
@@ -82,11 +87,17 @@ cudaError_t launch_attention_wgmma(const DevTensor& q, const DevAttnBatch& batch
                                    DevTensor out, DevTensor lse, cudaStream_t stream);
 // Any D <= 256, F32 or BF16: one warp per (query, head, key split). Also serves decode. With
 // n_splits > 1 (see attention_generic_splits) `part` is F32 scratch of
-// T · Hq · n_splits · (D + 2) floats; max_kv_len bounds pos_begin + q_len over the blocks.
-int attention_generic_splits(int n_rows, int hq, int max_kv_len);
+// T · Hq · n_splits · (D + 2) floats; max_keys bounds the length of every block's key range,
+// min(kv_end, pos_begin + q_len) - kv_begin.
+int attention_generic_splits(int n_rows, int hq, int max_keys);
 cudaError_t launch_attention_generic(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
-                                     DevTensor out, DevTensor lse, int n_splits, int max_kv_len, float* part,
+                                     DevTensor out, DevTensor lse, int n_splits, int max_keys, float* part,
                                      cudaStream_t stream);
+// ---- attention_merge.cu: in place, out = (e^lse·out + e^lse2·out2) / (e^lse + e^lse2) and
+// lse = log(e^lse + e^lse2) in fp32; -inf marks an empty side, whose out is never read.
+// out, out2 [T, Hq, D] F32 or BF16 (one dtype); lse, lse2 [T, Hq] F32.
+cudaError_t launch_attention_merge(DevTensor out, DevTensor lse, const DevTensor& out2, const DevTensor& lse2,
+                                   cudaStream_t stream);
 
 // ---- moe.cu
 cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormalize, DevTensor ids, DevTensor weights,
@@ -96,6 +107,11 @@ cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormaliz
 // each permuted row) and pair_row [T*K] (permuted row of each pair, -1 when not local).
 cudaError_t launch_moe_permute(const DevTensor& ids, int first, int count, int32_t* offsets, int32_t* src_token,
                                int32_t* pair_row, cudaStream_t stream);
+// The same, also writing tile_start [count + 1]: the exclusive prefix sum of ceil(rows_e / tile_m)
+// (M-tiles per expert), which the grouped GEMMs use to map a CTA to its (expert, M-tile).
+cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count, int32_t* offsets,
+                                     int32_t* src_token, int32_t* pair_row, int tile_m, int32_t* tile_start,
+                                     cudaStream_t stream);
 // Small batches: all local experts in two launches, offsets read on the device. gate/up/down are
 // device arrays of `count` BF16 weight pointers ([I, H], [I, H], [H, I]); act [rows, I] BF16 and
 // y [rows, H] F32 are scratch of at least T·K rows. H and I must be multiples of 8 and every
@@ -103,8 +119,44 @@ cudaError_t launch_moe_permute(const DevTensor& ids, int first, int count, int32
 cudaError_t launch_moe_small_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets, int count,
                                    const void* const* gate, const void* const* up, const void* const* down,
                                    int64_t inter, void* act, float* y, cudaStream_t stream);
+// The same kernels for any H and I (vectorized = false: scalar loads, no alignment needed);
+// vectorized = true needs what launch_moe_small_gemms needs. Slow for large batches: the fallback
+// of the grouped path for shapes the tensor-core kernels do not take.
+cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets, int count,
+                                     const void* const* gate, const void* const* up, const void* const* down,
+                                     int64_t inter, bool vectorized, void* act, float* y, cudaStream_t stream);
+
+// ---- moe_gemm.cu: the tensor-core grouped expert GEMMs of prefill, scheduled on the device.
+inline constexpr int kMoeGemmTileM = 128;  // rows per M-tile: the tile_m of launch_moe_permute_tiled
+// Shapes the grouped kernels take: H and I multiples of 64 (and x, weights 16-byte aligned).
+bool moe_grouped_gemm_supported(int64_t hidden, int64_t inter);
+// Upper bound of the M-tiles over all experts, known on the host: ceil(n_pairs / 128) + count.
+int64_t moe_grouped_gemm_max_tiles(int64_t n_pairs, int count);
+// act [rows, I] BF16 = silu(x[src_token] · gateᵀ) ⊙ (x[src_token] · upᵀ) per expert segment, then
+// y [rows, H] F32 = act · downᵀ. offsets / tile_start from launch_moe_permute_tiled (tile_m =
+// kMoeGemmTileM); n_pairs (T·K) bounds the rows and sizes the grid, so nothing is read back on the
+// host. act and y are scratch of n_pairs rows. gate/up/down as in launch_moe_small_gemms.
+cudaError_t launch_moe_grouped_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
+                                     const int32_t* tile_start, int64_t n_pairs, int count, const void* const* gate,
+                                     const void* const* up, const void* const* down, int64_t inter, void* act,
+                                     float* y, cudaStream_t stream);
 // out[t] += Σ_k weights[t,k] · y[pair_row[t*K+k]] over the local pairs, in k order.
 cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row,
                                  DevTensor out, cudaStream_t stream);
+
+// ---- sample.cu: one token per row of logits [R, V] F32 (Backend::sample, ops/backend.h) into
+// ids [R] I32. rows: device [R]; scratch: device F32 [R, V] (the probabilities of non-greedy rows;
+// may be null when every row is greedy). The host normalizes the parameters: top_k 0 when off
+// (<= 0 or >= V), top_p >= 1 when off, min_p 0 when off, u the row's uniform draw.
+struct DevSampleRow {
+  float temperature = 1.0f;
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+  float u = 0.0f;
+  int32_t top_k = 0;
+  int32_t greedy = 0;
+};
+cudaError_t launch_sample(const DevTensor& logits, const DevSampleRow* rows, float* scratch, DevTensor ids,
+                          cudaStream_t stream);
 
 }  // namespace cpinfer::cuda

@@ -1,5 +1,7 @@
 // MoE kernels: the router (softmax + top-k per token, one warp per token), the counting sort that
-// groups (token, k) pairs by local expert, and the weighted un-permute into the output.
+// groups (token, k) pairs by local expert (and the per-expert M-tile prefix sum the grouped GEMMs
+// of moe_gemm.cu schedule from), the row-wise expert GEMMs of small batches and odd shapes, and
+// the weighted un-permute into the output.
 #include <cfloat>
 
 #include "backends/cuda/kernels/common.cuh"
@@ -69,34 +71,59 @@ __global__ void moe_route_kernel(const T* __restrict__ logits, int64_t n_tokens,
 // its expert's segment.
 __global__ void moe_permute_kernel(const int32_t* __restrict__ ids, int64_t n_pairs, int top_k, int first, int count,
                                    int32_t* __restrict__ offsets, int32_t* __restrict__ src_token,
-                                   int32_t* __restrict__ pair_row) {
+                                   int32_t* __restrict__ pair_row, int tile_m, int32_t* __restrict__ tile_start) {
   extern __shared__ int32_t cursor[];  // [count]
   for (int e = threadIdx.x; e < count; e += blockDim.x) cursor[e] = 0;
   __syncthreads();
-  for (int64_t p = threadIdx.x; p < n_pairs; p += blockDim.x) {
-    const int e = ids[p] - first;
-    if (e >= 0 && e < count) atomicAdd(&cursor[e], 1);
+  // kUnroll ids per thread in flight: one block streams all T·K ids, so it is load-latency bound.
+  constexpr int kUnroll = 4;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * kUnroll;
+  for (int64_t base = threadIdx.x; base < n_pairs; base += step) {
+    int e[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t p = base + static_cast<int64_t>(u) * blockDim.x;
+      e[u] = p < n_pairs ? ids[p] - first : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (e[u] >= 0 && e[u] < count) atomicAdd(&cursor[e[u]], 1);
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    int32_t run = 0;
+    int32_t run = 0, tiles = 0;
     for (int e = 0; e < count; ++e) {
       const int32_t c = cursor[e];
       offsets[e] = run;
       cursor[e] = run;
       run += c;
+      if (tile_start) {
+        tile_start[e] = tiles;
+        tiles += (c + tile_m - 1) / tile_m;
+      }
     }
     offsets[count] = run;
+    if (tile_start) tile_start[count] = tiles;
   }
   __syncthreads();
-  for (int64_t p = threadIdx.x; p < n_pairs; p += blockDim.x) {
-    const int e = ids[p] - first;
-    if (e >= 0 && e < count) {
-      const int32_t r = atomicAdd(&cursor[e], 1);
-      pair_row[p] = r;
-      src_token[r] = static_cast<int32_t>(p / top_k);
-    } else {
-      pair_row[p] = -1;
+  for (int64_t base = threadIdx.x; base < n_pairs; base += step) {
+    int e[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t p = base + static_cast<int64_t>(u) * blockDim.x;
+      e[u] = p < n_pairs ? ids[p] - first : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t p = base + static_cast<int64_t>(u) * blockDim.x;
+      if (p >= n_pairs) break;
+      if (e[u] >= 0 && e[u] < count) {
+        const int32_t r = atomicAdd(&cursor[e[u]], 1);
+        pair_row[p] = r;
+        src_token[r] = static_cast<int32_t>(p / top_k);
+      } else {
+        pair_row[p] = -1;
+      }
     }
   }
 }
@@ -148,7 +175,8 @@ constexpr int kColsPerBlock = kSmallWarps * kColsPerWarp;
 
 // kGateUp: act[r, n] = silu(bf16(x[tok(r)] · gate[n])) · bf16(x[tok(r)] · up[n]), rounded to bf16
 // like the cuBLAS path (whose GEMMs write bf16). Otherwise: y[r, n] = act[r] · down[n] in F32.
-template <bool kGateUp>
+// kVec: 16-byte loads (k_dim % 8 == 0, aligned rows); otherwise one element per lane and step.
+template <bool kGateUp, bool kVec>
 __global__ void __launch_bounds__(kSmallWarps * 32)
     moe_small_gemm_kernel(const __nv_bfloat16* __restrict__ in, const int32_t* __restrict__ src_token,
                           const int32_t* __restrict__ offsets, const __nv_bfloat16* const* __restrict__ w1,
@@ -167,17 +195,25 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
     for (int r = begin; r < end; ++r) {
       const __nv_bfloat16* xr = in + static_cast<int64_t>(kGateUp ? src_token[r] : r) * k_dim;
       float da = 0.0f, db = 0.0f;
-      for (int k = lane * 8; k < k_dim; k += 32 * 8) {
-        float xv[8], av[8];
-        load8(xr + k, xv);
-        load8(ra + k, av);
+      if constexpr (kVec) {
+        for (int k = lane * 8; k < k_dim; k += 32 * 8) {
+          float xv[8], av[8];
+          load8(xr + k, xv);
+          load8(ra + k, av);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) da += xv[i] * av[i];
-        if constexpr (kGateUp) {
-          float bv[8];
-          load8(rb + k, bv);
+          for (int i = 0; i < 8; ++i) da += xv[i] * av[i];
+          if constexpr (kGateUp) {
+            float bv[8];
+            load8(rb + k, bv);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) db += xv[i] * bv[i];
+            for (int i = 0; i < 8; ++i) db += xv[i] * bv[i];
+          }
+        }
+      } else {
+        for (int k = lane; k < k_dim; k += 32) {
+          const float xv = to_f32(xr[k]);
+          da += xv * to_f32(ra[k]);
+          if constexpr (kGateUp) db += xv * to_f32(rb[k]);
         }
       }
       da = warp_sum(da);
@@ -220,13 +256,20 @@ cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormaliz
   return cudaGetLastError();
 }
 
-cudaError_t launch_moe_permute(const DevTensor& ids, int first, int count, int32_t* offsets, int32_t* src_token,
-                               int32_t* pair_row, cudaStream_t stream) {
+cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count, int32_t* offsets,
+                                     int32_t* src_token, int32_t* pair_row, int tile_m, int32_t* tile_start,
+                                     cudaStream_t stream) {
   const int64_t n_pairs = ids.numel();
   const int top_k = static_cast<int>(ids.cols());
+  if (tile_start && tile_m <= 0) return cudaErrorInvalidValue;
   moe_permute_kernel<<<1, 1024, static_cast<size_t>(count) * sizeof(int32_t), stream>>>(
-      ids.ptr<const int32_t>(), n_pairs, top_k, first, count, offsets, src_token, pair_row);
+      ids.ptr<const int32_t>(), n_pairs, top_k, first, count, offsets, src_token, pair_row, tile_m, tile_start);
   return cudaGetLastError();
+}
+
+cudaError_t launch_moe_permute(const DevTensor& ids, int first, int count, int32_t* offsets, int32_t* src_token,
+                               int32_t* pair_row, cudaStream_t stream) {
+  return launch_moe_permute_tiled(ids, first, count, offsets, src_token, pair_row, 0, nullptr, stream);
 }
 
 cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row, DevTensor out,
@@ -247,27 +290,42 @@ cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, c
   return cudaGetLastError();
 }
 
-cudaError_t launch_moe_small_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets, int count,
-                                   const void* const* gate, const void* const* up, const void* const* down,
-                                   int64_t inter, void* act, float* y, cudaStream_t stream) {
+cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets, int count,
+                                     const void* const* gate, const void* const* up, const void* const* down,
+                                     int64_t inter, bool vectorized, void* act, float* y, cudaStream_t stream) {
   const int64_t hidden = x.cols();
   if (count == 0) return cudaSuccess;
-  if (count > 65535 || hidden % 8 != 0 || inter % 8 != 0) return cudaErrorInvalidValue;
+  if (count > 65535 || (vectorized && (hidden % 8 != 0 || inter % 8 != 0))) return cudaErrorInvalidValue;
   const auto* xp = x.ptr<const __nv_bfloat16>();
   auto* g = reinterpret_cast<const __nv_bfloat16* const*>(gate);
   auto* u = reinterpret_cast<const __nv_bfloat16* const*>(up);
   auto* d = reinterpret_cast<const __nv_bfloat16* const*>(down);
   const dim3 grid1(static_cast<unsigned>((inter + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned>(count));
-  moe_small_gemm_kernel<true><<<grid1, kSmallWarps * 32, 0, stream>>>(xp, src_token, offsets, g, u,
-                                                                      static_cast<int>(inter),
-                                                                      static_cast<int>(hidden), act);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
   const dim3 grid2(static_cast<unsigned>((hidden + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned>(count));
-  moe_small_gemm_kernel<false><<<grid2, kSmallWarps * 32, 0, stream>>>(
-      static_cast<const __nv_bfloat16*>(act), nullptr, offsets, d, nullptr, static_cast<int>(hidden),
-      static_cast<int>(inter), y);
+  const auto* actp = static_cast<const __nv_bfloat16*>(act);
+  const int n_i = static_cast<int>(inter), n_h = static_cast<int>(hidden);
+  if (vectorized) {
+    moe_small_gemm_kernel<true, true><<<grid1, kSmallWarps * 32, 0, stream>>>(xp, src_token, offsets, g, u, n_i, n_h,
+                                                                              act);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    moe_small_gemm_kernel<false, true><<<grid2, kSmallWarps * 32, 0, stream>>>(actp, nullptr, offsets, d, nullptr,
+                                                                               n_h, n_i, y);
+  } else {
+    moe_small_gemm_kernel<true, false><<<grid1, kSmallWarps * 32, 0, stream>>>(xp, src_token, offsets, g, u, n_i,
+                                                                               n_h, act);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    moe_small_gemm_kernel<false, false><<<grid2, kSmallWarps * 32, 0, stream>>>(actp, nullptr, offsets, d, nullptr,
+                                                                                n_h, n_i, y);
+  }
   return cudaGetLastError();
+}
+
+cudaError_t launch_moe_small_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets, int count,
+                                   const void* const* gate, const void* const* up, const void* const* down,
+                                   int64_t inter, void* act, float* y, cudaStream_t stream) {
+  return launch_moe_rowwise_gemms(x, src_token, offsets, count, gate, up, down, inter, true, act, y, stream);
 }
 
 }  // namespace cpinfer::cuda

@@ -1,0 +1,290 @@
+// Token sampling (Backend::sample; the algorithm is spelled out in ops/backend.h and its reference
+// is backends/cpu/cpu_sample.cpp). One CTA per row of logits, no sort:
+// - argmax: one block-wide max over (order key of the logit, ~id);
+// - top-k / top-p thresholds: a 16-way search over 32-bit order keys (of the logit for top-k, of the
+//   fp32 probability bits for top-p), 4 bits a pass, each pass one block-wide set of 16 counts or
+//   sums (search_threshold); ties at the k-th logit are cut by id with one ordered scan;
+// - the draw: an ordered scan in id order (tiles of kThreads · kItems ids, block-wide prefix sums)
+//   that stops at the tile where the cumulative kept mass exceeds u · M.
+// All sums are in double and reduced in a fixed order, so a row's result never depends on timing.
+#include <climits>
+#include <cstdint>
+
+#include "backends/cuda/kernels/common.cuh"
+
+namespace cpinfer::cuda {
+
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kWays = 16;                // buckets of one search pass: 4 bits of the key
+constexpr int kPasses = 32 / 4;          // 32-bit keys
+constexpr int kItems = 4;                // consecutive ids per thread in the ordered scans
+constexpr uint32_t kNegInfKey = 0x007FFFFFu;  // order_key(-inf)
+
+// NaN ranks as -inf and -0 as +0, as in the reference.
+__device__ __forceinline__ float canon(float x) { return isnan(x) ? -INFINITY : (x == 0.0f ? 0.0f : x); }
+
+// Order-preserving map of a (non-NaN) float to uint32: a < b  <=>  key(a) < key(b).
+__device__ __forceinline__ uint32_t order_key(float x) {
+  const uint32_t b = __float_as_uint(x);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+struct Shared {
+  double part[kWays][kWarps];
+  double sums[kWays];
+  double warp_tot[kWarps];
+  unsigned long long best[kWarps];
+  int found;
+};
+
+// sh.sums[j] = Σ over the block of v[j], reduced in a fixed order. Read sh.sums before the next
+// call (the next call overwrites it only after its first barrier).
+template <int N>
+__device__ void block_sums(double (&v)[N], Shared& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    double x = v[j];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    if (lane == 0) sh.part[j][warp] = x;
+  }
+  __syncthreads();
+  if (threadIdx.x < N) {
+    double s = 0.0;
+    for (int w = 0; w < kWarps; ++w) s += sh.part[threadIdx.x][w];
+    sh.sums[threadIdx.x] = s;
+  }
+  __syncthreads();
+}
+
+__device__ unsigned long long block_max_u64(unsigned long long v, Shared& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const unsigned long long y = __shfl_xor_sync(0xffffffffu, v, o);
+    v = y > v ? y : v;
+  }
+  if (lane == 0) sh.best[warp] = v;
+  __syncthreads();
+  unsigned long long m = sh.best[0];
+  for (int w = 1; w < kWarps; ++w) m = sh.best[w] > m ? sh.best[w] : m;
+  __syncthreads();
+  return m;
+}
+
+// The first index i < n, ascending, at which the running sum of weight(i) (>= 0) exceeds target;
+// -1 when it never does. Tiles of kThreads · kItems ids; each thread owns kItems consecutive ids.
+template <class Weight>
+__device__ int first_crossing(int64_t n, double target, const Weight& weight, Shared& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x == 0) sh.found = INT_MAX;
+  __syncthreads();
+  double carry = 0.0;
+  constexpr int64_t kTile = static_cast<int64_t>(kThreads) * kItems;
+  int found = INT_MAX;
+  for (int64_t base = 0; base < n; base += kTile) {
+    const int64_t first = base + static_cast<int64_t>(threadIdx.x) * kItems;
+    double w[kItems];
+    double local = 0.0;
+#pragma unroll
+    for (int m = 0; m < kItems; ++m) {
+      w[m] = first + m < n ? weight(first + m) : 0.0;
+      local += w[m];
+    }
+    double incl = local;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const double y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    double excl = __shfl_up_sync(0xffffffffu, incl, 1);
+    if (lane == 0) excl = 0.0;
+    if (lane == 31) sh.warp_tot[warp] = incl;
+    __syncthreads();
+    double off = 0.0;
+    for (int v = 0; v < warp; ++v) off += sh.warp_tot[v];
+    double total = off;  // the same sequential sum in every thread
+    for (int v = warp; v < kWarps; ++v) total += sh.warp_tot[v];
+    if (carry + (off + excl) <= target && carry + (off + incl) > target) {
+      int pick = -1, last = -1;
+      double s = 0.0;
+#pragma unroll
+      for (int m = 0; m < kItems; ++m) {
+        s += w[m];
+        if (w[m] > 0.0) last = m;
+        if (pick < 0 && w[m] > 0.0 && carry + (off + (excl + s)) > target) pick = m;
+      }
+      if (pick < 0) pick = last;  // rounding: the scan says the crossing is in this thread's ids
+      atomicMin(&sh.found, static_cast<int>(first + pick));
+    }
+    carry += total;
+    __syncthreads();
+    found = sh.found;
+    if (found != INT_MAX) break;
+  }
+  __syncthreads();  // sh.found is reset by the next call
+  return found == INT_MAX ? -1 : found;
+}
+
+// The largest 32-bit key t with F(t) = Σ_{i: key(i) >= t} weight(i) >= target (F does not grow with
+// t; F(0) >= target is assumed). A 16-way search: each pass splits the remaining key range into 16
+// buckets and sums F at their 15 inner bounds block-wide, so 8 passes resolve 32 bits. Elements
+// above the range add to one sum shared by all bounds, so after the first passes most elements
+// cost one add. Also returns F(t) and F(t + 1) (ties at t, and above it).
+template <class Key, class Weight>
+__device__ uint32_t search_threshold(int64_t n, double target, const Key& key_of, const Weight& weight_of,
+                                     Shared& sh, double* f_at, double* f_above) {
+  uint64_t lo = 0, span = 1ull << 32;
+  double f_lo = 0.0, f_hi = 0.0;  // F(lo), F(lo + span)
+  bool f_lo_known = false;
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const uint64_t w = span / kWays;
+    double acc[kWays];  // acc[j - 1]: in-range elements with key >= lo + j·w; acc[15]: keys >= lo + span
+#pragma unroll
+    for (int j = 0; j < kWays; ++j) acc[j] = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+      const uint64_t key = key_of(i);
+      if (key < lo + w) continue;  // below every bound of this pass (weight_of, maybe costly, is skipped)
+      const double wt = weight_of(i);
+      if (key >= lo + span) {
+        acc[kWays - 1] += wt;
+        continue;
+      }
+#pragma unroll
+      for (int j = 1; j < kWays; ++j) acc[j - 1] += key >= lo + j * w ? wt : 0.0;
+    }
+    block_sums(acc, sh);
+    const double above = sh.sums[kWays - 1];
+    int pick = 0;
+    for (int j = 1; j < kWays; ++j)
+      if (sh.sums[j - 1] + above >= target) pick = j;
+    if (pick > 0) {
+      f_lo = sh.sums[pick - 1] + above;
+      f_lo_known = true;
+    }
+    f_hi = pick + 1 < kWays ? sh.sums[pick] + above : above;
+    lo += pick * w;
+    span = w;
+  }
+  // F(lo) is known unless every pass picked bucket 0 (t = 0): then it is the full sum, F(0).
+  if (!f_lo_known) {
+    double all[1] = {0.0};
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) all[0] += weight_of(i);
+    block_sums(all, sh);
+    f_lo = sh.sums[0];
+  }
+  *f_at = f_lo;
+  *f_above = f_hi;
+  return static_cast<uint32_t>(lo);
+}
+
+__global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restrict__ logits, int64_t n,
+                                                          const DevSampleRow* __restrict__ rows,
+                                                          float* __restrict__ scratch, int32_t* __restrict__ ids) {
+  __shared__ Shared sh;
+  const int64_t row = blockIdx.x;
+  const float* l = logits + row * n;
+  const DevSampleRow p = rows[row];
+  const int tid = threadIdx.x;
+
+  // 1. argmax: the key in the high half, ~id in the low half, so the max is the first maximum.
+  unsigned long long best = 0;
+  for (int64_t i = tid; i < n; i += kThreads) {
+    const unsigned long long k = (static_cast<unsigned long long>(order_key(canon(l[i]))) << 32) |
+                                 (0xFFFFFFFFu - static_cast<uint32_t>(i));
+    best = k > best ? k : best;
+  }
+  best = block_max_u64(best, sh);
+  const uint32_t max_key = static_cast<uint32_t>(best >> 32);
+  const int32_t arg = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(best & 0xFFFFFFFFu));
+  if (max_key <= kNegInfKey || p.greedy) {
+    if (tid == 0) ids[row] = max_key <= kNegInfKey ? -1 : arg;
+    return;
+  }
+
+  // 2. e = exp((l - max) / T) in double, rounded to fp32 (see ops/backend.h), kept for the passes.
+  const float l_max = canon(l[arg]);
+  float* e = scratch + row * n;
+  for (int64_t i = tid; i < n; i += kThreads) {
+    const float x = canon(l[i]);
+    const float d = x == l_max ? 0.0f : (x - l_max) / p.temperature;
+    e[i] = static_cast<float>(exp(static_cast<double>(d)));
+  }
+  __syncthreads();  // e is read across threads below
+
+  // 3. top-k: the largest key with count(key >= it) >= k is the k-th ranked logit's key; ties at
+  // it are kept up to the id of the (k - count(key > it))-th of them.
+  const bool has_top_k = p.top_k > 0;
+  uint32_t k_key = 0;           // keep key > k_key, or key == k_key and id <= k_cut
+  int64_t k_cut = INT64_MAX;
+  if (has_top_k) {
+    const double k = p.top_k;
+    double n_ge_key = 0.0, n_gt_key = 0.0;
+    k_key = search_threshold(
+        n, k, [&](int64_t i) { return order_key(canon(l[i])); }, [](int64_t) { return 1.0; }, sh, &n_ge_key,
+        &n_gt_key);
+    if (n_ge_key > k) {  // more tokens share the k-th logit than fit: the lowest ids among them
+      const uint32_t kk = k_key;
+      const int cut = first_crossing(
+          n, k - n_gt_key - 1.0, [&](int64_t i) { return order_key(canon(l[i])) == kk ? 1.0 : 0.0; }, sh);
+      k_cut = cut >= 0 ? cut : n - 1;
+    }
+  }
+  auto top_k_kept = [&](int64_t i) {
+    if (!has_top_k) return true;
+    const uint32_t key = order_key(canon(l[i]));
+    return key > k_key || (key == k_key && i <= k_cut);
+  };
+
+  // 4. top-p: the largest probability key τ with Σ_{kept, bits(e) >= τ} e >= top_p · M_K.
+  uint32_t p_key = 0;
+  if (p.top_p < 1.0f) {
+    double mass[1] = {0.0};
+    for (int64_t i = tid; i < n; i += kThreads)
+      if (top_k_kept(i)) mass[0] += e[i];
+    block_sums(mass, sh);
+    const double target = static_cast<double>(p.top_p) * sh.sums[0];
+    double unused_ge = 0.0, unused_gt = 0.0;
+    p_key = search_threshold(
+        n, target, [&](int64_t i) { return __float_as_uint(e[i]); },
+        [&](int64_t i) { return top_k_kept(i) ? static_cast<double>(e[i]) : 0.0; }, sh, &unused_ge, &unused_gt);
+  }
+
+  // 5.-6. min-p, then the inverse-CDF draw over the kept tokens in id order.
+  auto kept_mass = [&](int64_t i) -> double {
+    const float ev = e[i];
+    if (ev == 0.0f || __float_as_uint(ev) < p_key || ev < p.min_p || !top_k_kept(i)) return 0.0;
+    return ev;
+  };
+  double mass[1] = {0.0};
+  long long last = -1;
+  for (int64_t i = tid; i < n; i += kThreads) {
+    const double m = kept_mass(i);
+    mass[0] += m;
+    if (m > 0.0) last = i;
+  }
+  block_sums(mass, sh);
+  const double total = sh.sums[0];
+  const long long last_kept = static_cast<long long>(block_max_u64(static_cast<unsigned long long>(last + 1), sh)) - 1;
+  const int pick = first_crossing(n, static_cast<double>(p.u) * total, kept_mass, sh);
+  if (tid == 0) ids[row] = pick >= 0 ? pick : static_cast<int32_t>(last_kept >= 0 ? last_kept : arg);
+}
+
+}  // namespace
+
+cudaError_t launch_sample(const DevTensor& logits, const DevSampleRow* rows, float* scratch, DevTensor ids,
+                          cudaStream_t stream) {
+  if (logits.dtype != DType::F32 || ids.dtype != DType::I32 || logits.ndim != 2) return cudaErrorInvalidValue;
+  const int64_t r = logits.dim(0), n = logits.dim(1);
+  if (r == 0) return cudaSuccess;
+  if (n <= 0 || n >= INT_MAX || r > INT_MAX || ids.numel() != r) return cudaErrorInvalidValue;
+  sample_kernel<<<static_cast<unsigned>(r), kThreads, 0, stream>>>(logits.ptr<const float>(), n, rows, scratch,
+                                                                  ids.ptr<int32_t>());
+  return cudaGetLastError();
+}
+
+}  // namespace cpinfer::cuda

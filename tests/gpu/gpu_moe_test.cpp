@@ -1,0 +1,340 @@
+// CUDA moe_experts vs the CPU reference, on both large-batch paths: the device-scheduled grouped
+// tensor-core GEMMs (default) and the per-expert cuBLAS path (CPINFER_MOE_GEMM=cublas). Shapes:
+// Qwen3-30B-A3B (H 2048, I 768, 128 experts, top-8) at T = 64, 1024, 4100 with skewed routing
+// (experts with no rows, one expert chosen by every token), a 32-expert shard that does not start
+// at 0, and small / odd shapes that take the row-wise fallback or the masked edges of the tiles.
+// Each case prints "[gpu_moe] path shape nmse max_err". Then: the grouped path is captured into a
+// CUDA graph in global capture mode (which fails on any host synchronization) and replayed, and
+// its output must equal the eager one bit for bit. Without a GPU every test is skipped.
+#include <algorithm>
+#include <cstdlib>
+#include <numeric>
+
+#include "backends/cuda/cuda_backend.h"
+#include "gpu_test_util.h"
+
+namespace cpinfer::gputest {
+namespace {
+
+// Deterministic bf16-rounded uniform values in [-scale, scale): fast enough for the 600M weights
+// of a full 128-expert Qwen3 layer.
+std::vector<float> hash_uniform(size_t n, uint64_t seed, float scale) {
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) {
+    uint64_t z = (seed << 40) + i + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float u = static_cast<float>(z >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+    v[i] = bf16_to_f32(f32_to_bf16((2.0f * u - 1.0f) * scale));
+  }
+  return v;
+}
+
+enum class Routing {
+  Uniform,  // K distinct random experts of all E per token
+  Skewed,   // one hot local expert in every token; a third of the local experts never chosen
+  NoLocal,  // no token chooses a local expert: the shard gets 0 rows, out must stay as it was
+};
+
+// ids [T, K] (distinct per token), weights [T, K] in [0.05, 1).
+void make_routing(Rng& rng, int64_t t, int e, int k, int first, int count, Routing routing, std::vector<int32_t>* ids,
+                  std::vector<float>* w) {
+  ids->assign(t * k, 0);
+  w->assign(t * k, 0.0f);
+  std::vector<int32_t> pool;
+  int hot = -1;
+  for (int x = 0; x < e; ++x) {
+    const bool local = x >= first && x < first + count;
+    if (routing == Routing::Skewed && local && (x - first) % 3 == 2) continue;  // never chosen: 0 rows
+    if (routing == Routing::NoLocal && local) continue;
+    pool.push_back(x);
+  }
+  if (routing == Routing::Skewed) hot = first + std::min(1, count - 1);
+  if (hot >= 0) pool.erase(std::remove(pool.begin(), pool.end(), hot), pool.end());
+  for (int64_t i = 0; i < t; ++i) {
+    std::vector<int32_t> p = pool;
+    std::shuffle(p.begin(), p.end(), rng.gen());
+    if (hot >= 0) p.insert(p.begin() + rng.integer(0, k - 1), hot);
+    for (int j = 0; j < k; ++j) {
+      (*ids)[i * k + j] = p[j];
+      (*w)[i * k + j] = std::uniform_real_distribution<float>(0.05f, 1.0f)(rng.gen());
+    }
+  }
+}
+
+class MoeTest : public GpuOpsTest {
+ protected:
+  // One set of experts [first, first + count) of width inter over hidden, on both back-ends.
+  struct Experts {
+    int64_t h = 0, inter = 0;
+    ExpertShard cpu, gpu;
+  };
+  Experts make_experts(int e, int first, int count, int64_t h, int64_t inter, uint64_t seed) {
+    Experts x;
+    x.h = h;
+    x.inter = inter;
+    for (ExpertShard* s : {&x.cpu, &x.gpu}) {
+      s->n_experts = e;
+      s->first = first;
+      s->count = count;
+    }
+    // Scale so that gate/up outputs and y are O(1): 1.7 / sqrt(K) for uniform weights.
+    const float sg = 1.7f / std::sqrt(static_cast<float>(h)), sd = 1.7f / std::sqrt(static_cast<float>(inter));
+    for (int i = 0; i < count; ++i) {
+      const uint64_t s = seed * 100003 + static_cast<uint64_t>(first + i) * 3;
+      auto g = hash_uniform(inter * h, s, sg), u = hash_uniform(inter * h, s + 1, sg);
+      auto d = hash_uniform(h * inter, s + 2, sd);
+      x.cpu.gate.push_back(cpu_f32(g, {inter, h}));
+      x.cpu.up.push_back(cpu_f32(u, {inter, h}));
+      x.cpu.down.push_back(cpu_f32(d, {h, inter}));
+      x.gpu.gate.push_back(gpu_tensor("gate", DType::BF16, {inter, h}, &g));
+      x.gpu.up.push_back(gpu_tensor("up", DType::BF16, {inter, h}, &u));
+      x.gpu.down.push_back(gpu_tensor("down", DType::BF16, {h, inter}, &d));
+    }
+    return x;
+  }
+  // The sub-shard [first, first + count) of `all` (which starts at all.cpu.first).
+  static Experts sub_shard(const Experts& all, int first, int count) {
+    Experts x;
+    x.h = all.h;
+    x.inter = all.inter;
+    for (auto [dst, src] : {std::pair{&x.cpu, &all.cpu}, std::pair{&x.gpu, &all.gpu}}) {
+      dst->n_experts = src->n_experts;
+      dst->first = first;
+      dst->count = count;
+      const int o = first - src->first;
+      dst->gate.assign(src->gate.begin() + o, src->gate.begin() + o + count);
+      dst->up.assign(src->up.begin() + o, src->up.begin() + o + count);
+      dst->down.assign(src->down.begin() + o, src->down.begin() + o + count);
+    }
+    return x;
+  }
+
+  struct Inputs {
+    int64_t t = 0;
+    int k = 0;
+    std::vector<float> x, out0, w;
+    std::vector<int32_t> ids;
+    Tensor gx, gids, gw;
+  };
+  Inputs make_inputs(Rng& rng, int64_t t, int k, const Experts& ex, Routing routing) {
+    Inputs in;
+    in.t = t;
+    in.k = k;
+    in.x = rng.bf16_normal(t * ex.h);
+    in.out0 = rng.bf16_normal(t * ex.h, 0.5f);
+    make_routing(rng, t, ex.cpu.n_experts, k, ex.cpu.first, ex.cpu.count, routing, &in.ids, &in.w);
+    in.gx = gpu_tensor("x", DType::BF16, {t, ex.h}, &in.x);
+    in.gids = gpu_i32("ids", in.ids, {t, k});
+    in.gw = gpu_tensor("w", DType::F32, {t, k}, &in.w);
+    return in;
+  }
+
+  // The CPU reference on the rows `tokens` only (a token's output depends on its own row alone).
+  std::vector<float> reference(const Inputs& in, const Experts& ex, const std::vector<int64_t>& tokens) {
+    const int64_t n = static_cast<int64_t>(tokens.size()), h = ex.h;
+    std::vector<float> x(n * h), o(n * h), w(n * in.k);
+    std::vector<int32_t> ids(n * in.k);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t t = tokens[i];
+      std::copy_n(in.x.begin() + t * h, h, x.begin() + i * h);
+      std::copy_n(in.out0.begin() + t * h, h, o.begin() + i * h);
+      std::copy_n(in.ids.begin() + t * in.k, in.k, ids.begin() + i * in.k);
+      std::copy_n(in.w.begin() + t * in.k, in.k, w.begin() + i * in.k);
+    }
+    Tensor co = cpu_f32(o, {n, h});
+    cpu_->moe_experts(cpu_f32(x, {n, h}), cpu_i32(ids, {n, in.k}), cpu_f32(w, {n, in.k}), ex.cpu, co);
+    return cpu_read(co);
+  }
+
+  // Runs the CUDA op on `path` ("grouped" or "cublas") into a fresh out [T + 2, H] whose last two
+  // rows are sentinels outside the view; returns the T rows, checks the sentinels.
+  std::vector<float> run_gpu(const std::string& path, const Inputs& in, const Experts& ex, DType out_dtype) {
+    const int64_t t = in.t, h = ex.h;
+    std::vector<float> init = in.out0;
+    const auto sentinel = hash_uniform(2 * h, 777, 3.0f);
+    init.insert(init.end(), sentinel.begin(), sentinel.end());
+    Tensor full = gpu_tensor("out", out_dtype, {t + 2, h}, &init);
+    Tensor out(full.data, out_dtype, {t, h}, Device::CUDA);
+    ::setenv("CPINFER_MOE_GEMM", path.c_str(), 1);
+    gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out);
+    ::unsetenv("CPINFER_MOE_GEMM");
+    std::vector<float> got = gpu_read(full);
+    int64_t bad = 0;
+    for (int64_t i = 0; i < 2 * h; ++i) {
+      // The sentinel went through the output dtype once on upload.
+      const float want = out_dtype == DType::BF16 ? bf16_to_f32(f32_to_bf16(sentinel[i])) : sentinel[i];
+      bad += got[t * h + i] != want;
+    }
+    EXPECT_EQ(bad, 0) << path << ": " << bad << " elements of the sentinel rows after out were written";
+    got.resize(t * h);
+    return got;
+  }
+
+  // Both paths vs the CPU reference on a sample of tokens (all when T <= max_ref), and vs each other
+  // on every row.
+  void check_case(const std::string& name, Rng& rng, int64_t t, int k, const Experts& ex, Routing routing,
+                  DType out_dtype, int64_t max_ref = 192) {
+    Inputs in = make_inputs(rng, t, k, ex, routing);
+    std::vector<int64_t> tokens;
+    if (t <= max_ref) {
+      tokens.resize(t);
+      std::iota(tokens.begin(), tokens.end(), 0);
+    } else {
+      tokens = {0, 1, t / 2, t - 2, t - 1};
+      while (static_cast<int64_t>(tokens.size()) < max_ref) tokens.push_back(rng.integer(0, static_cast<int>(t - 1)));
+    }
+    const std::vector<float> ref = reference(in, ex, tokens);
+    int64_t local_pairs = 0;
+    for (int32_t id : in.ids) local_pairs += id >= ex.cpu.first && id < ex.cpu.first + ex.cpu.count;
+    const std::string sh = name + " T=" + std::to_string(t) + " H=" + std::to_string(ex.h) + " I=" +
+                           std::to_string(ex.inter) + " E=" + std::to_string(ex.cpu.n_experts) + " K=" +
+                           std::to_string(k) + " local=" + std::to_string(ex.cpu.first) + "+" +
+                           std::to_string(ex.cpu.count) + " rows=" + std::to_string(local_pairs) +
+                           (out_dtype == DType::F32 ? " outF32" : "");
+    std::vector<std::vector<float>> results;
+    for (const std::string path : {"grouped", "cublas"}) {
+      std::vector<float> got = run_gpu(path, in, ex, out_dtype);
+      std::vector<float> sampled(tokens.size() * ex.h);
+      for (size_t i = 0; i < tokens.size(); ++i)
+        std::copy_n(got.begin() + tokens[i] * ex.h, ex.h, sampled.begin() + i * ex.h);
+      // bf16 rounding of g, u, act (and of out) gives nmse ~1e-6; outputs are O(1).
+      expect_close("moe." + path, sh, sampled, ref, 1e-4, 0.15);
+      results.push_back(std::move(got));
+    }
+    const Stats s = compare_values(results[0], results[1]);
+    std::printf("[gpu_moe] grouped-vs-cublas %-60s nmse=%.3e max_err=%.3e (all %lld rows)\n", sh.c_str(), s.nmse,
+                s.max_err, static_cast<long long>(t));
+    EXPECT_EQ(s.n_nan, 0);
+    EXPECT_LE(s.nmse, 2e-5) << "grouped and cuBLAS paths disagree: " << sh;
+  }
+};
+
+TEST_F(MoeTest, Qwen3ShapeFullLayer) {
+  Rng rng(11);
+  const Experts ex = make_experts(128, 0, 128, 2048, 768, 1);
+  check_case("qwen3", rng, 64, 8, ex, Routing::Uniform, DType::BF16);  // 512 pairs: 4 rows per expert
+  check_case("qwen3.skew", rng, 1024, 8, ex, Routing::Skewed, DType::BF16);
+  check_case("qwen3.skew", rng, 4100, 8, ex, Routing::Skewed, DType::BF16);
+  check_case("qwen3", rng, 4100, 8, ex, Routing::Uniform, DType::F32);
+}
+
+TEST_F(MoeTest, Qwen3ShapeShardedExperts) {
+  Rng rng(12);
+  // Experts 32..63 of 128 (4-way expert parallelism, rank 1) and 64..127 (2-way, rank 1).
+  const Experts ex = make_experts(128, 32, 96, 2048, 768, 2);
+  check_case("qwen3.shard4", rng, 1024, 8, sub_shard(ex, 32, 32), Routing::Uniform, DType::BF16);
+  check_case("qwen3.shard4.skew", rng, 1500, 8, sub_shard(ex, 32, 32), Routing::Skewed, DType::BF16);
+  check_case("qwen3.shard2", rng, 777, 8, sub_shard(ex, 64, 64), Routing::Skewed, DType::F32);
+}
+
+TEST_F(MoeTest, SmallAndOddShapes) {
+  Rng rng(13);
+  struct Case { int64_t t, h, inter; int e, k, first, count; Routing routing; DType out; };
+  for (const Case& c : std::vector<Case>{
+           {37, 64, 32, 8, 2, 2, 4, Routing::Uniform, DType::BF16},      // decode-size: row-wise kernels
+           {300, 64, 32, 8, 2, 0, 8, Routing::Skewed, DType::BF16},      // I % 64 != 0: row-wise fallback
+           {300, 64, 64, 8, 4, 0, 8, Routing::Skewed, DType::BF16},      // tensor cores, H < one N-tile
+           {301, 192, 128, 16, 4, 4, 8, Routing::Skewed, DType::F32},    // H % 128 != 0: masked N edge
+           {513, 256, 192, 16, 8, 0, 16, Routing::Uniform, DType::BF16}, // several M- and N-tiles
+           {200, 72, 40, 8, 2, 1, 6, Routing::Uniform, DType::BF16},     // % 8 only: vector fallback
+           {150, 37, 19, 4, 2, 0, 4, Routing::Skewed, DType::F32},       // odd: scalar fallback
+           {90, 130, 70, 6, 3, 3, 3, Routing::Skewed, DType::BF16},      // odd, shard at the end
+           {1, 128, 64, 4, 2, 0, 4, Routing::Uniform, DType::BF16},
+           {400, 128, 64, 4, 2, 3, 1, Routing::Skewed, DType::BF16},     // one local expert gets every token
+           {300, 128, 64, 8, 2, 2, 3, Routing::NoLocal, DType::BF16}}) { // 0 local rows: out unchanged
+    const Experts ex = make_experts(c.e, c.first, c.count, c.h, c.inter, 3 + c.t);
+    check_case("small", rng, c.t, c.k, ex, c.routing, c.out, 1 << 20);
+  }
+}
+
+// The grouped path must not synchronize with the host: global-mode stream capture fails on any
+// synchronizing call (cudaStreamSynchronize, a pageable cudaMemcpy, ...). The warm-up call grows
+// the workspace and uploads the expert pointer table (both synchronize, once); the captured call
+// then must enqueue only kernels. The replayed graph must reproduce the eager output exactly (the
+// per-row arithmetic does not depend on the order of rows inside an expert segment).
+TEST_F(MoeTest, GroupedPathEnqueuesWithoutHostSync) {
+  Rng rng(14);
+  const Experts ex = make_experts(128, 0, 128, 2048, 768, 4);
+  Inputs in = make_inputs(rng, 1024, 8, ex, Routing::Skewed);
+  auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
+  cudaStream_t stream = cuda.stream();
+  Tensor eager = gpu_tensor("eager", DType::BF16, {in.t, ex.h}, &in.out0);
+  Tensor graphed = gpu_tensor("graphed", DType::BF16, {in.t, ex.h}, &in.out0);
+  ::unsetenv("CPINFER_MOE_GEMM");
+  gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, eager);  // warm-up: workspace, pointer table
+  gpu_->sync();
+
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+  std::string thrown;
+  try {
+    gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, graphed);
+  } catch (const std::exception& e) {
+    thrown = e.what();
+  }
+  cudaGraph_t graph = nullptr;
+  const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+  cudaGetLastError();
+  ASSERT_TRUE(thrown.empty()) << "moe_experts failed under stream capture (a host synchronization?): " << thrown;
+  ASSERT_EQ(end, cudaSuccess) << "stream capture was invalidated: " << cudaGetErrorString(end);
+  size_t n_nodes = 0;
+  ASSERT_EQ(cudaGraphGetNodes(graph, nullptr, &n_nodes), cudaSuccess);
+  std::printf("[gpu_moe] captured grouped moe_experts: %zu graph nodes\n", n_nodes);
+  EXPECT_LE(n_nodes, 8u) << "expected permute + 2 GEMM kernels + unpermute, not per-expert launches";
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  const std::vector<float> a = gpu_read(eager), b = gpu_read(graphed);
+  size_t diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff += a[i] != b[i];
+  EXPECT_EQ(diff, 0u) << "the graph replay differs from the eager call in " << diff << " of " << a.size()
+                      << " elements";
+  const Stats s = compare_values(b, in.out0);
+  EXPECT_GT(s.nmse, 1e-3) << "the captured call did not change the output";
+}
+
+// The detector itself: the cuBLAS path reads the offsets back on the host, so capturing it must
+// fail. (If this passes, GroupedPathEnqueuesWithoutHostSync really checks for syncs.) ctest runs
+// every test in its own process, so a stream left odd by the failed capture harms no other test.
+TEST_F(MoeTest, CaptureCatchesTheCublasPathSync) {
+  Rng rng(15);
+  const Experts ex = make_experts(16, 0, 16, 256, 128, 5);
+  Inputs in = make_inputs(rng, 256, 4, ex, Routing::Uniform);
+  Tensor out = gpu_tensor("out", DType::BF16, {in.t, ex.h}, &in.out0);
+  ::setenv("CPINFER_MOE_GEMM", "cublas", 1);
+  gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out);  // warm-up
+  gpu_->sync();
+  cudaStream_t stream = static_cast<cuda::CudaBackend&>(*gpu_).stream();
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+  bool threw = false;
+  try {
+    gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out);
+  } catch (const std::exception&) {
+    threw = true;
+  }
+  cudaGraph_t graph = nullptr;
+  const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+  ::unsetenv("CPINFER_MOE_GEMM");
+  if (graph) cudaGraphDestroy(graph);
+  cudaGetLastError();
+  std::printf("[gpu_moe] cuBLAS path under capture: %s, end capture: %s\n", threw ? "threw" : "did not throw",
+              cudaGetErrorString(end));
+  EXPECT_TRUE(threw || end != cudaSuccess) << "capturing a host-synchronizing path should fail";
+}
+
+TEST_F(MoeTest, RejectsBadMoeGemmSetting) {
+  const Experts ex = make_experts(4, 0, 4, 64, 64, 6);
+  Rng rng(16);
+  Inputs in = make_inputs(rng, 100, 4, ex, Routing::Uniform);  // 400 pairs: above the small path
+  Tensor out = gpu_tensor("out", DType::BF16, {in.t, ex.h}, &in.out0);
+  ::setenv("CPINFER_MOE_GEMM", "cutlass", 1);
+  EXPECT_THROW(gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out), Error);
+  ::unsetenv("CPINFER_MOE_GEMM");
+}
+
+}  // namespace
+}  // namespace cpinfer::gputest
