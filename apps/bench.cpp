@@ -24,6 +24,7 @@ struct BenchFlags {
   int repeats = -1; // -1: 3 on cuda, 1 on cpu
   bool json = false;
   bool profile = true;
+  bool exposed_comm = true;
   double peak_tflops = 0;  // 0: measured (cuda)
 };
 
@@ -65,7 +66,7 @@ double prefill_flops(const ModelConfig& c, int64_t S) {
 
 struct Row {
   int seq = 0, cp = 0;
-  double ttft_s = 0, comm_s = 0, attn_s = 0, moe_s = 0, dense_s = 0, other_s = 0, flops = 0;
+  double ttft_s = 0, exposed_comm_s = -1, comm_s = 0, attn_s = 0, moe_s = 0, dense_s = 0, other_s = 0, flops = 0;
 };
 
 double measure_gemm_peak(Backend& be) {
@@ -140,6 +141,17 @@ int run_bench_prefill(BenchFlags& f) {
         // On the CPU profiling costs nothing (no device to synchronize), so every run is profiled.
         for (int i = 0; i < repeats; ++i) times.push_back(once(!cuda && f.profile));
         std::sort(times.begin(), times.end());
+        // Exposed communication: the same forward with every collective skipped (wrong results,
+        // same kernels) is this much faster.
+        double elided = -1;
+        if (par.cp_size() > 1 && f.exposed_comm) {
+          engine.model().set_elide_comm(true);
+          std::vector<double> t2;
+          for (int i = 0; i < repeats; ++i) t2.push_back(once(false));
+          engine.model().set_elide_comm(false);
+          std::sort(t2.begin(), t2.end());
+          elided = t2[t2.size() / 2];
+        }
         if (cuda && f.profile) once(true);
         ForwardProfile prof = engine.model().last_profile();
         if (par.world_rank() == 0) {
@@ -147,6 +159,7 @@ int run_bench_prefill(BenchFlags& f) {
           r.seq = S;
           r.cp = cp;
           r.ttft_s = times[times.size() / 2];
+          if (elided >= 0) r.exposed_comm_s = std::max(0.0, r.ttft_s - elided);
           r.comm_s = prof.comm_s;
           r.attn_s = prof.attention_s;
           r.moe_s = prof.moe_s;
@@ -170,8 +183,9 @@ int run_bench_prefill(BenchFlags& f) {
   if (!f.json) {
     std::printf("model %s, device %s%s\n", j["model"].get<std::string>().c_str(), device_name.c_str(),
                 peak > 0 ? (", bf16 GEMM peak " + std::to_string(int(peak)) + " TFLOP/s").c_str() : "");
-    std::printf("%8s %4s %10s %10s %8s %8s %9s %9s %9s %9s %9s %7s\n", "seq", "cp", "ttft_s", "tok/s", "speedup",
-                "eff", "comm_s", "attn_s", "moe_s", "gemm_s", "other_s", peak > 0 ? "MFU" : "GFLOP/s");
+    std::printf("%8s %4s %10s %10s %8s %8s %9s %9s %9s %9s %9s %9s %7s\n", "seq", "cp", "ttft_s", "tok/s",
+                "speedup", "eff", "exposed_s", "comm_s", "attn_s", "moe_s", "gemm_s", "other_s",
+                peak > 0 ? "MFU" : "GFLOP/s");
   }
   for (const Row& r : rows) {
     double base = 0;
@@ -182,15 +196,17 @@ int run_bench_prefill(BenchFlags& f) {
     double rate = r.flops / r.ttft_s;
     double mfu = peak > 0 ? rate / (peak * 1e12 * r.cp) : 0;
     nlohmann::ordered_json o = {{"seq", r.seq}, {"cp", r.cp}, {"ttft_s", r.ttft_s}, {"tokens_per_s", r.seq / r.ttft_s},
-                                {"speedup", speedup}, {"efficiency", eff}, {"comm_s", r.comm_s},
+                                {"speedup", speedup}, {"efficiency", eff}, {"exposed_comm_s", r.exposed_comm_s},
+                                {"comm_s", r.comm_s},
                                 {"attention_s", r.attn_s}, {"moe_s", r.moe_s}, {"dense_gemm_s", r.dense_s},
                                 {"other_s", r.other_s}, {"flops", r.flops}, {"tflops_per_s", rate / 1e12}};
     if (peak > 0) o["mfu"] = mfu;
     j["results"].push_back(o);
     if (!f.json)
-      std::printf("%8d %4d %10.3f %10.0f %8.2f %8.2f %9.3f %9.3f %9.3f %9.3f %9.3f %7.3g\n", r.seq, r.cp, r.ttft_s,
-                  r.seq / r.ttft_s, speedup, eff, r.comm_s, r.attn_s, r.moe_s, r.dense_s, r.other_s,
-                  peak > 0 ? mfu : rate / 1e9);
+      std::printf("%8d %4d %10.3f %10.0f %8.2f %8.2f %9s %9.3f %9.3f %9.3f %9.3f %9.3f %7.3g\n", r.seq, r.cp,
+                  r.ttft_s, r.seq / r.ttft_s, speedup, eff,
+                  r.exposed_comm_s >= 0 ? std::to_string(r.exposed_comm_s).substr(0, 5).c_str() : "-", r.comm_s,
+                  r.attn_s, r.moe_s, r.dense_s, r.other_s, peak > 0 ? mfu : rate / 1e9);
   }
   if (f.json) std::printf("%s\n", j.dump(2).c_str());
   return 0;
@@ -214,7 +230,12 @@ Command add_bench_command(CLI::App& app) {
   p->add_option("--warmup", f->warmup, "Untimed runs first")->capture_default_str();
   p->add_option("--repeats", f->repeats, "Timed runs; the median is reported (default: 3 on cuda, 1 on cpu)");
   p->add_option("--peak-tflops", f->peak_tflops, "GEMM peak for MFU (default on cuda: measured, bf16 8192^3)");
-  p->add_flag("!--no-profile", f->profile, "Skip the per-op breakdown");
+  p->add_flag("!--no-profile", f->profile,
+              "Skip the per-op breakdown (a separate run that synchronizes after every op group, so its "
+              "comm_s is the communication time without overlap)");
+  p->add_flag("!--no-exposed-comm", f->exposed_comm,
+              "Skip measuring exposed communication (CP > 1: TTFT minus the TTFT of the same forward with "
+              "every collective skipped)");
   p->add_flag("--json", f->json, "Print JSON instead of the table");
   return {c, [f] { return run_bench_prefill(*f); }};
 }

@@ -18,6 +18,10 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
                   "Number of ranks the model spans (experts are sharded over them); default: --attn-cp-size, or "
                   "the mpirun size")
       ->check(CLI::Range(0, 4096));
+  app->add_option("--ep-size", ep_size,
+                  "Ranks the MoE experts are sharded over: the whole world (default) or 1 (every rank holds "
+                  "all experts; more memory, no MoE communication)")
+      ->check(CLI::Range(0, 4096));
   app->add_flag("--enable-prefill-cp", enable_prefill_cp, "Split long prompts over the CP ranks (zigzag)");
   app->add_option("--cp-min-tokens", cp_min_tokens,
                   "Prompts shorter than this are not split (default: 2 x attn-cp-size)")
@@ -37,6 +41,7 @@ LaunchOptions EngineFlags::launch() const {
   l.comm = comm;
   l.world_size = tp_size;
   l.cp_size = attn_cp_size;
+  l.ep_size = ep_size;
   l.timeout_s = comm_timeout_s;
   l.gpu = device == "cuda";
   l.gpu_base = device_index;

@@ -16,6 +16,7 @@ struct EngineFlags {
   int device_index = 0;
   int attn_cp_size = 1;
   int tp_size = 0;
+  int ep_size = 0;
   bool enable_prefill_cp = false;
   int cp_min_tokens = 0;
   std::string comm = "local";

@@ -54,6 +54,25 @@ class Communicator {
   // communicator inherits timeout().
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
 
+  // ---- Stream-ordered (queued) collectives: device back-ends only.
+  // After bind_stream(s) with a compute stream s (a cudaStream_t), every collective is ordered
+  // after the work already queued on s and before the work queued on s afterwards, and returns
+  // without waiting for the GPU: the host never blocks inside a layer loop. A watchdog enforces
+  // timeout() from the moment a collective can start; on a timeout or an NCCL error it aborts
+  // the communicator (so no stream waits forever) and the next call, or wait_all(), throws.
+  // Host back-ends ignore bind_stream and stay synchronous: queued() is false.
+  virtual void bind_stream(void* compute_stream) { (void)compute_stream; }
+  virtual bool queued() const { return false; }
+  // all_gatherv whose result later compute work may NOT read until join(): the compute stream
+  // runs independent work meanwhile (the overlap window). Synchronous on host back-ends.
+  virtual void all_gatherv_start(const void* send, size_t send_bytes, void* recv, std::span<const size_t> recv_bytes) {
+    all_gatherv(send, send_bytes, recv, recv_bytes);
+  }
+  // Orders the compute work queued from now on after the last all_gatherv_start.
+  virtual void join() {}
+  // Blocks until every queued collective has completed; throws if one failed or timed out.
+  virtual void wait_all() {}
+
   std::chrono::milliseconds timeout() const { return timeout_; }
   void set_timeout(std::chrono::milliseconds t) { timeout_ = t; }
 

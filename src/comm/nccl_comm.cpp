@@ -3,6 +3,13 @@
 // polled with ncclCommGetAsyncError (issue) and cudaStreamQuery (GPU work) until the deadline,
 // after which the communicator is aborted with ncclCommAbort and the call throws.
 //
+// Bound to a compute stream (bind_stream) the communicator is queued: a collective waits on an
+// event of the compute stream, runs on the communicator's own stream and hands the compute stream
+// an event to wait on; the host returns at once. A watchdog thread follows the queued collectives
+// in order: it notes when each one could start (an event recorded just before it) and aborts the
+// communicator when one runs longer than the timeout after that, or NCCL reports an error. Every
+// NCCL call is made under one mutex, so the abort never races a call of the rank's thread.
+//
 // NCCL has no v-collectives: all_gatherv is one ncclAllGather when all parts are equal, else a
 // group of broadcasts (one per rank, ring-pipelined); reduce_scatterv is ncclReduceScatter when all
 // counts are equal, else a group of reduces; all_to_allv is a group of send/recv pairs.
@@ -10,8 +17,11 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -63,6 +73,14 @@ class NcclCommunicator final : public Communicator {
   }
 
   ~NcclCommunicator() override {
+    if (watchdog_.joinable()) {
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        stop_ = true;
+      }
+      cv_.notify_all();
+      watchdog_.join();
+    }
     cudaSetDevice(device_);
     if (comm_ != nullptr) {
       // Finalize flushes outstanding work and needs the peers; one that never comes must not hang
@@ -81,6 +99,12 @@ class NcclCommunicator final : public Communicator {
       }
     }
     if (scratch_) cudaFree(scratch_);
+    for (const Pending& p : pending_) {
+      cudaEventDestroy(p.start);
+      cudaEventDestroy(p.done);
+    }
+    for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
+    if (join_event_) cudaEventDestroy(join_event_);
     if (own_stream_ && stream_) cudaStreamDestroy(stream_);
   }
 
@@ -88,8 +112,38 @@ class NcclCommunicator final : public Communicator {
   int size() const override { return size_; }
   std::string kind() const override { return "nccl"; }
 
+  void bind_stream(void* compute_stream) override {
+    std::lock_guard<std::mutex> lk(mu_);
+    CPI_CHECK(compute_ == nullptr || compute_ == compute_stream, "nccl communicator: already bound to another stream");
+    if (compute_stream == nullptr || compute_ != nullptr) return;
+    CPI_CUDA_OK(cudaSetDevice(device_));
+    CPI_CUDA_OK(cudaEventCreateWithFlags(&join_event_, cudaEventDisableTiming));
+    compute_ = static_cast<cudaStream_t>(compute_stream);
+    watchdog_ = std::thread([this] { watch(); });
+  }
+  bool queued() const override { return compute_ != nullptr; }
+
   void all_gatherv(const void* send, size_t send_bytes, void* recv, std::span<const size_t> recv_bytes) override {
+    gather(send, send_bytes, recv, recv_bytes, false);
+  }
+  void all_gatherv_start(const void* send, size_t send_bytes, void* recv, std::span<const size_t> recv_bytes) override {
+    gather(send, send_bytes, recv, recv_bytes, true);
+  }
+  void join() override {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (compute_ && join_pending_) CPI_CUDA_OK(cudaStreamWaitEvent(compute_, join_event_, 0));
+    join_pending_ = false;
+  }
+  void wait_all() override {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return pending_.empty() || !failure_.empty(); });
+    CPI_CHECK(failure_.empty(), failure_);
+  }
+
+ private:
+  void gather(const void* send, size_t send_bytes, void* recv, std::span<const size_t> recv_bytes, bool overlap) {
     const char* name = "all_gatherv";
+    std::unique_lock<std::mutex> lk(mu_);
     const auto deadline = begin(name);
     check_counts(recv_bytes, "recv_bytes", name);
     CPI_CHECK(recv_bytes[rank_] == send_bytes, name, ": recv_bytes[", rank_, "] = ", recv_bytes[rank_],
@@ -99,10 +153,11 @@ class NcclCommunicator final : public Communicator {
     check_device(send, send_bytes, "send", name);
     check_device(recv, total, "recv", name);
     if (total == 0) return;
+    enqueue_begin();
     if (std::all_of(recv_bytes.begin(), recv_bytes.end(), [&](size_t b) { return b == recv_bytes[0]; })) {
       // Equal parts (the common case): one all-gather instead of n broadcasts.
       issue(ncclAllGather(send, recv, send_bytes, ncclUint8, comm_, stream_), name, deadline);
-      wait_done(name, deadline);
+      finish(name, deadline, overlap);
       return;
     }
     issue(ncclGroupStart(), name, deadline);
@@ -116,22 +171,26 @@ class NcclCommunicator final : public Communicator {
       off += recv_bytes[r];
     }
     issue(ncclGroupEnd(), name, deadline);
-    wait_done(name, deadline);
+    finish(name, deadline, overlap);
   }
 
+ public:
   void all_reduce_sum(void* buf, size_t count, DType dtype) override {
     const char* name = "all_reduce_sum";
+    std::unique_lock<std::mutex> lk(mu_);
     const auto deadline = begin(name);
     ncclDataType_t t;
     CPI_CHECK(dtype_to_nccl(dtype, t), name, ": dtype ", dtype_name(dtype), " not supported (F32, BF16, F16)");
     check_device(buf, count * dtype_size(dtype), "", name);
     if (count == 0) return;
+    enqueue_begin();
     issue(ncclAllReduce(buf, buf, count, t, ncclSum, comm_, stream_), name, deadline);
-    wait_done(name, deadline);
+    finish(name, deadline, false);
   }
 
   void reduce_scatterv_sum(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
     const char* name = "reduce_scatterv_sum";
+    std::unique_lock<std::mutex> lk(mu_);
     const auto deadline = begin(name);
     ncclDataType_t t;
     CPI_CHECK(dtype_to_nccl(dtype, t), name, ": dtype ", dtype_name(dtype), " not supported (F32, BF16, F16)");
@@ -146,6 +205,7 @@ class NcclCommunicator final : public Communicator {
     check_device(send, total * es, "send", name);
     check_device(recv, counts[rank_] * es, "recv", name);
     if (total == 0) return;
+    enqueue_begin();
     if (equal) {
       issue(ncclReduceScatter(send, recv, counts[0], t, ncclSum, comm_, stream_), name, deadline);
     } else {
@@ -161,12 +221,13 @@ class NcclCommunicator final : public Communicator {
       }
       issue(ncclGroupEnd(), name, deadline);
     }
-    wait_done(name, deadline);
+    finish(name, deadline, false);
   }
 
   void all_to_allv(const void* send, std::span<const size_t> send_bytes, void* recv,
                    std::span<const size_t> recv_bytes) override {
     const char* name = "all_to_allv";
+    std::unique_lock<std::mutex> lk(mu_);
     const auto deadline = begin(name);
     check_counts(send_bytes, "send_bytes", name);
     check_counts(recv_bytes, "recv_bytes", name);
@@ -176,6 +237,7 @@ class NcclCommunicator final : public Communicator {
     for (int q = 0; q < size_; ++q) st += send_bytes[q], rt += recv_bytes[q];
     check_device(send, st, "send", name);
     check_device(recv, rt, "recv", name);
+    enqueue_begin();
     issue(ncclGroupStart(), name, deadline);
     size_t so = 0, ro = 0;
     for (int q = 0; q < size_; ++q) {
@@ -191,28 +253,33 @@ class NcclCommunicator final : public Communicator {
       ro += recv_bytes[q];
     }
     issue(ncclGroupEnd(), name, deadline);
-    wait_done(name, deadline);
+    finish(name, deadline, false);
   }
 
   void broadcast(void* buf, size_t bytes, int root) override {
     const char* name = "broadcast";
+    std::unique_lock<std::mutex> lk(mu_);
     const auto deadline = begin(name);
     CPI_CHECK(root >= 0 && root < size_, name, ": root ", root, " out of range for ", size_, " ranks");
     check_device(buf, bytes, "", name);
     if (bytes == 0) return;
+    enqueue_begin();
     issue(ncclBroadcast(buf, buf, bytes, ncclUint8, root, comm_, stream_), name, deadline);
-    wait_done(name, deadline);
+    finish(name, deadline, false);
   }
 
   void barrier() override {
     const char* name = "barrier";
+    std::unique_lock<std::mutex> lk(mu_);
     const auto deadline = begin(name);
+    enqueue_begin();
     issue(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_), name, deadline);
-    wait_done(name, deadline);
+    finish(name, deadline, false);
   }
 
   std::unique_ptr<Communicator> split(int color, int key) override {
     const char* name = "split";
+    std::unique_lock<std::mutex> lk(mu_);
     const auto deadline = begin(name);
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
@@ -253,9 +320,109 @@ class NcclCommunicator final : public Communicator {
 
  private:
   Clock::time_point begin(const char* name) {
-    CPI_CHECK(comm_ != nullptr, name, " on NCCL rank ", rank_, ": the communicator was aborted by an earlier failure");
+    CPI_CHECK(comm_ != nullptr, name, " on NCCL rank ", rank_, ": the communicator was aborted by an earlier failure",
+              failure_.empty() ? std::string() : ": " + failure_);
     CPI_CUDA_OK(cudaSetDevice(device_));
     return Clock::now() + timeout_;
+  }
+
+  // Queued mode: the collective about to be issued waits for the compute stream's work so far;
+  // the start event tells the watchdog when it could begin. (mu_ held.)
+  void enqueue_begin() {
+    if (!compute_) return;
+    cudaEvent_t ready = take_event(), start = take_event();
+    CPI_CUDA_OK(cudaEventRecord(ready, compute_));
+    CPI_CUDA_OK(cudaStreamWaitEvent(stream_, ready, 0));
+    free_events_.push_back(ready);  // reusable once recorded: the wait captured it
+    CPI_CUDA_OK(cudaEventRecord(start, stream_));
+    starts_.push_back(start);
+  }
+  // After the issue: synchronous mode waits here; queued mode hands the completion to the watchdog
+  // and to the compute stream (at once, or at join() for an overlapped gather). (mu_ held.)
+  void finish(const char* name, Clock::time_point deadline, bool overlap) {
+    if (!compute_) {
+      wait_done(name, deadline);
+      return;
+    }
+    cudaEvent_t done = take_event();
+    CPI_CUDA_OK(cudaEventRecord(done, stream_));
+    if (overlap) {
+      CPI_CUDA_OK(cudaEventRecord(join_event_, stream_));
+      join_pending_ = true;
+    } else {
+      CPI_CUDA_OK(cudaStreamWaitEvent(compute_, done, 0));
+    }
+    pending_.push_back(Pending{starts_.back(), done, name, {}, false});
+    starts_.clear();
+    cv_.notify_all();
+  }
+  cudaEvent_t take_event() {
+    if (!free_events_.empty()) {
+      cudaEvent_t e = free_events_.back();
+      free_events_.pop_back();
+      return e;
+    }
+    cudaEvent_t e = nullptr;
+    CPI_CUDA_OK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    return e;
+  }
+
+  // The watchdog thread: completes queued collectives in order, aborts on error or timeout.
+  void watch() {
+    cudaSetDevice(device_);
+    std::unique_lock<std::mutex> lk(mu_);
+    for (int spins = 0; !stop_;) {
+      if (pending_.empty() || comm_ == nullptr) {
+        spins = 0;
+        cv_.wait(lk, [&] { return stop_ || (!pending_.empty() && comm_ != nullptr); });
+        continue;
+      }
+      Pending& p = pending_.front();
+      if (!p.started && cudaEventQuery(p.start) == cudaSuccess) {
+        p.started = true;
+        p.start_time = Clock::now();
+      }
+      if (p.started) {
+        const cudaError_t e = cudaEventQuery(p.done);
+        if (e == cudaSuccess) {
+          free_events_.push_back(p.start);
+          free_events_.push_back(p.done);
+          pending_.pop_front();
+          cv_.notify_all();
+          spins = 0;
+          continue;
+        }
+        ncclResult_t st = ncclSuccess;
+        ncclCommGetAsyncError(comm_, &st);
+        if (e != cudaErrorNotReady) {
+          abort_queued(detail::concat(p.name, " failed on NCCL rank ", rank_, ": CUDA error ", cudaGetErrorName(e), ": ",
+                                      cudaGetErrorString(e)));
+        } else if (st != ncclSuccess && st != ncclInProgress) {
+          abort_queued(detail::concat(p.name, " failed on NCCL rank ", rank_, " of ", size_, ": ", ncclGetErrorString(st)));
+        } else if (Clock::now() - p.start_time > timeout_) {
+          abort_queued(detail::concat(p.name, " timed out after ", timeout_.count(), " ms on NCCL rank ", rank_, " of ",
+                                      size_, ": a peer did not enter ", p.name,
+                                      " (hung, crashed, slower than the timeout, or calling a different collective)"));
+        }
+        if (comm_ == nullptr) continue;
+      }
+      lk.unlock();
+      backoff(spins++);
+      lk.lock();
+    }
+  }
+  // Watchdog side of a failure (mu_ held): abort so the streams run on, remember why for the
+  // rank's next call, release the waiters.
+  void abort_queued(const std::string& msg) {
+    ncclCommAbort(comm_);
+    comm_ = nullptr;
+    failure_ = msg;
+    for (const Pending& q : pending_) {
+      cudaEventDestroy(q.start);
+      cudaEventDestroy(q.done);
+    }
+    pending_.clear();
+    cv_.notify_all();
   }
 
   void check_counts(std::span<const size_t> c, const char* what, const char* name) const {
@@ -319,6 +486,8 @@ class NcclCommunicator final : public Communicator {
   [[noreturn]] void fail(const std::string& msg) {
     ncclCommAbort(comm_);
     comm_ = nullptr;
+    failure_ = msg;
+    cv_.notify_all();
     throw Error(msg);
   }
 
@@ -328,6 +497,25 @@ class NcclCommunicator final : public Communicator {
   bool own_stream_;
   int rank_ = 0, size_ = 1;
   float* scratch_ = nullptr;  // [1] barrier operand
+
+  // Queued mode (bind_stream). mu_ guards comm_ and everything below.
+  struct Pending {
+    cudaEvent_t start, done;
+    const char* name;
+    Clock::time_point start_time;
+    bool started;
+  };
+  std::mutex mu_;
+  std::condition_variable cv_;
+  cudaStream_t compute_ = nullptr;
+  std::deque<Pending> pending_;
+  std::vector<cudaEvent_t> starts_;       // start event of the collective being issued
+  std::vector<cudaEvent_t> free_events_;
+  cudaEvent_t join_event_ = nullptr;      // completion of the last overlapped gather
+  bool join_pending_ = false;
+  std::string failure_;
+  bool stop_ = false;
+  std::thread watchdog_;
 };
 
 }  // namespace

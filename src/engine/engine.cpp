@@ -45,13 +45,16 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt, ParallelC
   // Rank r drives GPU device_index + its local rank (one process may hold several GPU ranks).
   be_ = make_backend(opt.device, opt.device == "cuda" ? local_device(opt.device_index, par_.world_rank())
                                                       : opt.device_index);
+  // Each rank loads only its share of the experts (all of them when they are replicated).
+  const int shard = par_.replicate_experts ? 0 : par_.world_rank();
+  const int n_shards = par_.replicate_experts ? 1 : par_.world_size();
   ModelWeights w;
   if (random) {
-    w = random_weights(cfg_, *be_, par_.world_rank(), par_.world_size());
+    w = random_weights(cfg_, *be_, shard, n_shards);
   } else {
     ckpt_ = std::make_unique<Checkpoint>(Checkpoint::open(model_dir));
     LoadProgress progress;
-    w = load_weights(*ckpt_, cfg_, *be_, par_.world_rank(), par_.world_size(),
+    w = load_weights(*ckpt_, cfg_, *be_, shard, n_shards,
                      [&](size_t done, size_t total) {
                        if (par_.world_rank() == 0 && !opt.quiet) progress(done, total);
                      });

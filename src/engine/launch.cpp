@@ -34,6 +34,10 @@ void run_rank(Communicator& boot, const LaunchOptions& opt, const std::function<
     par.world = &world;
     par.control = &boot;
   }
+  CPI_CHECK(opt.ep_size == 0 || opt.ep_size == 1 || opt.ep_size == world.size(), "--ep-size ", opt.ep_size,
+            " is not supported with ", world.size(), " ranks: experts are sharded over all ranks (--ep-size ",
+            world.size(), ") or replicated on each (--ep-size 1)");
+  par.replicate_experts = opt.ep_size == 1 && world.size() > 1;
   if (cp_size == world.size()) {
     par.cp = world.size() > 1 ? &world : nullptr;
   } else if (cp_size > 1) {

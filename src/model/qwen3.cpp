@@ -17,7 +17,7 @@ struct Qwen3Model::Workspace {
   enum Slot {
     kIds, kPos, kSlots, kBlocks, kBlockTable, kX, kH, kQ, kKvLocal, kKvAll, kAttnOut, kO, kM,
     kGate, kUp, kRouterLogits, kTopIds, kTopW, kHAll, kPartial, kLogitIdx, kSel, kSelNorm, kLogits,
-    kLogitsAll, kNumSlots
+    kLogitsAll, kBlocksDiag, kBlocksPrefix, kLse, kAttnOut2, kLse2, kNumSlots
   };
   explicit Workspace(Backend& be) : be(be), bufs(kNumSlots) {}
   Tensor get(Slot s, DType t, std::initializer_list<int64_t> dims) {
@@ -31,12 +31,29 @@ struct Qwen3Model::Workspace {
     if (!v.empty()) be.upload(t.data, v.data(), v.size() * sizeof(int32_t));
     return t;
   }
+  // Fills the metadata of `blocks` (block table shared by the forward's batches) and uploads it.
+  void set_batch(AttnBatch& b, std::vector<AttnBlock> blocks, const ForwardPlan& plan, const Tensor& table, Slot s) {
+    b.blocks = std::move(blocks);
+    b.block_table = plan.block_table;
+    b.max_blocks_per_seq = plan.max_blocks;
+    b.max_q_len = 0;
+    b.max_kv_len = 0;
+    for (const AttnBlock& a : b.blocks) {
+      b.max_q_len = std::max(b.max_q_len, a.q_len);
+      b.max_kv_len = std::max(b.max_kv_len, a.pos_begin + a.q_len);
+    }
+    b.dev_blocks = upload_i32(s, flatten_attn_blocks(b.blocks),
+                              {std::max<int64_t>(int64_t(b.blocks.size()), 1), kAttnBlockFields});
+    b.dev_block_table = table;
+  }
   Backend& be;
   std::vector<Buffer> bufs;
   // Per-forward state shared by the layer functions.
   Tensor ids, pos, slots, x, h;
-  AttnBatch batch;
+  AttnBatch batch;                   // every block over all its keys
+  AttnBatch batch_diag, batch_prefix;  // overlapped exchange: own keys, then the other ranks'
 };
+
 
 Qwen3Model::Qwen3Model(const ModelConfig& cfg, ModelWeights weights, Backend& backend, ParallelCtx par)
     : cfg_(cfg), w_(std::move(weights)), be_(backend), par_(par), rope_(cfg.rope_params()),
@@ -46,6 +63,11 @@ Qwen3Model::Qwen3Model(const ModelConfig& cfg, ModelWeights weights, Backend& ba
   if (par_.cp && par_.world) {
     CPI_CHECK(par_.world->size() % par_.cp->size() == 0, "attn_cp_size ", par_.cp->size(),
               " does not divide the world size ", par_.world->size());
+  }
+  // Device communicators order their collectives on this back-end's stream: no host waits.
+  if (void* stream = be_.native_stream()) {
+    if (par_.world) par_.world->bind_stream(stream);
+    if (par_.cp) par_.cp->bind_stream(stream);
   }
 }
 
@@ -89,23 +111,17 @@ std::vector<float> Qwen3Model::forward(const ForwardPlan& plan, KvCache& cache) 
   ws.ids = ws.upload_i32(Workspace::kIds, plan.tokens, {std::max<int64_t>(T, 1)}).slice(0, T);
   ws.pos = ws.upload_i32(Workspace::kPos, plan.positions, {std::max<int64_t>(T, 1)}).slice(0, T);
   ws.slots = ws.upload_i32(Workspace::kSlots, plan.slots_all, {std::max<int64_t>(plan.n_all(), 1)}).slice(0, plan.n_all());
-  AttnBatch& b = ws.batch;
-  b.blocks = plan.attn;
-  b.block_table = plan.block_table;
-  b.max_blocks_per_seq = plan.max_blocks;
-  b.max_q_len = 0;
-  b.max_kv_len = 0;
-  std::vector<int32_t> flat;
-  flat.reserve(plan.attn.size() * 4);
-  for (const AttnBlock& a : plan.attn) {
-    b.max_q_len = std::max(b.max_q_len, a.q_len);
-    b.max_kv_len = std::max(b.max_kv_len, a.pos_begin + a.q_len);
-    flat.insert(flat.end(), {a.q_begin, a.q_len, a.pos_begin, a.seq});
-  }
-  b.dev_blocks = ws.upload_i32(Workspace::kBlocks, flat, {std::max<int64_t>(int64_t(plan.attn.size()), 1), 4});
   int64_t n_seq_rows = plan.max_blocks ? int64_t(plan.block_table.size()) / plan.max_blocks : 0;
-  b.dev_block_table = ws.upload_i32(Workspace::kBlockTable, plan.block_table,
-                                    {std::max<int64_t>(n_seq_rows, 1), std::max(plan.max_blocks, 1)});
+  Tensor table = ws.upload_i32(Workspace::kBlockTable, plan.block_table,
+                               {std::max<int64_t>(n_seq_rows, 1), std::max(plan.max_blocks, 1)});
+  ws.set_batch(ws.batch, plan.attn, plan, table, Workspace::kBlocks);
+  if (cp > 1 && overlap_kv()) {
+    std::vector<AttnBlock> diag = plan.attn, prefix = plan.attn;
+    for (AttnBlock& a : diag) a.kv_begin = a.pos_begin;
+    for (AttnBlock& a : prefix) a.kv_end = a.pos_begin;  // empty for a block at position 0: out 0, lse -inf
+    ws.set_batch(ws.batch_diag, std::move(diag), plan, table, Workspace::kBlocksDiag);
+    ws.set_batch(ws.batch_prefix, std::move(prefix), plan, table, Workspace::kBlocksPrefix);
+  }
 
   ws.x = ws.get(Workspace::kX, ad, {std::max<int64_t>(T, 1), H}).slice(0, T);
   ws.h = ws.get(Workspace::kH, ad, {std::max<int64_t>(T, 1), H}).slice(0, T);
@@ -152,13 +168,26 @@ std::vector<float> Qwen3Model::forward(const ForwardPlan& plan, KvCache& cache) 
     Tensor all = ws.get(Workspace::kLogitsAll, DType::F32, {std::max<int64_t>(R_all, 1), V});
     std::vector<size_t> bytes(cp);
     for (int r = 0; r < cp; ++r) bytes[r] = size_t(plan.logit_rows_per_rank[r] * V) * sizeof(float);
-    be_.sync();
-    par_.cp->all_gatherv(logits.data, bytes[par_.cp_rank()], all.data, bytes);
+    sync_for(par_.cp);
+    if (!elide_comm_) par_.cp->all_gatherv(logits.data, bytes[par_.cp_rank()], all.data, bytes);
     if (R_all > 0) be_.download(out.data(), all.data, out.size() * sizeof(float));
   }
   be_.sync();
+  // Queued collectives report their failures here (a timeout aborted them and the streams ran on).
+  if (par_.world) par_.world->wait_all();
+  if (par_.cp && par_.cp != par_.world) par_.cp->wait_all();
   mark(profile_.comm_s);
   return out;
+}
+
+bool Qwen3Model::overlap_kv() const {
+  if (par_.cp_size() == 1) return false;
+  if (kv_overlap_ == KvOverlap::Auto) return par_.cp->queued();
+  return kv_overlap_ == KvOverlap::On;
+}
+
+void Qwen3Model::sync_for(Communicator* comm) {
+  if (!comm->queued()) be_.sync();
 }
 
 void Qwen3Model::attention_layer(int l, const ForwardPlan& plan, KvCache& cache) {
@@ -186,23 +215,44 @@ void Qwen3Model::attention_layer(int l, const ForwardPlan& plan, KvCache& cache)
     mark(profile_.other_s);
   }
 
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  Tensor attn_out = ws.get(Workspace::kAttnOut, ad, {std::max<int64_t>(T, 1), Hq * D}).slice(0, T);
   if (cp == 1) {
     if (T > 0) be_.kv_store(k.view({T, Hkv, D}), v.view({T, Hkv, D}), ws.slots, kv);
+    mark(profile_.other_s);
+    if (T > 0) be_.attention(q.view({T, Hq, D}), ws.batch, kv, scale, attn_out.view({T, Hq, D}), Tensor{});
   } else {
     // Every rank receives every rank's [K; V] and writes all of them into its own cache.
+    const bool overlap = overlap_kv();
+    const int me = par_.cp_rank();
+    int64_t my_slot_row = 0;
+    for (int r = 0; r < me; ++r) my_slot_row += plan.rows_per_rank[r];
     const int64_t n_all = plan.n_all();
     Tensor kv_all = ws.get(Workspace::kKvAll, ad, {std::max<int64_t>(2 * n_all, 1), Hkv * D});
     const size_t row_bytes = kv_all.row_bytes();
     std::vector<size_t> bytes(cp);
     for (int r = 0; r < cp; ++r) bytes[r] = size_t(2 * plan.rows_per_rank[r]) * row_bytes;
-    be_.sync();
-    mark(profile_.other_s);
-    par_.cp->all_gatherv(kv_local.data, bytes[par_.cp_rank()], kv_all.data, bytes);
-    mark(profile_.comm_s);
+    Tensor lse = ws.get(Workspace::kLse, DType::F32, {std::max<int64_t>(T, 1), Hq}).slice(0, T);
+    if (overlap) {
+      // Own keys first (straight from the projections), then the exchange runs on the
+      // communicator's stream while the diagonal blocks attend to them.
+      if (T > 0) be_.kv_store(k.view({T, Hkv, D}), v.view({T, Hkv, D}), ws.slots.slice(my_slot_row, T), kv);
+      sync_for(par_.cp);
+      mark(profile_.other_s);
+      if (!elide_comm_) par_.cp->all_gatherv_start(kv_local.data, bytes[me], kv_all.data, bytes);
+      if (T > 0) be_.attention(q.view({T, Hq, D}), ws.batch_diag, kv, scale, attn_out.view({T, Hq, D}), lse);
+      par_.cp->join();
+      mark(profile_.attention_s);
+    } else {
+      sync_for(par_.cp);
+      mark(profile_.other_s);
+      if (!elide_comm_) par_.cp->all_gatherv(kv_local.data, bytes[me], kv_all.data, bytes);
+      mark(profile_.comm_s);
+    }
     int64_t row = 0, slot_row = 0;
     for (int r = 0; r < cp; ++r) {
       const int64_t n = plan.rows_per_rank[r];
-      if (n > 0) {
+      if (n > 0 && !(overlap && r == me)) {
         Tensor seg = kv_all.slice(row, 2 * n);
         be_.kv_store(seg.slice(0, n).view({n, Hkv, D}), seg.slice(n, n).view({n, Hkv, D}),
                      ws.slots.slice(slot_row, n), kv);
@@ -210,13 +260,17 @@ void Qwen3Model::attention_layer(int l, const ForwardPlan& plan, KvCache& cache)
       row += 2 * n;
       slot_row += n;
     }
+    mark(profile_.other_s);
+    if (T > 0 && overlap) {
+      Tensor out2 = ws.get(Workspace::kAttnOut2, ad, {T, Hq * D});
+      Tensor lse2 = ws.get(Workspace::kLse2, DType::F32, {T, Hq});
+      be_.attention(q.view({T, Hq, D}), ws.batch_prefix, kv, scale, out2.view({T, Hq, D}), lse2);
+      be_.attention_merge(attn_out.view({T, Hq, D}), lse, out2.view({T, Hq, D}), lse2);
+    } else if (T > 0) {
+      be_.attention(q.view({T, Hq, D}), ws.batch, kv, scale, attn_out.view({T, Hq, D}), Tensor{});
+    }
   }
-  mark(profile_.other_s);
-
-  Tensor attn_out = ws.get(Workspace::kAttnOut, ad, {std::max<int64_t>(T, 1), Hq * D}).slice(0, T);
   if (T > 0) {
-    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-    be_.attention(q.view({T, Hq, D}), ws.batch, kv, scale, attn_out.view({T, Hq, D}), Tensor{});
     mark(profile_.attention_s);
     Tensor o = ws.get(Workspace::kO, ad, {T, H});
     be_.linear(attn_out, L.o_proj, o);
@@ -256,23 +310,25 @@ void Qwen3Model::moe(int l, const ForwardPlan& plan, const Tensor& h, Tensor out
   const int world = par_.world_size(), cp = par_.cp_size();
   const int64_t T = plan.n_local();
 
-  // Experts are sharded over the world: each rank applies its experts to the tokens of the whole
-  // CP group, then the partial sums are reduced back to the ranks that own the rows.
+  // Sharded experts: each rank applies its experts to the tokens of the whole CP group, then the
+  // partial sums are reduced back to the ranks that own the rows. Replicated experts: every rank
+  // handles its own rows alone.
+  const bool sharded = world > 1 && !par_.replicate_experts;
   Tensor rows = h;
   int64_t n_rows = T;
-  if (world > 1 && cp > 1) {
+  if (sharded && cp > 1) {
     n_rows = plan.n_all();
     Tensor h_all = ws.get(Workspace::kHAll, ad, {std::max<int64_t>(n_rows, 1), H}).slice(0, n_rows);
     std::vector<size_t> bytes(cp);
     for (int r = 0; r < cp; ++r) bytes[r] = size_t(plan.rows_per_rank[r]) * h.row_bytes();
-    be_.sync();
+    sync_for(par_.cp);
     mark(profile_.other_s);
-    par_.cp->all_gatherv(h.data, bytes[par_.cp_rank()], h_all.data, bytes);
+    if (!elide_comm_) par_.cp->all_gatherv(h.data, bytes[par_.cp_rank()], h_all.data, bytes);
     mark(profile_.comm_s);
     rows = h_all;
   }
-  Tensor partial = world > 1 ? ws.get(Workspace::kPartial, ad, {std::max<int64_t>(n_rows, 1), H}).slice(0, n_rows)
-                             : out;
+  Tensor partial = sharded ? ws.get(Workspace::kPartial, ad, {std::max<int64_t>(n_rows, 1), H}).slice(0, n_rows)
+                           : out;
   if (n_rows > 0) {
     Tensor logits = ws.get(Workspace::kRouterLogits, DType::F32, {n_rows, E});
     Tensor ids = ws.get(Workspace::kTopIds, DType::I32, {n_rows, K});
@@ -283,20 +339,22 @@ void Qwen3Model::moe(int l, const ForwardPlan& plan, const Tensor& h, Tensor out
     be_.moe_experts(rows, ids, wts, L.experts, partial);
   }
   mark(profile_.moe_s);
-  if (world == 1) return;
+  if (!sharded) return;
 
-  be_.sync();
-  if (cp == world) {
+  sync_for(par_.world);
+  int64_t offset = 0;
+  if (cp > 1) {
+    for (int r = 0; r < par_.cp_rank(); ++r) offset += plan.rows_per_rank[r];
+  }
+  if (elide_comm_) {
+    if (T > 0) be_.copy(out.data, partial.slice(offset, T).data, out.nbytes());
+  } else if (cp == world) {
     std::vector<size_t> counts(cp);
     for (int r = 0; r < cp; ++r) counts[r] = size_t(plan.rows_per_rank[r] * H);
     par_.world->reduce_scatterv_sum(partial.data, out.data, counts, ad);
   } else {
     // Several CP groups: every group holds the same rows, so a world-wide sum is complete.
     par_.world->all_reduce_sum(partial.data, size_t(n_rows * H), ad);
-    int64_t offset = 0;
-    if (cp > 1) {
-      for (int r = 0; r < par_.cp_rank(); ++r) offset += plan.rows_per_rank[r];
-    }
     if (T > 0) be_.copy(out.data, partial.slice(offset, T).data, out.nbytes());
   }
   mark(profile_.comm_s);

@@ -21,6 +21,10 @@ struct ParallelCtx {
   Communicator* world = nullptr;
   Communicator* cp = nullptr;
   Communicator* control = nullptr;
+  // Experts: sharded over world (each rank holds a contiguous range and the MoE reduces partial
+  // sums across ranks) unless replicated, when every rank holds all of them and the MoE needs no
+  // communication (--ep-size 1: more memory per rank, less traffic).
+  bool replicate_experts = false;
   int world_rank() const { return world ? world->rank() : 0; }
   int world_size() const { return world ? world->size() : 1; }
   int cp_rank() const { return cp ? cp->rank() : 0; }
@@ -55,6 +59,16 @@ class Qwen3Model {
   std::vector<float> forward(const ForwardPlan& plan, KvCache& cache);
 
   void set_profiling(bool on) { profiling_ = on; }
+  // How the K/V exchange of a CP prefill meets the attention. Overlapped: each rank stores its own
+  // K/V, starts the exchange, computes every local block's diagonal attention (its own keys)
+  // meanwhile, then the prefix (the other ranks' keys) and merges the two by log-sum-exp. Auto:
+  // overlapped when the CP communicator is stream-ordered (NCCL), sequential otherwise (host
+  // communicators finish the exchange before returning, so splitting would only add work).
+  enum class KvOverlap { Auto, On, Off };
+  void set_kv_overlap(KvOverlap m) { kv_overlap_ = m; }
+  // Benchmarks only: skip every collective (the results are wrong; the kernels are the same), so
+  // that the exposed communication time is the difference to a normal run.
+  void set_elide_comm(bool on) { elide_comm_ = on; }
   const ForwardProfile& last_profile() const { return profile_; }
 
   // Shape of the KV cache this model needs (dtype = back-end activation dtype).
@@ -66,6 +80,9 @@ class Qwen3Model {
   void mlp_layer(int l, const ForwardPlan& plan);
   void moe(int l, const ForwardPlan& plan, const Tensor& h, Tensor out);
   void mark(double& bucket);
+  bool overlap_kv() const;
+  // Host communicators read the device buffers themselves: the work queued so far must be done.
+  void sync_for(Communicator* comm);
 
   ModelConfig cfg_;
   ModelWeights w_;
@@ -74,6 +91,8 @@ class Qwen3Model {
   RopeParams rope_;
   std::unique_ptr<Workspace> ws_;
   bool profiling_ = false;
+  KvOverlap kv_overlap_ = KvOverlap::Auto;
+  bool elide_comm_ = false;
   ForwardProfile profile_;
   double mark_t_ = 0;
 };

@@ -33,8 +33,13 @@ std::vector<int32_t> random_ids(int n, int vocab, uint32_t seed) {
 
 // Runs a prefill of `prompts` on `cp` local ranks (cp = 1: a single rank without threads) and
 // returns rank 0's view; with greedy_tokens > 0 each prompt is then continued greedily.
+struct RunOptions {
+  Qwen3Model::KvOverlap overlap = Qwen3Model::KvOverlap::Auto;
+  int ep_size = 0;
+};
+
 RunResult run(const std::string& model, int cp, const std::vector<std::vector<int32_t>>& prompts, int min_tokens,
-              int greedy_tokens, int world = 0, bool random_weights = false) {
+              int greedy_tokens, int world = 0, bool random_weights = false, RunOptions ro = {}) {
   RunResult out;
   std::mutex mu;
   auto body = [&](ParallelCtx& par) {
@@ -46,6 +51,7 @@ RunResult run(const std::string& model, int cp, const std::vector<std::vector<in
     eo.cp = CpOptions{cp, true, min_tokens};
     if (random_weights) eo.random_weights = model;
     Engine engine(model, eo, par);
+    engine.model().set_kv_overlap(ro.overlap);
     std::vector<std::span<const int32_t>> spans(prompts.begin(), prompts.end());
     std::vector<int> seqs;
     auto logits = engine.prefill(spans, seqs, LogitsWanted::All);
@@ -80,6 +86,7 @@ RunResult run(const std::string& model, int cp, const std::vector<std::vector<in
   lo.world_size = world;
   lo.cp_size = cp;
   lo.timeout_s = 120;
+  lo.ep_size = ro.ep_size;
   launch(lo, body);
   return out;
 }
@@ -161,6 +168,61 @@ TEST_P(CpEquivalence, ExpertShardingOverAnyWorldSize) {
     expect_same(r, ref, name + " world=" + std::to_string(world) + " cp=" + std::to_string(cp), &worst);
   }
   std::printf("[ep %s] worst relative difference with experts sharded: %.3g\n", name.c_str(), worst);
+}
+
+// The overlapped K/V exchange (the GPU default: own keys stored first, diagonal attention during
+// the exchange, prefix after, merged by log-sum-exp) forced on the host communicators: the same
+// logits, cache and continuations as one rank, also for a mixed batch with unsplit prompts.
+TEST_P(CpEquivalence, OverlappedExchangeMatchesOneRank) {
+  const std::string name = GetParam();
+  const std::string dir = fixture_dir(name);
+  const int vocab = static_cast<int>(load_config(dir).vocab_size);
+  double worst = 0;
+  const RunOptions on{Qwen3Model::KvOverlap::On, 0};
+  for (int cp : {2, 3, 4}) {
+    for (int len : {2 * cp + 1, 1009}) {
+      std::vector<std::vector<int32_t>> prompts{random_ids(len, vocab, 2000 + len)};
+      RunResult ref = run(dir, 1, prompts, 0, 8);
+      RunResult r = run(dir, cp, prompts, 0, 8, 0, false, on);
+      expect_same(r, ref, name + " overlapped cp=" + std::to_string(cp) + " len=" + std::to_string(len), &worst);
+    }
+  }
+  std::vector<std::vector<int32_t>> mixed;
+  int seed = 70;
+  for (int len : {700, 5, 64, 1031}) mixed.push_back(random_ids(len, vocab, seed++));
+  RunResult ref = run(dir, 1, mixed, 64, 0);
+  RunResult r = run(dir, 3, mixed, 64, 0, 0, false, on);
+  expect_same(r, ref, name + " overlapped mixed batch cp=3", &worst);
+  std::printf("[cp %s] overlapped exchange worst relative difference: %.3g\n", name.c_str(), worst);
+}
+
+// --ep-size 1: every rank holds all experts and the MoE needs no communication.
+TEST_P(CpEquivalence, ReplicatedExpertsMatchOneRank) {
+  const std::string name = GetParam();
+  const std::string dir = fixture_dir(name);
+  const int vocab = static_cast<int>(load_config(dir).vocab_size);
+  std::vector<std::vector<int32_t>> prompts{random_ids(301, vocab, 21), random_ids(9, vocab, 22)};
+  RunResult ref = run(dir, 1, prompts, 0, 5);
+  double worst = 0;
+  for (auto [world, cp] : std::vector<std::pair<int, int>>{{2, 2}, {4, 4}, {4, 2}}) {
+    RunResult r = run(dir, cp, prompts, 0, 5, world, false, RunOptions{Qwen3Model::KvOverlap::Auto, 1});
+    expect_same(r, ref, name + " replicated experts world=" + std::to_string(world) + " cp=" + std::to_string(cp),
+                &worst);
+  }
+  std::printf("[ep %s] replicated experts worst relative difference: %.3g\n", name.c_str(), worst);
+}
+
+TEST(Launch, EpSizeOtherThanOneOrTheWorldIsRefused) {
+  LaunchOptions lo;
+  lo.world_size = 4;
+  lo.cp_size = 4;
+  lo.ep_size = 2;
+  try {
+    launch(lo, [](ParallelCtx&) {});
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--ep-size 2 is not supported with 4 ranks"), std::string::npos) << e.what();
+  }
 }
 
 // Random weights (benchmarks) build the same model whatever the world size and rank: each rank
