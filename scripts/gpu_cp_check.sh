@@ -48,7 +48,7 @@ if [ "$TESTS" = 1 ]; then
 fi
 
 echo "== CP scaling, Qwen3-30B-A3B shape, random weights, experts sharded over the GPUs"
-BENCH=("$BIN/cpinfer" -q bench prefill --device cuda --random-weights qwen3-30b-a3b --seq "$SEQS" --warmup 1 --repeats 1 --json)
+BENCH=("$BIN/cpinfer" -q bench prefill --device cuda --random-weights qwen3-30b-a3b --seq "$SEQS" --warmup 1 --repeats 1 --no-profile --json)
 timeout 420 "${BENCH[@]}" --attn-cp-size "$CPS" > "$OUT/experts-sharded.json" 2> "$OUT/bench_sharded.err"
 tail -3 "$OUT/bench_sharded.err"
 python3 - "$OUT/experts-sharded.json" <<'EOF'

@@ -8,7 +8,10 @@
 // across GPUs, attention split at the block boundaries and merged), so on logits with small
 // top-2 gaps the argmax may flip where the fp32 truth is a near-tie, as between any two bf16
 // computations (see gpu_model_test). The tests therefore ask that
-//  - CP=C be as faithful to the fp32 truth as CP=1 (argmax agreement within 0.5 points),
+//  - CP=C be as faithful to the fp32 truth as CP=1 (argmax agreement within 1 point: with ~2% of
+//    the positions near-ties, two bf16 runs over a ~1700-position fixture differ from fp32 on
+//    34 ± 8 positions, so 0.5 point is one standard deviation of that noise; a real fault costs
+//    tens of points),
 //  - CP=C equal CP=1 on >= 99.5% of the positions whose fp32 top-2 gap exceeds kMargin, and on the
 //    last position when it is clear,
 //  - greedy continuations be equal up to the first near-tie of the fp32 reference,
@@ -154,7 +157,7 @@ void check(const Score& s, const std::string& what) {
               "%zu/%zu positions with fp32 gap > %.1f\n",
               what.c_str(), double(s.same) / s.n, s.n, double(s.fp32_one) / s.n, double(s.fp32_c) / s.n, s.clear_same,
               s.clear, kMargin);
-  EXPECT_GE(double(s.fp32_c) / s.n, double(s.fp32_one) / s.n - 0.005) << what << ": CP less faithful to fp32 than CP=1";
+  EXPECT_GE(double(s.fp32_c) / s.n, double(s.fp32_one) / s.n - 0.01) << what << ": CP less faithful to fp32 than CP=1";
   EXPECT_GE(double(s.clear_same), 0.995 * double(s.clear)) << what << ": CP=C differs from CP=1 away from near-ties";
 }
 
