@@ -1,8 +1,11 @@
 // moe_bench: times the MoE expert block of CudaBackend::moe_experts at the Qwen3-30B-A3B shape
 // (hidden 2048, expert width 768, 128 experts, top-8, random routing, random bf16 weights made on
-// the device), on its two large-batch paths, through the same kernel launchers the back-end uses:
+// the device), on its large-batch paths, through the same kernel launchers the back-end uses:
 //   grouped: moe_permute (+ tile prefix) -> grouped gate‖up+SiLU GEMM -> grouped down GEMM ->
-//            moe_unpermute; all enqueued, no host synchronization (the default path);
+//            moe_unpermute; all enqueued, no host synchronization (the default path). Timed with
+//            each kernel pair: mma (mma.sync, kernels/moe_gemm.cu, any GPU) and, on compute
+//            capability 9.0, wgmma (128 x 256 tiles, the back-end's default there) and wgmma128
+//            (128 x 128 tiles), kernels/moe_gemm_wgmma.cu;
 //   cublas:  moe_permute -> offsets to the host (stream sync) -> gather rows -> per-expert cuBLAS
 //            gate, up -> silu_mul -> per-expert cuBLAS down -> moe_unpermute
 //            (CPINFER_MOE_GEMM=cublas in the back-end).
@@ -10,7 +13,8 @@
 // weights (what a perfectly balanced single expert would cost).
 // CUDA-event timing, warm-up, median of --reps. FLOPs = 2 · 3 · rows · H · I (rows = local pairs).
 // "gemm" columns time only the expert GEMMs (grouped: the two grouped kernels; cublas: the
-// per-expert calls + silu_mul, after the host sync). Each size checks that the two outputs agree.
+// per-expert calls + silu_mul, after the host sync). Each size checks that every grouped output
+// agrees with cuBLAS (nmse <= 1e-4) and the wgmma ones with mma; the exit status is 1 otherwise.
 //
 //   moe_bench [--tokens 4096,16384,32768] [--reps 10] [--experts 128] [--local 128] [--first 0]
 //             [--hidden 2048] [--inter 768] [--topk 8]
@@ -166,6 +170,20 @@ int main(int argc, char** argv) {
               prop.multiProcessorCount, static_cast<long long>(hidden), static_cast<long long>(inter), n_experts,
               first, count, top_k, reps);
 
+  // The grouped kernel pairs: tile_n 0 = mma.sync, else the wgmma kernels with that tile N.
+  struct GroupedPath {
+    const char* name;
+    int tile_n;
+  };
+  std::vector<GroupedPath> gpaths = {{"mma", 0}};
+  if (prop.major == 9 && prop.minor == 0) {
+    gpaths.push_back({"wgmma", 256});
+    gpaths.push_back({"wgmma128", 128});
+  } else {
+    std::printf("(not compute capability 9.0: no wgmma columns)\n");
+  }
+  const size_t n_gp = gpaths.size();
+
   cudaStream_t stream;
   BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   cublasHandle_t blas;
@@ -197,8 +215,8 @@ int main(int argc, char** argv) {
   };
   std::mt19937 gen(7);
   int bad = 0;
-  std::printf("%7s %8s %9s | %-24s | %-24s | %-24s | %7s %7s | %s\n", "T", "rows", "rows/exp", "grouped ms (TF/s)",
-              "cublas ms (TF/s)", "gemm only: grp / cublas", "total", "gemm", "check");
+  std::printf("per size: one line per path: total ms (TF/s), gemm-only ms (TF/s), speedup over cublas (total, gemm),\n"
+              "check vs cublas (and vs mma for wgmma paths)\n");
 
   for (int64_t n_tokens : tokens_list) {
     const int64_t n_pairs = n_tokens * top_k;
@@ -239,7 +257,8 @@ int main(int argc, char** argv) {
     void* xp = dmalloc(n_pairs * hidden * 2);
     void* gp = dmalloc(n_pairs * inter * 2);
     void* upb = dmalloc(n_pairs * inter * 2);
-    auto* out_g = static_cast<__nv_bfloat16*>(dmalloc(n_tokens * hidden * 2));
+    std::vector<__nv_bfloat16*> out_g(n_gp);
+    for (auto& o : out_g) o = static_cast<__nv_bfloat16*>(dmalloc(n_tokens * hidden * 2));
     auto* out_c = static_cast<__nv_bfloat16*>(dmalloc(n_tokens * hidden * 2));
     int32_t* host_off = nullptr;
     BENCH_CHECK(cudaMallocHost(&host_off, (count + 1) * 4));
@@ -249,12 +268,16 @@ int main(int argc, char** argv) {
     const DevTensor wt = view(w_d, DType::F32, {n_tokens, top_k});
     const DevTensor yt = view(y, DType::F32, {n_pairs, hidden});
 
-    auto run_grouped = [&](__nv_bfloat16* out, bool timed) {
+    auto run_grouped = [&](size_t path, __nv_bfloat16* out, bool timed) {
       BENCH_CHECK(cc::launch_moe_permute_tiled(idt, first, count, offsets, src_token, pair_row, cc::kMoeGemmTileM,
                                                tile_start, stream));
       if (timed) BENCH_CHECK(cudaEventRecord(ev[1], stream));
-      BENCH_CHECK(cc::launch_moe_grouped_gemms(xt, src_token, offsets, tile_start, n_pairs, count, gate_p, up_p,
-                                               down_p, inter, act, y, stream));
+      if (gpaths[path].tile_n == 0)
+        BENCH_CHECK(cc::launch_moe_grouped_gemms(xt, src_token, offsets, tile_start, n_pairs, count, gate_p, up_p,
+                                                 down_p, inter, act, y, stream));
+      else
+        BENCH_CHECK(cc::launch_moe_grouped_gemms_wgmma(xt, src_token, offsets, tile_start, n_pairs, count, gate_p,
+                                                       up_p, down_p, inter, act, y, gpaths[path].tile_n, stream));
       if (timed) BENCH_CHECK(cudaEventRecord(ev[2], stream));
       BENCH_CHECK(cc::launch_moe_unpermute(yt, wt, pair_row, view(out, DType::BF16, {n_tokens, hidden}), stream));
     };
@@ -287,45 +310,87 @@ int main(int argc, char** argv) {
       BENCH_CHECK(cc::launch_moe_unpermute(yt, wt, pair_row, view(out, DType::BF16, {n_tokens, hidden}), stream));
     };
 
-    // Correctness: both from out = 0, compared on the host.
-    BENCH_CHECK(cudaMemsetAsync(out_g, 0, n_tokens * hidden * 2, stream));
+    // Correctness: every path from out = 0, compared on the host with cuBLAS (wgmma also with mma).
+    for (auto* o : out_g) BENCH_CHECK(cudaMemsetAsync(o, 0, n_tokens * hidden * 2, stream));
     BENCH_CHECK(cudaMemsetAsync(out_c, 0, n_tokens * hidden * 2, stream));
-    run_grouped(out_g, false);
+    for (size_t p = 0; p < n_gp; ++p) {
+      run_grouped(p, out_g[p], false);
+      BENCH_CHECK(cudaStreamSynchronize(stream));
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) {
+        std::fprintf(stderr, "moe_bench: path %s at T=%lld failed: %s\n", gpaths[p].name,
+                     static_cast<long long>(n_tokens), cudaGetErrorString(err));
+        std::exit(1);
+      }
+    }
     run_cublas(out_c, false);
     BENCH_CHECK(cudaStreamSynchronize(stream));
     BENCH_CHECK(cudaGetLastError());
-    std::vector<uint16_t> hg(n_tokens * hidden), hc(n_tokens * hidden);
-    BENCH_CHECK(cudaMemcpy(hg.data(), out_g, hg.size() * 2, cudaMemcpyDeviceToHost));
+    std::vector<std::vector<uint16_t>> hg(n_gp, std::vector<uint16_t>(n_tokens * hidden));
+    std::vector<uint16_t> hc(n_tokens * hidden);
+    for (size_t p = 0; p < n_gp; ++p)
+      BENCH_CHECK(cudaMemcpy(hg[p].data(), out_g[p], hc.size() * 2, cudaMemcpyDeviceToHost));
     BENCH_CHECK(cudaMemcpy(hc.data(), out_c, hc.size() * 2, cudaMemcpyDeviceToHost));
-    double num = 0.0, den = 0.0, max_err = 0.0;
-    int64_t non_finite = 0;
-    for (size_t i = 0; i < hg.size(); ++i) {
-      const double a = bf16_bits_to_f32(hg[i]), b = bf16_bits_to_f32(hc[i]);
-      if (!std::isfinite(a) || !std::isfinite(b)) {
-        ++non_finite;
-        continue;
+    // nmse of a vs b, max |a - b|, non-finite count, first index with |a - b| > 0.05 (1 + |b|).
+    struct Cmp {
+      double nmse = 0.0, max_err = 0.0;
+      int64_t non_finite = 0, first_bad = -1;
+      bool ok() const { return non_finite == 0 && nmse <= 1e-4; }
+    };
+    auto compare = [&](const std::vector<uint16_t>& ha, const std::vector<uint16_t>& hb) {
+      Cmp c;
+      double num = 0.0, den = 0.0;
+      for (size_t i = 0; i < ha.size(); ++i) {
+        const double a = bf16_bits_to_f32(ha[i]), b = bf16_bits_to_f32(hb[i]);
+        if (!std::isfinite(a) || !std::isfinite(b)) {
+          ++c.non_finite;
+          if (c.first_bad < 0) c.first_bad = static_cast<int64_t>(i);
+          continue;
+        }
+        num += (a - b) * (a - b);
+        den += b * b;
+        c.max_err = std::max(c.max_err, std::fabs(a - b));
+        if (c.first_bad < 0 && std::fabs(a - b) > 0.05 * (1.0 + std::fabs(b))) c.first_bad = static_cast<int64_t>(i);
       }
-      num += (a - b) * (a - b);
-      den += b * b;
-      max_err = std::max(max_err, std::fabs(a - b));
+      c.nmse = den > 0 ? num / den : (num > 0 ? 1.0 : 1e9);  // all-zero outputs are a failure
+      return c;
+    };
+    std::vector<std::string> check(n_gp);
+    for (size_t p = 0; p < n_gp; ++p) {
+      std::vector<std::pair<const char*, Cmp>> cmps = {{"cublas", compare(hg[p], hc)}};
+      if (gpaths[p].tile_n != 0) cmps.push_back({"mma", compare(hg[p], hg[0])});
+      for (const auto& [other, c] : cmps) {
+        char buf[256];
+        std::snprintf(buf, sizeof buf, "%svs %s: %s nmse=%.2e max_err=%.3e", check[p].empty() ? "" : "; ", other,
+                      c.ok() ? "OK" : "MISMATCH", c.nmse, c.max_err);
+        check[p] += buf;
+        if (!c.ok()) {
+          ++bad;
+          const int64_t i = c.first_bad;
+          std::snprintf(buf, sizeof buf, " (non-finite %lld, first bad index %lld = token %lld col %lld)",
+                        static_cast<long long>(c.non_finite), static_cast<long long>(i),
+                        static_cast<long long>(i < 0 ? -1 : i / hidden), static_cast<long long>(i < 0 ? -1 : i % hidden));
+          check[p] += buf;
+        }
+      }
     }
-    const double nmse = den > 0 ? num / den : num;
-    const bool ok = non_finite == 0 && nmse <= 1e-4 && den > 0;
-    bad += !ok;
 
     // Timing: warm-up, then reps of each path (alternating, so clocks and L2 treat them alike).
-    std::vector<double> g_total, g_gemm, c_total, c_gemm, dense;
+    std::vector<std::vector<double>> g_total(n_gp), g_gemm(n_gp);
+    std::vector<double> c_total, c_gemm, dense;
     for (int r = 0; r < 2; ++r) {
-      run_grouped(out_g, false);
+      for (size_t p = 0; p < n_gp; ++p) run_grouped(p, out_g[p], false);
       run_cublas(out_c, false);
     }
     for (int r = 0; r < reps; ++r) {
-      BENCH_CHECK(cudaEventRecord(ev[0], stream));
-      run_grouped(out_g, true);
-      BENCH_CHECK(cudaEventRecord(ev[3], stream));
-      BENCH_CHECK(cudaEventSynchronize(ev[3]));
-      g_total.push_back(elapsed(ev[0], ev[3]));
-      g_gemm.push_back(elapsed(ev[1], ev[2]));
+      for (size_t p = 0; p < n_gp; ++p) {
+        BENCH_CHECK(cudaEventRecord(ev[0], stream));
+        run_grouped(p, out_g[p], true);
+        BENCH_CHECK(cudaEventRecord(ev[3], stream));
+        BENCH_CHECK(cudaEventSynchronize(ev[3]));
+        g_total[p].push_back(elapsed(ev[0], ev[3]));
+        g_gemm[p].push_back(elapsed(ev[1], ev[2]));
+      }
       BENCH_CHECK(cudaEventRecord(ev[0], stream));
       run_cublas(out_c, true);
       BENCH_CHECK(cudaEventRecord(ev[3], stream));
@@ -347,33 +412,34 @@ int main(int argc, char** argv) {
     BENCH_CHECK(cudaGetLastError());
     const double flops = 2.0 * 3.0 * static_cast<double>(rows) * hidden * inter;
     auto tf = [&](double ms) { return ms > 0 ? flops / (ms * 1e-3) / 1e12 : 0.0; };
-    const double gt = median(g_total), gg = median(g_gemm), ct = median(c_total), cg = median(c_gemm),
-                 dn = median(dense);
-    char cols[3][64];
-    std::snprintf(cols[0], sizeof cols[0], "%8.3f (%6.1f)", gt, tf(gt));
-    std::snprintf(cols[1], sizeof cols[1], "%8.3f (%6.1f)", ct, tf(ct));
-    std::snprintf(cols[2], sizeof cols[2], "%6.1f / %6.1f TF/s", tf(gg), tf(cg));
-    std::printf("%7lld %8lld %4lld-%-4lld | %-24s | %-24s | %-24s | %6.2fx %6.2fx | %s nmse=%.2e max_err=%.3e\n",
-                static_cast<long long>(n_tokens), static_cast<long long>(rows), static_cast<long long>(min_rows),
-                static_cast<long long>(max_rows), cols[0], cols[1], cols[2], ct / gt, cg / gg, ok ? "OK" : "MISMATCH",
-                nmse, max_err);
-    std::printf("        dense cuBLAS floor (same FLOPs, one expert): %.3f ms = %.1f TF/s; grouped GEMMs at %.0f%% of "
-                "it, cuBLAS per-expert at %.0f%%\n",
-                dn, tf(dn), 100.0 * dn / gg, 100.0 * dn / cg);
+    const double ct = median(c_total), cg = median(c_gemm), dn = median(dense);
+    std::printf("T=%lld rows=%lld rows/expert %lld-%lld\n", static_cast<long long>(n_tokens),
+                static_cast<long long>(rows), static_cast<long long>(min_rows), static_cast<long long>(max_rows));
+    for (size_t p = 0; p < n_gp; ++p) {
+      const double gt = median(g_total[p]), gg = median(g_gemm[p]);
+      std::printf("  %-9s total %8.3f ms (%6.1f TF/s)  gemm %8.3f ms (%6.1f TF/s)  vs cublas %5.2fx %5.2fx  %s\n",
+                  gpaths[p].name, gt, tf(gt), gg, tf(gg), ct / gt, cg / gg, check[p].c_str());
+    }
+    std::printf("  %-9s total %8.3f ms (%6.1f TF/s)  gemm %8.3f ms (%6.1f TF/s)\n", "cublas", ct, tf(ct), cg, tf(cg));
+    std::printf("  dense cuBLAS floor (same FLOPs, one expert): %.3f ms = %.1f TF/s;", dn, tf(dn));
+    for (size_t p = 0; p < n_gp; ++p) std::printf(" %s GEMMs at %.0f%% of it,", gpaths[p].name, 100.0 * dn / median(g_gemm[p]));
+    std::printf(" cuBLAS per-expert at %.0f%%\n", 100.0 * dn / cg);
     std::fflush(stdout);
 
     for (void* p : {static_cast<void*>(x), static_cast<void*>(ids_d), static_cast<void*>(w_d),
                     static_cast<void*>(offsets), static_cast<void*>(tile_start), static_cast<void*>(src_token),
-                    static_cast<void*>(pair_row), act, static_cast<void*>(y), xp, gp, upb, static_cast<void*>(out_g),
-                    static_cast<void*>(out_c)})
+                    static_cast<void*>(pair_row), act, static_cast<void*>(y), xp, gp, upb, static_cast<void*>(out_c)})
       BENCH_CHECK(cudaFree(p));
+    for (auto* o : out_g) BENCH_CHECK(cudaFree(o));
     BENCH_CHECK(cudaFreeHost(host_off));
   }
-  std::printf("columns: total = permute..unpermute incl. the cuBLAS path's host sync; speedup = cublas / grouped\n");
+  std::printf("total = permute..unpermute incl. the cuBLAS path's host sync; gemm = the expert GEMMs only; "
+              "speedup = cublas / path\n");
   cublasDestroy(blas);
   cudaStreamDestroy(stream);
   if (bad) {
-    std::fprintf(stderr, "moe_bench: %d size(s) where the grouped and cuBLAS outputs disagree (nmse > 1e-4)\n", bad);
+    std::fprintf(stderr, "moe_bench: %d comparison(s) where a grouped path disagrees with cuBLAS or mma (see MISMATCH)\n",
+                 bad);
     return 1;
   }
   return 0;

@@ -98,6 +98,19 @@ std::vector<std::vector<float>> Engine::run(const std::vector<SeqWork>& work) {
   return out;
 }
 
+std::vector<int32_t> Engine::run_sample(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows) {
+  CPI_CHECK(rows.size() == work.size(), "run_sample: ", rows.size(), " sampling rows for ", work.size(), " sequences");
+  for (const SeqWork& w : work) CPI_CHECK(w.logits == LogitsWanted::Last, "run_sample draws from the last position only");
+  ForwardPlan plan = make_plan(work, *cache_, par_.cp_rank(), opt_.cp);
+  std::vector<SampleRow> plan_rows;
+  for (const LogitRow& r : plan.logit_rows_all) plan_rows.push_back(rows[r.seq]);
+  std::vector<int32_t> drawn = model_->forward_sample(plan, *cache_, plan_rows);
+  for (const SeqWork& w : work) cache_->set_length(w.kv_seq, w.n_cached + static_cast<int>(w.tokens.size()));
+  std::vector<int32_t> out(work.size(), -1);
+  for (size_t i = 0; i < plan.logit_rows_all.size(); ++i) out[plan.logit_rows_all[i].seq] = drawn[i];
+  return out;
+}
+
 std::vector<std::vector<float>> Engine::prefill(const std::vector<std::span<const int32_t>>& prompts,
                                                 std::vector<int>& seq_ids, LogitsWanted want) {
   seq_ids.clear();
@@ -136,6 +149,7 @@ void Engine::release(int seq) { cache_->free_sequence(seq); }
 GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateOptions& gen,
                                 const std::function<bool(int32_t)>& on_token) {
   CPI_CHECK(gen.max_new_tokens >= 1, "max_new_tokens must be >= 1, got ", gen.max_new_tokens);
+  CPI_CHECK(!prompt.empty(), "empty prompt");
   gen.sampling.validate();
   const int need = static_cast<int>(prompt.size()) + gen.max_new_tokens;
   CPI_CHECK(need <= cache_->n_free_blocks() * opt_.block_size, "prompt (", prompt.size(), " tokens) + max_new_tokens (",
@@ -144,19 +158,24 @@ GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateO
   std::vector<int32_t> stops = gen.stop_ids;
   if (!gen.ignore_eos) stops.insert(stops.end(), cfg_.eos_token_ids.begin(), cfg_.eos_token_ids.end());
 
+  // Tokens are drawn on the device (Backend::sample); only the ids come back.
   Sampler sampler(gen.sampling);
   GenerateResult res;
   auto t0 = std::chrono::steady_clock::now();
-  std::vector<int> seqs;
-  auto logits = prefill({prompt}, seqs, LogitsWanted::Last);
-  const int seq = seqs[0];
+  const int seq = cache_->add_sequence();
+  cache_->reserve(seq, static_cast<int>(prompt.size()));
   auto t_first = t0;
   try {
+    for (int32_t id : prompt)
+      CPI_CHECK(id >= 0 && id < cfg_.vocab_size, "token id ", id, " outside the vocabulary [0, ", cfg_.vocab_size, ")");
+    std::vector<SeqWork> work{SeqWork{seq, 0, prompt, LogitsWanted::Last}};
+    int32_t next = run_sample(work, {sampler.next_row()})[0];
     for (int step = 0; step < gen.max_new_tokens; ++step) {
-      // Rank 0 samples and decides whether to go on; everyone follows its decision.
-      int32_t msg[2] = {0, 1};  // token, continue
+      sampler.advance();
+      CPI_CHECK(next >= 0, "no token can be drawn: every logit is -inf or NaN");
+      // Rank 0 decides whether to go on; everyone follows its decision.
+      int32_t msg[2] = {next, 1};  // token, continue
       if (rank() == 0) {
-        msg[0] = sampler.sample(logits[0]);
         bool is_stop = std::find(stops.begin(), stops.end(), msg[0]) != stops.end();
         bool keep = on_token ? on_token(msg[0]) : true;
         msg[1] = (!is_stop && keep && step + 1 < gen.max_new_tokens) ? 1 : 0;
@@ -166,7 +185,10 @@ GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateO
       res.output_ids.push_back(msg[0]);
       if (step == 0) t_first = std::chrono::steady_clock::now();
       if (!msg[1]) break;
-      logits = decode({seq}, {msg[0]});
+      const int n = cache_->length(seq);
+      cache_->reserve(seq, n + 1);
+      work = {SeqWork{seq, n, std::span<const int32_t>(&res.output_ids.back(), 1), LogitsWanted::Last}};
+      next = run_sample(work, {sampler.next_row()})[0];
     }
   } catch (...) {
     release(seq);

@@ -64,14 +64,18 @@ class Engine {
   std::vector<std::vector<float>> decode(const std::vector<int>& seqs, const std::vector<int32_t>& tokens);
   void release(int seq);
 
-  // Generates from one prompt. on_token runs on rank 0 for every new token and may return false
-  // to stop (e.g. a stop string); rank 0's tokens and decisions are broadcast to all ranks.
+  // Generates from one prompt, drawing tokens on the back-end (Backend::sample). on_token runs on
+  // rank 0 for every new token and may return false to stop (e.g. a stop string); rank 0's tokens
+  // and decisions are broadcast to all ranks.
   GenerateResult generate(std::span<const int32_t> prompt, const GenerateOptions& gen,
                           const std::function<bool(int32_t)>& on_token = {});
 
   // Runs a forward of `work` (KV sequences already reserved) and returns logits grouped per
   // SeqWork entry.
   std::vector<std::vector<float>> run(const std::vector<SeqWork>& work);
+  // The same forward (every entry LogitsWanted::Last) with one token drawn per entry on the
+  // device, rows[i] for work[i]; -1 where no logit is above -inf.
+  std::vector<int32_t> run_sample(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows);
 
  private:
   EngineOptions opt_;

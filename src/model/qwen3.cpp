@@ -17,7 +17,7 @@ struct Qwen3Model::Workspace {
   enum Slot {
     kIds, kPos, kSlots, kBlocks, kBlockTable, kX, kH, kQ, kKvLocal, kKvAll, kAttnOut, kO, kM,
     kGate, kUp, kRouterLogits, kTopIds, kTopW, kHAll, kPartial, kLogitIdx, kSel, kSelNorm, kLogits,
-    kLogitsAll, kBlocksDiag, kBlocksPrefix, kLse, kAttnOut2, kLse2, kNumSlots
+    kLogitsAll, kBlocksDiag, kBlocksPrefix, kLse, kAttnOut2, kLse2, kSampled, kNumSlots
   };
   explicit Workspace(Backend& be) : be(be), bufs(kNumSlots) {}
   Tensor get(Slot s, DType t, std::initializer_list<int64_t> dims) {
@@ -92,7 +92,7 @@ void Qwen3Model::mark(double& bucket) {
   mark_t_ = t;
 }
 
-std::vector<float> Qwen3Model::forward(const ForwardPlan& plan, KvCache& cache) {
+Tensor Qwen3Model::forward_logits(const ForwardPlan& plan, KvCache& cache) {
   const int64_t T = plan.n_local();
   const int64_t H = cfg_.hidden_size;
   const int64_t V = cfg_.vocab_size;
@@ -161,22 +161,44 @@ std::vector<float> Qwen3Model::forward(const ForwardPlan& plan, KvCache& cache) 
     be_.linear(sel_norm, w_.lm_head, logits);
   }
   mark(profile_.dense_gemm_s);
-  std::vector<float> out(static_cast<size_t>(R_all * V));
-  if (cp == 1) {
-    if (R > 0) be_.download(out.data(), logits.data, out.size() * sizeof(float));
-  } else {
-    Tensor all = ws.get(Workspace::kLogitsAll, DType::F32, {std::max<int64_t>(R_all, 1), V});
-    std::vector<size_t> bytes(cp);
-    for (int r = 0; r < cp; ++r) bytes[r] = size_t(plan.logit_rows_per_rank[r] * V) * sizeof(float);
-    sync_for(par_.cp);
-    if (!elide_comm_) par_.cp->all_gatherv(logits.data, bytes[par_.cp_rank()], all.data, bytes);
-    if (R_all > 0) be_.download(out.data(), all.data, out.size() * sizeof(float));
-  }
+  if (cp == 1) return logits;
+  Tensor all = ws.get(Workspace::kLogitsAll, DType::F32, {std::max<int64_t>(R_all, 1), V}).slice(0, R_all);
+  std::vector<size_t> bytes(cp);
+  for (int r = 0; r < cp; ++r) bytes[r] = size_t(plan.logit_rows_per_rank[r] * V) * sizeof(float);
+  sync_for(par_.cp);
+  if (!elide_comm_) par_.cp->all_gatherv(logits.data, bytes[par_.cp_rank()], all.data, bytes);
+  return all;
+}
+
+// The host waits here, after the last collective was queued. Queued collectives report their
+// failures now (a timeout aborted them and the streams ran on).
+void Qwen3Model::finish_forward() {
   be_.sync();
-  // Queued collectives report their failures here (a timeout aborted them and the streams ran on).
   if (par_.world) par_.world->wait_all();
   if (par_.cp && par_.cp != par_.world) par_.cp->wait_all();
   mark(profile_.comm_s);
+}
+
+std::vector<float> Qwen3Model::forward(const ForwardPlan& plan, KvCache& cache) {
+  Tensor logits = forward_logits(plan, cache);
+  std::vector<float> out(static_cast<size_t>(logits.numel()));
+  if (!out.empty()) be_.download(out.data(), logits.data, out.size() * sizeof(float));
+  finish_forward();
+  return out;
+}
+
+std::vector<int32_t> Qwen3Model::forward_sample(const ForwardPlan& plan, KvCache& cache,
+                                                const std::vector<SampleRow>& rows) {
+  CPI_CHECK(rows.size() == plan.logit_rows_all.size(), "forward_sample: ", rows.size(), " sampling rows for ",
+            plan.logit_rows_all.size(), " logit rows");
+  Tensor logits = forward_logits(plan, cache);
+  std::vector<int32_t> out(rows.size());
+  if (!rows.empty()) {
+    Tensor ids = ws_->get(Workspace::kSampled, DType::I32, {int64_t(rows.size())});
+    be_.sample(logits, rows, ids);
+    be_.download(out.data(), ids.data, out.size() * sizeof(int32_t));
+  }
+  finish_forward();
   return out;
 }
 

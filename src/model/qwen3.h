@@ -57,6 +57,10 @@ class Qwen3Model {
   // every rank of the CP group: [R_all, vocab] fp32, row-major. All ranks of the world must call
   // forward together with plans built from the same inputs.
   std::vector<float> forward(const ForwardPlan& plan, KvCache& cache);
+  // The same forward, then one token drawn on the device for each logit row (rows[i] for
+  // plan.logit_rows_all[i]; Backend::sample): only the ids come back to the host. Every rank of the
+  // CP group draws the same tokens.
+  std::vector<int32_t> forward_sample(const ForwardPlan& plan, KvCache& cache, const std::vector<SampleRow>& rows);
 
   void set_profiling(bool on) { profiling_ = on; }
   // How the K/V exchange of a CP prefill meets the attention. Overlapped: each rank stores its own
@@ -76,6 +80,11 @@ class Qwen3Model {
 
  private:
   struct Workspace;
+  // Runs the layers and returns the logits of plan.logit_rows_all on the device ([R_all, vocab]
+  // F32), gathered over the CP group; finish_forward() then waits for the device and the queued
+  // collectives.
+  Tensor forward_logits(const ForwardPlan& plan, KvCache& cache);
+  void finish_forward();
   void attention_layer(int l, const ForwardPlan& plan, KvCache& cache);
   void mlp_layer(int l, const ForwardPlan& plan);
   void moe(int l, const ForwardPlan& plan, const Tensor& h, Tensor out);

@@ -1,11 +1,16 @@
-// CUDA moe_experts vs the CPU reference, on both large-batch paths: the device-scheduled grouped
-// tensor-core GEMMs (default) and the per-expert cuBLAS path (CPINFER_MOE_GEMM=cublas). Shapes:
+// CUDA moe_experts vs the CPU reference, on every large-batch path: the device-scheduled grouped
+// tensor-core GEMMs (default: wgmma on compute capability 9.0, else mma.sync), the mma.sync grouped
+// kernels (CPINFER_MOE_GEMM=mma), where the GPU has them the wgmma kernels with both tile shapes
+// (wgmma, wgmma128), and the per-expert cuBLAS path (cublas); every path is also compared with
+// cuBLAS and the wgmma paths with mma.sync on all rows. Shapes:
 // Qwen3-30B-A3B (H 2048, I 768, 128 experts, top-8) at T = 64, 1024, 4100 with skewed routing
 // (experts with no rows, one expert chosen by every token), a 32-expert shard that does not start
 // at 0, and small / odd shapes that take the row-wise fallback or the masked edges of the tiles.
-// Each case prints "[gpu_moe] path shape nmse max_err". Then: the grouped path is captured into a
-// CUDA graph in global capture mode (which fails on any host synchronization) and replayed, and
-// its output must equal the eager one bit for bit. Without a GPU every test is skipped.
+// Each case prints "[gpu_moe] path shape nmse max_err"; a failure names the path, the case and the
+// first bad (token, column). Then: each device-scheduled path (default, mma, wgmma128 where
+// supported) is captured into a CUDA graph in global capture mode (which fails on any host
+// synchronization) and replayed, and its output must equal the eager one bit for bit. Without a
+// GPU every test is skipped.
 #include <algorithm>
 #include <cstdlib>
 #include <numeric>
@@ -172,8 +177,35 @@ class MoeTest : public GpuOpsTest {
     return got;
   }
 
-  // Both paths vs the CPU reference on a sample of tokens (all when T <= max_ref), and vs each other
-  // on every row.
+  bool wgmma() { return static_cast<cuda::CudaBackend&>(*gpu_).wgmma_supported(); }
+  // The large-batch paths (CPINFER_MOE_GEMM values) this GPU runs; cuBLAS last.
+  std::vector<std::string> paths() {
+    std::vector<std::string> p = {"grouped", "mma"};
+    if (wgmma()) {
+      p.push_back("wgmma");
+      p.push_back("wgmma128");
+    }
+    p.push_back("cublas");
+    return p;
+  }
+  // The first element where got and want differ by more than tol·(1 + |want|), as
+  // "index i (token t, column c): got g, want w", or "" when none does.
+  static std::string first_bad(const std::vector<float>& got, const std::vector<float>& want, int64_t h,
+                               const std::vector<int64_t>* tokens, double tol) {
+    for (size_t i = 0; i < want.size(); ++i) {
+      const double d = std::fabs(static_cast<double>(got[i]) - want[i]);
+      if (std::isfinite(got[i]) && d <= tol * (1.0 + std::fabs(want[i]))) continue;
+      const int64_t row = static_cast<int64_t>(i) / h;
+      const int64_t tok = tokens ? (*tokens)[row] : row;
+      return "first bad index " + std::to_string(i) + " (token " + std::to_string(tok) + ", column " +
+             std::to_string(static_cast<int64_t>(i) % h) + "): got " + std::to_string(got[i]) + ", want " +
+             std::to_string(want[i]);
+    }
+    return "";
+  }
+
+  // Every path vs the CPU reference on a sample of tokens (all when T <= max_ref), and vs cuBLAS
+  // (wgmma paths also vs mma.sync) on every row.
   void check_case(const std::string& name, Rng& rng, int64_t t, int k, const Experts& ex, Routing routing,
                   DType out_dtype, int64_t max_ref = 192) {
     Inputs in = make_inputs(rng, t, k, ex, routing);
@@ -193,22 +225,37 @@ class MoeTest : public GpuOpsTest {
                            std::to_string(k) + " local=" + std::to_string(ex.cpu.first) + "+" +
                            std::to_string(ex.cpu.count) + " rows=" + std::to_string(local_pairs) +
                            (out_dtype == DType::F32 ? " outF32" : "");
+    const std::vector<std::string> ps = paths();
     std::vector<std::vector<float>> results;
-    for (const std::string path : {"grouped", "cublas"}) {
+    for (const std::string& path : ps) {
       std::vector<float> got = run_gpu(path, in, ex, out_dtype);
       std::vector<float> sampled(tokens.size() * ex.h);
       for (size_t i = 0; i < tokens.size(); ++i)
         std::copy_n(got.begin() + tokens[i] * ex.h, ex.h, sampled.begin() + i * ex.h);
       // bf16 rounding of g, u, act (and of out) gives nmse ~1e-6; outputs are O(1).
       expect_close("moe." + path, sh, sampled, ref, 1e-4, 0.15);
+      const Stats s = compare_values(sampled, ref);
+      if (s.n_nan != 0 || s.nmse > 1e-4 || s.max_err > 0.15)
+        ADD_FAILURE() << "path " << path << " vs the CPU reference, " << sh << ": "
+                      << first_bad(sampled, ref, ex.h, &tokens, 0.05);
       results.push_back(std::move(got));
     }
-    const Stats s = compare_values(results[0], results[1]);
-    std::printf("[gpu_moe] grouped-vs-cublas %-60s nmse=%.3e max_err=%.3e (all %lld rows)\n", sh.c_str(), s.nmse,
-                s.max_err, static_cast<long long>(t));
-    EXPECT_EQ(s.n_nan, 0);
-    EXPECT_LE(s.nmse, 2e-5) << "grouped and cuBLAS paths disagree: " << sh;
+    auto compare_paths = [&](size_t a, size_t b) {
+      const Stats s = compare_values(results[a], results[b]);
+      std::printf("[gpu_moe] %s-vs-%s %-60s nmse=%.3e max_err=%.3e (all %lld rows)\n", ps[a].c_str(), ps[b].c_str(),
+                  sh.c_str(), s.nmse, s.max_err, static_cast<long long>(t));
+      EXPECT_EQ(s.n_nan, 0) << ps[a] << " vs " << ps[b] << ": " << sh;
+      EXPECT_LE(s.nmse, 2e-5) << "paths " << ps[a] << " and " << ps[b] << " disagree: " << sh << "; "
+                              << first_bad(results[a], results[b], ex.h, nullptr, 0.05);
+    };
+    const size_t cublas = ps.size() - 1, mma = 1;
+    for (size_t i = 0; i < cublas; ++i) compare_paths(i, cublas);
+    for (size_t i = 0; i < cublas; ++i)
+      if (ps[i].rfind("wgmma", 0) == 0) compare_paths(i, mma);
   }
+
+  // Eager call, then the same call captured in global mode and replayed: must not sync, must match.
+  void capture_and_replay(const std::string& path, const Inputs& in, const Experts& ex);
 };
 
 TEST_F(MoeTest, Qwen3ShapeFullLayer) {
@@ -258,11 +305,22 @@ TEST_F(MoeTest, GroupedPathEnqueuesWithoutHostSync) {
   Rng rng(14);
   const Experts ex = make_experts(128, 0, 128, 2048, 768, 4);
   Inputs in = make_inputs(rng, 1024, 8, ex, Routing::Skewed);
+  // The default (wgmma on Hopper), the mma.sync kernels, and the other wgmma tile shape.
+  std::vector<std::string> ps = {"grouped", "mma"};
+  if (wgmma()) ps.push_back("wgmma128");
+  for (const std::string& path : ps) {
+    SCOPED_TRACE("CPINFER_MOE_GEMM=" + path);
+    capture_and_replay(path, in, ex);
+  }
+  ::unsetenv("CPINFER_MOE_GEMM");
+}
+
+void MoeTest::capture_and_replay(const std::string& path, const Inputs& in, const Experts& ex) {
   auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
   cudaStream_t stream = cuda.stream();
   Tensor eager = gpu_tensor("eager", DType::BF16, {in.t, ex.h}, &in.out0);
   Tensor graphed = gpu_tensor("graphed", DType::BF16, {in.t, ex.h}, &in.out0);
-  ::unsetenv("CPINFER_MOE_GEMM");
+  ::setenv("CPINFER_MOE_GEMM", path.c_str(), 1);
   gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, eager);  // warm-up: workspace, pointer table
   gpu_->sync();
 
@@ -280,7 +338,7 @@ TEST_F(MoeTest, GroupedPathEnqueuesWithoutHostSync) {
   ASSERT_EQ(end, cudaSuccess) << "stream capture was invalidated: " << cudaGetErrorString(end);
   size_t n_nodes = 0;
   ASSERT_EQ(cudaGraphGetNodes(graph, nullptr, &n_nodes), cudaSuccess);
-  std::printf("[gpu_moe] captured grouped moe_experts: %zu graph nodes\n", n_nodes);
+  std::printf("[gpu_moe] captured moe_experts (CPINFER_MOE_GEMM=%s): %zu graph nodes\n", path.c_str(), n_nodes);
   EXPECT_LE(n_nodes, 8u) << "expected permute + 2 GEMM kernels + unpermute, not per-expert launches";
   cudaGraphExec_t exec = nullptr;
   ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
@@ -291,10 +349,12 @@ TEST_F(MoeTest, GroupedPathEnqueuesWithoutHostSync) {
   const std::vector<float> a = gpu_read(eager), b = gpu_read(graphed);
   size_t diff = 0;
   for (size_t i = 0; i < a.size(); ++i) diff += a[i] != b[i];
-  EXPECT_EQ(diff, 0u) << "the graph replay differs from the eager call in " << diff << " of " << a.size()
-                      << " elements";
+  size_t first = 0;
+  while (first < a.size() && a[first] == b[first]) ++first;
+  EXPECT_EQ(diff, 0u) << path << ": the graph replay differs from the eager call in " << diff << " of " << a.size()
+                      << " elements, first at index " << first;
   const Stats s = compare_values(b, in.out0);
-  EXPECT_GT(s.nmse, 1e-3) << "the captured call did not change the output";
+  EXPECT_GT(s.nmse, 1e-3) << path << ": the captured call did not change the output";
 }
 
 // The detector itself: the cuBLAS path reads the offsets back on the host, so capturing it must
@@ -324,6 +384,20 @@ TEST_F(MoeTest, CaptureCatchesTheCublasPathSync) {
   std::printf("[gpu_moe] cuBLAS path under capture: %s, end capture: %s\n", threw ? "threw" : "did not throw",
               cudaGetErrorString(end));
   EXPECT_TRUE(threw || end != cudaSuccess) << "capturing a host-synchronizing path should fail";
+}
+
+// CPINFER_MOE_GEMM=wgmma on a GPU without wgmma is an error, not a silent fallback.
+TEST_F(MoeTest, WgmmaSettingNeedsHopper) {
+  if (wgmma()) GTEST_SKIP() << "this GPU runs the wgmma kernels (covered by the cases above)";
+  const Experts ex = make_experts(4, 0, 4, 64, 64, 7);
+  Rng rng(17);
+  Inputs in = make_inputs(rng, 100, 4, ex, Routing::Uniform);
+  Tensor out = gpu_tensor("out", DType::BF16, {in.t, ex.h}, &in.out0);
+  for (const char* v : {"wgmma", "wgmma128"}) {
+    ::setenv("CPINFER_MOE_GEMM", v, 1);
+    EXPECT_THROW(gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out), Error) << v;
+  }
+  ::unsetenv("CPINFER_MOE_GEMM");
 }
 
 TEST_F(MoeTest, RejectsBadMoeGemmSetting) {

@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "engine/engine.h"
 #include "fixtures.h"
@@ -87,4 +88,32 @@ TEST(Engine, PromptsThatDoNotFitAreRefusedAndLoseNothing) {
   EXPECT_THROW(e.generate(std::vector<int32_t>(60, 1), greedy(10, true)), Error);
   // Still usable afterwards.
   EXPECT_EQ(e.generate(std::vector<int32_t>{1, 2, 3}, greedy(4, true)).output_ids.size(), 4u);
+}
+
+// generate draws on the back-end (Backend::sample); with a seed that must be exactly the host
+// Sampler's draw from the same logits, step after step (temperature, top-k, top-p, min-p).
+TEST(Engine, GenerateDrawsWhatTheHostSamplerDraws) {
+  Engine e(fixture_dir("moe_v4_gqa"), opts());
+  const std::vector<int32_t> prompt = {7, 8, 9, 10, 11, 200, 3};
+  for (const SamplingParams& sp : {SamplingParams{1.0f, -1, 1.0f, 0.0f, 11}, SamplingParams{0.7f, 20, 0.9f, 0.0f, 12},
+                                   SamplingParams{1.3f, -1, 1.0f, 0.05f, 13}}) {
+    GenerateOptions g;
+    g.max_new_tokens = 12;
+    g.ignore_eos = true;
+    g.sampling = sp;
+    auto out = e.generate(prompt, g).output_ids;
+    ASSERT_EQ(out.size(), 12u);
+    Sampler host(sp);
+    std::vector<int> seqs;
+    auto logits = e.prefill({std::span<const int32_t>(prompt)}, seqs);
+    std::vector<int32_t> expect;
+    for (int i = 0; i < 12; ++i) {
+      expect.push_back(host.sample(logits[0]));
+      if (i + 1 < 12) logits = e.decode({seqs[0]}, {expect.back()});
+    }
+    e.release(seqs[0]);
+    EXPECT_EQ(out, expect) << "temperature " << sp.temperature << " top_k " << sp.top_k << " top_p " << sp.top_p;
+    std::set<int32_t> distinct(out.begin(), out.end());
+    EXPECT_GT(distinct.size(), 1u) << "a sampled continuation that never varies: is the draw keyed by the step?";
+  }
 }

@@ -107,3 +107,29 @@ TEST_P(GpuFixtures, AsFaithfulAsTransformersBf16AndExactAwayFromNearTies) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GpuFixtures, ::testing::ValuesIn(fixture_names()));
+
+// Sampling on the GPU (Backend::sample inside generate) draws what the host Sampler draws from the
+// same CUDA logits, step after step.
+TEST(GpuGenerate, DeviceSamplingMatchesTheHostSampler) {
+  if (auto why = gpus_unavailable(1); !why.empty()) GTEST_SKIP() << why;
+  Engine gpu(fixture_dir("moe_v4_gqa"), opts("cuda"));
+  const std::vector<int32_t> prompt = {7, 8, 9, 10, 11, 200, 3};
+  for (const SamplingParams& sp : {SamplingParams{1.0f, -1, 1.0f, 0.0f, 21}, SamplingParams{0.8f, 40, 0.9f, 0.0f, 22},
+                                   SamplingParams{1.2f, -1, 1.0f, 0.05f, 23}}) {
+    GenerateOptions g;
+    g.max_new_tokens = 16;
+    g.ignore_eos = true;
+    g.sampling = sp;
+    auto out = gpu.generate(prompt, g).output_ids;
+    Sampler host(sp);
+    std::vector<int> seqs;
+    auto logits = gpu.prefill({std::span<const int32_t>(prompt)}, seqs);
+    std::vector<int32_t> expect;
+    for (int i = 0; i < 16; ++i) {
+      expect.push_back(host.sample(logits[0]));
+      if (i + 1 < 16) logits = gpu.decode({seqs[0]}, {expect.back()});
+    }
+    gpu.release(seqs[0]);
+    EXPECT_EQ(out, expect) << "temperature " << sp.temperature << " top_k " << sp.top_k;
+  }
+}

@@ -95,10 +95,17 @@ class CudaBackend : public Backend {
   // out = a · wᵀ through cuBLAS with fp32 compute: a [M, K], w [N, K], out [M, N].
   void gemm(const Tensor& a, const Tensor& w, Tensor out);
   // MoE expert GEMMs of batches above 256 (token, expert) pairs: by default the device-scheduled
-  // tensor-core grouped kernels (kernels/moe_gemm.cu), which never synchronize with the host. The
-  // environment variable CPINFER_MOE_GEMM=cublas (read on every moe_experts call; 'grouped' or
-  // unset: the default) selects instead the per-expert cuBLAS path, which copies the segment
-  // offsets to the host (a stream synchronization per call): for comparison and benchmarks only.
+  // tensor-core grouped kernels, which never synchronize with the host: wgmma on compute
+  // capability 9.0 (kernels/moe_gemm_wgmma.cu), mma.sync elsewhere (kernels/moe_gemm.cu). The
+  // environment variable CPINFER_MOE_GEMM (read on every moe_experts call of such a batch):
+  //   grouped (or unset)  the default above;
+  //   mma                 the mma.sync grouped kernels, also on Hopper;
+  //   wgmma, wgmma128     the wgmma kernels with 128 x 256 (the Hopper default) or 128 x 128 tiles
+  //                       (compute capability 9.0 only, else an error; wgmma128 is for tuning);
+  //   cublas              the per-expert cuBLAS path, which copies the segment offsets to the host
+  //                       (a stream synchronization per call): for comparison and benchmarks only.
+  // Shapes the grouped kernels do not take (H or I not a multiple of 64, unaligned pointers) use
+  // the row-wise kernels whatever the setting (except cublas).
   static bool moe_gemm_cublas_requested();
   void moe_experts_cublas(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                           Tensor out);

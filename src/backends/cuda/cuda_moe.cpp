@@ -2,14 +2,17 @@
 // experts' GEMMs on their contiguous segments, and accumulate the weighted results back into out
 // in a fixed order per token.
 // - Small batches (T·K <= kSmallPairs, decode): two row-wise grouped kernels cover all experts.
-// - Larger batches (prefill), by default: the tensor-core grouped GEMMs of kernels/moe_gemm.cu
-//   (gate‖up + SiLU·mul, then down), scheduled on the device from the segment offsets; shapes they
-//   do not take (H or I not a multiple of 64, unaligned pointers) use the row-wise kernels.
-//   Neither path synchronizes with the host: the forward can be enqueued (or graph-captured)
-//   while NCCL exchanges run.
-// - CPINFER_MOE_GEMM=cublas (read on every call): the older per-expert cuBLAS path for larger
-//   batches, which copies the offsets to the host (one stream synchronization per call); kept for
-//   comparison (bench/moe_bench) only.
+// - Larger batches (prefill), by default: the tensor-core grouped GEMMs (gate‖up + SiLU·mul, then
+//   down), scheduled on the device from the segment offsets: on a compute capability 9.0 GPU the
+//   wgmma kernels of kernels/moe_gemm_wgmma.cu (128 x 256 tiles), elsewhere the mma.sync kernels
+//   of kernels/moe_gemm.cu; shapes they do not take (H or I not a multiple of 64, unaligned
+//   pointers) use the row-wise kernels. None of these synchronizes with the host: the forward can
+//   be enqueued (or graph-captured) while NCCL exchanges run.
+// - CPINFER_MOE_GEMM (read on every call of a larger batch): 'grouped' or unset = the default
+//   above; 'mma' = the mma.sync grouped kernels on any GPU; 'wgmma' / 'wgmma128' = the wgmma
+//   kernels with 128 x 256 / 128 x 128 tiles (compute capability 9.0 only; 'wgmma128' is for
+//   tuning); 'cublas' = the older per-expert cuBLAS path, which copies the offsets to the host (one
+//   stream synchronization per call), kept for comparison (bench/moe_bench) only.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -26,6 +29,19 @@ size_t round_up(size_t n) { return (n + 255) / 256 * 256; }
 constexpr int64_t kSmallPairs = 256;
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+enum class MoeGemm { Grouped, Mma, Wgmma, Wgmma128, Cublas };
+
+MoeGemm moe_gemm_setting() {
+  const char* v = std::getenv("CPINFER_MOE_GEMM");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "grouped") == 0) return MoeGemm::Grouped;
+  if (std::strcmp(v, "mma") == 0) return MoeGemm::Mma;
+  if (std::strcmp(v, "wgmma") == 0) return MoeGemm::Wgmma;
+  if (std::strcmp(v, "wgmma128") == 0) return MoeGemm::Wgmma128;
+  CPI_CHECK(std::strcmp(v, "cublas") == 0,
+            "CPINFER_MOE_GEMM must be 'grouped' (default), 'mma', 'wgmma', 'wgmma128' or 'cublas', got '", v, "'");
+  return MoeGemm::Cublas;
+}
 
 }  // namespace
 
@@ -44,13 +60,7 @@ const void* const* CudaBackend::expert_pointers_on_device(const ExpertShard& sha
   return static_cast<const void* const*>(expert_pointer_tables_.back().device);
 }
 
-bool CudaBackend::moe_gemm_cublas_requested() {
-  const char* v = std::getenv("CPINFER_MOE_GEMM");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "grouped") == 0) return false;
-  CPI_CHECK(std::strcmp(v, "cublas") == 0, "CPINFER_MOE_GEMM must be 'grouped' (default) or 'cublas', got '", v,
-            "'");
-  return true;
-}
+bool CudaBackend::moe_gemm_cublas_requested() { return moe_gemm_setting() == MoeGemm::Cublas; }
 
 void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                               Tensor out) {
@@ -100,10 +110,13 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   for (int e = 0; aligned && e < count; ++e)
     aligned = aligned16(shard.gate[e].data) && aligned16(shard.up[e].data) && aligned16(shard.down[e].data);
   const bool small = static_cast<int64_t>(n_pairs) <= kSmallPairs;
-  if (!small && moe_gemm_cublas_requested()) {
+  const MoeGemm setting = small ? MoeGemm::Grouped : moe_gemm_setting();
+  if (setting == MoeGemm::Cublas) {
     moe_experts_cublas(x, ids, weights, shard, out);
     return;
   }
+  CPI_CHECK(hopper_ || (setting != MoeGemm::Wgmma && setting != MoeGemm::Wgmma128), op,
+            ": CPINFER_MOE_GEMM=wgmma/wgmma128 needs a compute capability 9.0 GPU, ", name_, " is not");
   // Everything sized from n_pairs (an upper bound of the local rows), in one workspace request
   // before the first launch: nothing here waits for the device. Layout: offsets [count + 1],
   // tile_start [count + 1], src_token [T·K], pair_row [T·K], act [T·K, I] BF16, y [T·K, H] F32.
@@ -119,10 +132,19 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   const void* const* ptrs = expert_pointers_on_device(shard);
   const bool tensor_cores = !small && aligned && moe_grouped_gemm_supported(hidden, inter) &&
                             moe_grouped_gemm_max_tiles(static_cast<int64_t>(n_pairs), count) <= 65535;
+  // wgmma (Hopper) unless mma.sync is asked for; its tiles take every shape the mma.sync kernels take.
+  const int wgmma_tile_n = !tensor_cores || !hopper_ || setting == MoeGemm::Mma ? 0
+                           : setting == MoeGemm::Wgmma128                       ? 128
+                                                                                : 256;
   CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
                                        tensor_cores ? tile_start : nullptr, stream_),
               "moe_permute");
-  if (tensor_cores) {
+  if (wgmma_tile_n != 0) {
+    CUDA_LAUNCH(launch_moe_grouped_gemms_wgmma(dev(x), src_token, offsets, tile_start, static_cast<int64_t>(n_pairs),
+                                               count, ptrs, ptrs + count, ptrs + 2 * count, inter, act, y_rows,
+                                               wgmma_tile_n, stream_),
+                "moe_grouped_gemms_wgmma");
+  } else if (tensor_cores) {
     CUDA_LAUNCH(launch_moe_grouped_gemms(dev(x), src_token, offsets, tile_start, static_cast<int64_t>(n_pairs),
                                          count, ptrs, ptrs + count, ptrs + 2 * count, inter, act, y_rows, stream_),
                 "moe_grouped_gemms");

@@ -1,0 +1,410 @@
+// Hopper (sm_90a) versions of the two grouped expert GEMMs of kernels/moe_gemm.cu: the same
+// semantics and the same device-side scheduling (grid.y = M-tile slot bounded on the host by
+// ceil(n_pairs / 128) + count, grid.x = N-tile; a CTA finds (expert, M-tile) by binary search over
+// tile_start, CTAs past the last tile exit), with the math on warpgroup MMA (wgmma) reading both
+// operands from shared memory.
+//
+// CTA = 128 rows (kMoeGemmTileM, the tile_m of the permutation) x kBN B rows, 256 threads = two
+// warpgroups of 64 rows, each issuing wgmma m64n{kBN}k16 per 16 columns of K. K advances 64 at a
+// time (one 128-byte swizzle atom of bf16):
+//   A tile  [128 rows][64 k] = 16 KB: x rows gathered through src_token (kernel 1) or act rows;
+//   B tile  [kBN rows][64 k]: expert weight rows, K-contiguous (the K-major B of wgmma, no
+//           transpose). Kernel 1: rows 0..kBN/2-1 = gate rows n0.., rows kBN/2.. = the same up
+//           rows, so accumulator columns c and c + kBN/2 hold g and u of output n0 + c in the same
+//           thread (SiLU·mul in registers, as the mma.sync kernel). Kernel 2: down rows n0...
+// Shared layout (as attention_wgmma.cu, which was verified on the H200): rows of 128 bytes, 16-byte
+// chunk c of row r stored at chunk c ^ (r % 8), every tile 1024-byte aligned; descriptors with
+// 128B swizzle, SBO = 1024 (8-row groups), the k16 step selected by +32 bytes on the start address.
+// Loads: every thread cp.asyncs 16-byte chunks (chunk tid % 8 of rows tid / 8 + 32 i), rows past
+// the segment (A) or past N (B) zero-filled; no TMA (the A rows are scattered).
+// Pipeline (kStages slots): iteration kt waits for its slot (cp.async.wait_group + proxy fence +
+// barrier), issues its 4 wgmmas, waits until only those are in flight (so kt-1 is done), a second
+// barrier makes that true for both warpgroups, then slot (kt-1) % kStages is refilled with
+// k-step kt + kStages - 1. The tensor cores always have the current step queued while the loads
+// of the next kStages - 1 steps are in flight.
+//   kBN = 256: 4 stages x 48 KB = 192 KB (+1 KB alignment slack), 1 CTA (8 warps) per SM,
+//              128 fp32 accumulators per thread. The default.
+//   kBN = 128: 3 stages x 32 KB = 96 KB (+1 KB), 2 CTAs per SM (<= 128 registers), 64
+//              accumulators per thread: the alternative (CPINFER_MOE_GEMM=wgmma128), for tuning.
+// Epilogue straight from the accumulators: d[4n + e] is row 16·warp + lane/4 + 8·(e/2) of the
+// warpgroup's 64, column 8n + 2·(lane%4) + e%2 (the mapping attention_wgmma.cu uses).
+// Requirements (the caller checks): H and I multiples of 64, 16-byte aligned pointers, a compute
+// capability 9.0 device (else cudaErrorNotSupported). N edges (I % 128 with kBN = 256, H % kBN)
+// are masked.
+#include <atomic>
+
+#include "backends/cuda/kernels/common.cuh"
+#include "backends/cuda/kernels/kernels.h"
+
+namespace cpinfer::cuda {
+namespace {
+
+constexpr int kTileM = kMoeGemmTileM;  // 128
+constexpr int kTileK = 64;             // bf16 per 128-byte row of a tile
+constexpr int kThreads = 256;          // two warpgroups
+constexpr int kRowBytes = 128;
+constexpr int kRowsPerPass = kThreads / 8;  // 32 rows per pass of 16-byte chunks
+constexpr int kABytes = kTileM * kRowBytes;  // 16 KB
+constexpr int kALoads = kTileM / kRowsPerPass;  // 4 chunks per thread per stage
+
+template <int kBN>
+struct WgCfg {
+  static_assert(kBN == 128 || kBN == 256, "tile N");
+  static constexpr int kStages = kBN == 256 ? 4 : 3;
+  static constexpr int kMinBlocks = kBN == 256 ? 1 : 2;
+  static constexpr int kBBytes = kBN * kRowBytes;
+  static constexpr int kStageBytes = kABytes + kBBytes;
+  static constexpr int kBLoads = kBN / kRowsPerPass;  // 8 or 4
+  static constexpr int kAcc = kBN / 2;                // fp32 accumulators per thread (64 x kBN / 128)
+  static constexpr size_t kSmemBytes = static_cast<size_t>(kStages) * kStageBytes + 1024;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+};
+
+// ---- index maps shared by the kernel and the host emulation (tools: see the report / tests)
+// Row of a tile (A or B) loaded by thread `tid` in pass i, and its 16-byte chunk (k 8·chunk..).
+__host__ __device__ constexpr int load_row(int tid, int i) { return (tid >> 3) + kRowsPerPass * i; }
+__host__ __device__ constexpr int load_chunk(int tid) { return tid & 7; }
+// Byte offset of chunk c of row r inside a 1024-aligned tile of 128-byte rows, 128B swizzle.
+__host__ __device__ constexpr uint32_t swizzled_off(int r, int c) {
+  return static_cast<uint32_t>(r * kRowBytes + ((c ^ (r & 7)) << 4));
+}
+// Kernel 1: B tile row r holds gate (up = false) or up (up = true) row n0 + gateup_row(r).
+__host__ __device__ constexpr bool gateup_is_up(int r, int bn) { return r >= bn / 2; }
+__host__ __device__ constexpr int gateup_row(int r, int bn) { return r & (bn / 2 - 1); }
+// Start addresses (byte offsets from the stage) of the wgmma operands of warpgroup wg, k16 step ks.
+__host__ __device__ constexpr uint32_t desc_a_off(int wg, int ks) {
+  return static_cast<uint32_t>(wg * 64 * kRowBytes + ks * 32);
+}
+__host__ __device__ constexpr uint32_t desc_b_off(int ks) { return static_cast<uint32_t>(kABytes + ks * 32); }
+// Accumulator idx of thread tid: row in the 128-row tile, column in the kBN-wide B tile.
+__host__ __device__ constexpr int acc_row(int tid, int idx) {
+  return (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2) + 8 * ((idx & 3) >> 1);
+}
+__host__ __device__ constexpr int acc_col(int tid, int idx) { return 8 * (idx >> 2) + 2 * (tid & 3) + (idx & 1); }
+
+struct WgArgs {
+  const __nv_bfloat16* a;          // kernel 1: x [T, K] (rows through src_token); kernel 2: act [rows, K]
+  const int32_t* src_token;        // [rows] (kernel 1)
+  const int32_t* offsets;          // [count + 1]
+  const int32_t* tile_start;       // [count + 1]
+  const __nv_bfloat16* const* w1;  // [count] gate [I, H] or down [H, I]
+  const __nv_bfloat16* const* w2;  // [count] up [I, H] (kernel 1)
+  int count;
+  int n_out;  // I (kernel 1) or H (kernel 2)
+  int k_dim;  // H (kernel 1) or I (kernel 2)
+  void* out;  // act [rows, I] BF16 or y [rows, H] F32
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+// wgmma shared-memory descriptor: 128-byte swizzle, strides in bytes (as attention_wgmma.cu).
+__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  uint64_t d = 0;
+  d |= static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>((lbo & 0x3FFFF) >> 4) << 16;
+  d |= static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32;
+  d |= static_cast<uint64_t>(1) << 62;  // 128B swizzle
+  return d;
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// d[64] += A[64 x 16] · B[128 x 16]ᵀ, both from shared memory (K-major, 128-byte swizzle).
+__device__ __forceinline__ void wgmma_n128(float (&d)[64], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db));
+}
+
+// d[128] += A[64 x 16] · B[256 x 16]ᵀ, both from shared memory (K-major, 128-byte swizzle).
+__device__ __forceinline__ void wgmma_n256(float (&d)[128], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
+      "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
+      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
+      "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
+      "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(da), "l"(db));
+}
+
+template <int kBN>
+__device__ __forceinline__ void wgmma_tile(float (&d)[kBN / 2], uint64_t da, uint64_t db) {
+  if constexpr (kBN == 256) wgmma_n256(d, da, db);
+  else wgmma_n128(d, da, db);
+}
+
+__device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+template <bool kGateUp, int kBN>
+__global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks) moe_grouped_gemm_wgmma_kernel(const WgArgs args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = WgCfg<kBN>;
+  constexpr int kStages = C::kStages;
+  // ---- which (expert, M-tile) this CTA computes: all from device memory (as moe_gemm.cu)
+  const int m_slot = blockIdx.y;
+  const int n_tiles_total = __ldg(args.tile_start + args.count);
+  if (m_slot >= n_tiles_total) return;
+  int lo = 0, hi = args.count - 1;  // largest e with tile_start[e] <= m_slot
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (__ldg(args.tile_start + mid) <= m_slot) lo = mid;
+    else hi = mid - 1;
+  }
+  const int e = lo;
+  const int seg_begin = __ldg(args.offsets + e);
+  const int m0 = (m_slot - __ldg(args.tile_start + e)) * kTileM;
+  const int rows_left = __ldg(args.offsets + e + 1) - seg_begin - m0;  // > 0 by construction
+  const int n0 = blockIdx.x * (kGateUp ? kBN / 2 : kBN);
+  const int k_dim = args.k_dim, n_out = args.n_out;
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const int tid = threadIdx.x;
+
+  // ---- per-thread loads: chunk load_chunk(tid) of rows load_row(tid, i)
+  const int chunk = load_chunk(tid);
+  const uint32_t st_off = swizzled_off(load_row(tid, 0), chunk);  // + i·32 rows: (r & 7) is the same
+  const __nv_bfloat16* a_src[kALoads];
+  const __nv_bfloat16* b_src[C::kBLoads];
+  uint32_t a_ok = 0, b_ok = 0;
+#pragma unroll
+  for (int i = 0; i < kALoads; ++i) {
+    const int r = load_row(tid, i);
+    const bool ok = r < rows_left;
+    int64_t a_row = 0;
+    if (ok) a_row = kGateUp ? __ldg(args.src_token + seg_begin + m0 + r) : seg_begin + m0 + r;
+    a_src[i] = args.a + a_row * k_dim + chunk * 8;
+    a_ok |= static_cast<uint32_t>(ok) << i;
+  }
+  {
+    const __nv_bfloat16* w1 = args.w1[e];
+    const __nv_bfloat16* w2 = kGateUp ? args.w2[e] : nullptr;
+#pragma unroll
+    for (int i = 0; i < C::kBLoads; ++i) {
+      const int r = load_row(tid, i);
+      const int n = n0 + (kGateUp ? gateup_row(r, kBN) : r);
+      const bool ok = n < n_out;
+      const __nv_bfloat16* w = kGateUp && gateup_is_up(r, kBN) ? w2 : w1;
+      b_src[i] = w + static_cast<int64_t>(ok ? n : 0) * k_dim + chunk * 8;
+      b_ok |= static_cast<uint32_t>(ok) << i;
+    }
+  }
+  auto load_stage = [&](int slot, int kt) {
+    const uint32_t sa = base + slot * C::kStageBytes + st_off;
+    const uint32_t sb = sa + kABytes;
+    const int k0 = kt * kTileK;
+#pragma unroll
+    for (int i = 0; i < kALoads; ++i) cp_async16(sa + i * kRowsPerPass * kRowBytes, a_src[i] + k0, (a_ok >> i) & 1);
+#pragma unroll
+    for (int i = 0; i < C::kBLoads; ++i) cp_async16(sb + i * kRowsPerPass * kRowBytes, b_src[i] + k0, (b_ok >> i) & 1);
+  };
+
+  float acc[C::kAcc];
+#pragma unroll
+  for (int i = 0; i < C::kAcc; ++i) acc[i] = 0.0f;
+
+  const int n_k = k_dim / kTileK;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_k) load_stage(s, s);
+    cp_async_commit();
+  }
+  const int wg = tid >> 7;
+  for (int kt = 0; kt < n_k; ++kt) {
+    cp_async_wait<kStages - 2>();  // this thread's chunks of step kt have landed
+    // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();  // everyone's chunks of step kt are visible
+    const uint32_t stage = base + (kt % kStages) * C::kStageBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kTileK / 16; ++ks) {
+      const uint64_t da = make_desc(stage + desc_a_off(wg, ks), 16, 1024);
+      const uint64_t db = make_desc(stage + desc_b_off(ks), 16, 1024);
+      wgmma_tile<kBN>(acc, da, db);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();  // this warpgroup's step kt - 1 is done (step kt stays queued)
+    __syncthreads();  // ... and the other warpgroup's: slot (kt - 1) % kStages is free
+    const int next = kt + kStages - 1;
+    if (next < n_k) load_stage(next % kStages, next);
+    cp_async_commit();
+  }
+  wgmma_wait<0>();
+  fence_regs(acc);
+  cp_async_wait<0>();  // only empty groups can be pending here
+
+  // ---- epilogue: acc[idx] is tile row acc_row(tid, idx), B column acc_col(tid, idx)
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = acc_row(tid, 2 * h);
+    if (r >= rows_left) continue;
+    const int64_t row = seg_begin + m0 + r;
+    if constexpr (kGateUp) {
+      auto* out = static_cast<__nv_bfloat16*>(args.out) + row * n_out;
+#pragma unroll
+      for (int n = 0; n < kBN / 16; ++n) {  // gate n8 tiles; the up tile of the same columns is n + kBN / 16
+        const int idx = 4 * n + 2 * h;
+        const int col = n0 + acc_col(tid, idx);
+        if (col >= n_out) continue;  // n_out is a multiple of 64: the pair is inside or outside
+        float v[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float g = bf16_round(acc[idx + c]), u = bf16_round(acc[idx + c + kBN / 4]);
+          v[c] = g / (1.0f + __expf(-g)) * u;
+        }
+        *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(v[0], v[1]);
+      }
+    } else {
+      float* out = static_cast<float*>(args.out) + row * n_out;
+#pragma unroll
+      for (int n = 0; n < kBN / 8; ++n) {
+        const int idx = 4 * n + 2 * h;
+        const int col = n0 + acc_col(tid, idx);
+        if (col < n_out) *reinterpret_cast<float2*>(out + col) = make_float2(acc[idx], acc[idx + 1]);
+      }
+    }
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+// The dynamic shared-memory opt-in, once per (kernel, device): done on the first launch (a warm-up
+// outside any stream capture), never again.
+template <bool kGateUp, int kBN>
+cudaError_t ensure_smem_attribute(int device) {
+  static std::atomic<uint64_t> done_mask{0};
+  const uint64_t bit = device >= 0 && device < 64 ? (uint64_t{1} << device) : 0;
+  if (bit && (done_mask.load(std::memory_order_acquire) & bit)) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(moe_grouped_gemm_wgmma_kernel<kGateUp, kBN>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(WgCfg<kBN>::kSmemBytes));
+  if (err == cudaSuccess && bit) done_mask.fetch_or(bit, std::memory_order_acq_rel);
+  return err;
+}
+
+template <int kBN>
+cudaError_t launch_wgmma(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
+                         const int32_t* tile_start, int64_t m_slots, int count, const void* const* gate,
+                         const void* const* up, const void* const* down, int64_t inter, void* act, float* y,
+                         int device, cudaStream_t stream) {
+  const int64_t hidden = x.cols();
+  cudaError_t err = ensure_smem_attribute<true, kBN>(device);
+  if (err != cudaSuccess) return err;
+  err = ensure_smem_attribute<false, kBN>(device);
+  if (err != cudaSuccess) return err;
+  constexpr size_t smem = WgCfg<kBN>::kSmemBytes;
+
+  WgArgs a1;
+  a1.a = x.ptr<const __nv_bfloat16>();
+  a1.src_token = src_token;
+  a1.offsets = offsets;
+  a1.tile_start = tile_start;
+  a1.w1 = reinterpret_cast<const __nv_bfloat16* const*>(gate);
+  a1.w2 = reinterpret_cast<const __nv_bfloat16* const*>(up);
+  a1.count = count;
+  a1.n_out = static_cast<int>(inter);
+  a1.k_dim = static_cast<int>(hidden);
+  a1.out = act;
+  const dim3 grid1(static_cast<unsigned>((inter + kBN / 2 - 1) / (kBN / 2)), static_cast<unsigned>(m_slots));
+  moe_grouped_gemm_wgmma_kernel<true, kBN><<<grid1, kThreads, smem, stream>>>(a1);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  WgArgs a2 = a1;
+  a2.a = static_cast<const __nv_bfloat16*>(act);
+  a2.src_token = nullptr;
+  a2.w1 = reinterpret_cast<const __nv_bfloat16* const*>(down);
+  a2.w2 = nullptr;
+  a2.n_out = static_cast<int>(hidden);
+  a2.k_dim = static_cast<int>(inter);
+  a2.out = y;
+  const dim3 grid2(static_cast<unsigned>((hidden + kBN - 1) / kBN), static_cast<unsigned>(m_slots));
+  moe_grouped_gemm_wgmma_kernel<false, kBN><<<grid2, kThreads, smem, stream>>>(a2);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
+                                           const int32_t* tile_start, int64_t n_pairs, int count,
+                                           const void* const* gate, const void* const* up, const void* const* down,
+                                           int64_t inter, void* act, float* y, int tile_n, cudaStream_t stream) {
+  const int64_t hidden = x.cols();
+  if (count == 0 || n_pairs == 0) return cudaSuccess;
+  // The checks of moe_grouped_gemm_supported / moe_grouped_gemm_max_tiles (moe_gemm.cu), restated
+  // here so that this library does not depend on the one that links it.
+  const bool shape_ok = hidden > 0 && inter > 0 && hidden % 64 == 0 && inter % 64 == 0 &&
+                        hidden <= (int64_t{1} << 20) && inter <= (int64_t{1} << 20);
+  if (!shape_ok || x.dtype != DType::BF16 || (tile_n != 128 && tile_n != 256)) return cudaErrorInvalidValue;
+  const int64_t m_slots = (n_pairs + kTileM - 1) / kTileM + count;
+  if (m_slots > 65535) return cudaErrorInvalidValue;  // grid.y; > 8M rows per call
+  int device = 0, major = 0, minor = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err != cudaSuccess) return err;
+  if (major != 9 || minor != 0) return cudaErrorNotSupported;  // the kernels exist for sm_90a only
+  if (tile_n == 256)
+    return launch_wgmma<256>(x, src_token, offsets, tile_start, m_slots, count, gate, up, down, inter, act, y, device,
+                             stream);
+  return launch_wgmma<128>(x, src_token, offsets, tile_start, m_slots, count, gate, up, down, inter, act, y, device,
+                           stream);
+}
+
+}  // namespace cpinfer::cuda
