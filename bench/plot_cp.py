@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Plot of context-parallel prefill scaling from `cpinfer bench prefill --json` output.
 
-    python3 bench/plot_cp.py bench.json [more.json ...] --out docs/cp_scaling.svg [--title TEXT]
+    python3 bench/plot_cp.py bench.json [more.json ...] --out docs/cp_scaling.svg [--labels A,B] [--title TEXT]
 
 Two panels: time to first token (log scale) and parallel efficiency against the CP size, one line
 per prompt length (and per input file when several are given, e.g. sharded vs replicated experts;
-the file's "label" key, or its name, tells them apart). Writes a self-contained SVG with the
+--labels, or the file names, tell them apart). Writes a self-contained SVG with the
 standard library only (the GPU machine and CI have no matplotlib).
 """
 import argparse
@@ -18,14 +18,14 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c
 DASHES = ["", "6,4", "2,3", "8,3,2,3"]
 
 
-def load(paths):
+def load(paths, labels):
     series = []  # (label, seq, [(cp, ttft_s, efficiency)])
     device = ""
     for fi, path in enumerate(paths):
         with open(path) as f:
             doc = json.load(f)
         device = device or doc.get("device", "")
-        label = doc.get("label") or os.path.splitext(os.path.basename(path))[0]
+        label = labels[fi] if labels else os.path.splitext(os.path.basename(path))[0]
         by_seq = {}
         for r in doc["results"]:
             by_seq.setdefault(r["seq"], []).append((r["cp"], r["ttft_s"], r.get("efficiency", 0.0)))
@@ -64,7 +64,7 @@ def svg(series, device, title):
     ttfts = [t for _, _, _, pts in series for _, t, _ in pts]
     lo = 10 ** math.floor(math.log10(min(ttfts)))
     hi = 10 ** math.ceil(math.log10(max(ttfts)))
-    W, H = 980, 470
+    W, H = 980, 490
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
            'font-family="sans-serif" font-size="12">', f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15">{title}</text>',
@@ -103,15 +103,18 @@ def svg(series, device, title):
                        f'stroke-dasharray="{dash}"/>')
             for x, y in xy:
                 out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{color}"/>')
-    # Legend below the panels.
-    x = 70
+    # Legend below the panels, wrapped onto as many lines as it needs.
+    x, y = 70, H - 44
     for label, seq, fi, _ in series:
         color = COLORS[seqs.index(seq) % len(COLORS)]
         name = seq_name(seq) + " tokens" + (f", {label}" if label else "")
-        out.append(f'<line x1="{x}" y1="{H - 28}" x2="{x + 26}" y2="{H - 28}" stroke="{color}" stroke-width="2" '
+        width = 40 + 7 * len(name)
+        if x + width > W - 20:
+            x, y = 70, y + 20
+        out.append(f'<line x1="{x}" y1="{y}" x2="{x + 26}" y2="{y}" stroke="{color}" stroke-width="2" '
                    f'stroke-dasharray="{DASHES[fi % len(DASHES)]}"/>')
-        out.append(f'<text x="{x + 32}" y="{H - 24}">{name}</text>')
-        x += 40 + 7 * len(name)
+        out.append(f'<text x="{x + 32}" y="{y + 4}">{name}</text>')
+        x += width
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -120,9 +123,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("inputs", nargs="+", help="JSON files written by cpinfer bench prefill --json")
     ap.add_argument("--out", required=True, help="SVG file to write")
+    ap.add_argument("--labels", help="comma-separated names of the input files in the legend (default: file names)")
     ap.add_argument("--title", default="cpinfer context-parallel prefill, Qwen3-30B-A3B shape")
     a = ap.parse_args()
-    series, device = load(a.inputs)
+    labels = a.labels.split(",") if a.labels else None
+    if labels and len(labels) != len(a.inputs):
+        sys.exit(f"plot_cp.py: {len(labels)} labels for {len(a.inputs)} input files")
+    series, device = load(a.inputs, labels)
     with open(a.out, "w") as f:
         f.write(svg(series, device, a.title))
     print(f"wrote {a.out}: {len(series)} series")

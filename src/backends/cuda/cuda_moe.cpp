@@ -132,10 +132,9 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   const void* const* ptrs = expert_pointers_on_device(shard);
   const bool tensor_cores = !small && aligned && moe_grouped_gemm_supported(hidden, inter) &&
                             moe_grouped_gemm_max_tiles(static_cast<int64_t>(n_pairs), count) <= 65535;
-  // wgmma (Hopper) unless mma.sync is asked for; its tiles take every shape the mma.sync kernels take.
-  const int wgmma_tile_n = !tensor_cores || !hopper_ || setting == MoeGemm::Mma ? 0
-                           : setting == MoeGemm::Wgmma128                       ? 128
-                                                                                : 256;
+  // wgmma on Hopper unless mma.sync is asked for: it takes every shape the mma.sync kernels take.
+  int wgmma_tile_n = 0;
+  if (tensor_cores && hopper_ && setting != MoeGemm::Mma) wgmma_tile_n = setting == MoeGemm::Wgmma128 ? 128 : 256;
   CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
                                        tensor_cores ? tile_start : nullptr, stream_),
               "moe_permute");

@@ -394,12 +394,25 @@ cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* sr
   if (!shape_ok || x.dtype != DType::BF16 || (tile_n != 128 && tile_n != 256)) return cudaErrorInvalidValue;
   const int64_t m_slots = (n_pairs + kTileM - 1) / kTileM + count;
   if (m_slots > 65535) return cudaErrorInvalidValue;  // grid.y; > 8M rows per call
-  int device = 0, major = 0, minor = 0;
+  int device = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (err != cudaSuccess) return err;
-  if (major != 9 || minor != 0) return cudaErrorNotSupported;  // the kernels exist for sm_90a only
+  // The kernels exist for sm_90a only. The compute capability is looked up once per device (on the
+  // first, eager call), so a captured call makes no query.
+  static std::atomic<uint64_t> known_mask{0}, hopper_mask{0};
+  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
+  const bool known = bit && (known_mask.load(std::memory_order_acquire) & bit);  // before hopper_mask
+  bool hopper = known && (hopper_mask.load(std::memory_order_acquire) & bit);
+  if (!known) {
+    int major = 0, minor = 0;
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    if (err != cudaSuccess) return err;
+    hopper = major == 9 && minor == 0;
+    if (bit && hopper) hopper_mask.fetch_or(bit, std::memory_order_acq_rel);
+    if (bit) known_mask.fetch_or(bit, std::memory_order_acq_rel);
+  }
+  if (!hopper) return cudaErrorNotSupported;
   if (tile_n == 256)
     return launch_wgmma<256>(x, src_token, offsets, tile_start, m_slots, count, gate, up, down, inter, act, y, device,
                              stream);
