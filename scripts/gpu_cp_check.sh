@@ -6,12 +6,7 @@
 # Results go to $OUT (default ./out).
 #   scripts/gpu_cp_check.sh [--seq 32768,131072] [--cp 1,2,4] [--skip-tests] [--skip-hf]
 # Binaries: $CPINFER_PREBUILT/bin (built elsewhere, see scripts/gpu_check.sh) or build-gpu/.
-set -uo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-OUT="${OUT:-$ROOT/out}"
-mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 SEQS="32768,131072"
 CPS="1,2,4"
 TESTS=1
@@ -25,20 +20,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1"; exit 2 ;;
   esac
 done
-
-if [ -n "${CPINFER_PREBUILT:-}" ]; then
-  BIN="$CPINFER_PREBUILT/bin"
-  export LD_LIBRARY_PATH="$CPINFER_PREBUILT/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-  SRC="$(strings "$BIN/gpu_cp_test" | grep -m1 -o '/[^ ]*/tests/fixtures' | sed 's#/tests/fixtures##')"
-  if [ -n "$SRC" ] && [ ! -e "$SRC/tests/fixtures" ]; then mkdir -p "$(dirname "$SRC")"; ln -sfn "$ROOT" "$SRC"; fi
-else
-  BIN="$ROOT/build-gpu/bin"
-  mkdir -p "$BIN"
-  ninja -C build-gpu cpinfer gpu_cp_test > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-  ln -sf "$ROOT/build-gpu/cpinfer" "$BIN/cpinfer"
-  ln -sf "$(find build-gpu -name gpu_cp_test -type f | head -1)" "$BIN/gpu_cp_test"
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+gpu_binaries cpinfer gpu_cp_test gpu_model_test
 nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
 NGPU=$(nvidia-smi -L | wc -l)
 

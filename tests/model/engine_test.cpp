@@ -103,16 +103,7 @@ TEST(Engine, GenerateDrawsWhatTheHostSamplerDraws) {
     g.sampling = sp;
     auto out = e.generate(prompt, g).output_ids;
     ASSERT_EQ(out.size(), 12u);
-    Sampler host(sp);
-    std::vector<int> seqs;
-    auto logits = e.prefill({std::span<const int32_t>(prompt)}, seqs);
-    std::vector<int32_t> expect;
-    for (int i = 0; i < 12; ++i) {
-      expect.push_back(host.sample(logits[0]));
-      if (i + 1 < 12) logits = e.decode({seqs[0]}, {expect.back()});
-    }
-    e.release(seqs[0]);
-    EXPECT_EQ(out, expect) << "temperature " << sp.temperature << " top_k " << sp.top_k << " top_p " << sp.top_p;
+    EXPECT_EQ(out, host_sampled(e, prompt, sp, 12)) << "temperature " << sp.temperature << " top_k " << sp.top_k << " top_p " << sp.top_p;
     std::set<int32_t> distinct(out.begin(), out.end());
     EXPECT_GT(distinct.size(), 1u) << "a sampled continuation that never varies: is the draw keyed by the step?";
   }

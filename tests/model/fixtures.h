@@ -1,11 +1,14 @@
 // The transformers reference fixtures (tests/fixtures/<name>, made by tools/make_fixtures.py).
 #pragma once
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "engine/engine.h"
+#include "engine/sampler.h"
 #include "ops/backend.h"
 
 namespace cpinfer::test {
@@ -70,6 +73,32 @@ inline double rel_max_err(const float* a, const float* b, size_t n) {
     m = std::max(m, std::abs(double(b[i])));
   }
   return m > 0 ? d / m : d;
+}
+
+// Largest minus second-largest value of a row of logits.
+inline float top2_gap(std::span<const float> row) {
+  float a = -INFINITY, b = -INFINITY;
+  for (float x : row) {
+    if (x > a) b = a, a = x;
+    else if (x > b) b = x;
+  }
+  return a - b;
+}
+
+// n tokens drawn by the host Sampler from the engine's prefill and decode logits (the reference
+// for generation that samples on the back-end).
+inline std::vector<int32_t> host_sampled(Engine& e, const std::vector<int32_t>& prompt, const SamplingParams& sp,
+                                         int n) {
+  Sampler host(sp);
+  std::vector<int> seqs;
+  auto logits = e.prefill({std::span<const int32_t>(prompt)}, seqs);
+  std::vector<int32_t> out;
+  for (int i = 0; i < n; ++i) {
+    out.push_back(host.sample(logits[0]));
+    if (i + 1 < n) logits = e.decode({seqs[0]}, {out.back()});
+  }
+  e.release(seqs[0]);
+  return out;
 }
 
 }  // namespace cpinfer::test

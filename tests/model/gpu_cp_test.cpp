@@ -19,6 +19,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <functional>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -90,15 +91,6 @@ std::vector<Out> run_all(const std::string& model, bool random, int cp, const st
     }
   });
   return outs;
-}
-
-float top2_gap(std::span<const float> row) {
-  float a = -INFINITY, b = -INFINITY;
-  for (float x : row) {
-    if (x > a) b = a, a = x;
-    else if (x > b) b = x;
-  }
-  return a - b;
 }
 
 // The fp32 truth of one prompt: argmax and top-2 gap per position, greedy continuation with the
@@ -243,12 +235,13 @@ TEST(GpuCpLong, RandomWeights16K) {
   }
 }
 
-TEST(GpuCpFault, AFailedRankEndsEveryRankWithinTheTimeout) {
-  if (auto why = gpus_unavailable(2); !why.empty()) GTEST_SKIP() << why;
+// Runs a 2-GPU CP prefill in which rank 1 misbehaves (`fault` runs on it after the engine is
+// built); returns the job's error and how long the launch took.
+std::pair<std::string, double> faulty_prefill(int timeout_s, const std::function<void()>& fault) {
   LaunchOptions lo;
   lo.world_size = 2;
   lo.cp_size = 2;
-  lo.timeout_s = 3;
+  lo.timeout_s = timeout_s;
   lo.gpu = true;
   std::vector<int32_t> ids(300, 5);
   auto t0 = std::chrono::steady_clock::now();
@@ -261,14 +254,19 @@ TEST(GpuCpFault, AFailedRankEndsEveryRankWithinTheTimeout) {
       eo.kv_cache_tokens = 512;
       eo.cp = CpOptions{2, true, 0};
       Engine e(fixture_dir("moe_v4_gqa"), eo, par);
-      if (par.world_rank() == 1) throw Error("rank 1 dies before the prefill (fault injection)");
+      if (par.world_rank() == 1) fault();
       std::vector<int> seqs;
       e.prefill({std::span<const int32_t>(ids)}, seqs);
     });
   } catch (const Error& e) {
     what = e.what();
   }
-  double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return {what, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()};
+}
+
+TEST(GpuCpFault, AFailedRankEndsEveryRankWithinTheTimeout) {
+  if (auto why = gpus_unavailable(2); !why.empty()) GTEST_SKIP() << why;
+  auto [what, s] = faulty_prefill(3, [] { throw Error("rank 1 dies before the prefill (fault injection)"); });
   std::printf("[gpu cp fault] launch ended after %.1f s: %s\n", s, what.c_str());
   EXPECT_FALSE(what.empty()) << "the job must fail";
   EXPECT_LT(s, 30.0) << "the surviving rank must give up within the timeout, not hang";
@@ -278,30 +276,7 @@ TEST(GpuCpFault, AFailedRankEndsEveryRankWithinTheTimeout) {
 // aborts NCCL), and the late rank then fails too instead of waiting for a peer that left.
 TEST(GpuCpFault, ARankDelayedPastTheTimeoutEndsEveryRank) {
   if (auto why = gpus_unavailable(2); !why.empty()) GTEST_SKIP() << why;
-  LaunchOptions lo;
-  lo.world_size = 2;
-  lo.cp_size = 2;
-  lo.timeout_s = 2;
-  lo.gpu = true;
-  std::vector<int32_t> ids(300, 5);
-  auto t0 = std::chrono::steady_clock::now();
-  std::string what;
-  try {
-    launch(lo, [&](ParallelCtx& par) {
-      EngineOptions eo;
-      eo.device = "cuda";
-      eo.quiet = true;
-      eo.kv_cache_tokens = 512;
-      eo.cp = CpOptions{2, true, 0};
-      Engine e(fixture_dir("moe_v4_gqa"), eo, par);
-      if (par.world_rank() == 1) std::this_thread::sleep_for(std::chrono::seconds(5));
-      std::vector<int> seqs;
-      e.prefill({std::span<const int32_t>(ids)}, seqs);
-    });
-  } catch (const Error& e) {
-    what = e.what();
-  }
-  double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  auto [what, s] = faulty_prefill(2, [] { std::this_thread::sleep_for(std::chrono::seconds(5)); });
   std::printf("[gpu cp fault] delayed rank: launch ended after %.1f s: %s\n", s, what.c_str());
   EXPECT_NE(what.find("timed out"), std::string::npos) << what;
   EXPECT_LT(s, 30.0) << "every rank must give up within the timeout, not hang";

@@ -34,15 +34,6 @@ EngineOptions opts(const std::string& device) {
   return eo;
 }
 
-float top2_gap(std::span<const float> row) {
-  float a = -INFINITY, b = -INFINITY;
-  for (float x : row) {
-    if (x > a) b = a, a = x;
-    else if (x > b) b = x;
-  }
-  return a - b;
-}
-
 // Greedy continuation with the top-2 gap of every step.
 std::pair<std::vector<int32_t>, std::vector<float>> greedy(Engine& e, const std::vector<int32_t>& ids, int n) {
   std::vector<int> seqs;
@@ -121,15 +112,6 @@ TEST(GpuGenerate, DeviceSamplingMatchesTheHostSampler) {
     g.ignore_eos = true;
     g.sampling = sp;
     auto out = gpu.generate(prompt, g).output_ids;
-    Sampler host(sp);
-    std::vector<int> seqs;
-    auto logits = gpu.prefill({std::span<const int32_t>(prompt)}, seqs);
-    std::vector<int32_t> expect;
-    for (int i = 0; i < 16; ++i) {
-      expect.push_back(host.sample(logits[0]));
-      if (i + 1 < 16) logits = gpu.decode({seqs[0]}, {expect.back()});
-    }
-    gpu.release(seqs[0]);
-    EXPECT_EQ(out, expect) << "temperature " << sp.temperature << " top_k " << sp.top_k;
+    EXPECT_EQ(out, host_sampled(gpu, prompt, sp, 16)) << "temperature " << sp.temperature << " top_k " << sp.top_k;
   }
 }

@@ -1,0 +1,30 @@
+# Sourced by the scripts/gpu_*.sh checks: environment, output folder, and the binaries — prebuilt in
+# $CPINFER_PREBUILT/bin (built on another machine; see scripts/gpu_check.sh) or built here into
+# build-gpu. Usage: gpu_binaries TARGET...   (sets BIN)
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/out}"
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+
+gpu_binaries() {
+  if [ -n "${CPINFER_PREBUILT:-}" ]; then
+    BIN="$CPINFER_PREBUILT/bin"
+    export LD_LIBRARY_PATH="$CPINFER_PREBUILT/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+    # The test binaries find the fixtures through the source path they were built in.
+    local src
+    src="$(strings "$BIN/gpu_model_test" | grep -m1 -o '/[^ ]*/tests/fixtures' | sed 's#/tests/fixtures##')"
+    if [ -n "$src" ] && [ ! -e "$src/tests/fixtures" ]; then mkdir -p "$(dirname "$src")"; ln -sfn "$ROOT" "$src"; fi
+  else
+    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCPINFER_CUDA=ON > "$OUT/cmake.log" 2>&1 ||
+      { tail -30 "$OUT/cmake.log"; exit 1; }
+    ninja -C build-gpu "$@" > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+    BIN="$ROOT/build-gpu/bin"
+    mkdir -p "$BIN"
+    local t
+    for t in "$@"; do ln -sf "$(find "$ROOT/build-gpu" -name "$t" -type f -perm -u+x | head -1)" "$BIN/$t"; done
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+  ldd "$BIN/cpinfer" | grep "not found" && echo "missing libraries"
+}
