@@ -63,13 +63,23 @@ class Communicator {
   // Host back-ends ignore bind_stream and stay synchronous: queued() is false.
   virtual void bind_stream(void* compute_stream) { (void)compute_stream; }
   virtual bool queued() const { return false; }
-  // all_gatherv whose result later compute work may NOT read until join(): the compute stream
-  // runs independent work meanwhile (the overlap window). Synchronous on host back-ends.
-  virtual void all_gatherv_start(const void* send, size_t send_bytes, void* recv, std::span<const size_t> recv_bytes) {
+  // Overlapped forms: the collective is queued like the others, but later compute work is NOT
+  // ordered after it until join(ticket), so the compute stream runs independent work meanwhile
+  // (the overlap window); neither its recv nor (for the reduce) its send buffer may be touched
+  // before the join. Every started collective must be joined. Synchronous on host back-ends.
+  using Ticket = uint64_t;
+  virtual Ticket all_gatherv_start(const void* send, size_t send_bytes, void* recv,
+                                   std::span<const size_t> recv_bytes) {
     all_gatherv(send, send_bytes, recv, recv_bytes);
+    return 0;
   }
-  // Orders the compute work queued from now on after the last all_gatherv_start.
-  virtual void join() {}
+  virtual Ticket reduce_scatterv_sum_start(const void* send, void* recv, std::span<const size_t> counts,
+                                           DType dtype) {
+    reduce_scatterv_sum(send, recv, counts, dtype);
+    return 0;
+  }
+  // Orders the compute work queued from now on after the started collective `ticket`.
+  virtual void join(Ticket ticket) { (void)ticket; }
   // Blocks until every queued collective has completed; throws if one failed or timed out.
   virtual void wait_all() {}
 

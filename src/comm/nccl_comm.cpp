@@ -104,7 +104,7 @@ class NcclCommunicator final : public Communicator {
       cudaEventDestroy(p.done);
     }
     for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
-    if (join_event_) cudaEventDestroy(join_event_);
+    for (const auto& o : open_) cudaEventDestroy(o.second);
     if (own_stream_ && stream_) cudaStreamDestroy(stream_);
   }
 
@@ -117,7 +117,6 @@ class NcclCommunicator final : public Communicator {
     CPI_CHECK(compute_ == nullptr || compute_ == compute_stream, "nccl communicator: already bound to another stream");
     if (compute_stream == nullptr || compute_ != nullptr) return;
     CPI_CUDA_OK(cudaSetDevice(device_));
-    CPI_CUDA_OK(cudaEventCreateWithFlags(&join_event_, cudaEventDisableTiming));
     compute_ = static_cast<cudaStream_t>(compute_stream);
     watchdog_ = std::thread([this] { watch(); });
   }
@@ -126,22 +125,32 @@ class NcclCommunicator final : public Communicator {
   void all_gatherv(const void* send, size_t send_bytes, void* recv, std::span<const size_t> recv_bytes) override {
     gather(send, send_bytes, recv, recv_bytes, false);
   }
-  void all_gatherv_start(const void* send, size_t send_bytes, void* recv, std::span<const size_t> recv_bytes) override {
-    gather(send, send_bytes, recv, recv_bytes, true);
+  Ticket all_gatherv_start(const void* send, size_t send_bytes, void* recv, std::span<const size_t> recv_bytes) override {
+    return gather(send, send_bytes, recv, recv_bytes, true);
   }
-  void join() override {
+  void reduce_scatterv_sum(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
+    reduce_scatter(send, recv, counts, dtype, false);
+  }
+  Ticket reduce_scatterv_sum_start(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
+    return reduce_scatter(send, recv, counts, dtype, true);
+  }
+  void join(Ticket ticket) override {
     std::lock_guard<std::mutex> lk(mu_);
-    if (compute_ && join_pending_) CPI_CUDA_OK(cudaStreamWaitEvent(compute_, join_event_, 0));
-    join_pending_ = false;
+    auto it = std::find_if(open_.begin(), open_.end(), [&](const auto& o) { return o.first == ticket; });
+    if (it == open_.end()) return;  // 0 (completed synchronously) or joined already
+    CPI_CUDA_OK(cudaStreamWaitEvent(compute_, it->second, 0));
+    free_events_.push_back(it->second);  // reusable once recorded: the wait captured it
+    open_.erase(it);
   }
   void wait_all() override {
     std::unique_lock<std::mutex> lk(mu_);
     cv_.wait(lk, [&] { return pending_.empty() || !failure_.empty(); });
     CPI_CHECK(failure_.empty(), failure_);
+    CPI_CHECK(open_.empty(), "nccl communicator: ", open_.size(), " overlapped collective(s) never joined");
   }
 
  private:
-  void gather(const void* send, size_t send_bytes, void* recv, std::span<const size_t> recv_bytes, bool overlap) {
+  Ticket gather(const void* send, size_t send_bytes, void* recv, std::span<const size_t> recv_bytes, bool overlap) {
     const char* name = "all_gatherv";
     std::unique_lock<std::mutex> lk(mu_);
     const auto deadline = begin(name);
@@ -152,13 +161,12 @@ class NcclCommunicator final : public Communicator {
     for (size_t b : recv_bytes) total += b;
     check_device(send, send_bytes, "send", name);
     check_device(recv, total, "recv", name);
-    if (total == 0) return;
+    if (total == 0) return 0;
     enqueue_begin();
     if (std::all_of(recv_bytes.begin(), recv_bytes.end(), [&](size_t b) { return b == recv_bytes[0]; })) {
       // Equal parts (the common case): one all-gather instead of n broadcasts.
       issue(ncclAllGather(send, recv, send_bytes, ncclUint8, comm_, stream_), name, deadline);
-      finish(name, deadline, overlap);
-      return;
+      return finish(name, deadline, overlap);
     }
     issue(ncclGroupStart(), name, deadline);
     size_t off = 0;
@@ -171,24 +179,9 @@ class NcclCommunicator final : public Communicator {
       off += recv_bytes[r];
     }
     issue(ncclGroupEnd(), name, deadline);
-    finish(name, deadline, overlap);
+    return finish(name, deadline, overlap);
   }
-
- public:
-  void all_reduce_sum(void* buf, size_t count, DType dtype) override {
-    const char* name = "all_reduce_sum";
-    std::unique_lock<std::mutex> lk(mu_);
-    const auto deadline = begin(name);
-    ncclDataType_t t;
-    CPI_CHECK(dtype_to_nccl(dtype, t), name, ": dtype ", dtype_name(dtype), " not supported (F32, BF16, F16)");
-    check_device(buf, count * dtype_size(dtype), "", name);
-    if (count == 0) return;
-    enqueue_begin();
-    issue(ncclAllReduce(buf, buf, count, t, ncclSum, comm_, stream_), name, deadline);
-    finish(name, deadline, false);
-  }
-
-  void reduce_scatterv_sum(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
+  Ticket reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype, bool overlap) {
     const char* name = "reduce_scatterv_sum";
     std::unique_lock<std::mutex> lk(mu_);
     const auto deadline = begin(name);
@@ -204,7 +197,7 @@ class NcclCommunicator final : public Communicator {
     }
     check_device(send, total * es, "send", name);
     check_device(recv, counts[rank_] * es, "recv", name);
-    if (total == 0) return;
+    if (total == 0) return 0;
     enqueue_begin();
     if (equal) {
       issue(ncclReduceScatter(send, recv, counts[0], t, ncclSum, comm_, stream_), name, deadline);
@@ -221,8 +214,24 @@ class NcclCommunicator final : public Communicator {
       }
       issue(ncclGroupEnd(), name, deadline);
     }
+    return finish(name, deadline, overlap);
+  }
+
+ public:
+  void all_reduce_sum(void* buf, size_t count, DType dtype) override {
+    const char* name = "all_reduce_sum";
+    std::unique_lock<std::mutex> lk(mu_);
+    const auto deadline = begin(name);
+    ncclDataType_t t;
+    CPI_CHECK(dtype_to_nccl(dtype, t), name, ": dtype ", dtype_name(dtype), " not supported (F32, BF16, F16)");
+    check_device(buf, count * dtype_size(dtype), "", name);
+    if (count == 0) return;
+    enqueue_begin();
+    issue(ncclAllReduce(buf, buf, count, t, ncclSum, comm_, stream_), name, deadline);
     finish(name, deadline, false);
   }
+
+
 
   void all_to_allv(const void* send, std::span<const size_t> send_bytes, void* recv,
                    std::span<const size_t> recv_bytes) override {
@@ -338,23 +347,27 @@ class NcclCommunicator final : public Communicator {
     starts_.push_back(start);
   }
   // After the issue: synchronous mode waits here; queued mode hands the completion to the watchdog
-  // and to the compute stream (at once, or at join() for an overlapped gather). (mu_ held.)
-  void finish(const char* name, Clock::time_point deadline, bool overlap) {
+  // and to the compute stream (at once, or at join(ticket) for an overlapped one). (mu_ held.)
+  Ticket finish(const char* name, Clock::time_point deadline, bool overlap) {
     if (!compute_) {
       wait_done(name, deadline);
-      return;
+      return 0;
     }
     cudaEvent_t done = take_event();
     CPI_CUDA_OK(cudaEventRecord(done, stream_));
+    Ticket ticket = 0;
     if (overlap) {
-      CPI_CUDA_OK(cudaEventRecord(join_event_, stream_));
-      join_pending_ = true;
+      cudaEvent_t joinable = take_event();
+      CPI_CUDA_OK(cudaEventRecord(joinable, stream_));
+      ticket = ++last_ticket_;
+      open_.emplace_back(ticket, joinable);
     } else {
       CPI_CUDA_OK(cudaStreamWaitEvent(compute_, done, 0));
     }
     pending_.push_back(Pending{starts_.back(), done, name, {}, false});
     starts_.clear();
     cv_.notify_all();
+    return ticket;
   }
   cudaEvent_t take_event() {
     if (!free_events_.empty()) {
@@ -511,8 +524,8 @@ class NcclCommunicator final : public Communicator {
   std::deque<Pending> pending_;
   std::vector<cudaEvent_t> starts_;       // start event of the collective being issued
   std::vector<cudaEvent_t> free_events_;
-  cudaEvent_t join_event_ = nullptr;      // completion of the last overlapped gather
-  bool join_pending_ = false;
+  std::vector<std::pair<Ticket, cudaEvent_t>> open_;  // overlapped collectives not joined yet
+  Ticket last_ticket_ = 0;
   std::string failure_;
   bool stop_ = false;
   std::thread watchdog_;

@@ -261,9 +261,10 @@ void Qwen3Model::attention_layer(int l, const ForwardPlan& plan, KvCache& cache)
       if (T > 0) be_.kv_store(k.view({T, Hkv, D}), v.view({T, Hkv, D}), ws.slots.slice(my_slot_row, T), kv);
       sync_for(par_.cp);
       mark(profile_.other_s);
-      if (!elide_comm_) par_.cp->all_gatherv_start(kv_local.data, bytes[me], kv_all.data, bytes);
+      Communicator::Ticket t = 0;
+      if (!elide_comm_) t = par_.cp->all_gatherv_start(kv_local.data, bytes[me], kv_all.data, bytes);
       if (T > 0) be_.attention(q.view({T, Hq, D}), ws.batch_diag, kv, scale, attn_out.view({T, Hq, D}), lse);
-      par_.cp->join();
+      par_.cp->join(t);
       mark(profile_.attention_s);
     } else {
       sync_for(par_.cp);
@@ -336,6 +337,10 @@ void Qwen3Model::moe(int l, const ForwardPlan& plan, const Tensor& h, Tensor out
   // partial sums are reduced back to the ranks that own the rows. Replicated experts: every rank
   // handles its own rows alone.
   const bool sharded = world > 1 && !par_.replicate_experts;
+  if (sharded && cp == world && cp > 1) {
+    const int k = moe_chunks(plan);
+    if (k > 1) return moe_pipelined(l, plan, h, out, k);
+  }
   Tensor rows = h;
   int64_t n_rows = T;
   if (sharded && cp > 1) {
@@ -380,6 +385,86 @@ void Qwen3Model::moe(int l, const ForwardPlan& plan, const Tensor& h, Tensor out
     if (T > 0) be_.copy(out.data, partial.slice(offset, T).data, out.nbytes());
   }
   mark(profile_.comm_s);
+}
+
+int Qwen3Model::moe_chunks(const ForwardPlan& plan) const {
+  if (moe_chunks_ > 0) return moe_chunks_;
+  if (!par_.cp->queued()) return 1;  // host communicators complete each call: nothing to overlap
+  // Each chunk should still give every expert ~1K rows, where the grouped GEMMs stay efficient.
+  const int64_t rows_per_expert = plan.n_all() * cfg_.num_experts_per_tok / std::max<int64_t>(cfg_.num_experts, 1);
+  return static_cast<int>(std::clamp<int64_t>(rows_per_expert / 1024, 1, 4));
+}
+
+// Sharded experts with the CP group's rows in k chunks (every rank splits its rows the same way):
+// chunk c+1 is gathered while the experts run on chunk c, and chunk c's partial sums are
+// reduce-scattered while the experts run on chunk c+1, so only the first gather and the last
+// reduce stay on the critical path. h_all and the partial sums are laid out chunk-major (chunk c:
+// rank 0's part, rank 1's part, ...), so each collective moves one contiguous region.
+void Qwen3Model::moe_pipelined(int l, const ForwardPlan& plan, const Tensor& h, Tensor out, int k) {
+  Workspace& ws = *ws_;
+  const LayerWeights& L = w_.layers[l];
+  const int64_t H = cfg_.hidden_size, E = cfg_.num_experts, K = cfg_.num_experts_per_tok;
+  const DType ad = be_.act_dtype();
+  const int cp = par_.cp_size(), me = par_.cp_rank();
+  Communicator& comm = *par_.cp;
+  const int64_t n_all = plan.n_all();
+  // part[c][r]: rows of rank r in chunk c; first[c][r]: its first local row.
+  std::vector<std::vector<int64_t>> part(k, std::vector<int64_t>(cp)), first(k, std::vector<int64_t>(cp));
+  std::vector<int64_t> region(k + 1, 0);
+  for (int r = 0; r < cp; ++r) {
+    int64_t begin = 0;
+    for (int c = 0; c < k; ++c) {
+      part[c][r] = plan.rows_per_rank[r] / k + (c < plan.rows_per_rank[r] % k ? 1 : 0);
+      first[c][r] = begin;
+      begin += part[c][r];
+    }
+  }
+  for (int c = 0; c < k; ++c) {
+    region[c + 1] = region[c];
+    for (int r = 0; r < cp; ++r) region[c + 1] += part[c][r];
+  }
+  Tensor h_all = ws.get(Workspace::kHAll, ad, {std::max<int64_t>(n_all, 1), H});
+  Tensor partial = ws.get(Workspace::kPartial, ad, {std::max<int64_t>(n_all, 1), H});
+  auto gather = [&](int c) -> Communicator::Ticket {
+    std::vector<size_t> bytes(cp);
+    for (int r = 0; r < cp; ++r) bytes[r] = size_t(part[c][r]) * h.row_bytes();
+    if (elide_comm_) return 0;
+    return comm.all_gatherv_start(h.slice(first[c][me], part[c][me]).data, bytes[me],
+                                  h_all.slice(region[c], region[c + 1] - region[c]).data, bytes);
+  };
+  sync_for(par_.cp);
+  mark(profile_.other_s);
+  std::vector<Communicator::Ticket> reduced(k, 0);
+  Communicator::Ticket next = gather(0);
+  for (int c = 0; c < k; ++c) {
+    const Communicator::Ticket current = next;
+    if (c + 1 < k) next = gather(c + 1);
+    comm.join(current);
+    const int64_t n = region[c + 1] - region[c];
+    if (n > 0) {
+      Tensor rows = h_all.slice(region[c], n), p = partial.slice(region[c], n);
+      Tensor logits = ws.get(Workspace::kRouterLogits, DType::F32, {n, E});
+      Tensor ids = ws.get(Workspace::kTopIds, DType::I32, {n, K});
+      Tensor wts = ws.get(Workspace::kTopW, DType::F32, {n, K});
+      be_.linear(rows, L.router, logits);
+      be_.moe_route(logits, static_cast<int>(K), cfg_.norm_topk_prob, ids, wts);
+      be_.fill_zero(p);
+      be_.moe_experts(rows, ids, wts, L.experts, p);
+    }
+    sync_for(par_.cp);
+    std::vector<size_t> counts(cp);
+    for (int r = 0; r < cp; ++r) counts[r] = size_t(part[c][r] * H);
+    Tensor mine = out.slice(first[c][me], part[c][me]);
+    if (elide_comm_) {
+      int64_t off = region[c];
+      for (int r = 0; r < me; ++r) off += part[c][r];
+      if (part[c][me] > 0) be_.copy(mine.data, partial.slice(off, part[c][me]).data, mine.nbytes());
+    } else {
+      reduced[c] = comm.reduce_scatterv_sum_start(partial.slice(region[c], n).data, mine.data, counts, ad);
+    }
+  }
+  for (Communicator::Ticket t : reduced) comm.join(t);
+  mark(profile_.moe_s);
 }
 
 }  // namespace cpinfer

@@ -73,6 +73,10 @@ class Qwen3Model {
   // Benchmarks only: skip every collective (the results are wrong; the kernels are the same), so
   // that the exposed communication time is the difference to a normal run.
   void set_elide_comm(bool on) { elide_comm_ = on; }
+  // Chunks of the sharded-expert MoE pipeline (gather of chunk c+1 and reduce of chunk c-1 overlap
+  // the experts of chunk c). 0: automatic (on stream-ordered communicators, as many as keep ~1K
+  // rows per expert and chunk, at most 4; 1 on host communicators); tests force other values.
+  void set_moe_chunks(int k) { moe_chunks_ = k; }
   const ForwardProfile& last_profile() const { return profile_; }
 
   // Shape of the KV cache this model needs (dtype = back-end activation dtype).
@@ -88,6 +92,8 @@ class Qwen3Model {
   void attention_layer(int l, const ForwardPlan& plan, KvCache& cache);
   void mlp_layer(int l, const ForwardPlan& plan);
   void moe(int l, const ForwardPlan& plan, const Tensor& h, Tensor out);
+  void moe_pipelined(int l, const ForwardPlan& plan, const Tensor& h, Tensor out, int k);
+  int moe_chunks(const ForwardPlan& plan) const;
   void mark(double& bucket);
   bool overlap_kv() const;
   // Host communicators read the device buffers themselves: the work queued so far must be done.
@@ -102,6 +108,7 @@ class Qwen3Model {
   bool profiling_ = false;
   KvOverlap kv_overlap_ = KvOverlap::Auto;
   bool elide_comm_ = false;
+  int moe_chunks_ = 0;
   ForwardProfile profile_;
   double mark_t_ = 0;
 };

@@ -153,7 +153,7 @@ class MoeTest : public GpuOpsTest {
     return cpu_read(co);
   }
 
-  // Runs the CUDA op on `path` ("grouped" or "cublas") into a fresh out [T + 2, H] whose last two
+  // Runs the CUDA op on `path` (a CPINFER_MOE_GEMM value) into a fresh out [T + 2, H] whose last two
   // rows are sentinels outside the view; returns the T rows, checks the sentinels.
   std::vector<float> run_gpu(const std::string& path, const Inputs& in, const Experts& ex, DType out_dtype) {
     const int64_t t = in.t, h = ex.h;

@@ -100,8 +100,9 @@ class CudaBackend : public Backend {
   // environment variable CPINFER_MOE_GEMM (read on every moe_experts call of such a batch):
   //   grouped (or unset)  the default above;
   //   mma                 the mma.sync grouped kernels, also on Hopper;
-  //   wgmma, wgmma128     the wgmma kernels with 128 x 256 (the Hopper default) or 128 x 128 tiles
-  //                       (compute capability 9.0 only, else an error; wgmma128 is for tuning);
+  //   wgmma               the wgmma kernels as the Hopper default runs them (128 x 256 tiles);
+  //   wgmma128            the wgmma kernels with 128 x 128 tiles (for tuning); both wgmma
+  //                       settings need compute capability 9.0 (else an error);
   //   cublas              the per-expert cuBLAS path, which copies the segment offsets to the host
   //                       (a stream synchronization per call): for comparison and benchmarks only.
   // Shapes the grouped kernels do not take (H or I not a multiple of 64, unaligned pointers) use

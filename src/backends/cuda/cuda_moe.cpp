@@ -9,10 +9,11 @@
 //   pointers) use the row-wise kernels. None of these synchronizes with the host: the forward can
 //   be enqueued (or graph-captured) while NCCL exchanges run.
 // - CPINFER_MOE_GEMM (read on every call of a larger batch): 'grouped' or unset = the default
-//   above; 'mma' = the mma.sync grouped kernels on any GPU; 'wgmma' / 'wgmma128' = the wgmma
-//   kernels with 128 x 256 / 128 x 128 tiles (compute capability 9.0 only; 'wgmma128' is for
-//   tuning); 'cublas' = the older per-expert cuBLAS path, which copies the offsets to the host (one
-//   stream synchronization per call), kept for comparison (bench/moe_bench) only.
+//   above; 'mma' = the mma.sync grouped kernels on any GPU; 'wgmma' = the wgmma kernels as the
+//   default on Hopper (128 x 256 tiles, two N-tiles per CTA); 'wgmma128' = the wgmma kernels with
+//   128 x 128 tiles, one per CTA (for tuning); both wgmma settings need compute capability 9.0;
+//   'cublas' = the older per-expert cuBLAS path, which copies the offsets to the host (one stream
+//   synchronization per call), kept for comparison (bench/moe_bench) only.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -133,15 +134,19 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   const bool tensor_cores = !small && aligned && moe_grouped_gemm_supported(hidden, inter) &&
                             moe_grouped_gemm_max_tiles(static_cast<int64_t>(n_pairs), count) <= 65535;
   // wgmma on Hopper unless mma.sync is asked for: it takes every shape the mma.sync kernels take.
-  int wgmma_tile_n = 0;
-  if (tensor_cores && hopper_ && setting != MoeGemm::Mma) wgmma_tile_n = setting == MoeGemm::Wgmma128 ? 128 : 256;
+  const bool use_wgmma = tensor_cores && hopper_ && setting != MoeGemm::Mma;
+  MoeWgmmaConfig wgmma_cfg;  // the default: 128 x 256 tiles, two N-tiles per CTA
+  if (setting == MoeGemm::Wgmma128) {
+    wgmma_cfg.tile_n_gateup = wgmma_cfg.tile_n_down = 128;
+    wgmma_cfg.n_per_cta = 1;
+  }
   CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
                                        tensor_cores ? tile_start : nullptr, stream_),
               "moe_permute");
-  if (wgmma_tile_n != 0) {
+  if (use_wgmma) {
     CUDA_LAUNCH(launch_moe_grouped_gemms_wgmma(dev(x), src_token, offsets, tile_start, static_cast<int64_t>(n_pairs),
                                                count, ptrs, ptrs + count, ptrs + 2 * count, inter, act, y_rows,
-                                               wgmma_tile_n, stream_),
+                                               wgmma_cfg, stream_),
                 "moe_grouped_gemms_wgmma");
   } else if (tensor_cores) {
     CUDA_LAUNCH(launch_moe_grouped_gemms(dev(x), src_token, offsets, tile_start, static_cast<int64_t>(n_pairs),

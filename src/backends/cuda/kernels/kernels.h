@@ -141,13 +141,20 @@ cudaError_t launch_moe_grouped_gemms(const DevTensor& x, const int32_t* src_toke
                                      const void* const* up, const void* const* down, int64_t inter, void* act,
                                      float* y, cudaStream_t stream);
 // The same two GEMMs on Hopper warpgroup MMA (kernels/moe_gemm_wgmma.cu, built for sm_90a only):
-// same arguments, semantics and device-side scheduling; tile_n = 256 (128 x 256 tiles, the
-// default) or 128 (128 x 128, two CTAs per SM). cudaErrorNotSupported on a device other than
-// compute capability 9.0; cudaErrorInvalidValue for shapes moe_grouped_gemm_supported rejects.
+// same arguments, semantics and device-side scheduling, tiles chosen by MoeWgmmaConfig.
+// cudaErrorNotSupported on a device other than compute capability 9.0; cudaErrorInvalidValue for
+// shapes moe_grouped_gemm_supported rejects or a bad config.
+struct MoeWgmmaConfig {
+  int tile_n_gateup = 256;  // B rows per tile of the gate‖up GEMM (half gate, half up): 256 or 128
+  int tile_n_down = 256;    // B rows per tile of the down GEMM: 256 or 128
+  // (256: 128 x 256 tiles, one CTA per SM; 128: 128 x 128 tiles, two CTAs per SM.)
+  int n_per_cta = 2;  // N-tiles one CTA computes in turn (the next one's loads overlap the epilogue)
+};
 cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
                                            const int32_t* tile_start, int64_t n_pairs, int count,
                                            const void* const* gate, const void* const* up, const void* const* down,
-                                           int64_t inter, void* act, float* y, int tile_n, cudaStream_t stream);
+                                           int64_t inter, void* act, float* y, const MoeWgmmaConfig& cfg,
+                                           cudaStream_t stream);
 // out[t] += Σ_k weights[t,k] · y[pair_row[t*K+k]] over the local pairs, in k order.
 cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row,
                                  DevTensor out, cudaStream_t stream);

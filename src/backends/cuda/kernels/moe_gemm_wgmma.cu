@@ -1,8 +1,8 @@
 // Hopper (sm_90a) versions of the two grouped expert GEMMs of kernels/moe_gemm.cu: the same
 // semantics and the same device-side scheduling (grid.y = M-tile slot bounded on the host by
-// ceil(n_pairs / 128) + count, grid.x = N-tile; a CTA finds (expert, M-tile) by binary search over
-// tile_start, CTAs past the last tile exit), with the math on warpgroup MMA (wgmma) reading both
-// operands from shared memory.
+// ceil(n_pairs / 128) + count, grid.x = group of n_per_cta N-tiles; a CTA finds (expert, M-tile)
+// by binary search over tile_start, CTAs past the last tile exit), with the math on warpgroup MMA
+// (wgmma) reading both operands from shared memory.
 //
 // CTA = 128 rows (kMoeGemmTileM, the tile_m of the permutation) x kBN B rows, 256 threads = two
 // warpgroups of 64 rows, each issuing wgmma m64n{kBN}k16 per 16 columns of K. K advances 64 at a
@@ -21,10 +21,14 @@
 // barrier), issues its 4 wgmmas, waits until only those are in flight (so kt-1 is done), a second
 // barrier makes that true for both warpgroups, then slot (kt-1) % kStages is refilled with
 // k-step kt + kStages - 1. The tensor cores always have the current step queued while the loads
-// of the next kStages - 1 steps are in flight.
+// of the next kStages - 1 steps are in flight. A CTA computes n_per_cta N-tiles of its M-tile in
+// turn: once the last wgmma of one is done, the first kStages - 1 steps of the next are loaded and
+// only then is the finished one written, so the loads overlap the epilogue (which matters most
+// with one CTA per SM).
 //   kBN = 256: 4 stages x 48 KB = 192 KB (+1 KB alignment slack), 1 CTA (8 warps) per SM,
-//              128 fp32 accumulators per thread. The default.
-//   kBN = 128: 3 stages x 32 KB = 96 KB (+1 KB), 2 CTAs per SM (<= 128 registers), 64
+//              128 fp32 accumulators per thread, 188-203 registers, no spills (nvcc 13). The default,
+//              with 2 N-tiles per CTA.
+//   kBN = 128: 3 stages x 32 KB = 96 KB (+1 KB), 2 CTAs per SM (<= 128 registers: 120-128), 64
 //              accumulators per thread: the alternative (CPINFER_MOE_GEMM=wgmma128), for tuning.
 // Epilogue straight from the accumulators: d[4n + e] is row 16·warp + lane/4 + 8·(e/2) of the
 // warpgroup's 64, column 8n + 2·(lane%4) + e%2 (the mapping attention_wgmma.cu uses).
@@ -93,6 +97,7 @@ struct WgArgs {
   int n_out;  // I (kernel 1) or H (kernel 2)
   int k_dim;  // H (kernel 1) or I (kernel 2)
   void* out;  // act [rows, I] BF16 or y [rows, H] F32
+  int n_per_cta;  // N-tiles per CTA (grid.x = ceil(N-tiles / n_per_cta))
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -210,8 +215,13 @@ __global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks) moe_grouped_
   const int seg_begin = __ldg(args.offsets + e);
   const int m0 = (m_slot - __ldg(args.tile_start + e)) * kTileM;
   const int rows_left = __ldg(args.offsets + e + 1) - seg_begin - m0;  // > 0 by construction
-  const int n0 = blockIdx.x * (kGateUp ? kBN / 2 : kBN);
+  constexpr int kNStep = kGateUp ? kBN / 2 : kBN;  // outputs per N-tile
   const int k_dim = args.k_dim, n_out = args.n_out;
+  // N-tiles [j_begin, j_end) of this CTA, in sequence: the next one's first loads overlap the
+  // epilogue of the current one.
+  const int n_tiles = (n_out + kNStep - 1) / kNStep;
+  const int j_begin = blockIdx.x * args.n_per_cta;
+  const int j_end = min(j_begin + args.n_per_cta, n_tiles);
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -232,9 +242,10 @@ __global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks) moe_grouped_
     a_src[i] = args.a + a_row * k_dim + chunk * 8;
     a_ok |= static_cast<uint32_t>(ok) << i;
   }
-  {
-    const __nv_bfloat16* w1 = args.w1[e];
-    const __nv_bfloat16* w2 = kGateUp ? args.w2[e] : nullptr;
+  const __nv_bfloat16* w1 = args.w1[e];
+  const __nv_bfloat16* w2 = kGateUp ? args.w2[e] : nullptr;
+  auto set_b = [&](int n0) {  // B rows of the N-tile starting at output n0
+    b_ok = 0;
 #pragma unroll
     for (int i = 0; i < C::kBLoads; ++i) {
       const int r = load_row(tid, i);
@@ -244,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks) moe_grouped_
       b_src[i] = w + static_cast<int64_t>(ok ? n : 0) * k_dim + chunk * 8;
       b_ok |= static_cast<uint32_t>(ok) << i;
     }
-  }
+  };
   auto load_stage = [&](int slot, int kt) {
     const uint32_t sa = base + slot * C::kStageBytes + st_off;
     const uint32_t sb = sa + kABytes;
@@ -254,73 +265,86 @@ __global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks) moe_grouped_
 #pragma unroll
     for (int i = 0; i < C::kBLoads; ++i) cp_async16(sb + i * kRowsPerPass * kRowBytes, b_src[i] + k0, (b_ok >> i) & 1);
   };
-
-  float acc[C::kAcc];
-#pragma unroll
-  for (int i = 0; i < C::kAcc; ++i) acc[i] = 0.0f;
-
   const int n_k = k_dim / kTileK;
+  auto prologue = [&]() {  // steps 0 .. kStages - 2 into slots 0 .. kStages - 2 (all free)
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_k) load_stage(s, s);
-    cp_async_commit();
-  }
-  const int wg = tid >> 7;
-  for (int kt = 0; kt < n_k; ++kt) {
-    cp_async_wait<kStages - 2>();  // this thread's chunks of step kt have landed
-    // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();  // everyone's chunks of step kt are visible
-    const uint32_t stage = base + (kt % kStages) * C::kStageBytes;
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kTileK / 16; ++ks) {
-      const uint64_t da = make_desc(stage + desc_a_off(wg, ks), 16, 1024);
-      const uint64_t db = make_desc(stage + desc_b_off(ks), 16, 1024);
-      wgmma_tile<kBN>(acc, da, db);
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < n_k) load_stage(s, s);
+      cp_async_commit();
     }
-    wgmma_commit();
-    wgmma_wait<1>();  // this warpgroup's step kt - 1 is done (step kt stays queued)
-    __syncthreads();  // ... and the other warpgroup's: slot (kt - 1) % kStages is free
-    const int next = kt + kStages - 1;
-    if (next < n_k) load_stage(next % kStages, next);
-    cp_async_commit();
-  }
-  wgmma_wait<0>();
-  fence_regs(acc);
-  cp_async_wait<0>();  // only empty groups can be pending here
+  };
 
-  // ---- epilogue: acc[idx] is tile row acc_row(tid, idx), B column acc_col(tid, idx)
+  set_b(j_begin * kNStep);
+  prologue();
+  const int wg = tid >> 7;
+  float acc[C::kAcc];
+  for (int j = j_begin; j < j_end; ++j) {
+    const int n0 = j * kNStep;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = acc_row(tid, 2 * h);
-    if (r >= rows_left) continue;
-    const int64_t row = seg_begin + m0 + r;
-    if constexpr (kGateUp) {
-      auto* out = static_cast<__nv_bfloat16*>(args.out) + row * n_out;
+    for (int i = 0; i < C::kAcc; ++i) acc[i] = 0.0f;
+    for (int kt = 0; kt < n_k; ++kt) {
+      cp_async_wait<kStages - 2>();  // this thread's chunks of step kt have landed
+      // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      __syncthreads();  // everyone's chunks of step kt are visible
+      const uint32_t stage = base + (kt % kStages) * C::kStageBytes;
+      wgmma_fence();
 #pragma unroll
-      for (int n = 0; n < kBN / 16; ++n) {  // gate n8 tiles; the up tile of the same columns is n + kBN / 16
-        const int idx = 4 * n + 2 * h;
-        const int col = n0 + acc_col(tid, idx);
-        if (col >= n_out) continue;  // n_out is a multiple of 64: the pair is inside or outside
-        float v[2];
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float g = bf16_round(acc[idx + c]), u = bf16_round(acc[idx + c + kBN / 4]);
-          v[c] = g / (1.0f + __expf(-g)) * u;
-        }
-        *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(v[0], v[1]);
+      for (int ks = 0; ks < kTileK / 16; ++ks) {
+        const uint64_t da = make_desc(stage + desc_a_off(wg, ks), 16, 1024);
+        const uint64_t db = make_desc(stage + desc_b_off(ks), 16, 1024);
+        wgmma_tile<kBN>(acc, da, db);
       }
-    } else {
-      float* out = static_cast<float*>(args.out) + row * n_out;
+      wgmma_commit();
+      wgmma_wait<1>();  // this warpgroup's step kt - 1 is done (step kt stays queued)
+      __syncthreads();  // ... and the other warpgroup's: slot (kt - 1) % kStages is free
+      const int next = kt + kStages - 1;
+      if (next < n_k) load_stage(next % kStages, next);
+      cp_async_commit();
+    }
+    wgmma_wait<0>();
+    fence_regs(acc);
+    if (j + 1 < j_end) {
+      // Every slot is free once both warpgroups are done (every real cp.async was waited for in the
+      // loop): start the next N-tile's loads, then write this one.
+      __syncthreads();
+      set_b(n0 + kNStep);
+      prologue();
+    }
+
+    // ---- epilogue: acc[idx] is tile row acc_row(tid, idx), B column acc_col(tid, idx)
 #pragma unroll
-      for (int n = 0; n < kBN / 8; ++n) {
-        const int idx = 4 * n + 2 * h;
-        const int col = n0 + acc_col(tid, idx);
-        if (col < n_out) *reinterpret_cast<float2*>(out + col) = make_float2(acc[idx], acc[idx + 1]);
+    for (int h = 0; h < 2; ++h) {
+      const int r = acc_row(tid, 2 * h);
+      if (r >= rows_left) continue;
+      const int64_t row = seg_begin + m0 + r;
+      if constexpr (kGateUp) {
+        auto* out = static_cast<__nv_bfloat16*>(args.out) + row * n_out;
+#pragma unroll
+        for (int n = 0; n < kBN / 16; ++n) {  // gate n8 tiles; the up tile of the same columns is n + kBN / 16
+          const int idx = 4 * n + 2 * h;
+          const int col = n0 + acc_col(tid, idx);
+          if (col >= n_out) continue;  // n_out is a multiple of 64: the pair is inside or outside
+          float v[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const float g = bf16_round(acc[idx + c]), u = bf16_round(acc[idx + c + kBN / 4]);
+            v[c] = g / (1.0f + __expf(-g)) * u;
+          }
+          *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(v[0], v[1]);
+        }
+      } else {
+        float* out = static_cast<float*>(args.out) + row * n_out;
+#pragma unroll
+        for (int n = 0; n < kBN / 8; ++n) {
+          const int idx = 4 * n + 2 * h;
+          const int col = n0 + acc_col(tid, idx);
+          if (col < n_out) *reinterpret_cast<float2*>(out + col) = make_float2(acc[idx], acc[idx + 1]);
+        }
       }
     }
   }
+  cp_async_wait<0>();  // only empty groups can be pending here
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
@@ -338,44 +362,15 @@ cudaError_t ensure_smem_attribute(int device) {
   return err;
 }
 
-template <int kBN>
-cudaError_t launch_wgmma(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
-                         const int32_t* tile_start, int64_t m_slots, int count, const void* const* gate,
-                         const void* const* up, const void* const* down, int64_t inter, void* act, float* y,
-                         int device, cudaStream_t stream) {
-  const int64_t hidden = x.cols();
-  cudaError_t err = ensure_smem_attribute<true, kBN>(device);
+template <bool kGateUp, int kBN>
+cudaError_t launch_one(const WgArgs& args, int64_t m_slots, int device, cudaStream_t stream) {
+  const cudaError_t err = ensure_smem_attribute<kGateUp, kBN>(device);
   if (err != cudaSuccess) return err;
-  err = ensure_smem_attribute<false, kBN>(device);
-  if (err != cudaSuccess) return err;
-  constexpr size_t smem = WgCfg<kBN>::kSmemBytes;
-
-  WgArgs a1;
-  a1.a = x.ptr<const __nv_bfloat16>();
-  a1.src_token = src_token;
-  a1.offsets = offsets;
-  a1.tile_start = tile_start;
-  a1.w1 = reinterpret_cast<const __nv_bfloat16* const*>(gate);
-  a1.w2 = reinterpret_cast<const __nv_bfloat16* const*>(up);
-  a1.count = count;
-  a1.n_out = static_cast<int>(inter);
-  a1.k_dim = static_cast<int>(hidden);
-  a1.out = act;
-  const dim3 grid1(static_cast<unsigned>((inter + kBN / 2 - 1) / (kBN / 2)), static_cast<unsigned>(m_slots));
-  moe_grouped_gemm_wgmma_kernel<true, kBN><<<grid1, kThreads, smem, stream>>>(a1);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-
-  WgArgs a2 = a1;
-  a2.a = static_cast<const __nv_bfloat16*>(act);
-  a2.src_token = nullptr;
-  a2.w1 = reinterpret_cast<const __nv_bfloat16* const*>(down);
-  a2.w2 = nullptr;
-  a2.n_out = static_cast<int>(hidden);
-  a2.k_dim = static_cast<int>(inter);
-  a2.out = y;
-  const dim3 grid2(static_cast<unsigned>((hidden + kBN - 1) / kBN), static_cast<unsigned>(m_slots));
-  moe_grouped_gemm_wgmma_kernel<false, kBN><<<grid2, kThreads, smem, stream>>>(a2);
+  constexpr int kNStep = kGateUp ? kBN / 2 : kBN;
+  const int64_t n_tiles = (args.n_out + kNStep - 1) / kNStep;
+  const dim3 grid(static_cast<unsigned>((n_tiles + args.n_per_cta - 1) / args.n_per_cta),
+                  static_cast<unsigned>(m_slots));
+  moe_grouped_gemm_wgmma_kernel<kGateUp, kBN><<<grid, kThreads, WgCfg<kBN>::kSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }
 
@@ -384,14 +379,17 @@ cudaError_t launch_wgmma(const DevTensor& x, const int32_t* src_token, const int
 cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
                                            const int32_t* tile_start, int64_t n_pairs, int count,
                                            const void* const* gate, const void* const* up, const void* const* down,
-                                           int64_t inter, void* act, float* y, int tile_n, cudaStream_t stream) {
+                                           int64_t inter, void* act, float* y, const MoeWgmmaConfig& cfg,
+                                           cudaStream_t stream) {
   const int64_t hidden = x.cols();
   if (count == 0 || n_pairs == 0) return cudaSuccess;
   // The checks of moe_grouped_gemm_supported / moe_grouped_gemm_max_tiles (moe_gemm.cu), restated
   // here so that this library does not depend on the one that links it.
   const bool shape_ok = hidden > 0 && inter > 0 && hidden % 64 == 0 && inter % 64 == 0 &&
                         hidden <= (int64_t{1} << 20) && inter <= (int64_t{1} << 20);
-  if (!shape_ok || x.dtype != DType::BF16 || (tile_n != 128 && tile_n != 256)) return cudaErrorInvalidValue;
+  const bool cfg_ok = (cfg.tile_n_gateup == 128 || cfg.tile_n_gateup == 256) &&
+                      (cfg.tile_n_down == 128 || cfg.tile_n_down == 256) && cfg.n_per_cta >= 1 && cfg.n_per_cta <= 64;
+  if (!shape_ok || !cfg_ok || x.dtype != DType::BF16) return cudaErrorInvalidValue;
   const int64_t m_slots = (n_pairs + kTileM - 1) / kTileM + count;
   if (m_slots > 65535) return cudaErrorInvalidValue;  // grid.y; > 8M rows per call
   int device = 0;
@@ -413,11 +411,33 @@ cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* sr
     if (bit) known_mask.fetch_or(bit, std::memory_order_acq_rel);
   }
   if (!hopper) return cudaErrorNotSupported;
-  if (tile_n == 256)
-    return launch_wgmma<256>(x, src_token, offsets, tile_start, m_slots, count, gate, up, down, inter, act, y, device,
-                             stream);
-  return launch_wgmma<128>(x, src_token, offsets, tile_start, m_slots, count, gate, up, down, inter, act, y, device,
-                           stream);
+
+  WgArgs a1;
+  a1.a = x.ptr<const __nv_bfloat16>();
+  a1.src_token = src_token;
+  a1.offsets = offsets;
+  a1.tile_start = tile_start;
+  a1.w1 = reinterpret_cast<const __nv_bfloat16* const*>(gate);
+  a1.w2 = reinterpret_cast<const __nv_bfloat16* const*>(up);
+  a1.count = count;
+  a1.n_out = static_cast<int>(inter);
+  a1.k_dim = static_cast<int>(hidden);
+  a1.out = act;
+  a1.n_per_cta = cfg.n_per_cta;
+  err = cfg.tile_n_gateup == 256 ? launch_one<true, 256>(a1, m_slots, device, stream)
+                                 : launch_one<true, 128>(a1, m_slots, device, stream);
+  if (err != cudaSuccess) return err;
+
+  WgArgs a2 = a1;
+  a2.a = static_cast<const __nv_bfloat16*>(act);
+  a2.src_token = nullptr;
+  a2.w1 = reinterpret_cast<const __nv_bfloat16* const*>(down);
+  a2.w2 = nullptr;
+  a2.n_out = static_cast<int>(hidden);
+  a2.k_dim = static_cast<int>(inter);
+  a2.out = y;
+  return cfg.tile_n_down == 256 ? launch_one<false, 256>(a2, m_slots, device, stream)
+                                : launch_one<false, 128>(a2, m_slots, device, stream);
 }
 
 }  // namespace cpinfer::cuda
