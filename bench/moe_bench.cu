@@ -4,8 +4,10 @@
 //   grouped: moe_permute (+ tile prefix) -> grouped gate‖up+SiLU GEMM -> grouped down GEMM ->
 //            moe_unpermute; all enqueued, no host synchronization (the default path). Timed with
 //            each kernel pair: mma (mma.sync, kernels/moe_gemm.cu, any GPU) and, on compute
-//            capability 9.0, wgmma (128 x 256 tiles, the back-end's default there) and wgmma128
-//            (128 x 128 tiles), kernels/moe_gemm_wgmma.cu;
+//            capability 9.0, the wgmma kernels of kernels/moe_gemm_wgmma.cu: wgmma (128 x 256
+//            tiles, 2 N-tiles per CTA: the back-end's default there), wgmma128 (128 x 128, 1 per
+//            CTA: CPINFER_MOE_GEMM=wgmma128) and tuning variants (.jN: N-tiles per CTA; .mix:
+//            128 x 256 gate‖up, 128 x 128 down);
 //   cublas:  moe_permute -> offsets to the host (stream sync) -> gather rows -> per-expert cuBLAS
 //            gate, up -> silu_mul -> per-expert cuBLAS down -> moe_unpermute
 //            (CPINFER_MOE_GEMM=cublas in the back-end).
@@ -170,15 +172,22 @@ int main(int argc, char** argv) {
               prop.multiProcessorCount, static_cast<long long>(hidden), static_cast<long long>(inter), n_experts,
               first, count, top_k, reps);
 
-  // The grouped kernel pairs: tile_n 0 = mma.sync, else the wgmma kernels with that tile N.
+  // The grouped kernel pairs: mma.sync, or the wgmma kernels with a tile config (tile N of the
+  // gate‖up and of the down GEMM, N-tiles per CTA). "wgmma" is the back-end's default on Hopper,
+  // "wgmma128" its CPINFER_MOE_GEMM=wgmma128; the others are for tuning.
   struct GroupedPath {
     const char* name;
-    int tile_n;
+    bool wgmma;
+    cc::MoeWgmmaConfig cfg;
   };
-  std::vector<GroupedPath> gpaths = {{"mma", 0}};
+  std::vector<GroupedPath> gpaths = {{"mma", false, {}}};
   if (prop.major == 9 && prop.minor == 0) {
-    gpaths.push_back({"wgmma", 256});
-    gpaths.push_back({"wgmma128", 128});
+    gpaths.push_back({"wgmma", true, {}});
+    gpaths.push_back({"wgmma.j1", true, {256, 256, 1}});
+    gpaths.push_back({"wgmma.j3", true, {256, 256, 3}});
+    gpaths.push_back({"wgmma.mix", true, {256, 128, 2}});
+    gpaths.push_back({"wgmma128", true, {128, 128, 1}});
+    gpaths.push_back({"wgmma128.j2", true, {128, 128, 2}});
   } else {
     std::printf("(not compute capability 9.0: no wgmma columns)\n");
   }
@@ -272,12 +281,12 @@ int main(int argc, char** argv) {
       BENCH_CHECK(cc::launch_moe_permute_tiled(idt, first, count, offsets, src_token, pair_row, cc::kMoeGemmTileM,
                                                tile_start, stream));
       if (timed) BENCH_CHECK(cudaEventRecord(ev[1], stream));
-      if (gpaths[path].tile_n == 0)
+      if (!gpaths[path].wgmma)
         BENCH_CHECK(cc::launch_moe_grouped_gemms(xt, src_token, offsets, tile_start, n_pairs, count, gate_p, up_p,
                                                  down_p, inter, act, y, stream));
       else
         BENCH_CHECK(cc::launch_moe_grouped_gemms_wgmma(xt, src_token, offsets, tile_start, n_pairs, count, gate_p,
-                                                       up_p, down_p, inter, act, y, gpaths[path].tile_n, stream));
+                                                       up_p, down_p, inter, act, y, gpaths[path].cfg, stream));
       if (timed) BENCH_CHECK(cudaEventRecord(ev[2], stream));
       BENCH_CHECK(cc::launch_moe_unpermute(yt, wt, pair_row, view(out, DType::BF16, {n_tokens, hidden}), stream));
     };
@@ -314,6 +323,10 @@ int main(int argc, char** argv) {
     for (auto* o : out_g) BENCH_CHECK(cudaMemsetAsync(o, 0, n_tokens * hidden * 2, stream));
     BENCH_CHECK(cudaMemsetAsync(out_c, 0, n_tokens * hidden * 2, stream));
     for (size_t p = 0; p < n_gp; ++p) {
+      // The paths share the act / y scratch: NaN-fill it first, so rows a path fails to write show
+      // up as non-finite outputs instead of the previous path's values.
+      BENCH_CHECK(cudaMemsetAsync(act, 0xFF, n_pairs * inter * 2, stream));
+      BENCH_CHECK(cudaMemsetAsync(y, 0xFF, n_pairs * hidden * 4, stream));
       run_grouped(p, out_g[p], false);
       BENCH_CHECK(cudaStreamSynchronize(stream));
       const cudaError_t err = cudaGetLastError();
@@ -358,7 +371,7 @@ int main(int argc, char** argv) {
     std::vector<std::string> check(n_gp);
     for (size_t p = 0; p < n_gp; ++p) {
       std::vector<std::pair<const char*, Cmp>> cmps = {{"cublas", compare(hg[p], hc)}};
-      if (gpaths[p].tile_n != 0) cmps.push_back({"mma", compare(hg[p], hg[0])});
+      if (gpaths[p].wgmma) cmps.push_back({"mma", compare(hg[p], hg[0])});
       for (const auto& [other, c] : cmps) {
         char buf[256];
         std::snprintf(buf, sizeof buf, "%svs %s: %s nmse=%.2e max_err=%.3e", check[p].empty() ? "" : "; ", other,
@@ -417,13 +430,13 @@ int main(int argc, char** argv) {
                 static_cast<long long>(rows), static_cast<long long>(min_rows), static_cast<long long>(max_rows));
     for (size_t p = 0; p < n_gp; ++p) {
       const double gt = median(g_total[p]), gg = median(g_gemm[p]);
-      std::printf("  %-9s total %8.3f ms (%6.1f TF/s)  gemm %8.3f ms (%6.1f TF/s)  vs cublas %5.2fx %5.2fx  %s\n",
-                  gpaths[p].name, gt, tf(gt), gg, tf(gg), ct / gt, cg / gg, check[p].c_str());
+      std::printf("  %-11s total %8.3f ms (%6.1f TF/s)  gemm %8.3f ms (%6.1f TF/s, %3.0f%% of dense)  vs cublas %5.2fx "
+                  "%5.2fx  %s\n",
+                  gpaths[p].name, gt, tf(gt), gg, tf(gg), 100.0 * dn / gg, ct / gt, cg / gg, check[p].c_str());
     }
-    std::printf("  %-9s total %8.3f ms (%6.1f TF/s)  gemm %8.3f ms (%6.1f TF/s)\n", "cublas", ct, tf(ct), cg, tf(cg));
-    std::printf("  dense cuBLAS floor (same FLOPs, one expert): %.3f ms = %.1f TF/s;", dn, tf(dn));
-    for (size_t p = 0; p < n_gp; ++p) std::printf(" %s GEMMs at %.0f%% of it,", gpaths[p].name, 100.0 * dn / median(g_gemm[p]));
-    std::printf(" cuBLAS per-expert at %.0f%%\n", 100.0 * dn / cg);
+    std::printf("  %-11s total %8.3f ms (%6.1f TF/s)  gemm %8.3f ms (%6.1f TF/s)\n", "cublas", ct, tf(ct), cg, tf(cg));
+    std::printf("  dense cuBLAS floor (same FLOPs, one expert): %.3f ms = %.1f TF/s; cuBLAS per-expert GEMMs at %.0f%% "
+                "of it\n", dn, tf(dn), 100.0 * dn / cg);
     std::fflush(stdout);
 
     for (void* p : {static_cast<void*>(x), static_cast<void*>(ids_d), static_cast<void*>(w_d),
