@@ -75,6 +75,17 @@ FIXTURES = {
                     intermediate_size=96, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                     norm_topk_prob=True, decoder_sparse_step=2, mlp_only_layers=[0], tie_word_embeddings=False,
                     rope_parameters=ROPE_DEFAULT)),
+    # Trained, so that its predictions are as confident as a real checkpoint's: on random weights the
+    # top-2 logit gap is a fraction of the logit spread and bf16 rounding flips 1-4% of the argmaxes;
+    # here the fixture's prompts come from the language it learned (see synthetic_language), so the
+    # literal bf16 bar (argmax agreement >= 99% with transformers' bf16 forward) can be tested.
+    "moe_trained": dict(
+        arch="Qwen3MoeForCausalLM", seed=1005, dialect="v5", expert_layout="per_expert",
+        train=dict(steps=1500, batch=64, seq_len=128, lr=3e-3, min_accuracy=0.995),
+        config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                    intermediate_size=128, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+                    rope_parameters=ROPE_DEFAULT)),
     # Dense Qwen3 (no experts).
     "dense_qwen3": dict(
         arch="Qwen3ForCausalLM", seed=1004, dialect="v5", expert_layout="none",
@@ -144,7 +155,71 @@ def build_model(spec, torch, transformers):
     torch.manual_seed(spec["seed"])
     model = model_cls(config).to(torch.float32).eval()
     init_info = reinit_weights(model, spec["seed"], torch)
+    if "train" in spec:
+        init_info["training"] = train(model, spec, torch)
     return model, model_cls, init_info
+
+
+class SyntheticLanguage:
+    """A deterministic language a tiny model learns to near certainty, and that needs attention.
+
+    Two random cyclic permutations f0, f1 of the vocabulary (one cycle each, so no fixed points):
+    x[1] = f0(x[0]) and x[i+1] = f_{x[i-1] mod 2}(x[i]); only x[0] is free. Predicting the next token
+    needs the current token and the parity of the one before it (attention to the previous position)."""
+
+    def __init__(self, seed, torch):
+        gen = torch.Generator().manual_seed(seed)
+        self.f = []
+        for _ in range(2):
+            order = torch.randperm(VOCAB, generator=gen)
+            f = torch.empty(VOCAB, dtype=torch.long)
+            f[order] = order.roll(-1)
+            self.f.append(f)
+        self.torch = torch
+
+    def sample(self, n_seqs, length, gen):
+        x = self.torch.empty(n_seqs, length, dtype=self.torch.long)
+        x[:, 0] = self.torch.randint(0, VOCAB, (n_seqs,), generator=gen)
+        if length > 1:
+            x[:, 1] = self.f[0][x[:, 0]]
+        for i in range(1, length - 1):
+            parity = x[:, i - 1] % 2
+            x[:, i + 1] = self.torch.where(parity == 0, self.f[0][x[:, i]], self.f[1][x[:, i]])
+        return x
+
+
+def train(model, spec, torch):
+    """Trains the model in fp32 on the synthetic language; fails unless it learned it."""
+    t = spec["train"]
+    lang = SyntheticLanguage(spec["seed"], torch)
+    gen = torch.Generator().manual_seed(spec["seed"] + 1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t["lr"], total_steps=t["steps"], pct_start=0.1)
+    t0 = time.time()
+    for step in range(t["steps"]):
+        x = lang.sample(t["batch"], t["seq_len"], gen).to(device)
+        out = model(input_ids=x, labels=x)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == t["steps"] - 1:
+            log(f"[train] step {step:5d} loss {out.loss.item():.4f}")
+    model.eval()
+    with torch.no_grad():
+        x = lang.sample(64, 1100, gen).to(device)
+        pred = model(input_ids=x).logits[:, :-1].argmax(-1)
+        accuracy = (pred == x[:, 1:]).float().mean().item()
+    model.to("cpu")
+    log(f"[train] {t['steps']} steps in {time.time() - t0:.1f} s on {device}: next-token accuracy {accuracy:.4f} "
+        f"on 1100-token sequences")
+    if accuracy < t["min_accuracy"]:
+        fail(f"training reached next-token accuracy {accuracy:.4f} < {t['min_accuracy']}: raise steps or lr")
+    return {**t, "device": device, "final_loss": round(out.loss.item(), 5), "accuracy": round(accuracy, 5),
+            "language": "x[i+1] = f_(x[i-1] mod 2)(x[i]), two random single-cycle permutations; x[1] = f0(x[0])"}
 
 
 def reinit_weights(model, seed, torch):
@@ -402,11 +477,17 @@ def check_same_weights(name, ref_model, loaded, torch):
             fail(f"[{name}] reloaded tensor {k} differs from the saved bf16 weights (max abs diff {diff})")
 
 
-def make_prompts(seed, torch):
+def make_prompts(spec, torch):
+    """Random ids, or for a trained fixture sentences of the language it learned."""
+    seed = spec["seed"]
+    lang = SyntheticLanguage(seed, torch) if "train" in spec else None
     prompts = []
     for n in PROMPT_LENGTHS:
         gen = torch.Generator().manual_seed(seed * 10007 + n)
-        prompts.append(torch.randint(0, VOCAB, (n,), generator=gen).tolist())
+        if lang:
+            prompts.append(lang.sample(1, n, gen)[0].tolist())
+        else:
+            prompts.append(torch.randint(0, VOCAB, (n,), generator=gen).tolist())
     return prompts
 
 
@@ -560,7 +641,7 @@ def build_fixture(name, spec, out_root, use_gpu, torch, transformers):
     ref = load_saved(name, spec, fixture_dir, model_cls, torch, torch.float32, "eager", "cpu")
     check_loaded_config(name, spec, ref)
     check_same_weights(name, model_bf16, ref, torch)
-    prompts = make_prompts(spec["seed"], torch)
+    prompts = make_prompts(spec, torch)
     with torch.inference_mode():
         spread = check_spread(name, spec, ref, prompts, torch)
         records = fp32_reference(name, spec, ref, prompts, torch)
