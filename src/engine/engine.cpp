@@ -100,7 +100,8 @@ std::vector<std::vector<float>> Engine::run(const std::vector<SeqWork>& work) {
 
 std::vector<int32_t> Engine::run_sample(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows) {
   CPI_CHECK(rows.size() == work.size(), "run_sample: ", rows.size(), " sampling rows for ", work.size(), " sequences");
-  for (const SeqWork& w : work) CPI_CHECK(w.logits == LogitsWanted::Last, "run_sample draws from the last position only");
+  for (const SeqWork& w : work)
+    CPI_CHECK(w.logits != LogitsWanted::All, "run_sample draws from the last position only (LogitsWanted::All given)");
   ForwardPlan plan = make_plan(work, *cache_, par_.cp_rank(), opt_.cp);
   std::vector<SampleRow> plan_rows;
   for (const LogitRow& r : plan.logit_rows_all) plan_rows.push_back(rows[r.seq]);

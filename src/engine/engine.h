@@ -73,8 +73,9 @@ class Engine {
   // Runs a forward of `work` (KV sequences already reserved) and returns logits grouped per
   // SeqWork entry.
   std::vector<std::vector<float>> run(const std::vector<SeqWork>& work);
-  // The same forward (every entry LogitsWanted::Last) with one token drawn per entry on the
-  // device, rows[i] for work[i]; -1 where no logit is above -inf.
+  // The same forward with one token drawn on the device for every entry with LogitsWanted::Last
+  // (rows[i] for work[i]; entries with None get -1 and their row is ignored; All is refused); -1
+  // also where no logit is above -inf.
   std::vector<int32_t> run_sample(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows);
 
  private:

@@ -37,9 +37,9 @@ void EngineRunner::broadcast_step(int32_t kind, const std::vector<SeqWork>& work
   control_->broadcast(msg.data(), msg.size() * sizeof(int32_t), 0);
 }
 
-std::vector<std::vector<float>> EngineRunner::run(const std::vector<SeqWork>& work) {
+std::vector<int32_t> EngineRunner::run(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows) {
   if (control_) broadcast_step(kStepRun, work);
-  return engine_.run(work);
+  return engine_.run_sample(work, rows);
 }
 
 void EngineRunner::idle() {
@@ -92,7 +92,8 @@ void follow_steps(Engine& engine, Communicator& control) {
       i += static_cast<size_t>(len);
       work.push_back(w);
     }
-    if (!work.empty()) engine.run(work);
+    // The same forward as rank 0 (the same collectives); the draw is rank 0's alone.
+    if (!work.empty()) engine.run_sample(work, std::vector<SampleRow>(work.size()));
     if (kind == kStepShutdown) return;
   }
 }

@@ -22,7 +22,7 @@ class EngineRunner : public ModelRunner {
   int add_sequence() override;
   void reserve(int seq, int n_tokens) override;
   void free_sequence(int seq) override;
-  std::vector<std::vector<float>> run(const std::vector<SeqWork>& work) override;
+  std::vector<int32_t> run(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows) override;
   void idle() override;
   int block_size() const override { return engine_.cache().block_size(); }
   int n_blocks() const override { return engine_.cache().n_blocks(); }

@@ -231,9 +231,12 @@ bool Scheduler::step() {
     owners[i]->reserved = std::max(owners[i]->reserved, n);
   }
 
-  auto logits = runner_.run(work);
-  CPI_CHECK(logits.size() == work.size(), "engine returned ", logits.size(), " logit groups for ", work.size(),
-            " sequences");
+  // Tokens are drawn by the runner (on the device), each with its request's sampler parameters.
+  std::vector<SampleRow> rows(work.size());
+  for (size_t i = 0; i < work.size(); ++i)
+    if (work[i].logits == LogitsWanted::Last) rows[i] = owners[i]->sampler->next_row();
+  const std::vector<int32_t> drawn = runner_.run(work, rows);
+  CPI_CHECK(drawn.size() == work.size(), "engine returned ", drawn.size(), " tokens for ", work.size(), " sequences");
 
   for (size_t i = 0; i < work.size(); ++i) {
     auto& r = owners[i];
@@ -243,7 +246,9 @@ bool Scheduler::step() {
       if (metrics_) metrics_->add_prompt_tokens(n);
       if (work[i].logits == LogitsWanted::None) continue;
     }
-    on_sampled(r, r->sampler->sample(logits[i]));
+    CPI_CHECK(drawn[i] >= 0, "no token can be drawn: every logit is -inf or NaN");
+    r->sampler->advance();
+    on_sampled(r, drawn[i]);
   }
   publish_gauges();
   return true;

@@ -30,8 +30,9 @@ class ModelRunner {
   virtual int add_sequence() = 0;
   virtual void reserve(int seq, int n_tokens) = 0;
   virtual void free_sequence(int seq) = 0;
-  // One forward; returns per SeqWork its logits rows (one row of vocab floats for Last).
-  virtual std::vector<std::vector<float>> run(const std::vector<SeqWork>& work) = 0;
+  // One forward; returns per SeqWork the token drawn with rows[i] from its last position (entries
+  // with LogitsWanted::Last; -1 for None, or when no logit is above -inf).
+  virtual std::vector<int32_t> run(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows) = 0;
   // Called when there is nothing to run for a while: lets other ranks know rank 0 is alive.
   virtual void idle() {}
   virtual int block_size() const = 0;

@@ -6,6 +6,7 @@
 #include <climits>
 #include <map>
 
+#include "backends/cpu/cpu_backend.h"
 #include "server/api.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
@@ -216,16 +217,18 @@ class FakeRunner : public ModelRunner {
     free_ += seqs_.at(seq);
     seqs_.erase(seq);
   }
-  std::vector<std::vector<float>> run(const std::vector<SeqWork>& work) override {
+  std::vector<int32_t> run(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows) override {
     steps.push_back(work);
-    std::vector<std::vector<float>> out;
-    for (const auto& w : work) {
-      std::vector<float> row;
+    std::vector<int32_t> out;
+    for (size_t i = 0; i < work.size(); ++i) {
+      const SeqWork& w = work[i];
+      int32_t id = -1;
       if (w.logits == LogitsWanted::Last) {
-        row.assign(kVocab, 0.0f);
+        std::vector<float> row(kVocab, 0.0f);
         row[(w.n_cached + w.tokens.size()) % kVocab] = 10.0f;
+        id = sample_reference(row, rows[i]);
       }
-      out.push_back(row);
+      out.push_back(id);
     }
     return out;
   }
