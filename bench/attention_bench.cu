@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "backends/cuda/kernels/kernels.h"
+#include "bench_util.cuh"
 
 using cpinfer::DType;
 using cpinfer::cuda::DevAttnBatch;
@@ -34,27 +35,7 @@ using cpinfer::cuda::DevTensor;
 
 namespace {
 
-#define BENCH_CHECK(call)                                                                              \
-  do {                                                                                                 \
-    cudaError_t e_ = (call);                                                                           \
-    if (e_ != cudaSuccess) {                                                                           \
-      std::fprintf(stderr, "attention_bench: %s failed: %s\n", #call, cudaGetErrorString(e_));         \
-      std::exit(1);                                                                                    \
-    }                                                                                                  \
-  } while (0)
-
-__global__ void fill_random_bf16(__nv_bfloat16* p, int64_t n, uint32_t seed, float scale) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 16;
-    h *= 0x7feb352du;
-    h ^= h >> 15;
-    h *= 0x846ca68bu;
-    h ^= h >> 16;
-    p[i] = __float2bfloat16((static_cast<float>(h) * (1.0f / 4294967296.0f) * 2.0f - 1.0f) * scale);
-  }
-}
+constexpr const char* kBenchName = "attention_bench";
 
 DevTensor view(void* p, DType dt, std::initializer_list<int64_t> dims) {
   DevTensor t;

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "backends/cuda/kernels/kernels.h"
+#include "bench_util.cuh"
 
 using cpinfer::DType;
 using cpinfer::cuda::DevTensor;
@@ -42,14 +43,7 @@ namespace cc = cpinfer::cuda;
 
 namespace {
 
-#define BENCH_CHECK(call)                                                                       \
-  do {                                                                                          \
-    cudaError_t e_ = (call);                                                                    \
-    if (e_ != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "moe_bench: %s failed: %s\n", #call, cudaGetErrorString(e_));        \
-      std::exit(1);                                                                             \
-    }                                                                                           \
-  } while (0)
+constexpr const char* kBenchName = "moe_bench";
 #define CUBLAS_BENCH_CHECK(call)                                                                \
   do {                                                                                          \
     cublasStatus_t s_ = (call);                                                                 \
@@ -58,19 +52,6 @@ namespace {
       std::exit(1);                                                                             \
     }                                                                                           \
   } while (0)
-
-__global__ void fill_random_bf16(__nv_bfloat16* p, int64_t n, uint32_t seed, float scale) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed ^ static_cast<uint32_t>(i >> 32) * 0x9E3779B9u;
-    h ^= h >> 16;
-    h *= 0x7feb352du;
-    h ^= h >> 15;
-    h *= 0x846ca68bu;
-    h ^= h >> 16;
-    p[i] = __float2bfloat16((static_cast<float>(h) * (1.0f / 4294967296.0f) * 2.0f - 1.0f) * scale);
-  }
-}
 
 void fill(__nv_bfloat16* p, int64_t n, uint32_t seed, float scale) {
   fill_random_bf16<<<2048, 256>>>(p, n, seed, scale);

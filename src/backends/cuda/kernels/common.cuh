@@ -91,6 +91,18 @@ inline unsigned grid_1d(int64_t n, int threads) {
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 * 16 ? 65535 * 16 : blocks));
 }
 
+// Grouped MoE GEMMs: the expert whose M-tiles contain tile slot m_slot, i.e. the largest e with
+// tile_start[e] <= m_slot (tile_start [count + 1] is the prefix sum of the experts' tile counts).
+__device__ __forceinline__ int expert_of_tile(const int32_t* __restrict__ tile_start, int count, int m_slot) {
+  int lo = 0, hi = count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (__ldg(tile_start + mid) <= m_slot) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
 }  // namespace cpinfer::cuda
 
 // Host-side dispatch over the float dtypes: CPI_DISPATCH_FLOAT(t, "op x", T, body) runs body with

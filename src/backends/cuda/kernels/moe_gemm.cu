@@ -94,13 +94,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_grouped_gemm_kernel(const Gro
   const int m_slot = blockIdx.y;
   const int n_tiles_total = __ldg(args.tile_start + args.count);
   if (m_slot >= n_tiles_total) return;
-  int lo = 0, hi = args.count - 1;  // largest e with tile_start[e] <= m_slot
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (__ldg(args.tile_start + mid) <= m_slot) lo = mid;
-    else hi = mid - 1;
-  }
-  const int e = lo;
+  const int e = expert_of_tile(args.tile_start, args.count, m_slot);
   const int seg_begin = __ldg(args.offsets + e);
   const int m0 = (m_slot - __ldg(args.tile_start + e)) * kTileM;  // first row of the tile in the segment
   const int rows_left = __ldg(args.offsets + e + 1) - seg_begin - m0;   // > 0 by construction

@@ -39,6 +39,7 @@
 
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/kernels.h"
+#include "backends/cuda/kernels/hopper.cuh"
 
 namespace cpinfer::cuda {
 namespace {
@@ -102,37 +103,7 @@ struct WgArgs {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-// wgmma shared-memory descriptor: 128-byte swizzle, strides in bytes (as attention_wgmma.cu).
-__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  uint64_t d = 0;
-  d |= static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
-  d |= static_cast<uint64_t>((lbo & 0x3FFFF) >> 4) << 16;
-  d |= static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32;
-  d |= static_cast<uint64_t>(1) << 62;  // 128B swizzle
-  return d;
-}
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-}
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
+using namespace cpinfer::cuda::hopper;
 
 // d[64] += A[64 x 16] · B[128 x 16]ᵀ, both from shared memory (K-major, 128-byte swizzle).
 __device__ __forceinline__ void wgmma_n128(float (&d)[64], uint64_t da, uint64_t db) {
@@ -205,13 +176,7 @@ __global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks) moe_grouped_
   const int m_slot = blockIdx.y;
   const int n_tiles_total = __ldg(args.tile_start + args.count);
   if (m_slot >= n_tiles_total) return;
-  int lo = 0, hi = args.count - 1;  // largest e with tile_start[e] <= m_slot
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (__ldg(args.tile_start + mid) <= m_slot) lo = mid;
-    else hi = mid - 1;
-  }
-  const int e = lo;
+  const int e = expert_of_tile(args.tile_start, args.count, m_slot);
   const int seg_begin = __ldg(args.offsets + e);
   const int m0 = (m_slot - __ldg(args.tile_start + e)) * kTileM;
   const int rows_left = __ldg(args.offsets + e + 1) - seg_begin - m0;  // > 0 by construction
