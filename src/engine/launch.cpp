@@ -16,6 +16,11 @@ int local_device(int base, int world_rank) {
 }
 
 namespace {
+void check_ep_size(int ep_size, int world) {
+  CPI_CHECK(ep_size == 0 || ep_size == 1 || ep_size == world, "--ep-size ", ep_size, " is not supported with ", world,
+            " ranks: experts are sharded over all ranks (--ep-size ", world, ") or replicated on each (--ep-size 1)");
+}
+
 void run_rank(Communicator& boot, const LaunchOptions& opt, const std::function<void(ParallelCtx&)>& fn) {
   const int cp_size = opt.cp_size;
   ParallelCtx par;
@@ -34,9 +39,7 @@ void run_rank(Communicator& boot, const LaunchOptions& opt, const std::function<
     par.world = &world;
     par.control = &boot;
   }
-  CPI_CHECK(opt.ep_size == 0 || opt.ep_size == 1 || opt.ep_size == world.size(), "--ep-size ", opt.ep_size,
-            " is not supported with ", world.size(), " ranks: experts are sharded over all ranks (--ep-size ",
-            world.size(), ") or replicated on each (--ep-size 1)");
+  check_ep_size(opt.ep_size, world.size());
   par.replicate_experts = opt.ep_size == 1 && world.size() > 1;
   if (cp_size == world.size()) {
     par.cp = world.size() > 1 ? &world : nullptr;
@@ -58,6 +61,7 @@ void launch(const LaunchOptions& opt, const std::function<void(ParallelCtx&)>& f
     int world = opt.world_size > 0 ? opt.world_size : opt.cp_size;
     CPI_CHECK(world % opt.cp_size == 0, "--attn-cp-size ", opt.cp_size, " does not divide the world size ", world,
               " (--tp-size)");
+    check_ep_size(opt.ep_size, world);
     if (world == 1) {
       fn(*std::make_unique<ParallelCtx>());
       return;
