@@ -25,6 +25,7 @@ struct BenchFlags {
   bool json = false;
   bool profile = true;
   bool exposed_comm = true;
+  int moe_chunks = 0;
   double peak_tflops = 0;  // 0: measured (cuda)
 };
 
@@ -116,6 +117,7 @@ int run_bench_prefill(BenchFlags& f) {
       eo.random_weights = f.random_weights;
       eo.quiet = par.world_rank() != 0;
       Engine engine(f.ef.model_path, eo, par);
+      engine.model().set_moe_chunks(f.moe_chunks);
       if (par.world_rank() == 0) {
         std::lock_guard<std::mutex> lock(mu);
         cfg = engine.config();
@@ -236,6 +238,9 @@ Command add_bench_command(CLI::App& app) {
   p->add_flag("!--no-exposed-comm", f->exposed_comm,
               "Skip measuring exposed communication (CP > 1: TTFT minus the TTFT of the same forward with "
               "every collective skipped)");
+  p->add_option("--moe-chunks", f->moe_chunks,
+                 "Chunks of the sharded-expert MoE pipeline (0: the default, which is 1: no pipelining)")
+      ->check(CLI::Range(0, 64))->capture_default_str();
   p->add_flag("--json", f->json, "Print JSON instead of the table");
   return {c, [f] { return run_bench_prefill(*f); }};
 }

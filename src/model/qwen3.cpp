@@ -387,12 +387,11 @@ void Qwen3Model::moe(int l, const ForwardPlan& plan, const Tensor& h, Tensor out
   mark(profile_.comm_s);
 }
 
-int Qwen3Model::moe_chunks(const ForwardPlan& plan) const {
-  if (moe_chunks_ > 0) return moe_chunks_;
-  if (!par_.cp->queued()) return 1;  // host communicators complete each call: nothing to overlap
-  // Each chunk should still give every expert ~1K rows, where the grouped GEMMs stay efficient.
-  const int64_t rows_per_expert = plan.n_all() * cfg_.num_experts_per_tok / std::max<int64_t>(cfg_.num_experts, 1);
-  return static_cast<int>(std::clamp<int64_t>(rows_per_expert / 1024, 1, 4));
+int Qwen3Model::moe_chunks(const ForwardPlan&) const {
+  // Off unless asked for: on 2 x H200 (Qwen3-30B-A3B shape, wgmma grouped GEMMs) 1, 2, 3, 4 and 6
+  // chunks gave the same TTFT within 2% at 32K and 128K (docs/benchmarks.md): the expert GEMMs keep
+  // every SM busy, so the NCCL kernels gain little by running beside them.
+  return moe_chunks_ > 0 ? moe_chunks_ : 1;
 }
 
 // Sharded experts with the CP group's rows in k chunks (every rank splits its rows the same way):

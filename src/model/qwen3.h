@@ -74,8 +74,8 @@ class Qwen3Model {
   // that the exposed communication time is the difference to a normal run.
   void set_elide_comm(bool on) { elide_comm_ = on; }
   // Chunks of the sharded-expert MoE pipeline (gather of chunk c+1 and reduce of chunk c-1 overlap
-  // the experts of chunk c). 0: automatic (on stream-ordered communicators, as many as keep ~1K
-  // rows per expert and chunk, at most 4; 1 on host communicators); tests force other values.
+  // the experts of chunk c). 0: the default, 1 (no pipelining; see moe_chunks() for why); tests and
+  // `bench prefill --moe-chunks` set others.
   void set_moe_chunks(int k) { moe_chunks_ = k; }
   const ForwardProfile& last_profile() const { return profile_; }
 
