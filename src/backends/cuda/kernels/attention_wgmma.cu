@@ -82,11 +82,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
 template <bool kPow2>
 __device__ __forceinline__ void load_kv(uint32_t k_dst, uint32_t v_dst, const __nv_bfloat16* __restrict__ ck,
                                         const __nv_bfloat16* __restrict__ cv, const int32_t* __restrict__ table,

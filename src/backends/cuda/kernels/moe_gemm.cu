@@ -25,6 +25,7 @@
 
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/kernels.h"
+#include "backends/cuda/kernels/mma.cuh"
 
 namespace cpinfer::cuda {
 namespace {
@@ -56,34 +57,6 @@ struct GroupedArgs {
   int k_dim;  // H (kernel 1) or I (kernel 2)
   void* out;  // act [rows, I] BF16 or y [rows, H] F32
 };
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global->shared copy; src_bytes = 0 zero-fills the destination without reading.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(smem)));
-}
-
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 __device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
@@ -138,8 +111,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_grouped_gemm_kernel(const Gro
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
       const int r = ld_row + i * kRowStep;
-      cp_async16(sa + r * kLds + ld_chunk, a_src[i] + k0, (a_ok >> i) & 1 ? 16 : 0);
-      cp_async16(sb + r * kLds + ld_chunk, b_src[i] + k0, (b_ok >> i) & 1 ? 16 : 0);
+      cp_async16(sa + r * kLds + ld_chunk, a_src[i] + k0, (a_ok >> i) & 1);
+      cp_async16(sb + r * kLds + ld_chunk, b_src[i] + k0, (b_ok >> i) & 1);
     }
   };
 
