@@ -129,9 +129,14 @@ cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const int32_t* src_toke
 // ---- moe_gemm.cu: the tensor-core grouped expert GEMMs of prefill, scheduled on the device.
 inline constexpr int kMoeGemmTileM = 128;  // rows per M-tile: the tile_m of launch_moe_permute_tiled
 // Shapes the grouped kernels take: H and I multiples of 64 (and x, weights 16-byte aligned).
-bool moe_grouped_gemm_supported(int64_t hidden, int64_t inter);
+inline bool moe_grouped_gemm_supported(int64_t hidden, int64_t inter) {
+  return hidden > 0 && inter > 0 && hidden % 64 == 0 && inter % 64 == 0 && hidden <= (int64_t{1} << 20) &&
+         inter <= (int64_t{1} << 20);
+}
 // Upper bound of the M-tiles over all experts, known on the host: ceil(n_pairs / 128) + count.
-int64_t moe_grouped_gemm_max_tiles(int64_t n_pairs, int count);
+inline int64_t moe_grouped_gemm_max_tiles(int64_t n_pairs, int count) {
+  return (n_pairs + kMoeGemmTileM - 1) / kMoeGemmTileM + count;
+}
 // act [rows, I] BF16 = silu(x[src_token] · gateᵀ) ⊙ (x[src_token] · upᵀ) per expert segment, then
 // y [rows, H] F32 = act · downᵀ. offsets / tile_start from launch_moe_permute_tiled (tile_m =
 // kMoeGemmTileM); n_pairs (T·K) bounds the rows and sizes the grid, so nothing is read back on the
@@ -142,8 +147,8 @@ cudaError_t launch_moe_grouped_gemms(const DevTensor& x, const int32_t* src_toke
                                      float* y, cudaStream_t stream);
 // The same two GEMMs on Hopper warpgroup MMA (kernels/moe_gemm_wgmma.cu, built for sm_90a only):
 // same arguments, semantics and device-side scheduling, tiles chosen by MoeWgmmaConfig.
-// cudaErrorNotSupported on a device other than compute capability 9.0; cudaErrorInvalidValue for
-// shapes moe_grouped_gemm_supported rejects or a bad config.
+// cudaErrorInvalidValue for shapes moe_grouped_gemm_supported rejects or a bad config; on a GPU
+// other than compute capability 9.0 the launch fails (there is no code for it).
 struct MoeWgmmaConfig {
   int tile_n_gateup = 256;  // B rows per tile of the gate‖up GEMM (half gate, half up): 256 or 128
   int tile_n_down = 256;    // B rows per tile of the down GEMM: 256 or 128

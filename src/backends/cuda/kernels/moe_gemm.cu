@@ -26,6 +26,7 @@
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/kernels.h"
 #include "backends/cuda/kernels/mma.cuh"
+#include "backends/cuda/kernels/moe_gemm_args.cuh"
 
 namespace cpinfer::cuda {
 namespace {
@@ -45,23 +46,10 @@ constexpr int kRowStep = kThreads / (kTileK / 8);          // rows between a thr
 constexpr int kStageElems = (kTileM + kTileN) * kLds;
 constexpr size_t kSmemBytes = static_cast<size_t>(kStages) * kStageElems * sizeof(__nv_bfloat16);  // 80 KiB
 
-struct GroupedArgs {
-  const __nv_bfloat16* a;          // kernel 1: x [T, K] (rows through src_token); kernel 2: act [rows, K]
-  const int32_t* src_token;        // [rows] token of each permuted row (kernel 1)
-  const int32_t* offsets;          // [count + 1]
-  const int32_t* tile_start;       // [count + 1]
-  const __nv_bfloat16* const* w1;  // [count] gate [I, H] or down [H, I]
-  const __nv_bfloat16* const* w2;  // [count] up [I, H] (kernel 1)
-  int count;
-  int n_out;  // I (kernel 1) or H (kernel 2)
-  int k_dim;  // H (kernel 1) or I (kernel 2)
-  void* out;  // act [rows, I] BF16 or y [rows, H] F32
-};
-
 __device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
 template <bool kGateUp>
-__global__ void __launch_bounds__(kThreads, 2) moe_grouped_gemm_kernel(const GroupedArgs args) {
+__global__ void __launch_bounds__(kThreads, 2) moe_grouped_gemm_kernel(const MoeGemmArgs args) {
   static_assert(kTileM == kTileN && kLoads * kRowStep == kTileM && kNj % 2 == 0, "tile shape");
   // ---- which (expert, M-tile) this CTA computes: all from device memory
   const int m_slot = blockIdx.y;
@@ -205,72 +193,35 @@ __global__ void __launch_bounds__(kThreads, 2) moe_grouped_gemm_kernel(const Gro
   }
 }
 
-// The dynamic shared-memory opt-in, once per (kernel, device): done on the first launch (a warm-up
-// outside any stream capture), never again.
 template <bool kGateUp>
 cudaError_t ensure_smem_attribute() {
-  static std::atomic<uint64_t> done_mask{0};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
-  if (bit && (done_mask.load(std::memory_order_acquire) & bit)) return cudaSuccess;
-  err = cudaFuncSetAttribute(moe_grouped_gemm_kernel<kGateUp>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(kSmemBytes));
-  if (err == cudaSuccess && bit) done_mask.fetch_or(bit, std::memory_order_acq_rel);
-  return err;
+  static std::atomic<uint64_t> done{0};
+  return opt_in_dynamic_smem(reinterpret_cast<const void*>(moe_grouped_gemm_kernel<kGateUp>), kSmemBytes, done);
 }
 
 }  // namespace
-
-bool moe_grouped_gemm_supported(int64_t hidden, int64_t inter) {
-  return hidden > 0 && inter > 0 && hidden % 64 == 0 && inter % 64 == 0 && hidden <= (int64_t{1} << 20) &&
-         inter <= (int64_t{1} << 20);
-}
-
-int64_t moe_grouped_gemm_max_tiles(int64_t n_pairs, int count) {
-  return (n_pairs + kTileM - 1) / kTileM + count;
-}
 
 cudaError_t launch_moe_grouped_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
                                      const int32_t* tile_start, int64_t n_pairs, int count, const void* const* gate,
                                      const void* const* up, const void* const* down, int64_t inter, void* act,
                                      float* y, cudaStream_t stream) {
-  const int64_t hidden = x.cols();
-  if (count == 0 || n_pairs == 0) return cudaSuccess;
-  if (!moe_grouped_gemm_supported(hidden, inter) || x.dtype != DType::BF16) return cudaErrorInvalidValue;
-  const int64_t m_slots = moe_grouped_gemm_max_tiles(n_pairs, count);
-  if (m_slots > 65535) return cudaErrorInvalidValue;  // grid.y; > 8M rows per call
-  cudaError_t err = ensure_smem_attribute<true>();
+  int64_t m_slots = 0;
+  bool nothing = false;
+  cudaError_t err = moe_grouped_check(x, inter, n_pairs, count, m_slots, nothing);
+  if (err != cudaSuccess || nothing) return err;
+  err = ensure_smem_attribute<true>();
   if (err != cudaSuccess) return err;
   err = ensure_smem_attribute<false>();
   if (err != cudaSuccess) return err;
 
-  GroupedArgs a1;
-  a1.a = x.ptr<const __nv_bfloat16>();
-  a1.src_token = src_token;
-  a1.offsets = offsets;
-  a1.tile_start = tile_start;
-  a1.w1 = reinterpret_cast<const __nv_bfloat16* const*>(gate);
-  a1.w2 = reinterpret_cast<const __nv_bfloat16* const*>(up);
-  a1.count = count;
-  a1.n_out = static_cast<int>(inter);
-  a1.k_dim = static_cast<int>(hidden);
-  a1.out = act;
+  const MoeGemmArgs a1 = moe_gateup_args(x, src_token, offsets, tile_start, count, gate, up, inter, act);
   const dim3 grid1(static_cast<unsigned>(inter / (kTileN / 2)), static_cast<unsigned>(m_slots));
   moe_grouped_gemm_kernel<true><<<grid1, kThreads, kSmemBytes, stream>>>(a1);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  GroupedArgs a2 = a1;
-  a2.a = static_cast<const __nv_bfloat16*>(act);
-  a2.src_token = nullptr;
-  a2.w1 = reinterpret_cast<const __nv_bfloat16* const*>(down);
-  a2.w2 = nullptr;
-  a2.n_out = static_cast<int>(hidden);
-  a2.k_dim = static_cast<int>(inter);
-  a2.out = y;
-  const dim3 grid2(static_cast<unsigned>((hidden + kTileN - 1) / kTileN), static_cast<unsigned>(m_slots));
+  const MoeGemmArgs a2 = moe_down_args(a1, down, y);
+  const dim3 grid2(static_cast<unsigned>((x.cols() + kTileN - 1) / kTileN), static_cast<unsigned>(m_slots));
   moe_grouped_gemm_kernel<false><<<grid2, kThreads, kSmemBytes, stream>>>(a2);
   return cudaGetLastError();
 }

@@ -33,13 +33,14 @@
 // Epilogue straight from the accumulators: d[4n + e] is row 16·warp + lane/4 + 8·(e/2) of the
 // warpgroup's 64, column 8n + 2·(lane%4) + e%2 (the mapping attention_wgmma.cu uses).
 // Requirements (the caller checks): H and I multiples of 64, 16-byte aligned pointers, a compute
-// capability 9.0 device (else cudaErrorNotSupported). N edges (I % 128 with kBN = 256, H % kBN)
+// capability 9.0 device (there is no code for others). N edges (I % 128 with kBN = 256, H % kBN)
 // are masked.
 #include <atomic>
 
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/kernels.h"
 #include "backends/cuda/kernels/hopper.cuh"
+#include "backends/cuda/kernels/moe_gemm_args.cuh"
 
 namespace cpinfer::cuda {
 namespace {
@@ -86,20 +87,6 @@ __host__ __device__ constexpr int acc_row(int tid, int idx) {
   return (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2) + 8 * ((idx & 3) >> 1);
 }
 __host__ __device__ constexpr int acc_col(int tid, int idx) { return 8 * (idx >> 2) + 2 * (tid & 3) + (idx & 1); }
-
-struct WgArgs {
-  const __nv_bfloat16* a;          // kernel 1: x [T, K] (rows through src_token); kernel 2: act [rows, K]
-  const int32_t* src_token;        // [rows] (kernel 1)
-  const int32_t* offsets;          // [count + 1]
-  const int32_t* tile_start;       // [count + 1]
-  const __nv_bfloat16* const* w1;  // [count] gate [I, H] or down [H, I]
-  const __nv_bfloat16* const* w2;  // [count] up [I, H] (kernel 1)
-  int count;
-  int n_out;  // I (kernel 1) or H (kernel 2)
-  int k_dim;  // H (kernel 1) or I (kernel 2)
-  void* out;  // act [rows, I] BF16 or y [rows, H] F32
-  int n_per_cta;  // N-tiles per CTA (grid.x = ceil(N-tiles / n_per_cta))
-};
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -168,7 +155,7 @@ __device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(_
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 template <bool kGateUp, int kBN>
-__global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks) moe_grouped_gemm_wgmma_kernel(const WgArgs args) {
+__global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks) moe_grouped_gemm_wgmma_kernel(const MoeGemmArgs args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = WgCfg<kBN>;
   constexpr int kStages = C::kStages;
@@ -316,20 +303,15 @@ __global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks) moe_grouped_
 // The dynamic shared-memory opt-in, once per (kernel, device): done on the first launch (a warm-up
 // outside any stream capture), never again.
 template <bool kGateUp, int kBN>
-cudaError_t ensure_smem_attribute(int device) {
-  static std::atomic<uint64_t> done_mask{0};
-  const uint64_t bit = device >= 0 && device < 64 ? (uint64_t{1} << device) : 0;
-  if (bit && (done_mask.load(std::memory_order_acquire) & bit)) return cudaSuccess;
-  const cudaError_t err = cudaFuncSetAttribute(moe_grouped_gemm_wgmma_kernel<kGateUp, kBN>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(WgCfg<kBN>::kSmemBytes));
-  if (err == cudaSuccess && bit) done_mask.fetch_or(bit, std::memory_order_acq_rel);
-  return err;
+cudaError_t ensure_smem_attribute() {
+  static std::atomic<uint64_t> done{0};
+  return opt_in_dynamic_smem(reinterpret_cast<const void*>(moe_grouped_gemm_wgmma_kernel<kGateUp, kBN>),
+                             WgCfg<kBN>::kSmemBytes, done);
 }
 
 template <bool kGateUp, int kBN>
-cudaError_t launch_one(const WgArgs& args, int64_t m_slots, int device, cudaStream_t stream) {
-  const cudaError_t err = ensure_smem_attribute<kGateUp, kBN>(device);
+cudaError_t launch_one(const MoeGemmArgs& args, int64_t m_slots, cudaStream_t stream) {
+  const cudaError_t err = ensure_smem_attribute<kGateUp, kBN>();
   if (err != cudaSuccess) return err;
   constexpr int kNStep = kGateUp ? kBN / 2 : kBN;
   const int64_t n_tiles = (args.n_out + kNStep - 1) / kNStep;
@@ -346,63 +328,22 @@ cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* sr
                                            const void* const* gate, const void* const* up, const void* const* down,
                                            int64_t inter, void* act, float* y, const MoeWgmmaConfig& cfg,
                                            cudaStream_t stream) {
-  const int64_t hidden = x.cols();
-  if (count == 0 || n_pairs == 0) return cudaSuccess;
-  // The checks of moe_grouped_gemm_supported / moe_grouped_gemm_max_tiles (moe_gemm.cu), restated
-  // here so that this library does not depend on the one that links it.
-  const bool shape_ok = hidden > 0 && inter > 0 && hidden % 64 == 0 && inter % 64 == 0 &&
-                        hidden <= (int64_t{1} << 20) && inter <= (int64_t{1} << 20);
+  int64_t m_slots = 0;
+  bool nothing = false;
+  cudaError_t err = moe_grouped_check(x, inter, n_pairs, count, m_slots, nothing);
+  if (err != cudaSuccess || nothing) return err;
   const bool cfg_ok = (cfg.tile_n_gateup == 128 || cfg.tile_n_gateup == 256) &&
                       (cfg.tile_n_down == 128 || cfg.tile_n_down == 256) && cfg.n_per_cta >= 1 && cfg.n_per_cta <= 64;
-  if (!shape_ok || !cfg_ok || x.dtype != DType::BF16) return cudaErrorInvalidValue;
-  const int64_t m_slots = (n_pairs + kTileM - 1) / kTileM + count;
-  if (m_slots > 65535) return cudaErrorInvalidValue;  // grid.y; > 8M rows per call
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  // The kernels exist for sm_90a only. The compute capability is looked up once per device (on the
-  // first, eager call), so a captured call makes no query.
-  static std::atomic<uint64_t> known_mask{0}, hopper_mask{0};
-  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
-  const bool known = bit && (known_mask.load(std::memory_order_acquire) & bit);  // before hopper_mask
-  bool hopper = known && (hopper_mask.load(std::memory_order_acquire) & bit);
-  if (!known) {
-    int major = 0, minor = 0;
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-    if (err != cudaSuccess) return err;
-    hopper = major == 9 && minor == 0;
-    if (bit && hopper) hopper_mask.fetch_or(bit, std::memory_order_acq_rel);
-    if (bit) known_mask.fetch_or(bit, std::memory_order_acq_rel);
-  }
-  if (!hopper) return cudaErrorNotSupported;
+  if (!cfg_ok) return cudaErrorInvalidValue;
 
-  WgArgs a1;
-  a1.a = x.ptr<const __nv_bfloat16>();
-  a1.src_token = src_token;
-  a1.offsets = offsets;
-  a1.tile_start = tile_start;
-  a1.w1 = reinterpret_cast<const __nv_bfloat16* const*>(gate);
-  a1.w2 = reinterpret_cast<const __nv_bfloat16* const*>(up);
-  a1.count = count;
-  a1.n_out = static_cast<int>(inter);
-  a1.k_dim = static_cast<int>(hidden);
-  a1.out = act;
+  MoeGemmArgs a1 = moe_gateup_args(x, src_token, offsets, tile_start, count, gate, up, inter, act);
   a1.n_per_cta = cfg.n_per_cta;
-  err = cfg.tile_n_gateup == 256 ? launch_one<true, 256>(a1, m_slots, device, stream)
-                                 : launch_one<true, 128>(a1, m_slots, device, stream);
+  err = cfg.tile_n_gateup == 256 ? launch_one<true, 256>(a1, m_slots, stream)
+                                 : launch_one<true, 128>(a1, m_slots, stream);
   if (err != cudaSuccess) return err;
-
-  WgArgs a2 = a1;
-  a2.a = static_cast<const __nv_bfloat16*>(act);
-  a2.src_token = nullptr;
-  a2.w1 = reinterpret_cast<const __nv_bfloat16* const*>(down);
-  a2.w2 = nullptr;
-  a2.n_out = static_cast<int>(hidden);
-  a2.k_dim = static_cast<int>(inter);
-  a2.out = y;
-  return cfg.tile_n_down == 256 ? launch_one<false, 256>(a2, m_slots, device, stream)
-                                : launch_one<false, 128>(a2, m_slots, device, stream);
+  const MoeGemmArgs a2 = moe_down_args(a1, down, y);
+  return cfg.tile_n_down == 256 ? launch_one<false, 256>(a2, m_slots, stream)
+                                : launch_one<false, 128>(a2, m_slots, stream);
 }
 
 }  // namespace cpinfer::cuda
