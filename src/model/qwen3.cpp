@@ -325,10 +325,22 @@ void Qwen3Model::mlp_layer(int l, const ForwardPlan& plan) {
   mark(profile_.dense_gemm_s);
 }
 
+void Qwen3Model::experts(const LayerWeights& L, const Tensor& rows, Tensor out) {
+  const int64_t n = rows.rows(), E = cfg_.num_experts, K = cfg_.num_experts_per_tok;
+  if (n == 0) return;
+  Tensor logits = ws_->get(Workspace::kRouterLogits, DType::F32, {n, E});
+  Tensor ids = ws_->get(Workspace::kTopIds, DType::I32, {n, K});
+  Tensor wts = ws_->get(Workspace::kTopW, DType::F32, {n, K});
+  be_.linear(rows, L.router, logits);
+  be_.moe_route(logits, static_cast<int>(K), cfg_.norm_topk_prob, ids, wts);
+  be_.fill_zero(out);
+  be_.moe_experts(rows, ids, wts, L.experts, out);
+}
+
 void Qwen3Model::moe(int l, const ForwardPlan& plan, const Tensor& h, Tensor out) {
   Workspace& ws = *ws_;
   const LayerWeights& L = w_.layers[l];
-  const int64_t H = cfg_.hidden_size, E = cfg_.num_experts, K = cfg_.num_experts_per_tok;
+  const int64_t H = cfg_.hidden_size;
   const DType ad = be_.act_dtype();
   const int world = par_.world_size(), cp = par_.cp_size();
   const int64_t T = plan.n_local();
@@ -356,15 +368,7 @@ void Qwen3Model::moe(int l, const ForwardPlan& plan, const Tensor& h, Tensor out
   }
   Tensor partial = sharded ? ws.get(Workspace::kPartial, ad, {std::max<int64_t>(n_rows, 1), H}).slice(0, n_rows)
                            : out;
-  if (n_rows > 0) {
-    Tensor logits = ws.get(Workspace::kRouterLogits, DType::F32, {n_rows, E});
-    Tensor ids = ws.get(Workspace::kTopIds, DType::I32, {n_rows, K});
-    Tensor wts = ws.get(Workspace::kTopW, DType::F32, {n_rows, K});
-    be_.linear(rows, L.router, logits);
-    be_.moe_route(logits, static_cast<int>(K), cfg_.norm_topk_prob, ids, wts);
-    be_.fill_zero(partial);
-    be_.moe_experts(rows, ids, wts, L.experts, partial);
-  }
+  experts(L, rows, partial);
   mark(profile_.moe_s);
   if (!sharded) return;
 
@@ -402,7 +406,7 @@ int Qwen3Model::moe_chunks(const ForwardPlan&) const {
 void Qwen3Model::moe_pipelined(int l, const ForwardPlan& plan, const Tensor& h, Tensor out, int k) {
   Workspace& ws = *ws_;
   const LayerWeights& L = w_.layers[l];
-  const int64_t H = cfg_.hidden_size, E = cfg_.num_experts, K = cfg_.num_experts_per_tok;
+  const int64_t H = cfg_.hidden_size;
   const DType ad = be_.act_dtype();
   const int cp = par_.cp_size(), me = par_.cp_rank();
   Communicator& comm = *par_.cp;
@@ -440,16 +444,7 @@ void Qwen3Model::moe_pipelined(int l, const ForwardPlan& plan, const Tensor& h, 
     if (c + 1 < k) next = gather(c + 1);
     comm.join(current);
     const int64_t n = region[c + 1] - region[c];
-    if (n > 0) {
-      Tensor rows = h_all.slice(region[c], n), p = partial.slice(region[c], n);
-      Tensor logits = ws.get(Workspace::kRouterLogits, DType::F32, {n, E});
-      Tensor ids = ws.get(Workspace::kTopIds, DType::I32, {n, K});
-      Tensor wts = ws.get(Workspace::kTopW, DType::F32, {n, K});
-      be_.linear(rows, L.router, logits);
-      be_.moe_route(logits, static_cast<int>(K), cfg_.norm_topk_prob, ids, wts);
-      be_.fill_zero(p);
-      be_.moe_experts(rows, ids, wts, L.experts, p);
-    }
+    experts(L, h_all.slice(region[c], n), partial.slice(region[c], n));
     sync_for(par_.cp);
     std::vector<size_t> counts(cp);
     for (int r = 0; r < cp; ++r) counts[r] = size_t(part[c][r] * H);

@@ -92,6 +92,8 @@ class Qwen3Model {
   void attention_layer(int l, const ForwardPlan& plan, KvCache& cache);
   void mlp_layer(int l, const ForwardPlan& plan);
   void moe(int l, const ForwardPlan& plan, const Tensor& h, Tensor out);
+  // out = Σ over each row's top-k experts held here (router, top-k, expert GEMMs); rows, out [n, H].
+  void experts(const LayerWeights& L, const Tensor& rows, Tensor out);
   void moe_pipelined(int l, const ForwardPlan& plan, const Tensor& h, Tensor out, int k);
   int moe_chunks(const ForwardPlan& plan) const;
   void mark(double& bucket);
