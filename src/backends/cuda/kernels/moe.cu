@@ -67,6 +67,20 @@ __global__ void moe_route_kernel(const T* __restrict__ logits, int64_t n_tokens,
   }
 }
 
+// kUnroll ids per thread in flight (one block streams all T·K ids, so it is load-latency bound).
+constexpr int kUnroll = 4;
+
+// e[u] = the local expert of pair base + u·blockDim.x (-1 past the end; outside [0, count) when
+// another rank holds it).
+__device__ __forceinline__ void local_experts(const int32_t* __restrict__ ids, int64_t n_pairs, int first,
+                                              int64_t base, int (&e)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t p = base + static_cast<int64_t>(u) * blockDim.x;
+    e[u] = p < n_pairs ? ids[p] - first : -1;
+  }
+}
+
 // One block: per-expert counts in shared memory, prefix sum, then each local pair takes a row of
 // its expert's segment.
 __global__ void moe_permute_kernel(const int32_t* __restrict__ ids, int64_t n_pairs, int top_k, int first, int count,
@@ -75,16 +89,10 @@ __global__ void moe_permute_kernel(const int32_t* __restrict__ ids, int64_t n_pa
   extern __shared__ int32_t cursor[];  // [count]
   for (int e = threadIdx.x; e < count; e += blockDim.x) cursor[e] = 0;
   __syncthreads();
-  // kUnroll ids per thread in flight: one block streams all T·K ids, so it is load-latency bound.
-  constexpr int kUnroll = 4;
   const int64_t step = static_cast<int64_t>(blockDim.x) * kUnroll;
   for (int64_t base = threadIdx.x; base < n_pairs; base += step) {
     int e[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t p = base + static_cast<int64_t>(u) * blockDim.x;
-      e[u] = p < n_pairs ? ids[p] - first : -1;
-    }
+    local_experts(ids, n_pairs, first, base, e);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
       if (e[u] >= 0 && e[u] < count) atomicAdd(&cursor[e[u]], 1);
@@ -108,11 +116,7 @@ __global__ void moe_permute_kernel(const int32_t* __restrict__ ids, int64_t n_pa
   __syncthreads();
   for (int64_t base = threadIdx.x; base < n_pairs; base += step) {
     int e[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t p = base + static_cast<int64_t>(u) * blockDim.x;
-      e[u] = p < n_pairs ? ids[p] - first : -1;
-    }
+    local_experts(ids, n_pairs, first, base, e);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t p = base + static_cast<int64_t>(u) * blockDim.x;
