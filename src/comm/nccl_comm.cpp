@@ -231,8 +231,6 @@ class NcclCommunicator final : public Communicator {
     finish(name, deadline, false);
   }
 
-
-
   void all_to_allv(const void* send, std::span<const size_t> send_bytes, void* recv,
                    std::span<const size_t> recv_bytes) override {
     const char* name = "all_to_allv";
@@ -344,7 +342,7 @@ class NcclCommunicator final : public Communicator {
     CPI_CUDA_OK(cudaStreamWaitEvent(stream_, ready, 0));
     free_events_.push_back(ready);  // reusable once recorded: the wait captured it
     CPI_CUDA_OK(cudaEventRecord(start, stream_));
-    starts_.push_back(start);
+    issuing_start_ = start;
   }
   // After the issue: synchronous mode waits here; queued mode hands the completion to the watchdog
   // and to the compute stream (at once, or at join(ticket) for an overlapped one). (mu_ held.)
@@ -364,8 +362,8 @@ class NcclCommunicator final : public Communicator {
     } else {
       CPI_CUDA_OK(cudaStreamWaitEvent(compute_, done, 0));
     }
-    pending_.push_back(Pending{starts_.back(), done, name, {}, false});
-    starts_.clear();
+    pending_.push_back(Pending{issuing_start_, done, name, {}, false});
+    issuing_start_ = nullptr;
     cv_.notify_all();
     return ticket;
   }
@@ -522,7 +520,7 @@ class NcclCommunicator final : public Communicator {
   std::condition_variable cv_;
   cudaStream_t compute_ = nullptr;
   std::deque<Pending> pending_;
-  std::vector<cudaEvent_t> starts_;       // start event of the collective being issued
+  cudaEvent_t issuing_start_ = nullptr;   // start event of the collective being issued
   std::vector<cudaEvent_t> free_events_;
   std::vector<std::pair<Ticket, cudaEvent_t>> open_;  // overlapped collectives not joined yet
   Ticket last_ticket_ = 0;
