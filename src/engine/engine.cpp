@@ -112,8 +112,8 @@ std::vector<int32_t> Engine::run_sample(const std::vector<SeqWork>& work, const 
   return out;
 }
 
-std::vector<std::vector<float>> Engine::prefill(const std::vector<std::span<const int32_t>>& prompts,
-                                                std::vector<int>& seq_ids, LogitsWanted want) {
+std::vector<SeqWork> Engine::prefill_work(const std::vector<std::span<const int32_t>>& prompts,
+                                          std::vector<int>& seq_ids, LogitsWanted want) {
   seq_ids.clear();
   std::vector<SeqWork> work;
   for (auto p : prompts) {
@@ -131,10 +131,10 @@ std::vector<std::vector<float>> Engine::prefill(const std::vector<std::span<cons
     cache_->reserve(seq, static_cast<int>(p.size()));
     work.push_back(SeqWork{seq, 0, p, want});
   }
-  return run(work);
+  return work;
 }
 
-std::vector<std::vector<float>> Engine::decode(const std::vector<int>& seqs, const std::vector<int32_t>& tokens) {
+std::vector<SeqWork> Engine::decode_work(const std::vector<int>& seqs, const std::vector<int32_t>& tokens) {
   CPI_CHECK(seqs.size() == tokens.size(), "decode: ", seqs.size(), " sequences but ", tokens.size(), " tokens");
   std::vector<SeqWork> work;
   for (size_t i = 0; i < seqs.size(); ++i) {
@@ -142,7 +142,16 @@ std::vector<std::vector<float>> Engine::decode(const std::vector<int>& seqs, con
     cache_->reserve(seqs[i], n + 1);
     work.push_back(SeqWork{seqs[i], n, std::span<const int32_t>(&tokens[i], 1), LogitsWanted::Last});
   }
-  return run(work);
+  return work;
+}
+
+std::vector<std::vector<float>> Engine::prefill(const std::vector<std::span<const int32_t>>& prompts,
+                                                std::vector<int>& seq_ids, LogitsWanted want) {
+  return run(prefill_work(prompts, seq_ids, want));
+}
+
+std::vector<std::vector<float>> Engine::decode(const std::vector<int>& seqs, const std::vector<int32_t>& tokens) {
+  return run(decode_work(seqs, tokens));
 }
 
 void Engine::release(int seq) { cache_->free_sequence(seq); }
@@ -150,7 +159,6 @@ void Engine::release(int seq) { cache_->free_sequence(seq); }
 GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateOptions& gen,
                                 const std::function<bool(int32_t)>& on_token) {
   CPI_CHECK(gen.max_new_tokens >= 1, "max_new_tokens must be >= 1, got ", gen.max_new_tokens);
-  CPI_CHECK(!prompt.empty(), "empty prompt");
   gen.sampling.validate();
   const int need = static_cast<int>(prompt.size()) + gen.max_new_tokens;
   CPI_CHECK(need <= cache_->n_free_blocks() * opt_.block_size, "prompt (", prompt.size(), " tokens) + max_new_tokens (",
@@ -163,13 +171,11 @@ GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateO
   Sampler sampler(gen.sampling);
   GenerateResult res;
   auto t0 = std::chrono::steady_clock::now();
-  const int seq = cache_->add_sequence();
-  cache_->reserve(seq, static_cast<int>(prompt.size()));
+  std::vector<int> seqs;
+  std::vector<SeqWork> work = prefill_work({prompt}, seqs, LogitsWanted::Last);
+  const int seq = seqs[0];
   auto t_first = t0;
   try {
-    for (int32_t id : prompt)
-      CPI_CHECK(id >= 0 && id < cfg_.vocab_size, "token id ", id, " outside the vocabulary [0, ", cfg_.vocab_size, ")");
-    std::vector<SeqWork> work{SeqWork{seq, 0, prompt, LogitsWanted::Last}};
     int32_t next = run_sample(work, {sampler.next_row()})[0];
     for (int step = 0; step < gen.max_new_tokens; ++step) {
       sampler.advance();
@@ -186,10 +192,7 @@ GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateO
       res.output_ids.push_back(msg[0]);
       if (step == 0) t_first = std::chrono::steady_clock::now();
       if (!msg[1]) break;
-      const int n = cache_->length(seq);
-      cache_->reserve(seq, n + 1);
-      work = {SeqWork{seq, n, std::span<const int32_t>(&res.output_ids.back(), 1), LogitsWanted::Last}};
-      next = run_sample(work, {sampler.next_row()})[0];
+      next = run_sample(decode_work({seq}, {msg[0]}), {sampler.next_row()})[0];
     }
   } catch (...) {
     release(seq);

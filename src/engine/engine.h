@@ -79,6 +79,12 @@ class Engine {
   std::vector<int32_t> run_sample(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows);
 
  private:
+  // The work of prefill (new KV sequences, ids checked, freed again if one does not fit) and of
+  // decode (one position more per sequence), for run or run_sample.
+  std::vector<SeqWork> prefill_work(const std::vector<std::span<const int32_t>>& prompts, std::vector<int>& seq_ids,
+                                    LogitsWanted want);
+  std::vector<SeqWork> decode_work(const std::vector<int>& seqs, const std::vector<int32_t>& tokens);
+
   EngineOptions opt_;
   ParallelCtx par_;
   ModelConfig cfg_;
