@@ -4,10 +4,10 @@
 // Fresh random bf16 inputs per size; CUDA-event timing, warm-up, median of --reps runs.
 // FLOPs counted causal-halved: 2 GEMMs x 2 FLOP x S² x D x Hq / 2.
 //
-//   attention_bench [--seq 4096,16384,32768] [--reps 20] [--block-size 64] [--kernel mma|wgmma|both]
+//   attention_bench [--seq 4096,16384,32768] [--reps 20] [--block-size 64] [--kernel mma,wgmma,ws]
 //                   [--cp C] [--json]
-// Both kernels run by default on Hopper; each size then also reports the largest difference of the
-// wgmma output from the mma.sync one (0 when they agree bit for bit).
+// Every kernel runs by default on Hopper (mma.sync, wgmma, ws = the warp-specialized kernel);
+// each size then also reports the largest difference of each output from the first kernel's.
 // --cp C also times the parts context parallelism over C ranks splits the attention of rank 0's
 // last zigzag block (n = S / 2C queries at position P = S - n) into: the whole block (cp-full,
 // keys [0, P + i]), its diagonal (cp-diag, kv_begin = P), its prefix (cp-prefix, kv_end = P, no
@@ -52,8 +52,11 @@ struct Result {
   double max_diff = -1.0;    // causal: vs mma.sync, when both ran; cp-merge: vs cp-full
 };
 
+int* g_sched = nullptr;  // the ws kernel's work counter
+
 cudaError_t run_kernel(const std::string& kernel, const DevTensor& q, const DevAttnBatch& b, const DevKv& c, float scale,
                        const DevTensor& o, const DevTensor& l, cudaStream_t stream) {
+  if (kernel == "ws") return cpinfer::cuda::launch_attention_ws(q, b, c, scale, o, l, g_sched, stream);
   if (kernel == "wgmma") return cpinfer::cuda::launch_attention_wgmma(q, b, c, scale, o, l, stream);
   return cpinfer::cuda::launch_attention_flash(q, b, c, scale, o, l, stream);
 }
@@ -78,8 +81,18 @@ int main(int argc, char** argv) {
     if (a == "--json") {
       json = true;
     } else if (a == "--kernel" && i + 1 < argc) {
-      std::string k = argv[++i];
-      kernels = k == "both" ? std::vector<std::string>{"mma", "wgmma"} : std::vector<std::string>{k};
+      kernels.clear();
+      const std::string list = argv[++i];
+      for (size_t p = 0; p < list.size();) {
+        const size_t q = list.find(',', p);
+        kernels.push_back(list.substr(p, q - p));
+        p = q == std::string::npos ? list.size() : q + 1;
+      }
+      for (const std::string& k : kernels)
+        if (k != "mma" && k != "wgmma" && k != "ws") {
+          std::fprintf(stderr, "attention_bench: unknown kernel '%s' (mma, wgmma, ws)\n", k.c_str());
+          return 2;
+        }
     } else if (a == "--reps" && i + 1 < argc) {
       reps = std::max(10, std::atoi(argv[++i]));
     } else if (a == "--cp" && i + 1 < argc) {
@@ -97,7 +110,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: attention_bench [--seq 4096,16384] [--reps N>=10] [--block-size B] "
-                   "[--kernel mma|wgmma|both] [--cp C] [--json]\n");
+                   "[--kernel mma,wgmma,ws] [--cp C] [--json]\n");
       return 2;
     }
   }
@@ -109,8 +122,10 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
   if (kernels.empty())
-    kernels = prop.major == 9 && prop.minor == 0 ? std::vector<std::string>{"mma", "wgmma"}
+    kernels = prop.major == 9 && prop.minor == 0 ? std::vector<std::string>{"mma", "wgmma", "ws"}
                                                  : std::vector<std::string>{"mma"};
+  BENCH_CHECK(cudaMalloc(&g_sched, 2 * sizeof(int)));
+  BENCH_CHECK(cudaMemset(g_sched, 0, 2 * sizeof(int)));
   const int64_t hq = 32, hkv = 4, d = 128;
   cudaStream_t stream;
   BENCH_CHECK(cudaStreamCreate(&stream));
@@ -258,7 +273,7 @@ int main(int argc, char** argv) {
     if (cp > 0)
       std::printf("--cp %d: rank 0's last zigzag block of S/%d queries; cp-merge in GB/s, max|d| vs cp-full\n", cp,
                   2 * cp);
-    std::printf("%8s %8s %10s %10s %10s %12s\n", "S", "kernel", "part", "ms", "TFLOP/s", "max|d-mma|");
+    std::printf("%8s %8s %10s %10s %10s %12s\n", "S", "kernel", "part", "ms", "TFLOP/s", "max|d-1st|");
     for (const Result& r : results) {
       std::printf("%8lld %8s %10s %10.3f %10.1f", static_cast<long long>(r.seq), r.kernel.c_str(), r.part.c_str(),
                   r.ms, r.tflops);

@@ -10,7 +10,7 @@ Median of --reps timed calls (CUDA events) after --warmup calls. TFLOP/s uses th
 4 * S^2 * D * H / 2 (QK^T and PV, 2 FLOPs per multiply-add, half the square). Each backend's output is
 compared with the first backend that ran (max abs difference) so a broken kernel is visible.
 
-Usage:  python3 bench/torch_attention.py --seq 4096,16384,32768 [--reps 10] [--json OUT]
+Usage:  python3 bench/torch_attention.py --seq 4096,16384,32768 [--reps 10] [--backends CUDNN_ATTENTION,...] [--json OUT]
 """
 
 import argparse
@@ -49,7 +49,7 @@ def time_call(torch, fn, warmup, reps):
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def bench_length(torch, s, backends, warmup, reps, seed):
+def bench_length(torch, s, backends, warmup, reps, seed, names=BACKEND_NAMES):
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel
 
@@ -67,7 +67,7 @@ def bench_length(torch, s, backends, warmup, reps, seed):
     flops = causal_flops(s)
     rows = []
     reference = None
-    for name in BACKEND_NAMES:
+    for name in names:
         backend = backends[name]
         for form, fn in forms.items():
             row = {"seq": s, "backend": name, "form": form}
@@ -113,7 +113,12 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--backends", default=",".join(BACKEND_NAMES),
+                        help="comma-separated subset of " + ", ".join(BACKEND_NAMES))
     args = parser.parse_args()
+    names = [x for x in args.backends.split(",") if x]
+    if not names or any(n not in BACKEND_NAMES for n in names):
+        sys.exit(f"torch_attention: bad --backends {args.backends!r}")
     seqs = [int(x) for x in args.seq.split(",") if x.strip()]
     if not seqs or min(seqs) < 1:
         sys.exit(f"torch_attention: bad --seq {args.seq!r}")
@@ -135,7 +140,7 @@ def main():
 
     rows = []
     for s in seqs:
-        rows.extend(bench_length(torch, s, backends, args.warmup, args.reps, args.seed))
+        rows.extend(bench_length(torch, s, backends, args.warmup, args.reps, args.seed, names))
 
     log("")
     log(f"torch SDPA causal attention, {card}, torch {torch.__version__}; TFLOP/s = 4*S^2*D*H/2 / time")

@@ -1,9 +1,10 @@
-// CUDA vs CPU for kv_store + paged causal attention: the tensor-core path (head_dim 128) and the
-// generic path (16/32/64, decode), block sizes that are and are not multiples of 16, queries at an
-// offset inside a longer K/V (pos_begin > 0), several varlen blocks, zigzag (context-parallel)
-// blocks of one sequence, scrambled block tables, key ranges (diagonal / prefix parts, empty
-// ranges) and their attention_merge, and lse. The cache starts NaN-poisoned so a read of a slot
-// that was never written shows up as a NaN output.
+// CUDA vs CPU for kv_store + paged causal attention: the tensor-core paths (head_dim 128:
+// mma.sync, and on Hopper wgmma and the warp-specialized kernel) and the generic path (16/32/64,
+// decode), block sizes that are and are not multiples of 16, queries at an offset inside a longer
+// K/V (pos_begin > 0), several varlen blocks, zigzag (context-parallel) blocks of one sequence,
+// scrambled block tables, key ranges (diagonal / prefix parts, empty ranges) and their
+// attention_merge, and lse. The cache starts NaN-poisoned so a read of a slot that was never
+// written shows up as a NaN output.
 #include <algorithm>
 #include <numeric>
 
@@ -139,8 +140,20 @@ class AttnRunner : public GpuOpsTest {
     int32_t max_q = 0;
     for (const AttnBlock& b : blocks) max_q = std::max(max_q, b.q_len);
     std::vector<PK> k = {PK::MmaSync};
-    if (p.d == 128 && max_q > 1 && static_cast<cuda::CudaBackend&>(*gpu_).wgmma_supported()) k.push_back(PK::Wgmma);
+    if (p.d == 128 && max_q > 1 && static_cast<cuda::CudaBackend&>(*gpu_).wgmma_supported()) {
+      k.push_back(PK::Wgmma);
+      k.push_back(PK::Ws);
+    }
     return k;
+  }
+
+  static std::string kernel_tag(PK k) {
+    switch (k) {
+      case PK::Wgmma: return " wgmma";
+      case PK::Ws: return " ws";
+      case PK::MmaSync: return "";
+    }
+    return " ?";
   }
 
   // lse: rows with no key in range are -inf on both sides (checked exactly, and their outputs 0),
@@ -170,7 +183,7 @@ class AttnRunner : public GpuOpsTest {
     for (PK kernel : kernels(p, p.blocks)) {
       Tensor go, glse;
       gpu_attention(p, p.blocks, kernel, go, glse);
-      const std::string sh = c.name + (kernel == PK::Wgmma ? " wgmma" : "") + " T=" + std::to_string(p.t) +
+      const std::string sh = c.name + kernel_tag(kernel) + " T=" + std::to_string(p.t) +
                              " kv<=" + std::to_string(max_kv);
       expect_attention_close(sh, gpu_read(go), cpu_read(co), gpu_read(glse), cpu_read(clse), p.d);
       // Without lse the output is the same.
@@ -196,6 +209,27 @@ TEST_F(AttnRunner, FlashOffsetsAndVarlen) {
   run({"d128 bs24 varlen", 4, 2, 128, 24, {{77, 5, 0}, {140, 0, 1}}}, 24);
   run({"d128 bs1", 2, 1, 128, 1, {{40, 10, 0}}}, 25);
   run({"d128 bs64 long prefix", 8, 1, 128, 64, {{700, 2500, 0}}}, 26);
+}
+
+// The warp-specialized kernel's own edges: every GQA ratio, block sizes on its TMA path (powers of
+// two >= 8: one box per chunk of min(block_size, 64) keys) and off it, chunks cut by the ends of
+// the key range, query tiles of 128 rows split over two consumers (lengths around 64 and 128),
+// many query tiles of one head (the persistent scheduler), and a ragged batch of many blocks.
+TEST_F(AttnRunner, FlashGqaBlockSizesAndLengths) {
+  for (int64_t ratio : {1, 2, 4, 8, 16})
+    run({"d128 gqa" + std::to_string(ratio), 2 * ratio, 2, 128, 64, {{333, 70, 0}, {65, 0, 1}}},
+        100 + static_cast<uint32_t>(ratio));
+  for (int64_t bs : {8, 16, 32, 128, 256, 48, 100})
+    run({"d128 bs" + std::to_string(bs), 4, 2, 128, bs, {{257, 3, 0}, {64, 129, 1}, {129, 0, 2}}},
+        200 + static_cast<uint32_t>(bs));
+  std::vector<BlockSpec> ragged;
+  for (int32_t i = 0; i < 40; ++i) ragged.push_back({1 + (i * 37) % 190, (i * 53) % 300, i});
+  run({"d128 ragged40", 8, 2, 128, 32, ragged}, 301);
+}
+
+TEST_F(AttnRunner, FlashLongSequence) {
+  run({"d128 bs64 19999", 2, 1, 128, 64, {{19999, 0, 0}}}, 401);
+  run({"d128 bs256 chunk after 9000", 4, 2, 128, 256, {{3001, 9000, 0}}}, 402);
 }
 
 TEST_F(AttnRunner, GenericHeadDims) {
@@ -271,7 +305,7 @@ TEST_F(AttnRunner, DiagonalMergedWithPrefixEqualsFull) {
   cpu_attention(p, p.blocks, co, clse);
   const int64_t n0 = p.blocks[0].q_len * p.hq;  // rows of the block at position 0
   for (PK kernel : kernels(p, p.blocks)) {
-    const std::string sh = std::string("cp zigzag") + (kernel == PK::Wgmma ? " wgmma" : "") + " T=" +
+    const std::string sh = std::string("cp zigzag") + kernel_tag(kernel) + " T=" +
                            std::to_string(p.t);
     Tensor d_o, d_l, p_o, p_l;
     gpu_attention(p, diag, kernel, d_o, d_l);
@@ -408,6 +442,8 @@ TEST_F(AttnRunner, RejectsBadBlockTable) {
   EXPECT_NO_THROW(gpu_->attention(q128, b, gc128, 0.088f, out128, Tensor{}));  // tensor-core path (D = 128)
   if (cuda.wgmma_supported()) {
     cuda.set_prefill_kernel(cuda::CudaBackend::PrefillKernel::Wgmma);
+    EXPECT_NO_THROW(gpu_->attention(q128, b, gc128, 0.088f, out128, Tensor{}));
+    cuda.set_prefill_kernel(cuda::CudaBackend::PrefillKernel::Ws);
     EXPECT_NO_THROW(gpu_->attention(q128, b, gc128, 0.088f, out128, Tensor{}));
   }
   EXPECT_NO_THROW(gpu_->attention(q, b, gc, 0.125f, out, Tensor{}));            // generic path (D = 64)

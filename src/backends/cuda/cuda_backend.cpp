@@ -36,7 +36,6 @@ const char* cublas_status_name(cublasStatus_t s) {
 namespace {
 
 constexpr size_t kCublasWorkspaceBytes = 32u << 20;  // cuBLAS wants >= 32 MiB on Hopper
-constexpr bool kWgmmaByDefault = true;  // 1.45x mma.sync on H200 (bench/attention_bench), same output
 
 // Makes device_ current for the calling thread (several back-ends may share a process).
 class DeviceGuard {
@@ -63,6 +62,15 @@ void check_dtype(const Tensor& t, DType want, const char* op, const char* what) 
 void check_act(const Tensor& t, const char* op, const char* what) {
   CPI_CHECK(t.dtype == DType::BF16 || t.dtype == DType::F32, op, ": tensor '", what, "' has dtype ",
             dtype_name(t.dtype), ", expected BF16 (or F32)");
+}
+
+const char* prefill_kernel_name(CudaBackend::PrefillKernel k) {
+  switch (k) {
+    case CudaBackend::PrefillKernel::Ws: return "ws (warp-specialized wgmma)";
+    case CudaBackend::PrefillKernel::Wgmma: return "wgmma";
+    case CudaBackend::PrefillKernel::MmaSync: return "mma.sync";
+  }
+  return "?";
 }
 
 bool is_float(DType t) { return t == DType::F32 || t == DType::BF16 || t == DType::F16; }
@@ -95,14 +103,14 @@ CudaBackend::CudaBackend(int device_index) : device_(device_index) {
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
   name_ = std::string("cuda:") + std::to_string(device_) + " (" + prop.name + ")";
   hopper_ = prop.major == 9 && prop.minor == 0;
-  const bool hopper = hopper_;
-  use_wgmma_ = hopper && kWgmmaByDefault;
+  prefill_kernel_ = hopper_ ? PrefillKernel::Wgmma : PrefillKernel::MmaSync;
   if (const char* k = std::getenv("CPINFER_ATTENTION_KERNEL")) {
     const std::string want = k;
-    CPI_CHECK(want == "mma" || want == "wgmma", "CPINFER_ATTENTION_KERNEL must be 'mma' or 'wgmma', got '", want, "'");
-    CPI_CHECK(want == "mma" || hopper, "CPINFER_ATTENTION_KERNEL=wgmma needs a compute capability 9.0 GPU, ", name_,
-              " is ", prop.major, ".", prop.minor);
-    use_wgmma_ = want == "wgmma";
+    CPI_CHECK(want == "mma" || want == "wgmma" || want == "ws",
+              "CPINFER_ATTENTION_KERNEL must be 'mma', 'wgmma' or 'ws', got '", want, "'");
+    CPI_CHECK(want == "mma" || hopper_, "CPINFER_ATTENTION_KERNEL=", want, " needs a compute capability 9.0 GPU, ",
+              name_, " is ", prop.major, ".", prop.minor);
+    prefill_kernel_ = want == "mma" ? PrefillKernel::MmaSync : want == "wgmma" ? PrefillKernel::Wgmma : PrefillKernel::Ws;
   }
   // Resources last: a bad setting above throws before anything needs freeing.
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -110,8 +118,10 @@ CudaBackend::CudaBackend(int device_index) : device_(device_index) {
   CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
   CUDA_CHECK(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes));
   CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspaceBytes));
+  CUDA_CHECK(cudaMalloc(&attn_sched_, 2 * sizeof(int)));
+  CUDA_CHECK(cudaMemset(attn_sched_, 0, 2 * sizeof(int)));
   log_info("CUDA back-end on ", name_, ", ", prop.multiProcessorCount, " SMs, ", prop.totalGlobalMem >> 20,
-           " MiB, prefill attention on ", use_wgmma_ ? "wgmma" : "mma.sync");
+           " MiB, prefill attention on ", prefill_kernel_name(prefill_kernel_));
 }
 
 CudaBackend::~CudaBackend() {
@@ -121,6 +131,7 @@ CudaBackend::~CudaBackend() {
   for (auto& t : rope_tables_) cudaFree(t.device);
   for (auto& t : expert_pointer_tables_) cudaFree(t.device);
   if (workspace_) cudaFree(workspace_);
+  if (attn_sched_) cudaFree(attn_sched_);
   if (cublas_) cublasDestroy(cublas_);
   if (cublas_workspace_) cudaFree(cublas_workspace_);
   if (stream_) cudaStreamDestroy(stream_);
@@ -129,9 +140,9 @@ CudaBackend::~CudaBackend() {
 std::string CudaBackend::name() const { return name_; }
 
 void CudaBackend::set_prefill_kernel(PrefillKernel k) {
-  CPI_CHECK(k == PrefillKernel::MmaSync || hopper_, "the wgmma attention kernel needs a compute capability 9.0 GPU (",
-            name_, ")");
-  use_wgmma_ = k == PrefillKernel::Wgmma;
+  CPI_CHECK(k == PrefillKernel::MmaSync || hopper_, "the ", prefill_kernel_name(k),
+            " attention kernel needs a compute capability 9.0 GPU (", name_, ")");
+  prefill_kernel_ = k;
 }
 
 // ---- memory
@@ -446,12 +457,21 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
   DeviceGuard g(device_);
   const bool flash = d == 128 && q.dtype == DType::BF16 && cache.k.dtype == DType::BF16 && max_q > 1;
   if (flash) {
-    if (use_wgmma_)
-      CUDA_LAUNCH(launch_attention_wgmma(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_),
-                  "attention_wgmma");
-    else
-      CUDA_LAUNCH(launch_attention_flash(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_),
-                  "attention_flash");
+    switch (prefill_kernel_) {
+      case PrefillKernel::Ws:
+        CUDA_LAUNCH(
+            launch_attention_ws(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), attn_sched_, stream_),
+            "attention_ws");
+        break;
+      case PrefillKernel::Wgmma:
+        CUDA_LAUNCH(launch_attention_wgmma(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_),
+                    "attention_wgmma");
+        break;
+      case PrefillKernel::MmaSync:
+        CUDA_LAUNCH(launch_attention_flash(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_),
+                    "attention_flash");
+        break;
+    }
   } else {
     const int keys = static_cast<int>(max_keys);
     const int n_splits = attention_generic_splits(static_cast<int>(t), static_cast<int>(hq), keys);

@@ -75,12 +75,13 @@ class CudaBackend : public Backend {
 
   cudaStream_t stream() const { return stream_; }
 
-  // The tensor-core kernel behind prefill attention (head_dim 128, BF16): wgmma (Hopper, compute
-  // capability 9.0, the default there) or mma.sync (any sm_80+ GPU). The environment variable
-  // CPINFER_ATTENTION_KERNEL=mma|wgmma sets it at construction; tests switch it to cover both.
-  enum class PrefillKernel { MmaSync, Wgmma };
+  // The tensor-core kernel behind prefill attention (head_dim 128, BF16): on Hopper (compute
+  // capability 9.0) the warp-specialized kernel (Ws, the default there) or the plain wgmma one;
+  // mma.sync on any sm_80+ GPU. The environment variable CPINFER_ATTENTION_KERNEL=mma|wgmma|ws
+  // sets it at construction; tests switch it to cover each.
+  enum class PrefillKernel { MmaSync, Wgmma, Ws };
   void set_prefill_kernel(PrefillKernel k);
-  PrefillKernel prefill_kernel() const { return use_wgmma_ ? PrefillKernel::Wgmma : PrefillKernel::MmaSync; }
+  PrefillKernel prefill_kernel() const { return prefill_kernel_; }
   bool wgmma_supported() const { return hopper_; }
   int device_index() const { return device_; }
 
@@ -112,8 +113,9 @@ class CudaBackend : public Backend {
                           Tensor out);
 
   int device_ = 0;
-  bool hopper_ = false;  // compute capability 9.0: the sm_90a wgmma kernel can run
-  bool use_wgmma_ = false;
+  bool hopper_ = false;  // compute capability 9.0: the sm_90a wgmma kernels can run
+  PrefillKernel prefill_kernel_ = PrefillKernel::MmaSync;
+  int* attn_sched_ = nullptr;  // [2] the Ws kernel's work counter (zero between launches)
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;

@@ -40,12 +40,6 @@ constexpr size_t kSmemBytes = (kBM + 4 * kBN) * kD * sizeof(__nv_bfloat16);  // 
 // and cp.async conflict-free.
 __device__ __forceinline__ int swz(int row, int chunk) { return row * kD + ((chunk ^ (row & 7)) << 3); }
 
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // Loads keys [key0, key0 + kBN) of kv head kvh into swizzled [kBN, kD] K and V tiles; keys at or
 // past key_end are zero-filled without touching memory. A block-table entry outside [0, n_pages)
 // is clamped into the cache: a corrupt table gives wrong numbers, never a fault. One slot computation

@@ -85,6 +85,12 @@ cudaError_t launch_attention_flash(const DevTensor& q, const DevAttnBatch& batch
 // cudaErrorNotSupported on other devices or when the library was built without it.
 cudaError_t launch_attention_wgmma(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
                                    DevTensor out, DevTensor lse, cudaStream_t stream);
+// The warp-specialized Hopper kernel (kernels/attention_ws.cu, sm_90a only; FlashAttention-3's
+// design: TMA producer, two ping-pong consumer warpgroups, persistent CTAs): D = 128, BF16.
+// `sched` is device scratch of 2 int32, zero before the first launch; each launch leaves it zero
+// again, so launches sharing it must be ordered (one stream).
+cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
+                                DevTensor out, DevTensor lse, int* sched, cudaStream_t stream);
 // Any D <= 256, F32 or BF16: one warp per (query, head, key split). Also serves decode. With
 // n_splits > 1 (see attention_generic_splits) `part` is F32 scratch of
 // T · Hq · n_splits · (D + 2) floats; max_keys bounds the length of every block's key range,

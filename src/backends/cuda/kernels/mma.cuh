@@ -1,6 +1,7 @@
 // Tensor-core and async-copy building blocks (sm_80 and later) shared by the mma.sync kernels
 // (attention.cu, moe_gemm.cu) and, for the copies, by the Hopper ones (hopper.cuh): shared-memory
-// addresses, 16-byte cp.async with zero fill and its groups, ldmatrix, the m16n8k16 BF16 MMA.
+// addresses, 16-byte cp.async with zero fill and its groups, ldmatrix, the m16n8k16 BF16 MMA,
+// the softmax's exp2.
 #pragma once
 #include <cuda_bf16.h>
 
@@ -49,6 +50,13 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// 2^x by the special-function unit (ex2.approx, flush-to-zero): the flash kernels' softmax.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 }  // namespace cpinfer::cuda

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# On a GPU machine: the prefill-attention kernels alone — a quick run of the warp-specialized
+# kernel first (so a hang costs seconds), the CUDA-vs-CPU attention tests, attention_bench (every
+# kernel, and the context-parallel pieces), and torch SDPA (cuDNN, flash) on the same card.
+# Results go to $OUT (default ./out).   scripts/gpu_attention_check.sh [SEQS]
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
+SEQS="${1:-4096,16384,32768,131072}"
+gpu_binaries gpu_ops_test attention_bench
+
+echo "== ws smoke (4K)"
+if ! timeout 30 "$BIN/attention_bench" --kernel mma,ws --seq 4096 --reps 10 2>&1 | tee "$OUT/ws_smoke.log"; then
+  echo "ws smoke failed or hung"
+  exit 1
+fi
+echo "== attention tests"
+timeout 300 "$BIN/gpu_ops_test" --gtest_filter='AttnRunner.*' 2>&1 | tee "$OUT/gpu_attention.log" |
+  grep -E "^\[ +(OK|FAILED|PASSED) |Failure|nmse|rel|error" | tail -40
+echo "== attention_bench"
+timeout 240 "$BIN/attention_bench" --seq "$SEQS" --reps 10 2>&1 | tee "$OUT/attention_bench.log" | tail -16
+timeout 120 "$BIN/attention_bench" --kernel ws --seq 32768,131072 --cp 4 --reps 10 2>&1 | tee "$OUT/attention_cp4.log" | tail -12
+echo "== torch SDPA"
+timeout 200 python3 bench/torch_attention.py --seq "$SEQS" --backends CUDNN_ATTENTION,FLASH_ATTENTION \
+  --json "$OUT/torch_attention.json" 2>&1 | tail -12

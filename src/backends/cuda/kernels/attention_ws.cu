@@ -1,0 +1,496 @@
+// Hopper (sm_90a) warp-specialized causal prefill attention, organised the way FlashAttention-3
+// is: the same contract as attention.cu (paged KV, any GQA ratio, ragged blocks, key ranges, LSE).
+//
+// A persistent CTA (one per SM) = 3 warpgroups. Warpgroup 0 is the producer: one warp fetches
+// work items from a global counter and loads, per item, the 128 query rows of one head (TMA) and
+// then the K and V tiles of 128 keys, last tile first, into a two-stage ring of shared-memory
+// buffers guarded by mbarriers; its registers are given to the consumers (setmaxnreg).
+// Warpgroups 1 and 2 are the consumers, 64 query rows each:
+//   S = Q·Kᵀ  wgmma m64n128k16, Q and K from shared memory;
+//   O += P·V  wgmma m64n128k16, P from registers (the S accumulators as bf16), V from shared memory.
+// Each consumer issues tile j's Q·Kᵀ together with tile j-1's P·V and runs tile j's softmax while
+// P·V is in flight (overlap within a warpgroup); a pair of named barriers makes the two consumers
+// take turns issuing (ping-pong), so one's softmax runs under the other's GEMMs. Masks are applied
+// only on tiles that cross the diagonal or a key-range edge.
+//
+// K/V pages: a chunk of R = min(block_size, 64) keys that lies inside the key range is one TMA box
+// per 64-column half (block sizes that are powers of two >= 8); chunks that cross an edge of the
+// range, and every chunk of other block sizes, are copied by the producer warp with cp.async and
+// zero fill, so keys outside the range (never written, possibly NaN) reach the GEMMs as zeros.
+// Work items (block, 128-row query tile, head) are handed out longest-first within a block (last
+// query tile first, heads innermost so that the heads sharing a KV head run together), blocks last
+// to first; the counter resets itself when the grid ends.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+#include <cfloat>
+
+#include "backends/cuda/kernels/common.cuh"
+#include "backends/cuda/kernels/hopper.cuh"
+#include "backends/cuda/kernels/kernels.h"
+
+namespace cpinfer::cuda {
+namespace {
+
+constexpr int kD = 128;
+constexpr int kBM = 128;  // query rows per item: 2 consumer warpgroups x 64
+constexpr int kBN = 128;  // keys per tile
+constexpr int kThreads = 384;
+constexpr int kQHalf = kBM * 128;   // bytes of one 64-column half of the Q tile
+constexpr int kKVHalf = kBN * 128;  // bytes of one 64-column half of a K or V tile
+constexpr int kQBytes = 2 * kQHalf;
+constexpr int kKVBytes = 2 * kKVHalf;
+constexpr int kOBytes = 64 * kD * 2;  // one consumer's output staging
+constexpr int kOffK = kQBytes;
+constexpr int kOffV = kOffK + 2 * kKVBytes;
+constexpr int kOffO = kOffV + 2 * kKVBytes;
+constexpr int kOffBar = kOffO + 2 * kOBytes;
+// mbarriers: q_full, q_empty, k_full[2], k_empty[2], v_full[2], v_empty[2], item_full[2], item_empty[2]
+constexpr int kNumBars = 14;
+constexpr int kOffItems = kOffBar + kNumBars * 8;
+constexpr int kSmemBytes = kOffItems + 2 * 16 + 1024;  // + slack for the 1024-byte alignment
+constexpr int kBarSched = 1;  // named barriers 1, 2: the consumers' turns to issue GEMMs
+constexpr int kBarEpi = 3;    // named barriers 3, 4: one consumer's epilogue
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 40·128 + 232·256 <= 65536
+
+struct WsParams {
+  CUtensorMap tm_q, tm_k, tm_v;  // q [T, Hq, 128]; cache k/v [pages·block_size, Hkv, 128]
+  const int32_t* blocks;
+  const int32_t* block_table;
+  const __nv_bfloat16* cache_k;
+  const __nv_bfloat16* cache_v;
+  __nv_bfloat16* out;
+  float* lse;
+  int* sched;  // [2]: items handed out, CTAs finished (both 0 between launches)
+  int n_blocks, max_blocks_per_seq, block_size, n_pages, hq, hkv;
+  int tma_rows;  // R: keys per TMA box (0: every chunk by cp.async)
+  float scale_log2;
+};
+
+// The geometry of one work item: query rows [m0, m0 + rows) of a block, keys [key_lo, key_end)
+// read as n_tiles tiles of kBN keys aligned to multiples of kBN, from tile t_lo up.
+struct Item {
+  int q_begin, m0, rows, pos_begin, seq, kv_begin, kv_bound, key_lo, key_end, t_lo, n_tiles;
+};
+
+__device__ __forceinline__ Item make_item(const int32_t* blk, int mtile) {
+  Item t;
+  t.q_begin = blk[0];
+  const int q_len = blk[1];
+  t.pos_begin = blk[2];
+  t.seq = blk[3];
+  t.kv_begin = blk[4];
+  t.kv_bound = blk[5];
+  t.m0 = mtile * kBM;
+  t.rows = min(kBM, q_len - t.m0);
+  t.key_end = min(t.kv_bound, t.pos_begin + t.m0 + t.rows);
+  t.key_lo = min(t.kv_begin, t.key_end);
+  t.t_lo = t.key_lo / kBN;
+  t.n_tiles = t.key_end > t.key_lo ? (t.key_end - 1) / kBN - t.t_lo + 1 : 0;
+  return t;
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+using namespace cpinfer::cuda::hopper;
+
+// Byte offset of 16-byte chunk c (0..15) of row r in a 128-byte-swizzled tile of two halves.
+__device__ __forceinline__ uint32_t sw_off(int r, int c, int half_bytes) {
+  return static_cast<uint32_t>((c >> 3) * half_bytes + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+}
+
+__device__ __forceinline__ int items_of(const int32_t* blocks, int b, int hq) {
+  return (blocks[kDevAttnBlockFields * b + 1] + kBM - 1) / kBM * hq;
+}
+
+// The producer warp's load of one K or V tile (keys [k0, k0 + kBN)) into `dst`, completing `full`
+// (33 arrivals: the expect-tx of lane 0 and every lane's cp.async arrival).
+__device__ __forceinline__ void load_kv_tile(const WsParams& p, const CUtensorMap* tm, const __nv_bfloat16* cache,
+                                             uint32_t dst, uint32_t full, const int32_t* table, int kvh, int k0,
+                                             int key_lo, int key_end, int lane) {
+  const int R = p.tma_rows, bs = p.block_size;
+  const int n_chunks = R > 0 ? kBN / R : 1;
+  const int chunk_rows = R > 0 ? R : kBN;
+  uint32_t tma_mask = 0;  // chunks wholly inside [key_lo, key_end): one TMA box per half
+  if (R > 0)
+    for (int c = 0; c < n_chunks; ++c) {
+      const int ck = k0 + c * R;
+      if (ck >= key_lo && ck + R <= key_end) tma_mask |= 1u << c;
+    }
+  if (lane == 0) mbar_arrive_expect_tx(full, static_cast<uint32_t>(__popc(tma_mask)) * 2u * R * 128u);
+  __syncwarp();
+  if (lane < 2 * n_chunks && ((tma_mask >> (lane >> 1)) & 1u)) {
+    const int c = lane >> 1, half = lane & 1, ck = k0 + c * R;
+    const unsigned page = min(static_cast<unsigned>(table[ck / bs]), static_cast<unsigned>(p.n_pages - 1));
+    tma_load_3d(dst + half * kKVHalf + c * R * 128, tm, full, half * 64, kvh,
+                static_cast<int>(page) * bs + ck % bs);
+  }
+  for (int c = 0; c < n_chunks; ++c) {
+    if ((tma_mask >> c) & 1u) continue;
+    for (int i = lane; i < chunk_rows * 16; i += 32) {
+      const int r = c * chunk_rows + (i >> 4), ch = i & 15, key = k0 + r;
+      const bool valid = key >= key_lo && key < key_end;
+      int64_t off = 0;
+      if (valid) {
+        const unsigned page = min(static_cast<unsigned>(table[key / bs]), static_cast<unsigned>(p.n_pages - 1));
+        off = ((static_cast<int64_t>(page) * bs + key % bs) * p.hkv + kvh) * kD + ch * 8;
+      }
+      cp_async16(dst + sw_off(r, ch, kKVHalf), cache + off, valid);
+    }
+  }
+  mbar_arrive_cp_async(full);
+}
+
+// Online softmax of one tile in place: s[4n + e] is row row0 + 8·(e >> 1), key k0 + 8n + 2·t4 +
+// (e & 1). Masks keys outside [kv_begin, kv_bound) and after each row's position when asked;
+// returns the factor that rescales the previous accumulators in corr.
+__device__ __forceinline__ void softmax_tile(float (&s)[64], float (&m)[2], float (&l)[2], float (&corr)[2],
+                                             bool mask, int k0, int qpos0, int t4, int kv_begin, int kv_bound,
+                                             float scale_log2) {
+  if (mask) {
+#pragma unroll
+    for (int n = 0; n < 16; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = k0 + n * 8 + 2 * t4 + (e & 1);
+        if (key > qpos0 + 8 * (e >> 1) || key < kv_begin || key >= kv_bound) s[4 * n + e] = -INFINITY;
+      }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m[r], mx * scale_log2);
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with no key yet stays empty
+    corr[r] = fast_exp2(m[r] - m_use);
+    m[r] = m_new;
+    float sum = 0.0f;
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      s[4 * n + 2 * r] = fast_exp2(fmaf(s[4 * n + 2 * r], scale_log2, -m_use));
+      s[4 * n + 2 * r + 1] = fast_exp2(fmaf(s[4 * n + 2 * r + 1], scale_log2, -m_use));
+      sum += s[4 * n + 2 * r] + s[4 * n + 2 * r + 1];
+    }
+    l[r] = l[r] * corr[r] + sum;
+  }
+}
+
+// The probabilities as the bf16 A fragments of the eight k16 steps of P·V.
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[32], const float (&s)[64]) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) pa[i] = pack_bf16(s[2 * i], s[2 * i + 1]);
+}
+
+__device__ __forceinline__ void gemm_qk(float (&s)[64], uint32_t q, uint32_t k) {
+#pragma unroll
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    const uint32_t koff = (ks & 3) << 5;  // 16 columns = 32 bytes into the swizzle atom
+    wgmma_m64n128_ss(s, make_desc(q + (ks >> 2) * kQHalf + koff, 16, 1024),
+                     make_desc(k + (ks >> 2) * kKVHalf + koff, 16, 1024), ks > 0 ? 1 : 0);
+  }
+}
+
+__device__ __forceinline__ void gemm_pv(float (&o)[64], const uint32_t (&pa)[32], uint32_t v) {
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+    // Keys 16kk..16kk+15 = two 8-row groups (stride 1024 B); the d halves kKVHalf apart.
+    const uint32_t a[4] = {pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3]};
+    wgmma_m64n128_rs(o, a, make_desc(v + kk * 16 * 128, kKVHalf, 1024));
+  }
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+__global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_constant__ WsParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  unsigned char* const base_ptr = smem_raw + (base - smem_u32(smem_raw));
+  const uint32_t sq = base;
+  auto k_stage = [&](int s) { return base + kOffK + s * kKVBytes; };
+  auto v_stage = [&](int s) { return base + kOffV + s * kKVBytes; };
+  const uint32_t bars = base + kOffBar;
+  const uint32_t q_full = bars, q_empty = bars + 8;
+  auto k_full = [&](int s) { return bars + 16 + 8 * s; };
+  auto k_empty = [&](int s) { return bars + 32 + 8 * s; };
+  auto v_full = [&](int s) { return bars + 48 + 8 * s; };
+  auto v_empty = [&](int s) { return bars + 64 + 8 * s; };
+  auto item_full = [&](int s) { return bars + 80 + 8 * s; };
+  auto item_empty = [&](int s) { return bars + 96 + 8 * s; };
+  int4* const items = reinterpret_cast<int4*>(base_ptr + kOffItems);
+
+  const int wg = threadIdx.x >> 7;
+  const int warp_in_wg = (threadIdx.x >> 5) & 3;
+  const int lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    mbar_init(q_empty, 2);
+    for (int s = 0; s < 2; ++s) {
+      mbar_init(k_full(s), 33);
+      mbar_init(v_full(s), 33);
+      mbar_init(k_empty(s), 2);
+      mbar_init(v_empty(s), 2);
+      mbar_init(item_full(s), 1);
+      mbar_init(item_empty(s), 2);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ---- producer
+    regs_dealloc<kProducerRegs>();
+    if (warp_in_wg != 0) return;
+    int b_cur = p.n_blocks - 1, first = 0;  // item cursor: items before block b_cur's start at `first`
+    uint32_t q_iter = 0, kv_iter = 0;
+    for (int it = 0;; ++it) {
+      const int slot = it & 1;
+      mbar_wait(item_empty(slot), ((it >> 1) & 1) ^ 1);
+      int4 item = make_int4(-1, 0, 0, 0);
+      if (lane == 0) {
+        const int idx = atomicAdd(p.sched, 1);
+        while (b_cur >= 0 && idx >= first + items_of(p.blocks, b_cur, p.hq)) {
+          first += items_of(p.blocks, b_cur, p.hq);
+          --b_cur;
+        }
+        if (b_cur >= 0) {
+          const int local = idx - first, rank = local / p.hq;
+          const int n_mt = (p.blocks[kDevAttnBlockFields * b_cur + 1] + kBM - 1) / kBM;
+          item = make_int4(b_cur, n_mt - 1 - rank, local - rank * p.hq, 0);
+        }
+        items[slot] = item;
+        mbar_arrive(item_full(slot));
+      }
+      item.x = __shfl_sync(0xffffffffu, item.x, 0);
+      item.y = __shfl_sync(0xffffffffu, item.y, 0);
+      item.z = __shfl_sync(0xffffffffu, item.z, 0);
+      if (item.x < 0) break;
+      const Item t = make_item(p.blocks + kDevAttnBlockFields * item.x, item.y);
+      if (t.n_tiles == 0) continue;
+      const int h = item.z, kvh = h / (p.hq / p.hkv);
+      mbar_wait(q_empty, (q_iter & 1) ^ 1);
+      ++q_iter;
+      if (lane == 0) {
+        mbar_arrive_expect_tx(q_full, kQBytes);
+        tma_load_3d(sq, &p.tm_q, q_full, 0, h, t.q_begin + t.m0);
+        tma_load_3d(sq + kQHalf, &p.tm_q, q_full, 64, h, t.q_begin + t.m0);
+      }
+      const int32_t* table = p.block_table + static_cast<int64_t>(t.seq) * p.max_blocks_per_seq;
+      for (int j = 0; j < t.n_tiles; ++j, ++kv_iter) {
+        const int st = kv_iter & 1, ph = (kv_iter >> 1) & 1;
+        const int k0 = (t.t_lo + t.n_tiles - 1 - j) * kBN;
+        mbar_wait(k_empty(st), ph ^ 1);
+        load_kv_tile(p, &p.tm_k, p.cache_k, k_stage(st), k_full(st), table, kvh, k0, t.key_lo, t.key_end, lane);
+        mbar_wait(v_empty(st), ph ^ 1);
+        load_kv_tile(p, &p.tm_v, p.cache_v, v_stage(st), v_full(st), table, kvh, k0, t.key_lo, t.key_end, lane);
+      }
+    }
+    // The last CTA to finish resets the counters for the next launch on this stream.
+    if (lane == 0 && atomicAdd(p.sched + 1, 1) == static_cast<int>(gridDim.x) - 1) {
+      p.sched[0] = 0;
+      p.sched[1] = 0;
+    }
+    return;
+  }
+
+  // ---- consumers: cw = 0 (query rows 0..63 of the item) or 1 (64..127)
+  regs_alloc<kConsumerRegs>();
+  const int cw = wg - 1;
+  const int wtid = threadIdx.x & 127;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int row0 = warp_in_wg * 16 + g;  // this thread's rows within the 64: row0, row0 + 8
+  unsigned char* const so_ptr = base_ptr + kOffO + cw * kOBytes;
+  const int64_t q_stride = static_cast<int64_t>(p.hq) * kD;
+  if (cw == 1) bar_arrive(kBarSched, 256);  // consumer 0 issues first
+  uint32_t q_iter = 0, kv_iter = 0;
+  for (int it = 0;; ++it) {
+    const int slot = it & 1;
+    mbar_wait(item_full(slot), (it >> 1) & 1);
+    const int4 item = items[slot];
+    if (item.x < 0) break;
+    const Item t = make_item(p.blocks + kDevAttnBlockFields * item.x, item.y);
+    const int h = item.z;
+    float o[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    if (t.n_tiles > 0) {
+      mbar_wait(q_full, q_iter & 1);
+      ++q_iter;
+      const uint32_t qa = sq + cw * 64 * 128;
+      const int wg_pos0 = t.pos_begin + t.m0 + cw * 64;  // position of this consumer's first row
+      const int qpos0 = wg_pos0 + row0;
+      auto needs_mask = [&](int k0) {
+        return k0 < t.kv_begin || k0 + kBN > t.kv_bound || k0 + kBN - 1 > wg_pos0;
+      };
+      float s[64], corr[2];
+      uint32_t pa[32];
+      int k0 = (t.t_lo + t.n_tiles - 1) * kBN;
+      int st = kv_iter & 1, ph = (kv_iter >> 1) & 1;
+      mbar_wait(k_full(st), ph);
+      fence_async_smem();  // edge chunks arrive by cp.async (generic proxy)
+      wgmma_fence();
+      gemm_qk(s, qa, k_stage(st));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(s);
+      if (wtid == 0) mbar_arrive(k_empty(st));
+      softmax_tile(s, m, l, corr, needs_mask(k0), k0, qpos0, t4, t.kv_begin, t.kv_bound, p.scale_log2);
+      pack_p(pa, s);
+      int prev = st, prev_ph = ph;
+      ++kv_iter;
+      for (int j = 1; j < t.n_tiles; ++j, ++kv_iter) {
+        k0 -= kBN;
+        st = kv_iter & 1;
+        ph = (kv_iter >> 1) & 1;
+        mbar_wait(k_full(st), ph);
+        fence_async_smem();
+        bar_sync(kBarSched + cw, 256);  // my turn to issue
+        wgmma_fence();
+        gemm_qk(s, qa, k_stage(st));
+        wgmma_commit();
+        mbar_wait(v_full(prev), prev_ph);
+        fence_async_smem();
+        gemm_pv(o, pa, v_stage(prev));
+        wgmma_commit();
+        bar_arrive(kBarSched + (cw ^ 1), 256);  // the other consumer's turn
+        wgmma_wait<1>();
+        fence_regs(s);
+        if (wtid == 0) mbar_arrive(k_empty(st));
+        softmax_tile(s, m, l, corr, needs_mask(k0), k0, qpos0, t4, t.kv_begin, t.kv_bound, p.scale_log2);
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_regs(pa);
+        if (wtid == 0) mbar_arrive(v_empty(prev));
+#pragma unroll
+        for (int n = 0; n < 16; ++n) {
+          o[4 * n] *= corr[0];
+          o[4 * n + 1] *= corr[0];
+          o[4 * n + 2] *= corr[1];
+          o[4 * n + 3] *= corr[1];
+        }
+        pack_p(pa, s);
+        prev = st;
+        prev_ph = ph;
+      }
+      if (wtid == 0) mbar_arrive(q_empty);  // the last Q·Kᵀ has completed
+      mbar_wait(v_full(prev), prev_ph);
+      fence_async_smem();
+      wgmma_fence();
+      gemm_pv(o, pa, v_stage(prev));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(o);
+      fence_regs(pa);
+      if (wtid == 0) mbar_arrive(v_empty(prev));
+    }
+
+    // ---- epilogue: O / l through shared memory (swizzled 16-byte chunks) to coalesced stores
+    bar_sync(kBarEpi + cw, 128);  // the previous item's staging has been read
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float lr = l[r];
+      lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+      lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+      const int row = row0 + 8 * r;
+      const float inv_l = lr > 0.0f ? 1.0f / lr : 0.0f;  // no key in range: out 0, lse -inf
+#pragma unroll
+      for (int n = 0; n < 16; ++n)
+        *reinterpret_cast<uint32_t*>(so_ptr + row * 256 + ((n ^ (row & 7)) << 4) + t4 * 4) =
+            pack_bf16(o[4 * n + 2 * r] * inv_l, o[4 * n + 2 * r + 1] * inv_l);
+      const int grow = cw * 64 + row;
+      if (p.lse != nullptr && t4 == 0 && grow < t.rows)
+        p.lse[(static_cast<int64_t>(t.q_begin) + t.m0 + grow) * p.hq + h] =
+            lr > 0.0f ? (m[r] + log2f(lr)) * 0.69314718055994531f : -INFINITY;
+    }
+    bar_sync(kBarEpi + cw, 128);
+#pragma unroll
+    for (int i = wtid; i < 64 * 16; i += 128) {
+      const int row = i >> 4, c = i & 15, grow = cw * 64 + row;
+      if (grow >= t.rows) continue;
+      const uint4 v = *reinterpret_cast<const uint4*>(so_ptr + row * 256 + ((c ^ (row & 7)) << 4));
+      *reinterpret_cast<uint4*>(p.out + (static_cast<int64_t>(t.q_begin) + t.m0 + grow) * q_stride + h * kD + c * 8) =
+          v;
+    }
+    if (wtid == 0) mbar_arrive(item_empty(slot));
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A [rows, heads, 128] bf16 tensor as TMA boxes of (64 columns, 1 head, box_rows rows), 128-byte
+// swizzled.
+bool encode_rows(CUtensorMap* map, const void* base, int64_t rows, int64_t heads, int box_rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(kD), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[2] = {kD * 2, static_cast<cuuint64_t>(heads) * kD * 2};
+  const cuuint32_t box[3] = {64, 1, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void*>(base), dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+}  // namespace
+
+cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
+                                DevTensor out, DevTensor lse, int* sched, cudaStream_t stream) {
+  const int64_t t = q.dim(0), hq = q.dim(1), hkv = cache.k.dim(2);
+  const int n_blocks = batch.n_blocks, max_q = batch.max_q_len;
+  if (n_blocks == 0 || max_q == 0 || t == 0) return cudaSuccess;
+  const int bs = cache.block_size();
+  const int64_t n_pages = cache.k.dim(0);
+  if (q.dim(2) != kD || cache.k.dim(3) != kD || hkv <= 0 || hq % hkv != 0 || sched == nullptr || bs <= 0 ||
+      n_pages * bs > (int64_t{1} << 31) - 1 || t > (int64_t{1} << 31) - 1)
+    return cudaErrorInvalidValue;
+  const bool pow2 = (bs & (bs - 1)) == 0;
+  WsParams p{};
+  p.tma_rows = pow2 && bs >= 8 ? (bs < 64 ? bs : 64) : 0;
+  if (!encode_rows(&p.tm_q, q.data, t, hq, kBM) ||
+      !encode_rows(&p.tm_k, cache.k.data, n_pages * bs, hkv, p.tma_rows > 0 ? p.tma_rows : 8) ||
+      !encode_rows(&p.tm_v, cache.v.data, n_pages * bs, hkv, p.tma_rows > 0 ? p.tma_rows : 8))
+    return cudaErrorInvalidValue;
+  p.blocks = batch.blocks;
+  p.block_table = batch.block_table;
+  p.cache_k = cache.k.ptr<const __nv_bfloat16>();
+  p.cache_v = cache.v.ptr<const __nv_bfloat16>();
+  p.out = out.ptr<__nv_bfloat16>();
+  p.lse = lse.defined() ? lse.ptr<float>() : nullptr;
+  p.sched = sched;
+  p.n_blocks = n_blocks;
+  p.max_blocks_per_seq = batch.max_blocks_per_seq;
+  p.block_size = bs;
+  p.n_pages = static_cast<int>(n_pages);
+  p.hq = static_cast<int>(hq);
+  p.hkv = static_cast<int>(hkv);
+  p.scale_log2 = scale * 1.4426950408889634f;
+  int device = 0, n_sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&n_sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int64_t max_items = static_cast<int64_t>(n_blocks) * ((max_q + kBM - 1) / kBM) * hq;
+  const int grid = static_cast<int>(std::min<int64_t>(n_sms, max_items));
+  err = cudaFuncSetAttribute(attention_ws_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (err != cudaSuccess) return err;
+  attention_ws_kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace cpinfer::cuda
