@@ -5,7 +5,8 @@
 // FLOPs counted causal-halved: 2 GEMMs x 2 FLOP x S² x D x Hq / 2.
 //
 //   attention_bench [--seq 4096,16384,32768] [--reps 20] [--block-size 64] [--kernel mma,wgmma,ws]
-//                   [--cp C] [--json]
+//                   [--ws-kv-group G] [--cp C] [--json]
+// --ws-kv-group G: the ws kernel's work order in groups of G KV heads (AttentionWsConfig).
 // Every kernel runs by default on Hopper (mma.sync, wgmma, ws = the warp-specialized kernel);
 // each size then also reports the largest difference of each output from the first kernel's.
 // --cp C also times the parts context parallelism over C ranks splits the attention of rank 0's
@@ -53,10 +54,11 @@ struct Result {
 };
 
 int* g_sched = nullptr;  // the ws kernel's work counter
+cpinfer::cuda::AttentionWsConfig g_ws_cfg;
 
 cudaError_t run_kernel(const std::string& kernel, const DevTensor& q, const DevAttnBatch& b, const DevKv& c, float scale,
                        const DevTensor& o, const DevTensor& l, cudaStream_t stream) {
-  if (kernel == "ws") return cpinfer::cuda::launch_attention_ws(q, b, c, scale, o, l, g_sched, stream);
+  if (kernel == "ws") return cpinfer::cuda::launch_attention_ws(q, b, c, scale, o, l, g_sched, stream, g_ws_cfg);
   if (kernel == "wgmma") return cpinfer::cuda::launch_attention_wgmma(q, b, c, scale, o, l, stream);
   return cpinfer::cuda::launch_attention_flash(q, b, c, scale, o, l, stream);
 }
@@ -95,6 +97,8 @@ int main(int argc, char** argv) {
         }
     } else if (a == "--reps" && i + 1 < argc) {
       reps = std::max(10, std::atoi(argv[++i]));
+    } else if (a == "--ws-kv-group" && i + 1 < argc) {
+      g_ws_cfg.kv_heads_per_group = std::max(0, std::atoi(argv[++i]));
     } else if (a == "--cp" && i + 1 < argc) {
       cp = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--block-size" && i + 1 < argc) {
@@ -110,7 +114,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: attention_bench [--seq 4096,16384] [--reps N>=10] [--block-size B] "
-                   "[--kernel mma,wgmma,ws] [--cp C] [--json]\n");
+                   "[--kernel mma,wgmma,ws] [--ws-kv-group G] [--cp C] [--json]\n");
       return 2;
     }
   }

@@ -18,8 +18,9 @@
 // range, and every chunk of other block sizes, are copied by the producer warp with cp.async and
 // zero fill, so keys outside the range (never written, possibly NaN) reach the GEMMs as zeros.
 // Work items (block, 128-row query tile, head) are handed out longest-first within a block (last
-// query tile first, heads innermost so that the heads sharing a KV head run together), blocks last
-// to first; the counter resets itself when the grid ends.
+// query tile first, heads innermost so that the heads sharing a KV head run together; optionally
+// in groups of KV heads whose K/V fit in L2, see AttentionWsConfig), blocks last to first; the
+// counter resets itself when the grid ends.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
@@ -65,6 +66,7 @@ struct WsParams {
   int* sched;  // [2]: items handed out, CTAs finished (both 0 between launches)
   int n_blocks, max_blocks_per_seq, block_size, n_pages, hq, hkv;
   int tma_rows;  // R: keys per TMA box (0: every chunk by cp.async)
+  int group_heads;  // query heads per group of the item order (a multiple of hq / hkv dividing hq)
   float scale_log2;
 };
 
@@ -156,25 +158,30 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], float (&m)[2], floa
         if (key > qpos0 + 8 * (e >> 1) || key < kv_begin || key >= kv_bound) s[4 * n + e] = -INFINITY;
       }
   }
+  // Reductions in four independent chains per row: one warp per scheduler runs this at a time, so
+  // its own instruction-level parallelism is what hides the latencies.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float mx = -INFINITY;
+    float mx[4];
 #pragma unroll
-    for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m[r], mx * scale_log2);
+    for (int c = 0; c < 4; ++c) mx[c] = fmaxf(s[4 * c + 2 * r], s[4 * c + 2 * r + 1]);
+#pragma unroll
+    for (int n = 4; n < 16; ++n) mx[n & 3] = fmaxf(mx[n & 3], fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
+    float row_max = fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3]));
+    row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 1));
+    row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 2));
+    const float m_new = fmaxf(m[r], row_max * scale_log2);
     const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with no key yet stays empty
     corr[r] = fast_exp2(m[r] - m_use);
     m[r] = m_new;
-    float sum = 0.0f;
+    float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int n = 0; n < 16; ++n) {
       s[4 * n + 2 * r] = fast_exp2(fmaf(s[4 * n + 2 * r], scale_log2, -m_use));
       s[4 * n + 2 * r + 1] = fast_exp2(fmaf(s[4 * n + 2 * r + 1], scale_log2, -m_use));
-      sum += s[4 * n + 2 * r] + s[4 * n + 2 * r + 1];
+      sum[n & 3] += s[4 * n + 2 * r] + s[4 * n + 2 * r + 1];
     }
-    l[r] = l[r] * corr[r] + sum;
+    l[r] = l[r] * corr[r] + ((sum[0] + sum[1]) + (sum[2] + sum[3]));
   }
 }
 
@@ -257,9 +264,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
           --b_cur;
         }
         if (b_cur >= 0) {
-          const int local = idx - first, rank = local / p.hq;
+          // Within a block: groups of group_heads heads, one after the other; in a group, query
+          // tiles last (longest) first, heads innermost.
           const int n_mt = (p.blocks[kDevAttnBlockFields * b_cur + 1] + kBM - 1) / kBM;
-          item = make_int4(b_cur, n_mt - 1 - rank, local - rank * p.hq, 0);
+          const int local = idx - first, per_group = n_mt * p.group_heads;
+          const int grp = local / per_group, in_grp = local - grp * per_group, rank = in_grp / p.group_heads;
+          item = make_int4(b_cur, n_mt - 1 - rank, grp * p.group_heads + in_grp - rank * p.group_heads, 0);
         }
         items[slot] = item;
         mbar_arrive(item_full(slot));
@@ -326,12 +336,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
       auto needs_mask = [&](int k0) {
         return k0 < t.kv_begin || k0 + kBN > t.kv_bound || k0 + kBN - 1 > wg_pos0;
       };
+      // Tiles with chunks copied by cp.async (the producer's rule): their data came through the
+      // generic proxy and must be fenced before wgmma reads it.
+      auto fence_if_copied = [&](int k0) {
+        if (p.tma_rows == 0 || k0 < t.key_lo || k0 + kBN > t.key_end) fence_async_smem();
+      };
       float s[64], corr[2];
       uint32_t pa[32];
       int k0 = (t.t_lo + t.n_tiles - 1) * kBN;
       int st = kv_iter & 1, ph = (kv_iter >> 1) & 1;
       mbar_wait(k_full(st), ph);
-      fence_async_smem();  // edge chunks arrive by cp.async (generic proxy)
+      fence_if_copied(k0);
       wgmma_fence();
       gemm_qk(s, qa, k_stage(st));
       wgmma_commit();
@@ -347,13 +362,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
         st = kv_iter & 1;
         ph = (kv_iter >> 1) & 1;
         mbar_wait(k_full(st), ph);
-        fence_async_smem();
+        fence_if_copied(k0);
         bar_sync(kBarSched + cw, 256);  // my turn to issue
         wgmma_fence();
         gemm_qk(s, qa, k_stage(st));
         wgmma_commit();
         mbar_wait(v_full(prev), prev_ph);
-        fence_async_smem();
+        fence_if_copied(k0 + kBN);
         gemm_pv(o, pa, v_stage(prev));
         wgmma_commit();
         bar_arrive(kBarSched + (cw ^ 1), 256);  // the other consumer's turn
@@ -378,7 +393,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
       }
       if (wtid == 0) mbar_arrive(q_empty);  // the last Q·Kᵀ has completed
       mbar_wait(v_full(prev), prev_ph);
-      fence_async_smem();
+      fence_if_copied(k0);
       wgmma_fence();
       gemm_pv(o, pa, v_stage(prev));
       wgmma_commit();
@@ -451,7 +466,8 @@ bool encode_rows(CUtensorMap* map, const void* base, int64_t rows, int64_t heads
 }  // namespace
 
 cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
-                                DevTensor out, DevTensor lse, int* sched, cudaStream_t stream) {
+                                DevTensor out, DevTensor lse, int* sched, cudaStream_t stream,
+                                const AttentionWsConfig& cfg) {
   const int64_t t = q.dim(0), hq = q.dim(1), hkv = cache.k.dim(2);
   const int n_blocks = batch.n_blocks, max_q = batch.max_q_len;
   if (n_blocks == 0 || max_q == 0 || t == 0) return cudaSuccess;
@@ -480,6 +496,9 @@ cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, c
   p.n_pages = static_cast<int>(n_pages);
   p.hq = static_cast<int>(hq);
   p.hkv = static_cast<int>(hkv);
+  const int64_t group_kv = cfg.kv_heads_per_group > 0 ? cfg.kv_heads_per_group : hkv;
+  if (hkv % group_kv != 0) return cudaErrorInvalidValue;
+  p.group_heads = static_cast<int>(group_kv * (hq / hkv));
   p.scale_log2 = scale * 1.4426950408889634f;
   int device = 0, n_sms = 0;
   cudaError_t err = cudaGetDevice(&device);

@@ -89,8 +89,14 @@ cudaError_t launch_attention_wgmma(const DevTensor& q, const DevAttnBatch& batch
 // design: TMA producer, two ping-pong consumer warpgroups, persistent CTAs): D = 128, BF16.
 // `sched` is device scratch of 2 int32, zero before the first launch; each launch leaves it zero
 // again, so launches sharing it must be ordered (one stream).
+struct AttentionWsConfig {
+  // Work order: the items of this many KV heads (with their query heads) run before the next
+  // group's, so that fewer K/V streams compete for L2; 0 = all heads at once.
+  int kv_heads_per_group = 0;
+};
 cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
-                                DevTensor out, DevTensor lse, int* sched, cudaStream_t stream);
+                                DevTensor out, DevTensor lse, int* sched, cudaStream_t stream,
+                                const AttentionWsConfig& cfg = {});
 // Any D <= 256, F32 or BF16: one warp per (query, head, key split). Also serves decode. With
 // n_splits > 1 (see attention_generic_splits) `part` is F32 scratch of
 // T · Hq · n_splits · (D + 2) floats; max_keys bounds the length of every block's key range,
