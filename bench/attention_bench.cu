@@ -5,8 +5,9 @@
 // FLOPs counted causal-halved: 2 GEMMs x 2 FLOP x S² x D x Hq / 2.
 //
 //   attention_bench [--seq 4096,16384,32768] [--reps 20] [--block-size 64] [--kernel mma,wgmma,ws]
-//                   [--ws-kv-group G] [--cp C] [--json]
-// --ws-kv-group G: the ws kernel's work order in groups of G KV heads (AttentionWsConfig).
+//                   [--ws-kv-group G] [--ws-stages 2|3] [--cp C] [--json]
+// --ws-kv-group G, --ws-stages S: the ws kernel's AttentionWsConfig (work order in groups of G KV
+// heads; K/V pipeline depth).
 // Every kernel runs by default on Hopper (mma.sync, wgmma, ws = the warp-specialized kernel);
 // each size then also reports the largest difference of each output from the first kernel's.
 // --cp C also times the parts context parallelism over C ranks splits the attention of rank 0's
@@ -97,6 +98,8 @@ int main(int argc, char** argv) {
         }
     } else if (a == "--reps" && i + 1 < argc) {
       reps = std::max(10, std::atoi(argv[++i]));
+    } else if (a == "--ws-stages" && i + 1 < argc) {
+      g_ws_cfg.stages = std::atoi(argv[++i]);
     } else if (a == "--ws-kv-group" && i + 1 < argc) {
       g_ws_cfg.kv_heads_per_group = std::max(0, std::atoi(argv[++i]));
     } else if (a == "--cp" && i + 1 < argc) {
@@ -114,7 +117,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: attention_bench [--seq 4096,16384] [--reps N>=10] [--block-size B] "
-                   "[--kernel mma,wgmma,ws] [--ws-kv-group G] [--cp C] [--json]\n");
+                   "[--kernel mma,wgmma,ws] [--ws-kv-group G] [--ws-stages 2|3] [--cp C] [--json]\n");
       return 2;
     }
   }

@@ -43,14 +43,21 @@ constexpr int kKVHalf = kBN * 128;  // bytes of one 64-column half of a K or V t
 constexpr int kQBytes = 2 * kQHalf;
 constexpr int kKVBytes = 2 * kKVHalf;
 constexpr int kOBytes = 64 * kD * 2;  // one consumer's output staging
-constexpr int kOffK = kQBytes;
-constexpr int kOffV = kOffK + 2 * kKVBytes;
-constexpr int kOffO = kOffV + 2 * kKVBytes;
-constexpr int kOffBar = kOffO + 2 * kOBytes;
-// mbarriers: q_full, q_empty, k_full[2], k_empty[2], v_full[2], v_empty[2], item_full[2], item_empty[2]
-constexpr int kNumBars = 14;
-constexpr int kOffItems = kOffBar + kNumBars * 8;
-constexpr int kSmemBytes = kOffItems + 2 * 16 + 1024;  // + slack for the 1024-byte alignment
+// Shared memory of the kernel with kStages K/V buffers: Q, K[kStages], V[kStages], with two stages
+// also the consumers' output staging, then the mbarriers q_full, q_empty, k_full[S], k_empty[S],
+// v_full[S], v_empty[S], item_full[2], item_empty[2] and the two item slots.
+template <int kStages>
+struct Smem {
+  static constexpr int kOffK = kQBytes;
+  static constexpr int kOffV = kOffK + kStages * kKVBytes;
+  static constexpr int kOffO = kOffV + kStages * kKVBytes;
+  static constexpr bool kStaged = kStages == 2;  // three stages leave no room to stage the output
+  static constexpr int kOffBar = kOffO + (kStaged ? 2 * kOBytes : 0);
+  static constexpr int kNumBars = 2 + 4 * kStages + 4;
+  static constexpr int kOffItems = kOffBar + kNumBars * 8;
+  static constexpr int kBytes = kOffItems + 2 * 16 + 1024;  // + slack for the 1024-byte alignment
+};
+static_assert(Smem<3>::kBytes <= 227 * 1024, "three K/V stages must fit the 227 KB a CTA may have");
 constexpr int kBarSched = 1;  // named barriers 1, 2: the consumers' turns to issue GEMMs
 constexpr int kBarEpi = 3;    // named barriers 3, 4: one consumer's epilogue
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 40·128 + 232·256 <= 65536
@@ -211,23 +218,28 @@ __device__ __forceinline__ void gemm_pv(float (&o)[64], const uint32_t (&pa)[32]
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
+template <int kStages>
 __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_constant__ WsParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = Smem<kStages>;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   unsigned char* const base_ptr = smem_raw + (base - smem_u32(smem_raw));
   const uint32_t sq = base;
-  auto k_stage = [&](int s) { return base + kOffK + s * kKVBytes; };
-  auto v_stage = [&](int s) { return base + kOffV + s * kKVBytes; };
-  const uint32_t bars = base + kOffBar;
+  auto k_stage = [&](int s) { return base + L::kOffK + s * kKVBytes; };
+  auto v_stage = [&](int s) { return base + L::kOffV + s * kKVBytes; };
+  const uint32_t bars = base + L::kOffBar;
   const uint32_t q_full = bars, q_empty = bars + 8;
   auto k_full = [&](int s) { return bars + 16 + 8 * s; };
-  auto k_empty = [&](int s) { return bars + 32 + 8 * s; };
-  auto v_full = [&](int s) { return bars + 48 + 8 * s; };
-  auto v_empty = [&](int s) { return bars + 64 + 8 * s; };
-  auto item_full = [&](int s) { return bars + 80 + 8 * s; };
-  auto item_empty = [&](int s) { return bars + 96 + 8 * s; };
-  int4* const items = reinterpret_cast<int4*>(base_ptr + kOffItems);
+  auto k_empty = [&](int s) { return bars + 16 + 8 * (kStages + s); };
+  auto v_full = [&](int s) { return bars + 16 + 8 * (2 * kStages + s); };
+  auto v_empty = [&](int s) { return bars + 16 + 8 * (3 * kStages + s); };
+  auto item_full = [&](int s) { return bars + 16 + 8 * (4 * kStages + s); };
+  auto item_empty = [&](int s) { return bars + 16 + 8 * (4 * kStages + 2 + s); };
+  // Pipeline position i of the K/V ring: its buffer and the parity of its phase.
+  auto stage_of = [](uint32_t i) { return static_cast<int>(i % kStages); };
+  auto phase_of = [](uint32_t i) { return static_cast<uint32_t>((i / kStages) & 1); };
+  int4* const items = reinterpret_cast<int4*>(base_ptr + L::kOffItems);
 
   const int wg = threadIdx.x >> 7;
   const int warp_in_wg = (threadIdx.x >> 5) & 3;
@@ -235,11 +247,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
     mbar_init(q_empty, 2);
-    for (int s = 0; s < 2; ++s) {
+    for (int s = 0; s < kStages; ++s) {
       mbar_init(k_full(s), 33);
       mbar_init(v_full(s), 33);
       mbar_init(k_empty(s), 2);
       mbar_init(v_empty(s), 2);
+    }
+    for (int s = 0; s < 2; ++s) {
       mbar_init(item_full(s), 1);
       mbar_init(item_empty(s), 2);
     }
@@ -289,14 +303,23 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
         tma_load_3d(sq + kQHalf, &p.tm_q, q_full, 64, h, t.q_begin + t.m0);
       }
       const int32_t* table = p.block_table + static_cast<int64_t>(t.seq) * p.max_blocks_per_seq;
-      for (int j = 0; j < t.n_tiles; ++j, ++kv_iter) {
-        const int st = kv_iter & 1, ph = (kv_iter >> 1) & 1;
-        const int k0 = (t.t_lo + t.n_tiles - 1 - j) * kBN;
-        mbar_wait(k_empty(st), ph ^ 1);
-        load_kv_tile(p, &p.tm_k, p.cache_k, k_stage(st), k_full(st), table, kvh, k0, t.key_lo, t.key_end, lane);
-        mbar_wait(v_empty(st), ph ^ 1);
-        load_kv_tile(p, &p.tm_v, p.cache_v, v_stage(st), v_full(st), table, kvh, k0, t.key_lo, t.key_end, lane);
+      // K of tile j goes out before V of tile j - 1: the consumers need it one step earlier (Q·Kᵀ of
+      // tile j is issued with P·V of tile j - 1).
+      const int k_top = (t.t_lo + t.n_tiles - 1) * kBN;
+      auto load_v = [&](uint32_t i, int k0) {
+        mbar_wait(v_empty(stage_of(i)), phase_of(i) ^ 1);
+        load_kv_tile(p, &p.tm_v, p.cache_v, v_stage(stage_of(i)), v_full(stage_of(i)), table, kvh, k0, t.key_lo,
+                     t.key_end, lane);
+      };
+      for (int j = 0; j < t.n_tiles; ++j) {
+        const uint32_t i = kv_iter + j;
+        mbar_wait(k_empty(stage_of(i)), phase_of(i) ^ 1);
+        load_kv_tile(p, &p.tm_k, p.cache_k, k_stage(stage_of(i)), k_full(stage_of(i)), table, kvh, k_top - j * kBN,
+                     t.key_lo, t.key_end, lane);
+        if (j > 0) load_v(i - 1, k_top - (j - 1) * kBN);
       }
+      load_v(kv_iter + t.n_tiles - 1, k_top - (t.n_tiles - 1) * kBN);
+      kv_iter += t.n_tiles;
     }
     // The last CTA to finish resets the counters for the next launch on this stream.
     if (lane == 0 && atomicAdd(p.sched + 1, 1) == static_cast<int>(gridDim.x) - 1) {
@@ -312,7 +335,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
   const int wtid = threadIdx.x & 127;
   const int g = lane >> 2, t4 = lane & 3;
   const int row0 = warp_in_wg * 16 + g;  // this thread's rows within the 64: row0, row0 + 8
-  unsigned char* const so_ptr = base_ptr + kOffO + cw * kOBytes;
+  unsigned char* const so_ptr = base_ptr + L::kOffO + cw * kOBytes;
   const int64_t q_stride = static_cast<int64_t>(p.hq) * kD;
   if (cw == 1) bar_arrive(kBarSched, 256);  // consumer 0 issues first
   uint32_t q_iter = 0, kv_iter = 0;
@@ -344,7 +367,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
       float s[64], corr[2];
       uint32_t pa[32];
       int k0 = (t.t_lo + t.n_tiles - 1) * kBN;
-      int st = kv_iter & 1, ph = (kv_iter >> 1) & 1;
+      int st = stage_of(kv_iter);
+      uint32_t ph = phase_of(kv_iter);
       mbar_wait(k_full(st), ph);
       fence_if_copied(k0);
       wgmma_fence();
@@ -355,12 +379,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
       if (wtid == 0) mbar_arrive(k_empty(st));
       softmax_tile(s, m, l, corr, needs_mask(k0), k0, qpos0, t4, t.kv_begin, t.kv_bound, p.scale_log2);
       pack_p(pa, s);
-      int prev = st, prev_ph = ph;
+      int prev = st;
+      uint32_t prev_ph = ph;
       ++kv_iter;
       for (int j = 1; j < t.n_tiles; ++j, ++kv_iter) {
         k0 -= kBN;
-        st = kv_iter & 1;
-        ph = (kv_iter >> 1) & 1;
+        st = stage_of(kv_iter);
+        ph = phase_of(kv_iter);
         mbar_wait(k_full(st), ph);
         fence_if_copied(k0);
         bar_sync(kBarSched + cw, 256);  // my turn to issue
@@ -403,32 +428,51 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
       if (wtid == 0) mbar_arrive(v_empty(prev));
     }
 
-    // ---- epilogue: O / l through shared memory (swizzled 16-byte chunks) to coalesced stores
-    bar_sync(kBarEpi + cw, 128);  // the previous item's staging has been read
+    // ---- epilogue: O / l, through shared memory (swizzled 16-byte chunks) to coalesced stores
+    // when there is room, else straight from the registers
+    float inv_l[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float lr = l[r];
       lr += __shfl_xor_sync(0xffffffffu, lr, 1);
       lr += __shfl_xor_sync(0xffffffffu, lr, 2);
-      const int row = row0 + 8 * r;
-      const float inv_l = lr > 0.0f ? 1.0f / lr : 0.0f;  // no key in range: out 0, lse -inf
-#pragma unroll
-      for (int n = 0; n < 16; ++n)
-        *reinterpret_cast<uint32_t*>(so_ptr + row * 256 + ((n ^ (row & 7)) << 4) + t4 * 4) =
-            pack_bf16(o[4 * n + 2 * r] * inv_l, o[4 * n + 2 * r + 1] * inv_l);
-      const int grow = cw * 64 + row;
+      inv_l[r] = lr > 0.0f ? 1.0f / lr : 0.0f;  // no key in range: out 0, lse -inf
+      const int grow = cw * 64 + row0 + 8 * r;
       if (p.lse != nullptr && t4 == 0 && grow < t.rows)
         p.lse[(static_cast<int64_t>(t.q_begin) + t.m0 + grow) * p.hq + h] =
             lr > 0.0f ? (m[r] + log2f(lr)) * 0.69314718055994531f : -INFINITY;
     }
-    bar_sync(kBarEpi + cw, 128);
+    if constexpr (L::kStaged) {
+      bar_sync(kBarEpi + cw, 128);  // the previous item's staging has been read
 #pragma unroll
-    for (int i = wtid; i < 64 * 16; i += 128) {
-      const int row = i >> 4, c = i & 15, grow = cw * 64 + row;
-      if (grow >= t.rows) continue;
-      const uint4 v = *reinterpret_cast<const uint4*>(so_ptr + row * 256 + ((c ^ (row & 7)) << 4));
-      *reinterpret_cast<uint4*>(p.out + (static_cast<int64_t>(t.q_begin) + t.m0 + grow) * q_stride + h * kD + c * 8) =
-          v;
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 8 * r;
+#pragma unroll
+        for (int n = 0; n < 16; ++n)
+          *reinterpret_cast<uint32_t*>(so_ptr + row * 256 + ((n ^ (row & 7)) << 4) + t4 * 4) =
+              pack_bf16(o[4 * n + 2 * r] * inv_l[r], o[4 * n + 2 * r + 1] * inv_l[r]);
+      }
+      bar_sync(kBarEpi + cw, 128);
+#pragma unroll
+      for (int i = wtid; i < 64 * 16; i += 128) {
+        const int row = i >> 4, c = i & 15, grow = cw * 64 + row;
+        if (grow >= t.rows) continue;
+        const uint4 v = *reinterpret_cast<const uint4*>(so_ptr + row * 256 + ((c ^ (row & 7)) << 4));
+        *reinterpret_cast<uint4*>(p.out + (static_cast<int64_t>(t.q_begin) + t.m0 + grow) * q_stride + h * kD +
+                                  c * 8) = v;
+      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int grow = cw * 64 + row0 + 8 * r;
+        if (grow >= t.rows) continue;
+        __nv_bfloat16* orow = p.out + (static_cast<int64_t>(t.q_begin) + t.m0 + grow) * q_stride + h * kD;
+#pragma unroll
+        for (int n = 0; n < 16; ++n)
+          *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * t4) =
+              pack_bf16(o[4 * n + 2 * r] * inv_l[r], o[4 * n + 2 * r + 1] * inv_l[r]);
+      }
+      bar_sync(kBarEpi + cw, 128);  // every warp of this consumer is past the item slot
     }
     if (wtid == 0) mbar_arrive(item_empty(slot));
   }
@@ -506,10 +550,15 @@ cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, c
   if (err != cudaSuccess) return err;
   const int64_t max_items = static_cast<int64_t>(n_blocks) * ((max_q + kBM - 1) / kBM) * hq;
   const int grid = static_cast<int>(std::min<int64_t>(n_sms, max_items));
-  err = cudaFuncSetAttribute(attention_ws_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  if (err != cudaSuccess) return err;
-  attention_ws_kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  auto launch = [&](auto kernel, int smem_bytes) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (e != cudaSuccess) return e;
+    kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
+    return cudaGetLastError();
+  };
+  if (cfg.stages == 3) return launch(attention_ws_kernel<3>, Smem<3>::kBytes);
+  if (cfg.stages != 2) return cudaErrorInvalidValue;
+  return launch(attention_ws_kernel<2>, Smem<2>::kBytes);
 }
 
 }  // namespace cpinfer::cuda

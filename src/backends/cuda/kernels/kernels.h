@@ -93,6 +93,9 @@ struct AttentionWsConfig {
   // Work order: the items of this many KV heads (with their query heads) run before the next
   // group's, so that fewer K/V streams compete for L2; 0 = all heads at once.
   int kv_heads_per_group = 0;
+  // K/V tiles in flight: 2 (the output leaves through a shared-memory staging buffer) or 3 (no room
+  // for that buffer: stored from the registers).
+  int stages = 2;
 };
 cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
                                 DevTensor out, DevTensor lse, int* sched, cudaStream_t stream,
