@@ -198,22 +198,35 @@ __device__ __forceinline__ void pack_p(uint32_t (&pa)[32], const float (&s)[64])
   for (int i = 0; i < 32; ++i) pa[i] = pack_bf16(s[2 * i], s[2 * i + 1]);
 }
 
+// The descriptors of one GEMM's k-steps differ from the first only in the start address (bits
+// 0..13, in 16-byte units; shared addresses stay below 256 KB, so adding never carries out), so
+// each step adds a constant instead of rebuilding its descriptor.
 __device__ __forceinline__ void gemm_qk(float (&s)[64], uint32_t q, uint32_t k) {
+  const uint64_t dq = make_desc(q, 16, 1024), dk = make_desc(k, 16, 1024);
 #pragma unroll
   for (int ks = 0; ks < kD / 16; ++ks) {
     const uint32_t koff = (ks & 3) << 5;  // 16 columns = 32 bytes into the swizzle atom
-    wgmma_m64n128_ss(s, make_desc(q + (ks >> 2) * kQHalf + koff, 16, 1024),
-                     make_desc(k + (ks >> 2) * kKVHalf + koff, 16, 1024), ks > 0 ? 1 : 0);
+    wgmma_m64n128_ss(s, dq + (((ks >> 2) * kQHalf + koff) >> 4), dk + (((ks >> 2) * kKVHalf + koff) >> 4),
+                     ks > 0 ? 1 : 0);
   }
 }
 
 __device__ __forceinline__ void gemm_pv(float (&o)[64], const uint32_t (&pa)[32], uint32_t v) {
+  const uint64_t dv = make_desc(v, kKVHalf, 1024);
 #pragma unroll
   for (int kk = 0; kk < kBN / 16; ++kk) {
     // Keys 16kk..16kk+15 = two 8-row groups (stride 1024 B); the d halves kKVHalf apart.
     const uint32_t a[4] = {pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3]};
-    wgmma_m64n128_rs(o, a, make_desc(v + kk * 16 * 128, kKVHalf, 1024));
+    wgmma_m64n128_rs(o, a, dv + ((kk * 16 * 128) >> 4));
   }
+}
+
+// Ends the basic block after the softmax: ptxas hoists a wgmma wait to the top of its block, which
+// would start the softmax only after P·V completes and undo the overlap. The branch depends on
+// both row sums (so on every exponential) and is never taken (sums of exponentials are >= 0 or
+// NaN); its body is a no-op the compiler must keep.
+__device__ __forceinline__ void keep_softmax_above_wait(const float (&l)[2]) {
+  if (__any_sync(0xffffffffu, l[0] < 0.0f || l[1] < 0.0f)) asm volatile("nanosleep.u32 0;\n" ::: "memory");
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -401,6 +414,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
         fence_regs(s);
         if (wtid == 0) mbar_arrive(k_empty(st));
         softmax_tile(s, m, l, corr, needs_mask(k0), k0, qpos0, t4, t.kv_begin, t.kv_bound, p.scale_log2);
+        keep_softmax_above_wait(l);
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
