@@ -99,10 +99,12 @@ CudaBackend::CudaBackend(int device_index) : device_(device_index) {
   use_wgmma_ = hopper && kWgmmaByDefault;
   if (const char* k = std::getenv("CPINFER_ATTENTION_KERNEL")) {
     const std::string want = k;
-    CPI_CHECK(want == "mma" || want == "wgmma", "CPINFER_ATTENTION_KERNEL must be 'mma' or 'wgmma', got '", want, "'");
-    CPI_CHECK(want == "mma" || hopper, "CPINFER_ATTENTION_KERNEL=wgmma needs a compute capability 9.0 GPU, ", name_,
+    CPI_CHECK(want == "mma" || want == "wgmma" || want == "cudnn",
+              "CPINFER_ATTENTION_KERNEL must be 'mma', 'wgmma' or 'cudnn', got '", want, "'");
+    CPI_CHECK(want != "wgmma" || hopper, "CPINFER_ATTENTION_KERNEL=wgmma needs a compute capability 9.0 GPU, ", name_,
               " is ", prop.major, ".", prop.minor);
-    use_wgmma_ = want == "wgmma";
+    if (want != "cudnn") use_wgmma_ = want == "wgmma";
+    use_cudnn_ = want == "cudnn";
   }
   // Resources last: a bad setting above throws before anything needs freeing.
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -110,8 +112,12 @@ CudaBackend::CudaBackend(int device_index) : device_(device_index) {
   CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
   CUDA_CHECK(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes));
   CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspaceBytes));
+  if (use_cudnn_ && !cudnn().available()) {  // a deployment without cuDNN keeps serving
+    log_warn(cudnn_->unavailable_reason(), "; prefill attention stays on the own kernels");
+    use_cudnn_ = false;
+  }
   log_info("CUDA back-end on ", name_, ", ", prop.multiProcessorCount, " SMs, ", prop.totalGlobalMem >> 20,
-           " MiB, prefill attention on ", use_wgmma_ ? "wgmma" : "mma.sync");
+           " MiB, prefill attention on ", use_cudnn_ ? "cuDNN, else " : "", use_wgmma_ ? "wgmma" : "mma.sync");
 }
 
 CudaBackend::~CudaBackend() {
@@ -129,9 +135,34 @@ CudaBackend::~CudaBackend() {
 std::string CudaBackend::name() const { return name_; }
 
 void CudaBackend::set_prefill_kernel(PrefillKernel k) {
-  CPI_CHECK(k == PrefillKernel::MmaSync || hopper_, "the wgmma attention kernel needs a compute capability 9.0 GPU (",
+  CPI_CHECK(k != PrefillKernel::Wgmma || hopper_, "the wgmma attention kernel needs a compute capability 9.0 GPU (",
             name_, ")");
-  use_wgmma_ = k == PrefillKernel::Wgmma;
+  if (k == PrefillKernel::Cudnn) {
+    CPI_CHECK(cudnn().available(), cudnn_->unavailable_reason());
+    use_wgmma_ = hopper_ && kWgmmaByDefault;  // for the calls cuDNN refuses
+  } else {
+    use_wgmma_ = k == PrefillKernel::Wgmma;
+  }
+  use_cudnn_ = k == PrefillKernel::Cudnn;
+}
+
+// ---- cuDNN prefill path (cudnn_attention.h)
+
+CudnnAttention& CudaBackend::cudnn() {
+  if (!cudnn_) {
+    DeviceGuard g(device_);
+    cudnn_ = std::make_unique<CudnnAttention>(device_);
+  }
+  return *cudnn_;
+}
+
+std::string CudaBackend::cudnn_unavailable_reason() { return cudnn().unavailable_reason(); }
+
+std::string CudaBackend::cudnn_check(const Tensor& q, const AttnBatch& batch, const KvLayer& cache,
+                                     const Tensor& out, const Tensor& lse) {
+  DeviceGuard g(device_);
+  const std::vector<int32_t> blocks = flatten_attn_blocks(batch.blocks);
+  return cudnn().check(dev(q), dev(batch), blocks.data(), dev(cache), dev(out), dev(lse));
 }
 
 // ---- memory
@@ -445,6 +476,12 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
   if (n_blocks == 0 || t == 0) return;
   DeviceGuard g(device_);
   const bool flash = d == 128 && q.dtype == DType::BF16 && cache.k.dtype == DType::BF16 && max_q > 1;
+  if (flash && use_cudnn_ && cudnn_check(q, batch, cache, out, lse).empty()) {  // else the own kernel below
+    const size_t ws = cudnn_->workspace_bytes(dev(q), dev(batch), dev(cache));
+    cudnn_->run(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), workspace(ws), ws, stream_);
+    ++cudnn_calls_;
+    return;
+  }
   if (flash) {
     if (use_wgmma_)
       CUDA_LAUNCH(launch_attention_wgmma(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_),

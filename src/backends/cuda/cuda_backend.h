@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "backends/cuda/cudnn_attention.h"
 #include "backends/cuda/kernels/kernels.h"
 #include "ops/backend.h"
 
@@ -30,6 +31,7 @@ inline DevAttnBatch dev(const AttnBatch& b) {
   d.block_table = b.dev_block_table.ptr<const int32_t>();
   d.max_blocks_per_seq = b.max_blocks_per_seq;
   d.max_q_len = b.max_q_len;
+  d.max_kv_len = b.max_kv_len;
   return d;
 }
 
@@ -76,12 +78,25 @@ class CudaBackend : public Backend {
   cudaStream_t stream() const { return stream_; }
 
   // The tensor-core kernel behind prefill attention (head_dim 128, BF16): wgmma (Hopper, compute
-  // capability 9.0, the default there) or mma.sync (any sm_80+ GPU). The environment variable
-  // CPINFER_ATTENTION_KERNEL=mma|wgmma sets it at construction; tests switch it to cover both.
-  enum class PrefillKernel { MmaSync, Wgmma };
+  // capability 9.0, the default there) or mma.sync (any sm_80+ GPU), or cuDNN's fused attention
+  // (cudnn_attention.h) for the calls it takes, the default own kernel for the others. The
+  // environment variable CPINFER_ATTENTION_KERNEL=mma|wgmma|cudnn sets it at construction (cudnn
+  // where cuDNN cannot be loaded: a warning, and the own kernel); tests switch it to cover all.
+  // set_prefill_kernel(Cudnn) throws "cuDNN not available: <reason>" in that case.
+  enum class PrefillKernel { MmaSync, Wgmma, Cudnn };
   void set_prefill_kernel(PrefillKernel k);
-  PrefillKernel prefill_kernel() const { return use_wgmma_ ? PrefillKernel::Wgmma : PrefillKernel::MmaSync; }
+  PrefillKernel prefill_kernel() const {
+    return use_cudnn_ ? PrefillKernel::Cudnn : use_wgmma_ ? PrefillKernel::Wgmma : PrefillKernel::MmaSync;
+  }
   bool wgmma_supported() const { return hopper_; }
+  // ---- the cuDNN prefill path. "" when cuDNN is usable here, else "cuDNN not available: <why>"
+  // (the first call loads it).
+  std::string cudnn_unavailable_reason();
+  // Whether the cuDNN path takes this attention call (""), else why not; the first call for a
+  // shape bucket builds its plan.
+  std::string cudnn_check(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, const Tensor& out,
+                          const Tensor& lse);
+  int64_t cudnn_calls() const { return cudnn_calls_; }  // attention calls run on cuDNN so far
   int device_index() const { return device_; }
 
  private:
@@ -114,6 +129,10 @@ class CudaBackend : public Backend {
   int device_ = 0;
   bool hopper_ = false;  // compute capability 9.0: the sm_90a wgmma kernel can run
   bool use_wgmma_ = false;
+  bool use_cudnn_ = false;  // cuDNN first; use_wgmma_ picks the own kernel for what it refuses
+  std::unique_ptr<CudnnAttention> cudnn_;  // created on first use
+  int64_t cudnn_calls_ = 0;
+  CudnnAttention& cudnn();
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;
