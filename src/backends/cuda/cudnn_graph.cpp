@@ -3,6 +3,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <type_traits>
 
 namespace cpinfer::cuda::cudnn {
@@ -192,10 +193,23 @@ Plan GraphBuilder::build() {
       raw.push_back(configs.back()->get());
     }
     int64_t got = 0;
-    if (count > 0)
+    if (count > 0) {
       ok(api().get_attribute(heur->get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &got,
                              raw.data()),
          "reading the engine configurations");
+      // cuDNN drops the configurations that fail its support checks and says why only in its log
+      // and its last-error message: keep that message (e.g. a missing libnvrtc) for the refusal.
+      if (got == 0) {
+        char last[1024] = {0};
+        api().get_last_error_string(last, sizeof(last));
+        std::string why = last;
+        std::replace(why.begin(), why.end(), '\n', ' ');
+        if (why.find("compiler.load()") != std::string::npos)
+          why = "cuDNN's runtime-compiled engines cannot load libcuda.so.1 / libnvrtc.so.13 (put them on the "
+                "library path): " + why;
+        if (!why.empty() && tried.size() < 600) tried += (tried.empty() ? "" : "; ") + why.substr(0, 400);
+      }
+    }
     for (int64_t i = 0; i < got; ++i) {
       auto plan = std::make_unique<Desc>(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
       try {
