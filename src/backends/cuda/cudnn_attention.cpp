@@ -88,7 +88,7 @@ enum Uid : int64_t {
 // S = Q·Kᵀ (K paged), S·scale, padding mask (row < seq_q and col < seq_kv), bottom-right causal
 // mask (row + seq_kv - seq_q >= col), softmax with Stats = max + log(Σexp), O = P·V (V paged).
 // Q, O and Stats are ragged: batch entry b starts at row q_begin of [T, Hq, D] / [T, Hq].
-cudnn::Plan build_sdpa_plan(const Key& k) {
+cudnn::Plan build_sdpa_plan(const Key& k, cudnnBackendDescriptor_t devprop) {
   using cudnn::Dims;
   cudnn::GraphBuilder g;
   int64_t next_virtual = kVirtual;
@@ -171,7 +171,7 @@ cudnn::Plan build_sdpa_plan(const Key& k) {
   g.paged_load(v_cache, seq_kv, page_v, v);
   auto o = g.tensor(kO, CUDNN_DATA_BFLOAT16, qo_dims, qo_strides, false, false, o_off);
   g.matmul(probs, v, o, seq_q, nullptr, seq_kv);
-  return g.build();
+  return g.build(devprop);
 }
 
 }  // namespace
@@ -179,6 +179,7 @@ cudnn::Plan build_sdpa_plan(const Key& k) {
 struct CudnnAttention::Impl {
   int device = 0;
   cudnnHandle_t handle = nullptr;
+  std::unique_ptr<cudnn::Desc> devprop;  // the device the plans are built for
   int version = 0;
   std::string reason;
   struct Entry {
@@ -194,7 +195,7 @@ struct CudnnAttention::Impl {
     Entry e;
     const auto t0 = std::chrono::steady_clock::now();
     try {
-      e.plan = std::make_unique<cudnn::Plan>(build_sdpa_plan(k));
+      e.plan = std::make_unique<cudnn::Plan>(build_sdpa_plan(k, devprop->get()));
       const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       log_info("cuDNN attention plan for ", k.b, " block(s), q <= ", k.sq, ", keys <= ", k.skv, ", ", k.hq, "/",
                k.hkv, " heads, D ", k.d, ", pages of ", k.block_size, ": engine ", e.plan->engine_index,
@@ -224,11 +225,25 @@ CudnnAttention::CudnnAttention(int device) : impl_(std::make_unique<Impl>()) {
   if (st != CUDNN_STATUS_SUCCESS) {
     impl_->handle = nullptr;
     impl_->reason = std::string("cuDNN not available: cudnnCreate failed: ") + a.get_error_string(st);
+    return;
+  }
+  try {
+    impl_->devprop = std::make_unique<cudnn::Desc>(CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR);
+    const int32_t id = device;
+    impl_->devprop->set(CUDNN_ATTR_DEVICEPROP_DEVICE_ID, CUDNN_TYPE_INT32, 1, &id)
+        .set(CUDNN_ATTR_DEVICEPROP_HANDLE, CUDNN_TYPE_HANDLE, 1, &impl_->handle)
+        .finalize("device properties");
+  } catch (const cudnn::GraphError& e) {
+    impl_->devprop.reset();
+    a.destroy(impl_->handle);
+    impl_->handle = nullptr;
+    impl_->reason = std::string("cuDNN not available: ") + e.what();
   }
 }
 
 CudnnAttention::~CudnnAttention() {
   impl_->plans.clear();
+  impl_->devprop.reset();
   if (impl_->handle) cudnn::api().destroy(impl_->handle);
 }
 

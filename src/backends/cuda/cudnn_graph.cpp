@@ -171,7 +171,7 @@ void GraphBuilder::paged_load(cudnnBackendDescriptor_t container, cudnnBackendDe
   ops_.push_back(op.get());
 }
 
-Plan GraphBuilder::build() {
+Plan GraphBuilder::build(cudnnBackendDescriptor_t devprop) {
   Desc& graph = make(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR);
   graph.set(CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR, static_cast<int64_t>(ops_.size()),
             ops_.data())
@@ -181,6 +181,7 @@ Plan GraphBuilder::build() {
     auto heur = std::make_unique<Desc>(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
     heur->set_desc(CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, graph.get())
         .set(CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode)
+        .set_desc(CUDNN_ATTR_ENGINEHEUR_DEVICEPROP, devprop)
         .finalize("engine heuristics");
     int64_t count = 0;
     ok(api().get_attribute(heur->get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count,
@@ -213,7 +214,9 @@ Plan GraphBuilder::build() {
     for (int64_t i = 0; i < got; ++i) {
       auto plan = std::make_unique<Desc>(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
       try {
-        plan->set_desc(CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, raw[i]).finalize("execution plan");
+        plan->set_desc(CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, raw[i])
+            .set_desc(CUDNN_ATTR_EXECUTION_PLAN_DEVICEPROP, devprop)
+            .finalize("execution plan");
       } catch (const GraphError& e) {
         if (tried.size() < 600) tried += std::string(tried.empty() ? "" : "; ") + e.what();
         continue;

@@ -102,8 +102,9 @@ class GraphBuilder {
   void paged_load(cudnnBackendDescriptor_t container, cudnnBackendDescriptor_t seq_len,
                   cudnnBackendDescriptor_t page_table, cudnnBackendDescriptor_t y);
   // Finalizes the graph and returns the first engine configuration (heuristics mode A, then the
-  // fallback list) whose execution plan finalizes; throws GraphError naming what failed.
-  Plan build();
+  // fallback list) whose execution plan finalizes for the device `devprop` describes (without it
+  // cuDNN 9.19 sees no device and every engine refuses); throws GraphError naming what failed.
+  Plan build(cudnnBackendDescriptor_t devprop);
 
  private:
   Desc& make(cudnnBackendDescriptorType_t type);
