@@ -146,25 +146,6 @@ void CudaBackend::set_prefill_kernel(PrefillKernel k) {
   use_cudnn_ = k == PrefillKernel::Cudnn;
 }
 
-// ---- cuDNN prefill path (cudnn_attention.h)
-
-CudnnAttention& CudaBackend::cudnn() {
-  if (!cudnn_) {
-    DeviceGuard g(device_);
-    cudnn_ = std::make_unique<CudnnAttention>(device_);
-  }
-  return *cudnn_;
-}
-
-std::string CudaBackend::cudnn_unavailable_reason() { return cudnn().unavailable_reason(); }
-
-std::string CudaBackend::cudnn_check(const Tensor& q, const AttnBatch& batch, const KvLayer& cache,
-                                     const Tensor& out, const Tensor& lse) {
-  DeviceGuard g(device_);
-  const std::vector<int32_t> blocks = flatten_attn_blocks(batch.blocks);
-  return cudnn().check(dev(q), dev(batch), blocks.data(), dev(cache), dev(out), dev(lse));
-}
-
 // ---- memory
 
 void* CudaBackend::alloc(size_t bytes) {
@@ -476,12 +457,7 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
   if (n_blocks == 0 || t == 0) return;
   DeviceGuard g(device_);
   const bool flash = d == 128 && q.dtype == DType::BF16 && cache.k.dtype == DType::BF16 && max_q > 1;
-  if (flash && use_cudnn_ && cudnn_check(q, batch, cache, out, lse).empty()) {  // else the own kernel below
-    const size_t ws = cudnn_->workspace_bytes(dev(q), dev(batch), dev(cache));
-    cudnn_->run(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), workspace(ws), ws, stream_);
-    ++cudnn_calls_;
-    return;
-  }
+  if (flash && use_cudnn_ && attention_cudnn(q, batch, cache, scale, out, lse)) return;  // else the own kernel
   if (flash) {
     if (use_wgmma_)
       CUDA_LAUNCH(launch_attention_wgmma(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_),

@@ -133,6 +133,9 @@ class CudaBackend : public Backend {
   std::unique_ptr<CudnnAttention> cudnn_;  // created on first use
   int64_t cudnn_calls_ = 0;
   CudnnAttention& cudnn();
+  // Runs the attention call on cuDNN when it takes it (cuda_backend_cudnn.cpp); false: not run.
+  bool attention_cudnn(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,
+                       Tensor lse);
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;
