@@ -4,17 +4,20 @@
 // Fresh random bf16 inputs per size; CUDA-event timing, warm-up, median of --reps runs.
 // FLOPs counted causal-halved: 2 GEMMs x 2 FLOP x S² x D x Hq / 2.
 //
-//   attention_bench [--seq 4096,16384,32768] [--reps 20] [--block-size 64] [--kernel mma,wgmma,ws]
-//                   [--ws-kv-group G] [--ws-stages 2|3] [--cp C] [--json]
+//   attention_bench [--seq 4096,16384,32768] [--reps 20] [--block-size 64]
+//                   [--kernel mma,wgmma,ws,cudnn|all] [--ws-kv-group G] [--ws-stages 2|3] [--cp C] [--json]
+// By default every kernel this machine has runs: mma.sync, on Hopper wgmma and ws (the
+// warp-specialized kernel), and cuDNN's fused attention (backends/cuda/cudnn_attention.h, through
+// the same paged layout and metadata as the engine) where libcudnn.so.9 loads. Each size also
+// reports the largest difference of every other kernel's output from the first one's.
+// cuDNN's time includes the small kernel that builds its per-call metadata, as in the engine.
 // --ws-kv-group G, --ws-stages S: the ws kernel's AttentionWsConfig (work order in groups of G KV
 // heads; K/V pipeline depth).
-// Every kernel runs by default on Hopper (mma.sync, wgmma, ws = the warp-specialized kernel);
-// each size then also reports the largest difference of each output from the first kernel's.
 // --cp C also times the parts context parallelism over C ranks splits the attention of rank 0's
 // last zigzag block (n = S / 2C queries at position P = S - n) into: the whole block (cp-full,
 // keys [0, P + i]), its diagonal (cp-diag, kv_begin = P), its prefix (cp-prefix, kv_end = P, no
 // causal mask) and their log-sum-exp merge (cp-merge, reported in GB/s), with the largest
-// difference of the merged output from cp-full.
+// difference of the merged output from cp-full. cuDNN takes no key ranges: for it only cp-full.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -24,9 +27,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "backends/cuda/cudnn_attention.h"
 #include "backends/cuda/kernels/kernels.h"
 #include "bench_util.cuh"
 
@@ -57,10 +62,44 @@ struct Result {
 int* g_sched = nullptr;  // the ws kernel's work counter
 cpinfer::cuda::AttentionWsConfig g_ws_cfg;
 
+// cuDNN's path, created on first use; its scratch grows to the largest call.
+struct Cudnn {
+  std::unique_ptr<cpinfer::cuda::CudnnAttention> att;
+  void* ws = nullptr;
+  size_t ws_bytes = 0;
+  cpinfer::cuda::CudnnAttention& get() {
+    if (!att) att = std::make_unique<cpinfer::cuda::CudnnAttention>(0);
+    return *att;
+  }
+  // "" when cuDNN takes the call (and the scratch is ready), else why not.
+  std::string prepare(const DevTensor& q, const DevAttnBatch& b, const int32_t* host_blocks, const DevKv& c,
+                      const DevTensor& o, const DevTensor& l) {
+    std::string why = get().check(q, b, host_blocks, c, o, l);
+    if (!why.empty()) return why;
+    const size_t need = att->workspace_bytes(q, b, c);
+    if (need > ws_bytes) {
+      BENCH_CHECK(cudaFree(ws));
+      BENCH_CHECK(cudaMalloc(&ws, need));
+      ws_bytes = need;
+    }
+    return "";
+  }
+};
+Cudnn g_cudnn;
+
 cudaError_t run_kernel(const std::string& kernel, const DevTensor& q, const DevAttnBatch& b, const DevKv& c, float scale,
                        const DevTensor& o, const DevTensor& l, cudaStream_t stream) {
   if (kernel == "ws") return cpinfer::cuda::launch_attention_ws(q, b, c, scale, o, l, g_sched, stream, g_ws_cfg);
   if (kernel == "wgmma") return cpinfer::cuda::launch_attention_wgmma(q, b, c, scale, o, l, stream);
+  if (kernel == "cudnn") {
+    try {
+      g_cudnn.att->run(q, b, c, scale, o, l, g_cudnn.ws, g_cudnn.ws_bytes, stream);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "%s: %s\n", kBenchName, e.what());
+      return cudaErrorUnknown;
+    }
+    return cudaGetLastError();
+  }
   return cpinfer::cuda::launch_attention_flash(q, b, c, scale, o, l, stream);
 }
 
@@ -78,7 +117,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> seqs = {4096, 16384, 32768};
   int reps = 20, block_size = 64, cp = 0;
   bool json = false;
-  std::vector<std::string> kernels;  // default: both on Hopper (compute 9.0), else mma
+  std::vector<std::string> kernels;  // default: every kernel this machine has
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--json") {
@@ -92,8 +131,8 @@ int main(int argc, char** argv) {
         p = q == std::string::npos ? list.size() : q + 1;
       }
       for (const std::string& k : kernels)
-        if (k != "mma" && k != "wgmma" && k != "ws") {
-          std::fprintf(stderr, "attention_bench: unknown kernel '%s' (mma, wgmma, ws)\n", k.c_str());
+        if (k != "mma" && k != "wgmma" && k != "ws" && k != "cudnn" && k != "all") {
+          std::fprintf(stderr, "attention_bench: unknown kernel '%s' (mma, wgmma, ws, cudnn, all)\n", k.c_str());
           return 2;
         }
     } else if (a == "--reps" && i + 1 < argc) {
@@ -117,7 +156,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: attention_bench [--seq 4096,16384] [--reps N>=10] [--block-size B] "
-                   "[--kernel mma,wgmma,ws] [--ws-kv-group G] [--ws-stages 2|3] [--cp C] [--json]\n");
+                   "[--kernel mma,wgmma,ws,cudnn|all] [--ws-kv-group G] [--ws-stages 2|3] [--cp C] [--json]\n");
       return 2;
     }
   }
@@ -128,9 +167,20 @@ int main(int argc, char** argv) {
   }
   cudaDeviceProp prop{};
   BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
-  if (kernels.empty())
-    kernels = prop.major == 9 && prop.minor == 0 ? std::vector<std::string>{"mma", "wgmma", "ws"}
-                                                 : std::vector<std::string>{"mma"};
+  const bool hopper = prop.major == 9 && prop.minor == 0;
+  const bool explicit_cudnn = kernels.size() == 1 && kernels[0] == "cudnn";
+  if (kernels.empty() || kernels[0] == "all") {
+    kernels = {"mma"};
+    if (hopper) kernels.insert(kernels.end(), {"wgmma", "ws"});
+    kernels.push_back("cudnn");
+  }
+  if (std::find(kernels.begin(), kernels.end(), "cudnn") != kernels.end() && !g_cudnn.get().available()) {
+    std::fprintf(stderr, "%s: %s\n", kBenchName, g_cudnn.att->unavailable_reason().c_str());
+    if (explicit_cudnn) return 1;
+    kernels.erase(std::find(kernels.begin(), kernels.end(), "cudnn"));
+  }
+  if (g_cudnn.att && g_cudnn.att->available())
+    std::fprintf(stderr, "%s: cuDNN %d loaded\n", kBenchName, g_cudnn.att->version());
   BENCH_CHECK(cudaMalloc(&g_sched, 2 * sizeof(int)));
   BENCH_CHECK(cudaMemset(g_sched, 0, 2 * sizeof(int)));
   const int64_t hq = 32, hkv = 4, d = 128;
@@ -202,25 +252,34 @@ int main(int argc, char** argv) {
     batch.block_table = static_cast<const int32_t*>(table);
     batch.max_blocks_per_seq = static_cast<int>(n_pages);
     batch.max_q_len = static_cast<int>(s);
+    batch.max_kv_len = static_cast<int>(s);
     const DevTensor qt = view(q, DType::BF16, {s, hq, d}), ot = view(out, DType::BF16, {s, hq, d});
     const DevTensor lt = view(lse, DType::F32, {s, hq});
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    // The mma.sync output every other kernel is compared with.
     std::vector<float> ref;
+    if (kernels != std::vector<std::string>{"mma"}) {
+      BENCH_CHECK(run_kernel("mma", qt, batch, cache, scale, ot, lt, stream));
+      ref = to_host_bf16(out, s * hq * d);
+    }
     for (const std::string& kernel : kernels) {
+      if (kernel == "cudnn") {
+        const std::string why = g_cudnn.prepare(qt, batch, h_blocks, cache, ot, lt);
+        if (!why.empty()) {
+          std::fprintf(stderr, "%s: S=%lld: cuDNN refuses: %s\n", kBenchName, static_cast<long long>(s), why.c_str());
+          continue;
+        }
+      }
       BENCH_CHECK(cudaMemset(out, 0xff, s * hq * d * 2));
       const double ms = median_ms([&] { return run_kernel(kernel, qt, batch, cache, scale, ot, lt, stream); });
       const double flops = 4.0 * static_cast<double>(s) * s * d * hq / 2.0;
       Result r{s, kernel, "causal", ms, flops / (ms * 1e-3) / 1e12};
-      if (kernels.size() > 1) {
-        std::vector<float> got = to_host_bf16(out, s * hq * d);
-        if (ref.empty()) {
-          ref = std::move(got);
-        } else {
-          double mx = 0.0;
-          for (size_t i = 0; i < got.size(); ++i)
-            mx = std::max(mx, std::isfinite(got[i]) ? std::fabs(static_cast<double>(got[i]) - ref[i]) : 1e30);
-          r.max_diff = mx;
-        }
+      if (kernel != "mma" && !ref.empty()) {
+        const std::vector<float> got = to_host_bf16(out, s * hq * d);
+        double mx = 0.0;
+        for (size_t i = 0; i < got.size(); ++i)
+          mx = std::max(mx, std::isfinite(got[i]) ? std::fabs(static_cast<double>(got[i]) - ref[i]) : 1e30);
+        r.max_diff = mx;
       }
       results.push_back(r);
       if (cp == 0) continue;
@@ -238,6 +297,19 @@ int main(int argc, char** argv) {
         part.blocks = static_cast<const int32_t*>(blocks) + row * kF;
         return run_kernel(kernel, qb, part, cache, scale, o, l, stream);
       };
+      const double unit = 4.0 * static_cast<double>(n) * d * hq;  // FLOPs per key of every query
+      if (kernel == "cudnn") {  // no key ranges: the whole block only
+        part.blocks = static_cast<const int32_t*>(blocks) + kF;
+        const std::string why = g_cudnn.prepare(qb, part, h_blocks + kF, cache, whole_o, whole_l);
+        if (!why.empty()) {
+          std::fprintf(stderr, "%s: S=%lld cp-full: cuDNN refuses: %s\n", kBenchName, static_cast<long long>(s),
+                       why.c_str());
+          continue;
+        }
+        const double whole_ms = median_ms([&] { return run_part(1, whole_o, whole_l); });
+        results.push_back({s, kernel, "cp-full", whole_ms, unit * (P + n / 2.0) / (whole_ms * 1e-3) / 1e12});
+        continue;
+      }
       BENCH_CHECK(run_part(1, whole_o, whole_l));
       BENCH_CHECK(run_part(2, diag_o, diag_l));
       BENCH_CHECK(run_part(3, pre_o, pre_l));
@@ -249,7 +321,6 @@ int main(int argc, char** argv) {
         const double diff = std::isfinite(merged[i]) ? std::fabs(static_cast<double>(merged[i]) - whole[i]) : 1e30;
         merge_diff = std::max(merge_diff, diff);
       }
-      const double unit = 4.0 * static_cast<double>(n) * d * hq;  // FLOPs per key of every query
       const double whole_ms = median_ms([&] { return run_part(1, whole_o, whole_l); });
       const double diag_ms = median_ms([&] { return run_part(2, diag_o, diag_l); });
       const double pre_ms = median_ms([&] { return run_part(3, pre_o, pre_l); });
@@ -288,5 +359,7 @@ int main(int argc, char** argv) {
       std::printf("\n");
     }
   }
+  g_cudnn.att.reset();  // before the CUDA runtime tears down at exit
+  BENCH_CHECK(cudaFree(g_cudnn.ws));
   return 0;
 }

@@ -121,29 +121,41 @@ class AttnRunner : public GpuOpsTest {
   }
 
   // CUDA attention with `kernel` as the prefill kernel; out and lse (undefined unless want_lse)
-  // start NaN-poisoned.
-  void gpu_attention(const Prepared& p, const std::vector<AttnBlock>& blocks, PK kernel, Tensor& out, Tensor& lse,
-                     bool want_lse = true) {
+  // start NaN-poisoned. With PK::Cudnn, returns "" when the cuDNN path took the call, else its
+  // reason for refusing (the own kernel ran instead), and checks that exactly the calls it
+  // accepted ran on cuDNN.
+  std::string gpu_attention(const Prepared& p, const std::vector<AttnBlock>& blocks, PK kernel, Tensor& out,
+                            Tensor& lse, bool want_lse = true) {
     auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
     const PK initial = cuda.prefill_kernel();
     cuda.set_prefill_kernel(kernel);
     out = gpu_tensor("out", DType::BF16, {p.t, p.hq, p.d}, nullptr);
     lse = want_lse ? gpu_tensor("lse", DType::F32, {p.t, p.hq}, nullptr) : Tensor{};
-    gpu_->attention(gpu_tensor("q", DType::BF16, {p.t, p.hq, p.d}, &p.q), batch(p, blocks, true), p.gcache, scale(p),
-                    out, lse);
+    const Tensor q = gpu_tensor("q", DType::BF16, {p.t, p.hq, p.d}, &p.q);
+    const AttnBatch b = batch(p, blocks, true);
+    std::string refused;
+    if (kernel == PK::Cudnn) refused = cuda.cudnn_check(q, b, p.gcache, out, lse);
+    const int64_t calls = cuda.cudnn_calls();
+    gpu_->attention(q, b, p.gcache, scale(p), out, lse);
+    EXPECT_EQ(cuda.cudnn_calls() - calls, kernel == PK::Cudnn && refused.empty() ? 1 : 0) << p.name;
     cuda.set_prefill_kernel(initial);
+    if (!refused.empty()) std::printf("[ cuDNN refused ] %s: %s\n", p.name.c_str(), refused.c_str());
+    return refused;
   }
 
   // The CUDA kernels that run `blocks`: head dim 128 with q_len > 1 runs a tensor-core kernel, so
-  // every one this GPU has; otherwise the generic kernel, whatever the setting.
+  // every one this GPU has, and cuDNN where it loads (it runs what it takes, the own kernel the
+  // rest); otherwise the generic kernel, whatever the setting.
   std::vector<PK> kernels(const Prepared& p, const std::vector<AttnBlock>& blocks) {
     int32_t max_q = 0;
     for (const AttnBlock& b : blocks) max_q = std::max(max_q, b.q_len);
     std::vector<PK> k = {PK::MmaSync};
-    if (p.d == 128 && max_q > 1 && static_cast<cuda::CudaBackend&>(*gpu_).wgmma_supported()) {
+    auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
+    if (p.d == 128 && max_q > 1 && cuda.wgmma_supported()) {
       k.push_back(PK::Wgmma);
       k.push_back(PK::Ws);
     }
+    if (p.d == 128 && max_q > 1 && cuda.cudnn_unavailable_reason().empty()) k.push_back(PK::Cudnn);
     return k;
   }
 
@@ -151,6 +163,7 @@ class AttnRunner : public GpuOpsTest {
     switch (k) {
       case PK::Wgmma: return " wgmma";
       case PK::Ws: return " ws";
+      case PK::Cudnn: return " cudnn";
       case PK::MmaSync: return "";
     }
     return " ?";
@@ -174,23 +187,28 @@ class AttnRunner : public GpuOpsTest {
     expect_close("attention.lse", sh, lse, ref_lse, 1e-8, 2e-3);
   }
 
-  void run(const AttnCase& c, uint32_t seed) {
+  // Runs the case on every kernel against the CPU; returns the cuDNN path's refusal ("" when it
+  // took the case or is not available).
+  std::string run(const AttnCase& c, uint32_t seed) {
     Prepared p = prepare(c, seed);
     Tensor co, clse;
     cpu_attention(p, p.blocks, co, clse);
     int32_t max_kv = 0;
     for (const AttnBlock& b : p.blocks) max_kv = std::max(max_kv, b.pos_begin + b.q_len);
+    std::string refused;
     for (PK kernel : kernels(p, p.blocks)) {
       Tensor go, glse;
-      gpu_attention(p, p.blocks, kernel, go, glse);
-      const std::string sh = c.name + kernel_tag(kernel) + " T=" + std::to_string(p.t) +
-                             " kv<=" + std::to_string(max_kv);
+      const std::string why = gpu_attention(p, p.blocks, kernel, go, glse);
+      if (kernel == PK::Cudnn) refused = why;
+      const std::string sh = c.name + kernel_tag(kernel) + (why.empty() ? "" : " (refused)") +
+                             " T=" + std::to_string(p.t) + " kv<=" + std::to_string(max_kv);
       expect_attention_close(sh, gpu_read(go), cpu_read(co), gpu_read(glse), cpu_read(clse), p.d);
       // Without lse the output is the same.
       Tensor go2, no_lse;
-      gpu_attention(p, p.blocks, kernel, go2, no_lse, false);
+      EXPECT_EQ(gpu_attention(p, p.blocks, kernel, go2, no_lse, false), why) << sh;
       expect_close("attention.nolse", sh, gpu_read(go2), gpu_read(go), 0.0, 0.0);
     }
+    return refused;
   }
 };
 
@@ -305,8 +323,7 @@ TEST_F(AttnRunner, DiagonalMergedWithPrefixEqualsFull) {
   cpu_attention(p, p.blocks, co, clse);
   const int64_t n0 = p.blocks[0].q_len * p.hq;  // rows of the block at position 0
   for (PK kernel : kernels(p, p.blocks)) {
-    const std::string sh = std::string("cp zigzag") + kernel_tag(kernel) + " T=" +
-                           std::to_string(p.t);
+    const std::string sh = std::string("cp zigzag") + kernel_tag(kernel) + " T=" + std::to_string(p.t);
     Tensor d_o, d_l, p_o, p_l;
     gpu_attention(p, diag, kernel, d_o, d_l);
     gpu_attention(p, prefix, kernel, p_o, p_l);
@@ -377,6 +394,42 @@ TEST_F(AttnRunner, AttentionMergeMatchesCpu) {
   EXPECT_THROW(gpu_->attention_merge(o, l, o, gpu_tensor("l33", DType::F32, {3, 3}, nullptr)), Error);
 }
 
+// The cuDNN path (CudaBackend PrefillKernel::Cudnn): at the Qwen3-30B-A3B attention shape it must
+// take ordinary causal prefill (one sequence, a cached prefix, ragged blocks of several sequences,
+// zigzag blocks of one sequence, lse or none) and match the CPU; the cases run above cover the
+// other shapes, taken or refused. It must refuse what it cannot do (key ranges, blocks out of row
+// order) before any launch, and the own kernel then gives the right result.
+TEST_F(AttnRunner, CudnnTakesCausalPrefillAndRefusesTheRest) {
+  auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
+  const std::string why = cuda.cudnn_unavailable_reason();
+  if (!why.empty()) GTEST_SKIP() << why;
+  for (const AttnCase& c : {AttnCase{"cudnn qwen bs64", 32, 4, 128, 64, {{1000, 0, 0}}},
+                            AttnCase{"cudnn qwen bs16 cached prefix", 32, 4, 128, 16, {{517, 1203, 0}}},
+                            AttnCase{"cudnn qwen bs64 ragged", 32, 4, 128, 64, {{300, 0, 0}, {77, 40, 1}, {2, 700, 2}}},
+                            AttnCase{"cudnn qwen bs16 zigzag", 32, 4, 128, 16, {{363, 0, 0}, {362, 2538, 0}}},
+                            AttnCase{"cudnn gqa16 bs32", 16, 1, 128, 32, {{129, 64, 0}, {250, 0, 1}}}}) {
+    EXPECT_EQ(run(c, 91), "") << c.name << ": the cuDNN path must take it";
+  }
+  constexpr int32_t kNo = AttnBlock::kNoBound;
+  const AttnCase ranges{"cudnn ranges", 8, 2, 128, 64, {{100, 200, 0, 0, kNo}, {100, 400, 1, 50, kNo}}};
+  Prepared p = prepare(ranges, 92);
+  Tensor co, clse, go, glse;
+  cpu_attention(p, p.blocks, co, clse);
+  const std::string refused = gpu_attention(p, p.blocks, PK::Cudnn, go, glse);
+  EXPECT_NE(refused.find("key ranges"), std::string::npos) << refused;
+  expect_attention_close("cudnn refused ranges", gpu_read(go), cpu_read(co), gpu_read(glse), cpu_read(clse), p.d);
+  // A finite kv_end at the end of the causal range bounds nothing: taken.
+  std::vector<AttnBlock> bounded = p.blocks;
+  bounded[1].kv_begin = 0;
+  bounded[1].kv_end = bounded[1].pos_begin + bounded[1].q_len;
+  Tensor bo, blse;
+  EXPECT_EQ(gpu_attention(p, bounded, PK::Cudnn, bo, blse), "");
+  // Blocks out of row order.
+  std::vector<AttnBlock> swapped = {bounded[1], bounded[0]};
+  EXPECT_NE(gpu_attention(p, swapped, PK::Cudnn, bo, blse).find("row order"), std::string::npos);
+  EXPECT_NO_THROW(gpu_->sync());
+}
+
 TEST_F(AttnRunner, KvStoreMatchesCpu) {
   // kv_store alone, compared through the whole cache (slots scattered, untouched slots zero on
   // both sides: the CUDA cache starts zeroed here).
@@ -444,6 +497,12 @@ TEST_F(AttnRunner, RejectsBadBlockTable) {
     cuda.set_prefill_kernel(cuda::CudaBackend::PrefillKernel::Wgmma);
     EXPECT_NO_THROW(gpu_->attention(q128, b, gc128, 0.088f, out128, Tensor{}));
     cuda.set_prefill_kernel(cuda::CudaBackend::PrefillKernel::Ws);
+    EXPECT_NO_THROW(gpu_->attention(q128, b, gc128, 0.088f, out128, Tensor{}));
+  }
+  if (cuda.cudnn_unavailable_reason().empty()) {  // its page tables read bad entries as page 0
+    cuda.set_prefill_kernel(cuda::CudaBackend::PrefillKernel::Cudnn);
+    const std::string refused = cuda.cudnn_check(q128, b, gc128, out128, Tensor{});
+    if (!refused.empty()) std::printf("[ cuDNN refused ] big table: %s\n", refused.c_str());
     EXPECT_NO_THROW(gpu_->attention(q128, b, gc128, 0.088f, out128, Tensor{}));
   }
   EXPECT_NO_THROW(gpu_->attention(q, b, gc, 0.125f, out, Tensor{}));            // generic path (D = 64)

@@ -69,6 +69,7 @@ const char* prefill_kernel_name(CudaBackend::PrefillKernel k) {
     case CudaBackend::PrefillKernel::Ws: return "ws (warp-specialized wgmma)";
     case CudaBackend::PrefillKernel::Wgmma: return "wgmma";
     case CudaBackend::PrefillKernel::MmaSync: return "mma.sync";
+    case CudaBackend::PrefillKernel::Cudnn: return "cuDNN";
   }
   return "?";
 }
@@ -103,15 +104,17 @@ CudaBackend::CudaBackend(int device_index) : device_(device_index) {
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
   name_ = std::string("cuda:") + std::to_string(device_) + " (" + prop.name + ")";
   hopper_ = prop.major == 9 && prop.minor == 0;
-  // ws: 526-590 TFLOP/s at 4K-128K on an H200 against 393-455 for wgmma (bench/attention_bench).
-  prefill_kernel_ = hopper_ ? PrefillKernel::Ws : PrefillKernel::MmaSync;
+  prefill_kernel_ = own_prefill_kernel_default();
   if (const char* k = std::getenv("CPINFER_ATTENTION_KERNEL")) {
     const std::string want = k;
-    CPI_CHECK(want == "mma" || want == "wgmma" || want == "ws",
-              "CPINFER_ATTENTION_KERNEL must be 'mma', 'wgmma' or 'ws', got '", want, "'");
-    CPI_CHECK(want == "mma" || hopper_, "CPINFER_ATTENTION_KERNEL=", want, " needs a compute capability 9.0 GPU, ",
-              name_, " is ", prop.major, ".", prop.minor);
-    prefill_kernel_ = want == "mma" ? PrefillKernel::MmaSync : want == "wgmma" ? PrefillKernel::Wgmma : PrefillKernel::Ws;
+    CPI_CHECK(want == "mma" || want == "wgmma" || want == "ws" || want == "cudnn",
+              "CPINFER_ATTENTION_KERNEL must be 'mma', 'wgmma', 'ws' or 'cudnn', got '", want, "'");
+    CPI_CHECK(want == "mma" || want == "cudnn" || hopper_, "CPINFER_ATTENTION_KERNEL=", want,
+              " needs a compute capability 9.0 GPU, ", name_, " is ", prop.major, ".", prop.minor);
+    prefill_kernel_ = want == "mma"     ? PrefillKernel::MmaSync
+                      : want == "wgmma" ? PrefillKernel::Wgmma
+                      : want == "ws"    ? PrefillKernel::Ws
+                                        : PrefillKernel::Cudnn;
   }
   // Resources last: a bad setting above throws before anything needs freeing.
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -121,8 +124,13 @@ CudaBackend::CudaBackend(int device_index) : device_(device_index) {
   CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspaceBytes));
   CUDA_CHECK(cudaMalloc(&attn_sched_, 2 * sizeof(int)));
   CUDA_CHECK(cudaMemset(attn_sched_, 0, 2 * sizeof(int)));
+  if (prefill_kernel_ == PrefillKernel::Cudnn && !cudnn().available()) {  // a deployment without cuDNN keeps serving
+    log_warn(cudnn_->unavailable_reason(), "; prefill attention stays on the own kernels");
+    prefill_kernel_ = own_prefill_kernel_default();
+  }
   log_info("CUDA back-end on ", name_, ", ", prop.multiProcessorCount, " SMs, ", prop.totalGlobalMem >> 20,
-           " MiB, prefill attention on ", prefill_kernel_name(prefill_kernel_));
+           " MiB, prefill attention on ", prefill_kernel_ == PrefillKernel::Cudnn ? "cuDNN, else " : "",
+           prefill_kernel_name(own_prefill_kernel()));
 }
 
 CudaBackend::~CudaBackend() {
@@ -141,8 +149,9 @@ CudaBackend::~CudaBackend() {
 std::string CudaBackend::name() const { return name_; }
 
 void CudaBackend::set_prefill_kernel(PrefillKernel k) {
-  CPI_CHECK(k == PrefillKernel::MmaSync || hopper_, "the ", prefill_kernel_name(k),
+  CPI_CHECK(k == PrefillKernel::MmaSync || k == PrefillKernel::Cudnn || hopper_, "the ", prefill_kernel_name(k),
             " attention kernel needs a compute capability 9.0 GPU (", name_, ")");
+  if (k == PrefillKernel::Cudnn) CPI_CHECK(cudnn().available(), cudnn_->unavailable_reason());
   prefill_kernel_ = k;
 }
 
@@ -457,8 +466,10 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
   if (n_blocks == 0 || t == 0) return;
   DeviceGuard g(device_);
   const bool flash = d == 128 && q.dtype == DType::BF16 && cache.k.dtype == DType::BF16 && max_q > 1;
+  if (flash && prefill_kernel_ == PrefillKernel::Cudnn && attention_cudnn(q, batch, cache, scale, out, lse))
+    return;  // else the own kernel
   if (flash) {
-    switch (prefill_kernel_) {
+    switch (own_prefill_kernel()) {
       case PrefillKernel::Ws:
         CUDA_LAUNCH(
             launch_attention_ws(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), attn_sched_, stream_),
@@ -469,6 +480,7 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
                     "attention_wgmma");
         break;
       case PrefillKernel::MmaSync:
+      case PrefillKernel::Cudnn:  // (own_prefill_kernel never answers Cudnn)
         CUDA_LAUNCH(launch_attention_flash(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_),
                     "attention_flash");
         break;

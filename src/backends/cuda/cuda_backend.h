@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "backends/cuda/cudnn_attention.h"
 #include "backends/cuda/kernels/kernels.h"
 #include "ops/backend.h"
 
@@ -30,6 +31,7 @@ inline DevAttnBatch dev(const AttnBatch& b) {
   d.block_table = b.dev_block_table.ptr<const int32_t>();
   d.max_blocks_per_seq = b.max_blocks_per_seq;
   d.max_q_len = b.max_q_len;
+  d.max_kv_len = b.max_kv_len;
   return d;
 }
 
@@ -75,14 +77,24 @@ class CudaBackend : public Backend {
 
   cudaStream_t stream() const { return stream_; }
 
-  // The tensor-core kernel behind prefill attention (head_dim 128, BF16): on Hopper (compute
-  // capability 9.0) the warp-specialized kernel (Ws, the default there) or the plain wgmma one;
-  // mma.sync on any sm_80+ GPU. The environment variable CPINFER_ATTENTION_KERNEL=mma|wgmma|ws
-  // sets it at construction; tests switch it to cover each.
-  enum class PrefillKernel { MmaSync, Wgmma, Ws };
+  // The kernel behind prefill attention (head_dim 128, BF16): on Hopper (compute capability 9.0)
+  // the warp-specialized kernel (Ws, the default there) or the plain wgmma one; mma.sync on any
+  // sm_80+ GPU; or cuDNN's fused attention (cudnn_attention.h) for the calls it takes, with the
+  // default own kernel for the others. CPINFER_ATTENTION_KERNEL=mma|wgmma|ws|cudnn sets it at
+  // construction (cudnn where cuDNN cannot be loaded: a warning, and the own kernel); tests switch
+  // it to cover each. set_prefill_kernel(Cudnn) throws "cuDNN not available: <reason>" then.
+  enum class PrefillKernel { MmaSync, Wgmma, Ws, Cudnn };
   void set_prefill_kernel(PrefillKernel k);
   PrefillKernel prefill_kernel() const { return prefill_kernel_; }
   bool wgmma_supported() const { return hopper_; }
+  // ---- the cuDNN prefill path. "" when cuDNN is usable here, else "cuDNN not available: <why>"
+  // (the first call loads it).
+  std::string cudnn_unavailable_reason();
+  // Whether the cuDNN path takes this attention call (""), else why not; the first call for a
+  // shape bucket builds its plan.
+  std::string cudnn_check(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, const Tensor& out,
+                          const Tensor& lse);
+  int64_t cudnn_calls() const { return cudnn_calls_; }  // attention calls run on cuDNN so far
   int device_index() const { return device_; }
 
  private:
@@ -116,6 +128,18 @@ class CudaBackend : public Backend {
   bool hopper_ = false;  // compute capability 9.0: the sm_90a wgmma kernels can run
   PrefillKernel prefill_kernel_ = PrefillKernel::MmaSync;
   int* attn_sched_ = nullptr;  // [2] the Ws kernel's work counter (zero between launches)
+  std::unique_ptr<CudnnAttention> cudnn_;  // created on first use
+  int64_t cudnn_calls_ = 0;
+  CudnnAttention& cudnn();
+  // Runs the attention call on cuDNN when it takes it (cuda_backend_cudnn.cpp); false: not run.
+  bool attention_cudnn(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,
+                       Tensor lse);
+  // The default kernel: Ws on Hopper (526-590 TFLOP/s at 4K-128K on an H200 against 393-455 for
+  // wgmma, bench/attention_bench), else mma.sync. It also runs the calls cuDNN does not take.
+  PrefillKernel own_prefill_kernel_default() const { return hopper_ ? PrefillKernel::Ws : PrefillKernel::MmaSync; }
+  PrefillKernel own_prefill_kernel() const {
+    return prefill_kernel_ == PrefillKernel::Cudnn ? own_prefill_kernel_default() : prefill_kernel_;
+  }
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;

@@ -51,6 +51,7 @@ struct DevAttnBatch {
   const int32_t* block_table = nullptr;  // [n_seqs, max_blocks_per_seq]
   int max_blocks_per_seq = 0;
   int max_q_len = 0;
+  int max_kv_len = 0;  // largest pos_begin + q_len (sizes the cuDNN path's plan)
 };
 
 // ---- row-wise element ops (elementwise.cu)

@@ -1,0 +1,36 @@
+// CudaBackend's cuDNN prefill-attention path (PrefillKernel::Cudnn): the calls cuDNN's fused
+// attention takes run there (cudnn_attention.h), the others on the own kernels.
+#include <vector>
+
+#include "backends/cuda/cuda_backend.h"
+#include "backends/cuda/cuda_check.h"
+
+namespace cpinfer::cuda {
+
+CudnnAttention& CudaBackend::cudnn() {
+  if (!cudnn_) {
+    CUDA_CHECK(cudaSetDevice(device_));
+    cudnn_ = std::make_unique<CudnnAttention>(device_);
+  }
+  return *cudnn_;
+}
+
+std::string CudaBackend::cudnn_unavailable_reason() { return cudnn().unavailable_reason(); }
+
+std::string CudaBackend::cudnn_check(const Tensor& q, const AttnBatch& batch, const KvLayer& cache,
+                                     const Tensor& out, const Tensor& lse) {
+  CUDA_CHECK(cudaSetDevice(device_));
+  const std::vector<int32_t> blocks = flatten_attn_blocks(batch.blocks);
+  return cudnn().check(dev(q), dev(batch), blocks.data(), dev(cache), dev(out), dev(lse));
+}
+
+bool CudaBackend::attention_cudnn(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale,
+                                  Tensor out, Tensor lse) {
+  if (!cudnn_check(q, batch, cache, out, lse).empty()) return false;
+  const size_t ws = cudnn_->workspace_bytes(dev(q), dev(batch), dev(cache));
+  cudnn_->run(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), workspace(ws), ws, stream_);
+  ++cudnn_calls_;
+  return true;
+}
+
+}  // namespace cpinfer::cuda
