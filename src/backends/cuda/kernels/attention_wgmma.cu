@@ -194,13 +194,7 @@ __global__ void __launch_bounds__(kThreads, 2)  // 128 registers, no spills (nvc
         l_row[r] = l_row[r] * corr[r] + sum;
       }
       if (__any_sync(0xffffffffu, grew)) {
-#pragma unroll
-        for (int n = 0; n < 16; ++n) {
-          o[4 * n] *= corr[0];
-          o[4 * n + 1] *= corr[0];
-          o[4 * n + 2] *= corr[1];
-          o[4 * n + 3] *= corr[1];
-        }
+        scale_rows(o, corr);
       }
       uint32_t pa[4][4];
 #pragma unroll

@@ -419,13 +419,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
         fence_regs(o);
         fence_regs(pa);
         if (wtid == 0) mbar_arrive(v_empty(prev));
-#pragma unroll
-        for (int n = 0; n < 16; ++n) {
-          o[4 * n] *= corr[0];
-          o[4 * n + 1] *= corr[0];
-          o[4 * n + 2] *= corr[1];
-          o[4 * n + 3] *= corr[1];
-        }
+        scale_rows(o, corr);
         pack_p(pa, s);
         prev = st;
         prev_ph = ph;

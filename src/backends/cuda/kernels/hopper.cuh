@@ -83,6 +83,19 @@ __device__ __forceinline__ void wgmma_m64n128_rs(float (&d)[64], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 
+// Rescales an m64nN accumulator (this thread's two rows: even pairs row 0, odd pairs row 1) by
+// the online softmax's correction factors.
+template <int N>
+__device__ __forceinline__ void scale_rows(float (&d)[N], const float (&corr)[2]) {
+#pragma unroll
+  for (int n = 0; n < N / 4; ++n) {
+    d[4 * n] *= corr[0];
+    d[4 * n + 1] *= corr[0];
+    d[4 * n + 2] *= corr[1];
+    d[4 * n + 3] *= corr[1];
+  }
+}
+
 // ---- mbarriers (shared-memory transaction barriers) and the bulk tensor copy engine (TMA)
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
