@@ -192,6 +192,30 @@ TEST_F(CpuLinear, MoeExpertsDeterministicAcrossThreadCounts) {
   EXPECT_EQ(std::memcmp(a.t.data, b.t.data, a.t.nbytes()), 0);
 }
 
+// The thread count changes how the work is shared, never an element's summation order: a wide
+// matrix (column panels), a narrow one over many rows (row chunks), BF16 and F32 weights.
+TEST_F(CpuLinear, LinearDeterministicAcrossThreadCounts) {
+  Rng rng(17);
+  const int saved = omp_get_max_threads();
+  for (auto [M, K, N, wt] : {std::tuple{64, 512, 1100, DType::BF16}, std::tuple{700, 256, 96, DType::F32},
+                             std::tuple{333, 384, 520, DType::BF16}}) {
+    HostTensor a = rng.normal_tensor(DType::F32, {M, K});
+    HostTensor w = rng.normal_tensor(wt, {N, K}, 0.05);
+    HostTensor one(DType::F32, {M, N});
+    omp_set_num_threads(1);
+    be->linear(a, w, one);
+    for (int threads : {2, 3, 5}) {
+      HostTensor many(DType::F32, {M, N});
+      many.poison();
+      omp_set_num_threads(threads);
+      be->linear(a, w, many);
+      EXPECT_EQ(std::memcmp(one.t.data, many.t.data, one.t.nbytes()), 0)
+          << M << "x" << K << " · " << N << "x" << K << " on " << threads << " threads";
+    }
+  }
+  omp_set_num_threads(saved);
+}
+
 // Context-parallel ranks of the local communicator are threads calling their back-ends at the same
 // time: per-thread scratch and the thread budget must give exactly the serial results.
 TEST_F(CpuLinear, ConcurrentCallersGetSerialResults) {

@@ -74,7 +74,8 @@ float dot(const float* x, const float* y, int64_t n) {
   return s;
 }
 
-// out[:, n0, n1) = a · w[n0, n1)ᵀ on the calling thread (OpenBLAS is single-threaded here).
+// out[:, n0, n1) = a · w[n0, n1)ᵀ on the calling thread (OpenBLAS is single-threaded here); the
+// sgemm calls it makes depend only on its arguments' shapes.
 void gemm_panel(const float* a, int64_t M, int64_t K, const void* w, DType w_dtype, int64_t n0, int64_t n1,
                 float* out, int64_t ldc) {
   if (w_dtype == DType::F32) {
@@ -124,18 +125,26 @@ void cpu::gemm_wt(const float* a, int64_t M, int64_t K, const void* w, DType w_d
   static const bool blas_single_threaded = true;
 #endif
   (void)blas_single_threaded;
+  // The work is cut into tiles that depend only on (M, N, K), never on the thread count, and each
+  // tile is one fixed sequence of sgemm calls: an element's result is then the same whether one
+  // thread or eight computed it, and whether the caller ran alone or beside other ranks (OpenBLAS's
+  // kernels pick their blocking, and so the summation order, from the shape of each call).
+  // Column panels of kPanelCols weight rows (each thread converts and streams only its panels of the
+  // weight); with too few panels to share, rows of `a` are cut in chunks of kPanelRows too (the
+  // router's narrow matrix over many tokens).
+  constexpr int64_t kPanelCols = 128, kPanelRows = 128;
+  const int64_t col_panels = (N + kPanelCols - 1) / kPanelCols;
+  const int64_t row_chunk = col_panels >= 8 ? M : kPanelRows;
+  const int64_t row_chunks = (M + row_chunk - 1) / row_chunk;
+  const int64_t tiles = col_panels * row_chunks;
   const OmpBudget budget;
   const bool big = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) > kParallelMinMacs;
-  const int nt = big ? budget.threads() : 1;
-  // Threads split the columns (w's rows: each converts and streams only its share of the weight),
-  // or the rows of a when there are too few columns for good sgemm panels (e.g. the router).
-  const bool split_rows = N < 64 * nt && M >= 2 * nt;
-#pragma omp parallel num_threads(nt)
-  {
-    const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t m0 = split_rows ? M * tid / nth : 0, m1 = split_rows ? M * (tid + 1) / nth : M;
-    const int64_t n0 = split_rows ? 0 : N * tid / nth, n1 = split_rows ? N : N * (tid + 1) / nth;
-    if (m1 > m0 && n1 > n0) gemm_panel(a + m0 * K, m1 - m0, K, w, w_dtype, n0, n1, out + m0 * ldc, ldc);
+  const int nt = big ? static_cast<int>(std::min<int64_t>(budget.threads(), tiles)) : 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t m0 = (t / col_panels) * row_chunk, m1 = std::min(M, m0 + row_chunk);
+    const int64_t n0 = (t % col_panels) * kPanelCols, n1 = std::min(N, n0 + kPanelCols);
+    gemm_panel(a + m0 * K, m1 - m0, K, w, w_dtype, n0, n1, out + m0 * ldc, ldc);
   }
 }
 
