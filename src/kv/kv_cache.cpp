@@ -13,6 +13,15 @@ KvCache::KvCache(Backend& backend, const KvCacheShape& shape) : backend_(backend
     k_.emplace_back(backend, layer_bytes);
     v_.emplace_back(backend, layer_bytes);
   }
+  // A device cache starts zeroed, so a slot never written holds a finite value: attention kernels
+  // that read whole pages and mask the scores (cuDNN's) multiply such slots of V by 0. Host memory
+  // is left to the OS (fresh pages are zero, and touching them all would commit the whole cache).
+  if (backend.device() != Device::CPU)
+    for (int l = 0; l < shape.n_layers; ++l) {
+      const KvLayer kv = layer(l);
+      backend.fill_zero(kv.k);
+      backend.fill_zero(kv.v);
+    }
   free_.reserve(shape.n_blocks);
   for (int b = shape.n_blocks - 1; b >= 0; --b) free_.push_back(b);
 }

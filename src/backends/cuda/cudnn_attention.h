@@ -10,6 +10,11 @@
 // ranges kv_begin > 0 / finite kv_end, blocks out of order, other dtypes, a graph cuDNN rejects)
 // are refused by check() before any launch; the caller keeps its own kernel for them.
 //
+// Cache contract: cuDNN's kernels read whole pages, and page 0 for table entries past a block's
+// last page, and mask the scores there; a non-finite value in such a masked slot still reaches
+// P·V as 0·NaN. Every slot of the cache must hold a finite value: the engine's KvCache zeroes a
+// device cache when it allocates it. The own kernels never read outside a block's key range.
+//
 // The graph is cuDNN 9's composite SDPA pattern (matmul, scale, padding and bottom-right causal
 // masks, softmax with stats, matmul) over paged K/V: in cuDNN 9.19 the single SDPA_FWD operation
 // has no causal mask (that arrives with 9.21). Execution plans are cached per shape bucket (the
