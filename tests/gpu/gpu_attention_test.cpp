@@ -182,6 +182,7 @@ class AttnRunner : public GpuOpsTest {
       case PK::Ws: return " ws";
       case PK::Cudnn: return " cudnn";
       case PK::MmaSync: return "";
+      case PK::Auto: return " auto";
     }
     return " ?";
   }

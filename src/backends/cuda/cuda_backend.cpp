@@ -70,6 +70,7 @@ const char* prefill_kernel_name(CudaBackend::PrefillKernel k) {
     case CudaBackend::PrefillKernel::Wgmma: return "wgmma";
     case CudaBackend::PrefillKernel::MmaSync: return "mma.sync";
     case CudaBackend::PrefillKernel::Cudnn: return "cuDNN";
+    case CudaBackend::PrefillKernel::Auto: return "auto";
   }
   return "?";
 }
@@ -104,17 +105,17 @@ CudaBackend::CudaBackend(int device_index) : device_(device_index) {
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
   name_ = std::string("cuda:") + std::to_string(device_) + " (" + prop.name + ")";
   hopper_ = prop.major == 9 && prop.minor == 0;
-  prefill_kernel_ = own_prefill_kernel_default();
   if (const char* k = std::getenv("CPINFER_ATTENTION_KERNEL")) {
     const std::string want = k;
-    CPI_CHECK(want == "mma" || want == "wgmma" || want == "ws" || want == "cudnn",
-              "CPINFER_ATTENTION_KERNEL must be 'mma', 'wgmma', 'ws' or 'cudnn', got '", want, "'");
-    CPI_CHECK(want == "mma" || want == "cudnn" || hopper_, "CPINFER_ATTENTION_KERNEL=", want,
+    CPI_CHECK(want == "auto" || want == "mma" || want == "wgmma" || want == "ws" || want == "cudnn",
+              "CPINFER_ATTENTION_KERNEL must be 'auto', 'mma', 'wgmma', 'ws' or 'cudnn', got '", want, "'");
+    CPI_CHECK(want == "auto" || want == "mma" || want == "cudnn" || hopper_, "CPINFER_ATTENTION_KERNEL=", want,
               " needs a compute capability 9.0 GPU, ", name_, " is ", prop.major, ".", prop.minor);
     prefill_kernel_ = want == "mma"     ? PrefillKernel::MmaSync
                       : want == "wgmma" ? PrefillKernel::Wgmma
                       : want == "ws"    ? PrefillKernel::Ws
-                                        : PrefillKernel::Cudnn;
+                      : want == "cudnn" ? PrefillKernel::Cudnn
+                                        : PrefillKernel::Auto;
   }
   // Resources last: a bad setting above throws before anything needs freeing.
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -126,11 +127,13 @@ CudaBackend::CudaBackend(int device_index) : device_(device_index) {
   CUDA_CHECK(cudaMemset(attn_sched_, 0, 2 * sizeof(int)));
   if (prefill_kernel_ == PrefillKernel::Cudnn && !cudnn().available()) {  // a deployment without cuDNN keeps serving
     log_warn(cudnn_->unavailable_reason(), "; prefill attention stays on the own kernels");
-    prefill_kernel_ = own_prefill_kernel_default();
+    prefill_kernel_ = PrefillKernel::Auto;
   }
+  const char* own = prefill_kernel_ == PrefillKernel::Auto || prefill_kernel_ == PrefillKernel::Cudnn
+                        ? (hopper_ ? "ws for KV pages of >= 64 tokens, wgmma for smaller ones" : "mma.sync")
+                        : prefill_kernel_name(prefill_kernel_);
   log_info("CUDA back-end on ", name_, ", ", prop.multiProcessorCount, " SMs, ", prop.totalGlobalMem >> 20,
-           " MiB, prefill attention on ", prefill_kernel_ == PrefillKernel::Cudnn ? "cuDNN, else " : "",
-           prefill_kernel_name(own_prefill_kernel()));
+           " MiB, prefill attention on ", prefill_kernel_ == PrefillKernel::Cudnn ? "cuDNN, else " : "", own);
 }
 
 CudaBackend::~CudaBackend() {
@@ -149,7 +152,7 @@ CudaBackend::~CudaBackend() {
 std::string CudaBackend::name() const { return name_; }
 
 void CudaBackend::set_prefill_kernel(PrefillKernel k) {
-  CPI_CHECK(k == PrefillKernel::MmaSync || k == PrefillKernel::Cudnn || hopper_, "the ", prefill_kernel_name(k),
+  CPI_CHECK(k == PrefillKernel::Auto || k == PrefillKernel::MmaSync || k == PrefillKernel::Cudnn || hopper_, "the ", prefill_kernel_name(k),
             " attention kernel needs a compute capability 9.0 GPU (", name_, ")");
   if (k == PrefillKernel::Cudnn) CPI_CHECK(cudnn().available(), cudnn_->unavailable_reason());
   prefill_kernel_ = k;
@@ -469,7 +472,7 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
   if (flash && prefill_kernel_ == PrefillKernel::Cudnn && attention_cudnn(q, batch, cache, scale, out, lse))
     return;  // else the own kernel
   if (flash) {
-    switch (own_prefill_kernel()) {
+    switch (own_prefill_kernel(bs)) {
       case PrefillKernel::Ws:
         CUDA_LAUNCH(
             launch_attention_ws(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), attn_sched_, stream_),
@@ -480,7 +483,8 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
                     "attention_wgmma");
         break;
       case PrefillKernel::MmaSync:
-      case PrefillKernel::Cudnn:  // (own_prefill_kernel never answers Cudnn)
+      case PrefillKernel::Auto:   // (own_prefill_kernel answers neither Auto
+      case PrefillKernel::Cudnn:  // nor Cudnn)
         CUDA_LAUNCH(launch_attention_flash(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_),
                     "attention_flash");
         break;

@@ -77,13 +77,15 @@ class CudaBackend : public Backend {
 
   cudaStream_t stream() const { return stream_; }
 
-  // The kernel behind prefill attention (head_dim 128, BF16): on Hopper (compute capability 9.0)
-  // the warp-specialized kernel (Ws, the default there) or the plain wgmma one; mma.sync on any
-  // sm_80+ GPU; or cuDNN's fused attention (cudnn_attention.h) for the calls it takes, with the
-  // default own kernel for the others. CPINFER_ATTENTION_KERNEL=mma|wgmma|ws|cudnn sets it at
-  // construction (cudnn where cuDNN cannot be loaded: a warning, and the own kernel); tests switch
-  // it to cover each. set_prefill_kernel(Cudnn) throws "cuDNN not available: <reason>" then.
-  enum class PrefillKernel { MmaSync, Wgmma, Ws, Cudnn };
+  // The kernel behind prefill attention (head_dim 128, BF16). Auto (the default) picks per call:
+  // on Hopper (compute capability 9.0) the warp-specialized kernel (Ws) for KV pages of 64 tokens
+  // or more and the plain wgmma kernel for smaller pages, mma.sync on other sm_80+ GPUs (see
+  // own_prefill_kernel). A set kernel runs every call: Ws, Wgmma, MmaSync, or cuDNN's fused
+  // attention (cudnn_attention.h) for the calls it takes, with the automatic own kernel for the
+  // others. CPINFER_ATTENTION_KERNEL=auto|mma|wgmma|ws|cudnn sets it at construction (cudnn where
+  // cuDNN cannot be loaded: a warning, and Auto); tests switch it to cover each.
+  // set_prefill_kernel(Cudnn) throws "cuDNN not available: <reason>" then.
+  enum class PrefillKernel { Auto, MmaSync, Wgmma, Ws, Cudnn };
   void set_prefill_kernel(PrefillKernel k);
   PrefillKernel prefill_kernel() const { return prefill_kernel_; }
   bool wgmma_supported() const { return hopper_; }
@@ -126,7 +128,7 @@ class CudaBackend : public Backend {
 
   int device_ = 0;
   bool hopper_ = false;  // compute capability 9.0: the sm_90a wgmma kernels can run
-  PrefillKernel prefill_kernel_ = PrefillKernel::MmaSync;
+  PrefillKernel prefill_kernel_ = PrefillKernel::Auto;
   int* attn_sched_ = nullptr;  // [2] the Ws kernel's work counter (zero between launches)
   std::unique_ptr<CudnnAttention> cudnn_;  // created on first use
   int64_t cudnn_calls_ = 0;
@@ -134,11 +136,16 @@ class CudaBackend : public Backend {
   // Runs the attention call on cuDNN when it takes it (cuda_backend_cudnn.cpp); false: not run.
   bool attention_cudnn(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,
                        Tensor lse);
-  // The default kernel: Ws on Hopper (526-590 TFLOP/s at 4K-128K on an H200 against 393-455 for
-  // wgmma, bench/attention_bench), else mma.sync. It also runs the calls cuDNN does not take.
-  PrefillKernel own_prefill_kernel_default() const { return hopper_ ? PrefillKernel::Ws : PrefillKernel::MmaSync; }
-  PrefillKernel own_prefill_kernel() const {
-    return prefill_kernel_ == PrefillKernel::Cudnn ? own_prefill_kernel_default() : prefill_kernel_;
+  // The own kernel that runs a call with KV pages of block_size tokens. Auto on Hopper: Ws where its
+  // K/V tiles arrive as TMA boxes of 64 rows (block sizes >= 64 that are powers of two: 521-590
+  // TFLOP/s against 445-455 for wgmma in attention_bench at block size 64, H200, 2026-12-03), else
+  // Wgmma (at the engine's default page of 16 tokens Ws's boxes of 16 rows made the 30B-A3B
+  // prefill's attention slower than wgmma's: 1.26 s against 0.99 s at 32K); mma.sync elsewhere.
+  PrefillKernel own_prefill_kernel(int64_t block_size) const {
+    if (prefill_kernel_ != PrefillKernel::Auto && prefill_kernel_ != PrefillKernel::Cudnn) return prefill_kernel_;
+    if (!hopper_) return PrefillKernel::MmaSync;
+    const bool tma_pages = block_size >= 64 && (block_size & (block_size - 1)) == 0;
+    return tma_pages ? PrefillKernel::Ws : PrefillKernel::Wgmma;
   }
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
