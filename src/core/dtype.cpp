@@ -14,6 +14,7 @@ std::string_view dtype_name(DType t) {
     case DType::I32: return "I32";
     case DType::I64: return "I64";
     case DType::U8: return "U8";
+    case DType::F8E4M3: return "F8_E4M3";
   }
   return "?";
 }

@@ -7,7 +7,9 @@
 
 namespace cpinfer {
 
-enum class DType : uint8_t { F32, F16, BF16, I32, I64, U8 };
+// F8E4M3: float8 e4m3 "fn" (safetensors "F8_E4M3", torch.float8_e4m3fn), the storage of FP8
+// checkpoints' weights; never an activation or an op argument (the loader dequantizes it).
+enum class DType : uint8_t { F32, F16, BF16, I32, I64, U8, F8E4M3 };
 
 constexpr size_t dtype_size(DType t) {
   switch (t) {
@@ -17,6 +19,7 @@ constexpr size_t dtype_size(DType t) {
     case DType::I32: return 4;
     case DType::I64: return 8;
     case DType::U8: return 1;
+    case DType::F8E4M3: return 1;
   }
   return 0;
 }
@@ -25,6 +28,25 @@ std::string_view dtype_name(DType t);
 
 inline float bf16_to_f32(uint16_t h) {
   uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// float8 e4m3fn: 1 sign, 4 exponent (bias 7) and 3 mantissa bits, no infinities; S.1111.111 is
+// NaN; the largest finite value is 448. Exact in fp32.
+inline float fp8_e4m3_to_f32(uint8_t v) {
+  const uint32_t sign = static_cast<uint32_t>(v & 0x80u) << 24, exp = (v >> 3) & 0xfu, mant = v & 0x7u;
+  uint32_t bits;
+  if (exp == 0xfu && mant == 0x7u) {
+    bits = sign | 0x7fc00000u;
+  } else if (exp == 0) {  // zero or subnormal: mant · 2^-9, exact
+    float f = static_cast<float>(mant) * 0.001953125f;
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  } else {
+    bits = sign | ((exp - 7u + 127u) << 23) | (mant << 20);
+  }
   float f;
   std::memcpy(&f, &bits, 4);
   return f;

@@ -270,6 +270,7 @@ ModelConfig parse_config(const std::string& text, const std::string& label) {
   }
 
   parse_rope(f, c);
+  c.quant = parse_quantization_config(root, label);
   return c;
 }
 

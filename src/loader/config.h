@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "loader/quant.h"
+
 #include "ops/backend.h"
 
 namespace cpinfer {
@@ -48,6 +50,7 @@ struct ModelConfig {
   std::string dtype;                  // torch_dtype / dtype, e.g. "bfloat16" ("" when absent)
   int32_t bos_token_id = -1;          // -1 when absent (first entry when the file has a list)
   std::vector<int32_t> eos_token_ids; // generation_config.json's first, then config.json's
+  QuantConfig quant;                  // quantization_config (loader/quant.h); quant.fp8 false when absent
 
   // True when layer `layer` uses the sparse MoE block (else the dense MLP), as transformers
   // decides: not in mlp_only_layers, experts exist, and (layer+1) % decoder_sparse_step == 0.

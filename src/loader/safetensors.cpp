@@ -31,7 +31,7 @@ constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 bool parse_dtype(const std::string& s, DType* out) {
   static const std::pair<const char*, DType> kTable[] = {
       {"BF16", DType::BF16}, {"F16", DType::F16}, {"F32", DType::F32},
-      {"I32", DType::I32},   {"I64", DType::I64}, {"U8", DType::U8},
+      {"I32", DType::I32},   {"I64", DType::I64}, {"U8", DType::U8}, {"F8_E4M3", DType::F8E4M3},
   };
   for (const auto& [name, t] : kTable) {
     if (s == name) {
@@ -165,7 +165,8 @@ std::vector<TensorInfo> parse_safetensors(const void* bytes, size_t size, const 
     auto dt = v.find("dtype");
     CPI_CHECK(dt != v.end() && dt->is_string(), label, ": tensor '", name, "' has no string 'dtype'");
     CPI_CHECK(parse_dtype(dt->get<std::string>(), &info.dtype), label, ": tensor '", name,
-              "' has unsupported dtype '", dt->get<std::string>(), "' (supported: BF16, F16, F32, I32, I64, U8)");
+              "' has unsupported dtype '", dt->get<std::string>(),
+              "' (supported: BF16, F16, F32, I32, I64, U8, F8_E4M3)");
 
     auto sh = v.find("shape");
     CPI_CHECK(sh != v.end() && sh->is_array(), label, ": tensor '", name, "' has no 'shape' array");

@@ -6,6 +6,8 @@
 #include <string>
 
 #include "core/check.h"
+#include "core/log.h"
+#include "loader/quant.h"
 
 namespace cpinfer {
 
@@ -35,22 +37,38 @@ struct LoadItem {
   size_t nbytes = 0;
   std::vector<int64_t> shape;
   Tensor* dst = nullptr;
+  const TensorInfo* scale = nullptr;  // an FP8 weight's block scales: dequantized to BF16 at load
 };
 
 // Collects every tensor this rank needs (validating as it goes) before any byte is copied, so a
 // bad checkpoint fails fast and progress knows the total.
 class Planner {
  public:
-  Planner(const Checkpoint& ckpt) : ckpt_(ckpt) {}
+  Planner(const Checkpoint& ckpt, const QuantConfig& quant) : ckpt_(ckpt), quant_(quant) {}
 
-  // Checks dtype and shape of tensor `name` and plans all of it into `dst`.
+  // Checks dtype and shape of tensor `name` and plans all of it into `dst`; an FP8 weight with its
+  // `_scale_inv` tensor, which becomes BF16.
   void whole(const std::string& name, std::vector<int64_t> expect, const char* why, Tensor* dst) {
     const TensorInfo& t = checked(name, expect, why);
-    items_.push_back({&t, 0, t.nbytes, std::move(expect), dst});
+    const TensorInfo* scale = nullptr;
+    size_t nbytes = t.nbytes;
+    if (t.dtype == DType::F8E4M3) {
+      CPI_CHECK(t.shape.size() == 2, "tensor '", name, "' in ", t.file,
+                " is F8_E4M3, but only 2-D linear weights may be FP8");
+      scale = ckpt_.find(name + "_scale_inv");
+      CPI_CHECK(scale != nullptr, "missing tensor '", name, "_scale_inv' in ", ckpt_.dir(), " (the block scales of the FP8 weight '",
+                name, "')");
+      dequantize_fp8_rows(t, *scale, quant_, 0, 0, DType::BF16, nullptr);  // no rows: checks the scales now
+      nbytes = t.nbytes * dtype_size(DType::BF16);
+      ++fp8_;
+    }
+    items_.push_back({&t, 0, nbytes, std::move(expect), dst, scale});
   }
 
   // Plans rows [first, first + count) of dimension 0 of `t` (already checked) into `dst`.
   void rows(const TensorInfo& t, int64_t first, int64_t count, Tensor* dst) {
+    CPI_CHECK(t.dtype != DType::F8E4M3, "tensor '", t.name, "' in ", t.file,
+              ": fused FP8 expert tensors are not supported (FP8 checkpoints with one tensor per expert are)");
     const size_t row_bytes = t.shape[0] == 0 ? 0 : t.nbytes / static_cast<size_t>(t.shape[0]);
     std::vector<int64_t> shape = t.shape;
     shape[0] = count;
@@ -60,8 +78,11 @@ class Planner {
 
   const TensorInfo& checked(const std::string& name, const std::vector<int64_t>& expect, const char* why) {
     const TensorInfo& t = ckpt_.get(name);
-    CPI_CHECK(t.dtype == DType::BF16 || t.dtype == DType::F16 || t.dtype == DType::F32, "tensor '", name, "' in ",
-              t.file, " has dtype ", dtype_name(t.dtype), "; weights must be BF16, F16 or F32");
+    CPI_CHECK(t.dtype == DType::BF16 || t.dtype == DType::F16 || t.dtype == DType::F32 ||
+                  (t.dtype == DType::F8E4M3 && quant_.fp8),
+              "tensor '", name, "' in ", t.file, " has dtype ", dtype_name(t.dtype),
+              "; weights must be BF16, F16 or F32",
+              t.dtype == DType::F8E4M3 ? " (F8_E4M3 needs an FP8 quantization_config in config.json)" : "");
     CPI_CHECK(t.shape == expect, "tensor '", name, "' in ", t.file, " has shape ", shape_str(t.shape), ", expected ",
               shape_str(expect), " (", why, ")");
     return t;
@@ -73,10 +94,13 @@ class Planner {
   }
 
   std::vector<LoadItem>& items() { return items_; }
+  int fp8_weights() const { return fp8_; }
 
  private:
   const Checkpoint& ckpt_;
+  const QuantConfig& quant_;
   std::vector<LoadItem> items_;
+  int fp8_ = 0;
 };
 
 std::string why(const char* fmt_a, int64_t a, const char* fmt_b = nullptr, int64_t b = 0) {
@@ -97,7 +121,7 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backen
 
   ModelWeights w;
   w.layers.resize(static_cast<size_t>(cfg.num_hidden_layers));
-  Planner plan(ckpt);
+  Planner plan(ckpt, cfg.quant);
   // Fused expert ranges [count, 2I, H] / [count, H, I]; the per-expert views are cut afterwards.
   struct Fused {
     LayerWeights* layer;
@@ -179,15 +203,24 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backen
   for (const LoadItem& it : plan.items()) total += it.nbytes;
   const bool host = backend.device() == Device::CPU;
   size_t done = 0;
+  std::vector<uint16_t> dequantized;  // one FP8 weight at a time, as BF16
   for (const LoadItem& it : plan.items()) {
     const auto* src = static_cast<const uint8_t*>(it.info->data) + it.offset;
     Tensor t;
     t.dtype = it.info->dtype;
+    if (it.scale != nullptr) {
+      const int64_t rows = it.shape[0], cols = it.shape[1];
+      dequantized.resize(static_cast<size_t>(rows * cols));
+      dequantize_fp8_rows(*it.info, *it.scale, cfg.quant, 0, rows, DType::BF16, dequantized.data());
+      if (!host) backend.sync();  // the previous weight's upload read this buffer
+      src = reinterpret_cast<const uint8_t*>(dequantized.data());
+      t.dtype = DType::BF16;
+    }
     t.ndim = static_cast<int>(it.shape.size());
     CPI_CHECK(t.ndim <= Tensor::kMaxDims, "tensor '", it.info->name, "' has ", t.ndim, " dimensions");
     for (int i = 0; i < t.ndim; ++i) t.shape[static_cast<size_t>(i)] = it.shape[static_cast<size_t>(i)];
     const bool aligned = reinterpret_cast<uintptr_t>(src) % dtype_size(t.dtype) == 0;
-    if (host && aligned) {
+    if (host && aligned && it.scale == nullptr) {
       t.data = const_cast<uint8_t*>(src);  // read-only mapping: the model never writes weights
       t.device = Device::CPU;
     } else {
@@ -202,6 +235,10 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backen
     if (progress) progress(done, total);
   }
   if (!w.owned.empty()) backend.sync();  // uploads are stream-ordered; sources are the mmap
+  if (plan.fp8_weights() > 0)
+    log_info("FP8 checkpoint: ", plan.fp8_weights(), " of ", plan.items().size(), " weights are F8_E4M3 with ",
+             cfg.quant.block_n, "x", cfg.quant.block_k,
+             " block scales, dequantized to BF16 at load; the others (norms, embeddings, router, LM head) as stored");
   w.bytes = total;
   if (cfg.tie_word_embeddings) w.lm_head = w.embed;
 
