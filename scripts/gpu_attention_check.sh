@@ -17,6 +17,9 @@ timeout 300 "$BIN/gpu_ops_test" --gtest_filter='AttnRunner.*' 2>&1 | tee "$OUT/g
   grep -E "^\[ +(OK|FAILED|PASSED) |Failure|nmse|rel|error" | tail -40
 echo "== attention_bench"
 timeout 240 "$BIN/attention_bench" --seq "$SEQS" --reps 10 2>&1 | tee "$OUT/attention_bench.log" | tail -16
+echo "== attention_bench at block size 16 (the engine's default page)"
+timeout 240 "$BIN/attention_bench" --seq "$SEQS" --reps 10 --block-size 16 --kernel wgmma,ws 2>&1 |
+  tee "$OUT/attention_bench_bs16.log" | tail -10
 timeout 120 "$BIN/attention_bench" --kernel ws --seq 32768,131072 --cp 4 --reps 10 2>&1 | tee "$OUT/attention_cp4.log" | tail -12
 echo "== torch SDPA"
 timeout 200 python3 bench/torch_attention.py --seq "$SEQS" --backends CUDNN_ATTENTION,FLASH_ATTENTION \

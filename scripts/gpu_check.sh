@@ -24,6 +24,9 @@ timeout 120 "$BIN/moe_bench" --tokens 4096,16384,32768 2>&1 | tee "$OUT/moe_benc
 echo "== cpinfer prefill, Qwen3-30B-A3B shape, random weights"
 timeout 300 "$BIN/cpinfer" -q bench prefill --device cuda --random-weights qwen3-30b-a3b --seq "$SEQS" --attn-cp-size 1 \
   2>&1 | tee "$OUT/cpinfer_prefill.log" | tail -8
+echo "== the same with KV pages of 64 tokens (the attention runs on the warp-specialized kernel there)"
+timeout 300 "$BIN/cpinfer" -q bench prefill --device cuda --random-weights qwen3-30b-a3b --seq "$SEQS" --attn-cp-size 1 \
+  --page-size 64 2>&1 | tee "$OUT/cpinfer_prefill_page64.log" | tail -8
 echo "== peers"
 timeout 150 python3 bench/hf_prefill.py --seq "$SEQS" --layers 4 --json "$OUT/hf_prefill.json" 2>&1 | tail -8
 timeout 90 python3 bench/torch_attention.py --seq "$SEQS" --json "$OUT/torch_attention.json" 2>&1 | tail -8
