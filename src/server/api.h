@@ -23,6 +23,7 @@ struct ApiError : std::exception {
   std::string type = "invalid_request_error";
   std::string param;  // empty: null
   std::string code;   // empty: null
+  int retry_after_s = 0;  // > 0: sent as Retry-After (429)
   ApiError(int status_, std::string message_, std::string param_ = {}, std::string code_ = {},
            std::string type_ = "invalid_request_error")
       : status(status_), message(std::move(message_)), type(std::move(type_)), param(std::move(param_)),

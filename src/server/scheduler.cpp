@@ -300,9 +300,21 @@ bool Scheduler::has_work() {
   return !incoming_.empty() || !waiting_.empty() || !running_.empty();
 }
 
-void Scheduler::run(const std::atomic<bool>& stop) {
+void Scheduler::run(const std::atomic<bool>& stop, std::chrono::milliseconds drain_timeout) {
   auto last_run = Clock::now();
+  std::optional<Clock::time_point> drain_end;
   for (;;) {
+    if (stop.load() && !drain_end)
+      drain_end = drain_timeout >= std::chrono::duration_cast<std::chrono::milliseconds>(Clock::duration::max() / 2)
+                      ? Clock::time_point::max()
+                      : Clock::now() + drain_timeout;
+    if (drain_end && Clock::now() >= *drain_end) {
+      if (has_work()) {
+        log_warn("shutdown: ending the requests still running after the drain timeout");
+        fail_all("the server is shutting down (the drain timeout passed before this request finished)");
+      }
+      return;
+    }
     bool did = false;
     try {
       did = step();

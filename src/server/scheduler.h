@@ -98,9 +98,11 @@ class Scheduler {
   // Scheduler thread: admits, runs one forward, delivers tokens. Returns false when there was
   // nothing to run. Throws what the engine throws.
   bool step();
-  // Scheduler thread: steps until `stop` is set and every request has finished (drain). On an
-  // engine error every request finishes with "error" and the error is rethrown.
-  void run(const std::atomic<bool>& stop);
+  // Scheduler thread: steps until `stop` is set and every request has finished (drain). Requests
+  // still unfinished `drain_timeout` after `stop` was first seen end with "error". On an engine
+  // error every request finishes with "error" and the error is rethrown.
+  void run(const std::atomic<bool>& stop,
+           std::chrono::milliseconds drain_timeout = std::chrono::milliseconds::max());
   // Ends every request with reason "error" (after a fatal engine error).
   void fail_all(const std::string& message);
 

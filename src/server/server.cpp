@@ -1,7 +1,5 @@
 #include "server/server.h"
 
-#include <httplib.h>
-
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
@@ -9,11 +7,13 @@
 #include <random>
 #include <thread>
 
+#include <unistd.h>
+
 #include "core/log.h"
 #include "loader/config.h"
 #include "server/api.h"
 #include "server/metrics.h"
-#include "server/peer.h"
+#include "server/http.h"
 #include "server/runner.h"
 #include "server/text.h"
 #include "tokenizer/tokenizer.h"
@@ -25,10 +25,12 @@ using nlohmann::json;
 namespace {
 
 std::atomic<bool> g_stop{false};
-extern "C" void on_stop_signal(int) { g_stop.store(true); }
+// The first SIGTERM/SIGINT starts the drain; a second one ends the process at once.
+extern "C" void on_stop_signal(int sig) {
+  if (g_stop.exchange(true)) ::_exit(128 + sig);
+}
 
 constexpr auto kPoll = std::chrono::milliseconds(50);
-constexpr size_t kMaxBodyBytes = size_t(64) << 20;
 
 // Scheduler thread -> HTTP thread: the output of one request, consumed as it grows.
 struct Channel {
@@ -77,12 +79,17 @@ struct OutputState {
   }
 };
 
-void send_json(httplib::Response& res, int status, const json& j) {
-  res.status = status;
-  res.set_content(j.dump(-1, ' ', false, json::error_handler_t::replace), "application/json");
+std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+void send_json(HttpResponder& res, int status, const json& j, const HttpHeaders& extra = {}) {
+  res.send(status, "application/json", dump(j), extra);
 }
 
-void send_error(httplib::Response& res, const ApiError& e) { send_json(res, e.status, error_json(e)); }
+void send_error(HttpResponder& res, const ApiError& e) {
+  HttpHeaders extra;
+  if (e.retry_after_s > 0) extra.emplace_back("Retry-After", std::to_string(e.retry_after_s));
+  send_json(res, e.status, error_json(e), extra);
+}
 
 // Counts requests whose HTTP side is still writing, so that a drain waits for their last bytes.
 struct ActiveGuard {
@@ -99,7 +106,8 @@ class App {
         name_(so.served_model_name.empty() ? so.model_path : so.served_model_name),
         created_(static_cast<int64_t>(std::time(nullptr))), rng_(std::random_device{}()) {}
 
-  void install(httplib::Server& svr);
+  // Routes one request (any HTTP thread).
+  void handle(const HttpRequest& req, HttpResponder& res);
   void attach(Scheduler* s) {
     std::lock_guard lk(mu_);
     sched_ = s;
@@ -122,12 +130,13 @@ class App {
   Metrics& metrics() { return metrics_; }
 
  private:
-  void handle_generate(Endpoint ep, const httplib::Request& req, httplib::Response& res);
-  void handle_metrics(httplib::Response& res);
-  void handle_health(httplib::Response& res);
+  void route(const HttpRequest& req, HttpResponder& res);
+  void handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& res);
+  void handle_metrics(HttpResponder& res);
+  void handle_health(HttpResponder& res);
   std::vector<int32_t> tokenize(const GenRequest& g);
   std::string new_id(const char* prefix);
-  void reject(httplib::Response& res, const ApiError& e) {
+  void reject(HttpResponder& res, const ApiError& e) {
     if (e.status >= 400 && e.status < 500) metrics_.count_rejected();
     send_error(res, e);
   }
@@ -172,7 +181,7 @@ std::vector<int32_t> App::tokenize(const GenRequest& g) {
   return tok_.encode(g.prompt);
 }
 
-void App::handle_generate(Endpoint ep, const httplib::Request& req, httplib::Response& res) {
+void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& res) {
   GenRequest g = parse_request(ep, req.body);
   if (!g.model.empty() && g.model != name_ && g.model != so_.model_path)
     throw ApiError(404, "The model '" + g.model + "' does not exist; this server serves '" + name_ + "'", "model",
@@ -218,10 +227,18 @@ void App::handle_generate(Endpoint ep, const httplib::Request& req, httplib::Res
                      "", "", "server_error");
     if (std::string why = sched_->never_fits(n_prompt, max_tokens); !why.empty())
       throw ApiError(400, why, "max_tokens", "context_length_exceeded");
+    if (sched_->n_waiting() >= so_.max_queued_requests) {
+      ApiError busy(429,
+                    "the server is busy: " + std::to_string(sched_->n_waiting()) +
+                        " requests are already waiting (--max-queued-requests " +
+                        std::to_string(so_.max_queued_requests) + "); retry later",
+                    "", "rate_limit_exceeded", "rate_limit_error");
+      busy.retry_after_s = 1;
+      throw busy;
+    }
     sched_->submit(r);
   }
 
-  const int fd = find_connection_socket(req.remote_addr, req.remote_port, req.local_port);
   const std::string id = new_id(ep == Endpoint::Chat ? "chatcmpl" : "cmpl");
   const int64_t created = static_cast<int64_t>(std::time(nullptr));
   auto cancel = [this, r] {
@@ -235,11 +252,10 @@ void App::handle_generate(Endpoint ep, const httplib::Request& req, httplib::Res
     ActiveGuard guard(active_);
     std::unique_lock lk(ch->mu);
     while (!ch->cv.wait_for(lk, kPoll, [&] { return ch->finished; })) {
-      if (peer_closed(fd)) {
+      if (res.peer_closed()) {
         lk.unlock();
         cancel();
-        res.status = 499;  // nobody reads it
-        return;
+        return;  // nobody reads an answer: the connection closes
       }
     }
     if (ch->info.reason == "error")
@@ -251,73 +267,54 @@ void App::handle_generate(Endpoint ep, const httplib::Request& req, httplib::Res
     return;
   }
 
-  // Streaming: the provider runs on this connection's thread after the handler returns.
-  auto guard = std::make_shared<ActiveGuard>(active_);
-  auto started = std::make_shared<bool>(false);
-  const bool include_usage = g.include_usage;
-  const std::string model = name_;
-  res.set_header("Cache-Control", "no-cache");
-  res.set_chunked_content_provider(
-      "text/event-stream",
-      [=](size_t, httplib::DataSink& sink) {
-        (void)guard;
-        std::string buf;
-        if (!*started) {
-          *started = true;
-          if (ep == Endpoint::Chat)
-            buf += sse_event(chat_chunk(id, created, model, {{"role", "assistant"}, {"content", ""}}, ""));
+  // Streaming, on this connection's thread.
+  ActiveGuard guard(active_);
+  if (!res.begin_stream(200, "text/event-stream", {{"Cache-Control", "no-cache"}})) return cancel();
+  bool first = true;
+  for (;;) {
+    std::string buf;
+    if (first && ep == Endpoint::Chat)
+      buf += sse_event(chat_chunk(id, created, name_, {{"role", "assistant"}, {"content", ""}}, ""));
+    first = false;
+    std::string reasoning, content;
+    bool finished = false;
+    FinishInfo info;
+    {
+      std::unique_lock lk(ch->mu);
+      while (!ch->cv.wait_for(lk, kPoll, [&] { return ch->finished || !ch->content.empty() || !ch->reasoning.empty(); })) {
+        if (!buf.empty()) break;
+        if (res.peer_closed()) {
+          lk.unlock();
+          return cancel();
         }
-        std::string reasoning, content;
-        bool finished = false;
-        FinishInfo info;
-        {
-          std::unique_lock lk(ch->mu);
-          while (!ch->cv.wait_for(lk, kPoll, [&] { return ch->finished || !ch->content.empty() || !ch->reasoning.empty(); })) {
-            if (!buf.empty()) break;
-            if (peer_closed(fd)) {
-              lk.unlock();
-              cancel();
-              return false;
-            }
-          }
-          reasoning.swap(ch->reasoning);
-          content.swap(ch->content);
-          finished = ch->finished;
-          info = ch->info;
-        }
-        if (ep == Endpoint::Chat) {
-          if (!reasoning.empty()) buf += sse_event(chat_chunk(id, created, model, {{"reasoning_content", reasoning}}, ""));
-          if (!content.empty()) buf += sse_event(chat_chunk(id, created, model, {{"content", content}}, ""));
-        } else if (!content.empty()) {
-          buf += sse_event(completion_chunk(id, created, model, content, ""));
-        }
-        if (finished) {
-          if (info.reason == "error") {
-            buf += sse_event(error_json(ApiError(500, "the engine failed: " + info.error, "", "", "server_error")));
-          } else if (info.reason != "abort") {
-            if (ep == Endpoint::Chat) buf += sse_event(chat_chunk(id, created, model, json::object(), info.reason));
-            else buf += sse_event(completion_chunk(id, created, model, "", info.reason));
-            if (include_usage) buf += sse_event(usage_chunk(ep, id, created, model, usage_of(info)));
-          }
-          buf += kSseDone;
-        }
-        if (!buf.empty() && !sink.write(buf.data(), buf.size())) {
-          cancel();
-          return false;
-        }
-        if (finished) sink.done();
-        return true;
-      },
-      [r, this](bool success) {
-        if (!success && !r->cancelled.load()) {
-          r->cancelled.store(true);
-          std::lock_guard lk(mu_);
-          if (sched_) sched_->notify();
-        }
-      });
+      }
+      reasoning.swap(ch->reasoning);
+      content.swap(ch->content);
+      finished = ch->finished;
+      info = ch->info;
+    }
+    if (ep == Endpoint::Chat) {
+      if (!reasoning.empty()) buf += sse_event(chat_chunk(id, created, name_, {{"reasoning_content", reasoning}}, ""));
+      if (!content.empty()) buf += sse_event(chat_chunk(id, created, name_, {{"content", content}}, ""));
+    } else if (!content.empty()) {
+      buf += sse_event(completion_chunk(id, created, name_, content, ""));
+    }
+    if (finished) {
+      if (info.reason == "error") {
+        buf += sse_event(error_json(ApiError(500, "the engine failed: " + info.error, "", "", "server_error")));
+      } else if (info.reason != "abort") {
+        if (ep == Endpoint::Chat) buf += sse_event(chat_chunk(id, created, name_, json::object(), info.reason));
+        else buf += sse_event(completion_chunk(id, created, name_, "", info.reason));
+        if (g.include_usage) buf += sse_event(usage_chunk(ep, id, created, name_, usage_of(info)));
+      }
+      buf += kSseDone;
+    }
+    if (!buf.empty() && !res.write(buf)) return cancel();
+    if (finished) return res.end_stream();
+  }
 }
 
-void App::handle_health(httplib::Response& res) {
+void App::handle_health(HttpResponder& res) {
   std::lock_guard lk(mu_);
   if (!fatal_.empty()) return send_json(res, 503, {{"status", "error"}, {"message", fatal_}});
   if (!ready_) return send_json(res, 503, {{"status", "loading"}});
@@ -325,91 +322,50 @@ void App::handle_health(httplib::Response& res) {
   send_json(res, 200, {{"status", "ok"}});
 }
 
-void App::handle_metrics(httplib::Response& res) {
+void App::handle_metrics(HttpResponder& res) {
   Gauges g;
   {
     std::lock_guard lk(mu_);
     if (sched_) g = sched_->gauges();
   }
-  res.status = 200;
-  res.set_content(metrics_.render(g), "text/plain; version=0.0.4");
+  res.send(200, "text/plain; version=0.0.4", metrics_.render(g));
 }
 
-void App::install(httplib::Server& svr) {
-  svr.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-    if (so_.api_key.empty() || req.path.rfind("/v1/", 0) != 0) return httplib::Server::HandlerResponse::Unhandled;
-    if (req.get_header_value("Authorization") == "Bearer " + so_.api_key)
-      return httplib::Server::HandlerResponse::Unhandled;
-    metrics_.count_rejected();
-    send_error(res, ApiError(401, "Incorrect API key provided: pass 'Authorization: Bearer <key>' with the key given "
-                                  "to --api-key", "", "invalid_api_key"));
-    return httplib::Server::HandlerResponse::Handled;
-  });
-  // A content reader, not a plain handler: httplib would parse (and cap at 8 KiB) a body that
-  // arrives as application/x-www-form-urlencoded, which is what `curl -d` sends.
-  auto generate = [this](Endpoint ep) {
-    return [this, ep](const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& read) {
-      try {
-        httplib::Request full = req;
-        bool too_large = false;
-        read([&](const char* data, size_t n) {
-          if (full.body.size() + n > kMaxBodyBytes) {
-            too_large = true;
-            return false;
-          }
-          full.body.append(data, n);
-          return true;
-        });
-        if (too_large)
-          throw ApiError(413, "request body exceeds " + std::to_string(kMaxBodyBytes >> 20) + " MiB");
-        handle_generate(ep, full, res);
-      } catch (const ApiError& e) {
-        reject(res, e);
-      } catch (const std::exception& e) {
-        log_warn("request failed: ", e.what());
-        send_error(res, ApiError(500, std::string("internal error: ") + e.what(), "", "", "server_error"));
-      }
-    };
-  };
-  svr.Post("/v1/chat/completions", generate(Endpoint::Chat));
-  svr.Post("/v1/completions", generate(Endpoint::Completion));
+void App::handle(const HttpRequest& req, HttpResponder& res) {
+  try {
+    route(req, res);
+  } catch (const ApiError& e) {
+    reject(res, e);
+  } catch (const std::exception& e) {
+    log_warn("request failed: ", e.what());
+    send_error(res, ApiError(500, std::string("internal error: ") + e.what(), "", "", "server_error"));
+  }
+}
+
+void App::route(const HttpRequest& req, HttpResponder& res) {
+  const std::string& path = req.path;
+  if (!so_.api_key.empty() && path.rfind("/v1/", 0) == 0 && req.header("Authorization") != "Bearer " + so_.api_key)
+    throw ApiError(401, "Incorrect API key provided: pass 'Authorization: Bearer <key>' with the key given to --api-key",
+                   "", "invalid_api_key");
+  const bool post = req.method == "POST";
+  if (path == "/v1/chat/completions" || path == "/v1/completions") {
+    if (!post) throw ApiError(405, "use POST for " + path, "", "method_not_allowed");
+    return handle_generate(path == "/v1/chat/completions" ? Endpoint::Chat : Endpoint::Completion, req, res);
+  }
   auto model_json = [this] {
     return json{{"id", name_}, {"object", "model"}, {"created", created_}, {"owned_by", "cpinfer"},
                 {"root", name_}, {"max_model_len", context_length_}};
   };
-  svr.Get("/v1/models", [model_json](const httplib::Request&, httplib::Response& res) {
-    send_json(res, 200, {{"object", "list"}, {"data", json::array({model_json()})}});
-  });
-  svr.Get("/v1/models/(.+)", [this, model_json](const httplib::Request& req, httplib::Response& res) {
-    if (req.matches[1] == name_) return send_json(res, 200, model_json());
-    reject(res, ApiError(404, "The model '" + std::string(req.matches[1]) + "' does not exist", "model", "model_not_found"));
-  });
-  svr.Get("/health", [this](const httplib::Request&, httplib::Response& res) { handle_health(res); });
-  svr.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) { handle_metrics(res); });
-  for (const char* path : {"/v1/chat/completions", "/v1/completions"})
-    svr.Get(path, [this](const httplib::Request& req, httplib::Response& res) {
-      reject(res, ApiError(405, "use POST for " + req.path, "", "method_not_allowed"));
-    });
-  // Unknown routes and httplib's own refusals (bad request line, payload too large) in OpenAI's shape.
-  svr.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
-    if (!res.body.empty()) return;
-    const int status = res.status;
-    std::string msg = status == 404 ? "Unknown route: " + req.method + " " + req.path
-                                    : "HTTP " + std::to_string(status) +
-                                          (status == 413 ? ": request body too large" : ": the request could not be read");
-    metrics_.count_rejected();
-    send_error(res, ApiError(status, msg, "", status == 404 ? "not_found" : ""));
-  });
-  svr.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
-    std::string what = "unknown error";
-    try {
-      std::rethrow_exception(ep);
-    } catch (const std::exception& e) {
-      what = e.what();
-    } catch (...) {
-    }
-    send_error(res, ApiError(500, "internal error: " + what, "", "", "server_error"));
-  });
+  const bool get = req.method == "GET";
+  if (get && path == "/v1/models") return send_json(res, 200, {{"object", "list"}, {"data", json::array({model_json()})}});
+  if (get && path.rfind("/v1/models/", 0) == 0 && path.size() > 11) {
+    const std::string model = path.substr(11);
+    if (model == name_) return send_json(res, 200, model_json());
+    throw ApiError(404, "The model '" + model + "' does not exist", "model", "model_not_found");
+  }
+  if (get && path == "/health") return handle_health(res);
+  if (get && path == "/metrics") return handle_metrics(res);
+  throw ApiError(404, "Unknown route: " + req.method + " " + path, "", "not_found");
 }
 
 }  // namespace
@@ -438,20 +394,16 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
   sopt.context_length = context_length;
 
   App app(so, tok, cfg, context_length, kv_tokens);
-  httplib::Server svr;
-  const size_t n_threads = static_cast<size_t>(std::max(8, so.http_threads));
-  svr.new_task_queue = [n_threads] { return new httplib::ThreadPool(n_threads); };
-  svr.set_keep_alive_max_count(1000);
-  app.install(svr);
-  int port = so.port;
-  if (port == 0) {
-    port = svr.bind_to_any_port(so.host);
-    CPI_CHECK(port > 0, "cannot listen on ", so.host, ": no free port");
-  } else {
-    CPI_CHECK(svr.bind_to_port(so.host, port), "cannot listen on ", so.host, ":", port,
-              " (in use? pick another --port)");
-  }
-  std::thread http([&] { svr.listen_after_bind(); });
+  HttpLimits limits = so.http;
+  limits.max_connections = std::max(8, so.http_threads);
+  HttpServer svr(
+      limits, [&app](const HttpRequest& req, HttpResponder& res) { app.handle(req, res); },
+      [&app](int status, const std::string& message) {
+        if (status >= 400 && status < 500) app.metrics().count_rejected();
+        return dump(error_json(ApiError(status, message, "", "", status >= 500 ? "server_error" : "invalid_request_error")));
+      });
+  const int port = svr.bind(so.host, so.port);
+  std::thread http([&] { svr.serve(); });
   const std::string url = "http://" + so.host + ":" + std::to_string(port);
   log_info("listening on ", url, " (loading the model; /health answers 503 until ready)");
 
@@ -473,15 +425,16 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
                " (context ", context_length, " tokens, KV cache ", runner.n_blocks() * runner.block_size(),
                " positions, chunked prefill ", sopt.chunked_prefill_size, ", CP size ", eo.cp.cp_size,
                eo.cp.enable_prefill_cp ? " prefill CP on" : "", ")");
+      const auto drain = std::chrono::milliseconds(static_cast<int64_t>(so.shutdown_timeout_s * 1000));
       try {
-        sched.run(g_stop);
+        sched.run(g_stop, drain);
       } catch (...) {
         app.detach();
         throw;
       }
       app.detach();
       // A request submitted between the loop's last look and detach() still gets served.
-      sched.run(g_stop);
+      sched.run(g_stop, drain);
       runner.shutdown();
     });
     log_info("drained: no request in flight");
