@@ -1,5 +1,6 @@
 #include "server/api.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -118,6 +119,79 @@ void parse_messages(const json& body, GenRequest& r) {
   }
 }
 
+using ojson = nlohmann::ordered_json;
+
+// tools, tool_choice and the assistant messages' tool_calls, read from the body parsed with its key
+// order kept (the template writes tools and arguments in the order the client sent them).
+void parse_tools(const ojson& body, GenRequest& r) {
+  auto it = body.find("tools");
+  if (it != body.end() && !it->is_null()) {
+    if (!it->is_array()) bad("tools", "'tools' must be an array of {\"type\": \"function\", \"function\": {...}}");
+    if (it->size() > 256) bad("tools", "at most 256 tools are accepted");
+    for (size_t i = 0; i < it->size(); ++i) {
+      const ojson& t = (*it)[i];
+      const std::string p = "tools[" + std::to_string(i) + "]";
+      if (!t.is_object()) bad(p, "'" + p + "' must be an object");
+      auto type = t.find("type");
+      if (type == t.end() || *type != "function") bad(p + ".type", "'" + p + ".type' must be \"function\"");
+      auto fn = t.find("function");
+      if (fn == t.end() || !fn->is_object()) bad(p + ".function", "'" + p + ".function' must be an object");
+      auto name = fn->find("name");
+      if (name == fn->end() || !name->is_string() || name->get<std::string>().empty())
+        bad(p + ".function.name", "'" + p + ".function.name' must be a non-empty string");
+      r.tool_names.push_back(name->get<std::string>());
+      r.tools.push_back(jinja_tojson(t));
+    }
+  }
+  auto tc = body.find("tool_choice");
+  if (tc != body.end() && !tc->is_null()) {
+    if (tc->is_string()) {
+      const std::string c = tc->get<std::string>();
+      if (c == "auto") r.tool_choice.kind = ToolChoice::Kind::Auto;
+      else if (c == "none") r.tool_choice.kind = ToolChoice::Kind::None;
+      else if (c == "required") r.tool_choice.kind = ToolChoice::Kind::Required;
+      else bad("tool_choice", "'tool_choice' must be \"auto\", \"none\", \"required\" or a named function, got '" + c + "'");
+    } else if (tc->is_object() && tc->contains("function") && (*tc)["function"].is_object() &&
+               (*tc)["function"].contains("name") && (*tc)["function"]["name"].is_string()) {
+      r.tool_choice.kind = ToolChoice::Kind::Named;
+      r.tool_choice.name = (*tc)["function"]["name"].get<std::string>();
+      if (std::find(r.tool_names.begin(), r.tool_names.end(), r.tool_choice.name) == r.tool_names.end())
+        bad("tool_choice", "'tool_choice' names function '" + r.tool_choice.name + "', which is not in 'tools'");
+    } else {
+      bad("tool_choice", "'tool_choice' must be a string or {\"type\": \"function\", \"function\": {\"name\": ...}}");
+    }
+    if (r.tool_choice.kind != ToolChoice::Kind::Auto && r.tool_choice.kind != ToolChoice::Kind::None && r.tools.empty())
+      bad("tool_choice", "'tool_choice' requires 'tools'");
+  }
+  if (r.tools.empty()) r.tool_choice.kind = ToolChoice::Kind::None;
+  if (r.tool_choice.kind == ToolChoice::Kind::None) r.tools.clear();  // left out of the prompt
+
+  auto msgs = body.find("messages");
+  for (size_t i = 0; msgs != body.end() && msgs->is_array() && i < msgs->size(); ++i) {
+    const ojson& m = (*msgs)[i];
+    auto calls = m.find("tool_calls");
+    if (calls == m.end() || calls->is_null()) continue;
+    const std::string p = "messages[" + std::to_string(i) + "].tool_calls";
+    if (r.messages[i].role != "assistant") bad(p, "'" + p + "' is only allowed on assistant messages");
+    if (!calls->is_array()) bad(p, "'" + p + "' must be an array");
+    for (size_t k = 0; k < calls->size(); ++k) {
+      const std::string q = p + "[" + std::to_string(k) + "]";
+      const ojson& c = (*calls)[k];
+      if (!c.is_object()) bad(q, "'" + q + "' must be an object");
+      auto fn = c.find("function");
+      const ojson& f = fn != c.end() && fn->is_object() ? *fn : c;  // as the template: .function if present
+      auto name = f.find("name");
+      auto args = f.find("arguments");
+      if (name == f.end() || !name->is_string()) bad(q + ".function.name", "'" + q + ".function.name' must be a string");
+      ChatToolCall call;
+      call.name = name->get<std::string>();
+      if (args == f.end() || args->is_null()) bad(q + ".function.arguments", "'" + q + ".function.arguments' is required");
+      call.arguments = args->is_string() ? args->get<std::string>() : jinja_tojson(*args);
+      r.messages[i].tool_calls.push_back(std::move(call));
+    }
+  }
+}
+
 void parse_prompt(const json& body, GenRequest& r) {
   const json* p = field(body, "prompt");
   if (!p) bad("prompt", "'prompt' is required");
@@ -183,6 +257,10 @@ GenRequest parse_request(Endpoint endpoint, std::string_view text) {
   }
   if (endpoint == Endpoint::Chat) {
     parse_messages(body, r);
+    // Key order matters for tools: parse again keeping it (the text already passed parse_json's
+    // checks of depth and NUL bytes).
+    if (body.contains("tools") || body.contains("tool_choice") || text.find("tool_calls") != std::string_view::npos)
+      parse_tools(ojson::parse(text.begin(), text.end()), r);
   } else {
     parse_prompt(body, r);
   }
@@ -217,7 +295,11 @@ GenRequest parse_request(Endpoint endpoint, std::string_view text) {
   if (endpoint == Endpoint::Completion && get_bool(body, "echo", false)) bad("echo", "'echo' is not supported");
   if (const json* v = field(body, "logit_bias"); v && !(v->is_object() && v->empty()))
     bad("logit_bias", "'logit_bias' is not supported");
-  if (const json* v = field(body, "tools"); v && !(v->is_array() && v->empty())) bad("tools", "'tools' are not supported");
+  if (endpoint == Endpoint::Completion)
+    for (const char* k : {"tools", "tool_choice"})
+      if (const json* v = field(body, k); v && !(v->is_array() && v->empty())) bad(k, std::string("'") + k + "' is only supported by /v1/chat/completions");
+  if (const json* v = field(body, "parallel_tool_calls"); v && !v->is_boolean())
+    bad("parallel_tool_calls", "'parallel_tool_calls' must be a boolean");
   if (const json* v = field(body, "response_format")) {
     const json* t = v->is_object() ? field(*v, "type") : nullptr;
     if (!t || *t != "text") bad("response_format", "'response_format' other than {\"type\": \"text\"} is not supported");
@@ -274,8 +356,13 @@ json usage_json(const Usage& u) {
 static json reason_or_null(const std::string& s) { return s.empty() ? json(nullptr) : json(s); }
 
 json chat_response(const std::string& id, int64_t created, const std::string& model, const std::string& content,
-                   const std::string& reasoning, const std::string& finish_reason, const Usage& usage) {
+                   const std::string& reasoning, const std::string& finish_reason, const Usage& usage,
+                   const json& tool_calls) {
   json msg = {{"role", "assistant"}, {"content", content}, {"reasoning_content", reason_or_null(reasoning)}};
+  if (tool_calls.is_array() && !tool_calls.empty()) {
+    msg["tool_calls"] = tool_calls;
+    if (content.empty()) msg["content"] = nullptr;
+  }
   return {{"id", id},
           {"object", "chat.completion"},
           {"created", created},

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "engine/sampler.h"
+#include "server/tools.h"
 #include "tokenizer/tokenizer.h"
 
 namespace cpinfer::server {
@@ -51,6 +52,9 @@ struct GenRequest {
   bool enable_thinking = true;      // chat_template_kwargs.enable_thinking
   bool separate_reasoning = true;   // chat: <think>..</think> goes to reasoning_content
   std::string user_id;              // the "user" field, echoed nowhere (logged)
+  std::vector<std::string> tools;   // chat: each tool as the template's tojson writes it (order kept)
+  std::vector<std::string> tool_names;
+  ToolChoice tool_choice;           // Auto when absent; None when there are no tools
 };
 
 // Parses and validates a request body. Throws ApiError(400) naming the offending field for
@@ -64,9 +68,11 @@ struct Usage {
 nlohmann::json usage_json(const Usage& u);
 
 // Non-streaming responses. reasoning empty -> reasoning_content: null.
+// tool_calls: an array of OpenAI tool calls, or null.
 nlohmann::json chat_response(const std::string& id, int64_t created, const std::string& model,
                              const std::string& content, const std::string& reasoning,
-                             const std::string& finish_reason, const Usage& usage);
+                             const std::string& finish_reason, const Usage& usage,
+                             const nlohmann::json& tool_calls = nullptr);
 nlohmann::json completion_response(const std::string& id, int64_t created, const std::string& model,
                                    const std::string& text, const std::string& finish_reason, const Usage& usage);
 

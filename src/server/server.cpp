@@ -15,6 +15,7 @@
 #include "server/metrics.h"
 #include "server/http.h"
 #include "server/runner.h"
+#include "server/tools.h"
 #include "server/text.h"
 #include "tokenizer/tokenizer.h"
 
@@ -37,6 +38,7 @@ struct Channel {
   std::mutex mu;
   std::condition_variable cv;
   std::string reasoning, content;  // not yet taken by the HTTP thread
+  std::vector<ToolCall> calls;     // parsed tool calls not yet taken
   bool finished = false;
   FinishInfo info;
 };
@@ -46,6 +48,7 @@ struct OutputState {
   StreamDecoder decoder;
   StopMatcher stops;
   std::optional<ReasoningSplitter> splitter;
+  std::optional<ToolCallParser> tools;  // chat with tools: <tool_call> blocks become calls
   OutputState(const Tokenizer& tok, std::vector<std::string> stop_strings, bool split)
       : decoder(tok, /*skip_special=*/true), stops(std::move(stop_strings)) {
     if (split) splitter.emplace();
@@ -54,10 +57,17 @@ struct OutputState {
     SplitText s;
     if (splitter) s = splitter->push(text);
     else s.content = text;
-    if (s.reasoning.empty() && s.content.empty()) return;
+    publish(ch, s);
+  }
+  void publish(Channel& ch, const SplitText& s) {
+    ToolCallParser::Out t;
+    if (tools) t = tools->push(s.content);
+    else t.content = s.content;
+    if (s.reasoning.empty() && t.content.empty() && t.calls.empty()) return;
     std::lock_guard lk(ch.mu);
     ch.reasoning += s.reasoning;
-    ch.content += s.content;
+    ch.content += t.content;
+    for (ToolCall& c : t.calls) ch.calls.push_back(std::move(c));
     ch.cv.notify_all();
   }
   void finish(Channel& ch, const FinishInfo& info) {
@@ -65,11 +75,12 @@ struct OutputState {
       std::string rest = stops.push(decoder.flush());
       rest += stops.flush();
       deliver(ch, rest);
-      if (splitter) {
-        SplitText s = splitter->flush();
+      if (splitter) publish(ch, splitter->flush());
+      if (tools) {
+        ToolCallParser::Out t = tools->flush();
         std::lock_guard lk(ch.mu);
-        ch.reasoning += s.reasoning;
-        ch.content += s.content;
+        ch.content += t.content;
+        for (ToolCall& c : t.calls) ch.calls.push_back(std::move(c));
       }
     }
     std::lock_guard lk(ch.mu);
@@ -78,6 +89,12 @@ struct OutputState {
     ch.cv.notify_all();
   }
 };
+
+std::string trimmed(const std::string& s) {
+  const size_t b = s.find_first_not_of(" \t\r\n");
+  if (b == std::string::npos) return {};
+  return s.substr(b, s.find_last_not_of(" \t\r\n") - b + 1);
+}
 
 std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
@@ -136,6 +153,7 @@ class App {
   void handle_health(HttpResponder& res);
   std::vector<int32_t> tokenize(const GenRequest& g);
   std::string new_id(const char* prefix);
+  std::vector<std::string> call_ids(size_t n);
   void reject(HttpResponder& res, const ApiError& e) {
     if (e.status >= 400 && e.status < 500) metrics_.count_rejected();
     send_error(res, e);
@@ -156,6 +174,11 @@ class App {
   bool ready_ = false;
   std::string fatal_;
   std::mt19937_64 rng_;
+
+ public:
+  // Test hook (CPINFER_TEST_FIXED_OUTPUT): every request's output is these tokens, whatever the
+  // model samples, so that a random-weight model can drive the output parsers.
+  std::vector<int32_t> fixed_output_;
 };
 
 std::string App::new_id(const char* prefix) {
@@ -165,9 +188,19 @@ std::string App::new_id(const char* prefix) {
   return buf;
 }
 
+std::vector<std::string> App::call_ids(size_t n) {
+  std::vector<std::string> ids;
+  for (size_t i = 0; i < n; ++i) ids.push_back(new_id("call"));
+  return ids;
+}
+
 std::vector<int32_t> App::tokenize(const GenRequest& g) {
   if (g.endpoint == Endpoint::Chat) {
-    std::string text = tok_.render_chat(g.messages, /*add_generation_prompt=*/true, g.enable_thinking);
+    std::string text = tok_.render_chat(g.messages, /*add_generation_prompt=*/true, g.enable_thinking, g.tools);
+    if (const std::string forced = forced_tool_prefix(g.tool_choice); !forced.empty()) {
+      if (g.enable_thinking) text += "<think>\n\n</think>\n\n";  // the template adds it only when off
+      text += forced;
+    }
     return tok_.encode(text);
   }
   if (!g.prompt_ids.empty()) {
@@ -204,6 +237,10 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
   auto ch = std::make_shared<Channel>();
   auto out = std::make_shared<OutputState>(tok_, g.stop,
                                            ep == Endpoint::Chat && g.enable_thinking && g.separate_reasoning);
+  if (ep == Endpoint::Chat && g.tool_choice.kind != ToolChoice::Kind::None) {
+    out->tools.emplace();
+    out->tools->push(forced_tool_prefix(g.tool_choice));  // the call the prompt already opened
+  }
   auto r = std::make_shared<SchedRequest>();
   r->prompt = std::move(prompt);
   r->max_tokens = max_tokens;
@@ -211,12 +248,14 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
   r->stop_ids = g.stop_token_ids;
   if (!g.ignore_eos) r->stop_ids.insert(r->stop_ids.end(), cfg_.eos_token_ids.begin(), cfg_.eos_token_ids.end());
   const int32_t n_text_ids = tok_.vocab_size();
-  r->on_token = [ch, out, n_text_ids](int32_t id) {
+  auto fixed = fixed_output_.empty() ? nullptr : std::make_shared<size_t>(0);
+  r->on_token = [ch, out, n_text_ids, fixed, this](int32_t id) {
+    if (fixed) id = fixed_output_[(*fixed)++];  // test hook: the model "says" the fixed text
     // The model's vocabulary is padded beyond the tokenizer's: such ids have no text.
     if (id >= n_text_ids) return true;
     std::string safe = out->stops.push(out->decoder.push(id));
     out->deliver(*ch, safe);
-    return !out->stops.stopped();
+    return !out->stops.stopped() && !(fixed && *fixed == fixed_output_.size());
   };
   r->on_finish = [ch, out](const FinishInfo& info) { out->finish(*ch, info); };
   {
@@ -260,10 +299,18 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
     }
     if (ch->info.reason == "error")
       throw ApiError(500, "the engine failed: " + ch->info.error, "", "", "server_error");
-    if (ep == Endpoint::Chat)
-      send_json(res, 200, chat_response(id, created, name_, ch->content, ch->reasoning, ch->info.reason, usage_of(ch->info)));
-    else
+    if (ep == Endpoint::Chat) {
+      std::string content = ch->content;
+      json calls = nullptr;
+      if (!ch->calls.empty()) {
+        calls = tool_calls_json(ch->calls, call_ids(ch->calls.size()), 0, /*with_index=*/false);
+        content = trimmed(content);
+      }
+      const std::string reason = !ch->calls.empty() && ch->info.reason == "stop" ? "tool_calls" : ch->info.reason;
+      send_json(res, 200, chat_response(id, created, name_, content, ch->reasoning, reason, usage_of(ch->info), calls));
+    } else {
       send_json(res, 200, completion_response(id, created, name_, ch->content, ch->info.reason, usage_of(ch->info)));
+    }
     return;
   }
 
@@ -271,17 +318,21 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
   ActiveGuard guard(active_);
   if (!res.begin_stream(200, "text/event-stream", {{"Cache-Control", "no-cache"}})) return cancel();
   bool first = true;
+  int n_calls = 0;
   for (;;) {
     std::string buf;
     if (first && ep == Endpoint::Chat)
       buf += sse_event(chat_chunk(id, created, name_, {{"role", "assistant"}, {"content", ""}}, ""));
     first = false;
     std::string reasoning, content;
+    std::vector<ToolCall> calls;
     bool finished = false;
     FinishInfo info;
     {
       std::unique_lock lk(ch->mu);
-      while (!ch->cv.wait_for(lk, kPoll, [&] { return ch->finished || !ch->content.empty() || !ch->reasoning.empty(); })) {
+      while (!ch->cv.wait_for(lk, kPoll, [&] {
+        return ch->finished || !ch->content.empty() || !ch->reasoning.empty() || !ch->calls.empty();
+      })) {
         if (!buf.empty()) break;
         if (res.peer_closed()) {
           lk.unlock();
@@ -290,12 +341,18 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
       }
       reasoning.swap(ch->reasoning);
       content.swap(ch->content);
+      calls.swap(ch->calls);
       finished = ch->finished;
       info = ch->info;
     }
     if (ep == Endpoint::Chat) {
       if (!reasoning.empty()) buf += sse_event(chat_chunk(id, created, name_, {{"reasoning_content", reasoning}}, ""));
       if (!content.empty()) buf += sse_event(chat_chunk(id, created, name_, {{"content", content}}, ""));
+      if (!calls.empty()) {
+        json delta = {{"tool_calls", tool_calls_json(calls, call_ids(calls.size()), n_calls, /*with_index=*/true)}};
+        buf += sse_event(chat_chunk(id, created, name_, delta, ""));
+        n_calls += static_cast<int>(calls.size());
+      }
     } else if (!content.empty()) {
       buf += sse_event(completion_chunk(id, created, name_, content, ""));
     }
@@ -303,7 +360,8 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
       if (info.reason == "error") {
         buf += sse_event(error_json(ApiError(500, "the engine failed: " + info.error, "", "", "server_error")));
       } else if (info.reason != "abort") {
-        if (ep == Endpoint::Chat) buf += sse_event(chat_chunk(id, created, name_, json::object(), info.reason));
+        const std::string reason = n_calls > 0 && info.reason == "stop" ? "tool_calls" : info.reason;
+        if (ep == Endpoint::Chat) buf += sse_event(chat_chunk(id, created, name_, json::object(), reason));
         else buf += sse_event(completion_chunk(id, created, name_, "", info.reason));
         if (g.include_usage) buf += sse_event(usage_chunk(ep, id, created, name_, usage_of(info)));
       }
@@ -394,6 +452,10 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
   sopt.context_length = context_length;
 
   App app(so, tok, cfg, context_length, kv_tokens);
+  if (const char* fixed = std::getenv("CPINFER_TEST_FIXED_OUTPUT"); fixed && *fixed) {
+    app.fixed_output_ = tok.encode(fixed);
+    log_warn("CPINFER_TEST_FIXED_OUTPUT is set: every request answers the same fixed text (a test hook)");
+  }
   HttpLimits limits = so.http;
   limits.max_connections = std::max(8, so.http_threads);
   HttpServer svr(
