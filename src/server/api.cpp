@@ -240,6 +240,8 @@ void parse_stop(const json& body, GenRequest& r) {
 
 }  // namespace
 
+constexpr int64_t kMaxChoices = 64;
+
 GenRequest parse_request(Endpoint endpoint, std::string_view text) {
   json body;
   try {
@@ -283,8 +285,7 @@ GenRequest parse_request(Endpoint endpoint, std::string_view text) {
   if (auto m = get_number(body, "min_p", 0.0, 1.0, "in [0, 1]")) r.sampling.min_p = float(*m);
   if (auto s = get_int(body, "seed", 0, std::numeric_limits<int64_t>::max(), "a non-negative integer"))
     r.sampling.seed = static_cast<uint64_t>(*s);
-  if (auto n = get_int(body, "n", 1, kIntMax, "1"); n && *n != 1)
-    bad("n", "'n' must be 1 (several choices per request are not supported), got " + std::to_string(*n));
+  if (auto n = get_int(body, "n", 1, kMaxChoices, "an integer in [1, 64]")) r.n = static_cast<int>(*n);
   for (const char* pen : {"frequency_penalty", "presence_penalty"}) {
     auto v = get_number(body, pen, -2.0, 2.0, "in [-2, 2]");
     if (v && *v != 0.0) bad(pen, std::string("'") + pen + "' is not supported (only 0)");

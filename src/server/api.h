@@ -44,6 +44,7 @@ struct GenRequest {
   std::vector<int32_t> prompt_ids;    // completion, token form (prompt: [ids])
   std::optional<int> max_tokens;      // max_tokens / max_completion_tokens
   SamplingParams sampling;
+  int n = 1;                          // choices; with a seed, choice i samples with seed + i
   std::vector<std::string> stop;
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;

@@ -1,5 +1,6 @@
 #include "server/server.h"
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
@@ -33,14 +34,20 @@ extern "C" void on_stop_signal(int sig) {
 
 constexpr auto kPoll = std::chrono::milliseconds(50);
 
-// Scheduler thread -> HTTP thread: the output of one request, consumed as it grows.
+// The output of one choice not yet taken by the HTTP thread.
+struct Slot {
+  std::string reasoning, content;
+  std::vector<ToolCall> calls;  // parsed tool calls
+  bool finished = false;
+  FinishInfo info;
+  bool has_news() const { return finished || !reasoning.empty() || !content.empty() || !calls.empty(); }
+};
+
+// Scheduler thread -> HTTP thread: the outputs of a request's n choices, consumed as they grow.
 struct Channel {
   std::mutex mu;
   std::condition_variable cv;
-  std::string reasoning, content;  // not yet taken by the HTTP thread
-  std::vector<ToolCall> calls;     // parsed tool calls not yet taken
-  bool finished = false;
-  FinishInfo info;
+  std::vector<Slot> slots;  // guarded by mu
 };
 
 // Scheduler thread only: token ids -> text -> stop strings -> reasoning split -> channel.
@@ -49,8 +56,9 @@ struct OutputState {
   StopMatcher stops;
   std::optional<ReasoningSplitter> splitter;
   std::optional<ToolCallParser> tools;  // chat with tools: <tool_call> blocks become calls
-  OutputState(const Tokenizer& tok, std::vector<std::string> stop_strings, bool split)
-      : decoder(tok, /*skip_special=*/true), stops(std::move(stop_strings)) {
+  size_t index;                         // the choice
+  OutputState(const Tokenizer& tok, std::vector<std::string> stop_strings, bool split, size_t choice)
+      : decoder(tok, /*skip_special=*/true), stops(std::move(stop_strings)), index(choice) {
     if (split) splitter.emplace();
   }
   void deliver(Channel& ch, const std::string& text) {
@@ -65,9 +73,10 @@ struct OutputState {
     else t.content = s.content;
     if (s.reasoning.empty() && t.content.empty() && t.calls.empty()) return;
     std::lock_guard lk(ch.mu);
-    ch.reasoning += s.reasoning;
-    ch.content += t.content;
-    for (ToolCall& c : t.calls) ch.calls.push_back(std::move(c));
+    Slot& slot = ch.slots[index];
+    slot.reasoning += s.reasoning;
+    slot.content += t.content;
+    for (ToolCall& c : t.calls) slot.calls.push_back(std::move(c));
     ch.cv.notify_all();
   }
   void finish(Channel& ch, const FinishInfo& info) {
@@ -79,13 +88,13 @@ struct OutputState {
       if (tools) {
         ToolCallParser::Out t = tools->flush();
         std::lock_guard lk(ch.mu);
-        ch.content += t.content;
-        for (ToolCall& c : t.calls) ch.calls.push_back(std::move(c));
+        ch.slots[index].content += t.content;
+        for (ToolCall& c : t.calls) ch.slots[index].calls.push_back(std::move(c));
       }
     }
     std::lock_guard lk(ch.mu);
-    ch.finished = true;
-    ch.info = info;
+    ch.slots[index].finished = true;
+    ch.slots[index].info = info;
     ch.cv.notify_all();
   }
 };
@@ -234,30 +243,37 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
                    g.max_tokens ? "max_tokens" : (ep == Endpoint::Chat ? "messages" : "prompt"),
                    "context_length_exceeded");
 
+  // n choices: n scheduler requests of the same prompt, each with its own output state.
+  const size_t n = static_cast<size_t>(g.n);
   auto ch = std::make_shared<Channel>();
-  auto out = std::make_shared<OutputState>(tok_, g.stop,
-                                           ep == Endpoint::Chat && g.enable_thinking && g.separate_reasoning);
-  if (ep == Endpoint::Chat && g.tool_choice.kind != ToolChoice::Kind::None) {
-    out->tools.emplace();
-    out->tools->push(forced_tool_prefix(g.tool_choice));  // the call the prompt already opened
-  }
-  auto r = std::make_shared<SchedRequest>();
-  r->prompt = std::move(prompt);
-  r->max_tokens = max_tokens;
-  r->sampling = g.sampling;
-  r->stop_ids = g.stop_token_ids;
-  if (!g.ignore_eos) r->stop_ids.insert(r->stop_ids.end(), cfg_.eos_token_ids.begin(), cfg_.eos_token_ids.end());
+  ch->slots.resize(n);
+  std::vector<std::shared_ptr<SchedRequest>> reqs;
   const int32_t n_text_ids = tok_.vocab_size();
-  auto fixed = fixed_output_.empty() ? nullptr : std::make_shared<size_t>(0);
-  r->on_token = [ch, out, n_text_ids, fixed, this](int32_t id) {
-    if (fixed) id = fixed_output_[(*fixed)++];  // test hook: the model "says" the fixed text
-    // The model's vocabulary is padded beyond the tokenizer's: such ids have no text.
-    if (id >= n_text_ids) return true;
-    std::string safe = out->stops.push(out->decoder.push(id));
-    out->deliver(*ch, safe);
-    return !out->stops.stopped() && !(fixed && *fixed == fixed_output_.size());
-  };
-  r->on_finish = [ch, out](const FinishInfo& info) { out->finish(*ch, info); };
+  for (size_t i = 0; i < n; ++i) {
+    auto out = std::make_shared<OutputState>(tok_, g.stop, ep == Endpoint::Chat && g.enable_thinking && g.separate_reasoning, i);
+    if (ep == Endpoint::Chat && g.tool_choice.kind != ToolChoice::Kind::None) {
+      out->tools.emplace();
+      out->tools->push(forced_tool_prefix(g.tool_choice));  // the call the prompt already opened
+    }
+    auto r = std::make_shared<SchedRequest>();
+    r->prompt = prompt;
+    r->max_tokens = max_tokens;
+    r->sampling = g.sampling;
+    if (g.sampling.seed) r->sampling.seed = *g.sampling.seed + i;  // distinct, reproducible choices
+    r->stop_ids = g.stop_token_ids;
+    if (!g.ignore_eos) r->stop_ids.insert(r->stop_ids.end(), cfg_.eos_token_ids.begin(), cfg_.eos_token_ids.end());
+    auto fixed = fixed_output_.empty() ? nullptr : std::make_shared<size_t>(0);
+    r->on_token = [ch, out, n_text_ids, fixed, this](int32_t id) {
+      if (fixed) id = fixed_output_[(*fixed)++];  // test hook: the model "says" the fixed text
+      // The model's vocabulary is padded beyond the tokenizer's: such ids have no text.
+      if (id >= n_text_ids) return true;
+      std::string safe = out->stops.push(out->decoder.push(id));
+      out->deliver(*ch, safe);
+      return !out->stops.stopped() && !(fixed && *fixed == fixed_output_.size());
+    };
+    r->on_finish = [ch, out](const FinishInfo& info) { out->finish(*ch, info); };
+    reqs.push_back(std::move(r));
+  }
   {
     std::lock_guard lk(mu_);
     if (!sched_ || g_stop.load())
@@ -266,7 +282,7 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
                      "", "", "server_error");
     if (std::string why = sched_->never_fits(n_prompt, max_tokens); !why.empty())
       throw ApiError(400, why, "max_tokens", "context_length_exceeded");
-    if (sched_->n_waiting() >= so_.max_queued_requests) {
+    if (sched_->n_waiting() + static_cast<int>(n) > so_.max_queued_requests) {
       ApiError busy(429,
                     "the server is busy: " + std::to_string(sched_->n_waiting()) +
                         " requests are already waiting (--max-queued-requests " +
@@ -275,101 +291,139 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
       busy.retry_after_s = 1;
       throw busy;
     }
-    sched_->submit(r);
+    for (auto& r : reqs) sched_->submit(r);
   }
 
   const std::string id = new_id(ep == Endpoint::Chat ? "chatcmpl" : "cmpl");
   const int64_t created = static_cast<int64_t>(std::time(nullptr));
-  auto cancel = [this, r] {
-    r->cancelled.store(true);
+  auto cancel = [this, reqs] {
+    for (auto& r : reqs) r->cancelled.store(true);
     std::lock_guard lk(mu_);
     if (sched_) sched_->notify();
   };
-  auto usage_of = [](const FinishInfo& f) { return Usage{f.prompt_tokens, f.completion_tokens}; };
+  // Usage over all choices: the prompt once (as OpenAI counts it), every choice's output.
+  auto usage_of = [&](const std::vector<Slot>& slots) {
+    Usage u{slots[0].info.prompt_tokens, 0};
+    for (const Slot& s : slots) u.completion_tokens += s.info.completion_tokens;
+    return u;
+  };
+  auto finish_reason = [](const FinishInfo& info, bool called) {
+    return called && info.reason == "stop" ? std::string("tool_calls") : info.reason;
+  };
+  auto with_index = [](json j, size_t i) {
+    j["choices"][0]["index"] = i;
+    return j;
+  };
 
   if (!g.stream) {
     ActiveGuard guard(active_);
     std::unique_lock lk(ch->mu);
-    while (!ch->cv.wait_for(lk, kPoll, [&] { return ch->finished; })) {
+    auto all_done = [&] {
+      return std::all_of(ch->slots.begin(), ch->slots.end(), [](const Slot& s) { return s.finished; });
+    };
+    while (!ch->cv.wait_for(lk, kPoll, all_done)) {
       if (res.peer_closed()) {
         lk.unlock();
         cancel();
         return;  // nobody reads an answer: the connection closes
       }
     }
-    if (ch->info.reason == "error")
-      throw ApiError(500, "the engine failed: " + ch->info.error, "", "", "server_error");
-    if (ep == Endpoint::Chat) {
-      std::string content = ch->content;
-      json calls = nullptr;
-      if (!ch->calls.empty()) {
-        calls = tool_calls_json(ch->calls, call_ids(ch->calls.size()), 0, /*with_index=*/false);
-        content = trimmed(content);
+    for (const Slot& s : ch->slots)
+      if (s.info.reason == "error") throw ApiError(500, "the engine failed: " + s.info.error, "", "", "server_error");
+    json resp;
+    for (size_t i = 0; i < n; ++i) {
+      const Slot& s = ch->slots[i];
+      json one;
+      if (ep == Endpoint::Chat) {
+        const json calls = s.calls.empty() ? json(nullptr)
+                                           : tool_calls_json(s.calls, call_ids(s.calls.size()), 0, /*with_index=*/false);
+        one = chat_response(id, created, name_, s.calls.empty() ? s.content : trimmed(s.content), s.reasoning,
+                            finish_reason(s.info, !s.calls.empty()), Usage{}, calls);
+      } else {
+        one = completion_response(id, created, name_, s.content, s.info.reason, Usage{});
       }
-      const std::string reason = !ch->calls.empty() && ch->info.reason == "stop" ? "tool_calls" : ch->info.reason;
-      send_json(res, 200, chat_response(id, created, name_, content, ch->reasoning, reason, usage_of(ch->info), calls));
-    } else {
-      send_json(res, 200, completion_response(id, created, name_, ch->content, ch->info.reason, usage_of(ch->info)));
+      if (i == 0) resp = std::move(one);
+      else resp["choices"].push_back(with_index(std::move(one), i)["choices"][0]);
     }
-    return;
+    resp["usage"] = usage_json(usage_of(ch->slots));
+    return send_json(res, 200, resp);
   }
 
-  // Streaming, on this connection's thread.
+  // Streaming, on this connection's thread: each choice's pieces as they come, tagged with its index.
   ActiveGuard guard(active_);
   if (!res.begin_stream(200, "text/event-stream", {{"Cache-Control", "no-cache"}})) return cancel();
-  bool first = true;
-  int n_calls = 0;
-  for (;;) {
-    std::string buf;
-    if (first && ep == Endpoint::Chat)
-      buf += sse_event(chat_chunk(id, created, name_, {{"role", "assistant"}, {"content", ""}}, ""));
-    first = false;
-    std::string reasoning, content;
-    std::vector<ToolCall> calls;
-    bool finished = false;
-    FinishInfo info;
+  std::string buf;
+  if (ep == Endpoint::Chat)
+    for (size_t i = 0; i < n; ++i)
+      buf += sse_event(with_index(chat_chunk(id, created, name_, {{"role", "assistant"}, {"content", ""}}, ""), i));
+  std::vector<int> n_calls(n, 0);
+  std::vector<bool> done(n, false);
+  size_t n_done = 0;
+  std::vector<Slot> all(n);  // for the usage at the end
+  while (n_done < n) {
+    std::vector<Slot> news(n);
     {
       std::unique_lock lk(ch->mu);
-      while (!ch->cv.wait_for(lk, kPoll, [&] {
-        return ch->finished || !ch->content.empty() || !ch->reasoning.empty() || !ch->calls.empty();
-      })) {
+      auto any_news = [&] {
+        for (const Slot& s : ch->slots)
+          if (s.has_news()) return true;
+        return false;
+      };
+      while (!ch->cv.wait_for(lk, kPoll, any_news)) {
         if (!buf.empty()) break;
         if (res.peer_closed()) {
           lk.unlock();
           return cancel();
         }
       }
-      reasoning.swap(ch->reasoning);
-      content.swap(ch->content);
-      calls.swap(ch->calls);
-      finished = ch->finished;
-      info = ch->info;
-    }
-    if (ep == Endpoint::Chat) {
-      if (!reasoning.empty()) buf += sse_event(chat_chunk(id, created, name_, {{"reasoning_content", reasoning}}, ""));
-      if (!content.empty()) buf += sse_event(chat_chunk(id, created, name_, {{"content", content}}, ""));
-      if (!calls.empty()) {
-        json delta = {{"tool_calls", tool_calls_json(calls, call_ids(calls.size()), n_calls, /*with_index=*/true)}};
-        buf += sse_event(chat_chunk(id, created, name_, delta, ""));
-        n_calls += static_cast<int>(calls.size());
+      for (size_t i = 0; i < n; ++i) {
+        Slot& s = ch->slots[i];
+        if (done[i]) continue;
+        news[i].reasoning.swap(s.reasoning);
+        news[i].content.swap(s.content);
+        news[i].calls.swap(s.calls);
+        news[i].finished = s.finished;
+        news[i].info = s.info;
       }
-    } else if (!content.empty()) {
-      buf += sse_event(completion_chunk(id, created, name_, content, ""));
     }
-    if (finished) {
-      if (info.reason == "error") {
-        buf += sse_event(error_json(ApiError(500, "the engine failed: " + info.error, "", "", "server_error")));
-      } else if (info.reason != "abort") {
-        const std::string reason = n_calls > 0 && info.reason == "stop" ? "tool_calls" : info.reason;
-        if (ep == Endpoint::Chat) buf += sse_event(chat_chunk(id, created, name_, json::object(), reason));
-        else buf += sse_event(completion_chunk(id, created, name_, "", info.reason));
-        if (g.include_usage) buf += sse_event(usage_chunk(ep, id, created, name_, usage_of(info)));
+    for (size_t i = 0; i < n; ++i) {
+      const Slot& s = news[i];
+      if (ep == Endpoint::Chat) {
+        if (!s.reasoning.empty())
+          buf += sse_event(with_index(chat_chunk(id, created, name_, {{"reasoning_content", s.reasoning}}, ""), i));
+        if (!s.content.empty()) buf += sse_event(with_index(chat_chunk(id, created, name_, {{"content", s.content}}, ""), i));
+        if (!s.calls.empty()) {
+          json delta = {{"tool_calls", tool_calls_json(s.calls, call_ids(s.calls.size()), n_calls[i], /*with_index=*/true)}};
+          buf += sse_event(with_index(chat_chunk(id, created, name_, delta, ""), i));
+          n_calls[i] += static_cast<int>(s.calls.size());
+        }
+      } else if (!s.content.empty()) {
+        buf += sse_event(with_index(completion_chunk(id, created, name_, s.content, ""), i));
       }
+      if (!s.finished || done[i]) continue;
+      done[i] = true;
+      ++n_done;
+      all[i].info = s.info;
+      if (s.info.reason == "error") {
+        buf += sse_event(error_json(ApiError(500, "the engine failed: " + s.info.error, "", "", "server_error")));
+        n_done = n;  // the stream ends here
+        break;
+      }
+      if (s.info.reason == "abort") continue;
+      const std::string reason = finish_reason(s.info, n_calls[i] > 0);
+      buf += sse_event(with_index(ep == Endpoint::Chat ? chat_chunk(id, created, name_, json::object(), reason)
+                                                       : completion_chunk(id, created, name_, "", reason),
+                                  i));
+    }
+    if (n_done == n) {
+      if (g.include_usage && all[0].info.reason != "error") buf += sse_event(usage_chunk(ep, id, created, name_, usage_of(all)));
       buf += kSseDone;
     }
     if (!buf.empty() && !res.write(buf)) return cancel();
-    if (finished) return res.end_stream();
+    buf.clear();
   }
+  if (std::any_of(all.begin(), all.end(), [](const Slot& s) { return s.info.reason == "error"; })) cancel();
+  res.end_stream();
 }
 
 void App::handle_health(HttpResponder& res) {

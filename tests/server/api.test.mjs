@@ -96,6 +96,33 @@ describe('endpoints', () => {
               a.choices[0].message.content !== other.choices[0].message.content, 'sampling ignores the seed');
   });
 
+  it('n choices: choice i is the single request with seed + i; streamed by index; usage sums them', async () => {
+    const params = { model: MODEL, messages: chatMsgs, max_tokens: 10, temperature: 1.0, seed: 77, ignore_eos: true };
+    const many = await client.chat.completions.create({ ...params, n: 3 });
+    assert.deepEqual(many.choices.map((c) => c.index), [0, 1, 2]);
+    for (let i = 0; i < 3; i++) {
+      const one = await client.chat.completions.create({ ...params, seed: 77 + i });
+      assert.equal(many.choices[i].message.content, one.choices[0].message.content, `choice ${i}`);
+      if (i === 0) assert.equal(many.usage.prompt_tokens, one.usage.prompt_tokens);
+    }
+    assert.equal(many.usage.completion_tokens, 30);
+    assert.ok(new Set(many.choices.map((c) => c.message.content)).size > 1, 'the choices are all the same');
+    const texts = ['', '', ''];
+    const finishes = [];
+    for await (const chunk of await client.chat.completions.create({ ...params, n: 3, stream: true })) {
+      for (const c of chunk.choices) {
+        texts[c.index] += c.delta.content ?? '';
+        if (c.finish_reason) finishes[c.index] = c.finish_reason;
+      }
+    }
+    assert.deepEqual(texts, many.choices.map((c) => c.message.content));
+    assert.deepEqual(finishes, ['length', 'length', 'length']);
+    const comp = await client.completions.create({ model: MODEL, prompt: 'Once', max_tokens: 5, n: 2, seed: 5,
+                                                   temperature: 1, ignore_eos: true });
+    assert.deepEqual(comp.choices.map((c) => c.index), [0, 1]);
+    assert.equal(comp.usage.completion_tokens, 10);
+  });
+
   it('stop strings end the output before the match (string and list)', async () => {
     const params = { model: MODEL, prompt: 'Once upon a time', max_tokens: 24, temperature: 0, ignore_eos: true };
     const full = (await client.completions.create(params)).choices[0].text;
@@ -158,7 +185,7 @@ describe('bad input', () => {
     ['/v1/chat/completions', { messages: msgs, seed: 'abc' }, 400, 'seed'],
     ['/v1/chat/completions', { messages: msgs, stop: 3 }, 400, 'stop'],
     ['/v1/chat/completions', { messages: msgs, stop: ['a', null] }, 400, 'stop'],
-    ['/v1/chat/completions', { messages: msgs, n: 3 }, 400, 'n'],
+    ['/v1/chat/completions', { messages: msgs, n: 65 }, 400, 'n'],
     ['/v1/chat/completions', { messages: msgs, stream: 'true' }, 400, 'stream'],
     ['/v1/chat/completions', { messages: msgs, stream_options: { include_usage: true } }, 400, 'stream_options'],
     ['/v1/chat/completions', { messages: msgs, chat_template_kwargs: 'x' }, 400, 'chat_template_kwargs'],
