@@ -292,7 +292,14 @@ GenRequest parse_request(Endpoint endpoint, std::string_view text) {
   }
   if (auto v = get_number(body, "repetition_penalty", 0.0, 2.0, "in (0, 2]"); v && *v != 1.0)
     bad("repetition_penalty", "'repetition_penalty' is not supported (only 1)");
-  if (get_bool(body, "logprobs", false)) bad("logprobs", "'logprobs' is not supported");
+  if (endpoint == Endpoint::Chat) {
+    const bool lp = get_bool(body, "logprobs", false);
+    auto top = get_int(body, "top_logprobs", 0, 20, "an integer in [0, 20]");
+    if (top && !lp) bad("top_logprobs", "'top_logprobs' needs 'logprobs': true");
+    if (lp) r.logprobs = top ? static_cast<int>(*top) : 0;
+  } else if (auto lp = get_int(body, "logprobs", 0, 20, "an integer in [0, 20]")) {
+    r.logprobs = static_cast<int>(*lp);
+  }
   if (endpoint == Endpoint::Completion && get_bool(body, "echo", false)) bad("echo", "'echo' is not supported");
   if (const json* v = field(body, "logit_bias"); v && !(v->is_object() && v->empty()))
     bad("logit_bias", "'logit_bias' is not supported");
@@ -415,6 +422,59 @@ json usage_chunk(Endpoint endpoint, const std::string& id, int64_t created, cons
           {"model", model},
           {"choices", json::array()},
           {"usage", usage_json(usage)}};
+}
+
+namespace {
+// A token's text for logprobs: its bytes when they are UTF-8, else "bytes:\xNN..." (vLLM's form).
+std::string token_text(const std::string& b) {
+  bool valid = true;
+  for (size_t i = 0; i < b.size() && valid;) {
+    const unsigned char c = static_cast<unsigned char>(b[i]);
+    const size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (n == 0 || i + n > b.size()) valid = false;
+    for (size_t k = 1; k < n && valid; ++k) valid = (static_cast<unsigned char>(b[i + k]) >> 6) == 2;
+    i += n ? n : 1;
+  }
+  if (valid) return b;
+  std::string out = "bytes:";
+  char buf[8];
+  for (unsigned char c : b) {
+    std::snprintf(buf, sizeof(buf), "\\x%02x", c);
+    out += buf;
+  }
+  return out;
+}
+json bytes_of(const std::string& b) {
+  json a = json::array();
+  for (unsigned char c : b) a.push_back(int(c));
+  return a;
+}
+}  // namespace
+
+json chat_logprobs_json(const std::vector<LogprobEntry>& entries) {
+  json content = json::array();
+  for (const LogprobEntry& e : entries) {
+    json top = json::array();
+    for (const auto& [t, lp] : e.top) top.push_back({{"token", token_text(t)}, {"logprob", lp}, {"bytes", bytes_of(t)}});
+    content.push_back(
+        {{"token", token_text(e.token)}, {"logprob", e.logprob}, {"bytes", bytes_of(e.token)}, {"top_logprobs", top}});
+  }
+  return {{"content", content}};
+}
+
+json completion_logprobs_json(const std::vector<LogprobEntry>& entries, size_t text_offset0) {
+  json tokens = json::array(), lps = json::array(), tops = json::array(), offsets = json::array();
+  size_t offset = text_offset0;
+  for (const LogprobEntry& e : entries) {
+    tokens.push_back(token_text(e.token));
+    lps.push_back(e.logprob);
+    json top = json::object();
+    for (const auto& [t, lp] : e.top) top[token_text(t)] = lp;
+    tops.push_back(top);
+    offsets.push_back(offset);
+    offset += e.token.size();
+  }
+  return {{"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offsets}};
 }
 
 std::string sse_event(const json& j) {

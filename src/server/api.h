@@ -45,6 +45,7 @@ struct GenRequest {
   std::optional<int> max_tokens;      // max_tokens / max_completion_tokens
   SamplingParams sampling;
   int n = 1;                          // choices; with a seed, choice i samples with seed + i
+  int logprobs = -1;                  // >= 0: return logprobs with this many alternatives per token
   std::vector<std::string> stop;
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;
@@ -86,6 +87,18 @@ nlohmann::json completion_chunk(const std::string& id, int64_t created, const st
 // The final usage-only chunk (stream_options.include_usage): choices is empty.
 nlohmann::json usage_chunk(Endpoint endpoint, const std::string& id, int64_t created, const std::string& model,
                            const Usage& usage);
+
+// One generated token's log-probability and its alternatives, as text (raw token bytes).
+struct LogprobEntry {
+  std::string token;
+  float logprob = 0;
+  std::vector<std::pair<std::string, float>> top;
+};
+// Chat: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}...]}.
+nlohmann::json chat_logprobs_json(const std::vector<LogprobEntry>& entries);
+// Completions: {"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"};
+// offsets count from text_offset0 (the output bytes before these tokens).
+nlohmann::json completion_logprobs_json(const std::vector<LogprobEntry>& entries, size_t text_offset0);
 
 // Server-sent events framing: "data: <json>\n\n"; the stream ends with "data: [DONE]\n\n".
 std::string sse_event(const nlohmann::json& j);

@@ -38,6 +38,7 @@ constexpr auto kPoll = std::chrono::milliseconds(50);
 struct Slot {
   std::string reasoning, content;
   std::vector<ToolCall> calls;  // parsed tool calls
+  std::vector<LogprobEntry> lps;  // logprobs of tokens generated since the last take
   bool finished = false;
   FinishInfo info;
   bool has_news() const { return finished || !reasoning.empty() || !content.empty() || !calls.empty(); }
@@ -163,6 +164,7 @@ class App {
   std::vector<int32_t> tokenize(const GenRequest& g);
   std::string new_id(const char* prefix);
   std::vector<std::string> call_ids(size_t n);
+  std::string tok_text(int32_t id) const;  // a token's raw bytes ("" beyond the tokenizer)
   void reject(HttpResponder& res, const ApiError& e) {
     if (e.status >= 400 && e.status < 500) metrics_.count_rejected();
     send_error(res, e);
@@ -195,6 +197,10 @@ std::string App::new_id(const char* prefix) {
   char buf[40];
   std::snprintf(buf, sizeof(buf), "%s-%016llx", prefix, static_cast<unsigned long long>(rng_()));
   return buf;
+}
+
+std::string App::tok_text(int32_t id) const {
+  return id >= 0 && id < tok_.vocab_size() ? tok_.token_bytes(id) : std::string();
 }
 
 std::vector<std::string> App::call_ids(size_t n) {
@@ -272,6 +278,14 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
       return !out->stops.stopped() && !(fixed && *fixed == fixed_output_.size());
     };
     r->on_finish = [ch, out](const FinishInfo& info) { out->finish(*ch, info); };
+    r->logprobs = g.logprobs;
+    if (g.logprobs >= 0)
+      r->on_logprob = [ch, i, this](const TokenLogprob& t) {
+        LogprobEntry e{tok_text(t.token), t.logprob, {}};
+        for (const auto& [id, lp] : t.top) e.top.push_back({tok_text(id), lp});
+        std::lock_guard lk(ch->mu);
+        ch->slots[i].lps.push_back(std::move(e));
+      };
     reqs.push_back(std::move(r));
   }
   {
@@ -339,8 +353,10 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
                                            : tool_calls_json(s.calls, call_ids(s.calls.size()), 0, /*with_index=*/false);
         one = chat_response(id, created, name_, s.calls.empty() ? s.content : trimmed(s.content), s.reasoning,
                             finish_reason(s.info, !s.calls.empty()), Usage{}, calls);
+        if (g.logprobs >= 0) one["choices"][0]["logprobs"] = chat_logprobs_json(s.lps);
       } else {
         one = completion_response(id, created, name_, s.content, s.info.reason, Usage{});
+        if (g.logprobs >= 0) one["choices"][0]["logprobs"] = completion_logprobs_json(s.lps, 0);
       }
       if (i == 0) resp = std::move(one);
       else resp["choices"].push_back(with_index(std::move(one), i)["choices"][0]);
@@ -358,6 +374,16 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
       buf += sse_event(with_index(chat_chunk(id, created, name_, {{"role", "assistant"}, {"content", ""}}, ""), i));
   std::vector<int> n_calls(n, 0);
   std::vector<bool> done(n, false);
+  std::vector<std::vector<LogprobEntry>> carry(n);  // logprobs waiting for the choice's next chunk
+  std::vector<size_t> text_offset(n, 0);
+  auto with_lp = [&](json chunk, size_t i) {
+    if (g.logprobs < 0 || carry[i].empty()) return chunk;
+    json lp = ep == Endpoint::Chat ? chat_logprobs_json(carry[i]) : completion_logprobs_json(carry[i], text_offset[i]);
+    for (const LogprobEntry& e : carry[i]) text_offset[i] += e.token.size();
+    carry[i].clear();
+    chunk["choices"][0]["logprobs"] = std::move(lp);
+    return chunk;
+  };
   size_t n_done = 0;
   std::vector<Slot> all(n);  // for the usage at the end
   while (n_done < n) {
@@ -382,23 +408,26 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
         news[i].reasoning.swap(s.reasoning);
         news[i].content.swap(s.content);
         news[i].calls.swap(s.calls);
+        news[i].lps.swap(s.lps);
         news[i].finished = s.finished;
         news[i].info = s.info;
       }
     }
     for (size_t i = 0; i < n; ++i) {
       const Slot& s = news[i];
+      carry[i].insert(carry[i].end(), s.lps.begin(), s.lps.end());
       if (ep == Endpoint::Chat) {
         if (!s.reasoning.empty())
-          buf += sse_event(with_index(chat_chunk(id, created, name_, {{"reasoning_content", s.reasoning}}, ""), i));
-        if (!s.content.empty()) buf += sse_event(with_index(chat_chunk(id, created, name_, {{"content", s.content}}, ""), i));
+          buf += sse_event(with_lp(with_index(chat_chunk(id, created, name_, {{"reasoning_content", s.reasoning}}, ""), i), i));
+        if (!s.content.empty())
+          buf += sse_event(with_lp(with_index(chat_chunk(id, created, name_, {{"content", s.content}}, ""), i), i));
         if (!s.calls.empty()) {
           json delta = {{"tool_calls", tool_calls_json(s.calls, call_ids(s.calls.size()), n_calls[i], /*with_index=*/true)}};
           buf += sse_event(with_index(chat_chunk(id, created, name_, delta, ""), i));
           n_calls[i] += static_cast<int>(s.calls.size());
         }
       } else if (!s.content.empty()) {
-        buf += sse_event(with_index(completion_chunk(id, created, name_, s.content, ""), i));
+        buf += sse_event(with_lp(with_index(completion_chunk(id, created, name_, s.content, ""), i), i));
       }
       if (!s.finished || done[i]) continue;
       done[i] = true;
@@ -411,9 +440,10 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
       }
       if (s.info.reason == "abort") continue;
       const std::string reason = finish_reason(s.info, n_calls[i] > 0);
-      buf += sse_event(with_index(ep == Endpoint::Chat ? chat_chunk(id, created, name_, json::object(), reason)
-                                                       : completion_chunk(id, created, name_, "", reason),
-                                  i));
+      buf += sse_event(with_lp(with_index(ep == Endpoint::Chat ? chat_chunk(id, created, name_, json::object(), reason)
+                                                               : completion_chunk(id, created, name_, "", reason),
+                                          i),
+                               i));
     }
     if (n_done == n) {
       if (g.include_usage && all[0].info.reason != "error") buf += sse_event(usage_chunk(ep, id, created, name_, usage_of(all)));

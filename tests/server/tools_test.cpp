@@ -136,3 +136,34 @@ TEST(Tools, RequestParsing) {
 
 }  // namespace
 }  // namespace cpinfer::server
+
+namespace cpinfer::server {
+namespace {
+
+TEST(ApiLogprobs, ChatAndCompletionShapes) {
+  std::vector<LogprobEntry> e = {{"Hi", -0.5f, {{"Hi", -0.5f}, {"Yo", -1.5f}}}, {std::string("\xe4\xb8", 2), -2.0f, {}}};
+  const nlohmann::json chat = chat_logprobs_json(e);
+  ASSERT_EQ(chat["content"].size(), 2u);
+  EXPECT_EQ(chat["content"][0]["token"], "Hi");
+  EXPECT_EQ(chat["content"][0]["bytes"], nlohmann::json::array({72, 105}));
+  EXPECT_EQ(chat["content"][0]["top_logprobs"][1]["token"], "Yo");
+  EXPECT_EQ(chat["content"][1]["token"], "bytes:\\xe4\\xb8");  // half a character: vLLM's spelling
+  EXPECT_EQ(chat["content"][1]["bytes"], nlohmann::json::array({0xe4, 0xb8}));
+  const nlohmann::json comp = completion_logprobs_json(e, 10);
+  EXPECT_EQ(comp["tokens"][0], "Hi");
+  EXPECT_EQ(comp["text_offset"], nlohmann::json::array({10, 12}));
+  EXPECT_FLOAT_EQ(comp["top_logprobs"][0]["Yo"].get<float>(), -1.5f);
+  EXPECT_EQ(comp["token_logprobs"][1].get<float>(), -2.0f);
+
+  GenRequest chat_req = parse_request(Endpoint::Chat, R"({"messages": [{"role": "user", "content": "x"}],
+                                                           "logprobs": true, "top_logprobs": 4})");
+  EXPECT_EQ(chat_req.logprobs, 4);
+  EXPECT_EQ(parse_request(Endpoint::Completion, R"({"prompt": "x", "logprobs": 2})").logprobs, 2);
+  EXPECT_EQ(parse_request(Endpoint::Completion, R"({"prompt": "x"})").logprobs, -1);
+  EXPECT_THROW(parse_request(Endpoint::Chat, R"({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})"),
+               ApiError);
+  EXPECT_THROW(parse_request(Endpoint::Completion, R"({"prompt": "x", "logprobs": 21})"), ApiError);
+}
+
+}  // namespace
+}  // namespace cpinfer::server
