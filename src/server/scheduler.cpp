@@ -325,7 +325,7 @@ void Scheduler::run(const std::atomic<bool>& stop, std::chrono::milliseconds dra
     if (drain_end && Clock::now() >= *drain_end) {
       if (has_work()) {
         log_warn("shutdown: ending the requests still running after the drain timeout");
-        fail_all("the server is shutting down (the drain timeout passed before this request finished)");
+        fail_all(std::string(kShutdownMessage) + " (the drain timeout passed before this request finished)");
       }
       return;
     }

@@ -64,6 +64,9 @@ struct SchedulerOptions {
   std::chrono::milliseconds idle_ping{1000};
 };
 
+// The error of requests ended by the drain timeout (Scheduler::run).
+inline constexpr const char* kShutdownMessage = "the server is shutting down";
+
 struct FinishInfo {
   std::string reason;  // "stop", "length", "abort" (client went away) or "error"
   std::string error;   // for "error"

@@ -41,6 +41,12 @@ std::string trimmed(const std::string& s) {
   return s.substr(b, s.find_last_not_of(" \t\r\n") - b + 1);
 }
 
+// A request that ended with "error": the engine failed (500), or the drain timeout ended it (503).
+ApiError error_of(const FinishInfo& info) {
+  if (info.error.rfind(kShutdownMessage, 0) == 0) return ApiError(503, info.error, "", "", "server_error");
+  return ApiError(500, "the engine failed: " + info.error, "", "", "server_error");
+}
+
 std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
 void send_json(HttpResponder& res, int status, const json& j, const HttpHeaders& extra = {}) {
@@ -278,7 +284,7 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
       }
     }
     for (const Slot& s : ch->slots)
-      if (s.info.reason == "error") throw ApiError(500, "the engine failed: " + s.info.error, "", "", "server_error");
+      if (s.info.reason == "error") throw error_of(s.info);
     json resp;
     for (size_t i = 0; i < n; ++i) {
       const Slot& s = ch->slots[i];
@@ -369,7 +375,7 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
       ++n_done;
       all[i].info = s.info;
       if (s.info.reason == "error") {
-        buf += sse_event(error_json(ApiError(500, "the engine failed: " + s.info.error, "", "", "server_error")));
+        buf += sse_event(error_json(error_of(s.info)));
         n_done = n;  // the stream ends here
         break;
       }

@@ -95,7 +95,8 @@ describe('shutdown', () => {
     const events = raw.split('\n\n').filter(Boolean);
     assert.equal(events.at(-1), 'data: [DONE]');
     const last = JSON.parse(events.at(-2).slice(6));
-    assert.match(last.error.message, /shutting down/);
+    assert.match(last.error.message, /^the server is shutting down/);
+    assert.equal(last.error.type, 'server_error');
   });
 
   it('a second signal exits at once', async () => {
