@@ -19,6 +19,7 @@ struct ServeFlags {
   EngineFlags ef;
   server::ServerOptions so;
   int log_interval_s = 10;
+  double http_read_timeout_s = 30, http_idle_timeout_s = 60;
 };
 
 // Without --model-path: the demo checkpoint, written once into the user's cache directory.
@@ -49,6 +50,8 @@ int run_serve(ServeFlags& f) {
   }
   f.so.model_path = f.ef.model_path;
   f.so.sched.log_interval_s = f.log_interval_s;
+  f.so.http.read_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.http_read_timeout_s * 1000));
+  f.so.http.idle_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.http_idle_timeout_s * 1000));
   // The KV cache holds the context by default; SGLang sizes it from free memory, which a CPU
   // back-end cannot tell us.
   const int needed = f.so.context_length > 0 ? f.so.context_length : 32768;
@@ -83,7 +86,19 @@ Command add_serve_command(CLI::App& app) {
       ->check(CLI::PositiveNumber)->capture_default_str();
   c->add_option("--log-interval", f->log_interval_s, "Seconds between stats lines (0: none)")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
-  c->add_option("--http-threads", f->so.http_threads, "HTTP connections served at once")
+  c->add_option("--http-threads", f->so.http_threads, "HTTP connections open at once (more are answered 503)")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  c->add_option("--max-queued-requests", f->so.max_queued_requests,
+                "Requests waiting for admission; more are answered 429 with Retry-After")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  c->add_option("--shutdown-timeout", f->so.shutdown_timeout_s,
+                "Seconds SIGTERM/SIGINT lets requests in flight finish; then they end with an error event and the "
+                "server exits 0 (a second signal exits at once)")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  c->add_option("--http-read-timeout", f->http_read_timeout_s,
+                "Seconds a request (line, headers, body) may take to arrive; slower ones are answered 408")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  c->add_option("--http-idle-timeout", f->http_idle_timeout_s, "Seconds a kept-alive connection may sit idle")
       ->check(CLI::PositiveNumber)->capture_default_str();
   return {c, [f] { return run_serve(*f); }};
 }

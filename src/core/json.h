@@ -16,6 +16,12 @@ using JsonParseCallback = std::function<bool(int depth, nlohmann::json::parse_ev
 
 // Parses `text`; throws cpinfer::Error "<label>: not valid JSON (...)" or "<label>: JSON nested
 // deeper than 128 levels". `extra`, when given, sees every parse event as nlohmann's callback does.
+// A NUL byte anywhere in `text` is refused ("<label>: NUL byte at offset N"): nlohmann takes it as
+// the end of the input, so whatever follows would be ignored without a word.
 nlohmann::json parse_json(std::string_view text, const std::string& label, const JsonParseCallback& extra = {});
+
+// parse_json, and a key repeated within one object is refused ("<label>: duplicate key 'k'"):
+// nlohmann keeps the last one silently, so two readers of the same file could disagree.
+nlohmann::json parse_json_unique_keys(std::string_view text, const std::string& label);
 
 }  // namespace cpinfer

@@ -3,12 +3,13 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
+#include <limits>
 #include <numbers>
 
 #include <nlohmann/json.hpp>
 
 #include "core/check.h"
+#include "core/file.h"
 #include "core/json.h"
 
 namespace cpinfer {
@@ -51,7 +52,11 @@ class Fields {
     const json* v = find(key);
     CPI_CHECK(v != nullptr, label_, ": required field '", prefix_, key, "' is missing");
     CPI_CHECK(v->is_number(), label_, ": field '", prefix_, key, "' must be a number, got ", brief(*v));
-    return v->get<double>();
+    const double x = v->get<double>();
+    // The forward pass uses these as float: 1e308 would become inf (rope_theta: RoPE silently off).
+    CPI_CHECK(std::isfinite(x) && std::fabs(x) <= std::numeric_limits<float>::max(), label_, ": field '", prefix_,
+              key, "' = ", brief(*v), " is out of the range of a 32-bit float (|x| <= 3.4e38)");
+    return x;
   }
   double number(const char* key, double def) const { return has(key) ? number(key) : def; }
   std::optional<double> opt_number(const char* key) const {
@@ -98,6 +103,23 @@ class Fields {
   std::string label_;
   std::string prefix_;
 };
+
+constexpr uint64_t kMaxConfigBytes = uint64_t(16) << 20;  // config.json, generation_config.json
+
+// Bounds far above any real model, checked before anything is sized from these fields: a corrupt
+// "num_hidden_layers": 2147483647 must be one clear error, not std::bad_alloc after seconds.
+constexpr int64_t kMaxLayers = 1024;
+constexpr int64_t kMaxWidth = int64_t(1) << 20;        // hidden, intermediate and expert widths
+constexpr int64_t kMaxVocab = int64_t(1) << 24;        // token ids are int32
+constexpr int64_t kMaxHeads = 1024;                    // attention / KV heads
+constexpr int64_t kMaxHeadDim = 4096;
+constexpr int64_t kMaxExperts = 65536;
+constexpr int64_t kMaxPositions = int64_t(1) << 30;    // positions are int32 in the kernels
+
+void check_bound(int64_t v, int64_t max, const std::string& label, const char* key) {
+  CPI_CHECK(v <= max, label, ": ", key, " = ", v, " exceeds cpinfer's limit of ", max,
+            " (a corrupt config.json? no supported model comes near it)");
+}
 
 int to_int(int64_t v, const std::string& label, const char* key) {
   CPI_CHECK(v >= INT32_MIN && v <= INT32_MAX, label, ": field '", key, "' = ", v, " is out of range");
@@ -168,7 +190,7 @@ void parse_rope(const Fields& top, ModelConfig& cfg) {
 }  // namespace
 
 ModelConfig parse_config(const std::string& text, const std::string& label) {
-  json root = parse_json(text, label);
+  json root = parse_json_unique_keys(text, label);
   CPI_CHECK(root.is_object(), label, ": top level must be a JSON object, got ", brief(root));
   Fields f(root, label);
   ModelConfig c;
@@ -212,6 +234,15 @@ ModelConfig parse_config(const std::string& text, const std::string& label) {
   CPI_CHECK(c.rms_norm_eps > 0 && std::isfinite(c.rms_norm_eps), label, ": rms_norm_eps must be positive, got ",
             c.rms_norm_eps);
   CPI_CHECK(c.intermediate_size >= 0, label, ": intermediate_size must be positive, got ", c.intermediate_size);
+  CPI_CHECK(static_cast<float>(c.rms_norm_eps) > 0, label, ": rms_norm_eps ", c.rms_norm_eps,
+            " is 0 as a 32-bit float");
+  check_bound(c.vocab_size, kMaxVocab, label, "vocab_size");
+  check_bound(c.hidden_size, kMaxWidth, label, "hidden_size");
+  check_bound(c.intermediate_size, kMaxWidth, label, "intermediate_size");
+  check_bound(c.num_hidden_layers, kMaxLayers, label, "num_hidden_layers");
+  check_bound(c.num_attention_heads, kMaxHeads, label, "num_attention_heads");
+  check_bound(c.num_key_value_heads, kMaxHeads, label, "num_key_value_heads");
+  check_bound(c.max_position_embeddings, kMaxPositions, label, "max_position_embeddings");
 
   // head_dim comes from the file (Qwen3-30B-A3B: 128, not hidden/heads = 64).
   if (f.has("head_dim")) {
@@ -221,6 +252,7 @@ ModelConfig parse_config(const std::string& text, const std::string& label) {
               c.hidden_size, ") is not a multiple of num_attention_heads (", c.num_attention_heads, ")");
     c.head_dim = static_cast<int>(c.hidden_size / c.num_attention_heads);
   }
+  check_bound(c.head_dim, kMaxHeadDim, label, "head_dim");
   CPI_CHECK(c.head_dim > 0 && c.head_dim % 2 == 0, label, ": head_dim must be positive and even (RoPE pairs), got ",
             c.head_dim);
 
@@ -245,6 +277,8 @@ ModelConfig parse_config(const std::string& text, const std::string& label) {
       }
     }
     CPI_CHECK(c.num_experts > 0, label, ": num_experts must be positive, got ", c.num_experts);
+    check_bound(c.num_experts, kMaxExperts, label, "num_experts");
+    check_bound(c.moe_intermediate_size, kMaxWidth, label, "moe_intermediate_size");
     CPI_CHECK(c.num_experts_per_tok > 0 && c.num_experts_per_tok <= c.num_experts, label, ": num_experts_per_tok (",
               c.num_experts_per_tok, ") must be between 1 and num_experts (", c.num_experts, ")");
     CPI_CHECK(c.moe_intermediate_size > 0, label, ": moe_intermediate_size must be positive, got ",
@@ -278,18 +312,14 @@ ModelConfig load_config(const std::string& dir) {
   std::error_code ec;
   CPI_CHECK(fs::is_directory(dir, ec), "model directory '", dir, "' does not exist or is not a directory");
   const std::string path = (fs::path(dir) / "config.json").string();
-  CPI_CHECK(fs::is_regular_file(path, ec), "missing config.json in ", dir, " (expected ", path, ")");
-  auto read = [](const std::string& p) {
-    std::ifstream in(p, std::ios::binary);
-    CPI_CHECK(in.good(), "cannot open ", p);
-    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  };
+  CPI_CHECK(fs::exists(path, ec), "missing config.json in ", dir, " (expected ", path, ")");
+  auto read = [](const std::string& p) { return read_regular_file(p, kMaxConfigBytes); };
   ModelConfig c = parse_config(read(path), path);
 
   // generation_config.json: its eos ids are what generation stops on; config.json's are kept too.
   const std::string gen_path = (fs::path(dir) / "generation_config.json").string();
-  if (fs::is_regular_file(gen_path, ec)) {
-    json g = parse_json(read(gen_path), gen_path);
+  if (fs::exists(gen_path, ec)) {
+    json g = parse_json_unique_keys(read(gen_path), gen_path);
     CPI_CHECK(g.is_object(), gen_path, ": top level must be a JSON object");
     Fields gf(g, gen_path);
     std::vector<int32_t> eos;

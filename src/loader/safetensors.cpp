@@ -11,11 +11,11 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
-#include <set>
 
 #include <nlohmann/json.hpp>
 
 #include "core/check.h"
+#include "core/file.h"
 #include "core/json.h"
 
 namespace cpinfer {
@@ -49,57 +49,18 @@ std::string brief(const json& j) {
   return s;
 }
 
-// Parses `text` as JSON and rejects duplicate keys in any object (nlohmann keeps the last one
-// silently, which would let two different tensors share a name).
-json parse_json_unique(std::string_view text, const std::string& label, const char* what) {
-  std::vector<std::set<std::string>> keys;  // one set per open object
-  std::string duplicate;
-  auto cb = [&](int /*depth*/, json::parse_event_t event, json& parsed) {
-    if (event == json::parse_event_t::object_start) {
-      keys.emplace_back();
-    } else if (event == json::parse_event_t::object_end) {
-      if (!keys.empty()) keys.pop_back();
-    } else if (event == json::parse_event_t::key && !keys.empty() && duplicate.empty()) {
-      const std::string& k = parsed.get_ref<const std::string&>();
-      if (!keys.back().insert(k).second) duplicate = k;
-    }
-    return true;
-  };
-  json j = parse_json(text, label + " " + what, cb);
-  CPI_CHECK(duplicate.empty(), label, ": duplicate key '", duplicate, "' in the ", what);
-  return j;
-}
-
-std::string read_text_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  CPI_CHECK(in.good(), "cannot open ", path, ": ", std::strerror(errno));
-  std::string s((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  CPI_CHECK(!in.bad(), "cannot read ", path);
-  return s;
-}
-
 }  // namespace
 
 // A read-only private mapping of a whole file.
 class MappedFile {
  public:
   explicit MappedFile(const std::string& path) : path_(path) {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    CPI_CHECK(fd >= 0, "cannot open ", path, ": ", std::strerror(errno));
-    struct stat st {};
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-      ::close(fd);
-      CPI_FAIL(path, " is not a regular file");
-    }
-    size_ = static_cast<size_t>(st.st_size);
+    RegularFile f(path);  // refuses FIFOs and devices without blocking on them
+    size_ = static_cast<size_t>(f.size());
     if (size_ > 0) {
-      void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-      int err = errno;
-      ::close(fd);
-      CPI_CHECK(p != MAP_FAILED, "cannot mmap ", path, " (", size_, " bytes): ", std::strerror(err));
+      void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, f.fd(), 0);
+      CPI_CHECK(p != MAP_FAILED, "cannot mmap ", path, " (", size_, " bytes): ", std::strerror(errno));
       data_ = p;
-    } else {
-      ::close(fd);
     }
   }
   ~MappedFile() {
@@ -131,7 +92,7 @@ std::vector<TensorInfo> parse_safetensors(const void* bytes, size_t size, const 
   CPI_CHECK(header_len >= 2 && base[8] == '{', label, ": header does not start with '{'; not a safetensors file");
 
   std::string_view text(reinterpret_cast<const char*>(base + 8), header_len);
-  json header = parse_json_unique(text, label, "header");
+  json header = parse_json_unique_keys(text, label + " header");
   CPI_CHECK(header.is_object(), label, ": header is not a JSON object");
 
   const uint64_t data_len = size - 8 - header_len;
@@ -221,7 +182,8 @@ Checkpoint& Checkpoint::operator=(Checkpoint&&) noexcept = default;
 Checkpoint::~Checkpoint() = default;
 
 Checkpoint Checkpoint::open_file(const std::string& path) {
-  CPI_CHECK(fs::is_regular_file(path), "safetensors file ", path, " does not exist");
+  std::error_code ec;
+  CPI_CHECK(fs::exists(path, ec), "safetensors file ", path, " does not exist");
   Checkpoint ck;
   ck.dir_ = fs::path(path).parent_path().string();
   auto file = std::make_unique<MappedFile>(path);
@@ -259,7 +221,7 @@ Checkpoint Checkpoint::open(const std::string& dir) {
   }
 
   const std::string index_label = index_path.string();
-  json index = parse_json_unique(read_text_file(index_label), index_label, "index");
+  json index = parse_json_unique_keys(read_regular_file(index_label), index_label);
   CPI_CHECK(index.is_object(), index_label, ": not a JSON object");
   auto wm = index.find("weight_map");
   CPI_CHECK(wm != index.end() && wm->is_object(), index_label, ": missing 'weight_map' object");

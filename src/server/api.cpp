@@ -1,5 +1,6 @@
 #include "server/api.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -118,6 +119,79 @@ void parse_messages(const json& body, GenRequest& r) {
   }
 }
 
+using ojson = nlohmann::ordered_json;
+
+// tools, tool_choice and the assistant messages' tool_calls, read from the body parsed with its key
+// order kept (the template writes tools and arguments in the order the client sent them).
+void parse_tools(const ojson& body, GenRequest& r) {
+  auto it = body.find("tools");
+  if (it != body.end() && !it->is_null()) {
+    if (!it->is_array()) bad("tools", "'tools' must be an array of {\"type\": \"function\", \"function\": {...}}");
+    if (it->size() > 256) bad("tools", "at most 256 tools are accepted");
+    for (size_t i = 0; i < it->size(); ++i) {
+      const ojson& t = (*it)[i];
+      const std::string p = "tools[" + std::to_string(i) + "]";
+      if (!t.is_object()) bad(p, "'" + p + "' must be an object");
+      auto type = t.find("type");
+      if (type == t.end() || *type != "function") bad(p + ".type", "'" + p + ".type' must be \"function\"");
+      auto fn = t.find("function");
+      if (fn == t.end() || !fn->is_object()) bad(p + ".function", "'" + p + ".function' must be an object");
+      auto name = fn->find("name");
+      if (name == fn->end() || !name->is_string() || name->get<std::string>().empty())
+        bad(p + ".function.name", "'" + p + ".function.name' must be a non-empty string");
+      r.tool_names.push_back(name->get<std::string>());
+      r.tools.push_back(jinja_tojson(t));
+    }
+  }
+  auto tc = body.find("tool_choice");
+  if (tc != body.end() && !tc->is_null()) {
+    if (tc->is_string()) {
+      const std::string c = tc->get<std::string>();
+      if (c == "auto") r.tool_choice.kind = ToolChoice::Kind::Auto;
+      else if (c == "none") r.tool_choice.kind = ToolChoice::Kind::None;
+      else if (c == "required") r.tool_choice.kind = ToolChoice::Kind::Required;
+      else bad("tool_choice", "'tool_choice' must be \"auto\", \"none\", \"required\" or a named function, got '" + c + "'");
+    } else if (tc->is_object() && tc->contains("function") && (*tc)["function"].is_object() &&
+               (*tc)["function"].contains("name") && (*tc)["function"]["name"].is_string()) {
+      r.tool_choice.kind = ToolChoice::Kind::Named;
+      r.tool_choice.name = (*tc)["function"]["name"].get<std::string>();
+      if (std::find(r.tool_names.begin(), r.tool_names.end(), r.tool_choice.name) == r.tool_names.end())
+        bad("tool_choice", "'tool_choice' names function '" + r.tool_choice.name + "', which is not in 'tools'");
+    } else {
+      bad("tool_choice", "'tool_choice' must be a string or {\"type\": \"function\", \"function\": {\"name\": ...}}");
+    }
+    if (r.tool_choice.kind != ToolChoice::Kind::Auto && r.tool_choice.kind != ToolChoice::Kind::None && r.tools.empty())
+      bad("tool_choice", "'tool_choice' requires 'tools'");
+  }
+  if (r.tools.empty()) r.tool_choice.kind = ToolChoice::Kind::None;
+  if (r.tool_choice.kind == ToolChoice::Kind::None) r.tools.clear();  // left out of the prompt
+
+  auto msgs = body.find("messages");
+  for (size_t i = 0; msgs != body.end() && msgs->is_array() && i < msgs->size(); ++i) {
+    const ojson& m = (*msgs)[i];
+    auto calls = m.find("tool_calls");
+    if (calls == m.end() || calls->is_null()) continue;
+    const std::string p = "messages[" + std::to_string(i) + "].tool_calls";
+    if (r.messages[i].role != "assistant") bad(p, "'" + p + "' is only allowed on assistant messages");
+    if (!calls->is_array()) bad(p, "'" + p + "' must be an array");
+    for (size_t k = 0; k < calls->size(); ++k) {
+      const std::string q = p + "[" + std::to_string(k) + "]";
+      const ojson& c = (*calls)[k];
+      if (!c.is_object()) bad(q, "'" + q + "' must be an object");
+      auto fn = c.find("function");
+      const ojson& f = fn != c.end() && fn->is_object() ? *fn : c;  // as the template: .function if present
+      auto name = f.find("name");
+      auto args = f.find("arguments");
+      if (name == f.end() || !name->is_string()) bad(q + ".function.name", "'" + q + ".function.name' must be a string");
+      ChatToolCall call;
+      call.name = name->get<std::string>();
+      if (args == f.end() || args->is_null()) bad(q + ".function.arguments", "'" + q + ".function.arguments' is required");
+      call.arguments = args->is_string() ? args->get<std::string>() : jinja_tojson(*args);
+      r.messages[i].tool_calls.push_back(std::move(call));
+    }
+  }
+}
+
 void parse_prompt(const json& body, GenRequest& r) {
   const json* p = field(body, "prompt");
   if (!p) bad("prompt", "'prompt' is required");
@@ -166,6 +240,8 @@ void parse_stop(const json& body, GenRequest& r) {
 
 }  // namespace
 
+constexpr int64_t kMaxChoices = 64;
+
 GenRequest parse_request(Endpoint endpoint, std::string_view text) {
   json body;
   try {
@@ -183,6 +259,10 @@ GenRequest parse_request(Endpoint endpoint, std::string_view text) {
   }
   if (endpoint == Endpoint::Chat) {
     parse_messages(body, r);
+    // Key order matters for tools: parse again keeping it (the text already passed parse_json's
+    // checks of depth and NUL bytes).
+    if (body.contains("tools") || body.contains("tool_choice") || text.find("tool_calls") != std::string_view::npos)
+      parse_tools(ojson::parse(text.begin(), text.end()), r);
   } else {
     parse_prompt(body, r);
   }
@@ -205,19 +285,29 @@ GenRequest parse_request(Endpoint endpoint, std::string_view text) {
   if (auto m = get_number(body, "min_p", 0.0, 1.0, "in [0, 1]")) r.sampling.min_p = float(*m);
   if (auto s = get_int(body, "seed", 0, std::numeric_limits<int64_t>::max(), "a non-negative integer"))
     r.sampling.seed = static_cast<uint64_t>(*s);
-  if (auto n = get_int(body, "n", 1, kIntMax, "1"); n && *n != 1)
-    bad("n", "'n' must be 1 (several choices per request are not supported), got " + std::to_string(*n));
+  if (auto n = get_int(body, "n", 1, kMaxChoices, "an integer in [1, 64]")) r.n = static_cast<int>(*n);
   for (const char* pen : {"frequency_penalty", "presence_penalty"}) {
     auto v = get_number(body, pen, -2.0, 2.0, "in [-2, 2]");
     if (v && *v != 0.0) bad(pen, std::string("'") + pen + "' is not supported (only 0)");
   }
   if (auto v = get_number(body, "repetition_penalty", 0.0, 2.0, "in (0, 2]"); v && *v != 1.0)
     bad("repetition_penalty", "'repetition_penalty' is not supported (only 1)");
-  if (get_bool(body, "logprobs", false)) bad("logprobs", "'logprobs' is not supported");
+  if (endpoint == Endpoint::Chat) {
+    const bool lp = get_bool(body, "logprobs", false);
+    auto top = get_int(body, "top_logprobs", 0, 20, "an integer in [0, 20]");
+    if (top && !lp) bad("top_logprobs", "'top_logprobs' needs 'logprobs': true");
+    if (lp) r.logprobs = top ? static_cast<int>(*top) : 0;
+  } else if (auto lp = get_int(body, "logprobs", 0, 20, "an integer in [0, 20]")) {
+    r.logprobs = static_cast<int>(*lp);
+  }
   if (endpoint == Endpoint::Completion && get_bool(body, "echo", false)) bad("echo", "'echo' is not supported");
   if (const json* v = field(body, "logit_bias"); v && !(v->is_object() && v->empty()))
     bad("logit_bias", "'logit_bias' is not supported");
-  if (const json* v = field(body, "tools"); v && !(v->is_array() && v->empty())) bad("tools", "'tools' are not supported");
+  if (endpoint == Endpoint::Completion)
+    for (const char* k : {"tools", "tool_choice"})
+      if (const json* v = field(body, k); v && !(v->is_array() && v->empty())) bad(k, std::string("'") + k + "' is only supported by /v1/chat/completions");
+  if (const json* v = field(body, "parallel_tool_calls"); v && !v->is_boolean())
+    bad("parallel_tool_calls", "'parallel_tool_calls' must be a boolean");
   if (const json* v = field(body, "response_format")) {
     const json* t = v->is_object() ? field(*v, "type") : nullptr;
     if (!t || *t != "text") bad("response_format", "'response_format' other than {\"type\": \"text\"} is not supported");
@@ -274,8 +364,13 @@ json usage_json(const Usage& u) {
 static json reason_or_null(const std::string& s) { return s.empty() ? json(nullptr) : json(s); }
 
 json chat_response(const std::string& id, int64_t created, const std::string& model, const std::string& content,
-                   const std::string& reasoning, const std::string& finish_reason, const Usage& usage) {
+                   const std::string& reasoning, const std::string& finish_reason, const Usage& usage,
+                   const json& tool_calls) {
   json msg = {{"role", "assistant"}, {"content", content}, {"reasoning_content", reason_or_null(reasoning)}};
+  if (tool_calls.is_array() && !tool_calls.empty()) {
+    msg["tool_calls"] = tool_calls;
+    if (content.empty()) msg["content"] = nullptr;
+  }
   return {{"id", id},
           {"object", "chat.completion"},
           {"created", created},
@@ -327,6 +422,59 @@ json usage_chunk(Endpoint endpoint, const std::string& id, int64_t created, cons
           {"model", model},
           {"choices", json::array()},
           {"usage", usage_json(usage)}};
+}
+
+namespace {
+// A token's text for logprobs: its bytes when they are UTF-8, else "bytes:\xNN..." (vLLM's form).
+std::string token_text(const std::string& b) {
+  bool valid = true;
+  for (size_t i = 0; i < b.size() && valid;) {
+    const unsigned char c = static_cast<unsigned char>(b[i]);
+    const size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (n == 0 || i + n > b.size()) valid = false;
+    for (size_t k = 1; k < n && valid; ++k) valid = (static_cast<unsigned char>(b[i + k]) >> 6) == 2;
+    i += n ? n : 1;
+  }
+  if (valid) return b;
+  std::string out = "bytes:";
+  char buf[8];
+  for (unsigned char c : b) {
+    std::snprintf(buf, sizeof(buf), "\\x%02x", c);
+    out += buf;
+  }
+  return out;
+}
+json bytes_of(const std::string& b) {
+  json a = json::array();
+  for (unsigned char c : b) a.push_back(int(c));
+  return a;
+}
+}  // namespace
+
+json chat_logprobs_json(const std::vector<LogprobEntry>& entries) {
+  json content = json::array();
+  for (const LogprobEntry& e : entries) {
+    json top = json::array();
+    for (const auto& [t, lp] : e.top) top.push_back({{"token", token_text(t)}, {"logprob", lp}, {"bytes", bytes_of(t)}});
+    content.push_back(
+        {{"token", token_text(e.token)}, {"logprob", e.logprob}, {"bytes", bytes_of(e.token)}, {"top_logprobs", top}});
+  }
+  return {{"content", content}};
+}
+
+json completion_logprobs_json(const std::vector<LogprobEntry>& entries, size_t text_offset0) {
+  json tokens = json::array(), lps = json::array(), tops = json::array(), offsets = json::array();
+  size_t offset = text_offset0;
+  for (const LogprobEntry& e : entries) {
+    tokens.push_back(token_text(e.token));
+    lps.push_back(e.logprob);
+    json top = json::object();
+    for (const auto& [t, lp] : e.top) top[token_text(t)] = lp;
+    tops.push_back(top);
+    offsets.push_back(offset);
+    offset += e.token.size();
+  }
+  return {{"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offsets}};
 }
 
 std::string sse_event(const json& j) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "engine/sampler.h"
+#include "server/tools.h"
 #include "tokenizer/tokenizer.h"
 
 namespace cpinfer::server {
@@ -23,6 +24,7 @@ struct ApiError : std::exception {
   std::string type = "invalid_request_error";
   std::string param;  // empty: null
   std::string code;   // empty: null
+  int retry_after_s = 0;  // > 0: sent as Retry-After (429)
   ApiError(int status_, std::string message_, std::string param_ = {}, std::string code_ = {},
            std::string type_ = "invalid_request_error")
       : status(status_), message(std::move(message_)), type(std::move(type_)), param(std::move(param_)),
@@ -42,6 +44,8 @@ struct GenRequest {
   std::vector<int32_t> prompt_ids;    // completion, token form (prompt: [ids])
   std::optional<int> max_tokens;      // max_tokens / max_completion_tokens
   SamplingParams sampling;
+  int n = 1;                          // choices; with a seed, choice i samples with seed + i
+  int logprobs = -1;                  // >= 0: return logprobs with this many alternatives per token
   std::vector<std::string> stop;
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;
@@ -50,6 +54,9 @@ struct GenRequest {
   bool enable_thinking = true;      // chat_template_kwargs.enable_thinking
   bool separate_reasoning = true;   // chat: <think>..</think> goes to reasoning_content
   std::string user_id;              // the "user" field, echoed nowhere (logged)
+  std::vector<std::string> tools;   // chat: each tool as the template's tojson writes it (order kept)
+  std::vector<std::string> tool_names;
+  ToolChoice tool_choice;           // Auto when absent; None when there are no tools
 };
 
 // Parses and validates a request body. Throws ApiError(400) naming the offending field for
@@ -63,9 +70,11 @@ struct Usage {
 nlohmann::json usage_json(const Usage& u);
 
 // Non-streaming responses. reasoning empty -> reasoning_content: null.
+// tool_calls: an array of OpenAI tool calls, or null.
 nlohmann::json chat_response(const std::string& id, int64_t created, const std::string& model,
                              const std::string& content, const std::string& reasoning,
-                             const std::string& finish_reason, const Usage& usage);
+                             const std::string& finish_reason, const Usage& usage,
+                             const nlohmann::json& tool_calls = nullptr);
 nlohmann::json completion_response(const std::string& id, int64_t created, const std::string& model,
                                    const std::string& text, const std::string& finish_reason, const Usage& usage);
 
@@ -78,6 +87,18 @@ nlohmann::json completion_chunk(const std::string& id, int64_t created, const st
 // The final usage-only chunk (stream_options.include_usage): choices is empty.
 nlohmann::json usage_chunk(Endpoint endpoint, const std::string& id, int64_t created, const std::string& model,
                            const Usage& usage);
+
+// One generated token's log-probability and its alternatives, as text (raw token bytes).
+struct LogprobEntry {
+  std::string token;
+  float logprob = 0;
+  std::vector<std::pair<std::string, float>> top;
+};
+// Chat: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}...]}.
+nlohmann::json chat_logprobs_json(const std::vector<LogprobEntry>& entries);
+// Completions: {"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"};
+// offsets count from text_offset0 (the output bytes before these tokens).
+nlohmann::json completion_logprobs_json(const std::vector<LogprobEntry>& entries, size_t text_offset0);
 
 // Server-sent events framing: "data: <json>\n\n"; the stream ends with "data: [DONE]\n\n".
 std::string sse_event(const nlohmann::json& j);

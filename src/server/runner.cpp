@@ -1,5 +1,11 @@
 #include "server/runner.h"
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "backends/cpu/cpu_backend.h"
 #include "core/log.h"
 
 namespace cpinfer::server {
@@ -40,6 +46,39 @@ void EngineRunner::broadcast_step(int32_t kind, const std::vector<SeqWork>& work
 std::vector<int32_t> EngineRunner::run(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows) {
   if (control_) broadcast_step(kStepRun, work);
   return engine_.run_sample(work, rows);
+}
+
+std::vector<int32_t> EngineRunner::run_logprobs(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows,
+                                                const std::vector<int>& top_n, std::vector<TokenLogprob>& logprobs) {
+  if (control_) broadcast_step(kStepRunLogits, work);
+  const std::vector<std::vector<float>> logits = engine_.run(work);
+  std::vector<int32_t> out(work.size(), -1);
+  logprobs.assign(work.size(), {});
+  for (size_t i = 0; i < work.size(); ++i) {
+    if (work[i].logits != LogitsWanted::Last) continue;
+    const std::vector<float>& l = logits[i];
+    out[i] = sample_reference(l, rows[i]);
+    if (top_n[i] < 0 || out[i] < 0) continue;
+    double mx = -std::numeric_limits<double>::infinity();
+    for (float x : l)
+      if (!std::isnan(x)) mx = std::max(mx, double(x));
+    double sum = 0;
+    for (float x : l)
+      if (!std::isnan(x)) sum += std::exp(double(x) - mx);
+    const double log_z = mx + std::log(sum);
+    auto lp = [&](int32_t id) { return static_cast<float>(double(l[static_cast<size_t>(id)]) - log_z); };
+    TokenLogprob& t = logprobs[i];
+    t.token = out[i];
+    t.logprob = lp(out[i]);
+    std::vector<int32_t> ids(l.size());
+    std::iota(ids.begin(), ids.end(), 0);
+    const size_t k = std::min(ids.size(), static_cast<size_t>(top_n[i]));
+    auto key = [&](int32_t id) { return std::isnan(l[size_t(id)]) ? -std::numeric_limits<float>::infinity() : l[size_t(id)]; };
+    std::partial_sort(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(k), ids.end(),
+                      [&](int32_t a, int32_t b) { return key(a) != key(b) ? key(a) > key(b) : a < b; });
+    for (size_t j = 0; j < k; ++j) t.top.push_back({ids[j], lp(ids[j])});
+  }
+  return out;
 }
 
 void EngineRunner::idle() {
@@ -93,7 +132,8 @@ void follow_steps(Engine& engine, Communicator& control) {
       work.push_back(w);
     }
     // The same forward as rank 0 (the same collectives); the draw is rank 0's alone.
-    if (!work.empty()) engine.run_sample(work, std::vector<SampleRow>(work.size()));
+    if (!work.empty() && kind == kStepRunLogits) engine.run(work);
+    else if (!work.empty()) engine.run_sample(work, std::vector<SampleRow>(work.size()));
     if (kind == kStepShutdown) return;
   }
 }

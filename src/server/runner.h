@@ -23,6 +23,10 @@ class EngineRunner : public ModelRunner {
   void reserve(int seq, int n_tokens) override;
   void free_sequence(int seq) override;
   std::vector<int32_t> run(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows) override;
+  // The logits come to the host (Engine::run) and the token is drawn there with Backend::sample's
+  // reference algorithm (the same draw as the device's, up to float rounding at a boundary).
+  std::vector<int32_t> run_logprobs(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows,
+                                    const std::vector<int>& top_n, std::vector<TokenLogprob>& logprobs) override;
   void idle() override;
   int block_size() const override { return engine_.cache().block_size(); }
   int n_blocks() const override { return engine_.cache().n_blocks(); }
@@ -42,7 +46,7 @@ class EngineRunner : public ModelRunner {
 void follow_steps(Engine& engine, Communicator& control);
 
 // Step messages, exposed for tests: [kind, n_ops, ops..., n_work, (seq, n_cached, logits, n, tokens...)...]
-enum StepKind : int32_t { kStepRun = 1, kStepShutdown = 2 };
+enum StepKind : int32_t { kStepRun = 1, kStepShutdown = 2, kStepRunLogits = 3 };
 enum CacheOp : int32_t { kOpAdd = 1, kOpReserve = 2, kOpFree = 3 };
 
 }  // namespace cpinfer::server

@@ -94,7 +94,12 @@ void Scheduler::drop_cancelled() {
   for (auto& r : gone) finish(r, "abort");
 }
 
-void Scheduler::on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token) {
+std::vector<int32_t> ModelRunner::run_logprobs(const std::vector<SeqWork>&, const std::vector<SampleRow>&,
+                                               const std::vector<int>&, std::vector<TokenLogprob>&) {
+  CPI_FAIL("this engine runner cannot return logprobs");
+}
+
+void Scheduler::on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token, const TokenLogprob* lp) {
   const auto now = Clock::now();
   r->output.push_back(token);
   if (metrics_) {
@@ -105,6 +110,7 @@ void Scheduler::on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token
   r->last_token_time = now;
   const bool is_stop = std::find(r->stop_ids.begin(), r->stop_ids.end(), token) != r->stop_ids.end();
   bool keep = !is_stop;
+  if (keep && lp && r->on_logprob) r->on_logprob(*lp);
   if (keep && r->on_token) {
     // A failing callback ends its own request, not the server.
     try {
@@ -233,9 +239,17 @@ bool Scheduler::step() {
 
   // Tokens are drawn by the runner (on the device), each with its request's sampler parameters.
   std::vector<SampleRow> rows(work.size());
-  for (size_t i = 0; i < work.size(); ++i)
-    if (work[i].logits == LogitsWanted::Last) rows[i] = owners[i]->sampler->next_row();
-  const std::vector<int32_t> drawn = runner_.run(work, rows);
+  std::vector<int> top_n(work.size(), -1);
+  bool want_logprobs = false;
+  for (size_t i = 0; i < work.size(); ++i) {
+    if (work[i].logits != LogitsWanted::Last) continue;
+    rows[i] = owners[i]->sampler->next_row();
+    top_n[i] = owners[i]->logprobs;
+    want_logprobs |= top_n[i] >= 0;
+  }
+  std::vector<TokenLogprob> logprobs;
+  const std::vector<int32_t> drawn =
+      want_logprobs ? runner_.run_logprobs(work, rows, top_n, logprobs) : runner_.run(work, rows);
   CPI_CHECK(drawn.size() == work.size(), "engine returned ", drawn.size(), " tokens for ", work.size(), " sequences");
 
   for (size_t i = 0; i < work.size(); ++i) {
@@ -248,7 +262,7 @@ bool Scheduler::step() {
     }
     CPI_CHECK(drawn[i] >= 0, "no token can be drawn: every logit is -inf or NaN");
     r->sampler->advance();
-    on_sampled(r, drawn[i]);
+    on_sampled(r, drawn[i], top_n[i] >= 0 && i < logprobs.size() ? &logprobs[i] : nullptr);
   }
   publish_gauges();
   return true;
@@ -300,9 +314,21 @@ bool Scheduler::has_work() {
   return !incoming_.empty() || !waiting_.empty() || !running_.empty();
 }
 
-void Scheduler::run(const std::atomic<bool>& stop) {
+void Scheduler::run(const std::atomic<bool>& stop, std::chrono::milliseconds drain_timeout) {
   auto last_run = Clock::now();
+  std::optional<Clock::time_point> drain_end;
   for (;;) {
+    if (stop.load() && !drain_end)
+      drain_end = drain_timeout >= std::chrono::duration_cast<std::chrono::milliseconds>(Clock::duration::max() / 2)
+                      ? Clock::time_point::max()
+                      : Clock::now() + drain_timeout;
+    if (drain_end && Clock::now() >= *drain_end) {
+      if (has_work()) {
+        log_warn("shutdown: ending the requests still running after the drain timeout");
+        fail_all(std::string(kShutdownMessage) + " (the drain timeout passed before this request finished)");
+      }
+      return;
+    }
     bool did = false;
     try {
       did = step();

@@ -22,6 +22,14 @@
 
 namespace cpinfer::server {
 
+// The log-probability of a drawn token under the model's raw distribution (log-softmax of the
+// logits, before temperature and truncation), and the most likely tokens with theirs.
+struct TokenLogprob {
+  int32_t token = -1;
+  float logprob = 0;
+  std::vector<std::pair<int32_t, float>> top;  // most likely first
+};
+
 // What the scheduler needs from the engine. The real one (runner.h) also replays every call on
 // the other ranks; tests use a fake.
 class ModelRunner {
@@ -33,6 +41,10 @@ class ModelRunner {
   // One forward; returns per SeqWork the token drawn with rows[i] from its last position (entries
   // with LogitsWanted::Last; -1 for None, or when no logit is above -inf).
   virtual std::vector<int32_t> run(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows) = 0;
+  // run(), and for entries with top_n[i] >= 0 also logprobs[i]: the drawn token's log-probability
+  // and the top_n[i] most likely tokens' (logprobs is resized to work.size()).
+  virtual std::vector<int32_t> run_logprobs(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows,
+                                            const std::vector<int>& top_n, std::vector<TokenLogprob>& logprobs);
   // Called when there is nothing to run for a while: lets other ranks know rank 0 is alive.
   virtual void idle() {}
   virtual int block_size() const = 0;
@@ -52,6 +64,9 @@ struct SchedulerOptions {
   std::chrono::milliseconds idle_ping{1000};
 };
 
+// The error of requests ended by the drain timeout (Scheduler::run).
+inline constexpr const char* kShutdownMessage = "the server is shutting down";
+
 struct FinishInfo {
   std::string reason;  // "stop", "length", "abort" (client went away) or "error"
   std::string error;   // for "error"
@@ -65,6 +80,8 @@ struct SchedRequest {
   int max_tokens = 16;
   SamplingParams sampling;
   std::vector<int32_t> stop_ids;  // tokens that end the output (counted, not passed to on_token)
+  int logprobs = -1;              // >= 0: on_logprob gets each token's logprob and this many alternatives
+  std::function<void(const TokenLogprob&)> on_logprob;  // scheduler thread, just before on_token
   // Scheduler thread, once per generated token that is not a stop id; false: stop now (a stop
   // string was found), finish_reason "stop".
   std::function<bool(int32_t)> on_token;
@@ -98,9 +115,11 @@ class Scheduler {
   // Scheduler thread: admits, runs one forward, delivers tokens. Returns false when there was
   // nothing to run. Throws what the engine throws.
   bool step();
-  // Scheduler thread: steps until `stop` is set and every request has finished (drain). On an
-  // engine error every request finishes with "error" and the error is rethrown.
-  void run(const std::atomic<bool>& stop);
+  // Scheduler thread: steps until `stop` is set and every request has finished (drain). Requests
+  // still unfinished `drain_timeout` after `stop` was first seen end with "error". On an engine
+  // error every request finishes with "error" and the error is rethrown.
+  void run(const std::atomic<bool>& stop,
+           std::chrono::milliseconds drain_timeout = std::chrono::milliseconds::max());
   // Ends every request with reason "error" (after a fatal engine error).
   void fail_all(const std::string& message);
 
@@ -117,7 +136,7 @@ class Scheduler {
   void preempt(std::shared_ptr<SchedRequest> r);  // by value: r may live in running_
   void admit();
   int held_blocks(const SchedRequest& r) const { return blocks_for(r.reserved); }
-  void on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token);
+  void on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token, const TokenLogprob* lp = nullptr);
   int blocks_for(int n_tokens) const;
   void publish_gauges();
   void maybe_log_stats();

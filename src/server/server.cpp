@@ -1,7 +1,6 @@
 #include "server/server.h"
 
-#include <httplib.h>
-
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
@@ -9,12 +8,16 @@
 #include <random>
 #include <thread>
 
+#include <unistd.h>
+
 #include "core/log.h"
 #include "loader/config.h"
 #include "server/api.h"
 #include "server/metrics.h"
-#include "server/peer.h"
+#include "server/output.h"
+#include "server/http.h"
 #include "server/runner.h"
+#include "server/tools.h"
 #include "server/text.h"
 #include "tokenizer/tokenizer.h"
 
@@ -25,64 +28,36 @@ using nlohmann::json;
 namespace {
 
 std::atomic<bool> g_stop{false};
-extern "C" void on_stop_signal(int) { g_stop.store(true); }
-
-constexpr auto kPoll = std::chrono::milliseconds(50);
-constexpr size_t kMaxBodyBytes = size_t(64) << 20;
-
-// Scheduler thread -> HTTP thread: the output of one request, consumed as it grows.
-struct Channel {
-  std::mutex mu;
-  std::condition_variable cv;
-  std::string reasoning, content;  // not yet taken by the HTTP thread
-  bool finished = false;
-  FinishInfo info;
-};
-
-// Scheduler thread only: token ids -> text -> stop strings -> reasoning split -> channel.
-struct OutputState {
-  StreamDecoder decoder;
-  StopMatcher stops;
-  std::optional<ReasoningSplitter> splitter;
-  OutputState(const Tokenizer& tok, std::vector<std::string> stop_strings, bool split)
-      : decoder(tok, /*skip_special=*/true), stops(std::move(stop_strings)) {
-    if (split) splitter.emplace();
-  }
-  void deliver(Channel& ch, const std::string& text) {
-    SplitText s;
-    if (splitter) s = splitter->push(text);
-    else s.content = text;
-    if (s.reasoning.empty() && s.content.empty()) return;
-    std::lock_guard lk(ch.mu);
-    ch.reasoning += s.reasoning;
-    ch.content += s.content;
-    ch.cv.notify_all();
-  }
-  void finish(Channel& ch, const FinishInfo& info) {
-    if (info.reason != "abort" && info.reason != "error") {
-      std::string rest = stops.push(decoder.flush());
-      rest += stops.flush();
-      deliver(ch, rest);
-      if (splitter) {
-        SplitText s = splitter->flush();
-        std::lock_guard lk(ch.mu);
-        ch.reasoning += s.reasoning;
-        ch.content += s.content;
-      }
-    }
-    std::lock_guard lk(ch.mu);
-    ch.finished = true;
-    ch.info = info;
-    ch.cv.notify_all();
-  }
-};
-
-void send_json(httplib::Response& res, int status, const json& j) {
-  res.status = status;
-  res.set_content(j.dump(-1, ' ', false, json::error_handler_t::replace), "application/json");
+// The first SIGTERM/SIGINT starts the drain; a second one ends the process at once.
+extern "C" void on_stop_signal(int sig) {
+  if (g_stop.exchange(true)) ::_exit(128 + sig);
 }
 
-void send_error(httplib::Response& res, const ApiError& e) { send_json(res, e.status, error_json(e)); }
+constexpr auto kPoll = std::chrono::milliseconds(50);
+
+std::string trimmed(const std::string& s) {
+  const size_t b = s.find_first_not_of(" \t\r\n");
+  if (b == std::string::npos) return {};
+  return s.substr(b, s.find_last_not_of(" \t\r\n") - b + 1);
+}
+
+// A request that ended with "error": the engine failed (500), or the drain timeout ended it (503).
+ApiError error_of(const FinishInfo& info) {
+  if (info.error.rfind(kShutdownMessage, 0) == 0) return ApiError(503, info.error, "", "", "server_error");
+  return ApiError(500, "the engine failed: " + info.error, "", "", "server_error");
+}
+
+std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+void send_json(HttpResponder& res, int status, const json& j, const HttpHeaders& extra = {}) {
+  res.send(status, "application/json", dump(j), extra);
+}
+
+void send_error(HttpResponder& res, const ApiError& e) {
+  HttpHeaders extra;
+  if (e.retry_after_s > 0) extra.emplace_back("Retry-After", std::to_string(e.retry_after_s));
+  send_json(res, e.status, error_json(e), extra);
+}
 
 // Counts requests whose HTTP side is still writing, so that a drain waits for their last bytes.
 struct ActiveGuard {
@@ -99,7 +74,8 @@ class App {
         name_(so.served_model_name.empty() ? so.model_path : so.served_model_name),
         created_(static_cast<int64_t>(std::time(nullptr))), rng_(std::random_device{}()) {}
 
-  void install(httplib::Server& svr);
+  // Routes one request (any HTTP thread).
+  void handle(const HttpRequest& req, HttpResponder& res);
   void attach(Scheduler* s) {
     std::lock_guard lk(mu_);
     sched_ = s;
@@ -122,12 +98,15 @@ class App {
   Metrics& metrics() { return metrics_; }
 
  private:
-  void handle_generate(Endpoint ep, const httplib::Request& req, httplib::Response& res);
-  void handle_metrics(httplib::Response& res);
-  void handle_health(httplib::Response& res);
+  void route(const HttpRequest& req, HttpResponder& res);
+  void handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& res);
+  void handle_metrics(HttpResponder& res);
+  void handle_health(HttpResponder& res);
   std::vector<int32_t> tokenize(const GenRequest& g);
   std::string new_id(const char* prefix);
-  void reject(httplib::Response& res, const ApiError& e) {
+  std::vector<std::string> call_ids(size_t n);
+  std::string tok_text(int32_t id) const;  // a token's raw bytes ("" beyond the tokenizer)
+  void reject(HttpResponder& res, const ApiError& e) {
     if (e.status >= 400 && e.status < 500) metrics_.count_rejected();
     send_error(res, e);
   }
@@ -147,6 +126,11 @@ class App {
   bool ready_ = false;
   std::string fatal_;
   std::mt19937_64 rng_;
+
+ public:
+  // Test hook (CPINFER_TEST_FIXED_OUTPUT): every request's output is these tokens, whatever the
+  // model samples, so that a random-weight model can drive the output parsers.
+  std::vector<int32_t> fixed_output_;
 };
 
 std::string App::new_id(const char* prefix) {
@@ -156,9 +140,23 @@ std::string App::new_id(const char* prefix) {
   return buf;
 }
 
+std::string App::tok_text(int32_t id) const {
+  return id >= 0 && id < tok_.vocab_size() ? tok_.token_bytes(id) : std::string();
+}
+
+std::vector<std::string> App::call_ids(size_t n) {
+  std::vector<std::string> ids;
+  for (size_t i = 0; i < n; ++i) ids.push_back(new_id("call"));
+  return ids;
+}
+
 std::vector<int32_t> App::tokenize(const GenRequest& g) {
   if (g.endpoint == Endpoint::Chat) {
-    std::string text = tok_.render_chat(g.messages, /*add_generation_prompt=*/true, g.enable_thinking);
+    std::string text = tok_.render_chat(g.messages, /*add_generation_prompt=*/true, g.enable_thinking, g.tools);
+    if (const std::string forced = forced_tool_prefix(g.tool_choice); !forced.empty()) {
+      if (g.enable_thinking) text += "<think>\n\n</think>\n\n";  // the template adds it only when off
+      text += forced;
+    }
     return tok_.encode(text);
   }
   if (!g.prompt_ids.empty()) {
@@ -172,7 +170,7 @@ std::vector<int32_t> App::tokenize(const GenRequest& g) {
   return tok_.encode(g.prompt);
 }
 
-void App::handle_generate(Endpoint ep, const httplib::Request& req, httplib::Response& res) {
+void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& res) {
   GenRequest g = parse_request(ep, req.body);
   if (!g.model.empty() && g.model != name_ && g.model != so_.model_path)
     throw ApiError(404, "The model '" + g.model + "' does not exist; this server serves '" + name_ + "'", "model",
@@ -192,24 +190,45 @@ void App::handle_generate(Endpoint ep, const httplib::Request& req, httplib::Res
                    g.max_tokens ? "max_tokens" : (ep == Endpoint::Chat ? "messages" : "prompt"),
                    "context_length_exceeded");
 
+  // n choices: n scheduler requests of the same prompt, each with its own output state.
+  const size_t n = static_cast<size_t>(g.n);
   auto ch = std::make_shared<Channel>();
-  auto out = std::make_shared<OutputState>(tok_, g.stop,
-                                           ep == Endpoint::Chat && g.enable_thinking && g.separate_reasoning);
-  auto r = std::make_shared<SchedRequest>();
-  r->prompt = std::move(prompt);
-  r->max_tokens = max_tokens;
-  r->sampling = g.sampling;
-  r->stop_ids = g.stop_token_ids;
-  if (!g.ignore_eos) r->stop_ids.insert(r->stop_ids.end(), cfg_.eos_token_ids.begin(), cfg_.eos_token_ids.end());
+  ch->slots.resize(n);
+  std::vector<std::shared_ptr<SchedRequest>> reqs;
   const int32_t n_text_ids = tok_.vocab_size();
-  r->on_token = [ch, out, n_text_ids](int32_t id) {
-    // The model's vocabulary is padded beyond the tokenizer's: such ids have no text.
-    if (id >= n_text_ids) return true;
-    std::string safe = out->stops.push(out->decoder.push(id));
-    out->deliver(*ch, safe);
-    return !out->stops.stopped();
-  };
-  r->on_finish = [ch, out](const FinishInfo& info) { out->finish(*ch, info); };
+  for (size_t i = 0; i < n; ++i) {
+    auto out = std::make_shared<OutputState>(tok_, g.stop, ep == Endpoint::Chat && g.enable_thinking && g.separate_reasoning, i);
+    if (ep == Endpoint::Chat && g.tool_choice.kind != ToolChoice::Kind::None) {
+      out->tools.emplace();
+      out->tools->push(forced_tool_prefix(g.tool_choice));  // the call the prompt already opened
+    }
+    auto r = std::make_shared<SchedRequest>();
+    r->prompt = prompt;
+    r->max_tokens = max_tokens;
+    r->sampling = g.sampling;
+    if (g.sampling.seed) r->sampling.seed = *g.sampling.seed + i;  // distinct, reproducible choices
+    r->stop_ids = g.stop_token_ids;
+    if (!g.ignore_eos) r->stop_ids.insert(r->stop_ids.end(), cfg_.eos_token_ids.begin(), cfg_.eos_token_ids.end());
+    auto fixed = fixed_output_.empty() ? nullptr : std::make_shared<size_t>(0);
+    r->on_token = [ch, out, n_text_ids, fixed, this](int32_t id) {
+      if (fixed) id = fixed_output_[(*fixed)++];  // test hook: the model "says" the fixed text
+      // The model's vocabulary is padded beyond the tokenizer's: such ids have no text.
+      if (id >= n_text_ids) return true;
+      std::string safe = out->stops.push(out->decoder.push(id));
+      out->deliver(*ch, safe);
+      return !out->stops.stopped() && !(fixed && *fixed == fixed_output_.size());
+    };
+    r->on_finish = [ch, out](const FinishInfo& info) { out->finish(*ch, info); };
+    r->logprobs = g.logprobs;
+    if (g.logprobs >= 0)
+      r->on_logprob = [ch, i, this](const TokenLogprob& t) {
+        LogprobEntry e{tok_text(t.token), t.logprob, {}};
+        for (const auto& [id, lp] : t.top) e.top.push_back({tok_text(id), lp});
+        std::lock_guard lk(ch->mu);
+        ch->slots[i].lps.push_back(std::move(e));
+      };
+    reqs.push_back(std::move(r));
+  }
   {
     std::lock_guard lk(mu_);
     if (!sched_ || g_stop.load())
@@ -218,106 +237,167 @@ void App::handle_generate(Endpoint ep, const httplib::Request& req, httplib::Res
                      "", "", "server_error");
     if (std::string why = sched_->never_fits(n_prompt, max_tokens); !why.empty())
       throw ApiError(400, why, "max_tokens", "context_length_exceeded");
-    sched_->submit(r);
+    if (sched_->n_waiting() + static_cast<int>(n) > so_.max_queued_requests) {
+      ApiError busy(429,
+                    "the server is busy: " + std::to_string(sched_->n_waiting()) +
+                        " requests are already waiting (--max-queued-requests " +
+                        std::to_string(so_.max_queued_requests) + "); retry later",
+                    "", "rate_limit_exceeded", "rate_limit_error");
+      busy.retry_after_s = 1;
+      throw busy;
+    }
+    for (auto& r : reqs) sched_->submit(r);
   }
 
-  const int fd = find_connection_socket(req.remote_addr, req.remote_port, req.local_port);
   const std::string id = new_id(ep == Endpoint::Chat ? "chatcmpl" : "cmpl");
   const int64_t created = static_cast<int64_t>(std::time(nullptr));
-  auto cancel = [this, r] {
-    r->cancelled.store(true);
+  auto cancel = [this, reqs] {
+    for (auto& r : reqs) r->cancelled.store(true);
     std::lock_guard lk(mu_);
     if (sched_) sched_->notify();
   };
-  auto usage_of = [](const FinishInfo& f) { return Usage{f.prompt_tokens, f.completion_tokens}; };
+  // Usage over all choices: the prompt once (as OpenAI counts it), every choice's output.
+  auto usage_of = [&](const std::vector<Slot>& slots) {
+    Usage u{slots[0].info.prompt_tokens, 0};
+    for (const Slot& s : slots) u.completion_tokens += s.info.completion_tokens;
+    return u;
+  };
+  auto finish_reason = [](const FinishInfo& info, bool called) {
+    return called && info.reason == "stop" ? std::string("tool_calls") : info.reason;
+  };
+  auto with_index = [](json j, size_t i) {
+    j["choices"][0]["index"] = i;
+    return j;
+  };
 
   if (!g.stream) {
     ActiveGuard guard(active_);
     std::unique_lock lk(ch->mu);
-    while (!ch->cv.wait_for(lk, kPoll, [&] { return ch->finished; })) {
-      if (peer_closed(fd)) {
+    auto all_done = [&] {
+      return std::all_of(ch->slots.begin(), ch->slots.end(), [](const Slot& s) { return s.finished; });
+    };
+    while (!ch->cv.wait_for(lk, kPoll, all_done)) {
+      if (res.peer_closed()) {
         lk.unlock();
         cancel();
-        res.status = 499;  // nobody reads it
-        return;
+        return;  // nobody reads an answer: the connection closes
       }
     }
-    if (ch->info.reason == "error")
-      throw ApiError(500, "the engine failed: " + ch->info.error, "", "", "server_error");
-    if (ep == Endpoint::Chat)
-      send_json(res, 200, chat_response(id, created, name_, ch->content, ch->reasoning, ch->info.reason, usage_of(ch->info)));
-    else
-      send_json(res, 200, completion_response(id, created, name_, ch->content, ch->info.reason, usage_of(ch->info)));
-    return;
+    for (const Slot& s : ch->slots)
+      if (s.info.reason == "error") throw error_of(s.info);
+    json resp;
+    for (size_t i = 0; i < n; ++i) {
+      const Slot& s = ch->slots[i];
+      json one;
+      if (ep == Endpoint::Chat) {
+        const json calls = s.calls.empty() ? json(nullptr)
+                                           : tool_calls_json(s.calls, call_ids(s.calls.size()), 0, /*with_index=*/false);
+        one = chat_response(id, created, name_, s.calls.empty() ? s.content : trimmed(s.content), s.reasoning,
+                            finish_reason(s.info, !s.calls.empty()), Usage{}, calls);
+        if (g.logprobs >= 0) one["choices"][0]["logprobs"] = chat_logprobs_json(s.lps);
+      } else {
+        one = completion_response(id, created, name_, s.content, s.info.reason, Usage{});
+        if (g.logprobs >= 0) one["choices"][0]["logprobs"] = completion_logprobs_json(s.lps, 0);
+      }
+      if (i == 0) resp = std::move(one);
+      else resp["choices"].push_back(with_index(std::move(one), i)["choices"][0]);
+    }
+    resp["usage"] = usage_json(usage_of(ch->slots));
+    return send_json(res, 200, resp);
   }
 
-  // Streaming: the provider runs on this connection's thread after the handler returns.
-  auto guard = std::make_shared<ActiveGuard>(active_);
-  auto started = std::make_shared<bool>(false);
-  const bool include_usage = g.include_usage;
-  const std::string model = name_;
-  res.set_header("Cache-Control", "no-cache");
-  res.set_chunked_content_provider(
-      "text/event-stream",
-      [=](size_t, httplib::DataSink& sink) {
-        (void)guard;
-        std::string buf;
-        if (!*started) {
-          *started = true;
-          if (ep == Endpoint::Chat)
-            buf += sse_event(chat_chunk(id, created, model, {{"role", "assistant"}, {"content", ""}}, ""));
+  // Streaming, on this connection's thread: each choice's pieces as they come, tagged with its index.
+  ActiveGuard guard(active_);
+  if (!res.begin_stream(200, "text/event-stream", {{"Cache-Control", "no-cache"}})) return cancel();
+  std::string buf;
+  if (ep == Endpoint::Chat)
+    for (size_t i = 0; i < n; ++i)
+      buf += sse_event(with_index(chat_chunk(id, created, name_, {{"role", "assistant"}, {"content", ""}}, ""), i));
+  std::vector<int> n_calls(n, 0);
+  std::vector<bool> done(n, false);
+  std::vector<std::vector<LogprobEntry>> carry(n);  // logprobs waiting for the choice's next chunk
+  std::vector<size_t> text_offset(n, 0);
+  auto with_lp = [&](json chunk, size_t i) {
+    if (g.logprobs < 0 || carry[i].empty()) return chunk;
+    json lp = ep == Endpoint::Chat ? chat_logprobs_json(carry[i]) : completion_logprobs_json(carry[i], text_offset[i]);
+    for (const LogprobEntry& e : carry[i]) text_offset[i] += e.token.size();
+    carry[i].clear();
+    chunk["choices"][0]["logprobs"] = std::move(lp);
+    return chunk;
+  };
+  size_t n_done = 0;
+  std::vector<Slot> all(n);  // for the usage at the end
+  while (n_done < n) {
+    std::vector<Slot> news(n);
+    {
+      std::unique_lock lk(ch->mu);
+      auto any_news = [&] {
+        for (const Slot& s : ch->slots)
+          if (s.has_news()) return true;
+        return false;
+      };
+      while (!ch->cv.wait_for(lk, kPoll, any_news)) {
+        if (!buf.empty()) break;
+        if (res.peer_closed()) {
+          lk.unlock();
+          return cancel();
         }
-        std::string reasoning, content;
-        bool finished = false;
-        FinishInfo info;
-        {
-          std::unique_lock lk(ch->mu);
-          while (!ch->cv.wait_for(lk, kPoll, [&] { return ch->finished || !ch->content.empty() || !ch->reasoning.empty(); })) {
-            if (!buf.empty()) break;
-            if (peer_closed(fd)) {
-              lk.unlock();
-              cancel();
-              return false;
-            }
-          }
-          reasoning.swap(ch->reasoning);
-          content.swap(ch->content);
-          finished = ch->finished;
-          info = ch->info;
+      }
+      for (size_t i = 0; i < n; ++i) {
+        Slot& s = ch->slots[i];
+        if (done[i]) continue;
+        news[i].reasoning.swap(s.reasoning);
+        news[i].content.swap(s.content);
+        news[i].calls.swap(s.calls);
+        news[i].lps.swap(s.lps);
+        news[i].finished = s.finished;
+        news[i].info = s.info;
+      }
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const Slot& s = news[i];
+      carry[i].insert(carry[i].end(), s.lps.begin(), s.lps.end());
+      if (ep == Endpoint::Chat) {
+        if (!s.reasoning.empty())
+          buf += sse_event(with_lp(with_index(chat_chunk(id, created, name_, {{"reasoning_content", s.reasoning}}, ""), i), i));
+        if (!s.content.empty())
+          buf += sse_event(with_lp(with_index(chat_chunk(id, created, name_, {{"content", s.content}}, ""), i), i));
+        if (!s.calls.empty()) {
+          json delta = {{"tool_calls", tool_calls_json(s.calls, call_ids(s.calls.size()), n_calls[i], /*with_index=*/true)}};
+          buf += sse_event(with_index(chat_chunk(id, created, name_, delta, ""), i));
+          n_calls[i] += static_cast<int>(s.calls.size());
         }
-        if (ep == Endpoint::Chat) {
-          if (!reasoning.empty()) buf += sse_event(chat_chunk(id, created, model, {{"reasoning_content", reasoning}}, ""));
-          if (!content.empty()) buf += sse_event(chat_chunk(id, created, model, {{"content", content}}, ""));
-        } else if (!content.empty()) {
-          buf += sse_event(completion_chunk(id, created, model, content, ""));
-        }
-        if (finished) {
-          if (info.reason == "error") {
-            buf += sse_event(error_json(ApiError(500, "the engine failed: " + info.error, "", "", "server_error")));
-          } else if (info.reason != "abort") {
-            if (ep == Endpoint::Chat) buf += sse_event(chat_chunk(id, created, model, json::object(), info.reason));
-            else buf += sse_event(completion_chunk(id, created, model, "", info.reason));
-            if (include_usage) buf += sse_event(usage_chunk(ep, id, created, model, usage_of(info)));
-          }
-          buf += kSseDone;
-        }
-        if (!buf.empty() && !sink.write(buf.data(), buf.size())) {
-          cancel();
-          return false;
-        }
-        if (finished) sink.done();
-        return true;
-      },
-      [r, this](bool success) {
-        if (!success && !r->cancelled.load()) {
-          r->cancelled.store(true);
-          std::lock_guard lk(mu_);
-          if (sched_) sched_->notify();
-        }
-      });
+      } else if (!s.content.empty()) {
+        buf += sse_event(with_lp(with_index(completion_chunk(id, created, name_, s.content, ""), i), i));
+      }
+      if (!s.finished || done[i]) continue;
+      done[i] = true;
+      ++n_done;
+      all[i].info = s.info;
+      if (s.info.reason == "error") {
+        buf += sse_event(error_json(error_of(s.info)));
+        n_done = n;  // the stream ends here
+        break;
+      }
+      if (s.info.reason == "abort") continue;
+      const std::string reason = finish_reason(s.info, n_calls[i] > 0);
+      buf += sse_event(with_lp(with_index(ep == Endpoint::Chat ? chat_chunk(id, created, name_, json::object(), reason)
+                                                               : completion_chunk(id, created, name_, "", reason),
+                                          i),
+                               i));
+    }
+    if (n_done == n) {
+      if (g.include_usage && all[0].info.reason != "error") buf += sse_event(usage_chunk(ep, id, created, name_, usage_of(all)));
+      buf += kSseDone;
+    }
+    if (!buf.empty() && !res.write(buf)) return cancel();
+    buf.clear();
+  }
+  if (std::any_of(all.begin(), all.end(), [](const Slot& s) { return s.info.reason == "error"; })) cancel();
+  res.end_stream();
 }
 
-void App::handle_health(httplib::Response& res) {
+void App::handle_health(HttpResponder& res) {
   std::lock_guard lk(mu_);
   if (!fatal_.empty()) return send_json(res, 503, {{"status", "error"}, {"message", fatal_}});
   if (!ready_) return send_json(res, 503, {{"status", "loading"}});
@@ -325,91 +405,50 @@ void App::handle_health(httplib::Response& res) {
   send_json(res, 200, {{"status", "ok"}});
 }
 
-void App::handle_metrics(httplib::Response& res) {
+void App::handle_metrics(HttpResponder& res) {
   Gauges g;
   {
     std::lock_guard lk(mu_);
     if (sched_) g = sched_->gauges();
   }
-  res.status = 200;
-  res.set_content(metrics_.render(g), "text/plain; version=0.0.4");
+  res.send(200, "text/plain; version=0.0.4", metrics_.render(g));
 }
 
-void App::install(httplib::Server& svr) {
-  svr.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-    if (so_.api_key.empty() || req.path.rfind("/v1/", 0) != 0) return httplib::Server::HandlerResponse::Unhandled;
-    if (req.get_header_value("Authorization") == "Bearer " + so_.api_key)
-      return httplib::Server::HandlerResponse::Unhandled;
-    metrics_.count_rejected();
-    send_error(res, ApiError(401, "Incorrect API key provided: pass 'Authorization: Bearer <key>' with the key given "
-                                  "to --api-key", "", "invalid_api_key"));
-    return httplib::Server::HandlerResponse::Handled;
-  });
-  // A content reader, not a plain handler: httplib would parse (and cap at 8 KiB) a body that
-  // arrives as application/x-www-form-urlencoded, which is what `curl -d` sends.
-  auto generate = [this](Endpoint ep) {
-    return [this, ep](const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& read) {
-      try {
-        httplib::Request full = req;
-        bool too_large = false;
-        read([&](const char* data, size_t n) {
-          if (full.body.size() + n > kMaxBodyBytes) {
-            too_large = true;
-            return false;
-          }
-          full.body.append(data, n);
-          return true;
-        });
-        if (too_large)
-          throw ApiError(413, "request body exceeds " + std::to_string(kMaxBodyBytes >> 20) + " MiB");
-        handle_generate(ep, full, res);
-      } catch (const ApiError& e) {
-        reject(res, e);
-      } catch (const std::exception& e) {
-        log_warn("request failed: ", e.what());
-        send_error(res, ApiError(500, std::string("internal error: ") + e.what(), "", "", "server_error"));
-      }
-    };
-  };
-  svr.Post("/v1/chat/completions", generate(Endpoint::Chat));
-  svr.Post("/v1/completions", generate(Endpoint::Completion));
+void App::handle(const HttpRequest& req, HttpResponder& res) {
+  try {
+    route(req, res);
+  } catch (const ApiError& e) {
+    reject(res, e);
+  } catch (const std::exception& e) {
+    log_warn("request failed: ", e.what());
+    send_error(res, ApiError(500, std::string("internal error: ") + e.what(), "", "", "server_error"));
+  }
+}
+
+void App::route(const HttpRequest& req, HttpResponder& res) {
+  const std::string& path = req.path;
+  if (!so_.api_key.empty() && path.rfind("/v1/", 0) == 0 && req.header("Authorization") != "Bearer " + so_.api_key)
+    throw ApiError(401, "Incorrect API key provided: pass 'Authorization: Bearer <key>' with the key given to --api-key",
+                   "", "invalid_api_key");
+  const bool post = req.method == "POST";
+  if (path == "/v1/chat/completions" || path == "/v1/completions") {
+    if (!post) throw ApiError(405, "use POST for " + path, "", "method_not_allowed");
+    return handle_generate(path == "/v1/chat/completions" ? Endpoint::Chat : Endpoint::Completion, req, res);
+  }
   auto model_json = [this] {
     return json{{"id", name_}, {"object", "model"}, {"created", created_}, {"owned_by", "cpinfer"},
                 {"root", name_}, {"max_model_len", context_length_}};
   };
-  svr.Get("/v1/models", [model_json](const httplib::Request&, httplib::Response& res) {
-    send_json(res, 200, {{"object", "list"}, {"data", json::array({model_json()})}});
-  });
-  svr.Get("/v1/models/(.+)", [this, model_json](const httplib::Request& req, httplib::Response& res) {
-    if (req.matches[1] == name_) return send_json(res, 200, model_json());
-    reject(res, ApiError(404, "The model '" + std::string(req.matches[1]) + "' does not exist", "model", "model_not_found"));
-  });
-  svr.Get("/health", [this](const httplib::Request&, httplib::Response& res) { handle_health(res); });
-  svr.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) { handle_metrics(res); });
-  for (const char* path : {"/v1/chat/completions", "/v1/completions"})
-    svr.Get(path, [this](const httplib::Request& req, httplib::Response& res) {
-      reject(res, ApiError(405, "use POST for " + req.path, "", "method_not_allowed"));
-    });
-  // Unknown routes and httplib's own refusals (bad request line, payload too large) in OpenAI's shape.
-  svr.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
-    if (!res.body.empty()) return;
-    const int status = res.status;
-    std::string msg = status == 404 ? "Unknown route: " + req.method + " " + req.path
-                                    : "HTTP " + std::to_string(status) +
-                                          (status == 413 ? ": request body too large" : ": the request could not be read");
-    metrics_.count_rejected();
-    send_error(res, ApiError(status, msg, "", status == 404 ? "not_found" : ""));
-  });
-  svr.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
-    std::string what = "unknown error";
-    try {
-      std::rethrow_exception(ep);
-    } catch (const std::exception& e) {
-      what = e.what();
-    } catch (...) {
-    }
-    send_error(res, ApiError(500, "internal error: " + what, "", "", "server_error"));
-  });
+  const bool get = req.method == "GET";
+  if (get && path == "/v1/models") return send_json(res, 200, {{"object", "list"}, {"data", json::array({model_json()})}});
+  if (get && path.rfind("/v1/models/", 0) == 0 && path.size() > 11) {
+    const std::string model = path.substr(11);
+    if (model == name_) return send_json(res, 200, model_json());
+    throw ApiError(404, "The model '" + model + "' does not exist", "model", "model_not_found");
+  }
+  if (get && path == "/health") return handle_health(res);
+  if (get && path == "/metrics") return handle_metrics(res);
+  throw ApiError(404, "Unknown route: " + req.method + " " + path, "", "not_found");
 }
 
 }  // namespace
@@ -438,20 +477,20 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
   sopt.context_length = context_length;
 
   App app(so, tok, cfg, context_length, kv_tokens);
-  httplib::Server svr;
-  const size_t n_threads = static_cast<size_t>(std::max(8, so.http_threads));
-  svr.new_task_queue = [n_threads] { return new httplib::ThreadPool(n_threads); };
-  svr.set_keep_alive_max_count(1000);
-  app.install(svr);
-  int port = so.port;
-  if (port == 0) {
-    port = svr.bind_to_any_port(so.host);
-    CPI_CHECK(port > 0, "cannot listen on ", so.host, ": no free port");
-  } else {
-    CPI_CHECK(svr.bind_to_port(so.host, port), "cannot listen on ", so.host, ":", port,
-              " (in use? pick another --port)");
+  if (const char* fixed = std::getenv("CPINFER_TEST_FIXED_OUTPUT"); fixed && *fixed) {
+    app.fixed_output_ = tok.encode(fixed);
+    log_warn("CPINFER_TEST_FIXED_OUTPUT is set: every request answers the same fixed text (a test hook)");
   }
-  std::thread http([&] { svr.listen_after_bind(); });
+  HttpLimits limits = so.http;
+  limits.max_connections = std::max(8, so.http_threads);
+  HttpServer svr(
+      limits, [&app](const HttpRequest& req, HttpResponder& res) { app.handle(req, res); },
+      [&app](int status, const std::string& message) {
+        if (status >= 400 && status < 500) app.metrics().count_rejected();
+        return dump(error_json(ApiError(status, message, "", "", status >= 500 ? "server_error" : "invalid_request_error")));
+      });
+  const int port = svr.bind(so.host, so.port);
+  std::thread http([&] { svr.serve(); });
   const std::string url = "http://" + so.host + ":" + std::to_string(port);
   log_info("listening on ", url, " (loading the model; /health answers 503 until ready)");
 
@@ -473,15 +512,16 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
                " (context ", context_length, " tokens, KV cache ", runner.n_blocks() * runner.block_size(),
                " positions, chunked prefill ", sopt.chunked_prefill_size, ", CP size ", eo.cp.cp_size,
                eo.cp.enable_prefill_cp ? " prefill CP on" : "", ")");
+      const auto drain = std::chrono::milliseconds(static_cast<int64_t>(so.shutdown_timeout_s * 1000));
       try {
-        sched.run(g_stop);
+        sched.run(g_stop, drain);
       } catch (...) {
         app.detach();
         throw;
       }
       app.detach();
       // A request submitted between the loop's last look and detach() still gets served.
-      sched.run(g_stop);
+      sched.run(g_stop, drain);
       runner.shutdown();
     });
     log_info("drained: no request in flight");

@@ -6,6 +6,7 @@
 
 #include "engine/engine.h"
 #include "engine/launch.h"
+#include "server/http.h"
 #include "server/scheduler.h"
 
 namespace cpinfer::server {
@@ -19,10 +20,14 @@ struct ServerOptions {
   int context_length = 0;         // 0: min(max_position_embeddings, KV cache capacity)
   SchedulerOptions sched;
   int http_threads = 512;         // connections served at once (each waits on its request)
+  HttpLimits http;                // header/body limits and timeouts (max_connections: http_threads)
+  int max_queued_requests = 1024; // requests waiting for admission; more are answered 429
+  double shutdown_timeout_s = 30; // SIGTERM: drain this long, then end what is left with an error
 };
 
 // Loads the model on every rank, serves until SIGTERM/SIGINT, then drains: refuses new requests,
-// finishes those in flight, and returns 0 (1 after a fatal engine error). Throws cpinfer::Error
+// finishes those in flight for at most shutdown_timeout_s (then ends the rest with an error event),
+// and returns 0 (1 after a fatal engine error). A second signal exits the process at once. Throws cpinfer::Error
 // when the model cannot be loaded or the address cannot be bound.
 int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOptions& eo);
 

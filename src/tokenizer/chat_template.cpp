@@ -1,5 +1,6 @@
-// The Qwen3 chat template (tokenizer_config.json "chat_template") written out in C++; tool
-// definitions are not rendered (the server does not pass tools yet), tool results are.
+// The Qwen3 chat template (tokenizer_config.json "chat_template") written out in C++: system
+// prompt, tool definitions, turns with reasoning and tool calls, tool results. Tested against
+// @huggingface/jinja rendering the template itself (tests/server/chat_template_jinja_test.cpp).
 #include <string_view>
 
 #include "core/check.h"
@@ -37,7 +38,7 @@ bool is_tool_response(std::string_view s) {
 }  // namespace
 
 std::string Tokenizer::render_chat(const std::vector<ChatMessage>& messages, bool add_generation_prompt,
-                                   bool enable_thinking) const {
+                                   bool enable_thinking, const std::vector<std::string>& tools) const {
   const size_t n = messages.size();
   for (size_t i = 0; i < n; ++i) {
     const std::string& role = messages[i].role;
@@ -45,7 +46,18 @@ std::string Tokenizer::render_chat(const std::vector<ChatMessage>& messages, boo
               " has role '", role, "'; the Qwen3 template knows system, user, assistant and tool");
   }
   std::string out;
-  if (n > 0 && messages[0].role == "system") out += "<|im_start|>system\n" + messages[0].content + "<|im_end|>\n";
+  if (!tools.empty()) {
+    out += "<|im_start|>system\n";
+    if (n > 0 && messages[0].role == "system") out += messages[0].content + "\n\n";
+    out += "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
+           "function signatures within <tools></tools> XML tags:\n<tools>";
+    for (const std::string& t : tools) out += "\n" + t;
+    out += "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+           "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+           "<args-json-object>}\n</tool_call><|im_end|>\n";
+  } else if (n > 0 && messages[0].role == "system") {
+    out += "<|im_start|>system\n" + messages[0].content + "<|im_end|>\n";
+  }
 
   // The last user turn that is a real query (not a wrapped tool result): assistant turns after it
   // keep their reasoning, earlier ones drop it.
@@ -76,6 +88,11 @@ std::string Tokenizer::render_chat(const std::vector<ChatMessage>& messages, boo
         out += lstrip_newlines(content);
       } else {
         out += content;
+      }
+      for (size_t c = 0; c < m.tool_calls.size(); ++c) {
+        if (c > 0 || !content.empty()) out += "\n";
+        out += "<tool_call>\n{\"name\": \"" + m.tool_calls[c].name + "\", \"arguments\": " + m.tool_calls[c].arguments +
+               "}\n</tool_call>";
       }
       out += "<|im_end|>\n";
     } else if (m.role == "tool") {  // consecutive results share one user turn

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "core/check.h"
+#include "core/file.h"
 #include "core/json.h"
 #include "core/log.h"
 #include "tokenizer/impl.h"
@@ -19,16 +20,6 @@ using tok_detail::TokenizerImpl;
 using json = nlohmann::json;
 
 namespace {
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  CPI_CHECK(in.good(), "cannot open tokenizer file '", path, "'");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  CPI_CHECK(!in.bad(), "error reading tokenizer file '", path, "'");
-  return ss.str();
-}
-
 
 bool parse_normalizer(const json& j, const std::string& source) {
   if (j.is_null()) return false;
@@ -137,7 +128,7 @@ Tokenizer Tokenizer::from_json_string(std::string_view json_text, const std::str
 }
 
 Tokenizer Tokenizer::from_file(const std::string& tokenizer_json_path) {
-  return Tokenizer(load_text(read_file(tokenizer_json_path), tokenizer_json_path));
+  return Tokenizer(load_text(read_regular_file(tokenizer_json_path), tokenizer_json_path));
 }
 
 Tokenizer Tokenizer::from_dir(const std::string& model_dir) {
@@ -145,11 +136,11 @@ Tokenizer Tokenizer::from_dir(const std::string& model_dir) {
   const std::string tok_path = (dir / "tokenizer.json").string();
   CPI_CHECK(std::filesystem::exists(tok_path), "no tokenizer.json in '", model_dir,
             "' (cpinfer needs the Hugging Face tokenizer.json next to the weights)");
-  auto impl = load_text(read_file(tok_path), tok_path);
+  auto impl = load_text(read_regular_file(tok_path), tok_path);
   Tokenizer tok(impl);
   const std::string cfg_path = (dir / "tokenizer_config.json").string();
   if (std::filesystem::exists(cfg_path)) {
-    const json cfg = parse_json(read_file(cfg_path), cfg_path);
+    const json cfg = parse_json_unique_keys(read_regular_file(cfg_path), cfg_path);
     CPI_CHECK(cfg.is_object(), cfg_path, " must be a JSON object");
     impl->eos_id = config_token(cfg, "eos_token", tok);
     impl->pad_id = config_token(cfg, "pad_token", tok);

@@ -14,10 +14,17 @@
 
 namespace cpinfer {
 
+// One call of an assistant message, as the chat template writes it.
+struct ChatToolCall {
+  std::string name;
+  std::string arguments;  // the text the template inserts: a string argument as is, an object as tojson
+};
+
 struct ChatMessage {
   std::string role;               // "system", "user", "assistant" or "tool"
   std::string content;
   std::string reasoning_content;  // assistant only; empty = none (then <think>..</think> in content counts)
+  std::vector<ChatToolCall> tool_calls;  // assistant only
 };
 
 namespace tok_detail {
@@ -54,8 +61,9 @@ class Tokenizer {
   // <|im_start|>{role}\n{content}<|im_end|>\n per turn; assistant turns after the last user query
   // keep <think>\n{reasoning}\n</think>\n\n; add_generation_prompt appends <|im_start|>assistant\n,
   // and enable_thinking=false then appends <think>\n\n</think>\n\n.
+  // `tools`: each tool definition as the template's `tool | tojson` writes it; empty: no tools.
   std::string render_chat(const std::vector<ChatMessage>& messages, bool add_generation_prompt,
-                          bool enable_thinking) const;
+                          bool enable_thinking, const std::vector<std::string>& tools = {}) const;
 
  private:
   explicit Tokenizer(std::shared_ptr<const tok_detail::TokenizerImpl> impl);

@@ -3,7 +3,8 @@
 // requests, and cancellation of abandoned requests.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, loadOpenAI, metrics, waitFor, postRaw } from './harness.mjs';
+import { execFileSync } from 'node:child_process';
+import { startServer, loadOpenAI, metrics, waitFor, postRaw, BIN, tinyModel } from './harness.mjs';
 
 const KEY = 'test-key';
 const MODEL = 'tiny';
@@ -96,6 +97,33 @@ describe('endpoints', () => {
               a.choices[0].message.content !== other.choices[0].message.content, 'sampling ignores the seed');
   });
 
+  it('n choices: choice i is the single request with seed + i; streamed by index; usage sums them', async () => {
+    const params = { model: MODEL, messages: chatMsgs, max_tokens: 10, temperature: 1.0, seed: 77, ignore_eos: true };
+    const many = await client.chat.completions.create({ ...params, n: 3 });
+    assert.deepEqual(many.choices.map((c) => c.index), [0, 1, 2]);
+    for (let i = 0; i < 3; i++) {
+      const one = await client.chat.completions.create({ ...params, seed: 77 + i });
+      assert.equal(many.choices[i].message.content, one.choices[0].message.content, `choice ${i}`);
+      if (i === 0) assert.equal(many.usage.prompt_tokens, one.usage.prompt_tokens);
+    }
+    assert.equal(many.usage.completion_tokens, 30);
+    assert.ok(new Set(many.choices.map((c) => c.message.content)).size > 1, 'the choices are all the same');
+    const texts = ['', '', ''];
+    const finishes = [];
+    for await (const chunk of await client.chat.completions.create({ ...params, n: 3, stream: true })) {
+      for (const c of chunk.choices) {
+        texts[c.index] += c.delta.content ?? '';
+        if (c.finish_reason) finishes[c.index] = c.finish_reason;
+      }
+    }
+    assert.deepEqual(texts, many.choices.map((c) => c.message.content));
+    assert.deepEqual(finishes, ['length', 'length', 'length']);
+    const comp = await client.completions.create({ model: MODEL, prompt: 'Once', max_tokens: 5, n: 2, seed: 5,
+                                                   temperature: 1, ignore_eos: true });
+    assert.deepEqual(comp.choices.map((c) => c.index), [0, 1]);
+    assert.equal(comp.usage.completion_tokens, 10);
+  });
+
   it('stop strings end the output before the match (string and list)', async () => {
     const params = { model: MODEL, prompt: 'Once upon a time', max_tokens: 24, temperature: 0, ignore_eos: true };
     const full = (await client.completions.create(params)).choices[0].text;
@@ -158,7 +186,7 @@ describe('bad input', () => {
     ['/v1/chat/completions', { messages: msgs, seed: 'abc' }, 400, 'seed'],
     ['/v1/chat/completions', { messages: msgs, stop: 3 }, 400, 'stop'],
     ['/v1/chat/completions', { messages: msgs, stop: ['a', null] }, 400, 'stop'],
-    ['/v1/chat/completions', { messages: msgs, n: 3 }, 400, 'n'],
+    ['/v1/chat/completions', { messages: msgs, n: 65 }, 400, 'n'],
     ['/v1/chat/completions', { messages: msgs, stream: 'true' }, 400, 'stream'],
     ['/v1/chat/completions', { messages: msgs, stream_options: { include_usage: true } }, 400, 'stream_options'],
     ['/v1/chat/completions', { messages: msgs, chat_template_kwargs: 'x' }, 400, 'chat_template_kwargs'],
@@ -261,5 +289,65 @@ describe('load', () => {
     const m = await metrics(server.url);
     // Requests the client gave up on before they reached the server are not counted there.
     assert.ok(m.get('cpinfer_requests_aborted_total') >= 20, `aborted ${m.get('cpinfer_requests_aborted_total')}`);
+  });
+});
+
+// A logprobs token's bytes: its text, or for a piece of a UTF-8 character "bytes:\\xNN...".
+const tokBytes = (t) => (t.startsWith('bytes:')
+  ? Buffer.from(t.slice(6).split('\\x').filter(Boolean).map((h) => parseInt(h, 16)))
+  : Buffer.from(t, 'utf8'));
+
+describe('logprobs', () => {
+  it('chat: greedy tokens are the top alternative; the text is the tokens; sampling is unchanged by logprobs', async () => {
+    const params = { model: MODEL, messages: chatMsgs, max_tokens: 12, temperature: 0, ignore_eos: true };
+    const r = await client.chat.completions.create({ ...params, logprobs: true, top_logprobs: 3 });
+    const entries = r.choices[0].logprobs.content;
+    assert.equal(entries.length, 12);
+    assert.equal(Buffer.concat(entries.map((e) => Buffer.from(e.bytes))).toString(), r.choices[0].message.content);
+    for (const e of entries) {
+      assert.equal(e.top_logprobs.length, 3);
+      assert.equal(e.top_logprobs[0].token, e.token);
+      assert.equal(e.top_logprobs[0].logprob, e.logprob);
+      assert.ok(e.logprob <= 0);
+      assert.ok(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob && e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob);
+      assert.deepEqual(e.bytes, [...tokBytes(e.token)]);
+    }
+    const sampled = { ...params, temperature: 1.0, seed: 4242 };
+    const a = await client.chat.completions.create(sampled);
+    const b = await client.chat.completions.create({ ...sampled, logprobs: true });
+    assert.equal(b.choices[0].message.content, a.choices[0].message.content);
+    assert.equal(b.choices[0].logprobs.content[0].top_logprobs.length, 0);
+    const plain = await client.chat.completions.create(params);
+    assert.equal(plain.choices[0].logprobs, null);
+  });
+
+  it('completions: the values are the log-softmax of the model\'s logits (cpinfer logits)', async () => {
+    const ids = [9707, 11, 1879, 0, 576, 374, 264];
+    const r = await client.completions.create({ model: MODEL, prompt: ids, max_tokens: 1, temperature: 0, logprobs: 5 });
+    const lp = r.choices[0].logprobs;
+    const out = execFileSync(BIN, ['-q', 'logits', '--model-path', tinyModel(), '--input-ids', ids.join(','), '--last', '1', '--json'],
+                             { maxBuffer: 1 << 28 });
+    const logits = JSON.parse(out.toString()).logits[0];
+    const max = logits.reduce((m, x) => Math.max(m, x), -Infinity);
+    const logZ = max + Math.log(logits.reduce((s, x) => s + Math.exp(x - max), 0));
+    const want = logits.map((x) => x - logZ).sort((x, y) => y - x).slice(0, 5);
+    const got = Object.values(lp.top_logprobs[0]).sort((x, y) => y - x);
+    assert.equal(got.length, 5);
+    for (let k = 0; k < 5; k++) assert.ok(Math.abs(got[k] - want[k]) < 1e-4, `${got[k]} vs ${want[k]}`);
+    assert.ok(Math.abs(lp.token_logprobs[0] - want[0]) < 1e-4);
+    assert.deepEqual(lp.text_offset, [0]);
+    // Streamed: the tokens of all chunks make the text; offsets count the bytes before each.
+    let text = '';
+    const tokens = [], offsets = [];
+    for await (const chunk of await client.completions.create({ model: MODEL, prompt: 'Once', max_tokens: 8, temperature: 0,
+                                                                 logprobs: 0, ignore_eos: true, stream: true })) {
+      const c = chunk.choices[0];
+      text += c.text;
+      if (c.logprobs) { tokens.push(...c.logprobs.tokens); offsets.push(...c.logprobs.text_offset); }
+    }
+    assert.equal(tokens.length, 8);
+    assert.equal(Buffer.concat(tokens.map(tokBytes)).toString(), text);
+    let off = 0;
+    tokens.forEach((t, k) => { assert.equal(offsets[k], off); off += tokBytes(t).length; });
   });
 });

@@ -42,10 +42,11 @@ const live = new Set();
 process.on('exit', () => { for (const p of live) p.kill('SIGKILL'); });
 
 // Starts the server on a free port (--port 0) and resolves once its ready line names the address.
-export async function startServer(extraArgs = [], { timeoutMs = 60000 } = {}) {
+// `env`: extra environment variables (e.g. the CPINFER_TEST_FIXED_OUTPUT test hook).
+export async function startServer(extraArgs = [], { timeoutMs = 60000, env = {} } = {}) {
   const model = tinyModel();
   const args = ['serve', '--model-path', model, '--port', '0', '--log-interval', '0', ...extraArgs];
-  const proc = spawn(BIN, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const proc = spawn(BIN, args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...env } });
   live.add(proc);
   let log = '';
   const exited = new Promise((resolve) => proc.on('exit', (code, signal) => { live.delete(proc); resolve({ code, signal }); }));

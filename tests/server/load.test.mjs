@@ -94,6 +94,18 @@ describe('context parallelism', () => {
                                               ignore_eos: true });
     assert.equal(many[5].choices[0].text, solo.choices[0].text);
   });
+
+  it('logprobs at CP size 2 (the other rank follows the host-logits steps) equal CP size 1', async () => {
+    const comp = { prompt: tokenPrompt(301, 4), max_tokens: 6, ignore_eos: true, logprobs: 3, temperature: 0.8, seed: 9 };
+    // One request without logprobs in the same batch: device-drawn and host-drawn rows side by side.
+    const [pa, pb, plain] = await Promise.all([clientOf(cp1).completions.create(comp), clientOf(cp2).completions.create(comp),
+                                               clientOf(cp2).completions.create({ ...comp, logprobs: undefined })]);
+    assert.equal(pa.choices[0].text, pb.choices[0].text);
+    assert.equal(plain.choices[0].text, pa.choices[0].text);
+    assert.deepEqual(pa.choices[0].logprobs.tokens, pb.choices[0].logprobs.tokens);
+    pa.choices[0].logprobs.token_logprobs.forEach((x, k) =>
+      assert.ok(Math.abs(x - pb.choices[0].logprobs.token_logprobs[k]) < 1e-4, `${x} vs ${pb.choices[0].logprobs.token_logprobs[k]}`));
+  });
 });
 
 describe('shutdown', () => {

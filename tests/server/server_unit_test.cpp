@@ -82,7 +82,7 @@ TEST(Api, RejectsBadInputNamingTheField) {
       {Endpoint::Completion, R"({"prompt":"a","stop":7})", "stop"},
       {Endpoint::Completion, R"({"prompt":"a","stop":["ok",1]})", "stop"},
       {Endpoint::Completion, R"({"prompt":"a","stop":""})", "stop"},
-      {Endpoint::Completion, R"({"prompt":"a","n":2})", "n"},
+      {Endpoint::Completion, R"({"prompt":"a","n":65})", "n"},
       {Endpoint::Completion, R"({"prompt":"a","stream":"yes"})", "stream"},
       {Endpoint::Completion, R"({"prompt":"a","stream_options":{"include_usage":true}})", "stream_options"},
       {Endpoint::Completion, R"({"prompt":""})", "prompt"},

@@ -326,7 +326,7 @@ TEST(TokenizerErrors, MalformedFilesGiveClearErrors) {
   j = make_tokenizer({}, {});
   j["model"]["vocab"] = json::array();
   EXPECT_ERROR_HAS(load(j), "model.vocab must be an object");
-  EXPECT_ERROR_HAS(Tokenizer::from_file("/nonexistent/tokenizer.json"), "cannot open tokenizer file");
+  EXPECT_ERROR_HAS(Tokenizer::from_file("/nonexistent/tokenizer.json"), "cannot open /nonexistent/tokenizer.json");
   EXPECT_ERROR_HAS(Tokenizer::from_dir("/nonexistent"), "no tokenizer.json in '/nonexistent'");
   const Tokenizer tok = load(make_tokenizer({}, {}));
   EXPECT_ERROR_HAS(tok.decode(Ids{256}), "token id 256 is outside the vocabulary [0, 256)");
