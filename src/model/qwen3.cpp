@@ -55,8 +55,9 @@ struct Qwen3Model::Workspace {
 };
 
 
-Qwen3Model::Qwen3Model(const ModelConfig& cfg, ModelWeights weights, Backend& backend, ParallelCtx par)
-    : cfg_(cfg), w_(std::move(weights)), be_(backend), par_(par), rope_(cfg.rope_params()),
+Qwen3Model::Qwen3Model(const ModelConfig& cfg, ModelWeights weights, Backend& backend, ParallelCtx par,
+                       const ModelOptions& opt)
+    : cfg_(cfg), w_(std::move(weights)), be_(backend), par_(par), rope_(cfg.rope_params()), opt_(opt),
       ws_(std::make_unique<Workspace>(backend)) {
   CPI_CHECK(static_cast<int>(w_.layers.size()) == static_cast<int>(cfg_.num_hidden_layers),
             "weights hold ", w_.layers.size(), " layers, config.json says ", cfg_.num_hidden_layers);
@@ -85,7 +86,7 @@ KvCacheShape Qwen3Model::kv_shape(int n_blocks, int block_size) const {
 }
 
 void Qwen3Model::mark(double& bucket) {
-  if (!profiling_) return;
+  if (!opt_.profiling) return;
   be_.sync();
   double t = now_s();
   bucket += t - mark_t_;
@@ -102,7 +103,7 @@ Tensor Qwen3Model::forward_logits(const ForwardPlan& plan, KvCache& cache) {
   Workspace& ws = *ws_;
   const DType ad = be_.act_dtype();
   profile_ = {};
-  if (profiling_) {
+  if (opt_.profiling) {
     be_.sync();
     mark_t_ = now_s();
   }
@@ -166,7 +167,7 @@ Tensor Qwen3Model::forward_logits(const ForwardPlan& plan, KvCache& cache) {
   std::vector<size_t> bytes(cp);
   for (int r = 0; r < cp; ++r) bytes[r] = size_t(plan.logit_rows_per_rank[r] * V) * sizeof(float);
   sync_for(par_.cp);
-  if (!elide_comm_) par_.cp->all_gatherv(logits.data, bytes[par_.cp_rank()], all.data, bytes);
+  if (!opt_.elide_comm) par_.cp->all_gatherv(logits.data, bytes[par_.cp_rank()], all.data, bytes);
   return all;
 }
 
@@ -204,8 +205,8 @@ std::vector<int32_t> Qwen3Model::forward_sample(const ForwardPlan& plan, KvCache
 
 bool Qwen3Model::overlap_kv() const {
   if (par_.cp_size() == 1) return false;
-  if (kv_overlap_ == KvOverlap::Auto) return par_.cp->queued();
-  return kv_overlap_ == KvOverlap::On;
+  if (opt_.kv_overlap == KvOverlap::Auto) return par_.cp->queued();
+  return opt_.kv_overlap == KvOverlap::On;
 }
 
 void Qwen3Model::sync_for(Communicator* comm) {
@@ -262,14 +263,14 @@ void Qwen3Model::attention_layer(int l, const ForwardPlan& plan, KvCache& cache)
       sync_for(par_.cp);
       mark(profile_.other_s);
       Communicator::Ticket t = 0;
-      if (!elide_comm_) t = par_.cp->all_gatherv_start(kv_local.data, bytes[me], kv_all.data, bytes);
+      if (!opt_.elide_comm) t = par_.cp->all_gatherv_start(kv_local.data, bytes[me], kv_all.data, bytes);
       if (T > 0) be_.attention(q.view({T, Hq, D}), ws.batch_diag, kv, scale, attn_out.view({T, Hq, D}), lse);
       par_.cp->join(t);
       mark(profile_.attention_s);
     } else {
       sync_for(par_.cp);
       mark(profile_.other_s);
-      if (!elide_comm_) par_.cp->all_gatherv(kv_local.data, bytes[me], kv_all.data, bytes);
+      if (!opt_.elide_comm) par_.cp->all_gatherv(kv_local.data, bytes[me], kv_all.data, bytes);
       mark(profile_.comm_s);
     }
     int64_t row = 0, slot_row = 0;
@@ -362,7 +363,7 @@ void Qwen3Model::moe(int l, const ForwardPlan& plan, const Tensor& h, Tensor out
     for (int r = 0; r < cp; ++r) bytes[r] = size_t(plan.rows_per_rank[r]) * h.row_bytes();
     sync_for(par_.cp);
     mark(profile_.other_s);
-    if (!elide_comm_) par_.cp->all_gatherv(h.data, bytes[par_.cp_rank()], h_all.data, bytes);
+    if (!opt_.elide_comm) par_.cp->all_gatherv(h.data, bytes[par_.cp_rank()], h_all.data, bytes);
     mark(profile_.comm_s);
     rows = h_all;
   }
@@ -377,7 +378,7 @@ void Qwen3Model::moe(int l, const ForwardPlan& plan, const Tensor& h, Tensor out
   if (cp > 1) {
     for (int r = 0; r < par_.cp_rank(); ++r) offset += plan.rows_per_rank[r];
   }
-  if (elide_comm_) {
+  if (opt_.elide_comm) {
     if (T > 0) be_.copy(out.data, partial.slice(offset, T).data, out.nbytes());
   } else if (cp == world) {
     std::vector<size_t> counts(cp);
@@ -395,7 +396,7 @@ int Qwen3Model::moe_chunks(const ForwardPlan&) const {
   // Off unless asked for: on 2 x H200 (Qwen3-30B-A3B shape, wgmma grouped GEMMs) 1, 2, 3, 4 and 6
   // chunks gave the same TTFT within 2% at 32K and 128K (docs/benchmarks.md): the expert GEMMs keep
   // every SM busy, so the NCCL kernels gain little by running beside them.
-  return moe_chunks_ > 0 ? moe_chunks_ : 1;
+  return opt_.moe_chunks > 0 ? opt_.moe_chunks : 1;
 }
 
 // Sharded experts with the CP group's rows in k chunks (every rank splits its rows the same way):
@@ -431,7 +432,7 @@ void Qwen3Model::moe_pipelined(int l, const ForwardPlan& plan, const Tensor& h, 
   auto gather = [&](int c) -> Communicator::Ticket {
     std::vector<size_t> bytes(cp);
     for (int r = 0; r < cp; ++r) bytes[r] = size_t(part[c][r]) * h.row_bytes();
-    if (elide_comm_) return 0;
+    if (opt_.elide_comm) return 0;
     return comm.all_gatherv_start(h.slice(first[c][me], part[c][me]).data, bytes[me],
                                   h_all.slice(region[c], region[c + 1] - region[c]).data, bytes);
   };
@@ -449,7 +450,7 @@ void Qwen3Model::moe_pipelined(int l, const ForwardPlan& plan, const Tensor& h, 
     std::vector<size_t> counts(cp);
     for (int r = 0; r < cp; ++r) counts[r] = size_t(part[c][r] * H);
     Tensor mine = out.slice(first[c][me], part[c][me]);
-    if (elide_comm_) {
+    if (opt_.elide_comm) {
       int64_t off = region[c];
       for (int r = 0; r < me; ++r) off += part[c][r];
       if (part[c][me] > 0) be_.copy(mine.data, partial.slice(off, part[c][me]).data, mine.nbytes());
