@@ -7,25 +7,13 @@ namespace cpinfer {
 
 namespace {
 
-ModelFamily decoder_family(std::string arch, DecoderSpec spec) {
-  ModelFamily f;
-  f.architecture = std::move(arch);
-  f.weight_map = [spec](const ModelConfig& cfg, ModelWeights& w, ExpertRange share) {
-    return decoder_weight_map(cfg, spec, w, share);
-  };
-  f.make = [](const ModelConfig& cfg, ModelWeights w, Backend& be, ParallelCtx par, const ModelOptions& opt) {
-    return std::unique_ptr<CausalLM>(std::make_unique<Qwen3Model>(cfg, std::move(w), be, par, opt));
-  };
-  return f;
-}
-
 // An explicit table rather than self-registering statics: a static library drops object files
 // nothing references, and with them their registrations.
 const std::vector<ModelFamily>& families() {
-  static const std::vector<ModelFamily> all = {
-      decoder_family("Qwen3MoeForCausalLM", DecoderSpec{.qk_norm = true, .moe = true}),
-      decoder_family("Qwen3ForCausalLM", DecoderSpec{.qk_norm = true, .moe = false}),
-  };
+  static const std::vector<ModelFamily> all = [] {
+    std::vector<ModelFamily> v = qwen3_families();
+    return v;
+  }();
   return all;
 }
 
