@@ -1,6 +1,7 @@
 #include "model/registry.h"
 
 #include "core/check.h"
+#include "model/llama.h"
 #include "model/qwen3.h"
 
 namespace cpinfer {
@@ -12,6 +13,7 @@ namespace {
 const std::vector<ModelFamily>& families() {
   static const std::vector<ModelFamily> all = [] {
     std::vector<ModelFamily> v = qwen3_families();
+    v.push_back(llama_family());
     return v;
   }();
   return all;
