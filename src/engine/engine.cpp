@@ -7,6 +7,7 @@
 
 #include "core/log.h"
 #include "engine/launch.h"
+#include "engine/stop.h"
 #include "model/random_weights.h"
 #include "model/registry.h"
 
@@ -165,8 +166,7 @@ GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateO
   CPI_CHECK(need <= cache_->n_free_blocks() * opt_.block_size, "prompt (", prompt.size(), " tokens) + max_new_tokens (",
             gen.max_new_tokens, ") exceed the KV cache (", cache_->n_free_blocks() * opt_.block_size,
             " free positions); raise --kv-cache-tokens");
-  std::vector<int32_t> stops = gen.stop_ids;
-  if (!gen.ignore_eos) stops.insert(stops.end(), cfg_.eos_token_ids.begin(), cfg_.eos_token_ids.end());
+  const std::vector<int32_t> stops = stop_token_ids(gen.stop_ids, cfg_, gen.ignore_eos);
 
   // Tokens are drawn on the device (Backend::sample); only the ids come back.
   Sampler sampler(gen.sampling);
