@@ -32,8 +32,8 @@ class Attention {
  public:
   enum class Strategy { OneRank, CpReplicatedKv, CpReplicatedKvOverlap };
 
-  Attention(const AttentionShape& shape, RopeParams rope, Backend& be, const ParallelCtx& par,
-            const ModelOptions& opt, Profiler& prof);
+  Attention(const AttentionShape& shape, RopeParams rope, Backend& be, const ParallelCtx& par, const ModelOptions& opt,
+            Profiler& prof);
 
   // Once per forward: positions, K/V slots and the attention blocks of `plan` go to the device
   // (every layer reuses them) and the strategy is fixed.
@@ -45,8 +45,23 @@ class Attention {
   Tensor run(const AttentionWeights& w, const KvLayer& kv, const Tensor& h);
 
  private:
-  enum Slot { kPos, kSlots, kBlockTable, kBlocks, kBlocksDiag, kBlocksPrefix, kQ, kKvLocal, kKvAll, kOut,
-              kLse, kOut2, kLse2, kO, kNumSlots };
+  enum Slot {
+    kPos,
+    kSlots,
+    kBlockTable,
+    kBlocks,
+    kBlocksDiag,
+    kBlocksPrefix,
+    kQ,
+    kKvLocal,
+    kKvAll,
+    kOut,
+    kLse,
+    kOut2,
+    kLse2,
+    kO,
+    kNumSlots
+  };
   void set_batch(AttnBatch& b, std::vector<AttnBlock> blocks, const Tensor& table, Slot slot);
   void gathered(const KvLayer& kv, const Tensor& q, const Tensor& kv_local, Tensor out, bool overlap);
 
@@ -59,8 +74,8 @@ class Attention {
   Scratch scratch_;
   Strategy strategy_ = Strategy::OneRank;
   const ForwardPlan* plan_ = nullptr;
-  Tensor pos_, slots_;                 // [T] local positions, [n_all] slots of every rank's rows
-  AttnBatch batch_;                    // every block over all its keys
+  Tensor pos_, slots_;                   // [T] local positions, [n_all] slots of every rank's rows
+  AttnBatch batch_;                      // every block over all its keys
   AttnBatch batch_diag_, batch_prefix_;  // overlapped exchange: own keys, then the other ranks'
 };
 

@@ -22,11 +22,19 @@ MoeShape moe_shape(const ModelConfig& cfg) {
 
 DecoderLM::DecoderLM(const ModelConfig& cfg, const DecoderSpec& spec, ModelWeights weights, Backend& backend,
                      ParallelCtx par, const ModelOptions& opt)
-    : cfg_(cfg), spec_(spec), w_(std::move(weights)), be_(backend), par_(par), opt_(opt), prof_(backend, opt_),
-      scratch_(backend, kNumSlots), attn_(attention_shape(cfg, spec), cfg.rope_params(), backend, par_, opt_, prof_),
-      moe_(moe_shape(cfg), backend, par_, opt_, prof_), mlp_(backend, prof_) {
-  CPI_CHECK(static_cast<int>(w_.layers.size()) == static_cast<int>(cfg_.num_hidden_layers),
-            "weights hold ", w_.layers.size(), " layers, config.json says ", cfg_.num_hidden_layers);
+    : cfg_(cfg),
+      spec_(spec),
+      w_(std::move(weights)),
+      be_(backend),
+      par_(par),
+      opt_(opt),
+      prof_(backend, opt_),
+      scratch_(backend, kNumSlots),
+      attn_(attention_shape(cfg, spec), cfg.rope_params(), backend, par_, opt_, prof_),
+      moe_(moe_shape(cfg), backend, par_, opt_, prof_),
+      mlp_(backend, prof_) {
+  CPI_CHECK(static_cast<int>(w_.layers.size()) == static_cast<int>(cfg_.num_hidden_layers), "weights hold ",
+            w_.layers.size(), " layers, config.json says ", cfg_.num_hidden_layers);
   if (par_.cp && par_.world) {
     CPI_CHECK(par_.world->size() % par_.cp->size() == 0, "attn_cp_size ", par_.cp->size(),
               " does not divide the world size ", par_.world->size());
@@ -73,8 +81,8 @@ Tensor DecoderLM::forward_logits(const ForwardPlan& plan, KvCache& cache) {
   const int n_layers = static_cast<int>(cfg_.num_hidden_layers);
   for (int l = 0; l < n_layers; ++l) {
     const LayerWeights& L = w_.layers[size_t(l)];
-    Tensor o = attn_.run(AttentionWeights{L.q_proj, L.k_proj, L.v_proj, L.o_proj, L.q_norm, L.k_norm},
-                         cache.layer(l), h);
+    Tensor o =
+        attn_.run(AttentionWeights{L.q_proj, L.k_proj, L.v_proj, L.o_proj, L.q_norm, L.k_norm}, cache.layer(l), h);
     if (T > 0) {
       be_.add_rms_norm(x, o, L.post_attn_norm, eps, h);
       prof_.mark(&ForwardProfile::other_s);

@@ -16,8 +16,7 @@ struct ModelFamily {
   std::string architecture;  // e.g. "Qwen3MoeForCausalLM"
   // Fills w's structure for this rank's expert share and names every tensor.
   std::function<WeightMap(const ModelConfig&, ModelWeights& w, ExpertRange share)> weight_map;
-  std::function<std::unique_ptr<CausalLM>(const ModelConfig&, ModelWeights, Backend&, ParallelCtx,
-                                          const ModelOptions&)>
+  std::function<std::unique_ptr<CausalLM>(const ModelConfig&, ModelWeights, Backend&, ParallelCtx, const ModelOptions&)>
       make;
 };
 

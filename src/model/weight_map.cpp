@@ -66,8 +66,7 @@ WeightMap decoder_weight_map(const ModelConfig& cfg, const DecoderSpec& spec, Mo
     S.gate.resize(static_cast<size_t>(share.count));
     S.up.resize(static_cast<size_t>(share.count));
     S.down.resize(static_cast<size_t>(share.count));
-    m.experts.push_back({p + "mlp.experts.", &S, E, Im, H, 1000000 + uint64_t(l) * uint64_t(E) * 3,
-                         m.tensors.size()});
+    m.experts.push_back({p + "mlp.experts.", &S, E, Im, H, 1000000 + uint64_t(l) * uint64_t(E) * 3, m.tensors.size()});
   }
   return m;
 }

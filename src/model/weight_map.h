@@ -43,7 +43,7 @@ struct ExpertEntry {
 struct WeightMap {
   std::vector<WeightEntry> tensors;  // in load order (the first bad tensor is the one reported)
   std::vector<ExpertEntry> experts;
-  bool tie_lm_head = false;          // lm_head = embed after loading
+  bool tie_lm_head = false;  // lm_head = embed after loading
 };
 
 // The map of a pre-norm decoder (embed_tokens, layers.N.{input_layernorm, self_attn.{q,k,v,o}_proj,

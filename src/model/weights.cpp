@@ -56,8 +56,8 @@ class Planner {
     const size_t row_bytes = t.shape[0] == 0 ? 0 : t.nbytes / static_cast<size_t>(t.shape[0]);
     std::vector<int64_t> shape = t.shape;
     shape[0] = count;
-    items_.push_back({&t, static_cast<size_t>(first) * row_bytes, static_cast<size_t>(count) * row_bytes,
-                      std::move(shape), dst});
+    items_.push_back(
+        {&t, static_cast<size_t>(first) * row_bytes, static_cast<size_t>(count) * row_bytes, std::move(shape), dst});
   }
 
   const TensorInfo& checked(const std::string& name, const std::vector<int64_t>& expect, const char* why) {
@@ -111,8 +111,8 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backen
     const TensorInfo* gate_up = plan.find_any(ex + "gate_up_proj", ex + "gate_up_proj.weight");
     if (gate_up != nullptr) {
       // transformers 5 fused layout: gate rows first, then up, per expert.
-      const std::string gu_why = why("num_experts", E, "2*moe_intermediate_size", 2 * Im) + ", hidden_size=" +
-                                 std::to_string(H);
+      const std::string gu_why =
+          why("num_experts", E, "2*moe_intermediate_size", 2 * Im) + ", hidden_size=" + std::to_string(H);
       const TensorInfo& gu = plan.checked(gate_up->name, {E, 2 * Im, H}, gu_why.c_str());
       const TensorInfo* down = plan.find_any(ex + "down_proj", ex + "down_proj.weight");
       CPI_CHECK(down != nullptr, "missing tensor '", ex, "down_proj' in ", ckpt.dir(), " (", gu.name,

@@ -9,7 +9,8 @@
 namespace cpinfer::contract {
 
 // q [T, Hq, D], k [T, Hkv, D] of one float dtype; norm weights [D] float, or both undefined (RoPE
-// only, no q/k norm); positions [T] I32 (I64 accepted for host-side back-ends); rope.inv_freq [D/2]; eps finite, >= 0; D even.
+// only, no q/k norm); positions [T] I32 (I64 accepted for host-side back-ends); rope.inv_freq [D/2]; eps finite, >= 0;
+// D even.
 void qk_norm_rope(const Tensor& q, const Tensor& k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
                   const Tensor& positions, const RopeParams& rope);
 

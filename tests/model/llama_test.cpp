@@ -128,7 +128,8 @@ std::vector<std::vector<double>> naive_forward(const Shape& s, const LlamaWeight
   const std::vector<double> inv_freq = llama3_inv_freq(s);
   const std::vector<double> embed = c.get("model.embed_tokens.weight");
   std::vector<std::vector<double>> x(static_cast<size_t>(n));
-  for (int64_t t = 0; t < n; ++t) x[size_t(t)].assign(embed.begin() + ids[size_t(t)] * H, embed.begin() + (ids[size_t(t)] + 1) * H);
+  for (int64_t t = 0; t < n; ++t)
+    x[size_t(t)].assign(embed.begin() + ids[size_t(t)] * H, embed.begin() + (ids[size_t(t)] + 1) * H);
   auto rope = [&](std::vector<double>& v, int64_t heads, int64_t pos) {
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t i = 0; i < D / 2; ++i) {
