@@ -117,7 +117,7 @@ int run_bench_prefill(BenchFlags& f) {
       eo.random_weights = f.random_weights;
       eo.quiet = par.world_rank() != 0;
       Engine engine(f.ef.model_path, eo, par);
-      engine.model().set_moe_chunks(f.moe_chunks);
+      engine.model().options().moe_chunks = f.moe_chunks;
       if (par.world_rank() == 0) {
         std::lock_guard<std::mutex> lock(mu);
         cfg = engine.config();
@@ -129,7 +129,7 @@ int run_bench_prefill(BenchFlags& f) {
         std::vector<int32_t> ids(S);
         for (auto& t : ids) t = static_cast<int32_t>(rng() % engine.config().vocab_size);
         auto once = [&](bool profile) {
-          engine.model().set_profiling(profile);
+          engine.model().options().profiling = profile;
           if (par.control) par.control->barrier();
           auto t0 = std::chrono::steady_clock::now();
           std::vector<int> s;
@@ -147,10 +147,10 @@ int run_bench_prefill(BenchFlags& f) {
         // same kernels) is this much faster.
         double elided = -1;
         if (par.cp_size() > 1 && f.exposed_comm) {
-          engine.model().set_elide_comm(true);
+          engine.model().options().elide_comm = true;
           std::vector<double> t2;
           for (int i = 0; i < repeats; ++i) t2.push_back(once(false));
-          engine.model().set_elide_comm(false);
+          engine.model().options().elide_comm = false;
           std::sort(t2.begin(), t2.end());
           elided = t2[t2.size() / 2];
         }

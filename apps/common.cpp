@@ -2,6 +2,8 @@
 
 #include <charconv>
 
+#include "core/log.h"
+
 namespace cpinfer {
 
 void EngineFlags::add_to(CLI::App* app, bool model_required) {
@@ -14,10 +16,21 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
       ->capture_default_str();
   app->add_option("--attn-cp-size", attn_cp_size, "Context-parallel size: ranks that split one long prompt")
       ->check(CLI::Range(1, 4096))->capture_default_str();
-  app->add_option("--tp-size", tp_size,
-                  "Number of ranks the model spans (experts are sharded over them); default: --attn-cp-size, or "
-                  "the mpirun size")
-      ->check(CLI::Range(0, 4096));
+  auto* ws = app->add_option("--world-size", world_size,
+                              "Number of ranks the model spans (experts are sharded over them); default: "
+                              "--attn-cp-size, or the mpirun size")
+                  ->check(CLI::Range(0, 4096));
+  // The old name said tensor parallelism, which this is not (attention is context-parallel, experts
+  // sharded); kept so that existing command lines still run.
+  app->add_option_function<int>(
+         "--tp-size",
+         [this](const int& v) {
+           log_warn("--tp-size is deprecated: it is the world size; use --world-size");
+           world_size = v;
+         },
+         "Deprecated name of --world-size")
+      ->check(CLI::Range(0, 4096))
+      ->excludes(ws);
   app->add_option("--ep-size", ep_size,
                   "Ranks the MoE experts are sharded over: the whole world (default) or 1 (every rank holds "
                   "all experts; more memory, no MoE communication)")
@@ -39,7 +52,7 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
 LaunchOptions EngineFlags::launch() const {
   LaunchOptions l;
   l.comm = comm;
-  l.world_size = tp_size;
+  l.world_size = world_size;
   l.cp_size = attn_cp_size;
   l.ep_size = ep_size;
   l.timeout_s = comm_timeout_s;

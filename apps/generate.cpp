@@ -7,6 +7,7 @@
 
 #include "common.h"
 #include "core/log.h"
+#include "engine/stop.h"
 #include "tokenizer/tokenizer.h"
 
 namespace cpinfer {
@@ -22,43 +23,6 @@ struct GenerateFlags {
   int top_k = -1;
   int64_t seed = -1;
   std::vector<std::string> stop;
-};
-
-// Stop strings end the output at their first occurrence (the stop string itself is not returned).
-struct StopMatcher {
-  std::vector<std::string> stops;
-  std::string text;
-  size_t emitted = 0;
-  // Appends `piece`; returns the text that is safe to show and whether a stop string was hit.
-  std::pair<std::string, bool> push(const std::string& piece) {
-    text += piece;
-    for (const auto& s : stops) {
-      size_t at = text.find(s);
-      if (!s.empty() && at != std::string::npos) {
-        std::string out = at > emitted ? text.substr(emitted, at - emitted) : "";
-        text.resize(at);
-        emitted = at;
-        return {out, true};
-      }
-    }
-    // Hold back a tail that could still grow into a stop string.
-    size_t hold = 0;
-    for (const auto& s : stops)
-      for (size_t k = std::min(s.size() - 1, text.size()); k > hold; --k)
-        if (text.compare(text.size() - k, k, s, 0, k) == 0) {
-          hold = k;
-          break;
-        }
-    size_t safe = text.size() - hold;
-    std::string out = safe > emitted ? text.substr(emitted, safe - emitted) : "";
-    emitted = std::max(emitted, safe);
-    return {out, false};
-  }
-  std::string rest() {
-    std::string out = text.substr(emitted);
-    emitted = text.size();
-    return out;
-  }
 };
 
 int run_generate(GenerateFlags& f) {
@@ -99,22 +63,22 @@ int run_generate(GenerateFlags& f) {
     Engine engine(f.ef.model_path, f.ef.engine(static_cast<int>(ids.size()) + f.max_new_tokens), par);
     std::unique_ptr<StreamDecoder> dec;
     if (tok && engine.rank() == 0) dec = std::make_unique<StreamDecoder>(*tok);
-    StopMatcher stops;
-    stops.stops = f.stop;
+    StopMatcher stops(f.stop);
     auto on_token = [&](int32_t id) {
       if (!dec) return true;
-      auto [piece, hit] = stops.push(dec->push(id));
+      const std::string piece = stops.push(dec->push(id));
       text += piece;
       if (!f.json) {
         std::fputs(piece.c_str(), stdout);
         std::fflush(stdout);
       }
-      return !hit;
+      return !stops.stopped();
     };
     GenerateResult r = engine.generate(ids, gen, on_token);
     if (engine.rank() == 0) {
       if (dec && r.finish_reason != "stop") {
-        std::string tail = stops.push(dec->flush()).first + stops.rest();
+        std::string tail = stops.push(dec->flush());
+        tail += stops.flush();
         text += tail;
         if (!f.json) std::fputs(tail.c_str(), stdout);
       }

@@ -12,7 +12,7 @@ PACKAGES=(
   build-essential cmake ninja-build pkg-config ccache git
   nlohmann-json3-dev libcli11-dev libpcre2-dev libutf8proc-dev libopenblas-dev
   libopenmpi-dev openmpi-bin libgtest-dev libgmock-dev libbenchmark-dev libboost-dev
-  python3 clang libclang-rt-14-dev
+  python3 clang clang-format libclang-rt-14-dev
 )
 # Node.js: the machine's own when present (it may come from another source than Debian, whose npm
 # package would conflict with it); Debian's otherwise.

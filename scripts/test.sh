@@ -9,6 +9,9 @@ cd "$ROOT"
 "$ROOT/scripts/setup.sh"
 JOBS="$(nproc)"
 
+echo "[test] clang-format"
+"$ROOT/scripts/format.sh" --check
+
 echo "[test] build (Release)"
 "$ROOT/scripts/build.sh" "$ROOT/build"
 echo "[test] ctest (Release)"

@@ -86,6 +86,16 @@ FIXTURES = {
                     intermediate_size=128, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
                     norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
                     rope_parameters=ROPE_DEFAULT)),
+    # Llama 3: no q/k norm, llama3 RoPE scaling (original length 256 so that the prompts reach the
+    # scaled band), GQA, no biases. Not yet generated (needs the GPU machine's transformers): after
+    # `tools/make_fixtures.py --only llama3_gqa`, add "llama3_gqa" to tests/model/fixtures.h.
+    "llama3_gqa": dict(
+        arch="LlamaForCausalLM", seed=1006, dialect="v5", expert_layout="none",
+        config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    intermediate_size=128, tie_word_embeddings=False, mlp_bias=False,
+                    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 256})),
     # Dense Qwen3 (no experts).
     "dense_qwen3": dict(
         arch="Qwen3ForCausalLM", seed=1004, dialect="v5", expert_layout="none",
@@ -148,6 +158,9 @@ def build_model(spec, torch, transformers):
     elif spec["arch"] == "Qwen3ForCausalLM":
         config = transformers.Qwen3Config(**cfg_kwargs)
         model_cls = transformers.Qwen3ForCausalLM
+    elif spec["arch"] == "LlamaForCausalLM":
+        config = transformers.LlamaConfig(**cfg_kwargs)
+        model_cls = transformers.LlamaForCausalLM
     else:
         fail(f"unknown architecture {spec['arch']}")
     if getattr(config, "head_dim", None) != spec["config"]["head_dim"]:

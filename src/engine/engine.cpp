@@ -7,7 +7,9 @@
 
 #include "core/log.h"
 #include "engine/launch.h"
+#include "engine/stop.h"
 #include "model/random_weights.h"
+#include "model/registry.h"
 
 namespace cpinfer {
 
@@ -60,7 +62,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt, ParallelC
                      });
   }
   size_t weight_bytes = w.bytes;
-  model_ = std::make_unique<Qwen3Model>(cfg_, std::move(w), *be_, par_);
+  model_ = make_model(cfg_, std::move(w), *be_, par_, opt.model);
   CPI_CHECK(opt.block_size > 0 && opt.kv_cache_tokens > 0, "KV cache needs positive --kv-cache-tokens");
   int n_blocks = (opt.kv_cache_tokens + opt.block_size - 1) / opt.block_size;
   cache_ = std::make_unique<KvCache>(*be_, model_->kv_shape(n_blocks, opt.block_size));
@@ -69,7 +71,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt, ParallelC
     for (int l = 0; l < static_cast<int>(cfg_.num_hidden_layers); ++l) n_moe += cfg_.is_moe_layer(l) ? 1 : 0;
     log_info("loaded ", cfg_.architecture, " from ", random ? "random weights (" + opt.random_weights + ")" : model_dir, ": ", cfg_.num_hidden_layers, " layers (", n_moe,
              " MoE, ", cfg_.num_experts, " experts top-", cfg_.num_experts_per_tok, "), hidden ", cfg_.hidden_size,
-             ", vocab ", cfg_.vocab_size, ", weights ", dtype_name(model_->weights().embed.dtype), " ",
+             ", vocab ", cfg_.vocab_size, ", weights ", dtype_name(model_->weight_dtype()), " ",
              weight_bytes / 1048576.0, " MiB on rank 0 of ", par_.world_size(), ", device ", be_->name(), ", ",
              seconds_since(t0), " s");
     log_info("KV cache: ", n_blocks * opt.block_size, " positions in blocks of ", opt.block_size, ", ",
@@ -164,8 +166,7 @@ GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateO
   CPI_CHECK(need <= cache_->n_free_blocks() * opt_.block_size, "prompt (", prompt.size(), " tokens) + max_new_tokens (",
             gen.max_new_tokens, ") exceed the KV cache (", cache_->n_free_blocks() * opt_.block_size,
             " free positions); raise --kv-cache-tokens");
-  std::vector<int32_t> stops = gen.stop_ids;
-  if (!gen.ignore_eos) stops.insert(stops.end(), cfg_.eos_token_ids.begin(), cfg_.eos_token_ids.end());
+  const std::vector<int32_t> stops = stop_token_ids(gen.stop_ids, cfg_, gen.ignore_eos);
 
   // Tokens are drawn on the device (Backend::sample); only the ids come back.
   Sampler sampler(gen.sampling);

@@ -13,7 +13,7 @@
 #include "kv/kv_cache.h"
 #include "loader/config.h"
 #include "loader/safetensors.h"
-#include "model/qwen3.h"
+#include "model/causal_lm.h"
 #include "parallel/plan.h"
 
 namespace cpinfer {
@@ -28,6 +28,7 @@ struct EngineOptions {
   // When set, no checkpoint is read: random BF16 weights at this config's shape (a built-in name
   // such as "qwen3-30b-a3b" or a config.json path), built on the device (benchmarks).
   std::string random_weights;
+  ModelOptions model;          // layer strategies (KV exchange overlap, MoE chunks, profiling)
 };
 
 struct GenerateOptions {
@@ -51,7 +52,7 @@ class Engine {
   ~Engine();
 
   const ModelConfig& config() const { return cfg_; }
-  Qwen3Model& model() { return *model_; }
+  CausalLM& model() { return *model_; }
   KvCache& cache() { return *cache_; }
   const EngineOptions& options() const { return opt_; }
   int rank() const { return par_.world_rank(); }
@@ -90,7 +91,7 @@ class Engine {
   ModelConfig cfg_;
   std::unique_ptr<Checkpoint> ckpt_;
   std::unique_ptr<Backend> be_;
-  std::unique_ptr<Qwen3Model> model_;
+  std::unique_ptr<CausalLM> model_;
   std::unique_ptr<KvCache> cache_;
 };
 

@@ -60,7 +60,7 @@ void launch(const LaunchOptions& opt, const std::function<void(ParallelCtx&)>& f
     CPI_CHECK(!launched_by_mpirun(), "running under mpirun with --comm local: pass --comm mpi");
     int world = opt.world_size > 0 ? opt.world_size : opt.cp_size;
     CPI_CHECK(world % opt.cp_size == 0, "--attn-cp-size ", opt.cp_size, " does not divide the world size ", world,
-              " (--tp-size)");
+              " (--world-size)");
     check_ep_size(opt.ep_size, world);
     if (world == 1) {
       fn(*std::make_unique<ParallelCtx>());
@@ -72,7 +72,7 @@ void launch(const LaunchOptions& opt, const std::function<void(ParallelCtx&)>& f
   if (opt.comm == "mpi") {
     CPI_CHECK(launched_by_mpirun(), "--comm mpi needs the job to be started by mpirun (e.g. mpirun -np 2 cpinfer ...)");
     auto world = make_mpi_communicator(timeout);
-    CPI_CHECK(opt.world_size == 0 || opt.world_size == world->size(), "--tp-size ", opt.world_size,
+    CPI_CHECK(opt.world_size == 0 || opt.world_size == world->size(), "--world-size ", opt.world_size,
               " but mpirun started ", world->size(), " ranks");
     CPI_CHECK(world->size() % opt.cp_size == 0, "--attn-cp-size ", opt.cp_size, " does not divide the ",
               world->size(), " mpirun ranks");

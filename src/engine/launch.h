@@ -4,7 +4,8 @@
 #include <functional>
 #include <string>
 
-#include "model/qwen3.h"
+#include "core/check.h"
+#include "parallel/context.h"
 
 namespace cpinfer {
 

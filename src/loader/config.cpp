@@ -162,8 +162,22 @@ void parse_rope(const Fields& top, ModelConfig& cfg) {
               r.factor);
     return;
   }
+  if (r.type == "llama3") {
+    r.factor = rope.number("factor");
+    r.low_freq_factor = rope.number("low_freq_factor");
+    r.high_freq_factor = rope.number("high_freq_factor");
+    r.original_max_position_embeddings = rope.integer("original_max_position_embeddings");
+    CPI_CHECK(r.factor > 0 && std::isfinite(r.factor), label, ": ", dict_name, ".factor must be positive, got ",
+              r.factor);
+    CPI_CHECK(r.low_freq_factor > 0 && r.high_freq_factor > r.low_freq_factor && std::isfinite(r.high_freq_factor),
+              label, ": ", dict_name, ": need 0 < low_freq_factor < high_freq_factor, got ", r.low_freq_factor, " and ",
+              r.high_freq_factor);
+    CPI_CHECK(r.original_max_position_embeddings > 0, label, ": ", dict_name,
+              ".original_max_position_embeddings must be positive, got ", r.original_max_position_embeddings);
+    return;
+  }
   CPI_CHECK(r.type == "yarn", label, ": rope type '", r.type, "' in '", dict_name,
-            "' is not supported (supported: default, linear, yarn)");
+            "' is not supported (supported: default, linear, yarn, llama3)");
   if (top.has("original_max_position_embeddings"))
     r.original_max_position_embeddings = top.integer("original_max_position_embeddings");
   else
@@ -204,13 +218,23 @@ ModelConfig parse_config(const std::string& text, const std::string& label) {
     c.architecture = "Qwen3MoeForCausalLM";
   } else if (c.model_type == "qwen3") {
     c.architecture = "Qwen3ForCausalLM";
+  } else if (c.model_type == "llama") {
+    c.architecture = "LlamaForCausalLM";
   } else {
     CPI_FAIL(label, ": required field 'architectures' is missing (and model_type '", c.model_type,
              "' does not name a supported model)");
   }
   const bool moe = c.architecture == "Qwen3MoeForCausalLM";
-  CPI_CHECK(moe || c.architecture == "Qwen3ForCausalLM", label, ": architecture '", c.architecture,
-            "' is not supported (cpinfer runs Qwen3MoeForCausalLM and Qwen3ForCausalLM)");
+  const bool llama = c.architecture == "LlamaForCausalLM";
+  CPI_CHECK(moe || llama || c.architecture == "Qwen3ForCausalLM", label, ": architecture '", c.architecture,
+            "' is not supported (cpinfer runs Qwen3MoeForCausalLM, Qwen3ForCausalLM and LlamaForCausalLM)");
+  if (llama) {
+    // The decoder has no bias terms and SwiGLU MLPs (what Llama 3 checkpoints use).
+    CPI_CHECK(!f.boolean("attention_bias", false), label, ": attention_bias true is not supported");
+    CPI_CHECK(!f.boolean("mlp_bias", false), label, ": mlp_bias true is not supported");
+    const std::string act = f.string("hidden_act", "silu");
+    CPI_CHECK(act == "silu", label, ": hidden_act '", act, "' is not supported (silu)");
+  }
 
   c.vocab_size = f.integer("vocab_size");
   c.hidden_size = f.integer("hidden_size");
@@ -349,7 +373,7 @@ bool ModelConfig::is_moe_layer(int layer) const {
 // (Python) math stays in double. This file is built with -ffp-contract=off so no FMA merges two
 // roundings into one.
 RopeParams ModelConfig::rope_params() const {
-  const int dim = head_dim;  // partial_rotary_factor is 1 for Qwen3 (checked while parsing)
+  const int dim = head_dim;  // partial_rotary_factor is 1 (checked while parsing)
   const int half = dim / 2;
   // pos_freqs[i] = base ** (float(2i) / dim), pow evaluated in float32 by torch; double pow
   // rounded once to float is the correctly rounded float result.
@@ -370,7 +394,29 @@ RopeParams ModelConfig::rope_params() const {
     p.attention_factor = 1.0f;
     return p;
   }
-  CPI_CHECK(rope.type == "yarn", "rope type '", rope.type, "' is not supported (default, linear, yarn)");
+  if (rope.type == "llama3") {
+    // transformers _compute_llama3_parameters over the default inv_freq, float32 tensor ops with
+    // Python scalars rounded to float: `2 * pi / inv_freq` is reciprocal(inv_freq) * float(2 pi).
+    const float factor = static_cast<float>(rope.factor);
+    const double old_len = static_cast<double>(rope.original_max_position_embeddings);
+    const float low_wavelen = static_cast<float>(old_len / rope.low_freq_factor);
+    const float high_wavelen = static_cast<float>(old_len / rope.high_freq_factor);
+    const float two_pi = static_cast<float>(2.0 * std::numbers::pi);
+    const float width = static_cast<float>(rope.high_freq_factor - rope.low_freq_factor);
+    for (int i = 0; i < half; ++i) {
+      const float inv = 1.0f / pos_freqs[i];
+      const float wavelen = (1.0f / inv) * two_pi;
+      const float llama = wavelen > low_wavelen ? inv / factor : inv;
+      const float smooth = ((1.0f / wavelen) * static_cast<float>(old_len) - static_cast<float>(rope.low_freq_factor)) /
+                           width;
+      const float smoothed = (1.0f - smooth) * llama / factor + smooth * llama;
+      const bool medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+      p.inv_freq[i] = medium ? smoothed : llama;
+    }
+    p.attention_factor = 1.0f;
+    return p;
+  }
+  CPI_CHECK(rope.type == "yarn", "rope type '", rope.type, "' is not supported (default, linear, yarn, llama3)");
 
   const double factor = rope.factor;
   auto get_mscale = [](double scale, double m) { return scale <= 1.0 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; };

@@ -1,4 +1,5 @@
-// Hugging Face config.json for Qwen3-MoE (Qwen3MoeForCausalLM) and dense Qwen3 (Qwen3ForCausalLM),
+// Hugging Face config.json for Qwen3-MoE (Qwen3MoeForCausalLM), dense Qwen3 (Qwen3ForCausalLM) and
+// Llama 3 (LlamaForCausalLM: no biases, `llama3` RoPE scaling),
 // in both dialects: hub / transformers 4 (`num_experts`, `rope_theta`, `rope_scaling`) and
 // transformers 5 (`num_local_experts`, `rope_parameters`). Defaults follow the transformers config
 // classes where a field may be absent; everything the forward pass depends on is validated.
@@ -16,7 +17,7 @@ namespace cpinfer {
 
 // RoPE settings after transformers 5's standardization (legacy keys mapped into one dict).
 struct RopeConfig {
-  std::string type = "default";  // "default" | "linear" | "yarn"
+  std::string type = "default";  // "default" | "linear" | "yarn" | "llama3"
   double theta = 10000.0;
   double factor = 1.0;                               // linear, yarn
   int64_t original_max_position_embeddings = 0;      // yarn (defaults to max_position_embeddings)
@@ -25,11 +26,12 @@ struct RopeConfig {
   double beta_slow = 1.0;                            // yarn
   bool truncate = true;                              // yarn: floor/ceil the correction range
   std::optional<double> mscale, mscale_all_dim;      // yarn (DeepSeek style attention factor)
+  double low_freq_factor = 1.0, high_freq_factor = 4.0;  // llama3
 };
 
 struct ModelConfig {
-  std::string architecture;  // "Qwen3MoeForCausalLM" or "Qwen3ForCausalLM"
-  std::string model_type;    // "qwen3_moe" / "qwen3" (informational)
+  std::string architecture;  // "Qwen3MoeForCausalLM", "Qwen3ForCausalLM" or "LlamaForCausalLM"
+  std::string model_type;    // "qwen3_moe" / "qwen3" / "llama" (informational)
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;      // dense MLP width (0 when every layer is MoE and it is absent)

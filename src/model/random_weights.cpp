@@ -1,5 +1,8 @@
 #include "model/random_weights.h"
 
+#include "model/registry.h"
+#include "model/weight_map.h"
+
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -27,9 +30,10 @@ constexpr const char* kQwen3_30B_A3B = R"({
 class Filler {
  public:
   Filler(Backend& be, ModelWeights& w, uint64_t seed) : be_(be), w_(w), seed_(seed) {}
-  Tensor make(uint64_t id, std::initializer_list<int64_t> dims, float scale, float mean = 0.0f) {
+  Tensor make(uint64_t id, const std::vector<int64_t>& dims, float scale, float mean = 0.0f) {
     rng_.seed(seed_ * 0x9E3779B97F4A7C15ull + id * 0xBF58476D1CE4E5B9ull + 1);
-    Tensor probe(nullptr, DType::BF16, dims, be_.device());
+    Tensor probe(nullptr, DType::BF16, {}, be_.device());
+    for (int64_t d : dims) probe.shape[size_t(probe.ndim++)] = d;
     Buffer buf(be_, probe.nbytes());
     const std::vector<uint16_t>& pool = get_pool(scale, mean);
     const size_t n = static_cast<size_t>(probe.numel());
@@ -40,7 +44,8 @@ class Filler {
       be_.upload(static_cast<uint16_t*>(buf.data()) + done, pool.data() + off, len * 2);
       done += len;
     }
-    Tensor t = buf.tensor(DType::BF16, dims);
+    Tensor t = probe;
+    t.data = buf.data();
     w_.bytes += t.nbytes();
     w_.owned.push_back(std::move(buf));
     return t;
@@ -82,46 +87,20 @@ ModelConfig random_model_config(const std::string& name_or_path) {
 
 ModelWeights random_weights(const ModelConfig& cfg, Backend& be, int rank, int world, uint64_t seed) {
   ModelWeights w;
+  const WeightMap map = model_family(cfg.architecture).weight_map(cfg, w, expert_range(cfg.num_experts, rank, world));
   Filler f(be, w, seed);
-  const int64_t H = cfg.hidden_size, V = cfg.vocab_size, Hq = cfg.num_attention_heads,
-                Hkv = cfg.num_key_value_heads, D = cfg.head_dim, E = cfg.num_experts,
-                I = cfg.moe_intermediate_size, Id = cfg.intermediate_size;
-  const float s_h = 1.0f / std::sqrt(float(H));
-  // Tensor ids: 1..3 global, then per layer 100 + 16 * layer + kind, experts 1e6 + (layer * E + e) * 3.
-  w.embed = f.make(1, {V, H}, 1.0f);
-  w.final_norm = f.make(2, {H}, 0.05f, 1.0f);
-  w.lm_head = cfg.tie_word_embeddings ? w.embed : f.make(3, {V, H}, s_h);
-  for (int l = 0; l < cfg.num_hidden_layers; ++l) {
-    LayerWeights L;
-    const uint64_t lid = 100 + 16 * uint64_t(l);
-    L.input_norm = f.make(lid + 0, {H}, 0.05f, 1.0f);
-    L.post_attn_norm = f.make(lid + 1, {H}, 0.05f, 1.0f);
-    L.q_proj = f.make(lid + 2, {Hq * D, H}, s_h);
-    L.k_proj = f.make(lid + 3, {Hkv * D, H}, s_h);
-    L.v_proj = f.make(lid + 4, {Hkv * D, H}, s_h);
-    L.o_proj = f.make(lid + 5, {H, Hq * D}, 1.0f / std::sqrt(float(Hq * D)));
-    L.q_norm = f.make(lid + 6, {D}, 0.05f, 1.0f);
-    L.k_norm = f.make(lid + 7, {D}, 0.05f, 1.0f);
-    L.moe = cfg.is_moe_layer(l);
-    if (L.moe) {
-      L.router = f.make(lid + 8, {E, H}, s_h);
-      ExpertRange r = expert_range(static_cast<int>(E), rank, world);
-      L.experts.n_experts = static_cast<int32_t>(E);
-      L.experts.first = r.first;
-      L.experts.count = r.count;
-      for (int e = 0; e < r.count; ++e) {
-        const uint64_t eid = 1000000 + (uint64_t(l) * E + r.first + e) * 3;
-        L.experts.gate.push_back(f.make(eid, {I, H}, s_h));
-        L.experts.up.push_back(f.make(eid + 1, {I, H}, s_h));
-        L.experts.down.push_back(f.make(eid + 2, {H, I}, 1.0f / std::sqrt(float(I))));
-      }
-    } else {
-      L.mlp_gate = f.make(lid + 9, {Id, H}, s_h);
-      L.mlp_up = f.make(lid + 10, {Id, H}, s_h);
-      L.mlp_down = f.make(lid + 11, {H, Id}, 1.0f / std::sqrt(float(Id)));
+  for (const WeightEntry& e : map.tensors) *e.dst = f.make(e.random_id, e.shape, e.random_scale, e.random_mean);
+  for (const ExpertEntry& x : map.experts) {
+    ExpertShard& S = *x.dst;
+    const float s_in = 1.0f / std::sqrt(float(x.hidden)), s_out = 1.0f / std::sqrt(float(x.width));
+    for (int e = 0; e < S.count; ++e) {
+      const uint64_t id = x.random_id + uint64_t(S.first + e) * 3;
+      S.gate[size_t(e)] = f.make(id, {x.width, x.hidden}, s_in);
+      S.up[size_t(e)] = f.make(id + 1, {x.width, x.hidden}, s_in);
+      S.down[size_t(e)] = f.make(id + 2, {x.hidden, x.width}, s_out);
     }
-    w.layers.push_back(std::move(L));
   }
+  if (map.tie_lm_head) w.lm_head = w.embed;
   return w;
 }
 

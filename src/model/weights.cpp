@@ -8,6 +8,8 @@
 #include "core/check.h"
 #include "core/log.h"
 #include "loader/quant.h"
+#include "model/registry.h"
+#include "model/weight_map.h"
 
 namespace cpinfer {
 
@@ -56,8 +58,8 @@ class Planner {
       CPI_CHECK(t.shape.size() == 2, "tensor '", name, "' in ", t.file,
                 " is F8_E4M3, but only 2-D linear weights may be FP8");
       scale = ckpt_.find(name + "_scale_inv");
-      CPI_CHECK(scale != nullptr, "missing tensor '", name, "_scale_inv' in ", ckpt_.dir(), " (the block scales of the FP8 weight '",
-                name, "')");
+      CPI_CHECK(scale != nullptr, "missing tensor '", name, "_scale_inv' in ", ckpt_.dir(),
+                " (the block scales of the FP8 weight '", name, "')");
       dequantize_fp8_rows(t, *scale, quant_, 0, 0, DType::BF16, nullptr);  // no rows: checks the scales now
       nbytes = t.nbytes * dtype_size(DType::BF16);
       ++fp8_;
@@ -72,8 +74,8 @@ class Planner {
     const size_t row_bytes = t.shape[0] == 0 ? 0 : t.nbytes / static_cast<size_t>(t.shape[0]);
     std::vector<int64_t> shape = t.shape;
     shape[0] = count;
-    items_.push_back({&t, static_cast<size_t>(first) * row_bytes, static_cast<size_t>(count) * row_bytes,
-                      std::move(shape), dst});
+    items_.push_back(
+        {&t, static_cast<size_t>(first) * row_bytes, static_cast<size_t>(count) * row_bytes, std::move(shape), dst});
   }
 
   const TensorInfo& checked(const std::string& name, const std::vector<int64_t>& expect, const char* why) {
@@ -114,68 +116,27 @@ std::string why(const char* fmt_a, int64_t a, const char* fmt_b = nullptr, int64
 ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backend& backend, int rank, int world,
                           const std::function<void(size_t done_bytes, size_t total_bytes)>& progress) {
   CPI_CHECK(world >= 1 && rank >= 0 && rank < world, "load_weights: rank ", rank, " is outside world size ", world);
-  const int64_t V = cfg.vocab_size, H = cfg.hidden_size, D = cfg.head_dim;
-  const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads;
-  const int64_t I = cfg.intermediate_size, Im = cfg.moe_intermediate_size, E = cfg.num_experts;
-  const ExpertRange share = expert_range(static_cast<int>(E), rank, world);
-
+  const ExpertRange share = expert_range(cfg.num_experts, rank, world);
   ModelWeights w;
-  w.layers.resize(static_cast<size_t>(cfg.num_hidden_layers));
+  const WeightMap map = model_family(cfg.architecture).weight_map(cfg, w, share);
   Planner plan(ckpt, cfg.quant);
   // Fused expert ranges [count, 2I, H] / [count, H, I]; the per-expert views are cut afterwards.
   struct Fused {
-    LayerWeights* layer;
+    ExpertShard* shard;
+    int64_t width, hidden;
     Tensor gate_up, down;
   };
   std::deque<Fused> fused;  // deque: the planner keeps pointers into its elements
 
-  const std::string hs = why("hidden_size", H), hd = why("head_dim", D);
-  plan.whole("model.embed_tokens.weight", {V, H}, why("vocab_size", V, "hidden_size", H).c_str(), &w.embed);
-  plan.whole("model.norm.weight", {H}, hs.c_str(), &w.final_norm);
-  const bool has_lm_head = ckpt.find("lm_head.weight") != nullptr;
-  CPI_CHECK(has_lm_head || cfg.tie_word_embeddings, "missing tensor 'lm_head.weight' in ", ckpt.dir(),
-            " (tie_word_embeddings is false in config.json)");
-  if (!cfg.tie_word_embeddings)
-    plan.whole("lm_head.weight", {V, H}, why("vocab_size", V, "hidden_size", H).c_str(), &w.lm_head);
-
-  const std::string q_why = why("num_attention_heads*head_dim", Hq * D, "hidden_size", H);
-  const std::string kv_why = why("num_key_value_heads*head_dim", Hkv * D, "hidden_size", H);
-  const std::string router_why = why("num_experts", E, "hidden_size", H);
-  const std::string exp_why = why("moe_intermediate_size", Im, "hidden_size", H);
-  const std::string mlp_why = why("intermediate_size", I, "hidden_size", H);
-  for (int l = 0; l < cfg.num_hidden_layers; ++l) {
-    LayerWeights& L = w.layers[static_cast<size_t>(l)];
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    plan.whole(p + "input_layernorm.weight", {H}, hs.c_str(), &L.input_norm);
-    plan.whole(p + "post_attention_layernorm.weight", {H}, hs.c_str(), &L.post_attn_norm);
-    plan.whole(p + "self_attn.q_proj.weight", {Hq * D, H}, q_why.c_str(), &L.q_proj);
-    plan.whole(p + "self_attn.k_proj.weight", {Hkv * D, H}, kv_why.c_str(), &L.k_proj);
-    plan.whole(p + "self_attn.v_proj.weight", {Hkv * D, H}, kv_why.c_str(), &L.v_proj);
-    plan.whole(p + "self_attn.o_proj.weight", {H, Hq * D}, q_why.c_str(), &L.o_proj);
-    plan.whole(p + "self_attn.q_norm.weight", {D}, hd.c_str(), &L.q_norm);
-    plan.whole(p + "self_attn.k_norm.weight", {D}, hd.c_str(), &L.k_norm);
-
-    L.moe = cfg.is_moe_layer(l);
-    if (!L.moe) {
-      plan.whole(p + "mlp.gate_proj.weight", {I, H}, mlp_why.c_str(), &L.mlp_gate);
-      plan.whole(p + "mlp.up_proj.weight", {I, H}, mlp_why.c_str(), &L.mlp_up);
-      plan.whole(p + "mlp.down_proj.weight", {H, I}, mlp_why.c_str(), &L.mlp_down);
-      continue;
-    }
-    plan.whole(p + "mlp.gate.weight", {E, H}, router_why.c_str(), &L.router);
-    ExpertShard& S = L.experts;
-    S.n_experts = static_cast<int32_t>(E);
-    S.first = share.first;
-    S.count = share.count;
-    S.gate.resize(static_cast<size_t>(share.count));
-    S.up.resize(static_cast<size_t>(share.count));
-    S.down.resize(static_cast<size_t>(share.count));
-
-    const std::string ex = p + "mlp.experts.";
+  auto plan_experts = [&](const ExpertEntry& x) {
+    const int64_t E = x.n_experts, Im = x.width, H = x.hidden;
+    const ExpertShard& S = *x.dst;
+    const std::string& ex = x.prefix;
     const TensorInfo* gate_up = plan.find_any(ex + "gate_up_proj", ex + "gate_up_proj.weight");
     if (gate_up != nullptr) {
       // transformers 5 fused layout: gate rows first, then up, per expert.
-      const std::string gu_why = why("num_experts", E, "2*moe_intermediate_size", 2 * Im) + ", " + hs;
+      const std::string gu_why =
+          why("num_experts", E, "2*moe_intermediate_size", 2 * Im) + ", hidden_size=" + std::to_string(H);
       const TensorInfo& gu = plan.checked(gate_up->name, {E, 2 * Im, H}, gu_why.c_str());
       const TensorInfo* down = plan.find_any(ex + "down_proj", ex + "down_proj.weight");
       CPI_CHECK(down != nullptr, "missing tensor '", ex, "down_proj' in ", ckpt.dir(), " (", gu.name,
@@ -183,19 +144,31 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backen
       const std::string dn_why =
           why("num_experts", E, "hidden_size", H) + ", moe_intermediate_size=" + std::to_string(Im);
       const TensorInfo& dn = plan.checked(down->name, {E, H, Im}, dn_why.c_str());
-      if (share.count > 0) {
-        fused.push_back({&L, {}, {}});
-        plan.rows(gu, share.first, share.count, &fused.back().gate_up);
-        plan.rows(dn, share.first, share.count, &fused.back().down);
+      if (S.count > 0) {
+        fused.push_back({x.dst, Im, H, {}, {}});
+        plan.rows(gu, S.first, S.count, &fused.back().gate_up);
+        plan.rows(dn, S.first, S.count, &fused.back().down);
       }
-      continue;
+      return;
     }
-    for (int32_t k = 0; k < share.count; ++k) {
-      const std::string e = ex + std::to_string(share.first + k) + ".";
-      plan.whole(e + "gate_proj.weight", {Im, H}, exp_why.c_str(), &S.gate[static_cast<size_t>(k)]);
-      plan.whole(e + "up_proj.weight", {Im, H}, exp_why.c_str(), &S.up[static_cast<size_t>(k)]);
-      plan.whole(e + "down_proj.weight", {H, Im}, exp_why.c_str(), &S.down[static_cast<size_t>(k)]);
+    const std::string exp_why = why("moe_intermediate_size", Im, "hidden_size", H);
+    for (int32_t k = 0; k < S.count; ++k) {
+      const std::string e = ex + std::to_string(S.first + k) + ".";
+      plan.whole(e + "gate_proj.weight", {Im, H}, exp_why.c_str(), &x.dst->gate[static_cast<size_t>(k)]);
+      plan.whole(e + "up_proj.weight", {Im, H}, exp_why.c_str(), &x.dst->up[static_cast<size_t>(k)]);
+      plan.whole(e + "down_proj.weight", {H, Im}, exp_why.c_str(), &x.dst->down[static_cast<size_t>(k)]);
     }
+  };
+  size_t next_experts = 0;
+  for (size_t i = 0; i <= map.tensors.size(); ++i) {
+    while (next_experts < map.experts.size() && map.experts[next_experts].position == i)
+      plan_experts(map.experts[next_experts++]);
+    if (i == map.tensors.size()) break;
+    const WeightEntry& e = map.tensors[i];
+    if (!e.missing_hint.empty())
+      CPI_CHECK(ckpt.find(e.name) != nullptr, "missing tensor '", e.name, "' in ", ckpt.dir(), " (", e.missing_hint,
+                ")");
+    plan.whole(e.name, e.shape, e.why.c_str(), e.dst);
   }
 
   // ---- materialize: views into the mmap on the CPU back-end, uploads elsewhere.
@@ -240,10 +213,11 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backen
              cfg.quant.block_n, "x", cfg.quant.block_k,
              " block scales, dequantized to BF16 at load; the others (norms, embeddings, router, LM head) as stored");
   w.bytes = total;
-  if (cfg.tie_word_embeddings) w.lm_head = w.embed;
+  if (map.tie_lm_head) w.lm_head = w.embed;
 
   for (Fused& f : fused) {
-    ExpertShard& S = f.layer->experts;
+    ExpertShard& S = *f.shard;
+    const int64_t Im = f.width, H = f.hidden;
     const size_t ds = dtype_size(f.gate_up.dtype);
     for (int32_t k = 0; k < S.count; ++k) {
       auto* gu = static_cast<uint8_t*>(f.gate_up.data) + static_cast<size_t>(k * 2 * Im * H) * ds;

@@ -16,9 +16,9 @@
 namespace cpinfer {
 
 struct LayerWeights {
-  Tensor input_norm, post_attn_norm;  // [H]
+  Tensor input_norm, post_attn_norm;      // [H]
   Tensor q_proj, k_proj, v_proj, o_proj;  // [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D]
-  Tensor q_norm, k_norm;              // [D]
+  Tensor q_norm, k_norm;                  // [D]
   bool moe = false;
   Tensor router;                      // [E, H]   (moe)
   ExpertShard experts;                // (moe) only this rank's share

@@ -122,7 +122,7 @@ class Backend {
   // out = a · wᵀ. a [M, K] act dtype, w [N, K] any float dtype, out [M, N] (act dtype or F32).
   virtual void linear(const Tensor& a, const Tensor& w, Tensor out) = 0;
   // In place: per-head RMSNorm (weights [D]) of q [T, Hq, D] and k [T, Hkv, D], then RoPE at
-  // positions [T] I32.
+  // positions [T] I32. Undefined norm weights (both): RoPE only. Contract: ops/contract.h.
   virtual void qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
                             const Tensor& positions, const RopeParams& rope) = 0;
   // Writes k, v [T, Hkv, D] into the cache at slots [T] I32 (slot = block * block_size + offset).

@@ -16,30 +16,6 @@ constexpr std::string_view kThinkOpen = "<think>";
 constexpr std::string_view kThinkClose = "</think>";
 }  // namespace
 
-std::string StopMatcher::push(const std::string& piece) {
-  if (stopped_) return {};
-  pending_ += piece;
-  size_t first = std::string::npos;
-  for (const auto& s : stops_) first = std::min(first, pending_.find(s));
-  if (first != std::string::npos) {
-    stopped_ = true;
-    std::string out = pending_.substr(0, first);
-    pending_.clear();
-    return out;
-  }
-  size_t hold = 0;
-  for (const auto& s : stops_) hold = std::max(hold, partial_suffix(pending_, s));
-  std::string out = pending_.substr(0, pending_.size() - hold);
-  pending_.erase(0, pending_.size() - hold);
-  return out;
-}
-
-std::string StopMatcher::flush() {
-  std::string out = stopped_ ? std::string() : pending_;
-  pending_.clear();
-  return out;
-}
-
 void ReasoningSplitter::emit(SplitText& out, const std::string& s) {
   std::string_view v = s;
   if (strip_leading_newlines_) {

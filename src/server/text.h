@@ -7,23 +7,12 @@
 #include <utility>
 #include <vector>
 
+#include "engine/stop.h"
+
 namespace cpinfer::server {
 
-class StopMatcher {
- public:
-  explicit StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {}
-  // Appends piece; returns the text now safe to emit. After a stop string was found, stopped()
-  // is true and later pushes return nothing.
-  std::string push(const std::string& piece);
-  // End of output: whatever was held back (nothing after a stop).
-  std::string flush();
-  bool stopped() const { return stopped_; }
-
- private:
-  std::vector<std::string> stops_;
-  std::string pending_;  // text not yet emitted (a possible prefix of a stop string)
-  bool stopped_ = false;
-};
+// Stop strings: one matcher for generate and serve (engine/stop.h).
+using cpinfer::StopMatcher;
 
 struct SplitText {
   std::string reasoning;

@@ -172,6 +172,13 @@ TEST_F(Ops, QkNormRope) {
                        1e-6f, gpu_i32("pos", pos, {c.t}), rope);
     expect_close("qk_norm_rope.q", sh, gpu_read(gq), cpu_read(cq), kNmse, 0.1);
     expect_close("qk_norm_rope.k", sh, gpu_read(gk), cpu_read(ck), kNmse, 0.1);
+    // RoPE alone (undefined norm weights: Llama).
+    Tensor rq = cpu_f32(q, {c.t, c.hq, c.d}), rk = cpu_f32(k, {c.t, c.hkv, c.d});
+    cpu_->qk_norm_rope(rq, rk, Tensor{}, Tensor{}, 1e-6f, cpu_i32(pos, {c.t}), rope);
+    Tensor hq = gpu_tensor("q2", DType::BF16, {c.t, c.hq, c.d}, &q), hk = gpu_tensor("k2", DType::BF16, {c.t, c.hkv, c.d}, &k);
+    gpu_->qk_norm_rope(hq, hk, Tensor{}, Tensor{}, 1e-6f, gpu_i32("pos2", pos, {c.t}), rope);
+    expect_close("rope.q", sh, gpu_read(hq), cpu_read(rq), kNmse, 0.1);
+    expect_close("rope.k", sh, gpu_read(hk), cpu_read(rk), kNmse, 0.1);
   }
 }
 

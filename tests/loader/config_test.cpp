@@ -277,8 +277,8 @@ std::string tiny_with(const std::string& from, const std::string& to) {
 }
 
 TEST(ConfigErrors, UnknownArchitecture) {
-  EXPECT_ERROR_HAS(parse_config(tiny_with("Qwen3MoeForCausalLM", "LlamaForCausalLM"), "m/config.json"),
-                   "m/config.json", "architecture 'LlamaForCausalLM' is not supported");
+  EXPECT_ERROR_HAS(parse_config(tiny_with("Qwen3MoeForCausalLM", "MistralForCausalLM"), "m/config.json"),
+                   "m/config.json", "architecture 'MistralForCausalLM' is not supported");
 }
 
 TEST(ConfigErrors, MissingRequiredField) {

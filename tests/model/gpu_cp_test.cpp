@@ -42,10 +42,10 @@ struct Out {
 };
 
 struct Mode {
-  Qwen3Model::KvOverlap overlap = Qwen3Model::KvOverlap::Auto;
+  KvOverlap overlap = KvOverlap::Auto;
   int ep_size = 0;
   std::string label() const {
-    std::string s = overlap == Qwen3Model::KvOverlap::Off ? "sequential exchange" : "overlapped exchange";
+    std::string s = overlap == KvOverlap::Off ? "sequential exchange" : "overlapped exchange";
     if (ep_size == 1) s += ", replicated experts";
     return s;
   }
@@ -71,8 +71,8 @@ std::vector<Out> run_all(const std::string& model, bool random, int cp, const st
     for (const auto& p : prompts) eo.kv_cache_tokens = std::max<int>(eo.kv_cache_tokens, int(p.size()) + greedy_tokens + 64);
     eo.cp = CpOptions{cp, true, 0};
     if (random) eo.random_weights = model;
+    eo.model.kv_overlap = mode.overlap;
     Engine e(model, eo, par);
-    e.model().set_kv_overlap(mode.overlap);
     for (const auto& ids : prompts) {
       std::vector<int> seqs;
       auto logits = e.prefill({std::span<const int32_t>(ids)}, seqs, LogitsWanted::All);
@@ -158,8 +158,8 @@ void check(const Score& s, const std::string& what, bool plain = false) {
 }
 
 const std::vector<Mode>& modes() {
-  static const std::vector<Mode> m{{Qwen3Model::KvOverlap::Auto, 0}, {Qwen3Model::KvOverlap::Off, 0},
-                                   {Qwen3Model::KvOverlap::Auto, 1}};
+  static const std::vector<Mode> m{{KvOverlap::Auto, 0}, {KvOverlap::Off, 0},
+                                   {KvOverlap::Auto, 1}};
   return m;
 }
 }  // namespace

@@ -71,9 +71,38 @@ TEST_F(CpuAttention, QkNormRope) {
         EXPECT_TRUE(all_close(k, rk, 1e-5, "k" + tag));
       }
   HostTensor q(DType::F32, {2, 2, 16}), k(DType::F32, {2, 1, 16}), w(DType::F32, {16});
+  EXPECT_THROW(be->qk_norm_rope(q, k, w, Tensor{}, 1e-6f, index_tensor({0, 1}), make_rope(16, 1e4, 1)), Error);
   EXPECT_THROW(be->qk_norm_rope(q, k, w, w, 1e-6f, index_tensor({0, 1}), make_rope(32, 1e4, 1)), Error);
   EXPECT_THROW(be->qk_norm_rope(q, k, w, w, 1e-6f, index_tensor({0, -1}), make_rope(16, 1e4, 1)), Error);
   EXPECT_THROW(be->qk_norm_rope(q, k, w, w, 1e-6f, index_tensor({0}), make_rope(16, 1e4, 1)), Error);
+}
+
+// Undefined norm weights: RoPE alone (families without q/k norm, e.g. Llama).
+TEST_F(CpuAttention, RopeWithoutQkNorm) {
+  Rng rng(23);
+  const int64_t T = 9, Hq = 4, Hkv = 2, D = 32;
+  const RopeParams rope = make_rope(D, 5e5, 1.0f);
+  HostTensor q = rng.normal_tensor(DType::F32, {T, Hq, D}, 1.5), k = rng.normal_tensor(DType::F32, {T, Hkv, D});
+  std::vector<int64_t> p(static_cast<size_t>(T));
+  for (auto& v : p) v = rng.integer(0, 40000);
+  HostTensor pos = index_tensor(p);
+  auto rotated = [&](const HostTensor& x, int64_t H) {
+    std::vector<double> out(static_cast<size_t>(T * H * D));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < D / 2; ++i) {
+          const int64_t b = (t * H + h) * D;
+          const double f = static_cast<float>(static_cast<float>(pos.get(t)) * rope.inv_freq[size_t(i)]);
+          const double x1 = x.get(b + i), x2 = x.get(b + D / 2 + i);
+          out[size_t(b + i)] = x1 * std::cos(f) - x2 * std::sin(f);
+          out[size_t(b + D / 2 + i)] = x2 * std::cos(f) + x1 * std::sin(f);
+        }
+    return out;
+  };
+  const auto rq = rotated(q, Hq), rk = rotated(k, Hkv);
+  be->qk_norm_rope(q, k, Tensor{}, Tensor{}, 1e-6f, pos, rope);
+  EXPECT_TRUE(all_close(q, rq, 1e-5, "q"));
+  EXPECT_TRUE(all_close(k, rk, 1e-5, "k"));
 }
 
 TEST_F(CpuAttention, KvStore) {

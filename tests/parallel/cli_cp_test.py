@@ -31,7 +31,7 @@ def main():
     check(len(ref["argmax"]) == 1201 and len(ref["logits"]) == 3, "logits JSON has argmax per position and K rows")
 
     variants = [("local cp=3", base + ["--attn-cp-size", "3", "--enable-prefill-cp"]),
-                ("local cp=4 tp=8", base + ["--attn-cp-size", "4", "--tp-size", "8", "--enable-prefill-cp"])]
+                ("local cp=4 world=8", base + ["--attn-cp-size", "4", "--world-size", "8", "--enable-prefill-cp"])]
     if mpirun:
         for n in (2, 4, 8):
             variants.append((f"mpirun -np {n}", [mpirun, *MPI_ARGS, "-np", str(n), *base, "--comm", "mpi",
@@ -41,6 +41,11 @@ def main():
         check(out["argmax"] == ref["argmax"], f"{name}: argmax at every position equals cp=1")
         err = rel_err(out["logits"], ref["logits"])
         check(err <= 1e-5, f"{name}: last-3 logits within 1e-5 relative of cp=1 (got {err:.3g})")
+
+    # --tp-size: the deprecated old name of --world-size, still accepted with a warning.
+    old = run(base + ["--attn-cp-size", "2", "--tp-size", "2", "--enable-prefill-cp"])
+    check("--tp-size is deprecated" in old.stderr, "--tp-size warns that it is deprecated")
+    check(json.loads(old.stdout)["argmax"] == ref["argmax"], "--tp-size 2 still runs as --world-size 2")
 
     gen = [binary, "generate", "--model-path", fixture, "--input-ids", ids, "--max-new-tokens", "20",
            "--ignore-eos", "--json"]
@@ -54,7 +59,9 @@ def main():
         check(g3 == g1, "greedy continuation under mpirun -np 2 equals cp=1")
 
     bad = [
+        (base + ["--attn-cp-size", "3", "--world-size", "4"], "does not divide"),
         (base + ["--attn-cp-size", "3", "--tp-size", "4"], "does not divide"),
+        (base + ["--world-size", "2", "--tp-size", "2"], "excludes"),
         (base + ["--comm", "mpi"], "mpirun"),
         (base + ["--attn-cp-size", "0"], "attn-cp-size"),
         ([binary, "logits", "--model-path", fixture, "--input-ids", "1,x,3"], "not a non-negative token id"),

@@ -34,7 +34,7 @@ std::vector<int32_t> random_ids(int n, int vocab, uint32_t seed) {
 // Runs a prefill of `prompts` on `cp` local ranks (cp = 1: a single rank without threads) and
 // returns rank 0's view; with greedy_tokens > 0 each prompt is then continued greedily.
 struct RunOptions {
-  Qwen3Model::KvOverlap overlap = Qwen3Model::KvOverlap::Auto;
+  KvOverlap overlap = KvOverlap::Auto;
   int ep_size = 0;
   int moe_chunks = 0;
 };
@@ -51,9 +51,9 @@ RunResult run(const std::string& model, int cp, const std::vector<std::vector<in
     eo.block_size = 16;
     eo.cp = CpOptions{cp, true, min_tokens};
     if (random_weights) eo.random_weights = model;
+    eo.model.kv_overlap = ro.overlap;
+    eo.model.moe_chunks = ro.moe_chunks;
     Engine engine(model, eo, par);
-    engine.model().set_kv_overlap(ro.overlap);
-    engine.model().set_moe_chunks(ro.moe_chunks);
     std::vector<std::span<const int32_t>> spans(prompts.begin(), prompts.end());
     std::vector<int> seqs;
     auto logits = engine.prefill(spans, seqs, LogitsWanted::All);
@@ -180,7 +180,7 @@ TEST_P(CpEquivalence, OverlappedExchangeMatchesOneRank) {
   const std::string dir = fixture_dir(name);
   const int vocab = static_cast<int>(load_config(dir).vocab_size);
   double worst = 0;
-  const RunOptions on{Qwen3Model::KvOverlap::On, 0};
+  const RunOptions on{KvOverlap::On, 0};
   for (int cp : {2, 3, 4}) {
     for (int len : {2 * cp + 1, 1009}) {
       std::vector<std::vector<int32_t>> prompts{random_ids(len, vocab, 2000 + len)};
@@ -209,7 +209,7 @@ TEST_P(CpEquivalence, PipelinedMoeMatchesOneRank) {
   for (auto [cp, chunks, len] : std::vector<std::tuple<int, int, int>>{{2, 2, 1009}, {3, 3, 701}, {2, 3, 9}, {4, 4, 300}}) {
     std::vector<std::vector<int32_t>> prompts{random_ids(len, vocab, 3000 + len)};
     RunResult ref = run(dir, 1, prompts, 0, 6);
-    RunResult r = run(dir, cp, prompts, 0, 6, 0, false, RunOptions{Qwen3Model::KvOverlap::On, 0, chunks});
+    RunResult r = run(dir, cp, prompts, 0, 6, 0, false, RunOptions{KvOverlap::On, 0, chunks});
     expect_same(r, ref, name + " pipelined MoE cp=" + std::to_string(cp) + " chunks=" + std::to_string(chunks), &worst);
   }
   std::printf("[ep %s] pipelined MoE worst relative difference: %.3g\n", name.c_str(), worst);
@@ -224,7 +224,7 @@ TEST_P(CpEquivalence, ReplicatedExpertsMatchOneRank) {
   RunResult ref = run(dir, 1, prompts, 0, 5);
   double worst = 0;
   for (auto [world, cp] : std::vector<std::pair<int, int>>{{2, 2}, {4, 4}, {4, 2}}) {
-    RunResult r = run(dir, cp, prompts, 0, 5, world, false, RunOptions{Qwen3Model::KvOverlap::Auto, 1});
+    RunResult r = run(dir, cp, prompts, 0, 5, world, false, RunOptions{KvOverlap::Auto, 1});
     expect_same(r, ref, name + " replicated experts world=" + std::to_string(world) + " cp=" + std::to_string(cp),
                 &worst);
   }

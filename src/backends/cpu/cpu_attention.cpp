@@ -18,6 +18,7 @@
 
 #include "backends/cpu/cpu_backend.h"
 #include "backends/cpu/cpu_common.h"
+#include "ops/contract.h"
 
 // The tile kernel is built twice, generic x86-64 and AVX2+FMA, picked at load time: CI binaries
 // stay portable and machines with AVX2 get the 8-wide loops.
@@ -210,28 +211,17 @@ void check_cache(const KvLayer& cache, const char* op) {
 void CpuBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
                               const Tensor& positions, const RopeParams& rope) {
   const char* op = "qk_norm_rope";
+  contract::qk_norm_rope(q, k, q_norm_w, k_norm_w, eps, positions, rope);
   check_f32(q, op, "q");
   check_f32(k, op, "k");
-  check_float(q_norm_w, op, "q_norm_w");
-  check_float(k_norm_w, op, "k_norm_w");
   check_index(positions, op, "positions");
-  check_ndim(q, 3, op, "q");
-  check_ndim(k, 3, op, "k");
-  check_ndim(positions, 1, op, "positions");
   const int64_t T = q.dim(0), Hq = q.dim(1), Hkv = k.dim(1), D = q.dim(2);
-  CPI_CHECK(k.dim(0) == T && k.dim(2) == D, op, ": k ", k.shape_str(), " must be [", T, ", Hkv, ", D,
-            "] to match q ", q.shape_str());
-  CPI_CHECK(positions.dim(0) == T, op, ": positions ", positions.shape_str(), " must have ", T, " entries");
-  CPI_CHECK(D % 2 == 0, op, ": head_dim ", D, " must be even for rotate_half RoPE");
-  CPI_CHECK(static_cast<int64_t>(rope.inv_freq.size()) == D / 2, op, ": rope.inv_freq has ", rope.inv_freq.size(),
-            " entries, head_dim ", D, " needs ", D / 2);
-  CPI_CHECK(q_norm_w.numel() == D && k_norm_w.numel() == D, op, ": q_norm_w ", q_norm_w.shape_str(),
-            " and k_norm_w ", k_norm_w.shape_str(), " must have head_dim = ", D, " elements");
-  CPI_CHECK(std::isfinite(eps) && eps >= 0.0f, op, ": eps must be finite and >= 0, got ", eps);
+  const bool norm = q_norm_w.defined();
   for (int64_t t = 0; t < T; ++t)
     CPI_CHECK(index_at(positions, t) >= 0 && index_at(positions, t) <= std::numeric_limits<int32_t>::max(), op,
               ": positions[", t, "] = ", index_at(positions, t), " is negative or too large");
-  const std::vector<float> qw = to_f32_vector(q_norm_w), kw = to_f32_vector(k_norm_w);
+  const std::vector<float> qw = norm ? to_f32_vector(q_norm_w) : std::vector<float>(),
+                           kw = norm ? to_f32_vector(k_norm_w) : std::vector<float>();
   const int64_t half = D / 2;
   float* qp = q.ptr<float>();
   float* kp = k.ptr<float>();
@@ -240,7 +230,11 @@ void CpuBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const 
   {
     std::vector<float> cs(static_cast<size_t>(D)), tmp(static_cast<size_t>(D));
     auto norm_rope = [&](float* x, const float* w) {
-      rms_row(x, w, D, eps, tmp.data());
+      if (w) {
+        rms_row(x, w, D, eps, tmp.data());
+      } else {
+        std::copy(x, x + D, tmp.data());
+      }
       for (int64_t i = 0; i < half; ++i) {
         const float c = cs[i], s = cs[half + i], x1 = tmp[i], x2 = tmp[half + i];
         x[i] = x1 * c - x2 * s;
@@ -256,8 +250,8 @@ void CpuBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const 
         cs[i] = std::cos(f) * rope.attention_factor;
         cs[half + i] = std::sin(f) * rope.attention_factor;
       }
-      for (int64_t h = 0; h < Hq; ++h) norm_rope(qp + (t * Hq + h) * D, qw.data());
-      for (int64_t h = 0; h < Hkv; ++h) norm_rope(kp + (t * Hkv + h) * D, kw.data());
+      for (int64_t h = 0; h < Hq; ++h) norm_rope(qp + (t * Hq + h) * D, norm ? qw.data() : nullptr);
+      for (int64_t h = 0; h < Hkv; ++h) norm_rope(kp + (t * Hkv + h) * D, norm ? kw.data() : nullptr);
     }
   }
 }

@@ -14,6 +14,7 @@
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/kernels/kernels.h"
 #include "core/log.h"
+#include "ops/contract.h"
 
 namespace cpinfer::cuda {
 
@@ -338,26 +339,18 @@ void CudaBackend::linear(const Tensor& a, const Tensor& w, Tensor out) {
 
 void CudaBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
                                const Tensor& positions, const RopeParams& rope) {
+  contract::qk_norm_rope(q, k, q_norm_w, k_norm_w, eps, positions, rope);
   check_on_device(q, "qk_norm_rope", "q");
   check_on_device(k, "qk_norm_rope", "k");
-  check_on_device(q_norm_w, "qk_norm_rope", "q_norm_w");
-  check_on_device(k_norm_w, "qk_norm_rope", "k_norm_w");
+  if (q_norm_w.defined()) {
+    check_on_device(q_norm_w, "qk_norm_rope", "q_norm_w");
+    check_on_device(k_norm_w, "qk_norm_rope", "k_norm_w");
+  }
   check_on_device(positions, "qk_norm_rope", "positions");
   check_act(q, "qk_norm_rope", "q");
-  check_act(k, "qk_norm_rope", "k");
   check_dtype(positions, DType::I32, "qk_norm_rope", "positions");
-  CPI_CHECK(q.ndim == 3 && k.ndim == 3 && q.dim(0) == k.dim(0) && q.dim(2) == k.dim(2), "qk_norm_rope: q ",
-            q.shape_str(), " and k ", k.shape_str(), " must be [T, Hq, D] and [T, Hkv, D]");
-  const int64_t d = q.dim(2);
-  CPI_CHECK(d % 2 == 0 && d <= 1024, "qk_norm_rope: head_dim ", d, " must be even and <= 1024");
-  CPI_CHECK(static_cast<int64_t>(rope.inv_freq.size()) == d / 2, "qk_norm_rope: rope.inv_freq has ",
-            rope.inv_freq.size(), " entries, expected head_dim/2 = ", d / 2);
-  CPI_CHECK(q_norm_w.numel() == d && k_norm_w.numel() == d, "qk_norm_rope: norm weights ", q_norm_w.shape_str(),
-            " / ", k_norm_w.shape_str(), " must have head_dim = ", d, " elements");
-  CPI_CHECK(is_float(q_norm_w.dtype) && is_float(k_norm_w.dtype), "qk_norm_rope: norm weights must be float");
-  CPI_CHECK(std::isfinite(eps) && eps >= 0.0f, "qk_norm_rope: eps must be finite and >= 0, got ", eps);
-  CPI_CHECK(positions.numel() == q.dim(0), "qk_norm_rope: positions ", positions.shape_str(), " must have T = ",
-            q.dim(0), " entries");
+  CPI_CHECK(q.dim(2) <= 1024, "qk_norm_rope: head_dim ", q.dim(2), " > 1024 is not supported by the CUDA kernel");
+  CPI_CHECK(q_norm_w.dtype == k_norm_w.dtype, "qk_norm_rope: the CUDA kernel needs q and k norm weights of one dtype");
   DeviceGuard g(device_);
   const float* inv_freq = inv_freq_on_device(rope);
   CUDA_LAUNCH(launch_qk_norm_rope(dev(q), dev(k), dev(q_norm_w), dev(k_norm_w), eps, dev(positions), inv_freq,

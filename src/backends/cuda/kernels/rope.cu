@@ -1,4 +1,5 @@
-// Fused per-head RMSNorm + NeoX RoPE, in place on q [T, Hq, D] and k [T, Hkv, D]. One warp per
+// Fused per-head RMSNorm + NeoX RoPE, in place on q [T, Hq, D] and k [T, Hkv, D] (RoPE alone when
+// the norm weights are null: families without q/k norm, e.g. Llama). One warp per
 // (token, head): the head is staged in shared memory as fp32 so that element i can meet its
 // rotation partner i + D/2, the norm is a warp reduction, and the result is rounded once.
 #include "backends/cuda/kernels/common.cuh"
@@ -33,13 +34,13 @@ __global__ void qk_norm_rope_kernel(T* __restrict__ q, T* __restrict__ k, const 
     s[i] = v;
     ss += v * v;
   }
-  const float inv = rsqrtf(warp_sum(ss) / static_cast<float>(d) + eps);
+  const float inv = w != nullptr ? rsqrtf(warp_sum(ss) / static_cast<float>(d) + eps) : 1.0f;
   __syncwarp();
   const int half = d / 2;
   const float pos = static_cast<float>(positions[t]);
   for (int i = lane; i < half; i += 32) {
-    const float x1 = s[i] * inv * to_f32<TW>(w[i]);
-    const float x2 = s[i + half] * inv * to_f32<TW>(w[i + half]);
+    const float x1 = w != nullptr ? s[i] * inv * to_f32<TW>(w[i]) : s[i];
+    const float x2 = w != nullptr ? s[i + half] * inv * to_f32<TW>(w[i + half]) : s[i + half];
     const float f = pos * inv_freq[i];
     const float c = cosf(f) * attention_factor, sn = sinf(f) * attention_factor;
     x[i] = from_f32<T>(x1 * c - x2 * sn);

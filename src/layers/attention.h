@@ -1,0 +1,82 @@
+// Causal self-attention of one decoder layer (q/k/v projections, optional per-head q/k RMSNorm,
+// RoPE, paged KV store, attention, o projection) with its context-parallel strategy chosen once per
+// forward from the plan and the options:
+// - OneRank: no CP group; the rank's tokens attend over its own cache.
+// - CpReplicatedKv: every rank gathers every rank's K‖V (one all-gather, parallel/exchange.h),
+//   stores all of them, then attends (SGLang's cp_allgather_and_save_kv_cache).
+// - CpReplicatedKvOverlap: the same exchange started asynchronously while each local block attends
+//   to its own keys (the diagonal), then to the other ranks' keys, merged by LSE (parallel/merge.h).
+// A sharded-KV strategy (ring pass-KV prefill, split-KV decode) is the next one to add here.
+#pragma once
+#include <cstdint>
+
+#include "layers/scratch.h"
+#include "ops/backend.h"
+#include "parallel/context.h"
+#include "parallel/plan.h"
+
+namespace cpinfer {
+
+struct AttentionWeights {
+  Tensor q_proj, k_proj, v_proj, o_proj;  // [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D]
+  Tensor q_norm, k_norm;                  // [D]; undefined when the family has no q/k norm
+};
+
+struct AttentionShape {
+  int64_t hidden = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  float eps = 1e-6f;  // q/k RMSNorm
+  bool qk_norm = false;
+};
+
+class Attention {
+ public:
+  enum class Strategy { OneRank, CpReplicatedKv, CpReplicatedKvOverlap };
+
+  Attention(const AttentionShape& shape, RopeParams rope, Backend& be, const ParallelCtx& par, const ModelOptions& opt,
+            Profiler& prof);
+
+  // Once per forward: positions, K/V slots and the attention blocks of `plan` go to the device
+  // (every layer reuses them) and the strategy is fixed.
+  void plan(const ForwardPlan& plan);
+  Strategy strategy() const { return strategy_; }
+
+  // Returns o_proj(attention(h)) [T, H] (scratch of this object, valid until the next run); h
+  // [T, H] is the normed hidden state of this rank's rows; K/V of the CP group go into `kv`.
+  Tensor run(const AttentionWeights& w, const KvLayer& kv, const Tensor& h);
+
+ private:
+  enum Slot {
+    kPos,
+    kSlots,
+    kBlockTable,
+    kBlocks,
+    kBlocksDiag,
+    kBlocksPrefix,
+    kQ,
+    kKvLocal,
+    kKvAll,
+    kOut,
+    kLse,
+    kOut2,
+    kLse2,
+    kO,
+    kNumSlots
+  };
+  void set_batch(AttnBatch& b, std::vector<AttnBlock> blocks, const Tensor& table, Slot slot);
+  void gathered(const KvLayer& kv, const Tensor& q, const Tensor& kv_local, Tensor out, bool overlap);
+
+  AttentionShape shape_;
+  RopeParams rope_;
+  Backend& be_;
+  const ParallelCtx& par_;
+  const ModelOptions& opt_;
+  Profiler& prof_;
+  Scratch scratch_;
+  Strategy strategy_ = Strategy::OneRank;
+  const ForwardPlan* plan_ = nullptr;
+  Tensor pos_, slots_;                   // [T] local positions, [n_all] slots of every rank's rows
+  AttnBatch batch_;                      // every block over all its keys
+  AttnBatch batch_diag_, batch_prefix_;  // overlapped exchange: own keys, then the other ranks'
+};
+
+}  // namespace cpinfer

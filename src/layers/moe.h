@@ -1,0 +1,67 @@
+// Sparse MoE block (router softmax, top-k, expert GEMMs) with its expert-parallel strategy:
+// - Replicated: every rank holds all experts and handles its own rows (no communication).
+// - Sharded: each rank holds a contiguous range of experts (ExpertShard); the CP group's rows are
+//   gathered, each rank applies its experts to all of them, and the partial sums are reduced back
+//   to the rows' owners (reduce-scatter; an all-reduce when the world holds several CP groups,
+//   which compute the same rows). Optionally pipelined in chunks (ModelOptions::moe_chunks).
+#pragma once
+#include <cstdint>
+
+#include "layers/scratch.h"
+#include "ops/backend.h"
+#include "parallel/context.h"
+#include "parallel/plan.h"
+
+namespace cpinfer {
+
+struct MoeWeights {
+  const Tensor* router = nullptr;        // [E, H]
+  const ExpertShard* experts = nullptr;  // this rank's share
+};
+
+struct MoeShape {
+  int64_t hidden = 0;
+  int n_experts = 0, top_k = 0;
+  bool norm_topk_prob = false;
+};
+
+class MoE {
+ public:
+  MoE(const MoeShape& shape, Backend& be, const ParallelCtx& par, const ModelOptions& opt, Profiler& prof);
+
+  // out [T, H] = the MoE of this rank's rows h [T, H] (all ranks of the world call it together).
+  void run(const MoeWeights& w, const ForwardPlan& plan, const Tensor& h, Tensor out);
+
+ private:
+  enum Slot { kRouterLogits, kTopIds, kTopW, kHAll, kPartial, kNumSlots };
+  // out = Σ over each row's top-k experts held here; rows, out [n, H].
+  void experts(const MoeWeights& w, const Tensor& rows, Tensor out);
+  void pipelined(const MoeWeights& w, const ForwardPlan& plan, const Tensor& h, Tensor out, int k);
+  int chunks() const;
+
+  MoeShape shape_;
+  Backend& be_;
+  const ParallelCtx& par_;
+  const ModelOptions& opt_;
+  Profiler& prof_;
+  Scratch scratch_;
+};
+
+// Dense SwiGLU MLP: out = down(silu(gate(h)) ⊙ up(h)); h, out [T, H].
+struct MlpWeights {
+  Tensor gate, up, down;  // [I, H], [I, H], [H, I]
+};
+
+class Mlp {
+ public:
+  Mlp(Backend& be, Profiler& prof) : be_(be), prof_(prof), scratch_(be, kNumSlots) {}
+  void run(const MlpWeights& w, const Tensor& h, Tensor out);
+
+ private:
+  enum Slot { kGate, kUp, kNumSlots };
+  Backend& be_;
+  Profiler& prof_;
+  Scratch scratch_;
+};
+
+}  // namespace cpinfer

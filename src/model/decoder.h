@@ -1,0 +1,63 @@
+// A pre-norm decoder-only transformer as a composition of layers: embedding, per layer
+// RMSNorm → Attention → residual + RMSNorm → dense MLP or MoE, final norm and LM head on the rows
+// whose logits are wanted (gathered over the CP group). Qwen3-MoE, dense Qwen3 and Llama 3 are this
+// class with a different DecoderSpec and weight map (model/registry.cpp). The layers own their
+// parallel strategies; this file only wires them.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "layers/attention.h"
+#include "layers/moe.h"
+#include "model/causal_lm.h"
+#include "model/registry.h"
+#include "model/weight_map.h"
+#include "model/weights.h"
+
+namespace cpinfer {
+
+class DecoderLM : public CausalLM {
+ public:
+  DecoderLM(const ModelConfig& cfg, const DecoderSpec& spec, ModelWeights weights, Backend& backend,
+            ParallelCtx par = {}, const ModelOptions& opt = {});
+  ~DecoderLM() override;
+
+  const ModelConfig& config() const override { return cfg_; }
+  Backend& backend() override { return be_; }
+  const ParallelCtx& parallel() const override { return par_; }
+  ModelOptions& options() override { return opt_; }
+  const ForwardProfile& last_profile() const override { return prof_.profile(); }
+  size_t weight_bytes() const override { return w_.bytes; }
+  DType weight_dtype() const override { return w_.embed.dtype; }
+  const ModelWeights& weights() const { return w_; }
+
+  KvCacheShape kv_shape(int n_blocks, int block_size) const override;
+  std::vector<float> forward(const ForwardPlan& plan, KvCache& cache) override;
+  std::vector<int32_t> forward_sample(const ForwardPlan& plan, KvCache& cache,
+                                      const std::vector<SampleRow>& rows) override;
+
+ private:
+  enum Slot { kIds, kX, kH, kM, kLogitIdx, kSel, kSelNorm, kLogits, kLogitsAll, kSampled, kNumSlots };
+  // Runs the layers and returns the logits of plan.logit_rows_all on the device ([R_all, vocab]
+  // F32), gathered over the CP group; finish_forward() then waits for the device and the queued
+  // collectives.
+  Tensor forward_logits(const ForwardPlan& plan, KvCache& cache);
+  void finish_forward();
+
+  ModelConfig cfg_;
+  DecoderSpec spec_;
+  ModelWeights w_;
+  Backend& be_;
+  ParallelCtx par_;
+  ModelOptions opt_;
+  Profiler prof_;
+  Scratch scratch_;
+  Attention attn_;
+  MoE moe_;
+  Mlp mlp_;
+};
+
+// The registry entry of a decoder family: its weight map and a DecoderLM with `spec`.
+ModelFamily decoder_family(std::string architecture, const DecoderSpec& spec);
+
+}  // namespace cpinfer

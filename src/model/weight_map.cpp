@@ -1,0 +1,74 @@
+#include "model/weight_map.h"
+
+#include <cmath>
+
+namespace cpinfer {
+
+namespace {
+std::string why(const char* a, int64_t va, const char* b = nullptr, int64_t vb = 0) {
+  std::string s = std::string(a) + "=" + std::to_string(va);
+  if (b) s += ", " + std::string(b) + "=" + std::to_string(vb);
+  return s;
+}
+}  // namespace
+
+WeightMap decoder_weight_map(const ModelConfig& cfg, const DecoderSpec& spec, ModelWeights& w, ExpertRange share) {
+  const int64_t V = cfg.vocab_size, H = cfg.hidden_size, D = cfg.head_dim;
+  const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads;
+  const int64_t I = cfg.intermediate_size, Im = cfg.moe_intermediate_size, E = cfg.num_experts;
+  const float s_h = 1.0f / std::sqrt(float(H));
+  const std::string hs = why("hidden_size", H), hd = why("head_dim", D), vh = why("vocab_size", V, "hidden_size", H);
+  const std::string q_why = why("num_attention_heads*head_dim", Hq * D, "hidden_size", H);
+  const std::string kv_why = why("num_key_value_heads*head_dim", Hkv * D, "hidden_size", H);
+  const std::string router_why = why("num_experts", E, "hidden_size", H);
+  const std::string mlp_why = why("intermediate_size", I, "hidden_size", H);
+
+  WeightMap m;
+  w.layers.assign(static_cast<size_t>(cfg.num_hidden_layers), LayerWeights{});
+  auto add = [&](std::string name, std::vector<int64_t> shape, const std::string& why_s, Tensor* dst, uint64_t id,
+                 float scale, float mean = 0.0f) {
+    m.tensors.push_back({std::move(name), std::move(shape), why_s, dst, id, scale, mean, ""});
+  };
+  // Random tensor ids: 1..3 global, per layer 100 + 16 * layer + kind, experts 1e6 + (layer * E + e) * 3.
+  add("model.embed_tokens.weight", {V, H}, vh, &w.embed, 1, 1.0f);
+  add("model.norm.weight", {H}, hs, &w.final_norm, 2, 0.05f, 1.0f);
+  m.tie_lm_head = cfg.tie_word_embeddings;
+  if (!m.tie_lm_head) {
+    add("lm_head.weight", {V, H}, vh, &w.lm_head, 3, s_h);
+    m.tensors.back().missing_hint = "tie_word_embeddings is false in config.json";
+  }
+  for (int l = 0; l < cfg.num_hidden_layers; ++l) {
+    LayerWeights& L = w.layers[static_cast<size_t>(l)];
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    const uint64_t lid = 100 + 16 * uint64_t(l);
+    add(p + "input_layernorm.weight", {H}, hs, &L.input_norm, lid + 0, 0.05f, 1.0f);
+    add(p + "post_attention_layernorm.weight", {H}, hs, &L.post_attn_norm, lid + 1, 0.05f, 1.0f);
+    add(p + "self_attn.q_proj.weight", {Hq * D, H}, q_why, &L.q_proj, lid + 2, s_h);
+    add(p + "self_attn.k_proj.weight", {Hkv * D, H}, kv_why, &L.k_proj, lid + 3, s_h);
+    add(p + "self_attn.v_proj.weight", {Hkv * D, H}, kv_why, &L.v_proj, lid + 4, s_h);
+    add(p + "self_attn.o_proj.weight", {H, Hq * D}, q_why, &L.o_proj, lid + 5, 1.0f / std::sqrt(float(Hq * D)));
+    if (spec.qk_norm) {
+      add(p + "self_attn.q_norm.weight", {D}, hd, &L.q_norm, lid + 6, 0.05f, 1.0f);
+      add(p + "self_attn.k_norm.weight", {D}, hd, &L.k_norm, lid + 7, 0.05f, 1.0f);
+    }
+    L.moe = spec.moe && cfg.is_moe_layer(l);
+    if (!L.moe) {
+      add(p + "mlp.gate_proj.weight", {I, H}, mlp_why, &L.mlp_gate, lid + 9, s_h);
+      add(p + "mlp.up_proj.weight", {I, H}, mlp_why, &L.mlp_up, lid + 10, s_h);
+      add(p + "mlp.down_proj.weight", {H, I}, mlp_why, &L.mlp_down, lid + 11, 1.0f / std::sqrt(float(I)));
+      continue;
+    }
+    add(p + "mlp.gate.weight", {E, H}, router_why, &L.router, lid + 8, s_h);
+    ExpertShard& S = L.experts;
+    S.n_experts = static_cast<int32_t>(E);
+    S.first = share.first;
+    S.count = share.count;
+    S.gate.resize(static_cast<size_t>(share.count));
+    S.up.resize(static_cast<size_t>(share.count));
+    S.down.resize(static_cast<size_t>(share.count));
+    m.experts.push_back({p + "mlp.experts.", &S, E, Im, H, 1000000 + uint64_t(l) * uint64_t(E) * 3, m.tensors.size()});
+  }
+  return m;
+}
+
+}  // namespace cpinfer
