@@ -143,6 +143,7 @@ void parse_tools(const ojson& body, GenRequest& r) {
       r.tools.push_back(jinja_tojson(t));
     }
   }
+  r.tool_choice.kind = ToolChoice::Kind::Auto;
   auto tc = body.find("tool_choice");
   if (tc != body.end() && !tc->is_null()) {
     if (tc->is_string()) {

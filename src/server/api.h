@@ -56,7 +56,7 @@ struct GenRequest {
   std::string user_id;              // the "user" field, echoed nowhere (logged)
   std::vector<std::string> tools;   // chat: each tool as the template's tojson writes it (order kept)
   std::vector<std::string> tool_names;
-  ToolChoice tool_choice;           // Auto when absent; None when there are no tools
+  ToolChoice tool_choice{ToolChoice::Kind::None, {}};  // with tools: Auto unless the request says otherwise
 };
 
 // Parses and validates a request body. Throws ApiError(400) naming the offending field for

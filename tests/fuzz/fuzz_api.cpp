@@ -1,6 +1,7 @@
 // Fuzzes the OpenAI request parser (server::parse_request). The first byte picks the endpoint.
 // ApiError (a 400 for the client) and cpinfer::Error are correct outcomes; every accepted request
 // must satisfy the ranges the parser promises, and its error JSON must serialize.
+#include <algorithm>
 #include <cstdint>
 #include <string_view>
 
@@ -28,6 +29,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!(s.min_p >= 0.0f && s.min_p <= 1.0f)) fail("min_p out of [0, 1]");
     if (s.top_k == 0) fail("top_k == 0");
     for (const auto& st : r.stop) if (st.empty()) fail("empty stop string");
+    if (r.n < 1 || r.n > 64) fail("n out of [1, 64]");
+    if (r.logprobs < -1 || r.logprobs > 20) fail("logprobs out of [-1, 20]");
+    using Kind = cpinfer::server::ToolChoice::Kind;
+    if (r.tool_choice.kind == Kind::None && !r.tools.empty()) fail("tools rendered with tool_choice none");
+    if (r.tool_choice.kind != Kind::None && r.tools.empty()) fail("tool_choice without tools");
+    if (r.tool_choice.kind == Kind::Named &&
+        std::find(r.tool_names.begin(), r.tool_names.end(), r.tool_choice.name) == r.tool_names.end())
+      fail("named tool_choice not in tools");
+    for (const auto& t : r.tools)
+      if (t.empty() || t.front() != '{' || t.back() != '}') fail("a tool that is not a JSON object");
     if (cpinfer::fuzz::verbose()) std::fprintf(stderr, "accepted\n");
   } catch (const ApiError& e) {
     if (e.message.empty()) cpinfer::fuzz::report_bug("(empty message)", "ApiError");

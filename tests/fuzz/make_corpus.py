@@ -136,6 +136,15 @@ def seeds_api():
     write("api", "completion_text", b"\x01" + b'{"prompt":"Once upon","max_completion_tokens":8,"ignore_eos":true,"echo":false,"suffix":""}')
     write("api", "completion_ids", b"\x01" + b'{"prompt":[1,2,3],"stop":"x","temperature":0,"max_tokens":3.0}')
     write("api", "completion_nested", b"\x01" + b'{"prompt":[[5,6]],"repetition_penalty":1,"logprobs":false}')
+    tools = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "weather?"},
+                          {"role": "assistant", "content": None, "tool_calls": [
+                              {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{\"c\": 1}"}},
+                              {"id": "c2", "type": "function", "function": {"name": "w", "arguments": {"c": [1.5, None]}}}]},
+                          {"role": "tool", "tool_call_id": "c1", "content": "sunny"}],
+             "tools": [{"type": "function", "function": {"name": "w", "parameters": {"type": "object", "b": 1, "a": 2}}}],
+             "tool_choice": {"type": "function", "function": {"name": "w"}}, "n": 2, "logprobs": True, "top_logprobs": 3}
+    write("api", "chat_tools", b"\x00" + json.dumps(tools).encode())
+    write("api", "completion_logprobs", b"\x01" + b'{"prompt":"a","logprobs":5,"n":3}')
 
 
 if __name__ == "__main__":

@@ -91,6 +91,13 @@ describe('tool calls', () => {
     assert.ok(r.usage.prompt_tokens < withTools.usage.prompt_tokens - 50);
   });
 
+  it('without tools the same output is plain content', async () => {
+    const r = await client.chat.completions.create({ messages: ask, max_tokens: 200, ignore_eos: true });
+    assert.equal(r.choices[0].finish_reason, 'stop');
+    assert.equal(r.choices[0].message.tool_calls, undefined);
+    assert.equal(r.choices[0].message.content, FIXED);
+  });
+
   it('tool_choice required and named open the call in the prompt', async () => {
     const base = { messages: ask, tools, max_tokens: 200, ignore_eos: true };
     const auto = await client.chat.completions.create(base);

@@ -99,6 +99,10 @@ TEST(Tools, RequestParsing) {
   EXPECT_EQ(g.messages[1].tool_calls[1].arguments, R"({"y": [2, 1.5]})");
   EXPECT_EQ(g.messages[2].role, "tool");
 
+  // Without tools nothing is parsed as a call (tool_choice none), also for completions.
+  EXPECT_EQ(parse_request(Endpoint::Chat, R"({"messages": [{"role": "user", "content": "hi"}]})").tool_choice.kind,
+            ToolChoice::Kind::None);
+  EXPECT_EQ(parse_request(Endpoint::Completion, R"({"prompt": "hi"})").tool_choice.kind, ToolChoice::Kind::None);
   auto choice = [&](const std::string& c) {
     return parse_request(Endpoint::Chat, std::string(R"({"messages": [{"role": "user", "content": "hi"}], "tools": [)") +
                                              tool + "], \"tool_choice\": " + c + "}");
