@@ -4,11 +4,12 @@
 //
 //   node bench/llamacpp/bench.mjs --model FILE.gguf [--threads 2] [--prompt-tokens 512 | --input-ids 1,2,3]
 //        [--max-new-tokens 64] [--repeats 3] [--f32-kv] [--flash-attention auto|on|off] [--batch-size 512]
-//
-// Prefill: the prompt evaluated into an empty sequence (logits for its last position only), median of
-// --repeats runs after one warm-up. Decode: greedy (temperature 0) generation of --max-new-tokens
-// tokens after the prompt, EOS ignored; tokens/s = (M - 1) / (time from the first generated token to
-// the last), the definition cpinfer generate --json uses. Prints one JSON object.
+//        [--seed 1] [--no-decode]
+// Prompt: --input-ids, or --prompt-tokens ids from a 32-bit LCG seeded by --seed.
+// Prefill: the prompt evaluated into an empty sequence, median of --repeats runs after one warm-up.
+// Decode: greedy (temperature 0) generation of --max-new-tokens tokens after the prompt, EOS ignored;
+// tokens/s = (M - 1) / (time from the first generated token to the last), the definition cpinfer
+// generate --json uses. Prints one JSON object.
 import { getLlama, LlamaLogLevel } from "node-llama-cpp";
 import { performance } from "node:perf_hooks";
 import os from "node:os";
@@ -37,7 +38,7 @@ function parseArgs(argv) {
       case "--seed": a.seed = Number(v()); break;
       case "--no-decode": a.decode = false; break;
       case "-h": case "--help":
-        console.log(readFileSync(new URL(import.meta.url)).toString().split("\n").slice(1, 11)
+        console.log(readFileSync(new URL(import.meta.url)).toString().split("\n").slice(1, 12)
           .map((l) => l.replace(/^\/\/ ?/, "")).join("\n"));
         process.exit(0);
       default: throw new Error(`unknown argument ${k} (see --help)`);

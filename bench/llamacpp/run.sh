@@ -6,10 +6,10 @@
 #                         [--new 64] [--repeats 3] [--outtype bf16|f32] [--work DIR] [--json FILE]
 #
 # 1. `cpinfer demo-model` writes a random-weight Qwen3-MoE checkpoint (kept in --work, default
-#    build/llamacpp-bench, and reused), 2. tools/to_gguf.py converts it, 3. bench.mjs measures llama.cpp (its default
-#    settings: F16 KV cache, flash attention auto, batch 512), 4. cpinfer runs with OMP_NUM_THREADS:
-#    `bench prefill` for prefill and `generate --ignore-eos` on llama.cpp's prompt ids for decode,
-#    5. a table of tokens/s and cpinfer / llama.cpp.
+#    build/llamacpp-bench, and reused), 2. tools/to_gguf.py converts it, 3. bench.mjs measures
+#    llama.cpp (its default settings: F16 KV cache, flash attention auto, batch 512), 4. cpinfer runs
+#    with OMP_NUM_THREADS: `bench prefill` for prefill and `generate --ignore-eos` on llama.cpp's
+#    prompt ids for decode, 5. a table of tokens/s and cpinfer / llama.cpp.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 HERE="$ROOT/bench/llamacpp"
@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
     --outtype) OUTTYPE="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
     --json) JSON_OUT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
