@@ -47,4 +47,10 @@ nlohmann::json parse_json_unique_keys(std::string_view text, const std::string& 
   return j;
 }
 
+std::string json_brief(const nlohmann::json& j) {
+  std::string s = j.dump();
+  if (s.size() > 60) s = s.substr(0, 57) + "...";
+  return s;
+}
+
 }  // namespace cpinfer

@@ -24,4 +24,7 @@ nlohmann::json parse_json(std::string_view text, const std::string& label, const
 // nlohmann keeps the last one silently, so two readers of the same file could disagree.
 nlohmann::json parse_json_unique_keys(std::string_view text, const std::string& label);
 
+// A short quote of a value for error messages: its JSON text, cut to 60 characters with "...".
+std::string json_brief(const nlohmann::json& j);
+
 }  // namespace cpinfer

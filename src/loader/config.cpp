@@ -19,12 +19,6 @@ using json = nlohmann::json;
 
 namespace {
 
-std::string brief(const json& j) {
-  std::string s = j.dump();
-  if (s.size() > 60) s = s.substr(0, 57) + "...";
-  return s;
-}
-
 // Typed access to one JSON object of a config file; every error names the file and the field.
 // A null value counts as absent, as it does for transformers (e.g. "rope_scaling": null).
 class Fields {
@@ -51,11 +45,11 @@ class Fields {
   double number(const char* key) const {
     const json* v = find(key);
     CPI_CHECK(v != nullptr, label_, ": required field '", prefix_, key, "' is missing");
-    CPI_CHECK(v->is_number(), label_, ": field '", prefix_, key, "' must be a number, got ", brief(*v));
+    CPI_CHECK(v->is_number(), label_, ": field '", prefix_, key, "' must be a number, got ", json_brief(*v));
     const double x = v->get<double>();
     // The forward pass uses these as float: 1e308 would become inf (rope_theta: RoPE silently off).
     CPI_CHECK(std::isfinite(x) && std::fabs(x) <= std::numeric_limits<float>::max(), label_, ": field '", prefix_,
-              key, "' = ", brief(*v), " is out of the range of a 32-bit float (|x| <= 3.4e38)");
+              key, "' = ", json_brief(*v), " is out of the range of a 32-bit float (|x| <= 3.4e38)");
     return x;
   }
   double number(const char* key, double def) const { return has(key) ? number(key) : def; }
@@ -66,14 +60,14 @@ class Fields {
   bool boolean(const char* key, bool def) const {
     const json* v = find(key);
     if (!v) return def;
-    CPI_CHECK(v->is_boolean(), label_, ": field '", prefix_, key, "' must be true or false, got ", brief(*v));
+    CPI_CHECK(v->is_boolean(), label_, ": field '", prefix_, key, "' must be true or false, got ", json_brief(*v));
     return v->get<bool>();
   }
 
   std::string string(const char* key, const std::string& def) const {
     const json* v = find(key);
     if (!v) return def;
-    CPI_CHECK(v->is_string(), label_, ": field '", prefix_, key, "' must be a string, got ", brief(*v));
+    CPI_CHECK(v->is_string(), label_, ": field '", prefix_, key, "' must be a string, got ", json_brief(*v));
     return v->get<std::string>();
   }
 
@@ -91,10 +85,10 @@ class Fields {
 
  private:
   int64_t as_integer(const json& v, const char* key) const {
-    CPI_CHECK(v.is_number_integer(), label_, ": field '", prefix_, key, "' must be an integer, got ", brief(v));
+    CPI_CHECK(v.is_number_integer(), label_, ": field '", prefix_, key, "' must be an integer, got ", json_brief(v));
     if (v.is_number_unsigned()) {
       CPI_CHECK(v.get<uint64_t>() <= static_cast<uint64_t>(INT64_MAX), label_, ": field '", prefix_, key,
-                "' is out of range: ", brief(v));
+                "' is out of range: ", json_brief(v));
     }
     return v.get<int64_t>();
   }
@@ -139,7 +133,7 @@ void parse_rope(const Fields& top, ModelConfig& cfg) {
   }
   json empty = json::object();
   if (dict == nullptr) dict = &empty;
-  CPI_CHECK(dict->is_object(), label, ": field '", dict_name, "' must be an object, got ", brief(*dict));
+  CPI_CHECK(dict->is_object(), label, ": field '", dict_name, "' must be an object, got ", json_brief(*dict));
   // Per-layer-type dicts (keys are layer types): Qwen3 attention is all full attention.
   if (dict->contains("full_attention") && (*dict)["full_attention"].is_object()) {
     dict = &(*dict)["full_attention"];
@@ -205,14 +199,14 @@ void parse_rope(const Fields& top, ModelConfig& cfg) {
 
 ModelConfig parse_config(const std::string& text, const std::string& label) {
   json root = parse_json_unique_keys(text, label);
-  CPI_CHECK(root.is_object(), label, ": top level must be a JSON object, got ", brief(root));
+  CPI_CHECK(root.is_object(), label, ": top level must be a JSON object, got ", json_brief(root));
   Fields f(root, label);
   ModelConfig c;
 
   c.model_type = f.string("model_type", "");
   if (const json* a = f.find("architectures")) {
     CPI_CHECK(a->is_array() && !a->empty() && (*a)[0].is_string(), label,
-              ": field 'architectures' must be a non-empty list of strings, got ", brief(*a));
+              ": field 'architectures' must be a non-empty list of strings, got ", json_brief(*a));
     c.architecture = (*a)[0].get<std::string>();
   } else if (c.model_type == "qwen3_moe") {
     c.architecture = "Qwen3MoeForCausalLM";
@@ -291,9 +285,9 @@ ModelConfig parse_config(const std::string& text, const std::string& label) {
     c.decoder_sparse_step = to_int(f.integer("decoder_sparse_step", 1), label, "decoder_sparse_step");
     c.norm_topk_prob = f.boolean("norm_topk_prob", false);
     if (const json* m = f.find("mlp_only_layers")) {
-      CPI_CHECK(m->is_array(), label, ": field 'mlp_only_layers' must be a list of layer indices, got ", brief(*m));
+      CPI_CHECK(m->is_array(), label, ": field 'mlp_only_layers' must be a list of layer indices, got ", json_brief(*m));
       for (const json& x : *m) {
-        CPI_CHECK(x.is_number_integer(), label, ": field 'mlp_only_layers' must hold integers, got ", brief(x));
+        CPI_CHECK(x.is_number_integer(), label, ": field 'mlp_only_layers' must hold integers, got ", json_brief(x));
         int64_t l = x.get<int64_t>();
         CPI_CHECK(l >= 0 && l < c.num_hidden_layers, label, ": mlp_only_layers entry ", l, " is not a layer (0..",
                   c.num_hidden_layers - 1, ")");

@@ -4,21 +4,12 @@
 #include <cstring>
 
 #include "core/check.h"
+#include "core/json.h"
 #include "loader/safetensors.h"
 
 namespace cpinfer {
 
 using json = nlohmann::json;
-
-namespace {
-
-std::string brief(const json& j) {
-  std::string s = j.dump();
-  if (s.size() > 60) s = s.substr(0, 57) + "...";
-  return s;
-}
-
-}  // namespace
 
 QuantConfig parse_quantization_config(const json& root, const std::string& label) {
   QuantConfig q;
@@ -26,11 +17,11 @@ QuantConfig parse_quantization_config(const json& root, const std::string& label
   if (it == root.end() || it->is_null()) return q;
   const json& c = *it;
   const std::string f = label + ": quantization_config";
-  CPI_CHECK(c.is_object(), f, " must be an object, got ", brief(c));
+  CPI_CHECK(c.is_object(), f, " must be an object, got ", json_brief(c));
   auto str = [&](const char* key, const char* dflt) -> std::string {
     const auto v = c.find(key);
     if (v == c.end() || v->is_null()) return dflt;
-    CPI_CHECK(v->is_string(), f, ".", key, " must be a string, got ", brief(*v));
+    CPI_CHECK(v->is_string(), f, ".", key, " must be a string, got ", json_brief(*v));
     return v->get<std::string>();
   };
   const std::string method = str("quant_method", "");
@@ -45,15 +36,15 @@ QuantConfig parse_quantization_config(const json& root, const std::string& label
   CPI_CHECK(bs != c.end() && !bs->is_null(), f,
             ".weight_block_size is missing: per-tensor FP8 scales are not supported (block-wise [128, 128] are)");
   CPI_CHECK(bs->is_array() && bs->size() == 2 && (*bs)[0].is_number_integer() && (*bs)[1].is_number_integer(), f,
-            ".weight_block_size must be two integers, got ", brief(*bs));
+            ".weight_block_size must be two integers, got ", json_brief(*bs));
   q.block_n = (*bs)[0].get<int64_t>();
   q.block_k = (*bs)[1].get<int64_t>();
   CPI_CHECK(q.block_n == 128 && q.block_k == 128, f, ".weight_block_size [", q.block_n, ", ", q.block_k,
             "] is not supported (only [128, 128])");
   if (const auto m = c.find("modules_to_not_convert"); m != c.end() && !m->is_null()) {
-    CPI_CHECK(m->is_array(), f, ".modules_to_not_convert must be a list of strings, got ", brief(*m));
+    CPI_CHECK(m->is_array(), f, ".modules_to_not_convert must be a list of strings, got ", json_brief(*m));
     for (const json& x : *m) {
-      CPI_CHECK(x.is_string(), f, ".modules_to_not_convert must hold strings, got ", brief(x));
+      CPI_CHECK(x.is_string(), f, ".modules_to_not_convert must hold strings, got ", json_brief(x));
       q.not_converted.push_back(x.get<std::string>());
     }
   }

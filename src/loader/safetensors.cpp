@@ -42,13 +42,6 @@ bool parse_dtype(const std::string& s, DType* out) {
   return false;
 }
 
-// A short quote of a JSON value for error messages.
-std::string brief(const json& j) {
-  std::string s = j.dump();
-  if (s.size() > 60) s = s.substr(0, 57) + "...";
-  return s;
-}
-
 }  // namespace
 
 // A read-only private mapping of a whole file.
@@ -109,16 +102,16 @@ std::vector<TensorInfo> parse_safetensors(const void* bytes, size_t size, const 
     const std::string& name = it.key();
     const json& v = it.value();
     if (name == "__metadata__") {
-      CPI_CHECK(v.is_object(), label, ": __metadata__ must be an object of strings, got ", brief(v));
+      CPI_CHECK(v.is_object(), label, ": __metadata__ must be an object of strings, got ", json_brief(v));
       for (auto m = v.begin(); m != v.end(); ++m) {
         CPI_CHECK(m.value().is_string(), label, ": __metadata__ value of '", m.key(), "' must be a string, got ",
-                  brief(m.value()));
+                  json_brief(m.value()));
         if (metadata) (*metadata)[m.key()] = m.value().get<std::string>();
       }
       continue;
     }
     CPI_CHECK(!name.empty(), label, ": empty tensor name in the header");
-    CPI_CHECK(v.is_object(), label, ": entry of tensor '", name, "' must be an object, got ", brief(v));
+    CPI_CHECK(v.is_object(), label, ": entry of tensor '", name, "' must be an object, got ", json_brief(v));
 
     TensorInfo info;
     info.name = name;
@@ -135,7 +128,7 @@ std::vector<TensorInfo> parse_safetensors(const void* bytes, size_t size, const 
     bool overflow = false;
     for (const json& d : *sh) {
       CPI_CHECK(d.is_number_unsigned() && d.get<uint64_t>() <= static_cast<uint64_t>(INT64_MAX), label,
-                ": tensor '", name, "' has an invalid dimension ", brief(d), " in shape ", brief(*sh),
+                ": tensor '", name, "' has an invalid dimension ", json_brief(d), " in shape ", json_brief(*sh),
                 " (dimensions are non-negative integers)");
       uint64_t dim = d.get<uint64_t>();
       info.shape.push_back(static_cast<int64_t>(dim));
@@ -143,7 +136,7 @@ std::vector<TensorInfo> parse_safetensors(const void* bytes, size_t size, const 
     }
     uint64_t nbytes = 0;
     overflow |= __builtin_mul_overflow(numel, static_cast<uint64_t>(dtype_size(info.dtype)), &nbytes);
-    CPI_CHECK(!overflow, label, ": tensor '", name, "' shape ", brief(*sh), " overflows 64-bit byte counts");
+    CPI_CHECK(!overflow, label, ": tensor '", name, "' shape ", json_brief(*sh), " overflows 64-bit byte counts");
 
     auto off = v.find("data_offsets");
     CPI_CHECK(off != v.end() && off->is_array() && off->size() == 2 && (*off)[0].is_number_unsigned() &&
@@ -153,7 +146,7 @@ std::vector<TensorInfo> parse_safetensors(const void* bytes, size_t size, const 
     CPI_CHECK(begin <= end && end <= data_len, label, ": tensor '", name, "' data_offsets [", begin, ", ", end,
               "] fall outside the data region of ", data_len, " bytes");
     CPI_CHECK(end - begin == nbytes, label, ": tensor '", name, "' has ", end - begin, " bytes but shape ",
-              brief(*sh), " x ", dtype_name(info.dtype), " needs ", nbytes);
+              json_brief(*sh), " x ", dtype_name(info.dtype), " needs ", nbytes);
     info.nbytes = static_cast<size_t>(nbytes);
     info.data = data + begin;
     spans.push_back({begin, end, out.size()});
@@ -234,7 +227,7 @@ Checkpoint Checkpoint::open(const std::string& dir) {
   std::map<std::string, std::map<std::string, TensorInfo, std::less<>>> shards;
   for (auto it = wm->begin(); it != wm->end(); ++it) {
     CPI_CHECK(it.value().is_string(), index_label, ": weight_map entry of '", it.key(), "' must be a file name, got ",
-              brief(it.value()));
+              json_brief(it.value()));
     const std::string shard = it.value().get<std::string>();
     CPI_CHECK(!shard.empty() && shard.find('/') == std::string::npos && shard.find('\\') == std::string::npos &&
                   shard != "." && shard != "..",
