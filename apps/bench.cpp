@@ -1,4 +1,4 @@
-// cpinfer bench prefill: time to first token of one long prompt per CP size and length, with the
+// cpinfer bench prefill (bench decode is in bench_decode.cpp): time to first token of one long prompt per CP size and length, with the
 // time spent in communication and per kind of op, tokens/s, and model FLOP utilisation.
 #include <algorithm>
 #include <chrono>
@@ -242,7 +242,8 @@ Command add_bench_command(CLI::App& app) {
                  "Chunks of the sharded-expert MoE pipeline (0: the default, which is 1: no pipelining)")
       ->check(CLI::Range(0, 64))->capture_default_str();
   p->add_flag("--json", f->json, "Print JSON instead of the table");
-  return {c, [f] { return run_bench_prefill(*f); }};
+  CommandFn decode = add_bench_decode_command(c);
+  return {c, [f, p, decode] { return p->parsed() ? run_bench_prefill(*f) : decode(); }};
 }
 
 }  // namespace cpinfer

@@ -43,6 +43,8 @@ Command add_generate_command(CLI::App& app);
 Command add_logits_command(CLI::App& app);
 Command add_demo_model_command(CLI::App& app);
 Command add_bench_command(CLI::App& app);
+// `cpinfer bench decode`, registered under `bench`; returns what runs it.
+CommandFn add_bench_decode_command(CLI::App* bench);
 Command add_serve_command(CLI::App& app);
 
 // The demo checkpoint `cpinfer demo-model` writes (random weights, real Qwen3 tokenizer); serve

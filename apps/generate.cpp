@@ -34,8 +34,8 @@ int run_generate(GenerateFlags& f) {
     std::string text = f.prompt;
     if (f.chat) {
       std::vector<ChatMessage> msgs;
-      if (!f.system.empty()) msgs.push_back({"system", f.system, ""});
-      msgs.push_back({"user", f.prompt, ""});
+      if (!f.system.empty()) msgs.push_back({"system", f.system, "", {}});
+      msgs.push_back({"user", f.prompt, "", {}});
       text = tok->render_chat(msgs, true, !f.disable_thinking);
     }
     ids = tok->encode(text);

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""`cpinfer bench decode` through the built binary on a tiny demo model: the rows it reports (one
+per batch x context, skipped when the KV does not fit), the bytes a step reads as the formula in
+apps/bench_decode.cpp gives them for this shape, tokens/s and GB/s consistent with the step time,
+and clear errors for bad flags.
+
+usage: cli_bench_test.py CPINFER_BINARY WORK_DIR
+"""
+import json
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from cli_check import check, finish, run  # noqa: E402
+
+
+def main():
+    binary, work = sys.argv[1], sys.argv[2]
+    model = os.path.join(work, "bench-demo")
+    shutil.rmtree(model, ignore_errors=True)
+    run([binary, "-q", "demo-model", "--out", model, "--layers", "2", "--hidden", "64", "--experts", "4"])
+    cfg = json.load(open(os.path.join(model, "config.json")))
+
+    bench = [binary, "-q", "bench", "decode", "--model-path", model, "--steps", "2", "--warmup", "1", "--json"]
+    j = json.loads(run(bench + ["--batch", "1,3", "--context", "16,100"]).stdout)
+    rows = j["results"]
+    check([(r["batch"], r["context"]) for r in rows] == [(1, 16), (3, 16), (1, 100), (3, 100)],
+          "one row per context x batch, in that order")
+    check(j["copy_gbps"] > 0, "the copy bandwidth is measured")
+    H, L, Hq, Hkv, D = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], \
+        cfg["num_key_value_heads"], cfg["head_dim"]
+    E, k, I, V = cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"], cfg["vocab_size"]
+    for r in rows:
+        B, C = r["batch"], r["context"]
+        ok = all(x in r for x in ("step_s", "tokens_per_s", "achieved_gbps")) and r["step_s"] > 0
+        check(ok, f"batch {B} context {C}: timed")
+        if not ok:
+            continue
+        check(abs(r["tokens_per_s"] - B / r["step_s"]) <= 1e-9 * r["tokens_per_s"], f"batch {B}: tokens/s = batch / step")
+        # The CPU back-end keeps the KV cache in F32: 4 bytes per value.
+        kv = B * (C + 1) * L * 2 * Hkv * D * 4
+        check(r["kv_bytes"] == kv, f"batch {B} context {C}: KV bytes {r['kv_bytes']} == {kv}")
+        w = L * (H * (Hq * D + 2 * Hkv * D) + Hq * D * H + H * E) * 2 + V * H * 2
+        check(abs(r["weight_bytes"] - w) <= 1e-6 * w, f"batch {B}: weight bytes {r['weight_bytes']} == {w}")
+        touched = E * (1 - (1 - k / E) ** B)
+        ex = L * touched * 3 * H * I * 2
+        check(abs(r["expert_bytes"] - ex) <= 1e-6 * ex, f"batch {B}: expert bytes under uniform routing")
+        total = r["kv_bytes"] + r["weight_bytes"] + r["expert_bytes"]
+        check(abs(r["achieved_gbps"] - total / r["step_s"] / 1e9) <= 1e-6 * r["achieved_gbps"],
+              f"batch {B} context {C}: GB/s = bytes / step")
+
+    # A cache too small for batch 3 at context 100 skips that pair and runs the others.
+    small = json.loads(run(bench + ["--batch", "1,3", "--context", "100", "--kv-cache-tokens", "256"]).stdout)
+    r1, r3 = small["results"]
+    check("step_s" in r1 and "skipped" not in r1, "batch 1 x 100 fits 256 positions and runs")
+    check("skipped" in r3 and "step_s" not in r3, "batch 3 x 100 does not fit 256 positions: skipped")
+
+    table = run([binary, "-q", "bench", "decode", "--model-path", model, "--steps", "1", "--batch", "2",
+                 "--context", "8"]).stdout
+    check("tok/s" in table and "%copy" in table, "the table has its header")
+
+    bad = [
+        (["--batch", "0"], "--batch: '0' is not a positive integer"),
+        (["--context", "8x"], "--context: '8x' is not a positive integer"),
+        (["--random-weights", "qwen3-30b-a3b"], "exactly one of --model-path and --random-weights"),
+    ]
+    for extra, want in bad:
+        p = run(bench + extra, expect_ok=False)
+        check(p.returncode != 0 and want in p.stderr, f"{' '.join(extra)}: fails saying {want!r}")
+    finish()
+
+
+if __name__ == "__main__":
+    main()
