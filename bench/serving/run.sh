@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# Starts `cpinfer serve` (default: the demo model), waits for its ready line, runs
-# bench_serving.mjs against it with the remaining arguments, then stops the server (SIGTERM).
-#   bench/serving/run.sh [--bin build/cpinfer] [--serve "serve flags"] -- [bench flags]
+# Starts `cpinfer serve` (default: the demo model), waits for its ready line, runs the benchmark
+# client against it with the remaining arguments, then stops the server (SIGTERM). The client is
+# bench_serving.mjs (node) or bench_serving.py (python3 stdlib: the same prompts and metrics);
+# default: node when it is installed, else python3.
+#   bench/serving/run.sh [--bin build/cpinfer] [--serve "serve flags"] [--client node|py] -- [bench flags]
 #   bench/serving/run.sh --serve "--chunked-prefill-size 512" -- --num-prompts 64 --request-rate 8 \
 #       --input-len 256 --output-len 32
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BIN="$ROOT/build/cpinfer"
 SERVE_FLAGS=""
+CLIENT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) BIN="$2"; shift 2 ;;
     --serve) SERVE_FLAGS="$2"; shift 2 ;;
+    --client) CLIENT="$2"; shift 2 ;;
     --) shift; break ;;
     *) break ;;
   esac
 done
+[ -n "$CLIENT" ] || { command -v node >/dev/null && CLIENT=node || CLIENT=py; }
+case "$CLIENT" in node|py) ;; *) echo "[bench] --client must be node or py, got '$CLIENT'" >&2; exit 2 ;; esac
 LOG="$(mktemp)"
 # shellcheck disable=SC2086
 "$BIN" serve --port 0 --log-interval 0 $SERVE_FLAGS 2>"$LOG" &
@@ -30,4 +36,8 @@ for _ in $(seq 1 600); do
 done
 [ -n "$URL" ] || { cat "$LOG" >&2; echo "[bench] server not ready after 60 s" >&2; exit 1; }
 grep -E "loaded|KV cache|ready" "$LOG" >&2 || true
-node "$ROOT/bench/serving/bench_serving.mjs" --base-url "$URL" "$@"
+if [ "$CLIENT" = node ]; then
+  node "$ROOT/bench/serving/bench_serving.mjs" --base-url "$URL" "$@"
+else
+  python3 "$ROOT/bench/serving/bench_serving.py" --base-url "$URL" "$@"
+fi
