@@ -1,6 +1,7 @@
 #include "common.h"
 
 #include <charconv>
+#include <cstdlib>
 
 #include "core/log.h"
 
@@ -69,9 +70,33 @@ EngineOptions EngineFlags::engine(int needed) const {
   o.cp.enable_prefill_cp = enable_prefill_cp;
   o.cp.min_tokens = cp_min_tokens;
   o.block_size = block_size;
+  o.random_weights = random_weights;
   int want = kv_cache_tokens > 0 ? kv_cache_tokens : needed;
   o.kv_cache_tokens = ((want + block_size - 1) / block_size) * block_size;
   return o;
+}
+
+void EngineFlags::add_random_weights_to(CLI::App* app) {
+  app->add_option("--random-weights", random_weights,
+                  "Random weights instead of a checkpoint: qwen3-30b-a3b or a config.json path (with the Qwen3 "
+                  "tokenizer unless --tokenizer-path)");
+  app->add_option("--tokenizer-path", tokenizer_path,
+                  "Directory with tokenizer.json and tokenizer_config.json (default: the model's; with "
+                  "--random-weights the Qwen3 tokenizer scripts/setup.sh extracts)");
+}
+
+void EngineFlags::check_model_source() const {
+  CPI_CHECK(model_path.empty() != random_weights.empty(), "give exactly one of --model-path and --random-weights");
+}
+
+std::string EngineFlags::tokenizer_dir() const {
+  if (!tokenizer_path.empty()) return tokenizer_path;
+  return random_weights.empty() ? model_path : default_tokenizer_dir();
+}
+
+std::string default_tokenizer_dir() {
+  if (const char* env = std::getenv("CPINFER_TOKENIZER_DIR"); env && *env) return env;
+  return std::string(CPINFER_SOURCE_DIR) + "/build/qwen3-tokenizer";
 }
 
 std::vector<int32_t> parse_ids(const std::string& s) {

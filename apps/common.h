@@ -23,12 +23,24 @@ struct EngineFlags {
   int comm_timeout_s = 300;
   int kv_cache_tokens = 0;
   int block_size = 16;
+  // --random-weights / --tokenizer-path (generate, serve): random weights at a config's shape and a
+  // tokenizer from elsewhere, so that a real-shape model runs without its checkpoint on disk.
+  std::string random_weights;
+  std::string tokenizer_path;
 
   void add_to(CLI::App* app, bool model_required = true);
+  void add_random_weights_to(CLI::App* app);
+  // Exactly one of --model-path and --random-weights; throws cpinfer::Error otherwise.
+  void check_model_source() const;
+  // --tokenizer-path, else the model directory, else (random weights) default_tokenizer_dir().
+  std::string tokenizer_dir() const;
   LaunchOptions launch() const;
   // kv_cache_tokens when given, else `needed` rounded up to whole blocks.
   EngineOptions engine(int needed) const;
 };
+
+// The Qwen3 tokenizer scripts/setup.sh extracts: $CPINFER_TOKENIZER_DIR, else build/qwen3-tokenizer.
+std::string default_tokenizer_dir();
 
 // "1,2,3" -> {1, 2, 3}; throws cpinfer::Error naming the bad item.
 std::vector<int32_t> parse_ids(const std::string& s);

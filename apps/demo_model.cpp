@@ -18,11 +18,6 @@ namespace fs = std::filesystem;
 
 using DemoFlags = DemoModelSpec;
 
-std::string default_tokenizer_dir() {
-  if (const char* env = std::getenv("CPINFER_TOKENIZER_DIR")) return env;
-  return std::string(CPINFER_SOURCE_DIR) + "/build/qwen3-tokenizer";
-}
-
 int run_demo_model(const DemoFlags& f) {
   const std::string tok_dir = f.tokenizer_dir.empty() ? default_tokenizer_dir() : f.tokenizer_dir;
   for (const char* name : {"tokenizer.json", "tokenizer_config.json"})

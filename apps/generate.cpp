@@ -26,11 +26,12 @@ struct GenerateFlags {
 };
 
 int run_generate(GenerateFlags& f) {
+  f.ef.check_model_source();
   CPI_CHECK(f.prompt.empty() != f.input_ids.empty(), "give exactly one of --prompt and --input-ids");
   std::unique_ptr<Tokenizer> tok;
   std::vector<int32_t> ids;
   if (!f.prompt.empty()) {
-    tok = std::make_unique<Tokenizer>(Tokenizer::from_dir(f.ef.model_path));
+    tok = std::make_unique<Tokenizer>(Tokenizer::from_dir(f.ef.tokenizer_dir()));
     std::string text = f.prompt;
     if (f.chat) {
       std::vector<ChatMessage> msgs;
@@ -166,7 +167,8 @@ int run_logits(LogitsFlags& f) {
 Command add_generate_command(CLI::App& app) {
   auto f = std::make_shared<GenerateFlags>();
   CLI::App* c = app.add_subcommand("generate", "Generate a continuation of a prompt (text or token ids)");
-  f->ef.add_to(c);
+  f->ef.add_to(c, false);
+  f->ef.add_random_weights_to(c);
   c->add_option("--prompt", f->prompt, "Prompt text (tokenized with the model's tokenizer.json)");
   c->add_option("--input-ids", f->input_ids, "Prompt as comma-separated token ids, e.g. 1,2,3");
   c->add_flag("--chat", f->chat, "Wrap --prompt in the model's chat template as a user turn");

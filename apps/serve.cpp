@@ -43,12 +43,16 @@ std::string demo_model_dir() {
 }
 
 int run_serve(ServeFlags& f) {
-  if (f.ef.model_path.empty()) {
+  if (!f.ef.random_weights.empty()) {
+    CPI_CHECK(f.ef.model_path.empty(), "give exactly one of --model-path and --random-weights");
+    if (f.so.served_model_name.empty()) f.so.served_model_name = "random:" + f.ef.random_weights;
+  } else if (f.ef.model_path.empty()) {
     f.ef.model_path = demo_model_dir();
     if (f.so.served_model_name.empty()) f.so.served_model_name = "cpinfer-demo";
     log_info("no --model-path: serving the demo model in ", f.ef.model_path, " (random weights: random text)");
   }
   f.so.model_path = f.ef.model_path;
+  f.so.tokenizer_path = f.ef.tokenizer_dir();
   f.so.sched.log_interval_s = f.log_interval_s;
   f.so.http.read_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.http_read_timeout_s * 1000));
   f.so.http.idle_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.http_idle_timeout_s * 1000));
@@ -66,6 +70,7 @@ Command add_serve_command(CLI::App& app) {
   CLI::App* c = app.add_subcommand("serve", "OpenAI-compatible HTTP server (chat/completions, completions, models, "
                                             "health, metrics)");
   f->ef.add_to(c, false);
+  f->ef.add_random_weights_to(c);
   c->add_option("--host", f->so.host, "Address to listen on")->capture_default_str();
   c->add_option("--port", f->so.port, "Port to listen on (0: any free port; the ready line names it)")
       ->check(CLI::Range(0, 65535))->capture_default_str();

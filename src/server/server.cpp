@@ -12,6 +12,7 @@
 
 #include "core/log.h"
 #include "loader/config.h"
+#include "model/random_weights.h"
 #include "server/api.h"
 #include "server/metrics.h"
 #include "server/output.h"
@@ -461,8 +462,8 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGPIPE, SIG_IGN);
 
-  Tokenizer tok = Tokenizer::from_dir(so.model_path);
-  ModelConfig cfg = load_config(so.model_path);
+  Tokenizer tok = Tokenizer::from_dir(so.tokenizer_path.empty() ? so.model_path : so.tokenizer_path);
+  ModelConfig cfg = eo.random_weights.empty() ? load_config(so.model_path) : random_model_config(eo.random_weights);
   const int kv_tokens = ((eo.kv_cache_tokens + eo.block_size - 1) / eo.block_size) * eo.block_size;
   int context_length = so.context_length;
   if (context_length <= 0) {

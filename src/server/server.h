@@ -12,7 +12,8 @@
 namespace cpinfer::server {
 
 struct ServerOptions {
-  std::string model_path;
+  std::string model_path;         // empty with EngineOptions::random_weights
+  std::string tokenizer_path;     // empty: model_path
   std::string served_model_name;  // empty: model_path
   std::string host = "127.0.0.1";
   int port = 30000;               // 0: any free port (the ready line names it)

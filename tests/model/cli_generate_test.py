@@ -51,6 +51,15 @@ def main():
                               "--disable-thinking", "--max-new-tokens", "4", "--json"]).stdout)
     check(nothink["prompt_tokens"] > chat["prompt_tokens"], "--disable-thinking adds the empty think block")
 
+    # Random weights at the demo's shape, the Qwen3 tokenizer from setup.sh: tokenizes as the checkpoint does.
+    rw = json.loads(run([binary, "-q", "generate", "--random-weights", os.path.join(model, "config.json"), "--prompt",
+                         "The quick brown fox", "--max-new-tokens", "3", "--ignore-eos", "--json"]).stdout)
+    check(rw["prompt_tokens"] == 4 and len(rw["output_ids"]) == 3, "generate --random-weights CONFIG runs")
+    p = run([binary, "generate", "--random-weights", "qwen3-30b-a3b", "--model-path", model, "--prompt", "x"],
+            expect_ok=False)
+    check(p.returncode != 0 and "exactly one of --model-path and --random-weights" in p.stderr,
+          "--model-path with --random-weights is refused")
+
     bad = [
         ([binary, "generate", "--model-path", model, "--max-new-tokens", "4"], "exactly one of --prompt"),
         ([binary, "generate", "--model-path", model, "--prompt", "x", "--top-p", "0"], "top_p"),

@@ -2,8 +2,8 @@
 """bench/serving: run.sh starts `cpinfer serve` on a tiny demo model and runs the python3 client
 (bench_serving.py) and, when node is here, the node client (bench_serving.mjs) with the same flags.
 Both must complete every request and count the same input and output tokens, which must equal the
-lengths the seeded generator draws (so the two scripts send the same prompts); a server that is not
-there is a clear error.
+lengths the seeded generator draws (so the two scripts send the same prompts); `serve
+--random-weights` serves; a server that is not there is a clear error.
 
 usage: bench_client_test.py CPINFER_BINARY WORK_DIR
 """
@@ -43,6 +43,12 @@ def main():
               f"{client}: {j['total_output_tokens']} output tokens == {want_out} asked (ignore_eos)")
         check(0 < j["ttft_ms"]["median"] <= j["e2e_ms"]["median"] and j["tpot_ms"]["mean"] > 0,
               f"{client}: TTFT, TPOT and E2E measured")
+    # A server on random weights at the demo's shape (no checkpoint read) with the Qwen3 tokenizer.
+    p = run([os.path.join(ROOT, "bench", "serving", "run.sh"), "--bin", binary, "--serve",
+             f"--random-weights {os.path.join(model, 'config.json')}", "--client", "py", "--"] + flags)
+    j = json.loads(p.stdout.strip().splitlines()[-1])
+    check(j["completed"] == 8 and j["total_output_tokens"] == want_out and j["model"].startswith("random:"),
+          "serve --random-weights CONFIG: every request completed, served as random:...")
     if "node" not in clients:
         print("note: node not found, the node client is not compared")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "serving", "bench_serving.py"), "--base-url",
