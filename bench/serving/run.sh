@@ -28,13 +28,14 @@ LOG="$(mktemp)"
 PID=$!
 trap 'kill -TERM $PID 2>/dev/null || true; wait $PID 2>/dev/null || true; rm -f "$LOG"' EXIT
 URL=""
-for _ in $(seq 1 600); do
+READY_S="${BENCH_READY_S:-60}"  # seconds the server may take to load
+for _ in $(seq 1 $((READY_S * 10))); do
   URL="$(grep -o 'ready: .* at http://[0-9.]*:[0-9]*' "$LOG" | grep -o 'http://.*' || true)"
   [ -n "$URL" ] && break
   kill -0 $PID 2>/dev/null || { cat "$LOG" >&2; echo "[bench] server exited" >&2; exit 1; }
   sleep 0.1
 done
-[ -n "$URL" ] || { cat "$LOG" >&2; echo "[bench] server not ready after 60 s" >&2; exit 1; }
+[ -n "$URL" ] || { cat "$LOG" >&2; echo "[bench] server not ready after $READY_S s (BENCH_READY_S)" >&2; exit 1; }
 grep -E "loaded|KV cache|ready" "$LOG" >&2 || true
 if [ "$CLIENT" = node ]; then
   node "$ROOT/bench/serving/bench_serving.mjs" --base-url "$URL" "$@"

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# On a GPU machine: decode at the Qwen3-30B-A3B shape (random weights) — cpinfer bench decode over
+# batch and context, the transformers peer (static cache, eager and with its torch.compile) on the
+# same card, then the serving benchmark (python3 client, no node there) against `cpinfer serve
+# --random-weights qwen3-30b-a3b` at concurrency 1, 16 and 64. Results go to $OUT (default ./out).
+#   scripts/gpu_decode_check.sh [--quick]      --quick: no context 32768, no compiled peer, concurrency 1 and 16
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
+QUICK=0
+[ "${1:-}" = "--quick" ] && QUICK=1
+gpu_binaries cpinfer
+
+# KV for 600K positions (bf16, 96 KiB each: 55 GiB) beside 57 GiB of weights; batch x context pairs
+# beyond it are skipped by the benchmark, saying so.
+echo "== cpinfer bench decode, Qwen3-30B-A3B shape, context 1024"
+timeout 240 "$BIN/cpinfer" -q bench decode --device cuda --random-weights qwen3-30b-a3b \
+  --batch 1,8,32,64,128,256 --context 1024 --kv-cache-tokens 600000 --json > "$OUT/cpinfer_decode_1k.json" \
+  2> "$OUT/cpinfer_decode_1k.log"; echo "rc=$?"; tail -c 3000 "$OUT/cpinfer_decode_1k.json"
+if [ $QUICK = 0 ]; then
+  echo "== cpinfer bench decode, context 32768"
+  timeout 240 "$BIN/cpinfer" -q bench decode --device cuda --random-weights qwen3-30b-a3b \
+    --batch 1,8,16 --context 32768 --kv-cache-tokens 600000 --json > "$OUT/cpinfer_decode_32k.json" \
+    2> "$OUT/cpinfer_decode_32k.log"; echo "rc=$?"; tail -c 2000 "$OUT/cpinfer_decode_32k.json"
+fi
+
+echo "== transformers decode peer (2 and 4 layers, extrapolated to 48)"
+PEER_FLAGS=(--batch 1,64 --context 1024 --steps 32 --layers 2,4 --json "$OUT/hf_decode.json")
+[ $QUICK = 0 ] && PEER_FLAGS+=(--compile)
+timeout 300 python3 bench/hf_decode.py "${PEER_FLAGS[@]}" 2>&1 | tee "$OUT/hf_decode.log" | tail -8
+
+echo "== serving, random weights at the real shape"
+CONCS="1 16 64"
+[ $QUICK = 1 ] && CONCS="1 16"
+for c in $CONCS; do
+  n=$((c * 4))
+  [ $n -lt 8 ] && n=8
+  BENCH_READY_S=150 timeout 280 bench/serving/run.sh --bin "$BIN/cpinfer" --client py \
+    --serve "--device cuda --random-weights qwen3-30b-a3b --kv-cache-tokens 400000 --max-running-requests 128" -- \
+    --num-prompts $n --max-concurrency "$c" --input-len 1024 --output-len 128 \
+    --output-file "$OUT/serving_c$c.json" > "$OUT/serving_c$c.log" 2>&1
+  echo "concurrency $c: rc=$?"; grep -E "Output token|Median TTFT|P99 TTFT|Median TPOT" "$OUT/serving_c$c.log"
+done
