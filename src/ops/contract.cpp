@@ -1,11 +1,48 @@
 #include "ops/contract.h"
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace cpinfer::contract {
 
 namespace {
+
 bool is_float(DType t) { return t == DType::F32 || t == DType::BF16 || t == DType::F16; }
+bool is_index(DType t) { return t == DType::I32 || t == DType::I64; }
+
+bool same_shape(const Tensor& a, const Tensor& b) {
+  if (a.ndim != b.ndim) return false;
+  for (int i = 0; i < a.ndim; ++i)
+    if (a.shape[i] != b.shape[i]) return false;
+  return true;
+}
+
+void float_tensor(const Tensor& t, const char* op, const char* name) {
+  CPI_CHECK(t.defined(), op, ": tensor '", name, "' is undefined");
+  for (int i = 0; i < t.ndim; ++i)
+    CPI_CHECK(t.shape[i] >= 0, op, ": tensor '", name, "' has a negative dimension ", t.shape_str());
+  CPI_CHECK(is_float(t.dtype), op, ": tensor '", name, "' has dtype ", dtype_name(t.dtype), ", expected a float type");
+}
+
+void shapes_equal(const Tensor& a, const Tensor& b, const char* op, const char* an, const char* bn) {
+  CPI_CHECK(same_shape(a, b), op, ": '", an, "' ", a.shape_str(), " and '", bn, "' ", b.shape_str(),
+            " must have the same shape");
+}
+
+void dtypes_equal(const Tensor& a, const Tensor& b, const char* op, const char* an, const char* bn) {
+  CPI_CHECK(a.dtype == b.dtype, op, ": '", an, "' is ", dtype_name(a.dtype), " but '", bn, "' is ",
+            dtype_name(b.dtype));
+}
+
+void cache_layer(const KvLayer& cache, const char* op) {
+  float_tensor(cache.k, op, "cache.k");
+  float_tensor(cache.v, op, "cache.v");
+  CPI_CHECK(cache.k.ndim == 4, op, ": cache.k ", cache.k.shape_str(), " must be [n_blocks, block_size, Hkv, D]");
+  shapes_equal(cache.k, cache.v, op, "cache.k", "cache.v");
+  CPI_CHECK(cache.k.dim(1) > 0, op, ": cache block size must be positive, got ", cache.k.shape_str());
+}
+
 }  // namespace
 
 void qk_norm_rope(const Tensor& q, const Tensor& k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
@@ -30,6 +67,121 @@ void qk_norm_rope(const Tensor& q, const Tensor& k, const Tensor& q_norm_w, cons
                 positions.dim(0) == q.dim(0),
             op, ": positions ", positions.shape_str(), " ", dtype_name(positions.dtype), " must be [T = ", q.dim(0),
             "] I32 (I64 where the back-end reads them on the host)");
+}
+
+void rms_norm(const char* op, const Tensor& x, const Tensor& w, float eps, const Tensor& out, const Tensor* residual) {
+  float_tensor(x, op, "x");
+  float_tensor(w, op, "w");
+  float_tensor(out, op, "out");
+  shapes_equal(x, out, op, "x", "out");
+  dtypes_equal(x, out, op, "x", "out");
+  CPI_CHECK(x.ndim >= 1 && w.numel() == x.cols(), op, ": weight 'w' ", w.shape_str(), " must have ",
+            x.ndim >= 1 ? x.cols() : 0, " elements (the last dim of x ", x.shape_str(), ")");
+  CPI_CHECK(std::isfinite(eps) && eps >= 0.0f, op, ": eps must be finite and >= 0, got ", eps);
+  if (residual) {
+    float_tensor(*residual, op, "residual");
+    shapes_equal(*residual, x, op, "residual", "x");
+    dtypes_equal(*residual, x, op, "residual", "x");
+  }
+}
+
+void kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, const KvLayer& cache) {
+  const char* op = "kv_store";
+  float_tensor(k, op, "k");
+  float_tensor(v, op, "v");
+  cache_layer(cache, op);
+  CPI_CHECK(k.ndim == 3, op, ": k ", k.shape_str(), " must be [T, Hkv, D]");
+  shapes_equal(k, v, op, "k", "v");
+  dtypes_equal(k, v, op, "k", "v");
+  CPI_CHECK(k.dim(1) == cache.k.dim(2) && k.dim(2) == cache.k.dim(3), op, ": k ", k.shape_str(),
+            " must be [T, Hkv, D] with the cache's Hkv and D (cache ", cache.k.shape_str(), ")");
+  CPI_CHECK(slots.defined() && is_index(slots.dtype) && slots.ndim == 1 && slots.dim(0) == k.dim(0), op, ": slots ",
+            slots.shape_str(), " ", dtype_name(slots.dtype), " must be [T = ", k.dim(0), "] I32 (one slot per token)");
+}
+
+void attention(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, const Tensor& out,
+               const Tensor& lse, bool check_table_entries) {
+  const char* op = "attention";
+  float_tensor(q, op, "q");
+  float_tensor(out, op, "out");
+  CPI_CHECK(q.ndim == 3, op, ": q ", q.shape_str(), " must be [T, Hq, D]");
+  shapes_equal(q, out, op, "q", "out");
+  dtypes_equal(q, out, op, "q", "out");
+  cache_layer(cache, op);
+  const int64_t T = q.dim(0), Hq = q.dim(1), D = q.dim(2);
+  const int64_t n_cache_blocks = cache.k.dim(0), bs = cache.k.dim(1), Hkv = cache.k.dim(2);
+  CPI_CHECK(cache.k.dim(3) == D, op, ": cache head_dim ", cache.k.dim(3), " (", cache.k.shape_str(),
+            ") differs from q's ", D, " (", q.shape_str(), ")");
+  CPI_CHECK(Hkv > 0 && Hq % Hkv == 0, op, ": q heads ", Hq, " must be a multiple of cache kv heads ", Hkv);
+  CPI_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  if (lse.defined())
+    CPI_CHECK(lse.dtype == DType::F32 && lse.ndim == 2 && lse.dim(0) == T && lse.dim(1) == Hq, op, ": lse ",
+              lse.shape_str(), " ", dtype_name(lse.dtype), " must be [", T, ", ", Hq, "] F32");
+
+  const int32_t mbps = batch.max_blocks_per_seq;
+  int64_t n_seqs = 0;
+  if (!batch.block_table.empty()) {
+    CPI_CHECK(mbps > 0 && batch.block_table.size() % static_cast<size_t>(mbps) == 0, op, ": block table of ",
+              batch.block_table.size(), " entries is not n_seqs x max_blocks_per_seq (", mbps, ")");
+    n_seqs = static_cast<int64_t>(batch.block_table.size()) / mbps;
+  }
+  std::vector<uint8_t> covered(static_cast<size_t>(T), 0);
+  for (size_t bi = 0; bi < batch.blocks.size(); ++bi) {
+    const AttnBlock& b = batch.blocks[bi];
+    CPI_CHECK(b.q_begin >= 0 && b.q_len >= 0 && int64_t{b.q_begin} + b.q_len <= T && b.pos_begin >= 0, op, ": block ",
+              bi, " (q_begin ", b.q_begin, ", q_len ", b.q_len, ", pos_begin ", b.pos_begin, ") does not fit q with ",
+              T, " rows");
+    CPI_CHECK(b.kv_begin >= 0 && b.kv_begin <= b.kv_end, op, ": block ", bi, " has the key range [", b.kv_begin, ", ",
+              b.kv_end, "); want 0 <= kv_begin <= kv_end");
+    if (b.q_len == 0) continue;
+    CPI_CHECK(b.seq >= 0 && b.seq < n_seqs, op, ": block ", bi, " names sequence ", b.seq, " but the block table has ",
+              n_seqs, " rows");
+    // Only the pages of the keys the block reads must be in the table.
+    const int64_t kv_len = std::min<int64_t>(b.kv_end, int64_t{b.pos_begin} + b.q_len);
+    const int64_t n_pages = (kv_len + bs - 1) / bs;
+    CPI_CHECK(n_pages <= mbps, op, ": block ", bi, " needs ", kv_len, " cached positions = ", n_pages,
+              " cache blocks of ", bs, " but the block table has ", mbps, " per sequence");
+    if (check_table_entries) {
+      for (int64_t p = b.kv_begin / bs; p < n_pages; ++p) {
+        const int32_t cb = batch.block_table[static_cast<size_t>(b.seq * int64_t{mbps} + p)];
+        CPI_CHECK(cb >= 0 && cb < n_cache_blocks, op, ": block_table[", b.seq, ", ", p, "] = ", cb,
+                  " is not a cache block in [0, ", n_cache_blocks, ")");
+      }
+    }
+    for (int32_t i = 0; i < b.q_len; ++i) {
+      uint8_t& c = covered[static_cast<size_t>(b.q_begin + i)];
+      CPI_CHECK(!c, op, ": query row ", b.q_begin + i, " belongs to two blocks (block ", bi, " overlaps another)");
+      c = 1;
+    }
+  }
+}
+
+void attention_merge(const Tensor& out, const Tensor& lse, const Tensor& out2, const Tensor& lse2) {
+  const char* op = "attention_merge";
+  float_tensor(out, op, "out");
+  float_tensor(out2, op, "out2");
+  CPI_CHECK(out.ndim == 3, op, ": out ", out.shape_str(), " must be [T, Hq, D]");
+  shapes_equal(out, out2, op, "out", "out2");
+  dtypes_equal(out, out2, op, "out", "out2");
+  CPI_CHECK(lse.defined() && lse2.defined() && lse.dtype == DType::F32 && lse2.dtype == DType::F32, op,
+            ": lse and lse2 must be F32");
+  CPI_CHECK(lse.ndim == 2 && lse.dim(0) == out.dim(0) && lse.dim(1) == out.dim(1), op, ": lse ", lse.shape_str(),
+            " must be [", out.dim(0), ", ", out.dim(1), "] to match out ", out.shape_str());
+  shapes_equal(lse, lse2, op, "lse", "lse2");
+}
+
+void moe_route(const Tensor& logits, int top_k, const Tensor& ids, const Tensor& weights) {
+  const char* op = "moe_route";
+  float_tensor(logits, op, "logits");
+  CPI_CHECK(logits.ndim == 2, op, ": logits ", logits.shape_str(), " must be [T, E]");
+  const int64_t T = logits.dim(0), E = logits.dim(1);
+  CPI_CHECK(top_k >= 1 && top_k <= E, op, ": top_k = ", top_k, " must be in [1, ", E, "] (the number of experts)");
+  CPI_CHECK(ids.defined() && ids.dtype == DType::I32 && ids.ndim == 2 && ids.dim(0) == T && ids.dim(1) == top_k, op,
+            ": ids ", ids.shape_str(), " ", dtype_name(ids.dtype), " must be [", T, ", ", top_k, "] I32");
+  CPI_CHECK(weights.defined() && weights.dtype == DType::F32 && weights.ndim == 2 && weights.dim(0) == T &&
+                weights.dim(1) == top_k,
+            op, ": weights ", weights.shape_str(), " ", dtype_name(weights.dtype), " must be [", T, ", ", top_k,
+            "] F32");
 }
 
 }  // namespace cpinfer::contract

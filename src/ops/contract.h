@@ -14,4 +14,28 @@ namespace cpinfer::contract {
 void qk_norm_rope(const Tensor& q, const Tensor& k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
                   const Tensor& positions, const RopeParams& rope);
 
+// x, out [.., H] of one shape and float dtype; w [H] float; eps finite, >= 0; residual (when given)
+// the shape and dtype of x.
+void rms_norm(const char* op, const Tensor& x, const Tensor& w, float eps, const Tensor& out,
+              const Tensor* residual = nullptr);
+
+// k, v [T, Hkv, D] of one float dtype; slots [T] I32 (I64 accepted for host-side back-ends); the
+// cache's K and V [n_blocks, block_size > 0, Hkv, D] of one shape, float.
+void kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, const KvLayer& cache);
+
+// q, out [T, Hq, D] of one float dtype; the cache as for kv_store with Hq a multiple of Hkv and the
+// same D; lse [T, Hq] F32 when defined; scale finite. The host copy of the batch: every block inside
+// q's rows, no row in two blocks, pos_begin >= 0, 0 <= kv_begin <= kv_end; a block with queries
+// names a row of the block table (n_seqs x max_blocks_per_seq entries) and the pages of the keys it
+// reads fit that row. With check_table_entries those entries must also name cache blocks (O(entries):
+// a back-end whose kernels treat a bad entry as an empty page may skip it on large tables).
+void attention(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, const Tensor& out,
+               const Tensor& lse, bool check_table_entries);
+
+// out, out2 [T, Hq, D] of one float dtype; lse, lse2 [T, Hq] F32.
+void attention_merge(const Tensor& out, const Tensor& lse, const Tensor& out2, const Tensor& lse2);
+
+// logits [T, E] float; 1 <= top_k <= E; ids [T, top_k] I32; weights [T, top_k] F32.
+void moe_route(const Tensor& logits, int top_k, const Tensor& ids, const Tensor& weights);
+
 }  // namespace cpinfer::contract

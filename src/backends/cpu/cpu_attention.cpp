@@ -160,52 +160,6 @@ WorkItem make_item(const AttnBlock& b, int32_t block, int32_t kv_head, int32_t i
 
 // Checks every block of the batch against q, the block table and the cache, so that the parallel
 // loop can index without checks.
-void check_attn_batch(const AttnBatch& batch, int64_t T, int64_t n_cache_blocks, int64_t block_size) {
-  const char* op = "attention";
-  const int32_t mbps = batch.max_blocks_per_seq;
-  int64_t n_seqs = 0;
-  if (!batch.block_table.empty()) {
-    CPI_CHECK(mbps > 0 && batch.block_table.size() % static_cast<size_t>(mbps) == 0, op, ": block table of ",
-              batch.block_table.size(), " entries is not n_seqs x max_blocks_per_seq (", mbps, ")");
-    n_seqs = static_cast<int64_t>(batch.block_table.size()) / mbps;
-  }
-  std::vector<uint8_t> covered(static_cast<size_t>(T), 0);
-  for (size_t bi = 0; bi < batch.blocks.size(); ++bi) {
-    const AttnBlock& b = batch.blocks[bi];
-    CPI_CHECK(b.q_begin >= 0 && b.q_len >= 0 && int64_t{b.q_begin} + b.q_len <= T && b.pos_begin >= 0, op,
-              ": block ", bi, " (q_begin ", b.q_begin, ", q_len ", b.q_len, ", pos_begin ", b.pos_begin,
-              ") does not fit q with ", T, " rows");
-    CPI_CHECK(b.kv_begin >= 0 && b.kv_begin <= b.kv_end, op, ": block ", bi, " has the key range [", b.kv_begin,
-              ", ", b.kv_end, "); want 0 <= kv_begin <= kv_end");
-    if (b.q_len == 0) continue;
-    CPI_CHECK(b.seq >= 0 && b.seq < n_seqs, op, ": block ", bi, " names sequence ", b.seq,
-              " but the block table has ", n_seqs, " rows");
-    // Only the pages of the keys the block reads must be in the table.
-    const int64_t kv_len = std::min<int64_t>(b.kv_end, int64_t{b.pos_begin} + b.q_len);
-    const int64_t n_pages = (kv_len + block_size - 1) / block_size;
-    CPI_CHECK(n_pages <= mbps, op, ": block ", bi, " needs ", kv_len, " cached positions = ", n_pages,
-              " cache blocks of ", block_size, " but the block table has ", mbps, " per sequence");
-    for (int64_t p = b.kv_begin / block_size; p < n_pages; ++p) {
-      const int32_t cb = batch.block_table[static_cast<size_t>(b.seq * int64_t{mbps} + p)];
-      CPI_CHECK(cb >= 0 && cb < n_cache_blocks, op, ": block_table[", b.seq, ", ", p, "] = ", cb,
-                " is not a cache block in [0, ", n_cache_blocks, ")");
-    }
-    for (int32_t i = 0; i < b.q_len; ++i) {
-      uint8_t& c = covered[static_cast<size_t>(b.q_begin + i)];
-      CPI_CHECK(!c, op, ": query row ", b.q_begin + i, " belongs to two blocks (block ", bi, " overlaps another)");
-      c = 1;
-    }
-  }
-}
-
-void check_cache(const KvLayer& cache, const char* op) {
-  check_float(cache.k, op, "cache.k");
-  check_float(cache.v, op, "cache.v");
-  check_ndim(cache.k, 4, op, "cache.k");
-  check_same_shape(cache.k, cache.v, op, "cache.k", "cache.v");
-  CPI_CHECK(cache.k.dim(1) > 0, op, ": cache block size must be positive, got ", cache.k.shape_str());
-}
-
 }  // namespace
 
 void CpuBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
@@ -258,18 +212,13 @@ void CpuBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const 
 
 void CpuBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, KvLayer cache) {
   const char* op = "kv_store";
-  check_float(k, op, "k");
-  check_float(v, op, "v");
-  check_index(slots, op, "slots");
-  check_cache(cache, op);
-  check_ndim(k, 3, op, "k");
-  check_ndim(slots, 1, op, "slots");
-  check_same_shape(k, v, op, "k", "v");
-  CPI_CHECK(k.dtype == v.dtype, op, ": k is ", dtype_name(k.dtype), " but v is ", dtype_name(v.dtype));
+  contract::kv_store(k, v, slots, cache);
+  check_host(k, op, "k");
+  check_host(v, op, "v");
+  check_host(slots, op, "slots");
+  check_host(cache.k, op, "cache.k");
+  check_host(cache.v, op, "cache.v");
   const int64_t T = k.dim(0), row = k.dim(1) * k.dim(2);
-  CPI_CHECK(k.dim(1) == cache.k.dim(2) && k.dim(2) == cache.k.dim(3), op, ": k ", k.shape_str(),
-            " must be [T, Hkv, D] with the cache's Hkv and D (cache ", cache.k.shape_str(), ")");
-  CPI_CHECK(slots.dim(0) == T, op, ": slots ", slots.shape_str(), " must have one entry per token (", T, ")");
   const int64_t n_slots = cache.k.dim(0) * cache.k.dim(1);
   const std::vector<int64_t> slot = checked_indices(slots, n_slots, op, "slots");
   const size_t src_row = static_cast<size_t>(row) * dtype_size(k.dtype);
@@ -300,24 +249,16 @@ void CpuBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots,
 void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,
                            Tensor lse) {
   const char* op = "attention";
+  // The kernel reads every table entry it is given: the contract checks them all.
+  contract::attention(q, batch, cache, scale, out, lse, /*check_table_entries=*/true);
   check_f32(q, op, "q");
   check_f32(out, op, "out");
-  check_ndim(q, 3, op, "q");
-  check_same_shape(q, out, op, "q", "out");
-  check_cache(cache, op);
-  const int64_t T = q.dim(0), Hq = q.dim(1), D = q.dim(2);
-  const int64_t n_cache_blocks = cache.k.dim(0), bs = cache.k.dim(1), Hkv = cache.k.dim(2);
-  CPI_CHECK(cache.k.dim(3) == D, op, ": cache head_dim ", cache.k.dim(3), " (", cache.k.shape_str(),
-            ") differs from q's ", D, " (", q.shape_str(), ")");
-  CPI_CHECK(Hkv > 0 && Hq % Hkv == 0, op, ": q heads ", Hq, " must be a multiple of cache kv heads ", Hkv);
-  CPI_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  check_host(cache.k, op, "cache.k");
+  check_host(cache.v, op, "cache.v");
   const bool want_lse = lse.defined();
-  if (want_lse) {
-    check_f32(lse, op, "lse");
-    CPI_CHECK(lse.ndim == 2 && lse.dim(0) == T && lse.dim(1) == Hq, op, ": lse ", lse.shape_str(), " must be [",
-              T, ", ", Hq, "]");
-  }
-  check_attn_batch(batch, T, n_cache_blocks, bs);
+  if (want_lse) check_host(lse, op, "lse");
+  const int64_t Hq = q.dim(1), D = q.dim(2);
+  const int64_t bs = cache.k.dim(1), Hkv = cache.k.dim(2);
 
   const int64_t G = Hq / Hkv;
   const int64_t q_per_item = std::max<int64_t>(1, kRowsPerItem / G);
@@ -406,18 +347,12 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
 
 void CpuBackend::attention_merge(Tensor out, Tensor lse, const Tensor& out2, const Tensor& lse2) {
   const char* op = "attention_merge";
-  check_float(out, op, "out");
-  check_float(out2, op, "out2");
-  check_f32(lse, op, "lse");
-  check_f32(lse2, op, "lse2");
-  check_ndim(out, 3, op, "out");
-  check_same_shape(out, out2, op, "out", "out2");
-  CPI_CHECK(out.dtype == out2.dtype, op, ": 'out' is ", dtype_name(out.dtype), " but 'out2' is ",
-            dtype_name(out2.dtype));
+  contract::attention_merge(out, lse, out2, lse2);
+  check_host(out, op, "out");
+  check_host(out2, op, "out2");
+  check_host(lse, op, "lse");
+  check_host(lse2, op, "lse2");
   const int64_t rows = out.dim(0) * out.dim(1), D = out.dim(2);
-  CPI_CHECK(lse.ndim == 2 && lse.dim(0) == out.dim(0) && lse.dim(1) == out.dim(1), op, ": lse ", lse.shape_str(),
-            " must be [", out.dim(0), ", ", out.dim(1), "] to match out ", out.shape_str());
-  check_same_shape(lse, lse2, op, "lse", "lse2");
   float* lp = lse.ptr<float>();
   const float* lp2 = lse2.ptr<const float>();
   const size_t es = dtype_size(out.dtype), row_bytes = static_cast<size_t>(D) * es;

@@ -10,6 +10,7 @@
 #include <numeric>
 
 #include "backends/cpu/cpu_common.h"
+#include "ops/contract.h"
 
 namespace cpinfer {
 
@@ -35,14 +36,14 @@ void convert_span(const void* src, DType st, void* dst, DType dt, size_t n, floa
   }
 }
 
-void check_norm_args(const Tensor& x, const Tensor& w, float eps, const Tensor& out, const char* op) {
+// The contract's rms_norm, then what this back-end needs: host tensors, F32 activations.
+void check_norm_args(const Tensor& x, const Tensor& w, float eps, const Tensor& out, const char* op,
+                     const Tensor* residual = nullptr) {
+  contract::rms_norm(op, x, w, eps, out, residual);
   check_f32(x, op, "x");
   check_f32(out, op, "out");
-  check_float(w, op, "w");
-  check_same_shape(x, out, op, "x", "out");
-  CPI_CHECK(w.numel() == x.cols(), op, ": weight 'w' ", w.shape_str(), " must have ", x.cols(),
-            " elements (the last dim of x ", x.shape_str(), ")");
-  CPI_CHECK(std::isfinite(eps) && eps >= 0.0f, op, ": eps must be finite and >= 0, got ", eps);
+  check_host(w, op, "w");
+  if (residual) check_f32(*residual, op, "residual");
 }
 
 }  // namespace
@@ -113,9 +114,7 @@ void CpuBackend::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor ou
 }
 
 void CpuBackend::add_rms_norm(Tensor residual, const Tensor& x, const Tensor& w, float eps, Tensor out) {
-  check_norm_args(x, w, eps, out, "add_rms_norm");
-  check_f32(residual, "add_rms_norm", "residual");
-  check_same_shape(residual, x, "add_rms_norm", "residual", "x");
+  check_norm_args(x, w, eps, out, "add_rms_norm", &residual);
   const int64_t T = x.rows(), H = x.cols();
   std::vector<float> wf = to_f32_vector(w);
   const float* xp = x.ptr<const float>();
@@ -252,17 +251,11 @@ void CpuBackend::convert(const Tensor& src, Tensor dst) {
 
 void CpuBackend::moe_route(const Tensor& logits, int top_k, bool renormalize, Tensor ids, Tensor weights) {
   const char* op = "moe_route";
-  check_float(logits, op, "logits");
+  contract::moe_route(logits, top_k, ids, weights);
+  check_host(logits, op, "logits");
   check_host(ids, op, "ids");
-  check_f32(weights, op, "weights");
-  check_ndim(logits, 2, op, "logits");
-  check_ndim(ids, 2, op, "ids");
-  check_ndim(weights, 2, op, "weights");
-  CPI_CHECK(ids.dtype == DType::I32, op, ": ids must be I32, got ", dtype_name(ids.dtype));
+  check_host(weights, op, "weights");
   const int64_t T = logits.dim(0), E = logits.dim(1);
-  CPI_CHECK(top_k >= 1 && top_k <= E, op, ": top_k = ", top_k, " must be in [1, ", E, "] (the number of experts)");
-  CPI_CHECK(ids.dim(0) == T && ids.dim(1) == top_k, op, ": ids ", ids.shape_str(), " must be [", T, ", ", top_k, "]");
-  check_same_shape(ids, weights, op, "ids", "weights");
   const size_t in_row = logits.row_bytes();
   int32_t* id_out = ids.ptr<int32_t>();
   float* w_out = weights.ptr<float>();

@@ -258,32 +258,22 @@ void CudaBackend::embedding(const Tensor& table, const Tensor& ids, Tensor out) 
 }
 
 void CudaBackend::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor out) {
+  contract::rms_norm("rms_norm", x, w, eps, out);
   check_on_device(x, "rms_norm", "x");
   check_on_device(w, "rms_norm", "w");
   check_on_device(out, "rms_norm", "out");
   check_act(x, "rms_norm", "x");
-  check_dtype(out, x.dtype, "rms_norm", "out");
-  check_same_shape(x, out, "rms_norm", "x", "out");
-  CPI_CHECK(w.numel() == x.cols(), "rms_norm: weight ", w.shape_str(), " does not match the last dim of x ",
-            x.shape_str());
-  CPI_CHECK(std::isfinite(eps) && eps >= 0.0f, "rms_norm: eps must be finite and >= 0, got ", eps);
   DeviceGuard g(device_);
   CUDA_LAUNCH(launch_rms_norm(DevTensor{}, dev(x), dev(w), eps, dev(out), stream_), "rms_norm");
 }
 
 void CudaBackend::add_rms_norm(Tensor residual, const Tensor& x, const Tensor& w, float eps, Tensor out) {
+  contract::rms_norm("add_rms_norm", x, w, eps, out, &residual);
   check_on_device(residual, "add_rms_norm", "residual");
   check_on_device(x, "add_rms_norm", "x");
   check_on_device(w, "add_rms_norm", "w");
   check_on_device(out, "add_rms_norm", "out");
   check_act(x, "add_rms_norm", "x");
-  check_dtype(residual, x.dtype, "add_rms_norm", "residual");
-  check_dtype(out, x.dtype, "add_rms_norm", "out");
-  check_same_shape(x, residual, "add_rms_norm", "x", "residual");
-  check_same_shape(x, out, "add_rms_norm", "x", "out");
-  CPI_CHECK(w.numel() == x.cols(), "add_rms_norm: weight ", w.shape_str(), " does not match the last dim of x ",
-            x.shape_str());
-  CPI_CHECK(std::isfinite(eps) && eps >= 0.0f, "add_rms_norm: eps must be finite and >= 0, got ", eps);
   DeviceGuard g(device_);
   CUDA_LAUNCH(launch_rms_norm(dev(residual), dev(x), dev(w), eps, dev(out), stream_), "rms_norm");
 }
@@ -359,6 +349,7 @@ void CudaBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const
 }
 
 void CudaBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, KvLayer cache) {
+  contract::kv_store(k, v, slots, cache);
   check_on_device(k, "kv_store", "k");
   check_on_device(v, "kv_store", "v");
   check_on_device(slots, "kv_store", "slots");
@@ -366,16 +357,8 @@ void CudaBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots
   check_on_device(cache.v, "kv_store", "cache.v");
   check_dtype(slots, DType::I32, "kv_store", "slots");
   check_act(k, "kv_store", "k");
-  check_dtype(v, k.dtype, "kv_store", "v");
   check_act(cache.k, "kv_store", "cache.k");
   check_dtype(cache.v, cache.k.dtype, "kv_store", "cache.v");
-  check_same_shape(k, v, "kv_store", "k", "v");
-  check_same_shape(cache.k, cache.v, "kv_store", "cache.k", "cache.v");
-  CPI_CHECK(k.ndim == 3 && cache.k.ndim == 4 && k.dim(1) == cache.k.dim(2) && k.dim(2) == cache.k.dim(3),
-            "kv_store: k ", k.shape_str(), " does not fit the cache ", cache.k.shape_str(),
-            " (want k [T, Hkv, D], cache [n_blocks, block_size, Hkv, D])");
-  CPI_CHECK(slots.numel() == k.dim(0), "kv_store: slots ", slots.shape_str(), " must have T = ", k.dim(0),
-            " entries");
   DeviceGuard g(device_);
   CUDA_LAUNCH(launch_kv_store(dev(k), dev(v), dev(slots), dev(cache), stream_), "kv_store");
 }
@@ -383,31 +366,26 @@ void CudaBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots
 void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,
                             Tensor lse) {
   const char* op = "attention";
+  // Block-table entries are checked on the host when there are few (tests, short batches): the
+  // model calls attention once per layer with the same batch, and a large decode batch would pay
+  // O(entries) per layer. The kernels treat an entry outside the cache as empty, so a bad table
+  // never faults either way.
+  constexpr size_t kMaxHostCheckedEntries = size_t{1} << 16;
+  contract::attention(q, batch, cache, scale, out, lse, batch.block_table.size() <= kMaxHostCheckedEntries);
   check_on_device(q, op, "q");
   check_on_device(out, op, "out");
   check_on_device(cache.k, op, "cache.k");
   check_on_device(cache.v, op, "cache.v");
   check_on_device(batch.dev_blocks, op, "batch.dev_blocks");
   check_on_device(batch.dev_block_table, op, "batch.dev_block_table");
+  if (lse.defined()) check_on_device(lse, op, "lse");
   check_dtype(batch.dev_blocks, DType::I32, op, "batch.dev_blocks");
   check_dtype(batch.dev_block_table, DType::I32, op, "batch.dev_block_table");
   check_act(q, op, "q");
-  check_dtype(out, q.dtype, op, "out");
   check_act(cache.k, op, "cache.k");
   check_dtype(cache.v, cache.k.dtype, op, "cache.v");
-  check_same_shape(q, out, op, "q", "out");
-  check_same_shape(cache.k, cache.v, op, "cache.k", "cache.v");
-  CPI_CHECK(q.ndim == 3 && cache.k.ndim == 4 && q.dim(2) == cache.k.dim(3), "attention: q ", q.shape_str(),
-            " and cache ", cache.k.shape_str(), " must be [T, Hq, D] and [n_blocks, block_size, Hkv, D]");
-  const int64_t t = q.dim(0), hq = q.dim(1), hkv = cache.k.dim(2), d = q.dim(2);
-  CPI_CHECK(hkv > 0 && hq % hkv == 0, "attention: ", hq, " query heads are not a multiple of ", hkv, " kv heads");
+  const int64_t t = q.dim(0), hq = q.dim(1), d = q.dim(2);
   CPI_CHECK(d <= 256, "attention: head_dim ", d, " > 256 is not supported on CUDA");
-  CPI_CHECK(std::isfinite(scale), "attention: scale must be finite, got ", scale);
-  if (lse.defined()) {
-    check_on_device(lse, op, "lse");
-    check_dtype(lse, DType::F32, op, "lse");
-    CPI_CHECK(lse.numel() == t * hq, "attention: lse ", lse.shape_str(), " must be [T, Hq] = [", t, ", ", hq, "]");
-  }
   static_assert(kDevAttnBlockFields == kAttnBlockFields, "the kernels read AttnBlock rows of kAttnBlockFields");
   const int64_t n_blocks = batch.dev_blocks.dim(0);
   CPI_CHECK(batch.dev_blocks.ndim == 2 && batch.dev_blocks.dim(1) == kAttnBlockFields, "attention: dev_blocks ",
@@ -415,47 +393,22 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
   CPI_CHECK(batch.dev_block_table.ndim == 2 && batch.dev_block_table.dim(1) == batch.max_blocks_per_seq,
             "attention: dev_block_table ", batch.dev_block_table.shape_str(), " must be [n_seqs, ",
             batch.max_blocks_per_seq, "]");
-  // The host copies describe the same metadata; check them so that bad indices throw here rather
-  // than fault inside a kernel.
+  // The device copies must describe what the contract checked on the host copies.
   CPI_CHECK(static_cast<int64_t>(batch.blocks.size()) == n_blocks, "attention: batch.blocks has ",
             batch.blocks.size(), " entries but dev_blocks has ", n_blocks);
   const int64_t n_seqs = batch.dev_block_table.dim(0);
-  const int64_t bs = cache.block_size(), n_cache_blocks = cache.k.dim(0);
-  CPI_CHECK(bs > 0 && n_cache_blocks > 0, "attention: the KV cache ", cache.k.shape_str(), " is empty");
-  // The keys a block reads: [kv_begin, min(kv_end, pos_begin + q_len)), empty when the end is not
-  // past kv_begin.
-  auto read_end = [](const AttnBlock& b) { return std::min<int64_t>(b.kv_end, int64_t{b.pos_begin} + b.q_len); };
+  CPI_CHECK(static_cast<int64_t>(batch.block_table.size()) == n_seqs * batch.max_blocks_per_seq,
+            "attention: batch.block_table has ", batch.block_table.size(), " entries but dev_block_table is ",
+            batch.dev_block_table.shape_str());
+  const int64_t bs = cache.block_size();
+  CPI_CHECK(cache.k.dim(0) > 0, "attention: the KV cache ", cache.k.shape_str(), " is empty");
   int32_t max_q = 0;
   int64_t max_keys = 0;  // longest key range: the generic kernel splits it
   for (const AttnBlock& b : batch.blocks) {
-    CPI_CHECK(b.q_len >= 0 && b.q_begin >= 0 && int64_t{b.q_begin} + b.q_len <= t && b.pos_begin >= 0 &&
-                  b.seq >= 0 && b.seq < n_seqs && b.kv_begin >= 0 && b.kv_begin <= b.kv_end &&
-                  read_end(b) <= batch.max_blocks_per_seq * bs,
-              "attention: block {q_begin ", b.q_begin, ", q_len ", b.q_len, ", pos_begin ", b.pos_begin, ", seq ",
-              b.seq, ", kv_begin ", b.kv_begin, ", kv_end ", b.kv_end, "} does not fit T = ", t, ", ", n_seqs,
-              " sequences of ", batch.max_blocks_per_seq, " blocks of ", bs, " (or 0 <= kv_begin <= kv_end fails)");
+    // Blocks without queries too: the kernels index the table by seq before they see q_len.
+    CPI_CHECK(b.seq >= 0 && b.seq < n_seqs, "attention: a block names sequence ", b.seq, " of ", n_seqs);
     max_q = std::max(max_q, b.q_len);
-    if (b.q_len > 0) max_keys = std::max(max_keys, read_end(b) - b.kv_begin);
-  }
-  // Block-table entries are checked here when there are few (tests, short batches): the model
-  // calls attention once per layer with the same batch, and a large decode batch would pay
-  // O(entries) per layer. The kernels also treat an entry outside the cache as empty, so a bad
-  // table never faults either way.
-  constexpr int64_t kMaxHostCheckedEntries = int64_t{1} << 16;
-  if (!batch.block_table.empty() &&
-      static_cast<int64_t>(batch.block_table.size()) <= kMaxHostCheckedEntries) {
-    CPI_CHECK(static_cast<int64_t>(batch.block_table.size()) == n_seqs * batch.max_blocks_per_seq,
-              "attention: batch.block_table has ", batch.block_table.size(), " entries, expected ", n_seqs, " x ",
-              batch.max_blocks_per_seq);
-    for (const AttnBlock& b : batch.blocks) {
-      if (b.q_len == 0) continue;
-      const int64_t used = (read_end(b) + bs - 1) / bs;
-      for (int64_t i = b.kv_begin / bs; i < used; ++i) {
-        const int32_t blk = batch.block_table[b.seq * batch.max_blocks_per_seq + i];
-        CPI_CHECK(blk >= 0 && blk < n_cache_blocks, "attention: block_table[", b.seq, "][", i, "] = ", blk,
-                  " is outside the cache of ", n_cache_blocks, " blocks");
-      }
-    }
+    if (b.q_len > 0) max_keys = std::max(max_keys, std::min<int64_t>(b.kv_end, int64_t{b.pos_begin} + b.q_len) - b.kv_begin);
   }
   CPI_CHECK(batch.max_q_len >= max_q, "attention: batch.max_q_len ", batch.max_q_len,
             " is smaller than the largest block q_len ", max_q);
@@ -496,38 +449,25 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
 
 void CudaBackend::attention_merge(Tensor out, Tensor lse, const Tensor& out2, const Tensor& lse2) {
   const char* op = "attention_merge";
+  contract::attention_merge(out, lse, out2, lse2);
   check_on_device(out, op, "out");
   check_on_device(lse, op, "lse");
   check_on_device(out2, op, "out2");
   check_on_device(lse2, op, "lse2");
   check_act(out, op, "out");
-  check_dtype(out2, out.dtype, op, "out2");
-  check_dtype(lse, DType::F32, op, "lse");
-  check_dtype(lse2, DType::F32, op, "lse2");
-  CPI_CHECK(out.ndim == 3, "attention_merge: out ", out.shape_str(), " must be [T, Hq, D]");
-  check_same_shape(out, out2, op, "out", "out2");
-  CPI_CHECK(lse.ndim == 2 && lse.dim(0) == out.dim(0) && lse.dim(1) == out.dim(1), "attention_merge: lse ",
-            lse.shape_str(), " must be [", out.dim(0), ", ", out.dim(1), "] to match out ", out.shape_str());
-  check_same_shape(lse, lse2, op, "lse", "lse2");
   DeviceGuard g(device_);
   CUDA_LAUNCH(launch_attention_merge(dev(out), dev(lse), dev(out2), dev(lse2), stream_), "attention_merge");
 }
 
 void CudaBackend::moe_route(const Tensor& logits, int top_k, bool renormalize, Tensor ids, Tensor weights) {
+  contract::moe_route(logits, top_k, ids, weights);
   check_on_device(logits, "moe_route", "logits");
   check_on_device(ids, "moe_route", "ids");
   check_on_device(weights, "moe_route", "weights");
   check_act(logits, "moe_route", "logits");
-  check_dtype(ids, DType::I32, "moe_route", "ids");
-  check_dtype(weights, DType::F32, "moe_route", "weights");
   const int64_t e = logits.cols();
-  CPI_CHECK(top_k >= 1 && top_k <= 32 && top_k <= e, "moe_route: top_k ", top_k, " must be in [1, min(32, E = ", e,
-            ")]");
+  CPI_CHECK(top_k <= 32, "moe_route: top_k ", top_k, " > 32 is not supported on CUDA");
   CPI_CHECK(e <= 1024, "moe_route: ", e, " experts > 1024 are not supported on CUDA");
-  CPI_CHECK(ids.rows() == logits.rows() && ids.cols() == top_k && weights.rows() == logits.rows() &&
-                weights.cols() == top_k,
-            "moe_route: ids ", ids.shape_str(), " and weights ", weights.shape_str(), " must be [T, K] = [",
-            logits.rows(), ", ", top_k, "]");
   DeviceGuard g(device_);
   CUDA_LAUNCH(launch_moe_route(dev(logits), top_k, renormalize, dev(ids), dev(weights), stream_), "moe_route");
 }
