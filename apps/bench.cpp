@@ -6,7 +6,6 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
-#include <sstream>
 
 #include "common.h"
 #include "core/log.h"
@@ -28,24 +27,6 @@ struct BenchFlags {
   int moe_chunks = 0;
   double peak_tflops = 0;  // 0: measured (cuda)
 };
-
-std::vector<int> parse_list(const std::string& s, const char* flag) {
-  std::vector<int> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    try {
-      size_t used = 0;
-      int v = std::stoi(item, &used);
-      CPI_CHECK(used == item.size() && v > 0, "");
-      out.push_back(v);
-    } catch (...) {
-      CPI_FAIL(flag, ": '", item, "' is not a positive integer");
-    }
-  }
-  CPI_CHECK(!out.empty(), flag, " is empty");
-  return out;
-}
 
 // FLOPs of one prefill of S tokens: projections + experts (or dense MLP) per token, causal
 // attention (QK^T and PV over the causal half), the LM head for the last token.
@@ -96,8 +77,8 @@ double measure_gemm_peak(Backend& be) {
 
 int run_bench_prefill(BenchFlags& f) {
   CPI_CHECK(f.ef.model_path.empty() != f.random_weights.empty(), "give exactly one of --model-path and --random-weights");
-  const auto seqs = parse_list(f.seqs, "--seq");
-  const auto cps = parse_list(f.cps, "--attn-cp-size");
+  const auto seqs = parse_positive_list(f.seqs, "--seq");
+  const auto cps = parse_positive_list(f.cps, "--attn-cp-size");
   const bool cuda = f.ef.device == "cuda";
   const int warmup = std::max(0, f.warmup);
   const int repeats = f.repeats > 0 ? f.repeats : (cuda ? 3 : 1);

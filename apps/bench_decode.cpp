@@ -12,7 +12,6 @@
 #include <cstdio>
 #include <nlohmann/json.hpp>
 #include <random>
-#include <sstream>
 
 #include "common.h"
 #include "core/log.h"
@@ -31,25 +30,6 @@ struct DecodeFlags {
   double copy_gib = -1;  // -1: 1 on cuda, 0.25 on cpu
   bool json = false;
 };
-
-std::vector<int> parse_positive_list(const std::string& s, const char* flag) {
-  std::vector<int> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    int v = 0;
-    size_t used = 0;
-    try {
-      v = std::stoi(item, &used);
-    } catch (...) {
-      used = 0;
-    }
-    CPI_CHECK(used == item.size() && used > 0 && v > 0, flag, ": '", item, "' is not a positive integer");
-    out.push_back(v);
-  }
-  CPI_CHECK(!out.empty(), flag, " is empty");
-  return out;
-}
 
 // Bytes of weights one decode step of `batch` tokens reads. Every matrix outside the experts is read
 // once; an MoE layer reads the experts its tokens route to, modeled as uniform routing (the expected

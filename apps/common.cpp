@@ -1,6 +1,7 @@
 #include "common.h"
 
 #include <charconv>
+#include <sstream>
 #include <cstdlib>
 
 #include "core/log.h"
@@ -97,6 +98,25 @@ std::string EngineFlags::tokenizer_dir() const {
 std::string default_tokenizer_dir() {
   if (const char* env = std::getenv("CPINFER_TOKENIZER_DIR"); env && *env) return env;
   return std::string(CPINFER_SOURCE_DIR) + "/build/qwen3-tokenizer";
+}
+
+std::vector<int> parse_positive_list(const std::string& s, const char* flag) {
+  std::vector<int> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    int v = 0;
+    size_t used = 0;
+    try {
+      v = std::stoi(item, &used);
+    } catch (...) {
+      used = 0;
+    }
+    CPI_CHECK(used == item.size() && used > 0 && v > 0, flag, ": '", item, "' is not a positive integer");
+    out.push_back(v);
+  }
+  CPI_CHECK(!out.empty(), flag, " is empty");
+  return out;
 }
 
 std::vector<int32_t> parse_ids(const std::string& s) {

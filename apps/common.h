@@ -42,6 +42,10 @@ struct EngineFlags {
 // The Qwen3 tokenizer scripts/setup.sh extracts: $CPINFER_TOKENIZER_DIR, else build/qwen3-tokenizer.
 std::string default_tokenizer_dir();
 
+// "1,8,32" -> {1, 8, 32} for list flags (--seq, --batch, ...); throws cpinfer::Error naming the flag
+// and the item that is not a positive integer.
+std::vector<int> parse_positive_list(const std::string& s, const char* flag);
+
 // "1,2,3" -> {1, 2, 3}; throws cpinfer::Error naming the bad item.
 std::vector<int32_t> parse_ids(const std::string& s);
 
