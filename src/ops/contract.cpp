@@ -69,6 +69,47 @@ void qk_norm_rope(const Tensor& q, const Tensor& k, const Tensor& q_norm_w, cons
             "] I32 (I64 where the back-end reads them on the host)");
 }
 
+void embedding(const Tensor& table, const Tensor& ids, const Tensor& out) {
+  const char* op = "embedding";
+  float_tensor(table, op, "table");
+  float_tensor(out, op, "out");
+  CPI_CHECK(ids.defined() && is_index(ids.dtype) && ids.ndim == 1, op, ": ids ", ids.shape_str(), " ",
+            dtype_name(ids.dtype), " must be [T] I32");
+  CPI_CHECK(table.ndim == 2 && out.ndim == 2 && out.dim(0) == ids.dim(0) && out.dim(1) == table.dim(1), op, ": table ",
+            table.shape_str(), ", ids ", ids.shape_str(), " and out ", out.shape_str(),
+            " do not match (want table [V, H], ids [T], out [T, H])");
+}
+
+void linear(const Tensor& a, const Tensor& w, const Tensor& out) {
+  const char* op = "linear";
+  float_tensor(a, op, "a");
+  float_tensor(w, op, "w");
+  float_tensor(out, op, "out");
+  CPI_CHECK(a.ndim >= 1 && out.ndim >= 1 && w.ndim == 2 && a.cols() == w.dim(1) && out.rows() == a.rows() &&
+                out.cols() == w.dim(0),
+            op, ": a ", a.shape_str(), ", w ", w.shape_str(), " and out ", out.shape_str(),
+            " do not match (want a [M, K], w [N, K], out [M, N])");
+}
+
+void silu_mul(const Tensor& gate, const Tensor& up, const Tensor& out) {
+  const char* op = "silu_mul";
+  float_tensor(gate, op, "gate");
+  float_tensor(up, op, "up");
+  float_tensor(out, op, "out");
+  shapes_equal(gate, up, op, "gate", "up");
+  shapes_equal(gate, out, op, "gate", "out");
+  dtypes_equal(gate, up, op, "gate", "up");
+  dtypes_equal(gate, out, op, "gate", "out");
+}
+
+void add(const Tensor& a, const Tensor& b) {
+  const char* op = "add";
+  float_tensor(a, op, "a");
+  float_tensor(b, op, "b");
+  shapes_equal(a, b, op, "a", "b");
+  dtypes_equal(a, b, op, "a", "b");
+}
+
 void rms_norm(const char* op, const Tensor& x, const Tensor& w, float eps, const Tensor& out, const Tensor* residual) {
   float_tensor(x, op, "x");
   float_tensor(w, op, "w");

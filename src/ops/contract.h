@@ -14,6 +14,18 @@ namespace cpinfer::contract {
 void qk_norm_rope(const Tensor& q, const Tensor& k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
                   const Tensor& positions, const RopeParams& rope);
 
+// table [V, H] float; ids [T] I32 (I64 accepted for host-side back-ends); out [T, H] float.
+void embedding(const Tensor& table, const Tensor& ids, const Tensor& out);
+
+// a [.., K], w [N, K], out [.., N] with a's rows; all float.
+void linear(const Tensor& a, const Tensor& w, const Tensor& out);
+
+// gate, up, out of one shape and float dtype.
+void silu_mul(const Tensor& gate, const Tensor& up, const Tensor& out);
+
+// a, b of one shape and float dtype.
+void add(const Tensor& a, const Tensor& b);
+
 // x, out [.., H] of one shape and float dtype; w [H] float; eps finite, >= 0; residual (when given)
 // the shape and dtype of x.
 void rms_norm(const char* op, const Tensor& x, const Tensor& w, float eps, const Tensor& out,

@@ -99,6 +99,16 @@ TEST(OpContract, OtherOps) {
                 .find("cache's Hkv and D"),
             std::string::npos);
 
+  const Tensor a = shape(DType::BF16, {5, 32}), wt = shape(DType::BF16, {16, 32}), y = shape(DType::BF16, {5, 16});
+  EXPECT_EQ(error_of([&] { contract::linear(a, wt, y); }), "");
+  EXPECT_NE(error_of([&] { contract::linear(a, shape(DType::BF16, {16, 31}), y); }).find("linear"), std::string::npos);
+  EXPECT_NE(error_of([&] { contract::linear(a, wt, shape(DType::BF16, {4, 16})); }).find("out"), std::string::npos);
+  const Tensor table = shape(DType::BF16, {100, 32}), tok = shape(DType::I32, {5});
+  EXPECT_EQ(error_of([&] { contract::embedding(table, tok, a); }), "");
+  EXPECT_NE(error_of([&] { contract::embedding(table, shape(DType::F32, {5}), a); }).find("ids"), std::string::npos);
+  EXPECT_NE(error_of([&] { contract::add(a, shape(DType::F32, {5, 32})); }).find("'b' is F32"), std::string::npos);
+  EXPECT_NE(error_of([&] { contract::silu_mul(a, a, shape(DType::BF16, {5, 31})); }).find("out"), std::string::npos);
+
   const Tensor o = shape(DType::BF16, {4, 2, 8}), l = shape(DType::F32, {4, 2});
   EXPECT_EQ(error_of([&] { contract::attention_merge(o, l, o, l); }), "");
   EXPECT_NE(error_of([&] { contract::attention_merge(o, l, shape(DType::F32, {4, 2, 8}), l); }).find("out2"),

@@ -80,15 +80,11 @@ void CpuBackend::fill_zero(Tensor t) {
 
 void CpuBackend::embedding(const Tensor& table, const Tensor& ids, Tensor out) {
   const char* op = "embedding";
-  check_float(table, op, "table");
-  check_index(ids, op, "ids");
-  check_float(out, op, "out");
-  check_ndim(table, 2, op, "table");
-  check_ndim(ids, 1, op, "ids");
-  check_ndim(out, 2, op, "out");
+  contract::embedding(table, ids, out);
+  check_host(table, op, "table");
+  check_host(ids, op, "ids");
+  check_host(out, op, "out");
   const int64_t T = ids.dim(0), H = table.dim(1);
-  CPI_CHECK(out.dim(0) == T && out.dim(1) == H, op, ": out ", out.shape_str(), " must be [", T, ", ", H,
-            "] for ids ", ids.shape_str(), " and table ", table.shape_str());
   std::vector<int64_t> rows = checked_indices(ids, table.dim(0), op, "token id ids");
   const size_t in_row = table.row_bytes(), out_row = out.row_bytes();
   const OmpBudget budget;
@@ -131,11 +127,10 @@ void CpuBackend::add_rms_norm(Tensor residual, const Tensor& x, const Tensor& w,
 
 void CpuBackend::silu_mul(const Tensor& gate, const Tensor& up, Tensor out) {
   const char* op = "silu_mul";
+  contract::silu_mul(gate, up, out);
   check_f32(gate, op, "gate");
-  check_f32(up, op, "up");
-  check_f32(out, op, "out");
-  check_same_shape(gate, up, op, "gate", "up");
-  check_same_shape(gate, out, op, "gate", "out");
+  check_host(up, op, "up");
+  check_host(out, op, "out");
   const int64_t n = gate.numel();
   const float* g = gate.ptr<const float>();
   const float* u = up.ptr<const float>();
@@ -147,10 +142,9 @@ void CpuBackend::silu_mul(const Tensor& gate, const Tensor& up, Tensor out) {
 
 void CpuBackend::add(Tensor a, const Tensor& b) {
   const char* op = "add";
-  check_float(a, op, "a");
-  check_float(b, op, "b");
-  check_same_shape(a, b, op, "a", "b");
-  CPI_CHECK(a.dtype == b.dtype, op, ": 'a' is ", dtype_name(a.dtype), " but 'b' is ", dtype_name(b.dtype));
+  contract::add(a, b);
+  check_host(a, op, "a");
+  check_host(b, op, "b");
   const int64_t n = a.numel();
   if (a.dtype == DType::F32) {
     float* ap = a.ptr<float>();

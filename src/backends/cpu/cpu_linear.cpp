@@ -14,6 +14,7 @@
 
 #include "backends/cpu/cpu_backend.h"
 #include "backends/cpu/cpu_common.h"
+#include "ops/contract.h"
 
 namespace cpinfer {
 
@@ -223,14 +224,11 @@ void cpu::gemm_wt(const float* a, int64_t M, int64_t K, const void* w, DType w_d
 
 void CpuBackend::linear(const Tensor& a, const Tensor& w, Tensor out) {
   const char* op = "linear";
-  check_float(a, op, "a");
-  check_float(w, op, "w");
-  check_float(out, op, "out");
-  check_ndim(w, 2, op, "w");
+  contract::linear(a, w, out);
+  check_host(a, op, "a");
+  check_host(w, op, "w");
+  check_host(out, op, "out");
   const int64_t M = a.rows(), K = a.cols(), N = w.dim(0);
-  CPI_CHECK(w.dim(1) == K, op, ": weight ", w.shape_str(), " needs ", K, " columns to multiply a ", a.shape_str());
-  CPI_CHECK(out.rows() == M && out.cols() == N, op, ": out ", out.shape_str(), " must be [", M, ", ", N,
-            "] for a ", a.shape_str(), " and w ", w.shape_str());
   CPI_CHECK(M < (int64_t{1} << 31) && N < (int64_t{1} << 31) && K < (int64_t{1} << 31), op,
             ": dimensions exceed the BLAS int range: a ", a.shape_str(), ", w ", w.shape_str());
   const float* af = a.ptr<const float>();
