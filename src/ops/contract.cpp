@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace cpinfer::contract {
@@ -108,6 +109,29 @@ void add(const Tensor& a, const Tensor& b) {
   float_tensor(b, op, "b");
   shapes_equal(a, b, op, "a", "b");
   dtypes_equal(a, b, op, "a", "b");
+}
+
+void sample(const Tensor& logits, const std::vector<SampleRow>& rows, const Tensor& ids) {
+  const char* op = "sample";
+  CPI_CHECK(
+      logits.defined() && logits.dtype == DType::F32 && logits.ndim == 2 && logits.dim(0) >= 0 && logits.dim(1) >= 0,
+      op, ": logits ", logits.shape_str(), " ", dtype_name(logits.dtype), " must be [R, V] F32");
+  const int64_t r_count = logits.dim(0), v = logits.dim(1);
+  CPI_CHECK(static_cast<int64_t>(rows.size()) == r_count, op, ": ", rows.size(), " SampleRows for ", r_count,
+            " rows of logits ", logits.shape_str());
+  CPI_CHECK(ids.defined() && ids.dtype == DType::I32 && ids.numel() == r_count, op, ": ids ", ids.shape_str(), " ",
+            dtype_name(ids.dtype), " must be I32 with R = ", r_count, " entries");
+  CPI_CHECK(r_count == 0 || v > 0, op, ": logits ", logits.shape_str(), " has an empty vocabulary");
+  for (size_t i = 0; i < rows.size(); ++i) sample_row(rows[i], i, op);
+}
+
+void sample_row(const SampleRow& r, size_t row_index, const char* op) {
+  CPI_CHECK(!std::isnan(r.temperature) && r.temperature < std::numeric_limits<float>::infinity(), op, ": row ",
+            row_index, ": temperature must be finite, got ", r.temperature);
+  CPI_CHECK(!std::isnan(r.top_p) && r.top_p > 0.0f, op, ": row ", row_index, ": top_p must be > 0 (>= 1: off), got ",
+            r.top_p);
+  CPI_CHECK(!std::isnan(r.min_p) && r.min_p <= 1.0f, op, ": row ", row_index, ": min_p must be <= 1 (<= 0: off), got ",
+            r.min_p);
 }
 
 void rms_norm(const char* op, const Tensor& x, const Tensor& w, float eps, const Tensor& out, const Tensor* residual) {

@@ -4,6 +4,8 @@
 // needs its memory (index values on the host). Every failure throws cpinfer::Error naming the op
 // and the argument.
 #pragma once
+#include <vector>
+
 #include "ops/backend.h"
 
 namespace cpinfer::contract {
@@ -25,6 +27,12 @@ void silu_mul(const Tensor& gate, const Tensor& up, const Tensor& out);
 
 // a, b of one shape and float dtype.
 void add(const Tensor& a, const Tensor& b);
+
+// logits [R, V] F32 (V > 0 when R > 0); rows.size() == R, each row valid (sample_row); ids [R] I32.
+void sample(const Tensor& logits, const std::vector<SampleRow>& rows, const Tensor& ids);
+// Throws naming `op`, the row and the field when a parameter is NaN or out of range (temperature
+// +inf, top_p <= 0, min_p > 1).
+void sample_row(const SampleRow& r, size_t row_index, const char* op);
 
 // x, out [.., H] of one shape and float dtype; w [H] float; eps finite, >= 0; residual (when given)
 // the shape and dtype of x.

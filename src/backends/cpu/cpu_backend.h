@@ -58,9 +58,6 @@ class CpuBackend final : public Backend {
 float sample_uniform(uint64_t seed, uint64_t step);
 // Greedy rows: temperature <= 0 or top_k == 1.
 inline bool sample_row_greedy(const SampleRow& r) { return r.temperature <= 0.0f || r.top_k == 1; }
-// Throws cpinfer::Error naming `op`, the row and the field when a parameter is NaN or out of range
-// (temperature +inf, top_p <= 0, min_p > 1).
-void check_sample_row(const SampleRow& r, size_t row_index, const char* op);
 
 // What one draw saw, for tests that compare back-ends: a back-end whose sums round differently can
 // pick another token only when `draw_margin` (or `top_p_margin`) is within rounding of 0.
@@ -73,7 +70,7 @@ struct SampleTrace {
   int64_t n_kept = 0;        // tokens with e > 0 that passed every filter
 };
 // One row of Backend::sample: the token id drawn from `logits` [V], or -1 when no logit is above
-// -inf (every one is -inf or NaN). Throws on V == 0 or a bad row (check_sample_row).
+// -inf (every one is -inf or NaN). Throws on V == 0 or a bad row (contract::sample_row).
 int32_t sample_reference(std::span<const float> logits, const SampleRow& row, SampleTrace* trace = nullptr);
 
 namespace cpu {

@@ -12,6 +12,7 @@
 
 #include "backends/cpu/cpu_backend.h"
 #include "backends/cpu/cpu_common.h"
+#include "ops/contract.h"
 
 namespace cpinfer {
 
@@ -38,20 +39,11 @@ float sample_uniform(uint64_t seed, uint64_t step) {
   return static_cast<float>(bits >> 40) * 0x1p-24f;
 }
 
-void check_sample_row(const SampleRow& r, size_t row_index, const char* op) {
-  CPI_CHECK(!std::isnan(r.temperature) && r.temperature < std::numeric_limits<float>::infinity(), op, ": row ",
-            row_index, ": temperature must be finite, got ", r.temperature);
-  CPI_CHECK(!std::isnan(r.top_p) && r.top_p > 0.0f, op, ": row ", row_index, ": top_p must be > 0 (>= 1: off), got ",
-            r.top_p);
-  CPI_CHECK(!std::isnan(r.min_p) && r.min_p <= 1.0f, op, ": row ", row_index,
-            ": min_p must be <= 1 (<= 0: off), got ", r.min_p);
-}
-
 int32_t sample_reference(std::span<const float> logits, const SampleRow& row, SampleTrace* trace) {
   const int64_t n = static_cast<int64_t>(logits.size());
   CPI_CHECK(n > 0, "sample: empty row of logits");
   CPI_CHECK(n <= std::numeric_limits<int32_t>::max(), "sample: ", n, " logits per row do not fit int32 ids");
-  check_sample_row(row, 0, "sample");
+  contract::sample_row(row, 0, "sample");
   if (trace) *trace = SampleTrace{};
 
   // 1. argmax (strict >: the first maximum wins; -inf never wins, so `best` stays -1 without one).
@@ -181,16 +173,10 @@ int32_t sample_reference(std::span<const float> logits, const SampleRow& row, Sa
 
 void CpuBackend::sample(const Tensor& logits, const std::vector<SampleRow>& rows, Tensor ids) {
   const char* op = "sample";
-  cpu::check_f32(logits, op, "logits");
+  contract::sample(logits, rows, ids);
+  cpu::check_host(logits, op, "logits");
   cpu::check_host(ids, op, "ids");
-  cpu::check_ndim(logits, 2, op, "logits");
-  CPI_CHECK(ids.dtype == DType::I32, op, ": ids must be I32, got ", dtype_name(ids.dtype));
   const int64_t r_count = logits.dim(0), v = logits.dim(1);
-  CPI_CHECK(static_cast<int64_t>(rows.size()) == r_count, op, ": ", rows.size(), " SampleRows for ", r_count,
-            " rows of logits ", logits.shape_str());
-  CPI_CHECK(ids.numel() == r_count, op, ": ids ", ids.shape_str(), " must have R = ", r_count, " entries");
-  CPI_CHECK(r_count == 0 || v > 0, op, ": logits ", logits.shape_str(), " has an empty vocabulary");
-  for (size_t i = 0; i < rows.size(); ++i) check_sample_row(rows[i], i, op);
   const float* in = logits.ptr<const float>();
   int32_t* out = ids.ptr<int32_t>();
   const cpu::OmpBudget budget;
