@@ -87,7 +87,7 @@ std::string Metrics::render(const Gauges& g) const {
   };
   gauge("cpinfer_num_running_reqs", "Requests being prefilled or decoded.", g.running);
   gauge("cpinfer_num_waiting_reqs", "Requests waiting for KV cache space or a running slot.", g.waiting);
-  gauge("cpinfer_kv_cache_usage", "Fraction of KV cache blocks in use (0..1).", g.kv_usage);
+  gauge("cpinfer_kv_cache_usage", "Fraction of KV cache blocks in use by requests (0..1); pages kept only by the prefix cache count as free.", g.kv_usage);
   gauge("cpinfer_kv_cache_used_tokens", "KV cache positions in use (whole blocks).", g.kv_used_tokens);
   gauge("cpinfer_kv_cache_total_tokens", "KV cache capacity in positions.", g.kv_total_tokens);
   counter("cpinfer_preemptions_total", "Requests preempted (KV cache full; recomputed later).", g.preempted);

@@ -27,7 +27,7 @@ class Histogram {
 struct Gauges {
   int running = 0;
   int waiting = 0;
-  double kv_usage = 0;  // fraction of KV blocks in use, 0..1
+  double kv_usage = 0;  // fraction of KV blocks in use by requests, 0..1 (evictable cached pages are free)
   int kv_used_tokens = 0;
   int kv_total_tokens = 0;
   uint64_t preempted = 0;  // requests preempted so far (KV cache full while decoding)

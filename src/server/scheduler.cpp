@@ -332,7 +332,7 @@ void Scheduler::publish_gauges() {
     std::lock_guard lk(mu_);
     n_waiting_ = static_cast<int>(waiting_.size() + incoming_.size());
   }
-  n_free_blocks_ = runner_.n_free_blocks();
+  n_free_blocks_ = available_blocks();  // pages only the prefix cache keeps count as free
   prefix_blocks_ = radix_ ? radix_->n_cached_blocks() : 0;
 }
 
@@ -366,7 +366,13 @@ void Scheduler::maybe_log_stats() {
                 "generation %.1f tok/s",
                 gg.running, gg.waiting, 100.0 * gg.kv_usage, gg.kv_used_tokens, gg.kv_total_tokens,
                 double(p - logged_prompt_) / dt, double(g - logged_gen_) / dt);
-  log_info(buf);
+  std::string line = buf;
+  if (radix_) {
+    std::snprintf(buf, sizeof(buf), ", prefix cache %d blocks, hit rate %.1f%%", gg.prefix_cached_blocks,
+                  gg.prefix_query_tokens ? 100.0 * double(gg.prefix_hit_tokens) / double(gg.prefix_query_tokens) : 0.0);
+    line += buf;
+  }
+  log_info(line);
   logged_prompt_ = p;
   logged_gen_ = g;
   last_log_ = now;
