@@ -12,9 +12,9 @@ struct RadixCache::Node {
   int32_t block = -1;
   Node* parent = nullptr;
   std::map<std::vector<int32_t>, std::unique_ptr<Node>> children;
-  int lock = 0;             // pins of this node or of a node below it
-  uint64_t last_used = 0;   // LRU clock
-  uint64_t id = 0;          // creation order: ties in LRU order are broken by age
+  int lock = 0;            // pins of this node or of a node below it
+  uint64_t last_used = 0;  // LRU clock
+  uint64_t id = 0;         // creation order: ties in LRU order are broken by age
 };
 
 RadixCache::RadixCache(int page_size) : page_size_(page_size), root_(std::make_unique<Node>()) {

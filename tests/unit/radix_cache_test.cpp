@@ -53,11 +53,11 @@ TEST(RadixCache, InsertBranchesInsideACachedPathAndKeepsExistingBlocks) {
 
 TEST(RadixCache, EvictsLeastRecentlyUsedLeavesFirstAndNeverAPinnedPage) {
   RadixCache t(4);
-  t.insert(seq(8, 0), std::vector<int32_t>{1, 2});      // path A: 1 -> 2
-  t.insert(seq(8, 100), std::vector<int32_t>{3, 4});    // path B: 3 -> 4
-  t.insert(seq(8, 200), std::vector<int32_t>{5, 6});    // path C: 5 -> 6
-  t.match(seq(8, 0));                                   // A is now the most recently used
-  auto pinned = t.match(seq(8, 100));                   // B is pinned (a running request)
+  t.insert(seq(8, 0), std::vector<int32_t>{1, 2});    // path A: 1 -> 2
+  t.insert(seq(8, 100), std::vector<int32_t>{3, 4});  // path B: 3 -> 4
+  t.insert(seq(8, 200), std::vector<int32_t>{5, 6});  // path C: 5 -> 6
+  t.match(seq(8, 0));                                 // A is now the most recently used
+  auto pinned = t.match(seq(8, 100));                 // B is pinned (a running request)
   t.pin(pinned.last);
   EXPECT_EQ(t.n_evictable_blocks(), 4);
   // LRU order: C (oldest, leaf first then its parent), then A; B never.
