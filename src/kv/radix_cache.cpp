@@ -1,6 +1,5 @@
 #include "kv/radix_cache.h"
 
-#include <queue>
 #include <tuple>
 
 #include "core/check.h"
@@ -21,11 +20,31 @@ RadixCache::RadixCache(int page_size) : page_size_(page_size), root_(std::make_u
   CPI_CHECK(page_size > 0, "prefix cache page size must be > 0, got ", page_size);
 }
 
-RadixCache::~RadixCache() = default;
+// Iterative: a long prompt is a path thousands of pages deep, too deep for recursive destructors.
+RadixCache::~RadixCache() {
+  std::vector<std::unique_ptr<Node>> nodes;
+  for (auto& [k, c] : root_->children) nodes.push_back(std::move(c));
+  while (!nodes.empty()) {
+    std::unique_ptr<Node> n = std::move(nodes.back());
+    nodes.pop_back();
+    for (auto& [k, c] : n->children) nodes.push_back(std::move(c));
+  }
+}
+
+// Only an unpinned leaf can be evicted; the index holds exactly those, oldest first. A node's
+// last_used changes only while it is out of the index (unindex, change, index).
+void RadixCache::index(Node* node) {
+  if (node != root_.get() && node->children.empty() && node->lock == 0)
+    leaves_.emplace(node->last_used, node->id, node);
+}
+
+void RadixCache::unindex(Node* node) { leaves_.erase({node->last_used, node->id, node}); }
 
 void RadixCache::touch(Node* node) {
   ++clock_;
-  for (; node; node = node->parent) node->last_used = clock_;
+  unindex(node);  // the nodes above have a child: none of them is indexed
+  for (Node* n = node; n; n = n->parent) n->last_used = clock_;
+  index(node);
 }
 
 RadixCache::Match RadixCache::match(std::span<const int32_t> tokens) {
@@ -47,14 +66,19 @@ RadixCache::Match RadixCache::match(std::span<const int32_t> tokens) {
 }
 
 void RadixCache::pin(Node* node) {
-  for (; node && node != root_.get(); node = node->parent)
+  for (; node && node != root_.get(); node = node->parent) {
+    unindex(node);
     if (node->lock++ == 0) ++n_pinned_;
+  }
 }
 
 void RadixCache::unpin(Node* node) {
   for (; node && node != root_.get(); node = node->parent) {
     CPI_CHECK(node->lock > 0, "prefix cache: unpin of a node that is not pinned");
-    if (--node->lock == 0) --n_pinned_;
+    if (--node->lock == 0) {
+      --n_pinned_;
+      index(node);
+    }
   }
 }
 
@@ -74,6 +98,7 @@ std::vector<int32_t> RadixCache::insert(std::span<const int32_t> tokens, std::sp
       child->id = ++clock_;
       // A new node under a pinned path is not pinned itself: pins count per node.
       Node* raw = child.get();
+      unindex(node);  // no longer a leaf
       node->children.emplace(std::move(page), std::move(child));
       taken.push_back(blocks[p]);
       ++n_nodes_;
@@ -88,26 +113,15 @@ std::vector<int32_t> RadixCache::insert(std::span<const int32_t> tokens, std::sp
 
 std::vector<int32_t> RadixCache::evict(int n_blocks) {
   std::vector<int32_t> freed;
-  if (n_blocks <= 0) return freed;
-  using Entry = std::tuple<uint64_t, uint64_t, Node*>;  // (last_used, id, node): oldest first
-  std::priority_queue<Entry, std::vector<Entry>, std::greater<>> leaves;
-  std::vector<Node*> stack = {root_.get()};
-  while (!stack.empty()) {
-    Node* n = stack.back();
-    stack.pop_back();
-    for (auto& [k, c] : n->children) stack.push_back(c.get());
-    if (n != root_.get() && n->children.empty() && n->lock == 0) leaves.emplace(n->last_used, n->id, n);
-  }
-  while (!leaves.empty() && static_cast<int>(freed.size()) < n_blocks) {
-    Node* n = std::get<2>(leaves.top());
-    leaves.pop();
+  while (!leaves_.empty() && static_cast<int>(freed.size()) < n_blocks) {
+    Node* n = std::get<2>(*leaves_.begin());
+    leaves_.erase(leaves_.begin());
     Node* parent = n->parent;
     freed.push_back(n->block);
     --n_nodes_;
     const std::vector<int32_t> key = n->key;  // erase destroys n (and its key)
     parent->children.erase(key);
-    if (parent != root_.get() && parent->children.empty() && parent->lock == 0)
-      leaves.emplace(parent->last_used, parent->id, parent);
+    index(parent);  // a leaf now, perhaps
   }
   return freed;
 }

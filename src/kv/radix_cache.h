@@ -17,7 +17,9 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <set>
 #include <span>
+#include <tuple>
 #include <vector>
 
 namespace cpinfer {
@@ -60,11 +62,15 @@ class RadixCache {
 
  private:
   void touch(Node* node);
+  void index(Node* node);
+  void unindex(Node* node);
   int page_size_;
   std::unique_ptr<Node> root_;
   int n_nodes_ = 0;   // nodes besides the root (= cached pages)
   int n_pinned_ = 0;  // of those, pinned ones
   uint64_t clock_ = 0;
+  // Unpinned leaves by (last_used, id): the eviction order, least recently used (then oldest) first.
+  std::set<std::tuple<uint64_t, uint64_t, Node*>> leaves_;
 };
 
 }  // namespace cpinfer

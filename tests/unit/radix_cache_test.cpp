@@ -115,3 +115,19 @@ TEST(KvCache, SharedBlocksAreFreedWithTheirLastReference) {
   EXPECT_THROW(c.share(c.add_sequence(), ab[0]), Error);  // a free block cannot be shared
   EXPECT_THROW(c.ref_count(6), Error);
 }
+
+TEST(RadixCache, AVeryLongPathIsMatchedEvictedAndDestroyedWithoutRecursion) {
+  const int n = 300000;  // one-token pages: a path 300000 nodes deep
+  const auto tokens = seq(n);
+  {
+    RadixCache t(1);
+    EXPECT_EQ(t.insert(tokens, tokens).size(), size_t(n));
+    EXPECT_EQ(t.match(tokens).n_tokens(), n);
+  }  // destroyed with the whole path in it
+  RadixCache t(1);
+  t.insert(tokens, tokens);
+  const auto freed = t.evict(n);
+  ASSERT_EQ(freed.size(), size_t(n));
+  EXPECT_EQ(freed.front(), n - 1);  // leaf first, root's child last
+  EXPECT_EQ(freed.back(), 0);
+}
