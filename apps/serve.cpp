@@ -89,6 +89,9 @@ Command add_serve_command(CLI::App& app) {
                 "Output tokens a request is counted for at admission; when decoding outgrows the KV cache the "
                 "newest request is preempted and recomputed later (larger: fewer preemptions, less batching)")
       ->check(CLI::PositiveNumber)->capture_default_str();
+  c->add_flag("--disable-radix-cache", [f](int64_t) { f->so.sched.radix_cache = false; },
+              "Turn off the prefix cache (a radix tree over KV pages that lets a prompt starting with a cached "
+              "prefix prefill only the rest; unused pages are evicted LRU when the KV cache is full)");
   c->add_option("--log-interval", f->log_interval_s, "Seconds between stats lines (0: none)")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
   c->add_option("--http-threads", f->so.http_threads, "HTTP connections open at once (more are answered 503)")

@@ -22,6 +22,7 @@ KvCache::KvCache(Backend& backend, const KvCacheShape& shape) : backend_(backend
       backend.fill_zero(kv.k);
       backend.fill_zero(kv.v);
     }
+  refs_.assign(shape.n_blocks, 0);
   free_.reserve(shape.n_blocks);
   for (int b = shape.n_blocks - 1; b >= 0; --b) free_.push_back(b);
 }
@@ -46,7 +47,7 @@ int KvCache::add_sequence() {
 
 void KvCache::free_sequence(int seq) {
   CPI_CHECK(has_sequence(seq), "free of unknown KV sequence ", seq);
-  for (auto it = seqs_[seq].blocks.rbegin(); it != seqs_[seq].blocks.rend(); ++it) free_.push_back(*it);
+  for (auto it = seqs_[seq].blocks.rbegin(); it != seqs_[seq].blocks.rend(); ++it) release(*it);
   seqs_[seq] = Seq{};
 }
 
@@ -66,8 +67,35 @@ void KvCache::reserve(int seq, int n_tokens) {
             shape_.block_size, ", only ", n_free_blocks(), " free (raise --kv-cache-tokens)");
   for (int i = 0; i < need; ++i) {
     seqs_[seq].blocks.push_back(free_.back());
+    refs_[free_.back()] = 1;
     free_.pop_back();
   }
+}
+
+void KvCache::share(int seq, int32_t block) {
+  CPI_CHECK(has_sequence(seq), "share into unknown KV sequence ", seq);
+  CPI_CHECK(ref_count(block) > 0, "share of KV block ", block, " that is not in use");
+  Seq& s = seqs_[seq];
+  CPI_CHECK(s.length == int(s.blocks.size()) * shape_.block_size,
+            "a shared KV block must follow full blocks (sequence ", seq, ")");
+  s.blocks.push_back(block);
+  s.length = int(s.blocks.size()) * shape_.block_size;
+  ++refs_[block];
+}
+
+void KvCache::retain(int32_t block) {
+  CPI_CHECK(ref_count(block) > 0, "retain of KV block ", block, " that is not in use");
+  ++refs_[block];
+}
+
+void KvCache::release(int32_t block) {
+  CPI_CHECK(ref_count(block) > 0, "release of KV block ", block, " that is not in use");
+  if (--refs_[block] == 0) free_.push_back(block);
+}
+
+int KvCache::ref_count(int32_t block) const {
+  CPI_CHECK(block >= 0 && block < shape_.n_blocks, "KV block ", block, " out of range [0, ", shape_.n_blocks, ")");
+  return refs_[block];
 }
 
 void KvCache::set_length(int seq, int n) {

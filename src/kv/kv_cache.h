@@ -44,6 +44,16 @@ class KvCache {
   const std::vector<int32_t>& blocks(int seq) const { return seqs_.at(seq).blocks; }
   int32_t slot(int seq, int pos) const;
 
+  // Shared blocks (the prefix cache). Every block has a reference count: one per sequence that
+  // lists it and one per retain(); it returns to the free list when the count drops to 0.
+  // share() appends an in-use block to the page table of `seq` (whose blocks so far must all be
+  // full: callers share a whole-page prefix before reserving the rest); the sequence then holds a
+  // reference, and must not write positions inside the block (they are someone else's too).
+  void share(int seq, int32_t block);
+  void retain(int32_t block);
+  void release(int32_t block);
+  int ref_count(int32_t block) const;
+
   int n_free_blocks() const { return static_cast<int>(free_.size()); }
   int n_blocks() const { return shape_.n_blocks; }
   double usage() const { return 1.0 - double(n_free_blocks()) / double(shape_.n_blocks); }
@@ -62,6 +72,7 @@ class KvCache {
   KvCacheShape shape_;
   std::vector<Buffer> k_, v_;  // per layer
   std::vector<int32_t> free_;  // free block ids (LIFO)
+  std::vector<int32_t> refs_;  // per block: references (0: in free_)
   std::vector<Seq> seqs_;
 };
 

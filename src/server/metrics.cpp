@@ -87,10 +87,19 @@ std::string Metrics::render(const Gauges& g) const {
   };
   gauge("cpinfer_num_running_reqs", "Requests being prefilled or decoded.", g.running);
   gauge("cpinfer_num_waiting_reqs", "Requests waiting for KV cache space or a running slot.", g.waiting);
-  gauge("cpinfer_kv_cache_usage", "Fraction of KV cache blocks in use (0..1).", g.kv_usage);
+  gauge("cpinfer_kv_cache_usage", "Fraction of KV cache blocks in use by requests (0..1); pages kept only by the prefix cache count as free.", g.kv_usage);
   gauge("cpinfer_kv_cache_used_tokens", "KV cache positions in use (whole blocks).", g.kv_used_tokens);
   gauge("cpinfer_kv_cache_total_tokens", "KV cache capacity in positions.", g.kv_total_tokens);
   counter("cpinfer_preemptions_total", "Requests preempted (KV cache full; recomputed later).", g.preempted);
+  counter("cpinfer_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache at admission.",
+          g.prefix_query_tokens);
+  counter("cpinfer_prefix_cache_hit_tokens_total", "Prompt tokens found in the prefix cache (not prefilled).",
+          g.prefix_hit_tokens);
+  gauge("cpinfer_prefix_cache_hit_rate", "Prefix cache hit tokens / queried tokens since start (0 before any).",
+        g.prefix_query_tokens ? double(g.prefix_hit_tokens) / double(g.prefix_query_tokens) : 0.0);
+  gauge("cpinfer_prefix_cache_cached_blocks", "KV blocks held by the prefix cache.", g.prefix_cached_blocks);
+  counter("cpinfer_prefix_cache_evicted_blocks_total", "KV blocks evicted from the prefix cache (LRU).",
+          g.prefix_evicted_blocks);
   counter("cpinfer_prompt_tokens_total", "Prompt tokens prefilled (recomputation included).", prompt_tokens_);
   counter("cpinfer_generation_tokens_total", "Tokens generated.", generation_tokens_);
   counter("cpinfer_requests_finished_total", "Requests that finished (stop or length).", finished_);

@@ -27,10 +27,15 @@ class Histogram {
 struct Gauges {
   int running = 0;
   int waiting = 0;
-  double kv_usage = 0;  // fraction of KV blocks in use, 0..1
+  double kv_usage = 0;  // fraction of KV blocks in use by requests, 0..1 (evictable cached pages are free)
   int kv_used_tokens = 0;
   int kv_total_tokens = 0;
   uint64_t preempted = 0;  // requests preempted so far (KV cache full while decoding)
+  // Prefix cache (zero when it is off).
+  uint64_t prefix_query_tokens = 0;  // tokens looked up at admission
+  uint64_t prefix_hit_tokens = 0;    // of those, found in the cache (not prefilled)
+  int prefix_cached_blocks = 0;      // KV blocks the prefix cache holds now
+  uint64_t prefix_evicted_blocks = 0;
 };
 
 class Metrics {

@@ -29,6 +29,21 @@ void EngineRunner::free_sequence(int seq) {
   if (control_) ops_.insert(ops_.end(), {kOpFree, seq, 0});
 }
 
+void EngineRunner::share_block(int seq, int32_t block) {
+  engine_.cache().share(seq, block);
+  if (control_) ops_.insert(ops_.end(), {kOpShare, seq, block});
+}
+
+void EngineRunner::retain_block(int32_t block) {
+  engine_.cache().retain(block);
+  if (control_) ops_.insert(ops_.end(), {kOpRetain, 0, block});
+}
+
+void EngineRunner::release_block(int32_t block) {
+  engine_.cache().release(block);
+  if (control_) ops_.insert(ops_.end(), {kOpRelease, 0, block});
+}
+
 void EngineRunner::broadcast_step(int32_t kind, const std::vector<SeqWork>& work) {
   std::vector<int32_t> msg = {kind, static_cast<int32_t>(ops_.size() / 3)};
   msg.insert(msg.end(), ops_.begin(), ops_.end());
@@ -114,6 +129,12 @@ void follow_steps(Engine& engine, Communicator& control) {
         cache.reserve(seq, arg);
       } else if (op == kOpFree) {
         cache.free_sequence(seq);
+      } else if (op == kOpShare) {
+        cache.share(seq, arg);
+      } else if (op == kOpRetain) {
+        cache.retain(arg);
+      } else if (op == kOpRelease) {
+        cache.release(arg);
       } else {
         CPI_FAIL("unknown cache op ", op, " from rank 0");
       }

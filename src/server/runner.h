@@ -22,6 +22,11 @@ class EngineRunner : public ModelRunner {
   int add_sequence() override;
   void reserve(int seq, int n_tokens) override;
   void free_sequence(int seq) override;
+  bool shares_blocks() const override { return true; }
+  void share_block(int seq, int32_t block) override;
+  void retain_block(int32_t block) override;
+  void release_block(int32_t block) override;
+  std::vector<int32_t> blocks(int seq) const override { return engine_.cache().blocks(seq); }
   std::vector<int32_t> run(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows) override;
   // The logits come to the host (Engine::run) and the token is drawn there with Backend::sample's
   // reference algorithm (the same draw as the device's, up to float rounding at a boundary).
@@ -47,6 +52,7 @@ void follow_steps(Engine& engine, Communicator& control);
 
 // Step messages, exposed for tests: [kind, n_ops, ops..., n_work, (seq, n_cached, logits, n, tokens...)...]
 enum StepKind : int32_t { kStepRun = 1, kStepShutdown = 2, kStepRunLogits = 3 };
-enum CacheOp : int32_t { kOpAdd = 1, kOpReserve = 2, kOpFree = 3 };
+// Ops are triples (op, seq, arg): arg is n_tokens for kOpReserve, a block id for the block ops.
+enum CacheOp : int32_t { kOpAdd = 1, kOpReserve = 2, kOpFree = 3, kOpShare = 4, kOpRetain = 5, kOpRelease = 6 };
 
 }  // namespace cpinfer::server

@@ -20,6 +20,40 @@ Scheduler::Scheduler(ModelRunner& runner, const SchedulerOptions& opt, Metrics* 
   CPI_CHECK(opt.context_length >= 2, "--context-length must be >= 2, got ", opt.context_length);
   n_free_blocks_ = runner_.n_free_blocks();
   last_log_ = Clock::now();
+  if (opt.radix_cache && runner_.shares_blocks()) radix_ = std::make_unique<RadixCache>(runner_.block_size());
+}
+
+int Scheduler::available_blocks() const {
+  return runner_.n_free_blocks() + (radix_ ? radix_->n_evictable_blocks() : 0);
+}
+
+void Scheduler::make_room(int n_blocks) {
+  const int missing = n_blocks - runner_.n_free_blocks();
+  if (!radix_ || missing <= 0) return;
+  const std::vector<int32_t> freed = radix_->evict(missing);
+  for (int32_t b : freed) runner_.release_block(b);
+  prefix_evicted_.fetch_add(freed.size());
+}
+
+void Scheduler::release_sequence(SchedRequest& r, bool keep) {
+  if (radix_ && keep) {
+    // The cache holds the K/V of the fill's first positions: the prompt and the output but the
+    // last token (not fed yet), or the part of the fill prefilled so far.
+    const int n_fill = static_cast<int>(r.fill.size());
+    const int kv_len = r.n_prefilled < n_fill || r.output.empty()
+                           ? r.n_prefilled
+                           : static_cast<int>(r.prompt.size() + r.output.size()) - 1;
+    std::vector<int32_t> tokens(r.prompt);
+    tokens.insert(tokens.end(), r.output.begin(), r.output.end());
+    tokens.resize(static_cast<size_t>(kv_len / runner_.block_size() * runner_.block_size()));
+    const std::vector<int32_t> blocks = runner_.blocks(r.seq);
+    for (int32_t b : radix_->insert(tokens, blocks)) runner_.retain_block(b);
+  }
+  if (radix_ && r.prefix) radix_->unpin(r.prefix);
+  r.prefix = nullptr;
+  runner_.free_sequence(r.seq);
+  r.seq = -1;
+  r.reserved = 0;
 }
 
 int Scheduler::blocks_for(int n_tokens) const {
@@ -66,11 +100,8 @@ void Scheduler::take_incoming() {
 }
 
 void Scheduler::finish(std::shared_ptr<SchedRequest> r, const std::string& reason, const std::string& error) {
-  if (r->seq >= 0) {
-    runner_.free_sequence(r->seq);
-    r->seq = -1;
-    r->reserved = 0;
-  }
+  // A request ended by an engine error may have half-written K/V: its pages are not cached.
+  if (r->seq >= 0) release_sequence(*r, reason != "error");
   auto it = std::find(running_.begin(), running_.end(), r);
   if (it != running_.end()) running_.erase(it);
   FinishInfo info{reason, error, static_cast<int>(r->prompt.size()), static_cast<int>(r->output.size())};
@@ -93,6 +124,11 @@ void Scheduler::drop_cancelled() {
     if (r->cancelled.load()) gone.push_back(r);
   for (auto& r : gone) finish(r, "abort");
 }
+
+void ModelRunner::share_block(int, int32_t) { CPI_FAIL("this engine runner cannot share KV blocks"); }
+void ModelRunner::retain_block(int32_t) { CPI_FAIL("this engine runner cannot share KV blocks"); }
+void ModelRunner::release_block(int32_t) { CPI_FAIL("this engine runner cannot share KV blocks"); }
+std::vector<int32_t> ModelRunner::blocks(int) const { CPI_FAIL("this engine runner cannot share KV blocks"); }
 
 std::vector<int32_t> ModelRunner::run_logprobs(const std::vector<SeqWork>&, const std::vector<SampleRow>&,
                                                const std::vector<int>&, std::vector<TokenLogprob>&) {
@@ -126,9 +162,7 @@ void Scheduler::on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token
 }
 
 void Scheduler::preempt(std::shared_ptr<SchedRequest> r) {
-  runner_.free_sequence(r->seq);
-  r->seq = -1;
-  r->reserved = 0;
+  release_sequence(*r, true);  // its pages stay cached: re-admission can share them
   r->n_prefilled = 0;
   // Recompute later: the prompt and every output token but the last (the next decode input).
   r->fill = r->prompt;
@@ -141,21 +175,41 @@ void Scheduler::preempt(std::shared_ptr<SchedRequest> r) {
 
 // FIFO admission. A request is admitted when its fill plus a bounded output reserve fits the blocks
 // that running requests will not claim soon (the rest of their fill and their next token).
+// With the prefix cache, the longest cached whole-page prefix of the fill is shared (pinned) and
+// only the rest is prefilled; at least the last token is always prefilled (its logits start the
+// output).
 void Scheduler::admit() {
-  int free_after = runner_.n_free_blocks();
+  int claimed = 0;  // blocks running requests will claim soon
   for (const auto& r : running_) {
     const int len = static_cast<int>(std::max(r->fill.size(), r->prompt.size() + r->output.size())) + 1;
-    free_after -= std::max(0, blocks_for(len) - held_blocks(*r));
+    claimed += std::max(0, blocks_for(len) - held_blocks(*r));
   }
   while (!waiting_.empty() && static_cast<int>(running_.size()) < opt_.max_running_requests) {
     auto r = waiting_.front();
     if (r->fill.empty()) r->fill = r->prompt;
+    RadixCache::Match hit;
+    if (radix_ && r->fill.size() > 1) {
+      hit = radix_->match(std::span<const int32_t>(r->fill.data(), r->fill.size() - 1));
+      radix_->pin(hit.last);  // before counting: pinned pages are not evictable
+    }
     const int left = r->max_tokens - static_cast<int>(r->output.size());
     const int64_t want = int64_t(r->fill.size()) + std::min(left, opt_.decode_reserve_tokens) + 1;
-    const int need = blocks_for(static_cast<int>(std::min<int64_t>(want, int64_t(runner_.n_blocks()) * runner_.block_size())));
-    if (need > free_after) break;
-    free_after -= need;
+    const int need = blocks_for(static_cast<int>(std::min<int64_t>(want, int64_t(runner_.n_blocks()) * runner_.block_size()))) -
+                     static_cast<int>(hit.blocks.size());
+    if (need > available_blocks() - claimed) {
+      if (radix_) radix_->unpin(hit.last);
+      break;
+    }
+    claimed += need;
     r->seq = runner_.add_sequence();
+    for (int32_t b : hit.blocks) runner_.share_block(r->seq, b);
+    r->prefix = hit.last;
+    r->n_prefilled = hit.n_tokens() * runner_.block_size();
+    r->reserved = r->n_prefilled;
+    if (radix_) {
+      prefix_query_.fetch_add(r->fill.size());
+      prefix_hit_.fetch_add(static_cast<uint64_t>(r->n_prefilled));
+    }
     if (!r->sampler) r->sampler.emplace(r->sampling);
     running_.push_back(r);
     waiting_.pop_front();
@@ -175,7 +229,7 @@ bool Scheduler::step() {
     int need = 0;
     for (const auto& r : running_)
       if (decoding(*r)) need += std::max(0, blocks_for(decode_len(*r)) - held_blocks(*r));
-    if (need <= runner_.n_free_blocks() || running_.size() <= 1) break;
+    if (need <= available_blocks() || running_.size() <= 1) break;
     preempt(running_.back());
   }
 
@@ -199,7 +253,7 @@ bool Scheduler::step() {
     budget -= 1;
   }
   const int n_decode = static_cast<int>(work.size());
-  int free_blocks = runner_.n_free_blocks();
+  int free_blocks = available_blocks();
   for (size_t i = 0; i < work.size(); ++i) free_blocks -= std::max(0, blocks_for(decode_len(*owners[i])) - held_blocks(*owners[i]));
   // Prompts always progress, even when many requests decode.
   if (opt_.chunked_prefill_size > 0) budget = std::max(budget, std::max(1, opt_.chunked_prefill_size / 8));
@@ -230,6 +284,10 @@ bool Scheduler::step() {
     publish_gauges();
     return false;
   }
+  int new_blocks = 0;
+  for (size_t i = 0; i < work.size(); ++i)
+    new_blocks += std::max(0, blocks_for(work[i].n_cached + static_cast<int>(work[i].tokens.size())) - held_blocks(*owners[i]));
+  make_room(new_blocks);
   for (size_t i = 0; i < work.size(); ++i) {
     const SeqWork& w = work[i];
     const int n = w.n_cached + static_cast<int>(w.tokens.size());
@@ -274,7 +332,8 @@ void Scheduler::publish_gauges() {
     std::lock_guard lk(mu_);
     n_waiting_ = static_cast<int>(waiting_.size() + incoming_.size());
   }
-  n_free_blocks_ = runner_.n_free_blocks();
+  n_free_blocks_ = available_blocks();  // pages only the prefix cache keeps count as free
+  prefix_blocks_ = radix_ ? radix_->n_cached_blocks() : 0;
 }
 
 Gauges Scheduler::gauges() const {
@@ -287,6 +346,10 @@ Gauges Scheduler::gauges() const {
   g.kv_used_tokens = used * runner_.block_size();
   g.kv_total_tokens = n_blocks * runner_.block_size();
   g.preempted = n_preempted_.load();
+  g.prefix_query_tokens = prefix_query_.load();
+  g.prefix_hit_tokens = prefix_hit_.load();
+  g.prefix_cached_blocks = prefix_blocks_.load();
+  g.prefix_evicted_blocks = prefix_evicted_.load();
   return g;
 }
 
@@ -303,7 +366,13 @@ void Scheduler::maybe_log_stats() {
                 "generation %.1f tok/s",
                 gg.running, gg.waiting, 100.0 * gg.kv_usage, gg.kv_used_tokens, gg.kv_total_tokens,
                 double(p - logged_prompt_) / dt, double(g - logged_gen_) / dt);
-  log_info(buf);
+  std::string line = buf;
+  if (radix_) {
+    std::snprintf(buf, sizeof(buf), ", prefix cache %d blocks, hit rate %.1f%%", gg.prefix_cached_blocks,
+                  gg.prefix_query_tokens ? 100.0 * double(gg.prefix_hit_tokens) / double(gg.prefix_query_tokens) : 0.0);
+    line += buf;
+  }
+  log_info(line);
   logged_prompt_ = p;
   logged_gen_ = g;
   last_log_ = now;

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "engine/sampler.h"
+#include "kv/radix_cache.h"
 #include "parallel/plan.h"
 #include "server/metrics.h"
 
@@ -45,6 +46,13 @@ class ModelRunner {
   // and the top_n[i] most likely tokens' (logprobs is resized to work.size()).
   virtual std::vector<int32_t> run_logprobs(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows,
                                             const std::vector<int>& top_n, std::vector<TokenLogprob>& logprobs);
+  // Shared KV blocks for the prefix cache (KvCache::share/retain/release, replayed on every rank).
+  // A runner that returns false from shares_blocks() runs without a prefix cache.
+  virtual bool shares_blocks() const { return false; }
+  virtual void share_block(int seq, int32_t block);
+  virtual void retain_block(int32_t block);
+  virtual void release_block(int32_t block);
+  virtual std::vector<int32_t> blocks(int seq) const;
   // Called when there is nothing to run for a while: lets other ranks know rank 0 is alive.
   virtual void idle() {}
   virtual int block_size() const = 0;
@@ -60,6 +68,9 @@ struct SchedulerOptions {
   // runs out of KV blocks, the newest request is preempted (its blocks freed, its tokens
   // recomputed later). INT_MAX: reserve max_tokens up front, never preempt.
   int decode_reserve_tokens = 256;
+  // Prefix cache (radix tree over KV pages): a prompt that starts with cached pages prefills only
+  // the rest. Off with --disable-radix-cache, or when the runner cannot share blocks.
+  bool radix_cache = true;
   double log_interval_s = 10;       // periodic stats line; <= 0: none
   std::chrono::milliseconds idle_ping{1000};
 };
@@ -96,6 +107,7 @@ struct SchedRequest {
                               // preemption the prompt and all output tokens but the last
   int n_prefilled = 0;        // tokens of fill in the cache
   int reserved = 0;           // positions reserved in the cache
+  RadixCache::Node* prefix = nullptr;  // pinned prefix cache node of the shared pages (if any)
   std::vector<int32_t> output;
   std::optional<Sampler> sampler;
   std::chrono::steady_clock::time_point last_token_time;
@@ -135,6 +147,11 @@ class Scheduler {
   void finish(std::shared_ptr<SchedRequest> r, const std::string& reason, const std::string& error = {});
   void preempt(std::shared_ptr<SchedRequest> r);  // by value: r may live in running_
   void admit();
+  // Prefix cache: blocks free now or freeable by eviction; evicts until n blocks are free; puts the
+  // KV of r's whole pages in the cache (unless `keep` is false) and frees r's sequence.
+  int available_blocks() const;
+  void make_room(int n_blocks);
+  void release_sequence(SchedRequest& r, bool keep);
   int held_blocks(const SchedRequest& r) const { return blocks_for(r.reserved); }
   void on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token, const TokenLogprob* lp = nullptr);
   int blocks_for(int n_tokens) const;
@@ -156,6 +173,9 @@ class Scheduler {
 
   std::atomic<int> n_running_{0}, n_waiting_{0}, n_free_blocks_{0};
   std::atomic<uint64_t> n_preempted_{0};
+  std::unique_ptr<RadixCache> radix_;  // null: prefix cache off
+  std::atomic<uint64_t> prefix_query_{0}, prefix_hit_{0}, prefix_evicted_{0};
+  std::atomic<int> prefix_blocks_{0};
   std::chrono::steady_clock::time_point last_log_;
   uint64_t logged_prompt_ = 0, logged_gen_ = 0;
 };

@@ -512,7 +512,8 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
       log_info("ready: serving '", so.served_model_name.empty() ? so.model_path : so.served_model_name, "' at ", url,
                " (context ", context_length, " tokens, KV cache ", runner.n_blocks() * runner.block_size(),
                " positions, chunked prefill ", sopt.chunked_prefill_size, ", CP size ", eo.cp.cp_size,
-               eo.cp.enable_prefill_cp ? " prefill CP on" : "", ")");
+               eo.cp.enable_prefill_cp ? " prefill CP on" : "", sopt.radix_cache ? ", prefix cache on" : ", prefix cache off",
+               ")");
       const auto drain = std::chrono::milliseconds(static_cast<int64_t>(so.shutdown_timeout_s * 1000));
       try {
         sched.run(g_stop, drain);
