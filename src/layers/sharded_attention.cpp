@@ -79,6 +79,13 @@ void ShardedAttention::plan(const ForwardPlan& plan) {
   int n_slots = kFixedSlots + 2 * C;
   for (const auto& p : passes) n_slots += int(p.size());
   scratch_ = std::make_unique<Scratch>(be_, n_slots);  // the plan's tensors live until the next plan
+  // A device kernel that reads whole pages and masks the scores multiplies unwritten slots by 0:
+  // they must hold finite values, so a fresh ring cache starts zeroed (the layers then leave
+  // finite K/V behind). Host kernels read only the key range.
+  if (be_.device() != Device::CPU) {
+    be_.fill_zero(scratch_->get(kRingK, be_.act_dtype(), {ring_pages_, bs, Hkv_, D_}));
+    be_.fill_zero(scratch_->get(kRingV, be_.act_dtype(), {ring_pages_, bs, Hkv_, D_}));
+  }
   int slot = kFixedSlots;
   sources_.assign(size_t(C), {});
   for (int src = 0; src < C; ++src) {
