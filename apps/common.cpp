@@ -41,6 +41,12 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
   app->add_option("--cp-min-tokens", cp_min_tokens,
                   "Prompts shorter than this are not split (default: 2 x attn-cp-size)")
       ->check(CLI::Range(0, 1 << 30));
+  app->add_flag("--kv-shard", kv_shard,
+                "Shard the KV cache over the CP ranks: each keeps only the positions it computes (ring "
+                "attention for prefill, partial attention + LSE merge for decode) instead of a full copy");
+  app->add_option("--kv-interleave", kv_interleave,
+                  "With --kv-shard: positions per rank, round-robin, of decode tokens and unsplit prompts")
+      ->check(CLI::Range(1, 1 << 20))->capture_default_str();
   app->add_option("--comm", comm, "Communicator between ranks: local (threads) or mpi (under mpirun)")
       ->check(CLI::IsMember({"local", "mpi"}))->capture_default_str();
   app->add_option("--comm-timeout", comm_timeout_s, "Seconds a collective waits for a peer before failing")
@@ -70,6 +76,8 @@ EngineOptions EngineFlags::engine(int needed) const {
   o.cp.cp_size = attn_cp_size;
   o.cp.enable_prefill_cp = enable_prefill_cp;
   o.cp.min_tokens = cp_min_tokens;
+  o.cp.kv_shard = kv_shard;
+  o.cp.kv_interleave = kv_interleave;
   o.block_size = block_size;
   o.random_weights = random_weights;
   int want = kv_cache_tokens > 0 ? kv_cache_tokens : needed;

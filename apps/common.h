@@ -19,6 +19,8 @@ struct EngineFlags {
   int ep_size = 0;
   bool enable_prefill_cp = false;
   int cp_min_tokens = 0;
+  bool kv_shard = false;
+  int kv_interleave = 1;
   std::string comm = "local";
   int comm_timeout_s = 300;
   int kv_cache_tokens = 0;

@@ -66,6 +66,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt, ParallelC
   CPI_CHECK(opt.block_size > 0 && opt.kv_cache_tokens > 0, "KV cache needs positive --kv-cache-tokens");
   int n_blocks = (opt.kv_cache_tokens + opt.block_size - 1) / opt.block_size;
   cache_ = std::make_unique<KvCache>(*be_, model_->kv_shape(n_blocks, opt.block_size));
+  if (opt.cp.kv_shard && par_.cp_size() > 1) cache_->enable_shard(par_.cp_rank(), par_.cp_size(), opt.cp.kv_interleave);
   if (par_.world_rank() == 0 && !opt.quiet) {
     int n_moe = 0;
     for (int l = 0; l < static_cast<int>(cfg_.num_hidden_layers); ++l) n_moe += cfg_.is_moe_layer(l) ? 1 : 0;
@@ -84,6 +85,7 @@ Engine::~Engine() = default;
 std::vector<std::vector<float>> Engine::run(const std::vector<SeqWork>& work) {
   ForwardPlan plan = make_plan(work, *cache_, par_.cp_rank(), opt_.cp);
   std::vector<float> logits = model_->forward(plan, *cache_);
+  record_shard(plan, work, *cache_);
   for (const SeqWork& w : work) cache_->set_length(w.kv_seq, w.n_cached + static_cast<int>(w.tokens.size()));
   // Regroup the gathered rows (rank-major) per sequence, in position order.
   const size_t V = static_cast<size_t>(cfg_.vocab_size);
@@ -108,6 +110,7 @@ std::vector<int32_t> Engine::run_sample(const std::vector<SeqWork>& work, const 
   std::vector<SampleRow> plan_rows;
   for (const LogitRow& r : plan.logit_rows_all) plan_rows.push_back(rows[r.seq]);
   std::vector<int32_t> drawn = model_->forward_sample(plan, *cache_, plan_rows);
+  record_shard(plan, work, *cache_);
   for (const SeqWork& w : work) cache_->set_length(w.kv_seq, w.n_cached + static_cast<int>(w.tokens.size()));
   std::vector<int32_t> out(work.size(), -1);
   for (size_t i = 0; i < plan.logit_rows_all.size(); ++i) out[plan.logit_rows_all[i].seq] = drawn[i];

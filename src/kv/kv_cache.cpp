@@ -37,11 +37,11 @@ KvLayer KvCache::layer(int l) const {
 int KvCache::add_sequence() {
   for (size_t i = 0; i < seqs_.size(); ++i) {
     if (!seqs_[i].live) {
-      seqs_[i] = Seq{true, 0, {}};
+      seqs_[i] = Seq{true, 0, {}, {}, {}};
       return static_cast<int>(i);
     }
   }
-  seqs_.push_back(Seq{true, 0, {}});
+  seqs_.push_back(Seq{true, 0, {}, {}, {}});
   return static_cast<int>(seqs_.size() - 1);
 }
 
@@ -54,6 +54,11 @@ void KvCache::free_sequence(int seq) {
 bool KvCache::has_sequence(int seq) const { return seq >= 0 && seq < int(seqs_.size()) && seqs_[seq].live; }
 
 int KvCache::blocks_needed(int seq, int n_tokens) const {
+  if (sharded()) {
+    const int more = std::max(0, n_tokens - seqs_.at(seq).length);
+    const int bound = more == 0 ? 0 : (more + shard_size_ - 1) / shard_size_ + shard_interleave_ - 1;
+    n_tokens = local_positions(seq) + bound;
+  }
   int want = (n_tokens + shape_.block_size - 1) / shape_.block_size;
   return std::max(0, want - static_cast<int>(seqs_.at(seq).blocks.size()));
 }
@@ -100,9 +105,47 @@ int KvCache::ref_count(int32_t block) const {
 
 void KvCache::set_length(int seq, int n) {
   CPI_CHECK(has_sequence(seq), "unknown KV sequence ", seq);
-  CPI_CHECK(n >= 0 && n <= int(seqs_[seq].blocks.size()) * shape_.block_size, "KV length ", n,
-            " beyond the reserved blocks");
+  CPI_CHECK(n >= 0 && local_positions(seq) <= int(seqs_[seq].blocks.size()) * shape_.block_size &&
+                (sharded() || n <= int(seqs_[seq].blocks.size()) * shape_.block_size),
+            "KV length ", n, " beyond the reserved blocks");
   seqs_[seq].length = n;
+}
+
+void KvCache::enable_shard(int rank, int size, int interleave) {
+  CPI_CHECK(size >= 1 && rank >= 0 && rank < size && interleave >= 1, "bad KV shard: rank ", rank, " of ", size,
+            ", interleave ", interleave);
+  CPI_CHECK(seqs_.empty(), "enable_shard on a cache that already has sequences");
+  shard_rank_ = rank;
+  shard_size_ = size;
+  shard_interleave_ = interleave;
+}
+
+int KvCache::local_positions(int seq) const { return sharded() ? owned(seq, shard_rank_) : seqs_.at(seq).length; }
+
+int KvCache::owned(int seq, int rank) const {
+  const Seq& s = seqs_.at(seq);
+  return rank < int(s.owned.size()) ? s.owned[size_t(rank)] : 0;
+}
+
+void KvCache::add_owned(int seq, int rank, int pos_begin, int n) {
+  CPI_CHECK(sharded() && has_sequence(seq) && rank >= 0 && rank < shard_size_ && n >= 0, "add_owned: bad call");
+  Seq& s = seqs_[seq];
+  s.owned.resize(size_t(shard_size_), 0);
+  s.owned[size_t(rank)] += n;
+  if (rank != shard_rank_ || n == 0) return;
+  CPI_CHECK(s.owned[size_t(rank)] <= int(s.blocks.size()) * shape_.block_size, "KV shard of sequence ", seq,
+            " holds ", s.owned[size_t(rank)], " positions beyond its reserved blocks");
+  if (!s.own_ranges.empty() && s.own_ranges.back()[0] + s.own_ranges.back()[1] == pos_begin)
+    s.own_ranges.back()[1] += n;
+  else
+    s.own_ranges.push_back({pos_begin, n});
+}
+
+int32_t KvCache::local_slot(int seq, int local_idx) const {
+  const auto& blocks = seqs_.at(seq).blocks;
+  int b = local_idx / shape_.block_size;
+  CPI_CHECK(b < int(blocks.size()), "local position ", local_idx, " not reserved in KV sequence ", seq);
+  return blocks[b] * shape_.block_size + local_idx % shape_.block_size;
 }
 
 int32_t KvCache::slot(int seq, int pos) const {
@@ -113,13 +156,13 @@ int32_t KvCache::slot(int seq, int pos) const {
 }
 
 std::vector<float> KvCache::read(int seq, int layer, bool values) const {
-  int n = length(seq);
+  int n = local_positions(seq);
   size_t row = size_t(shape_.n_kv_heads) * shape_.head_dim;
   size_t row_bytes = row * dtype_size(shape_.dtype);
   std::vector<uint8_t> raw(n * row_bytes);
   const Buffer& buf = values ? v_[layer] : k_[layer];
   for (int p = 0; p < n; ++p) {
-    size_t off = size_t(slot(seq, p)) * row_bytes;
+    size_t off = size_t(sharded() ? local_slot(seq, p) : slot(seq, p)) * row_bytes;
     backend_.download(raw.data() + p * row_bytes, static_cast<const char*>(buf.data()) + off, row_bytes);
   }
   std::vector<float> out(n * row);

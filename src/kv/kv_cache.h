@@ -1,6 +1,7 @@
 // Paged KV cache: every layer holds K and V pools of fixed-size blocks; a sequence owns a list of
 // blocks (its page table) and position p lives in block blocks[p / block_size] at p % block_size.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -59,15 +60,37 @@ class KvCache {
   double usage() const { return 1.0 - double(n_free_blocks()) / double(shape_.n_blocks); }
 
   // Copies the K (or V) of positions [0, length) of `seq` at layer l into host fp32
-  // [length, Hkv, D]: used by tests that compare caches.
+  // [length, Hkv, D]: used by tests that compare caches. Sharded: this rank's positions only, in
+  // position order ([owned(seq, rank), Hkv, D]; own_ranges says which).
   std::vector<float> read(int seq, int layer, bool values) const;
+
+  // ---- Sharded KV (--kv-shard): this cache is rank `rank` of a CP group of `size` and stores only
+  // the positions that rank owns, packed in position order into the sequence's pages. length()
+  // stays the sequence's global length. Every rank records the ownership of every rank
+  // (add_owned after each forward), so all ranks build the same plan. reserve(seq, n) then takes
+  // a bound on this rank's share of positions [length, n): ceil((n - length) / size) +
+  // interleave - 1, which holds for the zigzag split and for round-robin by `interleave` positions.
+  void enable_shard(int rank, int size, int interleave);
+  bool sharded() const { return shard_size_ > 1; }
+  int shard_rank() const { return shard_rank_; }
+  int owned(int seq, int rank) const;
+  // Positions [pos_begin, pos_begin + n) of `seq` now belong to `rank` (its own: stored in order).
+  void add_owned(int seq, int rank, int pos_begin, int n);
+  // Slot of this rank's local_idx-th position of `seq`.
+  int32_t local_slot(int seq, int local_idx) const;
+  // This rank's positions of `seq` as [begin, length) runs in order.
+  const std::vector<std::array<int32_t, 2>>& own_ranges(int seq) const { return seqs_.at(seq).own_ranges; }
 
  private:
   struct Seq {
     bool live = false;
     int length = 0;
     std::vector<int32_t> blocks;
+    std::vector<int> owned;                            // sharded: positions of each rank
+    std::vector<std::array<int32_t, 2>> own_ranges;    // sharded: this rank's runs
   };
+  int local_positions(int seq) const;  // positions this cache stores for seq
+  int shard_rank_ = 0, shard_size_ = 1, shard_interleave_ = 1;
   Backend& backend_;
   KvCacheShape shape_;
   std::vector<Buffer> k_, v_;  // per layer

@@ -34,6 +34,8 @@ void Attention::plan(const ForwardPlan& plan) {
   CPI_CHECK(plan.cp_rank == par_.cp_rank(), "plan made for CP rank ", plan.cp_rank);
   if (cp == 1) {
     strategy_ = Strategy::OneRank;
+  } else if (plan.kv_shard) {
+    strategy_ = Strategy::CpShardedKv;
   } else {
     const bool overlap = opt_.kv_overlap == KvOverlap::Auto ? par_.cp->queued() : opt_.kv_overlap == KvOverlap::On;
     strategy_ = overlap ? Strategy::CpReplicatedKvOverlap : Strategy::CpReplicatedKv;
@@ -44,6 +46,11 @@ void Attention::plan(const ForwardPlan& plan) {
   Tensor table = scratch_.upload_i32(kBlockTable, plan.block_table,
                                      {std::max<int64_t>(n_seq_rows, 1), std::max(plan.max_blocks, 1)});
   set_batch(batch_, plan.attn, table, kBlocks);
+  if (strategy_ == Strategy::CpShardedKv) {
+    if (!sharded_)
+      sharded_ = std::make_unique<ShardedAttention>(be_, par_, shape_.n_heads, shape_.n_kv_heads, shape_.head_dim);
+    sharded_->plan(plan);
+  }
   if (strategy_ == Strategy::CpReplicatedKvOverlap) {
     std::vector<AttnBlock> diag, prefix;
     split_diag_prefix(plan.attn, diag, prefix);
@@ -81,6 +88,8 @@ Tensor Attention::run(const AttentionWeights& w, const KvLayer& kv, const Tensor
       const float scale = 1.0f / std::sqrt(static_cast<float>(D));
       be_.attention(q.view({T, Hq, D}), batch_, kv, scale, out.view({T, Hq, D}), Tensor{});
     }
+  } else if (strategy_ == Strategy::CpShardedKv) {
+    sharded_->run(kv, q, kv_local, slots_.slice(first_row_of(plan_->rows_per_rank, par_.cp_rank()), T), out);
   } else {
     gathered(kv, q, kv_local, out, strategy_ == Strategy::CpReplicatedKvOverlap);
   }

@@ -6,11 +6,14 @@
 //   stores all of them, then attends (SGLang's cp_allgather_and_save_kv_cache).
 // - CpReplicatedKvOverlap: the same exchange started asynchronously while each local block attends
 //   to its own keys (the diagonal), then to the other ranks' keys, merged by LSE (parallel/merge.h).
-// A sharded-KV strategy (ring pass-KV prefill, split-KV decode) is the next one to add here.
+// - CpShardedKv: each rank stores only the K/V of its own rows (layers/sharded_attention.h: pass-KV
+//   ring over the new rows, pass-Q over the shards of earlier forwards, merged by LSE).
 #pragma once
 #include <cstdint>
+#include <memory>
 
 #include "layers/scratch.h"
+#include "layers/sharded_attention.h"
 #include "ops/backend.h"
 #include "parallel/context.h"
 #include "parallel/plan.h"
@@ -30,7 +33,7 @@ struct AttentionShape {
 
 class Attention {
  public:
-  enum class Strategy { OneRank, CpReplicatedKv, CpReplicatedKvOverlap };
+  enum class Strategy { OneRank, CpReplicatedKv, CpReplicatedKvOverlap, CpShardedKv };
 
   Attention(const AttentionShape& shape, RopeParams rope, Backend& be, const ParallelCtx& par, const ModelOptions& opt,
             Profiler& prof);
@@ -74,9 +77,10 @@ class Attention {
   Scratch scratch_;
   Strategy strategy_ = Strategy::OneRank;
   const ForwardPlan* plan_ = nullptr;
-  Tensor pos_, slots_;                   // [T] local positions, [n_all] slots of every rank's rows
-  AttnBatch batch_;                      // every block over all its keys
-  AttnBatch batch_diag_, batch_prefix_;  // overlapped exchange: own keys, then the other ranks'
+  Tensor pos_, slots_;                         // [T] local positions, [n_all] slots of every rank's rows
+  AttnBatch batch_;                            // every block over all its keys
+  AttnBatch batch_diag_, batch_prefix_;        // overlapped exchange: own keys, then the other ranks'
+  std::unique_ptr<ShardedAttention> sharded_;  // CpShardedKv
 };
 
 }  // namespace cpinfer

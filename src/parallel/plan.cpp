@@ -43,6 +43,17 @@ ForwardPlan make_plan(const std::vector<SeqWork>& work, const KvCache& cache, in
           load[r] += int64_t(blk.len) * (blk.pos_begin + blk.len);
         }
       }
+    } else if (opt.kv_shard && cp > 1) {
+      // Round-robin by kv_interleave positions, so that every shard grows at the same rate.
+      const int I = std::max(1, opt.kv_interleave);
+      for (int i = 0; i < n;) {
+        const int pos = w.n_cached + i;
+        const int r = (pos / I) % cp;
+        const int len = std::min(n - i, I - pos % I);
+        plan.rank_blocks[r].push_back(TokenBlock{s, pos, len, i});
+        load[r] += int64_t(len) * (pos + len);
+        i += len;
+      }
     } else {
       int r = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
       plan.rank_blocks[r].push_back(TokenBlock{s, w.n_cached, n, 0});
@@ -60,6 +71,22 @@ ForwardPlan make_plan(const std::vector<SeqWork>& work, const KvCache& cache, in
     std::copy(blocks.begin(), blocks.end(), plan.block_table.begin() + s * max_blocks);
   }
 
+  plan.kv_shard = opt.kv_shard && cp > 1;
+  plan.page_size = cache.block_size();
+  if (plan.kv_shard) {
+    CPI_CHECK(cache.sharded() && cache.shard_rank() == cp_rank, "sharded-KV plan needs the cache of CP rank ",
+              cp_rank);
+    for (size_t s = 0; s < work.size(); ++s) {
+      plan.shard_cached.push_back(cache.owned(work[s].kv_seq, cp_rank));
+      plan.any_cached = plan.any_cached || work[s].n_cached > 0;
+      int n_ranks = 0;
+      for (int r = 0; r < cp; ++r)
+        n_ranks += std::any_of(plan.rank_blocks[r].begin(), plan.rank_blocks[r].end(),
+                               [&](const TokenBlock& b) { return b.seq == int(s); });
+      plan.ring = plan.ring || n_ranks > 1;
+    }
+  }
+  std::vector<int32_t> local_next = plan.shard_cached;  // next packed index of each sequence
   plan.rows_per_rank.assign(cp, 0);
   plan.logit_rows_per_rank.assign(cp, 0);
   for (int r = 0; r < cp; ++r) {
@@ -69,7 +96,10 @@ ForwardPlan make_plan(const std::vector<SeqWork>& work, const KvCache& cache, in
       int seq_end = w.n_cached + static_cast<int>(w.tokens.size());
       for (int i = 0; i < blk.len; ++i) {
         int pos = blk.pos_begin + i;
-        plan.slots_all.push_back(cache.slot(w.kv_seq, pos));
+        if (!plan.kv_shard)
+          plan.slots_all.push_back(cache.slot(w.kv_seq, pos));
+        else
+          plan.slots_all.push_back(r == cp_rank ? cache.local_slot(w.kv_seq, local_next[size_t(blk.seq)]++) : -1);
         bool want = w.logits == LogitsWanted::All || (w.logits == LogitsWanted::Last && pos == seq_end - 1);
         if (want) {
           plan.logit_rows_all.push_back(LogitRow{blk.seq, pos});
@@ -94,6 +124,12 @@ ForwardPlan make_plan(const std::vector<SeqWork>& work, const KvCache& cache, in
     plan.rows_per_rank[r] = row;
   }
   return plan;
+}
+
+void record_shard(const ForwardPlan& plan, const std::vector<SeqWork>& work, KvCache& cache) {
+  if (!plan.kv_shard) return;
+  for (int r = 0; r < plan.cp_size; ++r)
+    for (const TokenBlock& b : plan.rank_blocks[size_t(r)]) cache.add_owned(work[size_t(b.seq)].kv_seq, r, b.pos_begin, b.len);
 }
 
 }  // namespace cpinfer

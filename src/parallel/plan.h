@@ -30,6 +30,11 @@ struct CpOptions {
   int cp_size = 1;
   bool enable_prefill_cp = false;
   int min_tokens = 0;  // 0: 2 * cp_size
+  // Sharded KV (--kv-shard): a rank's cache keeps only the positions it computes. Sequences that
+  // are not zigzag-split are then spread round-robin, kv_interleave positions per rank (decode:
+  // the token at position p goes to rank (p / kv_interleave) mod cp_size).
+  bool kv_shard = false;
+  int kv_interleave = 1;
 };
 
 struct TokenBlock {
@@ -62,6 +67,13 @@ struct ForwardPlan {
   std::vector<LogitRow> logit_rows_all;   // every rank's logit rows, rank-major (gather order)
   std::vector<int64_t> logit_rows_per_rank;
 
+  // Sharded KV: slots_all holds this rank's slots (in its own shard) and -1 for other ranks' rows.
+  bool kv_shard = false;
+  int page_size = 16;                 // the cache's positions per block
+  bool ring = false;                  // some sequence's new rows lie on several ranks
+  bool any_cached = false;            // some sequence has positions from earlier forwards
+  std::vector<int32_t> shard_cached;  // [n_seqs] this rank's positions of each sequence before this forward
+
   int64_t n_local() const { return static_cast<int64_t>(tokens.size()); }
   int64_t n_all() const { return static_cast<int64_t>(slots_all.size()); }
 };
@@ -73,5 +85,8 @@ bool can_cp_split(int n_new, const CpOptions& opt);
 std::vector<int32_t> zigzag_bounds(int n, int cp_size);
 
 ForwardPlan make_plan(const std::vector<SeqWork>& work, const KvCache& cache, int cp_rank, const CpOptions& opt);
+
+// Sharded KV: records in `cache` which rank now owns each new position of `plan` (after the forward).
+void record_shard(const ForwardPlan& plan, const std::vector<SeqWork>& work, KvCache& cache);
 
 }  // namespace cpinfer

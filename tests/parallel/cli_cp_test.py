@@ -31,11 +31,16 @@ def main():
     check(len(ref["argmax"]) == 1201 and len(ref["logits"]) == 3, "logits JSON has argmax per position and K rows")
 
     variants = [("local cp=3", base + ["--attn-cp-size", "3", "--enable-prefill-cp"]),
-                ("local cp=4 world=8", base + ["--attn-cp-size", "4", "--world-size", "8", "--enable-prefill-cp"])]
+                ("local cp=4 world=8", base + ["--attn-cp-size", "4", "--world-size", "8", "--enable-prefill-cp"]),
+                ("local cp=3 --kv-shard", base + ["--attn-cp-size", "3", "--enable-prefill-cp", "--kv-shard"]),
+                ("local cp=4 world=8 --kv-shard", base + ["--attn-cp-size", "4", "--world-size", "8",
+                                                         "--enable-prefill-cp", "--kv-shard"])]
     if mpirun:
         for n in (2, 4, 8):
             variants.append((f"mpirun -np {n}", [mpirun, *MPI_ARGS, "-np", str(n), *base, "--comm", "mpi",
                                                  "--attn-cp-size", str(n), "--enable-prefill-cp"]))
+        variants.append(("mpirun -np 3 --kv-shard", [mpirun, *MPI_ARGS, "-np", "3", *base, "--comm", "mpi",
+                                                     "--attn-cp-size", "3", "--enable-prefill-cp", "--kv-shard"]))
     for name, cmd in variants:
         out = json.loads(run(cmd).stdout)
         check(out["argmax"] == ref["argmax"], f"{name}: argmax at every position equals cp=1")
@@ -57,6 +62,12 @@ def main():
         g3 = json.loads(run([mpirun, *MPI_ARGS, "-np", "2", *gen, "--comm", "mpi", "--attn-cp-size", "2",
                              "--enable-prefill-cp"]).stdout)["output_ids"]
         check(g3 == g1, "greedy continuation under mpirun -np 2 equals cp=1")
+        g5 = json.loads(run([mpirun, *MPI_ARGS, "-np", "4", *gen, "--comm", "mpi", "--attn-cp-size", "4",
+                             "--enable-prefill-cp", "--kv-shard", "--kv-interleave", "3"]).stdout)["output_ids"]
+        check(g5 == g1, "greedy continuation under mpirun -np 4 with --kv-shard (prefill ring, 19 sharded "
+                        "decode steps) equals cp=1")
+    g4 = json.loads(run(gen + ["--attn-cp-size", "3", "--enable-prefill-cp", "--kv-shard"]).stdout)["output_ids"]
+    check(g4 == g1, "greedy continuation with --kv-shard over 3 local ranks equals cp=1")
 
     bad = [
         (base + ["--attn-cp-size", "3", "--world-size", "4"], "does not divide"),
@@ -64,6 +75,7 @@ def main():
         (base + ["--world-size", "2", "--tp-size", "2"], "excludes"),
         (base + ["--comm", "mpi"], "mpirun"),
         (base + ["--attn-cp-size", "0"], "attn-cp-size"),
+        (base + ["--kv-shard", "--kv-interleave", "0"], "kv-interleave"),
         ([binary, "logits", "--model-path", fixture, "--input-ids", "1,x,3"], "not a non-negative token id"),
         ([binary, "logits", "--model-path", fixture, "--input-ids", str(vocab + 5)], "outside the vocabulary"),
         ([binary, "logits", "--model-path", fixture + "/nope", "--input-ids", "1"], "nope"),

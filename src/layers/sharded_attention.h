@@ -1,0 +1,73 @@
+// Context-parallel attention with a sharded KV cache (--kv-shard): each rank's cache holds only the
+// positions it computed (its zigzag blocks; round-robin positions of unsplit sequences and decode
+// tokens), so no rank stores the whole context. A query's output is the log-sum-exp merge of:
+// - the keys of this forward (every rank's new rows): pass-KV ring. Step s holds the [K; V] rows
+//   of rank (me - s) mod C in a small paged scratch cache and attends the local query blocks to
+//   them (diagonal blocks causal, earlier blocks whole, later ones skipped); the rows then move one
+//   rank on (all_to_allv with one peer each way). The ring runs only when some sequence's new
+//   rows lie on several ranks: a decode batch needs none.
+// - the keys of earlier forwards (spread over the shards): pass-Q. The queries of all ranks are
+//   gathered, every rank attends them to its own shard, and the partial outputs and LSE go back
+//   to the rank of each query (all_to_allv), which merges the C partials. These collectives carry
+//   new-token rows only: their size does not grow with the context.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "layers/scratch.h"
+#include "ops/backend.h"
+#include "parallel/context.h"
+#include "parallel/plan.h"
+
+namespace cpinfer {
+
+class ShardedAttention {
+ public:
+  ShardedAttention(Backend& be, const ParallelCtx& par, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim);
+
+  // Once per forward (plan.kv_shard): ring steps, scratch pages and attention blocks.
+  void plan(const ForwardPlan& plan);
+
+  // q [T, Hq*D] and kv_local [2T, Hkv*D] ([K; V]) of this rank's rows; slots [T] their slots in
+  // this rank's shard `kv`, where they are stored. out [T, Hq*D].
+  void run(const KvLayer& kv, const Tensor& q, const Tensor& kv_local, const Tensor& slots, Tensor out);
+
+ private:
+  struct Source {                   // the rows of one rank, as held in ring step (me - rank) mod C
+    Tensor slots;                   // [rows] their slots in the ring's scratch cache
+    std::vector<AttnBatch> passes;  // local query blocks vs these rows, at most one per query block
+  };
+  enum Slot {
+    kRingA,
+    kRingB,
+    kRingK,
+    kRingV,
+    kLse,
+    kOut2,
+    kLse2,
+    kQAll,
+    kPartOut,
+    kPartLse,
+    kRecvOut,
+    kRecvLse,
+    kShardTable,
+    kQBlocks,
+    kFixedSlots
+  };
+  AttnBatch make_batch(std::vector<AttnBlock> blocks, const std::vector<int32_t>& table, int32_t max_pages,
+                       const Tensor& dev_table, int slot);
+  void attend(const Tensor& q, const AttnBatch& b, const KvLayer& cache, Tensor out, Tensor lse, bool first);
+
+  Backend& be_;
+  const ParallelCtx& par_;
+  int64_t Hq_, Hkv_, D_;
+  std::unique_ptr<Scratch> scratch_;
+  const ForwardPlan* plan_ = nullptr;
+  int n_steps_ = 1;
+  int64_t ring_pages_ = 1;       // pages of the ring's scratch cache
+  std::vector<Source> sources_;  // [C]
+  AttnBatch batch_q_;            // pass-Q: every rank's queries over this rank's shard
+};
+
+}  // namespace cpinfer
