@@ -1,6 +1,6 @@
 # Sourced by the scripts/gpu_*.sh checks: environment, output folder, and the binaries — prebuilt in
-# $CPINFER_PREBUILT/bin (built on another machine; see scripts/gpu_check.sh) or built here into
-# build-gpu. Usage: gpu_binaries TARGET...   (sets BIN)
+# $CPINFER_PREBUILT/bin (built on another machine by scripts/carry.sh, with the tokenizer in
+# $CPINFER_PREBUILT/qwen3-tokenizer) or built here into build-gpu. Usage: gpu_binaries TARGET...   (sets BIN)
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -11,6 +11,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 gpu_binaries() {
   if [ -n "${CPINFER_PREBUILT:-}" ]; then
     BIN="$CPINFER_PREBUILT/bin"
+    [ -d "$CPINFER_PREBUILT/qwen3-tokenizer" ] && export CPINFER_TOKENIZER_DIR="$CPINFER_PREBUILT/qwen3-tokenizer"
     export LD_LIBRARY_PATH="$CPINFER_PREBUILT/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
     # The test binaries find the fixtures through the source path they were built in.
     local src

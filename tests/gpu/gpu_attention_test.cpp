@@ -283,6 +283,43 @@ TEST_F(AttnRunner, Decode) {
   run({"d64 split short-q", 4, 2, 64, 32, {{3, 2500, 0}, {2, 10, 1}}}, 44);
 }
 
+// The GQA decode kernel (head_dim 128, BF16, one CTA per KV head and key split): every head ratio
+// it takes, block sizes on and off the power-of-two grid, lengths that end inside a 64-key tile,
+// one split and many, a batch of 64 sequences at the Qwen3-30B-A3B head shape; a ratio it does not
+// take (3) runs on the generic kernel.
+TEST_F(AttnRunner, DecodeGqaKernel) {
+  for (int64_t ratio : {1, 2, 4, 8, 16})
+    run({"d128 decode gqa" + std::to_string(ratio), 2 * ratio, 2, 128, 16,
+         {{1, 0, 0}, {1, 64, 1}, {1, 130, 2}, {1, 5000, 3}}},
+        500 + static_cast<uint32_t>(ratio));
+  for (int64_t bs : {1, 24, 64, 100, 256})
+    run({"d128 decode bs" + std::to_string(bs), 8, 2, 128, bs, {{1, 63, 0}, {1, 1999, 1}}},
+        600 + static_cast<uint32_t>(bs));
+  std::vector<BlockSpec> many;
+  for (int32_t i = 0; i < 64; ++i) many.push_back({1, (i * 97) % 3000, i});
+  run({"d128 decode batch64", 32, 4, 128, 16, many}, 700);
+  run({"d128 decode ratio3 generic", 6, 2, 128, 16, {{1, 300, 0}, {1, 2, 1}}}, 701);
+
+  auto shape = [](int64_t hq, int64_t hkv, DType t) {
+    cuda::DevTensor q, k;
+    q.data = reinterpret_cast<void*>(uintptr_t{256});
+    q.dtype = t;
+    q.ndim = 3;
+    q.shape[0] = 1, q.shape[1] = hq, q.shape[2] = 128;
+    k = q;
+    k.ndim = 4;
+    k.shape[0] = 8, k.shape[1] = 16, k.shape[2] = hkv, k.shape[3] = 128;
+    return std::make_pair(q, cuda::DevKv{k, k});
+  };
+  for (auto [hq, hkv, ok] : {std::tuple{32, 4, true}, {64, 4, true}, {4, 4, true}, {6, 2, false}, {48, 2, false}}) {
+    auto [q, kv] = shape(hq, hkv, DType::BF16);
+    EXPECT_EQ(cuda::attention_decode_supported(q, kv, 1), ok) << hq << "/" << hkv;
+    EXPECT_FALSE(cuda::attention_decode_supported(q, kv, 2)) << "q_len 2 is prefill";
+  }
+  auto [qf, kvf] = shape(32, 4, DType::F32);
+  EXPECT_FALSE(cuda::attention_decode_supported(qf, kvf, 1)) << "F32 runs on the generic kernel";
+}
+
 // Key ranges (AttnBlock kv_begin / kv_end) on every kernel: the diagonal and prefix parts of
 // context-parallel blocks, on and off the 64-key tile grid, ranges that cut the causal frontier,
 // start inside the block (its first queries see nothing) or are empty. Keys outside every range

@@ -100,6 +100,7 @@ CudaBackend::CudaBackend(int device_index) : device_(device_index) {
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
   name_ = std::string("cuda:") + std::to_string(device_) + " (" + prop.name + ")";
   hopper_ = prop.major == 9 && prop.minor == 0;
+  n_sms_ = prop.multiProcessorCount;
   if (const char* k = std::getenv("CPINFER_ATTENTION_KERNEL")) {
     const std::string want = k;
     CPI_CHECK(want == "auto" || want == "mma" || want == "wgmma" || want == "ws" || want == "cudnn",
@@ -425,6 +426,16 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
                     "attention_flash");
         break;
     }
+  } else if (attention_decode_supported(dev(q), dev(cache), max_q)) {
+    const int keys = static_cast<int>(max_keys);
+    const int n_splits = attention_decode_splits(static_cast<int>(n_blocks), static_cast<int>(cache.k.dim(2)), keys,
+                                                 n_sms_);
+    float* part = nullptr;
+    if (n_splits > 1)
+      part = static_cast<float*>(workspace(static_cast<size_t>(t * hq) * n_splits * (d + 2) * sizeof(float)));
+    CUDA_LAUNCH(launch_attention_decode(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), n_splits, keys,
+                                        part, stream_),
+                "attention_decode");
   } else {
     const int keys = static_cast<int>(max_keys);
     const int n_splits = attention_generic_splits(static_cast<int>(t), static_cast<int>(hq), keys);

@@ -128,6 +128,7 @@ class CudaBackend : public Backend {
 
   int device_ = 0;
   bool hopper_ = false;  // compute capability 9.0: the sm_90a wgmma kernels can run
+  int n_sms_ = 1;
   PrefillKernel prefill_kernel_ = PrefillKernel::Auto;
   int* attn_sched_ = nullptr;  // [2] the Ws kernel's work counter (zero between launches)
   std::unique_ptr<CudnnAttention> cudnn_;  // created on first use

@@ -199,8 +199,17 @@ cudaError_t launch_attention_generic(const DevTensor& q, const DevAttnBatch& bat
   }));
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || n_splits == 1) return err;
-  CPI_DISPATCH_ACT(q.dtype, "attention out", T, {
-    attention_merge_kernel<T><<<dim3(gx, hq, n_blocks), kWarps * 32, 0, stream>>>(
+  return launch_attention_split_merge(batch, hq, d, n_splits, part, out, lse, stream);
+}
+
+cudaError_t launch_attention_split_merge(const DevAttnBatch& batch, int hq, int d, int n_splits, const float* part,
+                                         DevTensor out, DevTensor lse, cudaStream_t stream) {
+  if (batch.n_blocks == 0 || batch.max_q_len == 0) return cudaSuccess;
+  if (d > kMaxDPer * 32 || batch.n_blocks > 65535 || hq > 65535) return cudaErrorInvalidValue;
+  const unsigned gx = static_cast<unsigned>((batch.max_q_len + kWarps - 1) / kWarps);
+  float* lse_p = lse.defined() ? lse.ptr<float>() : nullptr;
+  CPI_DISPATCH_ACT(out.dtype, "attention out", T, {
+    attention_merge_kernel<T><<<dim3(gx, hq, batch.n_blocks), kWarps * 32, 0, stream>>>(
         batch.blocks, hq, d, n_splits, part, static_cast<T*>(out.data), lse_p);
   });
   return cudaGetLastError();
