@@ -78,6 +78,13 @@ class Communicator {
     reduce_scatterv_sum(send, recv, counts, dtype);
     return 0;
   }
+  // all_to_allv in the overlapped form (the sharded-KV ring: the next rank's K/V arrives while the
+  // rank attends to the K/V in hand). Neither buffer may be written before the join.
+  virtual Ticket all_to_allv_start(const void* send, std::span<const size_t> send_bytes, void* recv,
+                                   std::span<const size_t> recv_bytes) {
+    all_to_allv(send, send_bytes, recv, recv_bytes);
+    return 0;
+  }
   // Orders the compute work queued from now on after the started collective `ticket`.
   virtual void join(Ticket ticket) { (void)ticket; }
   // Blocks until every queued collective has completed; throws if one failed or timed out.

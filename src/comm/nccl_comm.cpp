@@ -233,6 +233,14 @@ class NcclCommunicator final : public Communicator {
 
   void all_to_allv(const void* send, std::span<const size_t> send_bytes, void* recv,
                    std::span<const size_t> recv_bytes) override {
+    all_to_all(send, send_bytes, recv, recv_bytes, false);
+  }
+  Ticket all_to_allv_start(const void* send, std::span<const size_t> send_bytes, void* recv,
+                           std::span<const size_t> recv_bytes) override {
+    return all_to_all(send, send_bytes, recv, recv_bytes, true);
+  }
+  Ticket all_to_all(const void* send, std::span<const size_t> send_bytes, void* recv, std::span<const size_t> recv_bytes,
+                    bool overlap) {
     const char* name = "all_to_allv";
     std::unique_lock<std::mutex> lk(mu_);
     const auto deadline = begin(name);
@@ -260,7 +268,7 @@ class NcclCommunicator final : public Communicator {
       ro += recv_bytes[q];
     }
     issue(ncclGroupEnd(), name, deadline);
-    finish(name, deadline, false);
+    return finish(name, deadline, overlap);
   }
 
   void broadcast(void* buf, size_t bytes, int root) override {

@@ -154,6 +154,20 @@ void ShardedAttention::run(const KvLayer& kv, const Tensor& q, const Tensor& kv_
   for (int step = 0; step < n_steps_; ++step) {
     const int src = (me - step + C) % C;
     const int64_t n = rows[size_t(src)];
+    // The rows in hand go on to the next rank while this one attends to them; the previous rank's
+    // (they came from rank src - 1) arrive meanwhile.
+    Communicator::Ticket ticket = 0;
+    Tensor in;
+    if (step + 1 < n_steps_) {
+      const int next = (me + 1) % C, prev = (me - 1 + C) % C;
+      const int64_t n_in = rows[size_t((src - 1 + C) % C)];
+      in = scratch_->get(step % 2 ? kRingB : kRingA, ad, {2 * max_rows, HD}).slice(0, 2 * n_in);
+      std::vector<size_t> send(size_t(C), 0), recv(size_t(C), 0);
+      send[size_t(next)] = size_t(2 * n) * held.row_bytes();
+      recv[size_t(prev)] = size_t(2 * n_in) * held.row_bytes();
+      sync_for(be_, comm);
+      ticket = comm.all_to_allv_start(held.data, send, in.data, recv);
+    }
     const Source& s = sources_[size_t(src)];
     if (T > 0 && n > 0 && !s.passes.empty()) {
       be_.kv_store(held.slice(0, n).view({n, Hkv_, D_}), held.slice(n, n).view({n, Hkv_, D_}), s.slots, ring);
@@ -163,15 +177,7 @@ void ShardedAttention::run(const KvLayer& kv, const Tensor& q, const Tensor& kv_
       }
     }
     if (step + 1 == n_steps_) break;
-    // Send the rows in hand to the next rank, take the previous rank's (they came from rank src - 1).
-    const int next = (me + 1) % C, prev = (me - 1 + C) % C;
-    const int64_t n_in = rows[size_t((src - 1 + C) % C)];
-    Tensor in = scratch_->get(step % 2 ? kRingB : kRingA, ad, {2 * max_rows, HD}).slice(0, 2 * n_in);
-    std::vector<size_t> send(size_t(C), 0), recv(size_t(C), 0);
-    send[size_t(next)] = size_t(2 * n) * held.row_bytes();
-    recv[size_t(prev)] = size_t(2 * n_in) * held.row_bytes();
-    sync_for(be_, comm);
-    comm.all_to_allv(held.data, send, in.data, recv);
+    comm.join(ticket);
     held = in;
   }
 

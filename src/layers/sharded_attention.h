@@ -3,8 +3,9 @@
 // tokens), so no rank stores the whole context. A query's output is the log-sum-exp merge of:
 // - the keys of this forward (every rank's new rows): pass-KV ring. Step s holds the [K; V] rows
 //   of rank (me - s) mod C in a small paged scratch cache and attends the local query blocks to
-//   them (diagonal blocks causal, earlier blocks whole, later ones skipped); the rows then move one
-//   rank on (all_to_allv with one peer each way). The ring runs only when some sequence's new
+//   them (diagonal blocks causal, earlier blocks whole, later ones skipped) while the same rows
+//   move one rank on (all_to_allv_start with one peer each way: overlapped on a queued
+//   communicator, before the attention on host ones). The ring runs only when some sequence's new
 //   rows lie on several ranks: a decode batch needs none.
 // - the keys of earlier forwards (spread over the shards): pass-Q. The queries of all ranks are
 //   gathered, every rank attends them to its own shard, and the partial outputs and LSE go back
