@@ -27,7 +27,7 @@ namespace {
 
 size_t round_up(size_t n) { return (n + 255) / 256 * 256; }
 
-constexpr int64_t kSmallPairs = 256;
+constexpr int64_t kSmallPairs = 64;
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 

@@ -171,8 +171,10 @@ __global__ void moe_unpermute_kernel(const TY* __restrict__ y, const float* __re
 
 
 // ---- Small-batch expert GEMMs (decode): one launch covers every local expert, reading the
-// segment offsets on the device, so no host synchronization. One warp per output column: the
-// weight row streams through L1 once per segment row; memory-bound on the weights, as decode is.
+// segment offsets on the device, so no host synchronization. A warp owns kColsPerWarp output
+// columns and, per segment row, streams their weight rows together (all of them in flight at
+// once: decode is bound by the weight reads, and one column at a time left the memory system
+// idle between round trips); rows after the first hit L1/L2.
 constexpr int kSmallWarps = 8;
 constexpr int kColsPerWarp = 4;
 constexpr int kColsPerBlock = kSmallWarps * kColsPerWarp;
@@ -185,51 +187,71 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
     moe_small_gemm_kernel(const __nv_bfloat16* __restrict__ in, const int32_t* __restrict__ src_token,
                           const int32_t* __restrict__ offsets, const __nv_bfloat16* const* __restrict__ w1,
                           const __nv_bfloat16* const* __restrict__ w2, int n_out, int k_dim, void* __restrict__ out) {
+  constexpr int kMats = kGateUp ? 2 : 1;
   const int e = blockIdx.y;
   const int begin = offsets[e], end = offsets[e + 1];
   if (begin == end) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const __nv_bfloat16* wa = w1[e];
-  const __nv_bfloat16* wb = kGateUp ? w2[e] : nullptr;
+  const int n0 = blockIdx.x * kColsPerBlock + warp * kColsPerWarp;
+  if (n0 >= n_out) return;
+  const int n_cols = min(kColsPerWarp, n_out - n0);
+  // Rows past n_out repeat the last valid one (read, never written), so the loads stay uniform.
+  const __nv_bfloat16* rows[kMats][kColsPerWarp];
+#pragma unroll
   for (int c = 0; c < kColsPerWarp; ++c) {
-    const int n = blockIdx.x * kColsPerBlock + warp * kColsPerWarp + c;
-    if (n >= n_out) break;
-    const __nv_bfloat16* ra = wa + static_cast<int64_t>(n) * k_dim;
-    const __nv_bfloat16* rb = kGateUp ? wb + static_cast<int64_t>(n) * k_dim : nullptr;
-    for (int r = begin; r < end; ++r) {
-      const __nv_bfloat16* xr = in + static_cast<int64_t>(kGateUp ? src_token[r] : r) * k_dim;
-      float da = 0.0f, db = 0.0f;
-      if constexpr (kVec) {
-        for (int k = lane * 8; k < k_dim; k += 32 * 8) {
-          float xv[8], av[8];
-          load8(xr + k, xv);
-          load8(ra + k, av);
+    const int64_t n = n0 + min(c, n_cols - 1);
+    rows[0][c] = w1[e] + n * k_dim;
+    if constexpr (kGateUp) rows[1][c] = w2[e] + n * k_dim;
+  }
+  for (int r = begin; r < end; ++r) {
+    const __nv_bfloat16* xr = in + static_cast<int64_t>(kGateUp ? src_token[r] : r) * k_dim;
+    float dot[kMats][kColsPerWarp];
 #pragma unroll
-          for (int i = 0; i < 8; ++i) da += xv[i] * av[i];
-          if constexpr (kGateUp) {
-            float bv[8];
-            load8(rb + k, bv);
+    for (int m = 0; m < kMats; ++m)
 #pragma unroll
-            for (int i = 0; i < 8; ++i) db += xv[i] * bv[i];
-          }
-        }
-      } else {
-        for (int k = lane; k < k_dim; k += 32) {
-          const float xv = to_f32(xr[k]);
-          da += xv * to_f32(ra[k]);
-          if constexpr (kGateUp) db += xv * to_f32(rb[k]);
-        }
+      for (int c = 0; c < kColsPerWarp; ++c) dot[m][c] = 0.0f;
+    if constexpr (kVec) {
+#pragma unroll 2
+      for (int k = lane * 8; k < k_dim; k += 32 * 8) {
+        float xv[8];
+        load8(xr + k, xv);
+        float wv[kMats][kColsPerWarp][8];
+#pragma unroll
+        for (int m = 0; m < kMats; ++m)
+#pragma unroll
+          for (int c = 0; c < kColsPerWarp; ++c) load8(rows[m][c] + k, wv[m][c]);
+#pragma unroll
+        for (int m = 0; m < kMats; ++m)
+#pragma unroll
+          for (int c = 0; c < kColsPerWarp; ++c)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) dot[m][c] += xv[i] * wv[m][c][i];
       }
-      da = warp_sum(da);
-      if constexpr (kGateUp) {
-        db = warp_sum(db);
-        if (lane == 0) {
-          const float g = to_f32(from_f32<__nv_bfloat16>(da)), u = to_f32(from_f32<__nv_bfloat16>(db));
-          static_cast<__nv_bfloat16*>(out)[static_cast<int64_t>(r) * n_out + n] =
-              from_f32<__nv_bfloat16>(g / (1.0f + __expf(-g)) * u);
+    } else {
+      for (int k = lane; k < k_dim; k += 32) {
+        const float xv = to_f32(xr[k]);
+#pragma unroll
+        for (int m = 0; m < kMats; ++m)
+#pragma unroll
+          for (int c = 0; c < kColsPerWarp; ++c) dot[m][c] += xv * to_f32(rows[m][c][k]);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < kMats; ++m)
+#pragma unroll
+      for (int c = 0; c < kColsPerWarp; ++c) dot[m][c] = warp_sum(dot[m][c]);
+    if (lane == 0) {
+#pragma unroll
+      for (int c = 0; c < kColsPerWarp; ++c) {
+        if (c >= n_cols) break;
+        const int64_t o = static_cast<int64_t>(r) * n_out + n0 + c;
+        if constexpr (kGateUp) {
+          const float g = to_f32(from_f32<__nv_bfloat16>(dot[0][c]));
+          const float u = to_f32(from_f32<__nv_bfloat16>(dot[kMats - 1][c]));
+          static_cast<__nv_bfloat16*>(out)[o] = from_f32<__nv_bfloat16>(g / (1.0f + __expf(-g)) * u);
+        } else {
+          static_cast<float*>(out)[o] = dot[0][c];
         }
-      } else if (lane == 0) {
-        static_cast<float*>(out)[static_cast<int64_t>(r) * n_out + n] = da;
       }
     }
   }
