@@ -5,7 +5,8 @@
 // FLOPs counted causal-halved: 2 GEMMs x 2 FLOP x S² x D x Hq / 2.
 //
 //   attention_bench [--seq 4096,16384,32768] [--reps 20] [--block-size 64]
-//                   [--kernel mma,wgmma,ws,cudnn|all] [--ws-kv-group G] [--ws-stages 2|3] [--cp C] [--json]
+//                   [--kernel mma,wgmma,ws,cudnn|all] [--ws-kv-group G] [--ws-stages 2|3] [--cp C]
+//                   [--ascending-pages] [--json]
 // By default every kernel this machine has runs: mma.sync, on Hopper wgmma and ws (the
 // warp-specialized kernel), and cuDNN's fused attention (backends/cuda/cudnn_attention.h, through
 // the same paged layout and metadata as the engine) where libcudnn.so.9 loads. Each size also
@@ -13,6 +14,8 @@
 // cuDNN's time includes the small kernel that builds its per-call metadata, as in the engine.
 // --ws-kv-group G, --ws-stages S: the ws kernel's AttentionWsConfig (work order in groups of G KV
 // heads; K/V pipeline depth).
+// --ascending-pages: the block table in page order (a fresh prompt's layout in a new KvCache)
+// instead of reversed; cuDNN then reads K/V as one strided run (its dense graph, "cudnn-dense").
 // --cp C also times the parts context parallelism over C ranks splits the attention of rank 0's
 // last zigzag block (n = S / 2C queries at position P = S - n) into: the whole block (cp-full,
 // keys [0, P + i]), its diagonal (cp-diag, kv_begin = P), its prefix (cp-prefix, kv_end = P, no
@@ -72,11 +75,12 @@ struct Cudnn {
     return *att;
   }
   // "" when cuDNN takes the call (and the scratch is ready), else why not.
-  std::string prepare(const DevTensor& q, const DevAttnBatch& b, const int32_t* host_blocks, const DevKv& c,
-                      const DevTensor& o, const DevTensor& l) {
-    std::string why = get().check(q, b, host_blocks, c, o, l);
+  cpinfer::cuda::CudnnCall call;  // of the last prepared call: dense (consecutive pages) or paged
+  std::string prepare(const DevTensor& q, const DevAttnBatch& b, const int32_t* host_blocks, const int32_t* host_table,
+                      const DevKv& c, const DevTensor& o, const DevTensor& l) {
+    std::string why = get().check(q, b, host_blocks, host_table, c, o, l, &call);
     if (!why.empty()) return why;
-    const size_t need = att->workspace_bytes(q, b, c);
+    const size_t need = att->workspace_bytes(q, b, c, call);
     if (need > ws_bytes) {
       BENCH_CHECK(cudaFree(ws));
       BENCH_CHECK(cudaMalloc(&ws, need));
@@ -93,7 +97,7 @@ cudaError_t run_kernel(const std::string& kernel, const DevTensor& q, const DevA
   if (kernel == "wgmma") return cpinfer::cuda::launch_attention_wgmma(q, b, c, scale, o, l, stream);
   if (kernel == "cudnn") {
     try {
-      g_cudnn.att->run(q, b, c, scale, o, l, g_cudnn.ws, g_cudnn.ws_bytes, stream);
+      g_cudnn.att->run(q, b, c, g_cudnn.call, scale, o, l, g_cudnn.ws, g_cudnn.ws_bytes, stream);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "%s: %s\n", kBenchName, e.what());
       return cudaErrorUnknown;
@@ -116,12 +120,14 @@ std::vector<float> to_host_bf16(const void* p, int64_t n) {
 int main(int argc, char** argv) {
   std::vector<int64_t> seqs = {4096, 16384, 32768};
   int reps = 20, block_size = 64, cp = 0;
-  bool json = false;
+  bool json = false, ascending = false;
   std::vector<std::string> kernels;  // default: every kernel this machine has
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--json") {
       json = true;
+    } else if (a == "--ascending-pages") {
+      ascending = true;
     } else if (a == "--kernel" && i + 1 < argc) {
       kernels.clear();
       const std::string list = argv[++i];
@@ -156,7 +162,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: attention_bench [--seq 4096,16384] [--reps N>=10] [--block-size B] "
-                   "[--kernel mma,wgmma,ws,cudnn|all] [--ws-kv-group G] [--ws-stages 2|3] [--cp C] [--json]\n");
+                   "[--kernel mma,wgmma,ws,cudnn|all] [--ws-kv-group G] [--ws-stages 2|3] [--cp C] [--ascending-pages] [--json]\n");
       return 2;
     }
   }
@@ -227,9 +233,10 @@ int main(int argc, char** argv) {
     fill_random_bf16<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(k), s * hkv * d, seed + 2, 2.0f);
     fill_random_bf16<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(v), s * hkv * d, seed + 3, 1.0f);
     BENCH_CHECK(cudaGetLastError());
-    // Pages in reverse order, so that the paged read is exercised (not one contiguous run).
+    // Pages in reverse order, so that the paged read is exercised (not one contiguous run), or with
+    // --ascending-pages in order (a fresh prompt's layout: cuDNN then runs its dense graph).
     std::vector<int32_t> h_table(n_pages), h_slots(s);
-    for (int64_t p = 0; p < n_pages; ++p) h_table[p] = static_cast<int32_t>(n_pages - 1 - p);
+    for (int64_t p = 0; p < n_pages; ++p) h_table[p] = static_cast<int32_t>(ascending ? p : n_pages - 1 - p);
     for (int64_t i = 0; i < s; ++i) h_slots[i] = static_cast<int32_t>(h_table[i / block_size] * block_size + i % block_size);
     // Rows (q_begin, q_len, pos_begin, seq, kv_begin, kv_end): the whole sequence, causal; then the
     // --cp block of n queries at position P (its q and out views start at row P): whole, diagonal,
@@ -264,7 +271,7 @@ int main(int argc, char** argv) {
     }
     for (const std::string& kernel : kernels) {
       if (kernel == "cudnn") {
-        const std::string why = g_cudnn.prepare(qt, batch, h_blocks, cache, ot, lt);
+        const std::string why = g_cudnn.prepare(qt, batch, h_blocks, h_table.data(), cache, ot, lt);
         if (!why.empty()) {
           std::fprintf(stderr, "%s: S=%lld: cuDNN refuses: %s\n", kBenchName, static_cast<long long>(s), why.c_str());
           continue;
@@ -273,7 +280,8 @@ int main(int argc, char** argv) {
       BENCH_CHECK(cudaMemset(out, 0xff, s * hq * d * 2));
       const double ms = median_ms([&] { return run_kernel(kernel, qt, batch, cache, scale, ot, lt, stream); });
       const double flops = 4.0 * static_cast<double>(s) * s * d * hq / 2.0;
-      Result r{s, kernel, "causal", ms, flops / (ms * 1e-3) / 1e12};
+      Result r{s, kernel == "cudnn" && g_cudnn.call.dense ? "cudnn-dense" : kernel, "causal", ms,
+               flops / (ms * 1e-3) / 1e12};
       if (kernel != "mma" && !ref.empty()) {
         const std::vector<float> got = to_host_bf16(out, s * hq * d);
         double mx = 0.0;
@@ -300,7 +308,7 @@ int main(int argc, char** argv) {
       const double unit = 4.0 * static_cast<double>(n) * d * hq;  // FLOPs per key of every query
       if (kernel == "cudnn") {  // no key ranges: the whole block only
         part.blocks = static_cast<const int32_t*>(blocks) + kF;
-        const std::string why = g_cudnn.prepare(qb, part, h_blocks + kF, cache, whole_o, whole_l);
+        const std::string why = g_cudnn.prepare(qb, part, h_blocks + kF, h_table.data(), cache, whole_o, whole_l);
         if (!why.empty()) {
           std::fprintf(stderr, "%s: S=%lld cp-full: cuDNN refuses: %s\n", kBenchName, static_cast<long long>(s),
                        why.c_str());

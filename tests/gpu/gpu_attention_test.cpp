@@ -465,6 +465,35 @@ TEST_F(AttnRunner, CudnnTakesCausalPrefillAndRefusesTheRest) {
                             AttnCase{"cudnn gqa16 bs32", 16, 1, 128, 32, {{129, 64, 0}, {250, 0, 1}}}}) {
     EXPECT_EQ(run(c, 91), "") << c.name << ": the cuDNN path must take it";
   }
+  // A fresh prompt on consecutive pages (the layout of a new KvCache) runs cuDNN's dense graph: K/V
+  // as one strided run, no page tables. Its plan reads the keys of the bucketed length (3001 -> 3072):
+  // when those pages would run past the cache (191 pages of 16 here, 192 read), the paged graph runs.
+  for (const auto& [c, dense_expected] :
+       {std::pair{AttnCase{"cudnn dense bs64", 32, 4, 128, 64, {{1000, 0, 0}}, false}, true},
+        std::pair{AttnCase{"cudnn dense bs16", 32, 4, 128, 16, {{3070, 0, 0}}, false}, true},
+        std::pair{AttnCase{"cudnn dense gqa16 bs32", 16, 1, 128, 32, {{250, 0, 0}}, false}, true},
+        std::pair{AttnCase{"cudnn near the cache end", 32, 4, 128, 16, {{3001, 0, 0}}, false}, false}}) {
+    const int64_t dense = cuda.cudnn_dense_calls();
+    EXPECT_EQ(run(c, 93), "") << c.name << ": the cuDNN path must take it";
+    EXPECT_EQ(cuda.cudnn_dense_calls() > dense, dense_expected) << c.name;
+  }
+  // The automatic choice takes the dense graph for a fresh prompt of kCudnnDenseMinQueries tokens.
+  {
+    const AttnCase c{"auto dense", 2, 1, 128, 64, {{cuda::CudaBackend::kCudnnDenseMinQueries, 0, 0}}, false};
+    Prepared p = prepare(c, 94);
+    Tensor co, clse;
+    cpu_attention(p, p.blocks, co, clse);
+    const PK initial = cuda.prefill_kernel();
+    cuda.set_prefill_kernel(PK::Auto);
+    Tensor go = gpu_tensor("out", DType::BF16, {p.t, p.hq, p.d}, nullptr);
+    Tensor glse = gpu_tensor("lse", DType::F32, {p.t, p.hq}, nullptr);
+    const int64_t dense = cuda.cudnn_dense_calls();
+    gpu_->attention(gpu_tensor("q", DType::BF16, {p.t, p.hq, p.d}, &p.q), batch(p, p.blocks, true),
+                    finite_copy(p.gcache), scale(p), go, glse);
+    cuda.set_prefill_kernel(initial);
+    EXPECT_EQ(cuda.cudnn_dense_calls(), dense + 1) << "Auto must run a long fresh prompt on cuDNN's dense graph";
+    expect_attention_close("auto dense", gpu_read(go), cpu_read(co), gpu_read(glse), cpu_read(clse), p.d);
+  }
   constexpr int32_t kNo = AttnBlock::kNoBound;
   const AttnCase ranges{"cudnn ranges", 8, 2, 128, 64, {{100, 200, 0, 0, kNo}, {100, 400, 1, 50, kNo}}};
   Prepared p = prepare(ranges, 92);

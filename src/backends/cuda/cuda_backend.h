@@ -78,9 +78,12 @@ class CudaBackend : public Backend {
   cudaStream_t stream() const { return stream_; }
 
   // The kernel behind prefill attention (head_dim 128, BF16). Auto (the default) picks per call:
-  // on Hopper (compute capability 9.0) the warp-specialized kernel (Ws) for KV pages of 64 tokens
-  // or more and the plain wgmma kernel for smaller pages, mma.sync on other sm_80+ GPUs (see
-  // own_prefill_kernel). A set kernel runs every call: Ws, Wgmma, MmaSync, or cuDNN's fused
+  // cuDNN's dense graph for a fresh prompt of at least kCudnnDenseMinQueries tokens on consecutive
+  // pages where cuDNN loads (faster than the own kernels there: 603 / 573 / 537 TFLOP/s against
+  // 544 / 520 / 512 for Ws at 16K / 32K / 128K, attention_bench --ascending-pages, H200,
+  // 2026-12-04; at 4K Ws was ahead), else on Hopper (compute capability 9.0) the warp-specialized
+  // kernel (Ws) for KV pages of 64 tokens or more and the plain wgmma kernel for smaller pages,
+  // mma.sync on other sm_80+ GPUs (see own_prefill_kernel). A set kernel runs every call: Ws, Wgmma, MmaSync, or cuDNN's fused
   // attention (cudnn_attention.h) for the calls it takes, with the automatic own kernel for the
   // others. CPINFER_ATTENTION_KERNEL=auto|mma|wgmma|ws|cudnn sets it at construction (cudnn where
   // cuDNN cannot be loaded: a warning, and Auto); tests switch it to cover each.
@@ -88,15 +91,17 @@ class CudaBackend : public Backend {
   enum class PrefillKernel { Auto, MmaSync, Wgmma, Ws, Cudnn };
   void set_prefill_kernel(PrefillKernel k);
   PrefillKernel prefill_kernel() const { return prefill_kernel_; }
+  static constexpr int kCudnnDenseMinQueries = 8192;
   bool wgmma_supported() const { return hopper_; }
   // ---- the cuDNN prefill path. "" when cuDNN is usable here, else "cuDNN not available: <why>"
   // (the first call loads it).
   std::string cudnn_unavailable_reason();
-  // Whether the cuDNN path takes this attention call (""), else why not; the first call for a
-  // shape bucket builds its plan.
+  // Whether the cuDNN path takes this attention call (""), else why not, and (call) whether it
+  // runs the dense graph; the first call for a shape bucket builds its plan.
   std::string cudnn_check(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, const Tensor& out,
-                          const Tensor& lse);
-  int64_t cudnn_calls() const { return cudnn_calls_; }  // attention calls run on cuDNN so far
+                          const Tensor& lse, CudnnCall* call = nullptr, bool dense_only = false);
+  int64_t cudnn_calls() const { return cudnn_calls_; }              // attention calls run on cuDNN so far
+  int64_t cudnn_dense_calls() const { return cudnn_dense_calls_; }  // of them, on the dense graph
   int device_index() const { return device_; }
 
  private:
@@ -133,10 +138,13 @@ class CudaBackend : public Backend {
   int* attn_sched_ = nullptr;  // [2] the Ws kernel's work counter (zero between launches)
   std::unique_ptr<CudnnAttention> cudnn_;  // created on first use
   int64_t cudnn_calls_ = 0;
+  int64_t cudnn_dense_calls_ = 0;
   CudnnAttention& cudnn();
   // Runs the attention call on cuDNN when it takes it (cuda_backend_cudnn.cpp); false: not run.
+  // Runs the call on cuDNN when it takes it (with dense_only: only on its dense graph); false when
+  // it does not (nothing was enqueued).
   bool attention_cudnn(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,
-                       Tensor lse);
+                       Tensor lse, bool dense_only = false);
   // The own kernel that runs a call with KV pages of block_size tokens. Auto on Hopper: Ws where its
   // K/V tiles arrive as TMA boxes of 64 rows (block sizes >= 64 that are powers of two: 521-590
   // TFLOP/s against 445-455 for wgmma in attention_bench at block size 64, H200, 2026-12-03), else

@@ -7,6 +7,7 @@
 #include <limits>
 #include <map>
 #include <tuple>
+#include <vector>
 
 #include "core/check.h"
 #include "core/log.h"
@@ -33,18 +34,19 @@ constexpr size_t kAlign = 256;
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// What a plan depends on: batch entries, bucketed max query / key lengths, heads, head dim and
-// the cache's page geometry. (T and the scale are per call.)
+// What a plan depends on: batch entries, bucketed max query / key lengths, heads, head dim, the
+// cache's page geometry and whether K/V are read as one contiguous run. (T and the scale are per
+// call.)
 struct Key {
-  int64_t b, sq, skv, hq, hkv, d, block_size, n_pages;
+  int64_t b, sq, skv, hq, hkv, d, block_size, n_pages, dense;
   int64_t pages() const { return (skv + block_size - 1) / block_size; }
-  auto tie() const { return std::tie(b, sq, skv, hq, hkv, d, block_size, n_pages); }
+  auto tie() const { return std::tie(b, sq, skv, hq, hkv, d, block_size, n_pages, dense); }
   bool operator<(const Key& o) const { return tie() < o.tie(); }
 };
 
-[[maybe_unused]] Key key_of(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache) {
+[[maybe_unused]] Key key_of(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, const CudnnCall& call) {
   return Key{batch.n_blocks, bucket(batch.max_q_len), bucket(batch.max_kv_len), q.dim(1), cache.k.dim(2), q.dim(2),
-             cache.k.dim(1), cache.k.dim(0)};
+             cache.k.dim(1), cache.k.dim(0), call.dense ? 1 : 0};
 }
 
 // Scratch layout of one call: the metadata arrays, then the stats of a call without lse, then
@@ -85,9 +87,13 @@ enum Uid : int64_t {
 };
 
 // cuDNN 9's composite SDPA forward pattern, as its fused flash-attention engines recognize it:
-// S = Q·Kᵀ (K paged), S·scale, padding mask (row < seq_q and col < seq_kv), bottom-right causal
+// S = Q·Kᵀ (K paged, or with k.dense one strided run of the cache), S·scale, padding mask (row <
+// seq_q and col < seq_kv), bottom-right causal
 // mask (row + seq_kv - seq_q >= col), softmax with Stats = max + log(Σexp), O = P·V (V paged).
-// Q, O and Stats are ragged: batch entry b starts at row q_begin of [T, Hq, D] / [T, Hq].
+// Q, O and Stats are ragged: batch entry b starts at row q_begin of [T, Hq, D] / [T, Hq] (the
+// offsets also bound what cuDNN reads and writes when the bucketed length exceeds T). A dense plan
+// reads K/V as one strided run of the cache instead of through page tables: cuDNN has faster
+// engines for it.
 cudnn::Plan build_sdpa_plan(const Key& k, cudnnBackendDescriptor_t devprop) {
   using cudnn::Dims;
   cudnn::GraphBuilder g;
@@ -102,25 +108,35 @@ cudnn::Plan build_sdpa_plan(const Key& k, cudnnBackendDescriptor_t devprop) {
   auto scores = [&](cudnnDataType_t type) { return virt(type, s_dims, s_strides); };
 
   const auto offsets = Dims{b + 1, 1, 1, 1};
+  const bool dense = k.dense != 0;
   auto q_off = g.tensor(kQOff, CUDNN_DATA_INT64, offsets, col_stride, false);
   auto o_off = g.tensor(kOOff, CUDNN_DATA_INT64, offsets, col_stride, false);
   auto stats_off = g.tensor(kStatsOff, CUDNN_DATA_INT64, offsets, col_stride, false);
   // [T, Hq, D] seen as [B, Hq, Sq, D] with token-major strides.
   const Dims qo_dims{b, hq, sq, d}, qo_strides{sq * hq * d, d, hq * d, 1};
   auto q = g.tensor(kQ, CUDNN_DATA_BFLOAT16, qo_dims, qo_strides, false, false, q_off);
-  // The cache [n_pages, block_size, Hkv, D] seen as [n_pages, Hkv, block_size, D].
-  const Dims cache_dims{k.n_pages, hkv, k.block_size, d}, cache_strides{k.block_size * hkv * d, d, hkv * d, 1};
-  auto k_cache = g.tensor(kKCache, CUDNN_DATA_BFLOAT16, cache_dims, cache_strides, false);
-  auto v_cache = g.tensor(kVCache, CUDNN_DATA_BFLOAT16, cache_dims, cache_strides, false);
   auto seq_q = g.tensor(kSeqQ, CUDNN_DATA_INT32, col, col_stride, false);
   auto seq_kv = g.tensor(kSeqKv, CUDNN_DATA_INT32, col, col_stride, false);
-  const Dims table_dims{b, 1, p, 1}, table_strides{p, p, 1, 1};
-  auto page_k = g.tensor(kPageK, CUDNN_DATA_INT32, table_dims, table_strides, false);
-  auto page_v = g.tensor(kPageV, CUDNN_DATA_INT32, table_dims, table_strides, false);
+  // Paged: the cache [n_pages, block_size, Hkv, D] seen as [n_pages, Hkv, block_size, D], read
+  // through the page tables. Dense: K and V are [Skv, Hkv, D] runs of the cache.
+  cudnnBackendDescriptor_t k_cache = nullptr, v_cache = nullptr, page_k = nullptr, page_v = nullptr;
+  if (!dense) {
+    const Dims cache_dims{k.n_pages, hkv, k.block_size, d}, cache_strides{k.block_size * hkv * d, d, hkv * d, 1};
+    k_cache = g.tensor(kKCache, CUDNN_DATA_BFLOAT16, cache_dims, cache_strides, false);
+    v_cache = g.tensor(kVCache, CUDNN_DATA_BFLOAT16, cache_dims, cache_strides, false);
+    const Dims table_dims{b, 1, p, 1}, table_strides{p, p, 1, 1};
+    page_k = g.tensor(kPageK, CUDNN_DATA_INT32, table_dims, table_strides, false);
+    page_v = g.tensor(kPageV, CUDNN_DATA_INT32, table_dims, table_strides, false);
+  }
 
-  // Kᵀ [B, Hkv, D, Skv] gathered from the pages.
-  auto kt = virt(CUDNN_DATA_BFLOAT16, {b, hkv, d, skv}, {d * skv * hkv, d * skv, 1, d});
-  g.paged_load(k_cache, seq_kv, page_k, kt);
+  // Kᵀ [B, Hkv, D, Skv], gathered from the pages or a strided view of the run.
+  cudnnBackendDescriptor_t kt = nullptr;
+  if (dense) {
+    kt = g.tensor(kKCache, CUDNN_DATA_BFLOAT16, {b, hkv, d, skv}, {skv * hkv * d, d, 1, hkv * d}, false);
+  } else {
+    kt = virt(CUDNN_DATA_BFLOAT16, {b, hkv, d, skv}, {d * skv * hkv, d * skv, 1, d});
+    g.paged_load(k_cache, seq_kv, page_k, kt);
+  }
   auto s = scores(CUDNN_DATA_FLOAT);
   g.matmul(q, kt, s, seq_q, seq_kv, nullptr);
   auto scale = g.tensor(kScale, CUDNN_DATA_FLOAT, one, one, false, true);
@@ -162,13 +178,19 @@ cudnn::Plan build_sdpa_plan(const Key& k, cudnnBackendDescriptor_t devprop) {
   g.reduction(CUDNN_REDUCE_TENSOR_ADD, ex, sum);
   g.pointwise(CUDNN_POINTWISE_LOG, CUDNN_DATA_FLOAT, sum, log_sum);
   // Stats [T, Hq] seen as [B, Hq, Sq, 1] with token-major strides.
-  auto stats = g.tensor(kStats, CUDNN_DATA_FLOAT, row_dims, {sq * hq, 1, hq, 1}, false, false, stats_off);
+  auto stats =
+      g.tensor(kStats, CUDNN_DATA_FLOAT, row_dims, {sq * hq, 1, hq, 1}, false, false, stats_off);
   g.pointwise(CUDNN_POINTWISE_ADD, CUDNN_DATA_FLOAT, mx, stats, log_sum);
   auto probs = scores(CUDNN_DATA_BFLOAT16);
   g.pointwise(CUDNN_POINTWISE_DIV, CUDNN_DATA_FLOAT, ex, probs, sum);
 
-  auto v = virt(CUDNN_DATA_BFLOAT16, {b, hkv, skv, d}, {d * skv * hkv, d * skv, d, 1});
-  g.paged_load(v_cache, seq_kv, page_v, v);
+  cudnnBackendDescriptor_t v = nullptr;
+  if (dense) {
+    v = g.tensor(kVCache, CUDNN_DATA_BFLOAT16, {b, hkv, skv, d}, {skv * hkv * d, d, hkv * d, 1}, false);
+  } else {
+    v = virt(CUDNN_DATA_BFLOAT16, {b, hkv, skv, d}, {d * skv * hkv, d * skv, d, 1});
+    g.paged_load(v_cache, seq_kv, page_v, v);
+  }
   auto o = g.tensor(kO, CUDNN_DATA_BFLOAT16, qo_dims, qo_strides, false, false, o_off);
   g.matmul(probs, v, o, seq_q, nullptr, seq_kv);
   return g.build(devprop);
@@ -269,7 +291,10 @@ int CudnnAttention::version() const { return impl_->version; }
 int CudnnAttention::plans_built() const { return static_cast<int>(impl_->plans.size()); }
 
 std::string CudnnAttention::check(const DevTensor& q, const DevAttnBatch& batch, const int32_t* host_blocks,
-                                  const DevKv& cache, const DevTensor& out, const DevTensor& lse) {
+                                  const int32_t* host_table, const DevKv& cache, const DevTensor& out,
+                                  const DevTensor& lse, CudnnCall* call, bool dense_only) {
+  CudnnCall c;
+  if (call) *call = c;
   if (!available()) return impl_->reason;
   if (q.dtype != DType::BF16 || out.dtype != DType::BF16 || cache.k.dtype != DType::BF16 ||
       cache.v.dtype != DType::BF16)
@@ -299,30 +324,46 @@ std::string CudnnAttention::check(const DevTensor& q, const DevAttnBatch& batch,
   if (max_q > batch.max_q_len || max_kv > batch.max_kv_len)
     return "cuDNN path: batch.max_q_len / max_kv_len are smaller than the blocks need";
   if (max_kv > std::numeric_limits<int32_t>::max() / 2) return "cuDNN path: sequence too long";
+  // Dense: one block at row 0 and position 0 whose pages are consecutive, with the pages the
+  // plan's bucketed key length reads (past the sequence: masked, finite by the cache contract)
+  // inside the cache.
+  if (host_table && batch.n_blocks == 1 && host_blocks[0] == 0 && host_blocks[2] == 0 &&
+      batch.max_blocks_per_seq > 0) {
+    const int64_t bs = cache.k.dim(1), used = (max_kv + bs - 1) / bs;
+    const int64_t read = (bucket(batch.max_kv_len) + bs - 1) / bs;
+    const int32_t* row = host_table + static_cast<int64_t>(host_blocks[3]) * batch.max_blocks_per_seq;
+    bool consecutive = used <= batch.max_blocks_per_seq && row[0] >= 0;
+    for (int64_t i = 1; consecutive && i < used; ++i) consecutive = row[i] == row[0] + i;
+    if (consecutive && row[0] + read <= cache.k.dim(0)) c = CudnnCall{true, row[0]};
+  }
+  if (call) *call = c;
+  if (dense_only && !c.dense) return "cuDNN path: not a fresh sequence on consecutive pages (dense graph only)";
 #ifdef CPINFER_HAVE_CUDNN_HEADERS
-  return impl_->plan(key_of(q, batch, cache)).error;
+  return impl_->plan(key_of(q, batch, cache, c)).error;
 #else
   return impl_->reason;
 #endif
 }
 
-size_t CudnnAttention::workspace_bytes(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache) {
+size_t CudnnAttention::workspace_bytes(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache,
+                                       const CudnnCall& call) {
 #ifdef CPINFER_HAVE_CUDNN_HEADERS
   if (!available()) return 0;
-  const Key k = key_of(q, batch, cache);
+  const Key k = key_of(q, batch, cache, call);
   const Impl::Entry& e = impl_->plan(k);
   return e.plan ? layout(k, q.dim(0), e.plan->workspace_bytes).total : 0;
 #else
+  (void)call;
   return 0;
 #endif
 }
 
-void CudnnAttention::run(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
-                         const DevTensor& out, const DevTensor& lse, void* workspace, size_t workspace_size,
-                         cudaStream_t stream) {
+void CudnnAttention::run(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, const CudnnCall& call,
+                         float scale, const DevTensor& out, const DevTensor& lse, void* workspace,
+                         size_t workspace_size, cudaStream_t stream) {
   CPI_CHECK(available(), impl_->reason);
 #ifdef CPINFER_HAVE_CUDNN_HEADERS
-  const Key k = key_of(q, batch, cache);
+  const Key k = key_of(q, batch, cache, call);
   const Impl::Entry& e = impl_->plan(k);
   CPI_CHECK(e.plan, e.error);
   const Layout l = layout(k, q.dim(0), e.plan->workspace_bytes);
@@ -339,18 +380,26 @@ void CudnnAttention::run(const DevTensor& q, const DevAttnBatch& batch, const De
 
   const cudnn::Api& a = cudnn::api();
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  int64_t uids[] = {kQ, kKCache, kVCache, kO, kStats, kSeqQ, kSeqKv, kPageK, kPageV, kQOff, kOOff, kStatsOff,
-                    kScale, kNegInfPad, kNegInfCausal};
-  // By-value scalars are passed as host pointers; they are read when the call is enqueued.
-  void* ptrs[] = {q.data, cache.k.data, cache.v.data, out.data, lse.defined() ? lse.data : at(l.stats),
-                  at(l.seq_q), at(l.seq_kv), at(l.page_table), at(l.page_table), at(l.q_off), at(l.q_off),
-                  at(l.stats_off), &scale, const_cast<float*>(&neg_inf), const_cast<float*>(&neg_inf)};
+  // By-value scalars are passed as host pointers; they are read when the call is enqueued. A dense
+  // plan binds K/V at the first page of the run and has no page tables.
+  const size_t page_bytes = static_cast<size_t>(k.block_size * k.hkv * k.d) * sizeof(uint16_t);
+  void* k_ptr = static_cast<char*>(cache.k.data) + (call.dense ? call.first_page * page_bytes : 0);
+  void* v_ptr = static_cast<char*>(cache.v.data) + (call.dense ? call.first_page * page_bytes : 0);
+  std::vector<int64_t> uids = {kQ,    kKCache,   kVCache, kO,         kStats,     kSeqQ,        kSeqKv,
+                               kQOff, kOOff,     kStatsOff, kScale, kNegInfPad, kNegInfCausal};
+  std::vector<void*> ptrs = {q.data,      k_ptr,        v_ptr,        out.data,      lse.defined() ? lse.data : at(l.stats),
+                             at(l.seq_q), at(l.seq_kv), at(l.q_off),  at(l.q_off),   at(l.stats_off),
+                             &scale,      const_cast<float*>(&neg_inf), const_cast<float*>(&neg_inf)};
+  if (!call.dense) {
+    uids.insert(uids.end(), {kPageK, kPageV});
+    ptrs.insert(ptrs.end(), {at(l.page_table), at(l.page_table)});
+  }
   void* cudnn_ws = e.plan->workspace_bytes > 0 ? at(l.cudnn) : nullptr;
   try {
     cudnn::ok(a.set_stream(impl_->handle, stream), "cudnnSetStream");
     cudnn::Desc pack(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR);
-    pack.set(CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, std::size(uids), uids)
-        .set(CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, std::size(ptrs), ptrs)
+    pack.set(CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, static_cast<int64_t>(uids.size()), uids.data())
+        .set(CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, static_cast<int64_t>(ptrs.size()), ptrs.data())
         .set(CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &cudnn_ws)
         .finalize("variant pack");
     cudnn::ok(a.execute(impl_->handle, e.plan->plan, pack.get()), "cudnnBackendExecute");
@@ -358,7 +407,7 @@ void CudnnAttention::run(const DevTensor& q, const DevAttnBatch& batch, const De
     CPI_FAIL("cuDNN attention failed: ", err2.what());
   }
 #else
-  (void)q, (void)batch, (void)cache, (void)scale, (void)out, (void)lse, (void)workspace, (void)workspace_size,
+  (void)q, (void)batch, (void)cache, (void)call, (void)scale, (void)out, (void)lse, (void)workspace, (void)workspace_size,
       (void)stream;
 #endif
 }

@@ -34,6 +34,15 @@
 
 namespace cpinfer::cuda {
 
+// How run() reads K/V for a call check() accepted: through the page tables, or (dense) as one
+// strided run of the cache from first_page on — a single fresh sequence whose pages are
+// consecutive, the layout of a prompt prefilled into a new KvCache. cuDNN has faster engines for
+// the dense graph (no page tables, no ragged offsets).
+struct CudnnCall {
+  bool dense = false;
+  int64_t first_page = 0;
+};
+
 class CudnnAttention {
  public:
   // Loads cuDNN and creates a handle on `device` (made current here). Never throws for a missing
@@ -50,17 +59,20 @@ class CudnnAttention {
   int version() const;
 
   // Whether run() takes this call: "" when it does, else the reason. host_blocks is the host copy
-  // of batch.blocks ([batch.n_blocks, kDevAttnBlockFields] I32, the AttnBlock fields); lse may be
-  // undefined. The first call for a shape bucket builds its execution plan (slow: up to seconds);
+  // of batch.blocks ([batch.n_blocks, kDevAttnBlockFields] I32, the AttnBlock fields); host_table,
+  // when not null, the host copy of the block table ([n_seqs, max_blocks_per_seq]), which lets a
+  // single fresh sequence on consecutive pages take the dense graph (*call says which); with
+  // dense_only, calls that would not are refused before any plan is built. lse may be undefined. The first call for a shape bucket builds its execution plan (slow: up to seconds);
   // later calls, supported or not, are answered from the cache.
-  std::string check(const DevTensor& q, const DevAttnBatch& batch, const int32_t* host_blocks, const DevKv& cache,
-                    const DevTensor& out, const DevTensor& lse);
-  // Scratch run() needs for a call check() accepted.
-  size_t workspace_bytes(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache);
+  std::string check(const DevTensor& q, const DevAttnBatch& batch, const int32_t* host_blocks,
+                    const int32_t* host_table, const DevKv& cache, const DevTensor& out, const DevTensor& lse,
+                    CudnnCall* call, bool dense_only = false);
+  // Scratch run() needs for a call check() accepted with `call`.
+  size_t workspace_bytes(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, const CudnnCall& call);
   // Enqueues the attention on `stream` (a call check() accepted; throws otherwise or when cuDNN
   // fails). workspace: device memory of at least workspace_bytes(...) bytes, 256-byte aligned.
-  void run(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale, const DevTensor& out,
-           const DevTensor& lse, void* workspace, size_t workspace_size, cudaStream_t stream);
+  void run(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, const CudnnCall& call, float scale,
+           const DevTensor& out, const DevTensor& lse, void* workspace, size_t workspace_size, cudaStream_t stream);
 
   // Plans built so far (successful and refused), for tests and logs.
   int plans_built() const;
