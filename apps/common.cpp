@@ -55,6 +55,17 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
       ->check(CLI::Range(0, 1 << 30));
   app->add_option("--page-size", block_size, "Positions per KV cache block")->check(CLI::Range(1, 4096))
       ->capture_default_str();
+  app->add_option("--attention-backend", backend.attention,
+                  "CUDA prefill attention: auto (cuDNN's dense graph for fresh prompts of >= 8192 tokens where "
+                  "it loads, else the warp-specialized kernel for pages of >= 64 tokens, wgmma for smaller), "
+                  "cudnn (every call cuDNN takes), ws, wgmma or mma")
+      ->check(CLI::IsMember({"auto", "cudnn", "ws", "wgmma", "mma"}))
+      ->capture_default_str();
+  app->add_option("--moe-runner-backend", backend.moe,
+                  "CUDA expert GEMMs of batches above the decode sizes: auto (grouped wgmma on Hopper, mma.sync "
+                  "elsewhere), mma, wgmma, wgmma128 or cublas (per expert, for comparison)")
+      ->check(CLI::IsMember({"auto", "mma", "wgmma", "wgmma128", "cublas"}))
+      ->capture_default_str();
 }
 
 LaunchOptions EngineFlags::launch() const {
@@ -79,6 +90,7 @@ EngineOptions EngineFlags::engine(int needed) const {
   o.cp.kv_shard = kv_shard;
   o.cp.kv_interleave = kv_interleave;
   o.block_size = block_size;
+  o.backend = backend;
   o.random_weights = random_weights;
   int want = kv_cache_tokens > 0 ? kv_cache_tokens : needed;
   o.kv_cache_tokens = ((want + block_size - 1) / block_size) * block_size;

@@ -25,6 +25,7 @@ struct EngineFlags {
   int comm_timeout_s = 300;
   int kv_cache_tokens = 0;
   int block_size = 16;
+  BackendOptions backend;  // --attention-backend, --moe-runner-backend
   // --random-weights / --tokenizer-path (generate, serve): random weights at a config's shape and a
   // tokenizer from elsewhere, so that a real-shape model runs without its checkpoint on disk.
   std::string random_weights;

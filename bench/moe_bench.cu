@@ -6,11 +6,11 @@
 //            each kernel pair: mma (mma.sync, kernels/moe_gemm.cu, any GPU) and, on compute
 //            capability 9.0, the wgmma kernels of kernels/moe_gemm_wgmma.cu: wgmma (128 x 256
 //            tiles, 2 N-tiles per CTA: the back-end's default there), wgmma128 (128 x 128, 1 per
-//            CTA: CPINFER_MOE_GEMM=wgmma128) and tuning variants (.jN: N-tiles per CTA; .mix:
+//            CTA: --moe-runner-backend wgmma128) and tuning variants (.jN: N-tiles per CTA; .mix:
 //            128 x 256 gate‖up, 128 x 128 down);
 //   cublas:  moe_permute -> offsets to the host (stream sync) -> gather rows -> per-expert cuBLAS
 //            gate, up -> silu_mul -> per-expert cuBLAS down -> moe_unpermute
-//            (CPINFER_MOE_GEMM=cublas in the back-end).
+//            (--moe-runner-backend cublas in the back-end).
 // Also a dense cuBLAS floor: the same FLOPs as three dense GEMMs over all rows with one expert's
 // weights (what a perfectly balanced single expert would cost).
 // CUDA-event timing, warm-up, median of --reps. FLOPs = 2 · 3 · rows · H · I (rows = local pairs).
@@ -155,7 +155,7 @@ int main(int argc, char** argv) {
 
   // The grouped kernel pairs: mma.sync, or the wgmma kernels with a tile config (tile N of the
   // gate‖up and of the down GEMM, N-tiles per CTA). "wgmma" is the back-end's default on Hopper,
-  // "wgmma128" its CPINFER_MOE_GEMM=wgmma128; the others are for tuning.
+  // "wgmma128" its --moe-runner-backend wgmma128; the others are for tuning.
   struct GroupedPath {
     const char* name;
     bool wgmma;

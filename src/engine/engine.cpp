@@ -45,8 +45,9 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt, ParallelC
   CPI_CHECK(opt.cp.cp_size == par_.cp_size(), "--attn-cp-size ", opt.cp.cp_size, " but the CP group has ",
             par_.cp_size(), " ranks");
   // Rank r drives GPU device_index + its local rank (one process may hold several GPU ranks).
-  be_ = make_backend(opt.device, opt.device == "cuda" ? local_device(opt.device_index, par_.world_rank())
-                                                      : opt.device_index);
+  be_ = make_backend(opt.device,
+                     opt.device == "cuda" ? local_device(opt.device_index, par_.world_rank()) : opt.device_index,
+                     opt.backend);
   // Each rank loads only its share of the experts (all of them when they are replicated).
   const int shard = par_.replicate_experts ? 0 : par_.world_rank();
   const int n_shards = par_.replicate_experts ? 1 : par_.world_size();

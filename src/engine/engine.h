@@ -29,6 +29,7 @@ struct EngineOptions {
   // such as "qwen3-30b-a3b" or a config.json path), built on the device (benchmarks).
   std::string random_weights;
   ModelOptions model;          // layer strategies (KV exchange overlap, MoE chunks, profiling)
+  BackendOptions backend;      // kernel choices (--attention-backend, --moe-runner-backend)
 };
 
 struct GenerateOptions {

@@ -210,11 +210,21 @@ class Buffer {
   void* ptr_ = nullptr;
 };
 
-// Back-end factory: "cpu" always; "cuda" when built with CUDA (device index = ordinal).
-std::unique_ptr<Backend> make_backend(const std::string& kind, int device_index = 0);
+// Kernel choices of a back-end (--attention-backend, --moe-runner-backend). "auto": the back-end
+// picks per call. CUDA: attention auto | cudnn | ws | wgmma | mma (prefill; docs/attention.md),
+// MoE auto | mma | wgmma | wgmma128 | cublas (the expert GEMMs of batches above the decode sizes;
+// backends/cuda/cuda_moe.cpp). The CPU back-end has one kernel of each and takes only "auto".
+struct BackendOptions {
+  std::string attention = "auto";
+  std::string moe = "auto";
+};
+
+// Back-end factory: "cpu" always; "cuda" when built with CUDA (device index = ordinal). Throws
+// cpinfer::Error for options the back-end does not take.
+std::unique_ptr<Backend> make_backend(const std::string& kind, int device_index = 0, const BackendOptions& opt = {});
 std::unique_ptr<Backend> make_cpu_backend();
 #ifdef CPINFER_HAVE_CUDA
-std::unique_ptr<Backend> make_cuda_backend(int device_index);
+std::unique_ptr<Backend> make_cuda_backend(int device_index, const BackendOptions& opt = {});
 #endif
 
 }  // namespace cpinfer

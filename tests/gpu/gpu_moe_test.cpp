@@ -1,6 +1,6 @@
 // CUDA moe_experts vs the CPU reference, on every large-batch path: the device-scheduled grouped
 // tensor-core GEMMs (default: wgmma on compute capability 9.0, else mma.sync), the mma.sync grouped
-// kernels (CPINFER_MOE_GEMM=mma), where the GPU has them the wgmma kernels with both tile shapes
+// kernels (--moe-runner-backend mma), where the GPU has them the wgmma kernels with both tile shapes
 // (the default = wgmma, and wgmma128), and the per-expert cuBLAS path (cublas); every path is also
 // compared with cuBLAS and the wgmma paths with mma.sync on all rows. Shapes:
 // Qwen3-30B-A3B (H 2048, I 768, 128 experts, top-8) at T = 64, 1024, 4100 with skewed routing
@@ -153,7 +153,7 @@ class MoeTest : public GpuOpsTest {
     return cpu_read(co);
   }
 
-  // Runs the CUDA op on `path` (a CPINFER_MOE_GEMM value) into a fresh out [T + 2, H] whose last two
+  // Runs the CUDA op on `path` (a --moe-runner-backend value) into a fresh out [T + 2, H] whose last two
   // rows are sentinels outside the view; returns the T rows, checks the sentinels.
   std::vector<float> run_gpu(const std::string& path, const Inputs& in, const Experts& ex, DType out_dtype) {
     const int64_t t = in.t, h = ex.h;
@@ -162,9 +162,9 @@ class MoeTest : public GpuOpsTest {
     init.insert(init.end(), sentinel.begin(), sentinel.end());
     Tensor full = gpu_tensor("out", out_dtype, {t + 2, h}, &init);
     Tensor out(full.data, out_dtype, {t, h}, Device::CUDA);
-    ::setenv("CPINFER_MOE_GEMM", path.c_str(), 1);
+    set_path(path);
     gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out);
-    ::unsetenv("CPINFER_MOE_GEMM");
+    set_path("auto");
     std::vector<float> got = gpu_read(full);
     int64_t bad = 0;
     for (int64_t i = 0; i < 2 * h; ++i) {
@@ -178,14 +178,19 @@ class MoeTest : public GpuOpsTest {
   }
 
   bool wgmma() { return static_cast<cuda::CudaBackend&>(*gpu_).wgmma_supported(); }
-  // The large-batch paths (CPINFER_MOE_GEMM values) this GPU runs, in run order: cuBLAS first (the
+  // Selects the large-batch path (a --moe-runner-backend value) on the CUDA back-end.
+  void set_path(const std::string& path) {
+    auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
+    cuda.set_moe_gemm(cuda::CudaBackend::parse_moe_runner_backend(path));
+  }
+  // The large-batch paths (--moe-runner-backend values) this GPU runs, in run order: cuBLAS first (the
   // reference of the all-rows comparisons), the default (wgmma on Hopper: the 'wgmma' setting),
   // mma.sync, and on Hopper cuBLAS again and the 128 x 128 wgmma tiles. The grouped paths share
   // the act / y scratch of the workspace, so each wgmma run follows a cuBLAS run, whose different
   // workspace layout leaves garbage there: rows a kernel fails to write cannot inherit the
   // previous path's correct values.
   std::vector<std::string> paths() {
-    std::vector<std::string> p = {"cublas", "grouped", "mma"};
+    std::vector<std::string> p = {"cublas", "auto", "mma"};
     if (wgmma()) {
       p.push_back("cublas");
       p.push_back("wgmma128");
@@ -313,13 +318,13 @@ TEST_F(MoeTest, GroupedPathEnqueuesWithoutHostSync) {
   const Experts ex = make_experts(128, 0, 128, 2048, 768, 4);
   Inputs in = make_inputs(rng, 1024, 8, ex, Routing::Skewed);
   // The default (wgmma on Hopper), the mma.sync kernels, and the other wgmma tile shape.
-  std::vector<std::string> ps = {"grouped", "mma"};
+  std::vector<std::string> ps = {"auto", "mma"};
   if (wgmma()) ps.push_back("wgmma128");
   for (const std::string& path : ps) {
-    SCOPED_TRACE("CPINFER_MOE_GEMM=" + path);
+    SCOPED_TRACE("--moe-runner-backend " + path);
     capture_and_replay(path, in, ex);
   }
-  ::unsetenv("CPINFER_MOE_GEMM");
+  set_path("auto");
 }
 
 void MoeTest::capture_and_replay(const std::string& path, const Inputs& in, const Experts& ex) {
@@ -327,7 +332,7 @@ void MoeTest::capture_and_replay(const std::string& path, const Inputs& in, cons
   cudaStream_t stream = cuda.stream();
   Tensor eager = gpu_tensor("eager", DType::BF16, {in.t, ex.h}, &in.out0);
   Tensor graphed = gpu_tensor("graphed", DType::BF16, {in.t, ex.h}, &in.out0);
-  ::setenv("CPINFER_MOE_GEMM", path.c_str(), 1);
+  set_path(path);
   gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, eager);  // warm-up: workspace, pointer table
   gpu_->sync();
 
@@ -345,7 +350,7 @@ void MoeTest::capture_and_replay(const std::string& path, const Inputs& in, cons
   ASSERT_EQ(end, cudaSuccess) << "stream capture was invalidated: " << cudaGetErrorString(end);
   size_t n_nodes = 0;
   ASSERT_EQ(cudaGraphGetNodes(graph, nullptr, &n_nodes), cudaSuccess);
-  std::printf("[gpu_moe] captured moe_experts (CPINFER_MOE_GEMM=%s): %zu graph nodes\n", path.c_str(), n_nodes);
+  std::printf("[gpu_moe] captured moe_experts (%s): %zu graph nodes\n", path.c_str(), n_nodes);
   EXPECT_LE(n_nodes, 8u) << "expected permute + 2 GEMM kernels + unpermute, not per-expert launches";
   cudaGraphExec_t exec = nullptr;
   ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
@@ -372,7 +377,7 @@ TEST_F(MoeTest, CaptureCatchesTheCublasPathSync) {
   const Experts ex = make_experts(16, 0, 16, 256, 128, 5);
   Inputs in = make_inputs(rng, 256, 4, ex, Routing::Uniform);
   Tensor out = gpu_tensor("out", DType::BF16, {in.t, ex.h}, &in.out0);
-  ::setenv("CPINFER_MOE_GEMM", "cublas", 1);
+  set_path("cublas");
   gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out);  // warm-up
   gpu_->sync();
   cudaStream_t stream = static_cast<cuda::CudaBackend&>(*gpu_).stream();
@@ -385,7 +390,7 @@ TEST_F(MoeTest, CaptureCatchesTheCublasPathSync) {
   }
   cudaGraph_t graph = nullptr;
   const cudaError_t end = cudaStreamEndCapture(stream, &graph);
-  ::unsetenv("CPINFER_MOE_GEMM");
+  set_path("auto");
   if (graph) cudaGraphDestroy(graph);
   cudaGetLastError();
   std::printf("[gpu_moe] cuBLAS path under capture: %s, end capture: %s\n", threw ? "threw" : "did not throw",
@@ -393,28 +398,26 @@ TEST_F(MoeTest, CaptureCatchesTheCublasPathSync) {
   EXPECT_TRUE(threw || end != cudaSuccess) << "capturing a host-synchronizing path should fail";
 }
 
-// CPINFER_MOE_GEMM=wgmma on a GPU without wgmma is an error, not a silent fallback.
+// --moe-runner-backend wgmma on a GPU without wgmma is an error, not a silent fallback: for the
+// setter and for the back-end's construction.
 TEST_F(MoeTest, WgmmaSettingNeedsHopper) {
   if (wgmma()) GTEST_SKIP() << "this GPU runs the wgmma kernels (covered by the cases above)";
-  const Experts ex = make_experts(4, 0, 4, 64, 64, 7);
-  Rng rng(17);
-  Inputs in = make_inputs(rng, 100, 4, ex, Routing::Uniform);
-  Tensor out = gpu_tensor("out", DType::BF16, {in.t, ex.h}, &in.out0);
   for (const char* v : {"wgmma", "wgmma128"}) {
-    ::setenv("CPINFER_MOE_GEMM", v, 1);
-    EXPECT_THROW(gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out), Error) << v;
+    EXPECT_THROW(set_path(v), Error) << v;
+    BackendOptions o;
+    o.moe = v;
+    EXPECT_THROW(make_cuda_backend(0, o), Error) << v;
   }
-  ::unsetenv("CPINFER_MOE_GEMM");
 }
 
 TEST_F(MoeTest, RejectsBadMoeGemmSetting) {
-  const Experts ex = make_experts(4, 0, 4, 64, 64, 6);
-  Rng rng(16);
-  Inputs in = make_inputs(rng, 100, 4, ex, Routing::Uniform);  // 400 pairs: above the small path
-  Tensor out = gpu_tensor("out", DType::BF16, {in.t, ex.h}, &in.out0);
-  ::setenv("CPINFER_MOE_GEMM", "cutlass", 1);
-  EXPECT_THROW(gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out), Error);
-  ::unsetenv("CPINFER_MOE_GEMM");
+  EXPECT_THROW(set_path("cutlass"), Error);
+  BackendOptions o;
+  o.moe = "cutlass";
+  EXPECT_THROW(make_cuda_backend(0, o), Error);
+  o.moe = "auto";
+  o.attention = "flash";
+  EXPECT_THROW(make_cuda_backend(0, o), Error);
 }
 
 }  // namespace

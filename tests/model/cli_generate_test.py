@@ -69,6 +69,12 @@ def main():
           "--max-new-tokens", "30"], "KV cache"),
         ([binary, "demo-model", "--out", os.path.join(work, "x"), "--tokenizer-dir", "/nonexistent"], "tokenizer"),
         ([binary, "generate", "--model-path", model, "--prompt", "x", "--device", "tpu"], "device"),
+        ([binary, "generate", "--model-path", model, "--prompt", "x", "--attention-backend", "flash"],
+         "--attention-backend"),
+        ([binary, "generate", "--model-path", model, "--prompt", "x", "--attention-backend", "ws"],
+         "the CPU back-end has one attention kernel"),
+        ([binary, "generate", "--model-path", model, "--prompt", "x", "--moe-runner-backend", "cublas"],
+         "the CPU back-end has one MoE kernel"),
     ]
     for cmd, needle in bad:
         p = run(cmd, expect_ok=False)

@@ -18,6 +18,15 @@ TEST_F(CpuOps, Identity) {
   EXPECT_EQ(be->name(), "cpu");
   EXPECT_EQ(be->act_dtype(), DType::F32);
   EXPECT_EQ(make_backend("cpu")->name(), "cpu");
+  // Kernel choices are CUDA's: the CPU back-end takes only "auto", and says so.
+  BackendOptions o;
+  o.attention = "ws";
+  EXPECT_THROW(make_backend("cpu", 0, o), Error);
+  o.attention = "auto";
+  o.moe = "wgmma";
+  EXPECT_THROW(make_backend("cpu", 0, o), Error);
+  o.moe = "auto";
+  EXPECT_EQ(make_backend("cpu", 0, o)->name(), "cpu");
 }
 
 TEST_F(CpuOps, MemoryRoundTrip) {

@@ -89,7 +89,28 @@ cudaDataType_t cuda_type(DType t) {
 
 }  // namespace
 
-CudaBackend::CudaBackend(int device_index) : device_(device_index) {
+CudaBackend::PrefillKernel CudaBackend::parse_attention_backend(const std::string& name) {
+  if (name == "auto") return PrefillKernel::Auto;
+  if (name == "cudnn") return PrefillKernel::Cudnn;
+  if (name == "ws") return PrefillKernel::Ws;
+  if (name == "wgmma") return PrefillKernel::Wgmma;
+  if (name == "mma") return PrefillKernel::MmaSync;
+  CPI_FAIL("--attention-backend must be auto, cudnn, ws, wgmma or mma, got '", name, "'");
+}
+
+CudaBackend::MoeGemm CudaBackend::parse_moe_runner_backend(const std::string& name) {
+  if (name == "auto" || name == "grouped") return MoeGemm::Grouped;
+  if (name == "mma") return MoeGemm::Mma;
+  if (name == "wgmma") return MoeGemm::Wgmma;
+  if (name == "wgmma128") return MoeGemm::Wgmma128;
+  if (name == "cublas") return MoeGemm::Cublas;
+  CPI_FAIL("--moe-runner-backend must be auto, mma, wgmma, wgmma128 or cublas, got '", name, "'");
+}
+
+CudaBackend::CudaBackend(int device_index, const BackendOptions& opt) : device_(device_index) {
+  // Both settings are checked before the device is touched: a bad flag is a clear error anywhere.
+  const PrefillKernel attention = parse_attention_backend(opt.attention);
+  const MoeGemm moe = parse_moe_runner_backend(opt.moe);
   int n = 0;
   cudaError_t err = cudaGetDeviceCount(&n);
   CPI_CHECK(err == cudaSuccess, "cannot use CUDA: cudaGetDeviceCount failed: ", cudaGetErrorString(err));
@@ -101,18 +122,14 @@ CudaBackend::CudaBackend(int device_index) : device_(device_index) {
   name_ = std::string("cuda:") + std::to_string(device_) + " (" + prop.name + ")";
   hopper_ = prop.major == 9 && prop.minor == 0;
   n_sms_ = prop.multiProcessorCount;
-  if (const char* k = std::getenv("CPINFER_ATTENTION_KERNEL")) {
-    const std::string want = k;
-    CPI_CHECK(want == "auto" || want == "mma" || want == "wgmma" || want == "ws" || want == "cudnn",
-              "CPINFER_ATTENTION_KERNEL must be 'auto', 'mma', 'wgmma', 'ws' or 'cudnn', got '", want, "'");
-    CPI_CHECK(want == "auto" || want == "mma" || want == "cudnn" || hopper_, "CPINFER_ATTENTION_KERNEL=", want,
-              " needs a compute capability 9.0 GPU, ", name_, " is ", prop.major, ".", prop.minor);
-    prefill_kernel_ = want == "mma"     ? PrefillKernel::MmaSync
-                      : want == "wgmma" ? PrefillKernel::Wgmma
-                      : want == "ws"    ? PrefillKernel::Ws
-                      : want == "cudnn" ? PrefillKernel::Cudnn
-                                        : PrefillKernel::Auto;
-  }
+  CPI_CHECK(attention == PrefillKernel::Auto || attention == PrefillKernel::MmaSync ||
+                attention == PrefillKernel::Cudnn || hopper_,
+            "--attention-backend ", opt.attention, " needs a compute capability 9.0 GPU, ", name_, " is ", prop.major,
+            ".", prop.minor);
+  CPI_CHECK(hopper_ || (moe != MoeGemm::Wgmma && moe != MoeGemm::Wgmma128), "--moe-runner-backend ", opt.moe,
+            " needs a compute capability 9.0 GPU, ", name_, " is ", prop.major, ".", prop.minor);
+  prefill_kernel_ = attention;
+  moe_gemm_ = moe;
   // Resources last: a bad setting above throws before anything needs freeing.
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   CUBLAS_CHECK(cublasCreate(&cublas_));
@@ -152,6 +169,12 @@ CudaBackend::~CudaBackend() {
 }
 
 std::string CudaBackend::name() const { return name_; }
+
+void CudaBackend::set_moe_gemm(MoeGemm m) {
+  CPI_CHECK(hopper_ || (m != MoeGemm::Wgmma && m != MoeGemm::Wgmma128),
+            "the wgmma MoE kernels need a compute capability 9.0 GPU (", name_, ")");
+  moe_gemm_ = m;
+}
 
 void CudaBackend::set_prefill_kernel(PrefillKernel k) {
   CPI_CHECK(k == PrefillKernel::Auto || k == PrefillKernel::MmaSync || k == PrefillKernel::Cudnn || hopper_, "the ", prefill_kernel_name(k),
@@ -580,8 +603,8 @@ void CudaBackend::sample(const Tensor& logits, const std::vector<SampleRow>& row
 
 namespace cpinfer {
 
-std::unique_ptr<Backend> make_cuda_backend(int device_index) {
-  return std::make_unique<cuda::CudaBackend>(device_index);
+std::unique_ptr<Backend> make_cuda_backend(int device_index, const BackendOptions& opt) {
+  return std::make_unique<cuda::CudaBackend>(device_index, opt);
 }
 
 }  // namespace cpinfer

@@ -37,7 +37,8 @@ inline DevAttnBatch dev(const AttnBatch& b) {
 
 class CudaBackend : public Backend {
  public:
-  explicit CudaBackend(int device_index);
+  // Throws cpinfer::Error for a missing device or an option it does not take (BackendOptions).
+  explicit CudaBackend(int device_index, const BackendOptions& opt = {});
   ~CudaBackend() override;
   CudaBackend(const CudaBackend&) = delete;
   CudaBackend& operator=(const CudaBackend&) = delete;
@@ -85,11 +86,20 @@ class CudaBackend : public Backend {
   // kernel (Ws) for KV pages of 64 tokens or more and the plain wgmma kernel for smaller pages,
   // mma.sync on other sm_80+ GPUs (see own_prefill_kernel). A set kernel runs every call: Ws, Wgmma, MmaSync, or cuDNN's fused
   // attention (cudnn_attention.h) for the calls it takes, with the automatic own kernel for the
-  // others. CPINFER_ATTENTION_KERNEL=auto|mma|wgmma|ws|cudnn sets it at construction (cudnn where
-  // cuDNN cannot be loaded: a warning, and Auto); tests switch it to cover each.
-  // set_prefill_kernel(Cudnn) throws "cuDNN not available: <reason>" then.
+  // others. BackendOptions::attention (--attention-backend auto|cudnn|ws|wgmma|mma) sets it at
+  // construction (cudnn where cuDNN cannot be loaded: a warning, and Auto); tests switch it to
+  // cover each. set_prefill_kernel(Cudnn) throws "cuDNN not available: <reason>" then.
   enum class PrefillKernel { Auto, MmaSync, Wgmma, Ws, Cudnn };
+  static PrefillKernel parse_attention_backend(const std::string& name);
   void set_prefill_kernel(PrefillKernel k);
+  // The expert GEMMs of batches above the decode sizes (cuda_moe.cpp): Grouped (auto: wgmma on
+  // Hopper, mma.sync elsewhere), Mma, Wgmma, Wgmma128 (128 x 128 tiles) or Cublas (per expert, one
+  // host synchronization per call; for comparison). BackendOptions::moe (--moe-runner-backend
+  // auto|mma|wgmma|wgmma128|cublas) sets it; the wgmma ones need compute capability 9.0.
+  enum class MoeGemm { Grouped, Mma, Wgmma, Wgmma128, Cublas };
+  static MoeGemm parse_moe_runner_backend(const std::string& name);
+  void set_moe_gemm(MoeGemm m);
+  MoeGemm moe_gemm() const { return moe_gemm_; }
   PrefillKernel prefill_kernel() const { return prefill_kernel_; }
   static constexpr int kCudnnDenseMinQueries = 8192;
   bool wgmma_supported() const { return hopper_; }
@@ -114,11 +124,11 @@ class CudaBackend : public Backend {
   const void* const* expert_pointers_on_device(const ExpertShard& shard);
   // out = a · wᵀ through cuBLAS with fp32 compute: a [M, K], w [N, K], out [M, N].
   void gemm(const Tensor& a, const Tensor& w, Tensor out);
-  // MoE expert GEMMs of batches above 256 (token, expert) pairs: by default the device-scheduled
+  // MoE expert GEMMs of batches above 64 (token, expert) pairs: by default the device-scheduled
   // tensor-core grouped kernels, which never synchronize with the host: wgmma on compute
   // capability 9.0 (kernels/moe_gemm_wgmma.cu), mma.sync elsewhere (kernels/moe_gemm.cu). The
-  // environment variable CPINFER_MOE_GEMM (read on every moe_experts call of such a batch):
-  //   grouped (or unset)  the default above;
+  // setting (moe_gemm_, --moe-runner-backend):
+  //   auto                the default above;
   //   mma                 the mma.sync grouped kernels, also on Hopper;
   //   wgmma               the wgmma kernels as the Hopper default runs them (128 x 256 tiles);
   //   wgmma128            the wgmma kernels with 128 x 128 tiles (for tuning); both wgmma
@@ -127,7 +137,7 @@ class CudaBackend : public Backend {
   //                       (a stream synchronization per call): for comparison and benchmarks only.
   // Shapes the grouped kernels do not take (H or I not a multiple of 64, unaligned pointers) use
   // the row-wise kernels whatever the setting (except cublas).
-  static bool moe_gemm_cublas_requested();
+
   void moe_experts_cublas(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                           Tensor out);
 
@@ -135,6 +145,7 @@ class CudaBackend : public Backend {
   bool hopper_ = false;  // compute capability 9.0: the sm_90a wgmma kernels can run
   int n_sms_ = 1;
   PrefillKernel prefill_kernel_ = PrefillKernel::Auto;
+  MoeGemm moe_gemm_ = MoeGemm::Grouped;
   int* attn_sched_ = nullptr;  // [2] the Ws kernel's work counter (zero between launches)
   std::unique_ptr<CudnnAttention> cudnn_;  // created on first use
   int64_t cudnn_calls_ = 0;

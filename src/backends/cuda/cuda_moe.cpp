@@ -8,15 +8,13 @@
 //   of kernels/moe_gemm.cu; shapes they do not take (H or I not a multiple of 64, unaligned
 //   pointers) use the row-wise kernels. None of these synchronizes with the host: the forward can
 //   be enqueued (or graph-captured) while NCCL exchanges run.
-// - CPINFER_MOE_GEMM (read on every call of a larger batch): 'grouped' or unset = the default
-//   above; 'mma' = the mma.sync grouped kernels on any GPU; 'wgmma' = the wgmma kernels as the
-//   default on Hopper (128 x 256 tiles, two N-tiles per CTA); 'wgmma128' = the wgmma kernels with
+// - The setting for larger batches (CudaBackend::MoeGemm, --moe-runner-backend): auto = the
+//   default above; mma = the mma.sync grouped kernels on any GPU; wgmma = the wgmma kernels as the
+//   default on Hopper (128 x 256 tiles, two N-tiles per CTA); wgmma128 = the wgmma kernels with
 //   128 x 128 tiles, one per CTA (for tuning); both wgmma settings need compute capability 9.0;
-//   'cublas' = the older per-expert cuBLAS path, which copies the offsets to the host (one stream
+//   cublas = the older per-expert cuBLAS path, which copies the offsets to the host (one stream
 //   synchronization per call), kept for comparison (bench/moe_bench) only.
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "backends/cuda/cuda_backend.h"
 #include "backends/cuda/cuda_check.h"
@@ -30,19 +28,6 @@ size_t round_up(size_t n) { return (n + 255) / 256 * 256; }
 constexpr int64_t kSmallPairs = 64;
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-enum class MoeGemm { Grouped, Mma, Wgmma, Wgmma128, Cublas };
-
-MoeGemm moe_gemm_setting() {
-  const char* v = std::getenv("CPINFER_MOE_GEMM");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "grouped") == 0) return MoeGemm::Grouped;
-  if (std::strcmp(v, "mma") == 0) return MoeGemm::Mma;
-  if (std::strcmp(v, "wgmma") == 0) return MoeGemm::Wgmma;
-  if (std::strcmp(v, "wgmma128") == 0) return MoeGemm::Wgmma128;
-  CPI_CHECK(std::strcmp(v, "cublas") == 0,
-            "CPINFER_MOE_GEMM must be 'grouped' (default), 'mma', 'wgmma', 'wgmma128' or 'cublas', got '", v, "'");
-  return MoeGemm::Cublas;
-}
 
 }  // namespace
 
@@ -60,8 +45,6 @@ const void* const* CudaBackend::expert_pointers_on_device(const ExpertShard& sha
   expert_pointer_tables_.push_back(std::move(t));
   return static_cast<const void* const*>(expert_pointer_tables_.back().device);
 }
-
-bool CudaBackend::moe_gemm_cublas_requested() { return moe_gemm_setting() == MoeGemm::Cublas; }
 
 void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                               Tensor out) {
@@ -111,13 +94,11 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   for (int e = 0; aligned && e < count; ++e)
     aligned = aligned16(shard.gate[e].data) && aligned16(shard.up[e].data) && aligned16(shard.down[e].data);
   const bool small = static_cast<int64_t>(n_pairs) <= kSmallPairs;
-  const MoeGemm setting = small ? MoeGemm::Grouped : moe_gemm_setting();
+  const MoeGemm setting = small ? MoeGemm::Grouped : moe_gemm_;
   if (setting == MoeGemm::Cublas) {
     moe_experts_cublas(x, ids, weights, shard, out);
     return;
   }
-  CPI_CHECK(hopper_ || (setting != MoeGemm::Wgmma && setting != MoeGemm::Wgmma128), op,
-            ": CPINFER_MOE_GEMM=wgmma/wgmma128 needs a compute capability 9.0 GPU, ", name_, " is not");
   // Everything sized from n_pairs (an upper bound of the local rows), in one workspace request
   // before the first launch: nothing here waits for the device. Layout: offsets [count + 1],
   // tile_start [count + 1], src_token [T·K], pair_row [T·K], act [T·K, I] BF16, y [T·K, H] F32.
@@ -162,7 +143,7 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
 }
 
-// The per-expert cuBLAS path (CPINFER_MOE_GEMM=cublas): copies the offsets to the host.
+// The per-expert cuBLAS path (--moe-runner-backend cublas): copies the offsets to the host.
 void CudaBackend::moe_experts_cublas(const Tensor& x, const Tensor& ids, const Tensor& weights,
                                      const ExpertShard& shard, Tensor out) {
   const int count = shard.count;

@@ -29,7 +29,7 @@
 //              128 fp32 accumulators per thread, 188-203 registers, no spills (nvcc 13). The default,
 //              with 2 N-tiles per CTA.
 //   kBN = 128: 3 stages x 32 KB = 96 KB (+1 KB), 2 CTAs per SM (<= 128 registers: 120-128), 64
-//              accumulators per thread: the alternative (CPINFER_MOE_GEMM=wgmma128), for tuning.
+//              accumulators per thread: the alternative (--moe-runner-backend wgmma128), for tuning.
 // Epilogue straight from the accumulators: d[4n + e] is row 16·warp + lane/4 + 8·(e/2) of the
 // warpgroup's 64, column 8n + 2·(lane%4) + e%2 (the mapping attention_wgmma.cu uses).
 // Requirements (the caller checks): H and I multiples of 64, 16-byte aligned pointers, a compute
