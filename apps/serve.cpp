@@ -108,6 +108,9 @@ Command add_serve_command(CLI::App& app) {
       ->check(CLI::PositiveNumber)->capture_default_str();
   c->add_option("--http-idle-timeout", f->http_idle_timeout_s, "Seconds a kept-alive connection may sit idle")
       ->check(CLI::PositiveNumber)->capture_default_str();
+  // Test hooks, hidden from --help (an empty group): a fixed answer for every request, a slower load.
+  c->add_option("--test-fixed-output", f->so.test_fixed_output, "")->group("");
+  c->add_option("--test-load-delay-ms", f->so.test_load_delay_ms, "")->check(CLI::Range(0, 600000))->group("");
   return {c, [f] { return run_serve(*f); }};
 }
 

@@ -222,7 +222,8 @@ struct BackendOptions {
 // Back-end factory: "cpu" always; "cuda" when built with CUDA (device index = ordinal). Throws
 // cpinfer::Error for options the back-end does not take.
 std::unique_ptr<Backend> make_backend(const std::string& kind, int device_index = 0, const BackendOptions& opt = {});
-std::unique_ptr<Backend> make_cpu_backend();
+// simd = false: the CPU back-end's generic (baseline x86-64) kernels only (tests).
+std::unique_ptr<Backend> make_cpu_backend(bool simd = true);
 #ifdef CPINFER_HAVE_CUDA
 std::unique_ptr<Backend> make_cuda_backend(int device_index, const BackendOptions& opt = {});
 #endif

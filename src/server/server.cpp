@@ -129,7 +129,7 @@ class App {
   std::mt19937_64 rng_;
 
  public:
-  // Test hook (CPINFER_TEST_FIXED_OUTPUT): every request's output is these tokens, whatever the
+  // Test hook (--test-fixed-output): every request's output is these tokens, whatever the
   // model samples, so that a random-weight model can drive the output parsers.
   std::vector<int32_t> fixed_output_;
 };
@@ -484,9 +484,9 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
   }
 
   App app(so, tok, cfg, context_length, kv_tokens);
-  if (const char* fixed = std::getenv("CPINFER_TEST_FIXED_OUTPUT"); fixed && *fixed) {
-    app.fixed_output_ = tok.encode(fixed);
-    log_warn("CPINFER_TEST_FIXED_OUTPUT is set: every request answers the same fixed text (a test hook)");
+  if (!so.test_fixed_output.empty()) {
+    app.fixed_output_ = tok.encode(so.test_fixed_output);
+    log_warn("--test-fixed-output: every request answers the same fixed text (a test hook)");
   }
   HttpLimits limits = so.http;
   limits.max_connections = std::max(8, so.http_threads);
@@ -505,8 +505,7 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
   try {
     launch(lo, [&](ParallelCtx& par) {
       // Tests stretch the load (a checkpoint on local disk maps in milliseconds) to see /health's 503.
-      if (const char* ms = std::getenv("CPINFER_TEST_LOAD_DELAY_MS"))
-        std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(ms)));
+      if (so.test_load_delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(so.test_load_delay_ms));
       Engine engine(so.model_path, eo, par);
       if (par.world_rank() != 0) {
         follow_steps(engine, *par.control);

@@ -24,6 +24,10 @@ struct ServerOptions {
   HttpLimits http;                // header/body limits and timeouts (max_connections: http_threads)
   int max_queued_requests = 1024; // requests waiting for admission; more are answered 429
   double shutdown_timeout_s = 30; // SIGTERM: drain this long, then end what is left with an error
+  // Test hooks (hidden flags of `cpinfer serve`): every request answers this fixed text (non-empty),
+  // and the model load waits this long first, so that tests see /health's 503.
+  std::string test_fixed_output;
+  int test_load_delay_ms = 0;
 };
 
 // Loads the model on every rank, serves until SIGTERM/SIGINT, then drains: refuses new requests,

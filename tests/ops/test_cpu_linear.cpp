@@ -11,10 +11,14 @@
 namespace cpinfer::test {
 namespace {
 
-class CpuLinear : public ::testing::Test {
+// Every case on the default kernels and on the generic ones (the path of an x86-64 CPU without
+// AVX2/FMA, where the AVX2 + FMA kernels would otherwise run).
+class CpuLinear : public ::testing::TestWithParam<bool> {
  protected:
-  std::unique_ptr<Backend> be = make_cpu_backend();
+  std::unique_ptr<Backend> be = make_cpu_backend(/*simd=*/!GetParam());
 };
+INSTANTIATE_TEST_SUITE_P(Kernels, CpuLinear, ::testing::Values(false, true),
+                         [](const ::testing::TestParamInfo<bool>& i) { return i.param ? "generic" : "default"; });
 
 // out[m, n] = Σ_k a[m, k] w[n, k], in double over the exact stored values.
 std::vector<double> ref_linear(const HostTensor& a, const HostTensor& w, int64_t M, int64_t K, int64_t N) {
@@ -28,7 +32,7 @@ std::vector<double> ref_linear(const HostTensor& a, const HostTensor& w, int64_t
   return out;
 }
 
-TEST_F(CpuLinear, MatchesReference) {
+TEST_P(CpuLinear, MatchesReference) {
   Rng rng(11);
   for (DType wt : {DType::F32, DType::BF16, DType::F16})
     for (int64_t M : {1, 3, 17, 200})
@@ -44,7 +48,7 @@ TEST_F(CpuLinear, MatchesReference) {
       }
 }
 
-TEST_F(CpuLinear, ManyWeightBlocksAnd3dInput) {
+TEST_P(CpuLinear, ManyWeightBlocksAnd3dInput) {
   // N*K above the 2M-float conversion block: the product is assembled from several sgemm calls.
   Rng rng(12);
   const int64_t K = 1024, N = 2100;
@@ -61,7 +65,7 @@ TEST_F(CpuLinear, ManyWeightBlocksAnd3dInput) {
   EXPECT_TRUE(all_close(out_bf, r, 1e-2, "bf16 out"));
 }
 
-TEST_F(CpuLinear, ShapeErrorsThrow) {
+TEST_P(CpuLinear, ShapeErrorsThrow) {
   HostTensor a(DType::F32, {3, 8}), w(DType::F32, {5, 9}), out(DType::F32, {3, 5}), w_ok(DType::F32, {5, 8});
   EXPECT_THROW(be->linear(a, w, out), Error);
   EXPECT_THROW(be->linear(a, w_ok, HostTensor(DType::F32, {3, 6})), Error);
@@ -141,7 +145,7 @@ std::vector<double> ref_moe(const HostTensor& x, const HostTensor& ids, const Ho
   return out;
 }
 
-TEST_F(CpuLinear, MoeExpertsFullAndPartialShards) {
+TEST_P(CpuLinear, MoeExpertsFullAndPartialShards) {
   Rng rng(13);
   for (MoeCase c : {MoeCase{1, 32, 24, 8, 2, DType::BF16}, MoeCase{17, 32, 24, 8, 2, DType::F32},
                     MoeCase{200, 64, 40, 16, 4, DType::BF16}, MoeCase{3, 16, 8, 4, 4, DType::F16}}) {
@@ -173,7 +177,7 @@ TEST_F(CpuLinear, MoeExpertsFullAndPartialShards) {
   }
 }
 
-TEST_F(CpuLinear, MoeExpertsDeterministicAcrossThreadCounts) {
+TEST_P(CpuLinear, MoeExpertsDeterministicAcrossThreadCounts) {
   Rng rng(14);
   MoeCase c{200, 64, 48, 8, 4, DType::BF16};
   MoeWeights w = random_experts(rng, c);
@@ -194,7 +198,7 @@ TEST_F(CpuLinear, MoeExpertsDeterministicAcrossThreadCounts) {
 
 // The thread count changes how the work is shared, never an element's summation order: a wide
 // matrix (column panels), a narrow one over many rows (row chunks), BF16 and F32 weights.
-TEST_F(CpuLinear, LinearDeterministicAcrossThreadCounts) {
+TEST_P(CpuLinear, LinearDeterministicAcrossThreadCounts) {
   Rng rng(17);
   const int saved = omp_get_max_threads();
   for (auto [M, K, N, wt] : {std::tuple{64, 512, 1100, DType::BF16}, std::tuple{700, 256, 96, DType::F32},
@@ -218,7 +222,7 @@ TEST_F(CpuLinear, LinearDeterministicAcrossThreadCounts) {
 
 // Context-parallel ranks of the local communicator are threads calling their back-ends at the same
 // time: per-thread scratch and the thread budget must give exactly the serial results.
-TEST_F(CpuLinear, ConcurrentCallersGetSerialResults) {
+TEST_P(CpuLinear, ConcurrentCallersGetSerialResults) {
   constexpr int kCallers = 4;
   Rng rng(16);
   const int64_t M = 64, K = 512, N = 520;  // above the threshold for a team of threads
@@ -240,7 +244,7 @@ TEST_F(CpuLinear, ConcurrentCallersGetSerialResults) {
   std::vector<std::thread> threads;
   for (int i = 0; i < kCallers; ++i)
     threads.emplace_back([&, i] {
-      auto own = make_cpu_backend();  // one back-end per rank, as the engine does
+      auto own = make_cpu_backend(/*simd=*/!GetParam());  // one back-end per rank, as the engine does
       lin[i].poison();
       own->linear(a[i], w, lin[i]);
       own->fill_zero(moe[i]);
@@ -253,7 +257,7 @@ TEST_F(CpuLinear, ConcurrentCallersGetSerialResults) {
   }
 }
 
-TEST_F(CpuLinear, MoeExpertsErrorsThrow) {
+TEST_P(CpuLinear, MoeExpertsErrorsThrow) {
   Rng rng(15);
   MoeCase c{3, 16, 8, 4, 2, DType::F32};
   MoeWeights w = random_experts(rng, c);

@@ -42,7 +42,7 @@ const live = new Set();
 process.on('exit', () => { for (const p of live) p.kill('SIGKILL'); });
 
 // Starts the server on a free port (--port 0) and resolves once its ready line names the address.
-// `env`: extra environment variables (e.g. the CPINFER_TEST_FIXED_OUTPUT test hook).
+// `env`: extra environment variables.
 export async function startServer(extraArgs = [], { timeoutMs = 60000, env = {} } = {}) {
   const model = tinyModel();
   const args = ['serve', '--model-path', model, '--port', '0', '--log-interval', '0', ...extraArgs];

@@ -7,10 +7,8 @@ import { BIN, tinyModel } from './harness.mjs';
 
 test('/health is 503 while loading, then 200', async () => {
   const model = tinyModel();
-  const proc = spawn(BIN, ['serve', '--model-path', model, '--port', '0', '--log-interval', '0'], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-    env: { ...process.env, CPINFER_TEST_LOAD_DELAY_MS: '3000' },
-  });
+  const proc = spawn(BIN, ['serve', '--model-path', model, '--port', '0', '--log-interval', '0',
+    '--test-load-delay-ms', '3000'], { stdio: ['ignore', 'ignore', 'pipe'] });
   let log = '';
   const waitLog = (re, what) => new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`no ${what} after 60 s:\n${log}`)), 60000);

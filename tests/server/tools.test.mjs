@@ -1,5 +1,5 @@
 // Tool calls through the official OpenAI SDK. The random-weight test model cannot call tools, so
-// the server runs with the CPINFER_TEST_FIXED_OUTPUT hook: every request "generates" the fixed
+// the server runs with the --test-fixed-output hook: every request "generates" the fixed
 // text below token by token, through the real streaming, reasoning and tool-call parsing.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -18,7 +18,7 @@ const ask = [{ role: 'user', content: 'What is the weather in Paris?' }];
 let server, client;
 before(async () => {
   const OpenAI = await loadOpenAI();
-  server = await startServer([], { env: { CPINFER_TEST_FIXED_OUTPUT: FIXED } });
+  server = await startServer(['--test-fixed-output', FIXED]);
   client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'none', maxRetries: 0 });
 });
 after(async () => { await server?.stop(); });

@@ -288,6 +288,6 @@ void CpuBackend::moe_route(const Tensor& logits, int top_k, bool renormalize, Te
   }
 }
 
-std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+std::unique_ptr<Backend> make_cpu_backend(bool simd) { return std::make_unique<CpuBackend>(simd); }
 
 }  // namespace cpinfer

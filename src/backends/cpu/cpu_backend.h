@@ -17,6 +17,8 @@ namespace cpinfer {
 
 class CpuBackend final : public Backend {
  public:
+  // simd = false: the generic kernels only, where the AVX2 + FMA ones would run (tests).
+  explicit CpuBackend(bool simd = true) : simd_(simd) {}
   Device device() const override { return Device::CPU; }
   std::string name() const override { return "cpu"; }
   DType act_dtype() const override { return DType::F32; }
@@ -48,6 +50,9 @@ class CpuBackend final : public Backend {
   void convert(const Tensor& src, Tensor dst) override;
   void attention_merge(Tensor out, Tensor lse, const Tensor& out2, const Tensor& lse2) override;
   void sample(const Tensor& logits, const std::vector<SampleRow>& rows, Tensor ids) override;
+
+ private:
+  bool simd_ = true;
 };
 
 // ---- token sampling reference (cpu_sample.cpp): the algorithm of Backend::sample (ops/backend.h),
@@ -80,9 +85,10 @@ namespace cpu {
 // of rows into a thread-local scratch, one cblas_sgemm per block. OpenMP threads split the columns
 // (or rows); OpenBLAS itself runs single-threaded: the first call sets openblas_set_num_threads(1)
 // for the process, so only one thread pool ever spins. Each element's result does not depend on
-// the thread count.
+// the thread count. simd = false: the generic (baseline x86-64) kernels only, even where the
+// AVX2 + FMA ones would run.
 void gemm_wt(const float* a, int64_t M, int64_t K, const void* w, DType w_dtype, int64_t N, float* out,
-             int64_t ldc);
+             int64_t ldc, bool simd = true);
 
 }  // namespace cpu
 }  // namespace cpinfer

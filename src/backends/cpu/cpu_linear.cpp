@@ -136,8 +136,8 @@ __attribute__((target("avx2,fma,f16c"))) void few_rows_avx2(const float* a, int6
 }
 
 bool have_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c") && std::getenv("CPINFER_CPU_NO_AVX2") == nullptr;
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return yes;
 }
 #endif
@@ -145,7 +145,7 @@ bool have_avx2_fma() {
 // out[:, n0, n1) = a · w[n0, n1)ᵀ on the calling thread (OpenBLAS is single-threaded here); the
 // sgemm calls it makes depend only on its arguments' shapes.
 void gemm_panel(const float* a, int64_t M, int64_t K, const void* w, DType w_dtype, int64_t n0, int64_t n1,
-                float* out, int64_t ldc) {
+                float* out, int64_t ldc, bool simd) {
   if (w_dtype == DType::F32) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(n1 - n0),
                 static_cast<int>(K), 1.0f, a, static_cast<int>(K), static_cast<const float*>(w) + n0 * K,
@@ -154,7 +154,7 @@ void gemm_panel(const float* a, int64_t M, int64_t K, const void* w, DType w_dty
   }
   const size_t es = dtype_size(w_dtype);
 #ifdef CPINFER_X86_DISPATCH
-  if (M <= kFewRows && have_avx2_fma()) {
+  if (M <= kFewRows && simd && have_avx2_fma()) {
     few_rows_avx2(a, M, K, w, w_dtype, n0, n1, out, ldc);
     return;
   }
@@ -184,7 +184,7 @@ void gemm_panel(const float* a, int64_t M, int64_t K, const void* w, DType w_dty
 }  // namespace
 
 void cpu::gemm_wt(const float* a, int64_t M, int64_t K, const void* w, DType w_dtype, int64_t N, float* out,
-                  int64_t ldc) {
+                  int64_t ldc, bool simd) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(out + m * ldc, out + m * ldc + N, 0.0f);
@@ -218,7 +218,7 @@ void cpu::gemm_wt(const float* a, int64_t M, int64_t K, const void* w, DType w_d
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t m0 = (t / col_panels) * row_chunk, m1 = std::min(M, m0 + row_chunk);
     const int64_t n0 = (t % col_panels) * kPanelCols, n1 = std::min(N, n0 + kPanelCols);
-    gemm_panel(a + m0 * K, m1 - m0, K, w, w_dtype, n0, n1, out + m0 * ldc, ldc);
+    gemm_panel(a + m0 * K, m1 - m0, K, w, w_dtype, n0, n1, out + m0 * ldc, ldc, simd);
   }
 }
 
@@ -238,11 +238,11 @@ void CpuBackend::linear(const Tensor& a, const Tensor& w, Tensor out) {
     af = buf;
   }
   if (out.dtype == DType::F32) {
-    gemm_wt(af, M, K, w.data, w.dtype, N, out.ptr<float>(), N);
+    gemm_wt(af, M, K, w.data, w.dtype, N, out.ptr<float>(), N, simd_);
     return;
   }
   float* tmp = sized(act_scratch(1), M * N);
-  gemm_wt(af, M, K, w.data, w.dtype, N, tmp, N);
+  gemm_wt(af, M, K, w.data, w.dtype, N, tmp, N, simd_);
   from_f32(tmp, out.data, out.dtype, static_cast<size_t>(M * N));
 }
 
@@ -306,14 +306,14 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& w
     float* up = sized(act_scratch(2), n * I);
     float* y = sized(act_scratch(3), n * H);
     for (int64_t j = 0; j < n; ++j) std::memcpy(xg + j * H, xp + (r[j] / K) * H, static_cast<size_t>(H) * 4);
-    gemm_wt(xg, n, H, shard.gate[e].data, shard.gate[e].dtype, I, gate, I);
-    gemm_wt(xg, n, H, shard.up[e].data, shard.up[e].dtype, I, up, I);
+    gemm_wt(xg, n, H, shard.gate[e].data, shard.gate[e].dtype, I, gate, I, simd_);
+    gemm_wt(xg, n, H, shard.up[e].data, shard.up[e].dtype, I, up, I, simd_);
     {
       const OmpBudget budget;
 #pragma omp parallel for schedule(static) num_threads(budget.threads()) if (n * I > kParallelMinElems)
       for (int64_t i = 0; i < n * I; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
     }  // the budget ends here: gemm_wt takes its own
-    gemm_wt(gate, n, I, shard.down[e].data, shard.down[e].dtype, H, y, H);
+    gemm_wt(gate, n, I, shard.down[e].data, shard.down[e].dtype, H, y, H, simd_);
     for (int64_t j = 0; j < n; ++j) {
       const float wt = wp[r[j]];
       float* o = op_out + (r[j] / K) * H;
