@@ -249,4 +249,66 @@ void moe_route(const Tensor& logits, int top_k, const Tensor& ids, const Tensor&
             "] F32");
 }
 
+void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
+                 const Tensor& out) {
+  const char* op = "moe_experts";
+  float_tensor(x, op, "x");
+  float_tensor(out, op, "out");
+  CPI_CHECK(x.ndim == 2, op, ": x ", x.shape_str(), " must be [T, H]");
+  shapes_equal(x, out, op, "x", "out");
+  const int64_t T = x.dim(0), H = x.dim(1);
+  CPI_CHECK(ids.defined() && ids.dtype == DType::I32 && ids.ndim == 2 && ids.dim(0) == T, op, ": ids ", ids.shape_str(),
+            " ", dtype_name(ids.dtype), " must be [", T, ", K] I32");
+  CPI_CHECK(weights.defined() && weights.dtype == DType::F32 && same_shape(ids, weights), op, ": weights ",
+            weights.shape_str(), " ", dtype_name(weights.dtype), " must be ", ids.shape_str(), " F32 like ids");
+  CPI_CHECK(shard.n_experts > 0 && shard.first >= 0 && shard.count >= 0 && shard.first + shard.count <= shard.n_experts,
+            op, ": expert shard [", shard.first, ", ", shard.first + shard.count, ") is not inside [0, ",
+            shard.n_experts, ")");
+  CPI_CHECK(shard.gate.size() == size_t(shard.count) && shard.up.size() == size_t(shard.count) &&
+                shard.down.size() == size_t(shard.count),
+            op, ": the shard holds ", shard.count, " experts but has ", shard.gate.size(), " gate, ", shard.up.size(),
+            " up and ", shard.down.size(), " down matrices");
+  const int64_t I = shard.count > 0 && shard.gate[0].ndim == 2 ? shard.gate[0].dim(0) : 0;
+  for (int32_t e = 0; e < shard.count; ++e) {
+    const Tensor &g = shard.gate[size_t(e)], &u = shard.up[size_t(e)], &d = shard.down[size_t(e)];
+    float_tensor(g, op, "gate");
+    float_tensor(u, op, "up");
+    float_tensor(d, op, "down");
+    CPI_CHECK(g.ndim == 2 && g.dim(0) == I && g.dim(1) == H && u.ndim == 2 && u.dim(0) == I && u.dim(1) == H &&
+                  d.ndim == 2 && d.dim(0) == H && d.dim(1) == I,
+              op, ": expert ", shard.first + e, " has gate ", g.shape_str(), ", up ", u.shape_str(), ", down ",
+              d.shape_str(), "; expected [", I, ", ", H, "], [", I, ", ", H, "], [", H, ", ", I, "]");
+  }
+}
+
+namespace {
+void rows_op(const char* op, const Tensor& src, const Tensor& idx, const Tensor& out, const Tensor& indexed) {
+  CPI_CHECK(src.defined() && out.defined(), op, ": src and out must be defined");
+  bool same_row = src.ndim >= 1 && src.ndim == out.ndim;
+  for (int i = 1; same_row && i < src.ndim; ++i) same_row = src.dim(i) == out.dim(i);
+  CPI_CHECK(same_row, op, ": src ", src.shape_str(), " and out ", out.shape_str(),
+            " must be [rows, ...] with one row shape");
+  dtypes_equal(src, out, op, "src", "out");
+  CPI_CHECK(idx.defined() && is_index(idx.dtype) && idx.ndim == 1 && idx.dim(0) == indexed.dim(0), op, ": idx ",
+            idx.shape_str(), " ", dtype_name(idx.dtype), " must be [", indexed.dim(0), "] I32, one index per row");
+}
+}  // namespace
+
+void gather_rows(const Tensor& src, const Tensor& idx, const Tensor& out) {
+  rows_op("gather_rows", src, idx, out, out);
+}
+
+void scatter_rows(const Tensor& src, const Tensor& idx, const Tensor& out) {
+  rows_op("scatter_rows", src, idx, out, src);
+}
+
+void convert(const Tensor& src, const Tensor& dst) {
+  const char* op = "convert";
+  CPI_CHECK(src.defined() && dst.defined(), op, ": src and dst must be defined");
+  CPI_CHECK(src.numel() == dst.numel(), op, ": src ", src.shape_str(), " and dst ", dst.shape_str(),
+            " have different element counts");
+  CPI_CHECK(src.dtype == dst.dtype || (is_float(src.dtype) && is_float(dst.dtype)), op, ": cannot convert ",
+            dtype_name(src.dtype), " to ", dtype_name(dst.dtype), " (only between F32, F16 and BF16)");
+}
+
 }  // namespace cpinfer::contract

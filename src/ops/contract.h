@@ -58,4 +58,20 @@ void attention_merge(const Tensor& out, const Tensor& lse, const Tensor& out2, c
 // logits [T, E] float; 1 <= top_k <= E; ids [T, top_k] I32; weights [T, top_k] F32.
 void moe_route(const Tensor& logits, int top_k, const Tensor& ids, const Tensor& weights);
 
+// x, out [T, H] float (out may be wider, e.g. F32 partial sums); ids [T, K] I32; weights [T, K] F32; the shard [first,
+// first + count) inside [0, n_experts) with count gate/up/down matrices, float, gate and up [I, H], down [H, I], one
+// width I for every expert. (Expert ids are device data: a back-end checks them where it reads them.)
+void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
+                 const Tensor& out);
+
+// gather_rows: src [N, C], idx [M], out [M, C]; scatter_rows: src [M, C], idx [M], out [N, C] (a row
+// may have several dims: C stands for all but the first, the same for src and out). src and out of
+// one dtype; idx I32 (I64 accepted for host-side back-ends). (Index values are checked by the
+// back-end, which alone can read them.)
+void gather_rows(const Tensor& src, const Tensor& idx, const Tensor& out);
+void scatter_rows(const Tensor& src, const Tensor& idx, const Tensor& out);
+
+// src and dst of one element count; dtypes equal, or both float (F32, F16, BF16).
+void convert(const Tensor& src, const Tensor& dst);
+
 }  // namespace cpinfer::contract

@@ -117,5 +117,61 @@ TEST(OpContract, OtherOps) {
             std::string::npos);
 }
 
+TEST(OpContract, MoeExpertsRowsAndConvert) {
+  // Two local experts [2, 4) of 6, width 8, hidden 16; 5 tokens, top-2.
+  ExpertShard shard;
+  shard.n_experts = 6, shard.first = 2, shard.count = 2;
+  for (int e = 0; e < 2; ++e) {
+    shard.gate.push_back(shape(DType::BF16, {8, 16}));
+    shard.up.push_back(shape(DType::BF16, {8, 16}));
+    shard.down.push_back(shape(DType::BF16, {16, 8}));
+  }
+  const Tensor x = shape(DType::BF16, {5, 16}), ids = shape(DType::I32, {5, 2}), w = shape(DType::F32, {5, 2});
+  auto moe = [&](const ExpertShard& sh, const Tensor& xx, const Tensor& ii, const Tensor& ww, const Tensor& out) {
+    return error_of([&] { contract::moe_experts(xx, ii, ww, sh, out); });
+  };
+  EXPECT_EQ(moe(shard, x, ids, w, x), "");
+  EXPECT_EQ(moe(shard, x, ids, w, shape(DType::F32, {5, 16})), "") << "F32 partial sums are allowed";
+  EXPECT_NE(moe(shard, x, ids, w, shape(DType::BF16, {5, 15})).find("same shape"), std::string::npos);
+  EXPECT_NE(moe(shard, x, shape(DType::I64, {5, 2}), w, x).find("ids"), std::string::npos);
+  EXPECT_NE(moe(shard, x, ids, shape(DType::F32, {5, 3}), x).find("weights"), std::string::npos);
+  ExpertShard outside = shard;
+  outside.first = 5;
+  EXPECT_NE(moe(outside, x, ids, w, x).find("not inside"), std::string::npos);
+  ExpertShard missing = shard;
+  missing.down.pop_back();
+  EXPECT_NE(moe(missing, x, ids, w, x).find("down matrices"), std::string::npos);
+  ExpertShard widths = shard;
+  widths.gate[1] = shape(DType::BF16, {12, 16});
+  widths.up[1] = shape(DType::BF16, {12, 16});
+  widths.down[1] = shape(DType::BF16, {16, 12});
+  EXPECT_NE(moe(widths, x, ids, w, x).find("expert 3"), std::string::npos) << "one width for every expert";
+  ExpertShard ints = shard;
+  ints.up[0] = shape(DType::I32, {8, 16});
+  EXPECT_NE(moe(ints, x, ids, w, x).find("'up'"), std::string::npos);
+
+  const Tensor src = shape(DType::BF16, {10, 6}), idx = shape(DType::I32, {4}), sel = shape(DType::BF16, {4, 6});
+  EXPECT_EQ(error_of([&] { contract::gather_rows(src, idx, sel); }), "");
+  EXPECT_EQ(error_of([&] { contract::scatter_rows(sel, idx, src); }), "");
+  EXPECT_NE(error_of([&] { contract::gather_rows(src, shape(DType::I32, {3}), sel); }).find("one index per row"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { contract::scatter_rows(sel, shape(DType::I32, {5}), src); }).find("one index per row"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { contract::gather_rows(src, idx, shape(DType::F32, {4, 6})); }).find("'out' is F32"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { contract::gather_rows(src, idx, shape(DType::BF16, {4, 7})); }).find("one row shape"),
+            std::string::npos);
+  EXPECT_EQ(error_of([&] { contract::gather_rows(shape(DType::F32, {10, 3, 2}), idx, shape(DType::F32, {4, 3, 2})); }),
+            "");
+  EXPECT_NE(error_of([&] { contract::gather_rows(src, shape(DType::F32, {4}), sel); }).find("idx"), std::string::npos);
+
+  EXPECT_EQ(error_of([&] { contract::convert(src, shape(DType::F32, {60})); }), "");
+  EXPECT_EQ(error_of([&] { contract::convert(idx, shape(DType::I32, {2, 2})); }), "") << "same dtype: a copy";
+  EXPECT_NE(error_of([&] { contract::convert(src, shape(DType::F32, {59})); }).find("element counts"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { contract::convert(idx, shape(DType::F32, {4})); }).find("cannot convert"),
+            std::string::npos);
+}
+
 }  // namespace
 }  // namespace cpinfer::test

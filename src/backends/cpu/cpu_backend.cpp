@@ -175,17 +175,12 @@ void CpuBackend::add(Tensor a, const Tensor& b) {
 
 void CpuBackend::gather_rows(const Tensor& src, const Tensor& idx, Tensor out) {
   const char* op = "gather_rows";
+  contract::gather_rows(src, idx, out);
   check_host(src, op, "src");
   check_index(idx, op, "idx");
   check_host(out, op, "out");
-  check_ndim(idx, 1, op, "idx");
-  CPI_CHECK(src.dtype == out.dtype, op, ": src is ", dtype_name(src.dtype), " but out is ", dtype_name(out.dtype));
-  CPI_CHECK(out.dim(0) == idx.dim(0), op, ": out ", out.shape_str(), " must have ", idx.dim(0),
-            " rows (one per index)");
   const int64_t src_rows = src.dim(0), M = out.dim(0);
-  const size_t row = src_rows ? src.nbytes() / static_cast<size_t>(src_rows) : 0;
-  CPI_CHECK(static_cast<size_t>(M) * row == out.nbytes() && (src_rows > 0 || M == 0), op, ": rows of src ",
-            src.shape_str(), " and out ", out.shape_str(), " differ in size");
+  const size_t row = src_rows ? src.nbytes() / static_cast<size_t>(src_rows) : out.nbytes() / size_t(std::max<int64_t>(M, 1));
   std::vector<int64_t> rows = checked_indices(idx, src_rows, op, "idx");
   if (row == 0) return;
   const bool big = static_cast<size_t>(M) * row > kParallelMinElems * 4;
@@ -196,17 +191,12 @@ void CpuBackend::gather_rows(const Tensor& src, const Tensor& idx, Tensor out) {
 
 void CpuBackend::scatter_rows(const Tensor& src, const Tensor& idx, Tensor out) {
   const char* op = "scatter_rows";
+  contract::scatter_rows(src, idx, out);
   check_host(src, op, "src");
   check_index(idx, op, "idx");
   check_host(out, op, "out");
-  check_ndim(idx, 1, op, "idx");
-  CPI_CHECK(src.dtype == out.dtype, op, ": src is ", dtype_name(src.dtype), " but out is ", dtype_name(out.dtype));
-  CPI_CHECK(src.dim(0) == idx.dim(0), op, ": src ", src.shape_str(), " must have ", idx.dim(0),
-            " rows (one per index)");
   const int64_t out_rows = out.dim(0), M = src.dim(0);
-  const size_t row = out_rows ? out.nbytes() / static_cast<size_t>(out_rows) : 0;
-  CPI_CHECK(static_cast<size_t>(M) * row == src.nbytes() && (out_rows > 0 || M == 0), op, ": rows of src ",
-            src.shape_str(), " and out ", out.shape_str(), " differ in size");
+  const size_t row = out_rows ? out.nbytes() / static_cast<size_t>(out_rows) : src.nbytes() / size_t(std::max<int64_t>(M, 1));
   std::vector<int64_t> rows = checked_indices(idx, out_rows, op, "idx");
   if (row == 0) return;
   // Serial on purpose: with a repeated index the last source row wins, as a sequential reading says.
@@ -215,16 +205,13 @@ void CpuBackend::scatter_rows(const Tensor& src, const Tensor& idx, Tensor out) 
 
 void CpuBackend::convert(const Tensor& src, Tensor dst) {
   const char* op = "convert";
+  contract::convert(src, dst);
   check_host(src, op, "src");
   check_host(dst, op, "dst");
-  CPI_CHECK(src.numel() == dst.numel(), op, ": src ", src.shape_str(), " and dst ", dst.shape_str(),
-            " have different element counts");
   if (src.dtype == dst.dtype) {
     if (src.nbytes()) std::memmove(dst.data, src.data, src.nbytes());
     return;
   }
-  CPI_CHECK(is_float(src.dtype) && is_float(dst.dtype), op, ": cannot convert ", dtype_name(src.dtype), " to ",
-            dtype_name(dst.dtype), " (only between F32, F16 and BF16)");
   constexpr int64_t kChunk = 4096;
   const int64_t n = src.numel(), n_chunks = (n + kChunk - 1) / kChunk;
   const size_t ss = dtype_size(src.dtype), ds = dtype_size(dst.dtype);

@@ -249,38 +249,11 @@ void CpuBackend::linear(const Tensor& a, const Tensor& w, Tensor out) {
 void CpuBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                              Tensor out) {
   const char* op = "moe_experts";
+  contract::moe_experts(x, ids, weights, shard, out);
   check_f32(x, op, "x");
-  check_f32(out, op, "out");
-  check_f32(weights, op, "weights");
   check_host(ids, op, "ids");
-  check_ndim(x, 2, op, "x");
-  check_ndim(ids, 2, op, "ids");
-  check_same_shape(x, out, op, "x", "out");
-  check_same_shape(ids, weights, op, "ids", "weights");
-  CPI_CHECK(ids.dtype == DType::I32, op, ": ids must be I32, got ", dtype_name(ids.dtype));
+  check_host(weights, op, "weights");
   const int64_t T = x.dim(0), H = x.dim(1), K = ids.dim(1);
-  CPI_CHECK(ids.dim(0) == T, op, ": ids ", ids.shape_str(), " must have one row per token of x ", x.shape_str());
-  CPI_CHECK(shard.n_experts > 0 && shard.first >= 0 && shard.count >= 0 &&
-                shard.first + shard.count <= shard.n_experts,
-            op, ": expert shard [", shard.first, ", ", shard.first + shard.count, ") is not inside [0, ",
-            shard.n_experts, ")");
-  CPI_CHECK(shard.gate.size() == static_cast<size_t>(shard.count) &&
-                shard.up.size() == static_cast<size_t>(shard.count) &&
-                shard.down.size() == static_cast<size_t>(shard.count),
-            op, ": shard holds ", shard.count, " experts but has ", shard.gate.size(), " gate, ", shard.up.size(),
-            " up and ", shard.down.size(), " down matrices");
-  for (int32_t e = 0; e < shard.count; ++e) {
-    const Tensor &g = shard.gate[e], &u = shard.up[e], &d = shard.down[e];
-    check_float(g, op, "gate");
-    check_float(u, op, "up");
-    check_float(d, op, "down");
-    check_ndim(g, 2, op, "gate");
-    const int64_t I = g.dim(0);
-    CPI_CHECK(g.dim(1) == H && u.ndim == 2 && u.dim(0) == I && u.dim(1) == H && d.ndim == 2 && d.dim(0) == H &&
-                  d.dim(1) == I,
-              op, ": expert ", shard.first + e, " has gate ", g.shape_str(), ", up ", u.shape_str(), ", down ",
-              d.shape_str(), "; expected [I, ", H, "], [I, ", H, "], [", H, ", I]");
-  }
 
   // Rows routed to each local expert, in token order: (token, slot k) per row.
   const int32_t* id = ids.ptr<const int32_t>();

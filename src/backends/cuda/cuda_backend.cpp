@@ -76,7 +76,12 @@ const char* prefill_kernel_name(CudaBackend::PrefillKernel k) {
   return "?";
 }
 
-bool is_float(DType t) { return t == DType::F32 || t == DType::BF16 || t == DType::F16; }
+// [rows, ...] as [rows, elements per row]: the row kernels take 2-D views.
+Tensor as_rows(const Tensor& t) {
+  int64_t per_row = 1;
+  for (int i = 1; i < t.ndim; ++i) per_row *= t.dim(i);
+  return Tensor(t.data, t.dtype, {t.dim(0), per_row}, t.device);
+}
 
 cudaDataType_t cuda_type(DType t) {
   switch (t) {
@@ -525,41 +530,34 @@ void CudaBackend::add(Tensor a, const Tensor& b) {
 }
 
 void CudaBackend::gather_rows(const Tensor& src, const Tensor& idx, Tensor out) {
+  contract::gather_rows(src, idx, out);
   check_on_device(src, "gather_rows", "src");
   check_on_device(idx, "gather_rows", "idx");
   check_on_device(out, "gather_rows", "out");
   check_dtype(idx, DType::I32, "gather_rows", "idx");
-  check_dtype(out, src.dtype, "gather_rows", "out");
-  CPI_CHECK(out.rows() == idx.numel() && out.cols() == src.cols(), "gather_rows: src ", src.shape_str(), ", idx ",
-            idx.shape_str(), " and out ", out.shape_str(), " do not match (want src [N, C], idx [M], out [M, C])");
   DeviceGuard g(device_);
-  CUDA_LAUNCH(launch_gather_rows(dev(src), dev(idx), dev(out), stream_), "gather_rows");
+  CUDA_LAUNCH(launch_gather_rows(dev(as_rows(src)), dev(idx), dev(as_rows(out)), stream_), "gather_rows");
 }
 
 void CudaBackend::scatter_rows(const Tensor& src, const Tensor& idx, Tensor out) {
+  contract::scatter_rows(src, idx, out);
   check_on_device(src, "scatter_rows", "src");
   check_on_device(idx, "scatter_rows", "idx");
   check_on_device(out, "scatter_rows", "out");
   check_dtype(idx, DType::I32, "scatter_rows", "idx");
-  check_dtype(out, src.dtype, "scatter_rows", "out");
-  CPI_CHECK(src.rows() == idx.numel() && out.cols() == src.cols(), "scatter_rows: src ", src.shape_str(), ", idx ",
-            idx.shape_str(), " and out ", out.shape_str(), " do not match (want src [M, C], idx [M], out [N, C])");
   DeviceGuard g(device_);
-  CUDA_LAUNCH(launch_scatter_rows(dev(src), dev(idx), dev(out), stream_), "scatter_rows");
+  CUDA_LAUNCH(launch_scatter_rows(dev(as_rows(src)), dev(idx), dev(as_rows(out)), stream_), "scatter_rows");
 }
 
 void CudaBackend::convert(const Tensor& src, Tensor dst) {
+  contract::convert(src, dst);
   check_on_device(src, "convert", "src");
   check_on_device(dst, "convert", "dst");
-  CPI_CHECK(src.numel() == dst.numel(), "convert: src ", src.shape_str(), " and dst ", dst.shape_str(),
-            " differ in size");
   DeviceGuard g(device_);
   if (src.dtype == dst.dtype) {
     copy(dst.data, src.data, src.nbytes());
     return;
   }
-  CPI_CHECK(is_float(src.dtype) && is_float(dst.dtype), "convert: ", dtype_name(src.dtype), " -> ",
-            dtype_name(dst.dtype), " is not supported (float types only)");
   CUDA_LAUNCH(launch_convert(dev(src), dev(dst), stream_), "convert");
 }
 
