@@ -463,25 +463,26 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
                     "attention_flash");
         break;
     }
-  } else if (attention_decode_supported(dev(q), dev(cache), max_q)) {
-    const int keys = static_cast<int>(max_keys);
-    const int n_splits = attention_decode_splits(static_cast<int>(n_blocks), static_cast<int>(cache.k.dim(2)), keys,
-                                                 n_sms_);
-    float* part = nullptr;
-    if (n_splits > 1)
-      part = static_cast<float*>(workspace(static_cast<size_t>(t * hq) * n_splits * (d + 2) * sizeof(float)));
-    CUDA_LAUNCH(launch_attention_decode(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), n_splits, keys,
-                                        part, stream_),
-                "attention_decode");
   } else {
+    // Decode (and head dims without a tensor-core kernel): split-K over the keys, partials in the
+    // workspace, merged by LSE. The GQA decode kernel where it applies, else the generic one.
     const int keys = static_cast<int>(max_keys);
-    const int n_splits = attention_generic_splits(static_cast<int>(t), static_cast<int>(hq), keys);
+    const bool gqa = attention_decode_supported(dev(q), dev(cache), max_q);
+    const int n_splits =
+        gqa ? attention_decode_splits(static_cast<int>(n_blocks), static_cast<int>(cache.k.dim(2)), keys, n_sms_)
+            : attention_generic_splits(static_cast<int>(t), static_cast<int>(hq), keys);
     float* part = nullptr;
     if (n_splits > 1)
       part = static_cast<float*>(workspace(static_cast<size_t>(t * hq) * n_splits * (d + 2) * sizeof(float)));
-    CUDA_LAUNCH(launch_attention_generic(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), n_splits, keys,
-                                         part, stream_),
-                "attention_generic");
+    if (gqa) {
+      CUDA_LAUNCH(launch_attention_decode(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), n_splits, keys,
+                                          part, stream_),
+                  "attention_decode");
+    } else {
+      CUDA_LAUNCH(launch_attention_generic(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), n_splits, keys,
+                                           part, stream_),
+                  "attention_generic");
+    }
   }
 }
 

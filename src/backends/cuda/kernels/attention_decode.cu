@@ -247,24 +247,13 @@ cudaError_t launch_attention_decode(const DevTensor& q, const DevAttnBatch& batc
   const int split_len = n_splits > 1 ? ((max_keys + n_splits - 1) / n_splits + kTile - 1) / kTile * kTile : INT32_MAX;
   const float scale_log2 = scale * 1.4426950408889634f;
   float* lse_p = lse.defined() ? lse.ptr<float>() : nullptr;
-  cudaError_t err = cudaSuccess;
-  switch (q.dim(1) / cache.k.dim(2)) {
-    case 1:
-      err = launch_g<1>(q, batch, cache, scale_log2, out, lse_p, n_splits, split_len, part, stream);
-      break;
-    case 2:
-      err = launch_g<2>(q, batch, cache, scale_log2, out, lse_p, n_splits, split_len, part, stream);
-      break;
-    case 4:
-      err = launch_g<4>(q, batch, cache, scale_log2, out, lse_p, n_splits, split_len, part, stream);
-      break;
-    case 8:
-      err = launch_g<8>(q, batch, cache, scale_log2, out, lse_p, n_splits, split_len, part, stream);
-      break;
-    default:
-      err = launch_g<16>(q, batch, cache, scale_log2, out, lse_p, n_splits, split_len, part, stream);
-      break;
-  }
+  const int64_t g = q.dim(1) / cache.k.dim(2);  // 1, 2, 4, 8 or 16 (attention_decode_supported)
+  const auto launch = g == 1   ? launch_g<1>
+                      : g == 2 ? launch_g<2>
+                      : g == 4 ? launch_g<4>
+                      : g == 8 ? launch_g<8>
+                               : launch_g<16>;
+  const cudaError_t err = launch(q, batch, cache, scale_log2, out, lse_p, n_splits, split_len, part, stream);
   if (err != cudaSuccess || n_splits == 1) return err;
   return launch_attention_split_merge(batch, static_cast<int>(q.dim(1)), kD, n_splits, part, out, lse, stream);
 }
