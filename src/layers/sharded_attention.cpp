@@ -76,7 +76,7 @@ void ShardedAttention::plan(const ForwardPlan& plan) {
     ring_pages_ = std::max<int64_t>(ring_pages_, next_page);
   }
 
-  int n_slots = kFixedSlots + 2 * C;
+  int n_slots = kFixedSlots + 3 * C;
   for (const auto& p : passes) n_slots += int(p.size());
   scratch_ = std::make_unique<Scratch>(be_, n_slots);  // the plan's tensors live until the next plan
   // A device kernel that reads whole pages and masks the scores multiplies unwritten slots by 0:
@@ -100,19 +100,20 @@ void ShardedAttention::plan(const ForwardPlan& plan) {
 
   // Pass-Q: every rank's rows (rank-major, as gathered) over the positions this shard held before
   // this forward (all earlier than every new query: no causal cut inside).
-  batch_q_ = AttnBatch{};
+  batch_q_.assign(size_t(C), AttnBatch{});
   if (plan.any_cached) {
-    std::vector<AttnBlock> blocks;
-    int64_t row = 0;
-    for (int r = 0; r < C; ++r)
-      for (const TokenBlock& b : plan.rank_blocks[size_t(r)]) {
-        const int32_t cached = plan.shard_cached[size_t(b.seq)];
-        blocks.push_back(AttnBlock{int32_t(row), b.len, cached, b.seq, 0, cached});
-        row += b.len;
-      }
     Tensor table = scratch_->upload_i32(kShardTable, plan.block_table,
                                         {std::max<int64_t>(n_seqs, 1), std::max(plan.max_blocks, 1)});
-    batch_q_ = make_batch(std::move(blocks), plan.block_table, plan.max_blocks, table, kQBlocks);
+    for (int r = 0; r < C; ++r) {
+      std::vector<AttnBlock> blocks;
+      int32_t row = 0;
+      for (const TokenBlock& b : plan.rank_blocks[size_t(r)]) {
+        const int32_t cached = plan.shard_cached[size_t(b.seq)];
+        blocks.push_back(AttnBlock{row, b.len, cached, b.seq, 0, cached});
+        row += b.len;
+      }
+      batch_q_[size_t(r)] = make_batch(std::move(blocks), plan.block_table, plan.max_blocks, table, slot++);
+    }
   }
 }
 
@@ -181,27 +182,45 @@ void ShardedAttention::run(const KvLayer& kv, const Tensor& q, const Tensor& kv_
     held = in;
   }
 
-  // Pass-Q over the positions of earlier forwards.
+  // Pass-Q over the positions of earlier forwards. The partials for rank r's n queries travel as
+  // one segment: n rows of output, then n rows of LSE (each part padded to 256 bytes).
   if (!plan.any_cached) return;
   const int64_t n_all = plan.n_all();
+  const size_t out_row = size_t(Hq_ * D_) * dtype_size(ad), lse_row = size_t(Hq_) * sizeof(float);
+  auto pad = [](size_t b) { return (b + 255) / 256 * 256; };
+  auto segment = [&](int64_t n) { return pad(size_t(n) * out_row) + pad(size_t(n) * lse_row); };
+  // The partials of n queries at `at`: output [n, Hq, D], LSE [n, Hq].
+  auto partial = [&](char* at, int64_t n) {
+    return std::pair{Tensor(at, ad, {n, Hq_, D_}, be_.device()),
+                     Tensor(at + pad(size_t(n) * out_row), DType::F32, {n, Hq_}, be_.device())};
+  };
   Tensor q_all = scratch_->rows(kQAll, ad, n_all, Hq_ * D_);
-  Tensor part_out = scratch_->rows(kPartOut, ad, n_all, Hq_ * D_);
-  Tensor part_lse = scratch_->rows(kPartLse, DType::F32, n_all, Hq_);
+  std::vector<size_t> send(static_cast<size_t>(C), 0), recv(static_cast<size_t>(C), segment(T));
+  size_t send_bytes = 0;
+  for (int r = 0; r < C; ++r) send_bytes += send[size_t(r)] = segment(rows[size_t(r)]);
+  char* send_buf = static_cast<char*>(scratch_->get(kSend, DType::U8, {int64_t(std::max<size_t>(send_bytes, 1))}).data);
+  char* recv_buf =
+      static_cast<char*>(scratch_->get(kRecv, DType::U8, {int64_t(std::max<size_t>(segment(T) * C, 1))}).data);
   sync_for(be_, comm);
   gather_rows(comm, q, q_all, rows);
-  if (n_all > 0)
-    be_.attention(q_all.view({n_all, Hq_, D_}), batch_q_, kv, 1.0f / std::sqrt(float(D_)),
-                  part_out.view({n_all, Hq_, D_}), part_lse);
-  Tensor recv_out = scratch_->rows(kRecvOut, ad, C * T, Hq_ * D_);
-  Tensor recv_lse = scratch_->rows(kRecvLse, DType::F32, C * T, Hq_);
-  sync_for(be_, comm);
-  for (auto [src, dst] : {std::pair{part_out, recv_out}, std::pair{part_lse, recv_lse}}) {
-    const std::vector<size_t> send = rank_bytes(rows, src.row_bytes());
-    const std::vector<size_t> recv(size_t(C), size_t(T) * dst.row_bytes());
-    comm.all_to_allv(src.data, send, dst.data, recv);
+  const float scale = 1.0f / std::sqrt(float(D_));
+  size_t at = 0;
+  int64_t row = 0;
+  for (int r = 0; r < C; ++r) {
+    const int64_t n = rows[size_t(r)];
+    if (n > 0) {
+      auto [o, l] = partial(send_buf + at, n);
+      be_.attention(q_all.slice(row, n).view({n, Hq_, D_}), batch_q_[size_t(r)], kv, scale, o, l);
+    }
+    at += send[size_t(r)];
+    row += n;
   }
-  for (int r = 0; r < C && T > 0; ++r)
-    lse_merge(be_, out.view({T, Hq_, D_}), lse, recv_out.slice(r * T, T).view({T, Hq_, D_}), recv_lse.slice(r * T, T));
+  sync_for(be_, comm);
+  comm.all_to_allv(send_buf, send, recv_buf, recv);
+  for (int r = 0; r < C && T > 0; ++r) {
+    auto [o, l] = partial(recv_buf + size_t(r) * segment(T), T);
+    lse_merge(be_, out.view({T, Hq_, D_}), lse, o, l);
+  }
 }
 
 }  // namespace cpinfer

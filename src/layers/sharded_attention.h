@@ -8,9 +8,10 @@
 //   communicator, before the attention on host ones). The ring runs only when some sequence's new
 //   rows lie on several ranks: a decode batch needs none.
 // - the keys of earlier forwards (spread over the shards): pass-Q. The queries of all ranks are
-//   gathered, every rank attends them to its own shard, and the partial outputs and LSE go back
-//   to the rank of each query (all_to_allv), which merges the C partials. These collectives carry
-//   new-token rows only: their size does not grow with the context.
+//   gathered, every rank attends them to its own shard, writing each destination rank's partial
+//   outputs and LSE side by side into one send buffer, and one all_to_allv returns them to the rank
+//   of each query, which merges the C partials: two collectives per layer (queries out, partials
+//   back), both carrying new-token rows only, so their size does not grow with the context.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -39,23 +40,7 @@ class ShardedAttention {
     Tensor slots;                   // [rows] their slots in the ring's scratch cache
     std::vector<AttnBatch> passes;  // local query blocks vs these rows, at most one per query block
   };
-  enum Slot {
-    kRingA,
-    kRingB,
-    kRingK,
-    kRingV,
-    kLse,
-    kOut2,
-    kLse2,
-    kQAll,
-    kPartOut,
-    kPartLse,
-    kRecvOut,
-    kRecvLse,
-    kShardTable,
-    kQBlocks,
-    kFixedSlots
-  };
+  enum Slot { kRingA, kRingB, kRingK, kRingV, kLse, kOut2, kLse2, kQAll, kSend, kRecv, kShardTable, kFixedSlots };
   AttnBatch make_batch(std::vector<AttnBlock> blocks, const std::vector<int32_t>& table, int32_t max_pages,
                        const Tensor& dev_table, int slot);
   void attend(const Tensor& q, const AttnBatch& b, const KvLayer& cache, Tensor out, Tensor lse, bool first);
@@ -66,9 +51,9 @@ class ShardedAttention {
   std::unique_ptr<Scratch> scratch_;
   const ForwardPlan* plan_ = nullptr;
   int n_steps_ = 1;
-  int64_t ring_pages_ = 1;       // pages of the ring's scratch cache
-  std::vector<Source> sources_;  // [C]
-  AttnBatch batch_q_;            // pass-Q: every rank's queries over this rank's shard
+  int64_t ring_pages_ = 1;          // pages of the ring's scratch cache
+  std::vector<Source> sources_;     // [C]
+  std::vector<AttnBatch> batch_q_;  // pass-Q, per rank r: r's queries (rows from 0) over this shard
 };
 
 }  // namespace cpinfer
