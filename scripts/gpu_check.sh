@@ -19,6 +19,9 @@ echo "== gpu model tests"
 timeout 180 "$BIN/gpu_model_test" 2>&1 | tee "$OUT/gpu_model.log" | grep -E "\[gpu|OK|FAILED|Failure|SKIPPED|PASSED" | tail -30
 echo "== attention kernel"
 timeout 120 "$BIN/attention_bench" 2>&1 | tee "$OUT/attention_bench.log" | tail -8
+echo "== attention, a fresh prompt's page order (cuDNN's dense graph, what Auto runs for >= 8192 tokens)"
+timeout 120 "$BIN/attention_bench" --seq "$SEQS" --kernel ws,cudnn --ascending-pages 2>&1 |
+  tee "$OUT/attention_bench_dense.log" | tail -8
 echo "== MoE grouped GEMMs"
 timeout 120 "$BIN/moe_bench" --tokens 4096,16384,32768 2>&1 | tee "$OUT/moe_bench.log" | tail -10
 echo "== cpinfer prefill, Qwen3-30B-A3B shape, random weights"
