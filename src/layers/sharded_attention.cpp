@@ -98,8 +98,9 @@ void ShardedAttention::plan(const ForwardPlan& plan) {
         s.passes.push_back(make_batch(std::move(blocks), tables[size_t(src)], max_pages, table, slot++));
   }
 
-  // Pass-Q: every rank's rows (rank-major, as gathered) over the positions this shard held before
-  // this forward (all earlier than every new query: no causal cut inside).
+  // Pass-Q, one batch per rank r: r's rows (numbered from 0 within r's part of the gathered queries)
+  // over the positions this shard held before this forward (all earlier than every new query: no
+  // causal cut inside).
   batch_q_.assign(size_t(C), AttnBatch{});
   if (plan.any_cached) {
     Tensor table = scratch_->upload_i32(kShardTable, plan.block_table,

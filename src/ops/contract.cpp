@@ -294,6 +294,12 @@ void rows_op(const char* op, const Tensor& src, const Tensor& idx, const Tensor&
 }
 }  // namespace
 
+Tensor as_rows(const Tensor& t) {
+  int64_t per_row = 1;
+  for (int i = 1; i < t.ndim; ++i) per_row *= t.dim(i);
+  return Tensor(t.data, t.dtype, {t.dim(0), per_row}, t.device);
+}
+
 void gather_rows(const Tensor& src, const Tensor& idx, const Tensor& out) {
   rows_op("gather_rows", src, idx, out, out);
 }

@@ -70,6 +70,8 @@ void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, cons
 // back-end, which alone can read them.)
 void gather_rows(const Tensor& src, const Tensor& idx, const Tensor& out);
 void scatter_rows(const Tensor& src, const Tensor& idx, const Tensor& out);
+// A [rows, ...] tensor seen as [rows, elements per row]: the 2-D view the row ops work on.
+Tensor as_rows(const Tensor& t);
 
 // src and dst of one element count; dtypes equal, or both float (F32, F16, BF16).
 void convert(const Tensor& src, const Tensor& dst);

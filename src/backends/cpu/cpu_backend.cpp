@@ -180,7 +180,7 @@ void CpuBackend::gather_rows(const Tensor& src, const Tensor& idx, Tensor out) {
   check_index(idx, op, "idx");
   check_host(out, op, "out");
   const int64_t src_rows = src.dim(0), M = out.dim(0);
-  const size_t row = src_rows ? src.nbytes() / static_cast<size_t>(src_rows) : out.nbytes() / size_t(std::max<int64_t>(M, 1));
+  const size_t row = contract::as_rows(src).row_bytes();
   std::vector<int64_t> rows = checked_indices(idx, src_rows, op, "idx");
   if (row == 0) return;
   const bool big = static_cast<size_t>(M) * row > kParallelMinElems * 4;
@@ -196,7 +196,7 @@ void CpuBackend::scatter_rows(const Tensor& src, const Tensor& idx, Tensor out) 
   check_index(idx, op, "idx");
   check_host(out, op, "out");
   const int64_t out_rows = out.dim(0), M = src.dim(0);
-  const size_t row = out_rows ? out.nbytes() / static_cast<size_t>(out_rows) : src.nbytes() / size_t(std::max<int64_t>(M, 1));
+  const size_t row = contract::as_rows(out).row_bytes();
   std::vector<int64_t> rows = checked_indices(idx, out_rows, op, "idx");
   if (row == 0) return;
   // Serial on purpose: with a repeated index the last source row wins, as a sequential reading says.

@@ -76,13 +76,6 @@ const char* prefill_kernel_name(CudaBackend::PrefillKernel k) {
   return "?";
 }
 
-// [rows, ...] as [rows, elements per row]: the row kernels take 2-D views.
-Tensor as_rows(const Tensor& t) {
-  int64_t per_row = 1;
-  for (int i = 1; i < t.ndim; ++i) per_row *= t.dim(i);
-  return Tensor(t.data, t.dtype, {t.dim(0), per_row}, t.device);
-}
-
 cudaDataType_t cuda_type(DType t) {
   switch (t) {
     case DType::F32: return CUDA_R_32F;
@@ -537,7 +530,8 @@ void CudaBackend::gather_rows(const Tensor& src, const Tensor& idx, Tensor out) 
   check_on_device(out, "gather_rows", "out");
   check_dtype(idx, DType::I32, "gather_rows", "idx");
   DeviceGuard g(device_);
-  CUDA_LAUNCH(launch_gather_rows(dev(as_rows(src)), dev(idx), dev(as_rows(out)), stream_), "gather_rows");
+  CUDA_LAUNCH(launch_gather_rows(dev(contract::as_rows(src)), dev(idx), dev(contract::as_rows(out)), stream_),
+              "gather_rows");
 }
 
 void CudaBackend::scatter_rows(const Tensor& src, const Tensor& idx, Tensor out) {
@@ -547,7 +541,8 @@ void CudaBackend::scatter_rows(const Tensor& src, const Tensor& idx, Tensor out)
   check_on_device(out, "scatter_rows", "out");
   check_dtype(idx, DType::I32, "scatter_rows", "idx");
   DeviceGuard g(device_);
-  CUDA_LAUNCH(launch_scatter_rows(dev(as_rows(src)), dev(idx), dev(as_rows(out)), stream_), "scatter_rows");
+  CUDA_LAUNCH(launch_scatter_rows(dev(contract::as_rows(src)), dev(idx), dev(contract::as_rows(out)), stream_),
+              "scatter_rows");
 }
 
 void CudaBackend::convert(const Tensor& src, Tensor dst) {
