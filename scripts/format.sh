@@ -11,7 +11,7 @@ FILES=(
   src/parallel/context.h src/parallel/exchange.h src/parallel/exchange.cpp src/parallel/merge.h src/parallel/merge.cpp
   src/engine/stop.h src/engine/stop.cpp
   src/ops/contract.h src/ops/contract.cpp
-  src/kv/radix_cache.h src/kv/radix_cache.cpp tests/unit/radix_cache_test.cpp tests/server/prefix_cache_test.cpp
+  src/kv/radix_cache.h src/kv/radix_cache.cpp tests/unit/radix_cache_test.cpp tests/server/prefix_cache_test.cpp tests/server/engine_harness.h tests/server/runner_test.cpp
   tests/model/llama_test.cpp
   src/backends/cuda/kernels/attention_decode.cu
 )

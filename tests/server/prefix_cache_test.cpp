@@ -5,24 +5,11 @@
 #include <gtest/gtest.h>
 
 #include <functional>
-#include <random>
 
-#include "comm/communicator.h"
-#include "engine/launch.h"
-#include "server/runner.h"
+#include "engine_harness.h"
 
-namespace cpinfer::server {
+namespace cpinfer::server::test {
 namespace {
-
-const std::string kModel = std::string(CPINFER_SOURCE_DIR) + "/tests/fixtures/moe_v4_gqa";
-constexpr int kBlock = 16;
-
-std::vector<int32_t> ids(int n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> v(n);
-  for (auto& x : v) x = static_cast<int32_t>(rng() % 200);
-  return v;
-}
 
 std::vector<int32_t> cat(std::vector<int32_t> a, const std::vector<int32_t>& b) {
   a.insert(a.end(), b.begin(), b.end());
@@ -40,25 +27,8 @@ using Wave = std::function<std::vector<std::vector<int32_t>>(const std::vector<s
 // on `cp` thread ranks.
 Served serve(int cp, int kv_tokens, int chunk, bool radix, int max_tokens, const std::vector<Wave>& waves) {
   Served res;
-  LaunchOptions lo;
-  lo.cp_size = cp;
-  lo.timeout_s = 60;
-  launch(lo, [&](ParallelCtx& par) {
-    EngineOptions eo;
-    eo.quiet = true;
-    eo.kv_cache_tokens = kv_tokens;
-    eo.block_size = kBlock;
-    eo.cp = CpOptions{cp, true, 8};
-    Engine engine(kModel, eo, par);
-    if (par.world_rank() != 0) return follow_steps(engine, *par.control);
-    EngineRunner runner(engine, par.control);
-    SchedulerOptions so;
-    so.chunked_prefill_size = chunk;
-    so.decode_reserve_tokens = 1;
-    so.log_interval_s = 0;
-    so.radix_cache = radix;
-    Metrics metrics;
-    Scheduler sched(runner, so, &metrics);
+  Metrics metrics;
+  with_scheduler(cp, kv_tokens, chunk, radix, &metrics, [&](Scheduler& sched, EngineRunner& runner) {
     for (const Wave& wave : waves) {
       int done = 0;
       const auto prompts = wave(res.outputs);
@@ -91,7 +61,6 @@ Served serve(int cp, int kv_tokens, int chunk, bool radix, int max_tokens, const
     res.hit = g.prefix_hit_tokens;
     res.preempted = sched.n_preempted();
     res.evicted = g.prefix_evicted_blocks;
-    runner.shutdown();
   });
   return res;
 }
@@ -166,4 +135,4 @@ TEST(PrefixCache, SameTokensWhenPreemptionAndEvictionRunTheSmallCache) {
 }
 
 }  // namespace
-}  // namespace cpinfer::server
+}  // namespace cpinfer::server::test

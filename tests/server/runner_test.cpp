@@ -4,79 +4,49 @@
 // order, so block ids agree on every rank).
 #include <gtest/gtest.h>
 
-#include <mutex>
-#include <random>
+#include "engine_harness.h"
 
-#include "comm/communicator.h"
-#include "engine/launch.h"
-#include "server/runner.h"
-
-namespace cpinfer::server {
+namespace cpinfer::server::test {
 namespace {
-
-const std::string kModel = std::string(CPINFER_SOURCE_DIR) + "/tests/fixtures/moe_v4_gqa";
-
-std::vector<int32_t> ids(int n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> v(n);
-  for (auto& x : v) x = static_cast<int32_t>(rng() % 200);
-  return v;
-}
 
 // Serves `lens` prompts (greedy, 40 tokens each) on `cp` ranks; returns rank 0's outputs.
 std::vector<std::vector<int32_t>> serve(int cp, const std::vector<int>& lens, int kv_tokens, int chunk) {
   std::vector<std::vector<int32_t>> outputs(lens.size());
   uint64_t preempted = 0;
-  LaunchOptions lo;
-  lo.cp_size = cp;
-  lo.timeout_s = 60;
-  launch(lo, [&](ParallelCtx& par) {
-    EngineOptions eo;
-    eo.quiet = true;
-    eo.kv_cache_tokens = kv_tokens;
-    eo.block_size = 16;
-    eo.cp = CpOptions{cp, true, 8};
-    Engine engine(kModel, eo, par);
-    if (par.world_rank() != 0) return follow_steps(engine, *par.control);
-    EngineRunner runner(engine, par.control);
-    SchedulerOptions so;
-    so.chunked_prefill_size = chunk;
-    so.decode_reserve_tokens = 1;
-    so.log_interval_s = 0;
-    Scheduler sched(runner, so);
-    int done = 0;
-    std::vector<std::shared_ptr<SchedRequest>> reqs;
-    for (size_t i = 0; i < lens.size(); ++i) {
-      auto r = std::make_shared<SchedRequest>();
-      r->prompt = ids(lens[i], static_cast<uint32_t>(i));
-      r->max_tokens = 40;
-      r->sampling.temperature = 0;
-      r->on_token = [&outputs, i](int32_t t) {
-        outputs[i].push_back(t);
-        return true;
-      };
-      r->on_finish = [&done](const FinishInfo&) { ++done; };
-      sched.submit(r);
-      reqs.push_back(r);
-    }
-    auto extra = std::make_shared<SchedRequest>();  // cancelled midway: its blocks come back
-    extra->prompt = ids(40, 99);
-    extra->max_tokens = 50;
-    extra->on_finish = [&done](const FinishInfo& f) {
-      EXPECT_EQ(f.reason, "abort");
-      ++done;
-    };
-    sched.submit(extra);
-    for (int step = 0; done < static_cast<int>(lens.size()) + 1 && step < 10000; ++step) {
-      if (step == 3) extra->cancelled = true;
-      if (!sched.step()) runner.idle();
-    }
-    EXPECT_EQ(done, static_cast<int>(lens.size()) + 1);
-    // Every block is free or held by the prefix cache (finished requests' pages).
-    EXPECT_EQ(runner.n_free_blocks() + sched.gauges().prefix_cached_blocks, runner.n_blocks());
-    preempted = sched.n_preempted();
-    runner.shutdown();
-  });
+  with_scheduler(cp, kv_tokens, chunk, SchedulerOptions{}.radix_cache, nullptr,
+                 [&](Scheduler& sched, EngineRunner& runner) {
+                   int done = 0;
+                   std::vector<std::shared_ptr<SchedRequest>> reqs;
+                   for (size_t i = 0; i < lens.size(); ++i) {
+                     auto r = std::make_shared<SchedRequest>();
+                     r->prompt = ids(lens[i], static_cast<uint32_t>(i));
+                     r->max_tokens = 40;
+                     r->sampling.temperature = 0;
+                     r->on_token = [&outputs, i](int32_t t) {
+                       outputs[i].push_back(t);
+                       return true;
+                     };
+                     r->on_finish = [&done](const FinishInfo&) { ++done; };
+                     sched.submit(r);
+                     reqs.push_back(r);
+                   }
+                   auto extra = std::make_shared<SchedRequest>();  // cancelled midway: its blocks come back
+                   extra->prompt = ids(40, 99);
+                   extra->max_tokens = 50;
+                   extra->on_finish = [&done](const FinishInfo& f) {
+                     EXPECT_EQ(f.reason, "abort");
+                     ++done;
+                   };
+                   sched.submit(extra);
+                   for (int step = 0; done < static_cast<int>(lens.size()) + 1 && step < 10000; ++step) {
+                     if (step == 3) extra->cancelled = true;
+                     if (!sched.step()) runner.idle();
+                   }
+                   EXPECT_EQ(done, static_cast<int>(lens.size()) + 1);
+                   // Every block is free or held by the prefix cache (finished requests' pages).
+                   EXPECT_EQ(runner.n_free_blocks() + sched.gauges().prefix_cached_blocks, runner.n_blocks());
+                   preempted = sched.n_preempted();
+                 });
   if (kv_tokens < 400) EXPECT_GT(preempted, 0u) << "the test meant to exercise preemption";
   return outputs;
 }
@@ -85,11 +55,11 @@ TEST(EngineLoop, SameGreedyOutputsAtAnyCpSizeWithChunkingAndPreemption) {
   const std::vector<int> lens = {5, 37, 64, 17, 90, 3};
   auto ref = serve(1, lens, 2048, 2048);
   for (const auto& o : ref) EXPECT_EQ(o.size(), 40u);
-  EXPECT_EQ(serve(1, lens, 160, 32), ref);   // chunked, preempting
+  EXPECT_EQ(serve(1, lens, 160, 32), ref);  // chunked, preempting
   EXPECT_EQ(serve(2, lens, 2048, 2048), ref);
   EXPECT_EQ(serve(2, lens, 160, 32), ref);
   EXPECT_EQ(serve(3, lens, 160, 48), ref);
 }
 
 }  // namespace
-}  // namespace cpinfer::server
+}  // namespace cpinfer::server::test

@@ -1,0 +1,54 @@
+// What the engine-loop tests of server_unit_test share: the fixture model, deterministic prompts,
+// and rank 0's Scheduler over an EngineRunner on `cp` thread ranks, the other ranks replaying its
+// steps (follow_steps), as `cpinfer serve` runs them.
+#pragma once
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "engine/launch.h"
+#include "server/runner.h"
+
+namespace cpinfer::server::test {
+
+inline const std::string kModel = std::string(CPINFER_SOURCE_DIR) + "/tests/fixtures/moe_v4_gqa";
+inline constexpr int kBlock = 16;  // KV page size of the engines below
+
+// n token ids below 200 (the fixture's vocabulary), the same for the same seed.
+inline std::vector<int32_t> ids(int n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> v(n);
+  for (auto& x : v) x = static_cast<int32_t>(rng() % 200);
+  return v;
+}
+
+// Runs body(scheduler, runner) on rank 0 of `cp` thread ranks serving kModel (KV cache of kv_tokens
+// positions, chunked prefill of `chunk` tokens, one decode token reserved per request, the prefix
+// cache on or off), then shuts the other ranks' loops down. metrics: the scheduler's, or null.
+inline void with_scheduler(int cp, int kv_tokens, int chunk, bool radix, Metrics* metrics,
+                           const std::function<void(Scheduler&, EngineRunner&)>& body) {
+  LaunchOptions lo;
+  lo.cp_size = cp;
+  lo.timeout_s = 60;
+  launch(lo, [&](ParallelCtx& par) {
+    EngineOptions eo;
+    eo.quiet = true;
+    eo.kv_cache_tokens = kv_tokens;
+    eo.block_size = kBlock;
+    eo.cp = CpOptions{cp, true, 8};
+    Engine engine(kModel, eo, par);
+    if (par.world_rank() != 0) return follow_steps(engine, *par.control);
+    EngineRunner runner(engine, par.control);
+    SchedulerOptions so;
+    so.chunked_prefill_size = chunk;
+    so.decode_reserve_tokens = 1;
+    so.log_interval_s = 0;
+    so.radix_cache = radix;
+    Scheduler sched(runner, so, metrics);
+    body(sched, runner);
+    runner.shutdown();
+  });
+}
+
+}  // namespace cpinfer::server::test
