@@ -9,6 +9,7 @@
 //        --request-rate 4 --input-len 512 --output-len 64 [--output-file out.json]
 import { parseArgs } from 'node:util';
 import { writeFileSync } from 'node:fs';
+import { sseEvents } from './sse.mjs';
 
 const { values: opt } = parseArgs({
   options: {
@@ -80,23 +81,14 @@ async function send(model, req) {
                              stream: true, stream_options: { include_usage: true } }),
     });
     if (!res.ok) throw new Error(`HTTP ${res.status}: ${(await res.text()).slice(0, 200)}`);
-    const decoder = new TextDecoder();
-    let buf = '', last = t0, first = true;
-    for await (const bytes of res.body) {
-      buf += decoder.decode(bytes, { stream: true });
-      let at;
-      while ((at = buf.indexOf('\n\n')) >= 0) {
-        const ev = buf.slice(0, at);
-        buf = buf.slice(at + 2);
-        if (!ev.startsWith('data: ') || ev === 'data: [DONE]') continue;
-        const j = JSON.parse(ev.slice(6));
-        if (j.error) throw new Error(j.error.message);
-        if (j.usage) out.outputLen = j.usage.completion_tokens;
-        if (!j.choices?.length || !j.choices[0].text) continue;
-        const now = performance.now();
-        if (first) { out.ttft = now - t0; first = false; } else out.itl.push(now - last);
-        last = now;
-      }
+    let last = t0, first = true;
+    for await (const j of sseEvents(res.body)) {
+      if (j.error) throw new Error(j.error.message);
+      if (j.usage) out.outputLen = j.usage.completion_tokens;
+      if (!j.choices?.length || !j.choices[0].text) continue;
+      const now = performance.now();
+      if (first) { out.ttft = now - t0; first = false; } else out.itl.push(now - last);
+      last = now;
     }
     out.e2e = performance.now() - t0;
     out.ok = true;

@@ -12,6 +12,7 @@ import { parseArgs } from 'node:util';
 import { spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import os from 'node:os';
+import { sseEvents } from './sse.mjs';
 
 const { values: opt } = parseArgs({
   options: {
@@ -73,21 +74,12 @@ async function turn(url, messages) {
                            stream_options: { include_usage: true } }),
   });
   if (!res.ok) throw new Error(`HTTP ${res.status}: ${await res.text()}`);
-  let ttft = null, answer = '', promptTokens = 0, buf = '';
-  const decoder = new TextDecoder();
-  for await (const part of res.body) {
-    buf += decoder.decode(part, { stream: true });
-    let k;
-    while ((k = buf.indexOf('\n\n')) >= 0) {
-      const ev = buf.slice(0, k);
-      buf = buf.slice(k + 2);
-      if (!ev.startsWith('data: ') || ev === 'data: [DONE]') continue;
-      const chunk = JSON.parse(ev.slice(6));
-      if (chunk.usage) promptTokens = chunk.usage.prompt_tokens;
-      for (const c of chunk.choices ?? []) {
-        if (ttft === null && (c.delta.content || c.delta.reasoning_content)) ttft = performance.now() - t0;
-        answer += (c.delta.reasoning_content ?? '') + (c.delta.content ?? '');
-      }
+  let ttft = null, answer = '', promptTokens = 0;
+  for await (const chunk of sseEvents(res.body)) {
+    if (chunk.usage) promptTokens = chunk.usage.prompt_tokens;
+    for (const c of chunk.choices ?? []) {
+      if (ttft === null && (c.delta.content || c.delta.reasoning_content)) ttft = performance.now() - t0;
+      answer += (c.delta.reasoning_content ?? '') + (c.delta.content ?? '');
     }
   }
   return { ttft_ms: ttft ?? performance.now() - t0, answer, prompt_tokens: promptTokens };
