@@ -66,6 +66,12 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
                   "elsewhere), mma, wgmma, wgmma128 or cublas (per expert, for comparison)")
       ->check(CLI::IsMember({"auto", "mma", "wgmma", "wgmma128", "cublas"}))
       ->capture_default_str();
+  app->add_flag("--disable-cuda-graph", disable_cuda_graph,
+                "Enqueue every decode step's kernels one by one instead of replaying a recorded CUDA graph");
+  app->add_option("--cuda-graph-max-bs", cuda_graph_max_bs,
+                  "Largest decode batch run as a CUDA graph (larger ones run without); graphs apply at a world size "
+                  "of 1")
+      ->check(CLI::Range(1, 1 << 16))->capture_default_str();
 }
 
 LaunchOptions EngineFlags::launch() const {
@@ -91,6 +97,8 @@ EngineOptions EngineFlags::engine(int needed) const {
   o.cp.kv_interleave = kv_interleave;
   o.block_size = block_size;
   o.backend = backend;
+  o.model.decode_graphs = disable_cuda_graph ? DecodeGraphMode::Off : DecodeGraphMode::On;
+  o.model.cuda_graph_max_bs = cuda_graph_max_bs;
   o.random_weights = random_weights;
   int want = kv_cache_tokens > 0 ? kv_cache_tokens : needed;
   o.kv_cache_tokens = ((want + block_size - 1) / block_size) * block_size;

@@ -26,6 +26,8 @@ struct EngineFlags {
   int kv_cache_tokens = 0;
   int block_size = 16;
   BackendOptions backend;  // --attention-backend, --moe-runner-backend
+  bool disable_cuda_graph = false;
+  int cuda_graph_max_bs = 256;
   // --random-weights / --tokenizer-path (generate, serve): random weights at a config's shape and a
   // tokenizer from elsewhere, so that a real-shape model runs without its checkpoint on disk.
   std::string random_weights;

@@ -11,7 +11,8 @@ Attention::Attention(const AttentionShape& shape, RopeParams rope, Backend& be, 
                      const ModelOptions& opt, Profiler& prof)
     : shape_(shape), rope_(std::move(rope)), be_(be), par_(par), opt_(opt), prof_(prof), scratch_(be, kNumSlots) {}
 
-void Attention::set_batch(AttnBatch& b, std::vector<AttnBlock> blocks, const Tensor& table, Slot slot) {
+void Attention::set_batch(AttnBatch& b, std::vector<AttnBlock> blocks, const Tensor& table, Slot slot,
+                          const Tensor* dev_blocks) {
   b.blocks = std::move(blocks);
   b.block_table = plan_->block_table;
   b.max_blocks_per_seq = plan_->max_blocks;
@@ -21,12 +22,14 @@ void Attention::set_batch(AttnBatch& b, std::vector<AttnBlock> blocks, const Ten
     b.max_q_len = std::max(b.max_q_len, a.q_len);
     b.max_kv_len = std::max(b.max_kv_len, a.pos_begin + a.q_len);
   }
-  b.dev_blocks = scratch_.upload_i32(slot, flatten_attn_blocks(b.blocks),
-                                     {std::max<int64_t>(int64_t(b.blocks.size()), 1), kAttnBlockFields});
+  b.key_bound = 0;
+  b.dev_blocks = dev_blocks ? *dev_blocks
+                            : scratch_.upload_i32(slot, flatten_attn_blocks(b.blocks),
+                                                  {std::max<int64_t>(int64_t(b.blocks.size()), 1), kAttnBlockFields});
   b.dev_block_table = table;
 }
 
-void Attention::plan(const ForwardPlan& plan) {
+void Attention::plan(const ForwardPlan& plan, const AttnInputs* dev) {
   plan_ = &plan;
   const int64_t T = plan.n_local();
   const int cp = par_.cp_size();
@@ -39,6 +42,14 @@ void Attention::plan(const ForwardPlan& plan) {
   } else {
     const bool overlap = opt_.kv_overlap == KvOverlap::Auto ? par_.cp->queued() : opt_.kv_overlap == KvOverlap::On;
     strategy_ = overlap ? Strategy::CpReplicatedKvOverlap : Strategy::CpReplicatedKv;
+  }
+  if (dev) {
+    CPI_CHECK(strategy_ == Strategy::OneRank, "Attention::plan: device-side inputs serve one rank only");
+    pos_ = dev->positions;
+    slots_ = dev->slots;
+    set_batch(batch_, plan.attn, dev->block_table, kBlocks, &dev->blocks);
+    batch_.key_bound = dev->key_bound;
+    return;
   }
   pos_ = scratch_.upload_i32(kPos, plan.positions, {std::max<int64_t>(T, 1)}).slice(0, T);
   slots_ = scratch_.upload_i32(kSlots, plan.slots_all, {std::max<int64_t>(plan.n_all(), 1)}).slice(0, plan.n_all());

@@ -31,6 +31,16 @@ struct AttentionShape {
   bool qk_norm = false;
 };
 
+// A forward's attention metadata already on the device, laid out as Attention::plan would upload
+// it (a captured decode graph reads it from fixed buffers that each replay refills).
+struct AttnInputs {
+  Tensor positions;    // [T] I32
+  Tensor slots;        // [n_all] I32
+  Tensor block_table;  // [n_seqs, max_blocks] I32
+  Tensor blocks;       // [n_blocks, kAttnBlockFields] I32
+  int32_t key_bound = 0;  // AttnBatch::key_bound
+};
+
 class Attention {
  public:
   enum class Strategy { OneRank, CpReplicatedKv, CpReplicatedKvOverlap, CpShardedKv };
@@ -39,8 +49,9 @@ class Attention {
             Profiler& prof);
 
   // Once per forward: positions, K/V slots and the attention blocks of `plan` go to the device
-  // (every layer reuses them) and the strategy is fixed.
-  void plan(const ForwardPlan& plan);
+  // (every layer reuses them) and the strategy is fixed. With `dev` (one rank only) they are there
+  // already and nothing is uploaded.
+  void plan(const ForwardPlan& plan, const AttnInputs* dev = nullptr);
   Strategy strategy() const { return strategy_; }
 
   // Returns o_proj(attention(h)) [T, H] (scratch of this object, valid until the next run); h
@@ -65,7 +76,8 @@ class Attention {
     kO,
     kNumSlots
   };
-  void set_batch(AttnBatch& b, std::vector<AttnBlock> blocks, const Tensor& table, Slot slot);
+  void set_batch(AttnBatch& b, std::vector<AttnBlock> blocks, const Tensor& table, Slot slot,
+                 const Tensor* dev_blocks = nullptr);
   void gathered(const KvLayer& kv, const Tensor& q, const Tensor& kv_local, Tensor out, bool overlap);
 
   AttentionShape shape_;

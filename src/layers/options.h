@@ -11,7 +11,14 @@ namespace cpinfer {
 // communicators finish the exchange before returning, so splitting would only add work).
 enum class KvOverlap { Auto, On, Off };
 
+// Decode steps as CUDA graphs (model/decode_graph.h). On: on back-ends that record graphs, at one
+// rank. Off: every step enqueues its ops (--disable-cuda-graph). Eager (tests): the same padded
+// batches as On, run without graphs, so a replay can be compared bit for bit, on any back-end.
+enum class DecodeGraphMode { Off, On, Eager };
+
 struct ModelOptions {
+  DecodeGraphMode decode_graphs = DecodeGraphMode::On;
+  int cuda_graph_max_bs = 256;  // larger decode batches run without a graph (--cuda-graph-max-bs)
   KvOverlap kv_overlap = KvOverlap::Auto;
   // Chunks of the sharded-expert MoE pipeline (gather of chunk c+1 and reduce of chunk c-1 overlap
   // the experts of chunk c). 0: the default, 1 (no pipelining; see MoE::chunks() for why); tests

@@ -13,6 +13,8 @@
 
 namespace cpinfer {
 
+class DecodeGraphs;
+
 class CausalLM {
  public:
   virtual ~CausalLM() = default;
@@ -26,6 +28,9 @@ class CausalLM {
   // Bytes of weights this rank holds and their storage dtype (for the load log line).
   virtual size_t weight_bytes() const = 0;
   virtual DType weight_dtype() const = 0;
+
+  // The model's decode graphs (model/decode_graph.h: their counters), nullptr when it has none.
+  virtual const DecodeGraphs* decode_graphs() const { return nullptr; }
 
   // Shape of the paged KV cache this model needs (dtype = back-end activation dtype).
   virtual KvCacheShape kv_shape(int n_blocks, int block_size) const = 0;

@@ -32,7 +32,8 @@ DecoderLM::DecoderLM(const ModelConfig& cfg, const DecoderSpec& spec, ModelWeigh
       scratch_(backend, kNumSlots),
       attn_(attention_shape(cfg, spec), cfg.rope_params(), backend, par_, opt_, prof_),
       moe_(moe_shape(cfg), backend, par_, opt_, prof_),
-      mlp_(backend, prof_) {
+      mlp_(backend, prof_),
+      graphs_(backend, opt_) {
   CPI_CHECK(static_cast<int>(w_.layers.size()) == static_cast<int>(cfg_.num_hidden_layers), "weights hold ",
             w_.layers.size(), " layers, config.json says ", cfg_.num_hidden_layers);
   if (par_.cp && par_.world) {
@@ -60,6 +61,12 @@ KvCacheShape DecoderLM::kv_shape(int n_blocks, int block_size) const {
 }
 
 Tensor DecoderLM::forward_logits(const ForwardPlan& plan, KvCache& cache) {
+  if (graphs_.applies(plan, par_.world_size()))
+    return graphs_.run(plan, [&](const ForwardPlan& p, const StepInputs& in) { return run_layers(p, cache, &in); });
+  return run_layers(plan, cache, nullptr);
+}
+
+Tensor DecoderLM::run_layers(const ForwardPlan& plan, KvCache& cache, const StepInputs* in) {
   const int64_t T = plan.n_local();
   const int64_t H = cfg_.hidden_size;
   const int64_t V = cfg_.vocab_size;
@@ -68,8 +75,8 @@ Tensor DecoderLM::forward_logits(const ForwardPlan& plan, KvCache& cache) {
   prof_.start();
 
   // Metadata goes to the device once per forward; every layer reuses it.
-  Tensor ids = scratch_.upload_i32(kIds, plan.tokens, {std::max<int64_t>(T, 1)}).slice(0, T);
-  attn_.plan(plan);
+  Tensor ids = in ? in->ids : scratch_.upload_i32(kIds, plan.tokens, {std::max<int64_t>(T, 1)}).slice(0, T);
+  attn_.plan(plan, in ? &in->attn : nullptr);
   Tensor x = scratch_.rows(kX, ad, T, H);  // residual stream
   Tensor h = scratch_.rows(kH, ad, T, H);  // normed input of the next sub-layer
   if (T > 0) {
@@ -109,7 +116,7 @@ Tensor DecoderLM::forward_logits(const ForwardPlan& plan, KvCache& cache) {
   const int64_t R_all = static_cast<int64_t>(plan.logit_rows_all.size());
   Tensor logits = scratch_.rows(kLogits, DType::F32, R, V);
   if (R > 0) {
-    Tensor idx = scratch_.upload_i32(kLogitIdx, plan.logit_rows_local, {R});
+    Tensor idx = in ? in->logit_idx : scratch_.upload_i32(kLogitIdx, plan.logit_rows_local, {R});
     Tensor sel = scratch_.get(kSel, ad, {R, H});
     Tensor sel_norm = scratch_.get(kSelNorm, ad, {R, H});
     be_.gather_rows(x, idx, sel);

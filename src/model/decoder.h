@@ -9,6 +9,7 @@
 
 #include "layers/attention.h"
 #include "layers/moe.h"
+#include "model/decode_graph.h"
 #include "model/causal_lm.h"
 #include "model/registry.h"
 #include "model/weight_map.h"
@@ -30,6 +31,7 @@ class DecoderLM : public CausalLM {
   size_t weight_bytes() const override { return w_.bytes; }
   DType weight_dtype() const override { return w_.embed.dtype; }
   const ModelWeights& weights() const { return w_; }
+  const DecodeGraphs* decode_graphs() const override { return &graphs_; }
 
   KvCacheShape kv_shape(int n_blocks, int block_size) const override;
   std::vector<float> forward(const ForwardPlan& plan, KvCache& cache) override;
@@ -42,6 +44,9 @@ class DecoderLM : public CausalLM {
   // F32), gathered over the CP group; finish_forward() then waits for the device and the queued
   // collectives.
   Tensor forward_logits(const ForwardPlan& plan, KvCache& cache);
+  // The layers of forward_logits; with `in` the per-step inputs are on the device already (a
+  // decode graph's buffers) and nothing is uploaded.
+  Tensor run_layers(const ForwardPlan& plan, KvCache& cache, const StepInputs* in);
   void finish_forward();
 
   ModelConfig cfg_;
@@ -55,6 +60,7 @@ class DecoderLM : public CausalLM {
   Attention attn_;
   MoE moe_;
   Mlp mlp_;
+  DecodeGraphs graphs_;
 };
 
 // The registry entry of a decoder family: its weight map and a DecoderLM with `spec`.

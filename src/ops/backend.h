@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "core/check.h"
 #include "core/tensor.h"
 
 namespace cpinfer {
@@ -57,6 +58,9 @@ struct AttnBatch {
   int32_t max_blocks_per_seq = 0;
   int32_t max_q_len = 0;                      // largest q_len over the blocks
   int32_t max_kv_len = 0;                     // largest pos_begin + q_len over the blocks
+  // 0, or a bound on every block's key count that the launch is sized for instead of the blocks'
+  // own (a captured decode graph replays one launch for every step of its context bucket).
+  int32_t key_bound = 0;
   Tensor dev_blocks;                          // [n_blocks, kAttnBlockFields] I32 on the device
   Tensor dev_block_table;                     // [n_seqs, max_blocks_per_seq] I32 on the device
 };
@@ -93,6 +97,14 @@ struct ExpertShard {
   std::vector<Tensor> down;  // count x [H, I]
 };
 
+// A recorded sequence of ops (a CUDA graph). replay() enqueues it again; it reads whatever the
+// device buffers it was recorded with hold at that time.
+class OpGraph {
+ public:
+  virtual ~OpGraph() = default;
+  virtual void replay() = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -112,6 +124,16 @@ class Backend {
   // which device communicators bind their collectives.
   virtual void* native_stream() { return nullptr; }
 
+  // ---- graphs (back-ends where graphs_supported()): the ops enqueued between begin_capture() and
+  // end_capture() are recorded, not run; nothing in between may allocate, free or wait for the
+  // device. end_capture() also ends a capture that failed (an op threw) and then throws.
+  virtual bool graphs_supported() const { return false; }
+  virtual void begin_capture() { CPI_FAIL(name(), " back-end records no graphs"); }
+  virtual std::unique_ptr<OpGraph> end_capture() { CPI_FAIL(name(), " back-end records no graphs"); }
+  // Changes whenever device memory is freed (a scratch buffer or workspace grew): a graph recorded
+  // under another value may point at freed memory and must be recorded again.
+  virtual uint64_t memory_epoch() const { return 0; }
+
   // ---- ops
   // out[t] = table[ids[t]] converted to out.dtype. table [V, H], ids [T] I32, out [T, H].
   virtual void embedding(const Tensor& table, const Tensor& ids, Tensor out) = 0;
@@ -125,7 +147,8 @@ class Backend {
   // positions [T] I32. Undefined norm weights (both): RoPE only. Contract: ops/contract.h.
   virtual void qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
                             const Tensor& positions, const RopeParams& rope) = 0;
-  // Writes k, v [T, Hkv, D] into the cache at slots [T] I32 (slot = block * block_size + offset).
+  // Writes k, v [T, Hkv, D] into the cache at slots [T] I32 (slot = block * block_size + offset);
+  // a row with slot -1 (padding) is skipped.
   virtual void kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, KvLayer cache) = 0;
   // Causal GQA attention of each AttnBlock over the paged cache. q, out [T, Hq, D]; lse [T, Hq]
   // F32 (natural log of the softmax denominator incl. scale) is written when defined.

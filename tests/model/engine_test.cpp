@@ -1,5 +1,6 @@
 // Engine behaviour on a fixture: EOS ids from generation_config.json stop generation (unless
-// ignored), decode reuses the cache (prefill + decode equals one longer prefill), capacity errors.
+// ignored), decode reuses the cache (prefill + decode equals one longer prefill), capacity errors,
+// decode steps padded as a decode graph runs them.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -8,6 +9,7 @@
 
 #include "engine/engine.h"
 #include "fixtures.h"
+#include "model/decode_graph.h"
 
 using namespace cpinfer;
 using namespace cpinfer::test;
@@ -106,5 +108,42 @@ TEST(Engine, GenerateDrawsWhatTheHostSamplerDraws) {
     EXPECT_EQ(out, host_sampled(e, prompt, sp, 12)) << "temperature " << sp.temperature << " top_k " << sp.top_k << " top_p " << sp.top_p;
     std::set<int32_t> distinct(out.begin(), out.end());
     EXPECT_GT(distinct.size(), 1u) << "a sampled continuation that never varies: is the draw keyed by the step?";
+  }
+}
+
+TEST(DecodeGraphs, BatchBucketsAndTableWidths) {
+  const std::vector<std::pair<int, int>> buckets = {{1, 1},   {2, 2},    {3, 4},    {5, 8},    {9, 16},
+                                                    {63, 64}, {65, 80},  {129, 160}, {256, 256}, {257, 320}};
+  for (auto [n, b] : buckets) EXPECT_EQ(decode_graph_batch(n, 1024), b) << n;
+  EXPECT_EQ(decode_graph_batch(100, 100), 100) << "the cap is a bucket of its own";
+  EXPECT_EQ(decode_graph_batch(101, 100), 0);
+  EXPECT_EQ(decode_graph_batch(0, 100), 0);
+  EXPECT_EQ(decode_graph_width(1), 8);
+  EXPECT_EQ(decode_graph_width(9), 16);
+  EXPECT_EQ(decode_graph_width(64), 64);
+}
+
+// What a decode graph replays is the step padded to its bucket (DecodeGraphMode::Eager runs that
+// without a graph, on any back-end): padding rows store no K/V and attend to no key, so the real
+// rows' logits are those of the unpadded step, and later steps see an unchanged cache.
+TEST(DecodeGraphs, PaddedStepsGiveTheUnpaddedLogits) {
+  for (const char* name : {"moe_v4_gqa", "dense_qwen3"}) {
+    EngineOptions off = opts(), padded = opts();
+    off.model.decode_graphs = DecodeGraphMode::Off;
+    padded.model.decode_graphs = DecodeGraphMode::Eager;
+    Engine a(fixture_dir(name), off), b(fixture_dir(name), padded);
+    const auto la = batched_greedy_decode(a, 3, 3), lb = batched_greedy_decode(b, 3, 3);
+    ASSERT_EQ(la.size(), lb.size());
+    for (size_t step = 0; step < la.size(); ++step) {
+      ASSERT_EQ(la[step].size(), lb[step].size());
+      for (size_t s = 0; s < la[step].size(); ++s)
+        EXPECT_LE(rel_max_err(lb[step][s].data(), la[step][s].data(), la[step][s].size()), 1e-5)
+            << name << " step " << step << " sequence " << s;
+    }
+    ASSERT_NE(b.model().decode_graphs(), nullptr);
+    EXPECT_EQ(b.model().decode_graphs()->stats().padded_eager, 6) << "every decode step padded (3 to 4, then 2)";
+    EXPECT_EQ(a.model().decode_graphs()->stats().padded_eager, 0);
+    EXPECT_EQ(a.model().decode_graphs()->stats().captures + b.model().decode_graphs()->stats().captures, 0)
+        << "the CPU back-end records no graphs";
   }
 }

@@ -102,4 +102,32 @@ inline std::vector<int32_t> host_sampled(Engine& e, const std::vector<int32_t>& 
   return out;
 }
 
+// Batched greedy decode: n_seqs prompts of different lengths (7, 12, 17, ... tokens) prefilled, then
+// `steps` decode steps of all of them feeding each argmax back, then `steps` more with the last
+// sequence released (a smaller batch). Returns the logits of every decode step, [step][seq][V].
+inline std::vector<std::vector<std::vector<float>>> batched_greedy_decode(Engine& e, int n_seqs, int steps) {
+  std::vector<int> seqs;
+  std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(n_seqs));
+  std::vector<std::span<const int32_t>> spans;
+  for (int s = 0; s < n_seqs; ++s) {
+    for (int i = 0; i < 7 + 5 * s; ++i) prompts[size_t(s)].push_back(int32_t((s * 31 + i * 7 + 3) % 200));
+    spans.push_back(prompts[size_t(s)]);
+  }
+  auto logits = e.prefill(spans, seqs);
+  std::vector<std::vector<std::vector<float>>> out;
+  for (int step = 0; step < 2 * steps; ++step) {
+    if (step == steps) {
+      e.release(seqs.back());
+      seqs.pop_back();
+      logits.pop_back();
+    }
+    std::vector<int32_t> next;
+    for (const auto& l : logits) next.push_back(argmax(l));
+    logits = e.decode(seqs, next);
+    out.push_back(logits);
+  }
+  for (int s : seqs) e.release(s);
+  return out;
+}
+
 }  // namespace cpinfer::test

@@ -220,7 +220,13 @@ void CpuBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots,
   check_host(cache.v, op, "cache.v");
   const int64_t T = k.dim(0), row = k.dim(1) * k.dim(2);
   const int64_t n_slots = cache.k.dim(0) * cache.k.dim(1);
-  const std::vector<int64_t> slot = checked_indices(slots, n_slots, op, "slots");
+  // -1 marks a padding row (skipped); any other slot must lie in the cache.
+  std::vector<int64_t> slot(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) {
+    slot[size_t(t)] = index_at(slots, t);
+    CPI_CHECK(slot[size_t(t)] >= -1 && slot[size_t(t)] < n_slots, op, ": slots[", t, "] = ", slot[size_t(t)],
+              " is out of range [0, ", n_slots, ") (-1: padding)");
+  }
   const size_t src_row = static_cast<size_t>(row) * dtype_size(k.dtype);
   const size_t kc_row = static_cast<size_t>(row) * dtype_size(cache.k.dtype);
   const size_t vc_row = static_cast<size_t>(row) * dtype_size(cache.v.dtype);
@@ -241,6 +247,7 @@ void CpuBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots,
   const OmpBudget budget;
 #pragma omp parallel for schedule(static) num_threads(budget.threads()) if (2 * T * row > kParallelMinElems)
   for (int64_t t = 0; t < T; ++t) {
+    if (slot[size_t(t)] < 0) continue;
     put(byte_ptr(k) + t * src_row, byte_ptr_mut(cache.k) + slot[t] * kc_row, cache.k.dtype);
     put(byte_ptr(v) + t * src_row, byte_ptr_mut(cache.v) + slot[t] * vc_row, cache.v.dtype);
   }

@@ -203,6 +203,7 @@ void CudaBackend::dealloc(void* p) {
   DeviceGuard g(device_);
   CUDA_CHECK(cudaStreamSynchronize(stream_));  // the memory may still be in use by queued work
   CUDA_CHECK(cudaFree(p));
+  ++memory_epoch_;
 }
 
 void CudaBackend::upload(void* dst, const void* host_src, size_t bytes) {
@@ -247,10 +248,62 @@ void* CudaBackend::workspace(size_t bytes, size_t keep_bytes) {
                                  stream_));
     CUDA_CHECK(cudaStreamSynchronize(stream_));  // queued work may still use the old scratch
     CUDA_CHECK(cudaFree(workspace_));
+    ++memory_epoch_;
   }
   workspace_ = fresh;
   workspace_bytes_ = want;
   return workspace_;
+}
+
+// ---- graphs
+
+namespace {
+class CudaGraph final : public OpGraph {
+ public:
+  CudaGraph(cudaGraphExec_t exec, cudaStream_t stream, int device) : exec_(exec), stream_(stream), device_(device) {}
+  ~CudaGraph() override { cudaGraphExecDestroy(exec_); }
+  CudaGraph(const CudaGraph&) = delete;
+  CudaGraph& operator=(const CudaGraph&) = delete;
+  void replay() override {
+    DeviceGuard g(device_);
+    CUDA_CHECK(cudaGraphLaunch(exec_, stream_));
+  }
+
+ private:
+  cudaGraphExec_t exec_;
+  cudaStream_t stream_;
+  int device_;
+};
+}  // namespace
+
+void CudaBackend::begin_capture() {
+  CPI_CHECK(!capturing_, "begin_capture: a capture is already under way");
+  DeviceGuard g(device_);
+  // Thread-local mode: an unsafe call of this thread (a synchronization, an allocation) fails the
+  // capture; other threads (the server's) are not affected.
+  CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  capturing_ = true;
+}
+
+std::unique_ptr<OpGraph> CudaBackend::end_capture() {
+  CPI_CHECK(capturing_, "end_capture without begin_capture");
+  DeviceGuard g(device_);
+  capturing_ = false;
+  cudaGraph_t graph = nullptr;
+  const cudaError_t err = cudaStreamEndCapture(stream_, &graph);
+  if (err != cudaSuccess || graph == nullptr) {
+    cudaGetLastError();  // an invalidated capture leaves its error behind
+    if (graph) cudaGraphDestroy(graph);
+    CPI_FAIL("CUDA graph capture failed: ", cudaGetErrorString(err));
+  }
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  if (inst != cudaSuccess) {
+    cudaGetLastError();
+    CPI_FAIL("CUDA graph instantiation failed: ", cudaGetErrorString(inst));
+  }
+  return std::make_unique<CudaGraph>(exec, stream_, device_);
 }
 
 const float* CudaBackend::inv_freq_on_device(const RopeParams& rope) {
@@ -459,7 +512,10 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
   } else {
     // Decode (and head dims without a tensor-core kernel): split-K over the keys, partials in the
     // workspace, merged by LSE. The GQA decode kernel where it applies, else the generic one.
-    const int keys = static_cast<int>(max_keys);
+    // A bound given for the launch (a captured decode graph) sizes the splits for every step it serves.
+    CPI_CHECK(batch.key_bound == 0 || batch.key_bound >= max_keys, "attention: key_bound ", batch.key_bound,
+              " is below the longest key range ", max_keys);
+    const int keys = static_cast<int>(std::max<int64_t>(max_keys, batch.key_bound));
     const bool gqa = attention_decode_supported(dev(q), dev(cache), max_q);
     const int n_splits =
         gqa ? attention_decode_splits(static_cast<int>(n_blocks), static_cast<int>(cache.k.dim(2)), keys, n_sms_)

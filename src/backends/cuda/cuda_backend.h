@@ -55,6 +55,10 @@ class CudaBackend : public Backend {
   void fill_zero(Tensor t) override;
   void sync() override;
   void* native_stream() override { return stream_; }
+  bool graphs_supported() const override { return true; }
+  void begin_capture() override;
+  std::unique_ptr<OpGraph> end_capture() override;
+  uint64_t memory_epoch() const override { return memory_epoch_; }
 
   void embedding(const Tensor& table, const Tensor& ids, Tensor out) override;
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor out) override;
@@ -172,6 +176,8 @@ class CudaBackend : public Backend {
   void* cublas_workspace_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
+  uint64_t memory_epoch_ = 0;  // frees of device memory (memory_epoch())
+  bool capturing_ = false;
   struct RopeTable {
     std::vector<float> inv_freq;
     float* device = nullptr;
