@@ -15,6 +15,7 @@
 
 #include "common.h"
 #include "core/log.h"
+#include "model/decode_graph.h"
 
 namespace cpinfer {
 
@@ -106,6 +107,7 @@ int run_bench_decode(DecodeFlags& f) {
   std::string device_name;
   double copy_gbps = 0;
   int cache_tokens = 0;
+  DecodeGraphs::Stats graph_stats;
   launch(ef.launch(), [&](ParallelCtx& par) {
     CPI_CHECK(par.world_size() == 1, "bench decode runs on one rank (world size ", par.world_size(), ")");
     EngineOptions eo = ef.engine(int(need));
@@ -168,6 +170,7 @@ int run_bench_decode(DecodeFlags& f) {
         rows.push_back(r);
       }
     }
+    if (const DecodeGraphs* g = engine.model().decode_graphs()) graph_stats = g->stats();
   });
 
   nlohmann::ordered_json j;
@@ -176,11 +179,17 @@ int run_bench_decode(DecodeFlags& f) {
   j["layers"] = cfg.num_hidden_layers;
   j["kv_cache_tokens"] = cache_tokens;
   j["copy_gbps"] = copy_gbps;
+  j["cuda_graph"] = !f.ef.disable_cuda_graph && graph_stats.replays > 0;
+  j["graphs_recorded"] = graph_stats.captures;
+  j["steps_replayed"] = graph_stats.replays;
   j["expert_bytes_model"] = "uniform routing: E * (1 - (1 - k/E)^batch) distinct experts per MoE layer";
   j["results"] = nlohmann::json::array();
   if (!f.json) {
     std::printf("model %s, device %s, copy bandwidth %.0f GB/s (read + write), KV cache %d positions\n",
                 j["model"].get<std::string>().c_str(), device_name.c_str(), copy_gbps, cache_tokens);
+    std::printf("decode graphs: %lld recorded, %lld steps replayed (warm-up included)%s\n",
+                static_cast<long long>(graph_stats.captures), static_cast<long long>(graph_stats.replays),
+                f.ef.disable_cuda_graph ? ", --disable-cuda-graph" : "");
     std::printf("%6s %8s %10s %10s %11s %9s %9s %9s %8s %7s\n", "batch", "context", "step_ms", "p90_ms", "tok/s",
                 "weight_MB", "expert_MB", "kv_MB", "GB/s", "%copy");
   }
