@@ -1,14 +1,18 @@
 // Decode attention (one query row per block), head_dim 128, BF16 q and cache: one CTA per
 // (block, KV head, key split) serves all G query heads that share the KV head, so each K/V row
 // is read from memory once per step, not G times. K and V arrive in tiles of 64 keys by 16-byte
-// cp.async (zero fill outside the key range or the cache), double-buffered so that the next
-// tile's loads are in flight while this one is used: the kernel is bound by the bandwidth of the
-// cache reads, as decode is. Splits write partial (acc, max, sum) that attention_generic.cu's
-// merge kernel combines, the same log-sum-exp merge context parallelism uses across ranks.
+// cp.async into swizzled shared memory (zero fill outside the key range), double-buffered so that
+// the next tile's loads are in flight while this one is used: the kernel is bound by the bandwidth
+// of the cache reads, as decode is.
 //
-// Per tile: the scores S[g, j] (fp32, log2 units) go to shared memory, thread (j, g-parity)
-// computing them for its key; then the threads of head g (128 / G of them) each own G output
-// dims, take the tile's row max, rescale and accumulate P·V from shared memory.
+// The arithmetic runs on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate), as in the
+// prefill kernel (attention.cu) with the G heads as the 16 query rows (rows >= G are zero): each of
+// the 4 warps takes 16 keys of every tile, S = Q·Kᵀ for them, its own online softmax (m, l) and
+// O += P·V with P re-packed from the S accumulators. At the end the warps' (m, l, O) are merged by
+// log-sum-exp in shared memory; a split writes its partial (acc, max, sum), which
+// attention_generic.cu's merge kernel combines (the same merge context parallelism uses across
+// ranks). The page of each key is looked up once, when its tile is loaded; a key whose table entry
+// lies outside the cache is skipped (masked), never read.
 #include <algorithm>
 #include <cfloat>
 
@@ -20,40 +24,40 @@ namespace cpinfer::cuda {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kTile = 64;              // keys per tile
+constexpr int kWarps = kThreads / 32;
+constexpr int kTile = 64;              // keys per tile (16 per warp)
+constexpr int kStages = 2;
 constexpr int kD = 128;                // head_dim
-constexpr int kRow = kD + 8;           // BF16 elements per shared-memory row (272 B: no bank conflicts)
-constexpr int kChunksPerRow = kD / 8;  // 16-byte chunks per row
+constexpr int kChunks = kD / 8;        // 16-byte chunks per row
+constexpr int kMaxG = 16;              // query heads per KV head (the MMA's 16 rows)
 constexpr float kLn2 = 0.69314718055994531f;
 
-template <int G>
-constexpr size_t smem_bytes() {
-  return size_t{2} * 2 * kTile * kRow * sizeof(__nv_bfloat16) + size_t{G} * kD * sizeof(float) +
-         size_t{G} * kTile * sizeof(float);
-}
+// Shared memory: Q [16][kD] and kStages x (K, V) [kTile][kD] BF16, swizzled; the tiles' key masks.
+// After the key loop the K/V region holds the warps' partial results for the merge.
+constexpr size_t kQBytes = size_t{kMaxG} * kD * 2;
+constexpr size_t kTileBytes = size_t{kTile} * kD * 2;
+constexpr size_t kSmemBytes = kQBytes + 2 * kStages * kTileBytes + size_t{kStages} * kTile;
+static_assert(size_t{kWarps} * kMaxG * (kD + 2) * sizeof(float) <= 2 * kStages * kTileBytes,
+              "the warps' partials must fit the K/V tiles");
 
-// Slot of key `key` of the sequence whose table row is `table`, or -1 when the entry is outside
-// the cache (the key is then skipped, never read).
-__device__ __forceinline__ int64_t key_slot(const int32_t* table, int key, int block_size, int n_pages) {
-  const int page = table[key / block_size];
-  if (static_cast<unsigned>(page) >= static_cast<unsigned>(n_pages)) return -1;
-  return static_cast<int64_t>(page) * block_size + key % block_size;
-}
+// Element offset of (row, 16-byte chunk) with the XOR swizzle that keeps ldmatrix and cp.async
+// free of bank conflicts.
+__device__ __forceinline__ int swz(int row, int chunk) { return row * kD + ((chunk ^ (row & 7)) << 3); }
 
-template <int G>
 __global__ void __launch_bounds__(kThreads)
     attention_decode_kernel(const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ blocks,
                             const int32_t* __restrict__ block_table, int max_blocks_per_seq,
                             const __nv_bfloat16* __restrict__ cache_k, const __nv_bfloat16* __restrict__ cache_v,
-                            int block_size, int n_pages, int hq, int hkv, float scale_log2, int n_splits, int split_len,
-                            __nv_bfloat16* __restrict__ out, float* __restrict__ lse, float* __restrict__ part) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  auto* sk = reinterpret_cast<__nv_bfloat16*>(smem);           // [2][kTile][kRow]
-  __nv_bfloat16* sv = sk + 2 * kTile * kRow;                   // [2][kTile][kRow]
-  auto* sq = reinterpret_cast<float*>(sv + 2 * kTile * kRow);  // [G][kD], scaled to log2 units
-  float* ss = sq + G * kD;                                     // [G][kTile]
+                            int block_size, int n_pages, int hq, int hkv, int n_group, float scale_log2,
+                            int n_splits, int split_len, __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
+                            float* __restrict__ part) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  auto* sq = reinterpret_cast<__nv_bfloat16*>(smem);
+  __nv_bfloat16* sk = sq + kMaxG * kD;             // [kStages][kTile][kD]
+  __nv_bfloat16* sv = sk + kStages * kTile * kD;   // [kStages][kTile][kD]
+  auto* svalid = reinterpret_cast<unsigned char*>(sv + kStages * kTile * kD);  // [kStages][kTile]
 
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int split = blockIdx.x, kvh = blockIdx.y;
   const int32_t* blk = blocks + kDevAttnBlockFields * blockIdx.z;
   const int q_begin = blk[0], q_len = blk[1], pos_begin = blk[2], seq = blk[3];
@@ -67,150 +71,181 @@ __global__ void __launch_bounds__(kThreads)
   const int key_end = static_cast<int>(kb + split_len < key_hi ? kb + split_len : key_hi);
   const int32_t* table = block_table + static_cast<int64_t>(seq) * max_blocks_per_seq;
   const int64_t row = q_begin;
-  const int h0 = kvh * G;
+  const int h0 = kvh * n_group;
 
-  for (int i = tid; i < G * kD; i += kThreads) sq[i] = __bfloat162float(q[(row * hq + h0) * kD + i]) * scale_log2;
-
+  // Q: the group's heads as rows 0..G-1, zero rows after.
+  for (int c = tid; c < kMaxG * kChunks; c += kThreads) {
+    const int r = c / kChunks, ch = c % kChunks;
+    cp_async16(sq + swz(r, ch), q + ((row * hq + h0 + (r < n_group ? r : 0)) * kD + ch * 8), r < n_group);
+  }
   const int n_tiles = (key_end - key_begin + kTile - 1) / kTile;
+  // Thread tid loads chunk tid % 16 of rows tid / 16 + 8i; the row's page is looked up once.
   auto load_tile = [&](int tile, int stage) {
-    __nv_bfloat16* dk = sk + stage * kTile * kRow;
-    __nv_bfloat16* dv = sv + stage * kTile * kRow;
+    __nv_bfloat16* dk = sk + stage * kTile * kD;
+    __nv_bfloat16* dv = sv + stage * kTile * kD;
+    const int ch = tid % kChunks;
 #pragma unroll
-    for (int c = tid; c < kTile * kChunksPerRow; c += kThreads) {
-      const int j = c / kChunksPerRow, part16 = c % kChunksPerRow;
-      const int key = key_begin + tile * kTile + j;
-      const int64_t slot = key < key_end ? key_slot(table, key, block_size, n_pages) : -1;
-      const int64_t base = slot >= 0 ? (slot * hkv + kvh) * kD + part16 * 8 : 0;
-      cp_async16(dk + j * kRow + part16 * 8, cache_k + base, slot >= 0);
-      cp_async16(dv + j * kRow + part16 * 8, cache_v + base, slot >= 0);
+    for (int i = 0; i < kTile * kChunks / kThreads; ++i) {
+      const int r = tid / kChunks + i * (kThreads / kChunks);
+      const int key = key_begin + tile * kTile + r;
+      int64_t slot = -1;
+      if (key < key_end) {
+        const int page = table[key / block_size];
+        if (static_cast<unsigned>(page) < static_cast<unsigned>(n_pages))
+          slot = static_cast<int64_t>(page) * block_size + key % block_size;
+      }
+      const int64_t base = slot >= 0 ? (slot * hkv + kvh) * kD + ch * 8 : 0;
+      cp_async16(dk + swz(r, ch), cache_k + base, slot >= 0);
+      cp_async16(dv + swz(r, ch), cache_v + base, slot >= 0);
+      if (ch == 0) svalid[stage * kTile + r] = slot >= 0;
     }
-    cp_async_commit();
   };
-
-  // P·V ownership: head g = tid / kPerHead, dims [d0, d0 + G).
-  constexpr int kPerHead = kThreads / G;
-  const int g = tid / kPerHead;
-  const int d0 = (tid % kPerHead) * G;
-  float acc[G];
 #pragma unroll
-  for (int i = 0; i < G; ++i) acc[i] = 0.0f;
-  float m = -INFINITY, l = 0.0f;
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < n_tiles) load_tile(st, st);
+    cp_async_commit();  // the first group also holds Q
+  }
 
-  if (n_tiles > 0) load_tile(0, 0);
+  const int g = lane >> 2, t4 = lane & 3;  // accumulator row (head) g and g + 8, key/dim pair 2·t4
+  float o[kD / 8][4];
+#pragma unroll
+  for (int n = 0; n < kD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f};
+  uint32_t qa[kD / 16][4];
+
   for (int t = 0; t < n_tiles; ++t) {
-    if (t + 1 < n_tiles) {
-      load_tile(t + 1, (t + 1) & 1);
-      cp_async_wait<1>();
+    if (t + kStages - 1 < n_tiles) load_tile(t + kStages - 1, (t + kStages - 1) % kStages);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();
+    __syncthreads();  // tile t (and on the first pass Q) visible to every thread
+    if (t == 0) {
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ++ks) ldmatrix_x4(qa[ks], sq + swz(lane & 15, ks * 2 + (lane >> 4)));
+    }
+    const int stage = t % kStages;
+    const __nv_bfloat16* kt = sk + stage * kTile * kD;
+    const __nv_bfloat16* vt = sv + stage * kTile * kD;
+    const int k0 = warp * 16;  // this warp's keys of the tile
+
+    // S = Q·Kᵀ for the warp's 16 keys: two n8 tiles.
+    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      uint32_t b[4];
+      ldmatrix_x4(b, kt + swz(k0 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1)));
+      mma_bf16(s[0], qa[ks], b[0], b[1]);
+      mma_bf16(s[1], qa[ks], b[2], b[3]);
+    }
+    // Keys outside the range or the cache were zero-filled: mask them.
+    const unsigned char* valid = svalid + stage * kTile + k0;
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (!valid[n * 8 + 2 * t4 + (e & 1)]) s[n][e] = -INFINITY;
+
+    // Online softmax per row (head), spread over the 4 threads of a quad; max in log2 units.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_row[r], mx * scale_log2);
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // no key yet
+      const float corr = fast_exp2(m_row[r] - m_use);
+      m_row[r] = m_new;
+      float sum = 0.0f;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        s[n][2 * r] = fast_exp2(fmaf(s[n][2 * r], scale_log2, -m_use));
+        s[n][2 * r + 1] = fast_exp2(fmaf(s[n][2 * r + 1], scale_log2, -m_use));
+        sum += s[n][2 * r] + s[n][2 * r + 1];
+      }
+      l_row[r] = l_row[r] * corr + sum;
+#pragma unroll
+      for (int n = 0; n < kD / 8; ++n) {
+        o[n][2 * r] *= corr;
+        o[n][2 * r + 1] *= corr;
+      }
+    }
+    // O += P·V over the warp's 16 keys.
+    uint32_t pa[4] = {pack_bf16(s[0][0], s[0][1]), pack_bf16(s[0][2], s[0][3]), pack_bf16(s[1][0], s[1][1]),
+                      pack_bf16(s[1][2], s[1][3])};
+#pragma unroll
+    for (int dp = 0; dp < kD / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, vt + swz(k0 + (lane & 7) + (((lane >> 3) & 1) << 3), dp * 2 + (lane >> 4)));
+      mma_bf16(o[2 * dp], pa, b[0], b[1]);
+      mma_bf16(o[2 * dp + 1], pa, b[2], b[3]);
+    }
+    __syncthreads();  // every warp is done with this stage before it is loaded again
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Merge the warps: warp w's rows go to red[w][row][0..kD) = O, [kD] = m, [kD + 1] = l.
+  auto* red = reinterpret_cast<float*>(sk);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_row[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int hr = g + 8 * r;
+    if (hr >= n_group) continue;
+    float* dst = red + (warp * kMaxG + hr) * (kD + 2);
+#pragma unroll
+    for (int n = 0; n < kD / 8; ++n) {
+      dst[n * 8 + 2 * t4] = o[n][2 * r];
+      dst[n * 8 + 2 * t4 + 1] = o[n][2 * r + 1];
+    }
+    if (t4 == 0) {
+      dst[kD] = m_row[r];
+      dst[kD + 1] = l;
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < n_group * kD; i += kThreads) {
+    const int hr = i / kD, d = i % kD;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, red[(w * kMaxG + hr) * (kD + 2) + kD]);
+    float acc = 0.0f, l = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float* src = red + (w * kMaxG + hr) * (kD + 2);
+      const float wt = src[kD] == -INFINITY ? 0.0f : fast_exp2(src[kD] - m);
+      acc += src[d] * wt;
+      l += src[kD + 1] * wt;
+    }
+    const int h = h0 + hr;
+    if (n_splits > 1) {  // partial result; an empty split leaves m = -inf, l = 0
+      float* p = part + ((row * hq + h) * n_splits + split) * (kD + 2);
+      p[d] = acc;
+      if (d == 0) {
+        p[kD] = m;
+        p[kD + 1] = l;
+      }
     } else {
-      cp_async_wait<0>();
+      out[(row * hq + h) * kD + d] = __float2bfloat16_rn(l > 0.0f ? acc / l : 0.0f);
+      if (lse != nullptr && d == 0) lse[row * hq + h] = (m + log2f(l)) * kLn2;
     }
-    __syncthreads();  // tile t (and, on the first pass, sq) visible to every thread
-    const __nv_bfloat16* K = sk + (t & 1) * kTile * kRow;
-    const __nv_bfloat16* V = sv + (t & 1) * kTile * kRow;
-
-    // Scores: thread (j = tid % kTile, parity = tid / kTile) takes heads parity, parity + 2, ...
-    {
-      constexpr int kHalf = (G + 1) / 2;
-      const int j = tid % kTile, parity = tid / kTile;
-      const int key = key_begin + t * kTile + j;
-      const bool valid = key < key_end && key_slot(table, key, block_size, n_pages) >= 0;
-      float dot[kHalf];
-#pragma unroll
-      for (int i = 0; i < kHalf; ++i) dot[i] = 0.0f;
-      const __nv_bfloat16* kr = K + j * kRow;
-#pragma unroll 4
-      for (int dd = 0; dd < kD; dd += 8) {
-        float kv[8];
-        load8(kr + dd, kv);
-#pragma unroll
-        for (int i = 0; i < kHalf; ++i) {
-          const int gg = parity + 2 * i;
-          if (gg < G) {
-            const float4 qa = *reinterpret_cast<const float4*>(sq + gg * kD + dd);
-            const float4 qb = *reinterpret_cast<const float4*>(sq + gg * kD + dd + 4);
-            dot[i] += qa.x * kv[0] + qa.y * kv[1] + qa.z * kv[2] + qa.w * kv[3] + qb.x * kv[4] + qb.y * kv[5] +
-                      qb.z * kv[6] + qb.w * kv[7];
-          }
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kHalf; ++i) {
-        const int gg = parity + 2 * i;
-        if (gg < G) ss[gg * kTile + j] = valid ? dot[i] : -INFINITY;
-      }
-    }
-    __syncthreads();
-
-    // Online softmax and P·V for head g, dims [d0, d0 + G).
-    {
-      const float* sg = ss + g * kTile;
-      float tmax = -INFINITY;
-#pragma unroll 8
-      for (int j = 0; j < kTile; ++j) tmax = fmaxf(tmax, sg[j]);
-      if (tmax != -INFINITY) {
-        const float m_new = fmaxf(m, tmax);
-        const float corr = exp2f(m - m_new);
-        l *= corr;
-#pragma unroll
-        for (int i = 0; i < G; ++i) acc[i] *= corr;
-#pragma unroll 4
-        for (int j = 0; j < kTile; ++j) {
-          const float p = exp2f(sg[j] - m_new);
-          l += p;
-          const __nv_bfloat16* vr = V + j * kRow + d0;
-          if constexpr (G >= 8) {
-#pragma unroll
-            for (int i = 0; i < G; i += 8) {
-              float vv[8];
-              load8(vr + i, vv);
-#pragma unroll
-              for (int e = 0; e < 8; ++e) acc[i + e] += p * vv[e];
-            }
-          } else {
-#pragma unroll
-            for (int i = 0; i < G; ++i) acc[i] += p * __bfloat162float(vr[i]);
-          }
-        }
-        m = m_new;
-      }
-    }
-    __syncthreads();  // every thread is done with this stage before it is loaded again
   }
-
-  const int h = h0 + g;
-  const bool leader = tid % kPerHead == 0;
-  if (n_splits > 1) {  // partial result; an empty split leaves m = -inf, l = 0
-    float* p = part + ((row * hq + h) * n_splits + split) * (kD + 2);
-#pragma unroll
-    for (int i = 0; i < G; ++i) p[d0 + i] = acc[i];
-    if (leader) {
-      p[kD] = m;
-      p[kD + 1] = l;
-    }
-    return;
-  }
-  const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
-  __nv_bfloat16* orow = out + (row * hq + h) * kD + d0;
-#pragma unroll
-  for (int i = 0; i < G; ++i) orow[i] = __float2bfloat16_rn(acc[i] * inv_l);
-  if (lse != nullptr && leader) lse[row * hq + h] = (m + log2f(l)) * kLn2;
 }
 
-template <int G>
-cudaError_t launch_g(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale_log2, DevTensor out,
-                     float* lse, int n_splits, int split_len, float* part, cudaStream_t stream) {
-  constexpr size_t bytes = smem_bytes<G>();
-  static_assert(bytes <= 227 * 1024, "decode attention tiles exceed shared memory");
-  cudaError_t err = cudaFuncSetAttribute(attention_decode_kernel<G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(bytes));
+cudaError_t launch_kernel(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale_log2,
+                          DevTensor out, float* lse, int n_splits, int split_len, float* part, cudaStream_t stream) {
+  static_assert(kSmemBytes <= 227 * 1024, "decode attention tiles exceed shared memory");
+  cudaError_t err = cudaFuncSetAttribute(attention_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kSmemBytes));
   if (err != cudaSuccess) return err;
   const int hkv = static_cast<int>(cache.k.dim(2));
+  const int hq = static_cast<int>(q.dim(1));
   const dim3 grid(static_cast<unsigned>(n_splits), static_cast<unsigned>(hkv), static_cast<unsigned>(batch.n_blocks));
-  attention_decode_kernel<G><<<grid, kThreads, bytes, stream>>>(
+  attention_decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(
       q.ptr<const __nv_bfloat16>(), batch.blocks, batch.block_table, batch.max_blocks_per_seq,
       cache.k.ptr<const __nv_bfloat16>(), cache.v.ptr<const __nv_bfloat16>(), cache.block_size(),
-      static_cast<int>(cache.k.dim(0)), static_cast<int>(q.dim(1)), hkv, scale_log2, n_splits, split_len,
-      out.ptr<__nv_bfloat16>(), lse, part);
+      static_cast<int>(cache.k.dim(0)), hq, hkv, hq / hkv, scale_log2, n_splits, split_len, out.ptr<__nv_bfloat16>(),
+      lse, part);
   return cudaGetLastError();
 }
 
@@ -222,7 +257,7 @@ bool attention_decode_supported(const DevTensor& q, const DevKv& cache, int max_
   const int64_t hq = q.dim(1), hkv = cache.k.dim(2);
   if (hkv <= 0 || hq % hkv != 0) return false;
   const int64_t g = hq / hkv;
-  return (g == 1 || g == 2 || g == 4 || g == 8 || g == 16) && aligned16(q.data) && aligned16(cache.k.data) &&
+  return g >= 1 && g <= kMaxG && aligned16(q.data) && aligned16(cache.k.data) &&
          aligned16(cache.v.data);
 }
 
@@ -247,13 +282,7 @@ cudaError_t launch_attention_decode(const DevTensor& q, const DevAttnBatch& batc
   const int split_len = n_splits > 1 ? ((max_keys + n_splits - 1) / n_splits + kTile - 1) / kTile * kTile : INT32_MAX;
   const float scale_log2 = scale * 1.4426950408889634f;
   float* lse_p = lse.defined() ? lse.ptr<float>() : nullptr;
-  const int64_t g = q.dim(1) / cache.k.dim(2);  // 1, 2, 4, 8 or 16 (attention_decode_supported)
-  const auto launch = g == 1   ? launch_g<1>
-                      : g == 2 ? launch_g<2>
-                      : g == 4 ? launch_g<4>
-                      : g == 8 ? launch_g<8>
-                               : launch_g<16>;
-  const cudaError_t err = launch(q, batch, cache, scale_log2, out, lse_p, n_splits, split_len, part, stream);
+  const cudaError_t err = launch_kernel(q, batch, cache, scale_log2, out, lse_p, n_splits, split_len, part, stream);
   if (err != cudaSuccess || n_splits == 1) return err;
   return launch_attention_split_merge(batch, static_cast<int>(q.dim(1)), kD, n_splits, part, out, lse, stream);
 }

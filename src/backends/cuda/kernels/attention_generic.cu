@@ -124,7 +124,10 @@ __global__ void __launch_bounds__(kWarps * 32)
   if (lse != nullptr && lane == 0) lse[row * hq + h] = (m + log2f(l)) * kLn2;
 }
 
-// Log-sum-exp merge of the splits: one warp per (query, head), same grid as above without splits.
+// Log-sum-exp merge of the splits (at most kMaxSplits): one warp per (query, head), same grid as
+// above without splits. The lanes read the splits' (m, l) in parallel and agree on the weights by
+// shuffles, so the acc loads of all splits are independent and stay in flight together.
+constexpr int kMaxSplits = 64;
 template <class T>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_merge_kernel(const int32_t* __restrict__ blocks, int hq, int d, int n_splits,
@@ -136,19 +139,34 @@ __global__ void __launch_bounds__(kWarps * 32)
   if (qi >= blk[1]) return;
   const int64_t row = blk[0] + qi;
   const float* p = part + (row * hq + h) * n_splits * (d + 2);
-  float m = -INFINITY;
-  for (int s = 0; s < n_splits; ++s) m = fmaxf(m, p[s * (d + 2) + d]);
-  float l = 0.0f, acc[kMaxDPer] = {0, 0, 0, 0, 0, 0, 0, 0};
+  // Split lane and lane + 32: its max and sum (an empty split has l = 0 and weighs nothing).
+  float ms[2], ls[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int s = lane + 32 * i;
+    ms[i] = s < n_splits ? p[s * (d + 2) + d] : -INFINITY;
+    ls[i] = s < n_splits ? p[s * (d + 2) + d + 1] : 0.0f;
+  }
+  float m = fmaxf(ms[0], ms[1]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  float w[2], l = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    w[i] = ls[i] == 0.0f ? 0.0f : exp2f(ms[i] - m);
+    l += ls[i] * w[i];
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+  float acc[kMaxDPer] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll 4
   for (int s = 0; s < n_splits; ++s) {
+    const float ws = __shfl_sync(0xffffffffu, s < 32 ? w[0] : w[1], s & 31);
     const float* ps = p + s * (d + 2);
-    const float ls = ps[d + 1];
-    if (ls == 0.0f) continue;  // empty split
-    const float w = exp2f(ps[d] - m);
-    l += ls * w;
 #pragma unroll
     for (int j = 0; j < kMaxDPer; ++j) {
       const int dd = lane + 32 * j;
-      if (dd < d) acc[j] += ps[dd] * w;
+      if (dd < d) acc[j] += ps[dd] * ws;
     }
   }
   T* orow = out + (row * hq + h) * d;
@@ -205,7 +223,7 @@ cudaError_t launch_attention_generic(const DevTensor& q, const DevAttnBatch& bat
 cudaError_t launch_attention_split_merge(const DevAttnBatch& batch, int hq, int d, int n_splits, const float* part,
                                          DevTensor out, DevTensor lse, cudaStream_t stream) {
   if (batch.n_blocks == 0 || batch.max_q_len == 0) return cudaSuccess;
-  if (d > kMaxDPer * 32 || batch.n_blocks > 65535 || hq > 65535) return cudaErrorInvalidValue;
+  if (d > kMaxDPer * 32 || batch.n_blocks > 65535 || hq > 65535 || n_splits > kMaxSplits) return cudaErrorInvalidValue;
   const unsigned gx = static_cast<unsigned>((batch.max_q_len + kWarps - 1) / kWarps);
   float* lse_p = lse.defined() ? lse.ptr<float>() : nullptr;
   CPI_DISPATCH_ACT(out.dtype, "attention out", T, {
