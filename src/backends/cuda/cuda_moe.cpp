@@ -88,17 +88,18 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
     return;
   }
   // Everything sized from n_pairs (an upper bound of the local rows), in one workspace request
-  // before the first launch: nothing here waits for the device. Layout: offsets [count + 1],
-  // tile_start [count + 1], src_token [T·K], pair_row [T·K], act [T·K, I] BF16, y [T·K, H] F32.
+  // before the first launch: nothing here waits for the device. Layout: offsets, tile_start,
+  // active [count + 1] each, src_token [T·K], pair_row [T·K], act [T·K, I] BF16, y [T·K, H] F32.
   const size_t off_b = round_up((count + 1) * 4), pair_b = round_up(n_pairs * 4);
   const size_t act_b = round_up(n_pairs * inter * 2), y_b = round_up(n_pairs * hidden * 4);
-  char* ws = static_cast<char*>(workspace(2 * off_b + 2 * pair_b + act_b + y_b));
+  char* ws = static_cast<char*>(workspace(3 * off_b + 2 * pair_b + act_b + y_b));
   auto* offsets = reinterpret_cast<int32_t*>(ws);
   auto* tile_start = reinterpret_cast<int32_t*>(ws + off_b);
-  auto* src_token = reinterpret_cast<int32_t*>(ws + 2 * off_b);
-  auto* pair_row = reinterpret_cast<int32_t*>(ws + 2 * off_b + pair_b);
-  void* act = ws + 2 * off_b + 2 * pair_b;
-  float* y_rows = reinterpret_cast<float*>(ws + 2 * off_b + 2 * pair_b + act_b);
+  auto* active = reinterpret_cast<int32_t*>(ws + 2 * off_b);
+  auto* src_token = reinterpret_cast<int32_t*>(ws + 3 * off_b);
+  auto* pair_row = reinterpret_cast<int32_t*>(ws + 3 * off_b + pair_b);
+  void* act = ws + 3 * off_b + 2 * pair_b;
+  float* y_rows = reinterpret_cast<float*>(ws + 3 * off_b + 2 * pair_b + act_b);
   const void* const* ptrs = expert_pointers_on_device(shard);
   const bool tensor_cores = !small && aligned && moe_grouped_gemm_supported(hidden, inter) &&
                             moe_grouped_gemm_max_tiles(static_cast<int64_t>(n_pairs), count) <= 65535;
@@ -110,7 +111,7 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
     wgmma_cfg.n_per_cta = 1;
   }
   CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
-                                       tensor_cores ? tile_start : nullptr, stream_),
+                                       tensor_cores ? tile_start : nullptr, stream_, tensor_cores ? nullptr : active),
               "moe_permute");
   if (use_wgmma) {
     CUDA_LAUNCH(launch_moe_grouped_gemms_wgmma(dev(x), src_token, offsets, tile_start, static_cast<int64_t>(n_pairs),
@@ -123,8 +124,10 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
                 "moe_grouped_gemms");
   } else {
     const bool vec = aligned && hidden % 8 == 0 && inter % 8 == 0;
+    // At most T·K experts have rows: the grid covers that many (active lists them on the device).
+    const int max_active = static_cast<int>(std::min<size_t>(n_pairs, static_cast<size_t>(count)));
     CUDA_LAUNCH(launch_moe_rowwise_gemms(dev(x), src_token, offsets, count, ptrs, ptrs + count, ptrs + 2 * count,
-                                         inter, vec, act, y_rows, stream_),
+                                         inter, vec, act, y_rows, stream_, active, max_active),
                 "moe_rowwise_gemms");
   }
   Tensor y(y_rows, DType::F32, {static_cast<int64_t>(n_pairs), hidden}, Device::CUDA);

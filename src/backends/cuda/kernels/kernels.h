@@ -138,10 +138,12 @@ cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormaliz
 cudaError_t launch_moe_permute(const DevTensor& ids, int first, int count, int32_t* offsets, int32_t* src_token,
                                int32_t* pair_row, cudaStream_t stream);
 // The same, also writing tile_start [count + 1]: the exclusive prefix sum of ceil(rows_e / tile_m)
-// (M-tiles per expert), which the grouped GEMMs use to map a CTA to its (expert, M-tile).
+// (M-tiles per expert), which the grouped GEMMs use to map a CTA to its (expert, M-tile); and, when
+// given, active [count + 1]: active[0] = the number of experts with rows, active[1..] their local
+// indices in ascending order (the small-batch kernels launch for those only).
 cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count, int32_t* offsets,
                                      int32_t* src_token, int32_t* pair_row, int tile_m, int32_t* tile_start,
-                                     cudaStream_t stream);
+                                     cudaStream_t stream, int32_t* active = nullptr);
 // Small batches: all local experts in two launches, offsets read on the device. gate/up/down are
 // device arrays of `count` BF16 weight pointers ([I, H], [I, H], [H, I]); act [rows, I] BF16 and
 // y [rows, H] F32 are scratch of at least T·K rows. H and I must be multiples of 8 and every
@@ -151,10 +153,14 @@ cudaError_t launch_moe_small_gemms(const DevTensor& x, const int32_t* src_token,
                                    int64_t inter, void* act, float* y, cudaStream_t stream);
 // The same kernels for any H and I (vectorized = false: scalar loads, no alignment needed);
 // vectorized = true needs what launch_moe_small_gemms needs. Slow for large batches: the fallback
-// of the grouped path for shapes the tensor-core kernels do not take.
+// of the grouped path for shapes the tensor-core kernels do not take. With `active` (from
+// launch_moe_permute_tiled) the grid covers max_active experts (>= active[0], e.g. min(count,
+// T·K)) instead of all `count`: at decode most experts have no row, and their empty CTAs cost more
+// than the work.
 cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets, int count,
                                      const void* const* gate, const void* const* up, const void* const* down,
-                                     int64_t inter, bool vectorized, void* act, float* y, cudaStream_t stream);
+                                     int64_t inter, bool vectorized, void* act, float* y, cudaStream_t stream,
+                                     const int32_t* active = nullptr, int max_active = 0);
 
 // ---- moe_gemm.cu: the tensor-core grouped expert GEMMs of prefill, scheduled on the device.
 inline constexpr int kMoeGemmTileM = 128;  // rows per M-tile: the tile_m of launch_moe_permute_tiled

@@ -85,7 +85,8 @@ __device__ __forceinline__ void local_experts(const int32_t* __restrict__ ids, i
 // its expert's segment.
 __global__ void moe_permute_kernel(const int32_t* __restrict__ ids, int64_t n_pairs, int top_k, int first, int count,
                                    int32_t* __restrict__ offsets, int32_t* __restrict__ src_token,
-                                   int32_t* __restrict__ pair_row, int tile_m, int32_t* __restrict__ tile_start) {
+                                   int32_t* __restrict__ pair_row, int tile_m, int32_t* __restrict__ tile_start,
+                                   int32_t* __restrict__ active) {
   extern __shared__ int32_t cursor[];  // [count]
   for (int e = threadIdx.x; e < count; e += blockDim.x) cursor[e] = 0;
   __syncthreads();
@@ -99,9 +100,10 @@ __global__ void moe_permute_kernel(const int32_t* __restrict__ ids, int64_t n_pa
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    int32_t run = 0, tiles = 0;
+    int32_t run = 0, tiles = 0, n_active = 0;
     for (int e = 0; e < count; ++e) {
       const int32_t c = cursor[e];
+      if (active && c > 0) active[1 + n_active++] = e;
       offsets[e] = run;
       cursor[e] = run;
       run += c;
@@ -112,6 +114,7 @@ __global__ void moe_permute_kernel(const int32_t* __restrict__ ids, int64_t n_pa
     }
     offsets[count] = run;
     if (tile_start) tile_start[count] = tiles;
+    if (active) active[0] = n_active;
   }
   __syncthreads();
   for (int64_t base = threadIdx.x; base < n_pairs; base += step) {
@@ -186,9 +189,11 @@ template <bool kGateUp, bool kVec>
 __global__ void __launch_bounds__(kSmallWarps * 32)
     moe_small_gemm_kernel(const __nv_bfloat16* __restrict__ in, const int32_t* __restrict__ src_token,
                           const int32_t* __restrict__ offsets, const __nv_bfloat16* const* __restrict__ w1,
-                          const __nv_bfloat16* const* __restrict__ w2, int n_out, int k_dim, void* __restrict__ out) {
+                          const __nv_bfloat16* const* __restrict__ w2, int n_out, int k_dim, void* __restrict__ out,
+                          const int32_t* __restrict__ active) {
   constexpr int kMats = kGateUp ? 2 : 1;
-  const int e = blockIdx.y;
+  if (active && static_cast<int>(blockIdx.y) >= active[0]) return;
+  const int e = active ? active[1 + blockIdx.y] : static_cast<int>(blockIdx.y);
   const int begin = offsets[e], end = offsets[e + 1];
   if (begin == end) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -284,12 +289,13 @@ cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormaliz
 
 cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count, int32_t* offsets,
                                      int32_t* src_token, int32_t* pair_row, int tile_m, int32_t* tile_start,
-                                     cudaStream_t stream) {
+                                     cudaStream_t stream, int32_t* active) {
   const int64_t n_pairs = ids.numel();
   const int top_k = static_cast<int>(ids.cols());
   if (tile_start && tile_m <= 0) return cudaErrorInvalidValue;
   moe_permute_kernel<<<1, 1024, static_cast<size_t>(count) * sizeof(int32_t), stream>>>(
-      ids.ptr<const int32_t>(), n_pairs, top_k, first, count, offsets, src_token, pair_row, tile_m, tile_start);
+      ids.ptr<const int32_t>(), n_pairs, top_k, first, count, offsets, src_token, pair_row, tile_m, tile_start,
+      active);
   return cudaGetLastError();
 }
 
@@ -318,32 +324,35 @@ cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, c
 
 cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets, int count,
                                      const void* const* gate, const void* const* up, const void* const* down,
-                                     int64_t inter, bool vectorized, void* act, float* y, cudaStream_t stream) {
+                                     int64_t inter, bool vectorized, void* act, float* y, cudaStream_t stream,
+                                     const int32_t* active, int max_active) {
   const int64_t hidden = x.cols();
   if (count == 0) return cudaSuccess;
   if (count > 65535 || (vectorized && (hidden % 8 != 0 || inter % 8 != 0))) return cudaErrorInvalidValue;
+  if (active && (max_active < 1 || max_active > count)) return cudaErrorInvalidValue;
+  const int experts = active ? max_active : count;  // grid rows
   const auto* xp = x.ptr<const __nv_bfloat16>();
   auto* g = reinterpret_cast<const __nv_bfloat16* const*>(gate);
   auto* u = reinterpret_cast<const __nv_bfloat16* const*>(up);
   auto* d = reinterpret_cast<const __nv_bfloat16* const*>(down);
-  const dim3 grid1(static_cast<unsigned>((inter + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned>(count));
-  const dim3 grid2(static_cast<unsigned>((hidden + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned>(count));
+  const dim3 grid1(static_cast<unsigned>((inter + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned>(experts));
+  const dim3 grid2(static_cast<unsigned>((hidden + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned>(experts));
   const auto* actp = static_cast<const __nv_bfloat16*>(act);
   const int n_i = static_cast<int>(inter), n_h = static_cast<int>(hidden);
   if (vectorized) {
     moe_small_gemm_kernel<true, true><<<grid1, kSmallWarps * 32, 0, stream>>>(xp, src_token, offsets, g, u, n_i, n_h,
-                                                                              act);
+                                                                              act, active);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     moe_small_gemm_kernel<false, true><<<grid2, kSmallWarps * 32, 0, stream>>>(actp, nullptr, offsets, d, nullptr,
-                                                                               n_h, n_i, y);
+                                                                               n_h, n_i, y, active);
   } else {
     moe_small_gemm_kernel<true, false><<<grid1, kSmallWarps * 32, 0, stream>>>(xp, src_token, offsets, g, u, n_i,
-                                                                               n_h, act);
+                                                                               n_h, act, active);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     moe_small_gemm_kernel<false, false><<<grid2, kSmallWarps * 32, 0, stream>>>(actp, nullptr, offsets, d, nullptr,
-                                                                                n_h, n_i, y);
+                                                                                n_h, n_i, y, active);
   }
   return cudaGetLastError();
 }
