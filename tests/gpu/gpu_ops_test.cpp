@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <numeric>
 
+#include "backends/cuda/cuda_backend.h"
+#include "backends/cuda/kernels/kernels.h"
 #include "gpu_test_util.h"
 
 namespace cpinfer::gputest {
@@ -123,20 +125,38 @@ TEST_F(Ops, EmbeddingGatherScatter) {
 TEST_F(Ops, Linear) {
   Rng rng(5);
   struct Case { int64_t m, k, n; DType out; };
+  // Up to kSkinnyMaxRows rows (aligned, K % 8 == 0) run on the own streaming kernel, the rest on
+  // cuBLAS; both settings of set_skinny_gemm must match the CPU.
+  auto* cuda_be = dynamic_cast<cuda::CudaBackend*>(gpu_.get());
+  ASSERT_NE(cuda_be, nullptr);
   for (const Case& c : std::vector<Case>{{1, 64, 32, DType::BF16},
                                          {17, 2048, 512, DType::BF16},
                                          {128, 768, 2048, DType::BF16},
                                          {33, 100, 70, DType::BF16},
-                                         {5, 2048, 1000, DType::F32}}) {
+                                         {5, 2048, 1000, DType::F32},
+                                         {1, 2048, 4096, DType::BF16},
+                                         {2, 4096, 2048, DType::BF16},
+                                         {3, 768, 2048, DType::F32},
+                                         {4, 104, 1, DType::BF16},
+                                         {6, 2048, 151, DType::F32},
+                                         {8, 2048, 513, DType::BF16},
+                                         {7, 100, 70, DType::BF16},
+                                         {9, 2048, 512, DType::BF16}}) {
     const std::string sh = "M=" + std::to_string(c.m) + " K=" + std::to_string(c.k) + " N=" + std::to_string(c.n) +
                            (c.out == DType::F32 ? " out=f32" : "");
     auto a = rng.bf16_normal(c.m * c.k), w = rng.bf16_normal(c.n * c.k, 0.05f);
     Tensor co = cpu_alloc(DType::F32, {c.m, c.n});
     cpu_->linear(cpu_f32(a, {c.m, c.k}), cpu_f32(w, {c.n, c.k}), co);
     Tensor ga = gpu_tensor("a", DType::BF16, {c.m, c.k}, &a), gw = gpu_tensor("w", DType::BF16, {c.n, c.k}, &w);
-    Tensor go = gpu_tensor("out", c.out, {c.m, c.n}, nullptr);
-    gpu_->linear(ga, gw, go);
-    expect_close("linear", sh, gpu_read(go), cpu_read(co), c.out == DType::F32 ? 1e-9 : kNmse, 0.1);
+    for (bool skinny : {true, false}) {
+      cuda_be->set_skinny_gemm(skinny);
+      Tensor go = gpu_tensor("out", c.out, {c.m, c.n}, nullptr);
+      gpu_->linear(ga, gw, go);
+      const bool own = skinny && cuda::skinny_gemm_supported(cuda::dev(ga), cuda::dev(gw), cuda::dev(go));
+      expect_close(own ? "linear.skinny" : "linear.cublas", sh, gpu_read(go), cpu_read(co),
+                   c.out == DType::F32 ? 1e-9 : kNmse, 0.1);
+    }
+    cuda_be->set_skinny_gemm(true);
   }
   // F32 weights take the converted fp32 path.
   const int64_t m = 9, k = 96, n = 40;

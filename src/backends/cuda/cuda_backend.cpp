@@ -379,6 +379,11 @@ void CudaBackend::linear(const Tensor& a, const Tensor& w, Tensor out) {
             " is not supported on CUDA (BF16 or F32; convert the checkpoint)");
   DeviceGuard g(device_);
   if (a.dtype == DType::BF16 && w.dtype == DType::BF16) {
+    // A few rows (decode): one streaming read of w; else cuBLAS. Both accumulate in fp32.
+    if (skinny_gemm_ && skinny_gemm_supported(dev(a), dev(w), dev(out))) {
+      CUDA_LAUNCH(launch_skinny_gemm(dev(a), dev(w), dev(out), stream_), "skinny_gemm");
+      return;
+    }
     gemm(a, w, out);  // BF16 x BF16 -> BF16 or F32 output, fp32 accumulation
     return;
   }

@@ -56,6 +56,9 @@ class CudaBackend : public Backend {
   void sync() override;
   void* native_stream() override { return stream_; }
   bool graphs_supported() const override { return true; }
+  // Whether linear() runs BF16 GEMMs of at most kSkinnyMaxRows rows on the own streaming kernel
+  // (default) or on cuBLAS (tests compare the two).
+  void set_skinny_gemm(bool on) { skinny_gemm_ = on; }
   void begin_capture() override;
   std::unique_ptr<OpGraph> end_capture() override;
   uint64_t memory_epoch() const override { return memory_epoch_; }
@@ -177,6 +180,7 @@ class CudaBackend : public Backend {
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   uint64_t memory_epoch_ = 0;  // frees of device memory (memory_epoch())
+  bool skinny_gemm_ = true;    // linear() of <= kSkinnyMaxRows rows on the own kernel (set_skinny_gemm)
   bool capturing_ = false;
   struct RopeTable {
     std::vector<float> inv_freq;

@@ -63,6 +63,12 @@ cudaError_t launch_rms_norm(DevTensor residual, const DevTensor& x, const DevTen
 cudaError_t launch_silu_mul(const DevTensor& gate, const DevTensor& up, DevTensor out, cudaStream_t stream);
 cudaError_t launch_add(DevTensor a, const DevTensor& b, cudaStream_t stream);
 cudaError_t launch_convert(const DevTensor& src, DevTensor dst, cudaStream_t stream);
+
+// ---- skinny_gemm.cu: out [M, N] = a [M, K] · w [N, K]ᵀ for M <= kSkinnyMaxRows (decode
+// projections): BF16 a and w (16-byte aligned, K % 8 == 0), fp32 accumulation, BF16 or F32 out.
+inline constexpr int64_t kSkinnyMaxRows = 8;
+bool skinny_gemm_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out);
+cudaError_t launch_skinny_gemm(const DevTensor& a, const DevTensor& w, DevTensor out, cudaStream_t stream);
 // out[i] = src[idx[i]]; rows with idx outside [0, src rows) are zero-filled.
 cudaError_t launch_gather_rows(const DevTensor& src, const DevTensor& idx, DevTensor out, cudaStream_t stream);
 // out[idx[i]] = src[i]; rows with idx outside [0, out rows) are skipped.

@@ -179,8 +179,12 @@ __global__ void moe_unpermute_kernel(const TY* __restrict__ y, const float* __re
 // once: decode is bound by the weight reads, and one column at a time left the memory system
 // idle between round trips); rows after the first hit L1/L2.
 constexpr int kSmallWarps = 8;
-constexpr int kColsPerWarp = 4;
-constexpr int kColsPerBlock = kSmallWarps * kColsPerWarp;
+// Columns per warp: gate‖up reads two rows of K = H per column; down's rows (K = I) are shorter,
+// so a warp takes more of them to keep as many bytes in flight.
+template <bool kGateUp>
+constexpr int cols_per_warp() { return kGateUp ? 4 : 8; }
+template <bool kGateUp>
+constexpr int cols_per_block() { return kSmallWarps * cols_per_warp<kGateUp>(); }
 
 // kGateUp: act[r, n] = silu(bf16(x[tok(r)] · gate[n])) · bf16(x[tok(r)] · up[n]), rounded to bf16
 // like the cuBLAS path (whose GEMMs write bf16). Otherwise: y[r, n] = act[r] · down[n] in F32.
@@ -192,6 +196,8 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
                           const __nv_bfloat16* const* __restrict__ w2, int n_out, int k_dim, void* __restrict__ out,
                           const int32_t* __restrict__ active) {
   constexpr int kMats = kGateUp ? 2 : 1;
+  constexpr int kColsPerWarp = cols_per_warp<kGateUp>();
+  constexpr int kColsPerBlock = cols_per_block<kGateUp>();
   if (active && static_cast<int>(blockIdx.y) >= active[0]) return;
   const int e = active ? active[1 + blockIdx.y] : static_cast<int>(blockIdx.y);
   const int begin = offsets[e], end = offsets[e + 1];
@@ -335,8 +341,10 @@ cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const int32_t* src_toke
   auto* g = reinterpret_cast<const __nv_bfloat16* const*>(gate);
   auto* u = reinterpret_cast<const __nv_bfloat16* const*>(up);
   auto* d = reinterpret_cast<const __nv_bfloat16* const*>(down);
-  const dim3 grid1(static_cast<unsigned>((inter + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned>(experts));
-  const dim3 grid2(static_cast<unsigned>((hidden + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned>(experts));
+  const dim3 grid1(static_cast<unsigned>((inter + cols_per_block<true>() - 1) / cols_per_block<true>()),
+                   static_cast<unsigned>(experts));
+  const dim3 grid2(static_cast<unsigned>((hidden + cols_per_block<false>() - 1) / cols_per_block<false>()),
+                   static_cast<unsigned>(experts));
   const auto* actp = static_cast<const __nv_bfloat16*>(act);
   const int n_i = static_cast<int>(inter), n_h = static_cast<int>(hidden);
   if (vectorized) {
