@@ -20,12 +20,13 @@ lines = [l for l in open(sys.argv[1]) if l.startswith('"')]
 for r in csv.DictReader(lines):
     if r.get("Metric Name") != "gpu__time_duration.sum":
         continue
-    name = r["Kernel Name"][:90]
+    name = r["Kernel Name"].split("(")[0][-80:]
     n = int(r["Invocations"]) if r.get("Invocations") else 1
     avg = float(r["Average"].replace(",", ""))
     unit = r.get("Metric Unit", "ns")
     scale = {"ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "nsecond": 1e-3}.get(unit, 1e-3)
-    rows[name] = (n, avg * scale)
+    prev = rows.get(name, (0, 0.0))  # one line per (kernel, launch shape): add them up
+    rows[name] = (prev[0] + n, (prev[0] * prev[1] + n * avg * scale) / (prev[0] + n))
 total = sum(n * a for n, a in rows.values())
 print("kernel time of both steps: %.3f ms (one step: about half)" % (total / 1e3))
 for name, (n, a) in sorted(rows.items(), key=lambda kv: -kv[1][0] * kv[1][1])[:25]:

@@ -56,7 +56,7 @@ class CudaBackend : public Backend {
   void sync() override;
   void* native_stream() override { return stream_; }
   bool graphs_supported() const override { return true; }
-  // Whether linear() runs BF16 GEMMs of at most kSkinnyMaxRows rows on the own streaming kernel
+  // Whether linear() runs BF16 GEMMs of at most kSkinnyMaxRows (2) rows on the own streaming kernel
   // (default) or on cuBLAS (tests compare the two).
   void set_skinny_gemm(bool on) { skinny_gemm_ = on; }
   void begin_capture() override;

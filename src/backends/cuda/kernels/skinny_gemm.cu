@@ -1,4 +1,4 @@
-// out = a · wᵀ for a few rows (decode: M <= kSkinnyMaxRows), BF16 a and w, fp32 accumulation, BF16
+// out = a · wᵀ for one or two rows (decode: M <= kSkinnyMaxRows), BF16 a and w, fp32 accumulation, BF16
 // or F32 out. At such M a GEMM is a read of w, once: each warp streams kCols rows of w by 16-byte
 // loads (two steps in flight), multiplies them with all M rows of a (which stay in L1) and reduces
 // across the warp. cuBLAS's kernels for these shapes read w at a fraction of the bandwidth, and the
@@ -83,10 +83,8 @@ cudaError_t launch_skinny_gemm(const DevTensor& a, const DevTensor& w, DevTensor
   if (!skinny_gemm_supported(a, w, out)) return cudaErrorInvalidValue;
   const int64_t m = a.rows();
   if (w.dim(0) == 0) return cudaSuccess;
-  return m <= 1 ? launch_m<1>(a, w, out, stream)
-         : m <= 2 ? launch_m<2>(a, w, out, stream)
-         : m <= 4 ? launch_m<4>(a, w, out, stream)
-                  : launch_m<8>(a, w, out, stream);
+  static_assert(kSkinnyMaxRows <= 2, "instantiate the row counts up to kSkinnyMaxRows");
+  return m <= 1 ? launch_m<1>(a, w, out, stream) : launch_m<2>(a, w, out, stream);
 }
 
 }  // namespace cpinfer::cuda
