@@ -13,7 +13,7 @@ FILES=(
   src/ops/contract.h src/ops/contract.cpp
   src/kv/radix_cache.h src/kv/radix_cache.cpp tests/unit/radix_cache_test.cpp tests/server/prefix_cache_test.cpp tests/server/engine_harness.h tests/server/runner_test.cpp
   tests/model/llama_test.cpp
-  src/backends/cuda/kernels/attention_decode.cu
+  src/backends/cuda/kernels/attention_decode.cu src/backends/cuda/kernels/skinny_gemm.cu
 )
 FORMAT="${CLANG_FORMAT:-clang-format}"
 command -v "$FORMAT" >/dev/null || { echo "[format] $FORMAT not found (scripts/setup.sh installs it)" >&2; exit 1; }

@@ -34,10 +34,10 @@ struct AttentionShape {
 // A forward's attention metadata already on the device, laid out as Attention::plan would upload
 // it (a captured decode graph reads it from fixed buffers that each replay refills).
 struct AttnInputs {
-  Tensor positions;    // [T] I32
-  Tensor slots;        // [n_all] I32
-  Tensor block_table;  // [n_seqs, max_blocks] I32
-  Tensor blocks;       // [n_blocks, kAttnBlockFields] I32
+  Tensor positions;       // [T] I32
+  Tensor slots;           // [n_all] I32
+  Tensor block_table;     // [n_seqs, max_blocks] I32
+  Tensor blocks;          // [n_blocks, kAttnBlockFields] I32
   int32_t key_bound = 0;  // AttnBatch::key_bound
 };
 

@@ -12,8 +12,13 @@ int round_up(int n, int m) { return (n + m - 1) / m * m; }
 
 int decode_graph_batch(int n, int max_bs) {
   if (n < 1 || n > max_bs) return 0;
-  const int b = n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 64 ? round_up(n, 8) : n <= 128 ? round_up(n, 16)
-              : n <= 256 ? round_up(n, 32) : round_up(n, 64);
+  const int b = n <= 1     ? 1
+                : n <= 2   ? 2
+                : n <= 4   ? 4
+                : n <= 64  ? round_up(n, 8)
+                : n <= 128 ? round_up(n, 16)
+                : n <= 256 ? round_up(n, 32)
+                           : round_up(n, 64);
   return std::min(b, max_bs);
 }
 

@@ -49,8 +49,8 @@ class DecodeGraphs {
   // outlives the call); `in` holds its inputs.
   using Forward = std::function<Tensor(const ForwardPlan& plan, const StepInputs& in)>;
   struct Stats {
-    int64_t captures = 0;   // graphs recorded
-    int64_t replays = 0;    // steps run by a graph
+    int64_t captures = 0;      // graphs recorded
+    int64_t replays = 0;       // steps run by a graph
     int64_t padded_eager = 0;  // steps run padded without a graph (DecodeGraphMode::Eager)
   };
 

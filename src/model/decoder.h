@@ -9,8 +9,8 @@
 
 #include "layers/attention.h"
 #include "layers/moe.h"
-#include "model/decode_graph.h"
 #include "model/causal_lm.h"
+#include "model/decode_graph.h"
 #include "model/registry.h"
 #include "model/weight_map.h"
 #include "model/weights.h"

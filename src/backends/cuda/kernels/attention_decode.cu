@@ -25,11 +25,11 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kTile = 64;              // keys per tile (16 per warp)
+constexpr int kTile = 64;  // keys per tile (16 per warp)
 constexpr int kStages = 2;
-constexpr int kD = 128;                // head_dim
-constexpr int kChunks = kD / 8;        // 16-byte chunks per row
-constexpr int kMaxG = 16;              // query heads per KV head (the MMA's 16 rows)
+constexpr int kD = 128;          // head_dim
+constexpr int kChunks = kD / 8;  // 16-byte chunks per row
+constexpr int kMaxG = 16;        // query heads per KV head (the MMA's 16 rows)
 constexpr float kLn2 = 0.69314718055994531f;
 
 // Shared memory: Q [16][kD] and kStages x (K, V) [kTile][kD] BF16, swizzled; the tiles' key masks.
@@ -48,13 +48,13 @@ __global__ void __launch_bounds__(kThreads)
     attention_decode_kernel(const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ blocks,
                             const int32_t* __restrict__ block_table, int max_blocks_per_seq,
                             const __nv_bfloat16* __restrict__ cache_k, const __nv_bfloat16* __restrict__ cache_v,
-                            int block_size, int n_pages, int hq, int hkv, int n_group, float scale_log2,
-                            int n_splits, int split_len, __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
+                            int block_size, int n_pages, int hq, int hkv, int n_group, float scale_log2, int n_splits,
+                            int split_len, __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
                             float* __restrict__ part) {
   extern __shared__ __align__(128) unsigned char smem[];
   auto* sq = reinterpret_cast<__nv_bfloat16*>(smem);
-  __nv_bfloat16* sk = sq + kMaxG * kD;             // [kStages][kTile][kD]
-  __nv_bfloat16* sv = sk + kStages * kTile * kD;   // [kStages][kTile][kD]
+  __nv_bfloat16* sk = sq + kMaxG * kD;                                         // [kStages][kTile][kD]
+  __nv_bfloat16* sv = sk + kStages * kTile * kD;                               // [kStages][kTile][kD]
   auto* svalid = reinterpret_cast<unsigned char*>(sv + kStages * kTile * kD);  // [kStages][kTile]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = 0; e < 4; ++e)
         if (!valid[n * 8 + 2 * t4 + (e & 1)]) s[n][e] = -INFINITY;
 
-    // Online softmax per row (head), spread over the 4 threads of a quad; max in log2 units.
+          // Online softmax per row (head), spread over the 4 threads of a quad; max in log2 units.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
@@ -257,8 +257,7 @@ bool attention_decode_supported(const DevTensor& q, const DevKv& cache, int max_
   const int64_t hq = q.dim(1), hkv = cache.k.dim(2);
   if (hkv <= 0 || hq % hkv != 0) return false;
   const int64_t g = hq / hkv;
-  return g >= 1 && g <= kMaxG && aligned16(q.data) && aligned16(cache.k.data) &&
-         aligned16(cache.v.data);
+  return g >= 1 && g <= kMaxG && aligned16(q.data) && aligned16(cache.k.data) && aligned16(cache.v.data);
 }
 
 int attention_decode_splits(int n_blocks, int hkv, int max_keys, int n_sms) {

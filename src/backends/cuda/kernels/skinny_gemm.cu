@@ -15,8 +15,8 @@ constexpr int kColsPerBlock = kWarps * kCols;
 
 template <int M, class TO>
 __global__ void __launch_bounds__(kWarps * 32)
-    skinny_gemm_kernel(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ w,
-                       TO* __restrict__ out, int m, int n, int k) {
+    skinny_gemm_kernel(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ w, TO* __restrict__ out,
+                       int m, int n, int k) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n0 = blockIdx.x * kColsPerBlock + warp * kCols;
   if (n0 >= n) return;
