@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "engine/launch.h"
+#include "model/decode_graph.h"
 #include "server/runner.h"
 
 namespace cpinfer::server::test {
@@ -26,8 +27,10 @@ inline std::vector<int32_t> ids(int n, uint32_t seed) {
 // Runs body(scheduler, runner) on rank 0 of `cp` thread ranks serving kModel (KV cache of kv_tokens
 // positions, chunked prefill of `chunk` tokens, one decode token reserved per request, the prefix
 // cache on or off), then shuts the other ranks' loops down. metrics: the scheduler's, or null.
+// graphs: how decode steps run (model/decode_graph.h); graph_stats: rank 0's counters afterwards.
 inline void with_scheduler(int cp, int kv_tokens, int chunk, bool radix, Metrics* metrics,
-                           const std::function<void(Scheduler&, EngineRunner&)>& body) {
+                           const std::function<void(Scheduler&, EngineRunner&)>& body,
+                           DecodeGraphMode graphs = DecodeGraphMode::On, DecodeGraphs::Stats* graph_stats = nullptr) {
   LaunchOptions lo;
   lo.cp_size = cp;
   lo.timeout_s = 60;
@@ -37,6 +40,7 @@ inline void with_scheduler(int cp, int kv_tokens, int chunk, bool radix, Metrics
     eo.kv_cache_tokens = kv_tokens;
     eo.block_size = kBlock;
     eo.cp = CpOptions{cp, true, 8};
+    eo.model.decode_graphs = graphs;
     Engine engine(kModel, eo, par);
     if (par.world_rank() != 0) return follow_steps(engine, *par.control);
     EngineRunner runner(engine, par.control);
@@ -47,6 +51,7 @@ inline void with_scheduler(int cp, int kv_tokens, int chunk, bool radix, Metrics
     so.radix_cache = radix;
     Scheduler sched(runner, so, metrics);
     body(sched, runner);
+    if (graph_stats) *graph_stats = engine.model().decode_graphs()->stats();
     runner.shutdown();
   });
 }

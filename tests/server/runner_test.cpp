@@ -1,7 +1,7 @@
 // The server's engine loop over real engines: rank 0's Scheduler + EngineRunner with the other
 // ranks replaying its steps (follow_steps) gives the same greedy outputs at CP size 1, 2 and 3 as
 // at one rank, with batching, chunked prefill, cancellation and preemption (cache ops replayed in
-// order, so block ids agree on every rank).
+// order, so block ids agree on every rank), also with decode steps padded as graphs replay them.
 #include <gtest/gtest.h>
 
 #include "engine_harness.h"
@@ -10,43 +10,47 @@ namespace cpinfer::server::test {
 namespace {
 
 // Serves `lens` prompts (greedy, 40 tokens each) on `cp` ranks; returns rank 0's outputs.
-std::vector<std::vector<int32_t>> serve(int cp, const std::vector<int>& lens, int kv_tokens, int chunk) {
+std::vector<std::vector<int32_t>> serve(int cp, const std::vector<int>& lens, int kv_tokens, int chunk,
+                                        DecodeGraphMode graphs = DecodeGraphMode::On,
+                                        DecodeGraphs::Stats* graph_stats = nullptr) {
   std::vector<std::vector<int32_t>> outputs(lens.size());
   uint64_t preempted = 0;
-  with_scheduler(cp, kv_tokens, chunk, SchedulerOptions{}.radix_cache, nullptr,
-                 [&](Scheduler& sched, EngineRunner& runner) {
-                   int done = 0;
-                   std::vector<std::shared_ptr<SchedRequest>> reqs;
-                   for (size_t i = 0; i < lens.size(); ++i) {
-                     auto r = std::make_shared<SchedRequest>();
-                     r->prompt = ids(lens[i], static_cast<uint32_t>(i));
-                     r->max_tokens = 40;
-                     r->sampling.temperature = 0;
-                     r->on_token = [&outputs, i](int32_t t) {
-                       outputs[i].push_back(t);
-                       return true;
-                     };
-                     r->on_finish = [&done](const FinishInfo&) { ++done; };
-                     sched.submit(r);
-                     reqs.push_back(r);
-                   }
-                   auto extra = std::make_shared<SchedRequest>();  // cancelled midway: its blocks come back
-                   extra->prompt = ids(40, 99);
-                   extra->max_tokens = 50;
-                   extra->on_finish = [&done](const FinishInfo& f) {
-                     EXPECT_EQ(f.reason, "abort");
-                     ++done;
-                   };
-                   sched.submit(extra);
-                   for (int step = 0; done < static_cast<int>(lens.size()) + 1 && step < 10000; ++step) {
-                     if (step == 3) extra->cancelled = true;
-                     if (!sched.step()) runner.idle();
-                   }
-                   EXPECT_EQ(done, static_cast<int>(lens.size()) + 1);
-                   // Every block is free or held by the prefix cache (finished requests' pages).
-                   EXPECT_EQ(runner.n_free_blocks() + sched.gauges().prefix_cached_blocks, runner.n_blocks());
-                   preempted = sched.n_preempted();
-                 });
+  with_scheduler(
+      cp, kv_tokens, chunk, SchedulerOptions{}.radix_cache, nullptr,
+      [&](Scheduler& sched, EngineRunner& runner) {
+        int done = 0;
+        std::vector<std::shared_ptr<SchedRequest>> reqs;
+        for (size_t i = 0; i < lens.size(); ++i) {
+          auto r = std::make_shared<SchedRequest>();
+          r->prompt = ids(lens[i], static_cast<uint32_t>(i));
+          r->max_tokens = 40;
+          r->sampling.temperature = 0;
+          r->on_token = [&outputs, i](int32_t t) {
+            outputs[i].push_back(t);
+            return true;
+          };
+          r->on_finish = [&done](const FinishInfo&) { ++done; };
+          sched.submit(r);
+          reqs.push_back(r);
+        }
+        auto extra = std::make_shared<SchedRequest>();  // cancelled midway: its blocks come back
+        extra->prompt = ids(40, 99);
+        extra->max_tokens = 50;
+        extra->on_finish = [&done](const FinishInfo& f) {
+          EXPECT_EQ(f.reason, "abort");
+          ++done;
+        };
+        sched.submit(extra);
+        for (int step = 0; done < static_cast<int>(lens.size()) + 1 && step < 10000; ++step) {
+          if (step == 3) extra->cancelled = true;
+          if (!sched.step()) runner.idle();
+        }
+        EXPECT_EQ(done, static_cast<int>(lens.size()) + 1);
+        // Every block is free or held by the prefix cache (finished requests' pages).
+        EXPECT_EQ(runner.n_free_blocks() + sched.gauges().prefix_cached_blocks, runner.n_blocks());
+        preempted = sched.n_preempted();
+      },
+      graphs, graph_stats);
   if (kv_tokens < 400) EXPECT_GT(preempted, 0u) << "the test meant to exercise preemption";
   return outputs;
 }
@@ -59,6 +63,19 @@ TEST(EngineLoop, SameGreedyOutputsAtAnyCpSizeWithChunkingAndPreemption) {
   EXPECT_EQ(serve(2, lens, 2048, 2048), ref);
   EXPECT_EQ(serve(2, lens, 160, 32), ref);
   EXPECT_EQ(serve(3, lens, 160, 48), ref);
+}
+
+// Decode steps padded as a decode graph replays them (DecodeGraphMode::Eager: the padding and the
+// fixed-width tables of model/decode_graph.h, on the CPU) serve the same greedy outputs, through
+// batching, chunked prefill, cancellation and preemption.
+TEST(EngineLoop, PaddedDecodeStepsServeTheSameOutputs) {
+  const std::vector<int> lens = {5, 37, 64, 17, 90, 3};
+  const auto ref = serve(1, lens, 2048, 2048, DecodeGraphMode::Off);
+  for (int kv_tokens : {2048, 160}) {
+    DecodeGraphs::Stats st;
+    EXPECT_EQ(serve(1, lens, kv_tokens, 32, DecodeGraphMode::Eager, &st), ref) << kv_tokens << " KV positions";
+    EXPECT_GT(st.padded_eager, 20) << "most steps of the run are pure decode steps";
+  }
 }
 
 }  // namespace
