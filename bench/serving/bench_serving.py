@@ -59,6 +59,24 @@ def stats(xs):
     return {"mean": sum(s) / len(s), "median": q(0.5), "p99": q(0.99)}
 
 
+def sse_data(response):
+    """The JSON objects of the `data:` events of a streamed http.client response, up to [DONE]; an
+    event carrying an error raises RuntimeError."""
+    while True:
+        line = response.readline()
+        if not line:
+            return
+        line = line.strip()
+        if line == b"data: [DONE]":
+            return
+        if not line.startswith(b"data: "):
+            continue
+        j = json.loads(line[6:])
+        if j.get("error"):
+            raise RuntimeError(j["error"].get("message", str(j["error"])))
+        yield j
+
+
 class Client:
     def __init__(self, base_url, api_key, timeout):
         u = urllib.parse.urlsplit(base_url)
@@ -104,16 +122,7 @@ class Client:
             if r.status != 200:
                 raise RuntimeError(f"HTTP {r.status}: {r.read()[:200].decode(errors='replace')}")
             first, last = True, t0
-            while True:
-                line = r.readline()
-                if not line:
-                    break
-                line = line.strip()
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                j = json.loads(line[6:])
-                if j.get("error"):
-                    raise RuntimeError(j["error"].get("message", str(j["error"])))
+            for j in sse_data(r):
                 if j.get("usage"):
                     out["output_len"] = j["usage"]["completion_tokens"]
                 ch = j.get("choices") or []
