@@ -2,7 +2,8 @@
 # On a GPU machine: decode at the Qwen3-30B-A3B shape (random weights) — cpinfer bench decode over
 # batch and context, the transformers peer (static cache, eager and with its torch.compile) on the
 # same card, then the serving benchmark (python3 client, no node there) against `cpinfer serve
-# --random-weights qwen3-30b-a3b` at concurrency 1, 16 and 64. Results go to $OUT (default ./out).
+# --random-weights qwen3-30b-a3b` at concurrency 1, 16 and 64, and the multi-turn prefix-cache run
+# (bench/serving/multi_turn.py). Results go to $OUT (default ./out).
 #   scripts/gpu_decode_check.sh [--quick]      --quick: no context 32768, no compiled peer
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 QUICK=0
@@ -58,3 +59,8 @@ for c in $CONCS; do
     --output-file "$OUT/serving_c$c.json" > "$OUT/serving_c$c.log" 2>&1
   echo "concurrency $c: rc=$?"; grep -E "Output token|Median TTFT|P99 TTFT|Median TPOT" "$OUT/serving_c$c.log"
 done
+
+echo "== multi-turn chat with and without the prefix cache (8K system prompt, 20 turns)"
+timeout 240 python3 bench/serving/multi_turn.py --bin "$BIN/cpinfer" --model "" --ready-s 120 \
+  --server-args "--device cuda --random-weights qwen3-30b-a3b --kv-cache-tokens 65536 --context-length 32768" \
+  --output-file "$OUT/multi_turn.json" 2>&1 | tail -4
