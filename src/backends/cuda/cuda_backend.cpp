@@ -38,16 +38,6 @@ namespace {
 
 constexpr size_t kCublasWorkspaceBytes = 32u << 20;  // cuBLAS wants >= 32 MiB on Hopper
 
-// Makes device_ current for the calling thread (several back-ends may share a process).
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    int cur = -1;
-    CUDA_CHECK(cudaGetDevice(&cur));
-    if (cur != device) CUDA_CHECK(cudaSetDevice(device));
-  }
-};
-
 void check_on_device(const Tensor& t, const char* op, const char* what) {
   CPI_CHECK(t.defined(), op, ": tensor '", what, "' is undefined");
   CPI_CHECK(t.device == Device::CUDA, op, ": tensor '", what, "' ", t.shape_str(),
@@ -253,57 +243,6 @@ void* CudaBackend::workspace(size_t bytes, size_t keep_bytes) {
   workspace_ = fresh;
   workspace_bytes_ = want;
   return workspace_;
-}
-
-// ---- graphs
-
-namespace {
-class CudaGraph final : public OpGraph {
- public:
-  CudaGraph(cudaGraphExec_t exec, cudaStream_t stream, int device) : exec_(exec), stream_(stream), device_(device) {}
-  ~CudaGraph() override { cudaGraphExecDestroy(exec_); }
-  CudaGraph(const CudaGraph&) = delete;
-  CudaGraph& operator=(const CudaGraph&) = delete;
-  void replay() override {
-    DeviceGuard g(device_);
-    CUDA_CHECK(cudaGraphLaunch(exec_, stream_));
-  }
-
- private:
-  cudaGraphExec_t exec_;
-  cudaStream_t stream_;
-  int device_;
-};
-}  // namespace
-
-void CudaBackend::begin_capture() {
-  CPI_CHECK(!capturing_, "begin_capture: a capture is already under way");
-  DeviceGuard g(device_);
-  // Thread-local mode: an unsafe call of this thread (a synchronization, an allocation) fails the
-  // capture; other threads (the server's) are not affected.
-  CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-  capturing_ = true;
-}
-
-std::unique_ptr<OpGraph> CudaBackend::end_capture() {
-  CPI_CHECK(capturing_, "end_capture without begin_capture");
-  DeviceGuard g(device_);
-  capturing_ = false;
-  cudaGraph_t graph = nullptr;
-  const cudaError_t err = cudaStreamEndCapture(stream_, &graph);
-  if (err != cudaSuccess || graph == nullptr) {
-    cudaGetLastError();  // an invalidated capture leaves its error behind
-    if (graph) cudaGraphDestroy(graph);
-    CPI_FAIL("CUDA graph capture failed: ", cudaGetErrorString(err));
-  }
-  cudaGraphExec_t exec = nullptr;
-  const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
-  cudaGraphDestroy(graph);
-  if (inst != cudaSuccess) {
-    cudaGetLastError();
-    CPI_FAIL("CUDA graph instantiation failed: ", cudaGetErrorString(inst));
-  }
-  return std::make_unique<CudaGraph>(exec, stream_, device_);
 }
 
 const float* CudaBackend::inv_freq_on_device(const RopeParams& rope) {

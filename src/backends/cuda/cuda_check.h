@@ -10,6 +10,18 @@ namespace cpinfer::cuda {
 
 const char* cublas_status_name(cublasStatus_t s);
 
+// Makes `device` current for the calling thread (several back-ends may share a process).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    int cur = -1;
+    if (cudaGetDevice(&cur) != cudaSuccess || cur != device) {
+      const cudaError_t err = cudaSetDevice(device);
+      if (err != cudaSuccess) CPI_FAIL("cudaSetDevice(", device, ") failed: ", cudaGetErrorString(err));
+    }
+  }
+};
+
 }  // namespace cpinfer::cuda
 
 #define CUDA_CHECK(call)                                                                          \

@@ -72,11 +72,7 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
               shard.first + e, " weights must be BF16 on CUDA (got ", dtype_name(g.dtype), ")");
   }
   if (inter == 0) return;  // every expert adds down · silu(empty) = 0
-  {
-    int cur = -1;
-    CUDA_CHECK(cudaGetDevice(&cur));
-    if (cur != device_) CUDA_CHECK(cudaSetDevice(device_));
-  }
+  DeviceGuard g(device_);
   const size_t n_pairs = static_cast<size_t>(n_tokens * top_k);
   bool aligned = aligned16(x.data);
   for (int e = 0; aligned && e < count; ++e)
