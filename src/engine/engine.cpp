@@ -167,9 +167,11 @@ GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateO
   CPI_CHECK(gen.max_new_tokens >= 1, "max_new_tokens must be >= 1, got ", gen.max_new_tokens);
   gen.sampling.validate();
   const int need = static_cast<int>(prompt.size()) + gen.max_new_tokens;
-  CPI_CHECK(need <= cache_->n_free_blocks() * opt_.block_size, "prompt (", prompt.size(), " tokens) + max_new_tokens (",
-            gen.max_new_tokens, ") exceed the KV cache (", cache_->n_free_blocks() * opt_.block_size,
-            " free positions); raise --kv-cache-tokens");
+  // Sharded KV: each rank stores about need / CP-size positions (one prefill forward, then decode).
+  CPI_CHECK(cache_->positions_bound(need, 1) <= int64_t(cache_->n_free_blocks()) * opt_.block_size, "prompt (",
+            prompt.size(), " tokens) + max_new_tokens (", gen.max_new_tokens, ") exceed the KV cache (",
+            cache_->n_free_blocks() * opt_.block_size, " free positions", cache_->sharded() ? " per CP rank" : "",
+            "); raise --kv-cache-tokens");
   const std::vector<int32_t> stops = stop_token_ids(gen.stop_ids, cfg_, gen.ignore_eos);
 
   // Tokens are drawn on the device (Backend::sample); only the ids come back.

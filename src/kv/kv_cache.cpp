@@ -37,47 +37,125 @@ KvLayer KvCache::layer(int l) const {
 int KvCache::add_sequence() {
   for (size_t i = 0; i < seqs_.size(); ++i) {
     if (!seqs_[i].live) {
-      seqs_[i] = Seq{true, 0, {}, {}, {}};
+      seqs_[i] = Seq{true, 0, {}, {}, {}, {}};
       return static_cast<int>(i);
     }
   }
-  seqs_.push_back(Seq{true, 0, {}, {}, {}});
+  seqs_.push_back(Seq{true, 0, {}, {}, {}, {}});
   return static_cast<int>(seqs_.size() - 1);
 }
 
 void KvCache::free_sequence(int seq) {
   CPI_CHECK(has_sequence(seq), "free of unknown KV sequence ", seq);
   for (auto it = seqs_[seq].blocks.rbegin(); it != seqs_[seq].blocks.rend(); ++it) release(*it);
+  for (size_t r = 0; r < seqs_[seq].held.size(); ++r) rank_used_[r] -= seqs_[seq].held[r];
   seqs_[seq] = Seq{};
 }
 
 bool KvCache::has_sequence(int seq) const { return seq >= 0 && seq < int(seqs_.size()) && seqs_[seq].live; }
 
-int KvCache::blocks_needed(int seq, int n_tokens) const {
-  if (sharded()) {
-    const int more = std::max(0, n_tokens - seqs_.at(seq).length);
-    const int bound = more == 0 ? 0 : (more + shard_size_ - 1) / shard_size_ + shard_interleave_ - 1;
-    n_tokens = local_positions(seq) + bound;
-  }
-  int want = (n_tokens + shape_.block_size - 1) / shape_.block_size;
-  return std::max(0, want - static_cast<int>(seqs_.at(seq).blocks.size()));
+int KvCache::shard_bound(int more) const {
+  return more <= 0 ? 0 : (more + shard_size_ - 1) / shard_size_ + shard_interleave_ - 1;
 }
 
-bool KvCache::can_reserve(int seq, int n_tokens) const { return blocks_needed(seq, n_tokens) <= n_free_blocks(); }
+int KvCache::need_on(const Seq& s, int n_tokens, int rank) const {
+  const int owned = rank < int(s.owned.size()) ? s.owned[size_t(rank)] : 0;
+  const int held = rank < int(s.held.size()) ? s.held[size_t(rank)] : 0;
+  const int want = (owned + shard_bound(n_tokens - s.length) + shape_.block_size - 1) / shape_.block_size;
+  return std::max(0, want - held);
+}
+
+int KvCache::blocks_needed(int seq, int n_tokens) const {
+  const Seq& s = seqs_.at(seq);
+  if (sharded()) {
+    int most = 0;
+    for (int r = 0; r < shard_size_; ++r) most = std::max(most, need_on(s, n_tokens, r));
+    return most;
+  }
+  int want = (n_tokens + shape_.block_size - 1) / shape_.block_size;
+  return std::max(0, want - static_cast<int>(s.blocks.size()));
+}
+
+int KvCache::n_free_blocks() const {
+  if (!sharded()) return static_cast<int>(free_.size());
+  int fewest = shape_.n_blocks;
+  for (int used : rank_used_) fewest = std::min(fewest, shape_.n_blocks - used);
+  return fewest;
+}
+
+bool KvCache::can_reserve(int seq, int n_tokens) const {
+  if (!sharded()) return blocks_needed(seq, n_tokens) <= n_free_blocks();
+  for (int r = 0; r < shard_size_; ++r)
+    if (need_on(seqs_.at(seq), n_tokens, r) > shape_.n_blocks - rank_used_[size_t(r)]) return false;
+  return true;
+}
 
 void KvCache::reserve(int seq, int n_tokens) {
   CPI_CHECK(has_sequence(seq), "reserve on unknown KV sequence ", seq);
+  Seq& s = seqs_[seq];
   int need = blocks_needed(seq, n_tokens);
-  CPI_CHECK(need <= n_free_blocks(), "KV cache full: ", n_tokens, " tokens need ", need, " more blocks of ",
-            shape_.block_size, ", only ", n_free_blocks(), " free (raise --kv-cache-tokens)");
+  if (sharded()) {
+    // Every rank's share, checked before anything is taken: all ranks fail or succeed together.
+    for (int r = 0; r < shard_size_; ++r) {
+      const int n = need_on(s, n_tokens, r), free = shape_.n_blocks - rank_used_[size_t(r)];
+      CPI_CHECK(n <= free, "KV cache full on CP rank ", r, ": ", n_tokens, " tokens need ", n, " more blocks of ",
+                shape_.block_size, ", only ", free, " free (raise --kv-cache-tokens)");
+    }
+    s.held.resize(size_t(shard_size_), 0);
+    for (int r = 0; r < shard_size_; ++r) {
+      const int n = need_on(s, n_tokens, r);
+      s.held[size_t(r)] += n;
+      rank_used_[size_t(r)] += n;
+      if (r == shard_rank_) need = n;
+    }
+  }
+  CPI_CHECK(need <= int(free_.size()), "KV cache full: ", n_tokens, " tokens need ", need, " more blocks of ",
+            shape_.block_size, ", only ", free_.size(), " free (raise --kv-cache-tokens)");
   for (int i = 0; i < need; ++i) {
-    seqs_[seq].blocks.push_back(free_.back());
+    s.blocks.push_back(free_.back());
     refs_[free_.back()] = 1;
     free_.pop_back();
   }
 }
 
+int KvCache::room_tokens(int seq, int free_blocks) const {
+  const Seq& s = seqs_.at(seq);
+  const int64_t bs = shape_.block_size;
+  if (!sharded()) return static_cast<int>(std::max<int64_t>(0, (int64_t(s.blocks.size()) + free_blocks) * bs - s.length));
+  int64_t room = INT32_MAX;
+  for (int r = 0; r < shard_size_; ++r) {
+    const int64_t owned = r < int(s.owned.size()) ? s.owned[size_t(r)] : 0;
+    const int64_t held = r < int(s.held.size()) ? s.held[size_t(r)] : 0;
+    // shard_bound(more) = ceil(more / size) + interleave - 1 must fit the rank's free positions.
+    const int64_t positions = (held + free_blocks) * bs - owned - (shard_interleave_ - 1);
+    room = std::min(room, std::max<int64_t>(0, positions) * shard_size_);
+  }
+  return static_cast<int>(room);
+}
+
+int KvCache::blocks_needed_new(int n_tokens) const {
+  const int positions = sharded() ? shard_bound(n_tokens) : n_tokens;
+  return (positions + shape_.block_size - 1) / shape_.block_size;
+}
+
+// A prefill forward gives a rank at most max(2, interleave) positions beyond its proportional
+// share (a zigzag split: two blocks of at most ceil(n / 2C); a run spread by position: at most
+// one interleave more); the decode tokens are one run spread by position (one interleave more);
+// a reserve adds at most interleave - 1 to what the rank will own.
+int64_t KvCache::shard_positions_bound(int64_t n_tokens, int64_t prefill_forwards, int size, int interleave) {
+  if (size <= 1) return n_tokens;
+  return (n_tokens + size - 1) / size + std::max<int64_t>(1, prefill_forwards) * std::max(2, interleave) +
+         2 * int64_t{interleave};
+}
+
+int64_t KvCache::shard_capacity_tokens(int64_t rank_positions, int64_t prefill_forwards, int size, int interleave) {
+  if (size <= 1) return rank_positions;
+  const int64_t slack = shard_positions_bound(0, prefill_forwards, size, interleave);
+  return std::max<int64_t>(0, (rank_positions - slack) * size);
+}
+
 void KvCache::share(int seq, int32_t block) {
+  CPI_CHECK(!sharded(), "a sharded KV cache shares no blocks");
   CPI_CHECK(has_sequence(seq), "share into unknown KV sequence ", seq);
   CPI_CHECK(ref_count(block) > 0, "share of KV block ", block, " that is not in use");
   Seq& s = seqs_[seq];
@@ -89,6 +167,7 @@ void KvCache::share(int seq, int32_t block) {
 }
 
 void KvCache::retain(int32_t block) {
+  CPI_CHECK(!sharded(), "a sharded KV cache shares no blocks");
   CPI_CHECK(ref_count(block) > 0, "retain of KV block ", block, " that is not in use");
   ++refs_[block];
 }
@@ -118,6 +197,7 @@ void KvCache::enable_shard(int rank, int size, int interleave) {
   shard_rank_ = rank;
   shard_size_ = size;
   shard_interleave_ = interleave;
+  rank_used_.assign(size_t(size), 0);
 }
 
 int KvCache::local_positions(int seq) const { return sharded() ? owned(seq, shard_rank_) : seqs_.at(seq).length; }

@@ -55,7 +55,7 @@ class KvCache {
   void release(int32_t block);
   int ref_count(int32_t block) const;
 
-  int n_free_blocks() const { return static_cast<int>(free_.size()); }
+  int n_free_blocks() const;
   int n_blocks() const { return shape_.n_blocks; }
   double usage() const { return 1.0 - double(n_free_blocks()) / double(shape_.n_blocks); }
 
@@ -70,6 +70,10 @@ class KvCache {
   // (add_owned after each forward), so all ranks build the same plan. reserve(seq, n) then takes
   // a bound on this rank's share of positions [length, n): ceil((n - length) / size) +
   // interleave - 1, which holds for the zigzag split and for round-robin by `interleave` positions.
+  // Every rank also keeps the count of blocks every rank holds (each reserves by the same rule from
+  // the ownership all ranks record), so that blocks_needed() is the most any rank needs,
+  // n_free_blocks() the fewest any rank has, and a reserve that fits here fits on every rank. The
+  // prefix cache's block sharing (share, retain) is not available on a sharded cache.
   void enable_shard(int rank, int size, int interleave);
   bool sharded() const { return shard_size_ > 1; }
   int shard_rank() const { return shard_rank_; }
@@ -78,6 +82,20 @@ class KvCache {
   void add_owned(int seq, int rank, int pos_begin, int n);
   // Slot of this rank's local_idx-th position of `seq`.
   int32_t local_slot(int seq, int local_idx) const;
+  // Tokens by which `seq` can grow in one forward when every rank may take at most `free_blocks`
+  // more blocks (replicated: the positions those blocks and the sequence's own hold).
+  int room_tokens(int seq, int free_blocks) const;
+  // Blocks a new sequence of n_tokens needs (on the most loaded rank) for its first forward.
+  int blocks_needed_new(int n_tokens) const;
+  // Upper bound of the positions any rank stores for a sequence of n_tokens written by
+  // `prefill_forwards` prefill forwards and any number of one-token decode steps (replicated:
+  // n_tokens). shard_capacity_tokens is the inverse: the longest such sequence whose bound fits
+  // rank_positions positions.
+  static int64_t shard_positions_bound(int64_t n_tokens, int64_t prefill_forwards, int size, int interleave);
+  static int64_t shard_capacity_tokens(int64_t rank_positions, int64_t prefill_forwards, int size, int interleave);
+  int64_t positions_bound(int64_t n_tokens, int64_t prefill_forwards) const {
+    return shard_positions_bound(n_tokens, prefill_forwards, shard_size_, shard_interleave_);
+  }
   // This rank's positions of `seq` as [begin, length) runs in order.
   const std::vector<std::array<int32_t, 2>>& own_ranges(int seq) const { return seqs_.at(seq).own_ranges; }
 
@@ -87,9 +105,13 @@ class KvCache {
     int length = 0;
     std::vector<int32_t> blocks;
     std::vector<int> owned;                            // sharded: positions of each rank
+    std::vector<int> held;                             // sharded: blocks of each rank
     std::vector<std::array<int32_t, 2>> own_ranges;    // sharded: this rank's runs
   };
   int local_positions(int seq) const;  // positions this cache stores for seq
+  int shard_bound(int more) const;     // positions a rank may take of `more` new ones
+  int need_on(const Seq& s, int n_tokens, int rank) const;  // sharded: blocks rank needs to grow s
+  std::vector<int> rank_used_;         // sharded: blocks each rank holds
   int shard_rank_ = 0, shard_size_ = 1, shard_interleave_ = 1;
   Backend& backend_;
   KvCacheShape shape_;

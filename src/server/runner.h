@@ -22,7 +22,7 @@ class EngineRunner : public ModelRunner {
   int add_sequence() override;
   void reserve(int seq, int n_tokens) override;
   void free_sequence(int seq) override;
-  bool shares_blocks() const override { return true; }
+  bool shares_blocks() const override { return !engine_.cache().sharded(); }
   void share_block(int seq, int32_t block) override;
   void retain_block(int32_t block) override;
   void release_block(int32_t block) override;
@@ -36,6 +36,14 @@ class EngineRunner : public ModelRunner {
   int block_size() const override { return engine_.cache().block_size(); }
   int n_blocks() const override { return engine_.cache().n_blocks(); }
   int n_free_blocks() const override { return engine_.cache().n_free_blocks(); }
+  bool kv_sharded() const override { return engine_.cache().sharded(); }
+  int blocks_to_grow(int seq, int n_tokens) const override {
+    return seq < 0 ? engine_.cache().blocks_needed_new(n_tokens) : engine_.cache().blocks_needed(seq, n_tokens);
+  }
+  int room_tokens(int seq, int free_blocks) const override { return engine_.cache().room_tokens(seq, free_blocks); }
+  int64_t positions_bound(int64_t n_tokens, int64_t prefill_forwards) const override {
+    return engine_.cache().positions_bound(n_tokens, prefill_forwards);
+  }
   // Ends the other ranks' follow_steps loops. Call once, after the last step.
   void shutdown();
 

@@ -19,6 +19,7 @@ Scheduler::Scheduler(ModelRunner& runner, const SchedulerOptions& opt, Metrics* 
   CPI_CHECK(opt.max_running_requests >= 1, "--max-running-requests must be >= 1, got ", opt.max_running_requests);
   CPI_CHECK(opt.context_length >= 2, "--context-length must be >= 2, got ", opt.context_length);
   n_free_blocks_ = runner_.n_free_blocks();
+  sharded_ = runner_.kv_sharded();
   last_log_ = Clock::now();
   if (opt.radix_cache && runner_.shares_blocks()) radix_ = std::make_unique<RadixCache>(runner_.block_size());
 }
@@ -61,16 +62,35 @@ int Scheduler::blocks_for(int n_tokens) const {
   return (n_tokens + bs - 1) / bs;
 }
 
+int Scheduler::grow_blocks(const SchedRequest& r, int n_tokens) const {
+  if (sharded_) return runner_.blocks_to_grow(r.seq, n_tokens);
+  return std::max(0, blocks_for(n_tokens) - held_blocks(r));
+}
+
 std::string Scheduler::never_fits(int prompt_tokens, int max_tokens) const {
   const int64_t total = int64_t(prompt_tokens) + max_tokens;
   if (total > opt_.context_length)
     return "the prompt (" + std::to_string(prompt_tokens) + " tokens) plus max_tokens (" + std::to_string(max_tokens) +
            ") = " + std::to_string(total) + " tokens exceed the context length of " +
            std::to_string(opt_.context_length) + " tokens";
-  if (total > int64_t(runner_.n_blocks()) * runner_.block_size())
+  const int64_t capacity = int64_t(runner_.n_blocks()) * runner_.block_size();
+  if (sharded_) {
+    // Each rank stores about total / CP-size positions, plus what the splits of its prefill
+    // forwards (chunks of at least an eighth of --chunked-prefill-size) may add on one rank.
+    const int64_t chunk = opt_.chunked_prefill_size > 0 ? opt_.chunked_prefill_size : total;
+    const int64_t forwards = 8 * ((total + chunk - 1) / chunk) + 2;
+    const int64_t per_rank = runner_.positions_bound(total, forwards);
+    if (per_rank > capacity)
+      return "the prompt (" + std::to_string(prompt_tokens) + " tokens) plus max_tokens (" +
+             std::to_string(max_tokens) + ") = " + std::to_string(total) + " tokens may need " +
+             std::to_string(per_rank) + " positions on one CP rank, more than its KV cache of " +
+             std::to_string(capacity) + " (--kv-cache-tokens)";
+    return {};
+  }
+  if (total > capacity)
     return "the prompt (" + std::to_string(prompt_tokens) + " tokens) plus max_tokens (" + std::to_string(max_tokens) +
-           ") = " + std::to_string(total) + " tokens exceed the KV cache capacity of " +
-           std::to_string(int64_t(runner_.n_blocks()) * runner_.block_size()) + " tokens (--kv-cache-tokens)";
+           ") = " + std::to_string(total) + " tokens exceed the KV cache capacity of " + std::to_string(capacity) +
+           " tokens (--kv-cache-tokens)";
   return {};
 }
 
@@ -125,6 +145,8 @@ void Scheduler::drop_cancelled() {
   for (auto& r : gone) finish(r, "abort");
 }
 
+int ModelRunner::blocks_to_grow(int, int) const { CPI_FAIL("this engine runner has no sharded KV"); }
+int ModelRunner::room_tokens(int, int) const { CPI_FAIL("this engine runner has no sharded KV"); }
 void ModelRunner::share_block(int, int32_t) { CPI_FAIL("this engine runner cannot share KV blocks"); }
 void ModelRunner::retain_block(int32_t) { CPI_FAIL("this engine runner cannot share KV blocks"); }
 void ModelRunner::release_block(int32_t) { CPI_FAIL("this engine runner cannot share KV blocks"); }
@@ -182,7 +204,7 @@ void Scheduler::admit() {
   int claimed = 0;  // blocks running requests will claim soon
   for (const auto& r : running_) {
     const int len = static_cast<int>(std::max(r->fill.size(), r->prompt.size() + r->output.size())) + 1;
-    claimed += std::max(0, blocks_for(len) - held_blocks(*r));
+    claimed += grow_blocks(*r, len);
   }
   while (!waiting_.empty() && static_cast<int>(running_.size()) < opt_.max_running_requests) {
     auto r = waiting_.front();
@@ -194,8 +216,9 @@ void Scheduler::admit() {
     }
     const int left = r->max_tokens - static_cast<int>(r->output.size());
     const int64_t want = int64_t(r->fill.size()) + std::min(left, opt_.decode_reserve_tokens) + 1;
-    const int need = blocks_for(static_cast<int>(std::min<int64_t>(want, int64_t(runner_.n_blocks()) * runner_.block_size()))) -
-                     static_cast<int>(hit.blocks.size());
+    const int capped = static_cast<int>(std::min<int64_t>(want, int64_t(runner_.n_blocks()) * runner_.block_size()));
+    const int need = sharded_ ? std::min(runner_.blocks_to_grow(-1, static_cast<int>(want)), runner_.n_blocks())
+                              : blocks_for(capped) - static_cast<int>(hit.blocks.size());
     if (need > available_blocks() - claimed) {
       if (radix_) radix_->unpin(hit.last);
       break;
@@ -228,7 +251,7 @@ bool Scheduler::step() {
   for (;;) {
     int need = 0;
     for (const auto& r : running_)
-      if (decoding(*r)) need += std::max(0, blocks_for(decode_len(*r)) - held_blocks(*r));
+      if (decoding(*r)) need += grow_blocks(*r, decode_len(*r));
     if (need <= available_blocks() || running_.size() <= 1) break;
     preempt(running_.back());
   }
@@ -254,7 +277,7 @@ bool Scheduler::step() {
   }
   const int n_decode = static_cast<int>(work.size());
   int free_blocks = available_blocks();
-  for (size_t i = 0; i < work.size(); ++i) free_blocks -= std::max(0, blocks_for(decode_len(*owners[i])) - held_blocks(*owners[i]));
+  for (size_t i = 0; i < work.size(); ++i) free_blocks -= grow_blocks(*owners[i], decode_len(*owners[i]));
   // Prompts always progress, even when many requests decode.
   if (opt_.chunked_prefill_size > 0) budget = std::max(budget, std::max(1, opt_.chunked_prefill_size / 8));
   std::stable_sort(prefilling.begin(), prefilling.end(), [](const auto& a, const auto& b) {
@@ -264,11 +287,12 @@ bool Scheduler::step() {
     if (budget <= 0) break;
     const int flen = static_cast<int>(r->fill.size());
     // As much as the budget and the free blocks allow.
-    const int room = (held_blocks(*r) + std::max(0, free_blocks)) * runner_.block_size() - r->n_prefilled;
+    const int room = sharded_ ? runner_.room_tokens(r->seq, std::max(0, free_blocks))
+                              : (held_blocks(*r) + std::max(0, free_blocks)) * runner_.block_size() - r->n_prefilled;
     const int n = std::min({flen - r->n_prefilled, budget, room});
     if (n <= 0) continue;
     budget -= n;
-    free_blocks -= std::max(0, blocks_for(r->n_prefilled + n) - held_blocks(*r));
+    free_blocks -= grow_blocks(*r, r->n_prefilled + n);
     const bool sample = r->n_prefilled + n == flen && r->output.empty();
     work.push_back(SeqWork{r->seq, r->n_prefilled, std::span<const int32_t>(r->fill.data() + r->n_prefilled, n),
                            sample ? LogitsWanted::Last : LogitsWanted::None});
@@ -286,7 +310,7 @@ bool Scheduler::step() {
   }
   int new_blocks = 0;
   for (size_t i = 0; i < work.size(); ++i)
-    new_blocks += std::max(0, blocks_for(work[i].n_cached + static_cast<int>(work[i].tokens.size())) - held_blocks(*owners[i]));
+    new_blocks += grow_blocks(*owners[i], work[i].n_cached + static_cast<int>(work[i].tokens.size()));
   make_room(new_blocks);
   for (size_t i = 0; i < work.size(); ++i) {
     const SeqWork& w = work[i];

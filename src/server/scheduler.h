@@ -58,6 +58,18 @@ class ModelRunner {
   virtual int block_size() const = 0;
   virtual int n_blocks() const = 0;
   virtual int n_free_blocks() const = 0;
+  // Sharded KV (--kv-shard): each rank stores only its own positions, so a sequence of n tokens
+  // takes about n / CP-size positions per rank, not n. The scheduler then asks the runner (KvCache's
+  // per-rank accounting: the most any rank needs, the fewest blocks any rank has free) instead of
+  // counting ceil(tokens / block size).
+  virtual bool kv_sharded() const { return false; }
+  // Blocks the most loaded rank needs to grow `seq` (< 0: a new sequence) to n_tokens in one forward.
+  virtual int blocks_to_grow(int seq, int n_tokens) const;
+  // Tokens by which `seq` can grow in one forward when each rank may take free_blocks more blocks.
+  virtual int room_tokens(int seq, int free_blocks) const;
+  // Upper bound of any rank's positions for a sequence of n_tokens written by prefill_forwards
+  // prefill forwards plus decode steps.
+  virtual int64_t positions_bound(int64_t n_tokens, int64_t prefill_forwards) const { return n_tokens; }
 };
 
 struct SchedulerOptions {
@@ -153,6 +165,9 @@ class Scheduler {
   void make_room(int n_blocks);
   void release_sequence(SchedRequest& r, bool keep);
   int held_blocks(const SchedRequest& r) const { return blocks_for(r.reserved); }
+  // Blocks the most loaded rank needs to grow r's sequence to n_tokens (replicated KV: blocks_for
+  // less what r holds; sharded: the runner's per-rank count).
+  int grow_blocks(const SchedRequest& r, int n_tokens) const;
   void on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token, const TokenLogprob* lp = nullptr);
   int blocks_for(int n_tokens) const;
   void publish_gauges();
@@ -160,6 +175,7 @@ class Scheduler {
 
   ModelRunner& runner_;
   SchedulerOptions opt_;
+  bool sharded_ = false;  // runner_.kv_sharded()
   Metrics* metrics_;
 
   mutable std::mutex mu_;

@@ -464,7 +464,16 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
 
   Tokenizer tok = Tokenizer::from_dir(so.tokenizer_path.empty() ? so.model_path : so.tokenizer_path);
   ModelConfig cfg = eo.random_weights.empty() ? load_config(so.model_path) : random_model_config(eo.random_weights);
-  const int kv_tokens = ((eo.kv_cache_tokens + eo.block_size - 1) / eo.block_size) * eo.block_size;
+  int kv_tokens = ((eo.kv_cache_tokens + eo.block_size - 1) / eo.block_size) * eo.block_size;
+  if (eo.cp.kv_shard && eo.cp.cp_size > 1) {
+    // Sharded KV: the CP group stores a sequence once between its ranks, each about 1 / CP-size of
+    // it plus the slack the scheduler's admission allows for (Scheduler::never_fits).
+    const int chunk = so.sched.chunked_prefill_size > 0 ? so.sched.chunked_prefill_size : kv_tokens;
+    const int64_t rough = KvCache::shard_capacity_tokens(kv_tokens, 2, eo.cp.cp_size, eo.cp.kv_interleave);
+    const int64_t forwards = 8 * ((rough + chunk - 1) / chunk) + 2;
+    kv_tokens = static_cast<int>(std::min<int64_t>(
+        INT32_MAX, KvCache::shard_capacity_tokens(kv_tokens, forwards, eo.cp.cp_size, eo.cp.kv_interleave)));
+  }
   int context_length = so.context_length;
   if (context_length <= 0) {
     context_length = kv_tokens;

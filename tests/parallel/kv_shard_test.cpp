@@ -232,3 +232,42 @@ TEST(KvShard, ChunkedPrefillOverShardedPrefix) {
           "len=" + std::to_string(len) + " chunk=" + std::to_string(chunk) + " interleave=" + std::to_string(interleave));
   }
 }
+
+// generate() with sharded KV takes a prompt plus output longer than one rank's cache (each rank
+// stores about 1 / CP-size of it) and draws the tokens one rank with a large cache draws.
+TEST(KvShard, GenerateBeyondOneRanksCache) {
+  const std::string dir = fixture_dir("moe_v4_gqa");
+  const int vocab = static_cast<int>(load_config(dir).vocab_size);
+  const std::vector<int32_t> prompt = random_ids(150, vocab, 7);
+  GenerateOptions g;
+  g.max_new_tokens = 30;
+  g.ignore_eos = true;
+  g.sampling.temperature = 0;
+  std::vector<int32_t> ref;
+  {
+    EngineOptions eo;
+    eo.quiet = true;
+    eo.kv_cache_tokens = 512;
+    Engine e(dir, eo);
+    ref = e.generate(prompt, g).output_ids;
+  }
+  ASSERT_EQ(ref.size(), 30u);
+  for (int cp : {2, 3}) {
+    std::vector<int32_t> got;
+    std::mutex mu;
+    launch(LaunchOptions{.comm = "local", .cp_size = cp, .timeout_s = 120}, [&](ParallelCtx& par) {
+      EngineOptions eo;
+      eo.quiet = true;
+      eo.cp = CpOptions{cp, true, 8};
+      eo.cp.kv_shard = true;
+      eo.kv_cache_tokens = 144;  // per rank: less than the 180 positions of prompt + output
+      Engine e(dir, eo, par);
+      auto out = e.generate(prompt, g).output_ids;
+      if (par.world_rank() == 0) {
+        std::lock_guard lk(mu);
+        got = out;
+      }
+    });
+    EXPECT_EQ(got, ref) << "CP " << cp;
+  }
+}

@@ -27,10 +27,12 @@ inline std::vector<int32_t> ids(int n, uint32_t seed) {
 // Runs body(scheduler, runner) on rank 0 of `cp` thread ranks serving kModel (KV cache of kv_tokens
 // positions, chunked prefill of `chunk` tokens, one decode token reserved per request, the prefix
 // cache on or off), then shuts the other ranks' loops down. metrics: the scheduler's, or null.
-// graphs: how decode steps run (model/decode_graph.h); graph_stats: rank 0's counters afterwards.
+// graphs: how decode steps run (model/decode_graph.h); graph_stats: rank 0's counters afterwards;
+// kv_shard: each CP rank stores only its positions (--kv-shard; kv_tokens is then per rank).
 inline void with_scheduler(int cp, int kv_tokens, int chunk, bool radix, Metrics* metrics,
                            const std::function<void(Scheduler&, EngineRunner&)>& body,
-                           DecodeGraphMode graphs = DecodeGraphMode::On, DecodeGraphs::Stats* graph_stats = nullptr) {
+                           DecodeGraphMode graphs = DecodeGraphMode::On, DecodeGraphs::Stats* graph_stats = nullptr,
+                           bool kv_shard = false) {
   LaunchOptions lo;
   lo.cp_size = cp;
   lo.timeout_s = 60;
@@ -41,6 +43,7 @@ inline void with_scheduler(int cp, int kv_tokens, int chunk, bool radix, Metrics
     eo.block_size = kBlock;
     eo.cp = CpOptions{cp, true, 8};
     eo.model.decode_graphs = graphs;
+    eo.cp.kv_shard = kv_shard;
     Engine engine(kModel, eo, par);
     if (par.world_rank() != 0) return follow_steps(engine, *par.control);
     EngineRunner runner(engine, par.control);

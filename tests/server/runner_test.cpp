@@ -12,11 +12,11 @@ namespace {
 // Serves `lens` prompts (greedy, 40 tokens each) on `cp` ranks; returns rank 0's outputs.
 std::vector<std::vector<int32_t>> serve(int cp, const std::vector<int>& lens, int kv_tokens, int chunk,
                                         DecodeGraphMode graphs = DecodeGraphMode::On,
-                                        DecodeGraphs::Stats* graph_stats = nullptr) {
+                                        DecodeGraphs::Stats* graph_stats = nullptr, bool kv_shard = false) {
   std::vector<std::vector<int32_t>> outputs(lens.size());
   uint64_t preempted = 0;
   with_scheduler(
-      cp, kv_tokens, chunk, SchedulerOptions{}.radix_cache, nullptr,
+      cp, kv_tokens, chunk, SchedulerOptions{}.radix_cache && !kv_shard, nullptr,
       [&](Scheduler& sched, EngineRunner& runner) {
         int done = 0;
         std::vector<std::shared_ptr<SchedRequest>> reqs;
@@ -50,7 +50,7 @@ std::vector<std::vector<int32_t>> serve(int cp, const std::vector<int>& lens, in
         EXPECT_EQ(runner.n_free_blocks() + sched.gauges().prefix_cached_blocks, runner.n_blocks());
         preempted = sched.n_preempted();
       },
-      graphs, graph_stats);
+      graphs, graph_stats, kv_shard);
   if (kv_tokens < 400) EXPECT_GT(preempted, 0u) << "the test meant to exercise preemption";
   return outputs;
 }
@@ -76,6 +76,28 @@ TEST(EngineLoop, PaddedDecodeStepsServeTheSameOutputs) {
     EXPECT_EQ(serve(1, lens, kv_tokens, 32, DecodeGraphMode::Eager, &st), ref) << kv_tokens << " KV positions";
     EXPECT_GT(st.padded_eager, 20) << "most steps of the run are pure decode steps";
   }
+}
+
+// Sharded KV (--kv-shard): each CP rank stores about 1 / CP-size of a sequence, so the server admits
+// requests longer than one rank's cache — the 90-token prompt plus 40 tokens here, where each rank
+// holds 112 (CP 2) or 80 (CP 3) positions — and serves the same greedy outputs as one rank with a
+// large cache, through batching, cancellation and preemption (the scheduler counts blocks per rank).
+TEST(EngineLoop, ShardedKvServesRequestsLongerThanOneRanksCache) {
+  const std::vector<int> lens = {5, 37, 64, 17, 90, 3};
+  const auto ref = serve(1, lens, 2048, 2048);
+  with_scheduler(
+      2, 112, 2048, false, nullptr,
+      [](Scheduler& sched, EngineRunner&) {
+        EXPECT_EQ(sched.never_fits(90, 40), "") << "sharded: 130 tokens over two ranks of 112 positions";
+        EXPECT_NE(sched.never_fits(200, 40), "") << "240 tokens do not fit two ranks of 112";
+      },
+      DecodeGraphMode::On, nullptr, true);
+  with_scheduler(2, 112, 2048, false, nullptr, [](Scheduler& sched, EngineRunner&) {
+    EXPECT_NE(sched.never_fits(90, 40), "") << "replicated: every rank would hold all 130 positions";
+  });
+  EXPECT_EQ(serve(2, lens, 112, 2048, DecodeGraphMode::On, nullptr, true), ref);
+  EXPECT_EQ(serve(3, lens, 80, 2048, DecodeGraphMode::On, nullptr, true), ref);
+  EXPECT_EQ(serve(2, lens, 112, 32, DecodeGraphMode::On, nullptr, true), ref) << "chunked prefill";
 }
 
 }  // namespace
