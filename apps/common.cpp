@@ -51,7 +51,8 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
       ->check(CLI::IsMember({"local", "mpi"}))->capture_default_str();
   app->add_option("--comm-timeout", comm_timeout_s, "Seconds a collective waits for a peer before failing")
       ->check(CLI::Range(1, 86400))->capture_default_str();
-  app->add_option("--kv-cache-tokens", kv_cache_tokens, "KV cache capacity in positions (default: generate/logits/bench: what the request needs; serve: --context-length, else 32768)")
+  app->add_option("--kv-cache-tokens", kv_cache_tokens, "KV cache capacity in positions, per rank (default: generate/logits/bench: what the request needs; serve: "
+                  "--context-length, else 32768; with --kv-shard the share of one rank)")
       ->check(CLI::Range(0, 1 << 30));
   app->add_option("--page-size", block_size, "Positions per KV cache block")->check(CLI::Range(1, 4096))
       ->capture_default_str();
@@ -86,7 +87,7 @@ LaunchOptions EngineFlags::launch() const {
   return l;
 }
 
-EngineOptions EngineFlags::engine(int needed) const {
+EngineOptions EngineFlags::engine(int needed, int64_t prefill_forwards) const {
   EngineOptions o;
   o.device = device;
   o.device_index = device_index;
@@ -100,6 +101,9 @@ EngineOptions EngineFlags::engine(int needed) const {
   o.model.decode_graphs = disable_cuda_graph ? DecodeGraphMode::Off : DecodeGraphMode::On;
   o.model.cuda_graph_max_bs = cuda_graph_max_bs;
   o.random_weights = random_weights;
+  if (kv_shard && attn_cp_size > 1)
+    needed = static_cast<int>(std::min<int64_t>(
+        needed, KvCache::shard_positions_bound(needed, prefill_forwards, attn_cp_size, kv_interleave)));
   int want = kv_cache_tokens > 0 ? kv_cache_tokens : needed;
   o.kv_cache_tokens = ((want + block_size - 1) / block_size) * block_size;
   return o;

@@ -40,8 +40,9 @@ struct EngineFlags {
   // --tokenizer-path, else the model directory, else (random weights) default_tokenizer_dir().
   std::string tokenizer_dir() const;
   LaunchOptions launch() const;
-  // kv_cache_tokens when given, else `needed` rounded up to whole blocks.
-  EngineOptions engine(int needed) const;
+  // kv_cache_tokens when given, else `needed` (with --kv-shard: one rank's share of a sequence of
+  // `needed` tokens written by `prefill_forwards` prefill forwards) rounded up to whole blocks.
+  EngineOptions engine(int needed, int64_t prefill_forwards = 1) const;
 };
 
 // The Qwen3 tokenizer scripts/setup.sh extracts: $CPINFER_TOKENIZER_DIR, else build/qwen3-tokenizer.
