@@ -7,6 +7,8 @@
 
 #include "core/log.h"
 #include "engine/launch.h"
+#include "engine/runner.h"
+#include "engine/scheduler.h"
 #include "engine/stop.h"
 #include "model/random_weights.h"
 #include "model/registry.h"
@@ -162,51 +164,65 @@ std::vector<std::vector<float>> Engine::decode(const std::vector<int>& seqs, con
 
 void Engine::release(int seq) { cache_->free_sequence(seq); }
 
+// One request through the server's loop (Scheduler over an EngineRunner): the same admission,
+// prefill, sampling rows, stop rule and multi-rank step protocol as `serve`; the other ranks replay
+// rank 0's steps until it is done.
 GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateOptions& gen,
                                 const std::function<bool(int32_t)>& on_token) {
   CPI_CHECK(gen.max_new_tokens >= 1, "max_new_tokens must be >= 1, got ", gen.max_new_tokens);
   gen.sampling.validate();
+  CPI_CHECK(!prompt.empty(), "empty prompt");
+  for (int32_t id : prompt)
+    CPI_CHECK(id >= 0 && id < cfg_.vocab_size, "token id ", id, " outside the vocabulary [0, ", cfg_.vocab_size, ")");
   const int need = static_cast<int>(prompt.size()) + gen.max_new_tokens;
   // Sharded KV: each rank stores about need / CP-size positions (one prefill forward, then decode).
   CPI_CHECK(cache_->positions_bound(need, 1) <= int64_t(cache_->n_free_blocks()) * opt_.block_size, "prompt (",
             prompt.size(), " tokens) + max_new_tokens (", gen.max_new_tokens, ") exceed the KV cache (",
             cache_->n_free_blocks() * opt_.block_size, " free positions", cache_->sharded() ? " per CP rank" : "",
             "); raise --kv-cache-tokens");
-  const std::vector<int32_t> stops = stop_token_ids(gen.stop_ids, cfg_, gen.ignore_eos);
+  Communicator* control = par_.control && par_.control->size() > 1 ? par_.control : nullptr;
+  if (rank() != 0) {
+    follow_steps(*this, *control);
+    return {};
+  }
 
-  // Tokens are drawn on the device (Backend::sample); only the ids come back.
-  Sampler sampler(gen.sampling);
   GenerateResult res;
-  auto t0 = std::chrono::steady_clock::now();
-  std::vector<int> seqs;
-  std::vector<SeqWork> work = prefill_work({prompt}, seqs, LogitsWanted::Last);
-  const int seq = seqs[0];
+  auto r = std::make_shared<SchedRequest>();
+  r->prompt.assign(prompt.begin(), prompt.end());
+  r->max_tokens = gen.max_new_tokens;
+  r->sampling = gen.sampling;
+  r->stop_ids = stop_token_ids(gen.stop_ids, cfg_, gen.ignore_eos);
+  const auto t0 = std::chrono::steady_clock::now();
   auto t_first = t0;
+  r->on_token = [&](int32_t t) {
+    if (r->output.size() == 1) t_first = std::chrono::steady_clock::now();
+    return on_token ? on_token(t) : true;
+  };
+  FinishInfo finished;
+  r->on_finish = [&](const FinishInfo& f) { finished = f; };
+
+  EngineRunner runner(*this, control);
+  SchedulerOptions so;
+  so.chunked_prefill_size = 0;  // the prompt in one forward
+  so.max_running_requests = 1;
+  so.context_length = INT32_MAX;
+  so.decode_reserve_tokens = 0;  // the capacity was checked above; decode reserves step by step
+  so.radix_cache = false;
+  so.log_interval_s = 0;
   try {
-    int32_t next = run_sample(work, {sampler.next_row()})[0];
-    for (int step = 0; step < gen.max_new_tokens; ++step) {
-      sampler.advance();
-      CPI_CHECK(next >= 0, "no token can be drawn: every logit is -inf or NaN");
-      // Rank 0 decides whether to go on; everyone follows its decision.
-      int32_t msg[2] = {next, 1};  // token, continue
-      if (rank() == 0) {
-        bool is_stop = std::find(stops.begin(), stops.end(), msg[0]) != stops.end();
-        bool keep = on_token ? on_token(msg[0]) : true;
-        msg[1] = (!is_stop && keep && step + 1 < gen.max_new_tokens) ? 1 : 0;
-        res.finish_reason = (is_stop || !keep) ? "stop" : "length";
-      }
-      if (par_.control && par_.control->size() > 1) par_.control->broadcast(msg, sizeof(msg), 0);
-      res.output_ids.push_back(msg[0]);
-      if (step == 0) t_first = std::chrono::steady_clock::now();
-      if (!msg[1]) break;
-      next = run_sample(decode_work({seq}, {msg[0]}), {sampler.next_row()})[0];
-    }
+    Scheduler sched(runner, so);
+    sched.submit(r);
+    const std::atomic<bool> stop{true};  // run until the request is done
+    sched.run(stop, std::chrono::milliseconds::max());
   } catch (...) {
-    release(seq);
+    runner.shutdown();
     throw;
   }
-  release(seq);
-  if (res.finish_reason.empty()) res.finish_reason = "length";
+  runner.shutdown();
+  if (finished.reason == "error") CPI_FAIL(finished.error);
+  res.output_ids = r->output;
+  if (r->output.size() == 1) t_first = std::chrono::steady_clock::now();
+  res.finish_reason = finished.reason;
   res.ttft_s = std::chrono::duration<double>(t_first - t0).count();
   res.decode_s = seconds_since(t_first);
   return res;

@@ -66,9 +66,10 @@ class Engine {
   std::vector<std::vector<float>> decode(const std::vector<int>& seqs, const std::vector<int32_t>& tokens);
   void release(int seq);
 
-  // Generates from one prompt, drawing tokens on the back-end (Backend::sample). on_token runs on
-  // rank 0 for every new token and may return false to stop (e.g. a stop string); rank 0's tokens
-  // and decisions are broadcast to all ranks.
+  // Generates from one prompt through the server's loop (engine/scheduler.h over an EngineRunner,
+  // one request): tokens are drawn on the back-end (Backend::sample); on_token runs on rank 0 for
+  // every new token that is not a stop id and may return false to stop (e.g. a stop string). Every
+  // rank calls generate; the others replay rank 0's steps (follow_steps) and return an empty result.
   GenerateResult generate(std::span<const int32_t> prompt, const GenerateOptions& gen,
                           const std::function<bool(int32_t)>& on_token = {});
 

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "server/api.h"
-#include "server/scheduler.h"
+#include "engine/scheduler.h"
 #include "server/text.h"
 #include "server/tools.h"
 #include "tokenizer/tokenizer.h"

@@ -7,7 +7,7 @@
 #include "engine/engine.h"
 #include "engine/launch.h"
 #include "server/http.h"
-#include "server/scheduler.h"
+#include "engine/scheduler.h"
 
 namespace cpinfer::server {
 

@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "engine/launch.h"
+#include "engine/runner.h"
 #include "model/decode_graph.h"
-#include "server/runner.h"
 
 namespace cpinfer::server::test {
 

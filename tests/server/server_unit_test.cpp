@@ -8,8 +8,8 @@
 
 #include "backends/cpu/cpu_backend.h"
 #include "server/api.h"
-#include "server/metrics.h"
-#include "server/scheduler.h"
+#include "engine/metrics.h"
+#include "engine/scheduler.h"
 #include "server/text.h"
 
 namespace cpinfer::server {

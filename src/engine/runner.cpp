@@ -1,4 +1,4 @@
-#include "server/runner.h"
+#include "engine/runner.h"
 
 #include <algorithm>
 #include <cmath>
@@ -8,7 +8,7 @@
 #include "backends/cpu/cpu_backend.h"
 #include "core/log.h"
 
-namespace cpinfer::server {
+namespace cpinfer {
 
 EngineRunner::EngineRunner(Engine& engine, Communicator* control)
     : engine_(engine), control_(control && control->size() > 1 ? control : nullptr) {}
@@ -159,4 +159,4 @@ void follow_steps(Engine& engine, Communicator& control) {
   }
 }
 
-}  // namespace cpinfer::server
+}  // namespace cpinfer

@@ -11,9 +11,9 @@
 
 #include "comm/communicator.h"
 #include "engine/engine.h"
-#include "server/scheduler.h"
+#include "engine/scheduler.h"
 
-namespace cpinfer::server {
+namespace cpinfer {
 
 class EngineRunner : public ModelRunner {
  public:
@@ -63,4 +63,4 @@ enum StepKind : int32_t { kStepRun = 1, kStepShutdown = 2, kStepRunLogits = 3 };
 // Ops are triples (op, seq, arg): arg is n_tokens for kOpReserve, a block id for the block ops.
 enum CacheOp : int32_t { kOpAdd = 1, kOpReserve = 2, kOpFree = 3, kOpShare = 4, kOpRetain = 5, kOpRelease = 6 };
 
-}  // namespace cpinfer::server
+}  // namespace cpinfer

@@ -1,9 +1,9 @@
-#include "server/metrics.h"
+#include "engine/metrics.h"
 
 #include <algorithm>
 #include <cstdio>
 
-namespace cpinfer::server {
+namespace cpinfer {
 
 namespace {
 std::string num(double v) {
@@ -111,4 +111,4 @@ std::string Metrics::render(const Gauges& g) const {
   return out;
 }
 
-}  // namespace cpinfer::server
+}  // namespace cpinfer

@@ -19,9 +19,9 @@
 #include "engine/sampler.h"
 #include "kv/radix_cache.h"
 #include "parallel/plan.h"
-#include "server/metrics.h"
+#include "engine/metrics.h"
 
-namespace cpinfer::server {
+namespace cpinfer {
 
 // The log-probability of a drawn token under the model's raw distribution (log-softmax of the
 // logits, before temperature and truncation), and the most likely tokens with theirs.
@@ -196,4 +196,4 @@ class Scheduler {
   uint64_t logged_prompt_ = 0, logged_gen_ = 0;
 };
 
-}  // namespace cpinfer::server
+}  // namespace cpinfer

@@ -1,4 +1,4 @@
-#include "server/scheduler.h"
+#include "engine/scheduler.h"
 
 #include <algorithm>
 #include <climits>
@@ -6,7 +6,7 @@
 
 #include "core/log.h"
 
-namespace cpinfer::server {
+namespace cpinfer {
 
 using Clock = std::chrono::steady_clock;
 
@@ -463,4 +463,4 @@ void Scheduler::fail_all(const std::string& message) {
   publish_gauges();
 }
 
-}  // namespace cpinfer::server
+}  // namespace cpinfer

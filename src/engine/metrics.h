@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-namespace cpinfer::server {
+namespace cpinfer {
 
 class Histogram {
  public:
@@ -58,4 +58,4 @@ class Metrics {
   uint64_t finished_ = 0, aborted_ = 0, rejected_ = 0;
 };
 
-}  // namespace cpinfer::server
+}  // namespace cpinfer
