@@ -523,11 +523,17 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
       EngineRunner runner(engine, par.control);
       Scheduler sched(runner, sopt, &app.metrics());
       app.attach(&sched);
+      // Decode steps replay CUDA graphs at one rank (model/decode_graph.h).
+      std::string graphs;
+      if (eo.device == "cuda")
+        graphs = eo.model.decode_graphs == DecodeGraphMode::Off ? ", decode CUDA graphs off"
+                 : par.world_size() > 1                         ? ", decode CUDA graphs off (several ranks)"
+                                                                : ", decode CUDA graphs on";
       log_info("ready: serving '", so.served_model_name.empty() ? so.model_path : so.served_model_name, "' at ", url,
                " (context ", context_length, " tokens, KV cache ", runner.n_blocks() * runner.block_size(),
-               " positions, chunked prefill ", sopt.chunked_prefill_size, ", CP size ", eo.cp.cp_size,
-               eo.cp.enable_prefill_cp ? " prefill CP on" : "", sopt.radix_cache ? ", prefix cache on" : ", prefix cache off",
-               ")");
+               runner.kv_sharded() ? " positions per rank (sharded)" : " positions", ", chunked prefill ",
+               sopt.chunked_prefill_size, ", CP size ", eo.cp.cp_size, eo.cp.enable_prefill_cp ? " prefill CP on" : "",
+               sopt.radix_cache ? ", prefix cache on" : ", prefix cache off", graphs, ")");
       const auto drain = std::chrono::milliseconds(static_cast<int64_t>(so.shutdown_timeout_s * 1000));
       try {
         sched.run(g_stop, drain);
