@@ -59,10 +59,8 @@ int run_serve(ServeFlags& f) {
   // The KV cache holds the context by default; SGLang sizes it from free memory, which a CPU
   // back-end cannot tell us.
   const int needed = f.so.context_length > 0 ? f.so.context_length : 32768;
-  // With --kv-shard a rank holds its share of that, with the slack of the scheduler's admission
-  // (Scheduler::never_fits: at most 8 prefill chunks per --chunked-prefill-size tokens, plus 2).
-  const int chunk = f.so.sched.chunked_prefill_size > 0 ? f.so.sched.chunked_prefill_size : needed;
-  EngineOptions eo = f.ef.engine(needed, 8 * ((int64_t(needed) + chunk - 1) / chunk) + 2);
+  // With --kv-shard a rank holds its share of that, with the slack of the scheduler's admission.
+  EngineOptions eo = f.ef.engine(needed, f.so.sched.max_prefill_forwards(needed));
   return server::run_server(f.so, f.ef.launch(), eo);
 }
 

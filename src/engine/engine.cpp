@@ -196,7 +196,7 @@ GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateO
   auto t_first = t0;
   r->on_token = [&](int32_t t) {
     if (r->output.size() == 1) t_first = std::chrono::steady_clock::now();
-    return on_token ? on_token(t) : true;
+    return on_token ? on_token(t) : true;  // a stop id never comes here
   };
   FinishInfo finished;
   r->on_finish = [&](const FinishInfo& f) { finished = f; };
@@ -221,7 +221,7 @@ GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateO
   runner.shutdown();
   if (finished.reason == "error") CPI_FAIL(finished.error);
   res.output_ids = r->output;
-  if (r->output.size() == 1) t_first = std::chrono::steady_clock::now();
+  if (t_first == t0) t_first = std::chrono::steady_clock::now();  // the first token was a stop id
   res.finish_reason = finished.reason;
   res.ttft_s = std::chrono::duration<double>(t_first - t0).count();
   res.decode_s = seconds_since(t_first);

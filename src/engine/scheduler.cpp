@@ -76,10 +76,8 @@ std::string Scheduler::never_fits(int prompt_tokens, int max_tokens) const {
   const int64_t capacity = int64_t(runner_.n_blocks()) * runner_.block_size();
   if (sharded_) {
     // Each rank stores about total / CP-size positions, plus what the splits of its prefill
-    // forwards (chunks of at least an eighth of --chunked-prefill-size) may add on one rank.
-    const int64_t chunk = opt_.chunked_prefill_size > 0 ? opt_.chunked_prefill_size : total;
-    const int64_t forwards = 8 * ((total + chunk - 1) / chunk) + 2;
-    const int64_t per_rank = runner_.positions_bound(total, forwards);
+    // forwards may add on one rank.
+    const int64_t per_rank = runner_.positions_bound(total, opt_.max_prefill_forwards(total));
     if (per_rank > capacity)
       return "the prompt (" + std::to_string(prompt_tokens) + " tokens) plus max_tokens (" +
              std::to_string(max_tokens) + ") = " + std::to_string(total) + " tokens may need " +

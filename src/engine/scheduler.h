@@ -5,6 +5,7 @@
 // tokens and completion through per-request callbacks. It talks to the engine only through
 // ModelRunner, so tests drive it with a fake engine.
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -85,6 +86,14 @@ struct SchedulerOptions {
   bool radix_cache = true;
   double log_interval_s = 10;       // periodic stats line; <= 0: none
   std::chrono::milliseconds idle_ping{1000};
+
+  // At most how many prefill forwards a request of n_tokens takes: chunks of at least an eighth
+  // of chunked_prefill_size (a step's decode tokens leave prompts at least that), plus 2. The
+  // sharded-KV admission counts each forward's rounding on one rank (KvCache::shard_positions_bound).
+  int64_t max_prefill_forwards(int64_t n_tokens) const {
+    const int64_t chunk = chunked_prefill_size > 0 ? chunked_prefill_size : std::max<int64_t>(n_tokens, 1);
+    return 8 * ((n_tokens + chunk - 1) / chunk) + 2;
+  }
 };
 
 // The error of requests ended by the drain timeout (Scheduler::run).

@@ -93,21 +93,25 @@ bool KvCache::can_reserve(int seq, int n_tokens) const {
 void KvCache::reserve(int seq, int n_tokens) {
   CPI_CHECK(has_sequence(seq), "reserve on unknown KV sequence ", seq);
   Seq& s = seqs_[seq];
-  int need = blocks_needed(seq, n_tokens);
+  int need = 0;
   if (sharded()) {
     // Every rank's share, checked before anything is taken: all ranks fail or succeed together.
+    std::vector<int> needs(static_cast<size_t>(shard_size_));
     for (int r = 0; r < shard_size_; ++r) {
-      const int n = need_on(s, n_tokens, r), free = shape_.n_blocks - rank_used_[size_t(r)];
-      CPI_CHECK(n <= free, "KV cache full on CP rank ", r, ": ", n_tokens, " tokens need ", n, " more blocks of ",
-                shape_.block_size, ", only ", free, " free (raise --kv-cache-tokens)");
+      needs[size_t(r)] = need_on(s, n_tokens, r);
+      const int free = shape_.n_blocks - rank_used_[size_t(r)];
+      CPI_CHECK(needs[size_t(r)] <= free, "KV cache full on CP rank ", r, ": ", n_tokens, " tokens need ",
+                needs[size_t(r)], " more blocks of ", shape_.block_size, ", only ", free,
+                " free (raise --kv-cache-tokens)");
     }
     s.held.resize(size_t(shard_size_), 0);
     for (int r = 0; r < shard_size_; ++r) {
-      const int n = need_on(s, n_tokens, r);
-      s.held[size_t(r)] += n;
-      rank_used_[size_t(r)] += n;
-      if (r == shard_rank_) need = n;
+      s.held[size_t(r)] += needs[size_t(r)];
+      rank_used_[size_t(r)] += needs[size_t(r)];
     }
+    need = needs[size_t(shard_rank_)];
+  } else {
+    need = blocks_needed(seq, n_tokens);
   }
   CPI_CHECK(need <= int(free_.size()), "KV cache full: ", n_tokens, " tokens need ", need, " more blocks of ",
             shape_.block_size, ", only ", free_.size(), " free (raise --kv-cache-tokens)");

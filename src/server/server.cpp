@@ -468,11 +468,10 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
   if (eo.cp.kv_shard && eo.cp.cp_size > 1) {
     // Sharded KV: the CP group stores a sequence once between its ranks, each about 1 / CP-size of
     // it plus the slack the scheduler's admission allows for (Scheduler::never_fits).
-    const int chunk = so.sched.chunked_prefill_size > 0 ? so.sched.chunked_prefill_size : kv_tokens;
     const int64_t rough = KvCache::shard_capacity_tokens(kv_tokens, 2, eo.cp.cp_size, eo.cp.kv_interleave);
-    const int64_t forwards = 8 * ((rough + chunk - 1) / chunk) + 2;
     kv_tokens = static_cast<int>(std::min<int64_t>(
-        INT32_MAX, KvCache::shard_capacity_tokens(kv_tokens, forwards, eo.cp.cp_size, eo.cp.kv_interleave)));
+        INT32_MAX, KvCache::shard_capacity_tokens(kv_tokens, so.sched.max_prefill_forwards(rough), eo.cp.cp_size,
+                                                  eo.cp.kv_interleave)));
   }
   int context_length = so.context_length;
   if (context_length <= 0) {

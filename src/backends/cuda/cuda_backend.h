@@ -144,7 +144,6 @@ class CudaBackend : public Backend {
   //                       (a stream synchronization per call): for comparison and benchmarks only.
   // Shapes the grouped kernels do not take (H or I not a multiple of 64, unaligned pointers) use
   // the row-wise kernels whatever the setting (except cublas).
-
   void moe_experts_cublas(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                           Tensor out);
 
@@ -158,9 +157,8 @@ class CudaBackend : public Backend {
   int64_t cudnn_calls_ = 0;
   int64_t cudnn_dense_calls_ = 0;
   CudnnAttention& cudnn();
-  // Runs the attention call on cuDNN when it takes it (cuda_backend_cudnn.cpp); false: not run.
-  // Runs the call on cuDNN when it takes it (with dense_only: only on its dense graph); false when
-  // it does not (nothing was enqueued).
+  // Runs the call on cuDNN when it takes it (cuda_backend_cudnn.cpp; with dense_only: only on its
+  // dense graph); false when it does not (nothing was enqueued).
   bool attention_cudnn(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,
                        Tensor lse, bool dense_only = false);
   // The own kernel that runs a call with KV pages of block_size tokens. Auto on Hopper: Ws where its
