@@ -57,9 +57,9 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
   app->add_option("--page-size", block_size, "Positions per KV cache block")->check(CLI::Range(1, 4096))
       ->capture_default_str();
   app->add_option("--attention-backend", backend.attention,
-                  "CUDA prefill attention: auto (cuDNN's dense graph for fresh prompts of >= 8192 tokens where "
-                  "it loads, else the warp-specialized kernel for pages of >= 64 tokens, wgmma for smaller), "
-                  "cudnn (every call cuDNN takes), ws, wgmma or mma")
+                  "CUDA prefill attention: auto (on Hopper the warp-specialized kernel for page sizes that are "
+                  "powers of two >= 8, wgmma for others; mma.sync elsewhere), cudnn (every call cuDNN takes), "
+                  "ws, wgmma or mma")
       ->check(CLI::IsMember({"auto", "cudnn", "ws", "wgmma", "mma"}))
       ->capture_default_str();
   app->add_option("--moe-runner-backend", backend.moe,

@@ -131,14 +131,9 @@ CudaBackend::CudaBackend(int device_index, const BackendOptions& opt) : device_(
     prefill_kernel_ = PrefillKernel::Auto;
   }
   const char* own = prefill_kernel_ == PrefillKernel::Auto || prefill_kernel_ == PrefillKernel::Cudnn
-                        ? (hopper_ ? "ws for KV pages of >= 64 tokens, wgmma for smaller ones" : "mma.sync")
+                        ? (hopper_ ? "ws for KV pages of 8, 16, 32, ... tokens, wgmma for others" : "mma.sync")
                         : prefill_kernel_name(prefill_kernel_);
-  const std::string first =
-      prefill_kernel_ == PrefillKernel::Cudnn ? "cuDNN, else "
-      : prefill_kernel_ == PrefillKernel::Auto
-          ? "cuDNN's dense graph for fresh prompts of >= " + std::to_string(kCudnnDenseMinQueries) +
-                " tokens where it loads, else "
-          : "";
+  const std::string first = prefill_kernel_ == PrefillKernel::Cudnn ? "cuDNN, else " : "";
   log_info("CUDA back-end on ", name_, ", ", prop.multiProcessorCount, " SMs, ", prop.totalGlobalMem >> 20,
            " MiB, prefill attention on ", first, own);
 }
@@ -432,9 +427,6 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
   const bool flash = d == 128 && q.dtype == DType::BF16 && cache.k.dtype == DType::BF16 && max_q > 1;
   if (flash && prefill_kernel_ == PrefillKernel::Cudnn && attention_cudnn(q, batch, cache, scale, out, lse))
     return;  // else the own kernel
-  if (flash && prefill_kernel_ == PrefillKernel::Auto && n_blocks == 1 && max_q >= kCudnnDenseMinQueries &&
-      cudnn().available() && attention_cudnn(q, batch, cache, scale, out, lse, /*dense_only=*/true))
-    return;
   if (flash) {
     switch (own_prefill_kernel(bs)) {
       case PrefillKernel::Ws:

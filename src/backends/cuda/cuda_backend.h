@@ -85,13 +85,11 @@ class CudaBackend : public Backend {
 
   cudaStream_t stream() const { return stream_; }
 
-  // The kernel behind prefill attention (head_dim 128, BF16). Auto (the default) picks per call:
-  // cuDNN's dense graph for a fresh prompt of at least kCudnnDenseMinQueries tokens on consecutive
-  // pages where cuDNN loads (faster than the own kernels there: 603 / 573 / 537 TFLOP/s against
-  // 544 / 520 / 512 for Ws at 16K / 32K / 128K, attention_bench --ascending-pages, H200,
-  // 2026-12-04; at 4K Ws was ahead), else on Hopper (compute capability 9.0) the warp-specialized
-  // kernel (Ws) for KV pages of 64 tokens or more and the plain wgmma kernel for smaller pages,
-  // mma.sync on other sm_80+ GPUs (see own_prefill_kernel). A set kernel runs every call: Ws, Wgmma, MmaSync, or cuDNN's fused
+  // The kernel behind prefill attention (head_dim 128, BF16). Auto (the default) picks per call an
+  // own kernel (see own_prefill_kernel): on Hopper the warp-specialized one (Ws), which is ahead of
+  // cuDNN's fused attention at every length measured (attention_bench, H200, 2026-12-04: 583 / 691
+  // / 614 / 616 TFLOP/s at 4K / 16K / 32K / 128K with pages of 16 in a fresh prompt's order against
+  // 456 / 625 / 583 / 540 for cuDNN's dense graph). A set kernel runs every call: Ws, Wgmma, MmaSync, or cuDNN's fused
   // attention (cudnn_attention.h) for the calls it takes, with the automatic own kernel for the
   // others. BackendOptions::attention (--attention-backend auto|cudnn|ws|wgmma|mma) sets it at
   // construction (cudnn where cuDNN cannot be loaded: a warning, and Auto); tests switch it to
@@ -108,7 +106,6 @@ class CudaBackend : public Backend {
   void set_moe_gemm(MoeGemm m);
   MoeGemm moe_gemm() const { return moe_gemm_; }
   PrefillKernel prefill_kernel() const { return prefill_kernel_; }
-  static constexpr int kCudnnDenseMinQueries = 8192;
   bool wgmma_supported() const { return hopper_; }
   // ---- the cuDNN prefill path. "" when cuDNN is usable here, else "cuDNN not available: <why>"
   // (the first call loads it).
@@ -116,7 +113,7 @@ class CudaBackend : public Backend {
   // Whether the cuDNN path takes this attention call (""), else why not, and (call) whether it
   // runs the dense graph; the first call for a shape bucket builds its plan.
   std::string cudnn_check(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, const Tensor& out,
-                          const Tensor& lse, CudnnCall* call = nullptr, bool dense_only = false);
+                          const Tensor& lse, CudnnCall* call = nullptr);
   int64_t cudnn_calls() const { return cudnn_calls_; }              // attention calls run on cuDNN so far
   int64_t cudnn_dense_calls() const { return cudnn_dense_calls_; }  // of them, on the dense graph
   int device_index() const { return device_; }
@@ -157,19 +154,18 @@ class CudaBackend : public Backend {
   int64_t cudnn_calls_ = 0;
   int64_t cudnn_dense_calls_ = 0;
   CudnnAttention& cudnn();
-  // Runs the call on cuDNN when it takes it (cuda_backend_cudnn.cpp; with dense_only: only on its
-  // dense graph); false when it does not (nothing was enqueued).
+  // Runs the call on cuDNN when it takes it (cuda_backend_cudnn.cpp); false when it does not
+  // (nothing was enqueued).
   bool attention_cudnn(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,
-                       Tensor lse, bool dense_only = false);
+                       Tensor lse);
   // The own kernel that runs a call with KV pages of block_size tokens. Auto on Hopper: Ws where its
-  // K/V tiles arrive as TMA boxes of 64 rows (block sizes >= 64 that are powers of two: 521-590
-  // TFLOP/s against 445-455 for wgmma in attention_bench at block size 64, H200, 2026-12-03), else
-  // Wgmma (at the engine's default page of 16 tokens Ws's boxes of 16 rows made the 30B-A3B
-  // prefill's attention slower than wgmma's: 1.26 s against 0.99 s at 32K); mma.sync elsewhere.
+  // K/V arrive by TMA (block sizes >= 8 that are powers of two: 542-625 TFLOP/s with pages of 16 in
+  // reverse order, 583-691 in order, against ~445 for wgmma; attention_bench, H200, 2026-12-04),
+  // else Wgmma (Ws would copy every key with cp.async); mma.sync elsewhere.
   PrefillKernel own_prefill_kernel(int64_t block_size) const {
     if (prefill_kernel_ != PrefillKernel::Auto && prefill_kernel_ != PrefillKernel::Cudnn) return prefill_kernel_;
     if (!hopper_) return PrefillKernel::MmaSync;
-    const bool tma_pages = block_size >= 64 && (block_size & (block_size - 1)) == 0;
+    const bool tma_pages = block_size >= 8 && (block_size & (block_size - 1)) == 0;
     return tma_pages ? PrefillKernel::Ws : PrefillKernel::Wgmma;
   }
   cudaStream_t stream_ = nullptr;

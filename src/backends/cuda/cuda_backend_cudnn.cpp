@@ -18,17 +18,17 @@ CudnnAttention& CudaBackend::cudnn() {
 std::string CudaBackend::cudnn_unavailable_reason() { return cudnn().unavailable_reason(); }
 
 std::string CudaBackend::cudnn_check(const Tensor& q, const AttnBatch& batch, const KvLayer& cache,
-                                     const Tensor& out, const Tensor& lse, CudnnCall* call, bool dense_only) {
+                                     const Tensor& out, const Tensor& lse, CudnnCall* call) {
   CUDA_CHECK(cudaSetDevice(device_));
   const std::vector<int32_t> blocks = flatten_attn_blocks(batch.blocks);
   const int32_t* table = batch.block_table.empty() ? nullptr : batch.block_table.data();
-  return cudnn().check(dev(q), dev(batch), blocks.data(), table, dev(cache), dev(out), dev(lse), call, dense_only);
+  return cudnn().check(dev(q), dev(batch), blocks.data(), table, dev(cache), dev(out), dev(lse), call);
 }
 
 bool CudaBackend::attention_cudnn(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale,
-                                  Tensor out, Tensor lse, bool dense_only) {
+                                  Tensor out, Tensor lse) {
   CudnnCall call;
-  if (!cudnn_check(q, batch, cache, out, lse, &call, dense_only).empty()) return false;
+  if (!cudnn_check(q, batch, cache, out, lse, &call).empty()) return false;
   const size_t ws = cudnn_->workspace_bytes(dev(q), dev(batch), dev(cache), call);
   cudnn_->run(dev(q), dev(batch), dev(cache), call, scale, dev(out), dev(lse), workspace(ws), ws, stream_);
   if (call.dense) ++cudnn_dense_calls_;

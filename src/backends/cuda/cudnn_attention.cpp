@@ -292,7 +292,7 @@ int CudnnAttention::plans_built() const { return static_cast<int>(impl_->plans.s
 
 std::string CudnnAttention::check(const DevTensor& q, const DevAttnBatch& batch, const int32_t* host_blocks,
                                   const int32_t* host_table, const DevKv& cache, const DevTensor& out,
-                                  const DevTensor& lse, CudnnCall* call, bool dense_only) {
+                                  const DevTensor& lse, CudnnCall* call) {
   CudnnCall c;
   if (call) *call = c;
   if (!available()) return impl_->reason;
@@ -337,7 +337,6 @@ std::string CudnnAttention::check(const DevTensor& q, const DevAttnBatch& batch,
     if (consecutive && row[0] + read <= cache.k.dim(0)) c = CudnnCall{true, row[0]};
   }
   if (call) *call = c;
-  if (dense_only && !c.dense) return "cuDNN path: not a fresh sequence on consecutive pages (dense graph only)";
 #ifdef CPINFER_HAVE_CUDNN_HEADERS
   return impl_->plan(key_of(q, batch, cache, c)).error;
 #else

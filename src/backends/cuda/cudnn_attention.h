@@ -61,12 +61,12 @@ class CudnnAttention {
   // Whether run() takes this call: "" when it does, else the reason. host_blocks is the host copy
   // of batch.blocks ([batch.n_blocks, kDevAttnBlockFields] I32, the AttnBlock fields); host_table,
   // when not null, the host copy of the block table ([n_seqs, max_blocks_per_seq]), which lets a
-  // single fresh sequence on consecutive pages take the dense graph (*call says which); with
-  // dense_only, calls that would not are refused before any plan is built. lse may be undefined. The first call for a shape bucket builds its execution plan (slow: up to seconds);
+  // single fresh sequence on consecutive pages take the dense graph (*call says which). lse may be
+  // undefined. The first call for a shape bucket builds its execution plan (slow: up to seconds);
   // later calls, supported or not, are answered from the cache.
   std::string check(const DevTensor& q, const DevAttnBatch& batch, const int32_t* host_blocks,
                     const int32_t* host_table, const DevKv& cache, const DevTensor& out, const DevTensor& lse,
-                    CudnnCall* call, bool dense_only = false);
+                    CudnnCall* call);
   // Scratch run() needs for a call check() accepted with `call`.
   size_t workspace_bytes(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, const CudnnCall& call);
   // Enqueues the attention on `stream` (a call check() accepted; throws otherwise or when cuDNN

@@ -60,10 +60,12 @@ struct Smem {
 static_assert(Smem<3>::kBytes <= 227 * 1024, "three K/V stages must fit the 227 KB a CTA may have");
 constexpr int kBarSched = 1;  // named barriers 1, 2: the consumers' turns to issue GEMMs
 constexpr int kBarEpi = 3;    // named barriers 3, 4: one consumer's epilogue
-constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 40·128 + 232·256 <= 65536
+// 56·128 + 224·256 <= 65536; the producer warps spill below 56, the consumers need no more than 224.
+constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 
 struct WsParams {
-  CUtensorMap tm_q, tm_k, tm_v;  // q [T, Hq, 128]; cache k/v [pages·block_size, Hkv, 128]
+  CUtensorMap tm_q, tm_k, tm_v;  // q [T, Hq, 128]; cache k/v [pages·block_size, Hkv, 128] in boxes of R rows
+  CUtensorMap tm_k_tile, tm_v_tile;  // the same cache k/v in boxes of kBN rows (a tile on consecutive pages)
   const int32_t* blocks;
   const int32_t* block_table;
   const __nv_bfloat16* cache_k;
@@ -73,6 +75,7 @@ struct WsParams {
   int* sched;  // [2]: items handed out, CTAs finished (both 0 between launches)
   int n_blocks, max_blocks_per_seq, block_size, n_pages, hq, hkv;
   int tma_rows;  // R: keys per TMA box (0: every chunk by cp.async)
+  int bs_shift;  // log2(block_size) where tma_rows > 0
   int group_heads;  // query heads per group of the item order (a multiple of hq / hkv dividing hq)
   float scale_log2;
 };
@@ -112,29 +115,63 @@ __device__ __forceinline__ int items_of(const int32_t* blocks, int b, int hq) {
   return (blocks[kDevAttnBlockFields * b + 1] + kBM - 1) / kBM * hq;
 }
 
-// The producer warp's load of one K or V tile (keys [k0, k0 + kBN)) into `dst`, completing `full`
-// (33 arrivals: the expect-tx of lane 0 and every lane's cp.async arrival).
-__device__ __forceinline__ void load_kv_tile(const WsParams& p, const CUtensorMap* tm, const __nv_bfloat16* cache,
-                                             uint32_t dst, uint32_t full, const int32_t* table, int kvh, int k0,
-                                             int key_lo, int key_end, int lane) {
+// The page of this lane's chunk of the tile at keys [k0, k0 + kBN) for the TMA path: lane c <
+// kBN / R looks up chunk c when it lies wholly inside [key_lo, key_end) (0 otherwise, and for lanes
+// without a chunk). The producer asks for the next tile's pages before it waits for a free buffer,
+// so the table read is in flight while it waits: K and V of a tile share the pages, and a lookup
+// on the issue path costs an L2 round trip per tile, which was what kept the consumers waiting
+// for their K/V (Nsight Compute: 15% of the consumers' stall samples on the V-full barrier while
+// the producer warp was almost never waiting for a free buffer).
+__device__ __forceinline__ int tile_page(const WsParams& p, const int32_t* table, int k0, int key_lo, int key_end,
+                                         int lane) {
+  const int R = p.tma_rows;
+  if (R == 0 || lane >= kBN / R) return 0;
+  const int ck = k0 + lane * R;
+  if (ck < key_lo || ck + R > key_end) return 0;
+  return static_cast<int>(
+      min(static_cast<unsigned>(table[ck >> p.bs_shift]), static_cast<unsigned>(p.n_pages - 1)));
+}
+
+// A producer warp's load of one K or V tile (keys [k0, k0 + kBN)) into `dst`, completing `full`
+// (33 arrivals: the expect-tx of lane 0 and every lane's cp.async arrival). `page` is tile_page()'s
+// answer for this tile. A tile whose chunks all lie in the key range on consecutive pages (a
+// prompt's pages in a fresh cache) is one box of kBN rows per half (`tm_tile`), else a box per chunk.
+__device__ __forceinline__ void load_kv_tile(const WsParams& p, const CUtensorMap* tm, const CUtensorMap* tm_tile,
+                                             const __nv_bfloat16* cache, uint32_t dst, uint32_t full,
+                                             const int32_t* table, int kvh, int k0, int key_lo, int key_end, int lane,
+                                             int page) {
   const int R = p.tma_rows, bs = p.block_size;
   const int n_chunks = R > 0 ? kBN / R : 1;
   const int chunk_rows = R > 0 ? R : kBN;
-  uint32_t tma_mask = 0;  // chunks wholly inside [key_lo, key_end): one TMA box per half
-  if (R > 0)
+  const uint32_t all = (1u << n_chunks) - 1u;
+  // Chunks wholly inside [key_lo, key_end): one TMA box per half. Only tiles at an edge of the range
+  // look at their chunks one by one (at small pages the per-chunk loops were the producer's time).
+  uint32_t tma_mask = 0;
+  if (R > 0 && k0 >= key_lo && k0 + kBN <= key_end) {
+    tma_mask = all;
+  } else if (R > 0) {
     for (int c = 0; c < n_chunks; ++c) {
       const int ck = k0 + c * R;
       if (ck >= key_lo && ck + R <= key_end) tma_mask |= 1u << c;
     }
+  }
   if (lane == 0) mbar_arrive_expect_tx(full, static_cast<uint32_t>(__popc(tma_mask)) * 2u * R * 128u);
   __syncwarp();
-  if (lane < 2 * n_chunks && ((tma_mask >> (lane >> 1)) & 1u)) {
+  const int box_page = __shfl_sync(0xffffffffu, page, lane >> 1);  // lanes 2c, 2c + 1: chunk c
+  // The tile is one run of kBN cache rows when chunk c's first row is chunk 0's + c·R.
+  const int row = (page << p.bs_shift) + ((k0 + lane * R) & (bs - 1));  // lane c < n_chunks: chunk c's
+  const int row0 = __shfl_sync(0xffffffffu, row, 0);
+  const bool whole = R > 0 && tma_mask == all &&
+                     __all_sync(0xffffffffu, lane >= n_chunks || row == row0 + lane * R);
+  if (whole) {
+    if (lane < 2)
+      tma_load_3d(dst + lane * kKVHalf, tm_tile, full, lane * 64, kvh, row0);
+  } else if (lane < 2 * n_chunks && ((tma_mask >> (lane >> 1)) & 1u)) {
     const int c = lane >> 1, half = lane & 1, ck = k0 + c * R;
-    const unsigned page = min(static_cast<unsigned>(table[ck / bs]), static_cast<unsigned>(p.n_pages - 1));
     tma_load_3d(dst + half * kKVHalf + c * R * 128, tm, full, half * 64, kvh,
-                static_cast<int>(page) * bs + ck % bs);
+                (box_page << p.bs_shift) + (ck & (bs - 1)));
   }
-  for (int c = 0; c < n_chunks; ++c) {
+  for (int c = 0; tma_mask != all && c < n_chunks; ++c) {
     if ((tma_mask >> c) & 1u) continue;
     for (int i = lane; i < chunk_rows * 16; i += 32) {
       const int r = c * chunk_rows + (i >> 4), ch = i & 15, key = k0 + r;
@@ -268,7 +305,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
     }
     for (int s = 0; s < 2; ++s) {
       mbar_init(item_full(s), 1);
-      mbar_init(item_empty(s), 2);
+      mbar_init(item_empty(s), 3);  // the two consumers and the V warp
     }
     mbar_init_fence();
   }
@@ -277,7 +314,38 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
   if (wg == 0) {
     // ---- producer
     regs_dealloc<kProducerRegs>();
-    if (warp_in_wg != 0) return;
+    if (warp_in_wg >= 2) return;
+    if (warp_in_wg == 1) {
+      // V: the items warp 0 hands out, their tiles in the same order as K, each as soon as its
+      // buffer is free.
+      uint32_t kv_iter = 0;
+      for (int it = 0;; ++it) {
+        const int slot = it & 1;
+        mbar_wait(item_full(slot), (it >> 1) & 1);
+        const int4 item = items[slot];
+        __syncwarp();
+        if (lane == 0) mbar_arrive(item_empty(slot));
+        if (item.x < 0) break;
+        const Item t = make_item(p.blocks + kDevAttnBlockFields * item.x, item.y);
+        if (t.n_tiles == 0) continue;
+        const int kvh = item.z / (p.hq / p.hkv);
+        const int32_t* table = p.block_table + static_cast<int64_t>(t.seq) * p.max_blocks_per_seq;
+        const int k_top = (t.t_lo + t.n_tiles - 1) * kBN;
+        int page = tile_page(p, table, k_top, t.key_lo, t.key_end, lane);
+        for (int j = 0; j < t.n_tiles; ++j) {
+          const uint32_t i = kv_iter + j;
+          const int page_next =
+              j + 1 < t.n_tiles ? tile_page(p, table, k_top - (j + 1) * kBN, t.key_lo, t.key_end, lane) : 0;
+          mbar_wait(v_empty(stage_of(i)), phase_of(i) ^ 1);
+          load_kv_tile(p, &p.tm_v, &p.tm_v_tile, p.cache_v, v_stage(stage_of(i)), v_full(stage_of(i)), table, kvh,
+                       k_top - j * kBN, t.key_lo, t.key_end, lane, page);
+          page = page_next;
+        }
+        kv_iter += t.n_tiles;
+      }
+      return;
+    }
+    // Warp 0: the work items, Q and K.
     int b_cur = p.n_blocks - 1, first = 0;  // item cursor: items before block b_cur's start at `first`
     uint32_t q_iter = 0, kv_iter = 0;
     for (int it = 0;; ++it) {
@@ -316,22 +384,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
         tma_load_3d(sq + kQHalf, &p.tm_q, q_full, 64, h, t.q_begin + t.m0);
       }
       const int32_t* table = p.block_table + static_cast<int64_t>(t.seq) * p.max_blocks_per_seq;
-      // K of tile j goes out before V of tile j - 1: the consumers need it one step earlier (Q·Kᵀ of
-      // tile j is issued with P·V of tile j - 1).
       const int k_top = (t.t_lo + t.n_tiles - 1) * kBN;
-      auto load_v = [&](uint32_t i, int k0) {
-        mbar_wait(v_empty(stage_of(i)), phase_of(i) ^ 1);
-        load_kv_tile(p, &p.tm_v, p.cache_v, v_stage(stage_of(i)), v_full(stage_of(i)), table, kvh, k0, t.key_lo,
-                     t.key_end, lane);
-      };
+      int page = tile_page(p, table, k_top, t.key_lo, t.key_end, lane);
       for (int j = 0; j < t.n_tiles; ++j) {
         const uint32_t i = kv_iter + j;
+        const int page_next =
+            j + 1 < t.n_tiles ? tile_page(p, table, k_top - (j + 1) * kBN, t.key_lo, t.key_end, lane) : 0;
         mbar_wait(k_empty(stage_of(i)), phase_of(i) ^ 1);
-        load_kv_tile(p, &p.tm_k, p.cache_k, k_stage(stage_of(i)), k_full(stage_of(i)), table, kvh, k_top - j * kBN,
-                     t.key_lo, t.key_end, lane);
-        if (j > 0) load_v(i - 1, k_top - (j - 1) * kBN);
+        load_kv_tile(p, &p.tm_k, &p.tm_k_tile, p.cache_k, k_stage(stage_of(i)), k_full(stage_of(i)), table, kvh,
+                     k_top - j * kBN, t.key_lo, t.key_end, lane, page);
+        page = page_next;
       }
-      load_v(kv_iter + t.n_tiles - 1, k_top - (t.n_tiles - 1) * kBN);
       kv_iter += t.n_tiles;
     }
     // The last CTA to finish resets the counters for the next launch on this stream.
@@ -531,9 +594,12 @@ cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, c
   const bool pow2 = (bs & (bs - 1)) == 0;
   WsParams p{};
   p.tma_rows = pow2 && bs >= 8 ? (bs < 64 ? bs : 64) : 0;
+  while ((1 << p.bs_shift) < bs) ++p.bs_shift;
   if (!encode_rows(&p.tm_q, q.data, t, hq, kBM) ||
       !encode_rows(&p.tm_k, cache.k.data, n_pages * bs, hkv, p.tma_rows > 0 ? p.tma_rows : 8) ||
-      !encode_rows(&p.tm_v, cache.v.data, n_pages * bs, hkv, p.tma_rows > 0 ? p.tma_rows : 8))
+      !encode_rows(&p.tm_v, cache.v.data, n_pages * bs, hkv, p.tma_rows > 0 ? p.tma_rows : 8) ||
+      !encode_rows(&p.tm_k_tile, cache.k.data, n_pages * bs, hkv, kBN) ||
+      !encode_rows(&p.tm_v_tile, cache.v.data, n_pages * bs, hkv, kBN))
     return cudaErrorInvalidValue;
   p.blocks = batch.blocks;
   p.block_table = batch.block_table;
