@@ -33,7 +33,7 @@ inline std::string gpus_unavailable(int n_devices = 1) {
 
 inline const std::vector<std::string>& fixture_names() {
   static const std::vector<std::string> names = {"moe_v4_gqa", "moe_v5_yarn_mha", "moe_dense_mix_fused", "dense_qwen3",
-                                                 "moe_trained"};
+                                                 "moe_trained", "llama3_gqa"};
   return names;
 }
 
