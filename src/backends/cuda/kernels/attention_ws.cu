@@ -482,7 +482,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
         fence_regs(o);
         fence_regs(pa);
         if (wtid == 0) mbar_arrive(v_empty(prev));
-        scale_rows(o, corr);
+        // Past the first tiles a row's max rarely grows, and then its factor is exactly 1: the
+        // warp skips the 64 multiplies when none of its rows needs them (same bits either way).
+        if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) scale_rows(o, corr);
         pack_p(pa, s);
         prev = st;
         prev_ph = ph;
