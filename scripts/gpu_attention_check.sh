@@ -15,8 +15,15 @@ fi
 echo "== attention tests"
 timeout 300 "$BIN/gpu_ops_test" --gtest_filter='AttnRunner.*' 2>&1 | tee "$OUT/gpu_attention.log" |
   grep -E "^\[ +(OK|FAILED|PASSED) |Failure|nmse|rel|error" | tail -40
-echo "== attention_bench"
+echo "== attention_bench (SM clock and power sampled every 100 ms meanwhile)"
+nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv,noheader -lms 100 \
+  > "$OUT/clocks.csv" 2>/dev/null &
+SMI=$!
 timeout 240 "$BIN/attention_bench" --seq "$SEQS" --reps 10 2>&1 | tee "$OUT/attention_bench.log" | tail -16
+kill $SMI 2>/dev/null
+# The clock under sustained tensor-core load: long runs (128K) settle lower than short ones.
+awk -F', ' '{gsub(/ MHz/,"",$2); gsub(/ W/,"",$3); if ($2+0 > 0) {n++; c+=$2; p+=$3; if ($2 < lo || lo == 0) lo = $2}}
+  END {if (n) printf "SM clock mean %.0f MHz (min %d), power mean %.0f W over %d samples\n", c/n, lo, p/n, n}' "$OUT/clocks.csv"
 echo "== attention_bench at block size 16 (the engine's default page)"
 timeout 240 "$BIN/attention_bench" --seq "$SEQS" --reps 10 --block-size 16 --kernel wgmma,ws 2>&1 |
   tee "$OUT/attention_bench_bs16.log" | tail -10
