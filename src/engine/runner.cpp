@@ -13,39 +13,63 @@ namespace cpinfer {
 EngineRunner::EngineRunner(Engine& engine, Communicator* control)
     : engine_(engine), control_(control && control->size() > 1 ? control : nullptr) {}
 
+void EngineRunner::record(int32_t op, int32_t seq, int32_t a, int32_t b) {
+  if (control_) ops_.insert(ops_.end(), {op, seq, a, b});
+}
+
 int EngineRunner::add_sequence() {
   int seq = engine_.cache().add_sequence();
-  if (control_) ops_.insert(ops_.end(), {kOpAdd, seq, 0});
+  record(kOpAdd, seq);
   return seq;
 }
 
 void EngineRunner::reserve(int seq, int n_tokens) {
   engine_.cache().reserve(seq, n_tokens);
-  if (control_) ops_.insert(ops_.end(), {kOpReserve, seq, n_tokens});
+  record(kOpReserve, seq, n_tokens);
 }
 
 void EngineRunner::free_sequence(int seq) {
   engine_.cache().free_sequence(seq);
-  if (control_) ops_.insert(ops_.end(), {kOpFree, seq, 0});
+  record(kOpFree, seq);
 }
 
-void EngineRunner::share_block(int seq, int32_t block) {
-  engine_.cache().share(seq, block);
-  if (control_) ops_.insert(ops_.end(), {kOpShare, seq, block});
+void EngineRunner::adopt_prefix(int seq, std::span<const CachedPage* const> path) {
+  KvCache& cache = engine_.cache();
+  const KvCache::Adoption a = cache.adoption(path);
+  for (const auto& [rank, block] : a.shares) {
+    cache.share(seq, block, rank);
+    record(kOpShare, seq, block, rank);
+  }
+  for (const auto& [rank, src, rows] : a.tails) {
+    cache.copy_tail(seq, rank, src, rows);
+    record(kOpCopyTail, seq, cache.page_ref(rank, src), rows);
+  }
+  for (const auto& [rank, n] : a.runs) {
+    cache.adopt(seq, rank, n);
+    record(kOpAdopt, seq, rank, n);
+  }
 }
 
-void EngineRunner::retain_block(int32_t block) {
-  engine_.cache().retain(block);
-  if (control_) ops_.insert(ops_.end(), {kOpRetain, 0, block});
+int EngineRunner::adopted_positions(std::span<const CachedPage* const> path) const {
+  const KvCache::Adoption a = engine_.cache().adoption(path);
+  if (a.owned.empty()) return a.n_tokens;
+  return *std::max_element(a.owned.begin(), a.owned.end());
 }
 
-void EngineRunner::release_block(int32_t block) {
-  engine_.cache().release(block);
-  if (control_) ops_.insert(ops_.end(), {kOpRelease, 0, block});
+void EngineRunner::retain_block(int32_t ref) {
+  KvCache& cache = engine_.cache();
+  cache.retain(cache.ref_block(ref), cache.ref_rank(ref));
+  record(kOpRetain, 0, cache.ref_block(ref), cache.ref_rank(ref));
+}
+
+void EngineRunner::release_block(int32_t ref) {
+  KvCache& cache = engine_.cache();
+  cache.release(cache.ref_block(ref), cache.ref_rank(ref));
+  record(kOpRelease, 0, cache.ref_block(ref), cache.ref_rank(ref));
 }
 
 void EngineRunner::broadcast_step(int32_t kind, const std::vector<SeqWork>& work) {
-  std::vector<int32_t> msg = {kind, static_cast<int32_t>(ops_.size() / 3)};
+  std::vector<int32_t> msg = {kind, static_cast<int32_t>(ops_.size() / 4)};
   msg.insert(msg.end(), ops_.begin(), ops_.end());
   ops_.clear();
   msg.push_back(static_cast<int32_t>(work.size()));
@@ -121,20 +145,24 @@ void follow_steps(Engine& engine, Communicator& control) {
     const int32_t kind = next();
     const int32_t n_ops = next();
     for (int32_t k = 0; k < n_ops; ++k) {
-      const int32_t op = next(), seq = next(), arg = next();
+      const int32_t op = next(), seq = next(), a = next(), b = next();
       if (op == kOpAdd) {
         int got = cache.add_sequence();
         CPI_CHECK(got == seq, "rank ", engine.rank(), " got KV sequence ", got, " but rank 0 got ", seq);
       } else if (op == kOpReserve) {
-        cache.reserve(seq, arg);
+        cache.reserve(seq, a);
       } else if (op == kOpFree) {
         cache.free_sequence(seq);
       } else if (op == kOpShare) {
-        cache.share(seq, arg);
+        cache.share(seq, a, b);
       } else if (op == kOpRetain) {
-        cache.retain(arg);
+        cache.retain(a, b);
       } else if (op == kOpRelease) {
-        cache.release(arg);
+        cache.release(a, b);
+      } else if (op == kOpCopyTail) {
+        cache.copy_tail(seq, cache.ref_rank(a), cache.ref_block(a), b);
+      } else if (op == kOpAdopt) {
+        cache.adopt(seq, a, b);
       } else {
         CPI_FAIL("unknown cache op ", op, " from rank 0");
       }

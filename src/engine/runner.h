@@ -22,11 +22,17 @@ class EngineRunner : public ModelRunner {
   int add_sequence() override;
   void reserve(int seq, int n_tokens) override;
   void free_sequence(int seq) override;
-  bool shares_blocks() const override { return !engine_.cache().sharded(); }
-  void share_block(int seq, int32_t block) override;
-  void retain_block(int32_t block) override;
-  void release_block(int32_t block) override;
-  std::vector<int32_t> blocks(int seq) const override { return engine_.cache().blocks(seq); }
+  bool shares_blocks() const override { return true; }
+  std::vector<CachedPage> cached_pages(int seq, int n_pages) const override {
+    return engine_.cache().cached_pages(seq, n_pages);
+  }
+  void adopt_prefix(int seq, std::span<const CachedPage* const> path) override;
+  int blocks_to_adopt(std::span<const CachedPage* const> path, int n_tokens) const override {
+    return engine_.cache().blocks_to_adopt(engine_.cache().adoption(path), n_tokens);
+  }
+  int adopted_positions(std::span<const CachedPage* const> path) const override;
+  void retain_block(int32_t ref) override;
+  void release_block(int32_t ref) override;
   std::vector<int32_t> run(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows) override;
   // The logits come to the host (Engine::run) and the token is drawn there with Backend::sample's
   // reference algorithm (the same draw as the device's, up to float rounding at a boundary).
@@ -36,6 +42,8 @@ class EngineRunner : public ModelRunner {
   int block_size() const override { return engine_.cache().block_size(); }
   int n_blocks() const override { return engine_.cache().n_blocks(); }
   int n_free_blocks() const override { return engine_.cache().n_free_blocks(); }
+  int kv_ranks() const override { return engine_.cache().sharded() ? engine_.cache().shard_size() : 1; }
+  int n_free_blocks_on(int rank) const override { return engine_.cache().n_free_blocks_on(rank); }
   bool kv_sharded() const override { return engine_.cache().sharded(); }
   int blocks_to_grow(int seq, int n_tokens) const override {
     return seq < 0 ? engine_.cache().blocks_needed_new(n_tokens) : engine_.cache().blocks_needed(seq, n_tokens);
@@ -49,6 +57,7 @@ class EngineRunner : public ModelRunner {
 
  private:
   void broadcast_step(int32_t kind, const std::vector<SeqWork>& work);
+  void record(int32_t op, int32_t seq, int32_t a = 0, int32_t b = 0);
   Engine& engine_;
   Communicator* control_;
   std::vector<int32_t> ops_;  // cache calls since the last broadcast
@@ -60,7 +69,18 @@ void follow_steps(Engine& engine, Communicator& control);
 
 // Step messages, exposed for tests: [kind, n_ops, ops..., n_work, (seq, n_cached, logits, n, tokens...)...]
 enum StepKind : int32_t { kStepRun = 1, kStepShutdown = 2, kStepRunLogits = 3 };
-// Ops are triples (op, seq, arg): arg is n_tokens for kOpReserve, a block id for the block ops.
-enum CacheOp : int32_t { kOpAdd = 1, kOpReserve = 2, kOpFree = 3, kOpShare = 4, kOpRetain = 5, kOpRelease = 6 };
+// Ops are quadruples (op, seq, a, b): kOpReserve (seq, n_tokens), kOpShare (seq, block, rank),
+// kOpRetain / kOpRelease (-, block, rank), kOpCopyTail (seq, ref of the source, rows),
+// kOpAdopt (seq, rank, n): the KvCache calls of the same names.
+enum CacheOp : int32_t {
+  kOpAdd = 1,
+  kOpReserve = 2,
+  kOpFree = 3,
+  kOpShare = 4,
+  kOpRetain = 5,
+  kOpRelease = 6,
+  kOpCopyTail = 7,
+  kOpAdopt = 8
+};
 
 }  // namespace cpinfer

@@ -21,19 +21,37 @@ Scheduler::Scheduler(ModelRunner& runner, const SchedulerOptions& opt, Metrics* 
   n_free_blocks_ = runner_.n_free_blocks();
   sharded_ = runner_.kv_sharded();
   last_log_ = Clock::now();
-  if (opt.radix_cache && runner_.shares_blocks()) radix_ = std::make_unique<RadixCache>(runner_.block_size());
+  // Sharded KV: refs of every rank's blocks (rank * n_blocks + block), counted per rank.
+  if (opt.radix_cache && runner_.shares_blocks())
+    radix_ = std::make_unique<RadixCache>(runner_.block_size(), runner_.kv_ranks(), runner_.n_blocks());
 }
 
+// Per rank: free blocks plus those evicting the unpinned pages would free; the fewest of any rank.
 int Scheduler::available_blocks() const {
-  return runner_.n_free_blocks() + (radix_ ? radix_->n_evictable_blocks() : 0);
+  if (!radix_) return runner_.n_free_blocks();
+  int fewest = INT_MAX;
+  for (int r = 0; r < runner_.kv_ranks(); ++r)
+    fewest = std::min(fewest, runner_.n_free_blocks_on(r) + radix_->n_evictable_blocks(r));
+  return fewest;
 }
 
 void Scheduler::make_room(int n_blocks) {
-  const int missing = n_blocks - runner_.n_free_blocks();
-  if (!radix_ || missing <= 0) return;
-  const std::vector<int32_t> freed = radix_->evict(missing);
-  for (int32_t b : freed) runner_.release_block(b);
+  if (!radix_) return;
+  std::vector<int32_t> freed;
+  while (runner_.n_free_blocks() < n_blocks) {
+    freed.clear();
+    if (!radix_->evict_leaf(freed)) break;
+    for (int32_t ref : freed) runner_.release_block(ref);
+    prefix_evicted_.fetch_add(freed.size());
+  }
+}
+
+void Scheduler::clear_prefix_cache() {
+  if (!radix_) return;
+  const std::vector<int32_t> freed = radix_->clear();
+  for (int32_t ref : freed) runner_.release_block(ref);
   prefix_evicted_.fetch_add(freed.size());
+  publish_gauges();
 }
 
 void Scheduler::release_sequence(SchedRequest& r, bool keep) {
@@ -46,9 +64,9 @@ void Scheduler::release_sequence(SchedRequest& r, bool keep) {
                            : static_cast<int>(r.prompt.size() + r.output.size()) - 1;
     std::vector<int32_t> tokens(r.prompt);
     tokens.insert(tokens.end(), r.output.begin(), r.output.end());
-    tokens.resize(static_cast<size_t>(kv_len / runner_.block_size() * runner_.block_size()));
-    const std::vector<int32_t> blocks = runner_.blocks(r.seq);
-    for (int32_t b : radix_->insert(tokens, blocks)) runner_.retain_block(b);
+    const int n_pages = kv_len / runner_.block_size();
+    tokens.resize(static_cast<size_t>(n_pages * runner_.block_size()));
+    for (int32_t ref : radix_->insert(tokens, runner_.cached_pages(r.seq, n_pages))) runner_.retain_block(ref);
   }
   if (radix_ && r.prefix) radix_->unpin(r.prefix);
   r.prefix = nullptr;
@@ -145,10 +163,20 @@ void Scheduler::drop_cancelled() {
 
 int ModelRunner::blocks_to_grow(int, int) const { CPI_FAIL("this engine runner has no sharded KV"); }
 int ModelRunner::room_tokens(int, int) const { CPI_FAIL("this engine runner has no sharded KV"); }
-void ModelRunner::share_block(int, int32_t) { CPI_FAIL("this engine runner cannot share KV blocks"); }
+std::vector<CachedPage> ModelRunner::cached_pages(int, int) const {
+  CPI_FAIL("this engine runner cannot share KV blocks");
+}
+void ModelRunner::adopt_prefix(int, std::span<const CachedPage* const>) {
+  CPI_FAIL("this engine runner cannot share KV blocks");
+}
+int ModelRunner::blocks_to_adopt(std::span<const CachedPage* const>, int) const {
+  CPI_FAIL("this engine runner cannot share KV blocks");
+}
+int ModelRunner::adopted_positions(std::span<const CachedPage* const>) const {
+  CPI_FAIL("this engine runner cannot share KV blocks");
+}
 void ModelRunner::retain_block(int32_t) { CPI_FAIL("this engine runner cannot share KV blocks"); }
 void ModelRunner::release_block(int32_t) { CPI_FAIL("this engine runner cannot share KV blocks"); }
-std::vector<int32_t> ModelRunner::blocks(int) const { CPI_FAIL("this engine runner cannot share KV blocks"); }
 
 std::vector<int32_t> ModelRunner::run_logprobs(const std::vector<SeqWork>&, const std::vector<SampleRow>&,
                                                const std::vector<int>&, std::vector<TokenLogprob>&) {
@@ -214,18 +242,37 @@ void Scheduler::admit() {
     }
     const int left = r->max_tokens - static_cast<int>(r->output.size());
     const int64_t want = int64_t(r->fill.size()) + std::min(left, opt_.decode_reserve_tokens) + 1;
-    const int capped = static_cast<int>(std::min<int64_t>(want, int64_t(runner_.n_blocks()) * runner_.block_size()));
-    const int need = sharded_ ? std::min(runner_.blocks_to_grow(-1, static_cast<int>(want)), runner_.n_blocks())
-                              : blocks_for(capped) - static_cast<int>(hit.blocks.size());
+    const int64_t capacity = int64_t(runner_.n_blocks()) * runner_.block_size();
+    const int capped = static_cast<int>(std::min<int64_t>(want, capacity));
+    const int hit_tokens = hit.n_pages() * runner_.block_size();
+    if (sharded_ && hit.n_pages() > 0) {
+      // The shards of a cached prefix follow the forwards that wrote them, which may have left one
+      // rank more than its share (a cut inside a zigzag split). never_fits() bounds a request
+      // written from scratch; one that adopts the prefix must keep within a rank's cache too.
+      const int64_t rest = int64_t(r->fill.size()) + left - hit_tokens;
+      if (runner_.adopted_positions(hit.pages) + runner_.positions_bound(rest, opt_.max_prefill_forwards(rest)) >
+          capacity) {
+        radix_->unpin(hit.last);
+        hit = {};
+      }
+    }
+    int need = blocks_for(capped) - hit.n_pages();
+    if (sharded_)
+      need = std::min(hit.n_pages() > 0 ? runner_.blocks_to_adopt(hit.pages, static_cast<int>(want))
+                                        : runner_.blocks_to_grow(-1, static_cast<int>(want)),
+                      runner_.n_blocks());
     if (need > available_blocks() - claimed) {
       if (radix_) radix_->unpin(hit.last);
       break;
     }
     claimed += need;
     r->seq = runner_.add_sequence();
-    for (int32_t b : hit.blocks) runner_.share_block(r->seq, b);
+    if (hit.n_pages() > 0) {
+      if (sharded_) make_room(1);  // each rank copies at most one partly filled page
+      runner_.adopt_prefix(r->seq, hit.pages);
+    }
     r->prefix = hit.last;
-    r->n_prefilled = hit.n_tokens() * runner_.block_size();
+    r->n_prefilled = hit.n_pages() * runner_.block_size();
     r->reserved = r->n_prefilled;
     if (radix_) {
       prefix_query_.fetch_add(r->fill.size());

@@ -47,18 +47,28 @@ class ModelRunner {
   // and the top_n[i] most likely tokens' (logprobs is resized to work.size()).
   virtual std::vector<int32_t> run_logprobs(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows,
                                             const std::vector<int>& top_n, std::vector<TokenLogprob>& logprobs);
-  // Shared KV blocks for the prefix cache (KvCache::share/retain/release, replayed on every rank).
-  // A runner that returns false from shares_blocks() runs without a prefix cache.
+  // Shared KV blocks for the prefix cache (KvCache's share/retain/release/copy_tail/adopt, replayed
+  // on every rank). A runner that returns false from shares_blocks() runs without a prefix cache.
+  // Blocks are named by refs (KvCache::page_ref: rank * n_blocks + block; replicated: the block).
   virtual bool shares_blocks() const { return false; }
-  virtual void share_block(int seq, int32_t block);
-  virtual void retain_block(int32_t block);
-  virtual void release_block(int32_t block);
-  virtual std::vector<int32_t> blocks(int seq) const;
+  // The first n_pages whole pages of `seq` as the prefix cache keeps them (KvCache::cached_pages).
+  virtual std::vector<CachedPage> cached_pages(int seq, int n_pages) const;
+  // A new sequence (nothing in it yet) takes the cached prefix `path` (KvCache::adoption).
+  virtual void adopt_prefix(int seq, std::span<const CachedPage* const> path);
+  // Blocks the most loaded rank needs for a new sequence that adopts `path` and grows to n_tokens
+  // in one forward, and the most positions the adoption leaves on one rank.
+  virtual int blocks_to_adopt(std::span<const CachedPage* const> path, int n_tokens) const;
+  virtual int adopted_positions(std::span<const CachedPage* const> path) const;
+  virtual void retain_block(int32_t ref);
+  virtual void release_block(int32_t ref);
   // Called when there is nothing to run for a while: lets other ranks know rank 0 is alive.
   virtual void idle() {}
   virtual int block_size() const = 0;
   virtual int n_blocks() const = 0;
   virtual int n_free_blocks() const = 0;
+  // Ranks with their own blocks (sharded KV: the CP size; else 1) and the free blocks of one.
+  virtual int kv_ranks() const { return 1; }
+  virtual int n_free_blocks_on(int rank) const { return n_free_blocks(); }
   // Sharded KV (--kv-shard): each rank stores only its own positions, so a sequence of n tokens
   // takes about n / CP-size positions per rank, not n. The scheduler then asks the runner (KvCache's
   // per-rank accounting: the most any rank needs, the fewest blocks any rank has free) instead of
@@ -155,6 +165,9 @@ class Scheduler {
            std::chrono::milliseconds drain_timeout = std::chrono::milliseconds::max());
   // Ends every request with reason "error" (after a fatal engine error).
   void fail_all(const std::string& message);
+
+  // Scheduler thread: evicts every page of the prefix cache that no running request uses.
+  void clear_prefix_cache();
 
   Gauges gauges() const;
   int n_running() const { return n_running_.load(); }

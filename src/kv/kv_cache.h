@@ -3,8 +3,11 @@
 #pragma once
 #include <array>
 #include <cstdint>
+#include <span>
+#include <utility>
 #include <vector>
 
+#include "kv/radix_cache.h"
 #include "ops/backend.h"
 
 namespace cpinfer {
@@ -42,7 +45,7 @@ class KvCache {
   // Number of positions whose K/V are written (the caller advances it after a forward).
   int length(int seq) const { return seqs_.at(seq).length; }
   void set_length(int seq, int n);
-  const std::vector<int32_t>& blocks(int seq) const { return seqs_.at(seq).blocks; }
+  const std::vector<int32_t>& blocks(int seq) const { return seqs_.at(seq).pages.at(size_t(own_pool())); }
   int32_t slot(int seq, int pos) const;
 
   // Shared blocks (the prefix cache). Every block has a reference count: one per sequence that
@@ -50,12 +53,46 @@ class KvCache {
   // share() appends an in-use block to the page table of `seq` (whose blocks so far must all be
   // full: callers share a whole-page prefix before reserving the rest); the sequence then holds a
   // reference, and must not write positions inside the block (they are someone else's too).
-  void share(int seq, int32_t block);
-  void retain(int32_t block);
-  void release(int32_t block);
-  int ref_count(int32_t block) const;
+  // `rank`: the CP rank whose blocks are meant (sharded; 0 otherwise). On a sharded cache a shared
+  // prefix is adopted by a new sequence (length 0) in three steps, every rank doing all of them for
+  // every rank (see adoption()): share() the rank's full pages, copy_tail() its last partial page,
+  // adopt() the ownership runs, which sets the length.
+  void share(int seq, int32_t block, int rank = 0);
+  void retain(int32_t block, int rank = 0);
+  void release(int32_t block, int rank = 0);
+  int ref_count(int32_t block, int rank = 0) const;
+  // Sharded: a fresh block of `rank` appended to the pages of `seq`, holding a copy of the first
+  // n_rows positions of block `src` (every layer's K and V; only on the rank that owns them).
+  void copy_tail(int seq, int rank, int32_t src, int n_rows);
+  // Sharded: positions [length, length + n) of `seq` belong to `rank` and are in its pages already;
+  // the length grows by n.
+  void adopt(int seq, int rank, int n);
+
+  // The prefix cache's view. A ref names one block of one rank: rank * n_blocks() + block.
+  int32_t page_ref(int rank, int32_t block) const { return rank * shape_.n_blocks + block; }
+  int ref_rank(int32_t ref) const { return ref / shape_.n_blocks; }
+  int32_t ref_block(int32_t ref) const { return ref % shape_.n_blocks; }
+  // The first n_pages pages of `seq` (page g: positions [g * block_size, (g + 1) * block_size)) as the
+  // prefix cache keeps them. Replicated: no tag, the page's block. Sharded: the tag is the owner
+  // rank of each position of the page, and the refs, rank by rank, the blocks of the rank whose last
+  // position lies in the page (full, in page order), then the block partly filled at the page's
+  // end (if the rank's count of positions up to the page's end is not a multiple of block_size).
+  std::vector<CachedPage> cached_pages(int seq, int n_pages) const;
+  // What a new sequence does to adopt the prefix `path` (pages from cached_pages(), in order).
+  struct Adoption {
+    std::vector<std::array<int32_t, 2>> shares;  // (rank, block): full pages, in order per rank
+    std::vector<std::array<int32_t, 3>> tails;   // (rank, src block, rows): sharded, copied
+    std::vector<std::array<int32_t, 2>> runs;    // (rank, n): sharded, ownership in position order
+    std::vector<int> owned;                      // sharded: positions of each rank
+    int n_tokens = 0;
+  };
+  Adoption adoption(std::span<const CachedPage* const> path) const;
+  // Blocks the most loaded rank needs for a new sequence that adopts `a` and then grows to
+  // n_tokens in one forward (the tail copies included).
+  int blocks_to_adopt(const Adoption& a, int n_tokens) const;
 
   int n_free_blocks() const;
+  int n_free_blocks_on(int rank) const { return static_cast<int>(pool(rank).free.size()); }
   int n_blocks() const { return shape_.n_blocks; }
   double usage() const { return 1.0 - double(n_free_blocks()) / double(shape_.n_blocks); }
 
@@ -72,11 +109,14 @@ class KvCache {
   // interleave - 1, which holds for the zigzag split and for round-robin by `interleave` positions.
   // Every rank also keeps the count of blocks every rank holds (each reserves by the same rule from
   // the ownership all ranks record), so that blocks_needed() is the most any rank needs,
-  // n_free_blocks() the fewest any rank has, and a reserve that fits here fits on every rank. The
-  // prefix cache's block sharing (share, retain) is not available on a sharded cache.
+  // n_free_blocks() the fewest any rank has, and a reserve that fits here fits on every rank. To
+  // that end every rank keeps every rank's allocator (free list, reference counts, page lists; only
+  // its own pages hold K/V here), so block ids of every rank are known everywhere and the prefix
+  // cache's block operations (share, retain, release, copy_tail) replay identically on every rank.
   void enable_shard(int rank, int size, int interleave);
   bool sharded() const { return shard_size_ > 1; }
   int shard_rank() const { return shard_rank_; }
+  int shard_size() const { return shard_size_; }
   int owned(int seq, int rank) const;
   // Positions [pos_begin, pos_begin + n) of `seq` now belong to `rank` (its own: stored in order).
   void add_owned(int seq, int rank, int pos_begin, int n);
@@ -97,27 +137,34 @@ class KvCache {
     return shard_positions_bound(n_tokens, prefill_forwards, shard_size_, shard_interleave_);
   }
   // This rank's positions of `seq` as [begin, length) runs in order.
-  const std::vector<std::array<int32_t, 2>>& own_ranges(int seq) const { return seqs_.at(seq).own_ranges; }
+  const std::vector<std::array<int32_t, 2>>& own_ranges(int seq) const { return owner_ranges(seq, shard_rank_); }
+  // Any rank's positions of `seq` as [begin, length) runs in order (sharded).
+  const std::vector<std::array<int32_t, 2>>& owner_ranges(int seq, int rank) const;
 
  private:
+  struct Pool {                  // one rank's blocks
+    std::vector<int32_t> free;   // free block ids (LIFO)
+    std::vector<int32_t> refs;   // per block: references (0: in free)
+  };
   struct Seq {
     bool live = false;
     int length = 0;
-    std::vector<int32_t> blocks;
-    std::vector<int> owned;                            // sharded: positions of each rank
-    std::vector<int> held;                             // sharded: blocks of each rank
-    std::vector<std::array<int32_t, 2>> own_ranges;    // sharded: this rank's runs
+    std::vector<std::vector<int32_t>> pages;               // per pool: the sequence's blocks there
+    std::vector<int> owned;                                // sharded: positions of each rank
+    std::vector<std::vector<std::array<int32_t, 2>>> ranges;  // sharded: each rank's runs
   };
+  int own_pool() const { return sharded() ? shard_rank_ : 0; }
+  const Pool& pool(int rank) const;
+  Pool& pool(int rank) { return const_cast<Pool&>(std::as_const(*this).pool(rank)); }
+  int32_t take_block(Pool& p);
   int local_positions(int seq) const;  // positions this cache stores for seq
   int shard_bound(int more) const;     // positions a rank may take of `more` new ones
   int need_on(const Seq& s, int n_tokens, int rank) const;  // sharded: blocks rank needs to grow s
-  std::vector<int> rank_used_;         // sharded: blocks each rank holds
   int shard_rank_ = 0, shard_size_ = 1, shard_interleave_ = 1;
   Backend& backend_;
   KvCacheShape shape_;
   std::vector<Buffer> k_, v_;  // per layer
-  std::vector<int32_t> free_;  // free block ids (LIFO)
-  std::vector<int32_t> refs_;  // per block: references (0: in free_)
+  std::vector<Pool> pools_;    // one (replicated), or one per CP rank (sharded)
   std::vector<Seq> seqs_;
 };
 

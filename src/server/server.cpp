@@ -484,12 +484,6 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
              " positions): requests longer than the cache are refused");
   SchedulerOptions sopt = so.sched;
   sopt.context_length = context_length;
-  if (sopt.radix_cache && eo.cp.kv_shard && eo.cp.cp_size > 1) {
-    // The prefix cache shares whole pages by block id, the same on every rank; sharded pages hold
-    // different positions on each rank, which the cache does not track yet.
-    log_warn("--kv-shard: the prefix cache is off (it does not share sharded pages yet)");
-    sopt.radix_cache = false;
-  }
 
   App app(so, tok, cfg, context_length, kv_tokens);
   if (!so.test_fixed_output.empty()) {

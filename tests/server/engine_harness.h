@@ -29,10 +29,11 @@ inline std::vector<int32_t> ids(int n, uint32_t seed) {
 // cache on or off), then shuts the other ranks' loops down. metrics: the scheduler's, or null.
 // graphs: how decode steps run (model/decode_graph.h); graph_stats: rank 0's counters afterwards;
 // kv_shard: each CP rank stores only its positions (--kv-shard; kv_tokens is then per rank).
+// after: run on every rank with its engine once rank 0's loop has ended.
 inline void with_scheduler(int cp, int kv_tokens, int chunk, bool radix, Metrics* metrics,
                            const std::function<void(Scheduler&, EngineRunner&)>& body,
                            DecodeGraphMode graphs = DecodeGraphMode::On, DecodeGraphs::Stats* graph_stats = nullptr,
-                           bool kv_shard = false) {
+                           bool kv_shard = false, const std::function<void(Engine&)>& after = {}) {
   LaunchOptions lo;
   lo.cp_size = cp;
   lo.timeout_s = 60;
@@ -45,7 +46,11 @@ inline void with_scheduler(int cp, int kv_tokens, int chunk, bool radix, Metrics
     eo.model.decode_graphs = graphs;
     eo.cp.kv_shard = kv_shard;
     Engine engine(kModel, eo, par);
-    if (par.world_rank() != 0) return follow_steps(engine, *par.control);
+    if (par.world_rank() != 0) {
+      follow_steps(engine, *par.control);
+      if (after) after(engine);
+      return;
+    }
     EngineRunner runner(engine, par.control);
     SchedulerOptions so;
     so.chunked_prefill_size = chunk;
@@ -56,6 +61,7 @@ inline void with_scheduler(int cp, int kv_tokens, int chunk, bool radix, Metrics
     body(sched, runner);
     if (graph_stats) *graph_stats = engine.model().decode_graphs()->stats();
     runner.shutdown();
+    if (after) after(engine);
   });
 }
 

@@ -1,7 +1,8 @@
 // The prefix cache through the official OpenAI SDK: two chats that share a long system prompt give
 // the same answers as on a server started with --disable-radix-cache, and /metrics shows that the
 // second chat found the shared prefix in the cache (and prefilled fewer tokens). Also at CP size 2
-// with prefill CP, where the uncached rest is split over the ranks.
+// with prefill CP, where the uncached rest is split over the ranks, and with --kv-shard at CP size 2
+// and 3, where each rank keeps its shard of the cached pages.
 import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startServer, loadOpenAI, metrics } from './harness.mjs';
@@ -56,9 +57,10 @@ describe('prefix cache', () => {
     assert.equal(off.prefilled, off.usage[0] + off.usage[1]);
   });
 
-  for (const cp of [1, 2]) {
-    it(`the second chat reuses the shared system prompt and answers the same (CP size ${cp})`, async () => {
+  for (const [cp, shard] of [[1, false], [2, false], [2, true], [3, true]]) {
+    it(`the second chat reuses the shared system prompt and answers the same (CP size ${cp}${shard ? ', --kv-shard' : ''})`, async () => {
       const args = cp > 1 ? ['--attn-cp-size', String(cp), '--enable-prefill-cp'] : [];
+      if (shard) args.push('--kv-shard');
       const on = await chats(args);
       assert.deepEqual(on.answers, off.answers);
       assert.deepEqual(on.usage, off.usage);  // usage counts the whole prompt, cached or not
