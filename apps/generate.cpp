@@ -126,15 +126,13 @@ int run_logits(LogitsFlags& f) {
   std::mutex mu;
   bool is_rank0 = false;
   launch(f.ef.launch(), [&](ParallelCtx& par) {
-    EngineOptions eo = f.ef.engine(static_cast<int>(ids.size()));
+    EngineOptions eo = f.ef.engine(static_cast<int>(ids.size()) + 1);  // the loop draws one token after the prompt
     eo.quiet = true;
     Engine engine(f.ef.model_path, eo, par);
-    std::vector<int> seqs;
-    auto out = engine.prefill({std::span<const int32_t>(ids)}, seqs, LogitsWanted::All);
-    engine.release(seqs[0]);
+    std::vector<float> out = engine.prompt_logits(ids);
     if (engine.rank() == 0) {
       std::lock_guard<std::mutex> lock(mu);
-      logits = std::move(out[0]);
+      logits = std::move(out);
       vocab = engine.config().vocab_size;
       is_rank0 = true;
     }

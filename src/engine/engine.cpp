@@ -164,29 +164,56 @@ std::vector<std::vector<float>> Engine::decode(const std::vector<int>& seqs, con
 
 void Engine::release(int seq) { cache_->free_sequence(seq); }
 
-// One request through the server's loop (Scheduler over an EngineRunner): the same admission,
-// prefill, sampling rows, stop rule and multi-rank step protocol as `serve`; the other ranks replay
-// rank 0's steps until it is done.
-GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateOptions& gen,
-                                const std::function<bool(int32_t)>& on_token) {
-  CPI_CHECK(gen.max_new_tokens >= 1, "max_new_tokens must be >= 1, got ", gen.max_new_tokens);
-  gen.sampling.validate();
-  CPI_CHECK(!prompt.empty(), "empty prompt");
-  for (int32_t id : prompt)
+// One request through the server's loop (Scheduler over an EngineRunner) on rank 0: the same
+// admission, prefill, sampling rows, stop rule and multi-rank step protocol as `serve`; the other
+// ranks replay rank 0's steps until it is done. The scheduler's never_fits() is the one check of
+// context length and KV capacity; every rank makes it, so a request that can never fit is refused
+// on every rank. Returns how the request ended (empty on the other ranks).
+FinishInfo Engine::run_one(const std::shared_ptr<SchedRequest>& r) {
+  CPI_CHECK(!r->prompt.empty(), "empty prompt");
+  for (int32_t id : r->prompt)
     CPI_CHECK(id >= 0 && id < cfg_.vocab_size, "token id ", id, " outside the vocabulary [0, ", cfg_.vocab_size, ")");
-  const int need = static_cast<int>(prompt.size()) + gen.max_new_tokens;
-  // Sharded KV: each rank stores about need / CP-size positions (one prefill forward, then decode).
+  Communicator* control = par_.control && par_.control->size() > 1 ? par_.control : nullptr;
+  EngineRunner runner(*this, control);
+  SchedulerOptions so;
+  so.chunked_prefill_size = 0;  // the prompt in one forward
+  so.max_running_requests = 1;
+  so.context_length = INT32_MAX;
+  so.decode_reserve_tokens = 0;  // never_fits() checked the whole request; decode reserves step by step
+  so.radix_cache = false;
+  so.log_interval_s = 0;
+  Scheduler sched(runner, so);
+  const std::string why = sched.never_fits(static_cast<int>(r->prompt.size()), r->max_tokens);
+  CPI_CHECK(why.empty(), why);
+  // Sequences the caller keeps in the cache (Engine::prefill) are not the scheduler's to evict.
+  const int need = static_cast<int>(r->prompt.size()) + r->max_tokens;
   CPI_CHECK(cache_->positions_bound(need, 1) <= int64_t(cache_->n_free_blocks()) * opt_.block_size, "prompt (",
-            prompt.size(), " tokens) + max_new_tokens (", gen.max_new_tokens, ") exceed the KV cache (",
+            r->prompt.size(), " tokens) + max_tokens (", r->max_tokens, ") exceed the KV cache (",
             cache_->n_free_blocks() * opt_.block_size, " free positions", cache_->sharded() ? " per CP rank" : "",
             "); raise --kv-cache-tokens");
-  Communicator* control = par_.control && par_.control->size() > 1 ? par_.control : nullptr;
   if (rank() != 0) {
     follow_steps(*this, *control);
     return {};
   }
+  FinishInfo finished;
+  r->on_finish = [&](const FinishInfo& f) { finished = f; };
+  try {
+    sched.submit(r);
+    const std::atomic<bool> stop{true};  // run until the request is done
+    sched.run(stop, std::chrono::milliseconds::max());
+  } catch (...) {
+    runner.shutdown();
+    throw;
+  }
+  runner.shutdown();
+  if (finished.reason == "error") CPI_FAIL(finished.error);
+  return finished;
+}
 
-  GenerateResult res;
+GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateOptions& gen,
+                                const std::function<bool(int32_t)>& on_token) {
+  CPI_CHECK(gen.max_new_tokens >= 1, "max_new_tokens must be >= 1, got ", gen.max_new_tokens);
+  gen.sampling.validate();
   auto r = std::make_shared<SchedRequest>();
   r->prompt.assign(prompt.begin(), prompt.end());
   r->max_tokens = gen.max_new_tokens;
@@ -198,34 +225,33 @@ GenerateResult Engine::generate(std::span<const int32_t> prompt, const GenerateO
     if (r->output.size() == 1) t_first = std::chrono::steady_clock::now();
     return on_token ? on_token(t) : true;  // a stop id never comes here
   };
-  FinishInfo finished;
-  r->on_finish = [&](const FinishInfo& f) { finished = f; };
-
-  EngineRunner runner(*this, control);
-  SchedulerOptions so;
-  so.chunked_prefill_size = 0;  // the prompt in one forward
-  so.max_running_requests = 1;
-  so.context_length = INT32_MAX;
-  so.decode_reserve_tokens = 0;  // the capacity was checked above; decode reserves step by step
-  so.radix_cache = false;
-  so.log_interval_s = 0;
-  try {
-    Scheduler sched(runner, so);
-    sched.submit(r);
-    const std::atomic<bool> stop{true};  // run until the request is done
-    sched.run(stop, std::chrono::milliseconds::max());
-  } catch (...) {
-    runner.shutdown();
-    throw;
-  }
-  runner.shutdown();
-  if (finished.reason == "error") CPI_FAIL(finished.error);
+  const FinishInfo finished = run_one(r);
+  if (rank() != 0) return {};
+  GenerateResult res;
   res.output_ids = r->output;
   if (t_first == t0) t_first = std::chrono::steady_clock::now();  // the first token was a stop id
   res.finish_reason = finished.reason;
   res.ttft_s = std::chrono::duration<double>(t_first - t0).count();
   res.decode_s = seconds_since(t_first);
   return res;
+}
+
+std::vector<float> Engine::prompt_logits(std::span<const int32_t> prompt) {
+  auto r = std::make_shared<SchedRequest>();
+  r->prompt.assign(prompt.begin(), prompt.end());
+  r->max_tokens = 1;  // the loop draws one token after the prompt; it is not returned
+  r->sampling.temperature = 0.0f;
+  std::vector<float> rows;
+  const size_t vocab = static_cast<size_t>(cfg_.vocab_size);
+  r->on_prompt_logits = [&](int pos, std::span<const float> row) {
+    CPI_CHECK(rows.size() == static_cast<size_t>(pos) * vocab && row.size() == vocab, "prompt logits out of order");
+    rows.insert(rows.end(), row.begin(), row.end());
+  };
+  run_one(r);
+  if (rank() != 0) return {};
+  CPI_CHECK(rows.size() == prompt.size() * vocab, "prompt logits: ", rows.size() / vocab, " rows for ", prompt.size(),
+            " positions");
+  return rows;
 }
 
 }  // namespace cpinfer

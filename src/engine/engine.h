@@ -18,6 +18,9 @@
 
 namespace cpinfer {
 
+struct FinishInfo;
+struct SchedRequest;
+
 struct EngineOptions {
   std::string device = "cpu";
   int device_index = 0;
@@ -73,6 +76,10 @@ class Engine {
   GenerateResult generate(std::span<const int32_t> prompt, const GenerateOptions& gen,
                           const std::function<bool(int32_t)>& on_token = {});
 
+  // The logits after every position of the prompt ([len, V], row-major) through the same loop as
+  // generate (one request, the prompt in one forward). Every rank calls it; the others return {}.
+  std::vector<float> prompt_logits(std::span<const int32_t> prompt);
+
   // Runs a forward of `work` (KV sequences already reserved) and returns logits grouped per
   // SeqWork entry.
   std::vector<std::vector<float>> run(const std::vector<SeqWork>& work);
@@ -82,6 +89,8 @@ class Engine {
   std::vector<int32_t> run_sample(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows);
 
  private:
+  // One request through the scheduler on rank 0 while the other ranks follow (generate, prompt_logits).
+  FinishInfo run_one(const std::shared_ptr<SchedRequest>& r);
   // The work of prefill (new KV sequences, ids checked, freed again if one does not fit) and of
   // decode (one position more per sequence), for run or run_sample.
   std::vector<SeqWork> prefill_work(const std::vector<std::span<const int32_t>>& prompts, std::vector<int>& seq_ids,

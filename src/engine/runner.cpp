@@ -88,14 +88,20 @@ std::vector<int32_t> EngineRunner::run(const std::vector<SeqWork>& work, const s
 }
 
 std::vector<int32_t> EngineRunner::run_logprobs(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows,
-                                                const std::vector<int>& top_n, std::vector<TokenLogprob>& logprobs) {
+                                                const std::vector<int>& top_n, std::vector<TokenLogprob>& logprobs,
+                                                std::vector<std::vector<float>>& all_rows) {
   if (control_) broadcast_step(kStepRunLogits, work);
-  const std::vector<std::vector<float>> logits = engine_.run(work);
+  std::vector<std::vector<float>> logits = engine_.run(work);
   std::vector<int32_t> out(work.size(), -1);
   logprobs.assign(work.size(), {});
+  all_rows.assign(work.size(), {});
+  const size_t vocab = static_cast<size_t>(engine_.config().vocab_size);
   for (size_t i = 0; i < work.size(); ++i) {
-    if (work[i].logits != LogitsWanted::Last) continue;
-    const std::vector<float>& l = logits[i];
+    if (work[i].logits == LogitsWanted::None) continue;
+    if (work[i].logits == LogitsWanted::All) all_rows[i] = std::move(logits[i]);
+    const std::span<const float> l = work[i].logits == LogitsWanted::All
+                                         ? std::span<const float>(all_rows[i]).last(vocab)
+                                         : std::span<const float>(logits[i]);
     out[i] = sample_reference(l, rows[i]);
     if (top_n[i] < 0 || out[i] < 0) continue;
     double mx = -std::numeric_limits<double>::infinity();

@@ -37,7 +37,8 @@ class EngineRunner : public ModelRunner {
   // The logits come to the host (Engine::run) and the token is drawn there with Backend::sample's
   // reference algorithm (the same draw as the device's, up to float rounding at a boundary).
   std::vector<int32_t> run_logprobs(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows,
-                                    const std::vector<int>& top_n, std::vector<TokenLogprob>& logprobs) override;
+                                    const std::vector<int>& top_n, std::vector<TokenLogprob>& logprobs,
+                                    std::vector<std::vector<float>>& all_rows) override;
   void idle() override;
   int block_size() const override { return engine_.cache().block_size(); }
   int n_blocks() const override { return engine_.cache().n_blocks(); }

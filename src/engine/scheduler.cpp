@@ -179,8 +179,19 @@ void ModelRunner::retain_block(int32_t) { CPI_FAIL("this engine runner cannot sh
 void ModelRunner::release_block(int32_t) { CPI_FAIL("this engine runner cannot share KV blocks"); }
 
 std::vector<int32_t> ModelRunner::run_logprobs(const std::vector<SeqWork>&, const std::vector<SampleRow>&,
-                                               const std::vector<int>&, std::vector<TokenLogprob>&) {
+                                               const std::vector<int>&, std::vector<TokenLogprob>&,
+                                               std::vector<std::vector<float>>&) {
   CPI_FAIL("this engine runner cannot return logprobs");
+}
+
+// The rows of positions [pos0, pos0 + n) of a forward with LogitsWanted::All, for the prompt
+// positions not delivered yet (after a preemption the fill is prefilled again, and holds output too).
+void Scheduler::deliver_prompt_logits(SchedRequest& r, int pos0, int n, const std::vector<float>& rows) {
+  const size_t vocab = rows.size() / static_cast<size_t>(n);
+  const int end = std::min(pos0 + n, static_cast<int>(r.prompt.size()));
+  for (int pos = std::max(pos0, r.prompt_logits_sent); pos < end; ++pos)
+    r.on_prompt_logits(pos, std::span<const float>(rows).subspan(static_cast<size_t>(pos - pos0) * vocab, vocab));
+  r.prompt_logits_sent = std::max(r.prompt_logits_sent, end);
 }
 
 void Scheduler::on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token, const TokenLogprob* lp) {
@@ -236,7 +247,7 @@ void Scheduler::admit() {
     auto r = waiting_.front();
     if (r->fill.empty()) r->fill = r->prompt;
     RadixCache::Match hit;
-    if (radix_ && r->fill.size() > 1) {
+    if (radix_ && r->fill.size() > 1 && !r->on_prompt_logits) {
       hit = radix_->match(std::span<const int32_t>(r->fill.data(), r->fill.size() - 1));
       radix_->pin(hit.last);  // before counting: pinned pages are not evictable
     }
@@ -308,6 +319,7 @@ bool Scheduler::step() {
   std::vector<std::shared_ptr<SchedRequest>> owners;
   std::vector<int32_t> decode_tokens;
   decode_tokens.reserve(running_.size());  // spans point into it: no reallocation
+  std::vector<bool> draws;  // per work entry: a token is drawn from its last row
   std::vector<std::shared_ptr<SchedRequest>> prefilling;
   for (auto& r : running_) {
     if (!decoding(*r)) {
@@ -318,6 +330,7 @@ bool Scheduler::step() {
     work.push_back(SeqWork{r->seq, decode_len(*r) - 1, std::span<const int32_t>(&decode_tokens.back(), 1),
                            LogitsWanted::Last});
     owners.push_back(r);
+    draws.push_back(true);
     budget -= 1;
   }
   const int n_decode = static_cast<int>(work.size());
@@ -339,9 +352,12 @@ bool Scheduler::step() {
     budget -= n;
     free_blocks -= grow_blocks(*r, r->n_prefilled + n);
     const bool sample = r->n_prefilled + n == flen && r->output.empty();
+    const bool rows_wanted = r->on_prompt_logits && r->n_prefilled < static_cast<int>(r->prompt.size());
     work.push_back(SeqWork{r->seq, r->n_prefilled, std::span<const int32_t>(r->fill.data() + r->n_prefilled, n),
-                           sample ? LogitsWanted::Last : LogitsWanted::None});
+                           rows_wanted ? LogitsWanted::All : sample ? LogitsWanted::Last : LogitsWanted::None});
     owners.push_back(r);
+    draws.resize(work.size(), false);
+    draws.back() = sample;
   }
   if (work.empty()) {
     // Partly filled requests hold every free block: make room by preempting the newest.
@@ -367,25 +383,28 @@ bool Scheduler::step() {
   // Tokens are drawn by the runner (on the device), each with its request's sampler parameters.
   std::vector<SampleRow> rows(work.size());
   std::vector<int> top_n(work.size(), -1);
-  bool want_logprobs = false;
+  bool on_host = false;  // logprobs or prompt logits: the logits come to the host
   for (size_t i = 0; i < work.size(); ++i) {
-    if (work[i].logits != LogitsWanted::Last) continue;
+    on_host |= work[i].logits == LogitsWanted::All;
+    if (!draws[i]) continue;
     rows[i] = owners[i]->sampler->next_row();
     top_n[i] = owners[i]->logprobs;
-    want_logprobs |= top_n[i] >= 0;
+    on_host |= top_n[i] >= 0;
   }
   std::vector<TokenLogprob> logprobs;
+  std::vector<std::vector<float>> all_rows;
   const std::vector<int32_t> drawn =
-      want_logprobs ? runner_.run_logprobs(work, rows, top_n, logprobs) : runner_.run(work, rows);
+      on_host ? runner_.run_logprobs(work, rows, top_n, logprobs, all_rows) : runner_.run(work, rows);
   CPI_CHECK(drawn.size() == work.size(), "engine returned ", drawn.size(), " tokens for ", work.size(), " sequences");
 
   for (size_t i = 0; i < work.size(); ++i) {
     auto& r = owners[i];
     if (static_cast<int>(i) >= n_decode) {
       const int n = static_cast<int>(work[i].tokens.size());
+      if (i < all_rows.size() && !all_rows[i].empty()) deliver_prompt_logits(*r, work[i].n_cached, n, all_rows[i]);
       r->n_prefilled += n;
       if (metrics_) metrics_->add_prompt_tokens(n);
-      if (work[i].logits == LogitsWanted::None) continue;
+      if (!draws[i]) continue;
     }
     CPI_CHECK(drawn[i] >= 0, "no token can be drawn: every logit is -inf or NaN");
     r->sampler->advance();

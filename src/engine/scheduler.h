@@ -43,10 +43,13 @@ class ModelRunner {
   // One forward; returns per SeqWork the token drawn with rows[i] from its last position (entries
   // with LogitsWanted::Last; -1 for None, or when no logit is above -inf).
   virtual std::vector<int32_t> run(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows) = 0;
-  // run(), and for entries with top_n[i] >= 0 also logprobs[i]: the drawn token's log-probability
-  // and the top_n[i] most likely tokens' (logprobs is resized to work.size()).
+  // run() with the logits on the host: for entries with top_n[i] >= 0 also logprobs[i], the drawn
+  // token's log-probability and the top_n[i] most likely tokens' (logprobs is resized to
+  // work.size()); entries with LogitsWanted::All draw from their last row and leave every row in
+  // all_rows[i] ([n, V], row-major; all_rows is resized to work.size()).
   virtual std::vector<int32_t> run_logprobs(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows,
-                                            const std::vector<int>& top_n, std::vector<TokenLogprob>& logprobs);
+                                            const std::vector<int>& top_n, std::vector<TokenLogprob>& logprobs,
+                                            std::vector<std::vector<float>>& all_rows);
   // Shared KV blocks for the prefix cache (KvCache's share/retain/release/copy_tail/adopt, replayed
   // on every rank). A runner that returns false from shares_blocks() runs without a prefix cache.
   // Blocks are named by refs (KvCache::page_ref: rank * n_blocks + block; replicated: the block).
@@ -101,6 +104,9 @@ struct SchedulerOptions {
   // of chunked_prefill_size (a step's decode tokens leave prompts at least that), plus 2. The
   // sharded-KV admission counts each forward's rounding on one rank (KvCache::shard_positions_bound).
   int64_t max_prefill_forwards(int64_t n_tokens) const {
+    // One request at a time with its prompt in one forward (generate, prompt logits): the only
+    // running request is never preempted, so its prompt takes exactly one forward.
+    if (max_running_requests == 1 && chunked_prefill_size <= 0) return 1;
     const int64_t chunk = chunked_prefill_size > 0 ? chunked_prefill_size : std::max<int64_t>(n_tokens, 1);
     return 8 * ((n_tokens + chunk - 1) / chunk) + 2;
   }
@@ -124,6 +130,11 @@ struct SchedRequest {
   std::vector<int32_t> stop_ids;  // tokens that end the output (counted, not passed to on_token)
   int logprobs = -1;              // >= 0: on_logprob gets each token's logprob and this many alternatives
   std::function<void(const TokenLogprob&)> on_logprob;  // scheduler thread, just before on_token
+  // Scheduler thread: the logits after each prompt position (the distribution of the token that
+  // follows it; vocab floats), once per position in order, as the prompt is prefilled. A request
+  // that sets it is prefilled without the prefix cache (a cached position has no logits) and its
+  // prompt's forwards return every row.
+  std::function<void(int pos, std::span<const float> row)> on_prompt_logits;
   // Scheduler thread, once per generated token that is not a stop id; false: stop now (a stop
   // string was found), finish_reason "stop".
   std::function<bool(int32_t)> on_token;
@@ -137,6 +148,7 @@ struct SchedRequest {
   std::vector<int32_t> fill;  // tokens to put in the cache before decoding: the prompt, or after a
                               // preemption the prompt and all output tokens but the last
   int n_prefilled = 0;        // tokens of fill in the cache
+  int prompt_logits_sent = 0; // prompt positions given to on_prompt_logits (a re-prefill skips them)
   int reserved = 0;           // positions reserved in the cache
   RadixCache::Node* prefix = nullptr;  // pinned prefix cache node of the shared pages (if any)
   std::vector<int32_t> output;
@@ -190,6 +202,7 @@ class Scheduler {
   // Blocks the most loaded rank needs to grow r's sequence to n_tokens (replicated KV: blocks_for
   // less what r holds; sharded: the runner's per-rank count).
   int grow_blocks(const SchedRequest& r, int n_tokens) const;
+  void deliver_prompt_logits(SchedRequest& r, int pos0, int n, const std::vector<float>& rows);
   void on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token, const TokenLogprob* lp = nullptr);
   int blocks_for(int n_tokens) const;
   void publish_gauges();

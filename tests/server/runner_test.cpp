@@ -100,5 +100,74 @@ TEST(EngineLoop, ShardedKvServesRequestsLongerThanOneRanksCache) {
   EXPECT_EQ(serve(2, lens, 112, 32, DecodeGraphMode::On, nullptr, true), ref) << "chunked prefill";
 }
 
+// Prompt logits through the loop (SchedRequest::on_prompt_logits, what `cpinfer logits` and
+// Engine::prompt_logits use): every prompt position's row exactly once and in order, equal to one
+// forward of the whole prompt on one rank, at CP 1, 2 and 3, with chunked prefill, with preemption
+// (a re-prefill does not deliver rows again) and with the prefix cache (a request that wants the
+// rows is prefilled whole even when its prompt is cached).
+TEST(EngineLoop, PromptLogitsEqualOneForwardOfThePrompt) {
+  const std::vector<int> lens = {37, 90, 5, 64};
+  std::vector<std::vector<float>> ref(lens.size());
+  int64_t vocab = 0;
+  {
+    EngineOptions eo;
+    eo.quiet = true;
+    eo.kv_cache_tokens = 2048;
+    eo.block_size = kBlock;
+    Engine engine(kModel, eo);
+    vocab = engine.config().vocab_size;
+    for (size_t i = 0; i < lens.size(); ++i) {
+      const std::vector<int32_t> p = ids(lens[i], static_cast<uint32_t>(i));
+      std::vector<int> seqs;
+      ref[i] = engine.prefill({std::span<const int32_t>(p)}, seqs, LogitsWanted::All)[0];
+      engine.release(seqs[0]);
+    }
+  }
+  for (auto [cp, kv_tokens, chunk] : {std::tuple{1, 2048, 2048}, {1, 160, 16}, {2, 160, 32}, {3, 2048, 24}}) {
+    const std::string what = "CP " + std::to_string(cp) + ", " + std::to_string(kv_tokens) + " positions, chunks of " +
+                             std::to_string(chunk);
+    std::vector<std::vector<float>> got(lens.size());
+    std::vector<int> next(lens.size(), 0);
+    uint64_t preempted = 0;
+    with_scheduler(cp, kv_tokens, chunk, true, nullptr, [&](Scheduler& sched, EngineRunner& runner) {
+      int done = 0;
+      auto submit = [&](size_t i, bool rows) {
+        auto r = std::make_shared<SchedRequest>();
+        r->prompt = ids(lens[i], static_cast<uint32_t>(i));
+        r->max_tokens = 30;
+        r->sampling.temperature = 0;
+        if (rows)
+          r->on_prompt_logits = [&, i](int pos, std::span<const float> row) {
+            EXPECT_EQ(pos, next[i]) << what << ": prompt " << i << " rows out of order or repeated";
+            next[i] = pos + 1;
+            got[i].insert(got[i].end(), row.begin(), row.end());
+          };
+        r->on_finish = [&done](const FinishInfo&) { ++done; };
+        sched.submit(r);
+      };
+      submit(1, false);  // its pages go to the prefix cache first
+      for (int step = 0; done < 1 && step < 10000; ++step)
+        if (!sched.step()) runner.idle();
+      const uint64_t hit_before = sched.gauges().prefix_hit_tokens;
+      for (size_t i = 0; i < lens.size(); ++i) submit(i, true);
+      for (int step = 0; done < 1 + static_cast<int>(lens.size()) && step < 10000; ++step)
+        if (!sched.step()) runner.idle();
+      EXPECT_EQ(done, 1 + static_cast<int>(lens.size())) << what;
+      EXPECT_EQ(sched.gauges().prefix_hit_tokens, hit_before) << what << ": the prompt-logits requests used the cache";
+      preempted = sched.n_preempted();
+    });
+    if (kv_tokens < 400) EXPECT_GT(preempted, 0u) << what << ": meant to exercise preemption";
+    for (size_t i = 0; i < lens.size(); ++i) {
+      ASSERT_EQ(got[i].size(), ref[i].size()) << what << ", prompt " << i;
+      double worst = 0, scale = 0;
+      for (size_t j = 0; j < ref[i].size(); ++j) {
+        worst = std::max(worst, std::abs(double(got[i][j]) - ref[i][j]));
+        scale = std::max(scale, std::abs(double(ref[i][j])));
+      }
+      EXPECT_LE(worst, 1e-5 * scale) << what << ", prompt " << i << " (vocab " << vocab << ")";
+    }
+  }
+}
+
 }  // namespace
 }  // namespace cpinfer::server::test
