@@ -52,8 +52,7 @@ QuantConfig parse_quantization_config(const json& root, const std::string& label
   return q;
 }
 
-void dequantize_fp8_rows(const TensorInfo& w, const TensorInfo& s, const QuantConfig& q, int64_t row0, int64_t rows,
-                         DType out_dtype, void* out) {
+std::vector<float> fp8_scales_f32(const TensorInfo& w, const TensorInfo& s, const QuantConfig& q) {
   CPI_CHECK(q.fp8 && q.block_n > 0 && q.block_k > 0, "tensor '", w.name,
             "' is FP8 but config.json has no FP8 quantization_config");
   CPI_CHECK(w.dtype == DType::F8E4M3 && w.shape.size() == 2, "tensor '", w.name, "' in ", w.file,
@@ -65,26 +64,32 @@ void dequantize_fp8_rows(const TensorInfo& w, const TensorInfo& s, const QuantCo
   CPI_CHECK(s.shape.size() == 2 && s.shape[0] == sn && s.shape[1] == sk, "tensor '", s.name, "' in ", s.file,
             " must have shape [", sn, ", ", sk, "] (one scale per ", q.block_n, "x", q.block_k, " block of '", w.name,
             "' [", N, ", ", K, "])");
+  std::vector<float> out(static_cast<size_t>(sn * sk));
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (s.dtype == DType::F32) {
+      std::memcpy(&out[i], static_cast<const char*>(s.data) + i * 4, 4);
+    } else {
+      uint16_t h;
+      std::memcpy(&h, static_cast<const char*>(s.data) + i * 2, 2);
+      out[i] = bf16_to_f32(h);
+    }
+  }
+  return out;
+}
+
+void dequantize_fp8_rows(const TensorInfo& w, const TensorInfo& s, const QuantConfig& q, int64_t row0, int64_t rows,
+                         DType out_dtype, void* out) {
+  const std::vector<float> scales = fp8_scales_f32(w, s, q);
+  const int64_t N = w.shape[0], K = w.shape[1], sk = (K + q.block_k - 1) / q.block_k;
   CPI_CHECK(row0 >= 0 && rows >= 0 && row0 + rows <= N, "dequantize_fp8_rows: rows [", row0, ", ", row0 + rows,
             ") are outside '", w.name, "' [", N, ", ", K, "]");
   CPI_CHECK(out_dtype == DType::BF16 || out_dtype == DType::F32, "dequantize_fp8_rows: output must be BF16 or F32");
   const auto* src = static_cast<const uint8_t*>(w.data);
-  auto scale = [&](int64_t n, int64_t k) {
-    const int64_t i = (n / q.block_n) * sk + k / q.block_k;
-    if (s.dtype == DType::F32) {
-      float v;
-      std::memcpy(&v, static_cast<const char*>(s.data) + i * 4, 4);
-      return v;
-    }
-    uint16_t h;
-    std::memcpy(&h, static_cast<const char*>(s.data) + i * 2, 2);
-    return bf16_to_f32(h);
-  };
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t n = row0 + r;
     const uint8_t* row = src + n * K;
     for (int64_t k0 = 0; k0 < K; k0 += q.block_k) {
-      const float sc = scale(n, k0);
+      const float sc = scales[static_cast<size_t>((n / q.block_n) * sk + k0 / q.block_k)];
       const int64_t k1 = std::min(K, k0 + q.block_k);
       if (out_dtype == DType::F32) {
         float* o = static_cast<float*>(out) + r * K;

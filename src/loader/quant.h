@@ -32,6 +32,10 @@ struct QuantConfig {
 // than 128 x 128 (the FP8 GEMMs' tile).
 QuantConfig parse_quantization_config(const nlohmann::json& root, const std::string& label);
 
+// The block scales `scale_inv` (F32 or BF16) of FP8 weight `w` as fp32 (BF16 widens exactly),
+// [ceil(N / bn), ceil(K / bk)] row-major. Checks as dequantize_fp8_rows does.
+std::vector<float> fp8_scales_f32(const TensorInfo& w, const TensorInfo& scale_inv, const QuantConfig& q);
+
 // W rows [row0, row0 + rows) of an FP8 weight `w` [N, K] with its scales `scale_inv`, dequantized
 // to `out` (BF16: fp8 · scale in fp32, rounded to nearest even; F32: exact) [rows, K]. Checks the
 // dtypes and the scale shape against the block size, naming the tensors on error.

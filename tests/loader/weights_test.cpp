@@ -43,7 +43,7 @@ class MemoryBackend : public Backend {
   void embedding(const Tensor&, const Tensor&, Tensor) override { no_op(); }
   void rms_norm(const Tensor&, const Tensor&, float, Tensor) override { no_op(); }
   void add_rms_norm(Tensor, const Tensor&, const Tensor&, float, Tensor) override { no_op(); }
-  void linear(const Tensor&, const Tensor&, Tensor) override { no_op(); }
+  void linear(const Tensor&, const Weight&, Tensor) override { no_op(); }
   void qk_norm_rope(Tensor, Tensor, const Tensor&, const Tensor&, float, const Tensor&, const RopeParams&) override {
     no_op();
   }
