@@ -1,6 +1,7 @@
 #include "loader/quant.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "core/check.h"
@@ -75,6 +76,22 @@ std::vector<float> fp8_scales_f32(const TensorInfo& w, const TensorInfo& s, cons
     }
   }
   return out;
+}
+
+void quantize_fp8(const float* w, int64_t N, int64_t K, int64_t bn, int64_t bk, uint8_t* codes, float* scale_inv) {
+  CPI_CHECK(N >= 0 && K >= 0 && bn > 0 && bk > 0, "quantize_fp8: bad shape [", N, ", ", K, "] or block ", bn, "x", bk);
+  const int64_t sk = (K + bk - 1) / bk;
+  for (int64_t n0 = 0; n0 < N; n0 += bn)
+    for (int64_t k0 = 0; k0 < K; k0 += bk) {
+      const int64_t n1 = std::min(N, n0 + bn), k1 = std::min(K, k0 + bk);
+      float amax = 0.0f;
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(w[n * K + k]));
+      const float scale = amax > 0.0f ? amax / 448.0f : 1.0f;
+      scale_inv[(n0 / bn) * sk + k0 / bk] = scale;
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t k = k0; k < k1; ++k) codes[n * K + k] = f32_to_fp8_e4m3(w[n * K + k] / scale);
+    }
 }
 
 void dequantize_fp8_rows(const TensorInfo& w, const TensorInfo& s, const QuantConfig& q, int64_t row0, int64_t rows,

@@ -42,7 +42,8 @@ double e4m3_by_definition(int code) {
   return sign ? -mag : mag;
 }
 
-// Nearest e4m3 code to x (|x| <= 448), ties to the even code, as torch's cast rounds.
+// Nearest e4m3 code to x (|x| <= 448), ties to the even code, the sign kept (-0 too), as torch's
+// cast rounds.
 uint8_t e4m3_encode(float x) {
   const double a = std::fabs(static_cast<double>(x));
   int best = 0;
@@ -50,7 +51,7 @@ uint8_t e4m3_encode(float x) {
     const double d = std::fabs(e4m3_by_definition(c) - a), db = std::fabs(e4m3_by_definition(best) - a);
     if (d < db || (d == db && (c & 1) == 0)) best = c;
   }
-  return static_cast<uint8_t>(best | (std::signbit(x) && best != 0 ? 0x80 : 0));
+  return static_cast<uint8_t>(best | (std::signbit(x) ? 0x80 : 0));
 }
 
 std::vector<float> read_f32(const TensorInfo& t) {
@@ -109,7 +110,7 @@ Written write_pair(const std::string& src, const std::string& out_fp8, const std
     for (int64_t n = 0; n < N; ++n)
       for (int64_t k = 0; k < K; ++k) {
         const float s = scale[(n / bn) * sk + k / bn];
-        q[n * K + k] = e4m3_encode(std::clamp(x[n * K + k] / s, -448.0f, 448.0f));
+        q[n * K + k] = f32_to_fp8_e4m3(std::clamp(x[n * K + k] / s, -448.0f, 448.0f));  // = e4m3_encode
         deq32[n * K + k] = static_cast<float>(e4m3_by_definition(q[n * K + k])) * s;
         deq[n * K + k] = f32_to_bf16(deq32[n * K + k]);
       }
@@ -222,6 +223,50 @@ TEST(Fp8, E4m3DecodesEveryCodeAsDefined) {
   }
   EXPECT_EQ(fp8_e4m3_to_f32(0x7e), 448.0f);
   EXPECT_EQ(fp8_e4m3_to_f32(0x01), std::ldexp(1.0f, -9));
+}
+
+// The encoder is the nearest code with ties to the even one (torch's cast): every code, the
+// midpoints between neighbours (the ties), points just around them, random values; saturation.
+TEST(Fp8, EncodeRoundsToTheNearestCodeTiesToEven) {
+  std::vector<float> xs;
+  for (int c = 0; c < 0x7e; ++c) {
+    const double lo = e4m3_by_definition(c), hi = e4m3_by_definition(c + 1), mid = (lo + hi) / 2;
+    for (double x : {lo, mid, hi}) xs.push_back(static_cast<float>(x));
+    xs.push_back(std::nextafter(static_cast<float>(mid), 0.0f));
+    xs.push_back(std::nextafter(static_cast<float>(mid), 1000.0f));
+  }
+  std::mt19937 rng(3);
+  for (int i = 0; i < 2000; ++i) xs.push_back(std::ldexp(std::uniform_real_distribution<float>(1, 2)(rng), int(rng() % 20) - 12));
+  for (float x : xs)
+    for (float v : {x, -x}) ASSERT_EQ(int(f32_to_fp8_e4m3(v)), int(e4m3_encode(v))) << v;
+  EXPECT_EQ(f32_to_fp8_e4m3(1000.0f), 0x7e);
+  EXPECT_EQ(f32_to_fp8_e4m3(-460.0f), 0xfe);
+  EXPECT_EQ(f32_to_fp8_e4m3(-0.0f), 0x80);
+  EXPECT_EQ(f32_to_fp8_e4m3(std::nanf("")) & 0x7f, 0x7f);
+}
+
+// quantize_fp8 (demo-model --fp8): each block's largest value becomes ±448 · its scale, every value
+// is its nearest code · scale.
+TEST(Fp8, QuantizeScalesEachBlockByItsMaximum) {
+  const int64_t N = 300, K = 260, sk = 3;
+  std::vector<float> w(static_cast<size_t>(N * K)), scale(9);
+  std::mt19937 rng(5);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = std::normal_distribution<float>(0, 0.02f)(rng) * float(1 + i % 7);
+  std::vector<uint8_t> q(w.size());
+  quantize_fp8(w.data(), N, K, 128, 128, q.data(), scale.data());
+  std::vector<float> amax(9, 0.0f);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      float& m = amax[(n / 128) * sk + k / 128];
+      m = std::max(m, std::fabs(w[n * K + k]));
+    }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t b = (n / 128) * sk + k / 128;
+      ASSERT_EQ(scale[b], amax[b] / 448.0f);
+      ASSERT_EQ(q[n * K + k], e4m3_encode(w[n * K + k] / scale[b])) << n << "," << k;
+      if (std::fabs(w[n * K + k]) == amax[b]) EXPECT_EQ(q[n * K + k] & 0x7f, 0x7e);
+    }
 }
 
 TEST(Fp8, QuantizationConfigTakesFineGrainedFp8AndRefusesTheRest) {
