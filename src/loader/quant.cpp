@@ -66,14 +66,14 @@ std::vector<float> fp8_scales_f32(const TensorInfo& w, const TensorInfo& s, cons
             " must have shape [", sn, ", ", sk, "] (one scale per ", q.block_n, "x", q.block_k, " block of '", w.name,
             "' [", N, ", ", K, "])");
   std::vector<float> out(static_cast<size_t>(sn * sk));
+  if (s.dtype == DType::F32) {
+    std::memcpy(out.data(), s.data, out.size() * sizeof(float));  // (memcpy: the mmap may be unaligned)
+    return out;
+  }
   for (size_t i = 0; i < out.size(); ++i) {
-    if (s.dtype == DType::F32) {
-      std::memcpy(&out[i], static_cast<const char*>(s.data) + i * 4, 4);
-    } else {
-      uint16_t h;
-      std::memcpy(&h, static_cast<const char*>(s.data) + i * 2, 2);
-      out[i] = bf16_to_f32(h);
-    }
+    uint16_t h;
+    std::memcpy(&h, static_cast<const char*>(s.data) + i * 2, 2);
+    out[i] = bf16_to_f32(h);
   }
   return out;
 }
