@@ -370,6 +370,26 @@ TEST_P(CpuLinear, Fp8DequantizesEveryCodeExactly) {
   EXPECT_TRUE(std::isfinite(out.ptr<float>()[1]));
 }
 
+// A block scale too large to fold into the AVX2 conversion (|scale| >= 2^120: no real checkpoint)
+// takes the per-element path and stays exact; small codes keep the weights finite.
+TEST_P(CpuLinear, Fp8HugeBlockScalesStayExact) {
+  Rng rng(25);
+  const int64_t N = 130, K = 300;
+  Fp8Weight w = random_fp8(rng, N, K, Scales::F32, Codes::Small);
+  w.scale.ptr<float>()[1] = 0x1p121f;  // block (0, 1)
+  for (int64_t n = 0; n < 128; ++n)
+    for (int64_t k = 128; k < 256; ++k)
+      w.values.ptr<float>()[n * K + k] = fp8_e4m3_to_f32(w.codes.ptr<uint8_t>()[n * K + k]) * 0x1p121f;
+  std::vector<float> got(static_cast<size_t>(N * K));
+  cpu::dequantize_fp8(w.weight(), 0, N, got.data(), /*simd=*/!GetParam());
+  EXPECT_EQ(std::memcmp(got.data(), w.values.t.data, got.size() * 4), 0);
+  for (int64_t M : {1, 3, 9}) {
+    HostTensor a = rng.normal_tensor(DType::F32, {M, K}), out(DType::F32, {M, N});
+    be->linear(a, w.weight(), out);
+    EXPECT_TRUE(all_close(out, ref_linear(a, w.values, M, K, N), 1e-5, "huge scale M=" + std::to_string(M)));
+  }
+}
+
 struct Fp8Experts {
   std::vector<Fp8Weight> gate, up, down;
   MoeWeights values;  // the dequantized values, F32
