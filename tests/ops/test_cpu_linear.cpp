@@ -198,6 +198,30 @@ TEST_P(CpuLinear, MoeExpertsDeterministicAcrossThreadCounts) {
   EXPECT_EQ(std::memcmp(a.t.data, b.t.data, a.t.nbytes()), 0);
 }
 
+// Decode: each expert's GEMMs are too small for a team of threads, so the threads take whole experts;
+// the result matches the reference and is the same bit for bit on 1, 2 and 3 threads.
+TEST_P(CpuLinear, MoeExpertsOfADecodeStepSplitOverThreads) {
+  Rng rng(18);
+  MoeCase c{2, 512, 384, 16, 8, DType::BF16};
+  MoeWeights w = random_experts(rng, c);
+  HostTensor x = rng.normal_tensor(DType::F32, {c.T, c.H});
+  HostTensor ids, wts;
+  random_routing(rng, c, ids, wts);
+  const int saved = omp_get_max_threads();
+  std::vector<HostTensor> outs;
+  for (int threads : {1, 2, 3}) {
+    omp_set_num_threads(threads);
+    outs.emplace_back(DType::F32, std::initializer_list<int64_t>{c.T, c.H});
+    be->fill_zero(outs.back());
+    be->moe_experts(x, ids, wts, w.shard(16, 0, 16), outs.back());
+  }
+  omp_set_num_threads(saved);
+  std::vector<double> zero(static_cast<size_t>(c.T * c.H), 0.0);
+  EXPECT_TRUE(all_close(outs[0], ref_moe(x, ids, wts, w, c, zero, 0, c.E), 1e-5, "decode experts"));
+  for (size_t i = 1; i < outs.size(); ++i)
+    EXPECT_EQ(std::memcmp(outs[i].t.data, outs[0].t.data, outs[0].t.nbytes()), 0) << i + 1 << " threads";
+}
+
 // The thread count changes how the work is shared, never an element's summation order: a wide
 // matrix (column panels), a narrow one over many rows (row chunks), BF16 and F32 weights.
 TEST_P(CpuLinear, LinearDeterministicAcrossThreadCounts) {

@@ -406,16 +406,24 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& w
   const float* xp = x.ptr<const float>();
   const float* wp = weights.ptr<const float>();
   float* op_out = out.ptr<float>();
-  // Experts in ascending id, each adding into out: every token accumulates its experts in the same
-  // order whatever the thread count (transformers' Qwen3MoeSparseMoeBlock does the same).
+  std::vector<int32_t> active;  // local experts with rows, ascending
+  int64_t largest = 0, total = 0, n_rows = 0;  // multiply-adds of the largest expert GEMM and of all
   for (int32_t e = 0; e < shard.count; ++e) {
+    if (rows[e].empty()) continue;
+    active.push_back(e);
+    const int64_t macs = static_cast<int64_t>(rows[e].size()) * shard.gate[e].dim(0) * H;
+    largest = std::max(largest, macs);
+    total += 3 * macs;
+    n_rows += static_cast<int64_t>(rows[e].size());
+  }
+  // y [n, H] of expert e = down(silu(gate(x)) ⊙ up(x)) over its rows, on this thread's scratch
+  // (gemm_wt splits a product over threads only where it is large enough).
+  auto expert = [&](int32_t e, float* y) {
     const std::vector<int64_t>& r = rows[e];
-    if (r.empty()) continue;
     const int64_t n = static_cast<int64_t>(r.size()), I = shard.gate[e].dim(0);
     float* xg = sized(act_scratch(0), n * H);
     float* gate = sized(act_scratch(1), n * I);
     float* up = sized(act_scratch(2), n * I);
-    float* y = sized(act_scratch(3), n * H);
     for (int64_t j = 0; j < n; ++j) std::memcpy(xg + j * H, xp + (r[j] / K) * H, static_cast<size_t>(H) * 4);
     gemm_wt(xg, n, H, shard.gate[e], gate, I, simd_);
     gemm_wt(xg, n, H, shard.up[e], up, I, simd_);
@@ -425,13 +433,40 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& w
       for (int64_t i = 0; i < n * I; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
     }  // the budget ends here: gemm_wt takes its own
     gemm_wt(gate, n, I, shard.down[e], y, H, simd_);
-    for (int64_t j = 0; j < n; ++j) {
+  };
+  // Experts in ascending id, each adding into out: every token accumulates its experts in the same
+  // order whatever the thread count (transformers' Qwen3MoeSparseMoeBlock does the same).
+  auto accumulate = [&](int32_t e, const float* y) {
+    const std::vector<int64_t>& r = rows[e];
+    for (size_t j = 0; j < r.size(); ++j) {
       const float wt = wp[r[j]];
       float* o = op_out + (r[j] / K) * H;
-      const float* yr = y + j * H;
+      const float* yr = y + static_cast<int64_t>(j) * H;
       for (int64_t h = 0; h < H; ++h) o[h] += yr[h] * wt;
     }
+  };
+  const bool by_expert = active.size() > 1 && largest <= kParallelMinMacs &&
+                         static_cast<double>(total) > kParallelMinMacs && OmpBudget().threads() > 1;
+  if (!by_expert) {
+    for (int32_t e : active) {
+      float* y = sized(act_scratch(3), static_cast<int64_t>(rows[e].size()) * H);
+      expert(e, y);
+      accumulate(e, y);
+    }
+    return;
   }
+  // Decode and small batches: every expert's GEMMs are too small for a team of threads of their own
+  // (one token's expert is [I, H] · [H]), so the threads take whole experts instead, each writing
+  // its own rows of y; the sums into out stay in expert order. An expert's result is computed by
+  // the same calls whichever thread runs it, so the output does not depend on the thread count.
+  std::vector<int64_t> offset(active.size() + 1, 0);
+  for (size_t i = 0; i < active.size(); ++i) offset[i + 1] = offset[i] + static_cast<int64_t>(rows[active[i]].size()) * H;
+  float* y_all = sized(act_scratch(3), n_rows * H);
+  const OmpBudget budget;
+  const int nt = static_cast<int>(std::min<size_t>(static_cast<size_t>(budget.threads()), active.size()));
+#pragma omp parallel for schedule(dynamic) num_threads(nt)
+  for (size_t i = 0; i < active.size(); ++i) expert(active[i], y_all + offset[i]);
+  for (size_t i = 0; i < active.size(); ++i) accumulate(active[i], y_all + offset[i]);
 }
 
 }  // namespace cpinfer
