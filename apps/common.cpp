@@ -67,6 +67,11 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
                   "elsewhere), mma, wgmma, wgmma128 or cublas (per expert, for comparison)")
       ->check(CLI::IsMember({"auto", "mma", "wgmma", "wgmma128", "cublas"}))
       ->capture_default_str();
+  app->add_option("--fp8-weights", backend.fp8,
+                  "Weights of an FP8 checkpoint: auto (kept as FP8, 1 byte per weight, where the back-end computes "
+                  "with them: the CPU; dequantized to BF16 at load elsewhere) or bf16 (always dequantized to BF16)")
+      ->check(CLI::IsMember({"auto", "bf16"}))
+      ->capture_default_str();
   app->add_flag("--disable-cuda-graph", disable_cuda_graph,
                 "Enqueue every decode step's kernels one by one instead of replaying a recorded CUDA graph");
   app->add_option("--cuda-graph-max-bs", cuda_graph_max_bs,

@@ -25,7 +25,7 @@ struct EngineFlags {
   int comm_timeout_s = 300;
   int kv_cache_tokens = 0;
   int block_size = 16;
-  BackendOptions backend;  // --attention-backend, --moe-runner-backend
+  BackendOptions backend;  // --attention-backend, --moe-runner-backend, --fp8-weights
   bool disable_cuda_graph = false;
   int cuda_graph_max_bs = 256;
   // --random-weights / --tokenizer-path (generate, serve): random weights at a config's shape and a
@@ -78,6 +78,7 @@ struct DemoModelSpec {
   int layers = 4;
   int hidden = 256;
   int experts = 16;
+  bool fp8 = false;  // linear weights as fine-grained FP8 (e4m3, 128x128 block scales)
 };
 void write_demo_model(const DemoModelSpec& spec);
 

@@ -8,6 +8,7 @@
 
 #include "common.h"
 #include "core/log.h"
+#include "loader/quant.h"
 #include "loader/safetensors.h"
 
 namespace cpinfer {
@@ -56,6 +57,12 @@ int run_demo_model(const DemoFlags& f) {
       {"torch_dtype", "bfloat16"},
       {"vocab_size", V},
       {"cpinfer_demo", "random weights: the output is random text"}};
+  if (f.fp8)
+    cfg["quantization_config"] = {{"quant_method", "fp8"},
+                                  {"fmt", "e4m3"},
+                                  {"activation_scheme", "dynamic"},
+                                  {"weight_block_size", {128, 128}},
+                                  {"modules_to_not_convert", {"lm_head", "mlp.gate"}}};
   std::ofstream(fs::path(f.out) / "config.json") << cfg.dump(2) << "\n";
   nlohmann::ordered_json gen = {{"bos_token_id", 151643}, {"eos_token_id", {151645, 151643}}, {"do_sample", false}};
   std::ofstream(fs::path(f.out) / "generation_config.json") << gen.dump(2) << "\n";
@@ -65,13 +72,27 @@ int run_demo_model(const DemoFlags& f) {
   std::mt19937_64 rng(f.seed);
   SafetensorsWriter w;
   std::vector<uint16_t> buf;
+  std::vector<float> values, scales;
+  std::vector<uint8_t> codes;
   auto add = [&](const std::string& name, std::vector<int64_t> shape, float std_dev, float mean = 0.0f) {
     size_t n = 1;
     for (int64_t s : shape) n *= static_cast<size_t>(s);
     buf.resize(n);
     std::normal_distribution<float> dist(mean, std_dev);
     for (auto& x : buf) x = f32_to_bf16(dist(rng));
-    w.add(name, DType::BF16, shape, buf.data());
+    if (!f.fp8 || !name.ends_with("_proj.weight")) {
+      w.add(name, DType::BF16, shape, buf.data());
+      return;
+    }
+    // The same BF16 values, quantized as Qwen's FP8 checkpoints are (F32 block scales).
+    const int64_t N = shape[0], K = shape[1];
+    values.resize(n);
+    codes.resize(n);
+    scales.resize(static_cast<size_t>(((N + 127) / 128) * ((K + 127) / 128)));
+    for (size_t i = 0; i < n; ++i) values[i] = bf16_to_f32(buf[i]);
+    quantize_fp8(values.data(), N, K, 128, 128, codes.data(), scales.data());
+    w.add(name, DType::F8E4M3, shape, codes.data());
+    w.add(name + "_scale_inv", DType::F32, {(N + 127) / 128, (K + 127) / 128}, scales.data());
   };
   // Tied embeddings: a small embedding keeps the residual stream from being its own token (which
   // makes a random model echo its input), a larger final norm gives the logits some spread.
@@ -98,7 +119,7 @@ int run_demo_model(const DemoFlags& f) {
   }
   w.write((fs::path(f.out) / "model.safetensors").string());
   log_info("wrote a random-weight Qwen3-MoE demo checkpoint to ", f.out, " (", f.layers, " layers, hidden ", H, ", ", E,
-           " experts, Qwen3 tokenizer); its output is random text");
+           " experts", f.fp8 ? ", FP8 linear weights" : "", ", Qwen3 tokenizer); its output is random text");
   return 0;
 }
 
@@ -118,6 +139,9 @@ Command add_demo_model_command(CLI::App& app) {
   c->add_option("--layers", f->layers, "Decoder layers")->capture_default_str();
   c->add_option("--hidden", f->hidden, "Hidden size")->capture_default_str();
   c->add_option("--experts", f->experts, "Experts per MoE layer")->capture_default_str();
+  c->add_flag("--fp8", f->fp8,
+              "Store the attention and expert weights as fine-grained FP8 (e4m3 with 128x128 F32 block scales, "
+              "as Qwen3-*-FP8 checkpoints): the same random values, quantized");
   return {c, [f] { return run_demo_model(*f); }};
 }
 

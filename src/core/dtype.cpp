@@ -1,5 +1,6 @@
 #include "core/dtype.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/check.h"
@@ -68,6 +69,23 @@ uint16_t f32_to_f16(float f) {
   uint32_t rem = mant & 0x1fffu;
   if (rem > 0x1000u || (rem == 0x1000u && (half & 1))) ++half;
   return static_cast<uint16_t>(half);
+}
+
+uint8_t f32_to_fp8_e4m3(float f) {
+  const uint8_t sign = std::signbit(f) ? 0x80 : 0x00;
+  if (std::isnan(f)) return sign | 0x7f;
+  const float a = std::fabs(f);
+  if (a == 0.0f) return sign;
+  if (a >= 448.0f) return sign | 0x7e;
+  // Scaled so that one unit is one step of the code's 3-bit mantissa (exact: powers of two), then
+  // rounded half to even; a rounding up to 8 steps carries into the exponent, which the code's
+  // layout does by itself (code = exponent << 3 | mantissa, counted in steps).
+  int e = 0;
+  std::frexp(a, &e);              // a = m · 2^e, m in [0.5, 1)
+  const int exp = std::max(e - 1, -6);  // e4m3's exponent of a; -6 for subnormals
+  const auto steps = static_cast<int>(std::nearbyint(std::ldexp(a, 3 - exp)));  // [8, 16) normal, [0, 8] subnormal
+  const int code = exp == -6 && steps < 8 ? steps : ((exp + 7) << 3) + steps - 8;
+  return static_cast<uint8_t>(sign | std::min(code, 0x7e));
 }
 
 void to_f32(const void* src, DType src_type, float* dst, size_t n) {

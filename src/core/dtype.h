@@ -8,7 +8,7 @@
 namespace cpinfer {
 
 // F8E4M3: float8 e4m3 "fn" (safetensors "F8_E4M3", torch.float8_e4m3fn), the storage of FP8
-// checkpoints' weights; never an activation or an op argument (the loader dequantizes it).
+// checkpoints' weights; never an activation (linear weights may be FP8: ops/backend.h Weight).
 enum class DType : uint8_t { F32, F16, BF16, I32, I64, U8, F8E4M3 };
 
 constexpr size_t dtype_size(DType t) {
@@ -51,6 +51,10 @@ inline float fp8_e4m3_to_f32(uint8_t v) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
+
+// Nearest e4m3fn code, ties to the even code (torch's cast); |f| above 448 saturates to ±448 (FP8
+// quantizers scale their blocks into range first); NaN becomes the NaN code.
+uint8_t f32_to_fp8_e4m3(float f);
 
 // Round to nearest even, as torch does; NaN stays NaN.
 inline uint16_t f32_to_bf16(float f) {

@@ -21,7 +21,7 @@
 namespace cpinfer {
 
 struct AttentionWeights {
-  Tensor q_proj, k_proj, v_proj, o_proj;  // [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D]
+  Weight q_proj, k_proj, v_proj, o_proj;  // [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D]
   Tensor q_norm, k_norm;                  // [D]; undefined when the family has no q/k norm
 };
 

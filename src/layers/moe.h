@@ -49,7 +49,7 @@ class MoE {
 
 // Dense SwiGLU MLP: out = down(silu(gate(h)) ⊙ up(h)); h, out [T, H].
 struct MlpWeights {
-  Tensor gate, up, down;  // [I, H], [I, H], [H, I]
+  Weight gate, up, down;  // [I, H], [I, H], [H, I]
 };
 
 class Mlp {

@@ -1,6 +1,7 @@
 #include "loader/quant.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "core/check.h"
@@ -52,8 +53,7 @@ QuantConfig parse_quantization_config(const json& root, const std::string& label
   return q;
 }
 
-void dequantize_fp8_rows(const TensorInfo& w, const TensorInfo& s, const QuantConfig& q, int64_t row0, int64_t rows,
-                         DType out_dtype, void* out) {
+std::vector<float> fp8_scales_f32(const TensorInfo& w, const TensorInfo& s, const QuantConfig& q) {
   CPI_CHECK(q.fp8 && q.block_n > 0 && q.block_k > 0, "tensor '", w.name,
             "' is FP8 but config.json has no FP8 quantization_config");
   CPI_CHECK(w.dtype == DType::F8E4M3 && w.shape.size() == 2, "tensor '", w.name, "' in ", w.file,
@@ -65,26 +65,48 @@ void dequantize_fp8_rows(const TensorInfo& w, const TensorInfo& s, const QuantCo
   CPI_CHECK(s.shape.size() == 2 && s.shape[0] == sn && s.shape[1] == sk, "tensor '", s.name, "' in ", s.file,
             " must have shape [", sn, ", ", sk, "] (one scale per ", q.block_n, "x", q.block_k, " block of '", w.name,
             "' [", N, ", ", K, "])");
+  std::vector<float> out(static_cast<size_t>(sn * sk));
+  if (s.dtype == DType::F32) {
+    std::memcpy(out.data(), s.data, out.size() * sizeof(float));  // (memcpy: the mmap may be unaligned)
+    return out;
+  }
+  for (size_t i = 0; i < out.size(); ++i) {
+    uint16_t h;
+    std::memcpy(&h, static_cast<const char*>(s.data) + i * 2, 2);
+    out[i] = bf16_to_f32(h);
+  }
+  return out;
+}
+
+void quantize_fp8(const float* w, int64_t N, int64_t K, int64_t bn, int64_t bk, uint8_t* codes, float* scale_inv) {
+  CPI_CHECK(N >= 0 && K >= 0 && bn > 0 && bk > 0, "quantize_fp8: bad shape [", N, ", ", K, "] or block ", bn, "x", bk);
+  const int64_t sk = (K + bk - 1) / bk;
+  for (int64_t n0 = 0; n0 < N; n0 += bn)
+    for (int64_t k0 = 0; k0 < K; k0 += bk) {
+      const int64_t n1 = std::min(N, n0 + bn), k1 = std::min(K, k0 + bk);
+      float amax = 0.0f;
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(w[n * K + k]));
+      const float scale = amax > 0.0f ? amax / 448.0f : 1.0f;
+      scale_inv[(n0 / bn) * sk + k0 / bk] = scale;
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t k = k0; k < k1; ++k) codes[n * K + k] = f32_to_fp8_e4m3(w[n * K + k] / scale);
+    }
+}
+
+void dequantize_fp8_rows(const TensorInfo& w, const TensorInfo& s, const QuantConfig& q, int64_t row0, int64_t rows,
+                         DType out_dtype, void* out) {
+  const std::vector<float> scales = fp8_scales_f32(w, s, q);
+  const int64_t N = w.shape[0], K = w.shape[1], sk = (K + q.block_k - 1) / q.block_k;
   CPI_CHECK(row0 >= 0 && rows >= 0 && row0 + rows <= N, "dequantize_fp8_rows: rows [", row0, ", ", row0 + rows,
             ") are outside '", w.name, "' [", N, ", ", K, "]");
   CPI_CHECK(out_dtype == DType::BF16 || out_dtype == DType::F32, "dequantize_fp8_rows: output must be BF16 or F32");
   const auto* src = static_cast<const uint8_t*>(w.data);
-  auto scale = [&](int64_t n, int64_t k) {
-    const int64_t i = (n / q.block_n) * sk + k / q.block_k;
-    if (s.dtype == DType::F32) {
-      float v;
-      std::memcpy(&v, static_cast<const char*>(s.data) + i * 4, 4);
-      return v;
-    }
-    uint16_t h;
-    std::memcpy(&h, static_cast<const char*>(s.data) + i * 2, 2);
-    return bf16_to_f32(h);
-  };
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t n = row0 + r;
     const uint8_t* row = src + n * K;
     for (int64_t k0 = 0; k0 < K; k0 += q.block_k) {
-      const float sc = scale(n, k0);
+      const float sc = scales[static_cast<size_t>((n / q.block_n) * sk + k0 / q.block_k)];
       const int64_t k1 = std::min(K, k0 + q.block_k);
       if (out_dtype == DType::F32) {
         float* o = static_cast<float*>(out) + r * K;

@@ -32,6 +32,17 @@ struct QuantConfig {
 // than 128 x 128 (the FP8 GEMMs' tile).
 QuantConfig parse_quantization_config(const nlohmann::json& root, const std::string& label);
 
+// The block scales `scale_inv` (F32 or BF16) of FP8 weight `w` as fp32 (BF16 widens exactly),
+// [ceil(N / bn), ceil(K / bk)] row-major. Checks as dequantize_fp8_rows does.
+std::vector<float> fp8_scales_f32(const TensorInfo& w, const TensorInfo& scale_inv, const QuantConfig& q);
+
+// The published quantization rule (Qwen3-*-FP8, DeepSeek-V3): per block_n x block_k block of
+// W [N, K] (fp32), scale = amax / 448 (1 for an all-zero block) and codes = e4m3(W / scale)
+// (nearest, ties to even); `codes` [N, K], `scale_inv` [ceil(N / block_n), ceil(K / block_k)] = the
+// scales. (cpinfer demo-model --fp8; checkpoints come quantized.)
+void quantize_fp8(const float* w, int64_t N, int64_t K, int64_t block_n, int64_t block_k, uint8_t* codes,
+                  float* scale_inv);
+
 // W rows [row0, row0 + rows) of an FP8 weight `w` [N, K] with its scales `scale_inv`, dequantized
 // to `out` (BF16: fp8 · scale in fp32, rounded to nearest even; F32: exact) [rows, K]. Checks the
 // dtypes and the scale shape against the block size, naming the tensors on error.

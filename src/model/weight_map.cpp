@@ -27,7 +27,12 @@ WeightMap decoder_weight_map(const ModelConfig& cfg, const DecoderSpec& spec, Mo
   w.layers.assign(static_cast<size_t>(cfg.num_hidden_layers), LayerWeights{});
   auto add = [&](std::string name, std::vector<int64_t> shape, const std::string& why_s, Tensor* dst, uint64_t id,
                  float scale, float mean = 0.0f) {
-    m.tensors.push_back({std::move(name), std::move(shape), why_s, dst, id, scale, mean, ""});
+    m.tensors.push_back({std::move(name), std::move(shape), why_s, dst, id, scale, mean, "", nullptr});
+  };
+  auto add_linear = [&](std::string name, std::vector<int64_t> shape, const std::string& why_s, Weight* dst,
+                        uint64_t id, float scale) {
+    add(std::move(name), std::move(shape), why_s, dst, id, scale);
+    m.tensors.back().scale_dst = &dst->scale;
   };
   // Random tensor ids: 1..3 global, per layer 100 + 16 * layer + kind, experts 1e6 + (layer * E + e) * 3.
   add("model.embed_tokens.weight", {V, H}, vh, &w.embed, 1, 1.0f);
@@ -43,19 +48,19 @@ WeightMap decoder_weight_map(const ModelConfig& cfg, const DecoderSpec& spec, Mo
     const uint64_t lid = 100 + 16 * uint64_t(l);
     add(p + "input_layernorm.weight", {H}, hs, &L.input_norm, lid + 0, 0.05f, 1.0f);
     add(p + "post_attention_layernorm.weight", {H}, hs, &L.post_attn_norm, lid + 1, 0.05f, 1.0f);
-    add(p + "self_attn.q_proj.weight", {Hq * D, H}, q_why, &L.q_proj, lid + 2, s_h);
-    add(p + "self_attn.k_proj.weight", {Hkv * D, H}, kv_why, &L.k_proj, lid + 3, s_h);
-    add(p + "self_attn.v_proj.weight", {Hkv * D, H}, kv_why, &L.v_proj, lid + 4, s_h);
-    add(p + "self_attn.o_proj.weight", {H, Hq * D}, q_why, &L.o_proj, lid + 5, 1.0f / std::sqrt(float(Hq * D)));
+    add_linear(p + "self_attn.q_proj.weight", {Hq * D, H}, q_why, &L.q_proj, lid + 2, s_h);
+    add_linear(p + "self_attn.k_proj.weight", {Hkv * D, H}, kv_why, &L.k_proj, lid + 3, s_h);
+    add_linear(p + "self_attn.v_proj.weight", {Hkv * D, H}, kv_why, &L.v_proj, lid + 4, s_h);
+    add_linear(p + "self_attn.o_proj.weight", {H, Hq * D}, q_why, &L.o_proj, lid + 5, 1.0f / std::sqrt(float(Hq * D)));
     if (spec.qk_norm) {
       add(p + "self_attn.q_norm.weight", {D}, hd, &L.q_norm, lid + 6, 0.05f, 1.0f);
       add(p + "self_attn.k_norm.weight", {D}, hd, &L.k_norm, lid + 7, 0.05f, 1.0f);
     }
     L.moe = spec.moe && cfg.is_moe_layer(l);
     if (!L.moe) {
-      add(p + "mlp.gate_proj.weight", {I, H}, mlp_why, &L.mlp_gate, lid + 9, s_h);
-      add(p + "mlp.up_proj.weight", {I, H}, mlp_why, &L.mlp_up, lid + 10, s_h);
-      add(p + "mlp.down_proj.weight", {H, I}, mlp_why, &L.mlp_down, lid + 11, 1.0f / std::sqrt(float(I)));
+      add_linear(p + "mlp.gate_proj.weight", {I, H}, mlp_why, &L.mlp_gate, lid + 9, s_h);
+      add_linear(p + "mlp.up_proj.weight", {I, H}, mlp_why, &L.mlp_up, lid + 10, s_h);
+      add_linear(p + "mlp.down_proj.weight", {H, I}, mlp_why, &L.mlp_down, lid + 11, 1.0f / std::sqrt(float(I)));
       continue;
     }
     add(p + "mlp.gate.weight", {E, H}, router_why, &L.router, lid + 8, s_h);

@@ -28,6 +28,9 @@ struct WeightEntry {
   float random_scale = 0.0f;
   float random_mean = 0.0f;
   std::string missing_hint;  // said when the tensor is absent (e.g. why lm_head is required)
+  // A linear layer's weight (dst is a Weight): where its FP8 block scales go when the back-end
+  // computes with FP8 weights. nullptr: an FP8 tensor here is dequantized to BF16 at load.
+  Tensor* scale_dst = nullptr;
 };
 
 // The experts of one MoE layer: this rank's share of `prefix`E.{gate,up,down}_proj.weight (per

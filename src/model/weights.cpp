@@ -39,18 +39,46 @@ struct LoadItem {
   size_t nbytes = 0;
   std::vector<int64_t> shape;
   Tensor* dst = nullptr;
-  const TensorInfo* scale = nullptr;  // an FP8 weight's block scales: dequantized to BF16 at load
+  const TensorInfo* scale = nullptr;  // an FP8 weight's block scales
+  Tensor* scale_dst = nullptr;        // set: the weight stays FP8 (codes + F32 scales); else BF16
 };
+
+// Checkpoint names with their numeric parts (layer, expert) as '*', each pattern once, in order:
+// "model.layers.*.self_attn.q_proj.weight, model.layers.*.mlp.experts.*.up_proj.weight".
+std::string name_patterns(const std::vector<std::string>& names) {
+  std::vector<std::string> seen;
+  std::string out;
+  for (const std::string& n : names) {
+    std::string p, part;
+    for (size_t i = 0; i <= n.size(); ++i) {
+      if (i < n.size() && n[i] != '.') {
+        part += n[i];
+        continue;
+      }
+      const bool number =
+          !part.empty() && std::all_of(part.begin(), part.end(), [](char c) { return c >= '0' && c <= '9'; });
+      p += (p.empty() ? "" : ".") + (number ? std::string("*") : part);
+      part.clear();
+    }
+    if (std::find(seen.begin(), seen.end(), p) != seen.end()) continue;
+    out += (seen.empty() ? "" : ", ") + p;
+    seen.push_back(p);
+  }
+  return out;
+}
 
 // Collects every tensor this rank needs (validating as it goes) before any byte is copied, so a
 // bad checkpoint fails fast and progress knows the total.
 class Planner {
  public:
-  Planner(const Checkpoint& ckpt, const QuantConfig& quant) : ckpt_(ckpt), quant_(quant) {}
+  // keep_fp8: FP8 linear weights stay FP8 (the back-end computes with them).
+  Planner(const Checkpoint& ckpt, const QuantConfig& quant, bool keep_fp8)
+      : ckpt_(ckpt), quant_(quant), keep_fp8_(keep_fp8) {}
 
   // Checks dtype and shape of tensor `name` and plans all of it into `dst`; an FP8 weight with its
-  // `_scale_inv` tensor, which becomes BF16.
-  void whole(const std::string& name, std::vector<int64_t> expect, const char* why, Tensor* dst) {
+  // `_scale_inv` tensor, which stays FP8 (scales into `scale_dst`) when it is a linear layer's
+  // weight and the back-end takes FP8, and becomes BF16 otherwise.
+  void whole(const std::string& name, std::vector<int64_t> expect, const char* why, Tensor* dst, Tensor* scale_dst) {
     const TensorInfo& t = checked(name, expect, why);
     const TensorInfo* scale = nullptr;
     size_t nbytes = t.nbytes;
@@ -60,11 +88,19 @@ class Planner {
       scale = ckpt_.find(name + "_scale_inv");
       CPI_CHECK(scale != nullptr, "missing tensor '", name, "_scale_inv' in ", ckpt_.dir(),
                 " (the block scales of the FP8 weight '", name, "')");
-      dequantize_fp8_rows(t, *scale, quant_, 0, 0, DType::BF16, nullptr);  // no rows: checks the scales now
-      nbytes = t.nbytes * dtype_size(DType::BF16);
-      ++fp8_;
+      const size_t n_scales = fp8_scales_f32(t, *scale, quant_).size();  // checks the scales now
+      if (!keep_fp8_ || scale_dst == nullptr) {
+        nbytes = t.nbytes * dtype_size(DType::BF16);
+        scale_dst = nullptr;
+        dequantized_.push_back(name);
+      } else {
+        nbytes += n_scales * sizeof(float);
+        kept_.push_back(name);
+      }
+    } else {
+      scale_dst = nullptr;
     }
-    items_.push_back({&t, 0, nbytes, std::move(expect), dst, scale});
+    items_.push_back({&t, 0, nbytes, std::move(expect), dst, scale, scale_dst});
   }
 
   // Plans rows [first, first + count) of dimension 0 of `t` (already checked) into `dst`.
@@ -96,13 +132,15 @@ class Planner {
   }
 
   std::vector<LoadItem>& items() { return items_; }
-  int fp8_weights() const { return fp8_; }
+  const std::vector<std::string>& kept_fp8() const { return kept_; }
+  const std::vector<std::string>& dequantized_fp8() const { return dequantized_; }
 
  private:
   const Checkpoint& ckpt_;
   const QuantConfig& quant_;
+  bool keep_fp8_;
   std::vector<LoadItem> items_;
-  int fp8_ = 0;
+  std::vector<std::string> kept_, dequantized_;  // FP8 checkpoint weights by what they become
 };
 
 std::string why(const char* fmt_a, int64_t a, const char* fmt_b = nullptr, int64_t b = 0) {
@@ -119,7 +157,10 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backen
   const ExpertRange share = expert_range(cfg.num_experts, rank, world);
   ModelWeights w;
   const WeightMap map = model_family(cfg.architecture).weight_map(cfg, w, share);
-  Planner plan(ckpt, cfg.quant);
+  // FP8 weights stay FP8 where the back-end computes with them; its kernels take kFp8Block blocks.
+  const bool keep_fp8 =
+      backend.fp8_weights_supported() && cfg.quant.block_n == kFp8Block && cfg.quant.block_k == kFp8Block;
+  Planner plan(ckpt, cfg.quant, keep_fp8);
   // Fused expert ranges [count, 2I, H] / [count, H, I]; the per-expert views are cut afterwards.
   struct Fused {
     ExpertShard* shard;
@@ -154,9 +195,11 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backen
     const std::string exp_why = why("moe_intermediate_size", Im, "hidden_size", H);
     for (int32_t k = 0; k < S.count; ++k) {
       const std::string e = ex + std::to_string(S.first + k) + ".";
-      plan.whole(e + "gate_proj.weight", {Im, H}, exp_why.c_str(), &x.dst->gate[static_cast<size_t>(k)]);
-      plan.whole(e + "up_proj.weight", {Im, H}, exp_why.c_str(), &x.dst->up[static_cast<size_t>(k)]);
-      plan.whole(e + "down_proj.weight", {H, Im}, exp_why.c_str(), &x.dst->down[static_cast<size_t>(k)]);
+      Weight &g = x.dst->gate[static_cast<size_t>(k)], &u = x.dst->up[static_cast<size_t>(k)],
+             &d = x.dst->down[static_cast<size_t>(k)];
+      plan.whole(e + "gate_proj.weight", {Im, H}, exp_why.c_str(), &g, &g.scale);
+      plan.whole(e + "up_proj.weight", {Im, H}, exp_why.c_str(), &u, &u.scale);
+      plan.whole(e + "down_proj.weight", {H, Im}, exp_why.c_str(), &d, &d.scale);
     }
   };
   size_t next_experts = 0;
@@ -168,7 +211,7 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backen
     if (!e.missing_hint.empty())
       CPI_CHECK(ckpt.find(e.name) != nullptr, "missing tensor '", e.name, "' in ", ckpt.dir(), " (", e.missing_hint,
                 ")");
-    plan.whole(e.name, e.shape, e.why.c_str(), e.dst);
+    plan.whole(e.name, e.shape, e.why.c_str(), e.dst, e.scale_dst);
   }
 
   // ---- materialize: views into the mmap on the CPU back-end, uploads elsewhere.
@@ -176,12 +219,23 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backen
   for (const LoadItem& it : plan.items()) total += it.nbytes;
   const bool host = backend.device() == Device::CPU;
   size_t done = 0;
-  std::vector<uint16_t> dequantized;  // one FP8 weight at a time, as BF16
+  std::vector<uint16_t> dequantized;          // one FP8 weight at a time, as BF16
+  std::deque<std::vector<float>> scales_f32;  // FP8 scales kept: uploaded from here
   for (const LoadItem& it : plan.items()) {
     const auto* src = static_cast<const uint8_t*>(it.info->data) + it.offset;
     Tensor t;
     t.dtype = it.info->dtype;
-    if (it.scale != nullptr) {
+    size_t code_bytes = it.nbytes;
+    if (it.scale_dst != nullptr) {
+      // F32 scales (BF16 ones widened exactly): the codes stay as stored, the scales are tiny.
+      scales_f32.push_back(fp8_scales_f32(*it.info, *it.scale, cfg.quant));
+      const std::vector<float>& s = scales_f32.back();
+      Buffer buf(backend, s.size() * sizeof(float));
+      if (!s.empty()) backend.upload(buf.data(), s.data(), s.size() * sizeof(float));
+      *it.scale_dst = Tensor(buf.data(), DType::F32, {it.scale->shape[0], it.scale->shape[1]}, backend.device());
+      w.owned.push_back(std::move(buf));
+      code_bytes = it.info->nbytes;
+    } else if (it.scale != nullptr) {
       const int64_t rows = it.shape[0], cols = it.shape[1];
       dequantized.resize(static_cast<size_t>(rows * cols));
       dequantize_fp8_rows(*it.info, *it.scale, cfg.quant, 0, rows, DType::BF16, dequantized.data());
@@ -193,12 +247,12 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backen
     CPI_CHECK(t.ndim <= Tensor::kMaxDims, "tensor '", it.info->name, "' has ", t.ndim, " dimensions");
     for (int i = 0; i < t.ndim; ++i) t.shape[static_cast<size_t>(i)] = it.shape[static_cast<size_t>(i)];
     const bool aligned = reinterpret_cast<uintptr_t>(src) % dtype_size(t.dtype) == 0;
-    if (host && aligned && it.scale == nullptr) {
+    if (host && aligned && t.dtype == it.info->dtype) {
       t.data = const_cast<uint8_t*>(src);  // read-only mapping: the model never writes weights
       t.device = Device::CPU;
     } else {
-      Buffer buf(backend, it.nbytes);
-      if (it.nbytes) backend.upload(buf.data(), src, it.nbytes);
+      Buffer buf(backend, code_bytes);
+      if (code_bytes) backend.upload(buf.data(), src, code_bytes);
       t.data = buf.data();
       t.device = backend.device();
       w.owned.push_back(std::move(buf));
@@ -208,10 +262,21 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backen
     if (progress) progress(done, total);
   }
   if (!w.owned.empty()) backend.sync();  // uploads are stream-ordered; sources are the mmap
-  if (plan.fp8_weights() > 0)
-    log_info("FP8 checkpoint: ", plan.fp8_weights(), " of ", plan.items().size(), " weights are F8_E4M3 with ",
-             cfg.quant.block_n, "x", cfg.quant.block_k,
-             " block scales, dequantized to BF16 at load; the others (norms, embeddings, router, LM head) as stored");
+  if (const size_t n_fp8 = plan.kept_fp8().size() + plan.dequantized_fp8().size(); n_fp8 > 0) {
+    std::string report = "FP8 checkpoint: " + std::to_string(n_fp8) + " of " + std::to_string(plan.items().size()) +
+                         " weights are F8_E4M3 with " + std::to_string(cfg.quant.block_n) + "x" +
+                         std::to_string(cfg.quant.block_k) + " block scales";
+    if (!plan.kept_fp8().empty())
+      report += "; " + std::to_string(plan.kept_fp8().size()) +
+                " kept as FP8 (1 byte per weight + F32 scales) on the " + backend.name() +
+                " back-end: " + name_patterns(plan.kept_fp8());
+    if (!plan.dequantized_fp8().empty())
+      report += "; " + std::to_string(plan.dequantized_fp8().size()) + " dequantized to BF16 at load for the " +
+                backend.name() + " back-end" +
+                (keep_fp8 ? " (not a weight its FP8 kernels take)" : " (it computes with BF16 weights)") + ": " +
+                name_patterns(plan.dequantized_fp8());
+    log_info(report, "; the others (norms, embeddings, router, LM head) as stored");
+  }
   w.bytes = total;
   if (map.tie_lm_head) w.lm_head = w.embed;
 

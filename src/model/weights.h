@@ -17,12 +17,12 @@ namespace cpinfer {
 
 struct LayerWeights {
   Tensor input_norm, post_attn_norm;      // [H]
-  Tensor q_proj, k_proj, v_proj, o_proj;  // [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D]
+  Weight q_proj, k_proj, v_proj, o_proj;  // [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D] (float or FP8)
   Tensor q_norm, k_norm;                  // [D]
   bool moe = false;
   Tensor router;                      // [E, H]   (moe)
   ExpertShard experts;                // (moe) only this rank's share
-  Tensor mlp_gate, mlp_up, mlp_down;  // dense MLP: [I, H], [I, H], [H, I]
+  Weight mlp_gate, mlp_up, mlp_down;  // dense MLP: [I, H], [I, H], [H, I] (float or FP8)
 };
 
 struct ExpertRange {

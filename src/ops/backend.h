@@ -4,7 +4,8 @@
 // Conventions
 // - All tensors are contiguous row-major views (core/tensor.h) living on the back-end's device.
 // - Activations use act_dtype(): F32 on the CPU reference, BF16 on CUDA. Weights keep the dtype
-//   they were stored in (BF16/F16/F32); every op accumulates in fp32.
+//   they were stored in (BF16/F16/F32); the weights of linear layers may also be FP8 (Weight) on a
+//   back-end where fp8_weights_supported(). Every op accumulates in fp32.
 // - Calls are stream-ordered: they may return before the work is done; sync() waits for all of it.
 // - Shapes in comments: T tokens, H hidden, Hq/Hkv heads, D head_dim, E experts, K top-k, I width.
 #pragma once
@@ -23,6 +24,23 @@ namespace cpinfer {
 struct RopeParams {
   std::vector<float> inv_freq;  // [D/2]
   float attention_factor = 1.0f;
+};
+
+// Fine-grained FP8 (Qwen3-*-FP8, DeepSeek-V3): one scale per block of kFp8Block x kFp8Block weights.
+inline constexpr int64_t kFp8Block = 128;
+
+// A linear layer's weight W [N, K] as an op argument. Either a float tensor (BF16/F16/F32; `scale`
+// undefined), or the e4m3 codes of W (F8E4M3 [N, K]) with `scale` F32 [ceil(N / kFp8Block),
+// ceil(K / kFp8Block)]: W[n, k] = float(codes[n, k]) · scale[n / kFp8Block, k / kFp8Block], the
+// product rounded to fp32 (transformers' dequantization: w.float() * scale_inv). A Tensor converts
+// to a float Weight; copying a Weight into a Tensor drops the scale (the op contract then refuses
+// the codes).
+struct Weight : Tensor {
+  Tensor scale;  // F8E4M3 weights only
+
+  Weight() = default;
+  Weight(const Tensor& t) : Tensor(t) {}  // NOLINT(google-explicit-constructor): a float weight
+  bool fp8() const { return dtype == DType::F8E4M3; }
 };
 
 // One paged KV layer: block b holds block_size consecutive positions of one sequence.
@@ -87,14 +105,15 @@ struct SampleRow {
 };
 
 // The experts one rank holds: global experts [first, first + count), each with its three
-// matrices as views (per-expert tensors or slices of a fused [E, 2I, H] gate_up tensor).
+// matrices as views (per-expert tensors or slices of a fused [E, 2I, H] gate_up tensor), float or
+// FP8 (Weight).
 struct ExpertShard {
   int32_t n_experts = 0;   // global expert count E
   int32_t first = 0;
   int32_t count = 0;
-  std::vector<Tensor> gate;  // count x [I, H]
-  std::vector<Tensor> up;    // count x [I, H]
-  std::vector<Tensor> down;  // count x [H, I]
+  std::vector<Weight> gate;  // count x [I, H]
+  std::vector<Weight> up;    // count x [I, H]
+  std::vector<Weight> down;  // count x [H, I]
 };
 
 // A recorded sequence of ops (a CUDA graph). replay() enqueues it again; it reads whatever the
@@ -134,6 +153,11 @@ class Backend {
   // under another value may point at freed memory and must be recorded again.
   virtual uint64_t memory_epoch() const { return 0; }
 
+  // Whether linear() and moe_experts() take FP8 weights (Weight with codes and block scales). The
+  // loader keeps an FP8 checkpoint's weights as FP8 only for such a back-end and dequantizes them
+  // to BF16 for the others.
+  virtual bool fp8_weights_supported() const { return false; }
+
   // ---- ops
   // out[t] = table[ids[t]] converted to out.dtype. table [V, H], ids [T] I32, out [T, H].
   virtual void embedding(const Tensor& table, const Tensor& ids, Tensor out) = 0;
@@ -141,8 +165,9 @@ class Backend {
   virtual void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor out) = 0;
   // residual += x; out = rms_norm(residual) * w. residual, x, out [T, H].
   virtual void add_rms_norm(Tensor residual, const Tensor& x, const Tensor& w, float eps, Tensor out) = 0;
-  // out = a · wᵀ. a [M, K] act dtype, w [N, K] any float dtype, out [M, N] (act dtype or F32).
-  virtual void linear(const Tensor& a, const Tensor& w, Tensor out) = 0;
+  // out = a · wᵀ. a [M, K] act dtype, w [N, K] any float dtype or FP8 (Weight), out [M, N] (act
+  // dtype or F32).
+  virtual void linear(const Tensor& a, const Weight& w, Tensor out) = 0;
   // In place: per-head RMSNorm (weights [D]) of q [T, Hq, D] and k [T, Hkv, D], then RoPE at
   // positions [T] I32. Undefined norm weights (both): RoPE only. Contract: ops/contract.h.
   virtual void qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
@@ -233,20 +258,24 @@ class Buffer {
   void* ptr_ = nullptr;
 };
 
-// Kernel choices of a back-end (--attention-backend, --moe-runner-backend). "auto": the back-end
-// picks per call. CUDA: attention auto | cudnn | ws | wgmma | mma (prefill; docs/attention.md),
-// MoE auto | mma | wgmma | wgmma128 | cublas (the expert GEMMs of batches above the decode sizes;
-// backends/cuda/cuda_moe.cpp). The CPU back-end has one kernel of each and takes only "auto".
+// Kernel choices of a back-end (--attention-backend, --moe-runner-backend, --fp8-weights). "auto":
+// the back-end picks per call. CUDA: attention auto | cudnn | ws | wgmma | mma (prefill;
+// docs/attention.md), MoE auto | mma | wgmma | wgmma128 | cublas (the expert GEMMs of batches above
+// the decode sizes; backends/cuda/cuda_moe.cpp). The CPU back-end has one kernel of each and takes
+// only "auto". fp8: auto (FP8 checkpoint weights stay FP8 where the back-end computes with them:
+// the CPU) | bf16 (every back-end gets them dequantized to BF16 at load).
 struct BackendOptions {
   std::string attention = "auto";
   std::string moe = "auto";
+  std::string fp8 = "auto";
 };
 
 // Back-end factory: "cpu" always; "cuda" when built with CUDA (device index = ordinal). Throws
 // cpinfer::Error for options the back-end does not take.
 std::unique_ptr<Backend> make_backend(const std::string& kind, int device_index = 0, const BackendOptions& opt = {});
-// simd = false: the CPU back-end's generic (baseline x86-64) kernels only (tests).
-std::unique_ptr<Backend> make_cpu_backend(bool simd = true);
+// simd = false: the CPU back-end's generic (baseline x86-64) kernels only (tests). fp8 = false: it
+// says it takes no FP8 weights (fp8_weights_supported()), so the loader dequantizes them to BF16.
+std::unique_ptr<Backend> make_cpu_backend(bool simd = true, bool fp8 = true);
 #ifdef CPINFER_HAVE_CUDA
 std::unique_ptr<Backend> make_cuda_backend(int device_index, const BackendOptions& opt = {});
 #endif

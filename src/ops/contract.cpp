@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace cpinfer::contract {
@@ -24,6 +25,25 @@ void float_tensor(const Tensor& t, const char* op, const char* name) {
   for (int i = 0; i < t.ndim; ++i)
     CPI_CHECK(t.shape[i] >= 0, op, ": tensor '", name, "' has a negative dimension ", t.shape_str());
   CPI_CHECK(is_float(t.dtype), op, ": tensor '", name, "' has dtype ", dtype_name(t.dtype), ", expected a float type");
+}
+
+// A weight of a linear layer or expert: a float tensor without scales, or F8E4M3 [N, K] codes with
+// F32 scales [ceil(N / kFp8Block), ceil(K / kFp8Block)].
+void weight_tensor(const Weight& w, const char* op, const char* name) {
+  if (w.dtype != DType::F8E4M3) {
+    float_tensor(w, op, name);
+    CPI_CHECK(!w.scale.defined(), op, ": weight '", name, "' is ", dtype_name(w.dtype),
+              " but has FP8 block scales (only F8_E4M3 weights take them)");
+    return;
+  }
+  CPI_CHECK(w.ndim == 2 && w.dim(0) >= 0 && w.dim(1) >= 0, op, ": FP8 weight '", name, "' ", w.shape_str(),
+            " must be [N, K]");
+  const int64_t sn = (w.dim(0) + kFp8Block - 1) / kFp8Block, sk = (w.dim(1) + kFp8Block - 1) / kFp8Block;
+  const Tensor& s = w.scale;
+  CPI_CHECK(s.defined() && s.dtype == DType::F32 && s.ndim == 2 && s.dim(0) == sn && s.dim(1) == sk, op,
+            ": FP8 weight '", name, "' ", w.shape_str(), " needs F32 block scales [", sn, ", ", sk, "] (one per ",
+            kFp8Block, "x", kFp8Block, " block), got ",
+            s.defined() ? s.shape_str() + " " + std::string(dtype_name(s.dtype)) : std::string("none"));
 }
 
 void shapes_equal(const Tensor& a, const Tensor& b, const char* op, const char* an, const char* bn) {
@@ -81,10 +101,10 @@ void embedding(const Tensor& table, const Tensor& ids, const Tensor& out) {
             " do not match (want table [V, H], ids [T], out [T, H])");
 }
 
-void linear(const Tensor& a, const Tensor& w, const Tensor& out) {
+void linear(const Tensor& a, const Weight& w, const Tensor& out) {
   const char* op = "linear";
   float_tensor(a, op, "a");
-  float_tensor(w, op, "w");
+  weight_tensor(w, op, "w");
   float_tensor(out, op, "out");
   CPI_CHECK(a.ndim >= 1 && out.ndim >= 1 && w.ndim == 2 && a.cols() == w.dim(1) && out.rows() == a.rows() &&
                 out.cols() == w.dim(0),
@@ -270,10 +290,10 @@ void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, cons
             " up and ", shard.down.size(), " down matrices");
   const int64_t I = shard.count > 0 && shard.gate[0].ndim == 2 ? shard.gate[0].dim(0) : 0;
   for (int32_t e = 0; e < shard.count; ++e) {
-    const Tensor &g = shard.gate[size_t(e)], &u = shard.up[size_t(e)], &d = shard.down[size_t(e)];
-    float_tensor(g, op, "gate");
-    float_tensor(u, op, "up");
-    float_tensor(d, op, "down");
+    const Weight &g = shard.gate[size_t(e)], &u = shard.up[size_t(e)], &d = shard.down[size_t(e)];
+    weight_tensor(g, op, "gate");
+    weight_tensor(u, op, "up");
+    weight_tensor(d, op, "down");
     CPI_CHECK(g.ndim == 2 && g.dim(0) == I && g.dim(1) == H && u.ndim == 2 && u.dim(0) == I && u.dim(1) == H &&
                   d.ndim == 2 && d.dim(0) == H && d.dim(1) == I,
               op, ": expert ", shard.first + e, " has gate ", g.shape_str(), ", up ", u.shape_str(), ", down ",

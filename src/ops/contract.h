@@ -19,8 +19,9 @@ void qk_norm_rope(const Tensor& q, const Tensor& k, const Tensor& q_norm_w, cons
 // table [V, H] float; ids [T] I32 (I64 accepted for host-side back-ends); out [T, H] float.
 void embedding(const Tensor& table, const Tensor& ids, const Tensor& out);
 
-// a [.., K], w [N, K], out [.., N] with a's rows; all float.
-void linear(const Tensor& a, const Tensor& w, const Tensor& out);
+// a [.., K], w [N, K], out [.., N] with a's rows; a and out float; w a float tensor without scales,
+// or F8E4M3 with F32 block scales [ceil(N / kFp8Block), ceil(K / kFp8Block)] (Weight).
+void linear(const Tensor& a, const Weight& w, const Tensor& out);
 
 // gate, up, out of one shape and float dtype.
 void silu_mul(const Tensor& gate, const Tensor& up, const Tensor& out);
@@ -59,8 +60,9 @@ void attention_merge(const Tensor& out, const Tensor& lse, const Tensor& out2, c
 void moe_route(const Tensor& logits, int top_k, const Tensor& ids, const Tensor& weights);
 
 // x, out [T, H] float (out may be wider, e.g. F32 partial sums); ids [T, K] I32; weights [T, K] F32; the shard [first,
-// first + count) inside [0, n_experts) with count gate/up/down matrices, float, gate and up [I, H], down [H, I], one
-// width I for every expert. (Expert ids are device data: a back-end checks them where it reads them.)
+// first + count) inside [0, n_experts) with count gate/up/down matrices, each a weight as for linear (float, or FP8
+// with block scales), gate and up [I, H], down [H, I], one width I for every expert. (Expert ids are device data: a
+// back-end checks them where it reads them.)
 void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                  const Tensor& out);
 

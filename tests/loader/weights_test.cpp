@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "loader/config.h"
+#include "loader/quant.h"
 #include "loader_test_util.h"
 #include "model/weights.h"
 
@@ -38,12 +39,13 @@ class MemoryBackend : public Backend {
   void download(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void copy(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void sync() override { ++syncs; }
+  bool fp8_weights_supported() const override { return fp8; }
   [[noreturn]] static void no_op() { throw std::logic_error("MemoryBackend has no ops"); }
   void fill_zero(Tensor) override { no_op(); }
   void embedding(const Tensor&, const Tensor&, Tensor) override { no_op(); }
   void rms_norm(const Tensor&, const Tensor&, float, Tensor) override { no_op(); }
   void add_rms_norm(Tensor, const Tensor&, const Tensor&, float, Tensor) override { no_op(); }
-  void linear(const Tensor&, const Tensor&, Tensor) override { no_op(); }
+  void linear(const Tensor&, const Weight&, Tensor) override { no_op(); }
   void qk_norm_rope(Tensor, Tensor, const Tensor&, const Tensor&, float, const Tensor&, const RopeParams&) override {
     no_op();
   }
@@ -65,6 +67,7 @@ class MemoryBackend : public Backend {
   };
   std::vector<Upload> uploads;
   int allocs = 0, syncs = 0;
+  bool fp8 = false;  // says it computes with FP8 weights (the form a device FP8 GEMM would take)
 
  private:
   Device dev_;
@@ -421,6 +424,101 @@ TEST(HfInterop, TransformersSavedModelLoads) {
     EXPECT_EQ(w.layers[0].experts.count, 2);
     EXPECT_FALSE(w.layers[1].moe);
     EXPECT_EQ(w.layers[2].experts.down[1].shape_str(), "[32, 8]");
+  }
+}
+
+}  // namespace
+}  // namespace cpinfer
+
+namespace cpinfer {
+namespace {
+
+// An FP8 twin of the tiny model, quantized by the published rule: every *_proj.weight as e4m3 codes
+// with scales, F32 for attention and BF16 for the MLPs (both occur in published checkpoints).
+void write_fp8_twin(const TinyModel& m, const std::string& dir) {
+  SafetensorsWriter wr;
+  for (const auto& [name, t] : m.tensors) {
+    if (!name.ends_with("_proj.weight")) {
+      wr.add(name, DType::BF16, t.shape, t.bf16.data());
+      continue;
+    }
+    const int64_t N = t.shape[0], K = t.shape[1], sn = (N + 127) / 128, sk = (K + 127) / 128;
+    std::vector<float> v(t.bf16.size()), scale(static_cast<size_t>(sn * sk));
+    for (size_t i = 0; i < v.size(); ++i) v[i] = bf16_to_f32(t.bf16[i]);
+    std::vector<uint8_t> codes(v.size());
+    quantize_fp8(v.data(), N, K, 128, 128, codes.data(), scale.data());
+    wr.add(name, DType::F8E4M3, t.shape, codes.data());
+    if (name.find("mlp") == std::string::npos) {
+      wr.add(name + "_scale_inv", DType::F32, {sn, sk}, scale.data());
+      continue;
+    }
+    std::vector<uint16_t> sb(scale.size());
+    for (size_t i = 0; i < sb.size(); ++i) sb[i] = f32_to_bf16(scale[i]);
+    wr.add(name + "_scale_inv", DType::BF16, {sn, sk}, sb.data());
+  }
+  wr.write(dir + "/model.safetensors");
+  nlohmann::json cfg = nlohmann::json::parse(test::tiny_config_json());
+  cfg["quantization_config"] = {{"quant_method", "fp8"}, {"weight_block_size", {128, 128}}};
+  write_text(dir + "/config.json", cfg.dump());
+}
+
+// A device back-end that takes FP8 gets each FP8 weight as its codes, uploaded straight from the
+// checkpoint (1 byte per weight), and F32 scales (BF16 ones widened); one without FP8 kernels gets
+// the BF16 dequantized weight. Rank 1 of 2 uploads only its experts' codes.
+TEST(Weights, Fp8WeightsReachADeviceAsCodesAndF32ScalesOrAsBf16) {
+  TinyModel m;
+  TempDir dir;
+  write_fp8_twin(m, dir.path());
+  const Checkpoint ck = Checkpoint::open(dir.path());
+  const ModelConfig cfg = load_config(dir.path());
+  auto uploaded_from = [](const MemoryBackend& be, const void* src, size_t bytes) {
+    for (const auto& u : be.uploads)
+      if (u.src == src && u.bytes == bytes) return true;
+    return false;
+  };
+  MemoryBackend fp8(Device::CUDA);
+  fp8.fp8 = true;
+  const ModelWeights w = load_weights(ck, cfg, fp8, 0, 1);
+  const std::string q = "model.layers.0.self_attn.q_proj.weight", d = "model.layers.2.mlp.experts.3.down_proj.weight";
+  for (const auto& [name, x] : {std::pair<std::string, const Weight*>{q, &w.layers[0].q_proj},
+                                {d, &w.layers[2].experts.down[3]}}) {
+    const TensorInfo& t = ck.get(name);
+    EXPECT_EQ(x->dtype, DType::F8E4M3) << name;
+    EXPECT_EQ(x->device, Device::CUDA) << name;
+    EXPECT_EQ(x->nbytes(), t.nbytes) << name;
+    EXPECT_EQ(std::memcmp(x->data, t.data, t.nbytes), 0) << name;
+    EXPECT_TRUE(uploaded_from(fp8, t.data, t.nbytes)) << name << ": codes uploaded from the checkpoint";
+    const std::vector<float> s = fp8_scales_f32(t, ck.get(name + "_scale_inv"), cfg.quant);
+    ASSERT_EQ(x->scale.dtype, DType::F32) << name;
+    ASSERT_EQ(x->scale.numel(), int64_t(s.size())) << name;
+    EXPECT_EQ(std::memcmp(x->scale.data, s.data(), s.size() * 4), 0) << name;
+  }
+  EXPECT_EQ(ck.get(d + "_scale_inv").dtype, DType::BF16);
+
+  MemoryBackend bf16(Device::CUDA);
+  const ModelWeights b = load_weights(ck, cfg, bf16, 0, 1);
+  const Weight& bq = b.layers[0].q_proj;
+  ASSERT_EQ(bq.dtype, DType::BF16);
+  EXPECT_FALSE(bq.scale.defined());
+  std::vector<uint16_t> want(static_cast<size_t>(bq.numel()));
+  dequantize_fp8_rows(ck.get(q), ck.get(q + "_scale_inv"), cfg.quant, 0, bq.dim(0), DType::BF16, want.data());
+  EXPECT_EQ(std::memcmp(bq.data, want.data(), want.size() * 2), 0);
+  size_t codes = 0, scales = 0;  // BF16: one more byte per weight, no F32 scales
+  for (const std::string& n : ck.names()) {
+    if (ck.get(n).dtype != DType::F8E4M3) continue;
+    const TensorInfo& s = ck.get(n + "_scale_inv");
+    codes += ck.get(n).nbytes;
+    scales += s.nbytes / dtype_size(s.dtype);
+  }
+  EXPECT_EQ(b.bytes, w.bytes + codes - 4 * scales);
+
+  MemoryBackend rank1(Device::CUDA);
+  rank1.fp8 = true;
+  const ModelWeights r = load_weights(ck, cfg, rank1, 1, 2);
+  EXPECT_EQ(r.layers[0].experts.first, 2);
+  for (int e = 0; e < 4; ++e) {
+    const TensorInfo& t = ck.get("model.layers.0.mlp.experts." + std::to_string(e) + ".up_proj.weight");
+    EXPECT_EQ(uploaded_from(rank1, t.data, t.nbytes), e >= 2) << "expert " << e;
   }
 }
 

@@ -60,7 +60,27 @@ def main():
     check(p.returncode != 0 and "exactly one of --model-path and --random-weights" in p.stderr,
           "--model-path with --random-weights is refused")
 
+    # The same demo model as FP8 (e4m3 + 128x128 scales): on the CPU its linear weights stay FP8 (the
+    # load report says which), or are dequantized to BF16 with --fp8-weights bf16.
+    fp8 = os.path.join(work, "tiny-demo-fp8")
+    shutil.rmtree(fp8, ignore_errors=True)
+    run([binary, "-q", "demo-model", "--out", fp8, "--layers", "2", "--hidden", "256", "--experts", "4", "--fp8"])
+    bf16 = os.path.join(work, "tiny-demo-256")
+    shutil.rmtree(bf16, ignore_errors=True)
+    run([binary, "-q", "demo-model", "--out", bf16, "--layers", "2", "--hidden", "256", "--experts", "4"])
+    size = lambda d: os.path.getsize(os.path.join(d, "model.safetensors"))  # noqa: E731
+    check(size(fp8) < size(bf16), f"the FP8 checkpoint is smaller ({size(fp8)} < {size(bf16)} bytes)")
+    fp8_gen = [binary, "generate", "--model-path", fp8, "--prompt", "The quick brown fox", "--max-new-tokens", "4",
+               "--ignore-eos", "--json"]
+    p = run(fp8_gen)
+    check(len(json.loads(p.stdout)["output_ids"]) == 4, "generate runs on the FP8 demo model")
+    check("kept as FP8" in p.stderr and "self_attn.q_proj.weight" in p.stderr and "experts.*.down_proj" in p.stderr,
+          "the load report names the weights kept as FP8")
+    p = run(fp8_gen + ["--fp8-weights", "bf16"])
+    check("dequantized to BF16" in p.stderr, "--fp8-weights bf16 dequantizes them at load")
+
     bad = [
+        ([binary, "generate", "--model-path", fp8, "--prompt", "x", "--fp8-weights", "int8"], "--fp8-weights"),
         ([binary, "generate", "--model-path", model, "--max-new-tokens", "4"], "exactly one of --prompt"),
         ([binary, "generate", "--model-path", model, "--prompt", "x", "--top-p", "0"], "top_p"),
         ([binary, "generate", "--model-path", model, "--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),

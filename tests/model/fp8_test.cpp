@@ -1,6 +1,8 @@
 // Fine-grained FP8 checkpoints (loader/quant.h): the e4m3 decoding, quantization_config parsing,
 // and a checkpoint written by the published rule (per 128x128 block: scale = amax / 448, weight =
-// e4m3(w / scale), weight_scale_inv = scale) loading as exactly its dequantized weights.
+// e4m3(w / scale), weight_scale_inv = scale): on the CPU its weights stay FP8 and compute as their
+// fp32 dequantized values (transformers' w.float() * scale_inv), 1 byte per weight; on a back-end
+// without FP8 kernels they load as exactly their BF16 dequantized values.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -8,6 +10,8 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <random>
+#include <span>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -19,6 +23,9 @@
 #include "loader/config.h"
 #include "loader/quant.h"
 #include "loader/safetensors.h"
+#include "engine/launch.h"
+#include "model/registry.h"
+#include "model/weights.h"
 
 using namespace cpinfer;
 using namespace cpinfer::test;
@@ -35,7 +42,8 @@ double e4m3_by_definition(int code) {
   return sign ? -mag : mag;
 }
 
-// Nearest e4m3 code to x (|x| <= 448), ties to the even code, as torch's cast rounds.
+// Nearest e4m3 code to x (|x| <= 448), ties to the even code, the sign kept (-0 too), as torch's
+// cast rounds.
 uint8_t e4m3_encode(float x) {
   const double a = std::fabs(static_cast<double>(x));
   int best = 0;
@@ -43,7 +51,7 @@ uint8_t e4m3_encode(float x) {
     const double d = std::fabs(e4m3_by_definition(c) - a), db = std::fabs(e4m3_by_definition(best) - a);
     if (d < db || (d == db && (c & 1) == 0)) best = c;
   }
-  return static_cast<uint8_t>(best | (std::signbit(x) && best != 0 ? 0x80 : 0));
+  return static_cast<uint8_t>(best | (std::signbit(x) ? 0x80 : 0));
 }
 
 std::vector<float> read_f32(const TensorInfo& t) {
@@ -69,9 +77,10 @@ struct Written {
 };
 
 // Writes `out_fp8` (FP8 by the rule; F32 scales for attention, BF16 for the MLPs) and `out_ref`
-// (the same model with every quantized weight replaced by fp8 · stored scale, rounded to BF16) from
-// checkpoint `src`.
-Written write_pair(const std::string& src, const std::string& out_fp8, const std::string& out_ref) {
+// (the same model with every quantized weight replaced by fp8 · stored scale: fp32(product) as F32
+// with ref_dtype F32, that rounded to BF16 with ref_dtype BF16) from checkpoint `src`.
+Written write_pair(const std::string& src, const std::string& out_fp8, const std::string& out_ref,
+                   DType ref_dtype = DType::BF16) {
   Checkpoint ck = Checkpoint::open(src);
   SafetensorsWriter fp8, ref;
   Written w;
@@ -97,11 +106,13 @@ Written write_pair(const std::string& src, const std::string& out_fp8, const std
       }
     std::vector<uint8_t> q(x.size());
     std::vector<uint16_t> deq(x.size());
+    std::vector<float> deq32(x.size());
     for (int64_t n = 0; n < N; ++n)
       for (int64_t k = 0; k < K; ++k) {
         const float s = scale[(n / bn) * sk + k / bn];
-        q[n * K + k] = e4m3_encode(std::clamp(x[n * K + k] / s, -448.0f, 448.0f));
-        deq[n * K + k] = f32_to_bf16(static_cast<float>(e4m3_by_definition(q[n * K + k])) * s);
+        q[n * K + k] = f32_to_fp8_e4m3(std::clamp(x[n * K + k] / s, -448.0f, 448.0f));  // = e4m3_encode
+        deq32[n * K + k] = static_cast<float>(e4m3_by_definition(q[n * K + k])) * s;
+        deq[n * K + k] = f32_to_bf16(deq32[n * K + k]);
       }
     fp8.add(name, DType::F8E4M3, t.shape, q.data());
     if (bf16_scales) {
@@ -111,7 +122,10 @@ Written write_pair(const std::string& src, const std::string& out_fp8, const std
     } else {
       fp8.add(name + "_scale_inv", DType::F32, {sn, sk}, scale.data());
     }
-    ref.add(name, DType::BF16, t.shape, deq.data());
+    if (ref_dtype == DType::F32)
+      ref.add(name, DType::F32, t.shape, deq32.data());
+    else
+      ref.add(name, DType::BF16, t.shape, deq.data());
     ++w.fp8_tensors;
   }
   fs::create_directories(out_fp8);
@@ -130,15 +144,51 @@ Written write_pair(const std::string& src, const std::string& out_fp8, const std
   return w;
 }
 
-EngineOptions opts() {
+// A random BF16 checkpoint of fixture `base`'s family with its config.json changed by `changes`
+// (shapes off the 128x128 blocks): every tensor the family's weight map names, drawn as random
+// weights are (model/random_weights.cpp).
+void write_random_model(const std::string& base, const json& changes, const std::string& out) {
+  std::ifstream in(fixture_dir(base) + "/config.json");
+  json cfg = json::parse(in);
+  cfg.merge_patch(changes);
+  const ModelConfig c = parse_config(cfg.dump(), "config.json");
+  ModelWeights sink;
+  const WeightMap map = model_family(c.architecture).weight_map(c, sink, expert_range(c.num_experts, 0, 1));
+  std::mt19937 rng(7);
+  SafetensorsWriter wr;
+  auto add = [&](const std::string& name, const std::vector<int64_t>& shape, float scale, float mean) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    std::vector<uint16_t> v(static_cast<size_t>(n));
+    std::normal_distribution<float> dist(mean, scale);
+    for (uint16_t& x : v) x = f32_to_bf16(dist(rng));
+    wr.add(name, DType::BF16, shape, v.data());
+  };
+  for (const WeightEntry& e : map.tensors) add(e.name, e.shape, e.random_scale, e.random_mean);
+  for (const ExpertEntry& x : map.experts)
+    for (int64_t e = 0; e < x.n_experts; ++e) {
+      const std::string p = x.prefix + std::to_string(e) + ".";
+      const float s_in = 1.0f / std::sqrt(float(x.hidden)), s_out = 1.0f / std::sqrt(float(x.width));
+      add(p + "gate_proj.weight", {x.width, x.hidden}, s_in, 0.0f);
+      add(p + "up_proj.weight", {x.width, x.hidden}, s_in, 0.0f);
+      add(p + "down_proj.weight", {x.hidden, x.width}, s_out, 0.0f);
+    }
+  fs::create_directories(out);
+  wr.write(out + "/model.safetensors");
+  std::ofstream(out + "/config.json") << cfg.dump(2);
+}
+
+EngineOptions opts(const std::string& fp8 = "auto") {
   EngineOptions eo;
   eo.quiet = true;
   eo.kv_cache_tokens = 256;
+  eo.backend.fp8 = fp8;
   return eo;
 }
 
-std::vector<float> all_logits(const std::string& dir, const std::vector<int32_t>& ids) {
-  Engine e(dir, opts());
+std::vector<float> all_logits(const std::string& dir, const std::vector<int32_t>& ids,
+                              const std::string& fp8 = "auto") {
+  Engine e(dir, opts(fp8));
   std::vector<int> seqs;
   std::vector<std::span<const int32_t>> prompts{std::span<const int32_t>(ids)};
   auto out = e.prefill(prompts, seqs, LogitsWanted::All);
@@ -146,7 +196,8 @@ std::vector<float> all_logits(const std::string& dir, const std::vector<int32_t>
   return out.at(0);
 }
 
-class Fp8Dir : public ::testing::Test {
+// Parameterized by model (Fp8Models below); TEST_F tests use no parameter.
+class Fp8Dir : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
     root_ = fs::temp_directory_path() / ("cpinfer_fp8_" + std::to_string(::getpid()));
@@ -172,6 +223,50 @@ TEST(Fp8, E4m3DecodesEveryCodeAsDefined) {
   }
   EXPECT_EQ(fp8_e4m3_to_f32(0x7e), 448.0f);
   EXPECT_EQ(fp8_e4m3_to_f32(0x01), std::ldexp(1.0f, -9));
+}
+
+// The encoder is the nearest code with ties to the even one (torch's cast): every code, the
+// midpoints between neighbours (the ties), points just around them, random values; saturation.
+TEST(Fp8, EncodeRoundsToTheNearestCodeTiesToEven) {
+  std::vector<float> xs;
+  for (int c = 0; c < 0x7e; ++c) {
+    const double lo = e4m3_by_definition(c), hi = e4m3_by_definition(c + 1), mid = (lo + hi) / 2;
+    for (double x : {lo, mid, hi}) xs.push_back(static_cast<float>(x));
+    xs.push_back(std::nextafter(static_cast<float>(mid), 0.0f));
+    xs.push_back(std::nextafter(static_cast<float>(mid), 1000.0f));
+  }
+  std::mt19937 rng(3);
+  for (int i = 0; i < 2000; ++i) xs.push_back(std::ldexp(std::uniform_real_distribution<float>(1, 2)(rng), int(rng() % 20) - 12));
+  for (float x : xs)
+    for (float v : {x, -x}) ASSERT_EQ(int(f32_to_fp8_e4m3(v)), int(e4m3_encode(v))) << v;
+  EXPECT_EQ(f32_to_fp8_e4m3(1000.0f), 0x7e);
+  EXPECT_EQ(f32_to_fp8_e4m3(-460.0f), 0xfe);
+  EXPECT_EQ(f32_to_fp8_e4m3(-0.0f), 0x80);
+  EXPECT_EQ(f32_to_fp8_e4m3(std::nanf("")) & 0x7f, 0x7f);
+}
+
+// quantize_fp8 (demo-model --fp8): each block's largest value becomes ±448 · its scale, every value
+// is its nearest code · scale.
+TEST(Fp8, QuantizeScalesEachBlockByItsMaximum) {
+  const int64_t N = 300, K = 260, sk = 3;
+  std::vector<float> w(static_cast<size_t>(N * K)), scale(9);
+  std::mt19937 rng(5);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = std::normal_distribution<float>(0, 0.02f)(rng) * float(1 + i % 7);
+  std::vector<uint8_t> q(w.size());
+  quantize_fp8(w.data(), N, K, 128, 128, q.data(), scale.data());
+  std::vector<float> amax(9, 0.0f);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      float& m = amax[(n / 128) * sk + k / 128];
+      m = std::max(m, std::fabs(w[n * K + k]));
+    }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t b = (n / 128) * sk + k / 128;
+      ASSERT_EQ(scale[b], amax[b] / 448.0f);
+      ASSERT_EQ(q[n * K + k], e4m3_encode(w[n * K + k] / scale[b])) << n << "," << k;
+      if (std::fabs(w[n * K + k]) == amax[b]) EXPECT_EQ(q[n * K + k] & 0x7f, 0x7e);
+    }
 }
 
 TEST(Fp8, QuantizationConfigTakesFineGrainedFp8AndRefusesTheRest) {
@@ -263,10 +358,11 @@ TEST(Fp8, DequantizeUsesEachBlocksScale) {
   EXPECT_THROW(dequantize_fp8_rows(w, s32, q, N - 1, 2, DType::F32, out.data()), Error);
 }
 
-// The FP8 checkpoint gives exactly the logits of its dequantized BF16 twin (the loader turns each
+// On a back-end without FP8 kernels (the CUDA back-end; here the CPU one with --fp8-weights bf16)
+// the FP8 checkpoint gives exactly the logits of its dequantized BF16 twin (the loader turns each
 // FP8 weight into the same BF16 values), and not those of the unquantized model (the weights did
 // change).
-TEST_F(Fp8Dir, CheckpointLoadsAsItsDequantizedWeights) {
+TEST_F(Fp8Dir, WithoutFp8KernelsTheCheckpointLoadsAsItsBf16DequantizedWeights) {
   const std::string src = fixture_dir("moe_v4_gqa");
   const std::string fp8 = (root_ / "fp8").string(), ref = (root_ / "ref").string();
   const Written w = write_pair(src, fp8, ref);
@@ -275,7 +371,7 @@ TEST_F(Fp8Dir, CheckpointLoadsAsItsDequantizedWeights) {
   for (const std::string& n : Checkpoint::open(fp8).names()) f8 += Checkpoint::open(fp8).get(n).dtype == DType::F8E4M3;
   EXPECT_EQ(f8, w.fp8_tensors);
   const std::vector<int32_t> ids = {3, 17, 99, 5, 250, 41, 7, 7, 130, 64, 2, 11, 19, 300, 1, 8, 9, 77, 23};
-  const std::vector<float> a = all_logits(fp8, ids), b = all_logits(ref, ids), orig = all_logits(src, ids);
+  const std::vector<float> a = all_logits(fp8, ids, "bf16"), b = all_logits(ref, ids), orig = all_logits(src, ids);
   ASSERT_EQ(a.size(), b.size());
   EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0)
       << "an FP8 checkpoint must load as its dequantized weights";
@@ -346,4 +442,167 @@ TEST_F(Fp8Dir, BadFp8CheckpointsAreRefusedWithTheReason) {
     fs::copy(fp8 + "/config.json", dir + "/config.json");
     EXPECT_NE(load_error(dir).find("only 2-D linear weights may be FP8"), std::string::npos) << load_error(dir);
   }
+}
+
+namespace {
+
+// Two models with every FP8 weight spanning several 128x128 blocks, ragged at the ends: a MoE one
+// with a dense MLP layer (mlp_only_layers) and a dense one.
+void write_model(const std::string& kind, const std::string& out) {
+  if (kind == "moe")
+    write_random_model("moe_v4_gqa",
+                       {{"hidden_size", 136},
+                        {"num_attention_heads", 5},
+                        {"num_key_value_heads", 1},
+                        {"moe_intermediate_size", 200},
+                        {"intermediate_size", 260},
+                        {"num_hidden_layers", 2},
+                        {"mlp_only_layers", {1}}},
+                       out);
+  else
+    write_random_model("dense_qwen3",
+                       {{"hidden_size", 136}, {"num_attention_heads", 5}, {"num_key_value_heads", 1},
+                        {"intermediate_size", 260}},
+                       out);
+}
+
+const std::vector<int32_t> kPrompt = {3, 17, 99, 5, 250, 41, 7, 7, 130, 64, 2, 11, 19, 300, 1, 8, 9, 77, 23};
+
+// Prefill of one prompt on `cp` local ranks (experts sharded over them): all logits of rank 0's
+// view and a greedy continuation.
+std::pair<std::vector<float>, std::vector<int32_t>> prefill_and_greedy(const std::string& dir, int cp) {
+  std::pair<std::vector<float>, std::vector<int32_t>> out;
+  LaunchOptions lo;
+  lo.cp_size = cp;
+  lo.timeout_s = 120;
+  launch(lo, [&](ParallelCtx& par) {
+    EngineOptions eo = opts();
+    eo.cp = CpOptions{cp, true, 0};
+    Engine e(dir, eo, par);
+    std::vector<int> seqs;
+    std::vector<std::span<const int32_t>> prompts{std::span<const int32_t>(kPrompt)};
+    auto logits = e.prefill(prompts, seqs, LogitsWanted::All);
+    for (int s : seqs) e.release(s);
+    GenerateOptions g;
+    g.max_new_tokens = 8;
+    g.ignore_eos = true;
+    g.sampling.temperature = 0;
+    auto tokens = e.generate(kPrompt, g).output_ids;
+    if (par.world_rank() == 0) out = {logits.at(0), tokens};
+  });
+  return out;
+}
+
+using Fp8Models = Fp8Dir;
+INSTANTIATE_TEST_SUITE_P(Models, Fp8Models, ::testing::Values("moe", "dense"),
+                         [](const ::testing::TestParamInfo<std::string>& i) { return i.param; });
+
+}  // namespace
+
+// On the CPU the FP8 weights stay FP8 and compute as their fp32 dequantized values: the logits of a
+// prompt (prefill: dequantized blocks + sgemm; the experts' few rows and a 3-token prompt: the
+// row-by-row kernels) equal those of the twin with F32 weights fp32(e4m3 · scale) to ~1e-5, and
+// are ~100x further from the BF16-rounded twin's (the BF16 dequantization this replaces).
+TEST_P(Fp8Models, OnTheCpuWeightsComputeAsTheirFp32DequantizedValues) {
+  const std::string src = (root_ / "src").string(), fp8 = (root_ / "fp8").string();
+  const std::string ref32 = (root_ / "ref32").string(), ref16 = (root_ / "ref16").string();
+  write_model(GetParam(), src);
+  ASSERT_GT(write_pair(src, fp8, ref32, DType::F32).fp8_tensors, 6);
+  write_pair(src, (root_ / "fp8b").string(), ref16, DType::BF16);
+  for (const std::vector<int32_t>& ids : {kPrompt, std::vector<int32_t>{5, 250, 41}}) {
+    const std::vector<float> a = all_logits(fp8, ids), b = all_logits(ref32, ids), c = all_logits(ref16, ids);
+    ASSERT_EQ(a.size(), b.size());
+    const double err = rel_max_err(a.data(), b.data(), a.size()), bf16_err = rel_max_err(a.data(), c.data(), a.size());
+    std::printf("[fp8 %s, %zu tokens] FP8 vs fp32-dequantized twin %.3g, vs BF16-dequantized twin %.3g\n",
+                GetParam().c_str(), ids.size(), err, bf16_err);
+    EXPECT_LE(err, 1e-5) << "FP8 weights must compute as their fp32 dequantized values";
+    EXPECT_GT(bf16_err, 1e-4) << "the BF16 twin should differ: the test would not see BF16 rounding";
+  }
+}
+
+// Context parallelism with the experts sharded over two ranks equals one rank on the FP8 model.
+TEST_P(Fp8Models, ContextParallelTwoRanksEqualsOne) {
+  const std::string src = (root_ / "src").string(), fp8 = (root_ / "fp8").string();
+  write_model(GetParam(), src);
+  write_pair(src, fp8, (root_ / "ref").string());
+  const auto one = prefill_and_greedy(fp8, 1), two = prefill_and_greedy(fp8, 2);
+  ASSERT_EQ(one.first.size(), two.first.size());
+  EXPECT_LE(rel_max_err(two.first.data(), one.first.data(), one.first.size()), 1e-5);
+  EXPECT_EQ(one.second, two.second);
+}
+
+// Loaded on the CPU, each FP8 weight is a view of its codes in the checkpoint (1 byte per weight)
+// plus F32 scales; ModelWeights::bytes counts exactly that. Without FP8 kernels they are BF16. Rank 1
+// of 2 holds the codes of its own experts only.
+TEST_F(Fp8Dir, OnTheCpuFp8WeightsTakeOneBytePerWeightAndShardByExpert) {
+  const std::string src = (root_ / "src").string(), fp8 = (root_ / "fp8").string();
+  write_model("moe", src);
+  write_pair(src, fp8, (root_ / "ref").string());
+  const Checkpoint ck = Checkpoint::open(fp8);
+  const ModelConfig cfg = load_config(fp8);
+  size_t want_bytes = 0, fp8_elems = 0, scale_elems = 0;
+  for (const std::string& n : ck.names()) {
+    const TensorInfo& t = ck.get(n);
+    const bool scale = n.size() > 10 && n.compare(n.size() - 10, 10, "_scale_inv") == 0;
+    want_bytes += scale ? t.nbytes / dtype_size(t.dtype) * 4 : t.nbytes;
+    if (t.dtype == DType::F8E4M3) fp8_elems += t.nbytes;
+    if (scale) scale_elems += t.nbytes / dtype_size(t.dtype);
+  }
+  ASSERT_GT(fp8_elems, 0u);
+  auto cpu = make_cpu_backend();
+  const ModelWeights w = load_weights(ck, cfg, *cpu, 0, 1);
+  EXPECT_EQ(w.bytes, want_bytes);
+  EXPECT_LE(double(fp8_elems + 4 * scale_elems) / double(fp8_elems), 1.01) << "~1 byte per FP8 weight";
+  size_t seen = 0;
+  auto check = [&](const Weight& x, const std::string& name) {
+    const TensorInfo& t = ck.get(name);
+    EXPECT_EQ(x.dtype, DType::F8E4M3) << name;
+    EXPECT_EQ(x.data, t.data) << name << ": the codes are a view of the checkpoint";
+    EXPECT_EQ(x.nbytes(), size_t(x.numel())) << name;
+    ASSERT_EQ(x.scale.dtype, DType::F32) << name;
+    EXPECT_EQ(x.scale.numel(), int64_t(ck.get(name + "_scale_inv").nbytes / dtype_size(ck.get(name + "_scale_inv").dtype)));
+    seen += t.nbytes;
+  };
+  for (size_t l = 0; l < w.layers.size(); ++l) {
+    const LayerWeights& L = w.layers[l];
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    check(L.q_proj, p + "self_attn.q_proj.weight");
+    check(L.k_proj, p + "self_attn.k_proj.weight");
+    check(L.v_proj, p + "self_attn.v_proj.weight");
+    check(L.o_proj, p + "self_attn.o_proj.weight");
+    if (!L.moe) {
+      check(L.mlp_gate, p + "mlp.gate_proj.weight");
+      check(L.mlp_up, p + "mlp.up_proj.weight");
+      check(L.mlp_down, p + "mlp.down_proj.weight");
+      continue;
+    }
+    for (int32_t e = 0; e < L.experts.count; ++e) {
+      const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
+      check(L.experts.gate[e], x + "gate_proj.weight");
+      check(L.experts.up[e], x + "up_proj.weight");
+      check(L.experts.down[e], x + "down_proj.weight");
+    }
+  }
+  EXPECT_EQ(seen, fp8_elems) << "every FP8 weight of the checkpoint stays FP8";
+
+  // Without FP8 kernels: BF16, 2 bytes per weight, no scales.
+  auto bf16 = make_cpu_backend(/*simd=*/true, /*fp8=*/false);
+  const ModelWeights wb = load_weights(ck, cfg, *bf16, 0, 1);
+  EXPECT_EQ(wb.bytes, want_bytes + fp8_elems - 4 * scale_elems);
+  EXPECT_EQ(wb.layers[0].q_proj.dtype, DType::BF16);
+  EXPECT_FALSE(wb.layers[0].q_proj.scale.defined());
+
+  // Rank 1 of 2: experts [4, 8), each a view of its own codes with its own scales.
+  const ModelWeights w1 = load_weights(ck, cfg, *cpu, 1, 2);
+  const ExpertShard& S = w1.layers[0].experts;
+  ASSERT_EQ(S.first, 4);
+  ASSERT_EQ(S.count, 4);
+  for (int32_t k = 0; k < S.count; ++k) {
+    const std::string name = "model.layers.0.mlp.experts." + std::to_string(S.first + k) + ".up_proj.weight";
+    EXPECT_EQ(S.up[k].data, ck.get(name).data) << name;
+    const std::vector<float> s = fp8_scales_f32(ck.get(name), ck.get(name + "_scale_inv"), cfg.quant);
+    ASSERT_EQ(S.up[k].scale.numel(), int64_t(s.size()));
+    EXPECT_EQ(std::memcmp(S.up[k].scale.data, s.data(), s.size() * 4), 0) << name;
+  }
+  EXPECT_LT(w1.bytes, w.bytes);
 }

@@ -35,6 +35,7 @@ struct HostTensor {
     return *this;
   }
   operator Tensor() const { return t; }
+  operator Weight() const { return Weight(t); }  // a float weight (linear, experts)
   int64_t numel() const { return t.numel(); }
   template <class T>
   T* ptr() { return t.ptr<T>(); }

@@ -1,11 +1,13 @@
-// CPU back-end: linear (all weight dtypes, odd shapes, the blocked conversion path) and the MoE
-// experts (full and partial shards, determinism), against double-precision references.
+// CPU back-end: linear (all weight dtypes, FP8 with block scales, odd shapes, the blocked conversion
+// path) and the MoE experts (full and partial shards, FP8 experts, determinism), against
+// double-precision references.
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
 #include <thread>
 
+#include "backends/cpu/cpu_backend.h"
 #include "ops_test_util.h"
 
 namespace cpinfer::test {
@@ -196,6 +198,30 @@ TEST_P(CpuLinear, MoeExpertsDeterministicAcrossThreadCounts) {
   EXPECT_EQ(std::memcmp(a.t.data, b.t.data, a.t.nbytes()), 0);
 }
 
+// Decode: each expert's GEMMs are too small for a team of threads, so the threads take whole experts;
+// the result matches the reference and is the same bit for bit on 1, 2 and 3 threads.
+TEST_P(CpuLinear, MoeExpertsOfADecodeStepSplitOverThreads) {
+  Rng rng(18);
+  MoeCase c{2, 512, 384, 16, 8, DType::BF16};
+  MoeWeights w = random_experts(rng, c);
+  HostTensor x = rng.normal_tensor(DType::F32, {c.T, c.H});
+  HostTensor ids, wts;
+  random_routing(rng, c, ids, wts);
+  const int saved = omp_get_max_threads();
+  std::vector<HostTensor> outs;
+  for (int threads : {1, 2, 3}) {
+    omp_set_num_threads(threads);
+    outs.emplace_back(DType::F32, std::initializer_list<int64_t>{c.T, c.H});
+    be->fill_zero(outs.back());
+    be->moe_experts(x, ids, wts, w.shard(16, 0, 16), outs.back());
+  }
+  omp_set_num_threads(saved);
+  std::vector<double> zero(static_cast<size_t>(c.T * c.H), 0.0);
+  EXPECT_TRUE(all_close(outs[0], ref_moe(x, ids, wts, w, c, zero, 0, c.E), 1e-5, "decode experts"));
+  for (size_t i = 1; i < outs.size(); ++i)
+    EXPECT_EQ(std::memcmp(outs[i].t.data, outs[0].t.data, outs[0].t.nbytes()), 0) << i + 1 << " threads";
+}
+
 // The thread count changes how the work is shared, never an element's summation order: a wide
 // matrix (column panels), a narrow one over many rows (row chunks), BF16 and F32 weights.
 TEST_P(CpuLinear, LinearDeterministicAcrossThreadCounts) {
@@ -274,6 +300,199 @@ TEST_P(CpuLinear, MoeExpertsErrorsThrow) {
   outside.first = 3;  // [3, 5) is not inside [0, 4)
   EXPECT_THROW(be->moe_experts(x, ids, wts, outside, out), Error);
   be->moe_experts(x, ids, wts, w.shard(4, 0, 4), out);
+}
+
+// ---- FP8 weights: e4m3 codes with one F32 scale per 128x128 block. The reference multiplies the
+// dequantized values fp32(code · scale) in double: the values transformers' FP8 path computes with
+// (w.float() * scale_inv), not their BF16 rounding (which misses the tolerance by ~100x).
+
+enum class Codes { All, Small };  // every finite code; only subnormals and the smallest normals
+enum class Scales { F32, Bf16 };  // scales with a full fp32 mantissa; BF16-representable (BF16 files)
+
+struct Fp8Weight {
+  HostTensor codes;   // F8E4M3 [N, K]
+  HostTensor scale;   // F32 [ceil(N / 128), ceil(K / 128)]
+  HostTensor values;  // F32 [N, K]: fp32(code · scale)
+  Weight weight() const {
+    Weight w(codes.t);
+    w.scale = scale.t;
+    return w;
+  }
+};
+
+Fp8Weight random_fp8(Rng& rng, int64_t N, int64_t K, Scales scales = Scales::F32, Codes codes = Codes::All) {
+  const int64_t sn = (N + kFp8Block - 1) / kFp8Block, sk = (K + kFp8Block - 1) / kFp8Block;
+  Fp8Weight w{HostTensor(DType::F8E4M3, {N, K}), HostTensor(DType::F32, {sn, sk}), HostTensor(DType::F32, {N, K})};
+  for (int64_t i = 0; i < sn * sk; ++i) {
+    // Per-block scales over two octaves around 2^-9 (weights of O(0.1)), each block its own.
+    float s = static_cast<float>(std::ldexp(rng.uniform(1.0, 2.0), static_cast<int>(rng.integer(-10, -8))));
+    if (codes == Codes::Small) s = static_cast<float>(rng.uniform(1.0, 2.0));
+    if (scales == Scales::Bf16) s = bf16_to_f32(f32_to_bf16(s));
+    w.scale.ptr<float>()[i] = s;
+  }
+  auto* q = w.codes.ptr<uint8_t>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      uint8_t c = static_cast<uint8_t>(codes == Codes::Small ? rng.integer(0, 15) | (rng.integer(0, 1) << 7)
+                                                             : rng.integer(0, 255));
+      if ((c & 0x7f) == 0x7f) c = 0x3f;  // no NaN codes here (FP8NanCodesGiveNan)
+      q[n * K + k] = c;
+      const double s = w.scale.ptr<float>()[(n / kFp8Block) * sk + k / kFp8Block];
+      w.values.ptr<float>()[n * K + k] = static_cast<float>(static_cast<double>(fp8_e4m3_to_f32(c)) * s);
+    }
+  return w;
+}
+
+// Decode (1 and 3 rows: the row-by-row kernels) and prefill (5, 17: dequantized blocks + sgemm); N
+// and K off multiples of 128 and of the 8-wide vectors; several scale blocks each way.
+TEST_P(CpuLinear, Fp8MatchesReferenceOnTheFp32DequantizedValues) {
+  Rng rng(21);
+  for (Scales sc : {Scales::F32, Scales::Bf16})
+    for (Codes codes : {Codes::All, Codes::Small})
+      for (int64_t M : {1, 3, 5, 17})
+        for (auto [K, N] : {std::pair<int64_t, int64_t>{16, 1}, {33, 7}, {130, 129}, {300, 257}, {517, 130}}) {
+          const Fp8Weight w = random_fp8(rng, N, K, sc, codes);
+          HostTensor a = rng.normal_tensor(DType::F32, {M, K});
+          HostTensor out(DType::F32, {M, N});
+          out.poison();
+          be->linear(a, w.weight(), out);
+          EXPECT_TRUE(all_close(out, ref_linear(a, w.values, M, K, N), 1e-5,
+                                std::string("fp8 linear scales=") + (sc == Scales::F32 ? "f32" : "bf16") +
+                                    (codes == Codes::Small ? " small codes" : "") + " M=" + std::to_string(M) +
+                                    " K=" + std::to_string(K) + " N=" + std::to_string(N)));
+        }
+}
+
+// Every code (NaN codes too) in every position of a row, both kernel sets: each weight is exactly
+// fp32(code · scale), bit for bit.
+TEST_P(CpuLinear, Fp8DequantizesEveryCodeExactly) {
+  Rng rng(22);
+  const int64_t N = 130, K = 275;
+  Fp8Weight w = random_fp8(rng, N, K);
+  for (int64_t i = 0; i < N * K; ++i) w.codes.ptr<uint8_t>()[i] = static_cast<uint8_t>((i * 7 + i / K) % 256);
+  std::vector<float> got(static_cast<size_t>(N * K));
+  cpu::dequantize_fp8(w.weight(), 0, N, got.data(), /*simd=*/!GetParam());
+  const int64_t sk = w.scale.t.dim(1);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      const uint8_t c = w.codes.ptr<uint8_t>()[n * K + k];
+      const float s = w.scale.ptr<float>()[(n / kFp8Block) * sk + k / kFp8Block];
+      const float want = fp8_e4m3_to_f32(c) * s, v = got[static_cast<size_t>(n * K + k)];
+      if ((c & 0x7f) == 0x7f) {
+        ASSERT_TRUE(std::isnan(v)) << "code " << int(c) << " at " << n << "," << k;
+      } else {
+        ASSERT_EQ(std::memcmp(&v, &want, 4), 0) << "code " << int(c) << " at " << n << "," << k << ": " << v
+                                                << " != " << want;
+      }
+    }
+  // The row-by-row kernel reads the NaN codes as NaN too (transformers would compute NaN).
+  Fp8Weight one_nan = random_fp8(rng, N, K);
+  one_nan.codes.ptr<uint8_t>()[3] = 0xff;
+  HostTensor a = rng.normal_tensor(DType::F32, {1, K}), out(DType::F32, {1, N});
+  be->linear(a, one_nan.weight(), out);
+  EXPECT_TRUE(std::isnan(out.ptr<float>()[0]));
+  EXPECT_TRUE(std::isfinite(out.ptr<float>()[1]));
+}
+
+// A block scale too large to fold into the AVX2 conversion (|scale| >= 2^120: no real checkpoint)
+// takes the per-element path and stays exact; small codes keep the weights finite.
+TEST_P(CpuLinear, Fp8HugeBlockScalesStayExact) {
+  Rng rng(25);
+  const int64_t N = 130, K = 300;
+  Fp8Weight w = random_fp8(rng, N, K, Scales::F32, Codes::Small);
+  w.scale.ptr<float>()[1] = 0x1p121f;  // block (0, 1)
+  for (int64_t n = 0; n < 128; ++n)
+    for (int64_t k = 128; k < 256; ++k)
+      w.values.ptr<float>()[n * K + k] = fp8_e4m3_to_f32(w.codes.ptr<uint8_t>()[n * K + k]) * 0x1p121f;
+  std::vector<float> got(static_cast<size_t>(N * K));
+  cpu::dequantize_fp8(w.weight(), 0, N, got.data(), /*simd=*/!GetParam());
+  EXPECT_EQ(std::memcmp(got.data(), w.values.t.data, got.size() * 4), 0);
+  for (int64_t M : {1, 3, 9}) {
+    HostTensor a = rng.normal_tensor(DType::F32, {M, K}), out(DType::F32, {M, N});
+    be->linear(a, w.weight(), out);
+    EXPECT_TRUE(all_close(out, ref_linear(a, w.values, M, K, N), 1e-5, "huge scale M=" + std::to_string(M)));
+  }
+}
+
+struct Fp8Experts {
+  std::vector<Fp8Weight> gate, up, down;
+  MoeWeights values;  // the dequantized values, F32
+  ExpertShard shard(int32_t E, int32_t first, int32_t count) const {
+    ExpertShard s = values.shard(E, first, count);
+    for (int32_t e = 0; e < count; ++e) {
+      s.gate[e] = gate[first + e].weight();
+      s.up[e] = up[first + e].weight();
+      s.down[e] = down[first + e].weight();
+    }
+    return s;
+  }
+};
+
+TEST_P(CpuLinear, Fp8MoeExpertsMatchReferenceOnFullAndPartialShards) {
+  Rng rng(23);
+  for (MoeCase c : {MoeCase{1, 136, 200, 6, 2, DType::F8E4M3}, MoeCase{3, 72, 136, 4, 2, DType::F8E4M3},
+                    MoeCase{40, 136, 200, 6, 3, DType::F8E4M3}}) {
+    Fp8Experts w;
+    for (int64_t e = 0; e < c.E; ++e) {
+      const Scales sc = e % 2 ? Scales::Bf16 : Scales::F32;
+      w.gate.push_back(random_fp8(rng, c.I, c.H, sc));
+      w.up.push_back(random_fp8(rng, c.I, c.H, sc));
+      w.down.push_back(random_fp8(rng, c.H, c.I, sc));
+      w.values.gate.push_back(w.gate.back().values);
+      w.values.up.push_back(w.up.back().values);
+      w.values.down.push_back(w.down.back().values);
+    }
+    HostTensor x = rng.normal_tensor(DType::F32, {c.T, c.H});
+    HostTensor ids, wts;
+    random_routing(rng, c, ids, wts);
+    HostTensor out0 = rng.normal_tensor(DType::F32, {c.T, c.H});
+    for (auto [first, count] : {std::pair<int64_t, int64_t>{0, c.E}, {1, c.E / 2}, {c.E / 2, c.E - c.E / 2}}) {
+      HostTensor out = out0;
+      be->moe_experts(x, ids, wts, w.shard(int32_t(c.E), int32_t(first), int32_t(count)), out);
+      EXPECT_TRUE(all_close(out, ref_moe(x, ids, wts, w.values, c, out0.to_double(), first, count), 1e-5,
+                            "fp8 moe T=" + std::to_string(c.T) + " shard " + std::to_string(first)));
+    }
+  }
+}
+
+TEST_P(CpuLinear, Fp8WeightErrorsThrow) {
+  Rng rng(24);
+  const Fp8Weight w = random_fp8(rng, 130, 200);
+  HostTensor a = rng.normal_tensor(DType::F32, {2, 200}), out(DType::F32, {2, 130});
+  be->linear(a, w.weight(), out);
+  auto fails = [&](const Weight& bad, const char* msg) {
+    try {
+      be->linear(a, bad, out);
+      ADD_FAILURE() << "accepted: " << msg;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(msg), std::string::npos) << e.what();
+    }
+  };
+  fails(Weight(w.codes.t), "needs F32 block scales [2, 2]");  // the scale dropped
+  Weight wrong = w.weight();
+  wrong.scale = w.scale.t.view({4, 1});
+  fails(wrong, "got [4, 1] F32");
+  HostTensor s16(DType::BF16, {2, 2});
+  wrong.scale = s16.t;
+  fails(wrong, "got [2, 2] BF16");
+  Weight float_with_scale(w.values.t);
+  float_with_scale.scale = w.scale.t;
+  fails(float_with_scale, "only F8_E4M3 weights take them");
+  // Experts too.
+  MoeCase c{2, 200, 130, 2, 1, DType::F8E4M3};
+  HostTensor x = rng.normal_tensor(DType::F32, {2, 200}), ids, wts, y(DType::F32, {2, 200});
+  random_routing(rng, c, ids, wts);
+  ExpertShard s;
+  s.n_experts = 2;
+  s.count = 2;
+  for (int e = 0; e < 2; ++e) {
+    s.gate.push_back(w.weight());
+    s.up.push_back(w.weight());
+    s.down.push_back(random_fp8(rng, 200, 130).weight());
+  }
+  be->moe_experts(x, ids, wts, s, y);
+  s.up[1].scale = Tensor();
+  EXPECT_THROW(be->moe_experts(x, ids, wts, s, y), Error);
 }
 
 }  // namespace

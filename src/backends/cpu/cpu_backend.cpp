@@ -275,6 +275,6 @@ void CpuBackend::moe_route(const Tensor& logits, int top_k, bool renormalize, Te
   }
 }
 
-std::unique_ptr<Backend> make_cpu_backend(bool simd) { return std::make_unique<CpuBackend>(simd); }
+std::unique_ptr<Backend> make_cpu_backend(bool simd, bool fp8) { return std::make_unique<CpuBackend>(simd, fp8); }
 
 }  // namespace cpinfer

@@ -4,8 +4,9 @@
 // (OpenMP over independent rows/heads/tiles, sgemm for every matrix product).
 //
 // Activations (x, q, k, out, logits ...) must be F32; weights (linear, experts, norms, embedding
-// table) may be BF16/F16/F32 and are converted to fp32 on the fly; the KV cache may be any of the
-// three float types. Every op checks shapes and dtypes first and throws cpinfer::Error with the
+// table) may be BF16/F16/F32 and are converted to fp32 on the fly; the weights of linear layers and
+// experts may also be FP8 with block scales (Weight), dequantized on the fly as transformers does
+// (e4m3 value · scale in fp32); the KV cache may be any of the three float types. Every op checks shapes and dtypes first and throws cpinfer::Error with the
 // op and tensor named; ops return only when the work is done (sync() is a no-op).
 #pragma once
 #include <cstdint>
@@ -17,8 +18,10 @@ namespace cpinfer {
 
 class CpuBackend final : public Backend {
  public:
-  // simd = false: the generic kernels only, where the AVX2 + FMA ones would run (tests).
-  explicit CpuBackend(bool simd = true) : simd_(simd) {}
+  // simd = false: the generic kernels only, where the AVX2 + FMA ones would run (tests). fp8 =
+  // false: fp8_weights_supported() says no, so the loader dequantizes FP8 weights to BF16 (the
+  // FP8 kernels still take FP8 weights given directly).
+  explicit CpuBackend(bool simd = true, bool fp8 = true) : simd_(simd), fp8_(fp8) {}
   Device device() const override { return Device::CPU; }
   std::string name() const override { return "cpu"; }
   DType act_dtype() const override { return DType::F32; }
@@ -30,11 +33,12 @@ class CpuBackend final : public Backend {
   void copy(void* dst, const void* src, size_t bytes) override;
   void fill_zero(Tensor t) override;
   void sync() override {}
+  bool fp8_weights_supported() const override { return fp8_; }
 
   void embedding(const Tensor& table, const Tensor& ids, Tensor out) override;
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor out) override;
   void add_rms_norm(Tensor residual, const Tensor& x, const Tensor& w, float eps, Tensor out) override;
-  void linear(const Tensor& a, const Tensor& w, Tensor out) override;
+  void linear(const Tensor& a, const Weight& w, Tensor out) override;
   void qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
                     const Tensor& positions, const RopeParams& rope) override;
   void kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, KvLayer cache) override;
@@ -53,6 +57,7 @@ class CpuBackend final : public Backend {
 
  private:
   bool simd_ = true;
+  bool fp8_ = true;
 };
 
 // ---- token sampling reference (cpu_sample.cpp): the algorithm of Backend::sample (ops/backend.h),
@@ -80,15 +85,19 @@ int32_t sample_reference(std::span<const float> logits, const SampleRow& row, Sa
 
 namespace cpu {
 
-// out[m, n] = Σ_k a[m, k] · w[n, k] for m < M, n < N; a fp32 [M, K] (row stride K), w [N, K] in
-// F32/F16/BF16 (row stride K), out fp32 with row stride ldc. Non-F32 weights are converted in blocks
-// of rows into a thread-local scratch, one cblas_sgemm per block. OpenMP threads split the columns
+// out[m, n] = Σ_k a[m, k] · w[n, k] for m < M, n < N = w.dim(0); a fp32 [M, K] (row stride K), w
+// [N, K] in F32/F16/BF16 or FP8 with block scales (row stride K), out fp32 with row stride ldc.
+// Non-F32 weights are converted (FP8: dequantized, code · scale in fp32) in blocks of rows into a
+// thread-local scratch, one cblas_sgemm per block; a few rows of `a` are multiplied row by row. OpenMP threads split the columns
 // (or rows); OpenBLAS itself runs single-threaded: the first call sets openblas_set_num_threads(1)
 // for the process, so only one thread pool ever spins. Each element's result does not depend on
 // the thread count. simd = false: the generic (baseline x86-64) kernels only, even where the
 // AVX2 + FMA ones would run.
-void gemm_wt(const float* a, int64_t M, int64_t K, const void* w, DType w_dtype, int64_t N, float* out,
-             int64_t ldc, bool simd = true);
+void gemm_wt(const float* a, int64_t M, int64_t K, const Weight& w, float* out, int64_t ldc, bool simd = true);
+
+// Weight rows [n0, n0 + rows) of FP8 `w` dequantized to fp32 `out` [rows, K]: code · scale rounded to
+// fp32, bit-identical on both kernel sets.
+void dequantize_fp8(const Weight& w, int64_t n0, int64_t rows, float* out, bool simd = true);
 
 }  // namespace cpu
 }  // namespace cpinfer

@@ -11,6 +11,7 @@
 
 #include "core/check.h"
 #include "core/tensor.h"
+#include "ops/backend.h"
 
 namespace cpinfer::cpu {
 
@@ -51,6 +52,12 @@ inline void check_host(const Tensor& t, const char* op, const char* name) {
   for (int i = 0; i < t.ndim; ++i)
     CPI_CHECK(t.shape[i] >= 0, op, ": tensor '", name, "' has a negative dimension ", t.shape_str());
   CPI_CHECK(t.numel() == 0 || t.data != nullptr, op, ": tensor '", name, "' ", t.shape_str(), " has no data");
+}
+
+// A weight (and, when FP8, its block scales) on the host.
+inline void check_host(const Weight& w, const char* op, const char* name) {
+  check_host(static_cast<const Tensor&>(w), op, name);
+  if (w.scale.defined()) check_host(w.scale, op, name);
 }
 
 // Activations on the CPU back-end are F32 (act_dtype()).

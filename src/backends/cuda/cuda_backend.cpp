@@ -302,7 +302,7 @@ void CudaBackend::gemm(const Tensor& a, const Tensor& w, Tensor out) {
                             static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-void CudaBackend::linear(const Tensor& a, const Tensor& w, Tensor out) {
+void CudaBackend::linear(const Tensor& a, const Weight& w, Tensor out) {
   contract::linear(a, w, out);
   check_on_device(a, "linear", "a");
   check_on_device(w, "linear", "w");
