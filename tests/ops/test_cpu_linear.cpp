@@ -485,10 +485,13 @@ TEST_P(CpuLinear, Fp8WeightErrorsThrow) {
   ExpertShard s;
   s.n_experts = 2;
   s.count = 2;
+  std::vector<Fp8Weight> down;  // the shard's views point into these
+  down.reserve(2);
+  for (int e = 0; e < 2; ++e) down.push_back(random_fp8(rng, 200, 130));
   for (int e = 0; e < 2; ++e) {
     s.gate.push_back(w.weight());
     s.up.push_back(w.weight());
-    s.down.push_back(random_fp8(rng, 200, 130).weight());
+    s.down.push_back(down[static_cast<size_t>(e)].weight());
   }
   be->moe_experts(x, ids, wts, s, y);
   s.up[1].scale = Tensor();
