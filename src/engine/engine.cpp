@@ -187,9 +187,10 @@ FinishInfo Engine::run_one(const std::shared_ptr<SchedRequest>& r) {
   CPI_CHECK(why.empty(), why);
   // Sequences the caller keeps in the cache (Engine::prefill) are not the scheduler's to evict.
   const int need = static_cast<int>(r->prompt.size()) + r->max_tokens;
-  CPI_CHECK(cache_->positions_bound(need, 1) <= int64_t(cache_->n_free_blocks()) * opt_.block_size, "prompt (",
+  const int64_t free_positions = int64_t(cache_->n_free_blocks()) * opt_.block_size;
+  CPI_CHECK(cache_->positions_bound(need, so.max_prefill_forwards(need)) <= free_positions, "prompt (",
             r->prompt.size(), " tokens) + max_tokens (", r->max_tokens, ") exceed the KV cache (",
-            cache_->n_free_blocks() * opt_.block_size, " free positions", cache_->sharded() ? " per CP rank" : "",
+            free_positions, " free positions", cache_->sharded() ? " per CP rank" : "",
             "); raise --kv-cache-tokens");
   if (rank() != 0) {
     follow_steps(*this, *control);
