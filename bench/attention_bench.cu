@@ -1,7 +1,9 @@
 // attention_bench: times the CUDA back-end's causal prefill attention (the tensor-core kernel
 // behind CudaBackend::attention) at the Qwen3-30B-A3B attention shape: 32 query / 4 kv heads,
 // head_dim 128, one sequence of S tokens, paged KV written through the kv_store kernel.
-// Fresh random bf16 inputs per size; CUDA-event timing, warm-up, median of --reps runs.
+// Fresh random bf16 inputs per size; CUDA-event timing, warm-up, median of --reps runs, with the
+// median SM clock read (NVML) after each run and the share of runs the power limit held the clock
+// down ("capped"): long runs settle lower than short ones, so compare throughputs at their clocks.
 // FLOPs counted causal-halved: 2 GEMMs x 2 FLOP x S² x D x Hq / 2.
 //
 //   attention_bench [--seq 4096,16384,32768] [--reps 20] [--block-size 64]
@@ -20,7 +22,8 @@
 // last zigzag block (n = S / 2C queries at position P = S - n) into: the whole block (cp-full,
 // keys [0, P + i]), its diagonal (cp-diag, kv_begin = P), its prefix (cp-prefix, kv_end = P, no
 // causal mask) and their log-sum-exp merge (cp-merge, reported in GB/s), with the largest
-// difference of the merged output from cp-full. cuDNN takes no key ranges: for it only cp-full.
+// difference of the merged output from cp-full. The four are timed in turn, round after round, so
+// that each sees the same clock. cuDNN takes no key ranges: for it only cp-full.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -30,6 +33,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -37,6 +41,7 @@
 #include "backends/cuda/cudnn_attention.h"
 #include "backends/cuda/kernels/kernels.h"
 #include "bench_util.cuh"
+#include "gpu_clock.h"
 
 using cpinfer::DType;
 using cpinfer::cuda::DevAttnBatch;
@@ -60,6 +65,15 @@ struct Result {
   std::string kernel, part;
   double ms, tflops;         // tflops: GB/s for cp-merge
   double max_diff = -1.0;    // causal: vs mma.sync, when both ran; cp-merge: vs cp-full
+  unsigned mhz = 0;          // median SM clock read after each timed run (0: NVML not loaded)
+  double capped = 0.0;       // share of the timed runs after which the power limit held the clock
+};
+
+// The median time of a launch's timed runs and the clock they ran at.
+struct Timing {
+  double ms;
+  unsigned mhz;
+  double capped;
 };
 
 int* g_sched = nullptr;  // the ws kernel's work counter
@@ -196,22 +210,38 @@ int main(int argc, char** argv) {
   BENCH_CHECK(cudaEventCreate(&ev0));
   BENCH_CHECK(cudaEventCreate(&ev1));
   std::vector<Result> results;
-  // Median time of `reps` runs of launch() after 3 warm-ups.
-  auto median_ms = [&](auto&& launch) {
-    for (int i = 0; i < 3; ++i) BENCH_CHECK(launch());
-    std::vector<float> times;
-    for (int i = 0; i < reps; ++i) {
-      BENCH_CHECK(cudaEventRecord(ev0, stream));
-      BENCH_CHECK(launch());
-      BENCH_CHECK(cudaEventRecord(ev1, stream));
-      BENCH_CHECK(cudaEventSynchronize(ev1));
-      float ms = 0;
-      BENCH_CHECK(cudaEventElapsedTime(&ms, ev0, ev1));
-      times.push_back(ms);
+  const GpuClock clock;
+  // The launches' median times over `reps` rounds after 3 warm-ups; each round runs every launch
+  // once, in turn, so that parts compared with each other run under the same clock (a long run of
+  // one part and then of another would compare the later one at the clock the first left).
+  auto interleaved = [&](std::vector<std::function<cudaError_t()>> launches) {
+    for (int i = 0; i < 3; ++i)
+      for (auto& launch : launches) BENCH_CHECK(launch());
+    const size_t n = launches.size();
+    std::vector<std::vector<float>> times(n);
+    std::vector<std::vector<unsigned>> mhz(n);
+    std::vector<int> capped(n, 0);
+    for (int r = 0; r < reps; ++r)
+      for (size_t k = 0; k < n; ++k) {
+        BENCH_CHECK(cudaEventRecord(ev0, stream));
+        BENCH_CHECK(launches[k]());
+        BENCH_CHECK(cudaEventRecord(ev1, stream));
+        BENCH_CHECK(cudaEventSynchronize(ev1));
+        float ms = 0;
+        BENCH_CHECK(cudaEventElapsedTime(&ms, ev0, ev1));
+        times[k].push_back(ms);
+        mhz[k].push_back(clock.sm_mhz());
+        capped[k] += clock.power_capped() ? 1 : 0;
+      }
+    std::vector<Timing> out;
+    for (size_t k = 0; k < n; ++k) {
+      std::sort(times[k].begin(), times[k].end());
+      std::sort(mhz[k].begin(), mhz[k].end());
+      out.push_back({times[k][reps / 2], mhz[k][reps / 2], static_cast<double>(capped[k]) / reps});
     }
-    std::sort(times.begin(), times.end());
-    return static_cast<double>(times[times.size() / 2]);
+    return out;
   };
+  auto median_ms = [&](std::function<cudaError_t()> launch) { return interleaved({std::move(launch)})[0]; };
   for (int64_t s : seqs) {
     const int64_t n_pages = (s + block_size - 1) / block_size;
     void *q, *out, *k, *v, *ck, *cv, *lse, *slots, *table, *blocks, *out2, *lse2;
@@ -278,10 +308,12 @@ int main(int argc, char** argv) {
         }
       }
       BENCH_CHECK(cudaMemset(out, 0xff, s * hq * d * 2));
-      const double ms = median_ms([&] { return run_kernel(kernel, qt, batch, cache, scale, ot, lt, stream); });
+      const Timing tm = median_ms([&] { return run_kernel(kernel, qt, batch, cache, scale, ot, lt, stream); });
       const double flops = 4.0 * static_cast<double>(s) * s * d * hq / 2.0;
-      Result r{s, kernel == "cudnn" && g_cudnn.call.dense ? "cudnn-dense" : kernel, "causal", ms,
-               flops / (ms * 1e-3) / 1e12};
+      Result r{s, kernel == "cudnn" && g_cudnn.call.dense ? "cudnn-dense" : kernel, "causal", tm.ms,
+               flops / (tm.ms * 1e-3) / 1e12};
+      r.mhz = tm.mhz;
+      r.capped = tm.capped;
       if (kernel != "mma" && !ref.empty()) {
         const std::vector<float> got = to_host_bf16(out, s * hq * d);
         double mx = 0.0;
@@ -314,8 +346,9 @@ int main(int argc, char** argv) {
                        why.c_str());
           continue;
         }
-        const double whole_ms = median_ms([&] { return run_part(1, whole_o, whole_l); });
-        results.push_back({s, kernel, "cp-full", whole_ms, unit * (P + n / 2.0) / (whole_ms * 1e-3) / 1e12});
+        const Timing whole = median_ms([&] { return run_part(1, whole_o, whole_l); });
+        results.push_back({s, kernel, "cp-full", whole.ms, unit * (P + n / 2.0) / (whole.ms * 1e-3) / 1e12, -1.0,
+                           whole.mhz, whole.capped});
         continue;
       }
       BENCH_CHECK(run_part(1, whole_o, whole_l));
@@ -329,17 +362,19 @@ int main(int argc, char** argv) {
         const double diff = std::isfinite(merged[i]) ? std::fabs(static_cast<double>(merged[i]) - whole[i]) : 1e30;
         merge_diff = std::max(merge_diff, diff);
       }
-      const double whole_ms = median_ms([&] { return run_part(1, whole_o, whole_l); });
-      const double diag_ms = median_ms([&] { return run_part(2, diag_o, diag_l); });
-      const double pre_ms = median_ms([&] { return run_part(3, pre_o, pre_l); });
-      // Repeated merges keep the values finite (lse grows by at most log 2 per merge).
-      const double merge_ms = median_ms(
-          [&] { return cpinfer::cuda::launch_attention_merge(diag_o, diag_l, pre_o, pre_l, stream); });
+      // Timed in turn, round after round (the merge folds the prefix into the diagonal's output in
+      // place; each round recomputes both).
+      const std::vector<Timing> tms =
+          interleaved({[&] { return run_part(1, whole_o, whole_l); }, [&] { return run_part(2, diag_o, diag_l); },
+                       [&] { return run_part(3, pre_o, pre_l); },
+                       [&] { return cpinfer::cuda::launch_attention_merge(diag_o, diag_l, pre_o, pre_l, stream); }});
       const double merge_bytes = 3.0 * n * hq * (d * 2 + 4);
-      results.push_back({s, kernel, "cp-full", whole_ms, unit * (P + n / 2.0) / (whole_ms * 1e-3) / 1e12});
-      results.push_back({s, kernel, "cp-diag", diag_ms, unit * (n / 2.0) / (diag_ms * 1e-3) / 1e12});
-      results.push_back({s, kernel, "cp-prefix", pre_ms, unit * P / (pre_ms * 1e-3) / 1e12});
-      results.push_back({s, kernel, "cp-merge", merge_ms, merge_bytes / (merge_ms * 1e-3) / 1e9, merge_diff});
+      const double work[4] = {unit * (P + n / 2.0) / 1e12, unit * (n / 2.0) / 1e12, unit * P / 1e12,
+                              merge_bytes / 1e9};
+      const char* parts[4] = {"cp-full", "cp-diag", "cp-prefix", "cp-merge"};
+      for (int k = 0; k < 4; ++k)
+        results.push_back({s, kernel, parts[k], tms[k].ms, work[k] / (tms[k].ms * 1e-3), k == 3 ? merge_diff : -1.0,
+                           tms[k].mhz, tms[k].capped});
     }
     for (void* p : {q, out, k, v, ck, cv, lse, slots, table, blocks, out2, lse2}) BENCH_CHECK(cudaFree(p));
   }
@@ -347,10 +382,11 @@ int main(int argc, char** argv) {
     std::printf("{\"device\": \"%s\", \"hq\": %lld, \"hkv\": %lld, \"head_dim\": %lld, \"block_size\": %d, \"results\": [",
                 prop.name, static_cast<long long>(hq), static_cast<long long>(hkv), static_cast<long long>(d), block_size);
     for (size_t i = 0; i < results.size(); ++i)
-      std::printf("%s{\"S\": %lld, \"kernel\": \"%s\", \"part\": \"%s\", \"ms\": %.4f, \"%s\": %.1f}",
+      std::printf("%s{\"S\": %lld, \"kernel\": \"%s\", \"part\": \"%s\", \"ms\": %.4f, \"%s\": %.1f, "
+                  "\"sm_mhz\": %u, \"power_capped\": %.2f}",
                   i ? ", " : "", static_cast<long long>(results[i].seq), results[i].kernel.c_str(),
                   results[i].part.c_str(), results[i].ms, results[i].part == "cp-merge" ? "gbps" : "tflops",
-                  results[i].tflops);
+                  results[i].tflops, results[i].mhz, results[i].capped);
     std::printf("]}\n");
   } else {
     std::printf("attention prefill (causal, Hq=%lld Hkv=%lld D=%lld, block_size %d) on %s, median of %d\n",
@@ -359,10 +395,11 @@ int main(int argc, char** argv) {
     if (cp > 0)
       std::printf("--cp %d: rank 0's last zigzag block of S/%d queries; cp-merge in GB/s, max|d| vs cp-full\n", cp,
                   2 * cp);
-    std::printf("%8s %8s %10s %10s %10s %12s\n", "S", "kernel", "part", "ms", "TFLOP/s", "max|d-1st|");
+    std::printf("%8s %8s %10s %10s %10s %6s %6s %12s\n", "S", "kernel", "part", "ms", "TFLOP/s", "MHz", "capped",
+                "max|d-1st|");
     for (const Result& r : results) {
-      std::printf("%8lld %8s %10s %10.3f %10.1f", static_cast<long long>(r.seq), r.kernel.c_str(), r.part.c_str(),
-                  r.ms, r.tflops);
+      std::printf("%8lld %8s %10s %10.3f %10.1f %6u %6.2f", static_cast<long long>(r.seq), r.kernel.c_str(),
+                  r.part.c_str(), r.ms, r.tflops, r.mhz, r.capped);
       if (r.max_diff >= 0) std::printf(" %12.3e", r.max_diff);
       std::printf("\n");
     }

@@ -315,6 +315,25 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
     // ---- producer
     regs_dealloc<kProducerRegs>();
     if (warp_in_wg >= 2) return;
+    // One producer warp's loads of an item's K (v = false) or V tiles, last tile first, each as soon
+    // as its buffer is free; kv_iter counts the ring positions used so far.
+    auto stream_tiles = [&](const Item& t, int kvh, uint32_t& kv_iter, bool v) {
+      const int32_t* table = p.block_table + static_cast<int64_t>(t.seq) * p.max_blocks_per_seq;
+      const int k_top = (t.t_lo + t.n_tiles - 1) * kBN;
+      int page = tile_page(p, table, k_top, t.key_lo, t.key_end, lane);
+      for (int j = 0; j < t.n_tiles; ++j) {
+        const uint32_t i = kv_iter + j;
+        const int st = stage_of(i);
+        const int page_next =
+            j + 1 < t.n_tiles ? tile_page(p, table, k_top - (j + 1) * kBN, t.key_lo, t.key_end, lane) : 0;
+        mbar_wait(v ? v_empty(st) : k_empty(st), phase_of(i) ^ 1);
+        load_kv_tile(p, v ? &p.tm_v : &p.tm_k, v ? &p.tm_v_tile : &p.tm_k_tile, v ? p.cache_v : p.cache_k,
+                     v ? v_stage(st) : k_stage(st), v ? v_full(st) : k_full(st), table, kvh, k_top - j * kBN,
+                     t.key_lo, t.key_end, lane, page);
+        page = page_next;
+      }
+      kv_iter += t.n_tiles;
+    };
     if (warp_in_wg == 1) {
       // V: the items warp 0 hands out, their tiles in the same order as K, each as soon as its
       // buffer is free.
@@ -328,20 +347,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
         if (item.x < 0) break;
         const Item t = make_item(p.blocks + kDevAttnBlockFields * item.x, item.y);
         if (t.n_tiles == 0) continue;
-        const int kvh = item.z / (p.hq / p.hkv);
-        const int32_t* table = p.block_table + static_cast<int64_t>(t.seq) * p.max_blocks_per_seq;
-        const int k_top = (t.t_lo + t.n_tiles - 1) * kBN;
-        int page = tile_page(p, table, k_top, t.key_lo, t.key_end, lane);
-        for (int j = 0; j < t.n_tiles; ++j) {
-          const uint32_t i = kv_iter + j;
-          const int page_next =
-              j + 1 < t.n_tiles ? tile_page(p, table, k_top - (j + 1) * kBN, t.key_lo, t.key_end, lane) : 0;
-          mbar_wait(v_empty(stage_of(i)), phase_of(i) ^ 1);
-          load_kv_tile(p, &p.tm_v, &p.tm_v_tile, p.cache_v, v_stage(stage_of(i)), v_full(stage_of(i)), table, kvh,
-                       k_top - j * kBN, t.key_lo, t.key_end, lane, page);
-          page = page_next;
-        }
-        kv_iter += t.n_tiles;
+        stream_tiles(t, item.z / (p.hq / p.hkv), kv_iter, true);
       }
       return;
     }
@@ -383,19 +389,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
         tma_load_3d(sq, &p.tm_q, q_full, 0, h, t.q_begin + t.m0);
         tma_load_3d(sq + kQHalf, &p.tm_q, q_full, 64, h, t.q_begin + t.m0);
       }
-      const int32_t* table = p.block_table + static_cast<int64_t>(t.seq) * p.max_blocks_per_seq;
-      const int k_top = (t.t_lo + t.n_tiles - 1) * kBN;
-      int page = tile_page(p, table, k_top, t.key_lo, t.key_end, lane);
-      for (int j = 0; j < t.n_tiles; ++j) {
-        const uint32_t i = kv_iter + j;
-        const int page_next =
-            j + 1 < t.n_tiles ? tile_page(p, table, k_top - (j + 1) * kBN, t.key_lo, t.key_end, lane) : 0;
-        mbar_wait(k_empty(stage_of(i)), phase_of(i) ^ 1);
-        load_kv_tile(p, &p.tm_k, &p.tm_k_tile, p.cache_k, k_stage(stage_of(i)), k_full(stage_of(i)), table, kvh,
-                     k_top - j * kBN, t.key_lo, t.key_end, lane, page);
-        page = page_next;
-      }
-      kv_iter += t.n_tiles;
+      stream_tiles(t, kvh, kv_iter, false);
     }
     // The last CTA to finish resets the counters for the next launch on this stream.
     if (lane == 0 && atomicAdd(p.sched + 1, 1) == static_cast<int>(gridDim.x) - 1) {
