@@ -63,9 +63,9 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
       ->check(CLI::IsMember({"auto", "cudnn", "ws", "wgmma", "mma"}))
       ->capture_default_str();
   app->add_option("--moe-runner-backend", backend.moe,
-                  "CUDA expert GEMMs of batches above the decode sizes: auto (grouped wgmma on Hopper, mma.sync "
-                  "elsewhere), mma, wgmma, wgmma128 or cublas (per expert, for comparison)")
-      ->check(CLI::IsMember({"auto", "mma", "wgmma", "wgmma128", "cublas"}))
+                  "CUDA expert GEMMs of batches above the decode sizes: auto (warp-specialized grouped wgmma on Hopper, mma.sync "
+                  "elsewhere), mma, wgmma, wgmma128, wgmma-ws (warp-specialized) or cublas (per expert, for comparison)")
+      ->check(CLI::IsMember({"auto", "mma", "wgmma", "wgmma128", "wgmma-ws", "cublas"}))
       ->capture_default_str();
   app->add_option("--fp8-weights", backend.fp8,
                   "Weights of an FP8 checkpoint: auto (kept as FP8, 1 byte per weight, where the back-end computes "

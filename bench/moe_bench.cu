@@ -5,8 +5,10 @@
 //            moe_unpermute; all enqueued, no host synchronization (the default path). Timed with
 //            each kernel pair: mma (mma.sync, kernels/moe_gemm.cu, any GPU) and, on compute
 //            capability 9.0, the wgmma kernels of kernels/moe_gemm_wgmma.cu: wgmma (128 x 256
-//            tiles, 2 N-tiles per CTA: the back-end's default there), wgmma128 (128 x 128, 1 per
-//            CTA: --moe-runner-backend wgmma128) and tuning variants (.jN: N-tiles per CTA; .mix:
+//            tiles, 2 N-tiles per CTA: --moe-runner-backend wgmma), wgmma128 (128 x 128, 1 per
+//            CTA: --moe-runner-backend wgmma128), ws (the warp-specialized kernels, 128 x 256,
+//            y in BF16: the back-end's default there, --moe-runner-backend auto or wgmma-ws; ws.f32
+//            writes y in F32) and tuning variants (.jN: N-tiles per CTA; .mix:
 //            128 x 256 gate‖up, 128 x 128 down);
 //   cublas:  moe_permute -> offsets to the host (stream sync) -> gather rows -> per-expert cuBLAS
 //            gate, up -> silu_mul -> per-expert cuBLAS down -> moe_unpermute
@@ -154,8 +156,9 @@ int main(int argc, char** argv) {
               first, count, top_k, reps);
 
   // The grouped kernel pairs: mma.sync, or the wgmma kernels with a tile config (tile N of the
-  // gate‖up and of the down GEMM, N-tiles per CTA). "wgmma" is the back-end's default on Hopper,
-  // "wgmma128" its --moe-runner-backend wgmma128; the others are for tuning.
+  // gate‖up and of the down GEMM, N-tiles per CTA, warp-specialized, y in BF16). "ws" is the
+  // back-end's default on Hopper, "wgmma" and "wgmma128" its --moe-runner-backend wgmma and
+  // wgmma128; the others are for tuning.
   struct GroupedPath {
     const char* name;
     bool wgmma;
@@ -169,6 +172,9 @@ int main(int argc, char** argv) {
     gpaths.push_back({"wgmma.mix", true, {256, 128, 2}});
     gpaths.push_back({"wgmma128", true, {128, 128, 1}});
     gpaths.push_back({"wgmma128.j2", true, {128, 128, 2}});
+    gpaths.push_back({"ws", true, {256, 256, 2, true, true}});
+    gpaths.push_back({"ws.j1", true, {256, 256, 1, true, true}});
+    gpaths.push_back({"ws.f32", true, {256, 256, 2, true, false}});
   } else {
     std::printf("(not compute capability 9.0: no wgmma columns)\n");
   }
@@ -269,7 +275,8 @@ int main(int argc, char** argv) {
         BENCH_CHECK(cc::launch_moe_grouped_gemms_wgmma(xt, src_token, offsets, tile_start, n_pairs, count, gate_p,
                                                        up_p, down_p, inter, act, y, gpaths[path].cfg, stream));
       if (timed) BENCH_CHECK(cudaEventRecord(ev[2], stream));
-      BENCH_CHECK(cc::launch_moe_unpermute(yt, wt, pair_row, view(out, DType::BF16, {n_tokens, hidden}), stream));
+      const DevTensor y_path = gpaths[path].wgmma && gpaths[path].cfg.y_bf16 ? view(y, DType::BF16, {n_pairs, hidden}) : yt;
+      BENCH_CHECK(cc::launch_moe_unpermute(y_path, wt, pair_row, view(out, DType::BF16, {n_tokens, hidden}), stream));
     };
     auto run_cublas = [&](__nv_bfloat16* out, bool timed) {
       BENCH_CHECK(cc::launch_moe_permute(idt, first, count, offsets, src_token, pair_row, stream));

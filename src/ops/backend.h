@@ -260,7 +260,7 @@ class Buffer {
 
 // Kernel choices of a back-end (--attention-backend, --moe-runner-backend, --fp8-weights). "auto":
 // the back-end picks per call. CUDA: attention auto | cudnn | ws | wgmma | mma (prefill;
-// docs/attention.md), MoE auto | mma | wgmma | wgmma128 | cublas (the expert GEMMs of batches above
+// docs/attention.md), MoE auto | mma | wgmma | wgmma128 | wgmma-ws | cublas (the expert GEMMs of batches above
 // the decode sizes; backends/cuda/cuda_moe.cpp). The CPU back-end has one kernel of each and takes
 // only "auto". fp8: auto (FP8 checkpoint weights stay FP8 where the back-end computes with them:
 // the CPU) | bf16 (every back-end gets them dequantized to BF16 at load).

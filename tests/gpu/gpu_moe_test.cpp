@@ -1,13 +1,14 @@
 // CUDA moe_experts vs the CPU reference, on every large-batch path: the device-scheduled grouped
-// tensor-core GEMMs (default: wgmma on compute capability 9.0, else mma.sync), the mma.sync grouped
-// kernels (--moe-runner-backend mma), where the GPU has them the wgmma kernels with both tile shapes
-// (the default = wgmma, and wgmma128), and the per-expert cuBLAS path (cublas); every path is also
+// tensor-core GEMMs (default: on compute capability 9.0 the warp-specialized wgmma kernels writing
+// the expert outputs in BF16, else mma.sync), the mma.sync grouped kernels (--moe-runner-backend
+// mma), where the GPU has them the other wgmma kernels (wgmma, wgmma128: F32 expert outputs), and the
+// per-expert cuBLAS path (cublas); every path is also
 // compared with cuBLAS and the wgmma paths with mma.sync on all rows. Shapes:
 // Qwen3-30B-A3B (H 2048, I 768, 128 experts, top-8) at T = 64, 1024, 4100 with skewed routing
 // (experts with no rows, one expert chosen by every token), a 32-expert shard that does not start
 // at 0, and small / odd shapes that take the row-wise fallback or the masked edges of the tiles.
 // Each case prints "[gpu_moe] path shape nmse max_err"; a failure names the path, the case and the
-// first bad (token, column). Then: each device-scheduled path (default, mma, wgmma128 where
+// first bad (token, column). Then: each device-scheduled path (default, mma, wgmma128, wgmma where
 // supported) is captured into a CUDA graph in global capture mode (which fails on any host
 // synchronization) and replayed, and its output must equal the eager one bit for bit. Without a
 // GPU every test is skipped.
@@ -184,8 +185,9 @@ class MoeTest : public GpuOpsTest {
     cuda.set_moe_gemm(cuda::CudaBackend::parse_moe_runner_backend(path));
   }
   // The large-batch paths (--moe-runner-backend values) this GPU runs, in run order: cuBLAS first (the
-  // reference of the all-rows comparisons), the default (wgmma on Hopper: the 'wgmma' setting),
-  // mma.sync, and on Hopper cuBLAS again and the 128 x 128 wgmma tiles. The grouped paths share
+  // reference of the all-rows comparisons), the default (on Hopper the warp-specialized wgmma kernels: 'wgmma-ws'),
+  // mma.sync, and on Hopper cuBLAS again, the 128 x 128 wgmma tiles, cuBLAS again and the
+  // wgmma kernels that are not warp-specialized. The grouped paths share
   // the act / y scratch of the workspace, so each wgmma run follows a cuBLAS run, whose different
   // workspace layout leaves garbage there: rows a kernel fails to write cannot inherit the
   // previous path's correct values.
@@ -194,6 +196,8 @@ class MoeTest : public GpuOpsTest {
     if (wgmma()) {
       p.push_back("cublas");
       p.push_back("wgmma128");
+      p.push_back("cublas");
+      p.push_back("wgmma");
     }
     return p;
   }
@@ -317,9 +321,12 @@ TEST_F(MoeTest, GroupedPathEnqueuesWithoutHostSync) {
   Rng rng(14);
   const Experts ex = make_experts(128, 0, 128, 2048, 768, 4);
   Inputs in = make_inputs(rng, 1024, 8, ex, Routing::Skewed);
-  // The default (wgmma on Hopper), the mma.sync kernels, and the other wgmma tile shape.
+  // The default (warp-specialized wgmma on Hopper), the mma.sync kernels, and the other wgmma kernels.
   std::vector<std::string> ps = {"auto", "mma"};
-  if (wgmma()) ps.push_back("wgmma128");
+  if (wgmma()) {
+    ps.push_back("wgmma128");
+    ps.push_back("wgmma");
+  }
   for (const std::string& path : ps) {
     SCOPED_TRACE("--moe-runner-backend " + path);
     capture_and_replay(path, in, ex);
@@ -402,7 +409,7 @@ TEST_F(MoeTest, CaptureCatchesTheCublasPathSync) {
 // setter and for the back-end's construction.
 TEST_F(MoeTest, WgmmaSettingNeedsHopper) {
   if (wgmma()) GTEST_SKIP() << "this GPU runs the wgmma kernels (covered by the cases above)";
-  for (const char* v : {"wgmma", "wgmma128"}) {
+  for (const char* v : {"wgmma", "wgmma128", "wgmma-ws"}) {
     EXPECT_THROW(set_path(v), Error) << v;
     BackendOptions o;
     o.moe = v;

@@ -91,8 +91,9 @@ CudaBackend::MoeGemm CudaBackend::parse_moe_runner_backend(const std::string& na
   if (name == "mma") return MoeGemm::Mma;
   if (name == "wgmma") return MoeGemm::Wgmma;
   if (name == "wgmma128") return MoeGemm::Wgmma128;
+  if (name == "wgmma-ws") return MoeGemm::WgmmaWs;
   if (name == "cublas") return MoeGemm::Cublas;
-  CPI_FAIL("--moe-runner-backend must be auto, mma, wgmma, wgmma128 or cublas, got '", name, "'");
+  CPI_FAIL("--moe-runner-backend must be auto, mma, wgmma, wgmma128, wgmma-ws or cublas, got '", name, "'");
 }
 
 CudaBackend::CudaBackend(int device_index, const BackendOptions& opt) : device_(device_index) {
@@ -114,7 +115,7 @@ CudaBackend::CudaBackend(int device_index, const BackendOptions& opt) : device_(
                 attention == PrefillKernel::Cudnn || hopper_,
             "--attention-backend ", opt.attention, " needs a compute capability 9.0 GPU, ", name_, " is ", prop.major,
             ".", prop.minor);
-  CPI_CHECK(hopper_ || (moe != MoeGemm::Wgmma && moe != MoeGemm::Wgmma128), "--moe-runner-backend ", opt.moe,
+  CPI_CHECK(hopper_ || (moe != MoeGemm::Wgmma && moe != MoeGemm::Wgmma128 && moe != MoeGemm::WgmmaWs), "--moe-runner-backend ", opt.moe,
             " needs a compute capability 9.0 GPU, ", name_, " is ", prop.major, ".", prop.minor);
   prefill_kernel_ = attention;
   moe_gemm_ = moe;
@@ -154,7 +155,7 @@ CudaBackend::~CudaBackend() {
 std::string CudaBackend::name() const { return name_; }
 
 void CudaBackend::set_moe_gemm(MoeGemm m) {
-  CPI_CHECK(hopper_ || (m != MoeGemm::Wgmma && m != MoeGemm::Wgmma128),
+  CPI_CHECK(hopper_ || (m != MoeGemm::Wgmma && m != MoeGemm::Wgmma128 && m != MoeGemm::WgmmaWs),
             "the wgmma MoE kernels need a compute capability 9.0 GPU (", name_, ")");
   moe_gemm_ = m;
 }

@@ -101,7 +101,7 @@ class CudaBackend : public Backend {
   // Hopper, mma.sync elsewhere), Mma, Wgmma, Wgmma128 (128 x 128 tiles) or Cublas (per expert, one
   // host synchronization per call; for comparison). BackendOptions::moe (--moe-runner-backend
   // auto|mma|wgmma|wgmma128|cublas) sets it; the wgmma ones need compute capability 9.0.
-  enum class MoeGemm { Grouped, Mma, Wgmma, Wgmma128, Cublas };
+  enum class MoeGemm { Grouped, Mma, Wgmma, Wgmma128, WgmmaWs, Cublas };
   static MoeGemm parse_moe_runner_backend(const std::string& name);
   void set_moe_gemm(MoeGemm m);
   MoeGemm moe_gemm() const { return moe_gemm_; }
@@ -134,9 +134,11 @@ class CudaBackend : public Backend {
   // setting (moe_gemm_, --moe-runner-backend):
   //   auto                the default above;
   //   mma                 the mma.sync grouped kernels, also on Hopper;
-  //   wgmma               the wgmma kernels as the Hopper default runs them (128 x 256 tiles);
-  //   wgmma128            the wgmma kernels with 128 x 128 tiles (for tuning); both wgmma
-  //                       settings need compute capability 9.0 (else an error);
+  //   wgmma               the earlier wgmma kernels (no warp specialization, 128 x 256 tiles);
+  //   wgmma128            the wgmma kernels with 128 x 128 tiles (for tuning);
+  //   wgmma-ws            the Hopper default by name: the warp-specialized wgmma kernels (a
+  //                       producer warpgroup loads, two multiply; expert outputs in BF16); the
+  //                       wgmma settings need compute capability 9.0 (else an error);
   //   cublas              the per-expert cuBLAS path, which copies the segment offsets to the host
   //                       (a stream synchronization per call): for comparison and benchmarks only.
   // Shapes the grouped kernels do not take (H or I not a multiple of 64, unaligned pointers) use

@@ -4,14 +4,16 @@
 // - Small batches (T·K <= kSmallPairs, decode): two row-wise grouped kernels cover all experts.
 // - Larger batches (prefill), by default: the tensor-core grouped GEMMs (gate‖up + SiLU·mul, then
 //   down), scheduled on the device from the segment offsets: on a compute capability 9.0 GPU the
-//   wgmma kernels of kernels/moe_gemm_wgmma.cu (128 x 256 tiles), elsewhere the mma.sync kernels
+//   warp-specialized wgmma kernels of kernels/moe_gemm_wgmma.cu (128 x 256 tiles; the expert
+//   outputs y written in BF16 for the weighted sum), elsewhere the mma.sync kernels
 //   of kernels/moe_gemm.cu; shapes they do not take (H or I not a multiple of 64, unaligned
 //   pointers) use the row-wise kernels. None of these synchronizes with the host: the forward can
 //   be enqueued (or graph-captured) while NCCL exchanges run.
 // - The setting for larger batches (CudaBackend::MoeGemm, --moe-runner-backend): auto = the
-//   default above; mma = the mma.sync grouped kernels on any GPU; wgmma = the wgmma kernels as the
-//   default on Hopper (128 x 256 tiles, two N-tiles per CTA); wgmma128 = the wgmma kernels with
-//   128 x 128 tiles, one per CTA (for tuning); both wgmma settings need compute capability 9.0;
+//   default above; mma = the mma.sync grouped kernels on any GPU; wgmma = the earlier wgmma kernels
+//   (every thread loads and multiplies; 128 x 256 tiles, two N-tiles per CTA, F32 y); wgmma128 =
+//   those with 128 x 128 tiles, one per CTA (for tuning); wgmma-ws = the Hopper default by name; the
+//   wgmma settings need compute capability 9.0;
 //   cublas = the older per-expert cuBLAS path, which copies the offsets to the host (one stream
 //   synchronization per call), kept for comparison (bench/moe_bench) only.
 #include <algorithm>
@@ -101,11 +103,14 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
                             moe_grouped_gemm_max_tiles(static_cast<int64_t>(n_pairs), count) <= 65535;
   // wgmma on Hopper unless mma.sync is asked for: it takes every shape the mma.sync kernels take.
   const bool use_wgmma = tensor_cores && hopper_ && setting != MoeGemm::Mma;
-  MoeWgmmaConfig wgmma_cfg;  // the default: 128 x 256 tiles, two N-tiles per CTA
+  MoeWgmmaConfig wgmma_cfg;  // 128 x 256 tiles, two N-tiles per CTA
   if (setting == MoeGemm::Wgmma128) {
     wgmma_cfg.tile_n_gateup = wgmma_cfg.tile_n_down = 128;
     wgmma_cfg.n_per_cta = 1;
   }
+  // auto: the warp-specialized kernels, writing y in BF16 (bench/moe_bench: 544 vs 497 TFLOP/s for
+  // the GEMMs at 32K tokens on an H200); "wgmma" keeps the earlier kernels (F32 y) to compare.
+  wgmma_cfg.warp_specialized = wgmma_cfg.y_bf16 = setting == MoeGemm::WgmmaWs || setting == MoeGemm::Grouped;
   CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
                                        tensor_cores ? tile_start : nullptr, stream_, tensor_cores ? nullptr : active),
               "moe_permute");
@@ -126,7 +131,8 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
                                          inter, vec, act, y_rows, stream_, active, max_active),
                 "moe_rowwise_gemms");
   }
-  Tensor y(y_rows, DType::F32, {static_cast<int64_t>(n_pairs), hidden}, Device::CUDA);
+  Tensor y(y_rows, use_wgmma && wgmma_cfg.y_bf16 ? DType::BF16 : DType::F32, {static_cast<int64_t>(n_pairs), hidden},
+           Device::CUDA);
   CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
 }
 

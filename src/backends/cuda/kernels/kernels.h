@@ -197,11 +197,17 @@ struct MoeWgmmaConfig {
   int tile_n_down = 256;    // B rows per tile of the down GEMM: 256 or 128
   // (256: 128 x 256 tiles, one CTA per SM; 128: 128 x 128 tiles, two CTAs per SM.)
   int n_per_cta = 2;  // N-tiles one CTA computes in turn (the next one's loads overlap the epilogue)
+  // A producer warpgroup loads, two warpgroups multiply, meeting on mbarriers (128 x 256 tiles only).
+  bool warp_specialized = false;
+  // The down GEMM writes y in BF16 (y then holds n_pairs x H BF16 values; pass it to
+  // launch_moe_unpermute as BF16): half the bytes written and read back at prefill, each expert's
+  // output rounded to BF16 once before the weighted sum (as transformers' bf16 experts output it).
+  bool y_bf16 = false;
 };
 cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
                                            const int32_t* tile_start, int64_t n_pairs, int count,
                                            const void* const* gate, const void* const* up, const void* const* down,
-                                           int64_t inter, void* act, float* y, const MoeWgmmaConfig& cfg,
+                                           int64_t inter, void* act, void* y, const MoeWgmmaConfig& cfg,
                                            cudaStream_t stream);
 // out[t] += Σ_k weights[t,k] · y[pair_row[t*K+k]] over the local pairs, in k order.
 cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row,

@@ -26,8 +26,9 @@ struct MoeGemmArgs {
   int count;
   int n_out;          // I (kernel 1) or H (kernel 2)
   int k_dim;          // H (kernel 1) or I (kernel 2)
-  void* out;          // act [rows, I] BF16 or y [rows, H] F32
+  void* out;          // act [rows, I] BF16 or y [rows, H] F32 (BF16 where out_bf16)
   int n_per_cta = 1;  // N-tiles per CTA (wgmma kernels; the mma.sync ones do one)
+  bool out_bf16 = false;  // kernel 2 writes y in BF16 (the wgmma kernels; MoeWgmmaConfig::y_bf16)
 };
 
 inline MoeGemmArgs moe_gateup_args(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
@@ -47,8 +48,8 @@ inline MoeGemmArgs moe_gateup_args(const DevTensor& x, const int32_t* src_token,
   return a;
 }
 
-// Kernel 2 of the same call: reads kernel 1's act, writes y.
-inline MoeGemmArgs moe_down_args(const MoeGemmArgs& gateup, const void* const* down, float* y) {
+// Kernel 2 of the same call: reads kernel 1's act, writes y (in BF16 where y_bf16).
+inline MoeGemmArgs moe_down_args(const MoeGemmArgs& gateup, const void* const* down, void* y, bool y_bf16 = false) {
   MoeGemmArgs a = gateup;
   a.a = static_cast<const __nv_bfloat16*>(a.out);
   a.src_token = nullptr;
@@ -57,6 +58,7 @@ inline MoeGemmArgs moe_down_args(const MoeGemmArgs& gateup, const void* const* d
   a.n_out = gateup.k_dim;
   a.k_dim = gateup.n_out;
   a.out = y;
+  a.out_bf16 = y_bf16;
   return a;
 }
 

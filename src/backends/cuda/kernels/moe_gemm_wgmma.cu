@@ -135,6 +135,53 @@ __device__ __forceinline__ void wgmma_tile(float (&d)[kBN / 2], uint64_t da, uin
 
 __device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
+// The epilogue of one tile straight from the accumulators: acc[idx] is tile row acc_row(tid, idx),
+// B column acc_col(tid, idx) (tid counts the 256 threads of the two MMA warpgroups); tile rows from
+// rows_left on are not written; row0 is the tile's first row in the expert-sorted rows.
+template <bool kGateUp, int kBN>
+__device__ __forceinline__ void store_tile(const float (&acc)[kBN / 2], const MoeGemmArgs& args, int tid,
+                                           int rows_left, int64_t row0, int n0) {
+  const int n_out = args.n_out;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = acc_row(tid, 2 * h);
+    if (r >= rows_left) continue;
+    const int64_t row = row0 + r;
+    if constexpr (kGateUp) {
+      auto* out = static_cast<__nv_bfloat16*>(args.out) + row * n_out;
+#pragma unroll
+      for (int n = 0; n < kBN / 16; ++n) {  // gate n8 tiles; the up tile of the same columns is n + kBN / 16
+        const int idx = 4 * n + 2 * h;
+        const int col = n0 + acc_col(tid, idx);
+        if (col >= n_out) continue;  // n_out is a multiple of 64: the pair is inside or outside
+        float v[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float g = bf16_round(acc[idx + c]), u = bf16_round(acc[idx + c + kBN / 4]);
+          v[c] = g / (1.0f + __expf(-g)) * u;
+        }
+        *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(v[0], v[1]);
+      }
+    } else if (args.out_bf16) {
+      auto* out = static_cast<__nv_bfloat16*>(args.out) + row * n_out;
+#pragma unroll
+      for (int n = 0; n < kBN / 8; ++n) {
+        const int idx = 4 * n + 2 * h;
+        const int col = n0 + acc_col(tid, idx);
+        if (col < n_out) *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(acc[idx], acc[idx + 1]);
+      }
+    } else {
+      float* out = static_cast<float*>(args.out) + row * n_out;
+#pragma unroll
+      for (int n = 0; n < kBN / 8; ++n) {
+        const int idx = 4 * n + 2 * h;
+        const int col = n0 + acc_col(tid, idx);
+        if (col < n_out) *reinterpret_cast<float2*>(out + col) = make_float2(acc[idx], acc[idx + 1]);
+      }
+    }
+  }
+}
+
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 template <bool kGateUp, int kBN>
@@ -247,40 +294,161 @@ __global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks) moe_grouped_
       prologue();
     }
 
-    // ---- epilogue: acc[idx] is tile row acc_row(tid, idx), B column acc_col(tid, idx)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = acc_row(tid, 2 * h);
-      if (r >= rows_left) continue;
-      const int64_t row = seg_begin + m0 + r;
-      if constexpr (kGateUp) {
-        auto* out = static_cast<__nv_bfloat16*>(args.out) + row * n_out;
-#pragma unroll
-        for (int n = 0; n < kBN / 16; ++n) {  // gate n8 tiles; the up tile of the same columns is n + kBN / 16
-          const int idx = 4 * n + 2 * h;
-          const int col = n0 + acc_col(tid, idx);
-          if (col >= n_out) continue;  // n_out is a multiple of 64: the pair is inside or outside
-          float v[2];
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const float g = bf16_round(acc[idx + c]), u = bf16_round(acc[idx + c + kBN / 4]);
-            v[c] = g / (1.0f + __expf(-g)) * u;
-          }
-          *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(v[0], v[1]);
-        }
-      } else {
-        float* out = static_cast<float*>(args.out) + row * n_out;
-#pragma unroll
-        for (int n = 0; n < kBN / 8; ++n) {
-          const int idx = 4 * n + 2 * h;
-          const int col = n0 + acc_col(tid, idx);
-          if (col < n_out) *reinterpret_cast<float2*>(out + col) = make_float2(acc[idx], acc[idx + 1]);
-        }
-      }
-    }
+    store_tile<kGateUp, kBN>(acc, args, tid, rows_left, seg_begin + m0, n0);
   }
   cp_async_wait<0>();  // only empty groups can be pending here
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+// ---- The warp-specialized version (MoeWgmmaConfig::warp_specialized; 128 x 256 tiles only).
+// Nsight Compute on the kernel above (32K tokens, gate‖up) found every warp both issuing its share
+// of the cp.async loads (address arithmetic: ~25% of the stall samples in dispatch) and waiting at
+// the two __syncthreads of each k-step (~10%), with the tensor pipe 64% busy. Here the loads are a
+// producer warpgroup's only work and the two MMA warpgroups meet the producer through mbarriers,
+// never each other:
+//   warpgroup 0 (producer, 88 registers): its 128 threads cp.async every A and B chunk of a
+//     k-step into the ring slot (thread t: chunk t % 8 of rows t / 8 + 16 i, zero fill past the
+//     rows / N), then arrive on the slot's full barrier when their copies land (count 128);
+//   warpgroups 1, 2 (MMA, 208 registers): wait for a slot, issue its 4 wgmmas, commit, wait until
+//     only those are in flight and release the previous slot (empty barrier, one arrival per
+//     warpgroup); at the end of an N-tile the epilogue writes from registers while the producer
+//     already fills the ring with the next tile's k-steps.
+// Same grid, scheduling and epilogue (store_tile) as the kernel above.
+constexpr int kWsThreads = 384;
+constexpr int kWsStages = 4;
+constexpr int kWsStageBytes = WgCfg<256>::kStageBytes;  // 16 KB A + 32 KB B
+constexpr int kWsBarOff = kWsStages * kWsStageBytes;
+constexpr size_t kWsSmemBytes = kWsBarOff + 2 * kWsStages * 8 + 1024;
+static_assert(kWsSmemBytes <= 227 * 1024, "shared memory");
+constexpr int kWsProducerRegs = 88, kWsMmaRegs = 208;  // 88·128 + 208·256 <= 65536; no spills (ptxas -v)
+
+template <bool kGateUp>
+__global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(const MoeGemmArgs args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kBN = 256;
+  constexpr int kNStep = kGateUp ? kBN / 2 : kBN;
+  const int m_slot = blockIdx.y;
+  const int n_tiles_total = __ldg(args.tile_start + args.count);
+  if (m_slot >= n_tiles_total) return;
+  const int e = expert_of_tile(args.tile_start, args.count, m_slot);
+  const int seg_begin = __ldg(args.offsets + e);
+  const int m0 = (m_slot - __ldg(args.tile_start + e)) * kTileM;
+  const int rows_left = __ldg(args.offsets + e + 1) - seg_begin - m0;  // > 0 by construction
+  const int k_dim = args.k_dim, n_out = args.n_out, n_k = k_dim / kTileK;
+  const int n_tiles = (n_out + kNStep - 1) / kNStep;
+  const int j_begin = blockIdx.x * args.n_per_cta;
+  const int j_end = min(j_begin + args.n_per_cta, n_tiles);
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  auto full = [&](int s) { return base + kWsBarOff + 8 * s; };
+  auto empty = [&](int s) { return base + kWsBarOff + 8 * (kWsStages + s); };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kWsStages; ++s) {
+      mbar_init(full(s), 128);
+      mbar_init(empty(s), 2);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {
+    // ---- producer
+    regs_dealloc<kWsProducerRegs>();
+    const int t = threadIdx.x, chunk = t & 7, rsub = t >> 3;  // rows rsub + 16 i
+    const uint32_t st_off = static_cast<uint32_t>(rsub * kRowBytes + ((chunk ^ (rsub & 7)) << 4));
+    // A: the 8 rows of this thread (x rows through src_token, or act rows); row 0 where past the
+    // segment (zero fill, nothing read).
+    int a_row[8];
+    uint32_t a_ok = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int r = rsub + 16 * i;
+      const bool ok = r < rows_left;
+      a_row[i] = ok ? (kGateUp ? __ldg(args.src_token + seg_begin + m0 + r) : seg_begin + m0 + r) : 0;
+      a_ok |= static_cast<uint32_t>(ok) << i;
+    }
+    const __nv_bfloat16* const a_base = args.a + chunk * 8;
+    const int64_t b_step = static_cast<int64_t>(16) * k_dim;  // 16 B rows further
+    const __nv_bfloat16* const w1 = args.w1[e];
+    const __nv_bfloat16* const w2 = kGateUp ? args.w2[e] : nullptr;
+    uint32_t it = 0;
+    for (int j = j_begin; j < j_end; ++j) {
+      // B rows of this N-tile: row rsub + 16 i is output n0 + rsub + 16 (i % 8) of gate (i < 8) or
+      // up (i >= 8) for gate‖up, output n0 + rsub + 16 i of down.
+      const int n_first = j * kNStep + rsub;
+      const __nv_bfloat16* b_lo = w1 + static_cast<int64_t>(n_first) * k_dim + chunk * 8;
+      const __nv_bfloat16* b_hi = kGateUp ? w2 + static_cast<int64_t>(n_first) * k_dim + chunk * 8 : b_lo + 8 * b_step;
+      uint32_t b_ok = 0;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int n = n_first + 16 * (kGateUp ? (i & 7) : i);
+        b_ok |= static_cast<uint32_t>(n < n_out) << i;
+      }
+      for (int kt = 0; kt < n_k; ++kt, ++it) {
+        const int s = static_cast<int>(it % kWsStages);
+        mbar_wait(empty(s), ((it / kWsStages) & 1) ^ 1);
+        const uint32_t sa = base + s * kWsStageBytes + st_off, sb = sa + kABytes;
+        const int k0 = kt * kTileK;
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          cp_async16(sa + i * 16 * kRowBytes, a_base + (static_cast<int64_t>(a_row[i]) * k_dim + k0), (a_ok >> i) & 1);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          const bool ok = (b_ok >> i) & 1;
+          const __nv_bfloat16* src = (i < 8 ? b_lo + i * b_step : b_hi + (i - 8) * b_step) + k0;
+          cp_async16(sb + i * 16 * kRowBytes, ok ? src : w1, ok);
+        }
+        mbar_arrive_cp_async(full(s));
+      }
+    }
+    cp_async_wait<0>();  // the last copies land before this thread leaves
+    return;
+  }
+
+  // ---- the two MMA warpgroups: rows 64·wg .. of the tile
+  regs_alloc<kWsMmaRegs>();
+  const int tid = threadIdx.x - 128, wg = tid >> 7;
+  float acc[kBN / 2];
+  uint32_t it = 0;
+  for (int j = j_begin; j < j_end; ++j) {
+#pragma unroll
+    for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.0f;
+    int prev = -1;
+    for (int kt = 0; kt < n_k; ++kt, ++it) {
+      const int s = static_cast<int>(it % kWsStages);
+      mbar_wait(full(s), (it / kWsStages) & 1);
+      fence_async_smem();  // the slot was written by cp.async (generic proxy); wgmma reads it
+      const uint32_t stage = base + s * kWsStageBytes;
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kTileK / 16; ++ks)
+        wgmma_n256(acc, make_desc(stage + desc_a_off(wg, ks), 16, 1024), make_desc(stage + desc_b_off(ks), 16, 1024));
+      wgmma_commit();
+      wgmma_wait<1>();  // the previous k-step's wgmmas are done: its slot can be refilled
+      if (prev >= 0 && (tid & 127) == 0) mbar_arrive(empty(prev));
+      prev = s;
+    }
+    wgmma_wait<0>();
+    fence_regs(acc);
+    if (prev >= 0 && (tid & 127) == 0) mbar_arrive(empty(prev));
+    store_tile<kGateUp, kBN>(acc, args, tid, rows_left, seg_begin + m0, j * kNStep);
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+template <bool kGateUp>
+cudaError_t launch_one_ws(const MoeGemmArgs& args, int64_t m_slots, cudaStream_t stream) {
+  static std::atomic<uint64_t> done{0};
+  const cudaError_t err =
+      opt_in_dynamic_smem(reinterpret_cast<const void*>(moe_grouped_gemm_ws_kernel<kGateUp>), kWsSmemBytes, done);
+  if (err != cudaSuccess) return err;
+  constexpr int kNStep = kGateUp ? 128 : 256;
+  const int64_t n_tiles = (args.n_out + kNStep - 1) / kNStep;
+  const dim3 grid(static_cast<unsigned>((n_tiles + args.n_per_cta - 1) / args.n_per_cta),
+                  static_cast<unsigned>(m_slots));
+  moe_grouped_gemm_ws_kernel<kGateUp><<<grid, kWsThreads, kWsSmemBytes, stream>>>(args);
+  return cudaGetLastError();
 }
 
 // The dynamic shared-memory opt-in, once per (kernel, device): done on the first launch (a warm-up
@@ -309,7 +477,7 @@ cudaError_t launch_one(const MoeGemmArgs& args, int64_t m_slots, cudaStream_t st
 cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
                                            const int32_t* tile_start, int64_t n_pairs, int count,
                                            const void* const* gate, const void* const* up, const void* const* down,
-                                           int64_t inter, void* act, float* y, const MoeWgmmaConfig& cfg,
+                                           int64_t inter, void* act, void* y, const MoeWgmmaConfig& cfg,
                                            cudaStream_t stream) {
   int64_t m_slots = 0;
   bool nothing = false;
@@ -321,10 +489,15 @@ cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* sr
 
   MoeGemmArgs a1 = moe_gateup_args(x, src_token, offsets, tile_start, count, gate, up, inter, act);
   a1.n_per_cta = cfg.n_per_cta;
+  if (cfg.warp_specialized) {
+    if (cfg.tile_n_gateup != 256 || cfg.tile_n_down != 256) return cudaErrorInvalidValue;
+    err = launch_one_ws<true>(a1, m_slots, stream);
+    return err != cudaSuccess ? err : launch_one_ws<false>(moe_down_args(a1, down, y, cfg.y_bf16), m_slots, stream);
+  }
   err = cfg.tile_n_gateup == 256 ? launch_one<true, 256>(a1, m_slots, stream)
                                  : launch_one<true, 128>(a1, m_slots, stream);
   if (err != cudaSuccess) return err;
-  const MoeGemmArgs a2 = moe_down_args(a1, down, y);
+  const MoeGemmArgs a2 = moe_down_args(a1, down, y, cfg.y_bf16);
   return cfg.tile_n_down == 256 ? launch_one<false, 256>(a2, m_slots, stream)
                                 : launch_one<false, 128>(a2, m_slots, stream);
 }
