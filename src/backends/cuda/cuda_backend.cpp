@@ -36,8 +36,6 @@ const char* cublas_status_name(cublasStatus_t s) {
 
 namespace {
 
-constexpr size_t kCublasWorkspaceBytes = 32u << 20;  // cuBLAS wants >= 32 MiB on Hopper
-
 void check_on_device(const Tensor& t, const char* op, const char* what) {
   CPI_CHECK(t.defined(), op, ": tensor '", what, "' is undefined");
   CPI_CHECK(t.device == Device::CUDA, op, ": tensor '", what, "' ", t.shape_str(),
@@ -125,6 +123,9 @@ CudaBackend::CudaBackend(int device_index, const BackendOptions& opt) : device_(
   CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
   CUDA_CHECK(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes));
   CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspaceBytes));
+  CUBLAS_CHECK(cublasLtCreate(&lt_));
+  // FP8 weights stay FP8 where the block-scaled FP8 GEMMs run (compute capability 9.0).
+  fp8_weights_ = hopper_ && opt.fp8 != "bf16";
   CUDA_CHECK(cudaMalloc(&attn_sched_, 2 * sizeof(int)));
   CUDA_CHECK(cudaMemset(attn_sched_, 0, 2 * sizeof(int)));
   if (prefill_kernel_ == PrefillKernel::Cudnn && !cudnn().available()) {  // a deployment without cuDNN keeps serving
@@ -145,6 +146,7 @@ CudaBackend::~CudaBackend() {
   if (stream_) cudaStreamSynchronize(stream_);
   for (auto& t : rope_tables_) cudaFree(t.device);
   for (auto& t : expert_pointer_tables_) cudaFree(t.device);
+  if (lt_) cublasLtDestroy(lt_);
   if (workspace_) cudaFree(workspace_);
   if (attn_sched_) cudaFree(attn_sched_);
   if (cublas_) cublasDestroy(cublas_);
@@ -310,6 +312,10 @@ void CudaBackend::linear(const Tensor& a, const Weight& w, Tensor out) {
   check_on_device(out, "linear", "out");
   check_act(a, "linear", "a");
   check_act(out, "linear", "out");
+  if (w.fp8()) {
+    linear_fp8(a, w, out);
+    return;
+  }
   CPI_CHECK(w.dtype == DType::BF16 || w.dtype == DType::F32, "linear: weight dtype ", dtype_name(w.dtype),
             " is not supported on CUDA (BF16 or F32; convert the checkpoint)");
   DeviceGuard g(device_);

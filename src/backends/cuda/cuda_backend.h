@@ -2,9 +2,12 @@
 // every op accumulates in fp32, and all work is ordered on one CUDA stream per back-end (exposed
 // through stream() so that communication can later overlap with it).
 #pragma once
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <array>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -13,6 +16,8 @@
 #include "ops/backend.h"
 
 namespace cpinfer::cuda {
+
+inline constexpr size_t kCublasWorkspaceBytes = 32u << 20;  // cuBLAS wants >= 32 MiB on Hopper
 
 // Plain copies of the views for the kernel launchers (kernels/kernels.h).
 inline DevTensor dev(const Tensor& t) {
@@ -56,6 +61,16 @@ class CudaBackend : public Backend {
   void sync() override;
   void* native_stream() override { return stream_; }
   bool graphs_supported() const override { return true; }
+  // FP8 weights stay FP8 (cuda_fp8.cpp) on a compute capability 9.0 GPU unless --fp8-weights bf16.
+  bool fp8_weights_supported() const override { return fp8_weights_; }
+  // What linear() runs for an FP8 weight (cuda_fp8.cpp); tests pick their reference by it:
+  //   Skinny       <= kSkinnyMaxRows rows: the own kernel on the codes, BF16 activations as they are;
+  //   BlockScaled  the activations quantized per (row, 128 columns) to e4m3, then cuBLASLt's FP8
+  //                GEMM with 1x128 (activation) and 128x128 (weight) block scales (Hopper,
+  //                K % 128 == 0, N % 16 == 0, and cuBLASLt offers an algorithm);
+  //   Dequantize   anything else: the weight dequantized to BF16 in scratch, then the BF16 GEMM.
+  enum class Fp8Path { Skinny, BlockScaled, Dequantize };
+  Fp8Path fp8_linear_path(const Tensor& a, const Weight& w, const Tensor& out);
   // Whether linear() runs BF16 GEMMs of at most kSkinnyMaxRows (2) rows on the own streaming kernel
   // (default) or on cuBLAS (tests compare the two).
   void set_skinny_gemm(bool on) { skinny_gemm_ = on; }
@@ -128,6 +143,29 @@ class CudaBackend : public Backend {
   const void* const* expert_pointers_on_device(const ExpertShard& shard);
   // out = a · wᵀ through cuBLAS with fp32 compute: a [M, K], w [N, K], out [M, N].
   void gemm(const Tensor& a, const Tensor& w, Tensor out);
+  // ---- FP8 (cuda_fp8.cpp, cuda_moe_fp8.cpp)
+  void linear_fp8(const Tensor& a, const Weight& w, Tensor out);
+  // out [M, N] (row-major, BF16 or F32, ld N) = (aq · a_scale) · (w · w_scale)ᵀ on cuBLASLt: aq
+  // [M, K] e4m3 with VEC128 scales a_scale[kb · M + m]; w [N, K] e4m3 with BLK128x128 scales
+  // w_scale[nb · w_scale_ld + kb], w_scale_ld a multiple of 4. K % 128 == 0. Throws when cuBLASLt
+  // has no algorithm (callers ask fp8_lt_algo first).
+  void fp8_gemm_lt(const void* aq, const float* a_scale, int64_t m, const void* w, const float* w_scale,
+                   int64_t w_scale_ld, int64_t n, int64_t k, void* out, DType out_dtype);
+  // cuBLASLt's block-scaled FP8 algorithm for these sizes and the alignments of these pointers
+  // (cached per key), or nullptr when it has none (or the shape is not one it takes).
+  const cublasLtMatmulAlgo_t* fp8_lt_algo(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w,
+                                          const void* aq, const void* out);
+  void moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
+                       Tensor out);
+  // The per-expert cuBLASLt path of FP8 experts: copies the offsets to the host (one stream
+  // synchronization per call), like moe_experts_cublas. False when cuBLASLt lacks an algorithm
+  // for one of the GEMMs (nothing was written to out).
+  bool moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
+                          Tensor out);
+  // Device arrays of the shard's code and scale pointers (uploaded once per shard).
+  Fp8ExpertTables fp8_expert_tables_on_device(const ExpertShard& shard);
+  // A device copy of `host` (pointers), uploaded once per distinct content.
+  const void* const* pointer_table_on_device(std::vector<const void*> host);
   // MoE expert GEMMs of batches above 64 (token, expert) pairs: by default the device-scheduled
   // tensor-core grouped kernels, which never synchronize with the host: wgmma on compute
   // capability 9.0 (kernels/moe_gemm_wgmma.cu), mma.sync elsewhere (kernels/moe_gemm.cu). The
@@ -172,6 +210,16 @@ class CudaBackend : public Backend {
   }
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  bool fp8_weights_ = false;
+  // cuBLASLt FP8 algorithms by (M, N, K, out dtype, weight, activation and out alignment); ok = false:
+  // cuBLASLt offers none for that key.
+  struct LtAlgo {
+    bool ok = false;
+    cublasLtMatmulAlgo_t algo{};
+  };
+  std::map<std::array<int64_t, 7>, LtAlgo> lt_algos_;
+
   void* cublas_workspace_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;

@@ -34,11 +34,7 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 }  // namespace
 
-const void* const* CudaBackend::expert_pointers_on_device(const ExpertShard& shard) {
-  std::vector<const void*> host;
-  host.reserve(3 * shard.count);
-  for (const auto* list : {&shard.gate, &shard.up, &shard.down})
-    for (const Tensor& t : *list) host.push_back(t.data);
+const void* const* CudaBackend::pointer_table_on_device(std::vector<const void*> host) {
   for (const auto& t : expert_pointer_tables_)
     if (t.host == host) return static_cast<const void* const*>(t.device);
   ExpertPointers t;
@@ -47,6 +43,14 @@ const void* const* CudaBackend::expert_pointers_on_device(const ExpertShard& sha
   upload(t.device, t.host.data(), t.host.size() * sizeof(void*));
   expert_pointer_tables_.push_back(std::move(t));
   return static_cast<const void* const*>(expert_pointer_tables_.back().device);
+}
+
+const void* const* CudaBackend::expert_pointers_on_device(const ExpertShard& shard) {
+  std::vector<const void*> host;
+  host.reserve(3 * shard.count);
+  for (const auto* list : {&shard.gate, &shard.up, &shard.down})
+    for (const Tensor& t : *list) host.push_back(t.data);
+  return pointer_table_on_device(std::move(host));
 }
 
 void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
@@ -63,6 +67,10 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   const int count = shard.count;
   CPI_CHECK(count <= 8192, op, ": ", count, " local experts > 8192 are not supported");
   if (n_tokens == 0 || count == 0 || top_k == 0) return;
+  if (shard.gate[0].fp8()) {
+    moe_experts_fp8(x, ids, weights, shard, out);
+    return;
+  }
   const int64_t inter = shard.gate[0].dim(0);
   for (int e = 0; e < count; ++e) {
     const Tensor& g = shard.gate[e];

@@ -70,6 +70,37 @@ cudaError_t launch_convert(const DevTensor& src, DevTensor dst, cudaStream_t str
 inline constexpr int64_t kSkinnyMaxRows = 2;
 bool skinny_gemm_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out);
 cudaError_t launch_skinny_gemm(const DevTensor& a, const DevTensor& w, DevTensor out, cudaStream_t stream);
+// ---- fp8.cu: fine-grained FP8 weights (ops/backend.h Weight): codes F8E4M3 [N, K], scale F32
+// [ceil(N/128), ceil(K/128)], W = code · scale.
+// The decode-sized product on the codes: a BF16 [M <= kSkinnyMaxRows, K], K % 16 == 0, a and the
+// codes 16-byte aligned; fp32 accumulation, BF16 or F32 out. Reads 1 byte per weight.
+bool skinny_gemm_fp8_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out);
+cudaError_t launch_skinny_gemm_fp8(const DevTensor& a, const DevTensor& w, const DevTensor& scale, DevTensor out,
+                                   cudaStream_t stream);
+// Activation quantization per (row, 128-column block) (DeepSeek-V3's dynamic scheme): s = amax /
+// 448 (1 for an all-zero block), q = e4m3(x / s) rounded to nearest even, saturating. src [M, K]
+// BF16 or F32, K % 128 == 0, 16-byte aligned; q [M, K] bytes. The scale of row r, block kb goes to
+//   offsets == nullptr: scales[kb · M + r] (cuBLASLt's VEC128_32F layout: M-major);
+//   offsets [count + 1] (the MoE segments: rows [offsets[e], offsets[e + 1]) belong to expert e):
+//     scales[fp8_segment_scale_base(offsets[e], e, K/128) + kb · n_e + r - offsets[e]], each
+//     segment an M-major block of its own starting 16-byte aligned; rows >= offsets[count] skipped.
+cudaError_t launch_fp8_quantize_rows(const DevTensor& src, uint8_t* q, float* scales, const int32_t* offsets,
+                                     int count, cudaStream_t stream);
+__host__ __device__ inline int64_t fp8_segment_scale_base(int64_t first_row, int e, int64_t kb_count) {
+  return (kb_count * first_row + 3) / 4 * 4 + 4 * static_cast<int64_t>(e);
+}
+// Floats the segmented layout needs for `rows` rows in `count` segments.
+inline int64_t fp8_segment_scale_floats(int64_t rows, int count, int64_t kb_count) {
+  return kb_count * rows + 4 * static_cast<int64_t>(count) + 4;
+}
+// out [N, K] (BF16 or F32) = codes · scale, rounded once.
+cudaError_t launch_fp8_dequantize(const DevTensor& codes, const DevTensor& scale, DevTensor out, cudaStream_t stream);
+// dst [count, rows, ld] = the count scale matrices [rows, cols] with rows padded by zeros to ld
+// floats (cuBLASLt wants the rows of weight block scales 16-byte aligned). The matrices: `single`
+// (count 1) or the device table `table` [count].
+cudaError_t launch_fp8_pad_scales(const float* single, const void* const* table, int count, int64_t rows,
+                                  int64_t cols, float* dst, int64_t ld, cudaStream_t stream);
+
 // out[i] = src[idx[i]]; rows with idx outside [0, src rows) are zero-filled.
 cudaError_t launch_gather_rows(const DevTensor& src, const DevTensor& idx, DevTensor out, cudaStream_t stream);
 // out[idx[i]] = src[i]; rows with idx outside [0, out rows) are skipped.
@@ -169,6 +200,23 @@ cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const int32_t* src_toke
                                      int64_t inter, bool vectorized, void* act, float* y, cudaStream_t stream,
                                      const int32_t* active = nullptr, int max_active = 0);
 
+// ---- moe_fp8.cu: the row-wise kernels above for FP8 experts. Device arrays of `count` pointers:
+// codes (gate/up [I, H], down [H, I] F8E4M3) and their F32 block scales ([ceil(I/128),
+// ceil(H/128)], [ceil(H/128), ceil(I/128)]). Activations stay BF16 (W = code · scale, fp32 sums).
+// vectorized: H, I multiples of 8, x and every code pointer 16-byte aligned.
+struct Fp8ExpertTables {
+  const void* const* gate = nullptr;
+  const void* const* up = nullptr;
+  const void* const* down = nullptr;
+  const void* const* gate_scale = nullptr;
+  const void* const* up_scale = nullptr;
+  const void* const* down_scale = nullptr;
+};
+cudaError_t launch_moe_rowwise_gemms_fp8(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
+                                         int count, const Fp8ExpertTables& tables, int64_t inter, bool vectorized,
+                                         void* act, float* y, cudaStream_t stream, const int32_t* active = nullptr,
+                                         int max_active = 0);
+
 // ---- moe_gemm.cu: the tensor-core grouped expert GEMMs of prefill, scheduled on the device.
 inline constexpr int kMoeGemmTileM = 128;  // rows per M-tile: the tile_m of launch_moe_permute_tiled
 // Shapes the grouped kernels take: H and I multiples of 64 (and x, weights 16-byte aligned).
@@ -209,6 +257,38 @@ cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* sr
                                            const void* const* gate, const void* const* up, const void* const* down,
                                            int64_t inter, void* act, void* y, const MoeWgmmaConfig& cfg,
                                            cudaStream_t stream);
+// ---- moe_gemm_fp8_wgmma.cu: the grouped expert GEMMs for FP8 experts on Hopper (sm_90a only),
+// scheduled on the device like launch_moe_grouped_gemms_wgmma (offsets / tile_start from
+// launch_moe_permute_tiled with tile_m = kMoeGemmTileM). Per 128-wide K block the tensor cores
+// compute an fp32 partial product of the e4m3 codes, which is added to the fp32 accumulators
+// times the activation row's and the weight block's scales (DeepSeek-V3's promotion).
+//   gate_up = true:  act [rows, I] BF16 = silu(g) ⊙ u with g, u = xq[src_token] · gate/upᵀ
+//                    (rounded to bf16 first, as the BF16 kernels), xq [T, H] e4m3 with scales
+//                    x_scale[kb · n_tokens + t] (launch_fp8_quantize_rows without offsets);
+//   gate_up = false: y [rows, H] F32 = aq · downᵀ, aq [rows, I] e4m3 with the segmented scales of
+//                    launch_fp8_quantize_rows(act, aq, act_scale, offsets, count).
+// H and I multiples of 128, every pointer 16-byte aligned; act / aq / y scratch of n_pairs rows.
+struct MoeFp8GemmArgs {
+  const uint8_t* xq = nullptr;
+  const float* x_scale = nullptr;
+  int64_t n_tokens = 0;
+  const int32_t* src_token = nullptr;
+  const int32_t* offsets = nullptr;
+  const int32_t* tile_start = nullptr;
+  int count = 0;
+  Fp8ExpertTables tables;
+  int64_t hidden = 0, inter = 0, n_pairs = 0;
+  void* act = nullptr;
+  const uint8_t* aq = nullptr;
+  const float* act_scale = nullptr;
+  float* y = nullptr;
+};
+inline bool moe_fp8_grouped_supported(int64_t hidden, int64_t inter) {
+  return hidden > 0 && inter > 0 && hidden % 128 == 0 && inter % 128 == 0 && hidden <= (int64_t{1} << 20) &&
+         inter <= (int64_t{1} << 20);
+}
+cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& args, bool gate_up, cudaStream_t stream);
+
 // out[t] += Σ_k weights[t,k] · y[pair_row[t*K+k]] over the local pairs, in k order.
 cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row,
                                  DevTensor out, cudaStream_t stream);

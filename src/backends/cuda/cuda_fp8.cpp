@@ -1,0 +1,191 @@
+// CudaBackend::linear with FP8 weights (ops/backend.h Weight: e4m3 codes [N, K] + F32 scales
+// [ceil(N/128), ceil(K/128)], W = code · scale), the checkpoints' "dynamic" activation scheme:
+// - decode-sized products (<= kSkinnyMaxRows rows): kernels/fp8.cu's streaming kernel on the codes,
+//   1 byte read per weight, activations as they are;
+// - larger products on Hopper: the activations are quantized per (row, 128-column block) to e4m3
+//   (scale = amax / 448; kernels/fp8.cu), then one cuBLASLt FP8 GEMM with block scaling: the
+//   activation operand with CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F (one fp32 per 128 elements
+//   along K, stored M-major: a_scale[kb · M + m]), the weight with
+//   CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F (one fp32 per 128x128 block, stored with K-blocks
+//   contiguous and rows padded to 16 bytes: the checkpoint's [N/128, K/128] order, copied into a
+//   padded buffer when K/128 is not a multiple of 4). cuBLASLt multiplies by these scales (D =
+//   Σ (a·sa)(w·sw)): they are the checkpoint's scale_inv as stored, no inversion. These layouts are
+//   the ones torch._scaled_mm hands cuBLASLt for 1x128 / 128x128 blockwise scaling (its
+//   is_blockwise_1x128_scaling / is_blockwise_128x128_scaling checks); NOT YET RUN ON A GPU here
+//   (gpu_ops_test Fp8Linear compares it with the CPU).
+// - everything else (K % 128 != 0, N % 16 != 0, no cuBLASLt algorithm, not Hopper): the weight is
+//   dequantized to BF16 in scratch and the BF16 GEMM runs (correct, not fast).
+#include <cublasLt.h>
+
+#include <algorithm>
+
+#include "backends/cuda/cuda_backend.h"
+#include "backends/cuda/cuda_check.h"
+#include "backends/cuda/kernels/kernels.h"
+#include "core/log.h"
+
+namespace cpinfer::cuda {
+namespace {
+
+size_t round_up256(size_t n) { return (n + 255) / 256 * 256; }
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// The largest power of two (<= 256) dividing the address: cuBLASLt's alignment preference.
+int64_t alignment_of(const void* p) {
+  const auto v = reinterpret_cast<uintptr_t>(p);
+  int64_t a = 256;
+  while (a > 1 && (v % static_cast<uintptr_t>(a)) != 0) a >>= 1;
+  return a;
+}
+
+cudaDataType_t lt_type(DType t) {
+  CPI_CHECK(t == DType::BF16 || t == DType::F32, "FP8 GEMM: output dtype ", dtype_name(t),
+            " is not supported (BF16 or F32)");
+  return t == DType::BF16 ? CUDA_R_16BF : CUDA_R_32F;
+}
+
+// The descriptors of one block-scaled FP8 GEMM. Row-major out[M, N] = a[M, K] · w[N, K]ᵀ is the
+// column-major D[N, M] = op(A) · B with A = w seen as K x N (op T) and B = a seen as K x M (op N),
+// both K-contiguous (the TN layout cuBLASLt's FP8 GEMMs require).
+struct LtCall {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  LtCall(int64_t m, int64_t n, int64_t k, DType out_dtype, int64_t align_w, int64_t align_a, int64_t align_out) {
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+    const int32_t a_mode = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;  // the weight
+    const int32_t b_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;      // the activations
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof(a_mode)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof(b_mode)));
+    const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&a, CUDA_R_8F_E4M3, u(k), u(n), k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&b, CUDA_R_8F_E4M3, u(k), u(m), k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d, lt_type(out_dtype), u(n), u(m), n));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const uint64_t ws = kCublasWorkspaceBytes;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    const uint32_t al_a = static_cast<uint32_t>(align_w), al_b = static_cast<uint32_t>(align_a),
+                   al_d = static_cast<uint32_t>(align_out);
+    CUBLAS_CHECK(
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a)));
+    CUBLAS_CHECK(
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)));
+    CUBLAS_CHECK(
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_d, sizeof(al_d)));
+    CUBLAS_CHECK(
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, sizeof(al_d)));
+  }
+  ~LtCall() {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (d) cublasLtMatrixLayoutDestroy(d);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+  LtCall(const LtCall&) = delete;
+  LtCall& operator=(const LtCall&) = delete;
+};
+
+}  // namespace
+
+const cublasLtMatmulAlgo_t* CudaBackend::fp8_lt_algo(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w,
+                                                     const void* aq, const void* out) {
+  if (!hopper_ || m <= 0 || n <= 0 || k <= 0 || k % 128 != 0 || n % 16 != 0 || m > INT32_MAX || n > INT32_MAX ||
+      k > INT32_MAX || (out_dtype != DType::BF16 && out_dtype != DType::F32))
+    return nullptr;
+  const int64_t align_w = alignment_of(w), align_a = alignment_of(aq), align_out = alignment_of(out);
+  if (align_w < 16 || align_a < 16 || align_out < 16) return nullptr;
+  const std::array<int64_t, 7> key = {m, n, k, static_cast<int64_t>(out_dtype), align_w, align_a, align_out};
+  auto it = lt_algos_.find(key);
+  if (it == lt_algos_.end()) {
+    if (lt_algos_.size() > 4096) lt_algos_.clear();  // prefill lengths vary: keep the cache bounded
+    LtCall c(m, n, k, out_dtype, align_w, align_a, align_out);
+    cublasLtMatmulHeuristicResult_t result{};
+    int n_results = 0;
+    const cublasStatus_t st =
+        cublasLtMatmulAlgoGetHeuristic(lt_, c.op, c.a, c.b, c.d, c.d, c.pref, 1, &result, &n_results);
+    LtAlgo entry;
+    entry.ok = st == CUBLAS_STATUS_SUCCESS && n_results > 0 && result.state == CUBLAS_STATUS_SUCCESS;
+    if (entry.ok)
+      entry.algo = result.algo;
+    else
+      log_warn("cuBLASLt offers no block-scaled FP8 GEMM for M=", m, " N=", n, " K=", k, " (", cublas_status_name(st),
+               ", ", n_results, " algorithms): this product runs on the slower fallback");
+    it = lt_algos_.emplace(key, entry).first;
+  }
+  return it->second.ok ? &it->second.algo : nullptr;
+}
+
+void CudaBackend::fp8_gemm_lt(const void* aq, const float* a_scale, int64_t m, const void* w, const float* w_scale,
+                              int64_t w_scale_ld, int64_t n, int64_t k, void* out, DType out_dtype) {
+  const cublasLtMatmulAlgo_t* algo = fp8_lt_algo(m, n, k, out_dtype, w, aq, out);
+  CPI_CHECK(algo != nullptr, "cuBLASLt has no block-scaled FP8 GEMM for M=", m, " N=", n, " K=", k,
+            " (run with --fp8-weights bf16)");
+  LtCall c(m, n, k, out_dtype, alignment_of(w), alignment_of(aq), alignment_of(out));
+  // The weight scales' row stride is implied: cuBLASLt reads ceil(N/128) rows of round_up(K/128, 4).
+  CPI_CHECK(w_scale_ld == ((k / 128) + 3) / 4 * 4, "fp8_gemm_lt: weight scale rows of ", w_scale_ld,
+            " floats; cuBLASLt reads rows of ", ((k / 128) + 3) / 4 * 4);
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(c.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale)));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(c.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &a_scale, sizeof(a_scale)));
+  const float alpha = 1.0f, beta = 0.0f;
+  CUBLAS_CHECK(cublasLtMatmul(lt_, c.op, &alpha, w, c.a, aq, c.b, &beta, out, c.d, out, c.d, algo, cublas_workspace_,
+                              kCublasWorkspaceBytes, stream_));
+}
+
+CudaBackend::Fp8Path CudaBackend::fp8_linear_path(const Tensor& a, const Weight& w, const Tensor& out) {
+  if (skinny_gemm_ && skinny_gemm_fp8_supported(dev(a), dev(w), dev(out))) return Fp8Path::Skinny;
+  // The quantized activations go to the (256-byte aligned) workspace.
+  static const char* const kWorkspaceAligned = reinterpret_cast<const char*>(uintptr_t{256});
+  if (a.dtype == DType::BF16 && aligned16(a.data) &&
+      fp8_lt_algo(a.rows(), w.dim(0), a.cols(), out.dtype, w.data, kWorkspaceAligned, out.data) != nullptr)
+    return Fp8Path::BlockScaled;
+  return Fp8Path::Dequantize;
+}
+
+void CudaBackend::linear_fp8(const Tensor& a, const Weight& w, Tensor out) {
+  CPI_CHECK(a.dtype == DType::BF16, "linear: FP8 weights take BF16 activations on CUDA (got ", dtype_name(a.dtype),
+            ")");
+  CPI_CHECK(w.scale.device == Device::CUDA && w.scale.data != nullptr, "linear: the FP8 weight's scales ",
+            w.scale.shape_str(), " are not on the CUDA device");
+  const int64_t m = a.rows(), k = a.cols(), n = w.dim(0);
+  if (m == 0 || n == 0) return;
+  DeviceGuard g(device_);
+  if (k == 0) {
+    CUDA_CHECK(cudaMemsetAsync(out.data, 0, out.nbytes(), stream_));
+    return;
+  }
+  switch (fp8_linear_path(a, w, out)) {
+    case Fp8Path::Skinny:
+      CUDA_LAUNCH(launch_skinny_gemm_fp8(dev(a), dev(w), dev(w.scale), dev(out), stream_), "skinny_gemm_fp8");
+      return;
+    case Fp8Path::BlockScaled: {
+      const int64_t kb = k / 128, sn = (n + 127) / 128, ld = (kb + 3) / 4 * 4;
+      const size_t q_b = round_up256(static_cast<size_t>(m * k));
+      const size_t as_b = round_up256(static_cast<size_t>(kb * m) * sizeof(float));
+      const size_t ws_b = ld != kb ? round_up256(static_cast<size_t>(sn * ld) * sizeof(float)) : 0;
+      char* ws = static_cast<char*>(workspace(q_b + as_b + ws_b));
+      auto* q = reinterpret_cast<uint8_t*>(ws);
+      auto* a_scale = reinterpret_cast<float*>(ws + q_b);
+      const float* w_scale = w.scale.ptr<const float>();
+      if (ld != kb) {
+        auto* padded = reinterpret_cast<float*>(ws + q_b + as_b);
+        CUDA_LAUNCH(launch_fp8_pad_scales(w_scale, nullptr, 1, sn, kb, padded, ld, stream_), "fp8_pad_scales");
+        w_scale = padded;
+      }
+      CUDA_LAUNCH(launch_fp8_quantize_rows(dev(a), q, a_scale, nullptr, 0, stream_), "fp8_quantize_rows");
+      fp8_gemm_lt(q, a_scale, m, w.data, w_scale, ld, n, k, out.data, out.dtype);
+      return;
+    }
+    case Fp8Path::Dequantize: {
+      Tensor wd(workspace(round_up256(static_cast<size_t>(n * k) * 2)), DType::BF16, {n, k}, Device::CUDA);
+      CUDA_LAUNCH(launch_fp8_dequantize(dev(w), dev(w.scale), dev(wd), stream_), "fp8_dequantize");
+      gemm(a, wd, out);
+      return;
+    }
+  }
+}
+
+}  // namespace cpinfer::cuda

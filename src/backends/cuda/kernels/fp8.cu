@@ -1,0 +1,214 @@
+// Fine-grained FP8 kernels outside the GEMMs: the per-(row, 128-column block) activation quantizer
+// the block-scaled GEMMs read, the weight dequantizer of the fallback path, the copy of weight
+// scales into cuBLASLt's padded layout, and the decode-sized product that reads the codes
+// themselves (half the bytes of BF16 weights).
+#include "backends/cuda/kernels/common.cuh"
+#include "backends/cuda/kernels/fp8.cuh"
+#include "backends/cuda/kernels/kernels.h"
+
+namespace cpinfer::cuda {
+namespace {
+
+// One warp per (row, block): lane l holds columns 4l .. 4l + 3 of the block.
+template <class T>
+__global__ void fp8_quantize_rows_kernel(const T* __restrict__ src, int64_t m, int kb_count, uint8_t* __restrict__ q,
+                                         float* __restrict__ scales, const int32_t* __restrict__ offsets, int count) {
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (w >= m * kb_count) return;
+  const int64_t r = w / kb_count;
+  const int kb = static_cast<int>(w - r * kb_count);
+  int64_t s_idx;
+  if (offsets != nullptr) {
+    if (r >= __ldg(offsets + count)) return;                            // past the rows this call has
+    const int e = expert_of_tile(offsets, count, static_cast<int>(r));  // largest e with offsets[e] <= r
+    const int64_t b = __ldg(offsets + e), n = __ldg(offsets + e + 1) - b;
+    s_idx = fp8_segment_scale_base(b, e, kb_count) + kb * n + (r - b);
+  } else {
+    s_idx = static_cast<int64_t>(kb) * m + r;
+  }
+  const int64_t k = static_cast<int64_t>(kb_count) * kFp8Blk;
+  const int64_t off = r * k + static_cast<int64_t>(kb) * kFp8Blk + lane * 4;
+  float v[4];
+  if constexpr (sizeof(T) == 2) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(src + off);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = to_f32<T>(e[i]);
+  } else {
+    const float4 f = *reinterpret_cast<const float4*>(src + off);
+    v[0] = f.x;
+    v[1] = f.y;
+    v[2] = f.z;
+    v[3] = f.w;
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));  // (fmaxf drops NaN; the NaN's code stays NaN)
+  const float s = fp8_block_scale(warp_max(amax));
+  uint32_t packed = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) packed |= static_cast<uint32_t>(f32_to_e4m3(v[i] / s)) << (8 * i);
+  *reinterpret_cast<uint32_t*>(q + off) = packed;
+  if (lane == 0) scales[s_idx] = s;
+}
+
+template <class TO>
+__global__ void fp8_dequantize_kernel(const uint8_t* __restrict__ codes, const float* __restrict__ scale, int64_t n,
+                                      int64_t k, TO* __restrict__ out) {
+  const int64_t sk = (k + kFp8Blk - 1) / kFp8Blk;
+  const int64_t total = n * k;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / k, c = i - r * k;
+    const float2 f = fp8x2_to_f32(codes[i]);  // the low byte: this code
+    out[i] = from_f32<TO>(f.x * __ldg(scale + (r / kFp8Blk) * sk + c / kFp8Blk));
+  }
+}
+
+__global__ void fp8_pad_scales_kernel(const float* __restrict__ single, const void* const* __restrict__ table,
+                                      int count, int64_t rows, int64_t cols, float* __restrict__ dst, int64_t ld) {
+  const int64_t per = rows * ld, total = per * count;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = i / per, j = i - e * per, r = j / ld, c = j - r * ld;
+    const float* src = table ? static_cast<const float*>(table[e]) : single;
+    dst[i] = c < cols ? src[r * cols + c] : 0.0f;  // the padding is never a block of the operand
+  }
+}
+
+// out = a · Wᵀ for M <= kSkinnyMaxRows rows, W = codes · block scale: as skinny_gemm.cu, each warp
+// streams kCols rows of codes, 16 codes (16 bytes) per lane and step; the 16 lie in one 128-block
+// (16 divides 128), so the block scale multiplies their partial dot product once.
+constexpr int kWarps = 8;
+constexpr int kCols = 2;
+constexpr int kColsPerBlock = kWarps * kCols;
+
+template <int M, class TO>
+__global__ void __launch_bounds__(kWarps * 32)
+    skinny_gemm_fp8_kernel(const __nv_bfloat16* __restrict__ a, const uint8_t* __restrict__ w,
+                           const float* __restrict__ scale, TO* __restrict__ out, int m, int n, int k) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n0 = blockIdx.x * kColsPerBlock + warp * kCols;
+  if (n0 >= n) return;
+  const int n_cols = min(kCols, n - n0);
+  const int sk = (k + kFp8Blk - 1) / kFp8Blk;
+  const uint8_t* wr[kCols];
+  const float* sr[kCols];
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) {
+    const int row = n0 + min(c, n_cols - 1);  // uniform loads; only valid columns are written
+    wr[c] = w + static_cast<int64_t>(row) * k;
+    sr[c] = scale + static_cast<int64_t>(row / kFp8Blk) * sk;
+  }
+  float dot[M][kCols];
+#pragma unroll
+  for (int r = 0; r < M; ++r)
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) dot[r][c] = 0.0f;
+#pragma unroll 2
+  for (int kk = lane * 16; kk < k; kk += 32 * 16) {
+    float wv[kCols][16];
+    float s[kCols];
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      load16_fp8(wr[c] + kk, wv[c]);
+      s[c] = __ldg(sr[c] + kk / kFp8Blk);
+    }
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+      if (r >= m) break;
+      float xa[8], xb[8];
+      load8(a + static_cast<int64_t>(r) * k + kk, xa);
+      load8(a + static_cast<int64_t>(r) * k + kk + 8, xb);
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        float part = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) part += xa[i] * wv[c][i] + xb[i] * wv[c][i + 8];
+        dot[r][c] += part * s[c];
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < M; ++r) {
+    if (r >= m) break;
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) dot[r][c] = warp_sum(dot[r][c]);
+    if (lane == 0)
+#pragma unroll
+      for (int c = 0; c < kCols; ++c)
+        if (c < n_cols) out[static_cast<int64_t>(r) * n + n0 + c] = from_f32<TO>(dot[r][c]);
+  }
+}
+
+template <int M>
+cudaError_t launch_skinny_fp8_m(const DevTensor& a, const DevTensor& w, const DevTensor& scale, DevTensor out,
+                                cudaStream_t stream) {
+  const int m = static_cast<int>(a.rows()), k = static_cast<int>(a.cols()), n = static_cast<int>(w.dim(0));
+  const unsigned grid = static_cast<unsigned>((n + kColsPerBlock - 1) / kColsPerBlock);
+  const auto* ap = a.ptr<const __nv_bfloat16>();
+  const auto* wp = w.ptr<const uint8_t>();
+  const auto* sp = scale.ptr<const float>();
+  if (out.dtype == DType::F32)
+    skinny_gemm_fp8_kernel<M, float><<<grid, kWarps * 32, 0, stream>>>(ap, wp, sp, out.ptr<float>(), m, n, k);
+  else
+    skinny_gemm_fp8_kernel<M, __nv_bfloat16>
+        <<<grid, kWarps * 32, 0, stream>>>(ap, wp, sp, out.ptr<__nv_bfloat16>(), m, n, k);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_fp8_quantize_rows(const DevTensor& src, uint8_t* q, float* scales, const int32_t* offsets, int count,
+                                     cudaStream_t stream) {
+  const int64_t m = src.rows(), k = src.cols();
+  if (k % kFp8Blk != 0 || !aligned16(src.data) || (offsets != nullptr && count < 1)) return cudaErrorInvalidValue;
+  if (m == 0 || k == 0) return cudaSuccess;
+  const int kb_count = static_cast<int>(k / kFp8Blk);
+  constexpr int kThreads = 256;
+  const int64_t warps = m * kb_count;
+  const unsigned grid = static_cast<unsigned>((warps + kThreads / 32 - 1) / (kThreads / 32));
+  CPI_DISPATCH_ACT(src.dtype, "fp8 quantize src", T, {
+    fp8_quantize_rows_kernel<T>
+        <<<grid, kThreads, 0, stream>>>(static_cast<const T*>(src.data), m, kb_count, q, scales, offsets, count);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_fp8_dequantize(const DevTensor& codes, const DevTensor& scale, DevTensor out, cudaStream_t stream) {
+  const int64_t n = codes.dim(0), k = codes.dim(1);
+  if (n * k == 0) return cudaSuccess;
+  const auto* cp = codes.ptr<const uint8_t>();
+  const auto* sp = scale.ptr<const float>();
+  CPI_DISPATCH_ACT(out.dtype, "fp8 dequantize out", TO, {
+    fp8_dequantize_kernel<TO><<<grid_1d(n * k, 256), 256, 0, stream>>>(cp, sp, n, k, static_cast<TO*>(out.data));
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_fp8_pad_scales(const float* single, const void* const* table, int count, int64_t rows, int64_t cols,
+                                  float* dst, int64_t ld, cudaStream_t stream) {
+  if (ld < cols || count < 0 || (table == nullptr && count != 1)) return cudaErrorInvalidValue;
+  if (rows * ld * count == 0) return cudaSuccess;
+  fp8_pad_scales_kernel<<<grid_1d(rows * ld * count, 256), 256, 0, stream>>>(single, table, count, rows, cols, dst, ld);
+  return cudaGetLastError();
+}
+
+bool skinny_gemm_fp8_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out) {
+  return a.dtype == DType::BF16 && w.dtype == DType::F8E4M3 && (out.dtype == DType::BF16 || out.dtype == DType::F32) &&
+         a.ndim == 2 && w.ndim == 2 && a.rows() >= 1 && a.rows() <= kSkinnyMaxRows && a.cols() % 16 == 0 &&
+         a.cols() == w.cols() && a.cols() <= (int64_t{1} << 30) && w.dim(0) <= (int64_t{1} << 30) &&
+         aligned16(a.data) && aligned16(w.data);
+}
+
+cudaError_t launch_skinny_gemm_fp8(const DevTensor& a, const DevTensor& w, const DevTensor& scale, DevTensor out,
+                                   cudaStream_t stream) {
+  if (!skinny_gemm_fp8_supported(a, w, out)) return cudaErrorInvalidValue;
+  if (w.dim(0) == 0) return cudaSuccess;
+  static_assert(kSkinnyMaxRows <= 2, "instantiate the row counts up to kSkinnyMaxRows");
+  return a.rows() <= 1 ? launch_skinny_fp8_m<1>(a, w, scale, out, stream)
+                       : launch_skinny_fp8_m<2>(a, w, scale, out, stream);
+}
+
+}  // namespace cpinfer::cuda
