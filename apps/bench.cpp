@@ -206,7 +206,7 @@ Command add_bench_command(CLI::App& app) {
   p->remove_option(p->get_option("--attn-cp-size"));
   p->remove_option(p->get_option("--enable-prefill-cp"));
   p->add_option("--random-weights", f->random_weights,
-                "Random weights instead of a checkpoint: qwen3-30b-a3b or a config.json path");
+                "Random weights instead of a checkpoint: qwen3-30b-a3b, qwen3-30b-a3b-fp8 or a config.json path");
   p->add_option("--seq", f->seqs, "Prompt lengths, comma-separated")->capture_default_str();
   p->add_option("--attn-cp-size", f->cps, "CP sizes, comma-separated (each runs on that many ranks)")
       ->capture_default_str();

@@ -41,18 +41,21 @@ struct StepBytes {
   double total() const { return weights + experts + kv; }
 };
 
-StepBytes step_bytes(const ModelConfig& c, int batch, int64_t context, double wbytes, double kvbytes) {
+// lbytes: bytes per weight of the linear layers (attention projections, MLPs, experts): wbytes, or
+// for FP8 weights kept FP8 one byte plus the F32 scale of its 128x128 block.
+StepBytes step_bytes(const ModelConfig& c, int batch, int64_t context, double wbytes, double lbytes,
+                     double kvbytes) {
   const double H = c.hidden_size, Hq = c.num_attention_heads, Hkv = c.num_key_value_heads, D = c.head_dim;
   StepBytes b;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
-    b.weights += (H * (Hq * D + 2 * Hkv * D) + Hq * D * H) * wbytes;
+    b.weights += (H * (Hq * D + 2 * Hkv * D) + Hq * D * H) * lbytes;
     if (c.is_moe_layer(l)) {
       const double E = c.num_experts, k = c.num_experts_per_tok;
       const double touched = E * (1.0 - std::pow(1.0 - k / E, batch));
       b.weights += H * E * wbytes;  // router
-      b.experts += touched * 3.0 * H * double(c.moe_intermediate_size) * wbytes;
+      b.experts += touched * 3.0 * H * double(c.moe_intermediate_size) * lbytes;
     } else {
-      b.weights += 3.0 * H * double(c.intermediate_size) * wbytes;
+      b.weights += 3.0 * H * double(c.intermediate_size) * lbytes;
     }
     b.kv += double(batch) * double(context + 1) * 2.0 * Hkv * D * kvbytes;
   }
@@ -108,6 +111,7 @@ int run_bench_decode(DecodeFlags& f) {
   double copy_gbps = 0;
   int cache_tokens = 0;
   DecodeGraphs::Stats graph_stats;
+  bool fp8_kept = false;  // the linear layers' weights are FP8 on the device (1 byte per weight)
   launch(ef.launch(), [&](ParallelCtx& par) {
     CPI_CHECK(par.world_size() == 1, "bench decode runs on one rank (world size ", par.world_size(), ")");
     EngineOptions eo = ef.engine(int(need));
@@ -121,13 +125,15 @@ int run_bench_decode(DecodeFlags& f) {
     cache_tokens = kv.n_blocks() * kv.block_size();
     const double kvbytes = dtype_size(kv.shape().dtype);
     const double wbytes = cfg.dtype == "float32" && f.random_weights.empty() ? 4.0 : 2.0;
+    fp8_kept = cfg.quant.fp8 && be.fp8_weights_supported();
+    const double lbytes = fp8_kept ? 1.0 + 4.0 / (128.0 * 128.0) : wbytes;
     std::mt19937 rng(1);
     for (int C : contexts) {
       for (int B : batches) {
         Row r;
         r.batch = B;
         r.context = C;
-        r.bytes = step_bytes(cfg, B, C, wbytes, kvbytes);
+        r.bytes = step_bytes(cfg, B, C, wbytes, lbytes, kvbytes);
         std::vector<int> seqs;
         bool fits = true;
         for (int i = 0; i < B && fits; ++i) {
@@ -182,11 +188,13 @@ int run_bench_decode(DecodeFlags& f) {
   j["cuda_graph"] = !f.ef.disable_cuda_graph && graph_stats.replays > 0;
   j["graphs_recorded"] = graph_stats.captures;
   j["steps_replayed"] = graph_stats.replays;
+  j["linear_weights"] = fp8_kept ? "fp8 (1 byte per weight + F32 block scales)" : "as stored";
   j["expert_bytes_model"] = "uniform routing: E * (1 - (1 - k/E)^batch) distinct experts per MoE layer";
   j["results"] = nlohmann::json::array();
   if (!f.json) {
-    std::printf("model %s, device %s, copy bandwidth %.0f GB/s (read + write), KV cache %d positions\n",
-                j["model"].get<std::string>().c_str(), device_name.c_str(), copy_gbps, cache_tokens);
+    std::printf("model %s, device %s, copy bandwidth %.0f GB/s (read + write), KV cache %d positions%s\n",
+                j["model"].get<std::string>().c_str(), device_name.c_str(), copy_gbps, cache_tokens,
+                fp8_kept ? ", linear weights FP8" : "");
     std::printf("decode graphs: %lld recorded, %lld steps replayed (warm-up included)%s\n",
                 static_cast<long long>(graph_stats.captures), static_cast<long long>(graph_stats.replays),
                 f.ef.disable_cuda_graph ? ", --disable-cuda-graph" : "");
@@ -231,7 +239,7 @@ CommandFn add_bench_decode_command(CLI::App* bench) {
                         "--ep-size", "--comm", "--comm-timeout"})
     d->remove_option(d->get_option(o));
   d->add_option("--random-weights", f->random_weights,
-                "Random weights instead of a checkpoint: qwen3-30b-a3b or a config.json path");
+                "Random weights instead of a checkpoint: qwen3-30b-a3b, qwen3-30b-a3b-fp8 or a config.json path");
   d->add_option("--batch", f->batches, "Batch sizes (sequences per step), comma-separated")->capture_default_str();
   d->add_option("--context", f->contexts, "Context lengths (positions in the KV cache before the step), comma-separated")
       ->capture_default_str();

@@ -69,7 +69,8 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
       ->capture_default_str();
   app->add_option("--fp8-weights", backend.fp8,
                   "Weights of an FP8 checkpoint: auto (kept as FP8, 1 byte per weight, where the back-end computes "
-                  "with them: the CPU; dequantized to BF16 at load elsewhere) or bf16 (always dequantized to BF16)")
+                  "with them: the CPU and compute capability 9.0 GPUs; dequantized to BF16 at load elsewhere) or bf16 "
+                  "(always dequantized to BF16)")
       ->check(CLI::IsMember({"auto", "bf16"}))
       ->capture_default_str();
   app->add_flag("--disable-cuda-graph", disable_cuda_graph,
@@ -116,7 +117,8 @@ EngineOptions EngineFlags::engine(int needed, int64_t prefill_forwards) const {
 
 void EngineFlags::add_random_weights_to(CLI::App* app) {
   app->add_option("--random-weights", random_weights,
-                  "Random weights instead of a checkpoint: qwen3-30b-a3b or a config.json path (with the Qwen3 "
+                  "Random weights instead of a checkpoint: qwen3-30b-a3b, qwen3-30b-a3b-fp8 (FP8 linear layers) or a "
+                  "config.json path (with the Qwen3 "
                   "tokenizer unless --tokenizer-path)");
   app->add_option("--tokenizer-path", tokenizer_path,
                   "Directory with tokenizer.json and tokenizer_config.json (default: the model's; with "

@@ -3,12 +3,15 @@
 #include "model/registry.h"
 #include "model/weight_map.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <random>
 #include <sstream>
+
+#include <nlohmann/json.hpp>
 
 namespace cpinfer {
 
@@ -22,6 +25,12 @@ constexpr const char* kQwen3_30B_A3B = R"({
   "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4,
   "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 1000000.0, "tie_word_embeddings": false,
   "torch_dtype": "bfloat16", "vocab_size": 151936})";
+
+// The same shape as Qwen/Qwen3-30B-A3B-FP8 publishes it: the linear layers (attention projections
+// and experts) fine-grained FP8 with 128x128 block scales; norms, embeddings, router and LM head BF16.
+constexpr const char* kFp8Quantization =
+    R"({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+        "modules_to_not_convert": ["lm_head"]})";
 
 // Device tensors filled from a few host pools of random bf16 values (one pool per scale), read at
 // offsets drawn per tensor; fast enough for tens of GB. A tensor's values depend only on the seed
@@ -51,6 +60,60 @@ class Filler {
     return t;
   }
 
+  // An FP8 linear weight [N, K] of the magnitude make() gives a BF16 one with `scale` (N(0,
+  // scale²) values): codes drawn from e4m3(N(0, kCodeSigma²)) (finite: |code value| <= 448, never
+  // the NaN code), one scale per 128x128 block of scale / kCodeSigma · U(0.75, 1.25) (real blocks'
+  // scales vary with their maxima). keep_fp8: codes + F32 scales on the device; otherwise the
+  // product code · scale rounded to BF16 (what the loader gives a back-end without FP8 kernels).
+  Weight make_fp8(uint64_t id, int64_t n, int64_t k, float scale, bool keep_fp8) {
+    rng_.seed(seed_ * 0x9E3779B97F4A7C15ull + id * 0xBF58476D1CE4E5B9ull + 1);
+    const int64_t sn = (n + kFp8Block - 1) / kFp8Block, sk = (k + kFp8Block - 1) / kFp8Block;
+    std::vector<float> scales(static_cast<size_t>(sn * sk));
+    std::uniform_real_distribution<float> jitter(0.75f, 1.25f);
+    for (float& x : scales) x = scale / kCodeSigma * jitter(rng_);
+    const std::vector<uint8_t>& pool = code_pool();
+    const size_t total = static_cast<size_t>(n * k);
+    Weight w;
+    if (keep_fp8) {
+      Buffer codes(be_, total), sbuf(be_, scales.size() * sizeof(float));
+      for (size_t done = 0; done < total;) {
+        const size_t off = std::uniform_int_distribution<size_t>(0, pool.size() / 2)(rng_);
+        const size_t len = std::min(total - done, pool.size() - off);
+        be_.upload(static_cast<uint8_t*>(codes.data()) + done, pool.data() + off, len);
+        done += len;
+      }
+      if (!scales.empty()) be_.upload(sbuf.data(), scales.data(), scales.size() * sizeof(float));
+      w = Weight(Tensor(codes.data(), DType::F8E4M3, {n, k}, be_.device()));
+      w.scale = Tensor(sbuf.data(), DType::F32, {sn, sk}, be_.device());
+      w_.bytes += total + scales.size() * sizeof(float);
+      w_.owned.push_back(std::move(codes));
+      w_.owned.push_back(std::move(sbuf));
+      return w;
+    }
+    // Dequantized to BF16 row by row block (the same codes the FP8 form would hold).
+    Buffer buf(be_, total * 2);
+    std::vector<uint16_t> rows(static_cast<size_t>(std::min<int64_t>(n, kFp8Block) * k));
+    size_t pos = 0, left = 0;  // the current run of pool codes
+    for (int64_t r0 = 0; r0 < n; r0 += kFp8Block) {
+      const int64_t nr = std::min<int64_t>(kFp8Block, n - r0);
+      for (int64_t i = 0; i < nr * k; ++i) {
+        if (left == 0) {
+          pos = std::uniform_int_distribution<size_t>(0, pool.size() / 2)(rng_);
+          left = std::min(total - static_cast<size_t>(r0 * k + i), pool.size() - pos);
+        }
+        const float s = scales[static_cast<size_t>((r0 / kFp8Block) * sk + (i % k) / kFp8Block)];
+        rows[static_cast<size_t>(i)] = f32_to_bf16(fp8_e4m3_to_f32(pool[pos]) * s);
+        ++pos;
+        --left;
+      }
+      be_.upload(static_cast<uint16_t*>(buf.data()) + r0 * k, rows.data(), static_cast<size_t>(nr * k) * 2);
+    }
+    w = Weight(Tensor(buf.data(), DType::BF16, {n, k}, be_.device()));
+    w_.bytes += total * 2;
+    w_.owned.push_back(std::move(buf));
+    return w;
+  }
+
  private:
   const std::vector<uint16_t>& get_pool(float scale, float mean) {
     auto key = std::make_pair(scale, mean);
@@ -63,8 +126,19 @@ class Filler {
     for (auto& x : pool) x = f32_to_bf16(d(pool_rng));
     return pools_.emplace(key, std::move(pool)).first->second;
   }
+  static constexpr float kCodeSigma = 100.0f;  // ~ 448 / 4.5: a 128x128 Gaussian block's amax is ~4.5 sigma
+  const std::vector<uint8_t>& code_pool() {
+    if (codes_.empty()) {
+      codes_.resize(size_t(1) << 22);
+      std::normal_distribution<float> d(0.0f, kCodeSigma);
+      std::mt19937_64 pool_rng(seed_ * 7919 + 448);
+      for (auto& c : codes_) c = f32_to_fp8_e4m3(std::clamp(d(pool_rng), -448.0f, 448.0f));
+    }
+    return codes_;
+  }
   Backend& be_;
   ModelWeights& w_;
+  std::vector<uint8_t> codes_;
   uint64_t seed_;
   std::mt19937_64 rng_;
   std::map<std::pair<float, float>, std::vector<uint16_t>> pools_;
@@ -74,11 +148,17 @@ class Filler {
 
 ModelConfig random_model_config(const std::string& name_or_path) {
   if (name_or_path == "qwen3-30b-a3b") return parse_config(kQwen3_30B_A3B, "built-in qwen3-30b-a3b");
+  if (name_or_path == "qwen3-30b-a3b-fp8") {
+    nlohmann::json j = nlohmann::json::parse(kQwen3_30B_A3B);
+    j["quantization_config"] = nlohmann::json::parse(kFp8Quantization);
+    return parse_config(j.dump(), "built-in qwen3-30b-a3b-fp8");
+  }
   namespace fs = std::filesystem;
   fs::path p(name_or_path);
   if (fs::is_directory(p)) return load_config(p.string());
-  CPI_CHECK(fs::is_regular_file(p), "--random-weights: '", name_or_path,
-            "' is neither a built-in name (qwen3-30b-a3b) nor a config.json file or model directory");
+  CPI_CHECK(
+      fs::is_regular_file(p), "--random-weights: '", name_or_path,
+      "' is neither a built-in name (qwen3-30b-a3b, qwen3-30b-a3b-fp8) nor a config.json file or model directory");
   std::ifstream in(p);
   std::stringstream ss;
   ss << in.rdbuf();
@@ -89,12 +169,34 @@ ModelWeights random_weights(const ModelConfig& cfg, Backend& be, int rank, int w
   ModelWeights w;
   const WeightMap map = model_family(cfg.architecture).weight_map(cfg, w, expert_range(cfg.num_experts, rank, world));
   Filler f(be, w, seed);
-  for (const WeightEntry& e : map.tensors) *e.dst = f.make(e.random_id, e.shape, e.random_scale, e.random_mean);
+  // An FP8 config (qwen3-30b-a3b-fp8, or a config.json with a quantization_config) gives its linear
+  // layers FP8 weights, kept as codes + scales where the back-end computes with them (as the
+  // checkpoint loader decides) and their BF16 dequantized values elsewhere.
+  const bool fp8 = cfg.quant.fp8;
+  CPI_CHECK(!fp8 || (cfg.quant.block_n == kFp8Block && cfg.quant.block_k == kFp8Block),
+            "random weights: FP8 takes 128x128 blocks, the config has ", cfg.quant.block_n, "x", cfg.quant.block_k);
+  const bool keep_fp8 = fp8 && be.fp8_weights_supported();
+  for (const WeightEntry& e : map.tensors) {
+    if (fp8 && e.scale_dst != nullptr) {
+      CPI_CHECK(e.shape.size() == 2, "random weights: linear weight '", e.name, "' is not 2-D");
+      Weight wt = f.make_fp8(e.random_id, e.shape[0], e.shape[1], e.random_scale, keep_fp8);
+      *e.dst = wt;
+      if (keep_fp8) *e.scale_dst = wt.scale;
+      continue;
+    }
+    *e.dst = f.make(e.random_id, e.shape, e.random_scale, e.random_mean);
+  }
   for (const ExpertEntry& x : map.experts) {
     ExpertShard& S = *x.dst;
     const float s_in = 1.0f / std::sqrt(float(x.hidden)), s_out = 1.0f / std::sqrt(float(x.width));
     for (int e = 0; e < S.count; ++e) {
       const uint64_t id = x.random_id + uint64_t(S.first + e) * 3;
+      if (fp8) {
+        S.gate[size_t(e)] = f.make_fp8(id, x.width, x.hidden, s_in, keep_fp8);
+        S.up[size_t(e)] = f.make_fp8(id + 1, x.width, x.hidden, s_in, keep_fp8);
+        S.down[size_t(e)] = f.make_fp8(id + 2, x.hidden, x.width, s_out, keep_fp8);
+        continue;
+      }
       S.gate[size_t(e)] = f.make(id, {x.width, x.hidden}, s_in);
       S.up[size_t(e)] = f.make(id + 1, {x.width, x.hidden}, s_in);
       S.down[size_t(e)] = f.make(id + 2, {x.hidden, x.width}, s_out);

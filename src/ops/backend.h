@@ -263,7 +263,8 @@ class Buffer {
 // docs/attention.md), MoE auto | mma | wgmma | wgmma128 | wgmma-ws | cublas (the expert GEMMs of batches above
 // the decode sizes; backends/cuda/cuda_moe.cpp). The CPU back-end has one kernel of each and takes
 // only "auto". fp8: auto (FP8 checkpoint weights stay FP8 where the back-end computes with them:
-// the CPU) | bf16 (every back-end gets them dequantized to BF16 at load).
+// the CPU, and CUDA on compute capability 9.0) | bf16 (every back-end gets them dequantized to
+// BF16 at load).
 struct BackendOptions {
   std::string attention = "auto";
   std::string moe = "auto";
