@@ -71,6 +71,12 @@ class CudaBackend : public Backend {
   //   Dequantize   anything else: the weight dequantized to BF16 in scratch, then the BF16 GEMM.
   enum class Fp8Path { Skinny, BlockScaled, Dequantize };
   Fp8Path fp8_linear_path(const Tensor& a, const Weight& w, const Tensor& out);
+  // Whether moe_experts with FP8 experts (cuda_moe_fp8.cpp) quantizes the activations per (row,
+  // 128 columns) for a call of n_pairs (token, expert) pairs over `count` local experts: batches
+  // above the decode sizes on Hopper with H and I multiples of 128 and 16-byte aligned x and codes
+  // (the grouped wgmma FP8 GEMMs, or cuBLASLt per expert with --moe-runner-backend cublas). Else
+  // the row-wise kernels run on the BF16 activations.
+  bool moe_fp8_blocked(int64_t n_pairs, int count, int64_t hidden, int64_t inter, bool aligned) const;
   // Whether linear() runs BF16 GEMMs of at most kSkinnyMaxRows (2) rows on the own streaming kernel
   // (default) or on cuBLAS (tests compare the two).
   void set_skinny_gemm(bool on) { skinny_gemm_ = on; }

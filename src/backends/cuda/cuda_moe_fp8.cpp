@@ -24,6 +24,11 @@ constexpr int64_t kSmallPairs = 64;  // as cuda_moe.cpp
 
 }  // namespace
 
+bool CudaBackend::moe_fp8_blocked(int64_t n_pairs, int count, int64_t hidden, int64_t inter, bool aligned) const {
+  return n_pairs > kSmallPairs && hopper_ && aligned && moe_fp8_grouped_supported(hidden, inter) &&
+         moe_grouped_gemm_max_tiles(n_pairs, count) <= 65535;
+}
+
 Fp8ExpertTables CudaBackend::fp8_expert_tables_on_device(const ExpertShard& shard) {
   const int count = shard.count;
   std::vector<const void*> host;
@@ -62,11 +67,8 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
   if (inter == 0) return;  // every expert adds down · silu(empty) = 0
   DeviceGuard g(device_);
   const size_t n_pairs = static_cast<size_t>(n_tokens * top_k);
-  const bool small = static_cast<int64_t>(n_pairs) <= kSmallPairs;
-  const bool blocked = !small && hopper_ && aligned && hidden % 128 == 0 && inter % 128 == 0;
-  if (blocked && moe_gemm_ == MoeGemm::Cublas && moe_experts_fp8_lt(x, ids, weights, shard, out)) return;
-  if (blocked && moe_fp8_grouped_supported(hidden, inter) &&
-      moe_grouped_gemm_max_tiles(static_cast<int64_t>(n_pairs), count) <= 65535) {
+  if (moe_fp8_blocked(static_cast<int64_t>(n_pairs), count, hidden, inter, aligned)) {
+    if (moe_gemm_ == MoeGemm::Cublas && moe_experts_fp8_lt(x, ids, weights, shard, out)) return;
     // Layout: offsets, tile_start [count + 1] each, src_token, pair_row [T·K] each, xq [T, H]
     // e4m3 with its scales [H/128, T], act [T·K, I] BF16, aq [T·K, I] e4m3 with segmented
     // scales, y [T·K, H] F32.

@@ -1,0 +1,172 @@
+// CUDA linear() with FP8 weights (cuda_fp8.cpp) vs the CPU back-end's FP8 linear (exact
+// dequantize-then-fp32), on every path the back-end picks (CudaBackend::fp8_linear_path):
+//   Skinny (<= 2 rows: the codes streamed, activations unquantized): tight against the CPU;
+//   BlockScaled (activations quantized per (row, 128 columns), cuBLASLt block-scaled FP8 GEMM):
+//     tight against the CPU run on activations quantized by the same rule (fp8_test_util.h), and
+//     within the activation quantization's error of the unquantized CPU result;
+//   Dequantize (shapes cuBLASLt does not take: K % 128 != 0, N % 16 != 0; weights rounded to BF16):
+//     tight against the CPU.
+// Rows 1, 2, 3, 17, 300 and 4100; N and K multiples of 128 and not; BF16 and F32 outputs; the
+// skinny kernel switched off for the small row counts so the other paths see them too. Each case
+// prints "[gpu_ops] linear.fp8.<path> shape nmse max_err". Without a GPU every test is skipped.
+#include <cstring>
+#include <limits>
+
+#include "backends/cuda/cuda_backend.h"
+#include "fp8_test_util.h"
+#include "gpu_test_util.h"
+
+namespace cpinfer::gputest {
+namespace {
+
+using Fp8Ops = GpuOpsTest;
+
+const char* path_name(cuda::CudaBackend::Fp8Path p) {
+  switch (p) {
+    case cuda::CudaBackend::Fp8Path::Skinny: return "skinny";
+    case cuda::CudaBackend::Fp8Path::BlockScaled: return "blockscaled";
+    case cuda::CudaBackend::Fp8Path::Dequantize: return "dequantize";
+  }
+  return "?";
+}
+
+TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
+  auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
+  Rng rng(41);
+  struct Case {
+    int64_t m, k, n;
+    DType out;
+  };
+  int seen[3] = {0, 0, 0};
+  for (const Case& c : std::vector<Case>{{1, 2048, 4096, DType::BF16},   // q_proj at decode
+                                         {2, 4096, 2048, DType::BF16},   // o_proj, two rows
+                                         {1, 768, 2048, DType::F32},     // K/128 = 6 (padded scale rows)
+                                         {3, 2048, 512, DType::BF16},    // k_proj, three rows
+                                         {17, 2048, 4096, DType::BF16},
+                                         {17, 768, 2048, DType::F32},
+                                         {300, 4096, 2048, DType::BF16},
+                                         {300, 2048, 6144, DType::BF16},  // dense MLP gate
+                                         {300, 6144, 2048, DType::F32},   // dense MLP down
+                                         {4100, 2048, 512, DType::BF16},
+                                         {33, 256, 200, DType::BF16},     // N % 16 != 0
+                                         {2, 320, 64, DType::BF16},       // K % 128 != 0 (K % 16 == 0)
+                                         {40, 320, 96, DType::F32},
+                                         {5, 72, 40, DType::BF16},        // K % 16 != 0 either
+                                         {1, 136, 130, DType::BF16}}) {
+    // Weights of a trained layer's magnitude, quantized by the published rule; activations O(1).
+    std::vector<float> w = rng.bf16_normal(c.n * c.k, 1.0f / std::sqrt(static_cast<float>(c.k)));
+    const Fp8Matrix q = quantize_weight(w, c.n, c.k);
+    const std::vector<float> a = rng.bf16_normal(c.m * c.k);
+    // CPU references: FP8 weight on the CPU back-end, plain and with quantized activations.
+    Tensor c_codes = cpu_alloc(DType::F8E4M3, {c.n, c.k});
+    std::memcpy(c_codes.data, q.codes.data(), q.codes.size());
+    Weight cw(c_codes);
+    cw.scale = cpu_f32(q.scales, {(c.n + 127) / 128, (c.k + 127) / 128});
+    Tensor ref_out = cpu_alloc(DType::F32, {c.m, c.n});
+    cpu_->linear(cpu_f32(a, {c.m, c.k}), cw, ref_out);
+    const std::vector<float> ref = cpu_read(ref_out);
+    std::vector<float> ref_q;
+    if (c.k % 128 == 0) {
+      Tensor qo = cpu_alloc(DType::F32, {c.m, c.n});
+      cpu_->linear(cpu_f32(quantize_activations(a, c.m, c.k), {c.m, c.k}), cw, qo);
+      ref_q = cpu_read(qo);
+    }
+    // The GPU weight: codes inside guard bytes, scales F32.
+    Tensor g_codes = gpu_tensor("codes", DType::F8E4M3, {c.n, c.k}, nullptr);
+    gpu_->upload(g_codes.data, q.codes.data(), q.codes.size());
+    Weight gw(g_codes);
+    gw.scale = gpu_tensor("scale", DType::F32, {(c.n + 127) / 128, (c.k + 127) / 128}, &q.scales);
+    Tensor ga = gpu_tensor("a", DType::BF16, {c.m, c.k}, &a);
+    for (bool skinny : {true, false}) {
+      if (!skinny && c.m > cuda::kSkinnyMaxRows) continue;
+      cuda.set_skinny_gemm(skinny);
+      Tensor go = gpu_tensor("out", c.out, {c.m, c.n}, nullptr);
+      const auto path = cuda.fp8_linear_path(ga, gw, go);
+      ++seen[static_cast<int>(path)];
+      // On Hopper the block-scaled GEMM must take every shape of the model's kind (BF16 out, K %
+      // 128 == 0, N % 16 == 0) that the skinny kernel does not.
+      const bool model_shape = c.out == DType::BF16 && c.k % 128 == 0 && c.n % 16 == 0 &&
+                               (!skinny || c.m > cuda::kSkinnyMaxRows);
+      if (cuda.wgmma_supported() && model_shape)
+        EXPECT_EQ(path, cuda::CudaBackend::Fp8Path::BlockScaled)
+            << shape_of({c.m, c.k, c.n}) << ": cuBLASLt's block-scaled FP8 GEMM was not used";
+      gpu_->linear(ga, gw, go);
+      const std::vector<float> got = gpu_read(go);
+      const std::string sh = shape_of({c.m, c.k, c.n}) + (c.out == DType::F32 ? " outF32" : "");
+      const std::string op = std::string("linear.fp8.") + path_name(path);
+      // Outputs are O(1): bf16 output rounding gives nmse ~1e-6, max error a few 1e-2.
+      const double out_abs = c.out == DType::BF16 ? 0.08 : 0.02;
+      if (path == cuda::CudaBackend::Fp8Path::BlockScaled) {
+        ASSERT_FALSE(ref_q.empty()) << "the block-scaled path ran with K % 128 != 0: " << sh;
+        expect_close(op + ".vs_quantized_ref", sh, got, ref_q, 2e-5, out_abs);
+        // e4m3 activations: nmse ~7e-4 against the unquantized product.
+        expect_close(op + ".vs_exact_ref", sh, got, ref, 3e-3, 0.5);
+      } else {
+        // Skinny: fp32 products of the exact weights; Dequantize: weights rounded to BF16 (2^-9).
+        expect_close(op, sh, got, ref, 2e-5, out_abs);
+      }
+    }
+    cuda.set_skinny_gemm(true);
+  }
+  std::printf("[gpu_ops] linear.fp8 cases per path: skinny %d, blockscaled %d, dequantize %d\n", seen[0], seen[1],
+              seen[2]);
+  EXPECT_GT(seen[0], 0);
+  EXPECT_GT(seen[2], 0);
+}
+
+// An all-zero activation block gets scale 1 and codes 0, and NaN in an activation comes out NaN
+// (not a silently finite number) on the block-scaled path.
+TEST_F(Fp8Ops, LinearZeroBlocksAndNaN) {
+  Rng rng(42);
+  const int64_t m = 20, k = 256, n = 128;
+  std::vector<float> w = rng.bf16_normal(n * k, 0.0625f);
+  const Fp8Matrix q = quantize_weight(w, n, k);
+  std::vector<float> a = rng.bf16_normal(m * k);
+  for (int64_t i = 0; i < 128; ++i) a[3 * k + i] = 0.0f;  // row 3, block 0: zeros
+  Tensor g_codes = gpu_tensor("codes", DType::F8E4M3, {n, k}, nullptr);
+  gpu_->upload(g_codes.data, q.codes.data(), q.codes.size());
+  Weight gw(g_codes);
+  gw.scale = gpu_tensor("scale", DType::F32, {1, 2}, &q.scales);
+  Tensor c_codes = cpu_alloc(DType::F8E4M3, {n, k});
+  std::memcpy(c_codes.data, q.codes.data(), q.codes.size());
+  Weight cw(c_codes);
+  cw.scale = cpu_f32(q.scales, {1, 2});
+  Tensor ref_out = cpu_alloc(DType::F32, {m, n});
+  cpu_->linear(cpu_f32(quantize_activations(a, m, k), {m, k}), cw, ref_out);
+  Tensor ga = gpu_tensor("a", DType::BF16, {m, k}, &a);
+  Tensor go = gpu_tensor("out", DType::F32, {m, n}, nullptr);
+  gpu_->linear(ga, gw, go);
+  auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
+  const bool blocked = cuda.fp8_linear_path(ga, gw, go) == cuda::CudaBackend::Fp8Path::BlockScaled;
+  std::vector<float> want = cpu_read(ref_out);
+  if (!blocked) {
+    Tensor exact = cpu_alloc(DType::F32, {m, n});
+    cpu_->linear(cpu_f32(a, {m, k}), cw, exact);
+    want = cpu_read(exact);
+  }
+  expect_close(blocked ? "linear.fp8.zero_block" : "linear.fp8.zero_block(unquantized path)", shape_of({m, k, n}),
+               gpu_read(go), want, 2e-5, 0.02);
+  a[5 * k + 7] = std::numeric_limits<float>::quiet_NaN();
+  Tensor gan = gpu_tensor("a_nan", DType::BF16, {m, k}, &a);
+  Tensor gon = gpu_tensor("out_nan", DType::F32, {m, n}, nullptr);
+  gpu_->linear(gan, gw, gon);
+  const std::vector<float> got = gpu_read(gon);
+  int64_t nan_row5 = 0, finite_others = 0;
+  for (int64_t j = 0; j < n; ++j) nan_row5 += std::isnan(got[5 * n + j]);
+  for (int64_t i = 0; i < m; ++i)
+    if (i != 5)
+      for (int64_t j = 0; j < n; ++j) finite_others += std::isfinite(got[i * n + j]);
+  EXPECT_EQ(nan_row5, n) << "a NaN activation must make its row's outputs NaN";
+  EXPECT_EQ(finite_others, (m - 1) * n) << "a NaN in row 5 must not reach other rows";
+}
+
+TEST_F(Fp8Ops, Fp8WeightsSupportedOnHopperUnlessBf16IsAsked) {
+  auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
+  EXPECT_EQ(cuda.fp8_weights_supported(), cuda.wgmma_supported());
+  BackendOptions o;
+  o.fp8 = "bf16";
+  EXPECT_FALSE(make_cuda_backend(0, o)->fp8_weights_supported());
+}
+
+}  // namespace
+}  // namespace cpinfer::gputest
