@@ -223,7 +223,10 @@ class CudaBackend : public Backend {
   struct LtAlgo {
     bool ok = false;
     cublasLtMatmulAlgo_t algo{};
+    std::shared_ptr<struct Fp8LtCall> call;  // its descriptors (cuda_fp8.cpp), reused by every call
   };
+  const LtAlgo* fp8_lt_entry(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w, const void* aq,
+                             const void* out);
   std::map<std::array<int64_t, 7>, LtAlgo> lt_algos_;
 
   void* cublas_workspace_ = nullptr;

@@ -44,14 +44,17 @@ cudaDataType_t lt_type(DType t) {
   return t == DType::BF16 ? CUDA_R_16BF : CUDA_R_32F;
 }
 
+}  // namespace
+
 // The descriptors of one block-scaled FP8 GEMM. Row-major out[M, N] = a[M, K] · w[N, K]ᵀ is the
 // column-major D[N, M] = op(A) · B with A = w seen as K x N (op T) and B = a seen as K x M (op N),
-// both K-contiguous (the TN layout cuBLASLt's FP8 GEMMs require).
-struct LtCall {
+// both K-contiguous (the TN layout cuBLASLt's FP8 GEMMs require). Made once per shape and
+// alignment; a call sets its scale pointers on `op` and enqueues.
+struct Fp8LtCall {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
   cublasLtMatmulPreference_t pref = nullptr;
-  LtCall(int64_t m, int64_t n, int64_t k, DType out_dtype, int64_t align_w, int64_t align_a, int64_t align_out) {
+  Fp8LtCall(int64_t m, int64_t n, int64_t k, DType out_dtype, int64_t align_w, int64_t align_a, int64_t align_out) {
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
@@ -78,20 +81,18 @@ struct LtCall {
     CUBLAS_CHECK(
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, sizeof(al_d)));
   }
-  ~LtCall() {
+  ~Fp8LtCall() {
     if (pref) cublasLtMatmulPreferenceDestroy(pref);
     if (d) cublasLtMatrixLayoutDestroy(d);
     if (b) cublasLtMatrixLayoutDestroy(b);
     if (a) cublasLtMatrixLayoutDestroy(a);
     if (op) cublasLtMatmulDescDestroy(op);
   }
-  LtCall(const LtCall&) = delete;
-  LtCall& operator=(const LtCall&) = delete;
+  Fp8LtCall(const Fp8LtCall&) = delete;
+  Fp8LtCall& operator=(const Fp8LtCall&) = delete;
 };
 
-}  // namespace
-
-const cublasLtMatmulAlgo_t* CudaBackend::fp8_lt_algo(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w,
+const CudaBackend::LtAlgo* CudaBackend::fp8_lt_entry(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w,
                                                      const void* aq, const void* out) {
   if (!hopper_ || m <= 0 || n <= 0 || k <= 0 || k % 128 != 0 || n % 16 != 0 || m > INT32_MAX || n > INT32_MAX ||
       k > INT32_MAX || (out_dtype != DType::BF16 && out_dtype != DType::F32))
@@ -102,37 +103,45 @@ const cublasLtMatmulAlgo_t* CudaBackend::fp8_lt_algo(int64_t m, int64_t n, int64
   auto it = lt_algos_.find(key);
   if (it == lt_algos_.end()) {
     if (lt_algos_.size() > 4096) lt_algos_.clear();  // prefill lengths vary: keep the cache bounded
-    LtCall c(m, n, k, out_dtype, align_w, align_a, align_out);
+    auto call = std::make_shared<Fp8LtCall>(m, n, k, out_dtype, align_w, align_a, align_out);
     cublasLtMatmulHeuristicResult_t result{};
     int n_results = 0;
-    const cublasStatus_t st =
-        cublasLtMatmulAlgoGetHeuristic(lt_, c.op, c.a, c.b, c.d, c.d, c.pref, 1, &result, &n_results);
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, call->op, call->a, call->b, call->d, call->d,
+                                                             call->pref, 1, &result, &n_results);
     LtAlgo entry;
     entry.ok = st == CUBLAS_STATUS_SUCCESS && n_results > 0 && result.state == CUBLAS_STATUS_SUCCESS;
-    if (entry.ok)
+    if (entry.ok) {
       entry.algo = result.algo;
-    else
+      entry.call = std::move(call);
+    } else {
       log_warn("cuBLASLt offers no block-scaled FP8 GEMM for M=", m, " N=", n, " K=", k, " (", cublas_status_name(st),
                ", ", n_results, " algorithms): this product runs on the slower fallback");
-    it = lt_algos_.emplace(key, entry).first;
+    }
+    it = lt_algos_.emplace(key, std::move(entry)).first;
   }
-  return it->second.ok ? &it->second.algo : nullptr;
+  return it->second.ok ? &it->second : nullptr;
+}
+
+const cublasLtMatmulAlgo_t* CudaBackend::fp8_lt_algo(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w,
+                                                     const void* aq, const void* out) {
+  const LtAlgo* e = fp8_lt_entry(m, n, k, out_dtype, w, aq, out);
+  return e ? &e->algo : nullptr;
 }
 
 void CudaBackend::fp8_gemm_lt(const void* aq, const float* a_scale, int64_t m, const void* w, const float* w_scale,
                               int64_t w_scale_ld, int64_t n, int64_t k, void* out, DType out_dtype) {
-  const cublasLtMatmulAlgo_t* algo = fp8_lt_algo(m, n, k, out_dtype, w, aq, out);
-  CPI_CHECK(algo != nullptr, "cuBLASLt has no block-scaled FP8 GEMM for M=", m, " N=", n, " K=", k,
-            " (run with --fp8-weights bf16)");
-  LtCall c(m, n, k, out_dtype, alignment_of(w), alignment_of(aq), alignment_of(out));
   // The weight scales' row stride is implied: cuBLASLt reads ceil(N/128) rows of round_up(K/128, 4).
   CPI_CHECK(w_scale_ld == ((k / 128) + 3) / 4 * 4, "fp8_gemm_lt: weight scale rows of ", w_scale_ld,
             " floats; cuBLASLt reads rows of ", ((k / 128) + 3) / 4 * 4);
+  const LtAlgo* e = fp8_lt_entry(m, n, k, out_dtype, w, aq, out);
+  CPI_CHECK(e != nullptr, "cuBLASLt has no block-scaled FP8 GEMM for M=", m, " N=", n, " K=", k,
+            " (run with --fp8-weights bf16)");
+  const Fp8LtCall& c = *e->call;
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(c.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale)));
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(c.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &a_scale, sizeof(a_scale)));
   const float alpha = 1.0f, beta = 0.0f;
-  CUBLAS_CHECK(cublasLtMatmul(lt_, c.op, &alpha, w, c.a, aq, c.b, &beta, out, c.d, out, c.d, algo, cublas_workspace_,
-                              kCublasWorkspaceBytes, stream_));
+  CUBLAS_CHECK(cublasLtMatmul(lt_, c.op, &alpha, w, c.a, aq, c.b, &beta, out, c.d, out, c.d, &e->algo,
+                              cublas_workspace_, kCublasWorkspaceBytes, stream_));
 }
 
 CudaBackend::Fp8Path CudaBackend::fp8_linear_path(const Tensor& a, const Weight& w, const Tensor& out) {
