@@ -132,6 +132,7 @@ CudaBackend::CudaBackend(int device_index, const BackendOptions& opt) : device_(
     log_warn(cudnn_->unavailable_reason(), "; prefill attention stays on the own kernels");
     prefill_kernel_ = PrefillKernel::Auto;
   }
+  if (fp8_weights_) fp8_lt_probe();  // how cuBLASLt reads FP8 block scales (cuda_fp8.cpp)
   const char* own = prefill_kernel_ == PrefillKernel::Auto || prefill_kernel_ == PrefillKernel::Cudnn
                         ? (hopper_ ? "ws for KV pages of 8, 16, 32, ... tokens, wgmma for others" : "mma.sync")
                         : prefill_kernel_name(prefill_kernel_);

@@ -155,8 +155,31 @@ class CudaBackend : public Backend {
   // [M, K] e4m3 with VEC128 scales a_scale[kb · M + m]; w [N, K] e4m3 with BLK128x128 scales
   // w_scale[nb · w_scale_ld + kb], w_scale_ld a multiple of 4. K % 128 == 0. Throws when cuBLASLt
   // has no algorithm (callers ask fp8_lt_algo first).
-  void fp8_gemm_lt(const void* aq, const float* a_scale, int64_t m, const void* w, const float* w_scale,
-                   int64_t w_scale_ld, int64_t n, int64_t k, void* out, DType out_dtype);
+  void fp8_gemm_lt(const void* aq, const float* a_scale, int64_t m, const void* w, const float* w_scale, int64_t n,
+                   int64_t k, void* out, DType out_dtype);
+  // How cuBLASLt reads the block scales, per class of K (K/128 a multiple of 4 or not): the
+  // activation scales' order and whether the weight scales' rows are padded to a multiple of 4
+  // floats. cuBLASLt takes no stride for them, so fp8_lt_probe() finds the layout at construction
+  // by running a small GEMM per candidate against a host reference; ok = false: none matched (the
+  // block-scaled GEMM is then not used for that class). The candidates, first the one torch's
+  // _scaled_mm hands cuBLASLt (M-major activation scales, padded weight-scale rows).
+  struct Fp8LtLayout {
+    bool ok = false;
+    Fp8ActScales act = Fp8ActScales::MMajor;
+    bool w_padded = true;
+  };
+  Fp8LtLayout lt_layout_[2];
+  bool lt_probing_ = false;
+  void fp8_lt_probe();
+  // The probe's result for one layout candidate (nmse of the GEMM against the host reference; +inf
+  // when cuBLASLt rejects it).
+  double fp8_lt_try(int64_t k, const Fp8LtLayout& cand);
+  const Fp8LtLayout& lt_layout(int64_t k) const { return lt_layout_[(k / 128) % 4 == 0 ? 0 : 1]; }
+  // Row stride (floats) of the weight scales as cuBLASLt reads them.
+  int64_t lt_w_scale_ld(int64_t k) const {
+    const int64_t kb = k / 128;
+    return lt_layout(k).w_padded ? (kb + 3) / 4 * 4 : kb;
+  }
   // cuBLASLt's block-scaled FP8 algorithm for these sizes and the alignments of these pointers
   // (cached per key), or nullptr when it has none (or the shape is not one it takes).
   const cublasLtMatmulAlgo_t* fp8_lt_algo(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w,

@@ -18,6 +18,10 @@
 #include <cublasLt.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
 
 #include "backends/cuda/cuda_backend.h"
 #include "backends/cuda/cuda_check.h"
@@ -97,6 +101,7 @@ const CudaBackend::LtAlgo* CudaBackend::fp8_lt_entry(int64_t m, int64_t n, int64
   if (!hopper_ || m <= 0 || n <= 0 || k <= 0 || k % 128 != 0 || n % 16 != 0 || m > INT32_MAX || n > INT32_MAX ||
       k > INT32_MAX || (out_dtype != DType::BF16 && out_dtype != DType::F32))
     return nullptr;
+  if (!lt_probing_ && !lt_layout(k).ok) return nullptr;  // no scale layout of this K class checked out
   const int64_t align_w = alignment_of(w), align_a = alignment_of(aq), align_out = alignment_of(out);
   if (align_w < 16 || align_a < 16 || align_out < 16) return nullptr;
   const std::array<int64_t, 7> key = {m, n, k, static_cast<int64_t>(out_dtype), align_w, align_a, align_out};
@@ -129,10 +134,7 @@ const cublasLtMatmulAlgo_t* CudaBackend::fp8_lt_algo(int64_t m, int64_t n, int64
 }
 
 void CudaBackend::fp8_gemm_lt(const void* aq, const float* a_scale, int64_t m, const void* w, const float* w_scale,
-                              int64_t w_scale_ld, int64_t n, int64_t k, void* out, DType out_dtype) {
-  // The weight scales' row stride is implied: cuBLASLt reads ceil(N/128) rows of round_up(K/128, 4).
-  CPI_CHECK(w_scale_ld == ((k / 128) + 3) / 4 * 4, "fp8_gemm_lt: weight scale rows of ", w_scale_ld,
-            " floats; cuBLASLt reads rows of ", ((k / 128) + 3) / 4 * 4);
+                              int64_t n, int64_t k, void* out, DType out_dtype) {
   const LtAlgo* e = fp8_lt_entry(m, n, k, out_dtype, w, aq, out);
   CPI_CHECK(e != nullptr, "cuBLASLt has no block-scaled FP8 GEMM for M=", m, " N=", n, " K=", k,
             " (run with --fp8-weights bf16)");
@@ -171,9 +173,9 @@ void CudaBackend::linear_fp8(const Tensor& a, const Weight& w, Tensor out) {
       CUDA_LAUNCH(launch_skinny_gemm_fp8(dev(a), dev(w), dev(w.scale), dev(out), stream_), "skinny_gemm_fp8");
       return;
     case Fp8Path::BlockScaled: {
-      const int64_t kb = k / 128, sn = (n + 127) / 128, ld = (kb + 3) / 4 * 4;
+      const int64_t kb = k / 128, sn = (n + 127) / 128, ld = lt_w_scale_ld(k);
       const size_t q_b = round_up256(static_cast<size_t>(m * k));
-      const size_t as_b = round_up256(static_cast<size_t>(kb * m) * sizeof(float));
+      const size_t as_b = round_up256(static_cast<size_t>(fp8_act_scale_floats(m, kb)) * sizeof(float));
       const size_t ws_b = ld != kb ? round_up256(static_cast<size_t>(sn * ld) * sizeof(float)) : 0;
       char* ws = static_cast<char*>(workspace(q_b + as_b + ws_b));
       auto* q = reinterpret_cast<uint8_t*>(ws);
@@ -184,8 +186,9 @@ void CudaBackend::linear_fp8(const Tensor& a, const Weight& w, Tensor out) {
         CUDA_LAUNCH(launch_fp8_pad_scales(w_scale, nullptr, 1, sn, kb, padded, ld, stream_), "fp8_pad_scales");
         w_scale = padded;
       }
-      CUDA_LAUNCH(launch_fp8_quantize_rows(dev(a), q, a_scale, nullptr, 0, stream_), "fp8_quantize_rows");
-      fp8_gemm_lt(q, a_scale, m, w.data, w_scale, ld, n, k, out.data, out.dtype);
+      CUDA_LAUNCH(launch_fp8_quantize_rows(dev(a), q, a_scale, nullptr, 0, stream_, lt_layout(k).act),
+                  "fp8_quantize_rows");
+      fp8_gemm_lt(q, a_scale, m, w.data, w_scale, n, k, out.data, out.dtype);
       return;
     }
     case Fp8Path::Dequantize: {
@@ -194,6 +197,109 @@ void CudaBackend::linear_fp8(const Tensor& a, const Weight& w, Tensor out) {
       gemm(a, wd, out);
       return;
     }
+  }
+}
+
+// ---- the scale-layout probe
+
+namespace {
+// Deterministic test values: e4m3 codes of ±{0.5, 1, 1.5, 2} and scales that differ per block by
+// powers of two, so that reading a scale of the wrong row or block changes the result by O(1).
+uint8_t probe_code(uint32_t i) {
+  static const float kValues[8] = {0.5f, 1.0f, 1.5f, 2.0f, -0.5f, -1.0f, -1.5f, -2.0f};
+  const uint32_t h = (i * 2654435761u) >> 13;
+  return f32_to_fp8_e4m3(kValues[h & 7u]);
+}
+}  // namespace
+
+double CudaBackend::fp8_lt_try(int64_t k, const Fp8LtLayout& cand) {
+  constexpr int64_t m = 3, n = 256;  // 3 rows: not a multiple of 4; 2 weight row blocks
+  const int64_t kb = k / 128, nb = n / 128, ld = cand.w_padded ? (kb + 3) / 4 * 4 : kb;
+  std::vector<uint8_t> a(static_cast<size_t>(m * k)), w(static_cast<size_t>(n * k));
+  for (size_t i = 0; i < a.size(); ++i) a[i] = probe_code(static_cast<uint32_t>(i));
+  for (size_t i = 0; i < w.size(); ++i) w[i] = probe_code(static_cast<uint32_t>(i + 7919));
+  std::vector<float> sa(static_cast<size_t>(m * kb)), sw(static_cast<size_t>(nb * kb));  // [m][kb], [nb][kb]
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t b = 0; b < kb; ++b)
+      sa[r * kb + b] = std::ldexp(1.0f + 0.125f * r, static_cast<int>((r + 2 * b) % 5) - 2);
+  for (int64_t r = 0; r < nb; ++r)
+    for (int64_t b = 0; b < kb; ++b)
+      sw[r * kb + b] = std::ldexp(1.0f + 0.0625f * b, static_cast<int>((3 * r + b) % 4) - 1);
+  std::vector<double> want(static_cast<size_t>(m * n));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double acc = 0;
+      for (int64_t c = 0; c < k; ++c)
+        acc += double(fp8_e4m3_to_f32(a[i * k + c])) * sa[i * kb + c / 128] * fp8_e4m3_to_f32(w[j * k + c]) *
+               sw[(j / 128) * kb + c / 128];
+      want[i * n + j] = acc;
+    }
+  // The candidate's memory layouts, inside zero-filled buffers large enough for any reading of them.
+  constexpr size_t kScaleFloats = 4096;
+  std::vector<float> a_sc(kScaleFloats, 0.0f), w_sc(kScaleFloats, 0.0f);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t b = 0; b < kb; ++b) a_sc[fp8_act_scale_index(r, b, m, kb, cand.act)] = sa[r * kb + b];
+  for (int64_t r = 0; r < nb; ++r)
+    for (int64_t b = 0; b < kb; ++b) w_sc[r * ld + b] = sw[r * kb + b];
+  Buffer da(*this, a.size()), dw(*this, w.size()), dsa(*this, kScaleFloats * 4), dsw(*this, kScaleFloats * 4),
+      dout(*this, static_cast<size_t>(m * n) * 2);
+  upload(da.data(), a.data(), a.size());
+  upload(dw.data(), w.data(), w.size());
+  upload(dsa.data(), a_sc.data(), kScaleFloats * 4);
+  upload(dsw.data(), w_sc.data(), kScaleFloats * 4);
+  lt_probing_ = true;
+  const bool has_algo = fp8_lt_algo(m, n, k, DType::BF16, dw.data(), da.data(), dout.data()) != nullptr;
+  if (has_algo) {
+    try {
+      fp8_gemm_lt(da.data(), static_cast<const float*>(dsa.data()), m, dw.data(), static_cast<const float*>(dsw.data()),
+                  n, k, dout.data(), DType::BF16);
+    } catch (const std::exception& e) {
+      log_warn("cuBLASLt block-scaled FP8 probe: ", e.what());
+      lt_probing_ = false;
+      return std::numeric_limits<double>::infinity();
+    }
+  }
+  lt_probing_ = false;
+  if (!has_algo) return std::numeric_limits<double>::infinity();
+  std::vector<uint16_t> got(static_cast<size_t>(m * n));
+  download(got.data(), dout.data(), got.size() * 2);  // (synchronizes: a fault shows here)
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double d = double(bf16_to_f32(got[i])) - want[i];
+    num += std::isfinite(d) ? d * d : 1e300;
+    den += want[i] * want[i];
+  }
+  return num / den;
+}
+
+void CudaBackend::fp8_lt_probe() {
+  const Fp8ActScales acts[3] = {Fp8ActScales::MMajor, Fp8ActScales::KMajor, Fp8ActScales::MMajorPad4};
+  const char* act_names[3] = {"M-major", "K-major", "M-major padded to 4 rows"};
+  for (int cls = 0; cls < 2; ++cls) {
+    const int64_t k = cls == 0 ? 512 : 768;  // K/128 = 4 and 6
+    std::string tried;
+    for (bool padded : {true, false}) {
+      if (cls == 0 && !padded) continue;  // the same layout when K/128 % 4 == 0
+      for (int ai = 0; ai < 3 && !lt_layout_[cls].ok; ++ai) {
+        Fp8LtLayout cand;
+        cand.act = acts[ai];
+        cand.w_padded = padded;
+        const double nmse = fp8_lt_try(k, cand);
+        tried += std::string(tried.empty() ? "" : ", ") + act_names[ai] + (padded ? "/padded" : "/unpadded") + " " +
+                 std::to_string(nmse);
+        if (nmse < 1e-4) {  // bf16 output rounding: ~1e-5
+          cand.ok = true;
+          lt_layout_[cls] = cand;
+          log_info("cuBLASLt block-scaled FP8 GEMM (K/128 ", cls == 0 ? "a multiple of 4" : "not a multiple of 4",
+                   "): activation scales ", act_names[ai], ", weight-scale rows ",
+                   padded ? "padded to 4 floats" : "unpadded");
+        }
+      }
+    }
+    if (!lt_layout_[cls].ok)
+      log_warn("cuBLASLt block-scaled FP8 GEMM: no scale layout reproduced the reference for K/128 ",
+               cls == 0 ? "a multiple of 4" : "not a multiple of 4", " (nmse: ", tried,
+               "); those FP8 linear layers dequantize their weights to BF16 instead");
   }
 }
 

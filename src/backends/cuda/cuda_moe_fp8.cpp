@@ -75,7 +75,7 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
     const int64_t kbh = hidden / 128, kbi = inter / 128;
     const size_t off_b = round_up((count + 1) * 4), pair_b = round_up(n_pairs * 4);
     const size_t xq_b = round_up(static_cast<size_t>(n_tokens * hidden));
-    const size_t xs_b = round_up(static_cast<size_t>(kbh * n_tokens) * 4);
+    const size_t xs_b = round_up(static_cast<size_t>(fp8_act_scale_floats(n_tokens, kbh)) * 4);
     const size_t act_b = round_up(n_pairs * inter * 2), aq_b = round_up(n_pairs * inter);
     const size_t as_b =
         round_up(static_cast<size_t>(fp8_segment_scale_floats(static_cast<int64_t>(n_pairs), count, kbi)) * 4);
@@ -155,7 +155,7 @@ bool CudaBackend::moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const T
   const int count = shard.count;
   const int64_t n_tokens = x.rows(), hidden = x.cols(), top_k = ids.cols(), inter = shard.gate[0].dim(0);
   const int64_t kbh = hidden / 128, kbi = inter / 128;
-  const int64_t ld_h = (kbh + 3) / 4 * 4, ld_i = (kbi + 3) / 4 * 4;  // cuBLASLt's weight-scale rows
+  const int64_t ld_h = lt_w_scale_ld(hidden), ld_i = lt_w_scale_ld(inter);  // cuBLASLt's weight-scale rows
   const size_t n_pairs = static_cast<size_t>(n_tokens * top_k);
   const size_t off_b = round_up((count + 1) * 4), pair_b = round_up(n_pairs * 4);
   const size_t meta_bytes = off_b + 2 * pair_b;
@@ -219,23 +219,25 @@ bool CudaBackend::moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const T
   }
   Tensor src_idx(src_token, DType::I32, {n_rows}, Device::CUDA);
   CUDA_LAUNCH(launch_gather_rows(dev(x), dev(src_idx), dev(xp), stream_), "gather_rows");
-  CUDA_LAUNCH(launch_fp8_quantize_rows(dev(xp), xq, xs, offsets, count, stream_), "fp8_quantize_rows");
+  CUDA_LAUNCH(launch_fp8_quantize_rows(dev(xp), xq, xs, offsets, count, stream_, lt_layout(hidden).act),
+              "fp8_quantize_rows");
   for (int e = 0; e < count; ++e) {
     const int64_t b = host_off[e], n = host_off[e + 1] - host_off[e];
     if (n == 0) continue;
     const float* sx = xs + fp8_segment_scale_base(b, e, kbh);
     fp8_gemm_lt(xq + b * hidden, sx, n, shard.gate[e].data, scale_of(shard.gate, pg_b ? pg : nullptr, sn_i, ld_h, e),
-                ld_h, inter, hidden, gp.slice(b, n).data, DType::BF16);
-    fp8_gemm_lt(xq + b * hidden, sx, n, shard.up[e].data, scale_of(shard.up, pg_b ? pu : nullptr, sn_i, ld_h, e), ld_h,
-                inter, hidden, upr.slice(b, n).data, DType::BF16);
+                inter, hidden, gp.slice(b, n).data, DType::BF16);
+    fp8_gemm_lt(xq + b * hidden, sx, n, shard.up[e].data, scale_of(shard.up, pg_b ? pu : nullptr, sn_i, ld_h, e), inter,
+                hidden, upr.slice(b, n).data, DType::BF16);
   }
   CUDA_LAUNCH(launch_silu_mul(dev(gp), dev(upr), dev(act), stream_), "silu_mul");
-  CUDA_LAUNCH(launch_fp8_quantize_rows(dev(act), aq, as, offsets, count, stream_), "fp8_quantize_rows");
+  CUDA_LAUNCH(launch_fp8_quantize_rows(dev(act), aq, as, offsets, count, stream_, lt_layout(inter).act),
+              "fp8_quantize_rows");
   for (int e = 0; e < count; ++e) {
     const int64_t b = host_off[e], n = host_off[e + 1] - host_off[e];
     if (n == 0) continue;
     fp8_gemm_lt(aq + b * inter, as + fp8_segment_scale_base(b, e, kbi), n, shard.down[e].data,
-                scale_of(shard.down, pd_b ? pd : nullptr, sn_h, ld_i, e), ld_i, hidden, inter, y.slice(b, n).data,
+                scale_of(shard.down, pd_b ? pd : nullptr, sn_h, ld_i, e), hidden, inter, y.slice(b, n).data,
                 DType::F32);
   }
   CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");

@@ -12,7 +12,8 @@ namespace {
 // One warp per (row, block): lane l holds columns 4l .. 4l + 3 of the block.
 template <class T>
 __global__ void fp8_quantize_rows_kernel(const T* __restrict__ src, int64_t m, int kb_count, uint8_t* __restrict__ q,
-                                         float* __restrict__ scales, const int32_t* __restrict__ offsets, int count) {
+                                         float* __restrict__ scales, const int32_t* __restrict__ offsets, int count,
+                                         Fp8ActScales layout) {
   const int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (w >= m * kb_count) return;
@@ -23,9 +24,9 @@ __global__ void fp8_quantize_rows_kernel(const T* __restrict__ src, int64_t m, i
     if (r >= __ldg(offsets + count)) return;                            // past the rows this call has
     const int e = expert_of_tile(offsets, count, static_cast<int>(r));  // largest e with offsets[e] <= r
     const int64_t b = __ldg(offsets + e), n = __ldg(offsets + e + 1) - b;
-    s_idx = fp8_segment_scale_base(b, e, kb_count) + kb * n + (r - b);
+    s_idx = fp8_segment_scale_base(b, e, kb_count) + fp8_act_scale_index(r - b, kb, n, kb_count, layout);
   } else {
-    s_idx = static_cast<int64_t>(kb) * m + r;
+    s_idx = fp8_act_scale_index(r, kb, m, kb_count, layout);
   }
   const int64_t k = static_cast<int64_t>(kb_count) * kFp8Blk;
   const int64_t off = r * k + static_cast<int64_t>(kb) * kFp8Blk + lane * 4;
@@ -161,7 +162,7 @@ cudaError_t launch_skinny_fp8_m(const DevTensor& a, const DevTensor& w, const De
 }  // namespace
 
 cudaError_t launch_fp8_quantize_rows(const DevTensor& src, uint8_t* q, float* scales, const int32_t* offsets, int count,
-                                     cudaStream_t stream) {
+                                     cudaStream_t stream, Fp8ActScales layout) {
   const int64_t m = src.rows(), k = src.cols();
   if (k % kFp8Blk != 0 || !aligned16(src.data) || (offsets != nullptr && count < 1)) return cudaErrorInvalidValue;
   if (m == 0 || k == 0) return cudaSuccess;
@@ -170,8 +171,8 @@ cudaError_t launch_fp8_quantize_rows(const DevTensor& src, uint8_t* q, float* sc
   const int64_t warps = m * kb_count;
   const unsigned grid = static_cast<unsigned>((warps + kThreads / 32 - 1) / (kThreads / 32));
   CPI_DISPATCH_ACT(src.dtype, "fp8 quantize src", T, {
-    fp8_quantize_rows_kernel<T>
-        <<<grid, kThreads, 0, stream>>>(static_cast<const T*>(src.data), m, kb_count, q, scales, offsets, count);
+    fp8_quantize_rows_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(src.data), m, kb_count, q, scales,
+                                                               offsets, count, layout);
   });
   return cudaGetLastError();
 }

@@ -79,19 +79,35 @@ cudaError_t launch_skinny_gemm_fp8(const DevTensor& a, const DevTensor& w, const
                                    cudaStream_t stream);
 // Activation quantization per (row, 128-column block) (DeepSeek-V3's dynamic scheme): s = amax /
 // 448 (1 for an all-zero block), q = e4m3(x / s) rounded to nearest even, saturating. src [M, K]
-// BF16 or F32, K % 128 == 0, 16-byte aligned; q [M, K] bytes. The scale of row r, block kb goes to
-//   offsets == nullptr: scales[kb · M + r] (cuBLASLt's VEC128_32F layout: M-major);
-//   offsets [count + 1] (the MoE segments: rows [offsets[e], offsets[e + 1]) belong to expert e):
-//     scales[fp8_segment_scale_base(offsets[e], e, K/128) + kb · n_e + r - offsets[e]], each
-//     segment an M-major block of its own starting 16-byte aligned; rows >= offsets[count] skipped.
+// BF16 or F32, K % 128 == 0, 16-byte aligned; q [M, K] bytes. The scales of a group of `rows` rows
+// (all M, or one MoE segment) form a block laid out by Fp8ActScales: row r_local (from 0), K block
+// kb at fp8_act_scale_index(...). offsets == nullptr: one group of all M rows at scales[0..];
+// offsets [count + 1] (the MoE segments: rows [offsets[e], offsets[e + 1]) belong to expert e):
+// segment e's group at scales + fp8_segment_scale_base(offsets[e], e, K/128) (16-byte aligned);
+// rows >= offsets[count] are skipped.
+enum class Fp8ActScales : int {
+  MMajor = 0,      // scales[kb · rows + r]: what the own wgmma kernels read
+  MMajorPad4 = 1,  // scales[kb · round_up(rows, 4) + r]
+  KMajor = 2,      // scales[r · K/128 + kb]
+};
+__host__ __device__ inline int64_t fp8_act_scale_ld(int64_t rows, Fp8ActScales l) {
+  return l == Fp8ActScales::MMajorPad4 ? (rows + 3) / 4 * 4 : rows;
+}
+__host__ __device__ inline int64_t fp8_act_scale_index(int64_t r, int64_t kb, int64_t rows, int64_t kb_count,
+                                                       Fp8ActScales l) {
+  return l == Fp8ActScales::KMajor ? r * kb_count + kb : kb * fp8_act_scale_ld(rows, l) + r;
+}
+// Floats of one group of `rows` rows.
+inline int64_t fp8_act_scale_floats(int64_t rows, int64_t kb_count) { return kb_count * ((rows + 3) / 4 * 4); }
 cudaError_t launch_fp8_quantize_rows(const DevTensor& src, uint8_t* q, float* scales, const int32_t* offsets,
-                                     int count, cudaStream_t stream);
+                                     int count, cudaStream_t stream, Fp8ActScales layout = Fp8ActScales::MMajor);
+// Segment e (first row first_row) of the segmented layout: room for any layout (rows padded to 4).
 __host__ __device__ inline int64_t fp8_segment_scale_base(int64_t first_row, int e, int64_t kb_count) {
-  return (kb_count * first_row + 3) / 4 * 4 + 4 * static_cast<int64_t>(e);
+  return (kb_count * (first_row + 3 * static_cast<int64_t>(e)) + 3) / 4 * 4 + 4 * static_cast<int64_t>(e);
 }
 // Floats the segmented layout needs for `rows` rows in `count` segments.
 inline int64_t fp8_segment_scale_floats(int64_t rows, int count, int64_t kb_count) {
-  return kb_count * rows + 4 * static_cast<int64_t>(count) + 4;
+  return kb_count * (rows + 3 * static_cast<int64_t>(count)) + 4 * static_cast<int64_t>(count) + 4;
 }
 // out [N, K] (BF16 or F32) = codes · scale, rounded once.
 cudaError_t launch_fp8_dequantize(const DevTensor& codes, const DevTensor& scale, DevTensor out, cudaStream_t stream);
