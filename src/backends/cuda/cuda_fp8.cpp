@@ -247,19 +247,25 @@ double CudaBackend::fp8_lt_try(int64_t k, const Fp8LtLayout& cand) {
   upload(dw.data(), w.data(), w.size());
   upload(dsa.data(), a_sc.data(), kScaleFloats * 4);
   upload(dsw.data(), w_sc.data(), kScaleFloats * 4);
-  lt_probing_ = true;
-  const bool has_algo = fp8_lt_algo(m, n, k, DType::BF16, dw.data(), da.data(), dout.data()) != nullptr;
-  if (has_algo) {
-    try {
-      fp8_gemm_lt(da.data(), static_cast<const float*>(dsa.data()), m, dw.data(), static_cast<const float*>(dsw.data()),
-                  n, k, dout.data(), DType::BF16);
-    } catch (const std::exception& e) {
-      log_warn("cuBLASLt block-scaled FP8 probe: ", e.what());
-      lt_probing_ = false;
-      return std::numeric_limits<double>::infinity();
+  struct Probing {  // lt_probing_ for this scope, whatever throws
+    bool& flag;
+    explicit Probing(bool& f) : flag(f) { flag = true; }
+    ~Probing() { flag = false; }
+  };
+  bool has_algo = false;
+  {
+    Probing probing(lt_probing_);
+    has_algo = fp8_lt_algo(m, n, k, DType::BF16, dw.data(), da.data(), dout.data()) != nullptr;
+    if (has_algo) {
+      try {
+        fp8_gemm_lt(da.data(), static_cast<const float*>(dsa.data()), m, dw.data(),
+                    static_cast<const float*>(dsw.data()), n, k, dout.data(), DType::BF16);
+      } catch (const std::exception& e) {
+        log_warn("cuBLASLt block-scaled FP8 probe: ", e.what());
+        return std::numeric_limits<double>::infinity();
+      }
     }
   }
-  lt_probing_ = false;
   if (!has_algo) return std::numeric_limits<double>::infinity();
   std::vector<uint16_t> got(static_cast<size_t>(m * n));
   download(got.data(), dout.data(), got.size() * 2);  // (synchronizes: a fault shows here)
