@@ -16,7 +16,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 gpu_binaries cpinfer gpu_ops_test gpu_moe_test gpu_model_test
 
 echo "== FP8 op tests (linear)"
-timeout 150 "$BIN/gpu_ops_test" --gtest_filter='Fp8Ops.*:Ops.Linear*' 2>&1 | tee "$OUT/gpu_fp8_ops.log" |
+timeout 150 "$BIN/gpu_ops_test" --gtest_filter='Fp8Ops.*:Fp8ScaleLayouts.*:Ops.Linear*' 2>&1 | tee "$OUT/gpu_fp8_ops.log" |
   grep -E "^\[gpu_ops\]|OK \]|FAILED|Failure|SKIPPED|PASSED|Expected|Which is|actual|nmse|cuBLASLt" | tail -80
 echo "== FP8 op tests (moe_experts)"
 timeout 240 "$BIN/gpu_moe_test" --gtest_filter='MoeFp8Test.*' 2>&1 | tee "$OUT/gpu_fp8_moe.log" |

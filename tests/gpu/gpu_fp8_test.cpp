@@ -11,6 +11,7 @@
 // prints "[gpu_ops] linear.fp8.<path> shape nmse max_err". Without a GPU every test is skipped.
 #include <cstring>
 #include <limits>
+#include <random>
 
 #include "backends/cuda/cuda_backend.h"
 #include "fp8_test_util.h"
@@ -158,6 +159,41 @@ TEST_F(Fp8Ops, LinearZeroBlocksAndNaN) {
       for (int64_t j = 0; j < n; ++j) finite_others += std::isfinite(got[i * n + j]);
   EXPECT_EQ(nan_row5, n) << "a NaN activation must make its row's outputs NaN";
   EXPECT_EQ(finite_others, (m - 1) * n) << "a NaN in row 5 must not reach other rows";
+}
+
+// Host-only (runs without a GPU): the activation-scale layouts the quantizer writes and the GEMMs
+// read. Every (row, block) of every MoE segment has its own slot inside the buffer the callers
+// size with fp8_segment_scale_floats, each segment starts 16-byte aligned (cuBLASLt reads the
+// scale pointer of each expert), and a segment's block has room for the padded layout.
+TEST(Fp8ScaleLayouts, SegmentsAreDisjointAlignedAndInBounds) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 500; ++trial) {
+    const int count = 1 + static_cast<int>(rng() % 20);
+    const int64_t kb = 1 + static_cast<int64_t>(rng() % 20);
+    std::vector<int64_t> n(count);
+    int64_t rows = 0;
+    for (auto& x : n) rows += x = rng() % 3 == 0 ? 0 : static_cast<int64_t>(rng() % 50);
+    for (auto layout : {cuda::Fp8ActScales::MMajor, cuda::Fp8ActScales::MMajorPad4, cuda::Fp8ActScales::KMajor}) {
+      const int64_t total = cuda::fp8_segment_scale_floats(rows, count, kb);
+      std::vector<int> used(static_cast<size_t>(total), 0);
+      int64_t first = 0;
+      for (int e = 0; e < count; ++e) {
+        const int64_t base = cuda::fp8_segment_scale_base(first, e, kb);
+        ASSERT_EQ(base % 4, 0) << "segment " << e << " is not 16-byte aligned";
+        ASSERT_LE(base + cuda::fp8_act_scale_floats(n[e], kb), total);
+        if (e + 1 < count)
+          ASSERT_LE(base + cuda::fp8_act_scale_floats(n[e], kb), cuda::fp8_segment_scale_base(first + n[e], e + 1, kb));
+        for (int64_t r = 0; r < n[e]; ++r)
+          for (int64_t b = 0; b < kb; ++b) {
+            const int64_t i = base + cuda::fp8_act_scale_index(r, b, n[e], kb, layout);
+            ASSERT_GE(i, 0);
+            ASSERT_LT(i, total);
+            ASSERT_EQ(used[static_cast<size_t>(i)]++, 0) << "two (row, block) pairs share scale slot " << i;
+          }
+        first += n[e];
+      }
+    }
+  }
 }
 
 TEST_F(Fp8Ops, Fp8WeightsSupportedOnHopperUnlessBf16IsAsked) {
