@@ -85,8 +85,8 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
       const auto path = cuda.fp8_linear_path(ga, gw, go);
       ++seen[static_cast<int>(path)];
       // On Hopper the block-scaled GEMM must take every shape of the model's kind (BF16 out, K %
-      // 128 == 0, N % 16 == 0) that the skinny kernel does not.
-      const bool model_shape = c.out == DType::BF16 && c.k % 128 == 0 && c.n % 16 == 0 &&
+      // 128 == 0, N % 16 == 0, M % 4 == 0: cuBLASLt's condition) that the skinny kernel does not.
+      const bool model_shape = c.out == DType::BF16 && c.k % 128 == 0 && c.n % 16 == 0 && c.m % 4 == 0 &&
                                (!skinny || c.m > cuda::kSkinnyMaxRows);
       if (cuda.wgmma_supported() && model_shape)
         EXPECT_EQ(path, cuda::CudaBackend::Fp8Path::BlockScaled)

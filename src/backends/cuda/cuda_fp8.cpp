@@ -67,6 +67,14 @@ struct Fp8LtCall {
     const int32_t b_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;      // the activations
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof(a_mode)));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof(b_mode)));
+    // cuBLASLt 13.1 offers no algorithm for block scales while their pointers are unset (H200,
+    // 2026-12-04: CUBLAS_STATUS_NOT_SUPPORTED, 0 algorithms; with them set, 1): placeholders here,
+    // every call sets its own before it enqueues.
+    const void* placeholder = reinterpret_cast<const void*>(uintptr_t{256});
+    CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &placeholder, sizeof(placeholder)));
+    CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &placeholder, sizeof(placeholder)));
     const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&a, CUDA_R_8F_E4M3, u(k), u(n), k));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&b, CUDA_R_8F_E4M3, u(k), u(m), k));
@@ -98,8 +106,10 @@ struct Fp8LtCall {
 
 const CudaBackend::LtAlgo* CudaBackend::fp8_lt_entry(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w,
                                                      const void* aq, const void* out) {
-  if (!hopper_ || m <= 0 || n <= 0 || k <= 0 || k % 128 != 0 || n % 16 != 0 || m > INT32_MAX || n > INT32_MAX ||
-      k > INT32_MAX || (out_dtype != DType::BF16 && out_dtype != DType::F32))
+  // M a multiple of 4: cuBLASLt 13.1 has no block-scaled algorithm for other row counts (H200,
+  // 2026-12-04: M = 3 not supported, 4, 8, 16, ... are); those products dequantize.
+  if (!hopper_ || m <= 0 || n <= 0 || k <= 0 || m % 4 != 0 || k % 128 != 0 || n % 16 != 0 || m > INT32_MAX ||
+      n > INT32_MAX || k > INT32_MAX || (out_dtype != DType::BF16 && out_dtype != DType::F32))
     return nullptr;
   if (!lt_probing_ && !lt_layout(k).ok) return nullptr;  // no scale layout of this K class checked out
   const int64_t align_w = alignment_of(w), align_a = alignment_of(aq), align_out = alignment_of(out);
@@ -213,7 +223,7 @@ uint8_t probe_code(uint32_t i) {
 }  // namespace
 
 double CudaBackend::fp8_lt_try(int64_t k, const Fp8LtLayout& cand) {
-  constexpr int64_t m = 3, n = 256;  // 3 rows: not a multiple of 4; 2 weight row blocks
+  constexpr int64_t m = 4, n = 256;  // 4 rows (the fewest the GEMM takes); 2 weight row blocks
   const int64_t kb = k / 128, nb = n / 128, ld = cand.w_padded ? (kb + 3) / 4 * 4 : kb;
   std::vector<uint8_t> a(static_cast<size_t>(m * k)), w(static_cast<size_t>(n * k));
   for (size_t i = 0; i < a.size(); ++i) a[i] = probe_code(static_cast<uint32_t>(i));
