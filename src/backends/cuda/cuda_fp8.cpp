@@ -11,8 +11,9 @@
 //   padded buffer when K/128 is not a multiple of 4). cuBLASLt multiplies by these scales (D =
 //   Σ (a·sa)(w·sw)): they are the checkpoint's scale_inv as stored, no inversion. These layouts are
 //   the ones torch._scaled_mm hands cuBLASLt for 1x128 / 128x128 blockwise scaling (its
-//   is_blockwise_1x128_scaling / is_blockwise_128x128_scaling checks); NOT YET RUN ON A GPU here
-//   (gpu_ops_test Fp8Linear compares it with the CPU).
+//   is_blockwise_1x128_scaling / is_blockwise_128x128_scaling checks); the probe below confirms
+//   them at start-up (on an H200 with cuBLASLt 13.1: M-major, padded rows) and gpu_ops_test
+//   Fp8Ops compares the path with the CPU.
 // - everything else (K % 128 != 0, N % 16 != 0, no cuBLASLt algorithm, not Hopper): the weight is
 //   dequantized to BF16 in scratch and the BF16 GEMM runs (correct, not fast).
 #include <cublasLt.h>

@@ -17,7 +17,8 @@
 //   idle during the promotion; the loads of the next kStages - 1 steps stay in flight meanwhile.
 // 4 stages x 32 KB (+1 KB alignment) = 129 KB of shared memory, one CTA (8 warps) per SM, 128
 // fp32 accumulator registers (acc + tmp) per thread.
-// NOT YET RUN ON A GPU: gpu_moe_test Fp8* compares it with the CPU reference.
+// gpu_moe_test MoeFp8Test compares it with the CPU reference (passing on an H200, 2026-12-04); at
+// 32K tokens it is 1.22x slower than the BF16 warp-specialized kernels (docs/fp8.md).
 #include <atomic>
 
 #include "backends/cuda/kernels/common.cuh"
