@@ -103,6 +103,25 @@ __device__ __forceinline__ int expert_of_tile(const int32_t* __restrict__ tile_s
   return lo;
 }
 
+// The M-tile of grid slot m_slot in the grouped MoE GEMMs (tile_m rows per tile; tile_start and
+// offsets [count + 1] from launch_moe_permute_tiled): false for a slot past the last tile (the CTA
+// has nothing to do), else its expert, the expert segment's first row and row count, the tile's
+// first row in the segment and the rows left from there (> 0 by construction).
+struct MoeTile {
+  int expert, seg_begin, seg_rows, m0, rows_left;
+};
+__device__ __forceinline__ bool moe_tile_of(const int32_t* __restrict__ tile_start,
+                                            const int32_t* __restrict__ offsets, int count, int m_slot, int tile_m,
+                                            MoeTile& t) {
+  if (m_slot >= __ldg(tile_start + count)) return false;
+  t.expert = expert_of_tile(tile_start, count, m_slot);
+  t.seg_begin = __ldg(offsets + t.expert);
+  t.seg_rows = __ldg(offsets + t.expert + 1) - t.seg_begin;
+  t.m0 = (m_slot - __ldg(tile_start + t.expert)) * tile_m;
+  t.rows_left = t.seg_rows - t.m0;
+  return true;
+}
+
 }  // namespace cpinfer::cuda
 
 // Host-side dispatch over the float dtypes: CPI_DISPATCH_FLOAT(t, "op x", T, body) runs body with

@@ -52,13 +52,9 @@ template <bool kGateUp>
 __global__ void __launch_bounds__(kThreads, 2) moe_grouped_gemm_kernel(const MoeGemmArgs args) {
   static_assert(kTileM == kTileN && kLoads * kRowStep == kTileM && kNj % 2 == 0, "tile shape");
   // ---- which (expert, M-tile) this CTA computes: all from device memory
-  const int m_slot = blockIdx.y;
-  const int n_tiles_total = __ldg(args.tile_start + args.count);
-  if (m_slot >= n_tiles_total) return;
-  const int e = expert_of_tile(args.tile_start, args.count, m_slot);
-  const int seg_begin = __ldg(args.offsets + e);
-  const int m0 = (m_slot - __ldg(args.tile_start + e)) * kTileM;  // first row of the tile in the segment
-  const int rows_left = __ldg(args.offsets + e + 1) - seg_begin - m0;   // > 0 by construction
+  MoeTile tile;
+  if (!moe_tile_of(args.tile_start, args.offsets, args.count, blockIdx.y, kTileM, tile)) return;
+  const int e = tile.expert, seg_begin = tile.seg_begin, m0 = tile.m0, rows_left = tile.rows_left;
   const int n0 = blockIdx.x * (kGateUp ? kTileN / 2 : kTileN);
   const int k_dim = args.k_dim;
 

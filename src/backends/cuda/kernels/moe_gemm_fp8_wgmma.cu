@@ -109,14 +109,10 @@ template <bool kGateUp>
 __global__ void __launch_bounds__(kThreads, 1) moe_fp8_wgmma_kernel(const Args args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   // ---- which (expert, M-tile) this CTA computes (as moe_gemm_wgmma.cu)
-  const int m_slot = blockIdx.y;
-  const int n_tiles_total = __ldg(args.tile_start + args.count);
-  if (m_slot >= n_tiles_total) return;
-  const int e = expert_of_tile(args.tile_start, args.count, m_slot);
-  const int seg_begin = __ldg(args.offsets + e);
-  const int seg_rows = __ldg(args.offsets + e + 1) - seg_begin;
-  const int m0 = (m_slot - __ldg(args.tile_start + e)) * kTileM;
-  const int rows_left = seg_rows - m0;             // > 0 by construction
+  MoeTile tile;
+  if (!moe_tile_of(args.tile_start, args.offsets, args.count, blockIdx.y, kTileM, tile)) return;
+  const int e = tile.expert, seg_begin = tile.seg_begin, seg_rows = tile.seg_rows, m0 = tile.m0,
+            rows_left = tile.rows_left;
   constexpr int kNStep = kGateUp ? kBN / 2 : kBN;  // outputs per N-tile
   const int k_dim = args.k_dim, n_out = args.n_out;
   const int n_k = k_dim / kTileK;  // K blocks (k_dim % 128 == 0)

@@ -190,13 +190,9 @@ __global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks) moe_grouped_
   using C = WgCfg<kBN>;
   constexpr int kStages = C::kStages;
   // ---- which (expert, M-tile) this CTA computes: all from device memory (as moe_gemm.cu)
-  const int m_slot = blockIdx.y;
-  const int n_tiles_total = __ldg(args.tile_start + args.count);
-  if (m_slot >= n_tiles_total) return;
-  const int e = expert_of_tile(args.tile_start, args.count, m_slot);
-  const int seg_begin = __ldg(args.offsets + e);
-  const int m0 = (m_slot - __ldg(args.tile_start + e)) * kTileM;
-  const int rows_left = __ldg(args.offsets + e + 1) - seg_begin - m0;  // > 0 by construction
+  MoeTile tile;
+  if (!moe_tile_of(args.tile_start, args.offsets, args.count, blockIdx.y, kTileM, tile)) return;
+  const int e = tile.expert, seg_begin = tile.seg_begin, m0 = tile.m0, rows_left = tile.rows_left;
   constexpr int kNStep = kGateUp ? kBN / 2 : kBN;  // outputs per N-tile
   const int k_dim = args.k_dim, n_out = args.n_out;
   // N-tiles [j_begin, j_end) of this CTA, in sequence: the next one's first loads overlap the
@@ -327,13 +323,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kBN = 256;
   constexpr int kNStep = kGateUp ? kBN / 2 : kBN;
-  const int m_slot = blockIdx.y;
-  const int n_tiles_total = __ldg(args.tile_start + args.count);
-  if (m_slot >= n_tiles_total) return;
-  const int e = expert_of_tile(args.tile_start, args.count, m_slot);
-  const int seg_begin = __ldg(args.offsets + e);
-  const int m0 = (m_slot - __ldg(args.tile_start + e)) * kTileM;
-  const int rows_left = __ldg(args.offsets + e + 1) - seg_begin - m0;  // > 0 by construction
+  MoeTile tile;
+  if (!moe_tile_of(args.tile_start, args.offsets, args.count, blockIdx.y, kTileM, tile)) return;
+  const int e = tile.expert, seg_begin = tile.seg_begin, m0 = tile.m0, rows_left = tile.rows_left;
   const int k_dim = args.k_dim, n_out = args.n_out, n_k = k_dim / kTileK;
   const int n_tiles = (n_out + kNStep - 1) / kNStep;
   const int j_begin = blockIdx.x * args.n_per_cta;
