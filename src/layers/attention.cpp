@@ -82,9 +82,8 @@ Tensor Attention::run(const AttentionWeights& w, const KvLayer& kv, const Tensor
   Tensor k = kv_local.slice(0, T), v = kv_local.slice(T, T);
   Tensor q = scratch_.rows(kQ, ad, T, Hq * D);
   if (T > 0) {
-    be_.linear(h, w.q_proj, q);
-    be_.linear(h, w.k_proj, k);
-    be_.linear(h, w.v_proj, v);
+    const Backend::LinearOut qkv[] = {{&w.q_proj, q}, {&w.k_proj, k}, {&w.v_proj, v}};
+    be_.linears(h, qkv);
     prof_.mark(&ForwardProfile::dense_gemm_s);
     be_.qk_norm_rope(q.view({T, Hq, D}), k.view({T, Hkv, D}), shape_.qk_norm ? w.q_norm : Tensor{},
                      shape_.qk_norm ? w.k_norm : Tensor{}, shape_.eps, pos_, rope_);

@@ -11,6 +11,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -168,6 +169,15 @@ class Backend {
   // out = a · wᵀ. a [M, K] act dtype, w [N, K] any float dtype or FP8 (Weight), out [M, N] (act
   // dtype or F32).
   virtual void linear(const Tensor& a, const Weight& w, Tensor out) = 0;
+  // out_i = a · w_iᵀ for each pair, as linear(): products of one input that a back-end may run as
+  // one (the q, k and v projections). The default runs linear() for each.
+  struct LinearOut {
+    const Weight* w;
+    Tensor out;
+  };
+  virtual void linears(const Tensor& a, std::span<const LinearOut> outs) {
+    for (const LinearOut& o : outs) linear(a, *o.w, o.out);
+  }
   // In place: per-head RMSNorm (weights [D]) of q [T, Hq, D] and k [T, Hkv, D], then RoPE at
   // positions [T] I32. Undefined norm weights (both): RoPE only. Contract: ops/contract.h.
   virtual void qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,

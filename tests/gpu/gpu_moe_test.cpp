@@ -277,6 +277,8 @@ class MoeTest : public GpuOpsTest {
 TEST_F(MoeTest, Qwen3ShapeFullLayer) {
   Rng rng(11);
   const Experts ex = make_experts(128, 0, 128, 2048, 768, 1);
+  check_case("qwen3.decode", rng, 1, 8, ex, Routing::Uniform, DType::BF16);  // 8 pairs: the row-wise kernels
+  check_case("qwen3.decode", rng, 8, 8, ex, Routing::Skewed, DType::F32);     // 64 pairs, several rows per expert
   check_case("qwen3", rng, 64, 8, ex, Routing::Uniform, DType::BF16);  // 512 pairs: 4 rows per expert
   check_case("qwen3.skew", rng, 1024, 8, ex, Routing::Skewed, DType::BF16);
   check_case("qwen3.skew", rng, 4100, 8, ex, Routing::Skewed, DType::BF16);
@@ -305,6 +307,8 @@ TEST_F(MoeTest, SmallAndOddShapes) {
            {150, 37, 19, 4, 2, 0, 4, Routing::Skewed, DType::F32},       // odd: scalar fallback
            {90, 130, 70, 6, 3, 3, 3, Routing::Skewed, DType::BF16},      // odd, shard at the end
            {1, 128, 64, 4, 2, 0, 4, Routing::Uniform, DType::BF16},
+           {6, 2056, 1032, 8, 4, 0, 8, Routing::Uniform, DType::BF16},  // decode-size, rows of two passes
+           {8, 2048, 768, 4, 4, 0, 4, Routing::Uniform, DType::F32},    // 8 rows per expert: four row groups
            {400, 128, 64, 4, 2, 3, 1, Routing::Skewed, DType::BF16},     // one local expert gets every token
            {300, 128, 64, 8, 2, 2, 3, Routing::NoLocal, DType::BF16}}) { // 0 local rows: out unchanged
     const Experts ex = make_experts(c.e, c.first, c.count, c.h, c.inter, 3 + c.t);

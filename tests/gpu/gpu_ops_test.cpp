@@ -2,6 +2,7 @@
 // prints "[gpu_ops] op shape nmse max_err"; without a GPU every test is skipped with the reason.
 #include <algorithm>
 #include <numeric>
+#include <tuple>
 
 #include "backends/cuda/cuda_backend.h"
 #include "backends/cuda/kernels/kernels.h"
@@ -141,7 +142,10 @@ TEST_F(Ops, Linear) {
                                          {6, 2048, 151, DType::F32},
                                          {8, 2048, 513, DType::BF16},
                                          {7, 100, 70, DType::BF16},
-                                         {9, 2048, 512, DType::BF16}}) {
+                                         {9, 2048, 512, DType::BF16},
+                                         {1, 4104, 70, DType::BF16},  // K > 4096: two passes
+                                         {2, 2056, 33, DType::F32},
+                                         {1, 16, 5, DType::BF16}}) {
     const std::string sh = "M=" + std::to_string(c.m) + " K=" + std::to_string(c.k) + " N=" + std::to_string(c.n) +
                            (c.out == DType::F32 ? " out=f32" : "");
     auto a = rng.bf16_normal(c.m * c.k), w = rng.bf16_normal(c.n * c.k, 0.05f);
@@ -157,6 +161,32 @@ TEST_F(Ops, Linear) {
                    c.out == DType::F32 ? 1e-9 : kNmse, 0.1);
     }
     cuda_be->set_skinny_gemm(true);
+  }
+  // linears: several products of one input in one skinny launch (q, k, v), each against the CPU;
+  // mixed output dtypes and too many rows take linear() one by one.
+  for (const auto& [m, k, outs, dt] : std::vector<std::tuple<int64_t, int64_t, std::vector<int64_t>, DType>>{
+           {1, 2048, {4096, 512, 512}, DType::BF16},
+           {2, 2048, {1000, 70, 3}, DType::F32},
+           {1, 776, {33, 1}, DType::BF16},
+           {2, 4104, {130, 7, 64}, DType::BF16},
+           {5, 256, {40, 24}, DType::BF16}}) {
+    auto a = rng.bf16_normal(m * k);
+    Tensor ga = gpu_tensor("a", DType::BF16, {m, k}, &a);
+    std::vector<Weight> ws;
+    std::vector<Tensor> gos, cos;
+    std::vector<Backend::LinearOut> lo;
+    for (int64_t n : outs) {
+      auto w = rng.bf16_normal(n * k, 0.05f);
+      ws.emplace_back(gpu_tensor("w", DType::BF16, {n, k}, &w));
+      gos.push_back(gpu_tensor("out", dt, {m, n}, nullptr));
+      cos.push_back(cpu_alloc(DType::F32, {m, n}));
+      cpu_->linear(cpu_f32(a, {m, k}), cpu_f32(w, {n, k}), cos.back());
+    }
+    for (size_t i = 0; i < outs.size(); ++i) lo.push_back({&ws[i], gos[i]});
+    gpu_->linears(ga, lo);
+    for (size_t i = 0; i < outs.size(); ++i)
+      expect_close("linears", "M=" + std::to_string(m) + " K=" + std::to_string(k) + " N=" + std::to_string(outs[i]),
+                   gpu_read(gos[i]), cpu_read(cos[i]), dt == DType::F32 ? 1e-9 : kNmse, 0.1);
   }
   // F32 weights take the converted fp32 path.
   const int64_t m = 9, k = 96, n = 40;

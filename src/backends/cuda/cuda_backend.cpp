@@ -352,6 +352,31 @@ void CudaBackend::linear(const Tensor& a, const Weight& w, Tensor out) {
   if (out.dtype != DType::F32) CUDA_LAUNCH(launch_convert(dev(o32), dev(out), stream_), "convert");
 }
 
+// Decode-sized products of one input on BF16 weights: one skinny launch for all of them (q, k and
+// v: the two small ones no longer pay a launch and a latency-bound tail of their own).
+void CudaBackend::linears(const Tensor& a, std::span<const LinearOut> outs) {
+  bool one_launch = skinny_gemm_ && !outs.empty() && outs.size() <= static_cast<size_t>(kSkinnyMaxSegs) &&
+                    a.device == Device::CUDA && a.rows() > 0;
+  DevTensor w[kSkinnyMaxSegs], o[kSkinnyMaxSegs];
+  for (size_t i = 0; one_launch && i < outs.size(); ++i) {
+    const Weight& wi = *outs[i].w;
+    contract::linear(a, wi, outs[i].out);
+    one_launch = !wi.fp8() && wi.device == Device::CUDA && outs[i].out.device == Device::CUDA &&
+                 outs[i].out.dtype == outs[0].out.dtype && outs[i].out.rows() == a.rows();
+    if (one_launch) {
+      w[i] = dev(wi);
+      o[i] = dev(outs[i].out);
+      one_launch = skinny_gemm_supported(dev(a), w[i], o[i]);
+    }
+  }
+  if (!one_launch) {
+    Backend::linears(a, outs);
+    return;
+  }
+  DeviceGuard g(device_);
+  CUDA_LAUNCH(launch_skinny_gemms(dev(a), w, o, static_cast<int>(outs.size()), stream_), "skinny_gemms");
+}
+
 void CudaBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
                                const Tensor& positions, const RopeParams& rope) {
   contract::qk_norm_rope(q, k, q_norm_w, k_norm_w, eps, positions, rope);

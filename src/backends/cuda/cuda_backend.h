@@ -88,6 +88,7 @@ class CudaBackend : public Backend {
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor out) override;
   void add_rms_norm(Tensor residual, const Tensor& x, const Tensor& w, float eps, Tensor out) override;
   void linear(const Tensor& a, const Weight& w, Tensor out) override;
+  void linears(const Tensor& a, std::span<const LinearOut> outs) override;
   void qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
                     const Tensor& positions, const RopeParams& rope) override;
   void kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, KvLayer cache) override;

@@ -70,6 +70,11 @@ cudaError_t launch_convert(const DevTensor& src, DevTensor dst, cudaStream_t str
 inline constexpr int64_t kSkinnyMaxRows = 2;
 bool skinny_gemm_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out);
 cudaError_t launch_skinny_gemm(const DevTensor& a, const DevTensor& w, DevTensor out, cudaStream_t stream);
+// out[i] = a · w[i]ᵀ for i < count <= kSkinnyMaxSegs in one launch (each pair as skinny_gemm_supported
+// takes it, all outs of one dtype): q, k and v of a decode step.
+inline constexpr int kSkinnyMaxSegs = 3;
+cudaError_t launch_skinny_gemms(const DevTensor& a, const DevTensor* w, DevTensor* out, int count,
+                                cudaStream_t stream);
 // ---- fp8.cu: fine-grained FP8 weights (ops/backend.h Weight): codes F8E4M3 [N, K], scale F32
 // [ceil(N/128), ceil(K/128)], W = code · scale.
 // The decode-sized product on the codes: a BF16 [M <= kSkinnyMaxRows, K], K % 16 == 0, a and the

@@ -1,90 +1,139 @@
 // out = a · wᵀ for one or two rows (decode: M <= kSkinnyMaxRows), BF16 a and w, fp32 accumulation, BF16
-// or F32 out. At such M a GEMM is a read of w, once: each warp streams kCols rows of w by 16-byte
-// loads (two steps in flight), multiplies them with all M rows of a (which stay in L1) and reduces
-// across the warp. cuBLAS's kernels for these shapes read w at a fraction of the bandwidth, and the
-// small projections of a decode step (k, v, the router: 0.5-2 MB) are bound by their latency.
+// or F32 out. At such M a GEMM is a read of w, once: each warp streams C rows of w through
+// warp_dots (gemv.cuh: a pass of copies in flight before the first multiply) and reduces across the
+// warp. One launch may cover up to kSkinnyMaxSegs products of the same a (q, k and v of a decode
+// step): the warps are numbered across the segments, so the small ones (k, v: 2 MB) share the grid
+// with the large one instead of each paying a launch and a latency-bound tail. cuBLAS's kernels for
+// these shapes read w at a fraction of the bandwidth.
 #include "backends/cuda/kernels/common.cuh"
+#include "backends/cuda/kernels/gemv.cuh"
 #include "backends/cuda/kernels/kernels.h"
 
 namespace cpinfer::cuda {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kCols = 2;  // output columns per warp
-constexpr int kColsPerBlock = kWarps * kCols;
+constexpr int kWarps = 4;
 
-template <int M, class TO>
-__global__ void __launch_bounds__(kWarps * 32)
-    skinny_gemm_kernel(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ w, TO* __restrict__ out,
-                       int m, int n, int k) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int n0 = blockIdx.x * kColsPerBlock + warp * kCols;
-  if (n0 >= n) return;
-  const int n_cols = min(kCols, n - n0);
-  const __nv_bfloat16* wr[kCols];
+struct Segs {
+  const __nv_bfloat16* w[kSkinnyMaxSegs];
+  void* out[kSkinnyMaxSegs];
+  int n[kSkinnyMaxSegs];
+  int warp_end[kSkinnyMaxSegs];  // prefix sums of the segments' warp counts
+  int count;
+};
+
+template <class T>
+__device__ __forceinline__ T pick(const T (&v)[kSkinnyMaxSegs], int i) {
+  T r = v[0];  // constant indices: the parameters stay in the constant bank
 #pragma unroll
-  for (int c = 0; c < kCols; ++c) wr[c] = w + static_cast<int64_t>(n0 + min(c, n_cols - 1)) * k;  // uniform loads
-  float dot[M][kCols];
+  for (int s = 1; s < kSkinnyMaxSegs; ++s)
+    if (i == s) r = v[s];
+  return r;
+}
+
+// Shared memory: a's M rows, then each warp's weight buffer.
+template <int M, int C, int CH>
+size_t smem_bytes(int k) {
+  return (static_cast<size_t>(M) * k / 8 + static_cast<size_t>(kWarps) * warp_dots_chunks<C, CH>()) * 16;
+}
+
+template <int M, int C, int CH, class TO>
+__global__ void __launch_bounds__(kWarps * 32)
+    skinny_gemm_kernel(const __nv_bfloat16* __restrict__ a, const __grid_constant__ Segs s, int m, int k) {
+  extern __shared__ uint4 smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gw = static_cast<int>(blockIdx.x) * kWarps + warp;
+  int seg = 0;
+#pragma unroll
+  for (int i = 0; i + 1 < kSkinnyMaxSegs; ++i)
+    if (i + 1 < s.count && gw >= s.warp_end[i]) seg = i + 1;
+  const int first = seg > 0 ? pick(s.warp_end, seg - 1) : 0;
+  const bool active = gw < pick(s.warp_end, seg);  // the last block's spare warps only join the barrier
+  const int n = pick(s.n, seg), n0 = (gw - first) * C, n_cols = active ? min(C, n - n0) : 1;
+  const __nv_bfloat16* const w = pick(s.w, seg);
+  const __nv_bfloat16* wr[C];
+#pragma unroll
+  for (int c = 0; c < C; ++c) wr[c] = w + static_cast<int64_t>(n0 + min(c, n_cols - 1)) * k;
+  const __nv_bfloat16* xr[M];
+#pragma unroll
+  for (int r = 0; r < M; ++r) xr[r] = a + static_cast<int64_t>(min(r, m - 1)) * k;
+  uint4* const xs = smem;
+  copy_rows_async(xs, xr, k);
+  float dot[M][C];
 #pragma unroll
   for (int r = 0; r < M; ++r)
 #pragma unroll
-    for (int c = 0; c < kCols; ++c) dot[r][c] = 0.0f;
-#pragma unroll 2
-  for (int kk = lane * 8; kk < k; kk += 32 * 8) {
-    float wv[kCols][8];
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) load8(wr[c] + kk, wv[c]);
-#pragma unroll
-    for (int r = 0; r < M; ++r) {
-      if (r >= m) break;
-      float xv[8];
-      load8(a + static_cast<int64_t>(r) * k + kk, xv);
-#pragma unroll
-      for (int c = 0; c < kCols; ++c)
-#pragma unroll
-        for (int i = 0; i < 8; ++i) dot[r][c] += xv[i] * wv[c][i];
-    }
-  }
+    for (int c = 0; c < C; ++c) dot[r][c] = 0.0f;
+  warp_dots<M, C, CH>(wr, xs, k, lane, smem + M * (k / 8) + warp * warp_dots_chunks<C, CH>(), active, dot);
+  if (!active) return;
+  TO* const out = static_cast<TO*>(pick(s.out, seg));
 #pragma unroll
   for (int r = 0; r < M; ++r) {
     if (r >= m) break;
 #pragma unroll
-    for (int c = 0; c < kCols; ++c) dot[r][c] = warp_sum(dot[r][c]);
+    for (int c = 0; c < C; ++c) dot[r][c] = warp_sum(dot[r][c]);
     if (lane == 0)
 #pragma unroll
-      for (int c = 0; c < kCols; ++c)
+      for (int c = 0; c < C; ++c)
         if (c < n_cols) out[static_cast<int64_t>(r) * n + n0 + c] = from_f32<TO>(dot[r][c]);
   }
 }
 
-template <int M>
-cudaError_t launch_m(const DevTensor& a, const DevTensor& w, DevTensor out, cudaStream_t stream) {
-  const int m = static_cast<int>(a.rows()), k = static_cast<int>(a.cols()), n = static_cast<int>(w.dim(0));
-  const unsigned grid = static_cast<unsigned>((n + kColsPerBlock - 1) / kColsPerBlock);
-  const auto* ap = a.ptr<const __nv_bfloat16>();
-  const auto* wp = w.ptr<const __nv_bfloat16>();
-  if (out.dtype == DType::F32)
-    skinny_gemm_kernel<M, float><<<grid, kWarps * 32, 0, stream>>>(ap, wp, out.ptr<float>(), m, n, k);
-  else
-    skinny_gemm_kernel<M, __nv_bfloat16><<<grid, kWarps * 32, 0, stream>>>(ap, wp, out.ptr<__nv_bfloat16>(), m, n, k);
-  return cudaGetLastError();
+// Columns per warp and 256-element chunks per pass: 16 copies of 16 bytes in flight per lane (two
+// weight rows of K = 2048, or one of 4096) and 8 KB of shared memory per warp.
+template <int M, class TO>
+cudaError_t launch_m(const __nv_bfloat16* a, Segs s, int m, int k, cudaStream_t stream) {
+  auto go = [&](auto kernel, int cols, size_t smem) {
+    int warps = 0;
+    for (int i = 0; i < s.count; ++i) s.warp_end[i] = warps += (s.n[i] + cols - 1) / cols;
+    const unsigned grid = static_cast<unsigned>((warps + kWarps - 1) / kWarps);
+    if (smem > 48 * 1024) {
+      const cudaError_t e =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      if (e != cudaSuccess) return e;
+    }
+    kernel<<<grid, kWarps * 32, smem, stream>>>(a, s, m, k);
+    return cudaGetLastError();
+  };
+  if (k <= 2048) return go(skinny_gemm_kernel<M, 2, 8, TO>, 2, smem_bytes<M, 2, 8>(k));
+  return go(skinny_gemm_kernel<M, 1, 16, TO>, 1, smem_bytes<M, 1, 16>(k));
 }
 
 }  // namespace
 
 bool skinny_gemm_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out) {
+  // K bounded by the shared memory that holds a's rows (kSkinnyMaxRows x 16K BF16 = 64 KB).
   return a.dtype == DType::BF16 && w.dtype == DType::BF16 && (out.dtype == DType::BF16 || out.dtype == DType::F32) &&
          a.ndim == 2 && w.ndim == 2 && a.rows() >= 1 && a.rows() <= kSkinnyMaxRows && a.cols() % 8 == 0 &&
-         a.cols() == w.cols() && a.cols() <= (int64_t{1} << 30) && w.dim(0) <= (int64_t{1} << 30) &&
-         aligned16(a.data) && aligned16(w.data);
+         a.cols() == w.cols() && a.cols() <= 16384 && w.dim(0) <= (int64_t{1} << 30) && aligned16(a.data) &&
+         aligned16(w.data);
+}
+
+cudaError_t launch_skinny_gemms(const DevTensor& a, const DevTensor* w, DevTensor* out, int count,
+                                cudaStream_t stream) {
+  if (count < 1 || count > kSkinnyMaxSegs) return cudaErrorInvalidValue;
+  Segs s{};
+  int64_t cols = 0;
+  for (int i = 0; i < count; ++i) {
+    if (!skinny_gemm_supported(a, w[i], out[i]) || out[i].dtype != out[0].dtype) return cudaErrorInvalidValue;
+    s.w[i] = w[i].ptr<const __nv_bfloat16>();
+    s.out[i] = out[i].data;
+    s.n[i] = static_cast<int>(w[i].dim(0));
+    cols += w[i].dim(0);
+  }
+  s.count = count;
+  if (cols == 0 || a.cols() == 0) return cols == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  if (cols > (int64_t{1} << 30)) return cudaErrorInvalidValue;
+  const int m = static_cast<int>(a.rows()), k = static_cast<int>(a.cols());
+  const auto* ap = a.ptr<const __nv_bfloat16>();
+  static_assert(kSkinnyMaxRows <= 2, "instantiate the row counts up to kSkinnyMaxRows");
+  if (out[0].dtype == DType::F32)
+    return m <= 1 ? launch_m<1, float>(ap, s, m, k, stream) : launch_m<2, float>(ap, s, m, k, stream);
+  return m <= 1 ? launch_m<1, __nv_bfloat16>(ap, s, m, k, stream) : launch_m<2, __nv_bfloat16>(ap, s, m, k, stream);
 }
 
 cudaError_t launch_skinny_gemm(const DevTensor& a, const DevTensor& w, DevTensor out, cudaStream_t stream) {
-  if (!skinny_gemm_supported(a, w, out)) return cudaErrorInvalidValue;
-  const int64_t m = a.rows();
-  if (w.dim(0) == 0) return cudaSuccess;
-  static_assert(kSkinnyMaxRows <= 2, "instantiate the row counts up to kSkinnyMaxRows");
-  return m <= 1 ? launch_m<1>(a, w, out, stream) : launch_m<2>(a, w, out, stream);
+  return launch_skinny_gemms(a, &w, &out, 1, stream);
 }
 
 }  // namespace cpinfer::cuda
