@@ -73,6 +73,9 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
                   "(always dequantized to BF16)")
       ->check(CLI::IsMember({"auto", "bf16"}))
       ->capture_default_str();
+  app->add_flag("!--disable-pdl", backend.pdl,
+                "CUDA: launch every kernel after the previous one has ended, instead of letting the decode-path "
+                "kernels start under its tail (programmatic dependent launch, compute capability 9.0)");
   app->add_flag("--disable-cuda-graph", disable_cuda_graph,
                 "Enqueue every decode step's kernels one by one instead of replaying a recorded CUDA graph");
   app->add_option("--cuda-graph-max-bs", cuda_graph_max_bs,

@@ -279,6 +279,7 @@ struct BackendOptions {
   std::string attention = "auto";
   std::string moe = "auto";
   std::string fp8 = "auto";
+  bool pdl = true;  // CUDA: programmatic dependent launch of the decode-path kernels (--disable-pdl: off)
 };
 
 // Back-end factory: "cpu" always; "cuda" when built with CUDA (device index = ordinal). Throws

@@ -117,6 +117,9 @@ CudaBackend::CudaBackend(int device_index, const BackendOptions& opt) : device_(
             " needs a compute capability 9.0 GPU, ", name_, " is ", prop.major, ".", prop.minor);
   prefill_kernel_ = attention;
   moe_gemm_ = moe;
+  // Decode-path kernels may start under the previous one's tail (compute capability 9.0; every
+  // back-end of a process gets the same option).
+  set_programmatic_launch(opt.pdl && prop.major >= 9);
   // Resources last: a bad setting above throws before anything needs freeing.
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   CUBLAS_CHECK(cublasCreate(&cublas_));

@@ -51,6 +51,8 @@ __global__ void __launch_bounds__(kThreads)
                             int block_size, int n_pages, int hq, int hkv, int n_group, float scale_log2, int n_splits,
                             int split_len, __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
                             float* __restrict__ part) {
+  pdl_wait();
+  pdl_trigger();
   extern __shared__ __align__(128) unsigned char smem[];
   auto* sq = reinterpret_cast<__nv_bfloat16*>(smem);
   __nv_bfloat16* sk = sq + kMaxG * kD;                                         // [kStages][kTile][kD]
@@ -241,11 +243,10 @@ cudaError_t launch_kernel(const DevTensor& q, const DevAttnBatch& batch, const D
   const int hkv = static_cast<int>(cache.k.dim(2));
   const int hq = static_cast<int>(q.dim(1));
   const dim3 grid(static_cast<unsigned>(n_splits), static_cast<unsigned>(hkv), static_cast<unsigned>(batch.n_blocks));
-  attention_decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(
-      q.ptr<const __nv_bfloat16>(), batch.blocks, batch.block_table, batch.max_blocks_per_seq,
-      cache.k.ptr<const __nv_bfloat16>(), cache.v.ptr<const __nv_bfloat16>(), cache.block_size(),
-      static_cast<int>(cache.k.dim(0)), hq, hkv, hq / hkv, scale_log2, n_splits, split_len, out.ptr<__nv_bfloat16>(),
-      lse, part);
+  launch_k(attention_decode_kernel, grid, kThreads, kSmemBytes, stream, q.ptr<const __nv_bfloat16>(), batch.blocks,
+           batch.block_table, batch.max_blocks_per_seq, cache.k.ptr<const __nv_bfloat16>(),
+           cache.v.ptr<const __nv_bfloat16>(), cache.block_size(), static_cast<int>(cache.k.dim(0)), hq, hkv, hq / hkv,
+           scale_log2, n_splits, split_len, out.ptr<__nv_bfloat16>(), lse, part);
   return cudaGetLastError();
 }
 

@@ -17,6 +17,8 @@ template <class T>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_merge_pair_kernel(T* __restrict__ out, float* __restrict__ lse, const T* __restrict__ out2,
                                 const float* __restrict__ lse2, int64_t n_rows, int d) {
+  pdl_wait();
+  pdl_trigger();
   const int lane = threadIdx.x & 31;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); row < n_rows;
        row += static_cast<int64_t>(gridDim.x) * kWarps) {
@@ -53,7 +55,7 @@ cudaError_t launch_attention_merge(DevTensor out, DevTensor lse, const DevTensor
   if (n_rows == 0 || d == 0) return cudaSuccess;
   const unsigned grid = grid_1d(n_rows, kWarps);
   CPI_DISPATCH_ACT(out.dtype, "attention_merge out", T, {
-    attention_merge_pair_kernel<T><<<grid, kWarps * 32, 0, stream>>>(
+    launch_k(attention_merge_pair_kernel<T>, grid, kWarps * 32, 0, stream, 
         static_cast<T*>(out.data), lse.ptr<float>(), static_cast<const T*>(out2.data), lse2.ptr<const float>(), n_rows,
         d);
   });

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "backends/cuda/kernels/kernels.h"
 
@@ -82,6 +83,43 @@ __device__ __forceinline__ float block_sum(float v) {
   __syncthreads();
   v = lane < n_warps ? partial[lane] : 0.0f;
   return warp_sum(v);
+}
+
+// ---- Programmatic dependent launch (compute capability 9.0): a kernel launched by launch_k may
+// start while the kernel before it on the stream is still running (its launch latency and, for the
+// decode GEMMs, its weight reads overlap that kernel's tail). pdl_wait() returns once the previous
+// kernel has completed and its writes are visible: a kernel must call it before it reads anything an
+// earlier kernel wrote or writes anything an earlier kernel reads (only constant inputs, the weights,
+// may be read before). pdl_trigger() lets the next kernel launch. Both are no-ops when the kernel was
+// launched without the attribute (or on older GPUs).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch allowed when
+// programmatic_launch() is on. Every kernel launched here calls pdl_wait() before its first access
+// to data of earlier kernels.
+template <class... P, class... A>
+cudaError_t launch_k(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = programmatic_launch() ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

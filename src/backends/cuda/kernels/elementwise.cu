@@ -1,6 +1,8 @@
 // Row-wise and element-wise kernels: embedding, (add +) RMSNorm, SiLU·mul, add, convert, gather and
 // scatter of rows. Each has a 16-byte vector path (taken when the row length is a multiple of 8
 // elements and every pointer is 16-byte aligned) and a scalar path for odd shapes.
+#include <atomic>
+
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/kernels.h"
 
@@ -17,6 +19,8 @@ int row_threads(int64_t units) {
 template <class TX, class TR, class TW, class TO, bool kVec, bool kResidual>
 __global__ void rms_norm_kernel(TR* __restrict__ residual, const TX* __restrict__ x, const TW* __restrict__ w,
                                 TO* __restrict__ out, int64_t cols, float eps) {
+  pdl_wait();
+  pdl_trigger();
   const int64_t row = blockIdx.x;
   const TX* xr = x + row * cols;
   TR* rr = kResidual ? residual + row * cols : nullptr;
@@ -69,6 +73,8 @@ __global__ void rms_norm_kernel(TR* __restrict__ residual, const TX* __restrict_
 template <class TS, class TO, bool kVec>
 __global__ void gather_convert_kernel(const TS* __restrict__ src, const int32_t* __restrict__ idx, int64_t n_src,
                                       TO* __restrict__ out, int64_t cols) {
+  pdl_wait();
+  pdl_trigger();
   const int64_t row = blockIdx.x;
   const int64_t s = idx[row];
   const bool ok = s >= 0 && s < n_src;  // an out-of-range id yields a zero row, never a fault
@@ -89,6 +95,8 @@ __global__ void gather_convert_kernel(const TS* __restrict__ src, const int32_t*
 template <class W, bool kScatter>
 __global__ void move_rows_kernel(const W* __restrict__ src, const int32_t* __restrict__ idx, int64_t n_other,
                                  W* __restrict__ out, int64_t words) {
+  pdl_wait();
+  pdl_trigger();
   const int64_t i = blockIdx.x;
   const int64_t j = idx[i];
   const bool ok = j >= 0 && j < n_other;
@@ -109,6 +117,8 @@ enum class EwOp { SiluMul, Add, Convert };
 
 template <EwOp kOp, class TA, class TB, class TO, bool kVec>
 __global__ void elementwise_kernel(const TA* __restrict__ a, const TB* __restrict__ b, TO* out, int64_t n) {
+  pdl_wait();
+  pdl_trigger();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   auto apply = [](float x, float y) {
     if constexpr (kOp == EwOp::SiluMul) return x / (1.0f + __expf(-x)) * y;
@@ -139,16 +149,22 @@ cudaError_t run_elementwise(const void* a, const void* b, void* out, int64_t n, 
   const bool vec = n % 8 == 0 && aligned16(a) && (b == nullptr || aligned16(b)) && aligned16(out);
   constexpr int kThreads = 256;
   if (vec) {
-    elementwise_kernel<kOp, TA, TB, TO, true><<<grid_1d(n / 8, kThreads), kThreads, 0, stream>>>(
+    launch_k(elementwise_kernel<kOp, TA, TB, TO, true>, grid_1d(n / 8, kThreads), kThreads, 0, stream, 
         static_cast<const TA*>(a), static_cast<const TB*>(b), static_cast<TO*>(out), n);
   } else {
-    elementwise_kernel<kOp, TA, TB, TO, false><<<grid_1d(n, kThreads), kThreads, 0, stream>>>(
+    launch_k(elementwise_kernel<kOp, TA, TB, TO, false>, grid_1d(n, kThreads), kThreads, 0, stream, 
         static_cast<const TA*>(a), static_cast<const TB*>(b), static_cast<TO*>(out), n);
   }
   return cudaGetLastError();
 }
 
 }  // namespace
+
+namespace {
+std::atomic<bool> g_programmatic_launch{false};
+}  // namespace
+void set_programmatic_launch(bool on) { g_programmatic_launch.store(on, std::memory_order_relaxed); }
+bool programmatic_launch() { return g_programmatic_launch.load(std::memory_order_relaxed); }
 
 cudaError_t launch_rms_norm(DevTensor residual, const DevTensor& x, const DevTensor& w, float eps, DevTensor out,
                             cudaStream_t stream) {
@@ -167,13 +183,13 @@ cudaError_t launch_rms_norm(DevTensor residual, const DevTensor& x, const DevTen
     auto* op = static_cast<TO*>(out.data);
     const unsigned grid = static_cast<unsigned>(rows);
     if (has_res && vec)
-      rms_norm_kernel<TX, TR, TW, TO, true, true><<<grid, threads, 0, stream>>>(r, xp, wp, op, cols, eps);
+      launch_k(rms_norm_kernel<TX, TR, TW, TO, true, true>, grid, threads, 0, stream, r, xp, wp, op, cols, eps);
     else if (has_res)
-      rms_norm_kernel<TX, TR, TW, TO, false, true><<<grid, threads, 0, stream>>>(r, xp, wp, op, cols, eps);
+      launch_k(rms_norm_kernel<TX, TR, TW, TO, false, true>, grid, threads, 0, stream, r, xp, wp, op, cols, eps);
     else if (vec)
-      rms_norm_kernel<TX, TR, TW, TO, true, false><<<grid, threads, 0, stream>>>(r, xp, wp, op, cols, eps);
+      launch_k(rms_norm_kernel<TX, TR, TW, TO, true, false>, grid, threads, 0, stream, r, xp, wp, op, cols, eps);
     else
-      rms_norm_kernel<TX, TR, TW, TO, false, false><<<grid, threads, 0, stream>>>(r, xp, wp, op, cols, eps);
+      launch_k(rms_norm_kernel<TX, TR, TW, TO, false, false>, grid, threads, 0, stream, r, xp, wp, op, cols, eps);
   }));
   return cudaGetLastError();
 }
@@ -187,8 +203,8 @@ cudaError_t launch_embedding(const DevTensor& table, const DevTensor& ids, DevTe
     auto* s = static_cast<const TS*>(table.data);
     auto* o = static_cast<TO*>(out.data);
     const auto* id = ids.ptr<const int32_t>();
-    if (vec) gather_convert_kernel<TS, TO, true><<<rows, threads, 0, stream>>>(s, id, table.rows(), o, cols);
-    else gather_convert_kernel<TS, TO, false><<<rows, threads, 0, stream>>>(s, id, table.rows(), o, cols);
+    if (vec) launch_k(gather_convert_kernel<TS, TO, true>, rows, threads, 0, stream, s, id, table.rows(), o, cols);
+    else launch_k(gather_convert_kernel<TS, TO, false>, rows, threads, 0, stream, s, id, table.rows(), o, cols);
   }));
   return cudaGetLastError();
 }
@@ -204,19 +220,19 @@ cudaError_t move_rows(const DevTensor& src, const DevTensor& idx, DevTensor out,
   const auto* id = idx.ptr<const int32_t>();
   if (vec) {
     const int64_t words = static_cast<int64_t>(row_bytes / 16);
-    move_rows_kernel<uint4, kScatter><<<n, row_threads(words), 0, stream>>>(
+    launch_k(move_rows_kernel<uint4, kScatter>, n, row_threads(words), 0, stream, 
         static_cast<const uint4*>(src.data), id, n_other, static_cast<uint4*>(out.data), words);
   } else if (row_bytes % 4 == 0) {
     const int64_t words = static_cast<int64_t>(row_bytes / 4);
-    move_rows_kernel<uint32_t, kScatter><<<n, row_threads(words), 0, stream>>>(
+    launch_k(move_rows_kernel<uint32_t, kScatter>, n, row_threads(words), 0, stream, 
         static_cast<const uint32_t*>(src.data), id, n_other, static_cast<uint32_t*>(out.data), words);
   } else {
     const int64_t words = static_cast<int64_t>(row_bytes / 2 * 2 == row_bytes ? row_bytes / 2 : 0);
     if (words > 0) {
-      move_rows_kernel<uint16_t, kScatter><<<n, row_threads(words), 0, stream>>>(
+      launch_k(move_rows_kernel<uint16_t, kScatter>, n, row_threads(words), 0, stream, 
           static_cast<const uint16_t*>(src.data), id, n_other, static_cast<uint16_t*>(out.data), words);
     } else {
-      move_rows_kernel<uint8_t, kScatter><<<n, row_threads(static_cast<int64_t>(row_bytes)), 0, stream>>>(
+      launch_k(move_rows_kernel<uint8_t, kScatter>, n, row_threads(static_cast<int64_t>(row_bytes)), 0, stream, 
           static_cast<const uint8_t*>(src.data), id, n_other, static_cast<uint8_t*>(out.data),
           static_cast<int64_t>(row_bytes));
     }

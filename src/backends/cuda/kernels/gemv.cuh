@@ -7,12 +7,14 @@
 // multiplies from shared memory: one round trip per pass. Lane l takes the 16-byte chunks j·32 + l
 // (j < CH) of the pass, so each copy instruction of the warp reads 512 contiguous bytes and each lane
 // reads back only what it copied itself. The block's activation rows (read by every warp) sit in
-// shared memory too, copied by the whole block together with the first pass.
+// shared memory too, copied by the whole block together with the first pass. Under programmatic
+// dependent launch the first pass's weight copies are issued before the previous kernel has ended.
 #pragma once
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
+#include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/mma.cuh"
 
 namespace cpinfer::cuda {
@@ -30,7 +32,7 @@ __device__ __forceinline__ float dot8_bf16(const uint4& a, const uint4& b, float
 }
 
 // Copies the R rows x[r] of k bf16 (k % 8 == 0, 16-byte aligned) into xs [R][k / 8] with the whole
-// block's threads; not committed or waited for (warp_dots does both).
+// block's threads; not committed or waited for.
 template <int R>
 __device__ __forceinline__ void copy_rows_async(uint4* xs, const __nv_bfloat16* const (&x)[R], int k) {
   const int kc = k / 8;
@@ -45,15 +47,16 @@ __host__ __device__ constexpr int warp_dots_chunks() {
   return C * CH * 32;
 }
 
-// dot[r][c] += this lane's share of xs[r] · w[c] over k elements (k % 8 == 0, 16-byte aligned weight
-// rows; xs from copy_rows_async, its copies issued before this call). Every thread of the block must
-// call it with the same k (the first pass ends with the block barrier that makes xs visible);
-// warps with active == false only take part in that barrier. wbuf: this warp's
-// warp_dots_chunks<C, CH>() chunks. Every w[c] must be readable: callers with fewer columns repeat
-// the last one and ignore the extra sums.
+// dot[r][c] += this lane's share of x[r] · w[c] over k elements (k % 8 == 0, 16-byte aligned rows).
+// The first pass issues the weight copies, then waits for the previous kernel (pdl_wait: the weights
+// are constant, the activation rows are not) and copies the R rows x[r] into xs [R][k / 8] with the
+// whole block; its end is a block barrier, so every thread of the block must call this with the same
+// k, and warps with active == false only take part in it. wbuf: this warp's
+// warp_dots_chunks<C, CH>() chunks. Every w[c] and x[r] must be readable: callers with fewer columns
+// or rows repeat the last one and ignore the extra sums.
 template <int R, int C, int CH>
-__device__ __forceinline__ void warp_dots(const __nv_bfloat16* const (&w)[C], const uint4* xs, int k, int lane,
-                                          uint4* wbuf, bool active, float (&dot)[R][C]) {
+__device__ __forceinline__ void warp_dots(const __nv_bfloat16* const (&w)[C], const __nv_bfloat16* const (&x)[R],
+                                          uint4* xs, int k, int lane, uint4* wbuf, bool active, float (&dot)[R][C]) {
   const int kc = k / 8;
   const uint4 zero = make_uint4(0, 0, 0, 0);
   for (int k0 = 0; k0 < kc; k0 += CH * 32) {
@@ -64,6 +67,11 @@ __device__ __forceinline__ void warp_dots(const __nv_bfloat16* const (&w)[C], co
 #pragma unroll
         for (int c = 0; c < C; ++c) cp_async16(wbuf + (c * CH + j) * 32 + lane, w[c] + ch * 8, ch < kc);
       }
+    }
+    if (k0 == 0) {
+      pdl_wait();
+      pdl_trigger();
+      copy_rows_async(xs, x, k);
     }
     cp_async_commit();
     cp_async_wait<0>();

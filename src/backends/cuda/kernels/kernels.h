@@ -54,6 +54,11 @@ struct DevAttnBatch {
   int max_kv_len = 0;  // largest pos_begin + q_len (sizes the cuDNN path's plan)
 };
 
+// Programmatic dependent launch of the decode-path kernels (common.cuh launch_k): on for the
+// process once a CudaBackend on a compute capability 9.0 GPU enables it (BackendOptions::pdl).
+void set_programmatic_launch(bool on);
+bool programmatic_launch();
+
 // ---- row-wise element ops (elementwise.cu)
 cudaError_t launch_embedding(const DevTensor& table, const DevTensor& ids, DevTensor out, cudaStream_t stream);
 // When `residual` is defined: residual += x, then out = rms_norm(residual) * w; otherwise

@@ -11,6 +11,8 @@ namespace {
 template <class TI, class TC, bool kVec>
 __global__ void kv_store_kernel(const TI* __restrict__ k, const TI* __restrict__ v, const int32_t* __restrict__ slots,
                                 TC* __restrict__ ck, TC* __restrict__ cv, int64_t n_slots, int64_t row) {
+  pdl_wait();
+  pdl_trigger();
   const int64_t t = blockIdx.x;
   const int64_t slot = slots[t];
   if (slot < 0 || slot >= n_slots) return;
@@ -52,8 +54,8 @@ cudaError_t launch_kv_store(const DevTensor& k, const DevTensor& v, const DevTen
     auto* ck = static_cast<TC*>(cache.k.data);
     auto* cv = static_cast<TC*>(cache.v.data);
     const auto* sp = slots.ptr<const int32_t>();
-    if (vec) kv_store_kernel<TI, TC, true><<<n_tokens, threads, 0, stream>>>(kp, vp, sp, ck, cv, n_slots, row);
-    else kv_store_kernel<TI, TC, false><<<n_tokens, threads, 0, stream>>>(kp, vp, sp, ck, cv, n_slots, row);
+    if (vec) launch_k(kv_store_kernel<TI, TC, true>, n_tokens, threads, 0, stream, kp, vp, sp, ck, cv, n_slots, row);
+    else launch_k(kv_store_kernel<TI, TC, false>, n_tokens, threads, 0, stream, kp, vp, sp, ck, cv, n_slots, row);
   }));
   return cudaGetLastError();
 }

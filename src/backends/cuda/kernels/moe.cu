@@ -15,6 +15,8 @@ namespace {
 template <class T, int kPer>
 __global__ void moe_route_kernel(const T* __restrict__ logits, int64_t n_tokens, int n_experts, int top_k,
                                  bool renormalize, int32_t* __restrict__ ids, float* __restrict__ weights) {
+  pdl_wait();
+  pdl_trigger();
   const int lane = threadIdx.x & 31;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (t >= n_tokens) return;
@@ -88,6 +90,8 @@ __global__ void moe_permute_kernel(const int32_t* __restrict__ ids, int64_t n_pa
                                    int32_t* __restrict__ offsets, int32_t* __restrict__ src_token,
                                    int32_t* __restrict__ pair_row, int tile_m, int32_t* __restrict__ tile_start,
                                    int32_t* __restrict__ active) {
+  pdl_wait();
+  pdl_trigger();
   extern __shared__ int32_t cursor[];  // [count]
   for (int e = threadIdx.x; e < count; e += blockDim.x) cursor[e] = 0;
   __syncthreads();
@@ -141,6 +145,8 @@ template <class TY, class TO, bool kVec>
 __global__ void moe_unpermute_kernel(const TY* __restrict__ y, const float* __restrict__ w,
                                      const int32_t* __restrict__ pair_row, int top_k, TO* __restrict__ out,
                                      int64_t cols) {
+  pdl_wait();
+  pdl_trigger();
   const int64_t t = blockIdx.x;
   TO* o = out + t * cols;
   if constexpr (kVec) {
@@ -222,6 +228,8 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
   constexpr int kCols = small_cols<kGateUp>();
   constexpr int kW = kGateUp ? 2 * kCols : kCols;  // weight rows per warp: gate rows, then up rows
   extern __shared__ uint4 smem[];
+  pdl_wait();  // the segments and rows come from the kernels before
+  pdl_trigger();
   int e, begin, end;
   if (!small_gemm_segment(offsets, active, e, begin, end)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -246,13 +254,12 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
       x[r] = in + static_cast<int64_t>(kGateUp ? src_token[row] : row) * k_dim;
     }
     if (r0 > begin) __syncthreads();  // every warp is done with the previous rows in xs
-    copy_rows_async(xs, x, k_dim);
     float dot[kSmallRows][kW];
 #pragma unroll
     for (int r = 0; r < kSmallRows; ++r)
 #pragma unroll
       for (int c = 0; c < kW; ++c) dot[r][c] = 0.0f;
-    warp_dots<kSmallRows, kW, kCh>(rows, xs, k_dim, lane, wbuf, on, dot);
+    warp_dots<kSmallRows, kW, kCh>(rows, x, xs, k_dim, lane, wbuf, on, dot);
     if (!on) continue;
 #pragma unroll
     for (int r = 0; r < kSmallRows; ++r)
@@ -282,6 +289,8 @@ __global__ void __launch_bounds__(kScalarWarps * 32)
                                  const int32_t* __restrict__ offsets, const __nv_bfloat16* const* __restrict__ w1,
                                  const __nv_bfloat16* const* __restrict__ w2, int n_out, int k_dim,
                                  void* __restrict__ out, const int32_t* __restrict__ active) {
+  pdl_wait();
+  pdl_trigger();
   int e, begin, end;
   if (!small_gemm_segment(offsets, active, e, begin, end)) return;
   const int lane = threadIdx.x & 31, n = blockIdx.x * kScalarWarps + (threadIdx.x >> 5);
@@ -319,13 +328,13 @@ cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormaliz
   CPI_DISPATCH_ACT(logits.dtype, "moe_route logits", T, {
     const T* lp = static_cast<const T*>(logits.data);
     if (n_experts <= 128)
-      moe_route_kernel<T, 4><<<blocks, kWarps * 32, 0, stream>>>(lp, n_tokens, n_experts, top_k, renormalize, idp, wp);
+      launch_k(moe_route_kernel<T, 4>, blocks, kWarps * 32, 0, stream, lp, n_tokens, n_experts, top_k, renormalize, idp, wp);
     else if (n_experts <= 256)
-      moe_route_kernel<T, 8><<<blocks, kWarps * 32, 0, stream>>>(lp, n_tokens, n_experts, top_k, renormalize, idp, wp);
+      launch_k(moe_route_kernel<T, 8>, blocks, kWarps * 32, 0, stream, lp, n_tokens, n_experts, top_k, renormalize, idp, wp);
     else if (n_experts <= 512)
-      moe_route_kernel<T, 16><<<blocks, kWarps * 32, 0, stream>>>(lp, n_tokens, n_experts, top_k, renormalize, idp, wp);
+      launch_k(moe_route_kernel<T, 16>, blocks, kWarps * 32, 0, stream, lp, n_tokens, n_experts, top_k, renormalize, idp, wp);
     else
-      moe_route_kernel<T, 32><<<blocks, kWarps * 32, 0, stream>>>(lp, n_tokens, n_experts, top_k, renormalize, idp, wp);
+      launch_k(moe_route_kernel<T, 32>, blocks, kWarps * 32, 0, stream, lp, n_tokens, n_experts, top_k, renormalize, idp, wp);
   });
   return cudaGetLastError();
 }
@@ -336,7 +345,7 @@ cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count,
   const int64_t n_pairs = ids.numel();
   const int top_k = static_cast<int>(ids.cols());
   if (tile_start && tile_m <= 0) return cudaErrorInvalidValue;
-  moe_permute_kernel<<<1, 1024, static_cast<size_t>(count) * sizeof(int32_t), stream>>>(
+  launch_k(moe_permute_kernel, 1, 1024, static_cast<size_t>(count) * sizeof(int32_t), stream, 
       ids.ptr<const int32_t>(), n_pairs, top_k, first, count, offsets, src_token, pair_row, tile_m, tile_start,
       active);
   return cudaGetLastError();
@@ -359,8 +368,8 @@ cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, c
     auto* yp = static_cast<const TY*>(y.data);
     auto* op = static_cast<TO*>(out.data);
     const float* wp = weights.ptr<const float>();
-    if (vec) moe_unpermute_kernel<TY, TO, true><<<n_tokens, threads, 0, stream>>>(yp, wp, pair_row, top_k, op, cols);
-    else moe_unpermute_kernel<TY, TO, false><<<n_tokens, threads, 0, stream>>>(yp, wp, pair_row, top_k, op, cols);
+    if (vec) launch_k(moe_unpermute_kernel<TY, TO, true>, n_tokens, threads, 0, stream, yp, wp, pair_row, top_k, op, cols);
+    else launch_k(moe_unpermute_kernel<TY, TO, false>, n_tokens, threads, 0, stream, yp, wp, pair_row, top_k, op, cols);
   }));
   return cudaGetLastError();
 }
@@ -384,11 +393,11 @@ cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const int32_t* src_toke
   if (!vectorized) {
     const dim3 grid1(static_cast<unsigned>((inter + kScalarWarps - 1) / kScalarWarps), ey);
     const dim3 grid2(static_cast<unsigned>((hidden + kScalarWarps - 1) / kScalarWarps), ey);
-    moe_small_gemm_scalar_kernel<true><<<grid1, kScalarWarps * 32, 0, stream>>>(xp, src_token, offsets, g, u, n_i,
+    launch_k(moe_small_gemm_scalar_kernel<true>, grid1, kScalarWarps * 32, 0, stream, xp, src_token, offsets, g, u, n_i,
                                                                                 n_h, act, active);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    moe_small_gemm_scalar_kernel<false><<<grid2, kScalarWarps * 32, 0, stream>>>(actp, nullptr, offsets, d, nullptr,
+    launch_k(moe_small_gemm_scalar_kernel<false>, grid2, kScalarWarps * 32, 0, stream, actp, nullptr, offsets, d, nullptr,
                                                                                  n_h, n_i, y, active);
     return cudaGetLastError();
   }
@@ -401,7 +410,7 @@ cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const int32_t* src_toke
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       if (e != cudaSuccess) return e;
     }
-    kernel<<<dim3(grid_x, ey), kSmallWarps * 32, smem, stream>>>(src, src_token, offsets, a1, a2, n_out, k_dim, o,
+    launch_k(kernel, dim3(grid_x, ey), kSmallWarps * 32, smem, stream, src, src_token, offsets, a1, a2, n_out, k_dim, o,
                                                                   active);
     return cudaGetLastError();
   };

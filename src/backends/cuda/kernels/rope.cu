@@ -16,6 +16,8 @@ __global__ void qk_norm_rope_kernel(T* __restrict__ q, T* __restrict__ k, const 
                                     const TW* __restrict__ kw, const int32_t* __restrict__ positions,
                                     const float* __restrict__ inv_freq, int64_t n_tokens, int hq, int hkv, int d,
                                     float eps, float attention_factor) {
+  pdl_wait();
+  pdl_trigger();
   extern __shared__ float smem[];  // [kWarps, D]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float* s = smem + warp * d;
@@ -63,7 +65,7 @@ cudaError_t launch_qk_norm_rope(DevTensor q, DevTensor k, const DevTensor& q_nor
     return cudaErrorInvalidValue;
   const size_t smem = static_cast<size_t>(kWarps) * d * sizeof(float);
   CPI_DISPATCH_ACT(q.dtype, "qk_norm_rope q", T, CPI_DISPATCH_FLOAT(q_norm_w.dtype, "qk_norm_rope weight", TW, {
-    qk_norm_rope_kernel<T, TW><<<static_cast<unsigned>(blocks), kWarps * 32, smem, stream>>>(
+    launch_k(qk_norm_rope_kernel<T, TW>, static_cast<unsigned>(blocks), kWarps * 32, smem, stream, 
         static_cast<T*>(q.data), static_cast<T*>(k.data), static_cast<const TW*>(q_norm_w.data),
         static_cast<const TW*>(k_norm_w.data), positions.ptr<const int32_t>(), inv_freq, n_tokens, hq, hkv, d, eps,
         attention_factor);

@@ -57,14 +57,12 @@ __global__ void __launch_bounds__(kWarps * 32)
   const __nv_bfloat16* xr[M];
 #pragma unroll
   for (int r = 0; r < M; ++r) xr[r] = a + static_cast<int64_t>(min(r, m - 1)) * k;
-  uint4* const xs = smem;
-  copy_rows_async(xs, xr, k);
   float dot[M][C];
 #pragma unroll
   for (int r = 0; r < M; ++r)
 #pragma unroll
     for (int c = 0; c < C; ++c) dot[r][c] = 0.0f;
-  warp_dots<M, C, CH>(wr, xs, k, lane, smem + M * (k / 8) + warp * warp_dots_chunks<C, CH>(), active, dot);
+  warp_dots<M, C, CH>(wr, xr, smem, k, lane, smem + M * (k / 8) + warp * warp_dots_chunks<C, CH>(), active, dot);
   if (!active) return;
   TO* const out = static_cast<TO*>(pick(s.out, seg));
 #pragma unroll
@@ -92,7 +90,7 @@ cudaError_t launch_m(const __nv_bfloat16* a, Segs s, int m, int k, cudaStream_t 
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       if (e != cudaSuccess) return e;
     }
-    kernel<<<grid, kWarps * 32, smem, stream>>>(a, s, m, k);
+    launch_k(kernel, grid, kWarps * 32, smem, stream, a, s, m, k);
     return cudaGetLastError();
   };
   if (k <= 2048) return go(skinny_gemm_kernel<M, 2, 8, TO>, 2, smem_bytes<M, 2, 8>(k));
