@@ -30,27 +30,27 @@
 //              with 2 N-tiles per CTA.
 //   kBN = 128: 3 stages x 32 KB = 96 KB (+1 KB), 2 CTAs per SM (<= 128 registers: 120-128), 64
 //              accumulators per thread: the alternative (--moe-runner-backend wgmma128), for tuning.
-// Epilogue straight from the accumulators: d[4n + e] is row 16·warp + lane/4 + 8·(e/2) of the
-// warpgroup's 64, column 8n + 2·(lane%4) + e%2 (the mapping attention_wgmma.cu uses).
+// Epilogue straight from the accumulators (store_tile): d[4n + e] is row 16·warp + lane/4 + 8·(e/2)
+// of the warpgroup's 64, column 8n + 2·(lane%4) + e%2 (the mapping attention_wgmma.cu uses). The
+// tile geometry, the epilogue and the warp-specialized producer are moe_gemm_tiles.cuh's.
 // Requirements (the caller checks): H and I multiples of 64, 16-byte aligned pointers, a compute
 // capability 9.0 device (there is no code for others). N edges (I % 128 with kBN = 256, H % kBN)
 // are masked.
 #include <atomic>
 
 #include "backends/cuda/kernels/common.cuh"
-#include "backends/cuda/kernels/kernels.h"
 #include "backends/cuda/kernels/hopper.cuh"
+#include "backends/cuda/kernels/kernels.h"
 #include "backends/cuda/kernels/moe_gemm_args.cuh"
+#include "backends/cuda/kernels/moe_gemm_tiles.cuh"
 
 namespace cpinfer::cuda {
 namespace {
 
-constexpr int kTileM = kMoeGemmTileM;  // 128
-constexpr int kTileK = 64;             // bf16 per 128-byte row of a tile
-constexpr int kThreads = 256;          // two warpgroups
-constexpr int kRowBytes = 128;
-constexpr int kRowsPerPass = kThreads / 8;  // 32 rows per pass of 16-byte chunks
-constexpr int kABytes = kTileM * kRowBytes;  // 16 KB
+using namespace moe_tiles;  // tile geometry, store_tile, the ws producer (moe_gemm_tiles.cuh)
+
+constexpr int kTileK = 64;                      // bf16 per 128-byte row of a tile
+constexpr int kThreads = 256;                   // two warpgroups
 constexpr int kALoads = kTileM / kRowsPerPass;  // 4 chunks per thread per stage
 
 template <int kBN>
@@ -66,27 +66,7 @@ struct WgCfg {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
-// ---- index maps shared by the kernel and the host emulation (tools: see the report / tests)
-// Row of a tile (A or B) loaded by thread `tid` in pass i, and its 16-byte chunk (k 8·chunk..).
-__host__ __device__ constexpr int load_row(int tid, int i) { return (tid >> 3) + kRowsPerPass * i; }
-__host__ __device__ constexpr int load_chunk(int tid) { return tid & 7; }
-// Byte offset of chunk c of row r inside a 1024-aligned tile of 128-byte rows, 128B swizzle.
-__host__ __device__ constexpr uint32_t swizzled_off(int r, int c) {
-  return static_cast<uint32_t>(r * kRowBytes + ((c ^ (r & 7)) << 4));
-}
-// Kernel 1: B tile row r holds gate (up = false) or up (up = true) row n0 + gateup_row(r).
-__host__ __device__ constexpr bool gateup_is_up(int r, int bn) { return r >= bn / 2; }
-__host__ __device__ constexpr int gateup_row(int r, int bn) { return r & (bn / 2 - 1); }
-// Start addresses (byte offsets from the stage) of the wgmma operands of warpgroup wg, k16 step ks.
-__host__ __device__ constexpr uint32_t desc_a_off(int wg, int ks) {
-  return static_cast<uint32_t>(wg * 64 * kRowBytes + ks * 32);
-}
-__host__ __device__ constexpr uint32_t desc_b_off(int ks) { return static_cast<uint32_t>(kABytes + ks * 32); }
-// Accumulator idx of thread tid: row in the 128-row tile, column in the kBN-wide B tile.
-__host__ __device__ constexpr int acc_row(int tid, int idx) {
-  return (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2) + 8 * ((idx & 3) >> 1);
-}
-__host__ __device__ constexpr int acc_col(int tid, int idx) { return 8 * (idx >> 2) + 2 * (tid & 3) + (idx & 1); }
+__device__ __forceinline__ TileOut tile_out(const MoeGemmArgs& a) { return TileOut{a.out, a.n_out, a.out_bf16}; }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -131,55 +111,6 @@ template <int kBN>
 __device__ __forceinline__ void wgmma_tile(float (&d)[kBN / 2], uint64_t da, uint64_t db) {
   if constexpr (kBN == 256) wgmma_n256(d, da, db);
   else wgmma_n128(d, da, db);
-}
-
-__device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
-
-// The epilogue of one tile straight from the accumulators: acc[idx] is tile row acc_row(tid, idx),
-// B column acc_col(tid, idx) (tid counts the 256 threads of the two MMA warpgroups); tile rows from
-// rows_left on are not written; row0 is the tile's first row in the expert-sorted rows.
-template <bool kGateUp, int kBN>
-__device__ __forceinline__ void store_tile(const float (&acc)[kBN / 2], const MoeGemmArgs& args, int tid,
-                                           int rows_left, int64_t row0, int n0) {
-  const int n_out = args.n_out;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = acc_row(tid, 2 * h);
-    if (r >= rows_left) continue;
-    const int64_t row = row0 + r;
-    if constexpr (kGateUp) {
-      auto* out = static_cast<__nv_bfloat16*>(args.out) + row * n_out;
-#pragma unroll
-      for (int n = 0; n < kBN / 16; ++n) {  // gate n8 tiles; the up tile of the same columns is n + kBN / 16
-        const int idx = 4 * n + 2 * h;
-        const int col = n0 + acc_col(tid, idx);
-        if (col >= n_out) continue;  // n_out is a multiple of 64: the pair is inside or outside
-        float v[2];
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float g = bf16_round(acc[idx + c]), u = bf16_round(acc[idx + c + kBN / 4]);
-          v[c] = g / (1.0f + __expf(-g)) * u;
-        }
-        *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(v[0], v[1]);
-      }
-    } else if (args.out_bf16) {
-      auto* out = static_cast<__nv_bfloat16*>(args.out) + row * n_out;
-#pragma unroll
-      for (int n = 0; n < kBN / 8; ++n) {
-        const int idx = 4 * n + 2 * h;
-        const int col = n0 + acc_col(tid, idx);
-        if (col < n_out) *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(acc[idx], acc[idx + 1]);
-      }
-    } else {
-      float* out = static_cast<float*>(args.out) + row * n_out;
-#pragma unroll
-      for (int n = 0; n < kBN / 8; ++n) {
-        const int idx = 4 * n + 2 * h;
-        const int col = n0 + acc_col(tid, idx);
-        if (col < n_out) *reinterpret_cast<float2*>(out + col) = make_float2(acc[idx], acc[idx + 1]);
-      }
-    }
-  }
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -290,7 +221,7 @@ __global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks) moe_grouped_
       prologue();
     }
 
-    store_tile<kGateUp, kBN>(acc, args, tid, rows_left, seg_begin + m0, n0);
+    store_tile<kGateUp, kBN>(acc, tile_out(args), tid, rows_left, seg_begin + m0, n0);
   }
   cp_async_wait<0>();  // only empty groups can be pending here
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -302,9 +233,9 @@ __global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks) moe_grouped_
 // the two __syncthreads of each k-step (~10%), with the tensor pipe 64% busy. Here the loads are a
 // producer warpgroup's only work and the two MMA warpgroups meet the producer through mbarriers,
 // never each other:
-//   warpgroup 0 (producer, 88 registers): its 128 threads cp.async every A and B chunk of a
-//     k-step into the ring slot (thread t: chunk t % 8 of rows t / 8 + 16 i, zero fill past the
-//     rows / N), then arrive on the slot's full barrier when their copies land (count 128);
+//   warpgroup 0 (producer, 88 registers): moe_gemm_tiles.cuh's ws_produce, shared with the FP8
+//     kernels: its 128 threads cp.async every A and B chunk of a k-step into the ring slot, then
+//     arrive on the slot's full barrier when their copies land (count 128);
 //   warpgroups 1, 2 (MMA, 208 registers): wait for a slot, issue its 4 wgmmas, commit, wait until
 //     only those are in flight and release the previous slot (empty barrier, one arrival per
 //     warpgroup); at the end of an N-tile the epilogue writes from registers while the producer
@@ -333,68 +264,16 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
-  auto full = [&](int s) { return base + kWsBarOff + 8 * s; };
-  auto empty = [&](int s) { return base + kWsBarOff + 8 * (kWsStages + s); };
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kWsStages; ++s) {
-      mbar_init(full(s), 128);
-      mbar_init(empty(s), 2);
-    }
-    mbar_init_fence();
-  }
-  __syncthreads();
+  const WsRing<kWsStages> ring{base + kWsBarOff};
+  ring.init(2);  // empty: one arrival per MMA warpgroup
 
   if (threadIdx.x < 128) {
-    // ---- producer
     regs_dealloc<kWsProducerRegs>();
-    const int t = threadIdx.x, chunk = t & 7, rsub = t >> 3;  // rows rsub + 16 i
-    const uint32_t st_off = static_cast<uint32_t>(rsub * kRowBytes + ((chunk ^ (rsub & 7)) << 4));
-    // A: the 8 rows of this thread (x rows through src_token, or act rows); row 0 where past the
-    // segment (zero fill, nothing read).
-    int a_row[8];
-    uint32_t a_ok = 0;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int r = rsub + 16 * i;
-      const bool ok = r < rows_left;
-      a_row[i] = ok ? (kGateUp ? __ldg(args.src_token + seg_begin + m0 + r) : seg_begin + m0 + r) : 0;
-      a_ok |= static_cast<uint32_t>(ok) << i;
-    }
-    const __nv_bfloat16* const a_base = args.a + chunk * 8;
-    const int64_t b_step = static_cast<int64_t>(16) * k_dim;  // 16 B rows further
-    const __nv_bfloat16* const w1 = args.w1[e];
-    const __nv_bfloat16* const w2 = kGateUp ? args.w2[e] : nullptr;
-    uint32_t it = 0;
-    for (int j = j_begin; j < j_end; ++j) {
-      // B rows of this N-tile: row rsub + 16 i is output n0 + rsub + 16 (i % 8) of gate (i < 8) or
-      // up (i >= 8) for gate‖up, output n0 + rsub + 16 i of down.
-      const int n_first = j * kNStep + rsub;
-      const __nv_bfloat16* b_lo = w1 + static_cast<int64_t>(n_first) * k_dim + chunk * 8;
-      const __nv_bfloat16* b_hi = kGateUp ? w2 + static_cast<int64_t>(n_first) * k_dim + chunk * 8 : b_lo + 8 * b_step;
-      uint32_t b_ok = 0;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const int n = n_first + 16 * (kGateUp ? (i & 7) : i);
-        b_ok |= static_cast<uint32_t>(n < n_out) << i;
-      }
-      for (int kt = 0; kt < n_k; ++kt, ++it) {
-        const int s = static_cast<int>(it % kWsStages);
-        mbar_wait(empty(s), ((it / kWsStages) & 1) ^ 1);
-        const uint32_t sa = base + s * kWsStageBytes + st_off, sb = sa + kABytes;
-        const int k0 = kt * kTileK;
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-          cp_async16(sa + i * 16 * kRowBytes, a_base + (static_cast<int64_t>(a_row[i]) * k_dim + k0), (a_ok >> i) & 1);
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-          const bool ok = (b_ok >> i) & 1;
-          const __nv_bfloat16* src = (i < 8 ? b_lo + i * b_step : b_hi + (i - 8) * b_step) + k0;
-          cp_async16(sb + i * 16 * kRowBytes, ok ? src : w1, ok);
-        }
-        mbar_arrive_cp_async(full(s));
-      }
-    }
-    cp_async_wait<0>();  // the last copies land before this thread leaves
+    const WsOperands op{reinterpret_cast<const unsigned char*>(args.a), args.src_token,
+                        reinterpret_cast<const unsigned char*>(args.w1[e]),
+                        reinterpret_cast<const unsigned char*>(kGateUp ? args.w2[e] : nullptr),
+                        static_cast<int64_t>(k_dim) * 2, n_out};
+    ws_produce<kGateUp, kBN>(op, tile, base, kWsStageBytes, ring, j_begin, j_end, n_k, [](int, int, int) {});
     return;
   }
 
@@ -408,8 +287,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
     for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.0f;
     int prev = -1;
     for (int kt = 0; kt < n_k; ++kt, ++it) {
-      const int s = static_cast<int>(it % kWsStages);
-      mbar_wait(full(s), (it / kWsStages) & 1);
+      const int s = ring.slot(it);
+      mbar_wait(ring.full(s), ring.parity(it));
       fence_async_smem();  // the slot was written by cp.async (generic proxy); wgmma reads it
       const uint32_t stage = base + s * kWsStageBytes;
       wgmma_fence();
@@ -418,13 +297,13 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
         wgmma_n256(acc, make_desc(stage + desc_a_off(wg, ks), 16, 1024), make_desc(stage + desc_b_off(ks), 16, 1024));
       wgmma_commit();
       wgmma_wait<1>();  // the previous k-step's wgmmas are done: its slot can be refilled
-      if (prev >= 0 && (tid & 127) == 0) mbar_arrive(empty(prev));
+      if (prev >= 0 && (tid & 127) == 0) mbar_arrive(ring.empty(prev));
       prev = s;
     }
     wgmma_wait<0>();
     fence_regs(acc);
-    if (prev >= 0 && (tid & 127) == 0) mbar_arrive(empty(prev));
-    store_tile<kGateUp, kBN>(acc, args, tid, rows_left, seg_begin + m0, j * kNStep);
+    if (prev >= 0 && (tid & 127) == 0) mbar_arrive(ring.empty(prev));
+    store_tile<kGateUp, kBN>(acc, tile_out(args), tid, rows_left, seg_begin + m0, j * kNStep);
   }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
