@@ -15,7 +15,8 @@ FILES=(
   tests/model/llama_test.cpp
   src/backends/cuda/kernels/attention_decode.cu src/backends/cuda/kernels/skinny_gemm.cu
   src/backends/cuda/kernels/fp8.cuh src/backends/cuda/kernels/fp8.cu src/backends/cuda/kernels/moe_fp8.cu
-  src/backends/cuda/kernels/moe_gemm_fp8_wgmma.cu src/backends/cuda/cuda_fp8.cpp src/backends/cuda/cuda_moe_fp8.cpp
+  src/backends/cuda/kernels/moe_gemm_fp8_wgmma.cu src/backends/cuda/kernels/moe_gemm_tiles.cuh
+  src/backends/cuda/cuda_fp8.cpp src/backends/cuda/cuda_moe_fp8.cpp
 )
 FORMAT="${CLANG_FORMAT:-clang-format}"
 command -v "$FORMAT" >/dev/null || { echo "[format] $FORMAT not found (scripts/setup.sh installs it)" >&2; exit 1; }

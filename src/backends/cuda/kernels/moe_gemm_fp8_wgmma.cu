@@ -328,8 +328,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const Args ar
       cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
       if (copies_w) cp_async4(dst + 4 * (128 + t), w_base + static_cast<int64_t>(j * kNStep / kTileK) * n_k + kt, true);
     };
-    const WsOperands op{args.a, kGateUp ? args.src_token : nullptr, args.w1[e], kGateUp ? args.w2[e] : nullptr,
-                        args.k_dim, args.n_out};
+    const WsOperands op{
+        args.a, kGateUp ? args.src_token : nullptr, args.w1[e], kGateUp ? args.w2[e] : nullptr, args.k_dim, args.n_out};
     ws_produce<kGateUp, kBN>(op, tile, base, kStageBytes, ring, j_begin, j_end, n_k, scale_copies);
     return;
   }
