@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <array>
+#include <functional>
 #include <map>
 #include <memory>
 #include <vector>
@@ -241,6 +242,34 @@ class CudaBackend : public Backend {
   // for one of the GEMMs (nothing was written to out).
   bool moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                           Tensor out);
+  // The scratch of the device-scheduled MoE paths (cuda_moe.cpp, cuda_moe_fp8.cpp) from one
+  // workspace request: the permutation's pieces, act [T·K, I] BF16 and y [T·K, H] of y_elt bytes
+  // per element, then whatever `more` takes.
+  struct MoeScratch {
+    int32_t *offsets = nullptr, *tile_start = nullptr, *active = nullptr;  // [count + 1] each
+    int32_t *src_token = nullptr, *pair_row = nullptr;                     // [T·K] each
+    void* act = nullptr;
+    void* y = nullptr;
+  };
+  MoeScratch carve_moe_scratch(int count, size_t n_pairs, int64_t inter, int64_t hidden, size_t y_elt,
+                               const std::function<void(Bump&)>& more = {});
+  // The start of the per-expert (cuBLAS, cuBLASLt) MoE paths: the call's pairs permuted by local
+  // expert into the workspace's first pieces, and the segment offsets copied to the host (one
+  // stream synchronization). A later carve_workspace starts its layout with take() and keeps
+  // `bytes`, so those pieces keep their content (their addresses may move).
+  struct ExpertRows {
+    int count = 0;
+    size_t n_pairs = 0, bytes = 0;
+    int32_t *offsets = nullptr, *src_token = nullptr, *pair_row = nullptr;  // [count + 1], [T·K], [T·K]
+    std::vector<int32_t> host_off;                                          // [count + 1]
+    int64_t rows() const { return host_off[count]; }
+    void take(Bump& w) {
+      offsets = w.take<int32_t>(count + 1);
+      src_token = w.take<int32_t>(n_pairs);
+      pair_row = w.take<int32_t>(n_pairs);
+    }
+  };
+  ExpertRows permute_rows_to_host(const Tensor& ids, const ExpertShard& shard);
   // Device arrays of the shard's code and scale pointers (uploaded once per shard).
   Fp8ExpertTables fp8_expert_tables_on_device(const ExpertShard& shard);
   // A device copy of `host` (pointers), uploaded once per distinct content.

@@ -77,24 +77,18 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
     // --moe-runner-backend wgmma runs the first FP8 kernels, y in F32, to compare.
     MoeFp8GemmArgs a;
     a.warp_specialized = a.y_bf16 = moe_gemm_ != MoeGemm::Wgmma;
-    // Scratch: offsets, tile_start [count + 1], src_token, pair_row [T·K], xq [T, H] e4m3 with its
-    // scales [H/128, T], act [T·K, I] BF16, aq [T·K, I] e4m3 with segmented scales, y [T·K, H].
-    int32_t *offsets = nullptr, *tile_start = nullptr, *src_token = nullptr, *pair_row = nullptr;
+    // Scratch: the device-scheduled paths' (act, y in BF16 or F32), then xq [T, H] e4m3 with its
+    // scales [H/128, T], aq [T·K, I] e4m3 with segmented scales.
     uint8_t *xq = nullptr, *aq = nullptr;
     float *xs = nullptr, *as = nullptr;
-    char *act = nullptr, *y_rows = nullptr;
-    carve_workspace([&](Bump& w) {
-      offsets = w.take<int32_t>(count + 1);
-      tile_start = w.take<int32_t>(count + 1);
-      src_token = w.take<int32_t>(n_pairs);
-      pair_row = w.take<int32_t>(n_pairs);
+    const MoeScratch m = carve_moe_scratch(count, n_pairs, inter, hidden, a.y_bf16 ? 2 : 4, [&](Bump& w) {
       xq = w.take<uint8_t>(static_cast<size_t>(n_tokens * hidden));
       xs = w.take<float>(static_cast<size_t>(fp8_act_scale_floats(n_tokens, kbh)));
-      act = w.take<char>(n_pairs * inter * 2);
       aq = w.take<uint8_t>(n_pairs * inter);
       as = w.take<float>(static_cast<size_t>(fp8_segment_scale_floats(static_cast<int64_t>(n_pairs), count, kbi)));
-      y_rows = w.take<char>(n_pairs * hidden * (a.y_bf16 ? 2 : 4));
     });
+    int32_t *offsets = m.offsets, *tile_start = m.tile_start, *src_token = m.src_token, *pair_row = m.pair_row;
+    void *act = m.act, *y_rows = m.y;
     const Fp8ExpertTables tables = fp8_expert_tables_on_device(shard);
     CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
                                          tile_start, stream_),
@@ -123,19 +117,11 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
     CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
     return;
   }
-  // The row-wise kernels. Scratch: offsets, active [count + 1], src_token, pair_row [T·K], act
-  // [T·K, I] BF16, y [T·K, H] F32.
-  int32_t *offsets = nullptr, *active = nullptr, *src_token = nullptr, *pair_row = nullptr;
-  void* act = nullptr;
-  float* y_rows = nullptr;
-  carve_workspace([&](Bump& w) {
-    offsets = w.take<int32_t>(count + 1);
-    active = w.take<int32_t>(count + 1);
-    src_token = w.take<int32_t>(n_pairs);
-    pair_row = w.take<int32_t>(n_pairs);
-    act = w.take<uint16_t>(n_pairs * inter);
-    y_rows = w.take<float>(n_pairs * hidden);
-  });
+  // The row-wise kernels.
+  const MoeScratch m = carve_moe_scratch(count, n_pairs, inter, hidden, 4);
+  int32_t *offsets = m.offsets, *active = m.active, *src_token = m.src_token, *pair_row = m.pair_row;
+  void* act = m.act;
+  float* y_rows = static_cast<float*>(m.y);
   const Fp8ExpertTables tables = fp8_expert_tables_on_device(shard);
   CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
                                        nullptr, stream_, active),
@@ -160,23 +146,13 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
 bool CudaBackend::moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const Tensor& weights,
                                      const ExpertShard& shard, Tensor out) {
   const int count = shard.count;
-  const int64_t n_tokens = x.rows(), hidden = x.cols(), top_k = ids.cols(), inter = shard.gate[0].dim(0);
+  const int64_t hidden = x.cols(), inter = shard.gate[0].dim(0);
   const int64_t kbh = hidden / 128, kbi = inter / 128;
   const int64_t ld_h = lt_w_scale_ld(hidden), ld_i = lt_w_scale_ld(inter);  // cuBLASLt's weight-scale rows
-  const size_t n_pairs = static_cast<size_t>(n_tokens * top_k);
-  int32_t *offsets = nullptr, *src_token = nullptr, *pair_row = nullptr;
-  auto meta = [&](Bump& w) {
-    offsets = w.take<int32_t>(count + 1);
-    src_token = w.take<int32_t>(n_pairs);
-    pair_row = w.take<int32_t>(n_pairs);
-  };
-  const size_t meta_bytes = carve_workspace(meta);
-  CUDA_LAUNCH(launch_moe_permute(dev(ids), shard.first, count, offsets, src_token, pair_row, stream_), "moe_permute");
-  std::vector<int32_t> host_off(count + 1);
-  CUDA_CHECK(cudaMemcpyAsync(host_off.data(), offsets, (count + 1) * 4, cudaMemcpyDeviceToHost, stream_));
-  CUDA_CHECK(cudaStreamSynchronize(stream_));
-  const int64_t n_rows = host_off[count];
+  ExpertRows r = permute_rows_to_host(ids, shard);
+  const int64_t n_rows = r.rows();
   if (n_rows == 0) return true;
+  const std::vector<int32_t>& host_off = r.host_off;
   auto rows4 = [&](int e) { return (host_off[e + 1] - host_off[e] + 3) / 4 * 4; };
 
   // Rows (+3 of slack for the last expert's padding): xp [n, H] BF16, xq [n, H] e4m3 + segmented
@@ -191,7 +167,7 @@ bool CudaBackend::moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const T
   float *xs = nullptr, *as = nullptr, *pg = nullptr, *pu = nullptr, *pd = nullptr;
   carve_workspace(
       [&](Bump& w) {
-        meta(w);
+        r.take(w);
         xp = w.take<char>(n_rows * hidden * 2);
         xq = w.take<uint8_t>(n_slack * hidden);
         xs = w.take<float>(xs_n);
@@ -207,7 +183,7 @@ bool CudaBackend::moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const T
         }
         if (ld_i != kbi) pd = w.take<float>(count * sn_h * ld_i);
       },
-      meta_bytes);  // may move
+      r.bytes);  // may move
   const Fp8ExpertTables tables = fp8_expert_tables_on_device(shard);
   if (pg != nullptr) {
     CUDA_LAUNCH(launch_fp8_pad_scales(nullptr, tables.gate_scale, count, sn_i, kbh, pg, ld_h, stream_), "pad");
@@ -232,10 +208,10 @@ bool CudaBackend::moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const T
   CUDA_CHECK(cudaMemsetAsync(as, 0, as_n * 4, stream_));
   CUDA_CHECK(cudaMemsetAsync(xq + n_rows * hidden, 0, static_cast<size_t>(3 * hidden), stream_));
   CUDA_CHECK(cudaMemsetAsync(aq + n_rows * inter, 0, static_cast<size_t>(3 * inter), stream_));
-  Tensor src_idx(src_token, DType::I32, {n_rows}, Device::CUDA);
+  Tensor src_idx(r.src_token, DType::I32, {n_rows}, Device::CUDA);
   Tensor xpt(xp, DType::BF16, {n_rows, hidden}, Device::CUDA);
   CUDA_LAUNCH(launch_gather_rows(dev(x), dev(src_idx), dev(xpt), stream_), "gather_rows");
-  CUDA_LAUNCH(launch_fp8_quantize_rows(dev(xpt), xq, xs, offsets, count, stream_, lt_quantize_layout(hidden)),
+  CUDA_LAUNCH(launch_fp8_quantize_rows(dev(xpt), xq, xs, r.offsets, count, stream_, lt_quantize_layout(hidden)),
               "fp8_quantize_rows");
   for (int e = 0; e < count; ++e) {
     const int64_t b = host_off[e], n4 = rows4(e);
@@ -249,7 +225,7 @@ bool CudaBackend::moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const T
   Tensor gpt(gp, DType::BF16, {n_rows, inter}, Device::CUDA), upt(upr, DType::BF16, {n_rows, inter}, Device::CUDA);
   Tensor actt(act, DType::BF16, {n_rows, inter}, Device::CUDA);
   CUDA_LAUNCH(launch_silu_mul(dev(gpt), dev(upt), dev(actt), stream_), "silu_mul");
-  CUDA_LAUNCH(launch_fp8_quantize_rows(dev(actt), aq, as, offsets, count, stream_, lt_quantize_layout(inter)),
+  CUDA_LAUNCH(launch_fp8_quantize_rows(dev(actt), aq, as, r.offsets, count, stream_, lt_quantize_layout(inter)),
               "fp8_quantize_rows");
   for (int e = 0; e < count; ++e) {
     const int64_t b = host_off[e], n4 = rows4(e);
@@ -258,7 +234,7 @@ bool CudaBackend::moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const T
                 scale_of(shard.down, pd, sn_h, ld_i, e), hidden, inter, y + b * hidden * 4, DType::F32);
   }
   Tensor yt(y, DType::F32, {n_rows, hidden}, Device::CUDA);
-  CUDA_LAUNCH(launch_moe_unpermute(dev(yt), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
+  CUDA_LAUNCH(launch_moe_unpermute(dev(yt), dev(weights), r.pair_row, dev(out), stream_), "moe_unpermute");
   return true;
 }
 
