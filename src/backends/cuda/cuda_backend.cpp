@@ -229,6 +229,12 @@ void CudaBackend::fill_zero(Tensor t) {
   if (t.numel() == 0) return;
   check_on_device(t, "fill_zero", "t");
   DeviceGuard g(device_);
+  // Small buffers (a decode step's MoE output) by a kernel that keeps the step's programmatic launch
+  // chain (a memset node ends it); large ones (a KV cache, a ring) by cudaMemset.
+  if (t.nbytes() <= (size_t{1} << 20)) {
+    CUDA_LAUNCH(launch_fill_zero(t.data, t.nbytes(), stream_), "fill_zero");
+    return;
+  }
   CUDA_CHECK(cudaMemsetAsync(t.data, 0, t.nbytes(), stream_));
 }
 
@@ -382,6 +388,17 @@ void CudaBackend::linears(const Tensor& a, std::span<const LinearOut> outs) {
 
 void CudaBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
                                const Tensor& positions, const RopeParams& rope) {
+  check_qk_norm_rope(q, k, q_norm_w, k_norm_w, eps, positions, rope);
+  DeviceGuard g(device_);
+  const float* inv_freq = inv_freq_on_device(rope);
+  CUDA_LAUNCH(launch_qk_norm_rope(dev(q), dev(k), dev(q_norm_w), dev(k_norm_w), eps, dev(positions), inv_freq,
+                                  rope.attention_factor, stream_),
+              "qk_norm_rope");
+}
+
+void CudaBackend::check_qk_norm_rope(const Tensor& q, const Tensor& k, const Tensor& q_norm_w,
+                                     const Tensor& k_norm_w, float eps, const Tensor& positions,
+                                     const RopeParams& rope) {
   contract::qk_norm_rope(q, k, q_norm_w, k_norm_w, eps, positions, rope);
   check_on_device(q, "qk_norm_rope", "q");
   check_on_device(k, "qk_norm_rope", "k");
@@ -394,14 +411,35 @@ void CudaBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const
   check_dtype(positions, DType::I32, "qk_norm_rope", "positions");
   CPI_CHECK(q.dim(2) <= 1024, "qk_norm_rope: head_dim ", q.dim(2), " > 1024 is not supported by the CUDA kernel");
   CPI_CHECK(q_norm_w.dtype == k_norm_w.dtype, "qk_norm_rope: the CUDA kernel needs q and k norm weights of one dtype");
-  DeviceGuard g(device_);
-  const float* inv_freq = inv_freq_on_device(rope);
-  CUDA_LAUNCH(launch_qk_norm_rope(dev(q), dev(k), dev(q_norm_w), dev(k_norm_w), eps, dev(positions), inv_freq,
-                                  rope.attention_factor, stream_),
-              "qk_norm_rope");
 }
 
 void CudaBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, KvLayer cache) {
+  check_kv_store(k, v, slots, cache);
+  DeviceGuard g(device_);
+  CUDA_LAUNCH(launch_kv_store(dev(k), dev(v), dev(slots), dev(cache), stream_), "kv_store");
+}
+
+// One kernel when the cache holds the activations' dtype (the engine's case): the warps of the k
+// heads store what they rotated, and the token's v head, straight into the cache.
+void CudaBackend::qk_norm_rope_store(Tensor q, Tensor k, const Tensor& v, const Tensor& q_norm_w,
+                                     const Tensor& k_norm_w, float eps, const Tensor& positions,
+                                     const RopeParams& rope, const Tensor& slots, KvLayer cache) {
+  check_qk_norm_rope(q, k, q_norm_w, k_norm_w, eps, positions, rope);
+  check_kv_store(k, v, slots, cache);
+  if (cache.k.dtype != q.dtype || v.dtype != q.dtype) {
+    Backend::qk_norm_rope_store(q, k, v, q_norm_w, k_norm_w, eps, positions, rope, slots, cache);
+    return;
+  }
+  DeviceGuard g(device_);
+  const float* inv_freq = inv_freq_on_device(rope);
+  const DevTensor dv = dev(v), ds = dev(slots);
+  const DevKv dc = dev(cache);
+  CUDA_LAUNCH(launch_qk_norm_rope(dev(q), dev(k), dev(q_norm_w), dev(k_norm_w), eps, dev(positions), inv_freq,
+                                  rope.attention_factor, stream_, &dv, &ds, &dc),
+              "qk_norm_rope_store");
+}
+
+void CudaBackend::check_kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, const KvLayer& cache) {
   contract::kv_store(k, v, slots, cache);
   check_on_device(k, "kv_store", "k");
   check_on_device(v, "kv_store", "v");
@@ -412,8 +450,6 @@ void CudaBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots
   check_act(k, "kv_store", "k");
   check_act(cache.k, "kv_store", "cache.k");
   check_dtype(cache.v, cache.k.dtype, "kv_store", "cache.v");
-  DeviceGuard g(device_);
-  CUDA_LAUNCH(launch_kv_store(dev(k), dev(v), dev(slots), dev(cache), stream_), "kv_store");
 }
 
 void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,
