@@ -188,6 +188,7 @@ int run_bench_decode(DecodeFlags& f) {
   j["cuda_graph"] = !f.ef.disable_cuda_graph && graph_stats.replays > 0;
   j["graphs_recorded"] = graph_stats.captures;
   j["steps_replayed"] = graph_stats.replays;
+  j["pdl"] = f.ef.backend.pdl && f.ef.device == "cuda";
   j["linear_weights"] = fp8_kept ? "fp8 (1 byte per weight + F32 block scales)" : "as stored";
   j["expert_bytes_model"] = "uniform routing: E * (1 - (1 - k/E)^batch) distinct experts per MoE layer";
   j["results"] = nlohmann::json::array();
@@ -195,9 +196,10 @@ int run_bench_decode(DecodeFlags& f) {
     std::printf("model %s, device %s, copy bandwidth %.0f GB/s (read + write), KV cache %d positions%s\n",
                 j["model"].get<std::string>().c_str(), device_name.c_str(), copy_gbps, cache_tokens,
                 fp8_kept ? ", linear weights FP8" : "");
-    std::printf("decode graphs: %lld recorded, %lld steps replayed (warm-up included)%s\n",
+    std::printf("decode graphs: %lld recorded, %lld steps replayed (warm-up included)%s%s\n",
                 static_cast<long long>(graph_stats.captures), static_cast<long long>(graph_stats.replays),
-                f.ef.disable_cuda_graph ? ", --disable-cuda-graph" : "");
+                f.ef.disable_cuda_graph ? ", --disable-cuda-graph" : "",
+                f.ef.device == "cuda" && !f.ef.backend.pdl ? ", --disable-pdl" : "");
     std::printf("%6s %8s %10s %10s %11s %9s %9s %9s %8s %7s\n", "batch", "context", "step_ms", "p90_ms", "tok/s",
                 "weight_MB", "expert_MB", "kv_MB", "GB/s", "%copy");
   }

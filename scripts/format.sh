@@ -13,7 +13,8 @@ FILES=(
   src/ops/contract.h src/ops/contract.cpp
   src/kv/radix_cache.h src/kv/radix_cache.cpp tests/unit/radix_cache_test.cpp tests/server/prefix_cache_test.cpp tests/server/engine_harness.h tests/server/runner_test.cpp
   tests/model/llama_test.cpp
-  src/backends/cuda/kernels/attention_decode.cu src/backends/cuda/kernels/skinny_gemm.cu
+  src/backends/cuda/kernels/attention_decode.cu src/backends/cuda/kernels/skinny_gemm.cu src/backends/cuda/kernels/gemv.cuh
+  src/backends/cuda/cuda_attention.cpp src/backends/cuda/cuda_args.h
   src/backends/cuda/kernels/fp8.cuh src/backends/cuda/kernels/fp8.cu src/backends/cuda/kernels/moe_fp8.cu
   src/backends/cuda/kernels/moe_gemm_fp8_wgmma.cu src/backends/cuda/kernels/moe_gemm_tiles.cuh
   src/backends/cuda/cuda_fp8.cpp src/backends/cuda/cuda_moe_fp8.cpp

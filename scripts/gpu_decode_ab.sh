@@ -7,10 +7,15 @@
 # safetensors with the published tensor names; torch on the GPU, or a stdlib writer where torch is
 # absent), runs `cpinfer generate` of the two builds in turn on the same prompt ids (greedy, EOS
 # ignored, the same number of new tokens, the default page size and kernels, no CUDA graphs where a
-# build has them) and writes the decode tokens/s table to $OUT/decode_ab.txt.
+# build has them unless AB_GRAPHS=on) and writes the decode tokens/s table to $OUT/decode_ab.txt.
 #   OUT=/some/dir bash scripts/gpu_decode_ab.sh
-# Knobs (environment): AB_TAR (.ab.tar.xz), AB_SCRATCH (scratch parent, default /dev/shm, else
-# $TMPDIR or /tmp; the script uses and empties its cpinfer-decode-ab/),
+# Another pair of builds, packed the same way, with decode graphs on in both (the normal path):
+#   OUT=/some/dir AB_TAR=.ab2.tar.xz AB_GRAPHS=on bash scripts/gpu_decode_ab.sh
+# Knobs (environment): AB_TAR (the tarball, default .ab.tar.xz; AB_TARBALL is read too; a relative
+# path is taken from the current folder, else from the repository root),
+# AB_GRAPHS (off, the default: pass --disable-cuda-graph to a build that has it; on: pass nothing,
+# decode steps replay CUDA graphs where a build records them), AB_SCRATCH (scratch parent, default
+# /dev/shm, else $TMPDIR or /tmp; the script uses and empties its cpinfer-decode-ab/),
 # AB_DEVICE (cuda), AB_SHAPE (a3b | tiny: hidden 64, 4 experts top-2, for a CPU check),
 # AB_LAYERS (4), AB_NEW_TOKENS (1024), AB_PROMPT_TOKENS (64), AB_RUNS (5 per build), AB_WARMUP (1 per
 # build, not counted), AB_RUN_TIMEOUT (90 s per run), AB_DEADLINE (480: no run starts later than
@@ -19,7 +24,9 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 : "${OUT:?set OUT to the folder for the results}"
 mkdir -p "$OUT"
-TAR="${AB_TAR:-$ROOT/.ab.tar.xz}"
+TAR="${AB_TAR:-${AB_TARBALL:-$ROOT/.ab.tar.xz}}"
+[ -f "$TAR" ] || [ ! -f "$ROOT/$TAR" ] || TAR="$ROOT/$TAR"
+GRAPHS="${AB_GRAPHS:-off}"
 DEVICE="${AB_DEVICE:-cuda}"
 SHAPE="${AB_SHAPE:-a3b}"
 LAYERS="${AB_LAYERS:-4}"
@@ -47,7 +54,8 @@ mkdir -p "$LOGS"
 : > "$OUT/decode_ab.txt"
 
 # (a) the two builds
-[ -f "$TAR" ] || die "no $TAR (carry .ab.tar.xz)"
+case "$GRAPHS" in on | off) ;; *) die "AB_GRAPHS must be on or off, not '$GRAPHS'" ;; esac
+[ -f "$TAR" ] || die "no $TAR (carry $(basename "$TAR"))"
 tar -xJf "$TAR" -C "$AB_SCRATCH" || die "cannot unpack $TAR"
 AB="$AB_SCRATCH/.ab"
 export LD_LIBRARY_PATH="$AB/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -204,7 +212,7 @@ for b in before after; do
     grep -q -- "$flag" <<< "$help" || die "$b: generate has no $flag"
   done
   EXTRA[$b]=""
-  grep -q -- "--disable-cuda-graph" <<< "$help" && EXTRA[$b]="--disable-cuda-graph"
+  [ "$GRAPHS" = off ] && grep -q -- "--disable-cuda-graph" <<< "$help" && EXTRA[$b]="--disable-cuda-graph"
 done
 run_one() {  # build, tag
   local b=$1 tag=$2
@@ -236,15 +244,15 @@ echo "GPU after the runs: $(gpu_state)" >> "$LOGS/gpu.txt"
 
 # (d) the table
 python3 - "$LOGS" "$RUNS" "$AB/COMMITS" "$DEVICE" "$SHAPE" "$LAYERS" "$NEW" "$PROMPT_N" \
-  "${EXTRA[before]:-none}" "${EXTRA[after]:-none}" <<'PY' | tee "$OUT/decode_ab.txt"
+  "${EXTRA[before]:-none}" "${EXTRA[after]:-none}" "$GRAPHS" <<'PY' | tee "$OUT/decode_ab.txt"
 import json, os, statistics, sys
-logs, runs, commits, device, shape, layers, new, prompt_n, extra_b, extra_a = sys.argv[1:]
+logs, runs, commits, device, shape, layers, new, prompt_n, extra_b, extra_a, graphs = sys.argv[1:]
 runs = int(runs)
 print("cpinfer decode before/after the engine-core refactor (issue 12)")
 if os.path.isfile(commits):
     print(open(commits).read().strip())
 print(f"model: random Qwen3-MoE, shape {shape}, {layers} layers, BF16; device {device}; prompt {prompt_n} ids, "
-      f"{new} new tokens, greedy, --ignore-eos; extra flags: before {extra_b}, after {extra_a}")
+      f"{new} new tokens, greedy, --ignore-eos; AB_GRAPHS={graphs}; extra flags: before {extra_b}, after {extra_a}")
 print(open(os.path.join(logs, "gpu.txt")).read().strip())
 for b in ("before", "after"):  # the engine's load line: back-end, weight size, load time
     try:

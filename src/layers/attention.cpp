@@ -85,15 +85,19 @@ Tensor Attention::run(const AttentionWeights& w, const KvLayer& kv, const Tensor
     const Backend::LinearOut qkv[] = {{&w.q_proj, q}, {&w.k_proj, k}, {&w.v_proj, v}};
     be_.linears(h, qkv);
     prof_.mark(&ForwardProfile::dense_gemm_s);
-    be_.qk_norm_rope(q.view({T, Hq, D}), k.view({T, Hkv, D}), shape_.qk_norm ? w.q_norm : Tensor{},
-                     shape_.qk_norm ? w.k_norm : Tensor{}, shape_.eps, pos_, rope_);
+    const Tensor qn = shape_.qk_norm ? w.q_norm : Tensor{}, kn = shape_.qk_norm ? w.k_norm : Tensor{};
+    // One rank stores its K/V right away (one op with the norm and RoPE); CP strategies exchange
+    // them first.
+    if (strategy_ == Strategy::OneRank)
+      be_.qk_norm_rope_store(q.view({T, Hq, D}), k.view({T, Hkv, D}), v.view({T, Hkv, D}), qn, kn, shape_.eps, pos_,
+                             rope_, slots_, kv);
+    else
+      be_.qk_norm_rope(q.view({T, Hq, D}), k.view({T, Hkv, D}), qn, kn, shape_.eps, pos_, rope_);
     prof_.mark(&ForwardProfile::other_s);
   }
 
   Tensor out = scratch_.rows(kOut, ad, T, Hq * D);
   if (strategy_ == Strategy::OneRank) {
-    if (T > 0) be_.kv_store(k.view({T, Hkv, D}), v.view({T, Hkv, D}), slots_, kv);
-    prof_.mark(&ForwardProfile::other_s);
     if (T > 0) {
       const float scale = 1.0f / std::sqrt(static_cast<float>(D));
       be_.attention(q.view({T, Hq, D}), batch_, kv, scale, out.view({T, Hq, D}), Tensor{});

@@ -185,6 +185,14 @@ class Backend {
   // Writes k, v [T, Hkv, D] into the cache at slots [T] I32 (slot = block * block_size + offset);
   // a row with slot -1 (padding) is skipped.
   virtual void kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, KvLayer cache) = 0;
+  // qk_norm_rope, then kv_store of the rotated k and v (a one-rank attention layer's two steps); a
+  // back-end may run them as one.
+  virtual void qk_norm_rope_store(Tensor q, Tensor k, const Tensor& v, const Tensor& q_norm_w, const Tensor& k_norm_w,
+                                  float eps, const Tensor& positions, const RopeParams& rope, const Tensor& slots,
+                                  KvLayer cache) {
+    qk_norm_rope(q, k, q_norm_w, k_norm_w, eps, positions, rope);
+    kv_store(k, v, slots, cache);
+  }
   // Causal GQA attention of each AttnBlock over the paged cache. q, out [T, Hq, D]; lse [T, Hq]
   // F32 (natural log of the softmax denominator incl. scale) is written when defined.
   virtual void attention(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,

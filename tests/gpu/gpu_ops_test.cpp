@@ -229,6 +229,33 @@ TEST_F(Ops, QkNormRope) {
     gpu_->qk_norm_rope(hq, hk, Tensor{}, Tensor{}, 1e-6f, gpu_i32("pos2", pos, {c.t}), rope);
     expect_close("rope.q", sh, gpu_read(hq), cpu_read(rq), kNmse, 0.1);
     expect_close("rope.k", sh, gpu_read(hk), cpu_read(rk), kNmse, 0.1);
+    // qk_norm_rope_store (one kernel on CUDA) equals qk_norm_rope then kv_store bit for bit: q, k and
+    // the whole cache (scattered slots, a padding row with slot -1, untouched slots stay as they were).
+    const int64_t nb = 3, bs = 16;
+    std::vector<int32_t> slots(nb * bs);
+    std::iota(slots.begin(), slots.end(), 0);
+    std::shuffle(slots.begin(), slots.end(), rng.gen());
+    slots.resize(c.t);
+    slots[c.t / 2] = -1;
+    auto v = rng.bf16_normal(c.t * c.hkv * c.d), fill = rng.bf16_normal(nb * bs * c.hkv * c.d);
+    Tensor gv = gpu_tensor("v", DType::BF16, {c.t, c.hkv, c.d}, &v), gs = gpu_i32("slots", slots, {c.t});
+    Tensor gpos = gpu_i32("pos3", pos, {c.t}), gqw = gpu_tensor("qw3", DType::BF16, {c.d}, &qw),
+           gkw = gpu_tensor("kw3", DType::BF16, {c.d}, &kw);
+    std::vector<std::vector<float>> got[2];
+    for (int fused = 0; fused < 2; ++fused) {
+      Tensor fq = gpu_tensor("q3", DType::BF16, {c.t, c.hq, c.d}, &q), fk = gpu_tensor("k3", DType::BF16, {c.t, c.hkv, c.d}, &k);
+      KvLayer fc{gpu_tensor("ck", DType::BF16, {nb, bs, c.hkv, c.d}, &fill),
+                 gpu_tensor("cv", DType::BF16, {nb, bs, c.hkv, c.d}, &fill)};
+      if (fused) {
+        gpu_->qk_norm_rope_store(fq, fk, gv, gqw, gkw, 1e-6f, gpos, rope, gs, fc);
+      } else {
+        gpu_->qk_norm_rope(fq, fk, gqw, gkw, 1e-6f, gpos, rope);
+        gpu_->kv_store(fk, gv, gs, fc);
+      }
+      got[fused] = {gpu_read(fq), gpu_read(fk), gpu_read(fc.k), gpu_read(fc.v)};
+    }
+    const char* what[] = {"q", "k", "cache.k", "cache.v"};
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(got[1][i], got[0][i]) << "qk_norm_rope_store " << what[i] << " " << sh;
   }
 }
 
@@ -304,6 +331,24 @@ TEST_F(Ops, MoeExperts) {
                       gpu_tensor("w", DType::F32, {c.t, c.k}, &w), gs, go);
     // The CUDA path rounds gate/up/act to bf16 between the GEMMs (as the model runs).
     expect_close("moe_experts", sh, gpu_read(go), cpu_read(co), 2e-4, 0.1);
+  }
+}
+
+// fill_zero: the kernel path (up to 1 MiB, 16-byte aligned start), a tail of 1..15 bytes, and the
+// memset paths (larger, or a start off 16-byte alignment); bytes around the range stay as they were.
+TEST_F(Ops, FillZero) {
+  Rng rng(21);
+  for (const auto& [offset, n] : std::vector<std::pair<int64_t, int64_t>>{
+           {0, 1}, {0, 7}, {0, 8}, {0, 9}, {0, 4096}, {8, 100}, {1, 13}, {0, 262144}, {0, 262151}, {3, 300000}}) {
+    const int64_t total = offset + n + 16;  // F32 elements
+    auto v = rng.bf16_normal(total);
+    for (float& x : v) x += 10.0f;  // nonzero
+    Tensor buf = gpu_tensor("buf", DType::F32, {total}, &v);
+    gpu_->fill_zero(buf.slice(offset, n));
+    const std::vector<float> got = gpu_read(buf);
+    int64_t wrong = 0;
+    for (int64_t i = 0; i < total; ++i) wrong += (i >= offset && i < offset + n) ? got[i] != 0.0f : got[i] != v[i];
+    EXPECT_EQ(wrong, 0) << "offset " << offset << " n " << n;
   }
 }
 

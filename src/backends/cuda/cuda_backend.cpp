@@ -11,6 +11,7 @@
 #include <cstdlib>
 
 #include "backends/cpu/cpu_backend.h"
+#include "backends/cuda/cuda_args.h"
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/kernels/kernels.h"
 #include "core/log.h"
@@ -35,23 +36,6 @@ const char* cublas_status_name(cublasStatus_t s) {
 }
 
 namespace {
-
-void check_on_device(const Tensor& t, const char* op, const char* what) {
-  CPI_CHECK(t.defined(), op, ": tensor '", what, "' is undefined");
-  CPI_CHECK(t.device == Device::CUDA, op, ": tensor '", what, "' ", t.shape_str(),
-            " is not on the CUDA device (upload it first)");
-  CPI_CHECK(t.data != nullptr || t.numel() == 0, op, ": tensor '", what, "' has no data");
-}
-
-void check_dtype(const Tensor& t, DType want, const char* op, const char* what) {
-  CPI_CHECK(t.dtype == want, op, ": tensor '", what, "' has dtype ", dtype_name(t.dtype), ", expected ",
-            dtype_name(want));
-}
-
-void check_act(const Tensor& t, const char* op, const char* what) {
-  CPI_CHECK(t.dtype == DType::BF16 || t.dtype == DType::F32, op, ": tensor '", what, "' has dtype ",
-            dtype_name(t.dtype), ", expected BF16 (or F32)");
-}
 
 const char* prefill_kernel_name(CudaBackend::PrefillKernel k) {
   switch (k) {
@@ -223,6 +207,12 @@ void CudaBackend::fill_zero(Tensor t) {
   if (t.numel() == 0) return;
   check_on_device(t, "fill_zero", "t");
   DeviceGuard g(device_);
+  // Small buffers (a decode step's MoE output) by a kernel that keeps the step's programmatic launch
+  // chain (a memset node ends it); large ones (a KV cache, a ring) by cudaMemset.
+  if (t.nbytes() <= (size_t{1} << 20)) {
+    CUDA_LAUNCH(launch_fill_zero(t.data, t.nbytes(), stream_), "fill_zero");
+    return;
+  }
   CUDA_CHECK(cudaMemsetAsync(t.data, 0, t.nbytes(), stream_));
 }
 
@@ -376,6 +366,17 @@ void CudaBackend::linears(const Tensor& a, std::span<const LinearOut> outs) {
 
 void CudaBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
                                const Tensor& positions, const RopeParams& rope) {
+  check_qk_norm_rope(q, k, q_norm_w, k_norm_w, eps, positions, rope);
+  DeviceGuard g(device_);
+  const float* inv_freq = inv_freq_on_device(rope);
+  CUDA_LAUNCH(launch_qk_norm_rope(dev(q), dev(k), dev(q_norm_w), dev(k_norm_w), eps, dev(positions), inv_freq,
+                                  rope.attention_factor, stream_),
+              "qk_norm_rope");
+}
+
+void CudaBackend::check_qk_norm_rope(const Tensor& q, const Tensor& k, const Tensor& q_norm_w,
+                                     const Tensor& k_norm_w, float eps, const Tensor& positions,
+                                     const RopeParams& rope) {
   contract::qk_norm_rope(q, k, q_norm_w, k_norm_w, eps, positions, rope);
   check_on_device(q, "qk_norm_rope", "q");
   check_on_device(k, "qk_norm_rope", "k");
@@ -388,14 +389,35 @@ void CudaBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const
   check_dtype(positions, DType::I32, "qk_norm_rope", "positions");
   CPI_CHECK(q.dim(2) <= 1024, "qk_norm_rope: head_dim ", q.dim(2), " > 1024 is not supported by the CUDA kernel");
   CPI_CHECK(q_norm_w.dtype == k_norm_w.dtype, "qk_norm_rope: the CUDA kernel needs q and k norm weights of one dtype");
-  DeviceGuard g(device_);
-  const float* inv_freq = inv_freq_on_device(rope);
-  CUDA_LAUNCH(launch_qk_norm_rope(dev(q), dev(k), dev(q_norm_w), dev(k_norm_w), eps, dev(positions), inv_freq,
-                                  rope.attention_factor, stream_),
-              "qk_norm_rope");
 }
 
 void CudaBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, KvLayer cache) {
+  check_kv_store(k, v, slots, cache);
+  DeviceGuard g(device_);
+  CUDA_LAUNCH(launch_kv_store(dev(k), dev(v), dev(slots), dev(cache), stream_), "kv_store");
+}
+
+// One kernel when the cache holds the activations' dtype (the engine's case): the warps of the k
+// heads store what they rotated, and the token's v head, straight into the cache.
+void CudaBackend::qk_norm_rope_store(Tensor q, Tensor k, const Tensor& v, const Tensor& q_norm_w,
+                                     const Tensor& k_norm_w, float eps, const Tensor& positions,
+                                     const RopeParams& rope, const Tensor& slots, KvLayer cache) {
+  check_qk_norm_rope(q, k, q_norm_w, k_norm_w, eps, positions, rope);
+  check_kv_store(k, v, slots, cache);
+  if (cache.k.dtype != q.dtype || v.dtype != q.dtype) {
+    Backend::qk_norm_rope_store(q, k, v, q_norm_w, k_norm_w, eps, positions, rope, slots, cache);
+    return;
+  }
+  DeviceGuard g(device_);
+  const float* inv_freq = inv_freq_on_device(rope);
+  const DevTensor dv = dev(v), ds = dev(slots);
+  const DevKv dc = dev(cache);
+  CUDA_LAUNCH(launch_qk_norm_rope(dev(q), dev(k), dev(q_norm_w), dev(k_norm_w), eps, dev(positions), inv_freq,
+                                  rope.attention_factor, stream_, &dv, &ds, &dc),
+              "qk_norm_rope_store");
+}
+
+void CudaBackend::check_kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, const KvLayer& cache) {
   contract::kv_store(k, v, slots, cache);
   check_on_device(k, "kv_store", "k");
   check_on_device(v, "kv_store", "v");
@@ -406,118 +428,6 @@ void CudaBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots
   check_act(k, "kv_store", "k");
   check_act(cache.k, "kv_store", "cache.k");
   check_dtype(cache.v, cache.k.dtype, "kv_store", "cache.v");
-  DeviceGuard g(device_);
-  CUDA_LAUNCH(launch_kv_store(dev(k), dev(v), dev(slots), dev(cache), stream_), "kv_store");
-}
-
-void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,
-                            Tensor lse) {
-  const char* op = "attention";
-  // Block-table entries are checked on the host when there are few (tests, short batches): the
-  // model calls attention once per layer with the same batch, and a large decode batch would pay
-  // O(entries) per layer. The kernels treat an entry outside the cache as empty, so a bad table
-  // never faults either way.
-  constexpr size_t kMaxHostCheckedEntries = size_t{1} << 16;
-  contract::attention(q, batch, cache, scale, out, lse, batch.block_table.size() <= kMaxHostCheckedEntries);
-  check_on_device(q, op, "q");
-  check_on_device(out, op, "out");
-  check_on_device(cache.k, op, "cache.k");
-  check_on_device(cache.v, op, "cache.v");
-  check_on_device(batch.dev_blocks, op, "batch.dev_blocks");
-  check_on_device(batch.dev_block_table, op, "batch.dev_block_table");
-  if (lse.defined()) check_on_device(lse, op, "lse");
-  check_dtype(batch.dev_blocks, DType::I32, op, "batch.dev_blocks");
-  check_dtype(batch.dev_block_table, DType::I32, op, "batch.dev_block_table");
-  check_act(q, op, "q");
-  check_act(cache.k, op, "cache.k");
-  check_dtype(cache.v, cache.k.dtype, op, "cache.v");
-  const int64_t t = q.dim(0), hq = q.dim(1), d = q.dim(2);
-  CPI_CHECK(d <= 256, "attention: head_dim ", d, " > 256 is not supported on CUDA");
-  static_assert(kDevAttnBlockFields == kAttnBlockFields, "the kernels read AttnBlock rows of kAttnBlockFields");
-  const int64_t n_blocks = batch.dev_blocks.dim(0);
-  CPI_CHECK(batch.dev_blocks.ndim == 2 && batch.dev_blocks.dim(1) == kAttnBlockFields, "attention: dev_blocks ",
-            batch.dev_blocks.shape_str(), " must be [n_blocks, ", kAttnBlockFields, "]");
-  CPI_CHECK(batch.dev_block_table.ndim == 2 && batch.dev_block_table.dim(1) == batch.max_blocks_per_seq,
-            "attention: dev_block_table ", batch.dev_block_table.shape_str(), " must be [n_seqs, ",
-            batch.max_blocks_per_seq, "]");
-  // The device copies must describe what the contract checked on the host copies.
-  CPI_CHECK(static_cast<int64_t>(batch.blocks.size()) == n_blocks, "attention: batch.blocks has ",
-            batch.blocks.size(), " entries but dev_blocks has ", n_blocks);
-  const int64_t n_seqs = batch.dev_block_table.dim(0);
-  CPI_CHECK(static_cast<int64_t>(batch.block_table.size()) == n_seqs * batch.max_blocks_per_seq,
-            "attention: batch.block_table has ", batch.block_table.size(), " entries but dev_block_table is ",
-            batch.dev_block_table.shape_str());
-  const int64_t bs = cache.block_size();
-  CPI_CHECK(cache.k.dim(0) > 0, "attention: the KV cache ", cache.k.shape_str(), " is empty");
-  int32_t max_q = 0;
-  int64_t max_keys = 0;  // longest key range: the generic kernel splits it
-  for (const AttnBlock& b : batch.blocks) {
-    // Blocks without queries too: the kernels index the table by seq before they see q_len.
-    CPI_CHECK(b.seq >= 0 && b.seq < n_seqs, "attention: a block names sequence ", b.seq, " of ", n_seqs);
-    max_q = std::max(max_q, b.q_len);
-    if (b.q_len > 0) max_keys = std::max(max_keys, std::min<int64_t>(b.kv_end, int64_t{b.pos_begin} + b.q_len) - b.kv_begin);
-  }
-  CPI_CHECK(batch.max_q_len >= max_q, "attention: batch.max_q_len ", batch.max_q_len,
-            " is smaller than the largest block q_len ", max_q);
-  if (n_blocks == 0 || t == 0) return;
-  DeviceGuard g(device_);
-  const bool flash = d == 128 && q.dtype == DType::BF16 && cache.k.dtype == DType::BF16 && max_q > 1;
-  if (flash && prefill_kernel_ == PrefillKernel::Cudnn && attention_cudnn(q, batch, cache, scale, out, lse))
-    return;  // else the own kernel
-  if (flash) {
-    switch (own_prefill_kernel(bs)) {
-      case PrefillKernel::Ws:
-        CUDA_LAUNCH(
-            launch_attention_ws(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), attn_sched_, stream_),
-            "attention_ws");
-        break;
-      case PrefillKernel::Wgmma:
-        CUDA_LAUNCH(launch_attention_wgmma(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_),
-                    "attention_wgmma");
-        break;
-      case PrefillKernel::MmaSync:
-      case PrefillKernel::Auto:   // (own_prefill_kernel answers neither Auto
-      case PrefillKernel::Cudnn:  // nor Cudnn)
-        CUDA_LAUNCH(launch_attention_flash(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_),
-                    "attention_flash");
-        break;
-    }
-  } else {
-    // Decode (and head dims without a tensor-core kernel): split-K over the keys, partials in the
-    // workspace, merged by LSE. The GQA decode kernel where it applies, else the generic one.
-    // A bound given for the launch (a captured decode graph) sizes the splits for every step it serves.
-    CPI_CHECK(batch.key_bound == 0 || batch.key_bound >= max_keys, "attention: key_bound ", batch.key_bound,
-              " is below the longest key range ", max_keys);
-    const int keys = static_cast<int>(std::max<int64_t>(max_keys, batch.key_bound));
-    const bool gqa = attention_decode_supported(dev(q), dev(cache), max_q);
-    const int n_splits =
-        gqa ? attention_decode_splits(static_cast<int>(n_blocks), static_cast<int>(cache.k.dim(2)), keys, n_sms_)
-            : attention_generic_splits(static_cast<int>(t), static_cast<int>(hq), keys);
-    float* part = nullptr;
-    if (n_splits > 1)
-      part = static_cast<float*>(workspace(static_cast<size_t>(t * hq) * n_splits * (d + 2) * sizeof(float)));
-    if (gqa) {
-      CUDA_LAUNCH(launch_attention_decode(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), n_splits, keys,
-                                          part, stream_),
-                  "attention_decode");
-    } else {
-      CUDA_LAUNCH(launch_attention_generic(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), n_splits, keys,
-                                           part, stream_),
-                  "attention_generic");
-    }
-  }
-}
-
-void CudaBackend::attention_merge(Tensor out, Tensor lse, const Tensor& out2, const Tensor& lse2) {
-  const char* op = "attention_merge";
-  contract::attention_merge(out, lse, out2, lse2);
-  check_on_device(out, op, "out");
-  check_on_device(lse, op, "lse");
-  check_on_device(out2, op, "out2");
-  check_on_device(lse2, op, "lse2");
-  check_act(out, op, "out");
-  DeviceGuard g(device_);
-  CUDA_LAUNCH(launch_attention_merge(dev(out), dev(lse), dev(out2), dev(lse2), stream_), "attention_merge");
 }
 
 void CudaBackend::moe_route(const Tensor& logits, int top_k, bool renormalize, Tensor ids, Tensor weights) {

@@ -97,6 +97,9 @@ class CudaBackend : public Backend {
   void qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
                     const Tensor& positions, const RopeParams& rope) override;
   void kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, KvLayer cache) override;
+  void qk_norm_rope_store(Tensor q, Tensor k, const Tensor& v, const Tensor& q_norm_w, const Tensor& k_norm_w,
+                          float eps, const Tensor& positions, const RopeParams& rope, const Tensor& slots,
+                          KvLayer cache) override;
   void attention(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,
                  Tensor lse) override;
   void moe_route(const Tensor& logits, int top_k, bool renormalize, Tensor ids, Tensor weights) override;
@@ -146,6 +149,10 @@ class CudaBackend : public Backend {
   int device_index() const { return device_; }
 
  private:
+  // The argument checks of qk_norm_rope and kv_store (also run by qk_norm_rope_store).
+  void check_qk_norm_rope(const Tensor& q, const Tensor& k, const Tensor& q_norm_w, const Tensor& k_norm_w,
+                          float eps, const Tensor& positions, const RopeParams& rope);
+  void check_kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, const KvLayer& cache);
   // Scratch memory reused across ops on this stream; grows (after a stream sync) when too small,
   // keeping the first `keep_bytes` of its old content.
   void* workspace(size_t bytes, size_t keep_bytes = 0);

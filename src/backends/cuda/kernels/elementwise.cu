@@ -1,6 +1,7 @@
 // Row-wise and element-wise kernels: embedding, (add +) RMSNorm, SiLU·mul, add, convert, gather and
 // scatter of rows. Each has a 16-byte vector path (taken when the row length is a multiple of 8
 // elements and every pointer is 16-byte aligned) and a scalar path for odd shapes.
+#include <algorithm>
 #include <atomic>
 
 #include "backends/cuda/kernels/common.cuh"
@@ -165,6 +166,28 @@ std::atomic<bool> g_programmatic_launch{false};
 }  // namespace
 void set_programmatic_launch(bool on) { g_programmatic_launch.store(on, std::memory_order_relaxed); }
 bool programmatic_launch() { return g_programmatic_launch.load(std::memory_order_relaxed); }
+
+namespace {
+__global__ void fill_zero_kernel(uint4* __restrict__ p16, int64_t n16, unsigned char* __restrict__ tail, int n_tail) {
+  pdl_wait();  // earlier kernels may still read the buffer
+  pdl_trigger();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n16; i += stride)
+    p16[i] = make_uint4(0, 0, 0, 0);
+  if (blockIdx.x == 0 && static_cast<int>(threadIdx.x) < n_tail) tail[threadIdx.x] = 0;
+}
+}  // namespace
+
+cudaError_t launch_fill_zero(void* p, size_t bytes, cudaStream_t stream) {
+  if (bytes == 0) return cudaSuccess;
+  // A 16-byte aligned head of whole 16-byte words and a tail of fewer than 16 bytes.
+  if (!aligned16(p)) return cudaMemsetAsync(p, 0, bytes, stream);
+  const int64_t n16 = static_cast<int64_t>(bytes / 16);
+  constexpr int kThreads = 256;
+  launch_k(fill_zero_kernel, grid_1d(std::max<int64_t>(n16, 1), kThreads), kThreads, 0, stream,
+           static_cast<uint4*>(p), n16, static_cast<unsigned char*>(p) + n16 * 16, static_cast<int>(bytes % 16));
+  return cudaGetLastError();
+}
 
 cudaError_t launch_rms_norm(DevTensor residual, const DevTensor& x, const DevTensor& w, float eps, DevTensor out,
                             cudaStream_t stream) {

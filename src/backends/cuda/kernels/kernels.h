@@ -60,6 +60,9 @@ void set_programmatic_launch(bool on);
 bool programmatic_launch();
 
 // ---- row-wise element ops (elementwise.cu)
+// bytes zero bytes at p: a kernel (launched as the decode path's others are, so it keeps their
+// programmatic launch chain), or a memset for unaligned p.
+cudaError_t launch_fill_zero(void* p, size_t bytes, cudaStream_t stream);
 cudaError_t launch_embedding(const DevTensor& table, const DevTensor& ids, DevTensor out, cudaStream_t stream);
 // When `residual` is defined: residual += x, then out = rms_norm(residual) * w; otherwise
 // out = rms_norm(x) * w. x, residual and out share one dtype.
@@ -132,10 +135,12 @@ cudaError_t launch_gather_rows(const DevTensor& src, const DevTensor& idx, DevTe
 // out[idx[i]] = src[i]; rows with idx outside [0, out rows) are skipped.
 cudaError_t launch_scatter_rows(const DevTensor& src, const DevTensor& idx, DevTensor out, cudaStream_t stream);
 
-// ---- rope.cu: per-head RMSNorm + NeoX RoPE in place. inv_freq: device [D/2] F32.
+// ---- rope.cu: per-head RMSNorm + NeoX RoPE in place. inv_freq: device [D/2] F32. With v, slots
+// and cache (all or none; cache and v of q's dtype): also kv_store(k after RoPE, v, slots, cache).
 cudaError_t launch_qk_norm_rope(DevTensor q, DevTensor k, const DevTensor& q_norm_w, const DevTensor& k_norm_w,
                                 float eps, const DevTensor& positions, const float* inv_freq, float attention_factor,
-                                cudaStream_t stream);
+                                cudaStream_t stream, const DevTensor* v = nullptr, const DevTensor* slots = nullptr,
+                                const DevKv* cache = nullptr);
 
 // ---- kv_store.cu: scatter k, v [T, Hkv, D] into the paged cache at slots [T] (slot < 0 skipped).
 cudaError_t launch_kv_store(const DevTensor& k, const DevTensor& v, const DevTensor& slots, const DevKv& cache,

@@ -1,7 +1,9 @@
 // Fused per-head RMSNorm + NeoX RoPE, in place on q [T, Hq, D] and k [T, Hkv, D] (RoPE alone when
 // the norm weights are null: families without q/k norm, e.g. Llama). One warp per
 // (token, head): the head is staged in shared memory as fp32 so that element i can meet its
-// rotation partner i + D/2, the norm is a warp reduction, and the result is rounded once.
+// rotation partner i + D/2, the norm is a warp reduction, and the result is rounded once. With a
+// cache (slots != nullptr) the warps of k heads also store their rotated k and the token's v head
+// into the paged cache (what kv_store does next on one rank: one launch fewer per decode layer).
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/kernels.h"
 
@@ -15,7 +17,9 @@ template <class T, class TW>
 __global__ void qk_norm_rope_kernel(T* __restrict__ q, T* __restrict__ k, const TW* __restrict__ qw,
                                     const TW* __restrict__ kw, const int32_t* __restrict__ positions,
                                     const float* __restrict__ inv_freq, int64_t n_tokens, int hq, int hkv, int d,
-                                    float eps, float attention_factor) {
+                                    float eps, float attention_factor, const T* __restrict__ v,
+                                    const int32_t* __restrict__ slots, T* __restrict__ ck, T* __restrict__ cv,
+                                    int64_t n_slots) {
   pdl_wait();
   pdl_trigger();
   extern __shared__ float smem[];  // [kWarps, D]
@@ -40,22 +44,36 @@ __global__ void qk_norm_rope_kernel(T* __restrict__ q, T* __restrict__ k, const 
   __syncwarp();
   const int half = d / 2;
   const float pos = static_cast<float>(positions[t]);
+  int64_t slot = -1;  // where this k head also goes in the cache
+  if (slots != nullptr && !is_q) {
+    slot = slots[t];
+    if (slot >= n_slots) slot = -1;  // padding rows carry -1
+  }
+  const int64_t c_off = (slot * hkv + (h - hq)) * d;
   for (int i = lane; i < half; i += 32) {
     const float x1 = w != nullptr ? s[i] * inv * to_f32<TW>(w[i]) : s[i];
     const float x2 = w != nullptr ? s[i + half] * inv * to_f32<TW>(w[i + half]) : s[i + half];
     const float f = pos * inv_freq[i];
     const float c = cosf(f) * attention_factor, sn = sinf(f) * attention_factor;
-    x[i] = from_f32<T>(x1 * c - x2 * sn);
-    x[i + half] = from_f32<T>(x2 * c + x1 * sn);
+    const T y1 = from_f32<T>(x1 * c - x2 * sn), y2 = from_f32<T>(x2 * c + x1 * sn);
+    x[i] = y1;
+    x[i + half] = y2;
+    if (slot >= 0) {
+      ck[c_off + i] = y1;
+      ck[c_off + i + half] = y2;
+    }
+  }
+  if (slot >= 0) {
+    const T* vh = v + (t * hkv + (h - hq)) * d;
+    for (int i = lane; i < d; i += 32) cv[c_off + i] = vh[i];
   }
 }
 
 }  // namespace
 
 cudaError_t launch_qk_norm_rope(DevTensor q, DevTensor k, const DevTensor& q_norm_w, const DevTensor& k_norm_w,
-                                float eps,
-                         const DevTensor& positions, const float* inv_freq, float attention_factor,
-                         cudaStream_t stream) {
+                                float eps, const DevTensor& positions, const float* inv_freq, float attention_factor,
+                                cudaStream_t stream, const DevTensor* v, const DevTensor* slots, const DevKv* cache) {
   const int64_t n_tokens = q.dim(0);
   const int hq = static_cast<int>(q.dim(1)), hkv = static_cast<int>(k.dim(1)), d = static_cast<int>(q.dim(2));
   const int64_t items = n_tokens * (hq + hkv);
@@ -63,12 +81,19 @@ cudaError_t launch_qk_norm_rope(DevTensor q, DevTensor k, const DevTensor& q_nor
   const int64_t blocks = (items + kWarps - 1) / kWarps;
   if (d > kMaxD || q.dtype != k.dtype || q_norm_w.dtype != k_norm_w.dtype || blocks > INT32_MAX)
     return cudaErrorInvalidValue;
+  const bool store = cache != nullptr;
+  if (store && (v == nullptr || slots == nullptr || cache->k.dtype != q.dtype || cache->v.dtype != q.dtype ||
+                v->dtype != q.dtype || cache->k.dim(2) != hkv || cache->k.dim(3) != d))
+    return cudaErrorInvalidValue;
+  const int64_t n_slots = store ? cache->k.dim(0) * cache->k.dim(1) : 0;
   const size_t smem = static_cast<size_t>(kWarps) * d * sizeof(float);
   CPI_DISPATCH_ACT(q.dtype, "qk_norm_rope q", T, CPI_DISPATCH_FLOAT(q_norm_w.dtype, "qk_norm_rope weight", TW, {
     launch_k(qk_norm_rope_kernel<T, TW>, static_cast<unsigned>(blocks), kWarps * 32, smem, stream, 
         static_cast<T*>(q.data), static_cast<T*>(k.data), static_cast<const TW*>(q_norm_w.data),
         static_cast<const TW*>(k_norm_w.data), positions.ptr<const int32_t>(), inv_freq, n_tokens, hq, hkv, d, eps,
-        attention_factor);
+        attention_factor, store ? static_cast<const T*>(v->data) : nullptr,
+        store ? slots->ptr<const int32_t>() : nullptr, store ? static_cast<T*>(cache->k.data) : nullptr,
+        store ? static_cast<T*>(cache->v.data) : nullptr, n_slots);
   }));
   return cudaGetLastError();
 }
