@@ -40,8 +40,8 @@ __global__ inline void quantize_blocks_e4m3(const __nv_bfloat16* w, int64_t cols
 // The FP8 copies of `count` experts whose BF16 gate, up [I, H] and down [H, I] are the pointers of
 // `bf16` (gate[e], up[e], down[e] at e, count + e, 2·count + e), and their device tables.
 struct Experts {
-  uint8_t* codes = nullptr;  // [count][3][I·H]
-  float* scales = nullptr;   // [count][3][(I/128)·(H/128)]
+  uint8_t* codes = nullptr;      // [count][3][I·H]
+  float* scales = nullptr;       // [count][3][(I/128)·(H/128)]
   const void** table = nullptr;  // device: gate, up, down codes, then gate, up, down scales [count] each
   cpinfer::cuda::Fp8ExpertTables tables;
 };

@@ -34,7 +34,7 @@ namespace cpinfer::gputest {
 namespace {
 
 struct Fp8Expert {
-  Fp8Matrix gate, up, down;  // [I, H], [I, H], [H, I]
+  Fp8Matrix gate, up, down;    // [I, H], [I, H], [H, I]
   std::vector<float> g, u, d;  // their dequantized values (fp32)
 };
 
@@ -224,8 +224,8 @@ class MoeFp8Test : public GpuOpsTest {
     return got;
   }
 
-  void check_case(const std::string& name, Rng& rng, int64_t t, int k, const Experts& ex, bool skew,
-                  DType out_dtype, bool no_local = false, int64_t max_ref = 48) {
+  void check_case(const std::string& name, Rng& rng, int64_t t, int k, const Experts& ex, bool skew, DType out_dtype,
+                  bool no_local = false, int64_t max_ref = 48) {
     Inputs in = make_inputs(rng, t, k, ex, skew, no_local);
     std::vector<int64_t> tokens;
     if (t <= max_ref) {
@@ -237,16 +237,17 @@ class MoeFp8Test : public GpuOpsTest {
     }
     auto sample = [&](const std::vector<float>& all) {
       std::vector<float> s(tokens.size() * ex.h);
-      for (size_t i = 0; i < tokens.size(); ++i) std::copy_n(all.begin() + tokens[i] * ex.h, ex.h, s.begin() + i * ex.h);
+      for (size_t i = 0; i < tokens.size(); ++i)
+        std::copy_n(all.begin() + tokens[i] * ex.h, ex.h, s.begin() + i * ex.h);
       return s;
     };
     auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
     const bool blocked = cuda.moe_fp8_blocked(t * k, ex.cpu.count, ex.h, ex.inter, true);
     const std::vector<float> exact = exact_reference(in, ex, tokens);
     const QuantizedRef quant = blocked ? quantized_reference(in, ex, tokens) : QuantizedRef{};
-    const std::string sh = name + " T=" + std::to_string(t) + " H=" + std::to_string(ex.h) + " I=" +
-                           std::to_string(ex.inter) + " E=" + std::to_string(ex.cpu.n_experts) + " K=" +
-                           std::to_string(k) + " local=" + std::to_string(ex.cpu.first) + "+" +
+    const std::string sh = name + " T=" + std::to_string(t) + " H=" + std::to_string(ex.h) +
+                           " I=" + std::to_string(ex.inter) + " E=" + std::to_string(ex.cpu.n_experts) +
+                           " K=" + std::to_string(k) + " local=" + std::to_string(ex.cpu.first) + "+" +
                            std::to_string(ex.cpu.count) + (out_dtype == DType::F32 ? " outF32" : "");
     const std::vector<std::string> ps = paths();
     std::vector<std::vector<float>> all;
@@ -254,7 +255,9 @@ class MoeFp8Test : public GpuOpsTest {
       const std::vector<float> got = run_gpu(path, in, ex, out_dtype);
       const std::vector<float> s = sample(got);
       if (blocked) {
-        const std::string op = "moe.fp8." + std::string(path == "auto" ? "ws" : path == "wgmma" ? "grouped" : "cublaslt");
+        const std::string op = "moe.fp8." + std::string(path == "auto"    ? "ws"
+                                                        : path == "wgmma" ? "grouped"
+                                                                          : "cublaslt");
         expect_close(op + ".vs_quantized_ref", sh, s, path == "auto" ? quant.y_bf16 : quant.y_f32, 5e-5, 0.1);
         // Two quantized operands (x, act): nmse ~2e-3 against the unquantized product.
         expect_close(op + ".vs_exact_ref", sh, s, exact, 1e-2, 1.0);
@@ -300,18 +303,18 @@ TEST_F(MoeFp8Test, SmallAndOddShapes) {
     DType out;
     bool no_local = false;
   };
-  for (const Case& c : std::vector<Case>{
-           {20, 256, 128, 8, 2, 0, 8, false, DType::BF16},         // 40 pairs: decode-size row-wise
-           {1, 256, 128, 8, 2, 0, 8, false, DType::F32},           // one token
-           {37, 256, 128, 8, 2, 2, 4, false, DType::BF16},         // 74 pairs: block-scaled, K steps 2 / 1
-           {513, 256, 384, 16, 8, 0, 16, false, DType::BF16},     // several M- and N-tiles per expert
-           {301, 384, 384, 8, 3, 1, 6, true, DType::F32},          // 3 K steps both ways, 3 down N-tiles
-           {1000, 128, 256, 8, 2, 0, 8, true, DType::BF16},        // 1 and 2 K steps, 1 down N-tile
-           {400, 128, 128, 4, 2, 3, 1, true, DType::F32},          // one local expert takes every token
-           {300, 128, 128, 8, 2, 2, 3, false, DType::BF16, true},  // no local pair: out unchanged
-           {300, 192, 128, 8, 2, 0, 8, true, DType::BF16},         // H % 128 != 0: row-wise
-           {300, 128, 96, 8, 2, 0, 8, true, DType::F32},           // I % 128 != 0: row-wise
-           {150, 136, 72, 4, 2, 0, 4, true, DType::BF16}}) {       // % 8 != 0: scalar row-wise
+  for (const Case& c :
+       std::vector<Case>{{20, 256, 128, 8, 2, 0, 8, false, DType::BF16},     // 40 pairs: decode-size row-wise
+                         {1, 256, 128, 8, 2, 0, 8, false, DType::F32},       // one token
+                         {37, 256, 128, 8, 2, 2, 4, false, DType::BF16},     // 74 pairs: block-scaled, K steps 2 / 1
+                         {513, 256, 384, 16, 8, 0, 16, false, DType::BF16},  // several M- and N-tiles per expert
+                         {301, 384, 384, 8, 3, 1, 6, true, DType::F32},      // 3 K steps both ways, 3 down N-tiles
+                         {1000, 128, 256, 8, 2, 0, 8, true, DType::BF16},    // 1 and 2 K steps, 1 down N-tile
+                         {400, 128, 128, 4, 2, 3, 1, true, DType::F32},      // one local expert takes every token
+                         {300, 128, 128, 8, 2, 2, 3, false, DType::BF16, true},  // no local pair: out unchanged
+                         {300, 192, 128, 8, 2, 0, 8, true, DType::BF16},         // H % 128 != 0: row-wise
+                         {300, 128, 96, 8, 2, 0, 8, true, DType::F32},           // I % 128 != 0: row-wise
+                         {150, 136, 72, 4, 2, 0, 4, true, DType::BF16}}) {       // % 8 != 0: scalar row-wise
     const Experts ex = make_experts(rng, c.e, c.first, c.count, c.h, c.inter);
     check_case("small", rng, c.t, c.k, ex, c.skew, c.out, c.no_local, 1 << 20);
   }
@@ -346,11 +349,11 @@ TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
     Buffer offsets = bytes((c.e + 1) * 4), tile_start = bytes((c.e + 1) * 4), src_token = bytes(n_pairs * 4),
            pair_row = bytes(n_pairs * 4), xq = bytes(c.t * c.h), xs = bytes(cuda::fp8_act_scale_floats(c.t, kbh) * 4),
            aq = bytes(n_pairs * c.inter), as = bytes(cuda::fp8_segment_scale_floats(n_pairs, c.e, kbi) * 4);
-    ASSERT_EQ(cuda::launch_moe_permute_tiled(cuda::dev(in.gids), 0, c.e, static_cast<int32_t*>(offsets.data()),
-                                             static_cast<int32_t*>(src_token.data()),
-                                             static_cast<int32_t*>(pair_row.data()), cuda::kMoeGemmTileM,
-                                             static_cast<int32_t*>(tile_start.data()), stream),
-              cudaSuccess);
+    ASSERT_EQ(
+        cuda::launch_moe_permute_tiled(cuda::dev(in.gids), 0, c.e, static_cast<int32_t*>(offsets.data()),
+                                       static_cast<int32_t*>(src_token.data()), static_cast<int32_t*>(pair_row.data()),
+                                       cuda::kMoeGemmTileM, static_cast<int32_t*>(tile_start.data()), stream),
+        cudaSuccess);
     ASSERT_EQ(cuda::launch_fp8_quantize_rows(cuda::dev(in.gx), static_cast<uint8_t*>(xq.data()),
                                              static_cast<float*>(xs.data()), nullptr, 0, stream),
               cudaSuccess);
@@ -428,10 +431,10 @@ TEST_F(MoeFp8Test, DeviceScheduledPathsEnqueueWithoutHostSync) {
 
 void MoeFp8Test::capture_and_replay(const std::string& path, const Inputs& in, const Experts& ex) {
   set_path(path);
-  const size_t nodes = expect_graph_matches_eager(
-      "FP8 moe_experts (" + path + ", T=" + std::to_string(in.t) + ")", in.t, ex.h, in.out0,
-      static_cast<cuda::CudaBackend&>(*gpu_).stream(),
-      [&](Tensor out) { gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out); });
+  const size_t nodes =
+      expect_graph_matches_eager("FP8 moe_experts (" + path + ", T=" + std::to_string(in.t) + ")", in.t, ex.h, in.out0,
+                                 static_cast<cuda::CudaBackend&>(*gpu_).stream(),
+                                 [&](Tensor out) { gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out); });
   EXPECT_LE(nodes, 8u) << "expected permute, quantize, 2 GEMM kernels, quantize, unpermute; no per-expert launches";
 }
 

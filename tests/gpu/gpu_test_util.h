@@ -136,8 +136,8 @@ class GpuOpsTest : public ::testing::Test {
       size_t bad = 0;
       for (size_t i = 0; i < kGuardBytes; ++i) bad += bytes[i] != kGuardByte;
       for (size_t i = g.total - kGuardBytes; i < g.total; ++i) bad += bytes[i] != kGuardByte;
-      EXPECT_EQ(bad, 0u) << "guard bytes around CUDA tensor '" << g.name << "' were overwritten (" << bad
-                         << " of " << 2 * kGuardBytes << ")";
+      EXPECT_EQ(bad, 0u) << "guard bytes around CUDA tensor '" << g.name << "' were overwritten (" << bad << " of "
+                         << 2 * kGuardBytes << ")";
     }
   }
 
@@ -230,9 +230,8 @@ class GpuOpsTest : public ::testing::Test {
   // synchronize), then into a fresh copy eagerly and into another recorded with capture_and_launch
   // on `stream`. The recorded call must not synchronize, and the replay must give the eager result
   // bit for bit, different from init. Returns the graph's node count (0 when it failed).
-  size_t expect_graph_matches_eager(const std::string& what, int64_t rows, int64_t cols,
-                                    const std::vector<float>& init, cudaStream_t stream,
-                                    const std::function<void(Tensor)>& op) {
+  size_t expect_graph_matches_eager(const std::string& what, int64_t rows, int64_t cols, const std::vector<float>& init,
+                                    cudaStream_t stream, const std::function<void(Tensor)>& op) {
     Tensor eager = gpu_tensor("eager", DType::BF16, {rows, cols}, &init);
     Tensor graphed = gpu_tensor("graphed", DType::BF16, {rows, cols}, &init);
     op(eager);  // warm-up: workspace, pointer tables
