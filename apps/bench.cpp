@@ -1,5 +1,5 @@
-// cpinfer bench prefill (bench decode is in bench_decode.cpp): time to first token of one long prompt per CP size and length, with the
-// time spent in communication and per kind of op, tokens/s, and model FLOP utilisation.
+// cpinfer bench prefill (bench decode is in bench_decode.cpp): time to first token of one long prompt per CP size and
+// length, with the time spent in communication and per kind of op, tokens/s, and model FLOP utilisation.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -20,7 +20,7 @@ struct BenchFlags {
   std::string seqs = "4096";
   std::string cps = "1";
   int warmup = 1;
-  int repeats = -1; // -1: 3 on cuda, 1 on cpu
+  int repeats = -1;  // -1: 3 on cuda, 1 on cpu
   bool json = false;
   bool profile = true;
   bool exposed_comm = true;
@@ -76,7 +76,8 @@ double measure_gemm_peak(Backend& be) {
 }
 
 int run_bench_prefill(BenchFlags& f) {
-  CPI_CHECK(f.ef.model_path.empty() != f.random_weights.empty(), "give exactly one of --model-path and --random-weights");
+  CPI_CHECK(f.ef.model_path.empty() != f.random_weights.empty(),
+            "give exactly one of --model-path and --random-weights");
   const auto seqs = parse_positive_list(f.seqs, "--seq");
   const auto cps = parse_positive_list(f.cps, "--attn-cp-size");
   const bool cuda = f.ef.device == "cuda";
@@ -166,9 +167,8 @@ int run_bench_prefill(BenchFlags& f) {
   if (!f.json) {
     std::printf("model %s, device %s%s\n", j["model"].get<std::string>().c_str(), device_name.c_str(),
                 peak > 0 ? (", bf16 GEMM peak " + std::to_string(int(peak)) + " TFLOP/s").c_str() : "");
-    std::printf("%8s %4s %10s %10s %8s %8s %9s %9s %9s %9s %9s %9s %7s\n", "seq", "cp", "ttft_s", "tok/s",
-                "speedup", "eff", "exposed_s", "comm_s", "attn_s", "moe_s", "gemm_s", "other_s",
-                peak > 0 ? "MFU" : "GFLOP/s");
+    std::printf("%8s %4s %10s %10s %8s %8s %9s %9s %9s %9s %9s %9s %7s\n", "seq", "cp", "ttft_s", "tok/s", "speedup",
+                "eff", "exposed_s", "comm_s", "attn_s", "moe_s", "gemm_s", "other_s", peak > 0 ? "MFU" : "GFLOP/s");
   }
   for (const Row& r : rows) {
     double base = 0;
@@ -178,16 +178,25 @@ int run_bench_prefill(BenchFlags& f) {
     double eff = speedup / r.cp;
     double rate = r.flops / r.ttft_s;
     double mfu = peak > 0 ? rate / (peak * 1e12 * r.cp) : 0;
-    nlohmann::ordered_json o = {{"seq", r.seq}, {"cp", r.cp}, {"ttft_s", r.ttft_s}, {"tokens_per_s", r.seq / r.ttft_s},
-                                {"speedup", speedup}, {"efficiency", eff}, {"exposed_comm_s", r.exposed_comm_s},
+    nlohmann::ordered_json o = {{"seq", r.seq},
+                                {"cp", r.cp},
+                                {"ttft_s", r.ttft_s},
+                                {"tokens_per_s", r.seq / r.ttft_s},
+                                {"speedup", speedup},
+                                {"efficiency", eff},
+                                {"exposed_comm_s", r.exposed_comm_s},
                                 {"comm_s", r.comm_s},
-                                {"attention_s", r.attn_s}, {"moe_s", r.moe_s}, {"dense_gemm_s", r.dense_s},
-                                {"other_s", r.other_s}, {"flops", r.flops}, {"tflops_per_s", rate / 1e12}};
+                                {"attention_s", r.attn_s},
+                                {"moe_s", r.moe_s},
+                                {"dense_gemm_s", r.dense_s},
+                                {"other_s", r.other_s},
+                                {"flops", r.flops},
+                                {"tflops_per_s", rate / 1e12}};
     if (peak > 0) o["mfu"] = mfu;
     j["results"].push_back(o);
     if (!f.json)
-      std::printf("%8d %4d %10.3f %10.0f %8.2f %8.2f %9s %9.3f %9.3f %9.3f %9.3f %9.3f %7.3g\n", r.seq, r.cp,
-                  r.ttft_s, r.seq / r.ttft_s, speedup, eff,
+      std::printf("%8d %4d %10.3f %10.0f %8.2f %8.2f %9s %9.3f %9.3f %9.3f %9.3f %9.3f %7.3g\n", r.seq, r.cp, r.ttft_s,
+                  r.seq / r.ttft_s, speedup, eff,
                   r.exposed_comm_s >= 0 ? std::to_string(r.exposed_comm_s).substr(0, 5).c_str() : "-", r.comm_s,
                   r.attn_s, r.moe_s, r.dense_s, r.other_s, peak > 0 ? mfu : rate / 1e9);
   }
@@ -220,8 +229,9 @@ Command add_bench_command(CLI::App& app) {
               "Skip measuring exposed communication (CP > 1: TTFT minus the TTFT of the same forward with "
               "every collective skipped)");
   p->add_option("--moe-chunks", f->moe_chunks,
-                 "Chunks of the sharded-expert MoE pipeline (0: the default, which is 1: no pipelining)")
-      ->check(CLI::Range(0, 64))->capture_default_str();
+                "Chunks of the sharded-expert MoE pipeline (0: the default, which is 1: no pipelining)")
+      ->check(CLI::Range(0, 64))
+      ->capture_default_str();
   p->add_flag("--json", f->json, "Print JSON instead of the table");
   CommandFn decode = add_bench_decode_command(c);
   return {c, [f, p, decode] { return p->parsed() ? run_bench_prefill(*f) : decode(); }};

@@ -27,7 +27,7 @@ struct DecodeFlags {
   std::string batches = "1,8,32,64,128,256";
   std::string contexts = "1024,32768";
   int warmup = 2;
-  int steps = -1;  // -1: 20 on cuda, 3 on cpu
+  int steps = -1;        // -1: 20 on cuda, 3 on cpu
   double copy_gib = -1;  // -1: 1 on cuda, 0.25 on cpu
   bool json = false;
 };
@@ -43,8 +43,7 @@ struct StepBytes {
 
 // lbytes: bytes per weight of the linear layers (attention projections, MLPs, experts): wbytes, or
 // for FP8 weights kept FP8 one byte plus the F32 scale of its 128x128 block.
-StepBytes step_bytes(const ModelConfig& c, int batch, int64_t context, double wbytes, double lbytes,
-                     double kvbytes) {
+StepBytes step_bytes(const ModelConfig& c, int batch, int64_t context, double wbytes, double lbytes, double kvbytes) {
   const double H = c.hidden_size, Hq = c.num_attention_heads, Hkv = c.num_key_value_heads, D = c.head_dim;
   StepBytes b;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
@@ -89,7 +88,8 @@ struct Row {
 };
 
 int run_bench_decode(DecodeFlags& f) {
-  CPI_CHECK(f.ef.model_path.empty() != f.random_weights.empty(), "give exactly one of --model-path and --random-weights");
+  CPI_CHECK(f.ef.model_path.empty() != f.random_weights.empty(),
+            "give exactly one of --model-path and --random-weights");
   const auto batches = parse_positive_list(f.batches, "--batch");
   const auto contexts = parse_positive_list(f.contexts, "--context");
   const bool cuda = f.ef.device == "cuda";
@@ -222,9 +222,9 @@ int run_bench_decode(DecodeFlags& f) {
     o["share_of_copy_bandwidth"] = gbps / copy_gbps;
     j["results"].push_back(o);
     if (!f.json)
-      std::printf("%6d %8d %10.3f %10.3f %11.1f %9.0f %9.0f %9.0f %8.0f %6.1f%%\n", r.batch, r.context,
-                  r.step_s * 1e3, r.p90_s * 1e3, r.batch / r.step_s, r.bytes.weights / 1e6, r.bytes.experts / 1e6,
-                  r.bytes.kv / 1e6, gbps, 100.0 * gbps / copy_gbps);
+      std::printf("%6d %8d %10.3f %10.3f %11.1f %9.0f %9.0f %9.0f %8.0f %6.1f%%\n", r.batch, r.context, r.step_s * 1e3,
+                  r.p90_s * 1e3, r.batch / r.step_s, r.bytes.weights / 1e6, r.bytes.experts / 1e6, r.bytes.kv / 1e6,
+                  gbps, 100.0 * gbps / copy_gbps);
   }
   if (f.json) std::printf("%s\n", j.dump(2).c_str());
   return 0;
@@ -243,7 +243,8 @@ CommandFn add_bench_decode_command(CLI::App* bench) {
   d->add_option("--random-weights", f->random_weights,
                 "Random weights instead of a checkpoint: qwen3-30b-a3b, qwen3-30b-a3b-fp8 or a config.json path");
   d->add_option("--batch", f->batches, "Batch sizes (sequences per step), comma-separated")->capture_default_str();
-  d->add_option("--context", f->contexts, "Context lengths (positions in the KV cache before the step), comma-separated")
+  d->add_option("--context", f->contexts,
+                "Context lengths (positions in the KV cache before the step), comma-separated")
       ->capture_default_str();
   d->add_option("--warmup", f->warmup, "Untimed steps first")->capture_default_str();
   d->add_option("--steps", f->steps, "Timed steps; the median is reported (default: 20 on cuda, 3 on cpu)");

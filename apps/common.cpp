@@ -1,8 +1,8 @@
 #include "common.h"
 
 #include <charconv>
-#include <sstream>
 #include <cstdlib>
+#include <sstream>
 
 #include "core/log.h"
 
@@ -12,16 +12,18 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
   auto* m = app->add_option("--model-path", model_path,
                             "Model directory as published on the Hub (config.json, *.safetensors, tokenizer.json)");
   if (model_required) m->required();
-  app->add_option("--device", device, "Back-end: cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))
+  app->add_option("--device", device, "Back-end: cpu or cuda")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
   app->add_option("--device-index", device_index, "First GPU ordinal (rank r uses device-index + r)")
       ->capture_default_str();
   app->add_option("--attn-cp-size", attn_cp_size, "Context-parallel size: ranks that split one long prompt")
-      ->check(CLI::Range(1, 4096))->capture_default_str();
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
   auto* ws = app->add_option("--world-size", world_size,
-                              "Number of ranks the model spans (experts are sharded over them); default: "
-                              "--attn-cp-size, or the mpirun size")
-                  ->check(CLI::Range(0, 4096));
+                             "Number of ranks the model spans (experts are sharded over them); default: "
+                             "--attn-cp-size, or the mpirun size")
+                 ->check(CLI::Range(0, 4096));
   // The old name said tensor parallelism, which this is not (attention is context-parallel, experts
   // sharded); kept so that existing command lines still run.
   app->add_option_function<int>(
@@ -46,15 +48,21 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
                 "attention for prefill, partial attention + LSE merge for decode) instead of a full copy");
   app->add_option("--kv-interleave", kv_interleave,
                   "With --kv-shard: positions per rank, round-robin, of decode tokens and unsplit prompts")
-      ->check(CLI::Range(1, 1 << 20))->capture_default_str();
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
   app->add_option("--comm", comm, "Communicator between ranks: local (threads) or mpi (under mpirun)")
-      ->check(CLI::IsMember({"local", "mpi"}))->capture_default_str();
+      ->check(CLI::IsMember({"local", "mpi"}))
+      ->capture_default_str();
   app->add_option("--comm-timeout", comm_timeout_s, "Seconds a collective waits for a peer before failing")
-      ->check(CLI::Range(1, 86400))->capture_default_str();
-  app->add_option("--kv-cache-tokens", kv_cache_tokens, "KV cache capacity in positions, per rank (default: generate/logits/bench: what the request needs; serve: "
-                  "--context-length, else 32768; with --kv-shard the share of one rank)")
+      ->check(CLI::Range(1, 86400))
+      ->capture_default_str();
+  app->add_option(
+         "--kv-cache-tokens", kv_cache_tokens,
+         "KV cache capacity in positions, per rank (default: generate/logits/bench: what the request needs; serve: "
+         "--context-length, else 32768; with --kv-shard the share of one rank)")
       ->check(CLI::Range(0, 1 << 30));
-  app->add_option("--page-size", block_size, "Positions per KV cache block")->check(CLI::Range(1, 4096))
+  app->add_option("--page-size", block_size, "Positions per KV cache block")
+      ->check(CLI::Range(1, 4096))
       ->capture_default_str();
   app->add_option("--attention-backend", backend.attention,
                   "CUDA prefill attention: auto (on Hopper the warp-specialized kernel for page sizes that are "
@@ -62,9 +70,11 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
                   "ws, wgmma or mma")
       ->check(CLI::IsMember({"auto", "cudnn", "ws", "wgmma", "mma"}))
       ->capture_default_str();
-  app->add_option("--moe-runner-backend", backend.moe,
-                  "CUDA expert GEMMs of batches above the decode sizes: auto (warp-specialized grouped wgmma on Hopper, mma.sync "
-                  "elsewhere), mma, wgmma, wgmma128, wgmma-ws (warp-specialized) or cublas (per expert, for comparison)")
+  app->add_option(
+         "--moe-runner-backend", backend.moe,
+         "CUDA expert GEMMs of batches above the decode sizes: auto (warp-specialized grouped wgmma on Hopper, "
+         "mma.sync "
+         "elsewhere), mma, wgmma, wgmma128, wgmma-ws (warp-specialized) or cublas (per expert, for comparison)")
       ->check(CLI::IsMember({"auto", "mma", "wgmma", "wgmma128", "wgmma-ws", "cublas"}))
       ->capture_default_str();
   app->add_option("--fp8-weights", backend.fp8,
@@ -81,7 +91,8 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
   app->add_option("--cuda-graph-max-bs", cuda_graph_max_bs,
                   "Largest decode batch run as a CUDA graph (larger ones run without); graphs apply at a world size "
                   "of 1")
-      ->check(CLI::Range(1, 1 << 16))->capture_default_str();
+      ->check(CLI::Range(1, 1 << 16))
+      ->capture_default_str();
 }
 
 LaunchOptions EngineFlags::launch() const {
@@ -172,8 +183,8 @@ std::vector<int32_t> parse_ids(const std::string& s) {
     while (!item.empty() && item.back() == ' ') item.pop_back();
     int32_t v = 0;
     auto [p, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
-    CPI_CHECK(!item.empty() && ec == std::errc() && p == item.data() + item.size() && v >= 0,
-              "--input-ids: '", item, "' is not a non-negative token id (expected e.g. 1,2,3)");
+    CPI_CHECK(!item.empty() && ec == std::errc() && p == item.data() + item.size() && v >= 0, "--input-ids: '", item,
+              "' is not a non-negative token id (expected e.g. 1,2,3)");
     ids.push_back(v);
     i = j + 1;
   }

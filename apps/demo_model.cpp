@@ -30,33 +30,32 @@ int run_demo_model(const DemoFlags& f) {
   fs::create_directories(f.out);
 
   const int64_t V = 151936, H = f.hidden, Hq = 4, Hkv = 2, D = 64, E = f.experts, I = H / 2, K = 4;
-  nlohmann::ordered_json cfg = {
-      {"architectures", {"Qwen3MoeForCausalLM"}},
-      {"model_type", "qwen3_moe"},
-      {"attention_bias", false},
-      {"bos_token_id", 151643},
-      {"eos_token_id", 151645},
-      {"decoder_sparse_step", 1},
-      {"head_dim", D},
-      {"hidden_act", "silu"},
-      {"hidden_size", H},
-      {"intermediate_size", 2 * H},
-      {"max_position_embeddings", 32768},
-      {"mlp_only_layers", nlohmann::json::array()},
-      {"moe_intermediate_size", I},
-      {"norm_topk_prob", true},
-      {"num_attention_heads", Hq},
-      {"num_experts", E},
-      {"num_experts_per_tok", std::min<int64_t>(K, E)},
-      {"num_hidden_layers", f.layers},
-      {"num_key_value_heads", Hkv},
-      {"rms_norm_eps", 1e-6},
-      {"rope_scaling", nullptr},
-      {"rope_theta", 1000000.0},
-      {"tie_word_embeddings", true},
-      {"torch_dtype", "bfloat16"},
-      {"vocab_size", V},
-      {"cpinfer_demo", "random weights: the output is random text"}};
+  nlohmann::ordered_json cfg = {{"architectures", {"Qwen3MoeForCausalLM"}},
+                                {"model_type", "qwen3_moe"},
+                                {"attention_bias", false},
+                                {"bos_token_id", 151643},
+                                {"eos_token_id", 151645},
+                                {"decoder_sparse_step", 1},
+                                {"head_dim", D},
+                                {"hidden_act", "silu"},
+                                {"hidden_size", H},
+                                {"intermediate_size", 2 * H},
+                                {"max_position_embeddings", 32768},
+                                {"mlp_only_layers", nlohmann::json::array()},
+                                {"moe_intermediate_size", I},
+                                {"norm_topk_prob", true},
+                                {"num_attention_heads", Hq},
+                                {"num_experts", E},
+                                {"num_experts_per_tok", std::min<int64_t>(K, E)},
+                                {"num_hidden_layers", f.layers},
+                                {"num_key_value_heads", Hkv},
+                                {"rms_norm_eps", 1e-6},
+                                {"rope_scaling", nullptr},
+                                {"rope_theta", 1000000.0},
+                                {"tie_word_embeddings", true},
+                                {"torch_dtype", "bfloat16"},
+                                {"vocab_size", V},
+                                {"cpinfer_demo", "random weights: the output is random text"}};
   if (f.fp8)
     cfg["quantization_config"] = {{"quant_method", "fp8"},
                                   {"fmt", "e4m3"},
@@ -129,8 +128,8 @@ void write_demo_model(const DemoModelSpec& spec) { run_demo_model(spec); }
 
 Command add_demo_model_command(CLI::App& app) {
   auto f = std::make_shared<DemoFlags>();
-  CLI::App* c = app.add_subcommand("demo-model",
-                                   "Write a small random-weight Qwen3-MoE checkpoint (Hub format, real Qwen3 tokenizer)");
+  CLI::App* c = app.add_subcommand(
+      "demo-model", "Write a small random-weight Qwen3-MoE checkpoint (Hub format, real Qwen3 tokenizer)");
   c->add_option("--out", f->out, "Output directory")->required();
   c->add_option("--tokenizer-dir", f->tokenizer_dir,
                 "Directory with the Qwen3 tokenizer.json/tokenizer_config.json (default: $CPINFER_TOKENIZER_DIR or "

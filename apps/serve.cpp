@@ -1,9 +1,9 @@
 // cpinfer serve: the OpenAI-compatible HTTP server. Flag names follow SGLang's launch_server where
 // the concept is the same (--model-path, --host, --port, --attn-cp-size, --enable-prefill-cp,
 // --context-length, --max-running-requests, --chunked-prefill-size, --api-key, ...).
+#include <unistd.h>
 #include <cstdlib>
 #include <filesystem>
-#include <unistd.h>
 
 #include "common.h"
 #include "core/log.h"
@@ -25,9 +25,12 @@ struct ServeFlags {
 // Without --model-path: the demo checkpoint, written once into the user's cache directory.
 std::string demo_model_dir() {
   fs::path base;
-  if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x) base = x;
-  else if (const char* h = std::getenv("HOME"); h && *h) base = fs::path(h) / ".cache";
-  else base = fs::temp_directory_path();
+  if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x)
+    base = x;
+  else if (const char* h = std::getenv("HOME"); h && *h)
+    base = fs::path(h) / ".cache";
+  else
+    base = fs::temp_directory_path();
   const fs::path dir = base / "cpinfer" / "demo-model";
   if (fs::exists(dir / "model.safetensors")) return dir.string();
   // Written beside, then renamed: a concurrent server never sees half a checkpoint.
@@ -68,13 +71,15 @@ int run_serve(ServeFlags& f) {
 
 Command add_serve_command(CLI::App& app) {
   auto f = std::make_shared<ServeFlags>();
-  CLI::App* c = app.add_subcommand("serve", "OpenAI-compatible HTTP server (chat/completions, completions, models, "
-                                            "health, metrics)");
+  CLI::App* c = app.add_subcommand("serve",
+                                   "OpenAI-compatible HTTP server (chat/completions, completions, models, "
+                                   "health, metrics)");
   f->ef.add_to(c, false);
   f->ef.add_random_weights_to(c);
   c->add_option("--host", f->so.host, "Address to listen on")->capture_default_str();
   c->add_option("--port", f->so.port, "Port to listen on (0: any free port; the ready line names it)")
-      ->check(CLI::Range(0, 65535))->capture_default_str();
+      ->check(CLI::Range(0, 65535))
+      ->capture_default_str();
   c->add_option("--served-model-name", f->so.served_model_name,
                 "Model name in the API (default: the model path; 'cpinfer-demo' for the demo model)");
   c->add_option("--api-key", f->so.api_key, "Require 'Authorization: Bearer <key>' on /v1/*");
@@ -82,33 +87,42 @@ Command add_serve_command(CLI::App& app) {
                 "Longest prompt + completion in tokens (default: min(max_position_embeddings, KV cache))")
       ->check(CLI::NonNegativeNumber);
   c->add_option("--max-running-requests", f->so.sched.max_running_requests, "Requests decoded at once")
-      ->check(CLI::PositiveNumber)->capture_default_str();
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   c->add_option("--chunked-prefill-size", f->so.sched.chunked_prefill_size,
                 "Tokens per engine step (decode tokens + prompt chunks); -1: whole prompts")
       ->capture_default_str();
   c->add_option("--decode-reserve-tokens", f->so.sched.decode_reserve_tokens,
                 "Output tokens a request is counted for at admission; when decoding outgrows the KV cache the "
                 "newest request is preempted and recomputed later (larger: fewer preemptions, less batching)")
-      ->check(CLI::PositiveNumber)->capture_default_str();
-  c->add_flag("--disable-radix-cache", [f](int64_t) { f->so.sched.radix_cache = false; },
-              "Turn off the prefix cache (a radix tree over KV pages that lets a prompt starting with a cached "
-              "prefix prefill only the rest; unused pages are evicted LRU when the KV cache is full)");
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  c->add_flag(
+      "--disable-radix-cache", [f](int64_t) { f->so.sched.radix_cache = false; },
+      "Turn off the prefix cache (a radix tree over KV pages that lets a prompt starting with a cached "
+      "prefix prefill only the rest; unused pages are evicted LRU when the KV cache is full)");
   c->add_option("--log-interval", f->log_interval_s, "Seconds between stats lines (0: none)")
-      ->check(CLI::NonNegativeNumber)->capture_default_str();
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   c->add_option("--http-threads", f->so.http_threads, "HTTP connections open at once (more are answered 503)")
-      ->check(CLI::PositiveNumber)->capture_default_str();
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   c->add_option("--max-queued-requests", f->so.max_queued_requests,
                 "Requests waiting for admission; more are answered 429 with Retry-After")
-      ->check(CLI::PositiveNumber)->capture_default_str();
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   c->add_option("--shutdown-timeout", f->so.shutdown_timeout_s,
                 "Seconds SIGTERM/SIGINT lets requests in flight finish; then they end with an error event and the "
                 "server exits 0 (a second signal exits at once)")
-      ->check(CLI::NonNegativeNumber)->capture_default_str();
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   c->add_option("--http-read-timeout", f->http_read_timeout_s,
                 "Seconds a request (line, headers, body) may take to arrive; slower ones are answered 408")
-      ->check(CLI::PositiveNumber)->capture_default_str();
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   c->add_option("--http-idle-timeout", f->http_idle_timeout_s, "Seconds a kept-alive connection may sit idle")
-      ->check(CLI::PositiveNumber)->capture_default_str();
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   // Test hooks, hidden from --help (an empty group): a fixed answer for every request, a slower load.
   c->add_option("--test-fixed-output", f->so.test_fixed_output, "")->group("");
   c->add_option("--test-load-delay-ms", f->so.test_load_delay_ms, "")->check(CLI::Range(0, 600000))->group("");

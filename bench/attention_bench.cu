@@ -63,10 +63,10 @@ DevTensor view(void* p, DType dt, std::initializer_list<int64_t> dims) {
 struct Result {
   int64_t seq;
   std::string kernel, part;
-  double ms, tflops;         // tflops: GB/s for cp-merge
-  double max_diff = -1.0;    // causal: vs mma.sync, when both ran; cp-merge: vs cp-full
-  unsigned mhz = 0;          // median SM clock read after each timed run (0: NVML not loaded)
-  double capped = 0.0;       // share of the timed runs after which the power limit held the clock
+  double ms, tflops;       // tflops: GB/s for cp-merge
+  double max_diff = -1.0;  // causal: vs mma.sync, when both ran; cp-merge: vs cp-full
+  unsigned mhz = 0;        // median SM clock read after each timed run (0: NVML not loaded)
+  double capped = 0.0;     // share of the timed runs after which the power limit held the clock
 };
 
 // The median time of a launch's timed runs and the clock they ran at.
@@ -105,8 +105,8 @@ struct Cudnn {
 };
 Cudnn g_cudnn;
 
-cudaError_t run_kernel(const std::string& kernel, const DevTensor& q, const DevAttnBatch& b, const DevKv& c, float scale,
-                       const DevTensor& o, const DevTensor& l, cudaStream_t stream) {
+cudaError_t run_kernel(const std::string& kernel, const DevTensor& q, const DevAttnBatch& b, const DevKv& c,
+                       float scale, const DevTensor& o, const DevTensor& l, cudaStream_t stream) {
   if (kernel == "ws") return cpinfer::cuda::launch_attention_ws(q, b, c, scale, o, l, g_sched, stream, g_ws_cfg);
   if (kernel == "wgmma") return cpinfer::cuda::launch_attention_wgmma(q, b, c, scale, o, l, stream);
   if (kernel == "cudnn") {
@@ -176,7 +176,8 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: attention_bench [--seq 4096,16384] [--reps N>=10] [--block-size B] "
-                   "[--kernel mma,wgmma,ws,cudnn|all] [--ws-kv-group G] [--ws-stages 2|3] [--cp C] [--ascending-pages] [--json]\n");
+                   "[--kernel mma,wgmma,ws,cudnn|all] [--ws-kv-group G] [--ws-stages 2|3] [--cp C] [--ascending-pages] "
+                   "[--json]\n");
       return 2;
     }
   }
@@ -267,20 +268,30 @@ int main(int argc, char** argv) {
     // --ascending-pages in order (a fresh prompt's layout: cuDNN then runs its dense graph).
     std::vector<int32_t> h_table(n_pages), h_slots(s);
     for (int64_t p = 0; p < n_pages; ++p) h_table[p] = static_cast<int32_t>(ascending ? p : n_pages - 1 - p);
-    for (int64_t i = 0; i < s; ++i) h_slots[i] = static_cast<int32_t>(h_table[i / block_size] * block_size + i % block_size);
+    for (int64_t i = 0; i < s; ++i)
+      h_slots[i] = static_cast<int32_t>(h_table[i / block_size] * block_size + i % block_size);
     // Rows (q_begin, q_len, pos_begin, seq, kv_begin, kv_end): the whole sequence, causal; then the
     // --cp block of n queries at position P (its q and out views start at row P): whole, diagonal,
     // prefix.
     const int32_t n_cp = static_cast<int32_t>(cp > 0 ? std::max<int64_t>(1, s / (2 * cp)) : 1);
     const int32_t pos_cp = static_cast<int32_t>(s) - n_cp;
-    const int32_t h_blocks[4 * kF] = {0, static_cast<int32_t>(s), 0, 0, 0, INT32_MAX,
-                                      0, n_cp, pos_cp, 0, 0, INT32_MAX,
-                                      0, n_cp, pos_cp, 0, pos_cp, INT32_MAX,
-                                      0, n_cp, pos_cp, 0, 0, pos_cp};
+    const int32_t h_blocks[4 * kF] = {0,      static_cast<int32_t>(s),
+                                      0,      0,
+                                      0,      INT32_MAX,
+                                      0,      n_cp,
+                                      pos_cp, 0,
+                                      0,      INT32_MAX,
+                                      0,      n_cp,
+                                      pos_cp, 0,
+                                      pos_cp, INT32_MAX,
+                                      0,      n_cp,
+                                      pos_cp, 0,
+                                      0,      pos_cp};
     BENCH_CHECK(cudaMemcpy(table, h_table.data(), n_pages * 4, cudaMemcpyHostToDevice));
     BENCH_CHECK(cudaMemcpy(slots, h_slots.data(), s * 4, cudaMemcpyHostToDevice));
     BENCH_CHECK(cudaMemcpy(blocks, h_blocks, sizeof(h_blocks), cudaMemcpyHostToDevice));
-    DevKv cache{view(ck, DType::BF16, {n_pages, block_size, hkv, d}), view(cv, DType::BF16, {n_pages, block_size, hkv, d})};
+    DevKv cache{view(ck, DType::BF16, {n_pages, block_size, hkv, d}),
+                view(cv, DType::BF16, {n_pages, block_size, hkv, d})};
     BENCH_CHECK(cpinfer::cuda::launch_kv_store(view(k, DType::BF16, {s, hkv, d}), view(v, DType::BF16, {s, hkv, d}),
                                                view(slots, DType::I32, {s}), cache, stream));
     DevAttnBatch batch;
@@ -338,7 +349,7 @@ int main(int argc, char** argv) {
         return run_kernel(kernel, qb, part, cache, scale, o, l, stream);
       };
       const double unit = 4.0 * static_cast<double>(n) * d * hq;  // FLOPs per key of every query
-      if (kernel == "cudnn") {  // no key ranges: the whole block only
+      if (kernel == "cudnn") {                                    // no key ranges: the whole block only
         part.blocks = static_cast<const int32_t*>(blocks) + kF;
         const std::string why = g_cudnn.prepare(qb, part, h_blocks + kF, h_table.data(), cache, whole_o, whole_l);
         if (!why.empty()) {
@@ -369,8 +380,7 @@ int main(int argc, char** argv) {
                        [&] { return run_part(3, pre_o, pre_l); },
                        [&] { return cpinfer::cuda::launch_attention_merge(diag_o, diag_l, pre_o, pre_l, stream); }});
       const double merge_bytes = 3.0 * n * hq * (d * 2 + 4);
-      const double work[4] = {unit * (P + n / 2.0) / 1e12, unit * (n / 2.0) / 1e12, unit * P / 1e12,
-                              merge_bytes / 1e9};
+      const double work[4] = {unit * (P + n / 2.0) / 1e12, unit * (n / 2.0) / 1e12, unit * P / 1e12, merge_bytes / 1e9};
       const char* parts[4] = {"cp-full", "cp-diag", "cp-prefix", "cp-merge"};
       for (int k = 0; k < 4; ++k)
         results.push_back({s, kernel, parts[k], tms[k].ms, work[k] / (tms[k].ms * 1e-3), k == 3 ? merge_diff : -1.0,
@@ -379,14 +389,16 @@ int main(int argc, char** argv) {
     for (void* p : {q, out, k, v, ck, cv, lse, slots, table, blocks, out2, lse2}) BENCH_CHECK(cudaFree(p));
   }
   if (json) {
-    std::printf("{\"device\": \"%s\", \"hq\": %lld, \"hkv\": %lld, \"head_dim\": %lld, \"block_size\": %d, \"results\": [",
-                prop.name, static_cast<long long>(hq), static_cast<long long>(hkv), static_cast<long long>(d), block_size);
+    std::printf(
+        "{\"device\": \"%s\", \"hq\": %lld, \"hkv\": %lld, \"head_dim\": %lld, \"block_size\": %d, \"results\": [",
+        prop.name, static_cast<long long>(hq), static_cast<long long>(hkv), static_cast<long long>(d), block_size);
     for (size_t i = 0; i < results.size(); ++i)
-      std::printf("%s{\"S\": %lld, \"kernel\": \"%s\", \"part\": \"%s\", \"ms\": %.4f, \"%s\": %.1f, "
-                  "\"sm_mhz\": %u, \"power_capped\": %.2f}",
-                  i ? ", " : "", static_cast<long long>(results[i].seq), results[i].kernel.c_str(),
-                  results[i].part.c_str(), results[i].ms, results[i].part == "cp-merge" ? "gbps" : "tflops",
-                  results[i].tflops, results[i].mhz, results[i].capped);
+      std::printf(
+          "%s{\"S\": %lld, \"kernel\": \"%s\", \"part\": \"%s\", \"ms\": %.4f, \"%s\": %.1f, "
+          "\"sm_mhz\": %u, \"power_capped\": %.2f}",
+          i ? ", " : "", static_cast<long long>(results[i].seq), results[i].kernel.c_str(), results[i].part.c_str(),
+          results[i].ms, results[i].part == "cp-merge" ? "gbps" : "tflops", results[i].tflops, results[i].mhz,
+          results[i].capped);
     std::printf("]}\n");
   } else {
     std::printf("attention prefill (causal, Hq=%lld Hkv=%lld D=%lld, block_size %d) on %s, median of %d\n",

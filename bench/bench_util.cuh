@@ -9,13 +9,13 @@
 #include <cstdlib>
 
 // Exits with "<kBenchName>: <call> failed: <reason>"; each benchmark defines kBenchName.
-#define BENCH_CHECK(call)                                                                       \
-  do {                                                                                          \
-    cudaError_t e_ = (call);                                                                    \
-    if (e_ != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "%s: %s failed: %s\n", kBenchName, #call, cudaGetErrorString(e_));   \
-      std::exit(1);                                                                             \
-    }                                                                                           \
+#define BENCH_CHECK(call)                                                                     \
+  do {                                                                                        \
+    cudaError_t e_ = (call);                                                                  \
+    if (e_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s: %s failed: %s\n", kBenchName, #call, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                           \
+    }                                                                                         \
   } while (0)
 
 // p[i] = uniform(-scale, scale) from a hash of (i, seed): the same values on every run.

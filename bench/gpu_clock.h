@@ -17,8 +17,8 @@ class GpuClock {
     auto handle = reinterpret_cast<int (*)(unsigned, void**)>(dlsym(lib_, "nvmlDeviceGetHandleByIndex_v2"));
     clock_ = reinterpret_cast<int (*)(void*, int, unsigned*)>(dlsym(lib_, "nvmlDeviceGetClockInfo"));
     power_ = reinterpret_cast<int (*)(void*, unsigned*)>(dlsym(lib_, "nvmlDeviceGetPowerUsage"));
-    reasons_ = reinterpret_cast<int (*)(void*, unsigned long long*)>(
-        dlsym(lib_, "nvmlDeviceGetCurrentClocksThrottleReasons"));
+    reasons_ =
+        reinterpret_cast<int (*)(void*, unsigned long long*)>(dlsym(lib_, "nvmlDeviceGetCurrentClocksThrottleReasons"));
     ok_ = init != nullptr && handle != nullptr && clock_ != nullptr && init() == 0 && handle(0, &dev_) == 0;
   }
   GpuClock(const GpuClock&) = delete;
@@ -41,8 +41,8 @@ class GpuClock {
   }
 
  private:
-  static constexpr int kClockSm = 1;                       // NVML_CLOCK_SM
-  static constexpr unsigned long long kSwPowerCap = 0x4;   // nvmlClocksThrottleReasonSwPowerCap
+  static constexpr int kClockSm = 1;                         // NVML_CLOCK_SM
+  static constexpr unsigned long long kSwPowerCap = 0x4;     // nvmlClocksThrottleReasonSwPowerCap
   static constexpr unsigned long long kHwPowerBrake = 0x80;  // nvmlClocksThrottleReasonHwPowerBrakeSlowdown
   void* lib_ = nullptr;
   void* dev_ = nullptr;

@@ -46,13 +46,13 @@ namespace cc = cpinfer::cuda;
 namespace {
 
 constexpr const char* kBenchName = "moe_bench";
-#define CUBLAS_BENCH_CHECK(call)                                                                \
-  do {                                                                                          \
-    cublasStatus_t s_ = (call);                                                                 \
-    if (s_ != CUBLAS_STATUS_SUCCESS) {                                                          \
-      std::fprintf(stderr, "moe_bench: %s failed: status %d\n", #call, static_cast<int>(s_));   \
-      std::exit(1);                                                                             \
-    }                                                                                           \
+#define CUBLAS_BENCH_CHECK(call)                                                              \
+  do {                                                                                        \
+    cublasStatus_t s_ = (call);                                                               \
+    if (s_ != CUBLAS_STATUS_SUCCESS) {                                                        \
+      std::fprintf(stderr, "moe_bench: %s failed: status %d\n", #call, static_cast<int>(s_)); \
+      std::exit(1);                                                                           \
+    }                                                                                         \
   } while (0)
 
 void fill(__nv_bfloat16* p, int64_t n, uint32_t seed, float scale) {
@@ -119,14 +119,22 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--tokens") tokens_list = parse_list(next());
-    else if (a == "--reps") reps = std::atoi(next());
-    else if (a == "--experts") n_experts = std::atoi(next());
-    else if (a == "--local") local = std::atoi(next());
-    else if (a == "--first") first = std::atoi(next());
-    else if (a == "--hidden") hidden = std::atoll(next());
-    else if (a == "--inter") inter = std::atoll(next());
-    else if (a == "--topk") top_k = std::atoi(next());
+    if (a == "--tokens")
+      tokens_list = parse_list(next());
+    else if (a == "--reps")
+      reps = std::atoi(next());
+    else if (a == "--experts")
+      n_experts = std::atoi(next());
+    else if (a == "--local")
+      local = std::atoi(next());
+    else if (a == "--first")
+      first = std::atoi(next());
+    else if (a == "--hidden")
+      hidden = std::atoll(next());
+    else if (a == "--inter")
+      inter = std::atoll(next());
+    else if (a == "--topk")
+      top_k = std::atoi(next());
     else {
       std::fprintf(stderr,
                    "usage: moe_bench [--tokens 4096,16384,32768] [--reps 10] [--experts 128] [--local 128] "
@@ -152,8 +160,8 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("moe_bench on %s (%d SMs): H=%lld I=%lld E=%d local=%d+%d top-%d, median of %d reps\n", prop.name,
-              prop.multiProcessorCount, static_cast<long long>(hidden), static_cast<long long>(inter), n_experts,
-              first, count, top_k, reps);
+              prop.multiProcessorCount, static_cast<long long>(hidden), static_cast<long long>(inter), n_experts, first,
+              count, top_k, reps);
 
   // The grouped kernel pairs: mma.sync, or the wgmma kernels with a tile config (tile N of the
   // gate‖up and of the down GEMM, N-tiles per CTA, warp-specialized, y in BF16). "ws" is the
@@ -211,8 +219,9 @@ int main(int argc, char** argv) {
   };
   std::mt19937 gen(7);
   int bad = 0;
-  std::printf("per size: one line per path: total ms (TF/s), gemm-only ms (TF/s), speedup over cublas (total, gemm),\n"
-              "check vs cublas (and vs mma for wgmma paths)\n");
+  std::printf(
+      "per size: one line per path: total ms (TF/s), gemm-only ms (TF/s), speedup over cublas (total, gemm),\n"
+      "check vs cublas (and vs mma for wgmma paths)\n");
 
   for (int64_t n_tokens : tokens_list) {
     const int64_t n_pairs = n_tokens * top_k;
@@ -272,10 +281,11 @@ int main(int argc, char** argv) {
         BENCH_CHECK(cc::launch_moe_grouped_gemms(xt, src_token, offsets, tile_start, n_pairs, count, gate_p, up_p,
                                                  down_p, inter, act, y, stream));
       else
-        BENCH_CHECK(cc::launch_moe_grouped_gemms_wgmma(xt, src_token, offsets, tile_start, n_pairs, count, gate_p,
-                                                       up_p, down_p, inter, act, y, gpaths[path].cfg, stream));
+        BENCH_CHECK(cc::launch_moe_grouped_gemms_wgmma(xt, src_token, offsets, tile_start, n_pairs, count, gate_p, up_p,
+                                                       down_p, inter, act, y, gpaths[path].cfg, stream));
       if (timed) BENCH_CHECK(cudaEventRecord(ev[2], stream));
-      const DevTensor y_path = gpaths[path].wgmma && gpaths[path].cfg.y_bf16 ? view(y, DType::BF16, {n_pairs, hidden}) : yt;
+      const DevTensor y_path =
+          gpaths[path].wgmma && gpaths[path].cfg.y_bf16 ? view(y, DType::BF16, {n_pairs, hidden}) : yt;
       BENCH_CHECK(cc::launch_moe_unpermute(y_path, wt, pair_row, view(out, DType::BF16, {n_tokens, hidden}), stream));
     };
     auto run_cublas = [&](__nv_bfloat16* out, bool timed) {
@@ -370,7 +380,8 @@ int main(int argc, char** argv) {
           const int64_t i = c.first_bad;
           std::snprintf(buf, sizeof buf, " (non-finite %lld, first bad index %lld = token %lld col %lld)",
                         static_cast<long long>(c.non_finite), static_cast<long long>(i),
-                        static_cast<long long>(i < 0 ? -1 : i / hidden), static_cast<long long>(i < 0 ? -1 : i % hidden));
+                        static_cast<long long>(i < 0 ? -1 : i / hidden),
+                        static_cast<long long>(i < 0 ? -1 : i % hidden));
           check[p] += buf;
         }
       }
@@ -418,13 +429,16 @@ int main(int argc, char** argv) {
                 static_cast<long long>(rows), static_cast<long long>(min_rows), static_cast<long long>(max_rows));
     for (size_t p = 0; p < n_gp; ++p) {
       const double gt = median(g_total[p]), gg = median(g_gemm[p]);
-      std::printf("  %-11s total %8.3f ms (%6.1f TF/s)  gemm %8.3f ms (%6.1f TF/s, %3.0f%% of dense)  vs cublas %5.2fx "
-                  "%5.2fx  %s\n",
-                  gpaths[p].name, gt, tf(gt), gg, tf(gg), 100.0 * dn / gg, ct / gt, cg / gg, check[p].c_str());
+      std::printf(
+          "  %-11s total %8.3f ms (%6.1f TF/s)  gemm %8.3f ms (%6.1f TF/s, %3.0f%% of dense)  vs cublas %5.2fx "
+          "%5.2fx  %s\n",
+          gpaths[p].name, gt, tf(gt), gg, tf(gg), 100.0 * dn / gg, ct / gt, cg / gg, check[p].c_str());
     }
     std::printf("  %-11s total %8.3f ms (%6.1f TF/s)  gemm %8.3f ms (%6.1f TF/s)\n", "cublas", ct, tf(ct), cg, tf(cg));
-    std::printf("  dense cuBLAS floor (same FLOPs, one expert): %.3f ms = %.1f TF/s; cuBLAS per-expert GEMMs at %.0f%% "
-                "of it\n", dn, tf(dn), 100.0 * dn / cg);
+    std::printf(
+        "  dense cuBLAS floor (same FLOPs, one expert): %.3f ms = %.1f TF/s; cuBLAS per-expert GEMMs at %.0f%% "
+        "of it\n",
+        dn, tf(dn), 100.0 * dn / cg);
     std::fflush(stdout);
 
     for (void* p : {static_cast<void*>(x), static_cast<void*>(ids_d), static_cast<void*>(w_d),
@@ -434,13 +448,14 @@ int main(int argc, char** argv) {
     for (auto* o : out_g) BENCH_CHECK(cudaFree(o));
     BENCH_CHECK(cudaFreeHost(host_off));
   }
-  std::printf("total = permute..unpermute incl. the cuBLAS path's host sync; gemm = the expert GEMMs only; "
-              "speedup = cublas / path\n");
+  std::printf(
+      "total = permute..unpermute incl. the cuBLAS path's host sync; gemm = the expert GEMMs only; "
+      "speedup = cublas / path\n");
   cublasDestroy(blas);
   cudaStreamDestroy(stream);
   if (bad) {
-    std::fprintf(stderr, "moe_bench: %d comparison(s) where a grouped path disagrees with cuBLAS or mma (see MISMATCH)\n",
-                 bad);
+    std::fprintf(stderr,
+                 "moe_bench: %d comparison(s) where a grouped path disagrees with cuBLAS or mma (see MISMATCH)\n", bad);
     return 1;
   }
   return 0;

@@ -32,15 +32,13 @@ class Communicator {
   // recv = concatenation of every rank's send, in rank order. recv_bytes has size() entries and
   // recv_bytes[r] is rank r's send_bytes (zero allowed). send may alias its own slot of recv
   // (send == recv + Σ_{q<rank} recv_bytes[q]), the in-place form.
-  virtual void all_gatherv(const void* send, size_t send_bytes, void* recv,
-                           std::span<const size_t> recv_bytes) = 0;
+  virtual void all_gatherv(const void* send, size_t send_bytes, void* recv, std::span<const size_t> recv_bytes) = 0;
   // In place: buf[i] = Σ_r buf_r[i]. F32 on host back-ends; F32/BF16 for nccl. Every rank gets
   // bit-identical results.
   virtual void all_reduce_sum(void* buf, size_t count, DType dtype) = 0;
   // send holds Σcounts elements, segments in rank order; rank r gets in recv (counts[r] elements)
   // the sum over ranks of segment r. counts is the same on every rank. recv must not overlap send.
-  virtual void reduce_scatterv_sum(const void* send, void* recv, std::span<const size_t> counts,
-                                   DType dtype) = 0;
+  virtual void reduce_scatterv_sum(const void* send, void* recv, std::span<const size_t> counts, DType dtype) = 0;
   // send_bytes[r]: bytes this rank sends to rank r (segments of send in rank order);
   // recv_bytes[r]: bytes it receives from rank r (segments of recv in rank order).
   // recv must not overlap send.
@@ -73,8 +71,7 @@ class Communicator {
     all_gatherv(send, send_bytes, recv, recv_bytes);
     return 0;
   }
-  virtual Ticket reduce_scatterv_sum_start(const void* send, void* recv, std::span<const size_t> counts,
-                                           DType dtype) {
+  virtual Ticket reduce_scatterv_sum_start(const void* send, void* recv, std::span<const size_t> counts, DType dtype) {
     reduce_scatterv_sum(send, recv, counts, dtype);
     return 0;
   }

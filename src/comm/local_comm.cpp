@@ -31,13 +31,20 @@ enum class Op : uint8_t { kAllGatherv, kAllReduceSum, kReduceScatterv, kAllToAll
 
 const char* op_name(Op op) {
   switch (op) {
-    case Op::kAllGatherv: return "all_gatherv";
-    case Op::kAllReduceSum: return "all_reduce_sum";
-    case Op::kReduceScatterv: return "reduce_scatterv_sum";
-    case Op::kAllToAllv: return "all_to_allv";
-    case Op::kBroadcast: return "broadcast";
-    case Op::kBarrier: return "barrier";
-    case Op::kSplit: return "split";
+    case Op::kAllGatherv:
+      return "all_gatherv";
+    case Op::kAllReduceSum:
+      return "all_reduce_sum";
+    case Op::kReduceScatterv:
+      return "reduce_scatterv_sum";
+    case Op::kAllToAllv:
+      return "all_to_allv";
+    case Op::kBroadcast:
+      return "broadcast";
+    case Op::kBarrier:
+      return "barrier";
+    case Op::kSplit:
+      return "split";
   }
   return "?";
 }
@@ -49,10 +56,10 @@ struct Group;
 struct Slot {
   Op op = Op::kBarrier;
   const void* send = nullptr;
-  void* recv = nullptr;              // all_reduce/broadcast: the in-place buffer
-  size_t n = 0;                      // send_bytes, count or bytes
-  std::span<const size_t> counts;    // recv_bytes (gatherv, alltoallv) or counts (reduce_scatterv)
-  std::span<const size_t> counts2;   // send_bytes (alltoallv)
+  void* recv = nullptr;             // all_reduce/broadcast: the in-place buffer
+  size_t n = 0;                     // send_bytes, count or bytes
+  std::span<const size_t> counts;   // recv_bytes (gatherv, alltoallv) or counts (reduce_scatterv)
+  std::span<const size_t> counts2;  // send_bytes (alltoallv)
   DType dtype = DType::F32;
   int root = 0;
   int color = 0, key = 0;
@@ -73,13 +80,16 @@ struct Job {
 
 struct Group {
   std::shared_ptr<Job> job;
-  std::vector<int> world_ranks;  // [members] member -> world rank
+  std::vector<int> world_ranks;   // [members] member -> world rank
   std::vector<uint64_t> arrived;  // [members] barriers entered so far
   std::vector<char> reading;      // [members] inside a read phase
   std::vector<Slot> slots;        // [members]
   Group(std::shared_ptr<Job> j, std::vector<int> ranks)
-      : job(std::move(j)), world_ranks(std::move(ranks)), arrived(world_ranks.size(), 0),
-        reading(world_ranks.size(), 0), slots(world_ranks.size()) {}
+      : job(std::move(j)),
+        world_ranks(std::move(ranks)),
+        arrived(world_ranks.size(), 0),
+        reading(world_ranks.size(), 0),
+        slots(world_ranks.size()) {}
   int size() const { return static_cast<int>(world_ranks.size()); }
 };
 
@@ -231,8 +241,7 @@ class LocalCommunicator final : public Communicator {
     // Members of this color ordered by (key, old rank): identical on every member.
     for (int j = 0; j < size(); ++j)
       if (color >= 0 && g_->slots[j].color == color) members.push_back(j);
-    std::stable_sort(members.begin(), members.end(),
-                     [&](int a, int b) { return g_->slots[a].key < g_->slots[b].key; });
+    std::stable_sort(members.begin(), members.end(), [&](int a, int b) { return g_->slots[a].key < g_->slots[b].key; });
     const bool leader = !members.empty() && members[0] == rank_;
     if (leader) {
       try {
@@ -268,8 +277,8 @@ class LocalCommunicator final : public Communicator {
       std::lock_guard lk(g_->job->mu);
       const Job& job = *g_->job;
       if (job.failed && job.failed_rank == g_->world_ranks[rank_]) {
-        CPI_FAIL(op_name(s.op), " on rank ", rank_, ": the communicator is broken by an earlier failure: ",
-                 job.failure);
+        CPI_FAIL(op_name(s.op), " on rank ", rank_,
+                 ": the communicator is broken by an earlier failure: ", job.failure);
       }
       if (job.failed) {
         CPI_FAIL(op_name(s.op), " on rank ", rank_, ": peer rank ", job.failed_rank, " failed: ", job.failure,
@@ -311,8 +320,7 @@ class LocalCommunicator final : public Communicator {
     }
     std::string msg;
     if (job.failed) {
-      msg = detail::concat(op_name(op), " on rank ", rank_, ": peer rank ", job.failed_rank,
-                           " failed: ", job.failure);
+      msg = detail::concat(op_name(op), " on rank ", rank_, ": peer rank ", job.failed_rank, " failed: ", job.failure);
     } else if (int j = missing_exited(); j >= 0) {
       msg = detail::concat(op_name(op), " on rank ", rank_, ": rank ", j,
                            " returned from its function without entering ", op_name(op));
@@ -356,7 +364,8 @@ class LocalCommunicator final : public Communicator {
     for (int j = 0; j < n; ++j) {
       if (sl[j].op != sl[0].op) {
         return detail::concat("collective mismatch: rank ", 0, " called ", op_name(sl[0].op), " but rank ", j,
-                              " called ", op_name(sl[j].op), " (every rank must call the same collectives in the "
+                              " called ", op_name(sl[j].op),
+                              " (every rank must call the same collectives in the "
                               "same order)");
       }
     }
@@ -416,7 +425,8 @@ class LocalCommunicator final : public Communicator {
             break;
           }
           if (!std::equal(sl[j].counts.begin(), sl[j].counts.end(), sl[0].counts.begin())) {
-            e = detail::concat(name, ": rank ", j, " passed counts different from rank 0's (counts must be "
+            e = detail::concat(name, ": rank ", j,
+                               " passed counts different from rank 0's (counts must be "
                                "identical on every rank)");
             break;
           }
@@ -438,8 +448,8 @@ class LocalCommunicator final : public Communicator {
           for (int q = 0; q < n && e.empty(); ++q)
             if (sl[j].counts[q] != sl[q].counts2[j])
               e = detail::concat(name, ": rank ", j, " expects ", sl[j].counts[q], " bytes from rank ", q,
-                                 " (recv_bytes[", q, "]) but rank ", q, " sends it ", sl[q].counts2[j],
-                                 " (send_bytes[", j, "])");
+                                 " (recv_bytes[", q, "]) but rank ", q, " sends it ", sl[q].counts2[j], " (send_bytes[",
+                                 j, "])");
           size_t st = 0, rt = 0;
           for (int q = 0; q < n; ++q) st += sl[j].counts2[q], rt += sl[j].counts[q];
           if (e.empty()) e = null_check(sl[j].send, st, j, "send");

@@ -33,8 +33,9 @@ bool launched_by_mpirun() {
 #if !CPINFER_HAVE_MPI
 
 std::unique_ptr<Communicator> make_mpi_communicator(std::chrono::milliseconds) {
-  CPI_FAIL("this build has no MPI support (reconfigure with -DCPINFER_MPI=ON and OpenMPI installed, e.g. "
-           "apt-get install libopenmpi-dev openmpi-bin)");
+  CPI_FAIL(
+      "this build has no MPI support (reconfigure with -DCPINFER_MPI=ON and OpenMPI installed, e.g. "
+      "apt-get install libopenmpi-dev openmpi-bin)");
 }
 
 void mpi_set_max_message_bytes(Communicator&, size_t) { CPI_FAIL("this build has no MPI support"); }
@@ -154,8 +155,8 @@ class MpiCommunicator final : public Communicator {
         off += recv_bytes[q];
       }
       reqs.emplace_back();
-      call(MPI_Iallgatherv(in_place ? MPI_IN_PLACE : send, static_cast<int>(send_bytes), MPI_BYTE, recv,
-                           counts.data(), displs.data(), MPI_BYTE, comm_, &reqs.back()),
+      call(MPI_Iallgatherv(in_place ? MPI_IN_PLACE : send, static_cast<int>(send_bytes), MPI_BYTE, recv, counts.data(),
+                           displs.data(), MPI_BYTE, comm_, &reqs.back()),
            name);
       wait(reqs, name);
       return;
@@ -182,8 +183,8 @@ class MpiCommunicator final : public Communicator {
     for (size_t c = 0; c < count; c += step) {
       const size_t len = std::min(step, count - c);
       reqs.emplace_back();
-      call(MPI_Iallreduce(MPI_IN_PLACE, static_cast<float*>(buf) + c, static_cast<int>(len), MPI_FLOAT, MPI_SUM,
-                          comm_, &reqs.back()),
+      call(MPI_Iallreduce(MPI_IN_PLACE, static_cast<float*>(buf) + c, static_cast<int>(len), MPI_FLOAT, MPI_SUM, comm_,
+                          &reqs.back()),
            name);
     }
     wait(reqs, name);
@@ -214,9 +215,10 @@ class MpiCommunicator final : public Communicator {
       for (size_t c = 0; c < counts[r]; c += step) {
         const size_t len = std::min(step, counts[r] - c);
         reqs.emplace_back();
-        call(MPI_Ireduce(static_cast<const float*>(send) + off + c, r == rank_ ? static_cast<float*>(recv) + c : nullptr,
-                         static_cast<int>(len), MPI_FLOAT, MPI_SUM, r, comm_, &reqs.back()),
-             name);
+        call(
+            MPI_Ireduce(static_cast<const float*>(send) + off + c, r == rank_ ? static_cast<float*>(recv) + c : nullptr,
+                        static_cast<int>(len), MPI_FLOAT, MPI_SUM, r, comm_, &reqs.back()),
+            name);
       }
       off += counts[r];
     }
@@ -329,8 +331,8 @@ class MpiCommunicator final : public Communicator {
     }
   }
   void check_counts(std::span<const size_t> c, const char* what, const char* name) const {
-    CPI_CHECK(c.size() == static_cast<size_t>(size_), name, ": ", what, " has ", c.size(), " entries, expected ",
-              size_, " (one per rank)");
+    CPI_CHECK(c.size() == static_cast<size_t>(size_), name, ": ", what, " has ", c.size(), " entries, expected ", size_,
+              " (one per rank)");
   }
   // Posts point-to-point messages of at most max_msg_ bytes each; non-overtaking order on one tag
   // keeps the chunks of a pair in sequence.
@@ -373,8 +375,7 @@ std::unique_ptr<Communicator> make_mpi_communicator(std::chrono::milliseconds ti
       const int rc = MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
       CPI_CHECK(rc == MPI_SUCCESS, "MPI_Init_thread failed: ", mpi_error_string(rc));
       rt.initialized_here = true;
-      CPI_CHECK(provided >= MPI_THREAD_FUNNELED, "MPI provides thread level ", provided,
-                " below MPI_THREAD_FUNNELED");
+      CPI_CHECK(provided >= MPI_THREAD_FUNNELED, "MPI provides thread level ", provided, " below MPI_THREAD_FUNNELED");
     }
   }
   MPI_Comm dup = MPI_COMM_NULL;

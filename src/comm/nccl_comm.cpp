@@ -33,18 +33,25 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-#define CPI_CUDA_OK(call)                                                                              \
-  do {                                                                                                 \
-    cudaError_t _e = (call);                                                                           \
+#define CPI_CUDA_OK(call)                                                                                \
+  do {                                                                                                   \
+    cudaError_t _e = (call);                                                                             \
     CPI_CHECK(_e == cudaSuccess, #call " failed: ", cudaGetErrorName(_e), ": ", cudaGetErrorString(_e)); \
   } while (0)
 
 bool dtype_to_nccl(DType t, ncclDataType_t& out) {
   switch (t) {
-    case DType::F32: out = ncclFloat32; return true;
-    case DType::BF16: out = ncclBfloat16; return true;
-    case DType::F16: out = ncclFloat16; return true;
-    default: return false;
+    case DType::F32:
+      out = ncclFloat32;
+      return true;
+    case DType::BF16:
+      out = ncclBfloat16;
+      return true;
+    case DType::F16:
+      out = ncclFloat16;
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -125,7 +132,8 @@ class NcclCommunicator final : public Communicator {
   void all_gatherv(const void* send, size_t send_bytes, void* recv, std::span<const size_t> recv_bytes) override {
     gather(send, send_bytes, recv, recv_bytes, false);
   }
-  Ticket all_gatherv_start(const void* send, size_t send_bytes, void* recv, std::span<const size_t> recv_bytes) override {
+  Ticket all_gatherv_start(const void* send, size_t send_bytes, void* recv,
+                           std::span<const size_t> recv_bytes) override {
     return gather(send, send_bytes, recv, recv_bytes, true);
   }
   void reduce_scatterv_sum(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
@@ -239,8 +247,8 @@ class NcclCommunicator final : public Communicator {
                            std::span<const size_t> recv_bytes) override {
     return all_to_all(send, send_bytes, recv, recv_bytes, true);
   }
-  Ticket all_to_all(const void* send, std::span<const size_t> send_bytes, void* recv, std::span<const size_t> recv_bytes,
-                    bool overlap) {
+  Ticket all_to_all(const void* send, std::span<const size_t> send_bytes, void* recv,
+                    std::span<const size_t> recv_bytes, bool overlap) {
     const char* name = "all_to_allv";
     std::unique_lock<std::mutex> lk(mu_);
     const auto deadline = begin(name);
@@ -414,10 +422,11 @@ class NcclCommunicator final : public Communicator {
         ncclResult_t st = ncclSuccess;
         ncclCommGetAsyncError(comm_, &st);
         if (e != cudaErrorNotReady) {
-          abort_queued(detail::concat(p.name, " failed on NCCL rank ", rank_, ": CUDA error ", cudaGetErrorName(e), ": ",
-                                      cudaGetErrorString(e)));
+          abort_queued(detail::concat(p.name, " failed on NCCL rank ", rank_, ": CUDA error ", cudaGetErrorName(e),
+                                      ": ", cudaGetErrorString(e)));
         } else if (st != ncclSuccess && st != ncclInProgress) {
-          abort_queued(detail::concat(p.name, " failed on NCCL rank ", rank_, " of ", size_, ": ", ncclGetErrorString(st)));
+          abort_queued(
+              detail::concat(p.name, " failed on NCCL rank ", rank_, " of ", size_, ": ", ncclGetErrorString(st)));
         } else if (Clock::now() - p.start_time > timeout_) {
           abort_queued(detail::concat(p.name, " timed out after ", timeout_.count(), " ms on NCCL rank ", rank_, " of ",
                                       size_, ": a peer did not enter ", p.name,
@@ -445,8 +454,8 @@ class NcclCommunicator final : public Communicator {
   }
 
   void check_counts(std::span<const size_t> c, const char* what, const char* name) const {
-    CPI_CHECK(c.size() == static_cast<size_t>(size_), name, ": ", what, " has ", c.size(), " entries, expected ",
-              size_, " (one per rank)");
+    CPI_CHECK(c.size() == static_cast<size_t>(size_), name, ": ", what, " has ", c.size(), " entries, expected ", size_,
+              " (one per rank)");
   }
 
   // NCCL reads device memory of this rank's GPU; a host pointer would fault inside a kernel.
@@ -457,8 +466,8 @@ class NcclCommunicator final : public Communicator {
     const cudaError_t e = cudaPointerGetAttributes(&a, p);
     CPI_CHECK(e == cudaSuccess && (a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged), name, ": the ",
               what, " buffer is not device memory (the nccl communicator takes GPU buffers)");
-    CPI_CHECK(a.type == cudaMemoryTypeManaged || a.device == device_, name, ": the ", what,
-              " buffer lives on device ", a.device, " but this rank uses device ", device_);
+    CPI_CHECK(a.type == cudaMemoryTypeManaged || a.device == device_, name, ": the ", what, " buffer lives on device ",
+              a.device, " but this rank uses device ", device_);
   }
 
   // Accepts ncclSuccess; waits out ncclInProgress (non-blocking issue); anything else fails.
@@ -528,7 +537,7 @@ class NcclCommunicator final : public Communicator {
   std::condition_variable cv_;
   cudaStream_t compute_ = nullptr;
   std::deque<Pending> pending_;
-  cudaEvent_t issuing_start_ = nullptr;   // start event of the collective being issued
+  cudaEvent_t issuing_start_ = nullptr;  // start event of the collective being issued
   std::vector<cudaEvent_t> free_events_;
   std::vector<std::pair<Ticket, cudaEvent_t>> open_;  // overlapped collectives not joined yet
   Ticket last_ticket_ = 0;
@@ -544,8 +553,8 @@ std::unique_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, in
   CPI_CHECK(timeout.count() > 0, "make_nccl_communicator: timeout must be positive, got ", timeout.count(), " ms");
   int n_devices = 0;
   CPI_CUDA_OK(cudaGetDeviceCount(&n_devices));
-  CPI_CHECK(device >= 0 && device < n_devices, "make_nccl_communicator: device ", device, " out of range: ",
-            n_devices, " CUDA device(s) visible");
+  CPI_CHECK(device >= 0 && device < n_devices, "make_nccl_communicator: device ", device, " out of range: ", n_devices,
+            " CUDA device(s) visible");
   // NVLink SHARP (NVLS) multicast is off on the lent machines; NCCL would fail to set it up.
   setenv("NCCL_NVLS_ENABLE", "0", 0);
   CPI_CUDA_OK(cudaSetDevice(device));
@@ -566,8 +575,8 @@ std::unique_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, in
   ncclComm_t comm = nullptr;
   const auto deadline = Clock::now() + timeout;
   ncclResult_t rc = ncclCommInitRankConfig(&comm, bootstrap.size(), id, bootstrap.rank(), &config);
-  CPI_CHECK(rc == ncclSuccess || rc == ncclInProgress, "ncclCommInitRankConfig failed on rank ", bootstrap.rank(),
-            ": ", ncclGetErrorString(rc));
+  CPI_CHECK(rc == ncclSuccess || rc == ncclInProgress, "ncclCommInitRankConfig failed on rank ", bootstrap.rank(), ": ",
+            ncclGetErrorString(rc));
   ncclResult_t st = ncclInProgress;
   for (int spins = 0;; ++spins) {
     ncclCommGetAsyncError(comm, &st);
@@ -583,8 +592,8 @@ std::unique_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, in
     const char* last = ncclGetLastError(comm);
     std::string detail = last ? last : "";
     ncclCommAbort(comm);
-    CPI_FAIL("NCCL initialization failed on rank ", bootstrap.rank(), " (device ", device, "): ",
-             ncclGetErrorString(st), detail.empty() ? "" : " (" + detail + ")");
+    CPI_FAIL("NCCL initialization failed on rank ", bootstrap.rank(), " (device ", device,
+             "): ", ncclGetErrorString(st), detail.empty() ? "" : " (" + detail + ")");
   }
 
   cudaStream_t stream = static_cast<cudaStream_t>(cuda_stream);

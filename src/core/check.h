@@ -28,11 +28,10 @@ std::string concat(const Args&... args) {
 }  // namespace cpinfer
 
 // Throws cpinfer::Error("<message> [file:line]") when cond is false.
-#define CPI_CHECK(cond, ...)                                                                  \
-  do {                                                                                        \
-    if (!(cond)) [[unlikely]]                                                                 \
-      ::cpinfer::detail::throw_error(::cpinfer::detail::concat(__VA_ARGS__),                  \
-                                     std::source_location::current());                        \
+#define CPI_CHECK(cond, ...)                                                                                   \
+  do {                                                                                                         \
+    if (!(cond)) [[unlikely]]                                                                                  \
+      ::cpinfer::detail::throw_error(::cpinfer::detail::concat(__VA_ARGS__), std::source_location::current()); \
   } while (0)
 
 #define CPI_FAIL(...) \

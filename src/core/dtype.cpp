@@ -9,13 +9,20 @@ namespace cpinfer {
 
 std::string_view dtype_name(DType t) {
   switch (t) {
-    case DType::F32: return "F32";
-    case DType::F16: return "F16";
-    case DType::BF16: return "BF16";
-    case DType::I32: return "I32";
-    case DType::I64: return "I64";
-    case DType::U8: return "U8";
-    case DType::F8E4M3: return "F8_E4M3";
+    case DType::F32:
+      return "F32";
+    case DType::F16:
+      return "F16";
+    case DType::BF16:
+      return "BF16";
+    case DType::I32:
+      return "I32";
+    case DType::I64:
+      return "I64";
+    case DType::U8:
+      return "U8";
+    case DType::F8E4M3:
+      return "F8_E4M3";
   }
   return "?";
 }
@@ -81,7 +88,7 @@ uint8_t f32_to_fp8_e4m3(float f) {
   // rounded half to even; a rounding up to 8 steps carries into the exponent, which the code's
   // layout does by itself (code = exponent << 3 | mantissa, counted in steps).
   int e = 0;
-  std::frexp(a, &e);              // a = m · 2^e, m in [0.5, 1)
+  std::frexp(a, &e);                    // a = m · 2^e, m in [0.5, 1)
   const int exp = std::max(e - 1, -6);  // e4m3's exponent of a; -6 for subnormals
   const auto steps = static_cast<int>(std::nearbyint(std::ldexp(a, 3 - exp)));  // [8, 16) normal, [0, 8] subnormal
   const int code = exp == -6 && steps < 8 ? steps : ((exp + 7) << 3) + steps - 8;

@@ -42,7 +42,9 @@ struct Tensor {
   size_t row_bytes() const { return static_cast<size_t>(cols()) * dtype_size(dtype); }
 
   template <class T>
-  T* ptr() const { return static_cast<T*>(data); }
+  T* ptr() const {
+    return static_cast<T*>(data);
+  }
 
   // Same data, another shape with the same element count.
   Tensor view(std::initializer_list<int64_t> dims) const {

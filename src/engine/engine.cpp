@@ -1,9 +1,9 @@
 #include "engine/engine.h"
 
+#include <unistd.h>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <unistd.h>
 
 #include "core/log.h"
 #include "engine/launch.h"
@@ -59,10 +59,9 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt, ParallelC
   } else {
     ckpt_ = std::make_unique<Checkpoint>(Checkpoint::open(model_dir));
     LoadProgress progress;
-    w = load_weights(*ckpt_, cfg_, *be_, shard, n_shards,
-                     [&](size_t done, size_t total) {
-                       if (par_.world_rank() == 0 && !opt.quiet) progress(done, total);
-                     });
+    w = load_weights(*ckpt_, cfg_, *be_, shard, n_shards, [&](size_t done, size_t total) {
+      if (par_.world_rank() == 0 && !opt.quiet) progress(done, total);
+    });
   }
   size_t weight_bytes = w.bytes;
   model_ = make_model(cfg_, std::move(w), *be_, par_, opt.model);
@@ -73,11 +72,11 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt, ParallelC
   if (par_.world_rank() == 0 && !opt.quiet) {
     int n_moe = 0;
     for (int l = 0; l < static_cast<int>(cfg_.num_hidden_layers); ++l) n_moe += cfg_.is_moe_layer(l) ? 1 : 0;
-    log_info("loaded ", cfg_.architecture, " from ", random ? "random weights (" + opt.random_weights + ")" : model_dir, ": ", cfg_.num_hidden_layers, " layers (", n_moe,
-             " MoE, ", cfg_.num_experts, " experts top-", cfg_.num_experts_per_tok, "), hidden ", cfg_.hidden_size,
-             ", vocab ", cfg_.vocab_size, ", weights ", dtype_name(model_->weight_dtype()), " ",
-             weight_bytes / 1048576.0, " MiB on rank 0 of ", par_.world_size(), ", device ", be_->name(), ", ",
-             seconds_since(t0), " s");
+    log_info("loaded ", cfg_.architecture, " from ", random ? "random weights (" + opt.random_weights + ")" : model_dir,
+             ": ", cfg_.num_hidden_layers, " layers (", n_moe, " MoE, ", cfg_.num_experts, " experts top-",
+             cfg_.num_experts_per_tok, "), hidden ", cfg_.hidden_size, ", vocab ", cfg_.vocab_size, ", weights ",
+             dtype_name(model_->weight_dtype()), " ", weight_bytes / 1048576.0, " MiB on rank 0 of ", par_.world_size(),
+             ", device ", be_->name(), ", ", seconds_since(t0), " s");
     log_info("KV cache: ", n_blocks * opt.block_size, " positions in blocks of ", opt.block_size, ", ",
              cache_->shape().bytes() / 1048576.0, " MiB ", dtype_name(cache_->shape().dtype));
   }
@@ -189,9 +188,8 @@ FinishInfo Engine::run_one(const std::shared_ptr<SchedRequest>& r) {
   const int need = static_cast<int>(r->prompt.size()) + r->max_tokens;
   const int64_t free_positions = int64_t(cache_->n_free_blocks()) * opt_.block_size;
   CPI_CHECK(cache_->positions_bound(need, so.max_prefill_forwards(need)) <= free_positions, "prompt (",
-            r->prompt.size(), " tokens) + max_tokens (", r->max_tokens, ") exceed the KV cache (",
-            free_positions, " free positions", cache_->sharded() ? " per CP rank" : "",
-            "); raise --kv-cache-tokens");
+            r->prompt.size(), " tokens) + max_tokens (", r->max_tokens, ") exceed the KV cache (", free_positions,
+            " free positions", cache_->sharded() ? " per CP rank" : "", "); raise --kv-cache-tokens");
   if (rank() != 0) {
     follow_steps(*this, *control);
     return {};

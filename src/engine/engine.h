@@ -27,12 +27,12 @@ struct EngineOptions {
   CpOptions cp;
   int kv_cache_tokens = 4096;  // capacity of the paged KV cache, in positions
   int block_size = 16;
-  bool quiet = false;          // no load log lines (tests)
+  bool quiet = false;  // no load log lines (tests)
   // When set, no checkpoint is read: random BF16 weights at this config's shape (a built-in name
   // such as "qwen3-30b-a3b" or a config.json path), built on the device (benchmarks).
   std::string random_weights;
-  ModelOptions model;          // layer strategies (KV exchange overlap, MoE chunks, profiling)
-  BackendOptions backend;      // kernel choices (--attention-backend, --moe-runner-backend)
+  ModelOptions model;      // layer strategies (KV exchange overlap, MoE chunks, profiling)
+  BackendOptions backend;  // kernel choices (--attention-backend, --moe-runner-backend)
 };
 
 struct GenerateOptions {

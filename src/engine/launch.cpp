@@ -74,8 +74,8 @@ void launch(const LaunchOptions& opt, const std::function<void(ParallelCtx&)>& f
     auto world = make_mpi_communicator(timeout);
     CPI_CHECK(opt.world_size == 0 || opt.world_size == world->size(), "--world-size ", opt.world_size,
               " but mpirun started ", world->size(), " ranks");
-    CPI_CHECK(world->size() % opt.cp_size == 0, "--attn-cp-size ", opt.cp_size, " does not divide the ",
-              world->size(), " mpirun ranks");
+    CPI_CHECK(world->size() % opt.cp_size == 0, "--attn-cp-size ", opt.cp_size, " does not divide the ", world->size(),
+              " mpirun ranks");
     run_rank(*world, opt, fn);
     return;
   }

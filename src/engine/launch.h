@@ -13,7 +13,7 @@ struct LaunchOptions {
   std::string comm = "local";  // local | mpi
   int world_size = 0;          // 0: attn_cp_size (local) or the mpirun size (mpi)
   int cp_size = 1;
-  int ep_size = 0;             // ranks the experts are sharded over: 0 = the world size; 1 = replicated
+  int ep_size = 0;  // ranks the experts are sharded over: 0 = the world size; 1 = replicated
   int timeout_s = 300;
   // GPU ranks: collectives move device memory through NCCL, bootstrapped by the local or mpi
   // communicator; rank r drives CUDA device gpu_base + (its local rank).

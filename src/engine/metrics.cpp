@@ -11,7 +11,7 @@ std::string num(double v) {
   std::snprintf(buf, sizeof(buf), "%.9g", v);
   return buf;
 }
-const std::vector<double> kLatencyBounds = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5,
+const std::vector<double> kLatencyBounds = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1,  0.25, 0.5,
                                             0.75,  1.0,    2.5,   5.0,  7.5,   10.0, 20.0,  40.0, 80.0, 160.0};
 const std::vector<double> kItlBounds = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04,
                                         0.05,   0.075, 0.1,    0.15,  0.2,  0.3,   0.4,  0.5,   1.0,  2.5};
@@ -87,7 +87,9 @@ std::string Metrics::render(const Gauges& g) const {
   };
   gauge("cpinfer_num_running_reqs", "Requests being prefilled or decoded.", g.running);
   gauge("cpinfer_num_waiting_reqs", "Requests waiting for KV cache space or a running slot.", g.waiting);
-  gauge("cpinfer_kv_cache_usage", "Fraction of KV cache blocks in use by requests (0..1); pages kept only by the prefix cache count as free.", g.kv_usage);
+  gauge("cpinfer_kv_cache_usage",
+        "Fraction of KV cache blocks in use by requests (0..1); pages kept only by the prefix cache count as free.",
+        g.kv_usage);
   gauge("cpinfer_kv_cache_used_tokens", "KV cache positions in use (whole blocks).", g.kv_used_tokens);
   gauge("cpinfer_kv_cache_total_tokens", "KV cache capacity in positions.", g.kv_total_tokens);
   counter("cpinfer_preemptions_total", "Requests preempted (KV cache full; recomputed later).", g.preempted);

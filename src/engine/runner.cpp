@@ -74,7 +74,8 @@ void EngineRunner::broadcast_step(int32_t kind, const std::vector<SeqWork>& work
   ops_.clear();
   msg.push_back(static_cast<int32_t>(work.size()));
   for (const SeqWork& w : work) {
-    msg.insert(msg.end(), {w.kv_seq, w.n_cached, static_cast<int32_t>(w.logits), static_cast<int32_t>(w.tokens.size())});
+    msg.insert(msg.end(),
+               {w.kv_seq, w.n_cached, static_cast<int32_t>(w.logits), static_cast<int32_t>(w.tokens.size())});
     msg.insert(msg.end(), w.tokens.begin(), w.tokens.end());
   }
   int64_t n = static_cast<int64_t>(msg.size());
@@ -118,7 +119,9 @@ std::vector<int32_t> EngineRunner::run_logprobs(const std::vector<SeqWork>& work
     std::vector<int32_t> ids(l.size());
     std::iota(ids.begin(), ids.end(), 0);
     const size_t k = std::min(ids.size(), static_cast<size_t>(top_n[i]));
-    auto key = [&](int32_t id) { return std::isnan(l[size_t(id)]) ? -std::numeric_limits<float>::infinity() : l[size_t(id)]; };
+    auto key = [&](int32_t id) {
+      return std::isnan(l[size_t(id)]) ? -std::numeric_limits<float>::infinity() : l[size_t(id)];
+    };
     std::partial_sort(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(k), ids.end(),
                       [&](int32_t a, int32_t b) { return key(a) != key(b) ? key(a) > key(b) : a < b; });
     for (size_t j = 0; j < k; ++j) t.top.push_back({ids[j], lp(ids[j])});
@@ -187,8 +190,10 @@ void follow_steps(Engine& engine, Communicator& control) {
       work.push_back(w);
     }
     // The same forward as rank 0 (the same collectives); the draw is rank 0's alone.
-    if (!work.empty() && kind == kStepRunLogits) engine.run(work);
-    else if (!work.empty()) engine.run_sample(work, std::vector<SampleRow>(work.size()));
+    if (!work.empty() && kind == kStepRunLogits)
+      engine.run(work);
+    else if (!work.empty())
+      engine.run_sample(work, std::vector<SampleRow>(work.size()));
     if (kind == kStepShutdown) return;
   }
 }

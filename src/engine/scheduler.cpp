@@ -141,7 +141,8 @@ void Scheduler::finish(std::shared_ptr<SchedRequest> r, const std::string& reaso
   auto it = std::find(running_.begin(), running_.end(), r);
   if (it != running_.end()) running_.erase(it);
   FinishInfo info{reason, error, static_cast<int>(r->prompt.size()), static_cast<int>(r->output.size())};
-  if (metrics_) metrics_->finish_request(seconds(Clock::now() - r->arrival), info.prompt_tokens, info.completion_tokens, reason);
+  if (metrics_)
+    metrics_->finish_request(seconds(Clock::now() - r->arrival), info.prompt_tokens, info.completion_tokens, reason);
   if (r->on_finish) r->on_finish(info);
 }
 
@@ -199,8 +200,10 @@ void Scheduler::on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token
   r->output.push_back(token);
   if (metrics_) {
     metrics_->add_generation_tokens(1);
-    if (r->output.size() == 1) metrics_->observe_ttft(seconds(now - r->arrival));
-    else metrics_->observe_itl(seconds(now - r->last_token_time));
+    if (r->output.size() == 1)
+      metrics_->observe_ttft(seconds(now - r->arrival));
+    else
+      metrics_->observe_itl(seconds(now - r->last_token_time));
   }
   r->last_token_time = now;
   const bool is_stop = std::find(r->stop_ids.begin(), r->stop_ids.end(), token) != r->stop_ids.end();
@@ -216,8 +219,10 @@ void Scheduler::on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token
       return;
     }
   }
-  if (!keep) finish(r, "stop");
-  else if (static_cast<int>(r->output.size()) >= r->max_tokens) finish(r, "length");
+  if (!keep)
+    finish(r, "stop");
+  else if (static_cast<int>(r->output.size()) >= r->max_tokens)
+    finish(r, "length");
 }
 
 void Scheduler::preempt(std::shared_ptr<SchedRequest> r) {
@@ -302,7 +307,9 @@ bool Scheduler::step() {
 
   // Decoding requests each need room for one more token; when the cache cannot give it, the
   // newest request gives its blocks back (never the last one: one request alone always fits).
-  auto decoding = [](const SchedRequest& r) { return r.n_prefilled == static_cast<int>(r.fill.size()) && !r.output.empty(); };
+  auto decoding = [](const SchedRequest& r) {
+    return r.n_prefilled == static_cast<int>(r.fill.size()) && !r.output.empty();
+  };
   auto decode_len = [](const SchedRequest& r) { return static_cast<int>(r.prompt.size() + r.output.size()); };
   for (;;) {
     int need = 0;
@@ -319,7 +326,7 @@ bool Scheduler::step() {
   std::vector<std::shared_ptr<SchedRequest>> owners;
   std::vector<int32_t> decode_tokens;
   decode_tokens.reserve(running_.size());  // spans point into it: no reallocation
-  std::vector<bool> draws;  // per work entry: a token is drawn from its last row
+  std::vector<bool> draws;                 // per work entry: a token is drawn from its last row
   std::vector<std::shared_ptr<SchedRequest>> prefilling;
   for (auto& r : running_) {
     if (!decoding(*r)) {
@@ -327,8 +334,8 @@ bool Scheduler::step() {
       continue;
     }
     decode_tokens.push_back(r->output.back());
-    work.push_back(SeqWork{r->seq, decode_len(*r) - 1, std::span<const int32_t>(&decode_tokens.back(), 1),
-                           LogitsWanted::Last});
+    work.push_back(
+        SeqWork{r->seq, decode_len(*r) - 1, std::span<const int32_t>(&decode_tokens.back(), 1), LogitsWanted::Last});
     owners.push_back(r);
     draws.push_back(true);
     budget -= 1;
@@ -354,7 +361,9 @@ bool Scheduler::step() {
     const bool sample = r->n_prefilled + n == flen && r->output.empty();
     const bool rows_wanted = r->on_prompt_logits && r->n_prefilled < static_cast<int>(r->prompt.size());
     work.push_back(SeqWork{r->seq, r->n_prefilled, std::span<const int32_t>(r->fill.data() + r->n_prefilled, n),
-                           rows_wanted ? LogitsWanted::All : sample ? LogitsWanted::Last : LogitsWanted::None});
+                           rows_wanted ? LogitsWanted::All
+                           : sample    ? LogitsWanted::Last
+                                       : LogitsWanted::None});
     owners.push_back(r);
     draws.resize(work.size(), false);
     draws.back() = sample;

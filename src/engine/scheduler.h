@@ -17,10 +17,10 @@
 #include <string>
 #include <vector>
 
+#include "engine/metrics.h"
 #include "engine/sampler.h"
 #include "kv/radix_cache.h"
 #include "parallel/plan.h"
-#include "engine/metrics.h"
 
 namespace cpinfer {
 
@@ -97,7 +97,7 @@ struct SchedulerOptions {
   // Prefix cache (radix tree over KV pages): a prompt that starts with cached pages prefills only
   // the rest. Off with --disable-radix-cache, or when the runner cannot share blocks.
   bool radix_cache = true;
-  double log_interval_s = 10;       // periodic stats line; <= 0: none
+  double log_interval_s = 10;  // periodic stats line; <= 0: none
   std::chrono::milliseconds idle_ping{1000};
 
   // At most how many prefill forwards a request of n_tokens takes: chunks of at least an eighth
@@ -145,11 +145,11 @@ struct SchedRequest {
 
   // Scheduler state.
   int seq = -1;
-  std::vector<int32_t> fill;  // tokens to put in the cache before decoding: the prompt, or after a
-                              // preemption the prompt and all output tokens but the last
-  int n_prefilled = 0;        // tokens of fill in the cache
-  int prompt_logits_sent = 0; // prompt positions given to on_prompt_logits (a re-prefill skips them)
-  int reserved = 0;           // positions reserved in the cache
+  std::vector<int32_t> fill;           // tokens to put in the cache before decoding: the prompt, or after a
+                                       // preemption the prompt and all output tokens but the last
+  int n_prefilled = 0;                 // tokens of fill in the cache
+  int prompt_logits_sent = 0;          // prompt positions given to on_prompt_logits (a re-prefill skips them)
+  int reserved = 0;                    // positions reserved in the cache
   RadixCache::Node* prefix = nullptr;  // pinned prefix cache node of the shared pages (if any)
   std::vector<int32_t> output;
   std::optional<Sampler> sampler;
@@ -173,8 +173,7 @@ class Scheduler {
   // Scheduler thread: steps until `stop` is set and every request has finished (drain). Requests
   // still unfinished `drain_timeout` after `stop` was first seen end with "error". On an engine
   // error every request finishes with "error" and the error is rethrown.
-  void run(const std::atomic<bool>& stop,
-           std::chrono::milliseconds drain_timeout = std::chrono::milliseconds::max());
+  void run(const std::atomic<bool>& stop, std::chrono::milliseconds drain_timeout = std::chrono::milliseconds::max());
   // Ends every request with reason "error" (after a fatal engine error).
   void fail_all(const std::string& message);
 

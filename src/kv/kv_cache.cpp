@@ -228,8 +228,8 @@ int KvCache::ref_count(int32_t block, int rank) const {
 void KvCache::set_length(int seq, int n) {
   CPI_CHECK(has_sequence(seq), "unknown KV sequence ", seq);
   const int capacity = int(blocks(seq).size()) * shape_.block_size;
-  CPI_CHECK(n >= 0 && local_positions(seq) <= capacity && (sharded() || n <= capacity),
-            "KV length ", n, " beyond the reserved blocks");
+  CPI_CHECK(n >= 0 && local_positions(seq) <= capacity && (sharded() || n <= capacity), "KV length ", n,
+            " beyond the reserved blocks");
   seqs_[seq].length = n;
 }
 
@@ -301,8 +301,8 @@ std::vector<float> KvCache::read(int seq, int layer, bool values) const {
 std::vector<CachedPage> KvCache::cached_pages(int seq, int n_pages) const {
   const Seq& s = seqs_.at(seq);
   const int bs = shape_.block_size;
-  CPI_CHECK(n_pages >= 0 && int64_t(n_pages) * bs <= s.length, "cached_pages: ", n_pages,
-            " pages of a KV sequence of ", s.length, " positions");
+  CPI_CHECK(n_pages >= 0 && int64_t(n_pages) * bs <= s.length, "cached_pages: ", n_pages, " pages of a KV sequence of ",
+            s.length, " positions");
   std::vector<CachedPage> out(static_cast<size_t>(n_pages));
   if (!sharded()) {
     for (int g = 0; g < n_pages; ++g) out[size_t(g)].refs = {s.pages[0].at(size_t(g))};
@@ -346,8 +346,8 @@ KvCache::Adoption KvCache::adoption(std::span<const CachedPage* const> path) con
   a.owned.assign(size_t(shard_size_), 0);
   std::vector<int32_t> tail(size_t(shard_size_), -1);  // each rank's partly filled block so far
   for (const CachedPage* page : path) {
-    CPI_CHECK(int(page->tag.size()) == bs, "a cached page of another KV layout (", page->tag.size(), " owners for ",
-              bs, " positions)");
+    CPI_CHECK(int(page->tag.size()) == bs, "a cached page of another KV layout (", page->tag.size(), " owners for ", bs,
+              " positions)");
     std::vector<int> after = a.owned;
     for (int32_t r : page->tag) {
       CPI_CHECK(r >= 0 && r < shard_size_, "a cached page owned by rank ", r, " of ", shard_size_);
@@ -364,8 +364,10 @@ KvCache::Adoption KvCache::adoption(std::span<const CachedPage* const> path) con
       for (int k = 0; k < n_refs; ++k, ++i) {
         CPI_CHECK(i < page->refs.size() && ref_rank(page->refs[i]) == r,
                   "a cached page's blocks do not match its owners");
-        if (k < n_full) a.shares.push_back({r, ref_block(page->refs[i])});
-        else tail[size_t(r)] = ref_block(page->refs[i]);
+        if (k < n_full)
+          a.shares.push_back({r, ref_block(page->refs[i])});
+        else
+          tail[size_t(r)] = ref_block(page->refs[i]);
       }
       if (after[size_t(r)] % bs == 0) tail[size_t(r)] = -1;
     }

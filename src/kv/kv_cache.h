@@ -142,23 +142,23 @@ class KvCache {
   const std::vector<std::array<int32_t, 2>>& owner_ranges(int seq, int rank) const;
 
  private:
-  struct Pool {                  // one rank's blocks
-    std::vector<int32_t> free;   // free block ids (LIFO)
-    std::vector<int32_t> refs;   // per block: references (0: in free)
+  struct Pool {                 // one rank's blocks
+    std::vector<int32_t> free;  // free block ids (LIFO)
+    std::vector<int32_t> refs;  // per block: references (0: in free)
   };
   struct Seq {
     bool live = false;
     int length = 0;
-    std::vector<std::vector<int32_t>> pages;               // per pool: the sequence's blocks there
-    std::vector<int> owned;                                // sharded: positions of each rank
+    std::vector<std::vector<int32_t>> pages;                  // per pool: the sequence's blocks there
+    std::vector<int> owned;                                   // sharded: positions of each rank
     std::vector<std::vector<std::array<int32_t, 2>>> ranges;  // sharded: each rank's runs
   };
   int own_pool() const { return sharded() ? shard_rank_ : 0; }
   const Pool& pool(int rank) const;
   Pool& pool(int rank) { return const_cast<Pool&>(std::as_const(*this).pool(rank)); }
   int32_t take_block(Pool& p);
-  int local_positions(int seq) const;  // positions this cache stores for seq
-  int shard_bound(int more) const;     // positions a rank may take of `more` new ones
+  int local_positions(int seq) const;                       // positions this cache stores for seq
+  int shard_bound(int more) const;                          // positions a rank may take of `more` new ones
   int need_on(const Seq& s, int n_tokens, int rank) const;  // sharded: blocks rank needs to grow s
   int shard_rank_ = 0, shard_size_ = 1, shard_interleave_ = 1;
   Backend& backend_;

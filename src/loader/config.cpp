@@ -48,8 +48,8 @@ class Fields {
     CPI_CHECK(v->is_number(), label_, ": field '", prefix_, key, "' must be a number, got ", json_brief(*v));
     const double x = v->get<double>();
     // The forward pass uses these as float: 1e308 would become inf (rope_theta: RoPE silently off).
-    CPI_CHECK(std::isfinite(x) && std::fabs(x) <= std::numeric_limits<float>::max(), label_, ": field '", prefix_,
-              key, "' = ", json_brief(*v), " is out of the range of a 32-bit float (|x| <= 3.4e38)");
+    CPI_CHECK(std::isfinite(x) && std::fabs(x) <= std::numeric_limits<float>::max(), label_, ": field '", prefix_, key,
+              "' = ", json_brief(*v), " is out of the range of a 32-bit float (|x| <= 3.4e38)");
     return x;
   }
   double number(const char* key, double def) const { return has(key) ? number(key) : def; }
@@ -103,12 +103,12 @@ constexpr uint64_t kMaxConfigBytes = uint64_t(16) << 20;  // config.json, genera
 // Bounds far above any real model, checked before anything is sized from these fields: a corrupt
 // "num_hidden_layers": 2147483647 must be one clear error, not std::bad_alloc after seconds.
 constexpr int64_t kMaxLayers = 1024;
-constexpr int64_t kMaxWidth = int64_t(1) << 20;        // hidden, intermediate and expert widths
-constexpr int64_t kMaxVocab = int64_t(1) << 24;        // token ids are int32
-constexpr int64_t kMaxHeads = 1024;                    // attention / KV heads
+constexpr int64_t kMaxWidth = int64_t(1) << 20;  // hidden, intermediate and expert widths
+constexpr int64_t kMaxVocab = int64_t(1) << 24;  // token ids are int32
+constexpr int64_t kMaxHeads = 1024;              // attention / KV heads
 constexpr int64_t kMaxHeadDim = 4096;
 constexpr int64_t kMaxExperts = 65536;
-constexpr int64_t kMaxPositions = int64_t(1) << 30;    // positions are int32 in the kernels
+constexpr int64_t kMaxPositions = int64_t(1) << 30;  // positions are int32 in the kernels
 
 void check_bound(int64_t v, int64_t max, const std::string& label, const char* key) {
   CPI_CHECK(v <= max, label, ": ", key, " = ", v, " exceeds cpinfer's limit of ", max,
@@ -175,8 +175,7 @@ void parse_rope(const Fields& top, ModelConfig& cfg) {
   if (top.has("original_max_position_embeddings"))
     r.original_max_position_embeddings = top.integer("original_max_position_embeddings");
   else
-    r.original_max_position_embeddings =
-        rope.integer("original_max_position_embeddings", cfg.max_position_embeddings);
+    r.original_max_position_embeddings = rope.integer("original_max_position_embeddings", cfg.max_position_embeddings);
   CPI_CHECK(r.original_max_position_embeddings > 0, label, ": original_max_position_embeddings must be positive, got ",
             r.original_max_position_embeddings);
   // A null factor means "the ratio of the two lengths" (DeepSeek-V3 style).
@@ -245,8 +244,8 @@ ModelConfig parse_config(const std::string& text, const std::string& label) {
   CPI_CHECK(c.num_hidden_layers > 0, label, ": num_hidden_layers must be positive, got ", c.num_hidden_layers);
   CPI_CHECK(c.num_attention_heads > 0, label, ": num_attention_heads must be positive, got ", c.num_attention_heads);
   CPI_CHECK(c.num_key_value_heads > 0, label, ": num_key_value_heads must be positive, got ", c.num_key_value_heads);
-  CPI_CHECK(c.num_attention_heads % c.num_key_value_heads == 0, label, ": num_attention_heads (",
-            c.num_attention_heads, ") must be a multiple of num_key_value_heads (", c.num_key_value_heads, ")");
+  CPI_CHECK(c.num_attention_heads % c.num_key_value_heads == 0, label, ": num_attention_heads (", c.num_attention_heads,
+            ") must be a multiple of num_key_value_heads (", c.num_key_value_heads, ")");
   CPI_CHECK(c.max_position_embeddings > 0, label, ": max_position_embeddings must be positive, got ",
             c.max_position_embeddings);
   CPI_CHECK(c.rms_norm_eps > 0 && std::isfinite(c.rms_norm_eps), label, ": rms_norm_eps must be positive, got ",
@@ -285,7 +284,8 @@ ModelConfig parse_config(const std::string& text, const std::string& label) {
     c.decoder_sparse_step = to_int(f.integer("decoder_sparse_step", 1), label, "decoder_sparse_step");
     c.norm_topk_prob = f.boolean("norm_topk_prob", false);
     if (const json* m = f.find("mlp_only_layers")) {
-      CPI_CHECK(m->is_array(), label, ": field 'mlp_only_layers' must be a list of layer indices, got ", json_brief(*m));
+      CPI_CHECK(m->is_array(), label, ": field 'mlp_only_layers' must be a list of layer indices, got ",
+                json_brief(*m));
       for (const json& x : *m) {
         CPI_CHECK(x.is_number_integer(), label, ": field 'mlp_only_layers' must hold integers, got ", json_brief(x));
         int64_t l = x.get<int64_t>();
@@ -311,8 +311,10 @@ ModelConfig parse_config(const std::string& text, const std::string& label) {
     }
   }
 
-  if (f.has("torch_dtype")) c.dtype = f.string("torch_dtype", "");
-  else c.dtype = f.string("dtype", "");
+  if (f.has("torch_dtype"))
+    c.dtype = f.string("torch_dtype", "");
+  else
+    c.dtype = f.string("dtype", "");
   std::vector<int64_t> bos = f.int_list("bos_token_id");
   if (!bos.empty()) c.bos_token_id = static_cast<int32_t>(bos[0]);
   for (int64_t id : f.int_list("eos_token_id")) {
@@ -401,8 +403,8 @@ RopeParams ModelConfig::rope_params() const {
       const float inv = 1.0f / pos_freqs[i];
       const float wavelen = (1.0f / inv) * two_pi;
       const float llama = wavelen > low_wavelen ? inv / factor : inv;
-      const float smooth = ((1.0f / wavelen) * static_cast<float>(old_len) - static_cast<float>(rope.low_freq_factor)) /
-                           width;
+      const float smooth =
+          ((1.0f / wavelen) * static_cast<float>(old_len) - static_cast<float>(rope.low_freq_factor)) / width;
       const float smoothed = (1.0f - smooth) * llama / factor + smooth * llama;
       const bool medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
       p.inv_freq[i] = medium ? smoothed : llama;

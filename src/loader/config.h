@@ -19,13 +19,13 @@ namespace cpinfer {
 struct RopeConfig {
   std::string type = "default";  // "default" | "linear" | "yarn" | "llama3"
   double theta = 10000.0;
-  double factor = 1.0;                               // linear, yarn
-  int64_t original_max_position_embeddings = 0;      // yarn (defaults to max_position_embeddings)
-  std::optional<double> attention_factor;            // yarn: explicit value, else derived from factor
-  double beta_fast = 32.0;                           // yarn
-  double beta_slow = 1.0;                            // yarn
-  bool truncate = true;                              // yarn: floor/ceil the correction range
-  std::optional<double> mscale, mscale_all_dim;      // yarn (DeepSeek style attention factor)
+  double factor = 1.0;                                   // linear, yarn
+  int64_t original_max_position_embeddings = 0;          // yarn (defaults to max_position_embeddings)
+  std::optional<double> attention_factor;                // yarn: explicit value, else derived from factor
+  double beta_fast = 32.0;                               // yarn
+  double beta_slow = 1.0;                                // yarn
+  bool truncate = true;                                  // yarn: floor/ceil the correction range
+  std::optional<double> mscale, mscale_all_dim;          // yarn (DeepSeek style attention factor)
   double low_freq_factor = 1.0, high_freq_factor = 4.0;  // llama3
 };
 
@@ -44,15 +44,15 @@ struct ModelConfig {
   int num_experts_per_tok = 0;
   int decoder_sparse_step = 1;
   std::vector<int> mlp_only_layers;
-  bool norm_topk_prob = false;       // transformers default when absent
+  bool norm_topk_prob = false;  // transformers default when absent
   bool tie_word_embeddings = false;
   double rms_norm_eps = 1e-6;
   int64_t max_position_embeddings = 0;
   RopeConfig rope;
-  std::string dtype;                  // torch_dtype / dtype, e.g. "bfloat16" ("" when absent)
-  int32_t bos_token_id = -1;          // -1 when absent (first entry when the file has a list)
-  std::vector<int32_t> eos_token_ids; // generation_config.json's first, then config.json's
-  QuantConfig quant;                  // quantization_config (loader/quant.h); quant.fp8 false when absent
+  std::string dtype;                   // torch_dtype / dtype, e.g. "bfloat16" ("" when absent)
+  int32_t bos_token_id = -1;           // -1 when absent (first entry when the file has a list)
+  std::vector<int32_t> eos_token_ids;  // generation_config.json's first, then config.json's
+  QuantConfig quant;                   // quantization_config (loader/quant.h); quant.fp8 false when absent
 
   // True when layer `layer` uses the sparse MoE block (else the dense MLP), as transformers
   // decides: not in mlp_only_layers, experts exist, and (layer+1) % decoder_sparse_step == 0.

@@ -20,8 +20,8 @@ namespace cpinfer {
 struct TensorInfo;
 
 struct QuantConfig {
-  bool fp8 = false;              // fine-grained FP8 weights
-  int64_t block_n = 0;           // weight_block_size: rows and columns of W per scale
+  bool fp8 = false;     // fine-grained FP8 weights
+  int64_t block_n = 0;  // weight_block_size: rows and columns of W per scale
   int64_t block_k = 0;
   std::vector<std::string> not_converted;  // modules_to_not_convert, as the file lists them
 };

@@ -30,8 +30,8 @@ constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 
 bool parse_dtype(const std::string& s, DType* out) {
   static const std::pair<const char*, DType> kTable[] = {
-      {"BF16", DType::BF16}, {"F16", DType::F16}, {"F32", DType::F32},
-      {"I32", DType::I32},   {"I64", DType::I64}, {"U8", DType::U8}, {"F8_E4M3", DType::F8E4M3},
+      {"BF16", DType::BF16}, {"F16", DType::F16}, {"F32", DType::F32},        {"I32", DType::I32},
+      {"I64", DType::I64},   {"U8", DType::U8},   {"F8_E4M3", DType::F8E4M3},
   };
   for (const auto& [name, t] : kTable) {
     if (s == name) {
@@ -78,10 +78,10 @@ std::vector<TensorInfo> parse_safetensors(const void* bytes, size_t size, const 
   CPI_CHECK(size >= 8, label, ": truncated safetensors file (", size, " bytes, the 8-byte header size is missing)");
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | base[i];  // little-endian
-  CPI_CHECK(header_len <= size - 8, label, ": header size ", header_len, " runs past the end of the file (",
-            size, " bytes); the file is truncated or not safetensors");
-  CPI_CHECK(header_len <= kMaxHeaderBytes, label, ": header size ", header_len, " exceeds the ",
-            kMaxHeaderBytes, "-byte limit");
+  CPI_CHECK(header_len <= size - 8, label, ": header size ", header_len, " runs past the end of the file (", size,
+            " bytes); the file is truncated or not safetensors");
+  CPI_CHECK(header_len <= kMaxHeaderBytes, label, ": header size ", header_len, " exceeds the ", kMaxHeaderBytes,
+            "-byte limit");
   CPI_CHECK(header_len >= 2 && base[8] == '{', label, ": header does not start with '{'; not a safetensors file");
 
   std::string_view text(reinterpret_cast<const char*>(base + 8), header_len);
@@ -118,17 +118,16 @@ std::vector<TensorInfo> parse_safetensors(const void* bytes, size_t size, const 
     info.file = label;
     auto dt = v.find("dtype");
     CPI_CHECK(dt != v.end() && dt->is_string(), label, ": tensor '", name, "' has no string 'dtype'");
-    CPI_CHECK(parse_dtype(dt->get<std::string>(), &info.dtype), label, ": tensor '", name,
-              "' has unsupported dtype '", dt->get<std::string>(),
-              "' (supported: BF16, F16, F32, I32, I64, U8, F8_E4M3)");
+    CPI_CHECK(parse_dtype(dt->get<std::string>(), &info.dtype), label, ": tensor '", name, "' has unsupported dtype '",
+              dt->get<std::string>(), "' (supported: BF16, F16, F32, I32, I64, U8, F8_E4M3)");
 
     auto sh = v.find("shape");
     CPI_CHECK(sh != v.end() && sh->is_array(), label, ": tensor '", name, "' has no 'shape' array");
     uint64_t numel = 1;
     bool overflow = false;
     for (const json& d : *sh) {
-      CPI_CHECK(d.is_number_unsigned() && d.get<uint64_t>() <= static_cast<uint64_t>(INT64_MAX), label,
-                ": tensor '", name, "' has an invalid dimension ", json_brief(d), " in shape ", json_brief(*sh),
+      CPI_CHECK(d.is_number_unsigned() && d.get<uint64_t>() <= static_cast<uint64_t>(INT64_MAX), label, ": tensor '",
+                name, "' has an invalid dimension ", json_brief(d), " in shape ", json_brief(*sh),
                 " (dimensions are non-negative integers)");
       uint64_t dim = d.get<uint64_t>();
       info.shape.push_back(static_cast<int64_t>(dim));
@@ -235,8 +234,8 @@ Checkpoint Checkpoint::open(const std::string& dir) {
               "' must be a plain file name inside the checkpoint directory");
     if (shards.count(shard)) continue;
     const fs::path shard_path = root / shard;
-    CPI_CHECK(fs::is_regular_file(shard_path, ec), index_label, " names shard '", shard, "' (for tensor '",
-              it.key(), "') but ", shard_path.string(), " does not exist");
+    CPI_CHECK(fs::is_regular_file(shard_path, ec), index_label, " names shard '", shard, "' (for tensor '", it.key(),
+              "') but ", shard_path.string(), " does not exist");
     auto file = std::make_unique<MappedFile>(shard_path.string());
     auto& tensors = shards[shard];
     std::map<std::string, std::string> meta;

@@ -72,23 +72,24 @@ inline constexpr int kAttnBlockFields = 6;  // device layout: the AttnBlock fiel
 
 // Attention metadata for one forward, built once and used by every layer (no per-layer copies).
 struct AttnBatch {
-  std::vector<AttnBlock> blocks;              // host copy
-  std::vector<int32_t> block_table;           // host copy, [n_seqs, max_blocks_per_seq]
+  std::vector<AttnBlock> blocks;     // host copy
+  std::vector<int32_t> block_table;  // host copy, [n_seqs, max_blocks_per_seq]
   int32_t max_blocks_per_seq = 0;
-  int32_t max_q_len = 0;                      // largest q_len over the blocks
-  int32_t max_kv_len = 0;                     // largest pos_begin + q_len over the blocks
+  int32_t max_q_len = 0;   // largest q_len over the blocks
+  int32_t max_kv_len = 0;  // largest pos_begin + q_len over the blocks
   // 0, or a bound on every block's key count that the launch is sized for instead of the blocks'
   // own (a captured decode graph replays one launch for every step of its context bucket).
   int32_t key_bound = 0;
-  Tensor dev_blocks;                          // [n_blocks, kAttnBlockFields] I32 on the device
-  Tensor dev_block_table;                     // [n_seqs, max_blocks_per_seq] I32 on the device
+  Tensor dev_blocks;       // [n_blocks, kAttnBlockFields] I32 on the device
+  Tensor dev_block_table;  // [n_seqs, max_blocks_per_seq] I32 on the device
 };
 
 // The flattened device layout of `blocks` ([n, kAttnBlockFields] I32, row-major).
 inline std::vector<int32_t> flatten_attn_blocks(const std::vector<AttnBlock>& blocks) {
   std::vector<int32_t> flat;
   flat.reserve(blocks.size() * kAttnBlockFields);
-  for (const AttnBlock& a : blocks) flat.insert(flat.end(), {a.q_begin, a.q_len, a.pos_begin, a.seq, a.kv_begin, a.kv_end});
+  for (const AttnBlock& a : blocks)
+    flat.insert(flat.end(), {a.q_begin, a.q_len, a.pos_begin, a.seq, a.kv_begin, a.kv_end});
   return flat;
 }
 
@@ -102,14 +103,14 @@ struct SampleRow {
   float top_p = 1.0f;        // >= 1: off
   float min_p = 0.0f;        // <= 0: off
   uint64_t seed = 0;
-  uint64_t step = 0;         // index of the token being drawn in its sequence
+  uint64_t step = 0;  // index of the token being drawn in its sequence
 };
 
 // The experts one rank holds: global experts [first, first + count), each with its three
 // matrices as views (per-expert tensors or slices of a fused [E, 2I, H] gate_up tensor), float or
 // FP8 (Weight).
 struct ExpertShard {
-  int32_t n_experts = 0;   // global expert count E
+  int32_t n_experts = 0;  // global expert count E
   int32_t first = 0;
   int32_t count = 0;
   std::vector<Weight> gate;  // count x [I, H]
@@ -246,12 +247,18 @@ class Buffer {
   Buffer() = default;
   Buffer(Backend& be, size_t bytes) : be_(&be), bytes_(bytes), ptr_(bytes ? be.alloc(bytes) : nullptr) {}
   ~Buffer() { reset(); }
-  Buffer(Buffer&& o) noexcept : be_(o.be_), bytes_(o.bytes_), ptr_(o.ptr_) { o.ptr_ = nullptr; o.bytes_ = 0; }
+  Buffer(Buffer&& o) noexcept : be_(o.be_), bytes_(o.bytes_), ptr_(o.ptr_) {
+    o.ptr_ = nullptr;
+    o.bytes_ = 0;
+  }
   Buffer& operator=(Buffer&& o) noexcept {
     if (this != &o) {
       reset();
-      be_ = o.be_; bytes_ = o.bytes_; ptr_ = o.ptr_;
-      o.ptr_ = nullptr; o.bytes_ = 0;
+      be_ = o.be_;
+      bytes_ = o.bytes_;
+      ptr_ = o.ptr_;
+      o.ptr_ = nullptr;
+      o.bytes_ = 0;
     }
     return *this;
   }

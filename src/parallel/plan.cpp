@@ -74,8 +74,7 @@ ForwardPlan make_plan(const std::vector<SeqWork>& work, const KvCache& cache, in
   plan.kv_shard = opt.kv_shard && cp > 1;
   plan.page_size = cache.block_size();
   if (plan.kv_shard) {
-    CPI_CHECK(cache.sharded() && cache.shard_rank() == cp_rank, "sharded-KV plan needs the cache of CP rank ",
-              cp_rank);
+    CPI_CHECK(cache.sharded() && cache.shard_rank() == cp_rank, "sharded-KV plan needs the cache of CP rank ", cp_rank);
     for (size_t s = 0; s < work.size(); ++s) {
       plan.shard_cached.push_back(cache.owned(work[s].kv_seq, cp_rank));
       plan.any_cached = plan.any_cached || work[s].n_cached > 0;
@@ -129,7 +128,8 @@ ForwardPlan make_plan(const std::vector<SeqWork>& work, const KvCache& cache, in
 void record_shard(const ForwardPlan& plan, const std::vector<SeqWork>& work, KvCache& cache) {
   if (!plan.kv_shard) return;
   for (int r = 0; r < plan.cp_size; ++r)
-    for (const TokenBlock& b : plan.rank_blocks[size_t(r)]) cache.add_owned(work[size_t(b.seq)].kv_seq, r, b.pos_begin, b.len);
+    for (const TokenBlock& b : plan.rank_blocks[size_t(r)])
+      cache.add_owned(work[size_t(b.seq)].kv_seq, r, b.pos_begin, b.len);
 }
 
 }  // namespace cpinfer

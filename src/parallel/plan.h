@@ -41,7 +41,7 @@ struct TokenBlock {
   int32_t seq = 0;        // index into the SeqWork list
   int32_t pos_begin = 0;  // global position of the first token
   int32_t len = 0;
-  int32_t src = 0;        // index of the first token in SeqWork::tokens
+  int32_t src = 0;  // index of the first token in SeqWork::tokens
 };
 
 struct LogitRow {
@@ -57,9 +57,9 @@ struct ForwardPlan {
   std::vector<int32_t> slots_all;                    // K/V slots of every rank's rows, rank-major
 
   // This rank's rows.
-  std::vector<int32_t> tokens;     // [T_local]
-  std::vector<int32_t> positions;  // [T_local]
-  std::vector<AttnBlock> attn;     // one per local block; AttnBlock::seq = SeqWork index
+  std::vector<int32_t> tokens;       // [T_local]
+  std::vector<int32_t> positions;    // [T_local]
+  std::vector<AttnBlock> attn;       // one per local block; AttnBlock::seq = SeqWork index
   std::vector<int32_t> block_table;  // [n_seqs, max_blocks]
   int32_t max_blocks = 0;
 

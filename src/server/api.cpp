@@ -57,7 +57,8 @@ std::optional<int64_t> get_int(const json& obj, const char* name, int64_t lo, in
     double d = v->get<double>();
     if (!std::isfinite(d) || d != std::floor(d) || std::fabs(d) > 9.0e15)
       bad(name, std::string("'") + name + "' must be an integer, got " + v->dump());
-    if (d < double(lo) || d > double(hi)) bad(name, std::string("'") + name + "' must be " + range + ", got " + v->dump());
+    if (d < double(lo) || d > double(hi))
+      bad(name, std::string("'") + name + "' must be " + range + ", got " + v->dump());
     return static_cast<int64_t>(d);
   }
   if (!v->is_number_integer()) bad(name, std::string("'") + name + "' must be an integer, got " + type_name(*v));
@@ -148,10 +149,15 @@ void parse_tools(const ojson& body, GenRequest& r) {
   if (tc != body.end() && !tc->is_null()) {
     if (tc->is_string()) {
       const std::string c = tc->get<std::string>();
-      if (c == "auto") r.tool_choice.kind = ToolChoice::Kind::Auto;
-      else if (c == "none") r.tool_choice.kind = ToolChoice::Kind::None;
-      else if (c == "required") r.tool_choice.kind = ToolChoice::Kind::Required;
-      else bad("tool_choice", "'tool_choice' must be \"auto\", \"none\", \"required\" or a named function, got '" + c + "'");
+      if (c == "auto")
+        r.tool_choice.kind = ToolChoice::Kind::Auto;
+      else if (c == "none")
+        r.tool_choice.kind = ToolChoice::Kind::None;
+      else if (c == "required")
+        r.tool_choice.kind = ToolChoice::Kind::Required;
+      else
+        bad("tool_choice",
+            "'tool_choice' must be \"auto\", \"none\", \"required\" or a named function, got '" + c + "'");
     } else if (tc->is_object() && tc->contains("function") && (*tc)["function"].is_object() &&
                (*tc)["function"].contains("name") && (*tc)["function"]["name"].is_string()) {
       r.tool_choice.kind = ToolChoice::Kind::Named;
@@ -183,10 +189,12 @@ void parse_tools(const ojson& body, GenRequest& r) {
       const ojson& f = fn != c.end() && fn->is_object() ? *fn : c;  // as the template: .function if present
       auto name = f.find("name");
       auto args = f.find("arguments");
-      if (name == f.end() || !name->is_string()) bad(q + ".function.name", "'" + q + ".function.name' must be a string");
+      if (name == f.end() || !name->is_string())
+        bad(q + ".function.name", "'" + q + ".function.name' must be a string");
       ChatToolCall call;
       call.name = name->get<std::string>();
-      if (args == f.end() || args->is_null()) bad(q + ".function.arguments", "'" + q + ".function.arguments' is required");
+      if (args == f.end() || args->is_null())
+        bad(q + ".function.arguments", "'" + q + ".function.arguments' is required");
       call.arguments = args->is_string() ? args->get<std::string>() : jinja_tojson(*args);
       r.messages[i].tool_calls.push_back(std::move(call));
     }
@@ -271,8 +279,10 @@ GenRequest parse_request(Endpoint endpoint, std::string_view text) {
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
   auto mt = get_int(body, "max_tokens", 1, kIntMax, "an integer >= 1");
   auto mct = get_int(body, "max_completion_tokens", 1, kIntMax, "an integer >= 1");
-  if (mct) r.max_tokens = static_cast<int>(*mct);
-  else if (mt) r.max_tokens = static_cast<int>(*mt);
+  if (mct)
+    r.max_tokens = static_cast<int>(*mct);
+  else if (mt)
+    r.max_tokens = static_cast<int>(*mt);
 
   if (auto t = get_number(body, "temperature", 0.0, 2.0, "in [0, 2]")) r.sampling.temperature = float(*t);
   if (auto t = get_number(body, "top_p", 0.0, 1.0, "in (0, 1]")) {
@@ -306,12 +316,14 @@ GenRequest parse_request(Endpoint endpoint, std::string_view text) {
     bad("logit_bias", "'logit_bias' is not supported");
   if (endpoint == Endpoint::Completion)
     for (const char* k : {"tools", "tool_choice"})
-      if (const json* v = field(body, k); v && !(v->is_array() && v->empty())) bad(k, std::string("'") + k + "' is only supported by /v1/chat/completions");
+      if (const json* v = field(body, k); v && !(v->is_array() && v->empty()))
+        bad(k, std::string("'") + k + "' is only supported by /v1/chat/completions");
   if (const json* v = field(body, "parallel_tool_calls"); v && !v->is_boolean())
     bad("parallel_tool_calls", "'parallel_tool_calls' must be a boolean");
   if (const json* v = field(body, "response_format")) {
     const json* t = v->is_object() ? field(*v, "type") : nullptr;
-    if (!t || *t != "text") bad("response_format", "'response_format' other than {\"type\": \"text\"} is not supported");
+    if (!t || *t != "text")
+      bad("response_format", "'response_format' other than {\"type\": \"text\"} is not supported");
   }
   if (const json* v = field(body, "suffix"); v && !(v->is_string() && v->get<std::string>().empty()))
     bad("suffix", "'suffix' is not supported");
@@ -328,7 +340,8 @@ GenRequest parse_request(Endpoint endpoint, std::string_view text) {
   r.ignore_eos = get_bool(body, "ignore_eos", false);
   r.stream = get_bool(body, "stream", false);
   if (const json* so = field(body, "stream_options")) {
-    if (!so->is_object()) bad("stream_options", std::string("'stream_options' must be an object, got ") + type_name(*so));
+    if (!so->is_object())
+      bad("stream_options", std::string("'stream_options' must be an object, got ") + type_name(*so));
     if (!r.stream) bad("stream_options", "'stream_options' is only allowed when 'stream' is true");
     r.include_usage = get_bool(*so, "include_usage", false);
   }
@@ -387,7 +400,8 @@ json completion_response(const std::string& id, int64_t created, const std::stri
           {"object", "text_completion"},
           {"created", created},
           {"model", model},
-          {"choices", json::array({{{"index", 0}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", finish_reason}}})},
+          {"choices",
+           json::array({{{"index", 0}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", finish_reason}}})},
           {"usage", usage_json(usage)}};
 }
 
@@ -405,14 +419,14 @@ json chat_chunk(const std::string& id, int64_t created, const std::string& model
 
 json completion_chunk(const std::string& id, int64_t created, const std::string& model, const std::string& text,
                       const std::string& finish_reason) {
-  return {{"id", id},
-          {"object", "text_completion"},
-          {"created", created},
-          {"model", model},
-          {"choices", json::array({{{"index", 0},
-                                    {"text", text},
-                                    {"logprobs", nullptr},
-                                    {"finish_reason", reason_or_null(finish_reason)}}})}};
+  return {
+      {"id", id},
+      {"object", "text_completion"},
+      {"created", created},
+      {"model", model},
+      {"choices",
+       json::array(
+           {{{"index", 0}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", reason_or_null(finish_reason)}}})}};
 }
 
 json usage_chunk(Endpoint endpoint, const std::string& id, int64_t created, const std::string& model,
@@ -456,7 +470,8 @@ json chat_logprobs_json(const std::vector<LogprobEntry>& entries) {
   json content = json::array();
   for (const LogprobEntry& e : entries) {
     json top = json::array();
-    for (const auto& [t, lp] : e.top) top.push_back({{"token", token_text(t)}, {"logprob", lp}, {"bytes", bytes_of(t)}});
+    for (const auto& [t, lp] : e.top)
+      top.push_back({{"token", token_text(t)}, {"logprob", lp}, {"bytes", bytes_of(t)}});
     content.push_back(
         {{"token", token_text(e.token)}, {"logprob", e.logprob}, {"bytes", bytes_of(e.token)}, {"top_logprobs", top}});
   }

@@ -22,12 +22,15 @@ struct ApiError : std::exception {
   int status = 400;
   std::string message;
   std::string type = "invalid_request_error";
-  std::string param;  // empty: null
-  std::string code;   // empty: null
+  std::string param;      // empty: null
+  std::string code;       // empty: null
   int retry_after_s = 0;  // > 0: sent as Retry-After (429)
   ApiError(int status_, std::string message_, std::string param_ = {}, std::string code_ = {},
            std::string type_ = "invalid_request_error")
-      : status(status_), message(std::move(message_)), type(std::move(type_)), param(std::move(param_)),
+      : status(status_),
+        message(std::move(message_)),
+        type(std::move(type_)),
+        param(std::move(param_)),
         code(std::move(code_)) {}
   const char* what() const noexcept override { return message.c_str(); }
 };
@@ -44,17 +47,17 @@ struct GenRequest {
   std::vector<int32_t> prompt_ids;    // completion, token form (prompt: [ids])
   std::optional<int> max_tokens;      // max_tokens / max_completion_tokens
   SamplingParams sampling;
-  int n = 1;                          // choices; with a seed, choice i samples with seed + i
-  int logprobs = -1;                  // >= 0: return logprobs with this many alternatives per token
+  int n = 1;          // choices; with a seed, choice i samples with seed + i
+  int logprobs = -1;  // >= 0: return logprobs with this many alternatives per token
   std::vector<std::string> stop;
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;
   bool stream = false;
-  bool include_usage = false;       // stream_options.include_usage
-  bool enable_thinking = true;      // chat_template_kwargs.enable_thinking
-  bool separate_reasoning = true;   // chat: <think>..</think> goes to reasoning_content
-  std::string user_id;              // the "user" field, echoed nowhere (logged)
-  std::vector<std::string> tools;   // chat: each tool as the template's tojson writes it (order kept)
+  bool include_usage = false;      // stream_options.include_usage
+  bool enable_thinking = true;     // chat_template_kwargs.enable_thinking
+  bool separate_reasoning = true;  // chat: <think>..</think> goes to reasoning_content
+  std::string user_id;             // the "user" field, echoed nowhere (logged)
+  std::vector<std::string> tools;  // chat: each tool as the template's tojson writes it (order kept)
   std::vector<std::string> tool_names;
   ToolChoice tool_choice{ToolChoice::Kind::None, {}};  // with tools: Auto unless the request says otherwise
 };
@@ -72,16 +75,15 @@ nlohmann::json usage_json(const Usage& u);
 // Non-streaming responses. reasoning empty -> reasoning_content: null.
 // tool_calls: an array of OpenAI tool calls, or null.
 nlohmann::json chat_response(const std::string& id, int64_t created, const std::string& model,
-                             const std::string& content, const std::string& reasoning,
-                             const std::string& finish_reason, const Usage& usage,
-                             const nlohmann::json& tool_calls = nullptr);
+                             const std::string& content, const std::string& reasoning, const std::string& finish_reason,
+                             const Usage& usage, const nlohmann::json& tool_calls = nullptr);
 nlohmann::json completion_response(const std::string& id, int64_t created, const std::string& model,
                                    const std::string& text, const std::string& finish_reason, const Usage& usage);
 
 // One streaming chunk. For chat, `delta` is the delta object ({"role": ...}, {"content": ...},
 // {"reasoning_content": ...} or {}); for completions, text is the piece. finish_reason empty: null.
-nlohmann::json chat_chunk(const std::string& id, int64_t created, const std::string& model,
-                          const nlohmann::json& delta, const std::string& finish_reason);
+nlohmann::json chat_chunk(const std::string& id, int64_t created, const std::string& model, const nlohmann::json& delta,
+                          const std::string& finish_reason);
 nlohmann::json completion_chunk(const std::string& id, int64_t created, const std::string& model,
                                 const std::string& text, const std::string& finish_reason);
 // The final usage-only chunk (stream_options.include_usage): choices is empty.

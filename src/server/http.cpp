@@ -314,8 +314,7 @@ bool Connection::read_request(HttpRequest& req) {
   req.target.assign(m.target().data(), m.target().size());
   req.path = req.target.substr(0, req.target.find('?'));
   req.headers.clear();
-  for (const auto& f : m)
-    req.headers.emplace_back(std::string(f.name_string()), std::string(f.value()));
+  for (const auto& f : m) req.headers.emplace_back(std::string(f.name_string()), std::string(f.value()));
   req.body = std::move(parser.get().body());
   keep_alive_ = m.keep_alive() && !st_->stopping.load();
   head_only_ = req.method == "HEAD";

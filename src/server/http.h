@@ -20,10 +20,10 @@
 namespace cpinfer::server {
 
 struct HttpLimits {
-  size_t max_request_line_bytes = 8 << 10;  // 414
-  size_t max_header_bytes = 32 << 10;       // request line + headers, 431
-  size_t max_header_count = 128;            // 431
-  size_t max_body_bytes = size_t(64) << 20; // 413 (after chunked decoding)
+  size_t max_request_line_bytes = 8 << 10;   // 414
+  size_t max_header_bytes = 32 << 10;        // request line + headers, 431
+  size_t max_header_count = 128;             // 431
+  size_t max_body_bytes = size_t(64) << 20;  // 413 (after chunked decoding)
   // A request's line, headers and body must all arrive within read_timeout of its first byte
   // (slow senders cannot hold a thread forever); a kept-alive connection with no request for
   // idle_timeout is closed; a client that takes no bytes for write_timeout is dropped.

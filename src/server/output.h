@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "server/api.h"
 #include "engine/scheduler.h"
+#include "server/api.h"
 #include "server/text.h"
 #include "server/tools.h"
 #include "tokenizer/tokenizer.h"
@@ -19,7 +19,7 @@ namespace cpinfer::server {
 // The output of one choice not yet taken by the HTTP thread.
 struct Slot {
   std::string reasoning, content;
-  std::vector<ToolCall> calls;  // parsed tool calls
+  std::vector<ToolCall> calls;    // parsed tool calls
   std::vector<LogprobEntry> lps;  // logprobs of tokens generated since the last take
   bool finished = false;
   FinishInfo info;
@@ -46,14 +46,18 @@ struct OutputState {
   }
   void deliver(Channel& ch, const std::string& text) {
     SplitText s;
-    if (splitter) s = splitter->push(text);
-    else s.content = text;
+    if (splitter)
+      s = splitter->push(text);
+    else
+      s.content = text;
     publish(ch, s);
   }
   void publish(Channel& ch, const SplitText& s) {
     ToolCallParser::Out t;
-    if (tools) t = tools->push(s.content);
-    else t.content = s.content;
+    if (tools)
+      t = tools->push(s.content);
+    else
+      t.content = s.content;
     if (s.reasoning.empty() && t.content.empty() && t.calls.empty()) return;
     std::lock_guard lk(ch.mu);
     Slot& slot = ch.slots[index];

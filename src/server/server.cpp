@@ -11,15 +11,15 @@
 #include <unistd.h>
 
 #include "core/log.h"
+#include "engine/metrics.h"
+#include "engine/runner.h"
 #include "loader/config.h"
 #include "model/random_weights.h"
 #include "server/api.h"
-#include "engine/metrics.h"
-#include "server/output.h"
 #include "server/http.h"
-#include "engine/runner.h"
-#include "server/tools.h"
+#include "server/output.h"
 #include "server/text.h"
+#include "server/tools.h"
 #include "tokenizer/tokenizer.h"
 
 namespace cpinfer::server {
@@ -70,10 +70,14 @@ struct ActiveGuard {
 class App {
  public:
   App(const ServerOptions& so, Tokenizer tok, ModelConfig cfg, int context_length, int kv_tokens)
-      : so_(so), tok_(std::move(tok)), cfg_(std::move(cfg)), context_length_(context_length),
+      : so_(so),
+        tok_(std::move(tok)),
+        cfg_(std::move(cfg)),
+        context_length_(context_length),
         default_total_(std::min(context_length, kv_tokens)),
         name_(so.served_model_name.empty() ? so.model_path : so.served_model_name),
-        created_(static_cast<int64_t>(std::time(nullptr))), rng_(std::random_device{}()) {}
+        created_(static_cast<int64_t>(std::time(nullptr))),
+        rng_(std::random_device{}()) {}
 
   // Routes one request (any HTTP thread).
   void handle(const HttpRequest& req, HttpResponder& res);
@@ -163,8 +167,9 @@ std::vector<int32_t> App::tokenize(const GenRequest& g) {
   if (!g.prompt_ids.empty()) {
     for (int32_t id : g.prompt_ids)
       if (id >= cfg_.vocab_size)
-        throw ApiError(400, "token id " + std::to_string(id) + " in 'prompt' is outside the vocabulary [0, " +
-                                std::to_string(cfg_.vocab_size) + ")",
+        throw ApiError(400,
+                       "token id " + std::to_string(id) + " in 'prompt' is outside the vocabulary [0, " +
+                           std::to_string(cfg_.vocab_size) + ")",
                        "prompt");
     return g.prompt_ids;
   }
@@ -177,19 +182,20 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
     throw ApiError(404, "The model '" + g.model + "' does not exist; this server serves '" + name_ + "'", "model",
                    "model_not_found");
   std::vector<int32_t> prompt = tokenize(g);
-  if (prompt.empty()) throw ApiError(400, "the prompt is empty after tokenization", ep == Endpoint::Chat ? "messages" : "prompt");
+  if (prompt.empty())
+    throw ApiError(400, "the prompt is empty after tokenization", ep == Endpoint::Chat ? "messages" : "prompt");
   const int n_prompt = static_cast<int>(prompt.size());
   // OpenAI's defaults: 16 for completions; for chat, whatever room the context leaves.
-  int max_tokens = g.max_tokens ? *g.max_tokens
-                                : (ep == Endpoint::Completion ? 16 : std::max(1, default_total_ - n_prompt));
+  int max_tokens =
+      g.max_tokens ? *g.max_tokens : (ep == Endpoint::Completion ? 16 : std::max(1, default_total_ - n_prompt));
   if (int64_t(n_prompt) + std::max(max_tokens, 1) > context_length_ || max_tokens < 1)
-    throw ApiError(400,
-                   "This model's maximum context length is " + std::to_string(context_length_) +
-                       " tokens. However, you requested " + std::to_string(int64_t(n_prompt) + std::max(max_tokens, 1)) +
-                       " tokens (" + std::to_string(n_prompt) + " in the prompt, " + std::to_string(std::max(max_tokens, 1)) +
-                       " for the completion). Please reduce the prompt or max_tokens.",
-                   g.max_tokens ? "max_tokens" : (ep == Endpoint::Chat ? "messages" : "prompt"),
-                   "context_length_exceeded");
+    throw ApiError(
+        400,
+        "This model's maximum context length is " + std::to_string(context_length_) +
+            " tokens. However, you requested " + std::to_string(int64_t(n_prompt) + std::max(max_tokens, 1)) +
+            " tokens (" + std::to_string(n_prompt) + " in the prompt, " + std::to_string(std::max(max_tokens, 1)) +
+            " for the completion). Please reduce the prompt or max_tokens.",
+        g.max_tokens ? "max_tokens" : (ep == Endpoint::Chat ? "messages" : "prompt"), "context_length_exceeded");
 
   // n choices: n scheduler requests of the same prompt, each with its own output state.
   const size_t n = static_cast<size_t>(g.n);
@@ -198,7 +204,8 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
   std::vector<std::shared_ptr<SchedRequest>> reqs;
   const int32_t n_text_ids = tok_.vocab_size();
   for (size_t i = 0; i < n; ++i) {
-    auto out = std::make_shared<OutputState>(tok_, g.stop, ep == Endpoint::Chat && g.enable_thinking && g.separate_reasoning, i);
+    auto out = std::make_shared<OutputState>(tok_, g.stop,
+                                             ep == Endpoint::Chat && g.enable_thinking && g.separate_reasoning, i);
     if (ep == Endpoint::Chat && g.tool_choice.kind != ToolChoice::Kind::None) {
       out->tools.emplace();
       out->tools->push(forced_tool_prefix(g.tool_choice));  // the call the prompt already opened
@@ -233,8 +240,9 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
   {
     std::lock_guard lk(mu_);
     if (!sched_ || g_stop.load())
-      throw ApiError(503, fatal_.empty() ? (g_stop.load() ? "the server is shutting down" : "the model is still loading")
-                                         : "the engine failed: " + fatal_,
+      throw ApiError(503,
+                     fatal_.empty() ? (g_stop.load() ? "the server is shutting down" : "the model is still loading")
+                                    : "the engine failed: " + fatal_,
                      "", "", "server_error");
     if (std::string why = sched_->never_fits(n_prompt, max_tokens); !why.empty())
       throw ApiError(400, why, "max_tokens", "context_length_exceeded");
@@ -291,8 +299,9 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
       const Slot& s = ch->slots[i];
       json one;
       if (ep == Endpoint::Chat) {
-        const json calls = s.calls.empty() ? json(nullptr)
-                                           : tool_calls_json(s.calls, call_ids(s.calls.size()), 0, /*with_index=*/false);
+        const json calls = s.calls.empty()
+                               ? json(nullptr)
+                               : tool_calls_json(s.calls, call_ids(s.calls.size()), 0, /*with_index=*/false);
         one = chat_response(id, created, name_, s.calls.empty() ? s.content : trimmed(s.content), s.reasoning,
                             finish_reason(s.info, !s.calls.empty()), Usage{}, calls);
         if (g.logprobs >= 0) one["choices"][0]["logprobs"] = chat_logprobs_json(s.lps);
@@ -300,8 +309,10 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
         one = completion_response(id, created, name_, s.content, s.info.reason, Usage{});
         if (g.logprobs >= 0) one["choices"][0]["logprobs"] = completion_logprobs_json(s.lps, 0);
       }
-      if (i == 0) resp = std::move(one);
-      else resp["choices"].push_back(with_index(std::move(one), i)["choices"][0]);
+      if (i == 0)
+        resp = std::move(one);
+      else
+        resp["choices"].push_back(with_index(std::move(one), i)["choices"][0]);
     }
     resp["usage"] = usage_json(usage_of(ch->slots));
     return send_json(res, 200, resp);
@@ -360,11 +371,13 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
       carry[i].insert(carry[i].end(), s.lps.begin(), s.lps.end());
       if (ep == Endpoint::Chat) {
         if (!s.reasoning.empty())
-          buf += sse_event(with_lp(with_index(chat_chunk(id, created, name_, {{"reasoning_content", s.reasoning}}, ""), i), i));
+          buf += sse_event(
+              with_lp(with_index(chat_chunk(id, created, name_, {{"reasoning_content", s.reasoning}}, ""), i), i));
         if (!s.content.empty())
           buf += sse_event(with_lp(with_index(chat_chunk(id, created, name_, {{"content", s.content}}, ""), i), i));
         if (!s.calls.empty()) {
-          json delta = {{"tool_calls", tool_calls_json(s.calls, call_ids(s.calls.size()), n_calls[i], /*with_index=*/true)}};
+          json delta = {
+              {"tool_calls", tool_calls_json(s.calls, call_ids(s.calls.size()), n_calls[i], /*with_index=*/true)}};
           buf += sse_event(with_index(chat_chunk(id, created, name_, delta, ""), i));
           n_calls[i] += static_cast<int>(s.calls.size());
         }
@@ -388,7 +401,8 @@ void App::handle_generate(Endpoint ep, const HttpRequest& req, HttpResponder& re
                                i));
     }
     if (n_done == n) {
-      if (g.include_usage && all[0].info.reason != "error") buf += sse_event(usage_chunk(ep, id, created, name_, usage_of(all)));
+      if (g.include_usage && all[0].info.reason != "error")
+        buf += sse_event(usage_chunk(ep, id, created, name_, usage_of(all)));
       buf += kSseDone;
     }
     if (!buf.empty() && !res.write(buf)) return cancel();
@@ -429,19 +443,21 @@ void App::handle(const HttpRequest& req, HttpResponder& res) {
 void App::route(const HttpRequest& req, HttpResponder& res) {
   const std::string& path = req.path;
   if (!so_.api_key.empty() && path.rfind("/v1/", 0) == 0 && req.header("Authorization") != "Bearer " + so_.api_key)
-    throw ApiError(401, "Incorrect API key provided: pass 'Authorization: Bearer <key>' with the key given to --api-key",
-                   "", "invalid_api_key");
+    throw ApiError(401,
+                   "Incorrect API key provided: pass 'Authorization: Bearer <key>' with the key given to --api-key", "",
+                   "invalid_api_key");
   const bool post = req.method == "POST";
   if (path == "/v1/chat/completions" || path == "/v1/completions") {
     if (!post) throw ApiError(405, "use POST for " + path, "", "method_not_allowed");
     return handle_generate(path == "/v1/chat/completions" ? Endpoint::Chat : Endpoint::Completion, req, res);
   }
   auto model_json = [this] {
-    return json{{"id", name_}, {"object", "model"}, {"created", created_}, {"owned_by", "cpinfer"},
-                {"root", name_}, {"max_model_len", context_length_}};
+    return json{{"id", name_},           {"object", "model"}, {"created", created_},
+                {"owned_by", "cpinfer"}, {"root", name_},     {"max_model_len", context_length_}};
   };
   const bool get = req.method == "GET";
-  if (get && path == "/v1/models") return send_json(res, 200, {{"object", "list"}, {"data", json::array({model_json()})}});
+  if (get && path == "/v1/models")
+    return send_json(res, 200, {{"object", "list"}, {"data", json::array({model_json()})}});
   if (get && path.rfind("/v1/models/", 0) == 0 && path.size() > 11) {
     const std::string model = path.substr(11);
     if (model == name_) return send_json(res, 200, model_json());
@@ -469,14 +485,15 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
     // Sharded KV: the CP group stores a sequence once between its ranks, each about 1 / CP-size of
     // it plus the slack the scheduler's admission allows for (Scheduler::never_fits).
     const int64_t rough = KvCache::shard_capacity_tokens(kv_tokens, 2, eo.cp.cp_size, eo.cp.kv_interleave);
-    kv_tokens = static_cast<int>(std::min<int64_t>(
-        INT32_MAX, KvCache::shard_capacity_tokens(kv_tokens, so.sched.max_prefill_forwards(rough), eo.cp.cp_size,
-                                                  eo.cp.kv_interleave)));
+    kv_tokens = static_cast<int>(
+        std::min<int64_t>(INT32_MAX, KvCache::shard_capacity_tokens(kv_tokens, so.sched.max_prefill_forwards(rough),
+                                                                    eo.cp.cp_size, eo.cp.kv_interleave)));
   }
   int context_length = so.context_length;
   if (context_length <= 0) {
     context_length = kv_tokens;
-    if (cfg.max_position_embeddings > 0) context_length = std::min<int64_t>(context_length, cfg.max_position_embeddings);
+    if (cfg.max_position_embeddings > 0)
+      context_length = std::min<int64_t>(context_length, cfg.max_position_embeddings);
   }
   CPI_CHECK(context_length >= 2, "--context-length must be >= 2, got ", context_length);
   if (context_length > kv_tokens)
@@ -496,7 +513,8 @@ int run_server(const ServerOptions& so, const LaunchOptions& lo, const EngineOpt
       limits, [&app](const HttpRequest& req, HttpResponder& res) { app.handle(req, res); },
       [&app](int status, const std::string& message) {
         if (status >= 400 && status < 500) app.metrics().count_rejected();
-        return dump(error_json(ApiError(status, message, "", "", status >= 500 ? "server_error" : "invalid_request_error")));
+        return dump(
+            error_json(ApiError(status, message, "", "", status >= 500 ? "server_error" : "invalid_request_error")));
       });
   const int port = svr.bind(so.host, so.port);
   std::thread http([&] { svr.serve(); });

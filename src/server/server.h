@@ -6,8 +6,8 @@
 
 #include "engine/engine.h"
 #include "engine/launch.h"
-#include "server/http.h"
 #include "engine/scheduler.h"
+#include "server/http.h"
 
 namespace cpinfer::server {
 
@@ -16,14 +16,14 @@ struct ServerOptions {
   std::string tokenizer_path;     // empty: model_path
   std::string served_model_name;  // empty: model_path
   std::string host = "127.0.0.1";
-  int port = 30000;               // 0: any free port (the ready line names it)
-  std::string api_key;            // non-empty: /v1/* need "Authorization: Bearer <key>"
-  int context_length = 0;         // 0: min(max_position_embeddings, KV cache capacity)
+  int port = 30000;        // 0: any free port (the ready line names it)
+  std::string api_key;     // non-empty: /v1/* need "Authorization: Bearer <key>"
+  int context_length = 0;  // 0: min(max_position_embeddings, KV cache capacity)
   SchedulerOptions sched;
-  int http_threads = 512;         // connections served at once (each waits on its request)
-  HttpLimits http;                // header/body limits and timeouts (max_connections: http_threads)
-  int max_queued_requests = 1024; // requests waiting for admission; more are answered 429
-  double shutdown_timeout_s = 30; // SIGTERM: drain this long, then end what is left with an error
+  int http_threads = 512;          // connections served at once (each waits on its request)
+  HttpLimits http;                 // header/body limits and timeouts (max_connections: http_threads)
+  int max_queued_requests = 1024;  // requests waiting for admission; more are answered 429
+  double shutdown_timeout_s = 30;  // SIGTERM: drain this long, then end what is left with an error
   // Test hooks (hidden flags of `cpinfer serve`): every request answers this fixed text (non-empty),
   // and the model load waits this long first, so that tests see /health's 503.
   std::string test_fixed_output;

@@ -35,7 +35,8 @@ SplitText ReasoningSplitter::push(const std::string& piece) {
     if (at == std::string::npos) break;
     std::string before = pending_.substr(0, at);
     // The template writes "\n</think>\n\n": the newline before the closing tag is not reasoning.
-    if (in_reasoning_) while (!before.empty() && before.back() == '\n') before.pop_back();
+    if (in_reasoning_)
+      while (!before.empty() && before.back() == '\n') before.pop_back();
     emit(out, before);
     pending_.erase(0, at + tag.size());
     in_reasoning_ = !in_reasoning_;

@@ -18,13 +18,27 @@ void js_string(std::string& out, const std::string& s) {
   out += '"';
   for (unsigned char c : s) {
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\b':
+        out += "\\b";
+        break;
+      case '\f':
+        out += "\\f";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
       default:
         if (c < 0x20) {
           char buf[8];
@@ -77,18 +91,28 @@ void js_number(std::string& out, double x) {
 
 void tojson(std::string& out, const ojson& v) {
   switch (v.type()) {
-    case ojson::value_t::null: out += "null"; break;
-    case ojson::value_t::boolean: out += v.get<bool>() ? "true" : "false"; break;
+    case ojson::value_t::null:
+      out += "null";
+      break;
+    case ojson::value_t::boolean:
+      out += v.get<bool>() ? "true" : "false";
+      break;
     case ojson::value_t::number_integer:
     case ojson::value_t::number_unsigned: {
       // JavaScript numbers are doubles: integers beyond 2^53 print as their double.
       const double d = v.get<double>();
-      if (std::fabs(d) <= 9007199254740992.0) out += v.dump();
-      else js_number(out, d);
+      if (std::fabs(d) <= 9007199254740992.0)
+        out += v.dump();
+      else
+        js_number(out, d);
       break;
     }
-    case ojson::value_t::number_float: js_number(out, v.get<double>()); break;
-    case ojson::value_t::string: js_string(out, v.get_ref<const std::string&>()); break;
+    case ojson::value_t::number_float:
+      js_number(out, v.get<double>());
+      break;
+    case ojson::value_t::string:
+      js_string(out, v.get_ref<const std::string&>());
+      break;
     case ojson::value_t::array: {
       out += '[';
       bool first = true;
@@ -113,7 +137,9 @@ void tojson(std::string& out, const ojson& v) {
       out += '}';
       break;
     }
-    default: out += "null"; break;  // binary / discarded never come from JSON text
+    default:
+      out += "null";
+      break;  // binary / discarded never come from JSON text
   }
 }
 
@@ -153,8 +179,10 @@ void ToolCallParser::finish_call(Out& out, bool closed) {
   ojson j = ojson::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
   const ojson* args = nullptr;
   if (j.is_object() && j.contains("name") && j["name"].is_string()) {
-    if (j.contains("arguments")) args = &j["arguments"];
-    else if (j.contains("parameters")) args = &j["parameters"];
+    if (j.contains("arguments"))
+      args = &j["arguments"];
+    else if (j.contains("parameters"))
+      args = &j["parameters"];
   }
   if (args && (args->is_object() || args->is_null())) {
     out.calls.push_back({j["name"].get<std::string>(), args->is_null() ? "{}" : args->dump()});
@@ -197,14 +225,16 @@ ToolCallParser::Out ToolCallParser::push(std::string_view text) {
 
 ToolCallParser::Out ToolCallParser::flush() {
   Out out;
-  if (in_call_) finish_call(out, /*closed=*/false);
-  else if (!(n_calls_ > 0 && trim(pending_).empty())) out.content += pending_;
+  if (in_call_)
+    finish_call(out, /*closed=*/false);
+  else if (!(n_calls_ > 0 && trim(pending_).empty()))
+    out.content += pending_;
   pending_.clear();
   return out;
 }
 
-nlohmann::json tool_calls_json(const std::vector<ToolCall>& calls, const std::vector<std::string>& ids,
-                               int first_index, bool with_index) {
+nlohmann::json tool_calls_json(const std::vector<ToolCall>& calls, const std::vector<std::string>& ids, int first_index,
+                               bool with_index) {
   nlohmann::json arr = nlohmann::json::array();
   for (size_t i = 0; i < calls.size(); ++i) {
     nlohmann::json c = {{"id", ids.at(i)},

@@ -57,7 +57,7 @@ class ToolCallParser {
 
 // OpenAI tool_calls entries for a message (index omitted) or a stream delta (index from
 // first_index on); ids are "call_" + the given ids.
-nlohmann::json tool_calls_json(const std::vector<ToolCall>& calls, const std::vector<std::string>& ids,
-                               int first_index, bool with_index);
+nlohmann::json tool_calls_json(const std::vector<ToolCall>& calls, const std::vector<std::string>& ids, int first_index,
+                               bool with_index);
 
 }  // namespace cpinfer::server

@@ -12,8 +12,8 @@ struct AddedToken {
   std::string content;
   int32_t id = -1;
   bool single_word = false;
-  bool lstrip = false;  // absorb whitespace on the left
-  bool rstrip = false;  // absorb whitespace on the right
+  bool lstrip = false;      // absorb whitespace on the left
+  bool rstrip = false;      // absorb whitespace on the right
   bool normalized = false;  // matched on normalized text (else on the raw input)
   bool special = false;
 };
@@ -34,7 +34,7 @@ class AddedTokenMatcher {
   void split(std::string_view text, bool parse_special, std::vector<Segment>& out) const;
 
  private:
-  std::vector<AddedToken> tokens_;            // sorted longest first
+  std::vector<AddedToken> tokens_;              // sorted longest first
   std::vector<std::vector<uint32_t>> by_byte_;  // first byte -> indices into tokens_
 };
 

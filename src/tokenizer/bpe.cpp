@@ -74,8 +74,8 @@ BpeModel BpeModel::from_json(const nlohmann::json& model, const std::string& sou
     CPI_CHECK(model[key].is_string(), source, ": model.", key, " must be a string");
     return model[key].get<std::string>();
   };
-  CPI_CHECK(string_option("continuing_subword_prefix").empty() && string_option("end_of_word_suffix").empty(),
-            source, ": BPE continuing_subword_prefix / end_of_word_suffix are not supported");
+  CPI_CHECK(string_option("continuing_subword_prefix").empty() && string_option("end_of_word_suffix").empty(), source,
+            ": BPE continuing_subword_prefix / end_of_word_suffix are not supported");
   CPI_CHECK(!model.value("byte_fallback", false), source,
             ": BPE byte_fallback (SentencePiece-style) is not supported; only byte-level BPE is");
   CPI_CHECK(!model.contains("dropout") || model["dropout"].is_null() ||
@@ -110,8 +110,8 @@ BpeModel BpeModel::from_json(const nlohmann::json& model, const std::string& sou
   }
   // The id table is indexed by id: a vocab whose ids are far sparser than its entries (a corrupt
   // file with one id of 677 million) must not make us allocate gigabytes.
-  CPI_CHECK(int64_t{m.max_id_} < 2 * static_cast<int64_t>(entries.size()) + 1024, source, ": vocab ids are sparse: ",
-            entries.size(), " tokens but the largest id is ", m.max_id_);
+  CPI_CHECK(int64_t{m.max_id_} < 2 * static_cast<int64_t>(entries.size()) + 1024, source,
+            ": vocab ids are sparse: ", entries.size(), " tokens but the largest id is ", m.max_id_);
   m.id_to_bytes_.resize(static_cast<size_t>(m.max_id_ + 1));
   std::vector<uint8_t> seen(m.id_to_bytes_.size(), 0);
   m.bytes_to_id_.reserve(entries.size());
@@ -129,8 +129,8 @@ BpeModel BpeModel::from_json(const nlohmann::json& model, const std::string& sou
   for (int b = 0; b < 256; ++b) {
     const char byte = static_cast<char>(b);
     const auto it = m.bytes_to_id_.find(std::string_view(&byte, 1));
-    CPI_CHECK(it != m.bytes_to_id_.end(), source, ": the vocab lacks the byte-level symbol for byte ", b,
-              " (U+", std::hex, static_cast<uint32_t>(byte_to_symbol()[b]), std::dec,
+    CPI_CHECK(it != m.bytes_to_id_.end(), source, ": the vocab lacks the byte-level symbol for byte ", b, " (U+",
+              std::hex, static_cast<uint32_t>(byte_to_symbol()[b]), std::dec,
               "); a byte-level BPE vocab must cover all 256 bytes");
     m.byte_ids_[b] = it->second;
   }
@@ -154,15 +154,15 @@ BpeModel BpeModel::from_json(const nlohmann::json& model, const std::string& sou
       a = mj[0].get_ref<const std::string&>();
       b = mj[1].get_ref<const std::string&>();
     } else {
-      CPI_FAIL(source, ": merge #", rank, " is neither an \"a b\" string nor an [a, b] pair: ",
-               mj.dump().substr(0, 80));
+      CPI_FAIL(source, ": merge #", rank,
+               " is neither an \"a b\" string nor an [a, b] pair: ", mj.dump().substr(0, 80));
     }
     const bool ok_a = symbols_to_bytes(a, &a_bytes), ok_b = symbols_to_bytes(b, &b_bytes);
     CPI_CHECK(ok_a && ok_b, source, ": merge #", rank, " (", describe(a), ", ", describe(b),
               ") is not made of byte-level symbols");
     const auto ia = m.bytes_to_id_.find(a_bytes), ib = m.bytes_to_id_.find(b_bytes);
-    CPI_CHECK(ia != m.bytes_to_id_.end() && ib != m.bytes_to_id_.end(), source, ": merge #", rank, " (",
-              describe(a), ", ", describe(b), ") uses a token that is not in the vocab");
+    CPI_CHECK(ia != m.bytes_to_id_.end() && ib != m.bytes_to_id_.end(), source, ": merge #", rank, " (", describe(a),
+              ", ", describe(b), ") uses a token that is not in the vocab");
     ab_bytes.assign(a_bytes).append(b_bytes);
     const auto im = m.bytes_to_id_.find(ab_bytes);
     CPI_CHECK(im != m.bytes_to_id_.end(), source, ": merge #", rank, " (", describe(a), ", ", describe(b),

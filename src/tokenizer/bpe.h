@@ -6,8 +6,8 @@
 #include <array>
 #include <cstdint>
 #include <memory>
-#include <optional>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -55,7 +55,7 @@ class BpeModel {
   std::vector<std::string> id_to_bytes_;
   std::unordered_map<std::string_view, int32_t> bytes_to_id_;
   std::unordered_map<std::string, int32_t> unmappable_;  // vocab keys that are not byte-level symbols
-  std::unordered_map<uint64_t, Merge> merges_;  // key: (id_a << 32) | id_b
+  std::unordered_map<uint64_t, Merge> merges_;           // key: (id_a << 32) | id_b
   std::array<int32_t, 256> byte_ids_{};
   bool ignore_merges_ = false;
   int32_t max_id_ = -1;

@@ -49,12 +49,14 @@ std::string Tokenizer::render_chat(const std::vector<ChatMessage>& messages, boo
   if (!tools.empty()) {
     out += "<|im_start|>system\n";
     if (n > 0 && messages[0].role == "system") out += messages[0].content + "\n\n";
-    out += "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
-           "function signatures within <tools></tools> XML tags:\n<tools>";
+    out +=
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
+        "function signatures within <tools></tools> XML tags:\n<tools>";
     for (const std::string& t : tools) out += "\n" + t;
-    out += "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-           "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-           "<args-json-object>}\n</tool_call><|im_end|>\n";
+    out +=
+        "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+        "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+        "<args-json-object>}\n</tool_call><|im_end|>\n";
   } else if (n > 0 && messages[0].role == "system") {
     out += "<|im_start|>system\n" + messages[0].content + "<|im_end|>\n";
   }

@@ -15,9 +15,9 @@ struct TokenizerImpl {
   std::string source;  // file name for messages
   BpeModel bpe;
   PreTokenizer pre;
-  bool nfc = false;                   // normalizer is NFC (else none)
-  AddedTokenMatcher raw_added;        // normalized=false tokens, matched on the input
-  AddedTokenMatcher normalized_added; // normalized=true tokens, matched after NFC
+  bool nfc = false;                    // normalizer is NFC (else none)
+  AddedTokenMatcher raw_added;         // normalized=false tokens, matched on the input
+  AddedTokenMatcher normalized_added;  // normalized=true tokens, matched after NFC
   std::unordered_map<std::string, int32_t> added_by_content;
   std::unordered_map<int32_t, AddedToken> added_by_id;
   int32_t vocab_size = 0;

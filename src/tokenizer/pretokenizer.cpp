@@ -30,10 +30,9 @@ class Regex {
     PCRE2_SIZE err_off = 0;
     // PCRE2 refuses UCP together with LITERAL (it has no classes to widen anyway).
     const uint32_t opts = PCRE2_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP);
-    code_ = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), opts, &err,
-                          &err_off, nullptr);
-    CPI_CHECK(code_ != nullptr, source, ": pre-tokenizer regex does not compile (", pcre2_message(err),
-              " at offset ", err_off, "): ", pattern);
+    code_ = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), opts, &err, &err_off, nullptr);
+    CPI_CHECK(code_ != nullptr, source, ": pre-tokenizer regex does not compile (", pcre2_message(err), " at offset ",
+              err_off, "): ", pattern);
     // JIT makes the split several times faster; the interpreter is a correct fallback.
     jit_ = pcre2_jit_compile(code_, PCRE2_JIT_COMPLETE) == 0;
   }
@@ -51,8 +50,8 @@ class Regex {
     size_t pos = 0, gap_start = 0;
     while (pos < text.size()) {
       // The text was validated as UTF-8 by the caller, so PCRE2 need not check it again.
-      int rc = jit_ ? pcre2_jit_match(code_, subject, text.size(), pos, 0, md.get(), nullptr)
-                    : PCRE2_ERROR_JIT_STACKLIMIT;
+      int rc =
+          jit_ ? pcre2_jit_match(code_, subject, text.size(), pos, 0, md.get(), nullptr) : PCRE2_ERROR_JIT_STACKLIMIT;
       if (rc == PCRE2_ERROR_JIT_STACKLIMIT)  // the interpreter keeps its backtracking on the heap
         rc = pcre2_match(code_, subject, text.size(), pos, PCRE2_NO_UTF_CHECK | PCRE2_NO_JIT, md.get(), nullptr);
       if (rc == PCRE2_ERROR_NOMATCH) break;

@@ -195,8 +195,8 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool parse_special
 
 std::string Tokenizer::token_bytes(int32_t id, bool skip_special) const {
   const TokenizerImpl& im = *impl_;
-  CPI_CHECK(id >= 0 && id < im.vocab_size, "token id ", id, " is outside the vocabulary [0, ", im.vocab_size,
-            ") of ", im.source);
+  CPI_CHECK(id >= 0 && id < im.vocab_size, "token id ", id, " is outside the vocabulary [0, ", im.vocab_size, ") of ",
+            im.source);
   const auto it = im.added_by_id.find(id);
   if (it != im.added_by_id.end()) {
     if (skip_special && it->second.special) return {};

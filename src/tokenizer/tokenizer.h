@@ -21,9 +21,9 @@ struct ChatToolCall {
 };
 
 struct ChatMessage {
-  std::string role;               // "system", "user", "assistant" or "tool"
+  std::string role;  // "system", "user", "assistant" or "tool"
   std::string content;
-  std::string reasoning_content;  // assistant only; empty = none (then <think>..</think> in content counts)
+  std::string reasoning_content;         // assistant only; empty = none (then <think>..</think> in content counts)
   std::vector<ChatToolCall> tool_calls;  // assistant only
 };
 
@@ -62,8 +62,8 @@ class Tokenizer {
   // keep <think>\n{reasoning}\n</think>\n\n; add_generation_prompt appends <|im_start|>assistant\n,
   // and enable_thinking=false then appends <think>\n\n</think>\n\n.
   // `tools`: each tool definition as the template's `tool | tojson` writes it; empty: no tools.
-  std::string render_chat(const std::vector<ChatMessage>& messages, bool add_generation_prompt,
-                          bool enable_thinking, const std::vector<std::string>& tools = {}) const;
+  std::string render_chat(const std::vector<ChatMessage>& messages, bool add_generation_prompt, bool enable_thinking,
+                          const std::vector<std::string>& tools = {}) const;
 
  private:
   explicit Tokenizer(std::shared_ptr<const tok_detail::TokenizerImpl> impl);

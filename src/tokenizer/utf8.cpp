@@ -95,8 +95,7 @@ std::string nfc(std::string_view s) {
   if (ascii) return std::string(s);
   utf8proc_uint8_t* dst = nullptr;
   const utf8proc_ssize_t len =
-      utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data()),
-                   static_cast<utf8proc_ssize_t>(s.size()), &dst,
+      utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data()), static_cast<utf8proc_ssize_t>(s.size()), &dst,
                    static_cast<utf8proc_option_t>(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
   std::unique_ptr<utf8proc_uint8_t, decltype(&std::free)> guard(dst, &std::free);
   CPI_CHECK(len >= 0, "NFC normalization failed: ", utf8proc_errmsg(len),

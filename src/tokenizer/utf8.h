@@ -15,9 +15,9 @@ enum class SeqKind { kValid, kInvalid, kIncomplete };
 
 struct Seq {
   SeqKind kind;
-  size_t len;         // bytes: the sequence (kValid), the maximal invalid subpart (kInvalid, >= 1),
-                      // or the bytes present of a truncated but so far valid prefix (kIncomplete)
-  char32_t cp = 0;    // the code point when kValid
+  size_t len;       // bytes: the sequence (kValid), the maximal invalid subpart (kInvalid, >= 1),
+                    // or the bytes present of a truncated but so far valid prefix (kIncomplete)
+  char32_t cp = 0;  // the code point when kValid
 };
 
 // Classifies the bytes starting at s[pos] (pos < s.size()).

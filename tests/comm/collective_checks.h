@@ -20,7 +20,9 @@ inline uint8_t pattern(int a, int b, size_t i) { return static_cast<uint8_t>(a *
 // Rank r's all_gatherv contribution: every third rank sends nothing.
 inline size_t gather_bytes(int r) { return r % 3 == 1 ? 0 : 5 + 13 * static_cast<size_t>(r); }
 // Bytes rank i sends to rank j in all_to_allv.
-inline size_t a2a_bytes(int i, int j) { return (i + 2 * j) % 4 == 0 ? 0 : static_cast<size_t>((i * 3 + j * 5) % 17 + 1); }
+inline size_t a2a_bytes(int i, int j) {
+  return (i + 2 * j) % 4 == 0 ? 0 : static_cast<size_t>((i * 3 + j * 5) % 17 + 1);
+}
 // Segment size of rank r in reduce_scatterv.
 inline size_t rs_count(int r) { return r % 3 == 1 ? 0 : 2 + 3 * static_cast<size_t>(r); }
 
@@ -72,7 +74,8 @@ inline void check_all_reduce_sum(Communicator& c) {
     c.all_reduce_sum(buf.data(), count, DType::F32);
     size_t bad = 0;
     for (size_t i = 0; i < count; ++i) {
-      const float want = 0.5f * static_cast<float>(n * (n + 1) / 2) + static_cast<float>(n) * static_cast<float>(i % 64) * 0.25f;
+      const float want =
+          0.5f * static_cast<float>(n * (n + 1) / 2) + static_cast<float>(n) * static_cast<float>(i % 64) * 0.25f;
       bad += buf[i] != want;
     }
     EXPECT_EQ(bad, 0u) << "all_reduce_sum count=" << count << " n=" << n << " rank " << me;

@@ -19,9 +19,7 @@ using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 constexpr auto kLong = std::chrono::milliseconds(60'000);  // generous: these tests must not time out
 
-double ms_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
+double ms_since(Clock::time_point t0) { return std::chrono::duration<double, std::milli>(Clock::now() - t0).count(); }
 
 // Runs fn on n ranks and returns run_local's error message ("" when it did not throw).
 std::string run_and_catch(int n, std::chrono::milliseconds timeout, const std::function<void(Communicator&)>& fn) {

@@ -201,24 +201,27 @@ TEST(NcclComm, MissingRankTimesOut) {
   std::latch rank0_done(1);
   std::string msg;
   double elapsed_ms = 0;
-  run_on_gpus(2, [&](std::unique_ptr<Communicator> nccl) {
-    if (nccl->rank() == 1) {
-      rank0_done.wait();  // stands in for a rank stuck elsewhere
-      return;
-    }
-    std::vector<float> ones(1024, 1.0f);
-    DeviceBuffer d(ones.size() * sizeof(float));
-    d.upload(ones.data(), ones.size() * sizeof(float));
-    const auto t0 = Clock::now();
-    try {
-      nccl->all_reduce_sum(d.get(), ones.size(), DType::F32);
-    } catch (const Error& e) {
-      msg = e.what();
-    }
-    elapsed_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-    EXPECT_THROW(nccl->barrier(), Error);  // aborted: refuses at once
-    rank0_done.count_down();
-  }, 1000ms);
+  run_on_gpus(
+      2,
+      [&](std::unique_ptr<Communicator> nccl) {
+        if (nccl->rank() == 1) {
+          rank0_done.wait();  // stands in for a rank stuck elsewhere
+          return;
+        }
+        std::vector<float> ones(1024, 1.0f);
+        DeviceBuffer d(ones.size() * sizeof(float));
+        d.upload(ones.data(), ones.size() * sizeof(float));
+        const auto t0 = Clock::now();
+        try {
+          nccl->all_reduce_sum(d.get(), ones.size(), DType::F32);
+        } catch (const Error& e) {
+          msg = e.what();
+        }
+        elapsed_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        EXPECT_THROW(nccl->barrier(), Error);  // aborted: refuses at once
+        rank0_done.count_down();
+      },
+      1000ms);
   EXPECT_NE(msg.find("all_reduce_sum timed out after 1000 ms on NCCL rank 0 of 2"), std::string::npos) << msg;
   EXPECT_GE(elapsed_ms, 990.0);
   EXPECT_LT(elapsed_ms, 2000.0);

@@ -15,16 +15,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::vector<uint8_t> image(data, data + size);
   std::map<std::string, std::string> metadata;
   std::vector<cpinfer::TensorInfo> tensors;
-  bool ok = cpinfer::fuzz::run_expecting_errors([&] {
-    tensors = cpinfer::parse_safetensors(image.data(), image.size(), "fuzz.safetensors", &metadata);
-  });
+  bool ok = cpinfer::fuzz::run_expecting_errors(
+      [&] { tensors = cpinfer::parse_safetensors(image.data(), image.size(), "fuzz.safetensors", &metadata); });
   if (!ok) return 0;
   // Properties of an accepted file: every tensor's bytes are inside the image and sized by shape.
   const uint8_t* begin = image.data();
   const uint8_t* end = image.data() + image.size();
   for (const cpinfer::TensorInfo& t : tensors) {
     const auto* p = static_cast<const uint8_t*>(t.data);
-    if (t.nbytes > 0 && (p < begin || p + t.nbytes > end)) cpinfer::fuzz::report_bug(t.name.c_str(), "tensor outside image");
+    if (t.nbytes > 0 && (p < begin || p + t.nbytes > end))
+      cpinfer::fuzz::report_bug(t.name.c_str(), "tensor outside image");
     uint64_t numel = 1;
     for (int64_t d : t.shape) numel *= static_cast<uint64_t>(d);
     if (numel * cpinfer::dtype_size(t.dtype) != t.nbytes) cpinfer::fuzz::report_bug(t.name.c_str(), "nbytes != shape");

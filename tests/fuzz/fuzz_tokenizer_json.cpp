@@ -16,11 +16,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     cpinfer::Tokenizer tok = cpinfer::Tokenizer::from_json_string(text, "fuzz/tokenizer.json");
     const int32_t vocab = tok.vocab_size();
     if (vocab <= 0) cpinfer::fuzz::report_bug("vocab_size() <= 0 after a successful load", "Tokenizer");
-    const std::string sample = "Hello, world! 123 <|im_start|>user\n\xc3\xa9t\xc3\xa9 \xe4\xbd\xa0\xe5\xa5\xbd<think>x</think>";
+    const std::string sample =
+        "Hello, world! 123 <|im_start|>user\n\xc3\xa9t\xc3\xa9 \xe4\xbd\xa0\xe5\xa5\xbd<think>x</think>";
     for (bool special : {true, false}) {
       std::vector<int32_t> ids = tok.encode(sample, special);
       for (int32_t id : ids)
-        if (id < 0 || id >= vocab) cpinfer::fuzz::report_bug("encode() produced an id outside [0, vocab_size)", "Tokenizer");
+        if (id < 0 || id >= vocab)
+          cpinfer::fuzz::report_bug("encode() produced an id outside [0, vocab_size)", "Tokenizer");
       std::string all = tok.decode(ids);
       cpinfer::StreamDecoder sd(tok);
       std::string streamed;

@@ -97,8 +97,7 @@ TEST(FuzzRegression, TokenizerDeeplyNestedFieldsAreErrors) {
 // A vocab with one absurd id (found by fuzz_tokenizer_json in CI: "D": 677777778) made the id
 // table allocate gigabytes; sparse ids are an error now.
 TEST(FuzzRegression, TokenizerSparseVocabIdsAreAnError) {
-  const std::string text =
-      R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "D": 677777778}, "merges": []}})";
+  const std::string text = R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "D": 677777778}, "merges": []}})";
   try {
     Tokenizer::from_json_string(text, "sparse/tokenizer.json");
     FAIL() << "a vocab id of 677777778 for 3 tokens must be refused";

@@ -38,7 +38,7 @@ class AttnRunner : public GpuOpsTest {
     int32_t mbps = 1, n_seqs = 0;
     std::vector<int32_t> table;
     KvLayer ccache, gcache;
-    std::vector<float> q;         // [t, hq, d], bf16-rounded
+    std::vector<float> q;           // [t, hq, d], bf16-rounded
     std::vector<AttnBlock> blocks;  // the case's blocks, back to back in the rows of q
     std::string name;
   };
@@ -178,11 +178,16 @@ class AttnRunner : public GpuOpsTest {
 
   static std::string kernel_tag(PK k) {
     switch (k) {
-      case PK::Wgmma: return " wgmma";
-      case PK::Ws: return " ws";
-      case PK::Cudnn: return " cudnn";
-      case PK::MmaSync: return "";
-      case PK::Auto: return " auto";
+      case PK::Wgmma:
+        return " wgmma";
+      case PK::Ws:
+        return " ws";
+      case PK::Cudnn:
+        return " cudnn";
+      case PK::MmaSync:
+        return "";
+      case PK::Auto:
+        return " auto";
     }
     return " ?";
   }
@@ -262,7 +267,11 @@ TEST_F(AttnRunner, FlashGqaBlockSizesAndLengths) {
   // rows per half; tiles at the range's edges (a start at 70, an end at 700) still go chunk by chunk.
   constexpr int32_t kNo = AttnBlock::kNoBound;
   for (int64_t bs : {8, 16, 32, 64, 128})
-    run({"d128 in-order bs" + std::to_string(bs), 8, 2, 128, bs,
+    run({"d128 in-order bs" + std::to_string(bs),
+         8,
+         2,
+         128,
+         bs,
          {{257, 3, 0}, {300, 500, 1}, {129, 0, 2}, {200, 600, 3, 70, 700}, {130, 900, 4, 0, kNo}},
          false},
         250 + static_cast<uint32_t>(bs));
@@ -297,7 +306,11 @@ TEST_F(AttnRunner, Decode) {
 // take (3) runs on the generic kernel.
 TEST_F(AttnRunner, DecodeGqaKernel) {
   for (int64_t ratio : {1, 2, 3, 4, 5, 8, 12, 16})
-    run({"d128 decode gqa" + std::to_string(ratio), 2 * ratio, 2, 128, 16,
+    run({"d128 decode gqa" + std::to_string(ratio),
+         2 * ratio,
+         2,
+         128,
+         16,
          {{1, 0, 0}, {1, 64, 1}, {1, 130, 2}, {1, 5000, 3}}},
         500 + static_cast<uint32_t>(ratio));
   for (int64_t bs : {1, 24, 64, 100, 256})
@@ -335,15 +348,15 @@ TEST_F(AttnRunner, DecodeGqaKernel) {
 std::vector<BlockSpec> range_blocks() {
   constexpr int32_t kNo = AttnBlock::kNoBound;
   return {
-      {300, 777, 0, 777, kNo},  // diagonal, off the tile grid
-      {200, 1000, 0, 0, 1000},  // prefix, off the grid
+      {300, 777, 0, 777, kNo},    // diagonal, off the tile grid
+      {200, 1000, 0, 0, 1000},    // prefix, off the grid
       {128, 1024, 1, 1024, kNo},  // diagonal on the grid
-      {130, 1024, 1, 0, 1024},  // prefix on the grid
-      {150, 500, 2, 100, 560},  // range that cuts the causal frontier
-      {100, 200, 2, 250, kNo},  // starts inside the block: its first 50 queries see nothing
-      {70, 400, 2, 37, 333},    // ends before every query
-      {40, 300, 3, 120, 120},   // empty
-      {20, 50, 3, 400, kNo},    // after every query: empty
+      {130, 1024, 1, 0, 1024},    // prefix on the grid
+      {150, 500, 2, 100, 560},    // range that cuts the causal frontier
+      {100, 200, 2, 250, kNo},    // starts inside the block: its first 50 queries see nothing
+      {70, 400, 2, 37, 333},      // ends before every query
+      {40, 300, 3, 120, 120},     // empty
+      {20, 50, 3, 400, kNo},      // after every query: empty
   };
 }
 
@@ -360,9 +373,17 @@ TEST_F(AttnRunner, GenericKeyRanges) {
 TEST_F(AttnRunner, DecodeKeyRanges) {
   constexpr int32_t kNo = AttnBlock::kNoBound;
   // Long ranges take the split-K path (splits over the range, not over [0, position]).
-  run({"d128 split decode ranges", 8, 2, 128, 16,
-       {{1, 9000, 0, 0, 4000}, {1, 6000, 1, 2500, kNo}, {1, 3000, 2, 1000, 2500}, {1, 700, 3, 700, kNo},
-        {1, 500, 4, 600, kNo}, {1, 80, 5, 30, 30}}},
+  run({"d128 split decode ranges",
+       8,
+       2,
+       128,
+       16,
+       {{1, 9000, 0, 0, 4000},
+        {1, 6000, 1, 2500, kNo},
+        {1, 3000, 2, 1000, 2500},
+        {1, 700, 3, 700, kNo},
+        {1, 500, 4, 600, kNo},
+        {1, 80, 5, 30, 30}}},
       75);
   run({"d64 decode ranges", 4, 4, 64, 32, {{1, 250, 0, 100, kNo}, {1, 5, 1, 0, 3}, {1, 40, 2, 41, kNo}}}, 76);
 }
@@ -417,11 +438,20 @@ TEST_F(AttnRunner, AttentionMergeMatchesCpu) {
         l1[r] = bf16_to_f32(f32_to_bf16(static_cast<float>(rng.integer(-300, 800)) / 100.0f));
         l2[r] = bf16_to_f32(f32_to_bf16(static_cast<float>(rng.integer(-300, 800)) / 100.0f));
         switch (r % 5) {
-          case 1: l1[r] = -inf; break;
-          case 2: l2[r] = -inf; break;
-          case 3: l1[r] = l2[r] = -inf; break;
-          case 4: l2[r] = l1[r] + 60.0f; break;  // weight e^-60 on side 1
-          default: break;
+          case 1:
+            l1[r] = -inf;
+            break;
+          case 2:
+            l2[r] = -inf;
+            break;
+          case 3:
+            l1[r] = l2[r] = -inf;
+            break;
+          case 4:
+            l2[r] = l1[r] + 60.0f;
+            break;  // weight e^-60 on side 1
+          default:
+            break;
         }
         for (int64_t e = 0; e < d; ++e) {
           if (std::isinf(l1[r])) o1[r * d + e] = nan;
@@ -535,7 +565,8 @@ TEST_F(AttnRunner, KvStoreMatchesCpu) {
   auto k = rng.bf16_normal(t * hkv * d), v = rng.bf16_normal(t * hkv * d);
   const std::vector<float> zeros(nb * bs * hkv * d, 0.0f);
   KvLayer cc{cpu_f32(zeros, {nb, bs, hkv, d}), cpu_f32(zeros, {nb, bs, hkv, d})};
-  KvLayer gc{gpu_tensor("ck", DType::BF16, {nb, bs, hkv, d}, &zeros), gpu_tensor("cv", DType::BF16, {nb, bs, hkv, d}, &zeros)};
+  KvLayer gc{gpu_tensor("ck", DType::BF16, {nb, bs, hkv, d}, &zeros),
+             gpu_tensor("cv", DType::BF16, {nb, bs, hkv, d}, &zeros)};
   cpu_->kv_store(cpu_f32(k, {t, hkv, d}), cpu_f32(v, {t, hkv, d}), cpu_i32(slots, {t}), cc);
   gpu_->kv_store(gpu_tensor("k", DType::BF16, {t, hkv, d}, &k), gpu_tensor("v", DType::BF16, {t, hkv, d}, &v),
                  gpu_i32("slots", slots, {t}), gc);
@@ -545,7 +576,8 @@ TEST_F(AttnRunner, KvStoreMatchesCpu) {
 
 TEST_F(AttnRunner, RejectsBadBlockTable) {
   const int64_t bs = 16, hkv = 1, d = 64;
-  KvLayer gc{gpu_tensor("ck", DType::BF16, {2, bs, hkv, d}, nullptr), gpu_tensor("cv", DType::BF16, {2, bs, hkv, d}, nullptr)};
+  KvLayer gc{gpu_tensor("ck", DType::BF16, {2, bs, hkv, d}, nullptr),
+             gpu_tensor("cv", DType::BF16, {2, bs, hkv, d}, nullptr)};
   AttnBatch b;
   b.blocks = {AttnBlock{0, 4, 0, 0}};
   b.block_table = {7};  // outside the 2-block cache
@@ -598,7 +630,7 @@ TEST_F(AttnRunner, RejectsBadBlockTable) {
     if (!refused.empty()) std::printf("[ cuDNN refused ] big table: %s\n", refused.c_str());
     EXPECT_NO_THROW(gpu_->attention(q128, b, gc128, 0.088f, out128, Tensor{}));
   }
-  EXPECT_NO_THROW(gpu_->attention(q, b, gc, 0.125f, out, Tensor{}));            // generic path (D = 64)
+  EXPECT_NO_THROW(gpu_->attention(q, b, gc, 0.125f, out, Tensor{}));  // generic path (D = 64)
   EXPECT_NO_THROW(gpu_->sync());
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }

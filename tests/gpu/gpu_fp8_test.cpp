@@ -24,9 +24,12 @@ using Fp8Ops = GpuOpsTest;
 
 const char* path_name(cuda::CudaBackend::Fp8Path p) {
   switch (p) {
-    case cuda::CudaBackend::Fp8Path::Skinny: return "skinny";
-    case cuda::CudaBackend::Fp8Path::BlockScaled: return "blockscaled";
-    case cuda::CudaBackend::Fp8Path::Dequantize: return "dequantize";
+    case cuda::CudaBackend::Fp8Path::Skinny:
+      return "skinny";
+    case cuda::CudaBackend::Fp8Path::BlockScaled:
+      return "blockscaled";
+    case cuda::CudaBackend::Fp8Path::Dequantize:
+      return "dequantize";
   }
   return "?";
 }
@@ -39,20 +42,20 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
     DType out;
   };
   int seen[3] = {0, 0, 0};
-  for (const Case& c : std::vector<Case>{{1, 2048, 4096, DType::BF16},   // q_proj at decode
-                                         {2, 4096, 2048, DType::BF16},   // o_proj, two rows
-                                         {1, 768, 2048, DType::F32},     // K/128 = 6 (padded scale rows)
-                                         {3, 2048, 512, DType::BF16},    // k_proj, three rows
+  for (const Case& c : std::vector<Case>{{1, 2048, 4096, DType::BF16},  // q_proj at decode
+                                         {2, 4096, 2048, DType::BF16},  // o_proj, two rows
+                                         {1, 768, 2048, DType::F32},    // K/128 = 6 (padded scale rows)
+                                         {3, 2048, 512, DType::BF16},   // k_proj, three rows
                                          {17, 2048, 4096, DType::BF16},
                                          {17, 768, 2048, DType::F32},
                                          {300, 4096, 2048, DType::BF16},
                                          {300, 2048, 6144, DType::BF16},  // dense MLP gate
                                          {300, 6144, 2048, DType::F32},   // dense MLP down
                                          {4100, 2048, 512, DType::BF16},
-                                         {33, 256, 200, DType::BF16},     // N % 16 != 0
-                                         {2, 320, 64, DType::BF16},       // K % 128 != 0 (K % 16 == 0)
+                                         {33, 256, 200, DType::BF16},  // N % 16 != 0
+                                         {2, 320, 64, DType::BF16},    // K % 128 != 0 (K % 16 == 0)
                                          {40, 320, 96, DType::F32},
-                                         {5, 72, 40, DType::BF16},        // K % 16 != 0 either
+                                         {5, 72, 40, DType::BF16},  // K % 16 != 0 either
                                          {1, 136, 130, DType::BF16}}) {
     // Weights of a trained layer's magnitude, quantized by the published rule; activations O(1).
     std::vector<float> w = rng.bf16_normal(c.n * c.k, 1.0f / std::sqrt(static_cast<float>(c.k)));

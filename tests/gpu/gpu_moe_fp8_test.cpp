@@ -23,7 +23,7 @@ namespace cpinfer::gputest {
 namespace {
 
 struct Fp8Expert {
-  Fp8Matrix gate, up, down;  // [I, H], [I, H], [H, I]
+  Fp8Matrix gate, up, down;    // [I, H], [I, H], [H, I]
   std::vector<float> g, u, d;  // their dequantized values (fp32)
 };
 
@@ -186,8 +186,8 @@ class MoeFp8Test : public GpuOpsTest {
     return got;
   }
 
-  void check_case(const std::string& name, Rng& rng, int64_t t, int k, const Experts& ex, bool skew,
-                  DType out_dtype, bool no_local = false, int64_t max_ref = 48) {
+  void check_case(const std::string& name, Rng& rng, int64_t t, int k, const Experts& ex, bool skew, DType out_dtype,
+                  bool no_local = false, int64_t max_ref = 48) {
     Inputs in = make_inputs(rng, t, k, ex, skew, no_local);
     std::vector<int64_t> tokens;
     if (t <= max_ref) {
@@ -199,16 +199,17 @@ class MoeFp8Test : public GpuOpsTest {
     }
     auto sample = [&](const std::vector<float>& all) {
       std::vector<float> s(tokens.size() * ex.h);
-      for (size_t i = 0; i < tokens.size(); ++i) std::copy_n(all.begin() + tokens[i] * ex.h, ex.h, s.begin() + i * ex.h);
+      for (size_t i = 0; i < tokens.size(); ++i)
+        std::copy_n(all.begin() + tokens[i] * ex.h, ex.h, s.begin() + i * ex.h);
       return s;
     };
     auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
     const bool blocked = cuda.moe_fp8_blocked(t * k, ex.cpu.count, ex.h, ex.inter, true);
     const std::vector<float> exact = exact_reference(in, ex, tokens);
     const std::vector<float> quant = blocked ? quantized_reference(in, ex, tokens) : std::vector<float>{};
-    const std::string sh = name + " T=" + std::to_string(t) + " H=" + std::to_string(ex.h) + " I=" +
-                           std::to_string(ex.inter) + " E=" + std::to_string(ex.cpu.n_experts) + " K=" +
-                           std::to_string(k) + " local=" + std::to_string(ex.cpu.first) + "+" +
+    const std::string sh = name + " T=" + std::to_string(t) + " H=" + std::to_string(ex.h) +
+                           " I=" + std::to_string(ex.inter) + " E=" + std::to_string(ex.cpu.n_experts) +
+                           " K=" + std::to_string(k) + " local=" + std::to_string(ex.cpu.first) + "+" +
                            std::to_string(ex.cpu.count) + (out_dtype == DType::F32 ? " outF32" : "");
     std::vector<std::vector<float>> all;
     for (const std::string path : {"auto", "cublas"}) {
@@ -251,16 +252,16 @@ TEST_F(MoeFp8Test, SmallAndOddShapes) {
     DType out;
     bool no_local = false;
   };
-  for (const Case& c : std::vector<Case>{
-           {20, 256, 128, 8, 2, 0, 8, false, DType::BF16},         // 40 pairs: decode-size row-wise
-           {1, 256, 128, 8, 2, 0, 8, false, DType::F32},           // one token
-           {37, 256, 128, 8, 2, 2, 4, false, DType::BF16},         // 74 pairs: block-scaled
-           {513, 256, 384, 16, 8, 0, 16, false, DType::BF16},      // several M- and N-tiles per expert
-           {400, 128, 128, 4, 2, 3, 1, true, DType::F32},          // one local expert takes every token
-           {300, 128, 128, 8, 2, 2, 3, false, DType::BF16, true},  // no local pair: out unchanged
-           {300, 192, 128, 8, 2, 0, 8, true, DType::BF16},         // H % 128 != 0: row-wise
-           {300, 128, 96, 8, 2, 0, 8, true, DType::F32},           // I % 128 != 0: row-wise
-           {150, 136, 72, 4, 2, 0, 4, true, DType::BF16}}) {       // % 8 != 0: scalar row-wise
+  for (const Case& c :
+       std::vector<Case>{{20, 256, 128, 8, 2, 0, 8, false, DType::BF16},         // 40 pairs: decode-size row-wise
+                         {1, 256, 128, 8, 2, 0, 8, false, DType::F32},           // one token
+                         {37, 256, 128, 8, 2, 2, 4, false, DType::BF16},         // 74 pairs: block-scaled
+                         {513, 256, 384, 16, 8, 0, 16, false, DType::BF16},      // several M- and N-tiles per expert
+                         {400, 128, 128, 4, 2, 3, 1, true, DType::F32},          // one local expert takes every token
+                         {300, 128, 128, 8, 2, 2, 3, false, DType::BF16, true},  // no local pair: out unchanged
+                         {300, 192, 128, 8, 2, 0, 8, true, DType::BF16},         // H % 128 != 0: row-wise
+                         {300, 128, 96, 8, 2, 0, 8, true, DType::F32},           // I % 128 != 0: row-wise
+                         {150, 136, 72, 4, 2, 0, 4, true, DType::BF16}}) {       // % 8 != 0: scalar row-wise
     const Experts ex = make_experts(rng, c.e, c.first, c.count, c.h, c.inter);
     check_case("small", rng, c.t, c.k, ex, c.skew, c.out, c.no_local, 1 << 20);
   }

@@ -233,9 +233,9 @@ class MoeTest : public GpuOpsTest {
     const std::vector<float> ref = reference(in, ex, tokens);
     int64_t local_pairs = 0;
     for (int32_t id : in.ids) local_pairs += id >= ex.cpu.first && id < ex.cpu.first + ex.cpu.count;
-    const std::string sh = name + " T=" + std::to_string(t) + " H=" + std::to_string(ex.h) + " I=" +
-                           std::to_string(ex.inter) + " E=" + std::to_string(ex.cpu.n_experts) + " K=" +
-                           std::to_string(k) + " local=" + std::to_string(ex.cpu.first) + "+" +
+    const std::string sh = name + " T=" + std::to_string(t) + " H=" + std::to_string(ex.h) +
+                           " I=" + std::to_string(ex.inter) + " E=" + std::to_string(ex.cpu.n_experts) +
+                           " K=" + std::to_string(k) + " local=" + std::to_string(ex.cpu.first) + "+" +
                            std::to_string(ex.cpu.count) + " rows=" + std::to_string(local_pairs) +
                            (out_dtype == DType::F32 ? " outF32" : "");
     const std::vector<std::string> ps = paths();
@@ -278,8 +278,8 @@ TEST_F(MoeTest, Qwen3ShapeFullLayer) {
   Rng rng(11);
   const Experts ex = make_experts(128, 0, 128, 2048, 768, 1);
   check_case("qwen3.decode", rng, 1, 8, ex, Routing::Uniform, DType::BF16);  // 8 pairs: the row-wise kernels
-  check_case("qwen3.decode", rng, 8, 8, ex, Routing::Skewed, DType::F32);     // 64 pairs, several rows per expert
-  check_case("qwen3", rng, 64, 8, ex, Routing::Uniform, DType::BF16);  // 512 pairs: 4 rows per expert
+  check_case("qwen3.decode", rng, 8, 8, ex, Routing::Skewed, DType::F32);    // 64 pairs, several rows per expert
+  check_case("qwen3", rng, 64, 8, ex, Routing::Uniform, DType::BF16);        // 512 pairs: 4 rows per expert
   check_case("qwen3.skew", rng, 1024, 8, ex, Routing::Skewed, DType::BF16);
   check_case("qwen3.skew", rng, 4100, 8, ex, Routing::Skewed, DType::BF16);
   check_case("qwen3", rng, 4100, 8, ex, Routing::Uniform, DType::F32);
@@ -296,21 +296,26 @@ TEST_F(MoeTest, Qwen3ShapeShardedExperts) {
 
 TEST_F(MoeTest, SmallAndOddShapes) {
   Rng rng(13);
-  struct Case { int64_t t, h, inter; int e, k, first, count; Routing routing; DType out; };
+  struct Case {
+    int64_t t, h, inter;
+    int e, k, first, count;
+    Routing routing;
+    DType out;
+  };
   for (const Case& c : std::vector<Case>{
-           {37, 64, 32, 8, 2, 2, 4, Routing::Uniform, DType::BF16},      // decode-size: row-wise kernels
-           {300, 64, 32, 8, 2, 0, 8, Routing::Skewed, DType::BF16},      // I % 64 != 0: row-wise fallback
-           {300, 64, 64, 8, 4, 0, 8, Routing::Skewed, DType::BF16},      // tensor cores, H < one N-tile
-           {301, 192, 128, 16, 4, 4, 8, Routing::Skewed, DType::F32},    // H % 128 != 0: masked N edge
-           {513, 256, 192, 16, 8, 0, 16, Routing::Uniform, DType::BF16}, // several M- and N-tiles
-           {200, 72, 40, 8, 2, 1, 6, Routing::Uniform, DType::BF16},     // % 8 only: vector fallback
-           {150, 37, 19, 4, 2, 0, 4, Routing::Skewed, DType::F32},       // odd: scalar fallback
-           {90, 130, 70, 6, 3, 3, 3, Routing::Skewed, DType::BF16},      // odd, shard at the end
+           {37, 64, 32, 8, 2, 2, 4, Routing::Uniform, DType::BF16},       // decode-size: row-wise kernels
+           {300, 64, 32, 8, 2, 0, 8, Routing::Skewed, DType::BF16},       // I % 64 != 0: row-wise fallback
+           {300, 64, 64, 8, 4, 0, 8, Routing::Skewed, DType::BF16},       // tensor cores, H < one N-tile
+           {301, 192, 128, 16, 4, 4, 8, Routing::Skewed, DType::F32},     // H % 128 != 0: masked N edge
+           {513, 256, 192, 16, 8, 0, 16, Routing::Uniform, DType::BF16},  // several M- and N-tiles
+           {200, 72, 40, 8, 2, 1, 6, Routing::Uniform, DType::BF16},      // % 8 only: vector fallback
+           {150, 37, 19, 4, 2, 0, 4, Routing::Skewed, DType::F32},        // odd: scalar fallback
+           {90, 130, 70, 6, 3, 3, 3, Routing::Skewed, DType::BF16},       // odd, shard at the end
            {1, 128, 64, 4, 2, 0, 4, Routing::Uniform, DType::BF16},
-           {6, 2056, 1032, 8, 4, 0, 8, Routing::Uniform, DType::BF16},  // decode-size, rows of two passes
-           {8, 2048, 768, 4, 4, 0, 4, Routing::Uniform, DType::F32},    // 8 rows per expert: four row groups
-           {400, 128, 64, 4, 2, 3, 1, Routing::Skewed, DType::BF16},     // one local expert gets every token
-           {300, 128, 64, 8, 2, 2, 3, Routing::NoLocal, DType::BF16}}) { // 0 local rows: out unchanged
+           {6, 2056, 1032, 8, 4, 0, 8, Routing::Uniform, DType::BF16},    // decode-size, rows of two passes
+           {8, 2048, 768, 4, 4, 0, 4, Routing::Uniform, DType::F32},      // 8 rows per expert: four row groups
+           {400, 128, 64, 4, 2, 3, 1, Routing::Skewed, DType::BF16},      // one local expert gets every token
+           {300, 128, 64, 8, 2, 2, 3, Routing::NoLocal, DType::BF16}}) {  // 0 local rows: out unchanged
     const Experts ex = make_experts(c.e, c.first, c.count, c.h, c.inter, 3 + c.t);
     check_case("small", rng, c.t, c.k, ex, c.routing, c.out, 1 << 20);
   }

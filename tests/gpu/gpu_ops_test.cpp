@@ -92,7 +92,8 @@ TEST_F(Ops, SiluMulAddConvert) {
 
 TEST_F(Ops, EmbeddingGatherScatter) {
   Rng rng(4);
-  for (auto [v, h, t] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{100, 64, 17}, {33, 37, 5}, {1000, 2048, 3}}) {
+  for (auto [v, h, t] :
+       std::vector<std::tuple<int64_t, int64_t, int64_t>>{{100, 64, 17}, {33, 37, 5}, {1000, 2048, 3}}) {
     const std::string sh = shape_of({v, h}) + " T=" + std::to_string(t);
     auto table = rng.bf16_normal(v * h);
     std::vector<int32_t> ids(t);
@@ -125,7 +126,10 @@ TEST_F(Ops, EmbeddingGatherScatter) {
 
 TEST_F(Ops, Linear) {
   Rng rng(5);
-  struct Case { int64_t m, k, n; DType out; };
+  struct Case {
+    int64_t m, k, n;
+    DType out;
+  };
   // Up to kSkinnyMaxRows rows (aligned, K % 8 == 0) run on the own streaming kernel, the rest on
   // cuBLAS; both settings of set_skinny_gemm must match the CPU.
   auto* cuda_be = dynamic_cast<cuda::CudaBackend*>(gpu_.get());
@@ -164,12 +168,12 @@ TEST_F(Ops, Linear) {
   }
   // linears: several products of one input in one skinny launch (q, k, v), each against the CPU;
   // mixed output dtypes and too many rows take linear() one by one.
-  for (const auto& [m, k, outs, dt] : std::vector<std::tuple<int64_t, int64_t, std::vector<int64_t>, DType>>{
-           {1, 2048, {4096, 512, 512}, DType::BF16},
-           {2, 2048, {1000, 70, 3}, DType::F32},
-           {1, 776, {33, 1}, DType::BF16},
-           {2, 4104, {130, 7, 64}, DType::BF16},
-           {5, 256, {40, 24}, DType::BF16}}) {
+  for (const auto& [m, k, outs, dt] :
+       std::vector<std::tuple<int64_t, int64_t, std::vector<int64_t>, DType>>{{1, 2048, {4096, 512, 512}, DType::BF16},
+                                                                              {2, 2048, {1000, 70, 3}, DType::F32},
+                                                                              {1, 776, {33, 1}, DType::BF16},
+                                                                              {2, 4104, {130, 7, 64}, DType::BF16},
+                                                                              {5, 256, {40, 24}, DType::BF16}}) {
     auto a = rng.bf16_normal(m * k);
     Tensor ga = gpu_tensor("a", DType::BF16, {m, k}, &a);
     std::vector<Weight> ws;
@@ -200,7 +204,10 @@ TEST_F(Ops, Linear) {
 
 TEST_F(Ops, QkNormRope) {
   Rng rng(6);
-  struct Case { int64_t t, hq, hkv, d; float theta, factor; };
+  struct Case {
+    int64_t t, hq, hkv, d;
+    float theta, factor;
+  };
   for (const Case& c : std::vector<Case>{{13, 4, 2, 128, 1e6f, 1.0f},
                                          {5, 32, 4, 128, 1e6f, 1.1386f},
                                          {9, 3, 1, 64, 1e4f, 1.0f},
@@ -217,7 +224,8 @@ TEST_F(Ops, QkNormRope) {
     rope.attention_factor = c.factor;
     Tensor cq = cpu_f32(q, {c.t, c.hq, c.d}), ck = cpu_f32(k, {c.t, c.hkv, c.d});
     cpu_->qk_norm_rope(cq, ck, cpu_f32(qw, {c.d}), cpu_f32(kw, {c.d}), 1e-6f, cpu_i32(pos, {c.t}), rope);
-    Tensor gq = gpu_tensor("q", DType::BF16, {c.t, c.hq, c.d}, &q), gk = gpu_tensor("k", DType::BF16, {c.t, c.hkv, c.d}, &k);
+    Tensor gq = gpu_tensor("q", DType::BF16, {c.t, c.hq, c.d}, &q),
+           gk = gpu_tensor("k", DType::BF16, {c.t, c.hkv, c.d}, &k);
     gpu_->qk_norm_rope(gq, gk, gpu_tensor("qw", DType::BF16, {c.d}, &qw), gpu_tensor("kw", DType::BF16, {c.d}, &kw),
                        1e-6f, gpu_i32("pos", pos, {c.t}), rope);
     expect_close("qk_norm_rope.q", sh, gpu_read(gq), cpu_read(cq), kNmse, 0.1);
@@ -225,7 +233,8 @@ TEST_F(Ops, QkNormRope) {
     // RoPE alone (undefined norm weights: Llama).
     Tensor rq = cpu_f32(q, {c.t, c.hq, c.d}), rk = cpu_f32(k, {c.t, c.hkv, c.d});
     cpu_->qk_norm_rope(rq, rk, Tensor{}, Tensor{}, 1e-6f, cpu_i32(pos, {c.t}), rope);
-    Tensor hq = gpu_tensor("q2", DType::BF16, {c.t, c.hq, c.d}, &q), hk = gpu_tensor("k2", DType::BF16, {c.t, c.hkv, c.d}, &k);
+    Tensor hq = gpu_tensor("q2", DType::BF16, {c.t, c.hq, c.d}, &q),
+           hk = gpu_tensor("k2", DType::BF16, {c.t, c.hkv, c.d}, &k);
     gpu_->qk_norm_rope(hq, hk, Tensor{}, Tensor{}, 1e-6f, gpu_i32("pos2", pos, {c.t}), rope);
     expect_close("rope.q", sh, gpu_read(hq), cpu_read(rq), kNmse, 0.1);
     expect_close("rope.k", sh, gpu_read(hk), cpu_read(rk), kNmse, 0.1);
@@ -243,7 +252,8 @@ TEST_F(Ops, QkNormRope) {
            gkw = gpu_tensor("kw3", DType::BF16, {c.d}, &kw);
     std::vector<std::vector<float>> got[2];
     for (int fused = 0; fused < 2; ++fused) {
-      Tensor fq = gpu_tensor("q3", DType::BF16, {c.t, c.hq, c.d}, &q), fk = gpu_tensor("k3", DType::BF16, {c.t, c.hkv, c.d}, &k);
+      Tensor fq = gpu_tensor("q3", DType::BF16, {c.t, c.hq, c.d}, &q),
+             fk = gpu_tensor("k3", DType::BF16, {c.t, c.hkv, c.d}, &k);
       KvLayer fc{gpu_tensor("ck", DType::BF16, {nb, bs, c.hkv, c.d}, &fill),
                  gpu_tensor("cv", DType::BF16, {nb, bs, c.hkv, c.d}, &fill)};
       if (fused) {
@@ -261,15 +271,20 @@ TEST_F(Ops, QkNormRope) {
 
 TEST_F(Ops, MoeRoute) {
   Rng rng(7);
-  struct Case { int64_t t, e; int k; bool renorm; };
-  for (const Case& c : std::vector<Case>{{50, 128, 8, true}, {33, 128, 8, false}, {7, 60, 4, true},
-                                         {3, 512, 10, true}, {2, 8, 8, false}}) {
+  struct Case {
+    int64_t t, e;
+    int k;
+    bool renorm;
+  };
+  for (const Case& c : std::vector<Case>{
+           {50, 128, 8, true}, {33, 128, 8, false}, {7, 60, 4, true}, {3, 512, 10, true}, {2, 8, 8, false}}) {
     const std::string sh = "T=" + std::to_string(c.t) + " E=" + std::to_string(c.e) + " K=" + std::to_string(c.k) +
                            (c.renorm ? " renorm" : "");
     auto logits = rng.bf16_normal(c.t * c.e, 2.0f);
     Tensor cid = cpu_alloc(DType::I32, {c.t, c.k}), cw = cpu_alloc(DType::F32, {c.t, c.k});
     cpu_->moe_route(cpu_f32(logits, {c.t, c.e}), c.k, c.renorm, cid, cw);
-    Tensor gid = gpu_tensor("ids", DType::I32, {c.t, c.k}, nullptr), gw = gpu_tensor("w", DType::F32, {c.t, c.k}, nullptr);
+    Tensor gid = gpu_tensor("ids", DType::I32, {c.t, c.k}, nullptr),
+           gw = gpu_tensor("w", DType::F32, {c.t, c.k}, nullptr);
     gpu_->moe_route(gpu_tensor("logits", DType::BF16, {c.t, c.e}, &logits), c.k, c.renorm, gid, gw);
     const std::vector<int32_t> got_ids = gpu_read_i32(gid);
     const int32_t* want_ids = cid.ptr<const int32_t>();
@@ -286,7 +301,11 @@ TEST_F(Ops, MoeRoute) {
 // (shapes they do not cover: a row-wise fallback); none of them synchronizes with the host.
 TEST_F(Ops, MoeExperts) {
   Rng rng(8);
-  struct Case { int64_t t, h, inter; int e, k, first, count; DType out; };
+  struct Case {
+    int64_t t, h, inter;
+    int e, k, first, count;
+    DType out;
+  };
   for (const Case& c : std::vector<Case>{{37, 64, 32, 8, 2, 2, 4, DType::BF16},
                                          {64, 256, 128, 16, 4, 0, 16, DType::BF16},
                                          {5, 128, 96, 32, 8, 8, 8, DType::F32},
@@ -295,8 +314,8 @@ TEST_F(Ops, MoeExperts) {
                                          {100, 128, 64, 8, 4, 0, 8, DType::BF16},
                                          {80, 64, 48, 16, 4, 4, 8, DType::F32}}) {
     const std::string sh = "T=" + std::to_string(c.t) + " H=" + std::to_string(c.h) + " I=" + std::to_string(c.inter) +
-                           " E=" + std::to_string(c.e) + " K=" + std::to_string(c.k) + " local=" +
-                           std::to_string(c.first) + "+" + std::to_string(c.count);
+                           " E=" + std::to_string(c.e) + " K=" + std::to_string(c.k) +
+                           " local=" + std::to_string(c.first) + "+" + std::to_string(c.count);
     auto x = rng.bf16_normal(c.t * c.h), out0 = rng.bf16_normal(c.t * c.h, 0.5f);
     // Distinct experts per token, random weights.
     std::vector<int32_t> ids(c.t * c.k);

@@ -69,8 +69,7 @@ TEST_F(GpuSample, MatchesTheCpuReferenceOnFullVocabularyRows) {
       mix_row(1.0f, 1, 0.5f, 0.0f),     // top_k = 1: greedy
       mix_row(1.0f, 1000, 0.8f, 0.0f),  // top-k then top-p
       mix_row(1.5f, -1, 0.99f, 0.0f),   // top-p near 1
-      mix_row(0.6f, 20, 0.5f, 0.1f),
-      mix_row(0.3f, 100000, 0.7f, 0.0f),
+      mix_row(0.6f, 20, 0.5f, 0.1f),   mix_row(0.3f, 100000, 0.7f, 0.0f),
   };
   const int n_mixes = static_cast<int>(std::size(mixes));
   const int n_steps = 12;
@@ -108,16 +107,17 @@ TEST_F(GpuSample, MatchesTheCpuReferenceOnFullVocabularyRows) {
         n_near_differ += got[r] != want;
         continue;
       }
-      EXPECT_EQ(got[r], want) << "row " << r << " step " << step << " (T " << p.temperature << ", top_k "
-                              << p.top_k << ", top_p " << p.top_p << ", min_p " << p.min_p << "): u "
-                              << trace.u << ", kept " << trace.n_kept << ", draw margin " << trace.draw_margin
-                              << ", top-p margin " << trace.top_p_margin;
+      EXPECT_EQ(got[r], want) << "row " << r << " step " << step << " (T " << p.temperature << ", top_k " << p.top_k
+                              << ", top_p " << p.top_p << ", min_p " << p.min_p << "): u " << trace.u << ", kept "
+                              << trace.n_kept << ", draw margin " << trace.draw_margin << ", top-p margin "
+                              << trace.top_p_margin;
     }
   }
-  std::printf("[gpu_sample] %d greedy + %d drawn rows of V=%lld: %d within 1e-9 of a boundary (%d of them "
-              "differ), %d within 1e-5; %d without a token; %.3f ms per call of %lld rows\n",
-              n_greedy, n_drawn, static_cast<long long>(v), n_near, n_near_differ, n_loose, n_no_token,
-              gpu_ms / n_steps, static_cast<long long>(r_count));
+  std::printf(
+      "[gpu_sample] %d greedy + %d drawn rows of V=%lld: %d within 1e-9 of a boundary (%d of them "
+      "differ), %d within 1e-5; %d without a token; %.3f ms per call of %lld rows\n",
+      n_greedy, n_drawn, static_cast<long long>(v), n_near, n_near_differ, n_loose, n_no_token, gpu_ms / n_steps,
+      static_cast<long long>(r_count));
   EXPECT_GT(n_greedy, 0);
   EXPECT_GT(n_drawn, 0);
   EXPECT_LT(100 * n_near, n_drawn) << "more than 1% of the draws land within 1e-9 of a boundary";
@@ -140,8 +140,8 @@ TEST_F(GpuSample, EdgeRows) {
   add({1.0f, kInf, 0.0f, kInf}, mix_row(1.0f, -1, 1.0f, 0.0f));       // +inf share the mass
   add({2.0f, 2.0f, 2.0f, 2.0f, 1.0f}, mix_row(1.0f, 2, 1.0f, 0.0f));  // ties at the k-th: ids 0, 1
   add({0.0f, -1.0f, -1.0f, -3.0f, -1.0f}, mix_row(1.0f, -1, 0.5f, 0.0f));
-  add({0.0f, -0.0f, 0.0f}, mix_row(1.0f, 2, 1.0f, 0.0f));             // -0 == +0: ids 0, 1
-  add({5.0f, 4.0f, 1.0f}, mix_row(1e-30f, -1, 1.0f, 0.0f));           // tiny temperature: 0
+  add({0.0f, -0.0f, 0.0f}, mix_row(1.0f, 2, 1.0f, 0.0f));    // -0 == +0: ids 0, 1
+  add({5.0f, 4.0f, 1.0f}, mix_row(1e-30f, -1, 1.0f, 0.0f));  // tiny temperature: 0
   const int64_t r_count = static_cast<int64_t>(rows.size());
   Tensor logits = gpu_tensor("logits", DType::F32, {r_count, v}, &host);
   Tensor ids = gpu_tensor("ids", DType::I32, {r_count}, nullptr);

@@ -101,8 +101,8 @@ class GpuOpsTest : public ::testing::Test {
       size_t bad = 0;
       for (size_t i = 0; i < kGuardBytes; ++i) bad += bytes[i] != kGuardByte;
       for (size_t i = g.total - kGuardBytes; i < g.total; ++i) bad += bytes[i] != kGuardByte;
-      EXPECT_EQ(bad, 0u) << "guard bytes around CUDA tensor '" << g.name << "' were overwritten (" << bad
-                         << " of " << 2 * kGuardBytes << ")";
+      EXPECT_EQ(bad, 0u) << "guard bytes around CUDA tensor '" << g.name << "' were overwritten (" << bad << " of "
+                         << 2 * kGuardBytes << ")";
     }
   }
 

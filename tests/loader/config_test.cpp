@@ -106,8 +106,11 @@ TEST(Config, BothDialectsParseToTheSameConfig) {
   std::string hub = kQwen3MoeHub, v5 = kQwen3MoeV5;
   const std::string hub_yarn = R"({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})";
   hub.replace(hub.find(hub_yarn), hub_yarn.size(), "null");
-  v5.replace(v5.find(R"("rope_type": "yarn")"), std::string(R"("rope_type": "yarn", "factor": 4.0,
-                      "original_max_position_embeddings": 32768)").size(), R"("rope_type": "default")");
+  v5.replace(v5.find(R"("rope_type": "yarn")"),
+             std::string(R"("rope_type": "yarn", "factor": 4.0,
+                      "original_max_position_embeddings": 32768)")
+                 .size(),
+             R"("rope_type": "default")");
   ModelConfig a = parse_config(hub, "hub"), b = parse_config(v5, "v5");
   EXPECT_EQ(a.rope.type, "default");
   expect_same(a, b);
@@ -116,7 +119,8 @@ TEST(Config, BothDialectsParseToTheSameConfig) {
 TEST(Config, DefaultsWhenOptionalFieldsAreAbsent) {
   ModelConfig c = parse_config(R"({"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 100, "hidden_size": 64,
     "num_hidden_layers": 2, "num_attention_heads": 4, "num_experts": 8, "num_experts_per_tok": 2,
-    "moe_intermediate_size": 32, "max_position_embeddings": 1024})", "config.json");
+    "moe_intermediate_size": 32, "max_position_embeddings": 1024})",
+                               "config.json");
   EXPECT_EQ(c.num_key_value_heads, 4);
   EXPECT_EQ(c.head_dim, 16);
   EXPECT_FALSE(c.norm_topk_prob);
@@ -132,7 +136,8 @@ TEST(Config, DenseQwen3) {
   ModelConfig c = parse_config(R"({"architectures": ["Qwen3ForCausalLM"], "vocab_size": 100, "hidden_size": 64,
     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
     "head_dim": 32, "max_position_embeddings": 1024, "rope_theta": 1000000, "tie_word_embeddings": true,
-    "eos_token_id": [5, 7]})", "config.json");
+    "eos_token_id": [5, 7]})",
+                               "config.json");
   EXPECT_EQ(c.num_experts, 0);
   EXPECT_FALSE(c.is_moe_layer(0));
   EXPECT_TRUE(c.tie_word_embeddings);
@@ -144,7 +149,8 @@ TEST(Config, IsMoeLayerFollowsSparseStepAndMlpOnlyLayers) {
   ModelConfig c = parse_config(R"({"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 100, "hidden_size": 64,
     "intermediate_size": 128, "num_hidden_layers": 6, "num_attention_heads": 4, "num_experts": 8,
     "num_experts_per_tok": 2, "moe_intermediate_size": 32, "max_position_embeddings": 1024,
-    "decoder_sparse_step": 2, "mlp_only_layers": [3]})", "config.json");
+    "decoder_sparse_step": 2, "mlp_only_layers": [3]})",
+                               "config.json");
   std::vector<bool> moe;
   for (int l = 0; l < 6; ++l) moe.push_back(c.is_moe_layer(l));
   // (l+1) % 2 == 0 -> layers 1, 3, 5; layer 3 is forced dense.
@@ -215,7 +221,9 @@ TEST(Rope, YarnWithoutTruncateAndWithMscale) {
   // attention_factor = (0.1·1·ln 8 + 1) / (0.1·0.5·ln 8 + 1).
   RopeParams r = rope_config(R"({"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 8.0,
       "original_max_position_embeddings": 4096, "beta_fast": 16, "truncate": false, "mscale": 1.0,
-      "mscale_all_dim": 0.5})", true).rope_params();
+      "mscale_all_dim": 0.5})",
+                             true)
+                     .rope_params();
   expect_inv_freq(r, {1.000000000e+00f, 1.778279394e-01f, 3.162277862e-02f, 3.008378437e-03f, 1.250000059e-04f,
                       2.222849253e-05f, 3.952846782e-06f, 7.029266840e-07f});
   EXPECT_FLOAT_EQ(r.attention_factor, 1.094179988101349f);
@@ -289,9 +297,9 @@ TEST(ConfigErrors, MissingRequiredField) {
 }
 
 TEST(ConfigErrors, WrongFieldType) {
-  EXPECT_ERROR_HAS(parse_config(tiny_with("\"num_attention_heads\": 4", "\"num_attention_heads\": \"4\""),
-                                "m/config.json"),
-                   "m/config.json", "'num_attention_heads' must be an integer", "\"4\"");
+  EXPECT_ERROR_HAS(
+      parse_config(tiny_with("\"num_attention_heads\": 4", "\"num_attention_heads\": \"4\""), "m/config.json"),
+      "m/config.json", "'num_attention_heads' must be an integer", "\"4\"");
   EXPECT_ERROR_HAS(parse_config(tiny_with("\"norm_topk_prob\": true", "\"norm_topk_prob\": 1"), "m/config.json"),
                    "'norm_topk_prob' must be true or false");
   EXPECT_ERROR_HAS(parse_config(tiny_with("\"rms_norm_eps\": 1e-6", "\"rms_norm_eps\": \"small\""), "m/config.json"),
@@ -311,15 +319,16 @@ TEST(ConfigErrors, InvalidValues) {
                    "mlp_only_layers entry 7");
   EXPECT_ERROR_HAS(parse_config(tiny_with("\"intermediate_size\": 12", "\"intermediate_size\": 0"), "c.json"),
                    "layer 1 is a dense MLP layer", "intermediate_size");
-  EXPECT_ERROR_HAS(parse_config(tiny_with("\"rope_scaling\": null", "\"rope_scaling\": {\"rope_type\": \"dynamic\", "
-                                                                    "\"factor\": 2.0}"),
+  EXPECT_ERROR_HAS(parse_config(tiny_with("\"rope_scaling\": null",
+                                          "\"rope_scaling\": {\"rope_type\": \"dynamic\", "
+                                          "\"factor\": 2.0}"),
                                 "c.json"),
                    "c.json", "rope type 'dynamic'", "not supported");
   EXPECT_ERROR_HAS(parse_config(tiny_with("\"eos_token_id\": 2", "\"eos_token_id\": 999"), "c.json"),
                    "eos_token_id 999");
-  EXPECT_ERROR_HAS(parse_config(tiny_with("\"num_experts\": 4", "\"num_experts\": 4, \"num_local_experts\": 8"),
-                                "c.json"),
-                   "disagree");
+  EXPECT_ERROR_HAS(
+      parse_config(tiny_with("\"num_experts\": 4", "\"num_experts\": 4, \"num_local_experts\": 8"), "c.json"),
+      "disagree");
 }
 
 }  // namespace

@@ -28,9 +28,10 @@ std::string tiny_tokenizer() {
     utf8::append(sym, tok_detail::byte_to_symbol()[static_cast<size_t>(b)]);
     vocab[sym] = b;
   }
-  nlohmann::json j = {{"version", "1.0"}, {"added_tokens", nlohmann::json::array()}, {"normalizer", nullptr},
-                      {"pre_tokenizer", nullptr}, {"decoder", nullptr},
-                      {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", nlohmann::json::array()}}}};
+  nlohmann::json j = {
+      {"version", "1.0"},      {"added_tokens", nlohmann::json::array()},
+      {"normalizer", nullptr}, {"pre_tokenizer", nullptr},
+      {"decoder", nullptr},    {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", nlohmann::json::array()}}}};
   return j.dump();
 }
 
@@ -164,21 +165,25 @@ TEST(HostileFiles, FloatsThatOverflowFloatAreRefused) {
   ASSERT_NO_THROW(parse_config(with_field("rope_theta", "1e30"), "config.json"));
   EXPECT_ERROR_HAS(parse_config(with_field("rope_theta", "1e308"), "config.json"), "'rope_theta'",
                    "out of the range of a 32-bit float");
-  EXPECT_ERROR_HAS(parse_config(with_field("rms_norm_eps", "1e300"), "config.json"), "'rms_norm_eps'",
-                   "32-bit float");
+  EXPECT_ERROR_HAS(parse_config(with_field("rms_norm_eps", "1e300"), "config.json"), "'rms_norm_eps'", "32-bit float");
   EXPECT_ERROR_HAS(parse_config(with_field("rms_norm_eps", "1e-60"), "config.json"), "rms_norm_eps",
                    "is 0 as a 32-bit float");
-  EXPECT_ERROR_HAS(parse_config(with_field("rope_scaling", R"({"rope_type": "yarn", "factor": 1e39})"),
-                                "config.json"),
+  EXPECT_ERROR_HAS(parse_config(with_field("rope_scaling", R"({"rope_type": "yarn", "factor": 1e39})"), "config.json"),
                    "'rope_scaling.factor'", "32-bit float");
 }
 
 TEST(HostileFiles, AbsurdSizesAreRefusedBeforeAllocation) {
   const std::pair<const char*, const char*> cases[] = {
-      {"num_hidden_layers", "2147483647"}, {"num_hidden_layers", "10000000"}, {"hidden_size", "4294967296"},
-      {"vocab_size", "1000000000000"},     {"intermediate_size", "68719476736"}, {"num_experts", "1000000"},
-      {"moe_intermediate_size", "1099511627776"}, {"num_attention_heads", "1048576"},
-      {"max_position_embeddings", "9000000000000"}, {"head_dim", "1000000"},
+      {"num_hidden_layers", "2147483647"},
+      {"num_hidden_layers", "10000000"},
+      {"hidden_size", "4294967296"},
+      {"vocab_size", "1000000000000"},
+      {"intermediate_size", "68719476736"},
+      {"num_experts", "1000000"},
+      {"moe_intermediate_size", "1099511627776"},
+      {"num_attention_heads", "1048576"},
+      {"max_position_embeddings", "9000000000000"},
+      {"head_dim", "1000000"},
   };
   for (const auto& [key, value] : cases) {
     SCOPED_TRACE(std::string(key) + " = " + value);

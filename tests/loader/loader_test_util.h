@@ -77,10 +77,10 @@ std::string error_of(F&& fn) {
   return "";
 }
 
-#define EXPECT_ERROR_HAS(stmt, ...)                                                 \
-  do {                                                                              \
-    std::string msg_ = ::cpinfer::test::error_of([&] { stmt; });                    \
-    for (const std::string& part_ : std::vector<std::string>{__VA_ARGS__})          \
+#define EXPECT_ERROR_HAS(stmt, ...)                                                           \
+  do {                                                                                        \
+    std::string msg_ = ::cpinfer::test::error_of([&] { stmt; });                              \
+    for (const std::string& part_ : std::vector<std::string>{__VA_ARGS__})                    \
       EXPECT_NE(msg_.find(part_), std::string::npos) << "'" << part_ << "' not in: " << msg_; \
   } while (0)
 
@@ -93,11 +93,12 @@ struct TinyShape {
 inline std::string tiny_config_json(const TinyShape& s = {}, bool tie = false) {
   return std::string("{\n") + R"("architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",)" +
          "\"vocab_size\": " + std::to_string(s.vocab) + ", \"hidden_size\": " + std::to_string(s.hidden) +
-         ", \"num_hidden_layers\": " + std::to_string(s.layers) + ", \"num_attention_heads\": " +
-         std::to_string(s.heads) + ", \"num_key_value_heads\": " + std::to_string(s.kv_heads) +
-         ", \"head_dim\": " + std::to_string(s.head_dim) + ", \"num_experts\": " + std::to_string(s.experts) +
-         ", \"num_experts_per_tok\": " + std::to_string(s.top_k) + ", \"moe_intermediate_size\": " +
-         std::to_string(s.moe_inter) + ", \"intermediate_size\": " + std::to_string(s.inter) +
+         ", \"num_hidden_layers\": " + std::to_string(s.layers) +
+         ", \"num_attention_heads\": " + std::to_string(s.heads) +
+         ", \"num_key_value_heads\": " + std::to_string(s.kv_heads) + ", \"head_dim\": " + std::to_string(s.head_dim) +
+         ", \"num_experts\": " + std::to_string(s.experts) + ", \"num_experts_per_tok\": " + std::to_string(s.top_k) +
+         ", \"moe_intermediate_size\": " + std::to_string(s.moe_inter) +
+         ", \"intermediate_size\": " + std::to_string(s.inter) +
          R"(, "mlp_only_layers": [1], "decoder_sparse_step": 1, "norm_topk_prob": true, "rms_norm_eps": 1e-6,
   "max_position_embeddings": 4096, "rope_theta": 1000000.0, "rope_scaling": null, "torch_dtype": "bfloat16",
   "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": )" +
@@ -160,8 +161,7 @@ inline std::map<std::string, TinyTensor> tiny_tensors(const TinyShape& s = {}, b
 }
 
 // Writes `tensors` as model.safetensors, or as `shards` shards + model.safetensors.index.json.
-inline void write_checkpoint(const std::string& dir, const std::map<std::string, TinyTensor>& tensors,
-                             int shards = 1) {
+inline void write_checkpoint(const std::string& dir, const std::map<std::string, TinyTensor>& tensors, int shards = 1) {
   if (shards <= 1) {
     SafetensorsWriter w;
     for (const auto& [name, t] : tensors) w.add(name, DType::BF16, t.shape, t.bf16.data());

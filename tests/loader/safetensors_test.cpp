@@ -254,8 +254,8 @@ TEST(SafetensorsErrors, IndexNamesAMissingShard) {
   TempDir dir;
   write_text(dir.file("model.safetensors.index.json"),
              R"({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}})");
-  EXPECT_ERROR_HAS(Checkpoint::open(dir.path()), "model.safetensors.index.json",
-                   "model-00002-of-00002.safetensors", "model.norm.weight", "does not exist");
+  EXPECT_ERROR_HAS(Checkpoint::open(dir.path()), "model.safetensors.index.json", "model-00002-of-00002.safetensors",
+                   "model.norm.weight", "does not exist");
 }
 
 TEST(SafetensorsErrors, IndexListsATensorTheShardLacks) {

@@ -149,8 +149,8 @@ TEST(Weights, CpuViewsPointIntoTheCheckpoint) {
   EXPECT_TRUE(w.layers[0].moe);
   EXPECT_FALSE(w.layers[1].moe);
   EXPECT_TRUE(w.layers[2].moe);
-  EXPECT_EQ(w.layers[0].q_proj.shape_str(), "[32, 16]");   // Hq*D = 4*8
-  EXPECT_EQ(w.layers[0].k_proj.shape_str(), "[16, 16]");   // Hkv*D = 2*8
+  EXPECT_EQ(w.layers[0].q_proj.shape_str(), "[32, 16]");  // Hq*D = 4*8
+  EXPECT_EQ(w.layers[0].k_proj.shape_str(), "[16, 16]");  // Hkv*D = 2*8
   EXPECT_EQ(w.layers[0].o_proj.shape_str(), "[16, 32]");
   EXPECT_EQ(w.layers[0].q_norm.shape_str(), "[8]");
   EXPECT_EQ(w.layers[0].router.shape_str(), "[4, 16]");
@@ -480,8 +480,8 @@ TEST(Weights, Fp8WeightsReachADeviceAsCodesAndF32ScalesOrAsBf16) {
   fp8.fp8 = true;
   const ModelWeights w = load_weights(ck, cfg, fp8, 0, 1);
   const std::string q = "model.layers.0.self_attn.q_proj.weight", d = "model.layers.2.mlp.experts.3.down_proj.weight";
-  for (const auto& [name, x] : {std::pair<std::string, const Weight*>{q, &w.layers[0].q_proj},
-                                {d, &w.layers[2].experts.down[3]}}) {
+  for (const auto& [name, x] :
+       {std::pair<std::string, const Weight*>{q, &w.layers[0].q_proj}, {d, &w.layers[2].experts.down[3]}}) {
     const TensorInfo& t = ck.get(name);
     EXPECT_EQ(x->dtype, DType::F8E4M3) << name;
     EXPECT_EQ(x->device, Device::CUDA) << name;

@@ -105,15 +105,16 @@ TEST(Engine, GenerateDrawsWhatTheHostSamplerDraws) {
     g.sampling = sp;
     auto out = e.generate(prompt, g).output_ids;
     ASSERT_EQ(out.size(), 12u);
-    EXPECT_EQ(out, host_sampled(e, prompt, sp, 12)) << "temperature " << sp.temperature << " top_k " << sp.top_k << " top_p " << sp.top_p;
+    EXPECT_EQ(out, host_sampled(e, prompt, sp, 12))
+        << "temperature " << sp.temperature << " top_k " << sp.top_k << " top_p " << sp.top_p;
     std::set<int32_t> distinct(out.begin(), out.end());
     EXPECT_GT(distinct.size(), 1u) << "a sampled continuation that never varies: is the draw keyed by the step?";
   }
 }
 
 TEST(DecodeGraphs, BatchBucketsAndTableWidths) {
-  const std::vector<std::pair<int, int>> buckets = {{1, 1},   {2, 2},    {3, 4},    {5, 8},    {9, 16},
-                                                    {63, 64}, {65, 80},  {129, 160}, {256, 256}, {257, 320}};
+  const std::vector<std::pair<int, int>> buckets = {{1, 1},   {2, 2},   {3, 4},     {5, 8},     {9, 16},
+                                                    {63, 64}, {65, 80}, {129, 160}, {256, 256}, {257, 320}};
   for (auto [n, b] : buckets) EXPECT_EQ(decode_graph_batch(n, 1024), b) << n;
   EXPECT_EQ(decode_graph_batch(100, 100), 100) << "the cap is a bucket of its own";
   EXPECT_EQ(decode_graph_batch(101, 100), 0);

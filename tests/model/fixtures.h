@@ -32,8 +32,8 @@ inline std::string gpus_unavailable(int n_devices = 1) {
 }
 
 inline const std::vector<std::string>& fixture_names() {
-  static const std::vector<std::string> names = {"moe_v4_gqa", "moe_v5_yarn_mha", "moe_dense_mix_fused", "dense_qwen3",
-                                                 "moe_trained", "llama3_gqa"};
+  static const std::vector<std::string> names = {"moe_v4_gqa",  "moe_v5_yarn_mha", "moe_dense_mix_fused",
+                                                 "dense_qwen3", "moe_trained",     "llama3_gqa"};
   return names;
 }
 
@@ -80,8 +80,10 @@ inline double rel_max_err(const float* a, const float* b, size_t n) {
 inline float top2_gap(std::span<const float> row) {
   float a = -INFINITY, b = -INFINITY;
   for (float x : row) {
-    if (x > a) b = a, a = x;
-    else if (x > b) b = x;
+    if (x > a)
+      b = a, a = x;
+    else if (x > b)
+      b = x;
   }
   return a - b;
 }

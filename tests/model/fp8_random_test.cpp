@@ -122,8 +122,8 @@ TEST(Fp8RandomWeights, LinearLayersAreFiniteFp8WithBlockScalesAndTheRestStaysBf1
     expect_fp8_weight(L.q_proj, T.q_proj, s_h, p + "q_proj");
     expect_fp8_weight(L.k_proj, T.k_proj, s_h, p + "k_proj");
     expect_fp8_weight(L.v_proj, T.v_proj, s_h, p + "v_proj");
-    expect_fp8_weight(L.o_proj, T.o_proj,
-                      1.0f / std::sqrt(float(cfg.num_attention_heads * cfg.head_dim)), p + "o_proj");
+    expect_fp8_weight(L.o_proj, T.o_proj, 1.0f / std::sqrt(float(cfg.num_attention_heads * cfg.head_dim)),
+                      p + "o_proj");
     EXPECT_EQ(L.input_norm.dtype, DType::BF16) << p;
     EXPECT_EQ(L.q_norm.dtype, DType::BF16) << p;
     if (L.moe) {
@@ -138,8 +138,7 @@ TEST(Fp8RandomWeights, LinearLayersAreFiniteFp8WithBlockScalesAndTheRestStaysBf1
       }
     } else {
       expect_fp8_weight(L.mlp_gate, T.mlp_gate, s_h, p + "mlp.gate_proj");
-      expect_fp8_weight(L.mlp_down, T.mlp_down, 1.0f / std::sqrt(float(cfg.intermediate_size)),
-                        p + "mlp.down_proj");
+      expect_fp8_weight(L.mlp_down, T.mlp_down, 1.0f / std::sqrt(float(cfg.intermediate_size)), p + "mlp.down_proj");
     }
   }
   int n_dense = 0;

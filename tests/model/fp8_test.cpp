@@ -10,20 +10,20 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <span>
-#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include "core/check.h"
 #include "core/dtype.h"
 #include "engine/engine.h"
+#include "engine/launch.h"
 #include "fixtures.h"
 #include "loader/config.h"
 #include "loader/quant.h"
 #include "loader/safetensors.h"
-#include "engine/launch.h"
 #include "model/registry.h"
 #include "model/weights.h"
 
@@ -68,9 +68,7 @@ std::vector<float> read_f32(const TensorInfo& t) {
   return v;
 }
 
-bool quantized_name(const std::string& n) {
-  return n.size() > 12 && n.compare(n.size() - 12, 12, "_proj.weight") == 0;
-}
+bool quantized_name(const std::string& n) { return n.size() > 12 && n.compare(n.size() - 12, 12, "_proj.weight") == 0; }
 
 struct Written {
   int fp8_tensors = 0;
@@ -236,7 +234,8 @@ TEST(Fp8, EncodeRoundsToTheNearestCodeTiesToEven) {
     xs.push_back(std::nextafter(static_cast<float>(mid), 1000.0f));
   }
   std::mt19937 rng(3);
-  for (int i = 0; i < 2000; ++i) xs.push_back(std::ldexp(std::uniform_real_distribution<float>(1, 2)(rng), int(rng() % 20) - 12));
+  for (int i = 0; i < 2000; ++i)
+    xs.push_back(std::ldexp(std::uniform_real_distribution<float>(1, 2)(rng), int(rng() % 20) - 12));
   for (float x : xs)
     for (float v : {x, -x}) ASSERT_EQ(int(f32_to_fp8_e4m3(v)), int(e4m3_encode(v))) << v;
   EXPECT_EQ(f32_to_fp8_e4m3(1000.0f), 0x7e);
@@ -460,10 +459,10 @@ void write_model(const std::string& kind, const std::string& out) {
                         {"mlp_only_layers", {1}}},
                        out);
   else
-    write_random_model("dense_qwen3",
-                       {{"hidden_size", 136}, {"num_attention_heads", 5}, {"num_key_value_heads", 1},
-                        {"intermediate_size", 260}},
-                       out);
+    write_random_model(
+        "dense_qwen3",
+        {{"hidden_size", 136}, {"num_attention_heads", 5}, {"num_key_value_heads", 1}, {"intermediate_size", 260}},
+        out);
 }
 
 const std::vector<int32_t> kPrompt = {3, 17, 99, 5, 250, 41, 7, 7, 130, 64, 2, 11, 19, 300, 1, 8, 9, 77, 23};
@@ -560,7 +559,8 @@ TEST_F(Fp8Dir, OnTheCpuFp8WeightsTakeOneBytePerWeightAndShardByExpert) {
     EXPECT_EQ(x.data, t.data) << name << ": the codes are a view of the checkpoint";
     EXPECT_EQ(x.nbytes(), size_t(x.numel())) << name;
     ASSERT_EQ(x.scale.dtype, DType::F32) << name;
-    EXPECT_EQ(x.scale.numel(), int64_t(ck.get(name + "_scale_inv").nbytes / dtype_size(ck.get(name + "_scale_inv").dtype)));
+    EXPECT_EQ(x.scale.numel(),
+              int64_t(ck.get(name + "_scale_inv").nbytes / dtype_size(ck.get(name + "_scale_inv").dtype)));
     seen += t.nbytes;
   };
   for (size_t l = 0; l < w.layers.size(); ++l) {

@@ -53,8 +53,9 @@ struct Mode {
 
 // Runs every prompt (one after the other) in one launch of `cp` ranks (GPUs, or one CPU rank for
 // the fp32 reference); rank 0's results.
-std::vector<Out> run_all(const std::string& model, bool random, int cp, const std::vector<std::vector<int32_t>>& prompts,
-                         int greedy_tokens, Mode mode = {}, const std::string& device = "cuda") {
+std::vector<Out> run_all(const std::string& model, bool random, int cp,
+                         const std::vector<std::vector<int32_t>>& prompts, int greedy_tokens, Mode mode = {},
+                         const std::string& device = "cuda") {
   std::vector<Out> outs;
   std::mutex mu;
   LaunchOptions lo;
@@ -68,7 +69,8 @@ std::vector<Out> run_all(const std::string& model, bool random, int cp, const st
     eo.device = device;
     eo.quiet = true;
     eo.kv_cache_tokens = 64 + greedy_tokens;
-    for (const auto& p : prompts) eo.kv_cache_tokens = std::max<int>(eo.kv_cache_tokens, int(p.size()) + greedy_tokens + 64);
+    for (const auto& p : prompts)
+      eo.kv_cache_tokens = std::max<int>(eo.kv_cache_tokens, int(p.size()) + greedy_tokens + 64);
     eo.cp = CpOptions{cp, true, 0};
     if (random) eo.random_weights = model;
     eo.model.kv_overlap = mode.overlap;
@@ -148,18 +150,18 @@ void compare(const Out& one, const Out& c, const Truth& t, int64_t V, size_t n, 
 // plain: also the plain bar (argmax CP=C vs CP=1 >= 99% on all positions), for the trained fixture
 // whose predictions are confident like a real checkpoint's.
 void check(const Score& s, const std::string& what, bool plain = false) {
-  std::printf("[gpu cp] %s: argmax CP=C vs CP=1 %.4f over %zu positions; vs fp32: CP=1 %.4f, CP=C %.4f; equal on "
-              "%zu/%zu positions with fp32 gap > %.1f\n",
-              what.c_str(), double(s.same) / s.n, s.n, double(s.fp32_one) / s.n, double(s.fp32_c) / s.n, s.clear_same,
-              s.clear, kMargin);
+  std::printf(
+      "[gpu cp] %s: argmax CP=C vs CP=1 %.4f over %zu positions; vs fp32: CP=1 %.4f, CP=C %.4f; equal on "
+      "%zu/%zu positions with fp32 gap > %.1f\n",
+      what.c_str(), double(s.same) / s.n, s.n, double(s.fp32_one) / s.n, double(s.fp32_c) / s.n, s.clear_same, s.clear,
+      kMargin);
   EXPECT_GE(double(s.fp32_c) / s.n, double(s.fp32_one) / s.n - 0.01) << what << ": CP less faithful to fp32 than CP=1";
   EXPECT_GE(double(s.clear_same), 0.995 * double(s.clear)) << what << ": CP=C differs from CP=1 away from near-ties";
   if (plain) EXPECT_GE(double(s.same) / s.n, 0.99) << what << ": argmax CP=C vs CP=1 over all positions";
 }
 
 const std::vector<Mode>& modes() {
-  static const std::vector<Mode> m{{KvOverlap::Auto, 0}, {KvOverlap::Off, 0},
-                                   {KvOverlap::Auto, 1}};
+  static const std::vector<Mode> m{{KvOverlap::Auto, 0}, {KvOverlap::Off, 0}, {KvOverlap::Auto, 1}};
   return m;
 }
 }  // namespace
@@ -209,7 +211,8 @@ TEST_P(GpuCp, CpGpusMatchOne) {
     Score s;
     const std::string what = name + " CP=" + std::to_string(cp) + " (" + m.label() + ")";
     for (size_t i = 0; i < prompts.size(); ++i)
-      compare(ones[i], cs[i], truths[i], V, prompts[i].size(), what + ", " + std::to_string(prompts[i].size()) + " tokens", s);
+      compare(ones[i], cs[i], truths[i], V, prompts[i].size(),
+              what + ", " + std::to_string(prompts[i].size()) + " tokens", s);
     check(s, what, name == "moe_trained");
   }
 }

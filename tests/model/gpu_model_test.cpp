@@ -15,11 +15,11 @@
 //    gap is below kMargin (after a near-tie the two may legitimately go different ways).
 #include <gtest/gtest.h>
 
+#include <unistd.h>
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
-#include <unistd.h>
 
 #include "engine/engine.h"
 #include "engine/sampler.h"
@@ -95,10 +95,12 @@ TEST_P(GpuFixtures, AsFaithfulAsTransformersBf16AndExactAwayFromNearTies) {
     greedy_equal += g == c;
   }
   const double rate = double(agree_fp32) / double(total), hf_rate = double(hf_bf16_vs_fp32) / double(total);
-  std::printf("[gpu %s] argmax agreement vs transformers fp32 %.4f (transformers' own bf16: %.4f), vs transformers "
-              "bf16 %.4f; argmax equal on %zu/%zu positions with fp32 gap > %.1f; greedy equal to CPU %zu/%zu (%zu steps "
-              "checked before a near-tie)\n",
-              name.c_str(), rate, hf_rate, double(agree_bf16) / double(total), clear_agree, clear, kMargin, greedy_equal, refs.size(), greedy_checked_steps);
+  std::printf(
+      "[gpu %s] argmax agreement vs transformers fp32 %.4f (transformers' own bf16: %.4f), vs transformers "
+      "bf16 %.4f; argmax equal on %zu/%zu positions with fp32 gap > %.1f; greedy equal to CPU %zu/%zu (%zu steps "
+      "checked before a near-tie)\n",
+      name.c_str(), rate, hf_rate, double(agree_bf16) / double(total), clear_agree, clear, kMargin, greedy_equal,
+      refs.size(), greedy_checked_steps);
   // Half a point of slack: on a confident fixture both are ~100% and one near-tie decides.
   EXPECT_GE(rate, hf_rate - 0.005) << name << ": less faithful to fp32 than transformers' bf16 forward";
   EXPECT_GE(double(clear_agree), 0.995 * double(clear)) << name << ": argmax differs from fp32 away from near-ties";
@@ -278,11 +280,12 @@ TEST(GpuFp8Model, RandomFp8ModelAgreesWithTheCpu) {
       EXPECT_EQ(g_tokens[steps], c_tokens[steps]) << "--fp8-weights " << fp8 << ": greedy step " << steps;
       if (g_tokens[steps] != c_tokens[steps]) break;
     }
-    std::printf("[gpu fp8 %s] weights FP8 on the GPU: %s; argmax equal to the CPU on %zu/%zu positions, %zu/%zu with "
-                "a clear gap; max |logit error| %.4f (max |logit| %.3f); greedy equal for %zu of 16 steps before a "
-                "near-tie\n",
-                fp8, gpu->model().backend().fp8_weights_supported() ? "yes" : "no (BF16 twin)", agree, prompt.size(),
-                clear_agree, clear, max_err, max_logit, steps);
+    std::printf(
+        "[gpu fp8 %s] weights FP8 on the GPU: %s; argmax equal to the CPU on %zu/%zu positions, %zu/%zu with "
+        "a clear gap; max |logit error| %.4f (max |logit| %.3f); greedy equal for %zu of 16 steps before a "
+        "near-tie\n",
+        fp8, gpu->model().backend().fp8_weights_supported() ? "yes" : "no (BF16 twin)", agree, prompt.size(),
+        clear_agree, clear, max_err, max_logit, steps);
     // Not 100%: this random model's router has near-ties (its logits are near-uniform), and a
     // flipped expert choice upstream can move a clear final argmax; on the CPU the BF16 twin of
     // these weights already moves single logits by up to ~20% of the largest one through such

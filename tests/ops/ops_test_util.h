@@ -38,28 +38,47 @@ struct HostTensor {
   operator Weight() const { return Weight(t); }  // a float weight (linear, experts)
   int64_t numel() const { return t.numel(); }
   template <class T>
-  T* ptr() { return t.ptr<T>(); }
+  T* ptr() {
+    return t.ptr<T>();
+  }
 
   // Element i as double (float dtypes and I32/I64).
   double get(int64_t i) const {
     switch (t.dtype) {
-      case DType::F32: return t.ptr<const float>()[i];
-      case DType::F16: return f16_to_f32(t.ptr<const uint16_t>()[i]);
-      case DType::BF16: return bf16_to_f32(t.ptr<const uint16_t>()[i]);
-      case DType::I32: return t.ptr<const int32_t>()[i];
-      case DType::I64: return static_cast<double>(t.ptr<const int64_t>()[i]);
-      default: return 0.0;
+      case DType::F32:
+        return t.ptr<const float>()[i];
+      case DType::F16:
+        return f16_to_f32(t.ptr<const uint16_t>()[i]);
+      case DType::BF16:
+        return bf16_to_f32(t.ptr<const uint16_t>()[i]);
+      case DType::I32:
+        return t.ptr<const int32_t>()[i];
+      case DType::I64:
+        return static_cast<double>(t.ptr<const int64_t>()[i]);
+      default:
+        return 0.0;
     }
   }
   void set(int64_t i, double v) {
     float f = static_cast<float>(v);
     switch (t.dtype) {
-      case DType::F32: t.ptr<float>()[i] = f; break;
-      case DType::F16: t.ptr<uint16_t>()[i] = f32_to_f16(f); break;
-      case DType::BF16: t.ptr<uint16_t>()[i] = f32_to_bf16(f); break;
-      case DType::I32: t.ptr<int32_t>()[i] = static_cast<int32_t>(v); break;
-      case DType::I64: t.ptr<int64_t>()[i] = static_cast<int64_t>(v); break;
-      default: break;
+      case DType::F32:
+        t.ptr<float>()[i] = f;
+        break;
+      case DType::F16:
+        t.ptr<uint16_t>()[i] = f32_to_f16(f);
+        break;
+      case DType::BF16:
+        t.ptr<uint16_t>()[i] = f32_to_bf16(f);
+        break;
+      case DType::I32:
+        t.ptr<int32_t>()[i] = static_cast<int32_t>(v);
+        break;
+      case DType::I64:
+        t.ptr<int64_t>()[i] = static_cast<int64_t>(v);
+        break;
+      default:
+        break;
     }
   }
   std::vector<double> to_double() const {
@@ -81,8 +100,7 @@ class Rng {
   int64_t integer(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(gen_); }
   std::mt19937& gen() { return gen_; }
 
-  HostTensor normal_tensor(DType dtype, std::initializer_list<int64_t> dims, double stddev = 1.0,
-                           double mean = 0.0) {
+  HostTensor normal_tensor(DType dtype, std::initializer_list<int64_t> dims, double stddev = 1.0, double mean = 0.0) {
     HostTensor h(dtype, dims);
     for (int64_t i = 0; i < h.numel(); ++i) h.set(i, mean + stddev * normal());
     return h;
@@ -128,10 +146,14 @@ inline ::testing::AssertionResult all_close(const HostTensor& actual, const std:
 
 inline const char* dtype_str(DType t) {
   switch (t) {
-    case DType::F32: return "F32";
-    case DType::F16: return "F16";
-    case DType::BF16: return "BF16";
-    default: return "other";
+    case DType::F32:
+      return "F32";
+    case DType::F16:
+      return "F16";
+    case DType::BF16:
+      return "BF16";
+    default:
+      return "other";
   }
 }
 

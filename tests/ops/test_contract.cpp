@@ -86,7 +86,9 @@ TEST(OpContract, OtherOps) {
   const Tensor logits = shape(DType::BF16, {5, 8}), ids = shape(DType::I32, {5, 2}), wts = shape(DType::F32, {5, 2});
   EXPECT_EQ(error_of([&] { contract::moe_route(logits, 2, ids, wts); }), "");
   EXPECT_NE(error_of([&] { contract::moe_route(logits, 9, ids, wts); }).find("top_k"), std::string::npos);
-  EXPECT_NE(error_of([&] { contract::moe_route(logits, 2, shape(DType::I64, {5, 2}), wts); }).find("ids"),
+  EXPECT_NE(error_of([&] {
+              contract::moe_route(logits, 2, shape(DType::I64, {5, 2}), wts);
+            }).find("ids"),
             std::string::npos);
 
   const KvLayer cache{shape(DType::BF16, {3, 16, 2, 16}), shape(DType::BF16, {3, 16, 2, 16})};
@@ -94,9 +96,9 @@ TEST(OpContract, OtherOps) {
   EXPECT_EQ(error_of([&] { contract::kv_store(k, k, slots, cache); }), "");
   EXPECT_NE(error_of([&] { contract::kv_store(k, k, shape(DType::I32, {5}), cache); }).find("slots"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { contract::kv_store(shape(DType::BF16, {6, 2, 8}), shape(DType::BF16, {6, 2, 8}), slots,
-                                              cache); })
-                .find("cache's Hkv and D"),
+  EXPECT_NE(error_of([&] {
+              contract::kv_store(shape(DType::BF16, {6, 2, 8}), shape(DType::BF16, {6, 2, 8}), slots, cache);
+            }).find("cache's Hkv and D"),
             std::string::npos);
 
   const Tensor a = shape(DType::BF16, {5, 32}), wt = shape(DType::BF16, {16, 32}), y = shape(DType::BF16, {5, 16});
@@ -111,9 +113,13 @@ TEST(OpContract, OtherOps) {
 
   const Tensor o = shape(DType::BF16, {4, 2, 8}), l = shape(DType::F32, {4, 2});
   EXPECT_EQ(error_of([&] { contract::attention_merge(o, l, o, l); }), "");
-  EXPECT_NE(error_of([&] { contract::attention_merge(o, l, shape(DType::F32, {4, 2, 8}), l); }).find("out2"),
+  EXPECT_NE(error_of([&] {
+              contract::attention_merge(o, l, shape(DType::F32, {4, 2, 8}), l);
+            }).find("out2"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { contract::attention_merge(o, shape(DType::F32, {4, 3}), o, l); }).find("lse"),
+  EXPECT_NE(error_of([&] {
+              contract::attention_merge(o, shape(DType::F32, {4, 3}), o, l);
+            }).find("lse"),
             std::string::npos);
 }
 
@@ -157,11 +163,17 @@ TEST(OpContract, MoeExpertsRowsAndConvert) {
             std::string::npos);
   EXPECT_NE(error_of([&] { contract::scatter_rows(sel, shape(DType::I32, {5}), src); }).find("one index per row"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { contract::gather_rows(src, idx, shape(DType::F32, {4, 6})); }).find("'out' is F32"),
+  EXPECT_NE(error_of([&] {
+              contract::gather_rows(src, idx, shape(DType::F32, {4, 6}));
+            }).find("'out' is F32"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { contract::gather_rows(src, idx, shape(DType::BF16, {4, 7})); }).find("one row shape"),
+  EXPECT_NE(error_of([&] {
+              contract::gather_rows(src, idx, shape(DType::BF16, {4, 7}));
+            }).find("one row shape"),
             std::string::npos);
-  EXPECT_EQ(error_of([&] { contract::gather_rows(shape(DType::F32, {10, 3, 2}), idx, shape(DType::F32, {4, 3, 2})); }),
+  EXPECT_EQ(error_of([&] {
+              contract::gather_rows(shape(DType::F32, {10, 3, 2}), idx, shape(DType::F32, {4, 3, 2}));
+            }),
             "");
   EXPECT_NE(error_of([&] { contract::gather_rows(src, shape(DType::F32, {4}), sel); }).find("idx"), std::string::npos);
 

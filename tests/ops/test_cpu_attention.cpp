@@ -27,8 +27,8 @@ RopeParams make_rope(int64_t D, double theta, float factor) {
 }
 
 // Per-head RMSNorm then rotate_half RoPE, in double; the angle is the fp32 product as in transformers.
-std::vector<double> ref_norm_rope(const HostTensor& x, const HostTensor& w, const HostTensor& pos, int64_t T,
-                                  int64_t H, int64_t D, double eps, const RopeParams& rope) {
+std::vector<double> ref_norm_rope(const HostTensor& x, const HostTensor& w, const HostTensor& pos, int64_t T, int64_t H,
+                                  int64_t D, double eps, const RopeParams& rope) {
   std::vector<double> out(static_cast<size_t>(T * H * D));
   const int64_t half = D / 2;
   for (int64_t t = 0; t < T; ++t)
@@ -253,8 +253,8 @@ TEST_F(CpuAttention, PagedCausalGqa) {
         be->attention(q, pc.batch, pc.layer(), scale, out, lse);
         std::vector<double> ro, rl;
         ref_attention(q, pc, scale, ro, rl);
-        const std::string tag = "D=" + std::to_string(D) + " Hq/Hkv=" + std::to_string(ratio) + " T=" +
-                                std::to_string(T) + " bs=" + std::to_string(bs) + " " + dtype_str(dt);
+        const std::string tag = "D=" + std::to_string(D) + " Hq/Hkv=" + std::to_string(ratio) +
+                                " T=" + std::to_string(T) + " bs=" + std::to_string(bs) + " " + dtype_str(dt);
         EXPECT_TRUE(all_close(out, ro, 1e-5, "out " + tag));
         EXPECT_TRUE(all_close(lse, rl, 1e-6, "lse " + tag));
         HostTensor out2(DType::F32, {rows, Hq, D});  // lse is optional
@@ -327,8 +327,8 @@ TEST_F(CpuAttention, KeyRangesMatchReference) {
       be->attention(q, pc.batch, pc.layer(), scale, out, lse);
       std::vector<double> ro, rl;
       ref_attention(q, pc, scale, ro, rl);
-      const std::string tag = "D=" + std::to_string(D) + " Hq=" + std::to_string(Hq) + " Hkv=" +
-                              std::to_string(Hkv) + " bs=" + std::to_string(bs) + " " + dtype_str(dt);
+      const std::string tag = "D=" + std::to_string(D) + " Hq=" + std::to_string(Hq) + " Hkv=" + std::to_string(Hkv) +
+                              " bs=" + std::to_string(bs) + " " + dtype_str(dt);
       EXPECT_TRUE(all_close(out, ro, 1e-5, "out " + tag));
       EXPECT_TRUE(lse_close(lse, rl, 1e-6, "lse " + tag));
       int64_t n_empty = 0;
@@ -447,11 +447,20 @@ TEST_F(CpuAttention, AttentionMergeCases) {
     for (int64_t r = 0; r < R; ++r) {
       double a = rng.uniform(-3, 8), b = rng.uniform(-3, 8);
       switch (r % 5) {
-        case 1: a = -inf; break;
-        case 2: b = -inf; break;
-        case 3: a = b = -inf; break;
-        case 4: b = a + 60.0; break;  // weight e^-60 on side 1
-        default: break;
+        case 1:
+          a = -inf;
+          break;
+        case 2:
+          b = -inf;
+          break;
+        case 3:
+          a = b = -inf;
+          break;
+        case 4:
+          b = a + 60.0;
+          break;  // weight e^-60 on side 1
+        default:
+          break;
       }
       l1.set(r, a);
       l2.set(r, b);
@@ -517,8 +526,7 @@ TEST_F(CpuAttention, BlockSplitIsBitwiseInvariant) {
     for (int32_t p = cuts[c]; p < cuts[c + 1]; ++p) row_of[p] = row++;
   }
   const size_t rb = static_cast<size_t>(Hq * D) * 4;
-  for (int64_t p = 0; p < L; ++p)
-    std::memcpy(qs.ptr<char>() + row_of[p] * rb, q.ptr<char>() + p * rb, rb);
+  for (int64_t p = 0; p < L; ++p) std::memcpy(qs.ptr<char>() + row_of[p] * rb, q.ptr<char>() + p * rb, rb);
   be->attention(qs, split.batch, split.layer(), scale, outs, lses);
   for (int64_t p = 0; p < L; ++p) {
     ASSERT_EQ(std::memcmp(outs.ptr<char>() + row_of[p] * rb, out1.ptr<char>() + p * rb, rb), 0) << "position " << p;
@@ -554,18 +562,18 @@ TEST_F(CpuAttention, BadMetadataThrows) {
     if (!table.empty()) b.block_table = std::move(table);
     be->attention(q, b, pc.layer(), 0.25f, out, lse);
   };
-  attn({{0, 8, 32, 0}});                                      // keys 0..39: fine
-  EXPECT_THROW(attn({{0, 8, 41, 0}}), Error);                 // keys 0..48 need a 4th page the table lacks
-  EXPECT_THROW(attn({{0, 8, 0, 1}}), Error);                  // sequence 1 does not exist
-  EXPECT_THROW(attn({{4, 8, 0, 0}}), Error);                  // rows 4..11 of an 8-row q
-  EXPECT_THROW(attn({{0, 5, 0, 0}, {4, 4, 0, 0}}), Error);    // row 4 in two blocks
-  attn({{0, 8, 0, 0}}, {0, 99, 1});                           // only page 0 is read: fine
-  EXPECT_THROW(attn({{0, 8, 20, 0}}, {0, 99, 1}), Error);     // page 1 -> block 99 out of range
-  attn({{0, 8, 32, 0, 32}}, {99, 99, 1});                     // diagonal: keys 32..39 = page 2 only
-  attn({{0, 8, 32, 0, 0, 16}}, {0, 99, 99});                  // prefix [0, 16): page 0 only
-  EXPECT_THROW(attn({{0, 8, 32, 0, 16}}, {0, 99, 1}), Error); // keys 16..39 read page 1
-  EXPECT_THROW(attn({{0, 8, 32, 0, -1}}), Error);             // kv_begin < 0
-  EXPECT_THROW(attn({{0, 8, 32, 0, 20, 19}}), Error);         // kv_begin > kv_end
+  attn({{0, 8, 32, 0}});                                       // keys 0..39: fine
+  EXPECT_THROW(attn({{0, 8, 41, 0}}), Error);                  // keys 0..48 need a 4th page the table lacks
+  EXPECT_THROW(attn({{0, 8, 0, 1}}), Error);                   // sequence 1 does not exist
+  EXPECT_THROW(attn({{4, 8, 0, 0}}), Error);                   // rows 4..11 of an 8-row q
+  EXPECT_THROW(attn({{0, 5, 0, 0}, {4, 4, 0, 0}}), Error);     // row 4 in two blocks
+  attn({{0, 8, 0, 0}}, {0, 99, 1});                            // only page 0 is read: fine
+  EXPECT_THROW(attn({{0, 8, 20, 0}}, {0, 99, 1}), Error);      // page 1 -> block 99 out of range
+  attn({{0, 8, 32, 0, 32}}, {99, 99, 1});                      // diagonal: keys 32..39 = page 2 only
+  attn({{0, 8, 32, 0, 0, 16}}, {0, 99, 99});                   // prefix [0, 16): page 0 only
+  EXPECT_THROW(attn({{0, 8, 32, 0, 16}}, {0, 99, 1}), Error);  // keys 16..39 read page 1
+  EXPECT_THROW(attn({{0, 8, 32, 0, -1}}), Error);              // kv_begin < 0
+  EXPECT_THROW(attn({{0, 8, 32, 0, 20, 19}}), Error);          // kv_begin > kv_end
   HostTensor q3 = rng.normal_tensor(DType::F32, {8, 3, 16}), out3(DType::F32, {8, 3, 16});
   EXPECT_THROW(be->attention(q3, pc.batch, pc.layer(), 0.25f, out3, Tensor()), Error);  // 3 % 2 heads
   EXPECT_THROW(be->attention(q, pc.batch, pc.layer(), 0.25f, out, HostTensor(DType::F32, {8, 3})), Error);

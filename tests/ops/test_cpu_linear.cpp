@@ -160,9 +160,9 @@ TEST_P(CpuLinear, MoeExpertsFullAndPartialShards) {
     const std::vector<int64_t> counts = {c.E, c.E / 2, c.E - c.E / 2};
     for (size_t s = 0; s < firsts.size(); ++s) {
       HostTensor out = out0;
-      be->moe_experts(x, ids, wts, w.shard(static_cast<int32_t>(c.E), static_cast<int32_t>(firsts[s]),
-                                           static_cast<int32_t>(counts[s])),
-                      out);
+      be->moe_experts(
+          x, ids, wts,
+          w.shard(static_cast<int32_t>(c.E), static_cast<int32_t>(firsts[s]), static_cast<int32_t>(counts[s])), out);
       EXPECT_TRUE(all_close(out, ref_moe(x, ids, wts, w, c, out0.to_double(), firsts[s], counts[s]), 1e-5,
                             "moe T=" + std::to_string(c.T) + " shard " + std::to_string(firsts[s])));
     }
@@ -170,10 +170,9 @@ TEST_P(CpuLinear, MoeExpertsFullAndPartialShards) {
     HostTensor split(DType::F32, {c.T, c.H});
     be->fill_zero(split);
     be->moe_experts(x, ids, wts, w.shard(static_cast<int32_t>(c.E), 0, static_cast<int32_t>(c.E / 2)), split);
-    be->moe_experts(x, ids, wts,
-                    w.shard(static_cast<int32_t>(c.E), static_cast<int32_t>(c.E / 2),
-                            static_cast<int32_t>(c.E - c.E / 2)),
-                    split);
+    be->moe_experts(
+        x, ids, wts,
+        w.shard(static_cast<int32_t>(c.E), static_cast<int32_t>(c.E / 2), static_cast<int32_t>(c.E - c.E / 2)), split);
     std::vector<double> zero(static_cast<size_t>(c.T * c.H), 0.0);
     EXPECT_TRUE(all_close(split, ref_moe(x, ids, wts, w, c, zero, 0, c.E), 1e-5, "split shards"));
   }
@@ -381,8 +380,8 @@ TEST_P(CpuLinear, Fp8DequantizesEveryCodeExactly) {
       if ((c & 0x7f) == 0x7f) {
         ASSERT_TRUE(std::isnan(v)) << "code " << int(c) << " at " << n << "," << k;
       } else {
-        ASSERT_EQ(std::memcmp(&v, &want, 4), 0) << "code " << int(c) << " at " << n << "," << k << ": " << v
-                                                << " != " << want;
+        ASSERT_EQ(std::memcmp(&v, &want, 4), 0)
+            << "code " << int(c) << " at " << n << "," << k << ": " << v << " != " << want;
       }
     }
   // The row-by-row kernel reads the NaN codes as NaN too (transformers would compute NaN).

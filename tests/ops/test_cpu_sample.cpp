@@ -258,7 +258,7 @@ TEST(CpuSample, MatchesANaiveFullSortImplementation) {
   std::mt19937 gen(11);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   const SampleRow mixes[] = {
-      make_row(1.0f, -1, 1.0f, 0.0f),  make_row(0.7f, 50, 1.0f, 0.0f),   make_row(1.0f, -1, 0.9f, 0.0f),
+      make_row(1.0f, -1, 1.0f, 0.0f),  make_row(0.7f, 50, 1.0f, 0.0f),    make_row(1.0f, -1, 0.9f, 0.0f),
       make_row(1.5f, -1, 0.99f, 0.0f), make_row(1.0f, 3000, 0.95f, 0.0f), make_row(0.9f, 100, 0.8f, 0.05f),
       make_row(2.0f, -1, 1.0f, 0.01f), make_row(1.0f, 5, 0.5f, 0.2f),
   };
@@ -273,8 +273,8 @@ TEST(CpuSample, MatchesANaiveFullSortImplementation) {
         SampleRow r = m;
         r.seed = 1000 + t;
         r.step = step;
-        EXPECT_EQ(sample_reference(l, r), naive_draw(l, r)) << "row " << t << " step " << step << " top_k " << r.top_k
-                                                            << " top_p " << r.top_p << " min_p " << r.min_p;
+        EXPECT_EQ(sample_reference(l, r), naive_draw(l, r))
+            << "row " << t << " step " << step << " top_k " << r.top_k << " top_p " << r.top_p << " min_p " << r.min_p;
         ++n_rows;
       }
   }

@@ -19,9 +19,9 @@ using namespace cpinfer::test;
 namespace {
 
 struct RunResult {
-  std::vector<std::vector<float>> logits;            // per prompt, all positions
-  std::vector<std::vector<std::vector<float>>> kv;   // per prompt, per layer: K then V
-  std::vector<std::vector<int32_t>> greedy;          // per prompt (only when asked)
+  std::vector<std::vector<float>> logits;           // per prompt, all positions
+  std::vector<std::vector<std::vector<float>>> kv;  // per prompt, per layer: K then V
+  std::vector<std::vector<int32_t>> greedy;         // per prompt (only when asked)
 };
 
 std::vector<int32_t> random_ids(int n, int vocab, uint32_t seed) {
@@ -141,7 +141,7 @@ TEST_P(CpEquivalence, MixedBatchWithShortPromptsBelowTheThreshold) {
   const int vocab = static_cast<int>(load_config(dir).vocab_size);
   std::vector<std::vector<int32_t>> prompts;
   int seed = 7;
-  for (int len : {1, 700, 5, 63, 64, 1031, 2})  prompts.push_back(random_ids(len, vocab, seed++));
+  for (int len : {1, 700, 5, 63, 64, 1031, 2}) prompts.push_back(random_ids(len, vocab, seed++));
   RunResult ref = run(dir, 1, prompts, 64, 0);
   // Each prompt alone on one rank gives the same as the batch.
   for (size_t i = 0; i < prompts.size(); ++i) {
@@ -206,7 +206,8 @@ TEST_P(CpEquivalence, PipelinedMoeMatchesOneRank) {
   const std::string dir = fixture_dir(name);
   const int vocab = static_cast<int>(load_config(dir).vocab_size);
   double worst = 0;
-  for (auto [cp, chunks, len] : std::vector<std::tuple<int, int, int>>{{2, 2, 1009}, {3, 3, 701}, {2, 3, 9}, {4, 4, 300}}) {
+  for (auto [cp, chunks, len] :
+       std::vector<std::tuple<int, int, int>>{{2, 2, 1009}, {3, 3, 701}, {2, 3, 9}, {4, 4, 300}}) {
     std::vector<std::vector<int32_t>> prompts{random_ids(len, vocab, 3000 + len)};
     RunResult ref = run(dir, 1, prompts, 0, 6);
     RunResult r = run(dir, cp, prompts, 0, 6, 0, false, RunOptions{KvOverlap::On, 0, chunks});

@@ -41,11 +41,11 @@ struct Case {
 struct Result {
   std::vector<std::vector<float>> logits;  // per prompt: prompt positions, then every decode step
   std::vector<std::vector<int32_t>> tokens;
-  std::vector<std::vector<float>> kv;      // per prompt: layer-major K then V, [length, Hkv*D] each, position order
-  std::vector<int> blocks_used;            // per rank: KV blocks in use at the end
-  std::vector<int> owned;                  // per rank: positions stored (sum over prompts)
-  size_t row_bytes = 0;                    // K+V bytes of one position over all layers
-  size_t kv_row = 0;                       // Hkv * D
+  std::vector<std::vector<float>> kv;  // per prompt: layer-major K then V, [length, Hkv*D] each, position order
+  std::vector<int> blocks_used;        // per rank: KV blocks in use at the end
+  std::vector<int> owned;              // per rank: positions stored (sum over prompts)
+  size_t row_bytes = 0;                // K+V bytes of one position over all layers
+  size_t kv_row = 0;                   // Hkv * D
 };
 
 // Runs `c` on cp local ranks (sharded or replicated KV) and returns rank 0's logits with the
@@ -228,8 +228,9 @@ TEST(KvShard, ChunkedPrefillOverShardedPrefix) {
     c.chunk = chunk;
     c.decode = 10;
     c.interleave = interleave;
-    check(dir, cp, c,
-          "len=" + std::to_string(len) + " chunk=" + std::to_string(chunk) + " interleave=" + std::to_string(interleave));
+    check(
+        dir, cp, c,
+        "len=" + std::to_string(len) + " chunk=" + std::to_string(chunk) + " interleave=" + std::to_string(interleave));
   }
 }
 

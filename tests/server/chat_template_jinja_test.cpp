@@ -30,27 +30,47 @@ class Gen {
   bool coin(int percent = 50) { return pick(100) < percent; }
 
   std::string text() {
-    static const char* kPieces[] = {
-        "Hello", "what's the weather in Paris?", "naïve café", "中文测试", "emoji 🚀 ok", "quote \" and \\ backslash",
-        "line\nbreak", "\nleading newline", "trailing newline\n", "tab\there", "<b>html</b>", "{\"json\": 1}",
-        "   spaces   ", "Ünïcödé", "a", "", "The answer is 42.", "<tool_response>\nnot quite\n</tool_response> x"};
+    static const char* kPieces[] = {"Hello",
+                                    "what's the weather in Paris?",
+                                    "naïve café",
+                                    "中文测试",
+                                    "emoji 🚀 ok",
+                                    "quote \" and \\ backslash",
+                                    "line\nbreak",
+                                    "\nleading newline",
+                                    "trailing newline\n",
+                                    "tab\there",
+                                    "<b>html</b>",
+                                    "{\"json\": 1}",
+                                    "   spaces   ",
+                                    "Ünïcödé",
+                                    "a",
+                                    "",
+                                    "The answer is 42.",
+                                    "<tool_response>\nnot quite\n</tool_response> x"};
     std::string s;
     const int n = 1 + pick(3);
     for (int i = 0; i < n; ++i) s += std::string(i ? " " : "") + kPieces[pick(std::size(kPieces))];
     return s;
   }
   ojson number() {
-    static const double kFloats[] = {0.5, -2.25, 1e-7, 1.5e21, 123456789.125, 3.0, 0.1, 1e300, 5e-324, -0.0, 1e21, 1e-6};
+    static const double kFloats[] = {0.5, -2.25, 1e-7,   1.5e21, 123456789.125, 3.0,
+                                     0.1, 1e300, 5e-324, -0.0,   1e21,          1e-6};
     if (coin()) return ojson(pick(2000) - 1000);
     return ojson(kFloats[pick(std::size(kFloats))]);
   }
   ojson value(int depth = 0) {
     switch (pick(depth > 1 ? 5 : 7)) {
-      case 0: return text();
-      case 1: return number();
-      case 2: return coin();
-      case 3: return nullptr;
-      case 4: return "enum_" + std::to_string(pick(9));
+      case 0:
+        return text();
+      case 1:
+        return number();
+      case 2:
+        return coin();
+      case 3:
+        return nullptr;
+      case 4:
+        return "enum_" + std::to_string(pick(9));
       case 5: {
         ojson a = ojson::array();
         for (int i = pick(4); i > 0; --i) a.push_back(value(depth + 1));
@@ -64,8 +84,8 @@ class Gen {
     }
   }
   std::string key() {
-    static const char* kKeys[] = {"city", "unit", "zeta", "alpha", "query", "n_results", "lang", "déjà", "Upper",
-                                  "with space", "b", "a"};
+    static const char* kKeys[] = {"city", "unit", "zeta",  "alpha",      "query", "n_results",
+                                  "lang", "déjà", "Upper", "with space", "b",     "a"};
     return kKeys[pick(std::size(kKeys))];
   }
   std::string fn_name() {
@@ -74,7 +94,8 @@ class Gen {
   }
   ojson tool() {
     ojson props = ojson::object();
-    for (int i = 1 + pick(3); i > 0; --i) props[key()] = {{"type", coin() ? "string" : "number"}, {"description", text()}};
+    for (int i = 1 + pick(3); i > 0; --i)
+      props[key()] = {{"type", coin() ? "string" : "number"}, {"description", text()}};
     ojson params = {{"type", "object"}, {"properties", props}};
     if (coin()) params["required"] = ojson::array({props.begin().key()});
     if (coin(30)) params["default"] = value();
@@ -98,7 +119,8 @@ class Gen {
     if (coin(60)) msgs.push_back({{"role", "system"}, {"content", text()}});
     const int turns = 1 + pick(4);
     for (int t = 0; t < turns; ++t) {
-      msgs.push_back({{"role", "user"}, {"content", coin(15) ? "<tool_response>\n" + text() + "\n</tool_response>" : text()}});
+      msgs.push_back(
+          {{"role", "user"}, {"content", coin(15) ? "<tool_response>\n" + text() + "\n</tool_response>" : text()}});
       if (t + 1 == turns && coin(70)) break;  // end on the user's turn
       ojson a = {{"role", "assistant"}};
       const int style = pick(4);
@@ -194,7 +216,8 @@ TEST(ChatTemplateJinja, RenderingEqualsTheCheckpointsTemplate) {
     if (expected[i].get<std::string>() == ours[i]) continue;
     if (++mismatches <= 3)
       ADD_FAILURE() << "conversation " << i << ": " << cases[i].dump() << "\n--- jinja ---\n"
-                    << expected[i].get<std::string>() << "\n--- cpinfer ---\n" << ours[i];
+                    << expected[i].get<std::string>() << "\n--- cpinfer ---\n"
+                    << ours[i];
   }
   EXPECT_EQ(mismatches, 0) << "of " << ours.size();
 }

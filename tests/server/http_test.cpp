@@ -37,10 +37,11 @@ class TestServer {
             return;
           }
           if (req.path == "/slow") std::this_thread::sleep_for(300ms);
-          res.send(200, "text/plain", req.method + " " + req.target + " [" + req.body + "]",
-                   {{"X-Test", "yes"}});
+          res.send(200, "text/plain", req.method + " " + req.target + " [" + req.body + "]", {{"X-Test", "yes"}});
         },
-        [](int status, const std::string& msg) { return "{\"status\":" + std::to_string(status) + ",\"m\":\"" + msg + "\"}"; });
+        [](int status, const std::string& msg) {
+          return "{\"status\":" + std::to_string(status) + ",\"m\":\"" + msg + "\"}";
+        });
     port_ = server_->bind("127.0.0.1", 0);
     thread_ = std::thread([this] { server_->serve(); });
   }
@@ -131,9 +132,10 @@ long rss_kb() {
 
 TEST(Http, PipelinedRequestsAreAllAnsweredInOrder) {
   TestServer s;
-  std::string reqs = "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
-                     "POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
-                     "GET /c?q=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+  std::string reqs =
+      "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+      "POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+      "GET /c?q=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
   std::string reply = exchange(s.port(), reqs);
   EXPECT_EQ(count(reply, "HTTP/1.1 200 OK"), 3u) << reply;
   size_t a = reply.find("GET /slow []"), b = reply.find("POST /b [hello]"), c = reply.find("GET /c?q=1 []");
@@ -204,9 +206,12 @@ TEST(Http, InvalidContentLengthIsRefused) {
     EXPECT_EQ(reply.find("[hello]"), std::string::npos) << reply;
   }
   // Two different lengths, and a length beside chunked coding (request smuggling).
-  EXPECT_EQ(status_of(exchange(s.port(), "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!")), 400);
-  EXPECT_EQ(status_of(exchange(s.port(), "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-                                         "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")),
+  EXPECT_EQ(status_of(exchange(s.port(),
+                               "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!")),
+            400);
+  EXPECT_EQ(status_of(exchange(s.port(),
+                               "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                               "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")),
             400);
 }
 
@@ -217,15 +222,16 @@ TEST(Http, LongRequestLineIs414AndBigBodyIs413) {
   EXPECT_EQ(status_of(exchange(s.port(), "GET /" + std::string(9000, 'a') + " HTTP/1.1\r\nHost: x\r\n\r\n")), 414);
   // Refused before the whole line arrives: the line never ends.
   EXPECT_EQ(status_of(exchange(s.port(), "GET /" + std::string(20000, 'a'))), 414);
-  EXPECT_EQ(status_of(exchange(s.port(), "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\n\r\n" +
-                                             std::string(1001, 'b'))),
+  EXPECT_EQ(status_of(exchange(s.port(),
+                               "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\n\r\n" + std::string(1001, 'b'))),
             413);
   // Chunked bodies count after decoding.
   std::string chunked = "POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
   for (int i = 0; i < 3; ++i) chunked += "190\r\n" + std::string(400, 'c') + "\r\n";
   EXPECT_EQ(status_of(exchange(s.port(), chunked + "0\r\n\r\n")), 413);
-  std::string small = "POST /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
-                      "3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+  std::string small =
+      "POST /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+      "3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
   std::string reply = exchange(s.port(), small);
   EXPECT_EQ(status_of(reply), 200);
   EXPECT_NE(reply.find("POST /x [abcde]"), std::string::npos) << reply;
@@ -276,8 +282,9 @@ TEST(Http, StreamingIsChunkedOnHttp11AndClosedOnHttp10) {
 TEST(Http, ExpectContinueGetsAnInterimResponse) {
   TestServer s;
   int fd = connect_to(s.port());
-  ASSERT_TRUE(send_all(fd, "POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n"
-                           "Connection: close\r\n\r\n"));
+  ASSERT_TRUE(send_all(fd,
+                       "POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n"
+                       "Connection: close\r\n\r\n"));
   char buf[256];
   ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
   ASSERT_GT(n, 0);

@@ -7,9 +7,9 @@
 #include <map>
 
 #include "backends/cpu/cpu_backend.h"
-#include "server/api.h"
 #include "engine/metrics.h"
 #include "engine/scheduler.h"
+#include "server/api.h"
 #include "server/text.h"
 
 namespace cpinfer::server {
@@ -68,7 +68,8 @@ TEST(Api, RejectsBadInputNamingTheField) {
       {Endpoint::Chat, R"({"messages":[{"role":"bot","content":"x"}]})", "messages[0].role"},
       {Endpoint::Chat, R"({"messages":[{"role":"user","content":5}]})", "messages[0].content"},
       {Endpoint::Chat, R"({"messages":[{"role":"user"}]})", "messages[0].content"},
-      {Endpoint::Chat, R"({"messages":[{"role":"user","content":[{"type":"image_url"}]}]})", "messages[0].content[0].type"},
+      {Endpoint::Chat, R"({"messages":[{"role":"user","content":[{"type":"image_url"}]}]})",
+       "messages[0].content[0].type"},
       {Endpoint::Completion, R"({"prompt":"a","temperature":"hot"})", "temperature"},
       {Endpoint::Completion, R"({"prompt":"a","temperature":-1})", "temperature"},
       {Endpoint::Completion, R"({"prompt":"a","top_p":0})", "top_p"},

@@ -17,9 +17,19 @@ TEST(Tools, TojsonWritesWhatHuggingfaceJinjaWrites) {
             "\"quote \\\" back \\\\ nl \\n tab \\t bell \\u0007 é 中\"");
   // Numbers as JavaScript prints them.
   const std::pair<double, const char*> numbers[] = {
-      {3.0, "3"},        {0.5, "0.5"},        {-2.25, "-2.25"},   {1e21, "1e+21"},    {1.5e21, "1.5e+21"},
-      {1e20, "100000000000000000000"}, {1e-6, "0.000001"}, {1e-7, "1e-7"}, {5e-324, "5e-324"}, {-0.0, "0"},
-      {123456789.125, "123456789.125"}, {0.1, "0.1"},   {1e300, "1e+300"},
+      {3.0, "3"},
+      {0.5, "0.5"},
+      {-2.25, "-2.25"},
+      {1e21, "1e+21"},
+      {1.5e21, "1.5e+21"},
+      {1e20, "100000000000000000000"},
+      {1e-6, "0.000001"},
+      {1e-7, "1e-7"},
+      {5e-324, "5e-324"},
+      {-0.0, "0"},
+      {123456789.125, "123456789.125"},
+      {0.1, "0.1"},
+      {1e300, "1e+300"},
   };
   for (const auto& [x, want] : numbers) EXPECT_EQ(jinja_tojson(ojson(x)), want) << x;
   EXPECT_EQ(jinja_tojson(ojson(int64_t(-42))), "-42");
@@ -90,7 +100,8 @@ TEST(Tools, RequestParsing) {
       {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
         "function": {"name": "f", "arguments": "{\"x\": 1}"}}, {"id": "c2", "type": "function",
         "function": {"name": "g", "arguments": {"y": [2, 1.5]}}}]},
-      {"role": "tool", "tool_call_id": "c1", "content": "42"}], "tools": [)") + tool + R"(], "tool_choice": "auto"})");
+      {"role": "tool", "tool_call_id": "c1", "content": "42"}], "tools": [)") +
+                                                   tool + R"(], "tool_choice": "auto"})");
   ASSERT_EQ(g.tools.size(), 1u);
   EXPECT_EQ(g.tools[0], R"({"type": "function", "function": {"name": "f", "parameters": {"z": 1, "a": 2}}})");
   EXPECT_EQ(g.tool_choice.kind, ToolChoice::Kind::Auto);
@@ -104,8 +115,9 @@ TEST(Tools, RequestParsing) {
             ToolChoice::Kind::None);
   EXPECT_EQ(parse_request(Endpoint::Completion, R"({"prompt": "hi"})").tool_choice.kind, ToolChoice::Kind::None);
   auto choice = [&](const std::string& c) {
-    return parse_request(Endpoint::Chat, std::string(R"({"messages": [{"role": "user", "content": "hi"}], "tools": [)") +
-                                             tool + "], \"tool_choice\": " + c + "}");
+    return parse_request(Endpoint::Chat,
+                         std::string(R"({"messages": [{"role": "user", "content": "hi"}], "tools": [)") + tool +
+                             "], \"tool_choice\": " + c + "}");
   };
   EXPECT_EQ(choice("\"required\"").tool_choice.kind, ToolChoice::Kind::Required);
   GenRequest none = choice("\"none\"");
@@ -133,7 +145,8 @@ TEST(Tools, RequestParsing) {
   EXPECT_EQ(param_of("{" + msgs + ", \"tools\": [" + tool +
                      R"(], "tool_choice": {"type": "function", "function": {"name": "nope"}}})"),
             "tool_choice");
-  EXPECT_EQ(param_of(R"({"messages": [{"role": "user", "content": "x", "tool_calls": []}]})"), "messages[0].tool_calls");
+  EXPECT_EQ(param_of(R"({"messages": [{"role": "user", "content": "x", "tool_calls": []}]})"),
+            "messages[0].tool_calls");
   EXPECT_EQ(param_of(R"({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]})"),
             "messages[0].tool_calls[0].function.arguments");
 }
@@ -145,7 +158,8 @@ namespace cpinfer::server {
 namespace {
 
 TEST(ApiLogprobs, ChatAndCompletionShapes) {
-  std::vector<LogprobEntry> e = {{"Hi", -0.5f, {{"Hi", -0.5f}, {"Yo", -1.5f}}}, {std::string("\xe4\xb8", 2), -2.0f, {}}};
+  std::vector<LogprobEntry> e = {{"Hi", -0.5f, {{"Hi", -0.5f}, {"Yo", -1.5f}}},
+                                 {std::string("\xe4\xb8", 2), -2.0f, {}}};
   const nlohmann::json chat = chat_logprobs_json(e);
   ASSERT_EQ(chat["content"].size(), 2u);
   EXPECT_EQ(chat["content"][0]["token"], "Hi");

@@ -35,14 +35,14 @@ TEST(PreTokenizer, QwenRegexPieces) {
   EXPECT_EQ(split(pt, "Hello world"), (Words{"Hello", " world"}));
   EXPECT_EQ(split(pt, "I'M they'll x'Re"), (Words{"I", "'M", " they", "'ll", " x", "'Re"}));
   EXPECT_EQ(split(pt, "abc 123"), (Words{"abc", " ", "1", "2", "3"}));
-  EXPECT_EQ(split(pt, "a   b"), (Words{"a", "  ", " b"}));                 // \s+(?!\S) leaves one space
-  EXPECT_EQ(split(pt, "x  \n\n y"), (Words{"x", "  \n\n", " y"}));          // \s*[\r\n]+
+  EXPECT_EQ(split(pt, "a   b"), (Words{"a", "  ", " b"}));          // \s+(?!\S) leaves one space
+  EXPECT_EQ(split(pt, "x  \n\n y"), (Words{"x", "  \n\n", " y"}));  // \s*[\r\n]+
   EXPECT_EQ(split(pt, "f(x);\n"), (Words{"f", "(x", ");\n"}));
-  EXPECT_EQ(split(pt, "你好，世界"), (Words{"你好", "，世界"}));            // \p{L} is Unicode
-  EXPECT_EQ(split(pt, "\u0661\u0662"), (Words{"\u0661", "\u0662"}));       // Arabic-Indic digits are \p{N}
+  EXPECT_EQ(split(pt, "你好，世界"), (Words{"你好", "，世界"}));      // \p{L} is Unicode
+  EXPECT_EQ(split(pt, "\u0661\u0662"), (Words{"\u0661", "\u0662"}));  // Arabic-Indic digits are \p{N}
   EXPECT_EQ(split(pt, "trailing  "), (Words{"trailing", "  "}));
-  EXPECT_EQ(split(pt, "\t\t\u0085x"), (Words{"\t\t", "\u0085x"}));          // NEL is White_Space
-  EXPECT_EQ(split(pt, "a\uFEFF b"), (Words{"a", "\uFEFF", " b"}));          // BOM is not
+  EXPECT_EQ(split(pt, "\t\t\u0085x"), (Words{"\t\t", "\u0085x"}));  // NEL is White_Space
+  EXPECT_EQ(split(pt, "a\uFEFF b"), (Words{"a", "\uFEFF", " b"}));  // BOM is not
   EXPECT_EQ(split(pt, "a\u3000b"), (Words{"a", "\u3000b"}));
   EXPECT_EQ(split(pt, ""), Words{});
 }

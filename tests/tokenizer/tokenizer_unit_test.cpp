@@ -34,8 +34,9 @@ std::string sym(std::string_view bytes) {
 
 // Vocab: id b = byte b for all 256 bytes, then `extra` (raw bytes) from 256 on.
 // merges are raw-byte pairs; added tokens are given as JSON.
-json make_tokenizer(const std::vector<std::string>& extra, const std::vector<std::pair<std::string, std::string>>& merges,
-                    json added = json::array(), json normalizer = nullptr, bool qwen_split = true) {
+json make_tokenizer(const std::vector<std::string>& extra,
+                    const std::vector<std::pair<std::string, std::string>>& merges, json added = json::array(),
+                    json normalizer = nullptr, bool qwen_split = true) {
   json vocab = json::object();
   for (int b = 0; b < 256; ++b) vocab[sym(std::string(1, static_cast<char>(b)))] = b;
   for (size_t i = 0; i < extra.size(); ++i) vocab[sym(extra[i])] = 256 + static_cast<int>(i);
@@ -43,10 +44,12 @@ json make_tokenizer(const std::vector<std::string>& extra, const std::vector<std
   for (const auto& [a, b] : merges) jm.push_back(sym(a) + " " + sym(b));
   json pre = nullptr;
   if (qwen_split) {
-    pre = {{"type", "Sequence"},
-           {"pretokenizers",
-            json::array({{{"type", "Split"}, {"pattern", {{"Regex", kQwenRegex}}}, {"behavior", "Isolated"}, {"invert", false}},
-                         {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", false}, {"use_regex", false}}})}};
+    pre = {
+        {"type", "Sequence"},
+        {"pretokenizers",
+         json::array(
+             {{{"type", "Split"}, {"pattern", {{"Regex", kQwenRegex}}}, {"behavior", "Isolated"}, {"invert", false}},
+              {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", false}, {"use_regex", false}}})}};
   }
   return {{"version", "1.0"},
           {"added_tokens", added},
@@ -59,7 +62,7 @@ json make_tokenizer(const std::vector<std::string>& extra, const std::vector<std
 Tokenizer load(const json& j) { return Tokenizer::from_json_string(j.dump(), "test-tokenizer.json"); }
 
 json added_token(int id, const std::string& content, bool special, json flags = json::object()) {
-  json t = {{"id", id}, {"content", content}, {"single_word", false}, {"lstrip", false},
+  json t = {{"id", id},        {"content", content},  {"single_word", false}, {"lstrip", false},
             {"rstrip", false}, {"normalized", false}, {"special", special}};
   for (auto& [k, v] : flags.items()) t[k] = v;
   return t;
@@ -77,11 +80,11 @@ std::string error_of(F&& f) {
   return "<no error>";
 }
 
-#define EXPECT_ERROR_HAS(expr, needle)                                          \
-  do {                                                                          \
-    const std::string msg_ = error_of([&] { (void)(expr); });                   \
-    EXPECT_NE(msg_.find(needle), std::string::npos) << "error was: " << msg_;   \
-    EXPECT_EQ(msg_.find("<no error>"), std::string::npos);                      \
+#define EXPECT_ERROR_HAS(expr, needle)                                        \
+  do {                                                                        \
+    const std::string msg_ = error_of([&] { (void)(expr); });                 \
+    EXPECT_NE(msg_.find(needle), std::string::npos) << "error was: " << msg_; \
+    EXPECT_EQ(msg_.find("<no error>"), std::string::npos);                    \
   } while (0)
 
 TEST(TokenizerBpe, MergeRankDecidesOrder) {
@@ -127,8 +130,8 @@ TEST(TokenizerBpe, WordCacheGivesSameResult) {
 }
 
 TEST(TokenizerAdded, SpecialTokensSplitFirstLongestMatch) {
-  json added = json::array({added_token(300, "<|im_start|>", true), added_token(301, "<|im", true),
-                            added_token(302, "<think>", false)});
+  json added = json::array(
+      {added_token(300, "<|im_start|>", true), added_token(301, "<|im", true), added_token(302, "<think>", false)});
   const Tokenizer tok = load(make_tokenizer({}, {}, added));
   EXPECT_EQ(tok.vocab_size(), 303);
   EXPECT_EQ(tok.encode("a<|im_start|>b"), (Ids{'a', 300, 'b'}));
@@ -151,8 +154,8 @@ TEST(TokenizerAdded, SpecialTokensSplitFirstLongestMatch) {
 }
 
 TEST(TokenizerAdded, LstripRstripAbsorbWhitespace) {
-  json added = json::array({added_token(300, "[L]", true, {{"lstrip", true}}),
-                            added_token(301, "[R]", true, {{"rstrip", true}})});
+  json added = json::array(
+      {added_token(300, "[L]", true, {{"lstrip", true}}), added_token(301, "[R]", true, {{"rstrip", true}})});
   const Tokenizer tok = load(make_tokenizer({}, {}, added));
   EXPECT_EQ(tok.encode("a  [L] b"), (Ids{'a', 300, ' ', 'b'}));
   EXPECT_EQ(tok.encode("a [R]  b"), (Ids{'a', ' ', 301, 'b'}));
@@ -201,10 +204,18 @@ TEST(TokenizerBytes, EveryByteRoundTrips) {
     for (int i = 0; i < n; ++i) {
       char32_t cp;
       switch (rng() % 4) {
-        case 0: cp = rng() % 0x80; break;
-        case 1: cp = 0x80 + rng() % 0x780; break;
-        case 2: cp = 0x800 + rng() % 0xF800; break;
-        default: cp = 0x10000 + rng() % 0x100000; break;
+        case 0:
+          cp = rng() % 0x80;
+          break;
+        case 1:
+          cp = 0x80 + rng() % 0x780;
+          break;
+        case 2:
+          cp = 0x800 + rng() % 0xF800;
+          break;
+        default:
+          cp = 0x10000 + rng() % 0x100000;
+          break;
       }
       if (cp >= 0xD800 && cp <= 0xDFFF) cp = 'x';
       utf8::append(s, cp);
@@ -215,11 +226,16 @@ TEST(TokenizerBytes, EveryByteRoundTrips) {
 
 TEST(TokenizerBytes, InvalidUtf8BecomesReplacementChar) {
   const Tokenizer tok = load(make_tokenizer({}, {}));
-  EXPECT_EQ(tok.encode("a\xff" "b"), tok.encode("a\uFFFD" "b"));
-  EXPECT_EQ(tok.decode(tok.encode("\xe4\xb8")), "\uFFFD");           // truncated 3-byte sequence
-  EXPECT_EQ(tok.decode(Ids{0xE4, 0xB8, 'a'}), "\uFFFD" "a");          // one U+FFFD per maximal subpart
-  EXPECT_EQ(tok.decode(Ids{0xC0, 0x80}), "\uFFFD\uFFFD");             // overlong: both bytes invalid
-  EXPECT_EQ(tok.decode(Ids{0xED, 0xA0, 0x80}), "\uFFFD\uFFFD\uFFFD"); // surrogate
+  EXPECT_EQ(tok.encode("a\xff"
+                       "b"),
+            tok.encode("a\uFFFD"
+                       "b"));
+  EXPECT_EQ(tok.decode(tok.encode("\xe4\xb8")), "\uFFFD");  // truncated 3-byte sequence
+  EXPECT_EQ(tok.decode(Ids{0xE4, 0xB8, 'a'}),
+            "\uFFFD"
+            "a");                                                      // one U+FFFD per maximal subpart
+  EXPECT_EQ(tok.decode(Ids{0xC0, 0x80}), "\uFFFD\uFFFD");              // overlong: both bytes invalid
+  EXPECT_EQ(tok.decode(Ids{0xED, 0xA0, 0x80}), "\uFFFD\uFFFD\uFFFD");  // surrogate
 }
 
 TEST(TokenizerBytes, RandomBytesNeverCrash) {
@@ -228,7 +244,8 @@ TEST(TokenizerBytes, RandomBytesNeverCrash) {
   json added = json::array({added_token(300, "<|s|>", true)});
   const Tokenizer tok = load(make_tokenizer({"bc"}, {{"b", "c"}}, added, {{"type", "NFC"}}));
   std::mt19937 rng(3);
-  const std::string alphabet = std::string("abc <|s>\n\r\t'") + "\xc3\xa9\xcc\x81\xe4\xb8\x80\xf0\x9f\x98\x80\xff\xc0\x80";
+  const std::string alphabet =
+      std::string("abc <|s>\n\r\t'") + "\xc3\xa9\xcc\x81\xe4\xb8\x80\xf0\x9f\x98\x80\xff\xc0\x80";
   for (int iter = 0; iter < 500; ++iter) {
     std::string s;
     for (int i = 0, n = static_cast<int>(rng() % 64); i < n; ++i)
@@ -254,7 +271,9 @@ TEST(TokenizerStream, HoldsBackSplitCharacters) {
   EXPECT_EQ(sd.push(0x80), "\U0001F600");
   EXPECT_EQ(sd.push(0xFF), "\uFFFD");  // never valid: out at once
   EXPECT_EQ(sd.push(0xE4), "");
-  EXPECT_EQ(sd.push('x'), "\uFFFD" "x");  // the pending lead byte became invalid
+  EXPECT_EQ(sd.push('x'),
+            "\uFFFD"
+            "x");  // the pending lead byte became invalid
   EXPECT_EQ(sd.push(0xE4), "");
   EXPECT_EQ(sd.flush(), "\uFFFD");  // truncated tail
   EXPECT_EQ(sd.flush(), "");
@@ -338,7 +357,8 @@ TEST(TokenizerFiles, FromDirReadsConfigTokens) {
   std::filesystem::create_directories(dir);
   json added = json::array({added_token(300, "<|end|>", true), added_token(301, "<|pad|>", true)});
   std::ofstream(dir / "tokenizer.json") << make_tokenizer({}, {}, added).dump();
-  std::ofstream(dir / "tokenizer_config.json") << json{{"eos_token", "<|end|>"}, {"pad_token", {{"content", "<|pad|>"}}}}.dump();
+  std::ofstream(dir / "tokenizer_config.json")
+      << json{{"eos_token", "<|end|>"}, {"pad_token", {{"content", "<|pad|>"}}}}.dump();
   const Tokenizer tok = Tokenizer::from_dir(dir.string());
   EXPECT_EQ(tok.eos_token_id(), 300);
   EXPECT_EQ(tok.pad_token_id(), 301);
@@ -354,8 +374,7 @@ TEST(TokenizerThreads, ConcurrentEncodeIsConsistent) {
   const Ids expect = tok.encode(text);
   std::vector<std::thread> threads;
   std::vector<int> ok(4, 0);
-  for (int t = 0; t < 4; ++t)
-    threads.emplace_back([&, t] { ok[t] = tok.encode(text) == expect; });
+  for (int t = 0; t < 4; ++t) threads.emplace_back([&, t] { ok[t] = tok.encode(text) == expect; });
   for (auto& th : threads) th.join();
   EXPECT_EQ(ok, std::vector<int>(4, 1));
 }

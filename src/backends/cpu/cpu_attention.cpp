@@ -34,8 +34,8 @@ using namespace cpu;
 
 namespace {
 
-constexpr int kKeyTile = 64;       // keys per tile
-constexpr int kRowsPerItem = 64;   // query rows (queries × grouped heads) per work item
+constexpr int kKeyTile = 64;      // keys per tile
+constexpr int kRowsPerItem = 64;  // query rows (queries × grouped heads) per work item
 
 // exp(x) for x <= 0 to ~2 ulp, written branch-free so the tile loops vectorize (the libm call
 // does not, and would cost more than the q·k products): x = n ln2 + r, |r| <= ln2/2,
@@ -43,7 +43,7 @@ constexpr int kRowsPerItem = 64;   // query rows (queries × grouped heads) per 
 [[gnu::always_inline]] inline float exp_nonpos(float x) {
   constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  x = x < -87.0f ? -87.0f : x;  // keeps 2^n a normal float (the caller masks true zeros); NaN stays NaN
+  x = x < -87.0f ? -87.0f : x;           // keeps 2^n a normal float (the caller masks true zeros); NaN stays NaN
   const float t = x * kLog2e + kRound;
   const float n = t - kRound;
   const int32_t ni = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(kRound);
@@ -99,9 +99,9 @@ template <int N>
 // leading keys of the tile row r may see (causal mask); m, l [R]; s [kKeyTile] scratch.
 // The reductions (max, sum) run over kLanes partial results so they vectorize too.
 CPI_MULTIVERSION
-void attend_tile(const float* __restrict q, int R, int D, const int* __restrict n_valid,
-                 const float* __restrict kt, const float* __restrict v, float scale, float* __restrict m,
-                 float* __restrict l, float* __restrict o, float* __restrict s) {
+void attend_tile(const float* __restrict q, int R, int D, const int* __restrict n_valid, const float* __restrict kt,
+                 const float* __restrict v, float scale, float* __restrict m, float* __restrict l, float* __restrict o,
+                 float* __restrict s) {
   constexpr int kLanes = 8;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int r = 0; r < R; ++r) {
@@ -144,7 +144,7 @@ void attend_tile(const float* __restrict q, int R, int D, const int* __restrict 
 }
 
 struct WorkItem {
-  int32_t block;      // index into batch.blocks
+  int32_t block;  // index into batch.blocks
   int32_t kv_head;
   int32_t i0;         // first query of the tile, relative to the block
   int32_t n_q;        // queries in the tile
@@ -294,8 +294,8 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
 #pragma omp parallel num_threads(budget.threads()) if (n_items > 1 && macs > kParallelMinMacs)
   {
     const size_t rows = static_cast<size_t>(q_per_item * G), d = static_cast<size_t>(D);
-    std::vector<float> qt(rows * d), ot(rows * d), m(rows), l(rows), kt(d * kKeyTile), vt(kKeyTile * d),
-        s(kKeyTile), krow(d);
+    std::vector<float> qt(rows * d), ot(rows * d), m(rows), l(rows), kt(d * kKeyTile), vt(kKeyTile * d), s(kKeyTile),
+        krow(d);
     std::vector<int> n_valid(rows);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
@@ -333,8 +333,8 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
           const int nv = static_cast<int>(std::clamp<int64_t>(row_end - k0, 0, nk));
           for (int64_t hg = 0; hg < G; ++hg) n_valid[qi * G + hg] = nv;
         }
-        attend_tile(qt.data(), R, static_cast<int>(D), n_valid.data(), kt.data(), vt.data(), scale, m.data(),
-                    l.data(), ot.data(), s.data());
+        attend_tile(qt.data(), R, static_cast<int>(D), n_valid.data(), kt.data(), vt.data(), scale, m.data(), l.data(),
+                    ot.data(), s.data());
       }
       for (int qi = 0; qi < w.n_q; ++qi)
         for (int64_t hg = 0; hg < G; ++hg) {
@@ -383,8 +383,7 @@ void CpuBackend::attention_merge(Tensor out, Tensor lse, const Tensor& out2, con
       const float m = std::max(l1, l2), w1 = std::exp(l1 - m), w2 = std::exp(l2 - m), inv = 1.0f / (w1 + w2);
       to_f32(dst, out.dtype, a.data(), a.size());
       to_f32(byte_ptr(out2) + r * row_bytes, out2.dtype, b.data(), b.size());
-      for (int64_t e = 0; e < D; ++e)
-        a[e] = ((w1 == 0.0f ? 0.0f : w1 * a[e]) + (w2 == 0.0f ? 0.0f : w2 * b[e])) * inv;
+      for (int64_t e = 0; e < D; ++e) a[e] = ((w1 == 0.0f ? 0.0f : w1 * a[e]) + (w2 == 0.0f ? 0.0f : w2 * b[e])) * inv;
       from_f32(a.data(), dst, out.dtype, a.size());
       lp[r] = m + std::log(w1 + w2);
     }

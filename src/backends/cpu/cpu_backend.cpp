@@ -262,9 +262,8 @@ void CpuBackend::moe_route(const Tensor& logits, int top_k, bool renormalize, Te
       // Largest probability first; equal probabilities go to the lower expert id. NaN (from
       // non-finite logits) ranks last so the ordering stays strict and the sort well defined.
       auto key = [&](int32_t e) { return std::isnan(p[e]) ? -1.0f : p[e]; };
-      std::partial_sort(order.begin(), order.begin() + top_k, order.end(), [&](int32_t a, int32_t b) {
-        return key(a) > key(b) || (key(a) == key(b) && a < b);
-      });
+      std::partial_sort(order.begin(), order.begin() + top_k, order.end(),
+                        [&](int32_t a, int32_t b) { return key(a) > key(b) || (key(a) == key(b) && a < b); });
       float sel_sum = 0.0f;
       for (int k = 0; k < top_k; ++k) sel_sum += p[order[k]];
       for (int k = 0; k < top_k; ++k) {

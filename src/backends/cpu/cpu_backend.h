@@ -6,8 +6,9 @@
 // Activations (x, q, k, out, logits ...) must be F32; weights (linear, experts, norms, embedding
 // table) may be BF16/F16/F32 and are converted to fp32 on the fly; the weights of linear layers and
 // experts may also be FP8 with block scales (Weight), dequantized on the fly as transformers does
-// (e4m3 value · scale in fp32); the KV cache may be any of the three float types. Every op checks shapes and dtypes first and throws cpinfer::Error with the
-// op and tensor named; ops return only when the work is done (sync() is a no-op).
+// (e4m3 value · scale in fp32); the KV cache may be any of the three float types. Every op checks shapes and dtypes
+// first and throws cpinfer::Error with the op and tensor named; ops return only when the work is done (sync() is a
+// no-op).
 #pragma once
 #include <cstdint>
 #include <span>
@@ -73,11 +74,11 @@ inline bool sample_row_greedy(const SampleRow& r) { return r.temperature <= 0.0f
 // pick another token only when `draw_margin` (or `top_p_margin`) is within rounding of 0.
 struct SampleTrace {
   float u = 0.0f;
-  double kept_mass = 0.0;    // Σ e over the kept tokens
-  double target = 0.0;       // u · kept_mass
-  double draw_margin = 1.0;  // distance of target to the nearest CDF boundary of the chosen id, / kept_mass
-  double top_p_margin = 1.0; // distance of top_p · mass to the cumulative masses around the top-p threshold, / mass
-  int64_t n_kept = 0;        // tokens with e > 0 that passed every filter
+  double kept_mass = 0.0;     // Σ e over the kept tokens
+  double target = 0.0;        // u · kept_mass
+  double draw_margin = 1.0;   // distance of target to the nearest CDF boundary of the chosen id, / kept_mass
+  double top_p_margin = 1.0;  // distance of top_p · mass to the cumulative masses around the top-p threshold, / mass
+  int64_t n_kept = 0;         // tokens with e > 0 that passed every filter
 };
 // One row of Backend::sample: the token id drawn from `logits` [V], or -1 when no logit is above
 // -inf (every one is -inf or NaN). Throws on V == 0 or a bad row (contract::sample_row).
@@ -88,11 +89,10 @@ namespace cpu {
 // out[m, n] = Σ_k a[m, k] · w[n, k] for m < M, n < N = w.dim(0); a fp32 [M, K] (row stride K), w
 // [N, K] in F32/F16/BF16 or FP8 with block scales (row stride K), out fp32 with row stride ldc.
 // Non-F32 weights are converted (FP8: dequantized, code · scale in fp32) in blocks of rows into a
-// thread-local scratch, one cblas_sgemm per block; a few rows of `a` are multiplied row by row. OpenMP threads split the columns
-// (or rows); OpenBLAS itself runs single-threaded: the first call sets openblas_set_num_threads(1)
-// for the process, so only one thread pool ever spins. Each element's result does not depend on
-// the thread count. simd = false: the generic (baseline x86-64) kernels only, even where the
-// AVX2 + FMA ones would run.
+// thread-local scratch, one cblas_sgemm per block; a few rows of `a` are multiplied row by row. OpenMP threads split
+// the columns (or rows); OpenBLAS itself runs single-threaded: the first call sets openblas_set_num_threads(1) for the
+// process, so only one thread pool ever spins. Each element's result does not depend on the thread count. simd = false:
+// the generic (baseline x86-64) kernels only, even where the AVX2 + FMA ones would run.
 void gemm_wt(const float* a, int64_t M, int64_t K, const Weight& w, float* out, int64_t ldc, bool simd = true);
 
 // Weight rows [n0, n0 + rows) of FP8 `w` dequantized to fp32 `out` [rows, K]: code · scale rounded to

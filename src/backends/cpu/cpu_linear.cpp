@@ -137,7 +137,7 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 fp8x8(const uint8_t* code
 // code, and scale · 256 finite (|scale| < 2^120; larger scales or non-finite ones, which no real
 // checkpoint has, go element by element).
 __attribute__((target("avx2,fma,f16c"))) inline bool fp8_block_vectorizable(const uint8_t* codes, int64_t n,
-                                                                           float scale) {
+                                                                            float scale) {
   if (!(std::fabs(scale) < 0x1p120f)) return false;
   const __m256i sign = _mm256_set1_epi8(static_cast<char>(0x80)), nan = _mm256_set1_epi8(static_cast<char>(0xff));
   __m256i any = _mm256_setzero_si256();
@@ -180,7 +180,7 @@ float weight_at(const void* row, int64_t k, const float* scales) {
 
 template <DType DT>
 __attribute__((target("avx2,fma,f16c"))) void few_rows_avx2(const float* a, int64_t M, int64_t K, const Weight& w,
-                                                       int64_t n0, int64_t n1, float* out, int64_t ldc) {
+                                                            int64_t n0, int64_t n1, float* out, int64_t ldc) {
   constexpr bool kFp8 = DT == DType::F8E4M3;
   constexpr size_t es = dtype_size(DT);
   // The vector loop covers [0, Kv) in blocks of one scale (FP8) or one block (other dtypes); only
@@ -223,10 +223,14 @@ __attribute__((target("avx2,fma,f16c"))) void few_rows_avx2(const float* a, int6
 void few_rows_avx2(const float* a, int64_t M, int64_t K, const Weight& w, int64_t n0, int64_t n1, float* out,
                    int64_t ldc) {
   switch (w.dtype) {
-    case DType::BF16: return few_rows_avx2<DType::BF16>(a, M, K, w, n0, n1, out, ldc);
-    case DType::F16: return few_rows_avx2<DType::F16>(a, M, K, w, n0, n1, out, ldc);
-    case DType::F8E4M3: return few_rows_avx2<DType::F8E4M3>(a, M, K, w, n0, n1, out, ldc);
-    default: return few_rows_avx2<DType::F32>(a, M, K, w, n0, n1, out, ldc);
+    case DType::BF16:
+      return few_rows_avx2<DType::BF16>(a, M, K, w, n0, n1, out, ldc);
+    case DType::F16:
+      return few_rows_avx2<DType::F16>(a, M, K, w, n0, n1, out, ldc);
+    case DType::F8E4M3:
+      return few_rows_avx2<DType::F8E4M3>(a, M, K, w, n0, n1, out, ldc);
+    default:
+      return few_rows_avx2<DType::F32>(a, M, K, w, n0, n1, out, ldc);
   }
 }
 
@@ -265,12 +269,12 @@ void weight_rows_f32(const Weight& w, int64_t K, int64_t n0, int64_t rows, float
 
 // out[:, n0, n1) = a · w[n0, n1)ᵀ on the calling thread (OpenBLAS is single-threaded here); the
 // sgemm calls it makes depend only on its arguments' shapes.
-void gemm_panel(const float* a, int64_t M, int64_t K, const Weight& w, int64_t n0, int64_t n1, float* out,
-                int64_t ldc, bool simd) {
+void gemm_panel(const float* a, int64_t M, int64_t K, const Weight& w, int64_t n0, int64_t n1, float* out, int64_t ldc,
+                bool simd) {
   if (w.dtype == DType::F32) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(n1 - n0),
-                static_cast<int>(K), 1.0f, a, static_cast<int>(K), w.ptr<const float>() + n0 * K,
-                static_cast<int>(K), 0.0f, out + n0, static_cast<int>(ldc));
+                static_cast<int>(K), 1.0f, a, static_cast<int>(K), w.ptr<const float>() + n0 * K, static_cast<int>(K),
+                0.0f, out + n0, static_cast<int>(ldc));
     return;
   }
 #ifdef CPINFER_X86_DISPATCH
@@ -295,9 +299,8 @@ void gemm_panel(const float* a, int64_t M, int64_t K, const Weight& w, int64_t n
   for (int64_t nb0 = n0; nb0 < n1; nb0 += block) {
     const int64_t nb = std::min(block, n1 - nb0);
     weight_rows_f32(w, K, nb0, nb, wf, simd);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(nb),
-                static_cast<int>(K), 1.0f, a, static_cast<int>(K), wf, static_cast<int>(K), 0.0f, out + nb0,
-                static_cast<int>(ldc));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(nb), static_cast<int>(K),
+                1.0f, a, static_cast<int>(K), wf, static_cast<int>(K), 0.0f, out + nb0, static_cast<int>(ldc));
   }
 }
 
@@ -408,7 +411,7 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& w
   const float* xp = x.ptr<const float>();
   const float* wp = weights.ptr<const float>();
   float* op_out = out.ptr<float>();
-  std::vector<int32_t> active;  // local experts with rows, ascending
+  std::vector<int32_t> active;                 // local experts with rows, ascending
   int64_t largest = 0, total = 0, n_rows = 0;  // multiply-adds of the largest expert GEMM and of all
   for (int32_t e = 0; e < shard.count; ++e) {
     if (rows[e].empty()) continue;
@@ -462,7 +465,8 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& w
   // its own rows of y; the sums into out stay in expert order. An expert's result is computed by
   // the same calls whichever thread runs it, so the output does not depend on the thread count.
   std::vector<int64_t> offset(active.size() + 1, 0);
-  for (size_t i = 0; i < active.size(); ++i) offset[i + 1] = offset[i] + static_cast<int64_t>(rows[active[i]].size()) * H;
+  for (size_t i = 0; i < active.size(); ++i)
+    offset[i + 1] = offset[i] + static_cast<int64_t>(rows[active[i]].size()) * H;
   float* y_all = sized(act_scratch(3), n_rows * H);
   const OmpBudget budget;
   const int nt = static_cast<int>(std::min<size_t>(static_cast<size_t>(budget.threads()), active.size()));

@@ -4,8 +4,8 @@
 // bits of e and sorts only the bucket where the cumulative mass crosses (~2 ms for 152K tokens).
 #include <algorithm>
 #include <bit>
-#include <functional>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -180,7 +180,8 @@ void CpuBackend::sample(const Tensor& logits, const std::vector<SampleRow>& rows
   const float* in = logits.ptr<const float>();
   int32_t* out = ids.ptr<int32_t>();
   const cpu::OmpBudget budget;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(budget.threads()) if (r_count > 1 && r_count * v > cpu::kParallelMinElems)
+#pragma omp parallel for schedule(dynamic, 1) \
+    num_threads(budget.threads()) if (r_count > 1 && r_count * v > cpu::kParallelMinElems)
   for (int64_t r = 0; r < r_count; ++r)
     out[r] = sample_reference(std::span<const float>(in + r * v, static_cast<size_t>(v)), rows[r]);
 }

@@ -21,17 +21,28 @@ namespace cpinfer::cuda {
 
 const char* cublas_status_name(cublasStatus_t s) {
   switch (s) {
-    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
-    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
-    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
-    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
-    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
-    case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
-    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
-    case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
-    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
-    case CUBLAS_STATUS_LICENSE_ERROR: return "CUBLAS_STATUS_LICENSE_ERROR";
-    default: return "unknown cuBLAS status";
+    case CUBLAS_STATUS_SUCCESS:
+      return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED:
+      return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED:
+      return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE:
+      return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH:
+      return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_MAPPING_ERROR:
+      return "CUBLAS_STATUS_MAPPING_ERROR";
+    case CUBLAS_STATUS_EXECUTION_FAILED:
+      return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_INTERNAL_ERROR:
+      return "CUBLAS_STATUS_INTERNAL_ERROR";
+    case CUBLAS_STATUS_NOT_SUPPORTED:
+      return "CUBLAS_STATUS_NOT_SUPPORTED";
+    case CUBLAS_STATUS_LICENSE_ERROR:
+      return "CUBLAS_STATUS_LICENSE_ERROR";
+    default:
+      return "unknown cuBLAS status";
   }
 }
 
@@ -39,21 +50,30 @@ namespace {
 
 const char* prefill_kernel_name(CudaBackend::PrefillKernel k) {
   switch (k) {
-    case CudaBackend::PrefillKernel::Ws: return "ws (warp-specialized wgmma)";
-    case CudaBackend::PrefillKernel::Wgmma: return "wgmma";
-    case CudaBackend::PrefillKernel::MmaSync: return "mma.sync";
-    case CudaBackend::PrefillKernel::Cudnn: return "cuDNN";
-    case CudaBackend::PrefillKernel::Auto: return "auto";
+    case CudaBackend::PrefillKernel::Ws:
+      return "ws (warp-specialized wgmma)";
+    case CudaBackend::PrefillKernel::Wgmma:
+      return "wgmma";
+    case CudaBackend::PrefillKernel::MmaSync:
+      return "mma.sync";
+    case CudaBackend::PrefillKernel::Cudnn:
+      return "cuDNN";
+    case CudaBackend::PrefillKernel::Auto:
+      return "auto";
   }
   return "?";
 }
 
 cudaDataType_t cuda_type(DType t) {
   switch (t) {
-    case DType::F32: return CUDA_R_32F;
-    case DType::BF16: return CUDA_R_16BF;
-    case DType::F16: return CUDA_R_16F;
-    default: CPI_FAIL("no cuBLAS type for dtype ", dtype_name(t));
+    case DType::F32:
+      return CUDA_R_32F;
+    case DType::BF16:
+      return CUDA_R_16BF;
+    case DType::F16:
+      return CUDA_R_16F;
+    default:
+      CPI_FAIL("no cuBLAS type for dtype ", dtype_name(t));
   }
 }
 
@@ -97,8 +117,9 @@ CudaBackend::CudaBackend(int device_index, const BackendOptions& opt) : device_(
                 attention == PrefillKernel::Cudnn || hopper_,
             "--attention-backend ", opt.attention, " needs a compute capability 9.0 GPU, ", name_, " is ", prop.major,
             ".", prop.minor);
-  CPI_CHECK(hopper_ || (moe != MoeGemm::Wgmma && moe != MoeGemm::Wgmma128 && moe != MoeGemm::WgmmaWs), "--moe-runner-backend ", opt.moe,
-            " needs a compute capability 9.0 GPU, ", name_, " is ", prop.major, ".", prop.minor);
+  CPI_CHECK(hopper_ || (moe != MoeGemm::Wgmma && moe != MoeGemm::Wgmma128 && moe != MoeGemm::WgmmaWs),
+            "--moe-runner-backend ", opt.moe, " needs a compute capability 9.0 GPU, ", name_, " is ", prop.major, ".",
+            prop.minor);
   prefill_kernel_ = attention;
   moe_gemm_ = moe;
   // Decode-path kernels may start under the previous one's tail (compute capability 9.0; every
@@ -158,8 +179,8 @@ void CudaBackend::set_moe_gemm(MoeGemm m) {
 }
 
 void CudaBackend::set_prefill_kernel(PrefillKernel k) {
-  CPI_CHECK(k == PrefillKernel::Auto || k == PrefillKernel::MmaSync || k == PrefillKernel::Cudnn || hopper_, "the ", prefill_kernel_name(k),
-            " attention kernel needs a compute capability 9.0 GPU (", name_, ")");
+  CPI_CHECK(k == PrefillKernel::Auto || k == PrefillKernel::MmaSync || k == PrefillKernel::Cudnn || hopper_, "the ",
+            prefill_kernel_name(k), " attention kernel needs a compute capability 9.0 GPU (", name_, ")");
   if (k == PrefillKernel::Cudnn) CPI_CHECK(cudnn().available(), cudnn_->unavailable_reason());
   prefill_kernel_ = k;
 }
@@ -380,9 +401,8 @@ void CudaBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const
               "qk_norm_rope");
 }
 
-void CudaBackend::check_qk_norm_rope(const Tensor& q, const Tensor& k, const Tensor& q_norm_w,
-                                     const Tensor& k_norm_w, float eps, const Tensor& positions,
-                                     const RopeParams& rope) {
+void CudaBackend::check_qk_norm_rope(const Tensor& q, const Tensor& k, const Tensor& q_norm_w, const Tensor& k_norm_w,
+                                     float eps, const Tensor& positions, const RopeParams& rope) {
   contract::qk_norm_rope(q, k, q_norm_w, k_norm_w, eps, positions, rope);
   check_on_device(q, "qk_norm_rope", "q");
   check_on_device(k, "qk_norm_rope", "k");
@@ -406,8 +426,8 @@ void CudaBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots
 // One kernel when the cache holds the activations' dtype (the engine's case): the warps of the k
 // heads store what they rotated, and the token's v head, straight into the cache.
 void CudaBackend::qk_norm_rope_store(Tensor q, Tensor k, const Tensor& v, const Tensor& q_norm_w,
-                                     const Tensor& k_norm_w, float eps, const Tensor& positions,
-                                     const RopeParams& rope, const Tensor& slots, KvLayer cache) {
+                                     const Tensor& k_norm_w, float eps, const Tensor& positions, const RopeParams& rope,
+                                     const Tensor& slots, KvLayer cache) {
   check_qk_norm_rope(q, k, q_norm_w, k_norm_w, eps, positions, rope);
   check_kv_store(k, v, slots, cache);
   if (cache.k.dtype != q.dtype || v.dtype != q.dtype) {
@@ -531,8 +551,8 @@ void CudaBackend::sample(const Tensor& logits, const std::vector<SampleRow>& row
   DeviceGuard g(device_);
   char* ws = static_cast<char*>(workspace(rows_bytes + scratch_bytes));
   // Stream-ordered, no wait: from pageable memory the copy is staged before this call returns.
-  CUDA_CHECK(cudaMemcpyAsync(ws, dev_rows.data(), dev_rows.size() * sizeof(DevSampleRow), cudaMemcpyHostToDevice,
-                             stream_));
+  CUDA_CHECK(
+      cudaMemcpyAsync(ws, dev_rows.data(), dev_rows.size() * sizeof(DevSampleRow), cudaMemcpyHostToDevice, stream_));
   float* scratch = any_drawn ? reinterpret_cast<float*>(ws + rows_bytes) : nullptr;
   CUDA_LAUNCH(launch_sample(dev(logits), reinterpret_cast<const DevSampleRow*>(ws), scratch, dev(ids), stream_),
               "sample");

@@ -145,8 +145,8 @@ class CudaBackend : public Backend {
 
  private:
   // The argument checks of qk_norm_rope and kv_store (also run by qk_norm_rope_store).
-  void check_qk_norm_rope(const Tensor& q, const Tensor& k, const Tensor& q_norm_w, const Tensor& k_norm_w,
-                          float eps, const Tensor& positions, const RopeParams& rope);
+  void check_qk_norm_rope(const Tensor& q, const Tensor& k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
+                          const Tensor& positions, const RopeParams& rope);
   void check_kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, const KvLayer& cache);
   // Scratch memory reused across ops on this stream; grows (after a stream sync) when too small,
   // keeping the first `keep_bytes` of its old content.
@@ -192,8 +192,7 @@ class CudaBackend : public Backend {
   // (cached per key), or nullptr when it has none (or the shape is not one it takes).
   const cublasLtMatmulAlgo_t* fp8_lt_algo(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w,
                                           const void* aq, const void* out);
-  void moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
-                       Tensor out);
+  void moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard, Tensor out);
   // The per-expert cuBLASLt path of FP8 experts: copies the offsets to the host (one stream
   // synchronization per call), like moe_experts_cublas. False when cuBLASLt lacks an algorithm
   // for one of the GEMMs (nothing was written to out).
@@ -226,7 +225,7 @@ class CudaBackend : public Backend {
   int n_sms_ = 1;
   PrefillKernel prefill_kernel_ = PrefillKernel::Auto;
   MoeGemm moe_gemm_ = MoeGemm::Grouped;
-  int* attn_sched_ = nullptr;  // [2] the Ws kernel's work counter (zero between launches)
+  int* attn_sched_ = nullptr;              // [2] the Ws kernel's work counter (zero between launches)
   std::unique_ptr<CudnnAttention> cudnn_;  // created on first use
   int64_t cudnn_calls_ = 0;
   int64_t cudnn_dense_calls_ = 0;

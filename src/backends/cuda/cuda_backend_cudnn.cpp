@@ -17,8 +17,8 @@ CudnnAttention& CudaBackend::cudnn() {
 
 std::string CudaBackend::cudnn_unavailable_reason() { return cudnn().unavailable_reason(); }
 
-std::string CudaBackend::cudnn_check(const Tensor& q, const AttnBatch& batch, const KvLayer& cache,
-                                     const Tensor& out, const Tensor& lse, CudnnCall* call) {
+std::string CudaBackend::cudnn_check(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, const Tensor& out,
+                                     const Tensor& lse, CudnnCall* call) {
   CUDA_CHECK(cudaSetDevice(device_));
   const std::vector<int32_t> blocks = flatten_attn_blocks(batch.blocks);
   const int32_t* table = batch.block_table.empty() ? nullptr : batch.block_table.data();

@@ -24,12 +24,11 @@ class DeviceGuard {
 
 }  // namespace cpinfer::cuda
 
-#define CUDA_CHECK(call)                                                                          \
-  do {                                                                                            \
-    cudaError_t cpi_err_ = (call);                                                                \
-    if (cpi_err_ != cudaSuccess) [[unlikely]]                                                     \
-      CPI_FAIL("CUDA call ", #call, " failed: ", cudaGetErrorName(cpi_err_), " (",                \
-               cudaGetErrorString(cpi_err_), ")");                                                \
+#define CUDA_CHECK(call)                                                                                               \
+  do {                                                                                                                 \
+    cudaError_t cpi_err_ = (call);                                                                                     \
+    if (cpi_err_ != cudaSuccess) [[unlikely]]                                                                          \
+      CPI_FAIL("CUDA call ", #call, " failed: ", cudaGetErrorName(cpi_err_), " (", cudaGetErrorString(cpi_err_), ")"); \
   } while (0)
 
 #define CUBLAS_CHECK(call)                                                                        \
@@ -40,19 +39,19 @@ class DeviceGuard {
   } while (0)
 
 // Wraps a launcher of kernels/kernels.h, which returns the launch status.
-#define CUDA_LAUNCH(call, kernel_name)                                                            \
-  do {                                                                                            \
-    cudaError_t cpi_err_ = (call);                                                                \
-    if (cpi_err_ != cudaSuccess) [[unlikely]]                                                     \
-      CPI_FAIL("CUDA kernel ", kernel_name, " failed to launch: ", cudaGetErrorName(cpi_err_),    \
-               " (", cudaGetErrorString(cpi_err_), ")");                                          \
+#define CUDA_LAUNCH(call, kernel_name)                                                               \
+  do {                                                                                               \
+    cudaError_t cpi_err_ = (call);                                                                   \
+    if (cpi_err_ != cudaSuccess) [[unlikely]]                                                        \
+      CPI_FAIL("CUDA kernel ", kernel_name, " failed to launch: ", cudaGetErrorName(cpi_err_), " (", \
+               cudaGetErrorString(cpi_err_), ")");                                                   \
   } while (0)
 
 // After every kernel launch: catches bad launch configurations (and earlier asynchronous faults).
-#define CUDA_CHECK_LAUNCH(kernel_name)                                                            \
-  do {                                                                                            \
-    cudaError_t cpi_err_ = cudaGetLastError();                                                    \
-    if (cpi_err_ != cudaSuccess) [[unlikely]]                                                     \
-      CPI_FAIL("CUDA kernel ", kernel_name, " failed to launch: ", cudaGetErrorName(cpi_err_),    \
-               " (", cudaGetErrorString(cpi_err_), ")");                                          \
+#define CUDA_CHECK_LAUNCH(kernel_name)                                                               \
+  do {                                                                                               \
+    cudaError_t cpi_err_ = cudaGetLastError();                                                       \
+    if (cpi_err_ != cudaSuccess) [[unlikely]]                                                        \
+      CPI_FAIL("CUDA kernel ", kernel_name, " failed to launch: ", cudaGetErrorName(cpi_err_), " (", \
+               cudaGetErrorString(cpi_err_), ")");                                                   \
   } while (0)

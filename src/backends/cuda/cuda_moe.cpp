@@ -123,20 +123,20 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
                                        tensor_cores ? tile_start : nullptr, stream_, tensor_cores ? nullptr : active),
               "moe_permute");
   if (use_wgmma) {
-    CUDA_LAUNCH(launch_moe_grouped_gemms_wgmma(dev(x), src_token, offsets, tile_start, static_cast<int64_t>(n_pairs),
-                                               count, ptrs, ptrs + count, ptrs + 2 * count, inter, act, y_rows,
-                                               wgmma_cfg, stream_),
-                "moe_grouped_gemms_wgmma");
+    CUDA_LAUNCH(
+        launch_moe_grouped_gemms_wgmma(dev(x), src_token, offsets, tile_start, static_cast<int64_t>(n_pairs), count,
+                                       ptrs, ptrs + count, ptrs + 2 * count, inter, act, y_rows, wgmma_cfg, stream_),
+        "moe_grouped_gemms_wgmma");
   } else if (tensor_cores) {
-    CUDA_LAUNCH(launch_moe_grouped_gemms(dev(x), src_token, offsets, tile_start, static_cast<int64_t>(n_pairs),
-                                         count, ptrs, ptrs + count, ptrs + 2 * count, inter, act, y_rows, stream_),
+    CUDA_LAUNCH(launch_moe_grouped_gemms(dev(x), src_token, offsets, tile_start, static_cast<int64_t>(n_pairs), count,
+                                         ptrs, ptrs + count, ptrs + 2 * count, inter, act, y_rows, stream_),
                 "moe_grouped_gemms");
   } else {
     const bool vec = aligned && hidden % 8 == 0 && inter % 8 == 0;
     // At most T·K experts have rows: the grid covers that many (active lists them on the device).
     const int max_active = static_cast<int>(std::min<size_t>(n_pairs, static_cast<size_t>(count)));
-    CUDA_LAUNCH(launch_moe_rowwise_gemms(dev(x), src_token, offsets, count, ptrs, ptrs + count, ptrs + 2 * count,
-                                         inter, vec, act, y_rows, stream_, active, max_active),
+    CUDA_LAUNCH(launch_moe_rowwise_gemms(dev(x), src_token, offsets, count, ptrs, ptrs + count, ptrs + 2 * count, inter,
+                                         vec, act, y_rows, stream_, active, max_active),
                 "moe_rowwise_gemms");
   }
   Tensor y(y_rows, use_wgmma && wgmma_cfg.y_bf16 ? DType::BF16 : DType::F32, {static_cast<int64_t>(n_pairs), hidden},

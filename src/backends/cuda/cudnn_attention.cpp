@@ -45,8 +45,8 @@ struct Key {
 };
 
 [[maybe_unused]] Key key_of(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, const CudnnCall& call) {
-  return Key{batch.n_blocks, bucket(batch.max_q_len), bucket(batch.max_kv_len), q.dim(1), cache.k.dim(2), q.dim(2),
-             cache.k.dim(1), cache.k.dim(0), call.dense ? 1 : 0};
+  return Key{batch.n_blocks, bucket(batch.max_q_len), bucket(batch.max_kv_len), q.dim(1),          cache.k.dim(2),
+             q.dim(2),       cache.k.dim(1),          cache.k.dim(0),           call.dense ? 1 : 0};
 }
 
 // Scratch layout of one call: the metadata arrays, then the stats of a call without lse, then
@@ -81,8 +81,21 @@ namespace {
 
 // Tensor uids of the graph: the non-virtual ones are bound in the variant pack.
 enum Uid : int64_t {
-  kQ = 1, kKCache, kVCache, kO, kStats, kSeqQ, kSeqKv, kPageK, kPageV, kQOff, kOOff, kStatsOff, kScale,
-  kNegInfPad, kNegInfCausal,
+  kQ = 1,
+  kKCache,
+  kVCache,
+  kO,
+  kStats,
+  kSeqQ,
+  kSeqKv,
+  kPageK,
+  kPageV,
+  kQOff,
+  kOOff,
+  kStatsOff,
+  kScale,
+  kNegInfPad,
+  kNegInfCausal,
   kVirtual = 100,  // virtual tensors count up from here
 };
 
@@ -178,8 +191,7 @@ cudnn::Plan build_sdpa_plan(const Key& k, cudnnBackendDescriptor_t devprop) {
   g.reduction(CUDNN_REDUCE_TENSOR_ADD, ex, sum);
   g.pointwise(CUDNN_POINTWISE_LOG, CUDNN_DATA_FLOAT, sum, log_sum);
   // Stats [T, Hq] seen as [B, Hq, Sq, 1] with token-major strides.
-  auto stats =
-      g.tensor(kStats, CUDNN_DATA_FLOAT, row_dims, {sq * hq, 1, hq, 1}, false, false, stats_off);
+  auto stats = g.tensor(kStats, CUDNN_DATA_FLOAT, row_dims, {sq * hq, 1, hq, 1}, false, false, stats_off);
   g.pointwise(CUDNN_POINTWISE_ADD, CUDNN_DATA_FLOAT, mx, stats, log_sum);
   auto probs = scores(CUDNN_DATA_BFLOAT16);
   g.pointwise(CUDNN_POINTWISE_DIV, CUDNN_DATA_FLOAT, ex, probs, sum);
@@ -219,9 +231,9 @@ struct CudnnAttention::Impl {
     try {
       e.plan = std::make_unique<cudnn::Plan>(build_sdpa_plan(k, devprop->get()));
       const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-      log_info("cuDNN attention plan for ", k.b, " block(s), q <= ", k.sq, ", keys <= ", k.skv, ", ", k.hq, "/",
-               k.hkv, " heads, D ", k.d, ", pages of ", k.block_size, ": engine ", e.plan->engine_index,
-               ", workspace ", e.plan->workspace_bytes, " B, built in ", static_cast<int64_t>(ms), " ms");
+      log_info("cuDNN attention plan for ", k.b, " block(s), q <= ", k.sq, ", keys <= ", k.skv, ", ", k.hq, "/", k.hkv,
+               " heads, D ", k.d, ", pages of ", k.block_size, ": engine ", e.plan->engine_index, ", workspace ",
+               e.plan->workspace_bytes, " B, built in ", static_cast<int64_t>(ms), " ms");
     } catch (const cudnn::GraphError& err) {
       e.error = std::string("cuDNN rejects the graph: ") + err.what();
       log_info("cuDNN attention: ", e.error);
@@ -327,8 +339,7 @@ std::string CudnnAttention::check(const DevTensor& q, const DevAttnBatch& batch,
   // Dense: one block at row 0 and position 0 whose pages are consecutive, with the pages the
   // plan's bucketed key length reads (past the sequence: masked, finite by the cache contract)
   // inside the cache.
-  if (host_table && batch.n_blocks == 1 && host_blocks[0] == 0 && host_blocks[2] == 0 &&
-      batch.max_blocks_per_seq > 0) {
+  if (host_table && batch.n_blocks == 1 && host_blocks[0] == 0 && host_blocks[2] == 0 && batch.max_blocks_per_seq > 0) {
     const int64_t bs = cache.k.dim(1), used = (max_kv + bs - 1) / bs;
     const int64_t read = (bucket(batch.max_kv_len) + bs - 1) / bs;
     const int32_t* row = host_table + static_cast<int64_t>(host_blocks[3]) * batch.max_blocks_per_seq;
@@ -384,11 +395,21 @@ void CudnnAttention::run(const DevTensor& q, const DevAttnBatch& batch, const De
   const size_t page_bytes = static_cast<size_t>(k.block_size * k.hkv * k.d) * sizeof(uint16_t);
   void* k_ptr = static_cast<char*>(cache.k.data) + (call.dense ? call.first_page * page_bytes : 0);
   void* v_ptr = static_cast<char*>(cache.v.data) + (call.dense ? call.first_page * page_bytes : 0);
-  std::vector<int64_t> uids = {kQ,    kKCache,   kVCache, kO,         kStats,     kSeqQ,        kSeqKv,
-                               kQOff, kOOff,     kStatsOff, kScale, kNegInfPad, kNegInfCausal};
-  std::vector<void*> ptrs = {q.data,      k_ptr,        v_ptr,        out.data,      lse.defined() ? lse.data : at(l.stats),
-                             at(l.seq_q), at(l.seq_kv), at(l.q_off),  at(l.q_off),   at(l.stats_off),
-                             &scale,      const_cast<float*>(&neg_inf), const_cast<float*>(&neg_inf)};
+  std::vector<int64_t> uids = {kQ,    kKCache, kVCache,   kO,     kStats,     kSeqQ,        kSeqKv,
+                               kQOff, kOOff,   kStatsOff, kScale, kNegInfPad, kNegInfCausal};
+  std::vector<void*> ptrs = {q.data,
+                             k_ptr,
+                             v_ptr,
+                             out.data,
+                             lse.defined() ? lse.data : at(l.stats),
+                             at(l.seq_q),
+                             at(l.seq_kv),
+                             at(l.q_off),
+                             at(l.q_off),
+                             at(l.stats_off),
+                             &scale,
+                             const_cast<float*>(&neg_inf),
+                             const_cast<float*>(&neg_inf)};
   if (!call.dense) {
     uids.insert(uids.end(), {kPageK, kPageV});
     ptrs.insert(ptrs.end(), {at(l.page_table), at(l.page_table)});
@@ -406,8 +427,8 @@ void CudnnAttention::run(const DevTensor& q, const DevAttnBatch& batch, const De
     CPI_FAIL("cuDNN attention failed: ", err2.what());
   }
 #else
-  (void)q, (void)batch, (void)cache, (void)call, (void)scale, (void)out, (void)lse, (void)workspace, (void)workspace_size,
-      (void)stream;
+  (void)q, (void)batch, (void)cache, (void)call, (void)scale, (void)out, (void)lse, (void)workspace,
+      (void)workspace_size, (void)stream;
 #endif
 }
 

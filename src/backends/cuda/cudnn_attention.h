@@ -91,7 +91,6 @@ class CudnnAttention {
 //   addresses memory outside the cache).
 cudaError_t launch_cudnn_attention_meta(const DevAttnBatch& batch, int64_t row_elems, int64_t stats_row_elems,
                                         int pages, int64_t n_cache_pages, int32_t* seq_q, int32_t* seq_kv,
-                                        int64_t* q_off, int64_t* stats_off, int32_t* page_table,
-                                        cudaStream_t stream);
+                                        int64_t* q_off, int64_t* stats_off, int32_t* page_table, cudaStream_t stream);
 
 }  // namespace cpinfer::cuda

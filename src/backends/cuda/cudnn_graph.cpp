@@ -81,8 +81,7 @@ Desc::~Desc() {
   if (d_) api().destroy_descriptor(d_);
 }
 
-Desc& Desc::set(cudnnBackendAttributeName_t name, cudnnBackendAttributeType_t type, int64_t count,
-                const void* value) {
+Desc& Desc::set(cudnnBackendAttributeName_t name, cudnnBackendAttributeType_t type, int64_t count, const void* value) {
   ok(api().set_attribute(d_, name, type, count, value), "cudnnBackendSetAttribute(" + std::to_string(name) + ")");
   return *this;
 }
@@ -117,7 +116,8 @@ void GraphBuilder::pointwise(cudnnPointwiseMode_t mode, cudnnDataType_t math, cu
                              cudnnBackendDescriptor_t y, cudnnBackendDescriptor_t b, cudnnBackendDescriptor_t t,
                              int64_t axis) {
   Desc& pw = make(CUDNN_BACKEND_POINTWISE_DESCRIPTOR);
-  pw.set(CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode).set_dtype(CUDNN_ATTR_POINTWISE_MATH_PREC, math);
+  pw.set(CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode)
+      .set_dtype(CUDNN_ATTR_POINTWISE_MATH_PREC, math);
   if (axis >= 0) pw.set_i64(CUDNN_ATTR_POINTWISE_AXIS, axis);
   pw.finalize("pointwise descriptor");
   Desc& op = make(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
@@ -173,8 +173,8 @@ void GraphBuilder::paged_load(cudnnBackendDescriptor_t container, cudnnBackendDe
 
 Plan GraphBuilder::build(cudnnBackendDescriptor_t devprop) {
   Desc& graph = make(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR);
-  graph.set(CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR, static_cast<int64_t>(ops_.size()),
-            ops_.data())
+  graph
+      .set(CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR, static_cast<int64_t>(ops_.size()), ops_.data())
       .finalize("operation graph");
   std::string tried;  // why each candidate failed, for the error message
   for (cudnnBackendHeurMode_t mode : {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK}) {
@@ -206,8 +206,10 @@ Plan GraphBuilder::build(cudnnBackendDescriptor_t devprop) {
         std::string why = last;
         std::replace(why.begin(), why.end(), '\n', ' ');
         if (why.find("compiler.load()") != std::string::npos)
-          why = "cuDNN's runtime-compiled engines cannot load libcuda.so.1 / libnvrtc.so.13 (put them on the "
-                "library path): " + why;
+          why =
+              "cuDNN's runtime-compiled engines cannot load libcuda.so.1 / libnvrtc.so.13 (put them on the "
+              "library path): " +
+              why;
         if (!why.empty() && tried.size() < 600) tried += (tried.empty() ? "" : "; ") + why.substr(0, 400);
       }
     }

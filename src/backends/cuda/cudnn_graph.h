@@ -90,8 +90,8 @@ class GraphBuilder {
                                   bool by_value = false, cudnnBackendDescriptor_t ragged = nullptr);
   // y = mode(x[, b[, t]]) computed in `math`; axis >= 0 for GEN_INDEX.
   void pointwise(cudnnPointwiseMode_t mode, cudnnDataType_t math, cudnnBackendDescriptor_t x,
-                 cudnnBackendDescriptor_t y, cudnnBackendDescriptor_t b = nullptr,
-                 cudnnBackendDescriptor_t t = nullptr, int64_t axis = -1);
+                 cudnnBackendDescriptor_t y, cudnnBackendDescriptor_t b = nullptr, cudnnBackendDescriptor_t t = nullptr,
+                 int64_t axis = -1);
   // c = a · b (batched over the first two dims) in fp32, with the per-batch GEMM sizes overridden
   // by the optional m/n/k tensors.
   void matmul(cudnnBackendDescriptor_t a, cudnnBackendDescriptor_t b, cudnnBackendDescriptor_t c,

@@ -33,7 +33,7 @@ constexpr int kWarps = 4;
 constexpr int kRowsPerWarp = kBM / kWarps;  // 32: K/V fragments from shared memory serve 2 row blocks
 constexpr int kMi = kRowsPerWarp / 16;
 constexpr int kThreads = kWarps * 32;
-constexpr int kChunks = kD / 8;  // 16-byte chunks per row
+constexpr int kChunks = kD / 8;                                              // 16-byte chunks per row
 constexpr size_t kSmemBytes = (kBM + 4 * kBN) * kD * sizeof(__nv_bfloat16);  // Q + 2 x (K, V)
 
 // Shared-memory element offset of (row, 16-byte chunk) with the XOR swizzle that makes ldmatrix
@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     cp_async16(sq + swz(r, c), src, valid);
   }
   cp_async_commit();
-  load_kv_tiles<kPow2>(k_stage(0), v_stage(0), cache_k, cache_v, table, block_size, bs_shift, n_pages, hkv, kvh,
-                       key_lo, key_end);
+  load_kv_tiles<kPow2>(k_stage(0), v_stage(0), cache_k, cache_v, table, block_size, bs_shift, n_pages, hkv, kvh, key_lo,
+                       key_end);
   cp_async_commit();
 
   // Each warp owns kMi blocks of 16 rows; thread (g, t4) holds rows g and g + 8 of each.
@@ -267,8 +267,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 }  // namespace
 
 cudaError_t launch_attention_flash(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
-                                   DevTensor out,
-                            DevTensor lse, cudaStream_t stream) {
+                                   DevTensor out, DevTensor lse, cudaStream_t stream) {
   const int hq = static_cast<int>(q.dim(1));
   const int hkv = static_cast<int>(cache.k.dim(2));
   const int n_blocks = batch.n_blocks;
@@ -281,14 +280,14 @@ cudaError_t launch_attention_flash(const DevTensor& q, const DevAttnBatch& batch
   const int bs_shift = (bs & (bs - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(bs)) : -1;
   auto kernel = bs_shift >= 0 ? attention_flash_kernel<true> : attention_flash_kernel<false>;
   // Per device and cheap: set it on every launch rather than track which devices have it.
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kSmemBytes));
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(
-      q.ptr<const __nv_bfloat16>(), batch.blocks, batch.block_table, batch.max_blocks_per_seq,
-      cache.k.ptr<const __nv_bfloat16>(), cache.v.ptr<const __nv_bfloat16>(), bs, bs_shift,
-      static_cast<int>(cache.k.dim(0)), hq, hkv,
-      scale * 1.4426950408889634f, out.ptr<__nv_bfloat16>(), lse.defined() ? lse.ptr<float>() : nullptr);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(q.ptr<const __nv_bfloat16>(), batch.blocks, batch.block_table,
+                                                 batch.max_blocks_per_seq, cache.k.ptr<const __nv_bfloat16>(),
+                                                 cache.v.ptr<const __nv_bfloat16>(), bs, bs_shift,
+                                                 static_cast<int>(cache.k.dim(0)), hq, hkv, scale * 1.4426950408889634f,
+                                                 out.ptr<__nv_bfloat16>(), lse.defined() ? lse.ptr<float>() : nullptr);
   return cudaGetLastError();
 }
 

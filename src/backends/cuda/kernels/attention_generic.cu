@@ -28,8 +28,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                              const int32_t* __restrict__ block_table, int max_blocks_per_seq,
                              const TC* __restrict__ cache_k, const TC* __restrict__ cache_v, int block_size,
                              int n_pages, int hq, int hkv, int d, float scale_log2, int n_splits, int split_len,
-                             T* __restrict__ out,
-                             float* __restrict__ lse, float* __restrict__ part) {
+                             T* __restrict__ out, float* __restrict__ lse, float* __restrict__ part) {
   pdl_wait();
   pdl_trigger();
   const int lane = threadIdx.x & 31;
@@ -213,12 +212,12 @@ cudaError_t launch_attention_generic(const DevTensor& q, const DevAttnBatch& bat
   const float scale_log2 = scale * 1.4426950408889634f;
   float* lse_p = lse.defined() ? lse.ptr<float>() : nullptr;
   CPI_DISPATCH_ACT(q.dtype, "attention q", T, CPI_DISPATCH_ACT(cache.k.dtype, "attention cache", TC, {
-    launch_k(attention_generic_kernel<T, TC>, grid, kWarps * 32, 0, stream, 
-        static_cast<const T*>(q.data), batch.blocks, batch.block_table, batch.max_blocks_per_seq,
-        static_cast<const TC*>(cache.k.data), static_cast<const TC*>(cache.v.data), cache.block_size(),
-        static_cast<int>(cache.k.dim(0)), hq, hkv, d,
-        scale_log2, n_splits, n_splits > 1 ? split_len : INT32_MAX, static_cast<T*>(out.data), lse_p, part);
-  }));
+                     launch_k(attention_generic_kernel<T, TC>, grid, kWarps * 32, 0, stream,
+                              static_cast<const T*>(q.data), batch.blocks, batch.block_table, batch.max_blocks_per_seq,
+                              static_cast<const TC*>(cache.k.data), static_cast<const TC*>(cache.v.data),
+                              cache.block_size(), static_cast<int>(cache.k.dim(0)), hq, hkv, d, scale_log2, n_splits,
+                              n_splits > 1 ? split_len : INT32_MAX, static_cast<T*>(out.data), lse_p, part);
+                   }));
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || n_splits == 1) return err;
   return launch_attention_split_merge(batch, hq, d, n_splits, part, out, lse, stream);
@@ -231,8 +230,8 @@ cudaError_t launch_attention_split_merge(const DevAttnBatch& batch, int hq, int 
   const unsigned gx = static_cast<unsigned>((batch.max_q_len + kWarps - 1) / kWarps);
   float* lse_p = lse.defined() ? lse.ptr<float>() : nullptr;
   CPI_DISPATCH_ACT(out.dtype, "attention out", T, {
-    launch_k(attention_merge_kernel<T>, dim3(gx, hq, batch.n_blocks), kWarps * 32, 0, stream, 
-        batch.blocks, hq, d, n_splits, part, static_cast<T*>(out.data), lse_p);
+    launch_k(attention_merge_kernel<T>, dim3(gx, hq, batch.n_blocks), kWarps * 32, 0, stream, batch.blocks, hq, d,
+             n_splits, part, static_cast<T*>(out.data), lse_p);
   });
   return cudaGetLastError();
 }

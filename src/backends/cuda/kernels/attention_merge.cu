@@ -55,9 +55,8 @@ cudaError_t launch_attention_merge(DevTensor out, DevTensor lse, const DevTensor
   if (n_rows == 0 || d == 0) return cudaSuccess;
   const unsigned grid = grid_1d(n_rows, kWarps);
   CPI_DISPATCH_ACT(out.dtype, "attention_merge out", T, {
-    launch_k(attention_merge_pair_kernel<T>, grid, kWarps * 32, 0, stream, 
-        static_cast<T*>(out.data), lse.ptr<float>(), static_cast<const T*>(out2.data), lse2.ptr<const float>(), n_rows,
-        d);
+    launch_k(attention_merge_pair_kernel<T>, grid, kWarps * 32, 0, stream, static_cast<T*>(out.data), lse.ptr<float>(),
+             static_cast<const T*>(out2.data), lse2.ptr<const float>(), n_rows, d);
   });
   return cudaGetLastError();
 }

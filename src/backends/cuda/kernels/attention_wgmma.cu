@@ -15,8 +15,8 @@
 #include <cfloat>
 
 #include "backends/cuda/kernels/common.cuh"
-#include "backends/cuda/kernels/kernels.h"
 #include "backends/cuda/kernels/hopper.cuh"
+#include "backends/cuda/kernels/kernels.h"
 
 namespace cpinfer::cuda {
 namespace {
@@ -25,10 +25,10 @@ constexpr int kD = 128;
 constexpr int kBM = 128;  // query rows per CTA (2 warpgroups x 64)
 constexpr int kBN = 64;   // keys per tile
 constexpr int kThreads = 256;
-constexpr int kQBytes = kBM * kD * 2;       // 32 KB
-constexpr int kKVBytes = kBN * kD * 2;      // 16 KB per K or V tile
-constexpr int kQHalf = kBM * 128;           // bytes of one 64-column half of Q
-constexpr int kKVHalf = kBN * 128;          // bytes of one 64-column half of a K/V tile
+constexpr int kQBytes = kBM * kD * 2;                         // 32 KB
+constexpr int kKVBytes = kBN * kD * 2;                        // 16 KB per K or V tile
+constexpr int kQHalf = kBM * 128;                             // bytes of one 64-column half of Q
+constexpr int kKVHalf = kBN * 128;                            // bytes of one 64-column half of a K/V tile
 constexpr size_t kSmemBytes = kQBytes + 4 * kKVBytes + 1024;  // + slack for 1024-byte alignment
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -48,10 +48,10 @@ __device__ __forceinline__ void wgmma_qk(float (&s)[32], uint64_t da, uint64_t d
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
       "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
       "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(s[0]), "+f"(s[1]), "+f"(s[2]), "+f"(s[3]), "+f"(s[4]), "+f"(s[5]), "+f"(s[6]), "+f"(s[7]),
-        "+f"(s[8]), "+f"(s[9]), "+f"(s[10]), "+f"(s[11]), "+f"(s[12]), "+f"(s[13]), "+f"(s[14]), "+f"(s[15]),
-        "+f"(s[16]), "+f"(s[17]), "+f"(s[18]), "+f"(s[19]), "+f"(s[20]), "+f"(s[21]), "+f"(s[22]), "+f"(s[23]),
-        "+f"(s[24]), "+f"(s[25]), "+f"(s[26]), "+f"(s[27]), "+f"(s[28]), "+f"(s[29]), "+f"(s[30]), "+f"(s[31])
+      : "+f"(s[0]), "+f"(s[1]), "+f"(s[2]), "+f"(s[3]), "+f"(s[4]), "+f"(s[5]), "+f"(s[6]), "+f"(s[7]), "+f"(s[8]),
+        "+f"(s[9]), "+f"(s[10]), "+f"(s[11]), "+f"(s[12]), "+f"(s[13]), "+f"(s[14]), "+f"(s[15]), "+f"(s[16]),
+        "+f"(s[17]), "+f"(s[18]), "+f"(s[19]), "+f"(s[20]), "+f"(s[21]), "+f"(s[22]), "+f"(s[23]), "+f"(s[24]),
+        "+f"(s[25]), "+f"(s[26]), "+f"(s[27]), "+f"(s[28]), "+f"(s[29]), "+f"(s[30]), "+f"(s[31])
       : "l"(da), "l"(db), "r"(accumulate));
 }
 
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads, 2)  // 128 registers, no spills (nvc
   const int kvh = h / (hq / hkv);
   const int32_t* table = block_table + static_cast<int64_t>(seq) * max_blocks_per_seq;
   const int64_t q_stride = static_cast<int64_t>(hq) * kD;
-  const int wg = threadIdx.x >> 7;              // warpgroup: rows 64·wg ..
+  const int wg = threadIdx.x >> 7;  // warpgroup: rows 64·wg ..
   const int warp_in_wg = (threadIdx.x >> 5) & 3;
   const int lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
 
@@ -137,8 +137,8 @@ __global__ void __launch_bounds__(kThreads, 2)  // 128 registers, no spills (nvc
     const int st = j & 1;
     const int key0 = key_lo + j * kBN;
     if (j + 1 < n_tiles)
-      load_kv<kPow2>(k_stage(st ^ 1), v_stage(st ^ 1), cache_k, cache_v, table, block_size, bs_shift, n_pages, hkv,
-                     kvh, key0 + kBN, key_end);
+      load_kv<kPow2>(k_stage(st ^ 1), v_stage(st ^ 1), cache_k, cache_v, table, block_size, bs_shift, n_pages, hkv, kvh,
+                     key0 + kBN, key_end);
     asm volatile("cp.async.commit_group;\n" ::);
     asm volatile("cp.async.wait_group 1;\n" ::);
     // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
@@ -253,14 +253,14 @@ cudaError_t launch_attention_wgmma(const DevTensor& q, const DevAttnBatch& batch
   const int bs = cache.block_size();
   const int bs_shift = (bs & (bs - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(bs)) : -1;
   auto kernel = bs_shift >= 0 ? attention_wgmma_kernel<true> : attention_wgmma_kernel<false>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kSmemBytes));
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(
-      q.ptr<const __nv_bfloat16>(), batch.blocks, batch.block_table, batch.max_blocks_per_seq,
-      cache.k.ptr<const __nv_bfloat16>(), cache.v.ptr<const __nv_bfloat16>(), bs, bs_shift,
-      static_cast<int>(cache.k.dim(0)), hq, hkv, scale * 1.4426950408889634f, out.ptr<__nv_bfloat16>(),
-      lse.defined() ? lse.ptr<float>() : nullptr);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(q.ptr<const __nv_bfloat16>(), batch.blocks, batch.block_table,
+                                                 batch.max_blocks_per_seq, cache.k.ptr<const __nv_bfloat16>(),
+                                                 cache.v.ptr<const __nv_bfloat16>(), bs, bs_shift,
+                                                 static_cast<int>(cache.k.dim(0)), hq, hkv, scale * 1.4426950408889634f,
+                                                 out.ptr<__nv_bfloat16>(), lse.defined() ? lse.ptr<float>() : nullptr);
   return cudaGetLastError();
 }
 

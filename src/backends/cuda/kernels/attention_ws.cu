@@ -64,7 +64,7 @@ constexpr int kBarEpi = 3;    // named barriers 3, 4: one consumer's epilogue
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 
 struct WsParams {
-  CUtensorMap tm_q, tm_k, tm_v;  // q [T, Hq, 128]; cache k/v [pages·block_size, Hkv, 128] in boxes of R rows
+  CUtensorMap tm_q, tm_k, tm_v;      // q [T, Hq, 128]; cache k/v [pages·block_size, Hkv, 128] in boxes of R rows
   CUtensorMap tm_k_tile, tm_v_tile;  // the same cache k/v in boxes of kBN rows (a tile on consecutive pages)
   const int32_t* blocks;
   const int32_t* block_table;
@@ -74,8 +74,8 @@ struct WsParams {
   float* lse;
   int* sched;  // [2]: items handed out, CTAs finished (both 0 between launches)
   int n_blocks, max_blocks_per_seq, block_size, n_pages, hq, hkv;
-  int tma_rows;  // R: keys per TMA box (0: every chunk by cp.async)
-  int bs_shift;  // log2(block_size) where tma_rows > 0
+  int tma_rows;     // R: keys per TMA box (0: every chunk by cp.async)
+  int bs_shift;     // log2(block_size) where tma_rows > 0
   int group_heads;  // query heads per group of the item order (a multiple of hq / hkv dividing hq)
   float scale_log2;
 };
@@ -128,8 +128,7 @@ __device__ __forceinline__ int tile_page(const WsParams& p, const int32_t* table
   if (R == 0 || lane >= kBN / R) return 0;
   const int ck = k0 + lane * R;
   if (ck < key_lo || ck + R > key_end) return 0;
-  return static_cast<int>(
-      min(static_cast<unsigned>(table[ck >> p.bs_shift]), static_cast<unsigned>(p.n_pages - 1)));
+  return static_cast<int>(min(static_cast<unsigned>(table[ck >> p.bs_shift]), static_cast<unsigned>(p.n_pages - 1)));
 }
 
 // A producer warp's load of one K or V tile (keys [k0, k0 + kBN)) into `dst`, completing `full`
@@ -161,11 +160,9 @@ __device__ __forceinline__ void load_kv_tile(const WsParams& p, const CUtensorMa
   // The tile is one run of kBN cache rows when chunk c's first row is chunk 0's + c·R.
   const int row = (page << p.bs_shift) + ((k0 + lane * R) & (bs - 1));  // lane c < n_chunks: chunk c's
   const int row0 = __shfl_sync(0xffffffffu, row, 0);
-  const bool whole = R > 0 && tma_mask == all &&
-                     __all_sync(0xffffffffu, lane >= n_chunks || row == row0 + lane * R);
+  const bool whole = R > 0 && tma_mask == all && __all_sync(0xffffffffu, lane >= n_chunks || row == row0 + lane * R);
   if (whole) {
-    if (lane < 2)
-      tma_load_3d(dst + lane * kKVHalf, tm_tile, full, lane * 64, kvh, row0);
+    if (lane < 2) tma_load_3d(dst + lane * kKVHalf, tm_tile, full, lane * 64, kvh, row0);
   } else if (lane < 2 * n_chunks && ((tma_mask >> (lane >> 1)) & 1u)) {
     const int c = lane >> 1, half = lane & 1, ck = k0 + c * R;
     tma_load_3d(dst + half * kKVHalf + c * R * 128, tm, full, half * 64, kvh,
@@ -190,9 +187,8 @@ __device__ __forceinline__ void load_kv_tile(const WsParams& p, const CUtensorMa
 // Online softmax of one tile in place: s[4n + e] is row row0 + 8·(e >> 1), key k0 + 8n + 2·t4 +
 // (e & 1). Masks keys outside [kv_begin, kv_bound) and after each row's position when asked;
 // returns the factor that rescales the previous accumulators in corr.
-__device__ __forceinline__ void softmax_tile(float (&s)[64], float (&m)[2], float (&l)[2], float (&corr)[2],
-                                             bool mask, int k0, int qpos0, int t4, int kv_begin, int kv_bound,
-                                             float scale_log2) {
+__device__ __forceinline__ void softmax_tile(float (&s)[64], float (&m)[2], float (&l)[2], float (&corr)[2], bool mask,
+                                             int k0, int qpos0, int t4, int kv_begin, int kv_bound, float scale_log2) {
   if (mask) {
 #pragma unroll
     for (int n = 0; n < 16; ++n)
@@ -328,8 +324,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
             j + 1 < t.n_tiles ? tile_page(p, table, k_top - (j + 1) * kBN, t.key_lo, t.key_end, lane) : 0;
         mbar_wait(v ? v_empty(st) : k_empty(st), phase_of(i) ^ 1);
         load_kv_tile(p, v ? &p.tm_v : &p.tm_k, v ? &p.tm_v_tile : &p.tm_k_tile, v ? p.cache_v : p.cache_k,
-                     v ? v_stage(st) : k_stage(st), v ? v_full(st) : k_full(st), table, kvh, k_top - j * kBN,
-                     t.key_lo, t.key_end, lane, page);
+                     v ? v_stage(st) : k_stage(st), v ? v_full(st) : k_full(st), table, kvh, k_top - j * kBN, t.key_lo,
+                     t.key_end, lane, page);
         page = page_next;
       }
       kv_iter += t.n_tiles;
@@ -426,9 +422,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
       const uint32_t qa = sq + cw * 64 * 128;
       const int wg_pos0 = t.pos_begin + t.m0 + cw * 64;  // position of this consumer's first row
       const int qpos0 = wg_pos0 + row0;
-      auto needs_mask = [&](int k0) {
-        return k0 < t.kv_begin || k0 + kBN > t.kv_bound || k0 + kBN - 1 > wg_pos0;
-      };
+      auto needs_mask = [&](int k0) { return k0 < t.kv_begin || k0 + kBN > t.kv_bound || k0 + kBN - 1 > wg_pos0; };
       // Tiles with chunks copied by cp.async (the producer's rule): their data came through the
       // generic proxy and must be fenced before wgmma reads it.
       auto fence_if_copied = [&](int k0) {
@@ -525,8 +519,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
         const int row = i >> 4, c = i & 15, grow = cw * 64 + row;
         if (grow >= t.rows) continue;
         const uint4 v = *reinterpret_cast<const uint4*>(so_ptr + row * 256 + ((c ^ (row & 7)) << 4));
-        *reinterpret_cast<uint4*>(p.out + (static_cast<int64_t>(t.q_begin) + t.m0 + grow) * q_stride + h * kD +
-                                  c * 8) = v;
+        *reinterpret_cast<uint4*>(p.out + (static_cast<int64_t>(t.q_begin) + t.m0 + grow) * q_stride + h * kD + c * 8) =
+            v;
       }
     } else {
 #pragma unroll

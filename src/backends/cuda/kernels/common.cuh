@@ -15,20 +15,32 @@ namespace cpinfer::cuda {
 template <class T>
 __device__ __forceinline__ float to_f32(T v);
 template <>
-__device__ __forceinline__ float to_f32<float>(float v) { return v; }
+__device__ __forceinline__ float to_f32<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
 template <>
-__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32<__half>(__half v) {
+  return __half2float(v);
+}
 
 template <class T>
 __device__ __forceinline__ T from_f32(float v);
 template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+__device__ __forceinline__ float from_f32<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_f32<__half>(float v) {
+  return __float2half_rn(v);
+}
 
 // Eight consecutive elements as fp32, loaded/stored with 16-byte accesses (two for fp32). The
 // pointer must be 16-byte aligned: callers take this path only when every row start is.
@@ -42,8 +54,14 @@ __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
   } else {
     float4 a = reinterpret_cast<const float4*>(p)[0];
     float4 b = reinterpret_cast<const float4*>(p)[1];
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    v[0] = a.x;
+    v[1] = a.y;
+    v[2] = a.z;
+    v[3] = a.w;
+    v[4] = b.x;
+    v[5] = b.y;
+    v[6] = b.z;
+    v[7] = b.w;
   }
 }
 
@@ -135,8 +153,10 @@ __device__ __forceinline__ int expert_of_tile(const int32_t* __restrict__ tile_s
   int lo = 0, hi = count - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
-    if (__ldg(tile_start + mid) <= m_slot) lo = mid;
-    else hi = mid - 1;
+    if (__ldg(tile_start + mid) <= m_slot)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }
@@ -148,9 +168,8 @@ __device__ __forceinline__ int expert_of_tile(const int32_t* __restrict__ tile_s
 struct MoeTile {
   int expert, seg_begin, seg_rows, m0, rows_left;
 };
-__device__ __forceinline__ bool moe_tile_of(const int32_t* __restrict__ tile_start,
-                                            const int32_t* __restrict__ offsets, int count, int m_slot, int tile_m,
-                                            MoeTile& t) {
+__device__ __forceinline__ bool moe_tile_of(const int32_t* __restrict__ tile_start, const int32_t* __restrict__ offsets,
+                                            int count, int m_slot, int tile_m, MoeTile& t) {
   if (m_slot >= __ldg(tile_start + count)) return false;
   t.expert = expert_of_tile(tile_start, count, m_slot);
   t.seg_begin = __ldg(offsets + t.expert);
@@ -165,18 +184,35 @@ __device__ __forceinline__ bool moe_tile_of(const int32_t* __restrict__ tile_sta
 // Host-side dispatch over the float dtypes: CPI_DISPATCH_FLOAT(t, "op x", T, body) runs body with
 // T = float / __nv_bfloat16 / __half; other dtypes make the launcher return cudaErrorInvalidValue
 // (the back-end checks dtypes first, so this is an internal error).
-#define CPI_DISPATCH_FLOAT(dtype, what, T, ...)                                             \
-  switch (dtype) {                                                                          \
-    case ::cpinfer::DType::F32: { using T = float; __VA_ARGS__; } break;                    \
-    case ::cpinfer::DType::BF16: { using T = __nv_bfloat16; __VA_ARGS__; } break;           \
-    case ::cpinfer::DType::F16: { using T = __half; __VA_ARGS__; } break;                   \
-    default: return cudaErrorInvalidValue;                                          \
+#define CPI_DISPATCH_FLOAT(dtype, what, T, ...) \
+  switch (dtype) {                              \
+    case ::cpinfer::DType::F32: {               \
+      using T = float;                          \
+      __VA_ARGS__;                              \
+    } break;                                    \
+    case ::cpinfer::DType::BF16: {              \
+      using T = __nv_bfloat16;                  \
+      __VA_ARGS__;                              \
+    } break;                                    \
+    case ::cpinfer::DType::F16: {               \
+      using T = __half;                         \
+      __VA_ARGS__;                              \
+    } break;                                    \
+    default:                                    \
+      return cudaErrorInvalidValue;             \
   }
 
 // Activations: F32 or BF16 only (keeps the number of kernel instantiations small).
-#define CPI_DISPATCH_ACT(dtype, what, T, ...)                                               \
-  switch (dtype) {                                                                          \
-    case ::cpinfer::DType::F32: { using T = float; __VA_ARGS__; } break;                    \
-    case ::cpinfer::DType::BF16: { using T = __nv_bfloat16; __VA_ARGS__; } break;           \
-    default: return cudaErrorInvalidValue;                                          \
+#define CPI_DISPATCH_ACT(dtype, what, T, ...) \
+  switch (dtype) {                            \
+    case ::cpinfer::DType::F32: {             \
+      using T = float;                        \
+      __VA_ARGS__;                            \
+    } break;                                  \
+    case ::cpinfer::DType::BF16: {            \
+      using T = __nv_bfloat16;                \
+      __VA_ARGS__;                            \
+    } break;                                  \
+    default:                                  \
+      return cudaErrorInvalidValue;           \
   }

@@ -34,8 +34,7 @@ __global__ void cudnn_attention_meta_kernel(const int32_t* blocks, int n_blocks,
 
 cudaError_t launch_cudnn_attention_meta(const DevAttnBatch& batch, int64_t row_elems, int64_t stats_row_elems,
                                         int pages, int64_t n_cache_pages, int32_t* seq_q, int32_t* seq_kv,
-                                        int64_t* q_off, int64_t* stats_off, int32_t* page_table,
-                                        cudaStream_t stream) {
+                                        int64_t* q_off, int64_t* stats_off, int32_t* page_table, cudaStream_t stream) {
   if (batch.n_blocks <= 0 || pages <= 0) return cudaErrorInvalidValue;
   cudnn_attention_meta_kernel<<<batch.n_blocks, 128, 0, stream>>>(
       batch.blocks, batch.n_blocks, batch.block_table, batch.max_blocks_per_seq, row_elems, stats_row_elems, pages,

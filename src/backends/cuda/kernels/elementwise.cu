@@ -56,7 +56,10 @@ __global__ void rms_norm_kernel(TR* __restrict__ residual, const TX* __restrict_
   if constexpr (kVec) {
     for (int64_t c = threadIdx.x * 8; c < cols; c += blockDim.x * 8) {
       float v[8], wv[8];
-      if constexpr (kResidual) load8(rr + c, v); else load8(xr + c, v);
+      if constexpr (kResidual)
+        load8(rr + c, v);
+      else
+        load8(xr + c, v);
       load8(w + c, wv);
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] = v[i] * inv * wv[i];
@@ -122,9 +125,12 @@ __global__ void elementwise_kernel(const TA* __restrict__ a, const TB* __restric
   pdl_trigger();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   auto apply = [](float x, float y) {
-    if constexpr (kOp == EwOp::SiluMul) return x / (1.0f + __expf(-x)) * y;
-    else if constexpr (kOp == EwOp::Add) return x + y;
-    else return x;
+    if constexpr (kOp == EwOp::SiluMul)
+      return x / (1.0f + __expf(-x)) * y;
+    else if constexpr (kOp == EwOp::Add)
+      return x + y;
+    else
+      return x;
   };
   if constexpr (kVec) {
     for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8; i < n; i += stride * 8) {
@@ -150,11 +156,11 @@ cudaError_t run_elementwise(const void* a, const void* b, void* out, int64_t n, 
   const bool vec = n % 8 == 0 && aligned16(a) && (b == nullptr || aligned16(b)) && aligned16(out);
   constexpr int kThreads = 256;
   if (vec) {
-    launch_k(elementwise_kernel<kOp, TA, TB, TO, true>, grid_1d(n / 8, kThreads), kThreads, 0, stream, 
-        static_cast<const TA*>(a), static_cast<const TB*>(b), static_cast<TO*>(out), n);
+    launch_k(elementwise_kernel<kOp, TA, TB, TO, true>, grid_1d(n / 8, kThreads), kThreads, 0, stream,
+             static_cast<const TA*>(a), static_cast<const TB*>(b), static_cast<TO*>(out), n);
   } else {
-    launch_k(elementwise_kernel<kOp, TA, TB, TO, false>, grid_1d(n, kThreads), kThreads, 0, stream, 
-        static_cast<const TA*>(a), static_cast<const TB*>(b), static_cast<TO*>(out), n);
+    launch_k(elementwise_kernel<kOp, TA, TB, TO, false>, grid_1d(n, kThreads), kThreads, 0, stream,
+             static_cast<const TA*>(a), static_cast<const TB*>(b), static_cast<TO*>(out), n);
   }
   return cudaGetLastError();
 }
@@ -184,8 +190,8 @@ cudaError_t launch_fill_zero(void* p, size_t bytes, cudaStream_t stream) {
   if (!aligned16(p)) return cudaMemsetAsync(p, 0, bytes, stream);
   const int64_t n16 = static_cast<int64_t>(bytes / 16);
   constexpr int kThreads = 256;
-  launch_k(fill_zero_kernel, grid_1d(std::max<int64_t>(n16, 1), kThreads), kThreads, 0, stream,
-           static_cast<uint4*>(p), n16, static_cast<unsigned char*>(p) + n16 * 16, static_cast<int>(bytes % 16));
+  launch_k(fill_zero_kernel, grid_1d(std::max<int64_t>(n16, 1), kThreads), kThreads, 0, stream, static_cast<uint4*>(p),
+           n16, static_cast<unsigned char*>(p) + n16 * 16, static_cast<int>(bytes % 16));
   return cudaGetLastError();
 }
 
@@ -197,23 +203,24 @@ cudaError_t launch_rms_norm(DevTensor residual, const DevTensor& x, const DevTen
   const bool vec = cols % 8 == 0 && aligned16(x.data) && aligned16(w.data) && aligned16(out.data) &&
                    (!has_res || aligned16(residual.data));
   const int threads = row_threads(vec ? cols / 8 : cols);
-  CPI_DISPATCH_ACT(x.dtype, "rms_norm x", TX, CPI_DISPATCH_FLOAT(w.dtype, "rms_norm weight", TW, {
-    using TR = TX;
-    using TO = TX;
-    auto* r = static_cast<TR*>(residual.data);
-    auto* xp = static_cast<const TX*>(x.data);
-    auto* wp = static_cast<const TW*>(w.data);
-    auto* op = static_cast<TO*>(out.data);
-    const unsigned grid = static_cast<unsigned>(rows);
-    if (has_res && vec)
-      launch_k(rms_norm_kernel<TX, TR, TW, TO, true, true>, grid, threads, 0, stream, r, xp, wp, op, cols, eps);
-    else if (has_res)
-      launch_k(rms_norm_kernel<TX, TR, TW, TO, false, true>, grid, threads, 0, stream, r, xp, wp, op, cols, eps);
-    else if (vec)
-      launch_k(rms_norm_kernel<TX, TR, TW, TO, true, false>, grid, threads, 0, stream, r, xp, wp, op, cols, eps);
-    else
-      launch_k(rms_norm_kernel<TX, TR, TW, TO, false, false>, grid, threads, 0, stream, r, xp, wp, op, cols, eps);
-  }));
+  CPI_DISPATCH_ACT(
+      x.dtype, "rms_norm x", TX, CPI_DISPATCH_FLOAT(w.dtype, "rms_norm weight", TW, {
+        using TR = TX;
+        using TO = TX;
+        auto* r = static_cast<TR*>(residual.data);
+        auto* xp = static_cast<const TX*>(x.data);
+        auto* wp = static_cast<const TW*>(w.data);
+        auto* op = static_cast<TO*>(out.data);
+        const unsigned grid = static_cast<unsigned>(rows);
+        if (has_res && vec)
+          launch_k(rms_norm_kernel<TX, TR, TW, TO, true, true>, grid, threads, 0, stream, r, xp, wp, op, cols, eps);
+        else if (has_res)
+          launch_k(rms_norm_kernel<TX, TR, TW, TO, false, true>, grid, threads, 0, stream, r, xp, wp, op, cols, eps);
+        else if (vec)
+          launch_k(rms_norm_kernel<TX, TR, TW, TO, true, false>, grid, threads, 0, stream, r, xp, wp, op, cols, eps);
+        else
+          launch_k(rms_norm_kernel<TX, TR, TW, TO, false, false>, grid, threads, 0, stream, r, xp, wp, op, cols, eps);
+      }));
   return cudaGetLastError();
 }
 
@@ -222,20 +229,22 @@ cudaError_t launch_embedding(const DevTensor& table, const DevTensor& ids, DevTe
   if (rows == 0 || cols == 0) return cudaSuccess;
   const bool vec = cols % 8 == 0 && aligned16(table.data) && aligned16(out.data);
   const int threads = row_threads(vec ? cols / 8 : cols);
-  CPI_DISPATCH_FLOAT(table.dtype, "embedding table", TS, CPI_DISPATCH_ACT(out.dtype, "embedding out", TO, {
-    auto* s = static_cast<const TS*>(table.data);
-    auto* o = static_cast<TO*>(out.data);
-    const auto* id = ids.ptr<const int32_t>();
-    if (vec) launch_k(gather_convert_kernel<TS, TO, true>, rows, threads, 0, stream, s, id, table.rows(), o, cols);
-    else launch_k(gather_convert_kernel<TS, TO, false>, rows, threads, 0, stream, s, id, table.rows(), o, cols);
-  }));
+  CPI_DISPATCH_FLOAT(
+      table.dtype, "embedding table", TS, CPI_DISPATCH_ACT(out.dtype, "embedding out", TO, {
+        auto* s = static_cast<const TS*>(table.data);
+        auto* o = static_cast<TO*>(out.data);
+        const auto* id = ids.ptr<const int32_t>();
+        if (vec)
+          launch_k(gather_convert_kernel<TS, TO, true>, rows, threads, 0, stream, s, id, table.rows(), o, cols);
+        else
+          launch_k(gather_convert_kernel<TS, TO, false>, rows, threads, 0, stream, s, id, table.rows(), o, cols);
+      }));
   return cudaGetLastError();
 }
 
 namespace {
 template <bool kScatter>
-cudaError_t move_rows(const DevTensor& src, const DevTensor& idx, DevTensor out, int64_t n_other,
-                      cudaStream_t stream) {
+cudaError_t move_rows(const DevTensor& src, const DevTensor& idx, DevTensor out, int64_t n_other, cudaStream_t stream) {
   const int64_t n = idx.numel();
   const size_t row_bytes = src.row_bytes();
   if (n == 0 || row_bytes == 0) return cudaSuccess;
@@ -243,21 +252,21 @@ cudaError_t move_rows(const DevTensor& src, const DevTensor& idx, DevTensor out,
   const auto* id = idx.ptr<const int32_t>();
   if (vec) {
     const int64_t words = static_cast<int64_t>(row_bytes / 16);
-    launch_k(move_rows_kernel<uint4, kScatter>, n, row_threads(words), 0, stream, 
-        static_cast<const uint4*>(src.data), id, n_other, static_cast<uint4*>(out.data), words);
+    launch_k(move_rows_kernel<uint4, kScatter>, n, row_threads(words), 0, stream, static_cast<const uint4*>(src.data),
+             id, n_other, static_cast<uint4*>(out.data), words);
   } else if (row_bytes % 4 == 0) {
     const int64_t words = static_cast<int64_t>(row_bytes / 4);
-    launch_k(move_rows_kernel<uint32_t, kScatter>, n, row_threads(words), 0, stream, 
-        static_cast<const uint32_t*>(src.data), id, n_other, static_cast<uint32_t*>(out.data), words);
+    launch_k(move_rows_kernel<uint32_t, kScatter>, n, row_threads(words), 0, stream,
+             static_cast<const uint32_t*>(src.data), id, n_other, static_cast<uint32_t*>(out.data), words);
   } else {
     const int64_t words = static_cast<int64_t>(row_bytes / 2 * 2 == row_bytes ? row_bytes / 2 : 0);
     if (words > 0) {
-      launch_k(move_rows_kernel<uint16_t, kScatter>, n, row_threads(words), 0, stream, 
-          static_cast<const uint16_t*>(src.data), id, n_other, static_cast<uint16_t*>(out.data), words);
+      launch_k(move_rows_kernel<uint16_t, kScatter>, n, row_threads(words), 0, stream,
+               static_cast<const uint16_t*>(src.data), id, n_other, static_cast<uint16_t*>(out.data), words);
     } else {
-      launch_k(move_rows_kernel<uint8_t, kScatter>, n, row_threads(static_cast<int64_t>(row_bytes)), 0, stream, 
-          static_cast<const uint8_t*>(src.data), id, n_other, static_cast<uint8_t*>(out.data),
-          static_cast<int64_t>(row_bytes));
+      launch_k(move_rows_kernel<uint8_t, kScatter>, n, row_threads(static_cast<int64_t>(row_bytes)), 0, stream,
+               static_cast<const uint8_t*>(src.data), id, n_other, static_cast<uint8_t*>(out.data),
+               static_cast<int64_t>(row_bytes));
     }
   }
   return cudaGetLastError();
@@ -281,16 +290,16 @@ cudaError_t launch_silu_mul(const DevTensor& gate, const DevTensor& up, DevTenso
 }
 
 cudaError_t launch_add(DevTensor a, const DevTensor& b, cudaStream_t stream) {
-  CPI_DISPATCH_ACT(a.dtype, "add", T, {
-    return run_elementwise<EwOp::Add, T, T, T>(a.data, b.data, a.data, a.numel(), stream);
-  });
+  CPI_DISPATCH_ACT(a.dtype, "add", T,
+                   { return run_elementwise<EwOp::Add, T, T, T>(a.data, b.data, a.data, a.numel(), stream); });
   return cudaGetLastError();
 }
 
 cudaError_t launch_convert(const DevTensor& src, DevTensor dst, cudaStream_t stream) {
   CPI_DISPATCH_FLOAT(src.dtype, "convert src", TA, CPI_DISPATCH_FLOAT(dst.dtype, "convert dst", TO, {
-    return run_elementwise<EwOp::Convert, TA, float, TO>(src.data, nullptr, dst.data, src.numel(), stream);
-  }));
+                       return run_elementwise<EwOp::Convert, TA, float, TO>(src.data, nullptr, dst.data, src.numel(),
+                                                                            stream);
+                     }));
   return cudaGetLastError();
 }
 

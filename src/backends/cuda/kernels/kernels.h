@@ -31,7 +31,9 @@ struct DevTensor {
   int64_t rows() const { return ndim == 0 || cols() == 0 ? 0 : numel() / cols(); }
   size_t row_bytes() const { return static_cast<size_t>(cols()) * dtype_size(dtype); }
   template <class T>
-  T* ptr() const { return static_cast<T*>(data); }
+  T* ptr() const {
+    return static_cast<T*>(data);
+  }
 };
 
 // The paged KV layer: k, v [n_blocks, block_size, Hkv, D].
@@ -81,8 +83,7 @@ cudaError_t launch_skinny_gemm(const DevTensor& a, const DevTensor& w, DevTensor
 // out[i] = a · w[i]ᵀ for i < count <= kSkinnyMaxSegs in one launch (each pair as skinny_gemm_supported
 // takes it, all outs of one dtype): q, k and v of a decode step.
 inline constexpr int kSkinnyMaxSegs = 3;
-cudaError_t launch_skinny_gemms(const DevTensor& a, const DevTensor* w, DevTensor* out, int count,
-                                cudaStream_t stream);
+cudaError_t launch_skinny_gemms(const DevTensor& a, const DevTensor* w, DevTensor* out, int count, cudaStream_t stream);
 // ---- fp8.cu: fine-grained FP8 weights (ops/backend.h Weight): codes F8E4M3 [N, K], scale F32
 // [ceil(N/128), ceil(K/128)], W = code · scale.
 // The decode-sized product on the codes: a BF16 [M <= kSkinnyMaxRows, K], K % 16 == 0, a and the
@@ -112,8 +113,8 @@ __host__ __device__ inline int64_t fp8_act_scale_index(int64_t r, int64_t kb, in
 }
 // Floats of one group of `rows` rows.
 inline int64_t fp8_act_scale_floats(int64_t rows, int64_t kb_count) { return kb_count * ((rows + 3) / 4 * 4); }
-cudaError_t launch_fp8_quantize_rows(const DevTensor& src, uint8_t* q, float* scales, const int32_t* offsets,
-                                     int count, cudaStream_t stream, Fp8ActScales layout = Fp8ActScales::MMajor);
+cudaError_t launch_fp8_quantize_rows(const DevTensor& src, uint8_t* q, float* scales, const int32_t* offsets, int count,
+                                     cudaStream_t stream, Fp8ActScales layout = Fp8ActScales::MMajor);
 // Segment e (first row first_row) of the segmented layout: room for any layout (rows padded to 4).
 __host__ __device__ inline int64_t fp8_segment_scale_base(int64_t first_row, int e, int64_t kb_count) {
   return (kb_count * (first_row + 3 * static_cast<int64_t>(e)) + 3) / 4 * 4 + 4 * static_cast<int64_t>(e);
@@ -127,8 +128,8 @@ cudaError_t launch_fp8_dequantize(const DevTensor& codes, const DevTensor& scale
 // dst [count, rows, ld] = the count scale matrices [rows, cols] with rows padded by zeros to ld
 // floats (cuBLASLt wants the rows of weight block scales 16-byte aligned). The matrices: `single`
 // (count 1) or the device table `table` [count].
-cudaError_t launch_fp8_pad_scales(const float* single, const void* const* table, int count, int64_t rows,
-                                  int64_t cols, float* dst, int64_t ld, cudaStream_t stream);
+cudaError_t launch_fp8_pad_scales(const float* single, const void* const* table, int count, int64_t rows, int64_t cols,
+                                  float* dst, int64_t ld, cudaStream_t stream);
 
 // out[i] = src[idx[i]]; rows with idx outside [0, src rows) are zero-filled.
 cudaError_t launch_gather_rows(const DevTensor& src, const DevTensor& idx, DevTensor out, cudaStream_t stream);
@@ -210,9 +211,9 @@ cudaError_t launch_moe_permute(const DevTensor& ids, int first, int count, int32
 // (M-tiles per expert), which the grouped GEMMs use to map a CTA to its (expert, M-tile); and, when
 // given, active [count + 1]: active[0] = the number of experts with rows, active[1..] their local
 // indices in ascending order (the small-batch kernels launch for those only).
-cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count, int32_t* offsets,
-                                     int32_t* src_token, int32_t* pair_row, int tile_m, int32_t* tile_start,
-                                     cudaStream_t stream, int32_t* active = nullptr);
+cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count, int32_t* offsets, int32_t* src_token,
+                                     int32_t* pair_row, int tile_m, int32_t* tile_start, cudaStream_t stream,
+                                     int32_t* active = nullptr);
 // Small batches: all local experts in two launches, offsets read on the device. gate/up/down are
 // device arrays of `count` BF16 weight pointers ([I, H], [I, H], [H, I]); act [rows, I] BF16 and
 // y [rows, H] F32 are scratch of at least T·K rows. H and I must be multiples of 8 and every
@@ -265,8 +266,8 @@ inline int64_t moe_grouped_gemm_max_tiles(int64_t n_pairs, int count) {
 // host. act and y are scratch of n_pairs rows. gate/up/down as in launch_moe_small_gemms.
 cudaError_t launch_moe_grouped_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
                                      const int32_t* tile_start, int64_t n_pairs, int count, const void* const* gate,
-                                     const void* const* up, const void* const* down, int64_t inter, void* act,
-                                     float* y, cudaStream_t stream);
+                                     const void* const* up, const void* const* down, int64_t inter, void* act, float* y,
+                                     cudaStream_t stream);
 // The same two GEMMs on Hopper warpgroup MMA (kernels/moe_gemm_wgmma.cu, built for sm_90a only):
 // same arguments, semantics and device-side scheduling, tiles chosen by MoeWgmmaConfig.
 // cudaErrorInvalidValue for shapes moe_grouped_gemm_supported rejects or a bad config; on a GPU
@@ -321,8 +322,8 @@ inline bool moe_fp8_grouped_supported(int64_t hidden, int64_t inter) {
 cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& args, bool gate_up, cudaStream_t stream);
 
 // out[t] += Σ_k weights[t,k] · y[pair_row[t*K+k]] over the local pairs, in k order.
-cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row,
-                                 DevTensor out, cudaStream_t stream);
+cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row, DevTensor out,
+                                 cudaStream_t stream);
 
 // ---- sample.cu: one token per row of logits [R, V] F32 (Backend::sample, ops/backend.h) into
 // ids [R] I32. rows: device [R]; scratch: device F32 [R, V] (the probabilities of non-greedy rows;

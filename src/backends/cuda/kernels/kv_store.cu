@@ -39,24 +39,27 @@ __global__ void kv_store_kernel(const TI* __restrict__ k, const TI* __restrict__
 }  // namespace
 
 cudaError_t launch_kv_store(const DevTensor& k, const DevTensor& v, const DevTensor& slots, const DevKv& cache,
-                     cudaStream_t stream) {
+                            cudaStream_t stream) {
   const int64_t n_tokens = k.dim(0);
   const int64_t row = k.dim(1) * k.dim(2);
   if (n_tokens == 0 || row == 0) return cudaSuccess;
   const int64_t n_slots = cache.k.dim(0) * cache.k.dim(1);
-  const bool vec = row % 8 == 0 && aligned16(k.data) && aligned16(v.data) && aligned16(cache.k.data) &&
-                   aligned16(cache.v.data);
+  const bool vec =
+      row % 8 == 0 && aligned16(k.data) && aligned16(v.data) && aligned16(cache.k.data) && aligned16(cache.v.data);
   const int64_t units = vec ? row / 8 : row;
   const int threads = units >= 256 ? 256 : static_cast<int>(((units + 31) / 32) * 32);
-  CPI_DISPATCH_ACT(k.dtype, "kv_store k", TI, CPI_DISPATCH_ACT(cache.k.dtype, "kv_store cache", TC, {
-    auto* kp = static_cast<const TI*>(k.data);
-    auto* vp = static_cast<const TI*>(v.data);
-    auto* ck = static_cast<TC*>(cache.k.data);
-    auto* cv = static_cast<TC*>(cache.v.data);
-    const auto* sp = slots.ptr<const int32_t>();
-    if (vec) launch_k(kv_store_kernel<TI, TC, true>, n_tokens, threads, 0, stream, kp, vp, sp, ck, cv, n_slots, row);
-    else launch_k(kv_store_kernel<TI, TC, false>, n_tokens, threads, 0, stream, kp, vp, sp, ck, cv, n_slots, row);
-  }));
+  CPI_DISPATCH_ACT(
+      k.dtype, "kv_store k", TI, CPI_DISPATCH_ACT(cache.k.dtype, "kv_store cache", TC, {
+        auto* kp = static_cast<const TI*>(k.data);
+        auto* vp = static_cast<const TI*>(v.data);
+        auto* ck = static_cast<TC*>(cache.k.data);
+        auto* cv = static_cast<TC*>(cache.v.data);
+        const auto* sp = slots.ptr<const int32_t>();
+        if (vec)
+          launch_k(kv_store_kernel<TI, TC, true>, n_tokens, threads, 0, stream, kp, vp, sp, ck, cv, n_slots, row);
+        else
+          launch_k(kv_store_kernel<TI, TC, false>, n_tokens, threads, 0, stream, kp, vp, sp, ck, cv, n_slots, row);
+      }));
   return cudaGetLastError();
 }
 

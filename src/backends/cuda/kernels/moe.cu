@@ -49,19 +49,28 @@ __global__ void moe_route_kernel(const T* __restrict__ logits, int64_t n_tokens,
     int best_e = INT32_MAX;
 #pragma unroll
     for (int i = 0; i < kPer; ++i)
-      if (p[i] > best) { best = p[i]; best_e = i * 32 + lane; }  // ascending e: ties keep the lower id
+      if (p[i] > best) {
+        best = p[i];
+        best_e = i * 32 + lane;
+      }  // ascending e: ties keep the lower id
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
       const float ov = __shfl_xor_sync(0xffffffffu, best, o);
       const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
-      if (ov > best || (ov == best && oe < best_e)) { best = ov; best_e = oe; }
+      if (ov > best || (ov == best && oe < best_e)) {
+        best = ov;
+        best_e = oe;
+      }
     }
     if ((best_e & 31) == lane) {
 #pragma unroll
       for (int i = 0; i < kPer; ++i)
         if (i * 32 + lane == best_e) p[i] = -2.0f;
     }
-    if (lane == k) { my_weight = best; my_id = best_e; }
+    if (lane == k) {
+      my_weight = best;
+      my_id = best_e;
+    }
     chosen_sum += best;
   }
   if (lane < top_k) {
@@ -75,8 +84,8 @@ constexpr int kUnroll = 4;
 
 // e[u] = the local expert of pair base + u·blockDim.x (-1 past the end; outside [0, count) when
 // another rank holds it).
-__device__ __forceinline__ void local_experts(const int32_t* __restrict__ ids, int64_t n_pairs, int first,
-                                              int64_t base, int (&e)[kUnroll]) {
+__device__ __forceinline__ void local_experts(const int32_t* __restrict__ ids, int64_t n_pairs, int first, int64_t base,
+                                              int (&e)[kUnroll]) {
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const int64_t p = base + static_cast<int64_t>(u) * blockDim.x;
@@ -179,7 +188,6 @@ __global__ void moe_unpermute_kernel(const TY* __restrict__ y, const float* __re
   }
 }
 
-
 // ---- Small-batch expert GEMMs (decode): one launch covers every local expert, reading the
 // segment offsets on the device, so no host synchronization; the grid's rows are the experts with
 // rows (`active`, listed by the permute) or all of them.
@@ -209,13 +217,18 @@ __device__ __forceinline__ float silu_mul_bf16(float g, float u) {
 constexpr int kSmallWarps = 4;
 constexpr int kSmallRows = 2;
 template <bool kGateUp>
-__host__ __device__ constexpr int small_cols() { return kGateUp ? 1 : 4; }  // two weight rows per column for gate‖up
+__host__ __device__ constexpr int small_cols() {
+  return kGateUp ? 1 : 4;
+}  // two weight rows per column for gate‖up
 template <bool kGateUp>
-__host__ __device__ constexpr int small_cols_per_block() { return kSmallWarps * small_cols<kGateUp>(); }
+__host__ __device__ constexpr int small_cols_per_block() {
+  return kSmallWarps * small_cols<kGateUp>();
+}
 template <bool kGateUp, int kCh>
 size_t small_smem_bytes(int k_dim) {
   constexpr int kW = kGateUp ? 2 * small_cols<kGateUp>() : small_cols<kGateUp>();
-  return (static_cast<size_t>(kSmallRows) * (k_dim / 8) + static_cast<size_t>(kSmallWarps) * warp_dots_chunks<kW, kCh>()) *
+  return (static_cast<size_t>(kSmallRows) * (k_dim / 8) +
+          static_cast<size_t>(kSmallWarps) * warp_dots_chunks<kW, kCh>()) *
          16;
 }
 
@@ -273,8 +286,10 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
         for (int c = 0; c < kCols; ++c) {
           if (c >= n_cols) break;
           const int64_t o = static_cast<int64_t>(r0 + r) * n_out + n0 + c;
-          if constexpr (kGateUp) static_cast<__nv_bfloat16*>(out)[o] = from_f32<__nv_bfloat16>(silu_mul_bf16(dot[r][c], dot[r][kCols + c]));
-          else static_cast<float*>(out)[o] = dot[r][c];
+          if constexpr (kGateUp)
+            static_cast<__nv_bfloat16*>(out)[o] = from_f32<__nv_bfloat16>(silu_mul_bf16(dot[r][c], dot[r][kCols + c]));
+          else
+            static_cast<float*>(out)[o] = dot[r][c];
         }
       }
     }
@@ -309,15 +324,17 @@ __global__ void __launch_bounds__(kScalarWarps * 32)
     if constexpr (kGateUp) du = warp_sum(du);
     if (lane != 0) continue;
     const int64_t o = static_cast<int64_t>(r) * n_out + n;
-    if constexpr (kGateUp) static_cast<__nv_bfloat16*>(out)[o] = from_f32<__nv_bfloat16>(silu_mul_bf16(dg, du));
-    else static_cast<float*>(out)[o] = dg;
+    if constexpr (kGateUp)
+      static_cast<__nv_bfloat16*>(out)[o] = from_f32<__nv_bfloat16>(silu_mul_bf16(dg, du));
+    else
+      static_cast<float*>(out)[o] = dg;
   }
 }
 
 }  // namespace
 
 cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormalize, DevTensor ids, DevTensor weights,
-                      cudaStream_t stream) {
+                             cudaStream_t stream) {
   const int64_t n_tokens = logits.rows();
   const int n_experts = static_cast<int>(logits.cols());
   if (n_tokens == 0) return cudaSuccess;
@@ -328,26 +345,29 @@ cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormaliz
   CPI_DISPATCH_ACT(logits.dtype, "moe_route logits", T, {
     const T* lp = static_cast<const T*>(logits.data);
     if (n_experts <= 128)
-      launch_k(moe_route_kernel<T, 4>, blocks, kWarps * 32, 0, stream, lp, n_tokens, n_experts, top_k, renormalize, idp, wp);
+      launch_k(moe_route_kernel<T, 4>, blocks, kWarps * 32, 0, stream, lp, n_tokens, n_experts, top_k, renormalize, idp,
+               wp);
     else if (n_experts <= 256)
-      launch_k(moe_route_kernel<T, 8>, blocks, kWarps * 32, 0, stream, lp, n_tokens, n_experts, top_k, renormalize, idp, wp);
+      launch_k(moe_route_kernel<T, 8>, blocks, kWarps * 32, 0, stream, lp, n_tokens, n_experts, top_k, renormalize, idp,
+               wp);
     else if (n_experts <= 512)
-      launch_k(moe_route_kernel<T, 16>, blocks, kWarps * 32, 0, stream, lp, n_tokens, n_experts, top_k, renormalize, idp, wp);
+      launch_k(moe_route_kernel<T, 16>, blocks, kWarps * 32, 0, stream, lp, n_tokens, n_experts, top_k, renormalize,
+               idp, wp);
     else
-      launch_k(moe_route_kernel<T, 32>, blocks, kWarps * 32, 0, stream, lp, n_tokens, n_experts, top_k, renormalize, idp, wp);
+      launch_k(moe_route_kernel<T, 32>, blocks, kWarps * 32, 0, stream, lp, n_tokens, n_experts, top_k, renormalize,
+               idp, wp);
   });
   return cudaGetLastError();
 }
 
-cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count, int32_t* offsets,
-                                     int32_t* src_token, int32_t* pair_row, int tile_m, int32_t* tile_start,
-                                     cudaStream_t stream, int32_t* active) {
+cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count, int32_t* offsets, int32_t* src_token,
+                                     int32_t* pair_row, int tile_m, int32_t* tile_start, cudaStream_t stream,
+                                     int32_t* active) {
   const int64_t n_pairs = ids.numel();
   const int top_k = static_cast<int>(ids.cols());
   if (tile_start && tile_m <= 0) return cudaErrorInvalidValue;
-  launch_k(moe_permute_kernel, 1, 1024, static_cast<size_t>(count) * sizeof(int32_t), stream, 
-      ids.ptr<const int32_t>(), n_pairs, top_k, first, count, offsets, src_token, pair_row, tile_m, tile_start,
-      active);
+  launch_k(moe_permute_kernel, 1, 1024, static_cast<size_t>(count) * sizeof(int32_t), stream, ids.ptr<const int32_t>(),
+           n_pairs, top_k, first, count, offsets, src_token, pair_row, tile_m, tile_start, active);
   return cudaGetLastError();
 }
 
@@ -357,7 +377,7 @@ cudaError_t launch_moe_permute(const DevTensor& ids, int first, int count, int32
 }
 
 cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row, DevTensor out,
-                          cudaStream_t stream) {
+                                 cudaStream_t stream) {
   const int64_t n_tokens = out.rows(), cols = out.cols();
   const int top_k = static_cast<int>(weights.cols());
   if (n_tokens == 0 || cols == 0) return cudaSuccess;
@@ -365,12 +385,16 @@ cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, c
   const int64_t units = vec ? cols / 8 : cols;
   const int threads = units >= 256 ? 256 : static_cast<int>(((units + 31) / 32) * 32);
   CPI_DISPATCH_ACT(y.dtype, "moe y", TY, CPI_DISPATCH_ACT(out.dtype, "moe out", TO, {
-    auto* yp = static_cast<const TY*>(y.data);
-    auto* op = static_cast<TO*>(out.data);
-    const float* wp = weights.ptr<const float>();
-    if (vec) launch_k(moe_unpermute_kernel<TY, TO, true>, n_tokens, threads, 0, stream, yp, wp, pair_row, top_k, op, cols);
-    else launch_k(moe_unpermute_kernel<TY, TO, false>, n_tokens, threads, 0, stream, yp, wp, pair_row, top_k, op, cols);
-  }));
+                     auto* yp = static_cast<const TY*>(y.data);
+                     auto* op = static_cast<TO*>(out.data);
+                     const float* wp = weights.ptr<const float>();
+                     if (vec)
+                       launch_k(moe_unpermute_kernel<TY, TO, true>, n_tokens, threads, 0, stream, yp, wp, pair_row,
+                                top_k, op, cols);
+                     else
+                       launch_k(moe_unpermute_kernel<TY, TO, false>, n_tokens, threads, 0, stream, yp, wp, pair_row,
+                                top_k, op, cols);
+                   }));
   return cudaGetLastError();
 }
 
@@ -394,11 +418,11 @@ cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const int32_t* src_toke
     const dim3 grid1(static_cast<unsigned>((inter + kScalarWarps - 1) / kScalarWarps), ey);
     const dim3 grid2(static_cast<unsigned>((hidden + kScalarWarps - 1) / kScalarWarps), ey);
     launch_k(moe_small_gemm_scalar_kernel<true>, grid1, kScalarWarps * 32, 0, stream, xp, src_token, offsets, g, u, n_i,
-                                                                                n_h, act, active);
+             n_h, act, active);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    launch_k(moe_small_gemm_scalar_kernel<false>, grid2, kScalarWarps * 32, 0, stream, actp, nullptr, offsets, d, nullptr,
-                                                                                 n_h, n_i, y, active);
+    launch_k(moe_small_gemm_scalar_kernel<false>, grid2, kScalarWarps * 32, 0, stream, actp, nullptr, offsets, d,
+             nullptr, n_h, n_i, y, active);
     return cudaGetLastError();
   }
   // One pass of 256 · kCh elements per weight row: kCh = 4 for rows up to 1024 (down at I = 768),
@@ -411,14 +435,15 @@ cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const int32_t* src_toke
       if (e != cudaSuccess) return e;
     }
     launch_k(kernel, dim3(grid_x, ey), kSmallWarps * 32, smem, stream, src, src_token, offsets, a1, a2, n_out, k_dim, o,
-                                                                  active);
+             active);
     return cudaGetLastError();
   };
   const unsigned gx1 = static_cast<unsigned>((inter + small_cols_per_block<true>() - 1) / small_cols_per_block<true>());
-  const unsigned gx2 = static_cast<unsigned>((hidden + small_cols_per_block<false>() - 1) / small_cols_per_block<false>());
-  cudaError_t err = hidden <= 1024
-                        ? go(moe_small_gemm_kernel<true, 4>, small_smem_bytes<true, 4>(n_h), gx1, xp, g, u, n_i, n_h, act)
-                        : go(moe_small_gemm_kernel<true, 8>, small_smem_bytes<true, 8>(n_h), gx1, xp, g, u, n_i, n_h, act);
+  const unsigned gx2 =
+      static_cast<unsigned>((hidden + small_cols_per_block<false>() - 1) / small_cols_per_block<false>());
+  cudaError_t err =
+      hidden <= 1024 ? go(moe_small_gemm_kernel<true, 4>, small_smem_bytes<true, 4>(n_h), gx1, xp, g, u, n_i, n_h, act)
+                     : go(moe_small_gemm_kernel<true, 8>, small_smem_bytes<true, 8>(n_h), gx1, xp, g, u, n_i, n_h, act);
   if (err != cudaSuccess) return err;
   return inter <= 1024
              ? go(moe_small_gemm_kernel<false, 4>, small_smem_bytes<false, 4>(n_i), gx2, actp, d, nullptr, n_h, n_i, y)

@@ -42,7 +42,7 @@ constexpr int kWarpM = kTileM / kWarpsM;  // 64 rows per warp: 4 m16 tiles
 constexpr int kWarpN = kTileN / kWarpsN;  // 64 B rows per warp: 8 n8 tiles (kernel 1: 4 gate + 4 up)
 constexpr int kMi = kWarpM / 16, kNj = kWarpN / 8;
 constexpr int kLoads = kTileM * (kTileK / 8) / kThreads;  // 16-byte chunks per thread per operand: 4
-constexpr int kRowStep = kThreads / (kTileK / 8);          // rows between a thread's chunks: 32
+constexpr int kRowStep = kThreads / (kTileK / 8);         // rows between a thread's chunks: 32
 constexpr int kStageElems = (kTileM + kTileN) * kLds;
 constexpr size_t kSmemBytes = static_cast<size_t>(kStages) * kStageElems * sizeof(__nv_bfloat16);  // 80 KiB
 
@@ -122,8 +122,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_grouped_gemm_kernel(const Moe
   int b_off[kNj / 2];
 #pragma unroll
   for (int p = 0; p < kNj / 2; ++p) {
-    const int brow = kGateUp ? (p / (kNj / 4)) * (kTileN / 2) + wn * (kWarpN / 2) + (p % (kNj / 4)) * 16
-                             : wn * kWarpN + p * 16;
+    const int brow =
+        kGateUp ? (p / (kNj / 4)) * (kTileN / 2) + wn * (kWarpN / 2) + (p % (kNj / 4)) * 16 : wn * kWarpN + p * 16;
     b_off[p] = (brow + (lane & 7) + ((lane >> 4) << 3)) * kLds + ((lane >> 3) & 1) * 8;
   }
 
@@ -199,8 +199,8 @@ cudaError_t ensure_smem_attribute() {
 
 cudaError_t launch_moe_grouped_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
                                      const int32_t* tile_start, int64_t n_pairs, int count, const void* const* gate,
-                                     const void* const* up, const void* const* down, int64_t inter, void* act,
-                                     float* y, cudaStream_t stream) {
+                                     const void* const* up, const void* const* down, int64_t inter, void* act, float* y,
+                                     cudaStream_t stream) {
   int64_t m_slots = 0;
   bool nothing = false;
   cudaError_t err = moe_grouped_check(x, inter, n_pairs, count, m_slots, nothing);

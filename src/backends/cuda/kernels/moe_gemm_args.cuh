@@ -24,16 +24,16 @@ struct MoeGemmArgs {
   const __nv_bfloat16* const* w1;  // [count] gate [I, H] or down [H, I]
   const __nv_bfloat16* const* w2;  // [count] up [I, H] (kernel 1)
   int count;
-  int n_out;          // I (kernel 1) or H (kernel 2)
-  int k_dim;          // H (kernel 1) or I (kernel 2)
-  void* out;          // act [rows, I] BF16 or y [rows, H] F32 (BF16 where out_bf16)
-  int n_per_cta = 1;  // N-tiles per CTA (wgmma kernels; the mma.sync ones do one)
+  int n_out;              // I (kernel 1) or H (kernel 2)
+  int k_dim;              // H (kernel 1) or I (kernel 2)
+  void* out;              // act [rows, I] BF16 or y [rows, H] F32 (BF16 where out_bf16)
+  int n_per_cta = 1;      // N-tiles per CTA (wgmma kernels; the mma.sync ones do one)
   bool out_bf16 = false;  // kernel 2 writes y in BF16 (the wgmma kernels; MoeWgmmaConfig::y_bf16)
 };
 
 inline MoeGemmArgs moe_gateup_args(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
-                                   const int32_t* tile_start, int count, const void* const* gate,
-                                   const void* const* up, int64_t inter, void* act) {
+                                   const int32_t* tile_start, int count, const void* const* gate, const void* const* up,
+                                   int64_t inter, void* act) {
   MoeGemmArgs a;
   a.a = x.ptr<const __nv_bfloat16>();
   a.src_token = src_token;

@@ -38,8 +38,8 @@
 #include <atomic>
 
 #include "backends/cuda/kernels/common.cuh"
-#include "backends/cuda/kernels/kernels.h"
 #include "backends/cuda/kernels/hopper.cuh"
+#include "backends/cuda/kernels/kernels.h"
 #include "backends/cuda/kernels/moe_gemm_args.cuh"
 
 namespace cpinfer::cuda {
@@ -49,8 +49,8 @@ constexpr int kTileM = kMoeGemmTileM;  // 128
 constexpr int kTileK = 64;             // bf16 per 128-byte row of a tile
 constexpr int kThreads = 256;          // two warpgroups
 constexpr int kRowBytes = 128;
-constexpr int kRowsPerPass = kThreads / 8;  // 32 rows per pass of 16-byte chunks
-constexpr int kABytes = kTileM * kRowBytes;  // 16 KB
+constexpr int kRowsPerPass = kThreads / 8;      // 32 rows per pass of 16-byte chunks
+constexpr int kABytes = kTileM * kRowBytes;     // 16 KB
 constexpr int kALoads = kTileM / kRowsPerPass;  // 4 chunks per thread per stage
 
 template <int kBN>
@@ -107,30 +107,33 @@ __device__ __forceinline__ void wgmma_n256(float (&d)[128], uint64_t da, uint64_
       "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
       "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
       "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
-      "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, %128, %129, p, 1, 1, 0, "
+      "0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]),
+        "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]),
+        "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]),
+        "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]),
+        "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]),
+        "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]),
+        "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]),
+        "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]),
+        "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "l"(da), "l"(db));
 }
 
 template <int kBN>
 __device__ __forceinline__ void wgmma_tile(float (&d)[kBN / 2], uint64_t da, uint64_t db) {
-  if constexpr (kBN == 256) wgmma_n256(d, da, db);
-  else wgmma_n128(d, da, db);
+  if constexpr (kBN == 256)
+    wgmma_n256(d, da, db);
+  else
+    wgmma_n128(d, da, db);
 }
 
 __device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
@@ -139,8 +142,8 @@ __device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(_
 // B column acc_col(tid, idx) (tid counts the 256 threads of the two MMA warpgroups); tile rows from
 // rows_left on are not written; row0 is the tile's first row in the expert-sorted rows.
 template <bool kGateUp, int kBN>
-__device__ __forceinline__ void store_tile(const float (&acc)[kBN / 2], const MoeGemmArgs& args, int tid,
-                                           int rows_left, int64_t row0, int n0) {
+__device__ __forceinline__ void store_tile(const float (&acc)[kBN / 2], const MoeGemmArgs& args, int tid, int rows_left,
+                                           int64_t row0, int n0) {
   const int n_out = args.n_out;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -185,7 +188,8 @@ __device__ __forceinline__ void store_tile(const float (&acc)[kBN / 2], const Mo
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 template <bool kGateUp, int kBN>
-__global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks) moe_grouped_gemm_wgmma_kernel(const MoeGemmArgs args) {
+__global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks)
+    moe_grouped_gemm_wgmma_kernel(const MoeGemmArgs args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = WgCfg<kBN>;
   constexpr int kStages = C::kStages;
@@ -293,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks) moe_grouped_
     store_tile<kGateUp, kBN>(acc, args, tid, rows_left, seg_begin + m0, n0);
   }
   cp_async_wait<0>();  // only empty groups can be pending here
-#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+#endif                 // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
 // ---- The warp-specialized version (MoeWgmmaConfig::warp_specialized; 128 x 256 tiles only).

@@ -88,13 +88,14 @@ cudaError_t launch_qk_norm_rope(DevTensor q, DevTensor k, const DevTensor& q_nor
   const int64_t n_slots = store ? cache->k.dim(0) * cache->k.dim(1) : 0;
   const size_t smem = static_cast<size_t>(kWarps) * d * sizeof(float);
   CPI_DISPATCH_ACT(q.dtype, "qk_norm_rope q", T, CPI_DISPATCH_FLOAT(q_norm_w.dtype, "qk_norm_rope weight", TW, {
-    launch_k(qk_norm_rope_kernel<T, TW>, static_cast<unsigned>(blocks), kWarps * 32, smem, stream, 
-        static_cast<T*>(q.data), static_cast<T*>(k.data), static_cast<const TW*>(q_norm_w.data),
-        static_cast<const TW*>(k_norm_w.data), positions.ptr<const int32_t>(), inv_freq, n_tokens, hq, hkv, d, eps,
-        attention_factor, store ? static_cast<const T*>(v->data) : nullptr,
-        store ? slots->ptr<const int32_t>() : nullptr, store ? static_cast<T*>(cache->k.data) : nullptr,
-        store ? static_cast<T*>(cache->v.data) : nullptr, n_slots);
-  }));
+                     launch_k(qk_norm_rope_kernel<T, TW>, static_cast<unsigned>(blocks), kWarps * 32, smem, stream,
+                              static_cast<T*>(q.data), static_cast<T*>(k.data), static_cast<const TW*>(q_norm_w.data),
+                              static_cast<const TW*>(k_norm_w.data), positions.ptr<const int32_t>(), inv_freq, n_tokens,
+                              hq, hkv, d, eps, attention_factor, store ? static_cast<const T*>(v->data) : nullptr,
+                              store ? slots->ptr<const int32_t>() : nullptr,
+                              store ? static_cast<T*>(cache->k.data) : nullptr,
+                              store ? static_cast<T*>(cache->v.data) : nullptr, n_slots);
+                   }));
   return cudaGetLastError();
 }
 

@@ -18,9 +18,9 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kWays = 16;                // buckets of one search pass: 4 bits of the key
-constexpr int kPasses = 32 / 4;          // 32-bit keys
-constexpr int kItems = 4;                // consecutive ids per thread in the ordered scans
+constexpr int kWays = 16;                     // buckets of one search pass: 4 bits of the key
+constexpr int kPasses = 32 / 4;               // 32-bit keys
+constexpr int kItems = 4;                     // consecutive ids per thread in the ordered scans
 constexpr uint32_t kNegInfKey = 0x007FFFFFu;  // order_key(-inf)
 
 // NaN ranks as -inf and -0 as +0, as in the reference.
@@ -136,8 +136,8 @@ __device__ int first_crossing(int64_t n, double target, const Weight& weight, Sh
 // above the range add to one sum shared by all bounds, so after the first passes most elements
 // cost one add. Also returns F(t) and F(t + 1) (ties at t, and above it).
 template <class Key, class Weight>
-__device__ uint32_t search_threshold(int64_t n, double target, const Key& key_of, const Weight& weight_of,
-                                     Shared& sh, double* f_at, double* f_above) {
+__device__ uint32_t search_threshold(int64_t n, double target, const Key& key_of, const Weight& weight_of, Shared& sh,
+                                     double* f_at, double* f_above) {
   uint64_t lo = 0, span = 1ull << 32;
   double f_lo = 0.0, f_hi = 0.0;  // F(lo), F(lo + span)
   bool f_lo_known = false;
@@ -182,9 +182,9 @@ __device__ uint32_t search_threshold(int64_t n, double target, const Key& key_of
   return static_cast<uint32_t>(lo);
 }
 
-__global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restrict__ logits, int64_t n,
-                                                          const DevSampleRow* __restrict__ rows,
-                                                          float* __restrict__ scratch, int32_t* __restrict__ ids) {
+__global__ void __launch_bounds__(kThreads)
+    sample_kernel(const float* __restrict__ logits, int64_t n, const DevSampleRow* __restrict__ rows,
+                  float* __restrict__ scratch, int32_t* __restrict__ ids) {
   __shared__ Shared sh;
   const int64_t row = blockIdx.x;
   const float* l = logits + row * n;
@@ -194,8 +194,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
   // 1. argmax: the key in the high half, ~id in the low half, so the max is the first maximum.
   unsigned long long best = 0;
   for (int64_t i = tid; i < n; i += kThreads) {
-    const unsigned long long k = (static_cast<unsigned long long>(order_key(canon(l[i]))) << 32) |
-                                 (0xFFFFFFFFu - static_cast<uint32_t>(i));
+    const unsigned long long k =
+        (static_cast<unsigned long long>(order_key(canon(l[i]))) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
     best = k > best ? k : best;
   }
   best = block_max_u64(best, sh);
@@ -219,14 +219,13 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
   // 3. top-k: the largest key with count(key >= it) >= k is the k-th ranked logit's key; ties at
   // it are kept up to the id of the (k - count(key > it))-th of them.
   const bool has_top_k = p.top_k > 0;
-  uint32_t k_key = 0;           // keep key > k_key, or key == k_key and id <= k_cut
+  uint32_t k_key = 0;  // keep key > k_key, or key == k_key and id <= k_cut
   int64_t k_cut = INT64_MAX;
   if (has_top_k) {
     const double k = p.top_k;
     double n_ge_key = 0.0, n_gt_key = 0.0;
     k_key = search_threshold(
-        n, k, [&](int64_t i) { return order_key(canon(l[i])); }, [](int64_t) { return 1.0; }, sh, &n_ge_key,
-        &n_gt_key);
+        n, k, [&](int64_t i) { return order_key(canon(l[i])); }, [](int64_t) { return 1.0; }, sh, &n_ge_key, &n_gt_key);
     if (n_ge_key > k) {  // more tokens share the k-th logit than fit: the lowest ids among them
       const uint32_t kk = k_key;
       const int cut = first_crossing(
@@ -283,7 +282,7 @@ cudaError_t launch_sample(const DevTensor& logits, const DevSampleRow* rows, flo
   if (r == 0) return cudaSuccess;
   if (n <= 0 || n >= INT_MAX || r > INT_MAX || ids.numel() != r) return cudaErrorInvalidValue;
   sample_kernel<<<static_cast<unsigned>(r), kThreads, 0, stream>>>(logits.ptr<const float>(), n, rows, scratch,
-                                                                  ids.ptr<int32_t>());
+                                                                   ids.ptr<int32_t>());
   return cudaGetLastError();
 }
 
