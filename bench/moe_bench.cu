@@ -8,8 +8,8 @@
 //            tiles, 2 N-tiles per CTA: --moe-runner-backend wgmma), wgmma128 (128 x 128, 1 per
 //            CTA: --moe-runner-backend wgmma128), ws (the warp-specialized kernels, 128 x 256,
 //            y in BF16: the back-end's default there, --moe-runner-backend auto or wgmma-ws; ws.f32
-//            writes y in F32) and tuning variants (.jN: N-tiles per CTA; .mix:
-//            128 x 256 gate‖up, 128 x 128 down);
+//            writes y in F32) and tuning variants (.jN: N-tiles per CTA; .np: a CTA per item
+//            instead of persistent CTAs; .mix: 128 x 256 gate‖up, 128 x 128 down);
 //   cublas:  moe_permute -> offsets to the host (stream sync) -> gather rows -> per-expert cuBLAS
 //            gate, up -> silu_mul -> per-expert cuBLAS down -> moe_unpermute
 //            (--moe-runner-backend cublas in the back-end).
@@ -17,7 +17,8 @@
 //            per 128x128 block to e4m3 (moe_bench_fp8.cuh) through the FP8 MoE block of
 //            cuda_moe_fp8.cpp: x quantized -> grouped FP8 gate‖up -> act quantized -> grouped FP8
 //            down (the "gemm" columns include both quantizations): fp8.ws (the back-end's default:
-//            warp-specialized kernels, y in BF16), fp8.ws.jN (N-tiles per CTA), fp8.ws.f32 (y in
+//            warp-specialized kernels, y in BF16), fp8.ws.jN (N-tiles per CTA), fp8.ws.np (a CTA per
+//            item, not persistent), fp8.ws.f32 (y in
 //            F32), fp8.wgmma (the first FP8 kernels, --moe-runner-backend wgmma). Each is compared
 //            with the BF16 ws path's output (the FP8 rounding of weights and activations: nmse of a
 //            few 1e-3; checked <= 2e-2), fp8.ws.f32 with fp8.wgmma and the fp8.ws variants with
@@ -193,6 +194,8 @@ int main(int argc, char** argv) {
     gpaths.push_back({"wgmma128.j2", true, {128, 128, 2}});
     gpaths.push_back({"ws", true, {256, 256, 2, true, true}});
     gpaths.push_back({"ws.j1", true, {256, 256, 1, true, true}});
+    gpaths.push_back({"ws.j4", true, {256, 256, 4, true, true}});
+    gpaths.push_back({"ws.np", true, {256, 256, 2, true, true, false}});
     gpaths.push_back({"ws.f32", true, {256, 256, 2, true, false}});
   } else {
     std::printf("(not compute capability 9.0: no wgmma columns)\n");
@@ -223,12 +226,12 @@ int main(int argc, char** argv) {
   // FP8 copies of the same experts (compute capability 9.0, H and I multiples of 128).
   namespace f8 = moe_bench_fp8;
   const bool fp8 = prop.major == 9 && prop.minor == 0 && cc::moe_fp8_grouped_supported(hidden, inter);
-  const std::vector<f8::Path> fpaths = fp8 ? std::vector<f8::Path>{{"fp8.ws", true, true, 2},
-                                                                   {"fp8.ws.j1", true, true, 1},
-                                                                   {"fp8.ws.j4", true, true, 4},
-                                                                   {"fp8.ws.f32", true, false, 2},
-                                                                   {"fp8.wgmma", false, false, 2}}
-                                           : std::vector<f8::Path>{};
+  const std::vector<f8::Path> fpaths =
+      fp8 ? std::vector<f8::Path>{{"fp8.ws", true, true, 2},           {"fp8.ws.j1", true, true, 1},
+                                  {"fp8.ws.j4", true, true, 4},        {"fp8.ws.j8", true, true, 8},
+                                  {"fp8.ws.np", true, true, 2, false}, {"fp8.ws.f32", true, false, 2},
+                                  {"fp8.wgmma", false, false, 2}}
+          : std::vector<f8::Path>{};
   const size_t n_fp = fpaths.size();
   f8::Experts fp8_w;
   if (fp8) fp8_w = f8::make_experts(ptr_host, count, hidden, inter);
@@ -458,7 +461,7 @@ int main(int argc, char** argv) {
       fcheck[p] = buf;
       bad += !ok;
       const std::string name = fpaths[p].name;
-      if (name == "fp8.ws.j1" || name == "fp8.ws.j4") same_as(p, "fp8.ws");
+      if (name.rfind("fp8.ws.j", 0) == 0 || name == "fp8.ws.np") same_as(p, "fp8.ws");
       if (name == "fp8.wgmma") same_as(p, "fp8.ws.f32");
     }
 

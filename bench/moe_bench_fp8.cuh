@@ -85,6 +85,7 @@ struct Path {
   bool ws;
   bool y_bf16;
   int n_per_cta;
+  bool persistent = true;  // ws: one CTA per SM walks the items
 };
 
 // Scratch of one token count: quantized x and act with their scales.
@@ -143,6 +144,7 @@ inline cudaError_t enqueue_gemms(const Path& p, const Experts& w, const Scratch&
   a.y_bf16 = p.y_bf16;
   a.warp_specialized = p.ws;
   a.n_per_cta = p.n_per_cta;
+  a.persistent = p.persistent;
   if ((err = cc::launch_moe_grouped_gemm_fp8_wgmma(a, true, stream)) != cudaSuccess) return err;
   cc::DevTensor act_t;
   act_t.data = act;

@@ -283,6 +283,8 @@ struct MoeWgmmaConfig {
   // launch_moe_unpermute as BF16): half the bytes written and read back at prefill, each expert's
   // output rounded to BF16 once before the weighted sum (as transformers' bf16 experts output it).
   bool y_bf16 = false;
+  // Warp-specialized kernels: one CTA per SM walks the (M-tile, N-group) items; false: a CTA per item.
+  bool persistent = true;
 };
 cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
                                            const int32_t* tile_start, int64_t n_pairs, int count,
@@ -319,7 +321,8 @@ struct MoeFp8GemmArgs {
   void* y = nullptr;
   bool y_bf16 = false;  // y in BF16: half the bytes written and read back (as MoeWgmmaConfig::y_bf16)
   bool warp_specialized = true;
-  int n_per_cta = 2;  // N-tiles one CTA computes in turn (1..64)
+  int n_per_cta = 2;       // N-tiles one CTA computes in turn (1..64)
+  bool persistent = true;  // warp-specialized kernels: one CTA per SM walks the items (MoeWgmmaConfig)
 };
 inline bool moe_fp8_grouped_supported(int64_t hidden, int64_t inter) {
   return hidden > 0 && inter > 0 && hidden % 128 == 0 && inter % 128 == 0 && hidden <= (int64_t{1} << 20) &&

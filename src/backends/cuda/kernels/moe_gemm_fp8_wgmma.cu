@@ -302,12 +302,8 @@ template <bool kGateUp>
 __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const Args args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kNStep = kGateUp ? kBN / 2 : kBN;  // outputs per N-tile
-  MoeTile tile;
-  if (!moe_tile_of(args.tile_start, args.offsets, args.count, blockIdx.y, kTileM, tile)) return;
-  const int e = tile.expert, n_k = args.k_dim / kTileK;
+  const int n_k = args.k_dim / kTileK;
   const int n_tiles = (args.n_out + kNStep - 1) / kNStep;
-  const int j_begin = blockIdx.x * args.n_per_cta;
-  const int j_end = min(j_begin + args.n_per_cta, n_tiles);
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -319,18 +315,28 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const Args ar
     // ---- producer: the tiles (ws_produce) and, per slot, the scales of its k-step
     regs_dealloc<kWsProducerRegs>();
     const int t = threadIdx.x;
-    const RowScales rs = row_scales<kGateUp>(args, tile, t, n_k);
     const bool copies_w = t < (kGateUp ? 2 : 1);  // thread 0: gate's or down's block scale; 1: up's
     const float* const* w_table = kGateUp && t == 1 ? args.s2 : args.s1;
-    const float* const w_base = copies_w ? w_table[e] : nullptr;
-    auto scale_copies = [&](int s, int j, int kt) {
-      const uint32_t dst = scales + s * kWsScaleBytes;
-      cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
-      if (copies_w) cp_async4(dst + 4 * (128 + t), w_base + static_cast<int64_t>(j * kNStep / kTileK) * n_k + kt, true);
-    };
-    const WsOperands op{
-        args.a, kGateUp ? args.src_token : nullptr, args.w1[e], kGateUp ? args.w2[e] : nullptr, args.k_dim, args.n_out};
-    ws_produce<kGateUp, kBN>(op, tile, base, kStageBytes, ring, j_begin, j_end, n_k, scale_copies);
+    uint32_t it = 0;
+    ws_for_each_item(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+                     [&](const MoeTile& tile, int j_begin, int j_end) {
+                       const int e = tile.expert;
+                       const RowScales rs = row_scales<kGateUp>(args, tile, t, n_k);
+                       const float* const w_base = copies_w ? w_table[e] : nullptr;
+                       auto scale_copies = [&](int s, int j, int kt) {
+                         const uint32_t dst = scales + s * kWsScaleBytes;
+                         cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
+                         if (copies_w)
+                           cp_async4(dst + 4 * (128 + t), w_base + static_cast<int64_t>(j * kNStep / kTileK) * n_k + kt,
+                                     true);
+                       };
+                       const WsOperands op{args.a,     kGateUp ? args.src_token : nullptr,
+                                           args.w1[e], kGateUp ? args.w2[e] : nullptr,
+                                           args.k_dim, args.n_out};
+                       ws_produce<kGateUp, kBN, kWsStages, false>(op, tile, base, kStageBytes, ring, j_begin, j_end,
+                                                                  n_k, it, scale_copies);
+                     });
+    cp_async_wait<0>();  // the last copies land before this thread leaves
     return;
   }
 
@@ -341,7 +347,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const Args ar
   float acc[kAcc], t0[kAcc], t1[kAcc];
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) t0[i] = t1[i] = 0.0f;
-  // Step it (counted over the CTA's N-tiles) into tmp: wait for its slot, issue its wgmmas.
+  // Step it (counted over the CTA's N-tiles and items) into tmp: wait for its slot, issue its wgmmas.
   auto issue = [&](float(&tmp)[kAcc], uint32_t it) {
     const int s = ring.slot(it);
     mbar_wait(ring.full(s), ring.parity(it));
@@ -363,28 +369,32 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const Args ar
   const std::integral_constant<int, 1> one_pending;
   const std::integral_constant<int, 0> none_pending;
   uint32_t it = 0;
-  for (int j = j_begin; j < j_end; ++j, it += n_k) {
+  ws_for_each_item(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+                   [&](const MoeTile& tile, int j_begin, int j_end) {
+                     for (int j = j_begin; j < j_end; ++j, it += n_k) {
 #pragma unroll
-    for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
-    // Steps alternate between t0 (even) and t1 (odd); the promotion of step kt - 1 runs while the
-    // wgmmas of step kt are in flight.
-    issue(t0, it);
-    int kt = 1;
-    for (; kt + 1 < n_k; kt += 2) {
-      issue(t1, it + kt);
-      retire(t0, it + kt - 1, one_pending);
-      issue(t0, it + kt + 1);
-      retire(t1, it + kt, one_pending);
-    }
-    if (kt < n_k) {  // n_k even: the last step is odd
-      issue(t1, it + kt);
-      retire(t0, it + kt - 1, one_pending);
-      retire(t1, it + kt, none_pending);
-    } else {
-      retire(t0, it + kt - 1, none_pending);
-    }
-    store_tile<kGateUp, kBN>(acc, tile_out(args), tid, tile.rows_left, tile.seg_begin + tile.m0, j * kNStep);
-  }
+                       for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
+                       // Steps alternate between t0 (even) and t1 (odd); the promotion of step kt - 1
+                       // runs while the wgmmas of step kt are in flight.
+                       issue(t0, it);
+                       int kt = 1;
+                       for (; kt + 1 < n_k; kt += 2) {
+                         issue(t1, it + kt);
+                         retire(t0, it + kt - 1, one_pending);
+                         issue(t0, it + kt + 1);
+                         retire(t1, it + kt, one_pending);
+                       }
+                       if (kt < n_k) {  // n_k even: the last step is odd
+                         issue(t1, it + kt);
+                         retire(t0, it + kt - 1, one_pending);
+                         retire(t1, it + kt, none_pending);
+                       } else {
+                         retire(t0, it + kt - 1, none_pending);
+                       }
+                       store_tile<kGateUp, kBN>(acc, tile_out(args), tid, tile.rows_left, tile.seg_begin + tile.m0,
+                                                j * kNStep);
+                     }
+                   });
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
@@ -401,11 +411,19 @@ cudaError_t launch(Kernel kernel, const Args& args, int n_step, int64_t m_slots,
 }
 
 template <bool kGateUp>
-cudaError_t launch_one(const Args& args, bool ws, int64_t m_slots, cudaStream_t stream) {
+cudaError_t launch_one(const Args& args, bool ws, bool persistent, int64_t m_slots, cudaStream_t stream) {
   constexpr int kNStep = kGateUp ? kBN / 2 : kBN;
   static std::atomic<uint64_t> done{0}, done_ws{0};
-  if (ws) return launch(moe_fp8_ws_kernel<kGateUp>, args, kNStep, m_slots, kWsThreads, kWsSmemBytes, done_ws, stream);
-  return launch(moe_fp8_wgmma_kernel<kGateUp>, args, kNStep, m_slots, kThreads, kSmemBytes, done, stream);
+  if (!ws) return launch(moe_fp8_wgmma_kernel<kGateUp>, args, kNStep, m_slots, kThreads, kSmemBytes, done, stream);
+  cudaError_t err =
+      opt_in_dynamic_smem(reinterpret_cast<const void*>(moe_fp8_ws_kernel<kGateUp>), kWsSmemBytes, done_ws);
+  if (err != cudaSuccess) return err;
+  const int64_t n_tiles = (args.n_out + kNStep - 1) / kNStep;
+  unsigned grid = 0;
+  err = ws_grid(m_slots * ((n_tiles + args.n_per_cta - 1) / args.n_per_cta), persistent, grid);
+  if (err != cudaSuccess) return err;
+  moe_fp8_ws_kernel<kGateUp><<<grid, kWsThreads, kWsSmemBytes, stream>>>(args);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -433,7 +451,7 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
     k.n_out = static_cast<int>(a.inter);
     k.k_dim = static_cast<int>(a.hidden);
     k.out = a.act;
-    return launch_one<true>(k, a.warp_specialized, m_slots, stream);
+    return launch_one<true>(k, a.warp_specialized, a.persistent, m_slots, stream);
   }
   k.a = a.aq;
   k.a_scale = a.act_scale;
@@ -444,7 +462,7 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
   k.k_dim = static_cast<int>(a.inter);
   k.out = a.y;
   k.out_bf16 = a.y_bf16;
-  return launch_one<false>(k, a.warp_specialized, m_slots, stream);
+  return launch_one<false>(k, a.warp_specialized, a.persistent, m_slots, stream);
 }
 
 }  // namespace cpinfer::cuda

@@ -154,13 +154,36 @@ struct WsOperands {
   int n_out;
 };
 
+// The work of the persistent warp-specialized kernels: item i is (M-tile slot i / n_groups, group
+// i % n_groups of n_per_cta N-tiles); CTA c takes items c, c + gridDim.x, ... and stops at the first
+// slot past the last tile (slots are tile_start's order, so every later one is past it too). Each
+// role of a CTA walks the same items, so the producer runs ahead into the next item while the MMA
+// warpgroups write the last one (and the ring never drains between items). The host launches
+// min(items, SMs) CTAs, or one CTA per item (MoeWgmmaConfig::persistent = false).
+template <class F>
+__device__ __forceinline__ void ws_for_each_item(const int32_t* tile_start, const int32_t* offsets, int count,
+                                                 int n_tiles, int n_per_cta, F&& f) {
+  const int n_groups = (n_tiles + n_per_cta - 1) / n_per_cta;
+  for (int i = blockIdx.x;; i += gridDim.x) {
+    const int slot = i / n_groups, g = i - slot * n_groups;
+    MoeTile tile;
+    if (!moe_tile_of(tile_start, offsets, count, slot, kTileM, tile)) return;
+    const int j_begin = g * n_per_cta;
+    f(tile, j_begin, min(j_begin + n_per_cta, n_tiles));
+  }
+}
+
 // The producer warpgroup (threads 0..127): for N-tiles [j_begin, j_end) of the M-tile, every k-step
 // kt < n_k into slot ring.slot(it) of the stages at `base` (stage_bytes apart: A tile, then the
-// kBN-row B tile), after `extra(slot, j, kt)` has issued the kernel's own copies for that slot.
-template <bool kGateUp, int kBN, int kStages, class Extra>
+// kBN-row B tile), after `extra(slot, j, kt)` has issued the kernel's own copies for that slot; `it`
+// counts the CTA's k-steps on across N-tiles and items. kKeepAddresses: let nvcc keep the
+// 2·(kALoads + kBLoads) row addresses in registers across the k-steps (the BF16 kernel's 88
+// registers hold them; the FP8 producer's 72 do not, so it recomputes them each step, one
+// multiply-add per copy). The caller waits for its last copies (cp_async_wait<0>) before leaving.
+template <bool kGateUp, int kBN, int kStages, bool kKeepAddresses, class Extra>
 __device__ __forceinline__ void ws_produce(const WsOperands& op, const MoeTile& tile, uint32_t base,
                                            uint32_t stage_bytes, const WsRing<kStages>& ring, int j_begin, int j_end,
-                                           int n_k, Extra&& extra) {
+                                           int n_k, uint32_t& it, Extra&& extra) {
   constexpr int kNStep = kGateUp ? kBN / 2 : kBN;  // outputs per N-tile
   constexpr int kALoads = kTileM / 16;             // rows per thread: rsub + 16 i
   constexpr int kBLoads = kBN / 16;
@@ -180,7 +203,6 @@ __device__ __forceinline__ void ws_produce(const WsOperands& op, const MoeTile& 
   }
   const unsigned char* const a_base = op.a + chunk * 16;
   const int64_t b_step = 16 * op.row_bytes;  // 16 B rows further
-  uint32_t it = 0;
   for (int j = j_begin; j < j_end; ++j) {
     // B rows of this N-tile: row rsub + 16 i is output n_first + 16 (i % kBHalf) of gate (i <
     // kBHalf) or up for gate‖up, output n_first + 16 i of down.
@@ -196,12 +218,12 @@ __device__ __forceinline__ void ws_produce(const WsOperands& op, const MoeTile& 
     for (int kt = 0; kt < n_k; ++kt, ++it) {
       const int s = ring.slot(it);
       hopper::mbar_wait(ring.empty(s), ring.parity(it) ^ 1);
-      // The row addresses are recomputed every step (one multiply-add per copy) rather than kept:
-      // nvcc would otherwise hoist all 2·(kALoads + kBLoads) 64-bit addresses out of this loop, more
-      // registers than a producer warpgroup is given (moe_gemm_fp8_wgmma.cu: 80).
+      if constexpr (!kKeepAddresses) {
+        // Opaque to nvcc: the addresses below cannot be hoisted out of the loop.
 #pragma unroll
-      for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_row[i]));
-      asm volatile("" : "+l"(b_lo), "+l"(b_hi));
+        for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_row[i]));
+        asm volatile("" : "+l"(b_lo), "+l"(b_hi));
+      }
       const uint32_t sa = base + s * stage_bytes + st_off, sb = sa + kABytes;
       const int k0 = kt * kRowBytes;
 #pragma unroll
@@ -217,7 +239,6 @@ __device__ __forceinline__ void ws_produce(const WsOperands& op, const MoeTile& 
       hopper::mbar_arrive_cp_async(ring.full(s));
     }
   }
-  cp_async_wait<0>();  // the last copies land before this thread leaves
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

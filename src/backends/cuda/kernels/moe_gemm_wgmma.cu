@@ -239,12 +239,15 @@ __global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks)
 // never each other:
 //   warpgroup 0 (producer, 88 registers): moe_gemm_tiles.cuh's ws_produce, shared with the FP8
 //     kernels: its 128 threads cp.async every A and B chunk of a k-step into the ring slot, then
-//     arrive on the slot's full barrier when their copies land (count 128);
+//     arrive on the slot's full barrier when their copies land (count 128); 88 registers keep the
+//     row addresses across k-steps;
 //   warpgroups 1, 2 (MMA, 208 registers): wait for a slot, issue its 4 wgmmas, commit, wait until
 //     only those are in flight and release the previous slot (empty barrier, one arrival per
 //     warpgroup); at the end of an N-tile the epilogue writes from registers while the producer
 //     already fills the ring with the next tile's k-steps.
-// Same grid, scheduling and epilogue (store_tile) as the kernel above.
+// Persistent (MoeWgmmaConfig::persistent, the default): min(items, SMs) CTAs walk the (M-tile,
+// N-group) items (ws_for_each_item), so a new item's loads overlap the last one's epilogue instead
+// of starting from an empty ring in a new CTA. Same epilogue (store_tile) as the kernel above.
 constexpr int kWsThreads = 384;
 constexpr int kWsStages = 4;
 constexpr int kWsStageBytes = WgCfg<256>::kStageBytes;  // 16 KB A + 32 KB B
@@ -258,13 +261,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kBN = 256;
   constexpr int kNStep = kGateUp ? kBN / 2 : kBN;
-  MoeTile tile;
-  if (!moe_tile_of(args.tile_start, args.offsets, args.count, blockIdx.y, kTileM, tile)) return;
-  const int e = tile.expert, seg_begin = tile.seg_begin, m0 = tile.m0, rows_left = tile.rows_left;
   const int k_dim = args.k_dim, n_out = args.n_out, n_k = k_dim / kTileK;
   const int n_tiles = (n_out + kNStep - 1) / kNStep;
-  const int j_begin = blockIdx.x * args.n_per_cta;
-  const int j_end = min(j_begin + args.n_per_cta, n_tiles);
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -273,13 +271,20 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
 
   if (threadIdx.x < 128) {
     regs_dealloc<kWsProducerRegs>();
-    const WsOperands op{reinterpret_cast<const unsigned char*>(args.a),
-                        args.src_token,
-                        reinterpret_cast<const unsigned char*>(args.w1[e]),
-                        reinterpret_cast<const unsigned char*>(kGateUp ? args.w2[e] : nullptr),
-                        static_cast<int64_t>(k_dim) * 2,
-                        n_out};
-    ws_produce<kGateUp, kBN>(op, tile, base, kWsStageBytes, ring, j_begin, j_end, n_k, [](int, int, int) {});
+    uint32_t it = 0;
+    ws_for_each_item(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+                     [&](const MoeTile& tile, int j_begin, int j_end) {
+                       const int e = tile.expert;
+                       const WsOperands op{reinterpret_cast<const unsigned char*>(args.a),
+                                           args.src_token,
+                                           reinterpret_cast<const unsigned char*>(args.w1[e]),
+                                           reinterpret_cast<const unsigned char*>(kGateUp ? args.w2[e] : nullptr),
+                                           static_cast<int64_t>(k_dim) * 2,
+                                           n_out};
+                       ws_produce<kGateUp, kBN, kWsStages, true>(op, tile, base, kWsStageBytes, ring, j_begin, j_end,
+                                                                 n_k, it, [](int, int, int) {});
+                     });
+    cp_async_wait<0>();  // the last copies land before this thread leaves
     return;
   }
 
@@ -288,42 +293,48 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
   const int tid = threadIdx.x - 128, wg = tid >> 7;
   float acc[kBN / 2];
   uint32_t it = 0;
-  for (int j = j_begin; j < j_end; ++j) {
+  ws_for_each_item(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+                   [&](const MoeTile& tile, int j_begin, int j_end) {
+                     for (int j = j_begin; j < j_end; ++j) {
 #pragma unroll
-    for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.0f;
-    int prev = -1;
-    for (int kt = 0; kt < n_k; ++kt, ++it) {
-      const int s = ring.slot(it);
-      mbar_wait(ring.full(s), ring.parity(it));
-      fence_async_smem();  // the slot was written by cp.async (generic proxy); wgmma reads it
-      const uint32_t stage = base + s * kWsStageBytes;
-      wgmma_fence();
+                       for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.0f;
+                       int prev = -1;
+                       for (int kt = 0; kt < n_k; ++kt, ++it) {
+                         const int s = ring.slot(it);
+                         mbar_wait(ring.full(s), ring.parity(it));
+                         fence_async_smem();  // the slot was written by cp.async (generic proxy); wgmma reads it
+                         const uint32_t stage = base + s * kWsStageBytes;
+                         wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < kTileK / 16; ++ks)
-        wgmma_n256(acc, make_desc(stage + desc_a_off(wg, ks), 16, 1024), make_desc(stage + desc_b_off(ks), 16, 1024));
-      wgmma_commit();
-      wgmma_wait<1>();  // the previous k-step's wgmmas are done: its slot can be refilled
-      if (prev >= 0 && (tid & 127) == 0) mbar_arrive(ring.empty(prev));
-      prev = s;
-    }
-    wgmma_wait<0>();
-    fence_regs(acc);
-    if (prev >= 0 && (tid & 127) == 0) mbar_arrive(ring.empty(prev));
-    store_tile<kGateUp, kBN>(acc, tile_out(args), tid, rows_left, seg_begin + m0, j * kNStep);
-  }
+                         for (int ks = 0; ks < kTileK / 16; ++ks)
+                           wgmma_n256(acc, make_desc(stage + desc_a_off(wg, ks), 16, 1024),
+                                      make_desc(stage + desc_b_off(ks), 16, 1024));
+                         wgmma_commit();
+                         wgmma_wait<1>();  // the previous k-step's wgmmas are done: its slot can be refilled
+                         if (prev >= 0 && (tid & 127) == 0) mbar_arrive(ring.empty(prev));
+                         prev = s;
+                       }
+                       wgmma_wait<0>();
+                       fence_regs(acc);
+                       if (prev >= 0 && (tid & 127) == 0) mbar_arrive(ring.empty(prev));
+                       store_tile<kGateUp, kBN>(acc, tile_out(args), tid, tile.rows_left, tile.seg_begin + tile.m0,
+                                                j * kNStep);
+                     }
+                   });
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
 template <bool kGateUp>
-cudaError_t launch_one_ws(const MoeGemmArgs& args, int64_t m_slots, cudaStream_t stream) {
+cudaError_t launch_one_ws(const MoeGemmArgs& args, int64_t m_slots, bool persistent, cudaStream_t stream) {
   static std::atomic<uint64_t> done{0};
   const cudaError_t err =
       opt_in_dynamic_smem(reinterpret_cast<const void*>(moe_grouped_gemm_ws_kernel<kGateUp>), kWsSmemBytes, done);
   if (err != cudaSuccess) return err;
   constexpr int kNStep = kGateUp ? 128 : 256;
   const int64_t n_tiles = (args.n_out + kNStep - 1) / kNStep;
-  const dim3 grid(static_cast<unsigned>((n_tiles + args.n_per_cta - 1) / args.n_per_cta),
-                  static_cast<unsigned>(m_slots));
+  unsigned grid = 0;
+  const cudaError_t gerr = ws_grid(m_slots * ((n_tiles + args.n_per_cta - 1) / args.n_per_cta), persistent, grid);
+  if (gerr != cudaSuccess) return gerr;
   moe_grouped_gemm_ws_kernel<kGateUp><<<grid, kWsThreads, kWsSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }
@@ -368,8 +379,10 @@ cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* sr
   a1.n_per_cta = cfg.n_per_cta;
   if (cfg.warp_specialized) {
     if (cfg.tile_n_gateup != 256 || cfg.tile_n_down != 256) return cudaErrorInvalidValue;
-    err = launch_one_ws<true>(a1, m_slots, stream);
-    return err != cudaSuccess ? err : launch_one_ws<false>(moe_down_args(a1, down, y, cfg.y_bf16), m_slots, stream);
+    err = launch_one_ws<true>(a1, m_slots, cfg.persistent, stream);
+    return err != cudaSuccess
+               ? err
+               : launch_one_ws<false>(moe_down_args(a1, down, y, cfg.y_bf16), m_slots, cfg.persistent, stream);
   }
   err = cfg.tile_n_gateup == 256 ? launch_one<true, 256>(a1, m_slots, stream)
                                  : launch_one<true, 128>(a1, m_slots, stream);
