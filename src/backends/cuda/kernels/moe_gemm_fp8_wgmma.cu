@@ -318,24 +318,23 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const Args ar
     const bool copies_w = t < (kGateUp ? 2 : 1);  // thread 0: gate's or down's block scale; 1: up's
     const float* const* w_table = kGateUp && t == 1 ? args.s2 : args.s1;
     uint32_t it = 0;
-    ws_for_each_item(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
-                     [&](const MoeTile& tile, int j_begin, int j_end) {
-                       const int e = tile.expert;
-                       const RowScales rs = row_scales<kGateUp>(args, tile, t, n_k);
-                       const float* const w_base = copies_w ? w_table[e] : nullptr;
-                       auto scale_copies = [&](int s, int j, int kt) {
-                         const uint32_t dst = scales + s * kWsScaleBytes;
-                         cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
-                         if (copies_w)
-                           cp_async4(dst + 4 * (128 + t), w_base + static_cast<int64_t>(j * kNStep / kTileK) * n_k + kt,
-                                     true);
-                       };
-                       const WsOperands op{args.a,     kGateUp ? args.src_token : nullptr,
-                                           args.w1[e], kGateUp ? args.w2[e] : nullptr,
-                                           args.k_dim, args.n_out};
-                       ws_produce<kGateUp, kBN, kWsStages, false>(op, tile, base, kStageBytes, ring, j_begin, j_end,
-                                                                  n_k, it, scale_copies);
-                     });
+    ws_for_each_item(
+        args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+        [&](const MoeTile& tile, int j_begin, int j_end) {
+          const int e = tile.expert;
+          const RowScales rs = row_scales<kGateUp>(args, tile, t, n_k);
+          const float* const w_base = copies_w ? w_table[e] : nullptr;
+          auto scale_copies = [&](int s, int j, int kt) {
+            const uint32_t dst = scales + s * kWsScaleBytes;
+            cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
+            if (copies_w)
+              cp_async4(dst + 4 * (128 + t), w_base + static_cast<int64_t>(j * kNStep / kTileK) * n_k + kt, true);
+          };
+          const WsOperands op{args.a,     kGateUp ? args.src_token : nullptr,
+                              args.w1[e], kGateUp ? args.w2[e] : nullptr,
+                              args.k_dim, args.n_out};
+          ws_produce<kGateUp, kBN, kWsStages>(op, tile, base, kStageBytes, ring, j_begin, j_end, n_k, it, scale_copies);
+        });
     cp_async_wait<0>();  // the last copies land before this thread leaves
     return;
   }

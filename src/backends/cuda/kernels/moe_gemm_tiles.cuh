@@ -9,10 +9,12 @@
 //   n0 + c in one thread);
 // - accumulators: d[4n + e] of a warpgroup's m64nN wgmma is row 16·warp + lane/4 + 8·(e/2) of its
 //   64, column 8n + 2·(lane%4) + e%2 (acc_row / acc_col with the 256 threads of two warpgroups);
-// - the producer (ws_produce): 128 threads cp.async every A and B chunk of a k-step (128 bytes of
-//   K) into a ring slot (thread t: chunk t % 8 of rows t / 8 + 16 i, zero fill past the segment /
-//   past N), plus what the kernel adds per slot (the FP8 scales), then arrive on the slot's full
-//   barrier when their copies land; the MMA warpgroups release a slot on its empty barrier.
+// - the FP8 producer (ws_produce): 128 threads cp.async every A and B chunk of a k-step (128 bytes
+//   of K) into a ring slot (thread t: chunk t % 8 of rows t / 8 + 16 i, zero fill past the segment
+//   / past N), plus the slot's FP8 scales, then arrive on the slot's full barrier when their copies
+//   land; the MMA warpgroups release a slot on its empty barrier. The BF16 kernel has its own loop
+//   of the same shape (faster there, see moe_gemm_wgmma.cu);
+// - the persistent item walk (ws_for_each_item) and the ring (WsRing) both kernels use.
 #pragma once
 #include <cuda_bf16.h>
 
@@ -176,11 +178,11 @@ __device__ __forceinline__ void ws_for_each_item(const int32_t* tile_start, cons
 // The producer warpgroup (threads 0..127): for N-tiles [j_begin, j_end) of the M-tile, every k-step
 // kt < n_k into slot ring.slot(it) of the stages at `base` (stage_bytes apart: A tile, then the
 // kBN-row B tile), after `extra(slot, j, kt)` has issued the kernel's own copies for that slot; `it`
-// counts the CTA's k-steps on across N-tiles and items. kKeepAddresses: let nvcc keep the
-// 2·(kALoads + kBLoads) row addresses in registers across the k-steps (the BF16 kernel's 88
-// registers hold them; the FP8 producer's 72 do not, so it recomputes them each step, one
-// multiply-add per copy). The caller waits for its last copies (cp_async_wait<0>) before leaving.
-template <bool kGateUp, int kBN, int kStages, bool kKeepAddresses, class Extra>
+// counts the CTA's k-steps on across N-tiles and items. The row addresses are recomputed every step
+// (one multiply-add per copy) rather than kept: nvcc would otherwise hoist all 2·(kALoads + kBLoads)
+// 64-bit addresses out of the loop, more registers than the FP8 producer warpgroup has (72). The
+// caller waits for its last copies (cp_async_wait<0>) before leaving.
+template <bool kGateUp, int kBN, int kStages, class Extra>
 __device__ __forceinline__ void ws_produce(const WsOperands& op, const MoeTile& tile, uint32_t base,
                                            uint32_t stage_bytes, const WsRing<kStages>& ring, int j_begin, int j_end,
                                            int n_k, uint32_t& it, Extra&& extra) {
@@ -218,12 +220,9 @@ __device__ __forceinline__ void ws_produce(const WsOperands& op, const MoeTile& 
     for (int kt = 0; kt < n_k; ++kt, ++it) {
       const int s = ring.slot(it);
       hopper::mbar_wait(ring.empty(s), ring.parity(it) ^ 1);
-      if constexpr (!kKeepAddresses) {
-        // Opaque to nvcc: the addresses below cannot be hoisted out of the loop.
 #pragma unroll
-        for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_row[i]));
-        asm volatile("" : "+l"(b_lo), "+l"(b_hi));
-      }
+      for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_row[i]));
+      asm volatile("" : "+l"(b_lo), "+l"(b_hi));
       const uint32_t sa = base + s * stage_bytes + st_off, sb = sa + kABytes;
       const int k0 = kt * kRowBytes;
 #pragma unroll

@@ -237,10 +237,9 @@ __global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks)
 // the two __syncthreads of each k-step (~10%), with the tensor pipe 64% busy. Here the loads are a
 // producer warpgroup's only work and the two MMA warpgroups meet the producer through mbarriers,
 // never each other:
-//   warpgroup 0 (producer, 88 registers): moe_gemm_tiles.cuh's ws_produce, shared with the FP8
-//     kernels: its 128 threads cp.async every A and B chunk of a k-step into the ring slot, then
-//     arrive on the slot's full barrier when their copies land (count 128); 88 registers keep the
-//     row addresses across k-steps;
+//   warpgroup 0 (producer, 88 registers): its 128 threads cp.async every A and B chunk of a k-step
+//     into the ring slot (thread t: chunk t % 8 of rows t / 8 + 16 i, zero fill past the rows / N),
+//     then arrive on the slot's full barrier when their copies land (count 128);
 //   warpgroups 1, 2 (MMA, 208 registers): wait for a slot, issue its 4 wgmmas, commit, wait until
 //     only those are in flight and release the previous slot (empty barrier, one arrival per
 //     warpgroup); at the end of an N-tile the epilogue writes from registers while the producer
@@ -270,19 +269,62 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
   ring.init(2);  // empty: one arrival per MMA warpgroup
 
   if (threadIdx.x < 128) {
+    // ---- producer. Its own loop rather than moe_gemm_tiles.cuh's ws_produce (the FP8 kernels'):
+    // with that one the kernel ran 4-10% slower on the H200 (moe_bench, same call) although nvcc
+    // was free to keep the row addresses in registers.
     regs_dealloc<kWsProducerRegs>();
+    const int t = threadIdx.x, chunk = t & 7, rsub = t >> 3;  // rows rsub + 16 i
+    const uint32_t st_off = static_cast<uint32_t>(rsub * kRowBytes + ((chunk ^ (rsub & 7)) << 4));
+    const __nv_bfloat16* const a_base = args.a + chunk * 8;
+    const int64_t b_step = static_cast<int64_t>(16) * k_dim;  // 16 B rows further
     uint32_t it = 0;
     ws_for_each_item(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
                      [&](const MoeTile& tile, int j_begin, int j_end) {
-                       const int e = tile.expert;
-                       const WsOperands op{reinterpret_cast<const unsigned char*>(args.a),
-                                           args.src_token,
-                                           reinterpret_cast<const unsigned char*>(args.w1[e]),
-                                           reinterpret_cast<const unsigned char*>(kGateUp ? args.w2[e] : nullptr),
-                                           static_cast<int64_t>(k_dim) * 2,
-                                           n_out};
-                       ws_produce<kGateUp, kBN, kWsStages, true>(op, tile, base, kWsStageBytes, ring, j_begin, j_end,
-                                                                 n_k, it, [](int, int, int) {});
+                       // A: the 8 rows of this thread (x rows through src_token, or act rows); row 0 where past the
+                       // segment (zero fill, nothing read).
+                       int a_row[8];
+                       uint32_t a_ok = 0;
+#pragma unroll
+                       for (int i = 0; i < 8; ++i) {
+                         const int r = rsub + 16 * i;
+                         const bool ok = r < tile.rows_left;
+                         const int m = tile.seg_begin + tile.m0 + r;
+                         a_row[i] = ok ? (kGateUp ? __ldg(args.src_token + m) : m) : 0;
+                         a_ok |= static_cast<uint32_t>(ok) << i;
+                       }
+                       const __nv_bfloat16* const w1 = args.w1[tile.expert];
+                       const __nv_bfloat16* const w2 = kGateUp ? args.w2[tile.expert] : nullptr;
+                       for (int j = j_begin; j < j_end; ++j) {
+                         // B rows of this N-tile: row rsub + 16 i is output n0 + rsub + 16 (i % 8) of gate (i < 8)
+                         // or up (i >= 8) for gate‖up, output n0 + rsub + 16 i of down.
+                         const int n_first = j * kNStep + rsub;
+                         const __nv_bfloat16* b_lo = w1 + static_cast<int64_t>(n_first) * k_dim + chunk * 8;
+                         const __nv_bfloat16* b_hi =
+                             kGateUp ? w2 + static_cast<int64_t>(n_first) * k_dim + chunk * 8 : b_lo + 8 * b_step;
+                         uint32_t b_ok = 0;
+#pragma unroll
+                         for (int i = 0; i < 16; ++i) {
+                           const int n = n_first + 16 * (kGateUp ? (i & 7) : i);
+                           b_ok |= static_cast<uint32_t>(n < n_out) << i;
+                         }
+                         for (int kt = 0; kt < n_k; ++kt, ++it) {
+                           const int s = ring.slot(it);
+                           mbar_wait(ring.empty(s), ring.parity(it) ^ 1);
+                           const uint32_t sa = base + s * kWsStageBytes + st_off, sb = sa + kABytes;
+                           const int k0 = kt * kTileK;
+#pragma unroll
+                           for (int i = 0; i < 8; ++i)
+                             cp_async16(sa + i * 16 * kRowBytes, a_base + (static_cast<int64_t>(a_row[i]) * k_dim + k0),
+                                        (a_ok >> i) & 1);
+#pragma unroll
+                           for (int i = 0; i < 16; ++i) {
+                             const bool ok = (b_ok >> i) & 1;
+                             const __nv_bfloat16* src = (i < 8 ? b_lo + i * b_step : b_hi + (i - 8) * b_step) + k0;
+                             cp_async16(sb + i * 16 * kRowBytes, ok ? src : w1, ok);
+                           }
+                           mbar_arrive_cp_async(ring.full(s));
+                         }
+                       }
                      });
     cp_async_wait<0>();  // the last copies land before this thread leaves
     return;
