@@ -8,11 +8,22 @@
 //            tiles, 2 N-tiles per CTA: --moe-runner-backend wgmma), wgmma128 (128 x 128, 1 per
 //            CTA: --moe-runner-backend wgmma128), ws (the warp-specialized kernels, 128 x 256,
 //            y in BF16: the back-end's default there, --moe-runner-backend auto or wgmma-ws; ws.f32
-//            writes y in F32) and tuning variants (.jN: N-tiles per CTA; .mix:
-//            128 x 256 gate‖up, 128 x 128 down);
+//            writes y in F32) and tuning variants (.jN: N-tiles per CTA; .np: a CTA per item
+//            instead of persistent CTAs; .mix: 128 x 256 gate‖up, 128 x 128 down);
 //   cublas:  moe_permute -> offsets to the host (stream sync) -> gather rows -> per-expert cuBLAS
 //            gate, up -> silu_mul -> per-expert cuBLAS down -> moe_unpermute
 //            (--moe-runner-backend cublas in the back-end).
+//   fp8.*:   on compute capability 9.0 with H and I multiples of 128, the same experts quantized
+//            per 128x128 block to e4m3 (moe_bench_fp8.cuh) through the FP8 MoE block of
+//            cuda_moe_fp8.cpp: x quantized -> grouped FP8 gate‖up -> act quantized -> grouped FP8
+//            down (the "gemm" columns include both quantizations): fp8.ws (the back-end's default:
+//            warp-specialized kernels, y in BF16), fp8.ws.jN (N-tiles per CTA), fp8.ws.np (a CTA per
+//            item, not persistent), fp8.ws.f32 (y in
+//            F32), fp8.wgmma (the first FP8 kernels, --moe-runner-backend wgmma). Each is compared
+//            with the BF16 ws path's output (the FP8 rounding of weights and activations: nmse of a
+//            few 1e-3; checked <= 2e-2), fp8.ws.f32 with fp8.wgmma and the fp8.ws variants with
+//            each other bit for bit; the "vs bf16" ratio is the path's time over the BF16 ws
+//            path's (issue 15's target for the default: <= 0.65).
 // Also a dense cuBLAS floor: the same FLOPs as three dense GEMMs over all rows with one expert's
 // weights (what a perfectly balanced single expert would cost).
 // CUDA-event timing, warm-up, median of --reps. FLOPs = 2 · 3 · rows · H · I (rows = local pairs).
@@ -38,6 +49,7 @@
 
 #include "backends/cuda/kernels/kernels.h"
 #include "bench_util.cuh"
+#include "moe_bench_fp8.cuh"
 
 using cpinfer::DType;
 using cpinfer::cuda::DevTensor;
@@ -182,6 +194,8 @@ int main(int argc, char** argv) {
     gpaths.push_back({"wgmma128.j2", true, {128, 128, 2}});
     gpaths.push_back({"ws", true, {256, 256, 2, true, true}});
     gpaths.push_back({"ws.j1", true, {256, 256, 1, true, true}});
+    gpaths.push_back({"ws.j4", true, {256, 256, 4, true, true}});
+    gpaths.push_back({"ws.np", true, {256, 256, 2, true, true, false}});
     gpaths.push_back({"ws.f32", true, {256, 256, 2, true, false}});
   } else {
     std::printf("(not compute capability 9.0: no wgmma columns)\n");
@@ -209,6 +223,21 @@ int main(int argc, char** argv) {
   const void* const* gate_p = ptr_dev;
   const void* const* up_p = ptr_dev + count;
   const void* const* down_p = ptr_dev + 2 * count;
+  // FP8 copies of the same experts (compute capability 9.0, H and I multiples of 128).
+  namespace f8 = moe_bench_fp8;
+  const bool fp8 = prop.major == 9 && prop.minor == 0 && cc::moe_fp8_grouped_supported(hidden, inter);
+  const std::vector<f8::Path> fpaths =
+      fp8 ? std::vector<f8::Path>{{"fp8.ws", true, true, 2},           {"fp8.ws.j1", true, true, 1},
+                                  {"fp8.ws.j4", true, true, 4},        {"fp8.ws.j8", true, true, 8},
+                                  {"fp8.ws.np", true, true, 2, false}, {"fp8.ws.f32", true, false, 2},
+                                  {"fp8.wgmma", false, false, 2}}
+          : std::vector<f8::Path>{};
+  const size_t n_fp = fpaths.size();
+  f8::Experts fp8_w;
+  if (fp8) fp8_w = f8::make_experts(ptr_host, count, hidden, inter);
+  size_t ws_path = 0;  // the BF16 default (ws): what the FP8 paths are compared with
+  for (size_t p = 0; p < n_gp; ++p)
+    if (std::string(gpaths[p].name) == "ws") ws_path = p;
 
   cudaEvent_t ev[4];
   for (auto& e : ev) BENCH_CHECK(cudaEventCreate(&e));
@@ -288,6 +317,20 @@ int main(int argc, char** argv) {
           gpaths[path].wgmma && gpaths[path].cfg.y_bf16 ? view(y, DType::BF16, {n_pairs, hidden}) : yt;
       BENCH_CHECK(cc::launch_moe_unpermute(y_path, wt, pair_row, view(out, DType::BF16, {n_tokens, hidden}), stream));
     };
+    f8::Scratch fs;
+    if (fp8) fs = f8::make_scratch(n_tokens, n_pairs, count, hidden, inter);
+    std::vector<__nv_bfloat16*> out_f(n_fp);
+    for (auto& o : out_f) o = static_cast<__nv_bfloat16*>(dmalloc(n_tokens * hidden * 2));
+    auto run_fp8 = [&](size_t path, __nv_bfloat16* out, bool timed) {
+      BENCH_CHECK(cc::launch_moe_permute_tiled(idt, first, count, offsets, src_token, pair_row, cc::kMoeGemmTileM,
+                                               tile_start, stream));
+      if (timed) BENCH_CHECK(cudaEventRecord(ev[1], stream));
+      BENCH_CHECK(f8::enqueue_gemms(fpaths[path], fp8_w, fs, xt, src_token, offsets, tile_start, n_pairs, count, inter,
+                                    act, y, stream));
+      if (timed) BENCH_CHECK(cudaEventRecord(ev[2], stream));
+      const DevTensor y_path = fpaths[path].y_bf16 ? view(y, DType::BF16, {n_pairs, hidden}) : yt;
+      BENCH_CHECK(cc::launch_moe_unpermute(y_path, wt, pair_row, view(out, DType::BF16, {n_tokens, hidden}), stream));
+    };
     auto run_cublas = [&](__nv_bfloat16* out, bool timed) {
       BENCH_CHECK(cc::launch_moe_permute(idt, first, count, offsets, src_token, pair_row, stream));
       BENCH_CHECK(cudaMemcpyAsync(host_off, offsets, (count + 1) * 4, cudaMemcpyDeviceToHost, stream));
@@ -320,19 +363,24 @@ int main(int argc, char** argv) {
     // Correctness: every path from out = 0, compared on the host with cuBLAS (wgmma also with mma).
     for (auto* o : out_g) BENCH_CHECK(cudaMemsetAsync(o, 0, n_tokens * hidden * 2, stream));
     BENCH_CHECK(cudaMemsetAsync(out_c, 0, n_tokens * hidden * 2, stream));
-    for (size_t p = 0; p < n_gp; ++p) {
-      // The paths share the act / y scratch: NaN-fill it first, so rows a path fails to write show
-      // up as non-finite outputs instead of the previous path's values.
+    // The paths share the act / y scratch: NaN-fill it before each, so rows a path fails to write
+    // show up as non-finite outputs instead of the previous path's values.
+    auto check_run = [&](const char* name, auto&& run) {
       BENCH_CHECK(cudaMemsetAsync(act, 0xFF, n_pairs * inter * 2, stream));
       BENCH_CHECK(cudaMemsetAsync(y, 0xFF, n_pairs * hidden * 4, stream));
-      run_grouped(p, out_g[p], false);
+      run();
       BENCH_CHECK(cudaStreamSynchronize(stream));
       const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) {
-        std::fprintf(stderr, "moe_bench: path %s at T=%lld failed: %s\n", gpaths[p].name,
-                     static_cast<long long>(n_tokens), cudaGetErrorString(err));
+        std::fprintf(stderr, "moe_bench: path %s at T=%lld failed: %s\n", name, static_cast<long long>(n_tokens),
+                     cudaGetErrorString(err));
         std::exit(1);
       }
+    };
+    for (size_t p = 0; p < n_gp; ++p) check_run(gpaths[p].name, [&] { run_grouped(p, out_g[p], false); });
+    for (size_t p = 0; p < n_fp; ++p) {
+      BENCH_CHECK(cudaMemsetAsync(out_f[p], 0, n_tokens * hidden * 2, stream));
+      check_run(fpaths[p].name, [&] { run_fp8(p, out_f[p], false); });
     }
     run_cublas(out_c, false);
     BENCH_CHECK(cudaStreamSynchronize(stream));
@@ -387,28 +435,58 @@ int main(int argc, char** argv) {
       }
     }
 
+    // FP8: against the BF16 ws output (the same experts up to e4m3 rounding), and bit for bit where
+    // the paths compute the same values (the ws variants among themselves; ws with F32 y and the
+    // first kernels).
+    std::vector<std::vector<uint16_t>> hf(n_fp, std::vector<uint16_t>(n_tokens * hidden));
+    for (size_t p = 0; p < n_fp; ++p)
+      BENCH_CHECK(cudaMemcpy(hf[p].data(), out_f[p], hc.size() * 2, cudaMemcpyDeviceToHost));
+    std::vector<std::string> fcheck(n_fp);
+    auto same_as = [&](size_t p, const char* other_name) {
+      for (size_t q = 0; q < n_fp; ++q) {
+        if (std::string(fpaths[q].name) != other_name || q == p) continue;
+        size_t diff = 0;
+        for (size_t i = 0; i < hf[p].size(); ++i) diff += hf[p][i] != hf[q][i];
+        char buf[160];
+        std::snprintf(buf, sizeof buf, "; vs %s: %s (%zu differ)", other_name, diff ? "MISMATCH" : "bit-equal", diff);
+        fcheck[p] += buf;
+        bad += diff != 0;
+      }
+    };
+    for (size_t p = 0; p < n_fp; ++p) {
+      Cmp c = compare(hf[p], hg[ws_path]);
+      const bool ok = c.non_finite == 0 && c.nmse <= 2e-2;
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "vs bf16 ws: %s nmse=%.2e", ok ? "OK" : "MISMATCH", c.nmse);
+      fcheck[p] = buf;
+      bad += !ok;
+      const std::string name = fpaths[p].name;
+      if (name.rfind("fp8.ws.j", 0) == 0 || name == "fp8.ws.np") same_as(p, "fp8.ws");
+      if (name == "fp8.wgmma") same_as(p, "fp8.ws.f32");
+    }
+
     // Timing: warm-up, then reps of each path (alternating, so clocks and L2 treat them alike).
     std::vector<std::vector<double>> g_total(n_gp), g_gemm(n_gp);
+    std::vector<std::vector<double>> f_total(n_fp), f_gemm(n_fp);
     std::vector<double> c_total, c_gemm, dense;
     for (int r = 0; r < 2; ++r) {
       for (size_t p = 0; p < n_gp; ++p) run_grouped(p, out_g[p], false);
+      for (size_t p = 0; p < n_fp; ++p) run_fp8(p, out_f[p], false);
       run_cublas(out_c, false);
     }
-    for (int r = 0; r < reps; ++r) {
-      for (size_t p = 0; p < n_gp; ++p) {
-        BENCH_CHECK(cudaEventRecord(ev[0], stream));
-        run_grouped(p, out_g[p], true);
-        BENCH_CHECK(cudaEventRecord(ev[3], stream));
-        BENCH_CHECK(cudaEventSynchronize(ev[3]));
-        g_total[p].push_back(elapsed(ev[0], ev[3]));
-        g_gemm[p].push_back(elapsed(ev[1], ev[2]));
-      }
+    // One timed run: total from ev[0] to ev[3], the GEMMs between ev[1] and ev[2] (the run records them).
+    auto time_run = [&](auto&& run, std::vector<double>& total, std::vector<double>& gemm_ms) {
       BENCH_CHECK(cudaEventRecord(ev[0], stream));
-      run_cublas(out_c, true);
+      run();
       BENCH_CHECK(cudaEventRecord(ev[3], stream));
       BENCH_CHECK(cudaEventSynchronize(ev[3]));
-      c_total.push_back(elapsed(ev[0], ev[3]));
-      c_gemm.push_back(elapsed(ev[1], ev[2]));
+      total.push_back(elapsed(ev[0], ev[3]));
+      gemm_ms.push_back(elapsed(ev[1], ev[2]));
+    };
+    for (int r = 0; r < reps; ++r) {
+      for (size_t p = 0; p < n_fp; ++p) time_run([&] { run_fp8(p, out_f[p], true); }, f_total[p], f_gemm[p]);
+      for (size_t p = 0; p < n_gp; ++p) time_run([&] { run_grouped(p, out_g[p], true); }, g_total[p], g_gemm[p]);
+      time_run([&] { run_cublas(out_c, true); }, c_total, c_gemm);
       // Dense floor: gate, up, down over all rows with expert 0's weights.
       BENCH_CHECK(cudaEventRecord(ev[0], stream));
       gemm(blas, xp, ptr_host[0], gp, CUDA_R_16BF, static_cast<int>(rows), static_cast<int>(inter),
@@ -434,6 +512,17 @@ int main(int argc, char** argv) {
           "%5.2fx  %s\n",
           gpaths[p].name, gt, tf(gt), gg, tf(gg), 100.0 * dn / gg, ct / gt, cg / gg, check[p].c_str());
     }
+    const double bt = median(g_total[ws_path]), bg = median(g_gemm[ws_path]);
+    for (size_t p = 0; p < n_fp; ++p) {
+      const double ft = median(f_total[p]), fg = median(f_gemm[p]);
+      std::printf(
+          "  %-11s total %8.3f ms (%6.1f TF/s)  gemm+quant %8.3f ms (%6.1f TF/s)  vs bf16 ws %5.2fx %5.2fx  %s\n",
+          fpaths[p].name, ft, tf(ft), fg, tf(fg), ft / bt, fg / bg, fcheck[p].c_str());
+    }
+    if (n_fp > 0)
+      std::printf(
+          "  FP8 / BF16 MoE block (fp8.ws / ws, the back-end defaults): %.3f / %.3f ms = %.2fx (target <= 0.65)\n",
+          median(f_total[0]), bt, median(f_total[0]) / bt);
     std::printf("  %-11s total %8.3f ms (%6.1f TF/s)  gemm %8.3f ms (%6.1f TF/s)\n", "cublas", ct, tf(ct), cg, tf(cg));
     std::printf(
         "  dense cuBLAS floor (same FLOPs, one expert): %.3f ms = %.1f TF/s; cuBLAS per-expert GEMMs at %.0f%% "
@@ -446,11 +535,14 @@ int main(int argc, char** argv) {
                     static_cast<void*>(pair_row), act, static_cast<void*>(y), xp, gp, upb, static_cast<void*>(out_c)})
       BENCH_CHECK(cudaFree(p));
     for (auto* o : out_g) BENCH_CHECK(cudaFree(o));
+    for (auto* o : out_f) BENCH_CHECK(cudaFree(o));
+    if (fp8) f8::free_scratch(fs);
     BENCH_CHECK(cudaFreeHost(host_off));
   }
   std::printf(
       "total = permute..unpermute incl. the cuBLAS path's host sync; gemm = the expert GEMMs only; "
       "speedup = cublas / path\n");
+  if (fp8) f8::free_experts(fp8_w);
   cublasDestroy(blas);
   cudaStreamDestroy(stream);
   if (bad) {

@@ -16,6 +16,9 @@ gpu_binaries() {
     # The test binaries find the fixtures through the source path they were built in.
     local src
     src="$(strings "$BIN/gpu_model_test" | grep -m1 -o '/[^ ]*/tests/fixtures' | sed 's#/tests/fixtures##')"
+    # (CPINFER_SOURCE_DIR on its own; its build paths, e.g. /x/build/../src/..., name it too)
+    [ -n "$src" ] || src="$(strings "$BIN/gpu_model_test" | grep -m1 -oE '^/[^ ]+/build[^/]*/\.\./src' |
+      sed -E 's#/build[^/]*/\.\./src$##')"
     if [ -n "$src" ] && [ ! -e "$src/tests/fixtures" ]; then mkdir -p "$(dirname "$src")"; ln -sfn "$ROOT" "$src"; fi
   else
     cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCPINFER_CUDA=ON > "$OUT/cmake.log" 2>&1 ||

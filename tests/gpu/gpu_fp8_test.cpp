@@ -1,14 +1,20 @@
 // CUDA linear() with FP8 weights (cuda_fp8.cpp) vs the CPU back-end's FP8 linear (exact
 // dequantize-then-fp32), on every path the back-end picks (CudaBackend::fp8_linear_path):
 //   Skinny (<= 2 rows: the codes streamed, activations unquantized): tight against the CPU;
-//   BlockScaled (activations quantized per (row, 128 columns), cuBLASLt block-scaled FP8 GEMM):
-//     tight against the CPU run on activations quantized by the same rule (fp8_test_util.h), and
-//     within the activation quantization's error of the unquantized CPU result;
+//   BlockScaled (activations quantized per (row, 128 columns), cuBLASLt block-scaled FP8 GEMM over
+//     the rows padded to a multiple of 4): tight against the CPU run on activations quantized by the
+//     same rule (fp8_test_util.h), and within the activation quantization's error of the
+//     unquantized CPU result; on Hopper it must take every row count (1, 2, 3, 5, 17, 301, 4099:
+//     the padding) of a model-like shape;
 //   Dequantize (shapes cuBLASLt does not take: K % 128 != 0, N % 16 != 0; weights rounded to BF16):
 //     tight against the CPU.
-// Rows 1, 2, 3, 17, 300 and 4100; N and K multiples of 128 and not; BF16 and F32 outputs; the
-// skinny kernel switched off for the small row counts so the other paths see them too. Each case
-// prints "[gpu_ops] linear.fp8.<path> shape nmse max_err". Without a GPU every test is skipped.
+// Rows 1 to 4100; N and K multiples of 128 and not; BF16 and F32 outputs; the skinny kernel
+// switched off for the small row counts so the other paths see them too; outputs inside guard
+// bytes (the padded rows' products must not land past out). Then: the cuBLASLt scale-layout
+// probe runs lazily (not for BF16 work, not for FP8 products that do not need it; at
+// begin_capture() once FP8 weights were used, so a capture can take the block-scaled path; a
+// capture that would need it first fails with a clear error). Each case prints "[gpu_ops]
+// linear.fp8.<path> shape nmse max_err". Without a GPU every test is skipped.
 #include <cstring>
 #include <limits>
 #include <random>
@@ -48,6 +54,10 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
                                          {3, 2048, 512, DType::BF16},   // k_proj, three rows
                                          {17, 2048, 4096, DType::BF16},
                                          {17, 768, 2048, DType::F32},
+                                         {5, 2048, 512, DType::BF16},  // M % 4 = 1, 2, 3: padded rows
+                                         {3, 768, 2048, DType::F32},
+                                         {301, 2048, 512, DType::BF16},
+                                         {4099, 768, 2048, DType::BF16},
                                          {300, 4096, 2048, DType::BF16},
                                          {300, 2048, 6144, DType::BF16},  // dense MLP gate
                                          {300, 6144, 2048, DType::F32},   // dense MLP down
@@ -88,9 +98,9 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
       const auto path = cuda.fp8_linear_path(ga, gw, go);
       ++seen[static_cast<int>(path)];
       // On Hopper the block-scaled GEMM must take every shape of the model's kind (BF16 out, K %
-      // 128 == 0, N % 16 == 0, M % 4 == 0: cuBLASLt's condition) that the skinny kernel does not.
-      const bool model_shape = c.out == DType::BF16 && c.k % 128 == 0 && c.n % 16 == 0 && c.m % 4 == 0 &&
-                               (!skinny || c.m > cuda::kSkinnyMaxRows);
+      // 128 == 0, N % 16 == 0: cuBLASLt's condition; any M, padded) that the skinny kernel does not.
+      const bool model_shape =
+          c.out == DType::BF16 && c.k % 128 == 0 && c.n % 16 == 0 && (!skinny || c.m > cuda::kSkinnyMaxRows);
       if (cuda.wgmma_supported() && model_shape)
         EXPECT_EQ(path, cuda::CudaBackend::Fp8Path::BlockScaled)
             << shape_of({c.m, c.k, c.n}) << ": cuBLASLt's block-scaled FP8 GEMM was not used";
@@ -197,6 +207,84 @@ TEST(Fp8ScaleLayouts, SegmentsAreDisjointAlignedAndInBounds) {
       }
     }
   }
+}
+
+// The cuBLASLt scale-layout probe (cuda_backend.h ensure_fp8_lt_probe) runs lazily: not at
+// construction, not for BF16 work nor FP8 products that take no cuBLASLt GEMM; at begin_capture()
+// once FP8 weights were used, so that the block-scaled path can be recorded (and replays what it
+// computes eagerly); and a capture that would need it first fails with a clear error.
+TEST_F(Fp8Ops, LtProbeIsLazyAndRunsBeforeACapture) {
+  auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
+  EXPECT_FALSE(cuda.fp8_lt_probed()) << "the probe ran at construction";
+  Rng rng(43);
+  const int64_t m = 301, k = 2048, n = 512;
+  const std::vector<float> a = rng.bf16_normal(m * k), wv = rng.bf16_normal(n * k, 1.0f / std::sqrt(float(k)));
+  Tensor ga = gpu_tensor("a", DType::BF16, {m, k}, &a);
+  Tensor bf16_w = gpu_tensor("w_bf16", DType::BF16, {n, k}, &wv);
+  gpu_->linear(ga, bf16_w, gpu_tensor("out_bf16", DType::BF16, {m, n}, nullptr));
+  gpu_->sync();
+  EXPECT_FALSE(cuda.fp8_lt_probed()) << "a BF16 linear ran the FP8 probe";
+  if (!cuda.wgmma_supported()) GTEST_SKIP() << "FP8 products take cuBLASLt only on compute capability 9.0";
+  auto fp8_weight = [&](int64_t rows, int64_t cols) {
+    const Fp8Matrix q = quantize_weight(rng.bf16_normal(rows * cols, 1.0f / std::sqrt(float(cols))), rows, cols);
+    Tensor codes = gpu_tensor("codes", DType::F8E4M3, {rows, cols}, nullptr);
+    gpu_->upload(codes.data, q.codes.data(), q.codes.size());
+    Weight w(codes);
+    w.scale = gpu_tensor("scale", DType::F32, {(rows + 127) / 128, (cols + 127) / 128}, &q.scales);
+    return w;
+  };
+  // FP8 products that need no probe: two rows (skinny kernel), K % 128 != 0 (dequantized; this one
+  // also grows the workspace past what the product below needs, so the capture allocates nothing).
+  const Weight w = fp8_weight(n, k), w_odd = fp8_weight(4096, 320);
+  const std::vector<float> a2 = rng.bf16_normal(2 * k), a_odd = rng.bf16_normal(8 * 320);
+  gpu_->linear(gpu_tensor("a2", DType::BF16, {2, k}, &a2), w, gpu_tensor("o2", DType::BF16, {2, n}, nullptr));
+  gpu_->linear(gpu_tensor("a_odd", DType::BF16, {8, 320}, &a_odd), w_odd,
+               gpu_tensor("o_odd", DType::BF16, {8, 4096}, nullptr));
+  gpu_->sync();
+  EXPECT_FALSE(cuda.fp8_lt_probed()) << "an FP8 product without cuBLASLt ran the probe";
+  // A capture on a fresh back-end that has seen no FP8 weight: the block-scaled product fails there
+  // with the probe's error (and enqueues nothing).
+  {
+    auto fresh = make_cuda_backend(0);
+    auto& fc = static_cast<cuda::CudaBackend&>(*fresh);
+    Tensor out = gpu_tensor("out_fresh", DType::BF16, {m, n}, nullptr);
+    fresh->begin_capture();
+    std::string thrown;
+    try {
+      fresh->linear(ga, w, out);
+    } catch (const std::exception& e) {
+      thrown = e.what();
+    }
+    try {
+      fresh->end_capture();
+    } catch (const std::exception&) {
+    }
+    cudaGetLastError();
+    EXPECT_NE(thrown.find("probe"), std::string::npos) << "expected the probe's error, got: '" << thrown << "'";
+    EXPECT_FALSE(fc.fp8_lt_probed());
+  }
+  // This back-end has used FP8 weights: begin_capture runs the probe first, the block-scaled
+  // product is recorded, and the replay gives what the eager call gives.
+  Tensor graphed = gpu_tensor("out_graphed", DType::BF16, {m, n}, nullptr);
+  gpu_->begin_capture();
+  EXPECT_TRUE(cuda.fp8_lt_probed()) << "begin_capture did not run the probe";
+  EXPECT_EQ(cuda.fp8_linear_path(ga, w, graphed), cuda::CudaBackend::Fp8Path::BlockScaled);
+  std::string thrown;
+  try {
+    gpu_->linear(ga, w, graphed);
+  } catch (const std::exception& e) {
+    thrown = e.what();
+  }
+  std::unique_ptr<OpGraph> graph = gpu_->end_capture();
+  ASSERT_TRUE(thrown.empty()) << thrown;
+  graph->replay();
+  Tensor eager = gpu_tensor("out_eager", DType::BF16, {m, n}, nullptr);
+  gpu_->linear(ga, w, eager);
+  const std::vector<float> x = gpu_read(graphed), y = gpu_read(eager);
+  size_t diff = 0;
+  for (size_t i = 0; i < x.size(); ++i) diff += std::memcmp(&x[i], &y[i], 4) != 0;
+  EXPECT_EQ(diff, 0u) << "the replayed block-scaled product differs from the eager one";
+  EXPECT_EQ(compare_values(x, x).n_nan, 0) << "the replayed product left outputs unwritten";
 }
 
 TEST_F(Fp8Ops, Fp8WeightsSupportedOnHopperUnlessBf16IsAsked) {

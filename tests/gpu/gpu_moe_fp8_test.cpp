@@ -1,19 +1,30 @@
 // CUDA moe_experts with FP8 experts (cuda_moe_fp8.cpp) vs CPU references, on every path:
 //   row-wise kernels (decode-sized batches, shapes off the 128 blocks): BF16 activations, against
 //     the CPU back-end's FP8 moe_experts (exact dequantize-then-fp32) at the BF16 paths' tolerance;
-//   block-scaled paths (the default grouped wgmma FP8 GEMMs; --moe-runner-backend cublas: cuBLASLt
-//     per expert): against a host reference that applies the same activation quantization (x per
-//     token, act per row, per 128 columns; g, u and act rounded to BF16 as the kernels do) at a
-//     tight tolerance, and against the CPU back-end's unquantized result within the activation
-//     quantization's error (fp8_test_util.h); the two block-scaled paths against each other.
-// Shapes: Qwen3-30B-A3B's (H 2048, I 768, top-8 of 128 experts) on a 32-expert shard at 1024 and
-// 4100 tokens (uniform and skewed routing, experts with no rows), and small ones: several M- and
-// N-tiles, one expert taking every token, no local token, the decode size, odd widths. Then the
-// default path is captured into a CUDA graph (it must not synchronize with the host) and replayed.
-// Each case prints "[gpu_ops] moe.fp8.<path> ..."; without a GPU every test is skipped.
+//   block-scaled paths, each against a host reference that applies the same activation
+//     quantization (x per token, act per row, per 128 columns; g, u and act rounded to BF16 as the
+//     kernels do; y rounded to BF16 where the path writes it so) at a tight tolerance, against the
+//     CPU back-end's unquantized result within the activation quantization's error
+//     (fp8_test_util.h), and against each other on all rows:
+//       auto    the default: the warp-specialized grouped wgmma FP8 kernels, y in BF16;
+//       wgmma   the first grouped wgmma FP8 kernels (--moe-runner-backend wgmma), y in F32;
+//       cublas  cuBLASLt's block-scaled GEMM per expert over rows padded to a multiple of 4.
+// Out has two sentinel rows after it that no path may write. Shapes: Qwen3-30B-A3B's (H 2048, I 768,
+// top-8 of 128 experts) on a 32-expert shard at 1024 and 4100 tokens (uniform and skewed routing:
+// ragged segments, experts with no rows, one expert in every token), and small ones: token counts
+// that are not tile multiples, K = 128, 256, 384 (1 to 3 scale blocks: the ws kernel's odd and even
+// step counts), an odd number of N-tiles, several M- and N-tiles per expert, one expert taking every
+// token, no local token, the decode size, widths off the 128 blocks. Then: the ws kernels against
+// the first kernels bit for bit through the launcher (same values in the same order, F32 y, 1 to 3
+// N-tiles per CTA); every device-scheduled path (row-wise, first and ws grouped kernels) captured
+// into a CUDA graph in global mode (fails on any host synchronization) and replayed bit for bit;
+// capturing the cuBLASLt path fails (the detector works). Each case prints "[gpu_ops] moe.fp8.<path>
+// ..."; without a GPU every test is skipped.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <numeric>
+#include <tuple>
 
 #include "backends/cuda/cuda_backend.h"
 #include "fp8_test_util.h"
@@ -137,15 +148,19 @@ class MoeFp8Test : public GpuOpsTest {
   }
 
   // What the block-scaled paths compute, on the rows `tokens`: x quantized per token, g and u
-  // rounded to BF16, act = bf16(silu(g) · u) quantized per row, y in fp32, out += Σ w · y.
-  std::vector<float> quantized_reference(const Inputs& in, const Experts& ex, const std::vector<int64_t>& tokens) {
+  // rounded to BF16, act = bf16(silu(g) · u) quantized per row, y in fp32, out += Σ w · y; and the
+  // same with each y rounded to BF16 first (y_bf16: the paths that write y in BF16).
+  struct QuantizedRef {
+    std::vector<float> y_f32, y_bf16;
+  };
+  QuantizedRef quantized_reference(const Inputs& in, const Experts& ex, const std::vector<int64_t>& tokens) {
     const int64_t h = ex.h, im = ex.inter;
-    std::vector<float> out;
-    std::vector<float> act(im), y(h);
+    QuantizedRef ref;
+    std::vector<float> act(im);
     for (int64_t t : tokens) {
       const std::vector<float> xq =
           quantize_activations(std::vector<float>(in.x.begin() + t * h, in.x.begin() + (t + 1) * h), 1, h);
-      std::vector<double> acc(h, 0.0);
+      std::vector<double> acc(h, 0.0), acc_b(h, 0.0);
       for (int j = 0; j < in.k; ++j) {
         const int e = in.ids[t * in.k + j] - ex.cpu.first;
         if (e < 0 || e >= ex.cpu.count) continue;
@@ -161,28 +176,51 @@ class MoeFp8Test : public GpuOpsTest {
           act[n] = bf16_round(g / (1.0f + std::exp(-g)) * u);
         }
         const std::vector<float> aq = quantize_activations(act, 1, im);
+        const double wt = in.w[t * in.k + j];
         for (int64_t n = 0; n < h; ++n) {
-          float s = 0;
-          for (int64_t c = 0; c < im; ++c) s += aq[c] * E.d[n * im + c];
-          acc[n] += double(in.w[t * in.k + j]) * s;
+          float y = 0;
+          for (int64_t c = 0; c < im; ++c) y += aq[c] * E.d[n * im + c];
+          acc[n] += wt * y;
+          acc_b[n] += wt * bf16_round(y);
         }
       }
-      for (int64_t n = 0; n < h; ++n) out.push_back(static_cast<float>(in.out0[t * h + n] + acc[n]));
+      for (int64_t n = 0; n < h; ++n) {
+        ref.y_f32.push_back(static_cast<float>(in.out0[t * h + n] + acc[n]));
+        ref.y_bf16.push_back(static_cast<float>(in.out0[t * h + n] + acc_b[n]));
+      }
     }
-    return out;
+    return ref;
   }
 
+  bool hopper() { return static_cast<cuda::CudaBackend&>(*gpu_).wgmma_supported(); }
   void set_path(const std::string& p) {
     auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
     cuda.set_moe_gemm(cuda::CudaBackend::parse_moe_runner_backend(p));
   }
+  // The --moe-runner-backend settings to run, in order. The paths share the workspace, and each
+  // grouped run follows a cuBLASLt run whose other layout leaves different bytes in the act / y
+  // scratch: rows a kernel fails to write cannot inherit another path's correct values.
+  std::vector<std::string> paths() {
+    if (!hopper()) return {"auto", "cublas"};  // both the row-wise kernels
+    return {"cublas", "auto", "cublas", "wgmma"};
+  }
 
+  // Runs the CUDA op on `path` into a fresh out [T + 2, H] whose last two rows are sentinels
+  // outside the view; returns the T rows, checks the sentinels.
   std::vector<float> run_gpu(const std::string& path, const Inputs& in, const Experts& ex, DType out_dtype) {
-    Tensor out = gpu_tensor("out", out_dtype, {in.t, ex.h}, &in.out0);
+    const int64_t t = in.t, h = ex.h;
+    std::vector<float> init = in.out0;
+    for (int64_t i = 0; i < 2 * h; ++i) init.push_back(bf16_round(0.25f * static_cast<float>(i % 7) - 0.5f));
+    Tensor full = gpu_tensor("out", out_dtype, {t + 2, h}, &init);
+    Tensor out(full.data, out_dtype, {t, h}, Device::CUDA);
     set_path(path);
     gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out);
     set_path("auto");
-    std::vector<float> got = gpu_read(out);
+    std::vector<float> got = gpu_read(full);
+    int64_t bad = 0;
+    for (int64_t i = 0; i < 2 * h; ++i) bad += got[t * h + i] != init[t * h + i];
+    EXPECT_EQ(bad, 0) << path << ": " << bad << " elements of the sentinel rows after out were written";
+    got.resize(t * h);
     return got;
   }
 
@@ -206,18 +244,21 @@ class MoeFp8Test : public GpuOpsTest {
     auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
     const bool blocked = cuda.moe_fp8_blocked(t * k, ex.cpu.count, ex.h, ex.inter, true);
     const std::vector<float> exact = exact_reference(in, ex, tokens);
-    const std::vector<float> quant = blocked ? quantized_reference(in, ex, tokens) : std::vector<float>{};
+    const QuantizedRef quant = blocked ? quantized_reference(in, ex, tokens) : QuantizedRef{};
     const std::string sh = name + " T=" + std::to_string(t) + " H=" + std::to_string(ex.h) +
                            " I=" + std::to_string(ex.inter) + " E=" + std::to_string(ex.cpu.n_experts) +
                            " K=" + std::to_string(k) + " local=" + std::to_string(ex.cpu.first) + "+" +
                            std::to_string(ex.cpu.count) + (out_dtype == DType::F32 ? " outF32" : "");
+    const std::vector<std::string> ps = paths();
     std::vector<std::vector<float>> all;
-    for (const std::string path : {"auto", "cublas"}) {
+    for (const std::string& path : ps) {
       const std::vector<float> got = run_gpu(path, in, ex, out_dtype);
       const std::vector<float> s = sample(got);
       if (blocked) {
-        const std::string op = "moe.fp8." + std::string(path == "auto" ? "grouped" : "cublaslt");
-        expect_close(op + ".vs_quantized_ref", sh, s, quant, 5e-5, 0.1);
+        const std::string op = "moe.fp8." + std::string(path == "auto"    ? "ws"
+                                                        : path == "wgmma" ? "grouped"
+                                                                          : "cublaslt");
+        expect_close(op + ".vs_quantized_ref", sh, s, path == "auto" ? quant.y_bf16 : quant.y_f32, 5e-5, 0.1);
         // Two quantized operands (x, act): nmse ~2e-3 against the unquantized product.
         expect_close(op + ".vs_exact_ref", sh, s, exact, 1e-2, 1.0);
       } else {
@@ -226,14 +267,24 @@ class MoeFp8Test : public GpuOpsTest {
       }
       all.push_back(got);
     }
-    const Stats s = compare_values(all[0], all[1]);
-    std::printf("[gpu_ops] moe.fp8 auto-vs-cublas %s nmse=%.3e (all rows)\n", sh.c_str(), s.nmse);
-    EXPECT_LE(s.nmse, blocked ? 5e-5 : 0.0) << sh;  // the row-wise kernels run for both settings
+    // All rows, each path against the first cuBLASLt run (on Hopper) or the default: the
+    // block-scaled paths differ by fp32 summation order and the rounding of y only; the row-wise
+    // kernels run for every setting and must agree exactly.
+    for (size_t i = 1; i < ps.size(); ++i) {
+      const Stats st = compare_values(all[i], all[0]);
+      std::printf("[gpu_ops] moe.fp8 %s-vs-%s %s nmse=%.3e (all rows)\n", ps[i].c_str(), ps[0].c_str(), sh.c_str(),
+                  st.nmse);
+      EXPECT_EQ(st.n_nan, 0) << ps[i] << " " << sh;
+      EXPECT_LE(st.nmse, blocked ? 5e-5 : 0.0) << ps[i] << " vs " << ps[0] << ": " << sh;
+    }
     if (no_local) {
       const Stats unchanged = compare_values(all[0], std::vector<float>(in.out0));
       EXPECT_EQ(unchanged.max_err, 0.0) << "no local pair: out must stay as it was";
     }
   }
+
+  // Eager call, then the same call captured in global mode and replayed: must not sync, must match.
+  void capture_and_replay(const std::string& path, const Inputs& in, const Experts& ex);
 };
 
 TEST_F(MoeFp8Test, Qwen3ShapeOnAShard) {
@@ -253,11 +304,13 @@ TEST_F(MoeFp8Test, SmallAndOddShapes) {
     bool no_local = false;
   };
   for (const Case& c :
-       std::vector<Case>{{20, 256, 128, 8, 2, 0, 8, false, DType::BF16},         // 40 pairs: decode-size row-wise
-                         {1, 256, 128, 8, 2, 0, 8, false, DType::F32},           // one token
-                         {37, 256, 128, 8, 2, 2, 4, false, DType::BF16},         // 74 pairs: block-scaled
-                         {513, 256, 384, 16, 8, 0, 16, false, DType::BF16},      // several M- and N-tiles per expert
-                         {400, 128, 128, 4, 2, 3, 1, true, DType::F32},          // one local expert takes every token
+       std::vector<Case>{{20, 256, 128, 8, 2, 0, 8, false, DType::BF16},     // 40 pairs: decode-size row-wise
+                         {1, 256, 128, 8, 2, 0, 8, false, DType::F32},       // one token
+                         {37, 256, 128, 8, 2, 2, 4, false, DType::BF16},     // 74 pairs: block-scaled, K steps 2 / 1
+                         {513, 256, 384, 16, 8, 0, 16, false, DType::BF16},  // several M- and N-tiles per expert
+                         {301, 384, 384, 8, 3, 1, 6, true, DType::F32},      // 3 K steps both ways, 3 down N-tiles
+                         {1000, 128, 256, 8, 2, 0, 8, true, DType::BF16},    // 1 and 2 K steps, 1 down N-tile
+                         {400, 128, 128, 4, 2, 3, 1, true, DType::F32},      // one local expert takes every token
                          {300, 128, 128, 8, 2, 2, 3, false, DType::BF16, true},  // no local pair: out unchanged
                          {300, 192, 128, 8, 2, 0, 8, true, DType::BF16},         // H % 128 != 0: row-wise
                          {300, 128, 96, 8, 2, 0, 8, true, DType::F32},           // I % 128 != 0: row-wise
@@ -267,43 +320,139 @@ TEST_F(MoeFp8Test, SmallAndOddShapes) {
   }
 }
 
-// The default FP8 path must not synchronize with the host (decode graphs and overlapped NCCL
-// exchanges depend on it): a global-mode capture fails on any synchronizing call. The replay must
-// reproduce the eager output bit for bit.
-TEST_F(MoeFp8Test, DefaultPathEnqueuesWithoutHostSync) {
+// The ws kernels compute what the first kernels compute, in the same order: act and y (F32) bit
+// for bit, through the launcher as the back-end calls it, with 1, 2 and 3 N-tiles per CTA.
+TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
+  if (!hopper()) GTEST_SKIP() << "the grouped FP8 kernels need compute capability 9.0";
+  Rng rng(54);
+  struct Case {
+    int64_t t, h, inter;
+    int e, k;
+  };
+  for (const Case& c : std::vector<Case>{{1000, 2048, 768, 32, 8}, {301, 384, 384, 8, 3}, {77, 128, 256, 4, 2}}) {
+    const Experts ex = make_experts(rng, c.e, 0, c.e, c.h, c.inter);
+    Inputs in = make_inputs(rng, c.t, c.k, ex, true);
+    const int64_t n_pairs = c.t * c.k, kbh = c.h / 128, kbi = c.inter / 128;
+    cudaStream_t stream = static_cast<cuda::CudaBackend&>(*gpu_).stream();
+    // Device tables: gate, up, down codes, then their scales.
+    std::vector<const void*> ptrs;
+    for (int which = 0; which < 6; ++which)
+      for (int e = 0; e < c.e; ++e) {
+        const ExpertShard& s = ex.gpu;
+        const Weight& w = which % 3 == 0 ? s.gate[e] : which % 3 == 1 ? s.up[e] : s.down[e];
+        ptrs.push_back(which < 3 ? w.data : w.scale.data);
+      }
+    Buffer table(*gpu_, ptrs.size() * sizeof(void*));
+    gpu_->upload(table.data(), ptrs.data(), ptrs.size() * sizeof(void*));
+    const auto* tp = static_cast<const void* const*>(table.data());
+    auto bytes = [&](size_t n) { return Buffer(*gpu_, std::max<size_t>(n, 16)); };
+    Buffer offsets = bytes((c.e + 1) * 4), tile_start = bytes((c.e + 1) * 4), src_token = bytes(n_pairs * 4),
+           pair_row = bytes(n_pairs * 4), xq = bytes(c.t * c.h), xs = bytes(cuda::fp8_act_scale_floats(c.t, kbh) * 4),
+           aq = bytes(n_pairs * c.inter), as = bytes(cuda::fp8_segment_scale_floats(n_pairs, c.e, kbi) * 4);
+    ASSERT_EQ(
+        cuda::launch_moe_permute_tiled(cuda::dev(in.gids), 0, c.e, static_cast<int32_t*>(offsets.data()),
+                                       static_cast<int32_t*>(src_token.data()), static_cast<int32_t*>(pair_row.data()),
+                                       cuda::kMoeGemmTileM, static_cast<int32_t*>(tile_start.data()), stream),
+        cudaSuccess);
+    ASSERT_EQ(cuda::launch_fp8_quantize_rows(cuda::dev(in.gx), static_cast<uint8_t*>(xq.data()),
+                                             static_cast<float*>(xs.data()), nullptr, 0, stream),
+              cudaSuccess);
+    cuda::MoeFp8GemmArgs a;
+    a.xq = static_cast<const uint8_t*>(xq.data());
+    a.x_scale = static_cast<const float*>(xs.data());
+    a.n_tokens = c.t;
+    a.src_token = static_cast<const int32_t*>(src_token.data());
+    a.offsets = static_cast<const int32_t*>(offsets.data());
+    a.tile_start = static_cast<const int32_t*>(tile_start.data());
+    a.count = c.e;
+    a.tables = cuda::Fp8ExpertTables{tp, tp + c.e, tp + 2 * c.e, tp + 3 * c.e, tp + 4 * c.e, tp + 5 * c.e};
+    a.hidden = c.h;
+    a.inter = c.inter;
+    a.n_pairs = n_pairs;
+    a.aq = static_cast<const uint8_t*>(aq.data());
+    a.act_scale = static_cast<const float*>(as.data());
+    // The first kernels: act, then its quantization (the down GEMMs of both read this aq).
+    Tensor act0 = gpu_tensor("act_first", DType::BF16, {n_pairs, c.inter}, nullptr);
+    Tensor y0 = gpu_tensor("y_first", DType::F32, {n_pairs, c.h}, nullptr);
+    a.warp_specialized = false;
+    a.act = act0.data;
+    a.y = y0.data;
+    ASSERT_EQ(cuda::launch_moe_grouped_gemm_fp8_wgmma(a, true, stream), cudaSuccess);
+    ASSERT_EQ(cuda::launch_fp8_quantize_rows(cuda::dev(act0), static_cast<uint8_t*>(aq.data()),
+                                             static_cast<float*>(as.data()), a.offsets, c.e, stream),
+              cudaSuccess);
+    ASSERT_EQ(cuda::launch_moe_grouped_gemm_fp8_wgmma(a, false, stream), cudaSuccess);
+    const std::vector<float> want_act = gpu_read(act0), want_y = gpu_read(y0);
+    for (int per_cta : {1, 2, 3}) {
+      Tensor act1 = gpu_tensor("act_ws", DType::BF16, {n_pairs, c.inter}, nullptr);
+      Tensor y1 = gpu_tensor("y_ws", DType::F32, {n_pairs, c.h}, nullptr);
+      a.warp_specialized = true;
+      a.n_per_cta = per_cta;
+      a.act = act1.data;
+      a.y = y1.data;
+      ASSERT_EQ(cuda::launch_moe_grouped_gemm_fp8_wgmma(a, true, stream), cudaSuccess);
+      ASSERT_EQ(cuda::launch_moe_grouped_gemm_fp8_wgmma(a, false, stream), cudaSuccess);
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      const std::vector<float> got_act = gpu_read(act1), got_y = gpu_read(y1);
+      for (const auto& [what, got, want] : {std::tuple{"act", &got_act, &want_act}, std::tuple{"y", &got_y, &want_y}}) {
+        size_t diff = 0, first = got->size(), nan = 0;
+        for (size_t i = 0; i < got->size(); ++i) {
+          nan += !std::isfinite((*want)[i]);  // every row is a pair's: the first kernels wrote them all
+          if (std::memcmp(&(*got)[i], &(*want)[i], 4) != 0 && diff++ == 0) first = i;
+        }
+        std::printf("[gpu_ops] moe.fp8.ws-vs-first %s T=%lld H=%lld I=%lld E=%d K=%d per_cta=%d: %zu of %zu differ\n",
+                    what, static_cast<long long>(c.t), static_cast<long long>(c.h), static_cast<long long>(c.inter),
+                    c.e, c.k, per_cta, diff, got->size());
+        EXPECT_EQ(nan, 0u) << what << ": the first kernels left rows unwritten";
+        EXPECT_EQ(diff, 0u) << what << " T=" << c.t << " H=" << c.h << " I=" << c.inter << " per_cta=" << per_cta
+                            << ": first difference at " << first;
+      }
+    }
+  }
+}
+
+// The device-scheduled FP8 paths must not synchronize with the host (decode graphs and overlapped
+// NCCL exchanges depend on it): a global-mode capture fails on any synchronizing call. The replay
+// must reproduce the eager output bit for bit. The row-wise kernels (T = 16: 64 pairs), and on
+// Hopper the ws (default) and the first grouped kernels at a ragged T = 301.
+TEST_F(MoeFp8Test, DeviceScheduledPathsEnqueueWithoutHostSync) {
   Rng rng(53);
   const Experts ex = make_experts(rng, 16, 0, 16, 256, 256);
-  for (int64_t t : {16, 300}) {  // the row-wise (32 pairs) and the block-scaled (1200 pairs) path
-    Inputs in = make_inputs(rng, t, 4, ex, true);
-    Tensor eager = gpu_tensor("eager", DType::BF16, {t, ex.h}, &in.out0);
-    Tensor graphed = gpu_tensor("graphed", DType::BF16, {t, ex.h}, &in.out0);
-    gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, eager);  // warm-up: workspace, pointer tables
-    gpu_->sync();
-    cudaStream_t stream = static_cast<cuda::CudaBackend&>(*gpu_).stream();
-    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
-    std::string thrown;
-    try {
-      gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, graphed);
-    } catch (const std::exception& e) {
-      thrown = e.what();
+  capture_and_replay("auto", make_inputs(rng, 16, 4, ex, true), ex);
+  if (hopper()) {
+    Inputs in = make_inputs(rng, 301, 4, ex, true);
+    for (const char* path : {"auto", "wgmma"}) {
+      SCOPED_TRACE(std::string("--moe-runner-backend ") + path);
+      capture_and_replay(path, in, ex);
     }
-    cudaGraph_t graph = nullptr;
-    const cudaError_t end = cudaStreamEndCapture(stream, &graph);
-    cudaGetLastError();
-    ASSERT_TRUE(thrown.empty()) << "T=" << t << ": moe_experts failed under stream capture: " << thrown;
-    ASSERT_EQ(end, cudaSuccess) << "T=" << t << ": capture invalidated: " << cudaGetErrorString(end);
-    cudaGraphExec_t exec = nullptr;
-    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
-    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
-    const std::vector<float> a = gpu_read(eager), b = gpu_read(graphed);
-    size_t diff = 0;
-    for (size_t i = 0; i < a.size(); ++i) diff += a[i] != b[i];
-    EXPECT_EQ(diff, 0u) << "T=" << t << ": the replay differs from the eager call";
-    EXPECT_GT(compare_values(b, in.out0).nmse, 1e-3) << "T=" << t << ": the captured call changed nothing";
   }
+  set_path("auto");
+}
+
+void MoeFp8Test::capture_and_replay(const std::string& path, const Inputs& in, const Experts& ex) {
+  set_path(path);
+  const size_t nodes =
+      expect_graph_matches_eager("FP8 moe_experts (" + path + ", T=" + std::to_string(in.t) + ")", in.t, ex.h, in.out0,
+                                 static_cast<cuda::CudaBackend&>(*gpu_).stream(),
+                                 [&](Tensor out) { gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out); });
+  EXPECT_LE(nodes, 8u) << "expected permute, quantize, 2 GEMM kernels, quantize, unpermute; no per-expert launches";
+}
+
+// The detector itself: the cuBLASLt path reads the expert offsets back on the host, so capturing
+// it must fail (if this passes, the test above really checks for host synchronizations).
+TEST_F(MoeFp8Test, CaptureCatchesTheCublasLtPathSync) {
+  if (!hopper()) GTEST_SKIP() << "FP8 experts take cuBLASLt only on compute capability 9.0";
+  Rng rng(55);
+  const Experts ex = make_experts(rng, 16, 0, 16, 256, 128);
+  Inputs in = make_inputs(rng, 256, 4, ex, false);
+  Tensor out = gpu_tensor("out", DType::BF16, {in.t, ex.h}, &in.out0);
+  set_path("cublas");
+  gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out);  // warm-up (and the cuBLASLt probe)
+  gpu_->sync();
+  cudaStream_t stream = static_cast<cuda::CudaBackend&>(*gpu_).stream();
+  const CaptureRun run = capture_and_launch(stream, [&] { gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out); });
+  set_path("auto");
+  EXPECT_FALSE(run.error.empty()) << "capturing a host-synchronizing path should fail";
 }
 
 }  // namespace

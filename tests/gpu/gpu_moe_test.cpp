@@ -344,45 +344,11 @@ TEST_F(MoeTest, GroupedPathEnqueuesWithoutHostSync) {
 }
 
 void MoeTest::capture_and_replay(const std::string& path, const Inputs& in, const Experts& ex) {
-  auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
-  cudaStream_t stream = cuda.stream();
-  Tensor eager = gpu_tensor("eager", DType::BF16, {in.t, ex.h}, &in.out0);
-  Tensor graphed = gpu_tensor("graphed", DType::BF16, {in.t, ex.h}, &in.out0);
   set_path(path);
-  gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, eager);  // warm-up: workspace, pointer table
-  gpu_->sync();
-
-  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
-  std::string thrown;
-  try {
-    gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, graphed);
-  } catch (const std::exception& e) {
-    thrown = e.what();
-  }
-  cudaGraph_t graph = nullptr;
-  const cudaError_t end = cudaStreamEndCapture(stream, &graph);
-  cudaGetLastError();
-  ASSERT_TRUE(thrown.empty()) << "moe_experts failed under stream capture (a host synchronization?): " << thrown;
-  ASSERT_EQ(end, cudaSuccess) << "stream capture was invalidated: " << cudaGetErrorString(end);
-  size_t n_nodes = 0;
-  ASSERT_EQ(cudaGraphGetNodes(graph, nullptr, &n_nodes), cudaSuccess);
-  std::printf("[gpu_moe] captured moe_experts (%s): %zu graph nodes\n", path.c_str(), n_nodes);
-  EXPECT_LE(n_nodes, 8u) << "expected permute + 2 GEMM kernels + unpermute, not per-expert launches";
-  cudaGraphExec_t exec = nullptr;
-  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
-  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  const std::vector<float> a = gpu_read(eager), b = gpu_read(graphed);
-  size_t diff = 0;
-  for (size_t i = 0; i < a.size(); ++i) diff += a[i] != b[i];
-  size_t first = 0;
-  while (first < a.size() && a[first] == b[first]) ++first;
-  EXPECT_EQ(diff, 0u) << path << ": the graph replay differs from the eager call in " << diff << " of " << a.size()
-                      << " elements, first at index " << first;
-  const Stats s = compare_values(b, in.out0);
-  EXPECT_GT(s.nmse, 1e-3) << path << ": the captured call did not change the output";
+  const size_t nodes = expect_graph_matches_eager(
+      "moe_experts (" + path + ")", in.t, ex.h, in.out0, static_cast<cuda::CudaBackend&>(*gpu_).stream(),
+      [&](Tensor out) { gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out); });
+  EXPECT_LE(nodes, 8u) << "expected permute + 2 GEMM kernels + unpermute, not per-expert launches";
 }
 
 // The detector itself: the cuBLAS path reads the offsets back on the host, so capturing it must
@@ -397,21 +363,10 @@ TEST_F(MoeTest, CaptureCatchesTheCublasPathSync) {
   gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out);  // warm-up
   gpu_->sync();
   cudaStream_t stream = static_cast<cuda::CudaBackend&>(*gpu_).stream();
-  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
-  bool threw = false;
-  try {
-    gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out);
-  } catch (const std::exception&) {
-    threw = true;
-  }
-  cudaGraph_t graph = nullptr;
-  const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+  const CaptureRun run = capture_and_launch(stream, [&] { gpu_->moe_experts(in.gx, in.gids, in.gw, ex.gpu, out); });
   set_path("auto");
-  if (graph) cudaGraphDestroy(graph);
-  cudaGetLastError();
-  std::printf("[gpu_moe] cuBLAS path under capture: %s, end capture: %s\n", threw ? "threw" : "did not throw",
-              cudaGetErrorString(end));
-  EXPECT_TRUE(threw || end != cudaSuccess) << "capturing a host-synchronizing path should fail";
+  std::printf("[gpu_moe] cuBLAS path under capture: %s\n", run.error.empty() ? "recorded" : run.error.c_str());
+  EXPECT_FALSE(run.error.empty()) << "capturing a host-synchronizing path should fail";
 }
 
 // --moe-runner-backend wgmma on a GPU without wgmma is an error, not a silent fallback: for the

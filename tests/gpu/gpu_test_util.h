@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <random>
@@ -78,6 +79,40 @@ inline Stats compare_values(const std::vector<float>& got, const std::vector<flo
   }
   s.nmse = den > 0.0 ? num / den : num;
   return s;
+}
+
+// Records `op` (which enqueues on `stream`) with a global-mode stream capture, which fails on any
+// host synchronization, then launches the graph once and waits for it. error is empty when all of
+// that worked, else says what failed (the op's exception or the capture's error); n_nodes counts
+// the recorded graph's nodes.
+struct CaptureRun {
+  std::string error;
+  size_t n_nodes = 0;
+};
+inline CaptureRun capture_and_launch(cudaStream_t stream, const std::function<void()>& op) {
+  CaptureRun r;
+  cudaError_t err = cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal);
+  if (err != cudaSuccess) return {std::string("cudaStreamBeginCapture: ") + cudaGetErrorString(err), 0};
+  try {
+    op();
+  } catch (const std::exception& e) {
+    r.error = std::string("the op threw under capture: ") + e.what();
+  }
+  cudaGraph_t graph = nullptr;
+  err = cudaStreamEndCapture(stream, &graph);
+  cudaGetLastError();  // an invalidated capture leaves its error behind
+  if (r.error.empty() && err != cudaSuccess) r.error = std::string("capture invalidated: ") + cudaGetErrorString(err);
+  if (r.error.empty()) {
+    cudaGraphGetNodes(graph, nullptr, &r.n_nodes);
+    cudaGraphExec_t exec = nullptr;
+    err = cudaGraphInstantiate(&exec, graph, 0);
+    if (err == cudaSuccess) err = cudaGraphLaunch(exec, stream);
+    if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+    if (err != cudaSuccess) r.error = std::string("graph instantiate / launch: ") + cudaGetErrorString(err);
+    if (exec) cudaGraphExecDestroy(exec);
+  }
+  if (graph) cudaGraphDestroy(graph);
+  return r;
 }
 
 class GpuOpsTest : public ::testing::Test {
@@ -189,6 +224,32 @@ class GpuOpsTest : public ::testing::Test {
                           << " outputs are NaN/inf (unwritten or broken)";
     EXPECT_LE(s.nmse, max_nmse) << op << " " << shape;
     EXPECT_LE(s.max_err, max_abs) << op << " " << shape;
+  }
+
+  // op(out) on out [rows, cols] BF16 starting as init: a warm-up call (which may grow buffers and
+  // synchronize), then into a fresh copy eagerly and into another recorded with capture_and_launch
+  // on `stream`. The recorded call must not synchronize, and the replay must give the eager result
+  // bit for bit, different from init. Returns the graph's node count (0 when it failed).
+  size_t expect_graph_matches_eager(const std::string& what, int64_t rows, int64_t cols, const std::vector<float>& init,
+                                    cudaStream_t stream, const std::function<void(Tensor)>& op) {
+    Tensor eager = gpu_tensor("eager", DType::BF16, {rows, cols}, &init);
+    Tensor graphed = gpu_tensor("graphed", DType::BF16, {rows, cols}, &init);
+    op(eager);  // warm-up: workspace, pointer tables
+    gpu_->sync();
+    Tensor fresh = gpu_tensor("eager2", DType::BF16, {rows, cols}, &init);
+    op(fresh);
+    const CaptureRun run = capture_and_launch(stream, [&] { op(graphed); });
+    EXPECT_TRUE(run.error.empty()) << what << ": " << run.error;
+    if (!run.error.empty()) return 0;
+    std::printf("[gpu_ops] captured %s: %zu graph nodes\n", what.c_str(), run.n_nodes);
+    const std::vector<float> a = gpu_read(fresh), b = gpu_read(graphed);
+    size_t diff = 0, first = a.size();
+    for (size_t i = 0; i < a.size(); ++i)
+      if (a[i] != b[i] && diff++ == 0) first = i;
+    EXPECT_EQ(diff, 0u) << what << ": the graph replay differs from the eager call in " << diff << " of " << a.size()
+                        << " elements, first at index " << first;
+    EXPECT_GT(compare_values(b, init).nmse, 1e-3) << what << ": the captured call did not change the output";
+    return run.n_nodes;
   }
 
   std::unique_ptr<Backend> cpu_, gpu_;

@@ -140,14 +140,8 @@ CudaBackend::CudaBackend(int device_index, const BackendOptions& opt) : device_(
     log_warn(cudnn_->unavailable_reason(), "; prefill attention stays on the own kernels");
     prefill_kernel_ = PrefillKernel::Auto;
   }
-  if (fp8_weights_) {
-    try {
-      fp8_lt_probe();  // how cuBLASLt reads FP8 block scales (cuda_fp8.cpp)
-    } catch (const std::exception& e) {
-      lt_layout_[0] = lt_layout_[1] = Fp8LtLayout{};  // not used: FP8 linear layers dequantize instead
-      log_warn("cuBLASLt block-scaled FP8 probe failed (", e.what(), "); FP8 linear layers dequantize instead");
-    }
-  }
+  // How cuBLASLt reads FP8 block scales is probed at the first FP8 product that needs it, not here
+  // (ensure_fp8_lt_probe, cuda_backend.h).
   const char* own = prefill_kernel_ == PrefillKernel::Auto || prefill_kernel_ == PrefillKernel::Cudnn
                         ? (hopper_ ? "ws for KV pages of 8, 16, 32, ... tokens, wgmma for others" : "mma.sync")
                         : prefill_kernel_name(prefill_kernel_);

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <array>
+#include <functional>
 #include <map>
 #include <memory>
 #include <vector>
@@ -66,17 +67,21 @@ class CudaBackend : public Backend {
   // What linear() runs for an FP8 weight (cuda_fp8.cpp); tests pick their reference by it:
   //   Skinny       <= kSkinnyMaxRows rows: the own kernel on the codes, BF16 activations as they are;
   //   BlockScaled  the activations quantized per (row, 128 columns) to e4m3, then cuBLASLt's FP8
-  //                GEMM with 1x128 (activation) and 128x128 (weight) block scales (Hopper,
-  //                K % 128 == 0, N % 16 == 0, and cuBLASLt offers an algorithm);
+  //                GEMM with 1x128 (activation) and 128x128 (weight) block scales over the rows
+  //                padded to a multiple of 4 (Hopper, K % 128 == 0, N % 16 == 0, and cuBLASLt
+  //                offers an algorithm);
   //   Dequantize   anything else: the weight dequantized to BF16 in scratch, then the BF16 GEMM.
   enum class Fp8Path { Skinny, BlockScaled, Dequantize };
   Fp8Path fp8_linear_path(const Tensor& a, const Weight& w, const Tensor& out);
   // Whether moe_experts with FP8 experts (cuda_moe_fp8.cpp) quantizes the activations per (row,
   // 128 columns) for a call of n_pairs (token, expert) pairs over `count` local experts: batches
   // above the decode sizes on Hopper with H and I multiples of 128 and 16-byte aligned x and codes
-  // (the grouped wgmma FP8 GEMMs, or cuBLASLt per expert with --moe-runner-backend cublas). Else
-  // the row-wise kernels run on the BF16 activations.
+  // (the grouped wgmma FP8 GEMMs: by default the warp-specialized ones writing y in BF16, with
+  // --moe-runner-backend wgmma the first ones writing y in F32; or cuBLASLt per expert with
+  // --moe-runner-backend cublas). Else the row-wise kernels run on the BF16 activations.
   bool moe_fp8_blocked(int64_t n_pairs, int count, int64_t hidden, int64_t inter, bool aligned) const;
+  // Whether the cuBLASLt FP8 scale-layout probe has run (lazily: ensure_fp8_lt_probe below).
+  bool fp8_lt_probed() const { return lt_probed_; }
   // Whether linear() runs BF16 GEMMs of at most kSkinnyMaxRows (2) rows on the own streaming kernel
   // (default) or on cuBLAS (tests compare the two).
   void set_skinny_gemm(bool on) { skinny_gemm_ = on; }
@@ -151,6 +156,29 @@ class CudaBackend : public Backend {
   // Scratch memory reused across ops on this stream; grows (after a stream sync) when too small,
   // keeping the first `keep_bytes` of its old content.
   void* workspace(size_t bytes, size_t keep_bytes = 0);
+  // The pieces of scratch one op needs, bump-allocated from one workspace() request:
+  // carve_workspace(layout) runs layout(bump) twice, once to add up the sizes of the pieces it
+  // takes (Bump::take, each 256-byte aligned) and once, after the request, to hand out their
+  // addresses; returns the bytes. keep_bytes as for workspace() (the pieces taken first keep their
+  // addresses when a later layout starts with the same ones).
+  struct Bump {
+    uintptr_t base = 0;
+    size_t used = 0;
+    template <class T>
+    T* take(size_t count) {
+      T* p = reinterpret_cast<T*>(base + used);
+      used += (count * sizeof(T) + 255) / 256 * 256;
+      return p;
+    }
+  };
+  template <class Layout>
+  size_t carve_workspace(Layout&& layout, size_t keep_bytes = 0) {
+    Bump size;
+    layout(size);
+    Bump at{reinterpret_cast<uintptr_t>(workspace(size.used, keep_bytes))};
+    layout(at);
+    return at.used;
+  }
   // The device copy of rope.inv_freq, uploaded once per distinct content.
   const float* inv_freq_on_device(const RopeParams& rope);
   // Device array [3 · count] of the shard's gate | up | down weight pointers, uploaded once.
@@ -161,16 +189,16 @@ class CudaBackend : public Backend {
   void linear_fp8(const Tensor& a, const Weight& w, Tensor out);
   // out [M, N] (row-major, BF16 or F32, ld N) = (aq · a_scale) · (w · w_scale)ᵀ on cuBLASLt: aq
   // [M, K] e4m3 with VEC128 scales a_scale[kb · M + m]; w [N, K] e4m3 with BLK128x128 scales
-  // w_scale[nb · w_scale_ld + kb], w_scale_ld a multiple of 4. K % 128 == 0. Throws when cuBLASLt
-  // has no algorithm (callers ask fp8_lt_algo first).
+  // w_scale[nb · w_scale_ld + kb], w_scale_ld a multiple of 4. K % 128 == 0, M % 4 == 0 (callers
+  // pad the rows). Throws when cuBLASLt has no algorithm (callers ask fp8_lt_algo first).
   void fp8_gemm_lt(const void* aq, const float* a_scale, int64_t m, const void* w, const float* w_scale, int64_t n,
                    int64_t k, void* out, DType out_dtype);
   // How cuBLASLt reads the block scales, per class of K (K/128 a multiple of 4 or not): the
   // activation scales' order and whether the weight scales' rows are padded to a multiple of 4
-  // floats. cuBLASLt takes no stride for them, so fp8_lt_probe() finds the layout at construction
-  // by running a small GEMM per candidate against a host reference; ok = false: none matched (the
-  // block-scaled GEMM is then not used for that class). The candidates, first the one torch's
-  // _scaled_mm hands cuBLASLt (M-major activation scales, padded weight-scale rows).
+  // floats. cuBLASLt takes no stride for them, so fp8_lt_probe() finds the layout by running a
+  // small GEMM per candidate against a host reference; ok = false: none matched (the block-scaled
+  // GEMM is then not used for that class). The candidates, first the one torch's _scaled_mm hands
+  // cuBLASLt (M-major activation scales, padded weight-scale rows).
   struct Fp8LtLayout {
     bool ok = false;
     Fp8ActScales act = Fp8ActScales::MMajor;
@@ -179,14 +207,36 @@ class CudaBackend : public Backend {
   Fp8LtLayout lt_layout_[2];
   bool lt_probing_ = false;
   void fp8_lt_probe();
+  // The probe runs once per back-end, lazily: a BF16 model never pays for it (it synchronizes and
+  // takes cuBLASLt's heuristics; the back-end used to run it at construction on every Hopper GPU).
+  // It runs at the first lt_layout() query, i.e. the first FP8 product that could take cuBLASLt's
+  // block-scaled GEMM (an FP8 linear of more than kSkinnyMaxRows rows, FP8 experts on
+  // --moe-runner-backend cublas), or at begin_capture() once this back-end has been handed FP8
+  // weights (fp8_used_): it uploads, downloads and synchronizes, which a stream capture forbids, so
+  // it must have run before one starts. The engine's decode graphs record a step only after running
+  // it eagerly, so their first FP8 linear runs it at the latest there. Asked for while the stream
+  // is capturing and not yet run, it throws (the capture fails; decode graphs then run eagerly).
+  bool lt_probed_ = false;
+  bool fp8_used_ = false;  // an FP8 weight reached linear() or moe_experts()
+  void ensure_fp8_lt_probe();
   // The probe's result for one layout candidate (nmse of the GEMM against the host reference; +inf
   // when cuBLASLt rejects it).
   double fp8_lt_try(int64_t k, const Fp8LtLayout& cand);
-  const Fp8LtLayout& lt_layout(int64_t k) const { return lt_layout_[(k / 128) % 4 == 0 ? 0 : 1]; }
+  const Fp8LtLayout& lt_layout(int64_t k) {
+    ensure_fp8_lt_probe();
+    return lt_layout_[(k / 128) % 4 == 0 ? 0 : 1];
+  }
   // Row stride (floats) of the weight scales as cuBLASLt reads them.
-  int64_t lt_w_scale_ld(int64_t k) const {
+  int64_t lt_w_scale_ld(int64_t k) {
     const int64_t kb = k / 128;
     return lt_layout(k).w_padded ? (kb + 3) / 4 * 4 : kb;
+  }
+  // The layout launch_fp8_quantize_rows writes activation scales in for a GEMM over the rows
+  // padded to a multiple of 4 (cuBLASLt's block-scaled GEMM takes no other M): M-major with the
+  // padded row count as the stride (MMajorPad4 is that), the other layouts as probed.
+  Fp8ActScales lt_quantize_layout(int64_t k) {
+    const Fp8ActScales a = lt_layout(k).act;
+    return a == Fp8ActScales::MMajor ? Fp8ActScales::MMajorPad4 : a;
   }
   // cuBLASLt's block-scaled FP8 algorithm for these sizes and the alignments of these pointers
   // (cached per key), or nullptr when it has none (or the shape is not one it takes).
@@ -198,6 +248,34 @@ class CudaBackend : public Backend {
   // for one of the GEMMs (nothing was written to out).
   bool moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                           Tensor out);
+  // The scratch of the device-scheduled MoE paths (cuda_moe.cpp, cuda_moe_fp8.cpp) from one
+  // workspace request: the permutation's pieces, act [T·K, I] BF16 and y [T·K, H] of y_elt bytes
+  // per element, then whatever `more` takes.
+  struct MoeScratch {
+    int32_t *offsets = nullptr, *tile_start = nullptr, *active = nullptr;  // [count + 1] each
+    int32_t *src_token = nullptr, *pair_row = nullptr;                     // [T·K] each
+    void* act = nullptr;
+    void* y = nullptr;
+  };
+  MoeScratch carve_moe_scratch(int count, size_t n_pairs, int64_t inter, int64_t hidden, size_t y_elt,
+                               const std::function<void(Bump&)>& more = {});
+  // The start of the per-expert (cuBLAS, cuBLASLt) MoE paths: the call's pairs permuted by local
+  // expert into the workspace's first pieces, and the segment offsets copied to the host (one
+  // stream synchronization). A later carve_workspace starts its layout with take() and keeps
+  // `bytes`, so those pieces keep their content (their addresses may move).
+  struct ExpertRows {
+    int count = 0;
+    size_t n_pairs = 0, bytes = 0;
+    int32_t *offsets = nullptr, *src_token = nullptr, *pair_row = nullptr;  // [count + 1], [T·K], [T·K]
+    std::vector<int32_t> host_off;                                          // [count + 1]
+    int64_t rows() const { return host_off[count]; }
+    void take(Bump& w) {
+      offsets = w.take<int32_t>(count + 1);
+      src_token = w.take<int32_t>(n_pairs);
+      pair_row = w.take<int32_t>(n_pairs);
+    }
+  };
+  ExpertRows permute_rows_to_host(const Tensor& ids, const ExpertShard& shard);
   // Device arrays of the shard's code and scale pointers (uploaded once per shard).
   Fp8ExpertTables fp8_expert_tables_on_device(const ExpertShard& shard);
   // A device copy of `host` (pointers), uploaded once per distinct content.
@@ -216,7 +294,9 @@ class CudaBackend : public Backend {
   //   cublas              the per-expert cuBLAS path, which copies the segment offsets to the host
   //                       (a stream synchronization per call): for comparison and benchmarks only.
   // Shapes the grouped kernels do not take (H or I not a multiple of 64, unaligned pointers) use
-  // the row-wise kernels whatever the setting (except cublas).
+  // the row-wise kernels whatever the setting (except cublas). FP8 experts (cuda_moe_fp8.cpp):
+  // wgmma runs the first grouped FP8 kernels, cublas cuBLASLt per expert, every other setting the
+  // warp-specialized grouped FP8 kernels.
   void moe_experts_cublas(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                           Tensor out);
 

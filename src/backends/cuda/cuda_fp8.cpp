@@ -3,7 +3,9 @@
 // - decode-sized products (<= kSkinnyMaxRows rows): kernels/fp8.cu's streaming kernel on the codes,
 //   1 byte read per weight, activations as they are;
 // - larger products on Hopper: the activations are quantized per (row, 128-column block) to e4m3
-//   (scale = amax / 448; kernels/fp8.cu), then one cuBLASLt FP8 GEMM with block scaling: the
+//   (scale = amax / 448; kernels/fp8.cu) into the workspace, their rows padded to a multiple of 4
+//   (zero codes and scales; cuBLASLt takes no other M, the padded product rows are dropped), then
+//   one cuBLASLt FP8 GEMM with block scaling: the
 //   activation operand with CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F (one fp32 per 128 elements
 //   along K, stored M-major: a_scale[kb · M + m]), the weight with
 //   CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F (one fp32 per 128x128 block, stored with K-blocks
@@ -12,8 +14,9 @@
 //   Σ (a·sa)(w·sw)): they are the checkpoint's scale_inv as stored, no inversion. These layouts are
 //   the ones torch._scaled_mm hands cuBLASLt for 1x128 / 128x128 blockwise scaling (its
 //   is_blockwise_1x128_scaling / is_blockwise_128x128_scaling checks); the probe below confirms
-//   them at start-up (on an H200 with cuBLASLt 13.1: M-major, padded rows) and gpu_ops_test
-//   Fp8Ops compares the path with the CPU.
+//   them at the first product that needs them (on an H200 with cuBLASLt 13.1: M-major, padded
+//   rows; ensure_fp8_lt_probe, cuda_backend.h, says when it runs) and gpu_ops_test Fp8Ops compares
+//   the path with the CPU.
 // - everything else (K % 128 != 0, N % 16 != 0, no cuBLASLt algorithm, not Hopper): the weight is
 //   dequantized to BF16 in scratch and the BF16 GEMM runs (correct, not fast).
 #include <cublasLt.h>
@@ -159,10 +162,13 @@ void CudaBackend::fp8_gemm_lt(const void* aq, const float* a_scale, int64_t m, c
 
 CudaBackend::Fp8Path CudaBackend::fp8_linear_path(const Tensor& a, const Weight& w, const Tensor& out) {
   if (skinny_gemm_ && skinny_gemm_fp8_supported(dev(a), dev(w), dev(out))) return Fp8Path::Skinny;
-  // The quantized activations go to the (256-byte aligned) workspace.
+  // The quantized activations go to the (256-byte aligned) workspace, and so does the product of
+  // M rows padded to a multiple of 4 (cuBLASLt's block-scaled GEMM takes no other M).
   static const char* const kWorkspaceAligned = reinterpret_cast<const char*>(uintptr_t{256});
+  const int64_t m = a.rows(), m_pad = (m + 3) / 4 * 4;
   if (a.dtype == DType::BF16 && aligned16(a.data) &&
-      fp8_lt_algo(a.rows(), w.dim(0), a.cols(), out.dtype, w.data, kWorkspaceAligned, out.data) != nullptr)
+      fp8_lt_algo(m_pad, w.dim(0), a.cols(), out.dtype, w.data, kWorkspaceAligned,
+                  m_pad == m ? out.data : kWorkspaceAligned) != nullptr)
     return Fp8Path::BlockScaled;
   return Fp8Path::Dequantize;
 }
@@ -175,6 +181,7 @@ void CudaBackend::linear_fp8(const Tensor& a, const Weight& w, Tensor out) {
   const int64_t m = a.rows(), k = a.cols(), n = w.dim(0);
   if (m == 0 || n == 0) return;
   DeviceGuard g(device_);
+  fp8_used_ = true;
   if (k == 0) {
     CUDA_CHECK(cudaMemsetAsync(out.data, 0, out.nbytes(), stream_));
     return;
@@ -184,22 +191,33 @@ void CudaBackend::linear_fp8(const Tensor& a, const Weight& w, Tensor out) {
       CUDA_LAUNCH(launch_skinny_gemm_fp8(dev(a), dev(w), dev(w.scale), dev(out), stream_), "skinny_gemm_fp8");
       return;
     case Fp8Path::BlockScaled: {
-      const int64_t kb = k / 128, sn = (n + 127) / 128, ld = lt_w_scale_ld(k);
-      const size_t q_b = round_up256(static_cast<size_t>(m * k));
-      const size_t as_b = round_up256(static_cast<size_t>(fp8_act_scale_floats(m, kb)) * sizeof(float));
-      const size_t ws_b = ld != kb ? round_up256(static_cast<size_t>(sn * ld) * sizeof(float)) : 0;
-      char* ws = static_cast<char*>(workspace(q_b + as_b + ws_b));
-      auto* q = reinterpret_cast<uint8_t*>(ws);
-      auto* a_scale = reinterpret_cast<float*>(ws + q_b);
+      // M rows padded to m_pad (a multiple of 4) in the workspace: zero codes with zero scales,
+      // their product rows discarded (the GEMM writes m_pad rows into scratch, m are copied out).
+      const int64_t kb = k / 128, sn = (n + 127) / 128, ld = lt_w_scale_ld(k), m_pad = (m + 3) / 4 * 4;
+      const size_t out_elt = out.dtype == DType::F32 ? 4 : 2;
+      uint8_t* q = nullptr;
+      float *a_scale = nullptr, *padded = nullptr;
+      char* out_pad = nullptr;
+      carve_workspace([&](Bump& b) {
+        q = b.take<uint8_t>(static_cast<size_t>(m_pad * k));
+        a_scale = b.take<float>(static_cast<size_t>(fp8_act_scale_floats(m_pad, kb)));
+        if (ld != kb) padded = b.take<float>(static_cast<size_t>(sn * ld));
+        if (m_pad != m) out_pad = b.take<char>(static_cast<size_t>(m_pad * n) * out_elt);
+      });
       const float* w_scale = w.scale.ptr<const float>();
-      if (ld != kb) {
-        auto* padded = reinterpret_cast<float*>(ws + q_b + as_b);
+      if (padded != nullptr) {
         CUDA_LAUNCH(launch_fp8_pad_scales(w_scale, nullptr, 1, sn, kb, padded, ld, stream_), "fp8_pad_scales");
         w_scale = padded;
       }
-      CUDA_LAUNCH(launch_fp8_quantize_rows(dev(a), q, a_scale, nullptr, 0, stream_, lt_layout(k).act),
+      if (m_pad != m) {
+        CUDA_CHECK(cudaMemsetAsync(q + m * k, 0, static_cast<size_t>((m_pad - m) * k), stream_));
+        CUDA_CHECK(cudaMemsetAsync(a_scale, 0, static_cast<size_t>(fp8_act_scale_floats(m_pad, kb)) * 4, stream_));
+      }
+      CUDA_LAUNCH(launch_fp8_quantize_rows(dev(a), q, a_scale, nullptr, 0, stream_, lt_quantize_layout(k)),
                   "fp8_quantize_rows");
-      fp8_gemm_lt(q, a_scale, m, w.data, w_scale, n, k, out.data, out.dtype);
+      fp8_gemm_lt(q, a_scale, m_pad, w.data, w_scale, n, k, out_pad != nullptr ? out_pad : out.data, out.dtype);
+      if (out_pad != nullptr)
+        CUDA_CHECK(cudaMemcpyAsync(out.data, out_pad, out.nbytes(), cudaMemcpyDeviceToDevice, stream_));
       return;
     }
     case Fp8Path::Dequantize: {
@@ -287,6 +305,22 @@ double CudaBackend::fp8_lt_try(int64_t k, const Fp8LtLayout& cand) {
     den += want[i] * want[i];
   }
   return num / den;
+}
+
+void CudaBackend::ensure_fp8_lt_probe() {
+  if (lt_probed_) return;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
+  CPI_CHECK(capture == cudaStreamCaptureStatusNone && !capturing_,
+            "the cuBLASLt FP8 scale-layout probe has not run and cannot run during a CUDA graph capture: run the "
+            "FP8 op eagerly once first, or any FP8 op before begin_capture() (either runs the probe)");
+  lt_probed_ = true;  // once, whatever it finds (and no recursion: the probe's own GEMMs ask lt_layout)
+  try {
+    fp8_lt_probe();
+  } catch (const std::exception& e) {
+    lt_layout_[0] = lt_layout_[1] = Fp8LtLayout{};  // not used: FP8 products dequantize instead
+    log_warn("cuBLASLt block-scaled FP8 probe failed (", e.what(), "); FP8 linear layers dequantize instead");
+  }
 }
 
 void CudaBackend::fp8_lt_probe() {

@@ -29,6 +29,9 @@ class CudaGraph final : public OpGraph {
 void CudaBackend::begin_capture() {
   CPI_CHECK(!capturing_, "begin_capture: a capture is already under way");
   DeviceGuard g(device_);
+  // The lazy start-up work that synchronizes must be done before the capture: the cuBLASLt FP8
+  // scale-layout probe, once FP8 weights have been used here (cuda_backend.h ensure_fp8_lt_probe).
+  if (fp8_used_) ensure_fp8_lt_probe();
   // Thread-local mode: an unsafe call of this thread (a synchronization, an allocation) fails the
   // capture; other threads (the server's) are not affected.
   CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));

@@ -26,8 +26,6 @@
 namespace cpinfer::cuda {
 namespace {
 
-size_t round_up(size_t n) { return (n + 255) / 256 * 256; }
-
 constexpr int64_t kSmallPairs = 64;
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
@@ -94,18 +92,12 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
     return;
   }
   // Everything sized from n_pairs (an upper bound of the local rows), in one workspace request
-  // before the first launch: nothing here waits for the device. Layout: offsets, tile_start,
-  // active [count + 1] each, src_token [T·K], pair_row [T·K], act [T·K, I] BF16, y [T·K, H] F32.
-  const size_t off_b = round_up((count + 1) * 4), pair_b = round_up(n_pairs * 4);
-  const size_t act_b = round_up(n_pairs * inter * 2), y_b = round_up(n_pairs * hidden * 4);
-  char* ws = static_cast<char*>(workspace(3 * off_b + 2 * pair_b + act_b + y_b));
-  auto* offsets = reinterpret_cast<int32_t*>(ws);
-  auto* tile_start = reinterpret_cast<int32_t*>(ws + off_b);
-  auto* active = reinterpret_cast<int32_t*>(ws + 2 * off_b);
-  auto* src_token = reinterpret_cast<int32_t*>(ws + 3 * off_b);
-  auto* pair_row = reinterpret_cast<int32_t*>(ws + 3 * off_b + pair_b);
-  void* act = ws + 3 * off_b + 2 * pair_b;
-  float* y_rows = reinterpret_cast<float*>(ws + 3 * off_b + 2 * pair_b + act_b);
+  // before the first launch: nothing here waits for the device.
+  const MoeScratch m = carve_moe_scratch(count, n_pairs, inter, hidden, 4);
+  int32_t *offsets = m.offsets, *tile_start = m.tile_start, *active = m.active, *src_token = m.src_token,
+          *pair_row = m.pair_row;
+  void* act = m.act;
+  float* y_rows = static_cast<float*>(m.y);
   const void* const* ptrs = expert_pointers_on_device(shard);
   const bool tensor_cores = !small && aligned && moe_grouped_gemm_supported(hidden, inter) &&
                             moe_grouped_gemm_max_tiles(static_cast<int64_t>(n_pairs), count) <= 65535;
@@ -144,39 +136,63 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
 }
 
+CudaBackend::MoeScratch CudaBackend::carve_moe_scratch(int count, size_t n_pairs, int64_t inter, int64_t hidden,
+                                                       size_t y_elt, const std::function<void(Bump&)>& more) {
+  MoeScratch m;
+  carve_workspace([&](Bump& w) {
+    m.offsets = w.take<int32_t>(count + 1);
+    m.tile_start = w.take<int32_t>(count + 1);
+    m.active = w.take<int32_t>(count + 1);
+    m.src_token = w.take<int32_t>(n_pairs);
+    m.pair_row = w.take<int32_t>(n_pairs);
+    m.act = w.take<uint16_t>(n_pairs * inter);
+    m.y = w.take<char>(n_pairs * hidden * y_elt);
+    if (more) more(w);
+  });
+  return m;
+}
+
+CudaBackend::ExpertRows CudaBackend::permute_rows_to_host(const Tensor& ids, const ExpertShard& shard) {
+  ExpertRows r;
+  r.count = shard.count;
+  r.n_pairs = static_cast<size_t>(ids.numel());
+  r.bytes = carve_workspace([&](Bump& w) { r.take(w); });
+  CUDA_LAUNCH(launch_moe_permute(dev(ids), shard.first, r.count, r.offsets, r.src_token, r.pair_row, stream_),
+              "moe_permute");
+  r.host_off.resize(r.count + 1);
+  CUDA_CHECK(cudaMemcpyAsync(r.host_off.data(), r.offsets, (r.count + 1) * 4, cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return r;
+}
+
 // The per-expert cuBLAS path (--moe-runner-backend cublas): copies the offsets to the host.
 void CudaBackend::moe_experts_cublas(const Tensor& x, const Tensor& ids, const Tensor& weights,
                                      const ExpertShard& shard, Tensor out) {
   const int count = shard.count;
-  const int64_t n_tokens = x.rows(), hidden = x.cols(), top_k = ids.cols(), inter = shard.gate[0].dim(0);
-  // Workspace: offsets, src_token, pair_row, then (once the local row count is known) the rows.
-  const size_t n_pairs = static_cast<size_t>(n_tokens * top_k);
-  const size_t meta_bytes = round_up((count + 1) * 4) + 2 * round_up(n_pairs * 4);
-  char* ws = static_cast<char*>(workspace(meta_bytes));
-  auto* offsets = reinterpret_cast<int32_t*>(ws);
-  auto* src_token = reinterpret_cast<int32_t*>(ws + round_up((count + 1) * 4));
-  auto* pair_row = reinterpret_cast<int32_t*>(ws + round_up((count + 1) * 4) + round_up(n_pairs * 4));
-  CUDA_LAUNCH(launch_moe_permute(dev(ids), shard.first, count, offsets, src_token, pair_row, stream_), "moe_permute");
-  std::vector<int32_t> host_off(count + 1);
-  CUDA_CHECK(cudaMemcpyAsync(host_off.data(), offsets, (count + 1) * 4, cudaMemcpyDeviceToHost, stream_));
-  CUDA_CHECK(cudaStreamSynchronize(stream_));
-  const int64_t n_rows = host_off[count];
+  const int64_t hidden = x.cols(), inter = shard.gate[0].dim(0);
+  ExpertRows r = permute_rows_to_host(ids, shard);
+  const int64_t n_rows = r.rows();
   if (n_rows == 0) return;
+  const std::vector<int32_t>& host_off = r.host_off;
 
   // Rows: xp [n_rows, H] BF16, gate/up [n_rows, I] BF16 each, act [n_rows, I] BF16, y [n_rows, H] F32.
-  const size_t xp_b = round_up(n_rows * hidden * 2), gi_b = round_up(n_rows * inter * 2),
-               y_b = round_up(n_rows * hidden * 4);
-  ws = static_cast<char*>(workspace(meta_bytes + xp_b + 3 * gi_b + y_b, meta_bytes));  // may move
-  offsets = reinterpret_cast<int32_t*>(ws);
-  src_token = reinterpret_cast<int32_t*>(ws + round_up((count + 1) * 4));
-  pair_row = reinterpret_cast<int32_t*>(ws + round_up((count + 1) * 4) + round_up(n_pairs * 4));
-  char* rows = ws + meta_bytes;
-  Tensor xp(rows, DType::BF16, {n_rows, hidden}, Device::CUDA);
-  Tensor gp(rows + xp_b, DType::BF16, {n_rows, inter}, Device::CUDA);
-  Tensor up(rows + xp_b + gi_b, DType::BF16, {n_rows, inter}, Device::CUDA);
-  Tensor act(rows + xp_b + 2 * gi_b, DType::BF16, {n_rows, inter}, Device::CUDA);
-  Tensor y(rows + xp_b + 3 * gi_b, DType::F32, {n_rows, hidden}, Device::CUDA);
-  Tensor src_idx(src_token, DType::I32, {n_rows}, Device::CUDA);
+  void *xp_p = nullptr, *gp_p = nullptr, *up_p = nullptr, *act_p = nullptr, *y_p = nullptr;
+  carve_workspace(
+      [&](Bump& w) {
+        r.take(w);
+        xp_p = w.take<uint16_t>(n_rows * hidden);
+        gp_p = w.take<uint16_t>(n_rows * inter);
+        up_p = w.take<uint16_t>(n_rows * inter);
+        act_p = w.take<uint16_t>(n_rows * inter);
+        y_p = w.take<float>(n_rows * hidden);
+      },
+      r.bytes);  // may move
+  Tensor xp(xp_p, DType::BF16, {n_rows, hidden}, Device::CUDA);
+  Tensor gp(gp_p, DType::BF16, {n_rows, inter}, Device::CUDA);
+  Tensor up(up_p, DType::BF16, {n_rows, inter}, Device::CUDA);
+  Tensor act(act_p, DType::BF16, {n_rows, inter}, Device::CUDA);
+  Tensor y(y_p, DType::F32, {n_rows, hidden}, Device::CUDA);
+  Tensor src_idx(r.src_token, DType::I32, {n_rows}, Device::CUDA);
   CUDA_LAUNCH(launch_gather_rows(dev(x), dev(src_idx), dev(xp), stream_), "gather_rows");
   for (int e = 0; e < count; ++e) {
     const int64_t begin = host_off[e], n = host_off[e + 1] - host_off[e];
@@ -190,7 +206,7 @@ void CudaBackend::moe_experts_cublas(const Tensor& x, const Tensor& ids, const T
     if (n == 0) continue;
     gemm(act.slice(begin, n), shard.down[e], y.slice(begin, n));
   }
-  CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
+  CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), r.pair_row, dev(out), stream_), "moe_unpermute");
 }
 
 }  // namespace cpinfer::cuda

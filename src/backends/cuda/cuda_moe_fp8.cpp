@@ -6,9 +6,12 @@
 // - Larger batches on Hopper, by default: the device-scheduled grouped wgmma FP8 GEMMs
 //   (kernels/moe_gemm_fp8_wgmma.cu, DeepSeek-V3's scheme: activations quantized per (row, 128
 //   columns), per 128-wide K block an fp32 partial product scaled by the row's and the weight
-//   block's scales). --moe-runner-backend cublas: per expert, cuBLASLt's block-scaled FP8 GEMM
-//   (cuda_fp8.cpp), which needs the expert row counts on the host (one stream synchronization per
-//   call). mma/wgmma128 have no FP8 kernels: they run the default.
+//   block's scales), warp-specialized, expert outputs y in BF16 (as the BF16 default);
+//   --moe-runner-backend wgmma: the first grouped FP8 kernels (no producer warpgroup, y in F32),
+//   kept to compare; --moe-runner-backend cublas: per expert, cuBLASLt's block-scaled FP8 GEMM
+//   (cuda_fp8.cpp) over the expert's rows padded to a multiple of 4, which needs the expert row
+//   counts on the host (one stream synchronization per call). mma/wgmma128 have no FP8 kernels:
+//   they run the default, and so does wgmma-ws by name.
 #include <algorithm>
 
 #include "backends/cuda/cuda_backend.h"
@@ -18,7 +21,6 @@
 namespace cpinfer::cuda {
 namespace {
 
-size_t round_up(size_t n) { return (n + 255) / 256 * 256; }
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 constexpr int64_t kSmallPairs = 64;  // as cuda_moe.cpp
 
@@ -66,40 +68,32 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
   }
   if (inter == 0) return;  // every expert adds down · silu(empty) = 0
   DeviceGuard g(device_);
+  fp8_used_ = true;
   const size_t n_pairs = static_cast<size_t>(n_tokens * top_k);
   if (moe_fp8_blocked(static_cast<int64_t>(n_pairs), count, hidden, inter, aligned)) {
     if (moe_gemm_ == MoeGemm::Cublas && moe_experts_fp8_lt(x, ids, weights, shard, out)) return;
-    // Layout: offsets, tile_start [count + 1] each, src_token, pair_row [T·K] each, xq [T, H]
-    // e4m3 with its scales [H/128, T], act [T·K, I] BF16, aq [T·K, I] e4m3 with segmented
-    // scales, y [T·K, H] F32.
     const int64_t kbh = hidden / 128, kbi = inter / 128;
-    const size_t off_b = round_up((count + 1) * 4), pair_b = round_up(n_pairs * 4);
-    const size_t xq_b = round_up(static_cast<size_t>(n_tokens * hidden));
-    const size_t xs_b = round_up(static_cast<size_t>(fp8_act_scale_floats(n_tokens, kbh)) * 4);
-    const size_t act_b = round_up(n_pairs * inter * 2), aq_b = round_up(n_pairs * inter);
-    const size_t as_b =
-        round_up(static_cast<size_t>(fp8_segment_scale_floats(static_cast<int64_t>(n_pairs), count, kbi)) * 4);
-    const size_t y_b = round_up(n_pairs * hidden * 4);
-    char* ws = static_cast<char*>(workspace(2 * off_b + 2 * pair_b + xq_b + xs_b + act_b + aq_b + as_b + y_b));
-    auto* offsets = reinterpret_cast<int32_t*>(ws);
-    auto* tile_start = reinterpret_cast<int32_t*>(ws + off_b);
-    char* p = ws + 2 * off_b;
-    auto* src_token = reinterpret_cast<int32_t*>(p);
-    auto* pair_row = reinterpret_cast<int32_t*>(p + pair_b);
-    p += 2 * pair_b;
-    auto* xq = reinterpret_cast<uint8_t*>(p);
-    auto* xs = reinterpret_cast<float*>(p + xq_b);
-    p += xq_b + xs_b;
-    void* act = p;
-    auto* aq = reinterpret_cast<uint8_t*>(p + act_b);
-    auto* as = reinterpret_cast<float*>(p + act_b + aq_b);
-    auto* y_rows = reinterpret_cast<float*>(p + act_b + aq_b + as_b);
+    // The warp-specialized kernels (the default) write y in BF16 like the BF16 default;
+    // --moe-runner-backend wgmma runs the first FP8 kernels, y in F32, to compare.
+    MoeFp8GemmArgs a;
+    a.warp_specialized = a.y_bf16 = moe_gemm_ != MoeGemm::Wgmma;
+    // Scratch: the device-scheduled paths' (act, y in BF16 or F32), then xq [T, H] e4m3 with its
+    // scales [H/128, T], aq [T·K, I] e4m3 with segmented scales.
+    uint8_t *xq = nullptr, *aq = nullptr;
+    float *xs = nullptr, *as = nullptr;
+    const MoeScratch m = carve_moe_scratch(count, n_pairs, inter, hidden, a.y_bf16 ? 2 : 4, [&](Bump& w) {
+      xq = w.take<uint8_t>(static_cast<size_t>(n_tokens * hidden));
+      xs = w.take<float>(static_cast<size_t>(fp8_act_scale_floats(n_tokens, kbh)));
+      aq = w.take<uint8_t>(n_pairs * inter);
+      as = w.take<float>(static_cast<size_t>(fp8_segment_scale_floats(static_cast<int64_t>(n_pairs), count, kbi)));
+    });
+    int32_t *offsets = m.offsets, *tile_start = m.tile_start, *src_token = m.src_token, *pair_row = m.pair_row;
+    void *act = m.act, *y_rows = m.y;
     const Fp8ExpertTables tables = fp8_expert_tables_on_device(shard);
     CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
                                          tile_start, stream_),
                 "moe_permute");
     CUDA_LAUNCH(launch_fp8_quantize_rows(dev(x), xq, xs, nullptr, 0, stream_), "fp8_quantize_rows");
-    MoeFp8GemmArgs a;
     a.xq = xq;
     a.x_scale = xs;
     a.n_tokens = n_tokens;
@@ -119,21 +113,15 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
     Tensor act_rows(act, DType::BF16, {static_cast<int64_t>(n_pairs), inter}, Device::CUDA);
     CUDA_LAUNCH(launch_fp8_quantize_rows(dev(act_rows), aq, as, offsets, count, stream_), "fp8_quantize_rows");
     CUDA_LAUNCH(launch_moe_grouped_gemm_fp8_wgmma(a, /*gate_up=*/false, stream_), "moe_down_fp8_wgmma");
-    Tensor y(y_rows, DType::F32, {static_cast<int64_t>(n_pairs), hidden}, Device::CUDA);
+    Tensor y(y_rows, a.y_bf16 ? DType::BF16 : DType::F32, {static_cast<int64_t>(n_pairs), hidden}, Device::CUDA);
     CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
     return;
   }
-  // The row-wise kernels. Layout: offsets, active [count + 1] each, src_token, pair_row [T·K]
-  // each, act [T·K, I] BF16, y [T·K, H] F32.
-  const size_t off_b = round_up((count + 1) * 4), pair_b = round_up(n_pairs * 4);
-  const size_t act_b = round_up(n_pairs * inter * 2), y_b = round_up(n_pairs * hidden * 4);
-  char* ws = static_cast<char*>(workspace(2 * off_b + 2 * pair_b + act_b + y_b));
-  auto* offsets = reinterpret_cast<int32_t*>(ws);
-  auto* active = reinterpret_cast<int32_t*>(ws + off_b);
-  auto* src_token = reinterpret_cast<int32_t*>(ws + 2 * off_b);
-  auto* pair_row = reinterpret_cast<int32_t*>(ws + 2 * off_b + pair_b);
-  void* act = ws + 2 * off_b + 2 * pair_b;
-  auto* y_rows = reinterpret_cast<float*>(ws + 2 * off_b + 2 * pair_b + act_b);
+  // The row-wise kernels.
+  const MoeScratch m = carve_moe_scratch(count, n_pairs, inter, hidden, 4);
+  int32_t *offsets = m.offsets, *active = m.active, *src_token = m.src_token, *pair_row = m.pair_row;
+  void* act = m.act;
+  float* y_rows = static_cast<float*>(m.y);
   const Fp8ExpertTables tables = fp8_expert_tables_on_device(shard);
   CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
                                        nullptr, stream_, active),
@@ -148,99 +136,105 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
 }
 
 // --moe-runner-backend cublas with FP8 experts: gather the rows, quantize them per expert segment,
-// and run cuBLASLt's block-scaled GEMM per expert; the offsets come to the host first. False (out
-// untouched) when cuBLASLt lacks an algorithm for one of the experts' GEMMs.
+// and run cuBLASLt's block-scaled GEMM per expert; the offsets come to the host first. cuBLASLt
+// takes only row counts that are multiples of 4, so each expert's GEMM runs over its n rows padded
+// to n4 = round_up(n, 4): the activation scales are laid out for n4 rows (their pad rows zero), the
+// pad rows' codes are the next expert's rows (or zeroed slack after the last), and their product
+// rows land on the next expert's rows, which its own GEMM (enqueued after) overwrites, or in the
+// slack; so rows never mix and every expert takes the FP8 GEMM. False (out untouched) when
+// cuBLASLt lacks an algorithm for one of the experts' GEMMs.
 bool CudaBackend::moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const Tensor& weights,
                                      const ExpertShard& shard, Tensor out) {
   const int count = shard.count;
-  const int64_t n_tokens = x.rows(), hidden = x.cols(), top_k = ids.cols(), inter = shard.gate[0].dim(0);
+  const int64_t hidden = x.cols(), inter = shard.gate[0].dim(0);
   const int64_t kbh = hidden / 128, kbi = inter / 128;
   const int64_t ld_h = lt_w_scale_ld(hidden), ld_i = lt_w_scale_ld(inter);  // cuBLASLt's weight-scale rows
-  const size_t n_pairs = static_cast<size_t>(n_tokens * top_k);
-  const size_t off_b = round_up((count + 1) * 4), pair_b = round_up(n_pairs * 4);
-  const size_t meta_bytes = off_b + 2 * pair_b;
-  char* ws = static_cast<char*>(workspace(meta_bytes));
-  auto* offsets = reinterpret_cast<int32_t*>(ws);
-  CUDA_LAUNCH(launch_moe_permute(dev(ids), shard.first, count, offsets, reinterpret_cast<int32_t*>(ws + off_b),
-                                 reinterpret_cast<int32_t*>(ws + off_b + pair_b), stream_),
-              "moe_permute");
-  std::vector<int32_t> host_off(count + 1);
-  CUDA_CHECK(cudaMemcpyAsync(host_off.data(), offsets, (count + 1) * 4, cudaMemcpyDeviceToHost, stream_));
-  CUDA_CHECK(cudaStreamSynchronize(stream_));
-  const int64_t n_rows = host_off[count];
+  ExpertRows r = permute_rows_to_host(ids, shard);
+  const int64_t n_rows = r.rows();
   if (n_rows == 0) return true;
+  const std::vector<int32_t>& host_off = r.host_off;
+  auto rows4 = [&](int e) { return (host_off[e + 1] - host_off[e] + 3) / 4 * 4; };
 
-  // Rows: xp [n, H] BF16, xq [n, H] e4m3 + segmented scales, gate/up/act [n, I] BF16, aq [n, I] e4m3
-  // + segmented scales, y [n, H] F32; then the padded weight scales of the shard (when K/128 is
-  // not a multiple of 4): gate, up [count, ceil(I/128), ld_h], down [count, ceil(H/128), ld_i].
-  const int64_t sn_i = (inter + 127) / 128, sn_h = (hidden + 127) / 128;
-  const size_t xp_b = round_up(n_rows * hidden * 2), xq_b = round_up(n_rows * hidden);
-  const size_t xs_b = round_up(fp8_segment_scale_floats(n_rows, count, kbh) * 4);
-  const size_t gi_b = round_up(n_rows * inter * 2), aq_b = round_up(n_rows * inter);
-  const size_t as_b = round_up(fp8_segment_scale_floats(n_rows, count, kbi) * 4);
-  const size_t y_b = round_up(n_rows * hidden * 4);
-  const size_t pg_b = ld_h != kbh ? round_up(static_cast<size_t>(count * sn_i * ld_h) * 4) : 0;
-  const size_t pd_b = ld_i != kbi ? round_up(static_cast<size_t>(count * sn_h * ld_i) * 4) : 0;
-  ws = static_cast<char*>(workspace(meta_bytes + xp_b + xq_b + xs_b + 3 * gi_b + aq_b + as_b + y_b + 2 * pg_b + pd_b,
-                                    meta_bytes));  // may move
-  offsets = reinterpret_cast<int32_t*>(ws);
-  auto* src_token = reinterpret_cast<int32_t*>(ws + off_b);
-  auto* pair_row = reinterpret_cast<int32_t*>(ws + off_b + pair_b);
-  char* p = ws + meta_bytes;
-  Tensor xp(p, DType::BF16, {n_rows, hidden}, Device::CUDA);
-  auto* xq = reinterpret_cast<uint8_t*>(p += xp_b);
-  auto* xs = reinterpret_cast<float*>(p += xq_b);
-  Tensor gp(p += xs_b, DType::BF16, {n_rows, inter}, Device::CUDA);
-  Tensor upr(p += gi_b, DType::BF16, {n_rows, inter}, Device::CUDA);
-  Tensor act(p += gi_b, DType::BF16, {n_rows, inter}, Device::CUDA);
-  auto* aq = reinterpret_cast<uint8_t*>(p += gi_b);
-  auto* as = reinterpret_cast<float*>(p += aq_b);
-  Tensor y(p += as_b, DType::F32, {n_rows, hidden}, Device::CUDA);
-  auto* pg = reinterpret_cast<float*>(p += y_b);
-  auto* pu = reinterpret_cast<float*>(p + pg_b);
-  auto* pd = reinterpret_cast<float*>(p + 2 * pg_b);
+  // Rows (+3 of slack for the last expert's padding): xp [n, H] BF16, xq [n, H] e4m3 + segmented
+  // scales, gate/up/act [n, I] BF16, aq [n, I] e4m3 + segmented scales, y [n, H] F32; then the
+  // padded weight scales of the shard (when K/128 is not a multiple of 4): gate, up [count,
+  // ceil(I/128), ld_h], down [count, ceil(H/128), ld_i].
+  const int64_t sn_i = (inter + 127) / 128, sn_h = (hidden + 127) / 128, n_slack = n_rows + 3;
+  const size_t xs_n = static_cast<size_t>(fp8_segment_scale_floats(n_rows, count, kbh));
+  const size_t as_n = static_cast<size_t>(fp8_segment_scale_floats(n_rows, count, kbi));
+  char *xp = nullptr, *gp = nullptr, *upr = nullptr, *act = nullptr, *y = nullptr;
+  uint8_t *xq = nullptr, *aq = nullptr;
+  float *xs = nullptr, *as = nullptr, *pg = nullptr, *pu = nullptr, *pd = nullptr;
+  carve_workspace(
+      [&](Bump& w) {
+        r.take(w);
+        xp = w.take<char>(n_rows * hidden * 2);
+        xq = w.take<uint8_t>(n_slack * hidden);
+        xs = w.take<float>(xs_n);
+        gp = w.take<char>(n_slack * inter * 2);
+        upr = w.take<char>(n_slack * inter * 2);
+        act = w.take<char>(n_rows * inter * 2);
+        aq = w.take<uint8_t>(n_slack * inter);
+        as = w.take<float>(as_n);
+        y = w.take<char>(n_slack * hidden * 4);
+        if (ld_h != kbh) {
+          pg = w.take<float>(count * sn_i * ld_h);
+          pu = w.take<float>(count * sn_i * ld_h);
+        }
+        if (ld_i != kbi) pd = w.take<float>(count * sn_h * ld_i);
+      },
+      r.bytes);  // may move
   const Fp8ExpertTables tables = fp8_expert_tables_on_device(shard);
-  if (pg_b) {
+  if (pg != nullptr) {
     CUDA_LAUNCH(launch_fp8_pad_scales(nullptr, tables.gate_scale, count, sn_i, kbh, pg, ld_h, stream_), "pad");
     CUDA_LAUNCH(launch_fp8_pad_scales(nullptr, tables.up_scale, count, sn_i, kbh, pu, ld_h, stream_), "pad");
   }
-  if (pd_b) CUDA_LAUNCH(launch_fp8_pad_scales(nullptr, tables.down_scale, count, sn_h, kbi, pd, ld_i, stream_), "pad");
+  if (pd != nullptr)
+    CUDA_LAUNCH(launch_fp8_pad_scales(nullptr, tables.down_scale, count, sn_h, kbi, pd, ld_i, stream_), "pad");
   auto scale_of = [&](const std::vector<Weight>& list, float* padded, int64_t sn, int64_t ld, int e) {
     return padded != nullptr ? padded + static_cast<int64_t>(e) * sn * ld : list[e].scale.ptr<const float>();
   };
   for (int e = 0; e < count; ++e) {  // before anything reaches out: every GEMM must have an algorithm
-    const int64_t b = host_off[e], n = host_off[e + 1] - host_off[e];
-    if (n == 0) continue;
+    const int64_t b = host_off[e], n4 = rows4(e);
+    if (n4 == 0) continue;
     for (const Weight* w : {&shard.gate[e], &shard.up[e]})
-      if (fp8_lt_algo(n, inter, hidden, DType::BF16, w->data, xq + b * hidden, gp.slice(b, n).data) == nullptr)
+      if (fp8_lt_algo(n4, inter, hidden, DType::BF16, w->data, xq + b * hidden, gp + b * inter * 2) == nullptr)
         return false;
-    if (fp8_lt_algo(n, hidden, inter, DType::F32, shard.down[e].data, aq + b * inter, y.slice(b, n).data) == nullptr)
+    if (fp8_lt_algo(n4, hidden, inter, DType::F32, shard.down[e].data, aq + b * inter, y + b * hidden * 4) == nullptr)
       return false;
   }
-  Tensor src_idx(src_token, DType::I32, {n_rows}, Device::CUDA);
-  CUDA_LAUNCH(launch_gather_rows(dev(x), dev(src_idx), dev(xp), stream_), "gather_rows");
-  CUDA_LAUNCH(launch_fp8_quantize_rows(dev(xp), xq, xs, offsets, count, stream_, lt_layout(hidden).act),
+  // Pad rows read zero scales; the slack rows after the last expert zero codes.
+  CUDA_CHECK(cudaMemsetAsync(xs, 0, xs_n * 4, stream_));
+  CUDA_CHECK(cudaMemsetAsync(as, 0, as_n * 4, stream_));
+  CUDA_CHECK(cudaMemsetAsync(xq + n_rows * hidden, 0, static_cast<size_t>(3 * hidden), stream_));
+  CUDA_CHECK(cudaMemsetAsync(aq + n_rows * inter, 0, static_cast<size_t>(3 * inter), stream_));
+  Tensor src_idx(r.src_token, DType::I32, {n_rows}, Device::CUDA);
+  Tensor xpt(xp, DType::BF16, {n_rows, hidden}, Device::CUDA);
+  CUDA_LAUNCH(launch_gather_rows(dev(x), dev(src_idx), dev(xpt), stream_), "gather_rows");
+  CUDA_LAUNCH(launch_fp8_quantize_rows(dev(xpt), xq, xs, r.offsets, count, stream_, lt_quantize_layout(hidden)),
               "fp8_quantize_rows");
   for (int e = 0; e < count; ++e) {
-    const int64_t b = host_off[e], n = host_off[e + 1] - host_off[e];
-    if (n == 0) continue;
+    const int64_t b = host_off[e], n4 = rows4(e);
+    if (n4 == 0) continue;
     const float* sx = xs + fp8_segment_scale_base(b, e, kbh);
-    fp8_gemm_lt(xq + b * hidden, sx, n, shard.gate[e].data, scale_of(shard.gate, pg_b ? pg : nullptr, sn_i, ld_h, e),
-                inter, hidden, gp.slice(b, n).data, DType::BF16);
-    fp8_gemm_lt(xq + b * hidden, sx, n, shard.up[e].data, scale_of(shard.up, pg_b ? pu : nullptr, sn_i, ld_h, e), inter,
-                hidden, upr.slice(b, n).data, DType::BF16);
+    fp8_gemm_lt(xq + b * hidden, sx, n4, shard.gate[e].data, scale_of(shard.gate, pg, sn_i, ld_h, e), inter, hidden,
+                gp + b * inter * 2, DType::BF16);
+    fp8_gemm_lt(xq + b * hidden, sx, n4, shard.up[e].data, scale_of(shard.up, pu, sn_i, ld_h, e), inter, hidden,
+                upr + b * inter * 2, DType::BF16);
   }
-  CUDA_LAUNCH(launch_silu_mul(dev(gp), dev(upr), dev(act), stream_), "silu_mul");
-  CUDA_LAUNCH(launch_fp8_quantize_rows(dev(act), aq, as, offsets, count, stream_, lt_layout(inter).act),
+  Tensor gpt(gp, DType::BF16, {n_rows, inter}, Device::CUDA), upt(upr, DType::BF16, {n_rows, inter}, Device::CUDA);
+  Tensor actt(act, DType::BF16, {n_rows, inter}, Device::CUDA);
+  CUDA_LAUNCH(launch_silu_mul(dev(gpt), dev(upt), dev(actt), stream_), "silu_mul");
+  CUDA_LAUNCH(launch_fp8_quantize_rows(dev(actt), aq, as, r.offsets, count, stream_, lt_quantize_layout(inter)),
               "fp8_quantize_rows");
   for (int e = 0; e < count; ++e) {
-    const int64_t b = host_off[e], n = host_off[e + 1] - host_off[e];
-    if (n == 0) continue;
-    fp8_gemm_lt(aq + b * inter, as + fp8_segment_scale_base(b, e, kbi), n, shard.down[e].data,
-                scale_of(shard.down, pd_b ? pd : nullptr, sn_h, ld_i, e), hidden, inter, y.slice(b, n).data,
-                DType::F32);
+    const int64_t b = host_off[e], n4 = rows4(e);
+    if (n4 == 0) continue;
+    fp8_gemm_lt(aq + b * inter, as + fp8_segment_scale_base(b, e, kbi), n4, shard.down[e].data,
+                scale_of(shard.down, pd, sn_h, ld_i, e), hidden, inter, y + b * hidden * 4, DType::F32);
   }
-  CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
+  Tensor yt(y, DType::F32, {n_rows, hidden}, Device::CUDA);
+  CUDA_LAUNCH(launch_moe_unpermute(dev(yt), dev(weights), r.pair_row, dev(out), stream_), "moe_unpermute");
   return true;
 }
 

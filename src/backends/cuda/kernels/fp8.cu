@@ -9,49 +9,72 @@
 namespace cpinfer::cuda {
 namespace {
 
-// One warp per (row, block): lane l holds columns 4l .. 4l + 3 of the block.
+// One warp per row. A pass covers 512 bytes of the row: lane l holds 16 bytes (kPer = 8 BF16 or 4
+// F32 values), so a 128-column block is kLanes = 16 (BF16) or 32 (F32) consecutive lanes and its
+// amax a reduction over them. The row's expert segment (binary search over offsets) is found once
+// per row, not per block.
 template <class T>
-__global__ void fp8_quantize_rows_kernel(const T* __restrict__ src, int64_t m, int kb_count, uint8_t* __restrict__ q,
-                                         float* __restrict__ scales, const int32_t* __restrict__ offsets, int count,
-                                         Fp8ActScales layout) {
-  const int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+__global__ void __launch_bounds__(256)
+    fp8_quantize_rows_kernel(const T* __restrict__ src, int64_t m, int kb_count, uint8_t* __restrict__ q,
+                             float* __restrict__ scales, const int32_t* __restrict__ offsets, int count,
+                             Fp8ActScales layout) {
+  constexpr int kPer = 16 / sizeof(T);
+  constexpr int kLanes = kFp8Blk / kPer;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
-  if (w >= m * kb_count) return;
-  const int64_t r = w / kb_count;
-  const int kb = static_cast<int>(w - r * kb_count);
-  int64_t s_idx;
+  if (r >= m) return;
+  int64_t s_base, s_rows, s_r;  // the scale group of the row: first scale, its rows, the row in it
   if (offsets != nullptr) {
     if (r >= __ldg(offsets + count)) return;                            // past the rows this call has
     const int e = expert_of_tile(offsets, count, static_cast<int>(r));  // largest e with offsets[e] <= r
-    const int64_t b = __ldg(offsets + e), n = __ldg(offsets + e + 1) - b;
-    s_idx = fp8_segment_scale_base(b, e, kb_count) + fp8_act_scale_index(r - b, kb, n, kb_count, layout);
+    const int64_t b = __ldg(offsets + e);
+    s_base = fp8_segment_scale_base(b, e, kb_count);
+    s_rows = __ldg(offsets + e + 1) - b;
+    s_r = r - b;
   } else {
-    s_idx = fp8_act_scale_index(r, kb, m, kb_count, layout);
+    s_base = 0;
+    s_rows = m;
+    s_r = r;
   }
   const int64_t k = static_cast<int64_t>(kb_count) * kFp8Blk;
-  const int64_t off = r * k + static_cast<int64_t>(kb) * kFp8Blk + lane * 4;
-  float v[4];
-  if constexpr (sizeof(T) == 2) {
-    const uint2 raw = *reinterpret_cast<const uint2*>(src + off);
-    const T* e = reinterpret_cast<const T*>(&raw);
+  const T* const row = src + r * k;
+  uint8_t* const qrow = q + r * k;
+  const int n_pass = (kb_count * kLanes + 31) / 32;
+#pragma unroll 2
+  for (int p = 0; p < n_pass; ++p) {
+    const int kb = (p * 32 + lane) / kLanes;  // this lane's block
+    const bool active = kb < kb_count;        // F32 rows: every lane; BF16 rows of an odd kb_count: half
+    const int64_t col = static_cast<int64_t>(p) * 32 * kPer + lane * kPer;
+    float v[kPer];
+    if (active) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(row + col);
+      const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = to_f32<T>(e[i]);
-  } else {
-    const float4 f = *reinterpret_cast<const float4*>(src + off);
-    v[0] = f.x;
-    v[1] = f.y;
-    v[2] = f.z;
-    v[3] = f.w;
+      for (int i = 0; i < kPer; ++i) v[i] = to_f32<T>(e[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) v[i] = 0.0f;
+    }
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) amax = fmaxf(amax, fabsf(v[i]));  // (fmaxf drops NaN; the NaN's code stays NaN)
+#pragma unroll
+    for (int o = kLanes / 2; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (!active) continue;
+    const float s = fp8_block_scale(amax);
+    uint32_t packed[kPer / 4];
+#pragma unroll
+    for (int w = 0; w < kPer / 4; ++w) {
+      packed[w] = 0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) packed[w] |= static_cast<uint32_t>(f32_to_e4m3(v[4 * w + i] / s)) << (8 * i);
+    }
+    if constexpr (kPer == 8)
+      *reinterpret_cast<uint2*>(qrow + col) = make_uint2(packed[0], packed[1]);
+    else
+      *reinterpret_cast<uint32_t*>(qrow + col) = packed[0];
+    if (lane % kLanes == 0) scales[s_base + fp8_act_scale_index(s_r, kb, s_rows, kb_count, layout)] = s;
   }
-  float amax = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));  // (fmaxf drops NaN; the NaN's code stays NaN)
-  const float s = fp8_block_scale(warp_max(amax));
-  uint32_t packed = 0;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) packed |= static_cast<uint32_t>(f32_to_e4m3(v[i] / s)) << (8 * i);
-  *reinterpret_cast<uint32_t*>(q + off) = packed;
-  if (lane == 0) scales[s_idx] = s;
 }
 
 template <class TO>
@@ -167,9 +190,8 @@ cudaError_t launch_fp8_quantize_rows(const DevTensor& src, uint8_t* q, float* sc
   if (k % kFp8Blk != 0 || !aligned16(src.data) || (offsets != nullptr && count < 1)) return cudaErrorInvalidValue;
   if (m == 0 || k == 0) return cudaSuccess;
   const int kb_count = static_cast<int>(k / kFp8Blk);
-  constexpr int kThreads = 256;
-  const int64_t warps = m * kb_count;
-  const unsigned grid = static_cast<unsigned>((warps + kThreads / 32 - 1) / (kThreads / 32));
+  constexpr int kThreads = 256;  // a warp per row
+  const unsigned grid = static_cast<unsigned>((m + kThreads / 32 - 1) / (kThreads / 32));
   CPI_DISPATCH_ACT(src.dtype, "fp8 quantize src", T, {
     fp8_quantize_rows_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(src.data), m, kb_count, q, scales,
                                                                offsets, count, layout);

@@ -283,6 +283,8 @@ struct MoeWgmmaConfig {
   // launch_moe_unpermute as BF16): half the bytes written and read back at prefill, each expert's
   // output rounded to BF16 once before the weighted sum (as transformers' bf16 experts output it).
   bool y_bf16 = false;
+  // Warp-specialized kernels: one CTA per SM walks the (M-tile, N-group) items; false: a CTA per item.
+  bool persistent = true;
 };
 cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
                                            const int32_t* tile_start, int64_t n_pairs, int count,
@@ -297,9 +299,12 @@ cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* sr
 //   gate_up = true:  act [rows, I] BF16 = silu(g) ⊙ u with g, u = xq[src_token] · gate/upᵀ
 //                    (rounded to bf16 first, as the BF16 kernels), xq [T, H] e4m3 with scales
 //                    x_scale[kb · n_tokens + t] (launch_fp8_quantize_rows without offsets);
-//   gate_up = false: y [rows, H] F32 = aq · downᵀ, aq [rows, I] e4m3 with the segmented scales of
-//                    launch_fp8_quantize_rows(act, aq, act_scale, offsets, count).
+//   gate_up = false: y [rows, H] F32 (BF16 where y_bf16) = aq · downᵀ, aq [rows, I] e4m3 with the
+//                    segmented scales of launch_fp8_quantize_rows(act, aq, act_scale, offsets, count).
 // H and I multiples of 128, every pointer 16-byte aligned; act / aq / y scratch of n_pairs rows.
+// warp_specialized (the default): the kernel with a producer warpgroup whose promotion overlaps
+// the next step's wgmmas; false: the first kernel (every thread loads, the tensor cores wait for
+// each promotion). Both compute the same values bit for bit.
 struct MoeFp8GemmArgs {
   const uint8_t* xq = nullptr;
   const float* x_scale = nullptr;
@@ -313,7 +318,11 @@ struct MoeFp8GemmArgs {
   void* act = nullptr;
   const uint8_t* aq = nullptr;
   const float* act_scale = nullptr;
-  float* y = nullptr;
+  void* y = nullptr;
+  bool y_bf16 = false;  // y in BF16: half the bytes written and read back (as MoeWgmmaConfig::y_bf16)
+  bool warp_specialized = true;
+  int n_per_cta = 2;       // N-tiles one CTA computes in turn (1..64)
+  bool persistent = true;  // warp-specialized kernels: one CTA per SM walks the items (MoeWgmmaConfig)
 };
 inline bool moe_fp8_grouped_supported(int64_t hidden, int64_t inter) {
   return hidden > 0 && inter > 0 && hidden % 128 == 0 && inter % 128 == 0 && hidden <= (int64_t{1} << 20) &&

@@ -86,4 +86,21 @@ inline cudaError_t opt_in_dynamic_smem(const void* kernel, size_t bytes, std::at
   return err;
 }
 
+// The 1-D grid of a warp-specialized grouped GEMM over `items` (M-tile slot, N-group) items
+// (moe_gemm_tiles.cuh ws_for_each_item): one CTA per SM (persistent; they walk the items), or one
+// per item.
+inline cudaError_t ws_grid(int64_t items, bool persistent, unsigned& grid) {
+  int64_t n = items;
+  if (persistent) {
+    int device = 0, sms = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+    n = items < sms ? items : sms;
+  }
+  if (n <= 0 || n > 0x7fffffff) return cudaErrorInvalidValue;
+  grid = static_cast<unsigned>(n);
+  return cudaSuccess;
+}
+
 }  // namespace cpinfer::cuda

@@ -1,49 +1,82 @@
 // The grouped expert GEMMs of FP8 experts on Hopper warpgroup MMA (sm_90a): kernels/
-// moe_gemm_wgmma.cu's design (device-side scheduling by tile_start, 128-row M-tiles, cp.async
-// loads into 128-byte-swizzled tiles, a kStages pipeline, two warpgroups of 64 rows, n_per_cta
-// N-tiles per CTA with the next tile's loads overlapping the epilogue) with e4m3 operands and the
-// block scales of DeepSeek-V3's fine-grained FP8:
+// moe_gemm_wgmma.cu's design (device-side scheduling by tile_start, 128-row M-tiles, 128-byte-
+// swizzled tiles of moe_gemm_tiles.cuh, two MMA warpgroups of 64 rows, n_per_cta N-tiles per CTA)
+// with e4m3 operands and the block scales of DeepSeek-V3's fine-grained FP8:
 // - a tile row is 128 bytes = 128 e4m3 values = exactly one 128-wide scale block of K, so each K
-//   step kt is one block: the 4 wgmma m64n128k32 of the step write a temporary fp32 tile `tmp`
-//   (the first with scale-d = 0), then acc += tmp · (a_scale[row, kt] · w_scale[n-block, kt]) on
-//   the CUDA cores (the "promotion"; the tensor cores' FP8 sums are short, this keeps the long sum
-//   in full fp32). The k32 steps inside a 128-byte row are +32 bytes on the descriptor start
-//   address, the same bytes as the BF16 kernel's k16 steps, so descriptors and swizzle are its.
+//   step kt is one block: the 4 wgmma m64n128k32 of the step write a temporary fp32 tile (the
+//   first with scale-d = 0), then acc += tmp · (a_scale[row, kt] · w_scale[n-block, kt]) on the
+//   CUDA cores (the "promotion"; the tensor cores' FP8 sums are short, this keeps the long sum in
+//   full fp32). The k32 steps inside a 128-byte row are +32 bytes on the descriptor start address,
+//   the same bytes as the BF16 kernel's k16 steps, so descriptors and swizzle are its.
 // - kBN = 128 B rows: kernel 1 (gate‖up) takes rows 0..63 from gate rows n0.. and rows 64..127
 //   from the same up rows (n0 a multiple of 64, so all 64 lie in weight-scale block n0 / 128 of
 //   each matrix); accumulator columns c and c + 64 are g and u of output n0 + c in one thread.
 //   Kernel 2 (down): 128 down rows n0 = 128 j.., one scale block.
-// - waits for the step's wgmmas to finish (wait_group 0) before promoting, so the tensor cores
-//   idle during the promotion; the loads of the next kStages - 1 steps stay in flight meanwhile.
-// 4 stages x 32 KB (+1 KB alignment) = 129 KB of shared memory, one CTA (8 warps) per SM, 128
-// fp32 accumulator registers (acc + tmp) per thread.
-// gpu_moe_test MoeFp8Test compares it with the CPU reference (passing on an H200, 2026-12-04); at
-// 32K tokens it is 1.22x slower than the BF16 warp-specialized kernels (docs/fp8.md).
+// Why 128 x 128 tiles (the BF16 default is 128 x 256): a thread of an MMA warpgroup holds its
+// accumulators and the temporary tile(s) of the promotion: at N = 128 that is 64 + 64 (+ 64 for a
+// second temporary) fp32 registers; at N = 256 already 128 + 128, more than the 255 a thread has.
+// The operands per FLOP stay those of the BF16 128 x 256 tile (e4m3 is half the bytes).
+//
+// Two kernels, both with the same tiles, promotion (promote below) and epilogue (store_tile):
+// - moe_fp8_ws_kernel, the default: warp-specialized like the BF16 ws kernel. Warpgroup 0 (72
+//   registers) is the producer (moe_gemm_tiles.cuh ws_produce: cp.async of the A and B tiles of a
+//   k-step into a ring of kWsStages slots of 32 KB) and also copies each slot's scales into a small
+//   ring beside it: the 128 A rows' activation scales (row t by thread t, 0 past the segment) and
+//   the weight block scale(s) of the N-tile (gate's and up's, or down's), so the MMA warpgroups
+//   read them from shared memory (no global load latency in their loop). Warpgroups 1, 2 (216
+//   registers: acc 64 + two temporaries 64 + 64 + addressing) alternate two temporary tiles: they
+//   issue the wgmmas of step kt + 1 into one, wait until only those are in flight (wgmma.wait_group
+//   1), promote step kt from the other and release its slot, so the promotion of step kt overlaps
+//   the tensor cores' work on step kt + 1 (and the other warpgroup's). Each MMA warp releases a
+//   slot on its empty barrier (8 arrivals) after its lanes have read the slot's scales.
+// - moe_fp8_wgmma_kernel (--moe-runner-backend wgmma, kept for comparison): every thread loads
+//   (4 stages, __syncthreads per step) and each step waits for its wgmmas (wait_group 0) before
+//   promoting, so the tensor cores idle during the promotion.
+// Both read and compute the same values in the same order, so their outputs are bit for bit equal
+// (bench/moe_bench checks it on the GPU); gpu_moe_test MoeFp8Test compares both with the CPU.
 #include <atomic>
+#include <type_traits>
 
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/hopper.cuh"
 #include "backends/cuda/kernels/kernels.h"
 #include "backends/cuda/kernels/moe_gemm_args.cuh"
+#include "backends/cuda/kernels/moe_gemm_tiles.cuh"
 
 namespace cpinfer::cuda {
 namespace {
 
-constexpr int kTileM = kMoeGemmTileM;  // 128
-constexpr int kBN = 128;               // B rows per tile
-constexpr int kTileK = 128;            // e4m3 per 128-byte tile row: one scale block
-constexpr int kThreads = 256;          // two warpgroups
-constexpr int kRowBytes = 128;
-constexpr int kRowsPerPass = kThreads / 8;   // 32 rows per pass of 16-byte chunks
-constexpr int kABytes = kTileM * kRowBytes;  // 16 KB
-constexpr int kBBytes = kBN * kRowBytes;     // 16 KB
-constexpr int kStageBytes = kABytes + kBBytes;
+using namespace moe_tiles;  // tile geometry, store_tile, the ws producer (moe_gemm_tiles.cuh)
+
+constexpr int kBN = 128;                        // B rows per tile
+constexpr int kTileK = 128;                     // e4m3 per 128-byte tile row: one scale block
+constexpr int kBBytes = kBN * kRowBytes;        // 16 KB
+constexpr int kStageBytes = kABytes + kBBytes;  // 32 KB
+constexpr int kAcc = kBN / 2;                   // fp32 accumulators per thread (64 x 128 / 128)
+
+// moe_fp8_wgmma_kernel: 4 stages x 32 KB (+1 KB alignment) = 129 KB, one CTA (8 warps) per SM.
+constexpr int kThreads = 256;
 constexpr int kStages = 4;
 constexpr int kLoads = kTileM / kRowsPerPass;  // 4 chunks per thread per operand and stage
-constexpr int kAcc = 64;                       // fp32 accumulators per thread (64 x 128 / 128)
 constexpr size_t kSmemBytes = static_cast<size_t>(kStages) * kStageBytes + 1024;
 static_assert(kBN == kTileM, "one load loop shape for A and B");
 static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+
+// moe_fp8_ws_kernel: 6 stages x 32 KB of tiles, 6 x 528 bytes of scales (128 row scales, 2 weight
+// block scales, padded to 16 bytes), 12 mbarriers, 1 KB alignment slack: 196.2 KB, one CTA per SM.
+constexpr int kWsThreads = 384;
+constexpr int kWsStages = 6;
+constexpr int kWsScaleBytes = 528;
+constexpr int kWsScaleOff = kWsStages * kStageBytes;
+constexpr int kWsBarOff = kWsScaleOff + kWsStages * kWsScaleBytes;
+constexpr size_t kWsSmemBytes = kWsBarOff + 2 * kWsStages * 8 + 1024;
+static_assert(kWsSmemBytes <= 227 * 1024, "shared memory");
+static_assert(kWsBarOff % 8 == 0, "mbarrier alignment");
+// setmaxnreg moves registers through the CTA's pool: the producer's release, 128 · (168 - 72),
+// covers the MMA warpgroups' raise, 256 · (216 - 168) (168 = the launch bound's 65536 / 384). ptxas
+// -v (nvcc 13.0): no spills at 72 / 216; the producer spills below ~64, gate‖up's MMA code at 208.
+constexpr int kWsProducerRegs = 72, kWsMmaRegs = 216;
+static_assert(128 * kWsProducerRegs + 256 * kWsMmaRegs <= 168 * kWsThreads, "register pool");
 
 struct Args {
   const uint8_t* a;           // kernel 1: xq [T, H] (rows through src_token); kernel 2: aq [rows, I]
@@ -59,20 +92,10 @@ struct Args {
   int count;
   int n_out;  // I (kernel 1) or H (kernel 2)
   int k_dim;  // H (kernel 1) or I (kernel 2)
-  void* out;  // act [rows, I] BF16 or y [rows, H] F32
+  void* out;  // act [rows, I] BF16 or y [rows, H] F32 (BF16 where out_bf16)
   int n_per_cta;
+  bool out_bf16;
 };
-
-__host__ __device__ constexpr int load_row(int tid, int i) { return (tid >> 3) + kRowsPerPass * i; }
-__host__ __device__ constexpr int load_chunk(int tid) { return tid & 7; }
-__host__ __device__ constexpr uint32_t swizzled_off(int r, int c) {
-  return static_cast<uint32_t>(r * kRowBytes + ((c ^ (r & 7)) << 4));
-}
-// Accumulator idx of thread tid: row in the 128-row tile, column in the 128-wide B tile.
-__host__ __device__ constexpr int acc_row(int tid, int idx) {
-  return (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2) + 8 * ((idx & 3) >> 1);
-}
-__host__ __device__ constexpr int acc_col(int tid, int idx) { return 8 * (idx >> 2) + 2 * (tid & 3) + (idx & 1); }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -101,7 +124,66 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t d
         "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "l"(da), "l"(db), "r"(accumulate));
 }
-__device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+// The activation scales of tile row r over the K blocks: p[kt · step] (kernel 1: x_scale[kt · T +
+// token]; kernel 2: the expert segment's block of the segmented scales). ok = false past the
+// segment: the row was zero-filled, its scale counts as 0.
+struct RowScales {
+  const float* p;
+  int64_t step;
+  bool ok;
+};
+template <bool kGateUp>
+__device__ __forceinline__ RowScales row_scales(const Args& args, const MoeTile& t, int r, int n_k) {
+  const bool ok = r < t.rows_left;
+  if constexpr (kGateUp) {
+    const int token = ok ? __ldg(args.src_token + t.seg_begin + t.m0 + r) : 0;
+    return {args.a_scale + token, args.a_scale_ld, ok};
+  } else {
+    return {args.a_scale + fp8_segment_scale_base(t.seg_begin, t.expert, n_k) + (ok ? t.m0 + r : 0), t.seg_rows, ok};
+  }
+}
+// The weight block scales of the N-tile at output n0 over the K blocks: gate's or down's (w = 0),
+// up's (w = 1).
+template <bool kGateUp>
+__device__ __forceinline__ const float* w_scales(const Args& args, int e, int n0, int n_k, int w) {
+  const float* const* s = kGateUp && w == 1 ? args.s2 : args.s1;
+  return s[e] + static_cast<int64_t>(n0 / kTileK) * n_k;
+}
+
+// tmp = A[64 x 128] · B[128 x 128]ᵀ of one k-step (one scale block) of warpgroup wg, issued and
+// committed as one wgmma group (asynchronous: wgmma_wait before reading tmp).
+__device__ __forceinline__ void wgmma_kstep(float (&tmp)[kAcc], uint32_t stage, int wg) {
+  wgmma_fence();  // earlier reads of tmp (the promotion) come before these wgmmas write it
+#pragma unroll
+  for (int ks = 0; ks < kTileK / 32; ++ks)
+    wgmma_m64n128k32_e4m3(tmp, make_desc(stage + desc_a_off(wg, ks), 16, 1024),
+                          make_desc(stage + desc_b_off(ks), 16, 1024), ks > 0 ? 1 : 0);
+  wgmma_commit();
+}
+
+// The promotion of one k-step: acc += tmp · (row scale · weight block scale). sa0, sa1: the scales
+// of this thread's two rows (acc_row(tid, 0), acc_row(tid, 2)); sb1, sb2: the gate (or down) and up
+// block scales (kernel 1's columns 64.., idx >= 32, are up's).
+template <bool kGateUp>
+__device__ __forceinline__ void promote(float (&acc)[kAcc], const float (&tmp)[kAcc], float sa0, float sa1, float sb1,
+                                        float sb2) {
+  const float f00 = sa0 * sb1, f10 = sa1 * sb1, f01 = sa0 * sb2, f11 = sa1 * sb2;
+#pragma unroll
+  for (int idx = 0; idx < kAcc; ++idx) {
+    const bool second_row = (idx & 2) != 0;
+    const bool up = kGateUp && idx >= kAcc / 2;
+    const float f = up ? (second_row ? f11 : f01) : (second_row ? f10 : f00);
+    acc[idx] = fmaf(tmp[idx], f, acc[idx]);
+  }
+}
+
+__device__ __forceinline__ float lds_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ TileOut tile_out(const Args& a) { return TileOut{a.out, a.n_out, a.out_bf16}; }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
@@ -111,8 +193,7 @@ __global__ void __launch_bounds__(kThreads, 1) moe_fp8_wgmma_kernel(const Args a
   // ---- which (expert, M-tile) this CTA computes (as moe_gemm_wgmma.cu)
   MoeTile tile;
   if (!moe_tile_of(args.tile_start, args.offsets, args.count, blockIdx.y, kTileM, tile)) return;
-  const int e = tile.expert, seg_begin = tile.seg_begin, seg_rows = tile.seg_rows, m0 = tile.m0,
-            rows_left = tile.rows_left;
+  const int e = tile.expert, seg_begin = tile.seg_begin, m0 = tile.m0, rows_left = tile.rows_left;
   constexpr int kNStep = kGateUp ? kBN / 2 : kBN;  // outputs per N-tile
   const int k_dim = args.k_dim, n_out = args.n_out;
   const int n_k = k_dim / kTileK;  // K blocks (k_dim % 128 == 0)
@@ -146,9 +227,9 @@ __global__ void __launch_bounds__(kThreads, 1) moe_fp8_wgmma_kernel(const Args a
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
       const int r = load_row(tid, i);
-      const int n = n0 + (kGateUp ? (r & (kBN / 2 - 1)) : r);
+      const int n = n0 + (kGateUp ? gateup_row(r, kBN) : r);
       const bool ok = n < n_out;
-      const uint8_t* w = kGateUp && r >= kBN / 2 ? w2 : w1;
+      const uint8_t* w = kGateUp && gateup_is_up(r, kBN) ? w2 : w1;
       b_src[i] = w + static_cast<int64_t>(ok ? n : 0) * k_dim + chunk * 16;
       b_ok |= static_cast<uint32_t>(ok) << i;
     }
@@ -170,22 +251,9 @@ __global__ void __launch_bounds__(kThreads, 1) moe_fp8_wgmma_kernel(const Args a
     }
   };
 
-  // ---- the activation scales of this thread's two accumulator rows (tile rows acc_row(tid, 0)
-  // and acc_row(tid, 2)); rows past the segment were zero-filled, their scale is 0.
-  const float* sa_ptr[2];
-  bool sa_ok[2];
-  const int64_t sa_step = kGateUp ? args.a_scale_ld : seg_rows;  // floats between K blocks
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = acc_row(tid, 2 * h);
-    sa_ok[h] = r < rows_left;
-    if constexpr (kGateUp) {
-      const int t = sa_ok[h] ? __ldg(args.src_token + seg_begin + m0 + r) : 0;
-      sa_ptr[h] = args.a_scale + t;
-    } else {
-      sa_ptr[h] = args.a_scale + fp8_segment_scale_base(seg_begin, e, n_k) + (sa_ok[h] ? m0 + r : 0);
-    }
-  }
+  // ---- the activation scales of this thread's two accumulator rows
+  const RowScales rs0 = row_scales<kGateUp>(args, tile, acc_row(tid, 0), n_k);
+  const RowScales rs1 = row_scales<kGateUp>(args, tile, acc_row(tid, 2), n_k);
 
   set_b(j_begin * kNStep);
   prologue();
@@ -195,9 +263,8 @@ __global__ void __launch_bounds__(kThreads, 1) moe_fp8_wgmma_kernel(const Args a
   for (int i = 0; i < kAcc; ++i) tmp[i] = 0.0f;
   for (int j = j_begin; j < j_end; ++j) {
     const int n0 = j * kNStep;
-    // Weight-scale rows of this N-tile: block n0 / 128 (kernel 1: of gate and of up).
-    const float* sw1 = args.s1[e] + static_cast<int64_t>(n0 / kTileK) * n_k;
-    const float* sw2 = kGateUp ? args.s2[e] + static_cast<int64_t>(n0 / kTileK) * n_k : sw1;
+    const float* sw1 = w_scales<kGateUp>(args, e, n0, n_k, 0);
+    const float* sw2 = w_scales<kGateUp>(args, e, n0, n_k, 1);
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
     for (int kt = 0; kt < n_k; ++kt) {
@@ -205,18 +272,10 @@ __global__ void __launch_bounds__(kThreads, 1) moe_fp8_wgmma_kernel(const Args a
       // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
       fence_async_smem();
       __syncthreads();  // everyone's chunks of step kt are visible
-      const uint32_t stage = base + (kt % kStages) * kStageBytes;
-      wgmma_fence();  // the promotion's reads of tmp come before these wgmmas write it
-#pragma unroll
-      for (int ks = 0; ks < kTileK / 32; ++ks) {
-        const uint64_t da = make_desc(stage + wg * 64 * kRowBytes + ks * 32, 16, 1024);
-        const uint64_t db = make_desc(stage + kABytes + ks * 32, 16, 1024);
-        wgmma_m64n128k32_e4m3(tmp, da, db, ks > 0 ? 1 : 0);
-      }
-      wgmma_commit();
+      wgmma_kstep(tmp, base + (kt % kStages) * kStageBytes, wg);
       // The scales of step kt, read while the tensor cores work.
-      const float sa0 = sa_ok[0] ? __ldg(sa_ptr[0] + kt * sa_step) : 0.0f;
-      const float sa1 = sa_ok[1] ? __ldg(sa_ptr[1] + kt * sa_step) : 0.0f;
+      const float sa0 = rs0.ok ? __ldg(rs0.p + kt * rs0.step) : 0.0f;
+      const float sa1 = rs1.ok ? __ldg(rs1.p + kt * rs1.step) : 0.0f;
       const float sb1 = __ldg(sw1 + kt), sb2 = __ldg(sw2 + kt);
       wgmma_wait<0>();  // tmp holds step kt
       fence_regs(tmp);
@@ -224,15 +283,7 @@ __global__ void __launch_bounds__(kThreads, 1) moe_fp8_wgmma_kernel(const Args a
       const int next = kt + kStages - 1;
       if (next < n_k) load_stage(next % kStages, next);
       cp_async_commit();
-      // Promotion: idx & 2 selects the second row; kernel 1's columns 64.. (idx >= 32) are up's.
-      const float f00 = sa0 * sb1, f10 = sa1 * sb1, f01 = sa0 * sb2, f11 = sa1 * sb2;
-#pragma unroll
-      for (int idx = 0; idx < kAcc; ++idx) {
-        const bool second_row = (idx & 2) != 0;
-        const bool up = kGateUp && idx >= kAcc / 2;
-        const float f = up ? (second_row ? f11 : f01) : (second_row ? f10 : f00);
-        acc[idx] = fmaf(tmp[idx], f, acc[idx]);
-      }
+      promote<kGateUp>(acc, tmp, sa0, sa1, sb1, sb2);
     }
     if (j + 1 < j_end) {
       // Every slot is free once both warpgroups are done (every real cp.async was waited for in
@@ -241,53 +292,136 @@ __global__ void __launch_bounds__(kThreads, 1) moe_fp8_wgmma_kernel(const Args a
       set_b(n0 + kNStep);
       prologue();
     }
-
-    // ---- epilogue: acc[idx] is tile row acc_row(tid, idx), B column acc_col(tid, idx)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = acc_row(tid, 2 * h);
-      if (r >= rows_left) continue;
-      const int64_t row = seg_begin + m0 + r;
-      if constexpr (kGateUp) {
-        auto* out = static_cast<__nv_bfloat16*>(args.out) + row * n_out;
-#pragma unroll
-        for (int n = 0; n < kBN / 16; ++n) {  // gate n8 tiles; the up tile of the same columns is n + kBN / 16
-          const int idx = 4 * n + 2 * h;
-          const int col = n0 + acc_col(tid, idx);
-          if (col >= n_out) continue;  // n_out is a multiple of 128: the pair is inside or outside
-          float v[2];
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const float g = bf16_round(acc[idx + c]), u = bf16_round(acc[idx + c + kBN / 4]);
-            v[c] = g / (1.0f + __expf(-g)) * u;
-          }
-          *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(v[0], v[1]);
-        }
-      } else {
-        float* out = static_cast<float*>(args.out) + row * n_out;
-#pragma unroll
-        for (int n = 0; n < kBN / 8; ++n) {
-          const int idx = 4 * n + 2 * h;
-          const int col = n0 + acc_col(tid, idx);
-          if (col < n_out) *reinterpret_cast<float2*>(out + col) = make_float2(acc[idx], acc[idx + 1]);
-        }
-      }
-    }
+    store_tile<kGateUp, kBN>(acc, tile_out(args), tid, rows_left, seg_begin + m0, n0);
   }
   cp_async_wait<0>();  // only empty groups can be pending here
 #endif                 // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
 template <bool kGateUp>
-cudaError_t launch_one(const Args& args, int64_t m_slots, cudaStream_t stream) {
-  static std::atomic<uint64_t> done{0};
-  cudaError_t err = opt_in_dynamic_smem(reinterpret_cast<const void*>(moe_fp8_wgmma_kernel<kGateUp>), kSmemBytes, done);
+__global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const Args args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kNStep = kGateUp ? kBN / 2 : kBN;  // outputs per N-tile
+  const int n_k = args.k_dim / kTileK;
+  const int n_tiles = (args.n_out + kNStep - 1) / kNStep;
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t scales = base + kWsScaleOff;  // slot s: [0, 128) row scales, [128] gate / down, [129] up
+  const WsRing<kWsStages> ring{base + kWsBarOff};
+  ring.init(8);  // empty: one arrival per MMA warp
+
+  if (threadIdx.x < 128) {
+    // ---- producer: the tiles (ws_produce) and, per slot, the scales of its k-step
+    regs_dealloc<kWsProducerRegs>();
+    const int t = threadIdx.x;
+    const bool copies_w = t < (kGateUp ? 2 : 1);  // thread 0: gate's or down's block scale; 1: up's
+    const float* const* w_table = kGateUp && t == 1 ? args.s2 : args.s1;
+    uint32_t it = 0;
+    ws_for_each_item(
+        args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+        [&](const MoeTile& tile, int j_begin, int j_end) {
+          const int e = tile.expert;
+          const RowScales rs = row_scales<kGateUp>(args, tile, t, n_k);
+          const float* const w_base = copies_w ? w_table[e] : nullptr;
+          auto scale_copies = [&](int s, int j, int kt) {
+            const uint32_t dst = scales + s * kWsScaleBytes;
+            cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
+            if (copies_w)
+              cp_async4(dst + 4 * (128 + t), w_base + static_cast<int64_t>(j * kNStep / kTileK) * n_k + kt, true);
+          };
+          const WsOperands op{args.a,     kGateUp ? args.src_token : nullptr,
+                              args.w1[e], kGateUp ? args.w2[e] : nullptr,
+                              args.k_dim, args.n_out};
+          ws_produce<kGateUp, kBN, kWsStages>(op, tile, base, kStageBytes, ring, j_begin, j_end, n_k, it, scale_copies);
+        });
+    cp_async_wait<0>();  // the last copies land before this thread leaves
+    return;
+  }
+
+  // ---- the two MMA warpgroups: rows 64·wg .. of the tile
+  regs_alloc<kWsMmaRegs>();
+  const int tid = threadIdx.x - 128, wg = tid >> 7;
+  const uint32_t sa0_off = 4 * acc_row(tid, 0), sa1_off = 4 * acc_row(tid, 2);
+  float acc[kAcc], t0[kAcc], t1[kAcc];
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) t0[i] = t1[i] = 0.0f;
+  // Step it (counted over the CTA's N-tiles and items) into tmp: wait for its slot, issue its wgmmas.
+  auto issue = [&](float(&tmp)[kAcc], uint32_t it) {
+    const int s = ring.slot(it);
+    mbar_wait(ring.full(s), ring.parity(it));
+    fence_async_smem();  // the slot was written by cp.async (generic proxy); wgmma reads it
+    wgmma_kstep(tmp, base + s * kStageBytes, wg);
+  };
+  // Step it from tmp into acc, once at most `pending` later wgmma groups are in flight: read the
+  // slot's scales, release the slot (its tiles were read by the finished wgmmas), promote.
+  auto retire = [&](float(&tmp)[kAcc], uint32_t it, auto pending) {
+    wgmma_wait<decltype(pending)::value>();
+    fence_regs(tmp);
+    const uint32_t sc = scales + ring.slot(it) * kWsScaleBytes;
+    const float sa0 = lds_f32(sc + sa0_off), sa1 = lds_f32(sc + sa1_off);
+    const float sb1 = lds_f32(sc + 4 * 128), sb2 = kGateUp ? lds_f32(sc + 4 * 129) : sb1;
+    __syncwarp();  // every lane of the warp has read the scales
+    if ((tid & 31) == 0) mbar_arrive(ring.empty(ring.slot(it)));
+    promote<kGateUp>(acc, tmp, sa0, sa1, sb1, sb2);
+  };
+  const std::integral_constant<int, 1> one_pending;
+  const std::integral_constant<int, 0> none_pending;
+  uint32_t it = 0;
+  ws_for_each_item(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+                   [&](const MoeTile& tile, int j_begin, int j_end) {
+                     for (int j = j_begin; j < j_end; ++j, it += n_k) {
+#pragma unroll
+                       for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
+                       // Steps alternate between t0 (even) and t1 (odd); the promotion of step kt - 1
+                       // runs while the wgmmas of step kt are in flight.
+                       issue(t0, it);
+                       int kt = 1;
+                       for (; kt + 1 < n_k; kt += 2) {
+                         issue(t1, it + kt);
+                         retire(t0, it + kt - 1, one_pending);
+                         issue(t0, it + kt + 1);
+                         retire(t1, it + kt, one_pending);
+                       }
+                       if (kt < n_k) {  // n_k even: the last step is odd
+                         issue(t1, it + kt);
+                         retire(t0, it + kt - 1, one_pending);
+                         retire(t1, it + kt, none_pending);
+                       } else {
+                         retire(t0, it + kt - 1, none_pending);
+                       }
+                       store_tile<kGateUp, kBN>(acc, tile_out(args), tid, tile.rows_left, tile.seg_begin + tile.m0,
+                                                j * kNStep);
+                     }
+                   });
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+template <class Kernel>
+cudaError_t launch(Kernel kernel, const Args& args, int n_step, int64_t m_slots, int threads, size_t smem,
+                   std::atomic<uint64_t>& done, cudaStream_t stream) {
+  const cudaError_t err = opt_in_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, done);
   if (err != cudaSuccess) return err;
-  constexpr int kNStep = kGateUp ? kBN / 2 : kBN;
-  const int64_t n_tiles = (args.n_out + kNStep - 1) / kNStep;
+  const int64_t n_tiles = (args.n_out + n_step - 1) / n_step;
   const dim3 grid(static_cast<unsigned>((n_tiles + args.n_per_cta - 1) / args.n_per_cta),
                   static_cast<unsigned>(m_slots));
-  moe_fp8_wgmma_kernel<kGateUp><<<grid, kThreads, kSmemBytes, stream>>>(args);
+  kernel<<<grid, threads, smem, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <bool kGateUp>
+cudaError_t launch_one(const Args& args, bool ws, bool persistent, int64_t m_slots, cudaStream_t stream) {
+  constexpr int kNStep = kGateUp ? kBN / 2 : kBN;
+  static std::atomic<uint64_t> done{0}, done_ws{0};
+  if (!ws) return launch(moe_fp8_wgmma_kernel<kGateUp>, args, kNStep, m_slots, kThreads, kSmemBytes, done, stream);
+  cudaError_t err =
+      opt_in_dynamic_smem(reinterpret_cast<const void*>(moe_fp8_ws_kernel<kGateUp>), kWsSmemBytes, done_ws);
+  if (err != cudaSuccess) return err;
+  const int64_t n_tiles = (args.n_out + kNStep - 1) / kNStep;
+  unsigned grid = 0;
+  err = ws_grid(m_slots * ((n_tiles + args.n_per_cta - 1) / args.n_per_cta), persistent, grid);
+  if (err != cudaSuccess) return err;
+  moe_fp8_ws_kernel<kGateUp><<<grid, kWsThreads, kWsSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }
 
@@ -295,14 +429,15 @@ cudaError_t launch_one(const Args& args, int64_t m_slots, cudaStream_t stream) {
 
 cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate_up, cudaStream_t stream) {
   if (a.count == 0 || a.n_pairs == 0) return cudaSuccess;
-  if (!moe_fp8_grouped_supported(a.hidden, a.inter)) return cudaErrorInvalidValue;
+  if (!moe_fp8_grouped_supported(a.hidden, a.inter) || a.n_per_cta < 1 || a.n_per_cta > 64)
+    return cudaErrorInvalidValue;
   const int64_t m_slots = moe_grouped_gemm_max_tiles(a.n_pairs, a.count);
   if (m_slots > 65535) return cudaErrorInvalidValue;
   Args k{};
   k.offsets = a.offsets;
   k.tile_start = a.tile_start;
   k.count = a.count;
-  k.n_per_cta = 2;
+  k.n_per_cta = a.n_per_cta;
   if (gate_up) {
     k.a = a.xq;
     k.a_scale = a.x_scale;
@@ -315,7 +450,7 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
     k.n_out = static_cast<int>(a.inter);
     k.k_dim = static_cast<int>(a.hidden);
     k.out = a.act;
-    return launch_one<true>(k, m_slots, stream);
+    return launch_one<true>(k, a.warp_specialized, a.persistent, m_slots, stream);
   }
   k.a = a.aq;
   k.a_scale = a.act_scale;
@@ -325,7 +460,8 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
   k.n_out = static_cast<int>(a.hidden);
   k.k_dim = static_cast<int>(a.inter);
   k.out = a.y;
-  return launch_one<false>(k, m_slots, stream);
+  k.out_bf16 = a.y_bf16;
+  return launch_one<false>(k, a.warp_specialized, a.persistent, m_slots, stream);
 }
 
 }  // namespace cpinfer::cuda

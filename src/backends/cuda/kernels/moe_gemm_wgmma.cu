@@ -30,8 +30,9 @@
 //              with 2 N-tiles per CTA.
 //   kBN = 128: 3 stages x 32 KB = 96 KB (+1 KB), 2 CTAs per SM (<= 128 registers: 120-128), 64
 //              accumulators per thread: the alternative (--moe-runner-backend wgmma128), for tuning.
-// Epilogue straight from the accumulators: d[4n + e] is row 16·warp + lane/4 + 8·(e/2) of the
-// warpgroup's 64, column 8n + 2·(lane%4) + e%2 (the mapping attention_wgmma.cu uses).
+// Epilogue straight from the accumulators (store_tile): d[4n + e] is row 16·warp + lane/4 + 8·(e/2)
+// of the warpgroup's 64, column 8n + 2·(lane%4) + e%2 (the mapping attention_wgmma.cu uses). The
+// tile geometry, the epilogue and the warp-specialized producer are moe_gemm_tiles.cuh's.
 // Requirements (the caller checks): H and I multiples of 64, 16-byte aligned pointers, a compute
 // capability 9.0 device (there is no code for others). N edges (I % 128 with kBN = 256, H % kBN)
 // are masked.
@@ -41,16 +42,15 @@
 #include "backends/cuda/kernels/hopper.cuh"
 #include "backends/cuda/kernels/kernels.h"
 #include "backends/cuda/kernels/moe_gemm_args.cuh"
+#include "backends/cuda/kernels/moe_gemm_tiles.cuh"
 
 namespace cpinfer::cuda {
 namespace {
 
-constexpr int kTileM = kMoeGemmTileM;  // 128
-constexpr int kTileK = 64;             // bf16 per 128-byte row of a tile
-constexpr int kThreads = 256;          // two warpgroups
-constexpr int kRowBytes = 128;
-constexpr int kRowsPerPass = kThreads / 8;      // 32 rows per pass of 16-byte chunks
-constexpr int kABytes = kTileM * kRowBytes;     // 16 KB
+using namespace moe_tiles;  // tile geometry, store_tile, the ws producer (moe_gemm_tiles.cuh)
+
+constexpr int kTileK = 64;                      // bf16 per 128-byte row of a tile
+constexpr int kThreads = 256;                   // two warpgroups
 constexpr int kALoads = kTileM / kRowsPerPass;  // 4 chunks per thread per stage
 
 template <int kBN>
@@ -66,27 +66,7 @@ struct WgCfg {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
-// ---- index maps shared by the kernel and the host emulation (tools: see the report / tests)
-// Row of a tile (A or B) loaded by thread `tid` in pass i, and its 16-byte chunk (k 8·chunk..).
-__host__ __device__ constexpr int load_row(int tid, int i) { return (tid >> 3) + kRowsPerPass * i; }
-__host__ __device__ constexpr int load_chunk(int tid) { return tid & 7; }
-// Byte offset of chunk c of row r inside a 1024-aligned tile of 128-byte rows, 128B swizzle.
-__host__ __device__ constexpr uint32_t swizzled_off(int r, int c) {
-  return static_cast<uint32_t>(r * kRowBytes + ((c ^ (r & 7)) << 4));
-}
-// Kernel 1: B tile row r holds gate (up = false) or up (up = true) row n0 + gateup_row(r).
-__host__ __device__ constexpr bool gateup_is_up(int r, int bn) { return r >= bn / 2; }
-__host__ __device__ constexpr int gateup_row(int r, int bn) { return r & (bn / 2 - 1); }
-// Start addresses (byte offsets from the stage) of the wgmma operands of warpgroup wg, k16 step ks.
-__host__ __device__ constexpr uint32_t desc_a_off(int wg, int ks) {
-  return static_cast<uint32_t>(wg * 64 * kRowBytes + ks * 32);
-}
-__host__ __device__ constexpr uint32_t desc_b_off(int ks) { return static_cast<uint32_t>(kABytes + ks * 32); }
-// Accumulator idx of thread tid: row in the 128-row tile, column in the kBN-wide B tile.
-__host__ __device__ constexpr int acc_row(int tid, int idx) {
-  return (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2) + 8 * ((idx & 3) >> 1);
-}
-__host__ __device__ constexpr int acc_col(int tid, int idx) { return 8 * (idx >> 2) + 2 * (tid & 3) + (idx & 1); }
+__device__ __forceinline__ TileOut tile_out(const MoeGemmArgs& a) { return TileOut{a.out, a.n_out, a.out_bf16}; }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -134,55 +114,6 @@ __device__ __forceinline__ void wgmma_tile(float (&d)[kBN / 2], uint64_t da, uin
     wgmma_n256(d, da, db);
   else
     wgmma_n128(d, da, db);
-}
-
-__device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
-
-// The epilogue of one tile straight from the accumulators: acc[idx] is tile row acc_row(tid, idx),
-// B column acc_col(tid, idx) (tid counts the 256 threads of the two MMA warpgroups); tile rows from
-// rows_left on are not written; row0 is the tile's first row in the expert-sorted rows.
-template <bool kGateUp, int kBN>
-__device__ __forceinline__ void store_tile(const float (&acc)[kBN / 2], const MoeGemmArgs& args, int tid, int rows_left,
-                                           int64_t row0, int n0) {
-  const int n_out = args.n_out;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = acc_row(tid, 2 * h);
-    if (r >= rows_left) continue;
-    const int64_t row = row0 + r;
-    if constexpr (kGateUp) {
-      auto* out = static_cast<__nv_bfloat16*>(args.out) + row * n_out;
-#pragma unroll
-      for (int n = 0; n < kBN / 16; ++n) {  // gate n8 tiles; the up tile of the same columns is n + kBN / 16
-        const int idx = 4 * n + 2 * h;
-        const int col = n0 + acc_col(tid, idx);
-        if (col >= n_out) continue;  // n_out is a multiple of 64: the pair is inside or outside
-        float v[2];
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float g = bf16_round(acc[idx + c]), u = bf16_round(acc[idx + c + kBN / 4]);
-          v[c] = g / (1.0f + __expf(-g)) * u;
-        }
-        *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(v[0], v[1]);
-      }
-    } else if (args.out_bf16) {
-      auto* out = static_cast<__nv_bfloat16*>(args.out) + row * n_out;
-#pragma unroll
-      for (int n = 0; n < kBN / 8; ++n) {
-        const int idx = 4 * n + 2 * h;
-        const int col = n0 + acc_col(tid, idx);
-        if (col < n_out) *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(acc[idx], acc[idx + 1]);
-      }
-    } else {
-      float* out = static_cast<float*>(args.out) + row * n_out;
-#pragma unroll
-      for (int n = 0; n < kBN / 8; ++n) {
-        const int idx = 4 * n + 2 * h;
-        const int col = n0 + acc_col(tid, idx);
-        if (col < n_out) *reinterpret_cast<float2*>(out + col) = make_float2(acc[idx], acc[idx + 1]);
-      }
-    }
-  }
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -294,7 +225,7 @@ __global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks)
       prologue();
     }
 
-    store_tile<kGateUp, kBN>(acc, args, tid, rows_left, seg_begin + m0, n0);
+    store_tile<kGateUp, kBN>(acc, tile_out(args), tid, rows_left, seg_begin + m0, n0);
   }
   cp_async_wait<0>();  // only empty groups can be pending here
 #endif                 // __CUDA_ARCH_FEAT_SM90_ALL
@@ -306,14 +237,16 @@ __global__ void __launch_bounds__(kThreads, WgCfg<kBN>::kMinBlocks)
 // the two __syncthreads of each k-step (~10%), with the tensor pipe 64% busy. Here the loads are a
 // producer warpgroup's only work and the two MMA warpgroups meet the producer through mbarriers,
 // never each other:
-//   warpgroup 0 (producer, 88 registers): its 128 threads cp.async every A and B chunk of a
-//     k-step into the ring slot (thread t: chunk t % 8 of rows t / 8 + 16 i, zero fill past the
-//     rows / N), then arrive on the slot's full barrier when their copies land (count 128);
+//   warpgroup 0 (producer, 88 registers): its 128 threads cp.async every A and B chunk of a k-step
+//     into the ring slot (thread t: chunk t % 8 of rows t / 8 + 16 i, zero fill past the rows / N),
+//     then arrive on the slot's full barrier when their copies land (count 128);
 //   warpgroups 1, 2 (MMA, 208 registers): wait for a slot, issue its 4 wgmmas, commit, wait until
 //     only those are in flight and release the previous slot (empty barrier, one arrival per
 //     warpgroup); at the end of an N-tile the epilogue writes from registers while the producer
 //     already fills the ring with the next tile's k-steps.
-// Same grid, scheduling and epilogue (store_tile) as the kernel above.
+// Persistent (MoeWgmmaConfig::persistent, the default): min(items, SMs) CTAs walk the (M-tile,
+// N-group) items (ws_for_each_item), so a new item's loads overlap the last one's epilogue instead
+// of starting from an empty ring in a new CTA. Same epilogue (store_tile) as the kernel above.
 constexpr int kWsThreads = 384;
 constexpr int kWsStages = 4;
 constexpr int kWsStageBytes = WgCfg<256>::kStageBytes;  // 16 KB A + 32 KB B
@@ -327,77 +260,72 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kBN = 256;
   constexpr int kNStep = kGateUp ? kBN / 2 : kBN;
-  MoeTile tile;
-  if (!moe_tile_of(args.tile_start, args.offsets, args.count, blockIdx.y, kTileM, tile)) return;
-  const int e = tile.expert, seg_begin = tile.seg_begin, m0 = tile.m0, rows_left = tile.rows_left;
   const int k_dim = args.k_dim, n_out = args.n_out, n_k = k_dim / kTileK;
   const int n_tiles = (n_out + kNStep - 1) / kNStep;
-  const int j_begin = blockIdx.x * args.n_per_cta;
-  const int j_end = min(j_begin + args.n_per_cta, n_tiles);
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
-  auto full = [&](int s) { return base + kWsBarOff + 8 * s; };
-  auto empty = [&](int s) { return base + kWsBarOff + 8 * (kWsStages + s); };
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kWsStages; ++s) {
-      mbar_init(full(s), 128);
-      mbar_init(empty(s), 2);
-    }
-    mbar_init_fence();
-  }
-  __syncthreads();
+  const WsRing<kWsStages> ring{base + kWsBarOff};
+  ring.init(2);  // empty: one arrival per MMA warpgroup
 
   if (threadIdx.x < 128) {
-    // ---- producer
+    // ---- producer. Its own loop rather than moe_gemm_tiles.cuh's ws_produce (the FP8 kernels'):
+    // with that one the kernel ran 4-10% slower on the H200 (moe_bench, same call) although nvcc
+    // was free to keep the row addresses in registers.
     regs_dealloc<kWsProducerRegs>();
     const int t = threadIdx.x, chunk = t & 7, rsub = t >> 3;  // rows rsub + 16 i
     const uint32_t st_off = static_cast<uint32_t>(rsub * kRowBytes + ((chunk ^ (rsub & 7)) << 4));
-    // A: the 8 rows of this thread (x rows through src_token, or act rows); row 0 where past the
-    // segment (zero fill, nothing read).
-    int a_row[8];
-    uint32_t a_ok = 0;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int r = rsub + 16 * i;
-      const bool ok = r < rows_left;
-      a_row[i] = ok ? (kGateUp ? __ldg(args.src_token + seg_begin + m0 + r) : seg_begin + m0 + r) : 0;
-      a_ok |= static_cast<uint32_t>(ok) << i;
-    }
     const __nv_bfloat16* const a_base = args.a + chunk * 8;
     const int64_t b_step = static_cast<int64_t>(16) * k_dim;  // 16 B rows further
-    const __nv_bfloat16* const w1 = args.w1[e];
-    const __nv_bfloat16* const w2 = kGateUp ? args.w2[e] : nullptr;
     uint32_t it = 0;
-    for (int j = j_begin; j < j_end; ++j) {
-      // B rows of this N-tile: row rsub + 16 i is output n0 + rsub + 16 (i % 8) of gate (i < 8) or
-      // up (i >= 8) for gate‖up, output n0 + rsub + 16 i of down.
-      const int n_first = j * kNStep + rsub;
-      const __nv_bfloat16* b_lo = w1 + static_cast<int64_t>(n_first) * k_dim + chunk * 8;
-      const __nv_bfloat16* b_hi = kGateUp ? w2 + static_cast<int64_t>(n_first) * k_dim + chunk * 8 : b_lo + 8 * b_step;
-      uint32_t b_ok = 0;
+    ws_for_each_item(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+                     [&](const MoeTile& tile, int j_begin, int j_end) {
+                       // A: the 8 rows of this thread (x rows through src_token, or act rows); row 0 where past the
+                       // segment (zero fill, nothing read).
+                       int a_row[8];
+                       uint32_t a_ok = 0;
 #pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const int n = n_first + 16 * (kGateUp ? (i & 7) : i);
-        b_ok |= static_cast<uint32_t>(n < n_out) << i;
-      }
-      for (int kt = 0; kt < n_k; ++kt, ++it) {
-        const int s = static_cast<int>(it % kWsStages);
-        mbar_wait(empty(s), ((it / kWsStages) & 1) ^ 1);
-        const uint32_t sa = base + s * kWsStageBytes + st_off, sb = sa + kABytes;
-        const int k0 = kt * kTileK;
+                       for (int i = 0; i < 8; ++i) {
+                         const int r = rsub + 16 * i;
+                         const bool ok = r < tile.rows_left;
+                         const int m = tile.seg_begin + tile.m0 + r;
+                         a_row[i] = ok ? (kGateUp ? __ldg(args.src_token + m) : m) : 0;
+                         a_ok |= static_cast<uint32_t>(ok) << i;
+                       }
+                       const __nv_bfloat16* const w1 = args.w1[tile.expert];
+                       const __nv_bfloat16* const w2 = kGateUp ? args.w2[tile.expert] : nullptr;
+                       for (int j = j_begin; j < j_end; ++j) {
+                         // B rows of this N-tile: row rsub + 16 i is output n0 + rsub + 16 (i % 8) of gate (i < 8)
+                         // or up (i >= 8) for gate‖up, output n0 + rsub + 16 i of down.
+                         const int n_first = j * kNStep + rsub;
+                         const __nv_bfloat16* b_lo = w1 + static_cast<int64_t>(n_first) * k_dim + chunk * 8;
+                         const __nv_bfloat16* b_hi =
+                             kGateUp ? w2 + static_cast<int64_t>(n_first) * k_dim + chunk * 8 : b_lo + 8 * b_step;
+                         uint32_t b_ok = 0;
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
-          cp_async16(sa + i * 16 * kRowBytes, a_base + (static_cast<int64_t>(a_row[i]) * k_dim + k0), (a_ok >> i) & 1);
+                         for (int i = 0; i < 16; ++i) {
+                           const int n = n_first + 16 * (kGateUp ? (i & 7) : i);
+                           b_ok |= static_cast<uint32_t>(n < n_out) << i;
+                         }
+                         for (int kt = 0; kt < n_k; ++kt, ++it) {
+                           const int s = ring.slot(it);
+                           mbar_wait(ring.empty(s), ring.parity(it) ^ 1);
+                           const uint32_t sa = base + s * kWsStageBytes + st_off, sb = sa + kABytes;
+                           const int k0 = kt * kTileK;
 #pragma unroll
-        for (int i = 0; i < 16; ++i) {
-          const bool ok = (b_ok >> i) & 1;
-          const __nv_bfloat16* src = (i < 8 ? b_lo + i * b_step : b_hi + (i - 8) * b_step) + k0;
-          cp_async16(sb + i * 16 * kRowBytes, ok ? src : w1, ok);
-        }
-        mbar_arrive_cp_async(full(s));
-      }
-    }
+                           for (int i = 0; i < 8; ++i)
+                             cp_async16(sa + i * 16 * kRowBytes, a_base + (static_cast<int64_t>(a_row[i]) * k_dim + k0),
+                                        (a_ok >> i) & 1);
+#pragma unroll
+                           for (int i = 0; i < 16; ++i) {
+                             const bool ok = (b_ok >> i) & 1;
+                             const __nv_bfloat16* src = (i < 8 ? b_lo + i * b_step : b_hi + (i - 8) * b_step) + k0;
+                             cp_async16(sb + i * 16 * kRowBytes, ok ? src : w1, ok);
+                           }
+                           mbar_arrive_cp_async(ring.full(s));
+                         }
+                       }
+                     });
     cp_async_wait<0>();  // the last copies land before this thread leaves
     return;
   }
@@ -407,42 +335,48 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
   const int tid = threadIdx.x - 128, wg = tid >> 7;
   float acc[kBN / 2];
   uint32_t it = 0;
-  for (int j = j_begin; j < j_end; ++j) {
+  ws_for_each_item(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+                   [&](const MoeTile& tile, int j_begin, int j_end) {
+                     for (int j = j_begin; j < j_end; ++j) {
 #pragma unroll
-    for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.0f;
-    int prev = -1;
-    for (int kt = 0; kt < n_k; ++kt, ++it) {
-      const int s = static_cast<int>(it % kWsStages);
-      mbar_wait(full(s), (it / kWsStages) & 1);
-      fence_async_smem();  // the slot was written by cp.async (generic proxy); wgmma reads it
-      const uint32_t stage = base + s * kWsStageBytes;
-      wgmma_fence();
+                       for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.0f;
+                       int prev = -1;
+                       for (int kt = 0; kt < n_k; ++kt, ++it) {
+                         const int s = ring.slot(it);
+                         mbar_wait(ring.full(s), ring.parity(it));
+                         fence_async_smem();  // the slot was written by cp.async (generic proxy); wgmma reads it
+                         const uint32_t stage = base + s * kWsStageBytes;
+                         wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < kTileK / 16; ++ks)
-        wgmma_n256(acc, make_desc(stage + desc_a_off(wg, ks), 16, 1024), make_desc(stage + desc_b_off(ks), 16, 1024));
-      wgmma_commit();
-      wgmma_wait<1>();  // the previous k-step's wgmmas are done: its slot can be refilled
-      if (prev >= 0 && (tid & 127) == 0) mbar_arrive(empty(prev));
-      prev = s;
-    }
-    wgmma_wait<0>();
-    fence_regs(acc);
-    if (prev >= 0 && (tid & 127) == 0) mbar_arrive(empty(prev));
-    store_tile<kGateUp, kBN>(acc, args, tid, rows_left, seg_begin + m0, j * kNStep);
-  }
+                         for (int ks = 0; ks < kTileK / 16; ++ks)
+                           wgmma_n256(acc, make_desc(stage + desc_a_off(wg, ks), 16, 1024),
+                                      make_desc(stage + desc_b_off(ks), 16, 1024));
+                         wgmma_commit();
+                         wgmma_wait<1>();  // the previous k-step's wgmmas are done: its slot can be refilled
+                         if (prev >= 0 && (tid & 127) == 0) mbar_arrive(ring.empty(prev));
+                         prev = s;
+                       }
+                       wgmma_wait<0>();
+                       fence_regs(acc);
+                       if (prev >= 0 && (tid & 127) == 0) mbar_arrive(ring.empty(prev));
+                       store_tile<kGateUp, kBN>(acc, tile_out(args), tid, tile.rows_left, tile.seg_begin + tile.m0,
+                                                j * kNStep);
+                     }
+                   });
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
 template <bool kGateUp>
-cudaError_t launch_one_ws(const MoeGemmArgs& args, int64_t m_slots, cudaStream_t stream) {
+cudaError_t launch_one_ws(const MoeGemmArgs& args, int64_t m_slots, bool persistent, cudaStream_t stream) {
   static std::atomic<uint64_t> done{0};
   const cudaError_t err =
       opt_in_dynamic_smem(reinterpret_cast<const void*>(moe_grouped_gemm_ws_kernel<kGateUp>), kWsSmemBytes, done);
   if (err != cudaSuccess) return err;
   constexpr int kNStep = kGateUp ? 128 : 256;
   const int64_t n_tiles = (args.n_out + kNStep - 1) / kNStep;
-  const dim3 grid(static_cast<unsigned>((n_tiles + args.n_per_cta - 1) / args.n_per_cta),
-                  static_cast<unsigned>(m_slots));
+  unsigned grid = 0;
+  const cudaError_t gerr = ws_grid(m_slots * ((n_tiles + args.n_per_cta - 1) / args.n_per_cta), persistent, grid);
+  if (gerr != cudaSuccess) return gerr;
   moe_grouped_gemm_ws_kernel<kGateUp><<<grid, kWsThreads, kWsSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }
@@ -487,8 +421,10 @@ cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* sr
   a1.n_per_cta = cfg.n_per_cta;
   if (cfg.warp_specialized) {
     if (cfg.tile_n_gateup != 256 || cfg.tile_n_down != 256) return cudaErrorInvalidValue;
-    err = launch_one_ws<true>(a1, m_slots, stream);
-    return err != cudaSuccess ? err : launch_one_ws<false>(moe_down_args(a1, down, y, cfg.y_bf16), m_slots, stream);
+    err = launch_one_ws<true>(a1, m_slots, cfg.persistent, stream);
+    return err != cudaSuccess
+               ? err
+               : launch_one_ws<false>(moe_down_args(a1, down, y, cfg.y_bf16), m_slots, cfg.persistent, stream);
   }
   err = cfg.tile_n_gateup == 256 ? launch_one<true, 256>(a1, m_slots, stream)
                                  : launch_one<true, 128>(a1, m_slots, stream);

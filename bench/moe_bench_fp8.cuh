@@ -1,0 +1,159 @@
+// moe_bench's FP8 experts (compute capability 9.0): the BF16 expert weights quantized per 128x128
+// block to e4m3 codes + F32 scales (DeepSeek-V3 / Qwen3-FP8's format: scale = amax / 448), and the
+// back-end's FP8 MoE block (cuda_moe_fp8.cpp, grouped path) enqueued through the same launchers:
+// moe_permute (+ tile prefix) -> x quantized per (token, 128 columns) -> grouped gate‖up+SiLU FP8
+// GEMM -> act quantized per (row, 128 columns) per expert segment -> grouped down FP8 GEMM ->
+// moe_unpermute, with no host synchronization.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "backends/cuda/kernels/kernels.h"
+#include "bench_util.cuh"
+
+namespace moe_bench_fp8 {
+
+// One 128x128 block of w [rows, cols] (rows, cols multiples of 128) per CTA of 128 threads:
+// scales[block row, block col] = amax / 448 (1 for an all-zero block), codes = e4m3(w / scale),
+// saturating to the finite range.
+__global__ inline void quantize_blocks_e4m3(const __nv_bfloat16* w, int64_t cols, uint8_t* codes, float* scales) {
+  __shared__ float part[4];
+  const int64_t r = blockIdx.y * 128 + threadIdx.x, c0 = blockIdx.x * 128;
+  const __nv_bfloat16* row = w + r * cols + c0;
+  float amax = 0.0f;
+  for (int c = 0; c < 128; ++c) amax = fmaxf(amax, fabsf(__bfloat162float(row[c])));
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = amax;
+  __syncthreads();
+  amax = fmaxf(fmaxf(part[0], part[1]), fmaxf(part[2], part[3]));
+  const float s = amax > 0.0f ? amax / 448.0f : 1.0f;
+  if (threadIdx.x == 0) scales[blockIdx.y * gridDim.x + blockIdx.x] = s;
+  uint8_t* out = codes + r * cols + c0;
+  for (int c = 0; c < 128; ++c)
+    out[c] = static_cast<uint8_t>(__nv_cvt_float_to_fp8(__bfloat162float(row[c]) / s, __NV_SATFINITE, __NV_E4M3));
+}
+
+// The FP8 copies of `count` experts whose BF16 gate, up [I, H] and down [H, I] are the pointers of
+// `bf16` (gate[e], up[e], down[e] at e, count + e, 2·count + e), and their device tables.
+struct Experts {
+  uint8_t* codes = nullptr;      // [count][3][I·H]
+  float* scales = nullptr;       // [count][3][(I/128)·(H/128)]
+  const void** table = nullptr;  // device: gate, up, down codes, then gate, up, down scales [count] each
+  cpinfer::cuda::Fp8ExpertTables tables;
+};
+
+inline Experts make_experts(const std::vector<const void*>& bf16, int count, int64_t hidden, int64_t inter) {
+  constexpr const char* kBenchName = "moe_bench";
+  Experts x;
+  const int64_t mat = inter * hidden, sc = (inter / 128) * (hidden / 128);
+  BENCH_CHECK(cudaMalloc(&x.codes, static_cast<size_t>(count) * 3 * mat));
+  BENCH_CHECK(cudaMalloc(&x.scales, static_cast<size_t>(count) * 3 * sc * 4));
+  std::vector<const void*> host(6 * static_cast<size_t>(count));
+  for (int e = 0; e < count; ++e)
+    for (int m = 0; m < 3; ++m) {  // gate, up: [I, H]; down: [H, I]
+      const int64_t rows = m < 2 ? inter : hidden, cols = m < 2 ? hidden : inter;
+      uint8_t* codes = x.codes + (3 * static_cast<int64_t>(e) + m) * mat;
+      float* scales = x.scales + (3 * static_cast<int64_t>(e) + m) * sc;
+      quantize_blocks_e4m3<<<dim3(static_cast<unsigned>(cols / 128), static_cast<unsigned>(rows / 128)), 128>>>(
+          static_cast<const __nv_bfloat16*>(bf16[m * count + e]), cols, codes, scales);
+      host[m * count + e] = codes;
+      host[(3 + m) * count + e] = scales;
+    }
+  BENCH_CHECK(cudaGetLastError());
+  BENCH_CHECK(cudaMalloc(&x.table, host.size() * sizeof(void*)));
+  BENCH_CHECK(cudaMemcpy(x.table, host.data(), host.size() * sizeof(void*), cudaMemcpyHostToDevice));
+  const void* const* t = x.table;
+  x.tables = {t, t + count, t + 2 * count, t + 3 * count, t + 4 * count, t + 5 * count};
+  return x;
+}
+
+inline void free_experts(Experts& x) {
+  cudaFree(x.codes);
+  cudaFree(x.scales);
+  cudaFree(x.table);
+  x = Experts{};
+}
+
+// A grouped FP8 path: the ws kernels (the back-end's default, y in BF16) or the first kernels
+// (--moe-runner-backend wgmma, y in F32), and the N-tiles per CTA.
+struct Path {
+  const char* name;
+  bool ws;
+  bool y_bf16;
+  int n_per_cta;
+  bool persistent = true;  // ws: one CTA per SM walks the items
+};
+
+// Scratch of one token count: quantized x and act with their scales.
+struct Scratch {
+  uint8_t* xq = nullptr;
+  float* xs = nullptr;
+  uint8_t* aq = nullptr;
+  float* as = nullptr;
+};
+
+inline Scratch make_scratch(int64_t n_tokens, int64_t n_pairs, int count, int64_t hidden, int64_t inter) {
+  constexpr const char* kBenchName = "moe_bench";
+  namespace cc = cpinfer::cuda;
+  Scratch s;
+  BENCH_CHECK(cudaMalloc(&s.xq, static_cast<size_t>(n_tokens * hidden)));
+  BENCH_CHECK(cudaMalloc(&s.xs, static_cast<size_t>(cc::fp8_act_scale_floats(n_tokens, hidden / 128)) * 4));
+  BENCH_CHECK(cudaMalloc(&s.aq, static_cast<size_t>(n_pairs * inter)));
+  BENCH_CHECK(cudaMalloc(&s.as, static_cast<size_t>(cc::fp8_segment_scale_floats(n_pairs, count, inter / 128)) * 4));
+  return s;
+}
+
+inline void free_scratch(Scratch& s) {
+  cudaFree(s.xq);
+  cudaFree(s.xs);
+  cudaFree(s.aq);
+  cudaFree(s.as);
+  s = Scratch{};
+}
+
+// Everything after the permutation (which the caller enqueues, with offsets / tile_start /
+// src_token from it): x quantized, the two grouped FP8 GEMMs with act quantized between them. y
+// has room for n_pairs x H F32 and receives BF16 where p.y_bf16.
+inline cudaError_t enqueue_gemms(const Path& p, const Experts& w, const Scratch& s, const cpinfer::cuda::DevTensor& x,
+                                 const int32_t* src_token, const int32_t* offsets, const int32_t* tile_start,
+                                 int64_t n_pairs, int count, int64_t inter, void* act, void* y, cudaStream_t stream) {
+  namespace cc = cpinfer::cuda;
+  const int64_t n_tokens = x.shape[0], hidden = x.shape[1];
+  cudaError_t err = cc::launch_fp8_quantize_rows(x, s.xq, s.xs, nullptr, 0, stream);
+  if (err != cudaSuccess) return err;
+  cc::MoeFp8GemmArgs a;
+  a.xq = s.xq;
+  a.x_scale = s.xs;
+  a.n_tokens = n_tokens;
+  a.src_token = src_token;
+  a.offsets = offsets;
+  a.tile_start = tile_start;
+  a.count = count;
+  a.tables = w.tables;
+  a.hidden = hidden;
+  a.inter = inter;
+  a.n_pairs = n_pairs;
+  a.act = act;
+  a.aq = s.aq;
+  a.act_scale = s.as;
+  a.y = y;
+  a.y_bf16 = p.y_bf16;
+  a.warp_specialized = p.ws;
+  a.n_per_cta = p.n_per_cta;
+  a.persistent = p.persistent;
+  if ((err = cc::launch_moe_grouped_gemm_fp8_wgmma(a, true, stream)) != cudaSuccess) return err;
+  cc::DevTensor act_t;
+  act_t.data = act;
+  act_t.dtype = cpinfer::DType::BF16;
+  act_t.ndim = 2;
+  act_t.shape[0] = n_pairs;
+  act_t.shape[1] = inter;
+  if ((err = cc::launch_fp8_quantize_rows(act_t, s.aq, s.as, offsets, count, stream)) != cudaSuccess) return err;
+  return cc::launch_moe_grouped_gemm_fp8_wgmma(a, false, stream);
+}
+
+}  // namespace moe_bench_fp8

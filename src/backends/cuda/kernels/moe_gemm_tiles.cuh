@@ -1,0 +1,245 @@
+// What the Hopper grouped MoE GEMMs (moe_gemm_wgmma.cu: BF16; moe_gemm_fp8_wgmma.cu: FP8) share:
+// the tile geometry, the epilogue, and the producer warpgroup and mbarrier ring of their
+// warp-specialized kernels. Both operand types are 128-byte tile rows (64 bf16 or 128 e4m3 values
+// of K), so everything here works in bytes and is the same for both:
+// - tiles: rows of 128 bytes, 16-byte chunk c of row r stored at chunk c ^ (r % 8) (the 128-byte
+//   swizzle of the wgmma descriptors, SBO = 1024), every tile 1024-byte aligned; an A tile is the
+//   kMoeGemmTileM (128) rows of one M-tile, a B tile kBN weight rows (gate‖up: kBN / 2 gate rows
+//   n0.., then the same up rows, so accumulator columns c and c + kBN / 2 are g and u of output
+//   n0 + c in one thread);
+// - accumulators: d[4n + e] of a warpgroup's m64nN wgmma is row 16·warp + lane/4 + 8·(e/2) of its
+//   64, column 8n + 2·(lane%4) + e%2 (acc_row / acc_col with the 256 threads of two warpgroups);
+// - the FP8 producer (ws_produce): 128 threads cp.async every A and B chunk of a k-step (128 bytes
+//   of K) into a ring slot (thread t: chunk t % 8 of rows t / 8 + 16 i, zero fill past the segment
+//   / past N), plus the slot's FP8 scales, then arrive on the slot's full barrier when their copies
+//   land; the MMA warpgroups release a slot on its empty barrier. The BF16 kernel has its own loop
+//   of the same shape (faster there, see moe_gemm_wgmma.cu);
+// - the persistent item walk (ws_for_each_item) and the ring (WsRing) both kernels use.
+#pragma once
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "backends/cuda/kernels/common.cuh"
+#include "backends/cuda/kernels/hopper.cuh"
+#include "backends/cuda/kernels/kernels.h"
+
+namespace cpinfer::cuda::moe_tiles {
+
+constexpr int kTileM = kMoeGemmTileM;        // 128 rows per M-tile
+constexpr int kRowBytes = 128;               // one tile row: one k-step of K
+constexpr int kABytes = kTileM * kRowBytes;  // 16 KB
+
+// The kernels whose 256 threads all load: thread tid copies 16-byte chunk load_chunk(tid) of tile
+// rows load_row(tid, i), 32 rows a pass.
+constexpr int kRowsPerPass = 32;
+__host__ __device__ constexpr int load_row(int tid, int i) { return (tid >> 3) + kRowsPerPass * i; }
+__host__ __device__ constexpr int load_chunk(int tid) { return tid & 7; }
+// Byte offset of chunk c of row r inside a 1024-aligned tile of 128-byte rows, 128-byte swizzle.
+__host__ __device__ constexpr uint32_t swizzled_off(int r, int c) {
+  return static_cast<uint32_t>(r * kRowBytes + ((c ^ (r & 7)) << 4));
+}
+// Gate‖up B tile row r holds gate (false) or up (true) row n0 + gateup_row(r, bn).
+__host__ __device__ constexpr bool gateup_is_up(int r, int bn) { return r >= bn / 2; }
+__host__ __device__ constexpr int gateup_row(int r, int bn) { return r & (bn / 2 - 1); }
+// Byte offsets from the slot of warpgroup wg's A operand and of the B operand, the 32-byte K step
+// ks inside the 128-byte rows (k16 for bf16, k32 for e4m3).
+__host__ __device__ constexpr uint32_t desc_a_off(int wg, int ks) {
+  return static_cast<uint32_t>(wg * 64 * kRowBytes + ks * 32);
+}
+__host__ __device__ constexpr uint32_t desc_b_off(int ks) { return static_cast<uint32_t>(kABytes + ks * 32); }
+// Accumulator idx of thread tid (0..255 over two MMA warpgroups): row in the 128-row tile and
+// column in the B tile.
+__host__ __device__ constexpr int acc_row(int tid, int idx) {
+  return (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2) + 8 * ((idx & 3) >> 1);
+}
+__host__ __device__ constexpr int acc_col(int tid, int idx) { return 8 * (idx >> 2) + 2 * (tid & 3) + (idx & 1); }
+
+// Where a tile's results go: gate‖up: act [rows, n_out] BF16 = silu(bf16(g)) · bf16(u) rounded to
+// BF16; down: y [rows, n_out] in F32, or BF16 where out_bf16.
+struct TileOut {
+  void* out;
+  int n_out;
+  bool out_bf16;
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+__device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+// The epilogue of one tile straight from the accumulators: acc[idx] is tile row acc_row(tid, idx),
+// B column acc_col(tid, idx); tile rows from rows_left on are not written; row0 is the tile's first
+// row in the expert-sorted rows, n0 its first output column.
+template <bool kGateUp, int kBN>
+__device__ __forceinline__ void store_tile(const float (&acc)[kBN / 2], const TileOut& o, int tid, int rows_left,
+                                           int64_t row0, int n0) {
+  const int n_out = o.n_out;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = acc_row(tid, 2 * h);
+    if (r >= rows_left) continue;
+    const int64_t row = row0 + r;
+    if constexpr (kGateUp) {
+      auto* out = static_cast<__nv_bfloat16*>(o.out) + row * n_out;
+#pragma unroll
+      for (int n = 0; n < kBN / 16; ++n) {  // gate n8 tiles; the up tile of the same columns is n + kBN / 16
+        const int idx = 4 * n + 2 * h;
+        const int col = n0 + acc_col(tid, idx);
+        if (col >= n_out) continue;  // n_out is a multiple of 64: the pair is inside or outside
+        float v[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float g = bf16_round(acc[idx + c]), u = bf16_round(acc[idx + c + kBN / 4]);
+          v[c] = g / (1.0f + __expf(-g)) * u;
+        }
+        *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(v[0], v[1]);
+      }
+    } else if (o.out_bf16) {
+      auto* out = static_cast<__nv_bfloat16*>(o.out) + row * n_out;
+#pragma unroll
+      for (int n = 0; n < kBN / 8; ++n) {
+        const int idx = 4 * n + 2 * h;
+        const int col = n0 + acc_col(tid, idx);
+        if (col < n_out) *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(acc[idx], acc[idx + 1]);
+      }
+    } else {
+      float* out = static_cast<float*>(o.out) + row * n_out;
+#pragma unroll
+      for (int n = 0; n < kBN / 8; ++n) {
+        const int idx = 4 * n + 2 * h;
+        const int col = n0 + acc_col(tid, idx);
+        if (col < n_out) *reinterpret_cast<float2*>(out + col) = make_float2(acc[idx], acc[idx + 1]);
+      }
+    }
+  }
+}
+
+// ---- warp-specialized kernels: warpgroup 0 produces (ws_produce), the others multiply.
+
+// 4 bytes global -> shared, or 4 zero bytes when !valid (src is not read then).
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
+}
+
+// The ring's 2·kStages mbarriers at `bars`: full(s) completes when the producer's 128 threads have
+// their copies of slot s landed; empty(s) when the consumers' `releases` arrivals say it is free.
+template <int kStages>
+struct WsRing {
+  uint32_t bars;
+  __device__ uint32_t full(int s) const { return bars + 8 * s; }
+  __device__ uint32_t empty(int s) const { return bars + 8 * (kStages + s); }
+  // Slot and phase parity of the it-th k-step the CTA loads (it counts on over N-tiles).
+  __device__ static int slot(uint32_t it) { return static_cast<int>(it % kStages); }
+  __device__ static uint32_t parity(uint32_t it) { return (it / kStages) & 1; }
+  // By the whole CTA, before the roles split.
+  __device__ void init(int releases) const {
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < kStages; ++s) {
+        hopper::mbar_init(full(s), 128);
+        hopper::mbar_init(empty(s), releases);
+      }
+      hopper::mbar_init_fence();
+    }
+    __syncthreads();
+  }
+};
+
+// The operands one grouped GEMM's producer reads, in bytes. A rows: src_token[seg_begin + m0 + r]
+// (gate‖up, x rows by token) or seg_begin + m0 + r (down, the expert-sorted rows); B rows: w1[n]
+// (gate or down), w2[n] (up) of the CTA's expert; row_bytes between rows of both.
+struct WsOperands {
+  const unsigned char* a;
+  const int32_t* src_token;
+  const unsigned char* w1;
+  const unsigned char* w2;
+  int64_t row_bytes;
+  int n_out;
+};
+
+// The work of the persistent warp-specialized kernels: item i is (M-tile slot i / n_groups, group
+// i % n_groups of n_per_cta N-tiles); CTA c takes items c, c + gridDim.x, ... and stops at the first
+// slot past the last tile (slots are tile_start's order, so every later one is past it too). Each
+// role of a CTA walks the same items, so the producer runs ahead into the next item while the MMA
+// warpgroups write the last one (and the ring never drains between items). The host launches
+// min(items, SMs) CTAs, or one CTA per item (MoeWgmmaConfig::persistent = false).
+template <class F>
+__device__ __forceinline__ void ws_for_each_item(const int32_t* tile_start, const int32_t* offsets, int count,
+                                                 int n_tiles, int n_per_cta, F&& f) {
+  const int n_groups = (n_tiles + n_per_cta - 1) / n_per_cta;
+  for (int i = blockIdx.x;; i += gridDim.x) {
+    const int slot = i / n_groups, g = i - slot * n_groups;
+    MoeTile tile;
+    if (!moe_tile_of(tile_start, offsets, count, slot, kTileM, tile)) return;
+    const int j_begin = g * n_per_cta;
+    f(tile, j_begin, min(j_begin + n_per_cta, n_tiles));
+  }
+}
+
+// The producer warpgroup (threads 0..127): for N-tiles [j_begin, j_end) of the M-tile, every k-step
+// kt < n_k into slot ring.slot(it) of the stages at `base` (stage_bytes apart: A tile, then the
+// kBN-row B tile), after `extra(slot, j, kt)` has issued the kernel's own copies for that slot; `it`
+// counts the CTA's k-steps on across N-tiles and items. The row addresses are recomputed every step
+// (one multiply-add per copy) rather than kept: nvcc would otherwise hoist all 2·(kALoads + kBLoads)
+// 64-bit addresses out of the loop, more registers than the FP8 producer warpgroup has (72). The
+// caller waits for its last copies (cp_async_wait<0>) before leaving.
+template <bool kGateUp, int kBN, int kStages, class Extra>
+__device__ __forceinline__ void ws_produce(const WsOperands& op, const MoeTile& tile, uint32_t base,
+                                           uint32_t stage_bytes, const WsRing<kStages>& ring, int j_begin, int j_end,
+                                           int n_k, uint32_t& it, Extra&& extra) {
+  constexpr int kNStep = kGateUp ? kBN / 2 : kBN;  // outputs per N-tile
+  constexpr int kALoads = kTileM / 16;             // rows per thread: rsub + 16 i
+  constexpr int kBLoads = kBN / 16;
+  constexpr int kBHalf = kBLoads / 2;  // gate‖up: B rows of the first half are gate's
+  const int t = threadIdx.x, chunk = load_chunk(t), rsub = t >> 3;
+  const uint32_t st_off = swizzled_off(rsub, chunk);  // + 16 rows a pass: (r & 7) is the same
+  // A: the rows of this thread; row 0 where past the segment (zero fill, nothing read).
+  int a_row[kALoads];
+  uint32_t a_ok = 0;
+#pragma unroll
+  for (int i = 0; i < kALoads; ++i) {
+    const int r = rsub + 16 * i;
+    const bool ok = r < tile.rows_left;
+    const int64_t m = tile.seg_begin + tile.m0 + r;
+    a_row[i] = ok ? (kGateUp ? __ldg(op.src_token + m) : static_cast<int>(m)) : 0;
+    a_ok |= static_cast<uint32_t>(ok) << i;
+  }
+  const unsigned char* const a_base = op.a + chunk * 16;
+  const int64_t b_step = 16 * op.row_bytes;  // 16 B rows further
+  for (int j = j_begin; j < j_end; ++j) {
+    // B rows of this N-tile: row rsub + 16 i is output n_first + 16 (i % kBHalf) of gate (i <
+    // kBHalf) or up for gate‖up, output n_first + 16 i of down.
+    const int n_first = j * kNStep + rsub;
+    const unsigned char* b_lo = op.w1 + n_first * op.row_bytes + chunk * 16;
+    const unsigned char* b_hi = kGateUp ? op.w2 + n_first * op.row_bytes + chunk * 16 : b_lo + kBHalf * b_step;
+    uint32_t b_ok = 0;
+#pragma unroll
+    for (int i = 0; i < kBLoads; ++i) {
+      const int n = n_first + 16 * (kGateUp ? i % kBHalf : i);
+      b_ok |= static_cast<uint32_t>(n < op.n_out) << i;
+    }
+    for (int kt = 0; kt < n_k; ++kt, ++it) {
+      const int s = ring.slot(it);
+      hopper::mbar_wait(ring.empty(s), ring.parity(it) ^ 1);
+#pragma unroll
+      for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_row[i]));
+      asm volatile("" : "+l"(b_lo), "+l"(b_hi));
+      const uint32_t sa = base + s * stage_bytes + st_off, sb = sa + kABytes;
+      const int k0 = kt * kRowBytes;
+#pragma unroll
+      for (int i = 0; i < kALoads; ++i)
+        cp_async16(sa + i * 16 * kRowBytes, a_base + (a_row[i] * op.row_bytes + k0), (a_ok >> i) & 1);
+#pragma unroll
+      for (int i = 0; i < kBLoads; ++i) {
+        const bool ok = (b_ok >> i) & 1;
+        const unsigned char* src = (i < kBHalf ? b_lo + i * b_step : b_hi + (i - kBHalf) * b_step) + k0;
+        cp_async16(sb + i * 16 * kRowBytes, ok ? src : op.w1, ok);
+      }
+      extra(s, j, kt);
+      hopper::mbar_arrive_cp_async(ring.full(s));
+    }
+  }
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+}  // namespace cpinfer::cuda::moe_tiles
