@@ -274,20 +274,16 @@ __global__ void __launch_bounds__(kD)
 cudaError_t launch_kernel(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale_log2,
                           DevTensor out, float* lse, int n_splits, int split_len, float* part, cudaStream_t stream) {
   static_assert(kSmemBytes <= 227 * 1024, "decode attention tiles exceed shared memory");
-  cudaError_t err = cudaFuncSetAttribute(attention_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kSmemBytes));
-  if (err != cudaSuccess) return err;
   const int hkv = static_cast<int>(cache.k.dim(2));
   const int hq = static_cast<int>(q.dim(1));
   const dim3 grid(static_cast<unsigned>(n_splits), static_cast<unsigned>(hkv), static_cast<unsigned>(batch.n_blocks));
   const int bs = cache.block_size();
   int bs_shift = (bs & (bs - 1)) == 0 ? 0 : -1;
   while (bs_shift >= 0 && (1 << bs_shift) < bs) ++bs_shift;
-  launch_k(attention_decode_kernel, grid, kThreads, kSmemBytes, stream, q.ptr<const __nv_bfloat16>(), batch.blocks,
-           batch.block_table, batch.max_blocks_per_seq, cache.k.ptr<const __nv_bfloat16>(),
-           cache.v.ptr<const __nv_bfloat16>(), cache.block_size(), bs_shift, static_cast<int>(cache.k.dim(0)), hq, hkv,
-           hq / hkv, scale_log2, n_splits, split_len, out.ptr<__nv_bfloat16>(), lse, part);
-  return cudaGetLastError();
+  return launch_k(attention_decode_kernel, grid, kThreads, kSmemBytes, stream, q.ptr<const __nv_bfloat16>(),
+                  batch.blocks, batch.block_table, batch.max_blocks_per_seq, cache.k.ptr<const __nv_bfloat16>(),
+                  cache.v.ptr<const __nv_bfloat16>(), cache.block_size(), bs_shift, static_cast<int>(cache.k.dim(0)),
+                  hq, hkv, hq / hkv, scale_log2, n_splits, split_len, out.ptr<__nv_bfloat16>(), lse, part);
 }
 
 }  // namespace

@@ -429,14 +429,8 @@ cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const int32_t* src_toke
   // else 8 (a longer row takes several passes).
   auto go = [&](auto kernel, size_t smem, unsigned grid_x, const __nv_bfloat16* src, const __nv_bfloat16* const* a1,
                 const __nv_bfloat16* const* a2, int n_out, int k_dim, void* o) {
-    if (smem > 48 * 1024) {
-      const cudaError_t e =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (e != cudaSuccess) return e;
-    }
-    launch_k(kernel, dim3(grid_x, ey), kSmallWarps * 32, smem, stream, src, src_token, offsets, a1, a2, n_out, k_dim, o,
-             active);
-    return cudaGetLastError();
+    return launch_k(kernel, dim3(grid_x, ey), kSmallWarps * 32, smem, stream, src, src_token, offsets, a1, a2, n_out,
+                    k_dim, o, active);
   };
   const unsigned gx1 = static_cast<unsigned>((inter + small_cols_per_block<true>() - 1) / small_cols_per_block<true>());
   const unsigned gx2 =

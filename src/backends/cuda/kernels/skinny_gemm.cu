@@ -85,13 +85,7 @@ cudaError_t launch_m(const __nv_bfloat16* a, Segs s, int m, int k, cudaStream_t 
     int warps = 0;
     for (int i = 0; i < s.count; ++i) s.warp_end[i] = warps += (s.n[i] + cols - 1) / cols;
     const unsigned grid = static_cast<unsigned>((warps + kWarps - 1) / kWarps);
-    if (smem > 48 * 1024) {
-      const cudaError_t e =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (e != cudaSuccess) return e;
-    }
-    launch_k(kernel, grid, kWarps * 32, smem, stream, a, s, m, k);
-    return cudaGetLastError();
+    return launch_k(kernel, grid, kWarps * 32, smem, stream, a, s, m, k);
   };
   if (k <= 2048) return go(skinny_gemm_kernel<M, 2, 8, TO>, 2, smem_bytes<M, 2, 8>(k));
   return go(skinny_gemm_kernel<M, 1, 16, TO>, 1, smem_bytes<M, 1, 16>(k));
