@@ -342,7 +342,7 @@ void CudaBackend::linear(const Tensor& a, const Weight& w, Tensor out) {
   if (a.dtype == DType::BF16 && w.dtype == DType::BF16) {
     // A few rows (decode): one streaming read of w; else cuBLAS. Both accumulate in fp32.
     if (skinny_gemm_ && skinny_gemm_supported(dev(a), dev(w), dev(out))) {
-      CUDA_LAUNCH(launch_skinny_gemm(dev(a), dev(w), dev(out), stream_), "skinny_gemm");
+      CUDA_LAUNCH(launch_skinny_gemm(dev(a), dev(w), nullptr, dev(out), stream_), "skinny_gemm");
       return;
     }
     gemm(a, w, out);  // BF16 x BF16 -> BF16 or F32 output, fp32 accumulation
@@ -364,21 +364,24 @@ void CudaBackend::linear(const Tensor& a, const Weight& w, Tensor out) {
   if (out.dtype != DType::F32) CUDA_LAUNCH(launch_convert(dev(o32), dev(out), stream_), "convert");
 }
 
-// Decode-sized products of one input on BF16 weights: one skinny launch for all of them (q, k and
-// v: the two small ones no longer pay a launch and a latency-bound tail of their own). Whether the
-// launch applies is decided first; the op contract is then checked once, here for the one launch
-// or by linear() for each product on the fallback.
+// Decode-sized products of one input on BF16 or FP8 weights (one format for all): one skinny launch
+// for all of them (q, k and v: the two small ones no longer pay a launch and a latency-bound tail of
+// their own). Whether the launch applies is decided first; the op contract is then checked once,
+// here for the one launch or by linear() for each product on the fallback.
 void CudaBackend::linears(const Tensor& a, std::span<const LinearOut> outs) {
   bool one_launch = skinny_gemm_ && !outs.empty() && outs.size() <= static_cast<size_t>(kSkinnyMaxSegs) &&
                     a.device == Device::CUDA && a.rows() > 0;
-  DevTensor w[kSkinnyMaxSegs], o[kSkinnyMaxSegs];
+  const bool fp8 = one_launch && outs[0].w->fp8();
+  DevTensor w[kSkinnyMaxSegs], s[kSkinnyMaxSegs], o[kSkinnyMaxSegs];
   for (size_t i = 0; one_launch && i < outs.size(); ++i) {
     const Weight& wi = *outs[i].w;
     const Tensor& oi = outs[i].out;
-    one_launch = !wi.fp8() && wi.device == Device::CUDA && oi.device == Device::CUDA && oi.dtype == outs[0].out.dtype &&
-                 oi.rows() == a.rows();
+    one_launch = wi.fp8() == fp8 && wi.device == Device::CUDA && oi.device == Device::CUDA &&
+                 oi.dtype == outs[0].out.dtype && oi.rows() == a.rows() &&
+                 (!fp8 || (wi.scale.device == Device::CUDA && wi.scale.data != nullptr));
     if (one_launch) {
       w[i] = dev(wi);
+      s[i] = fp8 ? dev(wi.scale) : DevTensor{};
       o[i] = dev(oi);
       one_launch = skinny_gemm_supported(dev(a), w[i], o[i]);
     }
@@ -389,7 +392,8 @@ void CudaBackend::linears(const Tensor& a, std::span<const LinearOut> outs) {
   }
   for (const LinearOut& lo : outs) check_linear(a, *lo.w, lo.out);
   DeviceGuard g(device_);
-  CUDA_LAUNCH(launch_skinny_gemms(dev(a), w, o, static_cast<int>(outs.size()), stream_), "skinny_gemms");
+  CUDA_LAUNCH(launch_skinny_gemms(dev(a), w, fp8 ? s : nullptr, o, static_cast<int>(outs.size()), stream_),
+              "skinny_gemms");
 }
 
 void CudaBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
