@@ -183,13 +183,15 @@ int attention_generic_splits(int n_rows, int hq, int max_keys);
 cudaError_t launch_attention_generic(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
                                      DevTensor out, DevTensor lse, int n_splits, int max_keys, float* part,
                                      cudaStream_t stream);
-// The log-sum-exp merge of n_splits partial results in `part` (layout above) into out and lse.
+// (attention_merge.cu) The log-sum-exp merge of n_splits <= kAttnMaxSplits partial results in
+// `part` (layout above; the decode kernel's too) into out and lse.
+inline constexpr int kAttnMaxSplits = 64;
 cudaError_t launch_attention_split_merge(const DevAttnBatch& batch, int hq, int d, int n_splits, const float* part,
                                          DevTensor out, DevTensor lse, cudaStream_t stream);
 // ---- attention_decode.cu: blocks of one query row (max_q_len == 1), D = 128, BF16 q and cache,
 // Hq / Hkv from 1 to 16, 16-byte aligned q and cache: one CTA per (block, KV head, key split) for
 // all the query heads of the KV head, on tensor cores. `part` as for the generic kernel (D = 128);
-// at most 64 splits (the merge's limit).
+// at most kAttnMaxSplits splits (the merge's limit).
 bool attention_decode_supported(const DevTensor& q, const DevKv& cache, int max_q_len);
 int attention_decode_splits(int n_blocks, int hkv, int max_keys, int n_sms);
 cudaError_t launch_attention_decode(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
