@@ -10,10 +10,10 @@
 //     tight against the CPU.
 // Rows 1 to 4100; N and K multiples of 128 and not; BF16 and F32 outputs; the skinny kernel
 // switched off for the small row counts so the other paths see them too; outputs inside guard
-// bytes (the padded rows' products must not land past out). Then: the cuBLASLt scale-layout
-// probe runs lazily (not for BF16 work, not for FP8 products that do not need it; at
-// begin_capture() once FP8 weights were used, so a capture can take the block-scaled path; a
-// capture that would need it first fails with a clear error). Each case prints "[gpu_ops]
+// bytes (the padded rows' products must not land past out); linears (q, k, v in one launch). Then:
+// the cuBLASLt scale-layout probe runs lazily (not for BF16 work, not for FP8 products that do not
+// need it; at begin_capture() once FP8 weights were used, so a capture can take the block-scaled
+// path; a capture that would need it first fails with a clear error). Each case prints "[gpu_ops]
 // linear.fp8.<path> shape nmse max_err". Without a GPU every test is skipped.
 #include <cstring>
 #include <limits>
@@ -26,7 +26,26 @@
 namespace cpinfer::gputest {
 namespace {
 
-using Fp8Ops = GpuOpsTest;
+class Fp8Ops : public GpuOpsTest {
+ protected:
+  // An FP8 weight [n, k] of a trained layer's magnitude, quantized by the published rule, on both
+  // back-ends (the GPU codes inside guard bytes, the scales F32).
+  struct Fp8Weight {
+    Weight cpu, gpu;
+  };
+  Fp8Weight fp8_weight(Rng& rng, int64_t n, int64_t k) {
+    const std::vector<float> w = rng.bf16_normal(n * k, 1.0f / std::sqrt(static_cast<float>(k)));
+    const Fp8Matrix q = quantize_weight(w, n, k);
+    const int64_t sn = (n + 127) / 128, sk = (k + 127) / 128;
+    Tensor c_codes = cpu_alloc(DType::F8E4M3, {n, k});
+    std::memcpy(c_codes.data, q.codes.data(), q.codes.size());
+    Fp8Weight out{Weight(c_codes), Weight(gpu_tensor("codes", DType::F8E4M3, {n, k}, nullptr))};
+    out.cpu.scale = cpu_f32(q.scales, {sn, sk});
+    gpu_->upload(out.gpu.data, q.codes.data(), q.codes.size());
+    out.gpu.scale = gpu_tensor("scale", DType::F32, {sn, sk}, &q.scales);
+    return out;
+  }
+};
 
 const char* path_name(cuda::CudaBackend::Fp8Path p) {
   switch (p) {
@@ -66,16 +85,22 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
                                          {2, 320, 64, DType::BF16},    // K % 128 != 0 (K % 16 == 0)
                                          {40, 320, 96, DType::F32},
                                          {5, 72, 40, DType::BF16},  // K % 16 != 0 either
-                                         {1, 136, 130, DType::BF16}}) {
+                                         {1, 136, 130, DType::BF16},
+                                         // Skinny weight passes (2048 codes at K <= 2048, else 4096): N
+                                         // off the 4 (2) rows per warp, several passes with a short
+                                         // last one and a partial last block, a one-chunk row, the
+                                         // largest K (a's rows need the > 48 KB shared-memory opt-in).
+                                         {1, 2048, 130, DType::BF16},
+                                         {2, 1024, 1, DType::F32},
+                                         {1, 4112, 70, DType::BF16},
+                                         {2, 8336, 33, DType::F32},
+                                         {1, 16, 5, DType::BF16},
+                                         {2, 16384, 64, DType::BF16}}) {
     // Weights of a trained layer's magnitude, quantized by the published rule; activations O(1).
-    std::vector<float> w = rng.bf16_normal(c.n * c.k, 1.0f / std::sqrt(static_cast<float>(c.k)));
-    const Fp8Matrix q = quantize_weight(w, c.n, c.k);
+    const Fp8Weight fw = fp8_weight(rng, c.n, c.k);
+    const Weight &cw = fw.cpu, &gw = fw.gpu;
     const std::vector<float> a = rng.bf16_normal(c.m * c.k);
     // CPU references: FP8 weight on the CPU back-end, plain and with quantized activations.
-    Tensor c_codes = cpu_alloc(DType::F8E4M3, {c.n, c.k});
-    std::memcpy(c_codes.data, q.codes.data(), q.codes.size());
-    Weight cw(c_codes);
-    cw.scale = cpu_f32(q.scales, {(c.n + 127) / 128, (c.k + 127) / 128});
     Tensor ref_out = cpu_alloc(DType::F32, {c.m, c.n});
     cpu_->linear(cpu_f32(a, {c.m, c.k}), cw, ref_out);
     const std::vector<float> ref = cpu_read(ref_out);
@@ -85,11 +110,6 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
       cpu_->linear(cpu_f32(quantize_activations(a, c.m, c.k), {c.m, c.k}), cw, qo);
       ref_q = cpu_read(qo);
     }
-    // The GPU weight: codes inside guard bytes, scales F32.
-    Tensor g_codes = gpu_tensor("codes", DType::F8E4M3, {c.n, c.k}, nullptr);
-    gpu_->upload(g_codes.data, q.codes.data(), q.codes.size());
-    Weight gw(g_codes);
-    gw.scale = gpu_tensor("scale", DType::F32, {(c.n + 127) / 128, (c.k + 127) / 128}, &q.scales);
     Tensor ga = gpu_tensor("a", DType::BF16, {c.m, c.k}, &a);
     for (bool skinny : {true, false}) {
       if (!skinny && c.m > cuda::kSkinnyMaxRows) continue;
@@ -126,6 +146,55 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
               seen[2]);
   EXPECT_GT(seen[0], 0);
   EXPECT_GT(seen[2], 0);
+}
+
+// linears: q, k and v of a decode step on FP8 weights in one skinny launch, each output against the
+// CPU's FP8 linear; a BF16 weight among FP8 ones (one format per launch) or three rows take linear()
+// one by one (three rows: the block-scaled path on Hopper, against activations quantized likewise).
+TEST_F(Fp8Ops, LinearsInOneLaunch) {
+  auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
+  Rng rng(43);
+  struct Case {
+    int64_t m, k;
+    std::vector<int64_t> n;
+    DType out;
+    bool mixed;  // the last weight BF16
+  };
+  for (const Case& c : std::vector<Case>{{1, 2048, {4096, 512, 512}, DType::BF16, false},
+                                         {2, 320, {130, 7, 64}, DType::F32, false},
+                                         {1, 4112, {33, 1}, DType::BF16, false},
+                                         {2, 2048, {5}, DType::BF16, false},
+                                         {1, 2048, {512, 256}, DType::BF16, true},
+                                         {3, 2048, {512, 256}, DType::BF16, false}}) {
+    const std::vector<float> a = rng.bf16_normal(c.m * c.k);
+    Tensor ga = gpu_tensor("a", DType::BF16, {c.m, c.k}, &a);
+    std::vector<Fp8Weight> fws;
+    std::vector<Weight> gws;
+    std::vector<Tensor> gos, refs;
+    for (size_t i = 0; i < c.n.size(); ++i) {
+      const int64_t n = c.n[i];
+      refs.push_back(cpu_alloc(DType::F32, {c.m, n}));
+      gos.push_back(gpu_tensor("out", c.out, {c.m, n}, nullptr));
+      if (c.mixed && i + 1 == c.n.size()) {
+        const std::vector<float> w = rng.bf16_normal(n * c.k, 0.05f);
+        gws.emplace_back(gpu_tensor("w_bf16", DType::BF16, {n, c.k}, &w));
+        cpu_->linear(cpu_f32(a, {c.m, c.k}), cpu_f32(w, {n, c.k}), refs.back());
+      } else {
+        fws.push_back(fp8_weight(rng, n, c.k));
+        gws.push_back(fws.back().gpu);
+        const bool quantized =
+            cuda.fp8_linear_path(ga, gws.back(), gos.back()) == cuda::CudaBackend::Fp8Path::BlockScaled;
+        cpu_->linear(cpu_f32(quantized ? quantize_activations(a, c.m, c.k) : a, {c.m, c.k}), fws.back().cpu,
+                     refs.back());
+      }
+    }
+    std::vector<Backend::LinearOut> lo;
+    for (size_t i = 0; i < gws.size(); ++i) lo.push_back({&gws[i], gos[i]});
+    gpu_->linears(ga, lo);
+    for (size_t i = 0; i < gws.size(); ++i)
+      expect_close(c.mixed ? "linears.fp8_and_bf16" : "linears.fp8", shape_of({c.m, c.k, c.n[i]}), gpu_read(gos[i]),
+                   cpu_read(refs[i]), 2e-5, c.out == DType::BF16 ? 0.08 : 0.02);
+  }
 }
 
 // An all-zero activation block gets scale 1 and codes 0, and NaN in an activation comes out NaN

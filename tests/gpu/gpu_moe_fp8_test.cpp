@@ -11,10 +11,11 @@
 //       cublas  cuBLASLt's block-scaled GEMM per expert over rows padded to a multiple of 4.
 // Out has two sentinel rows after it that no path may write. Shapes: Qwen3-30B-A3B's (H 2048, I 768,
 // top-8 of 128 experts) on a 32-expert shard at 1024 and 4100 tokens (uniform and skewed routing:
-// ragged segments, experts with no rows, one expert in every token), and small ones: token counts
-// that are not tile multiples, K = 128, 256, 384 (1 to 3 scale blocks: the ws kernel's odd and even
-// step counts), an odd number of N-tiles, several M- and N-tiles per expert, one expert taking every
-// token, no local token, the decode size, widths off the 128 blocks. Then: the ws kernels against
+// ragged segments, experts with no rows, one expert in every token) and at 1 and 8 tokens (decode:
+// the row-wise weight passes), and small ones: token counts that are not tile multiples, K = 128,
+// 256, 384 (1 to 3 scale blocks: the ws kernel's odd and even step counts), an odd number of
+// N-tiles, several M- and N-tiles per expert, one expert taking every token, no local token, the
+// decode size, widths off the 128 blocks, rows of several row-wise passes. Then: the ws kernels against
 // the first kernels bit for bit through the launcher (same values in the same order, F32 y, 1 to 3
 // N-tiles per CTA); every device-scheduled path (row-wise, first and ws grouped kernels) captured
 // into a CUDA graph in global mode (fails on any host synchronization) and replayed bit for bit;
@@ -292,6 +293,9 @@ TEST_F(MoeFp8Test, Qwen3ShapeOnAShard) {
   const Experts ex = make_experts(rng, 128, 32, 32, 2048, 768);  // rank 1 of 4-way expert parallelism
   check_case("qwen3.shard4", rng, 1024, 8, ex, false, DType::BF16);
   check_case("qwen3.shard4.skew", rng, 4100, 8, ex, true, DType::F32);
+  // Decode: the row-wise weight passes at the real shape, one token and the largest row-wise batch.
+  check_case("qwen3.shard4.decode", rng, 1, 8, ex, false, DType::BF16);
+  check_case("qwen3.shard4.decode.skew", rng, 8, 8, ex, true, DType::F32);
 }
 
 TEST_F(MoeFp8Test, SmallAndOddShapes) {
@@ -314,7 +318,11 @@ TEST_F(MoeFp8Test, SmallAndOddShapes) {
                          {300, 128, 128, 8, 2, 2, 3, false, DType::BF16, true},  // no local pair: out unchanged
                          {300, 192, 128, 8, 2, 0, 8, true, DType::BF16},         // H % 128 != 0: row-wise
                          {300, 128, 96, 8, 2, 0, 8, true, DType::F32},           // I % 128 != 0: row-wise
-                         {150, 136, 72, 4, 2, 0, 4, true, DType::BF16}}) {       // % 8 != 0: scalar row-wise
+                         {150, 136, 72, 4, 2, 0, 4, true, DType::BF16},          // % 16 != 0: scalar row-wise
+                         // Row-wise weight passes: several passes with a short last one and partial
+                         // scale blocks (H 2064, I 2096), and down columns past H in a block (H 176).
+                         {2, 2064, 2096, 4, 2, 0, 4, false, DType::F32},
+                         {3, 176, 48, 8, 2, 0, 8, true, DType::BF16}}) {
     const Experts ex = make_experts(rng, c.e, c.first, c.count, c.h, c.inter);
     check_case("small", rng, c.t, c.k, ex, c.skew, c.out, c.no_local, 1 << 20);
   }

@@ -380,6 +380,14 @@ TEST_F(Ops, RejectsBadArguments) {
   Tensor f16w = gpu_tensor("w16", DType::F16, {8, 8}, nullptr);
   Tensor out = gpu_tensor("out", DType::BF16, {4, 8}, nullptr);
   EXPECT_THROW(gpu_->linear(gx, f16w, out), Error);  // unsupported weight dtype names itself
+  // linears: a product that would take the one skinny launch but whose output has the wrong width
+  // is refused before anything runs.
+  Tensor a1 = gpu_tensor("a1", DType::BF16, {1, 64}, nullptr);
+  Tensor wq = gpu_tensor("wq", DType::BF16, {32, 64}, nullptr), wk = gpu_tensor("wk", DType::BF16, {16, 64}, nullptr);
+  Tensor oq = gpu_tensor("oq", DType::BF16, {1, 32}, nullptr), ok = gpu_tensor("ok", DType::BF16, {1, 8}, nullptr);
+  const Weight wqw(wq), wkw(wk);
+  const Backend::LinearOut outs[] = {{&wqw, oq}, {&wkw, ok}};
+  EXPECT_THROW(gpu_->linears(a1, outs), Error);
 }
 
 }  // namespace

@@ -321,13 +321,17 @@ void CudaBackend::gemm(const Tensor& a, const Tensor& w, Tensor out) {
                             static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-void CudaBackend::linear(const Tensor& a, const Weight& w, Tensor out) {
+void CudaBackend::check_linear(const Tensor& a, const Weight& w, const Tensor& out) {
   contract::linear(a, w, out);
   check_on_device(a, "linear", "a");
   check_on_device(w, "linear", "w");
   check_on_device(out, "linear", "out");
   check_act(a, "linear", "a");
   check_act(out, "linear", "out");
+}
+
+void CudaBackend::linear(const Tensor& a, const Weight& w, Tensor out) {
+  check_linear(a, w, out);
   if (w.fp8()) {
     linear_fp8(a, w, out);
     return;
@@ -338,7 +342,7 @@ void CudaBackend::linear(const Tensor& a, const Weight& w, Tensor out) {
   if (a.dtype == DType::BF16 && w.dtype == DType::BF16) {
     // A few rows (decode): one streaming read of w; else cuBLAS. Both accumulate in fp32.
     if (skinny_gemm_ && skinny_gemm_supported(dev(a), dev(w), dev(out))) {
-      CUDA_LAUNCH(launch_skinny_gemm(dev(a), dev(w), dev(out), stream_), "skinny_gemm");
+      CUDA_LAUNCH(launch_skinny_gemm(dev(a), dev(w), nullptr, dev(out), stream_), "skinny_gemm");
       return;
     }
     gemm(a, w, out);  // BF16 x BF16 -> BF16 or F32 output, fp32 accumulation
@@ -360,20 +364,25 @@ void CudaBackend::linear(const Tensor& a, const Weight& w, Tensor out) {
   if (out.dtype != DType::F32) CUDA_LAUNCH(launch_convert(dev(o32), dev(out), stream_), "convert");
 }
 
-// Decode-sized products of one input on BF16 weights: one skinny launch for all of them (q, k and
-// v: the two small ones no longer pay a launch and a latency-bound tail of their own).
+// Decode-sized products of one input on BF16 or FP8 weights (one format for all): one skinny launch
+// for all of them (q, k and v: the two small ones no longer pay a launch and a latency-bound tail of
+// their own). Whether the launch applies is decided first; the op contract is then checked once,
+// here for the one launch or by linear() for each product on the fallback.
 void CudaBackend::linears(const Tensor& a, std::span<const LinearOut> outs) {
   bool one_launch = skinny_gemm_ && !outs.empty() && outs.size() <= static_cast<size_t>(kSkinnyMaxSegs) &&
                     a.device == Device::CUDA && a.rows() > 0;
-  DevTensor w[kSkinnyMaxSegs], o[kSkinnyMaxSegs];
+  const bool fp8 = one_launch && outs[0].w->fp8();
+  DevTensor w[kSkinnyMaxSegs], s[kSkinnyMaxSegs], o[kSkinnyMaxSegs];
   for (size_t i = 0; one_launch && i < outs.size(); ++i) {
     const Weight& wi = *outs[i].w;
-    contract::linear(a, wi, outs[i].out);
-    one_launch = !wi.fp8() && wi.device == Device::CUDA && outs[i].out.device == Device::CUDA &&
-                 outs[i].out.dtype == outs[0].out.dtype && outs[i].out.rows() == a.rows();
+    const Tensor& oi = outs[i].out;
+    one_launch = wi.fp8() == fp8 && wi.device == Device::CUDA && oi.device == Device::CUDA &&
+                 oi.dtype == outs[0].out.dtype && oi.rows() == a.rows() &&
+                 (!fp8 || (wi.scale.device == Device::CUDA && wi.scale.data != nullptr));
     if (one_launch) {
       w[i] = dev(wi);
-      o[i] = dev(outs[i].out);
+      s[i] = fp8 ? dev(wi.scale) : DevTensor{};
+      o[i] = dev(oi);
       one_launch = skinny_gemm_supported(dev(a), w[i], o[i]);
     }
   }
@@ -381,8 +390,10 @@ void CudaBackend::linears(const Tensor& a, std::span<const LinearOut> outs) {
     Backend::linears(a, outs);
     return;
   }
+  for (const LinearOut& lo : outs) check_linear(a, *lo.w, lo.out);
   DeviceGuard g(device_);
-  CUDA_LAUNCH(launch_skinny_gemms(dev(a), w, o, static_cast<int>(outs.size()), stream_), "skinny_gemms");
+  CUDA_LAUNCH(launch_skinny_gemms(dev(a), w, fp8 ? s : nullptr, o, static_cast<int>(outs.size()), stream_),
+              "skinny_gemms");
 }
 
 void CudaBackend::qk_norm_rope(Tensor q, Tensor k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
@@ -418,23 +429,23 @@ void CudaBackend::kv_store(const Tensor& k, const Tensor& v, const Tensor& slots
 }
 
 // One kernel when the cache holds the activations' dtype (the engine's case): the warps of the k
-// heads store what they rotated, and the token's v head, straight into the cache.
+// heads store what they rotated, and the token's v head, straight into the cache. Otherwise the two
+// kernels of qk_norm_rope and kv_store; the arguments are checked once, before either runs.
 void CudaBackend::qk_norm_rope_store(Tensor q, Tensor k, const Tensor& v, const Tensor& q_norm_w,
                                      const Tensor& k_norm_w, float eps, const Tensor& positions, const RopeParams& rope,
                                      const Tensor& slots, KvLayer cache) {
   check_qk_norm_rope(q, k, q_norm_w, k_norm_w, eps, positions, rope);
   check_kv_store(k, v, slots, cache);
-  if (cache.k.dtype != q.dtype || v.dtype != q.dtype) {
-    Backend::qk_norm_rope_store(q, k, v, q_norm_w, k_norm_w, eps, positions, rope, slots, cache);
-    return;
-  }
+  const bool fused = cache.k.dtype == q.dtype && v.dtype == q.dtype;
   DeviceGuard g(device_);
   const float* inv_freq = inv_freq_on_device(rope);
   const DevTensor dv = dev(v), ds = dev(slots);
   const DevKv dc = dev(cache);
   CUDA_LAUNCH(launch_qk_norm_rope(dev(q), dev(k), dev(q_norm_w), dev(k_norm_w), eps, dev(positions), inv_freq,
-                                  rope.attention_factor, stream_, &dv, &ds, &dc),
-              "qk_norm_rope_store");
+                                  rope.attention_factor, stream_, fused ? &dv : nullptr, fused ? &ds : nullptr,
+                                  fused ? &dc : nullptr),
+              fused ? "qk_norm_rope_store" : "qk_norm_rope");
+  if (!fused) CUDA_LAUNCH(launch_kv_store(dev(k), dv, ds, dc, stream_), "kv_store");
 }
 
 void CudaBackend::check_kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, const KvLayer& cache) {

@@ -149,7 +149,9 @@ class CudaBackend : public Backend {
   int device_index() const { return device_; }
 
  private:
-  // The argument checks of qk_norm_rope and kv_store (also run by qk_norm_rope_store).
+  // The argument checks of linear (also run by linears' one-launch path), qk_norm_rope and kv_store
+  // (also run by qk_norm_rope_store).
+  void check_linear(const Tensor& a, const Weight& w, const Tensor& out);
   void check_qk_norm_rope(const Tensor& q, const Tensor& k, const Tensor& q_norm_w, const Tensor& k_norm_w, float eps,
                           const Tensor& positions, const RopeParams& rope);
   void check_kv_store(const Tensor& k, const Tensor& v, const Tensor& slots, const KvLayer& cache);

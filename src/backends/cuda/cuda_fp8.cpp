@@ -1,7 +1,7 @@
 // CudaBackend::linear with FP8 weights (ops/backend.h Weight: e4m3 codes [N, K] + F32 scales
 // [ceil(N/128), ceil(K/128)], W = code · scale), the checkpoints' "dynamic" activation scheme:
-// - decode-sized products (<= kSkinnyMaxRows rows): kernels/fp8.cu's streaming kernel on the codes,
-//   1 byte read per weight, activations as they are;
+// - decode-sized products (<= kSkinnyMaxRows rows): kernels/skinny_gemm.cu's weight passes on the
+//   codes, 1 byte read per weight, activations as they are (linears: q, k, v in one launch);
 // - larger products on Hopper: the activations are quantized per (row, 128-column block) to e4m3
 //   (scale = amax / 448; kernels/fp8.cu) into the workspace, their rows padded to a multiple of 4
 //   (zero codes and scales; cuBLASLt takes no other M, the padded product rows are dropped), then
@@ -161,7 +161,7 @@ void CudaBackend::fp8_gemm_lt(const void* aq, const float* a_scale, int64_t m, c
 }
 
 CudaBackend::Fp8Path CudaBackend::fp8_linear_path(const Tensor& a, const Weight& w, const Tensor& out) {
-  if (skinny_gemm_ && skinny_gemm_fp8_supported(dev(a), dev(w), dev(out))) return Fp8Path::Skinny;
+  if (skinny_gemm_ && skinny_gemm_supported(dev(a), dev(w), dev(out))) return Fp8Path::Skinny;
   // The quantized activations go to the (256-byte aligned) workspace, and so does the product of
   // M rows padded to a multiple of 4 (cuBLASLt's block-scaled GEMM takes no other M).
   static const char* const kWorkspaceAligned = reinterpret_cast<const char*>(uintptr_t{256});
@@ -187,9 +187,11 @@ void CudaBackend::linear_fp8(const Tensor& a, const Weight& w, Tensor out) {
     return;
   }
   switch (fp8_linear_path(a, w, out)) {
-    case Fp8Path::Skinny:
-      CUDA_LAUNCH(launch_skinny_gemm_fp8(dev(a), dev(w), dev(w.scale), dev(out), stream_), "skinny_gemm_fp8");
+    case Fp8Path::Skinny: {
+      const DevTensor scale = dev(w.scale);
+      CUDA_LAUNCH(launch_skinny_gemm(dev(a), dev(w), &scale, dev(out), stream_), "skinny_gemm_fp8");
       return;
+    }
     case Fp8Path::BlockScaled: {
       // M rows padded to m_pad (a multiple of 4) in the workspace: zero codes with zero scales,
       // their product rows discarded (the GEMM writes m_pad rows into scratch, m are copied out).

@@ -2,7 +2,7 @@
 // permutation and the weighted un-permute of cuda_moe.cpp around FP8 expert GEMMs.
 // - Small batches (T·K <= kSmallPairs, decode), and shapes the block-scaled GEMMs do not take (H or
 //   I not a multiple of 128, unaligned pointers, not Hopper): the row-wise kernels of
-//   kernels/moe_fp8.cu on the codes, activations BF16 (the CPU reference's arithmetic).
+//   kernels/moe_rowwise.cu on the codes, activations BF16 (the CPU reference's arithmetic).
 // - Larger batches on Hopper, by default: the device-scheduled grouped wgmma FP8 GEMMs
 //   (kernels/moe_gemm_fp8_wgmma.cu, DeepSeek-V3's scheme: activations quantized per (row, 128
 //   columns), per 128-wide K block an fp32 partial product scaled by the row's and the weight
@@ -126,7 +126,7 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
   CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
                                        nullptr, stream_, active),
               "moe_permute");
-  const bool vec = aligned && hidden % 8 == 0 && inter % 8 == 0;
+  const bool vec = aligned && hidden % 16 == 0 && inter % 16 == 0;  // 16 codes per 16-byte chunk
   const int max_active = static_cast<int>(std::min<size_t>(n_pairs, static_cast<size_t>(count)));
   CUDA_LAUNCH(launch_moe_rowwise_gemms_fp8(dev(x), src_token, offsets, count, tables, inter, vec, act, y_rows, stream_,
                                            active, max_active),

@@ -9,9 +9,9 @@
 // prefill kernel (attention.cu) with the G heads as the 16 query rows (rows >= G are zero): each of
 // the 4 warps takes 16 keys of every tile, S = Q·Kᵀ for them, its own online softmax (m, l) and
 // O += P·V with P re-packed from the S accumulators. At the end the warps' (m, l, O) are merged by
-// log-sum-exp in shared memory; a split writes its partial (acc, max, sum), which a merge kernel
-// of kD threads per (block, head) combines. The page of each key is looked up once, when its tile is loaded; a key
-// whose table entry lies outside the cache is skipped (masked), never read.
+// log-sum-exp in shared memory; a split writes its partial (acc, max, sum), which attention_merge.cu's
+// split merge (kD threads per (block, head)) combines. The page of each key is looked up once, when
+// its tile is loaded; a key whose table entry lies outside the cache is skipped (masked), never read.
 #include <algorithm>
 #include <cfloat>
 
@@ -235,59 +235,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The splits' merge: one CTA of kD threads per (block, query head). The splits' (m, l) come in
-// parallel (thread s reads split s), the block agrees on the max and the sum, and thread d sums
-// dimension d over the splits with a group of loads in flight (the attention_merge_kernel of
-// attention_generic.cu gives a whole (query, head) to one warp, whose lanes walk the splits a few
-// at a time: ~6 µs at 8 splits, far more at 64).
-constexpr int kMaxSplits = 64;
-__global__ void __launch_bounds__(kD)
-    attention_decode_merge_kernel(const int32_t* __restrict__ blocks, int hq, int n_splits,
-                                  const float* __restrict__ part, __nv_bfloat16* __restrict__ out,
-                                  float* __restrict__ lse) {
-  pdl_wait();
-  pdl_trigger();
-  __shared__ float w[kMaxSplits];
-  __shared__ float red[kD / 32];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, h = blockIdx.x;
-  const int32_t* blk = blocks + kDevAttnBlockFields * blockIdx.y;
-  if (blk[1] < 1) return;
-  const int64_t row = blk[0];
-  const float* p = part + (row * hq + h) * n_splits * (kD + 2);
-  const float m_s = tid < n_splits ? p[tid * (kD + 2) + kD] : -INFINITY;
-  const float l_s = tid < n_splits ? p[tid * (kD + 2) + kD + 1] : 0.0f;
-  float m = warp_max(l_s == 0.0f ? -INFINITY : m_s);  // an empty split (l = 0) weighs nothing
-  if (lane == 0) red[warp] = m;
-  __syncthreads();
-  m = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
-  const float wt = l_s == 0.0f ? 0.0f : fast_exp2(m_s - m);
-  if (tid < n_splits) w[tid] = wt;
-  const float l = block_sum(l_s * wt);  // its barriers also publish w
-  float acc[2] = {0.0f, 0.0f};
-  const float* pd = p + tid;
-#pragma unroll 16
-  for (int sp = 0; sp < n_splits; ++sp) acc[sp & 1] += pd[sp * (kD + 2)] * w[sp];
-  out[(row * hq + h) * kD + tid] = __float2bfloat16_rn(l > 0.0f ? (acc[0] + acc[1]) / l : 0.0f);
-  if (lse != nullptr && tid == 0) lse[row * hq + h] = l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
-}
-
 cudaError_t launch_kernel(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale_log2,
                           DevTensor out, float* lse, int n_splits, int split_len, float* part, cudaStream_t stream) {
   static_assert(kSmemBytes <= 227 * 1024, "decode attention tiles exceed shared memory");
-  cudaError_t err = cudaFuncSetAttribute(attention_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kSmemBytes));
-  if (err != cudaSuccess) return err;
   const int hkv = static_cast<int>(cache.k.dim(2));
   const int hq = static_cast<int>(q.dim(1));
   const dim3 grid(static_cast<unsigned>(n_splits), static_cast<unsigned>(hkv), static_cast<unsigned>(batch.n_blocks));
   const int bs = cache.block_size();
   int bs_shift = (bs & (bs - 1)) == 0 ? 0 : -1;
   while (bs_shift >= 0 && (1 << bs_shift) < bs) ++bs_shift;
-  launch_k(attention_decode_kernel, grid, kThreads, kSmemBytes, stream, q.ptr<const __nv_bfloat16>(), batch.blocks,
-           batch.block_table, batch.max_blocks_per_seq, cache.k.ptr<const __nv_bfloat16>(),
-           cache.v.ptr<const __nv_bfloat16>(), cache.block_size(), bs_shift, static_cast<int>(cache.k.dim(0)), hq, hkv,
-           hq / hkv, scale_log2, n_splits, split_len, out.ptr<__nv_bfloat16>(), lse, part);
-  return cudaGetLastError();
+  return launch_k(attention_decode_kernel, grid, kThreads, kSmemBytes, stream, q.ptr<const __nv_bfloat16>(),
+                  batch.blocks, batch.block_table, batch.max_blocks_per_seq, cache.k.ptr<const __nv_bfloat16>(),
+                  cache.v.ptr<const __nv_bfloat16>(), cache.block_size(), bs_shift, static_cast<int>(cache.k.dim(0)),
+                  hq, hkv, hq / hkv, scale_log2, n_splits, split_len, out.ptr<__nv_bfloat16>(), lse, part);
 }
 
 }  // namespace
@@ -307,7 +267,7 @@ int attention_decode_splits(int n_blocks, int hkv, int max_keys, int n_sms) {
   if (ctas <= 0) return 1;
   const int64_t by_work = (2 * static_cast<int64_t>(n_sms) + ctas - 1) / ctas;
   const int64_t by_keys = (static_cast<int64_t>(max_keys) + 2 * kTile - 1) / (2 * kTile);
-  const int64_t s = std::min<int64_t>(std::min(by_work, by_keys), 64);
+  const int64_t s = std::min<int64_t>(std::min(by_work, by_keys), kAttnMaxSplits);
   return static_cast<int>(s < 1 ? 1 : s);
 }
 
@@ -315,7 +275,7 @@ cudaError_t launch_attention_decode(const DevTensor& q, const DevAttnBatch& batc
                                     DevTensor out, DevTensor lse, int n_splits, int max_keys, float* part,
                                     cudaStream_t stream) {
   if (batch.n_blocks == 0 || batch.max_q_len == 0) return cudaSuccess;
-  if (!attention_decode_supported(q, cache, batch.max_q_len) || n_splits < 1 || n_splits > 65535 ||
+  if (!attention_decode_supported(q, cache, batch.max_q_len) || n_splits < 1 || n_splits > kAttnMaxSplits ||
       batch.n_blocks > 65535 || (n_splits > 1 && part == nullptr))
     return cudaErrorInvalidValue;
   // Keys per split: whole tiles, so that splits never share one.
@@ -324,10 +284,7 @@ cudaError_t launch_attention_decode(const DevTensor& q, const DevAttnBatch& batc
   float* lse_p = lse.defined() ? lse.ptr<float>() : nullptr;
   const cudaError_t err = launch_kernel(q, batch, cache, scale_log2, out, lse_p, n_splits, split_len, part, stream);
   if (err != cudaSuccess || n_splits == 1) return err;
-  if (n_splits > kMaxSplits || q.dim(1) > 65535) return cudaErrorInvalidValue;
-  launch_k(attention_decode_merge_kernel, dim3(static_cast<unsigned>(q.dim(1)), static_cast<unsigned>(batch.n_blocks)),
-           kD, 0, stream, batch.blocks, static_cast<int>(q.dim(1)), n_splits, part, out.ptr<__nv_bfloat16>(), lse_p);
-  return cudaGetLastError();
+  return launch_attention_split_merge(batch, static_cast<int>(q.dim(1)), kD, n_splits, part, out, lse, stream);
 }
 
 }  // namespace cpinfer::cuda

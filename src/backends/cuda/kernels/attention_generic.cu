@@ -4,8 +4,8 @@
 // time, from the block's kv_begin, so that the online softmax rescales once per chunk.
 //
 // Decode has few (query, head) pairs and long key ranges, so the keys are split over n_splits
-// warps that write partial (max, sum, acc) to a workspace, merged by a second kernel (the same
-// log-sum-exp merge context parallelism uses across ranks).
+// warps that write partial (max, sum, acc) to a workspace, merged by a second kernel
+// (attention_merge.cu's split merge, which the decode kernel's splits share).
 #include <algorithm>
 #include <cfloat>
 
@@ -125,63 +125,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   if (lse != nullptr && lane == 0) lse[row * hq + h] = (m + log2f(l)) * kLn2;
 }
 
-// Log-sum-exp merge of the splits (at most kMaxSplits): one warp per (query, head), same grid as
-// above without splits. The lanes read the splits' (m, l) in parallel and agree on the weights by
-// shuffles, so the acc loads of all splits are independent and stay in flight together.
-constexpr int kMaxSplits = 64;
-template <class T>
-__global__ void __launch_bounds__(kWarps * 32)
-    attention_merge_kernel(const int32_t* __restrict__ blocks, int hq, int d, int n_splits,
-                           const float* __restrict__ part, T* __restrict__ out, float* __restrict__ lse) {
-  pdl_wait();
-  pdl_trigger();
-  const int lane = threadIdx.x & 31;
-  const int qi = blockIdx.x * kWarps + (threadIdx.x >> 5);
-  const int h = blockIdx.y;
-  const int32_t* blk = blocks + kDevAttnBlockFields * blockIdx.z;
-  if (qi >= blk[1]) return;
-  const int64_t row = blk[0] + qi;
-  const float* p = part + (row * hq + h) * n_splits * (d + 2);
-  // Split lane and lane + 32: its max and sum (an empty split has l = 0 and weighs nothing).
-  float ms[2], ls[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int s = lane + 32 * i;
-    ms[i] = s < n_splits ? p[s * (d + 2) + d] : -INFINITY;
-    ls[i] = s < n_splits ? p[s * (d + 2) + d + 1] : 0.0f;
-  }
-  float m = fmaxf(ms[0], ms[1]);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  float w[2], l = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    w[i] = ls[i] == 0.0f ? 0.0f : exp2f(ms[i] - m);
-    l += ls[i] * w[i];
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-  float acc[kMaxDPer] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll 4
-  for (int s = 0; s < n_splits; ++s) {
-    const float ws = __shfl_sync(0xffffffffu, s < 32 ? w[0] : w[1], s & 31);
-    const float* ps = p + s * (d + 2);
-#pragma unroll
-    for (int j = 0; j < kMaxDPer; ++j) {
-      const int dd = lane + 32 * j;
-      if (dd < d) acc[j] += ps[dd] * ws;
-    }
-  }
-  T* orow = out + (row * hq + h) * d;
-  const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
-#pragma unroll
-  for (int j = 0; j < kMaxDPer; ++j) {
-    const int dd = lane + 32 * j;
-    if (dd < d) orow[dd] = from_f32<T>(acc[j] * inv_l);
-  }
-  if (lse != nullptr && lane == 0) lse[row * hq + h] = (m + log2f(l)) * kLn2;
-}
-
 }  // namespace
 
 int attention_generic_splits(int n_rows, int hq, int max_keys) {
@@ -202,7 +145,7 @@ cudaError_t launch_attention_generic(const DevTensor& q, const DevAttnBatch& bat
   const int n_blocks = batch.n_blocks;
   const int max_q = batch.max_q_len;
   if (n_blocks == 0 || max_q == 0) return cudaSuccess;
-  if (n_splits < 1 || (n_splits > 1 && part == nullptr)) return cudaErrorInvalidValue;
+  if (n_splits < 1 || n_splits > kAttnMaxSplits || (n_splits > 1 && part == nullptr)) return cudaErrorInvalidValue;
   if (static_cast<int64_t>(n_blocks) * n_splits > 65535 || hq > 65535 || d > kMaxDPer * 32)
     return cudaErrorInvalidValue;
   // Keys per split: a multiple of the chunk so that splits never share a chunk.
@@ -221,19 +164,6 @@ cudaError_t launch_attention_generic(const DevTensor& q, const DevAttnBatch& bat
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || n_splits == 1) return err;
   return launch_attention_split_merge(batch, hq, d, n_splits, part, out, lse, stream);
-}
-
-cudaError_t launch_attention_split_merge(const DevAttnBatch& batch, int hq, int d, int n_splits, const float* part,
-                                         DevTensor out, DevTensor lse, cudaStream_t stream) {
-  if (batch.n_blocks == 0 || batch.max_q_len == 0) return cudaSuccess;
-  if (d > kMaxDPer * 32 || batch.n_blocks > 65535 || hq > 65535 || n_splits > kMaxSplits) return cudaErrorInvalidValue;
-  const unsigned gx = static_cast<unsigned>((batch.max_q_len + kWarps - 1) / kWarps);
-  float* lse_p = lse.defined() ? lse.ptr<float>() : nullptr;
-  CPI_DISPATCH_ACT(out.dtype, "attention out", T, {
-    launch_k(attention_merge_kernel<T>, dim3(gx, hq, batch.n_blocks), kWarps * 32, 0, stream, batch.blocks, hq, d,
-             n_splits, part, static_cast<T*>(out.data), lse_p);
-  });
-  return cudaGetLastError();
 }
 
 }  // namespace cpinfer::cuda

@@ -253,8 +253,7 @@ cudaError_t launch_attention_wgmma(const DevTensor& q, const DevAttnBatch& batch
   const int bs = cache.block_size();
   const int bs_shift = (bs & (bs - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(bs)) : -1;
   auto kernel = bs_shift >= 0 ? attention_wgmma_kernel<true> : attention_wgmma_kernel<false>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
+  const cudaError_t err = opt_in_dynamic_smem(kernel, kSmemBytes);
   if (err != cudaSuccess) return err;
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(q.ptr<const __nv_bfloat16>(), batch.blocks, batch.block_table,
                                                  batch.max_blocks_per_seq, cache.k.ptr<const __nv_bfloat16>(),

@@ -615,7 +615,7 @@ cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, c
   const int64_t max_items = static_cast<int64_t>(n_blocks) * ((max_q + kBM - 1) / kBM) * hq;
   const int grid = static_cast<int>(std::min<int64_t>(n_sms, max_items));
   auto launch = [&](auto kernel, int smem_bytes) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    const cudaError_t e = opt_in_dynamic_smem(kernel, static_cast<size_t>(smem_bytes));
     if (e != cudaSuccess) return e;
     kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
     return cudaGetLastError();

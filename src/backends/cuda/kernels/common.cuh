@@ -1,11 +1,14 @@
 // Device helpers shared by the kernels: element conversion, 16-byte vector loads/stores, warp
-// reductions and the host-side dtype dispatch.
+// reductions, the launch helpers (programmatic launch, dynamic shared memory) and the host-side
+// dtype dispatch.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <utility>
 
 #include "backends/cuda/kernels/kernels.h"
@@ -121,11 +124,36 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// Lets `kernel` launch with `bytes` of dynamic shared memory. Above 48 KB a kernel must opt in, per
+// device (cudaFuncSetAttribute). The largest size opted in per (kernel, device) is remembered, so
+// only a launch that needs more than every earlier one calls the runtime: in practice the first, a
+// warm-up outside any stream capture. Every launch with more than 48 KB goes through here.
+inline cudaError_t opt_in_dynamic_smem(const void* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, size_t> opted;
+  const std::lock_guard<std::mutex> lock(mu);
+  size_t& have = opted[{kernel, device}];
+  if (have >= bytes) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err == cudaSuccess) have = bytes;
+  return err;
+}
+template <class... P>
+cudaError_t opt_in_dynamic_smem(void (*kernel)(P...), size_t bytes) {
+  return opt_in_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch allowed when
-// programmatic_launch() is on. Every kernel launched here calls pdl_wait() before its first access
-// to data of earlier kernels.
+// programmatic_launch() is on and the dynamic shared-memory opt-in done when smem needs it. Every
+// kernel launched here calls pdl_wait() before its first access to data of earlier kernels.
 template <class... P, class... A>
 cudaError_t launch_k(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
+  const cudaError_t opt = opt_in_dynamic_smem(kernel, smem);
+  if (opt != cudaSuccess) return opt;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;

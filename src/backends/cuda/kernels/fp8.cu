@@ -1,7 +1,7 @@
 // Fine-grained FP8 kernels outside the GEMMs: the per-(row, 128-column block) activation quantizer
-// the block-scaled GEMMs read, the weight dequantizer of the fallback path, the copy of weight
-// scales into cuBLASLt's padded layout, and the decode-sized product that reads the codes
-// themselves (half the bytes of BF16 weights).
+// the block-scaled GEMMs read, the weight dequantizer of the fallback path and the copy of weight
+// scales into cuBLASLt's padded layout. (The decode-sized product on the codes is skinny_gemm.cu's,
+// the experts' moe_rowwise.cu's.)
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/fp8.cuh"
 #include "backends/cuda/kernels/kernels.h"
@@ -101,87 +101,6 @@ __global__ void fp8_pad_scales_kernel(const float* __restrict__ single, const vo
   }
 }
 
-// out = a · Wᵀ for M <= kSkinnyMaxRows rows, W = codes · block scale: as skinny_gemm.cu, each warp
-// streams kCols rows of codes, 16 codes (16 bytes) per lane and step; the 16 lie in one 128-block
-// (16 divides 128), so the block scale multiplies their partial dot product once.
-constexpr int kWarps = 8;
-constexpr int kCols = 2;
-constexpr int kColsPerBlock = kWarps * kCols;
-
-template <int M, class TO>
-__global__ void __launch_bounds__(kWarps * 32)
-    skinny_gemm_fp8_kernel(const __nv_bfloat16* __restrict__ a, const uint8_t* __restrict__ w,
-                           const float* __restrict__ scale, TO* __restrict__ out, int m, int n, int k) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int n0 = blockIdx.x * kColsPerBlock + warp * kCols;
-  if (n0 >= n) return;
-  const int n_cols = min(kCols, n - n0);
-  const int sk = (k + kFp8Blk - 1) / kFp8Blk;
-  const uint8_t* wr[kCols];
-  const float* sr[kCols];
-#pragma unroll
-  for (int c = 0; c < kCols; ++c) {
-    const int row = n0 + min(c, n_cols - 1);  // uniform loads; only valid columns are written
-    wr[c] = w + static_cast<int64_t>(row) * k;
-    sr[c] = scale + static_cast<int64_t>(row / kFp8Blk) * sk;
-  }
-  float dot[M][kCols];
-#pragma unroll
-  for (int r = 0; r < M; ++r)
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) dot[r][c] = 0.0f;
-#pragma unroll 2
-  for (int kk = lane * 16; kk < k; kk += 32 * 16) {
-    float wv[kCols][16];
-    float s[kCols];
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) {
-      load16_fp8(wr[c] + kk, wv[c]);
-      s[c] = __ldg(sr[c] + kk / kFp8Blk);
-    }
-#pragma unroll
-    for (int r = 0; r < M; ++r) {
-      if (r >= m) break;
-      float xa[8], xb[8];
-      load8(a + static_cast<int64_t>(r) * k + kk, xa);
-      load8(a + static_cast<int64_t>(r) * k + kk + 8, xb);
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) {
-        float part = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) part += xa[i] * wv[c][i] + xb[i] * wv[c][i + 8];
-        dot[r][c] += part * s[c];
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < M; ++r) {
-    if (r >= m) break;
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) dot[r][c] = warp_sum(dot[r][c]);
-    if (lane == 0)
-#pragma unroll
-      for (int c = 0; c < kCols; ++c)
-        if (c < n_cols) out[static_cast<int64_t>(r) * n + n0 + c] = from_f32<TO>(dot[r][c]);
-  }
-}
-
-template <int M>
-cudaError_t launch_skinny_fp8_m(const DevTensor& a, const DevTensor& w, const DevTensor& scale, DevTensor out,
-                                cudaStream_t stream) {
-  const int m = static_cast<int>(a.rows()), k = static_cast<int>(a.cols()), n = static_cast<int>(w.dim(0));
-  const unsigned grid = static_cast<unsigned>((n + kColsPerBlock - 1) / kColsPerBlock);
-  const auto* ap = a.ptr<const __nv_bfloat16>();
-  const auto* wp = w.ptr<const uint8_t>();
-  const auto* sp = scale.ptr<const float>();
-  if (out.dtype == DType::F32)
-    skinny_gemm_fp8_kernel<M, float><<<grid, kWarps * 32, 0, stream>>>(ap, wp, sp, out.ptr<float>(), m, n, k);
-  else
-    skinny_gemm_fp8_kernel<M, __nv_bfloat16>
-        <<<grid, kWarps * 32, 0, stream>>>(ap, wp, sp, out.ptr<__nv_bfloat16>(), m, n, k);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t launch_fp8_quantize_rows(const DevTensor& src, uint8_t* q, float* scales, const int32_t* offsets, int count,
@@ -216,22 +135,6 @@ cudaError_t launch_fp8_pad_scales(const float* single, const void* const* table,
   if (rows * ld * count == 0) return cudaSuccess;
   fp8_pad_scales_kernel<<<grid_1d(rows * ld * count, 256), 256, 0, stream>>>(single, table, count, rows, cols, dst, ld);
   return cudaGetLastError();
-}
-
-bool skinny_gemm_fp8_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out) {
-  return a.dtype == DType::BF16 && w.dtype == DType::F8E4M3 && (out.dtype == DType::BF16 || out.dtype == DType::F32) &&
-         a.ndim == 2 && w.ndim == 2 && a.rows() >= 1 && a.rows() <= kSkinnyMaxRows && a.cols() % 16 == 0 &&
-         a.cols() == w.cols() && a.cols() <= (int64_t{1} << 30) && w.dim(0) <= (int64_t{1} << 30) &&
-         aligned16(a.data) && aligned16(w.data);
-}
-
-cudaError_t launch_skinny_gemm_fp8(const DevTensor& a, const DevTensor& w, const DevTensor& scale, DevTensor out,
-                                   cudaStream_t stream) {
-  if (!skinny_gemm_fp8_supported(a, w, out)) return cudaErrorInvalidValue;
-  if (w.dim(0) == 0) return cudaSuccess;
-  static_assert(kSkinnyMaxRows <= 2, "instantiate the row counts up to kSkinnyMaxRows");
-  return a.rows() <= 1 ? launch_skinny_fp8_m<1>(a, w, scale, out, stream)
-                       : launch_skinny_fp8_m<2>(a, w, scale, out, stream);
 }
 
 }  // namespace cpinfer::cuda

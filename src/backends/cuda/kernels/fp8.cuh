@@ -1,6 +1,6 @@
 // Device helpers for fine-grained FP8 (ops/backend.h Weight: e4m3 codes + F32 block scales): the
 // e4m3 -> fp32 widening (exact: every e4m3 value is a half), the fp32 -> e4m3 rounding of the
-// activation quantizer (nearest even, saturating at ±448, NaN stays NaN) and 16-byte code loads.
+// activation quantizer (nearest even, saturating at ±448, NaN stays NaN).
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -18,32 +18,6 @@ inline constexpr float kFp8E4m3Max = 448.0f;  // the largest finite e4m3 value
 __device__ __forceinline__ float2 fp8x2_to_f32(uint16_t two) {
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two), __NV_E4M3);
   return __half22float2(__half2(h));
-}
-
-// Four codes packed little-endian in `v` as fp32.
-__device__ __forceinline__ void fp8x4_to_f32(uint32_t v, float* out) {
-  const float2 lo = fp8x2_to_f32(static_cast<uint16_t>(v & 0xffffu));
-  const float2 hi = fp8x2_to_f32(static_cast<uint16_t>(v >> 16));
-  out[0] = lo.x;
-  out[1] = lo.y;
-  out[2] = hi.x;
-  out[3] = hi.y;
-}
-
-// Sixteen codes (16-byte aligned) as fp32.
-__device__ __forceinline__ void load16_fp8(const uint8_t* p, float (&v)[16]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  fp8x4_to_f32(raw.x, v);
-  fp8x4_to_f32(raw.y, v + 4);
-  fp8x4_to_f32(raw.z, v + 8);
-  fp8x4_to_f32(raw.w, v + 12);
-}
-
-// Eight codes (8-byte aligned) as fp32.
-__device__ __forceinline__ void load8_fp8(const uint8_t* p, float (&v)[8]) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(p);
-  fp8x4_to_f32(raw.x, v);
-  fp8x4_to_f32(raw.y, v + 4);
 }
 
 // The nearest e4m3 code of x, ties to even, |x| > 448 saturating to ±448 (core/dtype.h's

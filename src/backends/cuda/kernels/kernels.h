@@ -75,22 +75,24 @@ cudaError_t launch_add(DevTensor a, const DevTensor& b, cudaStream_t stream);
 cudaError_t launch_convert(const DevTensor& src, DevTensor dst, cudaStream_t stream);
 
 // ---- skinny_gemm.cu: out [M, N] = a [M, K] · w [N, K]ᵀ for M <= kSkinnyMaxRows (decode
-// projections): BF16 a and w (16-byte aligned, K % 8 == 0), fp32 accumulation, BF16 or F32 out.
-// Two rows at most: at 8 rows the 30B-A3B decode step was 3.7 ms slower than on cuBLAS (H200).
+// projections): BF16 a (16-byte aligned, K <= 16384), fp32 accumulation, BF16 or F32 out; w BF16
+// (K % 8 == 0) or FP8 (ops/backend.h Weight: codes F8E4M3 [N, K], K % 16 == 0, with `scale` F32
+// [ceil(N/128), ceil(K/128)], W = code · scale; 1 byte read per weight), 16-byte aligned. Two rows
+// at most: at 8 rows the 30B-A3B decode step was 3.7 ms slower than on cuBLAS (H200).
 inline constexpr int64_t kSkinnyMaxRows = 2;
 bool skinny_gemm_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out);
-cudaError_t launch_skinny_gemm(const DevTensor& a, const DevTensor& w, DevTensor out, cudaStream_t stream);
+// scale: the FP8 weight's scales (nullptr for BF16).
+cudaError_t launch_skinny_gemm(const DevTensor& a, const DevTensor& w, const DevTensor* scale, DevTensor out,
+                               cudaStream_t stream);
 // out[i] = a · w[i]ᵀ for i < count <= kSkinnyMaxSegs in one launch (each pair as skinny_gemm_supported
-// takes it, all outs of one dtype): q, k and v of a decode step.
+// takes it, all weights of one dtype, all outs of one dtype; scale[i] for FP8 weights, else
+// nullptr): q, k and v of a decode step.
 inline constexpr int kSkinnyMaxSegs = 3;
-cudaError_t launch_skinny_gemms(const DevTensor& a, const DevTensor* w, DevTensor* out, int count, cudaStream_t stream);
+cudaError_t launch_skinny_gemms(const DevTensor& a, const DevTensor* w, const DevTensor* scale, DevTensor* out,
+                                int count, cudaStream_t stream);
 // ---- fp8.cu: fine-grained FP8 weights (ops/backend.h Weight): codes F8E4M3 [N, K], scale F32
-// [ceil(N/128), ceil(K/128)], W = code · scale.
-// The decode-sized product on the codes: a BF16 [M <= kSkinnyMaxRows, K], K % 16 == 0, a and the
-// codes 16-byte aligned; fp32 accumulation, BF16 or F32 out. Reads 1 byte per weight.
-bool skinny_gemm_fp8_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out);
-cudaError_t launch_skinny_gemm_fp8(const DevTensor& a, const DevTensor& w, const DevTensor& scale, DevTensor out,
-                                   cudaStream_t stream);
+// [ceil(N/128), ceil(K/128)], W = code · scale. (The decode-sized product on the codes is
+// skinny_gemm.cu's.)
 // Activation quantization per (row, 128-column block) (DeepSeek-V3's dynamic scheme): s = amax /
 // 448 (1 for an all-zero block), q = e4m3(x / s) rounded to nearest even, saturating. src [M, K]
 // BF16 or F32, K % 128 == 0, 16-byte aligned; q [M, K] bytes. The scales of a group of `rows` rows
@@ -181,13 +183,15 @@ int attention_generic_splits(int n_rows, int hq, int max_keys);
 cudaError_t launch_attention_generic(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
                                      DevTensor out, DevTensor lse, int n_splits, int max_keys, float* part,
                                      cudaStream_t stream);
-// The log-sum-exp merge of n_splits partial results in `part` (layout above) into out and lse.
+// (attention_merge.cu) The log-sum-exp merge of n_splits <= kAttnMaxSplits partial results in
+// `part` (layout above; the decode kernel's too) into out and lse.
+inline constexpr int kAttnMaxSplits = 64;
 cudaError_t launch_attention_split_merge(const DevAttnBatch& batch, int hq, int d, int n_splits, const float* part,
                                          DevTensor out, DevTensor lse, cudaStream_t stream);
 // ---- attention_decode.cu: blocks of one query row (max_q_len == 1), D = 128, BF16 q and cache,
 // Hq / Hkv from 1 to 16, 16-byte aligned q and cache: one CTA per (block, KV head, key split) for
 // all the query heads of the KV head, on tensor cores. `part` as for the generic kernel (D = 128);
-// at most 64 splits (the merge's limit).
+// at most kAttnMaxSplits splits (the merge's limit).
 bool attention_decode_supported(const DevTensor& q, const DevKv& cache, int max_q_len);
 int attention_decode_splits(int n_blocks, int hkv, int max_keys, int n_sms);
 cudaError_t launch_attention_decode(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
@@ -214,28 +218,24 @@ cudaError_t launch_moe_permute(const DevTensor& ids, int first, int count, int32
 cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count, int32_t* offsets, int32_t* src_token,
                                      int32_t* pair_row, int tile_m, int32_t* tile_start, cudaStream_t stream,
                                      int32_t* active = nullptr);
-// Small batches: all local experts in two launches, offsets read on the device. gate/up/down are
-// device arrays of `count` BF16 weight pointers ([I, H], [I, H], [H, I]); act [rows, I] BF16 and
-// y [rows, H] F32 are scratch of at least T·K rows. H and I must be multiples of 8 and every
-// pointer 16-byte aligned.
-cudaError_t launch_moe_small_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets, int count,
-                                   const void* const* gate, const void* const* up, const void* const* down,
-                                   int64_t inter, void* act, float* y, cudaStream_t stream);
-// The same kernels for any H and I (vectorized = false: scalar loads, no alignment needed);
-// vectorized = true needs what launch_moe_small_gemms needs. Slow for large batches: the fallback
-// of the grouped path for shapes the tensor-core kernels do not take. With `active` (from
-// launch_moe_permute_tiled) the grid covers max_active experts (>= active[0], e.g. min(count,
-// T·K)) instead of all `count`: at decode most experts have no row, and their empty CTAs cost more
-// than the work.
+// ---- moe_rowwise.cu: the expert GEMMs of small batches (decode) and odd shapes: all local experts
+// in two launches (gate‖up + SiLU·mul, down), offsets read on the device. x BF16 [T, H]; gate/up/down
+// are device arrays of `count` BF16 weight pointers ([I, H], [I, H], [H, I]); act [rows, I] BF16 and
+// y [rows, H] F32 are scratch of at least T·K rows. vectorized = true (the weight passes of gemv.cuh):
+// H and I multiples of 8, x and every weight pointer 16-byte aligned; false: scalar loads, any H and
+// I, no alignment needed. Slow for large batches: there, the fallback of the grouped path for shapes
+// the tensor-core kernels do not take. With `active` (from launch_moe_permute_tiled) the grid covers
+// max_active experts (>= active[0], e.g. min(count, T·K)) instead of all `count`: at decode most
+// experts have no row, and their empty CTAs cost more than the work.
 cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets, int count,
                                      const void* const* gate, const void* const* up, const void* const* down,
                                      int64_t inter, bool vectorized, void* act, float* y, cudaStream_t stream,
                                      const int32_t* active = nullptr, int max_active = 0);
 
-// ---- moe_fp8.cu: the row-wise kernels above for FP8 experts. Device arrays of `count` pointers:
-// codes (gate/up [I, H], down [H, I] F8E4M3) and their F32 block scales ([ceil(I/128),
-// ceil(H/128)], [ceil(H/128), ceil(I/128)]). Activations stay BF16 (W = code · scale, fp32 sums).
-// vectorized: H, I multiples of 8, x and every code pointer 16-byte aligned.
+// The same for FP8 experts. Device arrays of `count` pointers: codes (gate/up [I, H], down [H, I]
+// F8E4M3) and their F32 block scales ([ceil(I/128), ceil(H/128)], [ceil(H/128), ceil(I/128)]).
+// Activations stay BF16 (W = code · scale, fp32 sums). vectorized: H, I multiples of 16, x and
+// every code pointer 16-byte aligned.
 struct Fp8ExpertTables {
   const void* const* gate = nullptr;
   const void* const* up = nullptr;
@@ -263,7 +263,7 @@ inline int64_t moe_grouped_gemm_max_tiles(int64_t n_pairs, int count) {
 // act [rows, I] BF16 = silu(x[src_token] · gateᵀ) ⊙ (x[src_token] · upᵀ) per expert segment, then
 // y [rows, H] F32 = act · downᵀ. offsets / tile_start from launch_moe_permute_tiled (tile_m =
 // kMoeGemmTileM); n_pairs (T·K) bounds the rows and sizes the grid, so nothing is read back on the
-// host. act and y are scratch of n_pairs rows. gate/up/down as in launch_moe_small_gemms.
+// host. act and y are scratch of n_pairs rows. gate/up/down as in launch_moe_rowwise_gemms.
 cudaError_t launch_moe_grouped_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
                                      const int32_t* tile_start, int64_t n_pairs, int count, const void* const* gate,
                                      const void* const* up, const void* const* down, int64_t inter, void* act, float* y,

@@ -1,6 +1,6 @@
 // Tensor-core and async-copy building blocks (sm_80 and later) shared by the mma.sync kernels
 // (attention.cu, moe_gemm.cu) and, for the copies, by the Hopper ones (hopper.cuh): shared-memory
-// addresses, 16-byte cp.async with zero fill and its groups, ldmatrix, the m16n8k16 BF16 MMA,
+// addresses, 16- and 4-byte cp.async with zero fill and its groups, ldmatrix, the m16n8k16 BF16 MMA,
 // the softmax's exp2.
 #pragma once
 #include <cuda_bf16.h>
@@ -19,6 +19,14 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
 }
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   cp_async16(smem_u32(dst), src, valid);
+}
+// Copies 4 bytes global -> shared (through L1: the 4-byte form has no .cg), or writes 4 zero bytes
+// when !valid (src is not read then).
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  cp_async4(smem_u32(dst), src, valid);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>

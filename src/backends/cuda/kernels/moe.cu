@@ -1,11 +1,10 @@
 // MoE kernels: the router (softmax + top-k per token, one warp per token), the counting sort that
 // groups (token, k) pairs by local expert (and the per-expert M-tile prefix sum the grouped GEMMs
-// of moe_gemm.cu schedule from), the row-wise expert GEMMs of small batches and odd shapes, and
-// the weighted un-permute into the output.
+// of moe_gemm.cu schedule from), and the weighted un-permute into the output. The expert GEMMs of
+// small batches and odd shapes are moe_rowwise.cu's.
 #include <cfloat>
 
 #include "backends/cuda/kernels/common.cuh"
-#include "backends/cuda/kernels/gemv.cuh"
 #include "backends/cuda/kernels/kernels.h"
 
 namespace cpinfer::cuda {
@@ -188,149 +187,6 @@ __global__ void moe_unpermute_kernel(const TY* __restrict__ y, const float* __re
   }
 }
 
-// ---- Small-batch expert GEMMs (decode): one launch covers every local expert, reading the
-// segment offsets on the device, so no host synchronization; the grid's rows are the experts with
-// rows (`active`, listed by the permute) or all of them.
-// kGateUp: act[r, n] = silu(bf16(x[tok(r)] · gate[n])) · bf16(x[tok(r)] · up[n]), rounded to bf16
-// like the cuBLAS path (whose GEMMs write bf16). Otherwise: y[r, n] = act[r] · down[n] in F32.
-
-// The segment [begin, end) of grid row blockIdx.y's expert e; false when it has no rows.
-__device__ __forceinline__ bool small_gemm_segment(const int32_t* offsets, const int32_t* active, int& e, int& begin,
-                                                   int& end) {
-  if (active && static_cast<int>(blockIdx.y) >= active[0]) return false;
-  e = active ? active[1 + blockIdx.y] : static_cast<int>(blockIdx.y);
-  begin = offsets[e];
-  end = offsets[e + 1];
-  return begin < end;
-}
-
-__device__ __forceinline__ float silu_mul_bf16(float g, float u) {
-  g = to_f32(from_f32<__nv_bfloat16>(g));
-  u = to_f32(from_f32<__nv_bfloat16>(u));
-  return g / (1.0f + __expf(-g)) * u;
-}
-
-// 16-byte path (k_dim % 8 == 0, aligned rows): each warp streams the weight rows of kCols output
-// columns (gate and up rows for gate‖up) through warp_dots (gemv.cuh: a whole pass of copies in
-// flight before the first multiply), for kRows segment rows at a time; a segment of more rows
-// re-reads them (from L2) per group.
-constexpr int kSmallWarps = 4;
-constexpr int kSmallRows = 2;
-template <bool kGateUp>
-__host__ __device__ constexpr int small_cols() {
-  return kGateUp ? 1 : 4;
-}  // two weight rows per column for gate‖up
-template <bool kGateUp>
-__host__ __device__ constexpr int small_cols_per_block() {
-  return kSmallWarps * small_cols<kGateUp>();
-}
-template <bool kGateUp, int kCh>
-size_t small_smem_bytes(int k_dim) {
-  constexpr int kW = kGateUp ? 2 * small_cols<kGateUp>() : small_cols<kGateUp>();
-  return (static_cast<size_t>(kSmallRows) * (k_dim / 8) +
-          static_cast<size_t>(kSmallWarps) * warp_dots_chunks<kW, kCh>()) *
-         16;
-}
-
-template <bool kGateUp, int kCh>
-__global__ void __launch_bounds__(kSmallWarps * 32)
-    moe_small_gemm_kernel(const __nv_bfloat16* __restrict__ in, const int32_t* __restrict__ src_token,
-                          const int32_t* __restrict__ offsets, const __nv_bfloat16* const* __restrict__ w1,
-                          const __nv_bfloat16* const* __restrict__ w2, int n_out, int k_dim, void* __restrict__ out,
-                          const int32_t* __restrict__ active) {
-  constexpr int kCols = small_cols<kGateUp>();
-  constexpr int kW = kGateUp ? 2 * kCols : kCols;  // weight rows per warp: gate rows, then up rows
-  extern __shared__ uint4 smem[];
-  pdl_wait();  // the segments and rows come from the kernels before
-  pdl_trigger();
-  int e, begin, end;
-  if (!small_gemm_segment(offsets, active, e, begin, end)) return;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int n0 = blockIdx.x * small_cols_per_block<kGateUp>() + warp * kCols;
-  const bool on = n0 < n_out;  // warps past n_out only join the barriers
-  const int n_cols = on ? min(kCols, n_out - n0) : 1;
-  const __nv_bfloat16* rows[kW];  // rows past n_out repeat the last valid one (read, never written)
-#pragma unroll
-  for (int c = 0; c < kCols; ++c) {
-    const int64_t n = min(n0 + min(c, n_cols - 1), n_out - 1);
-    rows[c] = w1[e] + n * k_dim;
-    if constexpr (kGateUp) rows[kCols + c] = w2[e] + n * k_dim;
-  }
-  uint4* const xs = smem;
-  uint4* const wbuf = smem + kSmallRows * (k_dim / 8) + warp * warp_dots_chunks<kW, kCh>();
-  for (int r0 = begin; r0 < end; r0 += kSmallRows) {
-    const int n_rows = min(kSmallRows, end - r0);
-    const __nv_bfloat16* x[kSmallRows];
-#pragma unroll
-    for (int r = 0; r < kSmallRows; ++r) {
-      const int row = r0 + min(r, n_rows - 1);
-      x[r] = in + static_cast<int64_t>(kGateUp ? src_token[row] : row) * k_dim;
-    }
-    if (r0 > begin) __syncthreads();  // every warp is done with the previous rows in xs
-    float dot[kSmallRows][kW];
-#pragma unroll
-    for (int r = 0; r < kSmallRows; ++r)
-#pragma unroll
-      for (int c = 0; c < kW; ++c) dot[r][c] = 0.0f;
-    warp_dots<kSmallRows, kW, kCh>(rows, x, xs, k_dim, lane, wbuf, on, dot);
-    if (!on) continue;
-#pragma unroll
-    for (int r = 0; r < kSmallRows; ++r)
-#pragma unroll
-      for (int c = 0; c < kW; ++c) dot[r][c] = warp_sum(dot[r][c]);
-    if (lane == 0) {
-#pragma unroll
-      for (int r = 0; r < kSmallRows; ++r) {
-        if (r >= n_rows) break;
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) {
-          if (c >= n_cols) break;
-          const int64_t o = static_cast<int64_t>(r0 + r) * n_out + n0 + c;
-          if constexpr (kGateUp)
-            static_cast<__nv_bfloat16*>(out)[o] = from_f32<__nv_bfloat16>(silu_mul_bf16(dot[r][c], dot[r][kCols + c]));
-          else
-            static_cast<float*>(out)[o] = dot[r][c];
-        }
-      }
-    }
-  }
-}
-
-// Any k_dim and alignment: one element per lane and step, a warp per output column.
-constexpr int kScalarWarps = 8;
-template <bool kGateUp>
-__global__ void __launch_bounds__(kScalarWarps * 32)
-    moe_small_gemm_scalar_kernel(const __nv_bfloat16* __restrict__ in, const int32_t* __restrict__ src_token,
-                                 const int32_t* __restrict__ offsets, const __nv_bfloat16* const* __restrict__ w1,
-                                 const __nv_bfloat16* const* __restrict__ w2, int n_out, int k_dim,
-                                 void* __restrict__ out, const int32_t* __restrict__ active) {
-  pdl_wait();
-  pdl_trigger();
-  int e, begin, end;
-  if (!small_gemm_segment(offsets, active, e, begin, end)) return;
-  const int lane = threadIdx.x & 31, n = blockIdx.x * kScalarWarps + (threadIdx.x >> 5);
-  if (n >= n_out) return;
-  const __nv_bfloat16* g = w1[e] + static_cast<int64_t>(n) * k_dim;
-  const __nv_bfloat16* u = kGateUp ? w2[e] + static_cast<int64_t>(n) * k_dim : g;
-  for (int r = begin; r < end; ++r) {
-    const __nv_bfloat16* xr = in + static_cast<int64_t>(kGateUp ? src_token[r] : r) * k_dim;
-    float dg = 0.0f, du = 0.0f;
-    for (int k = lane; k < k_dim; k += 32) {
-      const float xv = to_f32(xr[k]);
-      dg += xv * to_f32(g[k]);
-      if constexpr (kGateUp) du += xv * to_f32(u[k]);
-    }
-    dg = warp_sum(dg);
-    if constexpr (kGateUp) du = warp_sum(du);
-    if (lane != 0) continue;
-    const int64_t o = static_cast<int64_t>(r) * n_out + n;
-    if constexpr (kGateUp)
-      static_cast<__nv_bfloat16*>(out)[o] = from_f32<__nv_bfloat16>(silu_mul_bf16(dg, du));
-    else
-      static_cast<float*>(out)[o] = dg;
-  }
-}
-
 }  // namespace
 
 cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormalize, DevTensor ids, DevTensor weights,
@@ -396,64 +252,6 @@ cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, c
                                 top_k, op, cols);
                    }));
   return cudaGetLastError();
-}
-
-cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets, int count,
-                                     const void* const* gate, const void* const* up, const void* const* down,
-                                     int64_t inter, bool vectorized, void* act, float* y, cudaStream_t stream,
-                                     const int32_t* active, int max_active) {
-  const int64_t hidden = x.cols();
-  if (count == 0) return cudaSuccess;
-  if (count > 65535 || (vectorized && (hidden % 8 != 0 || inter % 8 != 0))) return cudaErrorInvalidValue;
-  if (active && (max_active < 1 || max_active > count)) return cudaErrorInvalidValue;
-  const int experts = active ? max_active : count;  // grid rows
-  const auto* xp = x.ptr<const __nv_bfloat16>();
-  auto* g = reinterpret_cast<const __nv_bfloat16* const*>(gate);
-  auto* u = reinterpret_cast<const __nv_bfloat16* const*>(up);
-  auto* d = reinterpret_cast<const __nv_bfloat16* const*>(down);
-  const auto* actp = static_cast<const __nv_bfloat16*>(act);
-  const int n_i = static_cast<int>(inter), n_h = static_cast<int>(hidden);
-  const unsigned ey = static_cast<unsigned>(experts);
-  if (!vectorized) {
-    const dim3 grid1(static_cast<unsigned>((inter + kScalarWarps - 1) / kScalarWarps), ey);
-    const dim3 grid2(static_cast<unsigned>((hidden + kScalarWarps - 1) / kScalarWarps), ey);
-    launch_k(moe_small_gemm_scalar_kernel<true>, grid1, kScalarWarps * 32, 0, stream, xp, src_token, offsets, g, u, n_i,
-             n_h, act, active);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    launch_k(moe_small_gemm_scalar_kernel<false>, grid2, kScalarWarps * 32, 0, stream, actp, nullptr, offsets, d,
-             nullptr, n_h, n_i, y, active);
-    return cudaGetLastError();
-  }
-  // One pass of 256 · kCh elements per weight row: kCh = 4 for rows up to 1024 (down at I = 768),
-  // else 8 (a longer row takes several passes).
-  auto go = [&](auto kernel, size_t smem, unsigned grid_x, const __nv_bfloat16* src, const __nv_bfloat16* const* a1,
-                const __nv_bfloat16* const* a2, int n_out, int k_dim, void* o) {
-    if (smem > 48 * 1024) {
-      const cudaError_t e =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (e != cudaSuccess) return e;
-    }
-    launch_k(kernel, dim3(grid_x, ey), kSmallWarps * 32, smem, stream, src, src_token, offsets, a1, a2, n_out, k_dim, o,
-             active);
-    return cudaGetLastError();
-  };
-  const unsigned gx1 = static_cast<unsigned>((inter + small_cols_per_block<true>() - 1) / small_cols_per_block<true>());
-  const unsigned gx2 =
-      static_cast<unsigned>((hidden + small_cols_per_block<false>() - 1) / small_cols_per_block<false>());
-  cudaError_t err =
-      hidden <= 1024 ? go(moe_small_gemm_kernel<true, 4>, small_smem_bytes<true, 4>(n_h), gx1, xp, g, u, n_i, n_h, act)
-                     : go(moe_small_gemm_kernel<true, 8>, small_smem_bytes<true, 8>(n_h), gx1, xp, g, u, n_i, n_h, act);
-  if (err != cudaSuccess) return err;
-  return inter <= 1024
-             ? go(moe_small_gemm_kernel<false, 4>, small_smem_bytes<false, 4>(n_i), gx2, actp, d, nullptr, n_h, n_i, y)
-             : go(moe_small_gemm_kernel<false, 8>, small_smem_bytes<false, 8>(n_i), gx2, actp, d, nullptr, n_h, n_i, y);
-}
-
-cudaError_t launch_moe_small_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets, int count,
-                                   const void* const* gate, const void* const* up, const void* const* down,
-                                   int64_t inter, void* act, float* y, cudaStream_t stream) {
-  return launch_moe_rowwise_gemms(x, src_token, offsets, count, gate, up, down, inter, true, act, y, stream);
 }
 
 }  // namespace cpinfer::cuda

@@ -21,8 +21,6 @@
 // Shared memory: 4 x (128 + 128) x 40 x 2 B = 80 KiB per CTA, two CTAs (8 warps) per SM.
 // Requirements (checked by the caller): K (H for kernel 1, I for kernel 2) a multiple of 32, I a
 // multiple of 64, 16-byte aligned x / act / weight pointers. N of kernel 2 (H) is masked.
-#include <atomic>
-
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/kernels.h"
 #include "backends/cuda/kernels/mma.cuh"
@@ -189,12 +187,6 @@ __global__ void __launch_bounds__(kThreads, 2) moe_grouped_gemm_kernel(const Moe
   }
 }
 
-template <bool kGateUp>
-cudaError_t ensure_smem_attribute() {
-  static std::atomic<uint64_t> done{0};
-  return opt_in_dynamic_smem(reinterpret_cast<const void*>(moe_grouped_gemm_kernel<kGateUp>), kSmemBytes, done);
-}
-
 }  // namespace
 
 cudaError_t launch_moe_grouped_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
@@ -205,9 +197,9 @@ cudaError_t launch_moe_grouped_gemms(const DevTensor& x, const int32_t* src_toke
   bool nothing = false;
   cudaError_t err = moe_grouped_check(x, inter, n_pairs, count, m_slots, nothing);
   if (err != cudaSuccess || nothing) return err;
-  err = ensure_smem_attribute<true>();
+  err = opt_in_dynamic_smem(moe_grouped_gemm_kernel<true>, kSmemBytes);
   if (err != cudaSuccess) return err;
-  err = ensure_smem_attribute<false>();
+  err = opt_in_dynamic_smem(moe_grouped_gemm_kernel<false>, kSmemBytes);
   if (err != cudaSuccess) return err;
 
   const MoeGemmArgs a1 = moe_gateup_args(x, src_token, offsets, tile_start, count, gate, up, inter, act);

@@ -1,12 +1,11 @@
 // What the two implementations of the grouped MoE GEMMs (moe_gemm.cu: mma.sync; moe_gemm_wgmma.cu:
-// Hopper wgmma) share on the host side: the kernel arguments, how one call's two GEMMs fill them,
-// the checks before a launch and the shared-memory opt-in. Header-only, so the sm_90a library does
-// not depend on the library that links it.
+// Hopper wgmma) share on the host side: the kernel arguments, how one call's two GEMMs fill them
+// and the checks before a launch. Header-only, so the sm_90a library does not depend on the library
+// that links it.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 
 #include "backends/cuda/kernels/kernels.h"
@@ -71,19 +70,6 @@ inline cudaError_t moe_grouped_check(const DevTensor& x, int64_t inter, int64_t 
   if (!moe_grouped_gemm_supported(x.cols(), inter) || x.dtype != DType::BF16) return cudaErrorInvalidValue;
   m_slots = moe_grouped_gemm_max_tiles(n_pairs, count);
   return m_slots > 65535 ? cudaErrorInvalidValue : cudaSuccess;  // grid.y; > 8M rows per call
-}
-
-// The dynamic shared-memory opt-in of `kernel` (whose devices done so far are `done`), once per
-// device: on the first launch (a warm-up outside any stream capture), never again.
-inline cudaError_t opt_in_dynamic_smem(const void* kernel, size_t bytes, std::atomic<uint64_t>& done) {
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
-  if (bit && (done.load(std::memory_order_acquire) & bit)) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  if (err == cudaSuccess && bit) done.fetch_or(bit, std::memory_order_acq_rel);
-  return err;
 }
 
 // The 1-D grid of a warp-specialized grouped GEMM over `items` (M-tile slot, N-group) items

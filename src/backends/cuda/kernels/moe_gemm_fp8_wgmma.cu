@@ -34,7 +34,6 @@
 //   promoting, so the tensor cores idle during the promotion.
 // Both read and compute the same values in the same order, so their outputs are bit for bit equal
 // (bench/moe_bench checks it on the GPU); gpu_moe_test MoeFp8Test compares both with the CPU.
-#include <atomic>
 #include <type_traits>
 
 #include "backends/cuda/kernels/common.cuh"
@@ -399,8 +398,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const Args ar
 
 template <class Kernel>
 cudaError_t launch(Kernel kernel, const Args& args, int n_step, int64_t m_slots, int threads, size_t smem,
-                   std::atomic<uint64_t>& done, cudaStream_t stream) {
-  const cudaError_t err = opt_in_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, done);
+                   cudaStream_t stream) {
+  const cudaError_t err = opt_in_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   const int64_t n_tiles = (args.n_out + n_step - 1) / n_step;
   const dim3 grid(static_cast<unsigned>((n_tiles + args.n_per_cta - 1) / args.n_per_cta),
@@ -412,10 +411,8 @@ cudaError_t launch(Kernel kernel, const Args& args, int n_step, int64_t m_slots,
 template <bool kGateUp>
 cudaError_t launch_one(const Args& args, bool ws, bool persistent, int64_t m_slots, cudaStream_t stream) {
   constexpr int kNStep = kGateUp ? kBN / 2 : kBN;
-  static std::atomic<uint64_t> done{0}, done_ws{0};
-  if (!ws) return launch(moe_fp8_wgmma_kernel<kGateUp>, args, kNStep, m_slots, kThreads, kSmemBytes, done, stream);
-  cudaError_t err =
-      opt_in_dynamic_smem(reinterpret_cast<const void*>(moe_fp8_ws_kernel<kGateUp>), kWsSmemBytes, done_ws);
+  if (!ws) return launch(moe_fp8_wgmma_kernel<kGateUp>, args, kNStep, m_slots, kThreads, kSmemBytes, stream);
+  cudaError_t err = opt_in_dynamic_smem(moe_fp8_ws_kernel<kGateUp>, kWsSmemBytes);
   if (err != cudaSuccess) return err;
   const int64_t n_tiles = (args.n_out + kNStep - 1) / kNStep;
   unsigned grid = 0;

@@ -116,11 +116,6 @@ __device__ __forceinline__ void store_tile(const float (&acc)[kBN / 2], const Ti
 
 // ---- warp-specialized kernels: warpgroup 0 produces (ws_produce), the others multiply.
 
-// 4 bytes global -> shared, or 4 zero bytes when !valid (src is not read then).
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
-}
-
 // The ring's 2·kStages mbarriers at `bars`: full(s) completes when the producer's 128 threads have
 // their copies of slot s landed; empty(s) when the consumers' `releases` arrivals say it is free.
 template <int kStages>

@@ -36,8 +36,6 @@
 // Requirements (the caller checks): H and I multiples of 64, 16-byte aligned pointers, a compute
 // capability 9.0 device (there is no code for others). N edges (I % 128 with kBN = 256, H % kBN)
 // are masked.
-#include <atomic>
-
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/hopper.cuh"
 #include "backends/cuda/kernels/kernels.h"
@@ -368,9 +366,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
 
 template <bool kGateUp>
 cudaError_t launch_one_ws(const MoeGemmArgs& args, int64_t m_slots, bool persistent, cudaStream_t stream) {
-  static std::atomic<uint64_t> done{0};
-  const cudaError_t err =
-      opt_in_dynamic_smem(reinterpret_cast<const void*>(moe_grouped_gemm_ws_kernel<kGateUp>), kWsSmemBytes, done);
+  const cudaError_t err = opt_in_dynamic_smem(moe_grouped_gemm_ws_kernel<kGateUp>, kWsSmemBytes);
   if (err != cudaSuccess) return err;
   constexpr int kNStep = kGateUp ? 128 : 256;
   const int64_t n_tiles = (args.n_out + kNStep - 1) / kNStep;
@@ -381,18 +377,9 @@ cudaError_t launch_one_ws(const MoeGemmArgs& args, int64_t m_slots, bool persist
   return cudaGetLastError();
 }
 
-// The dynamic shared-memory opt-in, once per (kernel, device): done on the first launch (a warm-up
-// outside any stream capture), never again.
-template <bool kGateUp, int kBN>
-cudaError_t ensure_smem_attribute() {
-  static std::atomic<uint64_t> done{0};
-  return opt_in_dynamic_smem(reinterpret_cast<const void*>(moe_grouped_gemm_wgmma_kernel<kGateUp, kBN>),
-                             WgCfg<kBN>::kSmemBytes, done);
-}
-
 template <bool kGateUp, int kBN>
 cudaError_t launch_one(const MoeGemmArgs& args, int64_t m_slots, cudaStream_t stream) {
-  const cudaError_t err = ensure_smem_attribute<kGateUp, kBN>();
+  const cudaError_t err = opt_in_dynamic_smem(moe_grouped_gemm_wgmma_kernel<kGateUp, kBN>, WgCfg<kBN>::kSmemBytes);
   if (err != cudaSuccess) return err;
   constexpr int kNStep = kGateUp ? kBN / 2 : kBN;
   const int64_t n_tiles = (args.n_out + kNStep - 1) / kNStep;

@@ -1,10 +1,12 @@
-// out = a · wᵀ for one or two rows (decode: M <= kSkinnyMaxRows), BF16 a and w, fp32 accumulation, BF16
-// or F32 out. At such M a GEMM is a read of w, once: each warp streams C rows of w through
-// warp_dots (gemv.cuh: a pass of copies in flight before the first multiply) and reduces across the
-// warp. One launch may cover up to kSkinnyMaxSegs products of the same a (q, k and v of a decode
-// step): the warps are numbered across the segments, so the small ones (k, v: 2 MB) share the grid
-// with the large one instead of each paying a launch and a latency-bound tail. cuBLAS's kernels for
-// these shapes read w at a fraction of the bandwidth.
+// out = a · wᵀ for one or two rows (decode: M <= kSkinnyMaxRows), BF16 a, fp32 accumulation, BF16
+// or F32 out; w BF16 or FP8 (e4m3 codes + one F32 scale per 128 x 128 block, W = code · scale: the
+// codes are read as they are, 1 byte per weight). At such M a GEMM is a read of w, once: each warp
+// streams C rows of w through warp_dots (gemv.cuh: a pass of copies in flight before the first
+// multiply) and reduces across the warp. One launch may cover up to kSkinnyMaxSegs products of the
+// same a and weight format (q, k and v of a decode step): the warps are numbered across the
+// segments, so the small ones (k, v: 2 MB in BF16) share the grid with the large one instead of
+// each paying a launch and a latency-bound tail. cuBLAS's kernels for these shapes read w at a
+// fraction of the bandwidth.
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/gemv.cuh"
 #include "backends/cuda/kernels/kernels.h"
@@ -15,7 +17,8 @@ namespace {
 constexpr int kWarps = 4;
 
 struct Segs {
-  const __nv_bfloat16* w[kSkinnyMaxSegs];
+  const void* w[kSkinnyMaxSegs];
+  const float* scale[kSkinnyMaxSegs];  // FP8: the weight's [ceil(N/128), ceil(K/128)] block scales
   void* out[kSkinnyMaxSegs];
   int n[kSkinnyMaxSegs];
   int warp_end[kSkinnyMaxSegs];  // prefix sums of the segments' warp counts
@@ -31,13 +34,13 @@ __device__ __forceinline__ T pick(const T (&v)[kSkinnyMaxSegs], int i) {
   return r;
 }
 
-// Shared memory: a's M rows, then each warp's weight buffer.
-template <int M, int C, int CH>
+// Shared memory: a's M rows, then each warp's buffer.
+template <class F, int M, int C, int CH>
 size_t smem_bytes(int k) {
-  return (static_cast<size_t>(M) * k / 8 + static_cast<size_t>(kWarps) * warp_dots_chunks<C, CH>()) * 16;
+  return (static_cast<size_t>(M) * k / 8 + static_cast<size_t>(kWarps) * warp_dots_chunks<F, C, CH>()) * 16;
 }
 
-template <int M, int C, int CH, class TO>
+template <class F, int M, int C, int CH, class TO>
 __global__ void __launch_bounds__(kWarps * 32)
     skinny_gemm_kernel(const __nv_bfloat16* __restrict__ a, const __grid_constant__ Segs s, int m, int k) {
   extern __shared__ uint4 smem[];
@@ -50,10 +53,11 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int first = seg > 0 ? pick(s.warp_end, seg - 1) : 0;
   const bool active = gw < pick(s.warp_end, seg);  // the last block's spare warps only join the barrier
   const int n = pick(s.n, seg), n0 = (gw - first) * C, n_cols = active ? min(C, n - n0) : 1;
-  const __nv_bfloat16* const w = pick(s.w, seg);
-  const __nv_bfloat16* wr[C];
+  const void* const w = pick(s.w, seg);
+  const float* const scale = pick(s.scale, seg);
+  WeightRows<C> wr;
 #pragma unroll
-  for (int c = 0; c < C; ++c) wr[c] = w + static_cast<int64_t>(n0 + min(c, n_cols - 1)) * k;
+  for (int c = 0; c < C; ++c) wr.template set<F>(c, w, scale, n0 + min(c, n_cols - 1), k);
   const __nv_bfloat16* xr[M];
 #pragma unroll
   for (int r = 0; r < M; ++r) xr[r] = a + static_cast<int64_t>(min(r, m - 1)) * k;
@@ -62,7 +66,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int r = 0; r < M; ++r)
 #pragma unroll
     for (int c = 0; c < C; ++c) dot[r][c] = 0.0f;
-  warp_dots<M, C, CH>(wr, xr, smem, k, lane, smem + M * (k / 8) + warp * warp_dots_chunks<C, CH>(), active, dot);
+  warp_dots<F, M, C, CH>(wr, xr, smem, k, lane, smem + M * (k / 8) + warp * warp_dots_chunks<F, C, CH>(), active, dot);
   if (!active) return;
   TO* const out = static_cast<TO*>(pick(s.out, seg));
 #pragma unroll
@@ -77,44 +81,57 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// Columns per warp and 256-element chunks per pass: 16 copies of 16 bytes in flight per lane (two
-// weight rows of K = 2048, or one of 4096) and 8 KB of shared memory per warp.
-template <int M, class TO>
+// Columns per warp and chunks per pass: 16 copies of 16 bytes in flight per lane (BF16: two weight
+// rows of K = 2048, or one of 4096; FP8: four rows of 2048 codes, or two of 4096) and 8 KB of
+// shared memory per warp. An FP8 chunk holds twice the weights: twice the rows, half the chunks.
+template <class F, int M, class TO>
 cudaError_t launch_m(const __nv_bfloat16* a, Segs s, int m, int k, cudaStream_t stream) {
+  constexpr int kX = F::kPerChunk / 8;
   auto go = [&](auto kernel, int cols, size_t smem) {
     int warps = 0;
     for (int i = 0; i < s.count; ++i) s.warp_end[i] = warps += (s.n[i] + cols - 1) / cols;
     const unsigned grid = static_cast<unsigned>((warps + kWarps - 1) / kWarps);
-    if (smem > 48 * 1024) {
-      const cudaError_t e =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (e != cudaSuccess) return e;
-    }
-    launch_k(kernel, grid, kWarps * 32, smem, stream, a, s, m, k);
-    return cudaGetLastError();
+    return launch_k(kernel, grid, kWarps * 32, smem, stream, a, s, m, k);
   };
-  if (k <= 2048) return go(skinny_gemm_kernel<M, 2, 8, TO>, 2, smem_bytes<M, 2, 8>(k));
-  return go(skinny_gemm_kernel<M, 1, 16, TO>, 1, smem_bytes<M, 1, 16>(k));
+  if (k <= 2048) return go(skinny_gemm_kernel<F, M, 2 * kX, 8 / kX, TO>, 2 * kX, smem_bytes<F, M, 2 * kX, 8 / kX>(k));
+  return go(skinny_gemm_kernel<F, M, kX, 16 / kX, TO>, kX, smem_bytes<F, M, kX, 16 / kX>(k));
+}
+
+template <class F>
+cudaError_t launch_f(const DevTensor& a, const Segs& s, DType out_dtype, cudaStream_t stream) {
+  const int m = static_cast<int>(a.rows()), k = static_cast<int>(a.cols());
+  const auto* ap = a.ptr<const __nv_bfloat16>();
+  static_assert(kSkinnyMaxRows <= 2, "instantiate the row counts up to kSkinnyMaxRows");
+  if (out_dtype == DType::F32)
+    return m <= 1 ? launch_m<F, 1, float>(ap, s, m, k, stream) : launch_m<F, 2, float>(ap, s, m, k, stream);
+  return m <= 1 ? launch_m<F, 1, __nv_bfloat16>(ap, s, m, k, stream)
+                : launch_m<F, 2, __nv_bfloat16>(ap, s, m, k, stream);
 }
 
 }  // namespace
 
 bool skinny_gemm_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out) {
-  // K bounded by the shared memory that holds a's rows (kSkinnyMaxRows x 16K BF16 = 64 KB).
-  return a.dtype == DType::BF16 && w.dtype == DType::BF16 && (out.dtype == DType::BF16 || out.dtype == DType::F32) &&
-         a.ndim == 2 && w.ndim == 2 && a.rows() >= 1 && a.rows() <= kSkinnyMaxRows && a.cols() % 8 == 0 &&
-         a.cols() == w.cols() && a.cols() <= 16384 && w.dim(0) <= (int64_t{1} << 30) && aligned16(a.data) &&
-         aligned16(w.data);
+  // K bounded by the shared memory that holds a's rows (kSkinnyMaxRows x 16K BF16 = 64 KB); FP8
+  // codes come 16 to a chunk.
+  const int64_t k_align = w.dtype == DType::F8E4M3 ? 16 : 8;
+  return a.dtype == DType::BF16 && (w.dtype == DType::BF16 || w.dtype == DType::F8E4M3) &&
+         (out.dtype == DType::BF16 || out.dtype == DType::F32) && a.ndim == 2 && w.ndim == 2 && a.rows() >= 1 &&
+         a.rows() <= kSkinnyMaxRows && a.cols() % k_align == 0 && a.cols() == w.cols() && a.cols() <= 16384 &&
+         w.dim(0) <= (int64_t{1} << 30) && aligned16(a.data) && aligned16(w.data);
 }
 
-cudaError_t launch_skinny_gemms(const DevTensor& a, const DevTensor* w, DevTensor* out, int count,
-                                cudaStream_t stream) {
+cudaError_t launch_skinny_gemms(const DevTensor& a, const DevTensor* w, const DevTensor* scale, DevTensor* out,
+                                int count, cudaStream_t stream) {
   if (count < 1 || count > kSkinnyMaxSegs) return cudaErrorInvalidValue;
+  const bool fp8 = w[0].dtype == DType::F8E4M3;
   Segs s{};
   int64_t cols = 0;
   for (int i = 0; i < count; ++i) {
-    if (!skinny_gemm_supported(a, w[i], out[i]) || out[i].dtype != out[0].dtype) return cudaErrorInvalidValue;
-    s.w[i] = w[i].ptr<const __nv_bfloat16>();
+    if (!skinny_gemm_supported(a, w[i], out[i]) || out[i].dtype != out[0].dtype || w[i].dtype != w[0].dtype ||
+        (fp8 && (scale == nullptr || scale[i].data == nullptr)))
+      return cudaErrorInvalidValue;
+    s.w[i] = w[i].data;
+    s.scale[i] = fp8 ? scale[i].ptr<const float>() : nullptr;
     s.out[i] = out[i].data;
     s.n[i] = static_cast<int>(w[i].dim(0));
     cols += w[i].dim(0);
@@ -122,16 +139,12 @@ cudaError_t launch_skinny_gemms(const DevTensor& a, const DevTensor* w, DevTenso
   s.count = count;
   if (cols == 0 || a.cols() == 0) return cols == 0 ? cudaSuccess : cudaErrorInvalidValue;
   if (cols > (int64_t{1} << 30)) return cudaErrorInvalidValue;
-  const int m = static_cast<int>(a.rows()), k = static_cast<int>(a.cols());
-  const auto* ap = a.ptr<const __nv_bfloat16>();
-  static_assert(kSkinnyMaxRows <= 2, "instantiate the row counts up to kSkinnyMaxRows");
-  if (out[0].dtype == DType::F32)
-    return m <= 1 ? launch_m<1, float>(ap, s, m, k, stream) : launch_m<2, float>(ap, s, m, k, stream);
-  return m <= 1 ? launch_m<1, __nv_bfloat16>(ap, s, m, k, stream) : launch_m<2, __nv_bfloat16>(ap, s, m, k, stream);
+  return fp8 ? launch_f<Fp8Weights>(a, s, out[0].dtype, stream) : launch_f<Bf16Weights>(a, s, out[0].dtype, stream);
 }
 
-cudaError_t launch_skinny_gemm(const DevTensor& a, const DevTensor& w, DevTensor out, cudaStream_t stream) {
-  return launch_skinny_gemms(a, &w, &out, 1, stream);
+cudaError_t launch_skinny_gemm(const DevTensor& a, const DevTensor& w, const DevTensor* scale, DevTensor out,
+                               cudaStream_t stream) {
+  return launch_skinny_gemms(a, &w, scale, &out, 1, stream);
 }
 
 }  // namespace cpinfer::cuda
