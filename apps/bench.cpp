@@ -125,6 +125,8 @@ int run_bench_prefill(BenchFlags& f) {
         // On the CPU profiling costs nothing (no device to synchronize), so every run is profiled.
         for (int i = 0; i < repeats; ++i) times.push_back(once(!cuda && f.profile));
         std::sort(times.begin(), times.end());
+        ForwardProfile prof;  // zeros with --no-profile
+        if (!cuda && f.profile) prof = engine.model().last_profile();
         // Exposed communication: the same forward with every collective skipped (wrong results,
         // same kernels) is this much faster.
         double elided = -1;
@@ -136,8 +138,10 @@ int run_bench_prefill(BenchFlags& f) {
           std::sort(t2.begin(), t2.end());
           elided = t2[t2.size() / 2];
         }
-        if (cuda && f.profile) once(true);
-        ForwardProfile prof = engine.model().last_profile();
+        if (cuda && f.profile) {
+          once(true);
+          prof = engine.model().last_profile();
+        }
         if (par.world_rank() == 0) {
           Row r;
           r.seq = S;
