@@ -1,5 +1,9 @@
 // cpinfer bench prefill (bench decode is in bench_decode.cpp): time to first token of one long prompt per CP size and
 // length, with the time spent in communication and per kind of op, tokens/s, and model FLOP utilisation.
+//
+// Each timed prefill is one request through the step loop that serve runs (engine/bench_loop.h:
+// Scheduler over an EngineRunner, the other ranks following rank 0's steps): the whole prompt in
+// one forward, then the first token drawn; timed from submission to that token.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -9,6 +13,7 @@
 
 #include "common.h"
 #include "core/log.h"
+#include "engine/bench_loop.h"
 
 namespace cpinfer {
 
@@ -110,21 +115,19 @@ int run_bench_prefill(BenchFlags& f) {
         std::mt19937 rng(S);
         std::vector<int32_t> ids(S);
         for (auto& t : ids) t = static_cast<int32_t>(rng() % engine.config().vocab_size);
+        // Rank 0's time from submission to the first token (the other ranks follow its steps).
         auto once = [&](bool profile) {
           engine.model().options().profiling = profile;
           if (par.control) par.control->barrier();
-          auto t0 = std::chrono::steady_clock::now();
-          std::vector<int> s;
-          engine.prefill({std::span<const int32_t>(ids)}, s);
-          double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-          engine.release(s[0]);
-          return dt;
+          return time_prefill(engine, ids).ttft_s;
         };
         for (int i = 0; i < warmup; ++i) once(false);
         std::vector<double> times;
         // On the CPU profiling costs nothing (no device to synchronize), so every run is profiled.
         for (int i = 0; i < repeats; ++i) times.push_back(once(!cuda && f.profile));
         std::sort(times.begin(), times.end());
+        ForwardProfile prof;  // zeros with --no-profile
+        if (!cuda && f.profile) prof = engine.model().last_profile();
         // Exposed communication: the same forward with every collective skipped (wrong results,
         // same kernels) is this much faster.
         double elided = -1;
@@ -136,8 +139,10 @@ int run_bench_prefill(BenchFlags& f) {
           std::sort(t2.begin(), t2.end());
           elided = t2[t2.size() / 2];
         }
-        if (cuda && f.profile) once(true);
-        ForwardProfile prof = engine.model().last_profile();
+        if (cuda && f.profile) {
+          once(true);
+          prof = engine.model().last_profile();
+        }
         if (par.world_rank() == 0) {
           Row r;
           r.seq = S;
@@ -210,7 +215,9 @@ Command add_bench_command(CLI::App& app) {
   auto f = std::make_shared<BenchFlags>();
   CLI::App* c = app.add_subcommand("bench", "Benchmarks");
   c->require_subcommand(1);
-  CLI::App* p = c->add_subcommand("prefill", "Prefill time (TTFT) of one prompt per CP size and length");
+  CLI::App* p = c->add_subcommand("prefill",
+                                  "Prefill time (TTFT: submission to first token through the serving step loop) of one "
+                                  "prompt per CP size and length");
   f->ef.add_to(p, false);
   p->remove_option(p->get_option("--attn-cp-size"));
   p->remove_option(p->get_option("--enable-prefill-cp"));

@@ -2,10 +2,13 @@
 // the bytes a step must read (weights it touches + the KV of every sequence) and the bandwidth that
 // makes, against the device's copy bandwidth measured in the same process.
 //
-// The context is not prefilled: each sequence's KV pages are reserved and its length set to the
-// context, so the step reads real pages of the cache (their values are whatever the pool holds; the
-// kernels' work does not depend on them). Steps draw greedily on the device and feed the drawn ids
-// back, as serving does.
+// The steps are those of the serving step loop (engine/bench_loop.h: Scheduler over an
+// EngineRunner, decode graphs replayed as serve replays them). The context is not prefilled: each
+// sequence is a request admitted with a synthetic context (SchedRequest::synthetic_context: its
+// KV pages reserved and counted as present), so the step reads real pages of the cache (their
+// values are whatever the pool holds; the kernels' work does not depend on them). The first step
+// feeds each request's one-token prompt at the context, every later one the token drawn before
+// (greedily, on the device); each Scheduler::step is timed.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -15,6 +18,7 @@
 
 #include "common.h"
 #include "core/log.h"
+#include "engine/bench_loop.h"
 #include "model/decode_graph.h"
 
 namespace cpinfer {
@@ -82,7 +86,7 @@ double measure_copy_gbps(Backend& be, double gib) {
 
 struct Row {
   int batch = 0, context = 0;
-  bool skipped = false;
+  std::string skipped;  // why the pair did not run (time_decode); empty: it ran
   double step_s = 0, p90_s = 0;
   StepBytes bytes;
 };
@@ -96,10 +100,10 @@ int run_bench_decode(DecodeFlags& f) {
   const int warmup = std::max(0, f.warmup);
   const int steps = f.steps > 0 ? f.steps : (cuda ? 20 : 3);
   const double copy_gib = f.copy_gib > 0 ? f.copy_gib : (cuda ? 1.0 : 0.25);
-  const int per_seq_extra = warmup + steps + 1;
-  int64_t need = 0;
+  int64_t need = 0;  // the KV cache by default: the largest pair, as the loop's admission counts it
   for (int B : batches)
-    for (int C : contexts) need = std::max<int64_t>(need, int64_t(B) * (C + per_seq_extra + f.ef.block_size));
+    for (int C : contexts)
+      need = std::max<int64_t>(need, int64_t(B) * decode_bench_positions(C, warmup, steps, f.ef.block_size));
   CPI_CHECK(f.ef.kv_cache_tokens > 0 || need <= (int64_t(1) << 30), "--batch x --context needs ", need,
             " KV positions; give --kv-cache-tokens (pairs that do not fit it are skipped)");
 
@@ -134,45 +138,16 @@ int run_bench_decode(DecodeFlags& f) {
         r.batch = B;
         r.context = C;
         r.bytes = step_bytes(cfg, B, C, wbytes, lbytes, kvbytes);
-        std::vector<int> seqs;
-        bool fits = true;
-        for (int i = 0; i < B && fits; ++i) {
-          int s = kv.add_sequence();
-          seqs.push_back(s);
-          if (!kv.can_reserve(s, C + per_seq_extra)) {
-            fits = false;
-            break;
-          }
-          kv.reserve(s, C + per_seq_extra);
-          kv.set_length(s, C);
-        }
-        if (!fits) {
-          r.skipped = true;
-        } else {
-          std::vector<int32_t> tok(B);
-          for (auto& t : tok) t = int32_t(rng() % uint64_t(cfg.vocab_size));
-          std::vector<SampleRow> greedy(B);
-          for (auto& g : greedy) g.temperature = 0;
-          std::vector<double> times;
-          for (int step = 0; step < warmup + steps; ++step) {
-            std::vector<SeqWork> work(B);
-            for (int i = 0; i < B; ++i) {
-              work[i].kv_seq = seqs[i];
-              work[i].n_cached = C + step;
-              work[i].tokens = std::span<const int32_t>(&tok[i], 1);
-              work[i].logits = LogitsWanted::Last;
-            }
-            auto t0 = std::chrono::steady_clock::now();
-            std::vector<int32_t> next = engine.run_sample(work, greedy);
-            double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            for (int i = 0; i < B; ++i) tok[i] = next[i] >= 0 ? next[i] : 0;  // the engine advanced the lengths
-            if (step >= warmup) times.push_back(dt);
-          }
+        std::vector<int32_t> tok(B);
+        for (auto& t : tok) t = int32_t(rng() % uint64_t(cfg.vocab_size));
+        DecodeTiming t = time_decode(engine, tok, C, warmup, steps);
+        r.skipped = t.skipped;
+        if (r.skipped.empty()) {
+          std::vector<double>& times = t.step_s;
           std::sort(times.begin(), times.end());
           r.step_s = times[times.size() / 2];
           r.p90_s = times[std::min(times.size() - 1, size_t(std::ceil(0.9 * double(times.size()))) - 1)];
         }
-        for (int s : seqs) kv.free_sequence(s);
         rows.push_back(r);
       }
     }
@@ -205,9 +180,12 @@ int run_bench_decode(DecodeFlags& f) {
   }
   for (const Row& r : rows) {
     nlohmann::ordered_json o = {{"batch", r.batch}, {"context", r.context}};
-    if (r.skipped) {
-      o["skipped"] = "the KV of batch x (context + steps) does not fit the cache (--kv-cache-tokens)";
-      if (!f.json) std::printf("%6d %8d  skipped: KV does not fit the cache\n", r.batch, r.context);
+    if (!r.skipped.empty()) {
+      o["skipped"] = r.skipped;
+      if (!f.json && r.skipped == kDecodeBatchDoesNotFit)
+        std::printf("%6d %8d  skipped: KV does not fit the cache\n", r.batch, r.context);
+      else if (!f.json)
+        std::printf("%6d %8d  skipped: %s\n", r.batch, r.context, r.skipped.c_str());
       j["results"].push_back(o);
       continue;
     }
@@ -235,7 +213,9 @@ int run_bench_decode(DecodeFlags& f) {
 CommandFn add_bench_decode_command(CLI::App* bench) {
   auto f = std::make_shared<DecodeFlags>();
   CLI::App* d = bench->add_subcommand(
-      "decode", "Batched decode: step latency, tokens/s, bytes read per step and bandwidth per batch and context");
+      "decode",
+      "Batched decode through the serving step loop: step latency, tokens/s, bytes read per step and bandwidth per "
+      "batch and context (the context is reserved in the KV cache, not prefilled)");
   f->ef.add_to(d, false);
   for (const char* o : {"--attn-cp-size", "--enable-prefill-cp", "--cp-min-tokens", "--world-size", "--tp-size",
                         "--ep-size", "--comm", "--comm-timeout"})
@@ -243,8 +223,9 @@ CommandFn add_bench_decode_command(CLI::App* bench) {
   d->add_option("--random-weights", f->random_weights,
                 "Random weights instead of a checkpoint: qwen3-30b-a3b, qwen3-30b-a3b-fp8 or a config.json path");
   d->add_option("--batch", f->batches, "Batch sizes (sequences per step), comma-separated")->capture_default_str();
-  d->add_option("--context", f->contexts,
-                "Context lengths (positions in the KV cache before the step), comma-separated")
+  d->add_option(
+       "--context", f->contexts,
+       "Context lengths (positions counted in the KV cache before the first step, not prefilled), comma-separated")
       ->capture_default_str();
   d->add_option("--warmup", f->warmup, "Untimed steps first")->capture_default_str();
   d->add_option("--steps", f->steps, "Timed steps; the median is reported (default: 20 on cuda, 3 on cpu)");

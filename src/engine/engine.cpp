@@ -197,6 +197,7 @@ FinishInfo Engine::run_one(const std::shared_ptr<SchedRequest>& r) {
   FinishInfo finished;
   r->on_finish = [&](const FinishInfo& f) { finished = f; };
   try {
+    r->arrival = std::chrono::steady_clock::now();
     sched.submit(r);
     const std::atomic<bool> stop{true};  // run until the request is done
     sched.run(stop, std::chrono::milliseconds::max());

@@ -60,6 +60,8 @@ class Engine {
   KvCache& cache() { return *cache_; }
   const EngineOptions& options() const { return opt_; }
   int rank() const { return par_.world_rank(); }
+  // The rank's communicators (control: the step protocol's, set whenever world is).
+  const ParallelCtx& parallel() const { return par_; }
 
   // Prefills prompts together (one forward). Creates a KV sequence per prompt (ids in seq_ids) and
   // returns each prompt's logits: [1, V] for Last, [len, V] for All, row-major.
@@ -88,9 +90,15 @@ class Engine {
   // also where no logit is above -inf.
   std::vector<int32_t> run_sample(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows);
 
- private:
-  // One request through the scheduler on rank 0 while the other ranks follow (generate, prompt_logits).
+  // One request through the step loop (Scheduler over an EngineRunner: the prompt in one forward,
+  // no prefix cache, one request at a time) on rank 0 while the other ranks replay its steps:
+  // generate, prompt_logits and bench prefill (engine/bench_loop.h). Every rank calls it with the
+  // same request; the scheduler's never_fits() refuses one that cannot fit, on every rank. Its
+  // arrival is set when it is submitted. Returns how it ended (empty on the other ranks); throws
+  // when it ended with an error.
   FinishInfo run_one(const std::shared_ptr<SchedRequest>& r);
+
+ private:
   // The work of prefill (new KV sequences, ids checked, freed again if one does not fit) and of
   // decode (one position more per sequence), for run or run_sample.
   std::vector<SeqWork> prefill_work(const std::vector<std::span<const int32_t>>& prompts, std::vector<int>& seq_ids,

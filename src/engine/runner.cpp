@@ -33,6 +33,16 @@ void EngineRunner::free_sequence(int seq) {
   record(kOpFree, seq);
 }
 
+void EngineRunner::reserve_synthetic(int seq, int n_tokens) {
+  KvCache& cache = engine_.cache();
+  CPI_CHECK(!cache.sharded(), "reserve_synthetic: only on a replicated KV cache");
+  CPI_CHECK(cache.length(seq) == 0 && cache.blocks(seq).empty(), "reserve_synthetic: KV sequence ", seq,
+            " is not empty");
+  cache.reserve(seq, n_tokens);
+  cache.set_length(seq, n_tokens);
+  record(kOpSynthetic, seq, n_tokens);
+}
+
 void EngineRunner::adopt_prefix(int seq, std::span<const CachedPage* const> path) {
   KvCache& cache = engine_.cache();
   const KvCache::Adoption a = cache.adoption(path);
@@ -172,6 +182,9 @@ void follow_steps(Engine& engine, Communicator& control) {
         cache.copy_tail(seq, cache.ref_rank(a), cache.ref_block(a), b);
       } else if (op == kOpAdopt) {
         cache.adopt(seq, a, b);
+      } else if (op == kOpSynthetic) {
+        cache.reserve(seq, a);
+        cache.set_length(seq, a);
       } else {
         CPI_FAIL("unknown cache op ", op, " from rank 0");
       }

@@ -33,6 +33,7 @@ class EngineRunner : public ModelRunner {
   int adopted_positions(std::span<const CachedPage* const> path) const override;
   void retain_block(int32_t ref) override;
   void release_block(int32_t ref) override;
+  void reserve_synthetic(int seq, int n_tokens) override;
   std::vector<int32_t> run(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows) override;
   // The logits come to the host (Engine::run) and the token is drawn there with Backend::sample's
   // reference algorithm (the same draw as the device's, up to float rounding at a boundary).
@@ -72,7 +73,8 @@ void follow_steps(Engine& engine, Communicator& control);
 enum StepKind : int32_t { kStepRun = 1, kStepShutdown = 2, kStepRunLogits = 3 };
 // Ops are quadruples (op, seq, a, b): kOpReserve (seq, n_tokens), kOpShare (seq, block, rank),
 // kOpRetain / kOpRelease (-, block, rank), kOpCopyTail (seq, ref of the source, rows),
-// kOpAdopt (seq, rank, n): the KvCache calls of the same names.
+// kOpAdopt (seq, rank, n): the KvCache calls of the same names; kOpSynthetic (seq, n_tokens):
+// reserve and set_length (ModelRunner::reserve_synthetic).
 enum CacheOp : int32_t {
   kOpAdd = 1,
   kOpReserve = 2,
@@ -81,7 +83,8 @@ enum CacheOp : int32_t {
   kOpRetain = 5,
   kOpRelease = 6,
   kOpCopyTail = 7,
-  kOpAdopt = 8
+  kOpAdopt = 8,
+  kOpSynthetic = 9
 };
 
 }  // namespace cpinfer

@@ -55,7 +55,7 @@ void Scheduler::clear_prefix_cache() {
 }
 
 void Scheduler::release_sequence(SchedRequest& r, bool keep) {
-  if (radix_ && keep) {
+  if (radix_ && keep && r.synthetic_context == 0) {
     // The cache holds the K/V of the fill's first positions: the prompt and the output but the
     // last token (not fed yet), or the part of the fill prefilled so far.
     const int n_fill = static_cast<int>(r.fill.size());
@@ -111,6 +111,12 @@ std::string Scheduler::never_fits(int prompt_tokens, int max_tokens) const {
 }
 
 void Scheduler::submit(std::shared_ptr<SchedRequest> r) {
+  if (r->synthetic_context != 0) {
+    CPI_CHECK(r->synthetic_context > 0, "synthetic_context must be >= 0, got ", r->synthetic_context);
+    CPI_CHECK(!sharded_, "a request with a synthetic context needs a replicated KV cache (not --kv-shard)");
+    CPI_CHECK(!r->on_prompt_logits, "a request with a synthetic context has no prompt logits");
+    CPI_CHECK(!r->prompt.empty(), "a request with a synthetic context needs a prompt token to start decoding");
+  }
   {
     std::lock_guard lk(mu_);
     incoming_.push_back(std::move(r));
@@ -178,6 +184,7 @@ int ModelRunner::adopted_positions(std::span<const CachedPage* const>) const {
 }
 void ModelRunner::retain_block(int32_t) { CPI_FAIL("this engine runner cannot share KV blocks"); }
 void ModelRunner::release_block(int32_t) { CPI_FAIL("this engine runner cannot share KV blocks"); }
+void ModelRunner::reserve_synthetic(int, int) { CPI_FAIL("this engine runner has no synthetic contexts"); }
 
 std::vector<int32_t> ModelRunner::run_logprobs(const std::vector<SeqWork>&, const std::vector<SampleRow>&,
                                                const std::vector<int>&, std::vector<TokenLogprob>&,
@@ -245,19 +252,19 @@ void Scheduler::preempt(std::shared_ptr<SchedRequest> r) {
 void Scheduler::admit() {
   int claimed = 0;  // blocks running requests will claim soon
   for (const auto& r : running_) {
-    const int len = static_cast<int>(std::max(r->fill.size(), r->prompt.size() + r->output.size())) + 1;
+    const int len = base(*r) + static_cast<int>(std::max(r->fill.size(), r->prompt.size() + r->output.size())) + 1;
     claimed += grow_blocks(*r, len);
   }
   while (!waiting_.empty() && static_cast<int>(running_.size()) < opt_.max_running_requests) {
     auto r = waiting_.front();
     if (r->fill.empty()) r->fill = r->prompt;
     RadixCache::Match hit;
-    if (radix_ && r->fill.size() > 1 && !r->on_prompt_logits) {
+    if (radix_ && r->fill.size() > 1 && !r->on_prompt_logits && r->synthetic_context == 0) {
       hit = radix_->match(std::span<const int32_t>(r->fill.data(), r->fill.size() - 1));
       radix_->pin(hit.last);  // before counting: pinned pages are not evictable
     }
     const int left = r->max_tokens - static_cast<int>(r->output.size());
-    const int64_t want = int64_t(r->fill.size()) + std::min(left, opt_.decode_reserve_tokens) + 1;
+    const int64_t want = int64_t(base(*r)) + int64_t(r->fill.size()) + std::min(left, opt_.decode_reserve_tokens) + 1;
     const int64_t capacity = int64_t(runner_.n_blocks()) * runner_.block_size();
     const int capped = static_cast<int>(std::min<int64_t>(want, capacity));
     const int hit_tokens = hit.n_pages() * runner_.block_size();
@@ -287,9 +294,16 @@ void Scheduler::admit() {
       if (sharded_) make_room(1);  // each rank copies at most one partly filled page
       runner_.adopt_prefix(r->seq, hit.pages);
     }
+    if (r->synthetic_context > 0) {
+      // The context's blocks are taken now: they leave the free blocks rather than stay claimed.
+      const int taken = blocks_for(r->synthetic_context);
+      make_room(taken);
+      runner_.reserve_synthetic(r->seq, r->synthetic_context);
+      claimed -= taken;
+    }
     r->prefix = hit.last;
     r->n_prefilled = hit.n_pages() * runner_.block_size();
-    r->reserved = r->n_prefilled;
+    r->reserved = base(*r) + r->n_prefilled;
     if (radix_) {
       prefix_query_.fetch_add(r->fill.size());
       prefix_hit_.fetch_add(static_cast<uint64_t>(r->n_prefilled));
@@ -310,7 +324,7 @@ bool Scheduler::step() {
   auto decoding = [](const SchedRequest& r) {
     return r.n_prefilled == static_cast<int>(r.fill.size()) && !r.output.empty();
   };
-  auto decode_len = [](const SchedRequest& r) { return static_cast<int>(r.prompt.size() + r.output.size()); };
+  auto decode_len = [](const SchedRequest& r) { return base(r) + static_cast<int>(r.prompt.size() + r.output.size()); };
   for (;;) {
     int need = 0;
     for (const auto& r : running_)
@@ -352,15 +366,17 @@ bool Scheduler::step() {
     if (budget <= 0) break;
     const int flen = static_cast<int>(r->fill.size());
     // As much as the budget and the free blocks allow.
-    const int room = sharded_ ? runner_.room_tokens(r->seq, std::max(0, free_blocks))
-                              : (held_blocks(*r) + std::max(0, free_blocks)) * runner_.block_size() - r->n_prefilled;
+    const int room =
+        sharded_ ? runner_.room_tokens(r->seq, std::max(0, free_blocks))
+                 : (held_blocks(*r) + std::max(0, free_blocks)) * runner_.block_size() - base(*r) - r->n_prefilled;
     const int n = std::min({flen - r->n_prefilled, budget, room});
     if (n <= 0) continue;
     budget -= n;
-    free_blocks -= grow_blocks(*r, r->n_prefilled + n);
+    free_blocks -= grow_blocks(*r, base(*r) + r->n_prefilled + n);
     const bool sample = r->n_prefilled + n == flen && r->output.empty();
     const bool rows_wanted = r->on_prompt_logits && r->n_prefilled < static_cast<int>(r->prompt.size());
-    work.push_back(SeqWork{r->seq, r->n_prefilled, std::span<const int32_t>(r->fill.data() + r->n_prefilled, n),
+    work.push_back(SeqWork{r->seq, base(*r) + r->n_prefilled,
+                           std::span<const int32_t>(r->fill.data() + r->n_prefilled, n),
                            rows_wanted ? LogitsWanted::All
                            : sample    ? LogitsWanted::Last
                                        : LogitsWanted::None});
@@ -410,7 +426,8 @@ bool Scheduler::step() {
     auto& r = owners[i];
     if (static_cast<int>(i) >= n_decode) {
       const int n = static_cast<int>(work[i].tokens.size());
-      if (i < all_rows.size() && !all_rows[i].empty()) deliver_prompt_logits(*r, work[i].n_cached, n, all_rows[i]);
+      if (i < all_rows.size() && !all_rows[i].empty())
+        deliver_prompt_logits(*r, work[i].n_cached - base(*r), n, all_rows[i]);
       r->n_prefilled += n;
       if (metrics_) metrics_->add_prompt_tokens(n);
       if (!draws[i]) continue;

@@ -64,6 +64,10 @@ class ModelRunner {
   virtual int adopted_positions(std::span<const CachedPage* const> path) const;
   virtual void retain_block(int32_t ref);
   virtual void release_block(int32_t ref);
+  // Benchmarks (SchedRequest::synthetic_context): reserves the first n_tokens positions of a new,
+  // empty sequence and counts them as written without computing them (KvCache::reserve and
+  // set_length; their K/V is whatever the pages hold).
+  virtual void reserve_synthetic(int seq, int n_tokens);
   // Called when there is nothing to run for a while: lets other ranks know rank 0 is alive.
   virtual void idle() {}
   virtual int block_size() const = 0;
@@ -141,6 +145,16 @@ struct SchedRequest {
   // Scheduler thread, exactly once, after the request left the engine (its KV blocks are free).
   std::function<void(const FinishInfo&)> on_finish;
   std::atomic<bool> cancelled{false};  // any thread: the client went away
+  // Benchmarks only (cpinfer bench decode; never set from the server API): the first
+  // synthetic_context positions of the sequence are reserved and counted as present in the KV
+  // cache without being computed, like a prefix-cache hit whose pages hold unspecified values
+  // (ModelRunner::reserve_synthetic). The prompt follows at position synthetic_context, so a
+  // one-token prompt starts decoding at that context straight away. Such a request skips the
+  // prefix cache (neither matched nor inserted), cannot ask for prompt logits, and needs a
+  // replicated KV cache; never_fits() is asked about synthetic_context + prompt tokens. A
+  // preempted one is admitted again the same way (its prompt and output recomputed after the
+  // synthetic positions).
+  int synthetic_context = 0;
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
 
   // Scheduler state.
@@ -204,6 +218,8 @@ class Scheduler {
   void deliver_prompt_logits(SchedRequest& r, int pos0, int n, const std::vector<float>& rows);
   void on_sampled(const std::shared_ptr<SchedRequest>& r, int32_t token, const TokenLogprob* lp = nullptr);
   int blocks_for(int n_tokens) const;
+  // Positions before r's fill: its synthetic context (0 for every request but a benchmark's).
+  static int base(const SchedRequest& r) { return r.synthetic_context; }
   void publish_gauges();
   void maybe_log_stats();
 

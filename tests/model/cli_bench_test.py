@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""`cpinfer bench decode` through the built binary on a tiny demo model: the rows it reports (one
-per batch x context, skipped when the KV does not fit), the bytes a step reads as the formula in
-apps/bench_decode.cpp gives them for this shape, tokens/s and GB/s consistent with the step time,
-and clear errors for bad flags.
+"""`cpinfer bench decode` and `bench prefill` through the built binary on a tiny demo model (both
+run the serving step loop, engine/bench_loop.h). Decode: the rows it reports (one per batch x
+context, skipped when the KV does not fit, with the loop's never_fits reason when one sequence
+cannot), the bytes a step reads as the formula in apps/bench_decode.cpp gives them for this shape,
+tokens/s and GB/s consistent with the step time, and clear errors for bad flags. Prefill: one row
+per length x CP size (CP 2 through the step protocol on two thread ranks) with the per-op profile,
+and a clear error for a prompt the KV cache cannot hold.
 
 usage: cli_bench_test.py CPINFER_BINARY WORK_DIR
 """
@@ -55,6 +58,26 @@ def main():
     r1, r3 = small["results"]
     check("step_s" in r1 and "skipped" not in r1, "batch 1 x 100 fits 256 positions and runs")
     check("skipped" in r3 and "step_s" not in r3, "batch 3 x 100 does not fit 256 positions: skipped")
+    # One sequence longer than the whole cache: the loop's never_fits reason, and the other rows run.
+    huge = json.loads(run(bench + ["--batch", "1", "--context", "300,16", "--kv-cache-tokens", "256"]).stdout)
+    rh, rs = huge["results"]
+    check("exceed the KV cache capacity of 256" in rh.get("skipped", ""), f"context 300 > 256 positions: {rh}")
+    check("step_s" in rs, "context 16 still runs after a skipped row")
+
+    prefill = [binary, "-q", "bench", "prefill", "--model-path", model, "--warmup", "0", "--repeats", "1", "--json"]
+    p = json.loads(run(prefill + ["--seq", "9,40", "--attn-cp-size", "1,2"]).stdout)
+    prow = p["results"]
+    check([(r["seq"], r["cp"]) for r in prow] == [(9, 1), (40, 1), (9, 2), (40, 2)], "one prefill row per cp x seq")
+    for r in prow:
+        S, cp = r["seq"], r["cp"]
+        check(r["ttft_s"] > 0 and abs(r["tokens_per_s"] - S / r["ttft_s"]) <= 1e-6 * r["tokens_per_s"],
+              f"prefill {S} cp {cp}: timed, tokens/s = seq / ttft")
+        ops = r["attention_s"] + r["moe_s"] + r["dense_gemm_s"] + r["other_s"]
+        check(ops > 0, f"prefill {S} cp {cp}: the per-op profile of the timed run ({ops})")
+        check((r["exposed_comm_s"] >= 0) == (cp > 1), f"prefill {S} cp {cp}: exposed communication only with CP")
+    p = run(prefill + ["--seq", "300", "--kv-cache-tokens", "256"], expect_ok=False)
+    check(p.returncode != 0 and "exceed the KV cache capacity of 256" in p.stderr,
+          f"a prompt longer than the cache fails clearly: {p.stderr.strip()}")
 
     table = run([binary, "-q", "bench", "decode", "--model-path", model, "--steps", "1", "--batch", "2",
                  "--context", "8"]).stdout

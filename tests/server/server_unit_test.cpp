@@ -218,8 +218,15 @@ class FakeRunner : public ModelRunner {
     free_ += seqs_.at(seq);
     seqs_.erase(seq);
   }
+  void reserve_synthetic(int seq, int n) override {
+    EXPECT_EQ(seqs_.at(seq), 0) << "a synthetic context goes into an empty sequence";
+    reserve(seq, n);
+    synthetic.push_back({seq, n});
+  }
   std::vector<int32_t> run(const std::vector<SeqWork>& work, const std::vector<SampleRow>& rows) override {
     steps.push_back(work);
+    last_tokens.clear();
+    for (const SeqWork& w : work) last_tokens.emplace_back(w.tokens.begin(), w.tokens.end());
     std::vector<int32_t> out;
     for (size_t i = 0; i < work.size(); ++i) {
       const SeqWork& w = work[i];
@@ -237,6 +244,10 @@ class FakeRunner : public ModelRunner {
   int n_blocks() const override { return n_blocks_; }
   int n_free_blocks() const override { return free_; }
   std::vector<std::vector<SeqWork>> steps;
+  std::vector<std::pair<int, int>> synthetic;  // reserve_synthetic calls (seq, n)
+  // The tokens of each entry of the last run (the spans in `steps` point into the scheduler's
+  // buffers of a step that has ended).
+  std::vector<std::vector<int32_t>> last_tokens;
 
  private:
   int n_blocks_, bs_, free_, next_ = 0;
@@ -400,6 +411,110 @@ TEST(Scheduler, RespectsMaxRunningRequests) {
   EXPECT_EQ(s.n_waiting(), 1);
   while (!d[2].finished) ASSERT_TRUE(s.step());
   EXPECT_TRUE(d[0].finished && d[1].finished);
+}
+
+// Benchmarks' synthetic contexts (bench decode): the positions are reserved and counted as present,
+// and the one-token prompt is the first decode step at that context.
+std::shared_ptr<SchedRequest> synthetic_req(int context, int32_t first, int max_tokens, Done& done) {
+  auto r = make_req(1, max_tokens, done);
+  r->prompt = {first};
+  r->synthetic_context = context;
+  return r;
+}
+
+TEST(Scheduler, SyntheticContextStartsStraightInDecode) {
+  FakeRunner fake(16, 4);  // 64 positions
+  Scheduler s(fake, SchedulerOptions{});
+  Done d;
+  s.submit(synthetic_req(40, 3, 3, d));
+  ASSERT_TRUE(s.step());
+  ASSERT_EQ(fake.synthetic.size(), 1u);
+  EXPECT_EQ(fake.synthetic[0].second, 40);
+  ASSERT_EQ(fake.steps.back().size(), 1u);
+  const SeqWork& w0 = fake.steps.back()[0];
+  EXPECT_EQ(w0.kv_seq, fake.synthetic[0].first);
+  EXPECT_EQ(w0.n_cached, 40);  // nothing of the context is computed
+  EXPECT_EQ(fake.last_tokens[0], std::vector<int32_t>{3});
+  EXPECT_EQ(w0.logits, LogitsWanted::Last);
+  EXPECT_EQ(fake.n_free_blocks(), 16 - 11);  // 41 positions
+  for (int k = 1; k < 3; ++k) {
+    ASSERT_TRUE(s.step());
+    // A decode step: the last token drawn is fed back.
+    ASSERT_EQ(fake.steps.back().size(), 1u);
+    EXPECT_EQ(fake.steps.back()[0].n_cached, 40 + k);
+    EXPECT_EQ(fake.last_tokens[0], std::vector<int32_t>{d.tokens[size_t(k - 1)]});
+  }
+  EXPECT_TRUE(d.finished);
+  EXPECT_EQ(d.reason, "length");
+  // Token k follows 41 + k positions: argmax (41 + k) % 8.
+  EXPECT_EQ(d.tokens, (std::vector<int32_t>{1, 2, 3}));
+  EXPECT_EQ(fake.n_free_blocks(), 16);
+  EXPECT_EQ(fake.synthetic.size(), 1u);
+}
+
+TEST(Scheduler, SyntheticContextCountsInAdmissionAndBatchesAsDecode) {
+  FakeRunner fake(16, 4);  // 64 positions
+  SchedulerOptions opt;
+  opt.decode_reserve_tokens = INT_MAX;
+  Scheduler s(fake, opt);
+  Done d[3];
+  // Each counts 28 + 1 + 2 + 1 = 32 positions (8 blocks): two fit, the third waits.
+  for (int i = 0; i < 3; ++i) s.submit(synthetic_req(28, int32_t(i), 2, d[i]));
+  ASSERT_TRUE(s.step());
+  EXPECT_EQ(s.n_running(), 2);
+  EXPECT_EQ(s.n_waiting(), 1);
+  // The first step of both is one batch of one-token entries at the context, as a decode step.
+  ASSERT_EQ(fake.steps.back().size(), 2u);
+  for (const SeqWork& w : fake.steps.back()) {
+    EXPECT_EQ(w.n_cached, 28);
+    EXPECT_EQ(w.tokens.size(), 1u);
+  }
+  while (!d[2].finished) ASSERT_TRUE(s.step());
+  for (auto& x : d) {
+    EXPECT_EQ(x.reason, "length");
+    EXPECT_EQ(x.tokens, (std::vector<int32_t>{5, 6}));  // (29 + k) % 8
+  }
+  EXPECT_EQ(fake.n_free_blocks(), 16);
+}
+
+TEST(Scheduler, PreemptedSyntheticRequestRecomputesAfterItsContext) {
+  FakeRunner fake(12, 4);  // 48 positions
+  SchedulerOptions opt;
+  opt.decode_reserve_tokens = 1;  // admit both (5 blocks each), preempt when they grow
+  Scheduler s(fake, opt);
+  Done a, b;
+  s.submit(synthetic_req(16, 1, 10, a));  // grows to 26 positions: 7 blocks each
+  s.submit(synthetic_req(16, 2, 10, b));
+  for (int n = 0; n < 100 && !(a.finished && b.finished); ++n) s.step();
+  ASSERT_TRUE(a.finished && b.finished);
+  EXPECT_GT(s.n_preempted(), 0u);
+  std::vector<int32_t> want;
+  for (int k = 0; k < 10; ++k) want.push_back((17 + k) % FakeRunner::kVocab);
+  EXPECT_EQ(a.tokens, want);
+  EXPECT_EQ(b.tokens, want);
+  // The preempted one came back with a new synthetic context and prefilled its prompt and output
+  // after it, in one forward.
+  EXPECT_EQ(fake.synthetic.size(), 2u + s.n_preempted());
+  bool recomputed = false;
+  for (const auto& step : fake.steps)
+    for (const SeqWork& w : step) recomputed = recomputed || (w.n_cached == 16 && w.tokens.size() > 1);
+  EXPECT_TRUE(recomputed);
+  EXPECT_EQ(fake.n_free_blocks(), 12);
+}
+
+TEST(Scheduler, SyntheticContextRefusesWhatItCannotMean) {
+  FakeRunner fake(16, 4);
+  Scheduler s(fake, SchedulerOptions{});
+  Done d;
+  auto neg = synthetic_req(-1, 0, 1, d);
+  EXPECT_THROW(s.submit(neg), Error);
+  auto logits = synthetic_req(8, 0, 1, d);
+  logits->on_prompt_logits = [](int, std::span<const float>) {};
+  EXPECT_THROW(s.submit(logits), Error);
+  auto empty = synthetic_req(8, 0, 1, d);
+  empty->prompt.clear();
+  EXPECT_THROW(s.submit(empty), Error);
+  EXPECT_FALSE(s.step());
 }
 
 }  // namespace
