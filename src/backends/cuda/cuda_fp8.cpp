@@ -317,12 +317,17 @@ void CudaBackend::ensure_fp8_lt_probe() {
             "the cuBLASLt FP8 scale-layout probe has not run and cannot run during a CUDA graph capture: run the "
             "FP8 op eagerly once first, or any FP8 op before begin_capture() (either runs the probe)");
   lt_probed_ = true;  // once, whatever it finds (and no recursion: the probe's own GEMMs ask lt_layout)
+  // The probe frees only the buffers it allocates, which nothing recorded can point at: it leaves
+  // memory_epoch() as it was (begin_capture() runs it between a decode graph's epoch check and its
+  // recording).
+  const uint64_t epoch = memory_epoch_;
   try {
     fp8_lt_probe();
   } catch (const std::exception& e) {
     lt_layout_[0] = lt_layout_[1] = Fp8LtLayout{};  // not used: FP8 products dequantize instead
     log_warn("cuBLASLt block-scaled FP8 probe failed (", e.what(), "); FP8 linear layers dequantize instead");
   }
+  memory_epoch_ = epoch;
 }
 
 void CudaBackend::fp8_lt_probe() {
