@@ -4,14 +4,14 @@
 # launch is its own) of the Qwen3-30B-A3B shape (random weights) and prints the per-kernel summary,
 # heaviest first. Results go to $OUT (default ./out). ncu locks base clocks and flushes the caches
 # before every kernel unless told otherwise: NCU_FLAGS='--clock-control none --cache-control none'
-# times the kernels closer to how a step runs them.
+# times the kernels closer to how a step runs them; PRESET=qwen3-30b-a3b-fp8 profiles the FP8 model.
 #   scripts/gpu_decode_profile.sh [BATCH] [CONTEXT]      defaults: 1 1024
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 BATCH="${1:-1}"
 CONTEXT="${2:-1024}"
 gpu_binaries cpinfer
 timeout 420 ncu ${NCU_FLAGS:-} --metrics gpu__time_duration.sum --print-summary per-kernel --csv \
-  "$BIN/cpinfer" -q bench decode --device cuda --random-weights qwen3-30b-a3b --batch "$BATCH" --context "$CONTEXT" \
+  "$BIN/cpinfer" -q bench decode --device cuda --random-weights "${PRESET:-qwen3-30b-a3b}" --batch "$BATCH" --context "$CONTEXT" \
   --warmup 1 --steps 1 --kv-cache-tokens $((BATCH * (CONTEXT + 64) + 4096)) --disable-cuda-graph \
   > "$OUT/decode_profile_b${BATCH}.csv" 2> "$OUT/decode_profile_b${BATCH}.log"
 echo "ncu rc=$?"
