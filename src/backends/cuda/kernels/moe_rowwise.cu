@@ -8,6 +8,8 @@
 // like the cuBLAS path (whose GEMMs write bf16). Otherwise: y[r, n] = act[r] · down[n] in F32.
 // Products and sums in fp32; an FP8 block scale multiplies the partial sum of its 16 codes (gemv.cuh
 // Fp8Weights), or each code on the scalar path (code · scale rounded once, as the CPU reference).
+#include <type_traits>
+
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/gemv.cuh"
 #include "backends/cuda/kernels/kernels.h"
@@ -94,29 +96,31 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
   }
   uint4* const xs = smem;
   uint4* const wbuf = smem + kSmallRows * (k_dim / 8) + warp * warp_dots_chunks<F, kW, kCh>();
-  for (int r0 = begin; r0 < end; r0 += kSmallRows) {
-    const int n_rows = min(kSmallRows, end - r0);
-    const __nv_bfloat16* x[kSmallRows];
+  // kR segment rows at a time: a group of one row (every segment at batch 1, most at small batches)
+  // runs the one-row code, not two copies of the row.
+  auto rows_pass = [&](auto rows_const, int r0, int n_rows) {
+    constexpr int kR = decltype(rows_const)::value;
+    const __nv_bfloat16* x[kR];
 #pragma unroll
-    for (int r = 0; r < kSmallRows; ++r) {
+    for (int r = 0; r < kR; ++r) {
       const int row = r0 + min(r, n_rows - 1);
       x[r] = in + static_cast<int64_t>(kGateUp ? src_token[row] : row) * k_dim;
     }
     if (r0 > begin) __syncthreads();  // every warp is done with the previous rows in xs
-    float dot[kSmallRows][kW];
+    float dot[kR][kW];
 #pragma unroll
-    for (int r = 0; r < kSmallRows; ++r)
+    for (int r = 0; r < kR; ++r)
 #pragma unroll
       for (int c = 0; c < kW; ++c) dot[r][c] = 0.0f;
-    warp_dots<F, kSmallRows, kW, kCh>(rows, x, xs, k_dim, lane, wbuf, on, dot);
-    if (!on) continue;
+    warp_dots<F, kR, kW, kCh>(rows, x, xs, k_dim, lane, wbuf, on, dot);
+    if (!on) return;
 #pragma unroll
-    for (int r = 0; r < kSmallRows; ++r)
+    for (int r = 0; r < kR; ++r)
 #pragma unroll
       for (int c = 0; c < kW; ++c) dot[r][c] = warp_sum(dot[r][c]);
     if (lane == 0) {
 #pragma unroll
-      for (int r = 0; r < kSmallRows; ++r) {
+      for (int r = 0; r < kR; ++r) {
         if (r >= n_rows) break;
 #pragma unroll
         for (int c = 0; c < kCols; ++c) {
@@ -129,6 +133,13 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
         }
       }
     }
+  };
+  for (int r0 = begin; r0 < end; r0 += kSmallRows) {
+    const int n_rows = min(kSmallRows, end - r0);
+    if (n_rows == 1)
+      rows_pass(std::integral_constant<int, 1>{}, r0, n_rows);
+    else
+      rows_pass(std::integral_constant<int, kSmallRows>{}, r0, n_rows);
   }
 }
 
