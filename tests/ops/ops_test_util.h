@@ -144,18 +144,8 @@ inline ::testing::AssertionResult all_close(const HostTensor& actual, const std:
   return ::testing::AssertionSuccess();
 }
 
-inline const char* dtype_str(DType t) {
-  switch (t) {
-    case DType::F32:
-      return "F32";
-    case DType::F16:
-      return "F16";
-    case DType::BF16:
-      return "BF16";
-    default:
-      return "other";
-  }
-}
+// core/dtype.h's name as a std::string (for test messages built with +).
+inline std::string dtype_str(DType t) { return std::string(dtype_name(t)); }
 
 // Sanitizer builds run the long cases at reduced size to stay within the CI time budget.
 #if defined(__SANITIZE_ADDRESS__)
