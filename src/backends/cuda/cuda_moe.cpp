@@ -1,7 +1,8 @@
 // CudaBackend::moe_experts: permute the (token, k) pairs by local expert on the device, run the
 // experts' GEMMs on their contiguous segments, and accumulate the weighted results back into out
 // in a fixed order per token.
-// - Small batches (T·K <= kSmallPairs, decode): two row-wise grouped kernels cover all experts.
+// - Small batches (T·K <= kSmallPairs, decode): two row-wise grouped kernels cover all experts,
+//   reading the router's (token, k) pairs as they are: no permute kernel in a decode step's chain.
 // - Larger batches (prefill), by default: the tensor-core grouped GEMMs (gate‖up + SiLU·mul, then
 //   down), scheduled on the device from the segment offsets: on a compute capability 9.0 GPU the
 //   warp-specialized wgmma kernels of kernels/moe_gemm_wgmma.cu (128 x 256 tiles; the expert
@@ -111,6 +112,22 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   // auto: the warp-specialized kernels, writing y in BF16 (bench/moe_bench: 544 vs 497 TFLOP/s for
   // the GEMMs at 32K tokens on an H200); "wgmma" keeps the earlier kernels (F32 y) to compare.
   wgmma_cfg.warp_specialized = wgmma_cfg.y_bf16 = setting == MoeGemm::WgmmaWs || setting == MoeGemm::Grouped;
+  if (!tensor_cores && small) {
+    // Decode sizes: the row-wise kernels take the router's pairs as they are (no permute kernel).
+    const bool vec = aligned && hidden % 8 == 0 && inter % 8 == 0;
+    MoeRowSource rows;
+    rows.ids = ids.ptr<const int32_t>();
+    rows.first = shard.first;
+    rows.top_k = static_cast<int>(top_k);
+    rows.n_pairs = static_cast<int>(n_pairs);
+    CUDA_LAUNCH(launch_moe_rowwise_gemms(dev(x), rows, count, ptrs, ptrs + count, ptrs + 2 * count, inter, vec, act,
+                                         y_rows, stream_),
+                "moe_rowwise_gemms");
+    Tensor y(y_rows, DType::F32, {static_cast<int64_t>(n_pairs), hidden}, Device::CUDA);
+    CUDA_LAUNCH(launch_moe_unpermute_pairs(dev(y), dev(weights), rows.ids, shard.first, count, dev(out), stream_),
+                "moe_unpermute");
+    return;
+  }
   CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
                                        tensor_cores ? tile_start : nullptr, stream_, tensor_cores ? nullptr : active),
               "moe_permute");
@@ -126,9 +143,13 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   } else {
     const bool vec = aligned && hidden % 8 == 0 && inter % 8 == 0;
     // At most T·K experts have rows: the grid covers that many (active lists them on the device).
-    const int max_active = static_cast<int>(std::min<size_t>(n_pairs, static_cast<size_t>(count)));
-    CUDA_LAUNCH(launch_moe_rowwise_gemms(dev(x), src_token, offsets, count, ptrs, ptrs + count, ptrs + 2 * count, inter,
-                                         vec, act, y_rows, stream_, active, max_active),
+    MoeRowSource rows;
+    rows.src_token = src_token;
+    rows.offsets = offsets;
+    rows.active = active;
+    rows.max_active = static_cast<int>(std::min<size_t>(n_pairs, static_cast<size_t>(count)));
+    CUDA_LAUNCH(launch_moe_rowwise_gemms(dev(x), rows, count, ptrs, ptrs + count, ptrs + 2 * count, inter, vec, act,
+                                         y_rows, stream_),
                 "moe_rowwise_gemms");
   }
   Tensor y(y_rows, use_wgmma && wgmma_cfg.y_bf16 ? DType::BF16 : DType::F32, {static_cast<int64_t>(n_pairs), hidden},

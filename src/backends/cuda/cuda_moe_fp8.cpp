@@ -123,16 +123,33 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
   void* act = m.act;
   float* y_rows = static_cast<float*>(m.y);
   const Fp8ExpertTables tables = fp8_expert_tables_on_device(shard);
-  CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
-                                       nullptr, stream_, active),
-              "moe_permute");
   const bool vec = aligned && hidden % 16 == 0 && inter % 16 == 0;  // 16 codes per 16-byte chunk
-  const int max_active = static_cast<int>(std::min<size_t>(n_pairs, static_cast<size_t>(count)));
-  CUDA_LAUNCH(launch_moe_rowwise_gemms_fp8(dev(x), src_token, offsets, count, tables, inter, vec, act, y_rows, stream_,
-                                           active, max_active),
+  // Decode sizes take the router's pairs as they are (no permute kernel); larger batches the
+  // permute's segments, the grid covering at most T·K experts (active lists them on the device).
+  const bool pairs = static_cast<int64_t>(n_pairs) <= kSmallPairs;
+  MoeRowSource rows;
+  if (pairs) {
+    rows.ids = ids.ptr<const int32_t>();
+    rows.first = shard.first;
+    rows.top_k = static_cast<int>(ids.cols());
+    rows.n_pairs = static_cast<int>(n_pairs);
+  } else {
+    CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
+                                         nullptr, stream_, active),
+                "moe_permute");
+    rows.src_token = src_token;
+    rows.offsets = offsets;
+    rows.active = active;
+    rows.max_active = static_cast<int>(std::min<size_t>(n_pairs, static_cast<size_t>(count)));
+  }
+  CUDA_LAUNCH(launch_moe_rowwise_gemms_fp8(dev(x), rows, count, tables, inter, vec, act, y_rows, stream_),
               "moe_rowwise_gemms_fp8");
   Tensor y(y_rows, DType::F32, {static_cast<int64_t>(n_pairs), hidden}, Device::CUDA);
-  CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
+  if (pairs)
+    CUDA_LAUNCH(launch_moe_unpermute_pairs(dev(y), dev(weights), rows.ids, shard.first, count, dev(out), stream_),
+                "moe_unpermute");
+  else
+    CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
 }
 
 // --moe-runner-backend cublas with FP8 experts: gather the rows, quantize them per expert segment,

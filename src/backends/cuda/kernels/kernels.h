@@ -219,18 +219,34 @@ cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count,
                                      int32_t* pair_row, int tile_m, int32_t* tile_start, cudaStream_t stream,
                                      int32_t* active = nullptr);
 // ---- moe_rowwise.cu: the expert GEMMs of small batches (decode) and odd shapes: all local experts
-// in two launches (gate‖up + SiLU·mul, down), offsets read on the device. x BF16 [T, H]; gate/up/down
-// are device arrays of `count` BF16 weight pointers ([I, H], [I, H], [H, I]); act [rows, I] BF16 and
-// y [rows, H] F32 are scratch of at least T·K rows. vectorized = true (the weight passes of gemv.cuh):
-// H and I multiples of 8, x and every weight pointer 16-byte aligned; false: scalar loads, any H and
-// I, no alignment needed. Slow for large batches: there, the fallback of the grouped path for shapes
-// the tensor-core kernels do not take. With `active` (from launch_moe_permute_tiled) the grid covers
-// max_active experts (>= active[0], e.g. min(count, T·K)) instead of all `count`: at decode most
-// experts have no row, and their empty CTAs cost more than the work.
-cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets, int count,
-                                     const void* const* gate, const void* const* up, const void* const* down,
-                                     int64_t inter, bool vectorized, void* act, float* y, cudaStream_t stream,
-                                     const int32_t* active = nullptr, int max_active = 0);
+// in two launches (gate‖up + SiLU·mul, down), the rows found on the device (MoeRowSource). x BF16
+// [T, H]; gate/up/down are device arrays of `count` BF16 weight pointers ([I, H], [I, H], [H, I]);
+// act [rows, I] BF16 and y [rows, H] F32 are scratch of at least T·K rows. vectorized = true (the
+// weight passes of gemv.cuh): H and I multiples of 8, x and every weight pointer 16-byte aligned;
+// false: scalar loads, any H and I, no alignment needed. Slow for large batches: there, the
+// fallback of the grouped path for shapes the tensor-core kernels do not take.
+//
+// Where the kernels find their rows. Segments: after launch_moe_permute_tiled, expert e's rows are
+// [offsets[e], offsets[e+1]) of act and y, gate‖up reading x row src_token[row]; with `active` the
+// grid covers max_active experts (>= active[0], e.g. min(count, T·K)) instead of all `count`: at
+// decode most experts have no row, and their empty CTAs cost more than the work. Pairs (ids set): no
+// permute at all; grid row p is the pair p = t·K + k of the router's choice ids [T, K] (global
+// expert ids): expert ids[p] - first if it is local (else nothing), x row t = p / top_k, act and y
+// row p; launch_moe_unpermute_pairs then sums y. For decode sizes, where the permute is a kernel of
+// the step's chain and the grid is T·K rows either way.
+struct MoeRowSource {
+  const int32_t* src_token = nullptr;
+  const int32_t* offsets = nullptr;
+  const int32_t* active = nullptr;
+  int max_active = 0;
+  const int32_t* ids = nullptr;  // pairs
+  int first = 0;
+  int top_k = 0;
+  int n_pairs = 0;
+};
+cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const MoeRowSource& rows, int count, const void* const* gate,
+                                     const void* const* up, const void* const* down, int64_t inter, bool vectorized,
+                                     void* act, float* y, cudaStream_t stream);
 
 // The same for FP8 experts. Device arrays of `count` pointers: codes (gate/up [I, H], down [H, I]
 // F8E4M3) and their F32 block scales ([ceil(I/128), ceil(H/128)], [ceil(H/128), ceil(I/128)]).
@@ -244,10 +260,9 @@ struct Fp8ExpertTables {
   const void* const* up_scale = nullptr;
   const void* const* down_scale = nullptr;
 };
-cudaError_t launch_moe_rowwise_gemms_fp8(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
-                                         int count, const Fp8ExpertTables& tables, int64_t inter, bool vectorized,
-                                         void* act, float* y, cudaStream_t stream, const int32_t* active = nullptr,
-                                         int max_active = 0);
+cudaError_t launch_moe_rowwise_gemms_fp8(const DevTensor& x, const MoeRowSource& rows, int count,
+                                         const Fp8ExpertTables& tables, int64_t inter, bool vectorized, void* act,
+                                         float* y, cudaStream_t stream);
 
 // ---- moe_gemm.cu: the tensor-core grouped expert GEMMs of prefill, scheduled on the device.
 inline constexpr int kMoeGemmTileM = 128;  // rows per M-tile: the tile_m of launch_moe_permute_tiled
@@ -333,6 +348,10 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& args, bool g
 // out[t] += Σ_k weights[t,k] · y[pair_row[t*K+k]] over the local pairs, in k order.
 cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row, DevTensor out,
                                  cudaStream_t stream);
+// The same after the row-wise kernels' pairs (MoeRowSource::ids): y row p = t·K + k for the pairs whose
+// expert ids[p] lies in [first, first + count).
+cudaError_t launch_moe_unpermute_pairs(const DevTensor& y, const DevTensor& weights, const int32_t* ids, int first,
+                                       int count, DevTensor out, cudaStream_t stream);
 
 // ---- sample.cu: one token per row of logits [R, V] F32 (Backend::sample, ops/backend.h) into
 // ids [R] I32. rows: device [R]; scratch: device F32 [R, V] (the probabilities of non-greedy rows;

@@ -148,11 +148,23 @@ __global__ void moe_permute_kernel(const int32_t* __restrict__ ids, int64_t n_pa
   }
 }
 
+// Where pair p's row of y is: pair_row[p] (after a permute), or, without a permute, p itself when its
+// expert ids[p] is local; -1: none here.
+struct PairRows {
+  const int32_t* pair_row;
+  const int32_t* ids;
+  int first, count;
+  __device__ __forceinline__ int32_t operator()(int64_t p) const {
+    if (pair_row) return pair_row[p];
+    const int32_t e = ids[p] - first;
+    return e >= 0 && e < count ? static_cast<int32_t>(p) : -1;
+  }
+};
+
 // out[t] += Σ_k w[t,k] · y[row(t,k)], summed in fp32 in k order (deterministic), rounded once.
 template <class TY, class TO, bool kVec>
-__global__ void moe_unpermute_kernel(const TY* __restrict__ y, const float* __restrict__ w,
-                                     const int32_t* __restrict__ pair_row, int top_k, TO* __restrict__ out,
-                                     int64_t cols) {
+__global__ void moe_unpermute_kernel(const TY* __restrict__ y, const float* __restrict__ w, const PairRows pair_row,
+                                     int top_k, TO* __restrict__ out, int64_t cols) {
   pdl_wait();
   pdl_trigger();
   const int64_t t = blockIdx.x;
@@ -161,7 +173,7 @@ __global__ void moe_unpermute_kernel(const TY* __restrict__ y, const float* __re
     for (int64_t c = threadIdx.x * 8; c < cols; c += blockDim.x * 8) {
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       for (int k = 0; k < top_k; ++k) {
-        const int32_t r = pair_row[t * top_k + k];
+        const int32_t r = pair_row(t * top_k + k);
         if (r < 0) continue;
         const float wk = w[t * top_k + k];
         float v[8];
@@ -179,7 +191,7 @@ __global__ void moe_unpermute_kernel(const TY* __restrict__ y, const float* __re
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
       float acc = 0.0f;
       for (int k = 0; k < top_k; ++k) {
-        const int32_t r = pair_row[t * top_k + k];
+        const int32_t r = pair_row(t * top_k + k);
         if (r >= 0) acc += w[t * top_k + k] * to_f32<TY>(y[static_cast<int64_t>(r) * cols + c]);
       }
       o[c] = from_f32<TO>(to_f32<TO>(o[c]) + acc);
@@ -232,8 +244,9 @@ cudaError_t launch_moe_permute(const DevTensor& ids, int first, int count, int32
   return launch_moe_permute_tiled(ids, first, count, offsets, src_token, pair_row, 0, nullptr, stream);
 }
 
-cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row, DevTensor out,
-                                 cudaStream_t stream) {
+namespace {
+cudaError_t unpermute(const DevTensor& y, const DevTensor& weights, const PairRows& pair_row, DevTensor out,
+                      cudaStream_t stream) {
   const int64_t n_tokens = out.rows(), cols = out.cols();
   const int top_k = static_cast<int>(weights.cols());
   if (n_tokens == 0 || cols == 0) return cudaSuccess;
@@ -252,6 +265,18 @@ cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, c
                                 top_k, op, cols);
                    }));
   return cudaGetLastError();
+}
+}  // namespace
+
+cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row, DevTensor out,
+                                 cudaStream_t stream) {
+  return unpermute(y, weights, PairRows{pair_row, nullptr, 0, 0}, out, stream);
+}
+
+cudaError_t launch_moe_unpermute_pairs(const DevTensor& y, const DevTensor& weights, const int32_t* ids, int first,
+                                       int count, DevTensor out, cudaStream_t stream) {
+  if (ids == nullptr) return cudaErrorInvalidValue;
+  return unpermute(y, weights, PairRows{nullptr, ids, first, count}, out, stream);
 }
 
 }  // namespace cpinfer::cuda

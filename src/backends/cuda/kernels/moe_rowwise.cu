@@ -2,8 +2,8 @@
 // take, for BF16 experts and FP8 ones (ops/backend.h Weight: e4m3 codes + one F32 scale per 128 x
 // 128 block, W = code · scale, read as they are: 1 byte per weight; the activations stay BF16, no
 // activation quantization). One launch per GEMM covers every local expert, reading the segment
-// offsets on the device, so no host synchronization; the grid's rows are the experts with rows
-// (`active`, listed by the permute) or all of them.
+// rows on the device (kernels.h MoeRowSource: the permute's segments, or the router's pairs), so no
+// host synchronization.
 // kGateUp: act[r, n] = silu(bf16(x[tok(r)] · gate[n])) · bf16(x[tok(r)] · up[n]), rounded to bf16
 // like the cuBLAS path (whose GEMMs write bf16). Otherwise: y[r, n] = act[r] · down[n] in F32.
 // Products and sums in fp32; an FP8 block scale multiplies the partial sum of its 16 codes (gemv.cuh
@@ -26,14 +26,23 @@ struct ExpertTables {
   const void* const* s2;
 };
 
-// The segment [begin, end) of grid row blockIdx.y's expert e; false when it has no rows.
-__device__ __forceinline__ bool small_gemm_segment(const int32_t* offsets, const int32_t* active, int& e, int& begin,
-                                                   int& end) {
-  if (active && static_cast<int>(blockIdx.y) >= active[0]) return false;
-  e = active ? active[1 + blockIdx.y] : static_cast<int>(blockIdx.y);
-  begin = offsets[e];
-  end = offsets[e + 1];
+// Grid row blockIdx.y's expert e and its rows [begin, end) of act and y; false when it has none.
+__device__ __forceinline__ bool small_gemm_segment(const MoeRowSource& s, int count, int& e, int& begin, int& end) {
+  if (s.ids) {  // pairs: row p is pair p
+    begin = static_cast<int>(blockIdx.y);
+    end = begin + 1;
+    e = s.ids[begin] - s.first;
+    return e >= 0 && e < count;
+  }
+  if (s.active && static_cast<int>(blockIdx.y) >= s.active[0]) return false;
+  e = s.active ? s.active[1 + blockIdx.y] : static_cast<int>(blockIdx.y);
+  begin = s.offsets[e];
+  end = s.offsets[e + 1];
   return begin < end;
+}
+// The x row of act row `row` (gate‖up).
+__device__ __forceinline__ int64_t small_gemm_token(const MoeRowSource& s, int row) {
+  return s.ids ? row / s.top_k : s.src_token[row];
 }
 
 __device__ __forceinline__ float silu_mul_bf16(float g, float u) {
@@ -73,16 +82,15 @@ size_t small_smem_bytes(int k_dim) {
 
 template <class F, bool kGateUp, int kCh>
 __global__ void __launch_bounds__(kSmallWarps * 32)
-    moe_small_gemm_kernel(const __nv_bfloat16* __restrict__ in, const int32_t* __restrict__ src_token,
-                          const int32_t* __restrict__ offsets, const ExpertTables t, int n_out, int k_dim,
-                          void* __restrict__ out, const int32_t* __restrict__ active) {
+    moe_small_gemm_kernel(const __nv_bfloat16* __restrict__ in, const MoeRowSource rs, int count, const ExpertTables t,
+                          int n_out, int k_dim, void* __restrict__ out) {
   constexpr int kCols = small_cols<F, kGateUp>();
   constexpr int kW = small_weight_rows<F, kGateUp>();
   extern __shared__ uint4 smem[];
   pdl_wait();  // the segments and rows come from the kernels before
   pdl_trigger();
   int e, begin, end;
-  if (!small_gemm_segment(offsets, active, e, begin, end)) return;
+  if (!small_gemm_segment(rs, count, e, begin, end)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n0 = blockIdx.x * (kSmallWarps * kCols) + warp * kCols;
   const bool on = n0 < n_out;  // warps past n_out only join the barriers
@@ -104,7 +112,7 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
 #pragma unroll
     for (int r = 0; r < kR; ++r) {
       const int row = r0 + min(r, n_rows - 1);
-      x[r] = in + static_cast<int64_t>(kGateUp ? src_token[row] : row) * k_dim;
+      x[r] = in + (kGateUp ? small_gemm_token(rs, row) : row) * k_dim;
     }
     if (r0 > begin) __syncthreads();  // every warp is done with the previous rows in xs
     float dot[kR][kW];
@@ -147,20 +155,19 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
 constexpr int kScalarWarps = 8;
 template <class F, bool kGateUp>
 __global__ void __launch_bounds__(kScalarWarps * 32)
-    moe_small_gemm_scalar_kernel(const __nv_bfloat16* __restrict__ in, const int32_t* __restrict__ src_token,
-                                 const int32_t* __restrict__ offsets, const ExpertTables t, int n_out, int k_dim,
-                                 void* __restrict__ out, const int32_t* __restrict__ active) {
+    moe_small_gemm_scalar_kernel(const __nv_bfloat16* __restrict__ in, const MoeRowSource rs, int count,
+                                 const ExpertTables t, int n_out, int k_dim, void* __restrict__ out) {
   pdl_wait();
   pdl_trigger();
   int e, begin, end;
-  if (!small_gemm_segment(offsets, active, e, begin, end)) return;
+  if (!small_gemm_segment(rs, count, e, begin, end)) return;
   const int lane = threadIdx.x & 31, n = blockIdx.x * kScalarWarps + (threadIdx.x >> 5);
   if (n >= n_out) return;
   WeightRows<2> rows;  // gate (or down) and up
   expert_row<F>(rows, 0, t.w1, t.s1, e, n, k_dim);
   if constexpr (kGateUp) expert_row<F>(rows, 1, t.w2, t.s2, e, n, k_dim);
   for (int r = begin; r < end; ++r) {
-    const __nv_bfloat16* xr = in + static_cast<int64_t>(kGateUp ? src_token[r] : r) * k_dim;
+    const __nv_bfloat16* xr = in + (kGateUp ? small_gemm_token(rs, r) : r) * k_dim;
     float dg = 0.0f, du = 0.0f;
     for (int k = lane; k < k_dim; k += 32) {
       const float xv = to_f32(xr[k]);
@@ -180,16 +187,19 @@ __global__ void __launch_bounds__(kScalarWarps * 32)
 
 // Both GEMMs of one call: gate‖up (t1) into act, then down (t2) into y.
 template <class F>
-cudaError_t launch_rowwise(const DevTensor& x, const int32_t* src_token, const int32_t* offsets, int count,
-                           const ExpertTables& t1, const ExpertTables& t2, int64_t inter, bool vectorized, void* act,
-                           float* y, cudaStream_t stream, const int32_t* active, int max_active) {
+cudaError_t launch_rowwise(const DevTensor& x, const MoeRowSource& rs, int count, const ExpertTables& t1,
+                           const ExpertTables& t2, int64_t inter, bool vectorized, void* act, float* y,
+                           cudaStream_t stream) {
   const int64_t hidden = x.cols();
   if (count == 0) return cudaSuccess;
   if (count > 65535 || x.dtype != DType::BF16 ||
       (vectorized && (hidden % F::kPerChunk != 0 || inter % F::kPerChunk != 0)))
     return cudaErrorInvalidValue;
-  if (active && (max_active < 1 || max_active > count)) return cudaErrorInvalidValue;
-  const unsigned ey = static_cast<unsigned>(active ? max_active : count);  // grid rows
+  if (rs.ids ? (rs.top_k < 1 || rs.n_pairs < 1 || rs.n_pairs > 65535)
+             : (rs.offsets == nullptr || rs.src_token == nullptr ||
+                (rs.active && (rs.max_active < 1 || rs.max_active > count))))
+    return cudaErrorInvalidValue;
+  const unsigned ey = static_cast<unsigned>(rs.ids ? rs.n_pairs : rs.active ? rs.max_active : count);  // grid rows
   const auto* xp = x.ptr<const __nv_bfloat16>();
   const auto* actp = static_cast<const __nv_bfloat16*>(act);
   const int n_i = static_cast<int>(inter), n_h = static_cast<int>(hidden);
@@ -197,10 +207,10 @@ cudaError_t launch_rowwise(const DevTensor& x, const int32_t* src_token, const i
     const dim3 grid1(static_cast<unsigned>((inter + kScalarWarps - 1) / kScalarWarps), ey);
     const dim3 grid2(static_cast<unsigned>((hidden + kScalarWarps - 1) / kScalarWarps), ey);
     const cudaError_t err = launch_k(moe_small_gemm_scalar_kernel<F, true>, grid1, kScalarWarps * 32, 0, stream, xp,
-                                     src_token, offsets, t1, n_i, n_h, act, active);
+                                     rs, count, t1, n_i, n_h, act);
     if (err != cudaSuccess) return err;
-    return launch_k(moe_small_gemm_scalar_kernel<F, false>, grid2, kScalarWarps * 32, 0, stream, actp, nullptr, offsets,
-                    t2, n_h, n_i, y, active);
+    return launch_k(moe_small_gemm_scalar_kernel<F, false>, grid2, kScalarWarps * 32, 0, stream, actp, rs, count, t2,
+                    n_h, n_i, y);
   }
   // One pass of 256 · kCh BF16 weights (512 · kCh FP8 codes) per weight row: kCh = 4 / kX for rows up
   // to 1024 weights (down at I = 768), else 8 / kX (a longer row takes several passes).
@@ -208,8 +218,7 @@ cudaError_t launch_rowwise(const DevTensor& x, const int32_t* src_token, const i
   auto go = [&](auto kernel, size_t smem, int cols, const __nv_bfloat16* src, const ExpertTables& t, int n_out,
                 int k_dim, void* o) {
     const unsigned gx = static_cast<unsigned>((n_out + kSmallWarps * cols - 1) / (kSmallWarps * cols));
-    return launch_k(kernel, dim3(gx, ey), kSmallWarps * 32, smem, stream, src, src_token, offsets, t, n_out, k_dim, o,
-                    active);
+    return launch_k(kernel, dim3(gx, ey), kSmallWarps * 32, smem, stream, src, rs, count, t, n_out, k_dim, o);
   };
   constexpr int c1 = small_cols<F, true>(), c2 = small_cols<F, false>();
   const cudaError_t err = hidden <= 1024 ? go(moe_small_gemm_kernel<F, true, 4 / kX>,
@@ -225,21 +234,18 @@ cudaError_t launch_rowwise(const DevTensor& x, const int32_t* src_token, const i
 
 }  // namespace
 
-cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const int32_t* src_token, const int32_t* offsets, int count,
-                                     const void* const* gate, const void* const* up, const void* const* down,
-                                     int64_t inter, bool vectorized, void* act, float* y, cudaStream_t stream,
-                                     const int32_t* active, int max_active) {
-  return launch_rowwise<Bf16Weights>(x, src_token, offsets, count, {gate, up, nullptr, nullptr},
-                                     {down, nullptr, nullptr, nullptr}, inter, vectorized, act, y, stream, active,
-                                     max_active);
+cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const MoeRowSource& rows, int count, const void* const* gate,
+                                     const void* const* up, const void* const* down, int64_t inter, bool vectorized,
+                                     void* act, float* y, cudaStream_t stream) {
+  return launch_rowwise<Bf16Weights>(x, rows, count, {gate, up, nullptr, nullptr}, {down, nullptr, nullptr, nullptr},
+                                     inter, vectorized, act, y, stream);
 }
 
-cudaError_t launch_moe_rowwise_gemms_fp8(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
-                                         int count, const Fp8ExpertTables& t, int64_t inter, bool vectorized, void* act,
-                                         float* y, cudaStream_t stream, const int32_t* active, int max_active) {
-  return launch_rowwise<Fp8Weights>(x, src_token, offsets, count, {t.gate, t.up, t.gate_scale, t.up_scale},
-                                    {t.down, nullptr, t.down_scale, nullptr}, inter, vectorized, act, y, stream, active,
-                                    max_active);
+cudaError_t launch_moe_rowwise_gemms_fp8(const DevTensor& x, const MoeRowSource& rows, int count,
+                                         const Fp8ExpertTables& t, int64_t inter, bool vectorized, void* act, float* y,
+                                         cudaStream_t stream) {
+  return launch_rowwise<Fp8Weights>(x, rows, count, {t.gate, t.up, t.gate_scale, t.up_scale},
+                                    {t.down, nullptr, t.down_scale, nullptr}, inter, vectorized, act, y, stream);
 }
 
 }  // namespace cpinfer::cuda
