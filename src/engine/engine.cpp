@@ -53,15 +53,20 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt, ParallelC
   // Each rank loads only its share of the experts (all of them when they are replicated).
   const int shard = par_.replicate_experts ? 0 : par_.world_rank();
   const int n_shards = par_.replicate_experts ? 1 : par_.world_size();
+  // With attention TP each rank loads only its heads' slices of the attention (and dense MLP) weights.
+  const TpShard tp{par_.attn_tp_rank(), par_.attn_tp_size()};
   ModelWeights w;
   if (random) {
-    w = random_weights(cfg_, *be_, shard, n_shards);
+    w = random_weights(cfg_, *be_, shard, n_shards, 0, tp);
   } else {
     ckpt_ = std::make_unique<Checkpoint>(Checkpoint::open(model_dir));
     LoadProgress progress;
-    w = load_weights(*ckpt_, cfg_, *be_, shard, n_shards, [&](size_t done, size_t total) {
-      if (par_.world_rank() == 0 && !opt.quiet) progress(done, total);
-    });
+    w = load_weights(
+        *ckpt_, cfg_, *be_, shard, n_shards,
+        [&](size_t done, size_t total) {
+          if (par_.world_rank() == 0 && !opt.quiet) progress(done, total);
+        },
+        tp);
   }
   size_t weight_bytes = w.bytes;
   model_ = make_model(cfg_, std::move(w), *be_, par_, opt.model);

@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 
+#include "layers/linear.h"
 #include "layers/scratch.h"
 #include "ops/backend.h"
 #include "parallel/context.h"
@@ -47,15 +48,20 @@ class MoE {
   Scratch scratch_;
 };
 
-// Dense SwiGLU MLP: out = down(silu(gate(h)) ⊙ up(h)); h, out [T, H].
+// Dense SwiGLU MLP: out = down(silu(gate(h)) ⊙ up(h)); h, out [T, H]. With attention TP gate and
+// up are column-parallel and down row-parallel: each rank computes I / T of the width and the
+// partial outputs are summed over the TP group.
 struct MlpWeights {
-  Weight gate, up, down;  // [I, H], [I, H], [H, I]
+  const ColumnParallelLinear *gate = nullptr, *up = nullptr;  // [I, H] (local: [I / T, H])
+  const RowParallelLinear* down = nullptr;                     // [H, I] (local: [H, I / T])
 };
 
 class Mlp {
  public:
   Mlp(Backend& be, Profiler& prof) : be_(be), prof_(prof), scratch_(be, kNumSlots) {}
-  void run(const MlpWeights& w, const Tensor& h, Tensor out);
+  // group: the attention-TP group the width is split over (nullptr: whole weights); every rank of
+  // it calls run with the same rows.
+  void run(const MlpWeights& w, const Tensor& h, Tensor out, Communicator* group = nullptr);
 
  private:
   enum Slot { kGate, kUp, kNumSlots };
