@@ -175,8 +175,8 @@ int run_bench_prefill(BenchFlags& f) {
     std::printf("model %s, device %s%s\n", j["model"].get<std::string>().c_str(), device_name.c_str(),
                 peak > 0 ? (", bf16 GEMM peak " + std::to_string(int(peak)) + " TFLOP/s").c_str() : "");
     std::printf("%8s %4s %4s %10s %10s %8s %8s %9s %9s %9s %9s %9s %9s %7s\n", "seq", "cp", "tp", "ttft_s", "tok/s",
-                "speedup",
-                "eff", "exposed_s", "comm_s", "attn_s", "moe_s", "gemm_s", "other_s", peak > 0 ? "MFU" : "GFLOP/s");
+                "speedup", "eff", "exposed_s", "comm_s", "attn_s", "moe_s", "gemm_s", "other_s",
+                peak > 0 ? "MFU" : "GFLOP/s");
   }
   for (const Row& r : rows) {
     double base = 0;
@@ -206,8 +206,7 @@ int run_bench_prefill(BenchFlags& f) {
     j["results"].push_back(o);
     if (!f.json)
       std::printf("%8d %4d %4d %10.3f %10.0f %8.2f %8.2f %9s %9.3f %9.3f %9.3f %9.3f %9.3f %7.3g\n", r.seq, r.cp, r.tp,
-                  r.ttft_s,
-                  r.seq / r.ttft_s, speedup, eff,
+                  r.ttft_s, r.seq / r.ttft_s, speedup, eff,
                   r.exposed_comm_s >= 0 ? std::to_string(r.exposed_comm_s).substr(0, 5).c_str() : "-", r.comm_s,
                   r.attn_s, r.moe_s, r.dense_s, r.other_s, peak > 0 ? mfu : rate / 1e9);
   }

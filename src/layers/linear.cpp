@@ -114,8 +114,7 @@ std::vector<float> slice_fp8_scales(const LinearShard& s, const std::vector<floa
     out.assign(full.begin() + b0 * sk, full.begin() + (b0 + nb) * sk);
   } else {
     out.reserve(size_t(sn * nb));
-    for (int64_t r = 0; r < sn; ++r)
-      out.insert(out.end(), full.begin() + r * sk + b0, full.begin() + r * sk + b0 + nb);
+    for (int64_t r = 0; r < sn; ++r) out.insert(out.end(), full.begin() + r * sk + b0, full.begin() + r * sk + b0 + nb);
   }
   return out;
 }

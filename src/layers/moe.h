@@ -53,7 +53,7 @@ class MoE {
 // partial outputs are summed over the TP group.
 struct MlpWeights {
   const ColumnParallelLinear *gate = nullptr, *up = nullptr;  // [I, H] (local: [I / T, H])
-  const RowParallelLinear* down = nullptr;                     // [H, I] (local: [H, I / T])
+  const RowParallelLinear* down = nullptr;                    // [H, I] (local: [H, I / T])
 };
 
 class Mlp {

@@ -46,16 +46,16 @@ DecoderLM::DecoderLM(const ModelConfig& cfg, const DecoderSpec& spec, ModelWeigh
     CPI_CHECK(par_.world->size() % par_.cp->size() == 0, "attn_cp_size ", par_.cp->size(),
               " does not divide the world size ", par_.world->size());
   }
-  CPI_CHECK(par_.cp_size() * par_.attn_tp_size() == par_.world_size(), "attention CP size ", par_.cp_size(), " x TP size ",
-            par_.attn_tp_size(), " != world size ", par_.world_size());
+  CPI_CHECK(par_.cp_size() * par_.attn_tp_size() == par_.world_size(), "attention CP size ", par_.cp_size(),
+            " x TP size ", par_.attn_tp_size(), " != world size ", par_.world_size());
   // The weights must be this rank's heads (load_weights / random_weights with the same TpShard).
   const AttnHeadShard heads = head_shard(cfg_, par_);
   for (const LayerWeights& L : w_.layers)
     CPI_CHECK(L.q_proj.weight.dim(0) == heads.q_count * cfg_.head_dim &&
                   L.k_proj.weight.dim(0) == heads.kv_count * cfg_.head_dim,
               "weights hold ", L.q_proj.weight.dim(0) / cfg_.head_dim, " q / ", L.k_proj.weight.dim(0) / cfg_.head_dim,
-              " kv heads per layer, attention TP rank ", par_.attn_tp_rank(), " of ", par_.attn_tp_size(),
-              " computes ", heads.q_count, " / ", heads.kv_count, ": load them with its TpShard");
+              " kv heads per layer, attention TP rank ", par_.attn_tp_rank(), " of ", par_.attn_tp_size(), " computes ",
+              heads.q_count, " / ", heads.kv_count, ": load them with its TpShard");
   // Device communicators order their collectives on this back-end's stream: no host waits.
   if (void* stream = be_.native_stream()) {
     if (par_.world) par_.world->bind_stream(stream);
@@ -105,8 +105,8 @@ Tensor DecoderLM::run_layers(const ForwardPlan& plan, KvCache& cache, const Step
   const int n_layers = static_cast<int>(cfg_.num_hidden_layers);
   for (int l = 0; l < n_layers; ++l) {
     const LayerWeights& L = w_.layers[size_t(l)];
-    Tensor o = attn_.run(AttentionWeights{&L.q_proj, &L.k_proj, &L.v_proj, &L.o_proj, L.q_norm, L.k_norm},
-                         cache.layer(l), h);
+    Tensor o =
+        attn_.run(AttentionWeights{&L.q_proj, &L.k_proj, &L.v_proj, &L.o_proj, L.q_norm, L.k_norm}, cache.layer(l), h);
     if (T > 0) {
       be_.add_rms_norm(x, o, L.post_attn_norm, eps, h);
       prof_.mark(&ForwardProfile::other_s);

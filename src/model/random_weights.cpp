@@ -107,8 +107,7 @@ class Filler {
       std::vector<uint8_t> copy;
       Buffer cbuf(be_, local_total), sbuf(be_, local_scales.size() * sizeof(float));
       if (local_total) be_.upload(cbuf.data(), slice_host(shard, codes.data(), n, k, 1, copy), local_total);
-      if (!local_scales.empty())
-        be_.upload(sbuf.data(), local_scales.data(), local_scales.size() * sizeof(float));
+      if (!local_scales.empty()) be_.upload(sbuf.data(), local_scales.data(), local_scales.size() * sizeof(float));
       be_.sync();  // the host copies are freed on return
       w = Weight(Tensor(cbuf.data(), DType::F8E4M3, {ln, lk}, be_.device()));
       w.scale = Tensor(sbuf.data(), DType::F32, {(ln + kFp8Block - 1) / kFp8Block, (lk + kFp8Block - 1) / kFp8Block},

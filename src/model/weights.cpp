@@ -121,9 +121,14 @@ class Planner {
     const size_t row_bytes = t.shape[0] == 0 ? 0 : t.nbytes / static_cast<size_t>(t.shape[0]);
     std::vector<int64_t> shape = t.shape;
     shape[0] = count;
-    items_.push_back(
-        {&t, static_cast<size_t>(first) * row_bytes, static_cast<size_t>(count) * row_bytes, std::move(shape), dst,
-         nullptr, nullptr, {}});
+    items_.push_back({&t,
+                      static_cast<size_t>(first) * row_bytes,
+                      static_cast<size_t>(count) * row_bytes,
+                      std::move(shape),
+                      dst,
+                      nullptr,
+                      nullptr,
+                      {}});
   }
 
   const TensorInfo& checked(const std::string& name, const std::vector<int64_t>& expect, const char* why) {

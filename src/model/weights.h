@@ -9,23 +9,23 @@
 #include <vector>
 
 #include "core/tensor.h"
-#include "loader/config.h"
 #include "layers/linear.h"
+#include "loader/config.h"
 #include "loader/safetensors.h"
 #include "ops/backend.h"
 
 namespace cpinfer {
 
 struct LayerWeights {
-  Tensor input_norm, post_attn_norm;      // [H]
+  Tensor input_norm, post_attn_norm;  // [H]
   // [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D] in the checkpoint (float or FP8); with attention TP
   // this rank's heads only: q/k/v column-parallel (its heads' rows), o row-parallel (their columns).
   ColumnParallelLinear q_proj, k_proj, v_proj;
   RowParallelLinear o_proj;
-  Tensor q_norm, k_norm;                  // [D]
+  Tensor q_norm, k_norm;  // [D]
   bool moe = false;
-  Tensor router;                      // [E, H]   (moe)
-  ExpertShard experts;                // (moe) only this rank's share
+  Tensor router;        // [E, H]   (moe)
+  ExpertShard experts;  // (moe) only this rank's share
   // Dense MLP: [I, H], [I, H], [H, I] (float or FP8); with attention TP gate/up column-parallel
   // (I / T rows each), down row-parallel (the same I / T columns).
   ColumnParallelLinear mlp_gate, mlp_up;

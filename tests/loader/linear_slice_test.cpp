@@ -191,8 +191,8 @@ TEST(ParallelLinear, RandomWeightsAreTheSameModelSliced) {
         const ModelWeights w = random_weights(cfg, *be, 0, 1, 3, TpShard{t, 2});
         for (const Expect& e : expected_slices(s, TpShard{t, 2})) {
           const int layer = std::string(e.name).starts_with("mlp.") ? 1 : 0;
-          const std::string what = std::string(e.name) + (fp8 ? " fp8" : " bf16") + (keep ? " kept" : "") +
-                                   " rank " + std::to_string(t);
+          const std::string what =
+              std::string(e.name) + (fp8 ? " fp8" : " bf16") + (keep ? " kept" : "") + " rank " + std::to_string(t);
           const Weight& a = linear_of(full.layers[size_t(layer)], e.name).weight;
           const Weight& b = linear_of(w.layers[size_t(layer)], e.name).weight;
           ASSERT_EQ(a.dtype, b.dtype) << what;
@@ -203,7 +203,8 @@ TEST(ParallelLinear, RandomWeightsAreTheSameModelSliced) {
           EXPECT_EQ(std::memcmp(b.data, want.data(), want.size()), 0) << what;
           if (!a.fp8()) continue;
           const int64_t sk = a.scale.dim(1), f = e.first / 128, n = e.count / 128;
-          const auto want_s = e.rows ? cut(a.scale.data, sk, f, n, 0, sk, 4) : cut(a.scale.data, sk, 0, a.scale.dim(0), f, n, 4);
+          const auto want_s =
+              e.rows ? cut(a.scale.data, sk, f, n, 0, sk, 4) : cut(a.scale.data, sk, 0, a.scale.dim(0), f, n, 4);
           ASSERT_EQ(b.scale.nbytes(), want_s.size()) << what;
           EXPECT_EQ(std::memcmp(b.scale.data, want_s.data(), want_s.size()), 0) << what << " scales";
         }

@@ -138,7 +138,8 @@ TEST(Fp8RandomWeights, LinearLayersAreFiniteFp8WithBlockScalesAndTheRestStaysBf1
       }
     } else {
       expect_fp8_weight(L.mlp_gate.weight, T.mlp_gate.weight, s_h, p + "mlp.gate_proj");
-      expect_fp8_weight(L.mlp_down.weight, T.mlp_down.weight, 1.0f / std::sqrt(float(cfg.intermediate_size)), p + "mlp.down_proj");
+      expect_fp8_weight(L.mlp_down.weight, T.mlp_down.weight, 1.0f / std::sqrt(float(cfg.intermediate_size)),
+                        p + "mlp.down_proj");
     }
   }
   int n_dense = 0;

@@ -35,9 +35,9 @@ int argmax(const std::vector<float>& v, size_t begin, size_t n) {
 
 struct RankView {
   int tp_rank = 0, tp_size = 1, cp_rank = 0;
-  size_t kv_bytes = 0;                    // the rank's whole KV cache
-  int kv_heads = 0;                       // kv heads its cache holds
-  std::vector<std::vector<float>> kv;     // per prompt: layer-major K then V, [length, kv_heads, D]
+  size_t kv_bytes = 0;                 // the rank's whole KV cache
+  int kv_heads = 0;                    // kv heads its cache holds
+  std::vector<std::vector<float>> kv;  // per prompt: layer-major K then V, [length, kv_heads, D]
 };
 
 struct Result {

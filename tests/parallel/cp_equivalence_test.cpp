@@ -103,7 +103,8 @@ std::vector<float> first_heads(const std::vector<float>& kv, int all_heads, int 
   if (n_heads == all_heads) return kv;
   const size_t row = size_t(all_heads) * size_t(D), part = size_t(n_heads) * size_t(D);
   std::vector<float> out;
-  for (size_t r = 0; r + row <= kv.size(); r += row) out.insert(out.end(), kv.begin() + long(r), kv.begin() + long(r + part));
+  for (size_t r = 0; r + row <= kv.size(); r += row)
+    out.insert(out.end(), kv.begin() + long(r), kv.begin() + long(r + part));
   return out;
 }
 
