@@ -2,8 +2,9 @@
 // - Replicated: every rank holds all experts and handles its own rows (no communication).
 // - Sharded: each rank holds a contiguous range of experts (ExpertShard); the CP group's rows are
 //   gathered, each rank applies its experts to all of them, and the partial sums are reduced back
-//   to the rows' owners (reduce-scatter; an all-reduce when the world holds several CP groups,
-//   which compute the same rows). Optionally pipelined in chunks (ModelOptions::moe_chunks).
+//   to the rows' owners (reduce-scatter; an all-reduce when the world holds several CP groups: they
+//   are attention-TP peers, which hold the same rows after o_proj's all-reduce). Optionally
+//   pipelined in chunks (ModelOptions::moe_chunks).
 #pragma once
 #include <cstdint>
 
