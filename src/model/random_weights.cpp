@@ -89,6 +89,25 @@ class Filler {
     for (float& x : scales) x = scale / kCodeSigma * jitter(rng_);
     const std::vector<uint8_t>& pool = code_pool();
     const size_t total = static_cast<size_t>(n * k);
+    Weight w;
+    if (keep_fp8 && shard.split == LinearShard::Split::None) {  // whole: codes straight from the pool
+      Buffer codes(be_, total), sbuf(be_, scales.size() * sizeof(float));
+      for (size_t done = 0; done < total;) {
+        const size_t off = std::uniform_int_distribution<size_t>(0, pool.size() / 2)(rng_);
+        const size_t len = std::min(total - done, pool.size() - off);
+        be_.upload(static_cast<uint8_t*>(codes.data()) + done, pool.data() + off, len);
+        done += len;
+      }
+      if (!scales.empty()) be_.upload(sbuf.data(), scales.data(), scales.size() * sizeof(float));
+      be_.sync();  // `scales` is freed on return
+      w = Weight(Tensor(codes.data(), DType::F8E4M3, {n, k}, be_.device()));
+      w.scale = Tensor(sbuf.data(), DType::F32, {sn, sk}, be_.device());
+      w_.bytes += total + scales.size() * sizeof(float);
+      w_.owned.push_back(std::move(codes));
+      w_.owned.push_back(std::move(sbuf));
+      return w;
+    }
+    // The same codes drawn into host memory, then the slice taken (or dequantized).
     std::vector<uint8_t> codes(total);
     for (size_t done = 0; done < total;) {
       const size_t off = std::uniform_int_distribution<size_t>(0, pool.size() / 2)(rng_);
@@ -101,7 +120,6 @@ class Filler {
     const size_t local_total = static_cast<size_t>(ln * lk);
     const bool rows = shard.split == LinearShard::Split::Rows, cols = shard.split == LinearShard::Split::Cols;
     const int64_t r0 = rows ? shard.first : 0, c0 = cols ? shard.first : 0;
-    Weight w;
     if (keep_fp8) {
       const std::vector<float> local_scales = slice_fp8_scales(shard, scales, n, k, name);
       std::vector<uint8_t> copy;
