@@ -1,12 +1,13 @@
 // Shared helpers of the op tests: owned host tensors with random contents, a double-precision
-// view of any float tensor, and a closeness check that also catches unwritten (NaN-poisoned)
-// outputs.
+// view of any float tensor, a closeness check that also catches unwritten (NaN-poisoned)
+// outputs, and the fixture of the CpuAttention suite (two files).
 #pragma once
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -153,5 +154,12 @@ constexpr bool kSanitized = true;
 #else
 constexpr bool kSanitized = false;
 #endif
+
+// The fixture of the CpuAttention suite, whose tests span test_cpu_rope_kv.cpp and
+// test_cpu_attention.cpp: one class for both, as gtest requires of the tests of one suite.
+class CpuAttention : public ::testing::Test {
+ protected:
+  std::unique_ptr<Backend> be = make_cpu_backend();
+};
 
 }  // namespace cpinfer::test
