@@ -52,7 +52,7 @@ double prefill_flops(const ModelConfig& c, int64_t S) {
 }
 
 struct Row {
-  int seq = 0, cp = 0;
+  int seq = 0, cp = 0, tp = 1, ranks = 1;  // CP size, attention TP size, world size
   double ttft_s = 0, exposed_comm_s = -1, comm_s = 0, attn_s = 0, moe_s = 0, dense_s = 0, other_s = 0, flops = 0;
 };
 
@@ -131,7 +131,7 @@ int run_bench_prefill(BenchFlags& f) {
         // Exposed communication: the same forward with every collective skipped (wrong results,
         // same kernels) is this much faster.
         double elided = -1;
-        if (par.cp_size() > 1 && f.exposed_comm) {
+        if (par.world_size() > 1 && f.exposed_comm) {
           engine.model().options().elide_comm = true;
           std::vector<double> t2;
           for (int i = 0; i < repeats; ++i) t2.push_back(once(false));
@@ -147,6 +147,8 @@ int run_bench_prefill(BenchFlags& f) {
           Row r;
           r.seq = S;
           r.cp = cp;
+          r.tp = par.attn_tp_size();
+          r.ranks = par.world_size();
           r.ttft_s = times[times.size() / 2];
           if (elided >= 0) r.exposed_comm_s = std::max(0.0, r.ttft_s - elided);
           r.comm_s = prof.comm_s;
@@ -172,19 +174,22 @@ int run_bench_prefill(BenchFlags& f) {
   if (!f.json) {
     std::printf("model %s, device %s%s\n", j["model"].get<std::string>().c_str(), device_name.c_str(),
                 peak > 0 ? (", bf16 GEMM peak " + std::to_string(int(peak)) + " TFLOP/s").c_str() : "");
-    std::printf("%8s %4s %10s %10s %8s %8s %9s %9s %9s %9s %9s %9s %7s\n", "seq", "cp", "ttft_s", "tok/s", "speedup",
-                "eff", "exposed_s", "comm_s", "attn_s", "moe_s", "gemm_s", "other_s", peak > 0 ? "MFU" : "GFLOP/s");
+    std::printf("%8s %4s %4s %10s %10s %8s %8s %9s %9s %9s %9s %9s %9s %7s\n", "seq", "cp", "tp", "ttft_s", "tok/s",
+                "speedup", "eff", "exposed_s", "comm_s", "attn_s", "moe_s", "gemm_s", "other_s",
+                peak > 0 ? "MFU" : "GFLOP/s");
   }
   for (const Row& r : rows) {
     double base = 0;
     for (const Row& b : rows)
-      if (b.seq == r.seq && b.cp == 1) base = b.ttft_s;
+      if (b.seq == r.seq && b.ranks == 1) base = b.ttft_s;
     double speedup = base > 0 ? base / r.ttft_s : 0;
-    double eff = speedup / r.cp;
+    double eff = speedup / r.ranks;
     double rate = r.flops / r.ttft_s;
-    double mfu = peak > 0 ? rate / (peak * 1e12 * r.cp) : 0;
+    double mfu = peak > 0 ? rate / (peak * 1e12 * r.ranks) : 0;
     nlohmann::ordered_json o = {{"seq", r.seq},
                                 {"cp", r.cp},
+                                {"attn_tp", r.tp},
+                                {"ranks", r.ranks},
                                 {"ttft_s", r.ttft_s},
                                 {"tokens_per_s", r.seq / r.ttft_s},
                                 {"speedup", speedup},
@@ -200,8 +205,8 @@ int run_bench_prefill(BenchFlags& f) {
     if (peak > 0) o["mfu"] = mfu;
     j["results"].push_back(o);
     if (!f.json)
-      std::printf("%8d %4d %10.3f %10.0f %8.2f %8.2f %9s %9.3f %9.3f %9.3f %9.3f %9.3f %7.3g\n", r.seq, r.cp, r.ttft_s,
-                  r.seq / r.ttft_s, speedup, eff,
+      std::printf("%8d %4d %4d %10.3f %10.0f %8.2f %8.2f %9s %9.3f %9.3f %9.3f %9.3f %9.3f %7.3g\n", r.seq, r.cp, r.tp,
+                  r.ttft_s, r.seq / r.ttft_s, speedup, eff,
                   r.exposed_comm_s >= 0 ? std::to_string(r.exposed_comm_s).substr(0, 5).c_str() : "-", r.comm_s,
                   r.attn_s, r.moe_s, r.dense_s, r.other_s, peak > 0 ? mfu : rate / 1e9);
   }
@@ -224,7 +229,9 @@ Command add_bench_command(CLI::App& app) {
   p->add_option("--random-weights", f->random_weights,
                 "Random weights instead of a checkpoint: qwen3-30b-a3b, qwen3-30b-a3b-fp8 or a config.json path");
   p->add_option("--seq", f->seqs, "Prompt lengths, comma-separated")->capture_default_str();
-  p->add_option("--attn-cp-size", f->cps, "CP sizes, comma-separated (each runs on that many ranks)")
+  p->add_option("--attn-cp-size", f->cps,
+                "CP sizes, comma-separated (each runs on that many ranks, or on --world-size / --tp-size ranks "
+                "with attention TP over world / cp)")
       ->capture_default_str();
   p->add_option("--warmup", f->warmup, "Untimed runs first")->capture_default_str();
   p->add_option("--repeats", f->repeats, "Timed runs; the median is reported (default: 3 on cuda, 1 on cpu)");
@@ -233,7 +240,7 @@ Command add_bench_command(CLI::App& app) {
               "Skip the per-op breakdown (a separate run that synchronizes after every op group, so its "
               "comm_s is the communication time without overlap)");
   p->add_flag("!--no-exposed-comm", f->exposed_comm,
-              "Skip measuring exposed communication (CP > 1: TTFT minus the TTFT of the same forward with "
+              "Skip measuring exposed communication (several ranks: TTFT minus the TTFT of the same forward with "
               "every collective skipped)");
   p->add_option("--moe-chunks", f->moe_chunks,
                 "Chunks of the sharded-expert MoE pipeline (0: the default, which is 1: no pipelining)")

@@ -21,18 +21,14 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
       ->check(CLI::Range(1, 4096))
       ->capture_default_str();
   auto* ws = app->add_option("--world-size", world_size,
-                             "Number of ranks the model spans (experts are sharded over them); default: "
-                             "--attn-cp-size, or the mpirun size")
+                             "Number of ranks W the model spans (default: --attn-cp-size, or the mpirun size). "
+                             "The W / attn-cp-size ranks with the same CP rank form an attention tensor-parallel "
+                             "group: each computes a share of the attention heads (and of the dense MLP width), "
+                             "holds only its kv heads' KV cache, and o_proj's partial sums are all-reduced over it; "
+                             "MoE experts are sharded over all W ranks")
                  ->check(CLI::Range(0, 4096));
-  // The old name said tensor parallelism, which this is not (attention is context-parallel, experts
-  // sharded); kept so that existing command lines still run.
-  app->add_option_function<int>(
-         "--tp-size",
-         [this](const int& v) {
-           log_warn("--tp-size is deprecated: it is the world size; use --world-size");
-           world_size = v;
-         },
-         "Deprecated name of --world-size")
+  // SGLang's name for the same number: tp_size = attn_cp_size x attn_tp_size ranks.
+  app->add_option("--tp-size", world_size, "SGLang's name of --world-size (attention TP size = tp-size / attn-cp-size)")
       ->check(CLI::Range(0, 4096))
       ->excludes(ws);
   app->add_option("--ep-size", ep_size,

@@ -15,7 +15,7 @@ struct EngineFlags {
   std::string device = "cpu";
   int device_index = 0;
   int attn_cp_size = 1;
-  int world_size = 0;  // --world-size (--tp-size: its deprecated old name)
+  int world_size = 0;  // --world-size, or SGLang's --tp-size (the same number)
   int ep_size = 0;
   bool enable_prefill_cp = false;
   int cp_min_tokens = 0;

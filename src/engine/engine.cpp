@@ -53,15 +53,20 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt, ParallelC
   // Each rank loads only its share of the experts (all of them when they are replicated).
   const int shard = par_.replicate_experts ? 0 : par_.world_rank();
   const int n_shards = par_.replicate_experts ? 1 : par_.world_size();
+  // With attention TP each rank loads only its heads' slices of the attention (and dense MLP) weights.
+  const TpShard tp{par_.attn_tp_rank(), par_.attn_tp_size()};
   ModelWeights w;
   if (random) {
-    w = random_weights(cfg_, *be_, shard, n_shards);
+    w = random_weights(cfg_, *be_, shard, n_shards, 0, tp);
   } else {
     ckpt_ = std::make_unique<Checkpoint>(Checkpoint::open(model_dir));
     LoadProgress progress;
-    w = load_weights(*ckpt_, cfg_, *be_, shard, n_shards, [&](size_t done, size_t total) {
-      if (par_.world_rank() == 0 && !opt.quiet) progress(done, total);
-    });
+    w = load_weights(
+        *ckpt_, cfg_, *be_, shard, n_shards,
+        [&](size_t done, size_t total) {
+          if (par_.world_rank() == 0 && !opt.quiet) progress(done, total);
+        },
+        tp);
   }
   size_t weight_bytes = w.bytes;
   model_ = make_model(cfg_, std::move(w), *be_, par_, opt.model);
@@ -77,8 +82,13 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt, ParallelC
              cfg_.num_experts_per_tok, "), hidden ", cfg_.hidden_size, ", vocab ", cfg_.vocab_size, ", weights ",
              dtype_name(model_->weight_dtype()), " ", weight_bytes / 1048576.0, " MiB on rank 0 of ", par_.world_size(),
              ", device ", be_->name(), ", ", seconds_since(t0), " s");
+    if (tp.size > 1)
+      log_info("attention tensor parallelism: ", tp.size, " ranks per TP group (", par_.world_size(), " ranks / CP ",
+               par_.cp_size(), "), each with ", cfg_.num_attention_heads / tp.size, " of ", cfg_.num_attention_heads,
+               " q heads and ", cache_->shape().n_kv_heads, " of ", cfg_.num_key_value_heads, " kv heads");
     log_info("KV cache: ", n_blocks * opt.block_size, " positions in blocks of ", opt.block_size, ", ",
-             cache_->shape().bytes() / 1048576.0, " MiB ", dtype_name(cache_->shape().dtype));
+             cache_->shape().bytes() / 1048576.0, " MiB ", dtype_name(cache_->shape().dtype),
+             tp.size > 1 ? " per rank (its kv heads)" : "");
   }
 }
 

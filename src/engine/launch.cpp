@@ -24,7 +24,7 @@ void check_ep_size(int ep_size, int world) {
 void run_rank(Communicator& boot, const LaunchOptions& opt, const std::function<void(ParallelCtx&)>& fn) {
   const int cp_size = opt.cp_size;
   ParallelCtx par;
-  std::unique_ptr<Communicator> cp_group, nccl;
+  std::unique_ptr<Communicator> cp_group, tp_group, nccl;
   Communicator* data = &boot;
   if (opt.gpu && boot.size() > 1) {
 #ifdef CPINFER_HAVE_NCCL
@@ -47,6 +47,14 @@ void run_rank(Communicator& boot, const LaunchOptions& opt, const std::function<
     // CP groups are runs of consecutive ranks: {0..C-1}, {C..2C-1}, ...
     cp_group = world.split(world.rank() / cp_size, world.rank());
     par.cp = cp_group.get();
+  }
+  // Attention TP groups: the ranks with the same CP rank, one from each CP group.
+  const int tp_size = world.size() / cp_size;
+  if (tp_size == world.size()) {
+    par.attn_tp = tp_size > 1 ? &world : nullptr;
+  } else if (tp_size > 1) {
+    tp_group = world.split(world.rank() % cp_size, world.rank());
+    par.attn_tp = tp_group.get();
   }
   fn(par);
 }

@@ -82,7 +82,7 @@ Tensor Attention::run(const AttentionWeights& w, const KvLayer& kv, const Tensor
   Tensor k = kv_local.slice(0, T), v = kv_local.slice(T, T);
   Tensor q = scratch_.rows(kQ, ad, T, Hq * D);
   if (T > 0) {
-    const Backend::LinearOut qkv[] = {{&w.q_proj, q}, {&w.k_proj, k}, {&w.v_proj, v}};
+    const Backend::LinearOut qkv[] = {{&w.q_proj->weight, q}, {&w.k_proj->weight, k}, {&w.v_proj->weight, v}};
     be_.linears(h, qkv);
     prof_.mark(&ForwardProfile::dense_gemm_s);
     const Tensor qn = shape_.qk_norm ? w.q_norm : Tensor{}, kn = shape_.qk_norm ? w.k_norm : Tensor{};
@@ -110,8 +110,12 @@ Tensor Attention::run(const AttentionWeights& w, const KvLayer& kv, const Tensor
   if (T == 0) return scratch_.rows(kO, ad, 0, H);
   prof_.mark(&ForwardProfile::attention_s);
   Tensor o = scratch_.get(kO, ad, {T, H});
-  be_.linear(out, w.o_proj, o);
+  w.o_proj->partial(be_, out, o);
   prof_.mark(&ForwardProfile::dense_gemm_s);
+  if (par_.attn_tp_size() > 1 && !opt_.elide_comm) {
+    RowParallelLinear::reduce(be_, o, par_.attn_tp);
+    prof_.mark(&ForwardProfile::comm_s);
+  }
   return o;
 }
 

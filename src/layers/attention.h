@@ -8,10 +8,15 @@
 //   to its own keys (the diagonal), then to the other ranks' keys, merged by LSE (parallel/merge.h).
 // - CpShardedKv: each rank stores only the K/V of its own rows (layers/sharded_attention.h: pass-KV
 //   ring over the new rows, pass-Q over the shards of earlier forwards, merged by LSE).
+// Orthogonal to the strategy, attention tensor parallelism (ParallelCtx::attn_tp, T ranks): the
+// rank computes only its heads (AttentionShape holds the local head counts, layers/linear.h
+// attn_head_shard), its cache holds only its kv heads, and o_proj is row-parallel: the partial
+// outputs are summed over the TP group, after which every TP peer holds the same rows.
 #pragma once
 #include <cstdint>
 #include <memory>
 
+#include "layers/linear.h"
 #include "layers/scratch.h"
 #include "layers/sharded_attention.h"
 #include "ops/backend.h"
@@ -20,11 +25,14 @@
 
 namespace cpinfer {
 
+// This rank's slices (its heads): [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D] in local heads.
 struct AttentionWeights {
-  Weight q_proj, k_proj, v_proj, o_proj;  // [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D]
-  Tensor q_norm, k_norm;                  // [D]; undefined when the family has no q/k norm
+  const ColumnParallelLinear *q_proj = nullptr, *k_proj = nullptr, *v_proj = nullptr;
+  const RowParallelLinear* o_proj = nullptr;
+  Tensor q_norm, k_norm;  // [D]; undefined when the family has no q/k norm
 };
 
+// n_heads, n_kv_heads: the heads this rank computes (all of them without attention TP).
 struct AttentionShape {
   int64_t hidden = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
   float eps = 1e-6f;  // q/k RMSNorm
@@ -54,8 +62,9 @@ class Attention {
   void plan(const ForwardPlan& plan, const AttnInputs* dev = nullptr);
   Strategy strategy() const { return strategy_; }
 
-  // Returns o_proj(attention(h)) [T, H] (scratch of this object, valid until the next run); h
-  // [T, H] is the normed hidden state of this rank's rows; K/V of the CP group go into `kv`.
+  // Returns o_proj(attention(h)) [T, H] (scratch of this object, valid until the next run), summed
+  // over the attention-TP group; h [T, H] is the normed hidden state of this rank's rows (the same
+  // on every TP peer); K/V of the CP group (this rank's kv heads) go into `kv`.
   Tensor run(const AttentionWeights& w, const KvLayer& kv, const Tensor& h);
 
  private:

@@ -125,18 +125,22 @@ void MoE::pipelined(const MoeWeights& w, const ForwardPlan& plan, const Tensor& 
   prof_.mark(&ForwardProfile::moe_s);
 }
 
-void Mlp::run(const MlpWeights& w, const Tensor& h, Tensor out) {
+void Mlp::run(const MlpWeights& w, const Tensor& h, Tensor out, Communicator* group) {
   const int64_t T = h.rows();
   if (T == 0) return;
-  const int64_t I = w.gate.dim(0);
+  const int64_t I = w.gate->weight.dim(0);
   const DType ad = be_.act_dtype();
   Tensor g = scratch_.get(kGate, ad, {T, I});
   Tensor u = scratch_.get(kUp, ad, {T, I});
-  be_.linear(h, w.gate, g);
-  be_.linear(h, w.up, u);
+  w.gate->forward(be_, h, g);
+  w.up->forward(be_, h, u);
   be_.silu_mul(g, u, g);
-  be_.linear(g, w.down, out);
+  w.down->partial(be_, g, out);
   prof_.mark(&ForwardProfile::dense_gemm_s);
+  if (group != nullptr && group->size() > 1) {
+    RowParallelLinear::reduce(be_, out, group);
+    prof_.mark(&ForwardProfile::comm_s);
+  }
 }
 
 }  // namespace cpinfer

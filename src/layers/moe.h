@@ -2,11 +2,13 @@
 // - Replicated: every rank holds all experts and handles its own rows (no communication).
 // - Sharded: each rank holds a contiguous range of experts (ExpertShard); the CP group's rows are
 //   gathered, each rank applies its experts to all of them, and the partial sums are reduced back
-//   to the rows' owners (reduce-scatter; an all-reduce when the world holds several CP groups,
-//   which compute the same rows). Optionally pipelined in chunks (ModelOptions::moe_chunks).
+//   to the rows' owners (reduce-scatter; an all-reduce when the world holds several CP groups: they
+//   are attention-TP peers, which hold the same rows after o_proj's all-reduce). Optionally
+//   pipelined in chunks (ModelOptions::moe_chunks).
 #pragma once
 #include <cstdint>
 
+#include "layers/linear.h"
 #include "layers/scratch.h"
 #include "ops/backend.h"
 #include "parallel/context.h"
@@ -47,15 +49,20 @@ class MoE {
   Scratch scratch_;
 };
 
-// Dense SwiGLU MLP: out = down(silu(gate(h)) ⊙ up(h)); h, out [T, H].
+// Dense SwiGLU MLP: out = down(silu(gate(h)) ⊙ up(h)); h, out [T, H]. With attention TP gate and
+// up are column-parallel and down row-parallel: each rank computes I / T of the width and the
+// partial outputs are summed over the TP group.
 struct MlpWeights {
-  Weight gate, up, down;  // [I, H], [I, H], [H, I]
+  const ColumnParallelLinear *gate = nullptr, *up = nullptr;  // [I, H] (local: [I / T, H])
+  const RowParallelLinear* down = nullptr;                    // [H, I] (local: [H, I / T])
 };
 
 class Mlp {
  public:
   Mlp(Backend& be, Profiler& prof) : be_(be), prof_(prof), scratch_(be, kNumSlots) {}
-  void run(const MlpWeights& w, const Tensor& h, Tensor out);
+  // group: the attention-TP group the width is split over (nullptr: whole weights); every rank of
+  // it calls run with the same rows.
+  void run(const MlpWeights& w, const Tensor& h, Tensor out, Communicator* group = nullptr);
 
  private:
   enum Slot { kGate, kUp, kNumSlots };

@@ -5,11 +5,17 @@
 namespace cpinfer {
 
 namespace {
-AttentionShape attention_shape(const ModelConfig& cfg, const DecoderSpec& spec) {
+// The heads this rank computes: all of them, or its share of the attention-TP group.
+AttnHeadShard head_shard(const ModelConfig& cfg, const ParallelCtx& par) {
+  return attn_head_shard(cfg.num_attention_heads, cfg.num_key_value_heads,
+                         TpShard{par.attn_tp_rank(), par.attn_tp_size()});
+}
+AttentionShape attention_shape(const ModelConfig& cfg, const DecoderSpec& spec, const ParallelCtx& par) {
+  const AttnHeadShard heads = head_shard(cfg, par);
   AttentionShape s;
   s.hidden = cfg.hidden_size;
-  s.n_heads = cfg.num_attention_heads;
-  s.n_kv_heads = cfg.num_key_value_heads;
+  s.n_heads = heads.q_count;
+  s.n_kv_heads = heads.kv_count;
   s.head_dim = cfg.head_dim;
   s.eps = static_cast<float>(cfg.rms_norm_eps);
   s.qk_norm = spec.qk_norm;
@@ -30,7 +36,7 @@ DecoderLM::DecoderLM(const ModelConfig& cfg, const DecoderSpec& spec, ModelWeigh
       opt_(opt),
       prof_(backend, opt_),
       scratch_(backend, kNumSlots),
-      attn_(attention_shape(cfg, spec), cfg.rope_params(), backend, par_, opt_, prof_),
+      attn_(attention_shape(cfg, spec, par), cfg.rope_params(), backend, par_, opt_, prof_),
       moe_(moe_shape(cfg), backend, par_, opt_, prof_),
       mlp_(backend, prof_),
       graphs_(backend, opt_) {
@@ -40,10 +46,21 @@ DecoderLM::DecoderLM(const ModelConfig& cfg, const DecoderSpec& spec, ModelWeigh
     CPI_CHECK(par_.world->size() % par_.cp->size() == 0, "attn_cp_size ", par_.cp->size(),
               " does not divide the world size ", par_.world->size());
   }
+  CPI_CHECK(par_.cp_size() * par_.attn_tp_size() == par_.world_size(), "attention CP size ", par_.cp_size(),
+            " x TP size ", par_.attn_tp_size(), " != world size ", par_.world_size());
+  // The weights must be this rank's heads (load_weights / random_weights with the same TpShard).
+  const AttnHeadShard heads = head_shard(cfg_, par_);
+  for (const LayerWeights& L : w_.layers)
+    CPI_CHECK(L.q_proj.weight.dim(0) == heads.q_count * cfg_.head_dim &&
+                  L.k_proj.weight.dim(0) == heads.kv_count * cfg_.head_dim,
+              "weights hold ", L.q_proj.weight.dim(0) / cfg_.head_dim, " q / ", L.k_proj.weight.dim(0) / cfg_.head_dim,
+              " kv heads per layer, attention TP rank ", par_.attn_tp_rank(), " of ", par_.attn_tp_size(), " computes ",
+              heads.q_count, " / ", heads.kv_count, ": load them with its TpShard");
   // Device communicators order their collectives on this back-end's stream: no host waits.
   if (void* stream = be_.native_stream()) {
     if (par_.world) par_.world->bind_stream(stream);
     if (par_.cp) par_.cp->bind_stream(stream);
+    if (par_.attn_tp) par_.attn_tp->bind_stream(stream);
   }
 }
 
@@ -52,7 +69,7 @@ DecoderLM::~DecoderLM() = default;
 KvCacheShape DecoderLM::kv_shape(int n_blocks, int block_size) const {
   KvCacheShape s;
   s.n_layers = static_cast<int>(cfg_.num_hidden_layers);
-  s.n_kv_heads = static_cast<int>(cfg_.num_key_value_heads);
+  s.n_kv_heads = static_cast<int>(head_shard(cfg_, par_).kv_count);  // this rank's kv heads
   s.head_dim = static_cast<int>(cfg_.head_dim);
   s.block_size = block_size;
   s.n_blocks = n_blocks;
@@ -89,7 +106,7 @@ Tensor DecoderLM::run_layers(const ForwardPlan& plan, KvCache& cache, const Step
   for (int l = 0; l < n_layers; ++l) {
     const LayerWeights& L = w_.layers[size_t(l)];
     Tensor o =
-        attn_.run(AttentionWeights{L.q_proj, L.k_proj, L.v_proj, L.o_proj, L.q_norm, L.k_norm}, cache.layer(l), h);
+        attn_.run(AttentionWeights{&L.q_proj, &L.k_proj, &L.v_proj, &L.o_proj, L.q_norm, L.k_norm}, cache.layer(l), h);
     if (T > 0) {
       be_.add_rms_norm(x, o, L.post_attn_norm, eps, h);
       prof_.mark(&ForwardProfile::other_s);
@@ -98,7 +115,7 @@ Tensor DecoderLM::run_layers(const ForwardPlan& plan, KvCache& cache, const Step
     if (L.moe) {
       moe_.run(MoeWeights{&L.router, &L.experts}, plan, h, m);
     } else {
-      mlp_.run(MlpWeights{L.mlp_gate, L.mlp_up, L.mlp_down}, h, m);
+      mlp_.run(MlpWeights{&L.mlp_gate, &L.mlp_up, &L.mlp_down}, h, m, opt_.elide_comm ? nullptr : par_.attn_tp);
     }
     if (T > 0) {
       if (l + 1 < n_layers) {
@@ -137,6 +154,7 @@ void DecoderLM::finish_forward() {
   be_.sync();
   if (par_.world) par_.world->wait_all();
   if (par_.cp && par_.cp != par_.world) par_.cp->wait_all();
+  if (par_.attn_tp && par_.attn_tp != par_.world) par_.attn_tp->wait_all();
   prof_.mark(&ForwardProfile::comm_s);
 }
 
@@ -166,8 +184,8 @@ std::vector<int32_t> DecoderLM::forward_sample(const ForwardPlan& plan, KvCache&
 ModelFamily decoder_family(std::string architecture, const DecoderSpec& spec) {
   ModelFamily f;
   f.architecture = std::move(architecture);
-  f.weight_map = [spec](const ModelConfig& cfg, ModelWeights& w, ExpertRange share) {
-    return decoder_weight_map(cfg, spec, w, share);
+  f.weight_map = [spec](const ModelConfig& cfg, ModelWeights& w, ExpertRange share, TpShard tp) {
+    return decoder_weight_map(cfg, spec, w, share, tp);
   };
   f.make = [spec](const ModelConfig& cfg, ModelWeights w, Backend& be, ParallelCtx par, const ModelOptions& opt) {
     return std::unique_ptr<CausalLM>(std::make_unique<DecoderLM>(cfg, spec, std::move(w), be, par, opt));

@@ -39,19 +39,33 @@ constexpr const char* kFp8Quantization =
 class Filler {
  public:
   Filler(Backend& be, ModelWeights& w, uint64_t seed) : be_(be), w_(w), seed_(seed) {}
-  Tensor make(uint64_t id, const std::vector<int64_t>& dims, float scale, float mean = 0.0f) {
+  // With a `shard` (attention TP) the full tensor is drawn on the host exactly as without one and
+  // the rank's slice of it is uploaded, so every TP size sees the same model.
+  Tensor make(uint64_t id, const std::vector<int64_t>& dims, float scale, float mean = 0.0f,
+              const LinearShard& shard = {}) {
     rng_.seed(seed_ * 0x9E3779B97F4A7C15ull + id * 0xBF58476D1CE4E5B9ull + 1);
     Tensor probe(nullptr, DType::BF16, {}, be_.device());
-    for (int64_t d : dims) probe.shape[size_t(probe.ndim++)] = d;
+    const std::vector<int64_t> local = shard.local_shape(dims);
+    for (int64_t d : local) probe.shape[size_t(probe.ndim++)] = d;
     Buffer buf(be_, probe.nbytes());
     const std::vector<uint16_t>& pool = get_pool(scale, mean);
-    const size_t n = static_cast<size_t>(probe.numel());
+    size_t n = 1;
+    for (int64_t d : dims) n *= size_t(d);
+    std::vector<uint16_t> full(shard.split == LinearShard::Split::None ? 0 : n);
     size_t done = 0;
     while (done < n) {
       size_t off = std::uniform_int_distribution<size_t>(0, pool.size() / 2)(rng_);
       size_t len = std::min(n - done, pool.size() - off);
-      be_.upload(static_cast<uint16_t*>(buf.data()) + done, pool.data() + off, len * 2);
+      if (full.empty())
+        be_.upload(static_cast<uint16_t*>(buf.data()) + done, pool.data() + off, len * 2);
+      else
+        std::copy_n(pool.data() + off, len, full.data() + done);
       done += len;
+    }
+    if (!full.empty()) {
+      std::vector<uint8_t> copy;
+      be_.upload(buf.data(), slice_host(shard, full.data(), dims[0], dims[1], 2, copy), probe.nbytes());
+      be_.sync();  // `full` and `copy` are freed on return
     }
     Tensor t = probe;
     t.data = buf.data();
@@ -65,7 +79,9 @@ class Filler {
   // the NaN code), one scale per 128x128 block of scale / kCodeSigma · U(0.75, 1.25) (real blocks'
   // scales vary with their maxima). keep_fp8: codes + F32 scales on the device; otherwise the
   // product code · scale rounded to BF16 (what the loader gives a back-end without FP8 kernels).
-  Weight make_fp8(uint64_t id, int64_t n, int64_t k, float scale, bool keep_fp8) {
+  // With a `shard`: the rank's slice of that weight (its codes and block scales, or their products).
+  Weight make_fp8(uint64_t id, int64_t n, int64_t k, float scale, bool keep_fp8, const LinearShard& shard = {},
+                  const std::string& name = {}) {
     rng_.seed(seed_ * 0x9E3779B97F4A7C15ull + id * 0xBF58476D1CE4E5B9ull + 1);
     const int64_t sn = (n + kFp8Block - 1) / kFp8Block, sk = (k + kFp8Block - 1) / kFp8Block;
     std::vector<float> scales(static_cast<size_t>(sn * sk));
@@ -74,7 +90,7 @@ class Filler {
     const std::vector<uint8_t>& pool = code_pool();
     const size_t total = static_cast<size_t>(n * k);
     Weight w;
-    if (keep_fp8) {
+    if (keep_fp8 && shard.split == LinearShard::Split::None) {  // whole: codes straight from the pool
       Buffer codes(be_, total), sbuf(be_, scales.size() * sizeof(float));
       for (size_t done = 0; done < total;) {
         const size_t off = std::uniform_int_distribution<size_t>(0, pool.size() / 2)(rng_);
@@ -83,6 +99,7 @@ class Filler {
         done += len;
       }
       if (!scales.empty()) be_.upload(sbuf.data(), scales.data(), scales.size() * sizeof(float));
+      be_.sync();  // `scales` is freed on return
       w = Weight(Tensor(codes.data(), DType::F8E4M3, {n, k}, be_.device()));
       w.scale = Tensor(sbuf.data(), DType::F32, {sn, sk}, be_.device());
       w_.bytes += total + scales.size() * sizeof(float);
@@ -90,26 +107,49 @@ class Filler {
       w_.owned.push_back(std::move(sbuf));
       return w;
     }
-    // Dequantized to BF16 row by row block (the same codes the FP8 form would hold).
-    Buffer buf(be_, total * 2);
-    std::vector<uint16_t> rows(static_cast<size_t>(std::min<int64_t>(n, kFp8Block) * k));
-    size_t pos = 0, left = 0;  // the current run of pool codes
-    for (int64_t r0 = 0; r0 < n; r0 += kFp8Block) {
-      const int64_t nr = std::min<int64_t>(kFp8Block, n - r0);
-      for (int64_t i = 0; i < nr * k; ++i) {
-        if (left == 0) {
-          pos = std::uniform_int_distribution<size_t>(0, pool.size() / 2)(rng_);
-          left = std::min(total - static_cast<size_t>(r0 * k + i), pool.size() - pos);
-        }
-        const float s = scales[static_cast<size_t>((r0 / kFp8Block) * sk + (i % k) / kFp8Block)];
-        rows[static_cast<size_t>(i)] = f32_to_bf16(fp8_e4m3_to_f32(pool[pos]) * s);
-        ++pos;
-        --left;
-      }
-      be_.upload(static_cast<uint16_t*>(buf.data()) + r0 * k, rows.data(), static_cast<size_t>(nr * k) * 2);
+    // The same codes drawn into host memory, then the slice taken (or dequantized).
+    std::vector<uint8_t> codes(total);
+    for (size_t done = 0; done < total;) {
+      const size_t off = std::uniform_int_distribution<size_t>(0, pool.size() / 2)(rng_);
+      const size_t len = std::min(total - done, pool.size() - off);
+      std::copy_n(pool.data() + off, len, codes.data() + done);
+      done += len;
     }
-    w = Weight(Tensor(buf.data(), DType::BF16, {n, k}, be_.device()));
-    w_.bytes += total * 2;
+    const std::vector<int64_t> local = shard.local_shape({n, k});
+    const int64_t ln = local[0], lk = local[1];
+    const size_t local_total = static_cast<size_t>(ln * lk);
+    const bool rows = shard.split == LinearShard::Split::Rows, cols = shard.split == LinearShard::Split::Cols;
+    const int64_t r0 = rows ? shard.first : 0, c0 = cols ? shard.first : 0;
+    if (keep_fp8) {
+      const std::vector<float> local_scales = slice_fp8_scales(shard, scales, n, k, name);
+      std::vector<uint8_t> copy;
+      Buffer cbuf(be_, local_total), sbuf(be_, local_scales.size() * sizeof(float));
+      if (local_total) be_.upload(cbuf.data(), slice_host(shard, codes.data(), n, k, 1, copy), local_total);
+      if (!local_scales.empty()) be_.upload(sbuf.data(), local_scales.data(), local_scales.size() * sizeof(float));
+      be_.sync();  // the host copies are freed on return
+      w = Weight(Tensor(cbuf.data(), DType::F8E4M3, {ln, lk}, be_.device()));
+      w.scale = Tensor(sbuf.data(), DType::F32, {(ln + kFp8Block - 1) / kFp8Block, (lk + kFp8Block - 1) / kFp8Block},
+                       be_.device());
+      w_.bytes += local_total + local_scales.size() * sizeof(float);
+      w_.owned.push_back(std::move(cbuf));
+      w_.owned.push_back(std::move(sbuf));
+      return w;
+    }
+    // Dequantized to BF16 (the same codes the FP8 form would hold), only the slice's elements.
+    std::vector<uint16_t> vals(local_total);
+    for (int64_t i = 0; i < ln; ++i) {
+      const int64_t r = r0 + i;
+      for (int64_t j = 0; j < lk; ++j) {
+        const int64_t c = c0 + j;
+        const float s = scales[static_cast<size_t>((r / kFp8Block) * sk + c / kFp8Block)];
+        vals[static_cast<size_t>(i * lk + j)] = f32_to_bf16(fp8_e4m3_to_f32(codes[static_cast<size_t>(r * k + c)]) * s);
+      }
+    }
+    Buffer buf(be_, local_total * 2);
+    if (local_total) be_.upload(buf.data(), vals.data(), local_total * 2);
+    be_.sync();
+    w = Weight(Tensor(buf.data(), DType::BF16, {ln, lk}, be_.device()));
+    w_.bytes += local_total * 2;
     w_.owned.push_back(std::move(buf));
     return w;
   }
@@ -165,9 +205,10 @@ ModelConfig random_model_config(const std::string& name_or_path) {
   return parse_config(ss.str(), p.string());
 }
 
-ModelWeights random_weights(const ModelConfig& cfg, Backend& be, int rank, int world, uint64_t seed) {
+ModelWeights random_weights(const ModelConfig& cfg, Backend& be, int rank, int world, uint64_t seed, TpShard tp) {
   ModelWeights w;
-  const WeightMap map = model_family(cfg.architecture).weight_map(cfg, w, expert_range(cfg.num_experts, rank, world));
+  const WeightMap map =
+      model_family(cfg.architecture).weight_map(cfg, w, expert_range(cfg.num_experts, rank, world), tp);
   Filler f(be, w, seed);
   // An FP8 config (qwen3-30b-a3b-fp8, or a config.json with a quantization_config) gives its linear
   // layers FP8 weights, kept as codes + scales where the back-end computes with them (as the
@@ -179,12 +220,12 @@ ModelWeights random_weights(const ModelConfig& cfg, Backend& be, int rank, int w
   for (const WeightEntry& e : map.tensors) {
     if (fp8 && e.scale_dst != nullptr) {
       CPI_CHECK(e.shape.size() == 2, "random weights: linear weight '", e.name, "' is not 2-D");
-      Weight wt = f.make_fp8(e.random_id, e.shape[0], e.shape[1], e.random_scale, keep_fp8);
+      Weight wt = f.make_fp8(e.random_id, e.shape[0], e.shape[1], e.random_scale, keep_fp8, e.shard, e.name);
       *e.dst = wt;
       if (keep_fp8) *e.scale_dst = wt.scale;
       continue;
     }
-    *e.dst = f.make(e.random_id, e.shape, e.random_scale, e.random_mean);
+    *e.dst = f.make(e.random_id, e.shape, e.random_scale, e.random_mean, e.shard);
   }
   for (const ExpertEntry& x : map.experts) {
     ExpertShard& S = *x.dst;

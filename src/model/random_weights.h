@@ -15,7 +15,9 @@ ModelConfig random_model_config(const std::string& name_or_path);
 // this rank's experts (expert_range) are allocated. With an FP8 quantization_config the linear
 // layers (attention projections, dense MLP, experts) get finite e4m3 codes and 128x128 block
 // scales of the same magnitude, kept FP8 where backend.fp8_weights_supported() and given as their
-// BF16-rounded values code · scale elsewhere.
-ModelWeights random_weights(const ModelConfig& cfg, Backend& backend, int rank, int world, uint64_t seed = 0);
+// BF16-rounded values code · scale elsewhere. With an attention-TP group (tp.size > 1) the attention
+// projections and dense MLP weights are this rank's slices of the same full weights.
+ModelWeights random_weights(const ModelConfig& cfg, Backend& backend, int rank, int world, uint64_t seed = 0,
+                            TpShard tp = {});
 
 }  // namespace cpinfer

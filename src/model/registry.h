@@ -14,8 +14,8 @@ namespace cpinfer {
 
 struct ModelFamily {
   std::string architecture;  // e.g. "Qwen3MoeForCausalLM"
-  // Fills w's structure for this rank's expert share and names every tensor.
-  std::function<WeightMap(const ModelConfig&, ModelWeights& w, ExpertRange share)> weight_map;
+  // Fills w's structure for this rank's expert share and attention-TP shard and names every tensor.
+  std::function<WeightMap(const ModelConfig&, ModelWeights& w, ExpertRange share, TpShard tp)> weight_map;
   std::function<std::unique_ptr<CausalLM>(const ModelConfig&, ModelWeights, Backend&, ParallelCtx, const ModelOptions&)>
       make;
 };

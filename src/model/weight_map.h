@@ -31,6 +31,9 @@ struct WeightEntry {
   // A linear layer's weight (dst is a Weight): where its FP8 block scales go when the back-end
   // computes with FP8 weights. nullptr: an FP8 tensor here is dequantized to BF16 at load.
   Tensor* scale_dst = nullptr;
+  // The part of the tensor this rank holds (attention TP): the loader and random weights cut it out
+  // of the full tensor (layers/linear.h); `shape` stays the full checkpoint shape.
+  LinearShard shard;
 };
 
 // The experts of one MoE layer: this rank's share of `prefix`E.{gate,up,down}_proj.weight (per
@@ -52,7 +55,10 @@ struct WeightMap {
 // The map of a pre-norm decoder (embed_tokens, layers.N.{input_layernorm, self_attn.{q,k,v,o}_proj,
 // [self_attn.{q,k}_norm], post_attention_layernorm, mlp.{gate,up,down}_proj | mlp.gate +
 // mlp.experts}, norm, lm_head) in Hugging Face naming. Resizes w.layers and sets the structural
-// fields (LayerWeights::moe, ExpertShard range) for this rank's expert share.
-WeightMap decoder_weight_map(const ModelConfig& cfg, const DecoderSpec& spec, ModelWeights& w, ExpertRange share);
+// fields (LayerWeights::moe, ExpertShard range) for this rank's expert share and the shards of its
+// parallel linear layers for its place `tp` in the attention-TP group (throws, naming the sizes,
+// when the heads or the MLP width cannot be split over it).
+WeightMap decoder_weight_map(const ModelConfig& cfg, const DecoderSpec& spec, ModelWeights& w, ExpertRange share,
+                             TpShard tp = {});
 
 }  // namespace cpinfer

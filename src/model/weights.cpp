@@ -41,6 +41,7 @@ struct LoadItem {
   Tensor* dst = nullptr;
   const TensorInfo* scale = nullptr;  // an FP8 weight's block scales
   Tensor* scale_dst = nullptr;        // set: the weight stays FP8 (codes + F32 scales); else BF16
+  LinearShard shard;                  // the rank's slice of a 2-D tensor (attention TP); shape is the slice's
 };
 
 // Checkpoint names with their numeric parts (layer, expert) as '*', each pattern once, in order:
@@ -67,6 +68,10 @@ std::string name_patterns(const std::vector<std::string>& names) {
   return out;
 }
 
+size_t fp8_scale_count(const std::vector<int64_t>& shape) {
+  return size_t((shape[0] + kFp8Block - 1) / kFp8Block) * size_t((shape[1] + kFp8Block - 1) / kFp8Block);
+}
+
 // Collects every tensor this rank needs (validating as it goes) before any byte is copied, so a
 // bad checkpoint fails fast and progress knows the total.
 class Planner {
@@ -78,10 +83,15 @@ class Planner {
   // Checks dtype and shape of tensor `name` and plans all of it into `dst`; an FP8 weight with its
   // `_scale_inv` tensor, which stays FP8 (scales into `scale_dst`) when it is a linear layer's
   // weight and the back-end takes FP8, and becomes BF16 otherwise.
-  void whole(const std::string& name, std::vector<int64_t> expect, const char* why, Tensor* dst, Tensor* scale_dst) {
+  // With a `shard` only the rank's slice of the (full, checked) tensor is planned.
+  void whole(const std::string& name, std::vector<int64_t> expect, const char* why, Tensor* dst, Tensor* scale_dst,
+             const LinearShard& shard = {}) {
     const TensorInfo& t = checked(name, expect, why);
     const TensorInfo* scale = nullptr;
-    size_t nbytes = t.nbytes;
+    std::vector<int64_t> local = shard.local_shape(expect);
+    int64_t local_numel = 1;
+    for (int64_t d : local) local_numel *= d;
+    size_t nbytes = size_t(local_numel) * dtype_size(t.dtype);
     if (t.dtype == DType::F8E4M3) {
       CPI_CHECK(t.shape.size() == 2, "tensor '", name, "' in ", t.file,
                 " is F8_E4M3, but only 2-D linear weights may be FP8");
@@ -90,17 +100,18 @@ class Planner {
                 " (the block scales of the FP8 weight '", name, "')");
       const size_t n_scales = fp8_scales_f32(t, *scale, quant_).size();  // checks the scales now
       if (!keep_fp8_ || scale_dst == nullptr) {
-        nbytes = t.nbytes * dtype_size(DType::BF16);
+        nbytes = size_t(local_numel) * dtype_size(DType::BF16);
         scale_dst = nullptr;
         dequantized_.push_back(name);
       } else {
-        nbytes += n_scales * sizeof(float);
+        check_fp8_slice(shard, t.shape[0], t.shape[1], name);  // before any byte is read
+        nbytes += (shard.split == LinearShard::Split::None ? n_scales : fp8_scale_count(local)) * sizeof(float);
         kept_.push_back(name);
       }
     } else {
       scale_dst = nullptr;
     }
-    items_.push_back({&t, 0, nbytes, std::move(expect), dst, scale, scale_dst});
+    items_.push_back({&t, 0, nbytes, std::move(local), dst, scale, scale_dst, shard});
   }
 
   // Plans rows [first, first + count) of dimension 0 of `t` (already checked) into `dst`.
@@ -110,8 +121,14 @@ class Planner {
     const size_t row_bytes = t.shape[0] == 0 ? 0 : t.nbytes / static_cast<size_t>(t.shape[0]);
     std::vector<int64_t> shape = t.shape;
     shape[0] = count;
-    items_.push_back(
-        {&t, static_cast<size_t>(first) * row_bytes, static_cast<size_t>(count) * row_bytes, std::move(shape), dst});
+    items_.push_back({&t,
+                      static_cast<size_t>(first) * row_bytes,
+                      static_cast<size_t>(count) * row_bytes,
+                      std::move(shape),
+                      dst,
+                      nullptr,
+                      nullptr,
+                      {}});
   }
 
   const TensorInfo& checked(const std::string& name, const std::vector<int64_t>& expect, const char* why) {
@@ -152,11 +169,11 @@ std::string why(const char* fmt_a, int64_t a, const char* fmt_b = nullptr, int64
 }  // namespace
 
 ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backend& backend, int rank, int world,
-                          const std::function<void(size_t done_bytes, size_t total_bytes)>& progress) {
+                          const std::function<void(size_t done_bytes, size_t total_bytes)>& progress, TpShard tp) {
   CPI_CHECK(world >= 1 && rank >= 0 && rank < world, "load_weights: rank ", rank, " is outside world size ", world);
   const ExpertRange share = expert_range(cfg.num_experts, rank, world);
   ModelWeights w;
-  const WeightMap map = model_family(cfg.architecture).weight_map(cfg, w, share);
+  const WeightMap map = model_family(cfg.architecture).weight_map(cfg, w, share, tp);
   // FP8 weights stay FP8 where the back-end computes with them; its kernels take kFp8Block blocks.
   const bool keep_fp8 =
       backend.fp8_weights_supported() && cfg.quant.block_n == kFp8Block && cfg.quant.block_k == kFp8Block;
@@ -211,7 +228,7 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backen
     if (!e.missing_hint.empty())
       CPI_CHECK(ckpt.find(e.name) != nullptr, "missing tensor '", e.name, "' in ", ckpt.dir(), " (", e.missing_hint,
                 ")");
-    plan.whole(e.name, e.shape, e.why.c_str(), e.dst, e.scale_dst);
+    plan.whole(e.name, e.shape, e.why.c_str(), e.dst, e.scale_dst, e.shard);
   }
 
   // ---- materialize: views into the mmap on the CPU back-end, uploads elsewhere.
@@ -220,34 +237,52 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backen
   const bool host = backend.device() == Device::CPU;
   size_t done = 0;
   std::vector<uint16_t> dequantized;          // one FP8 weight at a time, as BF16
+  std::vector<uint8_t> sliced;                // one column slice at a time (attention TP)
   std::deque<std::vector<float>> scales_f32;  // FP8 scales kept: uploaded from here
   for (const LoadItem& it : plan.items()) {
     const auto* src = static_cast<const uint8_t*>(it.info->data) + it.offset;
     Tensor t;
     t.dtype = it.info->dtype;
     size_t code_bytes = it.nbytes;
+    const LinearShard& shard = it.shard;
+    const bool split = shard.split != LinearShard::Split::None;
+    // A column slice is copied into `sliced`; the previous weight's upload may still read it.
+    if (split && shard.split == LinearShard::Split::Cols && !host) backend.sync();
     if (it.scale_dst != nullptr) {
       // F32 scales (BF16 ones widened exactly): the codes stay as stored, the scales are tiny.
-      scales_f32.push_back(fp8_scales_f32(*it.info, *it.scale, cfg.quant));
+      const int64_t n = it.info->shape[0], k = it.info->shape[1];
+      scales_f32.push_back(
+          slice_fp8_scales(shard, fp8_scales_f32(*it.info, *it.scale, cfg.quant), n, k, it.info->name));
       const std::vector<float>& s = scales_f32.back();
       Buffer buf(backend, s.size() * sizeof(float));
       if (!s.empty()) backend.upload(buf.data(), s.data(), s.size() * sizeof(float));
-      *it.scale_dst = Tensor(buf.data(), DType::F32, {it.scale->shape[0], it.scale->shape[1]}, backend.device());
+      const int64_t sn = (it.shape[0] + kFp8Block - 1) / kFp8Block, sk = (it.shape[1] + kFp8Block - 1) / kFp8Block;
+      *it.scale_dst = Tensor(buf.data(), DType::F32, {sn, sk}, backend.device());
       w.owned.push_back(std::move(buf));
-      code_bytes = it.info->nbytes;
+      code_bytes = size_t(it.shape[0] * it.shape[1]);
+      src = static_cast<const uint8_t*>(slice_host(shard, src, n, k, 1, sliced));
     } else if (it.scale != nullptr) {
-      const int64_t rows = it.shape[0], cols = it.shape[1];
-      dequantized.resize(static_cast<size_t>(rows * cols));
-      dequantize_fp8_rows(*it.info, *it.scale, cfg.quant, 0, rows, DType::BF16, dequantized.data());
+      // Dequantized: a row slice dequantizes only its rows; a column slice all rows, then cut.
+      const int64_t n = it.info->shape[0], k = it.info->shape[1];
+      const bool rows_only = shard.split == LinearShard::Split::Rows;
+      const int64_t row0 = rows_only ? shard.first : 0, n_rows = rows_only ? shard.count : n;
+      dequantized.resize(static_cast<size_t>(n_rows * k));
       if (!host) backend.sync();  // the previous weight's upload read this buffer
+      dequantize_fp8_rows(*it.info, *it.scale, cfg.quant, row0, n_rows, DType::BF16, dequantized.data());
       src = reinterpret_cast<const uint8_t*>(dequantized.data());
+      if (shard.split == LinearShard::Split::Cols)
+        src = static_cast<const uint8_t*>(slice_host(shard, src, n, k, dtype_size(DType::BF16), sliced));
       t.dtype = DType::BF16;
+    } else if (split) {
+      src = static_cast<const uint8_t*>(
+          slice_host(shard, src, it.info->shape[0], it.info->shape[1], dtype_size(t.dtype), sliced));
     }
+    const bool in_mmap = shard.split != LinearShard::Split::Cols;  // a column slice is a copy
     t.ndim = static_cast<int>(it.shape.size());
     CPI_CHECK(t.ndim <= Tensor::kMaxDims, "tensor '", it.info->name, "' has ", t.ndim, " dimensions");
     for (int i = 0; i < t.ndim; ++i) t.shape[static_cast<size_t>(i)] = it.shape[static_cast<size_t>(i)];
     const bool aligned = reinterpret_cast<uintptr_t>(src) % dtype_size(t.dtype) == 0;
-    if (host && aligned && t.dtype == it.info->dtype) {
+    if (host && aligned && t.dtype == it.info->dtype && in_mmap) {
       t.data = const_cast<uint8_t*>(src);  // read-only mapping: the model never writes weights
       t.device = Device::CPU;
     } else {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "layers/linear.h"
 #include "loader/config.h"
 #include "loader/safetensors.h"
 #include "ops/backend.h"
@@ -16,13 +17,19 @@
 namespace cpinfer {
 
 struct LayerWeights {
-  Tensor input_norm, post_attn_norm;      // [H]
-  Weight q_proj, k_proj, v_proj, o_proj;  // [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D] (float or FP8)
-  Tensor q_norm, k_norm;                  // [D]
+  Tensor input_norm, post_attn_norm;  // [H]
+  // [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D] in the checkpoint (float or FP8); with attention TP
+  // this rank's heads only: q/k/v column-parallel (its heads' rows), o row-parallel (their columns).
+  ColumnParallelLinear q_proj, k_proj, v_proj;
+  RowParallelLinear o_proj;
+  Tensor q_norm, k_norm;  // [D]
   bool moe = false;
-  Tensor router;                      // [E, H]   (moe)
-  ExpertShard experts;                // (moe) only this rank's share
-  Weight mlp_gate, mlp_up, mlp_down;  // dense MLP: [I, H], [I, H], [H, I] (float or FP8)
+  Tensor router;        // [E, H]   (moe)
+  ExpertShard experts;  // (moe) only this rank's share
+  // Dense MLP: [I, H], [I, H], [H, I] (float or FP8); with attention TP gate/up column-parallel
+  // (I / T rows each), down row-parallel (the same I / T columns).
+  ColumnParallelLinear mlp_gate, mlp_up;
+  RowParallelLinear mlp_down;
 };
 
 struct ExpertRange {
@@ -47,8 +54,11 @@ struct ModelWeights {
 // CPU back-end: zero-copy views into the checkpoint's mmap (the caller keeps `ckpt` alive); a
 // tensor whose bytes are not aligned to its element size is copied instead. Other back-ends:
 // one allocation + upload per tensor (per expert range for fused experts). Only the experts of
-// expert_range(E, rank, world) are touched. `progress` is called after each tensor.
+// expert_range(E, rank, world) are touched. With an attention-TP group (tp.size > 1) the attention
+// projections and dense MLP weights are this rank's slices only (layers/linear.h). `progress` is
+// called after each tensor.
 ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& cfg, Backend& backend, int rank, int world,
-                          const std::function<void(size_t done_bytes, size_t total_bytes)>& progress = {});
+                          const std::function<void(size_t done_bytes, size_t total_bytes)>& progress = {},
+                          TpShard tp = {});
 
 }  // namespace cpinfer

@@ -149,12 +149,12 @@ TEST(Weights, CpuViewsPointIntoTheCheckpoint) {
   EXPECT_TRUE(w.layers[0].moe);
   EXPECT_FALSE(w.layers[1].moe);
   EXPECT_TRUE(w.layers[2].moe);
-  EXPECT_EQ(w.layers[0].q_proj.shape_str(), "[32, 16]");  // Hq*D = 4*8
-  EXPECT_EQ(w.layers[0].k_proj.shape_str(), "[16, 16]");  // Hkv*D = 2*8
-  EXPECT_EQ(w.layers[0].o_proj.shape_str(), "[16, 32]");
+  EXPECT_EQ(w.layers[0].q_proj.weight.shape_str(), "[32, 16]");  // Hq*D = 4*8
+  EXPECT_EQ(w.layers[0].k_proj.weight.shape_str(), "[16, 16]");  // Hkv*D = 2*8
+  EXPECT_EQ(w.layers[0].o_proj.weight.shape_str(), "[16, 32]");
   EXPECT_EQ(w.layers[0].q_norm.shape_str(), "[8]");
   EXPECT_EQ(w.layers[0].router.shape_str(), "[4, 16]");
-  EXPECT_EQ(w.layers[1].mlp_down.shape_str(), "[16, 12]");
+  EXPECT_EQ(w.layers[1].mlp_down.weight.shape_str(), "[16, 12]");
   EXPECT_FALSE(w.layers[1].router.defined());
   const ExpertShard& s = w.layers[2].experts;
   EXPECT_EQ(s.n_experts, 4);
@@ -282,7 +282,7 @@ TEST(Weights, ShardedCheckpointGivesIdenticalWeights) {
   EXPECT_TRUE(same(wa.embed, wb.embed));
   EXPECT_TRUE(same(wa.lm_head, wb.lm_head));
   for (size_t l = 0; l < 3; ++l) {
-    EXPECT_TRUE(same(wa.layers[l].q_proj, wb.layers[l].q_proj)) << l;
+    EXPECT_TRUE(same(wa.layers[l].q_proj.weight, wb.layers[l].q_proj.weight)) << l;
     EXPECT_TRUE(same(wa.layers[l].k_norm, wb.layers[l].k_norm)) << l;
     for (int e = 0; e < wa.layers[l].experts.count; ++e)
       EXPECT_TRUE(same(wa.layers[l].experts.down[e], wb.layers[l].experts.down[e])) << l << " " << e;
@@ -481,7 +481,7 @@ TEST(Weights, Fp8WeightsReachADeviceAsCodesAndF32ScalesOrAsBf16) {
   const ModelWeights w = load_weights(ck, cfg, fp8, 0, 1);
   const std::string q = "model.layers.0.self_attn.q_proj.weight", d = "model.layers.2.mlp.experts.3.down_proj.weight";
   for (const auto& [name, x] :
-       {std::pair<std::string, const Weight*>{q, &w.layers[0].q_proj}, {d, &w.layers[2].experts.down[3]}}) {
+       {std::pair<std::string, const Weight*>{q, &w.layers[0].q_proj.weight}, {d, &w.layers[2].experts.down[3]}}) {
     const TensorInfo& t = ck.get(name);
     EXPECT_EQ(x->dtype, DType::F8E4M3) << name;
     EXPECT_EQ(x->device, Device::CUDA) << name;
@@ -497,7 +497,7 @@ TEST(Weights, Fp8WeightsReachADeviceAsCodesAndF32ScalesOrAsBf16) {
 
   MemoryBackend bf16(Device::CUDA);
   const ModelWeights b = load_weights(ck, cfg, bf16, 0, 1);
-  const Weight& bq = b.layers[0].q_proj;
+  const Weight& bq = b.layers[0].q_proj.weight;
   ASSERT_EQ(bq.dtype, DType::BF16);
   EXPECT_FALSE(bq.scale.defined());
   std::vector<uint16_t> want(static_cast<size_t>(bq.numel()));

@@ -75,6 +75,11 @@ def main():
         ops = r["attention_s"] + r["moe_s"] + r["dense_gemm_s"] + r["other_s"]
         check(ops > 0, f"prefill {S} cp {cp}: the per-op profile of the timed run ({ops})")
         check((r["exposed_comm_s"] >= 0) == (cp > 1), f"prefill {S} cp {cp}: exposed communication only with CP")
+    # Attention TP: two ranks, one CP group of one, the heads split over the two.
+    tp = json.loads(run(prefill + ["--seq", "40", "--world-size", "2", "--attn-cp-size", "1"]).stdout)["results"]
+    check([(r["cp"], r["attn_tp"], r["ranks"]) for r in tp] == [(1, 2, 2)],
+          f"bench prefill --world-size 2 --attn-cp-size 1 runs attention TP 2 on 2 ranks: {tp}")
+    check(tp[0]["ttft_s"] > 0 and tp[0]["exposed_comm_s"] >= 0, "attention TP: timed, exposed communication measured")
     p = run(prefill + ["--seq", "300", "--kv-cache-tokens", "256"], expect_ok=False)
     check(p.returncode != 0 and "exceed the KV cache capacity of 256" in p.stderr,
           f"a prompt longer than the cache fails clearly: {p.stderr.strip()}")

@@ -119,10 +119,10 @@ TEST(Fp8RandomWeights, LinearLayersAreFiniteFp8WithBlockScalesAndTheRestStaysBf1
     const LayerWeights &L = w.layers[l], &T = t.layers[l];
     const std::string p = "layer " + std::to_string(l) + " ";
     const float s_h = 1.0f / std::sqrt(float(cfg.hidden_size));
-    expect_fp8_weight(L.q_proj, T.q_proj, s_h, p + "q_proj");
-    expect_fp8_weight(L.k_proj, T.k_proj, s_h, p + "k_proj");
-    expect_fp8_weight(L.v_proj, T.v_proj, s_h, p + "v_proj");
-    expect_fp8_weight(L.o_proj, T.o_proj, 1.0f / std::sqrt(float(cfg.num_attention_heads * cfg.head_dim)),
+    expect_fp8_weight(L.q_proj.weight, T.q_proj.weight, s_h, p + "q_proj");
+    expect_fp8_weight(L.k_proj.weight, T.k_proj.weight, s_h, p + "k_proj");
+    expect_fp8_weight(L.v_proj.weight, T.v_proj.weight, s_h, p + "v_proj");
+    expect_fp8_weight(L.o_proj.weight, T.o_proj.weight, 1.0f / std::sqrt(float(cfg.num_attention_heads * cfg.head_dim)),
                       p + "o_proj");
     EXPECT_EQ(L.input_norm.dtype, DType::BF16) << p;
     EXPECT_EQ(L.q_norm.dtype, DType::BF16) << p;
@@ -137,8 +137,9 @@ TEST(Fp8RandomWeights, LinearLayersAreFiniteFp8WithBlockScalesAndTheRestStaysBf1
         expect_fp8_weight(L.experts.down[e], T.experts.down[e], s_out, x + "down");
       }
     } else {
-      expect_fp8_weight(L.mlp_gate, T.mlp_gate, s_h, p + "mlp.gate_proj");
-      expect_fp8_weight(L.mlp_down, T.mlp_down, 1.0f / std::sqrt(float(cfg.intermediate_size)), p + "mlp.down_proj");
+      expect_fp8_weight(L.mlp_gate.weight, T.mlp_gate.weight, s_h, p + "mlp.gate_proj");
+      expect_fp8_weight(L.mlp_down.weight, T.mlp_down.weight, 1.0f / std::sqrt(float(cfg.intermediate_size)),
+                        p + "mlp.down_proj");
     }
   }
   int n_dense = 0;
@@ -150,7 +151,7 @@ TEST(Fp8RandomWeights, LinearLayersAreFiniteFp8WithBlockScalesAndTheRestStaysBf1
   EXPECT_LT(w.bytes, t.bytes);
   // A different seed draws different codes.
   const ModelWeights other = random_weights(cfg, *fp8_be, 0, 1, 6);
-  EXPECT_NE(host_values(other.layers[0].q_proj), host_values(w.layers[0].q_proj));
+  EXPECT_NE(host_values(other.layers[0].q_proj.weight), host_values(w.layers[0].q_proj.weight));
 }
 
 TEST(Fp8RandomWeights, ModelRunsOnTheCpuAndMatchesItsBf16Twin) {

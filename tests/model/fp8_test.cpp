@@ -133,7 +133,7 @@ void write_random_model(const std::string& base, const json& changes, const std:
   cfg.merge_patch(changes);
   const ModelConfig c = parse_config(cfg.dump(), "config.json");
   ModelWeights sink;
-  const WeightMap map = model_family(c.architecture).weight_map(c, sink, expert_range(c.num_experts, 0, 1));
+  const WeightMap map = model_family(c.architecture).weight_map(c, sink, expert_range(c.num_experts, 0, 1), TpShard{});
   std::mt19937 rng(7);
   SafetensorsWriter wr;
   auto add = [&](const std::string& name, const std::vector<int64_t>& shape, float scale, float mean) {
@@ -399,14 +399,14 @@ TEST_F(Fp8Dir, OnTheCpuFp8WeightsTakeOneBytePerWeightAndShardByExpert) {
   for (size_t l = 0; l < w.layers.size(); ++l) {
     const LayerWeights& L = w.layers[l];
     const std::string p = "model.layers." + std::to_string(l) + ".";
-    check(L.q_proj, p + "self_attn.q_proj.weight");
-    check(L.k_proj, p + "self_attn.k_proj.weight");
-    check(L.v_proj, p + "self_attn.v_proj.weight");
-    check(L.o_proj, p + "self_attn.o_proj.weight");
+    check(L.q_proj.weight, p + "self_attn.q_proj.weight");
+    check(L.k_proj.weight, p + "self_attn.k_proj.weight");
+    check(L.v_proj.weight, p + "self_attn.v_proj.weight");
+    check(L.o_proj.weight, p + "self_attn.o_proj.weight");
     if (!L.moe) {
-      check(L.mlp_gate, p + "mlp.gate_proj.weight");
-      check(L.mlp_up, p + "mlp.up_proj.weight");
-      check(L.mlp_down, p + "mlp.down_proj.weight");
+      check(L.mlp_gate.weight, p + "mlp.gate_proj.weight");
+      check(L.mlp_up.weight, p + "mlp.up_proj.weight");
+      check(L.mlp_down.weight, p + "mlp.down_proj.weight");
       continue;
     }
     for (int32_t e = 0; e < L.experts.count; ++e) {
@@ -422,8 +422,8 @@ TEST_F(Fp8Dir, OnTheCpuFp8WeightsTakeOneBytePerWeightAndShardByExpert) {
   auto bf16 = make_cpu_backend(/*simd=*/true, /*fp8=*/false);
   const ModelWeights wb = load_weights(ck, cfg, *bf16, 0, 1);
   EXPECT_EQ(wb.bytes, want_bytes + fp8_elems - 4 * scale_elems);
-  EXPECT_EQ(wb.layers[0].q_proj.dtype, DType::BF16);
-  EXPECT_FALSE(wb.layers[0].q_proj.scale.defined());
+  EXPECT_EQ(wb.layers[0].q_proj.weight.dtype, DType::BF16);
+  EXPECT_FALSE(wb.layers[0].q_proj.weight.scale.defined());
 
   // Rank 1 of 2: experts [4, 8), each a view of its own codes with its own scales.
   const ModelWeights w1 = load_weights(ck, cfg, *cpu, 1, 2);

@@ -1,6 +1,7 @@
 // Context parallelism on GPUs (NCCL, one thread per GPU): CP=2 and CP=4 against CP=1 on one GPU,
 // on the fixtures and on a random-weight model at 16K tokens, with the overlapped K/V exchange
-// (the default on GPUs), the sequential one, and replicated experts; a rank that fails makes the
+// (the default on GPUs), the sequential one, and replicated experts; attention TP 2 and 4 and
+// TP 2 x CP 2 on the fixtures (GpuAttnTp); a rank that fails makes the
 // others fail within the timeout instead of hanging. Skips, saying why, without CUDA, NCCL or
 // enough GPUs.
 //
@@ -44,9 +45,11 @@ struct Out {
 struct Mode {
   KvOverlap overlap = KvOverlap::Auto;
   int ep_size = 0;
+  int attn_tp = 1;  // attention TP size: the launch spans cp x attn_tp GPUs
   std::string label() const {
     std::string s = overlap == KvOverlap::Off ? "sequential exchange" : "overlapped exchange";
     if (ep_size == 1) s += ", replicated experts";
+    if (attn_tp > 1) s += ", attention TP " + std::to_string(attn_tp);
     return s;
   }
 };
@@ -59,7 +62,7 @@ std::vector<Out> run_all(const std::string& model, bool random, int cp,
   std::vector<Out> outs;
   std::mutex mu;
   LaunchOptions lo;
-  lo.world_size = cp;
+  lo.world_size = cp * mode.attn_tp;
   lo.cp_size = cp;
   lo.timeout_s = 120;
   lo.gpu = device == "cuda";
@@ -168,22 +171,19 @@ const std::vector<Mode>& modes() {
 
 class GpuCp : public ::testing::TestWithParam<std::tuple<std::string, int>> {};
 
-TEST_P(GpuCp, CpGpusMatchOne) {
-  const auto [name, cp] = GetParam();
-  if (auto why = gpus_unavailable(cp); !why.empty()) GTEST_SKIP() << why;
+// The fixture's reference prompts of at least min_len tokens with their fp32 truth (transformers'
+// argmax and gaps; the greedy continuation from the CPU engine).
+std::vector<Truth> fixture_truths(const std::string& name, size_t min_len, std::vector<std::vector<int32_t>>& prompts) {
   auto refs = load_reference(name);
-  const int64_t V = load_config(fixture_dir(name)).vocab_size;
-  std::vector<std::vector<int32_t>> prompts;
   std::vector<Truth> truths;
   for (const RefPrompt& r : refs) {
-    if (r.ids.size() < size_t(2 * cp + 1)) continue;  // shorter ones are not split
+    if (r.ids.size() < min_len) continue;
     prompts.push_back(r.ids);
     Truth t;
     t.argmax = r.argmax_fp32;
     t.gap = r.top2_gap_fp32;
     truths.push_back(std::move(t));
   }
-  ASSERT_FALSE(prompts.empty());
   // The greedy truth: the CPU engine (fp32), with its gaps.
   {
     Engine cpu(fixture_dir(name), [] {
@@ -203,6 +203,16 @@ TEST_P(GpuCp, CpGpusMatchOne) {
       cpu.release(seqs[0]);
     }
   }
+  return truths;
+}
+
+TEST_P(GpuCp, CpGpusMatchOne) {
+  const auto [name, cp] = GetParam();
+  if (auto why = gpus_unavailable(cp); !why.empty()) GTEST_SKIP() << why;
+  const int64_t V = load_config(fixture_dir(name)).vocab_size;
+  std::vector<std::vector<int32_t>> prompts;
+  const std::vector<Truth> truths = fixture_truths(name, size_t(2 * cp + 1), prompts);  // shorter: not split
+  ASSERT_FALSE(prompts.empty());
   auto ones = run_all(fixture_dir(name), false, 1, prompts, 20);
   ASSERT_EQ(ones.size(), prompts.size());
   for (const Mode& m : modes()) {
@@ -222,6 +232,34 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, GpuCp,
                          [](const auto& info) {
                            return std::get<0>(info.param) + "_cp" + std::to_string(std::get<1>(info.param));
                          });
+
+// Attention tensor parallelism over NCCL (heads split, o_proj and dense MLP all-reduced over the TP
+// group): TP 2 and 4 alone and TP 2 x CP 2 against one GPU, by the same bf16 bars as CP.
+TEST(GpuAttnTp, FixturesMatchOneGpu) {
+  if (auto why = gpus_unavailable(2); !why.empty()) GTEST_SKIP() << why;
+  for (const std::string& name : fixture_names()) {
+    const int64_t V = load_config(fixture_dir(name)).vocab_size;
+    std::vector<std::vector<int32_t>> prompts;
+    const std::vector<Truth> truths = fixture_truths(name, 5, prompts);
+    const auto ones = run_all(fixture_dir(name), false, 1, prompts, 20);
+    for (auto [cp, tp] : std::vector<std::pair<int, int>>{{1, 2}, {1, 4}, {2, 2}}) {
+      if (auto why = gpus_unavailable(cp * tp); !why.empty()) {
+        std::printf("[gpu attn-tp] %s: CP %d x TP %d skipped: %s\n", name.c_str(), cp, tp, why.c_str());
+        continue;
+      }
+      Mode m;
+      m.attn_tp = tp;
+      const auto cs = run_all(fixture_dir(name), false, cp, prompts, 20, m);
+      ASSERT_EQ(cs.size(), prompts.size());
+      Score s;
+      const std::string what = name + " CP=" + std::to_string(cp) + " (" + m.label() + ")";
+      for (size_t i = 0; i < prompts.size(); ++i)
+        compare(ones[i], cs[i], truths[i], V, prompts[i].size(),
+                what + ", " + std::to_string(prompts[i].size()) + " tokens", s);
+      check(s, what, name == "moe_trained");
+    }
+  }
+}
 
 TEST(GpuCpLong, RandomWeights16K) {
   if (auto why = gpus_unavailable(2); !why.empty()) GTEST_SKIP() << why;

@@ -34,11 +34,20 @@ def main():
                 ("local cp=4 world=8", base + ["--attn-cp-size", "4", "--world-size", "8", "--enable-prefill-cp"]),
                 ("local cp=3 --kv-shard", base + ["--attn-cp-size", "3", "--enable-prefill-cp", "--kv-shard"]),
                 ("local cp=4 world=8 --kv-shard", base + ["--attn-cp-size", "4", "--world-size", "8",
-                                                         "--enable-prefill-cp", "--kv-shard"])]
+                                                         "--enable-prefill-cp", "--kv-shard"]),
+                # attention TP: --tp-size is SGLang's name of the world size; TP = tp-size / attn-cp-size
+                ("local --tp-size 2 (attention TP 2)", base + ["--tp-size", "2"]),
+                ("local --tp-size 4 (attention TP 4, kv heads replicated)", base + ["--tp-size", "4"]),
+                ("local --tp-size 4 --attn-cp-size 2", base + ["--tp-size", "4", "--attn-cp-size", "2",
+                                                              "--enable-prefill-cp"])]
     if mpirun:
         for n in (2, 4, 8):
             variants.append((f"mpirun -np {n}", [mpirun, *MPI_ARGS, "-np", str(n), *base, "--comm", "mpi",
                                                  "--attn-cp-size", str(n), "--enable-prefill-cp"]))
+        variants.append(("mpirun -np 2 --tp-size 2", [mpirun, *MPI_ARGS, "-np", "2", *base, "--comm", "mpi",
+                                                      "--tp-size", "2"]))
+        variants.append(("mpirun -np 4 attention TP 2 x CP 2", [mpirun, *MPI_ARGS, "-np", "4", *base, "--comm",
+                                                                "mpi", "--attn-cp-size", "2", "--enable-prefill-cp"]))
         variants.append(("mpirun -np 3 --kv-shard", [mpirun, *MPI_ARGS, "-np", "3", *base, "--comm", "mpi",
                                                      "--attn-cp-size", "3", "--enable-prefill-cp", "--kv-shard"]))
     for name, cmd in variants:
@@ -47,10 +56,10 @@ def main():
         err = rel_err(out["logits"], ref["logits"])
         check(err <= 1e-5, f"{name}: last-3 logits within 1e-5 relative of cp=1 (got {err:.3g})")
 
-    # --tp-size: the deprecated old name of --world-size, still accepted with a warning.
-    old = run(base + ["--attn-cp-size", "2", "--tp-size", "2", "--enable-prefill-cp"])
-    check("--tp-size is deprecated" in old.stderr, "--tp-size warns that it is deprecated")
-    check(json.loads(old.stdout)["argmax"] == ref["argmax"], "--tp-size 2 still runs as --world-size 2")
+    # --tp-size is SGLang's name of the world size, without a warning.
+    same = run(base + ["--attn-cp-size", "2", "--tp-size", "2", "--enable-prefill-cp"])
+    check("deprecated" not in same.stderr, "--tp-size is not deprecated")
+    check(json.loads(same.stdout)["argmax"] == ref["argmax"], "--tp-size 2 --attn-cp-size 2 runs as --world-size 2")
 
     gen = [binary, "generate", "--model-path", fixture, "--input-ids", ids, "--max-new-tokens", "20",
            "--ignore-eos", "--json"]
@@ -62,17 +71,22 @@ def main():
         g3 = json.loads(run([mpirun, *MPI_ARGS, "-np", "2", *gen, "--comm", "mpi", "--attn-cp-size", "2",
                              "--enable-prefill-cp"]).stdout)["output_ids"]
         check(g3 == g1, "greedy continuation under mpirun -np 2 equals cp=1")
+        g6 = json.loads(run([mpirun, *MPI_ARGS, "-np", "2", *gen, "--comm", "mpi", "--tp-size", "2"]).stdout)
+        check(g6["output_ids"] == g1, "greedy continuation under mpirun -np 2 with attention TP 2 equals one rank")
         g5 = json.loads(run([mpirun, *MPI_ARGS, "-np", "4", *gen, "--comm", "mpi", "--attn-cp-size", "4",
                              "--enable-prefill-cp", "--kv-shard", "--kv-interleave", "3"]).stdout)["output_ids"]
         check(g5 == g1, "greedy continuation under mpirun -np 4 with --kv-shard (prefill ring, 19 sharded "
                         "decode steps) equals cp=1")
     g4 = json.loads(run(gen + ["--attn-cp-size", "3", "--enable-prefill-cp", "--kv-shard"]).stdout)["output_ids"]
     check(g4 == g1, "greedy continuation with --kv-shard over 3 local ranks equals cp=1")
+    g7 = json.loads(run(gen + ["--world-size", "4", "--attn-cp-size", "2", "--enable-prefill-cp"]).stdout)
+    check(g7["output_ids"] == g1, "greedy continuation with attention TP 2 x CP 2 equals one rank")
 
     bad = [
         (base + ["--attn-cp-size", "3", "--world-size", "4"], "does not divide"),
         (base + ["--attn-cp-size", "3", "--tp-size", "4"], "does not divide"),
         (base + ["--world-size", "2", "--tp-size", "2"], "excludes"),
+        (base + ["--tp-size", "3"], "num_attention_heads divisible by 3"),
         (base + ["--comm", "mpi"], "mpirun"),
         (base + ["--attn-cp-size", "0"], "attn-cp-size"),
         (base + ["--kv-shard", "--kv-interleave", "0"], "kv-interleave"),
