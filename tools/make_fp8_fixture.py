@@ -262,8 +262,9 @@ def fp8_reference(m, context, records, truth_logits, torch):
             except Exception as e:
                 fail(f"the FP8 forward failed: {type(e).__name__}: {e}\nWith --fp8-forward transformers: its W8A8 "
                      "kernels come from the Hub (the `kernels` package: kernels-community/finegrained-fp8, "
-                     "deep-gemm); offline they must already be in the Hugging Face cache. Rerun with --fp8-forward emulate to compute the same W8A8 rule in "
-                     "plain torch (recorded as emulated in reference.json).")
+                     "deep-gemm); offline they must already be in the Hugging Face cache. Rerun with "
+                     "--fp8-forward emulate to compute the same W8A8 rule in plain torch (recorded as emulated "
+                     "in reference.json).")
             err = logit_errors(logits, t32)
             rec["argmax_fp8"] = logits.argmax(-1).tolist()
             rec["last_logits_fp8"] = [float(f"{x:.8g}") for x in logits[-1].tolist()]
