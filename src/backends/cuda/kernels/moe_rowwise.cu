@@ -206,8 +206,8 @@ cudaError_t launch_rowwise(const DevTensor& x, const MoeRowSource& rs, int count
   if (!vectorized) {
     const dim3 grid1(static_cast<unsigned>((inter + kScalarWarps - 1) / kScalarWarps), ey);
     const dim3 grid2(static_cast<unsigned>((hidden + kScalarWarps - 1) / kScalarWarps), ey);
-    const cudaError_t err = launch_k(moe_small_gemm_scalar_kernel<F, true>, grid1, kScalarWarps * 32, 0, stream, xp,
-                                     rs, count, t1, n_i, n_h, act);
+    const cudaError_t err = launch_k(moe_small_gemm_scalar_kernel<F, true>, grid1, kScalarWarps * 32, 0, stream, xp, rs,
+                                     count, t1, n_i, n_h, act);
     if (err != cudaSuccess) return err;
     return launch_k(moe_small_gemm_scalar_kernel<F, false>, grid2, kScalarWarps * 32, 0, stream, actp, rs, count, t2,
                     n_h, n_i, y);
