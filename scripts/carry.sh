@@ -11,7 +11,7 @@ BUILD="${1:-$ROOT/build}"
 DEST="${2:-$ROOT/.carry}"
 rm -rf "$DEST"
 mkdir -p "$DEST/bin" "$DEST/lib"
-for t in cpinfer gpu_ops_test gpu_moe_test gpu_sample_test gpu_model_test gpu_cp_test kv_shard_test \
+for t in cpinfer gpu_ops_test gpu_moe_test gpu_sample_test gpu_model_test gpu_cp_test kv_shard_test gpu_fp8_fixture_test \
          attention_bench moe_bench; do
   f="$(find "$BUILD" -name "$t" -type f -perm -u+x | head -1)"
   [ -n "$f" ] && cp "$f" "$DEST/bin/" || echo "carry: no $t in $BUILD" >&2

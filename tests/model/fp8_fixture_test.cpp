@@ -123,13 +123,15 @@ TEST(Fp8Fixture, IsInTheRealFormatAndLoadsAsFp8Views) {
   for (size_t l = 0; l < w.layers.size(); ++l) {
     const LayerWeights& L = w.layers[l];
     const std::string p = "model.layers." + std::to_string(l) + ".";
-    for (const auto& [x, n] :
-         {std::pair{&L.q_proj, "q_proj"}, {&L.k_proj, "k_proj"}, {&L.v_proj, "v_proj"}, {&L.o_proj, "o_proj"}})
+    for (const auto& [x, n] : {std::pair{&L.q_proj.weight, "q_proj"},
+                               {&L.k_proj.weight, "k_proj"},
+                               {&L.v_proj.weight, "v_proj"},
+                               {&L.o_proj.weight, "o_proj"}})
       check(*x, p + "self_attn." + n + ".weight");
     if (!L.moe) {
-      check(L.mlp_gate, p + "mlp.gate_proj.weight");
-      check(L.mlp_up, p + "mlp.up_proj.weight");
-      check(L.mlp_down, p + "mlp.down_proj.weight");
+      check(L.mlp_gate.weight, p + "mlp.gate_proj.weight");
+      check(L.mlp_up.weight, p + "mlp.up_proj.weight");
+      check(L.mlp_down.weight, p + "mlp.down_proj.weight");
       continue;
     }
     for (int32_t e = 0; e < L.experts.count; ++e) {
