@@ -292,6 +292,7 @@ TEST_F(MoeTest, Qwen3ShapeShardedExperts) {
   check_case("qwen3.shard4", rng, 1024, 8, sub_shard(ex, 32, 32), Routing::Uniform, DType::BF16);
   check_case("qwen3.shard4.skew", rng, 1500, 8, sub_shard(ex, 32, 32), Routing::Skewed, DType::BF16);
   check_case("qwen3.shard2", rng, 777, 8, sub_shard(ex, 64, 64), Routing::Skewed, DType::F32);
+  check_case("qwen3.shard4.decode", rng, 1, 8, sub_shard(ex, 32, 32), Routing::Uniform, DType::BF16);
 }
 
 TEST_F(MoeTest, SmallAndOddShapes) {
@@ -311,7 +312,10 @@ TEST_F(MoeTest, SmallAndOddShapes) {
            {200, 72, 40, 8, 2, 1, 6, Routing::Uniform, DType::BF16},      // % 8 only: vector fallback
            {150, 37, 19, 4, 2, 0, 4, Routing::Skewed, DType::F32},        // odd: scalar fallback
            {90, 130, 70, 6, 3, 3, 3, Routing::Skewed, DType::BF16},       // odd, shard at the end
-           {1, 128, 64, 4, 2, 0, 4, Routing::Uniform, DType::BF16},
+           {1, 128, 64, 4, 2, 0, 4, Routing::Uniform, DType::BF16},       // one token: the router's pairs
+           {1, 64, 32, 8, 2, 2, 4, Routing::Uniform, DType::F32},         // one token, a shard: pairs off it
+           {1, 37, 19, 4, 2, 1, 2, Routing::Skewed, DType::BF16},         // one token, odd: scalar kernels
+           {1, 128, 64, 8, 2, 2, 3, Routing::NoLocal, DType::BF16},       // one token, no local expert
            {6, 2056, 1032, 8, 4, 0, 8, Routing::Uniform, DType::BF16},    // decode-size, rows of two passes
            {8, 2048, 768, 4, 4, 0, 4, Routing::Uniform, DType::F32},      // 8 rows per expert: four row groups
            {400, 128, 64, 4, 2, 3, 1, Routing::Skewed, DType::BF16},      // one local expert gets every token

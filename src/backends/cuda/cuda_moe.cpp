@@ -1,8 +1,8 @@
 // CudaBackend::moe_experts: permute the (token, k) pairs by local expert on the device, run the
 // experts' GEMMs on their contiguous segments, and accumulate the weighted results back into out
 // in a fixed order per token.
-// - Small batches (T·K <= kSmallPairs, decode): two row-wise grouped kernels cover all experts,
-//   reading the router's (token, k) pairs as they are: no permute kernel in a decode step's chain.
+// - Small batches (T·K <= kSmallPairs, decode): two row-wise grouped kernels cover all experts; for
+//   one token they read the router's (token, k) pairs as they are: no permute kernel in the chain.
 // - Larger batches (prefill), by default: the tensor-core grouped GEMMs (gate‖up + SiLU·mul, then
 //   down), scheduled on the device from the segment offsets: on a compute capability 9.0 GPU the
 //   warp-specialized wgmma kernels of kernels/moe_gemm_wgmma.cu (128 x 256 tiles; the expert
@@ -112,8 +112,10 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   // auto: the warp-specialized kernels, writing y in BF16 (bench/moe_bench: 544 vs 497 TFLOP/s for
   // the GEMMs at 32K tokens on an H200); "wgmma" keeps the earlier kernels (F32 y) to compare.
   wgmma_cfg.warp_specialized = wgmma_cfg.y_bf16 = setting == MoeGemm::WgmmaWs || setting == MoeGemm::Grouped;
-  if (!tensor_cores && small) {
-    // Decode sizes: the row-wise kernels take the router's pairs as they are (no permute kernel).
+  if (small && n_tokens == 1) {
+    // One token (batch-1 decode): the row-wise kernels take the router's pairs as they are, no
+    // permute kernel. (At batch 8 the pairs of a shared expert would each re-read its weights: there
+    // the permute's segments are faster, 9.2 against 9.9 ms a step on an H200.)
     const bool vec = aligned && hidden % 8 == 0 && inter % 8 == 0;
     MoeRowSource rows;
     rows.ids = ids.ptr<const int32_t>();

@@ -124,9 +124,9 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
   float* y_rows = static_cast<float*>(m.y);
   const Fp8ExpertTables tables = fp8_expert_tables_on_device(shard);
   const bool vec = aligned && hidden % 16 == 0 && inter % 16 == 0;  // 16 codes per 16-byte chunk
-  // Decode sizes take the router's pairs as they are (no permute kernel); larger batches the
+  // One token takes the router's pairs as they are (no permute kernel; cuda_moe.cpp); more the
   // permute's segments, the grid covering at most T·K experts (active lists them on the device).
-  const bool pairs = static_cast<int64_t>(n_pairs) <= kSmallPairs;
+  const bool pairs = n_tokens == 1 && static_cast<int64_t>(n_pairs) <= kSmallPairs;
   MoeRowSource rows;
   if (pairs) {
     rows.ids = ids.ptr<const int32_t>();
