@@ -20,7 +20,7 @@
 # fp8_summary.txt (the ratios).
 #   tar -xJf .carry.tar.xz && CPINFER_PREBUILT=.carry scripts/gpu_fp8_check.sh
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
-gpu_binaries cpinfer gpu_ops_test gpu_moe_test gpu_model_test moe_bench
+gpu_binaries cpinfer gpu_ops_test gpu_moe_test gpu_model_test gpu_fp8_fixture_test moe_bench
 
 echo "== FP8 op tests (linear)"
 timeout 150 "$BIN/gpu_ops_test" --gtest_filter='Fp8Ops.*:Fp8ScaleLayouts.*:Ops.Linear*' 2>&1 | tee "$OUT/gpu_fp8_ops.log" |
@@ -31,6 +31,10 @@ timeout 240 "$BIN/gpu_moe_test" --gtest_filter='MoeFp8Test.*' 2>&1 | tee "$OUT/g
 echo "== FP8 model test"
 timeout 150 "$BIN/gpu_model_test" --gtest_filter='GpuFp8Model.*' 2>&1 | tee "$OUT/gpu_fp8_model.log" |
   grep -E "\[gpu fp8|OK \]|FAILED|Failure|SKIPPED|PASSED|Expected|Which is" | tail -30
+
+echo "== FP8 fixture test (tests/fixtures/moe_fp8 against its fp32 truth and W8A8 reference)"
+timeout 150 "$BIN/gpu_fp8_fixture_test" 2>&1 | tee "$OUT/gpu_fp8_fixture.log" |
+  grep -E "\[gpu moe_fp8|OK \]|FAILED|Failure|SKIPPED|PASSED|Expected|Which is" | tail -20
 
 echo "== moe_bench: the MoE block at 4K and 32K tokens, FP8 paths against BF16 on the same experts"
 timeout 240 "$BIN/moe_bench" --tokens 4096,32768 --reps 10 > "$OUT/moe_bench.txt" 2> "$OUT/moe_bench.log"
