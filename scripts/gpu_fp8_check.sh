@@ -7,7 +7,8 @@
 #      FP8 moe_experts on the row-wise, warp-specialized grouped (default), first grouped and
 #      cuBLASLt paths against CPU references, the ws kernels against the first ones bit for bit,
 #      every device-scheduled path under a CUDA-graph capture (gpu_moe_test MoeFp8Test.*);
-#   2. the FP8 model test: a random FP8 model on the GPU against the CPU (gpu_model_test GpuFp8Model.*);
+#   2. the FP8 model tests: a random FP8 model on the GPU against the CPU (gpu_model_test GpuFp8Model.*),
+#      and the FP8 fixture against its fp32 truth and W8A8 reference (gpu_fp8_fixture_test);
 #   3. moe_bench at 4K and 32K tokens (Qwen3-30B-A3B's MoE block): the FP8 paths against the BF16
 #      ws path on the same experts (fp8.ws / ws is issue 15's ratio, target <= 0.65), with their
 #      output checks (exit status 1 on a mismatch);
