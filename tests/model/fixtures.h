@@ -1,14 +1,17 @@
 // The transformers reference fixtures (tests/fixtures/<name>, made by tools/make_fixtures.py).
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "engine/engine.h"
 #include "engine/sampler.h"
+#include "model/weights.h"
 #include "ops/backend.h"
 
 namespace cpinfer::test {
@@ -76,6 +79,19 @@ inline double rel_max_err(const float* a, const float* b, size_t n) {
   return m > 0 ? d / m : d;
 }
 
+// n token ids drawn uniformly from [0, vocab) by a seeded generator (the same ids everywhere).
+inline std::vector<int32_t> random_ids(int n, int vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> v(n);
+  for (auto& x : v) x = static_cast<int32_t>(rng() % vocab);
+  return v;
+}
+
+// Index of the largest of v[begin, begin + n), counted from begin.
+inline int argmax_in(const std::vector<float>& v, size_t begin, size_t n) {
+  return int(std::max_element(v.begin() + long(begin), v.begin() + long(begin + n)) - v.begin() - long(begin));
+}
+
 // Largest minus second-largest value of a row of logits.
 inline float top2_gap(std::span<const float> row) {
   float a = -INFINITY, b = -INFINITY;
@@ -86,6 +102,48 @@ inline float top2_gap(std::span<const float> row) {
       b = x;
   }
   return a - b;
+}
+
+// Greedy continuation of n tokens with the top-2 gap of every step.
+inline std::pair<std::vector<int32_t>, std::vector<float>> greedy_with_gaps(Engine& e, const std::vector<int32_t>& ids,
+                                                                            int n) {
+  std::vector<int> seqs;
+  auto logits = e.prefill({std::span<const int32_t>(ids)}, seqs);
+  std::vector<int32_t> out;
+  std::vector<float> gaps;
+  for (int i = 0; i < n; ++i) {
+    out.push_back(argmax(logits[0]));
+    gaps.push_back(top2_gap(logits[0]));
+    if (i + 1 < n) logits = e.decode({seqs[0]}, {out.back()});
+  }
+  e.release(seqs[0]);
+  return {out, gaps};
+}
+
+// fn(weight, checkpoint name) for every linear weight of the loaded model (attention projections,
+// dense MLP, each local expert), in the checkpoint's per-expert naming.
+template <class Fn>
+void for_each_linear_weight(const ModelWeights& w, Fn&& fn) {
+  for (size_t l = 0; l < w.layers.size(); ++l) {
+    const LayerWeights& L = w.layers[l];
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    fn(L.q_proj.weight, p + "self_attn.q_proj.weight");
+    fn(L.k_proj.weight, p + "self_attn.k_proj.weight");
+    fn(L.v_proj.weight, p + "self_attn.v_proj.weight");
+    fn(L.o_proj.weight, p + "self_attn.o_proj.weight");
+    if (!L.moe) {
+      fn(L.mlp_gate.weight, p + "mlp.gate_proj.weight");
+      fn(L.mlp_up.weight, p + "mlp.up_proj.weight");
+      fn(L.mlp_down.weight, p + "mlp.down_proj.weight");
+      continue;
+    }
+    for (int32_t e = 0; e < L.experts.count; ++e) {
+      const std::string x = p + "mlp.experts." + std::to_string(L.experts.first + e) + ".";
+      fn(L.experts.gate[e], x + "gate_proj.weight");
+      fn(L.experts.up[e], x + "up_proj.weight");
+      fn(L.experts.down[e], x + "down_proj.weight");
+    }
+  }
 }
 
 // n tokens drawn by the host Sampler from the engine's prefill and decode logits (the reference

@@ -120,27 +120,7 @@ TEST(Fp8Fixture, IsInTheRealFormatAndLoadsAsFp8Views) {
     EXPECT_EQ(std::memcmp(x.scale.data, s.data, s.nbytes), 0) << name << ": F32 scales as stored";
     ++seen;
   };
-  for (size_t l = 0; l < w.layers.size(); ++l) {
-    const LayerWeights& L = w.layers[l];
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    for (const auto& [x, n] : {std::pair{&L.q_proj.weight, "q_proj"},
-                               {&L.k_proj.weight, "k_proj"},
-                               {&L.v_proj.weight, "v_proj"},
-                               {&L.o_proj.weight, "o_proj"}})
-      check(*x, p + "self_attn." + n + ".weight");
-    if (!L.moe) {
-      check(L.mlp_gate.weight, p + "mlp.gate_proj.weight");
-      check(L.mlp_up.weight, p + "mlp.up_proj.weight");
-      check(L.mlp_down.weight, p + "mlp.down_proj.weight");
-      continue;
-    }
-    for (int32_t e = 0; e < L.experts.count; ++e) {
-      const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
-      check(L.experts.gate[e], x + "gate_proj.weight");
-      check(L.experts.up[e], x + "up_proj.weight");
-      check(L.experts.down[e], x + "down_proj.weight");
-    }
-  }
+  for_each_linear_weight(w, check);
   EXPECT_EQ(seen, n_fp8) << "every FP8 weight of the fixture stays FP8 on the CPU";
 }
 

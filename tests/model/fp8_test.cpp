@@ -396,26 +396,7 @@ TEST_F(Fp8Dir, OnTheCpuFp8WeightsTakeOneBytePerWeightAndShardByExpert) {
               int64_t(ck.get(name + "_scale_inv").nbytes / dtype_size(ck.get(name + "_scale_inv").dtype)));
     seen += t.nbytes;
   };
-  for (size_t l = 0; l < w.layers.size(); ++l) {
-    const LayerWeights& L = w.layers[l];
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    check(L.q_proj.weight, p + "self_attn.q_proj.weight");
-    check(L.k_proj.weight, p + "self_attn.k_proj.weight");
-    check(L.v_proj.weight, p + "self_attn.v_proj.weight");
-    check(L.o_proj.weight, p + "self_attn.o_proj.weight");
-    if (!L.moe) {
-      check(L.mlp_gate.weight, p + "mlp.gate_proj.weight");
-      check(L.mlp_up.weight, p + "mlp.up_proj.weight");
-      check(L.mlp_down.weight, p + "mlp.down_proj.weight");
-      continue;
-    }
-    for (int32_t e = 0; e < L.experts.count; ++e) {
-      const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
-      check(L.experts.gate[e], x + "gate_proj.weight");
-      check(L.experts.up[e], x + "up_proj.weight");
-      check(L.experts.down[e], x + "down_proj.weight");
-    }
-  }
+  for_each_linear_weight(w, check);
   EXPECT_EQ(seen, fp8_elems) << "every FP8 weight of the checkpoint stays FP8";
 
   // Without FP8 kernels: BF16, 2 bytes per weight, no scales.

@@ -33,20 +33,6 @@ namespace {
 
 constexpr double kNmseAllowance = 2.0;
 
-std::pair<std::vector<int32_t>, std::vector<float>> greedy(Engine& e, const std::vector<int32_t>& ids, int n) {
-  std::vector<int> seqs;
-  auto logits = e.prefill({std::span<const int32_t>(ids)}, seqs);
-  std::vector<int32_t> out;
-  std::vector<float> gaps;
-  for (int i = 0; i < n; ++i) {
-    out.push_back(argmax(logits[0]));
-    gaps.push_back(top2_gap(logits[0]));
-    if (i + 1 < n) logits = e.decode({seqs[0]}, {out.back()});
-  }
-  e.release(seqs[0]);
-  return {out, gaps};
-}
-
 }  // namespace
 
 TEST(GpuFp8Fixture, WithinTwiceTheW8a8ReferenceError) {
@@ -89,7 +75,7 @@ TEST(GpuFp8Fixture, WithinTwiceTheW8a8ReferenceError) {
   size_t greedy_checked = 0, greedy_equal = 0, hf_greedy_equal = 0;
   for (const Fp8RefPrompt& r : refs) {
     const RefPrompt& p = r.ref;
-    const auto [g, gaps] = greedy(gpu, p.ids, static_cast<int>(p.greedy_fp32.size()));
+    const auto [g, gaps] = greedy_with_gaps(gpu, p.ids, static_cast<int>(p.greedy_fp32.size()));
     ASSERT_EQ(r.greedy_gap_fp32.size(), p.greedy_fp32.size());
     for (size_t i = 0; i < g.size() && r.greedy_gap_fp32[i] > margin; ++i, ++greedy_checked) {
       EXPECT_EQ(g[i], p.greedy_fp32[i]) << "greedy step " << i << " after the " << p.ids.size()

@@ -40,21 +40,6 @@ EngineOptions opts(const std::string& device) {
   return eo;
 }
 
-// Greedy continuation with the top-2 gap of every step.
-std::pair<std::vector<int32_t>, std::vector<float>> greedy(Engine& e, const std::vector<int32_t>& ids, int n) {
-  std::vector<int> seqs;
-  auto logits = e.prefill({std::span<const int32_t>(ids)}, seqs);
-  std::vector<int32_t> out;
-  std::vector<float> gaps;
-  for (int i = 0; i < n; ++i) {
-    out.push_back(argmax(logits[0]));
-    gaps.push_back(top2_gap(logits[0]));
-    if (i + 1 < n) logits = e.decode({seqs[0]}, {out.back()});
-  }
-  e.release(seqs[0]);
-  return {out, gaps};
-}
-
 // A random FP8 model's config.json in a fresh temporary folder (returned): the moe_dense_mix_fused
 // fixture's architecture at shapes on the 128 blocks, with Qwen3-30B-A3B-FP8's quantization_config.
 std::filesystem::path write_fp8_config(const std::string& prefix) {
@@ -107,8 +92,8 @@ TEST_P(GpuFixtures, AsFaithfulAsTransformersBf16AndExactAwayFromNearTies) {
         clear_agree += a == r.argmax_fp32[t];
       }
     }
-    auto [g, g_gaps] = greedy(gpu, r.ids, 20);
-    auto [c, c_gaps] = greedy(cpu, r.ids, 20);
+    auto [g, g_gaps] = greedy_with_gaps(gpu, r.ids, 20);
+    auto [c, c_gaps] = greedy_with_gaps(cpu, r.ids, 20);
     size_t i = 0;
     for (; i < c.size() && c_gaps[i] > kMargin; ++i) {
       EXPECT_EQ(g[i], c[i]) << name << ": greedy step " << i << " after a " << r.ids.size() << "-token prompt";
@@ -156,8 +141,8 @@ TEST(GpuTrainedFixture, MeetsThePlainBf16Bar) {
     const size_t last = r.ids.size() - 1;
     EXPECT_EQ(argmax(std::span<const float>(logits[0].data() + last * V, V)), r.argmax_bf16[last])
         << r.ids.size() << "-token prompt: last-position top-1 differs from transformers bf16";
-    auto g = greedy(gpu, r.ids, 20).first;
-    auto c = greedy(cpu, r.ids, 20).first;
+    auto g = greedy_with_gaps(gpu, r.ids, 20).first;
+    auto c = greedy_with_gaps(cpu, r.ids, 20).first;
     EXPECT_EQ(g, c) << r.ids.size() << "-token prompt: greedy continuation differs from the CPU path";
     greedy_equal += g == c;
   }
@@ -260,7 +245,7 @@ TEST(GpuFp8Model, RandomFp8ModelAgreesWithTheCpu) {
   const auto cpu_logits = cpu->prefill({std::span<const int32_t>(prompt)}, seqs, LogitsWanted::All);
   cpu->release(seqs[0]);
   const int64_t V = cpu->config().vocab_size;
-  const auto [c_tokens, c_gaps] = greedy(*cpu, prompt, 16);
+  const auto [c_tokens, c_gaps] = greedy_with_gaps(*cpu, prompt, 16);
   for (const char* fp8 : {"auto", "bf16"}) {
     auto gpu = make("cuda", fp8);
     const auto gpu_logits = gpu->prefill({std::span<const int32_t>(prompt)}, seqs, LogitsWanted::All);
@@ -280,7 +265,7 @@ TEST(GpuFp8Model, RandomFp8ModelAgreesWithTheCpu) {
         max_logit = std::max(max_logit, std::fabs(double(c[v])));
       }
     }
-    const auto [g_tokens, g_gaps] = greedy(*gpu, prompt, 16);
+    const auto [g_tokens, g_gaps] = greedy_with_gaps(*gpu, prompt, 16);
     size_t steps = 0;
     for (; steps < c_tokens.size() && c_gaps[steps] > kMargin; ++steps) {
       EXPECT_EQ(g_tokens[steps], c_tokens[steps]) << "--fp8-weights " << fp8 << ": greedy step " << steps;
@@ -320,8 +305,8 @@ TEST(GpuFp8Model, DecodeGraphsRecordBeforeTheCublasLtProbeRan) {
   };
   auto on = make(DecodeGraphMode::On), padded = make(DecodeGraphMode::Eager);
   ASSERT_TRUE(on->model().backend().fp8_weights_supported());
-  const auto t_on = greedy(*on, {5}, 6).first;
-  const auto t_pad = greedy(*padded, {5}, 6).first;
+  const auto t_on = greedy_with_gaps(*on, {5}, 6).first;
+  const auto t_pad = greedy_with_gaps(*padded, {5}, 6).first;
   EXPECT_EQ(t_on, t_pad);
   const auto& st = on->model().decode_graphs()->stats();
   std::printf("[gpu fp8 graphs] %lld recorded, %lld steps replayed, %lld padded eager\n",

@@ -22,17 +22,6 @@ namespace {
 
 constexpr int kPage = 16;
 
-std::vector<int32_t> random_ids(int n, int vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> v(n);
-  for (auto& x : v) x = static_cast<int32_t>(rng() % vocab);
-  return v;
-}
-
-int argmax(const std::vector<float>& v, size_t begin, size_t n) {
-  return int(std::max_element(v.begin() + long(begin), v.begin() + long(begin + n)) - v.begin() - long(begin));
-}
-
 struct RankView {
   int tp_rank = 0, tp_size = 1, cp_rank = 0;
   size_t kv_bytes = 0;                 // the rank's whole KV cache
@@ -71,14 +60,14 @@ Result run(const std::string& dir, Config c, const std::vector<std::vector<int32
     std::vector<int> seqs;
     std::vector<std::vector<float>> logits = engine.prefill(spans, seqs, LogitsWanted::All);
     std::vector<int32_t> next(prompts.size());
-    for (size_t i = 0; i < prompts.size(); ++i) next[i] = argmax(logits[i], logits[i].size() - size_t(V), size_t(V));
+    for (size_t i = 0; i < prompts.size(); ++i) next[i] = argmax_in(logits[i], logits[i].size() - size_t(V), size_t(V));
     std::vector<std::vector<int32_t>> tokens(prompts.size());
     for (int step = 0; step < decode; ++step) {
       for (size_t i = 0; i < seqs.size(); ++i) tokens[i].push_back(next[i]);
       auto l = engine.decode(seqs, next);
       for (size_t i = 0; i < seqs.size(); ++i) {
         logits[i].insert(logits[i].end(), l[i].begin(), l[i].end());
-        next[i] = argmax(l[i], 0, size_t(V));
+        next[i] = argmax_in(l[i], 0, size_t(V));
       }
     }
     RankView view;

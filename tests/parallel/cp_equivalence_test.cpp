@@ -26,13 +26,6 @@ struct RunResult {
   int64_t head_dim = 0;
 };
 
-std::vector<int32_t> random_ids(int n, int vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> v(n);
-  for (auto& x : v) x = static_cast<int32_t>(rng() % vocab);
-  return v;
-}
-
 // Runs a prefill of `prompts` on `cp` local ranks (cp = 1: a single rank without threads) and
 // returns rank 0's view; with greedy_tokens > 0 each prompt is then continued greedily.
 struct RunOptions {

@@ -20,17 +20,6 @@ namespace {
 
 constexpr int kPage = 16;
 
-std::vector<int32_t> random_ids(int n, int vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> v(n);
-  for (auto& x : v) x = static_cast<int32_t>(rng() % vocab);
-  return v;
-}
-
-int argmax(const std::vector<float>& v, size_t begin, size_t n) {
-  return int(std::max_element(v.begin() + long(begin), v.begin() + long(begin + n)) - v.begin() - long(begin));
-}
-
 struct Case {
   std::vector<std::vector<int32_t>> prompts;
   int chunk = 0;       // > 0: the prompts are prefilled in chunks of this many tokens (the first chunk: All logits)
@@ -82,7 +71,7 @@ Result run(const std::string& dir, int cp, bool shard, const Case& c) {
         logits[i].insert(logits[i].end(), l.begin(), l.end());
         done += n;
       }
-      next[i] = argmax(logits[i], logits[i].size() - size_t(V), size_t(V));
+      next[i] = argmax_in(logits[i], logits[i].size() - size_t(V), size_t(V));
     }
     std::vector<std::vector<int32_t>> tokens(c.prompts.size());
     for (int step = 0; step < c.decode; ++step) {
@@ -90,7 +79,7 @@ Result run(const std::string& dir, int cp, bool shard, const Case& c) {
       auto l = engine.decode(seqs, next);
       for (size_t i = 0; i < seqs.size(); ++i) {
         logits[i].insert(logits[i].end(), l[i].begin(), l[i].end());
-        next[i] = argmax(l[i], 0, size_t(V));
+        next[i] = argmax_in(l[i], 0, size_t(V));
       }
     }
     // This rank's cache, with the positions it holds.
