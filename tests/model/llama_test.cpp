@@ -201,13 +201,6 @@ double rel_err(const std::vector<float>& a, const std::vector<double>& b) {
   return d / m;
 }
 
-std::vector<int32_t> random_ids(int n, int vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> v(static_cast<size_t>(n));
-  for (auto& x : v) x = static_cast<int32_t>(rng() % uint32_t(vocab));
-  return v;
-}
-
 class LlamaTest : public ::testing::Test {
  protected:
   void SetUp() override {
