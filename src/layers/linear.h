@@ -84,14 +84,11 @@ struct ColumnParallelLinear : ParallelLinear {
 
 // y [T, N] = Σ over the TP group of x [T, count] · W[:, first : first + count]ᵀ: partial() is this
 // rank's term, reduce() the sum over `group` (nullptr or of size 1: nothing to sum). Every rank of
-// the group calls reduce() with the same T.
+// the group calls reduce() with the same T. (Two calls, so that callers time the product and the
+// sum apart.)
 struct RowParallelLinear : ParallelLinear {
   void partial(Backend& be, const Tensor& x, Tensor y) const;
   static void reduce(Backend& be, Tensor y, Communicator* group);
-  void forward(Backend& be, const Tensor& x, Tensor y, Communicator* group) const {
-    partial(be, x, y);
-    reduce(be, y, group);
-  }
 };
 
 }  // namespace cpinfer

@@ -117,17 +117,13 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
     // permute kernel. (At batch 8 the pairs of a shared expert would each re-read its weights: there
     // the permute's segments are faster, 9.2 against 9.9 ms a step on an H200.)
     const bool vec = aligned && hidden % 8 == 0 && inter % 8 == 0;
-    MoeRowSource rows;
-    rows.ids = ids.ptr<const int32_t>();
-    rows.first = shard.first;
-    rows.top_k = static_cast<int>(top_k);
-    rows.n_pairs = static_cast<int>(n_pairs);
+    const MoeRowSource rows =
+        MoeRowSource::pairs(ids.ptr<const int32_t>(), shard.first, static_cast<int>(top_k), static_cast<int>(n_pairs));
     CUDA_LAUNCH(launch_moe_rowwise_gemms(dev(x), rows, count, ptrs, ptrs + count, ptrs + 2 * count, inter, vec, act,
                                          y_rows, stream_),
                 "moe_rowwise_gemms");
     Tensor y(y_rows, DType::F32, {static_cast<int64_t>(n_pairs), hidden}, Device::CUDA);
-    CUDA_LAUNCH(launch_moe_unpermute_pairs(dev(y), dev(weights), rows.ids, shard.first, count, dev(out), stream_),
-                "moe_unpermute");
+    CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), rows, count, dev(out), stream_), "moe_unpermute");
     return;
   }
   CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
@@ -145,11 +141,8 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   } else {
     const bool vec = aligned && hidden % 8 == 0 && inter % 8 == 0;
     // At most T·K experts have rows: the grid covers that many (active lists them on the device).
-    MoeRowSource rows;
-    rows.src_token = src_token;
-    rows.offsets = offsets;
-    rows.active = active;
-    rows.max_active = static_cast<int>(std::min<size_t>(n_pairs, static_cast<size_t>(count)));
+    const MoeRowSource rows = MoeRowSource::segments(src_token, offsets, pair_row, active,
+                                                     static_cast<int>(std::min<size_t>(n_pairs, size_t(count))));
     CUDA_LAUNCH(launch_moe_rowwise_gemms(dev(x), rows, count, ptrs, ptrs + count, ptrs + 2 * count, inter, vec, act,
                                          y_rows, stream_),
                 "moe_rowwise_gemms");

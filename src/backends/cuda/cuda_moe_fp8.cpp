@@ -129,27 +129,19 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
   const bool pairs = n_tokens == 1 && static_cast<int64_t>(n_pairs) <= kSmallPairs;
   MoeRowSource rows;
   if (pairs) {
-    rows.ids = ids.ptr<const int32_t>();
-    rows.first = shard.first;
-    rows.top_k = static_cast<int>(ids.cols());
-    rows.n_pairs = static_cast<int>(n_pairs);
+    rows = MoeRowSource::pairs(ids.ptr<const int32_t>(), shard.first, static_cast<int>(ids.cols()),
+                               static_cast<int>(n_pairs));
   } else {
     CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
                                          nullptr, stream_, active),
                 "moe_permute");
-    rows.src_token = src_token;
-    rows.offsets = offsets;
-    rows.active = active;
-    rows.max_active = static_cast<int>(std::min<size_t>(n_pairs, static_cast<size_t>(count)));
+    rows = MoeRowSource::segments(src_token, offsets, pair_row, active,
+                                  static_cast<int>(std::min<size_t>(n_pairs, size_t(count))));
   }
   CUDA_LAUNCH(launch_moe_rowwise_gemms_fp8(dev(x), rows, count, tables, inter, vec, act, y_rows, stream_),
               "moe_rowwise_gemms_fp8");
   Tensor y(y_rows, DType::F32, {static_cast<int64_t>(n_pairs), hidden}, Device::CUDA);
-  if (pairs)
-    CUDA_LAUNCH(launch_moe_unpermute_pairs(dev(y), dev(weights), rows.ids, shard.first, count, dev(out), stream_),
-                "moe_unpermute");
-  else
-    CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
+  CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), rows, count, dev(out), stream_), "moe_unpermute");
 }
 
 // --moe-runner-backend cublas with FP8 experts: gather the rows, quantize them per expert segment,

@@ -232,17 +232,37 @@ cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count,
 // decode most experts have no row, and their empty CTAs cost more than the work. Pairs (ids set): no
 // permute at all; grid row p is the pair p = t·K + k of the router's choice ids [T, K] (global
 // expert ids): expert ids[p] - first if it is local (else nothing), x row t = p / top_k, act and y
-// row p; launch_moe_unpermute_pairs then sums y. For decode sizes, where the permute is a kernel of
-// the step's chain and the grid is T·K rows either way.
+// row p. For decode sizes, where the permute is a kernel of the step's chain and the grid is T·K
+// rows either way. launch_moe_unpermute(..., rows, ...) then sums y by the same rows.
 struct MoeRowSource {
-  const int32_t* src_token = nullptr;
+  const int32_t* src_token = nullptr;  // segments
   const int32_t* offsets = nullptr;
+  const int32_t* pair_row = nullptr;  // where the permute put each pair (the unpermute's rows)
   const int32_t* active = nullptr;
   int max_active = 0;
   const int32_t* ids = nullptr;  // pairs
   int first = 0;
   int top_k = 0;
   int n_pairs = 0;
+
+  static MoeRowSource segments(const int32_t* src_token, const int32_t* offsets, const int32_t* pair_row,
+                               const int32_t* active, int max_active) {
+    MoeRowSource s;
+    s.src_token = src_token;
+    s.offsets = offsets;
+    s.pair_row = pair_row;
+    s.active = active;
+    s.max_active = max_active;
+    return s;
+  }
+  static MoeRowSource pairs(const int32_t* ids, int first, int top_k, int n_pairs) {
+    MoeRowSource s;
+    s.ids = ids;
+    s.first = first;
+    s.top_k = top_k;
+    s.n_pairs = n_pairs;
+    return s;
+  }
 };
 cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const MoeRowSource& rows, int count, const void* const* gate,
                                      const void* const* up, const void* const* down, int64_t inter, bool vectorized,
@@ -348,10 +368,10 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& args, bool g
 // out[t] += Σ_k weights[t,k] · y[pair_row[t*K+k]] over the local pairs, in k order.
 cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row, DevTensor out,
                                  cudaStream_t stream);
-// The same after the row-wise kernels' pairs (MoeRowSource::ids): y row p = t·K + k for the pairs whose
-// expert ids[p] lies in [first, first + count).
-cudaError_t launch_moe_unpermute_pairs(const DevTensor& y, const DevTensor& weights, const int32_t* ids, int first,
-                                       int count, DevTensor out, cudaStream_t stream);
+// The same after the row-wise kernels, by their rows: segments, y row rows.pair_row[p]; pairs, y row
+// p = t·K + k for the pairs whose expert ids[p] lies in [first, first + count).
+cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const MoeRowSource& rows, int count,
+                                 DevTensor out, cudaStream_t stream);
 
 // ---- sample.cu: one token per row of logits [R, V] F32 (Backend::sample, ops/backend.h) into
 // ids [R] I32. rows: device [R]; scratch: device F32 [R, V] (the probabilities of non-greedy rows;

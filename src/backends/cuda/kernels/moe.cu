@@ -273,10 +273,10 @@ cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, c
   return unpermute(y, weights, PairRows{pair_row, nullptr, 0, 0}, out, stream);
 }
 
-cudaError_t launch_moe_unpermute_pairs(const DevTensor& y, const DevTensor& weights, const int32_t* ids, int first,
-                                       int count, DevTensor out, cudaStream_t stream) {
-  if (ids == nullptr) return cudaErrorInvalidValue;
-  return unpermute(y, weights, PairRows{nullptr, ids, first, count}, out, stream);
+cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const MoeRowSource& rows, int count,
+                                 DevTensor out, cudaStream_t stream) {
+  if (rows.ids == nullptr && rows.pair_row == nullptr) return cudaErrorInvalidValue;
+  return unpermute(y, weights, PairRows{rows.ids ? nullptr : rows.pair_row, rows.ids, rows.first, count}, out, stream);
 }
 
 }  // namespace cpinfer::cuda
