@@ -213,6 +213,18 @@ def load_saved(name, spec, fixture_dir, model_cls, torch, dtype, attn, device):
     return model
 
 
+def moe_config_fields(c):
+    """The MoE fields of a loaded Qwen3-MoE config, by their config.json names."""
+    return dict(
+        num_experts=c.num_experts,
+        num_experts_per_tok=c.num_experts_per_tok,
+        moe_intermediate_size=c.moe_intermediate_size,
+        norm_topk_prob=c.norm_topk_prob,
+        decoder_sparse_step=c.decoder_sparse_step,
+        mlp_only_layers=list(c.mlp_only_layers),
+    )
+
+
 def check_loaded_config(name, spec, model):
     cfg = spec["config"]
     c = model.config
@@ -225,14 +237,7 @@ def check_loaded_config(name, spec, model):
         "tie_word_embeddings": c.tie_word_embeddings,
     }
     if spec["arch"] == "Qwen3MoeForCausalLM":
-        checks.update(
-            num_experts=c.num_experts,
-            num_experts_per_tok=c.num_experts_per_tok,
-            moe_intermediate_size=c.moe_intermediate_size,
-            norm_topk_prob=c.norm_topk_prob,
-            decoder_sparse_step=c.decoder_sparse_step,
-            mlp_only_layers=list(c.mlp_only_layers),
-        )
+        checks.update(moe_config_fields(c))
     for key, got in checks.items():
         if got != cfg[key]:
             fail(f"[{name}] reloaded config has {key}={got}, expected {cfg[key]}")

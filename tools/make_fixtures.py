@@ -23,7 +23,7 @@ import sys
 import time
 
 from fixture_checkpoint import (FixtureError, check_loaded_config, check_same_weights, fail, load_saved,
-                                log, moe_layers, natural_key, rewrite_config, sha256_file,
+                                log, moe_config_fields, moe_layers, natural_key, rewrite_config, sha256_file,
                                 verify_saved_keys, write_fused_layout)
 
 VOCAB = 384
@@ -398,15 +398,7 @@ def config_summary(spec, model):
         "rope_inv_freq": [float(f"{x:.8g}") for x in model.model.rotary_emb.inv_freq.float().tolist()],
     }
     if spec["arch"] == "Qwen3MoeForCausalLM":
-        s.update(
-            num_experts=c.num_experts,
-            num_experts_per_tok=c.num_experts_per_tok,
-            moe_intermediate_size=c.moe_intermediate_size,
-            norm_topk_prob=c.norm_topk_prob,
-            decoder_sparse_step=c.decoder_sparse_step,
-            mlp_only_layers=list(c.mlp_only_layers),
-            moe_layers=moe_layers(spec),
-        )
+        s.update(moe_config_fields(c), moe_layers=moe_layers(spec))
     return s
 
 

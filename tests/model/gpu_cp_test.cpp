@@ -163,6 +163,20 @@ void check(const Score& s, const std::string& what, bool plain = false) {
   if (plain) EXPECT_GE(double(s.same) / s.n, 0.99) << what << ": argmax CP=C vs CP=1 over all positions";
 }
 
+// A fixture's prompts run at CP = cp in mode m, each against its CP=1 run and its fp32 truth, by
+// the bars of check(); the trained fixture also by the plain bar.
+void check_fixture_run(const std::string& name, const std::vector<Out>& ones, const std::vector<Out>& cs,
+                       const std::vector<Truth>& truths, const std::vector<std::vector<int32_t>>& prompts, int64_t V,
+                       int cp, const Mode& m) {
+  ASSERT_EQ(cs.size(), prompts.size());
+  Score s;
+  const std::string what = name + " CP=" + std::to_string(cp) + " (" + m.label() + ")";
+  for (size_t i = 0; i < prompts.size(); ++i)
+    compare(ones[i], cs[i], truths[i], V, prompts[i].size(),
+            what + ", " + std::to_string(prompts[i].size()) + " tokens", s);
+  check(s, what, name == "moe_trained");
+}
+
 const std::vector<Mode>& modes() {
   static const std::vector<Mode> m{{KvOverlap::Auto, 0}, {KvOverlap::Off, 0}, {KvOverlap::Auto, 1}};
   return m;
@@ -215,16 +229,8 @@ TEST_P(GpuCp, CpGpusMatchOne) {
   ASSERT_FALSE(prompts.empty());
   auto ones = run_all(fixture_dir(name), false, 1, prompts, 20);
   ASSERT_EQ(ones.size(), prompts.size());
-  for (const Mode& m : modes()) {
-    auto cs = run_all(fixture_dir(name), false, cp, prompts, 20, m);
-    ASSERT_EQ(cs.size(), prompts.size());
-    Score s;
-    const std::string what = name + " CP=" + std::to_string(cp) + " (" + m.label() + ")";
-    for (size_t i = 0; i < prompts.size(); ++i)
-      compare(ones[i], cs[i], truths[i], V, prompts[i].size(),
-              what + ", " + std::to_string(prompts[i].size()) + " tokens", s);
-    check(s, what, name == "moe_trained");
-  }
+  for (const Mode& m : modes())
+    check_fixture_run(name, ones, run_all(fixture_dir(name), false, cp, prompts, 20, m), truths, prompts, V, cp, m);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GpuCp,
@@ -249,14 +255,7 @@ TEST(GpuAttnTp, FixturesMatchOneGpu) {
       }
       Mode m;
       m.attn_tp = tp;
-      const auto cs = run_all(fixture_dir(name), false, cp, prompts, 20, m);
-      ASSERT_EQ(cs.size(), prompts.size());
-      Score s;
-      const std::string what = name + " CP=" + std::to_string(cp) + " (" + m.label() + ")";
-      for (size_t i = 0; i < prompts.size(); ++i)
-        compare(ones[i], cs[i], truths[i], V, prompts[i].size(),
-                what + ", " + std::to_string(prompts[i].size()) + " tokens", s);
-      check(s, what, name == "moe_trained");
+      check_fixture_run(name, ones, run_all(fixture_dir(name), false, cp, prompts, 20, m), truths, prompts, V, cp, m);
     }
   }
 }
