@@ -58,6 +58,9 @@ describe('queue limit', () => {
     const s = await start(['--max-running-requests', '1', '--max-queued-requests', '2']);
     const long = { prompt: 'Once', max_tokens: 4000, ignore_eos: true, temperature: 0 };
     const running = await openStream(s.url, long);
+    // The first request must be running, not waiting, before the queue fills: else it is one of
+    // the two waiting and a queued one is refused instead of the probe below.
+    await waitFor(async () => (await metrics(s.url)).get('cpinfer_num_running_reqs') === 1, 10000, 'the first to run');
     const queued = [openStream(s.url, long), openStream(s.url, long)];
     await waitFor(async () => (await metrics(s.url)).get('cpinfer_num_waiting_reqs') === 2, 10000, 'two waiting');
     const res = await fetch(`${s.url}/v1/completions`, {
