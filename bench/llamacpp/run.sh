@@ -2,8 +2,9 @@
 # cpinfer's CPU back-end against llama.cpp (node-llama-cpp's prebuilt binaries) on the same model, the
 # same prompt and the same number of threads. See bench/README.md.
 #
-#   bench/llamacpp/run.sh [--layers 4] [--hidden 256] [--experts 16] [--threads 2] [--prompt 512]
-#                         [--new 64] [--repeats 3] [--outtype bf16|f32] [--work DIR] [--json FILE]
+#   bench/llamacpp/run.sh [--layers 4] [--hidden 256] [--experts 16] [--heads 4] [--kv-heads 2]
+#                         [--head-dim 64] [--threads 2] [--prompt 512] [--new 64] [--repeats 3]
+#                         [--outtype bf16|f32] [--work DIR] [--json FILE]
 #
 # 1. `cpinfer demo-model` writes a random-weight Qwen3-MoE checkpoint (kept in --work, default
 #    build/llamacpp-bench, and reused), 2. tools/to_gguf.py converts it, 3. bench.mjs measures
@@ -13,13 +14,16 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 HERE="$ROOT/bench/llamacpp"
-LAYERS=4 HIDDEN=256 EXPERTS=16 THREADS=2 PROMPT=512 NEW=64 REPEATS=3 OUTTYPE=bf16 WORK="" JSON_OUT=""
+LAYERS=4 HIDDEN=256 EXPERTS=16 HEADS=4 KV_HEADS=2 HEAD_DIM=64 THREADS=2 PROMPT=512 NEW=64 REPEATS=3 OUTTYPE=bf16 WORK="" JSON_OUT=""
 CPINFER="${CPINFER:-$ROOT/build/cpinfer}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --layers) LAYERS="$2"; shift 2 ;;
     --hidden) HIDDEN="$2"; shift 2 ;;
     --experts) EXPERTS="$2"; shift 2 ;;
+    --heads) HEADS="$2"; shift 2 ;;
+    --kv-heads) KV_HEADS="$2"; shift 2 ;;
+    --head-dim) HEAD_DIM="$2"; shift 2 ;;
     --threads) THREADS="$2"; shift 2 ;;
     --prompt) PROMPT="$2"; shift 2 ;;
     --new) NEW="$2"; shift 2 ;;
@@ -27,12 +31,14 @@ while [ $# -gt 0 ]; do
     --outtype) OUTTYPE="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
     --json) JSON_OUT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 WORK="${WORK:-$ROOT/build/llamacpp-bench}"
 MODEL="$WORK/qwen3moe-l${LAYERS}-h${HIDDEN}-e${EXPERTS}"
+# The demo's heads (4 q / 2 kv of 64) keep the old directory name; another head shape names itself.
+[ "$HEADS/$KV_HEADS/$HEAD_DIM" = "4/2/64" ] || MODEL="$MODEL-q${HEADS}-kv${KV_HEADS}-d${HEAD_DIM}"
 mkdir -p "$WORK"
 
 [ -x "$CPINFER" ] || { echo "run.sh: $CPINFER not built (scripts/build.sh build, or ninja -C build cpinfer)" >&2; exit 1; }
@@ -44,7 +50,8 @@ fi
 if [ ! -f "$MODEL/model.safetensors" ]; then
   echo "[llamacpp] cpinfer demo-model: $LAYERS layers, hidden $HIDDEN, $EXPERTS experts -> $MODEL" >&2
   rm -rf "$MODEL"
-  "$CPINFER" demo-model --out "$MODEL" --layers "$LAYERS" --hidden "$HIDDEN" --experts "$EXPERTS" >&2
+  "$CPINFER" demo-model --out "$MODEL" --layers "$LAYERS" --hidden "$HIDDEN" --experts "$EXPERTS" \
+    --heads "$HEADS" --kv-heads "$KV_HEADS" --head-dim "$HEAD_DIM" >&2
 fi
 GGUF="$MODEL/model-$OUTTYPE.gguf"
 if [ ! -f "$GGUF" ] || [ "$MODEL/model.safetensors" -nt "$GGUF" ]; then
@@ -64,16 +71,17 @@ OMP_NUM_THREADS="$THREADS" "$CPINFER" bench prefill --model-path "$MODEL" --seq 
 OMP_NUM_THREADS="$THREADS" "$CPINFER" generate --model-path "$MODEL" --input-ids "$IDS" \
   --max-new-tokens "$NEW" --ignore-eos --json 2>/dev/null > "$WORK/cpinfer_generate.json"
 
-python3 - "$WORK" "$LAYERS" "$HIDDEN" "$EXPERTS" "$THREADS" "$OUTTYPE" "$JSON_OUT" <<'EOF'
+python3 - "$WORK" "$LAYERS" "$HIDDEN" "$EXPERTS" "$THREADS" "$OUTTYPE" "$JSON_OUT" "$HEADS" "$KV_HEADS" "$HEAD_DIM" <<'EOF'
 import json, sys, platform, datetime
-work, layers, hidden, experts, threads, outtype, json_out = sys.argv[1:8]
+work, layers, hidden, experts, threads, outtype, json_out, heads, kv_heads, head_dim = sys.argv[1:11]
 ll = json.load(open(f"{work}/llamacpp.json"))
 pf = json.load(open(f"{work}/cpinfer_prefill.json"))["results"][0]
 gen = json.load(open(f"{work}/cpinfer_generate.json"))
 rows = [("prefill tokens/s", pf["tokens_per_s"], ll["prefill_tokens_per_s"]),
         ("decode tokens/s", gen["decode_tokens_per_s"], ll["decode_tokens_per_s"])]
 cpu = ll["cpu"]
-print(f"\nQwen3-MoE demo model: {layers} layers, hidden {hidden}, {experts} experts; {threads} threads; {cpu}")
+print(f"\nQwen3-MoE demo model: {layers} layers, hidden {hidden}, {heads} q / {kv_heads} kv heads of {head_dim}, "
+      f"{experts} experts; {threads} threads; {cpu}")
 print(f"llama.cpp: {ll['binding']} (llama.cpp {ll['llama_cpp_release']}), GGUF {outtype}, KV {ll['kv_cache']}, "
       f"flash attention {ll['flash_attention']}, batch {ll['batch_size']}")
 print(f"prompt {ll['prompt_tokens']} tokens, decode {ll['new_tokens']} tokens after it (greedy, EOS ignored)\n")
@@ -87,7 +95,8 @@ print(f"\ngreedy tokens equal at {same} of {min(len(gen['output_ids']), len(ll['
 if json_out:
     json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "host": platform.node(), "cpu": cpu, "threads": int(threads),
-               "model": {"layers": int(layers), "hidden": int(hidden), "experts": int(experts), "gguf": outtype},
+               "model": {"layers": int(layers), "hidden": int(hidden), "experts": int(experts), "heads": int(heads),
+                         "kv_heads": int(kv_heads), "head_dim": int(head_dim), "gguf": outtype},
                "llamacpp": ll, "cpinfer_prefill": pf, "cpinfer_generate": gen,
                "ratio": {r[0]: r[1] / r[2] for r in rows if r[2]}}, open(json_out, "w"), indent=1)
 EOF

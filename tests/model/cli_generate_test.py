@@ -79,7 +79,22 @@ def main():
     p = run(fp8_gen + ["--fp8-weights", "bf16"])
     check("dequantized to BF16" in p.stderr, "--fp8-weights bf16 dequantizes them at load")
 
+    # The head shape is a flag (issue 13's 580M comparison model has 8 q / 2 kv heads of 128).
+    heads = os.path.join(work, "tiny-demo-heads")
+    shutil.rmtree(heads, ignore_errors=True)
+    run([binary, "-q", "demo-model", "--out", heads, "--layers", "1", "--hidden", "64", "--experts", "4", "--heads", "8",
+         "--kv-heads", "2", "--head-dim", "32"])
+    hc = json.load(open(os.path.join(heads, "config.json")))
+    check((hc["num_attention_heads"], hc["num_key_value_heads"], hc["head_dim"]) == (8, 2, 32),
+          "--heads / --kv-heads / --head-dim reach config.json")
+    hg = json.loads(run([binary, "-q", "generate", "--model-path", heads, "--prompt", "The quick brown fox",
+                         "--max-new-tokens", "3", "--ignore-eos", "--json"]).stdout)
+    check(len(hg["output_ids"]) == 3, "generate runs on it (q_proj [256, 64], k/v_proj [64, 64])")
+
     bad = [
+        ([binary, "demo-model", "--out", os.path.join(work, "x"), "--heads", "6", "--kv-heads", "4"],
+         "--kv-heads (4) to divide --heads (6)"),
+        ([binary, "demo-model", "--out", os.path.join(work, "x"), "--head-dim", "12"], "--head-dim (12)"),
         ([binary, "generate", "--model-path", fp8, "--prompt", "x", "--fp8-weights", "int8"], "--fp8-weights"),
         ([binary, "generate", "--model-path", model, "--max-new-tokens", "4"], "exactly one of --prompt"),
         ([binary, "generate", "--model-path", model, "--prompt", "x", "--top-p", "0"], "top_p"),
