@@ -6,10 +6,12 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <new>
 #include <numeric>
 
 #include "backends/cpu/cpu_common.h"
+#include "core/log.h"
 #include "ops/contract.h"
 
 namespace cpinfer {
@@ -274,6 +276,11 @@ void CpuBackend::moe_route(const Tensor& logits, int top_k, bool renormalize, Te
   }
 }
 
-std::unique_ptr<Backend> make_cpu_backend(bool simd, bool fp8) { return std::make_unique<CpuBackend>(simd, fp8); }
+std::unique_ptr<Backend> make_cpu_backend(bool simd, bool fp8) {
+  // Loads OpenBLAS now, at start-up (it reads OPENBLAS_CORETYPE then), and says which kernels run.
+  static std::once_flag once;
+  std::call_once(once, [] { log_info("CPU GEMMs: ", cpu::gemm_library()); });
+  return std::make_unique<CpuBackend>(simd, fp8);
+}
 
 }  // namespace cpinfer

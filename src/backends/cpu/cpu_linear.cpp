@@ -1,8 +1,6 @@
 // CPU back-end: linear layers and the MoE experts, on OpenBLAS sgemm; weights in BF16/F16/F32 or
 // FP8 with block scales, converted to fp32 on the fly.
-#ifdef CPINFER_HAVE_BLAS
-#include <cblas.h>
-#endif
+#include <dlfcn.h>
 #include <omp.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -16,6 +14,7 @@
 
 #include "backends/cpu/cpu_backend.h"
 #include "backends/cpu/cpu_common.h"
+#include "core/log.h"
 #include "ops/contract.h"
 
 namespace cpinfer {
@@ -24,13 +23,14 @@ using namespace cpu;
 
 namespace {
 
-#ifndef CPINFER_HAVE_BLAS
-// Built without OpenBLAS: out[m, n] = Σ_k a[m, k] · w[n, k] (row-major, w transposed), the one form
-// the back-end uses. Blocked over n so a block of w rows stays in cache; one thread (the callers
-// already split the work over OpenMP threads).
-enum { CblasRowMajor, CblasNoTrans, CblasTrans };
-void cblas_sgemm(int, int, int, int M, int N, int K, float alpha, const float* a, int lda, const float* w, int ldw,
-                 float beta, float* out, int ldc) {
+// cblas.h's values for the one form the back-end calls: row-major a · wᵀ.
+enum { CblasRowMajor = 101, CblasNoTrans = 111, CblasTrans = 112 };
+
+// out[m, n] = Σ_k a[m, k] · w[n, k] (row-major, w transposed) without OpenBLAS: blocked over n so
+// a block of w rows stays in cache; one thread (the callers already split the work over OpenMP
+// threads).
+void builtin_sgemm(int, int, int, int M, int N, int K, float alpha, const float* a, int lda, const float* w, int ldw,
+                   float beta, float* out, int ldc) {
   constexpr int kBlock = 64;
   for (int n0 = 0; n0 < N; n0 += kBlock) {
     const int n1 = std::min(N, n0 + kBlock);
@@ -46,7 +46,58 @@ void cblas_sgemm(int, int, int, int M, int N, int K, float alpha, const float* a
     }
   }
 }
+
+// OpenBLAS, opened at run time (dlopen) rather than linked: it picks its kernels for the CPU once,
+// when it is loaded, and the Debian/Ubuntu builds of 0.3.2x do not know recent AVX-512 CPUs (AMD Zen
+// 4/5): they fall back to the AVX2 (Haswell) kernels. On a CPU with AVX-512 F/BW/DQ/VL and no
+// OPENBLAS_CORETYPE set by the user, the back-end sets it to SkylakeX (OpenBLAS's AVX-512 kernels)
+// before the library loads: 1.3x faster prefill on a 2-core Zen 5 (docs/benchmarks.md). Without the
+// library the back-end runs builtin_sgemm (correct, slow; the GPU machines' reference builds).
+// OpenBLAS runs single-threaded inside the OpenMP threads (gemm_wt).
+struct Blas {
+  using Sgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
+                         int);
+  Sgemm sgemm = builtin_sgemm;
+  std::string what = "the built-in GEMM (OpenBLAS not loaded)";
+};
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
 #endif
+}
+
+const Blas& blas() {
+  static const Blas b = [] {
+    Blas r;
+#ifdef CPINFER_HAVE_BLAS
+    if (cpu_has_avx512()) setenv("OPENBLAS_CORETYPE", "SkylakeX", /*overwrite=*/0);
+    void* h = nullptr;
+    for (const char* name : {CPINFER_OPENBLAS_LIB, "libopenblas.so.0", "libopenblas.so"})
+      if (name[0] != '\0' && (h = dlopen(name, RTLD_NOW | RTLD_LOCAL)) != nullptr) break;
+    auto* sgemm = h ? reinterpret_cast<Blas::Sgemm>(dlsym(h, "cblas_sgemm")) : nullptr;
+    if (sgemm == nullptr) {
+      log_warn("OpenBLAS (", CPINFER_OPENBLAS_LIB, " or libopenblas.so.0) could not be loaded",
+               h ? "" : std::string(": ") + dlerror(), "; the CPU back-end's GEMMs use the slow built-in kernel");
+      return r;
+    }
+    r.sgemm = sgemm;
+    if (auto* threads = reinterpret_cast<void (*)(int)>(dlsym(h, "openblas_set_num_threads"))) threads(1);
+    auto* core = reinterpret_cast<char* (*)()>(dlsym(h, "openblas_get_corename"));
+    r.what = std::string("OpenBLAS") + (core ? std::string(" (") + core() + " kernels)" : std::string());
+#endif
+    return r;
+  }();
+  return b;
+}
+
+void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float* a, int lda, const float* w,
+                 int ldw, float beta, float* out, int ldc) {
+  blas().sgemm(order, ta, tb, M, N, K, alpha, a, lda, w, ldw, beta, out, ldc);
+}
 
 // fp32 copy of a block of weight rows: 1M floats (4 MiB) per thread keeps sgemm efficient without
 // holding a whole converted matrix.
@@ -250,6 +301,25 @@ __attribute__((target("avx2,fma,f16c"))) void dequantize_fp8_row_avx2(const uint
   for (int64_t k = Kv; k < K; ++k) out[k] = fp8_values()[codes[k]] * scales[k / kFp8Block];
 }
 
+// BF16 -> fp32 is a 16-bit shift: 16 (AVX-512) or 8 (AVX2) weights per instruction, where the
+// plain loop compiles to one at a time for the baseline x86-64 target (it was ~12% of a prefill).
+__attribute__((target("avx512f"))) void bf16_to_f32_avx512(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
+  }
+  for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+__attribute__((target("avx2"))) void bf16_to_f32_avx2(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
+  }
+  for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
 bool have_avx2_fma() {
   static const bool yes =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -263,8 +333,15 @@ void weight_rows_f32(const Weight& w, int64_t K, int64_t n0, int64_t rows, float
     cpu::dequantize_fp8(w, n0, rows, out, simd);
     return;
   }
-  to_f32(static_cast<const char*>(w.data) + static_cast<size_t>(n0 * K) * dtype_size(w.dtype), w.dtype, out,
-         static_cast<size_t>(rows * K));
+  const void* src = static_cast<const char*>(w.data) + static_cast<size_t>(n0 * K) * dtype_size(w.dtype);
+#ifdef CPINFER_X86_DISPATCH
+  if (w.dtype == DType::BF16 && simd) {
+    static const bool avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2");
+    if (avx512) return bf16_to_f32_avx512(static_cast<const uint16_t*>(src), out, rows * K);
+    if (avx2) return bf16_to_f32_avx2(static_cast<const uint16_t*>(src), out, rows * K);
+  }
+#endif
+  to_f32(src, w.dtype, out, static_cast<size_t>(rows * K));
 }
 
 // out[:, n0, n1) = a · w[n0, n1)ᵀ on the calling thread (OpenBLAS is single-threaded here); the
@@ -328,15 +405,11 @@ void cpu::gemm_wt(const float* a, int64_t M, int64_t K, const Weight& w, float* 
     for (int64_t m = 0; m < M; ++m) std::fill(out + m * ldc, out + m * ldc + N, 0.0f);
     return;
   }
-  // One threading runtime only: OpenBLAS runs single-threaded inside our OpenMP threads. Its own
-  // pool would spin between calls against the OpenMP team (and against other ranks' threads) on
-  // small machines; column panels of one sgemm per thread parallelize just as well.
-#ifdef CPINFER_HAVE_BLAS
-  static const bool blas_single_threaded = (openblas_set_num_threads(1), true);
-#else
-  static const bool blas_single_threaded = true;
-#endif
-  (void)blas_single_threaded;
+  // One threading runtime only: OpenBLAS runs single-threaded inside our OpenMP threads (blas()
+  // sets it so when it loads, here before the first parallel region at the latest). Its own pool
+  // would spin between calls against the OpenMP team (and against other ranks' threads) on small
+  // machines; column panels of one sgemm per thread parallelize just as well.
+  (void)blas();
   // The work is cut into tiles that depend only on (M, N, K), never on the thread count, and each
   // tile is one fixed sequence of sgemm calls: an element's result is then the same whether one
   // thread or eight computed it, and whether the caller ran alone or beside other ranks (OpenBLAS's
@@ -359,6 +432,8 @@ void cpu::gemm_wt(const float* a, int64_t M, int64_t K, const Weight& w, float* 
     gemm_panel(a + m0 * K, m1 - m0, K, w, n0, n1, out + m0 * ldc, ldc, simd);
   }
 }
+
+const std::string& cpu::gemm_library() { return blas().what; }
 
 void CpuBackend::linear(const Tensor& a, const Weight& w, Tensor out) {
   const char* op = "linear";
