@@ -18,8 +18,11 @@ for t in cpinfer gpu_ops_test gpu_moe_test gpu_sample_test gpu_model_test gpu_cp
 done
 # The Qwen3 tokenizer scripts/setup.sh extracts (serve --random-weights needs one).
 [ -d "$BUILD/qwen3-tokenizer" ] && cp -r "$BUILD/qwen3-tokenizer" "$DEST/"
+# OpenBLAS is opened at run time (not in ldd's list): carry it as its soname, with what it needs.
+BLAS="$(ldconfig -p | awk '/libopenblas\.so\.0 .*x86-64/{print $NF; exit}')"
+[ -n "$BLAS" ] && cp -L "$BLAS" "$DEST/lib/libopenblas.so.0"
 # Libraries outside the CUDA toolkit and glibc (the GPU machine has both).
-for b in "$DEST"/bin/*; do ldd "$b"; done | awk '/=> \//{print $3}' | sort -u |
+for b in "$DEST"/bin/* "$DEST"/lib/libopenblas.so.0; do [ -e "$b" ] && ldd "$b"; done | awk '/=> \//{print $3}' | sort -u |
   grep -vE '/cuda|/libc\.so|/libm\.so|/libstdc\+\+|/libgcc_s|/libpthread|/libdl\.so|/librt\.so|/ld-linux' |
   while read -r lib; do cp -L "$lib" "$DEST/lib/"; done
 strip "$DEST"/bin/*
