@@ -81,7 +81,7 @@ struct DemoModelSpec {
   int heads = 4;      // query heads
   int kv_heads = 2;   // key/value heads (divides heads)
   int head_dim = 64;  // per head
-  bool fp8 = false;  // linear weights as fine-grained FP8 (e4m3, 128x128 block scales)
+  bool fp8 = false;   // linear weights as fine-grained FP8 (e4m3, 128x128 block scales)
 };
 void write_demo_model(const DemoModelSpec& spec);
 

@@ -122,8 +122,9 @@ int run_demo_model(const DemoFlags& f) {
     }
   }
   w.write((fs::path(f.out) / "model.safetensors").string());
-  log_info("wrote a random-weight Qwen3-MoE demo checkpoint to ", f.out, " (", f.layers, " layers, hidden ", H, ", ", Hq,
-           " q / ", Hkv, " kv heads of ", D, ", ", E, " experts", f.fp8 ? ", FP8 linear weights" : "", ", Qwen3 tokenizer); its output is random text");
+  log_info("wrote a random-weight Qwen3-MoE demo checkpoint to ", f.out, " (", f.layers, " layers, hidden ", H, ", ",
+           Hq, " q / ", Hkv, " kv heads of ", D, ", ", E, " experts", f.fp8 ? ", FP8 linear weights" : "",
+           ", Qwen3 tokenizer); its output is random text");
   return 0;
 }
 

@@ -91,8 +91,9 @@ namespace cpu {
 // Non-F32 weights are converted (FP8: dequantized, code · scale in fp32) in blocks of rows into a
 // thread-local scratch, one cblas_sgemm per block; a few rows of `a` are multiplied row by row. OpenMP threads split
 // the columns (or rows); OpenBLAS (opened at run time, cpu_linear.cpp) runs single-threaded: when it loads it gets
-// openblas_set_num_threads(1) for the process, so only one thread pool ever spins. Each element's result does not depend on the thread count. simd = false:
-// the generic (baseline x86-64) kernels only, even where the AVX2 + FMA ones would run.
+// openblas_set_num_threads(1) for the process, so only one thread pool ever spins. Each element's result does not
+// depend on the thread count. simd = false: the generic (baseline x86-64) kernels only, even where the AVX2 + FMA ones
+// would run.
 void gemm_wt(const float* a, int64_t M, int64_t K, const Weight& w, float* out, int64_t ldc, bool simd = true);
 
 // What runs the GEMMs, e.g. "OpenBLAS (SkylakeX kernels)"; the first call loads OpenBLAS.

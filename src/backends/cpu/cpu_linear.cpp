@@ -55,8 +55,7 @@ void builtin_sgemm(int, int, int, int M, int N, int K, float alpha, const float*
 // library the back-end runs builtin_sgemm (correct, slow; the GPU machines' reference builds).
 // OpenBLAS runs single-threaded inside the OpenMP threads (gemm_wt).
 struct Blas {
-  using Sgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
-                         int);
+  using Sgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
   Sgemm sgemm = builtin_sgemm;
   std::string what = "the built-in GEMM (OpenBLAS not loaded)";
 };
@@ -301,6 +300,12 @@ __attribute__((target("avx2,fma,f16c"))) void dequantize_fp8_row_avx2(const uint
   for (int64_t k = Kv; k < K; ++k) out[k] = fp8_values()[codes[k]] * scales[k / kFp8Block];
 }
 
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*(), which -Wmaybe-uninitialized reports
+// when they inline (a false positive).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 // BF16 -> fp32 is a 16-bit shift: 16 (AVX-512) or 8 (AVX2) weights per instruction, where the
 // plain loop compiles to one at a time for the baseline x86-64 target (it was ~12% of a prefill).
 __attribute__((target("avx512f"))) void bf16_to_f32_avx512(const uint16_t* src, float* dst, int64_t n) {
@@ -318,6 +323,72 @@ __attribute__((target("avx2"))) void bf16_to_f32_avx2(const uint16_t* src, float
     _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
   }
   for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
+// ---- BF16 weights on AVX-512: out[m, n] = a[m] · w[n] with the weight rows widened in registers
+// (bf16 -> fp32 is exact), no fp32 copy of w and no packing, for any M. A tile is 4 rows of a by 4
+// rows of w: per 16 k, 4 weight and 4 activation loads feed 16 FMAs into 16 accumulators, and each
+// accumulator is summed across its lanes at the end (an element's order of sums depends on K
+// only). The panel's rows of w are walked once per 4 rows of a (from L2; a panel of gemm_wt is 128
+// weight rows), the 4 rows of a stay in L1. The last partial 16 of K is read with masked loads.
+constexpr int kTileM = 4, kTileN = 4;
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 bf16x16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// Σ of the 16 lanes, as a fixed tree (halves, then quarters, ...).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline float hsum16(__m512 v) {
+  const __m256 h8 =
+      _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  const __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+  const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+  return _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+}
+
+// One 16-wide step of a tile at column k (lanes off `mask` read as zeros).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void tile_step(const float* const (&ar)[kTileM],
+                                                                           const uint16_t* const (&wr)[kTileN],
+                                                                           int64_t k, __mmask16 mask,
+                                                                           __m512 (&acc)[kTileM][kTileN]) {
+  __m512 wv[kTileN];
+  for (int j = 0; j < kTileN; ++j) wv[j] = bf16x16(wr[j] + k, mask);
+  for (int i = 0; i < kTileM; ++i) {
+    const __m512 av = _mm512_maskz_loadu_ps(mask, ar[i] + k);
+    for (int j = 0; j < kTileN; ++j) acc[i][j] = _mm512_fmadd_ps(av, wv[j], acc[i][j]);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void gemm_bf16_avx512(const float* a, int64_t M, int64_t K,
+                                                                           const uint16_t* w, int64_t n0, int64_t n1,
+                                                                           float* out, int64_t ldc) {
+  const int64_t Kv = K - K % 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (K % 16)) - 1u);
+  for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+    const float* ar[kTileM];
+    for (int i = 0; i < kTileM; ++i) ar[i] = a + std::min(m0 + i, M - 1) * K;  // past M: repeat, not stored
+    for (int64_t nb = n0; nb < n1; nb += kTileN) {
+      const uint16_t* wr[kTileN];
+      for (int j = 0; j < kTileN; ++j) wr[j] = w + std::min(nb + j, n1 - 1) * K;
+      __m512 acc[kTileM][kTileN];
+      for (int i = 0; i < kTileM; ++i)
+        for (int j = 0; j < kTileN; ++j) acc[i][j] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < Kv; k += 16) tile_step(ar, wr, k, 0xffff, acc);
+      if (tail) tile_step(ar, wr, Kv, tail, acc);
+      for (int i = 0; i < kTileM && m0 + i < M; ++i)
+        for (int j = 0; j < kTileN && nb + j < n1; ++j) out[(m0 + i) * ldc + nb + j] = hsum16(acc[i][j]);
+    }
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+bool have_avx512() {
+  static const bool yes =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return yes;
 }
 
 bool have_avx2_fma() {
@@ -357,6 +428,10 @@ void gemm_panel(const float* a, int64_t M, int64_t K, const Weight& w, int64_t n
 #ifdef CPINFER_X86_DISPATCH
   if (M <= kFewRows && simd && have_avx2_fma()) {
     few_rows_avx2(a, M, K, w, n0, n1, out, ldc);
+    return;
+  }
+  if (M > kFewRows && w.dtype == DType::BF16 && simd && have_avx512()) {
+    gemm_bf16_avx512(a, M, K, static_cast<const uint16_t*>(w.data), n0, n1, out, ldc);
     return;
   }
 #endif
