@@ -20,10 +20,10 @@
 #include "backends/cpu/cpu_common.h"
 #include "ops/contract.h"
 
-// The tile kernel is built twice, generic x86-64 and AVX2+FMA, picked at load time: CI binaries
-// stay portable and machines with AVX2 get the 8-wide loops.
+// The tile kernel is built three times, generic x86-64, AVX2+FMA and AVX-512, picked at load time:
+// CI binaries stay portable, machines with AVX2 get the 8-wide loops and AVX-512 ones 16-wide.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CPI_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define CPI_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CPI_MULTIVERSION
 #endif
