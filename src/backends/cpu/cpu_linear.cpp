@@ -600,8 +600,12 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& w
       for (int64_t h = 0; h < H; ++h) o[h] += yr[h] * wt;
     }
   };
-  const bool by_expert = active.size() > 1 && largest <= kParallelMinMacs &&
-                         static_cast<double>(total) > kParallelMinMacs && OmpBudget().threads() > 1;
+  // Whole experts per thread also when there are many more experts with rows than threads (a
+  // prefill on a few cores): one parallel region per layer instead of one per GEMM, no barrier
+  // per expert (docs/benchmarks.md, "CPU: AVX-512").
+  const int threads = OmpBudget().threads();
+  const bool by_expert = active.size() > 1 && static_cast<double>(total) > kParallelMinMacs && threads > 1 &&
+                         (largest <= kParallelMinMacs || active.size() >= 4 * static_cast<size_t>(threads));
   if (!by_expert) {
     for (int32_t e : active) {
       float* y = sized(act_scratch(3), static_cast<int64_t>(rows[e].size()) * H);
