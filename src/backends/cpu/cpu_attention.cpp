@@ -143,6 +143,129 @@ void attend_tile(const float* __restrict q, int R, int D, const int* __restrict 
   }
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CPI_AVX512_TILE 1
+// attend_tile on AVX-512 for D % 16 == 0 (64, 128, 256): the same online softmax, with the rows
+// taken 4 at a time so that each load of K (scores) and of V (p·v) feeds 4 rows' FMAs; the
+// portable tile loads once per FMA. Every output element still sees its terms one at a time in
+// ascending d (scores) and ascending key (p·v), whichever rows share its block, so a row's result
+// stays independent of how rows are cut (BlockSplitIsBitwiseInvariant); a key at or past a row's
+// n_valid is never multiplied into that row (the rows of a block share the keys below the
+// smallest n_valid of the block, each row then takes its own rest).
+using V16 = float __attribute__((vector_size(64)));
+constexpr int kTileRows = 4;
+
+// o[r][d0, d0 + 16N) += Σ_{j in [j0, j1)} p[r][j] · v[j][d0, d0 + 16N) for the B rows.
+template <int B, int N>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"), always_inline)) inline void pv_rows(
+    float* const (&o)[kTileRows], const float* const (&p)[kTileRows], const float* __restrict v, int j0, int j1, int D,
+    int d0) {
+  V16 acc[B][N];
+  for (int i = 0; i < B; ++i)
+    for (int n = 0; n < N; ++n) std::memcpy(&acc[i][n], o[i] + d0 + 16 * n, sizeof(V16));
+  for (int j = j0; j < j1; ++j) {
+    const float* vj = v + static_cast<ptrdiff_t>(j) * D + d0;
+    V16 x[N];
+    for (int n = 0; n < N; ++n) std::memcpy(&x[n], vj + 16 * n, sizeof(V16));
+    for (int i = 0; i < B; ++i) {
+      const float pj = p[i][j];
+      for (int n = 0; n < N; ++n) acc[i][n] += pj * x[n];
+    }
+  }
+  for (int i = 0; i < B; ++i)
+    for (int n = 0; n < N; ++n) std::memcpy(o[i] + d0 + 16 * n, &acc[i][n], sizeof(V16));
+}
+
+template <int B>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void pv_block(float* const (&o)[kTileRows],
+                                                                            const float* const (&p)[kTileRows],
+                                                                            const float* __restrict v, int j0, int j1,
+                                                                            int D) {
+  if (j1 <= j0) return;
+  int d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) pv_rows<B, 4>(o, p, v, j0, j1, D, d0);
+  for (; d0 + 16 <= D; d0 += 16) pv_rows<B, 1>(o, p, v, j0, j1, D, d0);
+}
+
+// s: [kTileRows][kKeyTile] scratch.
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void attend_tile_avx512(
+    const float* __restrict q, int R, int D, const int* __restrict n_valid, const float* __restrict kt,
+    const float* __restrict v, float scale, float* __restrict m, float* __restrict l, float* __restrict o,
+    float* __restrict s) {
+  constexpr int kLanes = 16;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int r0 = 0; r0 < R; r0 += kTileRows) {
+    const int nb = std::min(kTileRows, R - r0);
+    bool any = false;
+    for (int i = 0; i < nb; ++i) any = any || n_valid[r0 + i] > 0;
+    if (!any) continue;
+    // Scores of the block's rows (rows past R repeat the last one, unused).
+    V16 acc[kTileRows][kKeyTile / 16] = {};
+    const float* qr[kTileRows];
+    for (int i = 0; i < kTileRows; ++i) qr[i] = q + static_cast<ptrdiff_t>(r0 + std::min(i, nb - 1)) * D;
+    for (int d = 0; d < D; ++d) {
+      V16 kd[kKeyTile / 16];
+      for (int c = 0; c < kKeyTile / 16; ++c) std::memcpy(&kd[c], kt + d * kKeyTile + 16 * c, sizeof(V16));
+      for (int i = 0; i < kTileRows; ++i) {
+        const float qd = qr[i][d];
+        for (int c = 0; c < kKeyTile / 16; ++c) acc[i][c] += qd * kd[c];
+      }
+    }
+    // Online softmax per row, as attend_tile.
+    float* orow[kTileRows];
+    const float* prow[kTileRows];
+    int common = kKeyTile;
+    for (int i = 0; i < kTileRows; ++i) {
+      float* sr = s + i * kKeyTile;
+      orow[i] = o + static_cast<ptrdiff_t>(r0 + std::min(i, nb - 1)) * D;
+      prow[i] = sr;
+      if (i >= nb) continue;
+      const int r = r0 + i, nv = n_valid[r];
+      common = std::min(common, std::max(nv, 0));
+      if (nv <= 0) continue;
+      std::memcpy(sr, acc[i], sizeof(float) * kKeyTile);
+      for (int j = 0; j < kKeyTile; ++j) sr[j] = j < nv ? sr[j] * scale : kNegInf;
+      float lane[kLanes];
+      for (int e = 0; e < kLanes; ++e) lane[e] = kNegInf;
+      for (int j = 0; j < kKeyTile; j += kLanes)
+        for (int e = 0; e < kLanes; ++e) lane[e] = sr[j + e] > lane[e] ? sr[j + e] : lane[e];
+      float mx = m[r];
+      for (int e = 0; e < kLanes; ++e) mx = std::max(mx, lane[e]);
+      const float alpha = std::exp(m[r] - mx);
+      for (int j = 0; j < kKeyTile; ++j) sr[j] = j < nv ? exp_nonpos(sr[j] - mx) : 0.0f;
+      for (int e = 0; e < kLanes; ++e) lane[e] = 0.0f;
+      for (int j = 0; j < kKeyTile; j += kLanes)
+        for (int e = 0; e < kLanes; ++e) lane[e] += sr[j + e];
+      float sum = 0.0f;
+      for (int e = 0; e < kLanes; ++e) sum += lane[e];
+      l[r] = l[r] * alpha + sum;
+      m[r] = mx;
+      if (alpha != 1.0f)
+        for (int d = 0; d < D; ++d) orow[i][d] *= alpha;
+    }
+    // p·v: the keys every row of the block sees together, then each row's own rest.
+    if (nb == kTileRows) {
+      pv_block<kTileRows>(orow, prow, v, 0, common, D);
+    } else {
+      common = 0;
+    }
+    for (int i = 0; i < nb; ++i) {
+      const int nv = n_valid[r0 + i];
+      if (nv <= common) continue;
+      float* const one_o[kTileRows] = {orow[i], orow[i], orow[i], orow[i]};
+      const float* const one_p[kTileRows] = {prow[i], prow[i], prow[i], prow[i]};
+      pv_block<1>(one_o, one_p, v, common, nv, D);
+    }
+  }
+}
+
+bool have_avx512_tile() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+#endif
+
 struct WorkItem {
   int32_t block;  // index into batch.blocks
   int32_t kv_head;
@@ -294,8 +417,8 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
 #pragma omp parallel num_threads(budget.threads()) if (n_items > 1 && macs > kParallelMinMacs)
   {
     const size_t rows = static_cast<size_t>(q_per_item * G), d = static_cast<size_t>(D);
-    std::vector<float> qt(rows * d), ot(rows * d), m(rows), l(rows), kt(d * kKeyTile), vt(kKeyTile * d), s(kKeyTile),
-        krow(d);
+    std::vector<float> qt(rows * d), ot(rows * d), m(rows), l(rows), kt(d * kKeyTile), vt(kKeyTile * d),
+        s(4 * kKeyTile), krow(d);
     std::vector<int> n_valid(rows);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
@@ -333,6 +456,13 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
           const int nv = static_cast<int>(std::clamp<int64_t>(row_end - k0, 0, nk));
           for (int64_t hg = 0; hg < G; ++hg) n_valid[qi * G + hg] = nv;
         }
+#ifdef CPI_AVX512_TILE
+        if (D % 16 == 0 && have_avx512_tile()) {
+          attend_tile_avx512(qt.data(), R, static_cast<int>(D), n_valid.data(), kt.data(), vt.data(), scale, m.data(),
+                             l.data(), ot.data(), s.data());
+          continue;
+        }
+#endif
         attend_tile(qt.data(), R, static_cast<int>(D), n_valid.data(), kt.data(), vt.data(), scale, m.data(), l.data(),
                     ot.data(), s.data());
       }
