@@ -94,16 +94,42 @@ template <int N>
   }
 }
 
+// One row's online-softmax step over a key tile: s [kKeyTile] holds the row's q·k and becomes the
+// tile's weights exp(s·scale − m_new) (0 for keys at or past nv); m, l are updated and the output
+// row o [D] rescaled to the new max. Masked keys (j >= nv) score -inf and weigh exactly 0 whatever
+// they hold (selects, not arithmetic, so even a NaN there cannot leak in). The reductions (max, sum)
+// run over kLanes partial results so they vectorize too.
+template <int kLanes>
+[[gnu::always_inline]] inline void softmax_tile_row(float* __restrict s, int nv, float scale, float& m, float& l,
+                                                    float* __restrict o, int D) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < kKeyTile; ++j) s[j] = j < nv ? s[j] * scale : kNegInf;
+  float lane[kLanes];
+  for (int e = 0; e < kLanes; ++e) lane[e] = kNegInf;
+  for (int j = 0; j < kKeyTile; j += kLanes)
+    for (int e = 0; e < kLanes; ++e) lane[e] = s[j + e] > lane[e] ? s[j + e] : lane[e];
+  float mx = m;
+  for (int e = 0; e < kLanes; ++e) mx = std::max(mx, lane[e]);
+  const float alpha = std::exp(m - mx);  // 0 on the row's first tile (m = -inf)
+  for (int j = 0; j < kKeyTile; ++j) s[j] = j < nv ? exp_nonpos(s[j] - mx) : 0.0f;
+  for (int e = 0; e < kLanes; ++e) lane[e] = 0.0f;
+  for (int j = 0; j < kKeyTile; j += kLanes)
+    for (int e = 0; e < kLanes; ++e) lane[e] += s[j + e];
+  float sum = 0.0f;
+  for (int e = 0; e < kLanes; ++e) sum += lane[e];
+  l = l * alpha + sum;
+  m = mx;
+  if (alpha != 1.0f)
+    for (int d = 0; d < D; ++d) o[d] *= alpha;
+}
+
 // Online-softmax update of R query rows with one key tile. q, o [R, D]; kt [D, kKeyTile] (keys
 // transposed, columns >= the tile's key count are zero); v [kKeyTile, D]; n_valid[r] = how many
 // leading keys of the tile row r may see (causal mask); m, l [R]; s [kKeyTile] scratch.
-// The reductions (max, sum) run over kLanes partial results so they vectorize too.
 CPI_MULTIVERSION
 void attend_tile(const float* __restrict q, int R, int D, const int* __restrict n_valid, const float* __restrict kt,
                  const float* __restrict v, float scale, float* __restrict m, float* __restrict l, float* __restrict o,
                  float* __restrict s) {
-  constexpr int kLanes = 8;
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int r = 0; r < R; ++r) {
     const int nv = n_valid[r];
     if (nv <= 0) continue;
@@ -114,27 +140,8 @@ void attend_tile(const float* __restrict q, int R, int D, const int* __restrict 
       const float* kd = kt + d * kKeyTile;
       for (int j = 0; j < kKeyTile; ++j) s[j] += qd * kd[j];
     }
-    // Masked keys (j >= nv) score -inf and weigh exactly 0 whatever they hold (selects, not
-    // arithmetic, so even a NaN there cannot leak in).
-    for (int j = 0; j < kKeyTile; ++j) s[j] = j < nv ? s[j] * scale : kNegInf;
-    float lane[kLanes];
-    for (int e = 0; e < kLanes; ++e) lane[e] = kNegInf;
-    for (int j = 0; j < kKeyTile; j += kLanes)
-      for (int e = 0; e < kLanes; ++e) lane[e] = s[j + e] > lane[e] ? s[j + e] : lane[e];
-    float mx = m[r];
-    for (int e = 0; e < kLanes; ++e) mx = std::max(mx, lane[e]);
-    const float alpha = std::exp(m[r] - mx);  // 0 on the row's first tile (m = -inf)
-    for (int j = 0; j < kKeyTile; ++j) s[j] = j < nv ? exp_nonpos(s[j] - mx) : 0.0f;
-    for (int e = 0; e < kLanes; ++e) lane[e] = 0.0f;
-    for (int j = 0; j < kKeyTile; j += kLanes)
-      for (int e = 0; e < kLanes; ++e) lane[e] += s[j + e];
-    float sum = 0.0f;
-    for (int e = 0; e < kLanes; ++e) sum += lane[e];
-    l[r] = l[r] * alpha + sum;
-    m[r] = mx;
     float* orow = o + r * D;
-    if (alpha != 1.0f)
-      for (int d = 0; d < D; ++d) orow[d] *= alpha;
+    softmax_tile_row<8>(s, nv, scale, m[r], l[r], orow, D);
     int d0 = 0;
     for (; d0 + 32 <= D; d0 += 32) accumulate_pv<4>(orow + d0, s, v + d0, nv, D);
     for (; d0 + 8 <= D; d0 += 8) accumulate_pv<1>(orow + d0, s, v + d0, nv, D);
@@ -192,8 +199,6 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void attend_tile_a
     const float* __restrict q, int R, int D, const int* __restrict n_valid, const float* __restrict kt,
     const float* __restrict v, float scale, float* __restrict m, float* __restrict l, float* __restrict o,
     float* __restrict s) {
-  constexpr int kLanes = 16;
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int r0 = 0; r0 < R; r0 += kTileRows) {
     const int nb = std::min(kTileRows, R - r0);
     bool any = false;
@@ -224,24 +229,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void attend_tile_a
       common = std::min(common, std::max(nv, 0));
       if (nv <= 0) continue;
       std::memcpy(sr, acc[i], sizeof(float) * kKeyTile);
-      for (int j = 0; j < kKeyTile; ++j) sr[j] = j < nv ? sr[j] * scale : kNegInf;
-      float lane[kLanes];
-      for (int e = 0; e < kLanes; ++e) lane[e] = kNegInf;
-      for (int j = 0; j < kKeyTile; j += kLanes)
-        for (int e = 0; e < kLanes; ++e) lane[e] = sr[j + e] > lane[e] ? sr[j + e] : lane[e];
-      float mx = m[r];
-      for (int e = 0; e < kLanes; ++e) mx = std::max(mx, lane[e]);
-      const float alpha = std::exp(m[r] - mx);
-      for (int j = 0; j < kKeyTile; ++j) sr[j] = j < nv ? exp_nonpos(sr[j] - mx) : 0.0f;
-      for (int e = 0; e < kLanes; ++e) lane[e] = 0.0f;
-      for (int j = 0; j < kKeyTile; j += kLanes)
-        for (int e = 0; e < kLanes; ++e) lane[e] += sr[j + e];
-      float sum = 0.0f;
-      for (int e = 0; e < kLanes; ++e) sum += lane[e];
-      l[r] = l[r] * alpha + sum;
-      m[r] = mx;
-      if (alpha != 1.0f)
-        for (int d = 0; d < D; ++d) orow[i][d] *= alpha;
+      softmax_tile_row<16>(sr, nv, scale, m[r], l[r], orow[i], D);
     }
     // p·v: the keys every row of the block sees together, then each row's own rest.
     if (nb == kTileRows) {
