@@ -1,5 +1,6 @@
-// CPU back-end: linear layers and the MoE experts, on OpenBLAS sgemm; weights in BF16/F16/F32 or
-// FP8 with block scales, converted to fp32 on the fly.
+// CPU back-end: linear layers and the MoE experts; weights in BF16/F16/F32 or FP8 with block
+// scales. OpenBLAS sgemm on weight blocks converted to fp32; on AVX-512 CPUs BF16 weights go through
+// an own kernel that widens them in registers; a few rows (decode) through AVX2 dot products.
 #include <dlfcn.h>
 #include <omp.h>
 #if defined(__x86_64__)
@@ -51,7 +52,8 @@ void builtin_sgemm(int, int, int, int M, int N, int K, float alpha, const float*
 // when it is loaded, and the Debian/Ubuntu builds of 0.3.2x do not know recent AVX-512 CPUs (AMD Zen
 // 4/5): they fall back to the AVX2 (Haswell) kernels. On a CPU with AVX-512 F/BW/DQ/VL and no
 // OPENBLAS_CORETYPE set by the user, the back-end sets it to SkylakeX (OpenBLAS's AVX-512 kernels)
-// before the library loads: 1.3x faster prefill on a 2-core Zen 5 (docs/benchmarks.md). Without the
+// before the library loads (on a 2-core Zen 5 its sgemm then prefilled 1.3x faster than on the AVX2
+// kernels: docs/benchmarks.md, "CPU: AVX-512 kernels"). Without the
 // library the back-end runs builtin_sgemm (correct, slow; the GPU machines' reference builds).
 // OpenBLAS runs single-threaded inside the OpenMP threads (gemm_wt).
 struct Blas {
