@@ -4,16 +4,33 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "core/check.h"
+#include "core/dtype.h"
 #include "core/tensor.h"
 #include "ops/backend.h"
 
 namespace cpinfer::cpu {
+
+// The 256 e4m3 values (exact in fp32).
+inline const float* fp8_values() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int c = 0; c < 256; ++c) t[static_cast<size_t>(c)] = fp8_e4m3_to_f32(static_cast<uint8_t>(c));
+    return t;
+  }();
+  return table.data();
+}
+
+// The scales of FP8 weight row n: [ceil(K / kFp8Block)] fp32.
+inline const float* fp8_scale_row(const Weight& w, int64_t n) {
+  return w.scale.ptr<const float>() + (n / kFp8Block) * w.scale.dim(1);
+}
 
 // Work below which an op stays on the calling thread. Waking an OpenMP team costs microseconds on
 // an idle machine but up to milliseconds on a loaded one (CI: two shared cores), and most ops of a
