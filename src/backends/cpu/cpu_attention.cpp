@@ -18,6 +18,7 @@
 
 #include "backends/cpu/cpu_backend.h"
 #include "backends/cpu/cpu_common.h"
+#include "backends/cpu/cpu_x86.h"
 #include "ops/contract.h"
 
 // The tile kernel is built three times, generic x86-64, AVX2+FMA and AVX-512, picked at load time:
@@ -36,6 +37,7 @@ namespace {
 
 constexpr int kKeyTile = 64;      // keys per tile
 constexpr int kRowsPerItem = 64;  // query rows (queries × grouped heads) per work item
+constexpr int kTileRows = 4;      // rows per block of the AVX-512 tile (its scores scratch: kTileRows x kKeyTile)
 
 // exp(x) for x <= 0 to ~2 ulp, written branch-free so the tile loops vectorize (the libm call
 // does not, and would cost more than the q·k products): x = n ln2 + r, |r| <= ln2/2,
@@ -150,8 +152,7 @@ void attend_tile(const float* __restrict q, int R, int D, const int* __restrict 
   }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define CPI_AVX512_TILE 1
+#ifdef CPINFER_X86_DISPATCH
 // attend_tile on AVX-512 for D % 16 == 0 (64, 128, 256): the same online softmax, with the rows
 // taken 4 at a time so that each load of K (scores) and of V (p·v) feeds 4 rows' FMAs; the
 // portable tile loads once per FMA. Every output element still sees its terms one at a time in
@@ -160,7 +161,6 @@ void attend_tile(const float* __restrict q, int R, int D, const int* __restrict 
 // n_valid is never multiplied into that row (the rows of a block share the keys below the
 // smallest n_valid of the block, each row then takes its own rest).
 using V16 = float __attribute__((vector_size(64)));
-constexpr int kTileRows = 4;
 
 // o[r][d0, d0 + 16N) += Σ_{j in [j0, j1)} p[r][j] · v[j][d0, d0 + 16N) for the B rows.
 template <int B, int N>
@@ -245,12 +245,6 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void attend_tile_a
       pv_block<1>(one_o, one_p, v, common, nv, D);
     }
   }
-}
-
-bool have_avx512_tile() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  return yes;
 }
 #endif
 
@@ -406,7 +400,7 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
   {
     const size_t rows = static_cast<size_t>(q_per_item * G), d = static_cast<size_t>(D);
     std::vector<float> qt(rows * d), ot(rows * d), m(rows), l(rows), kt(d * kKeyTile), vt(kKeyTile * d),
-        s(4 * kKeyTile), krow(d);
+        s(kTileRows * kKeyTile), krow(d);
     std::vector<int> n_valid(rows);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
@@ -444,8 +438,8 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
           const int nv = static_cast<int>(std::clamp<int64_t>(row_end - k0, 0, nk));
           for (int64_t hg = 0; hg < G; ++hg) n_valid[qi * G + hg] = nv;
         }
-#ifdef CPI_AVX512_TILE
-        if (D % 16 == 0 && have_avx512_tile()) {
+#ifdef CPINFER_X86_DISPATCH
+        if (D % 16 == 0 && have_avx512()) {
           attend_tile_avx512(qt.data(), R, static_cast<int>(D), n_valid.data(), kt.data(), vt.data(), scale, m.data(),
                              l.data(), ot.data(), s.data());
           continue;

@@ -60,20 +60,13 @@ struct Blas {
   std::string what = "the built-in GEMM (OpenBLAS not loaded)";
 };
 
-bool cpu_has_avx512() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-#else
-  return false;
-#endif
-}
-
 const Blas& blas() {
   static const Blas b = [] {
     Blas r;
 #ifdef CPINFER_HAVE_BLAS
-    if (cpu_has_avx512()) setenv("OPENBLAS_CORETYPE", "SkylakeX", /*overwrite=*/0);
+#ifdef CPINFER_X86_DISPATCH
+    if (have_avx512()) setenv("OPENBLAS_CORETYPE", "SkylakeX", /*overwrite=*/0);
+#endif
     void* h = nullptr;
     for (const char* name : {CPINFER_OPENBLAS_LIB, "libopenblas.so.0", "libopenblas.so"})
       if (name[0] != '\0' && (h = dlopen(name, RTLD_NOW | RTLD_LOCAL)) != nullptr) break;
@@ -153,9 +146,8 @@ void weight_rows_f32(const Weight& w, int64_t K, int64_t n0, int64_t rows, float
   const void* src = static_cast<const char*>(w.data) + static_cast<size_t>(n0 * K) * dtype_size(w.dtype);
 #ifdef CPINFER_X86_DISPATCH
   if (w.dtype == DType::BF16 && simd) {
-    static const bool avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2");
-    if (avx512) return bf16_to_f32_avx512(static_cast<const uint16_t*>(src), out, rows * K);
-    if (avx2) return bf16_to_f32_avx2(static_cast<const uint16_t*>(src), out, rows * K);
+    if (have_avx512()) return bf16_to_f32_avx512(static_cast<const uint16_t*>(src), out, rows * K);
+    if (have_avx2_fma()) return bf16_to_f32_avx2(static_cast<const uint16_t*>(src), out, rows * K);
   }
 #endif
   to_f32(src, w.dtype, out, static_cast<size_t>(rows * K));

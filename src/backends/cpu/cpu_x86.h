@@ -12,7 +12,7 @@
 namespace cpinfer::cpu {
 
 bool have_avx2_fma();  // AVX2, FMA and F16C
-bool have_avx512();    // AVX-512 F, BW and VL
+bool have_avx512();    // AVX-512 F, BW, DQ and VL
 
 // out[m, n] = a[m] · w[n] for m < M <= 4 rows (decode) and n in [n0, n1) on AVX2 + FMA, w in F32,
 // BF16, F16 or FP8 (block scales) converted 8 values at a time in registers; four independent
