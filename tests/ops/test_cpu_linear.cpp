@@ -37,7 +37,7 @@ std::vector<double> ref_linear(const HostTensor& a, const HostTensor& w, int64_t
 TEST_P(CpuLinear, MatchesReference) {
   Rng rng(11);
   for (DType wt : {DType::F32, DType::BF16, DType::F16})
-    for (int64_t M : {1, 3, 17, 200})
+    for (int64_t M : {1, 2, 3, 17, 200})
       for (auto [K, N] : {std::pair<int64_t, int64_t>{16, 1}, {33, 7}, {64, 64}, {256, 300}}) {
         HostTensor a = rng.normal_tensor(DType::F32, {M, K});
         HostTensor w = rng.normal_tensor(wt, {N, K}, 0.1);
@@ -342,13 +342,14 @@ Fp8Weight random_fp8(Rng& rng, int64_t N, int64_t K, Scales scales = Scales::F32
   return w;
 }
 
-// Decode (1 and 3 rows: the row-by-row kernels) and prefill (5, 17: dequantized blocks + sgemm); N
-// and K off multiples of 128 and of the 8-wide vectors; several scale blocks each way.
+// Decode (1 to 3 rows: tiles of exactly M rows on AVX-512, row by row on AVX2) and prefill (5: tiles
+// of 4 rows; 17: of 6; 70: dequantized blocks + sgemm); N and K off multiples of 128 and of the 8- and
+// 16-wide vectors; several scale blocks each way.
 TEST_P(CpuLinear, Fp8MatchesReferenceOnTheFp32DequantizedValues) {
   Rng rng(21);
   for (Scales sc : {Scales::F32, Scales::Bf16})
     for (Codes codes : {Codes::All, Codes::Small})
-      for (int64_t M : {1, 3, 5, 17})
+      for (int64_t M : {1, 2, 3, 5, 17, 70})
         for (auto [K, N] : {std::pair<int64_t, int64_t>{16, 1}, {33, 7}, {130, 129}, {300, 257}, {517, 130}}) {
           const Fp8Weight w = random_fp8(rng, N, K, sc, codes);
           HostTensor a = rng.normal_tensor(DType::F32, {M, K});
@@ -384,13 +385,22 @@ TEST_P(CpuLinear, Fp8DequantizesEveryCodeExactly) {
             << "code " << int(c) << " at " << n << "," << k << ": " << v << " != " << want;
       }
     }
-  // The row-by-row kernel reads the NaN codes as NaN too (transformers would compute NaN).
-  Fp8Weight one_nan = random_fp8(rng, N, K);
-  one_nan.codes.ptr<uint8_t>()[3] = 0xff;
-  HostTensor a = rng.normal_tensor(DType::F32, {1, K}), out(DType::F32, {1, N});
-  be->linear(a, one_nan.weight(), out);
-  EXPECT_TRUE(std::isnan(out.ptr<float>()[0]));
-  EXPECT_TRUE(std::isfinite(out.ptr<float>()[1]));
+  // The products read NaN codes as NaN too (transformers would compute NaN), whatever the kernel
+  // (decode rows, tiles of 4 or 6 rows, blocks for sgemm): only the outputs of the weight rows with
+  // a NaN code are NaN, their neighbours in a tile stay finite.
+  Fp8Weight some_nan = random_fp8(rng, N, K);
+  some_nan.codes.ptr<uint8_t>()[3] = 0xff;                // row 0
+  some_nan.codes.ptr<uint8_t>()[5 * K + 200] = 0x7f;      // row 5, second scale block
+  some_nan.codes.ptr<uint8_t>()[129 * K + K - 1] = 0xff;  // row 129, the K tail
+  for (int64_t M : {1, 2, 4, 13, 70}) {
+    HostTensor a = rng.normal_tensor(DType::F32, {M, K}), out(DType::F32, {M, N});
+    be->linear(a, some_nan.weight(), out);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        const bool nan_row = n == 0 || n == 5 || n == 129;
+        ASSERT_EQ(std::isnan(out.ptr<float>()[m * N + n]), nan_row) << "M=" << M << " m=" << m << " n=" << n;
+      }
+  }
 }
 
 // A block scale too large to fold into the AVX2 conversion (|scale| >= 2^120: no real checkpoint)
@@ -406,7 +416,7 @@ TEST_P(CpuLinear, Fp8HugeBlockScalesStayExact) {
   std::vector<float> got(static_cast<size_t>(N * K));
   cpu::dequantize_fp8(w.weight(), 0, N, got.data(), /*simd=*/!GetParam());
   EXPECT_EQ(std::memcmp(got.data(), w.values.t.data, got.size() * 4), 0);
-  for (int64_t M : {1, 3, 9}) {
+  for (int64_t M : {1, 3, 9, 14, 70}) {
     HostTensor a = rng.normal_tensor(DType::F32, {M, K}), out(DType::F32, {M, N});
     be->linear(a, w.weight(), out);
     EXPECT_TRUE(all_close(out, ref_linear(a, w.values, M, K, N), 1e-5, "huge scale M=" + std::to_string(M)));

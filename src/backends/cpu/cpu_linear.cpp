@@ -1,6 +1,7 @@
 // CPU back-end: linear layers and the MoE experts; weights in BF16/F16/F32 or FP8 with block
-// scales. OpenBLAS sgemm on weight blocks converted to fp32; on AVX-512 CPUs BF16 weights go through
-// an own kernel that widens them in registers; a few rows (decode) through AVX2 dot products.
+// scales. OpenBLAS sgemm on weight blocks converted to fp32; on AVX-512 CPUs BF16 weights, and FP8
+// weights times fewer rows (decode), go through an own kernel that widens them in registers; a few
+// rows otherwise through AVX2 dot products.
 #include <dlfcn.h>
 #include <omp.h>
 
@@ -113,6 +114,12 @@ float* sized(std::vector<float>& v, int64_t n) {
 // Up to this many rows of `a`, BF16/F16/FP8 weights are multiplied row by row without an fp32 copy.
 constexpr int64_t kFewRows = 4;
 
+// On AVX-512, FP8 products of fewer rows than this convert the codes in registers (gemm_avx512); from
+// here on, blocks converted once to fp32 for OpenBLAS's AVX-512 sgemm run as fast or faster (the
+// in-register tiles convert each weight once per 4-6 rows of a: ~240 GFLOP/s against sgemm's ~330 at
+// 512 rows, 2-core Zen 5; at 64 rows per expert a prefill's MoE was 4% slower in registers).
+constexpr int64_t kFp8RegisterRows = 32;
+
 // Σ x[k]·y[k] in fp32 with 8 independent partial sums (vectorizes without reassociation flags).
 float dot(const float* x, const float* y, int64_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -164,12 +171,18 @@ void gemm_panel(const float* a, int64_t M, int64_t K, const Weight& w, int64_t n
     return;
   }
 #ifdef CPINFER_X86_DISPATCH
-  if (M <= kFewRows && simd && have_avx2_fma()) {
-    few_rows_avx2(a, M, K, w, n0, n1, out, ldc);
+  // AVX-512: BF16 weights from 2 rows on (2-3x the AVX2 kernel at 2-4 rows, which converts each weight
+  // once per row of a; one row stays there: on a [4096, 2048] weight it ran 1.15x faster than the
+  // 1-row tile), FP8 below kFp8RegisterRows rows (2-5x the AVX2 kernel and the converted blocks at 1-4
+  // rows) and at any count without OpenBLAS. docs/benchmarks.md, "CPU: decode on AVX-512".
+  if (simd && have_avx512() &&
+      ((w.dtype == DType::BF16 && M >= 2) ||
+       (w.dtype == DType::F8E4M3 && (M < kFp8RegisterRows || blas().sgemm == builtin_sgemm)))) {
+    gemm_avx512(a, M, K, w, n0, n1, out, ldc);
     return;
   }
-  if (M > kFewRows && w.dtype == DType::BF16 && simd && have_avx512()) {
-    gemm_bf16_avx512(a, M, K, static_cast<const uint16_t*>(w.data), n0, n1, out, ldc);
+  if (M <= kFewRows && simd && have_avx2_fma()) {
+    few_rows_avx2(a, M, K, w, n0, n1, out, ldc);
     return;
   }
 #endif

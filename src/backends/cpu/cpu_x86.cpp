@@ -161,6 +161,7 @@ __attribute__((target("avx2,fma,f16c"))) void dequantize_fp8_row_avx2(const uint
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 // BF16 -> fp32 is a 16-bit shift: 16 (AVX-512) or 8 (AVX2) weights per instruction, where the
 // plain loop compiles to one at a time for the baseline x86-64 target (it was ~12% of a prefill).
@@ -181,18 +182,29 @@ __attribute__((target("avx2"))) void bf16_to_f32_avx2(const uint16_t* src, float
   for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
 }
 
-// ---- BF16 weights on AVX-512: out[m, n] = a[m] · w[n] with the weight rows widened in registers
-// (bf16 -> fp32 is exact), no fp32 copy of w and no packing, for any M. A tile is 4 rows of a by 4
-// rows of w: per 16 k, 4 weight and 4 activation loads feed 16 FMAs into 16 accumulators, and each
-// accumulator is summed across its lanes at the end (an element's order of sums depends on K
-// only). The panel's rows of w are walked once per 4 rows of a (from L2; a panel of gemm_wt is 128
-// weight rows), the 4 rows of a stay in L1. The last partial 16 of K is read with masked loads.
+// ---- BF16 and FP8 weights on AVX-512: out[m, n] = a[m] · w[n] with the weight rows widened in
+// registers, no fp32 copy of w and no packing, for any M. A tile is TM rows of a by 4 rows of w: per
+// 16 k, 4 weight and TM activation loads feed 4·TM FMAs into as many accumulators, and each
+// accumulator is summed across its lanes at the end (an element's order of sums depends on K only,
+// not on M, the tile or the thread). The panel's rows of w are walked once per TM rows of a (from
+// L2; a panel of gemm_wt is 128 weight rows), the rows of a stay in L1. The last partial 16 of K is
+// read with masked loads. BF16 -> fp32 is a shift (exact). An FP8 code becomes its f16 image as in
+// fp8x8 (value / 256, exact, subnormals too) and is multiplied by its block's scale · 256: the
+// weight fp32(code) · scale rounded once, as transformers forms it; the K loop walks one scale block
+// (kFp8Block) at a time. A tile whose weight rows hold a NaN code or a scale too large to fold (no
+// real checkpoint has either) is computed again one weight at a time (fp8_tile_scalar).
 namespace {
-
-constexpr int kTileM = 4, kTileN = 4;
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 bf16x16(const uint16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// 16 FP8 weights p[0, 16) (lanes off m read as code 0), times scale256 = block scale · 256.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 fp8x16(const uint8_t* p, __mmask16 m,
+                                                                          __m512 scale256) {
+  const __m256i hi = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m, p)), 8);  // code << 8
+  const __m256i h = _mm256_and_si256(_mm256_srai_epi16(hi, 1), _mm256_set1_epi16(static_cast<short>(0xbfff)));
+  return _mm512_mul_ps(_mm512_cvtph_ps(h), scale256);
 }
 
 // Σ of the 16 lanes, as a fixed tree (halves, then quarters, ...).
@@ -204,41 +216,133 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline float hsum16(__m512 
   return _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
 }
 
-// One 16-wide step of a tile at column k (lanes off `mask` read as zeros).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void tile_step(const float* const (&ar)[kTileM],
-                                                                           const uint16_t* const (&wr)[kTileN],
-                                                                           int64_t k, __mmask16 mask,
-                                                                           __m512 (&acc)[kTileM][kTileN]) {
-  __m512 wv[kTileN];
-  for (int j = 0; j < kTileN; ++j) wv[j] = bf16x16(wr[j] + k, mask);
-  for (int i = 0; i < kTileM; ++i) {
-    const __m512 av = _mm512_maskz_loadu_ps(mask, ar[i] + k);
-    for (int j = 0; j < kTileN; ++j) acc[i][j] = _mm512_fmadd_ps(av, wv[j], acc[i][j]);
+// One 16-wide step of a tile at column k (lanes off `mask` read as zeros); s: the FP8 rows' scales.
+template <DType DT, int TM, int TN>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void tile_step(const float* const (&ar)[TM],
+                                                                           const void* const (&wr)[TN], int64_t k,
+                                                                           __mmask16 mask, const __m512 (&s)[TN],
+                                                                           __m512 (&acc)[TM][TN]) {
+  __m512 wv[TN];
+  for (int j = 0; j < TN; ++j) {
+    if constexpr (DT == DType::F8E4M3)
+      wv[j] = fp8x16(static_cast<const uint8_t*>(wr[j]) + k, mask, s[j]);
+    else
+      wv[j] = bf16x16(static_cast<const uint16_t*>(wr[j]) + k, mask);
   }
+  for (int i = 0; i < TM; ++i) {
+    const __m512 av = _mm512_maskz_loadu_ps(mask, ar[i] + k);
+    for (int j = 0; j < TN; ++j) acc[i][j] = _mm512_fmadd_ps(av, wv[j], acc[i][j]);
+  }
+}
+
+// The steps of columns [k, k1) (one FP8 scale block, or all of K), the last one masked if partial.
+template <DType DT, int TM, int TN>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void tile_steps(const float* const (&ar)[TM],
+                                                                            const void* const (&wr)[TN], int64_t k,
+                                                                            int64_t k1, const __m512 (&s)[TN],
+                                                                            __m512 (&acc)[TM][TN]) {
+  for (; k + 16 <= k1; k += 16) tile_step<DT, TM, TN>(ar, wr, k, 0xffff, s, acc);
+  if (k < k1) tile_step<DT, TM, TN>(ar, wr, k, static_cast<__mmask16>((1u << (k1 - k)) - 1u), s, acc);
+}
+
+// Of FP8 codes p[0, n) (n <= 64 are read): the running byte-wise max of code | 0x80, which is 0xff
+// once a NaN code (s.1111.111) has been seen. One load, or and max per 64 codes, from L1 (the tile
+// reads the same bytes): no pass of its own over the weights.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i fp8_nan_seen(__m512i seen, const uint8_t* p,
+                                                                                 int64_t n) {
+  const __mmask64 m = n >= 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
+  const __m512i c = _mm512_maskz_loadu_epi8(m, p);
+  return _mm512_max_epu8(seen, _mm512_or_si512(c, _mm512_set1_epi8(static_cast<char>(0x80))));
+}
+
+// out[m, n] for rows [m0, m0 + rows) of a and [nb, nb + cols) of w, one weight at a time (FP8 tiles
+// with a NaN code or a block scale of 2^120 or more, which fp8x16 cannot take; no real checkpoint has
+// either): each weight fp32(code) · scale as everywhere, NaN codes giving NaN.
+void fp8_tile_scalar(const float* a, int64_t m0, int64_t rows, int64_t K, const Weight& w, int64_t nb, int64_t cols,
+                     float* out, int64_t ldc) {
+  const float* v = fp8_values();
+  for (int64_t i = m0; i < m0 + rows; ++i)
+    for (int64_t n = nb; n < nb + cols; ++n) {
+      const uint8_t* c = static_cast<const uint8_t*>(w.data) + n * K;
+      const float* sr = fp8_scale_row(w, n);
+      float sum = 0.0f;
+      for (int64_t k = 0; k < K; ++k) sum += a[i * K + k] * (v[c[k]] * sr[k / kFp8Block]);
+      out[i * ldc + n] = sum;
+    }
+}
+
+template <DType DT, int TM, int TN>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void gemm_tiles(const float* a, int64_t M, int64_t K,
+                                                                     const Weight& w, int64_t n0, int64_t n1,
+                                                                     float* out, int64_t ldc) {
+  constexpr bool kFp8 = DT == DType::F8E4M3;
+  const size_t es = dtype_size(DT);
+  for (int64_t m0 = 0; m0 < M; m0 += TM) {
+    const float* ar[TM];
+    for (int i = 0; i < TM; ++i) ar[i] = a + std::min(m0 + i, M - 1) * K;  // past M: repeat, not stored
+    for (int64_t nb = n0; nb < n1; nb += TN) {
+      const void* wr[TN];
+      const float* sr[TN] = {};
+      for (int j = 0; j < TN; ++j) {
+        const int64_t n = std::min(nb + j, n1 - 1);
+        wr[j] = static_cast<const char*>(w.data) + static_cast<size_t>(n * K) * es;
+        if constexpr (kFp8) sr[j] = fp8_scale_row(w, n);
+      }
+      __m512 acc[TM][TN];
+      for (int i = 0; i < TM; ++i)
+        for (int j = 0; j < TN; ++j) acc[i][j] = _mm512_setzero_ps();
+      __m512 s[TN];
+      for (int j = 0; j < TN; ++j) s[j] = _mm512_set1_ps(1.0f);
+      __m512i seen = _mm512_setzero_si512();  // FP8: NaN codes (fp8_nan_seen)
+      bool huge = false;                      // FP8: a scale fp8x16 cannot fold
+      if constexpr (!kFp8) {
+        tile_steps<DT, TM, TN>(ar, wr, 0, K, s, acc);
+      } else {
+        for (int64_t k0 = 0; k0 < K; k0 += kFp8Block) {
+          const int64_t k1 = std::min(K, k0 + kFp8Block);
+          for (int j = 0; j < TN; ++j) {
+            const float sc = sr[j][k0 / kFp8Block];
+            huge |= !(std::fabs(sc) < 0x1p120f);
+            s[j] = _mm512_set1_ps(sc * 256.0f);
+          }
+          for (int64_t k = k0; k < k1; k += 64)
+            for (int j = 0; j < TN; ++j) seen = fp8_nan_seen(seen, static_cast<const uint8_t*>(wr[j]) + k, k1 - k);
+          tile_steps<DT, TM, TN>(ar, wr, k0, k1, s, acc);
+        }
+      }
+      const int64_t rows = std::min<int64_t>(TM, M - m0), cols = std::min<int64_t>(TN, n1 - nb);
+      if (kFp8 && (huge || _mm512_cmpeq_epi8_mask(seen, _mm512_set1_epi8(static_cast<char>(0xff))) != 0)) {
+        fp8_tile_scalar(a, m0, rows, K, w, nb, cols, out, ldc);
+        continue;
+      }
+      for (int i = 0; i < TM && i < rows; ++i)  // constant bounds first: acc stays in registers
+        for (int j = 0; j < TN && j < cols; ++j) out[(m0 + i) * ldc + nb + j] = hsum16(acc[i][j]);
+    }
+  }
+}
+
+// Tiles of exactly M rows for decode (M < 4); more rows in tiles of 4, or of 6 for FP8 from 12 rows on,
+// where converting the codes (about as many instructions as the FMAs they feed) is shared by more rows
+// (1.15x over 4 rows from 16 rows on, 2-core Zen 5; 8 x 2 tiles ran at 0.7x, and converting groups of 4
+// weight rows once into L1 for up to 48 rows of a at 0.75-1.1x); the last tile is padded.
+template <DType DT>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void gemm_rows(const float* a, int64_t M, int64_t K,
+                                                                    const Weight& w, int64_t n0, int64_t n1, float* out,
+                                                                    int64_t ldc) {
+  if (M == 1) return gemm_tiles<DT, 1, 4>(a, M, K, w, n0, n1, out, ldc);
+  if (M == 2) return gemm_tiles<DT, 2, 4>(a, M, K, w, n0, n1, out, ldc);
+  if (M == 3) return gemm_tiles<DT, 3, 4>(a, M, K, w, n0, n1, out, ldc);
+  if (DT == DType::F8E4M3 && M >= 12) return gemm_tiles<DT, 6, 4>(a, M, K, w, n0, n1, out, ldc);
+  return gemm_tiles<DT, 4, 4>(a, M, K, w, n0, n1, out, ldc);
 }
 
 }  // namespace
 
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void gemm_bf16_avx512(const float* a, int64_t M, int64_t K,
-                                                                           const uint16_t* w, int64_t n0, int64_t n1,
-                                                                           float* out, int64_t ldc) {
-  const int64_t Kv = K - K % 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (K % 16)) - 1u);
-  for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
-    const float* ar[kTileM];
-    for (int i = 0; i < kTileM; ++i) ar[i] = a + std::min(m0 + i, M - 1) * K;  // past M: repeat, not stored
-    for (int64_t nb = n0; nb < n1; nb += kTileN) {
-      const uint16_t* wr[kTileN];
-      for (int j = 0; j < kTileN; ++j) wr[j] = w + std::min(nb + j, n1 - 1) * K;
-      __m512 acc[kTileM][kTileN];
-      for (int i = 0; i < kTileM; ++i)
-        for (int j = 0; j < kTileN; ++j) acc[i][j] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < Kv; k += 16) tile_step(ar, wr, k, 0xffff, acc);
-      if (tail) tile_step(ar, wr, Kv, tail, acc);
-      for (int i = 0; i < kTileM && m0 + i < M; ++i)
-        for (int j = 0; j < kTileN && nb + j < n1; ++j) out[(m0 + i) * ldc + nb + j] = hsum16(acc[i][j]);
-    }
-  }
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void gemm_avx512(const float* a, int64_t M, int64_t K,
+                                                                      const Weight& w, int64_t n0, int64_t n1,
+                                                                      float* out, int64_t ldc) {
+  if (w.dtype == DType::F8E4M3) return gemm_rows<DType::F8E4M3>(a, M, K, w, n0, n1, out, ldc);
+  gemm_rows<DType::BF16>(a, M, K, w, n0, n1, out, ldc);
 }
 
 #if defined(__GNUC__) && !defined(__clang__)

@@ -30,11 +30,12 @@ __attribute__((target("avx2,fma,f16c"))) void dequantize_fp8_row_avx2(const uint
 __attribute__((target("avx512f"))) void bf16_to_f32_avx512(const uint16_t* src, float* dst, int64_t n);
 __attribute__((target("avx2"))) void bf16_to_f32_avx2(const uint16_t* src, float* dst, int64_t n);
 
-// out[m, n] = a[m] · w[n] for m < M, n in [n0, n1): BF16 weight rows w [., K] widened in registers
-// (cpu_x86.cpp says how); a [M, K] fp32; out with row stride ldc.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void gemm_bf16_avx512(const float* a, int64_t M, int64_t K,
-                                                                           const uint16_t* w, int64_t n0, int64_t n1,
-                                                                           float* out, int64_t ldc);
+// out[m, n] = a[m] · w[n] for m < M, n in [n0, n1): BF16 or FP8 (block scales) weight rows w [., K]
+// widened in registers (cpu_x86.cpp says how); a [M, K] fp32; out with row stride ldc. FP8 weights
+// are fp32(code) · scale rounded once, as everywhere; NaN codes give NaN.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void gemm_avx512(const float* a, int64_t M, int64_t K,
+                                                                      const Weight& w, int64_t n0, int64_t n1,
+                                                                      float* out, int64_t ldc);
 
 }  // namespace cpinfer::cpu
 
