@@ -13,14 +13,19 @@
 namespace cpinfer::test {
 namespace {
 
-// Every case on the default kernels and on the generic ones (the path of an x86-64 CPU without
-// AVX2/FMA, where the AVX2 + FMA kernels would otherwise run).
-class CpuLinear : public ::testing::TestWithParam<bool> {
+// Every case on each kernel set up to the CPU's best: AVX-512, AVX2 + FMA and the generic ones (an
+// x86-64 CPU without AVX2/FMA). A set the CPU lacks runs the best it has (the case repeats).
+class CpuLinear : public ::testing::TestWithParam<cpu::Kernels> {
  protected:
-  std::unique_ptr<Backend> be = make_cpu_backend(/*simd=*/!GetParam());
+  std::unique_ptr<Backend> be = std::make_unique<CpuBackend>(GetParam(), /*fp8=*/true);
 };
-INSTANTIATE_TEST_SUITE_P(Kernels, CpuLinear, ::testing::Values(false, true),
-                         [](const ::testing::TestParamInfo<bool>& i) { return i.param ? "generic" : "default"; });
+INSTANTIATE_TEST_SUITE_P(Kernels, CpuLinear,
+                         ::testing::Values(cpu::Kernels::Avx512, cpu::Kernels::Avx2, cpu::Kernels::Generic),
+                         [](const ::testing::TestParamInfo<cpu::Kernels>& i) {
+                           return i.param == cpu::Kernels::Avx512 ? "avx512"
+                                  : i.param == cpu::Kernels::Avx2 ? "avx2"
+                                                                  : "generic";
+                         });
 
 // out[m, n] = Σ_k a[m, k] w[n, k], in double over the exact stored values.
 std::vector<double> ref_linear(const HostTensor& a, const HostTensor& w, int64_t M, int64_t K, int64_t N) {
@@ -269,7 +274,7 @@ TEST_P(CpuLinear, ConcurrentCallersGetSerialResults) {
   std::vector<std::thread> threads;
   for (int i = 0; i < kCallers; ++i)
     threads.emplace_back([&, i] {
-      auto own = make_cpu_backend(/*simd=*/!GetParam());  // one back-end per rank, as the engine does
+      std::unique_ptr<Backend> own = std::make_unique<CpuBackend>(GetParam(), true);  // one per rank, as the engine
       lin[i].poison();
       own->linear(a[i], w, lin[i]);
       own->fill_zero(moe[i]);
@@ -363,7 +368,7 @@ TEST_P(CpuLinear, Fp8MatchesReferenceOnTheFp32DequantizedValues) {
         }
 }
 
-// Every code (NaN codes too) in every position of a row, both kernel sets: each weight is exactly
+// Every code (NaN codes too) in every position of a row, every kernel set: each weight is exactly
 // fp32(code · scale), bit for bit.
 TEST_P(CpuLinear, Fp8DequantizesEveryCodeExactly) {
   Rng rng(22);
@@ -371,7 +376,7 @@ TEST_P(CpuLinear, Fp8DequantizesEveryCodeExactly) {
   Fp8Weight w = random_fp8(rng, N, K);
   for (int64_t i = 0; i < N * K; ++i) w.codes.ptr<uint8_t>()[i] = static_cast<uint8_t>((i * 7 + i / K) % 256);
   std::vector<float> got(static_cast<size_t>(N * K));
-  cpu::dequantize_fp8(w.weight(), 0, N, got.data(), /*simd=*/!GetParam());
+  cpu::dequantize_fp8(w.weight(), 0, N, got.data(), GetParam());
   const int64_t sk = w.scale.t.dim(1);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t k = 0; k < K; ++k) {
@@ -414,7 +419,7 @@ TEST_P(CpuLinear, Fp8HugeBlockScalesStayExact) {
     for (int64_t k = 128; k < 256; ++k)
       w.values.ptr<float>()[n * K + k] = fp8_e4m3_to_f32(w.codes.ptr<uint8_t>()[n * K + k]) * 0x1p121f;
   std::vector<float> got(static_cast<size_t>(N * K));
-  cpu::dequantize_fp8(w.weight(), 0, N, got.data(), /*simd=*/!GetParam());
+  cpu::dequantize_fp8(w.weight(), 0, N, got.data(), GetParam());
   EXPECT_EQ(std::memcmp(got.data(), w.values.t.data, got.size() * 4), 0);
   for (int64_t M : {1, 3, 9, 14, 70}) {
     HostTensor a = rng.normal_tensor(DType::F32, {M, K}), out(DType::F32, {M, N});

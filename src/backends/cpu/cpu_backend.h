@@ -10,6 +10,7 @@
 // first and throws cpinfer::Error with the op and tensor named; ops return only when the work is done (sync() is a
 // no-op).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <span>
 
@@ -17,12 +18,22 @@
 
 namespace cpinfer {
 
+namespace cpu {
+// The kernel sets of the matrix products, each a superset of the one before: Generic (baseline
+// x86-64, or any other CPU), Avx2 (AVX2 + FMA + F16C), Avx512 (AVX-512 F/BW/DQ/VL as well).
+enum class Kernels : int { Generic = 0, Avx2 = 1, Avx512 = 2 };
+// The best set this CPU runs.
+Kernels best_kernels();
+}  // namespace cpu
+
 class CpuBackend final : public Backend {
  public:
-  // simd = false: the generic kernels only, where the AVX2 + FMA ones would run (tests). fp8 =
-  // false: fp8_weights_supported() says no, so the loader dequantizes FP8 weights to BF16 (the
-  // FP8 kernels still take FP8 weights given directly).
-  explicit CpuBackend(bool simd = true, bool fp8 = true) : simd_(simd), fp8_(fp8) {}
+  // simd = false: the generic kernels only (tests). fp8 = false: fp8_weights_supported() says no, so
+  // the loader dequantizes FP8 weights to BF16 (the FP8 kernels still take FP8 weights given directly).
+  explicit CpuBackend(bool simd = true, bool fp8 = true)
+      : CpuBackend(simd ? cpu::Kernels::Avx512 : cpu::Kernels::Generic, fp8) {}
+  // The products' kernels up to `most` (tests run every set the CPU has this way).
+  CpuBackend(cpu::Kernels most, bool fp8) : kernels_(std::min(most, cpu::best_kernels())), fp8_(fp8) {}
   Device device() const override { return Device::CPU; }
   std::string name() const override { return "cpu"; }
   DType act_dtype() const override { return DType::F32; }
@@ -57,7 +68,7 @@ class CpuBackend final : public Backend {
   void sample(const Tensor& logits, const std::vector<SampleRow>& rows, Tensor ids) override;
 
  private:
-  bool simd_ = true;
+  cpu::Kernels kernels_;
   bool fp8_ = true;
 };
 
@@ -92,16 +103,16 @@ namespace cpu {
 // thread-local scratch, one cblas_sgemm per block; a few rows of `a` are multiplied row by row. OpenMP threads split
 // the columns (or rows); OpenBLAS (opened at run time, cpu_linear.cpp) runs single-threaded: when it loads it gets
 // openblas_set_num_threads(1) for the process, so only one thread pool ever spins. Each element's result does not
-// depend on the thread count. simd = false: the generic (baseline x86-64) kernels only, even where the AVX2 + FMA ones
-// would run.
-void gemm_wt(const float* a, int64_t M, int64_t K, const Weight& w, float* out, int64_t ldc, bool simd = true);
+// depend on the thread count. `kernels`: the best kernel set used (at most what the CPU has).
+void gemm_wt(const float* a, int64_t M, int64_t K, const Weight& w, float* out, int64_t ldc,
+             Kernels kernels = best_kernels());
 
 // What runs the GEMMs, e.g. "OpenBLAS (SkylakeX kernels)"; the first call loads OpenBLAS.
 const std::string& gemm_library();
 
 // Weight rows [n0, n0 + rows) of FP8 `w` dequantized to fp32 `out` [rows, K]: code · scale rounded to
-// fp32, bit-identical on both kernel sets.
-void dequantize_fp8(const Weight& w, int64_t n0, int64_t rows, float* out, bool simd = true);
+// fp32, bit-identical on every kernel set.
+void dequantize_fp8(const Weight& w, int64_t n0, int64_t rows, float* out, Kernels kernels = best_kernels());
 
 }  // namespace cpu
 }  // namespace cpinfer

@@ -145,16 +145,16 @@ void dequantize_fp8_row_generic(const uint8_t* codes, const float* scales, int64
 }
 
 // Weight rows [n0, n0 + rows) as fp32 into `out` [rows, K].
-void weight_rows_f32(const Weight& w, int64_t K, int64_t n0, int64_t rows, float* out, bool simd) {
+void weight_rows_f32(const Weight& w, int64_t K, int64_t n0, int64_t rows, float* out, Kernels kernels) {
   if (w.dtype == DType::F8E4M3) {
-    cpu::dequantize_fp8(w, n0, rows, out, simd);
+    cpu::dequantize_fp8(w, n0, rows, out, kernels);
     return;
   }
   const void* src = static_cast<const char*>(w.data) + static_cast<size_t>(n0 * K) * dtype_size(w.dtype);
 #ifdef CPINFER_X86_DISPATCH
-  if (w.dtype == DType::BF16 && simd) {
-    if (have_avx512()) return bf16_to_f32_avx512(static_cast<const uint16_t*>(src), out, rows * K);
-    if (have_avx2_fma()) return bf16_to_f32_avx2(static_cast<const uint16_t*>(src), out, rows * K);
+  if (w.dtype == DType::BF16) {
+    if (kernels >= Kernels::Avx512) return bf16_to_f32_avx512(static_cast<const uint16_t*>(src), out, rows * K);
+    if (kernels >= Kernels::Avx2) return bf16_to_f32_avx2(static_cast<const uint16_t*>(src), out, rows * K);
   }
 #endif
   to_f32(src, w.dtype, out, static_cast<size_t>(rows * K));
@@ -163,7 +163,7 @@ void weight_rows_f32(const Weight& w, int64_t K, int64_t n0, int64_t rows, float
 // out[:, n0, n1) = a · w[n0, n1)ᵀ on the calling thread (OpenBLAS is single-threaded here); the
 // sgemm calls it makes depend only on its arguments' shapes.
 void gemm_panel(const float* a, int64_t M, int64_t K, const Weight& w, int64_t n0, int64_t n1, float* out, int64_t ldc,
-                bool simd) {
+                Kernels kernels) {
   if (w.dtype == DType::F32) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(n1 - n0),
                 static_cast<int>(K), 1.0f, a, static_cast<int>(K), w.ptr<const float>() + n0 * K, static_cast<int>(K),
@@ -175,13 +175,13 @@ void gemm_panel(const float* a, int64_t M, int64_t K, const Weight& w, int64_t n
   // once per row of a; one row stays there: on a [4096, 2048] weight it ran 1.15x faster than the
   // 1-row tile), FP8 below kFp8RegisterRows rows (2-5x the AVX2 kernel and the converted blocks at 1-4
   // rows) and at any count without OpenBLAS. docs/benchmarks.md, "CPU: decode on AVX-512".
-  if (simd && have_avx512() &&
+  if (kernels >= Kernels::Avx512 &&
       ((w.dtype == DType::BF16 && M >= 2) ||
        (w.dtype == DType::F8E4M3 && (M < kFp8RegisterRows || blas().sgemm == builtin_sgemm)))) {
     gemm_avx512(a, M, K, w, n0, n1, out, ldc);
     return;
   }
-  if (M <= kFewRows && simd && have_avx2_fma()) {
+  if (M <= kFewRows && kernels >= Kernels::Avx2) {
     few_rows_avx2(a, M, K, w, n0, n1, out, ldc);
     return;
   }
@@ -192,7 +192,7 @@ void gemm_panel(const float* a, int64_t M, int64_t K, const Weight& w, int64_t n
     // dot products from there, so the weight is read once, in its own dtype.
     float* row = sized(weight_scratch(), K);
     for (int64_t n = n0; n < n1; ++n) {
-      weight_rows_f32(w, K, n, 1, row, simd);
+      weight_rows_f32(w, K, n, 1, row, kernels);
       for (int64_t m = 0; m < M; ++m) out[m * ldc + n] = dot(a + m * K, row, K);
     }
     return;
@@ -201,7 +201,7 @@ void gemm_panel(const float* a, int64_t M, int64_t K, const Weight& w, int64_t n
   float* wf = sized(weight_scratch(), block * K);
   for (int64_t nb0 = n0; nb0 < n1; nb0 += block) {
     const int64_t nb = std::min(block, n1 - nb0);
-    weight_rows_f32(w, K, nb0, nb, wf, simd);
+    weight_rows_f32(w, K, nb0, nb, wf, kernels);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(nb), static_cast<int>(K),
                 1.0f, a, static_cast<int>(K), wf, static_cast<int>(K), 0.0f, out + nb0, static_cast<int>(ldc));
   }
@@ -209,13 +209,21 @@ void gemm_panel(const float* a, int64_t M, int64_t K, const Weight& w, int64_t n
 
 }  // namespace
 
-void cpu::dequantize_fp8(const Weight& w, int64_t n0, int64_t rows, float* out, bool simd) {
+cpu::Kernels cpu::best_kernels() {
+#ifdef CPINFER_X86_DISPATCH
+  if (have_avx2_fma()) return have_avx512() ? Kernels::Avx512 : Kernels::Avx2;
+#endif
+  return Kernels::Generic;
+}
+
+void cpu::dequantize_fp8(const Weight& w, int64_t n0, int64_t rows, float* out, Kernels kernels) {
+  kernels = std::min(kernels, best_kernels());
   const int64_t K = w.dim(1);
   const auto* codes = static_cast<const uint8_t*>(w.data);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t n = n0 + r;
 #ifdef CPINFER_X86_DISPATCH
-    if (simd && have_avx2_fma()) {
+    if (kernels >= Kernels::Avx2) {
       dequantize_fp8_row_avx2(codes + n * K, fp8_scale_row(w, n), K, out + r * K);
       continue;
     }
@@ -224,7 +232,8 @@ void cpu::dequantize_fp8(const Weight& w, int64_t n0, int64_t rows, float* out, 
   }
 }
 
-void cpu::gemm_wt(const float* a, int64_t M, int64_t K, const Weight& w, float* out, int64_t ldc, bool simd) {
+void cpu::gemm_wt(const float* a, int64_t M, int64_t K, const Weight& w, float* out, int64_t ldc, Kernels kernels) {
+  kernels = std::min(kernels, best_kernels());
   const int64_t N = w.dim(0);
   if (M == 0 || N == 0) return;
   if (K == 0) {
@@ -255,7 +264,7 @@ void cpu::gemm_wt(const float* a, int64_t M, int64_t K, const Weight& w, float* 
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t m0 = (t / col_panels) * row_chunk, m1 = std::min(M, m0 + row_chunk);
     const int64_t n0 = (t % col_panels) * kPanelCols, n1 = std::min(N, n0 + kPanelCols);
-    gemm_panel(a + m0 * K, m1 - m0, K, w, n0, n1, out + m0 * ldc, ldc, simd);
+    gemm_panel(a + m0 * K, m1 - m0, K, w, n0, n1, out + m0 * ldc, ldc, kernels);
   }
 }
 
@@ -277,11 +286,11 @@ void CpuBackend::linear(const Tensor& a, const Weight& w, Tensor out) {
     af = buf;
   }
   if (out.dtype == DType::F32) {
-    gemm_wt(af, M, K, w, out.ptr<float>(), N, simd_);
+    gemm_wt(af, M, K, w, out.ptr<float>(), N, kernels_);
     return;
   }
   float* tmp = sized(act_scratch(1), M * N);
-  gemm_wt(af, M, K, w, tmp, N, simd_);
+  gemm_wt(af, M, K, w, tmp, N, kernels_);
   from_f32(tmp, out.data, out.dtype, static_cast<size_t>(M * N));
 }
 
@@ -331,14 +340,14 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& w
     float* gate = sized(act_scratch(1), n * I);
     float* up = sized(act_scratch(2), n * I);
     for (int64_t j = 0; j < n; ++j) std::memcpy(xg + j * H, xp + (r[j] / K) * H, static_cast<size_t>(H) * 4);
-    gemm_wt(xg, n, H, shard.gate[e], gate, I, simd_);
-    gemm_wt(xg, n, H, shard.up[e], up, I, simd_);
+    gemm_wt(xg, n, H, shard.gate[e], gate, I, kernels_);
+    gemm_wt(xg, n, H, shard.up[e], up, I, kernels_);
     {
       const OmpBudget budget;
 #pragma omp parallel for schedule(static) num_threads(budget.threads()) if (n * I > kParallelMinElems)
       for (int64_t i = 0; i < n * I; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
     }  // the budget ends here: gemm_wt takes its own
-    gemm_wt(gate, n, I, shard.down[e], y, H, simd_);
+    gemm_wt(gate, n, I, shard.down[e], y, H, kernels_);
   };
   // Experts in ascending id, each adding into out: every token accumulates its experts in the same
   // order whatever the thread count (transformers' Qwen3MoeSparseMoeBlock does the same).
