@@ -315,16 +315,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void gemm_tiles(const float
         fp8_tile_scalar(a, m0, rows, K, w, nb, cols, out, ldc);
         continue;
       }
-      for (int i = 0; i < TM && i < rows; ++i)  // constant bounds first: acc stays in registers
-        for (int j = 0; j < TN && j < cols; ++j) out[(m0 + i) * ldc + nb + j] = hsum16(acc[i][j]);
+      float sum[TM][TN];  // every acc summed first, at constant indices: acc stays in registers
+      for (int i = 0; i < TM; ++i)
+        for (int j = 0; j < TN; ++j) sum[i][j] = hsum16(acc[i][j]);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < cols; ++j) out[(m0 + i) * ldc + nb + j] = sum[i][j];
     }
   }
 }
 
 // Tiles of exactly M rows for decode (M < 4); more rows in tiles of 4, or of 6 for FP8 from 12 rows on,
 // where converting the codes (about as many instructions as the FMAs they feed) is shared by more rows
-// (1.15x over 4 rows from 16 rows on, 2-core Zen 5; 8 x 2 tiles ran at 0.7x, and converting groups of 4
-// weight rows once into L1 for up to 48 rows of a at 0.75-1.1x); the last tile is padded.
+// (1.05-1.15x over 4 rows at 16 rows, 2-core Zen 5; 8 x 2 tiles ran at 0.7x; converting groups of 4
+// weight rows once into L1 for up to 48 rows of a at 0.75-1.1x; AVX512-VBMI byte-table lookups
+// instead of the f16 image at 0.4-1.6x, slower on the large weights); the last tile is padded.
 template <DType DT>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void gemm_rows(const float* a, int64_t M, int64_t K,
                                                                     const Weight& w, int64_t n0, int64_t n1, float* out,
