@@ -21,6 +21,10 @@
 #include "backends/cpu/cpu_x86.h"
 #include "ops/contract.h"
 
+#ifdef CPINFER_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
 // The tile kernel is built three times, generic x86-64, AVX2+FMA and AVX-512, picked at load time:
 // CI binaries stay portable, machines with AVX2 get the 8-wide loops and AVX-512 ones 16-wide.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -246,6 +250,47 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void attend_tile_a
     }
   }
 }
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*(), which -Wmaybe-uninitialized reports
+// when they inline (a false positive).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+// kt[(d0 + e) * kKeyTile + j0 + i] = rows[i][d0 + e] for 16 keys i and every 16 dims d0 of D: a 16 x 16
+// transpose in registers per block (4 shuffle stages), where the scalar loop stores one float at a
+// time with a stride of kKeyTile (it was most of a long decode step's attention).
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void transpose_keys16_avx512(const float* const* rows,
+                                                                                           int64_t D,
+                                                                                           float* __restrict kt,
+                                                                                           int j0) {
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(rows[i] + d0);
+    for (int i = 0; i < 16; i += 2) {  // 2 x 2 blocks of single floats
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // of pairs
+      r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+      r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+      r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+      r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    }
+    for (int i = 0; i < 8; ++i) {  // 128-bit lanes: of 4 x 4 blocks
+      const int a = (i / 4) * 8 + i % 4;
+      t[a] = _mm512_shuffle_f32x4(r[a], r[a + 4], 0x88);
+      t[a + 4] = _mm512_shuffle_f32x4(r[a], r[a + 4], 0xdd);
+    }
+    for (int i = 0; i < 8; ++i) {  // of 8 x 8 blocks
+      r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+      r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    }
+    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (d0 + i) * kKeyTile + j0, r[i]);
+  }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif
 
 struct WorkItem {
@@ -418,7 +463,23 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
       std::fill(ot.begin(), ot.begin() + R * D, 0.0f);
       for (int64_t k0 = w.key_begin; k0 < w.key_end; k0 += kKeyTile) {
         const int nk = static_cast<int>(std::min<int64_t>(kKeyTile, w.key_end - k0));
-        for (int j = 0; j < nk; ++j) {
+        // F32 keys on AVX-512: 16 at a time through a register transpose; the rest one by one.
+        int j = 0;
+#ifdef CPINFER_X86_DISPATCH
+        if (kdt == DType::F32 && D % 16 == 0 && have_avx512())
+          for (; j + 16 <= nk; j += 16) {
+            const float* rows[16];
+            for (int i = 0; i < 16; ++i) {
+              const int64_t p = k0 + j + i;
+              const int64_t slot = int64_t{table[p / bs]} * bs + p % bs;
+              const size_t off = static_cast<size_t>((slot * Hkv + w.kv_head) * D);
+              rows[i] = cache.k.ptr<const float>() + off;
+              to_f32(byte_ptr(cache.v) + off * ves, vdt, &vt[(j + i) * d], d);
+            }
+            transpose_keys16_avx512(rows, D, kt.data(), j);
+          }
+#endif
+        for (; j < nk; ++j) {
           const int64_t p = k0 + j;
           const int64_t slot = int64_t{table[p / bs]} * bs + p % bs;
           const size_t off = static_cast<size_t>((slot * Hkv + w.kv_head) * D);
