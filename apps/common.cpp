@@ -60,6 +60,12 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
   app->add_option("--page-size", block_size, "Positions per KV cache block")
       ->check(CLI::Range(1, 4096))
       ->capture_default_str();
+  app->add_option("--kv-cache-dtype", kv_cache_dtype,
+                  "KV cache element type: auto (the activations': fp32 on the cpu, as transformers' fp32 forward; bf16 "
+                  "on cuda) or bf16 (on the cpu half the KV memory and half the bytes a decode step reads; keys and "
+                  "values rounded to BF16)")
+      ->check(CLI::IsMember({"auto", "bf16"}))
+      ->capture_default_str();
   app->add_option("--attention-backend", backend.attention,
                   "CUDA prefill attention: auto (on Hopper the warp-specialized kernel for page sizes that are "
                   "powers of two >= 8, wgmma for others; mma.sync elsewhere), cudnn (every call cuDNN takes), "
@@ -113,6 +119,7 @@ EngineOptions EngineFlags::engine(int needed, int64_t prefill_forwards) const {
   o.cp.kv_shard = kv_shard;
   o.cp.kv_interleave = kv_interleave;
   o.block_size = block_size;
+  o.kv_cache_dtype = kv_cache_dtype;
   o.backend = backend;
   o.model.decode_graphs = disable_cuda_graph ? DecodeGraphMode::Off : DecodeGraphMode::On;
   o.model.cuda_graph_max_bs = cuda_graph_max_bs;

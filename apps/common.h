@@ -25,6 +25,7 @@ struct EngineFlags {
   int comm_timeout_s = 300;
   int kv_cache_tokens = 0;
   int block_size = 16;
+  std::string kv_cache_dtype = "auto";
   BackendOptions backend;  // --attention-backend, --moe-runner-backend, --fp8-weights, --disable-pdl
   bool disable_cuda_graph = false;
   int cuda_graph_max_bs = 256;

@@ -46,6 +46,8 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt, ParallelC
   cfg_ = random ? random_model_config(opt.random_weights) : load_config(model_dir);
   CPI_CHECK(opt.cp.cp_size == par_.cp_size(), "--attn-cp-size ", opt.cp.cp_size, " but the CP group has ",
             par_.cp_size(), " ranks");
+  CPI_CHECK(opt.kv_cache_dtype == "auto" || opt.kv_cache_dtype == "bf16", "unknown KV cache dtype '",
+            opt.kv_cache_dtype, "' (auto or bf16)");
   // Rank r drives GPU device_index + its local rank (one process may hold several GPU ranks).
   be_ = make_backend(opt.device,
                      opt.device == "cuda" ? local_device(opt.device_index, par_.world_rank()) : opt.device_index,
@@ -72,7 +74,9 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt, ParallelC
   model_ = make_model(cfg_, std::move(w), *be_, par_, opt.model);
   CPI_CHECK(opt.block_size > 0 && opt.kv_cache_tokens > 0, "KV cache needs positive --kv-cache-tokens");
   int n_blocks = (opt.kv_cache_tokens + opt.block_size - 1) / opt.block_size;
-  cache_ = std::make_unique<KvCache>(*be_, model_->kv_shape(n_blocks, opt.block_size));
+  KvCacheShape kv = model_->kv_shape(n_blocks, opt.block_size);
+  if (opt.kv_cache_dtype == "bf16") kv.dtype = DType::BF16;
+  cache_ = std::make_unique<KvCache>(*be_, kv);
   if (opt.cp.kv_shard && par_.cp_size() > 1) cache_->enable_shard(par_.cp_rank(), par_.cp_size(), opt.cp.kv_interleave);
   if (par_.world_rank() == 0 && !opt.quiet) {
     int n_moe = 0;

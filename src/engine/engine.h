@@ -27,6 +27,8 @@ struct EngineOptions {
   CpOptions cp;
   int kv_cache_tokens = 4096;  // capacity of the paged KV cache, in positions
   int block_size = 16;
+  // KV cache element type: "auto" (the back-end's activation dtype) or "bf16".
+  std::string kv_cache_dtype = "auto";
   bool quiet = false;  // no load log lines (tests)
   // When set, no checkpoint is read: random BF16 weights at this config's shape (a built-in name
   // such as "qwen3-30b-a3b" or a config.json path), built on the device (benchmarks).

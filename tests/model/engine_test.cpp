@@ -76,6 +76,39 @@ TEST(Engine, DecodeReusesTheCache) {
   e.release(seqs[0]);
 }
 
+// --kv-cache-dtype bf16: the cache holds BF16 (half the bytes of the CPU's fp32 cache); logits stay
+// within BF16 rounding of the fp32 cache's, and decode still equals one longer prefill (both read the
+// same rounded keys and values). An unknown dtype is refused before the weights load.
+TEST(Engine, Bf16KvCacheHalvesTheCacheAndStaysClose) {
+  EngineOptions b16 = opts();
+  b16.kv_cache_dtype = "bf16";
+  Engine f(fixture_dir("moe_v4_gqa"), opts()), b(fixture_dir("moe_v4_gqa"), b16);
+  EXPECT_EQ(f.cache().shape().dtype, DType::F32);
+  EXPECT_EQ(b.cache().shape().dtype, DType::BF16);
+  EXPECT_EQ(2 * b.cache().shape().bytes(), f.cache().shape().bytes());
+  const int64_t V = f.config().vocab_size;
+  std::vector<int32_t> ids(40);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 37 + 11) % 300);
+  std::vector<int> sf, sb;
+  auto full_f = f.prefill({std::span<const int32_t>(ids)}, sf, LogitsWanted::All);
+  auto full_b = b.prefill({std::span<const int32_t>(ids)}, sb, LogitsWanted::All);
+  b.release(sb[0]);
+  double worst = 0;
+  for (size_t t = 0; t < ids.size(); ++t)
+    worst = std::max(worst, rel_max_err(full_b[0].data() + t * V, full_f[0].data() + t * V, V));
+  EXPECT_GT(worst, 0.0) << "a BF16 cache that changes nothing: is it fp32 after all?";
+  EXPECT_LE(worst, 1e-2);
+  std::vector<int32_t> head(ids.begin(), ids.end() - 3);
+  b.prefill({std::span<const int32_t>(head)}, sb, LogitsWanted::Last);
+  for (size_t t = head.size(); t < ids.size(); ++t) {
+    auto step = b.decode({sb[0]}, {ids[t]});
+    EXPECT_LE(rel_max_err(step[0].data(), full_b[0].data() + t * V, V), 1e-5) << "position " << t;
+  }
+  EngineOptions bad = opts();
+  bad.kv_cache_dtype = "fp8";
+  EXPECT_THROW(Engine(fixture_dir("moe_v4_gqa"), bad), Error);
+}
+
 TEST(Engine, PromptsThatDoNotFitAreRefusedAndLoseNothing) {
   EngineOptions eo = opts();
   eo.kv_cache_tokens = 64;

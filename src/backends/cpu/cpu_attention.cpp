@@ -41,7 +41,10 @@ namespace {
 
 constexpr int kKeyTile = 64;      // keys per tile
 constexpr int kRowsPerItem = 64;  // query rows (queries × grouped heads) per work item
-constexpr int kTileRows = 4;      // rows per block of the AVX-512 tile (its scores scratch: kTileRows x kKeyTile)
+constexpr int kTileRows = 4;
+// The AVX-512 gather prefetches the K and V rows of the key this far ahead (hardware prefetchers see
+// strided 256-byte rows: a BF16 cache's 32K-context decode ran 1.3x faster with it, an F32 one ~1.1x).
+constexpr int kPrefetchKeys = 16;  // rows per block of the AVX-512 tile (its scores scratch: kTileRows x kKeyTile)
 
 // exp(x) for x <= 0 to ~2 ulp, written branch-free so the tile loops vectorize (the libm call
 // does not, and would cost more than the q·k products): x = n ln2 + r, |r| <= ln2/2,
@@ -259,13 +262,22 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void attend_tile_a
 // kt[(d0 + e) * kKeyTile + j0 + i] = rows[i][d0 + e] for 16 keys i and every 16 dims d0 of D: a 16 x 16
 // transpose in registers per block (4 shuffle stages), where the scalar loop stores one float at a
 // time with a stride of kKeyTile (it was most of a long decode step's attention).
-__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void transpose_keys16_avx512(const float* const* rows,
+// F32 or BF16 (widened exactly on the way) keys.
+template <DType KT>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void transpose_keys16_avx512(const void* const* rows,
                                                                                            int64_t D,
                                                                                            float* __restrict kt,
                                                                                            int j0) {
   for (int64_t d0 = 0; d0 < D; d0 += 16) {
     __m512 r[16], t[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(rows[i] + d0);
+    for (int i = 0; i < 16; ++i) {
+      if constexpr (KT == DType::BF16) {
+        const auto* p = reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(rows[i]) + d0);
+        r[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p)), 16));
+      } else {
+        r[i] = _mm512_loadu_ps(static_cast<const float*>(rows[i]) + d0);
+      }
+    }
     for (int i = 0; i < 16; i += 2) {  // 2 x 2 blocks of single floats
       t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
       t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
@@ -463,20 +475,33 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
       std::fill(ot.begin(), ot.begin() + R * D, 0.0f);
       for (int64_t k0 = w.key_begin; k0 < w.key_end; k0 += kKeyTile) {
         const int nk = static_cast<int>(std::min<int64_t>(kKeyTile, w.key_end - k0));
-        // F32 keys on AVX-512: 16 at a time through a register transpose; the rest one by one.
+        // F32 / BF16 keys on AVX-512: 16 at a time through a register transpose; the rest one by one.
         int j = 0;
 #ifdef CPINFER_X86_DISPATCH
-        if (kdt == DType::F32 && D % 16 == 0 && have_avx512())
+        if ((kdt == DType::F32 || kdt == DType::BF16) && D % 16 == 0 && have_avx512())
           for (; j + 16 <= nk; j += 16) {
-            const float* rows[16];
+            const void* rows[16];
             for (int i = 0; i < 16; ++i) {
               const int64_t p = k0 + j + i;
               const int64_t slot = int64_t{table[p / bs]} * bs + p % bs;
               const size_t off = static_cast<size_t>((slot * Hkv + w.kv_head) * D);
-              rows[i] = cache.k.ptr<const float>() + off;
-              to_f32(byte_ptr(cache.v) + off * ves, vdt, &vt[(j + i) * d], d);
+              rows[i] = byte_ptr(cache.k) + off * kes;
+              const char* vr = byte_ptr(cache.v) + off * ves;
+              if (const int64_t pf = p + kPrefetchKeys; pf < w.key_end) {
+                const int64_t pslot = int64_t{table[pf / bs]} * bs + pf % bs;
+                const size_t poff = static_cast<size_t>((pslot * Hkv + w.kv_head) * D);
+                for (size_t b = 0; b < d * kes; b += 64) _mm_prefetch(byte_ptr(cache.k) + poff * kes + b, _MM_HINT_T0);
+                for (size_t b = 0; b < d * ves; b += 64) _mm_prefetch(byte_ptr(cache.v) + poff * ves + b, _MM_HINT_T0);
+              }
+              if (vdt == DType::BF16)
+                bf16_to_f32_avx512(reinterpret_cast<const uint16_t*>(vr), &vt[(j + i) * d], D);
+              else
+                to_f32(vr, vdt, &vt[(j + i) * d], d);
             }
-            transpose_keys16_avx512(rows, D, kt.data(), j);
+            if (kdt == DType::BF16)
+              transpose_keys16_avx512<DType::BF16>(rows, D, kt.data(), j);
+            else
+              transpose_keys16_avx512<DType::F32>(rows, D, kt.data(), j);
           }
 #endif
         for (; j < nk; ++j) {
