@@ -2,6 +2,7 @@
 
 #include <charconv>
 #include <cstdlib>
+#include <fstream>
 #include <sstream>
 
 #include "core/log.h"
@@ -175,7 +176,23 @@ std::vector<int> parse_positive_list(const std::string& s, const char* flag) {
   return out;
 }
 
-std::vector<int32_t> parse_ids(const std::string& s) {
+std::vector<int32_t> parse_ids(const std::string& arg) {
+  // "@PATH": the ids from a file (a long prompt's list outgrows one command-line argument, 128 KiB on
+  // Linux), separated there by commas and/or white space.
+  std::string s = arg;
+  if (!arg.empty() && arg[0] == '@') {
+    std::ifstream in(arg.substr(1), std::ios::binary);
+    CPI_CHECK(in, "--input-ids: cannot read '", arg.substr(1), "'");
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    s.clear();
+    std::string item;
+    std::istringstream words(text);
+    while (std::getline(words, item, ',')) {
+      std::istringstream parts(item);
+      for (std::string w; parts >> w;) s += (s.empty() ? "" : ",") + w;
+    }
+    CPI_CHECK(!s.empty(), "--input-ids: '", arg.substr(1), "' holds no token ids");
+  }
   std::vector<int32_t> ids;
   size_t i = 0;
   while (i <= s.size()) {

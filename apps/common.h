@@ -53,7 +53,8 @@ std::string default_tokenizer_dir();
 // and the item that is not a positive integer.
 std::vector<int> parse_positive_list(const std::string& s, const char* flag);
 
-// "1,2,3" -> {1, 2, 3}; throws cpinfer::Error naming the bad item.
+// "1,2,3" -> {1, 2, 3}, "@PATH" -> the same read from a file; throws cpinfer::Error naming the bad
+// item (or the file it cannot read).
 std::vector<int32_t> parse_ids(const std::string& s);
 
 // Each subcommand registers its flags on `app` and returns what to run once parsing succeeded.

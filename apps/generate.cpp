@@ -168,7 +168,8 @@ Command add_generate_command(CLI::App& app) {
   f->ef.add_to(c, false);
   f->ef.add_random_weights_to(c);
   c->add_option("--prompt", f->prompt, "Prompt text (tokenized with the model's tokenizer.json)");
-  c->add_option("--input-ids", f->input_ids, "Prompt as comma-separated token ids, e.g. 1,2,3");
+  c->add_option("--input-ids", f->input_ids,
+                "Prompt as comma-separated token ids, e.g. 1,2,3, or @FILE to read them from a file (long prompts)");
   c->add_flag("--chat", f->chat, "Wrap --prompt in the model's chat template as a user turn");
   c->add_option("--system", f->system, "System message for --chat");
   c->add_flag("--disable-thinking", f->disable_thinking, "Chat template with enable_thinking=false");
@@ -188,7 +189,8 @@ Command add_logits_command(CLI::App& app) {
   auto f = std::make_shared<LogitsFlags>();
   CLI::App* c = app.add_subcommand("logits", "Print the argmax of every position and the logits of the last K");
   f->ef.add_to(c);
-  c->add_option("--input-ids", f->input_ids, "Prompt as comma-separated token ids")->required();
+  c->add_option("--input-ids", f->input_ids, "Prompt as comma-separated token ids, or @FILE to read them from a file")
+      ->required();
   c->add_option("--last", f->last, "How many final positions to print full logits for")->capture_default_str();
   c->add_flag("--json", f->json, "JSON output (the only format)");
   return {c, [f] { return run_logits(*f); }};

@@ -4,7 +4,7 @@
 #
 #   bench/llamacpp/run.sh [--layers 4] [--hidden 256] [--experts 16] [--heads 4] [--kv-heads 2]
 #                         [--head-dim 64] [--threads 2] [--prompt 512] [--new 64] [--repeats 3]
-#                         [--outtype bf16|f32] [--work DIR] [--json FILE]
+#                         [--outtype bf16|f32] [--kv-cache-dtype auto|bf16] [--work DIR] [--json FILE]
 #
 # 1. `cpinfer demo-model` writes a random-weight Qwen3-MoE checkpoint (kept in --work, default
 #    build/llamacpp-bench, and reused), 2. tools/to_gguf.py converts it, 3. bench.mjs measures
@@ -14,7 +14,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 HERE="$ROOT/bench/llamacpp"
-LAYERS=4 HIDDEN=256 EXPERTS=16 HEADS=4 KV_HEADS=2 HEAD_DIM=64 THREADS=2 PROMPT=512 NEW=64 REPEATS=3 OUTTYPE=bf16 WORK="" JSON_OUT=""
+LAYERS=4 HIDDEN=256 EXPERTS=16 HEADS=4 KV_HEADS=2 HEAD_DIM=64 THREADS=2 PROMPT=512 NEW=64 REPEATS=3 OUTTYPE=bf16 KV_DTYPE=auto WORK="" JSON_OUT=""
 CPINFER="${CPINFER:-$ROOT/build/cpinfer}"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -29,6 +29,7 @@ while [ $# -gt 0 ]; do
     --new) NEW="$2"; shift 2 ;;
     --repeats) REPEATS="$2"; shift 2 ;;
     --outtype) OUTTYPE="$2"; shift 2 ;;
+    --kv-cache-dtype) KV_DTYPE="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
     --json) JSON_OUT="$2"; shift 2 ;;
     -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -62,18 +63,18 @@ fi
 echo "[llamacpp] llama.cpp: prompt $PROMPT, $NEW new tokens, $THREADS threads" >&2
 node "$HERE/bench.mjs" --model "$GGUF" --threads "$THREADS" --prompt-tokens "$PROMPT" \
   --max-new-tokens "$NEW" --repeats "$REPEATS" > "$WORK/llamacpp.json"
-IDS="$(python3 -c 'import json,sys; print(",".join(map(str, json.load(open(sys.argv[1]))["prompt_ids"])))' \
-  "$WORK/llamacpp.json")"
+python3 -c 'import json,sys; print(",".join(map(str, json.load(open(sys.argv[1]))["prompt_ids"])))' \
+  "$WORK/llamacpp.json" > "$WORK/prompt_ids.txt"  # a file: a long prompt's ids outgrow one argument
 
 echo "[llamacpp] cpinfer: the same prompt, OMP_NUM_THREADS=$THREADS" >&2
 OMP_NUM_THREADS="$THREADS" "$CPINFER" bench prefill --model-path "$MODEL" --seq "$PROMPT" --attn-cp-size 1 \
-  --repeats "$REPEATS" --no-profile --json 2>/dev/null > "$WORK/cpinfer_prefill.json"
-OMP_NUM_THREADS="$THREADS" "$CPINFER" generate --model-path "$MODEL" --input-ids "$IDS" \
+  --kv-cache-dtype "$KV_DTYPE" --repeats "$REPEATS" --no-profile --json 2>/dev/null > "$WORK/cpinfer_prefill.json"
+OMP_NUM_THREADS="$THREADS" "$CPINFER" generate --model-path "$MODEL" --input-ids "@$WORK/prompt_ids.txt" --kv-cache-dtype "$KV_DTYPE" \
   --max-new-tokens "$NEW" --ignore-eos --json 2>/dev/null > "$WORK/cpinfer_generate.json"
 
-python3 - "$WORK" "$LAYERS" "$HIDDEN" "$EXPERTS" "$THREADS" "$OUTTYPE" "$JSON_OUT" "$HEADS" "$KV_HEADS" "$HEAD_DIM" <<'EOF'
+python3 - "$WORK" "$LAYERS" "$HIDDEN" "$EXPERTS" "$THREADS" "$OUTTYPE" "$JSON_OUT" "$HEADS" "$KV_HEADS" "$HEAD_DIM" "$KV_DTYPE" <<'EOF'
 import json, sys, platform, datetime
-work, layers, hidden, experts, threads, outtype, json_out, heads, kv_heads, head_dim = sys.argv[1:11]
+work, layers, hidden, experts, threads, outtype, json_out, heads, kv_heads, head_dim, kv_dtype = sys.argv[1:12]
 ll = json.load(open(f"{work}/llamacpp.json"))
 pf = json.load(open(f"{work}/cpinfer_prefill.json"))["results"][0]
 gen = json.load(open(f"{work}/cpinfer_generate.json"))
@@ -84,6 +85,7 @@ print(f"\nQwen3-MoE demo model: {layers} layers, hidden {hidden}, {heads} q / {k
       f"{experts} experts; {threads} threads; {cpu}")
 print(f"llama.cpp: {ll['binding']} (llama.cpp {ll['llama_cpp_release']}), GGUF {outtype}, KV {ll['kv_cache']}, "
       f"flash attention {ll['flash_attention']}, batch {ll['batch_size']}")
+print(f"cpinfer: KV cache {'fp32' if kv_dtype == 'auto' else kv_dtype} (--kv-cache-dtype {kv_dtype})")
 print(f"prompt {ll['prompt_tokens']} tokens, decode {ll['new_tokens']} tokens after it (greedy, EOS ignored)\n")
 print(f"| {'metric':<17} | {'cpinfer':>10} | {'llama.cpp':>10} | {'cpinfer / llama.cpp':>19} |")
 print(f"| {'-'*17} | {'-'*10}:| {'-'*10}:| {'-'*19}:|")
@@ -95,6 +97,7 @@ print(f"\ngreedy tokens equal at {same} of {min(len(gen['output_ids']), len(ll['
 if json_out:
     json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "host": platform.node(), "cpu": cpu, "threads": int(threads),
+               "cpinfer_kv_cache_dtype": kv_dtype,
                "model": {"layers": int(layers), "hidden": int(hidden), "experts": int(experts), "heads": int(heads),
                          "kv_heads": int(kv_heads), "head_dim": int(head_dim), "gguf": outtype},
                "llamacpp": ll, "cpinfer_prefill": pf, "cpinfer_generate": gen,

@@ -30,6 +30,16 @@ def main():
           "greedy generation is deterministic")
     check(a["prompt_tokens"] == 4, f"'The quick brown fox' is 4 Qwen3 tokens (got {a['prompt_tokens']})")
 
+    # --input-ids @FILE: the ids from a file (commas, spaces and line breaks), as given inline.
+    ids_file = os.path.join(work, "ids.txt")
+    with open(ids_file, "w") as f:
+        f.write("785, 3974,\n13876 38835\n")
+    by_ids = [binary, "-q", "generate", "--model-path", model, "--max-new-tokens", "8", "--ignore-eos", "--json"]
+    inline = json.loads(run(by_ids + ["--input-ids", "785,3974,13876,38835"]).stdout)
+    from_file = json.loads(run(by_ids + ["--input-ids", "@" + ids_file]).stdout)
+    check(from_file["prompt_tokens"] == 4 and from_file["output_ids"] == inline["output_ids"],
+          "--input-ids @FILE gives the inline ids' tokens")
+
     s1 = json.loads(run(gen + ["--temperature", "1.0", "--top-p", "0.9", "--seed", "7"]).stdout)
     s2 = json.loads(run(gen + ["--temperature", "1.0", "--top-p", "0.9", "--seed", "7"]).stdout)
     s3 = json.loads(run(gen + ["--temperature", "1.0", "--top-p", "0.9", "--seed", "8"]).stdout)
@@ -100,6 +110,8 @@ def main():
         ([binary, "generate", "--model-path", model, "--prompt", "x", "--top-p", "0"], "top_p"),
         ([binary, "generate", "--model-path", model, "--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),
         ([binary, "generate", "--model-path", model, "--input-ids", "1,2", "--chat"], "--chat needs --prompt"),
+        ([binary, "generate", "--model-path", model, "--input-ids", "@" + os.path.join(work, "no-ids.txt")],
+         "cannot read"),
         ([binary, "generate", "--model-path", model, "--prompt", "x", "--kv-cache-tokens", "8",
           "--max-new-tokens", "30"], "KV cache"),
         ([binary, "demo-model", "--out", os.path.join(work, "x"), "--tokenizer-dir", "/nonexistent"], "tokenizer"),
