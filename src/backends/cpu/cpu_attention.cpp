@@ -21,10 +21,6 @@
 #include "backends/cpu/cpu_x86.h"
 #include "ops/contract.h"
 
-#ifdef CPINFER_X86_DISPATCH
-#include <immintrin.h>
-#endif
-
 // The tile kernel is built three times, generic x86-64, AVX2+FMA and AVX-512, picked at load time:
 // CI binaries stay portable, machines with AVX2 get the 8-wide loops and AVX-512 ones 16-wide.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -273,7 +269,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void transpose_key
     for (int i = 0; i < 16; ++i) {
       if constexpr (KT == DType::BF16) {
         const auto* p = reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(rows[i]) + d0);
-        r[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p)), 16));
+        r[i] = bf16x16_to_f32(_mm256_loadu_si256(p));
       } else {
         r[i] = _mm512_loadu_ps(static_cast<const float*>(rows[i]) + d0);
       }
@@ -465,6 +461,11 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
       const AttnBlock& b = batch.blocks[static_cast<size_t>(w.block)];
       const int32_t* table = batch.block_table.data() + static_cast<int64_t>(b.seq) * batch.max_blocks_per_seq;
       const int R = static_cast<int>(w.n_q * G);
+      // Element offset of key position p's row (this item's kv head) in cache.k / cache.v.
+      auto key_offset = [&](int64_t p) {
+        const int64_t slot = int64_t{table[p / bs]} * bs + p % bs;
+        return static_cast<size_t>((slot * Hkv + w.kv_head) * D);
+      };
       for (int qi = 0; qi < w.n_q; ++qi)
         for (int64_t hg = 0; hg < G; ++hg) {
           const int64_t t = b.q_begin + w.i0 + qi, h = w.kv_head * G + hg;
@@ -483,15 +484,13 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
             const void* rows[16];
             for (int i = 0; i < 16; ++i) {
               const int64_t p = k0 + j + i;
-              const int64_t slot = int64_t{table[p / bs]} * bs + p % bs;
-              const size_t off = static_cast<size_t>((slot * Hkv + w.kv_head) * D);
+              const size_t off = key_offset(p);
               rows[i] = byte_ptr(cache.k) + off * kes;
               const char* vr = byte_ptr(cache.v) + off * ves;
               if (const int64_t pf = p + kPrefetchKeys; pf < w.key_end) {
-                const int64_t pslot = int64_t{table[pf / bs]} * bs + pf % bs;
-                const size_t poff = static_cast<size_t>((pslot * Hkv + w.kv_head) * D);
-                for (size_t b = 0; b < d * kes; b += 64) _mm_prefetch(byte_ptr(cache.k) + poff * kes + b, _MM_HINT_T0);
-                for (size_t b = 0; b < d * ves; b += 64) _mm_prefetch(byte_ptr(cache.v) + poff * ves + b, _MM_HINT_T0);
+                const size_t poff = key_offset(pf);
+                for (size_t x = 0; x < d * kes; x += 64) _mm_prefetch(byte_ptr(cache.k) + poff * kes + x, _MM_HINT_T0);
+                for (size_t x = 0; x < d * ves; x += 64) _mm_prefetch(byte_ptr(cache.v) + poff * ves + x, _MM_HINT_T0);
               }
               if (vdt == DType::BF16)
                 bf16_to_f32_avx512(reinterpret_cast<const uint16_t*>(vr), &vt[(j + i) * d], D);
@@ -505,9 +504,7 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
           }
 #endif
         for (; j < nk; ++j) {
-          const int64_t p = k0 + j;
-          const int64_t slot = int64_t{table[p / bs]} * bs + p % bs;
-          const size_t off = static_cast<size_t>((slot * Hkv + w.kv_head) * D);
+          const size_t off = key_offset(k0 + j);
           const float* kr = krow.data();
           if (kdt == DType::F32) {
             kr = cache.k.ptr<const float>() + off;

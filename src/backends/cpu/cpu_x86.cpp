@@ -4,8 +4,6 @@
 #include "backends/cpu/cpu_x86.h"
 
 #ifdef CPINFER_X86_DISPATCH
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -167,8 +165,7 @@ __attribute__((target("avx2,fma,f16c"))) void dequantize_fp8_row_avx2(const uint
 __attribute__((target("avx512f"))) void bf16_to_f32_avx512(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
+    _mm512_storeu_ps(dst + i, bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
   }
   for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
 }
@@ -195,7 +192,7 @@ __attribute__((target("avx2"))) void bf16_to_f32_avx2(const uint16_t* src, float
 namespace {
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 bf16x16(const uint16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  return bf16x16_to_f32(_mm256_maskz_loadu_epi16(m, p));
 }
 
 // 16 FP8 weights p[0, 16) (lanes off m read as code 0), times scale256 = block scale · 256.
@@ -259,13 +256,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i fp8_nan_seen
 // either): each weight fp32(code) · scale as everywhere, NaN codes giving NaN.
 void fp8_tile_scalar(const float* a, int64_t m0, int64_t rows, int64_t K, const Weight& w, int64_t nb, int64_t cols,
                      float* out, int64_t ldc) {
-  const float* v = fp8_values();
   for (int64_t i = m0; i < m0 + rows; ++i)
     for (int64_t n = nb; n < nb + cols; ++n) {
       const uint8_t* c = static_cast<const uint8_t*>(w.data) + n * K;
       const float* sr = fp8_scale_row(w, n);
       float sum = 0.0f;
-      for (int64_t k = 0; k < K; ++k) sum += a[i * K + k] * (v[c[k]] * sr[k / kFp8Block]);
+      for (int64_t k = 0; k < K; ++k) sum += a[i * K + k] * weight_at<DType::F8E4M3>(c, k, sr);
       out[i * ldc + n] = sum;
     }
 }

@@ -8,6 +8,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define CPINFER_X86_DISPATCH 1
+#include <immintrin.h>
 
 namespace cpinfer::cpu {
 
@@ -25,6 +26,12 @@ void few_rows_avx2(const float* a, int64_t M, int64_t K, const Weight& w, int64_
 // bit-identical to the generic path.
 __attribute__((target("avx2,fma,f16c"))) void dequantize_fp8_row_avx2(const uint8_t* codes, const float* scales,
                                                                       int64_t K, float* out);
+
+// The 16 BF16 values of h as fp32 (exact: a 16-bit shift): the weight tiles, the widening below and
+// the attention's key transpose.
+__attribute__((target("avx512f"))) inline __m512 bf16x16_to_f32(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 
 // dst[i] = the fp32 value of BF16 src[i], 16 / 8 at a time.
 __attribute__((target("avx512f"))) void bf16_to_f32_avx512(const uint16_t* src, float* dst, int64_t n);
