@@ -1,5 +1,6 @@
 #include "common.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cstdlib>
 #include <fstream>
@@ -176,24 +177,30 @@ std::vector<int> parse_positive_list(const std::string& s, const char* flag) {
   return out;
 }
 
-std::vector<int32_t> parse_ids(const std::string& arg) {
-  // "@PATH": the ids from a file (a long prompt's list outgrows one command-line argument, 128 KiB on
-  // Linux), separated there by commas and/or white space.
-  std::string s = arg;
-  if (!arg.empty() && arg[0] == '@') {
-    std::ifstream in(arg.substr(1), std::ios::binary);
-    CPI_CHECK(in, "--input-ids: cannot read '", arg.substr(1), "'");
-    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    s.clear();
-    std::string item;
-    std::istringstream words(text);
-    while (std::getline(words, item, ',')) {
-      std::istringstream parts(item);
-      for (std::string w; parts >> w;) s += (s.empty() ? "" : ",") + w;
-    }
-    CPI_CHECK(!s.empty(), "--input-ids: '", arg.substr(1), "' holds no token ids");
-  }
+namespace {
+int32_t parse_id(const std::string& item) {
+  int32_t v = 0;
+  auto [p, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
+  CPI_CHECK(!item.empty() && ec == std::errc() && p == item.data() + item.size() && v >= 0, "--input-ids: '", item,
+            "' is not a non-negative token id (expected e.g. 1,2,3)");
+  return v;
+}
+}  // namespace
+
+std::vector<int32_t> parse_ids(const std::string& s) {
   std::vector<int32_t> ids;
+  if (!s.empty() && s[0] == '@') {
+    // "@PATH": the ids from a file (a long prompt's list outgrows one command-line argument, 128 KiB
+    // on Linux), separated there by commas and/or white space.
+    std::ifstream in(s.substr(1), std::ios::binary);
+    CPI_CHECK(in, "--input-ids: cannot read '", s.substr(1), "'");
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::replace(text.begin(), text.end(), ',', ' ');
+    std::istringstream words(text);
+    for (std::string w; words >> w;) ids.push_back(parse_id(w));
+    CPI_CHECK(!ids.empty(), "--input-ids: '", s.substr(1), "' holds no token ids");
+    return ids;
+  }
   size_t i = 0;
   while (i <= s.size()) {
     size_t j = s.find(',', i);
@@ -201,11 +208,7 @@ std::vector<int32_t> parse_ids(const std::string& arg) {
     std::string item = s.substr(i, j - i);
     while (!item.empty() && item.front() == ' ') item.erase(item.begin());
     while (!item.empty() && item.back() == ' ') item.pop_back();
-    int32_t v = 0;
-    auto [p, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
-    CPI_CHECK(!item.empty() && ec == std::errc() && p == item.data() + item.size() && v >= 0, "--input-ids: '", item,
-              "' is not a non-negative token id (expected e.g. 1,2,3)");
-    ids.push_back(v);
+    ids.push_back(parse_id(item));
     i = j + 1;
   }
   CPI_CHECK(!ids.empty(), "--input-ids is empty");
