@@ -16,12 +16,7 @@ KvCache::KvCache(Backend& backend, const KvCacheShape& shape) : backend_(backend
   // A device cache starts zeroed, so a slot never written holds a finite value: attention kernels
   // that read whole pages and mask the scores (cuDNN's) multiply such slots of V by 0. Host memory
   // is left to the OS (fresh pages are zero, and touching them all would commit the whole cache).
-  if (backend.device() != Device::CPU)
-    for (int l = 0; l < shape.n_layers; ++l) {
-      const KvLayer kv = layer(l);
-      backend.fill_zero(kv.k);
-      backend.fill_zero(kv.v);
-    }
+  if (backend.device() != Device::CPU) clear();
   pools_.resize(1);
   for (Pool& p : pools_) {
     p.refs.assign(size_t(shape.n_blocks), 0);
@@ -40,6 +35,14 @@ int32_t KvCache::take_block(Pool& p) {
   p.free.pop_back();
   p.refs[size_t(b)] = 1;
   return b;
+}
+
+void KvCache::clear() {
+  for (int l = 0; l < shape_.n_layers; ++l) {
+    const KvLayer kv = layer(l);
+    backend_.fill_zero(kv.k);
+    backend_.fill_zero(kv.v);
+  }
 }
 
 KvLayer KvCache::layer(int l) const {

@@ -31,6 +31,10 @@ class KvCache {
   const KvCacheShape& shape() const { return shape_; }
   int block_size() const { return shape_.block_size; }
   KvLayer layer(int l) const;
+  // Every layer's K and V zeroed, so that a position read before it is written holds 0, not what the
+  // memory held before (host memory reused from the heap can hold NaN bit patterns): bench decode's
+  // synthetic contexts read pages nobody wrote.
+  void clear();
 
   // Sequences: ids are small integers reused after free_sequence().
   int add_sequence();
