@@ -9,6 +9,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "backends/cpu/cpu_backend.h"
 #include "ops_test_util.h"
 
 namespace cpinfer::test {
@@ -103,43 +104,48 @@ void ref_attention(const HostTensor& q, const PagedCase& pc, double scale, std::
   return all_close(finite, ref_finite, rtol, what);
 }
 
+// On the back-end's best kernels and on the portable ones (on an AVX-512 machine the first are the
+// AVX-512 key transpose and tile).
 TEST_F(CpuAttention, PagedCausalGqa) {
-  Rng rng(23);
-  int n_case = 0;
-  for (int64_t D : {16, 32, 64, 128})
-    for (int64_t ratio : {1, 2, 4, 8})
-      for (int64_t T : {1, 3, 17, 200}) {
-        const int64_t bs = (n_case % 2) ? 16 : 1, Hkv = 2, Hq = Hkv * ratio;
-        const DType dt = (n_case % 3 == 2) ? DType::BF16 : DType::F32;
-        ++n_case;
-        // seq 0: T queries in the middle of a longer sequence (keys after them are cached but unseen);
-        // seq 1: two zigzag-style blocks of one sequence; seq 2: one decode query.
-        const int32_t P0 = 37;
-        PagedCase pc(rng, {P0 + T + 11, 60, 71}, bs, Hkv, D, dt);
-        const int32_t t32 = static_cast<int32_t>(T);
-        pc.add_block(1, 1, 70, 2);
-        pc.add_block(2, t32, P0, 0);
-        pc.add_block(2 + t32, 5, 0, 1);
-        pc.add_block(0, 1, 45, 1);  // rows need not follow block order
-        pc.add_block(7 + t32, 4, 50, 1);
-        const int64_t rows = T + 11;
-        HostTensor q = rng.normal_tensor(DType::F32, {rows, Hq, D});
-        HostTensor out(DType::F32, {rows, Hq, D}), lse(DType::F32, {rows, Hq});
-        out.poison();
-        lse.poison();
-        const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-        be->attention(q, pc.batch, pc.layer(), scale, out, lse);
-        std::vector<double> ro, rl;
-        ref_attention(q, pc, scale, ro, rl);
-        const std::string tag = "D=" + std::to_string(D) + " Hq/Hkv=" + std::to_string(ratio) +
-                                " T=" + std::to_string(T) + " bs=" + std::to_string(bs) + " " + dtype_str(dt);
-        EXPECT_TRUE(all_close(out, ro, 1e-5, "out " + tag));
-        EXPECT_TRUE(all_close(lse, rl, 1e-6, "lse " + tag));
-        HostTensor out2(DType::F32, {rows, Hq, D});  // lse is optional
-        out2.poison();
-        be->attention(q, pc.batch, pc.layer(), scale, out2, Tensor());
-        EXPECT_EQ(std::memcmp(out2.t.data, out.t.data, out.t.nbytes()), 0);
-      }
+  CpuBackend generic(cpu::Kernels::Generic, /*fp8=*/false);
+  for (Backend* be : {this->be.get(), static_cast<Backend*>(&generic)}) {
+    Rng rng(23);
+    int n_case = 0;
+    for (int64_t D : {16, 32, 64, 128})
+      for (int64_t ratio : {1, 2, 4, 8})
+        for (int64_t T : {1, 3, 17, 200}) {
+          const int64_t bs = (n_case % 2) ? 16 : 1, Hkv = 2, Hq = Hkv * ratio;
+          const DType dt = (n_case % 3 == 2) ? DType::BF16 : DType::F32;
+          ++n_case;
+          // seq 0: T queries in the middle of a longer sequence (keys after them are cached but unseen);
+          // seq 1: two zigzag-style blocks of one sequence; seq 2: one decode query.
+          const int32_t P0 = 37;
+          PagedCase pc(rng, {P0 + T + 11, 60, 71}, bs, Hkv, D, dt);
+          const int32_t t32 = static_cast<int32_t>(T);
+          pc.add_block(1, 1, 70, 2);
+          pc.add_block(2, t32, P0, 0);
+          pc.add_block(2 + t32, 5, 0, 1);
+          pc.add_block(0, 1, 45, 1);  // rows need not follow block order
+          pc.add_block(7 + t32, 4, 50, 1);
+          const int64_t rows = T + 11;
+          HostTensor q = rng.normal_tensor(DType::F32, {rows, Hq, D});
+          HostTensor out(DType::F32, {rows, Hq, D}), lse(DType::F32, {rows, Hq});
+          out.poison();
+          lse.poison();
+          const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+          be->attention(q, pc.batch, pc.layer(), scale, out, lse);
+          std::vector<double> ro, rl;
+          ref_attention(q, pc, scale, ro, rl);
+          const std::string tag = "D=" + std::to_string(D) + " Hq/Hkv=" + std::to_string(ratio) +
+                                  " T=" + std::to_string(T) + " bs=" + std::to_string(bs) + " " + dtype_str(dt);
+          EXPECT_TRUE(all_close(out, ro, 1e-5, "out " + tag));
+          EXPECT_TRUE(all_close(lse, rl, 1e-6, "lse " + tag));
+          HostTensor out2(DType::F32, {rows, Hq, D});  // lse is optional
+          out2.poison();
+          be->attention(q, pc.batch, pc.layer(), scale, out2, Tensor());
+          EXPECT_EQ(std::memcmp(out2.t.data, out.t.data, out.t.nbytes()), 0);
+        }
+  }
 }
 
 // NaN in K and V at every position of seq no block of pc reads, so that reading one shows up.

@@ -448,6 +448,9 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
   const int64_t n_items = static_cast<int64_t>(items.size());
   double macs = 0.0;  // q·k and p·v over each item's key range (an upper bound: causal tiles are cut)
   for (const WorkItem& w : items) macs += 2.0 * static_cast<double>(w.n_q * G) * static_cast<double>(w.n_keys()) * D;
+  // The AVX-512 key transpose and tile where the back-end's kernel level allows them (a
+  // CpuBackend made with a lower level runs the portable ones, so tests reach both on one machine).
+  const bool avx512 = kernels_ == cpu::Kernels::Avx512 && D % 16 == 0;
   const OmpBudget budget;
 #pragma omp parallel num_threads(budget.threads()) if (n_items > 1 && macs > kParallelMinMacs)
   {
@@ -479,7 +482,7 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
         // F32 / BF16 keys on AVX-512: 16 at a time through a register transpose; the rest one by one.
         int j = 0;
 #ifdef CPINFER_X86_DISPATCH
-        if ((kdt == DType::F32 || kdt == DType::BF16) && D % 16 == 0 && have_avx512())
+        if ((kdt == DType::F32 || kdt == DType::BF16) && avx512)
           for (; j + 16 <= nk; j += 16) {
             const void* rows[16];
             for (int i = 0; i < 16; ++i) {
@@ -522,7 +525,7 @@ void CpuBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLaye
           for (int64_t hg = 0; hg < G; ++hg) n_valid[qi * G + hg] = nv;
         }
 #ifdef CPINFER_X86_DISPATCH
-        if (D % 16 == 0 && have_avx512()) {
+        if (avx512) {
           attend_tile_avx512(qt.data(), R, static_cast<int>(D), n_valid.data(), kt.data(), vt.data(), scale, m.data(),
                              l.data(), ot.data(), s.data());
           continue;
