@@ -13,9 +13,7 @@ void MoE::experts(const MoeWeights& w, const Tensor& rows, Tensor out) {
   Tensor logits = scratch_.get(kRouterLogits, DType::F32, {n, E});
   Tensor ids = scratch_.get(kTopIds, DType::I32, {n, K});
   Tensor wts = scratch_.get(kTopW, DType::F32, {n, K});
-  be_.linear(rows, *w.router, logits);
-  be_.moe_route(logits, static_cast<int>(K), shape_.norm_topk_prob, ids, wts);
-  be_.fill_zero(out);
+  be_.moe_gate(rows, *w.router, static_cast<int>(K), shape_.norm_topk_prob, logits, ids, wts);
   be_.moe_experts(rows, ids, wts, *w.experts, out);
 }
 

@@ -201,8 +201,17 @@ class Backend {
   // Router: softmax(logits) in fp32 over E, top-k (ties to the lower id), renormalized when
   // `renormalize`. logits [T, E]; ids [T, K] I32; weights [T, K] F32.
   virtual void moe_route(const Tensor& logits, int top_k, bool renormalize, Tensor ids, Tensor weights) = 0;
-  // out[t] += Σ_k weights[t,k] · down(silu(gate(x[t])) ⊙ up(x[t])) over the k whose expert is in
-  // the shard; other experts are skipped (another rank holds them). x, out [T, H].
+  // A MoE layer's router: logits = x · routerᵀ (linear(), logits [T, E] F32), then moe_route of
+  // them. A back-end may run both as one (decode steps on CUDA).
+  virtual void moe_gate(const Tensor& x, const Weight& router, int top_k, bool renormalize, Tensor logits, Tensor ids,
+                        Tensor weights) {
+    linear(x, router, logits);
+    moe_route(logits, top_k, renormalize, ids, weights);
+  }
+  // out[t] = Σ_k weights[t,k] · down(silu(gate(x[t])) ⊙ up(x[t])) over the k whose expert is in
+  // the shard; other experts are skipped (another rank holds them; a token with none gets 0). Out
+  // is written, not added to: no fill before it (a decode step's chain is one kernel shorter).
+  // x, out [T, H].
   virtual void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                            Tensor out) = 0;
   // out = silu(gate) ⊙ up. gate, up, out [T, I].

@@ -40,7 +40,7 @@ std::vector<float> hash_uniform(size_t n, uint64_t seed, float scale) {
 enum class Routing {
   Uniform,  // K distinct random experts of all E per token
   Skewed,   // one hot local expert in every token; a third of the local experts never chosen
-  NoLocal,  // no token chooses a local expert: the shard gets 0 rows, out must stay as it was
+  NoLocal,  // no token chooses a local expert: the shard gets 0 rows, out must be 0
 };
 
 // ids [T, K] (distinct per token), weights [T, K] in [0.05, 1).
@@ -319,7 +319,7 @@ TEST_F(MoeTest, SmallAndOddShapes) {
            {6, 2056, 1032, 8, 4, 0, 8, Routing::Uniform, DType::BF16},    // decode-size, rows of two passes
            {8, 2048, 768, 4, 4, 0, 4, Routing::Uniform, DType::F32},      // 8 rows per expert: four row groups
            {400, 128, 64, 4, 2, 3, 1, Routing::Skewed, DType::BF16},      // one local expert gets every token
-           {300, 128, 64, 8, 2, 2, 3, Routing::NoLocal, DType::BF16}}) {  // 0 local rows: out unchanged
+           {300, 128, 64, 8, 2, 2, 3, Routing::NoLocal, DType::BF16}}) {  // 0 local rows: out = 0
     const Experts ex = make_experts(c.e, c.first, c.count, c.h, c.inter, 3 + c.t);
     check_case("small", rng, c.t, c.k, ex, c.routing, c.out, 1 << 20);
   }

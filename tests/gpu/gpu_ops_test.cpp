@@ -297,6 +297,61 @@ TEST_F(Ops, MoeRoute) {
   }
 }
 
+// The router of a decode step as one kernel (Backend::moe_gate on CUDA: the router's product and
+// the route, routed by the block that finishes last): its logits, ids and weights must be those of
+// the two ops it replaces (the same weight passes, then moe_route) bit for bit, on back-to-back
+// calls (the ticket counter returns to 0) and in a captured graph; the logits against the CPU.
+// Three rows take the two ops.
+TEST_F(Ops, MoeGateOfADecodeStep) {
+  Rng rng(8);
+  struct Case {
+    int64_t t, e, h;
+    int k;
+    bool renorm;
+  };
+  auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
+  for (const Case& c : std::vector<Case>{{1, 128, 2048, 8, true},
+                                         {2, 128, 2048, 8, false},
+                                         {1, 60, 136, 4, true},
+                                         {2, 200, 4096, 8, true},
+                                         {1, 512, 264, 10, true},
+                                         {3, 128, 2048, 8, true}}) {
+    const std::string sh = "T=" + std::to_string(c.t) + " E=" + std::to_string(c.e) + " H=" + std::to_string(c.h) +
+                           " K=" + std::to_string(c.k);
+    const auto x = rng.bf16_normal(c.t * c.h, 1.0f);
+    const auto w = rng.bf16_normal(c.e * c.h, 0.05f);
+    Tensor gx = gpu_tensor("x", DType::BF16, {c.t, c.h}, &x), gr = gpu_tensor("router", DType::BF16, {c.e, c.h}, &w);
+    struct Out {
+      Tensor logits, ids, w;
+    };
+    auto out = [&] {
+      return Out{gpu_tensor("logits", DType::F32, {c.t, c.e}, nullptr),
+                 gpu_tensor("ids", DType::I32, {c.t, c.k}, nullptr), gpu_tensor("w", DType::F32, {c.t, c.k}, nullptr)};
+    };
+    auto same = [&](const Out& a, const Out& b, const std::string& what) {
+      EXPECT_EQ(gpu_read(a.logits), gpu_read(b.logits)) << what << " logits " << sh;
+      EXPECT_EQ(gpu_read_i32(a.ids), gpu_read_i32(b.ids)) << what << " ids " << sh;
+      EXPECT_EQ(gpu_read(a.w), gpu_read(b.w)) << what << " weights " << sh;
+    };
+    const Out two = out();
+    gpu_->linear(gx, gr, two.logits);
+    gpu_->moe_route(two.logits, c.k, c.renorm, two.ids, two.w);
+    for (int rep = 0; rep < 3; ++rep) {
+      const Out one = out();
+      gpu_->moe_gate(gx, gr, c.k, c.renorm, one.logits, one.ids, one.w);
+      same(one, two, "call " + std::to_string(rep));
+    }
+    const Out graphed = out();
+    const CaptureRun run = capture_and_launch(
+        cuda.stream(), [&] { gpu_->moe_gate(gx, gr, c.k, c.renorm, graphed.logits, graphed.ids, graphed.w); });
+    EXPECT_TRUE(run.error.empty()) << sh << ": " << run.error;
+    if (run.error.empty()) same(graphed, two, "graph");
+    Tensor cl = cpu_alloc(DType::F32, {c.t, c.e});
+    cpu_->linear(cpu_f32(x, {c.t, c.h}), cpu_f32(w, {c.e, c.h}), cl);
+    expect_close("moe_gate.logits", sh, gpu_read(two.logits), cpu_read(cl), 1e-10, 1e-4);
+  }
+}
+
 // T·K <= 256 takes the row-wise small-batch kernels, larger batches the grouped tensor-core GEMMs
 // (shapes they do not cover: a row-wise fallback); none of them synchronizes with the host.
 TEST_F(Ops, MoeExperts) {

@@ -126,10 +126,10 @@ void random_routing(Rng& rng, const MoeCase& c, HostTensor& ids, HostTensor& wts
   }
 }
 
-// out[t] + Σ_k w[t,k] · down(silu(gate x) ⊙ up x) over the experts in [first, first+count).
+// Σ_k w[t,k] · down(silu(gate x) ⊙ up x) over the experts in [first, first+count).
 std::vector<double> ref_moe(const HostTensor& x, const HostTensor& ids, const HostTensor& wts, const MoeWeights& w,
-                            const MoeCase& c, const std::vector<double>& out0, int64_t first, int64_t count) {
-  std::vector<double> out = out0, xv = x.to_double();
+                            const MoeCase& c, int64_t first, int64_t count) {
+  std::vector<double> out(static_cast<size_t>(c.T * c.H), 0.0), xv = x.to_double();
   for (int64_t t = 0; t < c.T; ++t)
     for (int64_t k = 0; k < c.K; ++k) {
       const int64_t e = static_cast<int64_t>(ids.get(t * c.K + k));
@@ -160,7 +160,8 @@ TEST_P(CpuLinear, MoeExpertsFullAndPartialShards) {
     HostTensor x = rng.normal_tensor(DType::F32, {c.T, c.H});
     HostTensor ids, wts;
     random_routing(rng, c, ids, wts);
-    HostTensor out0 = rng.normal_tensor(DType::F32, {c.T, c.H});  // op accumulates into out
+    // Out is written, not added to: what it held before does not show.
+    HostTensor out0 = rng.normal_tensor(DType::F32, {c.T, c.H});
     const std::vector<int64_t> firsts = {0, 1, c.E / 2};
     const std::vector<int64_t> counts = {c.E, c.E / 2, c.E - c.E / 2};
     for (size_t s = 0; s < firsts.size(); ++s) {
@@ -168,18 +169,21 @@ TEST_P(CpuLinear, MoeExpertsFullAndPartialShards) {
       be->moe_experts(
           x, ids, wts,
           w.shard(static_cast<int32_t>(c.E), static_cast<int32_t>(firsts[s]), static_cast<int32_t>(counts[s])), out);
-      EXPECT_TRUE(all_close(out, ref_moe(x, ids, wts, w, c, out0.to_double(), firsts[s], counts[s]), 1e-5,
+      EXPECT_TRUE(all_close(out, ref_moe(x, ids, wts, w, c, firsts[s], counts[s]), 1e-5,
                             "moe T=" + std::to_string(c.T) + " shard " + std::to_string(firsts[s])));
     }
     // Expert parallelism: the two halves on two "ranks" add up to the whole.
-    HostTensor split(DType::F32, {c.T, c.H});
-    be->fill_zero(split);
-    be->moe_experts(x, ids, wts, w.shard(static_cast<int32_t>(c.E), 0, static_cast<int32_t>(c.E / 2)), split);
+    HostTensor lo = out0, hi = out0;
+    be->moe_experts(x, ids, wts, w.shard(static_cast<int32_t>(c.E), 0, static_cast<int32_t>(c.E / 2)), lo);
     be->moe_experts(
         x, ids, wts,
-        w.shard(static_cast<int32_t>(c.E), static_cast<int32_t>(c.E / 2), static_cast<int32_t>(c.E - c.E / 2)), split);
-    std::vector<double> zero(static_cast<size_t>(c.T * c.H), 0.0);
-    EXPECT_TRUE(all_close(split, ref_moe(x, ids, wts, w, c, zero, 0, c.E), 1e-5, "split shards"));
+        w.shard(static_cast<int32_t>(c.E), static_cast<int32_t>(c.E / 2), static_cast<int32_t>(c.E - c.E / 2)), hi);
+    be->add(lo, hi);
+    EXPECT_TRUE(all_close(lo, ref_moe(x, ids, wts, w, c, 0, c.E), 1e-5, "split shards"));
+    // A shard that none of the tokens chose gives zeros.
+    HostTensor none = out0;
+    be->moe_experts(x, ids, wts, w.shard(static_cast<int32_t>(c.E), 0, 0), none);
+    EXPECT_TRUE(all_close(none, std::vector<double>(static_cast<size_t>(c.T * c.H), 0.0), 0.0, "empty shard"));
   }
 }
 
@@ -220,8 +224,7 @@ TEST_P(CpuLinear, MoeExpertsOfADecodeStepSplitOverThreads) {
     be->moe_experts(x, ids, wts, w.shard(16, 0, 16), outs.back());
   }
   omp_set_num_threads(saved);
-  std::vector<double> zero(static_cast<size_t>(c.T * c.H), 0.0);
-  EXPECT_TRUE(all_close(outs[0], ref_moe(x, ids, wts, w, c, zero, 0, c.E), 1e-5, "decode experts"));
+  EXPECT_TRUE(all_close(outs[0], ref_moe(x, ids, wts, w, c, 0, c.E), 1e-5, "decode experts"));
   for (size_t i = 1; i < outs.size(); ++i)
     EXPECT_EQ(std::memcmp(outs[i].t.data, outs[0].t.data, outs[0].t.nbytes()), 0) << i + 1 << " threads";
 }
@@ -463,7 +466,7 @@ TEST_P(CpuLinear, Fp8MoeExpertsMatchReferenceOnFullAndPartialShards) {
     for (auto [first, count] : {std::pair<int64_t, int64_t>{0, c.E}, {1, c.E / 2}, {c.E / 2, c.E - c.E / 2}}) {
       HostTensor out = out0;
       be->moe_experts(x, ids, wts, w.shard(int32_t(c.E), int32_t(first), int32_t(count)), out);
-      EXPECT_TRUE(all_close(out, ref_moe(x, ids, wts, w.values, c, out0.to_double(), first, count), 1e-5,
+      EXPECT_TRUE(all_close(out, ref_moe(x, ids, wts, w.values, c, first, count), 1e-5,
                             "fp8 moe T=" + std::to_string(c.T) + " shard " + std::to_string(first)));
     }
   }

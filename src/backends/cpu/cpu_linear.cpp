@@ -307,6 +307,7 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& w
     check_host(shard.down[e], op, "down");
   }
   const int64_t T = x.dim(0), H = x.dim(1), K = ids.dim(1);
+  fill_zero(out);  // the experts' sums go into a zeroed out
 
   // Rows routed to each local expert, in token order: (token, slot k) per row.
   const int32_t* id = ids.ptr<const int32_t>();

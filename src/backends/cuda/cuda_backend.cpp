@@ -136,6 +136,8 @@ CudaBackend::CudaBackend(int device_index, const BackendOptions& opt) : device_(
   fp8_weights_ = hopper_ && opt.fp8 != "bf16";
   CUDA_CHECK(cudaMalloc(&attn_sched_, 2 * sizeof(int)));
   CUDA_CHECK(cudaMemset(attn_sched_, 0, 2 * sizeof(int)));
+  CUDA_CHECK(cudaMalloc(&gate_ticket_, sizeof(unsigned)));
+  CUDA_CHECK(cudaMemset(gate_ticket_, 0, sizeof(unsigned)));
   if (prefill_kernel_ == PrefillKernel::Cudnn && !cudnn().available()) {  // a deployment without cuDNN keeps serving
     log_warn(cudnn_->unavailable_reason(), "; prefill attention stays on the own kernels");
     prefill_kernel_ = PrefillKernel::Auto;
@@ -159,6 +161,7 @@ CudaBackend::~CudaBackend() {
   if (lt_) cublasLtDestroy(lt_);
   if (workspace_) cudaFree(workspace_);
   if (attn_sched_) cudaFree(attn_sched_);
+  if (gate_ticket_) cudaFree(gate_ticket_);
   if (cublas_) cublasDestroy(cublas_);
   if (cublas_workspace_) cudaFree(cublas_workspace_);
   if (stream_) cudaStreamDestroy(stream_);
@@ -472,6 +475,26 @@ void CudaBackend::moe_route(const Tensor& logits, int top_k, bool renormalize, T
   CPI_CHECK(e <= 1024, "moe_route: ", e, " experts > 1024 are not supported on CUDA");
   DeviceGuard g(device_);
   CUDA_LAUNCH(launch_moe_route(dev(logits), top_k, renormalize, dev(ids), dev(weights), stream_), "moe_route");
+}
+
+// A decode step's router in one kernel (kernels/moe.cu launch_moe_gate); other sizes and FP8
+// routers as linear + moe_route.
+void CudaBackend::moe_gate(const Tensor& x, const Weight& router, int top_k, bool renormalize, Tensor logits,
+                           Tensor ids, Tensor weights) {
+  if (!skinny_gemm_ || router.fp8() || x.device != Device::CUDA || router.device != Device::CUDA ||
+      logits.dtype != DType::F32 || logits.ndim != 2 || logits.rows() != x.rows() || logits.cols() != router.dim(0) ||
+      !moe_gate_supported(dev(x), dev(router), top_k)) {
+    Backend::moe_gate(x, router, top_k, renormalize, logits, ids, weights);
+    return;
+  }
+  contract::moe_route(logits, top_k, ids, weights);
+  check_on_device(logits, "moe_gate", "logits");
+  check_on_device(ids, "moe_gate", "ids");
+  check_on_device(weights, "moe_gate", "weights");
+  DeviceGuard g(device_);
+  CUDA_LAUNCH(launch_moe_gate(dev(x), dev(router), top_k, renormalize, dev(logits), gate_ticket_, dev(ids),
+                              dev(weights), stream_),
+              "moe_gate");
 }
 
 void CudaBackend::silu_mul(const Tensor& gate, const Tensor& up, Tensor out) {

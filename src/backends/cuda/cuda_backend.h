@@ -103,6 +103,8 @@ class CudaBackend : public Backend {
   void attention(const Tensor& q, const AttnBatch& batch, const KvLayer& cache, float scale, Tensor out,
                  Tensor lse) override;
   void moe_route(const Tensor& logits, int top_k, bool renormalize, Tensor ids, Tensor weights) override;
+  void moe_gate(const Tensor& x, const Weight& router, int top_k, bool renormalize, Tensor logits, Tensor ids,
+                Tensor weights) override;
   void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                    Tensor out) override;
   void silu_mul(const Tensor& gate, const Tensor& up, Tensor out) override;
@@ -308,6 +310,7 @@ class CudaBackend : public Backend {
   PrefillKernel prefill_kernel_ = PrefillKernel::Auto;
   MoeGemm moe_gemm_ = MoeGemm::Grouped;
   int* attn_sched_ = nullptr;              // [2] the Ws kernel's work counter (zero between launches)
+  unsigned* gate_ticket_ = nullptr;        // launch_moe_gate's counter (zero between launches)
   std::unique_ptr<CudnnAttention> cudnn_;  // created on first use
   int64_t cudnn_calls_ = 0;
   int64_t cudnn_dense_calls_ = 0;

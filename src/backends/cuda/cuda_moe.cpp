@@ -1,6 +1,6 @@
 // CudaBackend::moe_experts: permute the (token, k) pairs by local expert on the device, run the
-// experts' GEMMs on their contiguous segments, and accumulate the weighted results back into out
-// in a fixed order per token.
+// experts' GEMMs on their contiguous segments, and write the weighted sums into out in a fixed
+// order per token.
 // - Small batches (T·K <= kSmallPairs, decode): two row-wise grouped kernels cover all experts; for
 //   one token they read the router's (token, k) pairs as they are: no permute kernel in the chain.
 // - Larger batches (prefill), by default: the tensor-core grouped GEMMs (gate‖up + SiLU·mul, then
@@ -65,7 +65,11 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   const int64_t n_tokens = x.rows(), hidden = x.cols(), top_k = ids.cols();
   const int count = shard.count;
   CPI_CHECK(count <= 8192, op, ": ", count, " local experts > 8192 are not supported");
-  if (n_tokens == 0 || count == 0 || top_k == 0) return;
+  if (n_tokens == 0) return;
+  if (count == 0 || top_k == 0) {  // no expert of this shard is chosen: out = 0
+    fill_zero(out);
+    return;
+  }
   if (shard.gate[0].fp8()) {
     moe_experts_fp8(x, ids, weights, shard, out);
     return;
@@ -80,7 +84,10 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
     CPI_CHECK(g.dtype == DType::BF16 && u.dtype == DType::BF16 && d.dtype == DType::BF16, op, ": expert ",
               shard.first + e, " weights must be BF16 on CUDA (got ", dtype_name(g.dtype), ")");
   }
-  if (inter == 0) return;  // every expert adds down · silu(empty) = 0
+  if (inter == 0) {  // every expert gives down · silu(empty) = 0
+    fill_zero(out);
+    return;
+  }
   DeviceGuard g(device_);
   const size_t n_pairs = static_cast<size_t>(n_tokens * top_k);
   bool aligned = aligned16(x.data);
@@ -188,7 +195,10 @@ void CudaBackend::moe_experts_cublas(const Tensor& x, const Tensor& ids, const T
   const int64_t hidden = x.cols(), inter = shard.gate[0].dim(0);
   ExpertRows r = permute_rows_to_host(ids, shard);
   const int64_t n_rows = r.rows();
-  if (n_rows == 0) return;
+  if (n_rows == 0) {
+    fill_zero(out);
+    return;
+  }
   const std::vector<int32_t>& host_off = r.host_off;
 
   // Rows: xp [n_rows, H] BF16, gate/up [n_rows, I] BF16 each, act [n_rows, I] BF16, y [n_rows, H] F32.

@@ -66,7 +66,10 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
       aligned = aligned && aligned16(w->data);
     }
   }
-  if (inter == 0) return;  // every expert adds down · silu(empty) = 0
+  if (inter == 0) {  // every expert gives down · silu(empty) = 0
+    fill_zero(out);
+    return;
+  }
   DeviceGuard g(device_);
   fp8_used_ = true;
   const size_t n_pairs = static_cast<size_t>(n_tokens * top_k);
@@ -160,7 +163,10 @@ bool CudaBackend::moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const T
   const int64_t ld_h = lt_w_scale_ld(hidden), ld_i = lt_w_scale_ld(inter);  // cuBLASLt's weight-scale rows
   ExpertRows r = permute_rows_to_host(ids, shard);
   const int64_t n_rows = r.rows();
-  if (n_rows == 0) return true;
+  if (n_rows == 0) {
+    fill_zero(out);
+    return true;
+  }
   const std::vector<int32_t>& host_off = r.host_off;
   auto rows4 = [&](int e) { return (host_off[e + 1] - host_off[e] + 3) / 4 * 4; };
 

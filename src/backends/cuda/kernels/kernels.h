@@ -206,6 +206,12 @@ cudaError_t launch_attention_merge(DevTensor out, DevTensor lse, const DevTensor
 // ---- moe.cu
 cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormalize, DevTensor ids, DevTensor weights,
                              cudaStream_t stream);
+// The router of a decode step as one kernel: logits [M, E] F32 = x [M, K] · router [E, K]ᵀ (BF16,
+// M <= kSkinnyMaxRows), then launch_moe_route's softmax and top-k of them, by the block that
+// finishes its logits last. ticket: a device counter that is 0 before the launch (and after it).
+bool moe_gate_supported(const DevTensor& x, const DevTensor& router, int top_k);
+cudaError_t launch_moe_gate(const DevTensor& x, const DevTensor& router, int top_k, bool renormalize,
+                            DevTensor logits, unsigned* ticket, DevTensor ids, DevTensor weights, cudaStream_t stream);
 // Counting sort of the (token, k) pairs whose expert is in [first, first + count):
 // offsets [count + 1] (exclusive prefix sum of the per-expert counts), src_token [T*K] (token of
 // each permuted row) and pair_row [T*K] (permuted row of each pair, -1 when not local).
@@ -365,7 +371,7 @@ inline bool moe_fp8_grouped_supported(int64_t hidden, int64_t inter) {
 }
 cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& args, bool gate_up, cudaStream_t stream);
 
-// out[t] += Σ_k weights[t,k] · y[pair_row[t*K+k]] over the local pairs, in k order.
+// out[t] = Σ_k weights[t,k] · y[pair_row[t*K+k]] over the local pairs, in k order (0 with none).
 cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row, DevTensor out,
                                  cudaStream_t stream);
 // The same after the row-wise kernels, by their rows: segments, y row rows.pair_row[p]; pairs, y row

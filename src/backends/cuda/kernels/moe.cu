@@ -1,31 +1,29 @@
-// MoE kernels: the router (softmax + top-k per token, one warp per token), the counting sort that
-// groups (token, k) pairs by local expert (and the per-expert M-tile prefix sum the grouped GEMMs
-// of moe_gemm.cu schedule from), and the weighted un-permute into the output. The expert GEMMs of
+// MoE kernels: the router (softmax + top-k per token, one warp per token; at decode sizes with the
+// router's product in the same kernel), the counting sort that groups (token, k) pairs by local
+// expert (and the per-expert M-tile prefix sum the grouped GEMMs of moe_gemm.cu schedule from), and
+// the weighted un-permute into the output. The expert GEMMs of
 // small batches and odd shapes are moe_rowwise.cu's.
 #include <cfloat>
 
 #include "backends/cuda/kernels/common.cuh"
+#include "backends/cuda/kernels/gemv.cuh"
 #include "backends/cuda/kernels/kernels.h"
 
 namespace cpinfer::cuda {
 namespace {
 
-// kPer values per lane: expert e = i * 32 + lane lives in p[i] of lane `lane`.
-template <class T, int kPer>
-__global__ void moe_route_kernel(const T* __restrict__ logits, int64_t n_tokens, int n_experts, int top_k,
-                                 bool renormalize, int32_t* __restrict__ ids, float* __restrict__ weights) {
-  pdl_wait();
-  pdl_trigger();
-  const int lane = threadIdx.x & 31;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (t >= n_tokens) return;
-  const T* row = logits + t * n_experts;
+// Softmax over the n_experts logits of one token, top_k of it (ties to the lower id), by one warp:
+// kPer values per lane, expert e = i * 32 + lane in p[i] of lane `lane`. load(e) reads logit e as
+// fp32. Lane k < top_k writes the k-th choice to ids[k], weights[k].
+template <int kPer, class Load>
+__device__ __forceinline__ void route_one(const Load& load, int n_experts, int top_k, bool renormalize, int lane,
+                                          int32_t* __restrict__ ids, float* __restrict__ weights) {
   float p[kPer];
   float mx = -FLT_MAX;
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int e = i * 32 + lane;
-    p[i] = e < n_experts ? to_f32<T>(row[e]) : -INFINITY;
+    p[i] = e < n_experts ? load(e) : -INFINITY;
     mx = fmaxf(mx, p[i]);
   }
   mx = warp_max(mx);
@@ -73,9 +71,72 @@ __global__ void moe_route_kernel(const T* __restrict__ logits, int64_t n_tokens,
     chosen_sum += best;
   }
   if (lane < top_k) {
-    ids[t * top_k + lane] = my_id;
-    weights[t * top_k + lane] = renormalize ? my_weight / chosen_sum : my_weight;
+    ids[lane] = my_id;
+    weights[lane] = renormalize ? my_weight / chosen_sum : my_weight;
   }
+}
+
+// One warp per token.
+template <class T, int kPer>
+__global__ void moe_route_kernel(const T* __restrict__ logits, int64_t n_tokens, int n_experts, int top_k,
+                                 bool renormalize, int32_t* __restrict__ ids, float* __restrict__ weights) {
+  pdl_wait();
+  pdl_trigger();
+  const int lane = threadIdx.x & 31;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (t >= n_tokens) return;
+  const T* row = logits + t * n_experts;
+  route_one<kPer>([&](int e) { return to_f32<T>(row[e]); }, n_experts, top_k, renormalize, lane, ids + t * top_k,
+                  weights + t * top_k);
+}
+
+// The router of a decode step in one kernel (launch_moe_gate): warp w of block b computes the logit
+// of expert b · kGateWarps + w for the M <= kSkinnyMaxRows rows (gemv.cuh's weight passes: the
+// router's rows are read before the previous kernel ends), writes it to logits [M, E] F32, and the
+// block that finishes last (a ticket counter, back to 0 after it) routes the M rows from them.
+constexpr int kGateWarps = 4;
+constexpr int kGateCh = 8;  // a pass: 8 chunks of 16 bytes per lane, one BF16 row of 2048
+
+template <int M, int kPer>
+__global__ void __launch_bounds__(kGateWarps * 32)
+    moe_gate_kernel(const __nv_bfloat16* __restrict__ x, int m, int k, const __nv_bfloat16* __restrict__ router,
+                    int n_experts, int top_k, bool renormalize, float* __restrict__ logits,
+                    unsigned* __restrict__ ticket, int32_t* __restrict__ ids, float* __restrict__ weights) {
+  extern __shared__ uint4 smem[];
+  __shared__ bool last;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int e = static_cast<int>(blockIdx.x) * kGateWarps + warp;
+  const bool active = e < n_experts;
+  WeightRows<1> wr;
+  wr.template set<Bf16Weights>(0, router, nullptr, min(e, n_experts - 1), k);
+  const __nv_bfloat16* xr[M];
+#pragma unroll
+  for (int r = 0; r < M; ++r) xr[r] = x + static_cast<int64_t>(min(r, m - 1)) * k;
+  float dot[M][1];
+#pragma unroll
+  for (int r = 0; r < M; ++r) dot[r][0] = 0.0f;
+  warp_dots<Bf16Weights, M, 1, kGateCh>(wr, xr, smem, k, lane,
+                                         smem + M * (k / 8) + warp * warp_dots_chunks<Bf16Weights, 1, kGateCh>(),
+                                         active, dot);
+#pragma unroll
+  for (int r = 0; r < M; ++r) dot[r][0] = warp_sum(dot[r][0]);
+  if (active && lane == 0) {
+#pragma unroll
+    for (int r = 0; r < M; ++r)
+      if (r < m) logits[static_cast<int64_t>(r) * n_experts + e] = dot[r][0];
+    __threadfence();  // the logits before the ticket
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // every block's logits are visible (L2: read with __ldcg)
+  if (warp < m) {
+    const float* row = logits + static_cast<int64_t>(warp) * n_experts;
+    route_one<kPer>([&](int i) { return __ldcg(row + i); }, n_experts, top_k, renormalize, lane, ids + warp * top_k,
+                    weights + warp * top_k);
+  }
+  if (threadIdx.x == 0) *ticket = 0u;  // for the next launch (stream-ordered after this one)
 }
 
 // kUnroll ids per thread in flight (one block streams all T·K ids, so it is load-latency bound).
@@ -161,7 +222,8 @@ struct PairRows {
   }
 };
 
-// out[t] += Σ_k w[t,k] · y[row(t,k)], summed in fp32 in k order (deterministic), rounded once.
+// out[t] = Σ_k w[t,k] · y[row(t,k)], summed in fp32 in k order (deterministic), rounded once; 0
+// for a token with no local pair.
 template <class TY, class TO, bool kVec>
 __global__ void moe_unpermute_kernel(const TY* __restrict__ y, const float* __restrict__ w, const PairRows pair_row,
                                      int top_k, TO* __restrict__ out, int64_t cols) {
@@ -181,11 +243,7 @@ __global__ void moe_unpermute_kernel(const TY* __restrict__ y, const float* __re
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[i] += wk * v[i];
       }
-      float cur[8];
-      load8(o + c, cur);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) cur[i] += acc[i];
-      store8(o + c, cur);
+      store8(o + c, acc);
     }
   } else {
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
@@ -194,7 +252,7 @@ __global__ void moe_unpermute_kernel(const TY* __restrict__ y, const float* __re
         const int32_t r = pair_row(t * top_k + k);
         if (r >= 0) acc += w[t * top_k + k] * to_f32<TY>(y[static_cast<int64_t>(r) * cols + c]);
       }
-      o[c] = from_f32<TO>(to_f32<TO>(o[c]) + acc);
+      o[c] = from_f32<TO>(acc);
     }
   }
 }
@@ -226,6 +284,47 @@ cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormaliz
                idp, wp);
   });
   return cudaGetLastError();
+}
+
+bool moe_gate_supported(const DevTensor& x, const DevTensor& router, int top_k) {
+  const int64_t k = x.cols();
+  return x.dtype == DType::BF16 && router.dtype == DType::BF16 && x.ndim == 2 && router.ndim == 2 && x.rows() >= 1 &&
+         x.rows() <= kSkinnyMaxRows && x.rows() <= kGateWarps && k == router.cols() && k % 8 == 0 && k > 0 &&
+         k <= 16384 && router.dim(0) >= 1 && router.dim(0) <= 1024 && top_k >= 1 && top_k <= 32 &&
+         top_k <= router.dim(0) && aligned16(x.data) && aligned16(router.data);
+}
+
+cudaError_t launch_moe_gate(const DevTensor& x, const DevTensor& router, int top_k, bool renormalize,
+                            DevTensor logits, unsigned* ticket, DevTensor ids, DevTensor weights, cudaStream_t stream) {
+  if (!moe_gate_supported(x, router, top_k) || ticket == nullptr) return cudaErrorInvalidValue;
+  const int m = static_cast<int>(x.rows()), k = static_cast<int>(x.cols()), n = static_cast<int>(router.dim(0));
+  const unsigned grid = static_cast<unsigned>((n + kGateWarps - 1) / kGateWarps);
+  const auto* xp = x.ptr<const __nv_bfloat16>();
+  const auto* wp = router.ptr<const __nv_bfloat16>();
+  auto* lp = logits.ptr<float>();
+  auto* idp = ids.ptr<int32_t>();
+  auto* wtp = weights.ptr<float>();
+  auto go = [&](auto kernel, int rows) {
+    const size_t smem =
+        (static_cast<size_t>(rows) * k / 8 + size_t{kGateWarps} * warp_dots_chunks<Bf16Weights, 1, kGateCh>()) * 16;
+    return launch_k(kernel, grid, kGateWarps * 32, smem, stream, xp, m, k, wp, n, top_k, renormalize, lp, ticket, idp,
+                    wtp);
+  };
+  static_assert(kSkinnyMaxRows == 2, "instantiate moe_gate_kernel for the row counts up to kSkinnyMaxRows");
+  auto by_rows = [&](auto per) {
+    constexpr int kPer = decltype(per)::value;
+    return m == 1 ? go(moe_gate_kernel<1, kPer>, 1) : go(moe_gate_kernel<2, kPer>, 2);
+  };
+  cudaError_t err;
+  if (n <= 128)
+    err = by_rows(std::integral_constant<int, 4>{});
+  else if (n <= 256)
+    err = by_rows(std::integral_constant<int, 8>{});
+  else if (n <= 512)
+    err = by_rows(std::integral_constant<int, 16>{});
+  else
+    err = by_rows(std::integral_constant<int, 32>{});
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count, int32_t* offsets, int32_t* src_token,
