@@ -27,17 +27,18 @@ struct ExpertTables {
 };
 
 // Grid row blockIdx.y's expert e and its rows [begin, end) of act and y; false when it has none.
+// Read from L2 (__ldcg): the down GEMM reads them before its pdl_wait (see moe_small_gemm_kernel).
 __device__ __forceinline__ bool small_gemm_segment(const MoeRowSource& s, int count, int& e, int& begin, int& end) {
   if (s.ids) {  // pairs: row p is pair p
     begin = static_cast<int>(blockIdx.y);
     end = begin + 1;
-    e = s.ids[begin] - s.first;
+    e = __ldcg(s.ids + begin) - s.first;
     return e >= 0 && e < count;
   }
-  if (s.active && static_cast<int>(blockIdx.y) >= s.active[0]) return false;
-  e = s.active ? s.active[1 + blockIdx.y] : static_cast<int>(blockIdx.y);
-  begin = s.offsets[e];
-  end = s.offsets[e + 1];
+  if (s.active && static_cast<int>(blockIdx.y) >= __ldcg(s.active)) return false;
+  e = s.active ? __ldcg(s.active + 1 + blockIdx.y) : static_cast<int>(blockIdx.y);
+  begin = __ldcg(s.offsets + e);
+  end = __ldcg(s.offsets + e + 1);
   return begin < end;
 }
 // The x row of act row `row` (gate‖up).
@@ -87,8 +88,14 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
   constexpr int kCols = small_cols<F, kGateUp>();
   constexpr int kW = small_weight_rows<F, kGateUp>();
   extern __shared__ uint4 smem[];
-  pdl_wait();  // the segments and rows come from the kernels before
-  pdl_trigger();
+  // The segments (or pairs) come from the kernel before gate‖up (the permute or the router): gate‖up
+  // waits for it. The down GEMM runs after gate‖up, whose every block waited before it let this
+  // kernel launch, so the segments are complete already: it reads them and issues its expert's
+  // weight copies under gate‖up's tail, and waits (in warp_dots) only before it reads act.
+  if constexpr (kGateUp) {
+    pdl_wait();
+    pdl_trigger();
+  }
   int e, begin, end;
   if (!small_gemm_segment(rs, count, e, begin, end)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
