@@ -210,8 +210,8 @@ cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormaliz
 // M <= kSkinnyMaxRows), then launch_moe_route's softmax and top-k of them, by the block that
 // finishes its logits last. ticket: a device counter that is 0 before the launch (and after it).
 bool moe_gate_supported(const DevTensor& x, const DevTensor& router, int top_k);
-cudaError_t launch_moe_gate(const DevTensor& x, const DevTensor& router, int top_k, bool renormalize,
-                            DevTensor logits, unsigned* ticket, DevTensor ids, DevTensor weights, cudaStream_t stream);
+cudaError_t launch_moe_gate(const DevTensor& x, const DevTensor& router, int top_k, bool renormalize, DevTensor logits,
+                            unsigned* ticket, DevTensor ids, DevTensor weights, cudaStream_t stream);
 // Counting sort of the (token, k) pairs whose expert is in [first, first + count):
 // offsets [count + 1] (exclusive prefix sum of the per-expert counts), src_token [T*K] (token of
 // each permuted row) and pair_row [T*K] (permuted row of each pair, -1 when not local).

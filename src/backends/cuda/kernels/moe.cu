@@ -115,9 +115,8 @@ __global__ void __launch_bounds__(kGateWarps * 32)
   float dot[M][1];
 #pragma unroll
   for (int r = 0; r < M; ++r) dot[r][0] = 0.0f;
-  warp_dots<Bf16Weights, M, 1, kGateCh>(wr, xr, smem, k, lane,
-                                         smem + M * (k / 8) + warp * warp_dots_chunks<Bf16Weights, 1, kGateCh>(),
-                                         active, dot);
+  warp_dots<Bf16Weights, M, 1, kGateCh>(
+      wr, xr, smem, k, lane, smem + M * (k / 8) + warp * warp_dots_chunks<Bf16Weights, 1, kGateCh>(), active, dot);
 #pragma unroll
   for (int r = 0; r < M; ++r) dot[r][0] = warp_sum(dot[r][0]);
   if (active && lane == 0) {
@@ -294,8 +293,8 @@ bool moe_gate_supported(const DevTensor& x, const DevTensor& router, int top_k) 
          top_k <= router.dim(0) && aligned16(x.data) && aligned16(router.data);
 }
 
-cudaError_t launch_moe_gate(const DevTensor& x, const DevTensor& router, int top_k, bool renormalize,
-                            DevTensor logits, unsigned* ticket, DevTensor ids, DevTensor weights, cudaStream_t stream) {
+cudaError_t launch_moe_gate(const DevTensor& x, const DevTensor& router, int top_k, bool renormalize, DevTensor logits,
+                            unsigned* ticket, DevTensor ids, DevTensor weights, cudaStream_t stream) {
   if (!moe_gate_supported(x, router, top_k) || ticket == nullptr) return cudaErrorInvalidValue;
   const int m = static_cast<int>(x.rows()), k = static_cast<int>(x.cols()), n = static_cast<int>(router.dim(0));
   const unsigned grid = static_cast<unsigned>((n + kGateWarps - 1) / kGateWarps);
