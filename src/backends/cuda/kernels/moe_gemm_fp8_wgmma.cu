@@ -19,9 +19,12 @@
 //
 // Two kernels, both with the same tiles, promotion (promote below) and epilogue (store_tile):
 // - moe_fp8_ws_kernel, the default: warp-specialized like the BF16 ws kernel. Warpgroup 0 (72
-//   registers) is the producer (moe_gemm_tiles.cuh ws_produce: cp.async of the A and B tiles of a
-//   k-step into a ring of kWsStages slots of 32 KB) and also copies each slot's scales into a small
-//   ring beside it: the 128 A rows' activation scales (row t by thread t, 0 past the segment) and
+//   registers) is the producer of a ring of kWsStages slots of 32 KB, one k-step each: one thread
+//   puts the B tile (two boxes of 64 weight rows) and, in the down GEMM, the A tile (128
+//   expert-sorted act rows) on TMA, through per-expert descriptors the back-end encodes once
+//   (encode_moe_fp8_weight_maps); the gate‖up GEMM's A rows, x gathered by token, stay cp.async
+//   chunks of all 128 threads (TMA on Hopper has no row gather). It also copies each slot's scales
+//   into a small ring beside it: the 128 A rows' activation scales (row t by thread t, 0 past the segment) and
 //   the weight block scale(s) of the N-tile (gate's and up's, or down's), so the MMA warpgroups
 //   read them from shared memory (no global load latency in their loop). Warpgroups 1, 2 (216
 //   registers: acc 64 + two temporaries 64 + 64 + addressing) alternate two temporary tiles: they
