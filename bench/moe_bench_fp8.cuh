@@ -43,6 +43,7 @@ struct Experts {
   uint8_t* codes = nullptr;      // [count][3][I·H]
   float* scales = nullptr;       // [count][3][(I/128)·(H/128)]
   const void** table = nullptr;  // device: gate, up, down codes, then gate, up, down scales [count] each
+  void* maps = nullptr;          // device: the codes' TMA descriptors (the ws kernels')
   cpinfer::cuda::Fp8ExpertTables tables;
 };
 
@@ -68,6 +69,12 @@ inline Experts make_experts(const std::vector<const void*>& bf16, int count, int
   BENCH_CHECK(cudaMemcpy(x.table, host.data(), host.size() * sizeof(void*), cudaMemcpyHostToDevice));
   const void* const* t = x.table;
   x.tables = {t, t + count, t + 2 * count, t + 3 * count, t + 4 * count, t + 5 * count};
+  std::vector<unsigned char> maps(3 * static_cast<size_t>(count) * cpinfer::cuda::kTmaDescBytes);
+  if (cpinfer::cuda::encode_moe_fp8_weight_maps(host.data(), count, hidden, inter, maps.data())) {
+    BENCH_CHECK(cudaMalloc(&x.maps, maps.size()));
+    BENCH_CHECK(cudaMemcpy(x.maps, maps.data(), maps.size(), cudaMemcpyHostToDevice));
+    x.tables.weight_maps = x.maps;
+  }
   return x;
 }
 
@@ -75,6 +82,7 @@ inline void free_experts(Experts& x) {
   cudaFree(x.codes);
   cudaFree(x.scales);
   cudaFree(x.table);
+  cudaFree(x.maps);
   x = Experts{};
 }
 

@@ -157,7 +157,10 @@ CudaBackend::~CudaBackend() {
   cudaSetDevice(device_);
   if (stream_) cudaStreamSynchronize(stream_);
   for (auto& t : rope_tables_) cudaFree(t.device);
-  for (auto& t : expert_pointer_tables_) cudaFree(t.device);
+  for (auto& t : expert_pointer_tables_) {
+    cudaFree(t.device);
+    cudaFree(t.tma);
+  }
   if (lt_) cublasLtDestroy(lt_);
   if (workspace_) cudaFree(workspace_);
   if (attn_sched_) cudaFree(attn_sched_);

@@ -358,6 +358,10 @@ class CudaBackend : public Backend {
   struct ExpertPointers {
     std::vector<const void*> host;
     void* device = nullptr;
+    // FP8 tables: the TMA descriptors of the codes (Fp8ExpertTables::weight_maps), null where they
+    // could not be encoded; tma_tried once encoding was attempted.
+    void* tma = nullptr;
+    bool tma_tried = false;
   };
   std::vector<ExpertPointers> expert_pointer_tables_;
   std::string name_;

@@ -47,6 +47,19 @@ Fp8ExpertTables CudaBackend::fp8_expert_tables_on_device(const ExpertShard& shar
   t.gate_scale = p + 3 * count;
   t.up_scale = p + 4 * count;
   t.down_scale = p + 5 * count;
+  // The grouped ws kernels' TMA descriptors of the codes, encoded once per table (Hopper only).
+  for (ExpertPointers& e : expert_pointer_tables_) {
+    if (e.device != static_cast<const void*>(p)) continue;
+    if (!e.tma_tried && hopper_ && count > 0) {
+      e.tma_tried = true;
+      std::vector<unsigned char> maps(3 * static_cast<size_t>(count) * kTmaDescBytes);
+      if (encode_moe_fp8_weight_maps(e.host.data(), count, shard.gate[0].dim(1), shard.gate[0].dim(0), maps.data())) {
+        e.tma = alloc(maps.size());
+        upload(e.tma, maps.data(), maps.size());
+      }
+    }
+    t.weight_maps = e.tma;
+  }
   return t;
 }
 

@@ -33,6 +33,7 @@
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/hopper.cuh"
 #include "backends/cuda/kernels/kernels.h"
+#include "backends/cuda/kernels/tma.h"
 
 namespace cpinfer::cuda {
 namespace {
@@ -396,19 +397,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
     if (wtid == 0) mbar_arrive(item_empty(slot));
   }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
-}
-
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess)
-      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
 }
 
 // A [rows, heads, 128] bf16 tensor as TMA boxes of (64 columns, 1 head, box_rows rows), 128-byte

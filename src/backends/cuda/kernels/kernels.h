@@ -285,6 +285,9 @@ struct Fp8ExpertTables {
   const void* const* gate_scale = nullptr;
   const void* const* up_scale = nullptr;
   const void* const* down_scale = nullptr;
+  // The grouped ws kernels': a device array of 3·count TMA descriptors of the codes
+  // (encode_moe_fp8_weight_maps); null: those kernels are not run (the first FP8 kernels are).
+  const void* weight_maps = nullptr;
 };
 cudaError_t launch_moe_rowwise_gemms_fp8(const DevTensor& x, const MoeRowSource& rows, int count,
                                          const Fp8ExpertTables& tables, int64_t inter, bool vectorized, void* act,
@@ -370,6 +373,12 @@ inline bool moe_fp8_grouped_supported(int64_t hidden, int64_t inter) {
          inter <= (int64_t{1} << 20);
 }
 cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& args, bool gate_up, cudaStream_t stream);
+// The TMA descriptors of Fp8ExpertTables::weight_maps, written to host memory `maps` (3·count ·
+// kTmaDescBytes bytes; gate e, up e, down e at e, count + e, 2·count + e) from the host's code
+// pointers codes[e], codes[count + e], codes[2·count + e] (gate, up [I, H]; down [H, I]). False
+// where the driver has no encoder or a matrix is not encodable (a pointer not 16-byte aligned).
+inline constexpr size_t kTmaDescBytes = 128;
+bool encode_moe_fp8_weight_maps(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps);
 
 // out[t] = Σ_k weights[t,k] · y[pair_row[t*K+k]] over the local pairs, in k order (0 with none).
 cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row, DevTensor out,

@@ -19,9 +19,12 @@
 //
 // Two kernels, both with the same tiles, promotion (promote below) and epilogue (store_tile):
 // - moe_fp8_ws_kernel, the default: warp-specialized like the BF16 ws kernel. Warpgroup 0 (72
-//   registers) is the producer (moe_gemm_tiles.cuh ws_produce: cp.async of the A and B tiles of a
-//   k-step into a ring of kWsStages slots of 32 KB) and also copies each slot's scales into a small
-//   ring beside it: the 128 A rows' activation scales (row t by thread t, 0 past the segment) and
+//   registers) is the producer of a ring of kWsStages slots of 32 KB, one k-step each: one thread
+//   puts the B tile (two boxes of 64 weight rows) and, in the down GEMM, the A tile (128
+//   expert-sorted act rows) on TMA, through per-expert descriptors the back-end encodes once
+//   (encode_moe_fp8_weight_maps); the gate‖up GEMM's A rows, x gathered by token, stay cp.async
+//   chunks of all 128 threads (TMA on Hopper has no row gather). It also copies each slot's scales
+//   into a small ring beside it: the 128 A rows' activation scales (row t by thread t, 0 past the segment) and
 //   the weight block scale(s) of the N-tile (gate's and up's, or down's), so the MMA warpgroups
 //   read them from shared memory (no global load latency in their loop). Warpgroups 1, 2 (216
 //   registers: acc 64 + two temporaries 64 + 64 + addressing) alternate two temporary tiles: they
@@ -34,6 +37,8 @@
 //   promoting, so the tensor cores idle during the promotion.
 // Both read and compute the same values in the same order, so their outputs are bit for bit equal
 // (bench/moe_bench checks it on the GPU); gpu_moe_test MoeFp8Test compares both with the CPU.
+#include <cuda.h>
+
 #include <type_traits>
 
 #include "backends/cuda/kernels/common.cuh"
@@ -41,6 +46,7 @@
 #include "backends/cuda/kernels/kernels.h"
 #include "backends/cuda/kernels/moe_gemm_args.cuh"
 #include "backends/cuda/kernels/moe_gemm_tiles.cuh"
+#include "backends/cuda/kernels/tma.h"
 
 namespace cpinfer::cuda {
 namespace {
@@ -94,6 +100,11 @@ struct Args {
   void* out;  // act [rows, I] BF16 or y [rows, H] F32 (BF16 where out_bf16)
   int n_per_cta;
   bool out_bf16;
+  // The ws kernels' TMA descriptors: per expert, gate (kernel 1) or down (kernel 2) weights and up
+  // weights (kernel 1), boxes of 64 rows; kernel 2's A, aq [rows, I], in boxes of 128 rows.
+  const CUtensorMap* wmap1;
+  const CUtensorMap* wmap2;
+  CUtensorMap amap;
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -298,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, 1) moe_fp8_wgmma_kernel(const Args a
 }
 
 template <bool kGateUp>
-__global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const Args args) {
+__global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_constant__ Args args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kNStep = kGateUp ? kBN / 2 : kBN;  // outputs per N-tile
   const int n_k = args.k_dim / kTileK;
@@ -311,29 +322,70 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const Args ar
   ring.init(8);  // empty: one arrival per MMA warp
 
   if (threadIdx.x < 128) {
-    // ---- producer: the tiles (ws_produce) and, per slot, the scales of its k-step
+    // ---- producer: per k-step, the slot's tiles and the scales of its k-step. Thread 0 puts the
+    // B tile (and kernel 2's A tile) on TMA; kernel 1's A rows, gathered by token, are cp.async
+    // chunks of all 128 threads (thread t: chunk t % 8 of rows t / 8 + 16 i, zero fill past the
+    // segment); thread t copies row t's activation scale, threads 0 (and 1) the weight block
+    // scale(s). The full barrier completes when the 128 threads' copies and TMA's bytes landed.
     regs_dealloc<kWsProducerRegs>();
     const int t = threadIdx.x;
     const bool copies_w = t < (kGateUp ? 2 : 1);  // thread 0: gate's or down's block scale; 1: up's
     const float* const* w_table = kGateUp && t == 1 ? args.s2 : args.s1;
+    constexpr int kALoads = kTileM / 16;
+    const int chunk = load_chunk(t);
+    const uint32_t st_off = swizzled_off(t >> 3, chunk);  // + 16 rows a pass: (r & 7) is the same
+    constexpr uint32_t kTxBytes = kGateUp ? kBBytes : kStageBytes;
     uint32_t it = 0;
-    ws_for_each_item(
-        args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
-        [&](const MoeTile& tile, int j_begin, int j_end) {
-          const int e = tile.expert;
-          const RowScales rs = row_scales<kGateUp>(args, tile, t, n_k);
-          const float* const w_base = copies_w ? w_table[e] : nullptr;
-          auto scale_copies = [&](int s, int j, int kt) {
-            const uint32_t dst = scales + s * kWsScaleBytes;
-            cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
-            if (copies_w)
-              cp_async4(dst + 4 * (128 + t), w_base + static_cast<int64_t>(j * kNStep / kTileK) * n_k + kt, true);
-          };
-          const WsOperands op{args.a,     kGateUp ? args.src_token : nullptr,
-                              args.w1[e], kGateUp ? args.w2[e] : nullptr,
-                              args.k_dim, args.n_out};
-          ws_produce<kGateUp, kBN, kWsStages>(op, tile, base, kStageBytes, ring, j_begin, j_end, n_k, it, scale_copies);
-        });
+    ws_for_each_item(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+                     [&](const MoeTile& tile, int j_begin, int j_end) {
+                       const int e = tile.expert;
+                       const RowScales rs = row_scales<kGateUp>(args, tile, t, n_k);
+                       const float* const w_base = copies_w ? w_table[e] : nullptr;
+                       const CUtensorMap* const m1 = args.wmap1 + e;
+                       const CUtensorMap* const m2 = kGateUp ? args.wmap2 + e : m1;
+                       // Kernel 1's A: this thread's rows of x; row 0 where past the segment (nothing read).
+                       int a_row[kALoads];
+                       uint32_t a_ok = 0;
+                       if constexpr (kGateUp) {
+#pragma unroll
+                         for (int i = 0; i < kALoads; ++i) {
+                           const int r = (t >> 3) + 16 * i;
+                           const bool ok = r < tile.rows_left;
+                           a_row[i] = ok ? __ldg(args.src_token + tile.seg_begin + tile.m0 + r) : 0;
+                           a_ok |= static_cast<uint32_t>(ok) << i;
+                         }
+                       }
+                       const uint8_t* const a_base = args.a + chunk * 16;
+                       for (int j = j_begin; j < j_end; ++j) {
+                         const int n0 = j * kNStep;
+                         for (int kt = 0; kt < n_k; ++kt, ++it) {
+                           const int s = ring.slot(it);
+                           const uint32_t full = ring.full(s), sa = base + s * kStageBytes, sb = sa + kABytes;
+                           mbar_wait(ring.empty(s), ring.parity(it) ^ 1);
+                           const int k0 = kt * kTileK;  // bytes
+                           if (t == 0) {
+                             mbar_expect_tx(full, kTxBytes);  // before this thread's arrival below
+                             tma_load_2d(sb, m1, full, k0, n0);
+                             tma_load_2d(sb + kBBytes / 2, m2, full, k0, kGateUp ? n0 : n0 + kBN / 2);
+                             if constexpr (!kGateUp) tma_load_2d(sa, &args.amap, full, k0, tile.seg_begin + tile.m0);
+                           }
+                           if constexpr (kGateUp) {
+#pragma unroll
+                             for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_row[i]));
+#pragma unroll
+                             for (int i = 0; i < kALoads; ++i)
+                               cp_async16(sa + st_off + i * 16 * kRowBytes,
+                                          a_base + (static_cast<int64_t>(a_row[i]) * args.k_dim + k0), (a_ok >> i) & 1);
+                           }
+                           const uint32_t dst = scales + s * kWsScaleBytes;
+                           cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
+                           if (copies_w)
+                             cp_async4(dst + 4 * (128 + t), w_base + static_cast<int64_t>(n0 / kTileK) * n_k + kt,
+                                       true);
+                           mbar_arrive_cp_async(full);
+                         }
+                       }
+                     });
     cp_async_wait<0>();  // the last copies land before this thread leaves
     return;
   }
@@ -430,7 +482,11 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
     return cudaErrorInvalidValue;
   const int64_t m_slots = moe_grouped_gemm_max_tiles(a.n_pairs, a.count);
   if (m_slots > 65535) return cudaErrorInvalidValue;
+  // The ws kernels read the weight tiles (and kernel 2 its A tiles) through TMA; without the
+  // descriptors the first kernels run.
+  const bool ws = a.warp_specialized && a.tables.weight_maps != nullptr;
   Args k{};
+  const auto* maps = static_cast<const CUtensorMap*>(a.tables.weight_maps);
   k.offsets = a.offsets;
   k.tile_start = a.tile_start;
   k.count = a.count;
@@ -447,7 +503,9 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
     k.n_out = static_cast<int>(a.inter);
     k.k_dim = static_cast<int>(a.hidden);
     k.out = a.act;
-    return launch_one<true>(k, a.warp_specialized, a.persistent, m_slots, stream);
+    k.wmap1 = maps;
+    k.wmap2 = ws ? maps + a.count : nullptr;
+    return launch_one<true>(k, ws, a.persistent, m_slots, stream);
   }
   k.a = a.aq;
   k.a_scale = a.act_scale;
@@ -458,7 +516,18 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
   k.k_dim = static_cast<int>(a.inter);
   k.out = a.y;
   k.out_bf16 = a.y_bf16;
-  return launch_one<false>(k, a.warp_specialized, a.persistent, m_slots, stream);
+  k.wmap1 = ws ? maps + 2 * static_cast<int64_t>(a.count) : nullptr;
+  if (ws && !encode_byte_rows(&k.amap, a.aq, a.n_pairs, a.inter, kTileM)) return cudaErrorInvalidValue;
+  return launch_one<false>(k, ws, a.persistent, m_slots, stream);
+}
+
+bool encode_moe_fp8_weight_maps(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps) {
+  auto* m = static_cast<CUtensorMap*>(maps);
+  for (int e = 0; e < 3 * count; ++e) {
+    const bool down = e >= 2 * count;
+    if (!encode_byte_rows(m + e, codes[e], down ? hidden : inter, down ? inter : hidden, kBN / 2)) return false;
+  }
+  return true;
 }
 
 }  // namespace cpinfer::cuda

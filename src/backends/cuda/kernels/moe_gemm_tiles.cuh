@@ -9,12 +9,8 @@
 //   n0 + c in one thread);
 // - accumulators: d[4n + e] of a warpgroup's m64nN wgmma is row 16·warp + lane/4 + 8·(e/2) of its
 //   64, column 8n + 2·(lane%4) + e%2 (acc_row / acc_col with the 256 threads of two warpgroups);
-// - the FP8 producer (ws_produce): 128 threads cp.async every A and B chunk of a k-step (128 bytes
-//   of K) into a ring slot (thread t: chunk t % 8 of rows t / 8 + 16 i, zero fill past the segment
-//   / past N), plus the slot's FP8 scales, then arrive on the slot's full barrier when their copies
-//   land; the MMA warpgroups release a slot on its empty barrier. The BF16 kernel has its own loop
-//   of the same shape (faster there, see moe_gemm_wgmma.cu);
-// - the persistent item walk (ws_for_each_item) and the ring (WsRing) both kernels use.
+// - the persistent item walk (ws_for_each_item) and the mbarrier ring (WsRing) of the
+//   warp-specialized kernels (each has its own producer loop).
 #pragma once
 #include <cuda_bf16.h>
 
@@ -114,7 +110,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[kBN / 2], const Ti
   }
 }
 
-// ---- warp-specialized kernels: warpgroup 0 produces (ws_produce), the others multiply.
+// ---- warp-specialized kernels: warpgroup 0 produces, the others multiply.
 
 // The ring's 2·kStages mbarriers at `bars`: full(s) completes when the producer's 128 threads have
 // their copies of slot s landed; empty(s) when the consumers' `releases` arrivals say it is free.
@@ -139,18 +135,6 @@ struct WsRing {
   }
 };
 
-// The operands one grouped GEMM's producer reads, in bytes. A rows: src_token[seg_begin + m0 + r]
-// (gate‖up, x rows by token) or seg_begin + m0 + r (down, the expert-sorted rows); B rows: w1[n]
-// (gate or down), w2[n] (up) of the CTA's expert; row_bytes between rows of both.
-struct WsOperands {
-  const unsigned char* a;
-  const int32_t* src_token;
-  const unsigned char* w1;
-  const unsigned char* w2;
-  int64_t row_bytes;
-  int n_out;
-};
-
 // The work of the persistent warp-specialized kernels: item i is (M-tile slot i / n_groups, group
 // i % n_groups of n_per_cta N-tiles); CTA c takes items c, c + gridDim.x, ... and stops at the first
 // slot past the last tile (slots are tile_start's order, so every later one is past it too). Each
@@ -167,71 +151,6 @@ __device__ __forceinline__ void ws_for_each_item(const int32_t* tile_start, cons
     if (!moe_tile_of(tile_start, offsets, count, slot, kTileM, tile)) return;
     const int j_begin = g * n_per_cta;
     f(tile, j_begin, min(j_begin + n_per_cta, n_tiles));
-  }
-}
-
-// The producer warpgroup (threads 0..127): for N-tiles [j_begin, j_end) of the M-tile, every k-step
-// kt < n_k into slot ring.slot(it) of the stages at `base` (stage_bytes apart: A tile, then the
-// kBN-row B tile), after `extra(slot, j, kt)` has issued the kernel's own copies for that slot; `it`
-// counts the CTA's k-steps on across N-tiles and items. The row addresses are recomputed every step
-// (one multiply-add per copy) rather than kept: nvcc would otherwise hoist all 2·(kALoads + kBLoads)
-// 64-bit addresses out of the loop, more registers than the FP8 producer warpgroup has (72). The
-// caller waits for its last copies (cp_async_wait<0>) before leaving.
-template <bool kGateUp, int kBN, int kStages, class Extra>
-__device__ __forceinline__ void ws_produce(const WsOperands& op, const MoeTile& tile, uint32_t base,
-                                           uint32_t stage_bytes, const WsRing<kStages>& ring, int j_begin, int j_end,
-                                           int n_k, uint32_t& it, Extra&& extra) {
-  constexpr int kNStep = kGateUp ? kBN / 2 : kBN;  // outputs per N-tile
-  constexpr int kALoads = kTileM / 16;             // rows per thread: rsub + 16 i
-  constexpr int kBLoads = kBN / 16;
-  constexpr int kBHalf = kBLoads / 2;  // gate‖up: B rows of the first half are gate's
-  const int t = threadIdx.x, chunk = load_chunk(t), rsub = t >> 3;
-  const uint32_t st_off = swizzled_off(rsub, chunk);  // + 16 rows a pass: (r & 7) is the same
-  // A: the rows of this thread; row 0 where past the segment (zero fill, nothing read).
-  int a_row[kALoads];
-  uint32_t a_ok = 0;
-#pragma unroll
-  for (int i = 0; i < kALoads; ++i) {
-    const int r = rsub + 16 * i;
-    const bool ok = r < tile.rows_left;
-    const int64_t m = tile.seg_begin + tile.m0 + r;
-    a_row[i] = ok ? (kGateUp ? __ldg(op.src_token + m) : static_cast<int>(m)) : 0;
-    a_ok |= static_cast<uint32_t>(ok) << i;
-  }
-  const unsigned char* const a_base = op.a + chunk * 16;
-  const int64_t b_step = 16 * op.row_bytes;  // 16 B rows further
-  for (int j = j_begin; j < j_end; ++j) {
-    // B rows of this N-tile: row rsub + 16 i is output n_first + 16 (i % kBHalf) of gate (i <
-    // kBHalf) or up for gate‖up, output n_first + 16 i of down.
-    const int n_first = j * kNStep + rsub;
-    const unsigned char* b_lo = op.w1 + n_first * op.row_bytes + chunk * 16;
-    const unsigned char* b_hi = kGateUp ? op.w2 + n_first * op.row_bytes + chunk * 16 : b_lo + kBHalf * b_step;
-    uint32_t b_ok = 0;
-#pragma unroll
-    for (int i = 0; i < kBLoads; ++i) {
-      const int n = n_first + 16 * (kGateUp ? i % kBHalf : i);
-      b_ok |= static_cast<uint32_t>(n < op.n_out) << i;
-    }
-    for (int kt = 0; kt < n_k; ++kt, ++it) {
-      const int s = ring.slot(it);
-      hopper::mbar_wait(ring.empty(s), ring.parity(it) ^ 1);
-#pragma unroll
-      for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_row[i]));
-      asm volatile("" : "+l"(b_lo), "+l"(b_hi));
-      const uint32_t sa = base + s * stage_bytes + st_off, sb = sa + kABytes;
-      const int k0 = kt * kRowBytes;
-#pragma unroll
-      for (int i = 0; i < kALoads; ++i)
-        cp_async16(sa + i * 16 * kRowBytes, a_base + (a_row[i] * op.row_bytes + k0), (a_ok >> i) & 1);
-#pragma unroll
-      for (int i = 0; i < kBLoads; ++i) {
-        const bool ok = (b_ok >> i) & 1;
-        const unsigned char* src = (i < kBHalf ? b_lo + i * b_step : b_hi + (i - kBHalf) * b_step) + k0;
-        cp_async16(sb + i * 16 * kRowBytes, ok ? src : op.w1, ok);
-      }
-      extra(s, j, kt);
-      hopper::mbar_arrive_cp_async(ring.full(s));
-    }
   }
 }
 

@@ -32,7 +32,7 @@
 //              accumulators per thread: the alternative (--moe-runner-backend wgmma128), for tuning.
 // Epilogue straight from the accumulators (store_tile): d[4n + e] is row 16·warp + lane/4 + 8·(e/2)
 // of the warpgroup's 64, column 8n + 2·(lane%4) + e%2 (the mapping attention_wgmma.cu uses). The
-// tile geometry, the epilogue and the warp-specialized producer are moe_gemm_tiles.cuh's.
+// tile geometry, the epilogue and the warp-specialized ring are moe_gemm_tiles.cuh's.
 // Requirements (the caller checks): H and I multiples of 64, 16-byte aligned pointers, a compute
 // capability 9.0 device (there is no code for others). N edges (I % 128 with kBN = 256, H % kBN)
 // are masked.
@@ -45,7 +45,7 @@
 namespace cpinfer::cuda {
 namespace {
 
-using namespace moe_tiles;  // tile geometry, store_tile, the ws producer (moe_gemm_tiles.cuh)
+using namespace moe_tiles;  // tile geometry, store_tile, the ws ring (moe_gemm_tiles.cuh)
 
 constexpr int kTileK = 64;                      // bf16 per 128-byte row of a tile
 constexpr int kThreads = 256;                   // two warpgroups
@@ -267,9 +267,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
   ring.init(2);  // empty: one arrival per MMA warpgroup
 
   if (threadIdx.x < 128) {
-    // ---- producer. Its own loop rather than moe_gemm_tiles.cuh's ws_produce (the FP8 kernels'):
-    // with that one the kernel ran 4-10% slower on the H200 (moe_bench, same call) although nvcc
-    // was free to keep the row addresses in registers.
+    // ---- producer: 128 threads cp.async every A and B chunk of a k-step. (A producer loop shared
+    // with the FP8 kernel made this kernel 4-10% slower on the H200, moe_bench, same call.)
     regs_dealloc<kWsProducerRegs>();
     const int t = threadIdx.x, chunk = t & 7, rsub = t >> 3;  // rows rsub + 16 i
     const uint32_t st_off = static_cast<uint32_t>(rsub * kRowBytes + ((chunk ^ (rsub & 7)) << 4));
