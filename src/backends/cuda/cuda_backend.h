@@ -364,6 +364,8 @@ class CudaBackend : public Backend {
     bool tma_tried = false;
   };
   std::vector<ExpertPointers> expert_pointer_tables_;
+  // The cached entry of pointer_table_on_device (uploaded on first use).
+  ExpertPointers& expert_pointer_entry(std::vector<const void*> host);
   std::string name_;
 };
 

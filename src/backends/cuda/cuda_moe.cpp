@@ -33,15 +33,19 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 }  // namespace
 
-const void* const* CudaBackend::pointer_table_on_device(std::vector<const void*> host) {
-  for (const auto& t : expert_pointer_tables_)
-    if (t.host == host) return static_cast<const void* const*>(t.device);
+CudaBackend::ExpertPointers& CudaBackend::expert_pointer_entry(std::vector<const void*> host) {
+  for (auto& t : expert_pointer_tables_)
+    if (t.host == host) return t;
   ExpertPointers t;
   t.host = std::move(host);
   t.device = alloc(t.host.size() * sizeof(void*));
   upload(t.device, t.host.data(), t.host.size() * sizeof(void*));
   expert_pointer_tables_.push_back(std::move(t));
-  return static_cast<const void* const*>(expert_pointer_tables_.back().device);
+  return expert_pointer_tables_.back();
+}
+
+const void* const* CudaBackend::pointer_table_on_device(std::vector<const void*> host) {
+  return static_cast<const void* const*>(expert_pointer_entry(std::move(host)).device);
 }
 
 const void* const* CudaBackend::expert_pointers_on_device(const ExpertShard& shard) {

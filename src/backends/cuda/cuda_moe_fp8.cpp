@@ -39,7 +39,8 @@ Fp8ExpertTables CudaBackend::fp8_expert_tables_on_device(const ExpertShard& shar
     for (const Weight& w : *list) host.push_back(w.data);
   for (const auto* list : {&shard.gate, &shard.up, &shard.down})
     for (const Weight& w : *list) host.push_back(w.scale.data);
-  const void* const* p = pointer_table_on_device(std::move(host));
+  ExpertPointers& entry = expert_pointer_entry(std::move(host));
+  const void* const* p = static_cast<const void* const*>(entry.device);
   Fp8ExpertTables t;
   t.gate = p;
   t.up = p + count;
@@ -48,18 +49,15 @@ Fp8ExpertTables CudaBackend::fp8_expert_tables_on_device(const ExpertShard& shar
   t.up_scale = p + 4 * count;
   t.down_scale = p + 5 * count;
   // The grouped ws kernels' TMA descriptors of the codes, encoded once per table (Hopper only).
-  for (ExpertPointers& e : expert_pointer_tables_) {
-    if (e.device != static_cast<const void*>(p)) continue;
-    if (!e.tma_tried && hopper_ && count > 0) {
-      e.tma_tried = true;
-      std::vector<unsigned char> maps(3 * static_cast<size_t>(count) * kTmaDescBytes);
-      if (encode_moe_fp8_weight_maps(e.host.data(), count, shard.gate[0].dim(1), shard.gate[0].dim(0), maps.data())) {
-        e.tma = alloc(maps.size());
-        upload(e.tma, maps.data(), maps.size());
-      }
+  if (!entry.tma_tried && hopper_ && count > 0) {
+    entry.tma_tried = true;
+    std::vector<unsigned char> maps(3 * static_cast<size_t>(count) * kTmaDescBytes);
+    if (encode_moe_fp8_weight_maps(entry.host.data(), count, shard.gate[0].dim(1), shard.gate[0].dim(0), maps.data())) {
+      entry.tma = alloc(maps.size());
+      upload(entry.tma, maps.data(), maps.size());
     }
-    t.weight_maps = e.tma;
   }
+  t.weight_maps = entry.tma;
   return t;
 }
 
