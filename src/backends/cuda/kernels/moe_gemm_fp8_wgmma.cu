@@ -24,8 +24,8 @@
 //   expert-sorted act rows) on TMA, through per-expert descriptors the back-end encodes once
 //   (encode_moe_fp8_weight_maps); the gate‖up GEMM's A rows, x gathered by token, stay cp.async
 //   chunks of all 128 threads (TMA on Hopper has no row gather). It also copies each slot's scales
-//   into a small ring beside it: the 128 A rows' activation scales (row t by thread t, 0 past the segment) and
-//   the weight block scale(s) of the N-tile (gate's and up's, or down's), so the MMA warpgroups
+//   into a small ring beside it: the 128 A rows' activation scales (row t by thread t, 0 past the
+//   segment) and the weight block scale(s) of the N-tile (gate's and up's, or down's), so the MMA warpgroups
 //   read them from shared memory (no global load latency in their loop). Warpgroups 1, 2 (216
 //   registers: acc 64 + two temporaries 64 + 64 + addressing) alternate two temporary tiles: they
 //   issue the wgmmas of step kt + 1 into one, wait until only those are in flight (wgmma.wait_group
