@@ -189,6 +189,11 @@ __device__ __forceinline__ int expert_of_tile(const int32_t* __restrict__ tile_s
   return lo;
 }
 
+// silu(g) · u of the MoE epilogues: g / (1 + e^-g) with the fast divide (MUFU.RCP and a multiply;
+// the IEEE division is a branchy subroutine that dominated the FP8 gate‖up epilogue). For g below
+// ~-88, e^-g is inf and the quotient -0, silu's limit.
+__device__ __forceinline__ float silu_mul(float g, float u) { return __fdividef(g, 1.0f + __expf(-g)) * u; }
+
 // The M-tile of grid slot m_slot in the grouped MoE GEMMs (tile_m rows per tile; tile_start and
 // offsets [count + 1] from launch_moe_permute_tiled): false for a slot past the last tile (the CTA
 // has nothing to do), else its expert, the expert segment's first row and row count, the tile's

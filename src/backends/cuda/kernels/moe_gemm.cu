@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_grouped_gemm_kernel(const Moe
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const float g = bf16_round(acc[i][j][h * 2 + c]), u = bf16_round(acc[i][j + kNj / 2][h * 2 + c]);
-            v[c] = g / (1.0f + __expf(-g)) * u;
+            v[c] = silu_mul(g, u);
           }
           *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(v[0], v[1]);
         }

@@ -336,56 +336,55 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_
     const uint32_t st_off = swizzled_off(t >> 3, chunk);  // + 16 rows a pass: (r & 7) is the same
     constexpr uint32_t kTxBytes = kGateUp ? kBBytes : kStageBytes;
     uint32_t it = 0;
-    ws_for_each_item(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
-                     [&](const MoeTile& tile, int j_begin, int j_end) {
-                       const int e = tile.expert;
-                       const RowScales rs = row_scales<kGateUp>(args, tile, t, n_k);
-                       const float* const w_base = copies_w ? w_table[e] : nullptr;
-                       const CUtensorMap* const m1 = args.wmap1 + e;
-                       const CUtensorMap* const m2 = kGateUp ? args.wmap2 + e : m1;
-                       // Kernel 1's A: this thread's rows of x; row 0 where past the segment (nothing read).
-                       int a_row[kALoads];
-                       uint32_t a_ok = 0;
-                       if constexpr (kGateUp) {
+    ws_for_each_item<true>(
+        args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+        [&](const MoeTile& tile, int j_begin, int j_end) {
+          const int e = tile.expert;
+          const RowScales rs = row_scales<kGateUp>(args, tile, t, n_k);
+          const float* const w_base = copies_w ? w_table[e] : nullptr;
+          const CUtensorMap* const m1 = args.wmap1 + e;
+          const CUtensorMap* const m2 = kGateUp ? args.wmap2 + e : m1;
+          // Kernel 1's A: this thread's rows of x; row 0 where past the segment (nothing read).
+          int a_row[kALoads];
+          uint32_t a_ok = 0;
+          if constexpr (kGateUp) {
 #pragma unroll
-                         for (int i = 0; i < kALoads; ++i) {
-                           const int r = (t >> 3) + 16 * i;
-                           const bool ok = r < tile.rows_left;
-                           a_row[i] = ok ? __ldg(args.src_token + tile.seg_begin + tile.m0 + r) : 0;
-                           a_ok |= static_cast<uint32_t>(ok) << i;
-                         }
-                       }
-                       const uint8_t* const a_base = args.a + chunk * 16;
-                       for (int j = j_begin; j < j_end; ++j) {
-                         const int n0 = j * kNStep;
-                         for (int kt = 0; kt < n_k; ++kt, ++it) {
-                           const int s = ring.slot(it);
-                           const uint32_t full = ring.full(s), sa = base + s * kStageBytes, sb = sa + kABytes;
-                           mbar_wait(ring.empty(s), ring.parity(it) ^ 1);
-                           const int k0 = kt * kTileK;  // bytes
-                           if (t == 0) {
-                             mbar_expect_tx(full, kTxBytes);  // before this thread's arrival below
-                             tma_load_2d(sb, m1, full, k0, n0);
-                             tma_load_2d(sb + kBBytes / 2, m2, full, k0, kGateUp ? n0 : n0 + kBN / 2);
-                             if constexpr (!kGateUp) tma_load_2d(sa, &args.amap, full, k0, tile.seg_begin + tile.m0);
-                           }
-                           if constexpr (kGateUp) {
+            for (int i = 0; i < kALoads; ++i) {
+              const int r = (t >> 3) + 16 * i;
+              const bool ok = r < tile.rows_left;
+              a_row[i] = ok ? __ldg(args.src_token + tile.seg_begin + tile.m0 + r) : 0;
+              a_ok |= static_cast<uint32_t>(ok) << i;
+            }
+          }
+          const uint8_t* const a_base = args.a + chunk * 16;
+          for (int j = j_begin; j < j_end; ++j) {
+            const int n0 = j * kNStep;
+            for (int kt = 0; kt < n_k; ++kt, ++it) {
+              const int s = ring.slot(it);
+              const uint32_t full = ring.full(s), sa = base + s * kStageBytes, sb = sa + kABytes;
+              mbar_wait(ring.empty(s), ring.parity(it) ^ 1);
+              const int k0 = kt * kTileK;  // bytes
+              if (t == 0) {
+                mbar_expect_tx(full, kTxBytes);  // before this thread's arrival below
+                tma_load_2d(sb, m1, full, k0, n0);
+                tma_load_2d(sb + kBBytes / 2, m2, full, k0, kGateUp ? n0 : n0 + kBN / 2);
+                if constexpr (!kGateUp) tma_load_2d(sa, &args.amap, full, k0, tile.seg_begin + tile.m0);
+              }
+              if constexpr (kGateUp) {
 #pragma unroll
-                             for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_row[i]));
+                for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_row[i]));
 #pragma unroll
-                             for (int i = 0; i < kALoads; ++i)
-                               cp_async16(sa + st_off + i * 16 * kRowBytes,
-                                          a_base + (static_cast<int64_t>(a_row[i]) * args.k_dim + k0), (a_ok >> i) & 1);
-                           }
-                           const uint32_t dst = scales + s * kWsScaleBytes;
-                           cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
-                           if (copies_w)
-                             cp_async4(dst + 4 * (128 + t), w_base + static_cast<int64_t>(n0 / kTileK) * n_k + kt,
-                                       true);
-                           mbar_arrive_cp_async(full);
-                         }
-                       }
-                     });
+                for (int i = 0; i < kALoads; ++i)
+                  cp_async16(sa + st_off + i * 16 * kRowBytes,
+                             a_base + (static_cast<int64_t>(a_row[i]) * args.k_dim + k0), (a_ok >> i) & 1);
+              }
+              const uint32_t dst = scales + s * kWsScaleBytes;
+              cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
+              if (copies_w) cp_async4(dst + 4 * (128 + t), w_base + static_cast<int64_t>(n0 / kTileK) * n_k + kt, true);
+              mbar_arrive_cp_async(full);
+            }
+          }
+        });
     cp_async_wait<0>();  // the last copies land before this thread leaves
     return;
   }
@@ -419,32 +418,32 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_
   const std::integral_constant<int, 1> one_pending;
   const std::integral_constant<int, 0> none_pending;
   uint32_t it = 0;
-  ws_for_each_item(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
-                   [&](const MoeTile& tile, int j_begin, int j_end) {
-                     for (int j = j_begin; j < j_end; ++j, it += n_k) {
+  ws_for_each_item<true>(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+                         [&](const MoeTile& tile, int j_begin, int j_end) {
+                           for (int j = j_begin; j < j_end; ++j, it += n_k) {
 #pragma unroll
-                       for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
-                       // Steps alternate between t0 (even) and t1 (odd); the promotion of step kt - 1
-                       // runs while the wgmmas of step kt are in flight.
-                       issue(t0, it);
-                       int kt = 1;
-                       for (; kt + 1 < n_k; kt += 2) {
-                         issue(t1, it + kt);
-                         retire(t0, it + kt - 1, one_pending);
-                         issue(t0, it + kt + 1);
-                         retire(t1, it + kt, one_pending);
-                       }
-                       if (kt < n_k) {  // n_k even: the last step is odd
-                         issue(t1, it + kt);
-                         retire(t0, it + kt - 1, one_pending);
-                         retire(t1, it + kt, none_pending);
-                       } else {
-                         retire(t0, it + kt - 1, none_pending);
-                       }
-                       store_tile<kGateUp, kBN>(acc, tile_out(args), tid, tile.rows_left, tile.seg_begin + tile.m0,
-                                                j * kNStep);
-                     }
-                   });
+                             for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
+                             // Steps alternate between t0 (even) and t1 (odd); the promotion of step kt - 1
+                             // runs while the wgmmas of step kt are in flight.
+                             issue(t0, it);
+                             int kt = 1;
+                             for (; kt + 1 < n_k; kt += 2) {
+                               issue(t1, it + kt);
+                               retire(t0, it + kt - 1, one_pending);
+                               issue(t0, it + kt + 1);
+                               retire(t1, it + kt, one_pending);
+                             }
+                             if (kt < n_k) {  // n_k even: the last step is odd
+                               issue(t1, it + kt);
+                               retire(t0, it + kt - 1, one_pending);
+                               retire(t1, it + kt, none_pending);
+                             } else {
+                               retire(t0, it + kt - 1, none_pending);
+                             }
+                             store_tile<kGateUp, kBN>(acc, tile_out(args), tid, tile.rows_left,
+                                                      tile.seg_begin + tile.m0, j * kNStep);
+                           }
+                         });
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 

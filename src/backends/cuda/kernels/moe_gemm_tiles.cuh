@@ -63,42 +63,78 @@ struct TileOut {
 
 __device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
+__device__ __forceinline__ uint32_t bf16x2_bits(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// A quad (the 4 threads of an accumulator row) holds 32 consecutive columns of the row as 4 bf16
+// pairs per thread: thread q has columns 8m + 2q, +1 of n8-tile m in w[m]. Two butterfly rounds
+// (exchange halves across q ^ 2, then pairs across q ^ 1) leave thread q with n8-tile q's 8 columns
+// in order, so each thread writes 16 contiguous bytes and a warp 64 bytes per row (the pairs as
+// they come would be 4-byte stores, a 32-byte sector split over two instructions).
+__device__ __forceinline__ uint4 quad_transpose(uint32_t (&w)[4], int q) {
+  const bool b1 = (q & 2) != 0, b0 = (q & 1) != 0;
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const uint32_t r = __shfl_xor_sync(0xffffffffu, b1 ? w[m] : w[m + 2], 2);
+    if (b1)
+      w[m] = r;
+    else
+      w[m + 2] = r;
+  }
+#pragma unroll
+  for (int m = 0; m < 4; m += 2) {
+    const uint32_t r = __shfl_xor_sync(0xffffffffu, b0 ? w[m] : w[m + 1], 1);
+    if (b0)
+      w[m] = r;
+    else
+      w[m + 1] = r;
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 // The epilogue of one tile straight from the accumulators: acc[idx] is tile row acc_row(tid, idx),
 // B column acc_col(tid, idx); tile rows from rows_left on are not written; row0 is the tile's first
-// row in the expert-sorted rows, n0 its first output column.
+// row in the expert-sorted rows, n0 its first output column. BF16 outputs go out as 16-byte stores
+// of 8 columns (quad_transpose; every lane of the warp takes part, written or not); n_out is a
+// multiple of 64, so an 8-column chunk is inside or outside.
 template <bool kGateUp, int kBN>
 __device__ __forceinline__ void store_tile(const float (&acc)[kBN / 2], const TileOut& o, int tid, int rows_left,
                                            int64_t row0, int n0) {
-  const int n_out = o.n_out;
+  const int n_out = o.n_out, q = tid & 3;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = acc_row(tid, 2 * h);
-    if (r >= rows_left) continue;
     const int64_t row = row0 + r;
-    if constexpr (kGateUp) {
+    if (kGateUp || o.out_bf16) {
       auto* out = static_cast<__nv_bfloat16*>(o.out) + row * n_out;
+      constexpr int kTiles = kGateUp ? kBN / 16 : kBN / 8;  // output n8-tiles (gate‖up: gate's)
+      static_assert(kTiles % 4 == 0, "whole quads of n8-tiles");
 #pragma unroll
-      for (int n = 0; n < kBN / 16; ++n) {  // gate n8 tiles; the up tile of the same columns is n + kBN / 16
-        const int idx = 4 * n + 2 * h;
-        const int col = n0 + acc_col(tid, idx);
-        if (col >= n_out) continue;  // n_out is a multiple of 64: the pair is inside or outside
-        float v[2];
+      for (int g = 0; g < kTiles / 4; ++g) {
+        uint32_t w[4];
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float g = bf16_round(acc[idx + c]), u = bf16_round(acc[idx + c + kBN / 4]);
-          v[c] = g / (1.0f + __expf(-g)) * u;
+        for (int m = 0; m < 4; ++m) {
+          const int idx = 4 * (4 * g + m) + 2 * h;
+          if constexpr (kGateUp) {  // the up value of the same column is kBN / 4 accumulators on
+            float v[2];
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const float gv = bf16_round(acc[idx + c]), u = bf16_round(acc[idx + c + kBN / 4]);
+              v[c] = silu_mul(gv, u);
+            }
+            w[m] = bf16x2_bits(v[0], v[1]);
+          } else {
+            w[m] = bf16x2_bits(acc[idx], acc[idx + 1]);
+          }
         }
-        *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(v[0], v[1]);
-      }
-    } else if (o.out_bf16) {
-      auto* out = static_cast<__nv_bfloat16*>(o.out) + row * n_out;
-#pragma unroll
-      for (int n = 0; n < kBN / 8; ++n) {
-        const int idx = 4 * n + 2 * h;
-        const int col = n0 + acc_col(tid, idx);
-        if (col < n_out) *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(acc[idx], acc[idx + 1]);
+        const uint4 v = quad_transpose(w, q);
+        const int col = n0 + 8 * (4 * g + q);
+        if (r < rows_left && col < n_out) *reinterpret_cast<uint4*>(out + col) = v;
       }
     } else {
+      if (r >= rows_left) continue;
       float* out = static_cast<float*>(o.out) + row * n_out;
 #pragma unroll
       for (int n = 0; n < kBN / 8; ++n) {
@@ -135,20 +171,49 @@ struct WsRing {
   }
 };
 
+// moe_tile_of by a whole warp (every lane calls it with the same m_slot): the lanes read tile_start
+// 32 entries at a time, independent loads, and count the entries e >= 1 with tile_start[e] <=
+// m_slot, which is the expert (tile_start is non-decreasing from 0). A binary search is log2(count)
+// dependent loads: in the FP8 down GEMM at 32K tokens (Nsight Compute) the MMA warps' search at
+// each item's start drew ~9% of the kernel's warp samples.
+__device__ __forceinline__ bool moe_tile_of_warp(const int32_t* __restrict__ tile_start,
+                                                 const int32_t* __restrict__ offsets, int count, int m_slot,
+                                                 MoeTile& t) {
+  const int lane = threadIdx.x & 31;
+  const int n_slots = __ldg(tile_start + count);
+  int expert = 0;
+#pragma unroll 4
+  for (int e0 = 1; e0 < count; e0 += 32) {
+    const int e = e0 + lane;
+    expert += __popc(__ballot_sync(0xffffffffu, e < count && __ldg(tile_start + e) <= m_slot));
+  }
+  if (m_slot >= n_slots) return false;
+  t.expert = expert;
+  t.seg_begin = __ldg(offsets + expert);
+  t.seg_rows = __ldg(offsets + expert + 1) - t.seg_begin;
+  t.m0 = (m_slot - __ldg(tile_start + expert)) * kTileM;
+  t.rows_left = t.seg_rows - t.m0;
+  return true;
+}
+
 // The work of the persistent warp-specialized kernels: item i is (M-tile slot i / n_groups, group
 // i % n_groups of n_per_cta N-tiles); CTA c takes items c, c + gridDim.x, ... and stops at the first
 // slot past the last tile (slots are tile_start's order, so every later one is past it too). Each
 // role of a CTA walks the same items, so the producer runs ahead into the next item while the MMA
 // warpgroups write the last one (and the ring never drains between items). The host launches
-// min(items, SMs) CTAs, or one CTA per item (MoeWgmmaConfig::persistent = false).
-template <class F>
+// min(items, SMs) CTAs, or one CTA per item (MoeWgmmaConfig::persistent = false). kWarpWide: by
+// whole warps, with moe_tile_of_warp (the FP8 kernels; the BF16 ws kernel keeps the binary search,
+// with the warp-wide count it ran 6-8% slower at 32K tokens: H100, moe_bench, same call).
+template <bool kWarpWide, class F>
 __device__ __forceinline__ void ws_for_each_item(const int32_t* tile_start, const int32_t* offsets, int count,
                                                  int n_tiles, int n_per_cta, F&& f) {
   const int n_groups = (n_tiles + n_per_cta - 1) / n_per_cta;
   for (int i = blockIdx.x;; i += gridDim.x) {
     const int slot = i / n_groups, g = i - slot * n_groups;
     MoeTile tile;
-    if (!moe_tile_of(tile_start, offsets, count, slot, kTileM, tile)) return;
+    const bool found = kWarpWide ? moe_tile_of_warp(tile_start, offsets, count, slot, tile)
+                                 : moe_tile_of(tile_start, offsets, count, slot, kTileM, tile);
+    if (!found) return;
     const int j_begin = g * n_per_cta;
     f(tile, j_begin, min(j_begin + n_per_cta, n_tiles));
   }

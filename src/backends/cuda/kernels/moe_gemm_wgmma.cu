@@ -275,54 +275,55 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
     const __nv_bfloat16* const a_base = args.a + chunk * 8;
     const int64_t b_step = static_cast<int64_t>(16) * k_dim;  // 16 B rows further
     uint32_t it = 0;
-    ws_for_each_item(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
-                     [&](const MoeTile& tile, int j_begin, int j_end) {
-                       // A: the 8 rows of this thread (x rows through src_token, or act rows); row 0 where past the
-                       // segment (zero fill, nothing read).
-                       int a_row[8];
-                       uint32_t a_ok = 0;
+    ws_for_each_item<false>(
+        args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+        [&](const MoeTile& tile, int j_begin, int j_end) {
+          // A: the 8 rows of this thread (x rows through src_token, or act rows); row 0 where past the
+          // segment (zero fill, nothing read).
+          int a_row[8];
+          uint32_t a_ok = 0;
 #pragma unroll
-                       for (int i = 0; i < 8; ++i) {
-                         const int r = rsub + 16 * i;
-                         const bool ok = r < tile.rows_left;
-                         const int m = tile.seg_begin + tile.m0 + r;
-                         a_row[i] = ok ? (kGateUp ? __ldg(args.src_token + m) : m) : 0;
-                         a_ok |= static_cast<uint32_t>(ok) << i;
-                       }
-                       const __nv_bfloat16* const w1 = args.w1[tile.expert];
-                       const __nv_bfloat16* const w2 = kGateUp ? args.w2[tile.expert] : nullptr;
-                       for (int j = j_begin; j < j_end; ++j) {
-                         // B rows of this N-tile: row rsub + 16 i is output n0 + rsub + 16 (i % 8) of gate (i < 8)
-                         // or up (i >= 8) for gate‖up, output n0 + rsub + 16 i of down.
-                         const int n_first = j * kNStep + rsub;
-                         const __nv_bfloat16* b_lo = w1 + static_cast<int64_t>(n_first) * k_dim + chunk * 8;
-                         const __nv_bfloat16* b_hi =
-                             kGateUp ? w2 + static_cast<int64_t>(n_first) * k_dim + chunk * 8 : b_lo + 8 * b_step;
-                         uint32_t b_ok = 0;
+          for (int i = 0; i < 8; ++i) {
+            const int r = rsub + 16 * i;
+            const bool ok = r < tile.rows_left;
+            const int m = tile.seg_begin + tile.m0 + r;
+            a_row[i] = ok ? (kGateUp ? __ldg(args.src_token + m) : m) : 0;
+            a_ok |= static_cast<uint32_t>(ok) << i;
+          }
+          const __nv_bfloat16* const w1 = args.w1[tile.expert];
+          const __nv_bfloat16* const w2 = kGateUp ? args.w2[tile.expert] : nullptr;
+          for (int j = j_begin; j < j_end; ++j) {
+            // B rows of this N-tile: row rsub + 16 i is output n0 + rsub + 16 (i % 8) of gate (i < 8)
+            // or up (i >= 8) for gate‖up, output n0 + rsub + 16 i of down.
+            const int n_first = j * kNStep + rsub;
+            const __nv_bfloat16* b_lo = w1 + static_cast<int64_t>(n_first) * k_dim + chunk * 8;
+            const __nv_bfloat16* b_hi =
+                kGateUp ? w2 + static_cast<int64_t>(n_first) * k_dim + chunk * 8 : b_lo + 8 * b_step;
+            uint32_t b_ok = 0;
 #pragma unroll
-                         for (int i = 0; i < 16; ++i) {
-                           const int n = n_first + 16 * (kGateUp ? (i & 7) : i);
-                           b_ok |= static_cast<uint32_t>(n < n_out) << i;
-                         }
-                         for (int kt = 0; kt < n_k; ++kt, ++it) {
-                           const int s = ring.slot(it);
-                           mbar_wait(ring.empty(s), ring.parity(it) ^ 1);
-                           const uint32_t sa = base + s * kWsStageBytes + st_off, sb = sa + kABytes;
-                           const int k0 = kt * kTileK;
+            for (int i = 0; i < 16; ++i) {
+              const int n = n_first + 16 * (kGateUp ? (i & 7) : i);
+              b_ok |= static_cast<uint32_t>(n < n_out) << i;
+            }
+            for (int kt = 0; kt < n_k; ++kt, ++it) {
+              const int s = ring.slot(it);
+              mbar_wait(ring.empty(s), ring.parity(it) ^ 1);
+              const uint32_t sa = base + s * kWsStageBytes + st_off, sb = sa + kABytes;
+              const int k0 = kt * kTileK;
 #pragma unroll
-                           for (int i = 0; i < 8; ++i)
-                             cp_async16(sa + i * 16 * kRowBytes, a_base + (static_cast<int64_t>(a_row[i]) * k_dim + k0),
-                                        (a_ok >> i) & 1);
+              for (int i = 0; i < 8; ++i)
+                cp_async16(sa + i * 16 * kRowBytes, a_base + (static_cast<int64_t>(a_row[i]) * k_dim + k0),
+                           (a_ok >> i) & 1);
 #pragma unroll
-                           for (int i = 0; i < 16; ++i) {
-                             const bool ok = (b_ok >> i) & 1;
-                             const __nv_bfloat16* src = (i < 8 ? b_lo + i * b_step : b_hi + (i - 8) * b_step) + k0;
-                             cp_async16(sb + i * 16 * kRowBytes, ok ? src : w1, ok);
-                           }
-                           mbar_arrive_cp_async(ring.full(s));
-                         }
-                       }
-                     });
+              for (int i = 0; i < 16; ++i) {
+                const bool ok = (b_ok >> i) & 1;
+                const __nv_bfloat16* src = (i < 8 ? b_lo + i * b_step : b_hi + (i - 8) * b_step) + k0;
+                cp_async16(sb + i * 16 * kRowBytes, ok ? src : w1, ok);
+              }
+              mbar_arrive_cp_async(ring.full(s));
+            }
+          }
+        });
     cp_async_wait<0>();  // the last copies land before this thread leaves
     return;
   }
@@ -332,34 +333,34 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
   const int tid = threadIdx.x - 128, wg = tid >> 7;
   float acc[kBN / 2];
   uint32_t it = 0;
-  ws_for_each_item(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
-                   [&](const MoeTile& tile, int j_begin, int j_end) {
-                     for (int j = j_begin; j < j_end; ++j) {
+  ws_for_each_item<false>(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+                          [&](const MoeTile& tile, int j_begin, int j_end) {
+                            for (int j = j_begin; j < j_end; ++j) {
 #pragma unroll
-                       for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.0f;
-                       int prev = -1;
-                       for (int kt = 0; kt < n_k; ++kt, ++it) {
-                         const int s = ring.slot(it);
-                         mbar_wait(ring.full(s), ring.parity(it));
-                         fence_async_smem();  // the slot was written by cp.async (generic proxy); wgmma reads it
-                         const uint32_t stage = base + s * kWsStageBytes;
-                         wgmma_fence();
+                              for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.0f;
+                              int prev = -1;
+                              for (int kt = 0; kt < n_k; ++kt, ++it) {
+                                const int s = ring.slot(it);
+                                mbar_wait(ring.full(s), ring.parity(it));
+                                fence_async_smem();  // the slot was written by cp.async (generic proxy); wgmma reads it
+                                const uint32_t stage = base + s * kWsStageBytes;
+                                wgmma_fence();
 #pragma unroll
-                         for (int ks = 0; ks < kTileK / 16; ++ks)
-                           wgmma_n256(acc, make_desc(stage + desc_a_off(wg, ks), 16, 1024),
-                                      make_desc(stage + desc_b_off(ks), 16, 1024));
-                         wgmma_commit();
-                         wgmma_wait<1>();  // the previous k-step's wgmmas are done: its slot can be refilled
-                         if (prev >= 0 && (tid & 127) == 0) mbar_arrive(ring.empty(prev));
-                         prev = s;
-                       }
-                       wgmma_wait<0>();
-                       fence_regs(acc);
-                       if (prev >= 0 && (tid & 127) == 0) mbar_arrive(ring.empty(prev));
-                       store_tile<kGateUp, kBN>(acc, tile_out(args), tid, tile.rows_left, tile.seg_begin + tile.m0,
-                                                j * kNStep);
-                     }
-                   });
+                                for (int ks = 0; ks < kTileK / 16; ++ks)
+                                  wgmma_n256(acc, make_desc(stage + desc_a_off(wg, ks), 16, 1024),
+                                             make_desc(stage + desc_b_off(ks), 16, 1024));
+                                wgmma_commit();
+                                wgmma_wait<1>();  // the previous k-step's wgmmas are done: its slot can be refilled
+                                if (prev >= 0 && (tid & 127) == 0) mbar_arrive(ring.empty(prev));
+                                prev = s;
+                              }
+                              wgmma_wait<0>();
+                              fence_regs(acc);
+                              if (prev >= 0 && (tid & 127) == 0) mbar_arrive(ring.empty(prev));
+                              store_tile<kGateUp, kBN>(acc, tile_out(args), tid, tile.rows_left,
+                                                       tile.seg_begin + tile.m0, j * kNStep);
+                            }
+                          });
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
