@@ -202,14 +202,23 @@ __device__ __forceinline__ float silu_mul(float g, float u) { return __fdividef(
 struct MoeTile {
   int expert, seg_begin, seg_rows, m0, rows_left;
 };
+// The tile of slot m_slot once its expert is known (moe_tile_of; moe_gemm_tiles.cuh's warp-wide
+// search).
+__device__ __forceinline__ MoeTile moe_tile_in(const int32_t* __restrict__ tile_start,
+                                               const int32_t* __restrict__ offsets, int expert, int m_slot,
+                                               int tile_m) {
+  MoeTile t;
+  t.expert = expert;
+  t.seg_begin = __ldg(offsets + expert);
+  t.seg_rows = __ldg(offsets + expert + 1) - t.seg_begin;
+  t.m0 = (m_slot - __ldg(tile_start + expert)) * tile_m;
+  t.rows_left = t.seg_rows - t.m0;
+  return t;
+}
 __device__ __forceinline__ bool moe_tile_of(const int32_t* __restrict__ tile_start, const int32_t* __restrict__ offsets,
                                             int count, int m_slot, int tile_m, MoeTile& t) {
   if (m_slot >= __ldg(tile_start + count)) return false;
-  t.expert = expert_of_tile(tile_start, count, m_slot);
-  t.seg_begin = __ldg(offsets + t.expert);
-  t.seg_rows = __ldg(offsets + t.expert + 1) - t.seg_begin;
-  t.m0 = (m_slot - __ldg(tile_start + t.expert)) * tile_m;
-  t.rows_left = t.seg_rows - t.m0;
+  t = moe_tile_in(tile_start, offsets, expert_of_tile(tile_start, count, m_slot), m_slot, tile_m);
   return true;
 }
 

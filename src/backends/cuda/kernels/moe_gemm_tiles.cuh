@@ -188,11 +188,7 @@ __device__ __forceinline__ bool moe_tile_of_warp(const int32_t* __restrict__ til
     expert += __popc(__ballot_sync(0xffffffffu, e < count && __ldg(tile_start + e) <= m_slot));
   }
   if (m_slot >= n_slots) return false;
-  t.expert = expert;
-  t.seg_begin = __ldg(offsets + expert);
-  t.seg_rows = __ldg(offsets + expert + 1) - t.seg_begin;
-  t.m0 = (m_slot - __ldg(tile_start + expert)) * kTileM;
-  t.rows_left = t.seg_rows - t.m0;
+  t = moe_tile_in(tile_start, offsets, expert, m_slot, kTileM);
   return true;
 }
 
