@@ -520,6 +520,8 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
   return launch_one<false>(k, ws, a.persistent, m_slots, stream);
 }
 
+static_assert(sizeof(CUtensorMap) == kTmaDescBytes, "kernels.h sizes the descriptor arrays by kTmaDescBytes");
+
 bool encode_moe_fp8_weight_maps(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps) {
   auto* m = static_cast<CUtensorMap*>(maps);
   for (int e = 0; e < 3 * count; ++e) {
