@@ -289,9 +289,14 @@ struct Fp8ExpertTables {
   // (encode_moe_fp8_weight_maps); null: those kernels are not run (the first FP8 kernels are).
   const void* weight_maps = nullptr;
 };
+// quantized (compute capability >= 8.9, H and I multiples of 128, vectorized,
+// moe_rowwise_fp8_quantized_supported): the activations are quantized per row and 128 columns as
+// prefill does and the products run on the tensor cores (mma.sync m16n8k32 e4m3); otherwise they
+// stay BF16 and the codes are widened on the CUDA cores.
 cudaError_t launch_moe_rowwise_gemms_fp8(const DevTensor& x, const MoeRowSource& rows, int count,
-                                         const Fp8ExpertTables& tables, int64_t inter, bool vectorized, void* act,
-                                         float* y, cudaStream_t stream);
+                                         const Fp8ExpertTables& tables, int64_t inter, bool vectorized, bool quantized,
+                                         void* act, float* y, cudaStream_t stream);
+bool moe_rowwise_fp8_quantized_supported(int64_t hidden, int64_t inter);
 
 // ---- moe_gemm.cu: the tensor-core grouped expert GEMMs of prefill, scheduled on the device.
 inline constexpr int kMoeGemmTileM = 128;  // rows per M-tile: the tile_m of launch_moe_permute_tiled
