@@ -1,7 +1,8 @@
 // The row-wise expert GEMMs: small batches (decode) and shapes the grouped tensor-core GEMMs do not
 // take, for BF16 experts and FP8 ones (ops/backend.h Weight: e4m3 codes + one F32 scale per 128 x
 // 128 block, W = code · scale, read as they are: 1 byte per weight; the activations stay BF16, no
-// activation quantization). One launch per GEMM covers every local expert, reading the segment
+// activation quantization — except on the tensor-core path below, moe_fp8_mma_kernel, which
+// quantizes them as prefill does). One launch per GEMM covers every local expert, reading the segment
 // rows on the device (kernels.h MoeRowSource: the permute's segments, or the router's pairs), so no
 // host synchronization.
 // kGateUp: act[r, n] = silu(bf16(x[tok(r)] · gate[n])) · bf16(x[tok(r)] · up[n]), rounded to bf16
