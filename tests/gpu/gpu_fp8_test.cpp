@@ -1,6 +1,8 @@
 // CUDA linear() with FP8 weights (cuda_fp8.cpp) vs the CPU back-end's FP8 linear (exact
 // dequantize-then-fp32), on every path the back-end picks (CudaBackend::fp8_linear_path):
 //   Skinny (<= 2 rows: the codes streamed, activations unquantized): tight against the CPU;
+//   SkinnyQuantized (<= 2 rows on Hopper, K % 128 == 0: activations quantized as BlockScaled's, the
+//     products on the tensor cores): as BlockScaled below;
 //   BlockScaled (activations quantized per (row, 128 columns), cuBLASLt block-scaled FP8 GEMM over
 //     the rows padded to a multiple of 4): tight against the CPU run on activations quantized by the
 //     same rule (fp8_test_util.h), and within the activation quantization's error of the
@@ -55,6 +57,8 @@ const char* path_name(cuda::CudaBackend::Fp8Path p) {
       return "blockscaled";
     case cuda::CudaBackend::Fp8Path::Dequantize:
       return "dequantize";
+    case cuda::CudaBackend::Fp8Path::SkinnyQuantized:
+      return "skinny_quantized";
   }
   return "?";
 }
@@ -66,7 +70,7 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
     int64_t m, k, n;
     DType out;
   };
-  int seen[3] = {0, 0, 0};
+  int seen[4] = {0, 0, 0, 0};
   for (const Case& c : std::vector<Case>{{1, 2048, 4096, DType::BF16},  // q_proj at decode
                                          {2, 4096, 2048, DType::BF16},  // o_proj, two rows
                                          {1, 768, 2048, DType::F32},    // K/128 = 6 (padded scale rows)
@@ -130,8 +134,8 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
       const std::string op = std::string("linear.fp8.") + path_name(path);
       // Outputs are O(1): bf16 output rounding gives nmse ~1e-6, max error a few 1e-2.
       const double out_abs = c.out == DType::BF16 ? 0.08 : 0.02;
-      if (path == cuda::CudaBackend::Fp8Path::BlockScaled) {
-        ASSERT_FALSE(ref_q.empty()) << "the block-scaled path ran with K % 128 != 0: " << sh;
+      if (path == cuda::CudaBackend::Fp8Path::BlockScaled || path == cuda::CudaBackend::Fp8Path::SkinnyQuantized) {
+        ASSERT_FALSE(ref_q.empty()) << "a quantizing path ran with K % 128 != 0: " << sh;
         expect_close(op + ".vs_quantized_ref", sh, got, ref_q, 2e-5, out_abs);
         // e4m3 activations: nmse ~7e-4 against the unquantized product.
         expect_close(op + ".vs_exact_ref", sh, got, ref, 3e-3, 0.5);
@@ -142,8 +146,9 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
     }
     cuda.set_skinny_gemm(true);
   }
-  std::printf("[gpu_ops] linear.fp8 cases per path: skinny %d, blockscaled %d, dequantize %d\n", seen[0], seen[1],
-              seen[2]);
+  std::printf("[gpu_ops] linear.fp8 cases per path: skinny %d, blockscaled %d, dequantize %d, skinny_quantized %d\n",
+              seen[0], seen[1], seen[2], seen[3]);
+  if (cuda.wgmma_supported()) EXPECT_GT(seen[3], 0);
   EXPECT_GT(seen[0], 0);
   EXPECT_GT(seen[2], 0);
 }
@@ -182,8 +187,9 @@ TEST_F(Fp8Ops, LinearsInOneLaunch) {
       } else {
         fws.push_back(fp8_weight(rng, n, c.k));
         gws.push_back(fws.back().gpu);
+        const auto path = cuda.fp8_linear_path(ga, gws.back(), gos.back());
         const bool quantized =
-            cuda.fp8_linear_path(ga, gws.back(), gos.back()) == cuda::CudaBackend::Fp8Path::BlockScaled;
+            path == cuda::CudaBackend::Fp8Path::BlockScaled || path == cuda::CudaBackend::Fp8Path::SkinnyQuantized;
         cpu_->linear(cpu_f32(quantized ? quantize_activations(a, c.m, c.k) : a, {c.m, c.k}), fws.back().cpu,
                      refs.back());
       }

@@ -398,7 +398,10 @@ void CudaBackend::linears(const Tensor& a, std::span<const LinearOut> outs) {
   }
   for (const LinearOut& lo : outs) check_linear(a, *lo.w, lo.out);
   DeviceGuard g(device_);
-  CUDA_LAUNCH(launch_skinny_gemms(dev(a), w, fp8 ? s : nullptr, o, static_cast<int>(outs.size()), stream_),
+  // FP8 on Hopper with K % 128 == 0: the activations quantized, the products on the tensor cores
+  // (as linear()'s Fp8Path::SkinnyQuantized).
+  const bool quantized = fp8 && hopper_ && skinny_fp8_quantized_supported(a.cols());
+  CUDA_LAUNCH(launch_skinny_gemms(dev(a), w, fp8 ? s : nullptr, o, static_cast<int>(outs.size()), stream_, quantized),
               "skinny_gemms");
 }
 

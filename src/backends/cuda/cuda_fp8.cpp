@@ -161,7 +161,8 @@ void CudaBackend::fp8_gemm_lt(const void* aq, const float* a_scale, int64_t m, c
 }
 
 CudaBackend::Fp8Path CudaBackend::fp8_linear_path(const Tensor& a, const Weight& w, const Tensor& out) {
-  if (skinny_gemm_ && skinny_gemm_supported(dev(a), dev(w), dev(out))) return Fp8Path::Skinny;
+  if (skinny_gemm_ && skinny_gemm_supported(dev(a), dev(w), dev(out)))
+    return hopper_ && skinny_fp8_quantized_supported(a.cols()) ? Fp8Path::SkinnyQuantized : Fp8Path::Skinny;
   // The quantized activations go to the (256-byte aligned) workspace, and so does the product of
   // M rows padded to a multiple of 4 (cuBLASLt's block-scaled GEMM takes no other M).
   static const char* const kWorkspaceAligned = reinterpret_cast<const char*>(uintptr_t{256});
@@ -186,10 +187,13 @@ void CudaBackend::linear_fp8(const Tensor& a, const Weight& w, Tensor out) {
     CUDA_CHECK(cudaMemsetAsync(out.data, 0, out.nbytes(), stream_));
     return;
   }
-  switch (fp8_linear_path(a, w, out)) {
-    case Fp8Path::Skinny: {
+  const Fp8Path path = fp8_linear_path(a, w, out);
+  switch (path) {
+    case Fp8Path::Skinny:
+    case Fp8Path::SkinnyQuantized: {
       const DevTensor scale = dev(w.scale);
-      CUDA_LAUNCH(launch_skinny_gemm(dev(a), dev(w), &scale, dev(out), stream_), "skinny_gemm_fp8");
+      CUDA_LAUNCH(launch_skinny_gemm(dev(a), dev(w), &scale, dev(out), stream_, path == Fp8Path::SkinnyQuantized),
+                  "skinny_gemm_fp8");
       return;
     }
     case Fp8Path::BlockScaled: {

@@ -1,17 +1,17 @@
 // The row-wise expert GEMMs: small batches (decode) and shapes the grouped tensor-core GEMMs do not
 // take, for BF16 experts and FP8 ones (ops/backend.h Weight: e4m3 codes + one F32 scale per 128 x
 // 128 block, W = code · scale, read as they are: 1 byte per weight; the activations stay BF16, no
-// activation quantization — except on the tensor-core path below, moe_fp8_mma_kernel, which
-// quantizes them as prefill does). One launch per GEMM covers every local expert, reading the segment
-// rows on the device (kernels.h MoeRowSource: the permute's segments, or the router's pairs), so no
-// host synchronization.
-// kGateUp: act[r, n] = silu(bf16(x[tok(r)] · gate[n])) · bf16(x[tok(r)] · up[n]), rounded to bf16
-// like the cuBLAS path (whose GEMMs write bf16). Otherwise: y[r, n] = act[r] · down[n] in F32.
-// Products and sums in fp32; an FP8 block scale multiplies the partial sum of its 16 codes (gemv.cuh
-// Fp8Weights), or each code on the scalar path (code · scale rounded once, as the CPU reference).
+// activation quantization — except on the tensor-core path, moe_fp8_mma_kernel with
+// kernels/fp8_mma.cuh, which quantizes them as prefill does). One launch per GEMM covers every local expert, reading
+// the segment rows on the device (kernels.h MoeRowSource: the permute's segments, or the router's pairs), so no host
+// synchronization. kGateUp: act[r, n] = silu(bf16(x[tok(r)] · gate[n])) · bf16(x[tok(r)] · up[n]), rounded to bf16 like
+// the cuBLAS path (whose GEMMs write bf16). Otherwise: y[r, n] = act[r] · down[n] in F32. Products and sums in fp32; an
+// FP8 block scale multiplies the partial sum of its 16 codes (gemv.cuh Fp8Weights), or each code on the scalar path
+// (code · scale rounded once, as the CPU reference).
 #include <type_traits>
 
 #include "backends/cuda/kernels/common.cuh"
+#include "backends/cuda/kernels/fp8_mma.cuh"
 #include "backends/cuda/kernels/gemv.cuh"
 #include "backends/cuda/kernels/kernels.h"
 
@@ -159,37 +159,16 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
   }
 }
 
-// ---- FP8 experts on the tensor cores at decode sizes: mma.sync m16n8k32 on e4m3 (quantized = true).
-// The widening path above issues ~3.5 instructions per code (each code e4m3 -> half -> fp32, each
-// activation unpacked, an FMA) and is bound by instruction issue at batch 1 (docs/fp8.md). Here a
-// warp's 16 weight rows are an mma's rows (gate‖up: 8 gate rows, then the same 8 up rows, so a
-// lane holds g and u of one output; down: 16 rows) and up to 8 segment rows at a time its columns.
-// The activations are quantized as prefill quantizes them (per row and 128 columns, amax / 448,
-// kernels/fp8.cu), by the whole block into shared memory; the codes go into each warp's own shared
-// memory with cp.async, each lane copying exactly the bytes it reads back (its own wait suffices).
-// Per 128-wide K block the 4 mma accumulate into a temporary that is added times the weight
-// block's and the activation block's scales (prefill's promotion).
-// The order of k inside a block: lane (g, t) copies bytes [16t, 16t + 16) and [64 + 16t, 64 + 16t +
-// 16) of its two rows' block, and step s uses words 2 (s % 2) and 2 (s % 2) + 1 of chunk s / 2 as
-// the mma's k = 4t.. and 16 + 4t..; the activation rows are read in the same order. The sums do not
-// depend on the order of k; this one makes each copy 64 contiguous bytes per row across the warp
-// and each shared-memory read 16 consecutive bytes per lane.
-constexpr int kMmaWarps = 4;
-constexpr int kMmaCols = 8;         // segment rows per group: the mma's n
-constexpr int kMmaPassBlocks = 16;  // K blocks of 128 codes per weight pass (2 KB per block and warp)
-constexpr int kMmaXPad = 64;        // bytes after each quantized activation row: rows g, g + 1 on other banks
-
+// ---- FP8 experts on the tensor cores at decode sizes (quantized = true; kernels/fp8_mma.cuh): a
+// warp's 16 mma rows are 8 gate rows and the same 8 up rows (a lane holds g and u of one output),
+// or 16 down rows; up to 8 segment rows at a time are the columns.
 template <bool kGateUp>
 __host__ __device__ constexpr int mma_outs() {
   return kGateUp ? 8 : 16;  // outputs per warp
 }
-size_t mma_smem_bytes(int64_t k_dim) {
-  const int64_t kb = k_dim / kFp8Blk, pass = kb < kMmaPassBlocks ? kb : kMmaPassBlocks;
-  return static_cast<size_t>(kMmaCols * (k_dim + kMmaXPad) + kMmaCols * kb * 4 + kMmaWarps * pass * 2048);
-}
 
 template <bool kGateUp>
-__global__ void __launch_bounds__(kMmaWarps * 32)
+__global__ void __launch_bounds__(fp8mma::kWarps * 32)
     moe_fp8_mma_kernel(const __nv_bfloat16* __restrict__ in, const MoeRowSource rs, int count, const ExpertTables t,
                        int n_out, int k_dim, void* __restrict__ out) {
   if constexpr (kGateUp) {  // the segments come from the kernel before (as moe_small_gemm_kernel)
@@ -199,98 +178,34 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   int e, begin, end;
   if (!small_gemm_segment(rs, count, e, begin, end)) return;
   extern __shared__ uint4 smem[];
-  const int kb = k_dim / kFp8Blk, pass = min(kb, kMmaPassBlocks), xstride = k_dim + kMmaXPad;
-  auto* const xq = reinterpret_cast<uint8_t*>(smem);                   // [kMmaCols][xstride] codes
-  auto* const xs = reinterpret_cast<float*>(xq + kMmaCols * xstride);  // [kMmaCols][kb] scales
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-  uint4* const wbuf = reinterpret_cast<uint4*>(xs + kMmaCols * kb) + warp * pass * 128;
+  const fp8mma::Tile tile(smem, k_dim, warp);
   constexpr int kOut = mma_outs<kGateUp>();
-  const int n0 = (static_cast<int>(blockIdx.x) * kMmaWarps + warp) * kOut;
+  const int n0 = (static_cast<int>(blockIdx.x) * fp8mma::kWarps + warp) * kOut;
   const bool on = n0 < n_out;  // warps past n_out only quantize and join the barriers
-  // This lane's mma rows g and g + 8: gate and up row n0 + g, or down rows n0 + g and n0 + g + 8
-  // (past n_out the last row: read, never written).
+  // This lane's mma rows: gate and up row n0 + g, or down rows n0 + g and n0 + g + 8 (past n_out
+  // the last row: read, never written).
   const int na = min(n0 + g, n_out - 1), nb = min(n0 + g + (kGateUp ? 0 : 8), n_out - 1);
-  const auto* const wa = static_cast<const uint8_t*>(t.w1[e]) + static_cast<int64_t>(na) * k_dim;
-  const auto* const wb = static_cast<const uint8_t*>(kGateUp ? t.w2[e] : t.w1[e]) + static_cast<int64_t>(nb) * k_dim;
-  const float* const sa = static_cast<const float*>(t.s1[e]) + static_cast<int64_t>(na / kFp8Blk) * kb;
-  const float* const sb =
-      static_cast<const float*>(kGateUp ? t.s2[e] : t.s1[e]) + static_cast<int64_t>(nb / kFp8Blk) * kb;
-  // K blocks b0 .. b0 + pass - 1 of both rows into this warp's buffer: block b, slot q (row a chunk
-  // tq, row a chunk 4 + tq, row b chunk tq, row b chunk 4 + tq) at wbuf[b · 128 + q · 32 + lane].
-  const auto copy_pass = [&](int b0) {
-    if (!on) return;
-    for (int b = 0; b < pass; ++b) {
-      const bool ok = b0 + b < kb;
-      const int64_t off = static_cast<int64_t>(min(b0 + b, kb - 1)) * kFp8Blk + 16 * tq;
-      uint4* const d = wbuf + b * 128 + lane;
-      cp_async16(d, wa + off, ok);
-      cp_async16(d + 32, wa + off + 64, ok);
-      cp_async16(d + 64, wb + off, ok);
-      cp_async16(d + 96, wb + off + 64, ok);
-    }
-  };
-  // Segment rows r0 .. r0 + n_rows - 1 quantized into columns 0 .. n_rows - 1; the other columns
-  // get zero codes and a zero scale (they add nothing). A warp takes a (column, block) pair at a
-  // time, a lane 4 of its 128 values.
-  const auto quantize = [&](int r0, int n_rows) {
-    for (int i = warp; i < kMmaCols * kb; i += kMmaWarps) {
-      const int c = i / kb, b = i - c * kb;
-      uint32_t codes = 0;
-      float scale = 0.0f;
-      if (c < n_rows) {  // warp-uniform
-        const int64_t row = r0 + c;
-        const __nv_bfloat16* x = in + (kGateUp ? small_gemm_token(rs, row) : row) * k_dim + b * kFp8Blk + 4 * lane;
-        const uint2 raw = *reinterpret_cast<const uint2*>(x);
-        const float v[4] = {bf16_lo(raw.x), bf16_hi(raw.x), bf16_lo(raw.y), bf16_hi(raw.y)};
-        scale = fp8_block_scale(warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])))));
-#pragma unroll
-        for (int j = 0; j < 4; ++j) codes |= static_cast<uint32_t>(f32_to_e4m3(v[j] / scale)) << (8 * j);
-      }
-      *reinterpret_cast<uint32_t*>(xq + c * xstride + b * kFp8Blk + 4 * lane) = codes;
-      if (lane == 0) xs[c * kb + b] = scale;
-    }
-  };
-  // The blocks of the pass at b0 into acc (c0, c1: row a at columns 2tq, 2tq + 1; c2, c3: row b).
-  const auto multiply = [&](int b0, float(&acc)[4]) {
-    const int n_b = min(pass, kb - b0);
-    for (int b = 0; b < n_b; ++b) {
-      const int kbi = b0 + b;
-      const uint4* const w = wbuf + b * 128 + lane;
-      const uint4 a_lo = w[0], a_hi = w[32], b_lo = w[64], b_hi = w[96];
-      const uint8_t* const xr = xq + g * xstride + kbi * kFp8Blk + 16 * tq;
-      const uint4 x_lo = *reinterpret_cast<const uint4*>(xr), x_hi = *reinterpret_cast<const uint4*>(xr + 64);
-      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      mma_e4m3(d, a_lo.x, b_lo.x, a_lo.y, b_lo.y, x_lo.x, x_lo.y);
-      mma_e4m3(d, a_lo.z, b_lo.z, a_lo.w, b_lo.w, x_lo.z, x_lo.w);
-      mma_e4m3(d, a_hi.x, b_hi.x, a_hi.y, b_hi.y, x_hi.x, x_hi.y);
-      mma_e4m3(d, a_hi.z, b_hi.z, a_hi.w, b_hi.w, x_hi.z, x_hi.w);
-      const float wsa = __ldg(sa + kbi), wsb = __ldg(sb + kbi);
-      const float x0 = xs[(2 * tq) * kb + kbi], x1 = xs[(2 * tq + 1) * kb + kbi];
-      acc[0] = fmaf(d[0], wsa * x0, acc[0]);
-      acc[1] = fmaf(d[1], wsa * x1, acc[1]);
-      acc[2] = fmaf(d[2], wsb * x0, acc[2]);
-      acc[3] = fmaf(d[3], wsb * x1, acc[3]);
-    }
-  };
+  const int kb = k_dim / kFp8Blk;
+  const fp8mma::Rows rows{
+      static_cast<const uint8_t*>(t.w1[e]) + static_cast<int64_t>(na) * k_dim,
+      static_cast<const uint8_t*>(kGateUp ? t.w2[e] : t.w1[e]) + static_cast<int64_t>(nb) * k_dim,
+      static_cast<const float*>(t.s1[e]) + static_cast<int64_t>(na / kFp8Blk) * kb,
+      static_cast<const float*>(kGateUp ? t.s2[e] : t.s1[e]) + static_cast<int64_t>(nb / kFp8Blk) * kb};
   // The codes are constant: the first pass is in flight before this kernel waits for act (down).
-  copy_pass(0);
+  if (on) fp8mma::copy_pass(tile, rows, 0, lane);
   if constexpr (!kGateUp) {
     pdl_wait();
     pdl_trigger();
   }
-  const bool resident = kb <= kMmaPassBlocks;  // one pass holds the whole row: copied once
-  for (int r0 = begin; r0 < end; r0 += kMmaCols) {
-    const int n_rows = min(kMmaCols, end - r0);
-    if (r0 > begin) __syncthreads();  // every warp is done with the previous group's columns
-    quantize(r0, n_rows);
-    __syncthreads();
+  for (int r0 = begin; r0 < end; r0 += fp8mma::kCols) {
+    const int n_rows = min(fp8mma::kCols, end - r0);
+    const auto x_row = [=](int c) {
+      const int64_t row = r0 + c;
+      return in + (kGateUp ? small_gemm_token(rs, row) : row) * k_dim;
+    };
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int b0 = 0; b0 < kb; b0 += pass) {
-      if (!resident && (r0 > begin || b0 > 0)) copy_pass(b0);  // a lane overwrites only what it read
-      cp_async_commit();
-      cp_async_wait<0>();
-      if (on) multiply(b0, acc);
-    }
+    fp8mma::group_product(tile, rows, on, r0 == begin, n_rows, x_row, warp, lane, acc);
     if (!on) continue;
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -365,13 +280,14 @@ cudaError_t launch_rowwise(const DevTensor& x, const MoeRowSource& rs, int count
   if constexpr (std::is_same_v<F, Fp8Weights>) {
     if (quantized) {
       if (!vectorized || !moe_rowwise_fp8_quantized_supported(hidden, inter)) return cudaErrorInvalidValue;
+      constexpr int kW = fp8mma::kWarps;
       const auto grid = [&](int n_out, int outs) {
-        return dim3(static_cast<unsigned>((n_out + kMmaWarps * outs - 1) / (kMmaWarps * outs)), ey);
+        return dim3(static_cast<unsigned>((n_out + kW * outs - 1) / (kW * outs)), ey);
       };
-      const cudaError_t err = launch_k(moe_fp8_mma_kernel<true>, grid(n_i, mma_outs<true>()), kMmaWarps * 32,
-                                       mma_smem_bytes(hidden), stream, xp, rs, count, t1, n_i, n_h, act);
+      const cudaError_t err = launch_k(moe_fp8_mma_kernel<true>, grid(n_i, mma_outs<true>()), kW * 32,
+                                       fp8mma::smem_bytes(hidden), stream, xp, rs, count, t1, n_i, n_h, act);
       if (err != cudaSuccess) return err;
-      return launch_k(moe_fp8_mma_kernel<false>, grid(n_h, mma_outs<false>()), kMmaWarps * 32, mma_smem_bytes(inter),
+      return launch_k(moe_fp8_mma_kernel<false>, grid(n_h, mma_outs<false>()), kW * 32, fp8mma::smem_bytes(inter),
                       stream, actp, rs, count, t2, n_h, n_i, y);
     }
   }
@@ -422,8 +338,7 @@ cudaError_t launch_moe_rowwise_gemms_fp8(const DevTensor& x, const MoeRowSource&
 }
 
 bool moe_rowwise_fp8_quantized_supported(int64_t hidden, int64_t inter) {
-  return hidden > 0 && inter > 0 && hidden % kFp8Blk == 0 && inter % kFp8Blk == 0 && hidden <= (int64_t{1} << 20) &&
-         inter <= (int64_t{1} << 20) && mma_smem_bytes(hidden) <= 227 * 1024 && mma_smem_bytes(inter) <= 227 * 1024;
+  return fp8mma::supported(hidden) && fp8mma::supported(inter);
 }
 
 }  // namespace cpinfer::cuda

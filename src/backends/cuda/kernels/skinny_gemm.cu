@@ -8,6 +8,7 @@
 // each paying a launch and a latency-bound tail. cuBLAS's kernels for these shapes read w at a
 // fraction of the bandwidth.
 #include "backends/cuda/kernels/common.cuh"
+#include "backends/cuda/kernels/fp8_mma.cuh"
 #include "backends/cuda/kernels/gemv.cuh"
 #include "backends/cuda/kernels/kernels.h"
 
@@ -81,6 +82,55 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// FP8 weights with the activations quantized (quantized = true), on the tensor cores
+// (kernels/fp8_mma.cuh): a warp's 16 mma rows are 16 rows of one segment's weight, the columns the
+// m rows of a; the warps are numbered across the segments as above, 16 rows each.
+constexpr int kMmaRows = 16;
+template <class TO>
+__global__ void __launch_bounds__(fp8mma::kWarps * 32)
+    skinny_fp8_mma_kernel(const __nv_bfloat16* __restrict__ a, const __grid_constant__ Segs s, int m, int k) {
+  extern __shared__ uint4 smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const int gw = static_cast<int>(blockIdx.x) * fp8mma::kWarps + warp;
+  int seg = 0;
+#pragma unroll
+  for (int i = 0; i + 1 < kSkinnyMaxSegs; ++i)
+    if (i + 1 < s.count && gw >= s.warp_end[i]) seg = i + 1;
+  const int first = seg > 0 ? pick(s.warp_end, seg - 1) : 0;
+  const bool on = gw < pick(s.warp_end, seg);  // the last block's spare warps only join the barriers
+  const int n = pick(s.n, seg), n0 = (gw - first) * kMmaRows, kb = k / kFp8Blk;
+  const auto* const w = static_cast<const uint8_t*>(pick(s.w, seg));
+  const float* const scale = pick(s.scale, seg);
+  const int na = min(n0 + g, n - 1), nb = min(n0 + g + 8, n - 1);  // past n: the last row, never written
+  const fp8mma::Rows rows{w + static_cast<int64_t>(na) * k, w + static_cast<int64_t>(nb) * k,
+                          scale + static_cast<int64_t>(na / kFp8Blk) * kb,
+                          scale + static_cast<int64_t>(nb / kFp8Blk) * kb};
+  const fp8mma::Tile tile(smem, k, warp);
+  if (on) fp8mma::copy_pass(tile, rows, 0, lane);  // the codes are constant: in flight before the wait
+  pdl_wait();
+  pdl_trigger();
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  fp8mma::group_product(
+      tile, rows, on, true, m, [=](int c) { return a + static_cast<int64_t>(c) * k; }, warp, lane, acc);
+  if (!on) return;
+  TO* const out = static_cast<TO*>(pick(s.out, seg));
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int c = 2 * tq + j;
+    if (c >= m) continue;
+    if (n0 + g < n) out[static_cast<int64_t>(c) * n + n0 + g] = from_f32<TO>(acc[j]);
+    if (n0 + g + 8 < n) out[static_cast<int64_t>(c) * n + n0 + g + 8] = from_f32<TO>(acc[2 + j]);
+  }
+}
+
+template <class TO>
+cudaError_t launch_mma(const __nv_bfloat16* a, Segs s, int m, int k, cudaStream_t stream) {
+  int warps = 0;
+  for (int i = 0; i < s.count; ++i) s.warp_end[i] = warps += (s.n[i] + kMmaRows - 1) / kMmaRows;
+  const unsigned grid = static_cast<unsigned>((warps + fp8mma::kWarps - 1) / fp8mma::kWarps);
+  return launch_k(skinny_fp8_mma_kernel<TO>, grid, fp8mma::kWarps * 32, fp8mma::smem_bytes(k), stream, a, s, m, k);
+}
+
 // Columns per warp and chunks per pass: 16 copies of 16 bytes in flight per lane (BF16: two weight
 // rows of K = 2048, or one of 4096; FP8: four rows of 2048 codes, or two of 4096) and 8 KB of
 // shared memory per warp. An FP8 chunk holds twice the weights: twice the rows, half the chunks.
@@ -121,7 +171,7 @@ bool skinny_gemm_supported(const DevTensor& a, const DevTensor& w, const DevTens
 }
 
 cudaError_t launch_skinny_gemms(const DevTensor& a, const DevTensor* w, const DevTensor* scale, DevTensor* out,
-                                int count, cudaStream_t stream) {
+                                int count, cudaStream_t stream, bool quantized) {
   if (count < 1 || count > kSkinnyMaxSegs) return cudaErrorInvalidValue;
   const bool fp8 = w[0].dtype == DType::F8E4M3;
   Segs s{};
@@ -139,12 +189,21 @@ cudaError_t launch_skinny_gemms(const DevTensor& a, const DevTensor* w, const De
   s.count = count;
   if (cols == 0 || a.cols() == 0) return cols == 0 ? cudaSuccess : cudaErrorInvalidValue;
   if (cols > (int64_t{1} << 30)) return cudaErrorInvalidValue;
+  if (quantized) {
+    if (!fp8 || !skinny_fp8_quantized_supported(a.cols())) return cudaErrorInvalidValue;
+    const int m = static_cast<int>(a.rows()), k = static_cast<int>(a.cols());
+    const auto* ap = a.ptr<const __nv_bfloat16>();
+    return out[0].dtype == DType::F32 ? launch_mma<float>(ap, s, m, k, stream)
+                                      : launch_mma<__nv_bfloat16>(ap, s, m, k, stream);
+  }
   return fp8 ? launch_f<Fp8Weights>(a, s, out[0].dtype, stream) : launch_f<Bf16Weights>(a, s, out[0].dtype, stream);
 }
 
+bool skinny_fp8_quantized_supported(int64_t k) { return fp8mma::supported(k); }
+
 cudaError_t launch_skinny_gemm(const DevTensor& a, const DevTensor& w, const DevTensor* scale, DevTensor out,
-                               cudaStream_t stream) {
-  return launch_skinny_gemms(a, &w, scale, &out, 1, stream);
+                               cudaStream_t stream, bool quantized) {
+  return launch_skinny_gemms(a, &w, scale, &out, 1, stream, quantized);
 }
 
 }  // namespace cpinfer::cuda
