@@ -167,6 +167,7 @@ TEST_F(Fp8Ops, LinearsInOneLaunch) {
   };
   for (const Case& c : std::vector<Case>{{1, 2048, {4096, 512, 512}, DType::BF16, false},
                                          {2, 320, {130, 7, 64}, DType::F32, false},
+                                         {2, 2048, {130, 7, 64}, DType::F32, false},  // segments off 16 rows
                                          {1, 4112, {33, 1}, DType::BF16, false},
                                          {2, 2048, {5}, DType::BF16, false},
                                          {1, 2048, {512, 256}, DType::BF16, true},
