@@ -35,6 +35,20 @@ __device__ __forceinline__ T pick(const T (&v)[kSkinnyMaxSegs], int i) {
   return r;
 }
 
+// Global warp gw's segment, the segment's first warp, and whether gw has rows (the last block's
+// spare warps only join the barriers).
+struct WarpSeg {
+  int seg, first;
+  bool active;
+};
+__device__ __forceinline__ WarpSeg warp_segment(const Segs& s, int gw) {
+  int seg = 0;
+#pragma unroll
+  for (int i = 0; i + 1 < kSkinnyMaxSegs; ++i)
+    if (i + 1 < s.count && gw >= s.warp_end[i]) seg = i + 1;
+  return {seg, seg > 0 ? pick(s.warp_end, seg - 1) : 0, gw < pick(s.warp_end, seg)};
+}
+
 // Shared memory: a's M rows, then each warp's buffer.
 template <class F, int M, int C, int CH>
 size_t smem_bytes(int k) {
@@ -47,13 +61,10 @@ __global__ void __launch_bounds__(kWarps * 32)
   extern __shared__ uint4 smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gw = static_cast<int>(blockIdx.x) * kWarps + warp;
-  int seg = 0;
-#pragma unroll
-  for (int i = 0; i + 1 < kSkinnyMaxSegs; ++i)
-    if (i + 1 < s.count && gw >= s.warp_end[i]) seg = i + 1;
-  const int first = seg > 0 ? pick(s.warp_end, seg - 1) : 0;
-  const bool active = gw < pick(s.warp_end, seg);  // the last block's spare warps only join the barrier
-  const int n = pick(s.n, seg), n0 = (gw - first) * C, n_cols = active ? min(C, n - n0) : 1;
+  const WarpSeg ws = warp_segment(s, gw);
+  const int seg = ws.seg;
+  const bool active = ws.active;
+  const int n = pick(s.n, seg), n0 = (gw - ws.first) * C, n_cols = active ? min(C, n - n0) : 1;
   const void* const w = pick(s.w, seg);
   const float* const scale = pick(s.scale, seg);
   WeightRows<C> wr;
@@ -92,13 +103,10 @@ __global__ void __launch_bounds__(fp8mma::kWarps * 32)
   extern __shared__ uint4 smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   const int gw = static_cast<int>(blockIdx.x) * fp8mma::kWarps + warp;
-  int seg = 0;
-#pragma unroll
-  for (int i = 0; i + 1 < kSkinnyMaxSegs; ++i)
-    if (i + 1 < s.count && gw >= s.warp_end[i]) seg = i + 1;
-  const int first = seg > 0 ? pick(s.warp_end, seg - 1) : 0;
-  const bool on = gw < pick(s.warp_end, seg);  // the last block's spare warps only join the barriers
-  const int n = pick(s.n, seg), n0 = (gw - first) * kMmaRows, kb = k / kFp8Blk;
+  const WarpSeg ws = warp_segment(s, gw);
+  const int seg = ws.seg;
+  const bool on = ws.active;
+  const int n = pick(s.n, seg), n0 = (gw - ws.first) * kMmaRows, kb = k / kFp8Blk;
   const auto* const w = static_cast<const uint8_t*>(pick(s.w, seg));
   const float* const scale = pick(s.scale, seg);
   const int na = min(n0 + g, n - 1), nb = min(n0 + g + 8, n - 1);  // past n: the last row, never written
