@@ -160,15 +160,15 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
 }
 
 // ---- FP8 experts on the tensor cores at decode sizes (quantized = true; kernels/fp8_mma.cuh): a
-// warp's 16 mma rows are 8 gate rows and the same 8 up rows (a lane holds g and u of one output),
-// or 16 down rows; up to 8 segment rows at a time are the columns.
+// block's tile of 16 mma rows is 8 gate rows and the same 8 up rows (a lane holds g and u of one
+// output), or 16 down rows, its warps splitting K; up to 8 segment rows at a time are the columns.
 template <bool kGateUp>
 __host__ __device__ constexpr int mma_outs() {
-  return kGateUp ? 8 : 16;  // outputs per warp
+  return kGateUp ? 8 : 16;  // outputs per block
 }
 
 template <bool kGateUp>
-__global__ void __launch_bounds__(fp8mma::kWarps * 32)
+__global__ void __launch_bounds__(fp8mma::kMaxWarps * 32)
     moe_fp8_mma_kernel(const __nv_bfloat16* __restrict__ in, const MoeRowSource rs, int count, const ExpertTables t,
                        int n_out, int k_dim, void* __restrict__ out) {
   if constexpr (kGateUp) {  // the segments come from the kernel before (as moe_small_gemm_kernel)
@@ -177,12 +177,11 @@ __global__ void __launch_bounds__(fp8mma::kWarps * 32)
   }
   int e, begin, end;
   if (!small_gemm_segment(rs, count, e, begin, end)) return;
-  extern __shared__ uint4 smem[];
+  __shared__ fp8mma::Reduce red;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-  const fp8mma::Tile tile(smem, k_dim, warp);
+  const int n_warps = static_cast<int>(blockDim.x >> 5);
   constexpr int kOut = mma_outs<kGateUp>();
-  const int n0 = (static_cast<int>(blockIdx.x) * fp8mma::kWarps + warp) * kOut;
-  const bool on = n0 < n_out;  // warps past n_out only quantize and join the barriers
+  const int n0 = static_cast<int>(blockIdx.x) * kOut;  // < n_out: the grid covers n_out
   // This lane's mma rows: gate and up row n0 + g, or down rows n0 + g and n0 + g + 8 (past n_out
   // the last row: read, never written).
   const int na = min(n0 + g, n_out - 1), nb = min(n0 + g + (kGateUp ? 0 : 8), n_out - 1);
@@ -193,20 +192,19 @@ __global__ void __launch_bounds__(fp8mma::kWarps * 32)
       static_cast<const float*>(t.s1[e]) + static_cast<int64_t>(na / kFp8Blk) * kb,
       static_cast<const float*>(kGateUp ? t.s2[e] : t.s1[e]) + static_cast<int64_t>(nb / kFp8Blk) * kb};
   // The codes are constant: the first pass is in flight before this kernel waits for act (down).
-  if (on) fp8mma::copy_pass(tile, rows, 0, lane);
+  fp8mma::Pass pass;
+  fp8mma::load_pass(pass, rows, warp * fp8mma::kChunk, kb, lane);
   if constexpr (!kGateUp) {
     pdl_wait();
     pdl_trigger();
   }
   for (int r0 = begin; r0 < end; r0 += fp8mma::kCols) {
     const int n_rows = min(fp8mma::kCols, end - r0);
-    const auto x_row = [=](int c) {
-      const int64_t row = r0 + c;
-      return in + (kGateUp ? small_gemm_token(rs, row) : row) * k_dim;
-    };
+    const __nv_bfloat16* x = nullptr;  // this lane's activation row r0 + g
+    if (g < n_rows) x = in + (kGateUp ? small_gemm_token(rs, r0 + g) : static_cast<int64_t>(r0 + g)) * k_dim;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    fp8mma::group_product(tile, rows, on, r0 == begin, n_rows, x_row, warp, lane, acc);
-    if (!on) continue;
+    fp8mma::warp_product(rows, kb, x, warp, n_warps, lane, r0 == begin, pass, acc);
+    if (!fp8mma::block_sum(red, warp, n_warps, lane, acc)) continue;
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int c = 2 * tq + j;
@@ -280,15 +278,12 @@ cudaError_t launch_rowwise(const DevTensor& x, const MoeRowSource& rs, int count
   if constexpr (std::is_same_v<F, Fp8Weights>) {
     if (quantized) {
       if (!vectorized || !moe_rowwise_fp8_quantized_supported(hidden, inter)) return cudaErrorInvalidValue;
-      constexpr int kW = fp8mma::kWarps;
-      const auto grid = [&](int n_out, int outs) {
-        return dim3(static_cast<unsigned>((n_out + kW * outs - 1) / (kW * outs)), ey);
-      };
-      const cudaError_t err = launch_k(moe_fp8_mma_kernel<true>, grid(n_i, mma_outs<true>()), kW * 32,
-                                       fp8mma::smem_bytes(hidden), stream, xp, rs, count, t1, n_i, n_h, act);
+      const auto grid = [&](int n_out, int outs) { return dim3(static_cast<unsigned>((n_out + outs - 1) / outs), ey); };
+      const cudaError_t err = launch_k(moe_fp8_mma_kernel<true>, grid(n_i, mma_outs<true>()), fp8mma::warps(n_h) * 32,
+                                       0, stream, xp, rs, count, t1, n_i, n_h, act);
       if (err != cudaSuccess) return err;
-      return launch_k(moe_fp8_mma_kernel<false>, grid(n_h, mma_outs<false>()), kW * 32, fp8mma::smem_bytes(inter),
-                      stream, actp, rs, count, t2, n_h, n_i, y);
+      return launch_k(moe_fp8_mma_kernel<false>, grid(n_h, mma_outs<false>()), fp8mma::warps(n_i) * 32, 0, stream, actp,
+                      rs, count, t2, n_h, n_i, y);
     }
   }
   if (!vectorized) {

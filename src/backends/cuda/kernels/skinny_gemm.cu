@@ -94,33 +94,33 @@ __global__ void __launch_bounds__(kWarps * 32)
 }
 
 // FP8 weights with the activations quantized (quantized = true), on the tensor cores
-// (kernels/fp8_mma.cuh): a warp's 16 mma rows are 16 rows of one segment's weight, the columns the
-// m rows of a; the warps are numbered across the segments as above, 16 rows each.
+// (kernels/fp8_mma.cuh): a block's 16 mma rows are 16 rows of one segment's weight (its warps split
+// K), the columns the m rows of a; the tiles are numbered across the segments (warp_end counts
+// tiles here).
 constexpr int kMmaRows = 16;
 template <class TO>
-__global__ void __launch_bounds__(fp8mma::kWarps * 32)
+__global__ void __launch_bounds__(fp8mma::kMaxWarps * 32)
     skinny_fp8_mma_kernel(const __nv_bfloat16* __restrict__ a, const __grid_constant__ Segs s, int m, int k) {
-  extern __shared__ uint4 smem[];
+  __shared__ fp8mma::Reduce red;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-  const int gw = static_cast<int>(blockIdx.x) * fp8mma::kWarps + warp;
-  const WarpSeg ws = warp_segment(s, gw);
-  const int seg = ws.seg;
-  const bool on = ws.active;
-  const int n = pick(s.n, seg), n0 = (gw - ws.first) * kMmaRows, kb = k / kFp8Blk;
+  const int n_warps = static_cast<int>(blockDim.x >> 5);
+  const WarpSeg ts = warp_segment(s, static_cast<int>(blockIdx.x));  // the grid is the tiles: all active
+  const int seg = ts.seg;
+  const int n = pick(s.n, seg), n0 = (static_cast<int>(blockIdx.x) - ts.first) * kMmaRows, kb = k / kFp8Blk;
   const auto* const w = static_cast<const uint8_t*>(pick(s.w, seg));
   const float* const scale = pick(s.scale, seg);
   const int na = min(n0 + g, n - 1), nb = min(n0 + g + 8, n - 1);  // past n: the last row, never written
   const fp8mma::Rows rows{w + static_cast<int64_t>(na) * k, w + static_cast<int64_t>(nb) * k,
                           scale + static_cast<int64_t>(na / kFp8Blk) * kb,
                           scale + static_cast<int64_t>(nb / kFp8Blk) * kb};
-  const fp8mma::Tile tile(smem, k, warp);
-  if (on) fp8mma::copy_pass(tile, rows, 0, lane);  // the codes are constant: in flight before the wait
+  fp8mma::Pass pass;
+  fp8mma::load_pass(pass, rows, warp * fp8mma::kChunk, kb, lane);  // the codes are constant: before the wait
   pdl_wait();
   pdl_trigger();
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  fp8mma::group_product(
-      tile, rows, on, true, m, [=](int c) { return a + static_cast<int64_t>(c) * k; }, warp, lane, acc);
-  if (!on) return;
+  fp8mma::warp_product(rows, kb, g < m ? a + static_cast<int64_t>(g) * k : nullptr, warp, n_warps, lane, true, pass,
+                       acc);
+  if (!fp8mma::block_sum(red, warp, n_warps, lane, acc)) return;
   TO* const out = static_cast<TO*>(pick(s.out, seg));
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
@@ -133,10 +133,10 @@ __global__ void __launch_bounds__(fp8mma::kWarps * 32)
 
 template <class TO>
 cudaError_t launch_mma(const __nv_bfloat16* a, Segs s, int m, int k, cudaStream_t stream) {
-  int warps = 0;
-  for (int i = 0; i < s.count; ++i) s.warp_end[i] = warps += (s.n[i] + kMmaRows - 1) / kMmaRows;
-  const unsigned grid = static_cast<unsigned>((warps + fp8mma::kWarps - 1) / fp8mma::kWarps);
-  return launch_k(skinny_fp8_mma_kernel<TO>, grid, fp8mma::kWarps * 32, fp8mma::smem_bytes(k), stream, a, s, m, k);
+  int tiles = 0;
+  for (int i = 0; i < s.count; ++i) s.warp_end[i] = tiles += (s.n[i] + kMmaRows - 1) / kMmaRows;
+  return launch_k(skinny_fp8_mma_kernel<TO>, static_cast<unsigned>(tiles), fp8mma::warps(k) * 32, 0, stream, a, s, m,
+                  k);
 }
 
 // Columns per warp and chunks per pass: 16 copies of 16 bytes in flight per lane (BF16: two weight
