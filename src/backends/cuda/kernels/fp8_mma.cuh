@@ -35,9 +35,9 @@
 
 namespace cpinfer::cuda::fp8mma {
 
-constexpr int kCols = 8;      // activation rows per group: the mma's n
-constexpr int kChunk = 4;     // 128-code blocks per warp and pass
-constexpr int kMaxWarps = 8;  // warps per block (K = 4096: 8 passes of 4 blocks, one per warp)
+constexpr int kCols = 8;       // activation rows per group: the mma's n
+constexpr int kChunk = 2;      // 128-code blocks per warp and pass
+constexpr int kMaxWarps = 16;  // warps per block (K = 4096: 16 passes of 2 blocks, one per warp)
 
 __host__ __device__ constexpr int warps(int k) {
   const int passes = (k / kFp8Blk + kChunk - 1) / kChunk;
@@ -81,19 +81,34 @@ __device__ __forceinline__ void load_pass(Pass& p, const Rows& r, int b0, int kb
   }
 }
 
-// This lane's e4m3 codes of activation row x (nullptr: a row past n_rows, zero codes) in block b, in
-// the order of its weight words (q[0..3]: columns 16t.. 16t + 15, q[4..7]: 64 + 16t ..), and the
-// block's scale. Every lane of the warp calls it (the shuffles).
-__device__ __forceinline__ float quantize_block(const __nv_bfloat16* x, int b, int lane, uint32_t (&q)[8]) {
+__device__ __forceinline__ uint4 ld_act(const __nv_bfloat16* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+
+// The 32 BF16 values of activation row x (nullptr: a row past n_rows, zeros) that meet this lane's
+// codes in each block of the pass at b0: columns 16t .. 16t + 15 and 64 + 16t .. 64 + 16t + 15.
+// Issued together with the pass's weights, before anything waits for them.
+__device__ __forceinline__ void load_act(uint4 (&raw)[kChunk][4], const __nv_bfloat16* x, int b0, int kb, int lane) {
   const int t = lane & 3;
-  uint4 raw[4] = {};
-  if (x) {
-    const uint4* const p = reinterpret_cast<const uint4*>(x + b * kFp8Blk + 16 * t);
-    raw[0] = p[0];
-    raw[1] = p[1];
-    raw[2] = p[4];  // + 64 values
-    raw[3] = p[5];
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    raw[j][0] = raw[j][1] = raw[j][2] = raw[j][3] = make_uint4(0, 0, 0, 0);
+    if (x && b0 + j < kb) {
+      const __nv_bfloat16* const p = x + (b0 + j) * kFp8Blk + 16 * t;
+      raw[j][0] = ld_act(p);
+      raw[j][1] = ld_act(p + 8);
+      raw[j][2] = ld_act(p + 64);
+      raw[j][3] = ld_act(p + 72);
+    }
   }
+}
+
+// The e4m3 codes of one block's raw values (load_act) in the order of the lane's weight words (q[0..3]:
+// columns 16t .. 16t + 15, q[4..7]: 64 + 16t ..) and the block's scale (0 for a row past n_rows,
+// whose codes are 0). Every lane of the warp calls it (the shuffles).
+__device__ __forceinline__ float quantize_block(const uint4 (&raw)[4], bool row, uint32_t (&q)[8]) {
   float v[32];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -118,7 +133,7 @@ __device__ __forceinline__ float quantize_block(const __nv_bfloat16* x, int b, i
         __nv_cvt_float2_to_fp8x2(make_float2(v[4 * i + 2] * inv, v[4 * i + 3] * inv), __NV_SATFINITE, __NV_E4M3);
     q[i] = lo | (hi << 16);
   }
-  return x ? scale : 0.0f;
+  return row ? scale : 0.0f;
 }
 
 // acc += this warp's share of the tile's 16 rows times the activation rows: x is this lane's row g
@@ -129,12 +144,14 @@ __device__ __forceinline__ void warp_product(const Rows& r, int kb, const __nv_b
   const int t = lane & 3;
   for (int b0 = warp * kChunk; b0 < kb; b0 += n_warps * kChunk) {
     if (!first || b0 != warp * kChunk) load_pass(p, r, b0, kb, lane);
+    uint4 raw[kChunk][4];
+    load_act(raw, x, b0, kb, lane);
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) {
       const int b = b0 + j;
       if (b >= kb) break;  // warp-uniform
       uint32_t q[8];
-      const float xs = quantize_block(x, b, lane, q);
+      const float xs = quantize_block(raw[j], x != nullptr, q);
       const float x0 = __shfl_sync(0xffffffffu, xs, 8 * t), x1 = __shfl_sync(0xffffffffu, xs, 8 * t + 4);
       const uint4 a_lo = p.v[j][0], a_hi = p.v[j][1], b_lo = p.v[j][2], b_hi = p.v[j][3];
       float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};

@@ -80,7 +80,12 @@ cudaError_t launch_convert(const DevTensor& src, DevTensor dst, cudaStream_t str
 // [ceil(N/128), ceil(K/128)], W = code · scale; 1 byte read per weight), 16-byte aligned. Two rows
 // at most: at 8 rows the 30B-A3B decode step was 3.7 ms slower than on cuBLAS (H200).
 inline constexpr int64_t kSkinnyMaxRows = 2;
-bool skinny_gemm_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out);
+// The quantized FP8 path (below) takes up to 8 rows: they are the columns of one m16n8k32 mma, so
+// 8 rows read the codes once, as 1 row does (the 30B-A3B shape at 8 rows: cuBLASLt's block-scaled
+// GEMM after a quantizing kernel otherwise).
+inline constexpr int64_t kSkinnyFp8QuantizedMaxRows = 8;
+bool skinny_gemm_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out,
+                           int64_t max_rows = kSkinnyMaxRows);
 // scale: the FP8 weight's scales (nullptr for BF16). quantized (FP8 weights, compute capability >=
 // 8.9, skinny_fp8_quantized_supported(K)): a's rows are quantized per 128 columns as prefill does
 // and the products run on the tensor cores (kernels/fp8_mma.cuh); otherwise a stays BF16 and the

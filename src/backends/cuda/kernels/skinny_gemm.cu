@@ -1,4 +1,5 @@
-// out = a · wᵀ for one or two rows (decode: M <= kSkinnyMaxRows), BF16 a, fp32 accumulation, BF16
+// out = a · wᵀ for one or two rows (decode: M <= kSkinnyMaxRows; up to 8 on the quantized FP8 path
+// below), BF16 a, fp32 accumulation, BF16
 // or F32 out; w BF16 or FP8 (e4m3 codes + one F32 scale per 128 x 128 block, W = code · scale: the
 // codes are read as they are, 1 byte per weight). At such M a GEMM is a read of w, once: each warp
 // streams C rows of w through warp_dots (gemv.cuh: a pass of copies in flight before the first
@@ -168,13 +169,13 @@ cudaError_t launch_f(const DevTensor& a, const Segs& s, DType out_dtype, cudaStr
 
 }  // namespace
 
-bool skinny_gemm_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out) {
+bool skinny_gemm_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out, int64_t max_rows) {
   // K bounded by the shared memory that holds a's rows (kSkinnyMaxRows x 16K BF16 = 64 KB); FP8
   // codes come 16 to a chunk.
   const int64_t k_align = w.dtype == DType::F8E4M3 ? 16 : 8;
   return a.dtype == DType::BF16 && (w.dtype == DType::BF16 || w.dtype == DType::F8E4M3) &&
          (out.dtype == DType::BF16 || out.dtype == DType::F32) && a.ndim == 2 && w.ndim == 2 && a.rows() >= 1 &&
-         a.rows() <= kSkinnyMaxRows && a.cols() % k_align == 0 && a.cols() == w.cols() && a.cols() <= 16384 &&
+         a.rows() <= max_rows && a.cols() % k_align == 0 && a.cols() == w.cols() && a.cols() <= 16384 &&
          w.dim(0) <= (int64_t{1} << 30) && aligned16(a.data) && aligned16(w.data);
 }
 
@@ -198,12 +199,14 @@ cudaError_t launch_skinny_gemms(const DevTensor& a, const DevTensor* w, const De
   if (cols == 0 || a.cols() == 0) return cols == 0 ? cudaSuccess : cudaErrorInvalidValue;
   if (cols > (int64_t{1} << 30)) return cudaErrorInvalidValue;
   if (quantized) {
-    if (!fp8 || !skinny_fp8_quantized_supported(a.cols())) return cudaErrorInvalidValue;
+    if (!fp8 || !skinny_fp8_quantized_supported(a.cols()) || a.rows() > kSkinnyFp8QuantizedMaxRows)
+      return cudaErrorInvalidValue;
     const int m = static_cast<int>(a.rows()), k = static_cast<int>(a.cols());
     const auto* ap = a.ptr<const __nv_bfloat16>();
     return out[0].dtype == DType::F32 ? launch_mma<float>(ap, s, m, k, stream)
                                       : launch_mma<__nv_bfloat16>(ap, s, m, k, stream);
   }
+  if (a.rows() > kSkinnyMaxRows) return cudaErrorInvalidValue;
   return fp8 ? launch_f<Fp8Weights>(a, s, out[0].dtype, stream) : launch_f<Bf16Weights>(a, s, out[0].dtype, stream);
 }
 
