@@ -185,8 +185,9 @@ cudaError_t launch_skinny_gemms(const DevTensor& a, const DevTensor* w, const De
   const bool fp8 = w[0].dtype == DType::F8E4M3;
   Segs s{};
   int64_t cols = 0;
+  const int64_t max_rows = quantized ? kSkinnyFp8QuantizedMaxRows : kSkinnyMaxRows;
   for (int i = 0; i < count; ++i) {
-    if (!skinny_gemm_supported(a, w[i], out[i]) || out[i].dtype != out[0].dtype || w[i].dtype != w[0].dtype ||
+    if (!skinny_gemm_supported(a, w[i], out[i], max_rows) || out[i].dtype != out[0].dtype || w[i].dtype != w[0].dtype ||
         (fp8 && (scale == nullptr || scale[i].data == nullptr)))
       return cudaErrorInvalidValue;
     s.w[i] = w[i].data;
@@ -199,14 +200,12 @@ cudaError_t launch_skinny_gemms(const DevTensor& a, const DevTensor* w, const De
   if (cols == 0 || a.cols() == 0) return cols == 0 ? cudaSuccess : cudaErrorInvalidValue;
   if (cols > (int64_t{1} << 30)) return cudaErrorInvalidValue;
   if (quantized) {
-    if (!fp8 || !skinny_fp8_quantized_supported(a.cols()) || a.rows() > kSkinnyFp8QuantizedMaxRows)
-      return cudaErrorInvalidValue;
+    if (!fp8 || !skinny_fp8_quantized_supported(a.cols())) return cudaErrorInvalidValue;
     const int m = static_cast<int>(a.rows()), k = static_cast<int>(a.cols());
     const auto* ap = a.ptr<const __nv_bfloat16>();
     return out[0].dtype == DType::F32 ? launch_mma<float>(ap, s, m, k, stream)
                                       : launch_mma<__nv_bfloat16>(ap, s, m, k, stream);
   }
-  if (a.rows() > kSkinnyMaxRows) return cudaErrorInvalidValue;
   return fp8 ? launch_f<Fp8Weights>(a, s, out[0].dtype, stream) : launch_f<Bf16Weights>(a, s, out[0].dtype, stream);
 }
 
