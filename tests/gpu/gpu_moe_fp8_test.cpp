@@ -1,8 +1,6 @@
 // CUDA moe_experts with FP8 experts (cuda_moe_fp8.cpp) vs CPU references, on every path:
-//   row-wise kernels (decode-sized batches, shapes off the 128 blocks): on Hopper with H and I
-//     multiples of 128 on the tensor cores with the activations quantized (as the block-scaled paths
-//     below, against the same references), otherwise BF16 activations, against the CPU back-end's
-//     FP8 moe_experts (exact dequantize-then-fp32) at the BF16 paths' tolerance;
+//   row-wise kernels (decode-sized batches, shapes off the 128 blocks): BF16 activations, against
+//     the CPU back-end's FP8 moe_experts (exact dequantize-then-fp32) at the BF16 paths' tolerance;
 //   block-scaled paths, each against a host reference that applies the same activation
 //     quantization (x per token, act per row, per 128 columns; g, u and act rounded to BF16 as the
 //     kernels do; y rounded to BF16 where the path writes it so) at a tight tolerance, against the
@@ -246,10 +244,8 @@ class MoeFp8Test : public GpuOpsTest {
     };
     auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
     const bool blocked = cuda.moe_fp8_blocked(t * k, ex.cpu.count, ex.h, ex.inter, true);
-    // The row-wise kernels on the tensor cores quantize the activations as the block-scaled paths do.
-    const bool rowwise_quantized = !blocked && cuda.moe_fp8_rowwise_quantized(ex.h, ex.inter, true);
     const std::vector<float> exact = exact_reference(in, ex, tokens);
-    const QuantizedRef quant = blocked || rowwise_quantized ? quantized_reference(in, ex, tokens) : QuantizedRef{};
+    const QuantizedRef quant = blocked ? quantized_reference(in, ex, tokens) : QuantizedRef{};
     const std::string sh = name + " T=" + std::to_string(t) + " H=" + std::to_string(ex.h) +
                            " I=" + std::to_string(ex.inter) + " E=" + std::to_string(ex.cpu.n_experts) +
                            " K=" + std::to_string(k) + " local=" + std::to_string(ex.cpu.first) + "+" +
@@ -266,9 +262,6 @@ class MoeFp8Test : public GpuOpsTest {
         expect_close(op + ".vs_quantized_ref", sh, s, path == "auto" ? quant.y_bf16 : quant.y_f32, 5e-5, 0.1);
         // Two quantized operands (x, act): nmse ~2e-3 against the unquantized product.
         expect_close(op + ".vs_exact_ref", sh, s, exact, 1e-2, 1.0);
-      } else if (rowwise_quantized) {
-        expect_close("moe.fp8.rowwise_mma." + path + ".vs_quantized_ref", sh, s, quant.y_f32, 5e-5, 0.1);
-        expect_close("moe.fp8.rowwise_mma." + path + ".vs_exact_ref", sh, s, exact, 1e-2, 1.0);
       } else {
         // bf16 rounding of g, u, act and out, as the BF16 paths (gpu_moe_test: 1e-4).
         expect_close("moe.fp8.rowwise." + path, sh, s, exact, 1e-4, 0.15);

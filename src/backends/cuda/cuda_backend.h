@@ -72,8 +72,9 @@ class CudaBackend : public Backend {
   //                padded to a multiple of 4 (Hopper, K % 128 == 0, N % 16 == 0, and cuBLASLt
   //                offers an algorithm);
   //   Dequantize   anything else: the weight dequantized to BF16 in scratch, then the BF16 GEMM;
-  //   SkinnyQuantized  <= kSkinnyFp8QuantizedMaxRows (8) rows on Hopper with K % 128 == 0: the activations quantized
-  //                as BlockScaled's, the products on the tensor cores (kernels/fp8_mma.cuh).
+  //   SkinnyQuantized  <= kSkinnyFp8QuantizedMaxRows (8) rows on Hopper with K % 128 == 0: the
+  //                activations quantized as BlockScaled's, the products on the tensor cores
+  //                (kernels/fp8_mma.cuh).
   enum class Fp8Path { Skinny, BlockScaled, Dequantize, SkinnyQuantized };
   Fp8Path fp8_linear_path(const Tensor& a, const Weight& w, const Tensor& out);
   // Whether moe_experts with FP8 experts (cuda_moe_fp8.cpp) quantizes the activations per (row,
@@ -81,11 +82,8 @@ class CudaBackend : public Backend {
   // above the decode sizes on Hopper with H and I multiples of 128 and 16-byte aligned x and codes
   // (the grouped wgmma FP8 GEMMs: by default the warp-specialized ones writing y in BF16, with
   // --moe-runner-backend wgmma the first ones writing y in F32; or cuBLASLt per expert with
-  // --moe-runner-backend cublas). Else the row-wise kernels run: on Hopper with H and I multiples
-  // of 128 they quantize the activations the same way and multiply on the tensor cores
-  // (moe_fp8_rowwise_quantized), otherwise on the BF16 activations.
+  // --moe-runner-backend cublas). Else the row-wise kernels run on the BF16 activations.
   bool moe_fp8_blocked(int64_t n_pairs, int count, int64_t hidden, int64_t inter, bool aligned) const;
-  bool moe_fp8_rowwise_quantized(int64_t hidden, int64_t inter, bool aligned) const;
   // Whether the cuBLASLt FP8 scale-layout probe has run (lazily: ensure_fp8_lt_probe below).
   bool fp8_lt_probed() const { return lt_probed_; }
   // Whether linear() runs BF16 GEMMs of at most kSkinnyMaxRows (2) rows on the own streaming kernel

@@ -31,10 +31,6 @@ bool CudaBackend::moe_fp8_blocked(int64_t n_pairs, int count, int64_t hidden, in
          moe_grouped_gemm_max_tiles(n_pairs, count) <= 65535;
 }
 
-bool CudaBackend::moe_fp8_rowwise_quantized(int64_t hidden, int64_t inter, bool aligned) const {
-  return hopper_ && aligned && moe_rowwise_fp8_quantized_supported(hidden, inter);
-}
-
 Fp8ExpertTables CudaBackend::fp8_expert_tables_on_device(const ExpertShard& shard) {
   const int count = shard.count;
   std::vector<const void*> host;
@@ -156,8 +152,7 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
     rows = MoeRowSource::segments(src_token, offsets, pair_row, active,
                                   static_cast<int>(std::min<size_t>(n_pairs, size_t(count))));
   }
-  CUDA_LAUNCH(launch_moe_rowwise_gemms_fp8(dev(x), rows, count, tables, inter, vec,
-                                           moe_fp8_rowwise_quantized(hidden, inter, aligned), act, y_rows, stream_),
+  CUDA_LAUNCH(launch_moe_rowwise_gemms_fp8(dev(x), rows, count, tables, inter, vec, act, y_rows, stream_),
               "moe_rowwise_gemms_fp8");
   Tensor y(y_rows, DType::F32, {static_cast<int64_t>(n_pairs), hidden}, Device::CUDA);
   CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), rows, count, dev(out), stream_), "moe_unpermute");

@@ -1,15 +1,16 @@
 // FP8 weights times quantized activations on the tensor cores (mma.sync m16n8k32 e4m3, compute
-// capability >= 8.9) for decode-sized products: what moe_rowwise.cu's expert kernel and
-// skinny_gemm.cu's dense kernel share. The widening kernels of gemv.cuh issue ~3.5 instructions per
-// code (each code e4m3 -> half -> fp32, each activation unpacked, an FMA); here 16 weight rows are
-// an mma's rows and up to 8 activation rows its columns, so a code costs a fraction of an
-// instruction.
+// capability >= 8.9) for decode-sized products: skinny_gemm.cu's FP8 projections of up to 8 rows
+// on Hopper. The widening kernels of gemv.cuh issue ~3.5 instructions per code (each code e4m3 ->
+// half -> fp32, each activation unpacked, an FMA) and take 2 rows at most; here 16 weight rows are
+// an mma's rows and up to 8 activation rows its columns. (The experts keep the widening kernels:
+// an expert kernel built on this was slower, since every tile quantizes the activations again and
+// most experts see one row at decode: docs/fp8.md.)
 // - A block computes one tile of 16 weight rows over the whole K; its warps split K: warp w takes
 //   the passes of kChunk 128-code blocks w, w + W, ... (W = warps(k) <= kMaxWarps), and the warps'
 //   sums meet in shared memory at the end. Many small blocks keep every SM busy at decode sizes
 //   (a tile per warp over the whole K leaves most SMs idle: o_proj has 128 tiles).
 // - A pass's codes are loaded straight into registers (ld.global.nc, not cached in L1), all
-//   4 · kChunk loads of a lane issued before the first is used: 2 KB per block and warp, 8 KB in
+//   4 · kChunk loads of a lane issued before the first is used: 2 KB per block and warp, 4 KB in
 //   flight per warp. Lane (g, t) holds bytes [16t, 16t + 16) and [64 + 16t, 64 + 16t + 16) of each
 //   128-code block of its rows g and g + 8: each load instruction reads 64 contiguous bytes of 8
 //   rows. Word j of such a chunk is the mma's k = 4t.. (j even) or 16 + 4t.. (j odd) of the mma

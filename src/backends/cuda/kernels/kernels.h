@@ -78,11 +78,12 @@ cudaError_t launch_convert(const DevTensor& src, DevTensor dst, cudaStream_t str
 // projections): BF16 a (16-byte aligned, K <= 16384), fp32 accumulation, BF16 or F32 out; w BF16
 // (K % 8 == 0) or FP8 (ops/backend.h Weight: codes F8E4M3 [N, K], K % 16 == 0, with `scale` F32
 // [ceil(N/128), ceil(K/128)], W = code · scale; 1 byte read per weight), 16-byte aligned. Two rows
-// at most: at 8 rows the 30B-A3B decode step was 3.7 ms slower than on cuBLAS (H200).
+// at most on the widening kernels: at 8 rows the 30B-A3B decode step was 3.7 ms slower than on
+// cuBLAS (H200).
 inline constexpr int64_t kSkinnyMaxRows = 2;
 // The quantized FP8 path (below) takes up to 8 rows: they are the columns of one m16n8k32 mma, so
-// 8 rows read the codes once, as 1 row does (the 30B-A3B shape at 8 rows: cuBLASLt's block-scaled
-// GEMM after a quantizing kernel otherwise).
+// 8 rows read the codes once, as 1 row does (at 8 rows it replaces a quantizing kernel and
+// cuBLASLt's block-scaled GEMM: docs/fp8.md).
 inline constexpr int64_t kSkinnyFp8QuantizedMaxRows = 8;
 bool skinny_gemm_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out,
                            int64_t max_rows = kSkinnyMaxRows);
@@ -298,14 +299,9 @@ struct Fp8ExpertTables {
   // (encode_moe_fp8_weight_maps); null: those kernels are not run (the first FP8 kernels are).
   const void* weight_maps = nullptr;
 };
-// quantized (compute capability >= 8.9, H and I multiples of 128, vectorized,
-// moe_rowwise_fp8_quantized_supported): the activations are quantized per row and 128 columns as
-// prefill does and the products run on the tensor cores (mma.sync m16n8k32 e4m3); otherwise they
-// stay BF16 and the codes are widened on the CUDA cores.
 cudaError_t launch_moe_rowwise_gemms_fp8(const DevTensor& x, const MoeRowSource& rows, int count,
-                                         const Fp8ExpertTables& tables, int64_t inter, bool vectorized, bool quantized,
-                                         void* act, float* y, cudaStream_t stream);
-bool moe_rowwise_fp8_quantized_supported(int64_t hidden, int64_t inter);
+                                         const Fp8ExpertTables& tables, int64_t inter, bool vectorized, void* act,
+                                         float* y, cudaStream_t stream);
 
 // ---- moe_gemm.cu: the tensor-core grouped expert GEMMs of prefill, scheduled on the device.
 inline constexpr int kMoeGemmTileM = 128;  // rows per M-tile: the tile_m of launch_moe_permute_tiled

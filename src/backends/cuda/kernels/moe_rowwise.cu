@@ -1,17 +1,16 @@
 // The row-wise expert GEMMs: small batches (decode) and shapes the grouped tensor-core GEMMs do not
 // take, for BF16 experts and FP8 ones (ops/backend.h Weight: e4m3 codes + one F32 scale per 128 x
 // 128 block, W = code · scale, read as they are: 1 byte per weight; the activations stay BF16, no
-// activation quantization — except on the tensor-core path, moe_fp8_mma_kernel with
-// kernels/fp8_mma.cuh, which quantizes them as prefill does). One launch per GEMM covers every local expert, reading
-// the segment rows on the device (kernels.h MoeRowSource: the permute's segments, or the router's pairs), so no host
-// synchronization. kGateUp: act[r, n] = silu(bf16(x[tok(r)] · gate[n])) · bf16(x[tok(r)] · up[n]), rounded to bf16 like
-// the cuBLAS path (whose GEMMs write bf16). Otherwise: y[r, n] = act[r] · down[n] in F32. Products and sums in fp32; an
-// FP8 block scale multiplies the partial sum of its 16 codes (gemv.cuh Fp8Weights), or each code on the scalar path
-// (code · scale rounded once, as the CPU reference).
+// activation quantization). One launch per GEMM covers every local expert, reading the segment
+// rows on the device (kernels.h MoeRowSource: the permute's segments, or the router's pairs), so no
+// host synchronization.
+// kGateUp: act[r, n] = silu(bf16(x[tok(r)] · gate[n])) · bf16(x[tok(r)] · up[n]), rounded to bf16
+// like the cuBLAS path (whose GEMMs write bf16). Otherwise: y[r, n] = act[r] · down[n] in F32.
+// Products and sums in fp32; an FP8 block scale multiplies the partial sum of its 16 codes (gemv.cuh
+// Fp8Weights), or each code on the scalar path (code · scale rounded once, as the CPU reference).
 #include <type_traits>
 
 #include "backends/cuda/kernels/common.cuh"
-#include "backends/cuda/kernels/fp8_mma.cuh"
 #include "backends/cuda/kernels/gemv.cuh"
 #include "backends/cuda/kernels/kernels.h"
 
@@ -159,70 +158,6 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
   }
 }
 
-// ---- FP8 experts on the tensor cores at decode sizes (quantized = true; kernels/fp8_mma.cuh): a
-// block's tile of 16 mma rows is 8 gate rows and the same 8 up rows (a lane holds g and u of one
-// output), or 16 down rows, its warps splitting K; up to 8 segment rows at a time are the columns.
-template <bool kGateUp>
-__host__ __device__ constexpr int mma_outs() {
-  return kGateUp ? 8 : 16;  // outputs per block
-}
-
-template <bool kGateUp>
-__global__ void __launch_bounds__(fp8mma::kMaxWarps * 32)
-    moe_fp8_mma_kernel(const __nv_bfloat16* __restrict__ in, const MoeRowSource rs, int count, const ExpertTables t,
-                       int n_out, int k_dim, void* __restrict__ out) {
-  if constexpr (kGateUp) {  // the segments come from the kernel before (as moe_small_gemm_kernel)
-    pdl_wait();
-    pdl_trigger();
-  }
-  int e, begin, end;
-  if (!small_gemm_segment(rs, count, e, begin, end)) return;
-  __shared__ fp8mma::Reduce red;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-  const int n_warps = static_cast<int>(blockDim.x >> 5);
-  constexpr int kOut = mma_outs<kGateUp>();
-  const int n0 = static_cast<int>(blockIdx.x) * kOut;  // < n_out: the grid covers n_out
-  // This lane's mma rows: gate and up row n0 + g, or down rows n0 + g and n0 + g + 8 (past n_out
-  // the last row: read, never written).
-  const int na = min(n0 + g, n_out - 1), nb = min(n0 + g + (kGateUp ? 0 : 8), n_out - 1);
-  const int kb = k_dim / kFp8Blk;
-  const fp8mma::Rows rows{
-      static_cast<const uint8_t*>(t.w1[e]) + static_cast<int64_t>(na) * k_dim,
-      static_cast<const uint8_t*>(kGateUp ? t.w2[e] : t.w1[e]) + static_cast<int64_t>(nb) * k_dim,
-      static_cast<const float*>(t.s1[e]) + static_cast<int64_t>(na / kFp8Blk) * kb,
-      static_cast<const float*>(kGateUp ? t.s2[e] : t.s1[e]) + static_cast<int64_t>(nb / kFp8Blk) * kb};
-  // The codes are constant: the first pass is in flight before this kernel waits for act (down).
-  fp8mma::Pass pass;
-  fp8mma::load_pass(pass, rows, warp * fp8mma::kChunk, kb, lane);
-  if constexpr (!kGateUp) {
-    pdl_wait();
-    pdl_trigger();
-  }
-  for (int r0 = begin; r0 < end; r0 += fp8mma::kCols) {
-    const int n_rows = min(fp8mma::kCols, end - r0);
-    const __nv_bfloat16* x = nullptr;  // this lane's activation row r0 + g
-    if (g < n_rows) x = in + (kGateUp ? small_gemm_token(rs, r0 + g) : static_cast<int64_t>(r0 + g)) * k_dim;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    fp8mma::warp_product(rows, kb, x, warp, n_warps, lane, r0 == begin, pass, acc);
-    if (!fp8mma::block_sum(red, warp, n_warps, lane, acc)) continue;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int c = 2 * tq + j;
-      if (c >= n_rows) continue;
-      const int64_t r = r0 + c;
-      if constexpr (kGateUp) {
-        if (n0 + g < n_out)
-          static_cast<__nv_bfloat16*>(out)[r * n_out + n0 + g] =
-              from_f32<__nv_bfloat16>(silu_mul_bf16(acc[j], acc[2 + j]));
-      } else {
-        float* const y = static_cast<float*>(out) + r * n_out;
-        if (n0 + g < n_out) y[n0 + g] = acc[j];
-        if (n0 + g + 8 < n_out) y[n0 + g + 8] = acc[2 + j];
-      }
-    }
-  }
-}
-
 // Any k_dim and alignment: one element per lane and step, a warp per output column.
 constexpr int kScalarWarps = 8;
 template <class F, bool kGateUp>
@@ -260,7 +195,7 @@ __global__ void __launch_bounds__(kScalarWarps * 32)
 // Both GEMMs of one call: gate‖up (t1) into act, then down (t2) into y.
 template <class F>
 cudaError_t launch_rowwise(const DevTensor& x, const MoeRowSource& rs, int count, const ExpertTables& t1,
-                           const ExpertTables& t2, int64_t inter, bool vectorized, bool quantized, void* act, float* y,
+                           const ExpertTables& t2, int64_t inter, bool vectorized, void* act, float* y,
                            cudaStream_t stream) {
   const int64_t hidden = x.cols();
   if (count == 0) return cudaSuccess;
@@ -275,17 +210,6 @@ cudaError_t launch_rowwise(const DevTensor& x, const MoeRowSource& rs, int count
   const auto* xp = x.ptr<const __nv_bfloat16>();
   const auto* actp = static_cast<const __nv_bfloat16*>(act);
   const int n_i = static_cast<int>(inter), n_h = static_cast<int>(hidden);
-  if constexpr (std::is_same_v<F, Fp8Weights>) {
-    if (quantized) {
-      if (!vectorized || !moe_rowwise_fp8_quantized_supported(hidden, inter)) return cudaErrorInvalidValue;
-      const auto grid = [&](int n_out, int outs) { return dim3(static_cast<unsigned>((n_out + outs - 1) / outs), ey); };
-      const cudaError_t err = launch_k(moe_fp8_mma_kernel<true>, grid(n_i, mma_outs<true>()), fp8mma::warps(n_h) * 32,
-                                       0, stream, xp, rs, count, t1, n_i, n_h, act);
-      if (err != cudaSuccess) return err;
-      return launch_k(moe_fp8_mma_kernel<false>, grid(n_h, mma_outs<false>()), fp8mma::warps(n_i) * 32, 0, stream, actp,
-                      rs, count, t2, n_h, n_i, y);
-    }
-  }
   if (!vectorized) {
     const dim3 grid1(static_cast<unsigned>((inter + kScalarWarps - 1) / kScalarWarps), ey);
     const dim3 grid2(static_cast<unsigned>((hidden + kScalarWarps - 1) / kScalarWarps), ey);
@@ -321,19 +245,14 @@ cudaError_t launch_moe_rowwise_gemms(const DevTensor& x, const MoeRowSource& row
                                      const void* const* up, const void* const* down, int64_t inter, bool vectorized,
                                      void* act, float* y, cudaStream_t stream) {
   return launch_rowwise<Bf16Weights>(x, rows, count, {gate, up, nullptr, nullptr}, {down, nullptr, nullptr, nullptr},
-                                     inter, vectorized, false, act, y, stream);
+                                     inter, vectorized, act, y, stream);
 }
 
 cudaError_t launch_moe_rowwise_gemms_fp8(const DevTensor& x, const MoeRowSource& rows, int count,
-                                         const Fp8ExpertTables& t, int64_t inter, bool vectorized, bool quantized,
-                                         void* act, float* y, cudaStream_t stream) {
+                                         const Fp8ExpertTables& t, int64_t inter, bool vectorized, void* act, float* y,
+                                         cudaStream_t stream) {
   return launch_rowwise<Fp8Weights>(x, rows, count, {t.gate, t.up, t.gate_scale, t.up_scale},
-                                    {t.down, nullptr, t.down_scale, nullptr}, inter, vectorized, quantized, act, y,
-                                    stream);
-}
-
-bool moe_rowwise_fp8_quantized_supported(int64_t hidden, int64_t inter) {
-  return fp8mma::supported(hidden) && fp8mma::supported(inter);
+                                    {t.down, nullptr, t.down_scale, nullptr}, inter, vectorized, act, y, stream);
 }
 
 }  // namespace cpinfer::cuda
