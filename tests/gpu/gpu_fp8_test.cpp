@@ -1,6 +1,8 @@
 // CUDA linear() with FP8 weights (cuda_fp8.cpp) vs the CPU back-end's FP8 linear (exact
 // dequantize-then-fp32), on every path the back-end picks (CudaBackend::fp8_linear_path):
 //   Skinny (<= 2 rows: the codes streamed, activations unquantized): tight against the CPU;
+//   SkinnyQuantized (<= 8 rows on Hopper, K % 128 == 0: activations quantized as BlockScaled's, the
+//     products on the tensor cores): as BlockScaled below;
 //   BlockScaled (activations quantized per (row, 128 columns), cuBLASLt block-scaled FP8 GEMM over
 //     the rows padded to a multiple of 4): tight against the CPU run on activations quantized by the
 //     same rule (fp8_test_util.h), and within the activation quantization's error of the
@@ -55,6 +57,8 @@ const char* path_name(cuda::CudaBackend::Fp8Path p) {
       return "blockscaled";
     case cuda::CudaBackend::Fp8Path::Dequantize:
       return "dequantize";
+    case cuda::CudaBackend::Fp8Path::SkinnyQuantized:
+      return "skinny_quantized";
   }
   return "?";
 }
@@ -66,7 +70,7 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
     int64_t m, k, n;
     DType out;
   };
-  int seen[3] = {0, 0, 0};
+  int seen[4] = {0, 0, 0, 0};
   for (const Case& c : std::vector<Case>{{1, 2048, 4096, DType::BF16},  // q_proj at decode
                                          {2, 4096, 2048, DType::BF16},  // o_proj, two rows
                                          {1, 768, 2048, DType::F32},    // K/128 = 6 (padded scale rows)
@@ -95,7 +99,12 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
                                          {1, 4112, 70, DType::BF16},
                                          {2, 8336, 33, DType::F32},
                                          {1, 16, 5, DType::BF16},
-                                         {2, 16384, 64, DType::BF16}}) {
+                                         {2, 16384, 64, DType::BF16},
+                                         // Decode at 8 rows (the quantized skinny kernel's most):
+                                         // q of the 30B-A3B shape, o, 7 rows into F32.
+                                         {8, 2048, 4096, DType::BF16},
+                                         {8, 4096, 2048, DType::BF16},
+                                         {7, 2048, 768, DType::F32}}) {
     // Weights of a trained layer's magnitude, quantized by the published rule; activations O(1).
     const Fp8Weight fw = fp8_weight(rng, c.n, c.k);
     const Weight &cw = fw.cpu, &gw = fw.gpu;
@@ -112,15 +121,15 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
     }
     Tensor ga = gpu_tensor("a", DType::BF16, {c.m, c.k}, &a);
     for (bool skinny : {true, false}) {
-      if (!skinny && c.m > cuda::kSkinnyMaxRows) continue;
+      if (!skinny && c.m > cuda::kSkinnyFp8QuantizedMaxRows) continue;
       cuda.set_skinny_gemm(skinny);
       Tensor go = gpu_tensor("out", c.out, {c.m, c.n}, nullptr);
       const auto path = cuda.fp8_linear_path(ga, gw, go);
       ++seen[static_cast<int>(path)];
       // On Hopper the block-scaled GEMM must take every shape of the model's kind (BF16 out, K %
       // 128 == 0, N % 16 == 0: cuBLASLt's condition; any M, padded) that the skinny kernel does not.
-      const bool model_shape =
-          c.out == DType::BF16 && c.k % 128 == 0 && c.n % 16 == 0 && (!skinny || c.m > cuda::kSkinnyMaxRows);
+      const bool model_shape = c.out == DType::BF16 && c.k % 128 == 0 && c.n % 16 == 0 &&
+                               (!skinny || c.m > cuda::kSkinnyFp8QuantizedMaxRows);
       if (cuda.wgmma_supported() && model_shape)
         EXPECT_EQ(path, cuda::CudaBackend::Fp8Path::BlockScaled)
             << shape_of({c.m, c.k, c.n}) << ": cuBLASLt's block-scaled FP8 GEMM was not used";
@@ -130,8 +139,8 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
       const std::string op = std::string("linear.fp8.") + path_name(path);
       // Outputs are O(1): bf16 output rounding gives nmse ~1e-6, max error a few 1e-2.
       const double out_abs = c.out == DType::BF16 ? 0.08 : 0.02;
-      if (path == cuda::CudaBackend::Fp8Path::BlockScaled) {
-        ASSERT_FALSE(ref_q.empty()) << "the block-scaled path ran with K % 128 != 0: " << sh;
+      if (path == cuda::CudaBackend::Fp8Path::BlockScaled || path == cuda::CudaBackend::Fp8Path::SkinnyQuantized) {
+        ASSERT_FALSE(ref_q.empty()) << "a quantizing path ran with K % 128 != 0: " << sh;
         expect_close(op + ".vs_quantized_ref", sh, got, ref_q, 2e-5, out_abs);
         // e4m3 activations: nmse ~7e-4 against the unquantized product.
         expect_close(op + ".vs_exact_ref", sh, got, ref, 3e-3, 0.5);
@@ -142,15 +151,17 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
     }
     cuda.set_skinny_gemm(true);
   }
-  std::printf("[gpu_ops] linear.fp8 cases per path: skinny %d, blockscaled %d, dequantize %d\n", seen[0], seen[1],
-              seen[2]);
+  std::printf("[gpu_ops] linear.fp8 cases per path: skinny %d, blockscaled %d, dequantize %d, skinny_quantized %d\n",
+              seen[0], seen[1], seen[2], seen[3]);
+  if (cuda.wgmma_supported()) EXPECT_GT(seen[3], 0);
   EXPECT_GT(seen[0], 0);
   EXPECT_GT(seen[2], 0);
 }
 
 // linears: q, k and v of a decode step on FP8 weights in one skinny launch, each output against the
-// CPU's FP8 linear; a BF16 weight among FP8 ones (one format per launch) or three rows take linear()
-// one by one (three rows: the block-scaled path on Hopper, against activations quantized likewise).
+// CPU's FP8 linear; a BF16 weight among FP8 ones (one format per launch) or more rows than the skinny
+// kernel takes (3 off Hopper, 9 on it: the block-scaled path, against activations quantized
+// likewise) take linear() one by one.
 TEST_F(Fp8Ops, LinearsInOneLaunch) {
   auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
   Rng rng(43);
@@ -162,10 +173,13 @@ TEST_F(Fp8Ops, LinearsInOneLaunch) {
   };
   for (const Case& c : std::vector<Case>{{1, 2048, {4096, 512, 512}, DType::BF16, false},
                                          {2, 320, {130, 7, 64}, DType::F32, false},
+                                         {2, 2048, {130, 7, 64}, DType::F32, false},  // segments off 16 rows
                                          {1, 4112, {33, 1}, DType::BF16, false},
                                          {2, 2048, {5}, DType::BF16, false},
                                          {1, 2048, {512, 256}, DType::BF16, true},
-                                         {3, 2048, {512, 256}, DType::BF16, false}}) {
+                                         {3, 2048, {512, 256}, DType::BF16, false},
+                                         {8, 2048, {4096, 512, 512}, DType::BF16, false},
+                                         {9, 2048, {512, 256}, DType::BF16, false}}) {
     const std::vector<float> a = rng.bf16_normal(c.m * c.k);
     Tensor ga = gpu_tensor("a", DType::BF16, {c.m, c.k}, &a);
     std::vector<Fp8Weight> fws;
@@ -182,8 +196,9 @@ TEST_F(Fp8Ops, LinearsInOneLaunch) {
       } else {
         fws.push_back(fp8_weight(rng, n, c.k));
         gws.push_back(fws.back().gpu);
+        const auto path = cuda.fp8_linear_path(ga, gws.back(), gos.back());
         const bool quantized =
-            cuda.fp8_linear_path(ga, gws.back(), gos.back()) == cuda::CudaBackend::Fp8Path::BlockScaled;
+            path == cuda::CudaBackend::Fp8Path::BlockScaled || path == cuda::CudaBackend::Fp8Path::SkinnyQuantized;
         cpu_->linear(cpu_f32(quantized ? quantize_activations(a, c.m, c.k) : a, {c.m, c.k}), fws.back().cpu,
                      refs.back());
       }

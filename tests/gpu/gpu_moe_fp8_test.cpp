@@ -310,6 +310,9 @@ TEST_F(MoeFp8Test, SmallAndOddShapes) {
   for (const Case& c :
        std::vector<Case>{{20, 256, 128, 8, 2, 0, 8, false, DType::BF16},     // 40 pairs: decode-size row-wise
                          {1, 256, 128, 8, 2, 0, 8, false, DType::F32},       // one token
+                         {32, 256, 128, 4, 2, 0, 4, true, DType::BF16},      // 64 pairs: segments of > 8 rows
+                         {3, 2176, 256, 4, 2, 0, 4, false, DType::F32},      // 17 K blocks: two weight passes
+                         {24, 2176, 256, 4, 2, 0, 4, true, DType::F32},      // and segments of > 8 rows
                          {37, 256, 128, 8, 2, 2, 4, false, DType::BF16},     // 74 pairs: block-scaled, K steps 2 / 1
                          {513, 256, 384, 16, 8, 0, 16, false, DType::BF16},  // several M- and N-tiles per expert
                          {301, 384, 384, 8, 3, 1, 6, true, DType::F32},      // 3 K steps both ways, 3 down N-tiles

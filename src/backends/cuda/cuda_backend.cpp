@@ -378,6 +378,10 @@ void CudaBackend::linears(const Tensor& a, std::span<const LinearOut> outs) {
   bool one_launch = skinny_gemm_ && !outs.empty() && outs.size() <= static_cast<size_t>(kSkinnyMaxSegs) &&
                     a.device == Device::CUDA && a.rows() > 0;
   const bool fp8 = one_launch && outs[0].w->fp8();
+  // FP8 on Hopper with K % 128 == 0: the activations quantized, the products on the tensor cores
+  // (as linear()'s Fp8Path::SkinnyQuantized), up to kSkinnyFp8QuantizedMaxRows rows.
+  const bool quantized = fp8 && hopper_ && skinny_fp8_quantized_supported(a.cols());
+  const int64_t max_rows = quantized ? kSkinnyFp8QuantizedMaxRows : kSkinnyMaxRows;
   DevTensor w[kSkinnyMaxSegs], s[kSkinnyMaxSegs], o[kSkinnyMaxSegs];
   for (size_t i = 0; one_launch && i < outs.size(); ++i) {
     const Weight& wi = *outs[i].w;
@@ -389,7 +393,7 @@ void CudaBackend::linears(const Tensor& a, std::span<const LinearOut> outs) {
       w[i] = dev(wi);
       s[i] = fp8 ? dev(wi.scale) : DevTensor{};
       o[i] = dev(oi);
-      one_launch = skinny_gemm_supported(dev(a), w[i], o[i]);
+      one_launch = skinny_gemm_supported(dev(a), w[i], o[i], max_rows);
     }
   }
   if (!one_launch) {
@@ -398,7 +402,7 @@ void CudaBackend::linears(const Tensor& a, std::span<const LinearOut> outs) {
   }
   for (const LinearOut& lo : outs) check_linear(a, *lo.w, lo.out);
   DeviceGuard g(device_);
-  CUDA_LAUNCH(launch_skinny_gemms(dev(a), w, fp8 ? s : nullptr, o, static_cast<int>(outs.size()), stream_),
+  CUDA_LAUNCH(launch_skinny_gemms(dev(a), w, fp8 ? s : nullptr, o, static_cast<int>(outs.size()), stream_, quantized),
               "skinny_gemms");
 }
 

@@ -65,13 +65,17 @@ class CudaBackend : public Backend {
   // FP8 weights stay FP8 (cuda_fp8.cpp) on a compute capability 9.0 GPU unless --fp8-weights bf16.
   bool fp8_weights_supported() const override { return fp8_weights_; }
   // What linear() runs for an FP8 weight (cuda_fp8.cpp); tests pick their reference by it:
-  //   Skinny       <= kSkinnyMaxRows rows: the own kernel on the codes, BF16 activations as they are;
+  //   Skinny       <= kSkinnyMaxRows rows: the own kernel on the codes, BF16 activations as they are
+  //                (K % 128 != 0, or not Hopper);
   //   BlockScaled  the activations quantized per (row, 128 columns) to e4m3, then cuBLASLt's FP8
   //                GEMM with 1x128 (activation) and 128x128 (weight) block scales over the rows
   //                padded to a multiple of 4 (Hopper, K % 128 == 0, N % 16 == 0, and cuBLASLt
   //                offers an algorithm);
-  //   Dequantize   anything else: the weight dequantized to BF16 in scratch, then the BF16 GEMM.
-  enum class Fp8Path { Skinny, BlockScaled, Dequantize };
+  //   Dequantize   anything else: the weight dequantized to BF16 in scratch, then the BF16 GEMM;
+  //   SkinnyQuantized  <= kSkinnyFp8QuantizedMaxRows (8) rows on Hopper with K % 128 == 0: the
+  //                activations quantized as BlockScaled's, the products on the tensor cores
+  //                (kernels/fp8_mma.cuh).
+  enum class Fp8Path { Skinny, BlockScaled, Dequantize, SkinnyQuantized };
   Fp8Path fp8_linear_path(const Tensor& a, const Weight& w, const Tensor& out);
   // Whether moe_experts with FP8 experts (cuda_moe_fp8.cpp) quantizes the activations per (row,
   // 128 columns) for a call of n_pairs (token, expert) pairs over `count` local experts: batches

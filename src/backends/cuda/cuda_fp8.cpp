@@ -1,7 +1,9 @@
 // CudaBackend::linear with FP8 weights (ops/backend.h Weight: e4m3 codes [N, K] + F32 scales
 // [ceil(N/128), ceil(K/128)], W = code · scale), the checkpoints' "dynamic" activation scheme:
-// - decode-sized products (<= kSkinnyMaxRows rows): kernels/skinny_gemm.cu's weight passes on the
-//   codes, 1 byte read per weight, activations as they are (linears: q, k, v in one launch);
+// - decode-sized products: kernels/skinny_gemm.cu's kernels, 1 byte read per weight (linears: q, k,
+//   v in one launch): on Hopper with K % 128 == 0 up to kSkinnyFp8QuantizedMaxRows (8) rows with the
+//   activations quantized as below and the products on the tensor cores (kernels/fp8_mma.cuh),
+//   otherwise up to kSkinnyMaxRows (2) rows with the activations as they are;
 // - larger products on Hopper: the activations are quantized per (row, 128-column block) to e4m3
 //   (scale = amax / 448; kernels/fp8.cu) into the workspace, their rows padded to a multiple of 4
 //   (zero codes and scales; cuBLASLt takes no other M, the padded product rows are dropped), then
@@ -161,6 +163,9 @@ void CudaBackend::fp8_gemm_lt(const void* aq, const float* a_scale, int64_t m, c
 }
 
 CudaBackend::Fp8Path CudaBackend::fp8_linear_path(const Tensor& a, const Weight& w, const Tensor& out) {
+  if (skinny_gemm_ && hopper_ && skinny_fp8_quantized_supported(a.cols()) &&
+      skinny_gemm_supported(dev(a), dev(w), dev(out), kSkinnyFp8QuantizedMaxRows))
+    return Fp8Path::SkinnyQuantized;
   if (skinny_gemm_ && skinny_gemm_supported(dev(a), dev(w), dev(out))) return Fp8Path::Skinny;
   // The quantized activations go to the (256-byte aligned) workspace, and so does the product of
   // M rows padded to a multiple of 4 (cuBLASLt's block-scaled GEMM takes no other M).
@@ -186,10 +191,13 @@ void CudaBackend::linear_fp8(const Tensor& a, const Weight& w, Tensor out) {
     CUDA_CHECK(cudaMemsetAsync(out.data, 0, out.nbytes(), stream_));
     return;
   }
-  switch (fp8_linear_path(a, w, out)) {
-    case Fp8Path::Skinny: {
+  const Fp8Path path = fp8_linear_path(a, w, out);
+  switch (path) {
+    case Fp8Path::Skinny:
+    case Fp8Path::SkinnyQuantized: {
       const DevTensor scale = dev(w.scale);
-      CUDA_LAUNCH(launch_skinny_gemm(dev(a), dev(w), &scale, dev(out), stream_), "skinny_gemm_fp8");
+      CUDA_LAUNCH(launch_skinny_gemm(dev(a), dev(w), &scale, dev(out), stream_, path == Fp8Path::SkinnyQuantized),
+                  "skinny_gemm_fp8");
       return;
     }
     case Fp8Path::BlockScaled: {

@@ -78,18 +78,28 @@ cudaError_t launch_convert(const DevTensor& src, DevTensor dst, cudaStream_t str
 // projections): BF16 a (16-byte aligned, K <= 16384), fp32 accumulation, BF16 or F32 out; w BF16
 // (K % 8 == 0) or FP8 (ops/backend.h Weight: codes F8E4M3 [N, K], K % 16 == 0, with `scale` F32
 // [ceil(N/128), ceil(K/128)], W = code · scale; 1 byte read per weight), 16-byte aligned. Two rows
-// at most: at 8 rows the 30B-A3B decode step was 3.7 ms slower than on cuBLAS (H200).
+// at most on the widening kernels: at 8 rows the 30B-A3B decode step was 3.7 ms slower than on
+// cuBLAS (H200).
 inline constexpr int64_t kSkinnyMaxRows = 2;
-bool skinny_gemm_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out);
-// scale: the FP8 weight's scales (nullptr for BF16).
+// The quantized FP8 path (below) takes up to 8 rows: they are the columns of one m16n8k32 mma, so
+// 8 rows read the codes once, as 1 row does (at 8 rows it replaces a quantizing kernel and
+// cuBLASLt's block-scaled GEMM: docs/fp8.md).
+inline constexpr int64_t kSkinnyFp8QuantizedMaxRows = 8;
+bool skinny_gemm_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out,
+                           int64_t max_rows = kSkinnyMaxRows);
+// scale: the FP8 weight's scales (nullptr for BF16). quantized (FP8 weights, compute capability >=
+// 8.9, skinny_fp8_quantized_supported(K)): a's rows are quantized per 128 columns as prefill does
+// and the products run on the tensor cores (kernels/fp8_mma.cuh); otherwise a stays BF16 and the
+// codes are widened on the CUDA cores.
 cudaError_t launch_skinny_gemm(const DevTensor& a, const DevTensor& w, const DevTensor* scale, DevTensor out,
-                               cudaStream_t stream);
+                               cudaStream_t stream, bool quantized = false);
+bool skinny_fp8_quantized_supported(int64_t k);
 // out[i] = a · w[i]ᵀ for i < count <= kSkinnyMaxSegs in one launch (each pair as skinny_gemm_supported
 // takes it, all weights of one dtype, all outs of one dtype; scale[i] for FP8 weights, else
 // nullptr): q, k and v of a decode step.
 inline constexpr int kSkinnyMaxSegs = 3;
 cudaError_t launch_skinny_gemms(const DevTensor& a, const DevTensor* w, const DevTensor* scale, DevTensor* out,
-                                int count, cudaStream_t stream);
+                                int count, cudaStream_t stream, bool quantized = false);
 // ---- fp8.cu: fine-grained FP8 weights (ops/backend.h Weight): codes F8E4M3 [N, K], scale F32
 // [ceil(N/128), ceil(K/128)], W = code · scale. (The decode-sized product on the codes is
 // skinny_gemm.cu's.)
