@@ -2,6 +2,8 @@
 // the block-scaled GEMMs read, the weight dequantizer of the fallback path and the copy of weight
 // scales into cuBLASLt's padded layout. (The decode-sized product on the codes is skinny_gemm.cu's,
 // the experts' moe_rowwise.cu's.)
+#include <algorithm>
+
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/fp8.cuh"
 #include "backends/cuda/kernels/kernels.h"
@@ -9,15 +11,17 @@
 namespace cpinfer::cuda {
 namespace {
 
-// One warp per row. A pass covers 512 bytes of the row: lane l holds 16 bytes (kPer = 8 BF16 or 4
-// F32 values), so a 128-column block is kLanes = 16 (BF16) or 32 (F32) consecutive lanes and its
+// A warp per row and grid row blockIdx.y's share of its passes (a pass quantizes whole blocks, so
+// the passes are independent): few rows (decode) spread each row over several warps, instead of one
+// warp walking a 2048-column row in 8 dependent round trips. A pass covers 512 bytes of the row: lane l holds 16 bytes
+// (kPer = 8 BF16 or 4 F32 values), so a 128-column block is kLanes = 16 (BF16) or 32 (F32) consecutive lanes and its
 // amax a reduction over them. The row's expert segment (binary search over offsets) is found once
 // per row, not per block.
 template <class T>
 __global__ void __launch_bounds__(256)
     fp8_quantize_rows_kernel(const T* __restrict__ src, int64_t m, int kb_count, uint8_t* __restrict__ q,
                              float* __restrict__ scales, const int32_t* __restrict__ offsets, int count,
-                             Fp8ActScales layout) {
+                             Fp8ActScales layout, int passes_per_warp) {
   constexpr int kPer = 16 / sizeof(T);
   constexpr int kLanes = kFp8Blk / kPer;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -40,8 +44,9 @@ __global__ void __launch_bounds__(256)
   const T* const row = src + r * k;
   uint8_t* const qrow = q + r * k;
   const int n_pass = (kb_count * kLanes + 31) / 32;
+  const int p0 = static_cast<int>(blockIdx.y) * passes_per_warp, p1 = min(n_pass, p0 + passes_per_warp);
 #pragma unroll 2
-  for (int p = 0; p < n_pass; ++p) {
+  for (int p = p0; p < p1; ++p) {
     const int kb = (p * 32 + lane) / kLanes;  // this lane's block
     const bool active = kb < kb_count;        // F32 rows: every lane; BF16 rows of an odd kb_count: half
     const int64_t col = static_cast<int64_t>(p) * 32 * kPer + lane * kPer;
@@ -109,11 +114,17 @@ cudaError_t launch_fp8_quantize_rows(const DevTensor& src, uint8_t* q, float* sc
   if (k % kFp8Blk != 0 || !aligned16(src.data) || (offsets != nullptr && count < 1)) return cudaErrorInvalidValue;
   if (m == 0 || k == 0) return cudaSuccess;
   const int kb_count = static_cast<int>(k / kFp8Blk);
-  constexpr int kThreads = 256;  // a warp per row
-  const unsigned grid = static_cast<unsigned>((m + kThreads / 32 - 1) / (kThreads / 32));
+  constexpr int kThreads = 256;  // a warp per row (and share of its passes)
+  // Rows past ~4K fill the GPU with a warp each; fewer rows split their passes over grid rows
+  // (passes of 512 bytes: 2 BF16 blocks, 1 F32 block).
+  const int64_t n_pass = static_cast<int64_t>((src.row_bytes() + 511) / 512);  // the kernel's n_pass
+  const int64_t splits = std::clamp<int64_t>(4096 / m, 1, std::min<int64_t>(n_pass, 65535));
+  const int per_warp = static_cast<int>((n_pass + splits - 1) / splits);
+  const dim3 grid(static_cast<unsigned>((m + kThreads / 32 - 1) / (kThreads / 32)),
+                  static_cast<unsigned>((n_pass + per_warp - 1) / per_warp));
   CPI_DISPATCH_ACT(src.dtype, "fp8 quantize src", T, {
     fp8_quantize_rows_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(src.data), m, kb_count, q, scales,
-                                                               offsets, count, layout);
+                                                               offsets, count, layout, per_warp);
   });
   return cudaGetLastError();
 }
