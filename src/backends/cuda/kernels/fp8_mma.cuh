@@ -145,13 +145,13 @@ __device__ __forceinline__ float quantize_block(const uint4 (&raw)[4], bool row,
 }
 
 // acc += this warp's share of the tile's 16 rows times the activation rows: x is this lane's row g
-// (nullptr past n_rows). first: the warp's first pass is already in p (load_pass(p, r, warp ·
-// kChunk, kb, lane) by the caller, before its pdl_wait).
+// (nullptr past n_rows). The warp's first pass is already in p (load_pass(p, r, warp · kChunk, kb,
+// lane) by the caller, before its pdl_wait).
 __device__ __forceinline__ void warp_product(const Rows& r, int kb, const __nv_bfloat16* x, int warp, int n_warps,
-                                             int lane, bool first, Pass& p, float (&acc)[4]) {
+                                             int lane, Pass& p, float (&acc)[4]) {
   const int t = lane & 3;
   for (int b0 = warp * kChunk; b0 < kb; b0 += n_warps * kChunk) {
-    if (!first || b0 != warp * kChunk) load_pass(p, r, b0, kb, lane);
+    if (b0 != warp * kChunk) load_pass(p, r, b0, kb, lane);
     uint4 raw[kChunk][4];
     load_act(raw, x, b0, kb, lane);
 #pragma unroll

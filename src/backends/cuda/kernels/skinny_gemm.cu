@@ -119,8 +119,7 @@ __global__ void __launch_bounds__(fp8mma::kMaxWarps * 32)
   pdl_wait();
   pdl_trigger();
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  fp8mma::warp_product(rows, kb, g < m ? a + static_cast<int64_t>(g) * k : nullptr, warp, n_warps, lane, true, pass,
-                       acc);
+  fp8mma::warp_product(rows, kb, g < m ? a + static_cast<int64_t>(g) * k : nullptr, warp, n_warps, lane, pass, acc);
   if (!fp8mma::block_sum(red, warp, n_warps, lane, acc)) return;
   TO* const out = static_cast<TO*>(pick(s.out, seg));
 #pragma unroll
