@@ -47,6 +47,8 @@ class Fp8Ops : public GpuOpsTest {
     out.gpu.scale = gpu_tensor("scale", DType::F32, {sn, sk}, &q.scales);
     return out;
   }
+  // An all-zero activation block and a NaN activation through linear() at m rows (below).
+  void zero_blocks_and_nan(int64_t m);
 };
 
 const char* path_name(cuda::CudaBackend::Fp8Path p) {
@@ -100,11 +102,20 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
                                          {2, 8336, 33, DType::F32},
                                          {1, 16, 5, DType::BF16},
                                          {2, 16384, 64, DType::BF16},
-                                         // Decode at 8 rows (the quantized skinny kernel's most):
-                                         // q of the 30B-A3B shape, o, 7 rows into F32.
+                                         // Decode at 8 rows (one group of the quantized skinny
+                                         // kernel): q of the 30B-A3B shape, o, 7 rows into F32.
                                          {8, 2048, 4096, DType::BF16},
                                          {8, 4096, 2048, DType::BF16},
-                                         {7, 2048, 768, DType::F32}}) {
+                                         {7, 2048, 768, DType::F32},
+                                         // 9 to 16 rows (two groups, the kernel's most): q, o, k; a
+                                         // second group of one row; K of 6 blocks (3 warps); N off
+                                         // the 16-row tile.
+                                         {16, 2048, 4096, DType::BF16},
+                                         {16, 4096, 2048, DType::BF16},
+                                         {12, 2048, 512, DType::F32},
+                                         {9, 2048, 4096, DType::BF16},
+                                         {11, 768, 2048, DType::F32},
+                                         {13, 2048, 130, DType::BF16}}) {
     // Weights of a trained layer's magnitude, quantized by the published rule; activations O(1).
     const Fp8Weight fw = fp8_weight(rng, c.n, c.k);
     const Weight &cw = fw.cpu, &gw = fw.gpu;
@@ -160,7 +171,7 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
 
 // linears: q, k and v of a decode step on FP8 weights in one skinny launch, each output against the
 // CPU's FP8 linear; a BF16 weight among FP8 ones (one format per launch) or more rows than the skinny
-// kernel takes (3 off Hopper, 9 on it: the block-scaled path, against activations quantized
+// kernel takes (3 off Hopper, 17 on it: the block-scaled path, against activations quantized
 // likewise) take linear() one by one.
 TEST_F(Fp8Ops, LinearsInOneLaunch) {
   auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
@@ -179,7 +190,9 @@ TEST_F(Fp8Ops, LinearsInOneLaunch) {
                                          {1, 2048, {512, 256}, DType::BF16, true},
                                          {3, 2048, {512, 256}, DType::BF16, false},
                                          {8, 2048, {4096, 512, 512}, DType::BF16, false},
-                                         {9, 2048, {512, 256}, DType::BF16, false}}) {
+                                         {16, 2048, {4096, 512, 512}, DType::BF16, false},
+                                         {10, 2048, {130, 7, 64}, DType::F32, false},
+                                         {17, 2048, {512, 256}, DType::BF16, false}}) {
     const std::vector<float> a = rng.bf16_normal(c.m * c.k);
     Tensor ga = gpu_tensor("a", DType::BF16, {c.m, c.k}, &a);
     std::vector<Fp8Weight> fws;
@@ -213,10 +226,15 @@ TEST_F(Fp8Ops, LinearsInOneLaunch) {
 }
 
 // An all-zero activation block gets scale 1 and codes 0, and NaN in an activation comes out NaN
-// (not a silently finite number) on the block-scaled path.
+// (not a silently finite number) on the block-scaled path (20 rows) and, on Hopper, the quantized
+// skinny kernel with two groups of rows (12).
 TEST_F(Fp8Ops, LinearZeroBlocksAndNaN) {
+  for (const int64_t m : {20, 12}) zero_blocks_and_nan(m);  // block-scaled; on Hopper the skinny kernel's two groups
+}
+
+void Fp8Ops::zero_blocks_and_nan(int64_t m) {
   Rng rng(42);
-  const int64_t m = 20, k = 256, n = 128;
+  const int64_t k = 256, n = 128;
   std::vector<float> w = rng.bf16_normal(n * k, 0.0625f);
   const Fp8Matrix q = quantize_weight(w, n, k);
   std::vector<float> a = rng.bf16_normal(m * k);
@@ -235,15 +253,18 @@ TEST_F(Fp8Ops, LinearZeroBlocksAndNaN) {
   Tensor go = gpu_tensor("out", DType::F32, {m, n}, nullptr);
   gpu_->linear(ga, gw, go);
   auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
-  const bool blocked = cuda.fp8_linear_path(ga, gw, go) == cuda::CudaBackend::Fp8Path::BlockScaled;
+  const auto path = cuda.fp8_linear_path(ga, gw, go);
+  const bool blocked =
+      path == cuda::CudaBackend::Fp8Path::BlockScaled || path == cuda::CudaBackend::Fp8Path::SkinnyQuantized;
   std::vector<float> want = cpu_read(ref_out);
   if (!blocked) {
     Tensor exact = cpu_alloc(DType::F32, {m, n});
     cpu_->linear(cpu_f32(a, {m, k}), cw, exact);
     want = cpu_read(exact);
   }
-  expect_close(blocked ? "linear.fp8.zero_block" : "linear.fp8.zero_block(unquantized path)", shape_of({m, k, n}),
-               gpu_read(go), want, 2e-5, 0.02);
+  expect_close(
+      std::string(blocked ? "linear.fp8.zero_block." : "linear.fp8.zero_block(unquantized path).") + path_name(path),
+      shape_of({m, k, n}), gpu_read(go), want, 2e-5, 0.02);
   a[5 * k + 7] = std::numeric_limits<float>::quiet_NaN();
   Tensor gan = gpu_tensor("a_nan", DType::BF16, {m, k}, &a);
   Tensor gon = gpu_tensor("out_nan", DType::F32, {m, n}, nullptr);

@@ -72,7 +72,7 @@ class CudaBackend : public Backend {
   //                padded to a multiple of 4 (Hopper, K % 128 == 0, N % 16 == 0, and cuBLASLt
   //                offers an algorithm);
   //   Dequantize   anything else: the weight dequantized to BF16 in scratch, then the BF16 GEMM;
-  //   SkinnyQuantized  <= kSkinnyFp8QuantizedMaxRows (8) rows on Hopper with K % 128 == 0: the
+  //   SkinnyQuantized  <= kSkinnyFp8QuantizedMaxRows (16) rows on Hopper with K % 128 == 0: the
   //                activations quantized as BlockScaled's, the products on the tensor cores
   //                (kernels/fp8_mma.cuh).
   enum class Fp8Path { Skinny, BlockScaled, Dequantize, SkinnyQuantized };

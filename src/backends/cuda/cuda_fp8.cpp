@@ -1,7 +1,7 @@
 // CudaBackend::linear with FP8 weights (ops/backend.h Weight: e4m3 codes [N, K] + F32 scales
 // [ceil(N/128), ceil(K/128)], W = code · scale), the checkpoints' "dynamic" activation scheme:
 // - decode-sized products: kernels/skinny_gemm.cu's kernels, 1 byte read per weight (linears: q, k,
-//   v in one launch): on Hopper with K % 128 == 0 up to kSkinnyFp8QuantizedMaxRows (8) rows with the
+//   v in one launch): on Hopper with K % 128 == 0 up to kSkinnyFp8QuantizedMaxRows (16) rows with the
 //   activations quantized as below and the products on the tensor cores (kernels/fp8_mma.cuh),
 //   otherwise up to kSkinnyMaxRows (2) rows with the activations as they are;
 // - larger products on Hopper: the activations are quantized per (row, 128-column block) to e4m3

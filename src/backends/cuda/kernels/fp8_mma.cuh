@@ -1,8 +1,9 @@
 // FP8 weights times quantized activations on the tensor cores (mma.sync m16n8k32 e4m3, compute
-// capability >= 8.9) for decode-sized products: skinny_gemm.cu's FP8 projections of up to 8 rows
+// capability >= 8.9) for decode-sized products: skinny_gemm.cu's FP8 projections of up to 16 rows
 // on Hopper. The widening kernels of gemv.cuh issue ~3.5 instructions per code (each code e4m3 ->
 // half -> fp32, each activation unpacked, an FMA) and take 2 rows at most; here 16 weight rows are
-// an mma's rows and up to 8 activation rows its columns. (The experts keep the widening kernels:
+// an mma's rows and up to 8 activation rows its columns, a group; two groups (9 to 16 rows) share
+// each weight fragment a warp loads. (The experts keep the widening kernels:
 // an expert kernel built on this was slower, since every tile quantizes the activations again and
 // most experts see one row at decode: docs/fp8.md.)
 // - A block computes one tile of 16 weight rows over the whole K; its warps split K: warp w takes
@@ -36,12 +37,20 @@
 namespace cpinfer::cuda::fp8mma {
 
 constexpr int kCols = 8;       // activation rows per group: the mma's n
+constexpr int kMaxGroups = 2;  // groups per block: up to 16 activation rows
 constexpr int kChunk = 2;      // 128-code blocks per warp and pass
-constexpr int kMaxWarps = 16;  // warps per block (K = 4096: 16 passes of 2 blocks, one per warp)
+constexpr int kMaxWarps = 16;  // warps per block of one group (K = 4096: 16 passes of 2 blocks, one per warp)
 
+// Warps per block of G groups: the registers of G groups' activations (about 190 a thread at G = 2)
+// allow kMaxWarps / G.
+template <int G>
+__host__ __device__ constexpr int max_warps() {
+  return kMaxWarps / G;
+}
+template <int G>
 __host__ __device__ constexpr int warps(int k) {
   const int passes = (k / kFp8Blk + kChunk - 1) / kChunk;
-  return passes < kMaxWarps ? passes : kMaxWarps;
+  return passes < max_warps<G>() ? passes : max_warps<G>();
 }
 inline bool supported(int64_t k) { return k > 0 && k % kFp8Blk == 0 && k <= (int64_t{1} << 20); }
 
@@ -144,53 +153,64 @@ __device__ __forceinline__ float quantize_block(const uint4 (&raw)[4], bool row,
   return row ? scale : 0.0f;
 }
 
-// acc += this warp's share of the tile's 16 rows times the activation rows: x is this lane's row g
-// (nullptr past n_rows). The warp's first pass is already in p (load_pass(p, r, warp · kChunk, kb,
-// lane) by the caller, before its pdl_wait).
-__device__ __forceinline__ void warp_product(const Rows& r, int kb, const __nv_bfloat16* x, int warp, int n_warps,
-                                             int lane, Pass& p, float (&acc)[4]) {
+// acc[i] += this warp's share of the tile's 16 rows times group i's activation rows: x[i] is this
+// lane's row g of group i (nullptr past n_rows). The weight fragments of a block serve every group.
+// The warp's first pass is already in p (load_pass(p, r, warp · kChunk, kb, lane) by the caller,
+// before its pdl_wait).
+template <int G>
+__device__ __forceinline__ void warp_product(const Rows& r, int kb, const __nv_bfloat16* const (&x)[G], int warp,
+                                             int n_warps, int lane, Pass& p, float (&acc)[G][4]) {
   const int t = lane & 3;
   for (int b0 = warp * kChunk; b0 < kb; b0 += n_warps * kChunk) {
     if (b0 != warp * kChunk) load_pass(p, r, b0, kb, lane);
-    uint4 raw[kChunk][4];
-    load_act(raw, x, b0, kb, lane);
+    uint4 raw[G][kChunk][4];
+#pragma unroll
+    for (int i = 0; i < G; ++i) load_act(raw[i], x[i], b0, kb, lane);
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) {
       const int b = b0 + j;
       if (b >= kb) break;  // warp-uniform
-      uint32_t q[8];
-      const float xs = quantize_block(raw[j], x != nullptr, q);
-      const float x0 = __shfl_sync(0xffffffffu, xs, 8 * t), x1 = __shfl_sync(0xffffffffu, xs, 8 * t + 4);
       const uint4 a_lo = p.v[j][0], a_hi = p.v[j][1], b_lo = p.v[j][2], b_hi = p.v[j][3];
-      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      mma_e4m3(d, a_lo.x, b_lo.x, a_lo.y, b_lo.y, q[0], q[1]);
-      mma_e4m3(d, a_lo.z, b_lo.z, a_lo.w, b_lo.w, q[2], q[3]);
-      mma_e4m3(d, a_hi.x, b_hi.x, a_hi.y, b_hi.y, q[4], q[5]);
-      mma_e4m3(d, a_hi.z, b_hi.z, a_hi.w, b_hi.w, q[6], q[7]);
       const float wsa = __ldg(r.sa + b), wsb = __ldg(r.sb + b);
-      acc[0] = fmaf(d[0], wsa * x0, acc[0]);
-      acc[1] = fmaf(d[1], wsa * x1, acc[1]);
-      acc[2] = fmaf(d[2], wsb * x0, acc[2]);
-      acc[3] = fmaf(d[3], wsb * x1, acc[3]);
+#pragma unroll
+      for (int i = 0; i < G; ++i) {
+        uint32_t q[8];
+        const float xs = quantize_block(raw[i][j], x[i] != nullptr, q);
+        const float x0 = __shfl_sync(0xffffffffu, xs, 8 * t), x1 = __shfl_sync(0xffffffffu, xs, 8 * t + 4);
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        mma_e4m3(d, a_lo.x, b_lo.x, a_lo.y, b_lo.y, q[0], q[1]);
+        mma_e4m3(d, a_lo.z, b_lo.z, a_lo.w, b_lo.w, q[2], q[3]);
+        mma_e4m3(d, a_hi.x, b_hi.x, a_hi.y, b_hi.y, q[4], q[5]);
+        mma_e4m3(d, a_hi.z, b_hi.z, a_hi.w, b_hi.w, q[6], q[7]);
+        acc[i][0] = fmaf(d[0], wsa * x0, acc[i][0]);
+        acc[i][1] = fmaf(d[1], wsa * x1, acc[i][1]);
+        acc[i][2] = fmaf(d[2], wsb * x0, acc[i][2]);
+        acc[i][3] = fmaf(d[3], wsb * x1, acc[i][3]);
+      }
     }
   }
 }
 
-// The block's warps' acc summed into warp 0's (true there). Every warp of the block calls it.
+// The block's warps' acc summed into warp 0's (true there). Every warp of the block calls it, once.
 struct Reduce {
   float v[kMaxWarps - 1][4][32];
 };
-__device__ __forceinline__ bool block_sum(Reduce& red, int warp, int n_warps, int lane, float (&acc)[4]) {
+template <int G>
+__device__ __forceinline__ bool block_sum(Reduce& red, int warp, int n_warps, int lane, float (&acc)[G][4]) {
+  static_assert(G * (max_warps<G>() - 1) <= kMaxWarps - 1, "the warps' sums must fit Reduce");
   if (n_warps == 1) return true;
   if (warp > 0)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) red.v[warp - 1][i][lane] = acc[i];
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red.v[(warp - 1) * G + g][i][lane] = acc[g][i];
   __syncthreads();
   if (warp == 0)
     for (int w = 1; w < n_warps; ++w)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i] += red.v[w - 1][i][lane];
-  __syncthreads();  // red may be written again (a next group)
+      for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[g][i] += red.v[(w - 1) * G + g][i][lane];
   return warp == 0;
 }
 

@@ -81,10 +81,10 @@ cudaError_t launch_convert(const DevTensor& src, DevTensor dst, cudaStream_t str
 // at most on the widening kernels: at 8 rows the 30B-A3B decode step was 3.7 ms slower than on
 // cuBLAS (H200).
 inline constexpr int64_t kSkinnyMaxRows = 2;
-// The quantized FP8 path (below) takes up to 8 rows: they are the columns of one m16n8k32 mma, so
-// 8 rows read the codes once, as 1 row does (at 8 rows it replaces a quantizing kernel and
-// cuBLASLt's block-scaled GEMM: docs/fp8.md).
-inline constexpr int64_t kSkinnyFp8QuantizedMaxRows = 8;
+// The quantized FP8 path (below) takes up to 16 rows: 8 are the columns of one m16n8k32 mma, two
+// groups of 8 share each weight fragment, so 16 rows read the codes once, as 1 row does (there it
+// replaces a quantizing kernel and cuBLASLt's block-scaled GEMM: docs/fp8.md).
+inline constexpr int64_t kSkinnyFp8QuantizedMaxRows = 16;
 bool skinny_gemm_supported(const DevTensor& a, const DevTensor& w, const DevTensor& out,
                            int64_t max_rows = kSkinnyMaxRows);
 // scale: the FP8 weight's scales (nullptr for BF16). quantized (FP8 weights, compute capability >=

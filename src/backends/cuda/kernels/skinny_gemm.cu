@@ -96,11 +96,11 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 // FP8 weights with the activations quantized (quantized = true), on the tensor cores
 // (kernels/fp8_mma.cuh): a block's 16 mma rows are 16 rows of one segment's weight (its warps split
-// K), the columns the m rows of a; the tiles are numbered across the segments (warp_end counts
-// tiles here).
+// K), the columns the m rows of a in G groups of 8; the tiles are numbered across the segments
+// (warp_end counts tiles here).
 constexpr int kMmaRows = 16;
-template <class TO>
-__global__ void __launch_bounds__(fp8mma::kMaxWarps * 32)
+template <class TO, int G>
+__global__ void __launch_bounds__(fp8mma::max_warps<G>() * 32)
     skinny_fp8_mma_kernel(const __nv_bfloat16* __restrict__ a, const __grid_constant__ Segs s, int m, int k) {
   __shared__ fp8mma::Reduce red;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -118,25 +118,38 @@ __global__ void __launch_bounds__(fp8mma::kMaxWarps * 32)
   fp8mma::load_pass(pass, rows, warp * fp8mma::kChunk, kb, lane);  // the codes are constant: before the wait
   pdl_wait();
   pdl_trigger();
-  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  fp8mma::warp_product(rows, kb, g < m ? a + static_cast<int64_t>(g) * k : nullptr, warp, n_warps, lane, pass, acc);
-  if (!fp8mma::block_sum(red, warp, n_warps, lane, acc)) return;
+  float acc[G][4];
+  const __nv_bfloat16* x[G];  // this lane's activation row g of each group
+#pragma unroll
+  for (int i = 0; i < G; ++i) {
+    acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    const int row = i * fp8mma::kCols + g;
+    x[i] = row < m ? a + static_cast<int64_t>(row) * k : nullptr;
+  }
+  fp8mma::warp_product<G>(rows, kb, x, warp, n_warps, lane, pass, acc);
+  if (!fp8mma::block_sum<G>(red, warp, n_warps, lane, acc)) return;
   TO* const out = static_cast<TO*>(pick(s.out, seg));
 #pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int c = 2 * tq + j;
-    if (c >= m) continue;
-    if (n0 + g < n) out[static_cast<int64_t>(c) * n + n0 + g] = from_f32<TO>(acc[j]);
-    if (n0 + g + 8 < n) out[static_cast<int64_t>(c) * n + n0 + g + 8] = from_f32<TO>(acc[2 + j]);
-  }
+  for (int i = 0; i < G; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int c = i * fp8mma::kCols + 2 * tq + j;
+      if (c >= m) continue;
+      if (n0 + g < n) out[static_cast<int64_t>(c) * n + n0 + g] = from_f32<TO>(acc[i][j]);
+      if (n0 + g + 8 < n) out[static_cast<int64_t>(c) * n + n0 + g + 8] = from_f32<TO>(acc[i][2 + j]);
+    }
 }
 
 template <class TO>
 cudaError_t launch_mma(const __nv_bfloat16* a, Segs s, int m, int k, cudaStream_t stream) {
   int tiles = 0;
   for (int i = 0; i < s.count; ++i) s.warp_end[i] = tiles += (s.n[i] + kMmaRows - 1) / kMmaRows;
-  return launch_k(skinny_fp8_mma_kernel<TO>, static_cast<unsigned>(tiles), fp8mma::warps(k) * 32, 0, stream, a, s, m,
-                  k);
+  static_assert(kSkinnyFp8QuantizedMaxRows == fp8mma::kMaxGroups * fp8mma::kCols, "one or two groups of 8 rows");
+  if (m <= fp8mma::kCols)
+    return launch_k(skinny_fp8_mma_kernel<TO, 1>, static_cast<unsigned>(tiles), fp8mma::warps<1>(k) * 32, 0, stream, a,
+                    s, m, k);
+  return launch_k(skinny_fp8_mma_kernel<TO, 2>, static_cast<unsigned>(tiles), fp8mma::warps<2>(k) * 32, 0, stream, a, s,
+                  m, k);
 }
 
 // Columns per warp and chunks per pass: 16 copies of 16 bytes in flight per lane (BF16: two weight
