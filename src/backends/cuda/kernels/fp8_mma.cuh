@@ -7,7 +7,7 @@
 // an expert kernel built on this was slower, since every tile quantizes the activations again and
 // most experts see one row at decode: docs/fp8.md.)
 // - A block computes one tile of 16 weight rows over the whole K; its warps split K: warp w takes
-//   the passes of kChunk 128-code blocks w, w + W, ... (W = warps(k) <= kMaxWarps), and the warps'
+//   the passes of kChunk 128-code blocks w, w + W, ... (W = warps<G>(k) <= kMaxWarps / G), and the warps'
 //   sums meet in shared memory at the end. Many small blocks keep every SM busy at decode sizes
 //   (a tile per warp over the whole K leaves most SMs idle: o_proj has 128 tiles).
 // - A pass's codes are loaded straight into registers (ld.global.nc, not cached in L1), all
