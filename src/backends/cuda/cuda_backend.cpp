@@ -380,7 +380,7 @@ void CudaBackend::linears(const Tensor& a, std::span<const LinearOut> outs) {
   const bool fp8 = one_launch && outs[0].w->fp8();
   // FP8 on Hopper with K % 128 == 0: the activations quantized, the products on the tensor cores
   // (as linear()'s Fp8Path::SkinnyQuantized), up to kSkinnyFp8QuantizedMaxRows rows.
-  const bool quantized = fp8 && hopper_ && skinny_fp8_quantized_supported(a.cols());
+  const bool quantized = fp8 && skinny_fp8_quantized(a.cols());
   const int64_t max_rows = quantized ? kSkinnyFp8QuantizedMaxRows : kSkinnyMaxRows;
   DevTensor w[kSkinnyMaxSegs], s[kSkinnyMaxSegs], o[kSkinnyMaxSegs];
   for (size_t i = 0; one_launch && i < outs.size(); ++i) {

@@ -77,6 +77,9 @@ class CudaBackend : public Backend {
   //                (kernels/fp8_mma.cuh).
   enum class Fp8Path { Skinny, BlockScaled, Dequantize, SkinnyQuantized };
   Fp8Path fp8_linear_path(const Tensor& a, const Weight& w, const Tensor& out);
+  // Whether FP8 products over K take the quantized skinny kernel (Fp8Path::SkinnyQuantized, and
+  // linears' one launch), row count aside.
+  bool skinny_fp8_quantized(int64_t k) const { return hopper_ && skinny_fp8_quantized_supported(k); }
   // Whether moe_experts with FP8 experts (cuda_moe_fp8.cpp) quantizes the activations per (row,
   // 128 columns) for a call of n_pairs (token, expert) pairs over `count` local experts: batches
   // above the decode sizes on Hopper with H and I multiples of 128 and 16-byte aligned x and codes

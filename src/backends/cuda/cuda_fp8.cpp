@@ -163,7 +163,7 @@ void CudaBackend::fp8_gemm_lt(const void* aq, const float* a_scale, int64_t m, c
 }
 
 CudaBackend::Fp8Path CudaBackend::fp8_linear_path(const Tensor& a, const Weight& w, const Tensor& out) {
-  if (skinny_gemm_ && hopper_ && skinny_fp8_quantized_supported(a.cols()) &&
+  if (skinny_gemm_ && skinny_fp8_quantized(a.cols()) &&
       skinny_gemm_supported(dev(a), dev(w), dev(out), kSkinnyFp8QuantizedMaxRows))
     return Fp8Path::SkinnyQuantized;
   if (skinny_gemm_ && skinny_gemm_supported(dev(a), dev(w), dev(out))) return Fp8Path::Skinny;

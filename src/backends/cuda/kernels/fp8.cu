@@ -15,8 +15,8 @@ namespace {
 // the passes are independent): few rows (decode) spread each row over several warps, instead of
 // one warp walking a 2048-column row in 8 dependent round trips. A pass covers 512 bytes of the
 // row: lane l holds 16 bytes (kPer = 8 BF16 or 4 F32 values), so a 128-column block is kLanes = 16
-// (BF16) or 32 (F32) consecutive lanes and its amax a reduction over them. The row's expert segment (binary search over
-// offsets) is found once per row, not per block.
+// (BF16) or 32 (F32) consecutive lanes and its amax a reduction over them. The row's expert segment
+// (binary search over offsets) is found once per row, not per block.
 template <class T>
 __global__ void __launch_bounds__(256)
     fp8_quantize_rows_kernel(const T* __restrict__ src, int64_t m, int kb_count, uint8_t* __restrict__ q,

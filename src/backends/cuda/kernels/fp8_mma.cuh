@@ -3,13 +3,13 @@
 // on Hopper. The widening kernels of gemv.cuh issue ~3.5 instructions per code (each code e4m3 ->
 // half -> fp32, each activation unpacked, an FMA) and take 2 rows at most; here 16 weight rows are
 // an mma's rows and up to 8 activation rows its columns, a group; two groups (9 to 16 rows) share
-// each weight fragment a warp loads. (The experts keep the widening kernels:
-// an expert kernel built on this was slower, since every tile quantizes the activations again and
-// most experts see one row at decode: docs/fp8.md.)
+// each weight fragment a warp loads. (The experts keep the widening kernels: an expert kernel built
+// on this was slower, since every tile quantizes the activations again and most experts see one row
+// at decode: docs/fp8.md.)
 // - A block computes one tile of 16 weight rows over the whole K; its warps split K: warp w takes
-//   the passes of kChunk 128-code blocks w, w + W, ... (W = warps<G>(k) <= kMaxWarps / G), and the warps'
-//   sums meet in shared memory at the end. Many small blocks keep every SM busy at decode sizes
-//   (a tile per warp over the whole K leaves most SMs idle: o_proj has 128 tiles).
+//   the passes of kChunk 128-code blocks w, w + W, ... (W = warps<G>(k) <= kMaxWarps / G), and the
+//   warps' sums meet in shared memory at the end. Many small blocks keep every SM busy at decode
+//   sizes (a tile per warp over the whole K leaves most SMs idle: o_proj has 128 tiles).
 // - A pass's codes are loaded straight into registers (ld.global.nc, not cached in L1), all
 //   4 · kChunk loads of a lane issued before the first is used: 2 KB per block and warp, 4 KB in
 //   flight per warp. Lane (g, t) holds bytes [16t, 16t + 16) and [64 + 16t, 64 + 16t + 16) of each

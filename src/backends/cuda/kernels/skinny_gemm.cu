@@ -1,13 +1,12 @@
-// out = a · wᵀ for one or two rows (decode: M <= kSkinnyMaxRows; up to 8 on the quantized FP8 path
-// below), BF16 a, fp32 accumulation, BF16
-// or F32 out; w BF16 or FP8 (e4m3 codes + one F32 scale per 128 x 128 block, W = code · scale: the
-// codes are read as they are, 1 byte per weight). At such M a GEMM is a read of w, once: each warp
-// streams C rows of w through warp_dots (gemv.cuh: a pass of copies in flight before the first
-// multiply) and reduces across the warp. One launch may cover up to kSkinnyMaxSegs products of the
-// same a and weight format (q, k and v of a decode step): the warps are numbered across the
-// segments, so the small ones (k, v: 2 MB in BF16) share the grid with the large one instead of
-// each paying a launch and a latency-bound tail. cuBLAS's kernels for these shapes read w at a
-// fraction of the bandwidth.
+// out = a · wᵀ for one or two rows (decode: M <= kSkinnyMaxRows; up to kSkinnyFp8QuantizedMaxRows on
+// the quantized FP8 path below), BF16 a, fp32 accumulation, BF16 or F32 out; w BF16 or FP8 (e4m3
+// codes + one F32 scale per 128 x 128 block, W = code · scale: the codes are read as they are, 1
+// byte per weight). At such M a GEMM is a read of w, once: each warp streams C rows of w through
+// warp_dots (gemv.cuh: a pass of copies in flight before the first multiply) and reduces across the
+// warp. One launch may cover up to kSkinnyMaxSegs products of the same a and weight format (q, k
+// and v of a decode step): the warps are numbered across the segments, so the small ones (k, v:
+// 2 MB in BF16) share the grid with the large one instead of each paying a launch and a
+// latency-bound tail. cuBLAS's kernels for these shapes read w at a fraction of the bandwidth.
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/fp8_mma.cuh"
 #include "backends/cuda/kernels/gemv.cuh"
