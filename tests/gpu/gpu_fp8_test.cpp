@@ -170,9 +170,10 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
 }
 
 // linears: q, k and v of a decode step on FP8 weights in one skinny launch, each output against the
-// CPU's FP8 linear; a BF16 weight among FP8 ones (one format per launch) or more rows than the skinny
-// kernel takes (3 off Hopper, 17 on it: the block-scaled path, against activations quantized
-// likewise) take linear() one by one.
+// CPU's FP8 linear; a BF16 weight among FP8 ones (one format per launch) takes linear() one by one;
+// more rows than the skinny kernel takes (3 off Hopper, 17 on it) take the block-scaled path, on
+// Hopper with one quantization of the activations for all the products (checked against
+// activations quantized likewise).
 TEST_F(Fp8Ops, LinearsInOneLaunch) {
   auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
   Rng rng(43);
@@ -192,12 +193,19 @@ TEST_F(Fp8Ops, LinearsInOneLaunch) {
                                          {8, 2048, {4096, 512, 512}, DType::BF16, false},
                                          {16, 2048, {4096, 512, 512}, DType::BF16, false},
                                          {10, 2048, {130, 7, 64}, DType::F32, false},
-                                         {17, 2048, {512, 256}, DType::BF16, false}}) {
+                                         {17, 2048, {512, 256}, DType::BF16, false},
+                                         // More rows than the skinny kernels take, every product on
+                                         // the block-scaled GEMM: one quantization of a for all;
+                                         // with a BF16 weight among them, linear() one by one.
+                                         {32, 2048, {4096, 512, 512}, DType::BF16, false},
+                                         {19, 768, {2048, 256}, DType::F32, false},
+                                         {21, 2048, {512, 256}, DType::BF16, true}}) {
     const std::vector<float> a = rng.bf16_normal(c.m * c.k);
     Tensor ga = gpu_tensor("a", DType::BF16, {c.m, c.k}, &a);
     std::vector<Fp8Weight> fws;
     std::vector<Weight> gws;
     std::vector<Tensor> gos, refs;
+    bool all_blocked = !c.mixed && c.n.size() > 1;  // every product on the block-scaled GEMM
     for (size_t i = 0; i < c.n.size(); ++i) {
       const int64_t n = c.n[i];
       refs.push_back(cpu_alloc(DType::F32, {c.m, n}));
@@ -210,6 +218,7 @@ TEST_F(Fp8Ops, LinearsInOneLaunch) {
         fws.push_back(fp8_weight(rng, n, c.k));
         gws.push_back(fws.back().gpu);
         const auto path = cuda.fp8_linear_path(ga, gws.back(), gos.back());
+        all_blocked = all_blocked && path == cuda::CudaBackend::Fp8Path::BlockScaled;
         const bool quantized =
             path == cuda::CudaBackend::Fp8Path::BlockScaled || path == cuda::CudaBackend::Fp8Path::SkinnyQuantized;
         cpu_->linear(cpu_f32(quantized ? quantize_activations(a, c.m, c.k) : a, {c.m, c.k}), fws.back().cpu,
@@ -218,7 +227,13 @@ TEST_F(Fp8Ops, LinearsInOneLaunch) {
     }
     std::vector<Backend::LinearOut> lo;
     for (size_t i = 0; i < gws.size(); ++i) lo.push_back({&gws[i], gos[i]});
+    const int64_t calls = cuda.fp8_block_scaled_calls();
     gpu_->linears(ga, lo);
+    // Products that all take the block-scaled GEMM share one quantization of a (one call), the
+    // others take linear() each (one call per block-scaled product).
+    if (all_blocked)
+      EXPECT_EQ(cuda.fp8_block_scaled_calls() - calls, 1)
+          << shape_of({c.m, c.k, c.n[0]}) << ": a quantized per product";
     for (size_t i = 0; i < gws.size(); ++i)
       expect_close(c.mixed ? "linears.fp8_and_bf16" : "linears.fp8", shape_of({c.m, c.k, c.n[i]}), gpu_read(gos[i]),
                    cpu_read(refs[i]), 2e-5, c.out == DType::BF16 ? 0.08 : 0.02);

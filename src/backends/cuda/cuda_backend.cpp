@@ -373,7 +373,8 @@ void CudaBackend::linear(const Tensor& a, const Weight& w, Tensor out) {
 // Decode-sized products of one input on BF16 or FP8 weights (one format for all): one skinny launch
 // for all of them (q, k and v: the two small ones no longer pay a launch and a latency-bound tail of
 // their own). Whether the launch applies is decided first; the op contract is then checked once,
-// here for the one launch or by linear() for each product on the fallback.
+// here for the one launch or for FP8 products that share one block-scaled quantization (more rows
+// than the skinny kernels take), or by linear() for each product on the fallback.
 void CudaBackend::linears(const Tensor& a, std::span<const LinearOut> outs) {
   bool one_launch = skinny_gemm_ && !outs.empty() && outs.size() <= static_cast<size_t>(kSkinnyMaxSegs) &&
                     a.device == Device::CUDA && a.rows() > 0;
@@ -397,7 +398,25 @@ void CudaBackend::linears(const Tensor& a, std::span<const LinearOut> outs) {
     }
   }
   if (!one_launch) {
-    Backend::linears(a, outs);
+    // More rows than the skinny kernels take, FP8 weights: where every product takes cuBLASLt's
+    // block-scaled GEMM, a's rows are quantized once for all of them.
+    DeviceGuard g(device_);
+    bool blocked =
+        outs.size() > 1 && a.device == Device::CUDA && a.dtype == DType::BF16 && a.rows() > 0 && a.cols() > 0;
+    for (const LinearOut& lo : outs)
+      blocked = blocked && lo.w->fp8() && lo.w->device == Device::CUDA && lo.out.device == Device::CUDA &&
+                lo.w->scale.device == Device::CUDA && lo.w->scale.data != nullptr;
+    if (blocked) {
+      for (const LinearOut& lo : outs) check_linear(a, *lo.w, lo.out);
+      for (const LinearOut& lo : outs)
+        blocked = blocked && lo.w->dim(0) > 0 && fp8_linear_path(a, *lo.w, lo.out) == Fp8Path::BlockScaled;
+    }
+    if (!blocked) {
+      Backend::linears(a, outs);
+      return;
+    }
+    fp8_used_ = true;
+    fp8_block_scaled(a, outs);
     return;
   }
   for (const LinearOut& lo : outs) check_linear(a, *lo.w, lo.out);

@@ -155,6 +155,9 @@ class CudaBackend : public Backend {
                           const Tensor& lse, CudnnCall* call = nullptr);
   int64_t cudnn_calls() const { return cudnn_calls_; }              // attention calls run on cuDNN so far
   int64_t cudnn_dense_calls() const { return cudnn_dense_calls_; }  // of them, on the dense graph
+  // fp8_block_scaled() calls so far: one per FP8 block-scaled linear, one per linears() whose
+  // products share one quantization (tests tell the two apart).
+  int64_t fp8_block_scaled_calls() const { return fp8_block_scaled_calls_; }
   int device_index() const { return device_; }
 
  private:
@@ -198,6 +201,10 @@ class CudaBackend : public Backend {
   void gemm(const Tensor& a, const Tensor& w, Tensor out);
   // ---- FP8 (cuda_fp8.cpp, cuda_moe_fp8.cpp)
   void linear_fp8(const Tensor& a, const Weight& w, Tensor out);
+  // out_i = a · w_iᵀ on Fp8Path::BlockScaled for every pair (the caller has checked that each takes
+  // it): a's rows quantized once for all of them, then one cuBLASLt GEMM per pair (linears: q, k
+  // and v of a decode batch above the skinny kernels' rows share one quantizing launch).
+  void fp8_block_scaled(const Tensor& a, std::span<const LinearOut> outs);
   // out [M, N] (row-major, BF16 or F32, ld N) = (aq · a_scale) · (w · w_scale)ᵀ on cuBLASLt: aq
   // [M, K] e4m3 with VEC128 scales a_scale[kb · M + m]; w [N, K] e4m3 with BLK128x128 scales
   // w_scale[nb · w_scale_ld + kb], w_scale_ld a multiple of 4. K % 128 == 0, M % 4 == 0 (callers
@@ -320,6 +327,7 @@ class CudaBackend : public Backend {
   unsigned* gate_ticket_ = nullptr;        // launch_moe_gate's counter (zero between launches)
   std::unique_ptr<CudnnAttention> cudnn_;  // created on first use
   int64_t cudnn_calls_ = 0;
+  int64_t fp8_block_scaled_calls_ = 0;
   int64_t cudnn_dense_calls_ = 0;
   CudnnAttention& cudnn();
   // Runs the call on cuDNN when it takes it (cuda_backend_cudnn.cpp); false when it does not

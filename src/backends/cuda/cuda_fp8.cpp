@@ -178,6 +178,49 @@ CudaBackend::Fp8Path CudaBackend::fp8_linear_path(const Tensor& a, const Weight&
   return Fp8Path::Dequantize;
 }
 
+void CudaBackend::fp8_block_scaled(const Tensor& a, std::span<const LinearOut> outs) {
+  // M rows padded to m_pad (a multiple of 4) in the workspace: zero codes with zero scales, their
+  // product rows discarded (each GEMM writes m_pad rows into scratch, m are copied out).
+  const int64_t m = a.rows(), k = a.cols(), kb = k / 128, ld = lt_w_scale_ld(k), m_pad = (m + 3) / 4 * 4;
+  uint8_t* q = nullptr;
+  float *a_scale = nullptr, *padded = nullptr;
+  char* out_pad = nullptr;
+  // One buffer of padded weight scales and one of padded output rows, sized for the largest
+  // product, serve each product in turn (one stream: each is read before the next is written).
+  size_t padded_floats = 0, out_pad_bytes = 0;
+  for (const LinearOut& lo : outs) {
+    const int64_t n = lo.w->dim(0), sn = (n + 127) / 128;
+    padded_floats = std::max(padded_floats, static_cast<size_t>(sn * ld));
+    out_pad_bytes = std::max(out_pad_bytes, static_cast<size_t>(m_pad * n) * (lo.out.dtype == DType::F32 ? 4 : 2));
+  }
+  carve_workspace([&](Bump& b) {
+    q = b.take<uint8_t>(static_cast<size_t>(m_pad * k));
+    a_scale = b.take<float>(static_cast<size_t>(fp8_act_scale_floats(m_pad, kb)));
+    if (ld != kb) padded = b.take<float>(padded_floats);
+    if (m_pad != m) out_pad = b.take<char>(out_pad_bytes);
+  });
+  ++fp8_block_scaled_calls_;
+  if (m_pad != m) {
+    CUDA_CHECK(cudaMemsetAsync(q + m * k, 0, static_cast<size_t>((m_pad - m) * k), stream_));
+    CUDA_CHECK(cudaMemsetAsync(a_scale, 0, static_cast<size_t>(fp8_act_scale_floats(m_pad, kb)) * 4, stream_));
+  }
+  CUDA_LAUNCH(launch_fp8_quantize_rows(dev(a), q, a_scale, nullptr, 0, stream_, lt_quantize_layout(k)),
+              "fp8_quantize_rows");
+  for (size_t i = 0; i < outs.size(); ++i) {
+    const Weight& w = *outs[i].w;
+    const Tensor& out = outs[i].out;
+    const int64_t n = w.dim(0), sn = (n + 127) / 128;
+    const float* w_scale = w.scale.ptr<const float>();
+    if (padded != nullptr) {
+      CUDA_LAUNCH(launch_fp8_pad_scales(w_scale, nullptr, 1, sn, kb, padded, ld, stream_), "fp8_pad_scales");
+      w_scale = padded;
+    }
+    fp8_gemm_lt(q, a_scale, m_pad, w.data, w_scale, n, k, out_pad != nullptr ? out_pad : out.data, out.dtype);
+    if (out_pad != nullptr)
+      CUDA_CHECK(cudaMemcpyAsync(out.data, out_pad, out.nbytes(), cudaMemcpyDeviceToDevice, stream_));
+  }
+}
+
 void CudaBackend::linear_fp8(const Tensor& a, const Weight& w, Tensor out) {
   CPI_CHECK(a.dtype == DType::BF16, "linear: FP8 weights take BF16 activations on CUDA (got ", dtype_name(a.dtype),
             ")");
@@ -201,33 +244,8 @@ void CudaBackend::linear_fp8(const Tensor& a, const Weight& w, Tensor out) {
       return;
     }
     case Fp8Path::BlockScaled: {
-      // M rows padded to m_pad (a multiple of 4) in the workspace: zero codes with zero scales,
-      // their product rows discarded (the GEMM writes m_pad rows into scratch, m are copied out).
-      const int64_t kb = k / 128, sn = (n + 127) / 128, ld = lt_w_scale_ld(k), m_pad = (m + 3) / 4 * 4;
-      const size_t out_elt = out.dtype == DType::F32 ? 4 : 2;
-      uint8_t* q = nullptr;
-      float *a_scale = nullptr, *padded = nullptr;
-      char* out_pad = nullptr;
-      carve_workspace([&](Bump& b) {
-        q = b.take<uint8_t>(static_cast<size_t>(m_pad * k));
-        a_scale = b.take<float>(static_cast<size_t>(fp8_act_scale_floats(m_pad, kb)));
-        if (ld != kb) padded = b.take<float>(static_cast<size_t>(sn * ld));
-        if (m_pad != m) out_pad = b.take<char>(static_cast<size_t>(m_pad * n) * out_elt);
-      });
-      const float* w_scale = w.scale.ptr<const float>();
-      if (padded != nullptr) {
-        CUDA_LAUNCH(launch_fp8_pad_scales(w_scale, nullptr, 1, sn, kb, padded, ld, stream_), "fp8_pad_scales");
-        w_scale = padded;
-      }
-      if (m_pad != m) {
-        CUDA_CHECK(cudaMemsetAsync(q + m * k, 0, static_cast<size_t>((m_pad - m) * k), stream_));
-        CUDA_CHECK(cudaMemsetAsync(a_scale, 0, static_cast<size_t>(fp8_act_scale_floats(m_pad, kb)) * 4, stream_));
-      }
-      CUDA_LAUNCH(launch_fp8_quantize_rows(dev(a), q, a_scale, nullptr, 0, stream_, lt_quantize_layout(k)),
-                  "fp8_quantize_rows");
-      fp8_gemm_lt(q, a_scale, m_pad, w.data, w_scale, n, k, out_pad != nullptr ? out_pad : out.data, out.dtype);
-      if (out_pad != nullptr)
-        CUDA_CHECK(cudaMemcpyAsync(out.data, out_pad, out.nbytes(), cudaMemcpyDeviceToDevice, stream_));
+      const LinearOut one[] = {{&w, out}};
+      fp8_block_scaled(a, one);
       return;
     }
     case Fp8Path::Dequantize: {
