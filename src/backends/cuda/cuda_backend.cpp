@@ -401,11 +401,10 @@ void CudaBackend::linears(const Tensor& a, std::span<const LinearOut> outs) {
     // More rows than the skinny kernels take, FP8 weights: where every product takes cuBLASLt's
     // block-scaled GEMM, a's rows are quantized once for all of them.
     DeviceGuard g(device_);
-    bool blocked =
-        outs.size() > 1 && a.device == Device::CUDA && a.dtype == DType::BF16 && a.rows() > 0 && a.cols() > 0;
+    // (check_linear raises on a tensor off the device, as Backend::linears' linear() would.)
+    bool blocked = outs.size() > 1 && a.dtype == DType::BF16 && a.rows() > 0 && a.cols() > 0;
     for (const LinearOut& lo : outs)
-      blocked = blocked && lo.w->fp8() && lo.w->device == Device::CUDA && lo.out.device == Device::CUDA &&
-                lo.w->scale.device == Device::CUDA && lo.w->scale.data != nullptr;
+      blocked = blocked && lo.w->fp8() && lo.w->scale.device == Device::CUDA && lo.w->scale.data != nullptr;
     if (blocked) {
       for (const LinearOut& lo : outs) check_linear(a, *lo.w, lo.out);
       for (const LinearOut& lo : outs)
