@@ -3,16 +3,20 @@
 
     CUDA_INJECTION64_PATH=build/bench/libcpinfer_kernel_trace.so CPINFER_KERNEL_TRACE=trace.csv \\
         build/cpinfer -q bench decode --device cuda --random-weights qwen3-30b-a3b --batch 1 --context 1024
-    python3 bench/kernel_trace.py trace.csv [--begin embedding] [--steps 10]
+    python3 bench/kernel_trace.py trace.csv [--begin gather_convert] [--steps 10]
 
-A step runs from one launch of the --begin kernel (a substring of its name; the decode step's
-embedding by default) to the next. The last --steps steps with the most common kernel count are the
-steady state; for them it prints the step's wall time (first start to last end), the time at least
-one kernel runs (the union of the kernels' intervals) and the rest (no kernel running), the gaps
-between consecutive kernels (start of one minus end of the one before; negative: they overlapped,
-as programmatic dependent launch allows), and per kernel name: launches per step, median duration,
-and share of the step. Standard library only (the GPU machine has python3 and no extra packages).
+A step runs from one launch of the --begin kernel (a substring of its name; by default the token
+embedding's gather, the first kernel of a forward) to the next. The last --steps steps with the most
+common kernel count are the steady state; for them it prints the step's wall time (first start to
+last end), the time at least one kernel runs and the rest (no kernel running), the gaps between
+consecutive kernels (start of one minus end of the one before; negative: they overlapped, as
+programmatic dependent launch allows), and per kernel (name and grid): launches per step, median
+duration, and its share of the critical path: the time from the latest end before it to its own
+end, summed over its launches. Under programmatic dependent launch a kernel starts early and waits
+for its predecessor, so durations overlap and overstate; the critical-path shares add up to the
+step's wall time. Standard library only (the GPU machine has python3 and no extra packages).
 """
+
 import argparse
 import csv
 import re
@@ -50,7 +54,7 @@ def short_names(names):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("trace")
-    ap.add_argument("--begin", default="embedding", help="substring of the kernel that starts a step")
+    ap.add_argument("--begin", default="gather_convert", help="substring of the kernel that starts a step")
     ap.add_argument("--steps", type=int, default=10, help="steady-state steps to summarize")
     ap.add_argument("--top", type=int, default=30, help="kernel names to list")
     args = ap.parse_args()
@@ -58,14 +62,13 @@ def main():
     rows = []
     with open(args.trace, newline="") as f:
         for r in csv.DictReader(f):
-            rows.append((int(r["start_ns"]), int(r["end_ns"]), r["name"]))
+            rows.append((int(r["start_ns"]), int(r["end_ns"]), r["name"], r["grid"]))
     if not rows:
         sys.exit("kernel_trace.py: no kernels in " + args.trace)
     rows.sort()
-    names = short_names({n for _, _, n in rows})
-    rows = [(s, e, names[n]) for s, e, n in rows]
-
-    starts = [i for i, (_, _, n) in enumerate(rows) if args.begin in n]
+    names = short_names({r[2] for r in rows})
+    starts = [i for i, r in enumerate(rows) if args.begin in names[r[2]]]
+    rows = [(s, e, f"{names[n]} [{g}]") for s, e, n, g in rows]
     if len(starts) < 2:
         sys.exit(f"kernel_trace.py: fewer than two launches of a kernel named *{args.begin}*")
     steps = [rows[a:b] for a, b in zip(starts, starts[1:])]
@@ -89,11 +92,13 @@ def main():
         walls.append(wall)
         busys.append(busy)
         gaps_all.extend(b[0] - a[1] for a, b in zip(s, s[1:]))
-        step_names = {}
+        step_names, critical, last_end = {}, {}, s[0][0]
         for a, b, n in s:
             step_names.setdefault(n, []).append(b - a)
+            critical[n] = critical.get(n, 0) + max(0, b - last_end)
+            last_end = max(last_end, b)
         for n, d in step_names.items():
-            per_name.setdefault(n, []).append(d)
+            per_name.setdefault(n, []).append((d, critical[n]))
 
     wall, busy = statistics.median(walls), statistics.median(busys)
     gaps = sorted(gaps_all)
@@ -102,16 +107,15 @@ def main():
           f"none {(wall - busy) / 1e3:.1f} us")
     print(f"gaps between consecutive kernels (us): p10 {q(0.1) / 1e3:.2f}, median {q(0.5) / 1e3:.2f}, "
           f"p90 {q(0.9) / 1e3:.2f}; overlapping pairs {sum(g < 0 for g in gaps) / len(steady):.0f} per step")
-    print(f"\n{'kernel':<44} {'per step':>8} {'median us':>10} {'us/step':>9} {'% wall':>7}")
+    print(f"\n{'kernel [grid]':<58} {'per step':>8} {'median us':>10} {'critical us':>11} {'% wall':>7}")
     table = []
     for n, lists in per_name.items():
-        launches = statistics.median(len(l) for l in lists)
-        durs = [d for l in lists for d in l]
-        total = statistics.median(sum(l) for l in lists)
-        table.append((total, n, launches, statistics.median(durs)))
-    for total, n, launches, med in sorted(table, reverse=True)[: args.top]:
-        print(f"{n[:44]:<44} {launches:>8.0f} {med / 1e3:>10.2f} {total / 1e3:>9.1f} {100 * total / wall:>6.1f}%")
-
+        launches = statistics.median(len(d) for d, _ in lists)
+        durs = [x for d, _ in lists for x in d]
+        crit = statistics.median(c for _, c in lists)
+        table.append((crit, n, launches, statistics.median(durs)))
+    for crit, n, launches, med in sorted(table, reverse=True)[: args.top]:
+        print(f"{n[:58]:<58} {launches:>8.0f} {med / 1e3:>10.2f} {crit / 1e3:>11.1f} {100 * crit / wall:>6.1f}%")
 
 if __name__ == "__main__":
     main()
