@@ -27,8 +27,7 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
   std::lock_guard<std::mutex> lock(g_mu);
   CUpti_Activity* record = nullptr;
   while (g_out != nullptr && cuptiActivityGetNextRecord(buffer, valid, &record) == CUPTI_SUCCESS) {
-    if (record->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && record->kind != CUPTI_ACTIVITY_KIND_KERNEL)
-      continue;
+    if (record->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && record->kind != CUPTI_ACTIVITY_KIND_KERNEL) continue;
     const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
     std::fprintf(g_out, "%llu,%llu,%u,%u,%dx%dx%d,%dx%dx%d,%s\n", static_cast<unsigned long long>(k->start),
                  static_cast<unsigned long long>(k->end), k->streamId, k->graphId, k->gridX, k->gridY, k->gridZ,
