@@ -117,5 +117,6 @@ def main():
     for crit, n, launches, med in sorted(table, reverse=True)[: args.top]:
         print(f"{n[:58]:<58} {launches:>8.0f} {med / 1e3:>10.2f} {crit / 1e3:>11.1f} {100 * crit / wall:>6.1f}%")
 
+
 if __name__ == "__main__":
     main()

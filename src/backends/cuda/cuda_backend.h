@@ -327,8 +327,8 @@ class CudaBackend : public Backend {
   unsigned* gate_ticket_ = nullptr;        // launch_moe_gate's counter (zero between launches)
   std::unique_ptr<CudnnAttention> cudnn_;  // created on first use
   int64_t cudnn_calls_ = 0;
-  int64_t fp8_block_scaled_calls_ = 0;
   int64_t cudnn_dense_calls_ = 0;
+  int64_t fp8_block_scaled_calls_ = 0;
   CudnnAttention& cudnn();
   // Runs the call on cuDNN when it takes it (cuda_backend_cudnn.cpp); false when it does not
   // (nothing was enqueued).
