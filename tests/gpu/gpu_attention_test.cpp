@@ -121,6 +121,40 @@ TEST_F(AttnRunner, DecodeGqaKernel) {
   EXPECT_FALSE(cuda::attention_decode_supported(qf, kvf, 1)) << "F32 runs on the generic kernel";
 }
 
+// A captured decode graph sizes the key splits for the longest context it serves (AttnBatch
+// key_bound); the kernel cuts each block's actual keys evenly over them. Against the CPU: contexts
+// far shorter than the bound (most splits empty, one key), a ragged batch with a padding row and
+// key ranges under one bound, the split count at its limit (64).
+TEST_F(AttnRunner, DecodeUnderAKeyBound) {
+  constexpr int32_t kNo = AttnBlock::kNoBound;
+  const std::vector<std::pair<AttnCase, int32_t>> cases = {
+      {{"qwen3 32/4 1045 keys, bound 2048", 32, 4, 128, 16, {{1, 1045, 0}}}, 2048},
+      {{"gqa4 one key, bound 4096", 8, 2, 128, 64, {{1, 0, 0}}}, 4096},
+      {{"gqa4 33 keys, bound 65536", 8, 2, 128, 16, {{1, 32, 0}}}, 65536},
+      {{"ragged, ranges, padding, bound 8192",
+        32,
+        4,
+        128,
+        16,
+        {{1, 700, 0}, {1, 33, 1}, {1, 5000, 2}, {1, 3000, 3, 1000, kNo}, {1, 9, 4, 0, 0}}},
+       8192},
+      {{"gqa16 bs256 3001 keys, bound 32768", 16, 1, 128, 256, {{1, 3000, 0}}}, 32768},
+  };
+  uint32_t seed = 950;
+  for (const auto& [c, bound] : cases) {
+    Prepared p = prepare(c, ++seed);
+    Tensor co, clse;
+    cpu_attention(p, p.blocks, co, clse);
+    AttnBatch b = batch(p, p.blocks, true);
+    b.key_bound = bound;
+    const Tensor q = gpu_tensor("q", DType::BF16, {p.t, p.hq, p.d}, &p.q);
+    Tensor out = gpu_tensor("out", DType::BF16, {p.t, p.hq, p.d}, nullptr);
+    Tensor lse = gpu_tensor("lse", DType::F32, {p.t, p.hq}, nullptr);
+    gpu_->attention(q, b, p.gcache, scale(p), out, lse);
+    expect_attention_close(c.name, gpu_read(out), cpu_read(co), gpu_read(lse), cpu_read(clse), p.d);
+  }
+}
+
 // The cuDNN path (CudaBackend PrefillKernel::Cudnn): at the Qwen3-30B-A3B attention shape it must
 // take ordinary causal prefill (one sequence, a cached prefix, ragged blocks of several sequences,
 // zigzag blocks of one sequence, lse or none) and match the CPU; the cases run above cover the

@@ -98,9 +98,9 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
     if (n_splits > 1)
       part = static_cast<float*>(workspace(static_cast<size_t>(t * hq) * n_splits * (d + 2) * sizeof(float)));
     if (gqa) {
-      CUDA_LAUNCH(launch_attention_decode(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), n_splits, keys,
-                                          part, stream_),
-                  "attention_decode");
+      CUDA_LAUNCH(
+          launch_attention_decode(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), n_splits, part, stream_),
+          "attention_decode");
     } else {
       CUDA_LAUNCH(launch_attention_generic(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), n_splits, keys,
                                            part, stream_),

@@ -10,8 +10,11 @@
 // the 4 warps takes 16 keys of every tile, S = Q·Kᵀ for them, its own online softmax (m, l) and
 // O += P·V with P re-packed from the S accumulators. At the end the warps' (m, l, O) are merged by
 // log-sum-exp in shared memory; a split writes its partial (acc, max, sum), which attention_merge.cu's
-// split merge (kD threads per (block, head)) combines. The page of each key is looked up once, when
-// its tile is loaded; a key whose table entry lies outside the cache is skipped (masked), never read.
+// split merge (kD threads per (block, head)) combines. Each block's key range is cut on the device
+// into n_splits runs of equal length (whole 64-key tiles), so a split count sized for a longer
+// context (a captured decode graph's, for the longest context it serves) still spreads a block's
+// keys over every split. The page of each key is looked up once, when its tile is loaded; a key
+// whose table entry lies outside the cache is skipped (masked), never read.
 #include <algorithm>
 #include <cfloat>
 
@@ -48,7 +51,7 @@ __global__ void __launch_bounds__(kThreads)
                             const int32_t* __restrict__ block_table, int max_blocks_per_seq,
                             const __nv_bfloat16* __restrict__ cache_k, const __nv_bfloat16* __restrict__ cache_v,
                             int block_size, int bs_shift, int n_pages, int hq, int hkv, int n_group, float scale_log2,
-                            int n_splits, int split_len, __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
+                            int n_splits, __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
                             float* __restrict__ part) {
   pdl_wait();
   pdl_trigger();
@@ -67,6 +70,7 @@ __global__ void __launch_bounds__(kThreads)
   // split_len of them.
   const int key_hi = min(blk[5], pos_begin + 1);
   const int key_lo = min(blk[4], key_hi);
+  const int split_len = ((key_hi - key_lo + n_splits - 1) / n_splits + kTile - 1) / kTile * kTile;
   const int64_t kb = static_cast<int64_t>(key_lo) + static_cast<int64_t>(split) * split_len;
   const int key_begin = static_cast<int>(kb < key_hi ? kb : key_hi);
   const int key_end = static_cast<int>(kb + split_len < key_hi ? kb + split_len : key_hi);
@@ -236,7 +240,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 cudaError_t launch_kernel(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale_log2,
-                          DevTensor out, float* lse, int n_splits, int split_len, float* part, cudaStream_t stream) {
+                          DevTensor out, float* lse, int n_splits, float* part, cudaStream_t stream) {
   static_assert(kSmemBytes <= 227 * 1024, "decode attention tiles exceed shared memory");
   const int hkv = static_cast<int>(cache.k.dim(2));
   const int hq = static_cast<int>(q.dim(1));
@@ -247,7 +251,7 @@ cudaError_t launch_kernel(const DevTensor& q, const DevAttnBatch& batch, const D
   return launch_k(attention_decode_kernel, grid, kThreads, kSmemBytes, stream, q.ptr<const __nv_bfloat16>(),
                   batch.blocks, batch.block_table, batch.max_blocks_per_seq, cache.k.ptr<const __nv_bfloat16>(),
                   cache.v.ptr<const __nv_bfloat16>(), cache.block_size(), bs_shift, static_cast<int>(cache.k.dim(0)),
-                  hq, hkv, hq / hkv, scale_log2, n_splits, split_len, out.ptr<__nv_bfloat16>(), lse, part);
+                  hq, hkv, hq / hkv, scale_log2, n_splits, out.ptr<__nv_bfloat16>(), lse, part);
 }
 
 }  // namespace
@@ -272,17 +276,14 @@ int attention_decode_splits(int n_blocks, int hkv, int max_keys, int n_sms) {
 }
 
 cudaError_t launch_attention_decode(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
-                                    DevTensor out, DevTensor lse, int n_splits, int max_keys, float* part,
-                                    cudaStream_t stream) {
+                                    DevTensor out, DevTensor lse, int n_splits, float* part, cudaStream_t stream) {
   if (batch.n_blocks == 0 || batch.max_q_len == 0) return cudaSuccess;
   if (!attention_decode_supported(q, cache, batch.max_q_len) || n_splits < 1 || n_splits > kAttnMaxSplits ||
       batch.n_blocks > 65535 || (n_splits > 1 && part == nullptr))
     return cudaErrorInvalidValue;
-  // Keys per split: whole tiles, so that splits never share one.
-  const int split_len = n_splits > 1 ? ((max_keys + n_splits - 1) / n_splits + kTile - 1) / kTile * kTile : INT32_MAX;
   const float scale_log2 = scale * 1.4426950408889634f;
   float* lse_p = lse.defined() ? lse.ptr<float>() : nullptr;
-  const cudaError_t err = launch_kernel(q, batch, cache, scale_log2, out, lse_p, n_splits, split_len, part, stream);
+  const cudaError_t err = launch_kernel(q, batch, cache, scale_log2, out, lse_p, n_splits, part, stream);
   if (err != cudaSuccess || n_splits == 1) return err;
   return launch_attention_split_merge(batch, static_cast<int>(q.dim(1)), kD, n_splits, part, out, lse, stream);
 }

@@ -201,12 +201,11 @@ cudaError_t launch_attention_split_merge(const DevAttnBatch& batch, int hq, int 
 // ---- attention_decode.cu: blocks of one query row (max_q_len == 1), D = 128, BF16 q and cache,
 // Hq / Hkv from 1 to 16, 16-byte aligned q and cache: one CTA per (block, KV head, key split) for
 // all the query heads of the KV head, on tensor cores. `part` as for the generic kernel (D = 128);
-// at most kAttnMaxSplits splits (the merge's limit).
+// at most kAttnMaxSplits splits (the merge's limit), each block's keys spread evenly over them.
 bool attention_decode_supported(const DevTensor& q, const DevKv& cache, int max_q_len);
 int attention_decode_splits(int n_blocks, int hkv, int max_keys, int n_sms);
 cudaError_t launch_attention_decode(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
-                                    DevTensor out, DevTensor lse, int n_splits, int max_keys, float* part,
-                                    cudaStream_t stream);
+                                    DevTensor out, DevTensor lse, int n_splits, float* part, cudaStream_t stream);
 // ---- attention_merge.cu: in place, out = (e^lse·out + e^lse2·out2) / (e^lse + e^lse2) and
 // lse = log(e^lse + e^lse2) in fp32; -inf marks an empty side, whose out is never read.
 // out, out2 [T, Hq, D] F32 or BF16 (one dtype); lse, lse2 [T, Hq] F32.
