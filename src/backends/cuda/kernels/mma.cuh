@@ -54,6 +54,16 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// c += a · b for one m16n8k16 tile (FP16 in, fp32 accumulators); the fragment layout of mma_bf16.
+__device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 // c += A · B on e4m3 operands (sm_89 and later), fp32 accumulators: mma.m16n8k32, A row-major 16 x
 // 32, B column-major 32 x 8. Lane (g = lane / 4, t = lane % 4) holds A rows g (a0, a2) and g + 8
 // (a1, a3) at k = 4t.. 4t + 3 (a0, a1) and 16 + 4t.. (a2, a3), B column g at the same k (b0, b1),

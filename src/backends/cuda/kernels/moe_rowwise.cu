@@ -192,6 +192,239 @@ __global__ void __launch_bounds__(kScalarWarps * 32)
   }
 }
 
+// FP8 experts on the tensor cores (mma.m16n8k16, fp32 accumulators; H and I multiples of 128). The
+// kernel above issues ~3.5 instructions per code (each widened to fp32, the activation unpacked, an
+// FMA), which bounds it once the codes have arrived; here the codes widen to FP16 (exact, one cvt
+// per two codes) and go to the mma: about a quarter of the instructions. The activations go to FP16
+// per 128-column block times a power of two (the block's amax lands in [2^14, 2^15)): exact for
+// every BF16 value above amax · 2^-28 (FP16 holds BF16's 8 bits), so the products are exact and
+// nothing is quantized. (BF16 experts on the same kernel, their fragments as they are, were slower
+// than the kernel above: docs/benchmarks.md.)
+// - A CTA takes a tile of 16 weight rows, the mma's m (gate‖up: the gate and the up rows of 8
+//   output columns, so that one lane holds both halves of its silu · mul; down: 16 rows), and a
+//   segment's activation rows up to 8 at a time (the mma's n); its warps split K by 128-code blocks
+//   (warp w: blocks w, w + W, ...) and their sums meet in shared memory.
+// - Lane (g, t) copies bytes [16t, 16t + 16) of both 64-code halves of each of its blocks of rows g
+//   and g + 8 (cp.async; before the pdl wait where the expert is known, as the kernel above) and
+//   reads back only those: they are its k-slots of the four mma over the half (the order of k in a
+//   sum does not matter); the activations are taken in the same order.
+// - The block scales of weight and activation multiply each block's partial sum once.
+namespace rowmma {
+constexpr int kN = 8;       // activation rows per pass: the mma's n
+constexpr int kTileM = 16;  // weight rows per CTA: the mma's m
+constexpr int kMaxWarps = 4;
+inline bool supported(int64_t hidden, int64_t inter) { return hidden % kFp8Blk == 0 && inter % kFp8Blk == 0; }
+// Warps for kb blocks: the largest divisor of kb up to kMaxWarps (every warp the same blocks), or
+// kMaxWarps when only 1 divides.
+inline int warps(int kb) {
+  for (int w = kMaxWarps; w > 1; --w)
+    if (kb % w == 0) return w;
+  return kb < kMaxWarps ? kb : kMaxWarps;
+}
+// The staged activation rows' stride in elements: with several rows, a row and the next start 16
+// bytes apart in the banks, so the rows of an mma's n read conflict-free.
+__host__ __device__ inline int x_stride(int k, int rows) { return rows > 1 ? k + 8 : k; }
+// Shared memory in 16-byte units: weights [W][nbw][4][32], weight scales [W][2][nbw] floats,
+// activations [rows][x_stride] FP16, their scales [rows][kb] floats, and with several rows the
+// warps' sums [W - 1][4][32] (a segment's last rows, and so every pass of one row, leave each warp's
+// sums in its own weight buffer instead: at batch 1 that keeps six gate‖up CTAs of 4 warps on an SM,
+// the whole GEMM in one wave). One row only where a segment has one (pairs).
+struct Layout {
+  int w, sc, x, xs, red, total;
+  __host__ __device__ Layout(int n_warps, int kb, int k, int rows) {
+    const int nbw = (kb + n_warps - 1) / n_warps;
+    w = 0;
+    sc = w + n_warps * nbw * 4 * 32;
+    x = sc + (n_warps * 2 * nbw + 3) / 4;
+    xs = x + rows * x_stride(k, rows) / 8;
+    red = xs + (rows * kb + 3) / 4;
+    total = red + (rows > 1 ? (n_warps - 1) * 4 * 32 / 4 : 0);
+  }
+};
+
+// The activations' block exponent: E for amax in [2^E, 2^(E + 1)), at least -100; 14 for a zero
+// or non-finite amax. value · 2^(14 - E) is FP16 with the amax in [2^14, 2^15).
+__device__ __forceinline__ int act_exponent(float amax) {
+  if (!(amax > 0.0f) || !(amax <= 3.4e38f)) return 14;
+  const int e = static_cast<int>((__float_as_uint(amax) >> 23) & 0xffu) - 127;
+  return e < -100 ? -100 : e;
+}
+__device__ __forceinline__ float pow2(int e) { return __uint_as_float(static_cast<uint32_t>(e + 127) << 23); }
+
+// Two e4m3 codes (the low byte first) as an FP16 pair.
+__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), __NV_E4M3);
+  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+}
+}  // namespace rowmma
+
+template <bool kGateUp>
+__global__ void __launch_bounds__(rowmma::kMaxWarps * 32)
+    moe_fp8_mma_kernel(const __nv_bfloat16* __restrict__ in, const MoeRowSource rs, int count, const ExpertTables t,
+                       int n_out, int k_dim, int x_rows, void* __restrict__ out) {
+  using namespace rowmma;
+  extern __shared__ uint4 smem[];
+  if constexpr (kGateUp) {  // as moe_small_gemm_kernel
+    pdl_wait();
+    pdl_trigger();
+  }
+  int e, begin, end;
+  if (!small_gemm_segment(rs, count, e, begin, end)) return;
+  const int n_warps = static_cast<int>(blockDim.x >> 5), warp = static_cast<int>(threadIdx.x >> 5);
+  const int lane = static_cast<int>(threadIdx.x & 31), g = lane >> 2, tq = lane & 3;
+  const int kb = k_dim / kFp8Blk, nbw = (kb + n_warps - 1) / n_warps;
+  const Layout lay(n_warps, kb, k_dim, x_rows);
+  constexpr int kCols = kGateUp ? kTileM / 2 : kTileM;  // output columns per CTA
+  const int n0 = static_cast<int>(blockIdx.x) * kCols;
+  // This lane's A rows g and g + 8, and the tile's scale rows (its 16 rows lie in one 128-row
+  // block: n0 is a multiple of kCols).
+  const uint8_t *ra, *rb;
+  const float *sa, *sb;
+  {
+    const int64_t brow = static_cast<int64_t>(n0 / kFp8Blk) * kb;
+    if constexpr (kGateUp) {
+      const int64_t n = min(n0 + g, n_out - 1);
+      ra = static_cast<const uint8_t*>(t.w1[e]) + n * k_dim;
+      rb = static_cast<const uint8_t*>(t.w2[e]) + n * k_dim;
+      sa = static_cast<const float*>(t.s1[e]) + brow;
+      sb = static_cast<const float*>(t.s2[e]) + brow;
+    } else {
+      const int64_t na = min(n0 + g, n_out - 1), nb = min(n0 + 8 + g, n_out - 1);
+      ra = static_cast<const uint8_t*>(t.w1[e]) + na * k_dim;
+      rb = static_cast<const uint8_t*>(t.w1[e]) + nb * k_dim;
+      sa = sb = static_cast<const float*>(t.s1[e]) + brow;
+    }
+  }
+  uint4* const wbuf = smem + lay.w + warp * nbw * 4 * 32;
+  float* const wsc = reinterpret_cast<float*>(smem + lay.sc) + warp * 2 * nbw;
+  for (int j = 0; j < nbw; ++j) {
+    const int b = warp + j * n_warps;
+    const bool ok = b < kb;
+    const int64_t off = static_cast<int64_t>(ok ? b : 0) * kFp8Blk + 16 * tq;
+    cp_async16(wbuf + (j * 4 + 0) * 32 + lane, ra + off, ok);
+    cp_async16(wbuf + (j * 4 + 1) * 32 + lane, ra + off + 64, ok);
+    cp_async16(wbuf + (j * 4 + 2) * 32 + lane, rb + off, ok);
+    cp_async16(wbuf + (j * 4 + 3) * 32 + lane, rb + off + 64, ok);
+  }
+  for (int i = lane; i < 2 * nbw; i += 32) {
+    const int j = i < nbw ? i : i - nbw, b = warp + j * n_warps;
+    cp_async4(wsc + i, (i < nbw ? sa : sb) + (b < kb ? b : 0), b < kb);
+  }
+  cp_async_commit();
+  if constexpr (!kGateUp) {
+    pdl_wait();
+    pdl_trigger();
+  }
+  uint16_t* const xh = reinterpret_cast<uint16_t*>(smem + lay.x);  // FP16 bits
+  float* const xsc = reinterpret_cast<float*>(smem + lay.xs);
+  float* const red = reinterpret_cast<float*>(smem + lay.red);
+  const int xs_stride = x_stride(k_dim, x_rows), pieces = k_dim / 16;  // 16 values a piece
+  for (int r0 = begin; r0 < end; r0 += x_rows) {
+    const int n_rows = min(x_rows, end - r0);
+    if (r0 > begin) __syncthreads();  // every warp is done with the previous rows and sums
+    // Stage the rows in FP16 with their block exponents (a block's 8 pieces: 8 aligned lanes).
+    for (int p0 = 0; p0 < n_rows * pieces; p0 += static_cast<int>(blockDim.x)) {
+      const int p = p0 + static_cast<int>(threadIdx.x);
+      const bool ok = p < n_rows * pieces;
+      const int r = ok ? p / pieces : 0, c = ok ? p % pieces : 0;
+      uint4 v[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+      if (ok) {
+        const int row = r0 + r;
+        const uint4* src =
+            reinterpret_cast<const uint4*>(in + (kGateUp ? small_gemm_token(rs, row) : row) * k_dim + c * 16);
+        v[0] = src[0];
+        v[1] = src[1];
+      }
+      const uint32_t w[8] = {v[0].x, v[0].y, v[0].z, v[0].w, v[1].x, v[1].y, v[1].z, v[1].w};
+      float amax = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fmaxf(fabsf(bf16_lo(w[i])), fabsf(bf16_hi(w[i]))));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+      const int ex = act_exponent(amax);
+      const float inv = pow2(14 - ex);
+      uint32_t h[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const __half2 hv = __floats2half2_rn(bf16_lo(w[i]) * inv, bf16_hi(w[i]) * inv);
+        h[i] = *reinterpret_cast<const uint32_t*>(&hv);
+      }
+      v[0] = make_uint4(h[0], h[1], h[2], h[3]);
+      v[1] = make_uint4(h[4], h[5], h[6], h[7]);
+      if (ok && (c & 7) == 0) xsc[r * kb + c / 8] = pow2(ex - 14);
+      if (ok) {
+        uint4* dst = reinterpret_cast<uint4*>(xh + r * xs_stride + c * 16);
+        dst[0] = v[0];
+        dst[1] = v[1];
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the rows, and each warp's weights and scales (copied by its lanes)
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // Lane t's 16 codes of each 64-code half.
+    const uint16_t* const xrow = xh + min(g, n_rows - 1) * xs_stride + tq * 16;
+    for (int j = 0; j < nbw; ++j) {
+      const int b = warp + j * n_warps;
+      if (b >= kb) break;
+      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const uint4 wa = wbuf[(j * 4 + hf) * 32 + lane], wb = wbuf[(j * 4 + 2 + hf) * 32 + lane];
+        const uint4* xp = reinterpret_cast<const uint4*>(xrow + b * kFp8Blk + hf * (kFp8Blk / 2));
+        const uint4 x0 = xp[0], x1 = xp[1];
+        const uint32_t av[4] = {wa.x, wa.y, wa.z, wa.w}, bv[4] = {wb.x, wb.y, wb.z, wb.w};
+        const uint32_t xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          mma_f16(d, e4m3x2_to_f16x2(av[i]), e4m3x2_to_f16x2(bv[i]), e4m3x2_to_f16x2(av[i] >> 16),
+                  e4m3x2_to_f16x2(bv[i] >> 16), xv[2 * i], xv[2 * i + 1]);
+      }
+      const float* const xs0 = xsc + min(2 * tq, n_rows - 1) * kb;
+      const float* const xs1 = xsc + min(2 * tq + 1, n_rows - 1) * kb;
+      const float wa_s = wsc[j], wb_s = wsc[nbw + j], x0_s = xs0[b], x1_s = xs1[b];
+      acc[0] = fmaf(d[0], wa_s * x0_s, acc[0]);
+      acc[1] = fmaf(d[1], wa_s * x1_s, acc[1]);
+      acc[2] = fmaf(d[2], wb_s * x0_s, acc[2]);
+      acc[3] = fmaf(d[3], wb_s * x1_s, acc[3]);
+    }
+    if (n_warps > 1) {
+      // Warp w's sums: in its own weight buffer after the segment's last rows, else in red.
+      const bool last = r0 + x_rows >= end;
+      auto sums = [&](int w) {
+        return last ? reinterpret_cast<float*>(smem + lay.w + w * nbw * 4 * 32) : red + (w - 1) * 4 * 32;
+      };
+      if (warp > 0) {
+        __syncwarp();  // every lane is done with the warp's weights
+        float* const s = sums(warp);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[i * 32 + lane] = acc[i];
+      }
+      __syncthreads();
+      if (warp != 0) continue;
+      for (int w = 1; w < n_warps; ++w) {
+        const float* const s = sums(w);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[i] += s[i * 32 + lane];
+      }
+    }
+    // Lane (g, t) holds rows g (acc 0, 1) and g + 8 (acc 2, 3) at activation rows 2t, 2t + 1.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = 2 * tq + h;
+      if (r >= n_rows) break;
+      const int64_t o = static_cast<int64_t>(r0 + r) * n_out;
+      if constexpr (kGateUp) {
+        if (n0 + g < n_out)
+          static_cast<__nv_bfloat16*>(out)[o + n0 + g] = from_f32<__nv_bfloat16>(silu_mul_bf16(acc[h], acc[2 + h]));
+      } else {
+        if (n0 + g < n_out) static_cast<float*>(out)[o + n0 + g] = acc[h];
+        if (n0 + 8 + g < n_out) static_cast<float*>(out)[o + n0 + 8 + g] = acc[2 + h];
+      }
+    }
+  }
+}
+
 // Both GEMMs of one call: gate‖up (t1) into act, then down (t2) into y.
 template <class F>
 cudaError_t launch_rowwise(const DevTensor& x, const MoeRowSource& rs, int count, const ExpertTables& t1,
@@ -218,6 +451,24 @@ cudaError_t launch_rowwise(const DevTensor& x, const MoeRowSource& rs, int count
     if (err != cudaSuccess) return err;
     return launch_k(moe_small_gemm_scalar_kernel<F, false>, grid2, kScalarWarps * 32, 0, stream, actp, rs, count, t2,
                     n_h, n_i, y);
+  }
+  if constexpr (std::is_same_v<F, Fp8Weights>) {
+    if (rowmma::supported(hidden, inter)) {  // the tensor-core kernel
+      // Pairs: one row each. Segments (2 to 8 tokens): most have one or two rows; two staged rows
+      // keep five CTAs on an SM, and more rows take more passes over the weights the CTA holds.
+      const int x_rows = rs.ids ? 1 : 2;
+      static_assert(2 <= rowmma::kN, "an mma's n holds the rows of a pass");
+      auto go = [&](auto kernel, int cols, const __nv_bfloat16* src, const ExpertTables& t, int n_out, int k_dim,
+                    void* o) {
+        const int kb = k_dim / kFp8Blk, w = rowmma::warps(kb);
+        const size_t smem = static_cast<size_t>(rowmma::Layout(w, kb, k_dim, x_rows).total) * 16;
+        const unsigned gx = static_cast<unsigned>((n_out + cols - 1) / cols);
+        return launch_k(kernel, dim3(gx, ey), w * 32, smem, stream, src, rs, count, t, n_out, k_dim, x_rows, o);
+      };
+      const cudaError_t err = go(moe_fp8_mma_kernel<true>, rowmma::kTileM / 2, xp, t1, n_i, n_h, act);
+      if (err != cudaSuccess) return err;
+      return go(moe_fp8_mma_kernel<false>, rowmma::kTileM, actp, t2, n_h, n_i, y);
+    }
   }
   // One pass of 256 · kCh BF16 weights (512 · kCh FP8 codes) per weight row: kCh = 4 / kX for rows up
   // to 1024 weights (down at I = 768), else 8 / kX (a longer row takes several passes).
