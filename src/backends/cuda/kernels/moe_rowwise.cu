@@ -202,8 +202,8 @@ __global__ void __launch_bounds__(kScalarWarps * 32)
 // than the kernel above: docs/benchmarks.md.)
 // - A CTA takes a tile of 16 weight rows, the mma's m (gate‖up: the gate and the up rows of 8
 //   output columns, so that one lane holds both halves of its silu · mul; down: 16 rows), and a
-//   segment's activation rows up to 8 at a time (the mma's n); its warps split K by 128-code blocks
-//   (warp w: blocks w, w + W, ...) and their sums meet in shared memory.
+//   segment's activation rows a few at a time (at most 8, the mma's n); its warps split K by
+//   128-code blocks (warp w: blocks w, w + W, ...) and their sums meet in shared memory.
 // - Lane (g, t) copies bytes [16t, 16t + 16) of both 64-code halves of each of its blocks of rows g
 //   and g + 8 (cp.async; before the pdl wait where the expert is known, as the kernel above) and
 //   reads back only those: they are its k-slots of the four mma over the half (the order of k in a
@@ -213,7 +213,6 @@ namespace rowmma {
 constexpr int kN = 8;       // activation rows per pass: the mma's n
 constexpr int kTileM = 16;  // weight rows per CTA: the mma's m
 constexpr int kMaxWarps = 4;
-inline bool supported(int64_t hidden, int64_t inter) { return hidden % kFp8Blk == 0 && inter % kFp8Blk == 0; }
 // Warps for kb blocks: the largest divisor of kb up to kMaxWarps (every warp the same blocks), or
 // kMaxWarps when only 1 divides.
 inline int warps(int kb) {
@@ -255,6 +254,18 @@ __device__ __forceinline__ float pow2(int e) { return __uint_as_float(static_cas
 __device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two) {
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), __NV_E4M3);
   return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+}
+// Dynamic shared memory for K = k and `rows` staged rows; supported: H and I multiples of 128 whose
+// GEMMs fit an SM's shared memory (227 KB: K up to ~12K).
+inline size_t smem_bytes(int64_t k, int rows) {
+  const int kb = static_cast<int>(k / kFp8Blk), w = warps(kb);
+  return static_cast<size_t>(Layout(w, kb, static_cast<int>(k), rows).total) * 16;
+}
+constexpr int kMaxRows = 2;  // staged rows per pass (segments; pairs stage one)
+inline bool supported(int64_t hidden, int64_t inter) {
+  constexpr size_t kMaxSmem = 227 * 1024;
+  return hidden % kFp8Blk == 0 && inter % kFp8Blk == 0 && hidden <= (1 << 16) && inter <= (1 << 16) &&
+         smem_bytes(hidden, kMaxRows) <= kMaxSmem && smem_bytes(inter, kMaxRows) <= kMaxSmem;
 }
 }  // namespace rowmma
 
@@ -456,12 +467,12 @@ cudaError_t launch_rowwise(const DevTensor& x, const MoeRowSource& rs, int count
     if (rowmma::supported(hidden, inter)) {  // the tensor-core kernel
       // Pairs: one row each. Segments (2 to 8 tokens): most have one or two rows; two staged rows
       // keep five CTAs on an SM, and more rows take more passes over the weights the CTA holds.
-      const int x_rows = rs.ids ? 1 : 2;
-      static_assert(2 <= rowmma::kN, "an mma's n holds the rows of a pass");
+      const int x_rows = rs.ids ? 1 : rowmma::kMaxRows;
+      static_assert(rowmma::kMaxRows <= rowmma::kN, "an mma's n holds the rows of a pass");
       auto go = [&](auto kernel, int cols, const __nv_bfloat16* src, const ExpertTables& t, int n_out, int k_dim,
                     void* o) {
-        const int kb = k_dim / kFp8Blk, w = rowmma::warps(kb);
-        const size_t smem = static_cast<size_t>(rowmma::Layout(w, kb, k_dim, x_rows).total) * 16;
+        const int w = rowmma::warps(k_dim / kFp8Blk);
+        const size_t smem = rowmma::smem_bytes(k_dim, x_rows);
         const unsigned gx = static_cast<unsigned>((n_out + cols - 1) / cols);
         return launch_k(kernel, dim3(gx, ey), w * 32, smem, stream, src, rs, count, t, n_out, k_dim, x_rows, o);
       };
