@@ -208,10 +208,16 @@ TEST_F(Ops, QkNormRope) {
     int64_t t, hq, hkv, d;
     float theta, factor;
   };
+  // Up to 15 tokens: a warp per (token, head); 16 and more with D % 4 == 0 and D <= 256: a CTA per
+  // token (D 96, 128, 256; D 36 is not a multiple of 4 and stays per head).
   for (const Case& c : std::vector<Case>{{13, 4, 2, 128, 1e6f, 1.0f},
                                          {5, 32, 4, 128, 1e6f, 1.1386f},
                                          {9, 3, 1, 64, 1e4f, 1.0f},
-                                         {4, 2, 2, 16, 1e4f, 1.0f}}) {
+                                         {4, 2, 2, 16, 1e4f, 1.0f},
+                                         {300, 32, 4, 128, 1e6f, 1.0f},
+                                         {16, 3, 1, 96, 1e4f, 1.1386f},
+                                         {40, 4, 4, 256, 1e6f, 1.0f},
+                                         {20, 2, 1, 36, 1e4f, 1.0f}}) {
     const std::string sh = shape_of({c.t, c.hq, c.d}) + " Hkv=" + std::to_string(c.hkv);
     auto q = rng.bf16_normal(c.t * c.hq * c.d, 2.0f), k = rng.bf16_normal(c.t * c.hkv * c.d, 2.0f);
     auto qw = rng.bf16_normal(c.d, 1.0f), kw = rng.bf16_normal(c.d, 1.0f);
@@ -240,7 +246,7 @@ TEST_F(Ops, QkNormRope) {
     expect_close("rope.k", sh, gpu_read(hk), cpu_read(rk), kNmse, 0.1);
     // qk_norm_rope_store (one kernel on CUDA) equals qk_norm_rope then kv_store bit for bit: q, k and
     // the whole cache (scattered slots, a padding row with slot -1, untouched slots stay as they were).
-    const int64_t nb = 3, bs = 16;
+    const int64_t nb = std::max<int64_t>(3, c.t / 16 + 2), bs = 16;
     std::vector<int32_t> slots(nb * bs);
     std::iota(slots.begin(), slots.end(), 0);
     std::shuffle(slots.begin(), slots.end(), rng.gen());
@@ -266,6 +272,25 @@ TEST_F(Ops, QkNormRope) {
     }
     const char* what[] = {"q", "k", "cache.k", "cache.v"};
     for (int i = 0; i < 4; ++i) EXPECT_EQ(got[1][i], got[0][i]) << "qk_norm_rope_store " << what[i] << " " << sh;
+  }
+  // F32 activations, per token (24 tokens) and per head (3).
+  for (int64_t t : {24, 3}) {
+    const int64_t hq = 4, hkv = 2, d = 128;
+    const std::string sh = "F32 " + shape_of({t, hq, d});
+    auto q = rng.bf16_normal(t * hq * d, 2.0f), k = rng.bf16_normal(t * hkv * d, 2.0f);
+    auto qw = rng.bf16_normal(d, 1.0f), kw = rng.bf16_normal(d, 1.0f);
+    std::vector<int32_t> pos(t);
+    for (auto& p : pos) p = rng.integer(0, 40000);
+    RopeParams rope;
+    for (int64_t i = 0; i < d / 2; ++i)
+      rope.inv_freq.push_back(1.0f / std::pow(1e6f, static_cast<float>(2 * i) / static_cast<float>(d)));
+    Tensor cq = cpu_f32(q, {t, hq, d}), ck = cpu_f32(k, {t, hkv, d});
+    cpu_->qk_norm_rope(cq, ck, cpu_f32(qw, {d}), cpu_f32(kw, {d}), 1e-6f, cpu_i32(pos, {t}), rope);
+    Tensor gq = gpu_tensor("q", DType::F32, {t, hq, d}, &q), gk = gpu_tensor("k", DType::F32, {t, hkv, d}, &k);
+    gpu_->qk_norm_rope(gq, gk, gpu_tensor("qw", DType::BF16, {d}, &qw), gpu_tensor("kw", DType::BF16, {d}, &kw), 1e-6f,
+                       gpu_i32("pos", pos, {t}), rope);
+    expect_close("qk_norm_rope.q", sh, gpu_read(gq), cpu_read(cq), 1e-9, 1e-3);
+    expect_close("qk_norm_rope.k", sh, gpu_read(gk), cpu_read(ck), 1e-9, 1e-3);
   }
 }
 
