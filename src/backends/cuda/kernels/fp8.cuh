@@ -20,6 +20,13 @@ __device__ __forceinline__ float2 fp8x2_to_f32(uint16_t two) {
   return __half22float2(__half2(h));
 }
 
+// Two codes (the low byte first, in the low 16 bits of `two`) as an FP16 pair, the first in the low
+// half: the same exact widening, for the tensor cores' FP16 operands.
+__device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t two) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), __NV_E4M3);
+  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+}
+
 // The nearest e4m3 code of x, ties to even, |x| > 448 saturating to ±448 (core/dtype.h's
 // f32_to_fp8_e4m3 rounds the same way).
 __device__ __forceinline__ uint8_t f32_to_e4m3(float x) {

@@ -250,11 +250,6 @@ __device__ __forceinline__ int act_exponent(float amax) {
 }
 __device__ __forceinline__ float pow2(int e) { return __uint_as_float(static_cast<uint32_t>(e + 127) << 23); }
 
-// Two e4m3 codes (the low byte first) as an FP16 pair.
-__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), __NV_E4M3);
-  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
-}
 // Dynamic shared memory for K = k and `rows` staged rows; supported: H and I multiples of 128 whose
 // GEMMs fit an SM's shared memory (227 KB: K up to ~12K).
 inline size_t smem_bytes(int64_t k, int rows) {
@@ -388,8 +383,8 @@ __global__ void __launch_bounds__(rowmma::kMaxWarps * 32)
         const uint32_t xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-          mma_f16(d, e4m3x2_to_f16x2(av[i]), e4m3x2_to_f16x2(bv[i]), e4m3x2_to_f16x2(av[i] >> 16),
-                  e4m3x2_to_f16x2(bv[i] >> 16), xv[2 * i], xv[2 * i + 1]);
+          mma_f16(d, fp8x2_to_f16x2(av[i]), fp8x2_to_f16x2(bv[i]), fp8x2_to_f16x2(av[i] >> 16),
+                  fp8x2_to_f16x2(bv[i] >> 16), xv[2 * i], xv[2 * i + 1]);
       }
       const float* const xs0 = xsc + min(2 * tq, n_rows - 1) * kb;
       const float* const xs1 = xsc + min(2 * tq + 1, n_rows - 1) * kb;

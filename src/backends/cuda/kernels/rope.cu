@@ -186,28 +186,25 @@ cudaError_t launch_qk_norm_rope(DevTensor q, DevTensor k, const DevTensor& q_nor
       n_tokens >= kTokMinTokens && d % 4 == 0 && d <= kTokMaxD && n_tokens <= INT32_MAX && aligned(q.data, two) &&
       aligned(k.data, two) &&
       (!store || (aligned(v->data, two) && aligned(cache->k.data, two) && aligned(cache->v.data, two)));
-  if (per_token) {
-    CPI_DISPATCH_ACT(
-        q.dtype, "qk_norm_rope q", T, CPI_DISPATCH_FLOAT(q_norm_w.dtype, "qk_norm_rope weight", TW, {
-          launch_k(qk_norm_rope_token_kernel<T, TW>, static_cast<unsigned>(n_tokens), kTokWarps * 32, 0, stream,
-                   static_cast<T*>(q.data), static_cast<T*>(k.data), static_cast<const TW*>(q_norm_w.data),
-                   static_cast<const TW*>(k_norm_w.data), positions.ptr<const int32_t>(), inv_freq, hq, hkv, d, eps,
-                   attention_factor, store ? static_cast<const T*>(v->data) : nullptr,
-                   store ? slots->ptr<const int32_t>() : nullptr, store ? static_cast<T*>(cache->k.data) : nullptr,
-                   store ? static_cast<T*>(cache->v.data) : nullptr, n_slots);
-        }));
-    return cudaGetLastError();
-  }
   const size_t smem = static_cast<size_t>(kWarps) * d * sizeof(float);
-  CPI_DISPATCH_ACT(q.dtype, "qk_norm_rope q", T, CPI_DISPATCH_FLOAT(q_norm_w.dtype, "qk_norm_rope weight", TW, {
-                     launch_k(qk_norm_rope_kernel<T, TW>, static_cast<unsigned>(blocks), kWarps * 32, smem, stream,
-                              static_cast<T*>(q.data), static_cast<T*>(k.data), static_cast<const TW*>(q_norm_w.data),
-                              static_cast<const TW*>(k_norm_w.data), positions.ptr<const int32_t>(), inv_freq, n_tokens,
-                              hq, hkv, d, eps, attention_factor, store ? static_cast<const T*>(v->data) : nullptr,
-                              store ? slots->ptr<const int32_t>() : nullptr,
-                              store ? static_cast<T*>(cache->k.data) : nullptr,
-                              store ? static_cast<T*>(cache->v.data) : nullptr, n_slots);
-                   }));
+  CPI_DISPATCH_ACT(
+      q.dtype, "qk_norm_rope q", T, CPI_DISPATCH_FLOAT(q_norm_w.dtype, "qk_norm_rope weight", TW, {
+        T* const qp = static_cast<T*>(q.data);
+        T* const kp = static_cast<T*>(k.data);
+        const TW* const qw = static_cast<const TW*>(q_norm_w.data);
+        const TW* const kw = static_cast<const TW*>(k_norm_w.data);
+        const int32_t* const pos = positions.ptr<const int32_t>();
+        const T* const vp = store ? static_cast<const T*>(v->data) : nullptr;
+        const int32_t* const sp = store ? slots->ptr<const int32_t>() : nullptr;
+        T* const ck = store ? static_cast<T*>(cache->k.data) : nullptr;
+        T* const cv = store ? static_cast<T*>(cache->v.data) : nullptr;
+        if (per_token)
+          launch_k(qk_norm_rope_token_kernel<T, TW>, static_cast<unsigned>(n_tokens), kTokWarps * 32, 0, stream, qp, kp,
+                   qw, kw, pos, inv_freq, hq, hkv, d, eps, attention_factor, vp, sp, ck, cv, n_slots);
+        else
+          launch_k(qk_norm_rope_kernel<T, TW>, static_cast<unsigned>(blocks), kWarps * 32, smem, stream, qp, kp, qw, kw,
+                   pos, inv_freq, n_tokens, hq, hkv, d, eps, attention_factor, vp, sp, ck, cv, n_slots);
+      }));
   return cudaGetLastError();
 }
 
