@@ -17,6 +17,25 @@ void MoE::experts(const MoeWeights& w, const Tensor& rows, Tensor out) {
   be_.moe_experts(rows, ids, wts, *w.experts, out);
 }
 
+void MoE::run_between_norms(const MoeWeights& w, Tensor residual, const Tensor& x, const Tensor& norm_w,
+                            const Tensor* next_norm_w, float eps, Tensor h, Tensor out) {
+  CPI_CHECK(runs_between_norms(), "MoE::run_between_norms with experts sharded over ", par_.world_size(), " ranks");
+  const int64_t n = h.rows(), E = shape_.n_experts, K = shape_.top_k;
+  if (n == 0) return;
+  Tensor logits = scratch_.get(kRouterLogits, DType::F32, {n, E});
+  Tensor ids = scratch_.get(kTopIds, DType::I32, {n, K});
+  Tensor wts = scratch_.get(kTopW, DType::F32, {n, K});
+  be_.add_rms_norm_moe_gate(residual, x, norm_w, eps, h, *w.router, static_cast<int>(K), shape_.norm_topk_prob, logits,
+                            ids, wts);
+  if (next_norm_w) {
+    be_.moe_experts_add_rms_norm(h, ids, wts, *w.experts, out, residual, *next_norm_w, eps, h);
+  } else {
+    be_.moe_experts(h, ids, wts, *w.experts, out);
+    be_.add(residual, out);
+  }
+  prof_.mark(&ForwardProfile::moe_s);
+}
+
 int MoE::chunks() const {
   // Off unless asked for: on 2 x H200 (Qwen3-30B-A3B shape, wgmma grouped GEMMs) 1, 2, 3, 4 and 6
   // chunks gave the same TTFT within 2% at 32K and 128K (docs/benchmarks.md): the expert GEMMs keep

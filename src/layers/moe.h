@@ -34,6 +34,15 @@ class MoE {
   // out [T, H] = the MoE of this rank's rows h [T, H] (all ranks of the world call it together).
   void run(const MoeWeights& w, const ForwardPlan& plan, const Tensor& h, Tensor out);
 
+  // Whether run_between_norms applies: each rank runs all of its rows' experts (no communication).
+  bool runs_between_norms() const { return par_.world_size() == 1 || par_.replicate_experts; }
+  // The block with the norms around it, on this rank's rows: residual += x; h = rms_norm(residual) ·
+  // norm_w; the experts of h into out; residual += out and, with next_norm_w, h = rms_norm(residual) ·
+  // next_norm_w. The back-end may run each add + norm inside the router and the experts' weighted
+  // sum (out is then not written). Only where runs_between_norms().
+  void run_between_norms(const MoeWeights& w, Tensor residual, const Tensor& x, const Tensor& norm_w,
+                         const Tensor* next_norm_w, float eps, Tensor h, Tensor out);
+
  private:
   enum Slot { kRouterLogits, kTopIds, kTopW, kHAll, kPartial, kNumSlots };
   // out = Σ over each row's top-k experts held here; rows, out [n, H].

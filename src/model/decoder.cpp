@@ -107,19 +107,27 @@ Tensor DecoderLM::run_layers(const ForwardPlan& plan, KvCache& cache, const Step
     const LayerWeights& L = w_.layers[size_t(l)];
     Tensor o =
         attn_.run(AttentionWeights{&L.q_proj, &L.k_proj, &L.v_proj, &L.o_proj, L.q_norm, L.k_norm}, cache.layer(l), h);
+    const Tensor* next_norm = l + 1 < n_layers ? &w_.layers[size_t(l) + 1].input_norm : nullptr;
+    Tensor m = scratch_.rows(kM, ad, T, H);
+    if (L.moe && moe_.runs_between_norms()) {
+      // The MoE block with the adds and norms on both sides: a back-end may run them inside the
+      // router and the experts' weighted sum (one kernel fewer each in a decode step).
+      if (T > 0)
+        moe_.run_between_norms(MoeWeights{&L.router, &L.experts}, x, o, L.post_attn_norm, next_norm, eps, h, m);
+      continue;
+    }
     if (T > 0) {
       be_.add_rms_norm(x, o, L.post_attn_norm, eps, h);
       prof_.mark(&ForwardProfile::other_s);
     }
-    Tensor m = scratch_.rows(kM, ad, T, H);
     if (L.moe) {
       moe_.run(MoeWeights{&L.router, &L.experts}, plan, h, m);
     } else {
       mlp_.run(MlpWeights{&L.mlp_gate, &L.mlp_up, &L.mlp_down}, h, m, opt_.elide_comm ? nullptr : par_.attn_tp);
     }
     if (T > 0) {
-      if (l + 1 < n_layers) {
-        be_.add_rms_norm(x, m, w_.layers[size_t(l) + 1].input_norm, eps, h);
+      if (next_norm) {
+        be_.add_rms_norm(x, m, *next_norm, eps, h);
       } else {
         be_.add(x, m);
       }

@@ -208,12 +208,30 @@ class Backend {
     linear(x, router, logits);
     moe_route(logits, top_k, renormalize, ids, weights);
   }
+  // residual += x; h = rms_norm(residual) · norm_w (add_rms_norm), then moe_gate of h: a sub-layer's
+  // residual add and norm with the MoE router after them; a back-end may run them as one (decode
+  // steps on CUDA).
+  virtual void add_rms_norm_moe_gate(Tensor residual, const Tensor& x, const Tensor& norm_w, float eps, Tensor h,
+                                     const Weight& router, int top_k, bool renormalize, Tensor logits, Tensor ids,
+                                     Tensor weights) {
+    add_rms_norm(residual, x, norm_w, eps, h);
+    moe_gate(h, router, top_k, renormalize, logits, ids, weights);
+  }
   // out[t] = Σ_k weights[t,k] · down(silu(gate(x[t])) ⊙ up(x[t])) over the k whose expert is in
   // the shard; other experts are skipped (another rank holds them; a token with none gets 0). Out
   // is written, not added to: no fill before it (a decode step's chain is one kernel shorter).
   // x, out [T, H].
   virtual void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                            Tensor out) = 0;
+  // moe_experts into out, then residual += out; h = rms_norm(residual) · norm_w (add_rms_norm): the
+  // MoE block with the next sub-layer's residual add and norm. A back-end may fuse the sum into the
+  // experts' last kernel and leave out unwritten (CUDA). h may be x: the experts read x first.
+  virtual void moe_experts_add_rms_norm(const Tensor& x, const Tensor& ids, const Tensor& weights,
+                                        const ExpertShard& shard, Tensor out, Tensor residual, const Tensor& norm_w,
+                                        float eps, Tensor h) {
+    moe_experts(x, ids, weights, shard, out);
+    add_rms_norm(residual, out, norm_w, eps, h);
+  }
   // out = silu(gate) ⊙ up. gate, up, out [T, I].
   virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor out) = 0;
   // a += b (same shape and dtype).

@@ -298,6 +298,22 @@ TEST_F(MoeFp8Test, Qwen3ShapeOnAShard) {
   check_case("qwen3.shard4.decode.skew", rng, 8, 8, ex, true, DType::F32);
 }
 
+// The FP8 experts with the next sub-layer's residual add + RMSNorm in their weighted sum equal
+// moe_experts + add_rms_norm bit for bit on every path (row-wise pairs and segments, the grouped
+// kernels, cuBLASLt).
+TEST_F(MoeFp8Test, AddRmsNormAfterTheExpertsEqualsTheTwoOps) {
+  Rng rng(52);
+  const Experts ex = make_experts(rng, 128, 0, 32, 2048, 768);
+  for (int64_t t : {1, 8, 300}) {
+    const Inputs in = make_inputs(rng, t, 8, ex, t == 8);
+    for (const std::string& path : paths()) {
+      set_path(path);
+      expect_moe_norm_fused_exact("fp8 T=" + std::to_string(t) + " " + path, in.gx, in.gids, in.gw, ex.gpu, rng);
+    }
+    set_path("auto");
+  }
+}
+
 TEST_F(MoeFp8Test, SmallAndOddShapes) {
   Rng rng(52);
   struct Case {

@@ -285,6 +285,32 @@ TEST_F(MoeTest, Qwen3ShapeFullLayer) {
   check_case("qwen3", rng, 4100, 8, ex, Routing::Uniform, DType::F32);
 }
 
+// The MoE block with the next sub-layer's residual add + RMSNorm in its weighted sum
+// (Backend::moe_experts_add_rms_norm) equals the two ops bit for bit on every path: one token (the
+// router's pairs), a decode batch (segments), grouped GEMMs, cuBLAS, a shard no token chooses (zeros),
+// and an H off the 8-element vectors (the scalar kernels).
+TEST_F(MoeTest, AddRmsNormAfterTheExpertsEqualsTheTwoOps) {
+  Rng rng(21);
+  const Experts ex = make_experts(128, 0, 128, 2048, 768, 4);
+  for (int64_t t : {1, 8, 64, 300}) {
+    const Inputs in = make_inputs(rng, t, 8, ex, Routing::Skewed);
+    for (const std::string& path : paths()) {
+      set_path(path);
+      expect_moe_norm_fused_exact("qwen3 T=" + std::to_string(t) + " " + path, in.gx, in.gids, in.gw, ex.gpu, rng);
+    }
+    set_path("auto");
+  }
+  // No local pair: out = 0, the residual unchanged, h its norm.
+  const Experts rest = sub_shard(ex, 120, 8);
+  const Inputs none = make_inputs(rng, 3, 8, rest, Routing::NoLocal);
+  expect_moe_norm_fused_exact("no local pair", none.gx, none.gids, none.gw, rest.gpu, rng, /*no_local=*/true);
+  const Experts odd = make_experts(16, 0, 16, 100, 36, 5);
+  for (int64_t t : {1, 5}) {
+    const Inputs in = make_inputs(rng, t, 4, odd, Routing::Uniform);
+    expect_moe_norm_fused_exact("H=100 T=" + std::to_string(t), in.gx, in.gids, in.gw, odd.gpu, rng);
+  }
+}
+
 TEST_F(MoeTest, Qwen3ShapeShardedExperts) {
   Rng rng(12);
   // Experts 32..63 of 128 (4-way expert parallelism, rank 1) and 64..127 (2-way, rank 1).

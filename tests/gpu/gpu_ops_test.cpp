@@ -377,6 +377,68 @@ TEST_F(Ops, MoeGateOfADecodeStep) {
   }
 }
 
+// The decode router with the residual add + RMSNorm before it in its kernel
+// (Backend::add_rms_norm_moe_gate): the residual, the normed rows, the logits, ids and weights bit for
+// bit those of add_rms_norm + moe_gate, back to back and in a captured graph, for norm weights in BF16
+// and F32, H whose rows the norm's reduction splits unevenly over the kernel's 128 threads (17, 33
+// and 512 chunks of 8); three rows take the two ops.
+TEST_F(Ops, AddRmsNormMoeGateEqualsTheTwoOps) {
+  Rng rng(9);
+  struct Case {
+    int64_t t, e, h;
+    int k;
+    DType norm_w;
+  };
+  auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
+  for (const Case& c : std::vector<Case>{{1, 128, 2048, 8, DType::BF16},
+                                         {2, 128, 2048, 8, DType::F32},
+                                         {1, 60, 136, 4, DType::F32},
+                                         {2, 200, 4096, 8, DType::BF16},
+                                         {1, 512, 264, 10, DType::BF16},
+                                         {3, 128, 2048, 8, DType::BF16}}) {
+    const std::string sh = "T=" + std::to_string(c.t) + " E=" + std::to_string(c.e) + " H=" + std::to_string(c.h) +
+                           " K=" + std::to_string(c.k) + (c.norm_w == DType::F32 ? " normF32" : " normBF16");
+    const auto x = rng.bf16_normal(c.t * c.h, 1.0f), res0 = rng.bf16_normal(c.t * c.h, 3.0f);
+    auto nw = rng.bf16_normal(c.h, 0.2f);
+    for (float& v : nw) v += 1.0f;
+    const auto w = rng.bf16_normal(c.e * c.h, 0.05f);
+    Tensor gx = gpu_tensor("x", DType::BF16, {c.t, c.h}, &x), gr = gpu_tensor("router", DType::BF16, {c.e, c.h}, &w);
+    Tensor gnw = gpu_tensor("norm_w", c.norm_w, {c.h}, &nw);
+    struct Out {
+      Tensor residual, h, logits, ids, w;
+    };
+    auto out = [&] {
+      return Out{gpu_tensor("residual", DType::BF16, {c.t, c.h}, &res0),
+                 gpu_tensor("h", DType::BF16, {c.t, c.h}, nullptr),
+                 gpu_tensor("logits", DType::F32, {c.t, c.e}, nullptr),
+                 gpu_tensor("ids", DType::I32, {c.t, c.k}, nullptr), gpu_tensor("w", DType::F32, {c.t, c.k}, nullptr)};
+    };
+    auto same = [&](const Out& a, const Out& b, const std::string& what) {
+      EXPECT_EQ(gpu_read(a.residual), gpu_read(b.residual)) << what << " residual " << sh;
+      EXPECT_EQ(gpu_read(a.h), gpu_read(b.h)) << what << " h " << sh;
+      EXPECT_EQ(gpu_read(a.logits), gpu_read(b.logits)) << what << " logits " << sh;
+      EXPECT_EQ(gpu_read_i32(a.ids), gpu_read_i32(b.ids)) << what << " ids " << sh;
+      EXPECT_EQ(gpu_read(a.w), gpu_read(b.w)) << what << " weights " << sh;
+    };
+    auto fused = [&](const Out& o) {
+      gpu_->add_rms_norm_moe_gate(o.residual, gx, gnw, 1e-6f, o.h, gr, c.k, true, o.logits, o.ids, o.w);
+    };
+    const Out two = out();
+    gpu_->add_rms_norm(two.residual, gx, gnw, 1e-6f, two.h);
+    gpu_->moe_gate(two.h, gr, c.k, true, two.logits, two.ids, two.w);
+    EXPECT_GT(compare_values(gpu_read(two.residual), res0).nmse, 1e-3) << sh << ": the add changed nothing";
+    for (int rep = 0; rep < 3; ++rep) {
+      const Out one = out();
+      fused(one);
+      same(one, two, "call " + std::to_string(rep));
+    }
+    const Out graphed = out();
+    const CaptureRun run = capture_and_launch(cuda.stream(), [&] { fused(graphed); });
+    EXPECT_TRUE(run.error.empty()) << sh << ": " << run.error;
+    if (run.error.empty()) same(graphed, two, "graph");
+  }
+}
+
 // T·K <= 256 takes the row-wise small-batch kernels, larger batches the grouped tensor-core GEMMs
 // (shapes they do not cover: a row-wise fallback); none of them synchronizes with the host.
 TEST_F(Ops, MoeExperts) {

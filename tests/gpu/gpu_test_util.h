@@ -252,6 +252,51 @@ class GpuOpsTest : public ::testing::Test {
     return run.n_nodes;
   }
 
+  // Backend::moe_experts_add_rms_norm (the MoE block with the next sub-layer's residual add +
+  // RMSNorm in its weighted sum) against moe_experts + add_rms_norm on the GPU: the residual and the
+  // normed rows bit for bit, for norm weights in BF16 and F32, with h a buffer of its own and with
+  // h = x (as the decoder calls it). x, ids, w and shard as for moe_experts; x keeps its values.
+  // no_local: no pair is the shard's, so the residual must stay as it was.
+  void expect_moe_norm_fused_exact(const std::string& what, const Tensor& x, const Tensor& ids, const Tensor& w,
+                                   const ExpertShard& shard, Rng& rng, bool no_local = false) {
+    const int64_t t = x.rows(), h = x.cols();
+    const std::vector<float> x0 = gpu_read(x), res0 = rng.bf16_normal(t * h, 2.0f);
+    std::vector<float> nw = rng.bf16_normal(h, 0.2f);
+    for (float& v : nw) v += 1.0f;
+    const float eps = 1e-6f;
+    for (DType wdt : {DType::BF16, DType::F32}) {
+      for (bool alias : {false, true}) {
+        const std::string sh = what + (wdt == DType::F32 ? " normF32" : " normBF16") + (alias ? " h=x" : "");
+        Tensor gnw = gpu_tensor("norm_w", wdt, {h}, &nw);
+        Tensor out1 = gpu_tensor("out", x.dtype, {t, h}, nullptr);
+        Tensor r1 = gpu_tensor("residual", x.dtype, {t, h}, &res0), h1 = gpu_tensor("h", x.dtype, {t, h}, nullptr);
+        gpu_->moe_experts(x, ids, w, shard, out1);
+        gpu_->add_rms_norm(r1, out1, gnw, eps, h1);
+        Tensor xin = alias ? gpu_tensor("x", x.dtype, {t, h}, &x0) : x;
+        Tensor out2 = gpu_tensor("out", x.dtype, {t, h}, nullptr);
+        Tensor r2 = gpu_tensor("residual", x.dtype, {t, h}, &res0);
+        Tensor h2 = alias ? xin : gpu_tensor("h", x.dtype, {t, h}, nullptr);
+        gpu_->moe_experts_add_rms_norm(xin, ids, w, shard, out2, r2, gnw, eps, h2);
+        const std::vector<float> want_r = gpu_read(r1), want_h = gpu_read(h1);
+        const std::vector<float> got_r = gpu_read(r2), got_h = gpu_read(h2);
+        EXPECT_EQ(compare_values(want_h, want_h).n_nan, 0) << sh << ": the two ops left NaNs";
+        if (no_local)
+          EXPECT_EQ(compare_values(want_r, res0).max_err, 0.0) << sh << ": no local pair, yet the residual changed";
+        else
+          EXPECT_GT(compare_values(want_r, res0).nmse, 1e-6) << sh << ": the experts added nothing";
+        size_t diff_r = 0, diff_h = 0;
+        for (size_t i = 0; i < want_r.size(); ++i) {
+          diff_r += !(got_r[i] == want_r[i]);
+          diff_h += !(got_h[i] == want_h[i]);
+        }
+        EXPECT_EQ(diff_r, 0u) << sh << ": residual differs from add_rms_norm's in " << diff_r << " of " << t * h;
+        EXPECT_EQ(diff_h, 0u) << sh << ": normed rows differ from add_rms_norm's in " << diff_h << " of " << t * h;
+        std::printf("[gpu_ops] moe_experts_add_rms_norm %s: residual %zu, h %zu elements differ\n", sh.c_str(), diff_r,
+                    diff_h);
+      }
+    }
+  }
+
   std::unique_ptr<Backend> cpu_, gpu_;
 
  private:

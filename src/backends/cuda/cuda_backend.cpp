@@ -502,24 +502,40 @@ void CudaBackend::moe_route(const Tensor& logits, int top_k, bool renormalize, T
   CUDA_LAUNCH(launch_moe_route(dev(logits), top_k, renormalize, dev(ids), dev(weights), stream_), "moe_route");
 }
 
-// A decode step's router in one kernel (kernels/moe.cu launch_moe_gate); other sizes and FP8
-// routers as linear + moe_route.
-void CudaBackend::moe_gate(const Tensor& x, const Weight& router, int top_k, bool renormalize, Tensor logits,
-                           Tensor ids, Tensor weights) {
+// A decode step's router in one kernel (kernels/moe.cu launch_moe_gate), with the residual add +
+// RMSNorm before it when `norm` is given; false (nothing launched) for other sizes and FP8 routers.
+bool CudaBackend::gate_in_one_kernel(const Tensor& x, const Weight& router, int top_k, bool renormalize,
+                                     const Tensor& logits, const Tensor& ids, const Tensor& weights,
+                                     const RowAddNorm* norm) {
   if (!skinny_gemm_ || router.fp8() || x.device != Device::CUDA || router.device != Device::CUDA ||
       logits.dtype != DType::F32 || logits.ndim != 2 || logits.rows() != x.rows() || logits.cols() != router.dim(0) ||
-      !moe_gate_supported(dev(x), dev(router), top_k)) {
-    Backend::moe_gate(x, router, top_k, renormalize, logits, ids, weights);
-    return;
-  }
+      !moe_gate_supported(dev(x), dev(router), top_k) || (norm && !moe_gate_norm_supported(dev(x), *norm)))
+    return false;
   contract::moe_route(logits, top_k, ids, weights);
   check_on_device(logits, "moe_gate", "logits");
   check_on_device(ids, "moe_gate", "ids");
   check_on_device(weights, "moe_gate", "weights");
   DeviceGuard g(device_);
   CUDA_LAUNCH(launch_moe_gate(dev(x), dev(router), top_k, renormalize, dev(logits), gate_ticket_, dev(ids),
-                              dev(weights), stream_),
+                              dev(weights), stream_, norm),
               "moe_gate");
+  return true;
+}
+
+void CudaBackend::moe_gate(const Tensor& x, const Weight& router, int top_k, bool renormalize, Tensor logits,
+                           Tensor ids, Tensor weights) {
+  if (!gate_in_one_kernel(x, router, top_k, renormalize, logits, ids, weights, nullptr))
+    Backend::moe_gate(x, router, top_k, renormalize, logits, ids, weights);
+}
+
+void CudaBackend::add_rms_norm_moe_gate(Tensor residual, const Tensor& x, const Tensor& norm_w, float eps, Tensor h,
+                                        const Weight& router, int top_k, bool renormalize, Tensor logits, Tensor ids,
+                                        Tensor weights) {
+  contract::rms_norm("add_rms_norm_moe_gate", x, norm_w, eps, h, &residual);
+  const RowAddNorm norm{dev(residual), dev(norm_w), dev(h), eps};
+  const bool on_device = residual.device == Device::CUDA && h.device == Device::CUDA && norm_w.device == Device::CUDA;
+  if (!on_device || !gate_in_one_kernel(x, router, top_k, renormalize, logits, ids, weights, &norm))
+    Backend::add_rms_norm_moe_gate(residual, x, norm_w, eps, h, router, top_k, renormalize, logits, ids, weights);
 }
 
 void CudaBackend::silu_mul(const Tensor& gate, const Tensor& up, Tensor out) {

@@ -112,8 +112,13 @@ class CudaBackend : public Backend {
   void moe_route(const Tensor& logits, int top_k, bool renormalize, Tensor ids, Tensor weights) override;
   void moe_gate(const Tensor& x, const Weight& router, int top_k, bool renormalize, Tensor logits, Tensor ids,
                 Tensor weights) override;
+  void add_rms_norm_moe_gate(Tensor residual, const Tensor& x, const Tensor& norm_w, float eps, Tensor h,
+                             const Weight& router, int top_k, bool renormalize, Tensor logits, Tensor ids,
+                             Tensor weights) override;
   void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                    Tensor out) override;
+  void moe_experts_add_rms_norm(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
+                                Tensor out, Tensor residual, const Tensor& norm_w, float eps, Tensor h) override;
   void silu_mul(const Tensor& gate, const Tensor& up, Tensor out) override;
   void add(Tensor a, const Tensor& b) override;
   void gather_rows(const Tensor& src, const Tensor& idx, Tensor out) override;
@@ -260,12 +265,20 @@ class CudaBackend : public Backend {
   // (cached per key), or nullptr when it has none (or the shape is not one it takes).
   const cublasLtMatmulAlgo_t* fp8_lt_algo(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w,
                                           const void* aq, const void* out);
-  void moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard, Tensor out);
+  bool gate_in_one_kernel(const Tensor& x, const Weight& router, int top_k, bool renormalize, const Tensor& logits,
+                          const Tensor& ids, const Tensor& weights, const RowAddNorm* norm);
+  // moe_experts after its checks; with `norm` its last kernel runs the residual add + RMSNorm of the
+  // sum instead of writing out (moe_experts_add_rms_norm).
+  void moe_experts_then(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard, Tensor out,
+                        const RowAddNorm* norm);
+  void zero_experts(Tensor out, const RowAddNorm* norm);
+  void moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard, Tensor out,
+                       const RowAddNorm* norm);
   // The per-expert cuBLASLt path of FP8 experts: copies the offsets to the host (one stream
   // synchronization per call), like moe_experts_cublas. False when cuBLASLt lacks an algorithm
   // for one of the GEMMs (nothing was written to out).
   bool moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
-                          Tensor out);
+                          Tensor out, const RowAddNorm* norm);
   // The scratch of the device-scheduled MoE paths (cuda_moe.cpp, cuda_moe_fp8.cpp) from one
   // workspace request: the permutation's pieces, act [T·K, I] BF16 and y [T·K, H] of y_elt bytes
   // per element, then whatever `more` takes.
@@ -316,7 +329,7 @@ class CudaBackend : public Backend {
   // wgmma runs the first grouped FP8 kernels, cublas cuBLASLt per expert, every other setting the
   // warp-specialized grouped FP8 kernels.
   void moe_experts_cublas(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
-                          Tensor out);
+                          Tensor out, const RowAddNorm* norm);
 
   int device_ = 0;
   bool hopper_ = false;  // compute capability 9.0: the sm_90a wgmma kernels can run

@@ -19,6 +19,7 @@
 //   synchronization per call), kept for comparison (bench/moe_bench) only.
 #include <algorithm>
 
+#include "backends/cuda/cuda_args.h"
 #include "backends/cuda/cuda_backend.h"
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/kernels/kernels.h"
@@ -58,8 +59,39 @@ const void* const* CudaBackend::expert_pointers_on_device(const ExpertShard& sha
 
 void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                               Tensor out) {
-  const char* op = "moe_experts";
   contract::moe_experts(x, ids, weights, shard, out);
+  moe_experts_then(x, ids, weights, shard, out, nullptr);
+}
+
+// The MoE block's weighted sum with the next sub-layer's residual add + RMSNorm in its kernel
+// (launch_moe_unpermute with a RowAddNorm: out is not written).
+void CudaBackend::moe_experts_add_rms_norm(const Tensor& x, const Tensor& ids, const Tensor& weights,
+                                           const ExpertShard& shard, Tensor out, Tensor residual, const Tensor& norm_w,
+                                           float eps, Tensor h) {
+  contract::moe_experts(x, ids, weights, shard, out);
+  contract::rms_norm("moe_experts_add_rms_norm", out, norm_w, eps, h, &residual);
+  check_on_device(residual, "moe_experts_add_rms_norm", "residual");
+  check_on_device(norm_w, "moe_experts_add_rms_norm", "norm_w");
+  check_on_device(h, "moe_experts_add_rms_norm", "h");
+  // Decode sizes only (a token per block: at prefill a version of it made the 16K FP8 TTFT 1.5%
+  // longer on an H100, 2026-12-06; there the two kernels run).
+  if (out.rows() > kUnpermuteDecodeTokens || out.cols() > 16384) {
+    Backend::moe_experts_add_rms_norm(x, ids, weights, shard, out, residual, norm_w, eps, h);
+    return;
+  }
+  const RowAddNorm norm{dev(residual), dev(norm_w), dev(h), eps};
+  moe_experts_then(x, ids, weights, shard, out, &norm);
+}
+
+// out = 0 (no expert of the shard is chosen, or I = 0), then the norm if one is asked for.
+void CudaBackend::zero_experts(Tensor out, const RowAddNorm* norm) {
+  fill_zero(out);
+  if (norm) CUDA_LAUNCH(launch_rms_norm(norm->residual, dev(out), norm->w, norm->eps, norm->out, stream_), "rms_norm");
+}
+
+void CudaBackend::moe_experts_then(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
+                                   Tensor out, const RowAddNorm* norm) {
+  const char* op = "moe_experts";
   CPI_CHECK(x.device == Device::CUDA && ids.device == Device::CUDA && weights.device == Device::CUDA &&
                 out.device == Device::CUDA,
             op, ": x, ids, weights and out must be on the CUDA device");
@@ -71,11 +103,11 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   CPI_CHECK(count <= 8192, op, ": ", count, " local experts > 8192 are not supported");
   if (n_tokens == 0) return;
   if (count == 0 || top_k == 0) {  // no expert of this shard is chosen: out = 0
-    fill_zero(out);
+    zero_experts(out, norm);
     return;
   }
   if (shard.gate[0].fp8()) {
-    moe_experts_fp8(x, ids, weights, shard, out);
+    moe_experts_fp8(x, ids, weights, shard, out, norm);
     return;
   }
   const int64_t inter = shard.gate[0].dim(0);
@@ -89,7 +121,7 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
               shard.first + e, " weights must be BF16 on CUDA (got ", dtype_name(g.dtype), ")");
   }
   if (inter == 0) {  // every expert gives down · silu(empty) = 0
-    fill_zero(out);
+    zero_experts(out, norm);
     return;
   }
   DeviceGuard g(device_);
@@ -100,7 +132,7 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   const bool small = static_cast<int64_t>(n_pairs) <= kSmallPairs;
   const MoeGemm setting = small ? MoeGemm::Grouped : moe_gemm_;
   if (setting == MoeGemm::Cublas) {
-    moe_experts_cublas(x, ids, weights, shard, out);
+    moe_experts_cublas(x, ids, weights, shard, out, norm);
     return;
   }
   // Everything sized from n_pairs (an upper bound of the local rows), in one workspace request
@@ -134,7 +166,7 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
                                          y_rows, stream_),
                 "moe_rowwise_gemms");
     Tensor y(y_rows, DType::F32, {static_cast<int64_t>(n_pairs), hidden}, Device::CUDA);
-    CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), rows, count, dev(out), stream_), "moe_unpermute");
+    CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), rows, count, dev(out), stream_, norm), "moe_unpermute");
     return;
   }
   CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
@@ -160,7 +192,7 @@ void CudaBackend::moe_experts(const Tensor& x, const Tensor& ids, const Tensor& 
   }
   Tensor y(y_rows, use_wgmma && wgmma_cfg.y_bf16 ? DType::BF16 : DType::F32, {static_cast<int64_t>(n_pairs), hidden},
            Device::CUDA);
-  CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
+  CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_, norm), "moe_unpermute");
 }
 
 CudaBackend::MoeScratch CudaBackend::carve_moe_scratch(int count, size_t n_pairs, int64_t inter, int64_t hidden,
@@ -194,13 +226,13 @@ CudaBackend::ExpertRows CudaBackend::permute_rows_to_host(const Tensor& ids, con
 
 // The per-expert cuBLAS path (--moe-runner-backend cublas): copies the offsets to the host.
 void CudaBackend::moe_experts_cublas(const Tensor& x, const Tensor& ids, const Tensor& weights,
-                                     const ExpertShard& shard, Tensor out) {
+                                     const ExpertShard& shard, Tensor out, const RowAddNorm* norm) {
   const int count = shard.count;
   const int64_t hidden = x.cols(), inter = shard.gate[0].dim(0);
   ExpertRows r = permute_rows_to_host(ids, shard);
   const int64_t n_rows = r.rows();
   if (n_rows == 0) {
-    fill_zero(out);
+    zero_experts(out, norm);
     return;
   }
   const std::vector<int32_t>& host_off = r.host_off;
@@ -236,7 +268,7 @@ void CudaBackend::moe_experts_cublas(const Tensor& x, const Tensor& ids, const T
     if (n == 0) continue;
     gemm(act.slice(begin, n), shard.down[e], y.slice(begin, n));
   }
-  CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), r.pair_row, dev(out), stream_), "moe_unpermute");
+  CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), r.pair_row, dev(out), stream_, norm), "moe_unpermute");
 }
 
 }  // namespace cpinfer::cuda

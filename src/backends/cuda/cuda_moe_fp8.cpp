@@ -62,7 +62,7 @@ Fp8ExpertTables CudaBackend::fp8_expert_tables_on_device(const ExpertShard& shar
 }
 
 void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
-                                  Tensor out) {
+                                  Tensor out, const RowAddNorm* norm) {
   const char* op = "moe_experts";
   const int64_t n_tokens = x.rows(), hidden = x.cols(), top_k = ids.cols();
   const int count = shard.count;
@@ -78,14 +78,14 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
     }
   }
   if (inter == 0) {  // every expert gives down · silu(empty) = 0
-    fill_zero(out);
+    zero_experts(out, norm);
     return;
   }
   DeviceGuard g(device_);
   fp8_used_ = true;
   const size_t n_pairs = static_cast<size_t>(n_tokens * top_k);
   if (moe_fp8_blocked(static_cast<int64_t>(n_pairs), count, hidden, inter, aligned)) {
-    if (moe_gemm_ == MoeGemm::Cublas && moe_experts_fp8_lt(x, ids, weights, shard, out)) return;
+    if (moe_gemm_ == MoeGemm::Cublas && moe_experts_fp8_lt(x, ids, weights, shard, out, norm)) return;
     const int64_t kbh = hidden / 128, kbi = inter / 128;
     // The warp-specialized kernels (the default) write y in BF16 like the BF16 default;
     // --moe-runner-backend wgmma runs the first FP8 kernels, y in F32, to compare.
@@ -128,7 +128,7 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
     CUDA_LAUNCH(launch_fp8_quantize_rows(dev(act_rows), aq, as, offsets, count, stream_), "fp8_quantize_rows");
     CUDA_LAUNCH(launch_moe_grouped_gemm_fp8_wgmma(a, /*gate_up=*/false, stream_), "moe_down_fp8_wgmma");
     Tensor y(y_rows, a.y_bf16 ? DType::BF16 : DType::F32, {static_cast<int64_t>(n_pairs), hidden}, Device::CUDA);
-    CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_), "moe_unpermute");
+    CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_, norm), "moe_unpermute");
     return;
   }
   // The row-wise kernels.
@@ -155,7 +155,7 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
   CUDA_LAUNCH(launch_moe_rowwise_gemms_fp8(dev(x), rows, count, tables, inter, vec, act, y_rows, stream_),
               "moe_rowwise_gemms_fp8");
   Tensor y(y_rows, DType::F32, {static_cast<int64_t>(n_pairs), hidden}, Device::CUDA);
-  CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), rows, count, dev(out), stream_), "moe_unpermute");
+  CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), rows, count, dev(out), stream_, norm), "moe_unpermute");
 }
 
 // --moe-runner-backend cublas with FP8 experts: gather the rows, quantize them per expert segment,
@@ -167,7 +167,7 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
 // slack; so rows never mix and every expert takes the FP8 GEMM. False (out untouched) when
 // cuBLASLt lacks an algorithm for one of the experts' GEMMs.
 bool CudaBackend::moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const Tensor& weights,
-                                     const ExpertShard& shard, Tensor out) {
+                                     const ExpertShard& shard, Tensor out, const RowAddNorm* norm) {
   const int count = shard.count;
   const int64_t hidden = x.cols(), inter = shard.gate[0].dim(0);
   const int64_t kbh = hidden / 128, kbi = inter / 128;
@@ -175,7 +175,7 @@ bool CudaBackend::moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const T
   ExpertRows r = permute_rows_to_host(ids, shard);
   const int64_t n_rows = r.rows();
   if (n_rows == 0) {
-    fill_zero(out);
+    zero_experts(out, norm);
     return true;
   }
   const std::vector<int32_t>& host_off = r.host_off;
@@ -260,7 +260,7 @@ bool CudaBackend::moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const T
                 scale_of(shard.down, pd, sn_h, ld_i, e), hidden, inter, y + b * hidden * 4, DType::F32);
   }
   Tensor yt(y, DType::F32, {n_rows, hidden}, Device::CUDA);
-  CUDA_LAUNCH(launch_moe_unpermute(dev(yt), dev(weights), r.pair_row, dev(out), stream_), "moe_unpermute");
+  CUDA_LAUNCH(launch_moe_unpermute(dev(yt), dev(weights), r.pair_row, dev(out), stream_, norm), "moe_unpermute");
   return true;
 }
 

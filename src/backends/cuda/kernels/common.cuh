@@ -94,6 +94,13 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// The block size of the kernels that give a row of `units` (8-element chunks, or elements) a
+// thread each: whole warps, at most 1024 (rms_norm_kernel's; the fused norms play it, norm.cuh).
+__host__ __device__ constexpr int row_threads(int64_t units) {
+  const int64_t t = ((units + 31) / 32) * 32;
+  return static_cast<int>(t < 32 ? 32 : (t > 1024 ? 1024 : t));
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ __forceinline__ float block_sum(float v) {
   __shared__ float partial[32];
@@ -124,12 +131,13 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-// Lets `kernel` launch with `bytes` of dynamic shared memory. Above 48 KB a kernel must opt in, per
-// device (cudaFuncSetAttribute). The largest size opted in per (kernel, device) is remembered, so
-// only a launch that needs more than every earlier one calls the runtime: in practice the first, a
-// warm-up outside any stream capture. Every launch with more than 48 KB goes through here.
+// Lets `kernel` launch with `bytes` of dynamic shared memory. Above 48 KB of dynamic and static
+// shared memory together a kernel must opt in, per device (cudaFuncSetAttribute). The largest size
+// opted in per (kernel, device) is remembered, so only a launch that needs more than every earlier
+// one calls the runtime: in practice the first, a warm-up outside any stream capture. Launches of
+// up to 16 KB skip the bookkeeping (no kernel here has 32 KB of static shared memory).
 inline cudaError_t opt_in_dynamic_smem(const void* kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
+  if (bytes <= 16 * 1024) return cudaSuccess;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;

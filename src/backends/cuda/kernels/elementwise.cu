@@ -6,17 +6,14 @@
 
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/kernels.h"
+#include "backends/cuda/kernels/norm.cuh"
 
 namespace cpinfer::cuda {
 namespace {
 
-int row_threads(int64_t units) {
-  int64_t t = ((units + 31) / 32) * 32;
-  return static_cast<int>(t < 32 ? 32 : (t > 1024 ? 1024 : t));
-}
-
-// ---- RMSNorm, optionally fused with the residual add. One block per row; pass 1 forms the
-// (rounded) residual and the sum of squares, pass 2 re-reads the same elements it wrote.
+// ---- RMSNorm, optionally fused with the residual add. One block per row (row_threads); pass
+// 1 forms the (rounded) residual and the sum of squares, pass 2 re-reads the same elements it wrote.
+// The arithmetic is norm.cuh's, which the kernels that fuse this op use too.
 template <class TX, class TR, class TW, class TO, bool kVec, bool kResidual>
 __global__ void rms_norm_kernel(TR* __restrict__ residual, const TX* __restrict__ x, const TW* __restrict__ w,
                                 TO* __restrict__ out, int64_t cols, float eps) {
@@ -26,54 +23,43 @@ __global__ void rms_norm_kernel(TR* __restrict__ residual, const TX* __restrict_
   const TX* xr = x + row * cols;
   TR* rr = kResidual ? residual + row * cols : nullptr;
   TO* orow = out + row * cols;
-  float ss = 0.0f;
+  const int64_t units = kVec ? cols / 8 : cols;
+  const float inv = rms_inverse(row_sum_squares(units, static_cast<int>(blockDim.x),
+                                                [&](int64_t u, float& ss) {
+                                                  if constexpr (kVec) {
+                                                    const int64_t c = u * 8;
+                                                    float v[8];
+                                                    load8(xr + c, v);
+                                                    if constexpr (kResidual) {
+                                                      residual_sum8(rr + c, v);
+                                                      store8(rr + c, v);
+                                                    }
+                                                    add_squares8(ss, v);
+                                                  } else {
+                                                    float v = to_f32<TX>(xr[u]);
+                                                    if constexpr (kResidual) {
+                                                      v = residual_sum1(rr + u, v);
+                                                      rr[u] = from_f32<TR>(v);
+                                                    }
+                                                    ss += v * v;
+                                                  }
+                                                }),
+                                cols, eps);
   if constexpr (kVec) {
     for (int64_t c = threadIdx.x * 8; c < cols; c += blockDim.x * 8) {
       float v[8];
-      load8(xr + c, v);
-      if constexpr (kResidual) {
-        float r[8];
-        load8(rr + c, r);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = to_f32<TR>(from_f32<TR>(r[i] + v[i]));
-        store8(rr + c, v);
-      }
-#pragma unroll
-      for (int i = 0; i < 8; ++i) ss += v[i] * v[i];
-    }
-  } else {
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-      float v = to_f32<TX>(xr[c]);
-      if constexpr (kResidual) {
-        TR r = from_f32<TR>(to_f32<TR>(rr[c]) + v);
-        rr[c] = r;
-        v = to_f32<TR>(r);
-      }
-      ss += v * v;
-    }
-  }
-  const float inv = rsqrtf(block_sum(ss) / static_cast<float>(cols) + eps);
-  if constexpr (kVec) {
-    for (int64_t c = threadIdx.x * 8; c < cols; c += blockDim.x * 8) {
-      float v[8], wv[8];
       if constexpr (kResidual)
         load8(rr + c, v);
       else
         load8(xr + c, v);
-      load8(w + c, wv);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = v[i] * inv * wv[i];
-      store8(orow + c, v);
+      norm_store8(orow + c, v, w + c, inv);
     }
   } else {
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-      float v = kResidual ? to_f32<TR>(rr[c]) : to_f32<TX>(xr[c]);
-      orow[c] = from_f32<TO>(v * inv * to_f32<TW>(w[c]));
-    }
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+      norm_store1(orow + c, kResidual ? to_f32<TR>(rr[c]) : to_f32<TX>(xr[c]), w + c, inv);
   }
 }
 
-// ---- gather with dtype conversion (embedding): out[i] = convert(src[idx[i]]).
 template <class TS, class TO, bool kVec>
 __global__ void gather_convert_kernel(const TS* __restrict__ src, const int32_t* __restrict__ idx, int64_t n_src,
                                       TO* __restrict__ out, int64_t cols) {

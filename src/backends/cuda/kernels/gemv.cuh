@@ -145,9 +145,13 @@ __host__ __device__ constexpr int warp_dots_chunks() {
 // the block must call this with the same k, and warps with active == false (warp-uniform) only take
 // part in it. wbuf: this warp's warp_dots_chunks<F, C, CH>() chunks. Every w[c] and x[r] must be
 // readable: callers with fewer columns or rows repeat the last one and ignore the extra sums.
-template <class F, int R, int C, int CH>
-__device__ __forceinline__ void warp_dots(const WeightRows<C>& w, const __nv_bfloat16* const (&x)[R], uint4* xs, int k,
-                                          int lane, uint4* wbuf, bool active, float (&dot)[R][C]) {
+// warp_dots_staged: the same with the rows staged by stage(xs) in place of the copies: called by
+// every thread of the block after pdl_wait, it writes xs in the copies' layout (kX = 1 for BF16
+// weights: row r's chunk c at xs[r * k / 8 + c]) with plain stores or cp.async (committed after it);
+// the block barrier after it makes them visible.
+template <class F, int R, int C, int CH, class Stage>
+__device__ __forceinline__ void warp_dots_staged(const WeightRows<C>& w, Stage stage, uint4* xs, int k, int lane,
+                                                 uint4* wbuf, bool active, float (&dot)[R][C], bool trigger = true) {
   constexpr int kX = F::kPerChunk / 8;  // x chunks per weight chunk
   const int kc = k / F::kPerChunk, xc = k / 8;
   float* const sbuf = reinterpret_cast<float*>(wbuf + C * CH * 32);
@@ -168,8 +172,8 @@ __device__ __forceinline__ void warp_dots(const WeightRows<C>& w, const __nv_bfl
     }
     if (k0 == 0) {
       pdl_wait();
-      pdl_trigger();
-      copy_rows_async<R, kX>(xs, x, k);
+      if (trigger) pdl_trigger();
+      stage(xs);
     }
     cp_async_commit();
     cp_async_wait<0>();
@@ -194,6 +198,14 @@ __device__ __forceinline__ void warp_dots(const WeightRows<C>& w, const __nv_bfl
       }
     }
   }
+}
+
+template <class F, int R, int C, int CH>
+__device__ __forceinline__ void warp_dots(const WeightRows<C>& w, const __nv_bfloat16* const (&x)[R], uint4* xs, int k,
+                                          int lane, uint4* wbuf, bool active, float (&dot)[R][C]) {
+  constexpr int kX = F::kPerChunk / 8;
+  warp_dots_staged<F, R, C, CH>(
+      w, [&](uint4* dst) { copy_rows_async<R, kX>(dst, x, k); }, xs, k, lane, wbuf, active, dot);
 }
 
 }  // namespace cpinfer::cuda

@@ -70,6 +70,14 @@ cudaError_t launch_embedding(const DevTensor& table, const DevTensor& ids, DevTe
 // out = rms_norm(x) * w. x, residual and out share one dtype.
 cudaError_t launch_rms_norm(DevTensor residual, const DevTensor& x, const DevTensor& w, float eps, DevTensor out,
                             cudaStream_t stream);
+// A residual add + RMSNorm that a kernel runs on its own rows (the MoE weighted sum after its sum,
+// the decode router before its GEMV): residual += row; out = rms_norm(residual) * w, rounded as
+// launch_rms_norm rounds them (norm.cuh), so the outputs are bit for bit those of the two ops.
+// residual and out [rows, cols] in the row's dtype, w [cols] any float dtype.
+struct RowAddNorm {
+  DevTensor residual, w, out;
+  float eps = 0.0f;
+};
 cudaError_t launch_silu_mul(const DevTensor& gate, const DevTensor& up, DevTensor out, cudaStream_t stream);
 cudaError_t launch_add(DevTensor a, const DevTensor& b, cudaStream_t stream);
 cudaError_t launch_convert(const DevTensor& src, DevTensor dst, cudaStream_t stream);
@@ -219,8 +227,12 @@ cudaError_t launch_moe_route(const DevTensor& logits, int top_k, bool renormaliz
 // M <= kSkinnyMaxRows), then launch_moe_route's softmax and top-k of them, by the block that
 // finishes its logits last. ticket: a device counter that is 0 before the launch (and after it).
 bool moe_gate_supported(const DevTensor& x, const DevTensor& router, int top_k);
+// With `norm`: x is the addend of norm's residual add, the rows routed are norm.out (written by the
+// block that routes); norm's dtypes BF16 (w any float dtype), x's shape.
+bool moe_gate_norm_supported(const DevTensor& x, const RowAddNorm& norm);
 cudaError_t launch_moe_gate(const DevTensor& x, const DevTensor& router, int top_k, bool renormalize, DevTensor logits,
-                            unsigned* ticket, DevTensor ids, DevTensor weights, cudaStream_t stream);
+                            unsigned* ticket, DevTensor ids, DevTensor weights, cudaStream_t stream,
+                            const RowAddNorm* norm = nullptr);
 // Counting sort of the (token, k) pairs whose expert is in [first, first + count):
 // offsets [count + 1] (exclusive prefix sum of the per-expert counts), src_token [T*K] (token of
 // each permuted row) and pair_row [T*K] (permuted row of each pair, -1 when not local).
@@ -390,12 +402,15 @@ inline constexpr size_t kTmaDescBytes = 128;
 bool encode_moe_fp8_weight_maps(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps);
 
 // out[t] = Σ_k weights[t,k] · y[pair_row[t*K+k]] over the local pairs, in k order (0 with none).
+// With `norm` (its residual and out [T, H] in out's dtype; T <= kUnpermuteDecodeTokens, decode
+// sizes): out is not written, the sum (rounded to out's dtype) goes into norm's residual add instead.
+constexpr int64_t kUnpermuteDecodeTokens = 64;
 cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row, DevTensor out,
-                                 cudaStream_t stream);
+                                 cudaStream_t stream, const RowAddNorm* norm = nullptr);
 // The same after the row-wise kernels, by their rows: segments, y row rows.pair_row[p]; pairs, y row
 // p = t·K + k for the pairs whose expert ids[p] lies in [first, first + count).
 cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const MoeRowSource& rows, int count,
-                                 DevTensor out, cudaStream_t stream);
+                                 DevTensor out, cudaStream_t stream, const RowAddNorm* norm = nullptr);
 
 // ---- sample.cu: one token per row of logits [R, V] F32 (Backend::sample, ops/backend.h) into
 // ids [R] I32. rows: device [R]; scratch: device F32 [R, V] (the probabilities of non-greedy rows;

@@ -8,6 +8,7 @@
 #include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/gemv.cuh"
 #include "backends/cuda/kernels/kernels.h"
+#include "backends/cuda/kernels/norm.cuh"
 
 namespace cpinfer::cuda {
 namespace {
@@ -97,11 +98,18 @@ __global__ void moe_route_kernel(const T* __restrict__ logits, int64_t n_tokens,
 constexpr int kGateWarps = 4;
 constexpr int kGateCh = 8;  // a pass: 8 chunks of 16 bytes per lane, one BF16 row of 2048
 
-template <int M, int kPer>
+// kNorm (TW: the norm weight's dtype): x is the addend of a residual add + RMSNorm whose output
+// rows are the ones routed: every block forms them from residual + x into its shared memory
+// (norm.cuh, rms_norm_kernel's order, its block size played by these 128 threads), and the block
+// that routes also writes the residual and the normed rows (every block has read the residual by
+// then: its ticket comes after).
+template <int M, int kPer, bool kNorm, class TW>
 __global__ void __launch_bounds__(kGateWarps * 32)
     moe_gate_kernel(const __nv_bfloat16* __restrict__ x, int m, int k, const __nv_bfloat16* __restrict__ router,
                     int n_experts, int top_k, bool renormalize, float* __restrict__ logits,
-                    unsigned* __restrict__ ticket, int32_t* __restrict__ ids, float* __restrict__ weights) {
+                    unsigned* __restrict__ ticket, int32_t* __restrict__ ids, float* __restrict__ weights,
+                    __nv_bfloat16* __restrict__ residual, const TW* __restrict__ norm_w,
+                    __nv_bfloat16* __restrict__ normed, float eps) {
   extern __shared__ uint4 smem[];
   __shared__ bool last;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -115,8 +123,43 @@ __global__ void __launch_bounds__(kGateWarps * 32)
   float dot[M][1];
 #pragma unroll
   for (int r = 0; r < M; ++r) dot[r][0] = 0.0f;
-  warp_dots<Bf16Weights, M, 1, kGateCh>(
-      wr, xr, smem, k, lane, smem + M * (k / 8) + warp * warp_dots_chunks<Bf16Weights, 1, kGateCh>(), active, dot);
+  uint4* const wbuf = smem + M * (k / 8) + warp * warp_dots_chunks<Bf16Weights, 1, kGateCh>();
+  const int64_t units = k / 8;
+  // kNorm: the rounded sums residual + x in vs (after the warps' buffers), xs as the copies lay it
+  // out, the norm weights after them (copied before the wait: they are constant).
+  uint4* const vs = smem + M * units + kGateWarps * warp_dots_chunks<Bf16Weights, 1, kGateCh>();
+  TW* const ws = reinterpret_cast<TW*>(vs + M * units);
+  if constexpr (kNorm) {
+    for (int64_t i = threadIdx.x; i < units * static_cast<int64_t>(sizeof(TW)) / 2; i += blockDim.x)
+      reinterpret_cast<uint4*>(ws)[i] = reinterpret_cast<const uint4*>(norm_w)[i];
+    // The rows residual + x into vs, then normed into xs (chunk c of row r at [r * units + c]).
+    warp_dots_staged<Bf16Weights, M, 1, kGateCh>(
+        wr,
+        [&](uint4* xs) {
+#pragma unroll
+          for (int r = 0; r < M; ++r) {
+            const __nv_bfloat16* rr = residual + static_cast<int64_t>(min(r, m - 1)) * k;
+            const float inv =
+                rms_inverse(row_sum_squares(units, row_threads(units),
+                                            [&](int64_t u, float& ss) {
+                                              float v[8];
+                                              load8(xr[r] + u * 8, v);
+                                              residual_sum8(rr + u * 8, v);
+                                              store8(reinterpret_cast<__nv_bfloat16*>(vs + r * units + u), v);
+                                              add_squares8(ss, v);
+                                            }),
+                            k, eps);
+            for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
+              float v[8];
+              load8(reinterpret_cast<const __nv_bfloat16*>(vs + r * units + u), v);
+              norm_store8(reinterpret_cast<__nv_bfloat16*>(xs + r * units + u), v, ws + u * 8, inv);
+            }
+          }
+        },
+        smem, k, lane, wbuf, active, dot);
+  } else {
+    warp_dots<Bf16Weights, M, 1, kGateCh>(wr, xr, smem, k, lane, wbuf, active, dot);
+  }
 #pragma unroll
   for (int r = 0; r < M; ++r) dot[r][0] = warp_sum(dot[r][0]);
   if (active && lane == 0) {
@@ -134,6 +177,15 @@ __global__ void __launch_bounds__(kGateWarps * 32)
     const float* row = logits + static_cast<int64_t>(warp) * n_experts;
     route_one<kPer>([&](int i) { return __ldcg(row + i); }, n_experts, top_k, renormalize, lane, ids + warp * top_k,
                     weights + warp * top_k);
+  }
+  if constexpr (kNorm) {
+    for (int r = 0; r < m && r < M; ++r) {
+      const int64_t off = static_cast<int64_t>(r) * k;
+      for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
+        reinterpret_cast<uint4*>(residual + off)[u] = vs[r * units + u];
+        reinterpret_cast<uint4*>(normed + off)[u] = smem[r * units + u];
+      }
+    }
   }
   if (threadIdx.x == 0) *ticket = 0u;  // for the next launch (stream-ordered after this one)
 }
@@ -222,37 +274,127 @@ struct PairRows {
 };
 
 // out[t] = Σ_k w[t,k] · y[row(t,k)], summed in fp32 in k order (deterministic), rounded once; 0
-// for a token with no local pair.
-template <class TY, class TO, bool kVec>
-__global__ void moe_unpermute_kernel(const TY* __restrict__ y, const float* __restrict__ w, const PairRows pair_row,
-                                     int top_k, TO* __restrict__ out, int64_t cols) {
+// for a token with no local pair. The token's rows and weights are staged in shared memory first
+// (dynamic, 8 bytes per pair), so that a unit's y loads depend on nothing; decode-sized calls
+// (kBatch 4) issue them 4 at a time (the chain's latency), prefill ones one at a time (kBatch 1:
+// ~32 registers, the blocks an SM holds; 8 at a time took ~95 and slowed prefill down).
+// kNorm (decode sizes): the rounded sum goes into the residual add + RMSNorm (RowAddNorm) instead
+// of out; the block then has row_threads(units) threads, rms_norm_kernel's, and lets the next
+// kernel launch only once the sums are formed: launched at the start, the next projection's weight
+// prefetch competed with the sums' loads (H100, 2026-12-06: FP8 batch 1 2.93-2.94 against
+// 2.96 ms a step, BF16 3.52 against 3.48).
+template <int kBatch, class TY>
+__device__ __forceinline__ void unpermute_sum8(const TY* __restrict__ y, const int32_t* row, const float* wt, int top_k,
+                                               int64_t cols, int64_t c, float (&acc)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+  for (int k0 = 0; k0 < top_k; k0 += kBatch) {
+    float v[kBatch][8];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int32_t r = k0 + j < top_k ? row[k0 + j] : -1;
+      if (r >= 0) load8(y + static_cast<int64_t>(r) * cols + c, v[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      if (k0 + j >= top_k || row[k0 + j] < 0) continue;
+      const float wk = wt[k0 + j];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] += wk * v[j][i];
+    }
+  }
+}
+template <class TY>
+__device__ __forceinline__ float unpermute_sum1(const TY* __restrict__ y, const int32_t* row, const float* wt,
+                                                int top_k, int64_t cols, int64_t c) {
+  float acc = 0.0f;
+  for (int k = 0; k < top_k; ++k)
+    if (row[k] >= 0) acc += wt[k] * to_f32<TY>(y[static_cast<int64_t>(row[k]) * cols + c]);
+  return acc;
+}
+
+// Shared memory of moe_unpermute_kernel, in 16-byte units: with the norm, its weights and the row of
+// sums (residual + Σ); then the token's pair rows and weights.
+template <class TO, class TW>
+__host__ __device__ constexpr int64_t unpermute_norm_smem16(int64_t cols) {
+  return (cols * static_cast<int64_t>(sizeof(TW)) + 15) / 16 + (cols * static_cast<int64_t>(sizeof(TO)) + 15) / 16;
+}
+
+template <class TY, class TO, class TW, bool kVec, bool kNorm, int kBatch>
+__global__ void __launch_bounds__(1024)
+    moe_unpermute_kernel(const TY* __restrict__ y, const float* __restrict__ w, const PairRows pair_row, int top_k,
+                         TO* __restrict__ out, int64_t cols, TO* __restrict__ residual, const TW* __restrict__ norm_w,
+                         TO* __restrict__ normed, float eps) {
+  extern __shared__ uint4 unpermute_smem[];
+  const int64_t norm16 = kNorm ? unpermute_norm_smem16<TO, TW>(cols) : 0;
+  int32_t* const row = reinterpret_cast<int32_t*>(unpermute_smem + norm16);
+  float* const wt = reinterpret_cast<float*>(row + top_k);
+  TW* const wsm = reinterpret_cast<TW*>(unpermute_smem);
+  TO* const vsm = reinterpret_cast<TO*>(unpermute_smem + (cols * static_cast<int64_t>(sizeof(TW)) + 15) / 16);
+  if constexpr (kNorm) {  // the norm weights are constant: copied before the wait
+    if constexpr (kVec) {
+      for (int64_t i = threadIdx.x; i < cols * static_cast<int64_t>(sizeof(TW)) / 16; i += blockDim.x)
+        reinterpret_cast<uint4*>(wsm)[i] = reinterpret_cast<const uint4*>(norm_w)[i];
+    } else {
+      for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) wsm[c] = norm_w[c];
+    }
+  }
   pdl_wait();
-  pdl_trigger();
+  if constexpr (!kNorm) pdl_trigger();
   const int64_t t = blockIdx.x;
+  for (int k = threadIdx.x; k < top_k; k += blockDim.x) {
+    row[k] = pair_row(t * top_k + k);
+    wt[k] = w[t * top_k + k];
+  }
+  __syncthreads();
+  if constexpr (kNorm) {
+    // Pass 1 writes the residual and keeps the row in shared memory; pass 2 norms it from there.
+    TO* rr = residual + t * cols;
+    TO* hr = normed + t * cols;
+    const int64_t units = kVec ? cols / 8 : cols;
+    const float inv = rms_inverse(
+        row_sum_squares(units, static_cast<int>(blockDim.x),
+                        [&](int64_t u, float& ss) {
+                          if constexpr (kVec) {
+                            float v[8];
+                            unpermute_sum8<kBatch, TY>(y, row, wt, top_k, cols, u * 8, v);
+#pragma unroll
+                            for (int i = 0; i < 8; ++i) v[i] = to_f32<TO>(from_f32<TO>(v[i]));
+                            residual_sum8(rr + u * 8, v);
+                            store8(rr + u * 8, v);
+                            store8(vsm + u * 8, v);
+                            add_squares8(ss, v);
+                          } else {
+                            float v = to_f32<TO>(from_f32<TO>(unpermute_sum1<TY>(y, row, wt, top_k, cols, u)));
+                            v = residual_sum1(rr + u, v);
+                            rr[u] = from_f32<TO>(v);
+                            vsm[u] = from_f32<TO>(v);
+                            ss += v * v;
+                          }
+                        }),
+        cols, eps);
+    pdl_trigger();
+    if constexpr (kVec) {
+      for (int64_t c = threadIdx.x * 8; c < cols; c += blockDim.x * 8) {
+        float v[8];
+        load8(vsm + c, v);
+        norm_store8(hr + c, v, wsm + c, inv);
+      }
+    } else {
+      for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) norm_store1(hr + c, to_f32<TO>(vsm[c]), wsm + c, inv);
+    }
+    return;
+  }
   TO* o = out + t * cols;
   if constexpr (kVec) {
     for (int64_t c = threadIdx.x * 8; c < cols; c += blockDim.x * 8) {
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int k = 0; k < top_k; ++k) {
-        const int32_t r = pair_row(t * top_k + k);
-        if (r < 0) continue;
-        const float wk = w[t * top_k + k];
-        float v[8];
-        load8(y + static_cast<int64_t>(r) * cols + c, v);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] += wk * v[i];
-      }
+      float acc[8];
+      unpermute_sum8<kBatch, TY>(y, row, wt, top_k, cols, c, acc);
       store8(o + c, acc);
     }
   } else {
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-      float acc = 0.0f;
-      for (int k = 0; k < top_k; ++k) {
-        const int32_t r = pair_row(t * top_k + k);
-        if (r >= 0) acc += w[t * top_k + k] * to_f32<TY>(y[static_cast<int64_t>(r) * cols + c]);
-      }
-      o[c] = from_f32<TO>(acc);
-    }
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+      o[c] = from_f32<TO>(unpermute_sum1<TY>(y, row, wt, top_k, cols, c));
   }
 }
 
@@ -293,9 +435,19 @@ bool moe_gate_supported(const DevTensor& x, const DevTensor& router, int top_k) 
          top_k <= router.dim(0) && aligned16(x.data) && aligned16(router.data);
 }
 
+bool moe_gate_norm_supported(const DevTensor& x, const RowAddNorm& norm) {
+  const int64_t m = x.rows(), k = x.cols();
+  auto same = [&](const DevTensor& t) { return t.dtype == DType::BF16 && t.rows() == m && t.cols() == k; };
+  return same(norm.residual) && same(norm.out) && norm.w.numel() == k &&
+         (norm.w.dtype == DType::F32 || norm.w.dtype == DType::BF16 || norm.w.dtype == DType::F16) &&
+         aligned16(norm.residual.data) && aligned16(norm.out.data) && aligned16(norm.w.data);
+}
+
 cudaError_t launch_moe_gate(const DevTensor& x, const DevTensor& router, int top_k, bool renormalize, DevTensor logits,
-                            unsigned* ticket, DevTensor ids, DevTensor weights, cudaStream_t stream) {
-  if (!moe_gate_supported(x, router, top_k) || ticket == nullptr) return cudaErrorInvalidValue;
+                            unsigned* ticket, DevTensor ids, DevTensor weights, cudaStream_t stream,
+                            const RowAddNorm* norm) {
+  if (!moe_gate_supported(x, router, top_k) || ticket == nullptr || (norm && !moe_gate_norm_supported(x, *norm)))
+    return cudaErrorInvalidValue;
   const int m = static_cast<int>(x.rows()), k = static_cast<int>(x.cols()), n = static_cast<int>(router.dim(0));
   const unsigned grid = static_cast<unsigned>((n + kGateWarps - 1) / kGateWarps);
   const auto* xp = x.ptr<const __nv_bfloat16>();
@@ -303,16 +455,31 @@ cudaError_t launch_moe_gate(const DevTensor& x, const DevTensor& router, int top
   auto* lp = logits.ptr<float>();
   auto* idp = ids.ptr<int32_t>();
   auto* wtp = weights.ptr<float>();
-  auto go = [&](auto kernel, int rows) {
-    const size_t smem =
-        (static_cast<size_t>(rows) * k / 8 + size_t{kGateWarps} * warp_dots_chunks<Bf16Weights, 1, kGateCh>()) * 16;
+  auto* rp = norm ? norm->residual.ptr<__nv_bfloat16>() : nullptr;
+  auto* hp = norm ? norm->out.ptr<__nv_bfloat16>() : nullptr;
+  const float eps = norm ? norm->eps : 0.0f;
+  auto go = [&](auto kernel, int rows, const auto* nw) {
+    // With the norm: the sums (as many chunks as the rows) and the norm weights too.
+    const size_t smem = (static_cast<size_t>(rows) * k / 8 * (norm ? 2 : 1) +
+                         size_t{kGateWarps} * warp_dots_chunks<Bf16Weights, 1, kGateCh>()) *
+                            16 +
+                        (norm ? static_cast<size_t>(k) * dtype_size(norm->w.dtype) : 0);
     return launch_k(kernel, grid, kGateWarps * 32, smem, stream, xp, m, k, wp, n, top_k, renormalize, lp, ticket, idp,
-                    wtp);
+                    wtp, rp, nw, hp, eps);
   };
   static_assert(kSkinnyMaxRows == 2, "instantiate moe_gate_kernel for the row counts up to kSkinnyMaxRows");
-  auto by_rows = [&](auto per) {
+  auto by_rows = [&](auto per) -> cudaError_t {
     constexpr int kPer = decltype(per)::value;
-    return m == 1 ? go(moe_gate_kernel<1, kPer>, 1) : go(moe_gate_kernel<2, kPer>, 2);
+    if (norm == nullptr) {
+      const float* none = nullptr;
+      return m == 1 ? go(moe_gate_kernel<1, kPer, false, float>, 1, none)
+                    : go(moe_gate_kernel<2, kPer, false, float>, 2, none);
+    }
+    CPI_DISPATCH_FLOAT(norm->w.dtype, "moe_gate norm weight", TW, {
+      const auto* nw = norm->w.ptr<const TW>();
+      return m == 1 ? go(moe_gate_kernel<1, kPer, true, TW>, 1, nw) : go(moe_gate_kernel<2, kPer, true, TW>, 2, nw);
+    });
+    return cudaErrorInvalidValue;
   };
   cudaError_t err;
   if (n <= 128)
@@ -344,37 +511,69 @@ cudaError_t launch_moe_permute(const DevTensor& ids, int first, int count, int32
 
 namespace {
 cudaError_t unpermute(const DevTensor& y, const DevTensor& weights, const PairRows& pair_row, DevTensor out,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, const RowAddNorm* norm) {
   const int64_t n_tokens = out.rows(), cols = out.cols();
   const int top_k = static_cast<int>(weights.cols());
   if (n_tokens == 0 || cols == 0) return cudaSuccess;
-  const bool vec = cols % 8 == 0 && aligned16(y.data) && aligned16(out.data);
+  if (norm != nullptr &&
+      (n_tokens > kUnpermuteDecodeTokens || norm->residual.dtype != out.dtype || norm->out.dtype != out.dtype ||
+       norm->residual.rows() != n_tokens || norm->residual.cols() != cols || norm->out.rows() != n_tokens ||
+       norm->out.cols() != cols || norm->w.numel() != cols))
+    return cudaErrorInvalidValue;
+  const bool vec = cols % 8 == 0 && aligned16(y.data) &&
+                   (norm ? aligned16(norm->residual.data) && aligned16(norm->out.data) && aligned16(norm->w.data)
+                         : aligned16(out.data));
   const int64_t units = vec ? cols / 8 : cols;
-  const int threads = units >= 256 ? 256 : static_cast<int>(((units + 31) / 32) * 32);
+  // With the norm, rms_norm_kernel's block size (its sums' order); else up to 256 threads.
+  const int threads = norm ? row_threads(units) : (units >= 256 ? 256 : static_cast<int>(((units + 31) / 32) * 32));
+  const float* wp = weights.ptr<const float>();
+  const size_t pair_bytes = static_cast<size_t>(top_k) * 8;  // the token's rows and weights
+  const bool decode = n_tokens <= kUnpermuteDecodeTokens;
   CPI_DISPATCH_ACT(y.dtype, "moe y", TY, CPI_DISPATCH_ACT(out.dtype, "moe out", TO, {
                      auto* yp = static_cast<const TY*>(y.data);
-                     auto* op = static_cast<TO*>(out.data);
-                     const float* wp = weights.ptr<const float>();
-                     if (vec)
-                       launch_k(moe_unpermute_kernel<TY, TO, true>, n_tokens, threads, 0, stream, yp, wp, pair_row,
-                                top_k, op, cols);
-                     else
-                       launch_k(moe_unpermute_kernel<TY, TO, false>, n_tokens, threads, 0, stream, yp, wp, pair_row,
-                                top_k, op, cols);
+                     if (norm == nullptr) {
+                       auto* op = static_cast<TO*>(out.data);
+                       auto go = [&](auto kernel) {
+                         launch_k(kernel, n_tokens, threads, pair_bytes, stream, yp, wp, pair_row, top_k, op, cols,
+                                  nullptr, static_cast<const float*>(nullptr), nullptr, 0.0f);
+                       };
+                       if (vec && decode)
+                         go(moe_unpermute_kernel<TY, TO, float, true, false, 4>);
+                       else if (vec)
+                         go(moe_unpermute_kernel<TY, TO, float, true, false, 1>);
+                       else
+                         go(moe_unpermute_kernel<TY, TO, float, false, false, 1>);
+                     } else {
+                       CPI_DISPATCH_FLOAT(norm->w.dtype, "moe norm weight", TW, {
+                         auto* rp = static_cast<TO*>(norm->residual.data);
+                         auto* hp = static_cast<TO*>(norm->out.data);
+                         auto* nw = static_cast<const TW*>(norm->w.data);
+                         const size_t smem = static_cast<size_t>(unpermute_norm_smem16<TO, TW>(cols)) * 16 + pair_bytes;
+                         auto go = [&](auto kernel) {
+                           launch_k(kernel, n_tokens, threads, smem, stream, yp, wp, pair_row, top_k,
+                                    static_cast<TO*>(nullptr), cols, rp, nw, hp, norm->eps);
+                         };
+                         if (vec)
+                           go(moe_unpermute_kernel<TY, TO, TW, true, true, 4>);
+                         else
+                           go(moe_unpermute_kernel<TY, TO, TW, false, true, 1>);
+                       });
+                     }
                    }));
   return cudaGetLastError();
 }
 }  // namespace
 
 cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const int32_t* pair_row, DevTensor out,
-                                 cudaStream_t stream) {
-  return unpermute(y, weights, PairRows{pair_row, nullptr, 0, 0}, out, stream);
+                                 cudaStream_t stream, const RowAddNorm* norm) {
+  return unpermute(y, weights, PairRows{pair_row, nullptr, 0, 0}, out, stream, norm);
 }
 
 cudaError_t launch_moe_unpermute(const DevTensor& y, const DevTensor& weights, const MoeRowSource& rows, int count,
-                                 DevTensor out, cudaStream_t stream) {
+                                 DevTensor out, cudaStream_t stream, const RowAddNorm* norm) {
   if (rows.ids == nullptr && rows.pair_row == nullptr) return cudaErrorInvalidValue;
-  return unpermute(y, weights, PairRows{rows.ids ? nullptr : rows.pair_row, rows.ids, rows.first, count}, out, stream);
+  return unpermute(y, weights, PairRows{rows.ids ? nullptr : rows.pair_row, rows.ids, rows.first, count}, out, stream,
+                   norm);
 }
 
 }  // namespace cpinfer::cuda
