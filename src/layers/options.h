@@ -31,7 +31,9 @@ struct ModelOptions {
   bool profiling = false;
 };
 
-// Wall time per kind of work in one forward; filled only when profiling.
+// Wall time per kind of work in one forward; filled only when profiling. moe_s holds a MoE layer's
+// adds and norms too where the block runs between them (MoE::run_between_norms); other_s the rest
+// of the norms, embeddings and gathers.
 struct ForwardProfile {
   double attention_s = 0, moe_s = 0, dense_gemm_s = 0, comm_s = 0, other_s = 0;
   double total() const { return attention_s + moe_s + dense_gemm_s + comm_s + other_s; }
