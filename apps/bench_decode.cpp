@@ -34,6 +34,7 @@ struct DecodeFlags {
   int steps = -1;        // -1: 20 on cuda, 3 on cpu
   double copy_gib = -1;  // -1: 1 on cuda, 0.25 on cpu
   bool json = false;
+  SamplingParams sampling{.temperature = 0.0f};  // every sequence's; greedy unless asked
 };
 
 // Bytes of weights one decode step of `batch` tokens reads. Every matrix outside the experts is read
@@ -94,6 +95,7 @@ struct Row {
 int run_bench_decode(DecodeFlags& f) {
   CPI_CHECK(f.ef.model_path.empty() != f.random_weights.empty(),
             "give exactly one of --model-path and --random-weights");
+  f.sampling.validate();
   const auto batches = parse_positive_list(f.batches, "--batch");
   const auto contexts = parse_positive_list(f.contexts, "--context");
   const bool cuda = f.ef.device == "cuda";
@@ -140,7 +142,7 @@ int run_bench_decode(DecodeFlags& f) {
         r.bytes = step_bytes(cfg, B, C, wbytes, lbytes, kvbytes);
         std::vector<int32_t> tok(B);
         for (auto& t : tok) t = int32_t(rng() % uint64_t(cfg.vocab_size));
-        DecodeTiming t = time_decode(engine, tok, C, warmup, steps);
+        DecodeTiming t = time_decode(engine, tok, C, warmup, steps, f.sampling);
         r.skipped = t.skipped;
         if (r.skipped.empty()) {
           std::vector<double>& times = t.step_s;
@@ -166,11 +168,18 @@ int run_bench_decode(DecodeFlags& f) {
   j["pdl"] = f.ef.backend.pdl && f.ef.device == "cuda";
   j["linear_weights"] = fp8_kept ? "fp8 (1 byte per weight + F32 block scales)" : "as stored";
   j["expert_bytes_model"] = "uniform routing: E * (1 - (1 - k/E)^batch) distinct experts per MoE layer";
+  const SamplingParams& sp = f.sampling;
+  j["sampling"] = {{"temperature", sp.temperature}, {"top_k", sp.top_k}, {"top_p", sp.top_p}, {"min_p", sp.min_p}};
   j["results"] = nlohmann::json::array();
   if (!f.json) {
     std::printf("model %s, device %s, copy bandwidth %.0f GB/s (read + write), KV cache %d positions%s\n",
                 j["model"].get<std::string>().c_str(), device_name.c_str(), copy_gbps, cache_tokens,
                 fp8_kept ? ", linear weights FP8" : "");
+    if (sp.greedy())
+      std::printf("sampling: greedy\n");
+    else
+      std::printf("sampling: temperature %g, top-k %d, top-p %g, min-p %g\n", sp.temperature, sp.top_k, sp.top_p,
+                  sp.min_p);
     std::printf("decode graphs: %lld recorded, %lld steps replayed (warm-up included)%s%s\n",
                 static_cast<long long>(graph_stats.captures), static_cast<long long>(graph_stats.replays),
                 f.ef.disable_cuda_graph ? ", --disable-cuda-graph" : "",
@@ -231,6 +240,12 @@ CommandFn add_bench_decode_command(CLI::App* bench) {
   d->add_option("--steps", f->steps, "Timed steps; the median is reported (default: 20 on cuda, 3 on cpu)");
   d->add_option("--copy-gib", f->copy_gib,
                 "Size of the device copy that measures the bandwidth (default: 1 on cuda, 0.25 on cpu)");
+  d->add_option("--temperature", f->sampling.temperature,
+                "Sampling temperature of every sequence (0: greedy argmax, the default)")
+      ->capture_default_str();
+  d->add_option("--top-k", f->sampling.top_k, "Top-k sampling (-1: off)")->capture_default_str();
+  d->add_option("--top-p", f->sampling.top_p, "Top-p (nucleus) sampling (1: off)")->capture_default_str();
+  d->add_option("--min-p", f->sampling.min_p, "Min-p sampling (0: off)")->capture_default_str();
   d->add_flag("--json", f->json, "Print JSON instead of the table");
   return [f] { return run_bench_decode(*f); };
 }

@@ -35,7 +35,8 @@ int64_t decode_bench_positions(int context, int warmup, int steps, int page_size
   return (n + page_size - 1) / page_size * page_size;
 }
 
-DecodeTiming time_decode(Engine& engine, std::span<const int32_t> first, int context, int warmup, int steps) {
+DecodeTiming time_decode(Engine& engine, std::span<const int32_t> first, int context, int warmup, int steps,
+                         const SamplingParams& sampling) {
   const int batch = static_cast<int>(first.size());
   CPI_CHECK(batch >= 1 && context >= 0 && warmup >= 0 && steps >= 1, "time_decode: batch ", batch, ", context ",
             context, ", warmup ", warmup, ", steps ", steps);
@@ -77,7 +78,7 @@ DecodeTiming time_decode(Engine& engine, std::span<const int32_t> first, int con
     r->prompt = {first[size_t(i)]};
     r->synthetic_context = context;
     r->max_tokens = max_tokens;
-    r->sampling.temperature = 0;
+    r->sampling = sampling;
     r->sampling.seed = uint64_t(i);
     r->on_token = [&out, i](int32_t token) {
       out.tokens[size_t(i)].push_back(token);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/sampler.h"
 
 namespace cpinfer {
 
@@ -35,11 +36,13 @@ struct DecodeTiming {
 int64_t decode_bench_positions(int context, int warmup, int steps, int page_size);
 // B = first.size() sequences admitted at a synthetic context of `context` positions
 // (SchedRequest::synthetic_context: reserved and counted as present, never prefilled), sequence i
-// fed first[i]; then each Scheduler::step is one decode token of all B (greedy, the drawn tokens
-// fed back, on the GPU path replayed from CUDA graphs as serving does). `warmup` untimed steps,
+// fed first[i]; then each Scheduler::step is one decode token of all B (drawn with `sampling`,
+// greedy by default, sequence i seeded with i; the drawn tokens fed back, on the GPU path replayed
+// from CUDA graphs as serving does). `warmup` untimed steps,
 // then `steps` timed ones; afterwards the requests are cancelled and their KV freed. Skipped
 // (nothing runs, on every rank) when never_fits() refuses one sequence or the B together exceed
 // the free KV cache (kDecodeBatchDoesNotFit).
-DecodeTiming time_decode(Engine& engine, std::span<const int32_t> first, int context, int warmup, int steps);
+DecodeTiming time_decode(Engine& engine, std::span<const int32_t> first, int context, int warmup, int steps,
+                         const SamplingParams& sampling = SamplingParams{.temperature = 0.0f});
 
 }  // namespace cpinfer

@@ -3,7 +3,8 @@
 run the serving step loop, engine/bench_loop.h). Decode: the rows it reports (one per batch x
 context, skipped when the KV does not fit, with the loop's never_fits reason when one sequence
 cannot), the bytes a step reads as the formula in apps/bench_decode.cpp gives them for this shape,
-tokens/s and GB/s consistent with the step time, and clear errors for bad flags. Prefill: one row
+tokens/s and GB/s consistent with the step time, sampled decode (--temperature / --top-k / --top-p /
+--min-p, reported in the JSON; greedy by default), and clear errors for bad flags. Prefill: one row
 per length x CP size (CP 2 through the step protocol on two thread ranks) with the per-op profile,
 and a clear error for a prompt the KV cache cannot hold.
 
@@ -87,11 +88,23 @@ def main():
     table = run([binary, "-q", "bench", "decode", "--model-path", model, "--steps", "1", "--batch", "2",
                  "--context", "8"]).stdout
     check("tok/s" in table and "%copy" in table, "the table has its header")
+    check("sampling: greedy" in table, "greedy unless asked")
+
+    # Sampled decode (what a serving request with a temperature costs): the parameters reported.
+    sampled = json.loads(run(bench + ["--batch", "2", "--context", "16", "--temperature", "0.7", "--top-k", "20",
+                                      "--top-p", "0.8", "--min-p", "0.05"]).stdout)
+    want = {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "min_p": 0.05}
+    check(all(abs(sampled["sampling"][k] - v) < 1e-6 for k, v in want.items()),
+          f"the sampling parameters in the JSON: {sampled['sampling']}")
+    check(sampled["results"][0].get("step_s", 0) > 0, "a sampled decode row is timed")
+    check(j["sampling"]["temperature"] == 0, "the default is greedy (temperature 0)")
 
     bad = [
         (["--batch", "0"], "--batch: '0' is not a positive integer"),
         (["--context", "8x"], "--context: '8x' is not a positive integer"),
         (["--random-weights", "qwen3-30b-a3b"], "exactly one of --model-path and --random-weights"),
+        (["--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
+        (["--temperature", "-1"], "temperature must be >= 0, got -1"),
     ]
     for extra, want in bad:
         p = run(bench + extra, expect_ok=False)
