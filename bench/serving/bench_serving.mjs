@@ -6,7 +6,11 @@
 // latency (mean, median, p99) and throughput, as a table and as JSON.
 //
 //   node bench/serving/bench_serving.mjs --base-url http://127.0.0.1:30000 --num-prompts 64 \
-//        --request-rate 4 --input-len 512 --output-len 64 [--output-file out.json]
+//        --request-rate 4 --input-len 512 --output-len 64 [--output-file out.json] \
+//        [--extra-request-body '{"temperature": 0.7, "top_p": 0.8}']
+//
+// Requests are greedy (temperature 0) unless --extra-request-body (sglang.bench_serving's flag)
+// gives a JSON object whose fields are merged into every request's body (sampling parameters, e.g.).
 import { parseArgs } from 'node:util';
 import { writeFileSync } from 'node:fs';
 import { sseEvents } from './sse.mjs';
@@ -25,6 +29,7 @@ const { values: opt } = parseArgs({
     'api-key': { type: 'string', default: process.env.OPENAI_API_KEY || 'none' },
     'output-file': { type: 'string' },
     'token-id-max': { type: 'string', default: '50000' },
+    'extra-request-body': { type: 'string', default: '{}' },
     help: { type: 'boolean', default: false },
   },
 });
@@ -44,6 +49,14 @@ for (const [k, v] of [['num-prompts', N], ['input-len', inLen], ['output-len', o
   if (!Number.isInteger(v) || v < 1) throw new Error(`--${k} must be a positive integer`);
 if (!(rate > 0)) throw new Error('--request-rate must be > 0 or inf');
 if (!(ratio > 0 && ratio <= 1)) throw new Error('--range-ratio must be in (0, 1]');
+let extra;
+try {
+  extra = JSON.parse(opt['extra-request-body']);
+} catch (e) {
+  throw new Error(`--extra-request-body is not JSON: ${e.message}`);
+}
+if (extra === null || typeof extra !== 'object' || Array.isArray(extra))
+  throw new Error('--extra-request-body must be a JSON object');
 
 // Seeded PRNG (mulberry32) so that runs are comparable.
 let state = Number(opt.seed) >>> 0;
@@ -78,7 +91,7 @@ async function send(model, req) {
       method: 'POST',
       headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${opt['api-key']}` },
       body: JSON.stringify({ model, prompt: req.prompt, max_tokens: req.maxTokens, temperature: 0, ignore_eos: true,
-                             stream: true, stream_options: { include_usage: true } }),
+                             stream: true, stream_options: { include_usage: true }, ...extra }),
     });
     if (!res.ok) throw new Error(`HTTP ${res.status}: ${(await res.text()).slice(0, 200)}`);
     let last = t0, first = true;

@@ -6,7 +6,11 @@ arrivals), the same metrics (TTFT, TPOT, ITL and end-to-end latency: mean, media
 throughput), the same table and JSON line.
 
   python3 bench/serving/bench_serving.py --base-url http://127.0.0.1:30000 --num-prompts 64 \\
-      --request-rate 4 --input-len 512 --output-len 64 [--max-concurrency 16] [--output-file out.json]
+      --request-rate 4 --input-len 512 --output-len 64 [--max-concurrency 16] [--output-file out.json] \\
+      [--extra-request-body '{"temperature": 0.7, "top_p": 0.8}']
+
+Requests are greedy (temperature 0) unless --extra-request-body (sglang.bench_serving's flag) gives a
+JSON object whose fields are merged into every request's body (sampling parameters, e.g.).
 """
 import argparse
 import http.client
@@ -106,13 +110,13 @@ class Client:
         finally:
             c.close()
 
-    def send(self, model, req):
+    def send(self, model, req, extra=None):
         """One streaming completion; times every SSE chunk that carries text (in ms)."""
         out = {"ok": False, "input_len": len(req["prompt"]), "output_len": 0, "ttft": 0.0, "itl": [], "e2e": 0.0,
                "error": ""}
         body = json.dumps({"model": model, "prompt": req["prompt"], "max_tokens": req["max_tokens"],
                            "temperature": 0, "ignore_eos": True, "stream": True,
-                           "stream_options": {"include_usage": True}})
+                           "stream_options": {"include_usage": True}, **(extra or {})})
         t0 = time.perf_counter()
         c = self.connect()
         try:
@@ -171,7 +175,15 @@ def main(argv=None):
     p.add_argument("--output-file")
     p.add_argument("--token-id-max", type=int, default=50000)
     p.add_argument("--timeout", type=float, default=3600, help="seconds a request may wait for bytes")
+    p.add_argument("--extra-request-body", default="{}",
+                   help="a JSON object merged into every request's body (e.g. sampling parameters)")
     a = p.parse_args(argv)
+    try:
+        extra = json.loads(a.extra_request_body)
+    except ValueError as e:
+        p.error(f"--extra-request-body is not JSON: {e}")
+    if not isinstance(extra, dict):
+        p.error("--extra-request-body must be a JSON object")
     try:
         rate = math.inf if a.request_rate == "inf" else float(a.request_rate)
     except ValueError:
@@ -198,7 +210,7 @@ def main(argv=None):
 
     def job(i):
         try:
-            results[i] = client.send(model, requests[i])
+            results[i] = client.send(model, requests[i], extra)
         finally:
             if slots:
                 slots.release()

@@ -2,8 +2,9 @@
 """bench/serving: run.sh starts `cpinfer serve` on a tiny demo model and runs the python3 client
 (bench_serving.py) and, when node is here, the node client (bench_serving.mjs) with the same flags.
 Both must complete every request and count the same input and output tokens, which must equal the
-lengths the seeded generator draws (so the two scripts send the same prompts); `serve
---random-weights` serves; a server that is not there is a clear error.
+lengths the seeded generator draws (so the two scripts send the same prompts); sampled requests
+(--extra-request-body) complete; `serve --random-weights` serves; a server that is not there, or an
+--extra-request-body that is not a JSON object, is a clear error.
 
 usage: bench_client_test.py CPINFER_BINARY WORK_DIR
 """
@@ -43,6 +44,19 @@ def main():
               f"{client}: {j['total_output_tokens']} output tokens == {want_out} asked (ignore_eos)")
         check(0 < j["ttft_ms"]["median"] <= j["e2e_ms"]["median"] and j["tpot_ms"]["mean"] > 0,
               f"{client}: TTFT, TPOT and E2E measured")
+    # Sampled requests: --extra-request-body's fields go into every request (both clients).
+    extra = ["--extra-request-body", '{"temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": 5}']
+    for client in clients:
+        p = run([os.path.join(ROOT, "bench", "serving", "run.sh"), "--bin", binary, "--serve",
+                 f"--model-path {model}", "--client", client, "--"] + flags + extra)
+        j = json.loads(p.stdout.strip().splitlines()[-1])
+        check(j["completed"] == 8 and j["failed"] == 0 and j["total_output_tokens"] == want_out,
+              f"{client}: sampled requests (--extra-request-body) complete with every token")
+    for body, why in (("[1]", "must be a JSON object"), ("{temperature", "is not JSON")):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "serving", "bench_serving.py"),
+                            "--extra-request-body", body], capture_output=True, text=True, timeout=60)
+        check(p.returncode == 2 and why in p.stderr and "Traceback" not in p.stderr,
+              f"--extra-request-body {body!r} is refused: {why}")
     # A server on random weights at the demo's shape (no checkpoint read) with the Qwen3 tokenizer.
     p = run([os.path.join(ROOT, "bench", "serving", "run.sh"), "--bin", binary, "--serve",
              f"--random-weights {os.path.join(model, 'config.json')}", "--client", "py", "--"] + flags)
