@@ -151,7 +151,7 @@ __host__ __device__ constexpr int warp_dots_chunks() {
 // the block barrier after it makes them visible.
 template <class F, int R, int C, int CH, class Stage>
 __device__ __forceinline__ void warp_dots_staged(const WeightRows<C>& w, Stage stage, uint4* xs, int k, int lane,
-                                                 uint4* wbuf, bool active, float (&dot)[R][C], bool trigger = true) {
+                                                 uint4* wbuf, bool active, float (&dot)[R][C]) {
   constexpr int kX = F::kPerChunk / 8;  // x chunks per weight chunk
   const int kc = k / F::kPerChunk, xc = k / 8;
   float* const sbuf = reinterpret_cast<float*>(wbuf + C * CH * 32);
@@ -172,7 +172,7 @@ __device__ __forceinline__ void warp_dots_staged(const WeightRows<C>& w, Stage s
     }
     if (k0 == 0) {
       pdl_wait();
-      if (trigger) pdl_trigger();
+      pdl_trigger();
       stage(xs);
     }
     cp_async_commit();

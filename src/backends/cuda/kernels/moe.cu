@@ -315,9 +315,13 @@ __device__ __forceinline__ float unpermute_sum1(const TY* __restrict__ y, const 
 
 // Shared memory of moe_unpermute_kernel, in 16-byte units: with the norm, its weights and the row of
 // sums (residual + Σ); then the token's pair rows and weights.
+template <class T>
+__host__ __device__ constexpr int64_t row_chunks16(int64_t cols) {
+  return (cols * static_cast<int64_t>(sizeof(T)) + 15) / 16;
+}
 template <class TO, class TW>
 __host__ __device__ constexpr int64_t unpermute_norm_smem16(int64_t cols) {
-  return (cols * static_cast<int64_t>(sizeof(TW)) + 15) / 16 + (cols * static_cast<int64_t>(sizeof(TO)) + 15) / 16;
+  return row_chunks16<TW>(cols) + row_chunks16<TO>(cols);
 }
 
 template <class TY, class TO, class TW, bool kVec, bool kNorm, int kBatch>
@@ -330,7 +334,7 @@ __global__ void __launch_bounds__(1024)
   int32_t* const row = reinterpret_cast<int32_t*>(unpermute_smem + norm16);
   float* const wt = reinterpret_cast<float*>(row + top_k);
   TW* const wsm = reinterpret_cast<TW*>(unpermute_smem);
-  TO* const vsm = reinterpret_cast<TO*>(unpermute_smem + (cols * static_cast<int64_t>(sizeof(TW)) + 15) / 16);
+  TO* const vsm = reinterpret_cast<TO*>(unpermute_smem + row_chunks16<TW>(cols));
   if constexpr (kNorm) {  // the norm weights are constant: copied before the wait
     if constexpr (kVec) {
       for (int64_t i = threadIdx.x; i < cols * static_cast<int64_t>(sizeof(TW)) / 16; i += blockDim.x)
