@@ -2,8 +2,10 @@
 // behind CudaBackend::attention) at the Qwen3-30B-A3B attention shape: 32 query / 4 kv heads,
 // head_dim 128, one sequence of S tokens, paged KV written through the kv_store kernel.
 // Fresh random bf16 inputs per size; CUDA-event timing, warm-up, median of --reps runs, with the
-// median SM clock read (NVML) after each run and the share of runs the power limit held the clock
-// down ("capped"): long runs settle lower than short ones, so compare throughputs at their clocks.
+// median SM clock and board power (W) read (NVML) after each run and the share of runs the power
+// limit held the clock down ("capped"): long runs settle lower than short ones, so compare
+// throughputs at their clocks. (The board averages its power reading over a while: for short runs
+// the W column lags.)
 // FLOPs counted causal-halved: 2 GEMMs x 2 FLOP x S² x D x Hq / 2.
 //
 //   attention_bench [--seq 4096,16384,32768] [--reps 20] [--block-size 64]
@@ -67,6 +69,7 @@ struct Result {
   double max_diff = -1.0;  // causal: vs mma.sync, when both ran; cp-merge: vs cp-full
   unsigned mhz = 0;        // median SM clock read after each timed run (0: NVML not loaded)
   double capped = 0.0;     // share of the timed runs after which the power limit held the clock
+  unsigned watts = 0;      // median board power read after each timed run (0: unknown)
 };
 
 // The median time of a launch's timed runs and the clock they ran at.
@@ -74,6 +77,7 @@ struct Timing {
   double ms;
   unsigned mhz;
   double capped;
+  unsigned watts;
 };
 
 int* g_sched = nullptr;  // the ws kernel's work counter
@@ -220,7 +224,7 @@ int main(int argc, char** argv) {
       for (auto& launch : launches) BENCH_CHECK(launch());
     const size_t n = launches.size();
     std::vector<std::vector<float>> times(n);
-    std::vector<std::vector<unsigned>> mhz(n);
+    std::vector<std::vector<unsigned>> mhz(n), watts(n);
     std::vector<int> capped(n, 0);
     for (int r = 0; r < reps; ++r)
       for (size_t k = 0; k < n; ++k) {
@@ -232,13 +236,15 @@ int main(int argc, char** argv) {
         BENCH_CHECK(cudaEventElapsedTime(&ms, ev0, ev1));
         times[k].push_back(ms);
         mhz[k].push_back(clock.sm_mhz());
+        watts[k].push_back(clock.power_w());
         capped[k] += clock.power_capped() ? 1 : 0;
       }
     std::vector<Timing> out;
     for (size_t k = 0; k < n; ++k) {
       std::sort(times[k].begin(), times[k].end());
       std::sort(mhz[k].begin(), mhz[k].end());
-      out.push_back({times[k][reps / 2], mhz[k][reps / 2], static_cast<double>(capped[k]) / reps});
+      std::sort(watts[k].begin(), watts[k].end());
+      out.push_back({times[k][reps / 2], mhz[k][reps / 2], static_cast<double>(capped[k]) / reps, watts[k][reps / 2]});
     }
     return out;
   };
@@ -325,6 +331,7 @@ int main(int argc, char** argv) {
                flops / (tm.ms * 1e-3) / 1e12};
       r.mhz = tm.mhz;
       r.capped = tm.capped;
+      r.watts = tm.watts;
       if (kernel != "mma" && !ref.empty()) {
         const std::vector<float> got = to_host_bf16(out, s * hq * d);
         double mx = 0.0;
@@ -359,7 +366,7 @@ int main(int argc, char** argv) {
         }
         const Timing whole = median_ms([&] { return run_part(1, whole_o, whole_l); });
         results.push_back({s, kernel, "cp-full", whole.ms, unit * (P + n / 2.0) / (whole.ms * 1e-3) / 1e12, -1.0,
-                           whole.mhz, whole.capped});
+                           whole.mhz, whole.capped, whole.watts});
         continue;
       }
       BENCH_CHECK(run_part(1, whole_o, whole_l));
@@ -384,7 +391,7 @@ int main(int argc, char** argv) {
       const char* parts[4] = {"cp-full", "cp-diag", "cp-prefix", "cp-merge"};
       for (int k = 0; k < 4; ++k)
         results.push_back({s, kernel, parts[k], tms[k].ms, work[k] / (tms[k].ms * 1e-3), k == 3 ? merge_diff : -1.0,
-                           tms[k].mhz, tms[k].capped});
+                           tms[k].mhz, tms[k].capped, tms[k].watts});
     }
     for (void* p : {q, out, k, v, ck, cv, lse, slots, table, blocks, out2, lse2}) BENCH_CHECK(cudaFree(p));
   }
@@ -395,10 +402,10 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < results.size(); ++i)
       std::printf(
           "%s{\"S\": %lld, \"kernel\": \"%s\", \"part\": \"%s\", \"ms\": %.4f, \"%s\": %.1f, "
-          "\"sm_mhz\": %u, \"power_capped\": %.2f}",
+          "\"sm_mhz\": %u, \"power_capped\": %.2f, \"watts\": %u}",
           i ? ", " : "", static_cast<long long>(results[i].seq), results[i].kernel.c_str(), results[i].part.c_str(),
           results[i].ms, results[i].part == "cp-merge" ? "gbps" : "tflops", results[i].tflops, results[i].mhz,
-          results[i].capped);
+          results[i].capped, results[i].watts);
     std::printf("]}\n");
   } else {
     std::printf("attention prefill (causal, Hq=%lld Hkv=%lld D=%lld, block_size %d) on %s, median of %d\n",
@@ -407,11 +414,11 @@ int main(int argc, char** argv) {
     if (cp > 0)
       std::printf("--cp %d: rank 0's last zigzag block of S/%d queries; cp-merge in GB/s, max|d| vs cp-full\n", cp,
                   2 * cp);
-    std::printf("%8s %8s %10s %10s %10s %6s %6s %12s\n", "S", "kernel", "part", "ms", "TFLOP/s", "MHz", "capped",
-                "max|d-1st|");
+    std::printf("%8s %8s %10s %10s %10s %6s %6s %6s %12s\n", "S", "kernel", "part", "ms", "TFLOP/s", "MHz", "capped",
+                "W", "max|d-1st|");
     for (const Result& r : results) {
-      std::printf("%8lld %8s %10s %10.3f %10.1f %6u %6.2f", static_cast<long long>(r.seq), r.kernel.c_str(),
-                  r.part.c_str(), r.ms, r.tflops, r.mhz, r.capped);
+      std::printf("%8lld %8s %10s %10.3f %10.1f %6u %6.2f %6u", static_cast<long long>(r.seq), r.kernel.c_str(),
+                  r.part.c_str(), r.ms, r.tflops, r.mhz, r.capped, r.watts);
       if (r.max_diff >= 0) std::printf(" %12.3e", r.max_diff);
       std::printf("\n");
     }
