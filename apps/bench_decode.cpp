@@ -34,7 +34,7 @@ struct DecodeFlags {
   int steps = -1;        // -1: 20 on cuda, 3 on cpu
   double copy_gib = -1;  // -1: 1 on cuda, 0.25 on cpu
   bool json = false;
-  SamplingParams sampling{.temperature = 0.0f};  // every sequence's; greedy unless asked
+  SamplingParams sampling{.temperature = 0.0f, .seed = std::nullopt};  // every sequence's; greedy unless asked
 };
 
 // Bytes of weights one decode step of `batch` tokens reads. Every matrix outside the experts is read

@@ -43,6 +43,6 @@ int64_t decode_bench_positions(int context, int warmup, int steps, int page_size
 // (nothing runs, on every rank) when never_fits() refuses one sequence or the B together exceed
 // the free KV cache (kDecodeBatchDoesNotFit).
 DecodeTiming time_decode(Engine& engine, std::span<const int32_t> first, int context, int warmup, int steps,
-                         const SamplingParams& sampling = SamplingParams{.temperature = 0.0f});
+                         const SamplingParams& sampling = SamplingParams{.temperature = 0.0f, .seed = std::nullopt});
 
 }  // namespace cpinfer
