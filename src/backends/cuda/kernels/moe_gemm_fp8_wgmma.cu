@@ -369,63 +369,61 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_
     const uint32_t st_off = swizzled_off(t >> 3, chunk);  // + 16 rows a pass: (r & 7) is the same
     constexpr uint32_t kTxBytes = kGateUp ? kBBytes : kStageBytes;
     RingPos<kWsStages> pos;
-    ws_for_each_item<true>(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
-                           [&](const MoeTile& tile, int j_begin, int j_end) {
-                             const int e = tile.expert;
-                             const RowScales rs = row_scales<kGateUp>(args, tile, t, n_k);
-                             const float* const w_base = copies_w ? w_table[e] : nullptr;
-                             const CUtensorMap* const m1 = args.wmap1 + e;
-                             const CUtensorMap* const m2 = kGateUp ? args.wmap2 + e : m1;
-                             // Kernel 1's A: where this thread's rows of x start, in 16-byte units (the launch checks
-                             // that x has fewer than 2^36 bytes); row 0 where past the segment (nothing read). Each
-                             // step forms a chunk's address with one multiply-add from the step's column.
-                             uint32_t a_off[kALoads];
-                             uint32_t a_ok = 0;
-                             if constexpr (kGateUp) {
+    ws_for_each_item<true>(  // (each item's N-tiles j_begin..j_end - 1, k-steps in order)
+        args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+        [&](const MoeTile& tile, int j_begin, int j_end) {
+          const int e = tile.expert;
+          const RowScales rs = row_scales<kGateUp>(args, tile, t, n_k);
+          const float* const w_base = copies_w ? w_table[e] : nullptr;
+          const CUtensorMap* const m1 = args.wmap1 + e;
+          const CUtensorMap* const m2 = kGateUp ? args.wmap2 + e : m1;
+          // Kernel 1's A: where this thread's rows of x start, in 16-byte units (the launch checks
+          // that x has fewer than 2^36 bytes); row 0 where past the segment (nothing read). Each
+          // step forms a chunk's address with one multiply-add from the step's column.
+          uint32_t a_off[kALoads];
+          uint32_t a_ok = 0;
+          if constexpr (kGateUp) {
 #pragma unroll
-                               for (int i = 0; i < kALoads; ++i) {
-                                 const int r = (t >> 3) + 16 * i;
-                                 const bool ok = r < tile.rows_left;
-                                 const int64_t row = ok ? __ldg(args.src_token + tile.seg_begin + tile.m0 + r) : 0;
-                                 a_off[i] = static_cast<uint32_t>((row * args.k_dim) >> 4);
-                                 a_ok |= static_cast<uint32_t>(ok) << i;
-                               }
-                             }
-                             const uint8_t* const a_base = args.a + chunk * 16;
-                             for (int j = j_begin; j < j_end; ++j) {
-                               const int n0 = j * kNStep;
-                               for (int kt = 0; kt < n_k; ++kt, pos.next()) {
-                                 const int s = pos.slot;
-                                 const uint32_t full = ring.full(s), sa = base + s * kStageBytes, sb = sa + kABytes;
-                                 mbar_wait(ring.empty(s), pos.phase ^ 1u);
-                                 const int k0 = kt * kTileK;  // bytes
-                                 if (t == 0) {
-                                   mbar_expect_tx(full, kTxBytes);  // before this thread's arrival below
-                                   tma_load_2d(sb, m1, full, k0, n0);
-                                   tma_load_2d(sb + kBBytes / 2, m2, full, k0, kGateUp ? n0 : n0 + kBN / 2);
-                                   if constexpr (!kGateUp)
-                                     tma_load_2d(sa, &args.amap, full, k0, tile.seg_begin + tile.m0);
-                                 }
-                                 if constexpr (kGateUp) {
-            // (kept in registers as they are: the 64-bit products hoisted out of the loop would
+            for (int i = 0; i < kALoads; ++i) {
+              const int r = (t >> 3) + 16 * i;
+              const bool ok = r < tile.rows_left;
+              const int64_t row = ok ? __ldg(args.src_token + tile.seg_begin + tile.m0 + r) : 0;
+              a_off[i] = static_cast<uint32_t>((row * args.k_dim) >> 4);
+              a_ok |= static_cast<uint32_t>(ok) << i;
+            }
+          }
+          const uint8_t* const a_base = args.a + chunk * 16;
+          for (int j = j_begin; j < j_end; ++j) {
+            const int n0 = j * kNStep;
+            for (int kt = 0; kt < n_k; ++kt, pos.next()) {
+              const int s = pos.slot;
+              const uint32_t full = ring.full(s), sa = base + s * kStageBytes, sb = sa + kABytes;
+              mbar_wait(ring.empty(s), pos.phase ^ 1u);
+              const int k0 = kt * kTileK;  // bytes
+              if (t == 0) {
+                mbar_expect_tx(full, kTxBytes);  // before this thread's arrival below
+                tma_load_2d(sb, m1, full, k0, n0);
+                tma_load_2d(sb + kBBytes / 2, m2, full, k0, kGateUp ? n0 : n0 + kBN / 2);
+                if constexpr (!kGateUp) tma_load_2d(sa, &args.amap, full, k0, tile.seg_begin + tile.m0);
+              }
+              if constexpr (kGateUp) {
+            // (the offsets stay 32-bit registers: 64-bit products hoisted out of the loop would
             // not fit the producer's 72 registers)
 #pragma unroll
-                                   for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_off[i]));
-                                   const uint8_t* const a_k = a_base + k0;
+                for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_off[i]));
+                const uint8_t* const a_k = a_base + k0;
 #pragma unroll
-                                   for (int i = 0; i < kALoads; ++i)
-                                     cp_async16(sa + st_off + i * 16 * kRowBytes,
-                                                a_k + static_cast<uint64_t>(a_off[i]) * 16, (a_ok >> i) & 1);
-                                 }
-                                 const uint32_t dst = scales + s * kWsScaleBytes;
-                                 cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
-                                 if (copies_w)
-                                   cp_async4(dst + 4 * (128 + t), w_base + static_cast<int64_t>(n0 / kTileK) * n_k + kt,
-                                             true);
-                                 mbar_arrive_cp_async(full);
-                               }
-                             }
-                           });
+                for (int i = 0; i < kALoads; ++i)
+                  cp_async16(sa + st_off + i * 16 * kRowBytes, a_k + static_cast<uint64_t>(a_off[i]) * 16,
+                             (a_ok >> i) & 1);
+              }
+              const uint32_t dst = scales + s * kWsScaleBytes;
+              cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
+              if (copies_w) cp_async4(dst + 4 * (128 + t), w_base + static_cast<int64_t>(n0 / kTileK) * n_k + kt, true);
+              mbar_arrive_cp_async(full);
+            }
+          }
+        });
     cp_async_wait<0>();  // the last copies land before this thread leaves
     return;
   }
