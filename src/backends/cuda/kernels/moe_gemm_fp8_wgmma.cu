@@ -171,6 +171,39 @@ __device__ __forceinline__ void wgmma_kstep(float (&tmp)[kAcc], uint32_t stage, 
   wgmma_commit();
 }
 
+// The ws kernel's descriptors: make_desc(addr, 16, 1024) is kDescHi << 32 | desc_lo(addr), and
+// every tile address of the slots lies below 256 KB (the 14-bit start field, addr >> 4, never
+// carries), so slot s and k32 step ks are desc_lo(slot 0's address) + s · kStageBytes / 16 + 2 · ks:
+// one add per descriptor instead of a mask, shift and or of the address (and their moves into
+// uniform registers) before every wgmma.
+constexpr uint32_t kDescHi = 0x40000040u;  // SBO 1024 >> 4, 128-byte swizzle (bit 62)
+__device__ __forceinline__ uint32_t desc_lo(uint32_t addr) { return (addr >> 4) | (1u << 16); }  // LBO 16 >> 4
+__device__ __forceinline__ uint64_t desc_of(uint32_t lo) { return static_cast<uint64_t>(kDescHi) << 32 | lo; }
+static_assert(kWsSmemBytes <= (1u << 18), "descriptor start addresses below 256 KB");
+
+// wgmma_kstep with the descriptors' low words of the slot's A rows (of warpgroup wg) and B rows.
+__device__ __forceinline__ void wgmma_kstep_lo(float (&tmp)[kAcc], uint32_t a_lo, uint32_t b_lo) {
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kTileK / 32; ++ks)
+    wgmma_m64n128k32_e4m3(tmp, desc_of(a_lo + 2 * ks), desc_of(b_lo + 2 * ks), ks > 0 ? 1 : 0);
+  wgmma_commit();
+}
+
+// A position in the ws ring walked step by step: slot and phase parity (WsRing::slot / parity of
+// the step count, without a division by kWsStages per use).
+template <int kStages>
+struct RingPos {
+  int slot = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void next() {
+    if (++slot == kStages) {
+      slot = 0;
+      phase ^= 1u;
+    }
+  }
+};
+
 // The promotion of one k-step: acc += tmp · (row scale · weight block scale). sa0, sa1: the scales
 // of this thread's two rows (acc_row(tid, 0), acc_row(tid, 2)); sb1, sb2: the gate (or down) and up
 // block scales (kernel 1's columns 64.., idx >= 32, are up's).
@@ -335,8 +368,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_
     const int chunk = load_chunk(t);
     const uint32_t st_off = swizzled_off(t >> 3, chunk);  // + 16 rows a pass: (r & 7) is the same
     constexpr uint32_t kTxBytes = kGateUp ? kBBytes : kStageBytes;
-    uint32_t it = 0;
-    ws_for_each_item<true>(
+    RingPos<kWsStages> pos;
+    ws_for_each_item<true>(  // (each item's N-tiles j_begin..j_end - 1, k-steps in order)
         args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
         [&](const MoeTile& tile, int j_begin, int j_end) {
           const int e = tile.expert;
@@ -344,25 +377,28 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_
           const float* const w_base = copies_w ? w_table[e] : nullptr;
           const CUtensorMap* const m1 = args.wmap1 + e;
           const CUtensorMap* const m2 = kGateUp ? args.wmap2 + e : m1;
-          // Kernel 1's A: this thread's rows of x; row 0 where past the segment (nothing read).
-          int a_row[kALoads];
+          // Kernel 1's A: where this thread's rows of x start, in 16-byte units (the launch checks
+          // that x has fewer than 2^36 bytes); row 0 where past the segment (nothing read). Each
+          // step forms a chunk's address with one multiply-add from the step's column.
+          uint32_t a_off[kALoads];
           uint32_t a_ok = 0;
           if constexpr (kGateUp) {
 #pragma unroll
             for (int i = 0; i < kALoads; ++i) {
               const int r = (t >> 3) + 16 * i;
               const bool ok = r < tile.rows_left;
-              a_row[i] = ok ? __ldg(args.src_token + tile.seg_begin + tile.m0 + r) : 0;
+              const int64_t row = ok ? __ldg(args.src_token + tile.seg_begin + tile.m0 + r) : 0;
+              a_off[i] = static_cast<uint32_t>((row * args.k_dim) >> 4);
               a_ok |= static_cast<uint32_t>(ok) << i;
             }
           }
           const uint8_t* const a_base = args.a + chunk * 16;
           for (int j = j_begin; j < j_end; ++j) {
             const int n0 = j * kNStep;
-            for (int kt = 0; kt < n_k; ++kt, ++it) {
-              const int s = ring.slot(it);
+            for (int kt = 0; kt < n_k; ++kt, pos.next()) {
+              const int s = pos.slot;
               const uint32_t full = ring.full(s), sa = base + s * kStageBytes, sb = sa + kABytes;
-              mbar_wait(ring.empty(s), ring.parity(it) ^ 1);
+              mbar_wait(ring.empty(s), pos.phase ^ 1u);
               const int k0 = kt * kTileK;  // bytes
               if (t == 0) {
                 mbar_expect_tx(full, kTxBytes);  // before this thread's arrival below
@@ -371,12 +407,15 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_
                 if constexpr (!kGateUp) tma_load_2d(sa, &args.amap, full, k0, tile.seg_begin + tile.m0);
               }
               if constexpr (kGateUp) {
+            // (the offsets stay 32-bit registers: 64-bit products hoisted out of the loop would
+            // not fit the producer's 72 registers)
 #pragma unroll
-                for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_row[i]));
+                for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_off[i]));
+                const uint8_t* const a_k = a_base + k0;
 #pragma unroll
                 for (int i = 0; i < kALoads; ++i)
-                  cp_async16(sa + st_off + i * 16 * kRowBytes,
-                             a_base + (static_cast<int64_t>(a_row[i]) * args.k_dim + k0), (a_ok >> i) & 1);
+                  cp_async16(sa + st_off + i * 16 * kRowBytes, a_k + static_cast<uint64_t>(a_off[i]) * 16,
+                             (a_ok >> i) & 1);
               }
               const uint32_t dst = scales + s * kWsScaleBytes;
               cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
@@ -393,52 +432,61 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_
   regs_alloc<kWsMmaRegs>();
   const int tid = threadIdx.x - 128, wg = tid >> 7;
   const uint32_t sa0_off = 4 * acc_row(tid, 0), sa1_off = 4 * acc_row(tid, 2);
+  // The descriptors' low words of slot 0: this warpgroup's A rows, the B rows.
+  const uint32_t da0 = desc_lo(base + desc_a_off(wg, 0)), db0 = desc_lo(base + desc_b_off(0));
   float acc[kAcc], t0[kAcc], t1[kAcc];
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) t0[i] = t1[i] = 0.0f;
-  // Step it (counted over the CTA's N-tiles and items) into tmp: wait for its slot, issue its wgmmas.
-  auto issue = [&](float(&tmp)[kAcc], uint32_t it) {
-    const int s = ring.slot(it);
-    mbar_wait(ring.full(s), ring.parity(it));
-    fence_async_smem();  // the slot was written by cp.async (generic proxy); wgmma reads it
-    wgmma_kstep(tmp, base + s * kStageBytes, wg);
+  // The next step to issue and the next to retire (steps counted over the CTA's N-tiles and items).
+  RingPos<kWsStages> ip, rp;
+  // The next step into tmp: wait for its slot, issue its wgmmas.
+  auto issue = [&](float(&tmp)[kAcc]) {
+    mbar_wait(ring.full(ip.slot), ip.phase);
+    // Kernel 1's A tile was written by cp.async (generic proxy) and wgmma reads it (async proxy).
+    // Kernel 2's tiles are TMA's (async proxy) and its scales are read by ld.shared: no fence.
+    if constexpr (kGateUp) fence_async_smem();
+    const uint32_t off = static_cast<uint32_t>(ip.slot) * (kStageBytes >> 4);
+    wgmma_kstep_lo(tmp, da0 + off, db0 + off);
+    ip.next();
   };
-  // Step it from tmp into acc, once at most `pending` later wgmma groups are in flight: read the
-  // slot's scales, release the slot (its tiles were read by the finished wgmmas), promote.
-  auto retire = [&](float(&tmp)[kAcc], uint32_t it, auto pending) {
+  // The oldest step in flight from tmp into acc, once at most `pending` later wgmma groups are in
+  // flight: read the slot's scales, release the slot (its tiles were read by the finished wgmmas),
+  // promote.
+  auto retire = [&](float(&tmp)[kAcc], auto pending) {
     wgmma_wait<decltype(pending)::value>();
     fence_regs(tmp);
-    const uint32_t sc = scales + ring.slot(it) * kWsScaleBytes;
+    const int s = rp.slot;
+    rp.next();
+    const uint32_t sc = scales + s * kWsScaleBytes;
     const float sa0 = lds_f32(sc + sa0_off), sa1 = lds_f32(sc + sa1_off);
     const float sb1 = lds_f32(sc + 4 * 128), sb2 = kGateUp ? lds_f32(sc + 4 * 129) : sb1;
     __syncwarp();  // every lane of the warp has read the scales
-    if ((tid & 31) == 0) mbar_arrive(ring.empty(ring.slot(it)));
+    if ((tid & 31) == 0) mbar_arrive(ring.empty(s));
     promote<kGateUp>(acc, tmp, sa0, sa1, sb1, sb2);
   };
   const std::integral_constant<int, 1> one_pending;
   const std::integral_constant<int, 0> none_pending;
-  uint32_t it = 0;
   ws_for_each_item<true>(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
                          [&](const MoeTile& tile, int j_begin, int j_end) {
-                           for (int j = j_begin; j < j_end; ++j, it += n_k) {
+                           for (int j = j_begin; j < j_end; ++j) {
 #pragma unroll
                              for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
                              // Steps alternate between t0 (even) and t1 (odd); the promotion of step kt - 1
                              // runs while the wgmmas of step kt are in flight.
-                             issue(t0, it);
+                             issue(t0);
                              int kt = 1;
                              for (; kt + 1 < n_k; kt += 2) {
-                               issue(t1, it + kt);
-                               retire(t0, it + kt - 1, one_pending);
-                               issue(t0, it + kt + 1);
-                               retire(t1, it + kt, one_pending);
+                               issue(t1);
+                               retire(t0, one_pending);
+                               issue(t0);
+                               retire(t1, one_pending);
                              }
                              if (kt < n_k) {  // n_k even: the last step is odd
-                               issue(t1, it + kt);
-                               retire(t0, it + kt - 1, one_pending);
-                               retire(t1, it + kt, none_pending);
+                               issue(t1);
+                               retire(t0, one_pending);
+                               retire(t1, none_pending);
                              } else {
-                               retire(t0, it + kt - 1, none_pending);
+                               retire(t0, none_pending);
                              }
                              store_tile<kGateUp, kBN>(acc, tile_out(args), tid, tile.rows_left,
                                                       tile.seg_begin + tile.m0, j * kNStep);
@@ -483,7 +531,9 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
   if (m_slots > 65535) return cudaErrorInvalidValue;
   // The ws kernels read the weight tiles (and kernel 2 its A tiles) through TMA; without the
   // descriptors the first kernels run.
-  const bool ws = a.warp_specialized && a.tables.weight_maps != nullptr;
+  // The gate‖up ws producer addresses x rows in 16-byte units of 32 bits (x below 2^36 bytes).
+  const bool ws = a.warp_specialized && a.tables.weight_maps != nullptr &&
+                  (!gate_up || static_cast<int64_t>(a.n_tokens) * a.hidden < (int64_t{1} << 36));
   Args k{};
   const auto* maps = static_cast<const CUtensorMap*>(a.tables.weight_maps);
   k.offsets = a.offsets;
