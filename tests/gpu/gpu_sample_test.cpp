@@ -5,6 +5,9 @@
 // "Within rounding" is 1e-9 of the kept mass, not 1e-5: a flat row keeps ~150K tokens of mean
 // share 6.6e-6, so nearly every such draw lies within 1e-5 of some boundary (the test prints that
 // count too). Both back-ends sum in double, so order-of-summation differences stay near 1e-12.
+// The CUDA kernel has two drawn-row paths (kernels/sample.cu): top-k rows whose k-th bucket fits
+// in shared memory (k <= 4096) run on a few candidates, every other row on the full row; the tests
+// below mix both, and greedy rows, in one launch.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -121,6 +124,157 @@ TEST_F(GpuSample, MatchesTheCpuReferenceOnFullVocabularyRows) {
   EXPECT_GT(n_greedy, 0);
   EXPECT_GT(n_drawn, 0);
   EXPECT_LT(100 * n_near, n_drawn) << "more than 1% of the draws land within 1e-9 of a boundary";
+}
+
+// Rows meant to stress the top-k candidate path: ties at the k-th logit (a block of equal values
+// under a few distinct leaders), quantized rows (crowded buckets), a bucket too crowded for the
+// candidate buffer, rows with fewer finite logits than k, NaN / -inf stretches, flat and peaked rows.
+// Row r is of kind (r + first_kind) % 8.
+std::vector<float> make_hard_rows(int64_t r_count, int64_t v, uint32_t seed, int first_kind = 0) {
+  Rng rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::uniform_int_distribution<int64_t> pick(0, v - 1);
+  std::vector<float> l(static_cast<size_t>(r_count * v));
+  for (int64_t r = 0; r < r_count; ++r) {
+    float* row = l.data() + r * v;
+    const int64_t kind = r + first_kind;
+    const float scale = 0.5f * static_cast<float>(1 << (kind % 4));
+    for (int64_t i = 0; i < v; ++i) row[i] = nd(rng.gen()) * scale;
+    switch (kind % 8) {
+      case 0:  // 12 distinct leaders, then 80 ties at 9.0 (so k = 20 and 40 cut inside the ties)
+        for (int64_t j = 0; j < 80; ++j) row[pick(rng.gen())] = 9.0f;
+        for (int64_t j = 0; j < 12; ++j) row[(j * 7919 + r) % v] = 10.0f + static_cast<float>(j);
+        break;
+      case 1:  // quarter steps: buckets of thousands of equal values
+        for (int64_t i = 0; i < v; ++i) row[i] = std::round(row[i] * 4.0f) / 4.0f;
+        break;
+      case 2:  // a bucket too full for the candidate buffer: 6000 ties just below 3 leaders
+        for (int64_t j = 0; j < std::min<int64_t>(6000, v / 2); ++j) row[pick(rng.gen())] = 7.0f;
+        for (int64_t j = 0; j < 3; ++j) row[(j * 104729 + r) % v] = 8.0f;
+        break;
+      case 3:  // only 10 finite logits (fewer than most k): the rest -inf or NaN
+        for (int64_t i = 0; i < v; ++i) row[i] = i % 5 == 0 ? std::nanf("") : -kInf;
+        for (int64_t j = 0; j < 10; ++j) row[(j * 31 + r) % v] = nd(rng.gen());
+        break;
+      case 4:  // NaN and -inf stretches
+        for (int64_t i = v / 4; i < v / 2; ++i) row[i] = -kInf;
+        for (int64_t i = 0; i < v; i += 13) row[i] = std::nanf("");
+        break;
+      case 5:  // one dominant token, and +inf-free large values
+        row[(r * 7919) % v] = 40.0f;
+        break;
+      case 6:  // bf16-rounded (ties at bf16 resolution)
+        for (int64_t i = 0; i < v; ++i) row[i] = bf16_to_f32(f32_to_bf16(row[i]));
+        break;
+      default:  // plain N(0, s²)
+        break;
+    }
+  }
+  return l;
+}
+
+// The parameter mixes of the top-k tests: k = 1 (greedy), 2, 20, 40, 1000, 4096 (the candidate
+// buffer's size), 4097 and off, with top-p 0.8 / 1, min-p, temperature near 0 and greedy rows.
+const SampleRow kTopKMixes[] = {
+    mix_row(0.0f, -1, 1.0f, 0.0f),   mix_row(0.7f, 20, 0.8f, 0.0f),   mix_row(1.0f, 1, 1.0f, 0.0f),
+    mix_row(1.0f, 2, 1.0f, 0.0f),    mix_row(0.7f, 1000, 0.8f, 0.0f), mix_row(1.0f, 1000, 1.0f, 0.0f),
+    mix_row(0.8f, 20, 1.0f, 0.1f),   mix_row(1.2f, 40, 0.95f, 0.02f), mix_row(1.0f, 4096, 0.9f, 0.0f),
+    mix_row(1.0f, 4097, 0.9f, 0.0f), mix_row(0.7f, -1, 0.8f, 0.0f),   mix_row(1.0f, -1, 1.0f, 0.05f),
+    mix_row(1e-30f, 20, 0.8f, 0.0f), mix_row(2.0f, 20, 0.5f, 0.0f),   mix_row(0.6f, 1000, 0.8f, 0.1f),
+    mix_row(0.7f, 40, 1.0f, 0.0f),
+};
+
+struct Tally {
+  int greedy = 0, drawn = 0, near = 0, near_differ = 0;
+};
+
+// got[r] must equal the reference's id for every row, except drawn rows whose reference draw or
+// top-p threshold lies within kNearBoundary of a boundary (counted in the tally).
+void expect_reference(const std::vector<float>& host, int64_t v, const std::vector<SampleRow>& rows,
+                      const std::vector<int32_t>& got, const std::string& what, Tally* tally) {
+  for (size_t r = 0; r < rows.size(); ++r) {
+    SampleTrace trace;
+    const std::span<const float> row(host.data() + static_cast<int64_t>(r) * v, static_cast<size_t>(v));
+    const int32_t want = sample_reference(row, rows[r], &trace);
+    const SampleRow& p = rows[r];
+    if (sample_row_greedy(p)) {
+      ++tally->greedy;
+      ASSERT_EQ(got[r], want) << what << ": greedy row " << r;
+      continue;
+    }
+    ++tally->drawn;
+    if (trace.draw_margin < kNearBoundary || trace.top_p_margin < kNearBoundary) {
+      ++tally->near;
+      tally->near_differ += got[r] != want;
+      continue;
+    }
+    EXPECT_EQ(got[r], want) << what << ": row " << r << " (T " << p.temperature << ", top_k " << p.top_k << ", top_p "
+                            << p.top_p << ", min_p " << p.min_p << "): u " << trace.u << ", kept " << trace.n_kept
+                            << ", draw margin " << trace.draw_margin << ", top-p margin " << trace.top_p_margin;
+  }
+}
+
+TEST_F(GpuSample, TopKPathMatchesTheReferenceAtEveryBatch) {
+  // Full vocabulary and a small one whose rows are not 16-byte aligned (the kernel's scalar head
+  // and tail); batch 1, a ragged 5 and 64, several launches back to back with changing parameters.
+  const int n_mixes = static_cast<int>(std::size(kTopKMixes));
+  for (const int64_t v : {int64_t{151936}, int64_t{1001}}) {
+    for (const int64_t r_count : {int64_t{1}, int64_t{5}, int64_t{64}}) {
+      Tally tally;
+      Tensor logits = gpu_tensor("logits", DType::F32, {r_count, v}, nullptr);
+      Tensor ids = gpu_tensor("ids", DType::I32, {r_count}, nullptr);
+      // Batch 1 meets every (row kind, mix) pair: step 8a + b has kind b and mix (9a + b) % 16.
+      const int n_steps = r_count == 1 ? 8 * n_mixes : r_count == 64 ? 6 : 2 * n_mixes;
+      for (int step = 0; step < n_steps; ++step) {
+        // Fresh rows every step, the kinds shifting by one a step.
+        const std::vector<float> host = make_hard_rows(r_count, v, static_cast<uint32_t>(77 + step), step % 8);
+        gpu_->upload(logits.data, host.data(), host.size() * sizeof(float));
+        const int shift = r_count == 1 ? step / 8 : 0;  // step + step / 8 = 9a + b
+        std::vector<SampleRow> rows(static_cast<size_t>(r_count));
+        for (int64_t r = 0; r < r_count; ++r) {
+          rows[r] = kTopKMixes[(r * 3 + step + shift) % n_mixes];
+          rows[r].seed = 42 + static_cast<uint64_t>(r);
+          rows[r].step = static_cast<uint64_t>(step);
+        }
+        gpu_->sample(logits, rows, ids);
+        const std::vector<int32_t> got = gpu_read_i32(ids);
+        const std::string what =
+            "V " + std::to_string(v) + ", batch " + std::to_string(r_count) + ", step " + std::to_string(step);
+        expect_reference(host, v, rows, got, what, &tally);
+      }
+      std::printf("[gpu_sample] V=%lld batch %lld: %d greedy + %d drawn rows, %d near a boundary (%d differ)\n",
+                  static_cast<long long>(v), static_cast<long long>(r_count), tally.greedy, tally.drawn, tally.near,
+                  tally.near_differ);
+      EXPECT_GT(tally.drawn, 0);
+    }
+  }
+}
+
+TEST_F(GpuSample, ARowsIdDependsOnlyOnItsOwnInputs) {
+  // The same launch twice gives the same ids, and each row of a 64-row launch of mixed paths gives
+  // the id it gets alone, boundary draws included: no timing and no other row leaks into a result.
+  const int64_t r_count = 64, v = 151936;
+  const int n_mixes = static_cast<int>(std::size(kTopKMixes));
+  const std::vector<float> host = make_hard_rows(r_count, v, 9);
+  Tensor logits = gpu_tensor("logits", DType::F32, {r_count, v}, &host);
+  Tensor ids = gpu_tensor("ids", DType::I32, {r_count}, nullptr);
+  std::vector<SampleRow> rows(static_cast<size_t>(r_count));
+  for (int64_t r = 0; r < r_count; ++r) {
+    rows[r] = kTopKMixes[(r * 5 + 1) % n_mixes];
+    rows[r].seed = 7 + static_cast<uint64_t>(r);
+    rows[r].step = 3;
+  }
+  gpu_->sample(logits, rows, ids);
+  const std::vector<int32_t> first = gpu_read_i32(ids);
+  gpu_->sample(logits, rows, ids);
+  EXPECT_EQ(gpu_read_i32(ids), first);
+  Tensor one_id = gpu_tensor("one_id", DType::I32, {1}, nullptr);
+  for (int64_t r = 0; r < r_count; ++r) {
+    const std::vector<float> row(host.begin() + r * v, host.begin() + (r + 1) * v);
+    Tensor one = gpu_tensor("row", DType::F32, {1, v}, &row);
+    gpu_->sample(one, {rows[r]}, one_id);
+    EXPECT_EQ(gpu_read_i32(one_id)[0], first[r]) << "row " << r << " alone";
+  }
 }
 
 TEST_F(GpuSample, EdgeRows) {

@@ -1,12 +1,24 @@
 // Token sampling (Backend::sample; the algorithm is spelled out in ops/backend.h and its reference
-// is backends/cpu/cpu_sample.cpp). One CTA per row of logits, no sort:
-// - argmax: one block-wide max over (order key of the logit, ~id);
-// - top-k / top-p thresholds: a 16-way search over 32-bit order keys (of the logit for top-k, of the
-//   fp32 probability bits for top-p), 4 bits a pass, each pass one block-wide set of 16 counts or
-//   sums (search_threshold); ties at the k-th logit are cut by id with one ordered scan;
-// - the draw: an ordered scan in id order (tiles of kThreads · kItems ids, block-wide prefix sums)
-//   that stops at the tile where the cumulative kept mass exceeds u · M.
-// All sums are in double and reduced in a fixed order, so a row's result never depends on timing.
+// is backends/cpu/cpu_sample.cpp). One CTA per row of logits, no sort of the full row:
+// - pass 1 (every row): one read of the row with 16-byte loads, the argmax as a block-wide max over
+//   (order key of the logit, ~id); greedy rows stop here.
+// - top-k rows (the usual serving case, k small): pass 1 also counts the logits per 12-bit prefix of
+//   their order key (a shared histogram); a scan of it gives the prefix bucket holding the k-th
+//   largest logit, and pass 2 copies every logit of that bucket or above (k plus the bucket's
+//   rest, a few thousand at most) into shared memory. There a bitonic sort by (logit desc, id asc)
+//   ranks them exactly as the reference does; top-k is the first k, e = exp((l - max) / T) is
+//   computed for those k only, top-p and min-p keep a prefix of that order (e does not grow along
+//   it), and a second sort puts the kept few in id order for the draw. Two reads of the row and
+//   work on a few thousand items in shared memory, instead of ~20 reads of the row.
+// - every other drawn row (top-k off, or a bucket too full to copy: huge k or masses of ties) takes
+//   the general path: e for the whole row into scratch, then top-k / top-p thresholds by a 16-way
+//   search over 32-bit order keys (of the logit for top-k, of the fp32 probability bits for top-p),
+//   4 bits a pass, each pass one block-wide set of 16 counts or sums (search_threshold); ties at
+//   the k-th logit are cut by id with one ordered scan; the draw is an ordered scan in id order
+//   (tiles of kThreads · kItems ids, block-wide prefix sums) that stops at the tile where the
+//   cumulative kept mass exceeds u · M.
+// All sums are in double and reduced in a fixed order, and the sorts order by a total key, so a
+// row's result never depends on timing or on the other rows.
 #include <climits>
 #include <cstdint>
 
@@ -22,6 +34,16 @@ constexpr int kWays = 16;                     // buckets of one search pass: 4 b
 constexpr int kPasses = 32 / 4;               // 32-bit keys
 constexpr int kItems = 4;                     // consecutive ids per thread in the ordered scans
 constexpr uint32_t kNegInfKey = 0x007FFFFFu;  // order_key(-inf)
+constexpr int kLoadUnroll = 8;                // float4 loads in flight per thread in the row passes (64 KB a CTA)
+// The top-k path: a histogram of the top kBinBits of the order keys, and room for kCandCap
+// candidates (64-bit sort keys), sharing one shared-memory buffer (the histogram is dead by the
+// time candidates are written). 4096 candidates hold k = 1000 plus a crowded bucket comfortably.
+constexpr int kBinBits = 12;
+constexpr int kBins = 1 << kBinBits;
+constexpr int kBinShift = 32 - kBinBits;
+constexpr int kCandCap = 4096;
+constexpr int kBinsPerThread = kBins / kThreads;
+static_assert(kBins % kThreads == 0, "each thread scans whole bins");
 
 // NaN ranks as -inf and -0 as +0, as in the reference.
 __device__ __forceinline__ float canon(float x) { return isnan(x) ? -INFINITY : (x == 0.0f ? 0.0f : x); }
@@ -31,6 +53,49 @@ __device__ __forceinline__ uint32_t order_key(float x) {
   const uint32_t b = __float_as_uint(x);
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
+__device__ __forceinline__ float key_value(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
+}
+
+// e = exp((x - l_max) / T) as ops/backend.h step 2 defines it (d in fp32, exp in double, rounded).
+__device__ __forceinline__ float prob_weight(float x, float l_max, float temperature) {
+  const float d = x == l_max ? 0.0f : (x - l_max) / temperature;
+  return static_cast<float>(exp(static_cast<double>(d)));
+}
+
+// f(i, l[i]) for every i < n of the row, ids strided over the block. The body uses 16-byte loads,
+// kLoadUnroll of them issued before any is used: one CTA must keep enough bytes in flight to pull a
+// 152K-logit row at a useful fraction of the memory bandwidth. Rows need not be 16-byte aligned
+// (n % 4 != 0): a scalar head and tail take the rest.
+template <class F>
+__device__ __forceinline__ void for_each_logit(const float* __restrict__ l, int64_t n, F&& f) {
+  const int tid = threadIdx.x;
+  const int64_t head = min(n, static_cast<int64_t>((16 - (reinterpret_cast<uintptr_t>(l) & 15)) & 15) / 4);
+  if (tid < head) f(static_cast<int64_t>(tid), __ldg(l + tid));
+  const float4* __restrict__ body = reinterpret_cast<const float4*>(l + head);
+  const int64_t n4 = (n - head) / 4;
+  for (int64_t base = 0; base < n4; base += static_cast<int64_t>(kThreads) * kLoadUnroll) {
+    float4 v[kLoadUnroll];
+#pragma unroll
+    for (int u = 0; u < kLoadUnroll; ++u) {
+      const int64_t j = base + u * kThreads + tid;
+      if (j < n4) v[u] = __ldg(body + j);
+    }
+#pragma unroll
+    for (int u = 0; u < kLoadUnroll; ++u) {
+      const int64_t j = base + u * kThreads + tid;
+      if (j < n4) {
+        const int64_t i = head + 4 * j;
+        f(i, v[u].x);
+        f(i + 1, v[u].y);
+        f(i + 2, v[u].z);
+        f(i + 3, v[u].w);
+      }
+    }
+  }
+  const int64_t tail = head + 4 * n4 + tid;
+  if (tail < n) f(tail, __ldg(l + tail));
+}
 
 struct Shared {
   double part[kWays][kWarps];
@@ -38,6 +103,16 @@ struct Shared {
   double warp_tot[kWarps];
   unsigned long long best[kWarps];
   int found;
+  int warp_count[kWarps];
+  int count;    // candidates written by the top-k path
+  int cut_bin;  // the top-k path's histogram bucket of the k-th largest logit
+  int n_cand;   // logits in that bucket or above
+};
+
+// The top-k path's shared buffer: first the histogram, then the candidates.
+union CandBuffer {
+  uint32_t hist[kBins];
+  unsigned long long cand[kCandCap];
 };
 
 // sh.sums[j] = Σ over the block of v[j], reduced in a fixed order. Read sh.sums before the next
@@ -182,23 +257,148 @@ __device__ uint32_t search_threshold(int64_t n, double target, const Key& key_of
   return static_cast<uint32_t>(lo);
 }
 
+// Σ over the block of v (integers: exact in any order). Barriers before it returns.
+__device__ int block_count(int v, Shared& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (lane == 0) sh.warp_count[warp] = v;
+  __syncthreads();
+  int total = 0;
+  for (int w = 0; w < kWarps; ++w) total += sh.warp_count[w];
+  __syncthreads();
+  return total;
+}
+
+// Σ of v over the threads before this one (integers).
+__device__ int block_exclusive_count(int v, Shared& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) sh.warp_count[warp] = incl;
+  __syncthreads();
+  int off = 0;
+  for (int w = 0; w < warp; ++w) off += sh.warp_count[w];
+  __syncthreads();
+  return off + incl - v;
+}
+
+// Sorts c[0, m) descending in place (m a power of two; a bitonic network, so no data-dependent
+// control flow and a total order on the keys makes the result unique).
+__device__ void sort_desc(unsigned long long* c, int m) {
+  for (int size = 2; size <= m; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int t = threadIdx.x; t < m / 2; t += kThreads) {
+        const int i = 2 * t - (t & (stride - 1)), j = i + stride;
+        const unsigned long long a = c[i], b = c[j];
+        if (((i & size) == 0) == (a < b)) {  // descending runs where bit `size` of i is clear
+          c[i] = b;
+          c[j] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+__device__ __forceinline__ int pow2_at_least(int x) { return x <= 2 ? 2 : 1 << (32 - __clz(x - 1)); }
+
+// Steps 2.-6. of a top-k row from its candidates: buf.cand[0, n_cand) holds every logit whose
+// 12-bit key prefix is >= that of the k-th largest, as (key << 32 | ~id), in any order. Returns
+// the drawn id (in thread 0; the same value in every thread).
+__device__ int32_t draw_from_candidates(CandBuffer& buf, int n_cand, const DevSampleRow& p, Shared& sh) {
+  const int tid = threadIdx.x;
+  unsigned long long* c = buf.cand;
+  const int m = pow2_at_least(n_cand);
+  for (int j = n_cand + tid; j < m; j += kThreads) c[j] = 0;  // below every real entry (key >= key(-inf))
+  __syncthreads();
+  // 3. top-k: ranked by (logit desc, id asc), the reference's order, ties included.
+  sort_desc(c, m);
+  const int k = p.top_k;
+  const float l_max = key_value(static_cast<uint32_t>(c[0] >> 32));
+  __syncthreads();  // c[0] is rewritten below
+  // 2. e of the k survivors only; (e bits << 32 | ~id) keeps the order, as e does not grow with rank.
+  for (int j = tid; j < k; j += kThreads) {
+    const float e = prob_weight(key_value(static_cast<uint32_t>(c[j] >> 32)), l_max, p.temperature);
+    c[j] = (static_cast<unsigned long long>(__float_as_uint(e)) << 32) | (c[j] & 0xFFFFFFFFull);
+  }
+  __syncthreads();
+  auto e_at = [&](int64_t j) { return static_cast<double>(__uint_as_float(static_cast<uint32_t>(c[j] >> 32))); };
+
+  // 4. top-p: τ is e at the first rank where the running mass reaches top_p · M_K (S >= t is
+  // S > the double below t); every token whose e equals τ is kept, as the reference does.
+  float tau = 0.0f;  // no crossing (rounding only): keep every survivor
+  if (p.top_p < 1.0f) {
+    double mass[1] = {0.0};
+    for (int j = tid; j < k; j += kThreads) mass[0] += e_at(j);
+    block_sums(mass, sh);
+    const double target = static_cast<double>(p.top_p) * sh.sums[0];
+    const int at = first_crossing(k, nextafter(target, 0.0), e_at, sh);
+    if (at >= 0) tau = static_cast<float>(e_at(at));
+  }
+  // 5. min-p, and tokens with e = 0 (no mass): together with τ a floor on e, so the kept tokens
+  // are a prefix of the ranking.
+  const float floor_e = fmaxf(tau, p.min_p);
+  int n_mine = 0;
+  for (int j = tid; j < k; j += kThreads) {
+    const float e = static_cast<float>(e_at(j));
+    n_mine += e >= floor_e && e > 0.0f;
+  }
+  const int n_keep = block_count(n_mine, sh);  // >= 1: the top token has e = 1
+
+  // 6. the draw runs in id order: re-sort the kept prefix by id (ascending, as the descending sort
+  // of the complement), zeros (below every entry) past it.
+  const int m_keep = pow2_at_least(n_keep);
+  for (int j = tid; j < m_keep; j += kThreads) {
+    unsigned long long v = 0;
+    if (j < n_keep) {
+      const uint32_t id = ~static_cast<uint32_t>(c[j]);
+      v = ~((static_cast<unsigned long long>(id) << 32) | (c[j] >> 32));
+    }
+    c[j] = v;
+  }
+  __syncthreads();
+  sort_desc(c, m_keep);
+  auto kept_e = [&](int64_t j) { return static_cast<double>(__uint_as_float(static_cast<uint32_t>(~c[j]))); };
+  double mass[1] = {0.0};
+  for (int j = tid; j < n_keep; j += kThreads) mass[0] += kept_e(j);
+  block_sums(mass, sh);
+  const int pick = first_crossing(n_keep, static_cast<double>(p.u) * sh.sums[0], kept_e, sh);
+  return static_cast<int32_t>(~c[pick >= 0 ? pick : n_keep - 1] >> 32);  // none (rounding): the last kept id
+}
+
 __global__ void __launch_bounds__(kThreads)
     sample_kernel(const float* __restrict__ logits, int64_t n, const DevSampleRow* __restrict__ rows,
                   float* __restrict__ scratch, int32_t* __restrict__ ids) {
   __shared__ Shared sh;
+  __shared__ CandBuffer buf;
   const int64_t row = blockIdx.x;
   const float* l = logits + row * n;
   const DevSampleRow p = rows[row];
   const int tid = threadIdx.x;
-
-  // 1. argmax: the key in the high half, ~id in the low half, so the max is the first maximum.
-  unsigned long long best = 0;
-  for (int64_t i = tid; i < n; i += kThreads) {
-    const unsigned long long k =
-        (static_cast<unsigned long long>(order_key(canon(l[i]))) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
-    best = k > best ? k : best;
+  // Rows with a small k take the candidate path (see the top of the file) if their bucket fits.
+  const bool top_k_path = !p.greedy && p.top_k > 0 && p.top_k <= kCandCap;
+  if (top_k_path) {
+    for (int b = tid; b < kBins; b += kThreads) buf.hist[b] = 0;
+    __syncthreads();
   }
-  best = block_max_u64(best, sh);
+
+  // 1. argmax: the key in the high half, ~id in the low half, so the max is the first maximum. The
+  // histogram leaves out -inf (the bottom bucket, which would serialize the atomics of rows full
+  // of masked logits): it is what the other buckets leave of n.
+  unsigned long long best = 0;
+  for_each_logit(l, n, [&](int64_t i, float x) {
+    const uint32_t key = order_key(canon(x));
+    const unsigned long long k =
+        (static_cast<unsigned long long>(key) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
+    best = k > best ? k : best;
+    if (top_k_path && key > kNegInfKey) atomicAdd(&buf.hist[key >> kBinShift], 1u);
+  });
+  best = block_max_u64(best, sh);  // its barriers also complete the histogram
   const uint32_t max_key = static_cast<uint32_t>(best >> 32);
   const int32_t arg = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(best & 0xFFFFFFFFu));
   if (max_key <= kNegInfKey || p.greedy) {
@@ -206,13 +406,52 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
 
+  if (top_k_path) {
+    // The bucket of the k-th largest logit: the highest b with count(bucket >= b) >= k; thread t
+    // scans buckets from the top, kBinsPerThread of them, after the counts above its own.
+    uint32_t h[kBinsPerThread];
+    int mine = 0;
+#pragma unroll
+    for (int q = 0; q < kBinsPerThread; ++q) {
+      h[q] = buf.hist[kBins - 1 - (tid * kBinsPerThread + q)];
+      mine += static_cast<int>(h[q]);
+    }
+    if (tid == 0) {
+      sh.cut_bin = 0;  // fewer than k finite logits: the bottom bucket (-inf) completes the k
+      sh.n_cand = static_cast<int>(n);
+    }
+    int above = block_exclusive_count(mine, sh);  // its barriers order the writes above
+#pragma unroll
+    for (int q = 0; q < kBinsPerThread; ++q) {
+      if (above < p.top_k && above + static_cast<int>(h[q]) >= p.top_k) {
+        sh.cut_bin = kBins - 1 - (tid * kBinsPerThread + q);
+        sh.n_cand = above + static_cast<int>(h[q]);
+      }
+      above += static_cast<int>(h[q]);
+    }
+    if (tid == 0) sh.count = 0;
+    __syncthreads();
+    const uint32_t cut_bin = static_cast<uint32_t>(sh.cut_bin);
+    const int n_cand = sh.n_cand;
+    if (n_cand <= kCandCap) {
+      // 2nd pass: copy the candidates (the histogram is dead: every thread has read it above).
+      for_each_logit(l, n, [&](int64_t i, float x) {
+        const uint32_t key = order_key(canon(x));
+        if ((key >> kBinShift) >= cut_bin)
+          buf.cand[atomicAdd(&sh.count, 1)] =
+              (static_cast<unsigned long long>(key) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
+      });
+      const int32_t id = draw_from_candidates(buf, n_cand, p, sh);
+      if (tid == 0) ids[row] = id;
+      return;
+    }
+  }
+
   // 2. e = exp((l - max) / T) in double, rounded to fp32 (see ops/backend.h), kept for the passes.
   const float l_max = canon(l[arg]);
   float* e = scratch + row * n;
   for (int64_t i = tid; i < n; i += kThreads) {
-    const float x = canon(l[i]);
-    const float d = x == l_max ? 0.0f : (x - l_max) / p.temperature;
-    e[i] = static_cast<float>(exp(static_cast<double>(d)));
+    e[i] = prob_weight(canon(l[i]), l_max, p.temperature);
   }
   __syncthreads();  // e is read across threads below
 
