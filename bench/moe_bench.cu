@@ -17,13 +17,12 @@
 //            per 128x128 block to e4m3 (moe_bench_fp8.cuh) through the FP8 MoE block of
 //            cuda_moe_fp8.cpp: x quantized -> grouped FP8 gate‖up -> act quantized -> grouped FP8
 //            down (the "gemm" columns include both quantizations): fp8.ws (the back-end's default:
-//            warp-specialized kernels, y in BF16), fp8.ws.jN (N-tiles per CTA), fp8.ws.np (a CTA per
-//            item, not persistent), fp8.ws.f32 (y in
-//            F32), fp8.wgmma (the first FP8 kernels, --moe-runner-backend wgmma). Each is compared
-//            with the BF16 ws path's output (the FP8 rounding of weights and activations: nmse of a
-//            few 1e-3; checked <= 2e-2), fp8.ws.f32 with fp8.wgmma and the fp8.ws variants with
-//            each other bit for bit; the "vs bf16" ratio is the path's time over the BF16 ws
-//            path's (issue 15's target for the default: <= 0.65).
+//            warp-specialized kernels, y in BF16, N-tiles per CTA as moe_fp8_n_per_cta), fp8.ws.jN (N of them),
+//            fp8.ws.np (a CTA per item, not persistent), fp8.ws.f32 (y in F32), fp8.wgmma (the first FP8 kernels,
+//            --moe-runner-backend wgmma). Each is compared with the BF16 ws path's output (the FP8 rounding of weights
+//            and activations: nmse of a few 1e-3; checked <= 2e-2), fp8.ws.f32 with fp8.wgmma and the fp8.ws variants
+//            with each other bit for bit; the "vs bf16" ratio is the path's time over the BF16 ws path's (issue 15's
+//            target for the default: <= 0.65).
 // Also a dense cuBLAS floor: the same FLOPs as three dense GEMMs over all rows with one expert's
 // weights (what a perfectly balanced single expert would cost).
 // CUDA-event timing, warm-up, median of --reps. FLOPs = 2 · 3 · rows · H · I (rows = local pairs).
@@ -227,10 +226,10 @@ int main(int argc, char** argv) {
   namespace f8 = moe_bench_fp8;
   const bool fp8 = prop.major == 9 && prop.minor == 0 && cc::moe_fp8_grouped_supported(hidden, inter);
   const std::vector<f8::Path> fpaths =
-      fp8 ? std::vector<f8::Path>{{"fp8.ws", true, true, 2},           {"fp8.ws.j1", true, true, 1},
-                                  {"fp8.ws.j4", true, true, 4},        {"fp8.ws.j8", true, true, 8},
-                                  {"fp8.ws.np", true, true, 2, false}, {"fp8.ws.f32", true, false, 2},
-                                  {"fp8.wgmma", false, false, 2}}
+      fp8 ? std::vector<f8::Path>{{"fp8.ws", true, true, 0},      {"fp8.ws.j1", true, true, 1},
+                                  {"fp8.ws.j2", true, true, 2},   {"fp8.ws.j4", true, true, 4},
+                                  {"fp8.ws.j8", true, true, 8},   {"fp8.ws.np", true, true, 2, false},
+                                  {"fp8.ws.f32", true, false, 2}, {"fp8.wgmma", false, false, 2}}
           : std::vector<f8::Path>{};
   const size_t n_fp = fpaths.size();
   f8::Experts fp8_w;

@@ -386,9 +386,14 @@ struct MoeFp8GemmArgs {
   void* y = nullptr;
   bool y_bf16 = false;  // y in BF16: half the bytes written and read back (as MoeWgmmaConfig::y_bf16)
   bool warp_specialized = true;
-  int n_per_cta = 2;       // N-tiles one CTA computes in turn (1..64)
+  int n_per_cta = 2;       // N-tiles one CTA computes in turn (1..64; the back-end: moe_fp8_n_per_cta)
   bool persistent = true;  // warp-specialized kernels: one CTA per SM walks the items (MoeWgmmaConfig)
 };
+// The FP8 ws kernels' N-tiles per CTA for n_pairs expert rows: 4 from 8K tokens at top-8 on (one
+// item's row setup serves more tiles), 2 below. H100, 2026-12-06, moe_bench at the Qwen3-30B-A3B
+// shape: 4 against 2 took the MoE block from 2.079 / 4.163 to 2.011 / 4.003 ms at 16K / 32K tokens
+// and was 0.5-1.5% slower at 4K.
+inline int moe_fp8_n_per_cta(int64_t n_pairs) { return n_pairs >= (int64_t{1} << 16) ? 4 : 2; }
 inline bool moe_fp8_grouped_supported(int64_t hidden, int64_t inter) {
   return hidden > 0 && inter > 0 && hidden % 128 == 0 && inter % 128 == 0 && hidden <= (int64_t{1} << 20) &&
          inter <= (int64_t{1} << 20);
