@@ -431,5 +431,10 @@ struct DevSampleRow {
 };
 cudaError_t launch_sample(const DevTensor& logits, const DevSampleRow* rows, float* scratch, DevTensor ids,
                           cudaStream_t stream);
+// Rows launch_sample has finished per path, summed over the process (a debug aid for tests; waits for
+// the device): [0] greedy or without a token, [1] top-k candidates, [2] top-p / min-p candidates (no
+// top-k), [3] the general path over the full row.
+constexpr int kSamplePaths = 4;
+cudaError_t sample_path_rows(unsigned long long (&rows)[kSamplePaths]);
 
 }  // namespace cpinfer::cuda

@@ -10,13 +10,19 @@
 //   computed for those k only, top-p and min-p keep a prefix of that order (e does not grow along
 //   it), and a second sort puts the kept few in id order for the draw. Two reads of the row and
 //   work on a few thousand items in shared memory, instead of ~20 reads of the row.
-// - every other drawn row (top-k off, or a bucket too full to copy: huge k or masses of ties) takes
-//   the general path: e for the whole row into scratch, then top-k / top-p thresholds by a 16-way
-//   search over 32-bit order keys (of the logit for top-k, of the fp32 probability bits for top-p),
-//   4 bits a pass, each pass one block-wide set of 16 counts or sums (search_threshold); ties at
-//   the k-th logit are cut by id with one ordered scan; the draw is an ordered scan in id order
-//   (tiles of kThreads · kItems ids, block-wide prefix sums) that stops at the tile where the
-//   cumulative kept mass exceeds u · M.
+// - top-p / min-p rows without top-k (the usual OpenAI-style request) take the candidate path too
+//   when their nucleus lies among the top few thousand logits (peaked rows: a trained model's): the
+//   pass-1 histogram gives the lowest bucket whose logits and those above fit the candidate buffer;
+//   pass 2 copies them and sums e over the whole row (M, in double, fixed order). On the sorted
+//   candidates τ is found as for top-k, with M of the full row; the answer is exact only if every
+//   token the floor max(τ, min_p) keeps is a candidate, i.e. the floor exceeds a bound on e below
+//   the copied buckets. Otherwise (flat rows: nuclei of ~100K tokens) the row takes the general path.
+// - every other drawn row (no filter but temperature, a nucleus that does not fit, or a top-k bucket
+//   too full to copy: huge k or masses of ties) takes the general path: e for the whole row into scratch, then top-k /
+//   top-p thresholds by a 16-way search over 32-bit order keys (of the logit for top-k, of the fp32 probability bits
+//   for top-p), 4 bits a pass, each pass one block-wide set of 16 counts or sums (search_threshold); ties at the k-th
+//   logit are cut by id with one ordered scan; the draw is an ordered scan in id order (tiles of kThreads · kItems ids,
+//   block-wide prefix sums) that stops at the tile where the cumulative kept mass exceeds u · M.
 // All sums are in double and reduced in a fixed order, and the sorts order by a total key, so a
 // row's result never depends on timing or on the other rows.
 #include <climits>
@@ -43,6 +49,7 @@ constexpr int kBins = 1 << kBinBits;
 constexpr int kBinShift = 32 - kBinBits;
 constexpr int kCandCap = 4096;
 constexpr int kBinsPerThread = kBins / kThreads;
+constexpr int kFiniteBin = static_cast<int>(kNegInfKey >> kBinShift) + 1;  // the lowest bucket of a finite logit (8)
 static_assert(kBins % kThreads == 0, "each thread scans whole bins");
 
 // NaN ranks as -inf and -0 as +0, as in the reference.
@@ -104,10 +111,19 @@ struct Shared {
   unsigned long long best[kWarps];
   int found;
   int warp_count[kWarps];
-  int count;    // candidates written by the top-k path
-  int cut_bin;  // the top-k path's histogram bucket of the k-th largest logit
-  int n_cand;   // logits in that bucket or above
+  int count;     // candidates written by the candidate paths
+  int cut_bin;   // the histogram bucket of the k-th largest logit (k = top_k, or kCandCap + 1)
+  int n_cand;    // logits in that bucket or above
+  int n_above;   // logits above that bucket
+  int n_finite;  // logits above -inf
 };
+
+// Rows finished per path since the process started, a debug aid for tests (sample_path_rows).
+enum SamplePath { kPathGreedy = 0, kPathTopK = 1, kPathNucleus = 2, kPathGeneral = 3 };
+__device__ unsigned long long g_sample_path_rows[kSamplePaths];
+__device__ __forceinline__ void count_path(SamplePath path) {
+  if (threadIdx.x == 0) atomicAdd(&g_sample_path_rows[path], 1ull);
+}
 
 // The top-k path's shared buffer: first the histogram, then the candidates.
 union CandBuffer {
@@ -307,10 +323,17 @@ __device__ void sort_desc(unsigned long long* c, int m) {
 
 __device__ __forceinline__ int pow2_at_least(int x) { return x <= 2 ? 2 : 1 << (32 - __clz(x - 1)); }
 
-// Steps 2.-6. of a top-k row from its candidates: buf.cand[0, n_cand) holds every logit whose
-// 12-bit key prefix is >= that of the k-th largest, as (key << 32 | ~id), in any order. Returns
-// the drawn id (in thread 0; the same value in every thread).
-__device__ int32_t draw_from_candidates(CandBuffer& buf, int n_cand, const DevSampleRow& p, Shared& sh) {
+constexpr int32_t kNotExact = -2;  // draw_from_candidates: a token outside the candidates could be kept
+
+// Steps 2.-6. of a row from its candidates: buf.cand[0, n_cand) holds every logit whose 12-bit key
+// prefix is >= some bucket's, the row's largest among them, as (key << 32 | ~id), in any order.
+// k: the ranks top-k keeps (k <= n_cand; n_cand when top-k is off). total_mass: M of top-p, or < 0
+// for the mass of the k first (top-k rows). outside_e: a bound on e of every token not among the
+// candidates; 0 when none of them can be kept (they have e = 0, or top-k drops them). Returns the
+// drawn id (in thread 0; the same value in every thread), or kNotExact when tokens outside could
+// pass the floor max(τ, min_p) (the caller then takes the general path).
+__device__ int32_t draw_from_candidates(CandBuffer& buf, int n_cand, int k, double total_mass, float outside_e,
+                                        const DevSampleRow& p, Shared& sh) {
   const int tid = threadIdx.x;
   unsigned long long* c = buf.cand;
   const int m = pow2_at_least(n_cand);
@@ -318,7 +341,6 @@ __device__ int32_t draw_from_candidates(CandBuffer& buf, int n_cand, const DevSa
   __syncthreads();
   // 3. top-k: ranked by (logit desc, id asc), the reference's order, ties included.
   sort_desc(c, m);
-  const int k = p.top_k;
   const float l_max = key_value(static_cast<uint32_t>(c[0] >> 32));
   __syncthreads();  // c[0] is rewritten below
   // 2. e of the k survivors only; (e bits << 32 | ~id) keeps the order, as e does not grow with rank.
@@ -331,18 +353,23 @@ __device__ int32_t draw_from_candidates(CandBuffer& buf, int n_cand, const DevSa
 
   // 4. top-p: τ is e at the first rank where the running mass reaches top_p · M_K (S >= t is
   // S > the double below t); every token whose e equals τ is kept, as the reference does.
-  float tau = 0.0f;  // no crossing (rounding only): keep every survivor
+  float tau = 0.0f;  // no crossing (rounding, or the nucleus reaches below the candidates)
   if (p.top_p < 1.0f) {
-    double mass[1] = {0.0};
-    for (int j = tid; j < k; j += kThreads) mass[0] += e_at(j);
-    block_sums(mass, sh);
-    const double target = static_cast<double>(p.top_p) * sh.sums[0];
+    double m_k = total_mass;
+    if (m_k < 0.0) {
+      double mass[1] = {0.0};
+      for (int j = tid; j < k; j += kThreads) mass[0] += e_at(j);
+      block_sums(mass, sh);
+      m_k = sh.sums[0];
+    }
+    const double target = static_cast<double>(p.top_p) * m_k;
     const int at = first_crossing(k, nextafter(target, 0.0), e_at, sh);
     if (at >= 0) tau = static_cast<float>(e_at(at));
   }
   // 5. min-p, and tokens with e = 0 (no mass): together with τ a floor on e, so the kept tokens
-  // are a prefix of the ranking.
+  // are a prefix of the ranking, all of them candidates if the floor is above outside_e.
   const float floor_e = fmaxf(tau, p.min_p);
+  if (outside_e != 0.0f && !(floor_e > outside_e)) return kNotExact;  // uniform: every thread agrees
   int n_mine = 0;
   for (int j = tid; j < k; j += kThreads) {
     const float e = static_cast<float>(e_at(j));
@@ -380,9 +407,12 @@ __global__ void __launch_bounds__(kThreads)
   const float* l = logits + row * n;
   const DevSampleRow p = rows[row];
   const int tid = threadIdx.x;
-  // Rows with a small k take the candidate path (see the top of the file) if their bucket fits.
+  // Rows with a small k take the candidate path (see the top of the file) if their bucket fits;
+  // top-p / min-p rows without top-k (top_k is 0 when off) if their nucleus does.
   const bool top_k_path = !p.greedy && p.top_k > 0 && p.top_k <= kCandCap;
-  if (top_k_path) {
+  const bool nucleus_path = !p.greedy && p.top_k <= 0 && (p.top_p < 1.0f || p.min_p > 0.0f);
+  const bool use_hist = top_k_path || nucleus_path;
+  if (use_hist) {
     for (int b = tid; b < kBins; b += kThreads) buf.hist[b] = 0;
     __syncthreads();
   }
@@ -396,19 +426,22 @@ __global__ void __launch_bounds__(kThreads)
     const unsigned long long k =
         (static_cast<unsigned long long>(key) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
     best = k > best ? k : best;
-    if (top_k_path && key > kNegInfKey) atomicAdd(&buf.hist[key >> kBinShift], 1u);
+    if (use_hist && key > kNegInfKey) atomicAdd(&buf.hist[key >> kBinShift], 1u);
   });
   best = block_max_u64(best, sh);  // its barriers also complete the histogram
   const uint32_t max_key = static_cast<uint32_t>(best >> 32);
   const int32_t arg = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(best & 0xFFFFFFFFu));
   if (max_key <= kNegInfKey || p.greedy) {
     if (tid == 0) ids[row] = max_key <= kNegInfKey ? -1 : arg;
+    count_path(kPathGreedy);
     return;
   }
 
-  if (top_k_path) {
+  if (use_hist) {
     // The bucket of the k-th largest logit: the highest b with count(bucket >= b) >= k; thread t
-    // scans buckets from the top, kBinsPerThread of them, after the counts above its own.
+    // scans buckets from the top, kBinsPerThread of them, after the counts above its own. The
+    // nucleus path asks for k = kCandCap + 1: the buckets above that one are the most it can copy.
+    const int want = top_k_path ? p.top_k : kCandCap + 1;
     uint32_t h[kBinsPerThread];
     int mine = 0;
 #pragma unroll
@@ -417,35 +450,105 @@ __global__ void __launch_bounds__(kThreads)
       mine += static_cast<int>(h[q]);
     }
     if (tid == 0) {
-      sh.cut_bin = 0;  // fewer than k finite logits: the bottom bucket (-inf) completes the k
+      sh.cut_bin = -1;  // fewer than k finite logits
       sh.n_cand = static_cast<int>(n);
+      sh.n_above = 0;
     }
     int above = block_exclusive_count(mine, sh);  // its barriers order the writes above
 #pragma unroll
     for (int q = 0; q < kBinsPerThread; ++q) {
-      if (above < p.top_k && above + static_cast<int>(h[q]) >= p.top_k) {
+      if (above < want && above + static_cast<int>(h[q]) >= want) {
         sh.cut_bin = kBins - 1 - (tid * kBinsPerThread + q);
         sh.n_cand = above + static_cast<int>(h[q]);
+        sh.n_above = above;
       }
       above += static_cast<int>(h[q]);
     }
+    if (tid == kThreads - 1) sh.n_finite = above;  // the last thread scans the bottom bucket
     if (tid == 0) sh.count = 0;
     __syncthreads();
-    const uint32_t cut_bin = static_cast<uint32_t>(sh.cut_bin);
-    const int n_cand = sh.n_cand;
-    if (n_cand <= kCandCap) {
-      // 2nd pass: copy the candidates (the histogram is dead: every thread has read it above).
+    // The candidates: logits of bucket cut_bin or above. A top-k row with fewer than k finite
+    // logits copies them all (cut_bin 0: -inf included). A nucleus row copies the buckets above the
+    // one that would overflow the buffer, or every finite logit if they fit (cut_bin kFiniteBin:
+    // the buckets below hold only -inf).
+    int cut_bin = sh.cut_bin, n_cand = sh.n_cand;
+    if (top_k_path && cut_bin < 0) cut_bin = 0;
+    if (nucleus_path) {
+      n_cand = cut_bin < 0 ? sh.n_finite : sh.n_above;
+      cut_bin = cut_bin < 0 ? kFiniteBin : cut_bin + 1;
+    }
+    // A nucleus row of only min-p needs no mass; one whose candidates lack top_p of it, nor a
+    // min-p floor above them, cannot be exact (checked before the sort, again after it).
+    const bool need_mass = nucleus_path && p.top_p < 1.0f;
+    float outside_e = 0.0f;  // e of every logit below bucket cut_bin is at most this (0: none kept)
+    if (nucleus_path && cut_bin > kFiniteBin && n_cand >= 1) {
+      // Below the bucket: the largest logit of bucket cut_bin - 1. One float step up guards against
+      // a non-monotone last bit of exp (e is monotone in the logit otherwise).
+      const float l_below = key_value((static_cast<uint32_t>(cut_bin) << kBinShift) - 1u);
+      outside_e = nextafterf(prob_weight(l_below, key_value(max_key), p.temperature), INFINITY);
+    }
+    bool fits = n_cand >= 1 && n_cand <= kCandCap;
+    if (fits && need_mass && !(outside_e == 0.0f || p.min_p > outside_e)) {
+      // A flat row (nucleus far below the candidates) skips the 2nd pass: from the histogram, the
+      // candidates' mass at most (each bucket at its top logit) against the rest's at least (at its
+      // bottom one). Only an estimate of where the answer lies; exactness is checked on the
+      // candidates.
+      double bound[2] = {0.0, 0.0};
+#pragma unroll
+      for (int q = 0; q < kBinsPerThread; ++q) {
+        const int bin = kBins - 1 - (tid * kBinsPerThread + q);
+        if (h[q] == 0) continue;
+        if (bin >= cut_bin) {
+          const uint32_t top = min((static_cast<uint32_t>(bin) << kBinShift) | ((1u << kBinShift) - 1u), max_key);
+          bound[0] += h[q] * static_cast<double>(prob_weight(key_value(top), key_value(max_key), p.temperature));
+        } else {
+          const float bottom = key_value(static_cast<uint32_t>(bin) << kBinShift);
+          bound[1] += h[q] * static_cast<double>(prob_weight(bottom, key_value(max_key), p.temperature));
+        }
+      }
+      block_sums(bound, sh);
+      const double top_p = p.top_p;
+      fits = !(sh.sums[0] * (1.0 - top_p) < top_p * sh.sums[1]);
+    }
+    if (fits) {
+      // 2nd pass: copy the candidates (the histogram is dead: every thread has read it above) and,
+      // for top-p without top-k, sum e of the whole row and of the candidates.
+      const uint32_t cut = static_cast<uint32_t>(cut_bin);
+      const float l_max = key_value(max_key);
+      double mass[2] = {0.0, 0.0};  // the row, the candidates
       for_each_logit(l, n, [&](int64_t i, float x) {
-        const uint32_t key = order_key(canon(x));
-        if ((key >> kBinShift) >= cut_bin)
+        const float xc = canon(x);
+        const uint32_t key = order_key(xc);
+        const bool is_cand = (key >> kBinShift) >= cut;
+        if (is_cand)
           buf.cand[atomicAdd(&sh.count, 1)] =
               (static_cast<unsigned long long>(key) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
+        if (need_mass) {
+          const double e = prob_weight(xc, l_max, p.temperature);
+          mass[0] += e;
+          mass[1] += is_cand ? e : 0.0;
+        }
       });
-      const int32_t id = draw_from_candidates(buf, n_cand, p, sh);
-      if (tid == 0) ids[row] = id;
-      return;
+      double total_mass = -1.0;  // top-k rows: the mass of the k first
+      bool try_it = true;
+      if (nucleus_path) {
+        block_sums(mass, sh);  // its barriers also complete the copies
+        total_mass = sh.sums[0];
+        const bool reaches_p = need_mass && sh.sums[1] >= static_cast<double>(p.top_p) * total_mass;
+        try_it = reaches_p || outside_e == 0.0f || p.min_p > outside_e;
+      }
+      if (try_it) {
+        const int32_t id =
+            draw_from_candidates(buf, n_cand, top_k_path ? p.top_k : n_cand, total_mass, outside_e, p, sh);
+        if (id != kNotExact) {
+          if (tid == 0) ids[row] = id;
+          count_path(top_k_path ? kPathTopK : kPathNucleus);
+          return;
+        }
+      }
     }
   }
+  count_path(kPathGeneral);
 
   // 2. e = exp((l - max) / T) in double, rounded to fp32 (see ops/backend.h), kept for the passes.
   const float l_max = canon(l[arg]);
@@ -513,6 +616,12 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 }  // namespace
+
+cudaError_t sample_path_rows(unsigned long long (&rows)[kSamplePaths]) {
+  const cudaError_t err = cudaDeviceSynchronize();
+  if (err != cudaSuccess) return err;
+  return cudaMemcpyFromSymbol(rows, g_sample_path_rows, sizeof(rows));
+}
 
 cudaError_t launch_sample(const DevTensor& logits, const DevSampleRow* rows, float* scratch, DevTensor ids,
                           cudaStream_t stream) {
