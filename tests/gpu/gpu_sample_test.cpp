@@ -5,14 +5,17 @@
 // "Within rounding" is 1e-9 of the kept mass, not 1e-5: a flat row keeps ~150K tokens of mean
 // share 6.6e-6, so nearly every such draw lies within 1e-5 of some boundary (the test prints that
 // count too). Both back-ends sum in double, so order-of-summation differences stay near 1e-12.
-// The CUDA kernel has two drawn-row paths (kernels/sample.cu): top-k rows whose k-th bucket fits
-// in shared memory (k <= 4096) run on a few candidates, every other row on the full row; the tests
-// below mix both, and greedy rows, in one launch.
+// The CUDA kernel has three drawn-row paths (kernels/sample.cu): top-k rows whose k-th bucket fits
+// in shared memory (k <= 4096) and top-p / min-p rows without top-k whose nucleus fits run on a few
+// thousand candidates, every other row on the full row; the tests below mix them, and greedy rows,
+// in one launch. cuda::sample_path_rows tells which path the rows of a launch took.
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 
 #include "backends/cpu/cpu_backend.h"
+#include "backends/cuda/kernels/kernels.h"
 #include "gpu_test_util.h"
 
 namespace cpinfer::gputest {
@@ -326,6 +329,159 @@ TEST_F(GpuSample, EdgeRows) {
   EXPECT_THROW(gpu_->sample(logits, bad, ids), Error);
   bad.pop_back();
   EXPECT_THROW(gpu_->sample(logits, bad, ids), Error);
+}
+
+// Rows per path (cuda::sample_path_rows) finished since the last call.
+class PathCounter {
+ public:
+  PathCounter() { read(last_); }
+  std::array<unsigned long long, cuda::kSamplePaths> delta() {
+    unsigned long long now[cuda::kSamplePaths];
+    read(now);
+    std::array<unsigned long long, cuda::kSamplePaths> d{};
+    for (int i = 0; i < cuda::kSamplePaths; ++i) {
+      d[i] = now[i] - last_[i];
+      last_[i] = now[i];
+    }
+    return d;
+  }
+
+ private:
+  static void read(unsigned long long (&v)[cuda::kSamplePaths]) { ASSERT_EQ(cuda::sample_path_rows(v), cudaSuccess); }
+  unsigned long long last_[cuda::kSamplePaths] = {};
+};
+
+// Rows for top-p / min-p without top-k. Row r is of kind (r + first_kind) % 8:
+// 0: peaked, as a trained model's: 40 leaders 20, 19.8, ... 12.2 (two of them tied) over 152K
+//    N(0, 1) logits. At T <= 1 every top-p <= 0.999 and min-p nucleus lies among the leaders, so
+//    these rows take the candidate path; at T 1.5 and top-p 0.999 the tail holds > 0.1% of the mass.
+// 1: Zipf-like, bf16-rounded (ties): the logit of rank q is 18 - 2.2 ln(1 + q) + N(0, 0.2²), ranks
+//    spread over the ids.
+// 2: flat N(0, 1): nuclei of ~100K tokens, which must fall back to the general path.
+// 3: kind 1 with a third of the row -inf and NaN every 997 ids.
+// 4: only 10 finite logits (all of them candidates).
+// 5: 3 leaders at 12 over 2000 ties at 11 (top-p cuts inside the ties: every one is kept).
+// 6: flat bf16-rounded N(0, 2²).
+// 7: 6000 ties at 7 under 3 leaders at 8: the tied bucket overflows the candidate buffer.
+std::vector<float> make_nucleus_rows(int64_t r_count, int64_t v, uint32_t seed, int first_kind = 0) {
+  Rng rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::uniform_int_distribution<int64_t> pick(0, v - 1);
+  std::vector<float> l(static_cast<size_t>(r_count * v));
+  for (int64_t r = 0; r < r_count; ++r) {
+    float* row = l.data() + r * v;
+    const int64_t kind = (r + first_kind) % 8;
+    const float scale = kind == 6 ? 2.0f : 1.0f;
+    for (int64_t i = 0; i < v; ++i) row[i] = nd(rng.gen()) * scale;
+    auto zipf = [&] {
+      const int64_t stride = 7919 % v == 0 ? 1 : 7919;  // coprime with the full vocabulary
+      for (int64_t q = 0; q < v; ++q) {
+        const float x = 18.0f - 2.2f * std::log(1.0f + static_cast<float>(q)) + 0.2f * nd(rng.gen());
+        row[(q * stride + r) % v] = bf16_to_f32(f32_to_bf16(x));
+      }
+    };
+    switch (kind) {
+      case 0:
+        for (int64_t j = 0; j < 40; ++j) row[(j * 104729 + r * 31) % v] = 20.0f - 0.2f * static_cast<float>(j);
+        row[(r * 13 + 5) % v] = 20.0f - 0.2f * 5.0f;
+        break;
+      case 1:
+        zipf();
+        break;
+      case 3:
+        zipf();
+        for (int64_t i = v / 3; i < 2 * v / 3; ++i) row[i] = -kInf;
+        for (int64_t i = 0; i < v; i += 997) row[i] = std::nanf("");
+        break;
+      case 4:
+        for (int64_t i = 0; i < v; ++i) row[i] = i % 5 == 0 ? std::nanf("") : -kInf;
+        for (int64_t j = 0; j < 10; ++j) row[(j * 31 + r) % v] = nd(rng.gen());
+        break;
+      case 5:
+        for (int64_t j = 0; j < std::min<int64_t>(2000, v / 4); ++j) row[pick(rng.gen())] = 11.0f;
+        for (int64_t j = 0; j < 3; ++j) row[(j * 104729 + r) % v] = 12.0f;
+        break;
+      case 6:
+        for (int64_t i = 0; i < v; ++i) row[i] = bf16_to_f32(f32_to_bf16(row[i]));
+        break;
+      case 7:
+        for (int64_t j = 0; j < std::min<int64_t>(6000, v / 2); ++j) row[pick(rng.gen())] = 7.0f;
+        for (int64_t j = 0; j < 3; ++j) row[(j * 104729 + r) % v] = 8.0f;
+        break;
+      default:  // 2: flat
+        break;
+    }
+  }
+  return l;
+}
+
+// Top-k off with top-p 0.5 / 0.8 / 0.95 / 0.999 and min-p, at several temperatures, mixed with
+// greedy rows, top-k rows and a plain-temperature row.
+const SampleRow kNucleusMixes[] = {
+    mix_row(0.7f, -1, 0.8f, 0.0f),   mix_row(0.7f, -1, 0.95f, 0.0f),  mix_row(1.0f, -1, 0.5f, 0.0f),
+    mix_row(1.0f, -1, 0.999f, 0.0f), mix_row(0.8f, -1, 1.0f, 0.05f),  mix_row(1.2f, -1, 0.95f, 0.02f),
+    mix_row(0.0f, -1, 0.9f, 0.0f),   mix_row(0.7f, 20, 0.8f, 0.0f),   mix_row(1.0f, -1, 0.9f, 0.1f),
+    mix_row(0.6f, -1, 0.95f, 0.0f),  mix_row(1.5f, -1, 0.999f, 0.0f), mix_row(1.0f, 1000, 0.9f, 0.0f),
+    mix_row(1e-30f, -1, 0.8f, 0.0f), mix_row(1.0f, -1, 1.0f, 0.0f),   mix_row(0.7f, -1, 0.999f, 0.3f),
+    mix_row(0.7f, -1, 0.95f, 0.0f),
+};
+
+TEST_F(GpuSample, NucleusPathMatchesTheReferenceAtEveryBatch) {
+  // Batch 1 meets every (row kind, mix) pair and checks which path each row took; batch 64 mixes
+  // all paths in one launch. Full vocabulary and a small unaligned one.
+  const int n_mixes = static_cast<int>(std::size(kNucleusMixes));
+  constexpr int kCandCap = 4096;  // the kernel's candidate buffer
+  for (const int64_t v : {int64_t{151936}, int64_t{1001}}) {
+    for (const int64_t r_count : {int64_t{1}, int64_t{64}}) {
+      Tally tally;
+      std::array<unsigned long long, cuda::kSamplePaths> paths{};
+      PathCounter counter;
+      Tensor logits = gpu_tensor("logits", DType::F32, {r_count, v}, nullptr);
+      Tensor ids = gpu_tensor("ids", DType::I32, {r_count}, nullptr);
+      const int n_steps = r_count == 1 ? 8 * n_mixes : 6;
+      for (int step = 0; step < n_steps; ++step) {
+        const std::vector<float> host = make_nucleus_rows(r_count, v, static_cast<uint32_t>(300 + step), step % 8);
+        gpu_->upload(logits.data, host.data(), host.size() * sizeof(float));
+        const int shift = r_count == 1 ? step / 8 : 0;  // batch 1: step 8a + b has kind b, mix (9a + b) % 16
+        std::vector<SampleRow> rows(static_cast<size_t>(r_count));
+        for (int64_t r = 0; r < r_count; ++r) {
+          rows[r] = kNucleusMixes[(r * 3 + step + shift) % n_mixes];
+          rows[r].seed = 91 + static_cast<uint64_t>(r);
+          rows[r].step = static_cast<uint64_t>(step);
+        }
+        gpu_->sample(logits, rows, ids);
+        const std::vector<int32_t> got = gpu_read_i32(ids);
+        const std::string what =
+            "nucleus V " + std::to_string(v) + ", batch " + std::to_string(r_count) + ", step " + std::to_string(step);
+        expect_reference(host, v, rows, got, what, &tally);
+        const auto d = counter.delta();
+        for (int i = 0; i < cuda::kSamplePaths; ++i) paths[i] += d[i];
+        if (r_count != 1) continue;
+        // Which path the row took: a nucleus of more than kCandCap tokens cannot be a candidate
+        // one; the peaked rows (kind 0) at T <= 1 must take it; tiny rows always fit.
+        const SampleRow& p = rows[0];
+        SampleTrace trace;
+        sample_reference(std::span<const float>(host.data(), static_cast<size_t>(v)), p, &trace);
+        const bool nucleus_row = !sample_row_greedy(p) && p.top_k <= 0 && (p.top_p < 1.0f || p.min_p > 0.0f);
+        const int kind = step % 8;
+        if (trace.n_kept > kCandCap) {
+          EXPECT_EQ(d[cuda::kSamplePaths - 1], 1u) << what << ": " << trace.n_kept << " kept tokens, kind " << kind;
+        }
+        if (nucleus_row && ((kind == 0 && p.temperature <= 1.0f) || v < kCandCap || kind == 4)) {
+          EXPECT_EQ(d[2], 1u) << what << ": kind " << kind << " (T " << p.temperature << ", top_p " << p.top_p
+                              << ", min_p " << p.min_p << ") should take the nucleus candidate path";
+        }
+      }
+      std::printf(
+          "[gpu_sample] nucleus rows V=%lld batch %lld: %d greedy + %d drawn rows, %d near a boundary (%d differ); "
+          "paths: %llu greedy, %llu top-k, %llu nucleus, %llu general\n",
+          static_cast<long long>(v), static_cast<long long>(r_count), tally.greedy, tally.drawn, tally.near,
+          tally.near_differ, paths[0], paths[1], paths[2], paths[3]);
+      EXPECT_GT(tally.drawn, 0);
+      EXPECT_GT(paths[2], 0u);
+      if (v > kCandCap) EXPECT_GT(paths[3], 0u);
+    }
+  }
 }
 
 }  // namespace
