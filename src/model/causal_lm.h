@@ -25,7 +25,9 @@ class CausalLM {
   // Options may change between forwards (benchmarks toggle elide_comm and profiling).
   virtual ModelOptions& options() = 0;
   virtual const ForwardProfile& last_profile() const = 0;
-  // Bytes of weights this rank holds and their storage dtype (for the load log line).
+  // Bytes of weights this rank holds and the storage dtype of most of them, the linear layers'
+  // (for the load log line: an FP8 checkpoint kept FP8 says F8_E4M3, its norms and embeddings stay
+  // BF16).
   virtual size_t weight_bytes() const = 0;
   virtual DType weight_dtype() const = 0;
 

@@ -29,7 +29,9 @@ class DecoderLM : public CausalLM {
   ModelOptions& options() override { return opt_; }
   const ForwardProfile& last_profile() const override { return prof_.profile(); }
   size_t weight_bytes() const override { return w_.bytes; }
-  DType weight_dtype() const override { return w_.embed.dtype; }
+  DType weight_dtype() const override {
+    return !w_.layers.empty() && w_.layers.front().q_proj.weight.fp8() ? DType::F8E4M3 : w_.embed.dtype;
+  }
   const ModelWeights& weights() const { return w_; }
   const DecodeGraphs* decode_graphs() const override { return &graphs_; }
 
