@@ -27,7 +27,9 @@ test('/health is 503 while loading, then 200', async () => {
     });
     assert.equal(early.status, 503);
     assert.ok((await early.json()).error.message.includes('loading'));
-    await waitLog(/ready: /, 'ready line');
+    const [readyLine] = await waitLog(/ready: [^\n]*/, 'ready line');
+    // No --chunked-prefill-size: the CPU's default step budget (8192 is the GPU's).
+    assert.match(readyLine, /chunked prefill 2048,/);
     const ready = await fetch(`${url}/health`);
     assert.equal(ready.status, 200);
   } finally {
