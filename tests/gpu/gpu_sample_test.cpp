@@ -13,6 +13,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <span>
+#include <utility>
 
 #include "backends/cpu/cpu_backend.h"
 #include "backends/cuda/kernels/kernels.h"
@@ -57,6 +59,23 @@ class GpuSample : public GpuOpsTest {
       if (r % 16 == 9) row[(r * 7919) % v] = 25.0f;
     }
     return l;
+  }
+
+  // One launch of a mixed batch: `host` [R, V] uploaded into logits; row r takes mix
+  // (3r + step + shift) % |mixes|, seeded seed0 + r, draw number `step`. Returns the rows and ids.
+  std::pair<std::vector<SampleRow>, std::vector<int32_t>> sample_step(const std::vector<float>& host, Tensor& logits,
+                                                                      Tensor& ids, std::span<const SampleRow> mixes,
+                                                                      int step, int shift, uint64_t seed0) {
+    const int64_t r_count = logits.dim(0);
+    gpu_->upload(logits.data, host.data(), host.size() * sizeof(float));
+    std::vector<SampleRow> rows(static_cast<size_t>(r_count));
+    for (int64_t r = 0; r < r_count; ++r) {
+      rows[r] = mixes[static_cast<size_t>(r * 3 + step + shift) % mixes.size()];
+      rows[r].seed = seed0 + static_cast<uint64_t>(r);
+      rows[r].step = static_cast<uint64_t>(step);
+    }
+    gpu_->sample(logits, rows, ids);
+    return {rows, gpu_read_i32(ids)};
   }
 };
 
@@ -231,16 +250,8 @@ TEST_F(GpuSample, TopKPathMatchesTheReferenceAtEveryBatch) {
       for (int step = 0; step < n_steps; ++step) {
         // Fresh rows every step, the kinds shifting by one a step.
         const std::vector<float> host = make_hard_rows(r_count, v, static_cast<uint32_t>(77 + step), step % 8);
-        gpu_->upload(logits.data, host.data(), host.size() * sizeof(float));
         const int shift = r_count == 1 ? step / 8 : 0;  // step + step / 8 = 9a + b
-        std::vector<SampleRow> rows(static_cast<size_t>(r_count));
-        for (int64_t r = 0; r < r_count; ++r) {
-          rows[r] = kTopKMixes[(r * 3 + step + shift) % n_mixes];
-          rows[r].seed = 42 + static_cast<uint64_t>(r);
-          rows[r].step = static_cast<uint64_t>(step);
-        }
-        gpu_->sample(logits, rows, ids);
-        const std::vector<int32_t> got = gpu_read_i32(ids);
+        const auto [rows, got] = sample_step(host, logits, ids, kTopKMixes, step, shift, 42);
         const std::string what =
             "V " + std::to_string(v) + ", batch " + std::to_string(r_count) + ", step " + std::to_string(step);
         expect_reference(host, v, rows, got, what, &tally);
@@ -441,16 +452,8 @@ TEST_F(GpuSample, NucleusPathMatchesTheReferenceAtEveryBatch) {
       const int n_steps = r_count == 1 ? 8 * n_mixes : 6;
       for (int step = 0; step < n_steps; ++step) {
         const std::vector<float> host = make_nucleus_rows(r_count, v, static_cast<uint32_t>(300 + step), step % 8);
-        gpu_->upload(logits.data, host.data(), host.size() * sizeof(float));
         const int shift = r_count == 1 ? step / 8 : 0;  // batch 1: step 8a + b has kind b, mix (9a + b) % 16
-        std::vector<SampleRow> rows(static_cast<size_t>(r_count));
-        for (int64_t r = 0; r < r_count; ++r) {
-          rows[r] = kNucleusMixes[(r * 3 + step + shift) % n_mixes];
-          rows[r].seed = 91 + static_cast<uint64_t>(r);
-          rows[r].step = static_cast<uint64_t>(step);
-        }
-        gpu_->sample(logits, rows, ids);
-        const std::vector<int32_t> got = gpu_read_i32(ids);
+        const auto [rows, got] = sample_step(host, logits, ids, kNucleusMixes, step, shift, 91);
         const std::string what =
             "nucleus V " + std::to_string(v) + ", batch " + std::to_string(r_count) + ", step " + std::to_string(step);
         expect_reference(host, v, rows, got, what, &tally);
