@@ -148,17 +148,23 @@ TEST_F(GpuSample, MatchesTheCpuReferenceOnFullVocabularyRows) {
   EXPECT_LT(100 * n_near, n_drawn) << "more than 1% of the draws land within 1e-9 of a boundary";
 }
 
+// [R, V] logits whose row r fill(row, r, rng) writes: the frame of the row makers below.
+template <class Fill>
+std::vector<float> make_rows(int64_t r_count, int64_t v, uint32_t seed, Fill&& fill) {
+  Rng rng(seed);
+  std::vector<float> l(static_cast<size_t>(r_count * v));
+  for (int64_t r = 0; r < r_count; ++r) fill(l.data() + r * v, r, rng);
+  return l;
+}
+
 // Rows meant to stress the top-k candidate path: ties at the k-th logit (a block of equal values
 // under a few distinct leaders), quantized rows (crowded buckets), a bucket too crowded for the
 // candidate buffer, rows with fewer finite logits than k, NaN / -inf stretches, flat and peaked rows.
 // Row r is of kind (r + first_kind) % 8.
 std::vector<float> make_hard_rows(int64_t r_count, int64_t v, uint32_t seed, int first_kind = 0) {
-  Rng rng(seed);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::uniform_int_distribution<int64_t> pick(0, v - 1);
-  std::vector<float> l(static_cast<size_t>(r_count * v));
-  for (int64_t r = 0; r < r_count; ++r) {
-    float* row = l.data() + r * v;
+  return make_rows(r_count, v, seed, [&](float* row, int64_t r, Rng& rng) {
     const int64_t kind = r + first_kind;
     const float scale = 0.5f * static_cast<float>(1 << (kind % 4));
     for (int64_t i = 0; i < v; ++i) row[i] = nd(rng.gen()) * scale;
@@ -191,8 +197,7 @@ std::vector<float> make_hard_rows(int64_t r_count, int64_t v, uint32_t seed, int
       default:  // plain N(0, s²)
         break;
     }
-  }
-  return l;
+  });
 }
 
 // The parameter mixes of the top-k tests: k = 1 (greedy), 2, 20, 40, 1000, 4096 (the candidate
@@ -375,12 +380,9 @@ class PathCounter {
 // 6: flat bf16-rounded N(0, 2²).
 // 7: 6000 ties at 7 under 3 leaders at 8: the tied bucket overflows the candidate buffer.
 std::vector<float> make_nucleus_rows(int64_t r_count, int64_t v, uint32_t seed, int first_kind = 0) {
-  Rng rng(seed);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::uniform_int_distribution<int64_t> pick(0, v - 1);
-  std::vector<float> l(static_cast<size_t>(r_count * v));
-  for (int64_t r = 0; r < r_count; ++r) {
-    float* row = l.data() + r * v;
+  return make_rows(r_count, v, seed, [&](float* row, int64_t r, Rng& rng) {
     const int64_t kind = (r + first_kind) % 8;
     const float scale = kind == 6 ? 2.0f : 1.0f;
     for (int64_t i = 0; i < v; ++i) row[i] = nd(rng.gen()) * scale;
@@ -422,8 +424,7 @@ std::vector<float> make_nucleus_rows(int64_t r_count, int64_t v, uint32_t seed, 
       default:  // 2: flat
         break;
     }
-  }
-  return l;
+  });
 }
 
 // Top-k off with top-p 0.5 / 0.8 / 0.95 / 0.999 and min-p, at several temperatures, mixed with
