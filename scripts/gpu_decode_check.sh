@@ -2,7 +2,7 @@
 # On a GPU machine: decode at the Qwen3-30B-A3B shape (random weights) — cpinfer bench decode over
 # batch and context, the transformers peer (static cache, eager and with its torch.compile) on the
 # same card, then the serving benchmark (python3 client, no node there) against `cpinfer serve
-# --random-weights qwen3-30b-a3b` at concurrency 1, 16 and 64, and the multi-turn prefix-cache run
+# --random-weights qwen3-30b-a3b` at concurrency 1, 16, 64 and 256, and the multi-turn prefix-cache run
 # (bench/serving/multi_turn.py). Results go to $OUT (default ./out).
 #   scripts/gpu_decode_check.sh [--quick]      --quick: no context 32768, no compiled peer
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
@@ -48,17 +48,16 @@ PEER_FLAGS=(--batch 1,64 --context 1024 --steps 32 --layers 2,4 --json "$OUT/hf_
 [ $QUICK = 0 ] && PEER_FLAGS+=(--compile)
 timeout 300 python3 bench/hf_decode.py "${PEER_FLAGS[@]}" 2>&1 | tee "$OUT/hf_decode.log" | tail -8
 
-echo "== serving, random weights at the real shape"
-CONCS="1 16 64"
-for c in $CONCS; do
-  n=$((c * 4))
-  [ $n -lt 8 ] && n=8
-  BENCH_READY_S=150 timeout 280 bench/serving/run.sh --bin "$BIN/cpinfer" --client py \
-    --serve "--device cuda --random-weights qwen3-30b-a3b --kv-cache-tokens 400000 --max-running-requests 128" -- \
-    --num-prompts $n --max-concurrency "$c" --input-len 1024 --output-len 128 \
-    --output-file "$OUT/serving_c$c.json" > "$OUT/serving_c$c.log" 2>&1
-  echo "concurrency $c: rc=$?"; grep -E "Output token|Median TTFT|P99 TTFT|Median TPOT" "$OUT/serving_c$c.log"
-done
+echo "== serving, random weights at the real shape (one server; Qwen3's sampling: T 0.7, top-p 0.8, top-k 20)"
+# max(8, 2 x concurrency) prompts a level. Like the decode runs above, sized for a 141 GB H200: the
+# BF16 weights and a KV cache for 256 such requests need more than 80 GB.
+BENCH_READY_S=150 timeout 480 bench/serving/run.sh --bin "$BIN/cpinfer" --client py --concurrency "1 16 64 256" \
+  --prompts-per-level 2 \
+  --serve "--device cuda --random-weights qwen3-30b-a3b --kv-cache-tokens 400000 --max-running-requests 256" \
+  -- --input-len 1024 --output-len 128 --extra-request-body '{"temperature": 0.7, "top_p": 0.8, "top_k": 20}' \
+  > "$OUT/serving.log" 2>&1
+echo "rc=$?"
+grep -E "^== concurrency|Output token|Median TTFT|P99 TTFT|Median TPOT" "$OUT/serving.log"
 
 echo "== multi-turn chat with and without the prefix cache (8K system prompt, 20 turns)"
 timeout 240 python3 bench/serving/multi_turn.py --bin "$BIN/cpinfer" --model "" --ready-s 120 \

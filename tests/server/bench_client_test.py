@@ -4,7 +4,8 @@
 Both must complete every request and count the same input and output tokens, which must equal the
 lengths the seeded generator draws (so the two scripts send the same prompts); sampled requests
 (--extra-request-body) complete; `serve --random-weights` serves; a server that is not there, or an
---extra-request-body that is not a JSON object, is a clear error.
+--extra-request-body that is not a JSON object, is a clear error; run.sh --concurrency runs the
+client once per level against one server.
 
 usage: bench_client_test.py CPINFER_BINARY WORK_DIR
 """
@@ -52,6 +53,24 @@ def main():
         j = json.loads(p.stdout.strip().splitlines()[-1])
         check(j["completed"] == 8 and j["failed"] == 0 and j["total_output_tokens"] == want_out,
               f"{client}: sampled requests (--extra-request-body) complete with every token")
+    # --concurrency: one server, the client once per level (--max-concurrency C, --num-prompts
+    # max(8, K·C)), each run's JSON line after its "== concurrency C" line.
+    level_flags = ["--input-len", "40", "--output-len", "6", "--seed", "3"]
+    p = run([os.path.join(ROOT, "bench", "serving", "run.sh"), "--bin", binary, "--serve", f"--model-path {model}",
+             "--client", "py", "--concurrency", "1 3 5", "--prompts-per-level", "2", "--"] + level_flags)
+    out = p.stdout.strip().splitlines()
+    levels = [line for line in out if line.startswith("== concurrency")]
+    runs = [json.loads(line) for line in out if line.startswith("{")]
+    check(levels == ["== concurrency 1 (8 prompts)", "== concurrency 3 (8 prompts)", "== concurrency 5 (10 prompts)"],
+          f"--concurrency: one run per level, max(8, 2·C) prompts each ({levels})")
+    check([(j["max_concurrency"], j["num_prompts"], j["completed"]) for j in runs] == [(1, 8, 8), (3, 8, 8), (5, 10, 10)],
+          "--concurrency: every level's requests completed at its concurrency")
+    check(p.stderr.count("ready: serving") == 1, "--concurrency: the server started once for all levels")
+    for bad, why in ((["--concurrency", "4 x"], "--concurrency takes positive integers, got 'x'"),
+                     (["--concurrency", "4", "--prompts-per-level", "0"], "--prompts-per-level takes positive")):
+        p = subprocess.run([os.path.join(ROOT, "bench", "serving", "run.sh"), "--bin", binary] + bad + ["--"],
+                           capture_output=True, text=True, timeout=60)
+        check(p.returncode == 2 and why in p.stderr, f"run.sh {' '.join(bad)} is refused before any server starts")
     for body, why in (("[1]", "must be a JSON object"), ("{temperature", "is not JSON")):
         p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "serving", "bench_serving.py"),
                             "--extra-request-body", body], capture_output=True, text=True, timeout=60)
