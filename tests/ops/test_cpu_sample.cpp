@@ -258,9 +258,11 @@ TEST(CpuSample, MatchesANaiveFullSortImplementation) {
   std::mt19937 gen(11);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   const SampleRow mixes[] = {
-      make_row(1.0f, -1, 1.0f, 0.0f),  make_row(0.7f, 50, 1.0f, 0.0f),    make_row(1.0f, -1, 0.9f, 0.0f),
-      make_row(1.5f, -1, 0.99f, 0.0f), make_row(1.0f, 3000, 0.95f, 0.0f), make_row(0.9f, 100, 0.8f, 0.05f),
-      make_row(2.0f, -1, 1.0f, 0.01f), make_row(1.0f, 5, 0.5f, 0.2f),
+      make_row(1.0f, -1, 1.0f, 0.0f),    make_row(0.7f, 50, 1.0f, 0.0f),
+      make_row(1.0f, -1, 0.9f, 0.0f),    make_row(1.5f, -1, 0.99f, 0.0f),
+      make_row(1.0f, 3000, 0.95f, 0.0f), make_row(0.9f, 100, 0.8f, 0.05f),
+      make_row(2.0f, -1, 1.0f, 0.01f),   make_row(1.0f, 5, 0.5f, 0.2f),
+      make_row(1.0f, 4500, 0.9f, 0.0f),  // k above the small-k heap: the nth_element selection
   };
   int n_rows = 0;
   for (int t = 0; t < 6; ++t) {
@@ -278,7 +280,7 @@ TEST(CpuSample, MatchesANaiveFullSortImplementation) {
         ++n_rows;
       }
   }
-  EXPECT_EQ(n_rows, 6 * 8 * 8);
+  EXPECT_EQ(n_rows, 6 * 9 * 8);
 }
 
 TEST(CpuSample, OpSamplesEveryRowAndChecksItsArguments) {

@@ -1,7 +1,8 @@
 // Token sampling, the reference of Backend::sample (the algorithm is spelled out in ops/backend.h).
-// Written for clarity first, but it also serves every decode step of the host Sampler, so it
-// avoids a full sort: top-k is one nth_element over the values, top-p buckets the mass by the top
-// bits of e and sorts only the bucket where the cumulative mass crosses (~2 ms for 152K tokens).
+// Written for clarity first, but it also serves every decode step of the CPU back-end and the host
+// Sampler, so it avoids a full sort: top-k runs first (the k largest through a small heap, one pass)
+// and e is computed only for its survivors, top-p buckets the mass by the top bits of e and sorts
+// only the bucket where the cumulative mass crosses.
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -29,6 +30,26 @@ uint64_t mix64(uint64_t z) {
 
 // NaN ranks as -inf; -0 as +0 (so that equal values are equal keys on every back-end).
 float canon(float x) { return std::isnan(x) ? kNegInf : (x == 0.0f ? 0.0f : x); }
+
+// The k-th largest of v (counted with multiplicity), 0 < k < v.size(): for small k one pass that
+// keeps the k largest so far in a min-heap (most values fail the first comparison), else
+// nth_element over a copy.
+float kth_largest(const std::vector<float>& v, int64_t k, std::vector<float>& pool) {
+  if (k > 4096) {
+    pool.assign(v.begin(), v.end());
+    std::nth_element(pool.begin(), pool.begin() + (k - 1), pool.end(), std::greater<float>());
+    return pool[static_cast<size_t>(k - 1)];
+  }
+  pool.assign(v.begin(), v.begin() + k);
+  std::make_heap(pool.begin(), pool.end(), std::greater<float>());
+  for (size_t i = static_cast<size_t>(k); i < v.size(); ++i) {
+    if (!(v[i] > pool.front())) continue;
+    std::pop_heap(pool.begin(), pool.end(), std::greater<float>());
+    pool.back() = v[i];
+    std::push_heap(pool.begin(), pool.end(), std::greater<float>());
+  }
+  return pool.front();
+}
 
 }  // namespace
 
@@ -58,34 +79,36 @@ int32_t sample_reference(std::span<const float> logits, const SampleRow& row, Sa
   }
   if (best < 0 || sample_row_greedy(row)) return best;
 
-  // 2. unnormalized probabilities e = exp((l - max) / T), e_max = 1.
+  // The survivors of the filters so far, in id order (every later step walks them in that order,
+  // so its sums add the same terms in the same order as over the whole row).
   thread_local std::vector<float> lc, e, pool;
-  thread_local std::vector<uint8_t> kept;
-  thread_local std::vector<int32_t> order;
+  thread_local std::vector<int32_t> surv, order;
   thread_local std::vector<double> bucket_mass;
   lc.resize(n);
   e.resize(n);
-  kept.assign(n, 1);
-  const float temp = row.temperature;
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = lc[i] = canon(logits[i]);
-    const float d = x == l_max ? 0.0f : (x - l_max) / temp;
-    e[i] = static_cast<float>(std::exp(static_cast<double>(d)));
-  }
+  for (int64_t i = 0; i < n; ++i) lc[i] = canon(logits[i]);
+  auto keep_if = [&](auto pred) { std::erase_if(surv, [&](int32_t i) { return !pred(i); }); };
 
   // 3. top-k by (logit desc, id asc): every logit above the k-th largest value, then the ties at
-  // it in id order until k are kept.
+  // it in id order until k are kept. (Before step 2: e is needed only for the survivors.)
   if (row.top_k > 0 && row.top_k < n) {
-    pool.assign(lc.begin(), lc.end());
-    std::nth_element(pool.begin(), pool.begin() + (row.top_k - 1), pool.end(), std::greater<float>());
-    const float kv = pool[row.top_k - 1];
+    const float kv = kth_largest(lc, row.top_k, pool);
     int64_t ties_left = row.top_k;
     for (int64_t i = 0; i < n; ++i) ties_left -= lc[i] > kv;
-    for (int64_t i = 0; i < n; ++i) {
-      const bool tie = lc[i] == kv && ties_left > 0;
-      ties_left -= tie;
-      kept[i] = lc[i] > kv || tie;
-    }
+    surv.clear();
+    for (int64_t i = 0; i < n; ++i)
+      if (lc[i] > kv || (lc[i] == kv && ties_left-- > 0)) surv.push_back(static_cast<int32_t>(i));
+  } else {
+    surv.resize(static_cast<size_t>(n));
+    std::iota(surv.begin(), surv.end(), 0);
+  }
+
+  // 2. unnormalized probabilities e = exp((l - max) / T), e_max = 1, of the survivors.
+  const float temp = row.temperature;
+  for (const int32_t i : surv) {
+    const float x = lc[i];
+    const float d = x == l_max ? 0.0f : (x - l_max) / temp;
+    e[i] = static_cast<float>(std::exp(static_cast<double>(d)));
   }
 
   // 4. top-p: the largest τ among the survivors with Σ_{e >= τ} e >= top_p · M_K. The survivors'
@@ -95,8 +118,7 @@ int32_t sample_reference(std::span<const float> logits, const SampleRow& row, Sa
     constexpr int kShift = 20;  // 4096 buckets, 8 per octave of e
     bucket_mass.assign(size_t{1} << (32 - kShift), 0.0);
     double mass = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      if (!kept[i]) continue;
+    for (const int32_t i : surv) {
       mass += e[i];
       bucket_mass[std::bit_cast<uint32_t>(e[i]) >> kShift] += e[i];
     }
@@ -111,9 +133,8 @@ int32_t sample_reference(std::span<const float> logits, const SampleRow& row, Sa
         continue;
       }
       order.clear();
-      for (int64_t i = 0; i < n; ++i)
-        if (kept[i] && e[i] > 0.0f && (std::bit_cast<uint32_t>(e[i]) >> kShift) == static_cast<uint32_t>(b))
-          order.push_back(static_cast<int32_t>(i));
+      for (const int32_t i : surv)
+        if (e[i] > 0.0f && (std::bit_cast<uint32_t>(e[i]) >> kShift) == static_cast<uint32_t>(b)) order.push_back(i);
       std::sort(order.begin(), order.end(), [&](int32_t x, int32_t y) { return e[x] > e[y]; });
       for (size_t g = 0; g < order.size() && !found;) {
         const float v = e[order[g]];
@@ -129,33 +150,27 @@ int32_t sample_reference(std::span<const float> logits, const SampleRow& row, Sa
       // Not crossed (the bucket's sum rounded differently): go on with the next bucket.
     }
     if (trace && mass > 0.0) trace->top_p_margin = std::min(target - before_group, with_group - target) / mass;
-    for (int64_t i = 0; i < n; ++i) kept[i] = kept[i] && e[i] >= tau;
+    keep_if([&](int32_t i) { return e[i] >= tau; });
   }
 
   // 5. min-p relative to the top token (e_max = 1).
-  if (row.min_p > 0.0f)
-    for (int64_t i = 0; i < n; ++i) kept[i] = kept[i] && e[i] >= row.min_p;
+  if (row.min_p > 0.0f) keep_if([&](int32_t i) { return e[i] >= row.min_p; });
 
-  // 6. inverse CDF over the kept tokens in id order.
+  // 6. inverse CDF over the kept tokens (e > 0) in id order.
+  keep_if([&](int32_t i) { return e[i] > 0.0f; });
   double mass = 0.0;
-  int32_t last = best;  // the top token always survives every filter
-  int64_t n_kept = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (!kept[i] || e[i] == 0.0f) continue;
-    mass += e[i];
-    last = static_cast<int32_t>(i);
-    ++n_kept;
-  }
+  for (const int32_t i : surv) mass += e[i];
+  const int32_t last = surv.empty() ? best : surv.back();  // the top token always survives every filter
+  const int64_t n_kept = static_cast<int64_t>(surv.size());
   const float u = sample_uniform(row.seed, row.step);
   const double target = static_cast<double>(u) * mass;
   int32_t pick = last;
   double cum = 0.0, cum_before = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (!kept[i] || e[i] == 0.0f) continue;
+  for (const int32_t i : surv) {
     cum_before = cum;
     cum += e[i];
     if (cum > target) {
-      pick = static_cast<int32_t>(i);
+      pick = i;
       break;
     }
   }
