@@ -24,10 +24,9 @@ struct ServeFlags {
 };
 
 // Tokens per engine step when --chunked-prefill-size is not given: 8192 on a GPU (SGLang's default
-// for GPUs of 80 GB and more; one H100, FP8 Qwen3-30B-A3B, 1024-token prompts at concurrency 256:
-// 4,767 against 3,196 output tokens/s with 2048, TTFT p50 1.07 against 2.29 s, TPOT p50 43 against
-// 57 ms; docs/benchmarks.md), 2048 on the CPU, where a step's prompt chunk is what stalls the running
-// requests' next tokens.
+// on GPUs of 35 to 160 GB, the H100 and H200 among them; one H100, FP8 Qwen3-30B-A3B, 1024-token prompts at concurrency
+// 256: 4,767 against 3,196 output tokens/s with 2048, TTFT p50 1.07 against 2.29 s, TPOT p50 43 against 57 ms;
+// docs/benchmarks.md), 2048 on the CPU, where a step's prompt chunk is what stalls the running requests' next tokens.
 int default_chunked_prefill_size(const std::string& device) { return device == "cuda" ? 8192 : 2048; }
 
 // Without --model-path: the demo checkpoint, written once into the user's cache directory.
