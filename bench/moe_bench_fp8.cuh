@@ -92,7 +92,7 @@ struct Path {
   const char* name;
   bool ws;
   bool y_bf16;
-  int n_per_cta;           // 0: the back-end's choice (moe_fp8_n_per_cta)
+  int n_per_cta;           // 0: the launcher's default (moe_fp8_n_per_cta for the ws kernels)
   bool persistent = true;  // ws: one CTA per SM walks the items
 };
 
@@ -151,7 +151,7 @@ inline cudaError_t enqueue_gemms(const Path& p, const Experts& w, const Scratch&
   a.y = y;
   a.y_bf16 = p.y_bf16;
   a.warp_specialized = p.ws;
-  a.n_per_cta = p.n_per_cta > 0 ? p.n_per_cta : cc::moe_fp8_n_per_cta(n_pairs);
+  a.n_per_cta = p.n_per_cta;
   a.persistent = p.persistent;
   if ((err = cc::launch_moe_grouped_gemm_fp8_wgmma(a, true, stream)) != cudaSuccess) return err;
   cc::DevTensor act_t;

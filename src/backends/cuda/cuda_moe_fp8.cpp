@@ -91,7 +91,6 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
     // --moe-runner-backend wgmma runs the first FP8 kernels, y in F32, to compare.
     MoeFp8GemmArgs a;
     a.warp_specialized = a.y_bf16 = moe_gemm_ != MoeGemm::Wgmma;
-    a.n_per_cta = moe_fp8_n_per_cta(static_cast<int64_t>(n_pairs));
     // Scratch: the device-scheduled paths' (act, y in BF16 or F32), then xq [T, H] e4m3 with its
     // scales [H/128, T], aq [T·K, I] e4m3 with segmented scales.
     uint8_t *xq = nullptr, *aq = nullptr;

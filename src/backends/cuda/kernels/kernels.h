@@ -386,7 +386,7 @@ struct MoeFp8GemmArgs {
   void* y = nullptr;
   bool y_bf16 = false;  // y in BF16: half the bytes written and read back (as MoeWgmmaConfig::y_bf16)
   bool warp_specialized = true;
-  int n_per_cta = 2;       // N-tiles one CTA computes in turn (1..64; the back-end: moe_fp8_n_per_cta)
+  int n_per_cta = 0;       // N-tiles one CTA computes in turn, 1..64; 0: moe_fp8_n_per_cta for the ws kernels, else 2
   bool persistent = true;  // warp-specialized kernels: one CTA per SM walks the items (MoeWgmmaConfig)
 };
 // The FP8 ws kernels' N-tiles per CTA for n_pairs expert rows: 4 from 8K tokens at top-8 on (one

@@ -525,7 +525,7 @@ cudaError_t launch_one(const Args& args, bool ws, bool persistent, int64_t m_slo
 
 cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate_up, cudaStream_t stream) {
   if (a.count == 0 || a.n_pairs == 0) return cudaSuccess;
-  if (!moe_fp8_grouped_supported(a.hidden, a.inter) || a.n_per_cta < 1 || a.n_per_cta > 64)
+  if (!moe_fp8_grouped_supported(a.hidden, a.inter) || a.n_per_cta < 0 || a.n_per_cta > 64)
     return cudaErrorInvalidValue;
   const int64_t m_slots = moe_grouped_gemm_max_tiles(a.n_pairs, a.count);
   if (m_slots > 65535) return cudaErrorInvalidValue;
@@ -539,7 +539,7 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
   k.offsets = a.offsets;
   k.tile_start = a.tile_start;
   k.count = a.count;
-  k.n_per_cta = a.n_per_cta;
+  k.n_per_cta = a.n_per_cta > 0 ? a.n_per_cta : ws ? moe_fp8_n_per_cta(a.n_pairs) : 2;
   if (gate_up) {
     k.a = a.xq;
     k.a_scale = a.x_scale;
