@@ -285,6 +285,8 @@ int main(int argc, char** argv) {
     auto* tile_start = static_cast<int32_t*>(dmalloc((count + 1) * 4));
     auto* src_token = static_cast<int32_t*>(dmalloc(n_pairs * 4));
     auto* pair_row = static_cast<int32_t*>(dmalloc(n_pairs * 4));
+    // The permute's per-block counts (the back-end's MoeScratch::permute).
+    auto* perm = static_cast<int32_t*>(dmalloc(std::max<int64_t>(1, cc::moe_permute_scratch_ints(n_pairs, count)) * 4));
     void* act = dmalloc(n_pairs * inter * 2);
     auto* y = static_cast<float*>(dmalloc(n_pairs * hidden * 4));
     void* xp = dmalloc(n_pairs * hidden * 2);
@@ -303,7 +305,7 @@ int main(int argc, char** argv) {
 
     auto run_grouped = [&](size_t path, __nv_bfloat16* out, bool timed) {
       BENCH_CHECK(cc::launch_moe_permute_tiled(idt, first, count, offsets, src_token, pair_row, cc::kMoeGemmTileM,
-                                               tile_start, stream));
+                                               tile_start, stream, nullptr, perm));
       if (timed) BENCH_CHECK(cudaEventRecord(ev[1], stream));
       if (!gpaths[path].wgmma)
         BENCH_CHECK(cc::launch_moe_grouped_gemms(xt, src_token, offsets, tile_start, n_pairs, count, gate_p, up_p,
@@ -322,7 +324,7 @@ int main(int argc, char** argv) {
     for (auto& o : out_f) o = static_cast<__nv_bfloat16*>(dmalloc(n_tokens * hidden * 2));
     auto run_fp8 = [&](size_t path, __nv_bfloat16* out, bool timed) {
       BENCH_CHECK(cc::launch_moe_permute_tiled(idt, first, count, offsets, src_token, pair_row, cc::kMoeGemmTileM,
-                                               tile_start, stream));
+                                               tile_start, stream, nullptr, perm));
       if (timed) BENCH_CHECK(cudaEventRecord(ev[1], stream));
       BENCH_CHECK(f8::enqueue_gemms(fpaths[path], fp8_w, fs, xt, src_token, offsets, tile_start, n_pairs, count, inter,
                                     act, y, stream));

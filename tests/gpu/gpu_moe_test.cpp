@@ -401,6 +401,85 @@ TEST_F(MoeTest, CaptureCatchesTheCublasPathSync) {
 
 // --moe-runner-backend wgmma on a GPU without wgmma is an error, not a silent fallback: for the
 // setter and for the back-end's construction.
+// The permute on its own, against a host count: the one-block kernel (small calls, or no scratch)
+// and the two kernels over many blocks (above 4,096 pairs, with scratch) must both give the exact
+// offsets, tile_start and active lists, and pair_row / src_token that put every local pair in a
+// distinct row of its expert's segment (in any order) and every other pair at -1. Sizes around the
+// one-block limit and the 2,048-pair blocks, shards that do not start at 0, experts with no rows.
+TEST_F(MoeTest, PermuteOverManyBlocksIsExact) {
+  cudaStream_t stream = static_cast<cuda::CudaBackend&>(*gpu_).stream();
+  Rng rng(31);
+  struct Case {
+    int64_t t;
+    int k, e, first, count;
+    Routing routing;
+  };
+  const Case cases[] = {{1, 8, 128, 0, 128, Routing::Uniform},   {300, 8, 128, 0, 128, Routing::Skewed},
+                        {512, 8, 128, 0, 128, Routing::Uniform}, {513, 8, 128, 0, 128, Routing::Uniform},
+                        {2049, 8, 128, 32, 40, Routing::Skewed}, {4100, 8, 128, 0, 128, Routing::Skewed},
+                        {777, 4, 60, 7, 33, Routing::Uniform},   {1500, 8, 128, 96, 32, Routing::NoLocal},
+                        {9000, 6, 300, 0, 300, Routing::Uniform}};
+  for (const Case& c : cases) {
+    std::vector<int32_t> ids;
+    std::vector<float> w;
+    make_routing(rng, c.t, c.e, c.k, c.first, c.count, c.routing, &ids, &w);
+    const int64_t n_pairs = c.t * c.k;
+    // The host's answer.
+    std::vector<int32_t> per(c.count, 0);
+    for (int32_t id : ids)
+      if (id >= c.first && id < c.first + c.count) ++per[id - c.first];
+    std::vector<int32_t> off(c.count + 1, 0), tiles(c.count + 1, 0), active{0};
+    for (int e = 0; e < c.count; ++e) {
+      off[e + 1] = off[e] + per[e];
+      tiles[e + 1] = tiles[e] + (per[e] + cuda::kMoeGemmTileM - 1) / cuda::kMoeGemmTileM;
+      if (per[e] > 0) {
+        active.push_back(e);
+        ++active[0];
+      }
+    }
+    const Tensor gids = gpu_i32("ids", ids, {c.t, c.k});
+    for (bool scratch : {false, true}) {
+      SCOPED_TRACE("T=" + std::to_string(c.t) + " k=" + std::to_string(c.k) + " experts [" + std::to_string(c.first) +
+                   ", +" + std::to_string(c.count) + ") " + (scratch ? "with" : "without") + " block scratch");
+      auto buf = [&](size_t ints) { return Buffer(*gpu_, std::max<size_t>(ints * 4, 16)); };
+      Buffer d_off = buf(c.count + 1), d_tiles = buf(c.count + 1), d_active = buf(c.count + 1), d_src = buf(n_pairs),
+             d_row = buf(n_pairs), d_scratch = buf(cuda::moe_permute_scratch_ints(n_pairs, c.count));
+      auto i32 = [](Buffer& b) { return static_cast<int32_t*>(b.data()); };
+      ASSERT_EQ(cuda::launch_moe_permute_tiled(cuda::dev(gids), c.first, c.count, i32(d_off), i32(d_src), i32(d_row),
+                                               cuda::kMoeGemmTileM, i32(d_tiles), stream, i32(d_active),
+                                               scratch ? i32(d_scratch) : nullptr),
+                cudaSuccess);
+      gpu_->sync();
+      auto read = [&](Buffer& b, size_t n) {
+        std::vector<int32_t> v(n);
+        gpu_->download(v.data(), b.data(), n * 4);
+        return v;
+      };
+      EXPECT_EQ(read(d_off, c.count + 1), off);
+      EXPECT_EQ(read(d_tiles, c.count + 1), tiles);
+      const std::vector<int32_t> got_active = read(d_active, c.count + 1);
+      EXPECT_EQ(std::vector<int32_t>(got_active.begin(), got_active.begin() + active.size()), active);
+      const std::vector<int32_t> row = read(d_row, n_pairs), src = read(d_src, n_pairs);
+      std::vector<char> taken(n_pairs, 0);
+      int64_t bad = 0;
+      for (int64_t p = 0; p < n_pairs; ++p) {
+        const int e = ids[p] - c.first;
+        if (e < 0 || e >= c.count) {
+          bad += row[p] != -1;
+          continue;
+        }
+        const int32_t r = row[p];
+        if (r < off[e] || r >= off[e + 1] || taken[r] || src[r] != p / c.k) {
+          ++bad;
+          continue;
+        }
+        taken[r] = 1;
+      }
+      EXPECT_EQ(bad, 0) << "pairs in the wrong row (or a row taken twice)";
+    }
+  }
+}
+
 TEST_F(MoeTest, WgmmaSettingNeedsHopper) {
   if (wgmma()) GTEST_SKIP() << "this GPU runs the wgmma kernels (covered by the cases above)";
   for (const char* v : {"wgmma", "wgmma128", "wgmma-ws"}) {

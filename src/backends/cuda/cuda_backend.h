@@ -285,6 +285,7 @@ class CudaBackend : public Backend {
   struct MoeScratch {
     int32_t *offsets = nullptr, *tile_start = nullptr, *active = nullptr;  // [count + 1] each
     int32_t *src_token = nullptr, *pair_row = nullptr;                     // [T·K] each
+    int32_t* permute = nullptr;                                            // launch_moe_permute_tiled's block_counts
     void* act = nullptr;
     void* y = nullptr;
   };

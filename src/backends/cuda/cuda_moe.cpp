@@ -170,7 +170,8 @@ void CudaBackend::moe_experts_then(const Tensor& x, const Tensor& ids, const Ten
     return;
   }
   CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
-                                       tensor_cores ? tile_start : nullptr, stream_, tensor_cores ? nullptr : active),
+                                       tensor_cores ? tile_start : nullptr, stream_, tensor_cores ? nullptr : active,
+                                       m.permute),
               "moe_permute");
   if (use_wgmma) {
     CUDA_LAUNCH(
@@ -204,6 +205,7 @@ CudaBackend::MoeScratch CudaBackend::carve_moe_scratch(int count, size_t n_pairs
     m.active = w.take<int32_t>(count + 1);
     m.src_token = w.take<int32_t>(n_pairs);
     m.pair_row = w.take<int32_t>(n_pairs);
+    m.permute = w.take<int32_t>(static_cast<size_t>(moe_permute_scratch_ints(static_cast<int64_t>(n_pairs), count)));
     m.act = w.take<uint16_t>(n_pairs * inter);
     m.y = w.take<char>(n_pairs * hidden * y_elt);
     if (more) more(w);

@@ -105,7 +105,7 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
     void *act = m.act, *y_rows = m.y;
     const Fp8ExpertTables tables = fp8_expert_tables_on_device(shard);
     CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
-                                         tile_start, stream_),
+                                         tile_start, stream_, nullptr, m.permute),
                 "moe_permute");
     CUDA_LAUNCH(launch_fp8_quantize_rows(dev(x), xq, xs, nullptr, 0, stream_), "fp8_quantize_rows");
     a.xq = xq;
@@ -147,7 +147,7 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
                                static_cast<int>(n_pairs));
   } else {
     CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
-                                         nullptr, stream_, active),
+                                         nullptr, stream_, active, m.permute),
                 "moe_permute");
     rows = MoeRowSource::segments(src_token, offsets, pair_row, active,
                                   static_cast<int>(std::min<size_t>(n_pairs, size_t(count))));

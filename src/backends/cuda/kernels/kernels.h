@@ -241,10 +241,14 @@ cudaError_t launch_moe_permute(const DevTensor& ids, int first, int count, int32
 // The same, also writing tile_start [count + 1]: the exclusive prefix sum of ceil(rows_e / tile_m)
 // (M-tiles per expert), which the grouped GEMMs use to map a CTA to its (expert, M-tile); and, when
 // given, active [count + 1]: active[0] = the number of experts with rows, active[1..] their local
-// indices in ascending order (the small-batch kernels launch for those only).
+// indices in ascending order (the small-batch kernels launch for those only). block_counts: scratch
+// of moe_permute_scratch_ints(T·K, count) int32 (none below 4,097 pairs), with which calls of more
+// pairs run over many blocks (two kernels); nullptr: one block, any size. The rows of one expert's
+// segment come in no fixed order (every kernel that reads them is indifferent to it).
 cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count, int32_t* offsets, int32_t* src_token,
                                      int32_t* pair_row, int tile_m, int32_t* tile_start, cudaStream_t stream,
-                                     int32_t* active = nullptr);
+                                     int32_t* active = nullptr, int32_t* block_counts = nullptr);
+int64_t moe_permute_scratch_ints(int64_t n_pairs, int count);
 // ---- moe_rowwise.cu: the expert GEMMs of small batches (decode) and odd shapes: all local experts
 // in two launches (gate‖up + SiLU·mul, down), the rows found on the device (MoeRowSource). x BF16
 // [T, H]; gate/up/down are device arrays of `count` BF16 weight pointers ([I, H], [I, H], [H, I]);

@@ -260,6 +260,114 @@ __global__ void moe_permute_kernel(const int32_t* __restrict__ ids, int64_t n_pa
   }
 }
 
+// Prefill-sized permutes (more than kPermuteOneBlockPairs pairs) over many blocks, each taking
+// kPermuteChunk consecutive pairs: moe_permute_count_kernel writes each block's per-expert counts
+// (block_counts [blocks][count]); moe_permute_scatter_kernel then gives each block its experts'
+// starts (the segment's offset plus the counts of the blocks before it), and the block's pairs take
+// rows from there. The one-block kernel above streamed all T·K pairs twice through one SM (H100,
+// 32K tokens, top-8: 195 µs a layer).
+constexpr int kPermuteThreads = 256;
+constexpr int kPermuteChunk = 2048;  // pairs per block
+constexpr int64_t kPermuteOneBlockPairs = 2 * kPermuteChunk;
+
+__host__ __device__ constexpr int64_t permute_blocks(int64_t n_pairs) {
+  return (n_pairs + kPermuteChunk - 1) / kPermuteChunk;
+}
+
+__global__ void __launch_bounds__(kPermuteThreads)
+    moe_permute_count_kernel(const int32_t* __restrict__ ids, int64_t n_pairs, int first, int count,
+                             int32_t* __restrict__ block_counts) {
+  pdl_wait();
+  pdl_trigger();
+  extern __shared__ int32_t hist[];  // [count]
+  for (int e = threadIdx.x; e < count; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kPermuteChunk;
+  const int64_t end = min(begin + kPermuteChunk, n_pairs);
+  for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
+    const int e = ids[p] - first;
+    if (e >= 0 && e < count) atomicAdd(&hist[e], 1);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < count; e += blockDim.x)
+    block_counts[static_cast<int64_t>(blockIdx.x) * count + e] = hist[e];
+}
+
+__global__ void __launch_bounds__(kPermuteThreads)
+    moe_permute_scatter_kernel(const int32_t* __restrict__ ids, int64_t n_pairs, int top_k, int first, int count,
+                               const int32_t* __restrict__ block_counts, int32_t* __restrict__ offsets,
+                               int32_t* __restrict__ src_token, int32_t* __restrict__ pair_row, int tile_m,
+                               int32_t* __restrict__ tile_start, int32_t* __restrict__ active) {
+  pdl_wait();
+  pdl_trigger();
+  extern __shared__ int32_t sm[];
+  int32_t* const cursor = sm;         // [count]: the block's next row of each expert
+  int32_t* const total = sm + count;  // [count]: the expert's rows over all blocks
+  const int blocks = gridDim.x, b = blockIdx.x;
+  for (int e = threadIdx.x; e < count; e += blockDim.x) {
+    int32_t before = 0, all = 0;
+    for (int i = 0; i < blocks; ++i) {
+      const int32_t c = block_counts[static_cast<int64_t>(i) * count + e];
+      before += i < b ? c : 0;
+      all += c;
+    }
+    cursor[e] = before;
+    total[e] = all;
+  }
+  __syncthreads();
+  // Warp 0 scans the totals in expert order, 32 at a time: the segment offsets (added to the
+  // cursors), and in block 0 the outputs: offsets, tile_start, active.
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int32_t run = 0, tiles = 0, n_active = 0;
+    for (int e0 = 0; e0 < count; e0 += 32) {
+      const int e = e0 + lane;
+      const int32_t c = e < count ? total[e] : 0;
+      const int32_t nt = tile_start != nullptr && tile_m > 0 ? (c + tile_m - 1) / tile_m : 0;
+      int32_t inc_c = c, inc_t = nt;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int32_t uc = __shfl_up_sync(0xffffffffu, inc_c, o), ut = __shfl_up_sync(0xffffffffu, inc_t, o);
+        if (lane >= o) {
+          inc_c += uc;
+          inc_t += ut;
+        }
+      }
+      const unsigned has = __ballot_sync(0xffffffffu, c > 0);
+      if (e < count) {
+        const int32_t off = run + inc_c - c;
+        cursor[e] += off;
+        if (b == 0) {
+          offsets[e] = off;
+          if (tile_start != nullptr) tile_start[e] = tiles + inc_t - nt;
+          if (active != nullptr && c > 0) active[1 + n_active + __popc(has & ((1u << lane) - 1u))] = e;
+        }
+      }
+      run += __shfl_sync(0xffffffffu, inc_c, 31);
+      tiles += __shfl_sync(0xffffffffu, inc_t, 31);
+      n_active += __popc(has);
+    }
+    if (b == 0 && lane == 0) {
+      offsets[count] = run;
+      if (tile_start != nullptr) tile_start[count] = tiles;
+      if (active != nullptr) active[0] = n_active;
+    }
+  }
+  __syncthreads();
+  const int64_t begin = static_cast<int64_t>(b) * kPermuteChunk;
+  const int64_t end = min(begin + kPermuteChunk, n_pairs);
+  for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
+    const int e = ids[p] - first;
+    if (e >= 0 && e < count) {
+      const int32_t r = atomicAdd(&cursor[e], 1);
+      pair_row[p] = r;
+      src_token[r] = static_cast<int32_t>(p / top_k);
+    } else {
+      pair_row[p] = -1;
+    }
+  }
+}
+
 // Where pair p's row of y is: pair_row[p] (after a permute), or, without a permute, p itself when its
 // expert ids[p] is local; -1: none here.
 struct PairRows {
@@ -499,13 +607,29 @@ cudaError_t launch_moe_gate(const DevTensor& x, const DevTensor& router, int top
 
 cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count, int32_t* offsets, int32_t* src_token,
                                      int32_t* pair_row, int tile_m, int32_t* tile_start, cudaStream_t stream,
-                                     int32_t* active) {
+                                     int32_t* active, int32_t* block_counts) {
   const int64_t n_pairs = ids.numel();
   const int top_k = static_cast<int>(ids.cols());
   if (tile_start && tile_m <= 0) return cudaErrorInvalidValue;
-  launch_k(moe_permute_kernel, 1, 1024, static_cast<size_t>(count) * sizeof(int32_t), stream, ids.ptr<const int32_t>(),
-           n_pairs, top_k, first, count, offsets, src_token, pair_row, tile_m, tile_start, active);
+  if (block_counts == nullptr || n_pairs <= kPermuteOneBlockPairs) {
+    launch_k(moe_permute_kernel, 1, 1024, static_cast<size_t>(count) * sizeof(int32_t), stream,
+             ids.ptr<const int32_t>(), n_pairs, top_k, first, count, offsets, src_token, pair_row, tile_m, tile_start,
+             active);
+    return cudaGetLastError();
+  }
+  const int64_t blocks = permute_blocks(n_pairs);
+  if (blocks > INT32_MAX) return cudaErrorInvalidValue;
+  const auto grid = static_cast<unsigned>(blocks);
+  launch_k(moe_permute_count_kernel, grid, kPermuteThreads, static_cast<size_t>(count) * sizeof(int32_t), stream,
+           ids.ptr<const int32_t>(), n_pairs, first, count, block_counts);
+  launch_k(moe_permute_scatter_kernel, grid, kPermuteThreads, 2 * static_cast<size_t>(count) * sizeof(int32_t), stream,
+           ids.ptr<const int32_t>(), n_pairs, top_k, first, count, static_cast<const int32_t*>(block_counts), offsets,
+           src_token, pair_row, tile_m, tile_start, active);
   return cudaGetLastError();
+}
+
+int64_t moe_permute_scratch_ints(int64_t n_pairs, int count) {
+  return n_pairs > kPermuteOneBlockPairs ? permute_blocks(n_pairs) * count : 0;
 }
 
 cudaError_t launch_moe_permute(const DevTensor& ids, int first, int count, int32_t* offsets, int32_t* src_token,
