@@ -3,6 +3,7 @@
 // expert (and the per-expert M-tile prefix sum the grouped GEMMs of moe_gemm.cu schedule from), and
 // the weighted un-permute into the output. The expert GEMMs of
 // small batches and odd shapes are moe_rowwise.cu's.
+#include <algorithm>
 #include <cfloat>
 
 #include "backends/cuda/kernels/common.cuh"
@@ -261,29 +262,35 @@ __global__ void moe_permute_kernel(const int32_t* __restrict__ ids, int64_t n_pa
 }
 
 // Prefill-sized permutes (more than kPermuteOneBlockPairs pairs) over many blocks, each taking
-// kPermuteChunk consecutive pairs: moe_permute_count_kernel writes each block's per-expert counts
-// (block_counts [blocks][count]); moe_permute_scatter_kernel then gives each block its experts'
+// `chunk` consecutive pairs (kPermuteChunk, or more where that would make more than
+// kPermuteMaxBlocks blocks: each block reads every block's counts): moe_permute_count_kernel writes each block's
+// per-expert counts (block_counts [blocks][count]); moe_permute_scatter_kernel then gives each block its experts'
 // starts (the segment's offset plus the counts of the blocks before it), and the block's pairs take
 // rows from there. The one-block kernel above streamed all T·K pairs twice through one SM (H100,
 // 32K tokens, top-8: 195 µs a layer).
 constexpr int kPermuteThreads = 256;
-constexpr int kPermuteChunk = 2048;  // pairs per block
+constexpr int kPermuteChunk = 2048;  // pairs per block, at least
+constexpr int64_t kPermuteMaxBlocks = 256;
 constexpr int64_t kPermuteOneBlockPairs = 2 * kPermuteChunk;
 
-__host__ __device__ constexpr int64_t permute_blocks(int64_t n_pairs) {
-  return (n_pairs + kPermuteChunk - 1) / kPermuteChunk;
+constexpr int64_t permute_blocks(int64_t n_pairs) {
+  return std::min<int64_t>((n_pairs + kPermuteChunk - 1) / kPermuteChunk, kPermuteMaxBlocks);
+}
+constexpr int64_t permute_chunk(int64_t n_pairs) {
+  const int64_t b = permute_blocks(n_pairs);
+  return (n_pairs + b - 1) / b;
 }
 
 __global__ void __launch_bounds__(kPermuteThreads)
-    moe_permute_count_kernel(const int32_t* __restrict__ ids, int64_t n_pairs, int first, int count,
+    moe_permute_count_kernel(const int32_t* __restrict__ ids, int64_t n_pairs, int64_t chunk, int first, int count,
                              int32_t* __restrict__ block_counts) {
   pdl_wait();
   pdl_trigger();
   extern __shared__ int32_t hist[];  // [count]
   for (int e = threadIdx.x; e < count; e += blockDim.x) hist[e] = 0;
   __syncthreads();
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kPermuteChunk;
-  const int64_t end = min(begin + kPermuteChunk, n_pairs);
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
+  const int64_t end = min(begin + chunk, n_pairs);
   for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
     const int e = ids[p] - first;
     if (e >= 0 && e < count) atomicAdd(&hist[e], 1);
@@ -294,8 +301,8 @@ __global__ void __launch_bounds__(kPermuteThreads)
 }
 
 __global__ void __launch_bounds__(kPermuteThreads)
-    moe_permute_scatter_kernel(const int32_t* __restrict__ ids, int64_t n_pairs, int top_k, int first, int count,
-                               const int32_t* __restrict__ block_counts, int32_t* __restrict__ offsets,
+    moe_permute_scatter_kernel(const int32_t* __restrict__ ids, int64_t n_pairs, int64_t chunk, int top_k, int first,
+                               int count, const int32_t* __restrict__ block_counts, int32_t* __restrict__ offsets,
                                int32_t* __restrict__ src_token, int32_t* __restrict__ pair_row, int tile_m,
                                int32_t* __restrict__ tile_start, int32_t* __restrict__ active) {
   pdl_wait();
@@ -354,8 +361,8 @@ __global__ void __launch_bounds__(kPermuteThreads)
     }
   }
   __syncthreads();
-  const int64_t begin = static_cast<int64_t>(b) * kPermuteChunk;
-  const int64_t end = min(begin + kPermuteChunk, n_pairs);
+  const int64_t begin = static_cast<int64_t>(b) * chunk;
+  const int64_t end = min(begin + chunk, n_pairs);
   for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
     const int e = ids[p] - first;
     if (e >= 0 && e < count) {
@@ -617,14 +624,13 @@ cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count,
              active);
     return cudaGetLastError();
   }
-  const int64_t blocks = permute_blocks(n_pairs);
-  if (blocks > INT32_MAX) return cudaErrorInvalidValue;
-  const auto grid = static_cast<unsigned>(blocks);
+  const auto grid = static_cast<unsigned>(permute_blocks(n_pairs));
+  const int64_t chunk = permute_chunk(n_pairs);
   launch_k(moe_permute_count_kernel, grid, kPermuteThreads, static_cast<size_t>(count) * sizeof(int32_t), stream,
-           ids.ptr<const int32_t>(), n_pairs, first, count, block_counts);
+           ids.ptr<const int32_t>(), n_pairs, chunk, first, count, block_counts);
   launch_k(moe_permute_scatter_kernel, grid, kPermuteThreads, 2 * static_cast<size_t>(count) * sizeof(int32_t), stream,
-           ids.ptr<const int32_t>(), n_pairs, top_k, first, count, static_cast<const int32_t*>(block_counts), offsets,
-           src_token, pair_row, tile_m, tile_start, active);
+           ids.ptr<const int32_t>(), n_pairs, chunk, top_k, first, count, static_cast<const int32_t*>(block_counts),
+           offsets, src_token, pair_row, tile_m, tile_start, active);
   return cudaGetLastError();
 }
 
