@@ -263,11 +263,11 @@ __global__ void moe_permute_kernel(const int32_t* __restrict__ ids, int64_t n_pa
 
 // Prefill-sized permutes (more than kPermuteOneBlockPairs pairs) over many blocks, each taking
 // `chunk` consecutive pairs (kPermuteChunk, or more where that would make more than
-// kPermuteMaxBlocks blocks: each block reads every block's counts): moe_permute_count_kernel writes each block's
-// per-expert counts (block_counts [blocks][count]); moe_permute_scatter_kernel then gives each block its experts'
-// starts (the segment's offset plus the counts of the blocks before it), and the block's pairs take
-// rows from there. The one-block kernel above streamed all T·K pairs twice through one SM (H100,
-// 32K tokens, top-8: 195 µs a layer).
+// kPermuteMaxBlocks blocks: each block reads every block's counts). moe_permute_count_kernel
+// writes each block's per-expert counts (block_counts [blocks][count]); moe_permute_scatter_kernel
+// then gives each block its experts' starts (the segment's offset plus the counts of the blocks
+// before it), and the block's pairs take rows from there. The one-block kernel above streamed all
+// T·K pairs twice through one SM (H100, 32K tokens, top-8: 195 µs a layer; the two kernels 14 µs).
 constexpr int kPermuteThreads = 256;
 constexpr int kPermuteChunk = 2048;  // pairs per block, at least
 constexpr int64_t kPermuteMaxBlocks = 256;
