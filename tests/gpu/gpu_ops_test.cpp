@@ -217,7 +217,7 @@ TEST_F(Ops, QkNormRope) {
                                          {300, 32, 4, 128, 1e6f, 1.0f},
                                          {16, 3, 1, 96, 1e4f, 1.1386f},
                                          {40, 4, 4, 256, 1e6f, 1.0f},
-                                         {24, 64, 4, 128, 1e6f, 1.0f},  // 68 heads: two batches a warp
+                                         {24, 64, 4, 128, 1e6f, 1.0f},  // 68 heads: more than eight a warp
                                          {20, 2, 1, 36, 1e4f, 1.0f}}) {
     const std::string sh = shape_of({c.t, c.hq, c.d}) + " Hkv=" + std::to_string(c.hkv);
     auto q = rng.bf16_normal(c.t * c.hq * c.d, 2.0f), k = rng.bf16_normal(c.t * c.hkv * c.d, 2.0f);

@@ -243,8 +243,9 @@ cudaError_t launch_moe_permute(const DevTensor& ids, int first, int count, int32
 // given, active [count + 1]: active[0] = the number of experts with rows, active[1..] their local
 // indices in ascending order (the small-batch kernels launch for those only). block_counts: scratch
 // of moe_permute_scratch_ints(T·K, count) int32 (none below 4,097 pairs; at most 256 · count), with
-// which calls of more pairs run over many blocks (two kernels); nullptr: one block, any size. The rows of one expert's
-// segment come in no fixed order (every kernel that reads them is indifferent to it).
+// which calls of more pairs run over many blocks (two kernels); nullptr: one block, any size. The
+// rows of one expert's segment come in no fixed order (every kernel that reads them is indifferent
+// to it).
 cudaError_t launch_moe_permute_tiled(const DevTensor& ids, int first, int count, int32_t* offsets, int32_t* src_token,
                                      int32_t* pair_row, int tile_m, int32_t* tile_start, cudaStream_t stream,
                                      int32_t* active = nullptr, int32_t* block_counts = nullptr);
