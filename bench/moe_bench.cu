@@ -15,8 +15,9 @@
 //            (--moe-runner-backend cublas in the back-end).
 //   fp8.*:   on compute capability 9.0 with H and I multiples of 128, the same experts quantized
 //            per 128x128 block to e4m3 (moe_bench_fp8.cuh) through the FP8 MoE block of
-//            cuda_moe_fp8.cpp: x quantized -> grouped FP8 gate‖up -> act quantized -> grouped FP8
-//            down (the "gemm" columns include both quantizations): fp8.ws (the back-end's default:
+//            cuda_moe_fp8.cpp: x quantized -> grouped FP8 gate‖up, act quantized (in its epilogue
+//            with an even number of N-tiles per CTA) -> grouped FP8 down (the "gemm" columns include
+//            both quantizations): fp8.ws (the back-end's default:
 //            warp-specialized kernels, y in BF16, N-tiles per CTA as moe_fp8_n_per_cta), fp8.ws.jN (N of them),
 //            fp8.ws.np (a CTA per item, not persistent), fp8.ws.f32 (y in F32), fp8.wgmma (the first FP8 kernels,
 //            --moe-runner-backend wgmma). Each is compared with the BF16 ws path's output (the FP8 rounding of weights

@@ -2,8 +2,9 @@
 // block to e4m3 codes + F32 scales (DeepSeek-V3 / Qwen3-FP8's format: scale = amax / 448), and the
 // back-end's FP8 MoE block (cuda_moe_fp8.cpp, grouped path) enqueued through the same launchers:
 // moe_permute (+ tile prefix) -> x quantized per (token, 128 columns) -> grouped gate‖up+SiLU FP8
-// GEMM -> act quantized per (row, 128 columns) per expert segment -> grouped down FP8 GEMM ->
-// moe_unpermute, with no host synchronization.
+// GEMM with act quantized per (row, 128 columns) per expert segment (in the ws kernel's epilogue
+// where it can, else by the quantizer after it) -> grouped down FP8 GEMM -> moe_unpermute, with no
+// host synchronization.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -124,8 +125,9 @@ inline void free_scratch(Scratch& s) {
 }
 
 // Everything after the permutation (which the caller enqueues, with offsets / tile_start /
-// src_token from it): x quantized, the two grouped FP8 GEMMs with act quantized between them. y
-// has room for n_pairs x H F32 and receives BF16 where p.y_bf16.
+// src_token from it): x quantized, the two grouped FP8 GEMMs, the first leaving act quantized (act
+// is its BF16 scratch where it writes act first). y has room for n_pairs x H F32 and receives BF16
+// where p.y_bf16.
 inline cudaError_t enqueue_gemms(const Path& p, const Experts& w, const Scratch& s, const cpinfer::cuda::DevTensor& x,
                                  const int32_t* src_token, const int32_t* offsets, const int32_t* tile_start,
                                  int64_t n_pairs, int count, int64_t inter, void* act, void* y, cudaStream_t stream) {
@@ -154,13 +156,6 @@ inline cudaError_t enqueue_gemms(const Path& p, const Experts& w, const Scratch&
   a.n_per_cta = p.n_per_cta;
   a.persistent = p.persistent;
   if ((err = cc::launch_moe_grouped_gemm_fp8_wgmma(a, true, stream)) != cudaSuccess) return err;
-  cc::DevTensor act_t;
-  act_t.data = act;
-  act_t.dtype = cpinfer::DType::BF16;
-  act_t.ndim = 2;
-  act_t.shape[0] = n_pairs;
-  act_t.shape[1] = inter;
-  if ((err = cc::launch_fp8_quantize_rows(act_t, s.aq, s.as, offsets, count, stream)) != cudaSuccess) return err;
   return cc::launch_moe_grouped_gemm_fp8_wgmma(a, false, stream);
 }
 

@@ -15,12 +15,13 @@
 // the row-wise weight passes), and small ones: token counts that are not tile multiples, K = 128,
 // 256, 384 (1 to 3 scale blocks: the ws kernel's odd and even step counts), an odd number of
 // N-tiles, several M- and N-tiles per expert, one expert taking every token, no local token, the
-// decode size, widths off the 128 blocks, rows of several row-wise passes. Then: the ws kernels against
-// the first kernels bit for bit through the launcher (same values in the same order, F32 y, 1 to 3
-// N-tiles per CTA); every device-scheduled path (row-wise, first and ws grouped kernels) captured
-// into a CUDA graph in global mode (fails on any host synchronization) and replayed bit for bit;
-// capturing the cuBLASLt path fails (the detector works). Each case prints "[gpu_ops] moe.fp8.<path>
-// ..."; without a GPU every test is skipped.
+// decode size, widths off the 128 blocks, rows of several row-wise passes. Then: the ws kernels
+// against the first kernels bit for bit through the launcher (same values in the same order: the
+// quantized act, F32 y; 1 to 4 N-tiles per CTA, act quantized in the gate‖up epilogue at 2 and 4);
+// every device-scheduled path (row-wise, first and ws grouped kernels) captured into a CUDA graph
+// in global mode (fails on any host synchronization) and replayed bit for bit; capturing the
+// cuBLASLt path fails (the detector works). Each case prints "[gpu_ops] moe.fp8.<path> ...";
+// without a GPU every test is skipped.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -347,8 +348,11 @@ TEST_F(MoeFp8Test, SmallAndOddShapes) {
   }
 }
 
-// The ws kernels compute what the first kernels compute, in the same order: act and y (F32) bit
-// for bit, through the launcher as the back-end calls it, with 1, 2 and 3 N-tiles per CTA.
+// The ws kernels compute what the first kernels compute, in the same order: the quantized act
+// (codes and segmented scales, whole buffers) and y (F32) bit for bit, through the launcher as the
+// back-end calls it, with 1 to 4 N-tiles per CTA. With an even number the gate‖up kernel quantizes
+// act in its epilogue and takes no act scratch; the first kernels and odd numbers write act and
+// quantize it after the GEMM.
 TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
   if (!hopper()) GTEST_SKIP() << "the grouped FP8 kernels need compute capability 9.0";
   Rng rng(54);
@@ -372,10 +376,17 @@ TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
     Buffer table(*gpu_, ptrs.size() * sizeof(void*));
     gpu_->upload(table.data(), ptrs.data(), ptrs.size() * sizeof(void*));
     const auto* tp = static_cast<const void* const*>(table.data());
+    // The ws kernels' TMA descriptors of the codes (without them the launcher runs the first kernels).
+    std::vector<unsigned char> maps(3 * static_cast<size_t>(c.e) * cuda::kTmaDescBytes);
+    ASSERT_TRUE(cuda::encode_moe_fp8_weight_maps(ptrs.data(), c.e, c.h, c.inter, maps.data()));
+    Buffer map_buf(*gpu_, maps.size());
+    gpu_->upload(map_buf.data(), maps.data(), maps.size());
     auto bytes = [&](size_t n) { return Buffer(*gpu_, std::max<size_t>(n, 16)); };
+    const size_t aq_bytes = static_cast<size_t>(n_pairs * c.inter),
+                 as_bytes = static_cast<size_t>(cuda::fp8_segment_scale_floats(n_pairs, c.e, kbi) * 4);
     Buffer offsets = bytes((c.e + 1) * 4), tile_start = bytes((c.e + 1) * 4), src_token = bytes(n_pairs * 4),
            pair_row = bytes(n_pairs * 4), xq = bytes(c.t * c.h), xs = bytes(cuda::fp8_act_scale_floats(c.t, kbh) * 4),
-           aq = bytes(n_pairs * c.inter), as = bytes(cuda::fp8_segment_scale_floats(n_pairs, c.e, kbi) * 4);
+           aq = bytes(aq_bytes), as = bytes(as_bytes);
     ASSERT_EQ(
         cuda::launch_moe_permute_tiled(cuda::dev(in.gids), 0, c.e, static_cast<int32_t*>(offsets.data()),
                                        static_cast<int32_t*>(src_token.data()), static_cast<int32_t*>(pair_row.data()),
@@ -393,45 +404,71 @@ TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
     a.tile_start = static_cast<const int32_t*>(tile_start.data());
     a.count = c.e;
     a.tables = cuda::Fp8ExpertTables{tp, tp + c.e, tp + 2 * c.e, tp + 3 * c.e, tp + 4 * c.e, tp + 5 * c.e};
+    a.tables.weight_maps = map_buf.data();
     a.hidden = c.h;
     a.inter = c.inter;
     a.n_pairs = n_pairs;
-    a.aq = static_cast<const uint8_t*>(aq.data());
-    a.act_scale = static_cast<const float*>(as.data());
-    // The first kernels: act, then its quantization (the down GEMMs of both read this aq).
-    Tensor act0 = gpu_tensor("act_first", DType::BF16, {n_pairs, c.inter}, nullptr);
-    Tensor y0 = gpu_tensor("y_first", DType::F32, {n_pairs, c.h}, nullptr);
-    a.warp_specialized = false;
-    a.act = act0.data;
-    a.y = y0.data;
-    ASSERT_EQ(cuda::launch_moe_grouped_gemm_fp8_wgmma(a, true, stream), cudaSuccess);
-    ASSERT_EQ(cuda::launch_fp8_quantize_rows(cuda::dev(act0), static_cast<uint8_t*>(aq.data()),
-                                             static_cast<float*>(as.data()), a.offsets, c.e, stream),
-              cudaSuccess);
-    ASSERT_EQ(cuda::launch_moe_grouped_gemm_fp8_wgmma(a, false, stream), cudaSuccess);
-    const std::vector<float> want_act = gpu_read(act0), want_y = gpu_read(y0);
-    for (int per_cta : {1, 2, 3}) {
-      Tensor act1 = gpu_tensor("act_ws", DType::BF16, {n_pairs, c.inter}, nullptr);
-      Tensor y1 = gpu_tensor("y_ws", DType::F32, {n_pairs, c.h}, nullptr);
-      a.warp_specialized = true;
-      a.n_per_cta = per_cta;
-      a.act = act1.data;
-      a.y = y1.data;
+    a.aq = static_cast<uint8_t*>(aq.data());
+    a.act_scale = static_cast<float*>(as.data());
+    Tensor act = gpu_tensor("act", DType::BF16, {n_pairs, c.inter}, nullptr);
+    // One run: aq and its scales (both first set to 0xff bytes, so what a path leaves unwritten
+    // compares equal only if the other leaves it too), then y.
+    auto run = [&](Tensor& y, std::vector<unsigned char>& q, std::vector<unsigned char>& qs) {
+      ASSERT_EQ(cudaMemsetAsync(aq.data(), 0xff, aq_bytes, stream), cudaSuccess);
+      ASSERT_EQ(cudaMemsetAsync(as.data(), 0xff, as_bytes, stream), cudaSuccess);
+      a.act = cuda::moe_fp8_gate_up_needs_act(a) ? act.data : nullptr;
+      a.y = y.data;
       ASSERT_EQ(cuda::launch_moe_grouped_gemm_fp8_wgmma(a, true, stream), cudaSuccess);
       ASSERT_EQ(cuda::launch_moe_grouped_gemm_fp8_wgmma(a, false, stream), cudaSuccess);
       ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-      const std::vector<float> got_act = gpu_read(act1), got_y = gpu_read(y1);
-      for (const auto& [what, got, want] : {std::tuple{"act", &got_act, &want_act}, std::tuple{"y", &got_y, &want_y}}) {
-        size_t diff = 0, first = got->size(), nan = 0;
-        for (size_t i = 0; i < got->size(); ++i) {
-          nan += !std::isfinite((*want)[i]);  // every row is a pair's: the first kernels wrote them all
-          if (std::memcmp(&(*got)[i], &(*want)[i], 4) != 0 && diff++ == 0) first = i;
-        }
+      q.resize(aq_bytes);
+      qs.resize(as_bytes);
+      gpu_->download(q.data(), aq.data(), aq_bytes);
+      gpu_->download(qs.data(), as.data(), as_bytes);
+    };
+    Tensor y0 = gpu_tensor("y_first", DType::F32, {n_pairs, c.h}, nullptr);
+    std::vector<unsigned char> want_q, want_qs, got_q, got_qs;
+    a.warp_specialized = false;
+    ASSERT_TRUE(cuda::moe_fp8_gate_up_needs_act(a));
+    run(y0, want_q, want_qs);
+    const std::vector<float> want_y = gpu_read(y0);
+    size_t unwritten = 0;
+    for (unsigned char b : want_q) unwritten += b == 0xff;  // 0xff is a NaN code: no finite act has it
+    EXPECT_EQ(unwritten, 0u) << "the first kernels left codes of act rows unwritten";
+    for (int per_cta : {1, 2, 3, 4}) {
+      Tensor y1 = gpu_tensor("y_ws", DType::F32, {n_pairs, c.h}, nullptr);
+      a.warp_specialized = true;
+      a.n_per_cta = per_cta;
+      EXPECT_EQ(cuda::moe_fp8_gate_up_needs_act(a), per_cta % 2 != 0) << "per_cta=" << per_cta;
+      run(y1, got_q, got_qs);
+      const std::vector<float> got_y = gpu_read(y1);
+      auto count_diff = [](const void* got, const void* want, size_t n, size_t unit, size_t& first) {
+        size_t diff = 0;
+        first = n;
+        for (size_t i = 0; i < n; ++i)
+          if (std::memcmp(static_cast<const char*>(got) + i * unit, static_cast<const char*>(want) + i * unit, unit) !=
+                  0 &&
+              diff++ == 0)
+            first = i;
+        return diff;
+      };
+      size_t nan = 0;
+      for (float v : want_y) nan += !std::isfinite(v);  // every row is a pair's: the first kernels wrote them all
+      EXPECT_EQ(nan, 0u) << "y: the first kernels left rows unwritten";
+      struct Cmp {
+        const char* what;
+        const void *got, *want;
+        size_t n, unit;
+      };
+      for (const Cmp& m : {Cmp{"act codes", got_q.data(), want_q.data(), aq_bytes, 1},
+                           Cmp{"act scales", got_qs.data(), want_qs.data(), as_bytes / 4, 4},
+                           Cmp{"y", got_y.data(), want_y.data(), want_y.size(), 4}}) {
+        size_t first = 0;
+        const size_t diff = count_diff(m.got, m.want, m.n, m.unit, first);
         std::printf("[gpu_ops] moe.fp8.ws-vs-first %s T=%lld H=%lld I=%lld E=%d K=%d per_cta=%d: %zu of %zu differ\n",
-                    what, static_cast<long long>(c.t), static_cast<long long>(c.h), static_cast<long long>(c.inter),
-                    c.e, c.k, per_cta, diff, got->size());
-        EXPECT_EQ(nan, 0u) << what << ": the first kernels left rows unwritten";
-        EXPECT_EQ(diff, 0u) << what << " T=" << c.t << " H=" << c.h << " I=" << c.inter << " per_cta=" << per_cta
+                    m.what, static_cast<long long>(c.t), static_cast<long long>(c.h), static_cast<long long>(c.inter),
+                    c.e, c.k, per_cta, diff, m.n);
+        EXPECT_EQ(diff, 0u) << m.what << " T=" << c.t << " H=" << c.h << " I=" << c.inter << " per_cta=" << per_cta
                             << ": first difference at " << first;
       }
     }

@@ -280,8 +280,8 @@ class CudaBackend : public Backend {
   bool moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const Tensor& weights, const ExpertShard& shard,
                           Tensor out, const RowAddNorm* norm);
   // The scratch of the device-scheduled MoE paths (cuda_moe.cpp, cuda_moe_fp8.cpp) from one
-  // workspace request: the permutation's pieces, act [T·K, I] BF16 and y [T·K, H] of y_elt bytes
-  // per element, then whatever `more` takes.
+  // workspace request: the permutation's pieces, act [T·K, I] BF16 (unless with_act is false) and
+  // y [T·K, H] of y_elt bytes per element, then whatever `more` takes.
   struct MoeScratch {
     int32_t *offsets = nullptr, *tile_start = nullptr, *active = nullptr;  // [count + 1] each
     int32_t *src_token = nullptr, *pair_row = nullptr;                     // [T·K] each
@@ -290,7 +290,7 @@ class CudaBackend : public Backend {
     void* y = nullptr;
   };
   MoeScratch carve_moe_scratch(int count, size_t n_pairs, int64_t inter, int64_t hidden, size_t y_elt,
-                               const std::function<void(Bump&)>& more = {});
+                               const std::function<void(Bump&)>& more = {}, bool with_act = true);
   // The start of the per-expert (cuBLAS, cuBLASLt) MoE paths: the call's pairs permuted by local
   // expert into the workspace's first pieces, and the segment offsets copied to the host (one
   // stream synchronization). A later carve_workspace starts its layout with take() and keeps

@@ -197,7 +197,8 @@ void CudaBackend::moe_experts_then(const Tensor& x, const Tensor& ids, const Ten
 }
 
 CudaBackend::MoeScratch CudaBackend::carve_moe_scratch(int count, size_t n_pairs, int64_t inter, int64_t hidden,
-                                                       size_t y_elt, const std::function<void(Bump&)>& more) {
+                                                       size_t y_elt, const std::function<void(Bump&)>& more,
+                                                       bool with_act) {
   MoeScratch m;
   carve_workspace([&](Bump& w) {
     m.offsets = w.take<int32_t>(count + 1);
@@ -206,7 +207,7 @@ CudaBackend::MoeScratch CudaBackend::carve_moe_scratch(int count, size_t n_pairs
     m.src_token = w.take<int32_t>(n_pairs);
     m.pair_row = w.take<int32_t>(n_pairs);
     m.permute = w.take<int32_t>(static_cast<size_t>(moe_permute_scratch_ints(static_cast<int64_t>(n_pairs), count)));
-    m.act = w.take<uint16_t>(n_pairs * inter);
+    if (with_act) m.act = w.take<uint16_t>(n_pairs * inter);
     m.y = w.take<char>(n_pairs * hidden * y_elt);
     if (more) more(w);
   });

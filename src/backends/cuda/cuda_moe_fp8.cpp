@@ -91,41 +91,43 @@ void CudaBackend::moe_experts_fp8(const Tensor& x, const Tensor& ids, const Tens
     // --moe-runner-backend wgmma runs the first FP8 kernels, y in F32, to compare.
     MoeFp8GemmArgs a;
     a.warp_specialized = a.y_bf16 = moe_gemm_ != MoeGemm::Wgmma;
-    // Scratch: the device-scheduled paths' (act, y in BF16 or F32), then xq [T, H] e4m3 with its
-    // scales [H/128, T], aq [T·K, I] e4m3 with segmented scales.
+    a.n_tokens = n_tokens;
+    a.hidden = hidden;
+    a.inter = inter;
+    a.n_pairs = static_cast<int64_t>(n_pairs);
+    a.tables = fp8_expert_tables_on_device(shard);
+    // Scratch: the device-scheduled paths' (act BF16 where the gate‖up GEMM writes it before its
+    // quantization, y in BF16 or F32), then xq [T, H] e4m3 with its scales [H/128, T], aq [T·K, I]
+    // e4m3 with segmented scales.
     uint8_t *xq = nullptr, *aq = nullptr;
     float *xs = nullptr, *as = nullptr;
-    const MoeScratch m = carve_moe_scratch(count, n_pairs, inter, hidden, a.y_bf16 ? 2 : 4, [&](Bump& w) {
-      xq = w.take<uint8_t>(static_cast<size_t>(n_tokens * hidden));
-      xs = w.take<float>(static_cast<size_t>(fp8_act_scale_floats(n_tokens, kbh)));
-      aq = w.take<uint8_t>(n_pairs * inter);
-      as = w.take<float>(static_cast<size_t>(fp8_segment_scale_floats(static_cast<int64_t>(n_pairs), count, kbi)));
-    });
+    const MoeScratch m = carve_moe_scratch(
+        count, n_pairs, inter, hidden, a.y_bf16 ? 2 : 4,
+        [&](Bump& w) {
+          xq = w.take<uint8_t>(static_cast<size_t>(n_tokens * hidden));
+          xs = w.take<float>(static_cast<size_t>(fp8_act_scale_floats(n_tokens, kbh)));
+          aq = w.take<uint8_t>(n_pairs * inter);
+          as = w.take<float>(static_cast<size_t>(fp8_segment_scale_floats(static_cast<int64_t>(n_pairs), count, kbi)));
+        },
+        moe_fp8_gate_up_needs_act(a));
     int32_t *offsets = m.offsets, *tile_start = m.tile_start, *src_token = m.src_token, *pair_row = m.pair_row;
-    void *act = m.act, *y_rows = m.y;
-    const Fp8ExpertTables tables = fp8_expert_tables_on_device(shard);
+    void* y_rows = m.y;
     CUDA_LAUNCH(launch_moe_permute_tiled(dev(ids), shard.first, count, offsets, src_token, pair_row, kMoeGemmTileM,
                                          tile_start, stream_, nullptr, m.permute),
                 "moe_permute");
     CUDA_LAUNCH(launch_fp8_quantize_rows(dev(x), xq, xs, nullptr, 0, stream_), "fp8_quantize_rows");
     a.xq = xq;
     a.x_scale = xs;
-    a.n_tokens = n_tokens;
     a.src_token = src_token;
     a.offsets = offsets;
     a.tile_start = tile_start;
     a.count = count;
-    a.tables = tables;
-    a.hidden = hidden;
-    a.inter = inter;
-    a.n_pairs = static_cast<int64_t>(n_pairs);
-    a.act = act;
+    a.act = m.act;
     a.aq = aq;
     a.act_scale = as;
     a.y = y_rows;
+    // gate‖up leaves act quantized in aq (in its epilogue, or act then the quantizer), down reads it.
     CUDA_LAUNCH(launch_moe_grouped_gemm_fp8_wgmma(a, /*gate_up=*/true, stream_), "moe_gateup_fp8_wgmma");
-    Tensor act_rows(act, DType::BF16, {static_cast<int64_t>(n_pairs), inter}, Device::CUDA);
-    CUDA_LAUNCH(launch_fp8_quantize_rows(dev(act_rows), aq, as, offsets, count, stream_), "fp8_quantize_rows");
     CUDA_LAUNCH(launch_moe_grouped_gemm_fp8_wgmma(a, /*gate_up=*/false, stream_), "moe_down_fp8_wgmma");
     Tensor y(y_rows, a.y_bf16 ? DType::BF16 : DType::F32, {static_cast<int64_t>(n_pairs), hidden}, Device::CUDA);
     CUDA_LAUNCH(launch_moe_unpermute(dev(y), dev(weights), pair_row, dev(out), stream_, norm), "moe_unpermute");

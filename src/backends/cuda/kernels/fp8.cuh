@@ -38,4 +38,14 @@ __device__ __forceinline__ uint8_t f32_to_e4m3(float x) {
 // exactly this.
 __device__ __forceinline__ float fp8_block_scale(float amax) { return amax > 0.0f ? amax / kFp8E4m3Max : 1.0f; }
 
+// x / scale correctly rounded, as the quantizer's division, from inv = 1 / scale (correctly
+// rounded): the product corrected once by its exact residual (Markstein), three instructions
+// against the division's reciprocal, corrections and range check. The product alone rounds a tie
+// of e4m3 the other way in ~3 of 10^4 codes (BF16 values over a scale of amax / 448 often land on
+// one).
+__device__ __forceinline__ float fp8_quotient(float x, float scale, float inv) {
+  const float q0 = x * inv;
+  return fmaf(fmaf(-q0, scale, x), inv, q0);
+}
+
 }  // namespace cpinfer::cuda

@@ -366,15 +366,19 @@ cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* sr
 // launch_moe_permute_tiled with tile_m = kMoeGemmTileM). Per 128-wide K block the tensor cores
 // compute an fp32 partial product of the e4m3 codes, which is added to the fp32 accumulators
 // times the activation row's and the weight block's scales (DeepSeek-V3's promotion).
-//   gate_up = true:  act [rows, I] BF16 = silu(g) ⊙ u with g, u = xq[src_token] · gate/upᵀ
-//                    (rounded to bf16 first, as the BF16 kernels), xq [T, H] e4m3 with scales
+//   gate_up = true:  aq [rows, I] e4m3 with the segmented scales act_scale: act = silu(g) ⊙ u
+//                    with g, u = xq[src_token] · gate/upᵀ (rounded to bf16 first, as the BF16
+//                    kernels; act rounded to bf16), quantized as launch_fp8_quantize_rows(act, aq,
+//                    act_scale, offsets, count) does; xq [T, H] e4m3 with scales
 //                    x_scale[kb · n_tokens + t] (launch_fp8_quantize_rows without offsets);
-//   gate_up = false: y [rows, H] F32 (BF16 where y_bf16) = aq · downᵀ, aq [rows, I] e4m3 with the
-//                    segmented scales of launch_fp8_quantize_rows(act, aq, act_scale, offsets, count).
-// H and I multiples of 128, every pointer 16-byte aligned; act / aq / y scratch of n_pairs rows.
+//   gate_up = false: y [rows, H] F32 (BF16 where y_bf16) = aq · downᵀ.
+// H and I multiples of 128, every pointer 16-byte aligned; aq / y scratch of n_pairs rows, and act
+// [n_pairs, I] BF16 where moe_fp8_gate_up_needs_act(args).
 // warp_specialized (the default): the kernel with a producer warpgroup whose promotion overlaps
-// the next step's wgmmas; false: the first kernel (every thread loads, the tensor cores wait for
-// each promotion). Both compute the same values bit for bit.
+// the next step's wgmmas; with an even n_per_cta it quantizes act in its epilogue (a CTA computes
+// both 64-column halves of each 128-column scale block), else it writes act and the quantizer
+// runs after it. false: the first kernel (every thread loads, the tensor cores wait for each
+// promotion), act written and then quantized. All compute the same values bit for bit.
 struct MoeFp8GemmArgs {
   const uint8_t* xq = nullptr;
   const float* x_scale = nullptr;
@@ -385,9 +389,9 @@ struct MoeFp8GemmArgs {
   int count = 0;
   Fp8ExpertTables tables;
   int64_t hidden = 0, inter = 0, n_pairs = 0;
-  void* act = nullptr;
-  const uint8_t* aq = nullptr;
-  const float* act_scale = nullptr;
+  void* act = nullptr;  // BF16 scratch where moe_fp8_gate_up_needs_act
+  uint8_t* aq = nullptr;
+  float* act_scale = nullptr;
   void* y = nullptr;
   bool y_bf16 = false;  // y in BF16: half the bytes written and read back (as MoeWgmmaConfig::y_bf16)
   bool warp_specialized = true;
@@ -404,6 +408,8 @@ inline bool moe_fp8_grouped_supported(int64_t hidden, int64_t inter) {
          inter <= (int64_t{1} << 20);
 }
 cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& args, bool gate_up, cudaStream_t stream);
+// Whether the gate‖up launch needs the act scratch (it writes act and quantizes it after the GEMM).
+bool moe_fp8_gate_up_needs_act(const MoeFp8GemmArgs& args);
 // The TMA descriptors of Fp8ExpertTables::weight_maps, written to host memory `maps` (3·count ·
 // kTmaDescBytes bytes; gate e, up e, down e at e, count + e, 2·count + e) from the host's code
 // pointers codes[e], codes[count + e], codes[2·count + e] (gate, up [I, H]; down [H, I]). False

@@ -17,7 +17,8 @@
 // second temporary) fp32 registers; at N = 256 already 128 + 128, more than the 255 a thread has.
 // The operands per FLOP stay those of the BF16 128 x 256 tile (e4m3 is half the bytes).
 //
-// Two kernels, both with the same tiles, promotion (promote below) and epilogue (store_tile):
+// Two kernels, both with the same tiles, promotion (promote below) and epilogue (store_tile; the
+// ws gate‖up kernel quantizes act in its epilogue instead, store_act_fp8):
 // - moe_fp8_ws_kernel, the default: warp-specialized like the BF16 ws kernel. Warpgroup 0 (72
 //   registers) is the producer of a ring of kWsStages slots of 32 KB, one k-step each: one thread
 //   puts the B tile (two boxes of 64 weight rows) and, in the down GEMM, the A tile (128
@@ -35,13 +36,15 @@
 // - moe_fp8_wgmma_kernel (--moe-runner-backend wgmma, kept for comparison): every thread loads
 //   (4 stages, __syncthreads per step) and each step waits for its wgmmas (wait_group 0) before
 //   promoting, so the tensor cores idle during the promotion.
-// Both read and compute the same values in the same order, so their outputs are bit for bit equal
-// (bench/moe_bench checks it on the GPU); gpu_moe_test MoeFp8Test compares both with the CPU.
+// Both read and compute the same values in the same order, so their outputs (and the quantized
+// act) are bit for bit equal (bench/moe_bench and gpu_moe_test's WsKernelsEqualTheFirstKernels-
+// BitForBit check it on the GPU); gpu_moe_test MoeFp8Test compares both with the CPU.
 #include <cuda.h>
 
 #include <type_traits>
 
 #include "backends/cuda/kernels/common.cuh"
+#include "backends/cuda/kernels/fp8.cuh"
 #include "backends/cuda/kernels/hopper.cuh"
 #include "backends/cuda/kernels/kernels.h"
 #include "backends/cuda/kernels/moe_gemm_args.cuh"
@@ -68,15 +71,22 @@ static_assert(kBN == kTileM, "one load loop shape for A and B");
 static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 
 // moe_fp8_ws_kernel: 6 stages x 32 KB of tiles, 6 x 528 bytes of scales (128 row scales, 2 weight
-// block scales, padded to 16 bytes), 12 mbarriers, 1 KB alignment slack: 196.2 KB, one CTA per SM.
+// block scales, padded to 16 bytes), 12 mbarriers, 1 KB alignment slack: 196.2 KB (+ 18 KB of
+// epilogue stash in kernel 1), one CTA per SM.
 constexpr int kWsThreads = 384;
 constexpr int kWsStages = 6;
 constexpr int kWsScaleBytes = 528;
 constexpr int kWsScaleOff = kWsStages * kStageBytes;
 constexpr int kWsBarOff = kWsScaleOff + kWsStages * kWsScaleBytes;
-constexpr size_t kWsSmemBytes = kWsBarOff + 2 * kWsStages * 8 + 1024;
-static_assert(kWsSmemBytes <= 227 * 1024, "shared memory");
-static_assert(kWsBarOff % 8 == 0, "mbarrier alignment");
+// Kernel 1 quantizing act in its epilogue (store_act_fp8): each MMA thread's stash of one half
+// block, 4 x 16 bytes of act and 2 row maxima, laid out [piece][thread] (conflict-free): 18 KB.
+constexpr int kWsStashOff = kWsBarOff + 2 * kWsStages * 8;
+constexpr int kWsStashBytes = 256 * (4 * 16 + 8);
+constexpr size_t ws_smem_bytes(bool gate_up) {
+  return static_cast<size_t>(gate_up ? kWsStashOff + kWsStashBytes : kWsStashOff) + 1024;
+}
+static_assert(ws_smem_bytes(true) <= 227 * 1024, "shared memory");
+static_assert(kWsBarOff % 8 == 0 && kWsStashOff % 16 == 0, "mbarrier and stash alignment");
 // setmaxnreg moves registers through the CTA's pool: the producer's release, 128 · (168 - 72),
 // covers the MMA warpgroups' raise, 256 · (216 - 168) (168 = the launch bound's 65536 / 384). ptxas
 // -v (nvcc 13.0): no spills at 72 / 216; the producer spills below ~64, gate‖up's MMA code at 208.
@@ -100,6 +110,10 @@ struct Args {
   void* out;  // act [rows, I] BF16 or y [rows, H] F32 (BF16 where out_bf16)
   int n_per_cta;
   bool out_bf16;
+  // Kernel 1 (ws, n_per_cta even): act quantized in the epilogue into aq [rows, I] e4m3 with the
+  // segmented scales (launch_fp8_quantize_rows' layout), out unused; nullptr: act into out.
+  uint8_t* act_q;
+  float* act_q_scale;
   // The ws kernels' TMA descriptors: per expert, gate (kernel 1) or down (kernel 2) weights and up
   // weights (kernel 1), boxes of 64 rows; kernel 2's A, aq [rows, I], in boxes of 128 rows.
   const CUtensorMap* wmap1;
@@ -179,7 +193,7 @@ __device__ __forceinline__ void wgmma_kstep(float (&tmp)[kAcc], uint32_t stage, 
 constexpr uint32_t kDescHi = 0x40000040u;  // SBO 1024 >> 4, 128-byte swizzle (bit 62)
 __device__ __forceinline__ uint32_t desc_lo(uint32_t addr) { return (addr >> 4) | (1u << 16); }  // LBO 16 >> 4
 __device__ __forceinline__ uint64_t desc_of(uint32_t lo) { return static_cast<uint64_t>(kDescHi) << 32 | lo; }
-static_assert(kWsSmemBytes <= (1u << 18), "descriptor start addresses below 256 KB");
+static_assert(ws_smem_bytes(true) <= (1u << 18), "descriptor start addresses below 256 KB");
 
 // wgmma_kstep with the descriptors' low words of the slot's A rows (of warpgroup wg) and B rows.
 __device__ __forceinline__ void wgmma_kstep_lo(float (&tmp)[kAcc], uint32_t a_lo, uint32_t b_lo) {
@@ -227,6 +241,96 @@ __device__ __forceinline__ float lds_f32(uint32_t addr) {
 }
 
 __device__ __forceinline__ TileOut tile_out(const Args& a) { return TileOut{a.out, a.n_out, a.out_bf16}; }
+
+// The largest |v| of 8 BF16 values (__hmax2, like fmaxf, passes over NaN, as the quantizer's).
+__device__ __forceinline__ float amax_bf16x8(const uint4& u) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+  __nv_bfloat162 m = __float2bfloat162_rn(0.0f);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) m = __hmax2(m, __habs2(*reinterpret_cast<const __nv_bfloat162*>(&w[i])));
+  return fmaxf(__low2float(m), __high2float(m));
+}
+// 8 BF16 values as e4m3(v / s) in order, the quotients correctly rounded (fp8_quotient).
+__device__ __forceinline__ uint2 e4m3x8(const uint4& u, float s, float inv) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+  uint32_t pair[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    pair[i] = __nv_cvt_float2_to_fp8x2(make_float2(fp8_quotient(__uint_as_float(w[i] << 16), s, inv),
+                                                   fp8_quotient(__uint_as_float(w[i] & 0xffff0000u), s, inv)),
+                                       __NV_SATFINITE, __NV_E4M3);
+  return make_uint2(pair[0] | pair[1] << 16, pair[2] | pair[3] << 16);
+}
+
+// Kernel 1's epilogue when it quantizes act itself (Args::act_q): N-tiles 2b and 2b + 1 (n_per_cta
+// even, so one CTA computes both, in order) are the two 64-column halves of act's 128-column scale
+// block b. The thread forms its act values as store_tile does, bf16(silu(bf16 g) · bf16 u), in
+// quad_transpose's order: per row h (acc_row(tid, 2h)), n8-tiles 4g + q (g = 0, 1), 8 values each.
+// The even tile leaves them and their largest |v| per row in the thread's stash; the odd one takes
+// the row's maximum over the block (with the quad's other 3 threads), s = fp8_block_scale(amax),
+// and writes e4m3(v / s) of both halves and s. That is launch_fp8_quantize_rows' arithmetic on the
+// same BF16 values (the quotients correctly rounded without a division: fp8_quotient), so the codes
+// and scales are bit for bit those of act written and quantized.
+__device__ __forceinline__ void store_act_fp8(const float (&acc)[kAcc], const Args& a, int tid, const MoeTile& t, int j,
+                                              uint32_t stash) {
+  const int q = tid & 3;
+  uint4 v[2][2];
+  float am[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    am[h] = 0.0f;
+#pragma unroll
+    for (int g = 0; g < 2; ++g) {
+      uint32_t w[4];
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        const int idx = 4 * (4 * g + m) + 2 * h;
+        w[m] = bf16x2_bits(silu_mul(bf16_round(acc[idx]), bf16_round(acc[idx + kAcc / 2])),
+                           silu_mul(bf16_round(acc[idx + 1]), bf16_round(acc[idx + 1 + kAcc / 2])));
+      }
+      v[h][g] = quad_transpose(w, q);
+      am[h] = fmaxf(am[h], amax_bf16x8(v[h][g]));
+    }
+  }
+  auto piece = [&](int i) { return stash + 16 * (i * 256 + tid); };
+  const uint32_t maxima = stash + 4 * 256 * 16 + 8 * tid;
+  if ((j & 1) == 0) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(piece(i)), "r"(v[i >> 1][i & 1].x),
+                   "r"(v[i >> 1][i & 1].y), "r"(v[i >> 1][i & 1].z), "r"(v[i >> 1][i & 1].w)
+                   : "memory");
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(maxima), "f"(am[0]), "f"(am[1]) : "memory");
+    return;
+  }
+  float m0, m1;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(m0), "=f"(m1) : "r"(maxima) : "memory");
+  am[0] = fmaxf(am[0], m0);
+  am[1] = fmaxf(am[1], m1);
+  const int n_k = a.n_out / kTileK, kb = j >> 1;
+  float* const scales =
+      a.act_q_scale + fp8_segment_scale_base(t.seg_begin, t.expert, n_k) + static_cast<int64_t>(kb) * t.seg_rows + t.m0;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = fmaxf(am[h], __shfl_xor_sync(0xffffffffu, am[h], 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float s = fp8_block_scale(mx), inv = 1.0f / s;
+    const int r = acc_row(tid, 2 * h);
+    if (r >= t.rows_left) continue;
+    uint8_t* const row = a.act_q + static_cast<int64_t>(t.seg_begin + t.m0 + r) * a.n_out + kb * kTileK + 8 * q;
+#pragma unroll
+    for (int g = 0; g < 2; ++g) {
+      uint4 u;
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+                   : "r"(piece(2 * h + g))
+                   : "memory");
+      *reinterpret_cast<uint2*>(row + 32 * g) = e4m3x8(u, s, inv);
+      *reinterpret_cast<uint2*>(row + 64 + 32 * g) = e4m3x8(v[h][g], s, inv);
+    }
+    if (q == 0) scales[r] = s;
+  }
+}
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
@@ -488,8 +592,11 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_
                              } else {
                                retire(t0, none_pending);
                              }
-                             store_tile<kGateUp, kBN>(acc, tile_out(args), tid, tile.rows_left,
-                                                      tile.seg_begin + tile.m0, j * kNStep);
+                             if (kGateUp && args.act_q != nullptr)
+                               store_act_fp8(acc, args, tid, tile, j, base + kWsStashOff);
+                             else
+                               store_tile<kGateUp, kBN>(acc, tile_out(args), tid, tile.rows_left,
+                                                        tile.seg_begin + tile.m0, j * kNStep);
                            }
                          });
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -511,17 +618,33 @@ template <bool kGateUp>
 cudaError_t launch_one(const Args& args, bool ws, bool persistent, int64_t m_slots, cudaStream_t stream) {
   constexpr int kNStep = kGateUp ? kBN / 2 : kBN;
   if (!ws) return launch(moe_fp8_wgmma_kernel<kGateUp>, args, kNStep, m_slots, kThreads, kSmemBytes, stream);
-  cudaError_t err = opt_in_dynamic_smem(moe_fp8_ws_kernel<kGateUp>, kWsSmemBytes);
+  cudaError_t err = opt_in_dynamic_smem(moe_fp8_ws_kernel<kGateUp>, ws_smem_bytes(kGateUp));
   if (err != cudaSuccess) return err;
   const int64_t n_tiles = (args.n_out + kNStep - 1) / kNStep;
   unsigned grid = 0;
   err = ws_grid(m_slots * ((n_tiles + args.n_per_cta - 1) / args.n_per_cta), persistent, grid);
   if (err != cudaSuccess) return err;
-  moe_fp8_ws_kernel<kGateUp><<<grid, kWsThreads, kWsSmemBytes, stream>>>(args);
+  moe_fp8_ws_kernel<kGateUp><<<grid, kWsThreads, ws_smem_bytes(kGateUp), stream>>>(args);
   return cudaGetLastError();
 }
 
+// Whether the GEMM runs the ws kernel: it reads the weight tiles (and kernel 2 its A tiles) through
+// TMA, so without the descriptors the first kernels run; the gate‖up ws producer addresses x rows
+// in 16-byte units of 32 bits (x below 2^36 bytes).
+bool runs_ws(const MoeFp8GemmArgs& a, bool gate_up) {
+  return a.warp_specialized && a.tables.weight_maps != nullptr &&
+         (!gate_up || static_cast<int64_t>(a.n_tokens) * a.hidden < (int64_t{1} << 36));
+}
+int n_per_cta_of(const MoeFp8GemmArgs& a, bool ws) {
+  return a.n_per_cta > 0 ? a.n_per_cta : ws ? moe_fp8_n_per_cta(a.n_pairs) : 2;
+}
+
 }  // namespace
+
+bool moe_fp8_gate_up_needs_act(const MoeFp8GemmArgs& a) {
+  const bool ws = runs_ws(a, true);
+  return !ws || n_per_cta_of(a, ws) % 2 != 0;
+}
 
 cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate_up, cudaStream_t stream) {
   if (a.count == 0 || a.n_pairs == 0) return cudaSuccess;
@@ -529,17 +652,13 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
     return cudaErrorInvalidValue;
   const int64_t m_slots = moe_grouped_gemm_max_tiles(a.n_pairs, a.count);
   if (m_slots > 65535) return cudaErrorInvalidValue;
-  // The ws kernels read the weight tiles (and kernel 2 its A tiles) through TMA; without the
-  // descriptors the first kernels run.
-  // The gate‖up ws producer addresses x rows in 16-byte units of 32 bits (x below 2^36 bytes).
-  const bool ws = a.warp_specialized && a.tables.weight_maps != nullptr &&
-                  (!gate_up || static_cast<int64_t>(a.n_tokens) * a.hidden < (int64_t{1} << 36));
+  const bool ws = runs_ws(a, gate_up);
   Args k{};
   const auto* maps = static_cast<const CUtensorMap*>(a.tables.weight_maps);
   k.offsets = a.offsets;
   k.tile_start = a.tile_start;
   k.count = a.count;
-  k.n_per_cta = a.n_per_cta > 0 ? a.n_per_cta : ws ? moe_fp8_n_per_cta(a.n_pairs) : 2;
+  k.n_per_cta = n_per_cta_of(a, ws);
   if (gate_up) {
     k.a = a.xq;
     k.a_scale = a.x_scale;
@@ -554,7 +673,21 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
     k.out = a.act;
     k.wmap1 = maps;
     k.wmap2 = ws ? maps + a.count : nullptr;
-    return launch_one<true>(k, ws, a.persistent, m_slots, stream);
+    if (!moe_fp8_gate_up_needs_act(a)) {  // the ws kernel quantizes act in its epilogue
+      k.act_q = a.aq;
+      k.act_q_scale = a.act_scale;
+      return launch_one<true>(k, ws, a.persistent, m_slots, stream);
+    }
+    if (a.act == nullptr) return cudaErrorInvalidValue;
+    cudaError_t err = launch_one<true>(k, ws, a.persistent, m_slots, stream);
+    if (err != cudaSuccess) return err;
+    DevTensor act;
+    act.data = a.act;
+    act.dtype = DType::BF16;
+    act.ndim = 2;
+    act.shape[0] = a.n_pairs;
+    act.shape[1] = a.inter;
+    return launch_fp8_quantize_rows(act, a.aq, a.act_scale, a.offsets, a.count, stream);
   }
   k.a = a.aq;
   k.a_scale = a.act_scale;
