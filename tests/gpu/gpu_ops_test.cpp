@@ -209,8 +209,13 @@ TEST_F(Ops, QkNormRope) {
     float theta, factor;
   };
   // Up to 15 tokens: a warp per (token, head); 16 and more with D % 4 == 0 and D <= 256: a CTA per
-  // token (D 96, 128, 256; D 36 is not a multiple of 4 and stays per head).
+  // token, BF16 with D a power of two from 16 on in 16-byte lanes (D 16, 32, 64, 128, 256: 16, 8,
+  // 4, 2 or 1 heads per warp; groups of q and k heads together, groups short of heads), else in
+  // pairs (D 96; D 36 is not a multiple of 4 and stays per head).
   for (const Case& c : std::vector<Case>{{13, 4, 2, 128, 1e6f, 1.0f},
+                                         {20, 3, 1, 16, 1e4f, 1.0f},
+                                         {32, 5, 3, 32, 1e4f, 1.1386f},
+                                         {17, 6, 2, 64, 1e4f, 1.0f},
                                          {5, 32, 4, 128, 1e6f, 1.1386f},
                                          {9, 3, 1, 64, 1e4f, 1.0f},
                                          {4, 2, 2, 16, 1e4f, 1.0f},
