@@ -81,6 +81,26 @@ __global__ void qk_norm_rope_kernel(T* __restrict__ q, T* __restrict__ k, const 
 // takes heads in turn, and lane l reads and writes the element pairs (2p, 2p + 1) and (D/2 + 2p,
 // D/2 + 2p + 1), p = l + 32j, as 2-element vectors (D % 4 == 0, D <= kTokMaxD). The arithmetic per
 // element is the per-head kernel's; the norm's sum of squares is added in another order.
+// The start of the per-token kernels: token t's cos and sin of position · inv_freq[i] times the
+// attention factor into cs[i] and cs[half + i] (i < half, by the CTA's threads; the caller
+// synchronizes before reading them), and the cache slot its k and v heads also go to (-1: none).
+__device__ __forceinline__ int64_t token_start(float* cs, int half, int64_t t, const int32_t* __restrict__ positions,
+                                               const float* __restrict__ inv_freq, float attention_factor,
+                                               const int32_t* __restrict__ slots, int64_t n_slots) {
+  const float pos = static_cast<float>(positions[t]);
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const float f = pos * inv_freq[i];
+    cs[i] = cosf(f) * attention_factor;
+    cs[half + i] = sinf(f) * attention_factor;
+  }
+  int64_t slot = -1;
+  if (slots != nullptr) {
+    slot = slots[t];
+    if (slot >= n_slots) slot = -1;  // padding rows carry -1
+  }
+  return slot;
+}
+
 constexpr int kTokWarps = 8;
 constexpr int kTokMaxD = 256;
 constexpr int kTokIter = kTokMaxD / 4 / 32;  // pairs of a half per lane
@@ -100,17 +120,7 @@ __global__ void __launch_bounds__(kTokWarps * 32)
   __shared__ float cs[kTokMaxD];  // [0, D/2): cos · factor, [D/2, D): sin · factor
   const int64_t t = blockIdx.x;
   const int half = d / 2, pairs = d / 4;
-  const float pos = static_cast<float>(positions[t]);
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    const float f = pos * inv_freq[i];
-    cs[i] = cosf(f) * attention_factor;
-    cs[half + i] = sinf(f) * attention_factor;
-  }
-  int64_t slot = -1;  // where the k heads also go in the cache
-  if (slots != nullptr) {
-    slot = slots[t];
-    if (slot >= n_slots) slot = -1;  // padding rows carry -1
-  }
+  const int64_t slot = token_start(cs, half, t, positions, inv_freq, attention_factor, slots, n_slots);
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int h = warp; h < hq + hkv; h += kTokWarps) {
@@ -187,17 +197,7 @@ __global__ void __launch_bounds__(256)
   pdl_trigger();
   __shared__ float cs[kD];  // [0, D/2): cos · factor, [D/2, D): sin · factor
   const int64_t t = blockIdx.x;
-  const float pos = static_cast<float>(positions[t]);
-  for (int i = threadIdx.x; i < kHalf; i += blockDim.x) {
-    const float f = pos * inv_freq[i];
-    cs[i] = cosf(f) * attention_factor;
-    cs[kHalf + i] = sinf(f) * attention_factor;
-  }
-  int64_t slot = -1;  // where the k heads also go in the cache
-  if (slots != nullptr) {
-    slot = slots[t];
-    if (slot >= n_slots) slot = -1;  // padding rows carry -1
-  }
+  const int64_t slot = token_start(cs, kHalf, t, positions, inv_freq, attention_factor, slots, n_slots);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
   const int hl = lane % L, e0 = 8 * hl;    // this lane's elements of its head
   const bool first = e0 < kHalf;           // the partners are e0 + D/2 (first half) or e0 - D/2
