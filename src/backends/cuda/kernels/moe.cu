@@ -205,6 +205,19 @@ __device__ __forceinline__ void local_experts(const int32_t* __restrict__ ids, i
   }
 }
 
+// Pair p, of local expert e (outside [0, count): another rank's), takes the next row of its
+// expert's segment from cursor (pair_row[p] = r, src_token[r] = its token), or pair_row[p] = -1.
+__device__ __forceinline__ void place_pair(int64_t p, int e, int count, int top_k, int32_t* cursor,
+                                           int32_t* __restrict__ pair_row, int32_t* __restrict__ src_token) {
+  if (e >= 0 && e < count) {
+    const int32_t r = atomicAdd(&cursor[e], 1);
+    pair_row[p] = r;
+    src_token[r] = static_cast<int32_t>(p / top_k);
+  } else {
+    pair_row[p] = -1;
+  }
+}
+
 // One block: per-expert counts in shared memory, prefix sum, then each local pair takes a row of
 // its expert's segment.
 __global__ void moe_permute_kernel(const int32_t* __restrict__ ids, int64_t n_pairs, int top_k, int first, int count,
@@ -250,13 +263,7 @@ __global__ void moe_permute_kernel(const int32_t* __restrict__ ids, int64_t n_pa
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t p = base + static_cast<int64_t>(u) * blockDim.x;
       if (p >= n_pairs) break;
-      if (e[u] >= 0 && e[u] < count) {
-        const int32_t r = atomicAdd(&cursor[e[u]], 1);
-        pair_row[p] = r;
-        src_token[r] = static_cast<int32_t>(p / top_k);
-      } else {
-        pair_row[p] = -1;
-      }
+      place_pair(p, e[u], count, top_k, cursor, pair_row, src_token);
     }
   }
 }
@@ -363,16 +370,8 @@ __global__ void __launch_bounds__(kPermuteThreads)
   __syncthreads();
   const int64_t begin = static_cast<int64_t>(b) * chunk;
   const int64_t end = min(begin + chunk, n_pairs);
-  for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
-    const int e = ids[p] - first;
-    if (e >= 0 && e < count) {
-      const int32_t r = atomicAdd(&cursor[e], 1);
-      pair_row[p] = r;
-      src_token[r] = static_cast<int32_t>(p / top_k);
-    } else {
-      pair_row[p] = -1;
-    }
-  }
+  for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x)
+    place_pair(p, ids[p] - first, count, top_k, cursor, pair_row, src_token);
 }
 
 // Where pair p's row of y is: pair_row[p] (after a permute), or, without a permute, p itself when its
