@@ -74,13 +74,6 @@ __global__ void qk_norm_rope_kernel(T* __restrict__ q, T* __restrict__ k, const 
   }
 }
 
-// Many tokens (prefill; F32, or D not a power of two): one CTA per token for all of its Hq + Hkv
-// heads. The per-head kernel above
-// evaluates cosf/sinf of position · inv_freq[i] in every head, (Hq + Hkv) times per token, and reads
-// 2-byte elements; here the token's D/2 cos and sin are computed once into shared memory, each warp
-// takes heads in turn, and lane l reads and writes the element pairs (2p, 2p + 1) and (D/2 + 2p,
-// D/2 + 2p + 1), p = l + 32j, as 2-element vectors (D % 4 == 0, D <= kTokMaxD). The arithmetic per
-// element is the per-head kernel's; the norm's sum of squares is added in another order.
 // The start of the per-token kernels: token t's cos and sin of position · inv_freq[i] times the
 // attention factor into cs[i] and cs[half + i] (i < half, by the CTA's threads; the caller
 // synchronizes before reading them), and the cache slot its k and v heads also go to (-1: none).
@@ -101,6 +94,13 @@ __device__ __forceinline__ int64_t token_start(float* cs, int half, int64_t t, c
   return slot;
 }
 
+// Many tokens (prefill; F32, or D not a power of two): one CTA per token for all of its Hq + Hkv
+// heads. The per-head kernel above evaluates cosf/sinf of position · inv_freq[i] in every head,
+// (Hq + Hkv) times per token, and reads 2-byte elements; here the token's D/2 cos and sin are
+// computed once into shared memory (token_start), each warp takes heads in turn, and lane l reads
+// and writes the element pairs (2p, 2p + 1) and (D/2 + 2p, D/2 + 2p + 1), p = l + 32j, as
+// 2-element vectors (D % 4 == 0, D <= kTokMaxD). The arithmetic per element is the per-head
+// kernel's; the norm's sum of squares is added in another order.
 constexpr int kTokWarps = 8;
 constexpr int kTokMaxD = 256;
 constexpr int kTokIter = kTokMaxD / 4 / 32;  // pairs of a half per lane
