@@ -264,8 +264,8 @@ __device__ __forceinline__ uint2 e4m3x8(const uint4& u, float s, float inv) {
 
 // Kernel 1's epilogue when it quantizes act itself (Args::act_q): N-tiles 2b and 2b + 1 (n_per_cta
 // even, so one CTA computes both, in order) are the two 64-column halves of act's 128-column scale
-// block b. The thread forms its act values as store_tile does, bf16(silu(bf16 g) · bf16 u), in
-// quad_transpose's order: per row h (acc_row(tid, 2h)), n8-tiles 4g + q (g = 0, 1), 8 values each.
+// block b. The thread forms its act values as store_tile does (gateup_act8), in quad_transpose's
+// order: per row h (acc_row(tid, 2h)), n8-tiles 4g + q (g = 0, 1), 8 values each.
 // The even tile leaves them and their largest |v| per row in the thread's stash; the odd one takes
 // the row's maximum over the block (with the quad's other 3 threads), s = fp8_block_scale(amax),
 // and writes e4m3(v / s) of both halves and s. That is launch_fp8_quantize_rows' arithmetic on the
@@ -281,14 +281,7 @@ __device__ __forceinline__ void store_act_fp8(const float (&acc)[kAcc], const Ar
     am[h] = 0.0f;
 #pragma unroll
     for (int g = 0; g < 2; ++g) {
-      uint32_t w[4];
-#pragma unroll
-      for (int m = 0; m < 4; ++m) {
-        const int idx = 4 * (4 * g + m) + 2 * h;
-        w[m] = bf16x2_bits(silu_mul(bf16_round(acc[idx]), bf16_round(acc[idx + kAcc / 2])),
-                           silu_mul(bf16_round(acc[idx + 1]), bf16_round(acc[idx + 1 + kAcc / 2])));
-      }
-      v[h][g] = quad_transpose(w, q);
+      v[h][g] = gateup_act8<kBN>(acc, h, g, q);
       am[h] = fmaxf(am[h], amax_bf16x8(v[h][g]));
     }
   }

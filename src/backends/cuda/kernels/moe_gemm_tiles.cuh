@@ -94,6 +94,23 @@ __device__ __forceinline__ uint4 quad_transpose(uint32_t (&w)[4], int q) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// Gate‖up's act values, bf16(silu(bf16 g) · bf16 u), of accumulator row acc_row(tid, 2h) in output
+// n8-tiles 4g..4g+3 (the up value of a column is kBN / 4 accumulators on), quad-transposed: thread
+// q gets n8-tile 4g + q's 8 columns in order.
+template <int kBN>
+__device__ __forceinline__ uint4 gateup_act8(const float (&acc)[kBN / 2], int h, int g, int q) {
+  uint32_t w[4];
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    const int idx = 4 * (4 * g + m) + 2 * h;
+    float v[2];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) v[c] = silu_mul(bf16_round(acc[idx + c]), bf16_round(acc[idx + c + kBN / 4]));
+    w[m] = bf16x2_bits(v[0], v[1]);
+  }
+  return quad_transpose(w, q);
+}
+
 // The epilogue of one tile straight from the accumulators: acc[idx] is tile row acc_row(tid, idx),
 // B column acc_col(tid, idx); tile rows from rows_left on are not written; row0 is the tile's first
 // row in the expert-sorted rows, n0 its first output column. BF16 outputs go out as 16-byte stores
@@ -113,23 +130,18 @@ __device__ __forceinline__ void store_tile(const float (&acc)[kBN / 2], const Ti
       static_assert(kTiles % 4 == 0, "whole quads of n8-tiles");
 #pragma unroll
       for (int g = 0; g < kTiles / 4; ++g) {
-        uint32_t w[4];
+        uint4 v;
+        if constexpr (kGateUp) {
+          v = gateup_act8<kBN>(acc, h, g, q);
+        } else {
+          uint32_t w[4];
 #pragma unroll
-        for (int m = 0; m < 4; ++m) {
-          const int idx = 4 * (4 * g + m) + 2 * h;
-          if constexpr (kGateUp) {  // the up value of the same column is kBN / 4 accumulators on
-            float v[2];
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              const float gv = bf16_round(acc[idx + c]), u = bf16_round(acc[idx + c + kBN / 4]);
-              v[c] = silu_mul(gv, u);
-            }
-            w[m] = bf16x2_bits(v[0], v[1]);
-          } else {
+          for (int m = 0; m < 4; ++m) {
+            const int idx = 4 * (4 * g + m) + 2 * h;
             w[m] = bf16x2_bits(acc[idx], acc[idx + 1]);
           }
+          v = quad_transpose(w, q);
         }
-        const uint4 v = quad_transpose(w, q);
         const int col = n0 + 8 * (4 * g + q);
         if (r < rows_left && col < n_out) *reinterpret_cast<uint4*>(out + col) = v;
       }
