@@ -435,6 +435,20 @@ TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
     size_t unwritten = 0;
     for (unsigned char b : want_q) unwritten += b == 0xff;  // 0xff is a NaN code: no finite act has it
     EXPECT_EQ(unwritten, 0u) << "the first kernels left codes of act rows unwritten";
+    size_t nan = 0;
+    for (float v : want_y) nan += !std::isfinite(v);  // every row is a pair's: the first kernels wrote them all
+    EXPECT_EQ(nan, 0u) << "y: the first kernels left rows unwritten";
+    // Elements of `unit` bytes of got and want that differ, and the first of them (n if none).
+    auto count_diff = [](const void* got, const void* want, size_t n, size_t unit, size_t& first) {
+      size_t diff = 0;
+      first = n;
+      for (size_t i = 0; i < n; ++i)
+        if (std::memcmp(static_cast<const char*>(got) + i * unit, static_cast<const char*>(want) + i * unit, unit) !=
+                0 &&
+            diff++ == 0)
+          first = i;
+      return diff;
+    };
     for (int per_cta : {1, 2, 3, 4}) {
       Tensor y1 = gpu_tensor("y_ws", DType::F32, {n_pairs, c.h}, nullptr);
       a.warp_specialized = true;
@@ -442,19 +456,6 @@ TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
       EXPECT_EQ(cuda::moe_fp8_gate_up_needs_act(a), per_cta % 2 != 0) << "per_cta=" << per_cta;
       run(y1, got_q, got_qs);
       const std::vector<float> got_y = gpu_read(y1);
-      auto count_diff = [](const void* got, const void* want, size_t n, size_t unit, size_t& first) {
-        size_t diff = 0;
-        first = n;
-        for (size_t i = 0; i < n; ++i)
-          if (std::memcmp(static_cast<const char*>(got) + i * unit, static_cast<const char*>(want) + i * unit, unit) !=
-                  0 &&
-              diff++ == 0)
-            first = i;
-        return diff;
-      };
-      size_t nan = 0;
-      for (float v : want_y) nan += !std::isfinite(v);  // every row is a pair's: the first kernels wrote them all
-      EXPECT_EQ(nan, 0u) << "y: the first kernels left rows unwritten";
       struct Cmp {
         const char* what;
         const void *got, *want;
