@@ -59,6 +59,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 // and far more at 64.)
 constexpr int kMaxSplits = kAttnMaxSplits;
 constexpr int kMaxMergeThreads = 256;  // D <= 256
+constexpr int kPre = 16;               // splits whose values a thread loads before the reductions
 template <class T>
 __global__ void __launch_bounds__(kMaxMergeThreads)
     attention_split_merge_kernel(const int32_t* __restrict__ blocks, int hq, int d, int n_splits,
@@ -75,6 +76,12 @@ __global__ void __launch_bounds__(kMaxMergeThreads)
   const float* p = part + (row * hq + h) * n_splits * (d + 2);
   const float m_s = tid < n_splits ? p[tid * (d + 2) + d] : -INFINITY;
   const float l_s = tid < n_splits ? p[tid * (d + 2) + d + 1] : 0.0f;
+  // The first kPre splits' values of dimension tid, loaded with (m, l): one round trip to L2 before
+  // the block's reductions instead of one after them.
+  const float* pd = p + tid;
+  float pre[kPre];
+#pragma unroll
+  for (int sp = 0; sp < kPre; ++sp) pre[sp] = tid < d && sp < n_splits ? pd[sp * (d + 2)] : 0.0f;
   float m = warp_max(l_s == 0.0f ? -INFINITY : m_s);  // an empty split (l = 0) weighs nothing
   if (lane == 0) red[warp] = m;
   __syncthreads();
@@ -85,9 +92,11 @@ __global__ void __launch_bounds__(kMaxMergeThreads)
   const float l = block_sum(l_s * wt);  // its barriers also publish w
   if (tid >= d) return;
   float acc[2] = {0.0f, 0.0f};
-  const float* pd = p + tid;
+#pragma unroll
+  for (int sp = 0; sp < kPre; ++sp)
+    if (sp < n_splits) acc[sp & 1] += pre[sp] * w[sp];
 #pragma unroll 16
-  for (int sp = 0; sp < n_splits; ++sp) acc[sp & 1] += pd[sp * (d + 2)] * w[sp];
+  for (int sp = kPre; sp < n_splits; ++sp) acc[sp & 1] += pd[sp * (d + 2)] * w[sp];
   out[(row * hq + h) * d + tid] = from_f32<T>(l > 0.0f ? (acc[0] + acc[1]) / l : 0.0f);
   if (lse != nullptr && tid == 0) lse[row * hq + h] = l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
 }
