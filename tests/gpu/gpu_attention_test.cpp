@@ -155,6 +155,41 @@ TEST_F(AttnRunner, DecodeUnderAKeyBound) {
   }
 }
 
+// The decode kernel loads the keys that earlier forwards wrote before it waits for the previous
+// kernel (programmatic dependent launch), and the newest ones after the wait. Here each sequence's
+// newest key is stored by kv_store right before the attention, back to back on the stream, with
+// values unlike the ones it replaces (as q/k norm + RoPE stores them in a decode step): a kernel
+// that read it before its wait would see the old values. Several rounds, since whether such an
+// early read wins the race depends on timing. Contexts of one tile per split (1001 keys), of a few,
+// and a short one.
+TEST_F(AttnRunner, DecodeSeesTheKeysStoredJustBefore) {
+  constexpr int64_t kBs = 16;
+  const AttnCase c{"qwen3 32/4 decode", 32, 4, 128, kBs, {{1, 1000, 0}, {1, 63, 1}, {1, 4100, 2}}};
+  Prepared p = prepare(c, 990);
+  const AttnBatch b = batch(p, p.blocks, true);
+  const Tensor q = gpu_tensor("q", DType::BF16, {p.t, p.hq, p.d}, &p.q);
+  Tensor out = gpu_tensor("out", DType::BF16, {p.t, p.hq, p.d}, nullptr);
+  Tensor lse = gpu_tensor("lse", DType::F32, {p.t, p.hq}, nullptr);
+  std::vector<int32_t> slots;
+  for (const AttnBlock& a : p.blocks)
+    slots.push_back(p.table[a.seq * p.mbps + a.pos_begin / kBs] * static_cast<int32_t>(kBs) + a.pos_begin % kBs);
+  const int64_t l = static_cast<int64_t>(slots.size());
+  const Tensor gslots = gpu_i32("slots", slots, {l});
+  Rng rng(991);
+  for (int round = 0; round < 8; ++round) {
+    const auto k = rng.bf16_normal(l * p.hkv * p.d, 3.0f), v = rng.bf16_normal(l * p.hkv * p.d, 3.0f);
+    cpu_->kv_store(cpu_f32(k, {l, p.hkv, p.d}), cpu_f32(v, {l, p.hkv, p.d}), cpu_i32(slots, {l}), p.ccache);
+    const Tensor gk = gpu_tensor("k", DType::BF16, {l, p.hkv, p.d}, &k);
+    const Tensor gv = gpu_tensor("v", DType::BF16, {l, p.hkv, p.d}, &v);
+    gpu_->kv_store(gk, gv, gslots, p.gcache);
+    gpu_->attention(q, b, p.gcache, scale(p), out, lse);
+    Tensor co, clse;
+    cpu_attention(p, p.blocks, co, clse);
+    expect_attention_close(c.name + " round " + std::to_string(round), gpu_read(out), cpu_read(co), gpu_read(lse),
+                           cpu_read(clse), p.d);
+  }
+}
+
 // The cuDNN path (CudaBackend PrefillKernel::Cudnn): at the Qwen3-30B-A3B attention shape it must
 // take ordinary causal prefill (one sequence, a cached prefix, ragged blocks of several sequences,
 // zigzag blocks of one sequence, lse or none) and match the CPU; the cases run above cover the
