@@ -26,10 +26,11 @@
 //            target for the default: <= 0.65).
 // Also a dense cuBLAS floor: the same FLOPs as three dense GEMMs over all rows with one expert's
 // weights (what a perfectly balanced single expert would cost).
-// CUDA-event timing, warm-up, median of --reps. FLOPs = 2 · 3 · rows · H · I (rows = local pairs).
-// "gemm" columns time only the expert GEMMs (grouped: the two grouped kernels; cublas: the
-// per-expert calls + silu_mul, after the host sync). Each size checks that every grouped output
-// agrees with cuBLAS (nmse <= 1e-4) and the wgmma ones with mma; the exit status is 1 otherwise.
+// CUDA-event timing, warm-up, median of --reps; each path's line ends with the medians of the SM clock and
+// the board power read (NVML, bench/gpu_clock.h) after its timed runs. FLOPs = 2 · 3 · rows · H · I (rows = local
+// pairs). "gemm" columns time only the expert GEMMs (grouped: the two grouped kernels; cublas: the per-expert calls +
+// silu_mul, after the host sync). Each size checks that every grouped output agrees with cuBLAS (nmse <= 1e-4) and the
+// wgmma ones with mma; the exit status is 1 otherwise.
 //
 //   moe_bench [--tokens 4096,16384,32768] [--reps 10] [--experts 128] [--local 128] [--first 0]
 //             [--hidden 2048] [--inter 768] [--topk 8]
@@ -49,6 +50,7 @@
 
 #include "backends/cuda/kernels/kernels.h"
 #include "bench_util.cuh"
+#include "gpu_clock.h"
 #include "moe_bench_fp8.cuh"
 
 using cpinfer::DType;
@@ -71,6 +73,23 @@ void fill(__nv_bfloat16* p, int64_t n, uint32_t seed, float scale) {
   fill_random_bf16<<<2048, 256>>>(p, n, seed, scale);
   BENCH_CHECK(cudaGetLastError());
 }
+
+// Medians of the SM clock (MHz) and board power (W) read after a path's timed runs.
+struct Sampled {
+  std::vector<unsigned> mhz, watts;
+  void read(const GpuClock& c) {
+    mhz.push_back(c.sm_mhz());
+    watts.push_back(c.power_w());
+  }
+  std::string str() {
+    if (mhz.empty()) return "";
+    std::sort(mhz.begin(), mhz.end());
+    std::sort(watts.begin(), watts.end());
+    char buf[48];
+    std::snprintf(buf, sizeof buf, "%4u MHz %3u W", mhz[mhz.size() / 2], watts[watts.size() / 2]);
+    return buf;
+  }
+};
 
 DevTensor view(void* p, DType dt, std::initializer_list<int64_t> dims) {
   DevTensor t;
@@ -204,6 +223,7 @@ int main(int argc, char** argv) {
 
   cudaStream_t stream;
   BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const GpuClock clock;
   cublasHandle_t blas;
   CUBLAS_BENCH_CHECK(cublasCreate(&blas));
   CUBLAS_BENCH_CHECK(cublasSetStream(blas, stream));
@@ -471,24 +491,31 @@ int main(int argc, char** argv) {
     std::vector<std::vector<double>> g_total(n_gp), g_gemm(n_gp);
     std::vector<std::vector<double>> f_total(n_fp), f_gemm(n_fp);
     std::vector<double> c_total, c_gemm, dense;
+    // The SM clock and board power read after each timed run (NVML; 0 where it is not loaded): the
+    // tensor-core paths run below the card's top clock where the power limit holds them, the more
+    // so the busier their tensor pipe, so a time is read together with its clock.
+    std::vector<Sampled> g_clk(n_gp), f_clk(n_fp);
     for (int r = 0; r < 2; ++r) {
       for (size_t p = 0; p < n_gp; ++p) run_grouped(p, out_g[p], false);
       for (size_t p = 0; p < n_fp; ++p) run_fp8(p, out_f[p], false);
       run_cublas(out_c, false);
     }
     // One timed run: total from ev[0] to ev[3], the GEMMs between ev[1] and ev[2] (the run records them).
-    auto time_run = [&](auto&& run, std::vector<double>& total, std::vector<double>& gemm_ms) {
+    Sampled c_clk;
+    auto time_run = [&](auto&& run, std::vector<double>& total, std::vector<double>& gemm_ms, Sampled& clk) {
       BENCH_CHECK(cudaEventRecord(ev[0], stream));
       run();
       BENCH_CHECK(cudaEventRecord(ev[3], stream));
       BENCH_CHECK(cudaEventSynchronize(ev[3]));
       total.push_back(elapsed(ev[0], ev[3]));
       gemm_ms.push_back(elapsed(ev[1], ev[2]));
+      clk.read(clock);
     };
     for (int r = 0; r < reps; ++r) {
-      for (size_t p = 0; p < n_fp; ++p) time_run([&] { run_fp8(p, out_f[p], true); }, f_total[p], f_gemm[p]);
-      for (size_t p = 0; p < n_gp; ++p) time_run([&] { run_grouped(p, out_g[p], true); }, g_total[p], g_gemm[p]);
-      time_run([&] { run_cublas(out_c, true); }, c_total, c_gemm);
+      for (size_t p = 0; p < n_fp; ++p) time_run([&] { run_fp8(p, out_f[p], true); }, f_total[p], f_gemm[p], f_clk[p]);
+      for (size_t p = 0; p < n_gp; ++p)
+        time_run([&] { run_grouped(p, out_g[p], true); }, g_total[p], g_gemm[p], g_clk[p]);
+      time_run([&] { run_cublas(out_c, true); }, c_total, c_gemm, c_clk);
       // Dense floor: gate, up, down over all rows with expert 0's weights.
       BENCH_CHECK(cudaEventRecord(ev[0], stream));
       gemm(blas, xp, ptr_host[0], gp, CUDA_R_16BF, static_cast<int>(rows), static_cast<int>(inter),
@@ -511,21 +538,23 @@ int main(int argc, char** argv) {
       const double gt = median(g_total[p]), gg = median(g_gemm[p]);
       std::printf(
           "  %-11s total %8.3f ms (%6.1f TF/s)  gemm %8.3f ms (%6.1f TF/s, %3.0f%% of dense)  vs cublas %5.2fx "
-          "%5.2fx  %s\n",
-          gpaths[p].name, gt, tf(gt), gg, tf(gg), 100.0 * dn / gg, ct / gt, cg / gg, check[p].c_str());
+          "%5.2fx  %s  %s\n",
+          gpaths[p].name, gt, tf(gt), gg, tf(gg), 100.0 * dn / gg, ct / gt, cg / gg, g_clk[p].str().c_str(),
+          check[p].c_str());
     }
     const double bt = median(g_total[ws_path]), bg = median(g_gemm[ws_path]);
     for (size_t p = 0; p < n_fp; ++p) {
       const double ft = median(f_total[p]), fg = median(f_gemm[p]);
       std::printf(
-          "  %-11s total %8.3f ms (%6.1f TF/s)  gemm+quant %8.3f ms (%6.1f TF/s)  vs bf16 ws %5.2fx %5.2fx  %s\n",
-          fpaths[p].name, ft, tf(ft), fg, tf(fg), ft / bt, fg / bg, fcheck[p].c_str());
+          "  %-11s total %8.3f ms (%6.1f TF/s)  gemm+quant %8.3f ms (%6.1f TF/s)  vs bf16 ws %5.2fx %5.2fx  %s  %s\n",
+          fpaths[p].name, ft, tf(ft), fg, tf(fg), ft / bt, fg / bg, f_clk[p].str().c_str(), fcheck[p].c_str());
     }
     if (n_fp > 0)
       std::printf(
           "  FP8 / BF16 MoE block (fp8.ws / ws, the back-end defaults): %.3f / %.3f ms = %.2fx (target <= 0.65)\n",
           median(f_total[0]), bt, median(f_total[0]) / bt);
-    std::printf("  %-11s total %8.3f ms (%6.1f TF/s)  gemm %8.3f ms (%6.1f TF/s)\n", "cublas", ct, tf(ct), cg, tf(cg));
+    std::printf("  %-11s total %8.3f ms (%6.1f TF/s)  gemm %8.3f ms (%6.1f TF/s)  %s\n", "cublas", ct, tf(ct), cg,
+                tf(cg), c_clk.str().c_str());
     std::printf(
         "  dense cuBLAS floor (same FLOPs, one expert): %.3f ms = %.1f TF/s; cuBLAS per-expert GEMMs at %.0f%% "
         "of it\n",
