@@ -224,8 +224,7 @@ int main(int argc, char** argv) {
       for (auto& launch : launches) BENCH_CHECK(launch());
     const size_t n = launches.size();
     std::vector<std::vector<float>> times(n);
-    std::vector<std::vector<unsigned>> mhz(n), watts(n);
-    std::vector<int> capped(n, 0);
+    std::vector<ClockSamples> clk(n);
     for (int r = 0; r < reps; ++r)
       for (size_t k = 0; k < n; ++k) {
         BENCH_CHECK(cudaEventRecord(ev0, stream));
@@ -235,16 +234,12 @@ int main(int argc, char** argv) {
         float ms = 0;
         BENCH_CHECK(cudaEventElapsedTime(&ms, ev0, ev1));
         times[k].push_back(ms);
-        mhz[k].push_back(clock.sm_mhz());
-        watts[k].push_back(clock.power_w());
-        capped[k] += clock.power_capped() ? 1 : 0;
+        clk[k].read(clock);
       }
     std::vector<Timing> out;
     for (size_t k = 0; k < n; ++k) {
       std::sort(times[k].begin(), times[k].end());
-      std::sort(mhz[k].begin(), mhz[k].end());
-      std::sort(watts[k].begin(), watts[k].end());
-      out.push_back({times[k][reps / 2], mhz[k][reps / 2], static_cast<double>(capped[k]) / reps, watts[k][reps / 2]});
+      out.push_back({times[k][reps / 2], clk[k].median_mhz(), clk[k].capped_share(), clk[k].median_w()});
     }
     return out;
   };

@@ -6,7 +6,9 @@
 #pragma once
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 class GpuClock {
  public:
@@ -50,4 +52,28 @@ class GpuClock {
   int (*clock_)(void*, int, unsigned*) = nullptr;
   int (*power_)(void*, unsigned*) = nullptr;
   int (*reasons_)(void*, unsigned long long*) = nullptr;
+};
+
+// The readings after each of a path's timed runs, and their medians.
+class ClockSamples {
+ public:
+  void read(const GpuClock& c) {
+    mhz_.push_back(c.sm_mhz());
+    watts_.push_back(c.power_w());
+    capped_ += c.power_capped() ? 1 : 0;
+  }
+  bool empty() const { return mhz_.empty(); }
+  unsigned median_mhz() const { return median(mhz_); }
+  unsigned median_w() const { return median(watts_); }
+  // The share of the runs after which the power limit held the clock.
+  double capped_share() const { return mhz_.empty() ? 0.0 : static_cast<double>(capped_) / mhz_.size(); }
+
+ private:
+  static unsigned median(std::vector<unsigned> v) {
+    if (v.empty()) return 0;
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  }
+  std::vector<unsigned> mhz_, watts_;
+  int capped_ = 0;
 };

@@ -74,22 +74,13 @@ void fill(__nv_bfloat16* p, int64_t n, uint32_t seed, float scale) {
   BENCH_CHECK(cudaGetLastError());
 }
 
-// Medians of the SM clock (MHz) and board power (W) read after a path's timed runs.
-struct Sampled {
-  std::vector<unsigned> mhz, watts;
-  void read(const GpuClock& c) {
-    mhz.push_back(c.sm_mhz());
-    watts.push_back(c.power_w());
-  }
-  std::string str() {
-    if (mhz.empty()) return "";
-    std::sort(mhz.begin(), mhz.end());
-    std::sort(watts.begin(), watts.end());
-    char buf[48];
-    std::snprintf(buf, sizeof buf, "%4u MHz %3u W", mhz[mhz.size() / 2], watts[watts.size() / 2]);
-    return buf;
-  }
-};
+// The medians of the SM clock (MHz) and board power (W) read after a path's timed runs.
+std::string clock_str(const ClockSamples& c) {
+  if (c.empty()) return "";
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%4u MHz %3u W", c.median_mhz(), c.median_w());
+  return buf;
+}
 
 DevTensor view(void* p, DType dt, std::initializer_list<int64_t> dims) {
   DevTensor t;
@@ -494,15 +485,15 @@ int main(int argc, char** argv) {
     // The SM clock and board power read after each timed run (NVML; 0 where it is not loaded): the
     // tensor-core paths run below the card's top clock where the power limit holds them, the more
     // so the busier their tensor pipe, so a time is read together with its clock.
-    std::vector<Sampled> g_clk(n_gp), f_clk(n_fp);
+    std::vector<ClockSamples> g_clk(n_gp), f_clk(n_fp);
     for (int r = 0; r < 2; ++r) {
       for (size_t p = 0; p < n_gp; ++p) run_grouped(p, out_g[p], false);
       for (size_t p = 0; p < n_fp; ++p) run_fp8(p, out_f[p], false);
       run_cublas(out_c, false);
     }
     // One timed run: total from ev[0] to ev[3], the GEMMs between ev[1] and ev[2] (the run records them).
-    Sampled c_clk;
-    auto time_run = [&](auto&& run, std::vector<double>& total, std::vector<double>& gemm_ms, Sampled& clk) {
+    ClockSamples c_clk;
+    auto time_run = [&](auto&& run, std::vector<double>& total, std::vector<double>& gemm_ms, ClockSamples& clk) {
       BENCH_CHECK(cudaEventRecord(ev[0], stream));
       run();
       BENCH_CHECK(cudaEventRecord(ev[3], stream));
@@ -539,7 +530,7 @@ int main(int argc, char** argv) {
       std::printf(
           "  %-11s total %8.3f ms (%6.1f TF/s)  gemm %8.3f ms (%6.1f TF/s, %3.0f%% of dense)  vs cublas %5.2fx "
           "%5.2fx  %s  %s\n",
-          gpaths[p].name, gt, tf(gt), gg, tf(gg), 100.0 * dn / gg, ct / gt, cg / gg, g_clk[p].str().c_str(),
+          gpaths[p].name, gt, tf(gt), gg, tf(gg), 100.0 * dn / gg, ct / gt, cg / gg, clock_str(g_clk[p]).c_str(),
           check[p].c_str());
     }
     const double bt = median(g_total[ws_path]), bg = median(g_gemm[ws_path]);
@@ -547,14 +538,14 @@ int main(int argc, char** argv) {
       const double ft = median(f_total[p]), fg = median(f_gemm[p]);
       std::printf(
           "  %-11s total %8.3f ms (%6.1f TF/s)  gemm+quant %8.3f ms (%6.1f TF/s)  vs bf16 ws %5.2fx %5.2fx  %s  %s\n",
-          fpaths[p].name, ft, tf(ft), fg, tf(fg), ft / bt, fg / bg, f_clk[p].str().c_str(), fcheck[p].c_str());
+          fpaths[p].name, ft, tf(ft), fg, tf(fg), ft / bt, fg / bg, clock_str(f_clk[p]).c_str(), fcheck[p].c_str());
     }
     if (n_fp > 0)
       std::printf(
           "  FP8 / BF16 MoE block (fp8.ws / ws, the back-end defaults): %.3f / %.3f ms = %.2fx (target <= 0.65)\n",
           median(f_total[0]), bt, median(f_total[0]) / bt);
     std::printf("  %-11s total %8.3f ms (%6.1f TF/s)  gemm %8.3f ms (%6.1f TF/s)  %s\n", "cublas", ct, tf(ct), cg,
-                tf(cg), c_clk.str().c_str());
+                tf(cg), clock_str(c_clk).c_str());
     std::printf(
         "  dense cuBLAS floor (same FLOPs, one expert): %.3f ms = %.1f TF/s; cuBLAS per-expert GEMMs at %.0f%% "
         "of it\n",
