@@ -139,16 +139,34 @@ __global__ void __launch_bounds__(fp8mma::max_warps<G>() * 32)
     }
 }
 
+// Each warp's first pass is loaded before the wait for the previous kernel, which only a resident
+// block can do: where the tiles outnumber the blocks the SMs hold at once (q‖k‖v of the 30B-A3B shape:
+// 320 tiles of 8 warps, two such blocks an SM), the warps per block are halved until they fit, each
+// warp taking more passes.
+template <class TO, int G>
+cudaError_t launch_mma_g(const __nv_bfloat16* a, const Segs& s, int tiles, int m, int k, cudaStream_t stream) {
+  const auto kernel = skinny_fp8_mma_kernel<TO, G>;
+  int warps = fp8mma::warps<G>(k), device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  while (warps > 1) {
+    int per_sm = 0;
+    if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, 0)) != cudaSuccess)
+      return err;
+    if (static_cast<int64_t>(per_sm) * sms >= tiles) break;
+    warps /= 2;
+  }
+  return launch_k(kernel, static_cast<unsigned>(tiles), warps * 32, 0, stream, a, s, m, k);
+}
+
 template <class TO>
 cudaError_t launch_mma(const __nv_bfloat16* a, Segs s, int m, int k, cudaStream_t stream) {
   int tiles = 0;
   for (int i = 0; i < s.count; ++i) s.warp_end[i] = tiles += (s.n[i] + kMmaRows - 1) / kMmaRows;
   static_assert(kSkinnyFp8QuantizedMaxRows == fp8mma::kMaxGroups * fp8mma::kCols, "one or two groups of 8 rows");
-  if (m <= fp8mma::kCols)
-    return launch_k(skinny_fp8_mma_kernel<TO, 1>, static_cast<unsigned>(tiles), fp8mma::warps<1>(k) * 32, 0, stream, a,
-                    s, m, k);
-  return launch_k(skinny_fp8_mma_kernel<TO, 2>, static_cast<unsigned>(tiles), fp8mma::warps<2>(k) * 32, 0, stream, a, s,
-                  m, k);
+  if (m <= fp8mma::kCols) return launch_mma_g<TO, 1>(a, s, tiles, m, k, stream);
+  return launch_mma_g<TO, 2>(a, s, tiles, m, k, stream);
 }
 
 // Columns per warp and chunks per pass: 16 copies of 16 bytes in flight per lane (BF16: two weight
