@@ -115,7 +115,12 @@ TEST_F(Fp8Ops, LinearMatchesTheCpuOnEveryPath) {
                                          {12, 2048, 512, DType::F32},
                                          {9, 2048, 4096, DType::BF16},
                                          {11, 768, 2048, DType::F32},
-                                         {13, 2048, 130, DType::BF16}}) {
+                                         {13, 2048, 130, DType::BF16},
+                                         // More tiles than the SMs hold blocks of 8 warps: the
+                                         // launch halves a block's warps until all are resident
+                                         // or one is left (2,000 tiles: one warp, 8 passes).
+                                         {1, 2048, 32000, DType::BF16},
+                                         {12, 2048, 32000, DType::F32}}) {
     // Weights of a trained layer's magnitude, quantized by the published rule; activations O(1).
     const Fp8Weight fw = fp8_weight(rng, c.n, c.k);
     const Weight &cw = fw.cpu, &gw = fw.gpu;
