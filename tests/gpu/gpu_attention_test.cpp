@@ -155,8 +155,8 @@ TEST_F(AttnRunner, DecodeUnderAKeyBound) {
   }
 }
 
-// The decode kernel loads the keys that earlier forwards wrote before it waits for the previous
-// kernel (programmatic dependent launch), and the newest ones after the wait. Here each sequence's
+// The decode kernel is launched while the previous kernel still runs (programmatic dependent
+// launch) and must read no key before it waits for it. Here each sequence's
 // newest key is stored by kv_store right before the attention, back to back on the stream, with
 // values unlike the ones it replaces (as q/k norm + RoPE stores them in a decode step): a kernel
 // that read it before its wait would see the old values. Several rounds, since whether such an

@@ -51,8 +51,10 @@ __global__ void __launch_bounds__(kThreads)
                             const int32_t* __restrict__ block_table, int max_blocks_per_seq,
                             const __nv_bfloat16* __restrict__ cache_k, const __nv_bfloat16* __restrict__ cache_v,
                             int block_size, int bs_shift, int n_pages, int hq, int hkv, int n_group, float scale_log2,
-                            int n_splits, int n_rows, __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
+                            int n_splits, __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
                             float* __restrict__ part) {
+  pdl_wait();
+  pdl_trigger();
   extern __shared__ __align__(128) unsigned char smem[];
   auto* sq = reinterpret_cast<__nv_bfloat16*>(smem);
   __nv_bfloat16* sk = sq + kMaxG * kD;                                         // [kStages][kTile][kD]
@@ -76,15 +78,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = q_begin;
   const int h0 = kvh * n_group;
 
-  // Keys below old_end were written by earlier forwards: this forward's n_rows new tokens of the
-  // sequence lie within n_rows - 1 positions of pos_begin.
-  const int old_end = pos_begin - n_rows + 1;
+  // Q: the group's heads as rows 0..G-1, zero rows after.
+  for (int c = tid; c < kMaxG * kChunks; c += kThreads) {
+    const int r = c / kChunks, ch = c % kChunks;
+    cp_async16(sq + swz(r, ch), q + ((row * hq + h0 + (r < n_group ? r : 0)) * kD + ch * 8), r < n_group);
+  }
   const int n_tiles = (key_end - key_begin + kTile - 1) / kTile;
-  // Thread tid loads chunk tid % 16 of rows tid / 16 + 8i; the row's page is looked up once. Rows
-  // go in one of three passes: all of them, or those of keys below old_end (before the wait for
-  // the previous kernel, which may be writing the newest keys), or the rest (after it).
-  enum Rows { kAll, kOld, kNew };
-  auto load_tile = [&](int tile, int stage, Rows which) {
+  // Thread tid loads chunk tid % 16 of rows tid / 16 + 8i; the row's page is looked up once.
+  auto load_tile = [&](int tile, int stage) {
     __nv_bfloat16* dk = sk + stage * kTile * kD;
     __nv_bfloat16* dv = sv + stage * kTile * kD;
     const int ch = tid % kChunks;
@@ -92,7 +93,6 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < kTile * kChunks / kThreads; ++i) {
       const int r = tid / kChunks + i * (kThreads / kChunks);
       const int key = key_begin + tile * kTile + r;
-      if (which != kAll && (key < old_end) != (which == kOld)) continue;
       int64_t slot = -1;
       if (key < key_end) {
         // Page sizes that are powers of two (all the engine uses) shift instead of dividing.
@@ -107,22 +107,10 @@ __global__ void __launch_bounds__(kThreads)
       if (ch == 0) svalid[stage * kTile + r] = slot >= 0;
     }
   };
-  // The first tiles' old keys stream in while the previous kernel (q/k norm + RoPE, which stores
-  // the newest keys) finishes; the metadata and block table were written before the forward.
-#pragma unroll
-  for (int st = 0; st < kStages - 1; ++st)
-    if (st < n_tiles) load_tile(st, st, kOld);
-  pdl_wait();
-  pdl_trigger();
-  // Q: the group's heads as rows 0..G-1, zero rows after.
-  for (int c = tid; c < kMaxG * kChunks; c += kThreads) {
-    const int r = c / kChunks, ch = c % kChunks;
-    cp_async16(sq + swz(r, ch), q + ((row * hq + h0 + (r < n_group ? r : 0)) * kD + ch * 8), r < n_group);
-  }
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < n_tiles) load_tile(st, st, kNew);
-    cp_async_commit();  // the first group also holds Q (and the old keys of both tiles)
+    if (st < n_tiles) load_tile(st, st);
+    cp_async_commit();  // the first group also holds Q
   }
 
   const int g = lane >> 2, t4 = lane & 3;  // accumulator row (head) g and g + 8, key/dim pair 2·t4
@@ -133,7 +121,7 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t qa[kD / 16][4];
 
   for (int t = 0; t < n_tiles; ++t) {
-    if (t + kStages - 1 < n_tiles) load_tile(t + kStages - 1, (t + kStages - 1) % kStages, kAll);
+    if (t + kStages - 1 < n_tiles) load_tile(t + kStages - 1, (t + kStages - 1) % kStages);
     cp_async_commit();
     cp_async_wait<kStages - 1>();
     __syncthreads();  // tile t (and on the first pass Q) visible to every thread
@@ -263,8 +251,7 @@ cudaError_t launch_kernel(const DevTensor& q, const DevAttnBatch& batch, const D
   return launch_k(attention_decode_kernel, grid, kThreads, kSmemBytes, stream, q.ptr<const __nv_bfloat16>(),
                   batch.blocks, batch.block_table, batch.max_blocks_per_seq, cache.k.ptr<const __nv_bfloat16>(),
                   cache.v.ptr<const __nv_bfloat16>(), cache.block_size(), bs_shift, static_cast<int>(cache.k.dim(0)),
-                  hq, hkv, hq / hkv, scale_log2, n_splits, static_cast<int>(q.dim(0)), out.ptr<__nv_bfloat16>(), lse,
-                  part);
+                  hq, hkv, hq / hkv, scale_log2, n_splits, out.ptr<__nv_bfloat16>(), lse, part);
 }
 
 }  // namespace
