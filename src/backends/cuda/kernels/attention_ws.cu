@@ -454,9 +454,8 @@ cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, c
   if (hkv % group_kv != 0) return cudaErrorInvalidValue;
   p.group_heads = static_cast<int>(group_kv * (hq / hkv));
   p.scale_log2 = scale * 1.4426950408889634f;
-  int device = 0, n_sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&n_sms, cudaDevAttrMultiProcessorCount, device);
+  int n_sms = 0;
+  const cudaError_t err = current_device_sms(n_sms);
   if (err != cudaSuccess) return err;
   const int64_t max_items = static_cast<int64_t>(n_blocks) * ((max_q + kBM - 1) / kBM) * hq;
   const int grid = static_cast<int>(std::min<int64_t>(n_sms, max_items));

@@ -155,6 +155,13 @@ cudaError_t opt_in_dynamic_smem(void (*kernel)(P...), size_t bytes) {
   return opt_in_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
 }
 
+// The current device's SM count (grids sized to one wave or one CTA per SM).
+inline cudaError_t current_device_sms(int& sms) {
+  int device = 0;
+  const cudaError_t err = cudaGetDevice(&device);
+  return err == cudaSuccess ? cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) : err;
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch allowed when
 // programmatic_launch() is on and the dynamic shared-memory opt-in done when smem needs it. Every
 // kernel launched here calls pdl_wait() before its first access to data of earlier kernels.

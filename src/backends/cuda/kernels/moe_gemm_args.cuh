@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "backends/cuda/kernels/common.cuh"
 #include "backends/cuda/kernels/kernels.h"
 
 namespace cpinfer::cuda {
@@ -78,9 +79,8 @@ inline cudaError_t moe_grouped_check(const DevTensor& x, int64_t inter, int64_t 
 inline cudaError_t ws_grid(int64_t items, bool persistent, unsigned& grid) {
   int64_t n = items;
   if (persistent) {
-    int device = 0, sms = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    int sms = 0;
+    const cudaError_t err = current_device_sms(sms);
     if (err != cudaSuccess) return err;
     n = items < sms ? items : sms;
   }

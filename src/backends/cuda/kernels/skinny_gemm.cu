@@ -146,9 +146,8 @@ __global__ void __launch_bounds__(fp8mma::max_warps<G>() * 32)
 template <class TO, int G>
 cudaError_t launch_mma_g(const __nv_bfloat16* a, const Segs& s, int tiles, int m, int k, cudaStream_t stream) {
   const auto kernel = skinny_fp8_mma_kernel<TO, G>;
-  int warps = fp8mma::warps<G>(k), device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int warps = fp8mma::warps<G>(k), sms = 0;
+  cudaError_t err = current_device_sms(sms);
   if (err != cudaSuccess) return err;
   while (warps > 1) {
     int per_sm = 0;
