@@ -1,8 +1,11 @@
 // The transformers-made FP8 fixture (tests/fixtures/moe_fp8, made by tools/make_fp8_fixture.py on
 // the GPU machine): its references and the all-position logits of reference_logits.safetensors.
 #pragma once
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -81,6 +84,74 @@ inline std::pair<double, double> squared_error(const float* got, const float* wa
     s += double(want[i]) * want[i];
   }
   return {d, s};
+}
+
+// fidelity.json (tools/make_fp8_fidelity.py): more prompts, and per position only the W8A8 reference's
+// error against the fp32 truth and the truth's fingerprints (sum of squares, largest logit, top-2 gap,
+// argmax), not the logits.
+struct FidelityPrompt {
+  std::vector<int32_t> ids;
+  std::vector<double> truth_sq, truth_max, truth_gap, ref_err;
+  std::vector<int> truth_arg, ref_arg;
+};
+
+inline std::string fidelity_path() { return fixture_dir(kFp8Fixture) + "/fidelity.json"; }
+
+// Why a test of fidelity.json must skip ("" once it exists).
+inline std::string fidelity_absent() {
+  if (auto why = fp8_fixture_absent(); !why.empty()) return why;
+  if (std::filesystem::exists(fidelity_path())) return "";
+  return fidelity_path() + " is not generated yet: run `python3 tools/make_fp8_fidelity.py` on the GPU machine";
+}
+
+inline std::vector<FidelityPrompt> load_fidelity() {
+  std::ifstream in(fidelity_path());
+  const nlohmann::json j = nlohmann::json::parse(in);
+  std::vector<FidelityPrompt> out;
+  for (const nlohmann::json& p : j.at("prompts")) {
+    FidelityPrompt f;
+    f.ids = p.at("ids").get<std::vector<int32_t>>();
+    f.truth_sq = p.at("truth_sq").get<std::vector<double>>();
+    f.truth_max = p.at("truth_max").get<std::vector<double>>();
+    f.truth_gap = p.at("truth_gap").get<std::vector<double>>();
+    f.truth_arg = p.at("truth_arg").get<std::vector<int>>();
+    f.ref_err = p.at("ref_err").get<std::vector<double>>();
+    f.ref_arg = p.at("ref_arg").get<std::vector<int>>();
+    const size_t n = f.ids.size();
+    CPI_CHECK(n > 0 && f.truth_sq.size() == n && f.truth_max.size() == n && f.truth_gap.size() == n &&
+                  f.truth_arg.size() == n && f.ref_err.size() == n && f.ref_arg.size() == n,
+              fidelity_path(), ": a prompt's per-position lists do not match its ids");
+    out.push_back(std::move(f));
+  }
+  CPI_CHECK(!out.empty(), fidelity_path(), " holds no prompts");
+  return out;
+}
+
+// How far all-position logits [T, V] are from the stored truth's fingerprints: positions off (sum of
+// squares by more than 1e-5 relative, largest logit by more than 1e-4 (1 + |it|), or another argmax
+// where the top-2 gap exceeds 1e-3), and the worst of the first two.
+struct TruthCheck {
+  size_t positions = 0, off = 0;
+  double worst_sq = 0, worst_max = 0;
+};
+
+inline void check_truth(TruthCheck& c, const FidelityPrompt& p, const std::vector<float>& logits, int64_t vocab) {
+  for (size_t t = 0; t < p.ids.size(); ++t) {
+    const float* l = logits.data() + t * vocab;
+    double sq = 0;
+    int64_t arg = 0;
+    for (int64_t v = 0; v < vocab; ++v) {
+      sq += double(l[v]) * l[v];
+      if (l[v] > l[arg]) arg = v;
+    }
+    const double rel_sq = std::fabs(sq - p.truth_sq[t]) / p.truth_sq[t];
+    const double abs_max = std::fabs(double(l[arg]) - p.truth_max[t]);
+    c.worst_sq = std::max(c.worst_sq, rel_sq);
+    c.worst_max = std::max(c.worst_max, abs_max);
+    c.off += rel_sq > 1e-5 || abs_max > 1e-4 * (1 + std::fabs(p.truth_max[t])) ||
+             (p.truth_gap[t] > 1e-3 && arg != p.truth_arg[t]);
+    ++c.positions;
+  }
 }
 
 }  // namespace cpinfer::test

@@ -145,6 +145,28 @@ TEST(Fp8Fixture, CpuMatchesTransformersFp32ForwardOfTheDequantizedWeights) {
 // (not everywhere: in an MoE a router near-tie upstream can flip a clear final argmax, the reason
 // for 97% in gpu_model_test's random FP8 model), and farther from the truth than the FP8 path, so
 // the two paths are each what they claim.
+// fidelity.json's prompts (tools/make_fp8_fidelity.py: 36 random prompts of 33 to 300 tokens, 5,928
+// positions) hold the fp32 truth's fingerprints at every position: the CPU forward matches them all
+// (sum of squares to 1e-5, largest logit to 1e-4, argmax wherever the top-2 gap exceeds 1e-3). The GPU
+// test takes this forward as the truth of those prompts.
+TEST(Fp8Fixture, CpuMatchesTheTruthOnTheFidelityPrompts) {
+  if (auto why = fidelity_absent(); !why.empty()) GTEST_SKIP() << why;
+  Engine e(fixture_dir(kFp8Fixture), cpu_opts("auto"));
+  const int64_t V = e.config().vocab_size;
+  TruthCheck tc;
+  for (const FidelityPrompt& p : load_fidelity()) {
+    std::vector<int> seqs;
+    auto logits = e.prefill({std::span<const int32_t>(p.ids)}, seqs, LogitsWanted::All);
+    e.release(seqs[0]);
+    ASSERT_EQ(logits[0].size(), p.ids.size() * size_t(V));
+    check_truth(tc, p, logits[0], V);
+  }
+  std::printf("[cpu %s] fidelity.json: %zu positions, sum of squares within %.2g relative, largest logit within %.2g\n",
+              kFp8Fixture, tc.positions, tc.worst_sq, tc.worst_max);
+  EXPECT_GT(tc.positions, 5000u);
+  EXPECT_EQ(tc.off, 0u) << "off the stored fp32 truth at " << tc.off << " of " << tc.positions << " positions";
+}
+
 TEST(Fp8Fixture, Bf16DequantizedWeightsAreCloseButLessFaithful) {
   if (auto why = fp8_fixture_absent(); !why.empty()) GTEST_SKIP() << why;
   Engine fp8(fixture_dir(kFp8Fixture), cpu_opts("auto"));

@@ -7,9 +7,9 @@
 //  - nmse against the truth <= 2 x the reference's. On an H200 (2026-12-04) cpinfer measured
 //    0.00308 against the emulation's 0.00197 (1.56x): on a random model (small top-2 gaps,
 //    near-tied routers) two W8A8 forwards that round at different points scatter about each other,
-//    and which one is the more faithful is not settled by this fixture. The bound catches a broken
-//    FP8 path (wrong scales or blocks give nmse of order 1), not the issue's "at least as faithful
-//    as transformers' FP8 forward", which is not claimed;
+//    and which one is the more faithful is not settled by these 431 positions. The bound catches a
+//    broken FP8 path (wrong scales or blocks give nmse of order 1); "at least as faithful" is the
+//    second test's, on ~6,400 positions;
 //  - argmax agreement with the truth >= the reference's less 1.5% of the positions (measured: 406
 //    against 410 of 431);
 //  - greedy continuations (decode: the skinny FP8 kernels and row-wise FP8 experts) equal to the
@@ -17,6 +17,18 @@
 //    reference at the prompts' last positions (at least 0.3): beyond a near-tie the two may
 //    legitimately part.
 // Skips, saying why, until the fixture has been generated, and without a usable GPU.
+//
+// The second test: at least as faithful to the fp32 truth as the W8A8 reference, over the fixture's
+// prompts and fidelity.json's 36 more (tools/make_fp8_fidelity.py: 5,928 positions with the
+// reference's error at each). Their truth is cpinfer's CPU forward of the fixture (fp32 activations,
+// the FP8 weights dequantized exactly), checked at every position against the stored sum of squares,
+// largest logit and argmax of transformers' fp32 truth. At least as faithful means all of: closer to
+// the truth than the reference at half the positions or more; a median per-position squared error no
+// larger than the reference's; nmse within 10% of the reference's (nmse is decided by the few
+// positions where a near-tied router or top-2 gap flips: its top 1% of positions hold a third of it);
+// argmax agreement no lower than the reference's less 0.5% of the positions. Measured (H100,
+// 2026-12-06): closer at 0.5196 of 6,359 positions, median 1.870 against 1.895, nmse 1.046x the
+// reference's, argmax 5,994 against 5,971.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -96,4 +108,85 @@ TEST(GpuFp8Fixture, WithinTwiceTheW8a8ReferenceError) {
   EXPECT_GT(nmse_hf, 0.0) << "the fixture's FP8 reference equals the truth: it was not made by an FP8 forward";
   EXPECT_LE(nmse_ours, kNmseAllowance * nmse_hf) << "far less faithful to the fp32 truth than the W8A8 reference";
   EXPECT_GE(double(agree_ours), double(agree_hf) - 0.015 * double(total));
+}
+
+namespace {
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+}  // namespace
+
+TEST(GpuFp8Fixture, AtLeastAsFaithfulAsTheW8a8Reference) {
+  if (auto why = fidelity_absent(); !why.empty()) GTEST_SKIP() << why;
+  if (auto why = gpus_unavailable(1); !why.empty()) GTEST_SKIP() << why;
+  EngineOptions eo;
+  eo.quiet = true;
+  eo.kv_cache_tokens = 1024;
+  Engine cpu(fixture_dir(kFp8Fixture), eo);
+  eo.device = "cuda";
+  Engine gpu(fixture_dir(kFp8Fixture), eo);
+  const int64_t V = gpu.config().vocab_size;
+  auto all_logits = [](Engine& e, const std::vector<int32_t>& ids) {
+    std::vector<int> seqs;
+    auto l = e.prefill({std::span<const int32_t>(ids)}, seqs, LogitsWanted::All);
+    e.release(seqs[0]);
+    return std::move(l[0]);
+  };
+
+  std::vector<double> err_ours, err_ref;  // per position: sum over the vocabulary of (x - truth)^2
+  double s = 0;
+  size_t agree_ours = 0, agree_ref = 0;
+  // The fixture's prompts: truth and reference as stored.
+  for (const Fp8RefPrompt& r : load_fp8_reference(V)) {
+    const std::vector<float> ours = all_logits(gpu, r.ref.ids);
+    ASSERT_EQ(ours.size(), r.ref.ids.size() * size_t(V));
+    for (size_t t = 0; t < r.ref.ids.size(); ++t) {
+      const float* truth = r.logits_fp32.data() + t * V;
+      const auto [d1, s1] = squared_error(ours.data() + t * V, truth, size_t(V));
+      err_ours.push_back(d1);
+      err_ref.push_back(squared_error(r.logits_fp8.data() + t * V, truth, size_t(V)).first);
+      s += s1;
+      agree_ours += argmax(std::span<const float>(ours.data() + t * V, V)) == r.ref.argmax_fp32[t];
+      agree_ref += r.argmax_fp8[t] == r.ref.argmax_fp32[t];
+    }
+  }
+  // fidelity.json's prompts: the truth is the CPU forward, checked against the stored fingerprints.
+  TruthCheck tc;
+  for (const FidelityPrompt& p : load_fidelity()) {
+    const std::vector<float> truth = all_logits(cpu, p.ids), ours = all_logits(gpu, p.ids);
+    ASSERT_EQ(truth.size(), p.ids.size() * size_t(V));
+    ASSERT_EQ(ours.size(), truth.size());
+    check_truth(tc, p, truth, V);
+    for (size_t t = 0; t < p.ids.size(); ++t) {
+      err_ours.push_back(squared_error(ours.data() + t * V, truth.data() + t * V, size_t(V)).first);
+      err_ref.push_back(p.ref_err[t]);
+      s += p.truth_sq[t];
+      agree_ours += argmax(std::span<const float>(ours.data() + t * V, V)) == p.truth_arg[t];
+      agree_ref += p.ref_arg[t] == p.truth_arg[t];
+    }
+  }
+  EXPECT_EQ(tc.off, 0u) << "the CPU forward is not the stored fp32 truth at " << tc.off << " of " << tc.positions
+                        << " positions (worst: sum of squares " << tc.worst_sq << " relative, largest logit "
+                        << tc.worst_max << ")";
+  const size_t n = err_ours.size();
+  size_t closer = 0;
+  double d_ours = 0, d_ref = 0;
+  for (size_t i = 0; i < n; ++i) closer += err_ours[i] < err_ref[i], d_ours += err_ours[i], d_ref += err_ref[i];
+  const double nmse_ours = d_ours / s, nmse_ref = d_ref / s;
+  const double med_ours = median(err_ours), med_ref = median(err_ref);
+  const double frac = double(closer) / double(n);
+  std::printf(
+      "[gpu %s] against the fp32 truth over %zu positions (%zu on fidelity.json's prompts, whose truth is the CPU "
+      "forward: off the stored fingerprints by at most %.2g relative in the sum of squares and %.2g in the largest "
+      "logit): closer than the W8A8 reference at %.4f of the positions; median per-position squared error %.4g "
+      "(reference %.4g); nmse %.5g (reference %.5g, ratio %.3f); argmax agreement %zu (reference %zu)\n",
+      kFp8Fixture, n, tc.positions, tc.worst_sq, tc.worst_max, frac, med_ours, med_ref, nmse_ours, nmse_ref,
+      nmse_ours / nmse_ref, agree_ours, agree_ref);
+  EXPECT_GE(frac, 0.5) << "farther from the fp32 truth than the W8A8 reference at most positions";
+  EXPECT_LE(med_ours, med_ref) << "median per-position error above the W8A8 reference's";
+  EXPECT_LE(nmse_ours, 1.1 * nmse_ref) << "nmse more than 10% above the W8A8 reference's";
+  EXPECT_GE(double(agree_ours), double(agree_ref) - 0.005 * double(n));
 }
