@@ -33,7 +33,9 @@
 // wgmma ones with mma; the exit status is 1 otherwise.
 //
 //   moe_bench [--tokens 4096,16384,32768] [--reps 10] [--experts 128] [--local 128] [--first 0]
-//             [--hidden 2048] [--inter 768] [--topk 8]
+//             [--hidden 2048] [--inter 768] [--topk 8] [--paths ws,fp8.ws]
+// --paths times only the named paths (and cuBLAS; mma, the wgmma paths' check, always; ws, the FP8
+// paths' reference, with any FP8 path): a quick A/B without the tuning variants.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -132,6 +134,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> tokens_list = {4096, 16384, 32768};
   int reps = 10, n_experts = 128, local = -1, first = 0, top_k = 8;
   int64_t hidden = 2048, inter = 768;
+  std::vector<std::string> only;  // --paths
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> const char* {
@@ -157,10 +160,17 @@ int main(int argc, char** argv) {
       inter = std::atoll(next());
     else if (a == "--topk")
       top_k = std::atoi(next());
-    else {
+    else if (a == "--paths") {
+      std::string list = next();
+      for (size_t b = 0; b <= list.size();) {
+        const size_t e = std::min(list.find(',', b), list.size());
+        if (e > b) only.push_back(list.substr(b, e - b));
+        b = e + 1;
+      }
+    } else {
       std::fprintf(stderr,
                    "usage: moe_bench [--tokens 4096,16384,32768] [--reps 10] [--experts 128] [--local 128] "
-                   "[--first 0] [--hidden 2048] [--inter 768] [--topk 8]\n");
+                   "[--first 0] [--hidden 2048] [--inter 768] [--topk 8] [--paths ws,fp8.ws]\n");
       return 2;
     }
   }
@@ -210,7 +220,9 @@ int main(int argc, char** argv) {
   } else {
     std::printf("(not compute capability 9.0: no wgmma columns)\n");
   }
-  const size_t n_gp = gpaths.size();
+  auto wanted = [&](const std::string& name) {
+    return only.empty() || std::find(only.begin(), only.end(), name) != only.end();
+  };
 
   cudaStream_t stream;
   BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -237,12 +249,32 @@ int main(int argc, char** argv) {
   // FP8 copies of the same experts (compute capability 9.0, H and I multiples of 128).
   namespace f8 = moe_bench_fp8;
   const bool fp8 = prop.major == 9 && prop.minor == 0 && cc::moe_fp8_grouped_supported(hidden, inter);
-  const std::vector<f8::Path> fpaths =
+  std::vector<f8::Path> fpaths =
       fp8 ? std::vector<f8::Path>{{"fp8.ws", true, true, 0},      {"fp8.ws.j1", true, true, 1},
                                   {"fp8.ws.j2", true, true, 2},   {"fp8.ws.j4", true, true, 4},
                                   {"fp8.ws.j8", true, true, 8},   {"fp8.ws.np", true, true, 2, false},
                                   {"fp8.ws.f32", true, false, 2}, {"fp8.wgmma", false, false, 2}}
           : std::vector<f8::Path>{};
+  // --paths: every name must be a path of this card; mma stays (the wgmma paths' check), ws with any
+  // FP8 path (their reference).
+  for (const std::string& name : only) {
+    const bool known =
+        std::any_of(gpaths.begin(), gpaths.end(), [&](const GroupedPath& g) { return name == g.name; }) ||
+        std::any_of(fpaths.begin(), fpaths.end(), [&](const f8::Path& f) { return name == f.name; });
+    if (!known) {
+      std::fprintf(stderr, "moe_bench: --paths: no path '%s' on this card\n", name.c_str());
+      return 2;
+    }
+  }
+  fpaths.erase(std::remove_if(fpaths.begin(), fpaths.end(), [&](const f8::Path& f) { return !wanted(f.name); }),
+               fpaths.end());
+  gpaths.erase(std::remove_if(gpaths.begin(), gpaths.end(),
+                              [&](const GroupedPath& g) {
+                                const std::string name = g.name;
+                                return !(name == "mma" || wanted(name) || (name == "ws" && !fpaths.empty()));
+                              }),
+               gpaths.end());
+  const size_t n_gp = gpaths.size();
   const size_t n_fp = fpaths.size();
   f8::Experts fp8_w;
   if (fp8) fp8_w = f8::make_experts(ptr_host, count, hidden, inter);
