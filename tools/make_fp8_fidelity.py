@@ -154,10 +154,7 @@ def main():
         sys.exit(f"make_fp8_fidelity.py needs torch, transformers 5.x and safetensors: {e}")
     if not torch.cuda.is_available():
         sys.exit("make_fp8_fidelity.py needs a CUDA GPU (the W8A8 reference runs there, as make_fp8_fixture.py's)")
-    torch.set_num_threads(args.threads)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    transformers.utils.logging.disable_progress_bar()
+    mff.exact_torch(torch, transformers, args.threads)
     try:
         build(args.fixture, args.prompts, args.seed, torch, transformers)
     except FixtureError as e:

@@ -371,6 +371,14 @@ def build(out_root, fp8_mode, keep_tmp, torch, transformers):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def exact_torch(torch, transformers, threads):
+    """fp32 products in fp32 (no TF32), `threads` CPU threads, no progress bars."""
+    torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output directory (the fixture goes to OUT/moe_fp8)")
@@ -392,10 +400,7 @@ def main():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         sys.exit("make_fp8_fixture.py needs a CUDA GPU with FP8 (compute capability >= 8.9) for transformers' "
                  "FP8 quantization and forward")
-    torch.set_num_threads(args.threads)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    transformers.utils.logging.disable_progress_bar()
+    exact_torch(torch, transformers, args.threads)
     log(f"make_fp8_fixture: torch {torch.__version__}, transformers {transformers.__version__}, "
         f"gpu {torch.cuda.get_device_name()}, FP8 forward: {args.fp8_forward}")
     os.makedirs(args.out, exist_ok=True)
