@@ -11,6 +11,7 @@
 
 #include "core/check.h"
 #include "core/dtype.h"
+#include "engine/sampler.h"
 #include "fixtures.h"
 #include "loader/safetensors.h"
 
@@ -138,12 +139,8 @@ struct TruthCheck {
 inline void check_truth(TruthCheck& c, const FidelityPrompt& p, const std::vector<float>& logits, int64_t vocab) {
   for (size_t t = 0; t < p.ids.size(); ++t) {
     const float* l = logits.data() + t * vocab;
-    double sq = 0;
-    int64_t arg = 0;
-    for (int64_t v = 0; v < vocab; ++v) {
-      sq += double(l[v]) * l[v];
-      if (l[v] > l[arg]) arg = v;
-    }
+    const double sq = squared_error(l, l, size_t(vocab)).second;
+    const int arg = argmax(std::span<const float>(l, size_t(vocab)));
     const double rel_sq = std::fabs(sq - p.truth_sq[t]) / p.truth_sq[t];
     const double abs_max = std::fabs(double(l[arg]) - p.truth_max[t]);
     c.worst_sq = std::max(c.worst_sq, rel_sq);

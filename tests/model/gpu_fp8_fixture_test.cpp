@@ -45,6 +45,50 @@ namespace {
 
 constexpr double kNmseAllowance = 2.0;
 
+// Per position: the squared error over the vocabulary of the GPU forward and of the W8A8 reference
+// against the truth, the truth's sum of squares, and argmax agreement with the truth.
+struct PositionErrors {
+  std::vector<double> ours, ref;
+  double s = 0;
+  size_t agree_ours = 0, agree_ref = 0;
+  double nmse_ours() const { return sum(ours) / s; }
+  double nmse_ref() const { return sum(ref) / s; }
+  static double sum(const std::vector<double>& v) {
+    double t = 0;
+    for (double x : v) t += x;
+    return t;
+  }
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+std::vector<float> all_logits(Engine& e, const std::vector<int32_t>& ids) {
+  std::vector<int> seqs;
+  auto l = e.prefill({std::span<const int32_t>(ids)}, seqs, LogitsWanted::All);
+  e.release(seqs[0]);
+  return std::move(l[0]);
+}
+
+// The fixture's prompts through the GPU forward, against the stored truth and reference.
+void add_fixture_prompts(Engine& gpu, const std::vector<Fp8RefPrompt>& refs, int64_t V, PositionErrors& e) {
+  for (const Fp8RefPrompt& r : refs) {
+    const std::vector<float> ours = all_logits(gpu, r.ref.ids);
+    ASSERT_EQ(ours.size(), r.ref.ids.size() * size_t(V));
+    for (size_t t = 0; t < r.ref.ids.size(); ++t) {
+      const float* truth = r.logits_fp32.data() + t * V;
+      const auto [d1, s1] = squared_error(ours.data() + t * V, truth, size_t(V));
+      e.ours.push_back(d1);
+      e.ref.push_back(squared_error(r.logits_fp8.data() + t * V, truth, size_t(V)).first);
+      e.s += s1;
+      e.agree_ours += argmax(std::span<const float>(ours.data() + t * V, V)) == r.ref.argmax_fp32[t];
+      e.agree_ref += r.argmax_fp8[t] == r.ref.argmax_fp32[t];
+    }
+  }
+}
+
 }  // namespace
 
 TEST(GpuFp8Fixture, WithinTwiceTheW8a8ReferenceError) {
@@ -61,27 +105,17 @@ TEST(GpuFp8Fixture, WithinTwiceTheW8a8ReferenceError) {
   const nlohmann::json ref_json = nlohmann::json::parse(in);
   const std::string hf_impl = ref_json.at("reference_fp8").value("implementation", "?");
 
-  double d_ours = 0, d_hf = 0, s = 0, hf_last_err = 0;
-  size_t agree_ours = 0, agree_hf = 0, total = 0;
+  PositionErrors e;
+  add_fixture_prompts(gpu, refs, V, e);
+  if (HasFatalFailure()) return;
+  const size_t total = e.ours.size();
+  const size_t agree_ours = e.agree_ours, agree_hf = e.agree_ref;
+  double hf_last_err = 0;  // the reference's largest logit error at the prompts' last positions
   for (const Fp8RefPrompt& r : refs) {
-    const RefPrompt& p = r.ref;
-    std::vector<int> seqs;
-    auto logits = gpu.prefill({std::span<const int32_t>(p.ids)}, seqs, LogitsWanted::All);
-    gpu.release(seqs[0]);
-    ASSERT_EQ(logits[0].size(), p.ids.size() * size_t(V));
-    for (size_t t = 0; t < p.ids.size(); ++t) {
-      const float* truth = r.logits_fp32.data() + t * V;
-      const float* ours = logits[0].data() + t * V;
-      const float* hf = r.logits_fp8.data() + t * V;
-      const auto [d1, s1] = squared_error(ours, truth, size_t(V));
-      const auto [d2, s2] = squared_error(hf, truth, size_t(V));
-      d_ours += d1, d_hf += d2, s += s1;
-      agree_ours += argmax(std::span<const float>(ours, V)) == p.argmax_fp32[t];
-      agree_hf += r.argmax_fp8[t] == p.argmax_fp32[t];
-      ++total;
-      if (t + 1 == p.ids.size())
-        for (int64_t v = 0; v < V; ++v) hf_last_err = std::max(hf_last_err, std::fabs(double(hf[v]) - truth[v]));
-    }
+    if (r.ref.ids.empty()) continue;
+    const size_t last = (r.ref.ids.size() - 1) * size_t(V);
+    for (int64_t v = 0; v < V; ++v)
+      hf_last_err = std::max(hf_last_err, std::fabs(double(r.logits_fp8[last + v]) - r.logits_fp32[last + v]));
   }
   const double margin = std::max(0.3, 4 * hf_last_err);
   size_t greedy_checked = 0, greedy_equal = 0, hf_greedy_equal = 0;
@@ -97,7 +131,7 @@ TEST(GpuFp8Fixture, WithinTwiceTheW8a8ReferenceError) {
     greedy_equal += g == p.greedy_fp32;
     hf_greedy_equal += r.greedy_fp8 == p.greedy_fp32;
   }
-  const double nmse_ours = d_ours / s, nmse_hf = d_hf / s;
+  const double nmse_ours = e.nmse_ours(), nmse_hf = e.nmse_ref();
   std::printf(
       "[gpu %s] weights FP8 on the GPU: %s; against the fp32 truth over %zu positions: nmse %.3g (transformers' FP8 "
       "forward %.3g: %s), argmax agreement %zu (transformers' FP8 %zu); greedy equal to the truth on %zu/%zu "
@@ -110,15 +144,6 @@ TEST(GpuFp8Fixture, WithinTwiceTheW8a8ReferenceError) {
   EXPECT_GE(double(agree_ours), double(agree_hf) - 0.015 * double(total));
 }
 
-namespace {
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-}
-
-}  // namespace
-
 TEST(GpuFp8Fixture, AtLeastAsFaithfulAsTheW8a8Reference) {
   if (auto why = fidelity_absent(); !why.empty()) GTEST_SKIP() << why;
   if (auto why = gpus_unavailable(1); !why.empty()) GTEST_SKIP() << why;
@@ -129,30 +154,9 @@ TEST(GpuFp8Fixture, AtLeastAsFaithfulAsTheW8a8Reference) {
   eo.device = "cuda";
   Engine gpu(fixture_dir(kFp8Fixture), eo);
   const int64_t V = gpu.config().vocab_size;
-  auto all_logits = [](Engine& e, const std::vector<int32_t>& ids) {
-    std::vector<int> seqs;
-    auto l = e.prefill({std::span<const int32_t>(ids)}, seqs, LogitsWanted::All);
-    e.release(seqs[0]);
-    return std::move(l[0]);
-  };
-
-  std::vector<double> err_ours, err_ref;  // per position: sum over the vocabulary of (x - truth)^2
-  double s = 0;
-  size_t agree_ours = 0, agree_ref = 0;
-  // The fixture's prompts: truth and reference as stored.
-  for (const Fp8RefPrompt& r : load_fp8_reference(V)) {
-    const std::vector<float> ours = all_logits(gpu, r.ref.ids);
-    ASSERT_EQ(ours.size(), r.ref.ids.size() * size_t(V));
-    for (size_t t = 0; t < r.ref.ids.size(); ++t) {
-      const float* truth = r.logits_fp32.data() + t * V;
-      const auto [d1, s1] = squared_error(ours.data() + t * V, truth, size_t(V));
-      err_ours.push_back(d1);
-      err_ref.push_back(squared_error(r.logits_fp8.data() + t * V, truth, size_t(V)).first);
-      s += s1;
-      agree_ours += argmax(std::span<const float>(ours.data() + t * V, V)) == r.ref.argmax_fp32[t];
-      agree_ref += r.argmax_fp8[t] == r.ref.argmax_fp32[t];
-    }
-  }
+  PositionErrors e;  // the fixture's prompts: truth and reference as stored
+  add_fixture_prompts(gpu, load_fp8_reference(V), V, e);
+  if (HasFatalFailure()) return;
   // fidelity.json's prompts: the truth is the CPU forward, checked against the stored fingerprints.
   TruthCheck tc;
   for (const FidelityPrompt& p : load_fidelity()) {
@@ -161,22 +165,21 @@ TEST(GpuFp8Fixture, AtLeastAsFaithfulAsTheW8a8Reference) {
     ASSERT_EQ(ours.size(), truth.size());
     check_truth(tc, p, truth, V);
     for (size_t t = 0; t < p.ids.size(); ++t) {
-      err_ours.push_back(squared_error(ours.data() + t * V, truth.data() + t * V, size_t(V)).first);
-      err_ref.push_back(p.ref_err[t]);
-      s += p.truth_sq[t];
-      agree_ours += argmax(std::span<const float>(ours.data() + t * V, V)) == p.truth_arg[t];
-      agree_ref += p.ref_arg[t] == p.truth_arg[t];
+      e.ours.push_back(squared_error(ours.data() + t * V, truth.data() + t * V, size_t(V)).first);
+      e.ref.push_back(p.ref_err[t]);
+      e.s += p.truth_sq[t];
+      e.agree_ours += argmax(std::span<const float>(ours.data() + t * V, V)) == p.truth_arg[t];
+      e.agree_ref += p.ref_arg[t] == p.truth_arg[t];
     }
   }
   EXPECT_EQ(tc.off, 0u) << "the CPU forward is not the stored fp32 truth at " << tc.off << " of " << tc.positions
                         << " positions (worst: sum of squares " << tc.worst_sq << " relative, largest logit "
                         << tc.worst_max << ")";
-  const size_t n = err_ours.size();
+  const size_t n = e.ours.size();
   size_t closer = 0;
-  double d_ours = 0, d_ref = 0;
-  for (size_t i = 0; i < n; ++i) closer += err_ours[i] < err_ref[i], d_ours += err_ours[i], d_ref += err_ref[i];
-  const double nmse_ours = d_ours / s, nmse_ref = d_ref / s;
-  const double med_ours = median(err_ours), med_ref = median(err_ref);
+  for (size_t i = 0; i < n; ++i) closer += e.ours[i] < e.ref[i];
+  const double nmse_ours = e.nmse_ours(), nmse_ref = e.nmse_ref();
+  const double med_ours = median(e.ours), med_ref = median(e.ref);
   const double frac = double(closer) / double(n);
   std::printf(
       "[gpu %s] against the fp32 truth over %zu positions (%zu on fidelity.json's prompts, whose truth is the CPU "
@@ -184,9 +187,9 @@ TEST(GpuFp8Fixture, AtLeastAsFaithfulAsTheW8a8Reference) {
       "logit): closer than the W8A8 reference at %.4f of the positions; median per-position squared error %.4g "
       "(reference %.4g); nmse %.5g (reference %.5g, ratio %.3f); argmax agreement %zu (reference %zu)\n",
       kFp8Fixture, n, tc.positions, tc.worst_sq, tc.worst_max, frac, med_ours, med_ref, nmse_ours, nmse_ref,
-      nmse_ours / nmse_ref, agree_ours, agree_ref);
+      nmse_ours / nmse_ref, e.agree_ours, e.agree_ref);
   EXPECT_GE(frac, 0.5) << "farther from the fp32 truth than the W8A8 reference at most positions";
   EXPECT_LE(med_ours, med_ref) << "median per-position error above the W8A8 reference's";
   EXPECT_LE(nmse_ours, 1.1 * nmse_ref) << "nmse more than 10% above the W8A8 reference's";
-  EXPECT_GE(double(agree_ours), double(agree_ref) - 0.005 * double(n));
+  EXPECT_GE(double(e.agree_ours), double(e.agree_ref) - 0.005 * double(n));
 }
