@@ -256,9 +256,9 @@ __device__ __forceinline__ uint2 e4m3x8(const uint4& u, float s, float inv) {
   uint32_t pair[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
-    pair[i] = __nv_cvt_float2_to_fp8x2(make_float2(fp8_quotient(__uint_as_float(w[i] << 16), s, inv),
-                                                   fp8_quotient(__uint_as_float(w[i] & 0xffff0000u), s, inv)),
-                                       __NV_SATFINITE, __NV_E4M3);
+    pair[i] =
+        __nv_cvt_float2_to_fp8x2(make_float2(fp8_quotient(bf16_lo(w[i]), s, inv), fp8_quotient(bf16_hi(w[i]), s, inv)),
+                                 __NV_SATFINITE, __NV_E4M3);
   return make_uint2(pair[0] | pair[1] << 16, pair[2] | pair[3] << 16);
 }
 

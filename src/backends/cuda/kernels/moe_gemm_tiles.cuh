@@ -61,12 +61,13 @@ struct TileOut {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-__device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
-
 __device__ __forceinline__ uint32_t bf16x2_bits(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
+// The two BF16 values of bf16x2_bits' word as floats.
+__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 
 // A quad (the 4 threads of an accumulator row) holds 32 consecutive columns of the row as 4 bf16
 // pairs per thread: thread q has columns 8m + 2q, +1 of n8-tile m in w[m]. Two butterfly rounds
@@ -103,10 +104,12 @@ __device__ __forceinline__ uint4 gateup_act8(const float (&acc)[kBN / 2], int h,
 #pragma unroll
   for (int m = 0; m < 4; ++m) {
     const int idx = 4 * (4 * g + m) + 2 * h;
-    float v[2];
-#pragma unroll
-    for (int c = 0; c < 2; ++c) v[c] = silu_mul(bf16_round(acc[idx + c]), bf16_round(acc[idx + c + kBN / 4]));
-    w[m] = bf16x2_bits(v[0], v[1]);
+    // g and u rounded to BF16 a pair per cvt.rn.bf16x2.f32 and unpacked: the values one rounding
+    // each gives, with half the conversion instructions (which, with SiLU's MUFU, held 31% of the
+    // FP8 gate‖up epilogue's samples; docs/benchmarks.md, 2026-12-06 18:59).
+    const uint32_t gb = bf16x2_bits(acc[idx], acc[idx + 1]),
+                   ub = bf16x2_bits(acc[idx + kBN / 4], acc[idx + 1 + kBN / 4]);
+    w[m] = bf16x2_bits(silu_mul(bf16_lo(gb), bf16_lo(ub)), silu_mul(bf16_hi(gb), bf16_hi(ub)));
   }
   return quad_transpose(w, q);
 }
