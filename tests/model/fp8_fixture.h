@@ -11,6 +11,7 @@
 
 #include "core/check.h"
 #include "core/dtype.h"
+#include "engine/engine.h"
 #include "engine/sampler.h"
 #include "fixtures.h"
 #include "loader/safetensors.h"
@@ -95,6 +96,14 @@ struct FidelityPrompt {
   std::vector<double> truth_sq, truth_max, truth_gap, ref_err;
   std::vector<int> truth_arg, ref_arg;
 };
+
+// One prompt's logits at every position [T, V] (the sequence released after).
+inline std::vector<float> all_logits(Engine& e, const std::vector<int32_t>& ids) {
+  std::vector<int> seqs;
+  auto l = e.prefill({std::span<const int32_t>(ids)}, seqs, LogitsWanted::All);
+  e.release(seqs[0]);
+  return std::move(l[0]);
+}
 
 inline std::string fidelity_path() { return fixture_dir(kFp8Fixture) + "/fidelity.json"; }
 

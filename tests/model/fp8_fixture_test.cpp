@@ -44,15 +44,13 @@ Fidelity measure(Engine& e, const std::vector<Fp8RefPrompt>& refs, float clear_g
   double d2 = 0, s2 = 0;
   for (const Fp8RefPrompt& r : refs) {
     const RefPrompt& p = r.ref;
-    std::vector<int> seqs;
-    auto logits = e.prefill({std::span<const int32_t>(p.ids)}, seqs, LogitsWanted::All);
-    e.release(seqs[0]);
-    if (logits[0].size() != p.ids.size() * size_t(V)) {
-      ADD_FAILURE() << "prefill returned " << logits[0].size() << " logits for " << p.ids.size() << " positions";
+    const std::vector<float> logits = all_logits(e, p.ids);
+    if (logits.size() != p.ids.size() * size_t(V)) {
+      ADD_FAILURE() << "prefill returned " << logits.size() << " logits for " << p.ids.size() << " positions";
       return f;
     }
     for (size_t t = 0; t < p.ids.size(); ++t) {
-      const float* got = logits[0].data() + t * V;
+      const float* got = logits.data() + t * V;
       const float* want = r.logits_fp32.data() + t * V;
       const double rel = rel_max_err(got, want, size_t(V));
       f.worst_rel = std::max(f.worst_rel, rel);
@@ -155,11 +153,9 @@ TEST(Fp8Fixture, CpuMatchesTheTruthOnTheFidelityPrompts) {
   const int64_t V = e.config().vocab_size;
   TruthCheck tc;
   for (const FidelityPrompt& p : load_fidelity()) {
-    std::vector<int> seqs;
-    auto logits = e.prefill({std::span<const int32_t>(p.ids)}, seqs, LogitsWanted::All);
-    e.release(seqs[0]);
-    ASSERT_EQ(logits[0].size(), p.ids.size() * size_t(V));
-    check_truth(tc, p, logits[0], V);
+    const std::vector<float> logits = all_logits(e, p.ids);
+    ASSERT_EQ(logits.size(), p.ids.size() * size_t(V));
+    check_truth(tc, p, logits, V);
   }
   std::printf("[cpu %s] fidelity.json: %zu positions, sum of squares within %.2g relative, largest logit within %.2g\n",
               kFp8Fixture, tc.positions, tc.worst_sq, tc.worst_max);

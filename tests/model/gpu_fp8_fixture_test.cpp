@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 
 #include "engine/engine.h"
 #include "engine/sampler.h"
@@ -51,25 +52,13 @@ struct PositionErrors {
   std::vector<double> ours, ref;
   double s = 0;
   size_t agree_ours = 0, agree_ref = 0;
-  double nmse_ours() const { return sum(ours) / s; }
-  double nmse_ref() const { return sum(ref) / s; }
-  static double sum(const std::vector<double>& v) {
-    double t = 0;
-    for (double x : v) t += x;
-    return t;
-  }
+  double nmse_ours() const { return std::accumulate(ours.begin(), ours.end(), 0.0) / s; }
+  double nmse_ref() const { return std::accumulate(ref.begin(), ref.end(), 0.0) / s; }
 };
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-}
-
-std::vector<float> all_logits(Engine& e, const std::vector<int32_t>& ids) {
-  std::vector<int> seqs;
-  auto l = e.prefill({std::span<const int32_t>(ids)}, seqs, LogitsWanted::All);
-  e.release(seqs[0]);
-  return std::move(l[0]);
 }
 
 // The fixture's prompts through the GPU forward, against the stored truth and reference.
