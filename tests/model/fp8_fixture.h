@@ -88,6 +88,13 @@ inline std::pair<double, double> squared_error(const float* got, const float* wa
   return {d, s};
 }
 
+// Sum of squares over n values (squared_error's second, without the differences).
+inline double sum_of_squares(const float* v, size_t n) {
+  double s = 0;
+  for (size_t i = 0; i < n; ++i) s += double(v[i]) * v[i];
+  return s;
+}
+
 // fidelity.json (tools/make_fp8_fidelity.py): more prompts, and per position only the W8A8 reference's
 // error against the fp32 truth and the truth's fingerprints (sum of squares, largest logit, top-2 gap,
 // argmax), not the logits.
@@ -148,7 +155,7 @@ struct TruthCheck {
 inline void check_truth(TruthCheck& c, const FidelityPrompt& p, const std::vector<float>& logits, int64_t vocab) {
   for (size_t t = 0; t < p.ids.size(); ++t) {
     const float* l = logits.data() + t * vocab;
-    const double sq = squared_error(l, l, size_t(vocab)).second;
+    const double sq = sum_of_squares(l, size_t(vocab));
     const int arg = argmax(std::span<const float>(l, size_t(vocab)));
     const double rel_sq = std::fabs(sq - p.truth_sq[t]) / p.truth_sq[t];
     const double abs_max = std::fabs(double(l[arg]) - p.truth_max[t]);
