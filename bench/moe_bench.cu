@@ -20,10 +20,11 @@
 //            both quantizations): fp8.ws (the back-end's default:
 //            warp-specialized kernels, y in BF16, N-tiles per CTA as moe_fp8_n_per_cta), fp8.ws.jN (N of them),
 //            fp8.ws.np (a CTA per item, not persistent), fp8.ws.f32 (y in F32), fp8.wgmma (the first FP8 kernels,
-//            --moe-runner-backend wgmma). Each is compared with the BF16 ws path's output (the FP8 rounding of weights
-//            and activations: nmse of a few 1e-3; checked <= 2e-2), fp8.ws.f32 with fp8.wgmma and the fp8.ws variants
-//            with each other bit for bit; the "vs bf16" ratio is the path's time over the BF16 ws path's (issue 15's
-//            target for the default: <= 0.65).
+//            --moe-runner-backend wgmma), fp8.ws192 / fp8.ws192.j4 (gate‖up on 128 x 192 tiles, act
+//            written in BF16 and quantized after: MoeFp8GemmArgs::n192). Each is compared with the BF16 ws path's
+//            output (the FP8 rounding of weights and activations: nmse of a few 1e-3; checked <= 2e-2), fp8.ws.f32 with
+//            fp8.wgmma and the fp8.ws variants with each other bit for bit; the "vs bf16" ratio is the path's time over
+//            the BF16 ws path's (issue 15's target for the default: <= 0.65).
 // Also a dense cuBLAS floor: the same FLOPs as three dense GEMMs over all rows with one expert's
 // weights (what a perfectly balanced single expert would cost).
 // CUDA-event timing, warm-up, median of --reps; each path's line ends with the medians of the SM clock and
@@ -249,12 +250,17 @@ int main(int argc, char** argv) {
   // FP8 copies of the same experts (compute capability 9.0, H and I multiples of 128).
   namespace f8 = moe_bench_fp8;
   const bool fp8 = prop.major == 9 && prop.minor == 0 && cc::moe_fp8_grouped_supported(hidden, inter);
-  std::vector<f8::Path> fpaths =
-      fp8 ? std::vector<f8::Path>{{"fp8.ws", true, true, 0},      {"fp8.ws.j1", true, true, 1},
-                                  {"fp8.ws.j2", true, true, 2},   {"fp8.ws.j4", true, true, 4},
-                                  {"fp8.ws.j8", true, true, 8},   {"fp8.ws.np", true, true, 2, false},
-                                  {"fp8.ws.f32", true, false, 2}, {"fp8.wgmma", false, false, 2}}
-          : std::vector<f8::Path>{};
+  std::vector<f8::Path> fpaths = fp8 ? std::vector<f8::Path>{{"fp8.ws", true, true, 0},
+                                                             {"fp8.ws.j1", true, true, 1},
+                                                             {"fp8.ws.j2", true, true, 2},
+                                                             {"fp8.ws.j4", true, true, 4},
+                                                             {"fp8.ws.j8", true, true, 8},
+                                                             {"fp8.ws.np", true, true, 2, false},
+                                                             {"fp8.ws.f32", true, false, 2},
+                                                             {"fp8.wgmma", false, false, 2},
+                                                             {"fp8.ws192", true, true, 2, true, true},
+                                                             {"fp8.ws192.j4", true, true, 4, true, true}}
+                                     : std::vector<f8::Path>{};
   // --paths: every name must be a path of this card; mma stays (the wgmma paths' check), ws with any
   // FP8 path (their reference).
   for (const std::string& name : only) {
@@ -506,7 +512,8 @@ int main(int argc, char** argv) {
       fcheck[p] = buf;
       bad += !ok;
       const std::string name = fpaths[p].name;
-      if (name.rfind("fp8.ws.j", 0) == 0 || name == "fp8.ws.np") same_as(p, "fp8.ws");
+      if (name.rfind("fp8.ws.j", 0) == 0 || name == "fp8.ws.np" || name.rfind("fp8.ws192", 0) == 0)
+        same_as(p, "fp8.ws");
       if (name == "fp8.wgmma") same_as(p, "fp8.ws.f32");
     }
 

@@ -381,6 +381,11 @@ TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
     ASSERT_TRUE(cuda::encode_moe_fp8_weight_maps(ptrs.data(), c.e, c.h, c.inter, maps.data()));
     Buffer map_buf(*gpu_, maps.size());
     gpu_->upload(map_buf.data(), maps.data(), maps.size());
+    // And the 128 x 192 gate‖up tiles' (MoeFp8GemmArgs::n192; I = 256 ends in a partial tile).
+    std::vector<unsigned char> maps192(2 * static_cast<size_t>(c.e) * cuda::kTmaDescBytes);
+    ASSERT_TRUE(cuda::encode_moe_fp8_gateup192_maps(ptrs.data(), c.e, c.h, c.inter, maps192.data()));
+    Buffer map192_buf(*gpu_, maps192.size());
+    gpu_->upload(map192_buf.data(), maps192.data(), maps192.size());
     auto bytes = [&](size_t n) { return Buffer(*gpu_, std::max<size_t>(n, 16)); };
     const size_t aq_bytes = static_cast<size_t>(n_pairs * c.inter),
                  as_bytes = static_cast<size_t>(cuda::fp8_segment_scale_floats(n_pairs, c.e, kbi) * 4);
@@ -405,6 +410,7 @@ TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
     a.count = c.e;
     a.tables = cuda::Fp8ExpertTables{tp, tp + c.e, tp + 2 * c.e, tp + 3 * c.e, tp + 4 * c.e, tp + 5 * c.e};
     a.tables.weight_maps = map_buf.data();
+    a.tables.gateup_maps192 = map192_buf.data();
     a.hidden = c.h;
     a.inter = c.inter;
     a.n_pairs = n_pairs;
@@ -449,11 +455,14 @@ TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
           first = i;
       return diff;
     };
-    for (int per_cta : {1, 2, 3, 4}) {
+    for (int v = 0; v < 8; ++v) {
+      const int per_cta = 1 + v % 4;
+      const bool n192 = v >= 4;
       Tensor y1 = gpu_tensor("y_ws", DType::F32, {n_pairs, c.h}, nullptr);
       a.warp_specialized = true;
       a.n_per_cta = per_cta;
-      EXPECT_EQ(cuda::moe_fp8_gate_up_needs_act(a), per_cta % 2 != 0) << "per_cta=" << per_cta;
+      a.n192 = n192;
+      EXPECT_EQ(cuda::moe_fp8_gate_up_needs_act(a), n192 || per_cta % 2 != 0) << "per_cta=" << per_cta;
       run(y1, got_q, got_qs);
       const std::vector<float> got_y = gpu_read(y1);
       struct Cmp {
@@ -466,11 +475,11 @@ TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
                            Cmp{"y", got_y.data(), want_y.data(), want_y.size(), 4}}) {
         size_t first = 0;
         const size_t diff = count_diff(m.got, m.want, m.n, m.unit, first);
-        std::printf("[gpu_ops] moe.fp8.ws-vs-first %s T=%lld H=%lld I=%lld E=%d K=%d per_cta=%d: %zu of %zu differ\n",
-                    m.what, static_cast<long long>(c.t), static_cast<long long>(c.h), static_cast<long long>(c.inter),
-                    c.e, c.k, per_cta, diff, m.n);
+        std::printf("[gpu_ops] moe.fp8.ws%s-vs-first %s T=%lld H=%lld I=%lld E=%d K=%d per_cta=%d: %zu of %zu differ\n",
+                    n192 ? "192" : "", m.what, static_cast<long long>(c.t), static_cast<long long>(c.h),
+                    static_cast<long long>(c.inter), c.e, c.k, per_cta, diff, m.n);
         EXPECT_EQ(diff, 0u) << m.what << " T=" << c.t << " H=" << c.h << " I=" << c.inter << " per_cta=" << per_cta
-                            << ": first difference at " << first;
+                            << " n192=" << n192 << ": first difference at " << first;
       }
     }
   }

@@ -314,6 +314,9 @@ struct Fp8ExpertTables {
   // The grouped ws kernels': a device array of 3·count TMA descriptors of the codes
   // (encode_moe_fp8_weight_maps); null: those kernels are not run (the first FP8 kernels are).
   const void* weight_maps = nullptr;
+  // The 128 x 192 gate‖up tiles' (MoeFp8GemmArgs::n192): 2·count descriptors of gate and up with
+  // boxes of 96 rows (encode_moe_fp8_gateup192_maps); null: those tiles are not used.
+  const void* gateup_maps192 = nullptr;
 };
 cudaError_t launch_moe_rowwise_gemms_fp8(const DevTensor& x, const MoeRowSource& rows, int count,
                                          const Fp8ExpertTables& tables, int64_t inter, bool vectorized, void* act,
@@ -397,6 +400,9 @@ struct MoeFp8GemmArgs {
   bool warp_specialized = true;
   int n_per_cta = 0;       // N-tiles one CTA computes in turn, 1..64; 0: moe_fp8_n_per_cta for the ws kernels, else 2
   bool persistent = true;  // warp-specialized kernels: one CTA per SM walks the items (MoeWgmmaConfig)
+  // The gate‖up ws GEMM on 128 x 192 tiles (96 gate + 96 up rows; needs tables.gateup_maps192),
+  // act written in BF16 and quantized after (an experiment: moe_bench's fp8.ws192 paths).
+  bool n192 = false;
 };
 // The FP8 ws kernels' N-tiles per CTA for n_pairs expert rows: 4 from 8K tokens at top-8 on (one
 // item's row setup serves more tiles), 2 below. H100, 2026-12-06, moe_bench at the Qwen3-30B-A3B
@@ -416,6 +422,9 @@ bool moe_fp8_gate_up_needs_act(const MoeFp8GemmArgs& args);
 // where the driver has no encoder or a matrix is not encodable (a pointer not 16-byte aligned).
 inline constexpr size_t kTmaDescBytes = 128;
 bool encode_moe_fp8_weight_maps(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps);
+// Fp8ExpertTables::gateup_maps192 (2·count descriptors: gate e at e, up e at count + e) from the
+// same host code pointers.
+bool encode_moe_fp8_gateup192_maps(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps);
 
 // out[t] = Σ_k weights[t,k] · y[pair_row[t*K+k]] over the local pairs, in k order (0 with none).
 // With `norm` (its residual and out [T, H] in out's dtype; T <= kUnpermuteDecodeTokens, decode

@@ -93,6 +93,37 @@ static_assert(kWsBarOff % 8 == 0 && kWsStashOff % 16 == 0, "mbarrier and stash a
 constexpr int kWsProducerRegs = 72, kWsMmaRegs = 216;
 static_assert(128 * kWsProducerRegs + 256 * kWsMmaRegs <= 168 * kWsThreads, "register pool");
 
+// ---- 128 x 192 gate‖up tiles (MoeFp8GemmArgs::n192): 96 gate rows n0 = 96 j.. and the same 96 up
+// rows per B tile. A warpgroup's m64n192 step reads its 64 A rows once for 192 columns (the 128 x
+// 128 tile reads them once for 128): per 128 x 192 x 128 k-step the two warpgroups' wgmmas read
+// 2 · (8 + 24) KB and the producer writes 40 KB of shared memory, 104 KB for 768 cycles of tensor
+// work against 80 KB for 512 at 128 x 128. The accumulators (96) and one temporary (96) fill the
+// MMA threads' registers, so each warpgroup waits for its own k-step before promoting it (while the
+// other warpgroup's wgmmas run). 96-row halves straddle the 128-row weight-scale blocks: each group
+// of 32 columns (4 n8-tiles) lies in one block, and the producer copies the 6 groups' (3 gate, 3
+// up) block scales of each k-step.
+constexpr int kBN192 = 192;
+constexpr int kAcc192 = kBN192 / 2;                   // 96 fp32 accumulators per thread
+constexpr int kB192Bytes = kBN192 * kRowBytes;        // 24 KB
+constexpr int kStage192Bytes = kABytes + kB192Bytes;  // 40 KB
+constexpr int kWs192ScaleBytes = 544;                 // 128 row scales, 6 weight scales, padded to 16 bytes
+// Ring slots: 5 where act goes out in BF16, 4 where the epilogue quantizes it (its stash, below).
+constexpr int ws192_stages(bool quant) { return quant ? 4 : 5; }
+constexpr int ws192_scale_off(bool quant) { return ws192_stages(quant) * kStage192Bytes; }
+constexpr int ws192_bar_off(bool quant) { return ws192_scale_off(quant) + ws192_stages(quant) * kWs192ScaleBytes; }
+constexpr int ws192_stash_off(bool quant) { return ws192_bar_off(quant) + 2 * ws192_stages(quant) * 8; }
+// The quantizing epilogue's stash: per MMA thread 3 groups x 2 rows x 16 bytes of act and 2 row
+// maxima, laid out [piece][thread]: 26 KB.
+constexpr int kWs192StashBytes = 256 * (6 * 16 + 8);
+constexpr size_t ws192_smem_bytes(bool quant) {
+  return static_cast<size_t>(ws192_stash_off(quant) + (quant ? kWs192StashBytes : 0)) + 1024;
+}
+static_assert(ws192_smem_bytes(false) <= 227 * 1024 && ws192_smem_bytes(true) <= 227 * 1024, "shared memory");
+static_assert(ws192_smem_bytes(false) <= (1u << 18) && ws192_smem_bytes(true) <= (1u << 18), "descriptor range");
+static_assert(ws192_bar_off(true) % 8 == 0 && ws192_bar_off(false) % 8 == 0 && ws192_stash_off(true) % 16 == 0 &&
+                  kStage192Bytes % 1024 == 0 && (kB192Bytes / 2) % 1024 == 0,
+              "alignment");
+
 struct Args {
   const uint8_t* a;           // kernel 1: xq [T, H] (rows through src_token); kernel 2: aq [rows, I]
   const float* a_scale;       // kernel 1: [H/128][T]; kernel 2: segmented (kernels.h)
@@ -146,6 +177,33 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t d
         "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
         "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
         "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+// The same, m64n192k32 (the 128 x 192 gate‖up tiles).
+__device__ __forceinline__ void wgmma_m64n192k32_e4m3(float (&d)[96], uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n192k32.f32.e4m3.e4m3 "
+      "{"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
+      "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
+      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95}, "
+      "%96, %97, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]),
+        "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]),
+        "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]),
+        "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]),
+        "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
       : "l"(da), "l"(db), "r"(accumulate));
 }
 // The activation scales of tile row r over the K blocks: p[kt · step] (kernel 1: x_scale[kt · T +
@@ -595,6 +653,244 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// tmp = A[64 x 128] · B[192 x 128]ᵀ of one k-step (descriptors' low words as wgmma_kstep_lo).
+__device__ __forceinline__ void wgmma_kstep192_lo(float (&tmp)[kAcc192], uint32_t a_lo, uint32_t b_lo) {
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kTileK / 32; ++ks)
+    wgmma_m64n192k32_e4m3(tmp, desc_of(a_lo + 2 * ks), desc_of(b_lo + 2 * ks), ks > 0 ? 1 : 0);
+  wgmma_commit();
+}
+// promote for the 128 x 192 tile: sb[c] is the block scale of column group c (32 columns; 0..2
+// gate's, 3..5 up's), acc[idx] in n8-tile idx / 4, group idx / 16.
+__device__ __forceinline__ void promote192(float (&acc)[kAcc192], const float (&tmp)[kAcc192], float sa0, float sa1,
+                                           const float (&sb)[6]) {
+  float f[6][2];
+#pragma unroll
+  for (int c = 0; c < 6; ++c) {
+    f[c][0] = sa0 * sb[c];
+    f[c][1] = sa1 * sb[c];
+  }
+#pragma unroll
+  for (int idx = 0; idx < kAcc192; ++idx) acc[idx] = fmaf(tmp[idx], f[idx >> 4][(idx >> 1) & 1], acc[idx]);
+}
+// The 128 x 192 gate‖up kernel's epilogue when it quantizes act (Args::act_q; n_per_cta and the
+// N-tiles a multiple of 4): 4 N-tiles of 96 columns (tile i = j % 4 of a window) are 12 groups of
+// 32 columns, G = 3i + g, and act's 128-column scale blocks b = 0..2 of the window are groups
+// 4b..4b+3. Thread q of a quad holds columns 8q.. of each group (gateup_act8's order, group g of
+// the tile = its n8-tiles 4g..4g+3). A block that ends in tile i is written there: its groups of
+// earlier tiles come from the thread's stash (slot G % 3: a slot is read before it is written
+// again), its maximum from the stashed running maximum and this tile's groups, reduced over the
+// quad; groups of a block that goes on are stashed. launch_fp8_quantize_rows' arithmetic on the
+// same BF16 values, as store_act_fp8.
+template <int kI>
+__device__ __forceinline__ void store_act_fp8_192(const float (&acc)[kAcc192], const Args& a, int tid, const MoeTile& t,
+                                                  int window, uint32_t stash) {
+  const int q = tid & 3;
+  auto piece = [&](int slot, int h) { return stash + 16 * ((2 * slot + h) * 256 + tid); };
+  const uint32_t maxima = stash + 6 * 256 * 16 + 8 * tid;
+  const int n_k = a.n_out / kTileK;
+  float* const scales = a.act_q_scale + fp8_segment_scale_base(t.seg_begin, t.expert, n_k) + t.m0;
+  constexpr int kG0 = 3 * kI;                               // this tile's first group
+  constexpr int kBFirst = kG0 / 4, kBLast = (kG0 + 2) / 4;  // blocks it touches
+  float run[2] = {0.0f, 0.0f};                              // the pending block's maximum over the stashed groups
+  if constexpr (kI > 0)
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(run[0]), "=f"(run[1]) : "r"(maxima) : "memory");
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    uint4 v[3];
+    float am[3];
+#pragma unroll
+    for (int g = 0; g < 3; ++g) {
+      v[g] = gateup_act8<kBN192>(acc, h, g, q);
+      am[g] = amax_bf16x8(v[g]);
+    }
+    const int r = acc_row(tid, 2 * h);
+    const bool row_ok = r < t.rows_left;
+    uint8_t* const row = a.act_q + static_cast<int64_t>(t.seg_begin + t.m0 + r) * a.n_out + window * 384 + 8 * q;
+#pragma unroll
+    for (int b = kBFirst; b <= kBLast; ++b) {
+      constexpr int kLast = kG0 + 2;
+      const bool complete = 4 * b + 3 <= kLast;
+      float mx = 4 * b < kG0 ? run[h] : 0.0f;  // groups of b stashed by earlier tiles
+#pragma unroll
+      for (int g = 0; g < 3; ++g)
+        if ((kG0 + g) / 4 == b) mx = fmaxf(mx, am[g]);
+      if (!complete) {
+#pragma unroll
+        for (int g = 0; g < 3; ++g)
+          if ((kG0 + g) / 4 == b)
+            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(piece((kG0 + g) % 3, h)), "r"(v[g].x),
+                         "r"(v[g].y), "r"(v[g].z), "r"(v[g].w)
+                         : "memory");
+        run[h] = mx;
+        continue;
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float sc = fp8_block_scale(mx), inv = 1.0f / sc;
+      if (!row_ok) continue;
+#pragma unroll
+      for (int G = 4 * b; G < 4 * b + 4; ++G) {
+        uint4 u;
+        if (G < kG0) {
+          asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                       : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+                       : "r"(piece(G % 3, h))
+                       : "memory");
+        } else {
+          u = v[G - kG0];
+        }
+        *reinterpret_cast<uint2*>(row + 32 * G) = e4m3x8(u, sc, inv);
+      }
+      if (q == 0) scales[static_cast<int64_t>(3 * window + b) * t.seg_rows + r] = sc;
+    }
+  }
+  if constexpr (kI < 3)
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(maxima), "f"(run[0]), "f"(run[1]) : "memory");
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// The gate‖up GEMM on 128 x 192 tiles (MoeFp8GemmArgs::n192), warp-specialized as
+// moe_fp8_ws_kernel<true>: the producer puts B (gate rows n0.. and up rows n0.., boxes of 96 rows:
+// Fp8ExpertTables::gateup_maps192) on TMA and gathers x's rows by cp.async, the MMA warpgroups
+// issue a k-step, wait for it and promote it. kQuant: the epilogue quantizes act
+// (store_act_fp8_192), else act goes out in BF16 (store_tile) and is quantized after. Its values,
+// and their order, are moe_fp8_ws_kernel's: act and its codes bit for bit the same.
+template <bool kQuant>
+__global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __grid_constant__ Args args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kNStep = kBN192 / 2;  // outputs per N-tile
+  const int n_k = args.k_dim / kTileK;
+  const int n_tiles = (args.n_out + kNStep - 1) / kNStep;
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  constexpr int kStages = ws192_stages(kQuant);
+  const uint32_t scales = base + ws192_scale_off(kQuant);  // slot s: [0, 128) row scales, [128, 134) group scales
+  const WsRing<kStages> ring{base + ws192_bar_off(kQuant)};
+  ring.init(8);
+
+  if (threadIdx.x < 128) {
+    // ---- producer (moe_fp8_ws_kernel's, with 96-row B boxes; threads 0..5 copy the 6 column
+    // groups' weight block scales, clamped to the last block past n_out, where B is zero)
+    regs_dealloc<kWsProducerRegs>();
+    const int t = threadIdx.x;
+    const bool copies_w = t < 6;
+    const float* const* w_table = t >= 3 ? args.s2 : args.s1;
+    const int group_col = 32 * (t % 3), last_block = (args.n_out - 1) / kTileK;
+    constexpr int kALoads = kTileM / 16;
+    const int chunk = load_chunk(t);
+    const uint32_t st_off = swizzled_off(t >> 3, chunk);
+    RingPos<kStages> pos;
+    ws_for_each_item<true>(
+        args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+        [&](const MoeTile& tile, int j_begin, int j_end) {
+          const int e = tile.expert;
+          const RowScales rs = row_scales<true>(args, tile, t, n_k);
+          const float* const w_base = copies_w ? w_table[e] : nullptr;
+          const CUtensorMap* const m1 = args.wmap1 + e;
+          const CUtensorMap* const m2 = args.wmap2 + e;
+          uint32_t a_off[kALoads];
+          uint32_t a_ok = 0;
+#pragma unroll
+          for (int i = 0; i < kALoads; ++i) {
+            const int r = (t >> 3) + 16 * i;
+            const bool ok = r < tile.rows_left;
+            const int64_t row = ok ? __ldg(args.src_token + tile.seg_begin + tile.m0 + r) : 0;
+            a_off[i] = static_cast<uint32_t>((row * args.k_dim) >> 4);
+            a_ok |= static_cast<uint32_t>(ok) << i;
+          }
+          const uint8_t* const a_base = args.a + chunk * 16;
+          for (int j = j_begin; j < j_end; ++j) {
+            const int n0 = j * kNStep;
+            const float* const w_blk =
+                copies_w ? w_base + static_cast<int64_t>(min((n0 + group_col) / kTileK, last_block)) * n_k : nullptr;
+            for (int kt = 0; kt < n_k; ++kt, pos.next()) {
+              const int s = pos.slot;
+              const uint32_t full = ring.full(s), sa = base + s * kStage192Bytes, sb = sa + kABytes;
+              mbar_wait(ring.empty(s), pos.phase ^ 1u);
+              const int k0 = kt * kTileK;
+              if (t == 0) {
+                mbar_expect_tx(full, kB192Bytes);
+                tma_load_2d(sb, m1, full, k0, n0);
+                tma_load_2d(sb + kB192Bytes / 2, m2, full, k0, n0);
+              }
+#pragma unroll
+              for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_off[i]));
+              const uint8_t* const a_k = a_base + k0;
+#pragma unroll
+              for (int i = 0; i < kALoads; ++i)
+                cp_async16(sa + st_off + i * 16 * kRowBytes, a_k + static_cast<uint64_t>(a_off[i]) * 16,
+                           (a_ok >> i) & 1);
+              const uint32_t dst = scales + s * kWs192ScaleBytes;
+              cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
+              if (copies_w) cp_async4(dst + 4 * (128 + t), w_blk + kt, true);
+              mbar_arrive_cp_async(full);
+            }
+          }
+        });
+    cp_async_wait<0>();
+    return;
+  }
+
+  // ---- the two MMA warpgroups
+  regs_alloc<kWsMmaRegs>();
+  const int tid = threadIdx.x - 128, wg = tid >> 7;
+  const uint32_t sa0_off = 4 * acc_row(tid, 0), sa1_off = 4 * acc_row(tid, 2);
+  const uint32_t da0 = desc_lo(base + desc_a_off(wg, 0)), db0 = desc_lo(base + desc_b_off(0));
+  float acc[kAcc192], tmp[kAcc192];
+#pragma unroll
+  for (int i = 0; i < kAcc192; ++i) tmp[i] = 0.0f;
+  RingPos<kStages> pos;
+  ws_for_each_item<true>(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+                         [&](const MoeTile& tile, int j_begin, int j_end) {
+                           for (int j = j_begin; j < j_end; ++j) {
+#pragma unroll
+                             for (int i = 0; i < kAcc192; ++i) acc[i] = 0.0f;
+                             for (int kt = 0; kt < n_k; ++kt, pos.next()) {
+                               const int s = pos.slot;
+                               mbar_wait(ring.full(s), pos.phase);
+                               fence_async_smem();  // A was written by cp.async (generic proxy)
+                               const uint32_t off = static_cast<uint32_t>(s) * (kStage192Bytes >> 4);
+                               wgmma_kstep192_lo(tmp, da0 + off, db0 + off);
+                               const uint32_t sc = scales + s * kWs192ScaleBytes;
+                               const float sa0 = lds_f32(sc + sa0_off), sa1 = lds_f32(sc + sa1_off);
+                               float sb[6];
+#pragma unroll
+                               for (int c = 0; c < 6; ++c) sb[c] = lds_f32(sc + 4 * (128 + c));
+                               wgmma_wait<0>();
+                               fence_regs(tmp);
+                               __syncwarp();  // every lane has read the scales, the wgmmas the tiles
+                               if ((tid & 31) == 0) mbar_arrive(ring.empty(s));
+                               promote192(acc, tmp, sa0, sa1, sb);
+                             }
+                             if constexpr (kQuant) {
+                               const uint32_t stash = base + ws192_stash_off(true);
+                               switch (j & 3) {
+                                 case 0:
+                                   store_act_fp8_192<0>(acc, args, tid, tile, j >> 2, stash);
+                                   break;
+                                 case 1:
+                                   store_act_fp8_192<1>(acc, args, tid, tile, j >> 2, stash);
+                                   break;
+                                 case 2:
+                                   store_act_fp8_192<2>(acc, args, tid, tile, j >> 2, stash);
+                                   break;
+                                 default:
+                                   store_act_fp8_192<3>(acc, args, tid, tile, j >> 2, stash);
+                                   break;
+                               }
+                             } else {
+                               store_tile<true, kBN192>(acc, tile_out(args), tid, tile.rows_left,
+                                                        tile.seg_begin + tile.m0, j * kNStep);
+                             }
+                           }
+                         });
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
 template <class Kernel>
 cudaError_t launch(Kernel kernel, const Args& args, int n_step, int64_t m_slots, int threads, size_t smem,
                    cudaStream_t stream) {
@@ -621,6 +917,19 @@ cudaError_t launch_one(const Args& args, bool ws, bool persistent, int64_t m_slo
   return cudaGetLastError();
 }
 
+cudaError_t launch_192(const Args& args, bool quant, bool persistent, int64_t m_slots, cudaStream_t stream) {
+  const auto kernel = quant ? moe_fp8_ws192_kernel<true> : moe_fp8_ws192_kernel<false>;
+  const size_t smem = ws192_smem_bytes(quant);
+  cudaError_t err = opt_in_dynamic_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const int64_t n_tiles = (args.n_out + kBN192 / 2 - 1) / (kBN192 / 2);
+  unsigned grid = 0;
+  err = ws_grid(m_slots * ((n_tiles + args.n_per_cta - 1) / args.n_per_cta), persistent, grid);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kWsThreads, smem, stream>>>(args);
+  return cudaGetLastError();
+}
+
 // Whether the GEMM runs the ws kernel: it reads the weight tiles (and kernel 2 its A tiles) through
 // TMA, so without the descriptors the first kernels run; the gate‖up ws producer addresses x rows
 // in 16-byte units of 32 bits (x below 2^36 bytes).
@@ -632,10 +941,16 @@ int n_per_cta_of(const MoeFp8GemmArgs& a, bool ws) {
   return a.n_per_cta > 0 ? a.n_per_cta : ws ? moe_fp8_n_per_cta(a.n_pairs) : 2;
 }
 
+// Whether the gate‖up GEMM runs on the 128 x 192 tiles (opt-in, with their descriptors).
+bool runs_192(const MoeFp8GemmArgs& a) { return a.n192 && a.tables.gateup_maps192 != nullptr && runs_ws(a, true); }
+
 }  // namespace
 
 bool moe_fp8_gate_up_needs_act(const MoeFp8GemmArgs& a) {
   const bool ws = runs_ws(a, true);
+  // The 128 x 192 tiles quantize act in windows of 4 N-tiles (384 columns), the 128 x 128 tiles in
+  // pairs (128).
+  if (runs_192(a)) return n_per_cta_of(a, ws) % 4 != 0 || a.inter % 384 != 0;
   return !ws || n_per_cta_of(a, ws) % 2 != 0;
 }
 
@@ -666,14 +981,20 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
     k.out = a.act;
     k.wmap1 = maps;
     k.wmap2 = ws ? maps + a.count : nullptr;
-    if (!moe_fp8_gate_up_needs_act(a)) {  // the ws kernel quantizes act in its epilogue
+    const bool quant = !moe_fp8_gate_up_needs_act(a);  // the ws kernel quantizes act in its epilogue
+    if (quant) {
       k.act_q = a.aq;
       k.act_q_scale = a.act_scale;
-      return launch_one<true>(k, ws, a.persistent, m_slots, stream);
+    } else if (a.act == nullptr) {
+      return cudaErrorInvalidValue;
     }
-    if (a.act == nullptr) return cudaErrorInvalidValue;
-    cudaError_t err = launch_one<true>(k, ws, a.persistent, m_slots, stream);
-    if (err != cudaSuccess) return err;
+    if (runs_192(a)) {
+      k.wmap1 = static_cast<const CUtensorMap*>(a.tables.gateup_maps192);
+      k.wmap2 = k.wmap1 + a.count;
+    }
+    const cudaError_t err = runs_192(a) ? launch_192(k, quant, a.persistent, m_slots, stream)
+                                        : launch_one<true>(k, ws, a.persistent, m_slots, stream);
+    if (err != cudaSuccess || quant) return err;
     DevTensor act;
     act.data = a.act;
     act.dtype = DType::BF16;
@@ -694,6 +1015,13 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
   k.wmap1 = ws ? maps + 2 * static_cast<int64_t>(a.count) : nullptr;
   if (ws && !encode_byte_rows(&k.amap, a.aq, a.n_pairs, a.inter, kTileM)) return cudaErrorInvalidValue;
   return launch_one<false>(k, ws, a.persistent, m_slots, stream);
+}
+
+bool encode_moe_fp8_gateup192_maps(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps) {
+  auto* m = static_cast<CUtensorMap*>(maps);
+  for (int e = 0; e < 2 * count; ++e)
+    if (!encode_byte_rows(m + e, codes[e], inter, hidden, kBN192 / 2)) return false;
+  return true;
 }
 
 static_assert(sizeof(CUtensorMap) == kTmaDescBytes, "kernels.h sizes the descriptor arrays by kTmaDescBytes");
