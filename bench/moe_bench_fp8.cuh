@@ -103,7 +103,7 @@ struct Path {
   bool y_bf16;
   int n_per_cta;           // 0: the launcher's default (moe_fp8_n_per_cta for the ws kernels)
   bool persistent = true;  // ws: one CTA per SM walks the items
-  bool n192 = false;       // ws: gate‖up on 128 x 192 tiles (MoeFp8GemmArgs::n192)
+  bool tiles128 = false;   // ws: gate‖up on 128 x 128 tiles (MoeFp8GemmArgs::n192 = false)
 };
 
 // Scratch of one token count: quantized x and act with their scales.
@@ -164,7 +164,7 @@ inline cudaError_t enqueue_gemms(const Path& p, const Experts& w, const Scratch&
   a.warp_specialized = p.ws;
   a.n_per_cta = p.n_per_cta;
   a.persistent = p.persistent;
-  a.n192 = p.n192;
+  a.n192 = !p.tiles128;
   if ((err = cc::launch_moe_grouped_gemm_fp8_wgmma(a, true, stream)) != cudaSuccess) return err;
   return cc::launch_moe_grouped_gemm_fp8_wgmma(a, false, stream);
 }

@@ -23,6 +23,7 @@
 // cuBLASLt path fails (the detector works). Each case prints "[gpu_ops] moe.fp8.<path> ...";
 // without a GPU every test is skipped.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -350,9 +351,11 @@ TEST_F(MoeFp8Test, SmallAndOddShapes) {
 
 // The ws kernels compute what the first kernels compute, in the same order: the quantized act
 // (codes and segmented scales, whole buffers) and y (F32) bit for bit, through the launcher as the
-// back-end calls it, with 1 to 4 N-tiles per CTA. With an even number the gate‖up kernel quantizes
-// act in its epilogue and takes no act scratch; the first kernels and odd numbers write act and
-// quantize it after the GEMM.
+// back-end calls it, with 1, 2, 3, 4 and 8 N-tiles per CTA, gate‖up on 128 x 128 tiles (n192 off)
+// and on the default 128 x 192 tiles (where I % 384 == 0; I = 256 keeps 128 x 128). Where a CTA
+// computes whole 128-column blocks of act (N-tiles per CTA a multiple of 2 on 128 x 128, of 4 on
+// 128 x 192) the gate‖up kernel quantizes act in its epilogue and takes no act scratch; the first
+// kernels and the other counts write act and quantize it after the GEMM.
 TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
   if (!hopper()) GTEST_SKIP() << "the grouped FP8 kernels need compute capability 9.0";
   Rng rng(54);
@@ -455,14 +458,16 @@ TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
           first = i;
       return diff;
     };
-    for (int v = 0; v < 8; ++v) {
-      const int per_cta = 1 + v % 4;
-      const bool n192 = v >= 4;
+    for (int v = 0; v < 10; ++v) {
+      const int per_cta = std::array<int, 5>{1, 2, 3, 4, 8}[v % 5];
+      const bool n192 = v >= 5;
       Tensor y1 = gpu_tensor("y_ws", DType::F32, {n_pairs, c.h}, nullptr);
       a.warp_specialized = true;
       a.n_per_cta = per_cta;
       a.n192 = n192;
-      EXPECT_EQ(cuda::moe_fp8_gate_up_needs_act(a), n192 || per_cta % 2 != 0) << "per_cta=" << per_cta;
+      // 128 x 192 tiles where I % 384 == 0, act quantized in windows of 4 N-tiles; else 128 x 128, in pairs.
+      const bool tiles192 = n192 && c.inter % 384 == 0;
+      EXPECT_EQ(cuda::moe_fp8_gate_up_needs_act(a), per_cta % (tiles192 ? 4 : 2) != 0) << "per_cta=" << per_cta;
       run(y1, got_q, got_qs);
       const std::vector<float> got_y = gpu_read(y1);
       struct Cmp {
@@ -476,7 +481,7 @@ TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
         size_t first = 0;
         const size_t diff = count_diff(m.got, m.want, m.n, m.unit, first);
         std::printf("[gpu_ops] moe.fp8.ws%s-vs-first %s T=%lld H=%lld I=%lld E=%d K=%d per_cta=%d: %zu of %zu differ\n",
-                    n192 ? "192" : "", m.what, static_cast<long long>(c.t), static_cast<long long>(c.h),
+                    tiles192 ? "192" : "", m.what, static_cast<long long>(c.t), static_cast<long long>(c.h),
                     static_cast<long long>(c.inter), c.e, c.k, per_cta, diff, m.n);
         EXPECT_EQ(diff, 0u) << m.what << " T=" << c.t << " H=" << c.h << " I=" << c.inter << " per_cta=" << per_cta
                             << " n192=" << n192 << ": first difference at " << first;

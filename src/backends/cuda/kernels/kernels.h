@@ -377,10 +377,10 @@ cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* sr
 //   gate_up = false: y [rows, H] F32 (BF16 where y_bf16) = aq · downᵀ.
 // H and I multiples of 128, every pointer 16-byte aligned; aq / y scratch of n_pairs rows, and act
 // [n_pairs, I] BF16 where moe_fp8_gate_up_needs_act(args).
-// warp_specialized (the default): the kernel with a producer warpgroup whose promotion overlaps
-// the next step's wgmmas; with an even n_per_cta it quantizes act in its epilogue (a CTA computes
-// both 64-column halves of each 128-column scale block), else it writes act and the quantizer
-// runs after it. false: the first kernel (every thread loads, the tensor cores wait for each
+// warp_specialized (the default): the kernels with a producer warpgroup (n192: gate‖up on 128 x
+// 192 tiles); gate‖up quantizes act in its epilogue where a CTA computes whole 128-column scale
+// blocks (n_per_cta a multiple of 4 on 128 x 192 tiles, of 2 on 128 x 128), else it writes act and
+// the quantizer runs after it. false: the first kernel (every thread loads, the tensor cores wait for each
 // promotion), act written and then quantized. All compute the same values bit for bit.
 struct MoeFp8GemmArgs {
   const uint8_t* xq = nullptr;
@@ -398,13 +398,15 @@ struct MoeFp8GemmArgs {
   void* y = nullptr;
   bool y_bf16 = false;  // y in BF16: half the bytes written and read back (as MoeWgmmaConfig::y_bf16)
   bool warp_specialized = true;
-  int n_per_cta = 0;       // N-tiles one CTA computes in turn, 1..64; 0: moe_fp8_n_per_cta for the ws kernels, else 2
+  int n_per_cta = 0;       // N-tiles one CTA computes in turn, 1..64; 0: 4 on 128 x 192 tiles, moe_fp8_n_per_cta on
+                           // the other ws tiles, else 2
   bool persistent = true;  // warp-specialized kernels: one CTA per SM walks the items (MoeWgmmaConfig)
-  // The gate‖up ws GEMM on 128 x 192 tiles (96 gate + 96 up rows; needs tables.gateup_maps192),
-  // act written in BF16 and quantized after (an experiment: moe_bench's fp8.ws192 paths).
-  bool n192 = false;
+  // The ws gate‖up GEMM on 128 x 192 tiles (96 gate + 96 up rows) where I is a multiple of 384 and
+  // tables.gateup_maps192 is set; false: on 128 x 128 tiles (moe_bench's fp8.ws128).
+  bool n192 = true;
 };
-// The FP8 ws kernels' N-tiles per CTA for n_pairs expert rows: 4 from 8K tokens at top-8 on (one
+// The FP8 ws kernels' N-tiles per CTA for n_pairs expert rows on the 128 x 128 tiles (the 128 x
+// 192 gate‖up tiles take 4, a window of act's quantization): 4 from 8K tokens at top-8 on (one
 // item's row setup serves more tiles), 2 below. H100, 2026-12-06, moe_bench at the Qwen3-30B-A3B
 // shape: 4 against 2 took the MoE block from 2.079 / 4.163 to 2.011 / 4.003 ms at 16K / 32K tokens
 // and was 0.5-1.5% slower at 4K.

@@ -496,6 +496,94 @@ __global__ void __launch_bounds__(kThreads, 1) moe_fp8_wgmma_kernel(const Args a
 #endif                 // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The ws kernels' producer (warpgroup 0, 128 threads): per k-step, a ring slot's tiles (A: 128
+// rows, then B: kBRows weight rows, two TMA boxes of kBRows / 2) and the scales of its k-step
+// beside them. Thread 0 puts the B tile (and kernel 2's A tile) on TMA; kernel 1's A rows,
+// gathered by token, are cp.async chunks of all 128 threads (thread t: chunk t % 8 of rows t / 8 +
+// 16 i, zero fill past the segment). Thread t copies row t's activation scale; the weight block
+// scales of the N-tile go to [128..]: kernel 2's one (thread 0), kernel 1's gate and up scales of
+// its kWGroups column groups of 32 (threads 0..kWGroups - 1 gate's, then up's; a group past n_out
+// takes the last block, where B is zero). The full barrier completes when the 128 threads' copies
+// and TMA's bytes have landed.
+template <bool kGateUp, int kBRows, int kWGroups, int kStages, int kScaleBytes>
+__device__ __forceinline__ void ws_produce(const Args& args, uint32_t base, uint32_t scales,
+                                           const WsRing<kStages>& ring) {
+  constexpr int kNStep = kGateUp ? kBRows / 2 : kBRows;  // outputs per N-tile
+  constexpr int kSlotBytes = kABytes + kBRows * kRowBytes;
+  constexpr uint32_t kTxBytes = kGateUp ? kBRows * kRowBytes : kSlotBytes;
+  constexpr int kWCopies = kGateUp ? 2 * kWGroups : 1;
+  const int n_k = args.k_dim / kTileK;
+  const int n_tiles = (args.n_out + kNStep - 1) / kNStep;
+  const int t = threadIdx.x;
+  const bool copies_w = t < kWCopies;
+  const float* const* w_table = kGateUp && t >= kWGroups ? args.s2 : args.s1;
+  const int group_col = 32 * (t % kWGroups), last_block = (args.n_out - 1) / kTileK;
+  constexpr int kALoads = kTileM / 16;
+  const int chunk = load_chunk(t);
+  const uint32_t st_off = swizzled_off(t >> 3, chunk);  // + 16 rows a pass: (r & 7) is the same
+  RingPos<kStages> pos;
+  ws_for_each_item<true>(  // (each item's N-tiles j_begin..j_end - 1, k-steps in order)
+      args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
+      [&](const MoeTile& tile, int j_begin, int j_end) {
+        const int e = tile.expert;
+        const RowScales rs = row_scales<kGateUp>(args, tile, t, n_k);
+        const float* const w_base = copies_w ? w_table[e] : nullptr;
+        const CUtensorMap* const m1 = args.wmap1 + e;
+        const CUtensorMap* const m2 = kGateUp ? args.wmap2 + e : m1;
+        // Kernel 1's A: where this thread's rows of x start, in 16-byte units (the launch checks
+        // that x has fewer than 2^36 bytes); row 0 where past the segment (nothing read). Each
+        // step forms a chunk's address with one multiply-add from the step's column.
+        uint32_t a_off[kALoads];
+        uint32_t a_ok = 0;
+        if constexpr (kGateUp) {
+#pragma unroll
+          for (int i = 0; i < kALoads; ++i) {
+            const int r = (t >> 3) + 16 * i;
+            const bool ok = r < tile.rows_left;
+            const int64_t row = ok ? __ldg(args.src_token + tile.seg_begin + tile.m0 + r) : 0;
+            a_off[i] = static_cast<uint32_t>((row * args.k_dim) >> 4);
+            a_ok |= static_cast<uint32_t>(ok) << i;
+          }
+        }
+        const uint8_t* const a_base = args.a + chunk * 16;
+        for (int j = j_begin; j < j_end; ++j) {
+          const int n0 = j * kNStep;
+          const float* const w_blk =
+              copies_w ? w_base + static_cast<int64_t>(min((n0 + group_col) / kTileK, last_block)) * n_k : nullptr;
+          for (int kt = 0; kt < n_k; ++kt, pos.next()) {
+            const int s = pos.slot;
+            const uint32_t full = ring.full(s), sa = base + s * kSlotBytes, sb = sa + kABytes;
+            mbar_wait(ring.empty(s), pos.phase ^ 1u);
+            const int k0 = kt * kTileK;  // bytes
+            if (t == 0) {
+              mbar_expect_tx(full, kTxBytes);  // before this thread's arrival below
+              tma_load_2d(sb, m1, full, k0, n0);
+              tma_load_2d(sb + kBRows * kRowBytes / 2, m2, full, k0, kGateUp ? n0 : n0 + kBRows / 2);
+              if constexpr (!kGateUp) tma_load_2d(sa, &args.amap, full, k0, tile.seg_begin + tile.m0);
+            }
+            if constexpr (kGateUp) {
+          // (the offsets stay 32-bit registers: 64-bit products hoisted out of the loop would
+          // not fit the producer's 72 registers)
+#pragma unroll
+              for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_off[i]));
+              const uint8_t* const a_k = a_base + k0;
+#pragma unroll
+              for (int i = 0; i < kALoads; ++i)
+                cp_async16(sa + st_off + i * 16 * kRowBytes, a_k + static_cast<uint64_t>(a_off[i]) * 16,
+                           (a_ok >> i) & 1);
+            }
+            const uint32_t dst = scales + s * kScaleBytes;
+            cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
+            if (copies_w) cp_async4(dst + 4 * (128 + t), w_blk + kt, true);
+            mbar_arrive_cp_async(full);
+          }
+        }
+      });
+  cp_async_wait<0>();  // the last copies land before this thread leaves
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
 template <bool kGateUp>
 __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_constant__ Args args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -509,77 +597,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_
   const WsRing<kWsStages> ring{base + kWsBarOff};
   ring.init(8);  // empty: one arrival per MMA warp
 
-  if (threadIdx.x < 128) {
-    // ---- producer: per k-step, the slot's tiles and the scales of its k-step. Thread 0 puts the
-    // B tile (and kernel 2's A tile) on TMA; kernel 1's A rows, gathered by token, are cp.async
-    // chunks of all 128 threads (thread t: chunk t % 8 of rows t / 8 + 16 i, zero fill past the
-    // segment); thread t copies row t's activation scale, threads 0 (and 1) the weight block
-    // scale(s). The full barrier completes when the 128 threads' copies and TMA's bytes landed.
+  if (threadIdx.x < 128) {  // the producer
     regs_dealloc<kWsProducerRegs>();
-    const int t = threadIdx.x;
-    const bool copies_w = t < (kGateUp ? 2 : 1);  // thread 0: gate's or down's block scale; 1: up's
-    const float* const* w_table = kGateUp && t == 1 ? args.s2 : args.s1;
-    constexpr int kALoads = kTileM / 16;
-    const int chunk = load_chunk(t);
-    const uint32_t st_off = swizzled_off(t >> 3, chunk);  // + 16 rows a pass: (r & 7) is the same
-    constexpr uint32_t kTxBytes = kGateUp ? kBBytes : kStageBytes;
-    RingPos<kWsStages> pos;
-    ws_for_each_item<true>(  // (each item's N-tiles j_begin..j_end - 1, k-steps in order)
-        args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
-        [&](const MoeTile& tile, int j_begin, int j_end) {
-          const int e = tile.expert;
-          const RowScales rs = row_scales<kGateUp>(args, tile, t, n_k);
-          const float* const w_base = copies_w ? w_table[e] : nullptr;
-          const CUtensorMap* const m1 = args.wmap1 + e;
-          const CUtensorMap* const m2 = kGateUp ? args.wmap2 + e : m1;
-          // Kernel 1's A: where this thread's rows of x start, in 16-byte units (the launch checks
-          // that x has fewer than 2^36 bytes); row 0 where past the segment (nothing read). Each
-          // step forms a chunk's address with one multiply-add from the step's column.
-          uint32_t a_off[kALoads];
-          uint32_t a_ok = 0;
-          if constexpr (kGateUp) {
-#pragma unroll
-            for (int i = 0; i < kALoads; ++i) {
-              const int r = (t >> 3) + 16 * i;
-              const bool ok = r < tile.rows_left;
-              const int64_t row = ok ? __ldg(args.src_token + tile.seg_begin + tile.m0 + r) : 0;
-              a_off[i] = static_cast<uint32_t>((row * args.k_dim) >> 4);
-              a_ok |= static_cast<uint32_t>(ok) << i;
-            }
-          }
-          const uint8_t* const a_base = args.a + chunk * 16;
-          for (int j = j_begin; j < j_end; ++j) {
-            const int n0 = j * kNStep;
-            for (int kt = 0; kt < n_k; ++kt, pos.next()) {
-              const int s = pos.slot;
-              const uint32_t full = ring.full(s), sa = base + s * kStageBytes, sb = sa + kABytes;
-              mbar_wait(ring.empty(s), pos.phase ^ 1u);
-              const int k0 = kt * kTileK;  // bytes
-              if (t == 0) {
-                mbar_expect_tx(full, kTxBytes);  // before this thread's arrival below
-                tma_load_2d(sb, m1, full, k0, n0);
-                tma_load_2d(sb + kBBytes / 2, m2, full, k0, kGateUp ? n0 : n0 + kBN / 2);
-                if constexpr (!kGateUp) tma_load_2d(sa, &args.amap, full, k0, tile.seg_begin + tile.m0);
-              }
-              if constexpr (kGateUp) {
-            // (the offsets stay 32-bit registers: 64-bit products hoisted out of the loop would
-            // not fit the producer's 72 registers)
-#pragma unroll
-                for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_off[i]));
-                const uint8_t* const a_k = a_base + k0;
-#pragma unroll
-                for (int i = 0; i < kALoads; ++i)
-                  cp_async16(sa + st_off + i * 16 * kRowBytes, a_k + static_cast<uint64_t>(a_off[i]) * 16,
-                             (a_ok >> i) & 1);
-              }
-              const uint32_t dst = scales + s * kWsScaleBytes;
-              cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
-              if (copies_w) cp_async4(dst + 4 * (128 + t), w_base + static_cast<int64_t>(n0 / kTileK) * n_k + kt, true);
-              mbar_arrive_cp_async(full);
-            }
-          }
-        });
-    cp_async_wait<0>();  // the last copies land before this thread leaves
+    ws_produce<kGateUp, kBN, 1, kWsStages, kWsScaleBytes>(args, base, scales, ring);
     return;
   }
 
@@ -772,66 +792,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __gr
   const WsRing<kStages> ring{base + ws192_bar_off(kQuant)};
   ring.init(8);
 
-  if (threadIdx.x < 128) {
-    // ---- producer (moe_fp8_ws_kernel's, with 96-row B boxes; threads 0..5 copy the 6 column
-    // groups' weight block scales, clamped to the last block past n_out, where B is zero)
+  if (threadIdx.x < 128) {  // the producer: 96-row B boxes, 3 column groups of 32 per half
     regs_dealloc<kWsProducerRegs>();
-    const int t = threadIdx.x;
-    const bool copies_w = t < 6;
-    const float* const* w_table = t >= 3 ? args.s2 : args.s1;
-    const int group_col = 32 * (t % 3), last_block = (args.n_out - 1) / kTileK;
-    constexpr int kALoads = kTileM / 16;
-    const int chunk = load_chunk(t);
-    const uint32_t st_off = swizzled_off(t >> 3, chunk);
-    RingPos<kStages> pos;
-    ws_for_each_item<true>(
-        args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
-        [&](const MoeTile& tile, int j_begin, int j_end) {
-          const int e = tile.expert;
-          const RowScales rs = row_scales<true>(args, tile, t, n_k);
-          const float* const w_base = copies_w ? w_table[e] : nullptr;
-          const CUtensorMap* const m1 = args.wmap1 + e;
-          const CUtensorMap* const m2 = args.wmap2 + e;
-          uint32_t a_off[kALoads];
-          uint32_t a_ok = 0;
-#pragma unroll
-          for (int i = 0; i < kALoads; ++i) {
-            const int r = (t >> 3) + 16 * i;
-            const bool ok = r < tile.rows_left;
-            const int64_t row = ok ? __ldg(args.src_token + tile.seg_begin + tile.m0 + r) : 0;
-            a_off[i] = static_cast<uint32_t>((row * args.k_dim) >> 4);
-            a_ok |= static_cast<uint32_t>(ok) << i;
-          }
-          const uint8_t* const a_base = args.a + chunk * 16;
-          for (int j = j_begin; j < j_end; ++j) {
-            const int n0 = j * kNStep;
-            const float* const w_blk =
-                copies_w ? w_base + static_cast<int64_t>(min((n0 + group_col) / kTileK, last_block)) * n_k : nullptr;
-            for (int kt = 0; kt < n_k; ++kt, pos.next()) {
-              const int s = pos.slot;
-              const uint32_t full = ring.full(s), sa = base + s * kStage192Bytes, sb = sa + kABytes;
-              mbar_wait(ring.empty(s), pos.phase ^ 1u);
-              const int k0 = kt * kTileK;
-              if (t == 0) {
-                mbar_expect_tx(full, kB192Bytes);
-                tma_load_2d(sb, m1, full, k0, n0);
-                tma_load_2d(sb + kB192Bytes / 2, m2, full, k0, n0);
-              }
-#pragma unroll
-              for (int i = 0; i < kALoads; ++i) asm volatile("" : "+r"(a_off[i]));
-              const uint8_t* const a_k = a_base + k0;
-#pragma unroll
-              for (int i = 0; i < kALoads; ++i)
-                cp_async16(sa + st_off + i * 16 * kRowBytes, a_k + static_cast<uint64_t>(a_off[i]) * 16,
-                           (a_ok >> i) & 1);
-              const uint32_t dst = scales + s * kWs192ScaleBytes;
-              cp_async4(dst + 4 * t, rs.ok ? rs.p + kt * rs.step : args.a_scale, rs.ok);
-              if (copies_w) cp_async4(dst + 4 * (128 + t), w_blk + kt, true);
-              mbar_arrive_cp_async(full);
-            }
-          }
-        });
-    cp_async_wait<0>();
+    ws_produce<true, kBN192, 3, kStages, kWs192ScaleBytes>(args, base, scales, ring);
     return;
   }
 
@@ -937,12 +900,16 @@ bool runs_ws(const MoeFp8GemmArgs& a, bool gate_up) {
   return a.warp_specialized && a.tables.weight_maps != nullptr &&
          (!gate_up || static_cast<int64_t>(a.n_tokens) * a.hidden < (int64_t{1} << 36));
 }
-int n_per_cta_of(const MoeFp8GemmArgs& a, bool ws) {
-  return a.n_per_cta > 0 ? a.n_per_cta : ws ? moe_fp8_n_per_cta(a.n_pairs) : 2;
+// Whether the gate‖up GEMM runs on the 128 x 192 tiles: the ws kernel with their descriptors, and
+// I a multiple of 384 (whole windows of act's quantization).
+bool runs_192(const MoeFp8GemmArgs& a) {
+  return a.n192 && a.tables.gateup_maps192 != nullptr && a.inter % 384 == 0 && runs_ws(a, true);
 }
-
-// Whether the gate‖up GEMM runs on the 128 x 192 tiles (opt-in, with their descriptors).
-bool runs_192(const MoeFp8GemmArgs& a) { return a.n192 && a.tables.gateup_maps192 != nullptr && runs_ws(a, true); }
+int n_per_cta_of(const MoeFp8GemmArgs& a, bool ws, bool gate_up) {
+  if (a.n_per_cta > 0) return a.n_per_cta;
+  if (gate_up && runs_192(a)) return 4;
+  return ws ? moe_fp8_n_per_cta(a.n_pairs) : 2;
+}
 
 }  // namespace
 
@@ -950,8 +917,8 @@ bool moe_fp8_gate_up_needs_act(const MoeFp8GemmArgs& a) {
   const bool ws = runs_ws(a, true);
   // The 128 x 192 tiles quantize act in windows of 4 N-tiles (384 columns), the 128 x 128 tiles in
   // pairs (128).
-  if (runs_192(a)) return n_per_cta_of(a, ws) % 4 != 0 || a.inter % 384 != 0;
-  return !ws || n_per_cta_of(a, ws) % 2 != 0;
+  if (runs_192(a)) return n_per_cta_of(a, ws, true) % 4 != 0;
+  return !ws || n_per_cta_of(a, ws, true) % 2 != 0;
 }
 
 cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate_up, cudaStream_t stream) {
@@ -966,7 +933,7 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
   k.offsets = a.offsets;
   k.tile_start = a.tile_start;
   k.count = a.count;
-  k.n_per_cta = n_per_cta_of(a, ws);
+  k.n_per_cta = n_per_cta_of(a, ws, gate_up);
   if (gate_up) {
     k.a = a.xq;
     k.a_scale = a.x_scale;
