@@ -45,7 +45,7 @@ struct Experts {
   float* scales = nullptr;       // [count][3][(I/128)·(H/128)]
   const void** table = nullptr;  // device: gate, up, down codes, then gate, up, down scales [count] each
   void* maps = nullptr;          // device: the codes' TMA descriptors (the ws kernels')
-  void* maps192 = nullptr;       // device: the same for the 128 x 192 tiles
+  void* maps192 = nullptr;       // device: gate's and up's descriptors for the 128 x 192 tiles
   cpinfer::cuda::Fp8ExpertTables tables;
 };
 
@@ -77,11 +77,11 @@ inline Experts make_experts(const std::vector<const void*>& bf16, int count, int
     BENCH_CHECK(cudaMemcpy(x.maps, maps.data(), maps.size(), cudaMemcpyHostToDevice));
     x.tables.weight_maps = x.maps;
   }
-  std::vector<unsigned char> maps192(maps.size());
-  if (cpinfer::cuda::encode_moe_fp8_weight_maps192(host.data(), count, hidden, inter, maps192.data())) {
+  std::vector<unsigned char> maps192(2 * static_cast<size_t>(count) * cpinfer::cuda::kTmaDescBytes);
+  if (cpinfer::cuda::encode_moe_fp8_gateup192_maps(host.data(), count, hidden, inter, maps192.data())) {
     BENCH_CHECK(cudaMalloc(&x.maps192, maps192.size()));
     BENCH_CHECK(cudaMemcpy(x.maps192, maps192.data(), maps192.size(), cudaMemcpyHostToDevice));
-    x.tables.maps192 = x.maps192;
+    x.tables.gateup_maps192 = x.maps192;
   }
   return x;
 }
@@ -103,8 +103,7 @@ struct Path {
   bool y_bf16;
   int n_per_cta;           // 0: the launcher's default (moe_fp8_n_per_cta for the ws kernels)
   bool persistent = true;  // ws: one CTA per SM walks the items
-  bool tiles128 = false;   // ws: both GEMMs on 128 x 128 tiles (MoeFp8GemmArgs::n192, n192_down = false)
-  bool down128 = false;    // ws: the down GEMM on 128 x 128 tiles
+  bool tiles128 = false;   // ws: gate‖up on 128 x 128 tiles (MoeFp8GemmArgs::n192 = false)
 };
 
 // Scratch of one token count: quantized x and act with their scales.
@@ -166,7 +165,6 @@ inline cudaError_t enqueue_gemms(const Path& p, const Experts& w, const Scratch&
   a.n_per_cta = p.n_per_cta;
   a.persistent = p.persistent;
   a.n192 = !p.tiles128;
-  a.n192_down = !p.tiles128 && !p.down128;
   if ((err = cc::launch_moe_grouped_gemm_fp8_wgmma(a, true, stream)) != cudaSuccess) return err;
   return cc::launch_moe_grouped_gemm_fp8_wgmma(a, false, stream);
 }

@@ -384,9 +384,9 @@ TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
     ASSERT_TRUE(cuda::encode_moe_fp8_weight_maps(ptrs.data(), c.e, c.h, c.inter, maps.data()));
     Buffer map_buf(*gpu_, maps.size());
     gpu_->upload(map_buf.data(), maps.data(), maps.size());
-    // And the 128 x 192 tiles' (MoeFp8GemmArgs::n192, n192_down).
-    std::vector<unsigned char> maps192(maps.size());
-    ASSERT_TRUE(cuda::encode_moe_fp8_weight_maps192(ptrs.data(), c.e, c.h, c.inter, maps192.data()));
+    // And the 128 x 192 gate‖up tiles' (MoeFp8GemmArgs::n192; I = 256 ends in a partial tile).
+    std::vector<unsigned char> maps192(2 * static_cast<size_t>(c.e) * cuda::kTmaDescBytes);
+    ASSERT_TRUE(cuda::encode_moe_fp8_gateup192_maps(ptrs.data(), c.e, c.h, c.inter, maps192.data()));
     Buffer map192_buf(*gpu_, maps192.size());
     gpu_->upload(map192_buf.data(), maps192.data(), maps192.size());
     auto bytes = [&](size_t n) { return Buffer(*gpu_, std::max<size_t>(n, 16)); };
@@ -413,7 +413,7 @@ TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
     a.count = c.e;
     a.tables = cuda::Fp8ExpertTables{tp, tp + c.e, tp + 2 * c.e, tp + 3 * c.e, tp + 4 * c.e, tp + 5 * c.e};
     a.tables.weight_maps = map_buf.data();
-    a.tables.maps192 = map192_buf.data();
+    a.tables.gateup_maps192 = map192_buf.data();
     a.hidden = c.h;
     a.inter = c.inter;
     a.n_pairs = n_pairs;
@@ -464,7 +464,7 @@ TEST_F(MoeFp8Test, WsKernelsEqualTheFirstKernelsBitForBit) {
       Tensor y1 = gpu_tensor("y_ws", DType::F32, {n_pairs, c.h}, nullptr);
       a.warp_specialized = true;
       a.n_per_cta = per_cta;
-      a.n192 = a.n192_down = n192;
+      a.n192 = n192;
       // 128 x 192 tiles where I % 384 == 0, act quantized in windows of 4 N-tiles; else 128 x 128, in pairs.
       const bool tiles192 = n192 && c.inter % 384 == 0;
       EXPECT_EQ(cuda::moe_fp8_gate_up_needs_act(a), per_cta % (tiles192 ? 4 : 2) != 0) << "per_cta=" << per_cta;

@@ -49,20 +49,20 @@ Fp8ExpertTables CudaBackend::fp8_expert_tables_on_device(const ExpertShard& shar
   t.up_scale = p + 4 * count;
   t.down_scale = p + 5 * count;
   // The grouped ws kernels' TMA descriptors of the codes, encoded once per table (Hopper only): 3·count
-  // with boxes of 64 rows (128 x 128 tiles), then 3·count with boxes of 96 rows (128 x 192 tiles).
+  // of 64-row boxes, then gate's and up's 2·count of 96-row boxes (the 128 x 192 gate‖up tiles).
   const size_t desc128 = 3 * static_cast<size_t>(count) * kTmaDescBytes;
   if (!entry.tma_tried && hopper_ && count > 0) {
     entry.tma_tried = true;
-    std::vector<unsigned char> maps(2 * desc128);
+    std::vector<unsigned char> maps(desc128 + 2 * static_cast<size_t>(count) * kTmaDescBytes);
     const int64_t hidden = shard.gate[0].dim(1), inter = shard.gate[0].dim(0);
     if (encode_moe_fp8_weight_maps(entry.host.data(), count, hidden, inter, maps.data()) &&
-        encode_moe_fp8_weight_maps192(entry.host.data(), count, hidden, inter, maps.data() + desc128)) {
+        encode_moe_fp8_gateup192_maps(entry.host.data(), count, hidden, inter, maps.data() + desc128)) {
       entry.tma = alloc(maps.size());
       upload(entry.tma, maps.data(), maps.size());
     }
   }
   t.weight_maps = entry.tma;
-  t.maps192 = entry.tma != nullptr ? static_cast<const unsigned char*>(entry.tma) + desc128 : nullptr;
+  t.gateup_maps192 = entry.tma != nullptr ? static_cast<const unsigned char*>(entry.tma) + desc128 : nullptr;
   return t;
 }
 

@@ -314,9 +314,9 @@ struct Fp8ExpertTables {
   // The grouped ws kernels': a device array of 3·count TMA descriptors of the codes
   // (encode_moe_fp8_weight_maps); null: those kernels are not run (the first FP8 kernels are).
   const void* weight_maps = nullptr;
-  // The 128 x 192 tiles' (MoeFp8GemmArgs::n192, n192_down): 3·count descriptors of the codes with
-  // boxes of 96 rows (encode_moe_fp8_weight_maps192); null: those tiles are not used.
-  const void* maps192 = nullptr;
+  // The 128 x 192 gate‖up tiles' (MoeFp8GemmArgs::n192): 2·count descriptors of gate and up with
+  // boxes of 96 rows (encode_moe_fp8_gateup192_maps); null: those tiles are not used.
+  const void* gateup_maps192 = nullptr;
 };
 cudaError_t launch_moe_rowwise_gemms_fp8(const DevTensor& x, const MoeRowSource& rows, int count,
                                          const Fp8ExpertTables& tables, int64_t inter, bool vectorized, void* act,
@@ -402,10 +402,8 @@ struct MoeFp8GemmArgs {
                            // the other ws tiles, else 2
   bool persistent = true;  // warp-specialized kernels: one CTA per SM walks the items (MoeWgmmaConfig)
   // The ws gate‖up GEMM on 128 x 192 tiles (96 gate + 96 up rows) where I is a multiple of 384 and
-  // tables.maps192 is set; false: on 128 x 128 tiles (moe_bench's fp8.ws128).
+  // tables.gateup_maps192 is set; false: on 128 x 128 tiles (moe_bench's fp8.ws128).
   bool n192 = true;
-  // The ws down GEMM on 128 x 192 tiles (192 down rows, the last tile partial where H % 192 != 0).
-  bool n192_down = true;
 };
 // The FP8 ws kernels' N-tiles per CTA for n_pairs expert rows on the 128 x 128 tiles (the 128 x
 // 192 gate‖up tiles take 4, a window of act's quantization): 4 from 8K tokens at top-8 on (one
@@ -426,9 +424,9 @@ bool moe_fp8_gate_up_needs_act(const MoeFp8GemmArgs& args);
 // where the driver has no encoder or a matrix is not encodable (a pointer not 16-byte aligned).
 inline constexpr size_t kTmaDescBytes = 128;
 bool encode_moe_fp8_weight_maps(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps);
-// Fp8ExpertTables::maps192, the same descriptors as encode_moe_fp8_weight_maps with boxes of 96
-// rows.
-bool encode_moe_fp8_weight_maps192(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps);
+// Fp8ExpertTables::gateup_maps192 (2·count descriptors: gate e at e, up e at count + e) from the
+// same host code pointers.
+bool encode_moe_fp8_gateup192_maps(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps);
 
 // out[t] = Σ_k weights[t,k] · y[pair_row[t*K+k]] over the local pairs, in k order (0 with none).
 // With `norm` (its residual and out [T, H] in out's dtype; T <= kUnpermuteDecodeTokens, decode

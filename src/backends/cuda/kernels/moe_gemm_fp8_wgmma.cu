@@ -502,18 +502,17 @@ __global__ void __launch_bounds__(kThreads, 1) moe_fp8_wgmma_kernel(const Args a
 // beside them. Thread 0 puts the B tile (and kernel 2's A tile) on TMA; kernel 1's A rows,
 // gathered by token, are cp.async chunks of all 128 threads (thread t: chunk t % 8 of rows t / 8 +
 // 16 i, zero fill past the segment). Thread t copies row t's activation scale; the weight block
-// scales of the N-tile go to [128..], one per column group of 32 (a tile straddles blocks where
-// its rows do not start at a multiple of 128): kernel 2's kWGroups groups (threads 0..kWGroups -
-// 1), kernel 1's gate and up scales of its kWGroups groups (threads 0..kWGroups - 1 gate's, then
-// up's); a group past n_out takes the last block, where B is zero. The full barrier completes when the 128 threads'
-// copies and TMA's bytes have landed.
+// scales of the N-tile go to [128..]: kernel 2's one (thread 0), kernel 1's gate and up scales of
+// its kWGroups column groups of 32 (threads 0..kWGroups - 1 gate's, then up's; a group past n_out
+// takes the last block, where B is zero). The full barrier completes when the 128 threads' copies
+// and TMA's bytes have landed.
 template <bool kGateUp, int kBRows, int kWGroups, int kStages, int kScaleBytes>
 __device__ __forceinline__ void ws_produce(const Args& args, uint32_t base, uint32_t scales,
                                            const WsRing<kStages>& ring) {
   constexpr int kNStep = kGateUp ? kBRows / 2 : kBRows;  // outputs per N-tile
   constexpr int kSlotBytes = kABytes + kBRows * kRowBytes;
   constexpr uint32_t kTxBytes = kGateUp ? kBRows * kRowBytes : kSlotBytes;
-  constexpr int kWCopies = kGateUp ? 2 * kWGroups : kWGroups;
+  constexpr int kWCopies = kGateUp ? 2 * kWGroups : 1;
   const int n_k = args.k_dim / kTileK;
   const int n_tiles = (args.n_out + kNStep - 1) / kNStep;
   const int t = threadIdx.x;
@@ -683,8 +682,8 @@ __device__ __forceinline__ void wgmma_kstep192_lo(float (&tmp)[kAcc192], uint32_
     wgmma_m64n192k32_e4m3(tmp, desc_of(a_lo + 2 * ks), desc_of(b_lo + 2 * ks), ks > 0 ? 1 : 0);
   wgmma_commit();
 }
-// promote for the 128 x 192 tile: sb[c] is the block scale of column group c (32 columns; gate‖up:
-// 0..2 gate's, 3..5 up's), acc[idx] in n8-tile idx / 4, group idx / 16.
+// promote for the 128 x 192 tile: sb[c] is the block scale of column group c (32 columns; 0..2
+// gate's, 3..5 up's), acc[idx] in n8-tile idx / 4, group idx / 16.
 __device__ __forceinline__ void promote192(float (&acc)[kAcc192], const float (&tmp)[kAcc192], float sa0, float sa1,
                                            const float (&sb)[6]) {
   float f[6][2];
@@ -775,14 +774,14 @@ __device__ __forceinline__ void store_act_fp8_192(const float (&acc)[kAcc192], c
 
 // The gate‖up GEMM on 128 x 192 tiles (MoeFp8GemmArgs::n192), warp-specialized as
 // moe_fp8_ws_kernel<true>: the producer puts B (gate rows n0.. and up rows n0.., boxes of 96 rows:
-// Fp8ExpertTables::maps192) on TMA and gathers x's rows by cp.async, the MMA warpgroups
+// Fp8ExpertTables::gateup_maps192) on TMA and gathers x's rows by cp.async, the MMA warpgroups
 // issue a k-step, wait for it and promote it. kQuant: the epilogue quantizes act
 // (store_act_fp8_192), else act goes out in BF16 (store_tile) and is quantized after. Its values,
 // and their order, are moe_fp8_ws_kernel's: act and its codes bit for bit the same.
-template <bool kGateUp, bool kQuant>
+template <bool kQuant>
 __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __grid_constant__ Args args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int kNStep = kGateUp ? kBN192 / 2 : kBN192;  // outputs per N-tile
+  constexpr int kNStep = kBN192 / 2;  // outputs per N-tile
   const int n_k = args.k_dim / kTileK;
   const int n_tiles = (args.n_out + kNStep - 1) / kNStep;
 
@@ -793,9 +792,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __gr
   const WsRing<kStages> ring{base + ws192_bar_off(kQuant)};
   ring.init(8);
 
-  if (threadIdx.x < 128) {  // the producer: 96-row B boxes, 6 column groups of 32
+  if (threadIdx.x < 128) {  // the producer: 96-row B boxes, 3 column groups of 32 per half
     regs_dealloc<kWsProducerRegs>();
-    ws_produce<kGateUp, kBN192, kGateUp ? 3 : 6, kStages, kWs192ScaleBytes>(args, base, scales, ring);
+    ws_produce<true, kBN192, 3, kStages, kWs192ScaleBytes>(args, base, scales, ring);
     return;
   }
 
@@ -816,8 +815,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __gr
                              for (int kt = 0; kt < n_k; ++kt, pos.next()) {
                                const int s = pos.slot;
                                mbar_wait(ring.full(s), pos.phase);
-                               // Kernel 1's A was written by cp.async (generic proxy); kernel 2's is TMA's.
-                               if constexpr (kGateUp) fence_async_smem();
+                               fence_async_smem();  // A was written by cp.async (generic proxy)
                                const uint32_t off = static_cast<uint32_t>(s) * (kStage192Bytes >> 4);
                                wgmma_kstep192_lo(tmp, da0 + off, db0 + off);
                                const uint32_t sc = scales + s * kWs192ScaleBytes;
@@ -848,8 +846,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __gr
                                    break;
                                }
                              } else {
-                               store_tile<kGateUp, kBN192>(acc, tile_out(args), tid, tile.rows_left,
-                                                           tile.seg_begin + tile.m0, j * kNStep);
+                               store_tile<true, kBN192>(acc, tile_out(args), tid, tile.rows_left,
+                                                        tile.seg_begin + tile.m0, j * kNStep);
                              }
                            }
                          });
@@ -882,16 +880,12 @@ cudaError_t launch_one(const Args& args, bool ws, bool persistent, int64_t m_slo
   return cudaGetLastError();
 }
 
-cudaError_t launch_192(const Args& args, bool gate_up, bool quant, bool persistent, int64_t m_slots,
-                       cudaStream_t stream) {
-  const auto kernel = !gate_up ? moe_fp8_ws192_kernel<false, false>
-                      : quant  ? moe_fp8_ws192_kernel<true, true>
-                               : moe_fp8_ws192_kernel<true, false>;
+cudaError_t launch_192(const Args& args, bool quant, bool persistent, int64_t m_slots, cudaStream_t stream) {
+  const auto kernel = quant ? moe_fp8_ws192_kernel<true> : moe_fp8_ws192_kernel<false>;
   const size_t smem = ws192_smem_bytes(quant);
   cudaError_t err = opt_in_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  const int n_step = gate_up ? kBN192 / 2 : kBN192;
-  const int64_t n_tiles = (args.n_out + n_step - 1) / n_step;
+  const int64_t n_tiles = (args.n_out + kBN192 / 2 - 1) / (kBN192 / 2);
   unsigned grid = 0;
   err = ws_grid(m_slots * ((n_tiles + args.n_per_cta - 1) / args.n_per_cta), persistent, grid);
   if (err != cudaSuccess) return err;
@@ -909,10 +903,8 @@ bool runs_ws(const MoeFp8GemmArgs& a, bool gate_up) {
 // Whether the gate‖up GEMM runs on the 128 x 192 tiles: the ws kernel with their descriptors, and
 // I a multiple of 384 (whole windows of act's quantization).
 bool runs_192(const MoeFp8GemmArgs& a) {
-  return a.n192 && a.tables.maps192 != nullptr && a.inter % 384 == 0 && runs_ws(a, true);
+  return a.n192 && a.tables.gateup_maps192 != nullptr && a.inter % 384 == 0 && runs_ws(a, true);
 }
-// The down GEMM on 128 x 192 tiles (any H; the last N-tile is partial where H % 192 != 0).
-bool runs_192_down(const MoeFp8GemmArgs& a) { return a.n192_down && a.tables.maps192 != nullptr && runs_ws(a, false); }
 int n_per_cta_of(const MoeFp8GemmArgs& a, bool ws, bool gate_up) {
   if (a.n_per_cta > 0) return a.n_per_cta;
   if (gate_up && runs_192(a)) return 4;
@@ -964,10 +956,10 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
       return cudaErrorInvalidValue;
     }
     if (runs_192(a)) {
-      k.wmap1 = static_cast<const CUtensorMap*>(a.tables.maps192);
+      k.wmap1 = static_cast<const CUtensorMap*>(a.tables.gateup_maps192);
       k.wmap2 = k.wmap1 + a.count;
     }
-    const cudaError_t err = runs_192(a) ? launch_192(k, true, quant, a.persistent, m_slots, stream)
+    const cudaError_t err = runs_192(a) ? launch_192(k, quant, a.persistent, m_slots, stream)
                                         : launch_one<true>(k, ws, a.persistent, m_slots, stream);
     if (err != cudaSuccess || quant) return err;
     DevTensor act;
@@ -989,19 +981,13 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
   k.out_bf16 = a.y_bf16;
   k.wmap1 = ws ? maps + 2 * static_cast<int64_t>(a.count) : nullptr;
   if (ws && !encode_byte_rows(&k.amap, a.aq, a.n_pairs, a.inter, kTileM)) return cudaErrorInvalidValue;
-  if (runs_192_down(a)) {
-    k.wmap1 = static_cast<const CUtensorMap*>(a.tables.maps192) + 2 * static_cast<int64_t>(a.count);
-    return launch_192(k, false, false, a.persistent, m_slots, stream);
-  }
   return launch_one<false>(k, ws, a.persistent, m_slots, stream);
 }
 
-bool encode_moe_fp8_weight_maps192(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps) {
+bool encode_moe_fp8_gateup192_maps(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps) {
   auto* m = static_cast<CUtensorMap*>(maps);
-  for (int e = 0; e < 3 * count; ++e) {
-    const bool down = e >= 2 * count;
-    if (!encode_byte_rows(m + e, codes[e], down ? hidden : inter, down ? inter : hidden, kBN192 / 2)) return false;
-  }
+  for (int e = 0; e < 2 * count; ++e)
+    if (!encode_byte_rows(m + e, codes[e], inter, hidden, kBN192 / 2)) return false;
   return true;
 }
 
