@@ -6,7 +6,8 @@
 // - Larger batches on Hopper, by default: the device-scheduled grouped wgmma FP8 GEMMs
 //   (kernels/moe_gemm_fp8_wgmma.cu, DeepSeek-V3's scheme: activations quantized per (row, 128
 //   columns), per 128-wide K block an fp32 partial product scaled by the row's and the weight
-//   block's scales), warp-specialized, expert outputs y in BF16 (as the BF16 default);
+//   block's scales), warp-specialized (gate‖up on 128 x 192 tiles where I % 384 == 0), expert
+//   outputs y in BF16 (as the BF16 default);
 //   --moe-runner-backend wgmma: the first grouped FP8 kernels (no producer warpgroup, y in F32),
 //   kept to compare; --moe-runner-backend cublas: per expert, cuBLASLt's block-scaled FP8 GEMM
 //   (cuda_fp8.cpp) over the expert's rows padded to a multiple of 4, which needs the expert row

@@ -12,13 +12,14 @@
 //   from the same up rows (n0 a multiple of 64, so all 64 lie in weight-scale block n0 / 128 of
 //   each matrix); accumulator columns c and c + 64 are g and u of output n0 + c in one thread.
 //   Kernel 2 (down): 128 down rows n0 = 128 j.., one scale block.
-// Why 128 x 128 tiles (the BF16 default is 128 x 256): a thread of an MMA warpgroup holds its
-// accumulators and the temporary tile(s) of the promotion: at N = 128 that is 64 + 64 (+ 64 for a
-// second temporary) fp32 registers; at N = 256 already 128 + 128, more than the 255 a thread has.
-// The operands per FLOP stay those of the BF16 128 x 256 tile (e4m3 is half the bytes).
+// Why not 128 x 256 (the BF16 default): a thread of an MMA warpgroup holds its accumulators and
+// the temporary tile(s) of the promotion: at N = 128 that is 64 + 64 (+ 64 for a second
+// temporary) fp32 registers, at N = 192 96 + 96; at N = 256 already 128 + 128, more than the 255 a
+// thread has.
 //
-// Two kernels, both with the same tiles, promotion (promote below) and epilogue (store_tile; the
-// ws gate‖up kernel quantizes act in its epilogue instead, store_act_fp8):
+// Two kernels on these tiles, with the same promotion (promote below) and epilogue (store_tile;
+// the ws gate‖up kernel quantizes act in its epilogue instead, store_act_fp8), and the ws gate‖up
+// GEMM on 128 x 192 tiles (moe_fp8_ws192_kernel, the default where I % 384 == 0; below):
 // - moe_fp8_ws_kernel, the default: warp-specialized like the BF16 ws kernel. Warpgroup 0 (72
 //   registers) is the producer of a ring of kWsStages slots of 32 KB, one k-step each: one thread
 //   puts the B tile (two boxes of 64 weight rows) and, in the down GEMM, the A tile (128
@@ -36,7 +37,7 @@
 // - moe_fp8_wgmma_kernel (--moe-runner-backend wgmma, kept for comparison): every thread loads
 //   (4 stages, __syncthreads per step) and each step waits for its wgmmas (wait_group 0) before
 //   promoting, so the tensor cores idle during the promotion.
-// Both read and compute the same values in the same order, so their outputs (and the quantized
+// All read and compute the same values in the same order, so their outputs (and the quantized
 // act) are bit for bit equal (bench/moe_bench and gpu_moe_test's WsKernelsEqualTheFirstKernels-
 // BitForBit check it on the GPU); gpu_moe_test MoeFp8Test compares both with the CPU.
 #include <cuda.h>
