@@ -259,9 +259,7 @@ int main(int argc, char** argv) {
                                                              {"fp8.ws.np", true, true, 0, false},
                                                              {"fp8.ws.f32", true, false, 0},
                                                              {"fp8.wgmma", false, false, 2},
-                                                             {"fp8.ws128", true, true, 0, true, true},
-                                                             {"fp8.ws256", true, true, 2, true, false, true},
-                                                             {"fp8.ws256.j4", true, true, 4, true, false, true}}
+                                                             {"fp8.ws128", true, true, 0, true, true}}
                                      : std::vector<f8::Path>{};
   // --paths: every name must be a path of this card; mma stays (the wgmma paths' check), ws with any
   // FP8 path (their reference).
@@ -514,9 +512,7 @@ int main(int argc, char** argv) {
       fcheck[p] = buf;
       bad += !ok;
       const std::string name = fpaths[p].name;
-      if (name.rfind("fp8.ws.j", 0) == 0 || name == "fp8.ws.np" || name == "fp8.ws128" ||
-          name.rfind("fp8.ws256", 0) == 0)
-        same_as(p, "fp8.ws");
+      if (name.rfind("fp8.ws.j", 0) == 0 || name == "fp8.ws.np" || name == "fp8.ws128") same_as(p, "fp8.ws");
       if (name == "fp8.wgmma") same_as(p, "fp8.ws.f32");
     }
 

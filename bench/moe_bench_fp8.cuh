@@ -45,8 +45,7 @@ struct Experts {
   float* scales = nullptr;       // [count][3][(I/128)·(H/128)]
   const void** table = nullptr;  // device: gate, up, down codes, then gate, up, down scales [count] each
   void* maps = nullptr;          // device: the codes' TMA descriptors (the ws kernels')
-  void* maps256 = nullptr;
-  void* maps192 = nullptr;  // device: gate's and up's descriptors for the 128 x 192 tiles
+  void* maps192 = nullptr;       // device: gate's and up's descriptors for the 128 x 192 tiles
   cpinfer::cuda::Fp8ExpertTables tables;
 };
 
@@ -84,11 +83,6 @@ inline Experts make_experts(const std::vector<const void*>& bf16, int count, int
     BENCH_CHECK(cudaMemcpy(x.maps192, maps192.data(), maps192.size(), cudaMemcpyHostToDevice));
     x.tables.gateup_maps192 = x.maps192;
   }
-  if (cpinfer::cuda::encode_moe_fp8_gateup256_maps(host.data(), count, hidden, inter, maps192.data())) {
-    BENCH_CHECK(cudaMalloc(&x.maps256, maps192.size()));
-    BENCH_CHECK(cudaMemcpy(x.maps256, maps192.data(), maps192.size(), cudaMemcpyHostToDevice));
-    x.tables.gateup_maps256 = x.maps256;
-  }
   return x;
 }
 
@@ -98,7 +92,6 @@ inline void free_experts(Experts& x) {
   cudaFree(x.table);
   cudaFree(x.maps);
   cudaFree(x.maps192);
-  cudaFree(x.maps256);
   x = Experts{};
 }
 
@@ -111,7 +104,6 @@ struct Path {
   int n_per_cta;           // 0: the launcher's default (moe_fp8_n_per_cta for the ws kernels)
   bool persistent = true;  // ws: one CTA per SM walks the items
   bool tiles128 = false;   // ws: gate‖up on 128 x 128 tiles (MoeFp8GemmArgs::n192 = false)
-  bool tiles256 = false;   // ws: gate‖up on 128 x 256 tiles (MoeFp8GemmArgs::n256, an experiment)
 };
 
 // Scratch of one token count: quantized x and act with their scales.
@@ -173,7 +165,6 @@ inline cudaError_t enqueue_gemms(const Path& p, const Experts& w, const Scratch&
   a.n_per_cta = p.n_per_cta;
   a.persistent = p.persistent;
   a.n192 = !p.tiles128;
-  a.n256 = p.tiles256;
   if ((err = cc::launch_moe_grouped_gemm_fp8_wgmma(a, true, stream)) != cudaSuccess) return err;
   return cc::launch_moe_grouped_gemm_fp8_wgmma(a, false, stream);
 }

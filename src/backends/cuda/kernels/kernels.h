@@ -317,7 +317,6 @@ struct Fp8ExpertTables {
   // The 128 x 192 gate‖up tiles' (MoeFp8GemmArgs::n192): 2·count descriptors of gate and up with
   // boxes of 96 rows (encode_moe_fp8_gateup192_maps); null: those tiles are not used.
   const void* gateup_maps192 = nullptr;
-  const void* gateup_maps256 = nullptr;  // (an experiment: 128-row boxes, encode_moe_fp8_gateup256_maps)
 };
 cudaError_t launch_moe_rowwise_gemms_fp8(const DevTensor& x, const MoeRowSource& rows, int count,
                                          const Fp8ExpertTables& tables, int64_t inter, bool vectorized, void* act,
@@ -405,7 +404,6 @@ struct MoeFp8GemmArgs {
   // The ws gate‖up GEMM on 128 x 192 tiles (96 gate + 96 up rows) where I is a multiple of 384 and
   // tables.gateup_maps192 is set; false: on 128 x 128 tiles (moe_bench's fp8.ws128).
   bool n192 = true;
-  bool n256 = false;  // an experiment: gate‖up on 128 x 256 tiles (tables.gateup_maps256)
 };
 // The FP8 ws kernels' N-tiles per CTA for n_pairs expert rows on the 128 x 128 tiles (the 128 x
 // 192 gate‖up tiles take 4, a window of act's quantization): 4 from 8K tokens at top-8 on (one
@@ -428,7 +426,6 @@ inline constexpr size_t kTmaDescBytes = 128;
 bool encode_moe_fp8_weight_maps(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps);
 // Fp8ExpertTables::gateup_maps192 (2·count descriptors: gate e at e, up e at count + e) from the
 // same host code pointers.
-bool encode_moe_fp8_gateup256_maps(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps);
 bool encode_moe_fp8_gateup192_maps(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps);
 
 // out[t] = Σ_k weights[t,k] · y[pair_row[t*K+k]] over the local pairs, in k order (0 with none).

@@ -125,19 +125,6 @@ static_assert(ws192_bar_off(true) % 8 == 0 && ws192_bar_off(false) % 8 == 0 && w
                   kStage192Bytes % 1024 == 0 && (kB192Bytes / 2) % 1024 == 0,
               "alignment");
 
-// ---- 128 x 256 gate‖up tiles (MoeFp8GemmArgs::n256, an experiment): 128 gate + 128 up rows, each
-// k-step issued as two m64n128 halves (gate's, then up's) into one 64-register temporary, each
-// waited for and promoted into its own accumulators (64 + 64): A is read twice per k-step, but x's
-// rows are gathered once per 128 outputs and a tile is one whole 128-column block of act.
-constexpr int kBN256 = 256;
-constexpr int kB256Bytes = kBN256 * kRowBytes;        // 32 KB
-constexpr int kStage256Bytes = kABytes + kB256Bytes;  // 48 KB
-constexpr int kWs256Stages = 4;
-constexpr int kWs256ScaleOff = kWs256Stages * kStage256Bytes;
-constexpr int kWs256BarOff = kWs256ScaleOff + kWs256Stages * 528;
-constexpr size_t kWs256SmemBytes = static_cast<size_t>(kWs256BarOff + 2 * kWs256Stages * 8) + 1024;
-static_assert(kWs256SmemBytes <= 227 * 1024 && kWs256SmemBytes <= (1u << 18), "shared memory");
-
 struct Args {
   const uint8_t* a;           // kernel 1: xq [T, H] (rows through src_token); kernel 2: aq [rows, I]
   const float* a_scale;       // kernel 1: [H/128][T]; kernel 2: segmented (kernels.h)
@@ -868,105 +855,6 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __gr
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// acc[kOff + idx] += tmp[idx] · (row scale · sb), rows as promote's.
-template <int kOff>
-__device__ __forceinline__ void promote_half(float (&acc)[2 * kAcc], const float (&tmp)[kAcc], float sa0, float sa1,
-                                             float sb) {
-  const float f0 = sa0 * sb, f1 = sa1 * sb;
-#pragma unroll
-  for (int idx = 0; idx < kAcc; ++idx) acc[kOff + idx] = fmaf(tmp[idx], (idx & 2) != 0 ? f1 : f0, acc[kOff + idx]);
-}
-// The 128 x 256 tile's act, one whole 128-column scale block: per row h, n8-tiles 4g + q (g = 0..3)
-// in quad_transpose's order, the block's amax over the quad, codes and the row's scale
-// (launch_fp8_quantize_rows' arithmetic on the same BF16 values, as store_act_fp8).
-__device__ __forceinline__ void store_act_fp8_256(const float (&acc)[2 * kAcc], const Args& a, int tid,
-                                                  const MoeTile& t, int j) {
-  const int q = tid & 3, n_k = a.n_out / kTileK;
-  float* const scales =
-      a.act_q_scale + fp8_segment_scale_base(t.seg_begin, t.expert, n_k) + static_cast<int64_t>(j) * t.seg_rows + t.m0;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    uint4 v[4];
-    float mx = 0.0f;
-#pragma unroll
-    for (int g = 0; g < 4; ++g) {
-      v[g] = gateup_act8<kBN256>(acc, h, g, q);
-      mx = fmaxf(mx, amax_bf16x8(v[g]));
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float sc = fp8_block_scale(mx), inv = 1.0f / sc;
-    const int r = acc_row(tid, 2 * h);
-    if (r >= t.rows_left) continue;
-    uint8_t* const row = a.act_q + static_cast<int64_t>(t.seg_begin + t.m0 + r) * a.n_out + j * kTileK + 8 * q;
-#pragma unroll
-    for (int g = 0; g < 4; ++g) *reinterpret_cast<uint2*>(row + 32 * g) = e4m3x8(v[g], sc, inv);
-    if (q == 0) scales[r] = sc;
-  }
-}
-#endif  // __CUDA_ARCH_FEAT_SM90_ALL
-
-// The gate‖up GEMM on 128 x 256 tiles (MoeFp8GemmArgs::n256): the producer of the ws kernels with
-// 128-row B boxes (Fp8ExpertTables::gateup_maps256); act quantized in the epilogue (Args::act_q)
-// or written in BF16.
-__global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws256_kernel(const __grid_constant__ Args args) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int kNStep = kBN256 / 2;
-  const int n_k = args.k_dim / kTileK;
-  const int n_tiles = (args.n_out + kNStep - 1) / kNStep;
-  extern __shared__ unsigned char smem_raw[];
-  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
-  const uint32_t scales = base + kWs256ScaleOff;
-  const WsRing<kWs256Stages> ring{base + kWs256BarOff};
-  ring.init(8);
-  if (threadIdx.x < 128) {
-    regs_dealloc<kWsProducerRegs>();
-    ws_produce<true, kBN256, 1, kWs256Stages, 528>(args, base, scales, ring);
-    return;
-  }
-  regs_alloc<kWsMmaRegs>();
-  const int tid = threadIdx.x - 128, wg = tid >> 7;
-  const uint32_t sa0_off = 4 * acc_row(tid, 0), sa1_off = 4 * acc_row(tid, 2);
-  const uint32_t da0 = desc_lo(base + desc_a_off(wg, 0)), db0 = desc_lo(base + desc_b_off(0));
-  float acc[2 * kAcc], tmp[kAcc];
-#pragma unroll
-  for (int i = 0; i < kAcc; ++i) tmp[i] = 0.0f;
-  RingPos<kWs256Stages> pos;
-  ws_for_each_item<true>(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
-                         [&](const MoeTile& tile, int j_begin, int j_end) {
-                           for (int j = j_begin; j < j_end; ++j) {
-#pragma unroll
-                             for (int i = 0; i < 2 * kAcc; ++i) acc[i] = 0.0f;
-                             for (int kt = 0; kt < n_k; ++kt, pos.next()) {
-                               const int s = pos.slot;
-                               mbar_wait(ring.full(s), pos.phase);
-                               fence_async_smem();  // A was written by cp.async (generic proxy)
-                               const uint32_t off = static_cast<uint32_t>(s) * (kStage256Bytes >> 4);
-                               wgmma_kstep_lo(tmp, da0 + off, db0 + off);  // gate's half
-                               const uint32_t sc = scales + s * 528;
-                               const float sa0 = lds_f32(sc + sa0_off), sa1 = lds_f32(sc + sa1_off);
-                               const float sb1 = lds_f32(sc + 4 * 128), sb2 = lds_f32(sc + 4 * 129);
-                               wgmma_wait<0>();
-                               fence_regs(tmp);
-                               promote_half<0>(acc, tmp, sa0, sa1, sb1);
-                               wgmma_kstep_lo(tmp, da0 + off, db0 + off + (kB256Bytes / 2 >> 4));  // up's half
-                               wgmma_wait<0>();
-                               fence_regs(tmp);
-                               __syncwarp();
-                               if ((tid & 31) == 0) mbar_arrive(ring.empty(s));
-                               promote_half<kAcc>(acc, tmp, sa0, sa1, sb2);
-                             }
-                             if (args.act_q != nullptr)
-                               store_act_fp8_256(acc, args, tid, tile, j);
-                             else
-                               store_tile<true, kBN256>(acc, tile_out(args), tid, tile.rows_left,
-                                                        tile.seg_begin + tile.m0, j * kNStep);
-                           }
-                         });
-#endif  // __CUDA_ARCH_FEAT_SM90_ALL
-}
-
 template <class Kernel>
 cudaError_t launch(Kernel kernel, const Args& args, int n_step, int64_t m_slots, int threads, size_t smem,
                    cudaStream_t stream) {
@@ -1006,17 +894,6 @@ cudaError_t launch_192(const Args& args, bool quant, bool persistent, int64_t m_
   return cudaGetLastError();
 }
 
-cudaError_t launch_256(const Args& args, bool persistent, int64_t m_slots, cudaStream_t stream) {
-  cudaError_t err = opt_in_dynamic_smem(moe_fp8_ws256_kernel, kWs256SmemBytes);
-  if (err != cudaSuccess) return err;
-  const int64_t n_tiles = (args.n_out + kBN256 / 2 - 1) / (kBN256 / 2);
-  unsigned grid = 0;
-  err = ws_grid(m_slots * ((n_tiles + args.n_per_cta - 1) / args.n_per_cta), persistent, grid);
-  if (err != cudaSuccess) return err;
-  moe_fp8_ws256_kernel<<<grid, kWsThreads, kWs256SmemBytes, stream>>>(args);
-  return cudaGetLastError();
-}
-
 // Whether the GEMM runs the ws kernel: it reads the weight tiles (and kernel 2 its A tiles) through
 // TMA, so without the descriptors the first kernels run; the gate‖up ws producer addresses x rows
 // in 16-byte units of 32 bits (x below 2^36 bytes).
@@ -1026,9 +903,8 @@ bool runs_ws(const MoeFp8GemmArgs& a, bool gate_up) {
 }
 // Whether the gate‖up GEMM runs on the 128 x 192 tiles: the ws kernel with their descriptors, and
 // I a multiple of 384 (whole windows of act's quantization).
-bool runs_256(const MoeFp8GemmArgs& a) { return a.n256 && a.tables.gateup_maps256 != nullptr && runs_ws(a, true); }
 bool runs_192(const MoeFp8GemmArgs& a) {
-  return !runs_256(a) && a.n192 && a.tables.gateup_maps192 != nullptr && a.inter % 384 == 0 && runs_ws(a, true);
+  return a.n192 && a.tables.gateup_maps192 != nullptr && a.inter % 384 == 0 && runs_ws(a, true);
 }
 int n_per_cta_of(const MoeFp8GemmArgs& a, bool ws, bool gate_up) {
   if (a.n_per_cta > 0) return a.n_per_cta;
@@ -1040,7 +916,6 @@ int n_per_cta_of(const MoeFp8GemmArgs& a, bool ws, bool gate_up) {
 
 bool moe_fp8_gate_up_needs_act(const MoeFp8GemmArgs& a) {
   const bool ws = runs_ws(a, true);
-  if (runs_256(a)) return false;  // a whole scale block per tile
   // The 128 x 192 tiles quantize act in windows of 4 N-tiles (384 columns), the 128 x 128 tiles in
   // pairs (128).
   if (runs_192(a)) return n_per_cta_of(a, ws, true) % 4 != 0;
@@ -1085,11 +960,6 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
       k.wmap1 = static_cast<const CUtensorMap*>(a.tables.gateup_maps192);
       k.wmap2 = k.wmap1 + a.count;
     }
-    if (runs_256(a)) {
-      k.wmap1 = static_cast<const CUtensorMap*>(a.tables.gateup_maps256);
-      k.wmap2 = k.wmap1 + a.count;
-      return launch_256(k, a.persistent, m_slots, stream);
-    }
     const cudaError_t err = runs_192(a) ? launch_192(k, quant, a.persistent, m_slots, stream)
                                         : launch_one<true>(k, ws, a.persistent, m_slots, stream);
     if (err != cudaSuccess || quant) return err;
@@ -1113,13 +983,6 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
   k.wmap1 = ws ? maps + 2 * static_cast<int64_t>(a.count) : nullptr;
   if (ws && !encode_byte_rows(&k.amap, a.aq, a.n_pairs, a.inter, kTileM)) return cudaErrorInvalidValue;
   return launch_one<false>(k, ws, a.persistent, m_slots, stream);
-}
-
-bool encode_moe_fp8_gateup256_maps(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps) {
-  auto* m = static_cast<CUtensorMap*>(maps);
-  for (int e = 0; e < 2 * count; ++e)
-    if (!encode_byte_rows(m + e, codes[e], inter, hidden, kBN256 / 2)) return false;
-  return true;
 }
 
 bool encode_moe_fp8_gateup192_maps(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps) {
