@@ -574,6 +574,33 @@ __device__ __forceinline__ void ws_produce(const Args& args, uint32_t base, uint
       });
   cp_async_wait<0>();  // the last copies land before this thread leaves
 }
+
+// The ws kernels' roles: the ring's barriers (empty: one arrival per MMA warp), then warpgroup 0
+// produces (ws_produce, true: it is done) and the MMA warpgroups take their registers and the
+// addresses of their scales and descriptors (false).
+struct MmaThread {
+  int tid;                    // 0..255 over the two MMA warpgroups
+  uint32_t sa0_off, sa1_off;  // the row scales of acc_row(tid, 0) and acc_row(tid, 2) in a scale slot
+  uint32_t da0, db0;          // the descriptors' low words of slot 0: this warpgroup's A rows, the B rows
+};
+template <bool kGateUp, int kBRows, int kWGroups, int kStages, int kScaleBytes>
+__device__ __forceinline__ bool ws_roles(const Args& args, uint32_t base, uint32_t scales, const WsRing<kStages>& ring,
+                                         MmaThread& m) {
+  ring.init(8);
+  if (threadIdx.x < 128) {
+    regs_dealloc<kWsProducerRegs>();
+    ws_produce<kGateUp, kBRows, kWGroups, kStages, kScaleBytes>(args, base, scales, ring);
+    return true;
+  }
+  regs_alloc<kWsMmaRegs>();
+  m.tid = threadIdx.x - 128;
+  const int wg = m.tid >> 7;
+  m.sa0_off = 4 * acc_row(m.tid, 0);
+  m.sa1_off = 4 * acc_row(m.tid, 2);
+  m.da0 = desc_lo(base + desc_a_off(wg, 0));
+  m.db0 = desc_lo(base + desc_b_off(0));
+  return false;
+}
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 template <bool kGateUp>
@@ -587,20 +614,12 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t scales = base + kWsScaleOff;  // slot s: [0, 128) row scales, [128] gate / down, [129] up
   const WsRing<kWsStages> ring{base + kWsBarOff};
-  ring.init(8);  // empty: one arrival per MMA warp
-
-  if (threadIdx.x < 128) {  // the producer
-    regs_dealloc<kWsProducerRegs>();
-    ws_produce<kGateUp, kBN, 1, kWsStages, kWsScaleBytes>(args, base, scales, ring);
-    return;
-  }
+  MmaThread m;
+  if (ws_roles<kGateUp, kBN, 1, kWsStages, kWsScaleBytes>(args, base, scales, ring, m)) return;
 
   // ---- the two MMA warpgroups: rows 64·wg .. of the tile
-  regs_alloc<kWsMmaRegs>();
-  const int tid = threadIdx.x - 128, wg = tid >> 7;
-  const uint32_t sa0_off = 4 * acc_row(tid, 0), sa1_off = 4 * acc_row(tid, 2);
-  // The descriptors' low words of slot 0: this warpgroup's A rows, the B rows.
-  const uint32_t da0 = desc_lo(base + desc_a_off(wg, 0)), db0 = desc_lo(base + desc_b_off(0));
+  const int tid = m.tid;
+  const uint32_t sa0_off = m.sa0_off, sa1_off = m.sa1_off, da0 = m.da0, db0 = m.db0;
   float acc[kAcc], t0[kAcc], t1[kAcc];
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) t0[i] = t1[i] = 0.0f;
@@ -782,19 +801,12 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __gr
   constexpr int kStages = ws192_stages(kQuant);
   const uint32_t scales = base + ws192_scale_off(kQuant);  // slot s: [0, 128) row scales, [128, 134) group scales
   const WsRing<kStages> ring{base + ws192_bar_off(kQuant)};
-  ring.init(8);
-
-  if (threadIdx.x < 128) {  // the producer: 96-row B boxes, 3 column groups of 32 per half
-    regs_dealloc<kWsProducerRegs>();
-    ws_produce<true, kBN192, 3, kStages, kWs192ScaleBytes>(args, base, scales, ring);
-    return;
-  }
+  MmaThread m;  // the producer: 96-row B boxes, 3 column groups of 32 per half
+  if (ws_roles<true, kBN192, 3, kStages, kWs192ScaleBytes>(args, base, scales, ring, m)) return;
 
   // ---- the two MMA warpgroups
-  regs_alloc<kWsMmaRegs>();
-  const int tid = threadIdx.x - 128, wg = tid >> 7;
-  const uint32_t sa0_off = 4 * acc_row(tid, 0), sa1_off = 4 * acc_row(tid, 2);
-  const uint32_t da0 = desc_lo(base + desc_a_off(wg, 0)), db0 = desc_lo(base + desc_b_off(0));
+  const int tid = m.tid;
+  const uint32_t sa0_off = m.sa0_off, sa1_off = m.sa1_off, da0 = m.da0, db0 = m.db0;
   float acc[kAcc192], tmp[kAcc192];
 #pragma unroll
   for (int i = 0; i < kAcc192; ++i) tmp[i] = 0.0f;
