@@ -245,12 +245,19 @@ __device__ __forceinline__ uint32_t desc_lo(uint32_t addr) { return (addr >> 4) 
 __device__ __forceinline__ uint64_t desc_of(uint32_t lo) { return static_cast<uint64_t>(kDescHi) << 32 | lo; }
 static_assert(ws_smem_bytes(true) <= (1u << 18), "descriptor start addresses below 256 KB");
 
-// wgmma_kstep with the descriptors' low words of the slot's A rows (of warpgroup wg) and B rows.
-__device__ __forceinline__ void wgmma_kstep_lo(float (&tmp)[kAcc], uint32_t a_lo, uint32_t b_lo) {
+// wgmma_kstep with the descriptors' low words of the slot's A rows (of warpgroup wg) and B rows;
+// N = 96: A[64 x 128] · B[192 x 128]ᵀ (the 128 x 192 tiles).
+template <int N>
+__device__ __forceinline__ void wgmma_kstep_lo(float (&tmp)[N], uint32_t a_lo, uint32_t b_lo) {
+  static_assert(N == kAcc || N == kAcc192, "m64n128 or m64n192");
   wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < kTileK / 32; ++ks)
-    wgmma_m64n128k32_e4m3(tmp, desc_of(a_lo + 2 * ks), desc_of(b_lo + 2 * ks), ks > 0 ? 1 : 0);
+  for (int ks = 0; ks < kTileK / 32; ++ks) {
+    if constexpr (N == kAcc192)
+      wgmma_m64n192k32_e4m3(tmp, desc_of(a_lo + 2 * ks), desc_of(b_lo + 2 * ks), ks > 0 ? 1 : 0);
+    else
+      wgmma_m64n128k32_e4m3(tmp, desc_of(a_lo + 2 * ks), desc_of(b_lo + 2 * ks), ks > 0 ? 1 : 0);
+  }
   wgmma_commit();
 }
 
@@ -685,14 +692,6 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// tmp = A[64 x 128] · B[192 x 128]ᵀ of one k-step (descriptors' low words as wgmma_kstep_lo).
-__device__ __forceinline__ void wgmma_kstep192_lo(float (&tmp)[kAcc192], uint32_t a_lo, uint32_t b_lo) {
-  wgmma_fence();
-#pragma unroll
-  for (int ks = 0; ks < kTileK / 32; ++ks)
-    wgmma_m64n192k32_e4m3(tmp, desc_of(a_lo + 2 * ks), desc_of(b_lo + 2 * ks), ks > 0 ? 1 : 0);
-  wgmma_commit();
-}
 // promote for the 128 x 192 tile: sb[c] is the block scale of column group c (32 columns; 0..2
 // gate's, 3..5 up's), acc[idx] in n8-tile idx / 4, group idx / 16.
 __device__ __forceinline__ void promote192(float (&acc)[kAcc192], const float (&tmp)[kAcc192], float sa0, float sa1,
@@ -821,7 +820,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __gr
                                mbar_wait(ring.full(s), pos.phase);
                                fence_async_smem();  // A was written by cp.async (generic proxy)
                                const uint32_t off = static_cast<uint32_t>(s) * (kStage192Bytes >> 4);
-                               wgmma_kstep192_lo(tmp, da0 + off, db0 + off);
+                               wgmma_kstep_lo(tmp, da0 + off, db0 + off);
                                const uint32_t sc = scales + s * kWs192ScaleBytes;
                                const float sa0 = lds_f32(sc + sa0_off), sa1 = lds_f32(sc + sa1_off);
                                float sb[6];
