@@ -18,14 +18,14 @@
 //            cuda_moe_fp8.cpp: x quantized -> grouped FP8 gate‖up, act quantized (in its epilogue
 //            where a CTA computes whole 128-column blocks of act) -> grouped FP8 down (the "gemm"
 //            columns include both quantizations): fp8.ws (the back-end's default: warp-specialized
-//            kernels, gate‖up on 128 x 192 tiles with 4 N-tiles per CTA where I % 384 == 0, y in
+//            kernels, gate‖up on 128 x 192 tiles where I % 384 == 0, 4 N-tiles per CTA, y in
 //            BF16), fp8.ws.jN (N N-tiles per CTA), fp8.ws.np (a CTA per item, not persistent),
 //            fp8.ws.f32 (y in F32), fp8.ws128 (gate‖up on 128 x 128 tiles, N-tiles per CTA as
-//            moe_fp8_n_per_cta), fp8.wgmma (the first FP8 kernels, --moe-runner-backend wgmma).
-//            Each is compared with the BF16 ws path's
-//            output (the FP8 rounding of weights and activations: nmse of a few 1e-3; checked <= 2e-2), fp8.ws.f32 with
-//            fp8.wgmma and the fp8.ws variants with each other bit for bit; the "vs bf16" ratio is the path's time over
-//            the BF16 ws path's (issue 15's target for the default: <= 0.65).
+//            moe_fp8_n_per_cta), fp8.ws.dN (the down GEMM with N N-tiles per CTA), fp8.wgmma (the first FP8 kernels,
+//            --moe-runner-backend wgmma). Each is compared with the BF16 ws path's output (the FP8 rounding of weights
+//            and activations: nmse of a few 1e-3; checked <= 2e-2), fp8.ws.f32 with fp8.wgmma and the fp8.ws variants
+//            with each other bit for bit; the "vs bf16" ratio is the path's time over the BF16 ws path's (issue 15's
+//            target for the default: <= 0.65).
 // Also a dense cuBLAS floor: the same FLOPs as three dense GEMMs over all rows with one expert's
 // weights (what a perfectly balanced single expert would cost).
 // CUDA-event timing, warm-up, median of --reps; each path's line ends with the medians of the SM clock and
@@ -259,7 +259,10 @@ int main(int argc, char** argv) {
                                                              {"fp8.ws.np", true, true, 0, false},
                                                              {"fp8.ws.f32", true, false, 0},
                                                              {"fp8.wgmma", false, false, 2},
-                                                             {"fp8.ws128", true, true, 0, true, true}}
+                                                             {"fp8.ws128", true, true, 0, true, true},
+                                                             {"fp8.ws.d2", true, true, 0, true, false, 2},
+                                                             {"fp8.ws.d4", true, true, 0, true, false, 4},
+                                                             {"fp8.ws.d8", true, true, 0, true, false, 8}}
                                      : std::vector<f8::Path>{};
   // --paths: every name must be a path of this card; mma stays (the wgmma paths' check), ws with any
   // FP8 path (their reference).
@@ -512,7 +515,9 @@ int main(int argc, char** argv) {
       fcheck[p] = buf;
       bad += !ok;
       const std::string name = fpaths[p].name;
-      if (name.rfind("fp8.ws.j", 0) == 0 || name == "fp8.ws.np" || name == "fp8.ws128") same_as(p, "fp8.ws");
+      if (name.rfind("fp8.ws.j", 0) == 0 || name == "fp8.ws.np" || name == "fp8.ws128" ||
+          name.rfind("fp8.ws.d", 0) == 0)
+        same_as(p, "fp8.ws");
       if (name == "fp8.wgmma") same_as(p, "fp8.ws.f32");
     }
 

@@ -398,16 +398,16 @@ struct MoeFp8GemmArgs {
   void* y = nullptr;
   bool y_bf16 = false;  // y in BF16: half the bytes written and read back (as MoeWgmmaConfig::y_bf16)
   bool warp_specialized = true;
-  int n_per_cta = 0;       // N-tiles one CTA computes in turn, 1..64; 0: 4 on 128 x 192 tiles, moe_fp8_n_per_cta on
-                           // the other ws tiles, else 2
+  int n_per_cta = 0;       // N-tiles one CTA computes in turn, 1..64; 0: 4 in the ws kernels but on 128 x 128
+                           // gate‖up tiles (moe_fp8_n_per_cta), 2 in the first kernels
   bool persistent = true;  // warp-specialized kernels: one CTA per SM walks the items (MoeWgmmaConfig)
   // The ws gate‖up GEMM on 128 x 192 tiles (96 gate + 96 up rows) where I is a multiple of 384 and
   // tables.gateup_maps192 is set; false: on 128 x 128 tiles (moe_bench's fp8.ws128).
   bool n192 = true;
 };
-// The FP8 ws kernels' N-tiles per CTA for n_pairs expert rows on the 128 x 128 tiles (the 128 x
-// 192 gate‖up tiles take 4, a window of act's quantization): 4 from 8K tokens at top-8 on (one
-// item's row setup serves more tiles), 2 below. H100, 2026-12-06, moe_bench at the Qwen3-30B-A3B
+// The FP8 ws gate‖up kernel's N-tiles per CTA for n_pairs expert rows on 128 x 128 tiles (the 128
+// x 192 tiles and the down GEMM take 4): 4 from 8K tokens at top-8 on (one item's row setup serves
+// more tiles), 2 below. H100, 2026-12-06, moe_bench at the Qwen3-30B-A3B
 // shape: 4 against 2 took the MoE block from 2.079 / 4.163 to 2.011 / 4.003 ms at 16K / 32K tokens
 // and was 0.5-1.5% slower at 4K.
 inline int moe_fp8_n_per_cta(int64_t n_pairs) { return n_pairs >= (int64_t{1} << 16) ? 4 : 2; }

@@ -908,10 +908,15 @@ bool runs_ws(const MoeFp8GemmArgs& a, bool gate_up) {
 bool runs_192(const MoeFp8GemmArgs& a) {
   return a.n192 && a.tables.gateup_maps192 != nullptr && a.inter % 384 == 0 && runs_ws(a, true);
 }
+// The N-tiles per CTA of a launch: as given, else 4 on the 128 x 192 gate‖up tiles (a window of
+// act's quantization) and in the ws down GEMM (H100, 2026-12-07 09:27, moe_bench fp8.ws.dN, three
+// rounds: the MoE block 0.6% faster than at 2 at 4K tokens, level or faster at 16K and 32K),
+// moe_fp8_n_per_cta on 128 x 128 gate‖up tiles, 2 in the first kernels.
 int n_per_cta_of(const MoeFp8GemmArgs& a, bool ws, bool gate_up) {
   if (a.n_per_cta > 0) return a.n_per_cta;
-  if (gate_up && runs_192(a)) return 4;
-  return ws ? moe_fp8_n_per_cta(a.n_pairs) : 2;
+  if (!ws) return 2;
+  if (!gate_up || runs_192(a)) return 4;
+  return moe_fp8_n_per_cta(a.n_pairs);
 }
 
 }  // namespace
