@@ -71,18 +71,20 @@ inline Experts make_experts(const std::vector<const void*>& bf16, int count, int
   BENCH_CHECK(cudaMemcpy(x.table, host.data(), host.size() * sizeof(void*), cudaMemcpyHostToDevice));
   const void* const* t = x.table;
   x.tables = {t, t + count, t + 2 * count, t + 3 * count, t + 4 * count, t + 5 * count};
-  std::vector<unsigned char> maps(3 * static_cast<size_t>(count) * cpinfer::cuda::kTmaDescBytes);
-  if (cpinfer::cuda::encode_moe_fp8_weight_maps(host.data(), count, hidden, inter, maps.data())) {
-    BENCH_CHECK(cudaMalloc(&x.maps, maps.size()));
-    BENCH_CHECK(cudaMemcpy(x.maps, maps.data(), maps.size(), cudaMemcpyHostToDevice));
-    x.tables.weight_maps = x.maps;
-  }
-  std::vector<unsigned char> maps192(2 * static_cast<size_t>(count) * cpinfer::cuda::kTmaDescBytes);
-  if (cpinfer::cuda::encode_moe_fp8_gateup192_maps(host.data(), count, hidden, inter, maps192.data())) {
-    BENCH_CHECK(cudaMalloc(&x.maps192, maps192.size()));
-    BENCH_CHECK(cudaMemcpy(x.maps192, maps192.data(), maps192.size(), cudaMemcpyHostToDevice));
-    x.tables.gateup_maps192 = x.maps192;
-  }
+  // The TMA descriptors of the ws kernels (n of them, written by encode) copied to the device;
+  // null where they cannot be encoded.
+  auto device_maps = [&](size_t n, auto encode) -> void* {
+    std::vector<unsigned char> maps(n * cpinfer::cuda::kTmaDescBytes);
+    if (!encode(host.data(), count, hidden, inter, maps.data())) return nullptr;
+    void* d = nullptr;
+    BENCH_CHECK(cudaMalloc(&d, maps.size()));
+    BENCH_CHECK(cudaMemcpy(d, maps.data(), maps.size(), cudaMemcpyHostToDevice));
+    return d;
+  };
+  x.tables.weight_maps = x.maps =
+      device_maps(3 * static_cast<size_t>(count), cpinfer::cuda::encode_moe_fp8_weight_maps);
+  x.tables.gateup_maps192 = x.maps192 =
+      device_maps(2 * static_cast<size_t>(count), cpinfer::cuda::encode_moe_fp8_gateup192_maps);
   return x;
 }
 

@@ -79,10 +79,12 @@ constexpr int kWsStages = 6;
 constexpr int kWsScaleBytes = 528;
 constexpr int kWsScaleOff = kWsStages * kStageBytes;
 constexpr int kWsBarOff = kWsScaleOff + kWsStages * kWsScaleBytes;
-// Kernel 1 quantizing act in its epilogue (store_act_fp8): each MMA thread's stash of one half
-// block, 4 x 16 bytes of act and 2 row maxima, laid out [piece][thread] (conflict-free): 18 KB.
+// Kernel 1 quantizing act in its epilogue (store_act_fp8): the stash of its 256 MMA threads, on
+// gate halves of kG groups of 32 columns: kG x 2 rows x 16 bytes of act and 2 row maxima each (18
+// KB at kG = 2, 26 KB at kG = 3).
+constexpr int act_stash_bytes(int kG) { return 256 * (kG * 2 * 16 + 8); }
 constexpr int kWsStashOff = kWsBarOff + 2 * kWsStages * 8;
-constexpr int kWsStashBytes = 256 * (4 * 16 + 8);
+constexpr int kWsStashBytes = act_stash_bytes(2);
 constexpr size_t ws_smem_bytes(bool gate_up) {
   return static_cast<size_t>(gate_up ? kWsStashOff + kWsStashBytes : kWsStashOff) + 1024;
 }
@@ -113,9 +115,7 @@ constexpr int ws192_stages(bool quant) { return quant ? 4 : 5; }
 constexpr int ws192_scale_off(bool quant) { return ws192_stages(quant) * kStage192Bytes; }
 constexpr int ws192_bar_off(bool quant) { return ws192_scale_off(quant) + ws192_stages(quant) * kWs192ScaleBytes; }
 constexpr int ws192_stash_off(bool quant) { return ws192_bar_off(quant) + 2 * ws192_stages(quant) * 8; }
-// The quantizing epilogue's stash: per MMA thread 3 groups x 2 rows x 16 bytes of act and 2 row
-// maxima, laid out [piece][thread]: 26 KB.
-constexpr int kWs192StashBytes = 256 * (6 * 16 + 8);
+constexpr int kWs192StashBytes = act_stash_bytes(3);  // the quantizing epilogue's
 constexpr size_t ws192_smem_bytes(bool quant) {
   return static_cast<size_t>(ws192_stash_off(quant) + (quant ? kWs192StashBytes : 0)) + 1024;
 }
@@ -319,66 +319,111 @@ __device__ __forceinline__ uint2 e4m3x8(const uint4& u, float s, float inv) {
   return make_uint2(pair[0] | pair[1] << 16, pair[2] | pair[3] << 16);
 }
 
-// Kernel 1's epilogue when it quantizes act itself (Args::act_q): N-tiles 2b and 2b + 1 (n_per_cta
-// even, so one CTA computes both, in order) are the two 64-column halves of act's 128-column scale
-// block b. The thread forms its act values as store_tile does (gateup_act8), in quad_transpose's
-// order: per row h (acc_row(tid, 2h)), n8-tiles 4g + q (g = 0, 1), 8 values each.
-// The even tile leaves them and their largest |v| per row in the thread's stash; the odd one takes
-// the row's maximum over the block (with the quad's other 3 threads), s = fp8_block_scale(amax),
-// and writes e4m3(v / s) of both halves and s. That is launch_fp8_quantize_rows' arithmetic on the
-// same BF16 values (the quotients correctly rounded without a division: fp8_quotient), so the codes
-// and scales are bit for bit those of act written and quantized.
-__device__ __forceinline__ void store_act_fp8(const float (&acc)[kAcc], const Args& a, int tid, const MoeTile& t, int j,
-                                              uint32_t stash) {
+// Gate‖up's epilogue when it quantizes act itself (Args::act_q), on N-tiles of kG groups of 32
+// columns (kG = 2 on 128 x 128 tiles, 3 on 128 x 192): a window of kW = act_window<kG>() N-tiles
+// (n_per_cta and the N-tiles multiples of it, so one CTA computes a window in order) is kW · kG
+// groups, G = kG · kI + g in tile kI = j % kW, and kW · kG / 4 of act's 128-column scale blocks b,
+// groups 4b..4b+3. The thread forms its act values as store_tile does (gateup_act8), in
+// quad_transpose's order: per row h (acc_row(tid, 2h)) and group g, columns 8q.. of the group
+// (thread q of the quad). A block that ends in tile kI is written there: its groups of earlier
+// tiles come from the thread's stash (slot G % kG: a slot is read before it is written again), its
+// maximum from the stashed running maximum and this tile's groups, reduced over the quad
+// (s = fp8_block_scale(amax)); groups of a block that goes on are stashed. That is
+// launch_fp8_quantize_rows' arithmetic on the same BF16 values (the quotients correctly rounded
+// without a division: fp8_quotient), so the codes and scales are bit for bit those of act written
+// and quantized. The stash (act_stash_bytes) is laid out [piece][thread] (conflict-free).
+template <int kG>
+__host__ __device__ constexpr int act_window() {
+  static_assert(kG == 2 || kG == 3, "64- or 96-column gate halves");
+  return kG == 2 ? 2 : 4;
+}
+template <int kG, int kI>
+__device__ __forceinline__ void store_act_fp8(const float (&acc)[32 * kG], const Args& a, int tid, const MoeTile& t,
+                                              int window, uint32_t stash) {
+  constexpr int kW = act_window<kG>();
   const int q = tid & 3;
-  uint4 v[2][2];
-  float am[2];
+  auto piece = [&](int slot, int h) { return stash + 16 * ((2 * slot + h) * 256 + tid); };
+  const uint32_t maxima = stash + kG * 2 * 256 * 16 + 8 * tid;
+  const int n_k = a.n_out / kTileK;
+  float* const scales = a.act_q_scale + fp8_segment_scale_base(t.seg_begin, t.expert, n_k) + t.m0;
+  constexpr int kG0 = kG * kI;                                   // this tile's first group
+  constexpr int kBFirst = kG0 / 4, kBLast = (kG0 + kG - 1) / 4;  // blocks it touches
+  float run[2] = {0.0f, 0.0f};                                   // the pending block's maximum over the stashed groups
+  if constexpr (kI > 0)
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(run[0]), "=f"(run[1]) : "r"(maxima) : "memory");
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    am[h] = 0.0f;
+    uint4 v[kG];
+    float am[kG];
 #pragma unroll
-    for (int g = 0; g < 2; ++g) {
-      v[h][g] = gateup_act8<kBN>(acc, h, g, q);
-      am[h] = fmaxf(am[h], amax_bf16x8(v[h][g]));
+    for (int g = 0; g < kG; ++g) {
+      v[g] = gateup_act8<64 * kG>(acc, h, g, q);
+      am[g] = amax_bf16x8(v[g]);
     }
-  }
-  auto piece = [&](int i) { return stash + 16 * (i * 256 + tid); };
-  const uint32_t maxima = stash + 4 * 256 * 16 + 8 * tid;
-  if ((j & 1) == 0) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(piece(i)), "r"(v[i >> 1][i & 1].x),
-                   "r"(v[i >> 1][i & 1].y), "r"(v[i >> 1][i & 1].z), "r"(v[i >> 1][i & 1].w)
-                   : "memory");
-    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(maxima), "f"(am[0]), "f"(am[1]) : "memory");
-    return;
-  }
-  float m0, m1;
-  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(m0), "=f"(m1) : "r"(maxima) : "memory");
-  am[0] = fmaxf(am[0], m0);
-  am[1] = fmaxf(am[1], m1);
-  const int n_k = a.n_out / kTileK, kb = j >> 1;
-  float* const scales =
-      a.act_q_scale + fp8_segment_scale_base(t.seg_begin, t.expert, n_k) + static_cast<int64_t>(kb) * t.seg_rows + t.m0;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float mx = fmaxf(am[h], __shfl_xor_sync(0xffffffffu, am[h], 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float s = fp8_block_scale(mx), inv = 1.0f / s;
     const int r = acc_row(tid, 2 * h);
-    if (r >= t.rows_left) continue;
-    uint8_t* const row = a.act_q + static_cast<int64_t>(t.seg_begin + t.m0 + r) * a.n_out + kb * kTileK + 8 * q;
+    const bool row_ok = r < t.rows_left;
+    uint8_t* const row =
+        a.act_q + static_cast<int64_t>(t.seg_begin + t.m0 + r) * a.n_out + window * (kW * kG * 32) + 8 * q;
 #pragma unroll
-    for (int g = 0; g < 2; ++g) {
-      uint4 u;
-      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                   : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
-                   : "r"(piece(2 * h + g))
-                   : "memory");
-      *reinterpret_cast<uint2*>(row + 32 * g) = e4m3x8(u, s, inv);
-      *reinterpret_cast<uint2*>(row + 64 + 32 * g) = e4m3x8(v[h][g], s, inv);
+    for (int b = kBFirst; b <= kBLast; ++b) {
+      constexpr int kLast = kG0 + kG - 1;
+      const bool complete = 4 * b + 3 <= kLast;
+      float mx = 4 * b < kG0 ? run[h] : 0.0f;  // groups of b stashed by earlier tiles
+#pragma unroll
+      for (int g = 0; g < kG; ++g)
+        if ((kG0 + g) / 4 == b) mx = fmaxf(mx, am[g]);
+      if (!complete) {
+#pragma unroll
+        for (int g = 0; g < kG; ++g)
+          if ((kG0 + g) / 4 == b)
+            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(piece((kG0 + g) % kG, h)), "r"(v[g].x),
+                         "r"(v[g].y), "r"(v[g].z), "r"(v[g].w)
+                         : "memory");
+        run[h] = mx;
+        continue;
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float sc = fp8_block_scale(mx), inv = 1.0f / sc;
+      if (!row_ok) continue;
+#pragma unroll
+      for (int G = 4 * b; G < 4 * b + 4; ++G) {
+        uint4 u;
+        if (G < kG0) {
+          asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                       : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+                       : "r"(piece(G % kG, h))
+                       : "memory");
+        } else {
+          u = v[G - kG0];
+        }
+        *reinterpret_cast<uint2*>(row + 32 * G) = e4m3x8(u, sc, inv);
+      }
+      if (q == 0) scales[static_cast<int64_t>((kW * kG / 4) * window + b) * t.seg_rows + r] = sc;
     }
-    if (q == 0) scales[r] = s;
+  }
+  if constexpr (kI < kW - 1)
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(maxima), "f"(run[0]), "f"(run[1]) : "memory");
+}
+// store_act_fp8 of N-tile j (j >= 0; kW a power of two).
+template <int kG>
+__device__ __forceinline__ void store_act_fp8_tile(const float (&acc)[32 * kG], const Args& a, int tid,
+                                                   const MoeTile& t, int j, uint32_t stash) {
+  constexpr int kW = act_window<kG>(), kLogW = kW == 2 ? 1 : 2;
+  const int window = j >> kLogW;
+  switch (j & (kW - 1)) {
+    case 0:
+      store_act_fp8<kG, 0>(acc, a, tid, t, window, stash);
+      break;
+    case 1:
+      store_act_fp8<kG, 1>(acc, a, tid, t, window, stash);
+      break;
+    case 2:
+      if constexpr (kW > 2) store_act_fp8<kG, 2 % kW>(acc, a, tid, t, window, stash);
+      break;
+    default:
+      if constexpr (kW > 3) store_act_fp8<kG, 3 % kW>(acc, a, tid, t, window, stash);
+      break;
   }
 }
 
@@ -682,7 +727,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_
                                retire(t0, none_pending);
                              }
                              if (kGateUp && args.act_q != nullptr)
-                               store_act_fp8(acc, args, tid, tile, j, base + kWsStashOff);
+                               store_act_fp8_tile<2>(acc, args, tid, tile, j, base + kWsStashOff);
                              else
                                store_tile<kGateUp, kBN>(acc, tile_out(args), tid, tile.rows_left,
                                                         tile.seg_begin + tile.m0, j * kNStep);
@@ -705,88 +750,13 @@ __device__ __forceinline__ void promote192(float (&acc)[kAcc192], const float (&
 #pragma unroll
   for (int idx = 0; idx < kAcc192; ++idx) acc[idx] = fmaf(tmp[idx], f[idx >> 4][(idx >> 1) & 1], acc[idx]);
 }
-// The 128 x 192 gate‖up kernel's epilogue when it quantizes act (Args::act_q; n_per_cta and the
-// N-tiles a multiple of 4): 4 N-tiles of 96 columns (tile i = j % 4 of a window) are 12 groups of
-// 32 columns, G = 3i + g, and act's 128-column scale blocks b = 0..2 of the window are groups
-// 4b..4b+3. Thread q of a quad holds columns 8q.. of each group (gateup_act8's order, group g of
-// the tile = its n8-tiles 4g..4g+3). A block that ends in tile i is written there: its groups of
-// earlier tiles come from the thread's stash (slot G % 3: a slot is read before it is written
-// again), its maximum from the stashed running maximum and this tile's groups, reduced over the
-// quad; groups of a block that goes on are stashed. launch_fp8_quantize_rows' arithmetic on the
-// same BF16 values, as store_act_fp8.
-template <int kI>
-__device__ __forceinline__ void store_act_fp8_192(const float (&acc)[kAcc192], const Args& a, int tid, const MoeTile& t,
-                                                  int window, uint32_t stash) {
-  const int q = tid & 3;
-  auto piece = [&](int slot, int h) { return stash + 16 * ((2 * slot + h) * 256 + tid); };
-  const uint32_t maxima = stash + 6 * 256 * 16 + 8 * tid;
-  const int n_k = a.n_out / kTileK;
-  float* const scales = a.act_q_scale + fp8_segment_scale_base(t.seg_begin, t.expert, n_k) + t.m0;
-  constexpr int kG0 = 3 * kI;                               // this tile's first group
-  constexpr int kBFirst = kG0 / 4, kBLast = (kG0 + 2) / 4;  // blocks it touches
-  float run[2] = {0.0f, 0.0f};                              // the pending block's maximum over the stashed groups
-  if constexpr (kI > 0)
-    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(run[0]), "=f"(run[1]) : "r"(maxima) : "memory");
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    uint4 v[3];
-    float am[3];
-#pragma unroll
-    for (int g = 0; g < 3; ++g) {
-      v[g] = gateup_act8<kBN192>(acc, h, g, q);
-      am[g] = amax_bf16x8(v[g]);
-    }
-    const int r = acc_row(tid, 2 * h);
-    const bool row_ok = r < t.rows_left;
-    uint8_t* const row = a.act_q + static_cast<int64_t>(t.seg_begin + t.m0 + r) * a.n_out + window * 384 + 8 * q;
-#pragma unroll
-    for (int b = kBFirst; b <= kBLast; ++b) {
-      constexpr int kLast = kG0 + 2;
-      const bool complete = 4 * b + 3 <= kLast;
-      float mx = 4 * b < kG0 ? run[h] : 0.0f;  // groups of b stashed by earlier tiles
-#pragma unroll
-      for (int g = 0; g < 3; ++g)
-        if ((kG0 + g) / 4 == b) mx = fmaxf(mx, am[g]);
-      if (!complete) {
-#pragma unroll
-        for (int g = 0; g < 3; ++g)
-          if ((kG0 + g) / 4 == b)
-            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(piece((kG0 + g) % 3, h)), "r"(v[g].x),
-                         "r"(v[g].y), "r"(v[g].z), "r"(v[g].w)
-                         : "memory");
-        run[h] = mx;
-        continue;
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float sc = fp8_block_scale(mx), inv = 1.0f / sc;
-      if (!row_ok) continue;
-#pragma unroll
-      for (int G = 4 * b; G < 4 * b + 4; ++G) {
-        uint4 u;
-        if (G < kG0) {
-          asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                       : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
-                       : "r"(piece(G % 3, h))
-                       : "memory");
-        } else {
-          u = v[G - kG0];
-        }
-        *reinterpret_cast<uint2*>(row + 32 * G) = e4m3x8(u, sc, inv);
-      }
-      if (q == 0) scales[static_cast<int64_t>(3 * window + b) * t.seg_rows + r] = sc;
-    }
-  }
-  if constexpr (kI < 3)
-    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(maxima), "f"(run[0]), "f"(run[1]) : "memory");
-}
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 // The gate‖up GEMM on 128 x 192 tiles (MoeFp8GemmArgs::n192), warp-specialized as
 // moe_fp8_ws_kernel<true>: the producer puts B (gate rows n0.. and up rows n0.., boxes of 96 rows:
 // Fp8ExpertTables::gateup_maps192) on TMA and gathers x's rows by cp.async, the MMA warpgroups
 // issue a k-step, wait for it and promote it. kQuant: the epilogue quantizes act
-// (store_act_fp8_192), else act goes out in BF16 (store_tile) and is quantized after. Its values,
+// (store_act_fp8), else act goes out in BF16 (store_tile) and is quantized after. Its values,
 // and their order, are moe_fp8_ws_kernel's: act and its codes bit for bit the same.
 template <bool kQuant>
 __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __grid_constant__ Args args) {
@@ -833,21 +803,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __gr
                                promote192(acc, tmp, sa0, sa1, sb);
                              }
                              if constexpr (kQuant) {
-                               const uint32_t stash = base + ws192_stash_off(true);
-                               switch (j & 3) {
-                                 case 0:
-                                   store_act_fp8_192<0>(acc, args, tid, tile, j >> 2, stash);
-                                   break;
-                                 case 1:
-                                   store_act_fp8_192<1>(acc, args, tid, tile, j >> 2, stash);
-                                   break;
-                                 case 2:
-                                   store_act_fp8_192<2>(acc, args, tid, tile, j >> 2, stash);
-                                   break;
-                                 default:
-                                   store_act_fp8_192<3>(acc, args, tid, tile, j >> 2, stash);
-                                   break;
-                               }
+                               store_act_fp8_tile<3>(acc, args, tid, tile, j, base + ws192_stash_off(true));
                              } else {
                                store_tile<true, kBN192>(acc, tile_out(args), tid, tile.rows_left,
                                                         tile.seg_begin + tile.m0, j * kNStep);
@@ -869,31 +825,30 @@ cudaError_t launch(Kernel kernel, const Args& args, int n_step, int64_t m_slots,
   return cudaGetLastError();
 }
 
-template <bool kGateUp>
-cudaError_t launch_one(const Args& args, bool ws, bool persistent, int64_t m_slots, cudaStream_t stream) {
-  constexpr int kNStep = kGateUp ? kBN / 2 : kBN;
-  if (!ws) return launch(moe_fp8_wgmma_kernel<kGateUp>, args, kNStep, m_slots, kThreads, kSmemBytes, stream);
-  cudaError_t err = opt_in_dynamic_smem(moe_fp8_ws_kernel<kGateUp>, ws_smem_bytes(kGateUp));
-  if (err != cudaSuccess) return err;
-  const int64_t n_tiles = (args.n_out + kNStep - 1) / kNStep;
-  unsigned grid = 0;
-  err = ws_grid(m_slots * ((n_tiles + args.n_per_cta - 1) / args.n_per_cta), persistent, grid);
-  if (err != cudaSuccess) return err;
-  moe_fp8_ws_kernel<kGateUp><<<grid, kWsThreads, ws_smem_bytes(kGateUp), stream>>>(args);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_192(const Args& args, bool quant, bool persistent, int64_t m_slots, cudaStream_t stream) {
-  const auto kernel = quant ? moe_fp8_ws192_kernel<true> : moe_fp8_ws192_kernel<false>;
-  const size_t smem = ws192_smem_bytes(quant);
+// A warp-specialized kernel over N-tiles of n_step outputs: one CTA per SM walking the items
+// (persistent) or one per item.
+cudaError_t launch_ws(void (*kernel)(Args), const Args& args, int n_step, size_t smem, bool persistent, int64_t m_slots,
+                      cudaStream_t stream) {
   cudaError_t err = opt_in_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  const int64_t n_tiles = (args.n_out + kBN192 / 2 - 1) / (kBN192 / 2);
+  const int64_t n_tiles = (args.n_out + n_step - 1) / n_step;
   unsigned grid = 0;
   err = ws_grid(m_slots * ((n_tiles + args.n_per_cta - 1) / args.n_per_cta), persistent, grid);
   if (err != cudaSuccess) return err;
   kernel<<<grid, kWsThreads, smem, stream>>>(args);
   return cudaGetLastError();
+}
+
+template <bool kGateUp>
+cudaError_t launch_one(const Args& args, bool ws, bool persistent, int64_t m_slots, cudaStream_t stream) {
+  constexpr int kNStep = kGateUp ? kBN / 2 : kBN;
+  if (!ws) return launch(moe_fp8_wgmma_kernel<kGateUp>, args, kNStep, m_slots, kThreads, kSmemBytes, stream);
+  return launch_ws(moe_fp8_ws_kernel<kGateUp>, args, kNStep, ws_smem_bytes(kGateUp), persistent, m_slots, stream);
+}
+
+cudaError_t launch_192(const Args& args, bool quant, bool persistent, int64_t m_slots, cudaStream_t stream) {
+  return launch_ws(quant ? moe_fp8_ws192_kernel<true> : moe_fp8_ws192_kernel<false>, args, kBN192 / 2,
+                   ws192_smem_bytes(quant), persistent, m_slots, stream);
 }
 
 // Whether the GEMM runs the ws kernel: it reads the weight tiles (and kernel 2 its A tiles) through
@@ -963,12 +918,13 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
     } else if (a.act == nullptr) {
       return cudaErrorInvalidValue;
     }
-    if (runs_192(a)) {
+    const bool tiles192 = runs_192(a);
+    if (tiles192) {
       k.wmap1 = static_cast<const CUtensorMap*>(a.tables.gateup_maps192);
       k.wmap2 = k.wmap1 + a.count;
     }
-    const cudaError_t err = runs_192(a) ? launch_192(k, quant, a.persistent, m_slots, stream)
-                                        : launch_one<true>(k, ws, a.persistent, m_slots, stream);
+    const cudaError_t err = tiles192 ? launch_192(k, quant, a.persistent, m_slots, stream)
+                                     : launch_one<true>(k, ws, a.persistent, m_slots, stream);
     if (err != cudaSuccess || quant) return err;
     DevTensor act;
     act.data = a.act;
