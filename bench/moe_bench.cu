@@ -21,13 +21,15 @@
 //            kernels, gate‖up on 128 x 192 tiles where I % 384 == 0, 4 N-tiles per CTA, y in
 //            BF16), fp8.ws.jN (N N-tiles per CTA), fp8.ws.np (a CTA per item, not persistent),
 //            fp8.ws.f32 (y in F32), fp8.ws128 (gate‖up on 128 x 128 tiles, N-tiles per CTA as
-//            moe_fp8_n_per_cta), fp8.ws.dN (the down GEMM with N N-tiles per CTA), fp8.wgmma (the first FP8 kernels,
+//            moe_fp8_n_per_cta), fp8.ws.dN (the down GEMM with N N-tiles per CTA), fp8.ws.noturn (the 128 x 192 gate‖up
+//            tiles' warpgroups issuing as they come, not in turn), fp8.wgmma (the first FP8 kernels,
 //            --moe-runner-backend wgmma). Each is compared with the BF16 ws path's output (the FP8 rounding of weights
 //            and activations: nmse of a few 1e-3; checked <= 2e-2), fp8.ws.f32 with fp8.wgmma and the fp8.ws variants
 //            with each other bit for bit; the "vs bf16" ratio is the path's time over the BF16 ws path's (issue 15's
 //            target for the default: <= 0.65).
 // Also a dense cuBLAS floor: the same FLOPs as three dense GEMMs over all rows with one expert's
-// weights (what a perfectly balanced single expert would cost).
+// weights (what a perfectly balanced single expert would cost), and with FP8 paths its FP8 twin on
+// cuBLASLt's block-scaled FP8 GEMM (moe_bench_fp8.cuh, Floor).
 // CUDA-event timing, warm-up, median of --reps; each path's line ends with the medians of the SM clock and
 // the board power read (NVML, bench/gpu_clock.h) after its timed runs. FLOPs = 2 · 3 · rows · H · I (rows = local
 // pairs). "gemm" columns time only the expert GEMMs (grouped: the two grouped kernels; cublas: the per-expert calls +
@@ -262,7 +264,8 @@ int main(int argc, char** argv) {
                                                              {"fp8.ws128", true, true, 0, true, true},
                                                              {"fp8.ws.d2", true, true, 0, true, false, 2},
                                                              {"fp8.ws.d4", true, true, 0, true, false, 4},
-                                                             {"fp8.ws.d8", true, true, 0, true, false, 8}}
+                                                             {"fp8.ws.d8", true, true, 0, true, false, 8},
+                                                             {"fp8.ws.noturn", true, true, 0, true, false, -1, true}}
                                      : std::vector<f8::Path>{};
   // --paths: every name must be a path of this card; mma stays (the wgmma paths' check), ws with any
   // FP8 path (their reference).
@@ -516,7 +519,7 @@ int main(int argc, char** argv) {
       bad += !ok;
       const std::string name = fpaths[p].name;
       if (name.rfind("fp8.ws.j", 0) == 0 || name == "fp8.ws.np" || name == "fp8.ws128" ||
-          name.rfind("fp8.ws.d", 0) == 0)
+          name.rfind("fp8.ws.d", 0) == 0 || name == "fp8.ws.noturn")
         same_as(p, "fp8.ws");
       if (name == "fp8.wgmma") same_as(p, "fp8.ws.f32");
     }
@@ -533,6 +536,13 @@ int main(int argc, char** argv) {
       for (size_t p = 0; p < n_gp; ++p) run_grouped(p, out_g[p], false);
       for (size_t p = 0; p < n_fp; ++p) run_fp8(p, out_f[p], false);
       run_cublas(out_c, false);
+    }
+    // The FP8 dense floor from the rows the warm-up's cuBLAS run left in xp and act.
+    f8::Floor floor;
+    std::vector<double> fp8_dense, fp8_dense_gu;
+    if (fp8) {
+      floor = f8::make_floor(fp8_w, rows, hidden, inter, xp, act, stream);
+      if (!floor.ok()) std::fprintf(stderr, "moe_bench: cuBLASLt has no block-scaled FP8 GEMM for the floor\n");
     }
     // One timed run: total from ev[0] to ev[3], the GEMMs between ev[1] and ev[2] (the run records them).
     ClockSamples c_clk;
@@ -561,6 +571,20 @@ int main(int argc, char** argv) {
       BENCH_CHECK(cudaEventRecord(ev[3], stream));
       BENCH_CHECK(cudaEventSynchronize(ev[3]));
       dense.push_back(elapsed(ev[0], ev[3]));
+      if (floor.ok()) {
+        BENCH_CHECK(cudaEventRecord(ev[0], stream));
+        bool ran = f8::run_floor(floor, true, gp, y, stream);
+        BENCH_CHECK(cudaEventRecord(ev[1], stream));
+        ran = ran && f8::run_floor(floor, false, gp, y, stream);
+        BENCH_CHECK(cudaEventRecord(ev[3], stream));
+        BENCH_CHECK(cudaEventSynchronize(ev[3]));
+        if (!ran) {
+          std::fprintf(stderr, "moe_bench: the FP8 dense floor's cuBLASLt call failed\n");
+          std::exit(1);
+        }
+        fp8_dense.push_back(elapsed(ev[0], ev[3]));
+        fp8_dense_gu.push_back(elapsed(ev[0], ev[1]));
+      }
     }
     BENCH_CHECK(cudaGetLastError());
     const double flops = 2.0 * 3.0 * static_cast<double>(rows) * hidden * inter;
@@ -587,6 +611,14 @@ int main(int argc, char** argv) {
       std::printf(
           "  FP8 / BF16 MoE block (fp8.ws / ws, the back-end defaults): %.3f / %.3f ms = %.2fx (target <= 0.65)\n",
           median(f_total[0]), bt, median(f_total[0]) / bt);
+    if (!fp8_dense.empty()) {
+      const double fd = median(fp8_dense), fgu = median(fp8_dense_gu);
+      std::printf(
+          "  FP8 dense floor (cuBLASLt block-scaled, same FLOPs, one expert, no quantization): %.3f ms = %.1f TF/s "
+          "(gate+up %.3f ms = %.1f TF/s, down %.3f ms = %.1f TF/s); %s gemm+quant at %.0f%% of it\n",
+          fd, tf(fd), fgu, 2.0 * tf(fgu) / 3.0, fd - fgu, tf(fd - fgu) / 3.0, fpaths[0].name,
+          100.0 * fd / median(f_gemm[0]));
+    }
     std::printf("  %-11s total %8.3f ms (%6.1f TF/s)  gemm %8.3f ms (%6.1f TF/s)  %s\n", "cublas", ct, tf(ct), cg,
                 tf(cg), clock_str(c_clk).c_str());
     std::printf(
@@ -602,6 +634,7 @@ int main(int argc, char** argv) {
     for (auto* o : out_g) BENCH_CHECK(cudaFree(o));
     for (auto* o : out_f) BENCH_CHECK(cudaFree(o));
     if (fp8) f8::free_scratch(fs);
+    f8::free_floor(floor);
     BENCH_CHECK(cudaFreeHost(host_off));
   }
   std::printf(

@@ -6,6 +6,7 @@
 // where it can, else by the quantizer after it) -> grouped down FP8 GEMM -> moe_unpermute, with no
 // host synchronization.
 #pragma once
+#include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -107,6 +108,7 @@ struct Path {
   bool persistent = true;   // ws: one CTA per SM walks the items
   bool tiles128 = false;    // ws: gate‖up on 128 x 128 tiles (MoeFp8GemmArgs::n192 = false)
   int down_n_per_cta = -1;  // >= 0: the down GEMM's N-tiles per CTA (0: the launcher's default), else n_per_cta
+  bool no_turns = false;    // the 128 x 192 gate‖up tiles' warpgroups issue as they come (MoeFp8GemmArgs::turns)
 };
 
 // Scratch of one token count: quantized x and act with their scales.
@@ -168,9 +170,144 @@ inline cudaError_t enqueue_gemms(const Path& p, const Experts& w, const Scratch&
   a.n_per_cta = p.n_per_cta;
   a.persistent = p.persistent;
   a.n192 = !p.tiles128;
+  a.turns = !p.no_turns;
   if ((err = cc::launch_moe_grouped_gemm_fp8_wgmma(a, true, stream)) != cudaSuccess) return err;
   if (p.down_n_per_cta >= 0) a.n_per_cta = p.down_n_per_cta;
   return cc::launch_moe_grouped_gemm_fp8_wgmma(a, false, stream);
+}
+
+// The FP8 dense floor (the FP8 twin of moe_bench's dense cuBLAS floor): gate, up and down as three
+// dense GEMMs over all rows with expert 0's codes, on cuBLASLt's block-scaled FP8 GEMM — the
+// back-end's dense FP8 path (cuda_fp8.cpp: weight scales per 128x128 block, BLK128x128_32F;
+// activation scales per (row, 128 columns), VEC128_32F, M-major) — from the path's own quantized
+// rows (x rows gathered as the cuBLAS path gathers them, act as its SiLU leaves it). The same FLOPs
+// as the grouped FP8 GEMMs with no expert boundaries: how far they are from a dense FP8 GEMM.
+struct LtGemm {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  bool ok = false;
+};
+
+struct Floor {
+  cublasLtHandle_t lt = nullptr;
+  void* ws = nullptr;
+  uint8_t *xq = nullptr, *aq = nullptr;
+  float *xs = nullptr, *as = nullptr, *down_scale = nullptr;
+  int64_t rows = 0, hidden = 0, inter = 0;
+  LtGemm gate, down;  // gate: [rows, I] = xq · gateᵀ (up: the same shape); down: [rows, H] = aq · downᵀ
+  const uint8_t *w_gate = nullptr, *w_up = nullptr, *w_down = nullptr;
+  const float *s_gate = nullptr, *s_up = nullptr;
+  bool ok() const { return gate.ok && down.ok; }
+};
+
+constexpr size_t kFloorWorkspace = size_t{32} << 20;
+
+// Row-major out[m, n] (BF16) = a[m, k] · w[n, k]ᵀ as cuda_fp8.cpp's Fp8LtCall lays it out.
+inline LtGemm make_lt_gemm(cublasLtHandle_t lt, int64_t m, int64_t n, int64_t k, const float* w_scale,
+                           const float* a_scale) {
+  LtGemm g;
+  auto ok = [](cublasStatus_t s) { return s == CUBLAS_STATUS_SUCCESS; };
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  const int32_t a_mode = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, b_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+  const uint64_t ws = kFloorWorkspace;
+  cublasLtMatmulPreference_t pref = nullptr;
+  int n_results = 0;
+  cublasLtMatmulHeuristicResult_t result{};
+  g.ok = ok(cublasLtMatmulDescCreate(&g.op, CUBLAS_COMPUTE_32F, CUDA_R_32F)) &&
+         ok(cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta))) &&
+         ok(cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb))) &&
+         ok(cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof(a_mode))) &&
+         ok(cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof(b_mode))) &&
+         ok(cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale))) &&
+         ok(cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &a_scale, sizeof(a_scale))) &&
+         ok(cublasLtMatrixLayoutCreate(&g.a, CUDA_R_8F_E4M3, k, n, k)) &&
+         ok(cublasLtMatrixLayoutCreate(&g.b, CUDA_R_8F_E4M3, k, m, k)) &&
+         ok(cublasLtMatrixLayoutCreate(&g.d, CUDA_R_16BF, n, m, n)) && ok(cublasLtMatmulPreferenceCreate(&pref)) &&
+         ok(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws))) &&
+         ok(cublasLtMatmulAlgoGetHeuristic(lt, g.op, g.a, g.b, g.d, g.d, pref, 1, &result, &n_results)) &&
+         n_results > 0 && result.state == CUBLAS_STATUS_SUCCESS;
+  if (pref) cublasLtMatmulPreferenceDestroy(pref);
+  g.algo = result.algo;
+  return g;
+}
+
+inline void free_lt_gemm(LtGemm& g) {
+  if (g.d) cublasLtMatrixLayoutDestroy(g.d);
+  if (g.b) cublasLtMatrixLayoutDestroy(g.b);
+  if (g.a) cublasLtMatrixLayoutDestroy(g.a);
+  if (g.op) cublasLtMatmulDescDestroy(g.op);
+  g = LtGemm{};
+}
+
+// x_rows [rows, H] and act [rows, I] BF16 (rows a multiple of 4, H and I of 128) are quantized
+// here, once; w's expert 0 gives the weights.
+inline Floor make_floor(const Experts& w, int64_t rows, int64_t hidden, int64_t inter, const void* x_rows,
+                        const void* act, cudaStream_t stream) {
+  constexpr const char* kBenchName = "moe_bench";
+  namespace cc = cpinfer::cuda;
+  Floor f;
+  f.rows = rows;
+  f.hidden = hidden;
+  f.inter = inter;
+  if (rows <= 0 || rows % 4 != 0) return f;
+  const int64_t kbh = hidden / 128, kbi = inter / 128, ld_i = (kbi + 3) / 4 * 4;
+  if (kbh % 4 != 0) return f;  // gate's and up's scale rows as stored must be 16-byte aligned
+  if (cublasLtCreate(&f.lt) != CUBLAS_STATUS_SUCCESS) return f;
+  BENCH_CHECK(cudaMalloc(&f.ws, kFloorWorkspace));
+  BENCH_CHECK(cudaMalloc(&f.xq, static_cast<size_t>(rows * hidden)));
+  BENCH_CHECK(cudaMalloc(&f.aq, static_cast<size_t>(rows * inter)));
+  BENCH_CHECK(cudaMalloc(&f.xs, static_cast<size_t>(cc::fp8_act_scale_floats(rows, kbh)) * 4));
+  BENCH_CHECK(cudaMalloc(&f.as, static_cast<size_t>(cc::fp8_act_scale_floats(rows, kbi)) * 4));
+  BENCH_CHECK(cudaMalloc(&f.down_scale, static_cast<size_t>(kbh * ld_i) * 4));
+  const int64_t mat = inter * hidden, sc = kbi * kbh;  // make_experts' layout: expert 0's gate, up, down
+  f.w_gate = w.codes;
+  f.w_up = w.codes + mat;
+  f.w_down = w.codes + 2 * mat;
+  f.s_gate = w.scales;
+  f.s_up = w.scales + sc;
+  cc::DevTensor xt, at;
+  xt.data = const_cast<void*>(x_rows);
+  at.data = const_cast<void*>(act);
+  xt.dtype = at.dtype = cpinfer::DType::BF16;
+  xt.ndim = at.ndim = 2;
+  xt.shape[0] = at.shape[0] = rows;
+  xt.shape[1] = hidden;
+  at.shape[1] = inter;
+  BENCH_CHECK(cc::launch_fp8_quantize_rows(xt, f.xq, f.xs, nullptr, 0, stream));
+  BENCH_CHECK(cc::launch_fp8_quantize_rows(at, f.aq, f.as, nullptr, 0, stream));
+  BENCH_CHECK(cc::launch_fp8_pad_scales(w.scales + 2 * sc, nullptr, 1, kbh, kbi, f.down_scale, ld_i, stream));
+  BENCH_CHECK(cudaStreamSynchronize(stream));
+  f.gate = make_lt_gemm(f.lt, rows, inter, hidden, f.s_gate, f.xs);
+  f.down = make_lt_gemm(f.lt, rows, hidden, inter, f.down_scale, f.as);
+  return f;
+}
+
+// gate and up into out_i [rows, I] BF16 (one after the other), or down into out_h [rows, H] BF16.
+inline bool run_floor(Floor& f, bool gate_up, void* out_i, void* out_h, cudaStream_t stream) {
+  const float alpha = 1.0f, beta = 0.0f;
+  auto one = [&](LtGemm& g, const void* w, const float* w_scale, const void* a, const float* a_scale, void* out) {
+    return cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale)) ==
+               CUBLAS_STATUS_SUCCESS &&
+           cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &a_scale, sizeof(a_scale)) ==
+               CUBLAS_STATUS_SUCCESS &&
+           cublasLtMatmul(f.lt, g.op, &alpha, w, g.a, a, g.b, &beta, out, g.d, out, g.d, &g.algo, f.ws, kFloorWorkspace,
+                          stream) == CUBLAS_STATUS_SUCCESS;
+  };
+  if (!f.ok()) return false;
+  if (gate_up)
+    return one(f.gate, f.w_gate, f.s_gate, f.xq, f.xs, out_i) && one(f.gate, f.w_up, f.s_up, f.xq, f.xs, out_i);
+  return one(f.down, f.w_down, f.down_scale, f.aq, f.as, out_h);
+}
+
+inline void free_floor(Floor& f) {
+  free_lt_gemm(f.gate);
+  free_lt_gemm(f.down);
+  for (void* p : {f.ws, static_cast<void*>(f.xq), static_cast<void*>(f.aq), static_cast<void*>(f.xs),
+                  static_cast<void*>(f.as), static_cast<void*>(f.down_scale)})
+    cudaFree(p);
+  if (f.lt) cublasLtDestroy(f.lt);
+  f = Floor{};
 }
 
 }  // namespace moe_bench_fp8
