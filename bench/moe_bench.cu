@@ -21,8 +21,7 @@
 //            kernels, gate‖up on 128 x 192 tiles where I % 384 == 0, 4 N-tiles per CTA, y in
 //            BF16), fp8.ws.jN (N N-tiles per CTA), fp8.ws.np (a CTA per item, not persistent),
 //            fp8.ws.f32 (y in F32), fp8.ws128 (gate‖up on 128 x 128 tiles, N-tiles per CTA as
-//            moe_fp8_n_per_cta), fp8.ws.dN (the down GEMM with N N-tiles per CTA), fp8.ws.noturn (the 128 x 192 gate‖up
-//            tiles' warpgroups issuing as they come, not in turn), fp8.wgmma (the first FP8 kernels,
+//            moe_fp8_n_per_cta), fp8.ws.dN (the down GEMM with N N-tiles per CTA), fp8.wgmma (the first FP8 kernels,
 //            --moe-runner-backend wgmma). Each is compared with the BF16 ws path's output (the FP8 rounding of weights
 //            and activations: nmse of a few 1e-3; checked <= 2e-2), fp8.ws.f32 with fp8.wgmma and the fp8.ws variants
 //            with each other bit for bit; the "vs bf16" ratio is the path's time over the BF16 ws path's (issue 15's
@@ -264,8 +263,7 @@ int main(int argc, char** argv) {
                                                              {"fp8.ws128", true, true, 0, true, true},
                                                              {"fp8.ws.d2", true, true, 0, true, false, 2},
                                                              {"fp8.ws.d4", true, true, 0, true, false, 4},
-                                                             {"fp8.ws.d8", true, true, 0, true, false, 8},
-                                                             {"fp8.ws.noturn", true, true, 0, true, false, -1, true}}
+                                                             {"fp8.ws.d8", true, true, 0, true, false, 8}}
                                      : std::vector<f8::Path>{};
   // --paths: every name must be a path of this card; mma stays (the wgmma paths' check), ws with any
   // FP8 path (their reference).
@@ -519,7 +517,7 @@ int main(int argc, char** argv) {
       bad += !ok;
       const std::string name = fpaths[p].name;
       if (name.rfind("fp8.ws.j", 0) == 0 || name == "fp8.ws.np" || name == "fp8.ws128" ||
-          name.rfind("fp8.ws.d", 0) == 0 || name == "fp8.ws.noturn")
+          name.rfind("fp8.ws.d", 0) == 0)
         same_as(p, "fp8.ws");
       if (name == "fp8.wgmma") same_as(p, "fp8.ws.f32");
     }

@@ -758,10 +758,7 @@ __device__ __forceinline__ void promote192(float (&acc)[kAcc192], const float (&
 // issue a k-step, wait for it and promote it. kQuant: the epilogue quantizes act
 // (store_act_fp8), else act goes out in BF16 (store_tile) and is quantized after. Its values,
 // and their order, are moe_fp8_ws_kernel's: act and its codes bit for bit the same.
-// kTurns: the two MMA warpgroups issue their k-steps in turn (warpgroup 0, 1, 0, 1, ...; named
-// barriers 1 and 2), so that one's promotion runs while the tensor cores work on the other's
-// k-step (FlashAttention-3's ping-pong) instead of both waiting and promoting at once.
-template <bool kQuant, bool kTurns>
+template <bool kQuant>
 __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __grid_constant__ Args args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kNStep = kBN192 / 2;  // outputs per N-tile
@@ -783,9 +780,6 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __gr
 #pragma unroll
   for (int i = 0; i < kAcc192; ++i) tmp[i] = 0.0f;
   RingPos<kStages> pos;
-  constexpr int kBarTurn = 1;  // + warpgroup: its turn to issue
-  const int wg = tid >> 7;
-  if (kTurns && wg == 1) bar_arrive(kBarTurn, 256);  // warpgroup 0 takes the first turn
   ws_for_each_item<true>(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
                          [&](const MoeTile& tile, int j_begin, int j_end) {
                            for (int j = j_begin; j < j_end; ++j) {
@@ -796,9 +790,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __gr
                                mbar_wait(ring.full(s), pos.phase);
                                fence_async_smem();  // A was written by cp.async (generic proxy)
                                const uint32_t off = static_cast<uint32_t>(s) * (kStage192Bytes >> 4);
-                               if constexpr (kTurns) bar_sync(kBarTurn + wg, 256);
                                wgmma_kstep_lo(tmp, da0 + off, db0 + off);
-                               if constexpr (kTurns) bar_arrive(kBarTurn + (wg ^ 1), 256);
                                const uint32_t sc = scales + s * kWs192ScaleBytes;
                                const float sa0 = lds_f32(sc + sa0_off), sa1 = lds_f32(sc + sa1_off);
                                float sb[6];
@@ -818,8 +810,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __gr
                              }
                            }
                          });
-  if (kTurns && wg == 0) bar_sync(kBarTurn, 256);  // warpgroup 1's last arrival
-#endif                                             // __CUDA_ARCH_FEAT_SM90_ALL
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
 template <class Kernel>
@@ -855,11 +846,9 @@ cudaError_t launch_one(const Args& args, bool ws, bool persistent, int64_t m_slo
   return launch_ws(moe_fp8_ws_kernel<kGateUp>, args, kNStep, ws_smem_bytes(kGateUp), persistent, m_slots, stream);
 }
 
-cudaError_t launch_192(const Args& args, bool quant, bool turns, bool persistent, int64_t m_slots,
-                       cudaStream_t stream) {
-  void (*kernel)(Args) = quant ? (turns ? moe_fp8_ws192_kernel<true, true> : moe_fp8_ws192_kernel<true, false>)
-                               : (turns ? moe_fp8_ws192_kernel<false, true> : moe_fp8_ws192_kernel<false, false>);
-  return launch_ws(kernel, args, kBN192 / 2, ws192_smem_bytes(quant), persistent, m_slots, stream);
+cudaError_t launch_192(const Args& args, bool quant, bool persistent, int64_t m_slots, cudaStream_t stream) {
+  return launch_ws(quant ? moe_fp8_ws192_kernel<true> : moe_fp8_ws192_kernel<false>, args, kBN192 / 2,
+                   ws192_smem_bytes(quant), persistent, m_slots, stream);
 }
 
 // Whether the GEMM runs the ws kernel: it reads the weight tiles (and kernel 2 its A tiles) through
@@ -934,7 +923,7 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
       k.wmap1 = static_cast<const CUtensorMap*>(a.tables.gateup_maps192);
       k.wmap2 = k.wmap1 + a.count;
     }
-    const cudaError_t err = tiles192 ? launch_192(k, quant, a.turns, a.persistent, m_slots, stream)
+    const cudaError_t err = tiles192 ? launch_192(k, quant, a.persistent, m_slots, stream)
                                      : launch_one<true>(k, ws, a.persistent, m_slots, stream);
     if (err != cudaSuccess || quant) return err;
     DevTensor act;
