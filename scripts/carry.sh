@@ -19,7 +19,7 @@ done
 # The Qwen3 tokenizer scripts/setup.sh extracts (serve --random-weights needs one).
 [ -d "$BUILD/qwen3-tokenizer" ] && cp -r "$BUILD/qwen3-tokenizer" "$DEST/"
 # OpenBLAS is opened at run time (not in ldd's list): carry it as its soname, with what it needs.
-BLAS="$(ldconfig -p | awk '/libopenblas\.so\.0 .*x86-64/{print $NF; exit}')"
+BLAS="$(ldconfig -p | awk '/libopenblas\.so\.0 .*x86-64/ && !f {print $NF; f = 1}')"  # no early exit: ldconfig would die of SIGPIPE
 [ -n "$BLAS" ] && cp -L "$BLAS" "$DEST/lib/libopenblas.so.0"
 # Libraries outside the CUDA toolkit and glibc (the GPU machine has both).
 for b in "$DEST"/bin/* "$DEST"/lib/libopenblas.so.0; do [ -e "$b" ] && ldd "$b"; done | awk '/=> \//{print $3}' | sort -u |
