@@ -263,7 +263,8 @@ int main(int argc, char** argv) {
                                                              {"fp8.ws128", true, true, 0, true, true},
                                                              {"fp8.ws.d2", true, true, 0, true, false, 2},
                                                              {"fp8.ws.d4", true, true, 0, true, false, 4},
-                                                             {"fp8.ws.d8", true, true, 0, true, false, 8}}
+                                                             {"fp8.ws.d8", true, true, 0, true, false, 8},
+                                                             {"fp8.ws.noskip", true, true, 0, true, false, -1, true}}
                                      : std::vector<f8::Path>{};
   // --paths: every name must be a path of this card; mma stays (the wgmma paths' check), ws with any
   // FP8 path (their reference).
@@ -517,7 +518,7 @@ int main(int argc, char** argv) {
       bad += !ok;
       const std::string name = fpaths[p].name;
       if (name.rfind("fp8.ws.j", 0) == 0 || name == "fp8.ws.np" || name == "fp8.ws128" ||
-          name.rfind("fp8.ws.d", 0) == 0)
+          name.rfind("fp8.ws.d", 0) == 0 || name == "fp8.ws.noskip")
         same_as(p, "fp8.ws");
       if (name == "fp8.wgmma") same_as(p, "fp8.ws.f32");
     }
