@@ -220,6 +220,7 @@ int main(int argc, char** argv) {
     gpaths.push_back({"ws.j4", true, {256, 256, 4, true, true}});
     gpaths.push_back({"ws.np", true, {256, 256, 2, true, true, false}});
     gpaths.push_back({"ws.f32", true, {256, 256, 2, true, false}});
+    gpaths.push_back({"ws.noskip", true, {256, 256, 2, true, true, true, false}});
   } else {
     std::printf("(not compute capability 9.0: no wgmma columns)\n");
   }

@@ -358,6 +358,8 @@ struct MoeWgmmaConfig {
   bool y_bf16 = false;
   // Warp-specialized kernels: one CTA per SM walks the (M-tile, N-group) items; false: a CTA per item.
   bool persistent = true;
+  // Warp-specialized kernels: the second MMA warpgroup skips tiles of at most 64 rows.
+  bool skip_idle = true;
 };
 cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
                                            const int32_t* tile_start, int64_t n_pairs, int count,

@@ -855,8 +855,7 @@ cudaError_t launch_one(const Args& args, bool ws, bool persistent, int64_t m_slo
   return launch_ws(moe_fp8_ws_kernel<kGateUp>, args, kNStep, ws_smem_bytes(kGateUp), persistent, m_slots, stream);
 }
 
-cudaError_t launch_192(const Args& args, bool quant, bool skip, bool persistent, int64_t m_slots,
-                       cudaStream_t stream) {
+cudaError_t launch_192(const Args& args, bool quant, bool skip, bool persistent, int64_t m_slots, cudaStream_t stream) {
   void (*kernel)(Args) = quant ? (skip ? moe_fp8_ws192_kernel<true, true> : moe_fp8_ws192_kernel<true, false>)
                                : (skip ? moe_fp8_ws192_kernel<false, true> : moe_fp8_ws192_kernel<false, false>);
   return launch_ws(kernel, args, kBN192 / 2, ws192_smem_bytes(quant), persistent, m_slots, stream);
