@@ -220,7 +220,6 @@ int main(int argc, char** argv) {
     gpaths.push_back({"ws.j4", true, {256, 256, 4, true, true}});
     gpaths.push_back({"ws.np", true, {256, 256, 2, true, true, false}});
     gpaths.push_back({"ws.f32", true, {256, 256, 2, true, false}});
-    gpaths.push_back({"ws.noskip", true, {256, 256, 2, true, true, true, false}});
   } else {
     std::printf("(not compute capability 9.0: no wgmma columns)\n");
   }
@@ -253,22 +252,19 @@ int main(int argc, char** argv) {
   // FP8 copies of the same experts (compute capability 9.0, H and I multiples of 128).
   namespace f8 = moe_bench_fp8;
   const bool fp8 = prop.major == 9 && prop.minor == 0 && cc::moe_fp8_grouped_supported(hidden, inter);
-  std::vector<f8::Path> fpaths =
-      fp8 ? std::vector<f8::Path>{{"fp8.ws", true, true, 0},
-                                  {"fp8.ws.j1", true, true, 1},
-                                  {"fp8.ws.j2", true, true, 2},
-                                  {"fp8.ws.j4", true, true, 4},
-                                  {"fp8.ws.j8", true, true, 8},
-                                  {"fp8.ws.np", true, true, 0, false},
-                                  {"fp8.ws.f32", true, false, 0},
-                                  {"fp8.wgmma", false, false, 2},
-                                  {"fp8.ws128", true, true, 0, true, true},
-                                  {"fp8.ws.d2", true, true, 0, true, false, 2},
-                                  {"fp8.ws.d4", true, true, 0, true, false, 4},
-                                  {"fp8.ws.d8", true, true, 0, true, false, 8},
-                                  {"fp8.ws.noskip", true, true, 0, true, false, -1, true, true},
-                                  {"fp8.ws.skipgu", true, true, 0, true, false, -1, false, true}}
-          : std::vector<f8::Path>{};
+  std::vector<f8::Path> fpaths = fp8 ? std::vector<f8::Path>{{"fp8.ws", true, true, 0},
+                                                             {"fp8.ws.j1", true, true, 1},
+                                                             {"fp8.ws.j2", true, true, 2},
+                                                             {"fp8.ws.j4", true, true, 4},
+                                                             {"fp8.ws.j8", true, true, 8},
+                                                             {"fp8.ws.np", true, true, 0, false},
+                                                             {"fp8.ws.f32", true, false, 0},
+                                                             {"fp8.wgmma", false, false, 2},
+                                                             {"fp8.ws128", true, true, 0, true, true},
+                                                             {"fp8.ws.d2", true, true, 0, true, false, 2},
+                                                             {"fp8.ws.d4", true, true, 0, true, false, 4},
+                                                             {"fp8.ws.d8", true, true, 0, true, false, 8}}
+                                     : std::vector<f8::Path>{};
   // --paths: every name must be a path of this card; mma stays (the wgmma paths' check), ws with any
   // FP8 path (their reference).
   for (const std::string& name : only) {
@@ -521,7 +517,7 @@ int main(int argc, char** argv) {
       bad += !ok;
       const std::string name = fpaths[p].name;
       if (name.rfind("fp8.ws.j", 0) == 0 || name == "fp8.ws.np" || name == "fp8.ws128" ||
-          name.rfind("fp8.ws.d", 0) == 0 || name == "fp8.ws.noskip" || name == "fp8.ws.skipgu")
+          name.rfind("fp8.ws.d", 0) == 0)
         same_as(p, "fp8.ws");
       if (name == "fp8.wgmma") same_as(p, "fp8.ws.f32");
     }

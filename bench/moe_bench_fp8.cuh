@@ -104,12 +104,10 @@ struct Path {
   const char* name;
   bool ws;
   bool y_bf16;
-  int n_per_cta;              // 0: the launcher's default (moe_fp8_n_per_cta for the ws kernels)
-  bool persistent = true;     // ws: one CTA per SM walks the items
-  bool tiles128 = false;      // ws: gate‖up on 128 x 128 tiles (MoeFp8GemmArgs::n192 = false)
-  int down_n_per_cta = -1;    // >= 0: the down GEMM's N-tiles per CTA (0: the launcher's default), else n_per_cta
-  bool no_skip = false;       // MoeFp8GemmArgs::skip_idle off
-  bool no_skip_down = false;  // MoeFp8GemmArgs::skip_idle_down off
+  int n_per_cta;            // 0: the launcher's default (moe_fp8_n_per_cta for the ws kernels)
+  bool persistent = true;   // ws: one CTA per SM walks the items
+  bool tiles128 = false;    // ws: gate‖up on 128 x 128 tiles (MoeFp8GemmArgs::n192 = false)
+  int down_n_per_cta = -1;  // >= 0: the down GEMM's N-tiles per CTA (0: the launcher's default), else n_per_cta
 };
 
 // Scratch of one token count: quantized x and act with their scales.
@@ -171,8 +169,6 @@ inline cudaError_t enqueue_gemms(const Path& p, const Experts& w, const Scratch&
   a.n_per_cta = p.n_per_cta;
   a.persistent = p.persistent;
   a.n192 = !p.tiles128;
-  a.skip_idle = !p.no_skip;
-  a.skip_idle_down = !p.no_skip_down;
   if ((err = cc::launch_moe_grouped_gemm_fp8_wgmma(a, true, stream)) != cudaSuccess) return err;
   if (p.down_n_per_cta >= 0) a.n_per_cta = p.down_n_per_cta;
   return cc::launch_moe_grouped_gemm_fp8_wgmma(a, false, stream);

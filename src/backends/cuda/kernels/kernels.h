@@ -358,8 +358,6 @@ struct MoeWgmmaConfig {
   bool y_bf16 = false;
   // Warp-specialized kernels: one CTA per SM walks the (M-tile, N-group) items; false: a CTA per item.
   bool persistent = true;
-  // Warp-specialized kernels: the second MMA warpgroup skips tiles of at most 64 rows.
-  bool skip_idle = true;
 };
 cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* src_token, const int32_t* offsets,
                                            const int32_t* tile_start, int64_t n_pairs, int count,
@@ -406,9 +404,6 @@ struct MoeFp8GemmArgs {
   // The ws gate‖up GEMM on 128 x 192 tiles (96 gate + 96 up rows) where I is a multiple of 384 and
   // tables.gateup_maps192 is set; false: on 128 x 128 tiles (moe_bench's fp8.ws128).
   bool n192 = true;
-  // The ws kernels' second MMA warpgroup skips tiles of at most 64 rows: gate‖up, down.
-  bool skip_idle = true;
-  bool skip_idle_down = true;
 };
 // The FP8 ws gate‖up kernel's N-tiles per CTA for n_pairs expert rows on 128 x 128 tiles (the 128
 // x 192 tiles and the down GEMM take 4): 4 from 8K tokens at top-8 on (one item's row setup serves

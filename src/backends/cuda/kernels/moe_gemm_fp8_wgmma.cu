@@ -655,8 +655,7 @@ __device__ __forceinline__ bool ws_roles(const Args& args, uint32_t base, uint32
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-// kSkip: as moe_fp8_ws192_kernel's (below).
-template <bool kGateUp, bool kSkip>
+template <bool kGateUp>
 __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_constant__ Args args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kNStep = kGateUp ? kBN / 2 : kBN;  // outputs per N-tile
@@ -707,34 +706,25 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws_kernel(const __grid_
   const std::integral_constant<int, 0> none_pending;
   ws_for_each_item<true>(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
                          [&](const MoeTile& tile, int j_begin, int j_end) {
-                           const bool idle = kSkip && tid >= 128 && tile.rows_left <= 64;
                            for (int j = j_begin; j < j_end; ++j) {
 #pragma unroll
                              for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
-                             if (idle) {  // release each slot once it is full
-                               for (int kt = 0; kt < n_k; ++kt, ip.next(), rp.next()) {
-                                 mbar_wait(ring.full(ip.slot), ip.phase);
-                                 __syncwarp();
-                                 if ((tid & 31) == 0) mbar_arrive(ring.empty(ip.slot));
-                               }
-                             } else {
-                               // Steps alternate between t0 (even) and t1 (odd); the promotion of step kt - 1
-                               // runs while the wgmmas of step kt are in flight.
+                             // Steps alternate between t0 (even) and t1 (odd); the promotion of step kt - 1
+                             // runs while the wgmmas of step kt are in flight.
+                             issue(t0);
+                             int kt = 1;
+                             for (; kt + 1 < n_k; kt += 2) {
+                               issue(t1);
+                               retire(t0, one_pending);
                                issue(t0);
-                               int kt = 1;
-                               for (; kt + 1 < n_k; kt += 2) {
-                                 issue(t1);
-                                 retire(t0, one_pending);
-                                 issue(t0);
-                                 retire(t1, one_pending);
-                               }
-                               if (kt < n_k) {  // n_k even: the last step is odd
-                                 issue(t1);
-                                 retire(t0, one_pending);
-                                 retire(t1, none_pending);
-                               } else {
-                                 retire(t0, none_pending);
-                               }
+                               retire(t1, one_pending);
+                             }
+                             if (kt < n_k) {  // n_k even: the last step is odd
+                               issue(t1);
+                               retire(t0, one_pending);
+                               retire(t1, none_pending);
+                             } else {
+                               retire(t0, none_pending);
                              }
                              if (kGateUp && args.act_q != nullptr)
                                store_act_fp8_tile<2>(acc, args, tid, tile, j, base + kWsStashOff);
@@ -768,10 +758,7 @@ __device__ __forceinline__ void promote192(float (&acc)[kAcc192], const float (&
 // issue a k-step, wait for it and promote it. kQuant: the epilogue quantizes act
 // (store_act_fp8), else act goes out in BF16 (store_tile) and is quantized after. Its values,
 // and their order, are moe_fp8_ws_kernel's: act and its codes bit for bit the same.
-// kSkip: on a tile whose rows all lie in warpgroup 0's half (an expert's last M-tile with at most
-// 64 rows), warpgroup 1 issues no wgmma and promotes nothing (its rows are past the segment, never
-// stored): it releases each slot as soon as it is full.
-template <bool kQuant, bool kSkip>
+template <bool kQuant>
 __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __grid_constant__ Args args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kNStep = kBN192 / 2;  // outputs per N-tile
@@ -795,18 +782,12 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_fp8_ws192_kernel(const __gr
   RingPos<kStages> pos;
   ws_for_each_item<true>(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
                          [&](const MoeTile& tile, int j_begin, int j_end) {
-                           const bool idle = kSkip && tid >= 128 && tile.rows_left <= 64;
                            for (int j = j_begin; j < j_end; ++j) {
 #pragma unroll
                              for (int i = 0; i < kAcc192; ++i) acc[i] = 0.0f;
                              for (int kt = 0; kt < n_k; ++kt, pos.next()) {
                                const int s = pos.slot;
                                mbar_wait(ring.full(s), pos.phase);
-                               if (idle) {
-                                 __syncwarp();
-                                 if ((tid & 31) == 0) mbar_arrive(ring.empty(s));
-                                 continue;
-                               }
                                fence_async_smem();  // A was written by cp.async (generic proxy)
                                const uint32_t off = static_cast<uint32_t>(s) * (kStage192Bytes >> 4);
                                wgmma_kstep_lo(tmp, da0 + off, db0 + off);
@@ -859,17 +840,15 @@ cudaError_t launch_ws(void (*kernel)(Args), const Args& args, int n_step, size_t
 }
 
 template <bool kGateUp>
-cudaError_t launch_one(const Args& args, bool ws, bool persistent, bool skip, int64_t m_slots, cudaStream_t stream) {
+cudaError_t launch_one(const Args& args, bool ws, bool persistent, int64_t m_slots, cudaStream_t stream) {
   constexpr int kNStep = kGateUp ? kBN / 2 : kBN;
   if (!ws) return launch(moe_fp8_wgmma_kernel<kGateUp>, args, kNStep, m_slots, kThreads, kSmemBytes, stream);
-  return launch_ws(skip ? moe_fp8_ws_kernel<kGateUp, true> : moe_fp8_ws_kernel<kGateUp, false>, args, kNStep,
-                   ws_smem_bytes(kGateUp), persistent, m_slots, stream);
+  return launch_ws(moe_fp8_ws_kernel<kGateUp>, args, kNStep, ws_smem_bytes(kGateUp), persistent, m_slots, stream);
 }
 
-cudaError_t launch_192(const Args& args, bool quant, bool skip, bool persistent, int64_t m_slots, cudaStream_t stream) {
-  void (*kernel)(Args) = quant ? (skip ? moe_fp8_ws192_kernel<true, true> : moe_fp8_ws192_kernel<true, false>)
-                               : (skip ? moe_fp8_ws192_kernel<false, true> : moe_fp8_ws192_kernel<false, false>);
-  return launch_ws(kernel, args, kBN192 / 2, ws192_smem_bytes(quant), persistent, m_slots, stream);
+cudaError_t launch_192(const Args& args, bool quant, bool persistent, int64_t m_slots, cudaStream_t stream) {
+  return launch_ws(quant ? moe_fp8_ws192_kernel<true> : moe_fp8_ws192_kernel<false>, args, kBN192 / 2,
+                   ws192_smem_bytes(quant), persistent, m_slots, stream);
 }
 
 // Whether the GEMM runs the ws kernel: it reads the weight tiles (and kernel 2 its A tiles) through
@@ -944,8 +923,8 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
       k.wmap1 = static_cast<const CUtensorMap*>(a.tables.gateup_maps192);
       k.wmap2 = k.wmap1 + a.count;
     }
-    const cudaError_t err = tiles192 ? launch_192(k, quant, a.skip_idle, a.persistent, m_slots, stream)
-                                     : launch_one<true>(k, ws, a.persistent, a.skip_idle, m_slots, stream);
+    const cudaError_t err = tiles192 ? launch_192(k, quant, a.persistent, m_slots, stream)
+                                     : launch_one<true>(k, ws, a.persistent, m_slots, stream);
     if (err != cudaSuccess || quant) return err;
     DevTensor act;
     act.data = a.act;
@@ -966,7 +945,7 @@ cudaError_t launch_moe_grouped_gemm_fp8_wgmma(const MoeFp8GemmArgs& a, bool gate
   k.out_bf16 = a.y_bf16;
   k.wmap1 = ws ? maps + 2 * static_cast<int64_t>(a.count) : nullptr;
   if (ws && !encode_byte_rows(&k.amap, a.aq, a.n_pairs, a.inter, kTileM)) return cudaErrorInvalidValue;
-  return launch_one<false>(k, ws, a.persistent, a.skip_idle_down, m_slots, stream);
+  return launch_one<false>(k, ws, a.persistent, m_slots, stream);
 }
 
 bool encode_moe_fp8_gateup192_maps(const void* const* codes, int count, int64_t hidden, int64_t inter, void* maps) {

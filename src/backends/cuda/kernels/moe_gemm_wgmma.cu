@@ -253,10 +253,7 @@ constexpr size_t kWsSmemBytes = kWsBarOff + 2 * kWsStages * 8 + 1024;
 static_assert(kWsSmemBytes <= 227 * 1024, "shared memory");
 constexpr int kWsProducerRegs = 88, kWsMmaRegs = 208;  // 88·128 + 208·256 <= 65536; no spills (ptxas -v)
 
-// kSkip: on a tile whose rows all lie in warpgroup 0's half (an expert's last M-tile with at most
-// 64 rows), warpgroup 1 issues no wgmma (its rows are past the segment, never stored) and releases
-// each slot as soon as it is full.
-template <bool kGateUp, bool kSkip>
+template <bool kGateUp>
 __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(const MoeGemmArgs args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kBN = 256;
@@ -338,7 +335,6 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
   uint32_t it = 0;
   ws_for_each_item<false>(args.tile_start, args.offsets, args.count, n_tiles, args.n_per_cta,
                           [&](const MoeTile& tile, int j_begin, int j_end) {
-                            const bool idle = kSkip && wg == 1 && tile.rows_left <= 64;
                             for (int j = j_begin; j < j_end; ++j) {
 #pragma unroll
                               for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.0f;
@@ -346,10 +342,6 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
                               for (int kt = 0; kt < n_k; ++kt, ++it) {
                                 const int s = ring.slot(it);
                                 mbar_wait(ring.full(s), ring.parity(it));
-                                if (idle) {
-                                  if ((tid & 127) == 0) mbar_arrive(ring.empty(s));
-                                  continue;
-                                }
                                 fence_async_smem();  // the slot was written by cp.async (generic proxy); wgmma reads it
                                 const uint32_t stage = base + s * kWsStageBytes;
                                 wgmma_fence();
@@ -373,17 +365,15 @@ __global__ void __launch_bounds__(kWsThreads, 1) moe_grouped_gemm_ws_kernel(cons
 }
 
 template <bool kGateUp>
-cudaError_t launch_one_ws(const MoeGemmArgs& args, int64_t m_slots, bool persistent, bool skip, cudaStream_t stream) {
-  void (*kernel)(MoeGemmArgs) =
-      skip ? moe_grouped_gemm_ws_kernel<kGateUp, true> : moe_grouped_gemm_ws_kernel<kGateUp, false>;
-  const cudaError_t err = opt_in_dynamic_smem(kernel, kWsSmemBytes);
+cudaError_t launch_one_ws(const MoeGemmArgs& args, int64_t m_slots, bool persistent, cudaStream_t stream) {
+  const cudaError_t err = opt_in_dynamic_smem(moe_grouped_gemm_ws_kernel<kGateUp>, kWsSmemBytes);
   if (err != cudaSuccess) return err;
   constexpr int kNStep = kGateUp ? 128 : 256;
   const int64_t n_tiles = (args.n_out + kNStep - 1) / kNStep;
   unsigned grid = 0;
   const cudaError_t gerr = ws_grid(m_slots * ((n_tiles + args.n_per_cta - 1) / args.n_per_cta), persistent, grid);
   if (gerr != cudaSuccess) return gerr;
-  kernel<<<grid, kWsThreads, kWsSmemBytes, stream>>>(args);
+  moe_grouped_gemm_ws_kernel<kGateUp><<<grid, kWsThreads, kWsSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }
 
@@ -418,10 +408,10 @@ cudaError_t launch_moe_grouped_gemms_wgmma(const DevTensor& x, const int32_t* sr
   a1.n_per_cta = cfg.n_per_cta;
   if (cfg.warp_specialized) {
     if (cfg.tile_n_gateup != 256 || cfg.tile_n_down != 256) return cudaErrorInvalidValue;
-    err = launch_one_ws<true>(a1, m_slots, cfg.persistent, cfg.skip_idle, stream);
-    return err != cudaSuccess ? err
-                              : launch_one_ws<false>(moe_down_args(a1, down, y, cfg.y_bf16), m_slots, cfg.persistent,
-                                                     cfg.skip_idle, stream);
+    err = launch_one_ws<true>(a1, m_slots, cfg.persistent, stream);
+    return err != cudaSuccess
+               ? err
+               : launch_one_ws<false>(moe_down_args(a1, down, y, cfg.y_bf16), m_slots, cfg.persistent, stream);
   }
   err = cfg.tile_n_gateup == 256 ? launch_one<true, 256>(a1, m_slots, stream)
                                  : launch_one<true, 128>(a1, m_slots, stream);
