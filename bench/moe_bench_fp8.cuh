@@ -192,7 +192,6 @@ struct Floor {
   void* ws = nullptr;
   uint8_t *xq = nullptr, *aq = nullptr;
   float *xs = nullptr, *as = nullptr, *down_scale = nullptr;
-  int64_t rows = 0, hidden = 0, inter = 0;
   LtGemm gate, down;  // gate: [rows, I] = xq · gateᵀ (up: the same shape); down: [rows, H] = aq · downᵀ
   const uint8_t *w_gate = nullptr, *w_up = nullptr, *w_down = nullptr;
   const float *s_gate = nullptr, *s_up = nullptr;
@@ -245,9 +244,6 @@ inline Floor make_floor(const Experts& w, int64_t rows, int64_t hidden, int64_t 
   constexpr const char* kBenchName = "moe_bench";
   namespace cc = cpinfer::cuda;
   Floor f;
-  f.rows = rows;
-  f.hidden = hidden;
-  f.inter = inter;
   if (rows <= 0 || rows % 4 != 0) return f;
   const int64_t kbh = hidden / 128, kbi = inter / 128, ld_i = (kbi + 3) / 4 * 4;
   if (kbh % 4 != 0) return f;  // gate's and up's scale rows as stored must be 16-byte aligned
