@@ -12,8 +12,12 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <memory>
 #include <vector>
 
+#include "backends/cuda/fp8_lt.h"
 #include "backends/cuda/kernels/kernels.h"
 #include "bench_util.cuh"
 
@@ -181,8 +185,7 @@ inline cudaError_t enqueue_gemms(const Path& p, const Experts& w, const Scratch&
 // rows (x rows gathered as the cuBLAS path gathers them, act as its SiLU leaves it). The same FLOPs
 // as the grouped FP8 GEMMs with no expert boundaries: how far they are from a dense FP8 GEMM.
 struct LtGemm {
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  std::unique_ptr<cpinfer::cuda::Fp8LtCall> call;  // the back-end's descriptors (backends/cuda/fp8_lt.h)
   cublasLtMatmulAlgo_t algo{};
   bool ok = false;
 };
@@ -200,41 +203,24 @@ struct Floor {
 
 constexpr size_t kFloorWorkspace = size_t{32} << 20;
 
-// Row-major out[m, n] (BF16) = a[m, k] · w[n, k]ᵀ as cuda_fp8.cpp's Fp8LtCall lays it out.
-inline LtGemm make_lt_gemm(cublasLtHandle_t lt, int64_t m, int64_t n, int64_t k, const float* w_scale,
-                           const float* a_scale) {
+// Row-major out[m, n] (BF16) = a[m, k] · w[n, k]ᵀ on the back-end's descriptors, the pointers
+// aligned to 256 bytes (cudaMalloc's).
+inline LtGemm make_lt_gemm(cublasLtHandle_t lt, int64_t m, int64_t n, int64_t k) {
   LtGemm g;
-  auto ok = [](cublasStatus_t s) { return s == CUBLAS_STATUS_SUCCESS; };
-  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-  const int32_t a_mode = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, b_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
-  const uint64_t ws = kFloorWorkspace;
-  cublasLtMatmulPreference_t pref = nullptr;
+  try {
+    g.call = std::make_unique<cpinfer::cuda::Fp8LtCall>(m, n, k, cpinfer::DType::BF16, 256, 256, 256, kFloorWorkspace);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moe_bench: %s\n", e.what());
+    return g;
+  }
   int n_results = 0;
   cublasLtMatmulHeuristicResult_t result{};
-  g.ok = ok(cublasLtMatmulDescCreate(&g.op, CUBLAS_COMPUTE_32F, CUDA_R_32F)) &&
-         ok(cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta))) &&
-         ok(cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb))) &&
-         ok(cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof(a_mode))) &&
-         ok(cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof(b_mode))) &&
-         ok(cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale))) &&
-         ok(cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &a_scale, sizeof(a_scale))) &&
-         ok(cublasLtMatrixLayoutCreate(&g.a, CUDA_R_8F_E4M3, k, n, k)) &&
-         ok(cublasLtMatrixLayoutCreate(&g.b, CUDA_R_8F_E4M3, k, m, k)) &&
-         ok(cublasLtMatrixLayoutCreate(&g.d, CUDA_R_16BF, n, m, n)) && ok(cublasLtMatmulPreferenceCreate(&pref)) &&
-         ok(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws))) &&
-         ok(cublasLtMatmulAlgoGetHeuristic(lt, g.op, g.a, g.b, g.d, g.d, pref, 1, &result, &n_results)) &&
+  const cpinfer::cuda::Fp8LtCall& c = *g.call;
+  g.ok = cublasLtMatmulAlgoGetHeuristic(lt, c.op, c.a, c.b, c.d, c.d, c.pref, 1, &result, &n_results) ==
+             CUBLAS_STATUS_SUCCESS &&
          n_results > 0 && result.state == CUBLAS_STATUS_SUCCESS;
-  if (pref) cublasLtMatmulPreferenceDestroy(pref);
   g.algo = result.algo;
   return g;
-}
-
-inline void free_lt_gemm(LtGemm& g) {
-  if (g.d) cublasLtMatrixLayoutDestroy(g.d);
-  if (g.b) cublasLtMatrixLayoutDestroy(g.b);
-  if (g.a) cublasLtMatrixLayoutDestroy(g.a);
-  if (g.op) cublasLtMatmulDescDestroy(g.op);
-  g = LtGemm{};
 }
 
 // x_rows [rows, H] and act [rows, I] BF16 (rows a multiple of 4, H and I of 128) are quantized
@@ -272,8 +258,8 @@ inline Floor make_floor(const Experts& w, int64_t rows, int64_t hidden, int64_t 
   BENCH_CHECK(cc::launch_fp8_quantize_rows(at, f.aq, f.as, nullptr, 0, stream));
   BENCH_CHECK(cc::launch_fp8_pad_scales(w.scales + 2 * sc, nullptr, 1, kbh, kbi, f.down_scale, ld_i, stream));
   BENCH_CHECK(cudaStreamSynchronize(stream));
-  f.gate = make_lt_gemm(f.lt, rows, inter, hidden, f.s_gate, f.xs);
-  f.down = make_lt_gemm(f.lt, rows, hidden, inter, f.down_scale, f.as);
+  f.gate = make_lt_gemm(f.lt, rows, inter, hidden);
+  f.down = make_lt_gemm(f.lt, rows, hidden, inter);
   return f;
 }
 
@@ -281,11 +267,12 @@ inline Floor make_floor(const Experts& w, int64_t rows, int64_t hidden, int64_t 
 inline bool run_floor(Floor& f, bool gate_up, void* out_i, void* out_h, cudaStream_t stream) {
   const float alpha = 1.0f, beta = 0.0f;
   auto one = [&](LtGemm& g, const void* w, const float* w_scale, const void* a, const float* a_scale, void* out) {
-    return cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale)) ==
+    const cpinfer::cuda::Fp8LtCall& c = *g.call;
+    return cublasLtMatmulDescSetAttribute(c.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale)) ==
                CUBLAS_STATUS_SUCCESS &&
-           cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &a_scale, sizeof(a_scale)) ==
+           cublasLtMatmulDescSetAttribute(c.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &a_scale, sizeof(a_scale)) ==
                CUBLAS_STATUS_SUCCESS &&
-           cublasLtMatmul(f.lt, g.op, &alpha, w, g.a, a, g.b, &beta, out, g.d, out, g.d, &g.algo, f.ws, kFloorWorkspace,
+           cublasLtMatmul(f.lt, c.op, &alpha, w, c.a, a, c.b, &beta, out, c.d, out, c.d, &g.algo, f.ws, kFloorWorkspace,
                           stream) == CUBLAS_STATUS_SUCCESS;
   };
   if (!f.ok()) return false;
@@ -295,8 +282,6 @@ inline bool run_floor(Floor& f, bool gate_up, void* out_i, void* out_h, cudaStre
 }
 
 inline void free_floor(Floor& f) {
-  free_lt_gemm(f.gate);
-  free_lt_gemm(f.down);
   for (void* p : {f.ws, static_cast<void*>(f.xq), static_cast<void*>(f.aq), static_cast<void*>(f.xs),
                   static_cast<void*>(f.as), static_cast<void*>(f.down_scale)})
     cudaFree(p);

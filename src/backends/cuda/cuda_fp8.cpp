@@ -31,6 +31,7 @@
 
 #include "backends/cuda/cuda_backend.h"
 #include "backends/cuda/cuda_check.h"
+#include "backends/cuda/fp8_lt.h"
 #include "backends/cuda/kernels/kernels.h"
 #include "core/log.h"
 
@@ -56,15 +57,9 @@ cudaDataType_t lt_type(DType t) {
 
 }  // namespace
 
-// The descriptors of one block-scaled FP8 GEMM. Row-major out[M, N] = a[M, K] · w[N, K]ᵀ is the
-// column-major D[N, M] = op(A) · B with A = w seen as K x N (op T) and B = a seen as K x M (op N),
-// both K-contiguous (the TN layout cuBLASLt's FP8 GEMMs require). Made once per shape and
-// alignment; a call sets its scale pointers on `op` and enqueues.
-struct Fp8LtCall {
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
-  cublasLtMatmulPreference_t pref = nullptr;
-  Fp8LtCall(int64_t m, int64_t n, int64_t k, DType out_dtype, int64_t align_w, int64_t align_a, int64_t align_out) {
+Fp8LtCall::Fp8LtCall(int64_t m, int64_t n, int64_t k, DType out_dtype, int64_t align_w, int64_t align_a,
+                     int64_t align_out, size_t workspace_bytes) {
+  try {
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
@@ -86,7 +81,7 @@ struct Fp8LtCall {
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&b, CUDA_R_8F_E4M3, u(k), u(m), k));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d, lt_type(out_dtype), u(n), u(m), n));
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-    const uint64_t ws = kCublasWorkspaceBytes;
+    const uint64_t ws = workspace_bytes;
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
     const uint32_t al_a = static_cast<uint32_t>(align_w), al_b = static_cast<uint32_t>(align_a),
                    al_d = static_cast<uint32_t>(align_out);
@@ -98,17 +93,24 @@ struct Fp8LtCall {
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_d, sizeof(al_d)));
     CUBLAS_CHECK(
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, sizeof(al_d)));
+  } catch (...) {
+    release();  // a constructor that throws runs no destructor: free what was made
+    throw;
   }
-  ~Fp8LtCall() {
-    if (pref) cublasLtMatmulPreferenceDestroy(pref);
-    if (d) cublasLtMatrixLayoutDestroy(d);
-    if (b) cublasLtMatrixLayoutDestroy(b);
-    if (a) cublasLtMatrixLayoutDestroy(a);
-    if (op) cublasLtMatmulDescDestroy(op);
-  }
-  Fp8LtCall(const Fp8LtCall&) = delete;
-  Fp8LtCall& operator=(const Fp8LtCall&) = delete;
-};
+}
+
+Fp8LtCall::~Fp8LtCall() { release(); }
+
+void Fp8LtCall::release() {
+  if (pref) cublasLtMatmulPreferenceDestroy(pref);
+  if (d) cublasLtMatrixLayoutDestroy(d);
+  if (b) cublasLtMatrixLayoutDestroy(b);
+  if (a) cublasLtMatrixLayoutDestroy(a);
+  if (op) cublasLtMatmulDescDestroy(op);
+  pref = nullptr;
+  d = b = a = nullptr;
+  op = nullptr;
+}
 
 const CudaBackend::LtAlgo* CudaBackend::fp8_lt_entry(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w,
                                                      const void* aq, const void* out) {
@@ -124,7 +126,7 @@ const CudaBackend::LtAlgo* CudaBackend::fp8_lt_entry(int64_t m, int64_t n, int64
   auto it = lt_algos_.find(key);
   if (it == lt_algos_.end()) {
     if (lt_algos_.size() > 4096) lt_algos_.clear();  // prefill lengths vary: keep the cache bounded
-    auto call = std::make_shared<Fp8LtCall>(m, n, k, out_dtype, align_w, align_a, align_out);
+    auto call = std::make_shared<Fp8LtCall>(m, n, k, out_dtype, align_w, align_a, align_out, kCublasWorkspaceBytes);
     cublasLtMatmulHeuristicResult_t result{};
     int n_results = 0;
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, call->op, call->a, call->b, call->d, call->d,
