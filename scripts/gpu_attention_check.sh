@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine: the prefill-attention kernels alone — a quick run of the warp-specialized
-# kernel first (so a hang costs seconds), the CUDA-vs-CPU attention tests, attention_bench (every
-# kernel, and the context-parallel pieces), and torch SDPA (cuDNN, flash) on the same card.
+# kernel first (so a hang costs seconds), the CUDA-vs-CPU attention tests, compute-sanitizer on the
+# warp-specialized kernel (scripts/gpu_attention_sanitize.sh), attention_bench (every kernel, and the
+# context-parallel pieces), and torch SDPA (cuDNN, flash) on the same card.
 # Results go to $OUT (default ./out).   scripts/gpu_attention_check.sh [SEQS]
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 SEQS="${1:-4096,16384,32768,131072}"
@@ -15,6 +16,7 @@ fi
 echo "== attention tests"
 timeout 300 "$BIN/gpu_ops_test" --gtest_filter='AttnRunner.*' 2>&1 | tee "$OUT/gpu_attention.log" |
   grep -E "^\[ +(OK|FAILED|PASSED) |Failure|nmse|rel|error" | tail -40
+bash scripts/gpu_attention_sanitize.sh
 echo "== attention_bench (SM clock and power sampled every 100 ms meanwhile)"
 nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv,noheader -lms 100 \
   > "$OUT/clocks.csv" 2>/dev/null &
