@@ -213,13 +213,7 @@ inline LtGemm make_lt_gemm(cublasLtHandle_t lt, int64_t m, int64_t n, int64_t k)
     std::fprintf(stderr, "moe_bench: %s\n", e.what());
     return g;
   }
-  int n_results = 0;
-  cublasLtMatmulHeuristicResult_t result{};
-  const cpinfer::cuda::Fp8LtCall& c = *g.call;
-  g.ok = cublasLtMatmulAlgoGetHeuristic(lt, c.op, c.a, c.b, c.d, c.d, c.pref, 1, &result, &n_results) ==
-             CUBLAS_STATUS_SUCCESS &&
-         n_results > 0 && result.state == CUBLAS_STATUS_SUCCESS;
-  g.algo = result.algo;
+  g.ok = g.call->find_algo(lt, g.algo);
   return g;
 }
 
@@ -265,15 +259,8 @@ inline Floor make_floor(const Experts& w, int64_t rows, int64_t hidden, int64_t 
 
 // gate and up into out_i [rows, I] BF16 (one after the other), or down into out_h [rows, H] BF16.
 inline bool run_floor(Floor& f, bool gate_up, void* out_i, void* out_h, cudaStream_t stream) {
-  const float alpha = 1.0f, beta = 0.0f;
   auto one = [&](LtGemm& g, const void* w, const float* w_scale, const void* a, const float* a_scale, void* out) {
-    const cpinfer::cuda::Fp8LtCall& c = *g.call;
-    return cublasLtMatmulDescSetAttribute(c.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale)) ==
-               CUBLAS_STATUS_SUCCESS &&
-           cublasLtMatmulDescSetAttribute(c.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &a_scale, sizeof(a_scale)) ==
-               CUBLAS_STATUS_SUCCESS &&
-           cublasLtMatmul(f.lt, c.op, &alpha, w, c.a, a, c.b, &beta, out, c.d, out, c.d, &g.algo, f.ws, kFloorWorkspace,
-                          stream) == CUBLAS_STATUS_SUCCESS;
+    return g.call->enqueue(f.lt, g.algo, w, w_scale, a, a_scale, out, f.ws, stream) == CUBLAS_STATUS_SUCCESS;
   };
   if (!f.ok()) return false;
   if (gate_up)

@@ -58,7 +58,8 @@ cudaDataType_t lt_type(DType t) {
 }  // namespace
 
 Fp8LtCall::Fp8LtCall(int64_t m, int64_t n, int64_t k, DType out_dtype, int64_t align_w, int64_t align_a,
-                     int64_t align_out, size_t workspace_bytes) {
+                     int64_t align_out, size_t max_workspace_bytes)
+    : workspace_bytes(max_workspace_bytes) {
   try {
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
@@ -101,6 +102,31 @@ Fp8LtCall::Fp8LtCall(int64_t m, int64_t n, int64_t k, DType out_dtype, int64_t a
 
 Fp8LtCall::~Fp8LtCall() { release(); }
 
+bool Fp8LtCall::find_algo(cublasLtHandle_t lt, cublasLtMatmulAlgo_t& algo, cublasStatus_t* status,
+                          int* n_results) const {
+  cublasLtMatmulHeuristicResult_t result{};
+  int n = 0;
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt, op, a, b, d, d, pref, 1, &result, &n);
+  if (status) *status = st;
+  if (n_results) *n_results = n;
+  if (st != CUBLAS_STATUS_SUCCESS || n <= 0 || result.state != CUBLAS_STATUS_SUCCESS) return false;
+  algo = result.algo;
+  return true;
+}
+
+cublasStatus_t Fp8LtCall::enqueue(cublasLtHandle_t lt, const cublasLtMatmulAlgo_t& algo, const void* w,
+                                  const float* w_scale, const void* act, const float* a_scale, void* out,
+                                  void* workspace, cudaStream_t stream) const {
+  cublasStatus_t st =
+      cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale));
+  if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &a_scale, sizeof(a_scale));
+  const float alpha = 1.0f, beta = 0.0f;
+  if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatmul(lt, op, &alpha, w, a, act, b, &beta, out, d, out, d, &algo, workspace, workspace_bytes, stream);
+  return st;
+}
+
 void Fp8LtCall::release() {
   if (pref) cublasLtMatmulPreferenceDestroy(pref);
   if (d) cublasLtMatrixLayoutDestroy(d);
@@ -127,14 +153,11 @@ const CudaBackend::LtAlgo* CudaBackend::fp8_lt_entry(int64_t m, int64_t n, int64
   if (it == lt_algos_.end()) {
     if (lt_algos_.size() > 4096) lt_algos_.clear();  // prefill lengths vary: keep the cache bounded
     auto call = std::make_shared<Fp8LtCall>(m, n, k, out_dtype, align_w, align_a, align_out, kCublasWorkspaceBytes);
-    cublasLtMatmulHeuristicResult_t result{};
+    cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
     int n_results = 0;
-    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, call->op, call->a, call->b, call->d, call->d,
-                                                             call->pref, 1, &result, &n_results);
     LtAlgo entry;
-    entry.ok = st == CUBLAS_STATUS_SUCCESS && n_results > 0 && result.state == CUBLAS_STATUS_SUCCESS;
+    entry.ok = call->find_algo(lt_, entry.algo, &st, &n_results);
     if (entry.ok) {
-      entry.algo = result.algo;
       entry.call = std::move(call);
     } else {
       log_warn("cuBLASLt offers no block-scaled FP8 GEMM for M=", m, " N=", n, " K=", k, " (", cublas_status_name(st),
@@ -156,12 +179,7 @@ void CudaBackend::fp8_gemm_lt(const void* aq, const float* a_scale, int64_t m, c
   const LtAlgo* e = fp8_lt_entry(m, n, k, out_dtype, w, aq, out);
   CPI_CHECK(e != nullptr, "cuBLASLt has no block-scaled FP8 GEMM for M=", m, " N=", n, " K=", k,
             " (run with --fp8-weights bf16)");
-  const Fp8LtCall& c = *e->call;
-  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(c.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale)));
-  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(c.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &a_scale, sizeof(a_scale)));
-  const float alpha = 1.0f, beta = 0.0f;
-  CUBLAS_CHECK(cublasLtMatmul(lt_, c.op, &alpha, w, c.a, aq, c.b, &beta, out, c.d, out, c.d, &e->algo,
-                              cublas_workspace_, kCublasWorkspaceBytes, stream_));
+  CUBLAS_CHECK(e->call->enqueue(lt_, e->algo, w, w_scale, aq, a_scale, out, cublas_workspace_, stream_));
 }
 
 CudaBackend::Fp8Path CudaBackend::fp8_linear_path(const Tensor& a, const Weight& w, const Tensor& out) {

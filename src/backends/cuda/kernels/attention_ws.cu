@@ -159,14 +159,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
     atomicExch(&items[slot].y, v.y);
     atomicExch(&items[slot].z, v.z);
   };
-  auto get_item = [&](int slot) {  // by the whole warp
-    int4 v = make_int4(0, 0, 0, 0);
-    if (lane == 0)
-      v = make_int4(atomicOr(&items[slot].x, 0), atomicOr(&items[slot].y, 0), atomicOr(&items[slot].z, 0), 0);
+  auto from_lane0 = [](int4 v) {  // lane 0's item, to the whole warp
     v.x = __shfl_sync(0xffffffffu, v.x, 0);
     v.y = __shfl_sync(0xffffffffu, v.y, 0);
     v.z = __shfl_sync(0xffffffffu, v.z, 0);
     return v;
+  };
+  auto get_item = [&](int slot) {  // by the whole warp
+    int4 v = make_int4(0, 0, 0, 0);
+    if (lane == 0)
+      v = make_int4(atomicOr(&items[slot].x, 0), atomicOr(&items[slot].y, 0), atomicOr(&items[slot].z, 0), 0);
+    return from_lane0(v);
   };
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
@@ -249,9 +252,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
         put_item(slot, item);
         mbar_arrive(item_full(slot));
       }
-      item.x = __shfl_sync(0xffffffffu, item.x, 0);
-      item.y = __shfl_sync(0xffffffffu, item.y, 0);
-      item.z = __shfl_sync(0xffffffffu, item.z, 0);
+      item = from_lane0(item);
       if (item.x < 0) break;
       const Item t = make_item(p.blocks + kDevAttnBlockFields * item.x, item.y);
       if (t.n_tiles == 0) continue;
