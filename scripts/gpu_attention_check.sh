@@ -2,7 +2,8 @@
 # On a GPU machine: the prefill-attention kernels alone — a quick run of the warp-specialized
 # kernel first (so a hang costs seconds), the CUDA-vs-CPU attention tests, compute-sanitizer on the
 # warp-specialized kernel (scripts/gpu_attention_sanitize.sh), attention_bench (every kernel, and the
-# context-parallel pieces), and torch SDPA (cuDNN, flash) on the same card.
+# context-parallel pieces), torch SDPA (cuDNN, flash) on the same card, and what a cuBLAS GEMM and
+# cuDNN's attention sustain at the board's power limit (bench/power_ceiling.py).
 # Results go to $OUT (default ./out).   scripts/gpu_attention_check.sh [SEQS]
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 SEQS="${1:-4096,16384,32768,131072}"
@@ -33,3 +34,7 @@ timeout 120 "$BIN/attention_bench" --kernel ws --seq 32768,131072 --cp 4 --reps 
 echo "== torch SDPA"
 timeout 200 python3 bench/torch_attention.py --seq "$SEQS" --backends CUDNN_ATTENTION,FLASH_ATTENTION \
   --json "$OUT/torch_attention.json" 2>&1 | tail -12
+echo "== sustained at the power limit: cuBLAS bf16 GEMM 8192^3, cuDNN SDPA at 128K, ws at 128K"
+timeout 60 python3 bench/power_ceiling.py --op gemm --seconds 12 --json "$OUT/ceiling_gemm.json" 2>&1 | tail -1
+timeout 60 python3 bench/power_ceiling.py --op sdpa --seq 131072 --seconds 12 --json "$OUT/ceiling_sdpa.json" 2>&1 | tail -1
+timeout 60 "$BIN/attention_bench" --kernel ws --ascending-pages --block-size 16 --seq 131072 --reps 40 2>&1 | tail -2
