@@ -107,7 +107,10 @@ def main():
     if args.op == "sdpa" and args.seq < 1:
         sys.exit("power_ceiling: bad --seq")
 
-    import torch
+    try:
+        import torch
+    except ImportError:
+        sys.exit("power_ceiling: needs torch (the GPU machine's python3 has it)")
     if not torch.cuda.is_available():
         sys.exit("power_ceiling: needs a CUDA GPU")
     nvml = Nvml()
