@@ -34,7 +34,4 @@ timeout 120 "$BIN/attention_bench" --kernel ws --seq 32768,131072 --cp 4 --reps 
 echo "== torch SDPA"
 timeout 200 python3 bench/torch_attention.py --seq "$SEQS" --backends CUDNN_ATTENTION,FLASH_ATTENTION \
   --json "$OUT/torch_attention.json" 2>&1 | tail -12
-echo "== sustained at the power limit: cuBLAS bf16 GEMM 8192^3, cuDNN SDPA at 128K, ws at 128K"
-timeout 60 python3 bench/power_ceiling.py --op gemm --seconds 12 --json "$OUT/ceiling_gemm.json" 2>&1 | tail -1
-timeout 60 python3 bench/power_ceiling.py --op sdpa --seq 131072 --seconds 12 --json "$OUT/ceiling_sdpa.json" 2>&1 | tail -1
-timeout 60 "$BIN/attention_bench" --kernel ws --ascending-pages --block-size 16 --seq 131072 --reps 40 2>&1 | tail -2
+gpu_power_ceilings

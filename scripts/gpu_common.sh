@@ -32,3 +32,14 @@ gpu_binaries() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
   ldd "$BIN/cpinfer" | grep "not found" && echo "missing libraries"
 }
+
+# What the card sustains at its power limit, 12 s each: cuBLAS's bf16 GEMM of 8192^3 and cuDNN's
+# causal attention at 128K (bench/power_ceiling.py), then the ws kernel at 128K (attention_bench
+# --reps 40, ~9 s). Needs BIN with attention_bench.
+gpu_power_ceilings() {
+  echo "== sustained at the power limit: cuBLAS bf16 GEMM 8192^3, cuDNN SDPA at 128K, ws at 128K"
+  timeout 60 python3 bench/power_ceiling.py --op gemm --seconds 12 --json "$OUT/ceiling_gemm.json" 2>&1 | tail -1
+  timeout 60 python3 bench/power_ceiling.py --op sdpa --seq 131072 --seconds 12 --json "$OUT/ceiling_sdpa.json" 2>&1 |
+    tail -1
+  timeout 60 "$BIN/attention_bench" --kernel ws --ascending-pages --block-size 16 --seq 131072 --reps 40 2>&1 | tail -1
+}

@@ -8,10 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 SEQS="${1:-4096,16384,32768}"
 gpu_binaries cpinfer attention_bench
 nvidia-smi --query-gpu=name,power.limit,clocks.max.sm --format=csv,noheader | tee "$OUT/card_power.txt"
-echo "== sustained at the power limit"
-timeout 60 python3 bench/power_ceiling.py --op gemm --seconds 12 --json "$OUT/ceiling_gemm.json" 2>&1 | tail -1
-timeout 60 python3 bench/power_ceiling.py --op sdpa --seq 131072 --seconds 12 --json "$OUT/ceiling_sdpa.json" 2>&1 | tail -1
-timeout 60 "$BIN/attention_bench" --kernel ws --ascending-pages --block-size 16 --seq 131072 --reps 40 2>&1 | tail -1
+gpu_power_ceilings
 echo "== attention: ws and cuDNN's graph, pages of 16 in a prompt's order; torch SDPA on cuDNN"
 timeout 120 "$BIN/attention_bench" --kernel ws,cudnn --ascending-pages --block-size 16 --seq "$SEQS,131072" \
   --reps 10 2>&1 | tee "$OUT/attention_bench.log" | tail -10
