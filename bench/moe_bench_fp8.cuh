@@ -184,11 +184,7 @@ inline cudaError_t enqueue_gemms(const Path& p, const Experts& w, const Scratch&
 // activation scales per (row, 128 columns), VEC128_32F, M-major) — from the path's own quantized
 // rows (x rows gathered as the cuBLAS path gathers them, act as its SiLU leaves it). The same FLOPs
 // as the grouped FP8 GEMMs with no expert boundaries: how far they are from a dense FP8 GEMM.
-struct LtGemm {
-  std::unique_ptr<cpinfer::cuda::Fp8LtCall> call;  // the back-end's descriptors (backends/cuda/fp8_lt.h)
-  cublasLtMatmulAlgo_t algo{};
-  bool ok = false;
-};
+using LtGemm = std::unique_ptr<cpinfer::cuda::Fp8LtCall>;  // the back-end's GEMM (backends/cuda/fp8_lt.h)
 
 struct Floor {
   cublasLtHandle_t lt = nullptr;
@@ -198,7 +194,7 @@ struct Floor {
   LtGemm gate, down;  // gate: [rows, I] = xq · gateᵀ (up: the same shape); down: [rows, H] = aq · downᵀ
   const uint8_t *w_gate = nullptr, *w_up = nullptr, *w_down = nullptr;
   const float *s_gate = nullptr, *s_up = nullptr;
-  bool ok() const { return gate.ok && down.ok; }
+  bool ok() const { return gate && gate->has_algo() && down && down->has_algo(); }
 };
 
 constexpr size_t kFloorWorkspace = size_t{32} << 20;
@@ -206,15 +202,13 @@ constexpr size_t kFloorWorkspace = size_t{32} << 20;
 // Row-major out[m, n] (BF16) = a[m, k] · w[n, k]ᵀ on the back-end's descriptors, the pointers
 // aligned to 256 bytes (cudaMalloc's).
 inline LtGemm make_lt_gemm(cublasLtHandle_t lt, int64_t m, int64_t n, int64_t k) {
-  LtGemm g;
   try {
-    g.call = std::make_unique<cpinfer::cuda::Fp8LtCall>(m, n, k, cpinfer::DType::BF16, 256, 256, 256, kFloorWorkspace);
+    return std::make_unique<cpinfer::cuda::Fp8LtCall>(lt, m, n, k, cpinfer::DType::BF16, 256, 256, 256,
+                                                      kFloorWorkspace);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "moe_bench: %s\n", e.what());
-    return g;
+    return nullptr;
   }
-  g.ok = g.call->find_algo(lt, g.algo);
-  return g;
 }
 
 // x_rows [rows, H] and act [rows, I] BF16 (rows a multiple of 4, H and I of 128) are quantized
@@ -260,7 +254,7 @@ inline Floor make_floor(const Experts& w, int64_t rows, int64_t hidden, int64_t 
 // gate and up into out_i [rows, I] BF16 (one after the other), or down into out_h [rows, H] BF16.
 inline bool run_floor(Floor& f, bool gate_up, void* out_i, void* out_h, cudaStream_t stream) {
   auto one = [&](LtGemm& g, const void* w, const float* w_scale, const void* a, const float* a_scale, void* out) {
-    return g.call->enqueue(f.lt, g.algo, w, w_scale, a, a_scale, out, f.ws, stream) == CUBLAS_STATUS_SUCCESS;
+    return g->enqueue(f.lt, w, w_scale, a, a_scale, out, f.ws, stream) == CUBLAS_STATUS_SUCCESS;
   };
   if (!f.ok()) return false;
   if (gate_up)

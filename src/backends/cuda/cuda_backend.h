@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "backends/cuda/cudnn_attention.h"
+#include "backends/cuda/fp8_lt.h"
 #include "backends/cuda/kernels/kernels.h"
 #include "ops/backend.h"
 
@@ -213,7 +214,7 @@ class CudaBackend : public Backend {
   // out [M, N] (row-major, BF16 or F32, ld N) = (aq · a_scale) · (w · w_scale)ᵀ on cuBLASLt: aq
   // [M, K] e4m3 with VEC128 scales a_scale[kb · M + m]; w [N, K] e4m3 with BLK128x128 scales
   // w_scale[nb · w_scale_ld + kb], w_scale_ld a multiple of 4. K % 128 == 0, M % 4 == 0 (callers
-  // pad the rows). Throws when cuBLASLt has no algorithm (callers ask fp8_lt_algo first).
+  // pad the rows). Throws when cuBLASLt has no algorithm (callers ask fp8_lt_supported first).
   void fp8_gemm_lt(const void* aq, const float* a_scale, int64_t m, const void* w, const float* w_scale, int64_t n,
                    int64_t k, void* out, DType out_dtype);
   // How cuBLASLt reads the block scales, per class of K (K/128 a multiple of 4 or not): the
@@ -261,10 +262,10 @@ class CudaBackend : public Backend {
     const Fp8ActScales a = lt_layout(k).act;
     return a == Fp8ActScales::MMajor ? Fp8ActScales::MMajorPad4 : a;
   }
-  // cuBLASLt's block-scaled FP8 algorithm for these sizes and the alignments of these pointers
-  // (cached per key), or nullptr when it has none (or the shape is not one it takes).
-  const cublasLtMatmulAlgo_t* fp8_lt_algo(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w,
-                                          const void* aq, const void* out);
+  // Whether cuBLASLt has a block-scaled FP8 algorithm for these sizes and the alignments of these
+  // pointers (asked once per key), and the shape is one it takes.
+  bool fp8_lt_supported(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w, const void* aq,
+                        const void* out);
   bool gate_in_one_kernel(const Tensor& x, const Weight& router, int top_k, bool renormalize, const Tensor& logits,
                           const Tensor& ids, const Tensor& weights, const RowAddNorm* norm);
   // moe_experts after its checks; with `norm` its last kernel runs the residual add + RMSNorm of the
@@ -362,16 +363,12 @@ class CudaBackend : public Backend {
   cublasHandle_t cublas_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;
   bool fp8_weights_ = false;
-  // cuBLASLt FP8 algorithms by (M, N, K, out dtype, weight, activation and out alignment); ok = false:
-  // cuBLASLt offers none for that key.
-  struct LtAlgo {
-    bool ok = false;
-    cublasLtMatmulAlgo_t algo{};
-    std::shared_ptr<struct Fp8LtCall> call;  // its descriptors (cuda_fp8.cpp), reused by every call
-  };
-  const LtAlgo* fp8_lt_entry(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w, const void* aq,
-                             const void* out);
-  std::map<std::array<int64_t, 7>, LtAlgo> lt_algos_;
+  // cuBLASLt FP8 GEMMs (descriptors + algorithm, fp8_lt.h) by (M, N, K, out dtype, weight,
+  // activation and out alignment), including those for which cuBLASLt offers no algorithm; the
+  // call for a key when it has one, else nullptr.
+  const Fp8LtCall* fp8_lt_call(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w, const void* aq,
+                               const void* out);
+  std::map<std::array<int64_t, 7>, std::unique_ptr<Fp8LtCall>> lt_calls_;
 
   void* cublas_workspace_ = nullptr;
   void* workspace_ = nullptr;

@@ -57,8 +57,8 @@ cudaDataType_t lt_type(DType t) {
 
 }  // namespace
 
-Fp8LtCall::Fp8LtCall(int64_t m, int64_t n, int64_t k, DType out_dtype, int64_t align_w, int64_t align_a,
-                     int64_t align_out, size_t max_workspace_bytes)
+Fp8LtCall::Fp8LtCall(cublasLtHandle_t lt, int64_t m, int64_t n, int64_t k, DType out_dtype, int64_t align_w,
+                     int64_t align_a, int64_t align_out, size_t max_workspace_bytes)
     : workspace_bytes(max_workspace_bytes) {
   try {
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -98,32 +98,26 @@ Fp8LtCall::Fp8LtCall(int64_t m, int64_t n, int64_t k, DType out_dtype, int64_t a
     release();  // a constructor that throws runs no destructor: free what was made
     throw;
   }
+  cublasLtMatmulHeuristicResult_t result{};
+  heuristic_status = cublasLtMatmulAlgoGetHeuristic(lt, op, a, b, d, d, pref, 1, &result, &heuristic_results);
+  has_algo_ =
+      heuristic_status == CUBLAS_STATUS_SUCCESS && heuristic_results > 0 && result.state == CUBLAS_STATUS_SUCCESS;
+  if (has_algo_) algo_ = result.algo;
 }
 
 Fp8LtCall::~Fp8LtCall() { release(); }
 
-bool Fp8LtCall::find_algo(cublasLtHandle_t lt, cublasLtMatmulAlgo_t& algo, cublasStatus_t* status,
-                          int* n_results) const {
-  cublasLtMatmulHeuristicResult_t result{};
-  int n = 0;
-  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt, op, a, b, d, d, pref, 1, &result, &n);
-  if (status) *status = st;
-  if (n_results) *n_results = n;
-  if (st != CUBLAS_STATUS_SUCCESS || n <= 0 || result.state != CUBLAS_STATUS_SUCCESS) return false;
-  algo = result.algo;
-  return true;
-}
-
-cublasStatus_t Fp8LtCall::enqueue(cublasLtHandle_t lt, const cublasLtMatmulAlgo_t& algo, const void* w,
-                                  const float* w_scale, const void* act, const float* a_scale, void* out,
-                                  void* workspace, cudaStream_t stream) const {
+cublasStatus_t Fp8LtCall::enqueue(cublasLtHandle_t lt, const void* w, const float* w_scale, const void* act,
+                                  const float* a_scale, void* out, void* workspace, cudaStream_t stream) const {
+  if (!has_algo_) return CUBLAS_STATUS_NOT_SUPPORTED;
   cublasStatus_t st =
       cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale));
   if (st == CUBLAS_STATUS_SUCCESS)
     st = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &a_scale, sizeof(a_scale));
   const float alpha = 1.0f, beta = 0.0f;
   if (st == CUBLAS_STATUS_SUCCESS)
-    st = cublasLtMatmul(lt, op, &alpha, w, a, act, b, &beta, out, d, out, d, &algo, workspace, workspace_bytes, stream);
+    st =
+        cublasLtMatmul(lt, op, &alpha, w, a, act, b, &beta, out, d, out, d, &algo_, workspace, workspace_bytes, stream);
   return st;
 }
 
@@ -138,8 +132,8 @@ void Fp8LtCall::release() {
   op = nullptr;
 }
 
-const CudaBackend::LtAlgo* CudaBackend::fp8_lt_entry(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w,
-                                                     const void* aq, const void* out) {
+const Fp8LtCall* CudaBackend::fp8_lt_call(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w,
+                                          const void* aq, const void* out) {
   // M a multiple of 4: cuBLASLt 13.1 has no block-scaled algorithm for other row counts (H200,
   // 2026-12-04: M = 3 not supported, 4, 8, 16, ... are); those products dequantize.
   if (!hopper_ || m <= 0 || n <= 0 || k <= 0 || m % 4 != 0 || k % 128 != 0 || n % 16 != 0 || m > INT32_MAX ||
@@ -149,37 +143,31 @@ const CudaBackend::LtAlgo* CudaBackend::fp8_lt_entry(int64_t m, int64_t n, int64
   const int64_t align_w = alignment_of(w), align_a = alignment_of(aq), align_out = alignment_of(out);
   if (align_w < 16 || align_a < 16 || align_out < 16) return nullptr;
   const std::array<int64_t, 7> key = {m, n, k, static_cast<int64_t>(out_dtype), align_w, align_a, align_out};
-  auto it = lt_algos_.find(key);
-  if (it == lt_algos_.end()) {
-    if (lt_algos_.size() > 4096) lt_algos_.clear();  // prefill lengths vary: keep the cache bounded
-    auto call = std::make_shared<Fp8LtCall>(m, n, k, out_dtype, align_w, align_a, align_out, kCublasWorkspaceBytes);
-    cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
-    int n_results = 0;
-    LtAlgo entry;
-    entry.ok = call->find_algo(lt_, entry.algo, &st, &n_results);
-    if (entry.ok) {
-      entry.call = std::move(call);
-    } else {
-      log_warn("cuBLASLt offers no block-scaled FP8 GEMM for M=", m, " N=", n, " K=", k, " (", cublas_status_name(st),
-               ", ", n_results, " algorithms): this product runs on the slower fallback");
-    }
-    it = lt_algos_.emplace(key, std::move(entry)).first;
+  auto it = lt_calls_.find(key);
+  if (it == lt_calls_.end()) {
+    if (lt_calls_.size() > 4096) lt_calls_.clear();  // prefill lengths vary: keep the cache bounded
+    auto call =
+        std::make_unique<Fp8LtCall>(lt_, m, n, k, out_dtype, align_w, align_a, align_out, kCublasWorkspaceBytes);
+    if (!call->has_algo())
+      log_warn("cuBLASLt offers no block-scaled FP8 GEMM for M=", m, " N=", n, " K=", k, " (",
+               cublas_status_name(call->heuristic_status), ", ", call->heuristic_results,
+               " algorithms): this product runs on the slower fallback");
+    it = lt_calls_.emplace(key, std::move(call)).first;
   }
-  return it->second.ok ? &it->second : nullptr;
+  return it->second->has_algo() ? it->second.get() : nullptr;
 }
 
-const cublasLtMatmulAlgo_t* CudaBackend::fp8_lt_algo(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w,
-                                                     const void* aq, const void* out) {
-  const LtAlgo* e = fp8_lt_entry(m, n, k, out_dtype, w, aq, out);
-  return e ? &e->algo : nullptr;
+bool CudaBackend::fp8_lt_supported(int64_t m, int64_t n, int64_t k, DType out_dtype, const void* w, const void* aq,
+                                   const void* out) {
+  return fp8_lt_call(m, n, k, out_dtype, w, aq, out) != nullptr;
 }
 
 void CudaBackend::fp8_gemm_lt(const void* aq, const float* a_scale, int64_t m, const void* w, const float* w_scale,
                               int64_t n, int64_t k, void* out, DType out_dtype) {
-  const LtAlgo* e = fp8_lt_entry(m, n, k, out_dtype, w, aq, out);
-  CPI_CHECK(e != nullptr, "cuBLASLt has no block-scaled FP8 GEMM for M=", m, " N=", n, " K=", k,
+  const Fp8LtCall* call = fp8_lt_call(m, n, k, out_dtype, w, aq, out);
+  CPI_CHECK(call != nullptr, "cuBLASLt has no block-scaled FP8 GEMM for M=", m, " N=", n, " K=", k,
             " (run with --fp8-weights bf16)");
-  CUBLAS_CHECK(e->call->enqueue(lt_, e->algo, w, w_scale, aq, a_scale, out, cublas_workspace_, stream_));
+  CUBLAS_CHECK(call->enqueue(lt_, w, w_scale, aq, a_scale, out, cublas_workspace_, stream_));
 }
 
 CudaBackend::Fp8Path CudaBackend::fp8_linear_path(const Tensor& a, const Weight& w, const Tensor& out) {
@@ -192,8 +180,8 @@ CudaBackend::Fp8Path CudaBackend::fp8_linear_path(const Tensor& a, const Weight&
   static const char* const kWorkspaceAligned = reinterpret_cast<const char*>(uintptr_t{256});
   const int64_t m = a.rows(), m_pad = (m + 3) / 4 * 4;
   if (a.dtype == DType::BF16 && aligned16(a.data) &&
-      fp8_lt_algo(m_pad, w.dim(0), a.cols(), out.dtype, w.data, kWorkspaceAligned,
-                  m_pad == m ? out.data : kWorkspaceAligned) != nullptr)
+      fp8_lt_supported(m_pad, w.dim(0), a.cols(), out.dtype, w.data, kWorkspaceAligned,
+                       m_pad == m ? out.data : kWorkspaceAligned))
     return Fp8Path::BlockScaled;
   return Fp8Path::Dequantize;
 }
@@ -332,7 +320,7 @@ double CudaBackend::fp8_lt_try(int64_t k, const Fp8LtLayout& cand) {
   bool has_algo = false;
   {
     Probing probing(lt_probing_);
-    has_algo = fp8_lt_algo(m, n, k, DType::BF16, dw.data(), da.data(), dout.data()) != nullptr;
+    has_algo = fp8_lt_supported(m, n, k, DType::BF16, dw.data(), da.data(), dout.data());
     if (has_algo) {
       try {
         fp8_gemm_lt(da.data(), static_cast<const float*>(dsa.data()), m, dw.data(),

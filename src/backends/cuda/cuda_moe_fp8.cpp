@@ -232,9 +232,8 @@ bool CudaBackend::moe_experts_fp8_lt(const Tensor& x, const Tensor& ids, const T
     const int64_t b = host_off[e], n4 = rows4(e);
     if (n4 == 0) continue;
     for (const Weight* w : {&shard.gate[e], &shard.up[e]})
-      if (fp8_lt_algo(n4, inter, hidden, DType::BF16, w->data, xq + b * hidden, gp + b * inter * 2) == nullptr)
-        return false;
-    if (fp8_lt_algo(n4, hidden, inter, DType::F32, shard.down[e].data, aq + b * inter, y + b * hidden * 4) == nullptr)
+      if (!fp8_lt_supported(n4, inter, hidden, DType::BF16, w->data, xq + b * hidden, gp + b * inter * 2)) return false;
+    if (!fp8_lt_supported(n4, hidden, inter, DType::F32, shard.down[e].data, aq + b * inter, y + b * hidden * 4))
       return false;
   }
   // Pad rows read zero scales; the slack rows after the last expert zero codes.
