@@ -60,6 +60,16 @@ TEST_F(AttnRunner, FlashGqaBlockSizesAndLengths) {
   run({"d128 ragged40", 8, 2, 128, 32, ragged}, 301);
 }
 
+// Keys at the start of the sequence that score ~100 nats above the diagonal's: the kernels
+// that visit the diagonal first (ws: last tile first) meet a row max far above the running one
+// on their last tiles; every row's max and sum must still come out as the CPU's.
+TEST_F(AttnRunner, FlashScoresJumpOnALateTile) {
+  AttnCase c{"d128 bs16 late max", 4, 2, 128, 16, {{700, 0, 0}, {300, 200, 1}}};
+  c.boost_keys = 40;
+  c.k_boost = 64.0f;
+  run(c, 403);
+}
+
 TEST_F(AttnRunner, FlashLongSequence) {
   run({"d128 bs64 19999", 2, 1, 128, 64, {{19999, 0, 0}}}, 401);
   run({"d128 bs256 chunk after 9000", 4, 2, 128, 256, {{3001, 9000, 0}}}, 402);
