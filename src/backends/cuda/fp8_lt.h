@@ -30,7 +30,7 @@ struct Fp8LtCall {
   Fp8LtCall& operator=(const Fp8LtCall&) = delete;
 
   // Whether cuBLASLt offered an algorithm; when not, heuristic_status and heuristic_results say what
-  // it answered. Only a call that has one may enqueue.
+  // it answered, and enqueue answers CUBLAS_STATUS_NOT_SUPPORTED.
   bool has_algo() const { return has_algo_; }
   // out = act · wᵀ with these scales, on `stream`, with a workspace of at least workspace_bytes; the
   // first status that is not CUBLAS_STATUS_SUCCESS, else that.
