@@ -9,7 +9,7 @@
 // FLOPs counted causal-halved: 2 GEMMs x 2 FLOP x S² x D x Hq / 2.
 //
 //   attention_bench [--seq 4096,16384,32768] [--reps 20] [--block-size 64]
-//                   [--kernel mma,wgmma,ws,cudnn|all] [--ws-kv-group G] [--ws-stages 2|3] [--cp C]
+//                   [--kernel mma,wgmma,ws,ws-exact,cudnn|all] [--ws-kv-group G] [--ws-stages 2|3] [--cp C]
 //                   [--ascending-pages] [--json]
 // By default every kernel this machine has runs: mma.sync, on Hopper wgmma and ws (the
 // warp-specialized kernel), and cuDNN's fused attention (backends/cuda/cudnn_attention.h, through
@@ -17,7 +17,8 @@
 // reports the largest difference of every other kernel's output from the first one's.
 // cuDNN's time includes the small kernel that builds its per-call metadata, as in the engine.
 // --ws-kv-group G, --ws-stages S: the ws kernel's AttentionWsConfig (work order in groups of G KV
-// heads; K/V pipeline depth).
+// heads; K/V pipeline depth). ws-exact (by name only) is the ws kernel finding every row's max on
+// every tile in one launch (AttentionWsConfig::exact_max) instead of the engine's two passes.
 // --ascending-pages: the block table in page order (a fresh prompt's layout in a new KvCache)
 // instead of reversed; cuDNN then reads K/V as one strided run (its dense graph, "cudnn-dense").
 // --cp C also times the parts context parallelism over C ranks splits the attention of rank 0's
@@ -112,6 +113,11 @@ Cudnn g_cudnn;
 cudaError_t run_kernel(const std::string& kernel, const DevTensor& q, const DevAttnBatch& b, const DevKv& c,
                        float scale, const DevTensor& o, const DevTensor& l, cudaStream_t stream) {
   if (kernel == "ws") return cpinfer::cuda::launch_attention_ws(q, b, c, scale, o, l, g_sched, stream, g_ws_cfg);
+  if (kernel == "ws-exact") {
+    cpinfer::cuda::AttentionWsConfig cfg = g_ws_cfg;
+    cfg.exact_max = true;
+    return cpinfer::cuda::launch_attention_ws(q, b, c, scale, o, l, g_sched, stream, cfg);
+  }
   if (kernel == "wgmma") return cpinfer::cuda::launch_attention_wgmma(q, b, c, scale, o, l, stream);
   if (kernel == "cudnn") {
     try {
@@ -155,8 +161,9 @@ int main(int argc, char** argv) {
         p = q == std::string::npos ? list.size() : q + 1;
       }
       for (const std::string& k : kernels)
-        if (k != "mma" && k != "wgmma" && k != "ws" && k != "cudnn" && k != "all") {
-          std::fprintf(stderr, "attention_bench: unknown kernel '%s' (mma, wgmma, ws, cudnn, all)\n", k.c_str());
+        if (k != "mma" && k != "wgmma" && k != "ws" && k != "ws-exact" && k != "cudnn" && k != "all") {
+          std::fprintf(stderr, "attention_bench: unknown kernel '%s' (mma, wgmma, ws, ws-exact, cudnn, all)\n",
+                       k.c_str());
           return 2;
         }
     } else if (a == "--reps" && i + 1 < argc) {
@@ -178,10 +185,11 @@ int main(int argc, char** argv) {
         p = q == std::string::npos ? list.size() : q + 1;
       }
     } else {
-      std::fprintf(stderr,
-                   "usage: attention_bench [--seq 4096,16384] [--reps N>=10] [--block-size B] "
-                   "[--kernel mma,wgmma,ws,cudnn|all] [--ws-kv-group G] [--ws-stages 2|3] [--cp C] [--ascending-pages] "
-                   "[--json]\n");
+      std::fprintf(
+          stderr,
+          "usage: attention_bench [--seq 4096,16384] [--reps N>=10] [--block-size B] "
+          "[--kernel mma,wgmma,ws,ws-exact,cudnn|all] [--ws-kv-group G] [--ws-stages 2|3] [--cp C] [--ascending-pages] "
+          "[--json]\n");
       return 2;
     }
   }
@@ -206,8 +214,8 @@ int main(int argc, char** argv) {
   }
   if (g_cudnn.att && g_cudnn.att->available())
     std::fprintf(stderr, "%s: cuDNN %d loaded\n", kBenchName, g_cudnn.att->version());
-  BENCH_CHECK(cudaMalloc(&g_sched, 2 * sizeof(int)));
-  BENCH_CHECK(cudaMemset(g_sched, 0, 2 * sizeof(int)));
+  BENCH_CHECK(cudaMalloc(&g_sched, cpinfer::cuda::kAttnWsScratchInts * sizeof(int)));
+  BENCH_CHECK(cudaMemset(g_sched, 0, cpinfer::cuda::kAttnWsScratchInts * sizeof(int)));
   const int64_t hq = 32, hkv = 4, d = 128;
   cudaStream_t stream;
   BENCH_CHECK(cudaStreamCreate(&stream));

@@ -139,15 +139,17 @@ class AttnRunner : public GpuOpsTest {
     cpu_->attention(cpu_f32(p.q, {p.t, p.hq, p.d}), batch(p, blocks, false), p.ccache, scale(p), out, lse);
   }
 
-  // CUDA attention with `kernel` as the prefill kernel; out and lse (undefined unless want_lse)
-  // start NaN-poisoned. With PK::Cudnn, returns "" when the cuDNN path took the call, else its
-  // reason for refusing (the own kernel ran instead), and checks that exactly the calls it
-  // accepted ran on cuDNN.
+  // CUDA attention with `kernel` as the prefill kernel (and `ws` as the Ws kernel's settings); out
+  // and lse (undefined unless want_lse) start NaN-poisoned. With PK::Cudnn, returns "" when the
+  // cuDNN path took the call, else its reason for refusing (the own kernel ran instead), and checks
+  // that exactly the calls it accepted ran on cuDNN.
   std::string gpu_attention(const Prepared& p, const std::vector<AttnBlock>& blocks, PK kernel, Tensor& out,
-                            Tensor& lse, bool want_lse = true) {
+                            Tensor& lse, bool want_lse = true, const cuda::AttentionWsConfig& ws = {}) {
     auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
     const PK initial = cuda.prefill_kernel();
+    const cuda::AttentionWsConfig initial_ws = cuda.ws_config();
     cuda.set_prefill_kernel(kernel);
+    cuda.set_ws_config(ws);
     out = gpu_tensor("out", DType::BF16, {p.t, p.hq, p.d}, nullptr);
     lse = want_lse ? gpu_tensor("lse", DType::F32, {p.t, p.hq}, nullptr) : Tensor{};
     const Tensor q = gpu_tensor("q", DType::BF16, {p.t, p.hq, p.d}, &p.q);
@@ -164,6 +166,7 @@ class AttnRunner : public GpuOpsTest {
     gpu_->attention(q, b, cache, scale(p), out, lse);
     EXPECT_EQ(cuda.cudnn_calls() - calls, kernel == PK::Cudnn && refused.empty() ? 1 : 0) << p.name;
     cuda.set_prefill_kernel(initial);
+    cuda.set_ws_config(initial_ws);
     if (!refused.empty()) std::printf("[ cuDNN refused ] %s: %s\n", p.name.c_str(), refused.c_str());
     return refused;
   }
@@ -184,7 +187,17 @@ class AttnRunner : public GpuOpsTest {
     return k;
   }
 
-  static std::string kernel_tag(PK k) {
+  // The settings each kernel runs with: the Ws kernel both as the engine runs it (two passes) and
+  // finding the max on every tile in one.
+  static std::vector<cuda::AttentionWsConfig> ws_configs(PK k) {
+    if (k != PK::Ws) return {cuda::AttentionWsConfig{}};
+    cuda::AttentionWsConfig exact;
+    exact.exact_max = true;
+    return {cuda::AttentionWsConfig{}, exact};
+  }
+
+  static std::string kernel_tag(PK k, const cuda::AttentionWsConfig& ws = {}) {
+    if (k == PK::Ws && ws.exact_max) return " ws exact";
     switch (k) {
       case PK::Wgmma:
         return " wgmma";
@@ -227,18 +240,19 @@ class AttnRunner : public GpuOpsTest {
     int32_t max_kv = 0;
     for (const AttnBlock& b : p.blocks) max_kv = std::max(max_kv, b.pos_begin + b.q_len);
     std::string refused;
-    for (PK kernel : kernels(p, p.blocks)) {
-      Tensor go, glse;
-      const std::string why = gpu_attention(p, p.blocks, kernel, go, glse);
-      if (kernel == PK::Cudnn) refused = why;
-      const std::string sh = c.name + kernel_tag(kernel) + (why.empty() ? "" : " (refused)") +
-                             " T=" + std::to_string(p.t) + " kv<=" + std::to_string(max_kv);
-      expect_attention_close(sh, gpu_read(go), cpu_read(co), gpu_read(glse), cpu_read(clse), p.d);
-      // Without lse the output is the same.
-      Tensor go2, no_lse;
-      EXPECT_EQ(gpu_attention(p, p.blocks, kernel, go2, no_lse, false), why) << sh;
-      expect_close("attention.nolse", sh, gpu_read(go2), gpu_read(go), 0.0, 0.0);
-    }
+    for (PK kernel : kernels(p, p.blocks))
+      for (const cuda::AttentionWsConfig& ws : ws_configs(kernel)) {
+        Tensor go, glse;
+        const std::string why = gpu_attention(p, p.blocks, kernel, go, glse, true, ws);
+        if (kernel == PK::Cudnn) refused = why;
+        const std::string sh = c.name + kernel_tag(kernel, ws) + (why.empty() ? "" : " (refused)") +
+                               " T=" + std::to_string(p.t) + " kv<=" + std::to_string(max_kv);
+        expect_attention_close(sh, gpu_read(go), cpu_read(co), gpu_read(glse), cpu_read(clse), p.d);
+        // Without lse the output is the same.
+        Tensor go2, no_lse;
+        EXPECT_EQ(gpu_attention(p, p.blocks, kernel, go2, no_lse, false, ws), why) << sh;
+        expect_close("attention.nolse", sh, gpu_read(go2), gpu_read(go), 0.0, 0.0);
+      }
     return refused;
   }
 };

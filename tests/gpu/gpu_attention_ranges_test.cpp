@@ -78,21 +78,22 @@ TEST_F(AttnRunner, DiagonalMergedWithPrefixEqualsFull) {
   Tensor co, clse;
   cpu_attention(p, p.blocks, co, clse);
   const int64_t n0 = p.blocks[0].q_len * p.hq;  // rows of the block at position 0
-  for (PK kernel : kernels(p, p.blocks)) {
-    const std::string sh = std::string("cp zigzag") + kernel_tag(kernel) + " T=" + std::to_string(p.t);
-    Tensor d_o, d_l, p_o, p_l;
-    gpu_attention(p, diag, kernel, d_o, d_l);
-    gpu_attention(p, prefix, kernel, p_o, p_l);
-    const std::vector<float> diag_out = gpu_read(d_o), diag_lse = gpu_read(d_l);
-    gpu_->attention_merge(d_o, d_l, p_o, p_l);
-    const std::vector<float> m_out = gpu_read(d_o), m_lse = gpu_read(d_l);
-    expect_close("merge.out", sh, m_out, cpu_read(co), 1e-4, 0.05);
-    expect_close("merge.lse", sh, m_lse, cpu_read(clse), 1e-8, 2e-3);
-    expect_close("merge.empty", sh, std::vector<float>(m_out.begin(), m_out.begin() + n0 * p.d),
-                 std::vector<float>(diag_out.begin(), diag_out.begin() + n0 * p.d), 0.0, 0.0);
-    expect_close("merge.empty_lse", sh, std::vector<float>(m_lse.begin(), m_lse.begin() + n0),
-                 std::vector<float>(diag_lse.begin(), diag_lse.begin() + n0), 0.0, 0.0);
-  }
+  for (PK kernel : kernels(p, p.blocks))
+    for (const cuda::AttentionWsConfig& ws : ws_configs(kernel)) {
+      const std::string sh = std::string("cp zigzag") + kernel_tag(kernel, ws) + " T=" + std::to_string(p.t);
+      Tensor d_o, d_l, p_o, p_l;
+      gpu_attention(p, diag, kernel, d_o, d_l, true, ws);
+      gpu_attention(p, prefix, kernel, p_o, p_l, true, ws);
+      const std::vector<float> diag_out = gpu_read(d_o), diag_lse = gpu_read(d_l);
+      gpu_->attention_merge(d_o, d_l, p_o, p_l);
+      const std::vector<float> m_out = gpu_read(d_o), m_lse = gpu_read(d_l);
+      expect_close("merge.out", sh, m_out, cpu_read(co), 1e-4, 0.05);
+      expect_close("merge.lse", sh, m_lse, cpu_read(clse), 1e-8, 2e-3);
+      expect_close("merge.empty", sh, std::vector<float>(m_out.begin(), m_out.begin() + n0 * p.d),
+                   std::vector<float>(diag_out.begin(), diag_out.begin() + n0 * p.d), 0.0, 0.0);
+      expect_close("merge.empty_lse", sh, std::vector<float>(m_lse.begin(), m_lse.begin() + n0),
+                   std::vector<float>(diag_lse.begin(), diag_lse.begin() + n0), 0.0, 0.0);
+    }
 }
 
 // attention_merge CUDA vs CPU on the same (bf16-rounded) inputs: two finite sides close and far

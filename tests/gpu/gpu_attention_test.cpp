@@ -60,14 +60,47 @@ TEST_F(AttnRunner, FlashGqaBlockSizesAndLengths) {
   run({"d128 ragged40", 8, 2, 128, 32, ragged}, 301);
 }
 
-// Keys at the start of the sequence that score ~100 nats above the diagonal's: the kernels
-// that visit the diagonal first (ws: last tile first) meet a row max far above the running one
-// on their last tiles; every row's max and sum must still come out as the CPU's.
-TEST_F(AttnRunner, FlashScoresJumpOnALateTile) {
-  AttnCase c{"d128 bs16 late max", 4, 2, 128, 16, {{700, 0, 0}, {300, 200, 1}}};
+// Keys at the start of the sequence that score far above the diagonal's (k_boost 64: ~100 nats
+// and more): the kernels that visit the diagonal first (ws: last tile first) meet a row max far
+// above the running one on their last tiles; every row's max and sum must still come out as the
+// CPU's.
+AttnCase late_jump(const std::string& name, float k_boost) {
+  AttnCase c{name, 4, 2, 128, 16, {{700, 0, 0}, {300, 200, 1}}};
   c.boost_keys = 40;
-  c.k_boost = 64.0f;
-  run(c, 403);
+  c.k_boost = k_boost;
+  return c;
+}
+
+TEST_F(AttnRunner, FlashScoresJumpOnALateTile) { run(late_jump("d128 bs16 late max", 64.0f), 403); }
+
+// The Ws kernel's first pass takes a tile's exponentials against the rows' running max where it
+// does not look for a new one. Jumps of tens of nats (k_boost 8: probabilities far above 1 but
+// finite) are exact in that pass alone; the jump above overflows fp32 there, so that case passes
+// (with every kernel, above) only through the second pass.
+TEST_F(AttnRunner, WsFirstPassAloneOnLateJumps) {
+  auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
+  if (!cuda.wgmma_supported()) GTEST_SKIP() << "the Ws kernel needs compute capability 9.0";
+  cuda::AttentionWsConfig one_pass;
+  one_pass.second_pass = false;
+
+  const AttnCase moderate = late_jump("d128 bs16 moderate late max", 8.0f);
+  run(moderate, 404);
+  Prepared p = prepare(moderate, 404);
+  Tensor co, clse, go, glse;
+  cpu_attention(p, p.blocks, co, clse);
+  gpu_attention(p, p.blocks, PK::Ws, go, glse, true, one_pass);
+  expect_attention_close(moderate.name + " ws first pass alone", gpu_read(go), cpu_read(co), gpu_read(glse),
+                         cpu_read(clse), p.d);
+
+  // (The items it flags stay flagged, and the next two-pass call redoes them as well.)
+  Prepared f = prepare(late_jump("d128 bs16 late max", 64.0f), 403);
+  gpu_attention(f, f.blocks, PK::Ws, go, glse, true, one_pass);
+  int64_t non_finite = 0;
+  for (float x : gpu_read(glse)) non_finite += !std::isfinite(x);
+  for (float x : gpu_read(go)) non_finite += !std::isfinite(x);
+  EXPECT_GT(non_finite, 0)
+      << "the first pass alone must overflow on the k_boost 64 case, or FlashScoresJumpOnALateTile "
+         "does not reach the second pass";
 }
 
 TEST_F(AttnRunner, FlashLongSequence) {

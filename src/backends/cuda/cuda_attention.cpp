@@ -68,9 +68,9 @@ void CudaBackend::attention(const Tensor& q, const AttnBatch& batch, const KvLay
   if (flash) {
     switch (own_prefill_kernel(bs)) {
       case PrefillKernel::Ws:
-        CUDA_LAUNCH(
-            launch_attention_ws(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), attn_sched_, stream_),
-            "attention_ws");
+        CUDA_LAUNCH(launch_attention_ws(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), attn_sched_, stream_,
+                                        ws_cfg_),
+                    "attention_ws");
         break;
       case PrefillKernel::Wgmma:
         CUDA_LAUNCH(launch_attention_wgmma(dev(q), dev(batch), dev(cache), scale, dev(out), dev(lse), stream_),

@@ -134,8 +134,8 @@ CudaBackend::CudaBackend(int device_index, const BackendOptions& opt) : device_(
   CUBLAS_CHECK(cublasLtCreate(&lt_));
   // FP8 weights stay FP8 where the block-scaled FP8 GEMMs run (compute capability 9.0).
   fp8_weights_ = hopper_ && opt.fp8 != "bf16";
-  CUDA_CHECK(cudaMalloc(&attn_sched_, 2 * sizeof(int)));
-  CUDA_CHECK(cudaMemset(attn_sched_, 0, 2 * sizeof(int)));
+  CUDA_CHECK(cudaMalloc(&attn_sched_, kAttnWsScratchInts * sizeof(int)));
+  CUDA_CHECK(cudaMemset(attn_sched_, 0, kAttnWsScratchInts * sizeof(int)));
   CUDA_CHECK(cudaMalloc(&gate_ticket_, sizeof(unsigned)));
   CUDA_CHECK(cudaMemset(gate_ticket_, 0, sizeof(unsigned)));
   if (prefill_kernel_ == PrefillKernel::Cudnn && !cudnn().available()) {  // a deployment without cuDNN keeps serving

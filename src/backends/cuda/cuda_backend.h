@@ -151,6 +151,9 @@ class CudaBackend : public Backend {
   void set_moe_gemm(MoeGemm m);
   MoeGemm moe_gemm() const { return moe_gemm_; }
   PrefillKernel prefill_kernel() const { return prefill_kernel_; }
+  // The Ws kernel's settings (kernels.h); tests switch its softmax between one pass and two.
+  void set_ws_config(const AttentionWsConfig& cfg) { ws_cfg_ = cfg; }
+  const AttentionWsConfig& ws_config() const { return ws_cfg_; }
   bool wgmma_supported() const { return hopper_; }
   // ---- the cuDNN prefill path. "" when cuDNN is usable here, else "cuDNN not available: <why>"
   // (the first call loads it).
@@ -338,7 +341,8 @@ class CudaBackend : public Backend {
   int n_sms_ = 1;
   PrefillKernel prefill_kernel_ = PrefillKernel::Auto;
   MoeGemm moe_gemm_ = MoeGemm::Grouped;
-  int* attn_sched_ = nullptr;              // [2] the Ws kernel's work counter (zero between launches)
+  int* attn_sched_ = nullptr;  // the Ws kernel's scratch (kAttnWsScratchInts, zero between calls)
+  AttentionWsConfig ws_cfg_;
   unsigned* gate_ticket_ = nullptr;        // launch_moe_gate's counter (zero between launches)
   std::unique_ptr<CudnnAttention> cudnn_;  // created on first use
   int64_t cudnn_calls_ = 0;

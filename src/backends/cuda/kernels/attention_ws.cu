@@ -13,6 +13,15 @@
 // take turns issuing (ping-pong), so one's softmax runs under the other's GEMMs. Masks are applied
 // only on tiles that cross the diagonal or a key-range edge.
 //
+// The row max (the softmax's reference) is found on the first tile of an item and on masked tiles
+// only: on the others each row's exponentials are taken against its running max as it stands (past
+// the first tiles a row's max rarely grows; 5-7% of the kernel's time on an H100). Any reference
+// gives the same result while the probabilities stay finite: they and their sums are scaled by
+// powers of two that the later rescales and O / l cancel. A score far above the running max (~88
+// nats) makes them overflow, and then the inf or NaN reaches the item's l or O and stays there:
+// the item's epilogue sees it, marks the item in a bitmap, and a second launch of the kernel, which
+// finds the max on every tile, redoes the marked items (none: each CTA exits at once).
+//
 // K/V pages: a chunk of R = min(block_size, 64) keys that lies inside the key range is one TMA box
 // per 64-column half (block sizes that are powers of two >= 8); chunks that cross an edge of the
 // range, and every chunk of other block sizes, are copied by the producer warp with cp.async and
@@ -45,9 +54,12 @@ using namespace cpinfer::cuda::hopper;
 
 // Online softmax of one tile in place: s[4n + e] is row row0 + 8·(e >> 1), key k0 + 8n + 2·t4 +
 // (e & 1). Masks keys outside [kv_begin, kv_bound) and after each row's position when asked;
-// returns the factor that rescales the previous accumulators in corr.
+// returns the factor that rescales the previous accumulators in corr. Without find_max (every row
+// of the warp has a finite max already) the tile's exponentials are taken against the rows' max as
+// it is, and corr is 1.
 __device__ __forceinline__ void softmax_tile(float (&s)[64], float (&m)[2], float (&l)[2], float (&corr)[2], bool mask,
-                                             int k0, int qpos0, int t4, int kv_begin, int kv_bound, float scale_log2) {
+                                             int k0, int qpos0, int t4, int kv_begin, int kv_bound, float scale_log2,
+                                             bool find_max) {
   if (mask) {
 #pragma unroll
     for (int n = 0; n < 16; ++n)
@@ -61,14 +73,17 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], float (&m)[2], floa
   // its own instruction-level parallelism is what hides the latencies.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float mx[4];
+    float row_max = -INFINITY;
+    if (find_max) {
+      float mx[4];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) mx[c] = fmaxf(s[4 * c + 2 * r], s[4 * c + 2 * r + 1]);
+      for (int c = 0; c < 4; ++c) mx[c] = fmaxf(s[4 * c + 2 * r], s[4 * c + 2 * r + 1]);
 #pragma unroll
-    for (int n = 4; n < 16; ++n) mx[n & 3] = fmaxf(mx[n & 3], fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
-    float row_max = fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3]));
-    row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 1));
-    row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 2));
+      for (int n = 4; n < 16; ++n) mx[n & 3] = fmaxf(mx[n & 3], fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
+      row_max = fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3]));
+      row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 1));
+      row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 2));
+    }
     const float m_new = fmaxf(m[r], row_max * scale_log2);
     const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with no key yet stays empty
     corr[r] = fast_exp2(m[r] - m_use);
@@ -123,7 +138,26 @@ __device__ __forceinline__ void keep_softmax_above_wait(const float (&l)[2]) {
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-template <int kStages>
+// The item the scheduler hands out next in a second pass (p.fixup): the next set bit of the flags
+// that a first pass left, claimed a word at a time (atomicAdd on the counter, the word cleared for
+// the next launch as it is taken); -1 when every word has been taken. word and bits: this CTA's
+// current word and its bits not yet handed out. Indices rise within a CTA, as the scheduler's walk
+// over the blocks needs.
+__device__ __forceinline__ int next_flagged(const WsParams& p, int& word, unsigned& bits) {
+  while (bits == 0) {
+    word = atomicAdd(p.sched, 1);
+    if (word >= p.flag_words) return -1;
+    bits = atomicExch(p.flags + word, 0u);
+  }
+  const int b = __ffs(static_cast<int>(bits)) - 1;
+  bits &= bits - 1;
+  return word * 32 + b;
+}
+
+// kSkipMax: the softmax finds the row max only where it must (see the top of the file) and the
+// items whose l or O came out non-finite are flagged for a second pass, which runs the kernel
+// without kSkipMax and with p.fixup set.
+template <int kStages, bool kSkipMax>
 __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_constant__ WsParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Smem<kStages>;
@@ -158,17 +192,20 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
     atomicExch(&items[slot].x, v.x);
     atomicExch(&items[slot].y, v.y);
     atomicExch(&items[slot].z, v.z);
+    atomicExch(&items[slot].w, v.w);
   };
   auto from_lane0 = [](int4 v) {  // lane 0's item, to the whole warp
     v.x = __shfl_sync(0xffffffffu, v.x, 0);
     v.y = __shfl_sync(0xffffffffu, v.y, 0);
     v.z = __shfl_sync(0xffffffffu, v.z, 0);
+    v.w = __shfl_sync(0xffffffffu, v.w, 0);
     return v;
   };
   auto get_item = [&](int slot) {  // by the whole warp
     int4 v = make_int4(0, 0, 0, 0);
     if (lane == 0)
-      v = make_int4(atomicOr(&items[slot].x, 0), atomicOr(&items[slot].y, 0), atomicOr(&items[slot].z, 0), 0);
+      v = make_int4(atomicOr(&items[slot].x, 0), atomicOr(&items[slot].y, 0), atomicOr(&items[slot].z, 0),
+                    atomicOr(&items[slot].w, 0));
     return from_lane0(v);
   };
   if (threadIdx.x == 0) {
@@ -228,15 +265,20 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
       }
       return;
     }
-    // Warp 0: the work items, Q and K.
+    // Warp 0: the work items (x: block, y: query tile, z: head, w: the item's index in the order),
+    // Q and K. A second pass with nothing flagged hands out no item.
     int b_cur = p.n_blocks - 1, first = 0;  // item cursor: items before block b_cur's start at `first`
+    if (p.fixup && lane == 0 && atomicOr(p.sched + 2, 0) == 0) b_cur = -1;
+    int word = 0;
+    unsigned bits = 0;
     uint32_t q_iter = 0, kv_iter = 0;
     for (int it = 0;; ++it) {
       const int slot = it & 1;
       mbar_wait(item_empty(slot), ((it >> 1) & 1) ^ 1);
       int4 item = make_int4(-1, 0, 0, 0);
       if (lane == 0) {
-        const int idx = atomicAdd(p.sched, 1);
+        const int idx = b_cur < 0 ? -1 : p.fixup ? next_flagged(p, word, bits) : atomicAdd(p.sched, 1);
+        if (idx < 0) b_cur = -1;
         while (b_cur >= 0 && idx >= first + items_of(p.blocks, b_cur, p.hq)) {
           first += items_of(p.blocks, b_cur, p.hq);
           --b_cur;
@@ -247,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
           const int n_mt = (p.blocks[kDevAttnBlockFields * b_cur + 1] + kBM - 1) / kBM;
           const int local = idx - first, per_group = n_mt * p.group_heads;
           const int grp = local / per_group, in_grp = local - grp * per_group, rank = in_grp / p.group_heads;
-          item = make_int4(b_cur, n_mt - 1 - rank, grp * p.group_heads + in_grp - rank * p.group_heads, 0);
+          item = make_int4(b_cur, n_mt - 1 - rank, grp * p.group_heads + in_grp - rank * p.group_heads, idx);
         }
         put_item(slot, item);
         mbar_arrive(item_full(slot));
@@ -266,10 +308,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
       }
       stream_tiles(t, kvh, kv_iter, false);
     }
-    // The last CTA to finish resets the counters for the next launch on this stream.
+    // The last CTA to finish resets the counters for the next launch on this stream (the count of
+    // flagged items after the second pass).
     if (lane == 0 && atomicAdd(p.sched + 1, 1) == static_cast<int>(gridDim.x) - 1) {
       p.sched[0] = 0;
       p.sched[1] = 0;
+      if (p.fixup) p.sched[2] = 0;
     }
     return;
   }
@@ -320,7 +364,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
       wgmma_wait<0>();
       fence_regs(s);
       if (wtid == 0) mbar_arrive(k_empty(st));
-      softmax_tile(s, m, l, corr, needs_mask(k0), k0, qpos0, t4, t.kv_begin, t.kv_bound, p.scale_log2);
+      softmax_tile(s, m, l, corr, needs_mask(k0), k0, qpos0, t4, t.kv_begin, t.kv_bound, p.scale_log2, true);
       pack_p(pa, s);
       int prev = st;
       uint32_t prev_ph = ph;
@@ -343,7 +387,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
         wgmma_wait<1>();
         fence_regs(s);
         if (wtid == 0) mbar_arrive(k_empty(st));
-        softmax_tile(s, m, l, corr, needs_mask(k0), k0, qpos0, t4, t.kv_begin, t.kv_bound, p.scale_log2);
+        const bool find_max =
+            !kSkipMax || needs_mask(k0) || !__all_sync(0xffffffffu, m[0] > -INFINITY && m[1] > -INFINITY);
+        softmax_tile(s, m, l, corr, needs_mask(k0), k0, qpos0, t4, t.kv_begin, t.kv_bound, p.scale_log2, find_max);
         keep_softmax_above_wait(l);
         wgmma_wait<0>();
         fence_regs(o);
@@ -366,6 +412,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
       fence_regs(o);
       fence_regs(pa);
       if (wtid == 0) mbar_arrive(v_empty(prev));
+    }
+    if constexpr (kSkipMax) {
+      // An overflow on a tile that kept the old max leaves an inf or NaN in l or O (no later
+      // rescale or sum makes it finite): the item goes to the second pass. Finite values are the
+      // right answer whatever the reference was.
+      bool bad = !(fabsf(l[0]) <= FLT_MAX) || !(fabsf(l[1]) <= FLT_MAX);
+#pragma unroll
+      for (int i = 0; i < 64; ++i) bad |= !(fabsf(o[i]) <= FLT_MAX);
+      if (__any_sync(0xffffffffu, bad) && lane == 0) {
+        atomicOr(p.flags + (item.w >> 5), 1u << (item.w & 31));
+        atomicAdd(p.sched + 2, 1);
+      }
     }
 
     // ---- epilogue: O / l, through shared memory (swizzled 16-byte chunks) to coalesced stores
@@ -479,15 +537,29 @@ cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, c
   if (err != cudaSuccess) return err;
   const int64_t max_items = static_cast<int64_t>(n_blocks) * ((max_q + kBM - 1) / kBM) * hq;
   const int grid = static_cast<int>(std::min<int64_t>(n_sms, max_items));
+  // The flags of every item (an upper bound on their count) must fit the scratch, else the call
+  // finds the max on every tile in one pass.
+  const int64_t flag_words = (max_items + 31) / 32;
+  const bool skip_max = !cfg.exact_max && flag_words <= kAttnWsFlagWords;
+  p.flags = reinterpret_cast<unsigned*>(sched + kAttnWsCounters);
+  p.flag_words = static_cast<int>(std::min<int64_t>(flag_words, kAttnWsFlagWords));
+  p.fixup = 0;
   auto launch = [&](auto kernel, int smem_bytes) {
     const cudaError_t e = opt_in_dynamic_smem(kernel, static_cast<size_t>(smem_bytes));
     if (e != cudaSuccess) return e;
     kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
     return cudaGetLastError();
   };
-  if (cfg.stages == 3) return launch(attention_ws_kernel<3>, Smem<3>::kBytes);
+  auto run = [&](auto fast, auto exact, int smem_bytes) {
+    if (!skip_max) return launch(exact, smem_bytes);
+    cudaError_t e = launch(fast, smem_bytes);
+    if (e != cudaSuccess || !cfg.second_pass) return e;
+    p.fixup = 1;
+    return launch(exact, smem_bytes);
+  };
+  if (cfg.stages == 3) return run(attention_ws_kernel<3, true>, attention_ws_kernel<3, false>, Smem<3>::kBytes);
   if (cfg.stages != 2) return cudaErrorInvalidValue;
-  return launch(attention_ws_kernel<2>, Smem<2>::kBytes);
+  return run(attention_ws_kernel<2, true>, attention_ws_kernel<2, false>, Smem<2>::kBytes);
 }
 
 }  // namespace cpinfer::cuda

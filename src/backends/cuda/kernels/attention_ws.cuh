@@ -41,8 +41,9 @@ struct Smem {
 static_assert(Smem<3>::kBytes <= 227 * 1024, "three K/V stages must fit the 227 KB a CTA may have");
 constexpr int kBarSched = 1;  // named barriers 1, 2: the consumers' turns to issue GEMMs
 constexpr int kBarEpi = 3;    // named barriers 3, 4: one consumer's epilogue
-// 56·128 + 224·256 <= 65536; the producer warps spill below 56, the consumers need no more than 224.
-constexpr int kProducerRegs = 56, kConsumerRegs = 224;
+// 64·128 + 224·256 = 65536, the whole register file: the producer warps spill below 64 (below 56
+// before the second pass's scheduler), the consumers need no more than 224.
+constexpr int kProducerRegs = 64, kConsumerRegs = 224;
 
 struct WsParams {
   CUtensorMap tm_q, tm_k, tm_v;      // q [T, Hq, 128]; cache k/v [pages·block_size, Hkv, 128] in boxes of R rows
@@ -53,7 +54,12 @@ struct WsParams {
   const __nv_bfloat16* cache_v;
   __nv_bfloat16* out;
   float* lse;
-  int* sched;  // [2]: items handed out, CTAs finished (both 0 between launches)
+  // [3]: items (or flag words) handed out, CTAs finished, items flagged for the second pass (all 0
+  // between calls: the first two after each launch, the third after the second pass).
+  int* sched;
+  unsigned* flags;  // flag_words words: bit i = item i flagged by the first pass (0 between calls)
+  int flag_words;
+  int fixup;  // this launch is the second pass: it runs the flagged items
   int n_blocks, max_blocks_per_seq, block_size, n_pages, hq, hkv;
   int tma_rows;     // R: keys per TMA box (0: every chunk by cp.async)
   int bs_shift;     // log2(block_size) where tma_rows > 0

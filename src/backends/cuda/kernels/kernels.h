@@ -178,8 +178,14 @@ cudaError_t launch_attention_wgmma(const DevTensor& q, const DevAttnBatch& batch
                                    DevTensor out, DevTensor lse, cudaStream_t stream);
 // The warp-specialized Hopper kernel (kernels/attention_ws.cu, sm_90a only; FlashAttention-3's
 // design: TMA producer, two ping-pong consumer warpgroups, persistent CTAs): D = 128, BF16.
-// `sched` is device scratch of 2 int32, zero before the first launch; each launch leaves it zero
-// again, so launches sharing it must be ordered (one stream).
+// `sched` is device scratch of kAttnWsScratchInts int32 (counters, then one flag bit per work
+// item), zero before the first call; each call leaves it zero again, so calls sharing it must be
+// ordered (one stream). A call is one launch, or two: the first finds each query row's max only
+// where it must, the second redoes the work items whose probabilities overflowed for it (see
+// attention_ws.cu).
+constexpr int kAttnWsCounters = 4;
+constexpr int kAttnWsFlagWords = 1 << 15;  // 2^20 work items (128 query rows x one head each)
+constexpr int kAttnWsScratchInts = kAttnWsCounters + kAttnWsFlagWords;
 struct AttentionWsConfig {
   // Work order: the items of this many KV heads (with their query heads) run before the next
   // group's, so that fewer K/V streams compete for L2; 0 = all heads at once. One KV head at a time
@@ -189,6 +195,12 @@ struct AttentionWsConfig {
   // K/V tiles in flight: 2 (the output leaves through a shared-memory staging buffer) or 3 (no room
   // for that buffer: stored from the registers).
   int stages = 2;
+  // Find each row's max on every K/V tile, in one launch (also what calls with more than 2^20 work
+  // items do): the kernel as it was before the two passes, for comparison (attention_bench
+  // --ws-exact-max).
+  bool exact_max = false;
+  // Tests only: false skips the second launch, so that a test can show a case needs it.
+  bool second_pass = true;
 };
 cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
                                 DevTensor out, DevTensor lse, int* sched, cudaStream_t stream,
