@@ -208,6 +208,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
                     atomicOr(&items[slot].w, 0));
     return from_lane0(v);
   };
+  if (p.fixup) pdl_wait();  // launched programmatically after the first pass (see the launcher)
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
     mbar_init(q_empty, 2);
@@ -544,11 +545,24 @@ cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, c
   p.flags = reinterpret_cast<unsigned*>(sched + kAttnWsCounters);
   p.flag_words = static_cast<int>(std::min<int64_t>(flag_words, kAttnWsFlagWords));
   p.fixup = 0;
+  // The second pass is a programmatic dependent launch: its CTAs take the SMs the first pass's
+  // leave and wait (griddepcontrol.wait) for all of it to complete, so its launch latency hides
+  // under the first pass's tail.
   auto launch = [&](auto kernel, int smem_bytes) {
     const cudaError_t e = opt_in_dynamic_smem(kernel, static_cast<size_t>(smem_bytes));
     if (e != cudaSuccess) return e;
-    kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
-    return cudaGetLastError();
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t lc{};
+    lc.gridDim = dim3(grid);
+    lc.blockDim = dim3(kThreads);
+    lc.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+    lc.stream = stream;
+    lc.attrs = attr;
+    lc.numAttrs = p.fixup ? 1 : 0;
+    const cudaError_t l = cudaLaunchKernelEx(&lc, kernel, p);
+    return l != cudaSuccess ? l : cudaGetLastError();
   };
   auto run = [&](auto fast, auto exact, int smem_bytes) {
     if (!skip_max) return launch(exact, smem_bytes);
