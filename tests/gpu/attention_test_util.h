@@ -187,17 +187,17 @@ class AttnRunner : public GpuOpsTest {
     return k;
   }
 
-  // The settings each kernel runs with: the Ws kernel both as the engine runs it (two passes) and
-  // finding the max on every tile in one.
+  // The settings each kernel runs with: the Ws kernel both in one pass (the default) and in two
+  // (AttentionWsConfig::two_pass).
   static std::vector<cuda::AttentionWsConfig> ws_configs(PK k) {
     if (k != PK::Ws) return {cuda::AttentionWsConfig{}};
-    cuda::AttentionWsConfig exact;
-    exact.exact_max = true;
-    return {cuda::AttentionWsConfig{}, exact};
+    cuda::AttentionWsConfig two;
+    two.two_pass = true;
+    return {cuda::AttentionWsConfig{}, two};
   }
 
   static std::string kernel_tag(PK k, const cuda::AttentionWsConfig& ws = {}) {
-    if (k == PK::Ws && ws.exact_max) return " ws exact";
+    if (k == PK::Ws && ws.two_pass) return " ws 2-pass";
     switch (k) {
       case PK::Wgmma:
         return " wgmma";

@@ -73,14 +73,15 @@ AttnCase late_jump(const std::string& name, float k_boost) {
 
 TEST_F(AttnRunner, FlashScoresJumpOnALateTile) { run(late_jump("d128 bs16 late max", 64.0f), 403); }
 
-// The Ws kernel's first pass takes a tile's exponentials against the rows' running max where it
-// does not look for a new one. Jumps of tens of nats (k_boost 8: probabilities far above 1 but
-// finite) are exact in that pass alone; the jump above overflows fp32 there, so that case passes
-// (with every kernel, above) only through the second pass.
+// The Ws kernel's first pass of two (AttentionWsConfig::two_pass) takes a tile's exponentials
+// against the rows' running max where it does not look for a new one. Jumps of tens of nats
+// (k_boost 8: probabilities far above 1 but finite) are exact in that pass alone; the jump above
+// overflows fp32 there, so in two passes that case passes (above) only through the second.
 TEST_F(AttnRunner, WsFirstPassAloneOnLateJumps) {
   auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
   if (!cuda.wgmma_supported()) GTEST_SKIP() << "the Ws kernel needs compute capability 9.0";
-  cuda::AttentionWsConfig one_pass;
+  cuda::AttentionWsConfig one_pass;  // the first of two passes alone
+  one_pass.two_pass = true;
   one_pass.second_pass = false;
 
   const AttnCase moderate = late_jump("d128 bs16 moderate late max", 8.0f);

@@ -13,14 +13,15 @@
 // take turns issuing (ping-pong), so one's softmax runs under the other's GEMMs. Masks are applied
 // only on tiles that cross the diagonal or a key-range edge.
 //
-// The row max (the softmax's reference) is found on the first tile of an item and on masked tiles
-// only: on the others each row's exponentials are taken against its running max as it stands (past
-// the first tiles a row's max rarely grows; 5-7% of the kernel's time on an H100). Any reference
-// gives the same result while the probabilities stay finite: they and their sums are scaled by
-// powers of two that the later rescales and O / l cancel. A score far above the running max (~88
-// nats) makes them overflow, and then the inf or NaN reaches the item's l or O and stays there:
-// the item's epilogue sees it, marks the item in a bitmap, and a second launch of the kernel, which
-// finds the max on every tile, redoes the marked items (none: each CTA exits at once).
+// In two passes (AttentionWsConfig::two_pass; one by default), the first finds the row max (the
+// softmax's reference) on the first tile of an item and on masked tiles only: on the others each
+// row's exponentials are taken against its running max as it stands (past the first tiles a row's
+// max rarely grows; the max was 5-7% of the kernel's time on an H100). Any reference gives the same
+// result while the probabilities stay finite: they and their sums are scaled by a common factor
+// that the later rescales and O / l cancel. A score far above the running max (~88 nats) makes them
+// overflow, and then the inf or NaN reaches the item's l or O and stays there: the item's epilogue
+// sees it and marks the item in a bitmap, and the second pass, the one-pass kernel over the marked
+// items, redoes them (none marked: each CTA exits at once).
 //
 // K/V pages: a chunk of R = min(block_size, 64) keys that lies inside the key range is one TMA box
 // per 64-column half (block sizes that are powers of two >= 8); chunks that cross an edge of the
@@ -138,26 +139,32 @@ __device__ __forceinline__ void keep_softmax_above_wait(const float (&l)[2]) {
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-// The item the scheduler hands out next in a second pass (p.fixup): the next set bit of the flags
+// The item the scheduler hands out next in a second pass: the next set bit of the flags
 // that a first pass left, claimed a word at a time (atomicAdd on the counter, the word cleared for
-// the next launch as it is taken); -1 when every word has been taken. word and bits: this CTA's
-// current word and its bits not yet handed out. Indices rise within a CTA, as the scheduler's walk
-// over the blocks needs.
-__device__ __forceinline__ int next_flagged(const WsParams& p, int& word, unsigned& bits) {
+// the next launch as it is taken); -1 when every word has been taken. cur: this CTA's current word
+// (x) and its bits not yet handed out (y), in shared memory (the producer warp has no registers to
+// spare). Indices rise within a CTA, as the scheduler's walk over the blocks needs. A bit past the
+// call's items (left by an earlier call that skipped its second pass, see AttentionWsConfig) ends
+// the CTA's walk, rightly: its later indices are larger still; other CTAs take the words left.
+__device__ __forceinline__ int next_flagged(const WsParams& p, int2* cur) {
+  int word = cur->x;
+  unsigned bits = static_cast<unsigned>(cur->y);
   while (bits == 0) {
     word = atomicAdd(p.sched, 1);
     if (word >= p.flag_words) return -1;
     bits = atomicExch(p.flags + word, 0u);
   }
   const int b = __ffs(static_cast<int>(bits)) - 1;
-  bits &= bits - 1;
+  *cur = make_int2(word, static_cast<int>(bits & (bits - 1)));
   return word * 32 + b;
 }
 
-// kSkipMax: the softmax finds the row max only where it must (see the top of the file) and the
-// items whose l or O came out non-finite are flagged for a second pass, which runs the kernel
-// without kSkipMax and with p.fixup set.
-template <int kStages, bool kSkipMax>
+// The kernel's passes: kOnePass finds every row max on every tile; kFirstPass finds it only where
+// it must (see the top of the file) and flags the items whose l or O came out non-finite;
+// kSecondPass is kOnePass over the flagged items.
+enum Pass : int { kOnePass, kFirstPass, kSecondPass };
+
+template <int kStages, int kPass>
 __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_constant__ WsParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Smem<kStages>;
@@ -208,7 +215,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
                     atomicOr(&items[slot].w, 0));
     return from_lane0(v);
   };
-  if (p.fixup) pdl_wait();  // launched programmatically after the first pass (see the launcher)
+  constexpr bool kSkipMax = kPass == kFirstPass, kFlagged = kPass == kSecondPass;
+  if constexpr (kFlagged) pdl_wait();  // launched programmatically after the first pass (see the launcher)
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
     mbar_init(q_empty, 2);
@@ -269,17 +277,24 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
     // Warp 0: the work items (x: block, y: query tile, z: head, w: the item's index in the order),
     // Q and K. A second pass with nothing flagged hands out no item.
     int b_cur = p.n_blocks - 1, first = 0;  // item cursor: items before block b_cur's start at `first`
-    if (p.fixup && lane == 0 && atomicOr(p.sched + 2, 0) == 0) b_cur = -1;
-    int word = 0;
-    unsigned bits = 0;
+    int2* const flag_cur = reinterpret_cast<int2*>(items + 2);
+    if constexpr (kFlagged) {
+      if (lane == 0) *flag_cur = make_int2(0, 0);
+      if (lane == 0 && atomicOr(p.sched + 2, 0) == 0) b_cur = -1;
+    }
     uint32_t q_iter = 0, kv_iter = 0;
     for (int it = 0;; ++it) {
       const int slot = it & 1;
       mbar_wait(item_empty(slot), ((it >> 1) & 1) ^ 1);
       int4 item = make_int4(-1, 0, 0, 0);
       if (lane == 0) {
-        const int idx = b_cur < 0 ? -1 : p.fixup ? next_flagged(p, word, bits) : atomicAdd(p.sched, 1);
-        if (idx < 0) b_cur = -1;
+        int idx;
+        if constexpr (kFlagged) {
+          idx = b_cur < 0 ? -1 : next_flagged(p, flag_cur);
+          if (idx < 0) b_cur = -1;
+        } else {
+          idx = atomicAdd(p.sched, 1);
+        }
         while (b_cur >= 0 && idx >= first + items_of(p.blocks, b_cur, p.hq)) {
           first += items_of(p.blocks, b_cur, p.hq);
           --b_cur;
@@ -314,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
     if (lane == 0 && atomicAdd(p.sched + 1, 1) == static_cast<int>(gridDim.x) - 1) {
       p.sched[0] = 0;
       p.sched[1] = 0;
-      if (p.fixup) p.sched[2] = 0;
+      if (kFlagged) p.sched[2] = 0;
     }
     return;
   }
@@ -541,14 +556,13 @@ cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, c
   // The flags of every item (an upper bound on their count) must fit the scratch, else the call
   // finds the max on every tile in one pass.
   const int64_t flag_words = (max_items + 31) / 32;
-  const bool skip_max = !cfg.exact_max && flag_words <= kAttnWsFlagWords;
+  const bool skip_max = cfg.two_pass && flag_words <= kAttnWsFlagWords;
   p.flags = reinterpret_cast<unsigned*>(sched + kAttnWsCounters);
   p.flag_words = static_cast<int>(std::min<int64_t>(flag_words, kAttnWsFlagWords));
-  p.fixup = 0;
   // The second pass is a programmatic dependent launch: its CTAs take the SMs the first pass's
   // leave and wait (griddepcontrol.wait) for all of it to complete, so its launch latency hides
   // under the first pass's tail.
-  auto launch = [&](auto kernel, int smem_bytes) {
+  auto launch = [&](auto kernel, int smem_bytes, bool second) {
     const cudaError_t e = opt_in_dynamic_smem(kernel, static_cast<size_t>(smem_bytes));
     if (e != cudaSuccess) return e;
     cudaLaunchAttribute attr[1];
@@ -560,20 +574,22 @@ cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, c
     lc.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
     lc.stream = stream;
     lc.attrs = attr;
-    lc.numAttrs = p.fixup ? 1 : 0;
+    lc.numAttrs = second ? 1 : 0;
     const cudaError_t l = cudaLaunchKernelEx(&lc, kernel, p);
     return l != cudaSuccess ? l : cudaGetLastError();
   };
-  auto run = [&](auto fast, auto exact, int smem_bytes) {
-    if (!skip_max) return launch(exact, smem_bytes);
-    cudaError_t e = launch(fast, smem_bytes);
+  auto run = [&](auto one, auto first, auto second, int smem_bytes) {
+    if (!skip_max) return launch(one, smem_bytes, false);
+    const cudaError_t e = launch(first, smem_bytes, false);
     if (e != cudaSuccess || !cfg.second_pass) return e;
-    p.fixup = 1;
-    return launch(exact, smem_bytes);
+    return launch(second, smem_bytes, true);
   };
-  if (cfg.stages == 3) return run(attention_ws_kernel<3, true>, attention_ws_kernel<3, false>, Smem<3>::kBytes);
+  if (cfg.stages == 3)
+    return run(attention_ws_kernel<3, kOnePass>, attention_ws_kernel<3, kFirstPass>,
+               attention_ws_kernel<3, kSecondPass>, Smem<3>::kBytes);
   if (cfg.stages != 2) return cudaErrorInvalidValue;
-  return run(attention_ws_kernel<2, true>, attention_ws_kernel<2, false>, Smem<2>::kBytes);
+  return run(attention_ws_kernel<2, kOnePass>, attention_ws_kernel<2, kFirstPass>, attention_ws_kernel<2, kSecondPass>,
+             Smem<2>::kBytes);
 }
 
 }  // namespace cpinfer::cuda

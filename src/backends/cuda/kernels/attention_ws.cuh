@@ -26,7 +26,8 @@ constexpr int kKVBytes = 2 * kKVHalf;
 constexpr int kOBytes = 64 * kD * 2;  // one consumer's output staging
 // Shared memory of the kernel with kStages K/V buffers: Q, K[kStages], V[kStages], with two stages
 // also the consumers' output staging, then the mbarriers q_full, q_empty, k_full[S], k_empty[S],
-// v_full[S], v_empty[S], item_full[2], item_empty[2] and the two item slots.
+// v_full[S], v_empty[S], item_full[2], item_empty[2], the two item slots and the second pass's
+// scheduler state.
 template <int kStages>
 struct Smem {
   static constexpr int kOffK = kQBytes;
@@ -36,14 +37,17 @@ struct Smem {
   static constexpr int kOffBar = kOffO + (kStaged ? 2 * kOBytes : 0);
   static constexpr int kNumBars = 2 + 4 * kStages + 4;
   static constexpr int kOffItems = kOffBar + kNumBars * 8;
-  static constexpr int kBytes = kOffItems + 2 * 16 + 1024;  // + slack for the 1024-byte alignment
+  // the two item slots and the second pass's scheduler state, + slack for the 1024-byte alignment
+  static constexpr int kBytes = kOffItems + 3 * 16 + 1024;
 };
 static_assert(Smem<3>::kBytes <= 227 * 1024, "three K/V stages must fit the 227 KB a CTA may have");
 constexpr int kBarSched = 1;  // named barriers 1, 2: the consumers' turns to issue GEMMs
 constexpr int kBarEpi = 3;    // named barriers 3, 4: one consumer's epilogue
-// 64·128 + 224·256 = 65536, the whole register file: the producer warps spill below 64 (below 56
-// before the second pass's scheduler), the consumers need no more than 224.
-constexpr int kProducerRegs = 64, kConsumerRegs = 224;
+// 56·128 + 224·256 = 168·384, what the CTA is launched with (setmaxnreg moves registers between
+// its warpgroups, it adds none): the producer warps spill below 56 (the second pass's scheduler 8
+// bytes at 56; it runs only where the first pass flagged items), the consumers need no more than
+// 224.
+constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 
 struct WsParams {
   CUtensorMap tm_q, tm_k, tm_v;      // q [T, Hq, 128]; cache k/v [pages·block_size, Hkv, 128] in boxes of R rows
@@ -59,7 +63,6 @@ struct WsParams {
   int* sched;
   unsigned* flags;  // flag_words words: bit i = item i flagged by the first pass (0 between calls)
   int flag_words;
-  int fixup;  // this launch is the second pass: it runs the flagged items
   int n_blocks, max_blocks_per_seq, block_size, n_pages, hq, hkv;
   int tma_rows;     // R: keys per TMA box (0: every chunk by cp.async)
   int bs_shift;     // log2(block_size) where tma_rows > 0

@@ -180,9 +180,7 @@ cudaError_t launch_attention_wgmma(const DevTensor& q, const DevAttnBatch& batch
 // design: TMA producer, two ping-pong consumer warpgroups, persistent CTAs): D = 128, BF16.
 // `sched` is device scratch of kAttnWsScratchInts int32 (counters, then one flag bit per work
 // item), zero before the first call; each call leaves it zero again, so calls sharing it must be
-// ordered (one stream). A call is one launch, or two: the first finds each query row's max only
-// where it must, the second redoes the work items whose probabilities overflowed for it (see
-// attention_ws.cu).
+// ordered (one stream). A call is one launch, or two (AttentionWsConfig::two_pass).
 constexpr int kAttnWsCounters = 4;
 constexpr int kAttnWsFlagWords = 1 << 15;  // 2^20 work items (128 query rows x one head each)
 constexpr int kAttnWsScratchInts = kAttnWsCounters + kAttnWsFlagWords;
@@ -195,11 +193,14 @@ struct AttentionWsConfig {
   // K/V tiles in flight: 2 (the output leaves through a shared-memory staging buffer) or 3 (no room
   // for that buffer: stored from the registers).
   int stages = 2;
-  // Find each row's max on every K/V tile, in one launch (also what calls with more than 2^20 work
-  // items do): the kernel as it was before the two passes, for comparison (attention_bench
-  // --ws-exact-max).
-  bool exact_max = false;
-  // Tests only: false skips the second launch, so that a test can show a case needs it.
+  // Two passes instead of one (attention_ws.cu): the first finds each row's max only on an item's
+  // first tile and on masked tiles and flags the items whose probabilities overflowed for want of
+  // it, the second redoes those. A build without the second pass ran 5-7% faster than one pass on an
+  // H100 (2026-12-07); this one is not measured yet (attention_bench --kernel ws-2pass), so it is
+  // off by default. Calls of more than 2^20 work items run one pass.
+  bool two_pass = false;
+  // Tests only: with two_pass, false skips the second launch, so that a test can show a case needs it
+  // (the flagged items stay flagged: the next two-pass call redoes them too).
   bool second_pass = true;
 };
 cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, const DevKv& cache, float scale,
