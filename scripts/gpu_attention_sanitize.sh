@@ -2,9 +2,10 @@
 # On a GPU machine: compute-sanitizer on the warp-specialized prefill attention kernel alone
 # (--kernel-name; other kernels run uninstrumented — cuDNN's SDPA, which the tests also run, shows
 # racecheck hazards of its own): racecheck over the attention tests' prefill cases (GQA 1-16, block
-# sizes 1-256, ragged batches, late jumps of the row max, key ranges, LSE, the CP merge), memcheck
-# on the late jumps (the second pass's path) and memcheck and synccheck on a small attention_bench
-# run. Exits 1 on any hazard, error or failed test. Logs in $OUT (default ./out).
+# sizes 1-256, ragged batches, late jumps of the row max, key ranges, LSE, the CP merge; the kernel
+# in one pass and in two), memcheck on the late jumps (the second pass's path) and memcheck and
+# synccheck on a small attention_bench run of both. Exits 1 on any hazard, error or failed test.
+# Logs in $OUT (default ./out).
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 gpu_binaries gpu_ops_test attention_bench
 CS="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
@@ -29,9 +30,9 @@ timeout 120 "$CS" --tool memcheck "${KERNEL[@]}" "$BIN/gpu_ops_test" --gtest_fil
   > "$OUT/memcheck_jumps.log" 2>&1
 ok $? "$OUT/memcheck_jumps.log" || { echo "memcheck: errors or failures (memcheck_jumps.log)"; bad=1; }
 for tool in memcheck synccheck; do
-  echo "== $tool, attention_bench --kernel ws --seq 1000"
-  timeout 120 "$CS" --tool "$tool" "${KERNEL[@]}" "$BIN/attention_bench" --kernel ws --seq 1000 --block-size 16 \
-    --ascending-pages --reps 10 > "$OUT/${tool}_attention.log" 2>&1
+  echo "== $tool, attention_bench --kernel ws,ws-2pass --seq 1000"
+  timeout 120 "$CS" --tool "$tool" "${KERNEL[@]}" "$BIN/attention_bench" --kernel ws,ws-2pass --seq 1000 \
+    --block-size 16 --ascending-pages --reps 10 > "$OUT/${tool}_attention.log" 2>&1
   ok $? "$OUT/${tool}_attention.log" || { echo "$tool: errors (${tool}_attention.log)"; bad=1; }
 done
 [ "$bad" -eq 0 ] && echo "sanitizers: clean"
