@@ -26,9 +26,9 @@ struct AttnCase {
   int64_t hq, hkv, d, block_size;
   std::vector<BlockSpec> blocks;
   bool scramble = true;
-  // The first boost_keys keys each sequence reads scaled by k_boost (a power of two): scores there
-  // far above the rest, so the online softmax's running max jumps on a late tile.
-  int32_t boost_keys = 0;
+  // boost_keys keys each sequence reads, from its boost_first-th on, scaled by k_boost (a power of
+  // two): scores there far above the rest, so the online softmax's running max jumps on a late tile.
+  int32_t boost_first = 0, boost_keys = 0;
   float k_boost = 1.0f;
 };
 
@@ -88,7 +88,9 @@ class AttnRunner : public GpuOpsTest {
       if (l == 0) continue;
       auto k = rng.bf16_normal(l * hkv * d), v = rng.bf16_normal(l * hkv * d);
       // (slots are in position order; a power-of-two boost keeps the values bf16)
-      for (int64_t i = 0; i < std::min<int64_t>(l, c.boost_keys) * hkv * d; ++i) k[i] *= c.k_boost;
+      for (int64_t i = std::min<int64_t>(l, c.boost_first) * hkv * d;
+           i < std::min<int64_t>(l, int64_t{c.boost_first} + c.boost_keys) * hkv * d; ++i)
+        k[i] *= c.k_boost;
       cpu_->kv_store(cpu_f32(k, {l, hkv, d}), cpu_f32(v, {l, hkv, d}), cpu_i32(slots, {l}), p.ccache);
       gpu_->kv_store(gpu_tensor("k", DType::BF16, {l, hkv, d}, &k), gpu_tensor("v", DType::BF16, {l, hkv, d}, &v),
                      gpu_i32("slots", slots, {l}), p.gcache);

@@ -60,23 +60,29 @@ TEST_F(AttnRunner, FlashGqaBlockSizesAndLengths) {
   run({"d128 ragged40", 8, 2, 128, 32, ragged}, 301);
 }
 
-// Keys at the start of the sequence that score far above the diagonal's (k_boost 64: ~100 nats
-// and more): the kernels that visit the diagonal first (ws: last tile first) meet a row max far
-// above the running one on their last tiles; every row's max and sum must still come out as the
-// CPU's.
-AttnCase late_jump(const std::string& name, float k_boost) {
+// 40 keys that score far above the diagonal's (k_boost 64: ~100 nats and more), at the start of
+// the sequence (as attention sinks do) or at keys 130-169 (the second tile): the kernels that
+// visit the diagonal first (ws: last tile first) meet a row max far above the running one on a
+// late tile; every row's max and sum must still come out as the CPU's.
+AttnCase late_jump(const std::string& name, int32_t first_key, float k_boost) {
   AttnCase c{name, 4, 2, 128, 16, {{700, 0, 0}, {300, 200, 1}}};
+  c.boost_first = first_key;
   c.boost_keys = 40;
   c.k_boost = k_boost;
   return c;
 }
 
-TEST_F(AttnRunner, FlashScoresJumpOnALateTile) { run(late_jump("d128 bs16 late max", 64.0f), 403); }
+TEST_F(AttnRunner, FlashScoresJumpOnALateTile) {
+  run(late_jump("d128 bs16 late max at the start", 0, 64.0f), 403);
+  run(late_jump("d128 bs16 late max in tile 1", 130, 64.0f), 405);
+}
 
 // The Ws kernel's first pass of two (AttentionWsConfig::two_pass) takes a tile's exponentials
-// against the rows' running max where it does not look for a new one. Jumps of tens of nats
-// (k_boost 8: probabilities far above 1 but finite) are exact in that pass alone; the jump above
-// overflows fp32 there, so in two passes that case passes (above) only through the second.
+// against the rows' running max where it does not look for a new one, which is everywhere but an
+// item's first and last tiles and masked tiles. Jumps of tens of nats in tile 1 (k_boost 8:
+// probabilities far above 1 but finite) and the far jump at the start (the last tile) are exact in
+// that pass alone; the far jump in tile 1 overflows fp32 there, so in two passes that case passes
+// (above) only through the second. (tools/ws_softmax_model.py models these cases in numpy.)
 TEST_F(AttnRunner, WsFirstPassAloneOnLateJumps) {
   auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
   if (!cuda.wgmma_supported()) GTEST_SKIP() << "the Ws kernel needs compute capability 9.0";
@@ -84,17 +90,21 @@ TEST_F(AttnRunner, WsFirstPassAloneOnLateJumps) {
   one_pass.two_pass = true;
   one_pass.second_pass = false;
 
-  const AttnCase moderate = late_jump("d128 bs16 moderate late max", 8.0f);
+  const AttnCase moderate = late_jump("d128 bs16 moderate late max in tile 1", 130, 8.0f);
   run(moderate, 404);
-  Prepared p = prepare(moderate, 404);
-  Tensor co, clse, go, glse;
-  cpu_attention(p, p.blocks, co, clse);
-  gpu_attention(p, p.blocks, PK::Ws, go, glse, true, one_pass);
-  expect_attention_close(moderate.name + " ws first pass alone", gpu_read(go), cpu_read(co), gpu_read(glse),
-                         cpu_read(clse), p.d);
+  for (const auto& [c, seed] :
+       {std::pair{moderate, 404u}, std::pair{late_jump("d128 bs16 late max at the start", 0, 64.0f), 403u}}) {
+    Prepared p = prepare(c, seed);
+    Tensor co, clse, go, glse;
+    cpu_attention(p, p.blocks, co, clse);
+    gpu_attention(p, p.blocks, PK::Ws, go, glse, true, one_pass);
+    expect_attention_close(c.name + " ws first pass alone", gpu_read(go), cpu_read(co), gpu_read(glse), cpu_read(clse),
+                           p.d);
+  }
 
   // (The items it flags stay flagged, and the next two-pass call redoes them as well.)
-  Prepared f = prepare(late_jump("d128 bs16 late max", 64.0f), 403);
+  Prepared f = prepare(late_jump("d128 bs16 late max in tile 1", 130, 64.0f), 405);
+  Tensor go, glse;
   gpu_attention(f, f.blocks, PK::Ws, go, glse, true, one_pass);
   int64_t non_finite = 0;
   for (float x : gpu_read(glse)) non_finite += !std::isfinite(x);

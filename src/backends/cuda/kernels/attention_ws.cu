@@ -14,14 +14,15 @@
 // only on tiles that cross the diagonal or a key-range edge.
 //
 // In two passes (AttentionWsConfig::two_pass; one by default), the first finds the row max (the
-// softmax's reference) on the first tile of an item and on masked tiles only: on the others each
-// row's exponentials are taken against its running max as it stands (past the first tiles a row's
-// max rarely grows; the max was 5-7% of the kernel's time on an H100). Any reference gives the same
-// result while the probabilities stay finite: they and their sums are scaled by a common factor
-// that the later rescales and O / l cancel. A score far above the running max (~88 nats) makes them
-// overflow, and then the inf or NaN reaches the item's l or O and stays there: the item's epilogue
-// sees it and marks the item in a bitmap, and the second pass, the one-pass kernel over the marked
-// items, redoes them (none marked: each CTA exits at once).
+// softmax's reference) only on an item's first and last tiles (the last holds the first keys of
+// the range: a sequence's start, where attention sinks score highest) and on masked tiles; on the
+// others each row's exponentials are taken against its running max as it stands (the max was 5-7%
+// of the kernel's time on an H100). Any reference gives the same result while the probabilities
+// stay finite: they and their sums carry a common factor that the later rescales and O / l cancel.
+// A score far above the running max (~88 nats) makes them overflow, and then the inf or NaN reaches
+// the item's l or O and stays there: the item's epilogue sees it and marks the item in a bitmap,
+// and the second pass, the one-pass kernel over the marked items, redoes them (none marked: each
+// CTA exits at once).
 //
 // K/V pages: a chunk of R = min(block_size, 64) keys that lies inside the key range is one TMA box
 // per 64-column half (block sizes that are powers of two >= 8); chunks that cross an edge of the
@@ -403,8 +404,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
         wgmma_wait<1>();
         fence_regs(s);
         if (wtid == 0) mbar_arrive(k_empty(st));
-        const bool find_max =
-            !kSkipMax || needs_mask(k0) || !__all_sync(0xffffffffu, m[0] > -INFINITY && m[1] > -INFINITY);
+        const bool find_max = !kSkipMax || needs_mask(k0) || j == t.n_tiles - 1 ||
+                              !__all_sync(0xffffffffu, m[0] > -INFINITY && m[1] > -INFINITY);
         softmax_tile(s, m, l, corr, needs_mask(k0), k0, qpos0, t4, t.kv_begin, t.kv_bound, p.scale_log2, find_max);
         keep_softmax_above_wait(l);
         wgmma_wait<0>();
