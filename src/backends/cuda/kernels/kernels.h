@@ -194,8 +194,8 @@ struct AttentionWsConfig {
   // for that buffer: stored from the registers).
   int stages = 2;
   // Two passes instead of one (attention_ws.cu): the first finds each row's max only on an item's
-  // first tile and on masked tiles and flags the items whose probabilities overflowed for want of
-  // it, the second redoes those. A build without the second pass ran 5-7% faster than one pass on an
+  // first and last tiles and on masked tiles and flags the items whose probabilities overflowed for
+  // want of it, the second redoes those. A build without the second pass ran 5-7% faster than one pass on an
   // H100 (2026-12-07); this one is not measured yet (attention_bench --kernel ws-2pass), so it is
   // off by default. Calls of more than 2^20 work items run one pass.
   bool two_pass = false;
