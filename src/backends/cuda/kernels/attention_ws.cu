@@ -169,6 +169,7 @@ template <int kStages, int kPass>
 __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_constant__ WsParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Smem<kStages>;
+  constexpr bool kSkipMax = kPass == kFirstPass, kFlagged = kPass == kSecondPass;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   unsigned char* const base_ptr = smem_raw + (base - smem_u32(smem_raw));
@@ -200,23 +201,22 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
     atomicExch(&items[slot].x, v.x);
     atomicExch(&items[slot].y, v.y);
     atomicExch(&items[slot].z, v.z);
-    atomicExch(&items[slot].w, v.w);
+    if constexpr (kSkipMax) atomicExch(&items[slot].w, v.w);  // the item's index, for its flag
   };
   auto from_lane0 = [](int4 v) {  // lane 0's item, to the whole warp
     v.x = __shfl_sync(0xffffffffu, v.x, 0);
     v.y = __shfl_sync(0xffffffffu, v.y, 0);
     v.z = __shfl_sync(0xffffffffu, v.z, 0);
-    v.w = __shfl_sync(0xffffffffu, v.w, 0);
+    if constexpr (kSkipMax) v.w = __shfl_sync(0xffffffffu, v.w, 0);
     return v;
   };
   auto get_item = [&](int slot) {  // by the whole warp
     int4 v = make_int4(0, 0, 0, 0);
     if (lane == 0)
       v = make_int4(atomicOr(&items[slot].x, 0), atomicOr(&items[slot].y, 0), atomicOr(&items[slot].z, 0),
-                    atomicOr(&items[slot].w, 0));
+                    kSkipMax ? atomicOr(&items[slot].w, 0) : 0);
     return from_lane0(v);
   };
-  constexpr bool kSkipMax = kPass == kFirstPass, kFlagged = kPass == kSecondPass;
   if constexpr (kFlagged) pdl_wait();  // launched programmatically after the first pass (see the launcher)
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);

@@ -61,13 +61,13 @@ struct WsParams {
   // [3]: items (or flag words) handed out, CTAs finished, items flagged for the second pass (all 0
   // between calls: the first two after each launch, the third after the second pass).
   int* sched;
-  unsigned* flags;  // flag_words words: bit i = item i flagged by the first pass (0 between calls)
-  int flag_words;
   int n_blocks, max_blocks_per_seq, block_size, n_pages, hq, hkv;
   int tma_rows;     // R: keys per TMA box (0: every chunk by cp.async)
   int bs_shift;     // log2(block_size) where tma_rows > 0
   int group_heads;  // query heads per group of the item order (a multiple of hq / hkv dividing hq)
   float scale_log2;
+  int flag_words;
+  unsigned* flags;  // flag_words words: bit i = item i flagged by the first pass (0 between calls)
 };
 
 // The geometry of one work item: query rows [m0, m0 + rows) of a block, keys [key_lo, key_end)
