@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
       }
       return;
     }
-    // Warp 0: the work items (x: block, y: query tile, z: head, w: the item's index in the order),
+    // Warp 0: the work items (x: block, y: query tile, z: head; w: in a first pass, the item's index),
     // Q and K. A second pass with nothing flagged hands out no item.
     int b_cur = p.n_blocks - 1, first = 0;  // item cursor: items before block b_cur's start at `first`
     int2* const flag_cur = reinterpret_cast<int2*>(items + 2);
