@@ -564,20 +564,7 @@ cudaError_t launch_attention_ws(const DevTensor& q, const DevAttnBatch& batch, c
   // leave and wait (griddepcontrol.wait) for all of it to complete, so its launch latency hides
   // under the first pass's tail.
   auto launch = [&](auto kernel, int smem_bytes, bool second) {
-    const cudaError_t e = opt_in_dynamic_smem(kernel, static_cast<size_t>(smem_bytes));
-    if (e != cudaSuccess) return e;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t lc{};
-    lc.gridDim = dim3(grid);
-    lc.blockDim = dim3(kThreads);
-    lc.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
-    lc.stream = stream;
-    lc.attrs = attr;
-    lc.numAttrs = second ? 1 : 0;
-    const cudaError_t l = cudaLaunchKernelEx(&lc, kernel, p);
-    return l != cudaSuccess ? l : cudaGetLastError();
+    return launch_k_as(second, kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(smem_bytes), stream, p);
   };
   auto run = [&](auto one, auto first, auto second, int smem_bytes) {
     if (!skip_max) return launch(one, smem_bytes, false);

@@ -162,11 +162,11 @@ inline cudaError_t current_device_sms(int& sms) {
   return err == cudaSuccess ? cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) : err;
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch allowed when
-// programmatic_launch() is on and the dynamic shared-memory opt-in done when smem needs it. Every
-// kernel launched here calls pdl_wait() before its first access to data of earlier kernels.
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when
+// `programmatic`, with the dynamic shared-memory opt-in done when smem needs it.
 template <class... P, class... A>
-cudaError_t launch_k(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
+cudaError_t launch_k_as(bool programmatic, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
+                        cudaStream_t stream, A&&... args) {
   const cudaError_t opt = opt_in_dynamic_smem(kernel, smem);
   if (opt != cudaSuccess) return opt;
   cudaLaunchAttribute attr[1];
@@ -178,9 +178,15 @@ cudaError_t launch_k(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, c
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = programmatic_launch() ? 1 : 0;
+  cfg.numAttrs = programmatic ? 1 : 0;
   const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
   return err != cudaSuccess ? err : cudaGetLastError();
+}
+// launch_k_as with programmatic dependent launch allowed when programmatic_launch() is on. Every
+// kernel launched here calls pdl_wait() before its first access to data of earlier kernels.
+template <class... P, class... A>
+cudaError_t launch_k(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
+  return launch_k_as(programmatic_launch(), kernel, grid, block, smem, stream, std::forward<A>(args)...);
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
