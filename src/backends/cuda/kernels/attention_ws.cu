@@ -217,7 +217,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_ws_kernel(const __grid_
                     kSkipMax ? atomicOr(&items[slot].w, 0) : 0);
     return from_lane0(v);
   };
-  if constexpr (kFlagged) pdl_wait();  // launched programmatically after the first pass (see the launcher)
+  // The second pass is launched programmatically after the first (see the launcher); the first lets
+  // it launch at once, so its CTAs take SMs as the first pass's leave them and wait there for all
+  // of the first pass to complete.
+  if constexpr (kSkipMax) pdl_trigger();
+  if constexpr (kFlagged) pdl_wait();
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
     mbar_init(q_empty, 2);
