@@ -68,11 +68,12 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
                   "values rounded to BF16)")
       ->check(CLI::IsMember({"auto", "bf16"}))
       ->capture_default_str();
-  app->add_option("--attention-backend", backend.attention,
-                  "CUDA prefill attention: auto (on Hopper the warp-specialized kernel for page sizes that are "
-                  "powers of two >= 8, wgmma for others; mma.sync elsewhere), cudnn (every call cuDNN takes), "
-                  "ws, wgmma or mma")
-      ->check(CLI::IsMember({"auto", "cudnn", "ws", "wgmma", "mma"}))
+  app->add_option(
+         "--attention-backend", backend.attention,
+         "CUDA prefill attention: auto (on Hopper the warp-specialized kernel for page sizes that are "
+         "powers of two >= 8, wgmma for others; mma.sync elsewhere), cudnn (every call cuDNN takes), "
+         "ws, ws-2pass (ws in two passes: the row max only on the tiles that need it, docs/attention.md), wgmma or mma")
+      ->check(CLI::IsMember({"auto", "cudnn", "ws", "ws-2pass", "wgmma", "mma"}))
       ->capture_default_str();
   app->add_option(
          "--moe-runner-backend", backend.moe,
