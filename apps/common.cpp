@@ -72,8 +72,9 @@ void EngineFlags::add_to(CLI::App* app, bool model_required) {
          "--attention-backend", backend.attention,
          "CUDA prefill attention: auto (on Hopper the warp-specialized kernel for page sizes that are "
          "powers of two >= 8, wgmma for others; mma.sync elsewhere), cudnn (every call cuDNN takes), "
-         "ws, ws-2pass (ws in two passes: the row max only on the tiles that need it, docs/attention.md), wgmma or mma")
-      ->check(CLI::IsMember({"auto", "cudnn", "ws", "ws-2pass", "wgmma", "mma"}))
+         "ws (in two passes: the row max only on the tiles that need it, docs/attention.md), ws-1pass (ws in one pass, "
+         "for comparison), wgmma or mma")
+      ->check(CLI::IsMember({"auto", "cudnn", "ws", "ws-1pass", "wgmma", "mma"}))
       ->capture_default_str();
   app->add_option(
          "--moe-runner-backend", backend.moe,

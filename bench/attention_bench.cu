@@ -9,7 +9,7 @@
 // FLOPs counted causal-halved: 2 GEMMs x 2 FLOP x S² x D x Hq / 2.
 //
 //   attention_bench [--seq 4096,16384,32768] [--reps 20] [--block-size 64]
-//                   [--kernel mma,wgmma,ws,ws-2pass,cudnn|all] [--ws-kv-group G] [--ws-stages 2|3] [--cp C]
+//                   [--kernel mma,wgmma,ws,ws-1pass,cudnn|all] [--ws-kv-group G] [--ws-stages 2|3] [--cp C]
 //                   [--ascending-pages] [--json]
 // By default every kernel this machine has runs: mma.sync, on Hopper wgmma and ws (the
 // warp-specialized kernel), and cuDNN's fused attention (backends/cuda/cudnn_attention.h, through
@@ -17,8 +17,9 @@
 // reports the largest difference of every other kernel's output from the first one's.
 // cuDNN's time includes the small kernel that builds its per-call metadata, as in the engine.
 // --ws-kv-group G, --ws-stages S: the ws kernel's AttentionWsConfig (work order in groups of G KV
-// heads; K/V pipeline depth). ws-2pass (by name only) is the ws kernel in two passes, the first
-// finding rows' maxima only where it must (AttentionWsConfig::two_pass; the engine runs one).
+// heads; K/V pipeline depth). ws runs in two passes, the first finding rows' maxima only where it
+// must (AttentionWsConfig::two_pass, as the engine runs it); ws-1pass (by name only) is the ws
+// kernel in one pass, finding them on every tile.
 // --ascending-pages: the block table in page order (a fresh prompt's layout in a new KvCache)
 // instead of reversed; cuDNN then reads K/V as one strided run (its dense graph, "cudnn-dense").
 // --cp C also times the parts context parallelism over C ranks splits the attention of rank 0's
@@ -113,9 +114,9 @@ Cudnn g_cudnn;
 cudaError_t run_kernel(const std::string& kernel, const DevTensor& q, const DevAttnBatch& b, const DevKv& c,
                        float scale, const DevTensor& o, const DevTensor& l, cudaStream_t stream) {
   if (kernel == "ws") return cpinfer::cuda::launch_attention_ws(q, b, c, scale, o, l, g_sched, stream, g_ws_cfg);
-  if (kernel == "ws-2pass") {
+  if (kernel == "ws-1pass") {
     cpinfer::cuda::AttentionWsConfig cfg = g_ws_cfg;
-    cfg.two_pass = true;
+    cfg.two_pass = false;
     return cpinfer::cuda::launch_attention_ws(q, b, c, scale, o, l, g_sched, stream, cfg);
   }
   if (kernel == "wgmma") return cpinfer::cuda::launch_attention_wgmma(q, b, c, scale, o, l, stream);
@@ -161,8 +162,8 @@ int main(int argc, char** argv) {
         p = q == std::string::npos ? list.size() : q + 1;
       }
       for (const std::string& k : kernels)
-        if (k != "mma" && k != "wgmma" && k != "ws" && k != "ws-2pass" && k != "cudnn" && k != "all") {
-          std::fprintf(stderr, "attention_bench: unknown kernel '%s' (mma, wgmma, ws, ws-2pass, cudnn, all)\n",
+        if (k != "mma" && k != "wgmma" && k != "ws" && k != "ws-1pass" && k != "cudnn" && k != "all") {
+          std::fprintf(stderr, "attention_bench: unknown kernel '%s' (mma, wgmma, ws, ws-1pass, cudnn, all)\n",
                        k.c_str());
           return 2;
         }
@@ -188,7 +189,7 @@ int main(int argc, char** argv) {
       std::fprintf(
           stderr,
           "usage: attention_bench [--seq 4096,16384] [--reps N>=10] [--block-size B] "
-          "[--kernel mma,wgmma,ws,ws-2pass,cudnn|all] [--ws-kv-group G] [--ws-stages 2|3] [--cp C] [--ascending-pages] "
+          "[--kernel mma,wgmma,ws,ws-1pass,cudnn|all] [--ws-kv-group G] [--ws-stages 2|3] [--cp C] [--ascending-pages] "
           "[--json]\n");
       return 2;
     }

@@ -11,7 +11,7 @@ SEQS="${1:-4096,16384,32768,131072}"
 gpu_binaries gpu_ops_test attention_bench
 
 echo "== ws smoke (4K)"
-if ! timeout 30 "$BIN/attention_bench" --kernel mma,ws,ws-2pass --seq 4096 --reps 10 2>&1 | tee "$OUT/ws_smoke.log"; then
+if ! timeout 30 "$BIN/attention_bench" --kernel mma,ws,ws-1pass --seq 4096 --reps 10 2>&1 | tee "$OUT/ws_smoke.log"; then
   echo "ws smoke failed or hung"
   exit 1
 fi
@@ -31,9 +31,9 @@ awk -F', ' '{gsub(/ MHz/,"",$2); gsub(/ W/,"",$3); if ($2+0 > 0) {n++; c+=$2; p+
 echo "== attention_bench at block size 16 (the engine's default page)"
 timeout 240 "$BIN/attention_bench" --seq "$SEQS" --reps 10 --block-size 16 --kernel wgmma,ws 2>&1 |
   tee "$OUT/attention_bench_bs16.log" | tail -10
-echo "== the ws kernel in one pass and in two (AttentionWsConfig::two_pass), twice in turn"
+echo "== the ws kernel in two passes and in one (AttentionWsConfig::two_pass), twice in turn"
 for round in 1 2; do
-  timeout 120 "$BIN/attention_bench" --kernel ws,ws-2pass --ascending-pages --block-size 16 --seq "$SEQS" --reps 10 \
+  timeout 120 "$BIN/attention_bench" --kernel ws,ws-1pass --ascending-pages --block-size 16 --seq "$SEQS" --reps 10 \
     2>&1 | tee "$OUT/attention_two_pass_$round.log" | grep -E "^ +[0-9]+ +ws"
 done
 timeout 120 "$BIN/attention_bench" --kernel ws --seq 32768,131072 --cp 4 --reps 10 2>&1 | tee "$OUT/attention_cp4.log" | tail -12

@@ -30,8 +30,8 @@ timeout 120 "$CS" --tool memcheck "${KERNEL[@]}" "$BIN/gpu_ops_test" --gtest_fil
   > "$OUT/memcheck_jumps.log" 2>&1
 ok $? "$OUT/memcheck_jumps.log" || { echo "memcheck: errors or failures (memcheck_jumps.log)"; bad=1; }
 for tool in memcheck synccheck; do
-  echo "== $tool, attention_bench --kernel ws,ws-2pass --seq 1000"
-  timeout 120 "$CS" --tool "$tool" "${KERNEL[@]}" "$BIN/attention_bench" --kernel ws,ws-2pass --seq 1000 \
+  echo "== $tool, attention_bench --kernel ws,ws-1pass --seq 1000"
+  timeout 120 "$CS" --tool "$tool" "${KERNEL[@]}" "$BIN/attention_bench" --kernel ws,ws-1pass --seq 1000 \
     --block-size 16 --ascending-pages --reps 10 > "$OUT/${tool}_attention.log" 2>&1
   ok $? "$OUT/${tool}_attention.log" || { echo "$tool: errors (${tool}_attention.log)"; bad=1; }
 done

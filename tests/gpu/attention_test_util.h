@@ -189,17 +189,17 @@ class AttnRunner : public GpuOpsTest {
     return k;
   }
 
-  // The settings each kernel runs with: the Ws kernel both in one pass (the default) and in two
-  // (AttentionWsConfig::two_pass).
+  // The settings each kernel runs with: the Ws kernel both in two passes (the default,
+  // AttentionWsConfig::two_pass) and in one.
   static std::vector<cuda::AttentionWsConfig> ws_configs(PK k) {
     if (k != PK::Ws) return {cuda::AttentionWsConfig{}};
-    cuda::AttentionWsConfig two;
-    two.two_pass = true;
-    return {cuda::AttentionWsConfig{}, two};
+    cuda::AttentionWsConfig one;
+    one.two_pass = false;
+    return {cuda::AttentionWsConfig{}, one};
   }
 
   static std::string kernel_tag(PK k, const cuda::AttentionWsConfig& ws = {}) {
-    if (k == PK::Ws && ws.two_pass) return " ws 2-pass";
+    if (k == PK::Ws && !ws.two_pass) return " ws 1-pass";
     switch (k) {
       case PK::Wgmma:
         return " wgmma";

@@ -87,7 +87,6 @@ TEST_F(AttnRunner, WsFirstPassAloneOnLateJumps) {
   auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
   if (!cuda.wgmma_supported()) GTEST_SKIP() << "the Ws kernel needs compute capability 9.0";
   cuda::AttentionWsConfig one_pass;  // the first of two passes alone
-  one_pass.two_pass = true;
   one_pass.second_pass = false;
 
   const AttnCase moderate = late_jump("d128 bs16 moderate late max in tile 1", 130, 8.0f);

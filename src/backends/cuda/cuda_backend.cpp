@@ -82,10 +82,10 @@ cudaDataType_t cuda_type(DType t) {
 CudaBackend::PrefillKernel CudaBackend::parse_attention_backend(const std::string& name) {
   if (name == "auto") return PrefillKernel::Auto;
   if (name == "cudnn") return PrefillKernel::Cudnn;
-  if (name == "ws" || name == "ws-2pass") return PrefillKernel::Ws;  // (two passes: see the constructor)
+  if (name == "ws" || name == "ws-1pass") return PrefillKernel::Ws;  // (one pass: see the constructor)
   if (name == "wgmma") return PrefillKernel::Wgmma;
   if (name == "mma") return PrefillKernel::MmaSync;
-  CPI_FAIL("--attention-backend must be auto, cudnn, ws, ws-2pass, wgmma or mma, got '", name, "'");
+  CPI_FAIL("--attention-backend must be auto, cudnn, ws, ws-1pass, wgmma or mma, got '", name, "'");
 }
 
 CudaBackend::MoeGemm CudaBackend::parse_moe_runner_backend(const std::string& name) {
@@ -121,7 +121,7 @@ CudaBackend::CudaBackend(int device_index, const BackendOptions& opt) : device_(
             "--moe-runner-backend ", opt.moe, " needs a compute capability 9.0 GPU, ", name_, " is ", prop.major, ".",
             prop.minor);
   prefill_kernel_ = attention;
-  ws_cfg_.two_pass = opt.attention == "ws-2pass";
+  ws_cfg_.two_pass = opt.attention != "ws-1pass";
   moe_gemm_ = moe;
   // Decode-path kernels may start under the previous one's tail (compute capability 9.0; every
   // back-end of a process gets the same option).

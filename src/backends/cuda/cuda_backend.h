@@ -136,7 +136,7 @@ class CudaBackend : public Backend {
   // / 614 / 616 TFLOP/s at 4K / 16K / 32K / 128K with pages of 16 in a fresh prompt's order against
   // 456 / 625 / 583 / 540 for cuDNN's dense graph). A set kernel runs every call: Ws, Wgmma, MmaSync, or cuDNN's fused
   // attention (cudnn_attention.h) for the calls it takes, with the automatic own kernel for the
-  // others. BackendOptions::attention (--attention-backend auto|cudnn|ws|ws-2pass|wgmma|mma) sets it at
+  // others. BackendOptions::attention (--attention-backend auto|cudnn|ws|ws-1pass|wgmma|mma) sets it at
   // construction (cudnn where cuDNN cannot be loaded: a warning, and Auto); tests switch it to
   // cover each. set_prefill_kernel(Cudnn) throws "cuDNN not available: <reason>" then.
   enum class PrefillKernel { Auto, MmaSync, Wgmma, Ws, Cudnn };

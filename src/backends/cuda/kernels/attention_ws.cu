@@ -13,7 +13,7 @@
 // take turns issuing (ping-pong), so one's softmax runs under the other's GEMMs. Masks are applied
 // only on tiles that cross the diagonal or a key-range edge.
 //
-// In two passes (AttentionWsConfig::two_pass; one by default), the first finds the row max (the
+// In two passes (AttentionWsConfig::two_pass, the default), the first finds the row max (the
 // softmax's reference) only on an item's first and last tiles (the last holds the first keys of
 // the range: a sequence's start, where attention sinks score highest) and on masked tiles; on the
 // others each row's exponentials are taken against its running max as it stands (the max was 5-7%

@@ -195,10 +195,10 @@ struct AttentionWsConfig {
   int stages = 2;
   // Two passes instead of one (attention_ws.cu): the first finds each row's max only on an item's
   // first and last tiles and on masked tiles and flags the items whose probabilities overflowed for
-  // want of it, the second redoes those. A build without the second pass ran 5-7% faster than one pass on an
-  // H100 (2026-12-07); this one is not measured yet (attention_bench --kernel ws-2pass), so it is
-  // off by default. Calls of more than 2^20 work items run one pass.
-  bool two_pass = false;
+  // want of it, the second redoes those. On an H100 (2026-12-08, attention_bench --kernel
+  // ws,ws-1pass, pages of 16) two passes ran 604 / 734 / 679 / 667 TFLOP/s at 4K / 16K / 32K / 128K
+  // against one pass's 579 / 692 / 619 / 634. Calls of more than 2^20 work items run one pass.
+  bool two_pass = true;
   // Tests only: with two_pass, false skips the second launch, so that a test can show a case needs it
   // (the flagged items stay flagged: the next two-pass call redoes them too).
   bool second_pass = true;
