@@ -137,8 +137,9 @@ class CudaBackend : public Backend {
   // 456 / 625 / 583 / 540 for cuDNN's dense graph). A set kernel runs every call: Ws, Wgmma, MmaSync, or cuDNN's fused
   // attention (cudnn_attention.h) for the calls it takes, with the automatic own kernel for the
   // others. BackendOptions::attention (--attention-backend auto|cudnn|ws|ws-1pass|wgmma|mma) sets it at
-  // construction (cudnn where cuDNN cannot be loaded: a warning, and Auto); tests switch it to
-  // cover each. set_prefill_kernel(Cudnn) throws "cuDNN not available: <reason>" then.
+  // construction (cudnn where cuDNN cannot be loaded: a warning, and Auto; Ws runs in two passes,
+  // AttentionWsConfig::two_pass, except under ws-1pass); tests switch it to cover each. set_prefill_kernel(Cudnn)
+  // throws "cuDNN not available: <reason>" then.
   enum class PrefillKernel { Auto, MmaSync, Wgmma, Ws, Cudnn };
   static PrefillKernel parse_attention_backend(const std::string& name);
   void set_prefill_kernel(PrefillKernel k);
