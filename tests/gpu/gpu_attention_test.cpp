@@ -86,8 +86,8 @@ TEST_F(AttnRunner, FlashScoresJumpOnALateTile) {
 TEST_F(AttnRunner, WsFirstPassAloneOnLateJumps) {
   auto& cuda = static_cast<cuda::CudaBackend&>(*gpu_);
   if (!cuda.wgmma_supported()) GTEST_SKIP() << "the Ws kernel needs compute capability 9.0";
-  cuda::AttentionWsConfig one_pass;  // the first of two passes alone
-  one_pass.second_pass = false;
+  cuda::AttentionWsConfig first_alone;  // the first of two passes alone
+  first_alone.second_pass = false;
 
   const AttnCase moderate = late_jump("d128 bs16 moderate late max in tile 1", 130, 8.0f);
   run(moderate, 404);
@@ -96,7 +96,7 @@ TEST_F(AttnRunner, WsFirstPassAloneOnLateJumps) {
     Prepared p = prepare(c, seed);
     Tensor co, clse, go, glse;
     cpu_attention(p, p.blocks, co, clse);
-    gpu_attention(p, p.blocks, PK::Ws, go, glse, true, one_pass);
+    gpu_attention(p, p.blocks, PK::Ws, go, glse, true, first_alone);
     expect_attention_close(c.name + " ws first pass alone", gpu_read(go), cpu_read(co), gpu_read(glse), cpu_read(clse),
                            p.d);
   }
@@ -104,7 +104,7 @@ TEST_F(AttnRunner, WsFirstPassAloneOnLateJumps) {
   // (The items it flags stay flagged, and the next two-pass call redoes them as well.)
   Prepared f = prepare(late_jump("d128 bs16 late max in tile 1", 130, 64.0f), 405);
   Tensor go, glse;
-  gpu_attention(f, f.blocks, PK::Ws, go, glse, true, one_pass);
+  gpu_attention(f, f.blocks, PK::Ws, go, glse, true, first_alone);
   int64_t non_finite = 0;
   for (float x : gpu_read(glse)) non_finite += !std::isfinite(x);
   for (float x : gpu_read(go)) non_finite += !std::isfinite(x);
