@@ -7,6 +7,7 @@
 // attention_test_util.h; key ranges and attention_merge are tested in gpu_attention_ranges_test.cpp.
 #include <algorithm>
 #include <numeric>
+#include <tuple>
 
 #include "attention_test_util.h"
 #include "backends/cuda/cuda_backend.h"
@@ -75,6 +76,21 @@ AttnCase late_jump(const std::string& name, int32_t first_key, float k_boost) {
 TEST_F(AttnRunner, FlashScoresJumpOnALateTile) {
   run(late_jump("d128 bs16 late max at the start", 0, 64.0f), 403);
   run(late_jump("d128 bs16 late max in tile 1", 130, 64.0f), 405);
+}
+
+// --attention-backend: ws and auto run the Ws kernel in two passes, ws-1pass in one.
+TEST_F(AttnRunner, WsPassesFollowTheAttentionBackend) {
+  if (!static_cast<cuda::CudaBackend&>(*gpu_).wgmma_supported()) GTEST_SKIP() << "ws needs compute capability 9.0";
+  using PK = cuda::CudaBackend::PrefillKernel;
+  for (const auto& [name, kernel, two_pass] :
+       {std::tuple{"auto", PK::Auto, true}, std::tuple{"ws", PK::Ws, true}, std::tuple{"ws-1pass", PK::Ws, false}}) {
+    BackendOptions o;
+    o.attention = name;
+    const auto be = make_cuda_backend(0, o);
+    const auto& cuda = static_cast<const cuda::CudaBackend&>(*be);
+    EXPECT_EQ(cuda.prefill_kernel(), kernel) << name;
+    EXPECT_EQ(cuda.ws_config().two_pass, two_pass) << name;
+  }
 }
 
 // The Ws kernel's first pass of two (AttentionWsConfig::two_pass) takes a tile's exponentials
