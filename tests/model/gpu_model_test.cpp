@@ -69,6 +69,33 @@ std::filesystem::path write_fp8_config(const std::string& prefix) {
                                         {"activation_scheme", "dynamic"},
                                         {"weight_block_size", {128, 128}}}}});
 }
+
+// How a GPU engine's prefill logits of a batch agree with the CPU engine's, position by position:
+// argmax equal, argmax equal where the CPU's top-2 gap exceeds kMargin, largest |difference|.
+struct LogitAgreement {
+  size_t positions = 0, agree = 0, clear = 0, clear_agree = 0, non_finite = 0;
+  double max_err = 0, max_logit = 0;
+};
+LogitAgreement compare_logits(const std::vector<std::vector<float>>& cpu, const std::vector<std::vector<float>>& gpu,
+                              int64_t vocab) {
+  LogitAgreement r;
+  for (size_t p = 0; p < cpu.size(); ++p)
+    for (size_t t = 0; t * vocab < cpu[p].size(); ++t, ++r.positions) {
+      const std::span<const float> c(cpu[p].data() + t * vocab, vocab), g(gpu[p].data() + t * vocab, vocab);
+      const bool same = argmax(c) == argmax(g);
+      r.agree += same;
+      if (top2_gap(c) > kMargin) {
+        ++r.clear;
+        r.clear_agree += same;
+      }
+      for (int64_t v = 0; v < vocab; ++v) {
+        r.non_finite += !std::isfinite(g[v]);
+        r.max_err = std::max(r.max_err, std::fabs(double(c[v]) - g[v]));
+        r.max_logit = std::max(r.max_logit, std::fabs(double(c[v])));
+      }
+    }
+  return r;
+}
 }  // namespace
 
 class GpuFixtures : public ::testing::TestWithParam<std::string> {};
@@ -191,22 +218,14 @@ TEST(GpuPrefillAttention, EveryBackendAgreesWithTheCpuAtHeadDim128) {
     auto gpu = make("cuda", attention);
     const auto gpu_logits = gpu->prefill(batch, seqs, LogitsWanted::All);
     for (int s : seqs) gpu->release(s);
-    size_t positions = 0, clear = 0, clear_agree = 0, non_finite = 0;
-    for (size_t p = 0; p < prompts.size(); ++p)
-      for (size_t t = 0; t < prompts[p].size(); ++t, ++positions) {
-        const std::span<const float> c(cpu_logits[p].data() + t * V, V), g(gpu_logits[p].data() + t * V, V);
-        for (float v : g) non_finite += !std::isfinite(v);
-        if (top2_gap(c) > kMargin) {
-          ++clear;
-          clear_agree += argmax(c) == argmax(g);
-        }
-      }
+    const LogitAgreement a = compare_logits(cpu_logits, gpu_logits, V);
+    ASSERT_EQ(a.positions, prompts[0].size() + prompts[1].size());
     std::printf(
         "[gpu head_dim 128, --attention-backend %s] argmax equal to the CPU on %zu/%zu clear positions (of %zu)\n",
-        attention, clear_agree, clear, positions);
-    EXPECT_EQ(non_finite, 0u) << "--attention-backend " << attention;
-    EXPECT_GE(double(clear_agree), 0.97 * double(clear)) << "--attention-backend " << attention;
-    EXPECT_GT(clear, positions / 4) << "the model's logits should not be all near-ties";
+        attention, a.clear_agree, a.clear, a.positions);
+    EXPECT_EQ(a.non_finite, 0u) << "--attention-backend " << attention;
+    EXPECT_GE(double(a.clear_agree), 0.97 * double(a.clear)) << "--attention-backend " << attention;
+    EXPECT_GT(a.clear, a.positions / 4) << "the model's logits should not be all near-ties";
   }
   fs::remove_all(dir);
 }
@@ -309,21 +328,9 @@ TEST(GpuFp8Model, RandomFp8ModelAgreesWithTheCpu) {
     auto gpu = make("cuda", fp8);
     const auto gpu_logits = gpu->prefill({std::span<const int32_t>(prompt)}, seqs, LogitsWanted::All);
     gpu->release(seqs[0]);
-    size_t clear = 0, clear_agree = 0, agree = 0;
-    double max_err = 0, max_logit = 0;
-    for (size_t t = 0; t < prompt.size(); ++t) {
-      const std::span<const float> c(cpu_logits[0].data() + t * V, V), g(gpu_logits[0].data() + t * V, V);
-      const bool same = argmax(c) == argmax(g);
-      agree += same;
-      if (top2_gap(c) > kMargin) {
-        ++clear;
-        clear_agree += same;
-      }
-      for (int64_t v = 0; v < V; ++v) {
-        max_err = std::max(max_err, std::fabs(double(c[v]) - g[v]));
-        max_logit = std::max(max_logit, std::fabs(double(c[v])));
-      }
-    }
+    const auto [positions, agree, clear, clear_agree, non_finite, max_err, max_logit] =
+        compare_logits(cpu_logits, gpu_logits, V);
+    ASSERT_EQ(positions, prompt.size());
     const auto [g_tokens, g_gaps] = greedy_with_gaps(*gpu, prompt, 16);
     size_t steps = 0;
     for (; steps < c_tokens.size() && c_gaps[steps] > kMargin; ++steps) {
